@@ -1,0 +1,91 @@
+# Shared helpers for the Orbit launchers (sourced, never run directly).
+#
+# Each launcher builds grouped bash arrays (CKPT_ARGS, PRECISION_ARGS, ...) and hands them to
+# `orbit_launch`, which resolves the Python interpreter, W&B, the optional preflight check and
+# the ORBIT_DRY_RUN_ARGV=1 dry run in one place, so the launchers themselves stay readable.
+
+# The repository root, so `python -m orbit.train` works without an install.
+ORBIT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+orbit_python() {
+  if [[ -n "${ORBIT_VENV:-}" ]]; then
+    if [[ ! -x "$ORBIT_VENV/bin/python" ]]; then
+      echo "ORBIT_VENV=$ORBIT_VENV has no bin/python" >&2
+      return 1
+    fi
+    echo "$ORBIT_VENV/bin/python"
+  elif [[ -x "$ORBIT_ROOT/.venv/bin/python" ]]; then
+    echo "$ORBIT_ROOT/.venv/bin/python"
+  else
+    command -v python3
+  fi
+}
+
+# require_var NAME "what it is": stop with a message naming the variable when it is unset.
+require_var() {
+  local name="$1" what="$2"
+  if [[ -z "${!name:-}" ]]; then
+    echo "error: $name is required ($what). Example: $name=/path/to/it bash $0" >&2
+    exit 2
+  fi
+}
+
+# The megatron backend is planned, not built: refuse clearly instead of failing deep inside.
+reject_megatron() {
+  if [[ -n "${MEGATRON_LOAD:-}" ]]; then
+    echo "error: MEGATRON_LOAD is set, but the megatron trainer backend is not built yet;" \
+         "unset MEGATRON_LOAD to use the torch backend with HF_CKPT" >&2
+    exit 2
+  fi
+}
+
+# ENABLE_WANDB: auto (default) = on when $HOME/.wandb_key exists; 0/1 force it.
+wandb_setting() {
+  local mode="${ENABLE_WANDB:-auto}"
+  case "$mode" in
+    auto) if [[ -f "$HOME/.wandb_key" ]]; then echo 1; else echo 0; fi ;;
+    0|1) echo "$mode" ;;
+    *) echo "error: ENABLE_WANDB must be auto, 0 or 1 (got '$mode')" >&2; return 1 ;;
+  esac
+}
+
+# CUDA_HOME (optional) puts that toolkit's nvcc/ptxas first for Triton.
+setup_cuda_home() {
+  if [[ -n "${CUDA_HOME:-}" ]]; then
+    export CUDA_HOME
+    export PATH="$CUDA_HOME/bin:$PATH"
+  fi
+}
+
+# Preflight (train/rollout log-prob parity) runs when the module exists and SKIP_PREFLIGHT!=1.
+run_preflight() {
+  local py="$1"; shift
+  if [[ "${SKIP_PREFLIGHT:-0}" == "1" ]]; then
+    echo "preflight skipped (SKIP_PREFLIGHT=1)"
+    return 0
+  fi
+  if ! (cd "$ORBIT_ROOT" && "$py" -c "import orbit.preflight" 2>/dev/null); then
+    echo "preflight not available; continuing"
+    return 0
+  fi
+  (cd "$ORBIT_ROOT" && "$py" -m orbit.preflight "$@")
+}
+
+# orbit_launch ARGS...: print the argv (dry run) or run preflight and then the trainer.
+orbit_launch() {
+  local py
+  py="$(orbit_python)"
+  local argv=("$py" -m orbit.train "$@")
+  if [[ "${ORBIT_DRY_RUN_ARGV:-0}" == "1" ]]; then
+    printf '%s\n' "${argv[@]}"
+    exit 0
+  fi
+  setup_cuda_home
+  if [[ "$(wandb_setting)" == "1" && -z "${WANDB_API_KEY:-}" && -f "$HOME/.wandb_key" ]]; then
+    WANDB_API_KEY="$(<"$HOME/.wandb_key")"
+    export WANDB_API_KEY
+  fi
+  run_preflight "$py" "${CKPT_ARGS[@]}" "${PRECISION_ARGS[@]}" "${ADAPTER_ARGS[@]}"
+  cd "$ORBIT_ROOT"
+  exec "${argv[@]}"
+}

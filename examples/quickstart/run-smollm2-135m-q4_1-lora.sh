@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Quickstart: GRPO with a LoRA adapter on SmolLM2-135M-Instruct, base frozen in its published
+# Q4_1 GGUF form, on a generated arithmetic task. Runs on CPU or one GPU.
+#
+#   bash examples/quickstart/run-smollm2-135m-q4_1-lora.sh
+#   NUM_ROLLOUT=1 TRAIN_ROWS=1 ROLLOUT_BATCH_SIZE=1 N_SAMPLES_PER_PROMPT=1 GLOBAL_BATCH_SIZE=1 \
+#     DISABLE_EVAL=1 ENABLE_WANDB=0 bash examples/quickstart/run-smollm2-135m-q4_1-lora.sh
+#
+# Every knob is an environment variable; examples/README.md lists them all.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+reject_megatron
+
+SAVE_DIR="${SAVE_DIR:-$ORBIT_ROOT/runs/quickstart-smollm2-q4_1-lora}"
+
+# Model: the embedded GGUF unless HF_CKPT points elsewhere (empty flag = embedded default).
+CKPT_ARGS=(
+  --hf-checkpoint "${HF_CKPT:-}"
+  --save-interval "${SAVE_INTERVAL:-0}"
+)
+
+# The base stays in the GGUF's own precision (Q4_1 linears -> asymmetric int4, group 32).
+PRECISION_ARGS=(
+  --quant-format "${PRECISION_FORMAT:-auto}"
+  --precision-mode "${PRECISION_MODE:-fast}"
+)
+
+ADAPTER_ARGS=(
+  --adapter lora
+  --lora-rank "${LORA_RANK:-8}"
+  --lora-alpha "${LORA_ALPHA:-16}"
+)
+
+ROLLOUT_ARGS=(
+  --rollout-temperature "${TEMPERATURE:-1.0}"
+  --rollout-max-response-len "${MAX_RESPONSE_LEN:-48}"
+  --n-samples-per-prompt "${N_SAMPLES_PER_PROMPT:-4}"
+  --rollout-batch-size "${ROLLOUT_BATCH_SIZE:-8}"
+  --num-rollout "${NUM_ROLLOUT:-30}"
+)
+
+# Train/test JSONL: generated into the run directory unless given.
+GENERATE_DATA=0
+if [[ -z "${TRAIN_JSONL:-}" || -z "${TEST_JSONL:-}" ]]; then
+  GENERATE_DATA=1
+  TRAIN_JSONL="${TRAIN_JSONL:-$SAVE_DIR/data/arithmetic-train.jsonl}"
+  TEST_JSONL="${TEST_JSONL:-$SAVE_DIR/data/arithmetic-test.jsonl}"
+fi
+DATA_ARGS=(
+  --prompt-data "$TRAIN_JSONL"
+  --eval-prompt-data "$TEST_JSONL"
+  --input-key prompt
+  --label-key label
+  --reward arithmetic
+  --train-rows "${TRAIN_ROWS:-0}"
+  --num-epoch "${TOTAL_EPOCHS:-1}"
+  --seed "${SEED:-1234}"
+)
+
+ALGO_ARGS=(
+  --advantage-estimator grpo
+  --eps-clip 0.2
+  --eps-clip-high 0.28
+  --kl-coef "${KL_COEF:-0.0}"
+)
+
+OPTIM_ARGS=(
+  --lr "${LR:-2e-4}"
+  --lr-warmup-steps "${LR_WARMUP_STEPS:-2}"
+  --global-batch-size "${GLOBAL_BATCH_SIZE:-16}"
+  --max-tokens-per-micro-batch "${MAX_TOKENS_PER_MICRO_BATCH:-4096}"
+  --clip-grad 1.0
+)
+
+EVAL_ARGS=(
+  --eval-interval "${EVAL_INTERVAL:-10}"
+  --n-samples-per-eval-prompt "${EVAL_K:-4}"
+  --eval-rows "${EVAL_ROWS:-32}"
+)
+if [[ "${DISABLE_EVAL:-0}" == "1" ]]; then
+  EVAL_ARGS+=(--disable-eval)
+fi
+
+LOG_ARGS=(
+  --save "$SAVE_DIR"
+  --use-wandb "$(wandb_setting)"
+)
+
+CLUSTER_ARGS=(
+  --device "${DEVICE:-auto}"
+  --num-workers "${NUM_WORKERS:-0}"
+)
+
+if [[ "$GENERATE_DATA" == "1" && "${ORBIT_DRY_RUN_ARGV:-0}" != "1" ]]; then
+  mkdir -p "$SAVE_DIR/data"
+  (cd "$ORBIT_ROOT" && "$(orbit_python)" -m orbit.data.tasks arithmetic \
+      --train-out "$TRAIN_JSONL" --test-out "$TEST_JSONL" \
+      --n-train "${GEN_TRAIN_ROWS:-2048}" --n-test "${GEN_TEST_ROWS:-128}" --seed "${SEED:-1234}")
+fi
+
+orbit_launch "${CLUSTER_ARGS[@]}" "${CKPT_ARGS[@]}" "${PRECISION_ARGS[@]}" "${ADAPTER_ARGS[@]}" \
+  "${ROLLOUT_ARGS[@]}" "${DATA_ARGS[@]}" "${ALGO_ARGS[@]}" "${OPTIM_ARGS[@]}" \
+  "${EVAL_ARGS[@]}" "${LOG_ARGS[@]}"
