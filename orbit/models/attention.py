@@ -1,0 +1,238 @@
+"""Attention over packed batches, with or without a KV cache.
+
+The trainer and the rollout engine run the same decoder layers; only how attention reads
+keys/values differs, and that is all this file decides. An `AttnBatch` describes one forward:
+
+- `AttnBatch.packed(cu_seqlens)`: variable-length sequences laid end to end (no padding),
+  causal within each sequence. Training and scoring use this.
+- `AttnBatch.cached(cache, slots, cu_seqlens, start_pos)`: the engine's prefill and decode.
+  Sequence b's new tokens are written into KV-cache slot `slots[b]` at positions
+  `start_pos[b], start_pos[b]+1, ...` and attend causally to that slot's positions
+  `[0, start_pos[b] + i]`.
+
+A cached batch where every sequence has exactly one new token (T == B) is a *decode* step:
+one batched SDPA over the gathered slots with a length mask, no Python loop over sequences,
+no host synchronisation and no data-dependent shapes, so the engine can CUDA-graph it.
+Prefill (and packed training) loops over sequences with one SDPA call each; that reads
+`cu_seqlens` on the host once per batch (not per layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class KVCache:
+    """Preallocated keys/values for `num_slots` sequences of up to `max_len` tokens.
+
+    `k`, `v`: [num_layers, num_slots, max_len, num_kv_heads, head_dim]. A slot is one
+    sequence; the engine owns the slot -> sequence assignment. Keys are stored *after* RoPE
+    (and after Qwen3's k_norm), so a cached key never needs its position again.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (num_layers, num_slots, max_len, num_kv_heads, head_dim)
+        self.k: Tensor = torch.zeros(shape, dtype=dtype, device=device)
+        self.v: Tensor = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_layers, self.num_slots, self.max_len = num_layers, num_slots, max_len
+        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
+
+    @classmethod
+    def for_model(cls, config: Any, num_slots: int, max_len: int, dtype: torch.dtype,
+                  device: torch.device | str) -> "KVCache":
+        """A cache shaped for a `ModelConfig`."""
+        return cls(config.num_layers, num_slots, max_len, config.num_kv_heads, config.head_dim,
+                   dtype, device)
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst` (all layers), e.g. to
+        fork n samples from one prefilled prompt."""
+        if not (0 <= length <= self.max_len):
+            raise ValueError(f"copy_slot length {length} outside [0, {self.max_len}]")
+        self.k[:, dst, :length].copy_(self.k[:, src, :length])
+        self.v[:, dst, :length].copy_(self.v[:, src, :length])
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def release(self) -> None:
+        """Drop the cache tensors so their memory can be reused; the object is unusable after."""
+        self.k = torch.empty(0)
+        self.v = torch.empty(0)
+
+
+@dataclass
+class AttnBatch:
+    """How attention reads keys/values for one forward; build with `packed` or `cached`.
+
+    `routing` optionally carries a MoE routing recorder/replayer (orbit.models.moe.MoERouting)
+    through the model, so the engine can record expert choices and the trainer replay them.
+    """
+
+    kind: str  # "packed" | "cached"
+    cu_seqlens: Tensor  # [N+1] cumulative new-token counts, first element 0
+    cache: KVCache | None = None
+    slots: Tensor | None = None  # [N] int64 cache slot of each sequence
+    start_pos: Tensor | None = None  # [N] int64 cache position of each sequence's first new token
+    max_context: int | None = None  # decode reads cache positions [0, max_context)
+    routing: Any = None
+    _meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def packed(cls, cu_seqlens: Tensor, routing: Any = None) -> "AttnBatch":
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        return cls("packed", cu_seqlens, routing=routing)
+
+    @classmethod
+    def cached(
+        cls,
+        cache: KVCache,
+        slots: Tensor,
+        cu_seqlens: Tensor,
+        start_pos: Tensor,
+        max_context: int | None = None,
+        routing: Any = None,
+    ) -> "AttnBatch":
+        """`max_context` (a Python int, <= cache.max_len) bounds how many cache positions a
+        decode step reads; it must exceed every `start_pos`. None reads the whole slot."""
+        n = slots.numel()
+        if cu_seqlens.numel() != n + 1 or start_pos.numel() != n:
+            raise ValueError(
+                f"cached batch: slots has {n} entries, so cu_seqlens needs {n + 1} and start_pos {n}; "
+                f"got {cu_seqlens.numel()} and {start_pos.numel()}"
+            )
+        if max_context is not None and not (0 < max_context <= cache.max_len):
+            raise ValueError(f"max_context={max_context} outside (0, cache.max_len={cache.max_len}]")
+        return cls("cached", cu_seqlens, cache, slots, start_pos, max_context, routing)
+
+    # -- per-batch metadata, computed at the first layer and reused by the others --------------
+
+    def _host_seqlens(self) -> list[int]:
+        if "seqlens" not in self._meta:
+            self._meta["seqlens"] = torch.diff(self.cu_seqlens).tolist()
+        return self._meta["seqlens"]
+
+    def _decode_meta(self, device: torch.device) -> tuple[Tensor, int]:
+        """Bool mask [B, 1, 1, L] of readable cache positions, and L."""
+        if "mask" not in self._meta:
+            assert self.cache is not None and self.start_pos is not None
+            L = self.max_context or self.cache.max_len
+            pos = torch.arange(L, device=device)
+            self._meta["mask"] = (pos[None, :] <= self.start_pos[:, None])[:, None, None, :]
+            self._meta["L"] = L
+        return self._meta["mask"], self._meta["L"]
+
+    def _write_index(self, num_tokens: int) -> tuple[Tensor, Tensor]:
+        """(slot, position) of every new token, [T] each."""
+        if "widx" not in self._meta:
+            assert self.slots is not None and self.start_pos is not None
+            if num_tokens == self.slots.numel():  # decode: one token per sequence, no sync
+                self._meta["widx"] = (self.slots, self.start_pos)
+            else:
+                lens = torch.diff(self.cu_seqlens).to(self.slots.device)
+                seq = torch.repeat_interleave(
+                    torch.arange(lens.numel(), device=lens.device), lens, output_size=num_tokens
+                )  # [T] sequence of each token
+                within = torch.arange(num_tokens, device=lens.device) - self.cu_seqlens.to(
+                    lens.device
+                )[seq]
+                self._meta["widx"] = (self.slots[seq], self.start_pos[seq] + within)
+        return self._meta["widx"]
+
+    # -- the attention read itself --------------------------------------------------------------
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] (after RoPE) -> [T, H, D]."""
+        if self.kind == "packed":
+            return self._attend_packed(q, k, v)
+        return self._attend_cached(layer, q, k, v)
+
+    def _attend_packed(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = torch.empty_like(q)
+        start = 0
+        for n in self._host_seqlens():
+            sl = slice(start, start + n)
+            out[sl] = _sdpa(q[sl], k[sl], v[sl], mask=None, causal=True)
+            start += n
+        assert start == q.shape[0], (start, q.shape)
+        return out
+
+    def _attend_cached(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        cache = self.cache
+        assert cache is not None and self.slots is not None and self.start_pos is not None
+        T = q.shape[0]
+        w_slot, w_pos = self._write_index(T)
+        kc, vc = cache.k[layer], cache.v[layer]  # [S, max_len, Hkv, D] views
+        kc[w_slot, w_pos] = k.to(cache.dtype)
+        vc[w_slot, w_pos] = v.to(cache.dtype)
+        if T == self.slots.numel():
+            return self._attend_decode(kc, vc, q)
+        # Prefill: one SDPA per sequence against its slot's positions [0, start + n).
+        out = torch.empty_like(q)
+        starts = self._meta.setdefault("starts", self.start_pos.tolist())
+        slots = self._meta.setdefault("slot_list", self.slots.tolist())
+        t0 = 0
+        for n, s, p in zip(self._host_seqlens(), slots, starts):
+            ctx = p + n
+            kb = kc[s, :ctx].to(q.dtype)  # [ctx, Hkv, D]
+            vb = vc[s, :ctx].to(q.dtype)
+            if p == 0:
+                out[t0 : t0 + n] = _sdpa(q[t0 : t0 + n], kb, vb, mask=None, causal=True)
+            else:
+                # query i sits at position p + i and may see keys j <= p + i
+                qi = torch.arange(n, device=q.device)[:, None] + p
+                mask = torch.arange(ctx, device=q.device)[None, :] <= qi  # [n, ctx]
+                out[t0 : t0 + n] = _sdpa(q[t0 : t0 + n], kb, vb, mask=mask, causal=False)
+            t0 += n
+        return out
+
+    def _attend_decode(self, kc: Tensor, vc: Tensor, q: Tensor) -> Tensor:
+        mask, L = self._decode_meta(q.device)
+        kb = kc[self.slots, :L].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+        vb = vc[self.slots, :L].to(q.dtype).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), kb, vb, attn_mask=mask, enable_gqa=kb.shape[1] != q.shape[1]
+        )  # [B, H, 1, D]
+        return o.squeeze(2)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    """One sequence: q [n, H, D], k/v [m, Hkv, D] -> [n, H, D]."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),  # [1, H, n, D]
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        is_causal=causal,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+    return o[0].transpose(0, 1)
+
+
+def cu_seqlens_from_lengths(lengths: list[int], device: torch.device | str = "cpu") -> Tensor:
+    """[N] lengths -> [N+1] int32 cumulative offsets starting at 0."""
+    if any(n <= 0 for n in lengths):
+        raise ValueError(f"sequence lengths must be positive, got {lengths}")
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    out[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    return out.to(device)
+
+
+def positions_from_lengths(lengths: list[int], device: torch.device | str = "cpu") -> Tensor:
+    """Positions 0..n-1 of each packed sequence, concatenated: [sum(lengths)] int64."""
+    return torch.cat([torch.arange(n) for n in lengths]).to(device)

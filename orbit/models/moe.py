@@ -1,0 +1,122 @@
+"""Qwen3-MoE sparse MLP block with separate per-expert linears and routing record/replay.
+
+Each expert is an ordinary `MLP` whose `gate_proj/up_proj/down_proj` are `nn.Linear`
+modules named `mlp.experts.{j}.*` as in the original Qwen3-MoE checkpoints, so quantization
+and adapters swap them like any other linear. Compute is grouped: tokens are sorted by chosen
+expert and each expert runs once on its contiguous slice (a reference loop over experts; a
+grouped-GEMM kernel can replace it later behind the same module).
+
+Routing replay: RL trains on the rollout's tokens, but a slightly different adapter or a
+batch-variant kernel can flip a top-k choice between rollout and training, which changes the
+log-prob discontinuously. `MoERouting` records the experts each token chose in one forward
+(the engine) and replays them in another (the trainer); the mixing weights are still
+recomputed from the current router logits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from orbit.models.config import ModelConfig
+
+
+class MoERouting:
+    """Per-layer expert ids [T, k] (int64). mode "record" stores them, "replay" reuses them.
+
+    Keyed by layer index, so activation checkpointing (which re-runs a layer's forward) neither
+    duplicates a record nor consumes a replay twice.
+    """
+
+    def __init__(self, mode: str = "record", expert_ids: dict[int, Tensor] | None = None) -> None:
+        if mode not in ("record", "replay"):
+            raise ValueError(f"MoERouting mode must be 'record' or 'replay', got {mode!r}")
+        self.mode = mode
+        self.expert_ids: dict[int, Tensor] = dict(expert_ids or {})
+
+    def route(self, layer: int, probs: Tensor, k: int) -> Tensor:
+        """probs [T, E] float32 -> expert ids [T, k]."""
+        if self.mode == "replay":
+            if layer not in self.expert_ids:
+                raise ValueError(f"MoE routing replay has no expert ids for layer {layer}")
+            ids = self.expert_ids[layer].to(probs.device)
+            if ids.shape != (probs.shape[0], k):
+                raise ValueError(
+                    f"MoE routing replay for layer {layer}: expert ids of shape {tuple(ids.shape)}, "
+                    f"expected {(probs.shape[0], k)}"
+                )
+            return ids
+        ids = torch.topk(probs, k, dim=-1).indices
+        self.expert_ids[layer] = ids.detach()
+        return ids
+
+    @classmethod
+    def concat(cls, parts: list["MoERouting"]) -> "MoERouting":
+        """Join the records of several forwards along the token axis (e.g. prefill + decodes)."""
+        layers = parts[0].expert_ids.keys()
+        return cls("replay", {i: torch.cat([p.expert_ids[i] for p in parts]) for i in layers})
+
+    def select(self, index: Tensor) -> "MoERouting":
+        """Records for the tokens at `index` [T'] (to reorder into the trainer's packing)."""
+        return MoERouting("replay", {i: ids[index] for i, ids in self.expert_ids.items()})
+
+
+class SparseMoeBlock(nn.Module):
+    """Router `gate` [E, D] + `experts.{j}` SwiGLU MLPs; top-k softmax routing."""
+
+    def __init__(self, config: "ModelConfig", layer_idx: int) -> None:
+        super().__init__()
+        from orbit.models.transformer import MLP  # one MLP definition for dense and experts
+
+        self.layer_idx = layer_idx
+        self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
+        )
+
+    def forward(self, x: Tensor, routing: MoERouting | None = None) -> Tensor:
+        """x [T, D] -> [T, D]."""
+        T, D = x.shape
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [T, E]
+        if routing is not None:
+            ids = routing.route(self.layer_idx, probs, self.top_k)
+        else:
+            ids = torch.topk(probs, self.top_k, dim=-1).indices  # [T, k]
+        w = probs.gather(1, ids)  # [T, k]
+        if self.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        w = w.to(x.dtype)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self._dense(x, ids, w)
+        return self._grouped(x, ids, w)
+
+    def _grouped(self, x: Tensor, ids: Tensor, w: Tensor) -> Tensor:
+        T, D = x.shape
+        flat = ids.reshape(-1)  # [T*k]
+        order = torch.argsort(flat, stable=True)
+        tok = order // self.top_k  # token of each sorted (token, choice) pair
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = x[tok]  # [T*k, D] grouped by expert
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                ys[start : start + n] = self.experts[e](xs[start : start + n])
+                start += n
+        ys = ys * w.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, tok, ys)
+
+    def _dense(self, x: Tensor, ids: Tensor, w: Tensor) -> Tensor:
+        """Every expert on every token, masked: no host sync, so CUDA graphs can capture it."""
+        coef = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+        coef.scatter_(1, ids, w)  # [T, E]
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + expert(x) * coef[:, e : e + 1]
+        return out

@@ -1,0 +1,243 @@
+"""The decoder-only transformer shared by trainer and engine: Llama/SmolLM2, Qwen3, Qwen3-MoE.
+
+Module names follow transformers exactly (`model.layers.{i}.self_attn.q_proj`, ...) so PEFT
+adapter keys and HF checkpoint keys line up without renaming. Every projection is a separate
+`nn.Linear` (never fused): quantization and adapters are module swaps on these names.
+
+The forward works on a *packed* batch: `input_ids [T]`, `positions [T]` and an `AttnBatch`
+(orbit.models.attention) that says how attention reads keys/values. Nothing here branches on
+precision, adapter type, or training vs. generation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from orbit.models.attention import AttnBatch
+from orbit.models.config import ModelConfig
+from orbit.models.moe import SparseMoeBlock
+
+
+class RMSNorm(nn.Module):
+    """HF-style RMSNorm: normalise in float32, cast back, then scale by the weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
+    """(inv_freq [head_dim/2] float32, attention scaling) for the config's RoPE variant; the
+    formulas are transformers' `modeling_rope_utils` ones, reproduced so results match."""
+    dim, base = config.head_dim, config.rope_theta
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    sc = config.rope_scaling
+    if sc is None:
+        return inv, 1.0
+    rtype = sc["rope_type"]
+    if rtype == "linear":
+        return inv / sc["factor"], 1.0
+    if rtype == "llama3":
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old = sc["original_max_position_embeddings"]
+        lo_wl, hi_wl = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        inv_l = torch.where(wavelen > lo_wl, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = ~(wavelen < hi_wl) * ~(wavelen > lo_wl)
+        return torch.where(medium, smoothed, inv_l), 1.0
+    if rtype == "yarn":
+        return _yarn_inv_freq(config)
+    raise AssertionError(rtype)
+
+
+def _yarn_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
+    sc = config.rope_scaling or {}
+    dim, base = config.head_dim, config.rope_theta
+    orig = sc["original_max_position_embeddings"]
+    factor = sc.get("factor") or config.max_position_embeddings / orig
+
+    def mscale(s: float, m: float = 1.0) -> float:
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    att = sc.get("attention_factor")
+    if att is None:
+        m, m_all = sc.get("mscale"), sc.get("mscale_all_dim")
+        att = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = sc.get("beta_fast") or 32, sc.get("beta_slow") or 1
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if sc.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    extra_f = 1 - ramp
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extra_f) + (1.0 / pos_freqs) * extra_f
+    return inv, att
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables [max_positions, head_dim] (float32), indexed by token position."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset(device)
+
+    def reset(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the tables, e.g. after a model built on the meta device is materialised."""
+        inv, scale = rope_inv_freq(self.config)
+        t = torch.arange(self.config.max_position_embeddings, dtype=torch.float32)
+        freqs = t[:, None] * inv[None, :]  # [P, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
+        if device is not None and torch.device(device).type == "meta":
+            self.cos, self.sin = emb.to("meta"), emb.to("meta")
+            return
+        self.cos = (emb.cos() * scale).to(device or "cpu")
+        self.sin = (emb.sin() * scale).to(device or "cpu")
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # [T, D] each
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, H, D], cos/sin [T, D]."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        b = c.attention_bias
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=b)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=b)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=b)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=b)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttnBatch) -> Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # [T, H, D]
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attn.attend(self.layer_idx, q, k, v)  # [T, H, D]
+        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = Attention(config, layer_idx)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp: nn.Module = (
+            SparseMoeBlock(config, layer_idx)
+            if self.is_moe
+            else MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, attn: AttnBatch) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn)
+        x = self.post_attention_layernorm(h)
+        return h + (self.mlp(x, attn.routing) if self.is_moe else self.mlp(x))
+
+
+class Model(nn.Module):
+    """The `model.` prefix of HF checkpoints: embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config, self.embed_tokens.weight.device)
+
+
+class CausalLM(nn.Module):
+    """`forward(input_ids[T], positions[T], attn) -> hidden[T, D]`; `logits(hidden) -> [T, V]`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Recompute each layer in backward instead of storing its activations.
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attn: AttnBatch) -> Tensor:
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and positions must both be 1-D [T] (packed); got "
+                f"{tuple(input_ids.shape)} and {tuple(positions.shape)}"
+            )
+        h = self.model.embed_tokens(input_ids)  # [T, D]
+        cos, sin = self.model.rotary_emb(positions, h.dtype)
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            if ckpt:
+                h = checkpoint(layer, h, cos, sin, attn, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, attn)
+        return self.model.norm(h)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden [T, D] -> float32 logits [T, V]. For many tokens prefer
+        orbit.models.logprobs.token_logprobs, which never holds all of them at once."""
+        return self.lm_head(hidden).float()
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
