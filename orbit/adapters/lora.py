@@ -1,0 +1,92 @@
+"""LoRA around any frozen base linear: y = base(x) + scale * B(A(dropout(x))).
+
+The base is whatever computes the frozen projection (`nn.Linear`, `QuantLinear`); it is kept
+as the `base` attribute and never modified, so the low-precision base path is the same with
+the adapter on or off. Tensor names and layouts follow PEFT (`lora_A` [r, in], `lora_B`
+[out, r]) so export is a rename, and the init matches PEFT's (A kaiming-uniform, B = 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from orbit.adapters.slots import SlottedAdapter
+
+
+def base_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a base linear, with a clear error for anything else."""
+    try:
+        return int(base.in_features), int(base.out_features)
+    except AttributeError as e:
+        raise ValueError(
+            f"adapter base must be a linear with in_features/out_features, got {type(base).__name__}"
+        ) from e
+
+
+def base_weight(base: nn.Module) -> Tensor:
+    """The base weight [out, in] as a float32 tensor (dequantized for QuantLinear)."""
+    if hasattr(base, "dequantize"):
+        return base.dequantize().to(torch.float32)
+    if isinstance(getattr(base, "weight", None), Tensor):
+        return base.weight.detach().to(torch.float32)
+    raise ValueError(f"cannot read the weight of base module {type(base).__name__}")
+
+
+class LoRALinear(SlottedAdapter):
+    """Low-rank update on a frozen linear; `active_slot=None` returns exactly `base(x)`."""
+
+    slot_names = ("lora_A", "lora_B")
+
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        super().__init__()
+        in_f, out_f = base_features(base)
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        self.in_features, self.out_features = in_f, out_f
+        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = _base_device(base)
+        a = torch.empty(r, in_f, dtype=torch.float32, device=device)
+        # PEFT's default init: A like nn.Linear (kaiming-uniform, a=sqrt(5)), B zero -> delta 0.
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        b = torch.zeros(out_f, r, dtype=torch.float32, device=device)
+        self._init_slots({"lora_A": a.to(dtype), "lora_B": b.to(dtype)})
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.active_slot is None:
+            return y
+        a = self.slot_tensor(self.active_slot, "lora_A")  # [r, in]
+        b = self.slot_tensor(self.active_slot, "lora_B")  # [out, r]
+        h = self.dropout(x).to(a.dtype) @ a.T  # [..., r]
+        return y + (self.scale * (h @ b.T)).to(y.dtype)
+
+    def delta_weight(self, slot: int = 0) -> Tensor:
+        """scale * B @ A in float32 [out, in]: what merging adds to the base weight."""
+        a = self.slot_tensor(slot, "lora_A").detach().float()
+        b = self.slot_tensor(slot, "lora_B").detach().float()
+        return self.scale * (b @ a)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, rslora={self.use_rslora}, active_slot={self.active_slot}"
+
+
+def _base_device(base: nn.Module) -> torch.device:
+    for t in list(base.parameters()) + list(base.buffers()):
+        return t.device
+    return torch.device("cpu")

@@ -1,0 +1,132 @@
+"""OFT (OFTv2, input-centric) around any frozen base linear: y = base(x @ blockdiag(R)).
+
+The base weight is never rotated or rewritten: the rotation is applied to the activations,
+so the same quantized kernel runs with the adapter on or off. Parameterization follows PEFT
+>= 0.18 (peft/tuners/oft/layer.py, `OFTRotationModule`): the trainable `oft_R` [n, b(b-1)/2]
+fills the strict upper triangle of M in `triu_indices(b, b, 1)` order, Q = M - M^T, and
+- Cayley-Neumann (default): R = I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1), k = num_terms;
+- exact: R = (I - Q)(I + Q)^-1 (what PEFT's `linalg.solve(I + Q, I - Q, left=False)` gives).
+Zero init gives R = I. With `block_share`, one block ([1, b(b-1)/2]) serves every input block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from orbit.adapters.lora import _base_device, base_features
+from orbit.adapters.slots import SlottedAdapter
+from orbit.kernels.oft_rotate import oft_rotate
+
+
+def skew_from_vec(vec: Tensor, b: int) -> Tensor:
+    """[n, b(b-1)/2] -> skew-symmetric [n, b, b] (upper triangle in triu_indices order)."""
+    rows, cols = torch.triu_indices(b, b, 1, device=vec.device)
+    m = vec.new_zeros(vec.shape[0], b, b)
+    m[:, rows, cols] = vec
+    return m - m.transpose(-2, -1)
+
+
+def cayley(q: Tensor, use_neumann: bool = True, num_terms: int = 5) -> Tensor:
+    """Skew-symmetric [n, b, b] -> orthogonal (or Neumann-approximated) [n, b, b], PEFT's way."""
+    n, b, _ = q.shape
+    eye = torch.eye(b, device=q.device, dtype=q.dtype).expand(n, b, b)
+    if not use_neumann:
+        # X (I + Q) = I - Q  ->  X = (I - Q)(I + Q)^-1
+        return torch.linalg.solve(eye + q, eye - q, left=False)
+    r = eye.clone()
+    if num_terms > 1:
+        r = r + 2.0 * q
+    if num_terms > 2:
+        power = q @ q
+        r = r + 2.0 * power
+        for _ in range(3, num_terms - 1):
+            power = power @ q
+            r = r + 2.0 * power
+        # the last term enters with weight 1, as in PEFT's `_cayley_batch`
+        power = power @ q
+        r = r + power
+    return r
+
+
+class OFTLinear(SlottedAdapter):
+    """Orthogonal block rotation of a frozen linear's input; `active_slot=None` is `base(x)`."""
+
+    slot_names = ("oft_R",)
+
+    def __init__(
+        self,
+        base: nn.Module,
+        block_size: int = 0,
+        r: int = 0,
+        use_cayley_neumann: bool = True,
+        num_terms: int = 5,
+        block_share: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        super().__init__()
+        in_f, out_f = base_features(base)
+        if (block_size > 0) == (r > 0):
+            raise ValueError(f"OFT needs exactly one of block_size / r > 0, got {block_size=} {r=}")
+        if block_size > 0:
+            if in_f % block_size:
+                raise ValueError(f"OFT block_size {block_size} does not divide in_features {in_f}")
+            r = in_f // block_size
+        else:
+            if in_f % r:
+                raise ValueError(f"OFT r={r} blocks do not divide in_features {in_f}")
+            block_size = in_f // r
+        if block_size < 2:
+            raise ValueError(f"OFT block size must be >= 2, got {block_size}")
+        if num_terms < 1:
+            raise ValueError(f"num_cayley_neumann_terms must be >= 1, got {num_terms}")
+        self.base = base
+        self.in_features, self.out_features = in_f, out_f
+        self.r, self.block_size, self.block_share = r, block_size, block_share
+        self.use_cayley_neumann, self.num_terms = use_cayley_neumann, num_terms
+        n_el = block_size * (block_size - 1) // 2
+        n_rot = 1 if block_share else r
+        q = torch.zeros(n_rot, n_el, dtype=dtype, device=_base_device(base))
+        self._init_slots({"oft_R": q})
+        # Inference-time cache of R: (slot, tensor version, R). Valid while the slot's storage
+        # is not written; views share their flat buffer's version counter, so a stage or an
+        # optimizer step invalidates it.
+        self._rot_cache: tuple[int, int, int, Tensor] | None = None
+
+    def slots_written(self) -> None:
+        self._rot_cache = None
+
+    def rotation(self, slot: int = 0) -> Tensor:
+        """R blocks [n or 1, b, b] in float32 (differentiable in slot 0's oft_R)."""
+        vec = self.slot_tensor(slot, "oft_R").float()
+        q = skew_from_vec(vec, self.block_size)
+        return cayley(q, self.use_cayley_neumann, self.num_terms)
+
+    def _cached_rotation(self, slot: int) -> Tensor:
+        t = self.slot_tensor(slot, "oft_R")
+        if torch.is_grad_enabled() and t.requires_grad:
+            return self.rotation(slot)
+        key = (slot, t.data_ptr(), t._version)
+        if self._rot_cache is None or self._rot_cache[:3] != key:
+            with torch.no_grad():
+                self._rot_cache = (*key, self.rotation(slot))
+        return self._rot_cache[3]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.active_slot is None:
+            return self.base(x)
+        rot = self._cached_rotation(self.active_slot)  # [n or 1, b, b]
+        return self.base(oft_rotate(x, rot))
+
+    def block_diag(self, slot: int = 0) -> Tensor:
+        """The full [in, in] rotation in float32 (for merging and tests only)."""
+        rot = self.rotation(slot).detach()
+        if self.block_share:
+            rot = rot.expand(self.r, -1, -1)
+        return torch.block_diag(*rot.unbind(0))
+
+    def extra_repr(self) -> str:
+        return (
+            f"block_size={self.block_size}, r={self.r}, share={self.block_share}, "
+            f"neumann={self.use_cayley_neumann}, terms={self.num_terms}, active_slot={self.active_slot}"
+        )

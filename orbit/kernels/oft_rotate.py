@@ -1,0 +1,148 @@
+"""Block-diagonal rotation of activations for OFT: x_rot = x @ blockdiag(R_0, ..., R_{n-1}).
+
+OFTv2 rotates the *input* of every wrapped linear, so this op runs once per adapted linear
+per forward: it must stay a memory-bound pass over x (read once, write once), never a dense
+[in, in] matmul. The Triton kernel tiles [BLOCK_M rows x one b-block] and multiplies by that
+block's b x b matrix with fp32 accumulation; the torch reference is an einsum over the
+[..., n, b] view. Backward: dx = dy @ blockdiag(R^T) (same kernel on the transposed blocks),
+dR[j] = x_j^T dy_j (a batched GEMM in torch).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:  # Triton is optional: without it (CPU wheels) the reference runs.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+
+MAX_TRITON_BLOCK = 128
+
+
+def _check(x: Tensor, rot: Tensor) -> tuple[int, int, int]:
+    """Returns (n_blocks, b, n_rot); n_rot is 1 for a shared block."""
+    if rot.dim() != 3 or rot.shape[1] != rot.shape[2]:
+        raise ValueError(f"OFT rotation must be [n, b, b], got {tuple(rot.shape)}")
+    n_rot, b, _ = rot.shape
+    if x.shape[-1] % b:
+        raise ValueError(f"OFT input dim {x.shape[-1]} is not a multiple of block size {b}")
+    n = x.shape[-1] // b
+    if n_rot not in (1, n):
+        raise ValueError(f"OFT rotation has {n_rot} blocks, input needs {n} (or 1 shared)")
+    return n, b, n_rot
+
+
+def oft_rotate_reference(x: Tensor, rot: Tensor) -> Tensor:
+    """x [..., n*b] , rot [n or 1, b, b] -> [..., n*b] in x.dtype (rot cast to x.dtype)."""
+    n, b, n_rot = _check(x, rot)
+    rot = rot.to(x.dtype)
+    if n_rot == 1:
+        rot = rot.expand(n, b, b)
+    xb = x.reshape(*x.shape[:-1], n, b)  # [..., n, b]
+    return torch.einsum("...rk,rkc->...rc", xb, rot).reshape(x.shape)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _oft_rotate_kernel(
+        x_ptr, r_ptr, y_ptr, M, stride_xm, stride_ym,
+        B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+        SHARED: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        blk = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_B)
+        kmask = offs_k < B
+        mmask = offs_m < M
+        cols = blk * B + offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                    mask=mmask[:, None] & kmask[None, :], other=0.0)
+        if SHARED:
+            rbase = r_ptr
+        else:
+            rbase = r_ptr + blk * B * B
+        r = tl.load(rbase + offs_k[:, None] * B + offs_k[None, :],
+                    mask=kmask[:, None] & kmask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(x, r, input_precision="ieee")
+        else:
+            acc = tl.dot(x, r)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + cols[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & kmask[None, :])
+
+
+def _launch(x2d: Tensor, rot: Tensor) -> Tensor:
+    """x2d [M, n*b] contiguous rows, rot [n or 1, b, b] contiguous in x2d.dtype."""
+    n, b, n_rot = _check(x2d, rot)
+    assert x2d.dim() == 2 and x2d.stride(1) == 1, (x2d.shape, x2d.stride())
+    assert rot.is_contiguous() and rot.dtype == x2d.dtype, (rot.stride(), rot.dtype, x2d.dtype)
+    M = x2d.shape[0]
+    y = torch.empty_like(x2d)
+    block_b = max(16, triton.next_power_of_2(b))
+    block_m = 64 if block_b <= 64 else 32
+    grid = (triton.cdiv(M, block_m), n)
+    _oft_rotate_kernel[grid](
+        x2d, rot, y, M, x2d.stride(0), y.stride(0),
+        B=b, BLOCK_B=block_b, BLOCK_M=block_m,
+        SHARED=(n_rot == 1), IEEE=(x2d.dtype == torch.float32),
+    )
+    return y
+
+
+def oft_rotate_triton(x: Tensor, rot: Tensor) -> Tensor:
+    """Forward-only Triton path (no autograd); same contract as the reference."""
+    if triton is None:
+        raise RuntimeError("oft_rotate_triton needs triton")
+    _check(x, rot)
+    x2d = x.reshape(-1, x.shape[-1])  # [M, n*b]
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    return _launch(x2d, rot.to(x.dtype).contiguous()).reshape(x.shape)
+
+
+class _OFTRotate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, rot: Tensor) -> Tensor:
+        ctx.save_for_backward(x, rot)
+        return oft_rotate_triton(x, rot)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, rot = ctx.saved_tensors
+        dx = drot = None
+        if ctx.needs_input_grad[0]:
+            dx = oft_rotate_triton(dy, rot.transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            n_rot, b, _ = rot.shape
+            n = x.shape[-1] // b
+            xb = x.reshape(-1, n, b).float()  # [M, n, b]
+            db = dy.reshape(-1, n, b).float()  # [M, n, b]
+            drot = torch.einsum("mrk,mrc->rkc", xb, db)  # [n, b, b]
+            if n_rot == 1:
+                drot = drot.sum(0, keepdim=True)
+            drot = drot.to(rot.dtype)
+        return dx, drot
+
+
+def triton_usable(x: Tensor, rot: Tensor) -> bool:
+    return (
+        triton is not None
+        and x.is_cuda
+        and rot.shape[-1] <= MAX_TRITON_BLOCK
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    )
+
+
+def oft_rotate(x: Tensor, rot: Tensor) -> Tensor:
+    """x [..., n*b] @ blockdiag(rot) -> [..., n*b] in x.dtype; differentiable in x and rot.
+
+    The Triton kernel on CUDA for blocks up to 128, the reference otherwise.
+    """
+    if triton_usable(x, rot):
+        return _OFTRotate.apply(x, rot)
+    return oft_rotate_reference(x, rot)
