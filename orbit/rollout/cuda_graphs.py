@@ -1,0 +1,116 @@
+"""CUDA-graph replay of the engine's decode step.
+
+A decode step of a small model is hundreds of tiny kernel launches; replaying a captured
+graph removes the launch overhead, which is most of the step time at small batch sizes.
+Graphs are captured lazily, the first time a (model state, batch bucket, context bucket)
+combination is needed, and share one memory pool:
+
+- batch buckets 1, 2, 4, ..., 256 up to max_num_seqs (plus max_num_seqs itself): a batch is
+  padded to the next bucket, the padding rows decode token 0 at position 0 into a scratch KV
+  slot that no sequence owns;
+- context buckets 256, 512, ... up to max_model_len: the decode attention gathers only the
+  first L cache positions (AttnBatch max_context), so short sequences do not pay for the
+  full context;
+- model state: a hashable key from the engine (which adapter slots are active, ...), since a
+  graph bakes in the tensors the Python forward chose at capture time.
+
+Inputs live in static buffers (ids, positions, slots: one [3, max_bs] int64 tensor that the
+engine fills with a single host->device copy); the output is each graph's static logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import torch
+from torch import Tensor
+
+from orbit.models.attention import AttnBatch, KVCache
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MIN_CONTEXT_BUCKET = 256
+
+
+def batch_buckets(max_bs: int) -> list[int]:
+    """Captured batch sizes for up to `max_bs` sequences (ascending, last == max_bs)."""
+    out = [b for b in BATCH_BUCKETS if b < max_bs]
+    return out + [max_bs]
+
+
+def context_buckets(max_len: int) -> list[int]:
+    """Decode context lengths captured for a cache of `max_len` positions."""
+    out, c = [], MIN_CONTEXT_BUCKET
+    while c < max_len:
+        out.append(c)
+        c *= 2
+    return out + [max_len]
+
+
+def bucket(value: int, buckets: list[int]) -> int:
+    """Smallest bucket >= value."""
+    for b in buckets:
+        if b >= value:
+            return b
+    raise AssertionError((value, buckets))
+
+
+class DecodeGraphs:
+    """Captured decode forwards (ids, positions, slots -> float32 logits) over one KV cache."""
+
+    def __init__(self, model: torch.nn.Module, cache: KVCache, max_bs: int, scratch_slot: int) -> None:
+        assert cache.k.is_cuda, "CUDA graphs need the KV cache on a CUDA device"
+        assert 0 <= scratch_slot < cache.num_slots
+        self.model, self.cache, self.scratch = model, cache, scratch_slot
+        self.device = cache.k.device
+        self.bs = batch_buckets(max_bs)
+        self.ctx = context_buckets(cache.max_len)
+        self.max_bs = self.bs[-1]
+        # rows: token id, position, slot; each graph reads columns [:Bp]
+        self.inputs = torch.zeros(3, self.max_bs, dtype=torch.int64, device=self.device)
+        self.cu = torch.arange(self.max_bs + 1, dtype=torch.int32, device=self.device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[Hashable, int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+
+    def padded_size(self, batch: int) -> int:
+        return bucket(batch, self.bs)
+
+    def pad_row(self) -> tuple[int, int, int]:
+        """(token, position, slot) of a padding row."""
+        return 0, 0, self.scratch
+
+    def _forward(self, bp: int, ctx: int) -> Tensor:
+        ids, pos, slots = self.inputs[0, :bp], self.inputs[1, :bp], self.inputs[2, :bp]
+        attn = AttnBatch.cached(self.cache, slots, self.cu[: bp + 1], pos, max_context=ctx)
+        return self.model.logits(self.model(ids, pos, attn))  # [bp, V] float32
+
+    def _capture(self, bp: int, ctx: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        # Every row points at the scratch slot, so warm-up and capture write no live KV.
+        self.inputs[0, :bp] = 0
+        self.inputs[1, :bp] = 0
+        self.inputs[2, :bp] = self.scratch
+        cur = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            self._forward(bp, ctx)  # lazy init (cuBLAS workspaces, Triton autotune) happens here
+        cur.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(bp, ctx)
+        return graph, out
+
+    def run(self, state: Hashable, host_inputs: Tensor, batch: int, max_pos: int) -> Tensor:
+        """host_inputs [3, Bp] int64 on the CPU (already padded to `padded_size(batch)`),
+        max_pos = the largest real position -> logits [batch, V] (a view of static memory,
+        valid until the next `run`)."""
+        bp = host_inputs.shape[1]
+        assert bp == self.padded_size(batch), (bp, batch)
+        ctx = bucket(max_pos + 1, self.ctx)
+        key = (state, bp, ctx)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(bp, ctx)
+        graph, out = entry
+        self.inputs[:, :bp].copy_(host_inputs, non_blocking=True)
+        graph.replay()
+        return out[:batch]

@@ -1,0 +1,305 @@
+"""The native rollout engine: continuous batching over a slot KV cache, in the trainer's process.
+
+The engine runs the trainer's own `CausalLM` (same modules, same kernels, whatever adapter
+slot is active), so the log-probs it returns are the trainer's up to batch shape effects.
+It holds no copy of the weights: only a KV cache, which `release_kv_cache()` frees between
+rollout and training and the next `generate` re-allocates.
+
+One `generate` call: validate every request, queue them in a `Scheduler` (torch-free), then
+loop: a *prefill* step packs waiting prompts into one forward (each prompt once, its KV copied
+to the slots of its other samples, its n first tokens sampled from the same logits), or a
+*decode* step advances every running sequence by one token (on CUDA by replaying a captured
+graph, see cuda_graphs.py). A finished sequence frees its slot for the next waiting request.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch import nn
+
+from orbit.models.attention import AttnBatch, KVCache, cu_seqlens_from_lengths
+from orbit.rollout.cuda_graphs import DecodeGraphs
+from orbit.rollout.sampling import make_batch, sample, sequence_key
+from orbit.rollout.scheduler import PrefillGroup, Scheduler, Sequence
+from orbit.rollout.types import Completion, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def default_graph_key(model: nn.Module) -> Hashable:
+    """What a captured graph depends on besides shapes: each module's `graph_key()` if it has
+    one, else its `active_slot` (adapters: a graph bakes in the slot tensors it read)."""
+    parts = []
+    for name, m in model.named_modules():
+        if hasattr(m, "graph_key"):
+            parts.append((name, m.graph_key()))
+        elif hasattr(m, "active_slot"):
+            parts.append((name, m.active_slot))
+    return tuple(parts)
+
+
+class Engine:
+    """Samples completions from `model` (a CausalLM: forward(ids, pos, attn), logits(h)).
+
+    max_num_seqs: sequences decoded together (KV slots). max_model_len: prompt + completion
+    tokens per sequence. kv_cache_memory: None sizes the cache for max_num_seqs x
+    max_model_len; a float in (0, 1] uses that fraction of the free CUDA memory (CPU: same as
+    None); an int is a byte budget. When the budget holds fewer slots than max_num_seqs,
+    fewer sequences run at once. dtype: KV-cache dtype (default: the model's norm dtype).
+    cuda_graph: replay captured decode graphs on CUDA (ignored on CPU and for MoE models,
+    whose routing syncs with the host). exact: batch-size-invariant decode: no padding to a
+    graph bucket (graphs are captured per exact batch size), so a sequence's logits do not
+    depend on how many padding rows run beside it.
+    tokenizer: anything with `.decode(ids) -> str`, or a decode function; needed for stop
+    strings and `Completion.text`. eos_token_ids: default `model.config.eos_token_ids`.
+    seed: seeds the draws of per-request seeds for requests without one.
+    graph_key: returns what captured graphs depend on (default `default_graph_key`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_num_seqs: int = 64,
+        max_model_len: int = 2048,
+        kv_cache_memory: float | int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        cuda_graph: bool = True,
+        exact: bool = False,
+        tokenizer: Any = None,
+        eos_token_ids: list[int] | None = None,
+        max_prefill_tokens: int = 8192,
+        seed: int | None = None,
+        graph_key: Callable[[], Hashable] | None = None,
+    ) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+        if isinstance(kv_cache_memory, float) and not (0.0 < kv_cache_memory <= 1.0):
+            raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {kv_cache_memory}")
+        if isinstance(kv_cache_memory, int) and kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory as bytes must be > 0, got {kv_cache_memory}")
+        self.model = model
+        self.config = model.config
+        norm_w = model.model.norm.weight
+        self.device = torch.device(device) if device is not None else norm_w.device
+        self.dtype = dtype or (norm_w.dtype if norm_w.is_floating_point() else torch.bfloat16)
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        pos_limit = self.config.max_position_embeddings
+        if max_model_len > pos_limit:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={pos_limit}")
+        self.kv_cache_memory = kv_cache_memory
+        self.use_graphs = cuda_graph and self.device.type == "cuda" and self.config.num_experts == 0
+        self.exact = exact
+        self.vocab_size = self.config.vocab_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.detokenize = self._decode_fn(tokenizer)
+        self.eos_token_ids = list(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self._rng = random.Random(seed)
+        self._graph_key = graph_key or (lambda: default_graph_key(self.model))
+        self.cache: KVCache | None = None
+        self.num_slots = 0  # sequence slots (the graphs' scratch slot is extra)
+        self._graphs: DecodeGraphs | None = None
+        self.last_stats: dict[str, float] = {}
+
+    @staticmethod
+    def _decode_fn(tokenizer: Any) -> Callable[[list[int]], str] | None:
+        if tokenizer is None:
+            return None
+        dec = getattr(tokenizer, "decode", None)
+        if callable(dec):
+            return dec
+        if callable(tokenizer):
+            return tokenizer
+        raise ValueError(f"tokenizer must have .decode(ids) or be a decode function, got {type(tokenizer).__name__}")
+
+    # -- KV cache ----------------------------------------------------------------------------
+
+    def slot_bytes(self) -> int:
+        """KV-cache bytes per sequence slot (keys + values, all layers, max_model_len)."""
+        c = self.config
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * c.num_layers * self.max_model_len * c.num_kv_heads * c.head_dim * elem
+
+    def _plan_slots(self) -> int:
+        mem = self.kv_cache_memory
+        if mem is None or (isinstance(mem, float) and self.device.type != "cuda"):
+            return self.max_num_seqs
+        if isinstance(mem, float):
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * mem)
+        else:
+            budget = int(mem)
+        slots = min(self.max_num_seqs, budget // self.slot_bytes() - (1 if self.use_graphs else 0))
+        if slots < 1:
+            raise ValueError(
+                f"kv_cache_memory={mem!r} ({budget} bytes) holds no sequence slot of "
+                f"{self.slot_bytes()} bytes (max_model_len={self.max_model_len}); lower max_model_len"
+            )
+        if slots < self.max_num_seqs:
+            log.info("KV cache holds %d of max_num_seqs=%d sequences", slots, self.max_num_seqs)
+        return slots
+
+    def allocate_kv_cache(self) -> None:
+        """Allocate the cache (no-op if allocated); `generate` calls this itself."""
+        if self.cache is not None:
+            return
+        self.num_slots = self._plan_slots()
+        extra = 1 if self.use_graphs else 0  # scratch slot for graph padding rows
+        self.cache = KVCache.for_model(self.config, self.num_slots + extra, self.max_model_len,
+                                       self.dtype, self.device)
+        if self.use_graphs:
+            self._graphs = DecodeGraphs(self.model, self.cache, self.num_slots, self.num_slots)
+            if self.exact:  # one graph per exact batch size: no padding rows
+                self._graphs.bs = list(range(1, self.num_slots + 1))
+
+    def release_kv_cache(self) -> None:
+        """Free the KV cache and the captured graphs (they point into it)."""
+        self._graphs = None
+        if self.cache is not None:
+            self.cache.release()
+            self.cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- generation --------------------------------------------------------------------------
+
+    def validate(self, prompt: Any, params: SamplingParams) -> None:
+        """Raise ValueError (without the request index) if one request is invalid."""
+        if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
+            raise ValueError("prompt is empty (need at least one token id)")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt)} tokens, the context (max_model_len={self.max_model_len}) "
+                "leaves no room for a new token"
+            )
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < self.vocab_size))
+            raise ValueError(f"prompt holds {bad!r}, not a token id in [0, {self.vocab_size})")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(params).__name__}")
+        params.check(self.vocab_size)
+        if params.stop_strings and self.detokenize is None:
+            raise ValueError("stop_strings need a tokenizer or decode function on the engine")
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingParams | list[SamplingParams],
+        n: int = 1,
+        on_error: str = "raise",
+    ) -> list[list[Completion]]:
+        """n completions per prompt, as [request][sample].
+
+        sampling: one SamplingParams for all prompts or one per prompt. on_error="raise"
+        validates every request first and raises one ValueError naming each bad request (index
+        and field) before anything runs; on_error="skip" returns n Completions with
+        finish_reason "error" (and `error` set) for each bad request and runs the others.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if isinstance(sampling, SamplingParams):
+            params = [sampling] * len(prompts)
+        else:
+            params = list(sampling)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        errors: dict[int, str] = {}
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            try:
+                self.validate(p, sp)
+            except ValueError as e:  # collected and reported below, never dropped
+                errors[i] = f"request {i}: {e}"
+        if errors and on_error == "raise":
+            raise ValueError("; ".join(errors.values()))
+
+        self.allocate_kv_cache()
+        sched = Scheduler(self.num_slots, self.max_model_len, self.max_prefill_tokens,
+                          self.eos_token_ids, self.detokenize)
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            if i in errors:
+                continue
+            seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
+            sched.add(i, list(p), n, sp, [sequence_key(seed, i, j) for j in range(n)])
+        state = self._graph_key() if self.use_graphs else None
+        t0, steps, new_tokens = time.perf_counter(), {"prefill": 0, "decode": 0}, 0
+        with torch.inference_mode():
+            while not sched.done():
+                step = sched.schedule()
+                steps[step.kind] += 1
+                if step.kind == "prefill":
+                    new_tokens += self._prefill(sched, step.groups)
+                else:
+                    new_tokens += self._decode(sched, step.seqs, state)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.last_stats = {"seconds": dt, "new_tokens": new_tokens, "tokens_per_s": new_tokens / max(dt, 1e-9),
+                           "prefill_steps": steps["prefill"], "decode_steps": steps["decode"]}
+        out = sched.results(len(prompts), n)
+        for i, msg in errors.items():
+            out[i] = [Completion([], [], "error", error=msg) for _ in range(n)]
+        if self.detokenize is not None:
+            for row in out:
+                for c in row:
+                    if c is not None and c.finish_reason != "error":
+                        c.text = self.detokenize(c.tokens)
+        assert all(c is not None for row in out for c in row)
+        return out  # type: ignore[return-value]
+
+    def _sample(self, sched: Scheduler, seqs: list[Sequence], logits: torch.Tensor) -> int:
+        batch = make_batch([s.params for s in seqs], [s.key for s in seqs],
+                           [len(s.tokens) for s in seqs], self.vocab_size, self.device)
+        tok, lp = sample(logits, batch)
+        sched.append(seqs, tok.tolist(), lp.tolist())
+        return len(seqs)
+
+    def _prefill(self, sched: Scheduler, groups: list[PrefillGroup]) -> int:
+        assert self.cache is not None
+        lens = [len(g.prompt) for g in groups]
+        host = torch.tensor(
+            [[t for g in groups for t in g.prompt], [i for n in lens for i in range(n)]], dtype=torch.int64
+        )  # [2, T]: ids, positions
+        dev = host.to(self.device, non_blocking=True)
+        cu = cu_seqlens_from_lengths(lens, self.device)
+        slots = torch.tensor([g.seqs[0].slot for g in groups], dtype=torch.int64, device=self.device)
+        start = torch.zeros(len(groups), dtype=torch.int64, device=self.device)
+        hidden = self.model(dev[0], dev[1], AttnBatch.cached(self.cache, slots, cu, start))  # [T, D]
+        for g in groups:  # fork the prompt's KV into the slots of its other samples
+            for s in g.seqs[1:]:
+                self.cache.copy_slot(g.seqs[0].slot, s.slot, len(g.prompt))
+        logits = self.model.logits(hidden[cu[1:].long() - 1])  # [G, V], last prompt token of each group
+        seqs = [s for g in groups for s in g.seqs]
+        if len(seqs) != len(groups):  # n samples of a prompt share its logits row
+            rows = torch.tensor([gi for gi, g in enumerate(groups) for _ in g.seqs], device=self.device)
+            logits = logits[rows]  # [S, V]
+        return self._sample(sched, seqs, logits)
+
+    def _decode(self, sched: Scheduler, seqs: list[Sequence], state: Hashable) -> int:
+        assert self.cache is not None
+        B = len(seqs)
+        ids = [s.tokens[-1] for s in seqs]
+        pos = [s.length - 1 for s in seqs]  # the newest token is not in the cache yet
+        slots = [s.slot for s in seqs]
+        max_pos = max(pos)
+        if self._graphs is not None:
+            bp = self._graphs.padded_size(B)
+            pad = bp - B
+            t, p, sl = self._graphs.pad_row()
+            host = torch.tensor([ids + [t] * pad, pos + [p] * pad, slots + [sl] * pad], dtype=torch.int64)
+            logits = self._graphs.run(state, host, B, max_pos)
+        else:
+            dev = torch.tensor([ids, pos, slots], dtype=torch.int64).to(self.device, non_blocking=True)
+            cu = torch.arange(B + 1, dtype=torch.int32, device=self.device)
+            attn = AttnBatch.cached(self.cache, dev[2], cu, dev[1], max_context=max_pos + 1)
+            logits = self.model.logits(self.model(dev[0], dev[1], attn))  # [B, V]
+        return self._sample(sched, seqs, logits)

@@ -1,0 +1,175 @@
+"""Batched token sampling with per-request parameters and counter-based randomness.
+
+Every row of a batch can have its own temperature / top-k / top-p / min-p / seed; one call
+samples all rows with a handful of batched torch ops (no per-row Python loop).
+
+Randomness is counter-based, not stateful: the uniform that picks row b's token is a hash of
+(sequence key, step), where the key hashes (seed, request index, sample index) and step is
+the index of the token being generated. Inverse-CDF sampling turns that one uniform into a
+token (first index where the cumulative probability exceeds u * total mass). Hence:
+- a request with a seed gets the same tokens whatever else shares its batch, however the
+  scheduler interleaves it, and whether or not CUDA graphs are on (given the same logits);
+- no torch.Generator state needs saving, and the ops are CUDA-graph safe;
+- one uniform per row instead of a [B, V] noise tensor keeps sampling cheap.
+
+Log-probs follow `SamplingParams.logprobs_mode`; the "scaled"/"raw" ones are computed by
+`orbit.models.logprobs.logprobs_from_logits`, the function the trainer uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from orbit.models.logprobs import logprobs_from_logits
+from orbit.rollout.types import Completion, SamplingParams  # noqa: F401  (re-exported)
+
+_M32 = 0xFFFFFFFF
+# Odd multipliers below 2^31, so a 32-bit value times one stays below 2^63: the int64 torch
+# ops below never overflow, and the Python and torch hashes agree bit for bit.
+_C1, _C2, _GOLD = 0x7FEB352D, 0x1B873593, 0x1E3779B9
+
+
+def _mix_py(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * _C1) & _M32
+    x ^= x >> 15
+    x = (x * _C2) & _M32
+    x ^= x >> 16
+    return x
+
+
+def _mix_t(x: Tensor) -> Tensor:
+    """The same 32-bit mixer on an int64 tensor of values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * _C1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _C2) & _M32
+    return x ^ (x >> 16)
+
+
+def sequence_key(seed: int, request: int, sample: int) -> int:
+    """32-bit key of one sample of one request; any seed >= 0 (folded to 64 bits)."""
+    k = _mix_py(seed ^ _mix_py((seed >> 32) ^ _GOLD))
+    k = _mix_py(k ^ _mix_py(request + _GOLD))
+    return _mix_py(k ^ _mix_py(sample + 2 * _GOLD))
+
+
+def counter_uniform(keys: Tensor, steps: Tensor) -> Tensor:
+    """keys, steps int64 [B] -> float32 uniforms in (0, 1), a pure function of (key, step)."""
+    x = _mix_t(keys ^ _mix_t(steps & _M32))
+    x = _mix_t((x + _GOLD) & _M32)
+    # 23 bits + 0.5 is exact in float32 and strictly inside (0, 1).
+    return ((x >> 9).to(torch.float32) + 0.5) * (2.0**-23)
+
+
+def counter_uniform_py(key: int, step: int) -> float:
+    """Host twin of `counter_uniform` (tests, debugging)."""
+    x = _mix_py(key ^ _mix_py(step))
+    x = _mix_py(x + _GOLD)
+    return ((x >> 9) + 0.5) * (2.0**-23)
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling inputs on the device plus the host facts that pick the code path."""
+
+    temperature: Tensor  # [B] float32, 0 = greedy
+    top_p: Tensor  # [B] float32
+    min_p: Tensor  # [B] float32
+    top_k: Tensor  # [B] int64, V where off
+    keys: Tensor  # [B] int64
+    steps: Tensor  # [B] int64
+    greedy: list[bool]
+    truncates: list[bool]
+    lp_temps: list[float]  # temperature each row's log-prob is computed at (1 for raw/greedy)
+    lp_zero: list[bool]  # processed log-prob of a greedy row: the point mass, 0
+    lp_trunc: list[bool]  # processed log-prob renormalised over the kept tokens
+
+
+def make_batch(
+    params: list[SamplingParams], keys: list[int], steps: list[int], vocab_size: int,
+    device: torch.device | str,
+) -> SamplingBatch:
+    """Pack per-row parameters into device tensors (two host->device copies)."""
+    fl = torch.tensor(
+        [[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params]],
+        dtype=torch.float32,
+    ).to(device, non_blocking=True)
+    ints = torch.tensor(
+        [[p.top_k if p.top_k > 0 else vocab_size for p in params], keys, steps], dtype=torch.int64
+    ).to(device, non_blocking=True)
+    greedy = [p.temperature == 0 for p in params]
+    lp_temps = [
+        1.0 if (p.logprobs_mode == "raw" or g) else float(p.temperature) for p, g in zip(params, greedy)
+    ]
+    processed = [p.logprobs_mode == "processed" for p in params]
+    return SamplingBatch(
+        fl[0], fl[1], fl[2], ints[0], ints[1], ints[2], greedy,
+        [p.truncates for p in params], lp_temps,
+        [pr and g for pr, g in zip(processed, greedy)],
+        [pr and p.truncates for pr, p in zip(processed, params)],
+    )
+
+
+def _keep_mask(sp: Tensor, b: SamplingBatch) -> Tensor:
+    """sp [B, V] probabilities sorted descending -> bool [B, V] of tokens that survive."""
+    V = sp.shape[1]
+    rank = torch.arange(V, device=sp.device)
+    keep = rank[None, :] < b.top_k[:, None]
+    before = sp.cumsum(-1) - sp  # mass strictly ahead of each token
+    keep &= before < b.top_p[:, None]
+    keep &= sp >= b.min_p[:, None] * sp[:, :1]
+    return keep  # rank 0 always survives: before=0 < top_p and min_p <= 1
+
+
+def sample(logits: Tensor, b: SamplingBatch) -> tuple[Tensor, Tensor]:
+    """logits [B, V] float32 -> (tokens [B] int64, log-probs [B] float32)."""
+    B, V = logits.shape
+    kept: Tensor | None = None
+    if all(b.greedy):
+        tok = logits.argmax(-1)
+    else:
+        t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
+        probs = torch.softmax(logits / t[:, None], dim=-1)  # [B, V]
+        u = counter_uniform(b.keys, b.steps)[:, None]  # [B, 1]
+        # Rows without truncation always use the vocab-order CDF (even in a batch where other
+        # rows truncate) so a seeded row's token never depends on its batch-mates.
+        if not all(b.truncates):
+            cdf = probs.cumsum(-1)
+            tok = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1).squeeze(1)
+        if any(b.truncates):
+            sp, si = probs.sort(dim=-1, descending=True, stable=True)
+            sp = sp * _keep_mask(sp, b)
+            cdf = sp.cumsum(-1)
+            kept = cdf[:, -1]
+            r = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1)  # [B, 1] rank
+            tok_t = si.gather(1, r).squeeze(1)
+            if all(b.truncates):
+                tok = tok_t
+            else:
+                tok = torch.where(torch.tensor(b.truncates, device=logits.device), tok_t, tok)
+        if any(b.greedy):
+            tok = torch.where(b.temperature > 0, tok, logits.argmax(-1))
+    return tok, _logprobs(logits, tok, b, kept)
+
+
+def _logprobs(logits: Tensor, tok: Tensor, b: SamplingBatch, kept: Tensor | None) -> Tensor:
+    temps = sorted(set(b.lp_temps))
+    if len(temps) == 1:
+        lp, _ = logprobs_from_logits(logits, tok, temps[0])
+    else:
+        lp = torch.empty(tok.shape, dtype=torch.float32, device=logits.device)
+        for T in temps:
+            idx = torch.tensor([i for i, x in enumerate(b.lp_temps) if x == T], device=logits.device)
+            lp[idx], _ = logprobs_from_logits(logits[idx], tok[idx], T)
+    if kept is not None and any(b.lp_trunc):
+        m = torch.tensor(b.lp_trunc, device=logits.device)
+        lp = torch.where(m, lp - torch.log(kept), lp)
+    if any(b.lp_zero):
+        m = torch.tensor(b.lp_zero, device=logits.device)
+        lp = torch.where(m, torch.zeros_like(lp), lp)
+    return lp

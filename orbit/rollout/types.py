@@ -1,0 +1,102 @@
+"""Request/result types of the rollout engine, kept torch-free so the scheduler can use them.
+
+`SamplingParams` says how one request is sampled and validates itself with `ValueError`s that
+name the field; `Completion` is one sampled continuation. Both are plain dataclasses so they
+cross process boundaries (Ray) without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+FINISH_REASONS = ("stop", "length", "stop_string", "error")
+LOGPROBS_MODES = ("processed", "scaled", "raw")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request.
+
+    temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+    top_p: nucleus mass in (0, 1]; 1 keeps everything. top_k: keep the k most likely tokens;
+    0 (or -1) keeps everything. min_p: drop tokens whose probability is below min_p times the
+    top token's (after temperature); 0 keeps everything.
+    max_new_tokens: cap on generated tokens ("length" finish).
+    stop_token_ids: extra stop tokens (on top of the engine's EOS ids unless ignore_eos).
+    stop_strings: stop when the decoded output contains one (needs a tokenizer/decode fn).
+    seed: None draws a fresh seed per request from the engine's RNG; an int makes the
+    request's samples reproducible (see orbit/rollout/sampling.py for the counter scheme).
+    ignore_eos: keep going past the engine's EOS ids (stop_token_ids still stop).
+    logprobs_mode: which log-prob `Completion.logprobs` holds for each sampled token:
+      "processed" - under the distribution actually sampled from: temperature applied, then
+                    top-k/top-p/min-p truncation, renormalised (0.0 for greedy);
+      "scaled"    - log_softmax(logits / temperature), untruncated (temperature 1 for greedy):
+                    what the RL trainer computes (orbit.models.logprobs), so RL uses this;
+      "raw"       - log_softmax(logits), temperature 1, untruncated.
+    Without truncation (top_p=1, top_k off, min_p=0) "processed" equals "scaled".
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+    logprobs_mode: str = "processed"
+
+    def __post_init__(self) -> None:
+        # Accept lists for convenience but store tuples so the params stay hashable/frozen.
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+    @property
+    def truncates(self) -> bool:
+        """True when top-k/top-p/min-p actually remove tokens (sampling needs a sort)."""
+        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0)
+
+    def check(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the first invalid field."""
+        t = self.temperature
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be an int >= -1 (0 or -1 = off), got {self.top_k!r}")
+        if not isinstance(self.min_p, (int, float)) or not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        for t_id in self.stop_token_ids:
+            if not isinstance(t_id, int) or t_id < 0 or (vocab_size is not None and t_id >= vocab_size):
+                raise ValueError(f"stop_token_ids holds {t_id!r}, not a token id in [0, {vocab_size})")
+        for s in self.stop_strings:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop_strings must be non-empty strings, got {s!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be None or an int >= 0, got {self.seed!r}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of a prompt.
+
+    tokens: generated ids (the stop token / the token completing a stop string included).
+    logprobs: one float per token, in the request's `logprobs_mode`.
+    finish_reason: "stop" (a stop/EOS token), "length" (max_new_tokens or the context is
+    full), "stop_string", or "error" (the request was invalid and `on_error="skip"`; `error`
+    holds the message and tokens are empty).
+    text: the decoded tokens when the engine has a tokenizer/decode fn, else None.
+    """
+
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str | None = None
+    error: str | None = None
