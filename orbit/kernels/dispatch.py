@@ -2,14 +2,25 @@
 
 On CPU (or without Triton) the reference runs: dequantize to the activation dtype, then a
 plain matmul. On CUDA the fused Triton kernels run where they exist for the format.
+
+`exact=True` selects the batch-invariant kernels: one fixed tile config for every M and no
+split-K, so row i of the output does not depend on which other rows share the batch.
+
+`act_quant="fp8"` (fp8 weights only) runs W8A8: activations are quantized per token per 128
+columns to e4m3 and an FP8 GEMM applies both block scales. Its gradient is straight-through:
+`qmm_t` always computes dX = dY @ W with the dequantized (W8A16-style) weight.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from orbit.quant.qweight import QuantizedWeight
+
+ACT_QUANT_MODES = (None, "fp8")
 
 
 def qmm_reference(x: Tensor, qw: QuantizedWeight) -> Tensor:
@@ -22,11 +33,65 @@ def qmm_t_reference(dy: Tensor, qw: QuantizedWeight) -> Tensor:
     return dy @ qw.dequantize(dy.dtype)
 
 
-def qmm(x: Tensor, qw: QuantizedWeight, exact: bool = False) -> Tensor:
+def _kernel_for(qw: QuantizedWeight) -> Callable[..., Tensor] | None:
+    """The fused Triton matmul for this format, or None where cuBLAS/the reference is right."""
+    from orbit.kernels._triton import HAS_TRITON
+
+    if not HAS_TRITON:
+        return None
+    if qw.fmt == "int4":
+        from orbit.kernels.int4 import int4_matmul
+        return int4_matmul
+    if qw.fmt == "int8":
+        from orbit.kernels.int8 import int8_matmul
+        return int8_matmul
+    if qw.fmt == "fp8":
+        from orbit.kernels.fp8 import fp8_matmul
+        return fp8_matmul
+    if qw.fmt == "nvfp4":
+        from orbit.kernels.fp4 import nvfp4_matmul
+        return nvfp4_matmul
+    if qw.fmt == "mxfp4":
+        from orbit.kernels.fp4 import mxfp4_matmul
+        return mxfp4_matmul
+    if qw.fmt == "bf16":
+        from orbit.kernels._qgemm import bf16_matmul
+        return bf16_matmul
+    return None
+
+
+def _on_gpu(x: Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def qmm(x: Tensor, qw: QuantizedWeight, exact: bool = False, *,
+        act_quant: str | None = None) -> Tensor:
     assert x.dim() == 2 and x.shape[1] == qw.shape[1], (x.shape, qw.shape)
+    if act_quant not in ACT_QUANT_MODES:
+        raise ValueError(f"act_quant must be one of {ACT_QUANT_MODES}, got {act_quant!r}")
+    if act_quant == "fp8":
+        if qw.fmt != "fp8":
+            raise ValueError(f"act_quant='fp8' needs an fp8 weight, got {qw.fmt!r}")
+        from orbit.kernels.fp8 import w8a8_matmul, w8a8_matmul_reference
+
+        if _on_gpu(x):
+            return w8a8_matmul(x.contiguous(), qw, exact=exact)
+        return w8a8_matmul_reference(x, qw, exact=exact)
+    if _on_gpu(x):
+        if qw.fmt == "bf16" and not exact and qw.tensors["weight"].dtype == x.dtype:
+            return x @ qw.tensors["weight"].T  # cuBLAS; same values as the reference
+        kernel = _kernel_for(qw)
+        if kernel is not None and (qw.fmt != "bf16" or qw.tensors["weight"].dtype == x.dtype):
+            return kernel(x.contiguous(), qw, exact=exact)
     return qmm_reference(x, qw)
 
 
 def qmm_t(dy: Tensor, qw: QuantizedWeight, exact: bool = False) -> Tensor:
     assert dy.dim() == 2 and dy.shape[1] == qw.shape[0], (dy.shape, qw.shape)
+    if _on_gpu(dy):
+        if qw.fmt == "bf16" and not exact and qw.tensors["weight"].dtype == dy.dtype:
+            return dy @ qw.tensors["weight"]
+        kernel = _kernel_for(qw)
+        if kernel is not None and (qw.fmt != "bf16" or qw.tensors["weight"].dtype == dy.dtype):
+            return kernel(dy.contiguous(), qw, transpose=True, exact=exact)
     return qmm_t_reference(dy, qw)

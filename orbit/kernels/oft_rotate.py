@@ -4,11 +4,15 @@ OFTv2 rotates the *input* of every wrapped linear, so this op runs once per adap
 per forward: it must stay a memory-bound pass over x (read once, write once), never a dense
 [in, in] matmul. The Triton kernel tiles [BLOCK_M rows x one b-block] and multiplies by that
 block's b x b matrix with fp32 accumulation; the torch reference is an einsum over the
-[..., n, b] view. Backward: dx = dy @ blockdiag(R^T) (same kernel on the transposed blocks),
-dR[j] = x_j^T dy_j (a batched GEMM in torch).
+[..., n, b] view. R stays float32: for 16-bit x the kernel splits it into hi + lo halves in
+x's dtype (two tensor-core dots), since a bf16-rounded R is off-orthogonal by ~4e-3.
+Backward: dx = dy @ blockdiag(R^T) (same kernel on the transposed blocks), dR[j] = x_j^T dy_j
+(a batched GEMM in torch).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -36,22 +40,24 @@ def _check(x: Tensor, rot: Tensor) -> tuple[int, int, int]:
 
 
 def oft_rotate_reference(x: Tensor, rot: Tensor) -> Tensor:
-    """x [..., n*b] , rot [n or 1, b, b] -> [..., n*b] in x.dtype (rot cast to x.dtype)."""
+    """x [..., n*b], rot [n or 1, b, b] -> [..., n*b] in x.dtype, computed in float32 (or
+    float64 for float64 inputs)."""
     n, b, n_rot = _check(x, rot)
-    rot = rot.to(x.dtype)
+    ct = torch.promote_types(torch.promote_types(x.dtype, rot.dtype), torch.float32)
+    rot = rot.to(ct)
     if n_rot == 1:
         rot = rot.expand(n, b, b)
-    xb = x.reshape(*x.shape[:-1], n, b)  # [..., n, b]
-    return torch.einsum("...rk,rkc->...rc", xb, rot).reshape(x.shape)
+    xb = x.to(ct).reshape(*x.shape[:-1], n, b)  # [..., n, b]
+    return torch.einsum("...rk,rkc->...rc", xb, rot).reshape(x.shape).to(x.dtype)
 
 
 if triton is not None:
 
     @triton.jit
     def _oft_rotate_kernel(
-        x_ptr, r_ptr, y_ptr, M, stride_xm, stride_ym,
+        x_ptr, rhi_ptr, rlo_ptr, y_ptr, M, stride_xm, stride_ym,
         B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-        SHARED: tl.constexpr, IEEE: tl.constexpr,
+        SHARED: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         blk = tl.program_id(1)
@@ -62,34 +68,54 @@ if triton is not None:
         cols = blk * B + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
                     mask=mmask[:, None] & kmask[None, :], other=0.0)
-        if SHARED:
-            rbase = r_ptr
-        else:
-            rbase = r_ptr + blk * B * B
-        r = tl.load(rbase + offs_k[:, None] * B + offs_k[None, :],
-                    mask=kmask[:, None] & kmask[None, :], other=0.0)
+        r_offs = offs_k[:, None] * B + offs_k[None, :]
+        if not SHARED:
+            r_offs += blk * B * B
+        r_mask = kmask[:, None] & kmask[None, :]
+        r_hi = tl.load(rhi_ptr + r_offs, mask=r_mask, other=0.0)
+        if UPCAST:
+            # The interpreter's dot mishandles bf16; fp32 products of 16-bit inputs are exact,
+            # so this computes the same sums.
+            x = x.to(tl.float32)
+            r_hi = r_hi.to(tl.float32)
         if IEEE:
-            acc = tl.dot(x, r, input_precision="ieee")
+            acc = tl.dot(x, r_hi, input_precision="ieee")
         else:
-            acc = tl.dot(x, r)
+            acc = tl.dot(x, r_hi)
+        if SPLIT:
+            r_lo = tl.load(rlo_ptr + r_offs, mask=r_mask, other=0.0)
+            if UPCAST:
+                r_lo = r_lo.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(x, r_lo, input_precision="ieee")
+            else:
+                acc += tl.dot(x, r_lo)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + cols[None, :],
                  acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & kmask[None, :])
 
 
 def _launch(x2d: Tensor, rot: Tensor) -> Tensor:
-    """x2d [M, n*b] contiguous rows, rot [n or 1, b, b] contiguous in x2d.dtype."""
+    """x2d [M, n*b] with unit column stride, rot [n or 1, b, b] (any float dtype)."""
     n, b, n_rot = _check(x2d, rot)
     assert x2d.dim() == 2 and x2d.stride(1) == 1, (x2d.shape, x2d.stride())
-    assert rot.is_contiguous() and rot.dtype == x2d.dtype, (rot.stride(), rot.dtype, x2d.dtype)
+    rot = rot.float().contiguous()
+    split = x2d.dtype != torch.float32
+    if split:
+        # 16-bit x: R = hi + lo in x's dtype keeps ~16 mantissa bits of R on tensor cores.
+        r_hi = rot.to(x2d.dtype)
+        r_lo = (rot - r_hi.float()).to(x2d.dtype)
+    else:
+        r_hi = r_lo = rot
+    upcast = os.environ.get("TRITON_INTERPRET", "0") == "1"
     M = x2d.shape[0]
     y = torch.empty_like(x2d)
     block_b = max(16, triton.next_power_of_2(b))
     block_m = 64 if block_b <= 64 else 32
     grid = (triton.cdiv(M, block_m), n)
     _oft_rotate_kernel[grid](
-        x2d, rot, y, M, x2d.stride(0), y.stride(0),
-        B=b, BLOCK_B=block_b, BLOCK_M=block_m,
-        SHARED=(n_rot == 1), IEEE=(x2d.dtype == torch.float32),
+        x2d, r_hi, r_lo, y, M, x2d.stride(0), y.stride(0),
+        B=b, BLOCK_B=block_b, BLOCK_M=block_m, SHARED=(n_rot == 1), SPLIT=split,
+        UPCAST=upcast, IEEE=upcast or not split,
     )
     return y
 
@@ -102,7 +128,7 @@ def oft_rotate_triton(x: Tensor, rot: Tensor) -> Tensor:
     x2d = x.reshape(-1, x.shape[-1])  # [M, n*b]
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    return _launch(x2d, rot.to(x.dtype).contiguous()).reshape(x.shape)
+    return _launch(x2d, rot).reshape(x.shape)
 
 
 class _OFTRotate(torch.autograd.Function):

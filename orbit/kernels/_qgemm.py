@@ -1,0 +1,191 @@
+"""The one fused dequantize-GEMM loop that every weight-only format shares.
+
+`y = x @ W^T` (forward) and `dx = dy @ W` (input gradient) differ only in which weight dim is
+reduced, so one kernel does both (`TRANS`). The per-format tile loaders (int4.py, int8.py,
+fp8.py, fp4.py) turn a packed `[rows over out, cols over in]` patch of the weight into float32
+exactly as `orbit.quant.qweight.dequantize` does; the loop here casts it to the activation
+dtype and feeds `tl.dot` with an fp32 accumulator. The weight is never materialized in BF16.
+
+Tile configs: the fast mode picks one by M (no autotuning, so a shape always runs the same
+code); `exact=True` uses one fixed config for every M, no split-K, so every output row sees the
+same reduction order whatever else is in the batch (batch invariance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from orbit.kernels._triton import tl, triton
+from orbit.kernels.fp4 import mxfp4_tile, nvfp4_tile
+from orbit.kernels.fp8 import fp8_tile
+from orbit.kernels.int4 import int4_tile
+from orbit.kernels.int8 import int8_tile
+from orbit.quant.qweight import QuantizedWeight
+
+FMT_IDS = {"int4": 0, "int8": 1, "fp8": 2, "nvfp4": 3, "mxfp4": 4, "bf16": 5}
+ACT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """bm rows of x, bo output columns, br reduction depth per step."""
+
+    bm: int
+    bo: int
+    br: int
+    warps: int
+    stages: int
+    group_m: int = 8
+
+
+# The exact (batch-invariant) config: one tile shape for every M, chosen for training sizes.
+EXACT_CONFIG = TileConfig(bm=64, bo=128, br=64, warps=4, stages=3)
+
+
+def pick_config(m: int, out_dim: int, fmt: str, exact: bool) -> TileConfig:
+    """Fast mode: small M is weight-bandwidth bound (thin bm, many programs along out);
+    large M is MMA bound (big square tiles)."""
+    if exact:
+        return EXACT_CONFIG
+    if m <= 64:
+        bm = max(16, triton.next_power_of_2(m))
+        # Enough programs to cover 132 SMs about twice before the out tile gets wider.
+        bo = 32 if triton.cdiv(out_dim, 64) < 264 else 64
+        return TileConfig(bm=bm, bo=bo, br=128, warps=4, stages=4)
+    if m <= 256:
+        return TileConfig(bm=64, bo=128, br=64, warps=4, stages=4)
+    return TileConfig(bm=128, bo=128, br=64, warps=8, stages=3)
+
+
+@triton.jit
+def bf16_tile(q_ptr, stride_q, n0, k0, N, K, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Unquantized weight tile, so `exact=True` covers BF16 linears too (cuBLAS picks its
+    kernel by M and is not batch-invariant)."""
+    offs_n = n0 + tl.arange(0, ROWS)
+    offs_k = k0 + tl.arange(0, COLS)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    return tl.load(q_ptr + offs_n[:, None] * stride_q + offs_k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, n0, k0, N, K,
+            FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+            ROWS: tl.constexpr, COLS: tl.constexpr):
+    if FMT == 0:
+        w = int4_tile(q_ptr, s_ptr, o_ptr, stride_q, stride_s, n0, k0, N, K,
+                      GROUP, HAS_OFFSET, ROWS, COLS)
+    elif FMT == 1:
+        w = int8_tile(q_ptr, s_ptr, stride_q, stride_s, n0, k0, N, K, GROUP, ROWS, COLS)
+    elif FMT == 2:
+        w = fp8_tile(q_ptr, s_ptr, stride_q, stride_s, n0, k0, N, K, ROWS, COLS)
+    elif FMT == 3:
+        w = nvfp4_tile(q_ptr, s_ptr, g_ptr, stride_q, stride_s, n0, k0, N, K, ROWS, COLS)
+    elif FMT == 4:
+        w = mxfp4_tile(q_ptr, s_ptr, stride_q, stride_s, n0, k0, N, K, ROWS, COLS)
+    else:
+        w = bf16_tile(q_ptr, stride_q, n0, k0, N, K, ROWS, COLS)
+    return w
+
+
+@triton.jit
+def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
+                  stride_xm, stride_ym, stride_q, stride_s,
+                  FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                  TRANS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
+                  GROUP_M: tl.constexpr):
+    # W is [N, K]. TRANS=0: y[M, N] = x[M, K] @ W^T. TRANS=1: y[M, K] = x[M, N] @ W.
+    if TRANS:
+        OUT = K
+        RED = N
+    else:
+        OUT = N
+        RED = K
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_o = tl.cdiv(OUT, BO)
+    # Grouped order: GROUP_M row blocks in a row reuse the same weight tiles from L2.
+    per_group = GROUP_M * num_o
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_o = (pid % per_group) // size_m
+    o0 = pid_o * BO
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_r = tl.arange(0, BR)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :]
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BO), dtype=tl.float32)
+    for r0 in range(0, RED, BR):
+        xmask = (offs_m[:, None] < M) & (r0 + offs_r[None, :] < RED)
+        xt = tl.load(x_ptrs, mask=xmask, other=0.0)  # [BM, BR]
+        if TRANS:
+            w = _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, r0, o0, N, K,
+                        FMT, GROUP, HAS_OFFSET, BR, BO)  # [BR, BO]
+            acc = tl.dot(xt, w.to(dt), acc)
+        else:
+            w = _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, o0, r0, N, K,
+                        FMT, GROUP, HAS_OFFSET, BO, BR)  # [BO, BR]
+            acc = tl.dot(xt, tl.trans(w.to(dt)), acc)
+        x_ptrs += BR
+    offs_o = o0 + tl.arange(0, BO)
+    ymask = (offs_m[:, None] < M) & (offs_o[None, :] < OUT)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :], acc.to(dt), mask=ymask)
+
+
+def check_activation(x: Tensor, name: str, features: int, device: torch.device) -> None:
+    """Wrapper-side layout checks shared by every format (ValueError: caller's mistake)."""
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [M, {features}], got shape {tuple(x.shape)}")
+    if x.shape[1] != features:
+        raise ValueError(f"{name} has {x.shape[1]} features, the weight expects {features}")
+    if x.dtype not in ACT_DTYPES:
+        raise ValueError(f"{name} must be bfloat16 or float16 for the kernels, got {x.dtype}")
+    if x.shape[0] > 0 and x.stride(1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim, got strides {x.stride()}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, the weight on {device}")
+
+
+def check_tensor(t: Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if t.dtype != dtype:
+        raise ValueError(f"weight tensor {name!r} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"weight tensor {name!r} must have shape {shape}, got {tuple(t.shape)}")
+    if t.numel() and t.stride(-1) != 1:
+        raise ValueError(f"weight tensor {name!r} must have a contiguous last dim")
+
+
+def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
+           offset: Tensor | None, global_scale: Tensor | None, group: int,
+           transpose: bool, exact: bool, config: TileConfig | None = None) -> Tensor:
+    """Run the fused kernel on already-validated tensors; `config` overrides the pick (bench)."""
+    n, k = shape
+    m = x.shape[0]
+    out_dim = k if transpose else n
+    y = torch.empty((m, out_dim), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y
+    cfg = config or pick_config(m, out_dim, fmt, exact)
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(out_dim, cfg.bo),)
+    _qgemm_kernel[grid](
+        x, y, q, s, offset if offset is not None else s,
+        global_scale if global_scale is not None else s,
+        m, n, k, x.stride(0), y.stride(0), q.stride(0), s.stride(0),
+        FMT=FMT_IDS[fmt], GROUP=group, HAS_OFFSET=offset is not None, TRANS=transpose,
+        BM=cfg.bm, BO=cfg.bo, BR=cfg.br, GROUP_M=cfg.group_m,
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    return y
+
+
+def bf16_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
+                exact: bool = False) -> Tensor:
+    """Unquantized weight through the same loop (used for `exact=True`; fast mode uses cuBLAS)."""
+    out_f, in_f = qw.shape
+    w = qw.tensors["weight"]
+    check_tensor(w, "weight", x.dtype, (out_f, in_f))
+    check_activation(x, "dy" if transpose else "x", out_f if transpose else in_f, w.device)
+    return launch(x, "bf16", qw.shape, w, w, None, None, 0, transpose, exact)

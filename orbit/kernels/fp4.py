@@ -1,0 +1,127 @@
+"""NVFP4 and MXFP4 weight-only matmuls: E2M1 tile loaders, wrappers and torch references.
+
+Both formats pack two E2M1 codes per byte (even column in the low nibble) in `qweight` uint8
+[out, in/2]. NVFP4 scales 16-element groups by an e4m3 `scale` times an fp32 `global_scale`;
+MXFP4 scales 32-element groups by an E8M0 byte (2^(e-127)).
+
+E2M1 decoding: instead of gathering from a 16-entry table, the loader moves the code's
+3 magnitude bits into an fp16's exponent/mantissa field and the sign bit onto fp16's sign,
+then multiplies by 2^14. That is the table lookup `E2M1_VALUES[code]` exactly (the unit
+tests compare all 16 codes through the kernels), and costs two shifts instead of a gather.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from orbit.kernels._triton import tl, triton
+from orbit.quant.qweight import MXFP4_GROUP, NVFP4_GROUP, QuantizedWeight
+
+
+@triton.jit
+def _e2m1(codes):
+    """int32 codes 0..15 -> float32 values {0, .5, 1, 1.5, 2, 3, 4, 6} with bit 3 as sign."""
+    bits = ((codes & 7) << 9) | ((codes & 8) << 12)  # fp16 bits of value * 2^-14
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+
+
+@triton.jit
+def _fp4_codes(q_ptr, stride_q, offs_n, k0, K, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """E2M1 values of W[offs_n, k0:k0+COLS] as float32 [ROWS, COLS]."""
+    offs_b = k0 // 2 + tl.arange(0, COLS // 2)
+    b = tl.load(q_ptr + offs_n[:, None] * stride_q + offs_b[None, :],
+                mask=(offs_n[:, None] >= 0) & (offs_b[None, :] < K // 2), other=0)
+    b = b.to(tl.int32)  # [ROWS, COLS/2]
+    shifts = tl.arange(0, 2) * 4
+    codes = (b[:, :, None] >> shifts[None, None, :]) & 0xF  # [ROWS, COLS/2, 2]: low nibble first
+    return _e2m1(tl.reshape(codes, (ROWS, COLS)))
+
+
+@triton.jit
+def nvfp4_tile(q_ptr, s_ptr, g_ptr, stride_q, stride_s, n0, k0, N, K,
+               ROWS: tl.constexpr, COLS: tl.constexpr):
+    """W[n0:n0+ROWS, k0:k0+COLS] in float32 (COLS >= 16); rows past N read row N-1's bytes
+    clamped to a valid address and get zero scales."""
+    offs_n = n0 + tl.arange(0, ROWS)
+    row_ok = offs_n < N
+    safe_n = tl.where(row_ok, offs_n, 0)
+    v = _fp4_codes(q_ptr, stride_q, safe_n, k0, K, ROWS, COLS)
+    offs_g = k0 // 16 + tl.arange(0, COLS // 16)
+    s = tl.load(s_ptr + safe_n[:, None] * stride_s + offs_g[None, :],
+                mask=row_ok[:, None] & (offs_g[None, :] < K // 16), other=0.0).to(tl.float32)
+    gs = tl.load(g_ptr).to(tl.float32)
+    w3 = (tl.reshape(v, (ROWS, COLS // 16, 16)) * s[:, :, None]) * gs  # same order as reference
+    return tl.reshape(w3, (ROWS, COLS))
+
+
+@triton.jit
+def mxfp4_tile(q_ptr, s_ptr, stride_q, stride_s, n0, k0, N, K,
+               ROWS: tl.constexpr, COLS: tl.constexpr):
+    """W[n0:n0+ROWS, k0:k0+COLS] in float32 (COLS >= 32)."""
+    offs_n = n0 + tl.arange(0, ROWS)
+    row_ok = offs_n < N
+    safe_n = tl.where(row_ok, offs_n, 0)
+    v = _fp4_codes(q_ptr, stride_q, safe_n, k0, K, ROWS, COLS)
+    offs_g = k0 // 32 + tl.arange(0, COLS // 32)
+    e = tl.load(s_ptr + safe_n[:, None] * stride_s + offs_g[None, :],
+                mask=row_ok[:, None] & (offs_g[None, :] < K // 32), other=0).to(tl.int32)
+    # 2^(e-127): the exponent field of an fp32; e == 0 is the subnormal 2^-127.
+    s = tl.where(e == 0, 5.877471754111438e-39, (e << 23).to(tl.float32, bitcast=True))
+    s = tl.where(row_ok[:, None], s, 0.0)  # [ROWS, COLS/32]
+    w3 = tl.reshape(v, (ROWS, COLS // 32, 32)) * s[:, :, None]
+    return tl.reshape(w3, (ROWS, COLS))
+
+
+def _check(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool) -> None:
+    from orbit.kernels._qgemm import check_activation, check_tensor  # _qgemm imports this module
+
+    out_f, in_f = qw.shape
+    group = NVFP4_GROUP if fmt == "nvfp4" else MXFP4_GROUP
+    if qw.fmt != fmt:
+        raise ValueError(f"{fmt}_matmul got a {qw.fmt!r} weight")
+    if in_f % group:
+        raise ValueError(f"{fmt} needs in_features % {group} == 0, got in={in_f}")
+    t = qw.tensors
+    check_tensor(t["qweight"], "qweight", torch.uint8, (out_f, in_f // 2))
+    if fmt == "nvfp4":
+        check_tensor(t["scale"], "scale", torch.float8_e4m3fn, (out_f, in_f // group))
+        gs = t["global_scale"]
+        if gs.numel() != 1 or gs.dtype != torch.float32:
+            raise ValueError(f"nvfp4 global_scale must be one float32, got {gs.dtype} {tuple(gs.shape)}")
+    else:
+        check_tensor(t["scale"], "scale", torch.uint8, (out_f, in_f // group))
+    check_activation(x, "dy" if transpose else "x", out_f if transpose else in_f, t["qweight"].device)
+
+
+def _fp4_matmul(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool, exact: bool) -> Tensor:
+    from orbit.kernels._qgemm import launch
+
+    _check(x, qw, fmt, transpose)
+    t = qw.tensors
+    gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
+    group = NVFP4_GROUP if fmt == "nvfp4" else MXFP4_GROUP
+    return launch(x, fmt, qw.shape, t["qweight"], t["scale"], None, gs, group, transpose, exact)
+
+
+def nvfp4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
+                 exact: bool = False) -> Tensor:
+    """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel."""
+    return _fp4_matmul(x, qw, "nvfp4", transpose, exact)
+
+
+def mxfp4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
+                 exact: bool = False) -> Tensor:
+    """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel."""
+    return _fp4_matmul(x, qw, "mxfp4", transpose, exact)
+
+
+def fp4_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
+                         exact: bool = False) -> Tensor:
+    """Same contract as `nvfp4_matmul` / `mxfp4_matmul`, in plain PyTorch."""
+    w = qw.dequantize(x.dtype)  # [out, in]
+    return x @ w if transpose else x @ w.T
+
+
+nvfp4_matmul_reference = fp4_matmul_reference
+mxfp4_matmul_reference = fp4_matmul_reference

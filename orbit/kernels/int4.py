@@ -1,0 +1,96 @@
+"""INT4 weight-only matmul (W4A16): the int4 tile loader, its wrapper and the torch reference.
+
+Layout (docs/architecture.md): `qweight` int32 [out, in/8], element j of a word at bits
+4j..4j+3; `scale` [out, in/g] bf16/fp16; optional `offset` (asymmetric, GGUF Q4_1 style).
+The tile loader reproduces `orbit.quant.qweight.dequantize` bit for bit in float32
+(`(u - 8) * s` or `u * s + o`; `u * s` is exact in fp32, so a fused multiply-add rounds the
+same), so kernel and reference see identical BF16 weights and differ only in summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from orbit.kernels._triton import tl, triton
+from orbit.quant.qweight import QuantizedWeight
+
+INT4_GROUPS = (32, 64, 128)
+
+
+@triton.jit
+def int4_tile(q_ptr, s_ptr, o_ptr, stride_q, stride_s, n0, k0, N, K,
+              GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+              ROWS: tl.constexpr, COLS: tl.constexpr):
+    """W[n0:n0+ROWS, k0:k0+COLS] in float32; k0 is a multiple of COLS (and of 8)."""
+    offs_n = n0 + tl.arange(0, ROWS)
+    offs_w = k0 // 8 + tl.arange(0, COLS // 8)
+    row_ok = offs_n < N
+    words = tl.load(q_ptr + offs_n[:, None] * stride_q + offs_w[None, :],
+                    mask=row_ok[:, None] & (offs_w[None, :] < K // 8), other=0)  # [ROWS, COLS/8]
+    shifts = tl.arange(0, 8) * 4
+    u = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # [ROWS, COLS/8, 8]
+    u = tl.reshape(u, (ROWS, COLS)).to(tl.float32)  # column c = word c // 8, nibble c % 8
+    if COLS >= GROUP:
+        offs_g = k0 // GROUP + tl.arange(0, COLS // GROUP)
+        gmask = row_ok[:, None] & (offs_g[None, :] < K // GROUP)
+        sp = offs_n[:, None] * stride_s + offs_g[None, :]
+        s = tl.load(s_ptr + sp, mask=gmask, other=0.0).to(tl.float32)  # [ROWS, COLS/G]
+        u3 = tl.reshape(u, (ROWS, COLS // GROUP, GROUP))
+        if HAS_OFFSET:
+            z = tl.load(o_ptr + sp, mask=gmask, other=0.0).to(tl.float32)
+            w3 = u3 * s[:, :, None] + z[:, :, None]
+        else:
+            w3 = (u3 - 8.0) * s[:, :, None]
+        w = tl.reshape(w3, (ROWS, COLS))
+    else:
+        # The whole tile sits inside one group: one scale per row.
+        g = k0 // GROUP
+        sp = offs_n * stride_s + g
+        s = tl.load(s_ptr + sp, mask=row_ok, other=0.0).to(tl.float32)  # [ROWS]
+        if HAS_OFFSET:
+            z = tl.load(o_ptr + sp, mask=row_ok, other=0.0).to(tl.float32)
+            w = u * s[:, None] + z[:, None]
+        else:
+            w = (u - 8.0) * s[:, None]
+    return w
+
+
+def _check(x: Tensor, qw: QuantizedWeight, transpose: bool) -> None:
+    from orbit.kernels._qgemm import check_activation, check_tensor  # _qgemm imports this module
+
+    out_f, in_f = qw.shape
+    g = qw.group_size
+    if qw.fmt != "int4":
+        raise ValueError(f"int4_matmul got a {qw.fmt!r} weight")
+    if g not in INT4_GROUPS or in_f % g:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUPS} and divide in={in_f}, got {g}")
+    t = qw.tensors
+    check_tensor(t["qweight"], "qweight", torch.int32, (out_f, in_f // 8))
+    sdt = t["scale"].dtype
+    if sdt not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"int4 scale must be bf16/fp16/fp32, got {sdt}")
+    check_tensor(t["scale"], "scale", sdt, (out_f, in_f // g))
+    if "offset" in t:
+        check_tensor(t["offset"], "offset", sdt, (out_f, in_f // g))
+        if t["offset"].stride(0) != t["scale"].stride(0):
+            raise ValueError("int4 offset and scale must share a row stride")
+    check_activation(x, "dy" if transpose else "x", out_f if transpose else in_f, t["qweight"].device)
+
+
+def int4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
+                exact: bool = False) -> Tensor:
+    """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel."""
+    from orbit.kernels._qgemm import launch
+
+    _check(x, qw, transpose)
+    t = qw.tensors
+    return launch(x, "int4", qw.shape, t["qweight"], t["scale"], t.get("offset"), None,
+                  qw.group_size, transpose, exact)
+
+
+def int4_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
+                          exact: bool = False) -> Tensor:
+    """Same contract as `int4_matmul`, in plain PyTorch (dequantize, then matmul)."""
+    w = qw.dequantize(x.dtype)  # [out, in]
+    return x @ w if transpose else x @ w.T
