@@ -97,8 +97,10 @@ class OFTLinear(SlottedAdapter):
         self._rot_cache = None
 
     def rotation(self, slot: int = 0) -> Tensor:
-        """R blocks [n or 1, b, b] in float32 (differentiable in slot 0's oft_R)."""
-        vec = self.slot_tensor(slot, "oft_R").float()
+        """R blocks [n or 1, b, b] in float32 (float64 for a float64 adapter), differentiable
+        in slot 0's oft_R. Computed above bf16 so the rotation stays orthogonal to ~1e-6."""
+        vec = self.slot_tensor(slot, "oft_R")
+        vec = vec.to(torch.promote_types(vec.dtype, torch.float32))
         q = skew_from_vec(vec, self.block_size)
         return cayley(q, self.use_cayley_neumann, self.num_terms)
 
