@@ -1,0 +1,125 @@
+"""QuantLinear: a frozen linear layer whose weight lives in a low-precision `QuantizedWeight`.
+
+The base model never trains, so this module has buffers and no parameters: nothing for the
+optimizer, no `.grad`, no master copy. Gradients flow to the input only (`dX = dY @ W`), which
+is all the adapter wrapped around it needs. On CUDA both directions go through
+`orbit.kernels.dispatch` (fused dequantize-GEMM, the weight is never materialized); on CPU the
+dequantized weight is cached per dtype so a decode step does not re-unpack every nibble, and
+the result is bit for bit the reference `x @ dequantize(qw).to(x.dtype).T`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from orbit.kernels import dispatch
+from orbit.quant.qweight import QuantizedWeight
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = x @ W^T with dX = dY @ W and no gradient for anything else."""
+
+    @staticmethod
+    def forward(ctx, x2d: Tensor, layer: "QuantLinear") -> Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer._matmul(x2d)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return ctx.layer._matmul_t(dy.contiguous()), None
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W a frozen `QuantizedWeight` [out, in] and b a frozen bias."""
+
+    def __init__(
+        self,
+        qw: QuantizedWeight,
+        bias: Tensor | None = None,
+        cache_dequantized: bool | None = None,
+    ) -> None:
+        super().__init__()
+        out_f, in_f = qw.shape
+        if bias is not None and tuple(bias.shape) != (out_f,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_f},)")
+        self.in_features = in_f
+        self.out_features = out_f
+        self.weight_format = qw.fmt
+        self.group_size = qw.group_size
+        # None: cache on CPU (reference path), stream through the fused kernel on CUDA.
+        self.cache_dequantized = cache_dequantized
+        self.exact = False  # batch-invariant kernels (precision "exact" mode)
+        self._tensor_names = tuple(qw.tensors)
+        for name, t in qw.tensors.items():
+            self.register_buffer(name, t.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach())
+        self._dense: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, fmt: str, group_size: int | None = None, symmetric: bool = True, **kw
+    ) -> "QuantLinear":
+        from orbit.quant.quantize import quantize
+
+        qw = quantize(linear.weight.detach(), fmt, group_size=group_size, symmetric=symmetric)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(qw, bias, **kw)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The weight as a `QuantizedWeight` over this module's (current-device) buffers."""
+        tensors = {n: getattr(self, n) for n in self._tensor_names}
+        return QuantizedWeight(self.weight_format, (self.out_features, self.in_features), tensors, self.group_size)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Reference dense weight [out, in]."""
+        return self.quantized_weight().dequantize(dtype)
+
+    def clear_cache(self) -> None:
+        self._dense.clear()
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module signature
+        self._dense.clear()  # buffers may move or change dtype; drop stale dense copies
+        return super()._apply(fn, recurse)
+
+    def _use_cache(self, device: torch.device) -> bool:
+        if self.cache_dequantized is None:
+            return device.type == "cpu"
+        return self.cache_dequantized
+
+    def _dense_weight(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (dtype, device)
+        w = self._dense.get(key)
+        if w is None:
+            w = self.quantized_weight().dequantize(dtype)
+            self._dense[key] = w
+        return w
+
+    def _matmul(self, x2d: Tensor) -> Tensor:
+        if self._use_cache(x2d.device):
+            return x2d @ self._dense_weight(x2d.dtype, x2d.device).T
+        return dispatch.qmm(x2d, self.quantized_weight(), exact=self.exact)
+
+    def _matmul_t(self, dy2d: Tensor) -> Tensor:
+        if self._use_cache(dy2d.device):
+            return dy2d @ self._dense_weight(dy2d.dtype, dy2d.device)
+        return dispatch.qmm_t(dy2d, self.quantized_weight(), exact=self.exact)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear expects input [..., {self.in_features}], got {tuple(x.shape)}")
+        x2d = x.reshape(-1, self.in_features)  # [M, in]
+        if torch.is_grad_enabled() and x2d.requires_grad:
+            y = _QuantMatmul.apply(x2d, self)
+        else:
+            y = self._matmul(x2d)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)  # [..., out]
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.weight_format in ("int4", "int8") else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"format={self.weight_format}{g}, bias={self.bias is not None}"
+        )
