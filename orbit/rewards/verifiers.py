@@ -1,0 +1,106 @@
+"""Rule-based rewards: math (\\boxed{} answers), arithmetic exact match, countdown, format.
+
+Each scorer is a plain function of (response text, label) -> float in [0, 1]. `BUILTIN_REWARDS`
+wraps them as functions of a `Sample`, the form the RewardRunner calls.
+
+Math: the built-in normalizer (parse.py) decides first; when it says "no" and math-verify is
+importable, math-verify gets a second opinion (symbolic equality: "\\sqrt{4}" = "2", sets,
+intervals). math-verify is only ever allowed to turn a 0 into a 1, so installing it never
+changes a reward the built-in path already accepts. Its signal-based timeouts are disabled
+because rewards run in worker threads, where signal.alarm is not allowed; the runner's
+per-call timeout bounds it instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+from orbit.data.sample import Sample
+from orbit.rewards.countdown import countdown_score
+from orbit.rewards.parse import answers_match, final_answer, last_boxed, to_number
+
+MATH_BACKENDS = ("auto", "builtin", "math_verify")
+
+
+def math_verify_available() -> bool:
+    return importlib.util.find_spec("math_verify") is not None
+
+
+def _math_verify_equal(predicted: str, reference: str) -> bool:
+    from math_verify import parse, verify  # optional dependency (orbit-rl[math])
+
+    gold = parse(f"\\boxed{{{reference}}}", parsing_timeout=None)
+    pred = parse(f"\\boxed{{{predicted}}}", parsing_timeout=None)
+    return bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
+
+
+def math_score(response: str, label: Any, backend: str = "auto") -> float:
+    """1.0 if the last \\boxed{...} of `response` equals `label` (a number or a LaTeX string,
+    itself possibly boxed), else 0.0. No \\boxed{} -> 0.0."""
+    if backend not in MATH_BACKENDS:
+        raise ValueError(f"math backend must be one of {MATH_BACKENDS}, got {backend!r}")
+    predicted = last_boxed(response)
+    if predicted is None or label is None:
+        return 0.0
+    reference = str(label)
+    reference = last_boxed(reference) or reference
+    if answers_match(predicted, reference):
+        return 1.0
+    if backend == "math_verify" or (backend == "auto" and math_verify_available()):
+        return 1.0 if _math_verify_equal(predicted, reference) else 0.0
+    return 0.0
+
+
+def arithmetic_score(response: str, label: Any) -> float:
+    """Exact match of an integer answer. The final answer is the last \\boxed{} content; a
+    response without \\boxed{} falls back to the last number it writes (so "... = 42." counts).
+    """
+    answer = final_answer(response)
+    if answer is None or label is None:
+        return 0.0
+    got, want = to_number(answer), to_number(str(label))
+    if got is None or want is None:
+        return 0.0
+    return 1.0 if got == want else 0.0
+
+
+def format_score(response: str) -> float:
+    """1.0 when the response ends its reasoning with a non-empty \\boxed{} answer."""
+    boxed = last_boxed(response)
+    return 1.0 if boxed is not None and boxed.strip() else 0.0
+
+
+def countdown_label(label: Any) -> tuple[list[int], int]:
+    """Countdown labels are {"numbers": [...], "target": int}."""
+    if not isinstance(label, dict) or "numbers" not in label or "target" not in label:
+        raise ValueError(
+            f"countdown label must be a dict with 'numbers' and 'target', got {label!r}"
+        )
+    return [int(n) for n in label["numbers"]], int(label["target"])
+
+
+def math_reward(sample: Sample) -> float:
+    return math_score(sample.response_text, sample.label)
+
+
+def arithmetic_reward(sample: Sample) -> float:
+    return arithmetic_score(sample.response_text, sample.label)
+
+
+def format_reward(sample: Sample) -> float:
+    return format_score(sample.response_text)
+
+
+def countdown_reward(sample: Sample) -> float:
+    numbers, target = countdown_label(sample.label)
+    return countdown_score(sample.response_text, numbers, target)
+
+
+BUILTIN_REWARDS: dict[str, Callable[[Sample], float]] = {
+    "math": math_reward,
+    "arithmetic": arithmetic_reward,
+    "countdown": countdown_reward,
+    "format": format_reward,
+}
