@@ -88,6 +88,8 @@ class RolloutConfig:
     n_samples_per_prompt: int = arg(8, "responses per prompt (the GRPO group size)")
     rollout_batch_size: int = arg(32, "prompts per RL step (over all workers)")
     max_num_seqs: int = arg(256, "max sequences decoded at once by one engine")
+    max_prompt_len: int = arg(1024, "longest prompt in tokens (sizes the KV cache with the response length)")
+    kv_cache_fraction: float = arg(0.4, "fraction of free GPU memory for the KV cache (GPU only)")
     num_rollout: int = arg(0, "RL steps to run; 0 = derived from --num-epoch")
 
 
@@ -103,7 +105,8 @@ class DataConfig:
     train_rows: int = arg(0, "use only the first N train rows (0 = all)")
     num_epoch: int = arg(1, "passes over the train rows")
     rollout_shuffle: bool = arg(True, "shuffle prompts each epoch")
-    reward: str = arg("arithmetic", "reward: arithmetic | math | countdown | module:function")
+    reward: str = arg("arithmetic", "comma-separated reward terms name[=weight]: arithmetic, math, "
+                      "countdown, format, or module:function (e.g. math,format=0.1)")
     seed: int = arg(1234, "seed for data order, sampling and adapter init")
 
 

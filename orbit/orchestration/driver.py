@@ -1,0 +1,117 @@
+"""The RL training loop, top to bottom: read this file to know what a step does.
+
+    prompts -> rollout (engine, serve slot) -> rewards -> advantages (whole batch)
+            -> optimizer step(s) on the train slot -> push adapter into the serve slot
+            -> log, evaluate, checkpoint
+
+Workers are colocated (trainer and engine share one model per device); see group.py for how
+work is split across them, and orbit/trainer/worker.py for what each step does on a device.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from orbit.config import TrainConfig
+from orbit.orchestration.group import WorkerGroup
+from orbit.orchestration.prompts import PromptStream, load_rows
+from orbit.orchestration.steps import (
+    assign_advantages, mini_batches, pass_at_k, reduce_train_metrics, rollout_metrics,
+)
+from orbit.trainer import checkpoint as ckpt
+from orbit.trainer.metrics import MetricsLogger, wandb_enabled
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training as configured; returns the run directory."""
+    cfg.validate()
+    run_dir = Path(cfg.logging.save)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")  # the resolved config, re-loadable with TrainConfig.load
+
+    # 1. Data: train prompts as a resumable stream, test prompts as a list.
+    d = cfg.data
+    train_rows = load_rows(d.prompt_data, d.input_key, d.label_key, d.train_rows)
+    stream = PromptStream(train_rows, seed=d.seed, shuffle=d.rollout_shuffle)
+    eval_on = not cfg.eval.disable_eval and bool(d.eval_prompt_data)
+    test_rows = load_rows(d.eval_prompt_data, d.input_key, d.label_key, cfg.eval.eval_rows) if eval_on else []
+    test_rows = [dict(r, group_id=i) for i, r in enumerate(test_rows)]
+    num_steps = cfg.num_steps(len(train_rows))
+    optim_steps_per_rollout = cfg.samples_per_step() // cfg.global_batch()
+
+    # 2. Workers: one per GPU (or CPU worker), each loads the base and injects the adapter.
+    workers = WorkerGroup(cfg, total_optim_steps=num_steps * optim_steps_per_rollout)
+    logger = MetricsLogger(run_dir, num_steps, use_wandb=wandb_enabled(cfg.logging.use_wandb),
+                           wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
+                           run_name=cfg.logging.run_name, config=cfg.to_dict())
+
+    # 3. Resume: adapter, optimizer, RNG and data position from the latest checkpoint.
+    start = 0
+    last = ckpt.latest_checkpoint(run_dir) if cfg.ckpt.resume else None
+    if last is not None:
+        state = ckpt.load_driver(last)
+        workers.load(str(last))
+        stream.load_state_dict(state["data"])
+        start = state["step"]
+        logger.truncate_after(start)
+        logger.console.print(f"resumed from {last} (step {start})")
+
+    def evaluate(step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        per_prompt = workers.evaluate(test_rows, step)
+        k = cfg.eval.n_samples_per_eval_prompt
+        out = {f"eval/pass@{j}": pass_at_k(per_prompt, j) for j in sorted({1, k})}
+        out["perf/eval_time"] = time.perf_counter() - t0
+        return out
+
+    def save(step: int) -> None:
+        tmp = ckpt.begin(run_dir, step)
+        workers.save(str(tmp))
+        ckpt.save_driver(tmp, {"step": step, "data": stream.state_dict()})
+        ckpt.commit(tmp, step, keep=cfg.ckpt.keep_checkpoints)
+
+    try:
+        if eval_on and start == 0:
+            logger.log(0, evaluate(0))
+        for step in range(start + 1, num_steps + 1):
+            t_step = time.perf_counter()
+            # 4. Rollout: n samples per prompt from the serve slot, scored by the reward runner.
+            rows = stream.next_batch(cfg.rollout.rollout_batch_size)
+            t0 = time.perf_counter()
+            samples = workers.rollout(rows, step)
+            t_rollout = time.perf_counter() - t0
+            metrics = rollout_metrics(samples)
+
+            # 5. Advantages over the whole batch (group baselines, or batch whitening).
+            assign_advantages(samples, cfg.algo)
+
+            # 6. Optimizer steps on the train slot: one per global batch. With more than one,
+            #    later ones are off-policy, so record the sampling policy's log-probs first.
+            t0 = time.perf_counter()
+            if optim_steps_per_rollout > 1:
+                workers.compute_old_logprobs(samples)
+            per_step = [workers.train(mb) for mb in mini_batches(samples, cfg.global_batch())]
+            metrics |= reduce_train_metrics(per_step)
+            t_train = time.perf_counter() - t0
+
+            # 7. Weight sync: copy the adapter's train slot into the engine's serve slot.
+            t_push = workers.push_adapter()
+
+            step_time = time.perf_counter() - t_step
+            n_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+            metrics |= {"perf/rollout_time": t_rollout, "perf/train_time": t_train,
+                        "perf/push_adapter_time": t_push, "perf/step_time": step_time,
+                        "perf/tokens_per_s": n_tokens / step_time,
+                        "perf/rollout_tokens_per_s": sum(len(s.response_ids) for s in samples) / t_rollout}
+
+            # 8. Evaluate, log, checkpoint.
+            if eval_on and (step % cfg.eval.eval_interval == 0 or step == num_steps):
+                metrics |= evaluate(step)
+            logger.log(step, metrics)
+            if step == num_steps or (cfg.ckpt.save_interval and step % cfg.ckpt.save_interval == 0):
+                save(step)
+    finally:
+        workers.shutdown()
+        logger.close(plot=cfg.logging.plot)
+    return run_dir

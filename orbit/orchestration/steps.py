@@ -1,0 +1,108 @@
+"""The driver's small helpers: advantages over the gathered batch, rollout metrics, mini-batches.
+
+Advantages are computed on the driver, over the whole rollout batch gathered from every worker,
+because some estimators (REINFORCE++) normalise over the batch rather than per group; the
+grouped ones give the same answer either way. Everything here is torch-on-CPU and cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from orbit.algorithms.advantages import AdvantageConfig, AdvantageInputs, compute_advantages
+from orbit.config import AlgoConfig
+
+
+def response_mask(samples: list[Any]) -> torch.Tensor:
+    """[B, R] bool over each sample's response tokens (R = longest response, at least 1)."""
+    r = max([len(s.response_ids) for s in samples] + [1])
+    m = torch.zeros(len(samples), r, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        m[b, : len(s.response_ids)] = True
+    return m
+
+
+def assign_advantages(samples: list[Any], algo: AlgoConfig) -> None:
+    """Set `s.metadata["advantages"]` (one float per response token) on every sample."""
+    if not samples:
+        return
+    mask = response_mask(samples)
+    inputs = AdvantageInputs(
+        rewards=torch.tensor([float(s.reward) for s in samples], dtype=torch.float32),
+        group_ids=torch.tensor([int(s.group_id) for s in samples], dtype=torch.long),
+        response_mask=mask,
+    )
+    name = "grpo" if algo.advantage_estimator == "gspo" else algo.advantage_estimator
+    adv = compute_advantages(name, inputs, AdvantageConfig())  # [B, R]
+    for b, s in enumerate(samples):
+        s.metadata["advantages"] = adv[b, : len(s.response_ids)].tolist()
+
+
+def mini_batches(samples: list[Any], size: int) -> list[list[Any]]:
+    """Consecutive optimizer-step batches of `size` samples (groups stay together in order)."""
+    if len(samples) % size:
+        raise ValueError(f"{len(samples)} samples do not split into global batches of {size}")
+    return [samples[i: i + size] for i in range(0, len(samples), size)]
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    if not xs:
+        return 0.0, 0.0
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def rollout_metrics(samples: list[Any]) -> dict[str, float]:
+    """slime/verl-style rollout/* metrics of one rollout batch."""
+    rewards = [float(s.reward) for s in samples]
+    lens = [len(s.response_ids) for s in samples]
+    mean, std = _mean_std(rewards)
+    groups: dict[int, list[float]] = {}
+    for s in samples:
+        groups.setdefault(int(s.group_id), []).append(float(s.reward))
+    zero_std = sum(1 for g in groups.values() if max(g) == min(g))
+    out = {
+        "rollout/reward_mean": mean,
+        "rollout/reward_std": std,
+        "rollout/response_len_mean": sum(lens) / max(len(lens), 1),
+        "rollout/response_len_max": float(max(lens, default=0)),
+        "rollout/truncated_ratio": sum(s.finish_reason == "length" for s in samples) / max(len(samples), 1),
+        "rollout/zero_std_group_frac": zero_std / max(len(groups), 1),
+        "rollout/num_samples": float(len(samples)),
+    }
+    # per reward function, when the reward runner reports components
+    parts: dict[str, list[float]] = {}
+    for s in samples:
+        for k, v in s.rewards_by_fn.items():
+            parts.setdefault(k, []).append(float(v))
+    for k, vs in parts.items():
+        out[f"rollout/reward_{k}_mean"] = sum(vs) / len(vs)
+    return out
+
+
+def reduce_train_metrics(per_step: list[dict[str, float]]) -> dict[str, float]:
+    """Average the metrics of the optimizer steps of one rollout (maxes stay maxes, times add)."""
+    out: dict[str, float] = {}
+    for k in per_step[0]:
+        vals = [m[k] for m in per_step if k in m]
+        if k.endswith("_max"):
+            out[k] = max(vals)
+        elif k.startswith("perf/"):
+            out[k] = sum(vals) if "time" in k or "tokens" in k else max(vals)
+        else:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
+def pass_at_k(per_prompt_rewards: list[list[float]], k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021) averaged over prompts; a reward >= 1 counts as correct."""
+    total = 0.0
+    for rs in per_prompt_rewards:
+        n, c = len(rs), sum(r >= 1.0 for r in rs)
+        if n < k:
+            raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {n}")
+        total += 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+    return total / max(len(per_prompt_rewards), 1)

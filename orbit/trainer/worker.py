@@ -1,0 +1,335 @@
+"""PolicyWorker: one device's model, adapter, optimizer and rollout engine, as a plain class.
+
+The frozen (quantized) base is loaded once; the adapter is injected into it; the native engine
+samples from the same modules with the adapter's *serve* slot (1) active while the trainer
+computes gradients through the *train* slot (0). After an optimizer step `push_adapter` copies
+slot 0 into slot 1 — a few MB — which is the whole "weight sync". Ray is not needed here: the
+orchestration layer wraps this class in an actor, and tests drive it directly. When
+torch.distributed is initialised, adapter gradients and step metrics are all-reduced.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from orbit.algorithms.losses import PolicyLossConfig, PolicyLossInputs, policy_loss
+from orbit.config import TrainConfig
+from orbit.models.attention import AttnBatch
+from orbit.models.logprobs import token_logprobs
+from orbit.trainer import checkpoint as ckpt
+from orbit.data.sample import Sample, pack_samples
+from orbit.trainer.batching import micro_batches, padded, to_device
+from orbit.trainer.schedule import build_scheduler
+
+TRAIN_SLOT, SERVE_SLOT = 0, 1
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+class PolicyWorker:
+    """Model + adapter + AdamW + engine on one device; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1,
+                 device: str | torch.device = "cpu", total_optim_steps: int = 1) -> None:
+        from orbit.adapters.inject import AdapterConfig, inject_adapters
+        from orbit.models.loader import load_model
+
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(cfg.precision.compute_dtype, self.device)
+        path = cfg.ckpt.hf_checkpoint or str(_default_model_path())
+        fmt = cfg.precision.quant_format
+        self.model, self.tokenizer = load_model(
+            path, dtype=self.dtype, device=self.device, quant=None if fmt == "auto" else fmt,
+            group_size=cfg.precision.quant_group_size if fmt in ("int4", "int8") else None,
+        )
+        a = cfg.adapter
+        # Same seed on every rank -> identical adapter init (then broadcast to be certain).
+        torch.manual_seed(cfg.data.seed)
+        self.adapters = inject_adapters(self.model, AdapterConfig(
+            kind=a.adapter, r=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
+            use_rslora=a.use_rslora, block_size=a.oft_block_size, targets=tuple(a.target_modules),
+        ))
+        self.params = self.adapters.trainable_parameters()
+        if self._distributed():
+            for p in self.params:
+                dist.broadcast(p.data, src=0)
+        self.adapters.stage(TRAIN_SLOT, SERVE_SLOT)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+                                           weight_decay=o.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, lr=o.lr, warmup=o.lr_warmup_steps,
+                                         total=total_optim_steps, style=o.lr_decay_style, min_lr=o.min_lr)
+        self.optim_step = 0
+        self.engine = self._build_engine()
+        self.reward = self._build_reward()
+
+    # ---- construction seams (the packages they call are owned elsewhere) ----------------
+    def _build_engine(self) -> Any:
+        from orbit.rollout.engine import Engine
+
+        r, e = self.cfg.rollout, self.cfg.eval
+        longest = r.max_prompt_len + max(r.rollout_max_response_len, e.eval_max_response_len)
+        max_len = min(longest, self.model.config.max_position_embeddings)
+        # No more KV slots than sequences a rollout can hold: a CPU cache is sized up front.
+        seqs = max(r.rollout_batch_size * r.n_samples_per_prompt, 1)
+        return Engine(self.model, max_num_seqs=min(r.max_num_seqs, seqs), max_model_len=max_len,
+                      kv_cache_memory=r.kv_cache_fraction if self.device.type == "cuda" else None,
+                      device=self.device, exact=self.cfg.precision.precision_mode == "exact",
+                      tokenizer=self.tokenizer, seed=self.cfg.data.seed + self.rank)
+
+    def _build_reward(self) -> Any:
+        from orbit.rewards.custom import make_reward_spec
+        from orbit.rewards.runner import RewardRunner
+
+        specs = []
+        for term in self.cfg.data.reward.split(","):  # "math,format=0.1": name[=weight]
+            name, _, weight = term.strip().partition("=")
+            specs.append(make_reward_spec(name, weight=float(weight) if weight else 1.0))
+        return RewardRunner(specs)
+
+    def _distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    # ---- rollout -------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """Token ids of one prompt (chat-templated when asked and the tokenizer has a template)."""
+        from orbit.models.tokenizer import chat_prompt_ids
+
+        if self.tokenizer is None:
+            raise ValueError(f"{self.cfg.ckpt.hf_checkpoint}: the model ships no tokenizer")
+        if self.cfg.data.apply_chat_template and getattr(self.tokenizer, "chat_template", None):
+            msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            return chat_prompt_ids(self.tokenizer, msgs)
+        if isinstance(prompt, list):
+            raise ValueError("a chat-message prompt needs --apply-chat-template and a chat template")
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    def _generate(self, rows: list[dict[str, Any]], sampling: Any, n: int,
+                  eval_mode: bool = False) -> list[Sample]:
+        ids = [self.prompt_ids(r["prompt"]) for r in rows]
+        with torch.no_grad(), self.adapters.use_slot(SERVE_SLOT):
+            groups = self.engine.generate(ids, sampling, n)
+        samples = []
+        for row, p_ids, comps in zip(rows, ids, groups):
+            for j, c in enumerate(comps):
+                samples.append(Sample(
+                    prompt_ids=p_ids, response_ids=list(c.tokens), rollout_logprobs=list(c.logprobs),
+                    group_id=int(row["group_id"]), index=j, label=row.get("label"),
+                    finish_reason=c.finish_reason, prompt_text=str(row["prompt"]),
+                    response_text=c.text if c.text is not None else self.tokenizer.decode(c.tokens),
+                ))
+        self.reward.apply(samples, eval_mode=eval_mode)  # fills reward and rewards_by_fn
+        return samples
+
+    def rollout(self, rows: list[dict[str, Any]], step: int = 0) -> list[Sample]:
+        """n responses per prompt row ({prompt, label, group_id}) from the serve slot, scored."""
+        from orbit.rollout.types import SamplingParams
+
+        r = self.cfg.rollout
+        t0 = time.perf_counter()
+        sampling = SamplingParams(temperature=r.rollout_temperature, top_p=r.rollout_top_p,
+                                  max_new_tokens=r.rollout_max_response_len,
+                                  seed=self._seed(step, rows), logprobs_mode="scaled")
+        samples = self._generate(rows, sampling, r.n_samples_per_prompt)
+        for s in samples:
+            s.metadata["rollout_time"] = time.perf_counter() - t0
+        return samples
+
+    def _seed(self, step: int, rows: list[dict[str, Any]]) -> int:
+        # Deterministic per (run seed, step, first group): a resumed run samples the same tokens.
+        first = int(rows[0]["group_id"]) if rows else 0
+        return (self.cfg.data.seed * 1_000_003 + step * 10_007 + first) % (2**31 - 1)
+
+    def compute_logprobs(self, samples: list[Sample]) -> list[list[float]]:
+        """Train-slot log-probs of each response (no grad): the "old" policy of a rollout."""
+        temp = self.cfg.rollout.rollout_temperature
+        out: list[list[float]] = [[] for _ in samples]
+        self.adapters.set_active(TRAIN_SLOT)
+        with torch.no_grad():
+            for idx in micro_batches(samples, self.cfg.optim.max_tokens_per_micro_batch):
+                batch = to_device(pack_samples([samples[i] for i in idx]), self.device)
+                h = self.model(batch.input_ids, batch.positions, AttnBatch.packed(batch.cu_seqlens))
+                lp = batch.to_padded(token_logprobs(self.model, h, batch.targets, temp)).cpu()
+                for row, i in enumerate(idx):
+                    out[i] = lp[row, : len(samples[i].response_ids)].tolist()
+        return out
+
+    # ---- training ------------------------------------------------------------------------
+    def train_step(self, samples: list[Any], total_tokens: int, num_samples: int) -> dict[str, float]:
+        """One optimizer step on this worker's share of a global batch.
+
+        `total_tokens` is the response-token count of the *global* batch: each micro-batch's
+        token-mean loss is divided by it, so summed over micro-batches and all-reduced over
+        workers the gradient equals the single-worker gradient of the whole batch.
+        """
+        cfg, a = self.cfg, self.cfg.algo
+        t0 = time.perf_counter()
+        self.adapters.set_active(TRAIN_SLOT)
+        self.model.train()
+        loss_cfg = PolicyLossConfig(
+            policy_loss="gspo" if a.advantage_estimator == "gspo" else "ppo_clip",
+            eps_clip=a.eps_clip, eps_clip_high=a.eps_clip_high,
+            dual_clip_c=a.eps_clip_c or None, loss_agg_mode="token-mean",
+            num_tokens=float(max(total_tokens, 1)), kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+            entropy_coef=a.entropy_coef, tis_cap=a.tis_clip if a.use_tis else None,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}  # token-weighted metric sums, reduced below
+        maxes = {"train_rollout_logprob_abs_diff_max": 0.0}
+        n_tok_local = 0
+        for idx in micro_batches(samples, cfg.optim.max_tokens_per_micro_batch):
+            mb = [samples[i] for i in idx]
+            n_tok_local += self._micro_step(mb, loss_cfg, sums, maxes)
+        grads_ok = self._allreduce_grads()
+        assert grads_ok
+        clip = cfg.optim.clip_grad
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optim_step += 1
+        metrics = self._reduce_metrics(sums, maxes, total_tokens)
+        metrics.update({"train/grad_norm": float(grad_norm), "train/lr": lr,
+                        "perf/train_time": time.perf_counter() - t0,
+                        "perf/train_tokens": float(sum(len(s.prompt_ids) + len(s.response_ids)
+                                                       for s in samples))})
+        if self.device.type == "cuda":
+            metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return metrics
+
+    def _micro_step(self, mb: list[Sample], loss_cfg: PolicyLossConfig, sums: dict[str, float],
+                    maxes: dict[str, float]) -> int:
+        temp = self.cfg.rollout.rollout_temperature
+        batch = to_device(pack_samples(mb), self.device)
+        attn = AttnBatch.packed(batch.cu_seqlens)
+        ref = None
+        if self.cfg.algo.kl_coef > 0:  # reference = same base, adapter off: no second model
+            with torch.no_grad(), self.adapters.adapter_disabled():
+                h_ref = self.model(batch.input_ids, batch.positions, attn)
+                ref = batch.to_padded(token_logprobs(self.model, h_ref, batch.targets, temp))
+        hidden = self.model(batch.input_ids, batch.positions, attn)  # [N, D]
+        lp, ent = token_logprobs(self.model, hidden, batch.targets, temp, with_entropy=True)
+        logp, entropy = batch.to_padded(lp), batch.to_padded(ent)  # [B, T]
+        mask = batch.response_mask
+        adv = padded([s.metadata["advantages"] for s in mb], batch)
+        rollout_lp = padded([s.rollout_logprobs for s in mb], batch)
+        old = None  # on-policy: the current log-probs, detached
+        if all("old_logprobs" in s.metadata for s in mb):
+            old = padded([s.metadata["old_logprobs"] for s in mb], batch)
+        out = policy_loss(PolicyLossInputs(
+            logprobs=logp, advantages=adv, response_mask=mask, old_logprobs=old,
+            rollout_logprobs=rollout_lp, ref_logprobs=ref,
+            entropy=entropy if loss_cfg.entropy_coef else entropy.detach(),
+        ), loss_cfg)
+        out.loss.backward()
+        n = int(mask.sum())
+        diff = (logp.detach() - rollout_lp).abs()[mask]
+        d = logp.detach() - rollout_lp  # log(pi_train / pi_rollout) on tokens sampled from rollout
+        per_tok = {
+            "train/pg_loss": out.metrics["pg_loss"] * loss_cfg.num_tokens / max(n, 1),
+            "train/pg_clipfrac": out.metrics["pg_clipfrac"],
+            "train/ppo_kl": out.metrics["ppo_kl"],
+            "train/entropy": (entropy.detach() * mask).sum() / max(n, 1),
+            "train/train_rollout_logprob_abs_diff_mean": diff.mean() if n else torch.zeros(()),
+            "train/train_rollout_kl_k1": (-d)[mask].mean() if n else torch.zeros(()),
+            "train/train_rollout_kl_k3": (torch.exp(d) - 1 - d)[mask].mean() if n else torch.zeros(()),
+        }
+        if "kl_loss" in out.metrics:
+            per_tok["train/kl"] = out.metrics["kl_loss"] * loss_cfg.num_tokens / max(n, 1)
+        for k in ("is_ratio_mean", "tis_clipfrac"):
+            if k in out.metrics:
+                per_tok[f"train/{k}"] = out.metrics[k]
+        for k, v in per_tok.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+        if n:
+            maxes["train_rollout_logprob_abs_diff_max"] = max(maxes["train_rollout_logprob_abs_diff_max"],
+                                                              float(diff.max()))
+            if "is_ratio_max" in out.metrics:
+                maxes["is_ratio_max"] = max(maxes.get("is_ratio_max", 0.0), float(out.metrics["is_ratio_max"]))
+        return n
+
+    def _allreduce_grads(self) -> bool:
+        """Sum adapter gradients over workers (adapter params only: a few MB)."""
+        for p in self.params:
+            if p.grad is None:  # a target unused by this micro-batch still takes part
+                p.grad = torch.zeros_like(p)
+        if self._distributed():
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params])  # [N_adapter]
+            dist.all_reduce(flat)
+            off = 0
+            for p in self.params:
+                p.grad.copy_(flat[off: off + p.numel()].view_as(p))
+                off += p.numel()
+        return True
+
+    def _reduce_metrics(self, sums: dict[str, float], maxes: dict[str, float], total_tokens: int) -> dict[str, float]:
+        keys = sorted(sums)
+        vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        mx_keys = sorted(maxes)
+        mx = torch.tensor([maxes[k] for k in mx_keys], dtype=torch.float64)
+        if self._distributed():
+            vec, mx = vec.to(self._comm_device()), mx.to(self._comm_device())
+            dist.all_reduce(vec)
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+        out = {k: float(v) / max(total_tokens, 1) for k, v in zip(keys, vec.tolist())}
+        out.update({f"train/{k}": float(v) for k, v in zip(mx_keys, mx.tolist())})
+        return out
+
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    # ---- sync, eval, checkpoint -----------------------------------------------------------
+    def push_adapter(self) -> float:
+        """Stage the train slot into the serve slot; returns the seconds it took."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        self.adapters.stage(TRAIN_SLOT, SERVE_SLOT, wait=True)
+        return time.perf_counter() - t0
+
+    def evaluate(self, rows: list[dict[str, Any]], step: int = 0) -> list[list[float]]:
+        """k samples per test row from the serve slot -> per-row reward lists (pass@k input)."""
+        from orbit.rollout.types import SamplingParams
+
+        e = self.cfg.eval
+        sampling = SamplingParams(
+            temperature=e.eval_temperature, top_p=e.eval_top_p,
+            max_new_tokens=e.eval_max_response_len or self.cfg.rollout.rollout_max_response_len,
+            seed=self._seed(step + 1_000_000, rows))
+        samples = self._generate(rows, sampling, e.n_samples_per_eval_prompt, eval_mode=True)
+        k = e.n_samples_per_eval_prompt
+        return [[float(s.reward) for s in samples[i * k:(i + 1) * k]] for i in range(len(rows))]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Train-slot adapter tensors by name, on CPU (for tests and comparisons)."""
+        return {n: p.detach().float().cpu().clone() for n, p in self.adapters.named_trainable_parameters()}
+
+    def save(self, ckpt_dir: str) -> None:
+        d = Path(ckpt_dir)
+        if self.rank == 0:
+            self.adapters.save_peft(d / "adapter", base_model_name_or_path=self.cfg.ckpt.hf_checkpoint)
+            ckpt.save_optim(d, self.optimizer, self.scheduler, self.optim_step)
+        ckpt.save_rng(d, self.rank)
+
+    def load(self, ckpt_dir: str) -> None:
+        d = Path(ckpt_dir)
+        self.adapters.load_peft(d / "adapter", slot=TRAIN_SLOT)
+        self.optim_step = ckpt.load_optim(d, self.optimizer, self.scheduler)
+        ckpt.load_rng(d, self.rank)
+        self.adapters.stage(TRAIN_SLOT, SERVE_SLOT)
+
+
+def _default_model_path() -> Path:
+    from orbit.assets import default_gguf_path
+
+    return default_gguf_path()
