@@ -10,7 +10,6 @@ and returns the `AdapterSet` the trainer and engine drive: train slot 0, serve s
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +20,17 @@ from torch import Tensor, nn
 from orbit.adapters.lora import LoRALinear
 from orbit.adapters.oft import OFTLinear
 from orbit.adapters.slots import FlatSlots, SlottedAdapter
+from orbit.quant.convert import name_matches
+from orbit.quant.linear import QuantLinear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_REGEX_CHARS = set("*?[](){}|^$\\+")
 
 
 @dataclass
 class AdapterConfig:
-    """What to inject. OFT uses `block_size` if > 0, else `r` as the number of blocks."""
+    """What to inject. OFT uses `block_size` if > 0, else `r` as the number of blocks.
+    `targets`: module-path patterns (see `matches`); MoE expert linears are targets like any
+    other linear when they are `nn.Linear`/`QuantLinear` modules (e.g. "*.experts.*")."""
 
     kind: str = "lora"
     r: int = 16
@@ -56,23 +58,14 @@ class AdapterConfig:
 
 
 def matches(path: str, pattern: str) -> bool:
-    """A plain name matches the path or its dotted suffix (PEFT's list rule); a pattern with
-    regex characters must match the whole path."""
-    if _REGEX_CHARS & set(pattern):
-        return re.fullmatch(pattern, path) is not None
-    return path == pattern or path.endswith("." + pattern)
+    """The quantization converter's rule, so one target list means the same modules for both:
+    `re:<regex>` fullmatches the path, a glob with * ? [ matches the path, a plain name matches
+    the path or its dotted suffix (PEFT's list rule)."""
+    return name_matches(path, pattern)
 
 
 def is_base_linear(mod: nn.Module) -> bool:
-    if isinstance(mod, nn.Linear):
-        return True
-    try:
-        from orbit.quant.linear import QuantLinear
-    except ModuleNotFoundError as e:  # QuantLinear is optional until orbit.quant ships it
-        if e.name != "orbit.quant.linear":
-            raise
-        return False
-    return isinstance(mod, QuantLinear)
+    return isinstance(mod, (nn.Linear, QuantLinear))
 
 
 def _wrap(base: nn.Module, cfg: AdapterConfig) -> SlottedAdapter:

@@ -25,13 +25,13 @@ if TYPE_CHECKING:
 
 def merged_weight(module: SlottedAdapter, slot: int = 0, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """The merged [out, in] weight of one adapter module, computed in float32, cast to `dtype`."""
+    if not isinstance(module, (LoRALinear, OFTLinear)):
+        raise ValueError(f"cannot merge adapter module of type {type(module).__name__}")
     w = base_weight(module.base)  # [out, in] float32
     if isinstance(module, LoRALinear):
         merged = w + module.delta_weight(slot).to(w.device)
-    elif isinstance(module, OFTLinear):
-        merged = w @ module.block_diag(slot).to(w.device).T
     else:
-        raise ValueError(f"cannot merge adapter module of type {type(module).__name__}")
+        merged = w @ module.block_diag(slot).to(w.device).T
     return merged.to(dtype)
 
 

@@ -51,7 +51,7 @@ CASES = [
     ("llama", dict(kind="oft", block_size=16, num_terms=3)),
     ("qwen3", dict(kind="oft", r=4, block_size=0, block_share=True)),
     # A regex target: only layer 1's attention output -> exported as an exact-path regex.
-    ("llama", dict(kind="lora", r=2, alpha=2.0, targets=(r"model\.layers\.1\.self_attn\.o_proj",))),
+    ("llama", dict(kind="lora", r=2, alpha=2.0, targets=(r"re:model\.layers\.1\.self_attn\.o_proj",))),
 ]
 
 

@@ -37,7 +37,7 @@ class Tiny(nn.Module):
         return x
 
 
-TARGETS = ("q_proj", "up_proj", "down_proj", r"layers\.\d+\.experts\.\d+")
+TARGETS = ("q_proj", "up_proj", "down_proj", r"re:layers\.\d+\.experts\.\d+")
 KINDS = [dict(kind="lora", r=4, alpha=8.0), dict(kind="oft", block_size=8)]
 
 
