@@ -158,14 +158,27 @@ def check_tensor(t: Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...
         raise ValueError(f"weight tensor {name!r} must have a contiguous last dim")
 
 
+def check_out(out: Tensor | None, shape: tuple[int, int], x: Tensor) -> Tensor:
+    """The caller's output buffer (tests poison it) after checks, or a fresh one."""
+    if out is None:
+        return torch.empty(shape, device=x.device, dtype=x.dtype)
+    if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be {x.dtype} {shape} on {x.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if out.numel() and out.stride(1) != 1:
+        raise ValueError(f"out must have a contiguous last dim, got strides {out.stride()}")
+    return out
+
+
 def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
            offset: Tensor | None, global_scale: Tensor | None, group: int,
-           transpose: bool, exact: bool, config: TileConfig | None = None) -> Tensor:
+           transpose: bool, exact: bool, out: Tensor | None = None,
+           config: TileConfig | None = None) -> Tensor:
     """Run the fused kernel on already-validated tensors; `config` overrides the pick (bench)."""
     n, k = shape
     m = x.shape[0]
     out_dim = k if transpose else n
-    y = torch.empty((m, out_dim), device=x.device, dtype=x.dtype)
+    y = check_out(out, (m, out_dim), x)
     if m == 0:
         return y
     cfg = config or pick_config(m, out_dim, fmt, exact)
@@ -182,10 +195,10 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
 
 
 def bf16_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
-                exact: bool = False) -> Tensor:
+                exact: bool = False, out: Tensor | None = None) -> Tensor:
     """Unquantized weight through the same loop (used for `exact=True`; fast mode uses cuBLAS)."""
     out_f, in_f = qw.shape
     w = qw.tensors["weight"]
     check_tensor(w, "weight", x.dtype, (out_f, in_f))
     check_activation(x, "dy" if transpose else "x", out_f if transpose else in_f, w.device)
-    return launch(x, "bf16", qw.shape, w, w, None, None, 0, transpose, exact)
+    return launch(x, "bf16", qw.shape, w, w, None, None, 0, transpose, exact, out)

@@ -94,26 +94,27 @@ def _check(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool) -> None:
     check_activation(x, "dy" if transpose else "x", out_f if transpose else in_f, t["qweight"].device)
 
 
-def _fp4_matmul(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool, exact: bool) -> Tensor:
+def _fp4_matmul(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool, exact: bool,
+                out: Tensor | None) -> Tensor:
     from orbit.kernels._qgemm import launch
 
     _check(x, qw, fmt, transpose)
     t = qw.tensors
     gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
     group = NVFP4_GROUP if fmt == "nvfp4" else MXFP4_GROUP
-    return launch(x, fmt, qw.shape, t["qweight"], t["scale"], None, gs, group, transpose, exact)
+    return launch(x, fmt, qw.shape, t["qweight"], t["scale"], None, gs, group, transpose, exact, out)
 
 
 def nvfp4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
-                 exact: bool = False) -> Tensor:
+                 exact: bool = False, out: Tensor | None = None) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel."""
-    return _fp4_matmul(x, qw, "nvfp4", transpose, exact)
+    return _fp4_matmul(x, qw, "nvfp4", transpose, exact, out)
 
 
 def mxfp4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
-                 exact: bool = False) -> Tensor:
+                 exact: bool = False, out: Tensor | None = None) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel."""
-    return _fp4_matmul(x, qw, "mxfp4", transpose, exact)
+    return _fp4_matmul(x, qw, "mxfp4", transpose, exact, out)
 
 
 def fp4_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,

@@ -102,14 +102,14 @@ def _check(x: Tensor, qw: QuantizedWeight, transpose: bool) -> None:
 
 
 def fp8_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
-               exact: bool = False) -> Tensor:
+               exact: bool = False, out: Tensor | None = None) -> Tensor:
     """W8A16: x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]."""
     from orbit.kernels._qgemm import launch
 
     _check(x, qw, transpose)
     t = qw.tensors
     return launch(x, "fp8", qw.shape, t["weight"], t["scale_inv"], None, None, FP8_BLOCK,
-                  transpose, exact)
+                  transpose, exact, out)
 
 
 def fp8_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
@@ -142,7 +142,8 @@ def act_quant_fp8_reference(x: Tensor) -> tuple[Tensor, Tensor]:
     return xq, scale
 
 
-def w8a8_gemm(xq: Tensor, sx: Tensor, qw: QuantizedWeight, out_dtype: torch.dtype) -> Tensor:
+def w8a8_gemm(xq: Tensor, sx: Tensor, qw: QuantizedWeight, out_dtype: torch.dtype,
+              out: Tensor | None = None) -> Tensor:
     """xq e4m3 [M, in] with scales sx [M, ceil(in/128)] times the block-fp8 weight -> [M, out].
 
     One fixed tile config for every M: no split-K, and the activation scales are per row, so
@@ -151,7 +152,8 @@ def w8a8_gemm(xq: Tensor, sx: Tensor, qw: QuantizedWeight, out_dtype: torch.dtyp
     m, (n, k) = xq.shape[0], qw.shape
     assert xq.dtype == torch.float8_e4m3fn and xq.shape[1] == k and xq.stride(1) == 1
     assert sx.dtype == torch.float32 and sx.shape == (m, triton.cdiv(k, 128))
-    y = torch.empty((m, n), device=xq.device, dtype=out_dtype)
+    y = torch.empty((m, n), device=xq.device, dtype=out_dtype) if out is None else out
+    assert y.shape == (m, n) and y.dtype == out_dtype and y.stride(1) == 1
     if m == 0:
         return y
     bm, bn = 128, 128
@@ -163,11 +165,15 @@ def w8a8_gemm(xq: Tensor, sx: Tensor, qw: QuantizedWeight, out_dtype: torch.dtyp
     return y
 
 
-def w8a8_matmul(x: Tensor, qw: QuantizedWeight, *, exact: bool = False) -> Tensor:
+def w8a8_matmul(x: Tensor, qw: QuantizedWeight, *, exact: bool = False,
+                out: Tensor | None = None) -> Tensor:
     """x [M, in] -> [M, out]: per-token-group fp8 activations times block-fp8 weights."""
+    from orbit.kernels._qgemm import check_out
+
     _check(x, qw, transpose=False)
+    y = check_out(out, (x.shape[0], qw.shape[0]), x)
     xq, sx = act_quant_fp8(x)
-    return w8a8_gemm(xq, sx, qw, x.dtype)
+    return w8a8_gemm(xq, sx, qw, x.dtype, y)
 
 
 def w8a8_matmul_reference(x: Tensor, qw: QuantizedWeight, *, exact: bool = False) -> Tensor:

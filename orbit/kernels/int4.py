@@ -79,14 +79,14 @@ def _check(x: Tensor, qw: QuantizedWeight, transpose: bool) -> None:
 
 
 def int4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
-                exact: bool = False) -> Tensor:
+                exact: bool = False, out: Tensor | None = None) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel."""
     from orbit.kernels._qgemm import launch
 
     _check(x, qw, transpose)
     t = qw.tensors
     return launch(x, "int4", qw.shape, t["qweight"], t["scale"], t.get("offset"), None,
-                  qw.group_size, transpose, exact)
+                  qw.group_size, transpose, exact, out)
 
 
 def int4_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,

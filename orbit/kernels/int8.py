@@ -57,14 +57,14 @@ def _check(x: Tensor, qw: QuantizedWeight, transpose: bool) -> None:
 
 
 def int8_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
-                exact: bool = False) -> Tensor:
+                exact: bool = False, out: Tensor | None = None) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel."""
     from orbit.kernels._qgemm import launch
 
     _check(x, qw, transpose)
     t = qw.tensors
     return launch(x, "int8", qw.shape, t["qweight"], t["scale"], None, None,
-                  qw.group_size, transpose, exact)
+                  qw.group_size, transpose, exact, out)
 
 
 def int8_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,

@@ -61,7 +61,8 @@ if triton is not None:
     ):
         pid_m = tl.program_id(0)
         blk = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        # int64 rows: M * stride can pass 2^31 for long packed batches at MLP widths
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_B)
         kmask = offs_k < B
         mmask = offs_m < M
@@ -94,8 +95,9 @@ if triton is not None:
                  acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & kmask[None, :])
 
 
-def _launch(x2d: Tensor, rot: Tensor) -> Tensor:
-    """x2d [M, n*b] with unit column stride, rot [n or 1, b, b] (any float dtype)."""
+def _launch(x2d: Tensor, rot: Tensor, out: Tensor | None = None) -> Tensor:
+    """x2d [M, n*b] with unit column stride, rot [n or 1, b, b] (any float dtype); writes
+    `out` (same shape/dtype as x2d, unit column stride) when given."""
     n, b, n_rot = _check(x2d, rot)
     assert x2d.dim() == 2 and x2d.stride(1) == 1, (x2d.shape, x2d.stride())
     rot = rot.float().contiguous()
@@ -108,7 +110,12 @@ def _launch(x2d: Tensor, rot: Tensor) -> Tensor:
         r_hi = r_lo = rot
     upcast = os.environ.get("TRITON_INTERPRET", "0") == "1"
     M = x2d.shape[0]
-    y = torch.empty_like(x2d)
+    if out is None:
+        y = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
+    else:
+        assert out.shape == x2d.shape and out.dtype == x2d.dtype and out.stride(1) == 1, (
+            out.shape, out.dtype, out.stride())
+        y = out
     block_b = max(16, triton.next_power_of_2(b))
     block_m = 64 if block_b <= 64 else 32
     grid = (triton.cdiv(M, block_m), n)
@@ -120,15 +127,16 @@ def _launch(x2d: Tensor, rot: Tensor) -> Tensor:
     return y
 
 
-def oft_rotate_triton(x: Tensor, rot: Tensor) -> Tensor:
-    """Forward-only Triton path (no autograd); same contract as the reference."""
+def oft_rotate_triton(x: Tensor, rot: Tensor, out: Tensor | None = None) -> Tensor:
+    """Forward-only Triton path (no autograd); same contract as the reference. `out` (2-D
+    [M, n*b]) lets tests poison the destination first."""
     if triton is None:
         raise RuntimeError("oft_rotate_triton needs triton")
     _check(x, rot)
     x2d = x.reshape(-1, x.shape[-1])  # [M, n*b]
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    return _launch(x2d, rot).reshape(x.shape)
+    return _launch(x2d, rot, out).reshape(x.shape)
 
 
 class _OFTRotate(torch.autograd.Function):

@@ -13,7 +13,7 @@ from orbit.quant.qweight import FP8_BLOCK, MXFP4_GROUP, NVFP4_GROUP, QuantizedWe
 
 
 def _uniform(shape: tuple[int, ...], lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
-    return torch.rand(shape, generator=gen) * (hi - lo) + lo
+    return torch.rand(shape, generator=gen, device=gen.device) * (hi - lo) + lo
 
 
 def random_qweight(fmt: str, out_f: int, in_f: int, *, group_size: int = 128,
@@ -21,37 +21,39 @@ def random_qweight(fmt: str, out_f: int, in_f: int, *, group_size: int = 128,
                    seed: int = 0, device: str | torch.device = "cpu") -> QuantizedWeight:
     """A `QuantizedWeight` of logical shape (out_f, in_f) with random codes and scales sized so
     that dequantized entries are O(0.05), like a trained linear's weights."""
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)  # generate in place: big shapes on GPU
+    dev = {"generator": gen, "device": device}
     if fmt == "bf16":
-        t = {"weight": (torch.randn(out_f, in_f, generator=gen) * 0.05).to(torch.bfloat16)}
-        return QuantizedWeight("bf16", (out_f, in_f), t).to(device)
+        t = {"weight": (torch.randn(out_f, in_f, **dev) * 0.05).to(torch.bfloat16)}
+        return QuantizedWeight("bf16", (out_f, in_f), t)
     if fmt == "int4":
-        words = torch.randint(-(2**31), 2**31, (out_f, in_f // 8), generator=gen, dtype=torch.int64)
+        words = torch.randint(-(2**31), 2**31, (out_f, in_f // 8), **dev, dtype=torch.int64)
         t = {"qweight": words.to(torch.int32),
              "scale": _uniform((out_f, in_f // group_size), 0.004, 0.012, gen).to(scale_dtype)}
         if asym:
             t["offset"] = (-8.0 * t["scale"].float()
                            + _uniform(t["scale"].shape, -0.01, 0.01, gen)).to(scale_dtype)
-        return QuantizedWeight("int4", (out_f, in_f), t, group_size).to(device)
+        return QuantizedWeight("int4", (out_f, in_f), t, group_size)
     if fmt == "int8":
-        q = torch.randint(-128, 128, (out_f, in_f), generator=gen, dtype=torch.int32)
+        q = torch.randint(-128, 128, (out_f, in_f), **dev, dtype=torch.int32)
         t = {"qweight": q.to(torch.int8),
              "scale": _uniform((out_f, in_f // group_size), 2e-4, 6e-4, gen).to(scale_dtype)}
-        return QuantizedWeight("int8", (out_f, in_f), t, group_size).to(device)
+        return QuantizedWeight("int8", (out_f, in_f), t, group_size)
     if fmt == "fp8":
         nb = (-(-out_f // FP8_BLOCK), -(-in_f // FP8_BLOCK))
-        t = {"weight": (torch.randn(out_f, in_f, generator=gen) * 100).clamp(-448, 448)
+        t = {"weight": (torch.randn(out_f, in_f, **dev) * 100).clamp(-448, 448)
              .to(torch.float8_e4m3fn),
              "scale_inv": _uniform(nb, 2e-4, 8e-4, gen)}
-        return QuantizedWeight("fp8", (out_f, in_f), t, FP8_BLOCK).to(device)
+        return QuantizedWeight("fp8", (out_f, in_f), t, FP8_BLOCK)
     if fmt in ("nvfp4", "mxfp4"):
-        q = torch.randint(0, 256, (out_f, in_f // 2), generator=gen, dtype=torch.int32)
+        q = torch.randint(0, 256, (out_f, in_f // 2), **dev, dtype=torch.int32)
         t = {"qweight": q.to(torch.uint8)}
         if fmt == "nvfp4":
             t["scale"] = _uniform((out_f, in_f // NVFP4_GROUP), 0.5, 8.0, gen).to(torch.float8_e4m3fn)
-            t["global_scale"] = torch.tensor(0.004, dtype=torch.float32)
-            return QuantizedWeight("nvfp4", (out_f, in_f), t, NVFP4_GROUP).to(device)
-        t["scale"] = torch.randint(119, 124, (out_f, in_f // MXFP4_GROUP), generator=gen,
+            t["global_scale"] = torch.tensor(0.004, dtype=torch.float32, device=device)
+            return QuantizedWeight("nvfp4", (out_f, in_f), t, NVFP4_GROUP)
+        t["scale"] = torch.randint(119, 124, (out_f, in_f // MXFP4_GROUP), **dev,
                                    dtype=torch.int32).to(torch.uint8)
-        return QuantizedWeight("mxfp4", (out_f, in_f), t, MXFP4_GROUP).to(device)
+        return QuantizedWeight("mxfp4", (out_f, in_f), t, MXFP4_GROUP)
     raise ValueError(f"random_qweight: unknown format {fmt!r}")

@@ -1,0 +1,74 @@
+"""Batch-invariant RMSNorm for exact mode: one program per row, one reduction layout per width.
+
+PyTorch's CUDA reductions choose how to split a row (threads, warps, even several blocks with
+a second pass) from the *number of rows*, so `x.pow(2).mean(-1)` for a token rounds
+differently in a 4096-row training forward than in an 8-row decode step. Here each row is
+reduced by one program over BLOCK = next_pow2(D) lanes, a layout fixed by D alone, so row i's
+result never depends on the other rows. The arithmetic is transformers' RMSNorm: normalise in
+float32, cast to the input dtype, multiply by the weight (in the promoted dtype).
+
+`rmsnorm_exact_reference` (float64 mean of squares) is the CPU path and the accuracy check.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from orbit.kernels._triton import HAS_TRITON, tl, triton
+from orbit.kernels.matmul_exact import interpreting
+
+
+@triton.jit
+def _rmsnorm_exact_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps,
+                          BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    ms = tl.sum(xf * xf, axis=0) / D
+    h = (xf * tl.math.rsqrt(ms + eps)).to(x.dtype)  # HF: normalise in fp32, cast back
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    y = w.to(tl.float32) * h.to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(x: Tensor, weight: Tensor) -> None:
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"rmsnorm_exact: x [..., {weight.shape[0]}] expected for weight "
+                         f"{tuple(weight.shape)}, got {tuple(x.shape)}")
+
+
+def rmsnorm_exact_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x [..., D], weight [D] -> [..., D] in promote(x.dtype, weight.dtype); CUDA only."""
+    _check(x, weight)
+    if not (HAS_TRITON and (x.is_cuda or interpreting())):
+        raise RuntimeError("rmsnorm_exact_triton needs CUDA tensors and Triton")
+    D = x.shape[-1]
+    x2d = x.reshape(-1, D)  # [R, D]
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    y = torch.empty(x2d.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if x2d.shape[0]:
+        _rmsnorm_exact_kernel[(x2d.shape[0],)](
+            x2d, weight, y, D, x2d.stride(0), y.stride(0), eps,
+            BLOCK=max(16, triton.next_power_of_2(D)), num_warps=4,
+        )
+    return y.reshape(x.shape)
+
+
+def rmsnorm_exact_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Same contract as `rmsnorm_exact_triton`, mean of squares accumulated in float64."""
+    _check(x, weight)
+    ms = x.double().pow(2).mean(-1, keepdim=True).float()
+    h = (x.float() * torch.rsqrt(ms + eps)).to(x.dtype)
+    return weight * h
+
+
+def rmsnorm_exact(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Batch-invariant RMSNorm (Triton on CUDA, float64 reference elsewhere). Forward only: the
+    trainer's backward goes through the reference formula (see ExactRMSNorm)."""
+    if HAS_TRITON and x.is_cuda:
+        return rmsnorm_exact_triton(x, weight, eps)
+    return rmsnorm_exact_reference(x, weight, eps)

@@ -1,0 +1,178 @@
+"""Benchmark the fused quantized matmuls against cuBLAS BF16 `x @ W.T` in one run.
+
+Decode (M in {1, 16}): weight-bandwidth bound; reports time, speedup over BF16 and achieved
+bandwidth (bytes of weight + scales + x + y over time) against a device-to-device copy
+measured in the same run. Training (M in {4096, 8192}): forward and input-gradient speed
+against BF16. Times are `triton.testing.do_bench` medians; do_bench zeroes a 256 MB buffer
+before every repetition, so each call starts with a cold L2 (the H100's is 50 MB).
+Writes JSON to $OUT/bench_qmm.json (or --out) and prints a short table last.
+
+    python scripts/bench/bench_qmm.py [--quick] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from orbit.kernels import _qgemm  # noqa: E402
+from orbit.kernels.dispatch import qmm, qmm_t  # noqa: E402
+from orbit.kernels.random_weights import random_qweight  # noqa: E402
+
+DECODE_SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 192),
+                 (2048, 6144), (2560, 9728), (4096, 12288)]  # (in, out)
+TRAIN_SHAPES = [(2048, 6144), (2560, 9728), (4096, 12288)]
+
+
+def variants(k: int) -> list[tuple[str, str, dict]]:
+    g = 128 if k % 128 == 0 else 64
+    return [("int4", f"int4-g{g}", {"group_size": g}), ("int8", "int8-g32", {"group_size": 32}),
+            ("fp8", "fp8-w8a16", {}), ("nvfp4", "nvfp4", {}), ("mxfp4", "mxfp4", {})]
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def ceilings() -> dict:
+    n = 1 << 28  # 512 MiB of bf16 each way
+    a = torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_()
+    b = torch.empty_like(a)
+    t = ms(lambda: b.copy_(a))
+    copy_gbs = 2 * a.numel() * 2 / t / 1e6
+    del a, b
+    s = 8192
+    x = torch.randn(s, s, device="cuda").bfloat16()
+    w = torch.randn(s, s, device="cuda").bfloat16()
+    tf = 2 * s**3 / ms(lambda: x @ w.T) / 1e9
+    return {"copy_GBps": copy_gbs, "bf16_TFLOPs": tf}
+
+
+def decode(quick: bool, copy_gbs: float) -> list[dict]:
+    rows = []
+    for k, n in DECODE_SHAPES[-3:] if quick else DECODE_SHAPES:
+        wb = torch.randn(n, k, device="cuda").bfloat16() * 0.05
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            t_bf = ms(lambda: x @ wb.T)
+            rows.append({"phase": "decode", "fmt": "bf16-cublas", "k": k, "n": n, "m": m,
+                         "ms": t_bf, "speedup": 1.0,
+                         "GBps": (2 * n * k + 2 * m * (n + k)) / t_bf / 1e6})
+            for fmt, name, kw in variants(k):
+                qw = random_qweight(fmt, n, k, device="cuda", **kw)
+                for exact in (False, True):
+                    t = ms(lambda: qmm(x, qw, exact=exact))
+                    gbs = (qw.nbytes() + 2 * m * (n + k)) / t / 1e6
+                    rows.append({"phase": "decode", "fmt": name + ("-exact" if exact else ""),
+                                 "k": k, "n": n, "m": m, "ms": t, "speedup": t_bf / t,
+                                 "GBps": gbs, "frac_copy_bw": gbs / copy_gbs})
+    return rows
+
+
+def training(quick: bool, bf16_tf: float) -> list[dict]:
+    rows = []
+    for k, n in TRAIN_SHAPES[-1:] if quick else TRAIN_SHAPES:
+        wb = torch.randn(n, k, device="cuda").bfloat16() * 0.05
+        for m in (4096, 8192):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            dy = torch.randn(m, n, device="cuda").bfloat16()
+            flop = 2 * m * n * k
+            t_f, t_b = ms(lambda: x @ wb.T), ms(lambda: dy @ wb)
+            rows.append({"phase": "train", "fmt": "bf16-cublas", "k": k, "n": n, "m": m,
+                         "fwd_ms": t_f, "bwd_ms": t_b, "fwd_x": 1.0, "bwd_x": 1.0,
+                         "fwd_TFLOPs": flop / t_f / 1e9})
+            for fmt, name, kw in variants(k) + [("fp8", "fp8-w8a8", {})]:
+                if fmt == "int8":
+                    continue
+                qw = random_qweight(fmt, n, k, device="cuda", **kw)
+                aq = "fp8" if name == "fp8-w8a8" else None
+                for exact in (False, True) if fmt == "int4" else (False,):
+                    tf = ms(lambda: qmm(x, qw, exact=exact, act_quant=aq))
+                    tb = ms(lambda: qmm_t(dy, qw, exact=exact))
+                    rows.append({"phase": "train", "fmt": name + ("-exact" if exact else ""),
+                                 "k": k, "n": n, "m": m, "fwd_ms": tf, "bwd_ms": tb,
+                                 "fwd_x": t_f / tf, "bwd_x": t_b / tb,
+                                 "fwd_TFLOPs": flop / tf / 1e9})
+    return rows
+
+
+def sweep() -> list[dict]:
+    """Tile configs tried against the built-in pick, to choose the next version's heuristics."""
+    from orbit.kernels.fp4 import nvfp4_matmul  # noqa: F401  (module import builds nothing)
+
+    cfgs = {
+        "decode": [_qgemm.TileConfig(16, bo, br, w, st) for bo, br, w, st in
+                   [(32, 128, 4, 4), (64, 128, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3),
+                    (128, 128, 4, 4), (64, 128, 2, 5), (32, 512, 4, 2)]],
+        "train": [_qgemm.TileConfig(bm, bo, br, w, st) for bm, bo, br, w, st in
+                  [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3),
+                   (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4),
+                   (128, 64, 128, 4, 4)]],
+    }
+    rows = []
+    for fmt, kw in [("int4", {"group_size": 128}), ("nvfp4", {}), ("fp8", {})]:
+        for k, n in [(4096, 12288), (2048, 6144)]:
+            qw = random_qweight(fmt, n, k, device="cuda", **kw)
+            t = qw.tensors
+            q = t.get("qweight", t.get("weight"))
+            s = t.get("scale", t.get("scale_inv"))
+            gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
+            grp = {"int4": 128, "nvfp4": 16, "fp8": 128}[fmt]
+            for phase, m in [("decode", 1), ("train", 8192)]:
+                x = torch.randn(m, k, device="cuda").bfloat16()
+                for c in cfgs[phase]:
+                    if fmt == "fp8" and (c.bo > 128 or c.br > 128):
+                        continue
+                    fn = lambda: _qgemm.launch(x, fmt, qw.shape, q, s, None, gs, grp,  # noqa: E731
+                                               False, False, config=c)
+                    try:
+                        tm = ms(fn)
+                    except Exception as e:  # out of shared memory etc.: record, go on
+                        rows.append({"fmt": fmt, "k": k, "n": n, "m": m, "cfg": str(c),
+                                     "error": repr(e)[:200]})
+                        continue
+                    rows.append({"fmt": fmt, "k": k, "n": n, "m": m, "cfg": str(c), "ms": tm})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="largest shapes only")
+    ap.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    ceil = ceilings()
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+           "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, "command": " ".join(sys.argv), **ceil}
+    res["decode"] = decode(args.quick, ceil["copy_GBps"])
+    res["train"] = training(args.quick, ceil["bf16_TFLOPs"])
+    if args.sweep:
+        res["sweep"] = sweep()
+        for r in res["sweep"]:
+            print("sweep", r)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
+    print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s  bf16 {ceil['bf16_TFLOPs']:.0f} TFLOP/s")
+    print(f"{'decode':8}{'in x out':>12}{'M':>4} {'fmt':<18}{'us':>8}{'xBF16':>7}{'GB/s':>7}")
+    for r in res["decode"]:
+        print(f"{'':8}{r['k']:>5}x{r['n']:<6}{r['m']:>4} {r['fmt']:<18}{r['ms']*1e3:8.1f}"
+              f"{r['speedup']:7.2f}{r['GBps']:7.0f}")
+    print(f"{'train':8}{'in x out':>12}{'M':>5} {'fmt':<17}{'fwd ms':>8}{'xBF16':>7}{'bwd ms':>8}{'xBF16':>7}")
+    for r in res["train"]:
+        print(f"{'':8}{r['k']:>5}x{r['n']:<6}{r['m']:>5} {r['fmt']:<17}{r['fwd_ms']:8.3f}"
+              f"{r['fwd_x']:7.2f}{r['bwd_ms']:8.3f}{r['bwd_x']:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""GPU checks of the fused dequantize-GEMM kernels against the float64 reference.
+
+Every check draws fresh random packed weights and activations, poisons the output with NaN
+first (so every element is proved written), and compares by relative norm against
+`x (float64) @ W^T` where W is the reference dequantization rounded to the activation dtype,
+which is exactly the weight the kernel multiplies. Run: `pytest -m gpu tests/gpu`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orbit.kernels.dispatch import qmm, qmm_t
+from orbit.kernels.random_weights import random_qweight
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# (in, out): SmolLM2-135M q/o, up/gate, down, k/v; Qwen3-1.7B/4B/8B MLP up.
+SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 192),
+          (2048, 6144), (2560, 9728), (4096, 12288)]
+SMALL_SHAPES = SHAPES[:4]
+TOL = 1e-2  # bf16 output rounding is ~2e-3 relative; summation order adds less
+
+
+def _variants(k: int) -> list[tuple[str, dict]]:
+    g = 128 if k % 128 == 0 else 64
+    return [("int4", {"group_size": 32}), ("int4", {"group_size": g}),
+            ("int4", {"group_size": 64, "asym": True}), ("int8", {"group_size": 32}),
+            ("fp8", {}), ("nvfp4", {}), ("mxfp4", {})]
+
+
+def _kernel(fmt: str):
+    from orbit.kernels import _qgemm, fp4, fp8, int4, int8
+
+    return {"int4": int4.int4_matmul, "int8": int8.int8_matmul, "fp8": fp8.fp8_matmul,
+            "nvfp4": fp4.nvfp4_matmul, "mxfp4": fp4.mxfp4_matmul, "bf16": _qgemm.bf16_matmul}[fmt]
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def _check_one(fmt: str, kw: dict, k: int, n: int, m: int, seed: int, exact: bool,
+               dtype: torch.dtype = torch.bfloat16) -> None:
+    qw = random_qweight(fmt, n, k, seed=seed, device="cuda", **kw)
+    w = qw.dequantize(dtype).double()  # [n, k], the weight the kernel multiplies
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    x = torch.randn(m, k, device="cuda", generator=gen).to(dtype)
+    dy = torch.randn(m, n, device="cuda", generator=gen).to(dtype)
+    fn = _kernel(fmt)
+    y = fn(x, qw, exact=exact, out=torch.full((m, n), float("nan"), device="cuda", dtype=dtype))
+    dx = fn(dy, qw, transpose=True, exact=exact,
+            out=torch.full((m, k), float("nan"), device="cuda", dtype=dtype))
+    assert not y.isnan().any() and not dx.isnan().any(), "unwritten (NaN) outputs"
+    e_y, e_dx = _rel(y, x.double() @ w.T), _rel(dx, dy.double() @ w)
+    assert e_y < TOL and e_dx < TOL, (fmt, kw, k, n, m, e_y, e_dx)
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [1, 16, 77])
+def test_decode_shapes_all_formats(k: int, n: int, m: int) -> None:
+    for i, (fmt, kw) in enumerate(_variants(k)):
+        _check_one(fmt, kw, k, n, m, seed=1000 * m + i, exact=False)
+
+
+@pytest.mark.parametrize("k,n", SMALL_SHAPES + [(2048, 6144)])
+@pytest.mark.parametrize("m", [300, 2048])
+def test_training_shapes_all_formats(k: int, n: int, m: int) -> None:
+    for i, (fmt, kw) in enumerate(_variants(k)):
+        _check_one(fmt, kw, k, n, m, seed=7 * m + i, exact=False)
+        _check_one(fmt, kw, k, n, m, seed=7 * m + i, exact=True)
+
+
+def test_fp16_activations() -> None:
+    _check_one("int4", {"group_size": 128}, 2048, 6144, 33, seed=5, exact=False,
+               dtype=torch.float16)
+
+
+@pytest.mark.parametrize("fmt,kw", [("int4", {"group_size": 128}), ("fp8", {}),
+                                    ("nvfp4", {}), ("bf16", {})])
+def test_exact_rows_do_not_depend_on_batch(fmt: str, kw: dict) -> None:
+    k, n = 2048, 6144
+    qw = random_qweight(fmt, n, k, seed=11, device="cuda", **kw)
+    x = torch.randn(700, k, device="cuda").bfloat16()
+    dy = torch.randn(700, n, device="cuda").bfloat16()
+    y, dx = qmm(x, qw, exact=True), qmm_t(dy, qw, exact=True)
+    for lo, hi in [(0, 1), (5, 6), (699, 700), (3, 20), (64, 300), (1, 699)]:
+        assert torch.equal(qmm(x[lo:hi], qw, exact=True), y[lo:hi]), (fmt, lo, hi)
+        assert torch.equal(qmm_t(dy[lo:hi], qw, exact=True), dx[lo:hi]), (fmt, lo, hi)
+
+
+def test_act_quant_matches_reference_bitwise() -> None:
+    from orbit.kernels.fp8 import act_quant_fp8, act_quant_fp8_reference
+
+    x = (torch.randn(333, 2560, device="cuda") * torch.rand(333, 1, device="cuda") * 10).bfloat16()
+    x[7, 128:256] = 0  # an all-zero group takes the amax floor
+    xq, sx = act_quant_fp8(x)
+    xr, sr = act_quant_fp8_reference(x)
+    assert torch.equal(sx, sr)
+    assert torch.equal(xq.view(torch.uint8), xr.view(torch.uint8))
+
+
+@pytest.mark.parametrize("k,n", [(576, 576), (576, 192), (2048, 6144), (4096, 12288)])
+@pytest.mark.parametrize("m", [1, 200, 4096])
+def test_w8a8_against_reference(k: int, n: int, m: int) -> None:
+    from orbit.kernels.fp8 import act_quant_fp8_reference, w8a8_matmul
+
+    qw = random_qweight("fp8", n, k, seed=m + n, device="cuda")
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    y = w8a8_matmul(x, qw, out=torch.full((m, n), float("nan"), device="cuda",
+                                          dtype=torch.bfloat16))
+    assert not y.isnan().any()
+    xq, sx = act_quant_fp8_reference(x)
+    xd = xq.double() * sx.double().repeat_interleave(128, dim=1)[:, :k]
+    ref = xd @ qw.dequantize().double().T
+    assert _rel(y, ref) < TOL
+    # and the quantization itself stays within e4m3's error of the bf16 product
+    assert _rel(y, x.double() @ qw.dequantize().double().T) < 0.08
+
+
+def test_w8a8_exact_rows_do_not_depend_on_batch() -> None:
+    qw = random_qweight("fp8", 6144, 2048, seed=3, device="cuda")
+    x = torch.randn(500, 2048, device="cuda").bfloat16()
+    y = qmm(x, qw, exact=True, act_quant="fp8")
+    for lo, hi in [(0, 1), (499, 500), (17, 300)]:
+        assert torch.equal(qmm(x[lo:hi], qw, exact=True, act_quant="fp8"), y[lo:hi])
+
+
+def test_dispatch_routes_cuda_to_kernels_and_matches_cpu_reference() -> None:
+    qw = random_qweight("int4", 576, 576, group_size=64, seed=2)
+    x = torch.randn(9, 576).bfloat16()
+    y_cpu = qmm(x, qw)
+    y_gpu = qmm(x.cuda(), qw.to("cuda"))
+    assert _rel(y_gpu.cpu(), y_cpu.double()) < TOL

@@ -1,0 +1,178 @@
+"""CPU checks of the quantized-matmul kernels: wrapper validation, dispatch on CPU, the
+references, and the Triton kernels themselves under Triton's interpreter.
+
+The interpreter runs in a subprocess (`TRITON_INTERPRET=1` must be set before any kernel is
+decorated, and must not leak into GPU tests in the same pytest process). Two interpreter
+defects of Triton 3.6 with numpy >= 2.3 are patched there, not in orbit: `int()` of a
+one-element array (loop bounds) and bf16 `tl.dot` multiplying the raw uint16 bits. Its
+fp32->e4m3 cast also mis-rounds values that carry into the next binade, so activation
+quantization is checked bit for bit only on the GPU (tests/gpu).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from orbit.kernels.dispatch import qmm, qmm_reference, qmm_t, qmm_t_reference
+from orbit.kernels.random_weights import random_qweight
+from orbit.quant.qweight import E2M1_VALUES, QuantizedWeight
+
+triton = pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[2]
+CASES = [("int4", {"group_size": 32}, 320), ("int4", {"group_size": 64, "asym": True}, 320),
+         ("int4", {"group_size": 128}, 384), ("int8", {"group_size": 32}, 320),
+         ("fp8", {}, 320), ("nvfp4", {}, 320), ("mxfp4", {}, 320), ("bf16", {}, 320)]
+
+
+def _interpreter_main() -> None:
+    """Runs in the subprocess: every format, forward and input gradient, fast and exact."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    orig_patch = interp._patch_lang_tensor
+
+    def patch(tensor, scope):  # numpy 2.x refuses int() of a shape-(1,) array
+        orig_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patch
+    orig_dot = interp.InterpreterBuilder.create_dot
+
+    def dot(self, a, b, d, *args):  # bf16 is stored as uint16 bits: widen to fp32 first
+        def f32(h):
+            if h.dtype.scalar == tl.bfloat16:
+                return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32),
+                                           tl.float32)
+            return h
+        return orig_dot(self, f32(a), f32(b), d, *args)
+
+    interp.InterpreterBuilder.create_dot = dot
+    from orbit.kernels import _qgemm, fp4, fp8, int4, int8
+
+    fns = {"int4": int4.int4_matmul, "int8": int8.int8_matmul, "fp8": fp8.fp8_matmul,
+           "nvfp4": fp4.nvfp4_matmul, "mxfp4": fp4.mxfp4_matmul, "bf16": _qgemm.bf16_matmul}
+    out = {}
+    for i, (fmt, kw, k) in enumerate(CASES):
+        n, m = 192, 5
+        qw = random_qweight(fmt, n, k, seed=i, **kw)
+        w = qw.dequantize(torch.bfloat16).double()
+        x, dy = torch.randn(m, k).bfloat16(), torch.randn(m, n).bfloat16()
+        for exact in (False, True) if i == 0 else (False,):  # exact: same code, other tiles
+            y = fns[fmt](x, qw, exact=exact, out=torch.full((m, n), float("nan")).bfloat16())
+            dx = fns[fmt](dy, qw, transpose=True, exact=exact,
+                          out=torch.full((m, k), float("nan")).bfloat16())
+            ey = ((y.double() - x.double() @ w.T).norm() / (x.double() @ w.T).norm()).item()
+            edx = ((dx.double() - dy.double() @ w).norm() / (dy.double() @ w).norm()).item()
+            out[f"{i}-{exact}"] = [ey, edx]
+    # W8A8 GEMM on the reference's quantized activations (see the module docstring).
+    qw = random_qweight("fp8", 192, 320, seed=9)
+    x = torch.randn(5, 320).bfloat16()
+    xq, sx = fp8.act_quant_fp8_reference(x)
+    y = fp8.w8a8_gemm(xq, sx, qw, torch.bfloat16)
+    ref = fp8.w8a8_matmul_reference(x, qw).double()
+    out["w8a8"] = ((y.double() - ref).norm() / ref.norm()).item()
+    # E2M1: every code through the nvfp4 loader (scale 1, global scale 1) against the table.
+    codes = torch.arange(16, dtype=torch.uint8)
+    q = (codes[0::2] | (codes[1::2] << 4)).reshape(1, 8).repeat(16, 1)  # [16, 8]: 16 codes/row
+    one = torch.ones(16, 1).to(torch.float8_e4m3fn)
+    qw = QuantizedWeight("nvfp4", (16, 16), {"qweight": q, "scale": one,
+                                             "global_scale": torch.tensor(1.0)}, 16)
+    eye = torch.eye(16).bfloat16()
+    out["e2m1"] = fp4.nvfp4_matmul(eye, qw, transpose=True)[0].float().tolist()
+    print(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def interp_results() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("key", [f"{i}-False" for i in range(len(CASES))] + ["0-True"])
+def test_interpreted_kernels_match_reference(interp_results: dict, key: str) -> None:
+    # The interpreter truncates fp32->bf16 casts, so allow 1e-2 (the GPU test is the tight one).
+    ey, edx = interp_results[key]
+    assert ey < 1e-2 and edx < 1e-2, (CASES[int(key.split("-")[0])], ey, edx)
+
+
+def test_interpreted_w8a8_gemm(interp_results: dict) -> None:
+    assert interp_results["w8a8"] < 1e-2
+
+
+def test_e2m1_decode_equals_table(interp_results: dict) -> None:
+    assert interp_results["e2m1"] == [float(v) for v in E2M1_VALUES]
+
+
+def test_wrappers_reject_bad_layouts() -> None:
+    from orbit.kernels.fp4 import nvfp4_matmul
+    from orbit.kernels.fp8 import fp8_matmul
+    from orbit.kernels.int4 import int4_matmul
+
+    qw = random_qweight("int4", 64, 128, group_size=32)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        int4_matmul(torch.randn(2, 128), qw)
+    with pytest.raises(ValueError, match="features"):
+        int4_matmul(torch.randn(2, 64).bfloat16(), qw)
+    with pytest.raises(ValueError, match="contiguous"):
+        int4_matmul(torch.randn(128, 2).bfloat16().T, qw)
+    with pytest.raises(ValueError, match="group_size"):
+        int4_matmul(torch.randn(2, 128).bfloat16(),
+                    QuantizedWeight("int4", (64, 128), qw.tensors, 16))
+    bad = dict(qw.tensors, qweight=qw.tensors["qweight"].to(torch.int64))
+    with pytest.raises(ValueError, match="qweight"):
+        int4_matmul(torch.randn(2, 128).bfloat16(), QuantizedWeight("int4", (64, 128), bad, 32))
+    with pytest.raises(ValueError, match="int4_matmul got"):
+        int4_matmul(torch.randn(2, 128).bfloat16(), random_qweight("fp8", 64, 128))
+    fq = random_qweight("fp8", 64, 128)
+    with pytest.raises(ValueError, match="scale_inv"):
+        fp8_matmul(torch.randn(2, 128).bfloat16(), QuantizedWeight(
+            "fp8", (64, 128), dict(fq.tensors, scale_inv=torch.ones(2, 2)), 128))
+    with pytest.raises(ValueError, match="out must be"):
+        fp8_matmul(torch.randn(2, 128).bfloat16(), fq, out=torch.empty(2, 63).bfloat16())
+    nq = random_qweight("nvfp4", 64, 128)
+    with pytest.raises(ValueError, match="global_scale"):
+        nvfp4_matmul(torch.randn(2, 128).bfloat16(), QuantizedWeight(
+            "nvfp4", (64, 128), dict(nq.tensors, global_scale=torch.ones(2)), 16))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4", "mxfp4", "bf16"])
+def test_dispatch_on_cpu_is_the_reference(fmt: str) -> None:
+    qw = random_qweight(fmt, 48, 128, group_size=32)
+    x, dy = torch.randn(3, 128).bfloat16(), torch.randn(3, 48).bfloat16()
+    assert torch.equal(qmm(x, qw), qmm_reference(x, qw))
+    assert torch.equal(qmm_t(dy, qw), qmm_t_reference(dy, qw))
+    assert torch.equal(qmm(x, qw, exact=True), qmm_reference(x, qw))
+
+
+def test_w8a8_reference_on_cpu() -> None:
+    from orbit.kernels.fp8 import act_quant_fp8_reference
+
+    qw = random_qweight("fp8", 64, 300)
+    x = torch.randn(4, 300).bfloat16()
+    x[1, 128:256] = 0
+    xq, sx = act_quant_fp8_reference(x)
+    assert xq.shape == (4, 300) and sx.shape == (4, 3) and (sx > 0).all()
+    back = xq.float() * sx.repeat_interleave(128, 1)[:, :300]
+    assert ((back - x.float()).norm() / x.float().norm()) < 0.05  # e4m3: 3 mantissa bits
+    assert (back[1, 128:256] == 0).all()
+    y = qmm(x, qw, act_quant="fp8")
+    ref = x.double() @ qw.dequantize().double().T
+    assert ((y.double() - ref).norm() / ref.norm()) < 0.08
+    with pytest.raises(ValueError, match="act_quant"):
+        qmm(x, qw, act_quant="int8")
+    with pytest.raises(ValueError, match="fp8 weight"):
+        qmm(x[:, :288], random_qweight("int4", 64, 288, group_size=32), act_quant="fp8")
+
+if __name__ == "__main__":
+    _interpreter_main()
