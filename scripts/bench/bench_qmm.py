@@ -39,6 +39,12 @@ def variants(k: int) -> list[tuple[str, str, dict]]:
             ("fp8", "fp8-w8a16", {}), ("nvfp4", "nvfp4", {}), ("mxfp4", "mxfp4", {})]
 
 
+def _emit(rows: list[dict], row: dict) -> None:
+    """Keep the row and print it at once, so a run cut off at its time limit still reports."""
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
 def ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
@@ -64,7 +70,7 @@ def decode(quick: bool, copy_gbs: float) -> list[dict]:
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda").bfloat16()
             t_bf = ms(lambda: x @ wb.T)
-            rows.append({"phase": "decode", "fmt": "bf16-cublas", "k": k, "n": n, "m": m,
+            _emit(rows, {"phase": "decode", "fmt": "bf16-cublas", "k": k, "n": n, "m": m,
                          "ms": t_bf, "speedup": 1.0,
                          "GBps": (2 * n * k + 2 * m * (n + k)) / t_bf / 1e6})
             for fmt, name, kw in variants(k):
@@ -72,7 +78,7 @@ def decode(quick: bool, copy_gbs: float) -> list[dict]:
                 for exact in (False, True):
                     t = ms(lambda: qmm(x, qw, exact=exact))
                     gbs = (qw.nbytes() + 2 * m * (n + k)) / t / 1e6
-                    rows.append({"phase": "decode", "fmt": name + ("-exact" if exact else ""),
+                    _emit(rows, {"phase": "decode", "fmt": name + ("-exact" if exact else ""),
                                  "k": k, "n": n, "m": m, "ms": t, "speedup": t_bf / t,
                                  "GBps": gbs, "frac_copy_bw": gbs / copy_gbs})
     return rows
@@ -87,7 +93,7 @@ def training(quick: bool, bf16_tf: float) -> list[dict]:
             dy = torch.randn(m, n, device="cuda").bfloat16()
             flop = 2 * m * n * k
             t_f, t_b = ms(lambda: x @ wb.T), ms(lambda: dy @ wb)
-            rows.append({"phase": "train", "fmt": "bf16-cublas", "k": k, "n": n, "m": m,
+            _emit(rows, {"phase": "train", "fmt": "bf16-cublas", "k": k, "n": n, "m": m,
                          "fwd_ms": t_f, "bwd_ms": t_b, "fwd_x": 1.0, "bwd_x": 1.0,
                          "fwd_TFLOPs": flop / t_f / 1e9})
             for fmt, name, kw in variants(k) + [("fp8", "fp8-w8a8", {})]:
@@ -98,7 +104,7 @@ def training(quick: bool, bf16_tf: float) -> list[dict]:
                 for exact in (False, True) if fmt == "int4" else (False,):
                     tf = ms(lambda: qmm(x, qw, exact=exact, act_quant=aq))
                     tb = ms(lambda: qmm_t(dy, qw, exact=exact))
-                    rows.append({"phase": "train", "fmt": name + ("-exact" if exact else ""),
+                    _emit(rows, {"phase": "train", "fmt": name + ("-exact" if exact else ""),
                                  "k": k, "n": n, "m": m, "fwd_ms": tf, "bwd_ms": tb,
                                  "fwd_x": t_f / tf, "bwd_x": t_b / tb,
                                  "fwd_TFLOPs": flop / tf / 1e9})
@@ -137,10 +143,10 @@ def sweep() -> list[dict]:
                     try:
                         tm = ms(fn)
                     except Exception as e:  # out of shared memory etc.: record, go on
-                        rows.append({"fmt": fmt, "k": k, "n": n, "m": m, "cfg": str(c),
+                        _emit(rows, {"fmt": fmt, "k": k, "n": n, "m": m, "cfg": str(c),
                                      "error": repr(e)[:200]})
                         continue
-                    rows.append({"fmt": fmt, "k": k, "n": n, "m": m, "cfg": str(c), "ms": tm})
+                    _emit(rows, {"fmt": fmt, "k": k, "n": n, "m": m, "cfg": str(c), "ms": tm})
     return rows
 
 
@@ -159,8 +165,6 @@ def main() -> None:
     res["train"] = training(args.quick, ceil["bf16_TFLOPs"])
     if args.sweep:
         res["sweep"] = sweep()
-        for r in res["sweep"]:
-            print("sweep", r)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
     print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s  bf16 {ceil['bf16_TFLOPs']:.0f} TFLOP/s")
