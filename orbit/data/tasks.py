@@ -1,0 +1,161 @@
+"""Built-in tasks that need no download: quickstart arithmetic and Countdown.
+
+Arithmetic is small enough that a 135M model learns it in minutes (the quickstart's "reward
+goes up" check): "12 + 7", "45 x 3", and mixed "12 + 7 x 3" with the usual precedence, on
+numbers up to two digits, the exact integer as label. Train and test are drawn from one
+seeded pool of distinct expressions and split, so the held-out set never overlaps training.
+
+CLI: python -m orbit.data.tasks [arithmetic|countdown] --out-dir D --n-train N --n-test M --seed S
+(writes D/train.jsonl and D/test.jsonl; --train-out/--test-out name the files instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ARITH_OPS = ("+", "-", "x")
+COUNTDOWN_OPS = ("+", "-", "x", "/")
+ARITH_PROMPT = "What is {expr}? Think step by step, then put the final answer in \\boxed{{}}."
+COUNTDOWN_PROMPT = (
+    "Using the numbers {numbers}, write an expression that equals {target}. You may use +, -, x, / "
+    "and parentheses, and each number at most once. Put the expression in \\boxed{{}}, "
+    "for example \\boxed{{(1 + 2) x 3}}."
+)
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def evaluate_chain(numbers: list[int], ops: list[str]) -> int:
+    """Value of n0 op0 n1 op1 n2 ... with x binding tighter than + and - (left to right)."""
+    assert len(numbers) == len(ops) + 1
+    terms, signs = [numbers[0]], []
+    for op, n in zip(ops, numbers[1:]):
+        if op == "x":
+            terms[-1] *= n
+        else:
+            signs.append(op)
+            terms.append(n)
+    total = terms[0]
+    for op, t in zip(signs, terms[1:]):
+        total = _apply(total, op, t)
+    return total
+
+
+def arithmetic_row(rng: random.Random) -> dict[str, Any]:
+    """One problem: 60% a single op on 1-2 digit numbers, 40% a mixed 3-number expression."""
+    n_terms = 2 if rng.random() < 0.6 else 3
+    numbers = [rng.randint(0, 99) for _ in range(n_terms)]
+    ops = [rng.choice(ARITH_OPS) for _ in range(n_terms - 1)]
+    expr = " ".join(
+        str(numbers[0]) if i == 0 else f"{ops[i - 1]} {numbers[i]}" for i in range(n_terms)
+    )
+    return {
+        "prompt": ARITH_PROMPT.format(expr=expr),
+        "label": evaluate_chain(numbers, ops),
+        "expression": expr,
+    }
+
+
+def countdown_row(rng: random.Random) -> dict[str, Any]:
+    """3-4 numbers in 1..99 and a target reachable with all of them (built by combining them
+    in a random order with + - x and exact /), positive and at most 999."""
+    while True:
+        numbers = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
+        order = numbers[:]
+        rng.shuffle(order)
+        value = order[0]
+        for n in order[1:]:
+            op = rng.choice(COUNTDOWN_OPS)
+            if op == "/":
+                if value % n:
+                    op = "+"
+                else:
+                    value //= n
+                    continue
+            value = _apply(value, op, n)
+        if 1 <= value <= 999:
+            key = f"{sorted(numbers)}->{value}"
+            prompt = COUNTDOWN_PROMPT.format(numbers=numbers, target=value)
+            return {
+                "prompt": prompt,
+                "label": {"numbers": numbers, "target": value},
+                "expression": key,
+            }
+
+
+TASKS: dict[str, Callable[[random.Random], dict[str, Any]]] = {
+    "arithmetic": arithmetic_row,
+    "countdown": countdown_row,
+}
+
+
+def generate_split(
+    task: str, n_train: int, n_test: int, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Distinct problems (by expression), shuffled by `seed`, split into train and test."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    if n_train < 0 or n_test < 0:
+        raise ValueError(f"n_train and n_test must be >= 0, got {n_train}, {n_test}")
+    rng = random.Random(seed)
+    make = TASKS[task]
+    want = n_train + n_test
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    attempts = 0
+    while len(rows) < want:
+        attempts += 1
+        if attempts > 50 * want + 1000:
+            raise ValueError(f"could not draw {want} distinct {task} problems; ask for fewer")
+        row = make(rng)
+        if row["expression"] in seen:
+            continue
+        seen.add(row["expression"])
+        rows.append(row)
+    return rows[:n_train], rows[n_train:]
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m orbit.data.tasks", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("task", nargs="?", default="arithmetic", choices=sorted(TASKS))
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="write train.jsonl and test.jsonl here"
+    )
+    parser.add_argument(
+        "--train-out", type=Path, default=None, help="train JSONL path (overrides --out-dir)"
+    )
+    parser.add_argument(
+        "--test-out", type=Path, default=None, help="test JSONL path (overrides --out-dir)"
+    )
+    parser.add_argument("--n-train", type=int, default=2048)
+    parser.add_argument("--n-test", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    train_out = args.train_out or (args.out_dir / "train.jsonl" if args.out_dir else None)
+    test_out = args.test_out or (args.out_dir / "test.jsonl" if args.out_dir else None)
+    if train_out is None or test_out is None:
+        parser.error("give --out-dir, or both --train-out and --test-out")
+    train, test = generate_split(args.task, args.n_train, args.n_test, args.seed)
+    write_jsonl(train, train_out)
+    write_jsonl(test, test_out)
+    print(f"{args.task}: wrote {len(train)} rows to {train_out} and {len(test)} rows to {test_out}")
+
+
+if __name__ == "__main__":
+    main()
