@@ -18,7 +18,7 @@ _EXPR = re.compile(r"What is (.+)\? Think")
 def _independent_value(expr: str) -> int:
     # Independent check: Python's own precedence on our generated (trusted) text.
     assert re.fullmatch(r"[\d +\-x]+", expr), expr
-    return int(eval(expr.replace("x", "*")))  # noqa: S307 - generated digits and operators only
+    return int(eval(expr.replace("x", "*")))  # generated digits and operators only
 
 
 def test_evaluate_chain_precedence() -> None:
@@ -61,7 +61,7 @@ def test_countdown_rows_are_solvable_and_distinct() -> None:
         assert 3 <= len(numbers) <= 4 and 1 <= target <= 999
         assert str(target) in row["prompt"]
     # a hand-made solution for a fixed row shape is accepted by the verifier
-    value, used = evaluate_expression("(25 - 1) x 4 / 4")
+    value, _ = evaluate_expression("(25 - 1) x 4 / 4")
     assert value == 24 and countdown_score("\\boxed{(25 - 1) x 4 / 4}", [4, 4, 25, 1], 24) == 1.0
 
 
