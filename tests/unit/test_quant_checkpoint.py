@@ -200,12 +200,17 @@ def test_q4_1_style_offset_cannot_be_written_as_zero_point() -> None:
 
 
 def test_any_compressed_tensors_global_scale_reads_and_writes_back_bitwise() -> None:
-    """A library-written inverted global scale is arbitrary: read -> write must restore it."""
+    """A library-written inverted global scale is arbitrary. float32 1/x is not injective, so
+    write(read(ckpt)) may store a neighbouring float (<= 1 ulp) with the same reciprocal; what
+    must hold is that it reads back to the identical Orbit weight."""
     qw = quantize(_w(out_f=4, in_f=32), "nvfp4")
     t = write_linear(qw, P, "compressed-tensors")
     cfg = quantization_config("compressed-tensors", "nvfp4")
     amax = torch.rand(300, generator=torch.Generator().manual_seed(5)) * 10 + 1e-3
     for inv in (448.0 * 6.0 / amax).to(torch.float32):
         t[f"{P}.weight_global_scale"] = inv.reshape(1)
-        back = write_linear(read_linear(t, P, cfg), P, "compressed-tensors")
-        assert torch.equal(back[f"{P}.weight_global_scale"].view(torch.int32), inv.reshape(1).view(torch.int32))
+        first = read_linear(t, P, cfg)
+        back = write_linear(first, P, "compressed-tensors")
+        assert _bitwise_equal(read_linear(back, P, cfg), first)
+        ulps = back[f"{P}.weight_global_scale"].view(torch.int32) - inv.reshape(1).view(torch.int32)
+        assert int(ulps.abs()) <= 1
