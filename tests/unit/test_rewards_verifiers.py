@@ -172,3 +172,15 @@ def test_countdown_score(response: str, reward: float) -> None:
 def test_countdown_use_all() -> None:
     assert countdown_score("\\boxed{25 - 1}", [25, 1, 4], 24, use_all=True) == 0.0
     assert countdown_score("\\boxed{(25 - 1) * 4 / 4}", [25, 1, 4, 4], 24, use_all=True) == 1.0
+
+
+def test_math_verify_backend_runs_in_worker_threads() -> None:
+    # math-verify's default timeouts use signal.alarm, which only works in the main thread;
+    # the RewardRunner calls verifiers from a thread pool.
+    if not math_verify_available():
+        pytest.skip("math-verify not installed (optional extra orbit-rl[math])")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        got = pool.submit(math_score, "\\boxed{\\frac{6}{\\sqrt{9}}}", "2", "math_verify").result()
+    assert got == 1.0
