@@ -1,0 +1,206 @@
+"""Exact precision mode as a module swap: `convert_exact(model)` makes the trainer's packed
+forward and the engine's prefill/decode compute bit-identical log-probs on GPU.
+
+What differs between the two sides in fast mode, and what replaces it here:
+- dense matmuls (base nn.Linear, lm_head, LoRA A/B): library GEMMs pick kernels by M ->
+  `ExactLinear` / `ExactLoRALinear` call `orbit.kernels.matmul_exact` (one tile config for
+  every M, no split-K);
+- quantized bases: `QuantLinear.exact = True` routes them to `dispatch.qmm(..., exact=True)`;
+- RMSNorm: torch reductions split rows by batch shape -> `ExactRMSNorm` (one program per row);
+- attention: SDPA (packed) vs. a masked batched read (decode) -> every `AttnBatch` passed to
+  the model is viewed as an `ExactAttnBatch`, whose single Triton kernel walks keys in fixed
+  64-position blocks from 0 upward in both cases (`orbit.kernels.attention_exact`).
+OFT's rotation kernel already uses one tile config per block size, RoPE/SiLU/residuals are
+elementwise, and the log-softmax is one row per block: those need nothing.
+
+The swaps change classes in place (`module.__class__ = Exact*`): the Exact classes subclass the
+originals and add no state, so parameters, buffers, tied weights, adapter slots and hooks stay
+exactly where they were and `revert_exact` undoes everything. Call it last: after loading,
+quantization (`convert_linears`) and adapter injection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from orbit.adapters.lora import LoRALinear
+from orbit.kernels.attention_exact import attention_cached_exact, attention_packed_exact
+from orbit.kernels.matmul_exact import exact_linear
+from orbit.kernels.rmsnorm_exact import rmsnorm_exact
+from orbit.models.attention import AttnBatch
+from orbit.models.transformer import CausalLM, RMSNorm
+from orbit.quant.linear import QuantLinear
+
+_HOOK_ATTR = "_orbit_exact_hook"
+
+
+class ExactLinear(nn.Linear):
+    """nn.Linear whose forward is the batch-invariant matmul (same weight, same bias)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return exact_linear(x, self.weight, self.bias)
+
+
+class ExactLoRALinear(LoRALinear):
+    """LoRALinear with both low-rank products through the batch-invariant matmul. The math
+    (dropout, dtype casts, scale) is LoRALinear.forward's, line for line."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.active_slot is None:
+            return y
+        a = self.slot_tensor(self.active_slot, "lora_A")  # [r, in]
+        b = self.slot_tensor(self.active_slot, "lora_B")  # [out, r]
+        h = exact_linear(self.dropout(x).to(a.dtype), a)  # [..., r]
+        return y + (self.scale * exact_linear(h, b)).to(y.dtype)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """Batch-invariant forward; backward differentiates the standard formula (gradients need
+    not be batch-invariant, only the forward log-probs are compared)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return rmsnorm_exact(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            wg = weight.detach().requires_grad_(ctx.needs_input_grad[1])
+            h = xg.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + ctx.eps)
+            y = wg * h.to(x.dtype)
+            wanted = [t for t in (xg, wg) if t.requires_grad]
+            grads = list(torch.autograd.grad(y, wanted, dy)) if wanted else []
+        dx = grads.pop(0) if ctx.needs_input_grad[0] else None
+        dw = grads.pop(0) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+class ExactRMSNorm(RMSNorm):
+    """RMSNorm with a per-row (batch-invariant) reduction."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _RMSNormFn.apply(x, self.weight, self.eps)
+
+
+@dataclass
+class ExactAttnBatch(AttnBatch):
+    """An AttnBatch whose `attend` runs the one-order kernel for packed and cached batches.
+
+    Built from the caller's AttnBatch by `as_exact` (same fields, same metadata dict), so the
+    engine and the trainer keep constructing plain `AttnBatch.packed/cached`.
+    """
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] (after RoPE) -> [T, H, D]."""
+        T = q.shape[0]
+        if self.kind == "packed":
+            return attention_packed_exact(q, k, v, self.cu_seqlens, self._max_new(T))
+        cache = self.cache
+        assert cache is not None and self.slots is not None and self.start_pos is not None
+        if cache.dtype != q.dtype:
+            # The packed path reads K/V in q.dtype; a cache in another dtype would round them.
+            raise ValueError(f"exact mode needs the KV cache in the compute dtype {q.dtype}, "
+                             f"got {cache.dtype}")
+        w_slot, w_pos = self._write_index(T)
+        kc, vc = cache.k[layer], cache.v[layer]  # [S, max_len, Hkv, D] views
+        kc[w_slot, w_pos] = k
+        vc[w_slot, w_pos] = v
+        return attention_cached_exact(q, kc, vc, self.cu_seqlens, self.slots, self.start_pos,
+                                      self._max_new(T))
+
+    def _max_new(self, num_tokens: int) -> int:
+        """Longest run of new tokens in one sequence (host int). Decode (one token per
+        sequence) needs no device sync, so it stays CUDA-graph capturable."""
+        n_seq = self.cu_seqlens.numel() - 1
+        if num_tokens == n_seq:
+            return 1
+        if "max_new" not in self._meta:
+            self._meta["max_new"] = max(self._host_seqlens())
+        return self._meta["max_new"]
+
+
+def as_exact(attn: AttnBatch) -> ExactAttnBatch:
+    """View `attn` as an ExactAttnBatch (shares its tensors, cache and per-batch metadata)."""
+    if isinstance(attn, ExactAttnBatch):
+        return attn
+    vals = {f.name: getattr(attn, f.name) for f in fields(attn)}
+    return ExactAttnBatch(**vals)
+
+
+def _exact_attn_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of CausalLM: swap the AttnBatch argument for its exact view."""
+    if len(args) >= 3:
+        args = (*args[:2], as_exact(args[2]), *args[3:])
+    elif "attn" in kwargs:
+        kwargs = {**kwargs, "attn": as_exact(kwargs["attn"])}
+    else:
+        raise ValueError("exact mode: CausalLM.forward called without an AttnBatch")
+    return args, kwargs
+
+
+_SWAPS: tuple[tuple[type, type], ...] = (
+    (nn.Linear, ExactLinear),
+    (LoRALinear, ExactLoRALinear),
+    (RMSNorm, ExactRMSNorm),
+)
+
+
+def convert_exact(model: nn.Module) -> dict[str, int]:
+    """Switch `model` (a CausalLM, after quantization and adapter injection) to exact mode, in
+    place. Returns how many modules of each kind were converted. Idempotent."""
+    if not isinstance(model, CausalLM):
+        raise ValueError(f"convert_exact needs a CausalLM, got {type(model).__name__}")
+    counts = {"linear": 0, "lora": 0, "rmsnorm": 0, "quant": 0, "attention": 0}
+    keys = {ExactLinear: "linear", ExactLoRALinear: "lora", ExactRMSNorm: "rmsnorm"}
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.exact = True
+            counts["quant"] += 1
+            continue
+        for base, exact in _SWAPS:
+            if type(mod) is base:  # exact type: leave unknown subclasses alone
+                mod.__class__ = exact
+            if type(mod) is exact:
+                counts[keys[exact]] += 1
+                break
+    if getattr(model, _HOOK_ATTR, None) is None:
+        handle = model.register_forward_pre_hook(_exact_attn_hook, with_kwargs=True)
+        setattr(model, _HOOK_ATTR, handle)
+    counts["attention"] = len(model.model.layers)
+    return counts
+
+
+def revert_exact(model: nn.Module) -> None:
+    """Undo `convert_exact`: back to fast mode (library kernels), in place."""
+    back = {exact: base for base, exact in _SWAPS}
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.exact = False
+        elif type(mod) in back:
+            mod.__class__ = back[type(mod)]
+    handle = getattr(model, _HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
+        setattr(model, _HOOK_ATTR, None)
+
+
+def is_exact(model: nn.Module) -> bool:
+    return getattr(model, _HOOK_ATTR, None) is not None
+
+
+def exact_mode_summary(model: nn.Module) -> dict[str, Any]:
+    """Which modules of `model` would still run a batch-variant kernel in exact mode (for logs
+    and the preflight): dense linears that are not ExactLinear, RMSNorms not ExactRMSNorm."""
+    leftover = [name for name, m in model.named_modules()
+                if (type(m) is nn.Linear) or (type(m) is RMSNorm) or (type(m) is LoRALinear)]
+    return {"exact": is_exact(model), "batch_variant_modules": leftover}
