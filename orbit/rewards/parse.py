@@ -21,6 +21,8 @@ _FRAC = re.compile(r"^([-+]?)\\frac\{([^{}]+)\}\{([^{}]+)\}$")
 _FRAC_SHORT = re.compile(r"^([-+]?)\\frac(\d)(\d)$")
 _SLASH = re.compile(r"^([-+]?\d+)/(\d+)$")
 _VAR_PREFIX = re.compile(r"^[a-zA-Z]\s*=\s*(?=\S)")
+# A trailing unit after a value: "12 \text{ cm}" -> "12" (a lone "\text{yes}" is kept).
+_TRAILING_UNIT = re.compile(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z ]+\}\s*\.?\s*$")
 
 
 def _braced(text: str, start: int) -> tuple[str, int] | None:
@@ -75,12 +77,14 @@ def _unwrap(s: str, command: str) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    """Canonical string form: LaTeX spacing/wrappers, '$', spaces, a trailing '.', a leading
-    "x =", '\\%' and thousands separators removed; \\dfrac/\\tfrac -> \\frac."""
-    s = answer.strip()
+    """Canonical string form: LaTeX spacing/wrappers, a trailing \\text{unit}, '$' and '\\$',
+    spaces, a trailing '.', a leading "x =", '\\%' and thousands separators removed;
+    \\dfrac/\\tfrac -> \\frac."""
+    s = _TRAILING_UNIT.sub("", answer.strip())
     for w in _WRAPPERS:
         s = _unwrap(s, w)
     for token in (
+        "\\$",
         "\\left",
         "\\right",
         "\\!",

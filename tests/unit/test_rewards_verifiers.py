@@ -61,6 +61,9 @@ def test_last_boxed(text: str, expected: str | None) -> None:
         ("0.50", Fraction(1, 2)),
         ("x = 7", Fraction(7)),
         ("50\\%", Fraction(50)),
+        ("\\$1,200", Fraction(1200)),
+        ("12 \\text{ cm}", Fraction(12)),
+        ("7\\mbox{dollars}.", Fraction(7)),
         ("\\sqrt{2}", None),
         ("1,00", None),
         ("\\frac{1}{0}", None),
@@ -89,6 +92,8 @@ def test_answers_match_numeric_and_string() -> None:
         ("I think 12", "12", 0.0),  # math needs \boxed
         ("\\boxed{12} wait no \\boxed{13}", "12", 0.0),
         ("\\boxed{\\text{yes}}", "yes", 1.0),
+        ("\\boxed{\\text{yes}}", "no", 0.0),
+        ("so \\boxed{18 \\text{ apples}}.", "18", 1.0),
         ("\\boxed{5}", "\\boxed{5}", 1.0),
     ],
 )
