@@ -15,6 +15,12 @@ one batched SDPA over the gathered slots with a length mask, no Python loop over
 no host synchronisation and no data-dependent shapes, so the engine can CUDA-graph it.
 Prefill (and packed training) loops over sequences with one SDPA call each; that reads
 `cu_seqlens` on the host once per batch (not per layer).
+
+`backend="varlen"` (opt-in, CUDA only) replaces all of that with
+`torch.nn.attention.varlen.varlen_attn` (FlashAttention varlen): one call per layer for a
+packed batch, and for cached batches the KV cache is read in place as a paged cache (one page
+of `max_len` tokens per slot, `block_table = slots`), so decode gathers nothing. Checked
+against the SDPA path by tests/gpu/test_models_attention_gpu.py.
 """
 
 from __future__ import annotations
@@ -90,13 +96,15 @@ class AttnBatch:
     start_pos: Tensor | None = None  # [N] int64 cache position of each sequence's first new token
     max_context: int | None = None  # decode reads cache positions [0, max_context)
     routing: Any = None
+    backend: str = "sdpa"  # "sdpa" (reference, any device) | "varlen" (CUDA FlashAttention)
     _meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def packed(cls, cu_seqlens: Tensor, routing: Any = None) -> "AttnBatch":
+    def packed(cls, cu_seqlens: Tensor, routing: Any = None, backend: str = "sdpa") -> "AttnBatch":
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be 1-D with >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
-        return cls("packed", cu_seqlens, routing=routing)
+        _check_backend(backend)
+        return cls("packed", cu_seqlens, routing=routing, backend=backend)
 
     @classmethod
     def cached(
@@ -107,6 +115,7 @@ class AttnBatch:
         start_pos: Tensor,
         max_context: int | None = None,
         routing: Any = None,
+        backend: str = "sdpa",
     ) -> "AttnBatch":
         """`max_context` (a Python int, <= cache.max_len) bounds how many cache positions a
         decode step reads; it must exceed every `start_pos`. None reads the whole slot."""
@@ -118,7 +127,8 @@ class AttnBatch:
             )
         if max_context is not None and not (0 < max_context <= cache.max_len):
             raise ValueError(f"max_context={max_context} outside (0, cache.max_len={cache.max_len}]")
-        return cls("cached", cu_seqlens, cache, slots, start_pos, max_context, routing)
+        _check_backend(backend)
+        return cls("cached", cu_seqlens, cache, slots, start_pos, max_context, routing, backend)
 
     # -- per-batch metadata, computed at the first layer and reused by the others --------------
 
@@ -158,6 +168,8 @@ class AttnBatch:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q [T, H, D], k/v [T, Hkv, D] (after RoPE) -> [T, H, D]."""
+        if self.backend == "varlen":
+            return self._attend_varlen(layer, q, k, v)
         if self.kind == "packed":
             return self._attend_packed(q, k, v)
         return self._attend_cached(layer, q, k, v)
@@ -209,6 +221,44 @@ class AttnBatch:
             q.unsqueeze(2), kb, vb, attn_mask=mask, enable_gqa=kb.shape[1] != q.shape[1]
         )  # [B, H, 1, D]
         return o.squeeze(2)
+
+
+    def _attend_varlen(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        from torch.nn.attention.varlen import varlen_attn
+
+        if not q.is_cuda:
+            raise ValueError("attention backend 'varlen' needs CUDA tensors; use backend='sdpa'")
+        gqa = k.shape[1] != q.shape[1]
+        cu = self._meta.get("cu32")
+        if cu is None:
+            cu = self._meta["cu32"] = self.cu_seqlens.to(device=q.device, dtype=torch.int32)
+        if self.kind == "packed":
+            n = max(self._host_seqlens())
+            return varlen_attn(q, k, v, cu, cu, n, n, window_size=(-1, 0), enable_gqa=gqa)
+        cache = self.cache
+        assert cache is not None and self.slots is not None and self.start_pos is not None
+        T = q.shape[0]
+        w_slot, w_pos = self._write_index(T)
+        kc, vc = cache.k[layer], cache.v[layer]  # [S, max_len, Hkv, D]: S pages of max_len
+        kc[w_slot, w_pos] = k.to(cache.dtype)
+        vc[w_slot, w_pos] = v.to(cache.dtype)
+        if "table" not in self._meta:
+            self._meta["table"] = self.slots.to(torch.int32)[:, None]  # [B, 1] one page each
+            new = torch.diff(cu)  # [B] new tokens per sequence
+            self._meta["used"] = (self.start_pos.to(torch.int32) + new).to(torch.int32)
+            self._meta["max_q"] = 1 if T == self.slots.numel() else max(self._host_seqlens())
+        # Causal window (-1, 0) is bottom-right aligned: query i of a sequence with `used` keys
+        # sees keys [0, used - n + i], i.e. positions up to start_pos + i.
+        return varlen_attn(
+            q, kc, vc, cu, None, self._meta["max_q"], self.max_context or cache.max_len,
+            window_size=(-1, 0), enable_gqa=gqa, seqused_k=self._meta["used"],
+            block_table=self._meta["table"],
+        )
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ("sdpa", "varlen"):
+        raise ValueError(f"attention backend must be 'sdpa' or 'varlen', got {backend!r}")
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:

@@ -122,3 +122,4 @@ def test_logprobs_rejects_bad_inputs() -> None:
     model = tiny("LlamaForCausalLM")
     with pytest.raises(ValueError, match="targets"):
         token_logprobs(model, torch.zeros(4, 48), torch.zeros(3, dtype=torch.long))
+
