@@ -59,7 +59,7 @@ class KVCache:
 
     @classmethod
     def for_model(cls, config: Any, num_slots: int, max_len: int, dtype: torch.dtype,
-                  device: torch.device | str) -> "KVCache":
+                  device: torch.device | str) -> KVCache:
         """A cache shaped for a `ModelConfig`."""
         return cls(config.num_layers, num_slots, max_len, config.num_kv_heads, config.head_dim,
                    dtype, device)
@@ -100,7 +100,7 @@ class AttnBatch:
     _meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def packed(cls, cu_seqlens: Tensor, routing: Any = None, backend: str = "sdpa") -> "AttnBatch":
+    def packed(cls, cu_seqlens: Tensor, routing: Any = None, backend: str = "sdpa") -> AttnBatch:
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be 1-D with >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
         _check_backend(backend)
@@ -116,7 +116,7 @@ class AttnBatch:
         max_context: int | None = None,
         routing: Any = None,
         backend: str = "sdpa",
-    ) -> "AttnBatch":
+    ) -> AttnBatch:
         """`max_context` (a Python int, <= cache.max_len) bounds how many cache positions a
         decode step reads; it must exceed every `start_pos`. None reads the whole slot."""
         n = slots.numel()
@@ -237,6 +237,9 @@ class AttnBatch:
             return varlen_attn(q, k, v, cu, cu, n, n, window_size=(-1, 0), enable_gqa=gqa)
         cache = self.cache
         assert cache is not None and self.slots is not None and self.start_pos is not None
+        if cache.max_len % 256:
+            raise ValueError(f"backend 'varlen' reads the KV cache as pages of max_len tokens; "
+                             f"FlashAttention needs max_len % 256 == 0, got {cache.max_len}")
         T = q.shape[0]
         w_slot, w_pos = self._write_index(T)
         kc, vc = cache.k[layer], cache.v[layer]  # [S, max_len, Hkv, D]: S pages of max_len

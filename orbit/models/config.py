@@ -84,7 +84,7 @@ class ModelConfig:
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from the dict of a HF `config.json` (transformers 4.x or 5.x field names)."""
         archs = d.get("architectures") or []
         if len(archs) != 1:
@@ -135,7 +135,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_pretrained_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_pretrained_dir(cls, path: str | Path) -> ModelConfig:
         p = Path(path) / "config.json"
         if not p.is_file():
             raise ValueError(f"{p} does not exist: not a HF model directory")

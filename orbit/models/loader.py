@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -45,7 +46,7 @@ class SafetensorsDir:
             self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         elif single.is_file():
             with safe_open(single, "pt") as f:
-                self.weight_map = {k: single.name for k in f.keys()}
+                self.weight_map = {k: single.name for k in f.keys()}  # noqa: SIM118 (not iterable)
         else:
             raise ValueError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
         missing = sorted({f for f in self.weight_map.values() if not (self.path / f).is_file()})
@@ -58,6 +59,9 @@ class SafetensorsDir:
 
     def __getitem__(self, name: str) -> Tensor:
         return self.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weight_map)
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -200,7 +204,7 @@ def load_hf_dir(
                 where=str(path), read_linear=read_linear)
     if read_linear is None:
         extra = [
-            k for k in ckpt.keys()
+            k for k in ckpt
             if k not in used and not _IGNORED.match(k)
             and not (config.tie_word_embeddings and k == "lm_head.weight")
         ]

@@ -38,7 +38,7 @@ def logprobs_from_logits(
     return lp, ent
 
 
-def _chunk_fn(model: Any, temperature: float, with_entropy: bool):  # noqa: ANN202
+def _chunk_fn(model: Any, temperature: float, with_entropy: bool):
     def fn(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         lp, ent = logprobs_from_logits(model.logits(h), t, temperature, with_entropy)
         return lp, (ent if ent is not None else lp.new_zeros(0))

@@ -55,12 +55,12 @@ class MoERouting:
         return ids
 
     @classmethod
-    def concat(cls, parts: list["MoERouting"]) -> "MoERouting":
+    def concat(cls, parts: list[MoERouting]) -> MoERouting:
         """Join the records of several forwards along the token axis (e.g. prefill + decodes)."""
         layers = parts[0].expert_ids.keys()
         return cls("replay", {i: torch.cat([p.expert_ids[i] for p in parts]) for i in layers})
 
-    def select(self, index: Tensor) -> "MoERouting":
+    def select(self, index: Tensor) -> MoERouting:
         """Records for the tokens at `index` [T'] (to reorder into the trainer's packing)."""
         return MoERouting("replay", {i: ids[index] for i, ids in self.expert_ids.items()})
 
@@ -68,7 +68,7 @@ class MoERouting:
 class SparseMoeBlock(nn.Module):
     """Router `gate` [E, D] + `experts.{j}` SwiGLU MLPs; top-k softmax routing."""
 
-    def __init__(self, config: "ModelConfig", layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         from orbit.models.transformer import MLP  # one MLP definition for dense and experts
 
@@ -82,7 +82,6 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: Tensor, routing: MoERouting | None = None) -> Tensor:
         """x [T, D] -> [T, D]."""
-        T, D = x.shape
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [T, E]
         if routing is not None:
             ids = routing.route(self.layer_idx, probs, self.top_k)
@@ -97,7 +96,6 @@ class SparseMoeBlock(nn.Module):
         return self._grouped(x, ids, w)
 
     def _grouped(self, x: Tensor, ids: Tensor, w: Tensor) -> Tensor:
-        T, D = x.shape
         flat = ids.reshape(-1)  # [T*k]
         order = torch.argsort(flat, stable=True)
         tok = order // self.top_k  # token of each sorted (token, choice) pair

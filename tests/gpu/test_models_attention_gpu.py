@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orbit.models.attention import AttnBatch, KVCache, cu_seqlens_from_lengths, positions_from_lengths
+from orbit.models.attention import (
+    AttnBatch,
+    KVCache,
+    cu_seqlens_from_lengths,
+    positions_from_lengths,
+)
 from orbit.models.config import ModelConfig
 from orbit.models.transformer import CausalLM
 

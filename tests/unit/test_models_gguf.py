@@ -15,7 +15,7 @@ from orbit.quant.linear import QuantLinear
 
 
 @pytest.fixture(scope="module")
-def gguf_path():  # noqa: ANN201
+def gguf_path():
     try:
         return default_gguf_path()
     except ValueError as e:  # the package is a declared test dependency; say what is missing

@@ -12,8 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from orbit.models.config import ModelConfig
 from orbit.models.loader import load_model
 
-TINY = dict(vocab_size=67, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+TINY = {"vocab_size": 67, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64}
 
 
 def hf_dict(**kw) -> dict:
@@ -76,7 +76,7 @@ def test_load_sharded_checkpoint_is_frozen_and_not_meta(tmp_path) -> None:
 def test_missing_shard_is_named(tmp_path) -> None:
     save_tiny(tmp_path, shard="20KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    victim = sorted(set(index["weight_map"].values()))[-1]
+    victim = max(set(index["weight_map"].values()))
     (tmp_path / victim).unlink()
     with pytest.raises(ValueError, match=victim):
         load_model(tmp_path)

@@ -19,32 +19,37 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from orbit.models.attention import AttnBatch, KVCache, cu_seqlens_from_lengths, positions_from_lengths
+from orbit.models.attention import (
+    AttnBatch,
+    KVCache,
+    cu_seqlens_from_lengths,
+    positions_from_lengths,
+)
 from orbit.models.loader import load_model
 
-COMMON = dict(
-    vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-    initializer_range=0.1, rms_norm_eps=1e-5,
-)
+COMMON = {
+    "vocab_size": 101, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
+    "initializer_range": 0.1, "rms_norm_eps": 1e-5,
+}
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 5e5}
 CASES = {
-    "llama_tied_llama3rope_bias": (LlamaForCausalLM, LlamaConfig, dict(
-        tie_word_embeddings=True, attention_bias=True, rope_parameters=LLAMA3_ROPE)),
-    "llama_yarn": (LlamaForCausalLM, LlamaConfig, dict(rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e4})),
-    "llama_linear": (LlamaForCausalLM, LlamaConfig, dict(rope_parameters={
-        "rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})),
-    "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(tie_word_embeddings=False)),
-    "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig, dict(
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
-        mlp_only_layers=[1])),
+    "llama_tied_llama3rope_bias": (LlamaForCausalLM, LlamaConfig, {
+        "tie_word_embeddings": True, "attention_bias": True, "rope_parameters": LLAMA3_ROPE}),
+    "llama_yarn": (LlamaForCausalLM, LlamaConfig, {"rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e4}}),
+    "llama_linear": (LlamaForCausalLM, LlamaConfig, {"rope_parameters": {
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, {"tie_word_embeddings": False}),
+    "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig, {
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
+        "mlp_only_layers": [1]}),
 }
 LENGTHS = [7, 13, 6]
 
 
-def build_pair(case: str, tmp_path, seed: int = 0):  # noqa: ANN201
+def build_pair(case: str, tmp_path, seed: int = 0):
     """(transformers model, orbit model) with identical random float32 weights."""
     cls, cfg_cls, extra = CASES[case]
     torch.manual_seed(seed)
