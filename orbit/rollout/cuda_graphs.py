@@ -15,7 +15,9 @@ combination is needed, and share one memory pool:
   graph bakes in the tensors the Python forward chose at capture time.
 
 Inputs live in static buffers (ids, positions, slots: one [3, max_bs] int64 tensor that the
-engine fills with a single host->device copy); the output is each graph's static logits.
+engine fills with a single host->device copy); the output is each graph's static hidden
+states [Bp, D]. The LM head runs eagerly after the replay on the real rows only: one GEMM,
+and no [Bp, V] logits buffer kept alive per graph.
 """
 
 from __future__ import annotations
@@ -57,11 +59,14 @@ def bucket(value: int, buckets: list[int]) -> int:
 class DecodeGraphs:
     """Captured decode forwards (ids, positions, slots -> float32 logits) over one KV cache."""
 
-    def __init__(self, model: torch.nn.Module, cache: KVCache, max_bs: int, scratch_slot: int) -> None:
+    def __init__(
+        self, model: torch.nn.Module, cache: KVCache, max_bs: int, scratch_slot: int, backend: str = "sdpa"
+    ) -> None:
         assert cache.k.is_cuda, "CUDA graphs need the KV cache on a CUDA device"
         assert 0 <= scratch_slot < cache.num_slots
         self.model, self.cache, self.scratch = model, cache, scratch_slot
         self.device = cache.k.device
+        self.backend = backend
         self.bs = batch_buckets(max_bs)
         self.ctx = context_buckets(cache.max_len)
         self.max_bs = self.bs[-1]
@@ -80,8 +85,9 @@ class DecodeGraphs:
 
     def _forward(self, bp: int, ctx: int) -> Tensor:
         ids, pos, slots = self.inputs[0, :bp], self.inputs[1, :bp], self.inputs[2, :bp]
-        attn = AttnBatch.cached(self.cache, slots, self.cu[: bp + 1], pos, max_context=ctx)
-        return self.model.logits(self.model(ids, pos, attn))  # [bp, V] float32
+        attn = AttnBatch.cached(self.cache, slots, self.cu[: bp + 1], pos, max_context=ctx,
+                                backend=self.backend)
+        return self.model(ids, pos, attn)  # [bp, D] hidden
 
     def _capture(self, bp: int, ctx: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         # Every row points at the scratch slot, so warm-up and capture write no live KV.
@@ -101,7 +107,7 @@ class DecodeGraphs:
 
     def run(self, state: Hashable, host_inputs: Tensor, batch: int, max_pos: int) -> Tensor:
         """host_inputs [3, Bp] int64 on the CPU (already padded to `padded_size(batch)`),
-        max_pos = the largest real position -> logits [batch, V] (a view of static memory,
+        max_pos = the largest real position -> hidden [batch, D] (a view of static memory,
         valid until the next `run`)."""
         bp = host_inputs.shape[1]
         assert bp == self.padded_size(batch), (bp, batch)

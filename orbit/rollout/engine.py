@@ -60,6 +60,8 @@ class Engine:
     strings and `Completion.text`. eos_token_ids: default `model.config.eos_token_ids`.
     seed: seeds the draws of per-request seeds for requests without one.
     graph_key: returns what captured graphs depend on (default `default_graph_key`).
+    attn_backend: the AttnBatch backend of prefill and decode ("sdpa", or "varlen" on CUDA:
+    FlashAttention reading the KV cache in place).
     """
 
     def __init__(
@@ -67,7 +69,7 @@ class Engine:
         model: nn.Module,
         max_num_seqs: int = 64,
         max_model_len: int = 2048,
-        kv_cache_memory: float | int | None = None,
+        kv_cache_memory: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         cuda_graph: bool = True,
@@ -77,6 +79,7 @@ class Engine:
         max_prefill_tokens: int = 8192,
         seed: int | None = None,
         graph_key: Callable[[], Hashable] | None = None,
+        attn_backend: str = "sdpa",
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -95,6 +98,9 @@ class Engine:
         pos_limit = self.config.max_position_embeddings
         if max_model_len > pos_limit:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={pos_limit}")
+        if attn_backend not in ("sdpa", "varlen"):
+            raise ValueError(f"attn_backend must be 'sdpa' or 'varlen', got {attn_backend!r}")
+        self.attn_backend = attn_backend
         self.kv_cache_memory = kv_cache_memory
         self.use_graphs = cuda_graph and self.device.type == "cuda" and self.config.num_experts == 0
         self.exact = exact
@@ -156,7 +162,8 @@ class Engine:
         self.cache = KVCache.for_model(self.config, self.num_slots + extra, self.max_model_len,
                                        self.dtype, self.device)
         if self.use_graphs:
-            self._graphs = DecodeGraphs(self.model, self.cache, self.num_slots, self.num_slots)
+            self._graphs = DecodeGraphs(self.model, self.cache, self.num_slots, self.num_slots,
+                                        self.attn_backend)
             if self.exact:  # one graph per exact batch size: no padding rows
                 self._graphs.bs = list(range(1, self.num_slots + 1))
 
@@ -184,7 +191,7 @@ class Engine:
             bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < self.vocab_size))
             raise ValueError(f"prompt holds {bad!r}, not a token id in [0, {self.vocab_size})")
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling must be a SamplingParams, got {type(params).__name__}")
+            raise ValueError(f"sampling must be a SamplingParams, got {type(params).__name__}")  # noqa: TRY004
         params.check(self.vocab_size)
         if params.stop_strings and self.detokenize is None:
             raise ValueError("stop_strings need a tokenizer or decode function on the engine")
@@ -273,7 +280,8 @@ class Engine:
         cu = cu_seqlens_from_lengths(lens, self.device)
         slots = torch.tensor([g.seqs[0].slot for g in groups], dtype=torch.int64, device=self.device)
         start = torch.zeros(len(groups), dtype=torch.int64, device=self.device)
-        hidden = self.model(dev[0], dev[1], AttnBatch.cached(self.cache, slots, cu, start))  # [T, D]
+        attn = AttnBatch.cached(self.cache, slots, cu, start, backend=self.attn_backend)
+        hidden = self.model(dev[0], dev[1], attn)  # [T, D]
         for g in groups:  # fork the prompt's KV into the slots of its other samples
             for s in g.seqs[1:]:
                 self.cache.copy_slot(g.seqs[0].slot, s.slot, len(g.prompt))
@@ -296,10 +304,11 @@ class Engine:
             pad = bp - B
             t, p, sl = self._graphs.pad_row()
             host = torch.tensor([ids + [t] * pad, pos + [p] * pad, slots + [sl] * pad], dtype=torch.int64)
-            logits = self._graphs.run(state, host, B, max_pos)
+            logits = self.model.logits(self._graphs.run(state, host, B, max_pos))  # [B, V]
         else:
             dev = torch.tensor([ids, pos, slots], dtype=torch.int64).to(self.device, non_blocking=True)
             cu = torch.arange(B + 1, dtype=torch.int32, device=self.device)
-            attn = AttnBatch.cached(self.cache, dev[2], cu, dev[1], max_context=max_pos + 1)
+            attn = AttnBatch.cached(self.cache, dev[2], cu, dev[1], max_context=max_pos + 1,
+                                    backend=self.attn_backend)
             logits = self.model.logits(self.model(dev[0], dev[1], attn))  # [B, V]
         return self._sample(sched, seqs, logits)

@@ -128,7 +128,7 @@ def _keep_mask(sp: Tensor, b: SamplingBatch) -> Tensor:
 
 def sample(logits: Tensor, b: SamplingBatch) -> tuple[Tensor, Tensor]:
     """logits [B, V] float32 -> (tokens [B] int64, log-probs [B] float32)."""
-    B, V = logits.shape
+    V = logits.shape[1]
     kept: Tensor | None = None
     if all(b.greedy):
         tok = logits.argmax(-1)
