@@ -63,21 +63,24 @@ def _check_rewards(rewards: Tensor, group_ids: Tensor) -> None:
 
 
 def group_stats(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample (group mean, unbiased group std, group size), each [B], in float64 then cast.
+    """Per-sample (group mean, unbiased group std, group size), each [B], in float64.
 
-    The std of a group of size 1 is reported as 0 (torch.std would give NaN)."""
+    The std of a group of size 1 is 0 (torch.std would give NaN). A group whose rewards are
+    all equal gets exactly that value as mean and std 0: sum/n can round away from the
+    common value, and that rounding noise divided by its own tiny std would be a +-1 advantage.
+    """
     _check_rewards(rewards, group_ids)
     idx, g = _group_index(group_ids)
     r = rewards.to(torch.float64)
-    count = torch.zeros(g, dtype=torch.float64, device=r.device).index_add_(
-        0, idx, torch.ones_like(r)
-    )
-    total = torch.zeros(g, dtype=torch.float64, device=r.device).index_add_(0, idx, r)
-    mean = total / count  # [G]
-    sq = torch.zeros(g, dtype=torch.float64, device=r.device).index_add_(
-        0, idx, (r - mean[idx]) ** 2
-    )
-    var = torch.where(count > 1, sq / (count - 1).clamp(min=1), torch.zeros_like(sq))
+    zeros = torch.zeros(g, dtype=torch.float64, device=r.device)
+    count = zeros.clone().index_add_(0, idx, torch.ones_like(r))
+    mean = zeros.clone().index_add_(0, idx, r) / count  # [G]
+    lo = zeros.clone().scatter_reduce_(0, idx, r, "amin", include_self=False)
+    hi = zeros.clone().scatter_reduce_(0, idx, r, "amax", include_self=False)
+    equal = lo == hi  # [G]
+    mean = torch.where(equal, lo, mean)
+    sq = zeros.clone().index_add_(0, idx, (r - mean[idx]) ** 2)
+    var = torch.where((count > 1) & ~equal, sq / (count - 1).clamp(min=1), torch.zeros_like(sq))
     return mean[idx], var.sqrt()[idx], count[idx]
 
 
@@ -89,7 +92,8 @@ def grpo_advantages(
     mean, std, count = group_stats(rewards, group_ids)
     adv = rewards.to(torch.float64) - mean
     if norm_by_std:
-        adv = adv / (std + eps)
+        # An all-equal group has std 0: its advantage is exactly 0 even with eps = 0.
+        adv = torch.where(std > 0, adv / (std + eps), torch.zeros_like(adv))
     adv = torch.where(count > 1, adv, torch.zeros_like(adv))
     return adv.to(rewards.dtype)
 

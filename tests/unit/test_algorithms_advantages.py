@@ -155,3 +155,11 @@ def test_errors_name_the_missing_input() -> None:
         compute_advantages("ppo_gae", inp)
     with pytest.raises(ValueError, match="rewards must be"):
         grpo_advantages(torch.zeros(3), torch.zeros(2, dtype=torch.long))
+
+
+def test_equal_float64_rewards_are_exactly_zero_even_without_eps() -> None:
+    # sum/n of three copies of this value rounds away from it; the group is still all-equal.
+    r = torch.full((3,), 7.757372428179119e-10, dtype=torch.float64)
+    g = torch.zeros(3, dtype=torch.long)
+    assert torch.all(grpo_advantages(r, g, eps=0.0) == 0)
+    assert torch.all(rloo_advantages(r, g) == 0)
