@@ -178,3 +178,19 @@ def test_release_and_reallocate(model: CausalLM) -> None:
     assert a[0][0].tokens == b[0][0].tokens
     with pytest.raises(ValueError, match="holds no sequence slot"):
         Engine(model, max_num_seqs=2, max_model_len=32, kv_cache_memory=100).generate([[1]], sp)
+
+
+def test_graph_key_follows_adapter_slot() -> None:
+    from orbit.adapters.inject import AdapterConfig, inject_adapters
+    from orbit.rollout.engine import default_graph_key
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="LlamaForCausalLM", vocab_size=V, hidden_size=32, intermediate_size=64,
+                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64)
+    m = CausalLM(cfg)
+    aset = inject_adapters(m, AdapterConfig(kind="lora", r=4, alpha=8))
+    keys = set()
+    for slot in (None, 0, 1):
+        aset.set_active(slot)
+        keys.add(default_graph_key(m))
+    assert len(keys) == 3
