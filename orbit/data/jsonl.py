@@ -58,6 +58,16 @@ def _messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
     return out
 
 
+def _check_template(tokenizer: Any) -> None:
+    if tokenizer is None:
+        raise ValueError("apply_chat_template=True needs a tokenizer")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"apply_chat_template=True but the tokenizer ({type(tokenizer).__name__}) has no "
+            "chat_template; turn the chat template off for this model"
+        )
+
+
 def render_prompt(
     prompt: str | list[dict[str, str]],
     tokenizer: Any = None,
@@ -68,8 +78,7 @@ def render_prompt(
     prompt prepended unless the chat already starts with one. Template off: a string prompt
     is used as is (system prompt + blank line in front); a chat is an error there."""
     if apply_chat_template:
-        if tokenizer is None:
-            raise ValueError("apply_chat_template=True needs a tokenizer")
+        _check_template(tokenizer)
         messages = (
             [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         )
@@ -100,8 +109,8 @@ def load_prompts(
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"prompt file {p} does not exist")
-    if apply_chat_template and tokenizer is None:
-        raise ValueError("apply_chat_template=True needs a tokenizer")
+    if apply_chat_template:
+        _check_template(tokenizer)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     records: list[PromptRecord] = []

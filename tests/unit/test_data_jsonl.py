@@ -77,6 +77,15 @@ def test_template_off(tmp_path: Path) -> None:
         load_prompts(f, apply_chat_template=True)
 
 
+def test_tokenizer_without_template_is_a_clear_error(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    f = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": "1+1?", "label": 2})])
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="has no chat_template"):
+        load_prompts(f, tokenizer=tokenizer, apply_chat_template=True, skip_bad_rows=True)
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
