@@ -144,6 +144,8 @@ def discounted_returns(token_rewards: Tensor, response_mask: Tensor, gamma: floa
     """G_t = sum_{s>=t} gamma^(s-t) r_s over the response tokens. [B, T] -> [B, T]."""
     m = response_mask.to(token_rewards.dtype)
     r = token_rewards * m
+    if gamma == 1.0:  # undiscounted: a reversed cumulative sum, no Python loop over T
+        return r.flip(-1).cumsum(-1).flip(-1) * m
     out = torch.zeros_like(r)
     running = torch.zeros_like(r[:, 0])
     for t in range(r.shape[1] - 1, -1, -1):

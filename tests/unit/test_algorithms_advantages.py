@@ -13,6 +13,7 @@ from orbit.algorithms.advantages import (
     AdvantageConfig,
     AdvantageInputs,
     compute_advantages,
+    discounted_returns,
     dr_grpo_advantages,
     grpo_advantages,
     masked_whiten,
@@ -93,6 +94,18 @@ def test_reinforce_pp_kl_shaped_via_registry() -> None:
         [[(0.7 - mu) / sd, (0.8 - mu) / sd, 0.0], [(-0.05 - mu) / sd, 0.0, 0.0]]
     )
     torch.testing.assert_close(adv, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_discounted_returns_gamma() -> None:
+    r = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    torch.testing.assert_close(
+        discounted_returns(r, mask, 1.0), torch.tensor([[6.0, 5.0, 3.0, 0.0]])
+    )
+    # gamma 0.5: G2 = 3, G1 = 2 + 1.5, G0 = 1 + 0.5 * 3.5
+    torch.testing.assert_close(
+        discounted_returns(r, mask, 0.5), torch.tensor([[2.75, 3.5, 3.0, 0.0]])
+    )
 
 
 def test_masked_whiten_single_token_is_zero() -> None:
