@@ -11,24 +11,28 @@ Tensor names per linear `<p>` (see docs/precision.md, "Formats"):
 - compressed-tensors NVFP4: `<p>.weight_packed` uint8, `<p>.weight_scale` fp8,
   `<p>.weight_global_scale` fp32 [1] = 1 / Orbit's global_scale;
 - compressed-tensors MXFP4: `<p>.weight_packed` uint8, `<p>.weight_scale` uint8 E8M0;
-- DeepSeek FP8: `<p>.weight` float8_e4m3fn, `<p>.weight_scale_inv` fp32 [ceil(out/128), ceil(in/128)];
+- DeepSeek FP8: `<p>.weight` float8_e4m3fn, `<p>.weight_scale_inv` fp32
+  [ceil(out/128), ceil(in/128)];
 - ModelOpt NVFP4: `<p>.weight` uint8, `<p>.weight_scale` fp8, `<p>.weight_scale_2` fp32 [];
 - gpt-oss MXFP4: `<p>_blocks` uint8 [(E,) out, in/32, 16], `<p>_scales` uint8 [(E,) out, in/32].
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from orbit.quant.qconfig import LinearScheme, linear_scheme
-from orbit.quant.qweight import QuantizedWeight, pack_int4, unpack_int4
 from orbit.quant.quantize import offset_to_zero_point, zero_point_to_offset
+from orbit.quant.qweight import QuantizedWeight, pack_int4, unpack_int4
 
 
-def _get(tensors: Mapping[str, Tensor], key: str, dtype: torch.dtype | tuple | None, shape: tuple | None) -> Tensor:
+def _get(
+    tensors: Mapping[str, Tensor], key: str, dtype: torch.dtype | tuple | None, shape: tuple | None
+) -> Tensor:
     if key not in tensors:
         raise ValueError(f"checkpoint tensor {key!r} is missing")
     t = tensors[key]
@@ -37,7 +41,9 @@ def _get(tensors: Mapping[str, Tensor], key: str, dtype: torch.dtype | tuple | N
         want = " or ".join(str(d) for d in dtypes)
         raise ValueError(f"checkpoint tensor {key!r} has dtype {t.dtype}, expected {want}")
     if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        raise ValueError(
+            f"checkpoint tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}"
+        )
     return t
 
 
@@ -57,7 +63,9 @@ def _read_ct_int4(tensors: Mapping[str, Tensor], p: str, sch: LinearScheme) -> Q
     if f"{p}.weight_g_idx" in tensors:
         g_idx = tensors[f"{p}.weight_g_idx"]
         if not torch.equal(g_idx.to(torch.int64), torch.arange(in_f) // g):
-            raise ValueError(f"{p}.weight_g_idx: activation-order (act_order) group indices are not supported")
+            raise ValueError(
+                f"{p}.weight_g_idx: activation-order (act_order) group indices are not supported"
+            )
     out = {"qweight": packed.contiguous(), "scale": scale.contiguous()}
     if not sch.symmetric:
         zp = _get(tensors, f"{p}.weight_zero_point", torch.int32, ((out_f + 7) // 8, in_f // g))
@@ -90,7 +98,9 @@ def _read_fp4(tensors: Mapping[str, Tensor], p: str, sch: LinearScheme) -> Quant
         gkey = f"{p}.weight_global_scale"
         gs = _get(tensors, gkey, torch.float32, None)
     if gs.numel() != 1:
-        raise ValueError(f"checkpoint tensor {gkey!r} must hold one value, got shape {tuple(gs.shape)}")
+        raise ValueError(
+            f"checkpoint tensor {gkey!r} must hold one value, got shape {tuple(gs.shape)}"
+        )
     gs = gs.reshape(())
     if sch.style != "modelopt":
         gs = 1.0 / gs  # compressed-tensors stores the inverse (448*6/amax)
@@ -112,7 +122,9 @@ def _read_gpt_oss(tensors: Mapping[str, Tensor], p: str, expert: int | None) -> 
         )
     out_f, n_blk = int(blocks.shape[0]), int(blocks.shape[1])
     qweight = blocks.reshape(out_f, n_blk * 16).contiguous()  # [out, in/2]
-    return QuantizedWeight("mxfp4", (out_f, n_blk * 32), {"qweight": qweight, "scale": scales.contiguous()}, 32)
+    return QuantizedWeight(
+        "mxfp4", (out_f, n_blk * 32), {"qweight": qweight, "scale": scales.contiguous()}, 32
+    )
 
 
 def read_linear(
@@ -133,8 +145,12 @@ def read_linear(
     if sch.style is None or (sch.style == "gpt-oss" and f"{prefix}.weight" in tensors):
         w = _get(tensors, f"{prefix}.weight", _FLOAT_SCALE, None)
         if w.dim() != 2:
-            raise ValueError(f"checkpoint tensor {prefix + '.weight'!r} must be 2-D, got {tuple(w.shape)}")
-        return QuantizedWeight("bf16", (int(w.shape[0]), int(w.shape[1])), {"weight": w.to(torch.bfloat16)})
+            raise ValueError(
+                f"checkpoint tensor {prefix + '.weight'!r} must be 2-D, got {tuple(w.shape)}"
+            )
+        return QuantizedWeight(
+            "bf16", (int(w.shape[0]), int(w.shape[1])), {"weight": w.to(torch.bfloat16)}
+        )
     if sch.style == "compressed-tensors" and sch.fmt == "int4":
         return _read_ct_int4(tensors, prefix, sch)
     if sch.style == "deepseek-fp8":
@@ -159,8 +175,8 @@ def _inverse_exact(g: Tensor, name: str) -> Tensor:
         if torch.equal(1.0 / c, g.reshape(())):
             return c
     raise ValueError(
-        f"{name}: nvfp4 global_scale {g.item()!r} has no exact float32 reciprocal; compressed-tensors "
-        "stores the inverse, so write it with style='modelopt' or requantize"
+        f"{name}: nvfp4 global_scale {g.item()!r} has no exact float32 reciprocal; "
+        "compressed-tensors stores the inverse, so write it with style='modelopt' or requantize"
     )
 
 
@@ -174,25 +190,36 @@ def write_linear(qw: QuantizedWeight, prefix: str, style: str) -> dict[str, Tens
     if qw.fmt == "bf16":
         return {f"{prefix}.weight": t["weight"]}
     if style == "compressed-tensors" and qw.fmt == "int4":
-        d = {f"{prefix}.weight_packed": t["qweight"], f"{prefix}.weight_scale": t["scale"],
-             f"{prefix}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
+        d = {
+            f"{prefix}.weight_packed": t["qweight"],
+            f"{prefix}.weight_scale": t["scale"],
+            f"{prefix}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
+        }
         if "offset" in t:
             zu = offset_to_zero_point(t["offset"], t["scale"], prefix)  # [out, in/g]
             pad = (-out_f) % 8
-            zu_t = torch.nn.functional.pad(zu.T, (0, pad))  # [in/g, out+pad], zero pad as compressed-tensors
+            zu_t = torch.nn.functional.pad(
+                zu.T, (0, pad)
+            )  # [in/g, out+pad], zero pad as compressed-tensors
             d[f"{prefix}.weight_zero_point"] = pack_int4(zu_t).T.contiguous()  # [ceil(out/8), in/g]
         return d
     if style == "compressed-tensors" and qw.fmt == "nvfp4":
         inv = _inverse_exact(t["global_scale"], prefix).reshape(1)
-        return {f"{prefix}.weight_packed": t["qweight"], f"{prefix}.weight_scale": t["scale"],
-                f"{prefix}.weight_global_scale": inv}
+        return {
+            f"{prefix}.weight_packed": t["qweight"],
+            f"{prefix}.weight_scale": t["scale"],
+            f"{prefix}.weight_global_scale": inv,
+        }
     if style == "compressed-tensors" and qw.fmt == "mxfp4":
         return {f"{prefix}.weight_packed": t["qweight"], f"{prefix}.weight_scale": t["scale"]}
     if style == "deepseek-fp8" and qw.fmt == "fp8":
         return {f"{prefix}.weight": t["weight"], f"{prefix}.weight_scale_inv": t["scale_inv"]}
     if style == "modelopt" and qw.fmt == "nvfp4":
-        return {f"{prefix}.weight": t["qweight"], f"{prefix}.weight_scale": t["scale"],
-                f"{prefix}.weight_scale_2": t["global_scale"].reshape(())}
+        return {
+            f"{prefix}.weight": t["qweight"],
+            f"{prefix}.weight_scale": t["scale"],
+            f"{prefix}.weight_scale_2": t["global_scale"].reshape(()),
+        }
     if style == "gpt-oss" and qw.fmt == "mxfp4":
         blocks = t["qweight"].reshape(out_f, in_f // 32, 16)  # [out, in/32, 16]
         return {f"{prefix}_blocks": blocks.contiguous(), f"{prefix}_scales": t["scale"]}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -18,15 +18,23 @@ from orbit.quant.linear import QuantLinear
 # Attention, MLP and expert linears of Llama / Qwen3 / Qwen3-MoE (HF and Orbit names; the
 # fused qkv_proj / gate_up_proj are Orbit's packed projections).
 DEFAULT_TARGETS: tuple[str, ...] = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj",
-    "gate_proj", "up_proj", "down_proj", "gate_up_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "gate_up_proj",
     "*.experts.*",
 )
 
 
 def name_matches(name: str, pattern: str) -> bool:
     """`re:<regex>` (re.fullmatch), a glob with * ? [ (fnmatch on the full name), or a plain
-    module name that matches the last components (`q_proj` matches `model.layers.0.self_attn.q_proj`)."""
+    module name that matches the last components (`q_proj` matches
+    `model.layers.0.self_attn.q_proj`)."""
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     if any(c in pattern for c in "*?["):
@@ -53,7 +61,7 @@ def convert_linears(
     in place; returns how many were converted. A matching linear the format cannot hold
     (e.g. in_features not divisible by the group) raises ValueError naming it."""
     if isinstance(targets, str):
-        raise ValueError("targets must be a sequence of patterns, not a single string")
+        raise TypeError("targets must be a sequence of patterns, not a single string")
     chosen = [
         (name, mod)
         for name, mod in model.named_modules()
@@ -64,7 +72,11 @@ def convert_linears(
         parent = model.get_submodule(parent_name) if parent_name else model
         try:
             qlinear = QuantLinear.from_linear(
-                linear, fmt, group_size=group_size, symmetric=symmetric, cache_dequantized=cache_dequantized
+                linear,
+                fmt,
+                group_size=group_size,
+                symmetric=symmetric,
+                cache_dequantized=cache_dequantized,
             )
         except ValueError as e:
             raise ValueError(f"cannot convert linear {name!r} to {fmt}: {e}") from e

@@ -23,8 +23,8 @@ from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize as gguf_dequantize
 from torch import Tensor
 
-from orbit.quant.qweight import QuantizedWeight
 from orbit.quant.quantize import quantize
+from orbit.quant.qweight import QuantizedWeight
 
 __all__ = [
     "GGUFReader",
@@ -35,7 +35,11 @@ __all__ = [
 ]
 
 QK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
-_BLOCK_BYTES = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20, GGMLQuantizationType.Q8_0: 34}
+_BLOCK_BYTES = {
+    GGMLQuantizationType.Q4_0: 18,
+    GGMLQuantizationType.Q4_1: 20,
+    GGMLQuantizationType.Q8_0: 34,
+}
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
@@ -55,7 +59,9 @@ def _blocks(tensor: ReaderTensor) -> tuple[Tensor, int, int]:
     """Raw blocks uint8 [out, in/32, bytes per block]."""
     out_f, in_f = _shape2d(tensor)
     if in_f % QK:
-        raise ValueError(f"GGUF tensor {tensor.name!r}: in_features {in_f} is not a multiple of {QK}")
+        raise ValueError(
+            f"GGUF tensor {tensor.name!r}: in_features {in_f} is not a multiple of {QK}"
+        )
     raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, copy=True))  # [out, bytes]
     return raw.reshape(out_f, in_f // QK, _BLOCK_BYTES[tensor.tensor_type]), out_f, in_f
 
@@ -99,12 +105,18 @@ def gguf_qweight(
             return QuantizedWeight("int4", (out_f, in_f), {"qweight": qweight, "scale": d}, QK)
         m = halves[..., 1].contiguous()
         qweight = _q4_words(blocks[..., 4:])
-        return QuantizedWeight("int4", (out_f, in_f), {"qweight": qweight, "scale": d, "offset": m}, QK)
+        return QuantizedWeight(
+            "int4", (out_f, in_f), {"qweight": qweight, "scale": d, "offset": m}, QK
+        )
     if kind in _FLOAT_TYPES:
         w = gguf_float(tensor)
         if w.dim() != 2:
-            raise ValueError(f"GGUF tensor {tensor.name!r}: expected a 2-D weight, got shape {tuple(w.shape)}")
-        return QuantizedWeight("bf16", (int(w.shape[0]), int(w.shape[1])), {"weight": w.to(torch.bfloat16)})
+            raise ValueError(
+                f"GGUF tensor {tensor.name!r}: expected a 2-D weight, got shape {tuple(w.shape)}"
+            )
+        return QuantizedWeight(
+            "bf16", (int(w.shape[0]), int(w.shape[1])), {"weight": w.to(torch.bfloat16)}
+        )
     warnings.warn(
         f"GGUF tensor {tensor.name!r} has type {kind.name}, which Orbit cannot keep exactly; "
         f"dequantizing and requantizing it to {fallback_fmt}",
@@ -123,7 +135,11 @@ def gguf_float(tensor: ReaderTensor) -> Tensor:
     if kind == GGMLQuantizationType.F32:
         return torch.from_numpy(np.array(tensor.data, dtype=np.float32, copy=True)).reshape(shape)
     if kind == GGMLQuantizationType.F16:
-        return torch.from_numpy(np.array(tensor.data, dtype=np.float16, copy=True)).reshape(shape).float()
+        return (
+            torch.from_numpy(np.array(tensor.data, dtype=np.float16, copy=True))
+            .reshape(shape)
+            .float()
+        )
     if kind == GGMLQuantizationType.BF16:
         raw = np.array(tensor.data, dtype=np.uint8, copy=True).view(np.int16)
         return torch.from_numpy(raw).view(torch.bfloat16).reshape(shape).float()
@@ -140,9 +156,13 @@ def llama_rope_unpermutation(out_features: int, n_head: int) -> Tensor:
     num_attention_heads` for Q and `num_key_value_heads` for K.
     """
     if n_head <= 0 or out_features % (2 * n_head):
-        raise ValueError(f"out_features {out_features} is not divisible by 2 * n_head = {2 * n_head}")
+        raise ValueError(
+            f"out_features {out_features} is not divisible by 2 * n_head = {2 * n_head}"
+        )
     half = out_features // n_head // 2
-    idx = torch.arange(out_features).reshape(n_head, half, 2)  # [head, j, k]: gguf row h*hd + 2j + k
+    idx = torch.arange(out_features).reshape(
+        n_head, half, 2
+    )  # [head, j, k]: gguf row h*hd + 2j + k
     return idx.transpose(1, 2).reshape(-1)  # hf row h*hd + k*half + j
 
 
@@ -155,9 +175,16 @@ def permute_rows(qw: QuantizedWeight, perm: Tensor) -> QuantizedWeight:
     out_f = qw.shape[0]
     perm = torch.as_tensor(perm, dtype=torch.int64)
     if perm.shape != (out_f,) or not torch.equal(torch.sort(perm).values, torch.arange(out_f)):
-        raise ValueError(f"perm must be a permutation of range({out_f}), got shape {tuple(perm.shape)}")
+        raise ValueError(
+            f"perm must be a permutation of range({out_f}), got shape {tuple(perm.shape)}"
+        )
     if qw.fmt == "fp8":
-        raise ValueError("permute_rows: fp8 scales cover 128-row blocks; dequantize or requantize instead")
+        raise ValueError(
+            "permute_rows: fp8 scales cover 128-row blocks; dequantize or requantize instead"
+        )
     perm = perm.to(qw.device)
-    tensors = {k: (v if v.dim() == 0 else v.index_select(0, perm).contiguous()) for k, v in qw.tensors.items()}
+    tensors = {
+        k: (v if v.dim() == 0 else v.index_select(0, perm).contiguous())
+        for k, v in qw.tensors.items()
+    }
     return QuantizedWeight(qw.fmt, qw.shape, tensors, qw.group_size)

@@ -21,7 +21,7 @@ class _QuantMatmul(torch.autograd.Function):
     """y = x @ W^T with dX = dY @ W and no gradient for anything else."""
 
     @staticmethod
-    def forward(ctx, x2d: Tensor, layer: "QuantLinear") -> Tensor:  # type: ignore[override]
+    def forward(ctx, x2d: Tensor, layer: QuantLinear) -> Tensor:  # type: ignore[override]
         ctx.layer = layer
         return layer._matmul(x2d)
 
@@ -58,8 +58,13 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, fmt: str, group_size: int | None = None, symmetric: bool = True, **kw
-    ) -> "QuantLinear":
+        cls,
+        linear: nn.Linear,
+        fmt: str,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        **kw,
+    ) -> QuantLinear:
         from orbit.quant.quantize import quantize
 
         qw = quantize(linear.weight.detach(), fmt, group_size=group_size, symmetric=symmetric)
@@ -69,7 +74,9 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """The weight as a `QuantizedWeight` over this module's (current-device) buffers."""
         tensors = {n: getattr(self, n) for n in self._tensor_names}
-        return QuantizedWeight(self.weight_format, (self.out_features, self.in_features), tensors, self.group_size)
+        return QuantizedWeight(
+            self.weight_format, (self.out_features, self.in_features), tensors, self.group_size
+        )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Reference dense weight [out, in]."""
@@ -78,7 +85,7 @@ class QuantLinear(nn.Module):
     def clear_cache(self) -> None:
         self._dense.clear()
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module signature
+    def _apply(self, fn, recurse: bool = True):
         self._dense.clear()  # buffers may move or change dtype; drop stale dense copies
         return super()._apply(fn, recurse)
 
@@ -107,7 +114,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"QuantLinear expects input [..., {self.in_features}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"QuantLinear expects input [..., {self.in_features}], got {tuple(x.shape)}"
+            )
         x2d = x.reshape(-1, self.in_features)  # [M, in]
         if torch.is_grad_enabled() and x2d.requires_grad:
             y = _QuantMatmul.apply(x2d, self)

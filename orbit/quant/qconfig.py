@@ -13,11 +13,16 @@ Styles:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 STYLES = ("compressed-tensors", "deepseek-fp8", "modelopt", "gpt-oss")
-CT_FORMATS = {"int4": "pack-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+CT_FORMATS = {
+    "int4": "pack-quantized",
+    "nvfp4": "nvfp4-pack-quantized",
+    "mxfp4": "mxfp4-pack-quantized",
+}
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,9 @@ def _ct_scheme(name: str, cfg: dict[str, Any], is_linear: bool) -> LinearScheme:
     return UNQUANTIZED
 
 
-def linear_scheme(name: str, quantization_config: dict[str, Any] | None, is_linear: bool = True) -> LinearScheme:
+def linear_scheme(
+    name: str, quantization_config: dict[str, Any] | None, is_linear: bool = True
+) -> LinearScheme:
     """The storage scheme of module `name` (e.g. `model.layers.0.mlp.down_proj`)."""
     cfg = quantization_config
     if not cfg:
@@ -86,9 +93,13 @@ def linear_scheme(name: str, quantization_config: dict[str, Any] | None, is_line
     if method == "fp8":
         block = list(cfg.get("weight_block_size") or [])
         if block != [128, 128]:
-            raise ValueError(f"fp8 quantization_config.weight_block_size {block}: only [128, 128] is supported")
+            raise ValueError(
+                f"fp8 quantization_config.weight_block_size {block}: only [128, 128] is supported"
+            )
         if cfg.get("fmt", "e4m3") != "e4m3":
-            raise ValueError(f"fp8 quantization_config.fmt {cfg.get('fmt')!r}: only 'e4m3' is supported")
+            raise ValueError(
+                f"fp8 quantization_config.fmt {cfg.get('fmt')!r}: only 'e4m3' is supported"
+            )
         if any(_matches(name, p) for p in cfg.get("modules_to_not_convert") or []):
             return UNQUANTIZED
         return LinearScheme("deepseek-fp8", "fp8", 128)
@@ -121,29 +132,71 @@ def quantization_config(
     """The `quantization_config` entry of config.json for a checkpoint written in `style`."""
     if style == "compressed-tensors":
         if fmt not in CT_FORMATS:
-            raise ValueError(f"compressed-tensors writing supports {sorted(CT_FORMATS)}, not {fmt!r}")
+            raise ValueError(
+                f"compressed-tensors writing supports {sorted(CT_FORMATS)}, not {fmt!r}"
+            )
         if fmt == "int4":
-            weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group",
-                       "group_size": group_size or 128, "dynamic": False}
+            weights = {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": symmetric,
+                "strategy": "group",
+                "group_size": group_size or 128,
+                "dynamic": False,
+            }
         elif fmt == "nvfp4":
-            weights = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
-                       "group_size": 16, "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}
+            weights = {
+                "num_bits": 4,
+                "type": "float",
+                "symmetric": True,
+                "strategy": "tensor_group",
+                "group_size": 16,
+                "dynamic": False,
+                "scale_dtype": "torch.float8_e4m3fn",
+            }
         else:
-            weights = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group",
-                       "group_size": 32, "dynamic": False, "scale_dtype": "torch.uint8"}
-        group = {"targets": list(targets), "weights": weights, "input_activations": None,
-                 "output_activations": None, "format": CT_FORMATS[fmt]}
-        return {"quant_method": "compressed-tensors", "format": CT_FORMATS[fmt],
-                "quantization_status": "compressed", "config_groups": {"group_0": group},
-                "ignore": list(ignore), "kv_cache_scheme": None}
+            weights = {
+                "num_bits": 4,
+                "type": "float",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": 32,
+                "dynamic": False,
+                "scale_dtype": "torch.uint8",
+            }
+        group = {
+            "targets": list(targets),
+            "weights": weights,
+            "input_activations": None,
+            "output_activations": None,
+            "format": CT_FORMATS[fmt],
+        }
+        return {
+            "quant_method": "compressed-tensors",
+            "format": CT_FORMATS[fmt],
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": group},
+            "ignore": list(ignore),
+            "kv_cache_scheme": None,
+        }
     if style == "deepseek-fp8":
         _expect(style, fmt, "fp8")
-        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                "weight_block_size": [128, 128], "modules_to_not_convert": list(ignore)}
+        return {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+            "modules_to_not_convert": list(ignore),
+        }
     if style == "modelopt":
         _expect(style, fmt, "nvfp4")
-        return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
-                "kv_cache_quant_algo": None, "exclude_modules": list(ignore)}
+        return {
+            "quant_method": "modelopt",
+            "quant_algo": "NVFP4",
+            "group_size": 16,
+            "kv_cache_quant_algo": None,
+            "exclude_modules": list(ignore),
+        }
     if style == "gpt-oss":
         _expect(style, fmt, "mxfp4")
         return {"quant_method": "mxfp4", "modules_to_not_convert": list(ignore)}

@@ -41,7 +41,9 @@ def resolve_group_size(fmt: str, group_size: int | None) -> int:
     return g
 
 
-def nominal_bytes_per_param(fmt: str, group_size: int | None = None, symmetric: bool = True) -> float:
+def nominal_bytes_per_param(
+    fmt: str, group_size: int | None = None, symmetric: bool = True
+) -> float:
     """Storage per weight element, ignoring edge blocks and the per-tensor scalar (planning)."""
     g = resolve_group_size(fmt, group_size)
     if fmt == "bf16":
@@ -59,7 +61,7 @@ def nominal_bytes_per_param(fmt: str, group_size: int | None = None, symmetric: 
 
 def _check_weight(w: Tensor, name: str) -> None:
     if not isinstance(w, Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
     if w.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D [out, in] weight, got shape {tuple(w.shape)}")
     if not w.dtype.is_floating_point or w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -129,7 +131,9 @@ def offset_to_zero_point(offset: Tensor, scale: Tensor, name: str) -> Tensor:
     return zu.to(torch.int64)
 
 
-def _quantize_int4(w: Tensor, g: int, symmetric: bool, scale_dtype: torch.dtype) -> dict[str, Tensor]:
+def _quantize_int4(
+    w: Tensor, g: int, symmetric: bool, scale_dtype: torch.dtype
+) -> dict[str, Tensor]:
     wg = _groups(w, g, "int4 weight")  # [out, n_groups, g]
     if symmetric:
         # amax/7 keeps +-amax exactly representable; code 0 (q=-8) stays unused, the
@@ -243,4 +247,3 @@ def quantize(
         else:
             tensors = _quantize_mxfp4(w32)
     return QuantizedWeight(fmt, shape, {k: v.contiguous() for k, v in tensors.items()}, g)
-

@@ -45,7 +45,7 @@ class QuantizedWeight:
     def bytes_per_param(self) -> float:
         return self.nbytes() / (self.shape[0] * self.shape[1])
 
-    def to(self, device: torch.device | str) -> "QuantizedWeight":
+    def to(self, device: torch.device | str) -> QuantizedWeight:
         return QuantizedWeight(
             self.fmt, self.shape, {k: v.to(device) for k, v in self.tensors.items()}, self.group_size
         )

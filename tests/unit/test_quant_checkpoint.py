@@ -8,16 +8,16 @@ from safetensors.torch import load_file, save_file
 
 from orbit.quant.checkpoint import read_linear, write_linear
 from orbit.quant.qconfig import linear_scheme, quantization_config
-from orbit.quant.qweight import QuantizedWeight
 from orbit.quant.quantize import quantize
+from orbit.quant.qweight import QuantizedWeight
 
 ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors import (  # noqa: E402
+from compressed_tensors.compressors import (
     MXFP4PackedCompressor,
     NVFP4PackedCompressor,
     PackedQuantizationCompressor,
 )
-from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
+from compressed_tensors.quantization import QuantizationConfig
 
 P = "model.layers.0.mlp.down_proj"
 
@@ -27,7 +27,12 @@ def _w(out_f: int = 44, in_f: int = 256, seed: int = 0) -> torch.Tensor:
 
 
 def _bitwise_equal(a: QuantizedWeight, b: QuantizedWeight) -> bool:
-    if (a.fmt, a.shape, a.group_size, set(a.tensors)) != (b.fmt, b.shape, b.group_size, set(b.tensors)):
+    if (a.fmt, a.shape, a.group_size, set(a.tensors)) != (
+        b.fmt,
+        b.shape,
+        b.group_size,
+        set(b.tensors),
+    ):
         return False
     for k, x in a.tensors.items():
         y = b.tensors[k]
@@ -53,7 +58,9 @@ ROUNDTRIP = [
 @pytest.mark.parametrize("style,fmt,kw", ROUNDTRIP, ids=[f"{s}-{f}-{k}" for s, f, k in ROUNDTRIP])
 def test_roundtrip_bitwise_through_safetensors(tmp_path, style: str, fmt: str, kw: dict) -> None:
     qw = quantize(_w(out_f=300 if fmt == "fp8" else 44), fmt, **kw)
-    cfg = quantization_config(style, fmt, group_size=kw.get("group_size"), symmetric=kw.get("symmetric", True))
+    cfg = quantization_config(
+        style, fmt, group_size=kw.get("group_size"), symmetric=kw.get("symmetric", True)
+    )
     tensors = write_linear(qw, P, style)
     save_file(tensors, str(tmp_path / "m.safetensors"))
     back = read_linear(load_file(str(tmp_path / "m.safetensors")), P, cfg)
@@ -70,7 +77,7 @@ def _ct_scheme(cfg: dict):
 def test_int4_checkpoint_decompressed_by_compressed_tensors(symmetric: bool, group: int) -> None:
     qw = quantize(_w(out_f=37, in_f=256, seed=1), "int4", group_size=group, symmetric=symmetric)
     cfg = quantization_config("compressed-tensors", "int4", group_size=group, symmetric=symmetric)
-    local = {k[len(P) + 1:]: v for k, v in write_linear(qw, P, "compressed-tensors").items()}
+    local = {k[len(P) + 1 :]: v for k, v in write_linear(qw, P, "compressed-tensors").items()}
     out = PackedQuantizationCompressor.decompress(local, _ct_scheme(cfg))["weight"]
     assert out.dtype == torch.bfloat16
     # compressed-tensors computes (q - zp) * scale in the scale dtype: one rounding of the
@@ -97,7 +104,7 @@ def test_nvfp4_and_mxfp4_decompressed_by_compressed_tensors() -> None:
     for fmt, comp in (("nvfp4", NVFP4PackedCompressor), ("mxfp4", MXFP4PackedCompressor)):
         qw = quantize(w, fmt)
         cfg = quantization_config("compressed-tensors", fmt)
-        local = {k[len(P) + 1:]: v for k, v in write_linear(qw, P, "compressed-tensors").items()}
+        local = {k[len(P) + 1 :]: v for k, v in write_linear(qw, P, "compressed-tensors").items()}
         out = comp.decompress(local, _ct_scheme(cfg))["weight"].float()
         ref = qw.dequantize()
         if fmt == "mxfp4":  # power-of-two scales: exact
@@ -112,7 +119,9 @@ def test_global_scale_stored_inverted() -> None:
     inv = t[f"{P}.weight_global_scale"]
     assert inv.shape == (1,) and inv.dtype == torch.float32
     assert torch.allclose(inv * qw.tensors["global_scale"], torch.ones(1), rtol=1e-6)
-    assert torch.equal(write_linear(qw, P, "modelopt")[f"{P}.weight_scale_2"], qw.tensors["global_scale"])
+    assert torch.equal(
+        write_linear(qw, P, "modelopt")[f"{P}.weight_scale_2"], qw.tensors["global_scale"]
+    )
 
 
 def test_gpt_oss_stacked_experts() -> None:
@@ -122,7 +131,9 @@ def test_gpt_oss_stacked_experts() -> None:
     assert stacked["model.layers.0.mlp.experts.gate_up_proj_blocks"].shape == (3, 8, 2, 16)
     cfg = quantization_config("gpt-oss", "mxfp4")
     for e, q in enumerate(qws):
-        assert _bitwise_equal(read_linear(stacked, "model.layers.0.mlp.experts.gate_up_proj", cfg, expert=e), q)
+        assert _bitwise_equal(
+            read_linear(stacked, "model.layers.0.mlp.experts.gate_up_proj", cfg, expert=e), q
+        )
     with pytest.raises(ValueError, match="expert"):
         read_linear(stacked, "model.layers.0.mlp.experts.gate_up_proj", cfg)
 
@@ -137,7 +148,9 @@ def test_ignored_and_unquantized_modules_read_as_bf16() -> None:
 
 
 def test_targets_select_config_group() -> None:
-    cfg = quantization_config("compressed-tensors", "int4", group_size=32, targets=["re:.*experts.*"], ignore=[])
+    cfg = quantization_config(
+        "compressed-tensors", "int4", group_size=32, targets=["re:.*experts.*"], ignore=[]
+    )
     assert linear_scheme("model.layers.0.mlp.experts.3.down_proj", cfg).fmt == "int4"
     assert linear_scheme("model.layers.0.self_attn.q_proj", cfg).fmt == "bf16"
 

@@ -5,12 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orbit.quant.qweight import E2M1_VALUES, FORMATS, QuantizedWeight, pack_int4, unpack_e2m1, unpack_int4
 from orbit.quant.quantize import (
     e2m1_codes,
     nominal_bytes_per_param,
     pack_e2m1,
     quantize,
+)
+from orbit.quant.qweight import (
+    E2M1_VALUES,
+    FORMATS,
+    QuantizedWeight,
+    pack_int4,
+    unpack_e2m1,
+    unpack_int4,
 )
 
 # Relative Frobenius error bounds against float64 on Gaussian weights. Uniform int4 with
@@ -66,8 +73,18 @@ def test_fp8_edge_blocks_and_scale_inv() -> None:
     assert qw.tensors["weight"].dtype == torch.float8_e4m3fn
     assert _rel_err(qw, w) < 0.035
     # the small-range blocks keep their own precision despite the big corner block
-    assert _rel_err(QuantizedWeight("fp8", (128, 128), {
-        "weight": qw.tensors["weight"][:128, :128], "scale_inv": s[:1, :1]}, 128), w[:128, :128]) < 0.035
+    assert (
+        _rel_err(
+            QuantizedWeight(
+                "fp8",
+                (128, 128),
+                {"weight": qw.tensors["weight"][:128, :128], "scale_inv": s[:1, :1]},
+                128,
+            ),
+            w[:128, :128],
+        )
+        < 0.035
+    )
 
 
 def test_nvfp4_global_scale_and_block_scale() -> None:
@@ -125,7 +142,28 @@ def test_pack_int4_roundtrip_and_bit_order() -> None:
 
 
 def test_e2m1_rounding_and_packing() -> None:
-    vals = torch.tensor([[0.2, 0.25, 0.26, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.1, 100.0, -0.74, -3.0, 0.0, -0.1, 6.0]])
+    vals = torch.tensor(
+        [
+            [
+                0.2,
+                0.25,
+                0.26,
+                0.75,
+                1.25,
+                1.75,
+                2.5,
+                3.5,
+                5.0,
+                5.1,
+                100.0,
+                -0.74,
+                -3.0,
+                0.0,
+                -0.1,
+                6.0,
+            ]
+        ]
+    )
     codes = e2m1_codes(vals)
     lut = torch.tensor(E2M1_VALUES)
     expect = [0.0, 0.0, 0.5, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, -0.5, -3.0, 0.0, 0.0, 6.0]
@@ -152,7 +190,9 @@ def test_e2m1_rounding_and_packing() -> None:
 def test_bytes_per_param(fmt: str, kw: dict, expect: float) -> None:
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(9))
     qw = quantize(w, fmt, **kw)
-    assert nominal_bytes_per_param(fmt, kw.get("group_size"), kw.get("symmetric", True)) == pytest.approx(expect)
+    assert nominal_bytes_per_param(
+        fmt, kw.get("group_size"), kw.get("symmetric", True)
+    ) == pytest.approx(expect)
     extra = 4 / w.numel() if fmt == "nvfp4" else 0.0  # the fp32 global scale
     assert qw.bytes_per_param() == pytest.approx(expect + extra)
 
@@ -189,5 +229,9 @@ def test_zero_groups_dequantize_to_zero() -> None:
     w = torch.randn(128, 128, generator=torch.Generator().manual_seed(10))
     w[:, :32] = 0
     for fmt in FORMATS:
-        d = quantize(w, fmt).dequantize() if fmt not in ("int4", "int8") else quantize(w, fmt, group_size=32).dequantize()
+        d = (
+            quantize(w, fmt).dequantize()
+            if fmt not in ("int4", "int8")
+            else quantize(w, fmt, group_size=32).dequantize()
+        )
         assert torch.isfinite(d).all() and torch.equal(d[:, :32], torch.zeros(128, 32)), fmt

@@ -12,7 +12,13 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 
-from orbit.quant.gguf import gguf_float, gguf_qweight, llama_rope_unpermutation, permute_rows, torch_shape
+from orbit.quant.gguf import (
+    gguf_float,
+    gguf_qweight,
+    llama_rope_unpermutation,
+    permute_rows,
+    torch_shape,
+)
 from orbit.quant.quantize import quantize as orbit_quantize
 
 
@@ -30,7 +36,17 @@ def smollm2() -> GGUFReader:
     return GGUFReader(files[0])
 
 
-def test_every_smollm2_q4_1_and_q8_0_weight_is_bit_exact(smollm2: GGUFReader) -> None:
+@pytest.fixture
+def one_thread():
+    """Elementwise work over 135M weights: one intra-op thread avoids OpenMP spin-waiting when
+    the CI box is oversubscribed (measured 1.2 s CPU vs 8 s with 2 threads under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_every_smollm2_q4_1_and_q8_0_weight_is_bit_exact(smollm2: GGUFReader, one_thread) -> None:
     seen = {"Q4_1": 0, "Q8_0": 0}
     for t in smollm2.tensors:
         kind = t.tensor_type.name
@@ -57,11 +73,15 @@ def test_smollm2_layouts_and_norms(smollm2: GGUFReader) -> None:
     assert torch.equal(norm, torch.from_numpy(np.array(by_name["blk.0.attn_norm.weight"].data)))
 
 
-def _write_gguf(path: Path, arrays: dict[str, tuple[np.ndarray, GGMLQuantizationType]]) -> GGUFReader:
+def _write_gguf(
+    path: Path, arrays: dict[str, tuple[np.ndarray, GGMLQuantizationType]]
+) -> GGUFReader:
     w = GGUFWriter(str(path), "llama")
     for name, (arr, kind) in arrays.items():
         if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            w.add_tensor(name, arr.astype(np.float32 if kind == GGMLQuantizationType.F32 else np.float16))
+            w.add_tensor(
+                name, arr.astype(np.float32 if kind == GGMLQuantizationType.F32 else np.float16)
+            )
         else:
             w.add_tensor(name, quantize(arr, kind), raw_dtype=kind)
     w.write_header_to_file()
@@ -75,8 +95,10 @@ def test_written_q4_0_q4_1_q8_0_f16_f32_are_exact(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     arr = (rng.standard_normal((48, 96)) * 0.1).astype(np.float32)
     kinds = {
-        "q40": GGMLQuantizationType.Q4_0, "q41": GGMLQuantizationType.Q4_1,
-        "q80": GGMLQuantizationType.Q8_0, "f16": GGMLQuantizationType.F16,
+        "q40": GGMLQuantizationType.Q4_0,
+        "q41": GGMLQuantizationType.Q4_1,
+        "q80": GGMLQuantizationType.Q8_0,
+        "f16": GGMLQuantizationType.F16,
         "f32": GGMLQuantizationType.F32,
     }
     reader = _write_gguf(tmp_path / "t.gguf", {n: (arr, k) for n, k in kinds.items()})
@@ -96,7 +118,9 @@ def test_written_q4_0_q4_1_q8_0_f16_f32_are_exact(tmp_path: Path) -> None:
 
 def test_other_types_requantize_with_a_warning(tmp_path: Path) -> None:
     arr = (np.random.default_rng(1).standard_normal((8, 256)) * 0.1).astype(np.float32)
-    reader = _write_gguf(tmp_path / "k.gguf", {"blk.0.ffn_up.weight": (arr, GGMLQuantizationType.Q5_0)})
+    reader = _write_gguf(
+        tmp_path / "k.gguf", {"blk.0.ffn_up.weight": (arr, GGMLQuantizationType.Q5_0)}
+    )
     t = reader.tensors[0]
     with pytest.warns(UserWarning, match=r"blk\.0\.ffn_up\.weight.*Q5_0"):
         qw = gguf_qweight(t, fallback_fmt="int8", fallback_group_size=32)
@@ -114,13 +138,17 @@ def test_rope_unpermutation_matches_transformers(smollm2: GGUFReader) -> None:
         qw = gguf_qweight(by_name[name])
         hf = proc.process(qw.dequantize().numpy(), name).weights  # transformers' own un-permute
         moved = permute_rows(qw, llama_rope_unpermutation(qw.shape[0], heads))
-        assert torch.equal(_bits(moved.dequantize()), _bits(torch.from_numpy(np.ascontiguousarray(hf))))
+        assert torch.equal(
+            _bits(moved.dequantize()), _bits(torch.from_numpy(np.ascontiguousarray(hf)))
+        )
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int4", "int8", "nvfp4", "mxfp4"])
 def test_permute_rows_exact_for_all_row_formats(fmt: str) -> None:
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(2))
-    qw = orbit_quantize(w, fmt, group_size=32 if fmt in ("int4", "int8") else None, symmetric=fmt != "int4")
+    qw = orbit_quantize(
+        w, fmt, group_size=32 if fmt in ("int4", "int8") else None, symmetric=fmt != "int4"
+    )
     perm = torch.randperm(24, generator=torch.Generator().manual_seed(3))
     assert torch.equal(permute_rows(qw, perm).dequantize(), qw.dequantize()[perm])
 
