@@ -48,6 +48,7 @@ class LoRALinear(SlottedAdapter):
         dropout: float = 0.0,
         use_rslora: bool = False,
         dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         in_f, out_f = base_features(base)
@@ -60,7 +61,7 @@ class LoRALinear(SlottedAdapter):
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
         self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        device = _base_device(base)
+        device = base_device(base) if device is None else torch.device(device)
         a = torch.empty(r, in_f, dtype=torch.float32, device=device)
         # PEFT's default init: A like nn.Linear (kaiming-uniform, a=sqrt(5)), B zero -> delta 0.
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -86,7 +87,7 @@ class LoRALinear(SlottedAdapter):
         return f"r={self.r}, alpha={self.alpha}, rslora={self.use_rslora}, active_slot={self.active_slot}"
 
 
-def _base_device(base: nn.Module) -> torch.device:
+def base_device(base: nn.Module) -> torch.device:
     for t in list(base.parameters()) + list(base.buffers()):
         return t.device
     return torch.device("cpu")

@@ -4,7 +4,8 @@ The base weight is never rotated or rewritten: the rotation is applied to the ac
 so the same quantized kernel runs with the adapter on or off. Parameterization follows PEFT
 >= 0.18 (peft/tuners/oft/layer.py, `OFTRotationModule`): the trainable `oft_R` [n, b(b-1)/2]
 fills the strict upper triangle of M in `triu_indices(b, b, 1)` order, Q = M - M^T, and
-- Cayley-Neumann (default): R = I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1), k = num_terms;
+- Cayley-Neumann (default): R = I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1), k = num_terms
+  (PEFT's loop differs for k = 2 and 3; `neumann_coefficients` copies it);
 - exact: R = (I - Q)(I + Q)^-1 (what PEFT's `linalg.solve(I + Q, I - Q, left=False)` gives).
 Zero init gives R = I. With `block_share`, one block ([1, b(b-1)/2]) serves every input block.
 """
@@ -14,39 +15,62 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from orbit.adapters.lora import _base_device, base_features
+from orbit.adapters.lora import base_device, base_features
 from orbit.adapters.slots import SlottedAdapter
 from orbit.kernels.oft_rotate import oft_rotate
 
 
-def skew_from_vec(vec: Tensor, b: int) -> Tensor:
-    """[n, b(b-1)/2] -> skew-symmetric [n, b, b] (upper triangle in triu_indices order)."""
-    rows, cols = torch.triu_indices(b, b, 1, device=vec.device)
-    m = vec.new_zeros(vec.shape[0], b, b)
-    m[:, rows, cols] = vec
-    return m - m.transpose(-2, -1)
+def skew_index(b: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Gather map of a b x b skew matrix from [0, vec]: (index [b*b] into 1 + b(b-1)/2, sign)."""
+    rows, cols = torch.triu_indices(b, b, 1)
+    pos = torch.zeros(b, b, dtype=torch.long)
+    pos[rows, cols] = torch.arange(1, rows.numel() + 1)
+    sign = torch.zeros(b, b)
+    sign[rows, cols] = 1.0
+    # Q = M - M^T: the lower triangle reads the mirrored upper entry with a minus sign.
+    return (pos + pos.T).flatten().to(device), (sign - sign.T).flatten().to(device)
+
+
+def skew_from_vec(vec: Tensor, b: int, index: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """[n, b(b-1)/2] -> skew-symmetric [n, b, b] (upper triangle in triu_indices order).
+
+    A gather (backward: one index_add) instead of PEFT's index_put + transpose-subtract."""
+    idx, sign = index if index is not None else skew_index(b, vec.device)
+    padded = torch.cat([vec.new_zeros(vec.shape[0], 1), vec], dim=1)  # [n, 1 + E]
+    return (padded[:, idx] * sign.to(vec.dtype)).view(vec.shape[0], b, b)
+
+
+def neumann_coefficients(num_terms: int) -> list[float]:
+    """Coefficients c_j of Q^j in PEFT's Cayley-Neumann series (`_cayley_batch`).
+
+    num_terms k >= 4 gives I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1). PEFT's loop has two edge
+    cases reproduced here so files load identically: k = 2 gives I + 2Q, and k = 3 gives the
+    same as k = 4 (I + 2Q + 2Q^2 + Q^3)."""
+    if num_terms <= 1:
+        return [1.0]
+    if num_terms == 2:
+        return [1.0, 2.0]
+    return [1.0] + [2.0] * (max(num_terms, 4) - 2) + [1.0]
 
 
 def cayley(q: Tensor, use_neumann: bool = True, num_terms: int = 5) -> Tensor:
-    """Skew-symmetric [n, b, b] -> orthogonal (or Neumann-approximated) [n, b, b], PEFT's way."""
+    """Skew-symmetric [n, b, b] -> orthogonal (or Neumann-approximated) [n, b, b], PEFT's way.
+
+    The Neumann polynomial is evaluated by Horner's rule, P <- c_j I + Q P, one batched
+    baddbmm per power instead of PEFT's separate matmuls and adds: the same polynomial, with
+    float rounding that differs at the 1e-7 level."""
     n, b, _ = q.shape
     eye = torch.eye(b, device=q.device, dtype=q.dtype).expand(n, b, b)
     if not use_neumann:
         # X (I + Q) = I - Q  ->  X = (I - Q)(I + Q)^-1
         return torch.linalg.solve(eye + q, eye - q, left=False)
-    r = eye.clone()
-    if num_terms > 1:
-        r = r + 2.0 * q
-    if num_terms > 2:
-        power = q @ q
-        r = r + 2.0 * power
-        for _ in range(3, num_terms - 1):
-            power = power @ q
-            r = r + 2.0 * power
-        # the last term enters with weight 1, as in PEFT's `_cayley_batch`
-        power = power @ q
-        r = r + power
-    return r
+    c = neumann_coefficients(num_terms)
+    if len(c) == 1:
+        return eye.clone()
+    p = c[-2] * eye + c[-1] * q  # the two highest terms without a matmul
+    for cj in reversed(c[:-2]):
+        p = torch.baddbmm(eye, q, p, beta=cj)
+    return p
 
 
 class OFTLinear(SlottedAdapter):
@@ -63,6 +87,7 @@ class OFTLinear(SlottedAdapter):
         num_terms: int = 5,
         block_share: bool = False,
         dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         in_f, out_f = base_features(base)
@@ -86,12 +111,14 @@ class OFTLinear(SlottedAdapter):
         self.use_cayley_neumann, self.num_terms = use_cayley_neumann, num_terms
         n_el = block_size * (block_size - 1) // 2
         n_rot = 1 if block_share else r
-        q = torch.zeros(n_rot, n_el, dtype=dtype, device=_base_device(base))
+        device = base_device(base) if device is None else torch.device(device)
+        q = torch.zeros(n_rot, n_el, dtype=dtype, device=device)
         self._init_slots({"oft_R": q})
         # Inference-time cache of R: (slot, tensor version, R). Valid while the slot's storage
         # is not written; views share their flat buffer's version counter, so a stage or an
         # optimizer step invalidates it.
         self._rot_cache: tuple[int, int, int, Tensor] | None = None
+        self._skew_index: tuple[Tensor, Tensor] | None = None
 
     def slots_written(self) -> None:
         self._rot_cache = None
@@ -101,7 +128,9 @@ class OFTLinear(SlottedAdapter):
         in slot 0's oft_R. Computed above bf16 so the rotation stays orthogonal to ~1e-6."""
         vec = self.slot_tensor(slot, "oft_R")
         vec = vec.to(torch.promote_types(vec.dtype, torch.float32))
-        q = skew_from_vec(vec, self.block_size)
+        if self._skew_index is None or self._skew_index[0].device != vec.device:
+            self._skew_index = skew_index(self.block_size, vec.device)
+        q = skew_from_vec(vec, self.block_size, self._skew_index)
         return cayley(q, self.use_cayley_neumann, self.num_terms)
 
     def _cached_rotation(self, slot: int) -> Tensor:

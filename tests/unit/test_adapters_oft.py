@@ -19,7 +19,7 @@ from orbit.kernels.oft_rotate import oft_rotate, oft_rotate_reference
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("neumann,terms", [(True, 5), (True, 2), (True, 3), (True, 7), (False, 5)])
+@pytest.mark.parametrize("neumann,terms", [(True, 1), (True, 2), (True, 3), (True, 4), (True, 5), (True, 7), (False, 5)])
 @pytest.mark.parametrize("share", [False, True])
 def test_rotation_matches_peft_module(neumann, terms, share):
     in_f, b = 48, 8
