@@ -54,6 +54,11 @@ def _group_index(group_ids: Tensor) -> tuple[Tensor, int]:
     return inverse, int(inverse.max().item()) + 1 if inverse.numel() else 0
 
 
+def _out_dtype(rewards: Tensor) -> torch.dtype:
+    """Advantages keep a float reward dtype; integer rewards give float32."""
+    return rewards.dtype if rewards.is_floating_point() else torch.float32
+
+
 def _check_rewards(rewards: Tensor, group_ids: Tensor) -> None:
     if rewards.dim() != 1 or rewards.shape != group_ids.shape:
         raise ValueError(
@@ -95,7 +100,7 @@ def grpo_advantages(
         # An all-equal group has std 0: its advantage is exactly 0 even with eps = 0.
         adv = torch.where(std > 0, adv / (std + eps), torch.zeros_like(adv))
     adv = torch.where(count > 1, adv, torch.zeros_like(adv))
-    return adv.to(rewards.dtype)
+    return adv.to(_out_dtype(rewards))
 
 
 def dr_grpo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
@@ -112,7 +117,7 @@ def rloo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
     r = rewards.to(torch.float64)
     adv = (r - mean) * count / (count - 1).clamp(min=1)
     adv = torch.where(count > 1, adv, torch.zeros_like(adv))
-    return adv.to(rewards.dtype)
+    return adv.to(_out_dtype(rewards))
 
 
 def masked_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
@@ -165,7 +170,7 @@ def reinforce_plus_plus_advantages(
     the last token; returns G_t (discount gamma); A = masked_whiten(G) over *all* response
     tokens of the batch (global normalization, no per-group baseline). `kl[B, T]` is the
     per-token KL estimate (see kl.kl_estimate), detached by the caller. -> [B, T]."""
-    token_r = outcome_token_rewards(rewards, response_mask)
+    token_r = outcome_token_rewards(rewards.to(_out_dtype(rewards)), response_mask)
     if kl is not None and kl_coef != 0.0:
         if kl.shape != response_mask.shape:
             raise ValueError(

@@ -176,3 +176,12 @@ def test_equal_float64_rewards_are_exactly_zero_even_without_eps() -> None:
     g = torch.zeros(3, dtype=torch.long)
     assert torch.all(grpo_advantages(r, g, eps=0.0) == 0)
     assert torch.all(rloo_advantages(r, g) == 0)
+
+
+def test_integer_rewards_give_float_advantages() -> None:
+    r = torch.tensor([1, 0, 0, 1])
+    g = torch.tensor([0, 0, 0, 0])
+    assert grpo_advantages(r, g).dtype == torch.float32
+    torch.testing.assert_close(rloo_advantages(r, g), torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
+    mask = torch.ones(4, 2)
+    assert reinforce_plus_plus_advantages(r, mask).dtype == torch.float32
