@@ -1,0 +1,240 @@
+"""Benchmark the native rollout engine: against transformers `generate`, against the memory
+roofline, and across base precisions. Random weights (speed does not depend on them).
+
+1. vs_hf: Orbit tokens/s vs transformers `generate` (bf16, sampling at temperature 1, EOS
+   ignored so both produce exactly batch x new tokens) at batch 64 x 256 new tokens, for the
+   SmolLM2-135M and Qwen3-1.7B shapes. Same weights in both (Orbit loads the HF state dict).
+2. roofline: batch-1 decode of Qwen3-1.7B with an INT4 base vs the memory roofline: bytes
+   read per token (every quantized linear's buffers, the bf16 LM head, norms, one embedding
+   row, the KV cache at the mean context) / copy bandwidth (2990 GB/s, H100 device copy).
+3. formats: decode tokens/s at batch 1/16/64/256 for bf16/int4/fp8/nvfp4 bases (quantized
+   with orbit.quant.convert.convert_linears).
+
+Each Orbit run is done twice: the first captures the CUDA graphs, the second is timed.
+"Total" tokens/s divides all new tokens by the whole generate (prefill included); "decode"
+counts only decode steps. On a CPU (or with --small) every section runs on tiny shapes.
+Prints JSON rows as it goes, a table last; writes $OUT/bench_engine.json (or --out).
+
+    python scripts/bench/bench_engine.py [--small] [--sections vs_hf,roofline,formats]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from orbit.models.config import ModelConfig
+from orbit.models.transformer import CausalLM
+from orbit.rollout.engine import Engine
+from orbit.rollout.types import SamplingParams
+
+COPY_GBS = 2990.0  # H100 device-to-device copy bandwidth (GB/s), see bench_qmm
+SHAPES = {
+    "smollm2-135m": {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+                         "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                         "num_key_value_heads": 3, "head_dim": 64, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+                         "max_position_embeddings": 8192, "tie_word_embeddings": True},
+    "qwen3-1.7b": {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
+                       "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
+                       "num_key_value_heads": 8, "head_dim": 128, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                       "max_position_embeddings": 40960, "tie_word_embeddings": True},
+    "tiny-llama": {"architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 128,
+                       "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "num_key_value_heads": 2, "head_dim": 32, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+                       "max_position_embeddings": 2048, "tie_word_embeddings": True},
+    "tiny-qwen3": {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 2048, "hidden_size": 128,
+                       "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "num_key_value_heads": 2, "head_dim": 32, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+                       "max_position_embeddings": 2048, "tie_word_embeddings": True},
+}
+
+
+def _emit(rows: list[dict], row: dict) -> None:
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def hf_model(shape: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = dict(SHAPES[shape])
+    arch = d.pop("architectures")[0]
+    cfg = AutoConfig.for_model("qwen3" if arch.startswith("Qwen3") else "llama", **d)
+    cfg.architectures = [arch]
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def orbit_model(shape: str, dtype: torch.dtype, device: str, hf: torch.nn.Module | None = None) -> CausalLM:
+    """Orbit's CausalLM of `shape`; with `hf`, the same weights (module names match HF's)."""
+    cfg = ModelConfig.from_hf_dict(dict(SHAPES[shape]))
+    with torch.device(device):
+        model = CausalLM(cfg)
+    model = model.to(dtype).requires_grad_(False)
+    model.model.rotary_emb.reset(device)  # RoPE tables stay float32
+    if hf is not None:
+        missing, unexpected = model.load_state_dict(hf.state_dict(), strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
+        if missing or [k for k in unexpected if "rotary" not in k]:
+            raise RuntimeError(f"HF -> Orbit state dict mismatch: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (batch, length), generator=g).tolist()
+
+
+def run_orbit(model: CausalLM, ps: list[list[int]], new: int, device: str, **kw) -> dict:
+    eng = Engine(model, max_num_seqs=len(ps), max_model_len=len(ps[0]) + new + 1, device=device, **kw)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
+    eng.generate(ps, sp)  # warm-up: captures the CUDA graphs for every bucket this run needs
+    out = eng.generate(ps, sp)
+    assert all(len(c.tokens) == new for r in out for c in r)
+    st = dict(eng.last_stats)
+    eng.release_kv_cache()
+    return st
+
+
+def run_hf(model: torch.nn.Module, ps: list[list[int]], new: int, device: str) -> dict:
+    ids = torch.tensor(ps, device=device)
+    kw = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "pad_token_id": 0,
+              "attention_mask": torch.ones_like(ids)}
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        _sync(device)
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+        _sync(device)
+        dt = time.perf_counter() - t
+    n = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    assert out.shape[1] - ids.shape[1] == new, out.shape
+    return {"seconds": dt, "new_tokens": n, "tokens_per_s": n / dt}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bytes_per_decode_token(model: CausalLM, context: int) -> int:
+    """Weight + KV bytes one batch-1 decode step reads."""
+    cfg = model.config
+    n = 0
+    for name, mod in model.named_modules():
+        if type(mod).__name__ == "QuantLinear" or (isinstance(mod, torch.nn.Linear) and name != "lm_head"):
+            n += sum(b.numel() * b.element_size() for b in mod.buffers(recurse=False))
+            n += sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False))
+        elif isinstance(mod, torch.nn.RMSNorm) or type(mod).__name__ == "RMSNorm":
+            n += mod.weight.numel() * mod.weight.element_size()
+    head = model.lm_head.weight
+    n += head.numel() * head.element_size() + cfg.hidden_size * head.element_size()  # head + 1 embedding row
+    kv_elem = torch.empty(0, dtype=head.dtype).element_size()
+    n += 2 * cfg.num_layers * context * cfg.num_kv_heads * cfg.head_dim * kv_elem
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--small", action="store_true", help="tiny shapes (default without CUDA)")
+    ap.add_argument("--sections", default="vs_hf,roofline,formats")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--attn-backend", default="sdpa", choices=("sdpa", "varlen"))
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    small = args.small or not cuda
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sections = set(args.sections.split(","))
+    plen = 16 if small else args.prompt_len
+    rows: list[dict] = []
+    okw = {"attn_backend": args.attn_backend}
+    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "dtype": str(dtype), "small": small, "prompt_len": plen, "attn_backend": args.attn_backend,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    print(json.dumps(meta), flush=True)
+
+    if "vs_hf" in sections:
+        batch, new = (4, 16) if small else (64, 256)
+        for shape in (["tiny-llama", "tiny-qwen3"] if small else ["smollm2-135m", "qwen3-1.7b"]):
+            hf = hf_model(shape, dtype, device)
+            ps = prompts(batch, plen, SHAPES[shape]["vocab_size"])
+            h = run_hf(hf, ps, new, device)
+            om = orbit_model(shape, dtype, device, hf)
+            del hf
+            o = run_orbit(om, ps, new, device, **okw)
+            del om
+            _emit(rows, {"section": "vs_hf", "shape": shape, "batch": batch, "new_tokens": new,
+                         "hf_tokens_per_s": h["tokens_per_s"], "orbit_tokens_per_s": o["tokens_per_s"],
+                         "orbit_decode_tokens_per_s": o["decode_tokens_per_s"],
+                         "speedup": o["tokens_per_s"] / h["tokens_per_s"]})
+            if cuda:
+                torch.cuda.empty_cache()
+
+    fmts = ["bf16", "int4"] if small else ["bf16", "int4", "fp8", "nvfp4"]
+    qshape = "tiny-qwen3" if small else "qwen3-1.7b"
+    if sections & {"roofline", "formats"}:
+        from orbit.quant.convert import convert_linears
+
+        for fmt in fmts:
+            if fmt != "int4" and "formats" not in sections:
+                continue
+            model = orbit_model(qshape, dtype, device)
+            if fmt != "bf16":
+                convert_linears(model, fmt)
+            if cuda:
+                torch.cuda.empty_cache()
+            new = 32 if small else 128
+            for batch in ([1, 4] if small else [1, 16, 64, 256]):
+                if "formats" not in sections and batch != 1:
+                    continue
+                ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
+                st = run_orbit(model, ps, new, device, **okw)
+                row = {"section": "formats", "shape": qshape, "format": fmt, "batch": batch,
+                       "new_tokens": new, "tokens_per_s": st["tokens_per_s"],
+                       "decode_tokens_per_s": st["decode_tokens_per_s"]}
+                if fmt == "int4" and batch == 1 and "roofline" in sections:
+                    b = bytes_per_decode_token(model, plen + new // 2)
+                    roof = COPY_GBS * 1e9 / b
+                    _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
+                                 "bytes_per_token": b, "roofline_tokens_per_s": roof,
+                                 "decode_tokens_per_s": st["decode_tokens_per_s"],
+                                 "fraction_of_roofline": st["decode_tokens_per_s"] / roof,
+                                 "ms_per_token": 1e3 / st["decode_tokens_per_s"]})
+                if "formats" in sections:
+                    _emit(rows, row)
+            del model
+            if cuda:
+                torch.cuda.empty_cache()
+
+    out = {"meta": meta, "rows": rows}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_engine.json").write_text(json.dumps(out, indent=1))
+    print(f"\n# bench_engine on {meta['device']} ({'small' if small else 'full'}, {dtype}, attn {args.attn_backend})")
+    for r in rows:
+        if r["section"] == "vs_hf":
+            print(f"vs_hf    {r['shape']:<13} b{r['batch']:<3} x{r['new_tokens']:<4} HF {r['hf_tokens_per_s']:>9.1f} tok/s"
+                  f"  Orbit {r['orbit_tokens_per_s']:>9.1f} tok/s  speedup {r['speedup']:.1f}x")
+        elif r["section"] == "roofline":
+            print(f"roofline {r['shape']:<13} {r['format']:<5} b1: {r['decode_tokens_per_s']:.1f} tok/s"
+                  f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
+                  f" = {100 * r['fraction_of_roofline']:.0f}% ({r['bytes_per_token'] / 1e6:.0f} MB/token)")
+        else:
+            print(f"formats  {r['shape']:<13} {r['format']:<5} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
+                  f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
