@@ -39,7 +39,11 @@ class TileConfig:
     warps: int
     stages: int
     group_m: int = 8
+    unpack: int = 2  # see orbit/kernels/_tiles.py
 
+
+# Fast mode from this many rows on: dequantize into a transient BF16 weight, then cuBLAS.
+DEQUANT_MIN_M = 1024
 
 # The exact (batch-invariant) config: one tile shape for every M, chosen for training sizes.
 EXACT_CONFIG = TileConfig(bm=64, bo=128, br=64, warps=4, stages=3)
@@ -73,18 +77,19 @@ def bf16_tile(q_ptr, stride_q, n0, k0, N, K, ROWS: tl.constexpr, COLS: tl.conste
 @triton.jit
 def _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, n0, k0, N, K,
             FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-            ROWS: tl.constexpr, COLS: tl.constexpr):
+            ROWS: tl.constexpr, COLS: tl.constexpr, UNPACK: tl.constexpr):
     if FMT == 0:
         w = int4_tile(q_ptr, s_ptr, o_ptr, stride_q, stride_s, n0, k0, N, K,
-                      GROUP, HAS_OFFSET, ROWS, COLS)
+                      GROUP, HAS_OFFSET, ROWS, COLS, UNPACK)
     elif FMT == 1:
         w = int8_tile(q_ptr, s_ptr, stride_q, stride_s, n0, k0, N, K, GROUP, ROWS, COLS)
     elif FMT == 2:
         w = fp8_tile(q_ptr, s_ptr, stride_q, stride_s, n0, k0, N, K, ROWS, COLS)
     elif FMT == 3:
-        w = nvfp4_tile(q_ptr, s_ptr, g_ptr, stride_q, stride_s, n0, k0, N, K, ROWS, COLS)
+        w = nvfp4_tile(q_ptr, s_ptr, g_ptr, stride_q, stride_s, n0, k0, N, K, ROWS, COLS,
+                       UNPACK)
     elif FMT == 4:
-        w = mxfp4_tile(q_ptr, s_ptr, stride_q, stride_s, n0, k0, N, K, ROWS, COLS)
+        w = mxfp4_tile(q_ptr, s_ptr, stride_q, stride_s, n0, k0, N, K, ROWS, COLS, UNPACK)
     else:
         w = bf16_tile(q_ptr, stride_q, n0, k0, N, K, ROWS, COLS)
     return w
@@ -95,7 +100,7 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
                   stride_xm, stride_ym, stride_q, stride_s,
                   FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                   TRANS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
-                  GROUP_M: tl.constexpr):
+                  GROUP_M: tl.constexpr, UNPACK: tl.constexpr):
     # W is [N, K]. TRANS=0: y[M, N] = x[M, K] @ W^T. TRANS=1: y[M, K] = x[M, N] @ W.
     if TRANS:
         OUT = K
@@ -123,16 +128,46 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
         xt = tl.load(x_ptrs, mask=xmask, other=0.0)  # [BM, BR]
         if TRANS:
             w = _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, r0, o0, N, K,
-                        FMT, GROUP, HAS_OFFSET, BR, BO)  # [BR, BO]
+                        FMT, GROUP, HAS_OFFSET, BR, BO, UNPACK)  # [BR, BO]
             acc = tl.dot(xt, w.to(dt), acc)
         else:
             w = _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, o0, r0, N, K,
-                        FMT, GROUP, HAS_OFFSET, BO, BR)  # [BO, BR]
+                        FMT, GROUP, HAS_OFFSET, BO, BR, UNPACK)  # [BO, BR]
             acc = tl.dot(xt, tl.trans(w.to(dt)), acc)
         x_ptrs += BR
     offs_o = o0 + tl.arange(0, BO)
     ymask = (offs_m[:, None] < M) & (offs_o[None, :] < OUT)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :], acc.to(dt), mask=ymask)
+
+
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, o_ptr, g_ptr, w_ptr, N, K, stride_q, stride_s, stride_w,
+                    FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                    ROWS: tl.constexpr, COLS: tl.constexpr, UNPACK: tl.constexpr):
+    n0 = tl.program_id(0) * ROWS
+    k0 = tl.program_id(1) * COLS
+    w = _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, n0, k0, N, K,
+                FMT, GROUP, HAS_OFFSET, ROWS, COLS, UNPACK)
+    offs_n = n0 + tl.arange(0, ROWS)
+    offs_k = k0 + tl.arange(0, COLS)
+    tl.store(w_ptr + offs_n[:, None] * stride_w + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+
+def dequantize_weight(fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
+                      offset: Tensor | None, global_scale: Tensor | None, group: int,
+                      dtype: torch.dtype) -> Tensor:
+    """The whole weight in `dtype` [out, in], equal to the reference dequantization. Only the
+    fast path for large M uses it, as a transient buffer for one cuBLAS call."""
+    n, k = shape
+    w = torch.empty((n, k), device=q.device, dtype=dtype)
+    rows, cols = 64, 128
+    _dequant_kernel[(triton.cdiv(n, rows), triton.cdiv(k, cols))](
+        q, s, offset if offset is not None else s,
+        global_scale if global_scale is not None else s, w, n, k,
+        q.stride(0), s.stride(0), w.stride(0), FMT=FMT_IDS[fmt], GROUP=group,
+        HAS_OFFSET=offset is not None, ROWS=rows, COLS=cols, UNPACK=2, num_warps=4)
+    return w
 
 
 def check_activation(x: Tensor, name: str, features: int, device: torch.device) -> None:
@@ -181,6 +216,11 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     y = check_out(out, (m, out_dim), x)
     if m == 0:
         return y
+    if config is None and not exact and m >= DEQUANT_MIN_M and fmt != "bf16":
+        # Training sizes: the MMA-bound GEMM is faster in cuBLAS than in a loop that also
+        # dequantizes; the transient BF16 weight costs one memory-bound pass (docs/kernels.md).
+        w = dequantize_weight(fmt, shape, q, s, offset, global_scale, group, x.dtype)
+        return torch.matmul(x, w if transpose else w.T, out=y)
     cfg = config or pick_config(m, out_dim, fmt, exact)
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(out_dim, cfg.bo),)
     _qgemm_kernel[grid](
@@ -188,7 +228,7 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         global_scale if global_scale is not None else s,
         m, n, k, x.stride(0), y.stride(0), q.stride(0), s.stride(0),
         FMT=FMT_IDS[fmt], GROUP=group, HAS_OFFSET=offset is not None, TRANS=transpose,
-        BM=cfg.bm, BO=cfg.bo, BR=cfg.br, GROUP_M=cfg.group_m,
+        BM=cfg.bm, BO=cfg.bo, BR=cfg.br, GROUP_M=cfg.group_m, UNPACK=cfg.unpack,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return y

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from orbit.kernels._tiles import group_scale, unpack_nibbles
 from orbit.kernels._triton import tl, triton
 from orbit.quant.qweight import MXFP4_GROUP, NVFP4_GROUP, QuantizedWeight
 
@@ -27,50 +28,30 @@ def _e2m1(codes):
 
 
 @triton.jit
-def _fp4_codes(q_ptr, stride_q, offs_n, k0, K, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """E2M1 values of W[offs_n, k0:k0+COLS] as float32 [ROWS, COLS]."""
-    offs_b = k0 // 2 + tl.arange(0, COLS // 2)
-    b = tl.load(q_ptr + offs_n[:, None] * stride_q + offs_b[None, :],
-                mask=(offs_n[:, None] >= 0) & (offs_b[None, :] < K // 2), other=0)
-    b = b.to(tl.int32)  # [ROWS, COLS/2]
-    shifts = tl.arange(0, 2) * 4
-    codes = (b[:, :, None] >> shifts[None, None, :]) & 0xF  # [ROWS, COLS/2, 2]: low nibble first
-    return _e2m1(tl.reshape(codes, (ROWS, COLS)))
-
-
-@triton.jit
 def nvfp4_tile(q_ptr, s_ptr, g_ptr, stride_q, stride_s, n0, k0, N, K,
-               ROWS: tl.constexpr, COLS: tl.constexpr):
-    """W[n0:n0+ROWS, k0:k0+COLS] in float32 (COLS >= 16); rows past N read row N-1's bytes
-    clamped to a valid address and get zero scales."""
+               ROWS: tl.constexpr, COLS: tl.constexpr, UNPACK: tl.constexpr):
+    """W[n0:n0+ROWS, k0:k0+COLS] in float32 (COLS >= 16)."""
     offs_n = n0 + tl.arange(0, ROWS)
     row_ok = offs_n < N
-    safe_n = tl.where(row_ok, offs_n, 0)
-    v = _fp4_codes(q_ptr, stride_q, safe_n, k0, K, ROWS, COLS)
-    offs_g = k0 // 16 + tl.arange(0, COLS // 16)
-    s = tl.load(s_ptr + safe_n[:, None] * stride_s + offs_g[None, :],
-                mask=row_ok[:, None] & (offs_g[None, :] < K // 16), other=0.0).to(tl.float32)
+    v = _e2m1(unpack_nibbles(q_ptr, stride_q, offs_n, row_ok, k0, K, 2, ROWS, COLS, UNPACK))
+    s = group_scale(s_ptr, stride_s, offs_n, row_ok, k0, K, 16, COLS)
     gs = tl.load(g_ptr).to(tl.float32)
-    w3 = (tl.reshape(v, (ROWS, COLS // 16, 16)) * s[:, :, None]) * gs  # same order as reference
-    return tl.reshape(w3, (ROWS, COLS))
+    return (v * s) * gs  # same order as the reference
 
 
 @triton.jit
 def mxfp4_tile(q_ptr, s_ptr, stride_q, stride_s, n0, k0, N, K,
-               ROWS: tl.constexpr, COLS: tl.constexpr):
+               ROWS: tl.constexpr, COLS: tl.constexpr, UNPACK: tl.constexpr):
     """W[n0:n0+ROWS, k0:k0+COLS] in float32 (COLS >= 32)."""
     offs_n = n0 + tl.arange(0, ROWS)
     row_ok = offs_n < N
-    safe_n = tl.where(row_ok, offs_n, 0)
-    v = _fp4_codes(q_ptr, stride_q, safe_n, k0, K, ROWS, COLS)
-    offs_g = k0 // 32 + tl.arange(0, COLS // 32)
-    e = tl.load(s_ptr + safe_n[:, None] * stride_s + offs_g[None, :],
-                mask=row_ok[:, None] & (offs_g[None, :] < K // 32), other=0).to(tl.int32)
-    # 2^(e-127): the exponent field of an fp32; e == 0 is the subnormal 2^-127.
+    v = _e2m1(unpack_nibbles(q_ptr, stride_q, offs_n, row_ok, k0, K, 2, ROWS, COLS, UNPACK))
+    offs_k = k0 + tl.arange(0, COLS)
+    e = tl.load(s_ptr + offs_n[:, None] * stride_s + (offs_k // 32)[None, :],
+                mask=row_ok[:, None] & (offs_k[None, :] < K), other=0).to(tl.int32)
+    # 2^(e-127) is the fp32 whose exponent field is e; e == 0 is the subnormal 2^-127.
     s = tl.where(e == 0, 5.877471754111438e-39, (e << 23).to(tl.float32, bitcast=True))
-    s = tl.where(row_ok[:, None], s, 0.0)  # [ROWS, COLS/32]
-    w3 = tl.reshape(v, (ROWS, COLS // 32, 32)) * s[:, :, None]
-    return tl.reshape(w3, (ROWS, COLS))
+    return v * s
 
 
 def _check(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool) -> None:

@@ -49,7 +49,7 @@ def _act_quant_kernel(x_ptr, xq_ptr, sx_ptr, M, K, stride_xm, stride_qm, stride_
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12)  # [BM]
-    scale = tl.div_rn(amax, 448.0)  # IEEE division, like the torch reference
+    scale = amax * (1.0 / 448.0)  # a multiply, as torch on CUDA turns `/ 448` into one
     xq = tl.div_rn(x, scale[:, None]).to(tl.float8e4nv)
     tl.store(xq_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], xq, mask=mask)
     tl.store(sx_ptr + offs_m * stride_sm + g, scale, mask=offs_m < M)
@@ -137,13 +137,16 @@ def act_quant_fp8_reference(x: Tensor) -> tuple[Tensor, Tensor]:
     groups = -(-k // 128)
     xf = torch.nn.functional.pad(x.to(torch.float32), (0, groups * 128 - k))
     xg = xf.reshape(m, groups, 128)  # [M, G, 128]
-    scale = xg.abs().amax(-1).clamp_min(AMAX_FLOOR) / E4M3_MAX  # [M, G]
+    scale = xg.abs().amax(-1).clamp_min(AMAX_FLOOR) * (1.0 / E4M3_MAX)  # [M, G]
     xq = (xg / scale[..., None]).to(torch.float8_e4m3fn).reshape(m, groups * 128)[:, :k]
     return xq, scale
 
 
+W8A8_TILES = (128, 128, 8, 3)  # bm, bn, warps, stages: one config for every M
+
+
 def w8a8_gemm(xq: Tensor, sx: Tensor, qw: QuantizedWeight, out_dtype: torch.dtype,
-              out: Tensor | None = None) -> Tensor:
+              out: Tensor | None = None, tiles: tuple[int, int, int, int] = W8A8_TILES) -> Tensor:
     """xq e4m3 [M, in] with scales sx [M, ceil(in/128)] times the block-fp8 weight -> [M, out].
 
     One fixed tile config for every M: no split-K, and the activation scales are per row, so
@@ -156,12 +159,12 @@ def w8a8_gemm(xq: Tensor, sx: Tensor, qw: QuantizedWeight, out_dtype: torch.dtyp
     assert y.shape == (m, n) and y.dtype == out_dtype and y.stride(1) == 1
     if m == 0:
         return y
-    bm, bn = 128, 128
+    bm, bn, warps, stages = tiles
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _w8a8_kernel[grid](xq, sx, t["weight"], t["scale_inv"], y, m, n, k,
                        xq.stride(0), sx.stride(0), t["weight"].stride(0),
                        t["scale_inv"].stride(0), y.stride(0),
-                       BM=bm, BN=bn, GROUP_M=8, num_warps=8, num_stages=3)
+                       BM=bm, BN=bn, GROUP_M=8, num_warps=warps, num_stages=stages)
     return y
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from orbit.kernels._tiles import group_scale, unpack_nibbles
 from orbit.kernels._triton import tl, triton
 from orbit.quant.qweight import QuantizedWeight
 
@@ -21,38 +22,18 @@ INT4_GROUPS = (32, 64, 128)
 @triton.jit
 def int4_tile(q_ptr, s_ptr, o_ptr, stride_q, stride_s, n0, k0, N, K,
               GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-              ROWS: tl.constexpr, COLS: tl.constexpr):
+              ROWS: tl.constexpr, COLS: tl.constexpr, UNPACK: tl.constexpr):
     """W[n0:n0+ROWS, k0:k0+COLS] in float32; k0 is a multiple of COLS (and of 8)."""
     offs_n = n0 + tl.arange(0, ROWS)
-    offs_w = k0 // 8 + tl.arange(0, COLS // 8)
     row_ok = offs_n < N
-    words = tl.load(q_ptr + offs_n[:, None] * stride_q + offs_w[None, :],
-                    mask=row_ok[:, None] & (offs_w[None, :] < K // 8), other=0)  # [ROWS, COLS/8]
-    shifts = tl.arange(0, 8) * 4
-    u = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # [ROWS, COLS/8, 8]
-    u = tl.reshape(u, (ROWS, COLS)).to(tl.float32)  # column c = word c // 8, nibble c % 8
-    if COLS >= GROUP:
-        offs_g = k0 // GROUP + tl.arange(0, COLS // GROUP)
-        gmask = row_ok[:, None] & (offs_g[None, :] < K // GROUP)
-        sp = offs_n[:, None] * stride_s + offs_g[None, :]
-        s = tl.load(s_ptr + sp, mask=gmask, other=0.0).to(tl.float32)  # [ROWS, COLS/G]
-        u3 = tl.reshape(u, (ROWS, COLS // GROUP, GROUP))
-        if HAS_OFFSET:
-            z = tl.load(o_ptr + sp, mask=gmask, other=0.0).to(tl.float32)
-            w3 = u3 * s[:, :, None] + z[:, :, None]
-        else:
-            w3 = (u3 - 8.0) * s[:, :, None]
-        w = tl.reshape(w3, (ROWS, COLS))
+    u = unpack_nibbles(q_ptr, stride_q, offs_n, row_ok, k0, K, 8, ROWS, COLS,
+                       UNPACK).to(tl.float32)
+    s = group_scale(s_ptr, stride_s, offs_n, row_ok, k0, K, GROUP, COLS)
+    if HAS_OFFSET:
+        z = group_scale(o_ptr, stride_s, offs_n, row_ok, k0, K, GROUP, COLS)
+        w = u * s + z
     else:
-        # The whole tile sits inside one group: one scale per row.
-        g = k0 // GROUP
-        sp = offs_n * stride_s + g
-        s = tl.load(s_ptr + sp, mask=row_ok, other=0.0).to(tl.float32)  # [ROWS]
-        if HAS_OFFSET:
-            z = tl.load(o_ptr + sp, mask=row_ok, other=0.0).to(tl.float32)
-            w = u * s[:, None] + z[:, None]
-        else:
-            w = (u - 8.0) * s[:, None]
+        w = (u - 8.0) * s
     return w
 
 

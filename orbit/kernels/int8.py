@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from orbit.kernels._tiles import group_scale
 from orbit.kernels._triton import tl, triton
 from orbit.quant.qweight import QuantizedWeight
 
@@ -25,17 +26,7 @@ def int8_tile(q_ptr, s_ptr, stride_q, stride_s, n0, k0, N, K,
     row_ok = offs_n < N
     q = tl.load(q_ptr + offs_n[:, None] * stride_q + offs_k[None, :],
                 mask=row_ok[:, None] & (offs_k[None, :] < K), other=0).to(tl.float32)
-    if COLS >= GROUP:
-        offs_g = k0 // GROUP + tl.arange(0, COLS // GROUP)
-        s = tl.load(s_ptr + offs_n[:, None] * stride_s + offs_g[None, :],
-                    mask=row_ok[:, None] & (offs_g[None, :] < K // GROUP),
-                    other=0.0).to(tl.float32)  # [ROWS, COLS/G]
-        w3 = tl.reshape(q, (ROWS, COLS // GROUP, GROUP)) * s[:, :, None]
-        w = tl.reshape(w3, (ROWS, COLS))
-    else:
-        s = tl.load(s_ptr + offs_n * stride_s + k0 // GROUP, mask=row_ok, other=0.0)
-        w = q * s.to(tl.float32)[:, None]
-    return w
+    return q * group_scale(s_ptr, stride_s, offs_n, row_ok, k0, K, GROUP, COLS)
 
 
 def _check(x: Tensor, qw: QuantizedWeight, transpose: bool) -> None:

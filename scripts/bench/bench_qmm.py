@@ -108,45 +108,66 @@ def training(quick: bool, bf16_tf: float) -> list[dict]:
                                  "k": k, "n": n, "m": m, "fwd_ms": tf, "bwd_ms": tb,
                                  "fwd_x": t_f / tf, "bwd_x": t_b / tb,
                                  "fwd_TFLOPs": flop / tf / 1e9})
+                if fmt in ("int4", "nvfp4"):
+                    tf, tb = ms(lambda: _fused(x, qw)), ms(lambda: _fused(dy, qw, True))
+                    _emit(rows, {"phase": "train", "fmt": name + "-fused", "k": k, "n": n,
+                                 "m": m, "fwd_ms": tf, "bwd_ms": tb, "fwd_x": t_f / tf,
+                                 "bwd_x": t_b / tb, "fwd_TFLOPs": flop / tf / 1e9})
     return rows
 
 
-def sweep() -> list[dict]:
-    """Tile configs tried against the built-in pick, to choose the next version's heuristics."""
-    from orbit.kernels.fp4 import nvfp4_matmul  # noqa: F401  (module import builds nothing)
+def _fused(x, qw, transpose=False, config=None):
+    """The fused kernel even where fast mode would dequantize + cuBLAS (large M)."""
+    t = qw.tensors
+    q = t.get("qweight", t.get("weight"))
+    s = t.get("scale", t.get("scale_inv"))
+    gs = t["global_scale"].reshape(1) if qw.fmt == "nvfp4" else None
+    grp = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}.get(qw.fmt, qw.group_size)
+    out_dim = qw.shape[1] if transpose else qw.shape[0]
+    cfg = config or _qgemm.pick_config(x.shape[0], out_dim, qw.fmt, False)
+    return _qgemm.launch(x, qw.fmt, qw.shape, q, s, t.get("offset"), gs, grp, transpose,
+                         False, config=cfg)
 
-    cfgs = {
-        "decode": [_qgemm.TileConfig(16, bo, br, w, st) for bo, br, w, st in
-                   [(32, 128, 4, 4), (64, 128, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3),
-                    (128, 128, 4, 4), (64, 128, 2, 5), (32, 512, 4, 2)]],
-        "train": [_qgemm.TileConfig(bm, bo, br, w, st) for bm, bo, br, w, st in
-                  [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3),
-                   (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4),
-                   (128, 64, 128, 4, 4)]],
-    }
+
+def sweep() -> list[dict]:
+    """Tile configs and unpack variants tried against the built-in pick, for the heuristics."""
+    from orbit.kernels.fp8 import act_quant_fp8, w8a8_gemm
+
+    TC = _qgemm.TileConfig
+    dec = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3), (16, 64, 64, 4, 4)]
+    trn = [(128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4)]
     rows = []
-    for fmt, kw in [("int4", {"group_size": 128}), ("nvfp4", {}), ("fp8", {})]:
+    for fmt, kw in [("int4", {"group_size": 128}), ("nvfp4", {}), ("mxfp4", {})]:
         for k, n in [(4096, 12288), (2048, 6144)]:
             qw = random_qweight(fmt, n, k, device="cuda", **kw)
-            t = qw.tensors
-            q = t.get("qweight", t.get("weight"))
-            s = t.get("scale", t.get("scale_inv"))
-            gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
-            grp = {"int4": 128, "nvfp4": 16, "fp8": 128}[fmt]
-            for phase, m in [("decode", 1), ("train", 8192)]:
-                x = torch.randn(m, k, device="cuda").bfloat16()
-                for c in cfgs[phase]:
-                    if fmt == "fp8" and (c.bo > 128 or c.br > 128):
-                        continue
-                    fn = lambda: _qgemm.launch(x, fmt, qw.shape, q, s, None, gs, grp,  # noqa: E731
-                                               False, False, config=c)
+            for unpack in (0, 1, 2):
+                plan = [("decode", m, c, False) for m in (1, 16) for c in dec]
+                if unpack and k == 4096:
+                    plan += [("train", 8192, c, tr) for c in trn for tr in (False, True)]
+                for phase, m, c, tr in plan:
+                    cfg = TC(*c, unpack=unpack)
+                    x = torch.randn(m, n if tr else k, device="cuda").bfloat16()
                     try:
-                        tm = ms(fn)
-                    except Exception as e:  # out of shared memory etc.: record, go on
-                        _emit(rows, {"fmt": fmt, "k": k, "n": n, "m": m, "cfg": str(c),
-                                     "error": repr(e)[:200]})
+                        tm = ms(lambda: _fused(x, qw, tr, cfg))
+                    except Exception as e:  # out of resources etc.: record it and go on
+                        _emit(rows, {"fmt": fmt, "k": k, "n": n, "m": m, "bwd": tr,
+                                     "cfg": c, "unpack": unpack, "error": repr(e)[:160]})
                         continue
-                    _emit(rows, {"fmt": fmt, "k": k, "n": n, "m": m, "cfg": str(c), "ms": tm})
+                    _emit(rows, {"fmt": fmt, "k": k, "n": n, "m": m, "bwd": tr, "cfg": c,
+                                 "unpack": unpack, "ms": tm})
+    for k, n in [(4096, 12288), (2048, 6144)]:
+        qw = random_qweight("fp8", n, k, device="cuda")
+        x = torch.randn(8192, k, device="cuda").bfloat16()
+        xq, sx = act_quant_fp8(x)
+        _emit(rows, {"fmt": "act_quant", "k": k, "m": 8192, "ms": ms(lambda: act_quant_fp8(x))})
+        for tiles in [(128, 128, 8, 3), (128, 128, 4, 3), (128, 256, 8, 3), (256, 128, 8, 3),
+                      (128, 128, 8, 4), (64, 256, 4, 3)]:
+            try:
+                tm = ms(lambda: w8a8_gemm(xq, sx, qw, torch.bfloat16, tiles=tiles))
+            except Exception as e:
+                _emit(rows, {"fmt": "w8a8", "k": k, "n": n, "tiles": tiles, "error": repr(e)[:160]})
+                continue
+            _emit(rows, {"fmt": "w8a8", "k": k, "n": n, "m": 8192, "tiles": tiles, "ms": tm})
     return rows
 
 
@@ -154,6 +175,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="largest shapes only")
     ap.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
+    ap.add_argument("--only-sweep", action="store_true", help="time the alternatives only")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -161,10 +183,10 @@ def main() -> None:
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "command": " ".join(sys.argv), **ceil}
-    res["decode"] = decode(args.quick, ceil["copy_GBps"])
-    res["train"] = training(args.quick, ceil["bf16_TFLOPs"])
-    if args.sweep:
+    if args.sweep or args.only_sweep:
         res["sweep"] = sweep()
+    res["decode"] = [] if args.only_sweep else decode(args.quick, ceil["copy_GBps"])
+    res["train"] = [] if args.only_sweep else training(args.quick, ceil["bf16_TFLOPs"])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
     print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s  bf16 {ceil['bf16_TFLOPs']:.0f} TFLOP/s")

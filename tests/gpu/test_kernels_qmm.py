@@ -136,3 +136,21 @@ def test_dispatch_routes_cuda_to_kernels_and_matches_cpu_reference() -> None:
     y_cpu = qmm(x, qw)
     y_gpu = qmm(x.cuda(), qw.to("cuda"))
     assert _rel(y_gpu.cpu(), y_cpu.double()) < TOL
+
+
+@pytest.mark.parametrize("fmt,kw", [("int4", {"group_size": 32}), ("int4", {"group_size": 128,
+                                    "asym": True}), ("int8", {"group_size": 32}), ("fp8", {}),
+                                    ("nvfp4", {}), ("mxfp4", {})])
+def test_tile_dequantization_is_bit_exact(fmt: str, kw: dict) -> None:
+    """The kernels' weights equal the reference's BF16 weights exactly (via the dequant kernel,
+    which runs the same tile loaders as the GEMM)."""
+    from orbit.kernels._qgemm import dequantize_weight
+
+    qw = random_qweight(fmt, 1000, 2048, seed=4, device="cuda", **kw)
+    t = qw.tensors
+    q = t.get("qweight", t.get("weight"))
+    s = t.get("scale", t.get("scale_inv"))
+    gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
+    group = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}.get(fmt, qw.group_size)
+    w = dequantize_weight(fmt, qw.shape, q, s, t.get("offset"), gs, group, torch.bfloat16)
+    assert torch.equal(w, qw.dequantize(torch.bfloat16))
