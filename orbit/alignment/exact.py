@@ -5,13 +5,16 @@ What differs between the two sides in fast mode, and what replaces it here:
 - dense matmuls (base nn.Linear, lm_head, LoRA A/B): library GEMMs pick kernels by M ->
   `ExactLinear` / `ExactLoRALinear` call `orbit.kernels.matmul_exact` (one tile config for
   every M, no split-K);
-- quantized bases: `QuantLinear.exact = True` routes them to `dispatch.qmm(..., exact=True)`;
+- quantized bases: `ExactQuantLinear` routes them to `dispatch.qmm(..., exact=True)` on CUDA
+  (and `QuantLinear.exact = True` for subclasses such as W8A8, which call dispatch themselves);
 - RMSNorm: torch reductions split rows by batch shape -> `ExactRMSNorm` (one program per row);
 - attention: SDPA (packed) vs. a masked batched read (decode) -> every `AttnBatch` passed to
   the model is viewed as an `ExactAttnBatch`, whose single Triton kernel walks keys in fixed
   64-position blocks from 0 upward in both cases (`orbit.kernels.attention_exact`).
-OFT's rotation kernel already uses one tile config per block size, RoPE/SiLU/residuals are
-elementwise, and the log-softmax is one row per block: those need nothing.
+OFT's CUDA rotation kernel already uses one tile config per block size (ExactOFTLinear only
+changes the CPU path), RoPE/SiLU/residuals are elementwise, and the log-softmax is one row per
+block: those need nothing. On CPU every Exact* op accumulates in float64 and rounds, which is
+batch-invariant unless a float64 sum lands within ~1e-16 of a rounding boundary.
 
 The swaps change classes in place (`module.__class__ = Exact*`): the Exact classes subclass the
 originals and add no state, so parameters, buffers, tied weights, adapter slots and hooks stay
@@ -28,8 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from orbit.adapters.lora import LoRALinear
+from orbit.adapters.oft import OFTLinear
 from orbit.kernels.attention_exact import attention_cached_exact, attention_packed_exact
-from orbit.kernels.matmul_exact import exact_linear
+from orbit.kernels import dispatch
+from orbit.kernels.matmul_exact import exact_linear, matmul_exact_reference
+from orbit.kernels.oft_rotate import oft_rotate
 from orbit.kernels.rmsnorm_exact import rmsnorm_exact
 from orbit.models.attention import AttnBatch
 from orbit.models.transformer import CausalLM, RMSNorm
@@ -57,6 +63,35 @@ class ExactLoRALinear(LoRALinear):
         b = self.slot_tensor(self.active_slot, "lora_B")  # [out, r]
         h = exact_linear(self.dropout(x).to(a.dtype), a)  # [..., r]
         return y + (self.scale * exact_linear(h, b)).to(y.dtype)
+
+
+class ExactQuantLinear(QuantLinear):
+    """QuantLinear in exact mode. CUDA: `dispatch.qmm(..., exact=True)` (the batch-invariant
+    fused kernels). CPU: QuantLinear's cached dense weight through the float64-accumulated
+    reference, since a plain CPU matmul is not batch-invariant either."""
+
+    def _matmul(self, x2d: Tensor) -> Tensor:
+        if x2d.is_cuda:
+            return dispatch.qmm(x2d, self.quantized_weight(), exact=True)
+        return matmul_exact_reference(x2d, self._dense_weight(x2d.dtype, x2d.device))
+
+
+class ExactOFTLinear(OFTLinear):
+    """OFTLinear in exact mode. The CUDA rotation kernel already has one tile config per block
+    size (batch-invariant); on CPU the block einsum is done in float64 and rounded."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.active_slot is None:
+            return self.base(x)
+        rot = self._cached_rotation(self.active_slot)  # [n or 1, b, b]
+        if x.is_cuda:
+            return self.base(oft_rotate(x, rot))
+        n_rot, b, _ = rot.shape
+        n = x.shape[-1] // b
+        xb = x.double().reshape(*x.shape[:-1], n, b)  # [..., n, b]
+        r64 = rot.to(x.dtype).double().expand(n, b, b) if n_rot == 1 else rot.to(x.dtype).double()
+        xr = torch.einsum("...rk,rkc->...rc", xb, r64).reshape(x.shape).to(x.dtype)
+        return self.base(xr)
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -152,6 +187,8 @@ _SWAPS: tuple[tuple[type, type], ...] = (
     (nn.Linear, ExactLinear),
     (LoRALinear, ExactLoRALinear),
     (RMSNorm, ExactRMSNorm),
+    (QuantLinear, ExactQuantLinear),
+    (OFTLinear, ExactOFTLinear),
 )
 
 
@@ -160,13 +197,12 @@ def convert_exact(model: nn.Module) -> dict[str, int]:
     place. Returns how many modules of each kind were converted. Idempotent."""
     if not isinstance(model, CausalLM):
         raise ValueError(f"convert_exact needs a CausalLM, got {type(model).__name__}")
-    counts = {"linear": 0, "lora": 0, "rmsnorm": 0, "quant": 0, "attention": 0}
-    keys = {ExactLinear: "linear", ExactLoRALinear: "lora", ExactRMSNorm: "rmsnorm"}
+    counts = {"linear": 0, "lora": 0, "oft": 0, "rmsnorm": 0, "quant": 0, "attention": 0}
+    keys = {ExactLinear: "linear", ExactLoRALinear: "lora", ExactRMSNorm: "rmsnorm",
+            ExactQuantLinear: "quant", ExactOFTLinear: "oft"}
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
-            mod.exact = True
-            counts["quant"] += 1
-            continue
+            mod.exact = True  # subclasses (W8A8) pass it to dispatch themselves
         for base, exact in _SWAPS:
             if type(mod) is base:  # exact type: leave unknown subclasses alone
                 mod.__class__ = exact
@@ -186,7 +222,7 @@ def revert_exact(model: nn.Module) -> None:
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             mod.exact = False
-        elif type(mod) in back:
+        if type(mod) in back:
             mod.__class__ = back[type(mod)]
     handle = getattr(model, _HOOK_ATTR, None)
     if handle is not None:
@@ -201,6 +237,6 @@ def is_exact(model: nn.Module) -> bool:
 def exact_mode_summary(model: nn.Module) -> dict[str, Any]:
     """Which modules of `model` would still run a batch-variant kernel in exact mode (for logs
     and the preflight): dense linears that are not ExactLinear, RMSNorms not ExactRMSNorm."""
-    leftover = [name for name, m in model.named_modules()
-                if (type(m) is nn.Linear) or (type(m) is RMSNorm) or (type(m) is LoRALinear)]
+    originals = tuple(base for base, _ in _SWAPS)
+    leftover = [name for name, m in model.named_modules() if type(m) in originals]
     return {"exact": is_exact(model), "batch_variant_modules": leftover}
