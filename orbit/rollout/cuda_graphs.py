@@ -8,9 +8,9 @@ combination is needed, and share one memory pool:
 - batch buckets 1, 2, 4, ..., 256 up to max_num_seqs (plus max_num_seqs itself): a batch is
   padded to the next bucket, the padding rows decode token 0 at position 0 into a scratch KV
   slot that no sequence owns;
-- context buckets 256, 512, ... up to max_model_len: the decode attention gathers only the
-  first L cache positions (AttnBatch max_context), so short sequences do not pay for the
-  full context;
+- context buckets 256, 512, 768, ..., 2048, 4096, ... up to max_model_len: the decode
+  attention reads only the first L cache positions (AttnBatch max_context), so short
+  sequences do not pay for the full context;
 - model state: a hashable key from the engine (which adapter slots are active, ...), since a
   graph bakes in the tensors the Python forward chose at capture time.
 
@@ -40,11 +40,13 @@ def batch_buckets(max_bs: int) -> list[int]:
 
 
 def context_buckets(max_len: int) -> list[int]:
-    """Decode context lengths captured for a cache of `max_len` positions."""
+    """Decode context lengths captured for a cache of `max_len` positions: every 256 up to
+    2048 (the SDPA decode reads all L positions, so coarse buckets cost bandwidth), then
+    doubling (few long sequences, fewer graphs)."""
     out, c = [], MIN_CONTEXT_BUCKET
     while c < max_len:
         out.append(c)
-        c *= 2
+        c = c + MIN_CONTEXT_BUCKET if c < 2048 else c * 2
     return out + [max_len]
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import sys
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="tiny shapes (default without CUDA)")
     ap.add_argument("--sections", default="vs_hf,roofline,formats")
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--attn-backend", default="sdpa", choices=("sdpa", "varlen"))
+    ap.add_argument("--attn-backend", default="auto", choices=("auto", "sdpa", "varlen"),
+                    help="backend of the roofline/formats runs; auto = varlen on CUDA if present")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -157,10 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     sections = set(args.sections.split(","))
     plen = 16 if small else args.prompt_len
+    has_varlen = cuda and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    backend = args.attn_backend if args.attn_backend != "auto" else ("varlen" if has_varlen else "sdpa")
+    vs_backends = ["sdpa", "varlen"] if has_varlen else ["sdpa"]
     rows: list[dict] = []
-    okw = {"attn_backend": args.attn_backend}
+    okw = {"attn_backend": backend}
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "dtype": str(dtype), "small": small, "prompt_len": plen, "attn_backend": args.attn_backend,
+            "dtype": str(dtype), "small": small, "prompt_len": plen, "attn_backend": backend,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     print(json.dumps(meta), flush=True)
 
@@ -172,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             h = run_hf(hf, ps, new, device)
             om = orbit_model(shape, dtype, device, hf)
             del hf
-            o = run_orbit(om, ps, new, device, **okw)
+            for be in vs_backends:
+                o = run_orbit(om, ps, new, device, attn_backend=be)
+                _emit(rows, {"section": "vs_hf", "shape": shape, "batch": batch, "new_tokens": new,
+                             "attn_backend": be, "hf_tokens_per_s": h["tokens_per_s"],
+                             "orbit_tokens_per_s": o["tokens_per_s"],
+                             "orbit_decode_tokens_per_s": o["decode_tokens_per_s"],
+                             "speedup": o["tokens_per_s"] / h["tokens_per_s"]})
             del om
-            _emit(rows, {"section": "vs_hf", "shape": shape, "batch": batch, "new_tokens": new,
-                         "hf_tokens_per_s": h["tokens_per_s"], "orbit_tokens_per_s": o["tokens_per_s"],
-                         "orbit_decode_tokens_per_s": o["decode_tokens_per_s"],
-                         "speedup": o["tokens_per_s"] / h["tokens_per_s"]})
             if cuda:
                 torch.cuda.empty_cache()
 
@@ -221,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_engine.json").write_text(json.dumps(out, indent=1))
-    print(f"\n# bench_engine on {meta['device']} ({'small' if small else 'full'}, {dtype}, attn {args.attn_backend})")
+    print(f"\n# bench_engine on {meta['device']} ({'small' if small else 'full'}, {dtype}, attn {backend})")
     for r in rows:
         if r["section"] == "vs_hf":
             print(f"vs_hf    {r['shape']:<13} b{r['batch']:<3} x{r['new_tokens']:<4} HF {r['hf_tokens_per_s']:>9.1f} tok/s"
-                  f"  Orbit {r['orbit_tokens_per_s']:>9.1f} tok/s  speedup {r['speedup']:.1f}x")
+                  f"  Orbit[{r['attn_backend']}] {r['orbit_tokens_per_s']:>9.1f} tok/s  speedup {r['speedup']:.1f}x")
         elif r["section"] == "roofline":
             print(f"roofline {r['shape']:<13} {r['format']:<5} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
