@@ -10,6 +10,7 @@ from orbit.assets import default_gguf_path
 from orbit.models.attention import AttnBatch, cu_seqlens_from_lengths
 from orbit.models.gguf_loader import config_from_gguf, hf_name
 from orbit.models.loader import load_model
+from orbit.models.tokenizer import chat_prompt_ids, load_tokenizer, stop_token_ids
 from orbit.quant.gguf import GGUFReader
 from orbit.quant.linear import QuantLinear
 
@@ -40,6 +41,16 @@ def test_gguf_names_map_to_hf() -> None:
 
 
 @pytest.mark.slow
+def test_tokenizer_and_chat_template_from_gguf(gguf_path) -> None:
+    tok = load_tokenizer(gguf_path)  # transformers' GGUF tokenizer conversion: 3-20 s
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": "Hi"}])
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n"), text
+    assert "<|im_start|>user\nHi<|im_end|>" in text
+    assert stop_token_ids(tok, [2]) == [2] and tok.convert_ids_to_tokens(2) == "<|im_end|>"
+
+
+@pytest.mark.slow
 def test_smollm2_logits_match_transformers(gguf_path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -47,10 +58,7 @@ def test_smollm2_logits_match_transformers(gguf_path) -> None:
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, QuantLinear) and q.weight_format == "int4" and q.group_size == 32
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, dense float
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is 7 times 6?"}],
-                                  add_generation_prompt=True, tokenize=True)
-    ids = torch.tensor(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    assert ids[0].item() == tok.convert_tokens_to_ids("<|im_start|>")
+    ids = torch.tensor(chat_prompt_ids(tok, [{"role": "user", "content": "What is 7 times 6?"}]))
     hf = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
     # Same values: transformers' dequantized (and un-permuted) weights equal Orbit's int4 ones.
