@@ -12,7 +12,8 @@ combination is needed, and share one memory pool:
   attention reads only the first L cache positions (AttnBatch max_context), so short
   sequences do not pay for the full context;
 - model state: a hashable key from the engine (which adapter slots are active, ...), since a
-  graph bakes in the tensors the Python forward chose at capture time.
+  graph bakes in the tensors the Python forward chose at capture time. Graphs of the two
+  most recent states are kept; older ones are dropped.
 
 Inputs live in static buffers (ids, positions, slots: one [3, max_bs] int64 tensor that the
 engine fills with a single host->device copy); the output is each graph's static hidden
@@ -31,6 +32,7 @@ from orbit.models.attention import AttnBatch, KVCache
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_CONTEXT_BUCKET = 256
+MAX_STATES = 2  # model states (adapter slot choices) whose graphs are kept
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -78,6 +80,16 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[Hashable, int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
 
+    def _evict_states(self, keep: Hashable) -> None:
+        """Keep the graphs of at most MAX_STATES model states (the newest), so a key that
+        changes every RL step (new adapter values) does not pile up graphs and pool memory."""
+        states = list(dict.fromkeys(k[0] for k in self.graphs))  # insertion order = age
+        if keep in states:
+            return
+        for old in states[: max(0, len(states) - MAX_STATES + 1)]:
+            for k in [k for k in self.graphs if k[0] == old]:
+                del self.graphs[k]
+
     def padded_size(self, batch: int) -> int:
         return bucket(batch, self.bs)
 
@@ -117,6 +129,7 @@ class DecodeGraphs:
         key = (state, bp, ctx)
         entry = self.graphs.get(key)
         if entry is None:
+            self._evict_states(keep=state)
             entry = self.graphs[key] = self._capture(bp, ctx)
         graph, out = entry
         self.inputs[:, :bp].copy_(host_inputs, non_blocking=True)

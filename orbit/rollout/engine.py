@@ -33,14 +33,25 @@ log = logging.getLogger(__name__)
 
 
 def default_graph_key(model: nn.Module) -> Hashable:
-    """What a captured graph depends on besides shapes: each module's `graph_key()` if it has
-    one, else its `active_slot` (adapters: a graph bakes in the slot tensors it read)."""
+    """What a captured graph depends on besides shapes.
+
+    A module's own `graph_key()` when it defines one. Otherwise, for an adapter (a module with
+    `active_slot`): the active slot plus the version counters of that slot's tensors. The
+    version part is conservative: a module that caches something derived from its slot
+    tensors (OFT's rotation) computes it in Python, outside the graph, so new values written
+    into the slot (`AdapterSet.stage`) need a new capture. A module whose forward only reads
+    its slot tensors (LoRA) can define `graph_key()` returning its active slot to skip that.
+    """
     parts = []
     for name, m in model.named_modules():
         if hasattr(m, "graph_key"):
             parts.append((name, m.graph_key()))
         elif hasattr(m, "active_slot"):
-            parts.append((name, m.active_slot))
+            slot = m.active_slot
+            versions: tuple[int, ...] = ()
+            if slot is not None and hasattr(m, "slot_tensors"):
+                versions = tuple(t._version for t in m.slot_tensors(slot).values())
+            parts.append((name, slot, versions))
     return tuple(parts)
 
 
@@ -238,20 +249,30 @@ class Engine:
             seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
             sched.add(i, list(p), n, sp, [sequence_key(seed, i, j) for j in range(n)])
         state = self._graph_key() if self.use_graphs else None
-        t0, steps, new_tokens = time.perf_counter(), {"prefill": 0, "decode": 0}, 0
+        # Each step ends by reading the sampled tokens on the host (a sync), so per-step wall
+        # times are device times too.
+        t0, new_tokens = time.perf_counter(), 0
+        steps, secs, toks = {"prefill": 0, "decode": 0}, {"prefill": 0.0, "decode": 0.0}, {"prefill": 0, "decode": 0}
         with torch.inference_mode():
             while not sched.done():
+                ts = time.perf_counter()
                 step = sched.schedule()
-                steps[step.kind] += 1
                 if step.kind == "prefill":
-                    new_tokens += self._prefill(sched, step.groups)
+                    k = self._prefill(sched, step.groups)
                 else:
-                    new_tokens += self._decode(sched, step.seqs, state)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+                    k = self._decode(sched, step.seqs, state)
+                steps[step.kind] += 1
+                toks[step.kind] += k
+                secs[step.kind] += time.perf_counter() - ts
+                new_tokens += k
         dt = time.perf_counter() - t0
-        self.last_stats = {"seconds": dt, "new_tokens": new_tokens, "tokens_per_s": new_tokens / max(dt, 1e-9),
-                           "prefill_steps": steps["prefill"], "decode_steps": steps["decode"]}
+        self.last_stats = {
+            "seconds": dt, "new_tokens": new_tokens, "tokens_per_s": new_tokens / max(dt, 1e-9),
+            "prefill_steps": steps["prefill"], "decode_steps": steps["decode"],
+            "prefill_seconds": secs["prefill"], "decode_seconds": secs["decode"],
+            "decode_tokens": toks["decode"],
+            "decode_tokens_per_s": toks["decode"] / max(secs["decode"], 1e-9),
+        }
         out = sched.results(len(prompts), n)
         for i, msg in errors.items():
             out[i] = [Completion([], [], "error", error=msg) for _ in range(n)]

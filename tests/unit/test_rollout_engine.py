@@ -194,3 +194,6 @@ def test_graph_key_follows_adapter_slot() -> None:
         aset.set_active(slot)
         keys.add(default_graph_key(m))
     assert len(keys) == 3
+    before = default_graph_key(m)  # slot 1 active
+    aset.stage(0, 1)  # new values in the served slot: cached derivations (OFT) are stale
+    assert default_graph_key(m) != before
