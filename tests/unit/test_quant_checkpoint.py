@@ -227,3 +227,22 @@ def test_any_compressed_tensors_global_scale_reads_and_writes_back_bitwise() -> 
         assert _bitwise_equal(read_linear(back, P, cfg), first)
         ulps = back[f"{P}.weight_global_scale"].view(torch.int32) - inv.reshape(1).view(torch.int32)
         assert int(ulps.abs()) <= 1
+
+
+def test_fp4_packed_by_compressed_tensors_matches_orbit_bytes() -> None:
+    """The library packs Orbit's dequantized values with Orbit's scales into the same bytes
+    (nibble order, sign bit, E8M0 and inverted-global-scale conventions all agree)."""
+    w = _w(out_f=24, in_f=128, seed=6)
+    for fmt, comp in (("nvfp4", NVFP4PackedCompressor), ("mxfp4", MXFP4PackedCompressor)):
+        qw = quantize(w, fmt)
+        ours = write_linear(qw, P, "compressed-tensors")
+        sd = {"weight": qw.dequantize()}
+        if fmt == "nvfp4":
+            sd["weight_scale"] = qw.tensors["scale"].float()
+            sd["weight_global_scale"] = ours[f"{P}.weight_global_scale"]
+        else:
+            sd["weight_scale"] = torch.exp2(qw.tensors["scale"].float() - 127)
+        cfg = quantization_config("compressed-tensors", fmt)
+        packed = comp.compress(sd, _ct_scheme(cfg))
+        assert torch.equal(packed["weight_packed"], ours[f"{P}.weight_packed"]), fmt
+        assert torch.equal(packed["weight_scale"], ours[f"{P}.weight_scale"]), fmt
