@@ -127,6 +127,26 @@ def test_lora_slot_switch_is_seen_by_graphs() -> None:
     assert tokens(on) == tokens(eager_on) and tokens(on) != tokens(off)
 
 
+def test_oft_stage_after_capture_is_seen() -> None:
+    """OFT caches its rotation outside the graph: after a stage the engine must re-capture."""
+    from orbit.adapters.inject import AdapterConfig, inject_adapters
+
+    model = tiny(torch.float32)
+    ps = prompts(3, seed=6)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+    aset = inject_adapters(model, AdapterConfig(kind="oft", block_size=16, dtype=torch.float32))
+    aset.set_active(1)
+    eng = Engine(model, max_num_seqs=4, max_model_len=512)
+    first = eng.generate(ps, sp)  # identity rotation: captures graphs
+    with torch.no_grad():
+        for p in aset.trainable_parameters():
+            p.normal_(0, 0.3)
+    aset.stage(0, 1)
+    second = eng.generate(ps, sp)
+    eager = Engine(model, max_num_seqs=4, max_model_len=512, cuda_graph=False).generate(ps, sp)
+    assert tokens(second) == tokens(eager) and tokens(second) != tokens(first)
+
+
 def test_varlen_backend_matches_sdpa() -> None:
     pytest.importorskip("torch.nn.attention.varlen")
     model = tiny(torch.bfloat16)
