@@ -246,3 +246,14 @@ def test_fp4_packed_by_compressed_tensors_matches_orbit_bytes() -> None:
         packed = comp.compress(sd, _ct_scheme(cfg))
         assert torch.equal(packed["weight_packed"], ours[f"{P}.weight_packed"]), fmt
         assert torch.equal(packed["weight_scale"], ours[f"{P}.weight_scale"]), fmt
+
+
+def test_gpt_oss_blocks_match_transformers_dequantization() -> None:
+    """transformers' own gpt-oss MXFP4 decoder reads Orbit's `_blocks`/`_scales` exactly."""
+    mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+    qws = [quantize(_w(out_f=16, in_f=96, seed=s), "mxfp4") for s in range(2)]
+    parts = [write_linear(q, "e.down_proj", "gpt-oss") for q in qws]
+    blocks = torch.stack([p["e.down_proj_blocks"] for p in parts])  # [E, out, in/32, 16]
+    scales = torch.stack([p["e.down_proj_scales"] for p in parts])  # [E, out, in/32]
+    dense = mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, out]
+    assert torch.equal(dense, torch.stack([q.dequantize().T for q in qws]))
