@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Hashable
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -198,8 +199,8 @@ class Engine:
                 f"prompt has {len(prompt)} tokens, the context (max_model_len={self.max_model_len}) "
                 "leaves no room for a new token"
             )
-        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
-            bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < self.vocab_size))
+        if not all(isinstance(t, Integral) and 0 <= t < self.vocab_size for t in prompt):
+            bad = next(t for t in prompt if not (isinstance(t, Integral) and 0 <= t < self.vocab_size))
             raise ValueError(f"prompt holds {bad!r}, not a token id in [0, {self.vocab_size})")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(params).__name__}")  # noqa: TRY004
@@ -247,7 +248,7 @@ class Engine:
             if i in errors:
                 continue
             seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
-            sched.add(i, list(p), n, sp, [sequence_key(seed, i, j) for j in range(n)])
+            sched.add(i, [int(t) for t in p], n, sp, [sequence_key(seed, i, j) for j in range(n)])
         state = self._graph_key() if self.use_graphs else None
         # Each step ends by reading the sampled tokens on the host (a sync), so per-step wall
         # times are device times too.
