@@ -81,7 +81,7 @@ class Engine:
         model: nn.Module,
         max_num_seqs: int = 64,
         max_model_len: int = 2048,
-        kv_cache_memory: float | None = None,
+        kv_cache_memory: float | int | None = None,  # noqa: PYI041 (int = bytes, float = fraction)
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         cuda_graph: bool = True,
