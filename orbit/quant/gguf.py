@@ -77,9 +77,7 @@ def _q4_words(qs: Tensor) -> Tensor:
     lo = (even & 0x0F) | (odd << 4)  # elements 0..15; uint8 shifts drop the high nibble
     hi = (even >> 4) | (odd & 0xF0)  # elements 16..31
     out_bytes = torch.cat([lo, hi], dim=-1).reshape(qs.shape[0], -1)  # [out, in/2]
-    if sys.byteorder != "little":  # words are read LSB-first below
-        out_bytes = out_bytes.reshape(qs.shape[0], -1, 4).flip(-1).reshape(qs.shape[0], -1)
-    return out_bytes.contiguous().view(torch.int32)
+    return out_bytes.contiguous().view(torch.int32)  # little-endian: byte 0 = bits 0..7
 
 
 def gguf_qweight(
@@ -94,6 +92,8 @@ def gguf_qweight(
     """
     kind = tensor.tensor_type
     if kind in _BLOCK_BYTES:
+        if sys.byteorder != "little":
+            raise ValueError("GGUF block repacking reinterprets bytes; it needs a little-endian host")
         blocks, out_f, in_f = _blocks(tensor)
         halves = blocks.view(torch.float16)  # every block size is even: [out, nb, bytes/2]
         d = halves[..., 0].contiguous()  # [out, nb]
