@@ -12,6 +12,7 @@ Styles:
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,7 +109,8 @@ def linear_scheme(
         if algo != "NVFP4":
             raise ValueError(f"modelopt quant_algo {algo!r}: only 'NVFP4' is supported")
         exclude = cfg.get("exclude_modules") or cfg.get("ignore") or []
-        if any(_matches(name, p) or re.fullmatch(p.replace("*", ".*"), name) for p in exclude):
+        # ModelOpt writes globs such as "*lm_head*" or "model.layers.0.mlp*"
+        if any(_matches(name, p) or fnmatch.fnmatchcase(name, p) for p in exclude):
             return UNQUANTIZED
         return LinearScheme("modelopt", "nvfp4", 16)
     if method == "mxfp4":

@@ -257,3 +257,10 @@ def test_gpt_oss_blocks_match_transformers_dequantization() -> None:
     scales = torch.stack([p["e.down_proj_scales"] for p in parts])  # [E, out, in/32]
     dense = mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, out]
     assert torch.equal(dense, torch.stack([q.dequantize().T for q in qws]))
+
+
+def test_modelopt_exclude_globs() -> None:
+    cfg = quantization_config("modelopt", "nvfp4", ignore=["*lm_head*", "model.layers.0.*"])
+    assert linear_scheme("lm_head", cfg).fmt == "bf16"
+    assert linear_scheme("model.layers.0.self_attn.q_proj", cfg).fmt == "bf16"
+    assert linear_scheme("model.layers.1.self_attn.q_proj", cfg).fmt == "nvfp4"
