@@ -88,8 +88,12 @@ def _check(x2d: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         raise ValueError(f"matmul_exact: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
-def matmul_exact_triton(x2d: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x2d [M, K] @ weight[N, K]^T (+ bias) -> [M, N] in x2d.dtype, batch-invariant, CUDA only."""
+def matmul_exact_triton(x2d: Tensor, weight: Tensor, bias: Tensor | None = None,
+                        config: tuple[int, int, int, int, int] | None = None) -> Tensor:
+    """x2d [M, K] @ weight[N, K]^T (+ bias) -> [M, N] in x2d.dtype, batch-invariant, CUDA only.
+
+    `config` = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) overrides the default tile
+    (benchmarks only: both sides of a comparison must use the same one)."""
     _check(x2d, weight, bias)
     if not (HAS_TRITON and (x2d.is_cuda or interpreting())):
         raise RuntimeError("matmul_exact_triton needs CUDA tensors and Triton (or TRITON_INTERPRET=1)")
@@ -99,14 +103,14 @@ def matmul_exact_triton(x2d: Tensor, weight: Tensor, bias: Tensor | None = None)
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     if M == 0:
         return y
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    bm, bn, bk, warps, stages = config or (BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _matmul_exact_kernel[grid](
         x2d, weight, bias if bias is not None else y, y,
         M, N, K,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, IEEE=x2d.dtype == torch.float32,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return y
 
