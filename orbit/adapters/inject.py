@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from orbit.adapters.lora import LoRALinear
-from orbit.adapters.oft import OFTLinear
+from orbit.adapters.oft import OFTLinear, build_step_rotations
 from orbit.adapters.slots import FlatSlots, SlottedAdapter
 from orbit.quant.convert import name_matches
 from orbit.quant.linear import QuantLinear
@@ -93,6 +93,14 @@ class AdapterSet:
         self.slots = FlatSlots(modules, cfg.dtype)
         self.slots.set_active(0)
         self._active: int | None = 0
+        self._oft = [m for m in modules.values() if isinstance(m, OFTLinear)]
+        # Batched R build at the start of each training forward of the whole model.
+        self.batched_rotations = bool(self._oft)
+        self._hook = model.register_forward_pre_hook(self._before_forward) if self._oft else None
+
+    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        if self.batched_rotations and self._active == 0 and torch.is_grad_enabled():
+            build_step_rotations(self._oft)
 
     # ---- training ---------------------------------------------------------------------
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

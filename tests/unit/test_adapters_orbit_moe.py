@@ -56,3 +56,33 @@ def test_moe_experts_are_targets(tmp_path, kind, cls):
     keys = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
     name = "oft_R" if kind == "oft" else "lora_A"
     assert f"base_model.model.model.layers.0.mlp.experts.2.up_proj.{name}.weight" in keys
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_batched_oft_rotations_match_per_module(ckpt):
+    """The per-forward batched R build gives the same loss and grads as per-module R, also
+    under activation checkpointing (the recompute reuses the step's R)."""
+    grads = []
+    for batched in (False, True):
+        model = tiny_moe()
+        model.gradient_checkpointing = ckpt
+        aset = inject_adapters(model, AdapterConfig(kind="oft", block_size=8, num_terms=5,
+                                                    dtype=torch.float32))
+        aset.batched_rotations = batched
+        with torch.no_grad():
+            for i, p in enumerate(aset.trainable_parameters()):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+        for step in range(2):  # the second forward must rebuild R after the optimizer step
+            loss = run(model).logsumexp(-1).mean()
+            loss.backward()
+            if batched:  # the forward really used the batched R (its version key still holds)
+                assert all(m._cached_rotation(0) is m._step_rot[2] for m in aset.modules.values())
+            with torch.no_grad():
+                for p in aset.trainable_parameters():
+                    p.sub_(0.1 * p.grad)
+        built = [m._step_rot is not None for m in aset.modules.values()]
+        assert all(built) if batched else not any(built)
+        grads.append((loss.detach(), [p.grad.clone() for p in aset.trainable_parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-6)
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-6)
