@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from orbit.adapters.lora import LoRALinear
 from orbit.adapters.oft import OFTLinear
-from orbit.kernels.attention_exact import attention_cached_exact, attention_packed_exact
 from orbit.kernels import dispatch
+from orbit.kernels.attention_exact import attention_cached_exact, attention_packed_exact
 from orbit.kernels.matmul_exact import exact_linear, matmul_exact_reference
 from orbit.kernels.oft_rotate import oft_rotate
 from orbit.kernels.rmsnorm_exact import rmsnorm_exact
@@ -196,7 +196,7 @@ def convert_exact(model: nn.Module) -> dict[str, int]:
     """Switch `model` (a CausalLM, after quantization and adapter injection) to exact mode, in
     place. Returns how many modules of each kind were converted. Idempotent."""
     if not isinstance(model, CausalLM):
-        raise ValueError(f"convert_exact needs a CausalLM, got {type(model).__name__}")
+        raise ValueError(f"convert_exact needs a CausalLM, got {type(model).__name__}")  # noqa: TRY004
     counts = {"linear": 0, "lora": 0, "oft": 0, "rmsnorm": 0, "quant": 0, "attention": 0}
     keys = {ExactLinear: "linear", ExactLoRALinear: "lora", ExactRMSNorm: "rmsnorm",
             ExactQuantLinear: "quant", ExactOFTLinear: "oft"}

@@ -15,8 +15,9 @@ import logging
 import math
 import statistics
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ float64 and rounds to q.dtype; it is the CPU path and the GPU kernel's accuracy 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -139,7 +140,7 @@ def attention_exact_reference(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor,
     """One sequence: q [n, H, D] at positions q_pos [n]; k/v [m, Hkv, D] at positions 0..m-1;
     query i sees keys j <= q_pos[i]. float64 softmax, result in q.dtype."""
     group = _check_q(q, k)
-    n, H, D = q.shape
+    D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qd = q.double().transpose(0, 1)  # [H, n, D]
     kd = k.to(q.dtype).double().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, m, D]
@@ -168,7 +169,7 @@ def attention_packed_exact(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
         return _launch(q, k, v, cu, start, kvbase, k.stride(0), v.stride(0), max_seqlen, scale)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         pos = torch.arange(b - a, device=q.device)
         out[a:b] = attention_exact_reference(q[a:b], k[a:b], v[a:b], pos, scale)
     return out
@@ -199,7 +200,7 @@ def attention_cached_exact(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqle
                        max_new, scale)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for b, (a, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for b, (a, e) in enumerate(itertools.pairwise(bounds)):
         s, p = int(slots[b]), int(start_pos[b])
         pos = torch.arange(p, p + e - a, device=q.device)
         ctx = p + e - a

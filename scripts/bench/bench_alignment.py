@@ -29,13 +29,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from orbit.alignment.measure import measure_mismatch, random_prompts  # noqa: E402
-from orbit.alignment.variants import ADAPTERS, PRECISIONS, build_conventional, build_variant, random_model  # noqa: E402
-from orbit.entrypoints.preflight import random_config  # noqa: E402
-from orbit.models.attention import AttnBatch, cu_seqlens_from_lengths, positions_from_lengths  # noqa: E402
-from orbit.models.logprobs import token_logprobs  # noqa: E402
-from orbit.rollout.engine import Engine  # noqa: E402
-from orbit.rollout.types import SamplingParams  # noqa: E402
+from orbit.alignment.measure import measure_mismatch, random_prompts
+from orbit.alignment.variants import (
+    ADAPTERS,
+    PRECISIONS,
+    build_conventional,
+    build_variant,
+    random_model,
+)
+from orbit.entrypoints.preflight import random_config
+from orbit.models.attention import AttnBatch, cu_seqlens_from_lengths, positions_from_lengths
+from orbit.models.logprobs import token_logprobs
+from orbit.rollout.engine import Engine
+from orbit.rollout.types import SamplingParams
 
 
 def sync(device: torch.device) -> None:
@@ -92,10 +98,10 @@ def kernel_bench(emit, device: torch.device) -> None:
         for m in (32, 256, 8192):
             x = torch.randn(m, k, device=device).bfloat16()
             row = {"setup": "matmul", "M": m, "N": n, "K": k,
-                   "torch_us": round(do_bench(lambda: x @ w.T, return_mode="median") * 1e3, 2)}
+                   "torch_us": round(do_bench(lambda x=x, w=w: x @ w.T, return_mode="median") * 1e3, 2)}
             for c in configs:
                 row["x".join(map(str, c)) + "_us"] = round(
-                    do_bench(lambda: matmul_exact_triton(x, w, None, c), return_mode="median") * 1e3, 2)
+                    do_bench(lambda x=x, w=w, c=c: matmul_exact_triton(x, w, None, c), return_mode="median") * 1e3, 2)
             emit(row)
 
 

@@ -4,6 +4,8 @@ for every precision and adapter. Run on the lent machine: bash scripts/gpu_run.s
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -53,7 +55,9 @@ def test_rmsnorm_exact_row_invariant() -> None:
 @pytest.mark.parametrize("H,Hkv,D", [(16, 8, 128), (9, 3, 64)])
 def test_attention_packed_equals_decode(dtype: torch.dtype, H: int, Hkv: int, D: int) -> None:
     from orbit.kernels.attention_exact import (
-        attention_cached_exact, attention_exact_reference, attention_packed_exact,
+        attention_cached_exact,
+        attention_exact_reference,
+        attention_packed_exact,
     )
 
     g = torch.Generator(device="cuda").manual_seed(H * D)
@@ -65,7 +69,7 @@ def test_attention_packed_equals_decode(dtype: torch.dtype, H: int, Hkv: int, D:
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     packed = attention_packed_exact(q, k, v, cu, max(lens))
     bounds = cu.tolist()
-    for a, e in zip(bounds[:-1], bounds[1:]):
+    for a, e in itertools.pairwise(bounds):
         ref = attention_exact_reference(q[a:e], k[a:e], v[a:e], torch.arange(e - a, device="cuda"))
         assert rel(packed[a:e], ref) < 1e-2
     # KV cache with garbage everywhere, then each sequence written into a shuffled slot
@@ -73,7 +77,7 @@ def test_attention_packed_equals_decode(dtype: torch.dtype, H: int, Hkv: int, D:
     kc = torch.randn(S, L, Hkv, D, device="cuda", generator=g).to(dtype)
     vc = torch.randn(S, L, Hkv, D, device="cuda", generator=g).to(dtype)
     slots = [5, 0, 3, 6, 2]
-    for b, (a, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for b, (a, e) in enumerate(itertools.pairwise(bounds)):
         kc[slots[b], : e - a], vc[slots[b], : e - a] = k[a:e], v[a:e]
     # decode: every position of every still-running sequence, all sequences in one batch
     for t in range(max(lens)):
@@ -106,7 +110,7 @@ CASES = [("bf16", "none"), ("bf16", "lora"), ("bf16", "oft"), ("int4", "lora"), 
 
 
 @pytest.fixture(scope="module")
-def base_model():  # noqa: ANN201
+def base_model():
     from orbit.alignment.variants import random_model
     from orbit.models.config import ModelConfig
 
@@ -117,7 +121,7 @@ def base_model():  # noqa: ANN201
 
 
 @pytest.mark.parametrize("precision,adapter", CASES)
-def test_exact_mode_engine_equals_trainer(base_model, precision: str, adapter: str) -> None:  # noqa: ANN001
+def test_exact_mode_engine_equals_trainer(base_model, precision: str, adapter: str) -> None:
     from orbit.alignment.measure import measure_mismatch, random_prompts
     from orbit.alignment.variants import build_variant
     from orbit.rollout.engine import Engine

@@ -10,12 +10,20 @@ import torch
 from torch import nn
 
 from orbit.alignment.exact import (
-    ExactLinear, ExactLoRALinear, ExactRMSNorm, convert_exact, exact_mode_summary, is_exact, revert_exact,
+    ExactLinear,
+    ExactLoRALinear,
+    ExactRMSNorm,
+    convert_exact,
+    exact_mode_summary,
+    is_exact,
+    revert_exact,
 )
 from orbit.alignment.measure import measure_mismatch, random_prompts
 from orbit.alignment.variants import build_variant, random_model
 from orbit.kernels.attention_exact import (
-    attention_cached_exact, attention_exact_reference, attention_packed_exact,
+    attention_cached_exact,
+    attention_exact_reference,
+    attention_packed_exact,
 )
 from orbit.kernels.matmul_exact import exact_linear, matmul_exact_reference
 from orbit.kernels.rmsnorm_exact import rmsnorm_exact_reference
@@ -94,7 +102,7 @@ def test_attention_reference_packed_equals_cached_and_sdpa() -> None:
 
 def test_convert_exact_swaps_and_reverts() -> None:
     base = random_model(CFG, "cpu", torch.float32)
-    model, aset = build_variant(base, "bf16", "lora", "fast")
+    model, _ = build_variant(base, "bf16", "lora", "fast")
     before = {n: p.clone() for n, p in model.named_parameters()}
     counts = convert_exact(model)
     assert is_exact(model)

@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from orbit.alignment.measure import mismatch_metrics, measure_mismatch, random_prompts, score_packed
+from orbit.alignment.measure import measure_mismatch, mismatch_metrics, random_prompts, score_packed
 from orbit.alignment.monitor import MismatchMonitor
 from orbit.alignment.variants import build_conventional, build_variant, random_model
 from orbit.data.sample import Sample
-from orbit.entrypoints.preflight import check_bounds, main as preflight_main
+from orbit.entrypoints.preflight import check_bounds
+from orbit.entrypoints.preflight import main as preflight_main
 from orbit.models.config import ModelConfig
 from orbit.rollout.engine import Engine
 from orbit.rollout.types import SamplingParams
