@@ -7,7 +7,8 @@ adapter tensors are real), so this runs on a CPU too. Compared in the same run: 
 (what `AdapterSet.stage` does) against one copy per tensor (a naive push), and the device
 copy bandwidth of a same-size buffer. "host_ms" is how long `stage()` blocks the Python thread.
 Rotation: `oft_rotate` (Triton on CUDA, torch reference on CPU) against the bf16 `x @ W.T` of
-the same linear, and the per-step cost of building R from Q for all 252 linears.
+the same linear, and the per-step cost (forward + backward) of building R from Q for all 252
+linears, one module at a time vs the batched build the training forward uses.
 Writes JSON to $OUT/bench_adapters.json (or --out) and prints a table.
 
     python scripts/bench/bench_adapters.py [--layers 36] [--quick]
@@ -29,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from orbit.adapters.lora import LoRALinear  # noqa: E402
-from orbit.adapters.oft import OFTLinear  # noqa: E402
+from orbit.adapters.oft import OFTLinear, build_step_rotations  # noqa: E402
 from orbit.adapters.slots import FlatSlots  # noqa: E402
 from orbit.kernels.oft_rotate import oft_rotate, triton_usable  # noqa: E402
 
@@ -124,17 +125,22 @@ def bench_rotation(device: torch.device, ms_list: list[int], reps: int) -> list[
 
 
 def bench_build_r(layers: int, device: torch.device, reps: int) -> dict:
+    """R for all OFT linears, forward + backward: one module at a time vs batched."""
     mods = list(build("oft", layers, device).values())
     with torch.no_grad():
         for m in mods:
             m.oft_R.normal_(0, 0.05)
 
-    def all_r() -> None:
-        for m in mods:
-            m.rotation(0)
+    def per_module() -> None:
+        sum(m.rotation(0).sum() for m in mods).backward()
 
+    def batched() -> None:
+        build_step_rotations(mods)
+        sum(m._step_rot[2].sum() for m in mods).backward()
+
+    r = max(3, reps // 4)
     return {"bench": "build_R", "layers": layers, "modules": len(mods),
-            "ms": timed(all_r, device, max(3, reps // 4))}
+            "per_module_ms": timed(per_module, device, r), "batched_ms": timed(batched, device, r)}
 
 
 def main() -> None:
@@ -168,7 +174,8 @@ def main() -> None:
             print(f"{r['linear']:10} {r['k']:5d} {r['n']:5d} {r['m']:5d} {r['path']:>6} "
                   f"{r['rotate_ms']:10.4f} {r['gemm_ms']:9.4f} {r['ratio']:6.2f}")
     b = rows[-1]
-    print(f"\nbuild R (Cayley-Neumann, 5 terms) for {b['modules']} linears: {b['ms']:.2f} ms per step")
+    print(f"\nR for {b['modules']} OFT linears (Cayley-Neumann, 5 terms), forward + backward: "
+          f"{b['per_module_ms']:.2f} ms one module at a time, {b['batched_ms']:.2f} ms batched")
     if out:
         print(f"wrote {out}")
 
