@@ -1,10 +1,10 @@
 """Triton helpers that several weight-tile loaders share (group scales, packed-code unpacking).
 
-UNPACK selects how packed codes become a [ROWS, COLS] tile; all three compute the same values
-and are kept so the benchmark can compare them on the device (docs/kernels.md has the
-numbers): 0 = shift a [ROWS, COLS/P, P] tensor and reshape it; 1 = every element loads its
-own word and shifts (duplicate addresses are served by L1, no reshape); 2 = a tree of
-`tl.join`s, whose trailing size-2 dims reshape without moving data between threads.
+UNPACK selects how packed codes become a [ROWS, COLS] tile; all compute the same values and
+are kept so the benchmark can compare them on the device (docs/kernels.md has the numbers):
+0 = shift a [ROWS, COLS/P, P] tensor and reshape it; 1 = every element loads its own word
+and shifts (no reshape; measured 5-10x slower); 2 = a tree of `tl.join`s, whose trailing
+size-2 dims reshape without moving data between threads (fastest for int4 words).
 """
 
 from __future__ import annotations
@@ -13,18 +13,32 @@ from orbit.kernels._triton import tl, triton
 
 
 @triton.jit
-def group_scale(s_ptr, stride_s, offs_n, row_ok, k0, K, GROUP: tl.constexpr,
-                COLS: tl.constexpr):
-    """Float32 scales of W[offs_n, k0:k0+COLS] for groups of GROUP along k, broadcastable to
-    [ROWS, COLS]: one per row when the tile sits in one group, else one per element."""
+def group_affine(v, s_ptr, o_ptr, stride_s, offs_n, row_ok, k0, K, GROUP: tl.constexpr,
+                 HAS_OFFSET: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """v * s (+ o) for the float32 tile v = W[offs_n, k0:k0+COLS] with one scale (and offset)
+    per GROUP columns. One scale per row when the tile sits in one group; otherwise the
+    [ROWS, COLS/GROUP] scales multiply a [ROWS, COLS/GROUP, GROUP] view (a per-element gather
+    of the scales measured 5-10x slower on the H100, docs/kernels.md)."""
     if COLS <= GROUP:
-        s = tl.load(s_ptr + offs_n * stride_s + k0 // GROUP, mask=row_ok, other=0.0)
-        out = s.to(tl.float32)[:, None]  # [ROWS, 1]
+        sp = offs_n * stride_s + k0 // GROUP
+        s = tl.load(s_ptr + sp, mask=row_ok, other=0.0).to(tl.float32)[:, None]  # [ROWS, 1]
+        if HAS_OFFSET:
+            w = v * s + tl.load(o_ptr + sp, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        else:
+            w = v * s
     else:
-        offs_k = k0 + tl.arange(0, COLS)
-        out = tl.load(s_ptr + offs_n[:, None] * stride_s + (offs_k // GROUP)[None, :],
-                      mask=row_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-    return out
+        offs_g = k0 // GROUP + tl.arange(0, COLS // GROUP)
+        sp = offs_n[:, None] * stride_s + offs_g[None, :]
+        gmask = row_ok[:, None] & (offs_g[None, :] < K // GROUP)
+        s = tl.load(s_ptr + sp, mask=gmask, other=0.0).to(tl.float32)  # [ROWS, COLS/G]
+        v3 = tl.reshape(v, (ROWS, COLS // GROUP, GROUP))
+        if HAS_OFFSET:
+            z = tl.load(o_ptr + sp, mask=gmask, other=0.0).to(tl.float32)
+            w3 = v3 * s[:, :, None] + z[:, :, None]
+        else:
+            w3 = v3 * s[:, :, None]
+        w = tl.reshape(w3, (ROWS, COLS))
+    return w
 
 
 @triton.jit

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from orbit.kernels._tiles import group_scale, unpack_nibbles
+from orbit.kernels._tiles import group_affine, unpack_nibbles
 from orbit.kernels._triton import tl, triton
 from orbit.quant.qweight import MXFP4_GROUP, NVFP4_GROUP, QuantizedWeight
 
@@ -34,9 +34,9 @@ def nvfp4_tile(q_ptr, s_ptr, g_ptr, stride_q, stride_s, n0, k0, N, K,
     offs_n = n0 + tl.arange(0, ROWS)
     row_ok = offs_n < N
     v = _e2m1(unpack_nibbles(q_ptr, stride_q, offs_n, row_ok, k0, K, 2, ROWS, COLS, UNPACK))
-    s = group_scale(s_ptr, stride_s, offs_n, row_ok, k0, K, 16, COLS)
     gs = tl.load(g_ptr).to(tl.float32)
-    return (v * s) * gs  # same order as the reference
+    vs = group_affine(v, s_ptr, s_ptr, stride_s, offs_n, row_ok, k0, K, 16, False, ROWS, COLS)
+    return vs * gs  # (v * s) * gs: the reference's order
 
 
 @triton.jit
@@ -46,12 +46,13 @@ def mxfp4_tile(q_ptr, s_ptr, stride_q, stride_s, n0, k0, N, K,
     offs_n = n0 + tl.arange(0, ROWS)
     row_ok = offs_n < N
     v = _e2m1(unpack_nibbles(q_ptr, stride_q, offs_n, row_ok, k0, K, 2, ROWS, COLS, UNPACK))
-    offs_k = k0 + tl.arange(0, COLS)
-    e = tl.load(s_ptr + offs_n[:, None] * stride_s + (offs_k // 32)[None, :],
-                mask=row_ok[:, None] & (offs_k[None, :] < K), other=0).to(tl.int32)
+    offs_g = k0 // 32 + tl.arange(0, COLS // 32)
+    e = tl.load(s_ptr + offs_n[:, None] * stride_s + offs_g[None, :],
+                mask=row_ok[:, None] & (offs_g[None, :] < K // 32), other=0).to(tl.int32)
     # 2^(e-127) is the fp32 whose exponent field is e; e == 0 is the subnormal 2^-127.
     s = tl.where(e == 0, 5.877471754111438e-39, (e << 23).to(tl.float32, bitcast=True))
-    return v * s
+    w3 = tl.reshape(v, (ROWS, COLS // 32, 32)) * s[:, :, None]  # [ROWS, COLS/32, 32]
+    return tl.reshape(w3, (ROWS, COLS))
 
 
 def _check(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from orbit.kernels._tiles import group_scale, unpack_nibbles
+from orbit.kernels._tiles import group_affine, unpack_nibbles
 from orbit.kernels._triton import tl, triton
 from orbit.quant.qweight import QuantizedWeight
 
@@ -28,13 +28,10 @@ def int4_tile(q_ptr, s_ptr, o_ptr, stride_q, stride_s, n0, k0, N, K,
     row_ok = offs_n < N
     u = unpack_nibbles(q_ptr, stride_q, offs_n, row_ok, k0, K, 8, ROWS, COLS,
                        UNPACK).to(tl.float32)
-    s = group_scale(s_ptr, stride_s, offs_n, row_ok, k0, K, GROUP, COLS)
-    if HAS_OFFSET:
-        z = group_scale(o_ptr, stride_s, offs_n, row_ok, k0, K, GROUP, COLS)
-        w = u * s + z
-    else:
-        w = (u - 8.0) * s
-    return w
+    if not HAS_OFFSET:
+        u = u - 8.0  # exact in fp32, as is the product with a bf16/fp16 scale
+    return group_affine(u, s_ptr, o_ptr, stride_s, offs_n, row_ok, k0, K, GROUP, HAS_OFFSET,
+                        ROWS, COLS)
 
 
 def _check(x: Tensor, qw: QuantizedWeight, transpose: bool) -> None:

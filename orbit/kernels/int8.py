@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from orbit.kernels._tiles import group_scale
+from orbit.kernels._tiles import group_affine
 from orbit.kernels._triton import tl, triton
 from orbit.quant.qweight import QuantizedWeight
 
@@ -26,7 +26,8 @@ def int8_tile(q_ptr, s_ptr, stride_q, stride_s, n0, k0, N, K,
     row_ok = offs_n < N
     q = tl.load(q_ptr + offs_n[:, None] * stride_q + offs_k[None, :],
                 mask=row_ok[:, None] & (offs_k[None, :] < K), other=0).to(tl.float32)
-    return q * group_scale(s_ptr, stride_s, offs_n, row_ok, k0, K, GROUP, COLS)
+    return group_affine(q, s_ptr, s_ptr, stride_s, offs_n, row_ok, k0, K, GROUP, False,
+                        ROWS, COLS)
 
 
 def _check(x: Tensor, qw: QuantizedWeight, transpose: bool) -> None:
