@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -173,3 +174,27 @@ def test_bad_specs_raise_value_error(tmp_path: Path) -> None:
         load_callable("orbit.rewards.verifiers:nope")
     with pytest.raises(ValueError, match="unique"):
         RewardRunner([RewardSpec("a", _nan), RewardSpec("a", _nan)])
+
+
+def test_timeout_counts_from_start_not_from_queueing() -> None:
+    # 6 calls of 0.1 s on 2 slots take ~0.3 s in all; each call alone is well under 0.25 s,
+    # so none may time out even though the last ones wait 0.2 s for a slot.
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0}
+
+    def slow(sample: Sample) -> float:
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.1)
+        with lock:
+            state["now"] -= 1
+        return 1.0
+
+    with RewardRunner([RewardSpec("slow", slow)], timeout_s=0.25, max_workers=2) as runner:
+        t0 = time.perf_counter()
+        res = runner.run(_samples(["a"] * 6))
+        elapsed = time.perf_counter() - t0
+    assert res.total == [1.0] * 6 and not res.failures
+    assert state["peak"] == 2
+    assert 0.28 < elapsed < 0.6, elapsed
