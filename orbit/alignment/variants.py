@@ -49,14 +49,17 @@ def random_model(config: ModelConfig, device: torch.device | str, dtype: torch.d
         model = CausalLM(config)
     with torch.no_grad():
         for name, mod in model.named_modules():
-            if isinstance(mod, nn.Linear):
-                std = (4.0 if name == "lm_head" else 1.0) / math.sqrt(mod.in_features)
-                if name == "lm_head" and config.tie_word_embeddings:
-                    continue
-                mod.weight.normal_(0.0, std)
+            if isinstance(mod, nn.Linear) and name != "lm_head":
+                mod.weight.normal_(0.0, 1.0 / math.sqrt(mod.in_features))
                 if mod.bias is not None:
                     mod.bias.normal_(0.0, 0.02)
-        model.model.embed_tokens.weight.normal_(0.0, 1.0)
+        # logits = norm(h) @ W_head^T with unit-RMS rows: std 4 / sqrt(D) gives logit std ~4
+        head_std = 4.0 / math.sqrt(config.hidden_size)
+        if config.tie_word_embeddings:
+            model.model.embed_tokens.weight.normal_(0.0, head_std)  # also the head
+        else:
+            model.model.embed_tokens.weight.normal_(0.0, 1.0)
+            model.lm_head.weight.normal_(0.0, head_std)
     model.to(dtype)
     model.model.rotary_emb.reset(device)  # cos/sin tables stay float32
     model.requires_grad_(False)
