@@ -34,6 +34,7 @@ ADAPTER_ARGS=(
 ROLLOUT_ARGS=(
   --rollout-temperature "${TEMPERATURE:-1.0}"
   --rollout-max-response-len "${MAX_RESPONSE_LEN:-48}"
+  --max-prompt-len "${MAX_PROMPT_LEN:-256}"
   --n-samples-per-prompt "${N_SAMPLES_PER_PROMPT:-4}"
   --rollout-batch-size "${ROLLOUT_BATCH_SIZE:-8}"
   --num-rollout "${NUM_ROLLOUT:-30}"
@@ -89,6 +90,7 @@ LOG_ARGS=(
 CLUSTER_ARGS=(
   --device "${DEVICE:-auto}"
   --num-workers "${NUM_WORKERS:-0}"
+  --cpu-threads "${CPU_THREADS:-0}"
 )
 
 if [[ "$GENERATE_DATA" == "1" && "${ORBIT_DRY_RUN_ARGV:-0}" != "1" ]]; then

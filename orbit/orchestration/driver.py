@@ -14,10 +14,14 @@ import time
 from pathlib import Path
 
 from orbit.config import TrainConfig
+from orbit.data.jsonl import PromptIterator, PromptRecord, load_prompts
+from orbit.eval.passk import pass_at_k_table
 from orbit.orchestration.group import WorkerGroup
-from orbit.orchestration.prompts import PromptStream, load_rows
 from orbit.orchestration.steps import (
-    assign_advantages, mini_batches, pass_at_k, reduce_train_metrics, rollout_metrics,
+    assign_advantages,
+    mini_batches,
+    reduce_train_metrics,
+    rollout_metrics,
 )
 from orbit.trainer import checkpoint as ckpt
 from orbit.trainer.metrics import MetricsLogger, wandb_enabled
@@ -30,14 +34,13 @@ def train(cfg: TrainConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")  # the resolved config, re-loadable with TrainConfig.load
 
-    # 1. Data: train prompts as a resumable stream, test prompts as a list.
+    # 1. Data: prompts rendered with the model's chat template; train as a resumable iterator.
     d = cfg.data
-    train_rows = load_rows(d.prompt_data, d.input_key, d.label_key, d.train_rows)
-    stream = PromptStream(train_rows, seed=d.seed, shuffle=d.rollout_shuffle)
+    train_set = _prompts(cfg, d.prompt_data, d.train_rows)
+    stream = PromptIterator(train_set, cfg.rollout.rollout_batch_size, seed=d.seed, shuffle=d.rollout_shuffle)
     eval_on = not cfg.eval.disable_eval and bool(d.eval_prompt_data)
-    test_rows = load_rows(d.eval_prompt_data, d.input_key, d.label_key, cfg.eval.eval_rows) if eval_on else []
-    test_rows = [dict(r, group_id=i) for i, r in enumerate(test_rows)]
-    num_steps = cfg.num_steps(len(train_rows))
+    test_rows = _rows(_prompts(cfg, d.eval_prompt_data, cfg.eval.eval_rows).records, 0) if eval_on else []
+    num_steps = cfg.num_steps(len(train_set))
     optim_steps_per_rollout = cfg.samples_per_step() // cfg.global_batch()
 
     # 2. Workers: one per GPU (or CPU worker), each loads the base and injects the adapter.
@@ -61,7 +64,7 @@ def train(cfg: TrainConfig) -> Path:
         t0 = time.perf_counter()
         per_prompt = workers.evaluate(test_rows, step)
         k = cfg.eval.n_samples_per_eval_prompt
-        out = {f"eval/pass@{j}": pass_at_k(per_prompt, j) for j in sorted({1, k})}
+        out = {f"eval/{name}": v for name, v in pass_at_k_table(per_prompt, [1, k]).items()}
         out["perf/eval_time"] = time.perf_counter() - t0
         return out
 
@@ -77,7 +80,7 @@ def train(cfg: TrainConfig) -> Path:
         for step in range(start + 1, num_steps + 1):
             t_step = time.perf_counter()
             # 4. Rollout: n samples per prompt from the serve slot, scored by the reward runner.
-            rows = stream.next_batch(cfg.rollout.rollout_batch_size)
+            rows = _rows(stream.next_batch(), first_group=step * cfg.rollout.rollout_batch_size)
             t0 = time.perf_counter()
             samples = workers.rollout(rows, step)
             t_rollout = time.perf_counter() - t0
@@ -115,3 +118,22 @@ def train(cfg: TrainConfig) -> Path:
         workers.shutdown()
         logger.close(plot=cfg.logging.plot)
     return run_dir
+
+
+def _prompts(cfg: TrainConfig, path: str, limit: int):  # -> PromptDataset
+    from orbit.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.ckpt.hf_checkpoint or _default_model_path()) if cfg.data.apply_chat_template else None
+    return load_prompts(path, cfg.data.input_key, cfg.data.label_key or None, tokenizer=tok,
+                        apply_chat_template=cfg.data.apply_chat_template, limit=limit or None)
+
+
+def _rows(records: list[PromptRecord], first_group: int) -> list[dict]:
+    """What workers get: rendered prompt text, label, and a group id unique within the run."""
+    return [{"text": r.text, "label": r.label, "group_id": first_group + i} for i, r in enumerate(records)]
+
+
+def _default_model_path() -> str:
+    from orbit.assets import default_gguf_path
+
+    return str(default_gguf_path())

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from orbit.config import TrainConfig
-from orbit.trainer.batching import seq_len
 from orbit.orchestration.placement import (
     Placement,
     create_placement_group,
@@ -24,6 +23,7 @@ from orbit.orchestration.placement import (
     set_cpu_threads,
     start_ray,
 )
+from orbit.trainer.batching import seq_len
 
 
 def split_chunks(items: list[Any], n: int) -> list[list[Any]]:
@@ -89,6 +89,7 @@ class WorkerGroup:
         gpus = torch.cuda.device_count()
         self.placement: Placement = resolve_placement(cfg.cluster.device, cfg.cluster.num_workers,
                                                       gpus, os.cpu_count() or 1)
+        self.threads = cfg.cluster.cpu_threads or self.placement.cpus_per_worker
         self._owns_ray = False
         self._local = None
         self._actors: list[Any] = []
@@ -100,6 +101,8 @@ class WorkerGroup:
             from orbit.trainer.worker import PolicyWorker
 
             device = "cuda:0" if self.placement.device == "cuda" else "cpu"
+            if device == "cpu":
+                set_cpu_threads(self.threads)
             self._local = PolicyWorker(cfg, rank=0, world_size=1, device=device,
                                        total_optim_steps=total_optim_steps)
 
@@ -117,7 +120,7 @@ class WorkerGroup:
             self._actors.append(actor_cls.options(
                 num_cpus=p.cpus_per_worker, num_gpus=1 if p.device == "cuda" else 0,
                 scheduling_strategy=strategy,
-            ).remote(rank, p.num_workers, p.device, p.cpus_per_worker))
+            ).remote(rank, p.num_workers, p.device, self.threads))
         port = ray.get(self._actors[0].free_port.remote())
         ray.get([a.setup.remote(self.cfg.to_dict(), port, self.total_optim_steps) for a in self._actors])
 

@@ -95,14 +95,3 @@ def reduce_train_metrics(per_step: list[dict[str, float]]) -> dict[str, float]:
         else:
             out[k] = sum(vals) / len(vals)
     return out
-
-
-def pass_at_k(per_prompt_rewards: list[list[float]], k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021) averaged over prompts; a reward >= 1 counts as correct."""
-    total = 0.0
-    for rs in per_prompt_rewards:
-        n, c = len(rs), sum(r >= 1.0 for r in rs)
-        if n < k:
-            raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {n}")
-        total += 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
-    return total / max(len(per_prompt_rewards), 1)

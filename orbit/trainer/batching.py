@@ -7,7 +7,8 @@ decides which samples share a micro-batch and moves a packed batch to the worker
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

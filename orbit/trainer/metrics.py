@@ -72,7 +72,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             if not isinstance(v, (int, float)):
-                raise ValueError(f"metric {k!r} must be a number, got {type(v).__name__}")
+                raise TypeError(f"metric {k!r} must be a number, got {type(v).__name__}")
         record = {"step": step, **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")

@@ -19,10 +19,10 @@ import torch.distributed as dist
 
 from orbit.algorithms.losses import PolicyLossConfig, PolicyLossInputs, policy_loss
 from orbit.config import TrainConfig
+from orbit.data.sample import Sample, pack_samples
 from orbit.models.attention import AttnBatch
 from orbit.models.logprobs import token_logprobs
 from orbit.trainer import checkpoint as ckpt
-from orbit.data.sample import Sample, pack_samples
 from orbit.trainer.batching import micro_batches, padded, to_device
 from orbit.trainer.schedule import build_scheduler
 
@@ -101,22 +101,16 @@ class PolicyWorker:
         return self.world_size > 1 and dist.is_available() and dist.is_initialized()
 
     # ---- rollout -------------------------------------------------------------------------
-    def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
-        """Token ids of one prompt (chat-templated when asked and the tokenizer has a template)."""
-        from orbit.models.tokenizer import chat_prompt_ids
-
+    def prompt_ids(self, text: str) -> list[int]:
+        """Token ids of a rendered prompt (chat template already applied by orbit.data)."""
         if self.tokenizer is None:
             raise ValueError(f"{self.cfg.ckpt.hf_checkpoint}: the model ships no tokenizer")
-        if self.cfg.data.apply_chat_template and getattr(self.tokenizer, "chat_template", None):
-            msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            return chat_prompt_ids(self.tokenizer, msgs)
-        if isinstance(prompt, list):
-            raise ValueError("a chat-message prompt needs --apply-chat-template and a chat template")
-        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        # A rendered chat template carries its own special tokens (BOS included) as text.
+        return list(self.tokenizer.encode(text, add_special_tokens=not self.cfg.data.apply_chat_template))
 
     def _generate(self, rows: list[dict[str, Any]], sampling: Any, n: int,
                   eval_mode: bool = False) -> list[Sample]:
-        ids = [self.prompt_ids(r["prompt"]) for r in rows]
+        ids = [self.prompt_ids(r["text"]) for r in rows]
         with torch.no_grad(), self.adapters.use_slot(SERVE_SLOT):
             groups = self.engine.generate(ids, sampling, n)
         samples = []
@@ -125,14 +119,14 @@ class PolicyWorker:
                 samples.append(Sample(
                     prompt_ids=p_ids, response_ids=list(c.tokens), rollout_logprobs=list(c.logprobs),
                     group_id=int(row["group_id"]), index=j, label=row.get("label"),
-                    finish_reason=c.finish_reason, prompt_text=str(row["prompt"]),
+                    finish_reason=c.finish_reason, prompt_text=row["text"],
                     response_text=c.text if c.text is not None else self.tokenizer.decode(c.tokens),
                 ))
         self.reward.apply(samples, eval_mode=eval_mode)  # fills reward and rewards_by_fn
         return samples
 
     def rollout(self, rows: list[dict[str, Any]], step: int = 0) -> list[Sample]:
-        """n responses per prompt row ({prompt, label, group_id}) from the serve slot, scored."""
+        """n responses per prompt row ({text, label, group_id}) from the serve slot, scored."""
         from orbit.rollout.types import SamplingParams
 
         r = self.cfg.rollout
