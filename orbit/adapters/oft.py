@@ -114,14 +114,13 @@ class OFTLinear(SlottedAdapter):
         device = base_device(base) if device is None else torch.device(device)
         q = torch.zeros(n_rot, n_el, dtype=dtype, device=device)
         self._init_slots({"oft_R": q})
-        # Inference-time cache of R: (slot, tensor version, R). Valid while the slot's storage
-        # is not written; views share their flat buffer's version counter, so a stage or an
-        # optimizer step invalidates it.
-        self._rot_cache: tuple[int, int, int, Tensor] | None = None
+        # Inference-time cache of R: (slot, data_ptr, slot_version, R). Valid while the slot is
+        # not written: an optimizer step, a stage or a write into the flat buffer invalidates it.
+        self._rot_cache: tuple[int, int, tuple[int, int], Tensor] | None = None
         self._skew_index: tuple[Tensor, Tensor] | None = None
         # R of slot 0 built for all OFT modules at once by `build_step_rotations` at the start
         # of a grad-enabled forward: (oft_R version, data_ptr, R with its autograd graph).
-        self._step_rot: tuple[int, int, Tensor] | None = None
+        self._step_rot: tuple[tuple[int, int], int, Tensor] | None = None
 
     def slots_written(self) -> None:
         self._rot_cache = None
@@ -141,10 +140,10 @@ class OFTLinear(SlottedAdapter):
         t = self.slot_tensor(slot, "oft_R")
         if torch.is_grad_enabled() and t.requires_grad:
             sr = self._step_rot
-            if sr is not None and sr[0] == t._version and sr[1] == t.data_ptr():
+            if sr is not None and sr[0] == self.slot_version(0, "oft_R") and sr[1] == t.data_ptr():
                 return sr[2]
             return self.rotation(slot)
-        key = (slot, t.data_ptr(), t._version)
+        key = (slot, t.data_ptr(), self.slot_version(slot, "oft_R"))
         if self._rot_cache is None or self._rot_cache[:3] != key:
             with torch.no_grad():
                 self._rot_cache = (*key, self.rotation(slot))
@@ -192,4 +191,4 @@ def build_step_rotations(modules: list[OFTLinear]) -> None:
             first._skew_index = skew_index(b, flat.device)
         rot = cayley(skew_from_vec(flat, b, first._skew_index), neumann, terms)  # [sum n_rot, b, b]
         for m, v, r in zip(mods, vecs, rot.split([v.shape[0] for v in vecs])):
-            m._step_rot = (v._version, v.data_ptr(), r)
+            m._step_rot = (m.slot_version(0, "oft_R"), v.data_ptr(), r)

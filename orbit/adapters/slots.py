@@ -50,11 +50,20 @@ class SlottedAdapter(nn.Module):
     def slot_tensors(self, slot: int) -> dict[str, Tensor]:
         return {n: self.slot_tensor(slot, n) for n in self.slot_names}
 
+    def slot_version(self, slot: int, name: str) -> tuple[int, int]:
+        """Changes whenever the slot tensor is written, through the module's tensor or through
+        the flat buffer (a Parameter whose `.data` was re-pointed keeps its own counter, so
+        both counters are read)."""
+        t = self.slot_tensor(slot, name)
+        view = self.__dict__.get("_bound_views", {}).get((slot, name))
+        return (t._version, -1 if view is None else view._version)
+
     def slots_written(self) -> None:
         """Hook: slot storage was written behind the module's back (stage/load); drop caches."""
 
     def _bind(self, slot: int, name: str, view: Tensor) -> None:
         """Point this slot's tensor at `view` (already holding the value)."""
+        self.__dict__.setdefault("_bound_views", {})[(slot, name)] = view
         if slot == 0:
             param = getattr(self, name)
             param.data = view

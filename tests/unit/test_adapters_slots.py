@@ -162,3 +162,13 @@ def test_lora_init_and_scale_match_peft_conventions():
     x = torch.randn(2, 64)
     m.active_slot = None
     assert torch.equal(m(x), lin(x))
+
+
+def test_oft_cache_sees_writes_through_flat_buffer():
+    _, model, aset = make(KINDS[1])
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    for slot in (0, 1):
+        with aset.use_slot(slot), torch.no_grad():
+            before = model(x)
+            aset.flat(slot).add_(0.05)  # behind the modules' backs: the R cache must notice
+            assert not torch.equal(model(x), before)
