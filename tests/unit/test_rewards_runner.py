@@ -213,4 +213,5 @@ def test_hung_calls_do_not_starve_later_calls() -> None:
         elapsed = time.perf_counter() - t0
     assert res.by_fn["f"] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
     assert [(f.sample_index, f.kind) for f in res.failures] == [(0, "timeout"), (1, "timeout")]
-    assert elapsed < 0.58, elapsed  # did not wait for the stuck calls to return
+    # Without replacement threads the quick calls would sit 0.4 s in the queue and time out.
+    assert elapsed < 0.6 + 0.5, elapsed
