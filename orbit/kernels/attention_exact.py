@@ -163,16 +163,48 @@ def attention_packed_exact(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if _use_triton(q) or force_triton:
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        kvbase = cu[:-1].to(torch.int64) * k.stride(0)  # [N] element offset of each sequence
-        start = torch.zeros_like(kvbase)
-        return _launch(q, k, v, cu, start, kvbase, k.stride(0), v.stride(0), max_seqlen, scale)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _PackedAttention.apply(q, k, v, cu_seqlens, max_seqlen, scale)
+        return _packed_triton(q, k, v, cu_seqlens, max_seqlen, scale)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for a, b in itertools.pairwise(bounds):
         pos = torch.arange(b - a, device=q.device)
         out[a:b] = attention_exact_reference(q[a:b], k[a:b], v[a:b], pos, scale)
     return out
+
+
+def _packed_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                   scale: float) -> Tensor:
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    kvbase = cu[:-1].to(torch.int64) * k.stride(0)  # [N] element offset of each sequence
+    start = torch.zeros_like(kvbase)
+    return _launch(q, k, v, cu, start, kvbase, k.stride(0), v.stride(0), max_seqlen, scale)
+
+
+class _PackedAttention(torch.autograd.Function):
+    """Exact forward; backward differentiates SDPA recomputed per sequence (the same function
+    up to rounding; gradients need not be batch-invariant, only forward log-probs are compared)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,  # type: ignore[override]
+                scale: float) -> Tensor:
+        ctx.save_for_backward(q, k, v)
+        ctx.bounds, ctx.scale = cu_seqlens.tolist(), scale
+        return _packed_triton(q, k, v, cu_seqlens, max_seqlen, scale)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for a, b in itertools.pairwise(ctx.bounds):
+            with torch.enable_grad():
+                qs, ks, vs = (t[a:b].detach().transpose(0, 1).requires_grad_() for t in (q, k, v))  # [h, n, D]
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    qs, ks, vs, is_causal=True, scale=ctx.scale, enable_gqa=ks.shape[0] != qs.shape[0])
+                gq, gk, gv = torch.autograd.grad(o, (qs, ks, vs), dout[a:b].transpose(0, 1))
+            dq[a:b], dk[a:b], dv[a:b] = gq.transpose(0, 1), gk.transpose(0, 1), gv.transpose(0, 1)
+        return dq, dk, dv, None, None, None
 
 
 def attention_cached_exact(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens: Tensor,
