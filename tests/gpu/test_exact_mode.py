@@ -137,7 +137,7 @@ def test_exact_mode_engine_equals_trainer(base_model, precision: str, adapter: s
 
 
 
-def test_exact_mode_gradients_match_fast(base_model) -> None:  # noqa: ANN001
+def test_exact_mode_gradients_match_fast(base_model) -> None:
     from orbit.alignment.variants import build_variant
     from orbit.models.attention import AttnBatch, cu_seqlens_from_lengths, positions_from_lengths
     from orbit.models.logprobs import token_logprobs
