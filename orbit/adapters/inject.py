@@ -173,7 +173,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterSet:
     found = [
         (path, mod)
         for path, mod in model.named_modules()
-        if is_base_linear(mod) and any(matches(path, t) for t in cfg.targets)
+        if is_base_linear(mod)
+        and any(matches(path, t) for t in cfg.targets)
         and not isinstance(_parent(model, path), SlottedAdapter)
     ]
     if not found:

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from orbit.adapters.inject import AdapterSet
 
 
-def merged_weight(module: SlottedAdapter, slot: int = 0, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+def merged_weight(
+    module: SlottedAdapter, slot: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
     """The merged [out, in] weight of one adapter module, computed in float32, cast to `dtype`."""
     if not isinstance(module, (LoRALinear, OFTLinear)):
         raise ValueError(f"cannot merge adapter module of type {type(module).__name__}")

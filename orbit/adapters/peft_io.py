@@ -73,8 +73,13 @@ def peft_config(aset: AdapterSet, base_model_name_or_path: str = "") -> dict[str
     }
     if cfg.kind == "lora":
         return {
-            "peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-            "use_rslora": cfg.use_rslora, "init_lora_weights": True, **common,
+            "peft_type": "LORA",
+            "r": cfg.r,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "use_rslora": cfg.use_rslora,
+            "init_lora_weights": True,
+            **common,
         }
     use_block = cfg.block_size > 0
     return {
@@ -92,7 +97,9 @@ def peft_config(aset: AdapterSet, base_model_name_or_path: str = "") -> dict[str
     }
 
 
-def save_peft(aset: AdapterSet, path: str | Path, base_model_name_or_path: str = "", slot: int = 0) -> None:
+def save_peft(
+    aset: AdapterSet, path: str | Path, base_model_name_or_path: str = "", slot: int = 0
+) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -100,7 +107,9 @@ def save_peft(aset: AdapterSet, path: str | Path, base_model_name_or_path: str =
     try:
         tensors = {k: v.contiguous().cpu() for k, v in state_dict_peft(aset, slot).items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config(aset, base_model_name_or_path), indent=2))
+        (tmp / CONFIG_NAME).write_text(
+            json.dumps(peft_config(aset, base_model_name_or_path), indent=2)
+        )
         if path.exists():
             # os.replace cannot overwrite a non-empty directory: move the old one aside first.
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -123,10 +132,22 @@ def _check_config(aset: AdapterSet, conf: dict[str, Any]) -> list[str]:
     keys = (
         ["r", "lora_alpha", "use_rslora"]
         if cfg.kind == "lora"
-        else ["r", "oft_block_size", "use_cayley_neumann", "num_cayley_neumann_terms", "block_share"]
+        else [
+            "r",
+            "oft_block_size",
+            "use_cayley_neumann",
+            "num_cayley_neumann_terms",
+            "block_share",
+        ]
     )
-    defaults = {"use_rslora": False, "use_cayley_neumann": True, "num_cayley_neumann_terms": 5,
-                "block_share": False, "oft_block_size": 0, "r": 8}
+    defaults = {
+        "use_rslora": False,
+        "use_cayley_neumann": True,
+        "num_cayley_neumann_terms": 5,
+        "block_share": False,
+        "oft_block_size": 0,
+        "r": 8,
+    }
     errors = []
     for k in keys:
         got = conf.get(k, defaults.get(k))
@@ -142,7 +163,9 @@ def load_peft(aset: AdapterSet, path: str | Path, slot: int = 0) -> None:
     path = Path(path)
     conf_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not conf_file.is_file() or not weights_file.is_file():
-        raise ValueError(f"{path} is not a PEFT adapter dir: needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise ValueError(
+            f"{path} is not a PEFT adapter dir: needs {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     try:
         conf = json.loads(conf_file.read_text())
     except json.JSONDecodeError as e:

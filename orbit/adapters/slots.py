@@ -101,7 +101,9 @@ class FlatSlots:
             raise ValueError(f"adapter tensors span several devices {sorted(map(str, devices))}")
         self.device = devices.pop()
         self.numel = offset
-        self._flat = [torch.zeros(offset, dtype=dtype, device=self.device) for _ in range(NUM_SLOTS)]
+        self._flat = [
+            torch.zeros(offset, dtype=dtype, device=self.device) for _ in range(NUM_SLOTS)
+        ]
         self._pending: torch.cuda.Event | None = None
         self._stream: torch.cuda.Stream | None = None
         self._expect: list[tuple[dict, str, int, str]] | None = None
@@ -126,7 +128,10 @@ class FlatSlots:
             mod = self.modules[path]
             for slot in range(NUM_SLOTS):
                 flat = self._flat[slot]
-                table, key = (mod._parameters, name) if slot == 0 else (mod._buffers, f"{name}_serve")
+                if slot == 0:
+                    table, key = mod._parameters, name
+                else:
+                    table, key = mod._buffers, f"{name}_serve"
                 ptr = flat.data_ptr() + off * flat.element_size()
                 out.append((table, key, ptr, f"{path}.{name}[slot {slot}]"))
         return out
@@ -135,8 +140,11 @@ class FlatSlots:
         """Raise if some module's slot tensor no longer aliases the flat buffer (~1 us/tensor)."""
         if self._expect is None:
             self._expect = self._expected_pointers()
-        bad = [label for table, key, ptr, label in self._expect
-               if table[key] is None or table[key].data_ptr() != ptr]
+        bad = [
+            label
+            for table, key, ptr, label in self._expect
+            if table[key] is None or table[key].data_ptr() != ptr
+        ]
         if bad:
             raise RuntimeError(
                 f"adapter tensors no longer view the flat slot buffers (was the model moved or "

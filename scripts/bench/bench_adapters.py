@@ -35,9 +35,15 @@ from orbit.adapters.slots import FlatSlots  # noqa: E402
 from orbit.kernels.oft_rotate import oft_rotate, triton_usable  # noqa: E402
 
 # Qwen3-4B: (name, in, out)
-LINEARS = [("q_proj", 2560, 4096), ("k_proj", 2560, 1024), ("v_proj", 2560, 1024),
-           ("o_proj", 4096, 2560), ("gate_proj", 2560, 9728), ("up_proj", 2560, 9728),
-           ("down_proj", 9728, 2560)]
+LINEARS = [
+    ("q_proj", 2560, 4096),
+    ("k_proj", 2560, 1024),
+    ("v_proj", 2560, 1024),
+    ("o_proj", 4096, 2560),
+    ("gate_proj", 2560, 9728),
+    ("up_proj", 2560, 9728),
+    ("down_proj", 9728, 2560),
+]
 
 
 def timed(fn, device: torch.device, reps: int) -> float:
@@ -83,7 +89,9 @@ def bench_push(kind: str, layers: int, device: torch.device, reps: int) -> dict:
         host.append((time.perf_counter() - t0) * 1e3)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    pairs = [(m.slot_tensor(0, n), m.slot_tensor(1, n)) for m in mods.values() for n in m.slot_names]
+    pairs = [
+        (m.slot_tensor(0, n), m.slot_tensor(1, n)) for m in mods.values() for n in m.slot_names
+    ]
 
     def naive() -> None:
         with torch.no_grad():
@@ -95,10 +103,19 @@ def bench_push(kind: str, layers: int, device: torch.device, reps: int) -> dict:
     b = torch.empty_like(a)
     copy_ms = timed(lambda: b.copy_(a), device, reps)
     assert torch.equal(slots.flat(0), slots.flat(1))
-    return {"bench": "push", "kind": kind, "layers": layers, "tensors": len(pairs),
-            "params": sum(s.numel() for s, _ in pairs), "MB": nbytes / 1e6,
-            "stage_ms": flat_ms, "host_ms": statistics.median(host), "per_tensor_ms": naive_ms,
-            "raw_copy_ms": copy_ms, "GBps": 2 * nbytes / flat_ms / 1e6}
+    return {
+        "bench": "push",
+        "kind": kind,
+        "layers": layers,
+        "tensors": len(pairs),
+        "params": sum(s.numel() for s, _ in pairs),
+        "MB": nbytes / 1e6,
+        "stage_ms": flat_ms,
+        "host_ms": statistics.median(host),
+        "per_tensor_ms": naive_ms,
+        "raw_copy_ms": copy_ms,
+        "GBps": 2 * nbytes / flat_ms / 1e6,
+    }
 
 
 def bench_rotation(device: torch.device, ms_list: list[int], reps: int) -> list[dict]:
@@ -108,8 +125,12 @@ def bench_rotation(device: torch.device, ms_list: list[int], reps: int) -> list[
             continue  # same input width (and rotation) as q_proj / gate_proj
         w = (torch.randn(n, k, device=device) * 0.02).bfloat16()
         q = torch.randn(k // 32, 32 * 31 // 2, device=device) * 0.05
-        mod = OFTLinear(nn.Linear(k, n, bias=False, device="meta"), block_size=32,
-                        dtype=torch.float32, device=device)
+        mod = OFTLinear(
+            nn.Linear(k, n, bias=False, device="meta"),
+            block_size=32,
+            dtype=torch.float32,
+            device=device,
+        )
         with torch.no_grad():
             mod.oft_R.copy_(q)
         rot = mod.rotation(0).detach()
@@ -117,10 +138,20 @@ def bench_rotation(device: torch.device, ms_list: list[int], reps: int) -> list[
             x = torch.randn(m, k, device=device).bfloat16()
             t_rot = timed(lambda: oft_rotate(x, rot), device, reps)
             t_gemm = timed(lambda: x @ w.T, device, reps)
-            rows.append({"bench": "rotate", "linear": name, "k": k, "n": n, "m": m,
-                         "path": "triton" if triton_usable(x, rot) else "torch",
-                         "rotate_ms": t_rot, "gemm_ms": t_gemm, "ratio": t_rot / t_gemm,
-                         "rotate_GBps": 2 * 2 * m * k / t_rot / 1e6})
+            rows.append(
+                {
+                    "bench": "rotate",
+                    "linear": name,
+                    "k": k,
+                    "n": n,
+                    "m": m,
+                    "path": "triton" if triton_usable(x, rot) else "torch",
+                    "rotate_ms": t_rot,
+                    "gemm_ms": t_gemm,
+                    "ratio": t_rot / t_gemm,
+                    "rotate_GBps": 2 * 2 * m * k / t_rot / 1e6,
+                }
+            )
     return rows
 
 
@@ -139,14 +170,21 @@ def bench_build_r(layers: int, device: torch.device, reps: int) -> dict:
         sum(m._step_rot[2].sum() for m in mods).backward()
 
     r = max(3, reps // 4)
-    return {"bench": "build_R", "layers": layers, "modules": len(mods),
-            "per_module_ms": timed(per_module, device, r), "batched_ms": timed(batched, device, r)}
+    return {
+        "bench": "build_R",
+        "layers": layers,
+        "modules": len(mods),
+        "per_module_ms": timed(per_module, device, r),
+        "batched_ms": timed(batched, device, r),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=36)
-    ap.add_argument("--quick", action="store_true", help="fewer reps / token counts (CPU smoke run)")
+    ap.add_argument(
+        "--quick", action="store_true", help="fewer reps / token counts (CPU smoke run)"
+    )
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_adapters.json)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -156,26 +194,41 @@ def main() -> None:
     rows = [bench_push(kind, args.layers, device, reps) for kind in ("lora", "oft")]
     rows += bench_rotation(device, token_counts, reps)
     rows.append(bench_build_r(args.layers, device, reps))
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "argv": sys.argv[1:]}
-    out = args.out or (os.path.join(os.environ["OUT"], "bench_adapters.json") if os.environ.get("OUT") else None)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "argv": sys.argv[1:],
+    }
+    out = args.out or (
+        os.path.join(os.environ["OUT"], "bench_adapters.json") if os.environ.get("OUT") else None
+    )
     if out:
         Path(out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"# {meta['device']}  {meta['date']}")
-    print(f"{'push':6} {'MB':>7} {'tensors':>7} {'stage ms':>9} {'host ms':>8} {'per-tensor ms':>13} {'raw copy ms':>11} {'GB/s':>7}")
+    print(
+        f"{'push':6} {'MB':>7} {'tensors':>7} {'stage ms':>9} {'host ms':>8} {'per-tensor ms':>13} {'raw copy ms':>11} {'GB/s':>7}"
+    )
     for r in rows:
         if r["bench"] == "push":
-            print(f"{r['kind']:6} {r['MB']:7.1f} {r['tensors']:7d} {r['stage_ms']:9.3f} {r['host_ms']:8.3f} "
-                  f"{r['per_tensor_ms']:13.3f} {r['raw_copy_ms']:11.3f} {r['GBps']:7.1f}")
-    print(f"\n{'linear':10} {'k':>5} {'n':>5} {'m':>5} {'path':>6} {'rotate ms':>10} {'gemm ms':>9} {'ratio':>6}")
+            print(
+                f"{r['kind']:6} {r['MB']:7.1f} {r['tensors']:7d} {r['stage_ms']:9.3f} {r['host_ms']:8.3f} "
+                f"{r['per_tensor_ms']:13.3f} {r['raw_copy_ms']:11.3f} {r['GBps']:7.1f}"
+            )
+    print(
+        f"\n{'linear':10} {'k':>5} {'n':>5} {'m':>5} {'path':>6} {'rotate ms':>10} {'gemm ms':>9} {'ratio':>6}"
+    )
     for r in rows:
         if r["bench"] == "rotate":
-            print(f"{r['linear']:10} {r['k']:5d} {r['n']:5d} {r['m']:5d} {r['path']:>6} "
-                  f"{r['rotate_ms']:10.4f} {r['gemm_ms']:9.4f} {r['ratio']:6.2f}")
+            print(
+                f"{r['linear']:10} {r['k']:5d} {r['n']:5d} {r['m']:5d} {r['path']:>6} "
+                f"{r['rotate_ms']:10.4f} {r['gemm_ms']:9.4f} {r['ratio']:6.2f}"
+            )
     b = rows[-1]
-    print(f"\nR for {b['modules']} OFT linears (Cayley-Neumann, 5 terms), forward + backward: "
-          f"{b['per_module_ms']:.2f} ms one module at a time, {b['batched_ms']:.2f} ms batched")
+    print(
+        f"\nR for {b['modules']} OFT linears (Cayley-Neumann, 5 terms), forward + backward: "
+        f"{b['per_module_ms']:.2f} ms one module at a time, {b['batched_ms']:.2f} ms batched"
+    )
     if out:
         print(f"wrote {out}")
 

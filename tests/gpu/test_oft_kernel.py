@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from orbit.adapters import AdapterConfig, OFTLinear, inject_adapters
-from orbit.kernels.oft_rotate import _OFTRotate, oft_rotate, oft_rotate_reference, oft_rotate_triton, triton_usable
+from orbit.kernels.oft_rotate import (
+    _OFTRotate,
+    oft_rotate,
+    oft_rotate_reference,
+    oft_rotate_triton,
+    triton_usable,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -23,7 +29,16 @@ pytestmark = [
 ]
 
 # (in_features, block): Qwen3-4B q/k/v/gate/up input, o input, down input; odd and large blocks.
-SHAPES = [(2560, 32), (4096, 32), (9728, 32), (2560, 16), (2560, 64), (4096, 128), (96, 24), (40, 8)]
+SHAPES = [
+    (2560, 32),
+    (4096, 32),
+    (9728, 32),
+    (2560, 16),
+    (2560, 64),
+    (4096, 128),
+    (96, 24),
+    (40, 8),
+]
 ROWS = [1, 7, 300, 4096]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
@@ -44,7 +59,9 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 def test_forward_matches_reference(k, b, dtype, shared):
     n = k // b
     for i, m in enumerate(ROWS):
-        x = torch.randn(m, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(i)).to(dtype)
+        x = torch.randn(
+            m, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(i)
+        ).to(dtype)
         rot = _rot(1 if shared else n, b, seed=100 + i)
         out = torch.full_like(x, float("nan"))
         y = oft_rotate_triton(x, rot, out=out)
@@ -100,7 +117,9 @@ def test_oft_linear_cuda_matches_cpu():
 def test_stage_on_side_stream(kind):
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)]).cuda().to(torch.bfloat16)
-    aset = inject_adapters(model, AdapterConfig(kind=kind, r=8, block_size=32, targets=("re:\\d+",)))
+    aset = inject_adapters(
+        model, AdapterConfig(kind=kind, r=8, block_size=32, targets=("re:\\d+",))
+    )
     x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
     opt = torch.optim.AdamW(aset.trainable_parameters(), lr=1e-2)
     for step in range(3):

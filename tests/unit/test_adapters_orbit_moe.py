@@ -18,9 +18,19 @@ LENGTHS = [5, 8]
 def tiny_moe() -> CausalLM:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        arch="Qwen3MoeForCausalLM", vocab_size=89, hidden_size=48, intermediate_size=64,
-        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12, max_position_embeddings=64,
-        qk_norm=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+        arch="Qwen3MoeForCausalLM",
+        vocab_size=89,
+        hidden_size=48,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=12,
+        max_position_embeddings=64,
+        qk_norm=True,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
         norm_topk_prob=True,
     )
     return CausalLM(cfg)
@@ -66,8 +76,9 @@ def test_batched_oft_rotations_match_per_module(ckpt):
     for batched in (False, True):
         model = tiny_moe()
         model.gradient_checkpointing = ckpt
-        aset = inject_adapters(model, AdapterConfig(kind="oft", block_size=8, num_terms=5,
-                                                    dtype=torch.float32))
+        aset = inject_adapters(
+            model, AdapterConfig(kind="oft", block_size=8, num_terms=5, dtype=torch.float32)
+        )
         aset.batched_rotations = batched
         with torch.no_grad():
             for i, p in enumerate(aset.trainable_parameters()):

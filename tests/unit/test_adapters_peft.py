@@ -24,8 +24,15 @@ VOCAB = 101
 
 def tiny_model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**kw)).eval()
     return Qwen3ForCausalLM(Qwen3Config(head_dim=16, **kw)).eval()
@@ -45,13 +52,21 @@ def logits(model, ids):
 
 CASES = [
     ("llama", dict(kind="lora", r=4, alpha=8.0)),
-    ("qwen3", dict(kind="lora", r=8, alpha=4.0, use_rslora=True, targets=("q_proj", "v_proj", "down_proj"))),
+    (
+        "qwen3",
+        dict(
+            kind="lora", r=8, alpha=4.0, use_rslora=True, targets=("q_proj", "v_proj", "down_proj")
+        ),
+    ),
     ("llama", dict(kind="oft", block_size=16)),
     ("qwen3", dict(kind="oft", block_size=8, cayley_neumann=False)),
     ("llama", dict(kind="oft", block_size=16, num_terms=3)),
     ("qwen3", dict(kind="oft", r=4, block_size=0, block_share=True)),
     # A regex target: only layer 1's attention output -> exported as an exact-path regex.
-    ("llama", dict(kind="lora", r=2, alpha=2.0, targets=(r"re:model\.layers\.1\.self_attn\.o_proj",))),
+    (
+        "llama",
+        dict(kind="lora", r=2, alpha=2.0, targets=(r"re:model\.layers\.1\.self_attn\.o_proj",)),
+    ),
 ]
 
 
@@ -124,8 +139,13 @@ def test_load_rejects_rank_mismatch(tmp_path):
 
 def test_load_rejects_other_targets_and_kind(tmp_path):
     d = _saved(tmp_path, kind="lora", r=4, targets=("q_proj",))
-    other = inject_adapters(tiny_model("llama"), AdapterConfig(kind="lora", r=4, targets=("q_proj", "k_proj")))
-    with pytest.raises(ValueError, match=r"missing key base_model\.model\.model\.layers\.1\.self_attn\.k_proj\.lora_A"):
+    other = inject_adapters(
+        tiny_model("llama"), AdapterConfig(kind="lora", r=4, targets=("q_proj", "k_proj"))
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"missing key base_model\.model\.model\.layers\.1\.self_attn\.k_proj\.lora_A",
+    ):
         other.load_peft(d)
     oft = inject_adapters(tiny_model("llama"), AdapterConfig(kind="oft", targets=("q_proj",)))
     with pytest.raises(ValueError, match="peft_type: file has 'LORA'"):
@@ -138,7 +158,9 @@ def test_load_rejects_bad_tensors(tmp_path):
     tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(3, 4)
     tensors["base_model.model.model.layers.0.mlp.nope.lora_A.weight"] = torch.zeros(4, 64)
     save_file(tensors, str(d / "adapter_model.safetensors"))
-    aset = inject_adapters(tiny_model("llama"), AdapterConfig(kind="lora", r=4, targets=("q_proj",)))
+    aset = inject_adapters(
+        tiny_model("llama"), AdapterConfig(kind="lora", r=4, targets=("q_proj",))
+    )
     with pytest.raises(ValueError) as e:
         aset.load_peft(d)
     msg = str(e.value)

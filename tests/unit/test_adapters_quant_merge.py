@@ -23,8 +23,15 @@ VOCAB = 89
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -94,7 +101,7 @@ def test_merged_weights_reproduce_adapted_model(kw, quant):
     merged = dequantized_copy(base)
     sd = merged_state_dict(aset, dtype=torch.float32)
     assert len(sd) == len(aset.modules)
-    missing, unexpected = merged.load_state_dict(sd, strict=False)
+    _, unexpected = merged.load_state_dict(sd, strict=False)
     assert not unexpected
     got = logits(merged, ids)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -61,7 +61,9 @@ def test_adapter_off_is_bitwise_base(kw):
     assert aset.active_slot == 0
     assert torch.equal(off, base(x))
     assert not torch.equal(model(x), base(x))
-    assert model.layers[0].q_proj.base is not None and isinstance(model.layers[0].experts[1], nn.Module)
+    assert model.layers[0].q_proj.base is not None and isinstance(
+        model.layers[0].experts[1], nn.Module
+    )
     assert len(aset.modules) == 2 * 5  # q, up, down, 2 experts per layer
     assert {n.rsplit(".", 1)[0] for n, _ in aset.named_trainable_parameters()} == set(aset.modules)
 
