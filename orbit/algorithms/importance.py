@@ -89,4 +89,6 @@ def importance_weights(
             inside = (inside | ~mask).all(dim=-1, keepdim=True).expand_as(mask)
         keep = mask & inside
         metrics["mis_maskfrac"] = (mask & ~keep).to(fmask.dtype).sum() / n_tok
-    return ISWeights(weights=weights * keep.to(weights.dtype), keep_mask=keep, metrics=metrics)
+    # where(), not a multiply: padding may hold NaN/inf and must come out as exactly 0.
+    weights = torch.where(keep, weights, torch.zeros_like(weights))
+    return ISWeights(weights=weights, keep_mask=keep, metrics=metrics)

@@ -182,19 +182,34 @@ def policy_loss(
 ) -> PolicyLossOutput:
     """Total loss = agg(pg * is_weight) + kl_coef * agg(KL) - entropy_coef * agg(entropy)."""
     cfg = config or PolicyLossConfig()
-    logp = inputs.logprobs
-    old = logp.detach() if inputs.old_logprobs is None else inputs.old_logprobs.detach()
-    adv = inputs.advantages.detach().to(logp.dtype)
     mask = inputs.response_mask.bool()
+
+    def clean(t: Tensor | None) -> Tensor | None:
+        # Padding may hold anything (NaN, -inf); zero it before any exp() so neither the
+        # loss nor its gradient (0 * inf = NaN through a mask) can be poisoned by it.
+        return (
+            None
+            if t is None
+            else torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
+        )
+
+    logp = clean(inputs.logprobs)
+    old = logp.detach() if inputs.old_logprobs is None else clean(inputs.old_logprobs.detach())
+    adv = clean(inputs.advantages.detach().to(logp.dtype))
+    rollout, ref, entropy = (
+        clean(inputs.rollout_logprobs),
+        clean(inputs.ref_logprobs),
+        clean(inputs.entropy),
+    )
     metrics: dict[str, Tensor] = {}
 
     is_weight = None
     if cfg.tis_cap is not None or cfg.mis_low is not None or cfg.mis_high is not None:
-        if inputs.rollout_logprobs is None:
+        if rollout is None:
             raise ValueError("tis_cap / mis_low / mis_high need PolicyLossInputs.rollout_logprobs")
         isw = importance_weights(
             old,
-            inputs.rollout_logprobs,
+            rollout,
             mask,
             cfg.tis_cap,
             cfg.mis_low,
@@ -225,8 +240,8 @@ def policy_loss(
         metrics[name] = masked_mean(flag.to(logp.dtype), mask).detach()
     metrics["ppo_kl"] = masked_mean(old - logp.detach(), mask)
 
-    if inputs.ref_logprobs is not None:
-        kl_mat = kl_estimate(logp, inputs.ref_logprobs.detach(), cfg.kl_estimator)
+    if ref is not None:
+        kl_mat = kl_estimate(logp, ref.detach(), cfg.kl_estimator)
         kl_loss = agg(kl_mat)
         metrics["kl_loss"] = kl_loss.detach()
         if cfg.kl_coef != 0.0:
@@ -234,8 +249,8 @@ def policy_loss(
     elif cfg.kl_coef != 0.0:
         raise ValueError("kl_coef != 0 needs PolicyLossInputs.ref_logprobs")
 
-    if inputs.entropy is not None:
-        ent = agg(inputs.entropy)
+    if entropy is not None:
+        ent = agg(entropy)
         metrics["entropy"] = ent.detach()
         if cfg.entropy_coef != 0.0:
             loss = loss - cfg.entropy_coef * ent

@@ -193,3 +193,30 @@ def test_tis_in_policy_loss_scales_tokens() -> None:
 def test_shape_mismatch_names_the_tensor() -> None:
     with pytest.raises(ValueError, match="advantages"):
         PolicyLossInputs(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3))
+
+
+def test_garbage_in_padding_never_reaches_loss_or_grad() -> None:
+    nan, inf = float("nan"), float("inf")
+    logp = torch.tensor([[-0.5, nan, inf]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[-0.4, -inf, nan]], dtype=torch.float64)
+    mask = torch.tensor([[1, 0, 0]])
+    adv = torch.tensor([[1.0, nan, nan]], dtype=torch.float64)
+    cfg = PolicyLossConfig(kl_coef=0.1, entropy_coef=0.01, tis_cap=2.0)
+    out = policy_loss(
+        PolicyLossInputs(
+            logp,
+            adv,
+            mask,
+            old_logprobs=old,
+            rollout_logprobs=old,
+            ref_logprobs=torch.full((1, 3), nan, dtype=torch.float64).index_fill_(
+                1, torch.tensor([0]), -0.5
+            ),
+            entropy=torch.tensor([[1.0, nan, inf]], dtype=torch.float64),
+        ),
+        cfg,
+    )
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(logp.grad).all()
+    assert all(torch.isfinite(v) for v in out.metrics.values())
+    assert logp.grad[0, 1:].tolist() == [0.0, 0.0]
