@@ -127,7 +127,8 @@ def masked_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     n = m.sum()
     if n < 2:
         return torch.zeros_like(values)
-    x = values.to(torch.float64)
+    # where(), not a multiply: padding may hold NaN/inf.
+    x = torch.where(mask.bool(), values.to(torch.float64), 0.0)
     mean = (x * m).sum() / n
     var = (((x - mean) ** 2) * m).sum() / (n - 1)
     return ((x - mean) * torch.rsqrt(var + eps) * m).to(values.dtype)
@@ -148,7 +149,7 @@ def outcome_token_rewards(rewards: Tensor, response_mask: Tensor) -> Tensor:
 def discounted_returns(token_rewards: Tensor, response_mask: Tensor, gamma: float = 1.0) -> Tensor:
     """G_t = sum_{s>=t} gamma^(s-t) r_s over the response tokens. [B, T] -> [B, T]."""
     m = response_mask.to(token_rewards.dtype)
-    r = token_rewards * m
+    r = torch.where(response_mask.bool(), token_rewards, torch.zeros_like(token_rewards))
     if gamma == 1.0:  # undiscounted: a reversed cumulative sum, no Python loop over T
         return r.flip(-1).cumsum(-1).flip(-1) * m
     out = torch.zeros_like(r)
@@ -194,7 +195,8 @@ def on_policy_distillation_advantages(
             "teacher_logprobs, student_logprobs and response_mask must share [B, T]; got "
             f"{tuple(teacher_logprobs.shape)}, {tuple(student_logprobs.shape)}, {tuple(response_mask.shape)}"
         )
-    return (teacher_logprobs - student_logprobs) * response_mask.to(teacher_logprobs.dtype)
+    diff = teacher_logprobs - student_logprobs
+    return torch.where(response_mask.bool(), diff, torch.zeros_like(diff))
 
 
 def broadcast_to_tokens(seq_adv: Tensor, response_mask: Tensor) -> Tensor:

@@ -57,8 +57,7 @@ def kl_shaped_rewards(
     """Token-level rewards with a KL penalty: r_t = -kl_coef * KL_t on every response token,
     plus the sequence reward `rewards[B]` on the last one. Inputs are detached. -> [B, T]."""
     kl = kl_estimate(logprobs.detach(), ref_logprobs.detach(), estimator)
-    mask = response_mask.to(kl.dtype)
-    out = -kl_coef * kl * mask
+    out = torch.where(response_mask.bool(), -kl_coef * kl, torch.zeros_like(kl))  # NaN-safe padding
     lengths = response_mask.bool().sum(-1)
     rows = torch.nonzero(lengths > 0).squeeze(-1)
     out[rows, lengths[rows] - 1] += rewards[rows].to(out.dtype)

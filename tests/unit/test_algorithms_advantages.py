@@ -185,3 +185,23 @@ def test_integer_rewards_give_float_advantages() -> None:
     torch.testing.assert_close(rloo_advantages(r, g), torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
     mask = torch.ones(4, 2)
     assert reinforce_plus_plus_advantages(r, mask).dtype == torch.float32
+
+
+def test_padding_garbage_does_not_leak_into_token_advantages() -> None:
+    nan = float("nan")
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    teacher = torch.tensor([[-1.0, -2.0, nan], [-0.5, nan, nan]])
+    student = torch.tensor([[-1.5, -1.0, nan], [-0.5, float("-inf"), nan]])
+    ref = torch.tensor([[-1.0, -1.0, nan], [-1.0, nan, nan]])
+    inp = AdvantageInputs(
+        torch.tensor([1.0, 0.0]),
+        torch.tensor([0, 0]),
+        mask,
+        old_logprobs=student,
+        ref_logprobs=ref,
+        teacher_logprobs=teacher,
+    )
+    opd = compute_advantages("on_policy_distillation", inp)
+    torch.testing.assert_close(opd, torch.tensor([[0.5, -1.0, 0.0], [0.0, 0.0, 0.0]]))
+    rpp = compute_advantages("reinforce_plus_plus", inp, AdvantageConfig(kl_coef=0.1))
+    assert torch.isfinite(rpp).all() and torch.all(rpp[mask == 0] == 0)
