@@ -149,6 +149,13 @@ class OFTLinear(SlottedAdapter):
                 self._rot_cache = (*key, self.rotation(slot))
         return self._rot_cache[3]
 
+    def graph_key(self) -> tuple:
+        """What a captured CUDA graph depends on (see rollout/engine.py): the active slot and
+        its version. R is derived from the slot in Python (cached outside the graph), so new
+        slot values need a new capture."""
+        slot = self.active_slot
+        return (slot,) if slot is None else (slot, self.slot_version(slot, "oft_R"))
+
     def forward(self, x: Tensor) -> Tensor:
         if self.active_slot is None:
             return self.base(x)

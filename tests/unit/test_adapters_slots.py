@@ -174,3 +174,21 @@ def test_oft_cache_sees_writes_through_flat_buffer():
             before = model(x)
             aset.flat(slot).add_(0.05)  # behind the modules' backs: the R cache must notice
             assert not torch.equal(model(x), before)
+
+
+def test_graph_keys():
+    """LoRA graphs survive a push (in-place slot writes); OFT's key changes with the slot."""
+    _, model, aset = make(KINDS[0])
+    lora = model.layers[0].q_proj
+    aset.set_active(1)
+    key = lora.graph_key()
+    aset.stage()
+    assert lora.graph_key() == key == 1
+    _, model, aset = make(KINDS[1])
+    oft = model.layers[0].q_proj
+    aset.set_active(1)
+    key = oft.graph_key()
+    aset.stage()
+    assert oft.graph_key() != key and oft.graph_key()[0] == 1
+    aset.set_active(None)
+    assert oft.graph_key() == (None,)
