@@ -20,7 +20,9 @@ from typing import Any
 
 ARITH_OPS = ("+", "-", "x")
 COUNTDOWN_OPS = ("+", "-", "x", "/")
-ARITH_PROMPT = "What is {expr}? Think step by step, then put the final answer in \\boxed{{}}."
+# Short on purpose: the quickstart samples 48 tokens, so a "think step by step" prompt would
+# mostly get truncated before the box.
+ARITH_PROMPT = "What is {expr}? Give the final answer in \\boxed{{}}."
 COUNTDOWN_PROMPT = (
     "Using the numbers {numbers}, write an expression that equals {target}. You may use +, -, x, / "
     "and parentheses, and each number at most once. Put the expression in \\boxed{{}}, "

@@ -12,7 +12,7 @@ from orbit.data.tasks import evaluate_chain, generate_split, main
 from orbit.rewards.countdown import evaluate_expression
 from orbit.rewards.verifiers import arithmetic_score, countdown_score
 
-_EXPR = re.compile(r"What is (.+)\? Think")
+_EXPR = re.compile(r"What is (.+)\? Give")
 
 
 def _independent_value(expr: str) -> int:
