@@ -105,6 +105,35 @@ def kernel_bench(emit, device: torch.device) -> None:
             emit(row)
 
 
+def render(path: str) -> str:
+    """Markdown tables (mismatch, speed, matmul) from a JSON this script wrote."""
+    data = json.loads(Path(path).read_text())
+    recs = data["records"]
+    out = [f"device: {data['device']}, model: {data['model']}", "",
+           "| setup | precision | adapter | mode | mean \\|r\\| | max \\|r\\| | frac r != 0 | KL k1 | KL k3 | tokens |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        m = r.get("metrics")
+        if m:
+            out.append(f"| {r['setup']} | {r['precision']} | {r['adapter']} | {r['mode']} | {m['mean_abs']:.2e} | "
+                       f"{m['max_abs']:.2e} | {m['frac_diff']:.3f} | {m['kl_k1']:.1e} | {m['kl_k3']:.1e} | {m['n_tokens']} |")
+    sp = [r for r in recs if r["setup"] == "speed"]
+    if sp:
+        out += ["", "| precision | rollout tok/s fast | exact | slowdown | train tok/s fast | exact | slowdown |",
+                "|---|---|---|---|---|---|---|"]
+        for r in sp:
+            out.append(f"| {r['precision']}+LoRA | {r['rollout_tok_s']['fast']:.0f} | {r['rollout_tok_s']['exact']:.0f} | "
+                       f"{r['rollout_slowdown']:.2f}x | {r['train_tok_s']['fast']:.0f} | {r['train_tok_s']['exact']:.0f} | "
+                       f"{r['train_slowdown']:.2f}x |")
+    mm = [r for r in recs if r["setup"] == "matmul"]
+    if mm:
+        keys = [k for k in mm[0] if k.endswith("_us")]
+        out += ["", "| M | N | K | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
+        for r in mm:
+            out.append(f"| {r['M']} | {r['N']} | {r['K']} | " + " | ".join(str(r[k]) for k in keys) + " |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen3-1.7b", choices=("tiny", "qwen3-1.7b"))
@@ -121,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                     help="time exact-matmul tile configs vs torch (CUDA only)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_alignment.json"))
+    ap.add_argument("--render", default="", help="print markdown tables from this JSON and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        print(render(args.render))
+        return 0
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
