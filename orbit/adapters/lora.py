@@ -77,13 +77,6 @@ class LoRALinear(SlottedAdapter):
         h = self.dropout(x).to(a.dtype) @ a.T  # [..., r]
         return y + (self.scale * (h @ b.T)).to(y.dtype)
 
-    def graph_key(self) -> int | None:
-        """What a captured CUDA graph of this module depends on (see rollout/engine.py): only
-        the active slot. The forward reads the slot tensors by address, and every write into
-        a slot (optimizer step, `stage`, `load_peft`) is in place, so a captured graph stays
-        valid across pushes."""
-        return self.active_slot
-
     def delta_weight(self, slot: int = 0) -> Tensor:
         """scale * B @ A in float32 [out, in]: what merging adds to the base weight."""
         a = self.slot_tensor(slot, "lora_A").detach().float()

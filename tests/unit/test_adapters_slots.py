@@ -176,19 +176,17 @@ def test_oft_cache_sees_writes_through_flat_buffer():
             assert not torch.equal(model(x), before)
 
 
-def test_graph_keys():
-    """LoRA graphs survive a push (in-place slot writes); OFT's key changes with the slot."""
-    _, model, aset = make(KINDS[0])
-    lora = model.layers[0].q_proj
-    aset.set_active(1)
-    key = lora.graph_key()
-    aset.stage()
-    assert lora.graph_key() == key == 1
+def test_oft_graph_key():
+    """OFT's R is derived outside a captured graph: its key changes with the slot's values."""
     _, model, aset = make(KINDS[1])
     oft = model.layers[0].q_proj
     aset.set_active(1)
     key = oft.graph_key()
     aset.stage()
     assert oft.graph_key() != key and oft.graph_key()[0] == 1
+    key = oft.graph_key()
+    with torch.no_grad():
+        aset.flat(1).add_(0.01)  # a write the module's own tensors do not count
+    assert oft.graph_key() != key
     aset.set_active(None)
     assert oft.graph_key() == (None,)
