@@ -92,7 +92,7 @@ def kernel_bench(emit, device: torch.device) -> None:
 
     from orbit.kernels.matmul_exact import matmul_exact_triton
 
-    configs = [(64, 64, 64, 4, 3), (64, 32, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3)]
+    configs = [(64, 64, 64, 4, 3), (64, 64, 128, 4, 4), (64, 32, 128, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3)]
     for n, k in [(2048, 2048), (6144, 2048), (2048, 6144)]:
         w = torch.randn(n, k, device=device).bfloat16()
         for m in (32, 256, 8192):
