@@ -147,7 +147,13 @@ def last_number(text: str) -> str | None:
     return found[-1].rstrip(",") if found else None
 
 
+def has_content(boxed: str | None) -> bool:
+    """A box holds an answer only if it has a letter or digit: small models echo the
+    prompt's "\\boxed{}" literally, sometimes as "\\boxed{{}.}"."""
+    return boxed is not None and re.search(r"[0-9A-Za-z]", boxed) is not None
+
+
 def final_answer(text: str) -> str | None:
-    """Last \\boxed{} content if any, else the last number in the text."""
+    """Last \\boxed{} content if it holds an answer, else the last number in the text."""
     boxed = last_boxed(text)
-    return boxed if boxed is not None else last_number(text)
+    return boxed if has_content(boxed) else last_number(text)

@@ -19,7 +19,7 @@ from typing import Any
 
 from orbit.data.sample import Sample
 from orbit.rewards.countdown import countdown_score
-from orbit.rewards.parse import answers_match, final_answer, last_boxed, to_number
+from orbit.rewards.parse import answers_match, final_answer, has_content, last_boxed, to_number
 
 MATH_BACKENDS = ("auto", "builtin", "math_verify")
 
@@ -67,9 +67,8 @@ def arithmetic_score(response: str, label: Any) -> float:
 
 
 def format_score(response: str) -> float:
-    """1.0 when the response ends its reasoning with a non-empty \\boxed{} answer."""
-    boxed = last_boxed(response)
-    return 1.0 if boxed is not None and boxed.strip() else 0.0
+    """1.0 when the response's last \\boxed{} holds an answer (a letter or digit in it)."""
+    return 1.0 if has_content(last_boxed(response)) else 0.0
 
 
 def countdown_label(label: Any) -> tuple[list[int], int]:

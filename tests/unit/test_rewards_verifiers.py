@@ -124,6 +124,13 @@ def test_math_score_rejects_unknown_backend() -> None:
         ("it is 1,200", 1200, 1.0),
         ("I don't know", 3, 0.0),
         ("\\boxed{three}", 3, 0.0),
+        # real SmolLM2 outputs echo the prompt's empty box; it must not hide the answer
+        (
+            "to find the final answer in \\boxed{}.\n\n83 - 25 = 58\n\nSo, the answer is 58.",
+            58,
+            1.0,
+        ),
+        ("59 x 8 = 472 and the final answer is 472 in \\boxed{{}.}", 472, 1.0),
     ],
 )
 def test_arithmetic_score(response: str, label: int, reward: float) -> None:
@@ -139,6 +146,7 @@ def test_final_answer_and_last_number() -> None:
 def test_format_score() -> None:
     assert format_score("... \\boxed{4}") == 1.0
     assert format_score("... \\boxed{ }") == 0.0
+    assert format_score("the answer is 426 in \\boxed{{}.}") == 0.0
     assert format_score("... 4") == 0.0
 
 
