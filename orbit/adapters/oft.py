@@ -120,7 +120,8 @@ class OFTLinear(SlottedAdapter):
         self._skew_index: tuple[Tensor, Tensor] | None = None
         # R of slot 0 built for all OFT modules at once by `build_step_rotations` at the start
         # of a grad-enabled forward: (oft_R version, data_ptr, R with its autograd graph).
-        self._step_rot: tuple[tuple[int, int], int, Tensor] | None = None
+        # The dict's "live" turns False once backward has gone through the batched R.
+        self._step_rot: tuple[tuple[int, int], int, Tensor, dict] | None = None
 
     def slots_written(self) -> None:
         self._rot_cache = None
@@ -140,7 +141,12 @@ class OFTLinear(SlottedAdapter):
         t = self.slot_tensor(slot, "oft_R")
         if torch.is_grad_enabled() and t.requires_grad:
             sr = self._step_rot
-            if sr is not None and sr[0] == self.slot_version(0, "oft_R") and sr[1] == t.data_ptr():
+            if (
+                sr is not None
+                and sr[3]["live"]
+                and sr[0] == self.slot_version(0, "oft_R")
+                and sr[1] == t.data_ptr()
+            ):
                 return sr[2]
             return self.rotation(slot)
         key = (slot, t.data_ptr(), self.slot_version(slot, "oft_R"))
@@ -182,8 +188,8 @@ def build_step_rotations(modules: list[OFTLinear]) -> None:
     Per module, R costs ~7 small kernels; for Qwen3-4B's 252 linears that is ~1800 launches per
     forward and as many in backward. Here: one cat, one gather, k-2 baddbmm, one split (whose
     backward is one cat, not a zero-filled buffer per slice). Each module then uses its slice
-    while its `oft_R` is unchanged (version counter), including activation-checkpoint
-    recomputation, which so sees the very same R as the first pass.
+    while its `oft_R` is unchanged (version counter) and backward has not yet gone through R,
+    which includes activation-checkpoint recomputation: it sees the very same R.
     """
     groups: dict[tuple[int, bool, int], list[OFTLinear]] = {}
     for m in modules:
@@ -197,5 +203,9 @@ def build_step_rotations(modules: list[OFTLinear]) -> None:
         if first._skew_index is None or first._skew_index[0].device != flat.device:
             first._skew_index = skew_index(b, flat.device)
         rot = cayley(skew_from_vec(flat, b, first._skew_index), neumann, terms)  # [sum n_rot, b, b]
+        # Once backward has passed through R its graph is freed: a later forward that skips
+        # the root's pre-hook (e.g. `model.forward(...)` directly) must rebuild R itself.
+        state = {"live": True}
+        rot.register_hook(lambda grad, state=state: state.update(live=False))
         for m, v, r in zip(mods, vecs, rot.split([v.shape[0] for v in vecs])):
-            m._step_rot = (m.slot_version(0, "oft_R"), v.data_ptr(), r)
+            m._step_rot = (m.slot_version(0, "oft_R"), v.data_ptr(), r, state)

@@ -84,10 +84,13 @@ def test_batched_oft_rotations_match_per_module(ckpt):
             for i, p in enumerate(aset.trainable_parameters()):
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
         for step in range(2):  # the second forward must rebuild R after the optimizer step
-            loss = run(model).logsumexp(-1).mean()
-            loss.backward()
+            out = run(model)
             if batched:  # the forward really used the batched R (its version key still holds)
                 assert all(m._cached_rotation(0) is m._step_rot[2] for m in aset.modules.values())
+            loss = out.logsumexp(-1).mean()
+            loss.backward()
+            if batched:  # backward went through R: it is spent
+                assert not any(m._step_rot[3]["live"] for m in aset.modules.values())
             with torch.no_grad():
                 for p in aset.trainable_parameters():
                     p.sub_(0.1 * p.grad)
@@ -97,3 +100,21 @@ def test_batched_oft_rotations_match_per_module(ckpt):
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-6)
     for g0, g1 in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_bypassing_root_hook_after_backward():
+    """Gradient accumulation where a second micro-batch calls `model.forward` directly (no
+    pre-hook): the spent batched R must not be reused (its graph is freed)."""
+    model = tiny_moe()
+    aset = inject_adapters(model, AdapterConfig(kind="oft", block_size=8, dtype=torch.float32))
+    with torch.no_grad():
+        for p in aset.trainable_parameters():
+            p.normal_(0, 0.1)
+    run(model).logsumexp(-1).mean().backward()
+    first = [p.grad.clone() for p in aset.trainable_parameters()]
+    ids = torch.randint(0, 89, (sum(LENGTHS),), generator=torch.Generator().manual_seed(1))
+    attn = AttnBatch.packed(cu_seqlens_from_lengths(LENGTHS))
+    h = model.forward(ids, positions_from_lengths(LENGTHS), attn)
+    model.logits(h).logsumexp(-1).mean().backward()
+    for g0, p in zip(first, aset.trainable_parameters()):
+        torch.testing.assert_close(p.grad, 2 * g0, rtol=1e-5, atol=1e-6)
