@@ -75,6 +75,8 @@ class AdapterArgs:
     lora_dropout: float = arg(0.0, "dropout on the LoRA input")
     use_rslora: bool = arg(False, "rank-stabilized LoRA scaling alpha / sqrt(r)")
     oft_block_size: int = arg(32, "OFT block size (rotation acts on blocks of this many input dims)")
+    adapter_dtype: str = arg("bf16", "adapter weight dtype (float32 master copies are kept either way)",
+                             ("bf16", "float32"))
     target_modules: list = arg(list(DEFAULT_TARGETS), "comma-separated linear names to wrap")
 
 

@@ -127,18 +127,30 @@ def load_rng(ckpt: Path, rank: int, generators: dict[str, torch.Generator] | Non
     set_rng_state(torch.load(path, weights_only=False), generators)
 
 
-def save_optim(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler: Any, step: int) -> None:
+def save_optim(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
+               master: list[torch.Tensor] | None = None) -> None:
+    """Optimizer + scheduler state, and the float32 master weights when they exist (the PEFT
+    file holds the adapter rounded to its dtype, not enough to resume bit for bit)."""
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "optim_step": step}, ckpt / "optim.pt")
+                "optim_step": step, "master": [m.detach().cpu() for m in master or []]},
+               ckpt / "optim.pt")
 
 
-def load_optim(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+def load_optim(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler: Any,
+               master: list[torch.Tensor] | None = None) -> int:
     path = ckpt / "optim.pt"
     if not path.is_file():
         raise ValueError(f"{path} is missing")
     state = torch.load(path, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if master is not None:
+        saved = state.get("master", [])
+        if len(saved) != len(master):
+            raise ValueError(f"{path} holds {len(saved)} master tensors, the adapter has {len(master)}")
+        with torch.no_grad():
+            for m, t in zip(master, saved):
+                m.copy_(t)
     return int(state["optim_step"])
 
 

@@ -58,14 +58,19 @@ class PolicyWorker:
         self.adapters = inject_adapters(self.model, AdapterConfig(
             kind=a.adapter, r=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
             use_rslora=a.use_rslora, block_size=a.oft_block_size, targets=tuple(a.target_modules),
+            dtype=torch.float32 if a.adapter_dtype == "float32" else torch.bfloat16,
         ))
         self.params = self.adapters.trainable_parameters()
         if self._distributed():
             for p in self.params:
                 dist.broadcast(p.data, src=0)
         self.adapters.stage(TRAIN_SLOT, SERVE_SLOT)
+        # float32 master copies: AdamW moments and updates of ~lr*1e-3 relative vanish in bf16,
+        # and gradients accumulated over micro-batches in bf16 lose bits. The adapter is tiny.
+        self.master = [p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float().clone())
+                       for p in self.params]
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+        self.optimizer = torch.optim.AdamW(self.master, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
                                            weight_decay=o.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, lr=o.lr, warmup=o.lr_warmup_steps,
                                          total=total_optim_steps, style=o.lr_decay_style, min_lr=o.min_lr)
@@ -178,19 +183,22 @@ class PolicyWorker:
             entropy_coef=a.entropy_coef, tis_cap=a.tis_clip if a.use_tis else None,
         )
         self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
         sums: dict[str, float] = {}  # token-weighted metric sums, reduced below
         maxes = {"train_rollout_logprob_abs_diff_max": 0.0}
         n_tok_local = 0
         for idx in micro_batches(samples, cfg.optim.max_tokens_per_micro_batch):
             mb = [samples[i] for i in idx]
             n_tok_local += self._micro_step(mb, loss_cfg, sums, maxes)
-        grads_ok = self._allreduce_grads()
-        assert grads_ok
+            self._accumulate_grads()
+        self._allreduce_grads()
         clip = cfg.optim.clip_grad
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.master, clip if clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
+        self._copy_master_to_params()
         self.optim_step += 1
         metrics = self._reduce_metrics(sums, maxes, total_tokens)
         metrics.update({"train/grad_norm": float(grad_norm), "train/lr": lr,
@@ -252,19 +260,34 @@ class PolicyWorker:
                 maxes["is_ratio_max"] = max(maxes.get("is_ratio_max", 0.0), float(out.metrics["is_ratio_max"]))
         return n
 
-    def _allreduce_grads(self) -> bool:
+    def _accumulate_grads(self) -> None:
+        """Add this micro-batch's adapter grads into the float32 master grads."""
+        for p, m in zip(self.params, self.master):
+            if m is p:
+                continue
+            if p.grad is not None:
+                g = p.grad.float()
+                m.grad = g if m.grad is None else m.grad.add_(g)
+            p.grad = None
+
+    def _copy_master_to_params(self) -> None:
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                if m is not p:
+                    p.copy_(m)  # rounds to the adapter dtype the forward uses
+
+    def _allreduce_grads(self) -> None:
         """Sum adapter gradients over workers (adapter params only: a few MB)."""
-        for p in self.params:
-            if p.grad is None:  # a target unused by this micro-batch still takes part
-                p.grad = torch.zeros_like(p)
+        for m in self.master:
+            if m.grad is None:  # a target unused by this batch still takes part
+                m.grad = torch.zeros_like(m)
         if self._distributed():
-            flat = torch.cat([p.grad.reshape(-1) for p in self.params])  # [N_adapter]
+            flat = torch.cat([m.grad.reshape(-1) for m in self.master]).to(self._comm_device())  # [N]
             dist.all_reduce(flat)
             off = 0
-            for p in self.params:
-                p.grad.copy_(flat[off: off + p.numel()].view_as(p))
-                off += p.numel()
-        return True
+            for m in self.master:
+                m.grad.copy_(flat[off: off + m.numel()].view_as(m))
+                off += m.numel()
 
     def _reduce_metrics(self, sums: dict[str, float], maxes: dict[str, float], total_tokens: int) -> dict[str, float]:
         keys = sorted(sums)
@@ -312,13 +335,14 @@ class PolicyWorker:
         d = Path(ckpt_dir)
         if self.rank == 0:
             self.adapters.save_peft(d / "adapter", base_model_name_or_path=self.cfg.ckpt.hf_checkpoint)
-            ckpt.save_optim(d, self.optimizer, self.scheduler, self.optim_step)
+            ckpt.save_optim(d, self.optimizer, self.scheduler, self.optim_step, self.master)
         ckpt.save_rng(d, self.rank)
 
     def load(self, ckpt_dir: str) -> None:
         d = Path(ckpt_dir)
         self.adapters.load_peft(d / "adapter", slot=TRAIN_SLOT)
-        self.optim_step = ckpt.load_optim(d, self.optimizer, self.scheduler)
+        self.optim_step = ckpt.load_optim(d, self.optimizer, self.scheduler, self.master)
+        self._copy_master_to_params()
         ckpt.load_rng(d, self.rank)
         self.adapters.stage(TRAIN_SLOT, SERVE_SLOT)
 

@@ -1,0 +1,84 @@
+"""PolicyWorker on a tiny random Llama (CPU): rollout log-probs match the trainer's, only the
+adapter trains, the serve slot changes only on push, and save/load restores the adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_policy import save_tiny_policy
+
+from orbit.config import parse_args
+from orbit.orchestration.steps import assign_advantages
+from orbit.trainer.worker import SERVE_SLOT, TRAIN_SLOT, PolicyWorker
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_policy(tmp_path_factory.mktemp("tiny"))
+
+
+def make_worker(model_dir, *extra: str) -> PolicyWorker:
+    cfg = parse_args(["--hf-checkpoint", str(model_dir), "--prompt-data", "unused", "--lr", "1e-2",
+                      "--rollout-batch-size", "2", "--n-samples-per-prompt", "4",
+                      "--rollout-max-response-len", "6", "--max-prompt-len", "32", *extra])
+    return PolicyWorker(cfg)
+
+
+ROWS = [{"text": "<|user|>1+2=<|end|><|assistant|>", "label": 3, "group_id": 0},
+        {"text": "<|user|>4+4=<|end|><|assistant|>", "label": 8, "group_id": 1}]
+
+
+def rollout_with_signal(w: PolicyWorker):
+    samples = w.rollout(ROWS, step=1)
+    for i, s in enumerate(samples):  # the random model never answers right: give it a signal
+        s.reward = float(i % 2)
+    assign_advantages(samples, w.cfg.algo)
+    return samples
+
+
+def test_rollout_logprobs_match_trainer(model_dir) -> None:
+    w = make_worker(model_dir)
+    samples = w.rollout(ROWS, step=1)
+    assert len(samples) == 8 and {s.group_id for s in samples} == {0, 1}
+    assert all(len(s.rollout_logprobs) == len(s.response_ids) > 0 for s in samples)
+    trainer = w.compute_logprobs(samples)
+    diff = max(abs(a - b) for s, lp in zip(samples, trainer) for a, b in zip(s.rollout_logprobs, lp))
+    assert diff < 1e-4  # same modules, same kernels, float32 on CPU
+
+
+def test_train_step_updates_adapter_only_and_push_syncs(model_dir) -> None:
+    w = make_worker(model_dir, "--kl-coef", "0.1", "--use-tis", "--entropy-coef", "0.01")
+    base = {n: p.detach().clone() for n, p in w.model.named_parameters() if "lora" not in n}
+    before = w.adapter_state()
+    samples = rollout_with_signal(w)
+    total = sum(len(s.response_ids) for s in samples)
+    m = w.train_step(samples, total, len(samples))
+    for k in ("train/pg_loss", "train/kl", "train/entropy", "train/grad_norm", "train/pg_clipfrac",
+              "train/train_rollout_logprob_abs_diff_mean", "train/train_rollout_kl_k3",
+              "train/is_ratio_mean", "train/is_ratio_max"):
+        assert k in m, k
+    assert m["train/grad_norm"] > 0
+    after = w.adapter_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for n, p in w.model.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]) and p.grad is None, n
+    assert w.optimizer.param_groups[0]["params"] == w.params
+    # the engine still serves the old adapter until push_adapter
+    assert not torch.equal(w.adapters.flat(TRAIN_SLOT), w.adapters.flat(SERVE_SLOT))
+    assert w.push_adapter() >= 0
+    assert torch.equal(w.adapters.flat(TRAIN_SLOT), w.adapters.flat(SERVE_SLOT))
+
+
+def test_save_load_round_trip(model_dir, tmp_path) -> None:
+    w = make_worker(model_dir)
+    samples = rollout_with_signal(w)
+    w.train_step(samples, sum(len(s.response_ids) for s in samples), len(samples))
+    w.save(str(tmp_path))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    fresh = make_worker(model_dir)
+    fresh.load(str(tmp_path))
+    a, b = w.adapter_state(), fresh.adapter_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert fresh.optim_step == 1
+    assert torch.equal(fresh.adapters.flat(SERVE_SLOT), fresh.adapters.flat(TRAIN_SLOT))
