@@ -63,7 +63,11 @@ def test_train_step_updates_adapter_only_and_push_syncs(model_dir) -> None:
     for n, p in w.model.named_parameters():
         if n in base:
             assert torch.equal(p, base[n]) and p.grad is None, n
-    assert w.optimizer.param_groups[0]["params"] == w.params
+    # AdamW holds state only for the float32 master copies of the adapter
+    opt_params = w.optimizer.param_groups[0]["params"]
+    assert len(opt_params) == len(w.params) and all(p.dtype == torch.float32 for p in opt_params)
+    assert sum(p.numel() for p in opt_params) == w.adapters.num_trainable()
+    assert all(torch.equal(m.to(p.dtype), p) for m, p in zip(w.master, w.params))
     # the engine still serves the old adapter until push_adapter
     assert not torch.equal(w.adapters.flat(TRAIN_SLOT), w.adapters.flat(SERVE_SLOT))
     assert w.push_adapter() >= 0
