@@ -77,6 +77,12 @@ class LoRALinear(SlottedAdapter):
         h = self.dropout(x).to(a.dtype) @ a.T  # [..., r]
         return y + (self.scale * (h @ b.T)).to(y.dtype)
 
+    def graph_key(self) -> tuple:
+        """What a captured CUDA graph of this module depends on: only the active slot. Staging
+        writes new values into the slot tensors in place and forward reads them inside the
+        graph, so a push needs no re-capture (unlike OFT, whose rotation is built outside)."""
+        return (self.active_slot,)
+
     def delta_weight(self, slot: int = 0) -> Tensor:
         """scale * B @ A in float32 [out, in]: what merging adds to the base weight."""
         a = self.slot_tensor(slot, "lora_A").detach().float()

@@ -195,5 +195,11 @@ def test_graph_key_follows_adapter_slot() -> None:
         keys.add(default_graph_key(m))
     assert len(keys) == 3
     before = default_graph_key(m)  # slot 1 active
-    aset.stage(0, 1)  # new values in the served slot: cached derivations (OFT) are stale
-    assert default_graph_key(m) != before
+    aset.stage(0, 1)  # LoRA reads its slot tensors inside the graph: no re-capture needed
+    assert default_graph_key(m) == before
+    oft_model = CausalLM(cfg)
+    oset = inject_adapters(oft_model, AdapterConfig(kind="oft", block_size=8))
+    oset.set_active(1)
+    before = default_graph_key(oft_model)
+    oset.stage(0, 1)  # OFT's rotation is derived outside the graph: new values -> new capture
+    assert default_graph_key(oft_model) != before
