@@ -39,4 +39,4 @@ except ModuleNotFoundError:  # CPU-only install: references work, kernels raise 
     triton = _Missing()  # type: ignore[assignment]
     tl = _Missing()  # type: ignore[assignment]
 
-__all__ = ["HAS_TRITON", "triton", "tl"]
+__all__ = ["HAS_TRITON", "tl", "triton"]

@@ -13,7 +13,7 @@ columns to e4m3 and an FP8 GEMM applies both block scales. Its gradient is strai
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -73,7 +73,7 @@ def _w8a8_kernel(xq_ptr, sx_ptr, w_ptr, sw_ptr, y_ptr, M, N, K,
     m_ok = offs_m < M
     n_ok = offs_n < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, 128)):
+    for kb in range(tl.cdiv(K, 128)):
         k_ok = kb * 128 + offs_k < K
         a = tl.load(xq_ptr + offs_m[:, None] * stride_xm + kb * 128 + offs_k[None, :],
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, 128] e4m3

@@ -12,6 +12,7 @@ Writes JSON to $OUT/bench_qmm.json (or --out) and prints a short table last.
     python scripts/bench/bench_qmm.py [--quick] [--sweep]
 """
 
+# ruff: noqa: B023  (every closure below is timed inside the loop iteration that made it)
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,9 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from orbit.kernels import _qgemm  # noqa: E402
-from orbit.kernels.dispatch import qmm, qmm_t  # noqa: E402
-from orbit.kernels.random_weights import random_qweight  # noqa: E402
+from orbit.kernels import _qgemm
+from orbit.kernels.dispatch import qmm, qmm_t
+from orbit.kernels.random_weights import random_qweight
 
 DECODE_SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 192),
                  (2048, 6144), (2560, 9728), (4096, 12288)]  # (in, out)
@@ -76,7 +77,6 @@ def ceilings() -> dict:
     b = torch.empty_like(a)
     t = ms(lambda: b.copy_(a))
     copy_gbs = 2 * a.numel() * 2 / t / 1e6
-    del a, b
     s = 8192
     x = torch.randn(s, s, device="cuda").bfloat16()
     w = torch.randn(s, s, device="cuda").bfloat16()
@@ -160,7 +160,7 @@ def scaled_mm_blockwise(x, qw, t_bf16: float) -> dict:
            "m": x.shape[0]}
     try:
         sa = sx.t().contiguous().t()  # [M, K/128], M-major
-        fn = lambda: torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sw.t(),  # noqa: E731
+        fn = lambda: torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sw.t(),
                                       out_dtype=torch.bfloat16)
         y = fn()
         err = ((y.double() - ref).norm() / ref.norm()).item()
@@ -168,7 +168,7 @@ def scaled_mm_blockwise(x, qw, t_bf16: float) -> dict:
         t = ms(fn)
         row.update({"fwd_ms": t + aq, "gemm_ms": t, "rel_err_vs_triton": err,
                     "fwd_x": t_bf16 / (t + aq), "bwd_ms": float("nan"), "bwd_x": float("nan")})
-    except Exception as e:  # unsupported layout/recipe on this build: record why
+    except Exception as e:  # noqa: BLE001  (unsupported on this build: recorded in the row)
         row.update({"error": repr(e)[:300], "fwd_ms": float("nan"), "fwd_x": float("nan"),
                     "bwd_ms": float("nan"), "bwd_x": float("nan")})
     return row
@@ -207,7 +207,7 @@ def sweep() -> list[dict]:
                     x = torch.randn(m, n if tr else k, device="cuda").bfloat16()
                     try:
                         tm = ms(lambda: _fused(x, qw, tr, cfg))
-                    except Exception as e:  # out of resources etc.: record it and go on
+                    except Exception as e:  # noqa: BLE001  (out of resources etc.: recorded, run goes on)
                         _emit(rows, {"fmt": fmt, "k": k, "n": n, "m": m, "bwd": tr,
                                      "cfg": c, "unpack": unpack, "error": repr(e)[:160]})
                         continue
@@ -222,7 +222,7 @@ def sweep() -> list[dict]:
                       (128, 128, 8, 4), (64, 256, 4, 3)]:
             try:
                 tm = ms(lambda: w8a8_gemm(xq, sx, qw, torch.bfloat16, tiles=tiles))
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  (recorded in the row)
                 _emit(rows, {"fmt": "w8a8", "k": k, "n": n, "tiles": tiles, "error": repr(e)[:160]})
                 continue
             _emit(rows, {"fmt": "w8a8", "k": k, "n": n, "m": 8192, "tiles": tiles, "ms": tm})
@@ -238,7 +238,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     ceil = ceilings()
-    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+    res = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "command": " ".join(sys.argv), **ceil}
     if args.sweep or args.only_sweep:
