@@ -41,7 +41,7 @@ class ClusterConfig:
     num_workers: int = arg(0, "data-parallel workers; 0 = one per GPU, or 1 on CPU")
     trainer_backend: str = arg("torch", "training backend; megatron is not built yet", ("torch", "megatron"))
     use_ray: bool = arg(True, "run workers as Ray actors; --no-use-ray runs one in-process worker")
-    cpu_threads: int = arg(0, "torch threads per CPU worker; 0 = its share of the cores (1 is faster on a busy host)")
+    cpu_threads: int = arg(0, "torch threads per CPU worker; 0 = its share of the cores minus one")
 
 
 @dataclass
