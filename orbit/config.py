@@ -77,7 +77,7 @@ class AdapterArgs:
     oft_block_size: int = arg(32, "OFT block size (rotation acts on blocks of this many input dims)")
     adapter_dtype: str = arg("bf16", "adapter weight dtype (float32 master copies are kept either way)",
                              ("bf16", "float32"))
-    target_modules: list = arg(list(DEFAULT_TARGETS), "comma-separated linear names to wrap")
+    target_modules: list = arg(list(DEFAULT_TARGETS), "comma-separated linear names to wrap")  # noqa: RUF009
 
 
 @dataclass

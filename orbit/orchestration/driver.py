@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from orbit.config import TrainConfig
 from orbit.data.jsonl import PromptIterator, PromptRecord, load_prompts
@@ -35,62 +36,38 @@ def train(cfg: TrainConfig) -> Path:
     cfg.save(run_dir / "config.json")  # the resolved config, re-loadable with TrainConfig.load
 
     # 1. Data: prompts rendered with the model's chat template; train as a resumable iterator.
-    d = cfg.data
-    train_set = _prompts(cfg, d.prompt_data, d.train_rows)
-    stream = PromptIterator(train_set, cfg.rollout.rollout_batch_size, seed=d.seed, shuffle=d.rollout_shuffle)
-    eval_on = not cfg.eval.disable_eval and bool(d.eval_prompt_data)
-    test_rows = _rows(_prompts(cfg, d.eval_prompt_data, cfg.eval.eval_rows).records, 0) if eval_on else []
+    train_set, test_set = _load_data(cfg)
+    stream = PromptIterator(train_set, cfg.rollout.rollout_batch_size, seed=cfg.data.seed,
+                            shuffle=cfg.data.rollout_shuffle)
+    test_rows = _rows(test_set.records, first_group=0) if test_set else []
     num_steps = cfg.num_steps(len(train_set))
     optim_steps_per_rollout = cfg.samples_per_step() // cfg.global_batch()
 
-    # 2. Workers: one per GPU (or CPU worker), each loads the base and injects the adapter.
-    workers = WorkerGroup(cfg, total_optim_steps=num_steps * optim_steps_per_rollout)
+    # 2. Metrics sinks, then the workers: one per GPU (or CPU worker), each loads the base,
+    #    injects the adapter and builds its engine.
     logger = MetricsLogger(run_dir, num_steps, use_wandb=wandb_enabled(cfg.logging.use_wandb),
                            wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
                            run_name=cfg.logging.run_name, config=cfg.to_dict())
-
-    # 3. Resume: adapter, optimizer, RNG and data position from the latest checkpoint.
-    start = 0
-    last = ckpt.latest_checkpoint(run_dir) if cfg.ckpt.resume else None
-    if last is not None:
-        state = ckpt.load_driver(last)
-        workers.load(str(last))
-        stream.load_state_dict(state["data"])
-        start = state["step"]
-        logger.truncate_after(start)
-        logger.console.print(f"resumed from {last} (step {start})")
-
-    def evaluate(step: int) -> dict[str, float]:
-        t0 = time.perf_counter()
-        per_prompt = workers.evaluate(test_rows, step)
-        k = cfg.eval.n_samples_per_eval_prompt
-        out = {f"eval/{name}": v for name, v in pass_at_k_table(per_prompt, [1, k]).items()}
-        out["perf/eval_time"] = time.perf_counter() - t0
-        return out
-
-    def save(step: int) -> None:
-        tmp = ckpt.begin(run_dir, step)
-        workers.save(str(tmp))
-        ckpt.save_driver(tmp, {"step": step, "data": stream.state_dict()})
-        ckpt.commit(tmp, step, keep=cfg.ckpt.keep_checkpoints)
-
+    workers = WorkerGroup(cfg, total_optim_steps=num_steps * optim_steps_per_rollout)
     try:
-        if eval_on and start == 0:
-            logger.log(0, evaluate(0))
+        # 3. Resume: adapter, optimizer, RNG and data position from the latest checkpoint.
+        start = _resume(cfg, run_dir, workers, stream, logger)
+        if test_rows and start == 0:
+            logger.log(0, _evaluate(cfg, workers, test_rows, 0))
+
         for step in range(start + 1, num_steps + 1):
             t_step = time.perf_counter()
             # 4. Rollout: n samples per prompt from the serve slot, scored by the reward runner.
             rows = _rows(stream.next_batch(), first_group=step * cfg.rollout.rollout_batch_size)
-            t0 = time.perf_counter()
             samples = workers.rollout(rows, step)
-            t_rollout = time.perf_counter() - t0
+            t_rollout = time.perf_counter() - t_step
             metrics = rollout_metrics(samples)
 
             # 5. Advantages over the whole batch (group baselines, or batch whitening).
             assign_advantages(samples, cfg.algo)
 
-            # 6. Optimizer steps on the train slot: one per global batch. With more than one,
-            #    later ones are off-policy, so record the sampling policy's log-probs first.
+            # 6. Optimizer steps on the train slot, one per global batch. With more than one,
+            #    later ones are off-policy: record the sampling policy's log-probs first.
             t0 = time.perf_counter()
             if optim_steps_per_rollout > 1:
                 workers.compute_old_logprobs(samples)
@@ -102,35 +79,73 @@ def train(cfg: TrainConfig) -> Path:
             t_push = workers.push_adapter()
 
             step_time = time.perf_counter() - t_step
-            n_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-            metrics |= {"perf/rollout_time": t_rollout, "perf/train_time": t_train,
-                        "perf/push_adapter_time": t_push, "perf/step_time": step_time,
-                        "perf/tokens_per_s": n_tokens / step_time,
-                        "perf/rollout_tokens_per_s": sum(len(s.response_ids) for s in samples) / t_rollout}
+            metrics |= {
+                "perf/rollout_time": t_rollout, "perf/train_time": t_train,
+                "perf/push_adapter_time": t_push, "perf/step_time": step_time,
+                "perf/tokens_per_s": sum(len(s.prompt_ids) + len(s.response_ids) for s in samples) / step_time,
+                "perf/rollout_tokens_per_s": sum(len(s.response_ids) for s in samples) / t_rollout,
+            }
 
             # 8. Evaluate, log, checkpoint.
-            if eval_on and (step % cfg.eval.eval_interval == 0 or step == num_steps):
-                metrics |= evaluate(step)
+            if test_rows and (step % cfg.eval.eval_interval == 0 or step == num_steps):
+                metrics |= _evaluate(cfg, workers, test_rows, step)
             logger.log(step, metrics)
             if step == num_steps or (cfg.ckpt.save_interval and step % cfg.ckpt.save_interval == 0):
-                save(step)
+                _save(cfg, run_dir, workers, stream, step)
     finally:
         workers.shutdown()
         logger.close(plot=cfg.logging.plot)
     return run_dir
 
 
-def _prompts(cfg: TrainConfig, path: str, limit: int):  # -> PromptDataset
+def _load_data(cfg: TrainConfig) -> tuple[Any, Any]:
+    """(train PromptDataset, test PromptDataset or None); the tokenizer renders chat templates."""
     from orbit.models.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(cfg.ckpt.hf_checkpoint or _default_model_path()) if cfg.data.apply_chat_template else None
-    return load_prompts(path, cfg.data.input_key, cfg.data.label_key or None, tokenizer=tok,
-                        apply_chat_template=cfg.data.apply_chat_template, limit=limit or None)
+    d = cfg.data
+    tok = load_tokenizer(cfg.ckpt.hf_checkpoint or _default_model_path()) if d.apply_chat_template else None
+
+    def load(path: str, limit: int) -> Any:
+        return load_prompts(path, d.input_key, d.label_key or None, tokenizer=tok,
+                            apply_chat_template=d.apply_chat_template, limit=limit or None)
+
+    eval_on = not cfg.eval.disable_eval and bool(d.eval_prompt_data)
+    return load(d.prompt_data, d.train_rows), (load(d.eval_prompt_data, cfg.eval.eval_rows) if eval_on else None)
 
 
-def _rows(records: list[PromptRecord], first_group: int) -> list[dict]:
+def _rows(records: list[PromptRecord], first_group: int) -> list[dict[str, Any]]:
     """What workers get: rendered prompt text, label, and a group id unique within the run."""
     return [{"text": r.text, "label": r.label, "group_id": first_group + i} for i, r in enumerate(records)]
+
+
+def _resume(cfg: TrainConfig, run_dir: Path, workers: WorkerGroup, stream: PromptIterator,
+            logger: MetricsLogger) -> int:
+    """Restore the latest checkpoint, if any and if asked; returns the last completed step."""
+    last = ckpt.latest_checkpoint(run_dir) if cfg.ckpt.resume else None
+    if last is None:
+        return 0
+    state = ckpt.load_driver(last)
+    workers.load(str(last))
+    stream.load_state_dict(state["data"])
+    logger.truncate_after(state["step"])
+    logger.console.print(f"resumed from {last} (step {state['step']})")
+    return int(state["step"])
+
+
+def _evaluate(cfg: TrainConfig, workers: WorkerGroup, rows: list[dict[str, Any]], step: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    per_prompt = workers.evaluate(rows, step)
+    out = {f"eval/{k}": v for k, v in pass_at_k_table(per_prompt, [1, cfg.eval.n_samples_per_eval_prompt]).items()}
+    out["perf/eval_time"] = time.perf_counter() - t0
+    return out
+
+
+def _save(cfg: TrainConfig, run_dir: Path, workers: WorkerGroup, stream: PromptIterator, step: int) -> None:
+    """Atomic checkpoint: workers write into a temp dir, the driver adds its state, then commit."""
+    tmp = ckpt.begin(run_dir, step)
+    workers.save(str(tmp))
+    ckpt.save_driver(tmp, {"step": step, "data": stream.state_dict()})
+    ckpt.commit(tmp, step, keep=cfg.ckpt.keep_checkpoints)
 
 
 def _default_model_path() -> str:

@@ -95,8 +95,13 @@ class WorkerGroup:
         self._owns_ray = False
         self._local = None
         self._actors: list[Any] = []
+        self._pg = None
         if cfg.cluster.use_ray:
-            self._start_actors()
+            try:
+                self._start_actors()
+            except BaseException:
+                self.shutdown()  # do not leave actors (or a Ray we started) behind
+                raise
         else:
             if self.placement.num_workers != 1:
                 raise ValueError("--no-use-ray runs exactly one worker; set --num-workers 1")
@@ -173,13 +178,15 @@ class WorkerGroup:
 
     def shutdown(self) -> None:
         """Stop the actors, and Ray itself only if this group started it."""
-        if self._actors:
-            import ray
+        import ray
 
-            ray.get([a.teardown.remote() for a in self._actors])
-            for a in self._actors:
-                ray.kill(a)
-            self._actors = []
-            if self._owns_ray:
-                ray.shutdown()
-                self._owns_ray = False
+        if self._actors:
+            try:
+                ray.get([a.teardown.remote() for a in self._actors])
+            finally:
+                for a in self._actors:
+                    ray.kill(a)
+                self._actors = []
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
