@@ -76,6 +76,8 @@ class WorkerActor:
     def teardown(self) -> None:
         import torch.distributed as dist
 
+        if self.worker is not None:
+            self.worker.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -178,6 +180,11 @@ class WorkerGroup:
 
     def shutdown(self) -> None:
         """Stop the actors, and Ray itself only if this group started it."""
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        if not self._actors and not self._owns_ray:
+            return
         import ray
 
         if self._actors:
@@ -187,6 +194,11 @@ class WorkerGroup:
                 for a in self._actors:
                     ray.kill(a)
                 self._actors = []
+        if self._pg is not None:  # matters when attached to a cluster we do not own
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._pg)
+            self._pg = None
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False

@@ -116,6 +116,7 @@ class PolicyWorker:
     def _generate(self, rows: list[dict[str, Any]], sampling: Any, n: int,
                   eval_mode: bool = False) -> list[Sample]:
         ids = [self.prompt_ids(r["text"]) for r in rows]
+        self.model.eval()  # no adapter dropout while sampling
         with torch.no_grad(), self.adapters.use_slot(SERVE_SLOT):
             groups = self.engine.generate(ids, sampling, n)
         samples = []
@@ -154,6 +155,7 @@ class PolicyWorker:
         temp = self.cfg.rollout.rollout_temperature
         out: list[list[float]] = [[] for _ in samples]
         self.adapters.set_active(TRAIN_SLOT)
+        self.model.eval()
         with torch.no_grad():
             for idx in micro_batches(samples, self.cfg.optim.max_tokens_per_micro_batch):
                 batch = to_device(pack_samples([samples[i] for i in idx]), self.device)
@@ -326,6 +328,11 @@ class PolicyWorker:
         samples = self._generate(rows, sampling, e.n_samples_per_eval_prompt, eval_mode=True)
         k = e.n_samples_per_eval_prompt
         return [[float(s.reward) for s in samples[i * k:(i + 1) * k]] for i in range(len(rows))]
+
+    def close(self) -> None:
+        """Free the KV cache and the reward runner's threads."""
+        self.engine.release_kv_cache()
+        self.reward.close()
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Train-slot adapter tensors by name, on CPU (for tests and comparisons)."""
