@@ -48,10 +48,13 @@ class PolicyWorker:
         self.dtype = resolve_dtype(cfg.precision.compute_dtype, self.device)
         path = cfg.ckpt.hf_checkpoint or str(_default_model_path())
         fmt = cfg.precision.quant_format
+        weight_fmt = {"auto": None, "fp8-w8a8": "fp8"}.get(fmt, fmt)
         self.model, self.tokenizer = load_model(
-            path, dtype=self.dtype, device=self.device, quant=None if fmt == "auto" else fmt,
+            path, dtype=self.dtype, device=self.device, quant=weight_fmt,
             group_size=cfg.precision.quant_group_size if fmt in ("int4", "int8") else None,
         )
+        if fmt == "fp8-w8a8":
+            _enable_fp8_activations(self.model)
         a = cfg.adapter
         # Same seed on every rank -> identical adapter init (then broadcast to be certain).
         torch.manual_seed(cfg.data.seed)
@@ -352,6 +355,18 @@ class PolicyWorker:
         self._copy_master_to_params()
         ckpt.load_rng(d, self.rank)
         self.adapters.stage(TRAIN_SLOT, SERVE_SLOT)
+
+
+def _enable_fp8_activations(model: torch.nn.Module) -> None:
+    """W8A8: FP8 weights and per-token FP8 activations (orbit.kernels.dispatch act_quant)."""
+    from orbit.quant.linear import QuantLinear
+
+    qlinears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not qlinears or not all(hasattr(m, "act_quant") for m in qlinears):
+        raise ValueError("--quant-format fp8-w8a8: this build's QuantLinear has no `act_quant` "
+                         "setting yet; use --quant-format fp8 (weight-only FP8)")
+    for m in qlinears:
+        m.act_quant = "fp8"
 
 
 def _default_model_path() -> Path:
