@@ -80,6 +80,9 @@ def rollout_metrics(samples: list[Any]) -> dict[str, float]:
             parts.setdefault(k, []).append(float(v))
     for k, vs in parts.items():
         out[f"rollout/reward_{k}_mean"] = sum(vs) / len(vs)
+    for s in samples:  # reward calls that raised / timed out / returned a non-number
+        for fn in s.metadata.get("reward_failures", []):
+            out[f"reward/failures/{fn}"] = out.get(f"reward/failures/{fn}", 0.0) + 1.0
     return out
 
 

@@ -131,7 +131,11 @@ class PolicyWorker:
                     finish_reason=c.finish_reason, prompt_text=row["text"],
                     response_text=c.text if c.text is not None else self.tokenizer.decode(c.tokens),
                 ))
-        self.reward.apply(samples, eval_mode=eval_mode)  # fills reward and rewards_by_fn
+        result = self.reward.apply(samples, eval_mode=eval_mode)  # fills reward and rewards_by_fn
+        for f in result.failures:  # surfaced as reward/failures/<fn> in the step metrics
+            hit = samples if f.sample_index is None else [samples[f.sample_index]]
+            for smp in hit:
+                smp.metadata.setdefault("reward_failures", []).append(f.fn)
         return samples
 
     def rollout(self, rows: list[dict[str, Any]], step: int = 0) -> list[Sample]:

@@ -55,6 +55,9 @@ def test_grpo_advantages_and_rollout_metrics() -> None:
     assert m["rollout/reward_mean"] == 0.75 and m["rollout/truncated_ratio"] == 0.25
     assert m["rollout/zero_std_group_frac"] == 0.5 and m["rollout/response_len_max"] == 3
     assert m["rollout/reward_arithmetic_mean"] == 0.75
+    assert not any(k.startswith("reward/failures") for k in m)
+    ss[1].metadata["reward_failures"] = ["arithmetic"]
+    assert rollout_metrics(ss)["reward/failures/arithmetic"] == 1.0
     assert m["rollout/reward_std"] == pytest.approx(math.sqrt(0.1875))
 
 
