@@ -12,7 +12,12 @@ from orbit.config import AlgoConfig
 from orbit.data.sample import Sample
 from orbit.orchestration.group import split_by_tokens, split_chunks
 from orbit.orchestration.placement import resolve_placement
-from orbit.orchestration.steps import assign_advantages, mini_batches, reduce_train_metrics, rollout_metrics
+from orbit.orchestration.steps import (
+    assign_advantages,
+    mini_batches,
+    reduce_train_metrics,
+    rollout_metrics,
+)
 from orbit.trainer.batching import micro_batches
 from orbit.trainer.metrics import MetricsLogger, plot_curves, read_metrics, wandb_enabled
 from orbit.trainer.schedule import lr_factor
