@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,7 +60,7 @@ def write_arithmetic_jsonl(path: str | Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def digit_reward(sample) -> float:  # noqa: ANN001 - an orbit.data.Sample
+def digit_reward(sample: Any) -> float:  # an orbit.data.Sample
     """A reward a random character-level model earns about half the time (any digit in the
     response), so advantages are non-zero and tests see real updates."""
     return float(any(ch.isdigit() for ch in sample.response_text))

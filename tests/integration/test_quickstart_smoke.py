@@ -19,7 +19,7 @@ def test_quickstart_smoke_on_cpu(tmp_path: Path) -> None:
     env.update(SMOKE, SAVE_DIR=str(tmp_path / "run"), CUDA_VISIBLE_DEVICES="",
                GEN_TRAIN_ROWS="16", GEN_TEST_ROWS="4")
     r = subprocess.run(["bash", str(ROOT / "examples/quickstart/run-smollm2-135m-q4_1-lora.sh")],
-                       env=env, capture_output=True, text=True, timeout=900)
+                       env=env, capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = tmp_path / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -29,7 +29,7 @@ def run(script: str, home: Path, **env: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in KNOBS}
     full.update({"ORBIT_DRY_RUN_ARGV": "1", "HOME": str(home)}, **env)
     return subprocess.run(["bash", str(ROOT / script)], env=full, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, check=False)
 
 
 def parsed(out: str) -> TrainConfig:
