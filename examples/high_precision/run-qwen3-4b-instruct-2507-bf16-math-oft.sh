@@ -42,7 +42,7 @@ DATA_ARGS=(
   --eval-prompt-data "${TEST_JSONL:-}"
   --input-key "${INPUT_KEY:-prompt}"
   --label-key "${LABEL_KEY:-label}"
-  --reward math
+  --reward "${REWARD:-math}"
   --train-rows "${TRAIN_ROWS:-0}"
   --num-epoch "${TOTAL_EPOCHS:-1}"
   --seed "${SEED:-1234}"

@@ -52,7 +52,7 @@ DATA_ARGS=(
   --eval-prompt-data "$TEST_JSONL"
   --input-key prompt
   --label-key label
-  --reward arithmetic
+  --reward "${REWARD:-arithmetic,format=0.2}"
   --train-rows "${TRAIN_ROWS:-0}"
   --num-epoch "${TOTAL_EPOCHS:-1}"
   --seed "${SEED:-1234}"
