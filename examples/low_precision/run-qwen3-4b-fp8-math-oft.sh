@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GRPO with an OFT adapter on Qwen3-4B with the base in block FP8 (a DeepSeek-style FP8 checkpoint such as Qwen3-4B-FP8 is read as is; a BF16 one is quantized at load).
+# GRPO with an OFT adapter on Qwen3-4B with the base in block FP8 (a DeepSeek-style FP8 checkpoint
+# such as Qwen3-4B-FP8 is read as is; a BF16 one is quantized at load).
 #
 #   HF_CKPT=/models/... TRAIN_JSONL=/data/math-train.jsonl TEST_JSONL=/data/math-test.jsonl bash low_precision/run-qwen3-4b-fp8-math-oft.sh
 #

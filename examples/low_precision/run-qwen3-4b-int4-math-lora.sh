@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GRPO with a LoRA adapter on Qwen3-4B with the base in INT4 (compressed-tensors pack-quantized, group 128; a BF16 checkpoint is quantized at load).
+# GRPO with a LoRA adapter on Qwen3-4B with the base in INT4 (compressed-tensors pack-quantized,
+# group 128; a BF16 checkpoint is quantized at load).
 #
 #   HF_CKPT=/models/... TRAIN_JSONL=/data/math-train.jsonl TEST_JSONL=/data/math-test.jsonl bash low_precision/run-qwen3-4b-int4-math-lora.sh
 #
