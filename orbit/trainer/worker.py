@@ -10,6 +10,7 @@ torch.distributed is initialised, adapter gradients and step metrics are all-red
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,13 @@ class PolicyWorker:
         path = cfg.ckpt.hf_checkpoint or str(_default_model_path())
         fmt = cfg.precision.quant_format
         weight_fmt = {"auto": None, "fp8-w8a8": "fp8"}.get(fmt, fmt)
+        stored = _stored_quantization(path)
+        if stored and weight_fmt is not None:
+            # A pre-quantized checkpoint is read in its own format: the launchers name the
+            # format they expect, and requantizing an already-quantized base would only lose bits.
+            if rank == 0:
+                print(f"{path} is stored quantized ({stored}); keeping that instead of --quant-format {fmt}")
+            weight_fmt = None
         self.model, self.tokenizer = load_model(
             path, dtype=self.dtype, device=self.device, quant=weight_fmt,
             group_size=cfg.precision.quant_group_size if fmt in ("int4", "int8") else None,
@@ -359,6 +367,15 @@ class PolicyWorker:
         self._copy_master_to_params()
         ckpt.load_rng(d, self.rank)
         self.adapters.stage(TRAIN_SLOT, SERVE_SLOT)
+
+
+def _stored_quantization(path: str) -> str | None:
+    """The quant_method of a HF checkpoint's quantization_config (None for float or GGUF)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    qcfg = json.loads(cfg.read_text()).get("quantization_config")
+    return str(qcfg.get("quant_method", "quantized")) if qcfg else None
 
 
 def _enable_fp8_activations(model: torch.nn.Module) -> None:

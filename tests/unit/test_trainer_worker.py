@@ -86,3 +86,40 @@ def test_save_load_round_trip(model_dir, tmp_path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert fresh.optim_step == 1
     assert torch.equal(fresh.adapters.flat(SERVE_SLOT), fresh.adapters.flat(TRAIN_SLOT))
+
+
+def test_prequantized_checkpoint_keeps_its_format(model_dir, tmp_path) -> None:
+    """The INT4 launcher passes --quant-format int4; a compressed-tensors INT4 checkpoint is read
+    as stored (the loader refuses to requantize it), and the adapter trains on top of it."""
+    import json
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from orbit.models.loader import DEFAULT_QUANT_TARGETS
+    from orbit.quant.checkpoint import write_linear
+    from orbit.quant.linear import QuantLinear
+    from orbit.quant.qconfig import quantization_config
+    from orbit.quant.quantize import quantize
+
+    dst = tmp_path / "ct"
+    shutil.copytree(model_dir, dst)
+    out = {}
+    for name, t in load_file(model_dir / "model.safetensors").items():
+        mod = name.removesuffix(".weight")
+        if name.endswith(".weight") and any(re.fullmatch(p, mod) for p in DEFAULT_QUANT_TARGETS):
+            out.update(write_linear(quantize(t, "int4", group_size=32), mod, "compressed-tensors"))
+        else:
+            out[name] = t
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = quantization_config("compressed-tensors", "int4", group_size=32)
+    (dst / "config.json").write_text(json.dumps(cfg))
+
+    w = make_worker(dst, "--quant-format", "int4", "--quant-group-size", "32")
+    q = w.model.model.layers[0].self_attn.q_proj.base
+    assert isinstance(q, QuantLinear) and q.weight_format == "int4"
+    samples = rollout_with_signal(w)
+    m = w.train_step(samples, sum(len(s.response_ids) for s in samples), len(samples))
+    assert m["train/grad_norm"] > 0
