@@ -252,8 +252,11 @@ class PolicyWorker:
         ), loss_cfg)
         out.loss.backward()
         n = int(mask.sum())
-        diff = (logp.detach() - rollout_lp).abs()[mask]
-        d = logp.detach() - rollout_lp  # log(pi_train / pi_rollout) on tokens sampled from rollout
+        # Trainer vs sampler on the same weights: the pre-update log-probs when this rollout
+        # feeds several optimizer steps (later ones also see the policy move), else the current.
+        trainer_lp = old if old is not None else logp.detach()
+        d = trainer_lp - rollout_lp  # log(pi_train / pi_rollout) on tokens sampled from rollout
+        diff = d.abs()[mask]
         per_tok = {
             "train/pg_loss": out.metrics["pg_loss"] * loss_cfg.num_tokens / max(n, 1),
             "train/pg_clipfrac": out.metrics["pg_clipfrac"],
