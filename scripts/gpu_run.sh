@@ -33,7 +33,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 declare -a SUMMARY=()
 step() {  # step NAME CMD...
   local name="$1"; shift
-  local log="$OUT/$(echo "$name" | tr -c 'A-Za-z0-9._-' '_').log"
+  local log="$OUT/$(echo "$name" | tr -c 'A-Za-z0-9._-' '_' | cut -c1-60).log"
   local t0=$SECONDS
   echo "===== $name"
   "$@" > "$log" 2>&1; local rc=$?
@@ -43,7 +43,7 @@ step() {  # step NAME CMD...
 for arg in "$@"; do
   case "$arg" in
     stage) echo "[gpu_run] staged: $(ls "$CACHE")"; exit 0 ;;
-    tests) step "pytest tests/gpu" python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider -x --timeout 600 ;;
+    tests) step "pytest tests/gpu" python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider --timeout 300 ;;
     bench:*) spec="${arg#bench:}"; name="${spec%%:*}"; args=""; [ "$spec" != "$name" ] && args="${spec#*:}"
              # shellcheck disable=SC2086
              step "bench $name" python3 "scripts/bench/$name.py" $args ;;
