@@ -50,6 +50,9 @@ class QuantLinear(nn.Module):
         # None: cache on CPU (reference path), stream through the fused kernel on CUDA.
         self.cache_dequantized = cache_dequantized
         self.exact = False  # batch-invariant kernels (precision "exact" mode)
+        # "fp8" = W8A8: activations quantized per token per 128 columns, as deployment engines
+        # run FP8 checkpoints; the backward is straight-through (dX through the dequantized W).
+        self.act_quant: str | None = None
         self._tensor_names = tuple(qw.tensors)
         for name, t in qw.tensors.items():
             self.register_buffer(name, t.detach())
@@ -103,6 +106,9 @@ class QuantLinear(nn.Module):
         return w
 
     def _matmul(self, x2d: Tensor) -> Tensor:
+        if self.act_quant is not None:
+            return dispatch.qmm(x2d, self.quantized_weight(), exact=self.exact,
+                                act_quant=self.act_quant)
         if self._use_cache(x2d.device):
             return x2d @ self._dense_weight(x2d.dtype, x2d.device).T
         return dispatch.qmm(x2d, self.quantized_weight(), exact=self.exact)

@@ -166,3 +166,31 @@ def test_convert_linears_targets_and_errors() -> None:
         convert_linears(_tiny_llama(), "int4", targets=["down_proj"], group_size=48)
     with pytest.raises(TypeError, match="sequence"):
         convert_linears(_tiny_llama(), "int4", targets="q_proj")
+
+
+def test_w8a8_act_quant_forward_and_straight_through_backward() -> None:
+    """act_quant='fp8' quantizes activations in forward (differs from W8A16) while the input
+    gradient is the straight-through one (dY @ W with the dequantized weight)."""
+    from orbit.kernels.dispatch import qmm
+    from orbit.quant.linear import QuantLinear
+    from orbit.quant.quantize import quantize
+
+    torch.manual_seed(3)
+    w = torch.randn(96, 256)
+    qw = quantize(w, "fp8")
+    lin = QuantLinear(qw)
+    lin.act_quant = "fp8"
+    x = torch.randn(5, 256, requires_grad=True)
+    y = lin(x)
+    ref = qmm(x.detach(), qw, act_quant="fp8")
+    assert torch.equal(y.detach(), ref)
+    w16 = x.detach() @ qw.dequantize().T
+    assert not torch.equal(y.detach(), w16)  # activations really were quantized
+    assert (y.detach() - w16).norm() / w16.norm() < 0.1
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert torch.allclose(x.grad, dy @ qw.dequantize(), atol=1e-5)
+    bad = QuantLinear(quantize(w, "int4", group_size=32))
+    bad.act_quant = "fp8"
+    with pytest.raises(ValueError, match="fp8 weight"):
+        bad(x)
