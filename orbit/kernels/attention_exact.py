@@ -199,11 +199,12 @@ class _PackedAttention(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for a, b in itertools.pairwise(ctx.bounds):
             with torch.enable_grad():
-                qs, ks, vs = (t[a:b].detach().transpose(0, 1).requires_grad_() for t in (q, k, v))  # [h, n, D]
+                # [1, h, n, D]: 4-D inputs, so SDPA can pick its flash/efficient kernels
+                qs, ks, vs = (t[a:b].detach().transpose(0, 1).unsqueeze(0).requires_grad_() for t in (q, k, v))
                 o = torch.nn.functional.scaled_dot_product_attention(
-                    qs, ks, vs, is_causal=True, scale=ctx.scale, enable_gqa=ks.shape[0] != qs.shape[0])
-                gq, gk, gv = torch.autograd.grad(o, (qs, ks, vs), dout[a:b].transpose(0, 1))
-            dq[a:b], dk[a:b], dv[a:b] = gq.transpose(0, 1), gk.transpose(0, 1), gv.transpose(0, 1)
+                    qs, ks, vs, is_causal=True, scale=ctx.scale, enable_gqa=ks.shape[1] != qs.shape[1])
+                gq, gk, gv = torch.autograd.grad(o, (qs, ks, vs), dout[a:b].transpose(0, 1).unsqueeze(0))
+            dq[a:b], dk[a:b], dv[a:b] = gq[0].transpose(0, 1), gk[0].transpose(0, 1), gv[0].transpose(0, 1)
         return dq, dk, dv, None, None, None
 
 
