@@ -18,7 +18,9 @@ def group_affine(v, s_ptr, o_ptr, stride_s, offs_n, row_ok, k0, K, GROUP: tl.con
     """v * s (+ o) for the float32 tile v = W[offs_n, k0:k0+COLS] with one scale (and offset)
     per GROUP columns. One scale per row when the tile sits in one group; otherwise the
     [ROWS, COLS/GROUP] scales multiply a [ROWS, COLS/GROUP, GROUP] view (a per-element gather
-    of the scales measured 5-10x slower on the H100, docs/kernels.md)."""
+    of the scales measured 5-10x slower on the H100, docs/kernels.md). Scale and offset are
+    each loaded in their own dtype (Triton specializes on the pointer type) and widened to
+    fp32, so e.g. a bf16 scale may come with an fp32 offset."""
     if COLS <= GROUP:
         sp = offs_n * stride_s + k0 // GROUP
         s = tl.load(s_ptr + sp, mask=row_ok, other=0.0).to(tl.float32)[:, None]  # [ROWS, 1]

@@ -1,10 +1,13 @@
 """INT4 weight-only matmul (W4A16): the int4 tile loader, its wrapper and the torch reference.
 
 Layout (docs/architecture.md): `qweight` int32 [out, in/8], element j of a word at bits
-4j..4j+3; `scale` [out, in/g] bf16/fp16; optional `offset` (asymmetric, GGUF Q4_1 style).
+4j..4j+3; `scale` [out, in/g] bf16/fp16; optional `offset` [out, in/g] (asymmetric) in
+fp32, fp16 or bf16 whatever the scale dtype: `orbit.quant.quantize` stores the exact fp32
+`-zero_point * scale` beside a bf16 scale, GGUF Q4_1 an fp16 `m` beside an fp16 `d`.
 The tile loader reproduces `orbit.quant.qweight.dequantize` bit for bit in float32
-(`(u - 8) * s` or `u * s + o`; `u * s` is exact in fp32, so a fused multiply-add rounds the
-same), so kernel and reference see identical BF16 weights and differ only in summation order.
+(`(u - 8) * s` or `u * s + o`, scale and offset each loaded and widened to fp32; `u * s` is
+exact in fp32 for a bf16/fp16 scale, so a fused multiply-add rounds the same), so kernel and
+reference see identical BF16 weights and differ only in summation order.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from orbit.kernels._triton import tl, triton
 from orbit.quant.qweight import QuantizedWeight
 
 INT4_GROUPS = (32, 64, 128)
+INT4_SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INT4_OFFSET_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -46,13 +51,19 @@ def _check(x: Tensor, qw: QuantizedWeight, transpose: bool) -> None:
     t = qw.tensors
     check_tensor(t["qweight"], "qweight", torch.int32, (out_f, in_f // 8))
     sdt = t["scale"].dtype
-    if sdt not in (torch.bfloat16, torch.float16, torch.float32):
+    if sdt not in INT4_SCALE_DTYPES:
         raise ValueError(f"int4 scale must be bf16/fp16/fp32, got {sdt}")
     check_tensor(t["scale"], "scale", sdt, (out_f, in_f // g))
     if "offset" in t:
-        check_tensor(t["offset"], "offset", sdt, (out_f, in_f // g))
+        # The tile loader widens the offset to fp32 on load, so its dtype is independent of
+        # the scale's; the kernel indexes both with the scale's row stride (in elements).
+        odt = t["offset"].dtype
+        if odt not in INT4_OFFSET_DTYPES:
+            raise ValueError(f"int4 offset must be fp32/fp16/bf16, got {odt}")
+        check_tensor(t["offset"], "offset", odt, (out_f, in_f // g))
         if t["offset"].stride(0) != t["scale"].stride(0):
-            raise ValueError("int4 offset and scale must share a row stride")
+            raise ValueError(f"int4 offset and scale must share a row stride (in elements), got "
+                             f"{t['offset'].stride(0)} and {t['scale'].stride(0)}")
     check_activation(x, "dy" if transpose else "x", out_f if transpose else in_f, t["qweight"].device)
 
 

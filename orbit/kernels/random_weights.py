@@ -18,9 +18,12 @@ def _uniform(shape: tuple[int, ...], lo: float, hi: float, gen: torch.Generator)
 
 def random_qweight(fmt: str, out_f: int, in_f: int, *, group_size: int = 128,
                    asym: bool = False, scale_dtype: torch.dtype = torch.bfloat16,
-                   seed: int = 0, device: str | torch.device = "cpu") -> QuantizedWeight:
+                   offset_dtype: torch.dtype | None = None, seed: int = 0,
+                   device: str | torch.device = "cpu") -> QuantizedWeight:
     """A `QuantizedWeight` of logical shape (out_f, in_f) with random codes and scales sized so
-    that dequantized entries are O(0.05), like a trained linear's weights."""
+    that dequantized entries are O(0.05), like a trained linear's weights. `offset_dtype`
+    (int4 with `asym`; default `scale_dtype`) lets scale and offset differ, as they do for
+    `orbit.quant.quantize` (bf16 scale, fp32 offset)."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)  # generate in place: big shapes on GPU
     dev = {"generator": gen, "device": device}
@@ -32,8 +35,8 @@ def random_qweight(fmt: str, out_f: int, in_f: int, *, group_size: int = 128,
         t = {"qweight": words.to(torch.int32),
              "scale": _uniform((out_f, in_f // group_size), 0.004, 0.012, gen).to(scale_dtype)}
         if asym:
-            t["offset"] = (-8.0 * t["scale"].float()
-                           + _uniform(t["scale"].shape, -0.01, 0.01, gen)).to(scale_dtype)
+            t["offset"] = (-8.0 * t["scale"].float() + _uniform(t["scale"].shape, -0.01, 0.01, gen)
+                           ).to(offset_dtype or scale_dtype)
         return QuantizedWeight("int4", (out_f, in_f), t, group_size)
     if fmt == "int8":
         q = torch.randint(-128, 128, (out_f, in_f), **dev, dtype=torch.int32)

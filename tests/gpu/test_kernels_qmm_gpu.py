@@ -138,9 +138,22 @@ def test_dispatch_routes_cuda_to_kernels_and_matches_cpu_reference() -> None:
     assert _rel(y_gpu.cpu(), y_cpu.double()) < TOL
 
 
+@pytest.mark.parametrize("sd,od", [(torch.bfloat16, torch.float32),
+                                   (torch.float16, torch.float16),
+                                   (torch.float16, torch.bfloat16)])
+def test_int4_offset_dtype_independent_of_scale(sd: torch.dtype, od: torch.dtype) -> None:
+    """quantize() stores a bf16 scale with an fp32 offset, GGUF Q4_1 fp16 with fp16."""
+    kw = {"group_size": 32, "asym": True, "scale_dtype": sd, "offset_dtype": od}
+    for m in (1, 77, 2048):  # 2048: the dequantize-then-cuBLAS path
+        _check_one("int4", kw, 576, 1536, m, seed=m, exact=False)
+    _check_one("int4", kw, 576, 1536, 77, seed=3, exact=True)
+
+
 @pytest.mark.parametrize("fmt,kw", [("int4", {"group_size": 32}), ("int4", {"group_size": 128,
                                     "asym": True}), ("int8", {"group_size": 32}), ("fp8", {}),
-                                    ("nvfp4", {}), ("mxfp4", {})])
+                                    ("nvfp4", {}), ("mxfp4", {}),
+                                    ("int4", {"group_size": 64, "asym": True,
+                                              "offset_dtype": torch.float32})])
 def test_tile_dequantization_is_bit_exact(fmt: str, kw: dict) -> None:
     """The kernels' weights equal the reference's BF16 weights exactly (via the dequant kernel,
     which runs the same tile loaders as the GEMM)."""
