@@ -184,7 +184,12 @@ def _packed_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seql
 
 class _PackedAttention(torch.autograd.Function):
     """Exact forward; backward differentiates SDPA recomputed per sequence (the same function
-    up to rounding; gradients need not be batch-invariant, only forward log-probs are compared)."""
+    up to rounding; gradients need not be batch-invariant, only forward log-probs are compared).
+
+    The 3-D [h, n, D] call is the form whose gradients were checked on the H100
+    (test_exact_mode_gradients_match_fast). A 4-D [1, h, n, D] call with enable_gqa on
+    transposed views, tried for speed, gave wrong gradients there (rel. error 1.4): do not
+    switch without that test passing on a GPU."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,  # type: ignore[override]
@@ -199,12 +204,11 @@ class _PackedAttention(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for a, b in itertools.pairwise(ctx.bounds):
             with torch.enable_grad():
-                # [1, h, n, D]: 4-D inputs, so SDPA can pick its flash/efficient kernels
-                qs, ks, vs = (t[a:b].detach().transpose(0, 1).unsqueeze(0).requires_grad_() for t in (q, k, v))
+                qs, ks, vs = (t[a:b].detach().transpose(0, 1).requires_grad_() for t in (q, k, v))  # [h, n, D]
                 o = torch.nn.functional.scaled_dot_product_attention(
-                    qs, ks, vs, is_causal=True, scale=ctx.scale, enable_gqa=ks.shape[1] != qs.shape[1])
-                gq, gk, gv = torch.autograd.grad(o, (qs, ks, vs), dout[a:b].transpose(0, 1).unsqueeze(0))
-            dq[a:b], dk[a:b], dv[a:b] = gq[0].transpose(0, 1), gk[0].transpose(0, 1), gv[0].transpose(0, 1)
+                    qs, ks, vs, is_causal=True, scale=ctx.scale, enable_gqa=ks.shape[0] != qs.shape[0])
+                gq, gk, gv = torch.autograd.grad(o, (qs, ks, vs), dout[a:b].transpose(0, 1))
+            dq[a:b], dk[a:b], dv[a:b] = gq.transpose(0, 1), gk.transpose(0, 1), gv.transpose(0, 1)
         return dq, dk, dv, None, None, None
 
 
