@@ -21,16 +21,85 @@ Prefill (and packed training) loops over sequences with one SDPA call each; that
 packed batch, and for cached batches the KV cache is read in place as a paged cache (one page
 of `max_len` tokens per slot, `block_table = slots`), so decode gathers nothing. Checked
 against the SDPA path by tests/gpu/test_models_attention_gpu.py.
+
+`varlen_attn`'s keywords differ between torch releases (2.11's takes no `enable_gqa`;
+2.12's takes `enable_gqa`, `seqused_k` and `block_table`), so `varlen_api()` reads its
+signature once and the backend uses what exists: without `enable_gqa` a packed batch repeats
+the K/V heads for GQA; a cached batch that the installed API cannot read in place runs the
+SDPA path instead, with a one-time warning. `varlen_supported()` says whether varlen runs
+natively (what `attn_backend="auto"` in the engine asks).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# FlashAttention reads a paged KV cache only in pages of a multiple of 256 tokens; the varlen
+# backend makes each slot one page, so a cache it reads needs max_len % VARLEN_PAGE == 0.
+VARLEN_PAGE = 256
+
+
+@dataclass(frozen=True)
+class VarlenAPI:
+    """What the installed `torch.nn.attention.varlen.varlen_attn` accepts."""
+
+    fn: Callable[..., Tensor]
+    causal: dict[str, Any]  # the keyword that makes it causal: window_size=(-1, 0) or is_causal
+    gqa: bool  # accepts enable_gqa: K/V with fewer heads than Q, without repeating them
+    paged: bool  # accepts seqused_k and block_table: reads the KV cache in place
+
+
+@functools.lru_cache(maxsize=1)
+def varlen_api() -> VarlenAPI | None:
+    """The installed varlen_attn's capabilities, read once from its signature; None when
+    torch has none (or one without a causal mode)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.9: no varlen API; callers use SDPA
+        return None
+    return read_varlen_api(varlen_attn)
+
+
+def read_varlen_api(fn: Callable[..., Tensor]) -> VarlenAPI | None:
+    """Capabilities of a `varlen_attn` from its signature (None: no causal mode)."""
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:  # bottom-right aligned causal window
+        causal: dict[str, Any] = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return VarlenAPI(fn, causal, "enable_gqa" in params,
+                     "seqused_k" in params and "block_table" in params)
+
+
+def varlen_supported(device: torch.device | str, *, cached: bool = False,
+                     gqa: bool = False) -> bool:
+    """Whether backend="varlen" runs natively on `device`: CUDA with compute capability >= 8.0
+    (FlashAttention 2) and a varlen_attn that reads a KV cache in place (`cached`) and takes
+    fewer K/V heads than query heads (`gqa`, cached batches only: a packed batch repeats the
+    heads itself). Otherwise the backend falls back to SDPA (cached) or fails (no API, CPU)."""
+    device = torch.device(device)
+    api = varlen_api()
+    if device.type != "cuda" or api is None or not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    return not cached or (api.paged and (api.gqa or not gqa))
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 class KVCache:
@@ -224,22 +293,37 @@ class AttnBatch:
 
 
     def _attend_varlen(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        from torch.nn.attention.varlen import varlen_attn
-
         if not q.is_cuda:
             raise ValueError("attention backend 'varlen' needs CUDA tensors; use backend='sdpa'")
+        api = varlen_api()
+        if api is None:
+            raise ValueError(f"attention backend 'varlen' needs torch.nn.attention.varlen "
+                             f"(torch >= 2.9), this is torch {torch.__version__}; use 'sdpa'")
         gqa = k.shape[1] != q.shape[1]
+        if self.kind == "cached" and not (api.paged and (api.gqa or not gqa)):
+            _warn_once(f"torch {torch.__version__}'s varlen_attn cannot read the KV cache in place"
+                       f"{' with GQA' if api.paged else ''}; cached batches use the SDPA path")
+            return self._attend_cached(layer, q, k, v)
         cu = self._meta.get("cu32")
         if cu is None:
             cu = self._meta["cu32"] = self.cu_seqlens.to(device=q.device, dtype=torch.int32)
+        kw = dict(api.causal)
+        if gqa and api.gqa:
+            kw["enable_gqa"] = True
         if self.kind == "packed":
             n = max(self._host_seqlens())
-            return varlen_attn(q, k, v, cu, cu, n, n, window_size=(-1, 0), enable_gqa=gqa)
+            if gqa and not api.gqa:
+                # [T, Hkv, D] -> [T, H, D]: query head h reads K/V head h // (H / Hkv), the
+                # grouping SDPA's enable_gqa uses.
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            return api.fn(q, k, v, cu, cu, n, n, **kw)
         cache = self.cache
         assert cache is not None and self.slots is not None and self.start_pos is not None
-        if cache.max_len % 256:
+        if cache.max_len % VARLEN_PAGE:
             raise ValueError(f"backend 'varlen' reads the KV cache as pages of max_len tokens; "
-                             f"FlashAttention needs max_len % 256 == 0, got {cache.max_len}")
+                             f"FlashAttention needs max_len % {VARLEN_PAGE} == 0, "
+                             f"got {cache.max_len}")
         T = q.shape[0]
         w_slot, w_pos = self._write_index(T)
         kc, vc = cache.k[layer], cache.v[layer]  # [S, max_len, Hkv, D]: S pages of max_len
@@ -252,10 +336,9 @@ class AttnBatch:
             self._meta["max_q"] = 1 if T == self.slots.numel() else max(self._host_seqlens())
         # Causal window (-1, 0) is bottom-right aligned: query i of a sequence with `used` keys
         # sees keys [0, used - n + i], i.e. positions up to start_pos + i.
-        return varlen_attn(
+        return api.fn(
             q, kc, vc, cu, None, self._meta["max_q"], self.max_context or cache.max_len,
-            window_size=(-1, 0), enable_gqa=gqa, seqused_k=self._meta["used"],
-            block_table=self._meta["table"],
+            seqused_k=self._meta["used"], block_table=self._meta["table"], **kw,
         )
 
 

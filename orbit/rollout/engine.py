@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from orbit.models.attention import AttnBatch, KVCache, cu_seqlens_from_lengths
+from orbit.models.attention import (
+    VARLEN_PAGE,
+    AttnBatch,
+    KVCache,
+    cu_seqlens_from_lengths,
+    varlen_supported,
+)
 from orbit.rollout.cuda_graphs import DecodeGraphs
 from orbit.rollout.sampling import make_batch, sample, sequence_key
 from orbit.rollout.scheduler import PrefillGroup, Scheduler, Sequence
@@ -72,8 +78,12 @@ class Engine:
     strings and `Completion.text`. eos_token_ids: default `model.config.eos_token_ids`.
     seed: seeds the draws of per-request seeds for requests without one.
     graph_key: returns what captured graphs depend on (default `default_graph_key`).
-    attn_backend: the AttnBatch backend of prefill and decode ("sdpa", or "varlen" on CUDA:
-    FlashAttention reading the KV cache in place).
+    attn_backend: the AttnBatch backend of prefill and decode: "sdpa"; "varlen" (CUDA only:
+    FlashAttention reading the KV cache in place; the cache's per-slot length is then
+    max_model_len rounded up to a multiple of 256, FlashAttention's page constraint); or
+    "auto": varlen where `varlen_supported` says this torch and GPU run it natively for this
+    model's heads and the KV cache is fp16/bf16, else sdpa. `self.attn_backend` holds the
+    resolved choice.
     """
 
     def __init__(
@@ -110,9 +120,12 @@ class Engine:
         pos_limit = self.config.max_position_embeddings
         if max_model_len > pos_limit:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={pos_limit}")
-        if attn_backend not in ("sdpa", "varlen"):
-            raise ValueError(f"attn_backend must be 'sdpa' or 'varlen', got {attn_backend!r}")
-        self.attn_backend = attn_backend
+        self.attn_backend = self._resolve_backend(attn_backend)
+        # No sequence reaches past max_model_len: the extra positions (never written, never
+        # attended to) only pad each slot to whole FlashAttention pages.
+        self.cache_len = max_model_len
+        if self.attn_backend == "varlen":
+            self.cache_len = -(-max_model_len // VARLEN_PAGE) * VARLEN_PAGE
         self.kv_cache_memory = kv_cache_memory
         self.use_graphs = cuda_graph and self.device.type == "cuda" and self.config.num_experts == 0
         self.exact = exact
@@ -126,6 +139,20 @@ class Engine:
         self.num_slots = 0  # sequence slots (the graphs' scratch slot is extra)
         self._graphs: DecodeGraphs | None = None
         self.last_stats: dict[str, float] = {}
+
+    def _resolve_backend(self, attn_backend: str) -> str:
+        if attn_backend not in ("auto", "sdpa", "varlen"):
+            raise ValueError(f"attn_backend must be 'auto', 'sdpa' or 'varlen', "
+                             f"got {attn_backend!r}")
+        gqa = self.config.num_kv_heads != self.config.num_heads
+        if attn_backend == "auto":  # FlashAttention takes fp16/bf16 only
+            half = self.dtype in (torch.float16, torch.bfloat16)
+            native = half and varlen_supported(self.device, cached=True, gqa=gqa)
+            return "varlen" if native else "sdpa"
+        if attn_backend == "varlen" and self.device.type != "cuda":
+            raise ValueError(f"attn_backend='varlen' needs a CUDA device, the engine is on "
+                             f"{self.device}")
+        return attn_backend
 
     @staticmethod
     def _decode_fn(tokenizer: Any) -> Callable[[list[int]], str] | None:
@@ -141,10 +168,10 @@ class Engine:
     # -- KV cache ----------------------------------------------------------------------------
 
     def slot_bytes(self) -> int:
-        """KV-cache bytes per sequence slot (keys + values, all layers, max_model_len)."""
+        """KV-cache bytes per sequence slot (keys + values, all layers, `cache_len` positions)."""
         c = self.config
         elem = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * c.num_layers * self.max_model_len * c.num_kv_heads * c.head_dim * elem
+        return 2 * c.num_layers * self.cache_len * c.num_kv_heads * c.head_dim * elem
 
     def _plan_slots(self) -> int:
         mem = self.kv_cache_memory
@@ -171,7 +198,7 @@ class Engine:
             return
         self.num_slots = self._plan_slots()
         extra = 1 if self.use_graphs else 0  # scratch slot for graph padding rows
-        self.cache = KVCache.for_model(self.config, self.num_slots + extra, self.max_model_len,
+        self.cache = KVCache.for_model(self.config, self.num_slots + extra, self.cache_len,
                                        self.dtype, self.device)
         if self.use_graphs:
             self._graphs = DecodeGraphs(self.model, self.cache, self.num_slots, self.num_slots,

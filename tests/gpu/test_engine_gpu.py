@@ -153,12 +153,30 @@ def test_varlen_backend_matches_sdpa() -> None:
     ps = prompts(6, seed=5)
     sp = SamplingParams(temperature=0.0, max_new_tokens=32, ignore_eos=True, logprobs_mode="raw")
     a = Engine(model, max_num_seqs=4, max_model_len=512).generate(ps, sp)
-    b = Engine(model, max_num_seqs=4, max_model_len=512, attn_backend="varlen").generate(ps, sp)
+    eng = Engine(model, max_num_seqs=4, max_model_len=400, attn_backend="varlen")
+    assert eng.cache_len == 512  # rounded up to whole FlashAttention pages
+    b = eng.generate(ps, sp)
+    assert eng.cache is not None and eng.cache.max_len == 512
     same = sum(x.tokens == y.tokens for ra, rb in zip(a, b) for x, y in zip(ra, rb))
     assert same >= len(ps) - 1  # bf16 may flip one near-tie; the rest must agree
     d = [abs(x - y) for ra, rb in zip(a, b) for ca, cb in zip(ra, rb) if ca.tokens == cb.tokens
          for x, y in zip(ca.logprobs, cb.logprobs)]
     assert max(d) < 0.1
+
+
+def test_auto_backend_picks_varlen_only_where_native() -> None:
+    from orbit.models.attention import varlen_supported
+
+    model = tiny(torch.bfloat16)  # 8 query heads, 2 K/V heads
+    native = varlen_supported("cuda", cached=True, gqa=True)
+    eng = Engine(model, max_num_seqs=2, max_model_len=321, attn_backend="auto")
+    assert eng.attn_backend == ("varlen" if native else "sdpa")
+    assert eng.cache_len == (512 if native else 321)
+    ps = prompts(3, seed=2)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+    assert all(len(c.tokens) == 8 for r in eng.generate(ps, sp) for c in r)
+    # FlashAttention takes no fp32: auto stays on sdpa for an fp32 KV cache
+    assert Engine(tiny(torch.float32), attn_backend="auto").attn_backend == "sdpa"
 
 
 def test_embedded_smollm2_generates() -> None:
