@@ -1,9 +1,15 @@
 """Built-in tasks that need no download: quickstart arithmetic and Countdown.
 
-Arithmetic is small enough that a 135M model learns it in minutes (the quickstart's "reward
-goes up" check): "12 + 7", "45 x 3", and mixed "12 + 7 x 3" with the usual precedence, on
-numbers up to two digits, the exact integer as label. Train and test are drawn from one
-seeded pool of distinct expressions and split, so the held-out set never overlaps training.
+Arithmetic is the quickstart's task: "12 + 7", "45 x 3", and mixed "12 + 7 x 3" with the
+usual precedence, on numbers up to two digits, the exact integer as label. The mix is tuned
+so that a 135M model learns visibly in a few CPU minutes: greedy SmolLM2-135M-Instruct (Q4_1)
+gets about 47% of +, 12% of - (it drops the sign of negative results), 44% of x and 3% of
+mixed when each operand has one or two digits with equal odds (2-digit-only operands: about
+16%, 3%, 12%, 0%), so most groups of samples disagree and GRPO has a signal. The prompt is a
+chat: a system prompt asks for the bare boxed result, which keeps answers to ~15 tokens
+(a "What is ...?" prompt gets a rambling derivation that the 48-token limit cuts off).
+Train and test are drawn from one seeded pool of distinct expressions and split, so the
+held-out set never overlaps training.
 
 CLI: python -m orbit.data.tasks [arithmetic|countdown] --out-dir D --n-train N --n-test M --seed S
 (writes D/train.jsonl and D/test.jsonl; --train-out/--test-out name the files instead).
@@ -20,9 +26,12 @@ from typing import Any
 
 ARITH_OPS = ("+", "-", "x")
 COUNTDOWN_OPS = ("+", "-", "x", "/")
-# Short on purpose: the quickstart samples 48 tokens, so a "think step by step" prompt would
-# mostly get truncated before the box.
-ARITH_PROMPT = "What is {expr}? Give the final answer in \\boxed{{}}."
+ARITH_SYSTEM_PROMPT = "You are a calculator. Reply with only the result in the form \\boxed{N}."
+ARITH_PROMPT = "{expr} ="
+# Problem kinds and their odds: single ops, and 3-number mixed expressions (kept rarer: the
+# model almost never gets them right, so they carry little learning signal).
+ARITH_KINDS = (("+", 0.3), ("-", 0.3), ("x", 0.25), ("mixed", 0.15))
+ONE_DIGIT_ODDS = 0.5  # each operand: 0-9 with these odds, else 10-99
 COUNTDOWN_PROMPT = (
     "Using the numbers {numbers}, write an expression that equals {target}. You may use +, -, x, / "
     "and parentheses, and each number at most once. Put the expression in \\boxed{{}}, "
@@ -50,16 +59,26 @@ def evaluate_chain(numbers: list[int], ops: list[str]) -> int:
     return total
 
 
+def _operand(rng: random.Random) -> int:
+    return rng.randint(0, 9) if rng.random() < ONE_DIGIT_ODDS else rng.randint(10, 99)
+
+
 def arithmetic_row(rng: random.Random) -> dict[str, Any]:
-    """One problem: 60% a single op on 1-2 digit numbers, 40% a mixed 3-number expression."""
-    n_terms = 2 if rng.random() < 0.6 else 3
-    numbers = [rng.randint(0, 99) for _ in range(n_terms)]
-    ops = [rng.choice(ARITH_OPS) for _ in range(n_terms - 1)]
+    """One problem of a kind drawn from ARITH_KINDS; the prompt is a [system, user] chat."""
+    kind = rng.choices([k for k, _ in ARITH_KINDS], weights=[w for _, w in ARITH_KINDS])[0]
+    if kind == "mixed":
+        numbers = [_operand(rng) for _ in range(3)]
+        ops = [rng.choice(ARITH_OPS) for _ in range(2)]
+    else:
+        numbers, ops = [_operand(rng), _operand(rng)], [kind]
     expr = " ".join(
-        str(numbers[0]) if i == 0 else f"{ops[i - 1]} {numbers[i]}" for i in range(n_terms)
+        str(numbers[0]) if i == 0 else f"{ops[i - 1]} {numbers[i]}" for i in range(len(numbers))
     )
     return {
-        "prompt": ARITH_PROMPT.format(expr=expr),
+        "prompt": [
+            {"role": "system", "content": ARITH_SYSTEM_PROMPT},
+            {"role": "user", "content": ARITH_PROMPT.format(expr=expr)},
+        ],
         "label": evaluate_chain(numbers, ops),
         "expression": expr,
     }

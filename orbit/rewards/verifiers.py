@@ -14,6 +14,7 @@ per-call timeout bounds it instead.
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,10 @@ from orbit.rewards.countdown import countdown_score
 from orbit.rewards.parse import answers_match, final_answer, has_content, last_boxed, to_number
 
 MATH_BACKENDS = ("auto", "builtin", "math_verify")
+# The format bonus rewards a short, finished, boxed answer: "\\boxed{42}" or "The answer is
+# \\boxed{42}." pass; a derivation around the box does not (counted outside the box content).
+FORMAT_MAX_EXTRA_CHARS = 48
+_END_TOKENS = re.compile(r"(<\|[a-z_]+\|>\s*)+$")
 
 
 def math_verify_available() -> bool:
@@ -66,9 +71,28 @@ def arithmetic_score(response: str, label: Any) -> float:
     return 1.0 if got == want else 0.0
 
 
-def format_score(response: str) -> float:
-    """1.0 when the response's last \\boxed{} holds an answer (a letter or digit in it)."""
-    return 1.0 if has_content(last_boxed(response)) else 0.0
+def format_score(response: str, finished: bool = True,
+                 max_extra_chars: int = FORMAT_MAX_EXTRA_CHARS) -> float:
+    """1.0 for a finished response whose last \\boxed{} holds an answer, ends it (only
+    whitespace, '.', '$' or an end-of-turn token may follow) and has at most `max_extra_chars`
+    characters outside the box; else 0.0.
+
+    Every condition closes a hack seen in practice: crediting any box let a policy emit
+    \\boxed{} and then ramble until the length limit (`finished=False`, a truncated sample,
+    gets nothing), or box early and keep writing (text after the box), or pad a long
+    preamble around it (`max_extra_chars`).
+    """
+    if not finished:
+        return 0.0
+    text = _END_TOKENS.sub("", response).rstrip().rstrip(".$").rstrip()
+    box = last_boxed(text)
+    if not has_content(box):
+        return 0.0
+    assert box is not None
+    closing = text.rfind("{" + box + "}")
+    if closing < 0 or closing + len(box) + 2 != len(text):  # something follows the box
+        return 0.0
+    return 1.0 if len(text) - len(box) <= max_extra_chars else 0.0
 
 
 def countdown_label(label: Any) -> tuple[list[int], int]:
@@ -89,7 +113,10 @@ def arithmetic_reward(sample: Sample) -> float:
 
 
 def format_reward(sample: Sample) -> float:
-    return format_score(sample.response_text)
+    # "length" (cut at the token limit) and "abort" are not finished answers; "" (a sample
+    # built outside the engine) carries no such news.
+    return format_score(sample.response_text,
+                        finished=sample.finish_reason not in ("length", "abort"))
 
 
 def countdown_reward(sample: Sample) -> float:

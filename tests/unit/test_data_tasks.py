@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from orbit.data.tasks import evaluate_chain, generate_split, main
+from orbit.data.tasks import ARITH_SYSTEM_PROMPT, evaluate_chain, generate_split, main
 from orbit.rewards.countdown import evaluate_expression
 from orbit.rewards.verifiers import arithmetic_score, countdown_score
 
-_EXPR = re.compile(r"What is (.+)\? Give")
+_EXPR = re.compile(r"^(.+) =$")
 
 
 def _independent_value(expr: str) -> int:
@@ -27,23 +27,34 @@ def test_evaluate_chain_precedence() -> None:
     assert evaluate_chain([2, 3, 4], ["-", "-"]) == -5
 
 
+def _user_text(row: dict) -> str:
+    system, user = row["prompt"]
+    assert system == {"role": "system", "content": ARITH_SYSTEM_PROMPT}
+    assert user["role"] == "user"
+    return user["content"]
+
+
 def test_arithmetic_split_labels_and_no_overlap() -> None:
     train, test = generate_split("arithmetic", 400, 100, seed=7)
     assert len(train) == 400 and len(test) == 100
-    train_prompts = {r["prompt"] for r in train}
+    train_prompts = {_user_text(r) for r in train}
     assert len(train_prompts) == 400
-    assert train_prompts.isdisjoint(r["prompt"] for r in test)
-    kinds = {"mixed": 0, "single": 0}
+    assert train_prompts.isdisjoint(_user_text(r) for r in test)
+    kinds = {"mixed": 0, "+": 0, "-": 0, "x": 0}
+    digits = {1: 0, 2: 0}
     for row in train + test:
-        expr = _EXPR.search(row["prompt"]).group(1)
+        expr = _EXPR.search(_user_text(row)).group(1)
         assert row["expression"] == expr
         assert row["label"] == _independent_value(expr)
-        assert "\\boxed{}" in row["prompt"]
         nums = [int(t) for t in re.findall(r"\d+", expr)]
         assert all(0 <= n <= 99 for n in nums)
-        kinds["mixed" if len(nums) == 3 else "single"] += 1
+        for n in nums:
+            digits[len(str(n))] += 1
+        kinds["mixed" if len(nums) == 3 else expr.split()[1]] += 1
         assert arithmetic_score(f"\\boxed{{{row['label']}}}", row["label"]) == 1.0
-    assert kinds["mixed"] > 50 and kinds["single"] > 100
+    # every kind and both operand sizes are well represented (odds in ARITH_KINDS)
+    assert kinds["mixed"] > 40 and min(kinds["+"], kinds["-"], kinds["x"]) > 90, kinds
+    assert min(digits.values()) > 400, digits
 
 
 def test_split_is_seeded() -> None:
@@ -75,7 +86,7 @@ def test_cli_out_dir_and_explicit_paths(tmp_path: Path, capsys: pytest.CaptureFi
     train = [json.loads(x) for x in (tmp_path / "d" / "train.jsonl").read_text().splitlines()]
     test = [json.loads(x) for x in (tmp_path / "d" / "test.jsonl").read_text().splitlines()]
     assert len(train) == 30 and len(test) == 10
-    assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in test)
+    assert {r["expression"] for r in train}.isdisjoint(r["expression"] for r in test)
     main(
         [
             "countdown",

@@ -6,6 +6,7 @@ from fractions import Fraction
 
 import pytest
 
+from orbit.data.sample import Sample
 from orbit.rewards.countdown import ExpressionError, countdown_score, evaluate_expression
 from orbit.rewards.parse import (
     answers_match,
@@ -17,6 +18,7 @@ from orbit.rewards.parse import (
 )
 from orbit.rewards.verifiers import (
     arithmetic_score,
+    format_reward,
     format_score,
     math_score,
     math_verify_available,
@@ -148,6 +150,23 @@ def test_format_score() -> None:
     assert format_score("... \\boxed{ }") == 0.0
     assert format_score("the answer is 426 in \\boxed{{}.}") == 0.0
     assert format_score("... 4") == 0.0
+
+
+def test_format_score_credits_only_a_short_finished_boxed_answer() -> None:
+    assert format_score("\\boxed{42}") == 1.0
+    assert format_score("The answer is $\\boxed{-7}$.<|im_end|>") == 1.0
+    # the hack seen in a GPU run: box, then ramble until the token limit
+    assert format_score("\\boxed{42}", finished=False) == 0.0
+    assert format_score("\\boxed{42} Now let us also consider the case where") == 0.0
+    assert format_score("step " * 20 + "\\boxed{42}") == 0.0  # a derivation around the box
+    assert format_score("x" * 10 + "\\boxed{42}", max_extra_chars=9) == 0.0
+    assert format_score("\\boxed{}") == 0.0
+
+
+def test_format_reward_reads_finish_reason() -> None:
+    done = Sample(prompt_ids=[1], response_text="\\boxed{3}", finish_reason="stop")
+    cut = Sample(prompt_ids=[1], response_text="\\boxed{3}", finish_reason="length")
+    assert format_reward(done) == 1.0 and format_reward(cut) == 0.0
 
 
 def test_countdown_evaluator_is_exact_and_safe() -> None:
