@@ -13,25 +13,34 @@ roofline, and across base precisions. Random weights (speed does not depend on t
 Each Orbit run is done twice: the first captures the CUDA graphs, the second is timed.
 "Total" tokens/s divides all new tokens by the whole generate (prefill included); "decode"
 counts only decode steps. On a CPU (or with --small) every section runs on tiny shapes.
+--attn-backend: sdpa or varlen runs every Orbit engine with that backend; auto (default)
+lets each engine pick (varlen where it runs natively, see orbit.models.attention), and
+vs_hf then times both sdpa and varlen when varlen is native. Each variant runs in its own
+try: a failure is printed (traceback on stderr) and recorded as an "error" row, the others
+still run, and the exit status is 1 if any failed.
 Prints JSON rows as it goes, a table last; writes $OUT/bench_engine.json (or --out).
 
     python scripts/bench/bench_engine.py [--small] [--sections vs_hf,roofline,formats]
+        [--attn-backend auto|sdpa|varlen]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from orbit.models.attention import varlen_supported
 from orbit.models.config import ModelConfig
 from orbit.models.transformer import CausalLM
 from orbit.rollout.engine import Engine
@@ -61,6 +70,19 @@ SHAPES = {
 def _emit(rows: list[dict], row: dict) -> None:
     rows.append(row)
     print(json.dumps(row), flush=True)
+
+
+def _attempt(rows: list[dict], where: dict, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """fn(*args, **kw), or None after recording its exception as an error row `where` (and
+    its traceback on stderr), so one failing variant does not lose the rest of the table."""
+    try:
+        return fn(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - reported in the row and on stderr, not dropped
+        traceback.print_exc()
+        _emit(rows, {**where, "error": f"{type(e).__name__}: {e}"})
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
 
 
 def hf_model(shape: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -96,14 +118,16 @@ def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int
 
 
 def run_orbit(model: CausalLM, ps: list[list[int]], new: int, device: str, **kw) -> dict:
+    """Engine stats of the timed run, plus the backend the engine resolved."""
     eng = Engine(model, max_num_seqs=len(ps), max_model_len=len(ps[0]) + new + 1, device=device, **kw)
-    sp = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
-    eng.generate(ps, sp)  # warm-up: captures the CUDA graphs for every bucket this run needs
-    out = eng.generate(ps, sp)
-    assert all(len(c.tokens) == new for r in out for c in r)
-    st = dict(eng.last_stats)
-    eng.release_kv_cache()
-    return st
+    try:
+        sp = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
+        eng.generate(ps, sp)  # warm-up: captures the CUDA graphs for every bucket this run needs
+        out = eng.generate(ps, sp)
+        assert all(len(c.tokens) == new for r in out for c in r)
+        return {**eng.last_stats, "attn_backend": eng.attn_backend}
+    finally:
+        eng.release_kv_cache()
 
 
 def run_hf(model: torch.nn.Module, ps: list[list[int]], new: int, device: str) -> dict:
@@ -144,13 +168,24 @@ def bytes_per_decode_token(model: CausalLM, context: int) -> int:
     return n
 
 
+def _format_model(shape: str, fmt: str, dtype: torch.dtype, device: str) -> CausalLM:
+    """A random model of `shape` with its linears converted to `fmt` (bf16: unchanged)."""
+    from orbit.quant.convert import convert_linears
+
+    model = orbit_model(shape, dtype, device)
+    if fmt != "bf16":
+        convert_linears(model, fmt)
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny shapes (default without CUDA)")
     ap.add_argument("--sections", default="vs_hf,roofline,formats")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "sdpa", "varlen"),
-                    help="backend of the roofline/formats runs; auto = varlen on CUDA if present")
+                    help="engine attention backend; auto: each engine picks (varlen where "
+                         "native), and vs_hf times sdpa and varlen")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -159,31 +194,44 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     sections = set(args.sections.split(","))
     plen = 16 if small else args.prompt_len
-    has_varlen = cuda and importlib.util.find_spec("torch.nn.attention.varlen") is not None
-    backend = args.attn_backend if args.attn_backend != "auto" else ("varlen" if has_varlen else "sdpa")
-    vs_backends = ["sdpa", "varlen"] if has_varlen else ["sdpa"]
+    # All benchmark shapes are GQA; "native" = the engine's "auto" would pick varlen.
+    native = cuda and dtype in (torch.bfloat16, torch.float16) and varlen_supported(
+        device, cached=True, gqa=True)
+    if args.attn_backend == "auto":
+        vs_backends = ["sdpa", "varlen"] if native else ["sdpa"]
+    else:
+        vs_backends = [args.attn_backend]
     rows: list[dict] = []
-    okw = {"attn_backend": backend}
+    okw = {"attn_backend": args.attn_backend}
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "dtype": str(dtype), "small": small, "prompt_len": plen, "attn_backend": backend,
+            "dtype": str(dtype), "small": small, "prompt_len": plen,
+            "attn_backend": args.attn_backend, "varlen_native": native,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     print(json.dumps(meta), flush=True)
 
     if "vs_hf" in sections:
         batch, new = (4, 16) if small else (64, 256)
         for shape in (["tiny-llama", "tiny-qwen3"] if small else ["smollm2-135m", "qwen3-1.7b"]):
-            hf = hf_model(shape, dtype, device)
+            where = {"section": "vs_hf", "shape": shape, "batch": batch, "new_tokens": new}
             ps = prompts(batch, plen, SHAPES[shape]["vocab_size"])
-            h = run_hf(hf, ps, new, device)
-            om = orbit_model(shape, dtype, device, hf)
+            hf = _attempt(rows, {**where, "stage": "hf_model"}, hf_model, shape, dtype, device)
+            h = None if hf is None else _attempt(rows, {**where, "stage": "hf_generate"},
+                                                 run_hf, hf, ps, new, device)
+            # Orbit still runs when HF failed (random weights of the same shape, no speedup).
+            om = _attempt(rows, {**where, "stage": "orbit_model"}, orbit_model, shape, dtype,
+                          device, hf)
             del hf
-            for be in vs_backends:
-                o = run_orbit(om, ps, new, device, attn_backend=be)
-                _emit(rows, {"section": "vs_hf", "shape": shape, "batch": batch, "new_tokens": new,
-                             "attn_backend": be, "hf_tokens_per_s": h["tokens_per_s"],
+            for be in vs_backends if om is not None else []:
+                o = _attempt(rows, {**where, "attn_backend": be}, run_orbit, om, ps, new, device,
+                             attn_backend=be)
+                if o is None:
+                    continue
+                hf_tps = h["tokens_per_s"] if h is not None else None
+                _emit(rows, {**where, "attn_backend": o["attn_backend"],
+                             "hf_tokens_per_s": hf_tps,
                              "orbit_tokens_per_s": o["tokens_per_s"],
                              "orbit_decode_tokens_per_s": o["decode_tokens_per_s"],
-                             "speedup": o["tokens_per_s"] / h["tokens_per_s"]})
+                             "speedup": o["tokens_per_s"] / hf_tps if hf_tps else None})
             del om
             if cuda:
                 torch.cuda.empty_cache()
@@ -191,29 +239,33 @@ def main(argv: list[str] | None = None) -> int:
     fmts = ["bf16", "int4"] if small else ["bf16", "int4", "fp8", "nvfp4"]
     qshape = "tiny-qwen3" if small else "qwen3-1.7b"
     if sections & {"roofline", "formats"}:
-        from orbit.quant.convert import convert_linears
-
         for fmt in fmts:
             if fmt != "int4" and "formats" not in sections:
                 continue
-            model = orbit_model(qshape, dtype, device)
-            if fmt != "bf16":
-                convert_linears(model, fmt)
+            model = _attempt(rows, {"section": "formats", "shape": qshape, "format": fmt,
+                                    "stage": "model"}, _format_model, qshape, fmt, dtype, device)
+            if model is None:
+                continue
             if cuda:
                 torch.cuda.empty_cache()
             new = 32 if small else 128
             for batch in ([1, 4] if small else [1, 16, 64, 256]):
                 if "formats" not in sections and batch != 1:
                     continue
+                where = {"section": "formats", "shape": qshape, "format": fmt, "batch": batch,
+                         "new_tokens": new}
                 ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
-                st = run_orbit(model, ps, new, device, **okw)
-                row = {"section": "formats", "shape": qshape, "format": fmt, "batch": batch,
-                       "new_tokens": new, "tokens_per_s": st["tokens_per_s"],
+                st = _attempt(rows, where, run_orbit, model, ps, new, device, **okw)
+                if st is None:
+                    continue
+                row = {**where, "attn_backend": st["attn_backend"],
+                       "tokens_per_s": st["tokens_per_s"],
                        "decode_tokens_per_s": st["decode_tokens_per_s"]}
                 if fmt == "int4" and batch == 1 and "roofline" in sections:
                     b = bytes_per_decode_token(model, plen + new // 2)
                     roof = COPY_GBS * 1e9 / b
                     _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
+                                 "attn_backend": st["attn_backend"],
                                  "bytes_per_token": b, "roofline_tokens_per_s": roof,
                                  "decode_tokens_per_s": st["decode_tokens_per_s"],
                                  "fraction_of_roofline": st["decode_tokens_per_s"] / roof,
@@ -228,19 +280,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_engine.json").write_text(json.dumps(out, indent=1))
-    print(f"\n# bench_engine on {meta['device']} ({'small' if small else 'full'}, {dtype}, attn {backend})")
+    print(f"\n# bench_engine on {meta['device']} ({'small' if small else 'full'}, {dtype}, "
+          f"attn {args.attn_backend}, varlen native: {native})")
     for r in rows:
-        if r["section"] == "vs_hf":
-            print(f"vs_hf    {r['shape']:<13} b{r['batch']:<3} x{r['new_tokens']:<4} HF {r['hf_tokens_per_s']:>9.1f} tok/s"
-                  f"  Orbit[{r['attn_backend']}] {r['orbit_tokens_per_s']:>9.1f} tok/s  speedup {r['speedup']:.1f}x")
+        if "error" in r:
+            what = " ".join(f"{k}={r[k]}" for k in ("shape", "format", "batch", "attn_backend",
+                                                    "stage") if k in r)
+            print(f"{r['section']:<8} {what}: ERROR {r['error']}")
+        elif r["section"] == "vs_hf":
+            hf = r["hf_tokens_per_s"]
+            hf_s = f"HF {hf:>9.1f} tok/s" if hf else "HF       n/a"
+            sp = f"speedup {r['speedup']:.1f}x" if r["speedup"] else "speedup n/a"
+            print(f"vs_hf    {r['shape']:<13} b{r['batch']:<3} x{r['new_tokens']:<4} {hf_s}"
+                  f"  Orbit[{r['attn_backend']}] {r['orbit_tokens_per_s']:>9.1f} tok/s  {sp}")
         elif r["section"] == "roofline":
             print(f"roofline {r['shape']:<13} {r['format']:<5} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
                   f" = {100 * r['fraction_of_roofline']:.0f}% ({r['bytes_per_token'] / 1e6:.0f} MB/token)")
         else:
             print(f"formats  {r['shape']:<13} {r['format']:<5} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
-                  f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s")
-    return 0
+                  f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
