@@ -71,6 +71,13 @@ class PolicyWorker:
             use_rslora=a.use_rslora, block_size=a.oft_block_size, targets=tuple(a.target_modules),
             dtype=torch.float32 if a.adapter_dtype == "float32" else torch.bfloat16,
         ))
+        if cfg.precision.precision_mode == "exact":
+            # Batch-invariant kernels on both sides (matmuls, attention, RMSNorm): the sampler's
+            # log-probs then equal the trainer's bit for bit (docs/precision.md). Swaps classes in
+            # place, so adapter parameters and slots stay where inject_adapters put them.
+            from orbit.alignment.exact import convert_exact
+
+            convert_exact(self.model)
         self.params = self.adapters.trainable_parameters()
         if self._distributed():
             for p in self.params:

@@ -46,6 +46,21 @@ def test_rollout_logprobs_match_trainer(model_dir) -> None:
     assert diff < 1e-4  # same modules, same kernels, float32 on CPU
 
 
+def test_exact_mode_rollout_logprobs_equal_trainer_bitwise(model_dir) -> None:
+    """--precision-mode exact swaps in batch-invariant kernels: the sampler's log-probs equal
+    the trainer's packed-forward log-probs exactly, token by token, also after a train step."""
+    w = make_worker(model_dir, "--precision-mode", "exact")
+    samples = rollout_with_signal(w)
+    trainer = w.compute_logprobs(samples)
+    assert all(s.rollout_logprobs == lp for s, lp in zip(samples, trainer))
+    w.train_step(samples, total_tokens=sum(len(s.response_ids) for s in samples),
+                 num_samples=len(samples))
+    w.push_adapter()
+    samples = w.rollout(ROWS, step=2)
+    trainer = w.compute_logprobs(samples)
+    assert all(s.rollout_logprobs == lp for s, lp in zip(samples, trainer))
+
+
 def test_train_step_updates_adapter_only_and_push_syncs(model_dir) -> None:
     w = make_worker(model_dir, "--kl-coef", "0.1", "--use-tis", "--entropy-coef", "0.01")
     base = {n: p.detach().clone() for n, p in w.model.named_parameters() if "lora" not in n}
