@@ -26,7 +26,8 @@ from typing import Any
 
 ARITH_OPS = ("+", "-", "x")
 COUNTDOWN_OPS = ("+", "-", "x", "/")
-ARITH_SYSTEM_PROMPT = "You are a calculator. Reply with only the result in the form \\boxed{N}."
+# No placeholder in the example box: with "\\boxed{N}" the policy learned to echo "N".
+ARITH_SYSTEM_PROMPT = "You are a calculator. Reply with only the resulting number, inside \\boxed{}."
 ARITH_PROMPT = "{expr} ="
 # Problem kinds and their odds: single ops, and 3-number mixed expressions (kept rarer: the
 # model almost never gets them right, so they carry little learning signal).

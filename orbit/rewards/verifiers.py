@@ -72,15 +72,17 @@ def arithmetic_score(response: str, label: Any) -> float:
 
 
 def format_score(response: str, finished: bool = True,
-                 max_extra_chars: int = FORMAT_MAX_EXTRA_CHARS) -> float:
+                 max_extra_chars: int = FORMAT_MAX_EXTRA_CHARS, prompt: str = "") -> float:
     """1.0 for a finished response whose last \\boxed{} holds an answer, ends it (only
     whitespace, '.', '$' or an end-of-turn token may follow) and has at most `max_extra_chars`
-    characters outside the box; else 0.0.
+    characters outside the box, and whose box is not copied from `prompt`; else 0.0.
 
     Every condition closes a hack seen in practice: crediting any box let a policy emit
     \\boxed{} and then ramble until the length limit (`finished=False`, a truncated sample,
     gets nothing), or box early and keep writing (text after the box), or pad a long
-    preamble around it (`max_extra_chars`).
+    preamble around it (`max_extra_chars`), or copy the prompt's example box: a CPU
+    quickstart run whose system prompt said "in the form \\boxed{N}" learned to answer
+    "\\boxed{N}" to everything within five steps.
     """
     if not finished:
         return 0.0
@@ -91,6 +93,8 @@ def format_score(response: str, finished: bool = True,
     assert box is not None
     closing = text.rfind("{" + box + "}")
     if closing < 0 or closing + len(box) + 2 != len(text):  # something follows the box
+        return 0.0
+    if prompt and "{" + box + "}" in prompt:
         return 0.0
     return 1.0 if len(text) - len(box) <= max_extra_chars else 0.0
 
@@ -116,7 +120,8 @@ def format_reward(sample: Sample) -> float:
     # "length" (cut at the token limit) and "abort" are not finished answers; "" (a sample
     # built outside the engine) carries no such news.
     return format_score(sample.response_text,
-                        finished=sample.finish_reason not in ("length", "abort"))
+                        finished=sample.finish_reason not in ("length", "abort"),
+                        prompt=sample.prompt_text)
 
 
 def countdown_reward(sample: Sample) -> float:

@@ -161,6 +161,9 @@ def test_format_score_credits_only_a_short_finished_boxed_answer() -> None:
     assert format_score("step " * 20 + "\\boxed{42}") == 0.0  # a derivation around the box
     assert format_score("x" * 10 + "\\boxed{42}", max_extra_chars=9) == 0.0
     assert format_score("\\boxed{}") == 0.0
+    # an example box copied from the prompt is not an answer
+    assert format_score("\\boxed{N}", prompt="Reply in the form \\boxed{N}.") == 0.0
+    assert format_score("\\boxed{12}", prompt="Reply in the form \\boxed{N}.") == 1.0
 
 
 def test_format_reward_reads_finish_reason() -> None:
