@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orbit.alignment.monitor import MismatchMonitor
 from orbit.config import TrainConfig
 from orbit.data.jsonl import PromptIterator, PromptRecord, load_prompts
 from orbit.eval.passk import pass_at_k_table
@@ -26,6 +27,14 @@ from orbit.orchestration.steps import (
 )
 from orbit.trainer import checkpoint as ckpt
 from orbit.trainer.metrics import MetricsLogger, wandb_enabled
+
+
+def _mismatch_view(metrics: dict) -> dict[str, float]:
+    """The step's train-vs-rollout metrics under the names MismatchMonitor watches."""
+    names = {"mean_abs": "train/train_rollout_logprob_abs_diff_mean",
+             "max_abs": "train/train_rollout_logprob_abs_diff_max",
+             "kl_k3": "train/train_rollout_kl_k3"}
+    return {k: float(metrics[v]) for k, v in names.items() if v in metrics}
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -49,6 +58,8 @@ def train(cfg: TrainConfig) -> Path:
                            wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
                            run_name=cfg.logging.run_name, config=cfg.to_dict())
     workers = WorkerGroup(cfg, total_optim_steps=num_steps * optim_steps_per_rollout)
+    # Warns when the train-vs-rollout log-prob gap jumps (exact mode: when it is ever nonzero).
+    monitor = MismatchMonitor(exact=cfg.precision.precision_mode == "exact")
     try:
         # 3. Resume: adapter, optimizer, RNG and data position from the latest checkpoint.
         start = _resume(cfg, run_dir, workers, stream, logger)
@@ -74,6 +85,10 @@ def train(cfg: TrainConfig) -> Path:
             per_step = [workers.train(mb) for mb in mini_batches(samples, cfg.global_batch())]
             metrics |= reduce_train_metrics(per_step)
             t_train = time.perf_counter() - t0
+            jumps = monitor.update(step, _mismatch_view(metrics))
+            for jump in jumps:
+                logger.console.print(f"[yellow]warning:[/] {jump.message()}")
+            metrics["train/mismatch_jumps"] = len(jumps)
 
             # 7. Weight sync: copy the adapter's train slot into the engine's serve slot.
             t_push = workers.push_adapter()
