@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
 VENV="${ORBIT_VENV:-$PWD/.venv}"
+export ORBIT_VENV="$VENV"  # launchers started by the tests use the same environment
 set +e
 "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider "$@"
 rc=$?

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,6 +19,8 @@ def test_quickstart_smoke_on_cpu(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_CKPT", "TRAIN_JSONL", "TEST_JSONL", "MEGATRON_LOAD")}
     env.update(SMOKE, SAVE_DIR=str(tmp_path / "run"), CUDA_VISIBLE_DEVICES="",
                GEN_TRAIN_ROWS="16", GEN_TEST_ROWS="4")
+    if sys.prefix != sys.base_prefix and "ORBIT_VENV" not in env:
+        env["ORBIT_VENV"] = sys.prefix  # the launcher runs the environment these tests run in
     r = subprocess.run(["bash", str(ROOT / "examples/quickstart/run-smollm2-135m-q4_1-lora.sh")],
                        env=env, capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
