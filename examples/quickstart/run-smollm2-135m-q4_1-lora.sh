@@ -35,13 +35,16 @@ ADAPTER_ARGS=(
   --lora-alpha "${LORA_ALPHA:-16}"
 )
 
+# Sampling at 0.6, not 1.0: at 1.0 the 135M model rambles (half the samples hit the token
+# limit) and gets 5% right against 18% greedy, so few groups carry a signal. Answers are
+# ~10-15 tokens ("The answer is 52."), hence the 24-token limit (shorter = faster steps).
 ROLLOUT_ARGS=(
-  --rollout-temperature "${TEMPERATURE:-1.0}"
-  --rollout-max-response-len "${MAX_RESPONSE_LEN:-32}"
+  --rollout-temperature "${TEMPERATURE:-0.6}"
+  --rollout-max-response-len "${MAX_RESPONSE_LEN:-24}"
   --max-prompt-len "${MAX_PROMPT_LEN:-256}"
   --n-samples-per-prompt "${N_SAMPLES_PER_PROMPT:-8}"
   --rollout-batch-size "${ROLLOUT_BATCH_SIZE:-8}"
-  --num-rollout "${NUM_ROLLOUT:-16}"
+  --num-rollout "${NUM_ROLLOUT:-20}"
 )
 
 # Train/test JSONL: generated into the run directory unless given.
@@ -95,10 +98,17 @@ LOG_ARGS=(
   --use-wandb "$(wandb_setting)"
 )
 
+# One CPU worker gets every core: the Ray driver idles during a step, and on a 2-core host
+# 2 torch threads train a step about 2x faster than the default share (cores minus one).
+if [[ "${NUM_WORKERS:-0}" =~ ^[01]$ ]]; then
+  DEFAULT_CPU_THREADS="$(nproc 2>/dev/null || echo 0)"
+else
+  DEFAULT_CPU_THREADS=0
+fi
 CLUSTER_ARGS=(
   --device "${DEVICE:-auto}"
   --num-workers "${NUM_WORKERS:-0}"
-  --cpu-threads "${CPU_THREADS:-0}"
+  --cpu-threads "${CPU_THREADS:-$DEFAULT_CPU_THREADS}"
 )
 
 if [[ "$GENERATE_DATA" == "1" && "${ORBIT_DRY_RUN_ARGV:-0}" != "1" ]]; then

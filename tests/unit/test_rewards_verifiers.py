@@ -18,6 +18,7 @@ from orbit.rewards.parse import (
 )
 from orbit.rewards.verifiers import (
     arithmetic_score,
+    arithmetic_reward,
     format_reward,
     format_score,
     math_score,
@@ -170,6 +171,8 @@ def test_format_reward_reads_finish_reason() -> None:
     done = Sample(prompt_ids=[1], response_text="\\boxed{3}", finish_reason="stop")
     cut = Sample(prompt_ids=[1], response_text="\\boxed{3}", finish_reason="length")
     assert format_reward(done) == 1.0 and format_reward(cut) == 0.0
+    done.label = cut.label = 3
+    assert arithmetic_reward(done) == 1.0 and arithmetic_reward(cut) == 0.0
 
 
 def test_countdown_evaluator_is_exact_and_safe() -> None:
