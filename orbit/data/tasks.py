@@ -1,13 +1,14 @@
 """Built-in tasks that need no download: quickstart arithmetic and Countdown.
 
 Arithmetic is the quickstart's task: "12 + 7", "45 x 3", and mixed "12 + 7 x 3" with the
-usual precedence, on numbers up to two digits, the exact integer as label. The mix is tuned
-so that a 135M model learns visibly in a few CPU minutes: greedy SmolLM2-135M-Instruct (Q4_1)
-gets about 47% of +, 12% of - (it drops the sign of negative results), 44% of x and 3% of
-mixed when each operand has one or two digits with equal odds (2-digit-only operands: about
-16%, 3%, 12%, 0%), so most groups of samples disagree and GRPO has a signal. The prompt is a
-chat: a system prompt asks for the bare boxed result, which keeps answers to ~15 tokens
-(a "What is ...?" prompt gets a rambling derivation that the 48-token limit cuts off).
+usual precedence, on numbers up to two digits, the exact integer as label. The mix gives
+SmolLM2-135M-Instruct (Q4_1) problems it sometimes gets right, so groups of samples disagree
+and GRPO has a signal: with a calculator-style system prompt, greedy, it got about 47% of +,
+12% of - (it drops the sign of negative results), 44% of x and 3% of mixed when each operand
+has one or two digits with equal odds, against 19%, 3%, 3%, 3% with two-digit operands only
+(32 probes each). The prompt is a chat whose system prompt asks for the bare result in a
+box, which keeps greedy answers to ~10-15 tokens ("The answer is 52."); a "What is ...?"
+prompt got derivations that a short token limit cuts off.
 Train and test are drawn from one seeded pool of distinct expressions and split, so the
 held-out set never overlaps training.
 
