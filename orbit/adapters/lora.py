@@ -74,8 +74,12 @@ class LoRALinear(SlottedAdapter):
             return y
         a = self.slot_tensor(self.active_slot, "lora_A")  # [r, in]
         b = self.slot_tensor(self.active_slot, "lora_B")  # [out, r]
-        h = self.dropout(x).to(a.dtype) @ a.T  # [..., r]
-        return y + (self.scale * (h @ b.T)).to(y.dtype)
+        h = self._lowrank_matmul(self.dropout(x).to(a.dtype), a)  # [..., r]
+        return y + (self.scale * self._lowrank_matmul(h, b)).to(y.dtype)
+
+    def _lowrank_matmul(self, x: Tensor, w: Tensor) -> Tensor:
+        """x @ w^T for the two low-rank products; exact mode swaps in a batch-invariant one."""
+        return x @ w.T
 
     def graph_key(self) -> tuple:
         """What a captured CUDA graph of this module depends on: only the active slot. Staging

@@ -52,17 +52,11 @@ class ExactLinear(nn.Linear):
 
 
 class ExactLoRALinear(LoRALinear):
-    """LoRALinear with both low-rank products through the batch-invariant matmul. The math
-    (dropout, dtype casts, scale) is LoRALinear.forward's, line for line."""
+    """LoRALinear with both low-rank products through the batch-invariant matmul; the rest of
+    the math (dropout, dtype casts, scale) is LoRALinear.forward itself."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
-        if self.active_slot is None:
-            return y
-        a = self.slot_tensor(self.active_slot, "lora_A")  # [r, in]
-        b = self.slot_tensor(self.active_slot, "lora_B")  # [out, r]
-        h = exact_linear(self.dropout(x).to(a.dtype), a)  # [..., r]
-        return y + (self.scale * exact_linear(h, b)).to(y.dtype)
+    def _lowrank_matmul(self, x: Tensor, w: Tensor) -> Tensor:
+        return exact_linear(x, w)
 
 
 class ExactQuantLinear(QuantLinear):
