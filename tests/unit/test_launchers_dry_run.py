@@ -67,7 +67,9 @@ def test_knobs_reach_the_argv(tmp_path: Path) -> None:
 
 
 def test_quickstart_defaults_need_nothing(tmp_path: Path) -> None:
-    r = run(QUICKSTART, tmp_path, DISABLE_EVAL="1")
+    # A fresh run directory: the README's main command may already have generated data in the
+    # default one, and the point here is that a dry run generates nothing.
+    r = run(QUICKSTART, tmp_path, DISABLE_EVAL="1", SAVE_DIR=str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     cfg = parsed(r.stdout)
     assert cfg.ckpt.hf_checkpoint == ""  # the embedded GGUF
