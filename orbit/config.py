@@ -126,6 +126,9 @@ class AlgoConfig:
     entropy_coef: float = arg(0.0, "entropy bonus coefficient")
     use_tis: bool = arg(False, "truncated importance sampling on the rollout/train log-prob ratio")
     tis_clip: float = arg(2.0, "TIS ratio upper bound")
+    skip_zero_advantage: bool = arg(
+        True, "train only on samples with a non-zero advantage when that is exact (no KL or "
+        "entropy term): the others add exactly zero gradient")
 
 
 @dataclass

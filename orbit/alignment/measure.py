@@ -7,7 +7,7 @@ how far apart they are for a given model, precision, adapter and mode:
    `log_softmax(logits / T)` (`logprobs_mode="scaled"`, the trainer's definition), computed in
    prefill + decode steps over the KV cache;
 2. `score_packed` re-scores prompt + completion exactly like `PolicyWorker.compute_logprobs`:
-   one packed forward (`AttnBatch.packed`), `orbit.models.logprobs.token_logprobs`;
+   one packed forward (`AttnBatch.packed`), `orbit.models.logprobs.response_logprobs`;
 3. `mismatch_metrics` compares the two per token.
 
 Metrics (lp_t = trainer, lp_r = rollout log-prob of the sampled token, r = lp_t - lp_r):
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from orbit.data.sample import Sample, pack_samples
 from orbit.models.attention import AttnBatch
-from orbit.models.logprobs import token_logprobs
+from orbit.models.logprobs import response_logprobs
 from orbit.rollout.types import SamplingParams
 
 
@@ -83,7 +83,7 @@ def score_packed(model: nn.Module, samples: list[Sample], temperature: float = 1
     for idx in micro_batches(samples, max_tokens):
         batch = to_device(pack_samples([samples[i] for i in idx]), device)
         h = model(batch.input_ids, batch.positions, AttnBatch.packed(batch.cu_seqlens))  # [N, D]
-        lp = batch.to_padded(token_logprobs(model, h, batch.targets, temperature, chunk)).cpu()
+        lp = response_logprobs(model, h, batch, temperature, chunk=chunk).cpu()
         for row, i in enumerate(idx):
             out[i] = lp[row, : len(samples[i].response_ids)].tolist()
     return out

@@ -107,6 +107,18 @@ class PackedBatch:
     response_index: Tensor  # [B, T] int64 into [0, N); 0 on padding
     response_mask: Tensor  # [B, T] bool
 
+    def response_rows(self) -> Tensor:
+        """[R] packed positions whose next token is a response token, in [B, T] row-major
+        order of the valid entries: the only rows whose logits a loss or a score needs."""
+        return self.response_index[self.response_mask]
+
+    def scatter_responses(self, per_response: Tensor) -> Tensor:
+        """[R, ...] values at `response_rows()` -> [B, T, ...] response layout, 0 on padding."""
+        mask = self.response_mask.to(per_response.device)
+        out = per_response.new_zeros(*mask.shape, *per_response.shape[1:])
+        out[mask] = per_response
+        return out
+
     def to_padded(self, per_position: Tensor) -> Tensor:
         """[N, ...] values at packed positions -> [B, T, ...] response layout, 0 on padding."""
         if per_position.shape[0] != self.input_ids.shape[0]:

@@ -32,8 +32,12 @@ ARITH_SYSTEM_PROMPT = "You are a calculator. Reply with only the resulting numbe
 ARITH_PROMPT = "{expr} ="
 # Problem kinds and their odds: single ops, and 3-number mixed expressions (kept rarer: the
 # model almost never gets them right, so they carry little learning signal).
-ARITH_KINDS = (("+", 0.3), ("-", 0.3), ("x", 0.25), ("mixed", 0.15))
-ONE_DIGIT_ODDS = 0.5  # each operand: 0-9 with these odds, else 10-99
+# The default mix leans on what a 135M model can learn within a CPU quickstart: mostly
+# one-digit operands and "+", where its greedy answers are right often enough that groups of
+# samples disagree. With one- and two-digit operands at equal odds and kinds 0.3/0.3/0.25/0.15,
+# 20 CPU steps moved greedy pass@1 by -3 to -4 points; with this mix, by +7 (docs/benchmarks.md).
+ARITH_KINDS = (("+", 0.4), ("-", 0.2), ("x", 0.3), ("mixed", 0.1))
+ONE_DIGIT_ODDS = 0.8  # each operand: 0-9 with these odds, else 10-99
 COUNTDOWN_PROMPT = (
     "Using the numbers {numbers}, write an expression that equals {target}. You may use +, -, x, / "
     "and parentheses, and each number at most once. Put the expression in \\boxed{{}}, "

@@ -78,3 +78,28 @@ def token_logprobs(
     if with_entropy:
         return lp, (torch.cat(ents) if ents else lp.new_zeros(0))
     return lp
+
+
+def response_logprobs(
+    model: Any,
+    hidden: Tensor,
+    batch: Any,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk: int = 1024,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probs (and entropy) of each response token of a packed batch, [B, T] float32.
+
+    `batch` is an `orbit.data.sample.PackedBatch` and `hidden` its [N, D] CausalLM output. Only
+    the rows that predict a response token go through lm_head and the log-softmax: prompt rows
+    would be masked out anyway, and on a short-answer task they are most of the batch
+    (lm_head is ~20% of SmolLM2's matmul work, and its logits are recomputed in backward).
+    """
+    rows = batch.response_rows().to(hidden.device)  # [R]
+    out = token_logprobs(model, hidden[rows], batch.targets.to(hidden.device)[rows], temperature,
+                         chunk=chunk, with_entropy=with_entropy)
+    if with_entropy:
+        lp, ent = out
+        return batch.scatter_responses(lp), batch.scatter_responses(ent)
+    return batch.scatter_responses(out)
+

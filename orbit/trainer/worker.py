@@ -22,7 +22,7 @@ from orbit.algorithms.losses import PolicyLossConfig, PolicyLossInputs, policy_l
 from orbit.config import TrainConfig
 from orbit.data.sample import Sample, pack_samples
 from orbit.models.attention import AttnBatch
-from orbit.models.logprobs import token_logprobs
+from orbit.models.logprobs import response_logprobs
 from orbit.trainer import checkpoint as ckpt
 from orbit.trainer.batching import micro_batches, padded, to_device
 from orbit.trainer.schedule import build_scheduler
@@ -182,7 +182,7 @@ class PolicyWorker:
             for idx in micro_batches(samples, self.cfg.optim.max_tokens_per_micro_batch):
                 batch = to_device(pack_samples([samples[i] for i in idx]), self.device)
                 h = self.model(batch.input_ids, batch.positions, AttnBatch.packed(batch.cu_seqlens))
-                lp = batch.to_padded(token_logprobs(self.model, h, batch.targets, temp)).cpu()
+                lp = response_logprobs(self.model, h, batch, temp).cpu()
                 for row, i in enumerate(idx):
                     out[i] = lp[row, : len(samples[i].response_ids)].tolist()
         return out
@@ -211,10 +211,12 @@ class PolicyWorker:
             p.grad = None
         sums: dict[str, float] = {}  # token-weighted metric sums, reduced below
         maxes = {"train_rollout_logprob_abs_diff_max": 0.0}
-        n_tok_local = 0
-        for idx in micro_batches(samples, cfg.optim.max_tokens_per_micro_batch):
-            mb = [samples[i] for i in idx]
-            n_tok_local += self._micro_step(mb, loss_cfg, sums, maxes)
+        trained = [s for s in samples if not self._skippable(s, loss_cfg)]
+        sums["_skipped_samples"] = float(len(samples) - len(trained))
+        for idx in micro_batches(trained, cfg.optim.max_tokens_per_micro_batch):
+            mb = [trained[i] for i in idx]
+            sums["_trained_tokens"] = sums.get("_trained_tokens", 0.0) + self._micro_step(
+                mb, loss_cfg, sums, maxes)
             self._accumulate_grads()
         self._allreduce_grads()
         clip = cfg.optim.clip_grad
@@ -224,14 +226,24 @@ class PolicyWorker:
         self.scheduler.step()
         self._copy_master_to_params()
         self.optim_step += 1
-        metrics = self._reduce_metrics(sums, maxes, total_tokens)
+        metrics = self._reduce_metrics(sums, maxes, num_samples)
         metrics.update({"train/grad_norm": float(grad_norm), "train/lr": lr,
                         "perf/train_time": time.perf_counter() - t0,
                         "perf/train_tokens": float(sum(len(s.prompt_ids) + len(s.response_ids)
-                                                       for s in samples))})
+                                                       for s in trained))})
         if self.device.type == "cuda":
             metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
+
+    def _skippable(self, s: Sample, loss_cfg: PolicyLossConfig) -> bool:
+        """True when `s` adds exactly zero gradient: every advantage is 0 (a group whose
+        rewards all agree, under GRPO) and the loss has no term that does not scale with the
+        advantage (KL, entropy). The token-mean denominator stays the global token count, so the
+        gradient is the same sum less its zero terms; on a small model's hard task most groups agree, and
+        this is most of a CPU step's training time."""
+        if not self.cfg.algo.skip_zero_advantage or loss_cfg.kl_coef or loss_cfg.entropy_coef:
+            return False
+        return not any(a != 0.0 for a in s.metadata["advantages"])
 
     def _micro_step(self, mb: list[Sample], loss_cfg: PolicyLossConfig, sums: dict[str, float],
                     maxes: dict[str, float]) -> int:
@@ -242,10 +254,9 @@ class PolicyWorker:
         if self.cfg.algo.kl_coef > 0:  # reference = same base, adapter off: no second model
             with torch.no_grad(), self.adapters.adapter_disabled():
                 h_ref = self.model(batch.input_ids, batch.positions, attn)
-                ref = batch.to_padded(token_logprobs(self.model, h_ref, batch.targets, temp))
+                ref = response_logprobs(self.model, h_ref, batch, temp)
         hidden = self.model(batch.input_ids, batch.positions, attn)  # [N, D]
-        lp, ent = token_logprobs(self.model, hidden, batch.targets, temp, with_entropy=True)
-        logp, entropy = batch.to_padded(lp), batch.to_padded(ent)  # [B, T]
+        logp, entropy = response_logprobs(self.model, hidden, batch, temp, with_entropy=True)  # [B, T]
         mask = batch.response_mask
         adv = padded([s.metadata["advantages"] for s in mb], batch)
         rollout_lp = padded([s.rollout_logprobs for s in mb], batch)
@@ -316,7 +327,9 @@ class PolicyWorker:
                 m.grad.copy_(flat[off: off + m.numel()].view_as(m))
                 off += m.numel()
 
-    def _reduce_metrics(self, sums: dict[str, float], maxes: dict[str, float], total_tokens: int) -> dict[str, float]:
+    def _reduce_metrics(self, sums: dict[str, float], maxes: dict[str, float],
+                        num_samples: int) -> dict[str, float]:
+        """Token-weighted sums -> means over the trained tokens of all workers."""
         keys = sorted(sums)
         vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
         mx_keys = sorted(maxes)
@@ -325,7 +338,10 @@ class PolicyWorker:
             vec, mx = vec.to(self._comm_device()), mx.to(self._comm_device())
             dist.all_reduce(vec)
             dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-        out = {k: float(v) / max(total_tokens, 1) for k, v in zip(keys, vec.tolist())}
+        total = dict(zip(keys, vec.tolist()))
+        n_tok, skipped = total.pop("_trained_tokens", 0.0), total.pop("_skipped_samples")
+        out = {k: float(v) / max(n_tok, 1.0) for k, v in total.items()}
+        out["train/skipped_zero_adv_frac"] = skipped / max(num_samples, 1)
         out.update({f"train/{k}": float(v) for k, v in zip(mx_keys, mx.tolist())})
         return out
 

@@ -53,8 +53,8 @@ def test_arithmetic_split_labels_and_no_overlap() -> None:
         kinds["mixed" if len(nums) == 3 else expr.split()[1]] += 1
         assert arithmetic_score(f"\\boxed{{{row['label']}}}", row["label"]) == 1.0
     # every kind and both operand sizes are well represented (odds in ARITH_KINDS)
-    assert kinds["mixed"] > 40 and min(kinds["+"], kinds["-"], kinds["x"]) > 90, kinds
-    assert min(digits.values()) > 400, digits
+    assert kinds["mixed"] > 25 and min(kinds["+"], kinds["-"], kinds["x"]) > 60, kinds
+    assert min(digits.values()) > 200, digits
 
 
 def test_split_is_seeded() -> None:

@@ -138,3 +138,26 @@ def test_prequantized_checkpoint_keeps_its_format(model_dir, tmp_path) -> None:
     samples = rollout_with_signal(w)
     m = w.train_step(samples, sum(len(s.response_ids) for s in samples), len(samples))
     assert m["train/grad_norm"] > 0
+
+
+def test_zero_advantage_samples_are_skipped_with_the_same_update(model_dir) -> None:
+    """A group whose rewards agree has all-zero GRPO advantages: skipping it (the default)
+    must give the same adapter update as training on it, and the metric says how many."""
+    updates = {}
+    for flag in ((), ("--no-skip-zero-advantage",)):
+        torch.manual_seed(0)
+        w = make_worker(model_dir, *flag)
+        samples = w.rollout(ROWS, step=1)
+        for s in samples:  # group 0 disagrees (signal), group 1 all 1.0 (zero advantages)
+            s.reward = float(s.index % 2) if s.group_id == 0 else 1.0
+        assign_advantages(samples, w.cfg.algo)
+        before = w.adapter_state()
+        m = w.train_step(samples, sum(len(s.response_ids) for s in samples), len(samples))
+        after = w.adapter_state()
+        updates[flag] = {k: after[k] - before[k] for k in before}
+        assert m["train/skipped_zero_adv_frac"] == (0.5 if not flag else 0.0)
+        assert m["train/grad_norm"] > 0
+    skip, full = updates[()], updates[("--no-skip-zero-advantage",)]
+    for k in skip:
+        torch.testing.assert_close(skip[k], full[k], rtol=1e-5, atol=1e-7)
+    assert any(v.abs().max() > 0 for v in skip.values())
