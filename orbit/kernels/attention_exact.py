@@ -186,10 +186,12 @@ class _PackedAttention(torch.autograd.Function):
     """Exact forward; backward differentiates SDPA recomputed per sequence (the same function
     up to rounding; gradients need not be batch-invariant, only forward log-probs are compared).
 
-    The 3-D [h, n, D] call is the form whose gradients were checked on the H100
-    (test_exact_mode_gradients_match_fast). A 4-D [1, h, n, D] call with enable_gqa on
-    transposed views, tried for speed, gave wrong gradients there (rel. error 1.4): do not
-    switch without that test passing on a GPU."""
+    The recompute is the 4-D [1, H, n, D] call fast mode trains with (`_sdpa_causal`, the
+    same layout as `orbit.models.attention._sdpa`): flash / memory-efficient backward on GPU.
+    A 3-D [H, n, D] call (correct, but served by SDPA's math path) made exact-mode training
+    1.88x slower than fast mode. An earlier 4-D attempt gave wrong gradients; this one takes
+    the upstream gradient in the [n, H, D] layout of the forward's output and is checked by
+    tests/gpu/test_exact_mode.py::test_exact_mode_gradients_match_fast."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,  # type: ignore[override]
@@ -204,12 +206,20 @@ class _PackedAttention(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for a, b in itertools.pairwise(ctx.bounds):
             with torch.enable_grad():
-                qs, ks, vs = (t[a:b].detach().transpose(0, 1).requires_grad_() for t in (q, k, v))  # [h, n, D]
-                o = torch.nn.functional.scaled_dot_product_attention(
-                    qs, ks, vs, is_causal=True, scale=ctx.scale, enable_gqa=ks.shape[0] != qs.shape[0])
-                gq, gk, gv = torch.autograd.grad(o, (qs, ks, vs), dout[a:b].transpose(0, 1))
-            dq[a:b], dk[a:b], dv[a:b] = gq.transpose(0, 1), gk.transpose(0, 1), gv.transpose(0, 1)
+                qs, ks, vs = (t[a:b].detach().requires_grad_() for t in (q, k, v))  # [n, h, D]
+                o = _sdpa_causal(qs, ks, vs, ctx.scale)  # [n, H, D], like the forward's output
+                gq, gk, gv = torch.autograd.grad(o, (qs, ks, vs), dout[a:b])
+            dq[a:b], dk[a:b], dv[a:b] = gq, gk, gv
         return dq, dk, dv, None, None, None
+
+
+def _sdpa_causal(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """One sequence, q [n, H, D], k/v [n, Hkv, D] -> [n, H, D] through 4-D SDPA (GQA native)."""
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1])  # [1, H, n, D]
+    return o[0].transpose(0, 1)
 
 
 def attention_cached_exact(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens: Tensor,
