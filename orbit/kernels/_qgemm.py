@@ -50,6 +50,11 @@ DEFAULT_UNPACK = {"int4": 2, "nvfp4": 0, "mxfp4": 0}
 # Fast mode from this many rows on: dequantize into a transient BF16 weight, then cuBLAS.
 DEQUANT_MIN_M = 1024
 
+# Fast-mode forward calls with at most this many rows run the decode GEMV / split-K kernel
+# (orbit/kernels/gemv.py) instead of the tl.dot loop; 0 disables it. Exact mode never does.
+GEMV_MAX_M = 16
+GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
+
 # The exact (batch-invariant) config: one tile shape for every M, chosen for training sizes
 # (the fastest fused config at M=8192 in the sweep).
 EXACT_CONFIG = TileConfig(bm=128, bo=128, br=64, warps=4, stages=3)
@@ -228,6 +233,11 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         # dequantizes; the transient BF16 weight costs one memory-bound pass (docs/kernels.md).
         w = dequantize_weight(fmt, shape, q, s, offset, global_scale, group, x.dtype)
         return torch.matmul(x, w if transpose else w.T, out=y)
+    if (not exact and config is None and not transpose and m <= GEMV_MAX_M
+            and fmt in GEMV_FORMATS):
+        from orbit.kernels.gemv import gemv  # gemv.py imports this module
+
+        return gemv(x, fmt, shape, q, s, offset, global_scale, group, y)
     cfg = config or pick_config(m, out_dim, fmt, exact)
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(out_dim, cfg.bo),)
     _qgemm_kernel[grid](

@@ -7,9 +7,12 @@ against BF16. Times are `triton.testing.do_bench` medians. Decode calls rotate o
 to span 3x the 50 MB L2 and are replayed as one CUDA graph (launch overhead out, as in a
 graphed engine step); training calls are single launches (do_bench zeroes a 256 MB buffer
 before each, so L2 starts cold).
+`--gemv` runs only the decode comparison of the old fused `tl.dot` kernel and the GEMV /
+split-K path (orbit/kernels/gemv.py) at M in {1, 4, 16} for int4/fp8/nvfp4 against cuBLAS
+BF16, same rotation and graph replay; `--gemv-sweep` adds the GEMV_ALTS configs.
 Writes JSON to $OUT/bench_qmm.json (or --out) and prints a short table last.
 
-    python scripts/bench/bench_qmm.py [--quick] [--sweep]
+    python scripts/bench/bench_qmm.py [--quick] [--sweep] [--gemv [--gemv-sweep]]
 """
 
 # ruff: noqa: B023  (every closure below is timed inside the loop iteration that made it)
@@ -148,6 +151,77 @@ def training(quick: bool, bf16_tf: float) -> list[dict]:
     return rows
 
 
+GEMV_SHAPES = [(576, 1536), (1536, 576), (2048, 6144), (6144, 2048), (2048, 4096),
+               (4096, 12288)]  # (in, out)
+# Alternatives for --gemv-sweep: (block_n, block_k, split, warps, stages); split 0 = the
+# heuristic's split for the shape.
+GEMV_ALTS = [(16, 128, 0, 4, 3), (64, 128, 0, 4, 3), (32, 64, 0, 4, 4), (32, 128, 0, 4, 1),
+             (32, 128, 0, 8, 3), (32, 128, 1, 4, 3), (64, 128, 0, 8, 3)]
+
+
+def _gemv(x, qw, config=None):
+    """The GEMV kernel itself (whatever _qgemm.GEMV_MAX_M is)."""
+    from orbit.kernels.gemv import gemv
+
+    t = qw.tensors
+    q = t.get("qweight", t.get("weight"))
+    s = t.get("scale", t.get("scale_inv"))
+    gs = t["global_scale"].reshape(1) if qw.fmt == "nvfp4" else None
+    grp = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}.get(qw.fmt, qw.group_size)
+    y = torch.empty((x.shape[0], qw.shape[0]), device=x.device, dtype=x.dtype)
+    return gemv(x, qw.fmt, qw.shape, q, s, t.get("offset"), gs, grp, y, config)
+
+
+def decode_gemv(quick: bool, copy_gbs: float, alts: bool) -> list[dict]:
+    """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run."""
+    from orbit.kernels.gemv import GemvConfig, num_sms, pick_gemv_config
+
+    rows, ms_ = [], (1, 4, 16)
+    for k, n in GEMV_SHAPES[-3:] if quick else GEMV_SHAPES:
+        nb = copies_for(2 * n * k)
+        wbs = [torch.randn(n, k, device="cuda").bfloat16() * 0.05 for _ in range(nb)]
+        t_bf = {}
+        for m in ms_:
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            t_bf[m] = ms_rotated([lambda w=w: x @ w.T for w in wbs])
+            _emit(rows, {"phase": "gemv", "fmt": "bf16", "path": "cublas", "k": k, "n": n,
+                         "m": m, "ms": t_bf[m], "speedup": 1.0,
+                         "GBps": (2 * n * k + 2 * m * (n + k)) / t_bf[m] / 1e6,
+                         "frac_copy_bw": (2 * n * k + 2 * m * (n + k)) / t_bf[m] / 1e6 / copy_gbs})
+        del wbs
+        for fmt, name, kw in [v for v in variants(k) if v[0] in ("int4", "fp8", "nvfp4")]:
+            qw0 = random_qweight(fmt, n, k, device="cuda", **kw)
+            nq = copies_for(qw0.nbytes())
+            qws = [random_qweight(fmt, n, k, seed=i, device="cuda", **kw) for i in range(nq)]
+            for m in ms_:
+                x = torch.randn(m, k, device="cuda").bfloat16()
+                auto = pick_gemv_config(m, n, k, fmt, num_sms(x.device))
+                plan = [("fused-dot", None), ("gemv", None)]
+                if alts:
+                    plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st))
+                             for bn, bk, sp, w, st in GEMV_ALTS]
+                for path, cfg in plan:
+                    if path == "fused-dot":
+                        fns = [lambda q=q: _fused(x, q) for q in qws]
+                    else:
+                        fns = [lambda q=q: _gemv(x, q, cfg) for q in qws]
+                    row = {"phase": "gemv", "fmt": name, "path": path, "k": k, "n": n, "m": m,
+                           "cfg": list((cfg or auto).__dict__.values()) if path != "fused-dot"
+                           else None}
+                    try:
+                        t = ms_rotated(fns)
+                    except Exception as e:  # noqa: BLE001  (out of resources etc.: recorded)
+                        _emit(rows, {**row, "error": repr(e)[:160], "ms": float("nan"),
+                                     "speedup": float("nan"), "GBps": float("nan"),
+                                     "frac_copy_bw": float("nan")})
+                        continue
+                    gbs = (qw0.nbytes() + 2 * m * (n + k)) / t / 1e6
+                    _emit(rows, {**row, "ms": t, "speedup": t_bf[m] / t, "GBps": gbs,
+                                 "frac_copy_bw": gbs / copy_gbs, "copies": nq})
+            del qws
+    return rows
+
+
 def scaled_mm_blockwise(x, qw, t_bf16: float) -> dict:
     """Experiment for the next version: cuBLAS's own 1x128 / 128x128 block-scaled FP8 GEMM via
     torch._scaled_mm, fed by our activation quantization. Recorded, not used by qmm."""
@@ -234,6 +308,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="largest shapes only")
     ap.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
     ap.add_argument("--only-sweep", action="store_true", help="time the alternatives only")
+    ap.add_argument("--gemv", action="store_true",
+                    help="only the decode GEMV vs fused tl.dot vs cuBLAS comparison")
+    ap.add_argument("--gemv-sweep", action="store_true", help="with --gemv: time GEMV_ALTS too")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -241,6 +318,18 @@ def main() -> None:
     res = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "command": " ".join(sys.argv), **ceil}
+    if args.gemv:
+        res["gemv"] = decode_gemv(args.quick, ceil["copy_GBps"], args.gemv_sweep)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
+        print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")
+        print(f"{'in x out':>12}{'M':>4} {'fmt':<11}{'path':<10}{'us':>8}{'xBF16':>7}{'GB/s':>7}"
+              f"{'%copy':>6}  cfg")
+        for r in res["gemv"]:
+            print(f"{r['k']:>5}x{r['n']:<6}{r['m']:>4} {r['fmt']:<11}{r['path']:<10}"
+                  f"{r['ms']*1e3:8.1f}{r['speedup']:7.2f}{r['GBps']:7.0f}"
+                  f"{100*r['frac_copy_bw']:6.0f}  {r.get('cfg') or ''}")
+        return
     if args.sweep or args.only_sweep:
         res["sweep"] = sweep()
     res["decode"] = [] if args.only_sweep else decode(args.quick, ceil["copy_GBps"])

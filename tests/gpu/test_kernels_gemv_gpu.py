@@ -1,0 +1,132 @@
+"""GPU checks of the decode GEMV / split-K path (orbit/kernels/gemv.py) at real decode shapes.
+
+Fresh random packed weights and activations for every check, NaN-poisoned outputs, relative
+norm against `x (float64) @ W^T` with W the reference dequantization rounded to the activation
+dtype (exactly the weight the kernel multiplies) and against `qmm_reference`. Also checks that
+`qmm` sends fast-mode forward calls with M <= GEMV_MAX_M through the GEMV and exact mode,
+input gradients and larger M do not. Run: `pytest -m gpu tests/gpu/test_kernels_gemv_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orbit.kernels.dispatch import qmm, qmm_reference, qmm_t
+from orbit.kernels.random_weights import random_qweight
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# (in, out): SmolLM2-135M q/o, up/gate, down, k/v; Qwen3-1.7B up/gate, down, q; 4096x12288.
+SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 192),
+          (2048, 6144), (6144, 2048), (2048, 4096), (4096, 12288)]
+MS = (1, 2, 4, 8, 16)
+TOL = 1e-2  # as tests/gpu/test_kernels_qmm_gpu.py: bf16 output rounding is ~2e-3 relative
+
+
+def _variants(k: int) -> list[tuple[str, dict]]:
+    g = 128 if k % 128 == 0 else 64
+    return [("int4", {"group_size": 32}), ("int4", {"group_size": g}),
+            ("int4", {"group_size": 64, "asym": True, "offset_dtype": torch.float32}),
+            ("int8", {"group_size": 32}), ("fp8", {}), ("nvfp4", {}), ("mxfp4", {})]
+
+
+def _args(qw) -> tuple:
+    """(q, s, offset, global_scale, group) as the wrappers pass them to launch/gemv."""
+    t = qw.tensors
+    q, s = t.get("qweight", t.get("weight")), t.get("scale", t.get("scale_inv"))
+    gs = t["global_scale"].reshape(1) if qw.fmt == "nvfp4" else None
+    group = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}.get(qw.fmt, qw.group_size)
+    return q, s, t.get("offset"), gs, group
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_gemv_decode_shapes_all_formats(k: int, n: int) -> None:
+    """gemv() with the heuristic config, as launch() calls it (whatever GEMV_MAX_M is)."""
+    from orbit.kernels.gemv import gemv
+
+    gen = torch.Generator(device="cuda").manual_seed(k * 7 + n)
+    for i, (fmt, kw) in enumerate(_variants(k)):
+        qw = random_qweight(fmt, n, k, seed=31 * k + n + i, device="cuda", **kw)
+        w = qw.dequantize(torch.bfloat16).double()
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+            y = gemv(x, fmt, qw.shape, *_args(qw),
+                     torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16))
+            torch.cuda.synchronize()
+            assert not y.isnan().any(), ("unwritten (NaN) outputs", fmt, kw, k, n, m)
+            e64, eref = _rel(y, x.double() @ w.T), _rel(y, qmm_reference(x, qw))
+            assert e64 < TOL and eref < TOL, (fmt, kw, k, n, m, e64, eref)
+
+
+@pytest.mark.parametrize("k,n", [(576, 1536), (6144, 2048), (4096, 12288)])
+@pytest.mark.parametrize("fmt,kw", [("int4", {"group_size": 128}), ("fp8", {}), ("nvfp4", {})])
+def test_gemv_split_k_on_and_off(k: int, n: int, fmt: str, kw: dict) -> None:
+    """Forced split = 1 and split = 4 agree with the reference; split-K is deterministic."""
+    from orbit.kernels.gemv import GemvConfig, gemv
+
+    qw = random_qweight(fmt, n, k, seed=k + n, device="cuda", **kw)
+    w = qw.dequantize(torch.bfloat16).double()
+    for m in (1, 3, 16):
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        for split in (1, 4):
+            cfg = GemvConfig(block_n=32 if m <= 4 else 16, block_k=128, split=split, warps=4,
+                             stages=3)
+            ys = [gemv(x, fmt, qw.shape, *_args(qw),
+                       torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16),
+                       cfg) for _ in range(2)]
+            assert not ys[0].isnan().any(), (fmt, k, n, m, split)
+            assert torch.equal(ys[0], ys[1]), ("not deterministic", fmt, k, n, m, split)
+            assert _rel(ys[0], x.double() @ w.T) < TOL, (fmt, k, n, m, split)
+
+
+def test_gemv_fp16_activations() -> None:
+    from orbit.kernels.gemv import gemv
+
+    qw = random_qweight("int4", 6144, 2048, group_size=128, seed=5, device="cuda")
+    x = torch.randn(3, 2048, device="cuda").half()
+    y = gemv(x, "int4", qw.shape, *_args(qw),
+             torch.full((3, 6144), float("nan"), device="cuda", dtype=torch.float16))
+    assert not y.isnan().any()
+    assert y.dtype == torch.float16
+    assert _rel(y, x.double() @ qw.dequantize(torch.float16).double().T) < TOL
+
+
+def test_dispatch_routes_small_m_fast_mode_through_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orbit.kernels import _qgemm, gemv
+
+    calls: list[int] = []
+    orig = gemv.gemv
+
+    def counting(*a, **kw):
+        calls.append(a[0].shape[0])
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(gemv, "gemv", counting)  # launch() imports it at each call
+    max_m = _qgemm.GEMV_MAX_M
+    k, n = 2048, 6144
+    for fmt, kw in [("int4", {"group_size": 128}), ("int8", {"group_size": 32}), ("fp8", {}),
+                    ("nvfp4", {}), ("mxfp4", {})]:
+        qw = random_qweight(fmt, n, k, seed=1, device="cuda", **kw)
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            calls.clear()
+            y = qmm(x, qw)
+            assert calls == ([m] if m <= max_m else []), (fmt, m, max_m, "routing")
+            calls.clear()
+            ye = qmm(x, qw, exact=True)
+            qmm_t(torch.randn(m, n, device="cuda").bfloat16(), qw)
+            qmm(torch.randn(17, k, device="cuda").bfloat16(), qw)
+            assert calls == [], (fmt, m, "exact / transpose / M=17 went through the GEMV")
+            assert _rel(y, ye) < TOL
+        monkeypatch.setattr(_qgemm, "GEMV_MAX_M", 0)
+        qmm(torch.randn(1, k, device="cuda").bfloat16(), qw)
+        assert calls == [], "GEMV_MAX_M = 0 must disable the GEMV"
+        monkeypatch.setattr(_qgemm, "GEMV_MAX_M", max_m)

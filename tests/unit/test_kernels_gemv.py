@@ -1,0 +1,189 @@
+"""CPU checks of the decode GEMV / split-K kernel (orbit/kernels/gemv.py) under Triton's
+interpreter, plus its config heuristic and its routing in `_qgemm.launch`.
+
+The interpreter runs in a subprocess, as in test_kernels_qmm.py (whose docstring lists the
+Triton 3.6 interpreter defects): `TRITON_INTERPRET=1` must be set before any kernel is
+decorated and must not leak into GPU tests of the same pytest process. Patched there: `int()`
+of a one-element array (loop bounds), and the fp32 -> bf16 cast, which the interpreter
+truncates; the patch rounds to nearest even like the GPU, so the kernel multiplies exactly the
+reference's BF16 weights and the tolerances below are the GPU's (fp32 sums, one bf16 rounding
+of the output), not the 1e-2 that truncation needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[2]
+# (fmt, random_qweight kwargs, in); out = 80 is not a multiple of any block_n (masked tail);
+# in = 320 is not a multiple of block_k = 128 (masked tail, fp8 partial scale block).
+CASES = [("int4", {"group_size": 32}, 320), ("int4", {"group_size": 128}, 384),
+         ("int4", {"group_size": 64, "asym": True, "offset_dtype": torch.float32}, 320),
+         ("int8", {"group_size": 32}, 320), ("fp8", {}, 320), ("nvfp4", {}, 320),
+         ("mxfp4", {}, 320)]
+N_OUT = 80
+MS = (1, 3, 16)
+# "auto" = through the format's public wrapper (launch -> heuristic); the others call gemv()
+# with a fixed config: (block_n, block_k, split, warps, stages).
+CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2), "auto": None}
+TOL_F64 = 4e-3  # vs x (float64) @ W_bf16^T: bf16 output rounding, ~1e-3 relative
+TOL_QMM_REF = 6e-3  # vs qmm_reference (a bf16 matmul: its own rounding as well)
+
+
+def _patch_interpreter() -> None:
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    orig_patch = interp._patch_lang_tensor
+
+    def patch(tensor, scope):  # numpy 2.x refuses int() of a shape-(1,) array
+        orig_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patch
+    orig_cast = interp.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):  # fp32 -> bf16 rounds to nearest even, as on the GPU
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            bits = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            return interp.TensorHandle(bits, tl.bfloat16)
+        return orig_cast(self, src, dst_type)
+
+    interp.InterpreterBuilder.cast_impl = cast_impl
+    interp.InterpreterBuilder.create_fp_trunc = cast_impl
+
+
+def _interpreter_main() -> None:
+    """Runs in the subprocess; prints one JSON dict of relative errors and flags."""
+    _patch_interpreter()
+    from orbit.kernels import _qgemm, fp4, fp8, gemv, int4, int8
+    from orbit.kernels.dispatch import qmm_reference
+    from orbit.kernels.random_weights import random_qweight
+
+    fns = {"int4": int4.int4_matmul, "int8": int8.int8_matmul, "fp8": fp8.fp8_matmul,
+           "nvfp4": fp4.nvfp4_matmul, "mxfp4": fp4.mxfp4_matmul}
+    calls = []
+    orig_gemv = gemv.gemv
+
+    def counting_gemv(*a, **kw):
+        calls.append(a[0].shape[0])
+        return orig_gemv(*a, **kw)
+
+    gemv.gemv = counting_gemv  # launch() imports gemv from the module at each call
+    out: dict = {}
+    for i, (fmt, kw, k) in enumerate(CASES):
+        qw = random_qweight(fmt, N_OUT, k, seed=100 + i, **kw)
+        t = qw.tensors
+        q, s = t.get("qweight", t.get("weight")), t.get("scale", t.get("scale_inv"))
+        gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
+        group = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}.get(fmt, qw.group_size)
+        w = qw.dequantize(torch.bfloat16).double()
+        for m in MS:
+            for name, c in CONFIGS.items():
+                x = torch.randn(m, k).bfloat16()  # fresh for every call
+                y = torch.full((m, N_OUT), float("nan")).bfloat16()  # poisoned
+                if c is None:
+                    n_calls = len(calls)
+                    y = fns[fmt](x, qw, out=y)
+                    routed = len(calls) == n_calls + 1
+                else:
+                    gemv.gemv(x, fmt, qw.shape, q, s, t.get("offset"), gs, group, y,
+                              gemv.GemvConfig(*c))
+                    routed = True
+                ref64 = x.double() @ w.T
+                ref = qmm_reference(x, qw).double()
+                out[f"{i}-{m}-{name}"] = {
+                    "nan": bool(y.isnan().any()), "routed": routed,
+                    "e64": ((y.double() - ref64).norm() / ref64.norm()).item(),
+                    "eref": ((y.double() - ref).norm() / ref.norm()).item()}
+    # Split-K is deterministic: the same call twice gives the same bits.
+    qw = random_qweight("int4", N_OUT, 384, group_size=128, seed=7)
+    t = qw.tensors
+    x = torch.randn(5, 384).bfloat16()
+    ys = [gemv.gemv(x, "int4", qw.shape, t["qweight"], t["scale"], None, None, 128,
+                    torch.empty(5, N_OUT).bfloat16(), gemv.GemvConfig(16, 32, 4, 4, 2))
+          for _ in range(2)]
+    out["deterministic"] = torch.equal(ys[0], ys[1])
+    # Routing: exact mode, the input gradient, M > GEMV_MAX_M and GEMV_MAX_M = 0 stay on the
+    # tl.dot kernel (the interpreter needs its bf16-dot patch there, so only count calls).
+    n_calls = len(calls)
+    orig_launch_kernel = _qgemm._qgemm_kernel
+    fused = []
+
+    class _Stub:  # stands in for the fused kernel: records the launch, computes nothing
+        def __getitem__(self, grid):
+            return lambda *a, **kw: fused.append(grid)
+
+    _qgemm._qgemm_kernel = _Stub()
+    x1 = torch.randn(1, 384).bfloat16()
+    int4.int4_matmul(x1, qw, exact=True)
+    int4.int4_matmul(torch.randn(1, N_OUT).bfloat16(), qw, transpose=True)
+    int4.int4_matmul(torch.randn(17, 384).bfloat16(), qw)
+    _qgemm.GEMV_MAX_M = 0
+    int4.int4_matmul(x1, qw)
+    _qgemm._qgemm_kernel = orig_launch_kernel
+    out["not_routed"] = [len(calls) - n_calls, len(fused)]
+    print(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def interp_results() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[
+    f"{f}-{'-'.join(f'{k}{v}' for k, v in kw.items() if k != 'offset_dtype')}"
+    for f, kw, _ in CASES])
+def test_interpreted_gemv_matches_reference(interp_results: dict, case: int, m: int,
+                                            config: str) -> None:
+    r = interp_results[f"{case}-{m}-{config}"]
+    assert not r["nan"], "unwritten (NaN) outputs"
+    assert r["routed"], "fast-mode forward with M <= 16 did not go through gemv"
+    assert r["e64"] < TOL_F64 and r["eref"] < TOL_QMM_REF, (CASES[case], m, config, r)
+
+
+def test_split_k_is_deterministic(interp_results: dict) -> None:
+    assert interp_results["deterministic"]
+
+
+def test_exact_transpose_and_large_m_bypass_gemv(interp_results: dict) -> None:
+    # 0 gemv calls; 4 fused launches (exact, transpose, M=17, GEMV_MAX_M=0).
+    assert interp_results["not_routed"] == [0, 4]
+
+
+def test_pick_gemv_config() -> None:
+    from orbit.kernels.gemv import GEMV_MAX_SPLIT, pick_gemv_config
+
+    for (k, n) in [(576, 576), (576, 1536), (1536, 576), (576, 192), (2048, 6144),
+                   (6144, 2048), (2048, 4096), (4096, 12288)]:
+        for m in (1, 2, 3, 4, 8, 16):
+            for fmt in ("int4", "int8", "fp8", "nvfp4", "mxfp4"):
+                c = pick_gemv_config(m, n, k, fmt, 132)
+                assert c.block_k <= 128 and 1 <= c.split <= GEMV_MAX_SPLIT, (k, n, m, c)
+                k_tiles = -(-k // c.block_k)
+                per = -(-k_tiles // c.split)
+                assert -(-k_tiles // per) == c.split, ("empty K-slice", k, n, c)
+    # A big N fills the SMs without split-K; small N splits K.
+    assert pick_gemv_config(1, 12288, 4096, "int4", 132).split == 1
+    assert pick_gemv_config(1, 2048, 6144, "int4", 132).split > 1
+    assert pick_gemv_config(1, 1536, 576, "int4", 132).split > 1
+
+
+if __name__ == "__main__":
+    _interpreter_main()
