@@ -71,6 +71,16 @@ run_preflight() {
   (cd "$ORBIT_ROOT" && "$py" -m orbit.preflight "$@")
 }
 
+# ray_flag: --use-ray (default) or --no-use-ray when USE_RAY=0 (one in-process worker, for a
+# machine without Ray).
+ray_flag() {
+  case "${USE_RAY:-1}" in
+    1) echo "--use-ray" ;;
+    0) echo "--no-use-ray" ;;
+    *) echo "USE_RAY must be 0 or 1, got '${USE_RAY}'" >&2; return 1 ;;
+  esac
+}
+
 # orbit_launch ARGS...: print the argv (dry run) or run preflight and then the trainer.
 orbit_launch() {
   local py

@@ -82,6 +82,7 @@ LOG_ARGS=(
 CLUSTER_ARGS=(
   --device "${DEVICE:-auto}"
   --num-workers "${NUM_WORKERS:-0}"
+  "$(ray_flag)"
 )
 
 orbit_launch "${CLUSTER_ARGS[@]}" "${CKPT_ARGS[@]}" "${PRECISION_ARGS[@]}" "${ADAPTER_ARGS[@]}" \

@@ -108,6 +108,7 @@ fi
 CLUSTER_ARGS=(
   --device "${DEVICE:-auto}"
   --num-workers "${NUM_WORKERS:-0}"
+  "$(ray_flag)"
   --cpu-threads "${CPU_THREADS:-$DEFAULT_CPU_THREADS}"
 )
 

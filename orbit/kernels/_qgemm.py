@@ -50,10 +50,27 @@ DEFAULT_UNPACK = {"int4": 2, "nvfp4": 0, "mxfp4": 0}
 # Fast mode from this many rows on: dequantize into a transient BF16 weight, then cuBLAS.
 DEQUANT_MIN_M = 1024
 
-# Fast-mode forward calls with at most this many rows run the decode GEMV / split-K kernel
-# (orbit/kernels/gemv.py) instead of the tl.dot loop; 0 disables it. Exact mode never does.
-GEMV_MAX_M = 16
+# Fast-mode forward calls with at most this many rows may run the decode GEMV / split-K
+# kernel (orbit/kernels/gemv.py) instead of the tl.dot loop; 0 disables it. Exact mode never
+# does. H100 sweep (docs/kernels.md, 2026-11-22): the GEMV only wins where the dot loop cannot
+# fill the SMs, i.e. where it splits K deeply (6144->2048: int4 M=1 11.4 vs 23.9 us, nvfp4
+# M=4 23 vs 44 us); on wide shapes (4096x12288) and at M=16 it loses up to 9x. So it runs
+# only at M <= GEMV_MAX_M with a split of at least GEMV_MIN_SPLIT (int4 at M=1: 4).
+GEMV_MAX_M = 4
+GEMV_MIN_SPLIT = 8
+GEMV_MIN_SPLIT_INT4_M1 = 4
 GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
+
+
+def use_gemv(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
+    """Whether a fast-mode forward of this shape goes to the GEMV kernel (see GEMV_MAX_M)."""
+    if m > GEMV_MAX_M or fmt not in GEMV_FORMATS:
+        return False
+    from orbit.kernels.gemv import num_sms, pick_gemv_config  # gemv.py imports this module
+
+    split = pick_gemv_config(m, n, k, fmt, num_sms(device)).split
+    need = GEMV_MIN_SPLIT_INT4_M1 if (fmt == "int4" and m == 1) else GEMV_MIN_SPLIT
+    return split >= need
 
 # The exact (batch-invariant) config: one tile shape for every M, chosen for training sizes
 # (the fastest fused config at M=8192 in the sweep).
@@ -233,8 +250,7 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         # dequantizes; the transient BF16 weight costs one memory-bound pass (docs/kernels.md).
         w = dequantize_weight(fmt, shape, q, s, offset, global_scale, group, x.dtype)
         return torch.matmul(x, w if transpose else w.T, out=y)
-    if (not exact and config is None and not transpose and m <= GEMV_MAX_M
-            and fmt in GEMV_FORMATS):
+    if not exact and config is None and not transpose and use_gemv(m, n, k, fmt, x.device):
         from orbit.kernels.gemv import gemv  # gemv.py imports this module
 
         return gemv(x, fmt, shape, q, s, offset, global_scale, group, y)

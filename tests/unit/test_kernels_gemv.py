@@ -80,6 +80,9 @@ def _interpreter_main() -> None:
         return orig_gemv(*a, **kw)
 
     gemv.gemv = counting_gemv  # launch() imports gemv from the module at each call
+    # These shapes are too small for the shipped routing rule (deep split-K only); route every
+    # M <= 16 so the kernel is checked through the public wrappers too.
+    _qgemm.GEMV_MAX_M, _qgemm.GEMV_MIN_SPLIT, _qgemm.GEMV_MIN_SPLIT_INT4_M1 = 16, 1, 1
     out: dict = {}
     for i, (fmt, kw, k) in enumerate(CASES):
         qw = random_qweight(fmt, N_OUT, k, seed=100 + i, **kw)
@@ -187,3 +190,18 @@ def test_pick_gemv_config() -> None:
 
 if __name__ == "__main__":
     _interpreter_main()
+
+
+def test_use_gemv_follows_the_h100_sweep() -> None:
+    """The routing rule picks the GEMV exactly where the H100 sweep measured it faster."""
+    from orbit.kernels._qgemm import use_gemv
+
+    cpu = torch.device("cpu")  # DEFAULT_NUM_SMS = 132, the H100's
+    assert use_gemv(1, 2048, 6144, "int4", cpu) and use_gemv(4, 2048, 6144, "nvfp4", cpu)
+    assert use_gemv(1, 4096, 2048, "int4", cpu)  # split 4: int4 at M=1 only
+    assert not use_gemv(1, 4096, 2048, "nvfp4", cpu) and not use_gemv(2, 4096, 2048, "int4", cpu)
+    for fmt in ("int4", "fp8", "nvfp4"):
+        assert not use_gemv(1, 12288, 4096, fmt, cpu)  # wide: the dot loop fills the SMs
+        assert not use_gemv(16, 2048, 6144, fmt, cpu)  # M=16: the dot loop wins
+        assert not use_gemv(1, 2048, 6144, "bf16", cpu)
+

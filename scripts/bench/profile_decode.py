@@ -1,0 +1,60 @@
+"""Where a decode step's time goes in the native engine (GPU): one warm `Engine.generate`
+under torch.profiler, then the per-op table (CUDA and CPU self time) and the wall time per
+decode step. This is a diagnostic for issue 6's vs-transformers goal, not a benchmark row:
+bench_engine.py gives the tokens/s that docs/benchmarks.md records.
+
+    python scripts/bench/profile_decode.py [--shape smollm2-135m] [--batch 64] [--new 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import SHAPES, orbit_model, prompts  # noqa: E402
+
+from orbit.rollout.engine import Engine  # noqa: E402
+from orbit.rollout.types import SamplingParams  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--rows", type=int, default=25)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = orbit_model(args.shape, dtype, device)
+    engine = Engine(model, max_num_seqs=args.batch, max_model_len=args.prompt_len + args.new + 8,
+                    device=device)
+    ps = prompts(args.batch, args.prompt_len, model.config.vocab_size)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=args.new, ignore_eos=True, seed=0)
+    engine.generate(ps, sp)  # captures the graphs
+    engine.generate(ps, sp)
+    st = engine.last_stats
+    print(f"warm: {st['tokens_per_s']:.0f} tok/s total, decode {st['decode_tokens_per_s']:.0f} tok/s, "
+          f"{1e3 * st['decode_seconds'] / max(st['decode_steps'], 1):.3f} ms/decode step")
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        engine.generate(ps, sp)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    out = os.environ.get("OUT")
+    if out:
+        prof.export_chrome_trace(os.path.join(out, "decode_trace.json"))
+
+
+if __name__ == "__main__":
+    main()
