@@ -36,7 +36,7 @@ from orbit.kernels import dispatch
 from orbit.kernels.attention_exact import attention_cached_exact, attention_packed_exact
 from orbit.kernels.matmul_exact import exact_linear, matmul_exact_reference
 from orbit.kernels.oft_rotate import oft_rotate
-from orbit.kernels.rmsnorm_exact import rmsnorm_exact
+from orbit.kernels.rmsnorm_exact import RMSNormFunction
 from orbit.models.attention import AttnBatch
 from orbit.models.transformer import CausalLM, RMSNorm
 from orbit.quant.linear import QuantLinear
@@ -88,37 +88,11 @@ class ExactOFTLinear(OFTLinear):
         return self.base(xr)
 
 
-class _RMSNormFn(torch.autograd.Function):
-    """Batch-invariant forward; backward differentiates the standard formula (gradients need
-    not be batch-invariant, only the forward log-probs are compared)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-        return rmsnorm_exact(x, weight, eps)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            wg = weight.detach().requires_grad_(ctx.needs_input_grad[1])
-            h = xg.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + ctx.eps)
-            y = wg * h.to(x.dtype)
-            wanted = [t for t in (xg, wg) if t.requires_grad]
-            grads = list(torch.autograd.grad(y, wanted, dy)) if wanted else []
-        dx = grads.pop(0) if ctx.needs_input_grad[0] else None
-        dw = grads.pop(0) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
-
-
 class ExactRMSNorm(RMSNorm):
     """RMSNorm with a per-row (batch-invariant) reduction."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _RMSNormFn.apply(x, self.weight, self.eps)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 @dataclass

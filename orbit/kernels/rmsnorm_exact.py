@@ -8,6 +8,12 @@ result never depends on the other rows. The arithmetic is transformers' RMSNorm:
 float32, cast to the input dtype, multiply by the weight (in the promoted dtype).
 
 `rmsnorm_exact_reference` (float64 mean of squares) is the CPU path and the accuracy check.
+
+`RMSNormFunction` wraps the kernel for autograd (backward = the standard formula, recomputed).
+Fast mode on CUDA uses it too (orbit.models.transformer.RMSNorm): one launch per norm instead
+of the ~6 elementwise/reduction kernels of the torch formula, which at decode sizes are pure
+launch cost (4 norms per Qwen3 layer; docs/benchmarks.md, engine rows), and the trainer and the
+engine then share a batch-invariant norm.
 """
 
 from __future__ import annotations
@@ -72,3 +78,35 @@ def rmsnorm_exact(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if HAS_TRITON and x.is_cuda:
         return rmsnorm_exact_triton(x, weight, eps)
     return rmsnorm_exact_reference(x, weight, eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Batch-invariant forward (`rmsnorm_exact`); backward differentiates the standard formula
+    (gradients need not be batch-invariant, only the forward log-probs are compared)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return rmsnorm_exact(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            wg = weight.detach().requires_grad_(ctx.needs_input_grad[1])
+            h = xg.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + ctx.eps)
+            y = wg * h.to(x.dtype)
+            wanted = [t for t in (xg, wg) if t.requires_grad]
+            grads = list(torch.autograd.grad(y, wanted, dy)) if wanted else []
+        dx = grads.pop(0) if ctx.needs_input_grad[0] else None
+        dw = grads.pop(0) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def fused_rmsnorm_available(x: Tensor) -> bool:
+    """The Triton kernel runs on `x` (CUDA tensor, Triton importable)."""
+    return HAS_TRITON and x.is_cuda
+

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from orbit.kernels.rmsnorm_exact import RMSNormFunction, fused_rmsnorm_available
 from orbit.models.attention import AttnBatch
 from orbit.models.config import ModelConfig
 from orbit.models.moe import SparseMoeBlock
@@ -32,6 +33,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if fused_rmsnorm_available(x):  # one Triton launch, same arithmetic (kernels/rmsnorm_exact)
+            return RMSNormFunction.apply(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -4,6 +4,7 @@ decode step. This is a diagnostic for issue 6's vs-transformers goal, not a benc
 bench_engine.py gives the tokens/s that docs/benchmarks.md records.
 
     python scripts/bench/profile_decode.py [--shape smollm2-135m] [--batch 64] [--new 256]
+        [--format int4] [--trace]
 """
 
 from __future__ import annotations
@@ -30,10 +31,16 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--format", default="bf16", help="base precision (convert_linears), e.g. int4")
+    ap.add_argument("--trace", action="store_true", help="also write $OUT/decode_trace.json")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = orbit_model(args.shape, dtype, device)
+    if args.format != "bf16":
+        from orbit.quant.convert import convert_linears
+
+        convert_linears(model, args.format)
     engine = Engine(model, max_num_seqs=args.batch, max_model_len=args.prompt_len + args.new + 8,
                     device=device)
     ps = prompts(args.batch, args.prompt_len, model.config.vocab_size)
@@ -49,10 +56,11 @@ def main() -> None:
     with torch.profiler.profile(activities=acts) as prof:
         engine.generate(ps, sp)
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                                    max_name_column_width=70))
     out = os.environ.get("OUT")
-    if out:
+    if out and args.trace:
         prof.export_chrome_trace(os.path.join(out, "decode_trace.json"))
 
 
