@@ -30,6 +30,12 @@ from orbit.trainer.schedule import build_scheduler
 TRAIN_SLOT, SERVE_SLOT = 0, 1
 
 
+# Metrics every training micro-step reports (token-weighted means over the trained tokens).
+_STEP_METRICS = ("train/pg_loss", "train/pg_clipfrac", "train/ppo_kl", "train/entropy",
+                 "train/train_rollout_logprob_abs_diff_mean", "train/train_rollout_kl_k1",
+                 "train/train_rollout_kl_k3")
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -209,8 +215,16 @@ class PolicyWorker:
         self.optimizer.zero_grad(set_to_none=True)
         for p in self.params:
             p.grad = None
-        sums: dict[str, float] = {}  # token-weighted metric sums, reduced below
+        # Token-weighted metric sums, reduced below. Every key a micro-step can add is present
+        # from the start: a worker whose samples were all skipped must all-reduce a vector of
+        # the same length as the others, and the metrics keep their names on such a step.
+        sums = dict.fromkeys(_STEP_METRICS, 0.0)
         maxes = {"train_rollout_logprob_abs_diff_max": 0.0}
+        if loss_cfg.kl_coef:
+            sums["train/kl"] = 0.0
+        if loss_cfg.tis_cap is not None:
+            sums.update(dict.fromkeys(("train/is_ratio_mean", "train/tis_clipfrac"), 0.0))
+            maxes["is_ratio_max"] = 0.0
         trained = [s for s in samples if not self._skippable(s, loss_cfg)]
         sums["_skipped_samples"] = float(len(samples) - len(trained))
         for idx in micro_batches(trained, cfg.optim.max_tokens_per_micro_batch):

@@ -161,3 +161,16 @@ def test_zero_advantage_samples_are_skipped_with_the_same_update(model_dir) -> N
     for k in skip:
         torch.testing.assert_close(skip[k], full[k], rtol=1e-5, atol=1e-7)
     assert any(v.abs().max() > 0 for v in skip.values())
+
+
+def test_step_with_every_sample_skipped_keeps_its_metrics(model_dir) -> None:
+    w = make_worker(model_dir)
+    samples = w.rollout(ROWS, step=1)
+    for s in samples:
+        s.reward = 1.0  # every group agrees: nothing to learn, nothing forwarded
+    assign_advantages(samples, w.cfg.algo)
+    m = w.train_step(samples, sum(len(s.response_ids) for s in samples), len(samples))
+    assert m["train/skipped_zero_adv_frac"] == 1.0 and m["perf/train_tokens"] == 0.0
+    for k in ("train/pg_loss", "train/entropy", "train/train_rollout_logprob_abs_diff_mean"):
+        assert m[k] == 0.0, k
+    assert m["train/grad_norm"] == 0.0
