@@ -165,7 +165,10 @@ class AttnBatch:
     start_pos: Tensor | None = None  # [N] int64 cache position of each sequence's first new token
     max_context: int | None = None  # decode reads cache positions [0, max_context)
     routing: Any = None
-    backend: str = "sdpa"  # "sdpa" (reference, any device) | "varlen" (CUDA FlashAttention)
+    # "sdpa" (reference, any device) | "varlen" (CUDA FlashAttention) | "triton" (cached
+    # batches read the KV cache in place with orbit.kernels.attention_exact's kernel; packed
+    # batches use SDPA)
+    backend: str = "sdpa"
     _meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -239,6 +242,8 @@ class AttnBatch:
         """q [T, H, D], k/v [T, Hkv, D] (after RoPE) -> [T, H, D]."""
         if self.backend == "varlen":
             return self._attend_varlen(layer, q, k, v)
+        if self.backend == "triton" and self.kind == "cached":
+            return self._attend_cached_triton(layer, q, k, v)
         if self.kind == "packed":
             return self._attend_packed(q, k, v)
         return self._attend_cached(layer, q, k, v)
@@ -281,6 +286,25 @@ class AttnBatch:
                 out[t0 : t0 + n] = _sdpa(q[t0 : t0 + n], kb, vb, mask=mask, causal=False)
             t0 += n
         return out
+
+    def _attend_cached_triton(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Write the new K/V, then attend straight from the cache: no per-layer gather of the
+        batch's K/V (the SDPA decode path copies kc[slots, :L] for every layer and step)."""
+        from orbit.kernels.attention_exact import attention_cached_exact
+
+        cache = self.cache
+        assert cache is not None and self.slots is not None and self.start_pos is not None
+        if not q.is_cuda:
+            raise ValueError("attention backend 'triton' needs CUDA tensors; use backend='sdpa'")
+        T = q.shape[0]
+        w_slot, w_pos = self._write_index(T)
+        kc, vc = cache.k[layer], cache.v[layer]  # [S, max_len, Hkv, D]
+        kc[w_slot, w_pos] = k.to(cache.dtype)
+        vc[w_slot, w_pos] = v.to(cache.dtype)
+        # decode: one new token per sequence (no host sync, so CUDA graphs can capture it)
+        max_new = 1 if T == self.slots.numel() else max(self._host_seqlens())
+        return attention_cached_exact(q, kc, vc, self.cu_seqlens, self.slots, self.start_pos,
+                                      max_new)
 
     def _attend_decode(self, kc: Tensor, vc: Tensor, q: Tensor) -> Tensor:
         mask, L = self._decode_meta(q.device)
@@ -343,8 +367,8 @@ class AttnBatch:
 
 
 def _check_backend(backend: str) -> None:
-    if backend not in ("sdpa", "varlen"):
-        raise ValueError(f"attention backend must be 'sdpa' or 'varlen', got {backend!r}")
+    if backend not in ("sdpa", "varlen", "triton"):
+        raise ValueError(f"attention backend must be 'sdpa', 'varlen' or 'triton', got {backend!r}")
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:

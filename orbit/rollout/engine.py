@@ -141,17 +141,17 @@ class Engine:
         self.last_stats: dict[str, float] = {}
 
     def _resolve_backend(self, attn_backend: str) -> str:
-        if attn_backend not in ("auto", "sdpa", "varlen"):
-            raise ValueError(f"attn_backend must be 'auto', 'sdpa' or 'varlen', "
+        if attn_backend not in ("auto", "sdpa", "varlen", "triton"):
+            raise ValueError(f"attn_backend must be 'auto', 'sdpa', 'varlen' or 'triton', "
                              f"got {attn_backend!r}")
         gqa = self.config.num_kv_heads != self.config.num_heads
         if attn_backend == "auto":  # FlashAttention takes fp16/bf16 only
             half = self.dtype in (torch.float16, torch.bfloat16)
             native = half and varlen_supported(self.device, cached=True, gqa=gqa)
             return "varlen" if native else "sdpa"
-        if attn_backend == "varlen" and self.device.type != "cuda":
-            raise ValueError(f"attn_backend='varlen' needs a CUDA device, the engine is on "
-                             f"{self.device}")
+        if attn_backend in ("varlen", "triton") and self.device.type != "cuda":
+            raise ValueError(f"attn_backend={attn_backend!r} needs a CUDA device, the engine is "
+                             f"on {self.device}")
         return attn_backend
 
     @staticmethod

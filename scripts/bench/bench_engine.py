@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="tiny shapes (default without CUDA)")
     ap.add_argument("--sections", default="vs_hf,roofline,formats")
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--attn-backend", default="auto", choices=("auto", "sdpa", "varlen"),
+    ap.add_argument("--attn-backend", default="auto", choices=("auto", "sdpa", "varlen", "triton"),
                     help="engine attention backend; auto: each engine picks (varlen where "
                          "native), and vs_hf times sdpa and varlen")
     ap.add_argument("--out", default=os.environ.get("OUT"))

@@ -94,3 +94,5 @@ def test_engine_rejects_unknown_or_cpu_varlen_backend(model: CausalLM) -> None:
         Engine(model, max_model_len=64, attn_backend="flash")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         Engine(model, max_model_len=64, attn_backend="varlen")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Engine(model, max_model_len=64, attn_backend="triton")
