@@ -93,6 +93,10 @@ class RolloutConfig:
     max_num_seqs: int = arg(256, "max sequences decoded at once by one engine")
     max_prompt_len: int = arg(1024, "longest prompt in tokens (sizes the KV cache with the response length)")
     kv_cache_fraction: float = arg(0.4, "fraction of free GPU memory for the KV cache (GPU only)")
+    rollout_attn_backend: str = arg(
+        "sdpa", "engine attention for prefill/decode: sdpa; varlen or triton (CUDA, read the KV "
+        "cache in place); auto = varlen where native, else triton on CUDA, else sdpa",
+        ("sdpa", "varlen", "triton", "auto"))
     num_rollout: int = arg(0, "RL steps to run; 0 = derived from --num-epoch")
 
 

@@ -114,7 +114,8 @@ class PolicyWorker:
         return Engine(self.model, max_num_seqs=min(r.max_num_seqs, seqs), max_model_len=max_len,
                       kv_cache_memory=r.kv_cache_fraction if self.device.type == "cuda" else None,
                       device=self.device, exact=self.cfg.precision.precision_mode == "exact",
-                      tokenizer=self.tokenizer, seed=self.cfg.data.seed + self.rank)
+                      tokenizer=self.tokenizer, seed=self.cfg.data.seed + self.rank,
+                      attn_backend=r.rollout_attn_backend)
 
     def _build_reward(self) -> Any:
         from orbit.rewards.custom import make_reward_spec

@@ -1,4 +1,4 @@
-"""The CUDA `varlen` attention backend against the SDPA reference path, on a tiny model."""
+"""The CUDA `varlen` and `triton` attention backends against the SDPA reference path, on a tiny model."""
 
 from __future__ import annotations
 
@@ -49,7 +49,10 @@ def test_varlen_packed_matches_sdpa_forward_and_backward() -> None:
 
 
 @torch.no_grad()
-def test_varlen_cached_prefill_and_decode_match_sdpa() -> None:
+@pytest.mark.parametrize("backend", ["varlen", "triton"])
+def test_cached_prefill_and_decode_match_sdpa(backend: str) -> None:
+    """Prefill into a cache, then decode from it, with `backend` (triton: the cache is read
+    in place) against one packed SDPA forward of the whole sequences."""
     model = tiny()
     ids = torch.randint(0, 97, (sum(LENGTHS),), device="cuda")
     ref = run_packed(model, ids, "sdpa").split(LENGTHS)
@@ -59,7 +62,7 @@ def test_varlen_cached_prefill_and_decode_match_sdpa() -> None:
     pre = [n - 2 for n in LENGTHS]
     x = torch.cat([s[:n] for s, n in zip(seqs, pre)])
     batch = AttnBatch.cached(cache, slots, cu_seqlens_from_lengths(pre, "cuda"),
-                             torch.zeros(4, dtype=torch.long, device="cuda"), backend="varlen")
+                             torch.zeros(4, dtype=torch.long, device="cuda"), backend=backend)
     got = model.logits(model(x, positions_from_lengths(pre, "cuda"), batch)).split(pre)
     for b in range(4):
         torch.testing.assert_close(got[b], ref[b][: pre[b]], rtol=2e-2, atol=2e-2)
@@ -67,7 +70,7 @@ def test_varlen_cached_prefill_and_decode_match_sdpa() -> None:
         sp = torch.tensor([n + step for n in pre], device="cuda")
         x = torch.stack([s[p] for s, p in zip(seqs, sp.tolist())])
         batch = AttnBatch.cached(cache, slots, torch.arange(5, device="cuda", dtype=torch.int32), sp,
-                                 max_context=512, backend="varlen")
+                                 max_context=512, backend=backend)
         lg = model.logits(model(x, sp, batch))
         for b in range(4):
             torch.testing.assert_close(lg[b], ref[b][pre[b] + step], rtol=2e-2, atol=2e-2)
