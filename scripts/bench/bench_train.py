@@ -65,36 +65,28 @@ from orbit.models.transformer import CausalLM, RMSNorm
 from orbit.quant.convert import convert_linears, name_matches
 from orbit.quant.linear import QuantLinear
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import SHAPES as ENGINE_SHAPES
+
+# Shapes shared with the engine benchmark (qwen3-1.7b, tiny-llama, tiny-qwen3), plus the ones
+# only training is measured on.
 SHAPES = {
-    "qwen3-1.7b": {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
-                       "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
-                       "num_key_value_heads": 8, "head_dim": 128, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-                       "max_position_embeddings": 40960, "tie_word_embeddings": True},
+    **{k: v for k, v in ENGINE_SHAPES.items() if k in ("qwen3-1.7b", "tiny-llama", "tiny-qwen3")},
     "qwen3-4b": {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936, "hidden_size": 2560,
-                     "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
-                     "num_key_value_heads": 8, "head_dim": 128, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-                     "max_position_embeddings": 40960, "tie_word_embeddings": True},
-    "qwen3-30b-a3b": {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
-                          "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32,
-                          "num_key_value_heads": 4, "head_dim": 128, "rope_theta": 1000000.0,
-                          "rms_norm_eps": 1e-6, "max_position_embeddings": 40960, "tie_word_embeddings": False,
-                          "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
-                          "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
-    # Tiny shapes for --small / CPU: every dim a multiple of 128 so int4 groups of 128 fit.
-    "tiny-llama": {"architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 128,
-                       "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "num_key_value_heads": 2, "head_dim": 32, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-                       "max_position_embeddings": 2048, "tie_word_embeddings": True},
-    "tiny-qwen3": {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 2048, "hidden_size": 128,
-                       "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "num_key_value_heads": 2, "head_dim": 32, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
-                       "max_position_embeddings": 2048, "tie_word_embeddings": True},
-    "tiny-moe": {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 2048, "hidden_size": 128,
-                     "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "head_dim": 32, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
-                     "max_position_embeddings": 2048, "tie_word_embeddings": False,
-                     "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
-                     "norm_topk_prob": True},
+                 "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "rope_theta": 1000000.0,
+                 "rms_norm_eps": 1e-6, "max_position_embeddings": 40960, "tie_word_embeddings": True},
+    "qwen3-30b-a3b": {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936,
+                      "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+                      "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                      "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                      "max_position_embeddings": 40960, "tie_word_embeddings": False,
+                      "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                      "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    # Tiny MoE for --small / CPU: every dim a multiple of 128 so int4 groups of 128 fit.
+    "tiny-moe": {**ENGINE_SHAPES["tiny-qwen3"], "architectures": ["Qwen3MoeForCausalLM"],
+                 "tie_word_embeddings": False, "num_experts": 4, "num_experts_per_tok": 2,
+                 "moe_intermediate_size": 128, "norm_topk_prob": True},
 }
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_TARGETS = ("*.experts.*",)

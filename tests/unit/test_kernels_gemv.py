@@ -13,13 +13,11 @@ of the output), not the 1e-2 that truncation needs.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from triton_interp import patch_interpreter, run_in_interpreter
 
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,34 +36,9 @@ TOL_F64 = 4e-3  # vs x (float64) @ W_bf16^T: bf16 output rounding, ~1e-3 relativ
 TOL_QMM_REF = 6e-3  # vs qmm_reference (a bf16 matmul: its own rounding as well)
 
 
-def _patch_interpreter() -> None:
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter as interp
-
-    orig_patch = interp._patch_lang_tensor
-
-    def patch(tensor, scope):  # numpy 2.x refuses int() of a shape-(1,) array
-        orig_patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patch
-    orig_cast = interp.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):  # fp32 -> bf16 rounds to nearest even, as on the GPU
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-            bits = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-            return interp.TensorHandle(bits, tl.bfloat16)
-        return orig_cast(self, src, dst_type)
-
-    interp.InterpreterBuilder.cast_impl = cast_impl
-    interp.InterpreterBuilder.create_fp_trunc = cast_impl
-
-
 def _interpreter_main() -> None:
     """Runs in the subprocess; prints one JSON dict of relative errors and flags."""
-    _patch_interpreter()
+    patch_interpreter(bf16_round=True)
     from orbit.kernels import _qgemm, fp4, fp8, gemv, int4, int8
     from orbit.kernels.dispatch import qmm_reference
     from orbit.kernels.random_weights import random_qweight
@@ -141,11 +114,7 @@ def _interpreter_main() -> None:
 
 @pytest.fixture(scope="module")
 def interp_results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(__file__)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

@@ -12,13 +12,11 @@ tile loader as the GEMM; fp32 output, so the comparison is exact.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from triton_interp import patch_interpreter, run_in_interpreter
 
 from orbit.kernels.random_weights import random_qweight
 from orbit.quant.qweight import QuantizedWeight
@@ -40,6 +38,7 @@ def _keys() -> list[str]:
 
 def _interpreter_main() -> None:
     """Runs in the subprocess: dequantize every case with the kernel, compare bit for bit."""
+    patch_interpreter()
     from orbit.kernels._qgemm import FMT_IDS, _dequant_kernel
 
     out = {}
@@ -68,11 +67,7 @@ def _interpreter_main() -> None:
 
 @pytest.fixture(scope="module")
 def interp_results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(__file__)
 
 
 @pytest.mark.parametrize("key", _keys())

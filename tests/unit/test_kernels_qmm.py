@@ -12,13 +12,11 @@ quantization is checked bit for bit only on the GPU (tests/gpu).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from triton_interp import patch_interpreter, run_in_interpreter
 
 from orbit.kernels.dispatch import qmm, qmm_reference, qmm_t, qmm_t_reference
 from orbit.kernels.random_weights import random_qweight
@@ -33,28 +31,7 @@ CASES = [("int4", {"group_size": 32}, 320), ("int4", {"group_size": 64, "asym": 
 
 def _interpreter_main() -> None:
     """Runs in the subprocess: every format, forward and input gradient, fast and exact."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter as interp
-
-    orig_patch = interp._patch_lang_tensor
-
-    def patch(tensor, scope):  # numpy 2.x refuses int() of a shape-(1,) array
-        orig_patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patch
-    orig_dot = interp.InterpreterBuilder.create_dot
-
-    def dot(self, a, b, d, *args):  # bf16 is stored as uint16 bits: widen to fp32 first
-        def f32(h):
-            if h.dtype.scalar == tl.bfloat16:
-                return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32),
-                                           tl.float32)
-            return h
-        return orig_dot(self, f32(a), f32(b), d, *args)
-
-    interp.InterpreterBuilder.create_dot = dot
+    patch_interpreter(bf16_dot=True)
     from orbit.kernels import _qgemm, fp4, fp8, int4, int8
 
     fns = {"int4": int4.int4_matmul, "int8": int8.int8_matmul, "fp8": fp8.fp8_matmul,
@@ -92,11 +69,7 @@ def _interpreter_main() -> None:
 
 @pytest.fixture(scope="module")
 def interp_results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(__file__)
 
 
 @pytest.mark.parametrize("key", [f"{i}-False" for i in range(len(CASES))] + ["0-True"])
