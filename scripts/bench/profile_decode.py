@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import SHAPES, orbit_model, prompts  # noqa: E402
+from bench_engine import SHAPES, orbit_model, prompts
 
-from orbit.rollout.engine import Engine  # noqa: E402
-from orbit.rollout.types import SamplingParams  # noqa: E402
+from orbit.rollout.engine import Engine
+from orbit.rollout.types import SamplingParams
 
 
 def main() -> None:
