@@ -3,8 +3,13 @@
 Each expert is an ordinary `MLP` whose `gate_proj/up_proj/down_proj` are `nn.Linear`
 modules named `mlp.experts.{j}.*` as in the original Qwen3-MoE checkpoints, so quantization
 and adapters swap them like any other linear. Compute is grouped: tokens are sorted by chosen
-expert and each expert runs once on its contiguous slice (a reference loop over experts; a
-grouped-GEMM kernel can replace it later behind the same module).
+expert and each expert runs once on its contiguous slice. The reference is a loop over
+experts; on CUDA, when every expert's gate/up/down are plain `QuantLinear`s of one format (no
+adapters, no bias, no W8A8 or exact mode), one grouped dequantize-GEMM launch per projection
+runs all experts (`orbit.kernels.moe_gemm`, input gradient included). Known cost: that path
+keeps a stacked copy of the expert weights (built lazily once per device, dropped on `.to()`
+and `load_state_dict`), so quantized expert memory is doubled; `fused_experts = False` turns
+it off.
 
 Routing replay: RL trains on the rollout's tokens, but a slightly different adapter or a
 batch-variant kernel can flip a top-k choice between rollout and training, which changes the
@@ -65,8 +70,15 @@ class MoERouting:
         return MoERouting("replay", {i: ids[index] for i, ids in self.expert_ids.items()})
 
 
+def _drop_fused_cache(module: SparseMoeBlock, incompatible_keys=None) -> None:
+    """load_state_dict post hook: new expert weights invalidate the stacked copy."""
+    module._fused_cache = None
+
+
 class SparseMoeBlock(nn.Module):
     """Router `gate` [E, D] + `experts.{j}` SwiGLU MLPs; top-k softmax routing."""
+
+    fused_experts = True  # set False (per module or on the class) to force the reference loop
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -79,6 +91,39 @@ class SparseMoeBlock(nn.Module):
         self.experts = nn.ModuleList(
             MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
         )
+        self._fused_cache: tuple | None = None  # (key, stacked gate/up/down) of the fused path
+        self.register_load_state_dict_post_hook(_drop_fused_cache)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._fused_cache = None  # buffers may move or change: restack on next use
+        return super()._apply(fn, recurse)
+
+    def _fused_weights(self, x: Tensor) -> tuple | None:
+        """Stacked (gate, up, down) weights for the grouped kernel, or None for the loop."""
+        if not (self.fused_experts and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+            return None
+        from orbit.kernels._triton import HAS_TRITON
+        from orbit.quant.linear import QuantLinear
+
+        if not HAS_TRITON:
+            return None
+        layers = []
+        for ex in self.experts:
+            for p in (ex.gate_proj, ex.up_proj, ex.down_proj):
+                if type(p) is not QuantLinear or p.exact or p.act_quant is not None:
+                    return None  # wrapped by an adapter, unquantized, or a special mode
+                layers.append(p)
+        key = (x.device, tuple(map(id, layers)))
+        if self._fused_cache is not None and self._fused_cache[0] == key:
+            return self._fused_cache[1]
+        from orbit.kernels.moe_gemm import stack_expert_weights
+
+        stacks = tuple(stack_expert_weights(self.experts, p)
+                       for p in ("gate_proj", "up_proj", "down_proj"))
+        if any(s is None or s.device != x.device for s in stacks):
+            stacks = None
+        self._fused_cache = (key, stacks)
+        return stacks
 
     def forward(self, x: Tensor, routing: MoERouting | None = None) -> Tensor:
         """x [T, D] -> [T, D]."""
@@ -99,6 +144,19 @@ class SparseMoeBlock(nn.Module):
         flat = ids.reshape(-1)  # [T*k]
         order = torch.argsort(flat, stable=True)
         tok = order // self.top_k  # token of each sorted (token, choice) pair
+        stacks = self._fused_weights(x)
+        if stacks is not None:
+            from orbit.kernels.moe_gemm import grouped_qmm_autograd
+
+            # Expert e owns sorted rows offs[e]:offs[e+1]; searchsorted needs no host sync.
+            arange = torch.arange(self.num_experts + 1, device=flat.device, dtype=flat.dtype)
+            offs = torch.searchsorted(flat[order].contiguous(), arange)
+            xs = x[tok].contiguous()
+            gate = grouped_qmm_autograd(xs, offs, stacks[0])
+            up = grouped_qmm_autograd(xs, offs, stacks[1])
+            ys = grouped_qmm_autograd((F.silu(gate) * up).contiguous(), offs, stacks[2])
+            ys = ys * w.reshape(-1)[order, None]
+            return torch.zeros_like(x).index_add_(0, tok, ys)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         xs = x[tok]  # [T*k, D] grouped by expert
         ys = torch.empty_like(xs)
