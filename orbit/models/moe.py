@@ -8,8 +8,10 @@ experts; on CUDA, when every expert's gate/up/down are plain `QuantLinear`s of o
 adapters, no bias, no W8A8 or exact mode), one grouped dequantize-GEMM launch per projection
 runs all experts (`orbit.kernels.moe_gemm`, input gradient included). Known cost: that path
 keeps a stacked copy of the expert weights (built lazily once per device, dropped on `.to()`
-and `load_state_dict`), so quantized expert memory is doubled; `fused_experts = False` turns
-it off.
+and `load_state_dict`), so quantized expert memory is doubled. The path is opt-in
+(`set_fused_experts(model, True)`): it passes its checks under Triton's interpreter on CPU
+(tests/unit/test_kernels_moe_gemm.py) but has not yet run on a GPU
+(tests/gpu/test_moe_gemm_gpu.py is written and waits for a device run).
 
 Routing replay: RL trains on the rollout's tokens, but a slightly different adapter or a
 batch-variant kernel can flip a top-k choice between rollout and training, which changes the
@@ -75,10 +77,19 @@ def _drop_fused_cache(module: SparseMoeBlock, incompatible_keys=None) -> None:
     module._fused_cache = None
 
 
+def set_fused_experts(model: nn.Module, enabled: bool) -> int:
+    """Turn the grouped-kernel expert path on or off for every SparseMoeBlock of `model`;
+    returns how many blocks were set."""
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    for b in blocks:
+        b.fused_experts = enabled
+    return len(blocks)
+
+
 class SparseMoeBlock(nn.Module):
     """Router `gate` [E, D] + `experts.{j}` SwiGLU MLPs; top-k softmax routing."""
 
-    fused_experts = True  # set False (per module or on the class) to force the reference loop
+    fused_experts = False  # opt-in per module, see set_fused_experts and the module docstring
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()

@@ -103,7 +103,7 @@ def _tiny_model(fmt: str, kw: dict):
                                          ("nvfp4", {})])
 def test_fused_moe_block_matches_loop(fmt: str, kw: dict) -> None:
     from orbit.models.attention import AttnBatch, cu_seqlens_from_lengths, positions_from_lengths
-    from orbit.models.moe import SparseMoeBlock
+    from orbit.models.moe import SparseMoeBlock, set_fused_experts
 
     model, _ = _tiny_model(fmt, kw)
     lengths = [7, 12, 5]
@@ -117,15 +117,12 @@ def test_fused_moe_block_matches_loop(fmt: str, kw: dict) -> None:
     assert isinstance(block, SparseMoeBlock)
     results = []
     for fused in (False, True):
-        SparseMoeBlock.fused_experts = fused
-        try:
-            for p in trainable:
-                p.grad = None
-            h = model(ids, pos, attn)
-            h.float().square().mean().backward()
-            results.append((h.detach(), [p.grad.clone() for p in trainable]))
-        finally:
-            SparseMoeBlock.fused_experts = True
+        assert set_fused_experts(model, fused) == len(model.model.layers)
+        for p in trainable:
+            p.grad = None
+        h = model(ids, pos, attn)
+        h.float().square().mean().backward()
+        results.append((h.detach(), [p.grad.clone() for p in trainable]))
         if fused:
             assert block._fused_cache is not None and block._fused_cache[1] is not None
     (h0, g0), (h1, g1) = results
@@ -135,7 +132,10 @@ def test_fused_moe_block_matches_loop(fmt: str, kw: dict) -> None:
 
 
 def test_stacked_cache_follows_the_device() -> None:
+    from orbit.models.moe import set_fused_experts
+
     model, _ = _tiny_model("int4", {"group_size": 64})
+    set_fused_experts(model, True)
     block = model.model.layers[0].mlp
     x = torch.randn(9, 256, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
