@@ -126,7 +126,10 @@ def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, K_PER,
         w = w.to(dt).to(tl.float32)  # the reference's rounded weights
         kmask = k0 + offs_k < K
         for m in tl.static_range(MP):
-            xm = tl.load(x_ptr + m * stride_xm + k0 + offs_k, mask=kmask & (m < M), other=0.0)
+            # (a [BK] row test, not a scalar `m < M`: Triton 3.9's interpreter rejects a
+            # block mask combined with a scalar one)
+            row_ok = (offs_k * 0 + m) < M
+            xm = tl.load(x_ptr + m * stride_xm + k0 + offs_k, mask=kmask & row_ok, other=0.0)
             part = tl.sum(w * xm.to(tl.float32)[None, :], axis=1)  # [BN]
             acc = tl.where(cols[None, :] == m, acc + part[:, None], acc)
     offs_n = n0 + tl.arange(0, BN)
