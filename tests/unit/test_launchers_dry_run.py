@@ -22,7 +22,8 @@ QWEN = [
 # knobs a user may have exported; cleared so each test sees only what it sets
 KNOBS = ("HF_CKPT", "TRAIN_JSONL", "TEST_JSONL", "MEGATRON_LOAD", "SAVE_DIR", "ENABLE_WANDB", "NUM_ROLLOUT",
          "TOTAL_EPOCHS", "TRAIN_ROWS", "ROLLOUT_BATCH_SIZE", "N_SAMPLES_PER_PROMPT", "GLOBAL_BATCH_SIZE",
-         "DISABLE_EVAL", "LR", "LORA_RANK", "OFT_BLOCK_SIZE", "MAX_RESPONSE_LEN", "ORBIT_VENV")
+         "DISABLE_EVAL", "LR", "LORA_RANK", "OFT_BLOCK_SIZE", "MAX_RESPONSE_LEN", "ORBIT_VENV",
+         "USE_RAY")
 
 
 def run(script: str, home: Path, **env: str) -> subprocess.CompletedProcess:
@@ -102,3 +103,13 @@ def test_megatron_load_is_refused_clearly(script: str, tmp_path: Path) -> None:
 def test_bad_enable_wandb_value(tmp_path: Path) -> None:
     r = run(QUICKSTART, tmp_path, ENABLE_WANDB="yes")
     assert r.returncode != 0 and "ENABLE_WANDB" in r.stderr
+
+
+@pytest.mark.parametrize("script", [QUICKSTART, *QWEN])
+def test_use_ray_knob(script: str, tmp_path: Path) -> None:
+    env = {"HF_CKPT": "/m", "TRAIN_JSONL": "/t.jsonl"}
+    assert "--use-ray" in run(script, tmp_path, **env).stdout.splitlines()
+    assert "--no-use-ray" in run(script, tmp_path, USE_RAY="0", **env).stdout.splitlines()
+    r = run(script, tmp_path, USE_RAY="maybe", **env)
+    assert r.returncode != 0 and "USE_RAY" in r.stderr
+
