@@ -291,10 +291,12 @@ class AttnBatch:
         """Write the new K/V, then attend straight from the cache: no per-layer gather of the
         batch's K/V (the SDPA decode path copies kc[slots, :L] for every layer and step)."""
         from orbit.kernels.attention_exact import attention_cached_exact
+        from orbit.kernels.matmul_exact import interpreting
 
         cache = self.cache
         assert cache is not None and self.slots is not None and self.start_pos is not None
-        if not q.is_cuda:
+        on_cpu = not q.is_cuda and interpreting()  # Triton's interpreter: the CPU tests
+        if not (q.is_cuda or on_cpu):
             raise ValueError("attention backend 'triton' needs CUDA tensors; use backend='sdpa'")
         T = q.shape[0]
         w_slot, w_pos = self._write_index(T)
@@ -304,7 +306,7 @@ class AttnBatch:
         # decode: one new token per sequence (no host sync, so CUDA graphs can capture it)
         max_new = 1 if T == self.slots.numel() else max(self._host_seqlens())
         return attention_cached_exact(q, kc, vc, self.cu_seqlens, self.slots, self.start_pos,
-                                      max_new)
+                                      max_new, force_triton=on_cpu)
 
     def _attend_decode(self, kc: Tensor, vc: Tensor, q: Tensor) -> Tensor:
         mask, L = self._decode_meta(q.device)
