@@ -84,6 +84,10 @@ class PolicyWorker:
             from orbit.alignment.exact import convert_exact
 
             convert_exact(self.model)
+        if cfg.precision.fused_moe:
+            from orbit.models.moe import set_fused_experts
+
+            set_fused_experts(self.model, True)
         self.params = self.adapters.trainable_parameters()
         if self._distributed():
             for p in self.params:

@@ -123,3 +123,17 @@ def test_logprobs_rejects_bad_inputs() -> None:
     with pytest.raises(ValueError, match="targets"):
         token_logprobs(model, torch.zeros(4, 48), torch.zeros(3, dtype=torch.long))
 
+
+
+def test_fused_experts_is_opt_in_per_model() -> None:
+    from orbit.config import parse_args
+    from orbit.models.moe import SparseMoeBlock, set_fused_experts
+
+    model = tiny()
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    assert blocks and not any(b.fused_experts for b in blocks)  # default: the reference loop
+    assert set_fused_experts(model, True) == len(blocks)
+    assert all(b.fused_experts for b in blocks)
+    assert not SparseMoeBlock.fused_experts  # the switch is per model, not global
+    cfg = parse_args(["--prompt-data", "x", "--fused-moe"])
+    assert cfg.precision.fused_moe and not parse_args(["--prompt-data", "x"]).precision.fused_moe
