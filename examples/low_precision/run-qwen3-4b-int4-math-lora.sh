@@ -61,6 +61,8 @@ ALGO_ARGS=(
 OPTIM_ARGS=(
   --lr "${LR:-5e-5}"
   --lr-warmup-steps "${LR_WARMUP_STEPS:-5}"
+  --lr-decay-style "${LR_DECAY_STYLE:-constant}"
+  --min-lr "${MIN_LR:-0.0}"
   --global-batch-size "${GLOBAL_BATCH_SIZE:-64}"
   --max-tokens-per-micro-batch "${MAX_TOKENS_PER_MICRO_BATCH:-16384}"
   --clip-grad 1.0

@@ -76,6 +76,8 @@ ALGO_ARGS=(
 OPTIM_ARGS=(
   --lr "${LR:-1e-3}"
   --lr-warmup-steps "${LR_WARMUP_STEPS:-1}"
+  --lr-decay-style "${LR_DECAY_STYLE:-constant}"
+  --min-lr "${MIN_LR:-0.0}"
   --global-batch-size "${GLOBAL_BATCH_SIZE:-0}"
   --max-tokens-per-micro-batch "${MAX_TOKENS_PER_MICRO_BATCH:-4096}"
   --clip-grad 1.0

@@ -23,7 +23,7 @@ QWEN = [
 KNOBS = ("HF_CKPT", "TRAIN_JSONL", "TEST_JSONL", "MEGATRON_LOAD", "SAVE_DIR", "ENABLE_WANDB", "NUM_ROLLOUT",
          "TOTAL_EPOCHS", "TRAIN_ROWS", "ROLLOUT_BATCH_SIZE", "N_SAMPLES_PER_PROMPT", "GLOBAL_BATCH_SIZE",
          "DISABLE_EVAL", "LR", "LORA_RANK", "OFT_BLOCK_SIZE", "MAX_RESPONSE_LEN", "ORBIT_VENV",
-         "USE_RAY")
+         "USE_RAY", "LR_DECAY_STYLE", "MIN_LR")
 
 
 def run(script: str, home: Path, **env: str) -> subprocess.CompletedProcess:
@@ -112,4 +112,10 @@ def test_use_ray_knob(script: str, tmp_path: Path) -> None:
     assert "--no-use-ray" in run(script, tmp_path, USE_RAY="0", **env).stdout.splitlines()
     r = run(script, tmp_path, USE_RAY="maybe", **env)
     assert r.returncode != 0 and "USE_RAY" in r.stderr
+
+
+def test_lr_decay_knobs(tmp_path: Path) -> None:
+    argv = run(QUICKSTART, tmp_path, LR_DECAY_STYLE="cosine", MIN_LR="1e-5").stdout.splitlines()
+    assert argv[argv.index("--lr-decay-style") + 1] == "cosine"
+    assert argv[argv.index("--min-lr") + 1] == "1e-5"
 
