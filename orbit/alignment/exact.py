@@ -114,22 +114,9 @@ class ExactAttnBatch(AttnBatch):
             # The packed path reads K/V in q.dtype; a cache in another dtype would round them.
             raise ValueError(f"exact mode needs the KV cache in the compute dtype {q.dtype}, "
                              f"got {cache.dtype}")
-        w_slot, w_pos = self._write_index(T)
-        kc, vc = cache.k[layer], cache.v[layer]  # [S, max_len, Hkv, D] views
-        kc[w_slot, w_pos] = k
-        vc[w_slot, w_pos] = v
+        kc, vc = self._write_kv(layer, k, v)  # same dtype: the write does not round
         return attention_cached_exact(q, kc, vc, self.cu_seqlens, self.slots, self.start_pos,
                                       self._max_new(T))
-
-    def _max_new(self, num_tokens: int) -> int:
-        """Longest run of new tokens in one sequence (host int). Decode (one token per
-        sequence) needs no device sync, so it stays CUDA-graph capturable."""
-        n_seq = self.cu_seqlens.numel() - 1
-        if num_tokens == n_seq:
-            return 1
-        if "max_new" not in self._meta:
-            self._meta["max_new"] = max(self._host_seqlens())
-        return self._meta["max_new"]
 
 
 def as_exact(attn: AttnBatch) -> ExactAttnBatch:

@@ -236,6 +236,26 @@ class AttnBatch:
                 self._meta["widx"] = (self.slots[seq], self.start_pos[seq] + within)
         return self._meta["widx"]
 
+    def _write_kv(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new tokens' K/V [T, Hkv, D] in the cache; returns this layer's cache views
+        (k, v) [S, max_len, Hkv, D]."""
+        cache = self.cache
+        assert cache is not None
+        w_slot, w_pos = self._write_index(k.shape[0])
+        kc, vc = cache.k[layer], cache.v[layer]
+        kc[w_slot, w_pos] = k.to(cache.dtype)
+        vc[w_slot, w_pos] = v.to(cache.dtype)
+        return kc, vc
+
+    def _max_new(self, num_tokens: int) -> int:
+        """Longest run of new tokens in one sequence (host int). Decode (one token per
+        sequence) needs no device sync, so it stays CUDA-graph capturable."""
+        if num_tokens == self.cu_seqlens.numel() - 1:
+            return 1
+        if "max_new" not in self._meta:
+            self._meta["max_new"] = max(self._host_seqlens())
+        return self._meta["max_new"]
+
     # -- the attention read itself --------------------------------------------------------------
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -262,10 +282,7 @@ class AttnBatch:
         cache = self.cache
         assert cache is not None and self.slots is not None and self.start_pos is not None
         T = q.shape[0]
-        w_slot, w_pos = self._write_index(T)
-        kc, vc = cache.k[layer], cache.v[layer]  # [S, max_len, Hkv, D] views
-        kc[w_slot, w_pos] = k.to(cache.dtype)
-        vc[w_slot, w_pos] = v.to(cache.dtype)
+        kc, vc = self._write_kv(layer, k, v)  # [S, max_len, Hkv, D] views
         if T == self.slots.numel():
             return self._attend_decode(kc, vc, q)
         # Prefill: one SDPA per sequence against its slot's positions [0, start + n).
@@ -293,20 +310,13 @@ class AttnBatch:
         from orbit.kernels.attention_exact import attention_cached_exact
         from orbit.kernels.matmul_exact import interpreting
 
-        cache = self.cache
-        assert cache is not None and self.slots is not None and self.start_pos is not None
+        assert self.cache is not None and self.slots is not None and self.start_pos is not None
         on_cpu = not q.is_cuda and interpreting()  # Triton's interpreter: the CPU tests
         if not (q.is_cuda or on_cpu):
             raise ValueError("attention backend 'triton' needs CUDA tensors; use backend='sdpa'")
-        T = q.shape[0]
-        w_slot, w_pos = self._write_index(T)
-        kc, vc = cache.k[layer], cache.v[layer]  # [S, max_len, Hkv, D]
-        kc[w_slot, w_pos] = k.to(cache.dtype)
-        vc[w_slot, w_pos] = v.to(cache.dtype)
-        # decode: one new token per sequence (no host sync, so CUDA graphs can capture it)
-        max_new = 1 if T == self.slots.numel() else max(self._host_seqlens())
+        kc, vc = self._write_kv(layer, k, v)
         return attention_cached_exact(q, kc, vc, self.cu_seqlens, self.slots, self.start_pos,
-                                      max_new, force_triton=on_cpu)
+                                      self._max_new(q.shape[0]), force_triton=on_cpu)
 
     def _attend_decode(self, kc: Tensor, vc: Tensor, q: Tensor) -> Tensor:
         mask, L = self._decode_meta(q.device)
@@ -350,20 +360,15 @@ class AttnBatch:
             raise ValueError(f"backend 'varlen' reads the KV cache as pages of max_len tokens; "
                              f"FlashAttention needs max_len % {VARLEN_PAGE} == 0, "
                              f"got {cache.max_len}")
-        T = q.shape[0]
-        w_slot, w_pos = self._write_index(T)
-        kc, vc = cache.k[layer], cache.v[layer]  # [S, max_len, Hkv, D]: S pages of max_len
-        kc[w_slot, w_pos] = k.to(cache.dtype)
-        vc[w_slot, w_pos] = v.to(cache.dtype)
+        kc, vc = self._write_kv(layer, k, v)  # [S, max_len, Hkv, D]: S pages of max_len
         if "table" not in self._meta:
             self._meta["table"] = self.slots.to(torch.int32)[:, None]  # [B, 1] one page each
             new = torch.diff(cu)  # [B] new tokens per sequence
             self._meta["used"] = (self.start_pos.to(torch.int32) + new).to(torch.int32)
-            self._meta["max_q"] = 1 if T == self.slots.numel() else max(self._host_seqlens())
         # Causal window (-1, 0) is bottom-right aligned: query i of a sequence with `used` keys
         # sees keys [0, used - n + i], i.e. positions up to start_pos + i.
         return api.fn(
-            q, kc, vc, cu, None, self._meta["max_q"], self.max_context or cache.max_len,
+            q, kc, vc, cu, None, self._max_new(q.shape[0]), self.max_context or cache.max_len,
             seqused_k=self._meta["used"], block_table=self._meta["table"], **kw,
         )
 

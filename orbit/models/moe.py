@@ -166,16 +166,15 @@ class SparseMoeBlock(nn.Module):
             gate = grouped_qmm_autograd(xs, offs, stacks[0])
             up = grouped_qmm_autograd(xs, offs, stacks[1])
             ys = grouped_qmm_autograd((F.silu(gate) * up).contiguous(), offs, stacks[2])
-            ys = ys * w.reshape(-1)[order, None]
-            return torch.zeros_like(x).index_add_(0, tok, ys)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        xs = x[tok]  # [T*k, D] grouped by expert
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                ys[start : start + n] = self.experts[e](xs[start : start + n])
-                start += n
+        else:
+            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+            xs = x[tok]  # [T*k, D] grouped by expert
+            ys = torch.empty_like(xs)
+            start = 0
+            for e, n in enumerate(counts):
+                if n:
+                    ys[start : start + n] = self.experts[e](xs[start : start + n])
+                    start += n
         ys = ys * w.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, tok, ys)
 

@@ -232,10 +232,10 @@ class PolicyWorker:
             maxes["is_ratio_max"] = 0.0
         trained = [s for s in samples if not self._skippable(s, loss_cfg)]
         sums["_skipped_samples"] = float(len(samples) - len(trained))
+        sums["_trained_tokens"] = 0.0
         for idx in micro_batches(trained, cfg.optim.max_tokens_per_micro_batch):
             mb = [trained[i] for i in idx]
-            sums["_trained_tokens"] = sums.get("_trained_tokens", 0.0) + self._micro_step(
-                mb, loss_cfg, sums, maxes)
+            sums["_trained_tokens"] += self._micro_step(mb, loss_cfg, sums, maxes)
             self._accumulate_grads()
         self._allreduce_grads()
         clip = cfg.optim.clip_grad
@@ -358,7 +358,7 @@ class PolicyWorker:
             dist.all_reduce(vec)
             dist.all_reduce(mx, op=dist.ReduceOp.MAX)
         total = dict(zip(keys, vec.tolist()))
-        n_tok, skipped = total.pop("_trained_tokens", 0.0), total.pop("_skipped_samples")
+        n_tok, skipped = total.pop("_trained_tokens"), total.pop("_skipped_samples")
         out = {k: float(v) / max(n_tok, 1.0) for k, v in total.items()}
         out["train/skipped_zero_adv_frac"] = skipped / max(num_samples, 1)
         out.update({f"train/{k}": float(v) for k, v in zip(mx_keys, mx.tolist())})
