@@ -57,6 +57,22 @@ def test_arithmetic_split_labels_and_no_overlap() -> None:
     assert min(digits.values()) > 200, digits
 
 
+def test_test_split_mirrors_train() -> None:
+    """The held-out rows are a random part of the same pool: one-digit pairs (only 300
+    distinct exist, so they run out early in the draw order) show up in both splits at
+    similar rates. A test set cut from the draw order's tail held none of them."""
+    train, test = generate_split("arithmetic", 2048, 256, seed=1234)
+
+    def one_digit_pair_frac(rows: list[dict]) -> float:
+        pairs = [r for r in rows if len(re.findall(r"\d+", r["expression"])) == 2
+                 and all(int(n) < 10 for n in re.findall(r"\d+", r["expression"]))]
+        return len(pairs) / len(rows)
+
+    f_train, f_test = one_digit_pair_frac(train), one_digit_pair_frac(test)
+    assert f_train > 0.1 and f_test > 0.05, (f_train, f_test)
+    assert abs(f_train - f_test) < 0.08, (f_train, f_test)
+
+
 def test_split_is_seeded() -> None:
     a = generate_split("arithmetic", 20, 5, seed=1)
     assert a == generate_split("arithmetic", 20, 5, seed=1)
