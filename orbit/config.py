@@ -63,9 +63,8 @@ class PrecisionConfig:
     quant_group_size: int = arg(128, "group size along the input dim for int4/int8")
     precision_mode: str = arg("fast", "fast kernels, or batch-invariant exact kernels", ("fast", "exact"))
     compute_dtype: str = arg("auto", "activation dtype; auto = bf16 on GPU, float32 on CPU", ("auto", "bf16", "float32"))
-    fused_moe: bool = arg(False, "run quantized MoE experts through the grouped Triton kernel on "
-                          "CUDA (opt-in: checked under Triton's interpreter, not yet on a GPU; "
-                          "doubles quantized expert memory)")
+    fused_moe: bool = arg(True, "run quantized MoE experts through the grouped Triton kernel on "
+                          "CUDA (--no-fused-moe: the per-expert loop, the reference)")
 
 
 @dataclass

@@ -72,16 +72,26 @@ def use_gemv(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
     need = GEMV_MIN_SPLIT_INT4_M1 if (fmt == "int4" and m == 1) else GEMV_MIN_SPLIT
     return split >= need
 
-# The exact (batch-invariant) config: one tile shape for every M, chosen for training sizes
-# (the fastest fused config at M=8192 in the sweep).
+# The exact (batch-invariant) configs. What decides a row's bits is the K order: br-deep steps
+# from 0 upward into one fp32 accumulator, no split-K; every exact config shares br=64. The
+# tile's bm x bo may then change with M only where the GPU gives the same bits for it:
+# `scripts/bench/exact_tiles.py` on the H100 (2026-11-22) found every bm >= 64 tile
+# bit-identical to the training tile for int4 and bf16 on the Qwen3-1.7B shapes, and bm 16/32
+# not (int4: Triton lowers those to mma.sync instead of wgmma). The GPU tests
+# (test_exact_rows_do_not_depend_on_batch, test_exact_mode_engine_equals_trainer) check every
+# format across both picks. Training sizes: the fastest fused config at M=8192.
 EXACT_CONFIG = TileConfig(bm=128, bo=128, br=64, warps=4, stages=3)
+# Decode sizes: 4x the programs along out, so M <= 128 fills the SMs (int4 6144->2048 at M=32:
+# 52 us vs 131 us with the training tile).
+EXACT_DECODE_CONFIG = TileConfig(bm=64, bo=32, br=64, warps=4, stages=3)
+EXACT_DECODE_MAX_M = 128
 
 
 def pick_config(m: int, out_dim: int, fmt: str, exact: bool) -> TileConfig:
     """Fast mode: small M is weight-bandwidth bound (thin bm, many programs along out);
-    large M is MMA bound (big square tiles)."""
+    large M is MMA bound (big square tiles). Exact mode: see EXACT_CONFIG."""
     if exact:
-        return EXACT_CONFIG
+        return EXACT_DECODE_CONFIG if m <= EXACT_DECODE_MAX_M else EXACT_CONFIG
     if m <= 64:
         bm = max(16, triton.next_power_of_2(m))
         # Enough programs to cover 132 SMs about twice before the out tile gets wider.

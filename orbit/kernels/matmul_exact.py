@@ -8,7 +8,8 @@ arithmetic of one output element -- tile shape, warp count, no split-K, K reduce
 steps from 0 upward with one float32 accumulator -- independently of M. Row i is therefore
 bit-identical whether it is computed alone, in a batch of 7 or of 4096 rows. Rows beyond M are
 masked (loaded as 0), they never mix into other rows. The tile config may depend on N, K and
-the dtype (fixed per layer); it never depends on M.
+the dtype (fixed per layer). The tile's BLOCK_M x BLOCK_N may depend on M only between configs
+that share BLOCK_K and were measured to give the same bits (see DECODE_CONFIG).
 
 Used for every dense (BF16/FP16/FP32) weight in exact mode: base linears, lm_head, LoRA A/B.
 Quantized bases go through `orbit.kernels.dispatch.qmm(..., exact=True)` instead.
@@ -34,6 +35,12 @@ from orbit.kernels._triton import HAS_TRITON, tl, triton
 # and not the GEMM dominates a step; 64x64x64 was 2.3x at training M and 1.7x at decode M.
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64
 NUM_WARPS, NUM_STAGES = 8, 3
+# Decode sizes (M <= DECODE_MAX_M): a 64x32 tile with the same BLOCK_K gives 8x the programs.
+# `scripts/bench/exact_tiles.py` (H100, 2026-11-22) found every tested BM x BN x warps
+# bit-identical to the training tile for bf16 (2048->2048 at M=32: 13.2 vs 18.4 us); the GPU
+# test test_matmul_exact_row_invariant checks rows across both picks.
+DECODE_CONFIG = (64, 32, BLOCK_K, 4, NUM_STAGES)
+DECODE_MAX_M = 128
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -104,7 +111,8 @@ def matmul_exact_triton(x2d: Tensor, weight: Tensor, bias: Tensor | None = None,
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     if M == 0:
         return y
-    bm, bn, bk, warps, stages = config or (BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES)
+    default = DECODE_CONFIG if M <= DECODE_MAX_M else (BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES)
+    bm, bn, bk, warps, stages = config or default
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _matmul_exact_kernel[grid](
         x2d, weight, bias if bias is not None else y, y,

@@ -6,12 +6,11 @@ and adapters swap them like any other linear. Compute is grouped: tokens are sor
 expert and each expert runs once on its contiguous slice. The reference is a loop over
 experts; on CUDA, when every expert's gate/up/down are plain `QuantLinear`s of one format (no
 adapters, no bias, no W8A8 or exact mode), one grouped dequantize-GEMM launch per projection
-runs all experts (`orbit.kernels.moe_gemm`, input gradient included). Known cost: that path
-keeps a stacked copy of the expert weights (built lazily once per device, dropped on `.to()`
-and `load_state_dict`), so quantized expert memory is doubled. The path is opt-in
-(`set_fused_experts(model, True)`): it passes its checks under Triton's interpreter on CPU
-(tests/unit/test_kernels_moe_gemm.py) but has not yet run on a GPU
-(tests/gpu/test_moe_gemm_gpu.py is written and waits for a device run).
+runs all experts (`orbit.kernels.moe_gemm`, input gradient included): 1.78x the loop's
+training step on a Qwen3-30B-A3B shape (H100, docs/benchmarks.md). That path stacks each
+projection's expert tensors once per device into [E, ...] tensors and then points every
+expert's buffers at its slice of the stack, so the weights are held once, not twice. It is
+on by default; `set_fused_experts(model, False)` (trainer `--no-fused-moe`) keeps the loop.
 
 Routing replay: RL trains on the rollout's tokens, but a slightly different adapter or a
 batch-variant kernel can flip a top-k choice between rollout and training, which changes the
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from orbit.kernels.moe_gemm import StackedQuantWeight
     from orbit.models.config import ModelConfig
 
 
@@ -86,10 +86,19 @@ def set_fused_experts(model: nn.Module, enabled: bool) -> int:
     return len(blocks)
 
 
+def share_stacked_weights(experts: nn.ModuleList, proj: str, stacked: StackedQuantWeight) -> None:
+    """Point every `experts[e].<proj>` buffer at slice e of `stacked` (same values), so the
+    per-expert loop and the grouped kernel read one copy of the weights."""
+    for e, ex in enumerate(experts):
+        layer = getattr(ex, proj)
+        for name, t in stacked.tensors.items():
+            setattr(layer, name, t[e])
+
+
 class SparseMoeBlock(nn.Module):
     """Router `gate` [E, D] + `experts.{j}` SwiGLU MLPs; top-k softmax routing."""
 
-    fused_experts = False  # opt-in per module, see set_fused_experts and the module docstring
+    fused_experts = True  # per module: set_fused_experts(model, False) keeps the reference loop
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -129,10 +138,13 @@ class SparseMoeBlock(nn.Module):
             return self._fused_cache[1]
         from orbit.kernels.moe_gemm import stack_expert_weights
 
-        stacks = tuple(stack_expert_weights(self.experts, p)
-                       for p in ("gate_proj", "up_proj", "down_proj"))
+        projs = ("gate_proj", "up_proj", "down_proj")
+        stacks = tuple(stack_expert_weights(self.experts, p) for p in projs)
         if any(s is None or s.device != x.device for s in stacks):
             stacks = None
+        else:  # experts now read their slice of the stack: the old per-expert copies are freed
+            for proj, st in zip(projs, stacks):
+                share_stacked_weights(self.experts, proj, st)
         self._fused_cache = (key, stacks)
         return stacks
 

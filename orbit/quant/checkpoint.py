@@ -185,7 +185,17 @@ def write_linear(qw: QuantizedWeight, prefix: str, style: str) -> dict[str, Tens
 
     bf16 weights are written as a plain `<prefix>.weight` in every style (they belong to the
     config's ignore list). gpt-oss writes one expert ([out, in/32, 16]); stack experts on dim 0.
+    Every returned tensor owns its memory: an MoE expert's buffers may be slices of its layer's
+    stacked experts (orbit.models.moe), which safetensors refuses as shared tensors.
     """
+    return {k: _owned(v) for k, v in _write_linear(qw, prefix, style).items()}
+
+
+def _owned(t: Tensor) -> Tensor:
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
+def _write_linear(qw: QuantizedWeight, prefix: str, style: str) -> dict[str, Tensor]:
     t, (out_f, in_f) = qw.tensors, qw.shape
     if qw.fmt == "bf16":
         return {f"{prefix}.weight": t["weight"]}

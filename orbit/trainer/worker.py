@@ -84,10 +84,9 @@ class PolicyWorker:
             from orbit.alignment.exact import convert_exact
 
             convert_exact(self.model)
-        if cfg.precision.fused_moe:
-            from orbit.models.moe import set_fused_experts
+        from orbit.models.moe import set_fused_experts
 
-            set_fused_experts(self.model, True)
+        set_fused_experts(self.model, cfg.precision.fused_moe)
         self.params = self.adapters.trainable_parameters()
         if self._distributed():
             for p in self.params:

@@ -235,6 +235,14 @@ def moe_model(shape: str, fmt: str, device: torch.device, dtype: torch.dtype) ->
     return model.requires_grad_(False)
 
 
+def _moe_with(model: CausalLM, experts: str) -> CausalLM:
+    """Pick the expert path: "fused" = the grouped Triton kernel, "loop" = one GEMM per expert."""
+    from orbit.models.moe import set_fused_experts
+
+    set_fused_experts(model, experts == "fused")
+    return model
+
+
 def add_lora(model: CausalLM, targets: tuple[str, ...], cfg: RunCfg) -> AdapterSet:
     """LoRA as the trainer injects it (bf16 slots, base frozen), seeded for repeatability."""
     torch.manual_seed(0)
@@ -335,7 +343,7 @@ def _x(v: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| section | shape | base | ckpt | tokens | step ms | tokens/s | vs bf16 | base GiB "
+    head = ("| section | shape | base | ckpt | tokens | step ms | tokens/s | vs bf16 (moe: vs loop) | base GiB "
             "| base vs bf16 | resident GiB | peak GiB | peak - resident GiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     errors = []
@@ -345,9 +353,10 @@ def table(rows: list[dict]) -> str:
                           f"ckpt={r.get('grad_ckpt')}: ERROR {r['error']}")
             continue
         lines.append(
-            f"| {r['section']} | {r['shape']} | {r['format']} | {'on' if r['grad_ckpt'] else 'off'} "
+            f"| {r['section']}{'/' + r['experts'] if 'experts' in r else ''} | {r['shape']} | {r['format']} "
+            f"| {'on' if r['grad_ckpt'] else 'off'} "
             f"| {r['tokens']} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:.0f} "
-            f"| {_x(r.get('speed_vs_bf16'))} | {_gib(r['base_weight_bytes'])} "
+            f"| {_x(r.get('speed_vs_bf16', r.get('speed_vs_loop')))} | {_gib(r['base_weight_bytes'])} "
             f"| {_x(r.get('base_bytes_vs_bf16'))} | {_gib(r['resident_bytes'])} | {_gib(r['peak_bytes'])} "
             f"| {_gib(r['step_extra_bytes'])} |")
     return "\n".join(lines + errors)
@@ -368,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--moe-seq-len", type=int, default=1024)
     ap.add_argument("--moe-iters", type=int, default=3)
     ap.add_argument("--moe-lora-experts", action="store_true", help="LoRA on every expert linear too")
+    ap.add_argument("--moe-experts", default="loop",
+                    help="comma list of loop/fused: per-expert loop or the grouped Triton kernel "
+                         "(orbit.kernels.moe_gemm; CUDA only)")
     ap.add_argument("--lora-r", type=int, default=32)
     ap.add_argument("--lora-alpha", type=float, default=64.0)
     ap.add_argument("--warmup", type=int, default=2)
@@ -423,13 +435,23 @@ def main(argv: list[str] | None = None) -> int:
         lora_t = ATTN_TARGETS + (EXPERT_TARGETS if args.moe_lora_experts else ())
         mcfg = RunCfg(device, dtype, args.lora_r, args.lora_alpha, warmup, moe_iters, args.attn_backend)
         for ck in ckpts:
-            where = {"section": "moe", "shape": moe_shape, "format": args.moe_format, "grad_ckpt": ck,
-                     "lora_targets": list(lora_t)}
-            r = _attempt(rows, where, device, run_row,
-                         lambda: moe_model(moe_shape, args.moe_format, device, dtype),
-                         lora_t, ck, mbsz, mslen, mcfg)
-            if r is not None:
-                _emit(rows, {**where, **r})
+            loop_row: dict | None = None
+            for experts in args.moe_experts.split(","):
+                if experts not in ("loop", "fused"):
+                    raise SystemExit(f"--moe-experts: {experts!r} is not loop or fused")
+                where = {"section": "moe", "shape": moe_shape, "format": args.moe_format, "grad_ckpt": ck,
+                         "lora_targets": list(lora_t), "experts": experts}
+                r = _attempt(rows, where, device, run_row,
+                             lambda e=experts: _moe_with(moe_model(moe_shape, args.moe_format, device, dtype), e),
+                             lora_t, ck, mbsz, mslen, mcfg)
+                if r is None:
+                    continue
+                row = {**where, **r}
+                if experts == "loop":
+                    loop_row = row
+                elif loop_row is not None:
+                    row["speed_vs_loop"] = row["tokens_per_s"] / loop_row["tokens_per_s"]
+                _emit(rows, row)
 
     out = {"meta": meta, "rows": rows}
     if args.out:

@@ -80,15 +80,17 @@ def test_fp16_activations() -> None:
                dtype=torch.float16)
 
 
-@pytest.mark.parametrize("fmt,kw", [("int4", {"group_size": 128}), ("fp8", {}),
-                                    ("nvfp4", {}), ("bf16", {})])
+@pytest.mark.parametrize("fmt,kw", [("int4", {"group_size": 128}), ("int4", {"group_size": 32, "asym": True}),
+                                    ("int8", {"group_size": 32}), ("fp8", {}), ("nvfp4", {}),
+                                    ("mxfp4", {}), ("bf16", {})])
 def test_exact_rows_do_not_depend_on_batch(fmt: str, kw: dict) -> None:
     k, n = 2048, 6144
     qw = random_qweight(fmt, n, k, seed=11, device="cuda", **kw)
     x = torch.randn(700, k, device="cuda").bfloat16()
     dy = torch.randn(700, n, device="cuda").bfloat16()
     y, dx = qmm(x, qw, exact=True), qmm_t(dy, qw, exact=True)
-    for lo, hi in [(0, 1), (5, 6), (699, 700), (3, 20), (64, 300), (1, 699)]:
+    # slices below and above EXACT_DECODE_MAX_M: both exact tiles must give the same bits
+    for lo, hi in [(0, 1), (5, 6), (699, 700), (3, 20), (0, 128), (64, 193), (64, 300), (1, 699)]:
         assert torch.equal(qmm(x[lo:hi], qw, exact=True), y[lo:hi]), (fmt, lo, hi)
         assert torch.equal(qmm_t(dy[lo:hi], qw, exact=True), dx[lo:hi]), (fmt, lo, hi)
 

@@ -228,3 +228,30 @@ def test_grouped_qmm_rejects_bad_inputs() -> None:
 
 if __name__ == "__main__":
     _interpreter_main()
+
+
+def test_experts_share_the_stacked_weights() -> None:
+    """After the fused path stacks a projection, every expert's buffers are slices of the
+    stack (one copy of the weights), the loop computes the same output from them, and a
+    checkpoint written from an expert holds tensors that own their memory."""
+    from orbit.models.moe import share_stacked_weights
+    from orbit.quant.checkpoint import write_linear
+
+    _, block = _tiny_quant_moe(torch.float32)
+    x = torch.randn(11, 64)
+    with torch.no_grad():
+        before = block(x)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        sw = stack_expert_weights(block.experts, proj)
+        share_stacked_weights(block.experts, proj, sw)
+        for e, ex in enumerate(block.experts):
+            for name, t in sw.tensors.items():
+                buf = getattr(getattr(ex, proj), name)
+                assert buf.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                assert torch.equal(buf, t[e])
+    with torch.no_grad():
+        assert torch.equal(block(x), before)
+    qw = block.experts[1].up_proj.quantized_weight()
+    written = write_linear(qw, "m.up_proj", "compressed-tensors")
+    for v in written.values():
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size()

@@ -125,15 +125,15 @@ def test_logprobs_rejects_bad_inputs() -> None:
 
 
 
-def test_fused_experts_is_opt_in_per_model() -> None:
+def test_fused_experts_switch_is_per_model() -> None:
     from orbit.config import parse_args
     from orbit.models.moe import SparseMoeBlock, set_fused_experts
 
     model = tiny()
     blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
-    assert blocks and not any(b.fused_experts for b in blocks)  # default: the reference loop
-    assert set_fused_experts(model, True) == len(blocks)
-    assert all(b.fused_experts for b in blocks)
-    assert not SparseMoeBlock.fused_experts  # the switch is per model, not global
-    cfg = parse_args(["--prompt-data", "x", "--fused-moe"])
-    assert cfg.precision.fused_moe and not parse_args(["--prompt-data", "x"]).precision.fused_moe
+    assert blocks and all(b.fused_experts for b in blocks)  # default: the grouped kernel on CUDA
+    assert set_fused_experts(model, False) == len(blocks)
+    assert not any(b.fused_experts for b in blocks)
+    assert SparseMoeBlock.fused_experts  # the switch is per model, not global
+    assert parse_args(["--prompt-data", "x"]).precision.fused_moe
+    assert not parse_args(["--prompt-data", "x", "--no-fused-moe"]).precision.fused_moe
