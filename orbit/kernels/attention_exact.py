@@ -18,7 +18,12 @@ Where K/V come from is only an address: `kv_base[b] + pos * stride_pos` (element
 - packed: K/V [T, Hkv, D], kv_base = cu_seqlens[b] * stride_t, stride_pos = stride_t;
 - cached: one layer of the KV cache [S, L, Hkv, D], kv_base = slot[b] * stride_s, stride_pos =
   stride_l (the new tokens' K/V must already be written into the cache).
-GQA: query head h reads KV head h // (H / Hkv).
+GQA: query head h reads KV head h // (H / Hkv). A program serves one KV head and packs the
+GROUP query heads that share it into its rows: row r of a tile is token r // GROUP, head
+kvh * GROUP + r % GROUP. So K/V blocks are read once per KV head instead of once per query
+head, and a decode step (one token per sequence) fills GROUP rows of a tile instead of one.
+A row's arithmetic is unchanged by which rows share its tile (same dot shapes, same blocks,
+trailing blocks exact no-ops), so this layout gives the bits the per-head layout gave.
 
 The torch reference (`attention_exact_reference`) computes each sequence's masked softmax in
 float64 and rounds to q.dtype; it is the CPU path and the GPU kernel's accuracy check.
@@ -51,22 +56,23 @@ def _attn_exact_kernel(
 ):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
-    h = tl.program_id(2)
+    kvh = tl.program_id(2)
     q0 = tl.load(cu_ptr + seq).to(tl.int64)
     n = tl.load(cu_ptr + seq + 1).to(tl.int64) - q0
-    m0 = tile * BLOCK_M
-    if m0 < n:
+    m0 = tile * BLOCK_M  # first (token, head-in-group) row of the tile
+    if m0 < n * GROUP:
         p0 = tl.load(start_ptr + seq).to(tl.int64)
         kvb = tl.load(kvbase_ptr + seq).to(tl.int64)
-        kvh = h // GROUP
         rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < n
+        tok = rows // GROUP
+        h = kvh * GROUP + rows % GROUP
+        rmask = tok < n
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
-        q = tl.load(q_ptr + (q0 + rows)[:, None] * stride_qt + h * stride_qh + d[None, :],
+        q = tl.load(q_ptr + (q0 + tok)[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BM, BD]
-        qpos = p0 + rows  # absolute position of each query row
-        last = p0 + tl.minimum(m0 + BLOCK_M, n) - 1  # last position any valid row may see
+        qpos = p0 + tok  # absolute position of each query row
+        last = p0 + tl.minimum((m0 + BLOCK_M - 1) // GROUP, n - 1)  # last position any valid row may see
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -95,7 +101,7 @@ def _attn_exact_kernel(
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         out = acc / l_i[:, None]
-        tl.store(o_ptr + (q0 + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
+        tl.store(o_ptr + (q0 + tok)[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
@@ -123,7 +129,7 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, start: Tensor, kvbase: 
     n_seq = cu.numel() - 1
     if T == 0 or n_seq == 0:
         return out
-    grid = (n_seq, triton.cdiv(max_new, BLOCK_M), H)
+    grid = (n_seq, triton.cdiv(max_new * group, BLOCK_M), H // group)
     _attn_exact_kernel[grid](
         q, k, v, out, cu, start, kvbase,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),

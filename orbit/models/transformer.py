@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from orbit.kernels.rmsnorm_exact import RMSNormFunction, fused_rmsnorm_available
+from orbit.kernels.rope import NormRopeFunction, fused_norm_rope_available
 from orbit.models.attention import AttnBatch
 from orbit.models.config import ModelConfig
 from orbit.models.moe import SparseMoeBlock
@@ -134,6 +135,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
+def _norm_rope(x: Tensor, norm: RMSNorm | None, cos: Tensor, sin: Tensor) -> Tensor:
+    """The optional per-head RMSNorm and RoPE of x [T, H, D] as one fused kernel."""
+    if norm is None:
+        return NormRopeFunction.apply(x, None, 0.0, cos, sin)
+    return NormRopeFunction.apply(x, norm.weight, norm.eps, cos, sin)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -156,9 +164,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # [T, H, D]
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if fused_norm_rope_available(q):  # one launch each for q and k (kernels/rope.py)
+            q, k = _norm_rope(q, self.q_norm, cos, sin), _norm_rope(k, self.k_norm, cos, sin)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = attn.attend(self.layer_idx, q, k, v)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
 

@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--format", default="bf16", help="base precision (convert_linears), e.g. int4")
     ap.add_argument("--trace", action="store_true", help="also write $OUT/decode_trace.json")
+    ap.add_argument("--attn-backend", default="auto", choices=("auto", "sdpa", "varlen", "triton"))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -42,7 +43,7 @@ def main() -> None:
 
         convert_linears(model, args.format)
     engine = Engine(model, max_num_seqs=args.batch, max_model_len=args.prompt_len + args.new + 8,
-                    device=device)
+                    device=device, attn_backend=args.attn_backend)
     ps = prompts(args.batch, args.prompt_len, model.config.vocab_size)
     sp = SamplingParams(temperature=1.0, max_new_tokens=args.new, ignore_eos=True, seed=0)
     engine.generate(ps, sp)  # captures the graphs
@@ -55,6 +56,18 @@ def main() -> None:
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts) as prof:
         engine.generate(ps, sp)
+    st = engine.last_stats
+    wall_ms = 1e3 * st["seconds"]
+    if device == "cuda":
+        # GPU busy time vs wall time: the gap is host work the GPU waits for (scheduling,
+        # sampling bookkeeping, the per-step token read-back), not kernel time.
+        busy_us = sum(e.self_device_time_total for e in prof.key_averages())
+        n_kernels = sum(e.count for e in prof.key_averages() if str(e.device_type).endswith("CUDA"))
+        steps = st["prefill_steps"] + st["decode_steps"]
+        print(f"[{engine.attn_backend}] profiled generate: wall {wall_ms:.1f} ms, GPU busy "
+              f"{busy_us / 1e3:.1f} ms ({100 * busy_us / 1e3 / wall_ms:.0f}%), {steps} steps, "
+              f"{n_kernels / max(steps, 1):.0f} kernels/step, busy {busy_us / 1e3 / max(steps, 1):.3f} "
+              f"ms/step, wall {wall_ms / max(steps, 1):.3f} ms/step")
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,

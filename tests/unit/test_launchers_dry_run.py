@@ -115,7 +115,12 @@ def test_use_ray_knob(script: str, tmp_path: Path) -> None:
 
 
 def test_lr_decay_knobs(tmp_path: Path) -> None:
-    argv = run(QUICKSTART, tmp_path, LR_DECAY_STYLE="cosine", MIN_LR="1e-5").stdout.splitlines()
-    assert argv[argv.index("--lr-decay-style") + 1] == "cosine"
+    argv = run(QUICKSTART, tmp_path, LR_DECAY_STYLE="linear", MIN_LR="1e-5").stdout.splitlines()
+    assert argv[argv.index("--lr-decay-style") + 1] == "linear"
     assert argv[argv.index("--min-lr") + 1] == "1e-5"
+    # the quickstart's measured recipe: cosine from 1e-3 to 1e-4 over 48 steps
+    argv = run(QUICKSTART, tmp_path).stdout.splitlines()
+    assert argv[argv.index("--lr-decay-style") + 1] == "cosine"
+    assert argv[argv.index("--min-lr") + 1] == "1e-4"
+    assert argv[argv.index("--num-rollout") + 1] == "48"
 

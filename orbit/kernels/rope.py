@@ -1,0 +1,141 @@
+"""Fused (optional RMSNorm) + rotary embedding of q or k heads: one launch instead of ~7.
+
+In torch, Qwen3's per-head QK-norm plus RoPE is a norm (one launch with the fused RMSNorm)
+and then `x * cos + rotate_half(x) * sin`: a chunk, a negation, a cat, two multiplies and an
+add, each a kernel over the whole [T, H, D] tensor. At decode sizes these are pure launch
+cost (about 14 launches per layer for q and k; docs/benchmarks.md, engine profile), so on
+CUDA one program per (token, head) row does it all in registers.
+
+Arithmetic: the norm is exactly `RMSNorm`'s (fp32 normalise, cast to x's dtype, multiply by
+the weight in the promoted dtype, which is the dtype RoPE sees); RoPE is then computed in
+float32 from those values and rounded once (the torch path rounds after each multiply and
+after the add, so the two differ by bf16 rounding). Each row is computed by one program with
+a layout fixed by D, so a row's bits do not depend on the batch: exact mode can use it on
+both the trainer and the engine side.
+
+`norm_rope_reference` is the torch formula (the CPU path); `NormRopeFunction` differentiates
+the reference in backward (recomputed from the saved input; the training backward is not
+launch-bound).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from orbit.kernels._triton import HAS_TRITON, tl, triton
+from orbit.kernels.matmul_exact import interpreting
+
+
+@triton.jit
+def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr,
+                      H, stride_xt, stride_xh, stride_yt, stride_yh, stride_ct, eps,
+                      D: tl.constexpr, HAS_NORM: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, D)
+    half: tl.constexpr = D // 2
+    partner = (d + half) % D  # rotate_half: [-x2, x1]
+    x_row = x_ptr + t * stride_xt + h * stride_xh
+    x = tl.load(x_row + d)
+    xp = tl.load(x_row + partner)
+    if HAS_NORM:
+        xf = x.to(tl.float32)
+        r = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+        w = tl.load(w_ptr + d).to(tl.float32)
+        wp = tl.load(w_ptr + partner).to(tl.float32)
+        # HF RMSNorm rounding: normalise in fp32, cast to x's dtype, scale, cast to the output
+        a = (w * (xf * r).to(x.dtype).to(tl.float32)).to(y_ptr.dtype.element_ty).to(tl.float32)
+        b = (wp * (xp.to(tl.float32) * r).to(x.dtype).to(tl.float32)).to(y_ptr.dtype.element_ty)
+        b = b.to(tl.float32)
+    else:
+        a = x.to(tl.float32)
+        b = xp.to(tl.float32)
+    b = tl.where(d < half, -b, b)
+    c = tl.load(cos_ptr + t * stride_ct + d).to(tl.float32)
+    s = tl.load(sin_ptr + t * stride_ct + d).to(tl.float32)
+    tl.store(y_ptr + t * stride_yt + h * stride_yh + d, (a * c + b * s).to(y_ptr.dtype.element_ty))
+
+
+def _check(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"norm_rope: x must be [T, H, D], got {tuple(x.shape)}")
+    T, _, D = x.shape
+    if D % 2:
+        raise ValueError(f"norm_rope: head dim must be even, got {D}")
+    if cos.shape != (T, D) or sin.shape != (T, D):
+        raise ValueError(f"norm_rope: cos/sin must be [{T}, {D}], got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if weight is not None and weight.shape != (D,):
+        raise ValueError(f"norm_rope: weight must be [{D}], got {tuple(weight.shape)}")
+
+
+def norm_rope_reference(x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, H, D] -> RMSNorm(x) * weight (if weight is given), then RoPE with cos/sin [T, D]:
+    the model's torch formulas, rounding after each op."""
+    _check(x, weight, cos, sin)
+    if weight is not None:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        x = weight * h.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
+
+
+def norm_rope_triton(x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
+    """Same contract as `norm_rope_reference` (output dtype: promote(x, weight), as the norm's),
+    one launch; CUDA (or Triton's interpreter)."""
+    _check(x, weight, cos, sin)
+    if not (HAS_TRITON and (x.is_cuda or interpreting())):
+        raise RuntimeError("norm_rope_triton needs CUDA tensors and Triton")
+    T, H, D = x.shape
+    if D & (D - 1):
+        raise ValueError(f"norm_rope_triton: head dim must be a power of two, got {D}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
+    y = torch.empty((T, H, D), dtype=dtype, device=x.device)
+    if T and H:
+        _norm_rope_kernel[(T, H)](
+            x, weight if weight is not None else x, cos, sin, y,
+            H, x.stride(0), x.stride(1), y.stride(0), y.stride(1), cos.stride(0), eps,
+            D=D, HAS_NORM=weight is not None, num_warps=1 if D <= 128 else 2,
+        )
+    return y
+
+
+class NormRopeFunction(torch.autograd.Function):
+    """Fused forward; backward differentiates `norm_rope_reference` (recomputed)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight, cos, sin)
+        ctx.eps = eps
+        return norm_rope_triton(x, weight, eps, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        x, weight, cos, sin = ctx.saved_tensors
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            wg = None if weight is None else weight.detach().requires_grad_(ctx.needs_input_grad[1])
+            y = norm_rope_reference(xg, wg, ctx.eps, cos, sin)
+            wanted = [t for t in (xg, wg) if t is not None and t.requires_grad]
+            grads = list(torch.autograd.grad(y, wanted, dy)) if wanted else []
+        dx = grads.pop(0) if ctx.needs_input_grad[0] else None
+        dw = grads.pop(0) if weight is not None and ctx.needs_input_grad[1] else None
+        return dx, dw, None, None, None
+
+
+def fused_norm_rope_available(x: Tensor) -> bool:
+    """The fused kernel runs on x [T, H, D]: a CUDA fp16/bf16 tensor, power-of-two head dim."""
+    D = x.shape[-1]
+    return (HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and D >= 16 and not (D & (D - 1)))
+
+
+def norm_rope(x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
+    """Fused on CUDA (see `fused_norm_rope_available`), the torch formula elsewhere."""
+    if fused_norm_rope_available(x):
+        return NormRopeFunction.apply(x, weight, eps, cos, sin)
+    return norm_rope_reference(x, weight, eps, cos, sin)
