@@ -115,6 +115,30 @@ def make_batch(
     )
 
 
+CDF_BLOCK = 128
+
+
+def row_cdf(p: Tensor, blocked: bool | None = None) -> Tensor:
+    """Inclusive cumulative sum of each row of p [B, V] (non-negative), in two levels: within
+    blocks of CDF_BLOCK, then the blocks' running totals added. torch's scan over one
+    152k-wide row is a single slow pass (0.24 ms per decode step at B = 64 on an H100,
+    docs/benchmarks.md); two short scans are a fraction of that. Same values up to float32
+    rounding order; each row is computed alone, so a row's CDF does not depend on the batch.
+    blocked: None = on CUDA only (a CPU scan is sequential and cheap; CPU runs keep their
+    samples)."""
+    B, V = p.shape
+    if blocked is None:
+        blocked = p.is_cuda
+    if not blocked or V <= 4 * CDF_BLOCK:
+        return p.cumsum(-1)
+    pad = (-V) % CDF_BLOCK
+    q = torch.nn.functional.pad(p, (0, pad)) if pad else p
+    inner = q.view(B, -1, CDF_BLOCK).cumsum(-1)  # [B, nb, CDF_BLOCK]
+    totals = inner[:, :, -1].cumsum(-1)  # [B, nb] running total at each block's end
+    offset = torch.nn.functional.pad(totals[:, :-1], (1, 0))  # mass before each block
+    return (inner + offset[:, :, None]).view(B, -1)[:, :V]
+
+
 def _keep_mask(sp: Tensor, b: SamplingBatch) -> Tensor:
     """sp [B, V] probabilities sorted descending -> bool [B, V] of tokens that survive."""
     V = sp.shape[1]
@@ -139,8 +163,11 @@ def sample(logits: Tensor, b: SamplingBatch) -> tuple[Tensor, Tensor]:
         # Rows without truncation always use the vocab-order CDF (even in a batch where other
         # rows truncate) so a seeded row's token never depends on its batch-mates.
         if not all(b.truncates):
-            cdf = probs.cumsum(-1)
+            cdf = row_cdf(probs)
             tok = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1).squeeze(1)
+            # A rounding dip in the CDF must never yield a token of zero probability (its
+            # log-prob would be -inf): fall back to the row's most likely token.
+            tok = torch.where(probs.gather(1, tok[:, None]).squeeze(1) > 0, tok, probs.argmax(-1))
         if any(b.truncates):
             sp, si = probs.sort(dim=-1, descending=True, stable=True)
             sp = sp * _keep_mask(sp, b)

@@ -99,3 +99,18 @@ def test_row_result_does_not_depend_on_batch_mates() -> None:
     mates = [SamplingParams(top_p=0.5), SamplingParams(temperature=0.0), SamplingParams(min_p=0.1)]
     mixed, lp_mixed = sample(torch.cat([others, row]), _batch(mates + [p], [1, 2, 3, 11], [0, 1, 2, 4], V))
     assert mixed[3] == alone[0] and math.isclose(lp_mixed[3].item(), lp_alone[0].item(), abs_tol=1e-6)
+
+
+def test_row_cdf_matches_cumsum() -> None:
+    from orbit.rollout.sampling import row_cdf
+
+    g = torch.Generator().manual_seed(0)
+    for V in (7, 512, 1000, 151936 // 16):
+        p = torch.softmax(torch.randn(5, V, generator=g) * 4, -1)
+        p[1, : V // 2] = 0  # zero-probability stretches stay flat
+        cdf = row_cdf(p, blocked=True)
+        ref = p.double().cumsum(-1)
+        assert cdf.shape == p.shape
+        assert torch.allclose(cdf.double(), ref, atol=1e-6), V
+        assert torch.equal(row_cdf(p[2:3], blocked=True), cdf[2:3])
+        assert torch.equal(row_cdf(p), p.cumsum(-1))  # CPU default: the plain scan  # a row does not depend on the batch
