@@ -61,8 +61,11 @@ def main() -> None:
     if device == "cuda":
         # GPU busy time vs wall time: the gap is host work the GPU waits for (scheduling,
         # sampling bookkeeping, the per-step token read-back), not kernel time.
-        busy_us = sum(e.self_device_time_total for e in prof.key_averages())
-        n_kernels = sum(e.count for e in prof.key_averages() if str(e.device_type).endswith("CUDA"))
+        # Only device-side events (kernels, copies): an eager op's own row repeats its kernels'
+        # time as "self CUDA", so a sum over every row counts eager work twice.
+        device_events = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]
+        busy_us = sum(e.self_device_time_total for e in device_events)
+        n_kernels = sum(e.count for e in device_events)
         steps = st["prefill_steps"] + st["decode_steps"]
         print(f"[{engine.attn_backend}] profiled generate: wall {wall_ms:.1f} ms, GPU busy "
               f"{busy_us / 1e3:.1f} ms ({100 * busy_us / 1e3 / wall_ms:.0f}%), {steps} steps, "
