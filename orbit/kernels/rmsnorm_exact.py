@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from orbit.kernels._autograd import reference_grads
 from orbit.kernels._triton import HAS_TRITON, tl, triton
 from orbit.kernels.matmul_exact import interpreting
 
@@ -93,17 +94,17 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            wg = weight.detach().requires_grad_(ctx.needs_input_grad[1])
-            h = xg.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + ctx.eps)
-            y = wg * h.to(x.dtype)
-            wanted = [t for t in (xg, wg) if t.requires_grad]
-            grads = list(torch.autograd.grad(y, wanted, dy)) if wanted else []
-        dx = grads.pop(0) if ctx.needs_input_grad[0] else None
-        dw = grads.pop(0) if ctx.needs_input_grad[1] else None
+        dx, dw = reference_grads(lambda xg, wg: rmsnorm_torch(xg, wg, ctx.eps), (x, weight),
+                                 ctx.needs_input_grad[:2], dy)
         return dx, dw, None
+
+
+def rmsnorm_torch(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """transformers' RMSNorm in torch ops: the model's CPU path and what RMSNormFunction's
+    backward differentiates."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 def fused_rmsnorm_available(x: Tensor) -> bool:

@@ -23,8 +23,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from orbit.kernels._autograd import reference_grads
 from orbit.kernels._triton import HAS_TRITON, tl, triton
 from orbit.kernels.matmul_exact import interpreting
+from orbit.kernels.rmsnorm_exact import rmsnorm_torch
 
 
 @triton.jit
@@ -74,9 +76,7 @@ def norm_rope_reference(x: Tensor, weight: Tensor | None, eps: float, cos: Tenso
     the model's torch formulas, rounding after each op."""
     _check(x, weight, cos, sin)
     if weight is not None:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        x = weight * h.to(x.dtype)
+        x = rmsnorm_torch(x, weight, eps)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
 
@@ -116,14 +116,8 @@ class NormRopeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
         x, weight, cos, sin = ctx.saved_tensors
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            wg = None if weight is None else weight.detach().requires_grad_(ctx.needs_input_grad[1])
-            y = norm_rope_reference(xg, wg, ctx.eps, cos, sin)
-            wanted = [t for t in (xg, wg) if t is not None and t.requires_grad]
-            grads = list(torch.autograd.grad(y, wanted, dy)) if wanted else []
-        dx = grads.pop(0) if ctx.needs_input_grad[0] else None
-        dw = grads.pop(0) if weight is not None and ctx.needs_input_grad[1] else None
+        dx, dw = reference_grads(lambda xg, wg: norm_rope_reference(xg, wg, ctx.eps, cos, sin),
+                                 (x, weight), ctx.needs_input_grad[:2], dy)
         return dx, dw, None, None, None
 
 
@@ -132,10 +126,3 @@ def fused_norm_rope_available(x: Tensor) -> bool:
     D = x.shape[-1]
     return (HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and D >= 16 and not (D & (D - 1)))
-
-
-def norm_rope(x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
-    """Fused on CUDA (see `fused_norm_rope_available`), the torch formula elsewhere."""
-    if fused_norm_rope_available(x):
-        return NormRopeFunction.apply(x, weight, eps, cos, sin)
-    return norm_rope_reference(x, weight, eps, cos, sin)

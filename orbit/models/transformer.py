@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from orbit.kernels.rmsnorm_exact import RMSNormFunction, fused_rmsnorm_available
+from orbit.kernels.rmsnorm_exact import RMSNormFunction, fused_rmsnorm_available, rmsnorm_torch
 from orbit.kernels.rope import NormRopeFunction, fused_norm_rope_available
 from orbit.models.attention import AttnBatch
 from orbit.models.config import ModelConfig
@@ -36,10 +36,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if fused_rmsnorm_available(x):  # one Triton launch, same arithmetic (kernels/rmsnorm_exact)
             return RMSNormFunction.apply(x, self.weight, self.eps)
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rmsnorm_torch(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
