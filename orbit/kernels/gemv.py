@@ -54,6 +54,12 @@ GEMV_TARGET_PROGRAMS_PER_SM = 4  # ... and then aim for about this many programs
 GEMV_MAX_SPLIT = 16
 GEMV_MIN_K_TILES_PER_SPLIT = 2  # every K-slice does at least this many BLOCK_K steps
 DEFAULT_NUM_SMS = 132  # H100 SXM; the real count is read off the device when there is one
+# The nibble-plane kernel (4-bit formats): K depth per step (a multiple of every group size
+# it serves: 16..128) and output columns per program.
+PLANE_FORMATS = ("int4", "nvfp4", "mxfp4")
+PLANES_BLOCK_K = 256
+PLANES_BLOCK_N_SMALL_M = 32
+PLANES_BLOCK_N_LARGE_M = 16
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class GemvConfig:
     warps: int
     stages: int
     unpack: int = -1  # see orbit/kernels/_tiles.py; -1: _qgemm.DEFAULT_UNPACK for the format
+    planes: bool = True  # nibble formats: the nibble-plane kernel (below) instead of the tile one
 
 
 @cache
@@ -85,10 +92,17 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     accumulators per column); K is split only when the N tiles leave the SMs under-filled
     (fewer than GEMV_MIN_PROGRAMS_PER_SM per SM), into as many slices as bring the grid to
     about GEMV_TARGET_PROGRAMS_PER_SM per SM, each at least GEMV_MIN_K_TILES_PER_SPLIT steps
-    deep. The slice depth is rounded so that no slice is empty."""
+    deep. The slice depth is rounded so that no slice is empty. 4-bit formats run the
+    nibble-plane kernel with a deeper step (PLANES_BLOCK_K)."""
     mp = triton.next_power_of_2(max(m, 1))
-    block_n = GEMV_BLOCK_N_SMALL_M if mp <= 4 else GEMV_BLOCK_N_LARGE_M
-    block_k = GEMV_BLOCK_K
+    planes = fmt in PLANE_FORMATS
+    if planes:
+        block_n = PLANES_BLOCK_N_SMALL_M if mp <= 4 else PLANES_BLOCK_N_LARGE_M
+        # Short K (the SmolLM2 shapes): shallower steps leave room to split K.
+        block_k = PLANES_BLOCK_K if k >= 4 * PLANES_BLOCK_K else GEMV_BLOCK_K
+    else:
+        block_n = GEMV_BLOCK_N_SMALL_M if mp <= 4 else GEMV_BLOCK_N_LARGE_M
+        block_k = GEMV_BLOCK_K
     n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
     split = 1
@@ -98,7 +112,7 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
         split = max(1, min(want, most, GEMV_MAX_SPLIT))
         split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty slice
     return GemvConfig(block_n=block_n, block_k=block_k, split=split, warps=GEMV_WARPS,
-                      stages=GEMV_STAGES)
+                      stages=GEMV_STAGES, planes=planes)
 
 
 @triton.jit
@@ -138,6 +152,94 @@ def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, K_PER,
              mask=(offs_n[:, None] < N) & (cols[None, :] < M))
 
 
+# Nibble-plane codes: what a 4-bit code u becomes before the group scale (see _plane_values).
+PLANE_CODES = {("int4", False): 0, ("int4", True): 1, "nvfp4": 2, "mxfp4": 2}
+
+
+@triton.jit
+def _plane_values(words, I: tl.constexpr, CODE: tl.constexpr):
+    """Nibble I of every int32 word as float32, before the group scale. Int codes use the
+    2^23 trick: OR-ing u into the mantissa of 2^23 gives the float 2^23 + u exactly, so one
+    subtraction (of 2^23 + 8 for symmetric int4) replaces an int->float convert, which runs at
+    a quarter of the FMA rate. E2M1 codes (FP4) become value * 2^-14 through fp16 bits, as in
+    fp4._e2m1; the wrapper folds the 2^14 into the scale."""
+    u = (words >> (4 * I)) & 0xF
+    if CODE == 0:
+        v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # u - 8
+    elif CODE == 1:
+        v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # u
+    else:
+        bits = ((u & 7) << 9) | ((u & 8) << 12)
+        v = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, K_PER,
+                        stride_xm, stride_om, stride_os, stride_q, stride_s,
+                        FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+                        HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr,
+                        NG: tl.constexpr, STAGES: tl.constexpr):
+    # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
+    # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
+    # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
+    # round), it keeps the words as [BN, NG, GROUP/8] (NG groups per step) and, for each of the
+    # 8 nibble planes, multiplies the plane's codes by the x elements they meet (x[8j + i],
+    # a strided load that L1 serves). A group's sum of code * x is scaled once:
+    #   sum_k w_k x_k = s * sum_k c_k x_k (+ o * sum_k x_k for asymmetric int4, w = u s + o).
+    # Fast mode only: the weights are not rounded to bf16 first, so the sums differ from the
+    # reference's in the last bits (more exact, not less).
+    WG: tl.constexpr = GROUP // 8
+    BK: tl.constexpr = NG * GROUP
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    row_ok = offs_n < N
+    ag = tl.arange(0, NG)
+    aj = tl.arange(0, WG)
+    am = tl.arange(0, MP)
+    n_groups = K // GROUP
+    acc = tl.zeros((BN, MP), dtype=tl.float32)
+    for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
+        g = k0 // GROUP + ag  # [NG] group index
+        g_ok = g < n_groups
+        words = tl.load(q_ptr + offs_n[:, None, None] * stride_q + (g * WG)[None, :, None]
+                        + aj[None, None, :], mask=row_ok[:, None, None] & g_ok[None, :, None],
+                        other=0)  # [BN, NG, WG]
+        x_ptrs = x_ptr + am[:, None, None] * stride_xm + (g * GROUP)[None, :, None] + \
+            (aj * 8)[None, None, :]  # [MP, NG, WG]: x[m, 8j] of each group
+        x_ok = (am[:, None, None] < M) & g_ok[None, :, None]
+        cx = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
+        xs = tl.zeros((MP, NG, WG), dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_ptrs + i, mask=x_ok, other=0.0).to(tl.float32)
+            cx += _plane_values(words, i, CODE)[:, None, :, :] * xi[None, :, :, :]
+            if HAS_OFFSET:
+                xs += xi
+        part = tl.sum(cx, axis=3)  # [BN, MP, NG]: per group, sum of code * x
+        sp = offs_n[:, None] * stride_s + g[None, :]
+        s_ok = row_ok[:, None] & g_ok[None, :]
+        if FMT == 4:  # MXFP4: E8M0 exponent byte, 2^(e-127); e == 0 is the subnormal 2^-127
+            e = tl.load(s_ptr + sp, mask=s_ok, other=0).to(tl.int32)
+            sc = tl.where(e == 0, 5.877471754111438e-39, (e << 23).to(tl.float32, bitcast=True))
+            sc = sc * 16384.0
+        elif FMT == 3:  # NVFP4: e4m3 group scale; the fp32 global scale is applied at the end
+            sc = tl.load(s_ptr + sp, mask=s_ok, other=0.0).to(tl.float32) * 16384.0
+        else:
+            sc = tl.load(s_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
+        contrib = part * sc[:, None, :]
+        if HAS_OFFSET:
+            off = tl.load(o_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
+            contrib += off[:, None, :] * tl.sum(xs, axis=2)[None, :, :]
+        acc += tl.sum(contrib, axis=2)
+    if FMT == 3:
+        acc = acc * tl.load(g_ptr).to(tl.float32)
+    ptrs = out_ptr + pid_k * stride_os + am[None, :] * stride_om + offs_n[:, None]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (am[None, :] < M))
+
+
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, y_ptr, MN, N, SPLIT, stride_ym, BLOCK: tl.constexpr):
     # y[m, n] = sum_s ws[s, m, n], s = 0, 1, ... in order (deterministic), cast to y's dtype.
@@ -150,6 +252,17 @@ def _splitk_reduce_kernel(ws_ptr, y_ptr, MN, N, SPLIT, stride_ym, BLOCK: tl.cons
              mask=mask)
 
 
+def _as_words(q: Tensor) -> Tensor | None:
+    """A packed 4-bit weight as int32 words [out, in/8] (FP4 bytes are reinterpreted, not
+    copied), or None where the bytes cannot be viewed so (odd strides or offset)."""
+    if q.dtype == torch.int32:
+        return q
+    if (q.dtype != torch.uint8 or q.stride(-1) != 1 or q.shape[-1] % 4 or q.stride(0) % 4
+            or q.storage_offset() % 4):
+        return None
+    return q.view(torch.int32)
+
+
 def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
          offset: Tensor | None, global_scale: Tensor | None, group: int, y: Tensor,
          config: GemvConfig | None = None) -> Tensor:
@@ -159,24 +272,35 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     m = x.shape[0]
     assert 1 <= m <= 16 and fmt in FMT_IDS and fmt != "bf16", (m, fmt)
     cfg = config or pick_gemv_config(m, n, k, fmt, num_sms(x.device))
+    words = _as_words(q) if (cfg.planes and fmt in PLANE_FORMATS) else None
+    # The plane kernel steps whole groups: block_k is at least one group.
+    block_k = max(cfg.block_k, group) if words is not None else cfg.block_k
     mp = triton.next_power_of_2(m)
-    k_tiles = triton.cdiv(k, cfg.block_k)
-    k_per = triton.cdiv(k_tiles, cfg.split) * cfg.block_k
+    k_tiles = triton.cdiv(k, block_k)
+    k_per = triton.cdiv(k_tiles, cfg.split) * block_k
     split = triton.cdiv(k, k_per)  # slices that hold at least one K tile
     if split > 1:
         out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
         stride_om, stride_os = out.stride(1), out.stride(0)
     else:
         out, stride_om, stride_os = y, y.stride(0), 0
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
-        x, out, q, s, offset if offset is not None else s,
-        global_scale if global_scale is not None else s,
-        m, n, k, k_per, x.stride(0), stride_om, stride_os, q.stride(0), s.stride(0),
-        FMT=FMT_IDS[fmt], GROUP=group, HAS_OFFSET=offset is not None, MP=mp,
-        BN=cfg.block_n, BK=cfg.block_k,
-        UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0),
-        STAGES=cfg.stages, num_warps=cfg.warps,
-    )
+    grid = (triton.cdiv(n, cfg.block_n), split)
+    o = offset if offset is not None else s
+    gs = global_scale if global_scale is not None else s
+    if words is not None:
+        code = PLANE_CODES[(fmt, offset is not None)] if fmt == "int4" else PLANE_CODES[fmt]
+        _gemv_planes_kernel[grid](
+            x, out, words, s, o, gs, m, n, k, k_per, x.stride(0), stride_om, stride_os,
+            words.stride(0), s.stride(0), FMT=FMT_IDS[fmt], CODE=code, GROUP=group,
+            HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n, NG=block_k // group,
+            STAGES=cfg.stages, num_warps=cfg.warps)
+    else:
+        _gemv_kernel[grid](
+            x, out, q, s, o, gs, m, n, k, k_per, x.stride(0), stride_om, stride_os,
+            q.stride(0), s.stride(0), FMT=FMT_IDS[fmt], GROUP=group,
+            HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n, BK=block_k,
+            UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0),
+            STAGES=cfg.stages, num_warps=cfg.warps)
     if split > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](

@@ -151,12 +151,14 @@ def training(quick: bool, bf16_tf: float) -> list[dict]:
     return rows
 
 
-GEMV_SHAPES = [(576, 1536), (1536, 576), (2048, 6144), (6144, 2048), (2048, 4096),
-               (4096, 12288)]  # (in, out)
-# Alternatives for --gemv-sweep: (block_n, block_k, split, warps, stages); split 0 = the
-# heuristic's split for the shape.
-GEMV_ALTS = [(16, 128, 0, 4, 3), (64, 128, 0, 4, 3), (32, 64, 0, 4, 4), (32, 128, 0, 4, 1),
-             (32, 128, 0, 8, 3), (32, 128, 1, 4, 3), (64, 128, 0, 8, 3)]
+GEMV_SHAPES = [(576, 1536), (1536, 576), (2048, 2048), (2048, 6144), (6144, 2048),
+               (2048, 4096), (4096, 12288)]  # (in, out)
+# Alternatives for --gemv-sweep, 4-bit formats: (block_n, block_k, split, warps, stages,
+# planes); split 0 = the heuristic's split for the shape; planes False = the tile kernel.
+GEMV_ALTS = [(32, 128, 0, 4, 3, False), (16, 256, 0, 4, 3, True), (64, 256, 0, 4, 3, True),
+             (32, 128, 0, 4, 3, True), (32, 512, 0, 4, 3, True), (32, 256, 0, 8, 3, True),
+             (64, 512, 0, 8, 3, True), (32, 256, 0, 4, 5, True), (128, 256, 0, 8, 3, True),
+             (32, 256, 1, 4, 3, True)]
 
 
 def _gemv(x, qw, config=None):
@@ -197,9 +199,9 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool) -> list[dict]:
                 x = torch.randn(m, k, device="cuda").bfloat16()
                 auto = pick_gemv_config(m, n, k, fmt, num_sms(x.device))
                 plan = [("fused-dot", None), ("gemv", None)]
-                if alts:
-                    plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st))
-                             for bn, bk, sp, w, st in GEMV_ALTS]
+                if alts and fmt in ("int4", "nvfp4"):
+                    plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl))
+                             for bn, bk, sp, w, st, pl in GEMV_ALTS]
                 for path, cfg in plan:
                     if path == "fused-dot":
                         fns = [lambda q=q: _fused(x, q) for q in qws]

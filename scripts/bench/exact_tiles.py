@@ -12,7 +12,7 @@ This script answers it for the shapes Orbit runs, on fresh random inputs:
 - time of each candidate at M = 32 and M = 1 (CUDA-graph replay over weight copies beyond L2),
   against the training config at the same M and fast mode (cuBLAS / the fast fused kernel).
 
-    python scripts/bench/exact_tiles.py [--fmts bf16,int4] [--quick]
+    python scripts/bench/exact_tiles.py [--fmts bf16,int4] [--quick] [--decode]
 """
 
 from __future__ import annotations
@@ -38,23 +38,28 @@ LM_HEAD = (2048, 151936)
 CHECK_M = (1, 7, 32, 64, 512)
 
 
-def candidates(quick: bool) -> list[tuple[int, int, int]]:
+def candidates(quick: bool, decode: bool) -> list[tuple[int, int, int, int]]:
+    """(BM, BN, warps, stages). `decode`: narrow tiles around the shipped 64x32 decode tile
+    (more programs along out, deeper pipelines) instead of the BM x BN grid."""
+    if decode:
+        return [(64, 32, 4, 3), (64, 16, 4, 3), (64, 16, 4, 4), (64, 16, 4, 6), (64, 32, 4, 4),
+                (64, 32, 4, 6), (64, 64, 4, 4), (64, 16, 8, 4)]
     bms = (16, 32, 64, 128)
     bns = (32, 64, 128)
     warps = (4,) if quick else (4, 8)
-    return [(bm, bn, w) for bm in bms for bn in bns for w in warps]
+    return [(bm, bn, w, NUM_STAGES) for bm in bms for bn in bns for w in warps]
 
 
-def run_fn(fmt: str, qw, x: torch.Tensor, cfg: tuple[int, int, int] | None):
-    """The exact kernel of `fmt` with tile cfg (None = the shipped exact config)."""
+def run_fn(fmt: str, qw, x: torch.Tensor, cfg: tuple[int, int, int, int] | None):
+    """The exact kernel of `fmt` with tile cfg (None = the shipped exact config for M)."""
     if fmt == "bf16":
         w = qw.tensors["weight"]
-        conf = None if cfg is None else (cfg[0], cfg[1], BLOCK_K, cfg[2], NUM_STAGES)
+        conf = None if cfg is None else (cfg[0], cfg[1], BLOCK_K, cfg[2], cfg[3])
         return lambda: matmul_exact_triton(x, w, None, config=conf)
     t = qw.tensors
     base = _qgemm.EXACT_CONFIG
     conf = None if cfg is None else _qgemm.TileConfig(bm=cfg[0], bo=cfg[1], br=base.br, warps=cfg[2],
-                                                      stages=base.stages)
+                                                      stages=cfg[3])
     return lambda: _qgemm.launch(x, fmt, qw.shape, t["qweight"], t["scale"], t.get("offset"), None,
                                  qw.group_size, False, True, None, conf)
 
@@ -72,6 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fmts", default="bf16,int4")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--decode", action="store_true", help="narrow decode tiles, deeper pipelines")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -86,7 +92,7 @@ def main() -> None:
                       for s in range(min(copies_for(n * k // (1 if fmt == "bf16" else 4)), 64))]
             base_t = {m: ms_rotated([run_fn(fmt, c, x[:m], None) for c in copies]) for m in (1, 32)}
             fast_t = {m: ms_rotated([fast_fn(fmt, c, x[:m]) for c in copies]) for m in (1, 32)}
-            for cfg in candidates(args.quick):
+            for cfg in candidates(args.quick, args.decode):
                 try:
                     same = all(torch.equal(run_fn(fmt, qw, x[:m], cfg)(), ref[:m]) for m in CHECK_M)
                     t = {m: ms_rotated([run_fn(fmt, c, x[:m], cfg) for c in copies]) for m in (1, 32)}

@@ -30,9 +30,14 @@ CASES = [("int4", {"group_size": 32}, 320), ("int4", {"group_size": 128}, 384),
 N_OUT = 80
 MS = (1, 3, 16)
 # "auto" = through the format's public wrapper (launch -> heuristic); the others call gemv()
-# with a fixed config: (block_n, block_k, split, warps, stages).
-CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2), "auto": None}
-TOL_F64 = 4e-3  # vs x (float64) @ W_bf16^T: bf16 output rounding, ~1e-3 relative
+# with a fixed config: (block_n, block_k, split, warps, stages, unpack, planes). 4-bit formats
+# run the nibble-plane kernel unless planes is False ("tiles": the dequantized-tile kernel).
+CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2),
+           "tiles": (32, 128, 2, 4, 3, -1, False), "planes256": (32, 256, 1, 4, 3),
+           "auto": None}
+# vs x (float64) @ W_bf16^T: bf16 output rounding, ~1e-3 relative; the plane kernel multiplies
+# the unrounded weights (the bf16 rounding of W adds ~1e-3 more).
+TOL_F64 = 4e-3
 TOL_QMM_REF = 6e-3  # vs qmm_reference (a bf16 matmul: its own rounding as well)
 
 
@@ -66,6 +71,8 @@ def _interpreter_main() -> None:
         w = qw.dequantize(torch.bfloat16).double()
         for m in MS:
             for name, c in CONFIGS.items():
+                if name.startswith("planes") and fmt not in gemv.PLANE_FORMATS:
+                    continue  # a 256-deep step is for the plane kernel (fp8 tiles stop at 128)
                 x = torch.randn(m, k).bfloat16()  # fresh for every call
                 y = torch.full((m, N_OUT), float("nan")).bfloat16()  # poisoned
                 if c is None:
@@ -124,6 +131,8 @@ def interp_results() -> dict:
     for f, kw, _ in CASES])
 def test_interpreted_gemv_matches_reference(interp_results: dict, case: int, m: int,
                                             config: str) -> None:
+    if config.startswith("planes") and CASES[case][0] not in ("int4", "nvfp4", "mxfp4"):
+        pytest.skip("plane-kernel config; this format runs the tile kernel")
     r = interp_results[f"{case}-{m}-{config}"]
     assert not r["nan"], "unwritten (NaN) outputs"
     assert r["routed"], "fast-mode forward with M <= 16 did not go through gemv"
@@ -147,7 +156,9 @@ def test_pick_gemv_config() -> None:
         for m in (1, 2, 3, 4, 8, 16):
             for fmt in ("int4", "int8", "fp8", "nvfp4", "mxfp4"):
                 c = pick_gemv_config(m, n, k, fmt, 132)
-                assert c.block_k <= 128 and 1 <= c.split <= GEMV_MAX_SPLIT, (k, n, m, c)
+                assert c.planes == (fmt in ("int4", "nvfp4", "mxfp4")), (fmt, c)
+                assert c.planes or c.block_k <= 128, ("fp8 tiles stop at one scale block", c)
+                assert 1 <= c.split <= GEMV_MAX_SPLIT, (k, n, m, c)
                 k_tiles = -(-k // c.block_k)
                 per = -(-k_tiles // c.split)
                 assert -(-k_tiles // per) == c.split, ("empty K-slice", k, n, c)
