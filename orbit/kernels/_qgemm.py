@@ -56,6 +56,11 @@ DEQUANT_MIN_M = 1024
 # fill the SMs, i.e. where it splits K deeply (6144->2048: int4 M=1 11.4 vs 23.9 us, nvfp4
 # M=4 23 vs 44 us); on wide shapes (4096x12288) and at M=16 it loses up to 9x. So it runs
 # only at M <= GEMV_MAX_M with a split of at least GEMV_MIN_SPLIT (int4 at M=1: 4).
+# Session 4 added the nibble-plane GEMV for 4-bit formats; at M = 1 it beat the dot loop on
+# every shape swept (int4 4096x12288: 21.7 vs 32.0 us, 6144x2048: 10.4 vs 23.8; nvfp4 33.6 vs
+# 55.5 and 15.4 vs 44.2), so those formats take it at M = 1 whatever the split. At M = 4 and
+# 16 it lost on wide shapes (its per-row CUDA-core FMAs), so the split rule stays there.
+GEMV_PLANES_M1 = ("int4", "nvfp4", "mxfp4")
 GEMV_MAX_M = 4
 GEMV_MIN_SPLIT = 8
 GEMV_MIN_SPLIT_INT4_M1 = 4
@@ -68,6 +73,8 @@ def use_gemv(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
         return False
     from orbit.kernels.gemv import num_sms, pick_gemv_config  # gemv.py imports this module
 
+    if m == 1 and fmt in GEMV_PLANES_M1:
+        return True
     split = pick_gemv_config(m, n, k, fmt, num_sms(device)).split
     need = GEMV_MIN_SPLIT_INT4_M1 if (fmt == "int4" and m == 1) else GEMV_MIN_SPLIT
     return split >= need
@@ -81,9 +88,10 @@ def use_gemv(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
 # (test_exact_rows_do_not_depend_on_batch, test_exact_mode_engine_equals_trainer) check every
 # format across both picks. Training sizes: the fastest fused config at M=8192.
 EXACT_CONFIG = TileConfig(bm=128, bo=128, br=64, warps=4, stages=3)
-# Decode sizes: 4x the programs along out, so M <= 128 fills the SMs (int4 6144->2048 at M=32:
-# 52 us vs 131 us with the training tile).
-EXACT_DECODE_CONFIG = TileConfig(bm=64, bo=32, br=64, warps=4, stages=3)
+# Decode sizes: 8x the programs along out and a 6-deep pipeline, so M <= 128 fills the SMs
+# (`exact_tiles.py --decode`, H100, session 4: int4 6144->2048 at M=32 35.1 us; 64x32 with 3
+# stages 51.8, the training tile 131).
+EXACT_DECODE_CONFIG = TileConfig(bm=64, bo=16, br=64, warps=4, stages=6)
 EXACT_DECODE_MAX_M = 128
 
 

@@ -35,11 +35,15 @@ from orbit.kernels._triton import HAS_TRITON, tl, triton
 # and not the GEMM dominates a step; 64x64x64 was 2.3x at training M and 1.7x at decode M.
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64
 NUM_WARPS, NUM_STAGES = 8, 3
-# Decode sizes (M <= DECODE_MAX_M): a 64x32 tile with the same BLOCK_K gives 8x the programs.
-# `scripts/bench/exact_tiles.py` (H100, 2026-11-22) found every tested BM x BN x warps
-# bit-identical to the training tile for bf16 (2048->2048 at M=32: 13.2 vs 18.4 us); the GPU
-# test test_matmul_exact_row_invariant checks rows across both picks.
-DECODE_CONFIG = (64, 32, BLOCK_K, 4, NUM_STAGES)
+# Decode sizes (M <= DECODE_MAX_M): a 64x16 tile with the same BLOCK_K and a 6-deep pipeline
+# (16x the programs of the training tile; 64x32 for outputs wider than DECODE_WIDE_N, the
+# lm_head, where 64x16 was slower). `scripts/bench/exact_tiles.py --decode` (H100, session 4)
+# found every tested BM x BN x warps x stages bit-identical to the training tile for bf16;
+# 2048->2048 at M=32: 7.6 us (64x32x3 stages: 13.2, training tile 18.4), 6144->2048: 18.7
+# (37.5). The GPU test test_matmul_exact_row_invariant checks rows across the picks.
+DECODE_CONFIG = (64, 16, BLOCK_K, 4, 6)
+DECODE_CONFIG_WIDE = (64, 32, BLOCK_K, 4, 6)
+DECODE_WIDE_N = 16384
 DECODE_MAX_M = 128
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -111,7 +115,10 @@ def matmul_exact_triton(x2d: Tensor, weight: Tensor, bias: Tensor | None = None,
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     if M == 0:
         return y
-    default = DECODE_CONFIG if M <= DECODE_MAX_M else (BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES)
+    if M > DECODE_MAX_M:
+        default = (BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES)
+    else:
+        default = DECODE_CONFIG_WIDE if N > DECODE_WIDE_N else DECODE_CONFIG
     bm, bn, bk, warps, stages = config or default
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _matmul_exact_kernel[grid](

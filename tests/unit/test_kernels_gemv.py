@@ -179,9 +179,12 @@ def test_use_gemv_follows_the_h100_sweep() -> None:
     cpu = torch.device("cpu")  # DEFAULT_NUM_SMS = 132, the H100's
     assert use_gemv(1, 2048, 6144, "int4", cpu) and use_gemv(4, 2048, 6144, "nvfp4", cpu)
     assert use_gemv(1, 4096, 2048, "int4", cpu)  # split 4: int4 at M=1 only
-    assert not use_gemv(1, 4096, 2048, "nvfp4", cpu) and not use_gemv(2, 4096, 2048, "int4", cpu)
-    for fmt in ("int4", "fp8", "nvfp4"):
+    assert not use_gemv(2, 4096, 2048, "nvfp4", cpu) and not use_gemv(2, 4096, 2048, "int4", cpu)
+    for fmt in ("int4", "nvfp4", "mxfp4"):  # the plane kernel wins at M = 1 on every shape
+        assert use_gemv(1, 12288, 4096, fmt, cpu) and not use_gemv(4, 12288, 4096, fmt, cpu)
+    for fmt in ("int8", "fp8"):
         assert not use_gemv(1, 12288, 4096, fmt, cpu)  # wide: the dot loop fills the SMs
+    for fmt in ("int4", "fp8", "nvfp4"):
         assert not use_gemv(16, 2048, 6144, fmt, cpu)  # M=16: the dot loop wins
         assert not use_gemv(1, 2048, 6144, "bf16", cpu)
 
