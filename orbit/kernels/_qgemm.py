@@ -92,6 +92,7 @@ EXACT_CONFIG = TileConfig(bm=128, bo=128, br=64, warps=4, stages=3)
 # (`exact_tiles.py --decode`, H100, session 4: int4 6144->2048 at M=32 35.1 us; 64x32 with 3
 # stages 51.8, the training tile 131).
 EXACT_DECODE_CONFIG = TileConfig(bm=64, bo=16, br=64, warps=4, stages=6)
+EXACT_DECODE_CONFIG_MX = TileConfig(bm=64, bo=32, br=64, warps=4, stages=6)
 EXACT_DECODE_MAX_M = 128
 
 
@@ -99,7 +100,11 @@ def pick_config(m: int, out_dim: int, fmt: str, exact: bool) -> TileConfig:
     """Fast mode: small M is weight-bandwidth bound (thin bm, many programs along out);
     large M is MMA bound (big square tiles). Exact mode: see EXACT_CONFIG."""
     if exact:
-        return EXACT_DECODE_CONFIG if m <= EXACT_DECODE_MAX_M else EXACT_CONFIG
+        if m > EXACT_DECODE_MAX_M:
+            return EXACT_CONFIG
+        # The input gradient's weight tile is [br, bo] with bo along `in`: MXFP4's loader
+        # needs a whole 32-wide scale group there.
+        return EXACT_DECODE_CONFIG_MX if fmt == "mxfp4" else EXACT_DECODE_CONFIG
     if m <= 64:
         bm = max(16, triton.next_power_of_2(m))
         # Enough programs to cover 132 SMs about twice before the out tile gets wider.
