@@ -160,6 +160,12 @@ GEMV_ALTS = [(32, 128, 0, 4, 3, False), (16, 256, 0, 4, 3, True), (64, 256, 0, 4
              (64, 512, 0, 8, 3, True), (32, 256, 0, 4, 5, True), (128, 256, 0, 8, 3, True),
              (32, 256, 1, 4, 3, True)]
 
+# Second sweep (session 4), around the M = 1 winner (32, 512): narrower / deeper steps,
+# pipelining depth, split 2.
+GEMV_ALTS_DEEP = [(16, 512, 0, 4, 3, True), (32, 1024, 0, 4, 3, True), (64, 1024, 0, 8, 3, True),
+                  (32, 512, 0, 4, 2, True), (32, 512, 0, 4, 4, True), (16, 1024, 0, 4, 3, True),
+                  (32, 512, 2, 4, 3, True), (16, 512, 0, 2, 3, True), (32, 512, 0, 2, 3, True)]
+
 
 def _gemv(x, qw, config=None):
     """The GEMV kernel itself (whatever _qgemm.GEMV_MAX_M is)."""
@@ -174,12 +180,14 @@ def _gemv(x, qw, config=None):
     return gemv(x, qw.fmt, qw.shape, q, s, t.get("offset"), gs, grp, y, config)
 
 
-def decode_gemv(quick: bool, copy_gbs: float, alts: bool) -> list[dict]:
+def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = None,
+                ms_: tuple = (1, 4, 16), alt_list: list | None = None) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run."""
     from orbit.kernels.gemv import GemvConfig, num_sms, pick_gemv_config
 
-    rows, ms_ = [], (1, 4, 16)
-    for k, n in GEMV_SHAPES[-3:] if quick else GEMV_SHAPES:
+    rows = []
+    alt_list = alt_list or GEMV_ALTS
+    for k, n in shapes or (GEMV_SHAPES[-5:] if quick else GEMV_SHAPES):
         nb = copies_for(2 * n * k)
         wbs = [torch.randn(n, k, device="cuda").bfloat16() * 0.05 for _ in range(nb)]
         t_bf = {}
@@ -201,7 +209,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool) -> list[dict]:
                 plan = [("fused-dot", None), ("gemv", None)]
                 if alts and fmt in ("int4", "nvfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl))
-                             for bn, bk, sp, w, st, pl in GEMV_ALTS]
+                             for bn, bk, sp, w, st, pl in alt_list]
                 for path, cfg in plan:
                     if path == "fused-dot":
                         fns = [lambda q=q: _fused(x, q) for q in qws]
@@ -313,6 +321,10 @@ def main() -> None:
     ap.add_argument("--gemv", action="store_true",
                     help="only the decode GEMV vs fused tl.dot vs cuBLAS comparison")
     ap.add_argument("--gemv-sweep", action="store_true", help="with --gemv: time GEMV_ALTS too")
+    ap.add_argument("--gemv-shapes", default="", help="with --gemv: only these in x out, e.g. 4096x12288")
+    ap.add_argument("--gemv-m", default="1,4,16", help="with --gemv: these M")
+    ap.add_argument("--gemv-deep", action="store_true",
+                    help="with --gemv-sweep: the deeper-step alternatives GEMV_ALTS_DEEP")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -321,7 +333,10 @@ def main() -> None:
            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "command": " ".join(sys.argv), **ceil}
     if args.gemv:
-        res["gemv"] = decode_gemv(args.quick, ceil["copy_GBps"], args.gemv_sweep)
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.gemv_shapes.split(",") if sh]
+        res["gemv"] = decode_gemv(args.quick, ceil["copy_GBps"], args.gemv_sweep, shapes or None,
+                                  tuple(int(v) for v in args.gemv_m.split(",")),
+                                  GEMV_ALTS_DEEP if args.gemv_deep else None)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")
