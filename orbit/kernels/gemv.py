@@ -10,6 +10,10 @@ it to the activation dtype (the reference multiplies those BF16/FP16 weights) an
 the MP = next_pow2(M) rows (a constexpr-unrolled loop), multiplies it by that x row broadcast
 over the tile and reduces over K with `tl.sum` in fp32. No `tl.dot`: M=1 no longer pads to a
 16-row MMA, and the dequantized tile never goes through shared memory.
+4-bit formats (int4, nvfp4, mxfp4) run `_gemv_planes_kernel` instead, which never builds the
+dequantized tile: it multiplies each of the 8 nibble planes of the packed words by the x
+elements they meet and scales each group's sum once (docs/kernels.md, "Nibble-plane GEMV";
+H100: int4 4096x12288 at M=1 21.3 us vs 37.3 for the tile kernel).
 Split-K (SPLIT > 1) when N / BLOCK_N programs would not fill the SMs: each slice writes its
 fp32 partial sums to a workspace [SPLIT, M, N] and `_splitk_reduce_kernel` adds the slices in a
 fixed order and casts (deterministic, no atomics). Configs come from `pick_gemv_config`, an

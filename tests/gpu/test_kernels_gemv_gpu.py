@@ -2,7 +2,8 @@
 
 Fresh random packed weights and activations for every check, NaN-poisoned outputs, relative
 norm against `x (float64) @ W^T` with W the reference dequantization rounded to the activation
-dtype (exactly the weight the kernel multiplies) and against `qmm_reference`. Also checks that
+dtype (exactly the weight the tile kernel multiplies; the 4-bit formats' nibble-plane kernel
+multiplies the unrounded weights, within the same tolerance) and against `qmm_reference`. Also checks that
 `qmm` sends fast-mode forward calls with M <= GEMV_MAX_M through the GEMV and exact mode,
 input gradients and larger M do not. Run: `pytest -m gpu tests/gpu/test_kernels_gemv_gpu.py`.
 """
