@@ -78,6 +78,9 @@ class GemvConfig:
     stages: int
     unpack: int = -1  # see orbit/kernels/_tiles.py; -1: _qgemm.DEFAULT_UNPACK for the format
     planes: bool = True  # nibble formats: the nibble-plane kernel (below) instead of the tile one
+    # FP4 in the plane kernel: build E2M1 values as fp32 bits (no fp16 -> fp32 convert). Off by
+    # default until the device measures it (bench_qmm.py --gemv --gemv-sweep --gemv-e2m1).
+    e2m1_bits: bool = False
 
 
 @cache
@@ -167,16 +170,25 @@ def _plane_values(words, I: tl.constexpr, CODE: tl.constexpr):
     """Nibble I of every int32 word as float32, before the group scale. Int codes use the
     2^23 trick: OR-ing u into the mantissa of 2^23 gives the float 2^23 + u exactly, so one
     subtraction (of 2^23 + 8 for symmetric int4) replaces an int->float convert, which runs at
-    a quarter of the FMA rate. E2M1 codes (FP4) become value * 2^-14 through fp16 bits, as in
-    fp4._e2m1; the wrapper folds the 2^14 into the scale."""
+    1/8 of the FMA rate on the H100. E2M1 codes (FP4): CODE 2 makes value * 2^-14 through fp16
+    bits, as in fp4._e2m1 (the kernel folds the 2^14 into the scale), which costs an fp16 ->
+    fp32 convert per element; CODE 3 builds the fp32 value's bits directly
+    (GemvConfig.e2m1_bits)."""
     u = (words >> (4 * I)) & 0xF
     if CODE == 0:
         v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # u - 8
     elif CODE == 1:
         v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # u
-    else:
+    elif CODE == 2:
         bits = ((u & 7) << 9) | ((u & 8) << 12)
         v = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        # E2M1 built as fp32 bits, no convert: magnitudes 1..6 (e >= 1) are the fp32 whose
+        # exponent/mantissa bits are (e + 126, m), i.e. (em + 252) << 22; the two subnormal
+        # codes (0 and 0.5) are selected: (-em) & 0x3F000000 is 0 for em = 0, 0.5 for em = 1.
+        em = u & 7
+        mag = tl.where(em >= 2, (em + 252) << 22, (0 - em) & 0x3F000000)
+        v = (mag | ((u & 8) << 28)).to(tl.float32, bitcast=True)
     return v
 
 
@@ -230,9 +242,12 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, K_P
         if FMT == 4:  # MXFP4: E8M0 exponent byte, 2^(e-127); e == 0 is the subnormal 2^-127
             e = tl.load(s_ptr + sp, mask=s_ok, other=0).to(tl.int32)
             sc = tl.where(e == 0, 5.877471754111438e-39, (e << 23).to(tl.float32, bitcast=True))
-            sc = sc * 16384.0
+            if CODE == 2:
+                sc = sc * 16384.0
         elif FMT == 3:  # NVFP4: e4m3 group scale; the fp32 global scale is applied at the end
-            sc = tl.load(s_ptr + sp, mask=s_ok, other=0.0).to(tl.float32) * 16384.0
+            sc = tl.load(s_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
+            if CODE == 2:
+                sc = sc * 16384.0
         else:
             sc = tl.load(s_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
         contrib = part * sc[:, None, :]
@@ -295,6 +310,8 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     gs = global_scale if global_scale is not None else s
     if words is not None:
         code = PLANE_CODES[(fmt, offset is not None)] if fmt == "int4" else PLANE_CODES[fmt]
+        if code == 2 and cfg.e2m1_bits:
+            code = 3
         _gemv_planes_kernel[grid](
             x, out, words, s, o, gs, m, n, k, k_per, x.stride(0), stride_om, stride_os,
             words.stride(0), s.stride(0), FMT=FMT_IDS[fmt], CODE=code, GROUP=group,

@@ -166,6 +166,11 @@ GEMV_ALTS_DEEP = [(16, 512, 0, 4, 3, True), (32, 1024, 0, 4, 3, True), (64, 1024
                   (32, 512, 0, 4, 2, True), (32, 512, 0, 4, 4, True), (16, 1024, 0, 4, 3, True),
                   (32, 512, 2, 4, 3, True), (16, 512, 0, 2, 3, True), (32, 512, 0, 2, 3, True)]
 
+# --gemv-e2m1: the shipped FP4 plane configs with E2M1 built as fp32 bits (no fp16 convert),
+# beside the same configs without (7th field: GemvConfig.e2m1_bits).
+GEMV_ALTS_E2M1 = [(32, 256, 0, 4, 3, True, True), (16, 512, 0, 4, 3, True, True),
+                  (16, 512, 0, 4, 3, True, False)]
+
 
 def _gemv(x, qw, config=None):
     """The GEMV kernel itself (whatever _qgemm.GEMV_MAX_M is)."""
@@ -208,8 +213,10 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 auto = pick_gemv_config(m, n, k, fmt, num_sms(x.device))
                 plan = [("fused-dot", None), ("gemv", None)]
                 if alts and fmt in ("int4", "nvfp4"):
-                    plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl))
-                             for bn, bk, sp, w, st, pl in alt_list]
+                    plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
+                                                     e2m1_bits=bool(eb)))
+                             for bn, bk, sp, w, st, pl, *eb in alt_list
+                             if not (eb and eb[0] and fmt != "nvfp4")]
                 for path, cfg in plan:
                     if path == "fused-dot":
                         fns = [lambda q=q: _fused(x, q) for q in qws]
@@ -325,6 +332,8 @@ def main() -> None:
     ap.add_argument("--gemv-m", default="1,4,16", help="with --gemv: these M")
     ap.add_argument("--gemv-deep", action="store_true",
                     help="with --gemv-sweep: the deeper-step alternatives GEMV_ALTS_DEEP")
+    ap.add_argument("--gemv-e2m1", action="store_true",
+                    help="with --gemv-sweep: FP4 plane configs with fp32-bit E2M1 (GEMV_ALTS_E2M1)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -336,6 +345,7 @@ def main() -> None:
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.gemv_shapes.split(",") if sh]
         res["gemv"] = decode_gemv(args.quick, ceil["copy_GBps"], args.gemv_sweep, shapes or None,
                                   tuple(int(v) for v in args.gemv_m.split(",")),
+                                  GEMV_ALTS_E2M1 if args.gemv_e2m1 else
                                   GEMV_ALTS_DEEP if args.gemv_deep else None)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))

@@ -34,6 +34,7 @@ MS = (1, 3, 16)
 # run the nibble-plane kernel unless planes is False ("tiles": the dequantized-tile kernel).
 CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2),
            "tiles": (32, 128, 2, 4, 3, -1, False), "planes256": (32, 256, 1, 4, 3),
+           "planes-e2m1bits": (32, 128, 2, 4, 3, -1, True, True),
            "auto": None}
 # vs x (float64) @ W_bf16^T: bf16 output rounding, ~1e-3 relative; the plane kernel multiplies
 # the unrounded weights (the bf16 rounding of W adds ~1e-3 more).
@@ -97,6 +98,16 @@ def _interpreter_main() -> None:
                     torch.empty(5, N_OUT).bfloat16(), gemv.GemvConfig(16, 32, 4, 4, 2))
           for _ in range(2)]
     out["deterministic"] = torch.equal(ys[0], ys[1])
+    # E2M1: every code through both plane decodes (fp16 bits + convert; fp32 bits + select),
+    # scale 1 and global scale 1; one-hot x rows read the codes back: y[m, n] = W[n, m].
+    codes = torch.arange(16, dtype=torch.uint8)
+    q = (codes[0::2] | (codes[1::2] << 4)).reshape(1, 8).repeat(16, 1)  # [16 out, 8 bytes]
+    one = torch.ones(16, 1).to(torch.float8_e4m3fn)
+    for bits in (False, True):
+        y = gemv.gemv(torch.eye(16).bfloat16(), "nvfp4", (16, 16), q, one, None,
+                      torch.ones(1), 16, torch.empty(16, 16).bfloat16(),
+                      gemv.GemvConfig(16, 16, 1, 4, 1, e2m1_bits=bits))
+        out[f"e2m1-{bits}"] = y[:, 0].float().tolist()
     # Routing: exact mode, the input gradient, M > GEMV_MAX_M and GEMV_MAX_M = 0 stay on the
     # tl.dot kernel (the interpreter needs its bf16-dot patch there, so only count calls).
     n_calls = len(calls)
@@ -137,6 +148,13 @@ def test_interpreted_gemv_matches_reference(interp_results: dict, case: int, m: 
     assert not r["nan"], "unwritten (NaN) outputs"
     assert r["routed"], "fast-mode forward with M <= 16 did not go through gemv"
     assert r["e64"] < TOL_F64 and r["eref"] < TOL_QMM_REF, (CASES[case], m, config, r)
+
+
+@pytest.mark.parametrize("bits", [False, True])
+def test_plane_e2m1_decode_equals_table(interp_results: dict, bits: bool) -> None:
+    from orbit.quant.qweight import E2M1_VALUES
+
+    assert interp_results[f"e2m1-{bits}"] == list(E2M1_VALUES)
 
 
 def test_split_k_is_deterministic(interp_results: dict) -> None:
