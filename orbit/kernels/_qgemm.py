@@ -40,6 +40,7 @@ class TileConfig:
     stages: int
     group_m: int = 8
     unpack: int = -1  # see orbit/kernels/_tiles.py; -1: the format's default below
+    swap: bool = False  # forward only: y^T = W @ x^T (see _qgemm_kernel); bench sweeps only
 
 
 # Measured on the H100 (docs/kernels.md): the join tree wins for int32 words, the 3-D shift
@@ -151,8 +152,11 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
                   stride_xm, stride_ym, stride_q, stride_s,
                   FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                   TRANS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
-                  GROUP_M: tl.constexpr, UNPACK: tl.constexpr):
+                  GROUP_M: tl.constexpr, UNPACK: tl.constexpr, SWAP: tl.constexpr = False):
     # W is [N, K]. TRANS=0: y[M, N] = x[M, K] @ W^T. TRANS=1: y[M, K] = x[M, N] @ W.
+    # SWAP (forward only, an experiment for decode M): accumulate y^T = W @ x^T, so the
+    # dequantized weight is the MMA's A operand (which wgmma reads from registers) and the few
+    # x rows the B operand (BM = the MMA's N, 16 at least); the result is stored transposed.
     if TRANS:
         OUT = K
         RED = N
@@ -173,7 +177,10 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
     offs_r = tl.arange(0, BR)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :]
     dt = x_ptr.dtype.element_ty
-    acc = tl.zeros((BM, BO), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BO, BM), dtype=tl.float32)  # y^T tile
+    else:
+        acc = tl.zeros((BM, BO), dtype=tl.float32)
     for r0 in range(0, RED, BR):
         xmask = (offs_m[:, None] < M) & (r0 + offs_r[None, :] < RED)
         xt = tl.load(x_ptrs, mask=xmask, other=0.0)  # [BM, BR]
@@ -184,11 +191,18 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
         else:
             w = _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, o0, r0, N, K,
                         FMT, GROUP, HAS_OFFSET, BO, BR, UNPACK)  # [BO, BR]
-            acc = tl.dot(xt, tl.trans(w.to(dt)), acc)
+            if SWAP:
+                acc = tl.dot(w.to(dt), tl.trans(xt), acc)  # [BO, BM]
+            else:
+                acc = tl.dot(xt, tl.trans(w.to(dt)), acc)
         x_ptrs += BR
     offs_o = o0 + tl.arange(0, BO)
-    ymask = (offs_m[:, None] < M) & (offs_o[None, :] < OUT)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :], acc.to(dt), mask=ymask)
+    if SWAP:
+        ymask = (offs_o[:, None] < OUT) & (offs_m[None, :] < M)
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_o[:, None], acc.to(dt), mask=ymask)
+    else:
+        ymask = (offs_m[:, None] < M) & (offs_o[None, :] < OUT)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :], acc.to(dt), mask=ymask)
 
 
 @triton.jit
@@ -278,6 +292,9 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
 
         return gemv(x, fmt, shape, q, s, offset, global_scale, group, y)
     cfg = config or pick_config(m, out_dim, fmt, exact)
+    if cfg.swap and (transpose or exact):
+        raise ValueError("TileConfig.swap is a fast-mode forward experiment (no transpose, "
+                         "no exact mode)")
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(out_dim, cfg.bo),)
     _qgemm_kernel[grid](
         x, y, q, s, offset if offset is not None else s,
@@ -285,7 +302,7 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         m, n, k, x.stride(0), y.stride(0), q.stride(0), s.stride(0),
         FMT=FMT_IDS[fmt], GROUP=group, HAS_OFFSET=offset is not None, TRANS=transpose,
         BM=cfg.bm, BO=cfg.bo, BR=cfg.br, GROUP_M=cfg.group_m,
-        UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0),
+        UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0), SWAP=cfg.swap,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return y

@@ -9,7 +9,9 @@ graphed engine step); training calls are single launches (do_bench zeroes a 256 
 before each, so L2 starts cold).
 `--gemv` runs only the decode comparison of the old fused `tl.dot` kernel and the GEMV /
 split-K path (orbit/kernels/gemv.py) at M in {1, 4, 16} for int4/fp8/nvfp4 against cuBLAS
-BF16, same rotation and graph replay; `--gemv-sweep` adds the GEMV_ALTS configs.
+BF16, same rotation and graph replay; `--gemv-sweep` adds the GEMV_ALTS configs
+(`--gemv-deep`: GEMV_ALTS_DEEP, `--gemv-e2m1`: GEMV_ALTS_E2M1 instead), `--gemv-swap` the
+swap-AB dot kernel (SWAP_ALTS); `--gemv-shapes 4096x12288,...` and `--gemv-m 1,4` narrow it.
 Writes JSON to $OUT/bench_qmm.json (or --out) and prints a short table last.
 
     python scripts/bench/bench_qmm.py [--quick] [--sweep] [--gemv [--gemv-sweep]]
@@ -166,6 +168,10 @@ GEMV_ALTS_DEEP = [(16, 512, 0, 4, 3, True), (32, 1024, 0, 4, 3, True), (64, 1024
                   (32, 512, 0, 4, 2, True), (32, 512, 0, 4, 4, True), (16, 1024, 0, 4, 3, True),
                   (32, 512, 2, 4, 3, True), (16, 512, 0, 2, 3, True), (32, 512, 0, 2, 3, True)]
 
+# --gemv-swap: the swap-AB dot kernel (TileConfig.swap: W is the MMA's A operand), (bo, br,
+# warps, stages); bm = max(16, M).
+SWAP_ALTS = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 256, 4, 3)]
+
 # --gemv-e2m1: the shipped FP4 plane configs with E2M1 built as fp32 bits (no fp16 convert),
 # beside the same configs without (7th field: GemvConfig.e2m1_bits).
 GEMV_ALTS_E2M1 = [(32, 256, 0, 4, 3, True, True), (16, 512, 0, 4, 3, True, True),
@@ -186,7 +192,8 @@ def _gemv(x, qw, config=None):
 
 
 def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = None,
-                ms_: tuple = (1, 4, 16), alt_list: list | None = None) -> list[dict]:
+                ms_: tuple = (1, 4, 16), alt_list: list | None = None,
+                swap: bool = False) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run."""
     from orbit.kernels.gemv import GemvConfig, num_sms, pick_gemv_config
 
@@ -212,6 +219,11 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 x = torch.randn(m, k, device="cuda").bfloat16()
                 auto = pick_gemv_config(m, n, k, fmt, num_sms(x.device))
                 plan = [("fused-dot", None), ("gemv", None)]
+                if swap:
+                    bm = max(16, triton.next_power_of_2(m))
+                    plan += [("fused-swap", _qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=w,
+                                                              stages=st, swap=True))
+                             for bo, br, w, st in SWAP_ALTS]
                 if alts and fmt in ("int4", "nvfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1_bits=bool(eb)))
@@ -220,6 +232,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 for path, cfg in plan:
                     if path == "fused-dot":
                         fns = [lambda q=q: _fused(x, q) for q in qws]
+                    elif path == "fused-swap":
+                        fns = [lambda q=q: _fused(x, q, config=cfg) for q in qws]
                     else:
                         fns = [lambda q=q: _gemv(x, q, cfg) for q in qws]
                     row = {"phase": "gemv", "fmt": name, "path": path, "k": k, "n": n, "m": m,
@@ -332,6 +346,8 @@ def main() -> None:
     ap.add_argument("--gemv-m", default="1,4,16", help="with --gemv: these M")
     ap.add_argument("--gemv-deep", action="store_true",
                     help="with --gemv-sweep: the deeper-step alternatives GEMV_ALTS_DEEP")
+    ap.add_argument("--gemv-swap", action="store_true",
+                    help="with --gemv: also time the swap-AB dot kernel configs SWAP_ALTS")
     ap.add_argument("--gemv-e2m1", action="store_true",
                     help="with --gemv-sweep: FP4 plane configs with fp32-bit E2M1 (GEMV_ALTS_E2M1)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
@@ -346,7 +362,7 @@ def main() -> None:
         res["gemv"] = decode_gemv(args.quick, ceil["copy_GBps"], args.gemv_sweep, shapes or None,
                                   tuple(int(v) for v in args.gemv_m.split(",")),
                                   GEMV_ALTS_E2M1 if args.gemv_e2m1 else
-                                  GEMV_ALTS_DEEP if args.gemv_deep else None)
+                                  GEMV_ALTS_DEEP if args.gemv_deep else None, args.gemv_swap)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")

@@ -50,6 +50,24 @@ def _interpreter_main() -> None:
             ey = ((y.double() - x.double() @ w.T).norm() / (x.double() @ w.T).norm()).item()
             edx = ((dx.double() - dy.double() @ w).norm() / (dy.double() @ w).norm()).item()
             out[f"{i}-{exact}"] = [ey, edx]
+    # Swap-AB forward (TileConfig.swap, a decode experiment): every format through the
+    # public wrappers with pick_config replaced, M = 5 (no GEMV) and M = 17 (two row tiles).
+    orig_pick = _qgemm.pick_config
+    _qgemm.pick_config = lambda *a, **kw: _qgemm.TileConfig(bm=16, bo=32, br=64, warps=4,
+                                                             stages=2, swap=True)
+    try:
+        for i, (fmt, kw, k) in enumerate(CASES):
+            qw = random_qweight(fmt, 72, k, seed=50 + i, **kw)  # out 72: a masked tail
+            w = qw.dequantize(torch.bfloat16).double()
+            errs = []
+            for m in (5, 17):
+                x = torch.randn(m, k).bfloat16()
+                y = fns[fmt](x, qw, out=torch.full((m, 72), float("nan")).bfloat16())
+                ref = x.double() @ w.T
+                errs.append(((y.double() - ref).norm() / ref.norm()).item())
+            out[f"swap-{i}"] = errs
+    finally:
+        _qgemm.pick_config = orig_pick
     # W8A8 GEMM on the reference's quantized activations (see the module docstring).
     qw = random_qweight("fp8", 192, 320, seed=9)
     x = torch.randn(5, 320).bfloat16()
@@ -78,6 +96,24 @@ def test_interpreted_kernels_match_reference(interp_results: dict, key: str) -> 
     # The interpreter truncates fp32->bf16 casts, so allow 1e-2 (the GPU test is the tight one).
     ey, edx = interp_results[key]
     assert ey < 1e-2 and edx < 1e-2, (CASES[int(key.split("-")[0])], ey, edx)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_interpreted_swap_ab_forward(interp_results: dict, case: int) -> None:
+    assert max(interp_results[f"swap-{case}"]) < 1e-2, (CASES[case], interp_results[f"swap-{case}"])
+
+
+def test_swap_ab_is_forward_fast_only() -> None:
+    from orbit.kernels import _qgemm
+
+    qw = random_qweight("int4", 64, 128, group_size=32)
+    t = qw.tensors
+    cfg = _qgemm.TileConfig(bm=16, bo=32, br=64, warps=4, stages=2, swap=True)
+    for transpose, exact in ((True, False), (False, True)):
+        x = torch.randn(3, 64 if transpose else 128).bfloat16()
+        with pytest.raises(ValueError, match="swap"):
+            _qgemm.launch(x, "int4", qw.shape, t["qweight"], t["scale"], None, None, 32,
+                          transpose, exact, None, cfg)
 
 
 def test_interpreted_w8a8_gemm(interp_results: dict) -> None:
