@@ -134,3 +134,22 @@ def test_dispatch_routes_small_m_fast_mode_through_gemv(monkeypatch: pytest.Monk
         qmm(torch.randn(1, k, device="cuda").bfloat16(), qw)
         assert calls == [], "GEMV_MAX_M = 0 must disable the GEMV"
         monkeypatch.setattr(_qgemm, "GEMV_MAX_M", max_m)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_plane_e2m1_from_fp32_bits(fmt: str) -> None:
+    """GemvConfig.e2m1_bits (E2M1 built as fp32 bits, not via an fp16 convert) against the
+    reference and against the default decode, at real decode shapes."""
+    from orbit.kernels.gemv import GemvConfig, gemv
+
+    for k, n in [(2048, 6144), (6144, 2048), (4096, 12288)]:
+        qw = random_qweight(fmt, n, k, seed=k + n, device="cuda")
+        w = qw.dequantize(torch.bfloat16).double()
+        for m in (1, 4):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            ys = [gemv(x, fmt, qw.shape, *_args(qw),
+                       torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16),
+                       GemvConfig(32, 256, 1, 4, 3, e2m1_bits=bits)) for bits in (False, True)]
+            assert not ys[1].isnan().any(), (fmt, k, n, m)
+            assert _rel(ys[1], x.double() @ w.T) < TOL, (fmt, k, n, m)
+            assert _rel(ys[1], ys[0]) < 2e-3, (fmt, k, n, m)  # same sums, other rounding

@@ -169,3 +169,30 @@ def test_tile_dequantization_is_bit_exact(fmt: str, kw: dict) -> None:
     group = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}.get(fmt, qw.group_size)
     w = dequantize_weight(fmt, qw.shape, q, s, t.get("offset"), gs, group, torch.bfloat16)
     assert torch.equal(w, qw.dequantize(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fmt,kw", [("int4", {"group_size": 128}),
+                                    ("int4", {"group_size": 32, "asym": True}),
+                                    ("int8", {"group_size": 32}), ("fp8", {}), ("nvfp4", {}),
+                                    ("mxfp4", {})])
+def test_swap_ab_forward(fmt: str, kw: dict) -> None:
+    """TileConfig.swap (y^T = W x^T, the decode experiment) against the reference, NaN-poisoned
+    outputs, M on both sides of the 16-row MMA tile."""
+    from orbit.kernels import _qgemm
+
+    k, n = 2048, 6144
+    qw = random_qweight(fmt, n, k, seed=3, device="cuda", **kw)
+    t = qw.tensors
+    q, s = t.get("qweight", t.get("weight")), t.get("scale", t.get("scale_inv"))
+    gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
+    group = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}.get(fmt, qw.group_size)
+    w = qw.dequantize(torch.bfloat16).double()
+    for m, bm in [(1, 16), (5, 16), (16, 16), (40, 64)]:
+        for bo, br in [(64, 64), (128, 128)]:
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+            cfg = _qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=4, stages=3, swap=True)
+            _qgemm.launch(x, fmt, qw.shape, q, s, t.get("offset"), gs, group, False, False, y,
+                          cfg)
+            assert not y.isnan().any(), (fmt, m, bo, br)
+            assert _rel(y, x.double() @ w.T) < TOL, (fmt, m, bo, br)
