@@ -21,10 +21,24 @@ from orbit.quant.qweight import MXFP4_GROUP, NVFP4_GROUP, QuantizedWeight
 
 
 @triton.jit
+def e2m1_scaled(codes):
+    """int32 codes 0..15 -> float32 E2M1 values times 2^-14 (through the fp16 bits; callers
+    that apply a scale anyway fold the 2^14 into it)."""
+    bits = ((codes & 7) << 9) | ((codes & 8) << 12)  # fp16 bits of value * 2^-14
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _e2m1(codes):
     """int32 codes 0..15 -> float32 values {0, .5, 1, 1.5, 2, 3, 4, 6} with bit 3 as sign."""
-    bits = ((codes & 7) << 9) | ((codes & 8) << 12)  # fp16 bits of value * 2^-14
-    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+    return e2m1_scaled(codes) * 16384.0
+
+
+@triton.jit
+def e8m0_scale(e):
+    """E8M0 exponent bytes (as int32) -> float32 2^(e-127): the fp32 whose exponent field is
+    e; e == 0 is the subnormal 2^-127."""
+    return tl.where(e == 0, 5.877471754111438e-39, (e << 23).to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -49,8 +63,7 @@ def mxfp4_tile(q_ptr, s_ptr, stride_q, stride_s, n0, k0, N, K,
     offs_g = k0 // 32 + tl.arange(0, COLS // 32)
     e = tl.load(s_ptr + offs_n[:, None] * stride_s + offs_g[None, :],
                 mask=row_ok[:, None] & (offs_g[None, :] < K // 32), other=0).to(tl.int32)
-    # 2^(e-127) is the fp32 whose exponent field is e; e == 0 is the subnormal 2^-127.
-    s = tl.where(e == 0, 5.877471754111438e-39, (e << 23).to(tl.float32, bitcast=True))
+    s = e8m0_scale(e)
     w3 = tl.reshape(v, (ROWS, COLS // 32, 32)) * s[:, :, None]  # [ROWS, COLS/32, 32]
     return tl.reshape(w3, (ROWS, COLS))
 

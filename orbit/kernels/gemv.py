@@ -46,6 +46,8 @@ from torch import Tensor
 
 from orbit.kernels._qgemm import DEFAULT_UNPACK, FMT_IDS, _w_tile
 from orbit.kernels._triton import tl, triton
+from orbit.kernels.fp4 import e2m1_scaled, e8m0_scale
+from orbit.kernels.int4 import int4_codes
 
 # Heuristic constants (pick_gemv_config); sweep them with scripts/bench/bench_qmm.py --gemv.
 GEMV_BLOCK_K = 128  # reduction depth per step; fp8_tile needs <= 128 (one scale block)
@@ -167,21 +169,16 @@ PLANE_CODES = {("int4", False): 0, ("int4", True): 1, "nvfp4": 2, "mxfp4": 2}
 
 @triton.jit
 def _plane_values(words, I: tl.constexpr, CODE: tl.constexpr):
-    """Nibble I of every int32 word as float32, before the group scale. Int codes use the
-    2^23 trick: OR-ing u into the mantissa of 2^23 gives the float 2^23 + u exactly, so one
-    subtraction (of 2^23 + 8 for symmetric int4) replaces an int->float convert, which runs at
-    1/8 of the FMA rate on the H100. E2M1 codes (FP4): CODE 2 makes value * 2^-14 through fp16
-    bits, as in fp4._e2m1 (the kernel folds the 2^14 into the scale), which costs an fp16 ->
-    fp32 convert per element; CODE 3 builds the fp32 value's bits directly
+    """Nibble I of every int32 word as float32, before the group scale. Int codes: the 2^23
+    trick of int4.int4_codes (no int->float convert). E2M1 codes (FP4): CODE 2 makes value *
+    2^-14 through fp16 bits (fp4.e2m1_scaled; the kernel folds the 2^14 into the scale), which
+    costs an fp16 -> fp32 convert per element; CODE 3 builds the fp32 value's bits directly
     (GemvConfig.e2m1_bits)."""
     u = (words >> (4 * I)) & 0xF
-    if CODE == 0:
-        v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # u - 8
-    elif CODE == 1:
-        v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # u
+    if CODE <= 1:
+        v = int4_codes(u, CODE == 0)  # u - 8 (symmetric) or u
     elif CODE == 2:
-        bits = ((u & 7) << 9) | ((u & 8) << 12)
-        v = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        v = e2m1_scaled(u)
     else:
         # E2M1 built as fp32 bits, no convert: magnitudes 1..6 (e >= 1) are the fp32 whose
         # exponent/mantissa bits are (e + 126, m), i.e. (em + 252) << 22; the two subnormal
@@ -239,17 +236,12 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, K_P
         part = tl.sum(cx, axis=3)  # [BN, MP, NG]: per group, sum of code * x
         sp = offs_n[:, None] * stride_s + g[None, :]
         s_ok = row_ok[:, None] & g_ok[None, :]
-        if FMT == 4:  # MXFP4: E8M0 exponent byte, 2^(e-127); e == 0 is the subnormal 2^-127
-            e = tl.load(s_ptr + sp, mask=s_ok, other=0).to(tl.int32)
-            sc = tl.where(e == 0, 5.877471754111438e-39, (e << 23).to(tl.float32, bitcast=True))
-            if CODE == 2:
-                sc = sc * 16384.0
-        elif FMT == 3:  # NVFP4: e4m3 group scale; the fp32 global scale is applied at the end
+        if FMT == 4:  # MXFP4: E8M0 exponent byte
+            sc = e8m0_scale(tl.load(s_ptr + sp, mask=s_ok, other=0).to(tl.int32))
+        else:  # int4 bf16/fp16/fp32 scale; NVFP4 e4m3 (its fp32 global scale comes at the end)
             sc = tl.load(s_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
-            if CODE == 2:
-                sc = sc * 16384.0
-        else:
-            sc = tl.load(s_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
+        if CODE == 2:
+            sc = sc * 16384.0  # e2m1_scaled's 2^-14
         contrib = part * sc[:, None, :]
         if HAS_OFFSET:
             off = tl.load(o_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)

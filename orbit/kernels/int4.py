@@ -25,6 +25,15 @@ INT4_OFFSET_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def int4_codes(u, SYMMETRIC: tl.constexpr):
+    """int32 codes 0..15 -> float32 u - 8 (symmetric) or u, without a convert instruction
+    (those run at 1/8 of the FMA rate on the H100): OR-ing u into the mantissa of 2^23 is the
+    float 2^23 + u, and subtracting 2^23 (or 2^23 + 8) leaves the value exactly."""
+    bias = 8388616.0 if SYMMETRIC else 8388608.0
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - bias
+
+
+@triton.jit
 def int4_tile(q_ptr, s_ptr, o_ptr, stride_q, stride_s, n0, k0, N, K,
               GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
               ROWS: tl.constexpr, COLS: tl.constexpr, UNPACK: tl.constexpr):
@@ -32,12 +41,8 @@ def int4_tile(q_ptr, s_ptr, o_ptr, stride_q, stride_s, n0, k0, N, K,
     offs_n = n0 + tl.arange(0, ROWS)
     row_ok = offs_n < N
     u = unpack_nibbles(q_ptr, stride_q, offs_n, row_ok, k0, K, 8, ROWS, COLS, UNPACK)
-    # int -> float without a convert instruction (those run at 1/8 of the FMA rate on the
-    # H100): OR-ing u into the mantissa of 2^23 is the float 2^23 + u, and subtracting 2^23
-    # (or 2^23 + 8) leaves u (or u - 8) exactly, the same values as `u.to(float32) - 8`.
-    bias = 8388608.0 if HAS_OFFSET else 8388616.0
-    u = (u | 0x4B000000).to(tl.float32, bitcast=True) - bias  # exact in fp32, as is the
-    # product with a bf16/fp16 scale
+    # exact in fp32, as is the product with a bf16/fp16 scale
+    u = int4_codes(u, not HAS_OFFSET)
     return group_affine(u, s_ptr, o_ptr, stride_s, offs_n, row_ok, k0, K, GROUP, HAS_OFFSET,
                         ROWS, COLS)
 
