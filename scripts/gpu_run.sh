@@ -31,9 +31,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.cuda.is_available())'
 
 declare -a SUMMARY=()
+STEP_NO=0
 step() {  # step NAME CMD...
   local name="$1"; shift
-  local log="$OUT/$(echo "$name" | tr -c 'A-Za-z0-9._-' '_' | cut -c1-60).log"
+  # numbered, so two steps of the same script (cut at 56 chars) keep separate logs
+  STEP_NO=$((STEP_NO + 1))
+  local log="$OUT/${STEP_NO}_$(echo "$name" | tr -c 'A-Za-z0-9._-' '_' | cut -c1-56).log"
   local t0=$SECONDS
   echo "===== $name"
   "$@" > "$log" 2>&1; local rc=$?

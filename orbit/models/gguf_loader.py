@@ -144,7 +144,10 @@ def load_gguf(
         t = by_hf.get(name)
         if t is None:
             return None
-        w = gguf_float(t)  # float32, exact for F32/F16/Q8_0/Q4_x values
+        try:
+            w = gguf_float(t)  # float32, exact for F32/F16/Q8_0/Q4_x values
+        except ValueError as e:  # names tensor and type; add which file
+            raise ValueError(f"{path}: {e}") from e
         perm = perm_for(name.rpartition(".")[0])
         return w[perm] if perm is not None else w
 
@@ -154,7 +157,10 @@ def load_gguf(
             return None  # dense path (or a missing tensor, reported by materialize)
         from orbit.quant.linear import QuantLinear
 
-        qw = gguf_qweight(t)
+        try:
+            qw = gguf_qweight(t)
+        except ValueError as e:  # names tensor and type; add which file
+            raise ValueError(f"{path}: {e}") from e
         perm = perm_for(name)
         if perm is not None:
             qw = permute_rows(qw, perm)

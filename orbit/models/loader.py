@@ -88,10 +88,18 @@ def _set_param(model: nn.Module, name: str, value: Tensor) -> None:
     setattr(mod, attr, nn.Parameter(value, requires_grad=False))
 
 
-def _check_shape(name: str, got: Tensor, want: torch.Size, where: str) -> None:
+def _check_tensor(name: str, got: Tensor, want: torch.Size, where: str) -> None:
     if tuple(got.shape) != tuple(want):
         raise ValueError(
             f"{where}: tensor {name!r} has shape {tuple(got.shape)}, the config implies {tuple(want)}"
+        )
+    # A float parameter read from an int or fp8 tensor would be cast silently (fp8 without
+    # its scale, or packed int4 words as numbers): refuse it; quantized weights need a
+    # quantization_config so they go through the checkpoint readers instead.
+    if not got.dtype.is_floating_point or got.dtype.itemsize < 2:  # ints, fp8 variants
+        raise ValueError(
+            f"{where}: tensor {name!r} has dtype {got.dtype}, expected float32/float16/bfloat16 "
+            "(a quantized tensor needs the checkpoint's quantization_config)"
         )
 
 
@@ -134,13 +142,21 @@ def materialize(
         if w is None or (mod.bias is not None and b is None):
             missing.append(name + (".weight" if w is None else ".bias"))
             continue
-        _check_shape(name + ".weight", w, mod.weight.shape, where)
+        _check_tensor(name + ".weight", w, mod.weight.shape, where)
+        if b is not None:
+            _check_tensor(name + ".bias", b, mod.bias.shape, where)
         bias = b.to(device=device, dtype=dtype) if b is not None else None
         if quant is not None and any(t.fullmatch(name) for t in targets):
             from orbit.quant.linear import QuantLinear
             from orbit.quant.quantize import quantize
 
-            qw = quantize(w.to(device), quant, group_size=group_size, symmetric=symmetric)
+            try:
+                qw = quantize(w.to(device), quant, group_size=group_size, symmetric=symmetric)
+            except ValueError as e:  # e.g. the group does not divide in_features: say which layer
+                raise ValueError(
+                    f"{name}: cannot quantize its weight {list(w.shape)} to {quant} "
+                    f"(group_size={group_size}, symmetric={symmetric}) while loading {where}: {e}"
+                ) from e
             set_module(model, name, QuantLinear(qw, bias))
         else:
             _set_param(model, name + ".weight", w.to(device=device, dtype=dtype))
@@ -154,7 +170,7 @@ def materialize(
         if t is None:
             missing.append(name)
             continue
-        _check_shape(name, t, p.shape, where)
+        _check_tensor(name, t, p.shape, where)
         _set_param(model, name, t.to(device=device, dtype=dtype))
     if missing:
         more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""

@@ -21,6 +21,7 @@ from orbit.eval.passk import pass_at_k_table
 from orbit.orchestration.group import WorkerGroup
 from orbit.orchestration.steps import (
     assign_advantages,
+    drop_failed_samples,
     mini_batches,
     reduce_train_metrics,
     rollout_metrics,
@@ -69,10 +70,16 @@ def train(cfg: TrainConfig) -> Path:
         for step in range(start + 1, num_steps + 1):
             t_step = time.perf_counter()
             # 4. Rollout: n samples per prompt from the serve slot, scored by the reward runner.
-            rows = _rows(stream.next_batch(), first_group=step * cfg.rollout.rollout_batch_size)
+            first_group = step * cfg.rollout.rollout_batch_size
+            rows = _rows(stream.next_batch(), first_group=first_group)
             samples = workers.rollout(rows, step)
             t_rollout = time.perf_counter() - t_step
+            # A prompt the engine refused (empty, longer than the context) leaves the step with
+            # a warning instead of failing it; only a step where every prompt failed raises.
+            rolled = len(samples)
+            samples = drop_failed_samples(samples, first_group)
             metrics = rollout_metrics(samples)
+            metrics["rollout/failed_samples"] = float(rolled - len(samples))
 
             # 5. Advantages over the whole batch (group baselines, or batch whitening).
             assign_advantages(samples, cfg.algo)
@@ -82,7 +89,8 @@ def train(cfg: TrainConfig) -> Path:
             t0 = time.perf_counter()
             if optim_steps_per_rollout > 1:
                 workers.compute_old_logprobs(samples)
-            per_step = [workers.train(mb) for mb in mini_batches(samples, cfg.global_batch())]
+            per_step = [workers.train(mb) for mb in mini_batches(samples, cfg.global_batch(),
+                                                                 partial=len(samples) < rolled)]
             metrics |= reduce_train_metrics(per_step)
             t_train = time.perf_counter() - t0
             jumps = monitor.update(step, _mismatch_view(metrics))

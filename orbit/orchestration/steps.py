@@ -7,13 +7,17 @@ grouped ones give the same answer either way. Everything here is torch-on-CPU an
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 from typing import Any
 
 import torch
 
 from orbit.algorithms.advantages import AdvantageConfig, AdvantageInputs, compute_advantages
 from orbit.config import AlgoConfig
+
+log = logging.getLogger("orbit.trainer")
 
 
 def response_mask(samples: list[Any]) -> torch.Tensor:
@@ -41,11 +45,65 @@ def assign_advantages(samples: list[Any], algo: AlgoConfig) -> None:
         s.metadata["advantages"] = adv[b, : len(s.response_ids)].tolist()
 
 
-def mini_batches(samples: list[Any], size: int) -> list[list[Any]]:
-    """Consecutive optimizer-step batches of `size` samples (groups stay together in order)."""
+def drop_failed_samples(samples: list[Any], first_group: int = 0) -> list[Any]:
+    """`samples` less those the engine refused (finish_reason "error": an empty prompt, one
+    longer than the context, ...). Each prompt that lost samples is logged as a warning with
+    its index in the step's batch (group_id - first_group) and the engine's message.
+
+    A failed sample leaves its GRPO group (the baseline is taken over the samples that ran);
+    a group with none left is skipped. Raises ValueError when nothing ran: no step can be
+    taken, and every prompt failing means the data or the lengths are misconfigured."""
+    sizes = Counter(int(s.group_id) for s in samples)
+    failed: dict[int, list[Any]] = {}
+    kept = []
+    for s in samples:
+        if s.finish_reason == "error":
+            failed.setdefault(int(s.group_id), []).append(s)
+        else:
+            kept.append(s)
+    msgs = []
+    for gid, bad in failed.items():
+        err = bad[0].metadata.get("rollout_error", "no message")
+        msgs.append(f"prompt {gid - first_group}: {err}")
+        what = "group skipped" if len(bad) == sizes[gid] else f"the other {sizes[gid] - len(bad)} kept"
+        log.warning("prompt %d (group %d): %d of %d samples failed in the rollout engine and are "
+                    "dropped from its GRPO group (%s): %s", gid - first_group, gid, len(bad),
+                    sizes[gid], what, err)
+    if samples and not kept:
+        shown = "; ".join(msgs[:3]) + ("; ..." if len(msgs) > 3 else "")
+        raise ValueError(f"every prompt of the step ({len(failed)}) failed in the rollout engine, "
+                         f"nothing to train on: {shown} (check --max-prompt-len and the prompt data)")
+    return kept
+
+
+def mini_batches(samples: list[Any], size: int, partial: bool = False) -> list[list[Any]]:
+    """Consecutive optimizer-step batches of `size` samples (groups stay together in order).
+
+    partial: the rollout lost samples (`drop_failed_samples`), so the count need not divide
+    by `size`: whole groups are dealt, in order, into ceil(len / size) batches of about equal
+    length. Without it a count that does not divide is a bug and raises."""
+    if partial and len(samples) % size:
+        return _split_groups(samples, -(-len(samples) // size))
     if len(samples) % size:
         raise ValueError(f"{len(samples)} samples do not split into global batches of {size}")
     return [samples[i: i + size] for i in range(0, len(samples), size)]
+
+
+def _split_groups(samples: list[Any], num: int) -> list[list[Any]]:
+    """Consecutive runs of whole groups (samples are in group order) into at most `num`
+    non-empty batches, each closing once it reaches its share of the samples."""
+    groups: list[list[Any]] = []
+    for s in samples:
+        if groups and groups[-1][0].group_id == s.group_id:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    out: list[list[Any]] = [[]]
+    for g in groups:
+        if out[-1] and len(out) < num and sum(map(len, out)) >= len(out) * len(samples) / num:
+            out.append([])
+        out[-1].extend(g)
+    return out
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:

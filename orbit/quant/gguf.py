@@ -7,7 +7,9 @@ model trains on exactly the weights llama.cpp would serve:
 - Q8_0 (fp16 d, 32 int8; d * q)            -> int8, group 32, scale = d;
 - F32 / F16 / BF16                          -> bf16 (`gguf_float` keeps float32 for norms);
 - anything else (Q4_K, Q6_K, ...)           -> gguf.quants.dequantize, then `quantize` to a
-  chosen format, with a warning naming the tensor.
+  chosen format (int8 by default) with the largest group of 128/64/32 that divides the input
+  dim, and a warning naming the tensor and its type;
+- a type gguf-py cannot dequantize (Q8_1, Q8_K, ...) -> ValueError naming tensor and type.
 gguf-py gives `tensor.shape` in ggml order (ne0 = in first) and `tensor.data` as
 [rows, bytes per row] for block types; the torch shape is the reversed `shape`.
 """
@@ -19,11 +21,12 @@ import warnings
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, ReaderTensor
 from gguf.quants import dequantize as gguf_dequantize
 from torch import Tensor
 
-from orbit.quant.quantize import quantize
+from orbit.quant.gguf_reader import GGUFReader, supported_types_text
+from orbit.quant.quantize import FIXED_GROUP_SIZE, quantize, resolve_group_size
 from orbit.quant.qweight import QuantizedWeight
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "gguf_qweight",
     "llama_rope_unpermutation",
     "permute_rows",
+    "requant_group_size",
 ]
 
 QK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
@@ -41,6 +45,8 @@ _BLOCK_BYTES = {
     GGMLQuantizationType.Q8_0: 34,
 }
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+# Requantization groups, largest first: fewer scales, but SmolLM2's 576-wide rows only take 64.
+FALLBACK_GROUPS = (128, 64, 32)
 
 
 def torch_shape(tensor: ReaderTensor) -> tuple[int, ...]:
@@ -55,6 +61,20 @@ def _shape2d(tensor: ReaderTensor) -> tuple[int, int]:
     return shape
 
 
+def _check_nbytes(tensor: ReaderTensor) -> None:
+    """The tensor's data must hold exactly the bytes its type and shape imply (a short buffer
+    would otherwise surface as a bare numpy reshape error)."""
+    kind = tensor.tensor_type
+    block, type_size = GGML_QUANT_SIZES[kind]
+    need = int(tensor.n_elements) * type_size // block
+    got = int(np.asarray(tensor.data).nbytes)
+    if got != need:
+        raise ValueError(
+            f"GGUF tensor {tensor.name!r} ({kind.name}, shape {list(torch_shape(tensor))}) "
+            f"needs {need} bytes of data, got {got} (truncated or corrupt file)"
+        )
+
+
 def _blocks(tensor: ReaderTensor) -> tuple[Tensor, int, int]:
     """Raw blocks uint8 [out, in/32, bytes per block]."""
     out_f, in_f = _shape2d(tensor)
@@ -62,6 +82,7 @@ def _blocks(tensor: ReaderTensor) -> tuple[Tensor, int, int]:
         raise ValueError(
             f"GGUF tensor {tensor.name!r}: in_features {in_f} is not a multiple of {QK}"
         )
+    _check_nbytes(tensor)
     raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, copy=True))  # [out, bytes]
     return raw.reshape(out_f, in_f // QK, _BLOCK_BYTES[tensor.tensor_type]), out_f, in_f
 
@@ -80,6 +101,34 @@ def _q4_words(qs: Tensor) -> Tensor:
     return out_bytes.contiguous().view(torch.int32)  # little-endian: byte 0 = bits 0..7
 
 
+def requant_group_size(
+    name: str, shape: tuple[int, int], fmt: str, group_size: int | None = None
+) -> int:
+    """The group a requantized GGUF tensor of torch `shape` [out, in] gets in `fmt`.
+
+    int4/int8: `group_size` if given, else the largest of FALLBACK_GROUPS that divides the
+    input dim. Fixed-block formats use their own block (fp8 pads to 128x128, so any shape
+    fits). ValueError naming the tensor and its dims when nothing fits.
+    """
+    in_f = shape[1]
+    if fmt in FIXED_GROUP_SIZE:
+        g = resolve_group_size(fmt, group_size)
+        if fmt not in ("bf16", "fp8") and in_f % g:
+            raise ValueError(
+                f"GGUF tensor {name!r} [out={shape[0]}, in={in_f}] cannot be requantized to "
+                f"{fmt}: its block of {g} does not divide the input dim {in_f}"
+            )
+        return g
+    choices = FALLBACK_GROUPS if group_size is None else (resolve_group_size(fmt, group_size),)
+    for g in choices:
+        if in_f % g == 0:
+            return g
+    raise ValueError(
+        f"GGUF tensor {name!r} [out={shape[0]}, in={in_f}] cannot be requantized to {fmt}: "
+        f"no group size in {list(choices)} divides the input dim {in_f}"
+    )
+
+
 def gguf_qweight(
     tensor: ReaderTensor,
     fallback_fmt: str = "int8",
@@ -88,7 +137,10 @@ def gguf_qweight(
     """A 2-D GGUF weight as a `QuantizedWeight` [out, in].
 
     Q4_0 / Q4_1 / Q8_0 are repacked exactly; F32/F16/BF16 become `bf16`; any other type is
-    dequantized with gguf-py and requantized to `fallback_fmt` (a warning says so).
+    dequantized with gguf-py and requantized to `fallback_fmt` (a warning says so) with
+    `fallback_group_size`, or by default the largest group of 128/64/32 dividing the input
+    dim. ValueError naming the tensor for a type gguf-py cannot dequantize or a shape the
+    format cannot hold.
     """
     kind = tensor.tensor_type
     if kind in _BLOCK_BYTES:
@@ -117,12 +169,21 @@ def gguf_qweight(
         return QuantizedWeight(
             "bf16", (int(w.shape[0]), int(w.shape[1])), {"weight": w.to(torch.bfloat16)}
         )
+    shape = _shape2d(tensor)
+    g = requant_group_size(tensor.name, shape, fallback_fmt, fallback_group_size)
+    w = gguf_float(tensor)  # raises first for a type gguf-py cannot dequantize: no warning then
     warnings.warn(
         f"GGUF tensor {tensor.name!r} has type {kind.name}, which Orbit cannot keep exactly; "
-        f"dequantizing and requantizing it to {fallback_fmt}",
+        f"dequantizing and requantizing it to {fallback_fmt} (group {g})",
         stacklevel=2,
     )
-    return quantize(gguf_float(tensor), fallback_fmt, group_size=fallback_group_size)
+    try:
+        return quantize(w, fallback_fmt, group_size=g)
+    except ValueError as e:  # e.g. inf/NaN after dequantizing: say which tensor
+        raise ValueError(
+            f"GGUF tensor {tensor.name!r} ({kind.name}): requantizing to {fallback_fmt} "
+            f"failed: {e}"
+        ) from e
 
 
 def gguf_float(tensor: ReaderTensor) -> Tensor:
@@ -132,6 +193,7 @@ def gguf_float(tensor: ReaderTensor) -> Tensor:
     """
     shape = torch_shape(tensor)
     kind = tensor.tensor_type
+    _check_nbytes(tensor)
     if kind == GGMLQuantizationType.F32:
         return torch.from_numpy(np.array(tensor.data, dtype=np.float32, copy=True)).reshape(shape)
     if kind == GGMLQuantizationType.F16:
@@ -143,7 +205,13 @@ def gguf_float(tensor: ReaderTensor) -> Tensor:
     if kind == GGMLQuantizationType.BF16:
         raw = np.array(tensor.data, dtype=np.uint8, copy=True).view(np.int16)
         return torch.from_numpy(raw).view(torch.bfloat16).reshape(shape).float()
-    values = gguf_dequantize(np.asarray(tensor.data), kind)  # float32 in the torch shape
+    try:
+        values = gguf_dequantize(np.asarray(tensor.data), kind)  # float32 in the torch shape
+    except NotImplementedError as e:  # gguf-py has no dequantizer for e.g. Q8_1 / Q8_K / I32
+        raise ValueError(
+            f"GGUF tensor {tensor.name!r} has type {kind.name}, which gguf-py cannot "
+            f"dequantize, so Orbit cannot read it. {supported_types_text()}."
+        ) from e
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
 
 

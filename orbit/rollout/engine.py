@@ -62,6 +62,34 @@ def default_graph_key(model: nn.Module) -> Hashable:
     return tuple(parts)
 
 
+def token_ids(prompt: Any) -> list[int]:
+    """One prompt as a list of Python ints: a list/tuple of integers, or a 1-D integer tensor.
+
+    Anything else raises a ValueError that says what was passed, not "prompt is empty": a
+    str (text not yet tokenized) or a 2-D tensor (a batch of one) is an easy mistake.
+    """
+    if isinstance(prompt, torch.Tensor):
+        if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise ValueError(f"prompt must hold integer token ids, got a {prompt.dtype} tensor")
+        if prompt.dim() != 1:
+            raise ValueError(f"prompt must be a 1-D tensor of token ids, got shape {tuple(prompt.shape)}"
+                             + ("; pass one row per prompt" if prompt.dim() == 2 else ""))
+        return prompt.tolist()
+    if isinstance(prompt, (str, bytes)):
+        raise ValueError(  # noqa: TRY004 (generate collects a bad request's ValueError)
+            f"prompt must be a list of token ids (ints), got {type(prompt).__name__} "
+            f"{prompt[:40]!r}; tokenize it first")
+    if not isinstance(prompt, (list, tuple)):
+        hint = "; generate takes a list of prompts" if isinstance(prompt, Integral) else ""
+        raise ValueError(  # noqa: TRY004 (as above)
+            f"prompt must be a list of token ids (ints), got {type(prompt).__name__}{hint}")
+    for t in prompt:
+        if not isinstance(t, Integral) or isinstance(t, bool):
+            raise ValueError(  # noqa: TRY004 (as above)
+                f"prompt must be a list of token ids (ints), it holds {t!r} ({type(t).__name__})")
+    return [int(t) for t in prompt]
+
+
 class Engine:
     """Samples completions from `model` (a CausalLM: forward(ids, pos, attn), logits(h)).
 
@@ -222,23 +250,26 @@ class Engine:
 
     # -- generation --------------------------------------------------------------------------
 
-    def validate(self, prompt: Any, params: SamplingParams) -> None:
-        """Raise ValueError (without the request index) if one request is invalid."""
-        if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
+    def validate(self, prompt: Any, params: SamplingParams) -> list[int]:
+        """The prompt's token ids as a list of ints; raise ValueError (without the request
+        index) if the request is invalid."""
+        ids = token_ids(prompt)
+        if len(ids) == 0:
             raise ValueError("prompt is empty (need at least one token id)")
-        if len(prompt) >= self.max_model_len:
+        if len(ids) >= self.max_model_len:
             raise ValueError(
-                f"prompt has {len(prompt)} tokens, the context (max_model_len={self.max_model_len}) "
+                f"prompt has {len(ids)} tokens, the context (max_model_len={self.max_model_len}) "
                 "leaves no room for a new token"
             )
-        if not all(isinstance(t, Integral) and 0 <= t < self.vocab_size for t in prompt):
-            bad = next(t for t in prompt if not (isinstance(t, Integral) and 0 <= t < self.vocab_size))
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
             raise ValueError(f"prompt holds {bad!r}, not a token id in [0, {self.vocab_size})")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(params).__name__}")  # noqa: TRY004
         params.check(self.vocab_size)
         if params.stop_strings and self.detokenize is None:
             raise ValueError("stop_strings need a tokenizer or decode function on the engine")
+        return ids
 
     def generate(
         self,
@@ -249,15 +280,30 @@ class Engine:
     ) -> list[list[Completion]]:
         """n completions per prompt, as [request][sample].
 
-        sampling: one SamplingParams for all prompts or one per prompt. on_error="raise"
-        validates every request first and raises one ValueError naming each bad request (index
-        and field) before anything runs; on_error="skip" returns n Completions with
-        finish_reason "error" (and `error` set) for each bad request and runs the others.
+        prompts: one list of token ids per request (a 1-D integer torch tensor is accepted).
+        sampling: one SamplingParams for all prompts or one per prompt.
+        on_error: what an invalid request (empty or over-long prompt, bad token id, bad
+        sampling value) does.
+          "raise" (default): validate every request first and raise one ValueError naming each
+              bad request (index and field) before anything runs;
+          "skip": return n Completions with finish_reason "error" and `error` set
+              ("request <i>: ...") for each bad request, and run the others.
+        The default raises because a library caller that does not look at finish_reason would
+        otherwise take empty completions for real ones (vLLM's offline `LLM.generate` also
+        raises on an over-long prompt; its server answers each request on its own). Callers
+        that batch unrelated requests and must not lose them all to one bad one (the RL
+        rollout, orbit.trainer.worker) pass on_error="skip" and check finish_reason.
+        Arguments that concern the whole call (n, on_error, the number of SamplingParams)
+        raise in either mode.
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple, torch.Tensor)):
+            raise ValueError(  # noqa: TRY004 (every bad-input error of generate is a ValueError)
+                f"prompts must be a list of prompts (each a list of token ids), "
+                f"got {type(prompts).__name__}")
         if isinstance(sampling, SamplingParams):
             params = [sampling] * len(prompts)
         else:
@@ -265,9 +311,10 @@ class Engine:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         errors: dict[int, str] = {}
+        ids: dict[int, list[int]] = {}
         for i, (p, sp) in enumerate(zip(prompts, params)):
             try:
-                self.validate(p, sp)
+                ids[i] = self.validate(p, sp)
             except ValueError as e:  # collected and reported below, never dropped
                 errors[i] = f"request {i}: {e}"
         if errors and on_error == "raise":
@@ -276,11 +323,10 @@ class Engine:
         self.allocate_kv_cache()
         sched = Scheduler(self.num_slots, self.max_model_len, self.max_prefill_tokens,
                           self.eos_token_ids, self.detokenize)
-        for i, (p, sp) in enumerate(zip(prompts, params)):
-            if i in errors:
-                continue
+        for i, p in ids.items():
+            sp = params[i]
             seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
-            sched.add(i, [int(t) for t in p], n, sp, [sequence_key(seed, i, j) for j in range(n)])
+            sched.add(i, p, n, sp, [sequence_key(seed, i, j) for j in range(n)])
         state = self._graph_key() if self.use_graphs else None
         # Each step ends by reading the sampled tokens on the host (a sync), so per-step wall
         # times are device times too.

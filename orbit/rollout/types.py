@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 FINISH_REASONS = ("stop", "length", "stop_string", "error")
 LOGPROBS_MODES = ("processed", "scaled", "raw")
@@ -59,28 +60,44 @@ class SamplingParams:
         return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0)
 
     def check(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError naming the first invalid field."""
+        """Raise ValueError naming the first invalid field and its value.
+
+        bool is an int subclass in Python, so `temperature=True` or `max_new_tokens=True` would
+        pass a plain isinstance check and sample at temperature 1 / one token: rejected here.
+        numpy scalars pass (numbers.Real / numbers.Integral)."""
         t = self.temperature
-        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        if not _real(t) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _real(self.top_p) or not (0.0 < self.top_p <= 1.0):  # NaN fails the comparison too
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be an int >= -1 (0 or -1 = off), got {self.top_k!r}")
-        if not isinstance(self.min_p, (int, float)) or not (0.0 <= self.min_p <= 1.0):
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _real(self.min_p) or not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        if not _int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         for t_id in self.stop_token_ids:
-            if not isinstance(t_id, int) or t_id < 0 or (vocab_size is not None and t_id >= vocab_size):
+            if not _int(t_id) or t_id < 0 or (vocab_size is not None and t_id >= vocab_size):
                 raise ValueError(f"stop_token_ids holds {t_id!r}, not a token id in [0, {vocab_size})")
         for s in self.stop_strings:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop_strings must be non-empty strings, got {s!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+        if self.seed is not None and (not _int(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be None or an int >= 0, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")  # noqa: TRY004
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
+
+
+def _real(x: object) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def _int(x: object) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(x, Integral) and not isinstance(x, bool)
 
 
 @dataclass
@@ -91,7 +108,7 @@ class Completion:
     logprobs: one float per token, in the request's `logprobs_mode`.
     finish_reason: "stop" (a stop/EOS token), "length" (max_new_tokens or the context is
     full), "stop_string", or "error" (the request was invalid and `on_error="skip"`; `error`
-    holds the message and tokens are empty).
+    holds the message, "request <i>: <what is wrong>", and tokens are empty).
     text: the decoded tokens when the engine has a tokenizer/decode fn, else None.
     """
 

@@ -11,6 +11,7 @@ torch.distributed is initialised, adapter gradients and step metrics are all-red
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from orbit.trainer.batching import micro_batches, padded, to_device
 from orbit.trainer.schedule import build_scheduler
 
 TRAIN_SLOT, SERVE_SLOT = 0, 1
+log = logging.getLogger("orbit.trainer")
 
 
 # Metrics every training micro-step reports (token-weighted means over the trained tokens).
@@ -143,22 +145,35 @@ class PolicyWorker:
 
     def _generate(self, rows: list[dict[str, Any]], sampling: Any, n: int,
                   eval_mode: bool = False) -> list[Sample]:
+        """n scored samples per row, in row order. A prompt the engine refuses (empty, longer
+        than the context) comes back as n samples with finish_reason "error", no tokens, reward
+        0, unscored, and the engine's message in metadata["rollout_error"]: the caller decides
+        (the driver drops them, `drop_failed_samples`; eval counts them as misses)."""
         ids = [self.prompt_ids(r["text"]) for r in rows]
         self.model.eval()  # no adapter dropout while sampling
         with torch.no_grad(), self.adapters.use_slot(SERVE_SLOT):
-            groups = self.engine.generate(ids, sampling, n)
+            # "skip": one bad prompt must not fail every other prompt of the training step.
+            groups = self.engine.generate(ids, sampling, n, on_error="skip")
         samples = []
-        for row, p_ids, comps in zip(rows, ids, groups):
+        for k, (row, p_ids, comps) in enumerate(zip(rows, ids, groups)):
             for j, c in enumerate(comps):
-                samples.append(Sample(
+                smp = Sample(
                     prompt_ids=p_ids, response_ids=list(c.tokens), rollout_logprobs=list(c.logprobs),
                     group_id=int(row["group_id"]), index=j, label=row.get("label"),
                     finish_reason=c.finish_reason, prompt_text=row["text"],
                     response_text=c.text if c.text is not None else self.tokenizer.decode(c.tokens),
-                ))
-        result = self.reward.apply(samples, eval_mode=eval_mode)  # fills reward and rewards_by_fn
+                )
+                if c.finish_reason == "error":  # "request k" is this worker's shard index: drop it
+                    smp.metadata["rollout_error"] = str(c.error).removeprefix(f"request {k}: ")
+                samples.append(smp)
+        # Reward functions never see a refused prompt's empty response (it would count as a
+        # wrong answer, or as a reward failure of a verifier that expects text).
+        scored = [smp for smp in samples if smp.finish_reason != "error"]
+        if not scored:
+            return samples
+        result = self.reward.apply(scored, eval_mode=eval_mode)  # fills reward and rewards_by_fn
         for f in result.failures:  # surfaced as reward/failures/<fn> in the step metrics
-            hit = samples if f.sample_index is None else [samples[f.sample_index]]
+            hit = scored if f.sample_index is None else [scored[f.sample_index]]
             for smp in hit:
                 smp.metadata.setdefault("reward_failures", []).append(f.fn)
         return samples
@@ -386,6 +401,11 @@ class PolicyWorker:
             seed=self._seed(step + 1_000_000, rows))
         samples = self._generate(rows, sampling, e.n_samples_per_eval_prompt, eval_mode=True)
         k = e.n_samples_per_eval_prompt
+        for i in range(len(rows)):  # a refused prompt stays in the table as k misses
+            err = samples[i * k].metadata.get("rollout_error")
+            if err is not None:
+                log.warning("eval prompt (group %s) failed in the rollout engine, counted as "
+                            "reward 0: %s", rows[i]["group_id"], err)
         return [[float(s.reward) for s in samples[i * k:(i + 1) * k]] for i in range(len(rows))]
 
     def close(self) -> None:

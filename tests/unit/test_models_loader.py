@@ -114,3 +114,22 @@ def test_not_a_model_dir(tmp_path) -> None:
         load_model(tmp_path)
     with pytest.raises(ValueError, match="neither"):
         load_model(tmp_path / "nope")
+
+
+def test_quantize_error_starts_with_the_layer_name(tmp_path) -> None:
+    save_tiny(tmp_path)  # hidden 32: a group of 48 cannot divide q_proj's in_features
+    msg = (r"^model\.layers\.0\.self_attn\.q_proj: cannot quantize its weight \[32, 32\] to "
+           r"int8 \(group_size=48.*does not divide in_features 32")
+    with pytest.raises(ValueError, match=msg):
+        load_model(tmp_path, quant="int8", group_size=48, with_tokenizer=False)
+
+
+def test_wrong_dtype_is_named(tmp_path) -> None:
+    save_tiny(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["model.layers.0.mlp.down_proj.weight"] = torch.zeros(32, 64, dtype=torch.int8)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for quant in (None, "int4"):  # cast silently before; on the quantized path, unnamed
+        msg = r"'model\.layers\.0\.mlp\.down_proj\.weight' has dtype torch\.int8"
+        with pytest.raises(ValueError, match=msg):
+            load_model(tmp_path, quant=quant, group_size=32, with_tokenizer=False)
