@@ -15,8 +15,10 @@ dequantized tile: it multiplies each of the 8 nibble planes of the packed words 
 elements they meet and scales each group's sum once (docs/kernels.md, "Nibble-plane GEMV";
 H100: int4 4096x12288 at M=1 21.3 us vs 37.3 for the tile kernel).
 Split-K (SPLIT > 1) when N / BLOCK_N programs would not fill the SMs: each slice writes its
-fp32 partial sums to a workspace [SPLIT, M, N] and `_splitk_reduce_kernel` adds the slices in a
-fixed order and casts (deterministic, no atomics). Configs come from `pick_gemv_config`, an
+fp32 partial sums to a workspace [SPLIT, M, N]; the last slice program of each column tile to
+finish (an arrival counter, `_store_out`) adds the slices in slice order and casts
+(deterministic: the order does not depend on which program arrives last). GemvConfig(fixup=
+False) keeps the older second launch (`_splitk_reduce_kernel`) for same-run comparison. Configs come from `pick_gemv_config`, an
 explicit heuristic (no autotuning) whose constants below are meant to be swept on the device.
 
 Roofline (before the first GPU run; copy bandwidth measured 2990 GB/s on the lent H100):
@@ -83,6 +85,9 @@ class GemvConfig:
     # FP4 in the plane kernel: build E2M1 values as fp32 bits (no fp16 -> fp32 convert). Off by
     # default until the device measures it (bench_qmm.py --gemv --gemv-sweep --gemv-e2m1).
     e2m1_bits: bool = False
+    # Split-K: the last K-slice program of each column tile adds the slices' fp32 partials
+    # itself (an arrival counter per tile), instead of a second `_splitk_reduce_kernel` launch.
+    fixup: bool = True
 
 
 @cache
@@ -127,11 +132,11 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, K_PER,
-                 stride_xm, stride_om, stride_os, stride_q, stride_s,
+def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, K_PER,
+                 SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
                  FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                  MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 UNPACK: tl.constexpr, STAGES: tl.constexpr):
+                 UNPACK: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr):
     # out[pid_k, m, n] = sum over this program's K-slice of x[m, k] * W[n, k] (fp32 sums; cast
     # to out's dtype on store: the activation dtype without split, fp32 into the workspace).
     pid_n = tl.program_id(0)
@@ -158,9 +163,34 @@ def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, K_PER,
             part = tl.sum(w * xm.to(tl.float32)[None, :], axis=1)  # [BN]
             acc = tl.where(cols[None, :] == m, acc + part[:, None], acc)
     offs_n = n0 + tl.arange(0, BN)
+    _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, cols,
+               stride_om, stride_os, stride_ym, FIXUP)
+
+
+@triton.jit
+def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, cols,
+               stride_om, stride_os, stride_ym, FIXUP: tl.constexpr):
+    # acc [BN, MP] fp32 -> out[pid_k] (y itself without split, else the fp32 workspace slice).
+    # FIXUP: each program of column tile pid_n bumps the tile's arrival counter after its
+    # slice is stored; the one that arrives last adds all SPLIT slices in slice order (so the
+    # sum does not depend on arrival order: deterministic) into y and re-arms the counter to 0
+    # for the next launch (CUDA-graph replays reuse it). The barrier + acq_rel atomic is the
+    # release/acquire pair that makes the other programs' slices visible; .cg loads read them
+    # from L2, never a stale L1 line.
+    mask = (offs_n[:, None] < N) & (cols[None, :] < M)
     ptrs = out_ptr + pid_k * stride_os + cols[None, :] * stride_om + offs_n[:, None]
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty),
-             mask=(offs_n[:, None] < N) & (cols[None, :] < M))
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if FIXUP:
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            base = out_ptr + cols[None, :] * stride_om + offs_n[:, None]
+            for s in range(SPLIT):
+                total += tl.load(base + s * stride_os, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + cols[None, :] * stride_ym + offs_n[:, None],
+                     total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
 
 
 # Nibble-plane codes: what a 4-bit code u becomes before the group scale (see _plane_values).
@@ -190,11 +220,11 @@ def _plane_values(words, I: tl.constexpr, CODE: tl.constexpr):
 
 
 @triton.jit
-def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, K_PER,
-                        stride_xm, stride_om, stride_os, stride_q, stride_s,
-                        FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
+                        K_PER, SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s,
+                        stride_ym, FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
                         HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr,
-                        NG: tl.constexpr, STAGES: tl.constexpr):
+                        NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -249,8 +279,8 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, K_P
         acc += tl.sum(contrib, axis=2)
     if FMT == 3:
         acc = acc * tl.load(g_ptr).to(tl.float32)
-    ptrs = out_ptr + pid_k * stride_os + am[None, :] * stride_om + offs_n[:, None]
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (am[None, :] < M))
+    _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
+               stride_om, stride_os, stride_ym, FIXUP)
 
 
 @triton.jit
@@ -263,6 +293,40 @@ def _splitk_reduce_kernel(ws_ptr, y_ptr, MN, N, SPLIT, stride_ym, BLOCK: tl.cons
         acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
     tl.store(y_ptr + (offs // N) * stride_ym + offs % N, acc.to(y_ptr.dtype.element_ty),
              mask=mask)
+
+
+ARRIVAL_COUNTERS = 1 << 16  # column tiles one split-K launch may have (n <= 2^16 * block_n)
+
+
+class ArrivalCounters:
+    """Zeroed int32 arrival counters for the in-kernel split-K fix-up, one buffer per (device,
+    stream). Every launch leaves its counters at 0 again, so launches in stream order share a
+    buffer; launches on different streams could overlap, so each stream gets its own. A
+    buffer first made during CUDA-graph capture is zeroed by the capture and kept alive here,
+    so graph replays and later eager launches on that stream find it."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[int, int], Tensor] = {}
+
+    def get(self, device: torch.device, tiles: int) -> Tensor:
+        if tiles > ARRIVAL_COUNTERS:
+            raise ValueError(f"split-K GEMV with {tiles} column tiles; at most {ARRIVAL_COUNTERS}")
+        if device.type != "cuda":  # the interpreter runs programs one after another
+            return torch.zeros(tiles, dtype=torch.int32, device=device)
+        key = (device.index if device.index is not None else torch.cuda.current_device(),
+               torch.cuda.current_stream(device).cuda_stream)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = torch.zeros(ARRIVAL_COUNTERS, dtype=torch.int32, device=device)
+        return buf
+
+
+_COUNTERS = ArrivalCounters()  # process-wide on purpose: counters are per device and stream
+
+
+def arrival_counters(device: torch.device, tiles: int) -> Tensor:
+    """The arrival-counter buffer for a split-K launch of `tiles` column tiles on `device`."""
+    return _COUNTERS.get(device, tiles)
 
 
 def _as_words(q: Tensor) -> Tensor | None:
@@ -292,12 +356,14 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     k_tiles = triton.cdiv(k, block_k)
     k_per = triton.cdiv(k_tiles, cfg.split) * block_k
     split = triton.cdiv(k, k_per)  # slices that hold at least one K tile
+    grid = (triton.cdiv(n, cfg.block_n), split)
+    fixup = split > 1 and cfg.fixup
+    cnt = arrival_counters(x.device, grid[0]) if fixup else s
     if split > 1:
         out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
         stride_om, stride_os = out.stride(1), out.stride(0)
     else:
         out, stride_om, stride_os = y, y.stride(0), 0
-    grid = (triton.cdiv(n, cfg.block_n), split)
     o = offset if offset is not None else s
     gs = global_scale if global_scale is not None else s
     if words is not None:
@@ -305,18 +371,18 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         if code == 2 and cfg.e2m1_bits:
             code = 3
         _gemv_planes_kernel[grid](
-            x, out, words, s, o, gs, m, n, k, k_per, x.stride(0), stride_om, stride_os,
-            words.stride(0), s.stride(0), FMT=FMT_IDS[fmt], CODE=code, GROUP=group,
-            HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n, NG=block_k // group,
-            STAGES=cfg.stages, num_warps=cfg.warps)
+            x, out, words, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,
+            stride_os, words.stride(0), s.stride(0), y.stride(0), FMT=FMT_IDS[fmt], CODE=code,
+            GROUP=group, HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n,
+            NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup, num_warps=cfg.warps)
     else:
         _gemv_kernel[grid](
-            x, out, q, s, o, gs, m, n, k, k_per, x.stride(0), stride_om, stride_os,
-            q.stride(0), s.stride(0), FMT=FMT_IDS[fmt], GROUP=group,
+            x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,
+            stride_os, q.stride(0), s.stride(0), y.stride(0), FMT=FMT_IDS[fmt], GROUP=group,
             HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n, BK=block_k,
             UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0),
-            STAGES=cfg.stages, num_warps=cfg.warps)
-    if split > 1:
+            STAGES=cfg.stages, FIXUP=fixup, num_warps=cfg.warps)
+    if split > 1 and not fixup:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
             out, y, m * n, n, split, y.stride(0), BLOCK=block, num_warps=4)

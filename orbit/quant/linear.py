@@ -10,11 +10,19 @@ the result is bit for bit the reference `x @ dequantize(qw).to(x.dtype).T`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from orbit.kernels import dispatch
 from orbit.quant.qweight import QuantizedWeight
+
+# Largest row count the sibling-group path serves (orbit.quant.siblings): the decode rows the
+# GEMV kernels take (_qgemm.GEMV_MAX_M). H100, Qwen3-1.7B, one run: batch 1 decode +7% INT4,
+# +24% FP8, +20% NVFP4; batch 16 (tl.dot path) -4% INT4 / -5% NVFP4, so larger M launches per
+# layer (docs/benchmarks.md).
+SIBLING_MAX_M = 4
 
 
 class _QuantMatmul(torch.autograd.Function):
@@ -58,6 +66,9 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, t.detach())
         self.register_buffer("bias", None if bias is None else bias.detach())
         self._dense: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        # orbit.quant.siblings.SiblingGroup when fuse_siblings stacked this layer's buffers with
+        # those of the projections that read the same input (q/k/v, gate/up).
+        self._sibling: Any = None
 
     @classmethod
     def from_linear(
@@ -90,6 +101,8 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._dense.clear()  # buffers may move or change dtype; drop stale dense copies
+        if self._sibling is not None:  # moved buffers are no longer views of the stacked ones
+            self._sibling.unlink()
         return super()._apply(fn, recurse)
 
     def _use_cache(self, device: torch.device) -> bool:
@@ -118,6 +131,15 @@ class QuantLinear(nn.Module):
             return dy2d @ self._dense_weight(dy2d.dtype, dy2d.device)
         return dispatch.qmm_t(dy2d, self.quantized_weight(), exact=self.exact)
 
+    def _grouped(self, x: Tensor, x2d: Tensor) -> Tensor | None:
+        """This layer's rows of its sibling group's one-launch output (decode-sized fast-mode
+        kernel calls only; exact mode keeps its own fixed-config launch), else None."""
+        # (Not where the dense-weight cache serves: the CPU reference path keeps its matmuls.)
+        if (self._sibling is None or self._use_cache(x2d.device) or self.exact
+                or self.act_quant is not None or x2d.shape[0] > SIBLING_MAX_M):
+            return None
+        return self._sibling.output(self, x, x2d)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
@@ -127,7 +149,9 @@ class QuantLinear(nn.Module):
         if torch.is_grad_enabled() and x2d.requires_grad:
             y = _QuantMatmul.apply(x2d, self)
         else:
-            y = self._matmul(x2d)
+            y = self._grouped(x, x2d)
+            if y is None:
+                y = self._matmul(x2d)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)  # [..., out]

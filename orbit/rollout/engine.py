@@ -106,6 +106,10 @@ class Engine:
     strings and `Completion.text`. eos_token_ids: default `model.config.eos_token_ids`.
     seed: seeds the draws of per-request seeds for requests without one.
     graph_key: returns what captured graphs depend on (default `default_graph_key`).
+    fuse_siblings: stack the buffers of each q/k/v and gate/up QuantLinear group (views, no
+    copy) so a decode step runs one GEMV per group instead of one per projection
+    (orbit.quant.siblings; the model keeps its module layout, exact mode and autograd are
+    untouched). None: on CUDA only.
     attn_backend: the AttnBatch backend of prefill and decode: "sdpa"; "varlen" (CUDA only:
     FlashAttention reading the KV cache in place; the cache's per-slot length is then
     max_model_len rounded up to a multiple of 256, FlashAttention's page constraint); or
@@ -132,6 +136,7 @@ class Engine:
         seed: int | None = None,
         graph_key: Callable[[], Hashable] | None = None,
         attn_backend: str = "sdpa",
+        fuse_siblings: bool | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -169,6 +174,13 @@ class Engine:
         self.num_slots = 0  # sequence slots (the graphs' scratch slot is extra)
         self._graphs: DecodeGraphs | None = None
         self.last_stats: dict[str, float] = {}
+        # q/k/v and gate/up QuantLinears share stacked buffers (views, no copy) and run as one
+        # decode GEMV each (orbit.quant.siblings); default on CUDA, where decode is launch-bound.
+        self.sibling_groups = 0
+        if fuse_siblings if fuse_siblings is not None else self.device.type == "cuda":
+            from orbit.quant.siblings import fuse_siblings as _fuse
+
+            self.sibling_groups = _fuse(self.model)
 
     def _resolve_backend(self, attn_backend: str) -> str:
         if attn_backend not in ("auto", "sdpa", "varlen", "triton"):

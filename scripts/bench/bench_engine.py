@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "sdpa", "varlen", "triton"),
                     help="engine attention backend; auto: each engine picks (varlen where "
                          "native), and vs_hf times sdpa and varlen")
+    ap.add_argument("--fuse-siblings", default="on", choices=("on", "off", "both"),
+                    help="roofline/formats: engines with q/k/v and gate/up grouped GEMVs "
+                         "(orbit.quant.siblings); both: off then on, same run")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -255,23 +258,27 @@ def main(argv: list[str] | None = None) -> int:
                 where = {"section": "formats", "shape": qshape, "format": fmt, "batch": batch,
                          "new_tokens": new}
                 ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
-                st = _attempt(rows, where, run_orbit, model, ps, new, device, **okw)
-                if st is None:
-                    continue
-                row = {**where, "attn_backend": st["attn_backend"],
-                       "tokens_per_s": st["tokens_per_s"],
-                       "decode_tokens_per_s": st["decode_tokens_per_s"]}
-                if fmt == "int4" and batch == 1 and "roofline" in sections:
-                    b = bytes_per_decode_token(model, plen + new // 2)
-                    roof = COPY_GBS * 1e9 / b
-                    _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
-                                 "attn_backend": st["attn_backend"],
-                                 "bytes_per_token": b, "roofline_tokens_per_s": roof,
-                                 "decode_tokens_per_s": st["decode_tokens_per_s"],
-                                 "fraction_of_roofline": st["decode_tokens_per_s"] / roof,
-                                 "ms_per_token": 1e3 / st["decode_tokens_per_s"]})
-                if "formats" in sections:
-                    _emit(rows, row)
+                # "both": off first (fusing re-homes the model's buffers for good)
+                for fuse in {"on": [True], "off": [False], "both": [False, True]}[args.fuse_siblings]:
+                    w = {**where, "fuse_siblings": fuse}
+                    st = _attempt(rows, w, run_orbit, model, ps, new, device, fuse_siblings=fuse,
+                                  **okw)
+                    if st is None:
+                        continue
+                    row = {**w, "attn_backend": st["attn_backend"],
+                           "tokens_per_s": st["tokens_per_s"],
+                           "decode_tokens_per_s": st["decode_tokens_per_s"]}
+                    if fmt == "int4" and batch == 1 and "roofline" in sections:
+                        b = bytes_per_decode_token(model, plen + new // 2)
+                        roof = COPY_GBS * 1e9 / b
+                        _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
+                                     "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
+                                     "bytes_per_token": b, "roofline_tokens_per_s": roof,
+                                     "decode_tokens_per_s": st["decode_tokens_per_s"],
+                                     "fraction_of_roofline": st["decode_tokens_per_s"] / roof,
+                                     "ms_per_token": 1e3 / st["decode_tokens_per_s"]})
+                    if "formats" in sections:
+                        _emit(rows, row)
             del model
             if cuda:
                 torch.cuda.empty_cache()
@@ -294,11 +301,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vs_hf    {r['shape']:<13} b{r['batch']:<3} x{r['new_tokens']:<4} {hf_s}"
                   f"  Orbit[{r['attn_backend']}] {r['orbit_tokens_per_s']:>9.1f} tok/s  {sp}")
         elif r["section"] == "roofline":
-            print(f"roofline {r['shape']:<13} {r['format']:<5} b1: {r['decode_tokens_per_s']:.1f} tok/s"
+            fz = " grouped" if r.get("fuse_siblings") else " separate"
+            print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
                   f" = {100 * r['fraction_of_roofline']:.0f}% ({r['bytes_per_token'] / 1e6:.0f} MB/token)")
         else:
-            print(f"formats  {r['shape']:<13} {r['format']:<5} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
+            fz = "+grp" if r.get("fuse_siblings") else ""
+            print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")
     return 1 if any("error" in r for r in rows) else 0
 

@@ -21,6 +21,7 @@ Writes JSON to $OUT/bench_qmm.json (or --out) and prints a short table last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -168,6 +169,13 @@ GEMV_ALTS_DEEP = [(16, 512, 0, 4, 3, True), (32, 1024, 0, 4, 3, True), (64, 1024
                   (32, 512, 0, 4, 2, True), (32, 512, 0, 4, 4, True), (16, 1024, 0, 4, 3, True),
                   (32, 512, 2, 4, 3, True), (16, 512, 0, 2, 3, True), (32, 512, 0, 2, 3, True)]
 
+# --gemv-small (session 5): the small decode shapes of Qwen3-1.7B (2 MB-6 MB of INT4, a few
+# us each, where fixed latency, not bandwidth, dominates): narrow tiles and explicit splits.
+GEMV_ALTS_SMALL = [(16, 128, 4, 4, 3, True), (16, 128, 8, 4, 3, True), (32, 128, 4, 4, 3, True),
+                   (32, 128, 8, 4, 3, True), (32, 256, 2, 4, 3, True), (32, 256, 4, 4, 3, True),
+                   (64, 128, 8, 4, 3, True), (16, 256, 4, 2, 3, True), (32, 128, 16, 4, 2, True),
+                   (8, 256, 4, 2, 3, True), (16, 512, 2, 4, 3, True), (16, 256, 8, 4, 3, True)]
+
 # --gemv-swap: the swap-AB dot kernel (TileConfig.swap: W is the MMA's A operand), (bo, br,
 # warps, stages); bm = max(16, M).
 SWAP_ALTS = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 256, 4, 3)]
@@ -219,6 +227,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 x = torch.randn(m, k, device="cuda").bfloat16()
                 auto = pick_gemv_config(m, n, k, fmt, num_sms(x.device))
                 plan = [("fused-dot", None), ("gemv", None)]
+                if auto.split > 1:  # same-run baseline: split-K reduced by a second launch
+                    plan.append(("gemv-2launch", dataclasses.replace(auto, fixup=False)))
                 if swap:
                     bm = max(16, triton.next_power_of_2(m))
                     plan += [("fused-swap", _qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=w,
@@ -346,6 +356,8 @@ def main() -> None:
     ap.add_argument("--gemv-m", default="1,4,16", help="with --gemv: these M")
     ap.add_argument("--gemv-deep", action="store_true",
                     help="with --gemv-sweep: the deeper-step alternatives GEMV_ALTS_DEEP")
+    ap.add_argument("--gemv-small", action="store_true",
+                    help="with --gemv-sweep: the small-shape alternatives GEMV_ALTS_SMALL")
     ap.add_argument("--gemv-swap", action="store_true",
                     help="with --gemv: also time the swap-AB dot kernel configs SWAP_ALTS")
     ap.add_argument("--gemv-e2m1", action="store_true",
@@ -362,6 +374,7 @@ def main() -> None:
         res["gemv"] = decode_gemv(args.quick, ceil["copy_GBps"], args.gemv_sweep, shapes or None,
                                   tuple(int(v) for v in args.gemv_m.split(",")),
                                   GEMV_ALTS_E2M1 if args.gemv_e2m1 else
+                                  GEMV_ALTS_SMALL if args.gemv_small else
                                   GEMV_ALTS_DEEP if args.gemv_deep else None, args.gemv_swap)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))

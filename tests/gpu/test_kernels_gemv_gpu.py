@@ -89,6 +89,42 @@ def test_gemv_split_k_on_and_off(k: int, n: int, fmt: str, kw: dict) -> None:
             assert _rel(ys[0], x.double() @ w.T) < TOL, (fmt, k, n, m, split)
 
 
+@pytest.mark.parametrize("fmt,kw", [("int4", {"group_size": 128}), ("fp8", {}), ("nvfp4", {})])
+def test_gemv_split_k_fixup_eager_graph_and_stream(fmt: str, kw: dict) -> None:
+    """The in-kernel split-K fix-up (last-arriving program adds the slices) gives the bits of
+    the two-launch path, eagerly, in 20 replays of a captured CUDA graph (the arrival counters
+    re-arm themselves), and on a side stream (its own counters)."""
+    from orbit.kernels.gemv import GemvConfig, gemv
+
+    k, n, m = 6144, 2048, 1
+    qw = random_qweight(fmt, n, k, seed=11, device="cuda", **kw)
+    cfg = dict(block_n=32, block_k=256 if fmt != "fp8" else 128, split=8, warps=4, stages=3)
+    x = torch.randn(m, k, device="cuda").bfloat16()
+
+    def run(fixup: bool) -> torch.Tensor:
+        y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        return gemv(x, fmt, qw.shape, *_args(qw), y, GemvConfig(**cfg, fixup=fixup))
+
+    ref = run(False)
+    assert not ref.isnan().any()
+    assert torch.equal(run(True), ref)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y_side = run(True)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(y_side, ref)
+    y_g = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gemv(x, fmt, qw.shape, *_args(qw), y_g, GemvConfig(**cfg, fixup=True))
+    for i in range(20):
+        x.copy_(torch.randn(m, k, device="cuda").bfloat16())
+        y_g.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(y_g, run(False)), ("replay", i)
+
+
 def test_gemv_fp16_activations() -> None:
     from orbit.kernels.gemv import gemv
 

@@ -30,9 +30,11 @@ CASES = [("int4", {"group_size": 32}, 320), ("int4", {"group_size": 128}, 384),
 N_OUT = 80
 MS = (1, 3, 16)
 # "auto" = through the format's public wrapper (launch -> heuristic); the others call gemv()
-# with a fixed config: (block_n, block_k, split, warps, stages, unpack, planes). 4-bit formats
+# with a fixed config: (block_n, block_k, split, warps, stages, unpack, planes, e2m1_bits,
+# fixup); split-K adds the slices in the last-arriving program unless fixup is False. 4-bit formats
 # run the nibble-plane kernel unless planes is False ("tiles": the dequantized-tile kernel).
 CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2),
+           "split3-reduce-launch": (16, 64, 3, 4, 2, -1, True, False, False),
            "tiles": (32, 128, 2, 4, 3, -1, False), "planes256": (32, 256, 1, 4, 3),
            "planes-e2m1bits": (32, 128, 2, 4, 3, -1, True, True),
            "auto": None}
@@ -98,6 +100,23 @@ def _interpreter_main() -> None:
                     torch.empty(5, N_OUT).bfloat16(), gemv.GemvConfig(16, 32, 4, 4, 2))
           for _ in range(2)]
     out["deterministic"] = torch.equal(ys[0], ys[1])
+    # The in-kernel fix-up adds the slices in the order the second launch does: same bits; and
+    # it leaves its arrival counters at 0 for the next launch.
+    for planes in (True, False):
+        two = gemv.gemv(x, "int4", qw.shape, t["qweight"], t["scale"], None, None, 128,
+                        torch.empty(5, N_OUT).bfloat16(),
+                        gemv.GemvConfig(16, 32, 4, 4, 2, -1, planes, False, False))
+        one = gemv.gemv(x, "int4", qw.shape, t["qweight"], t["scale"], None, None, 128,
+                        torch.empty(5, N_OUT).bfloat16(),
+                        gemv.GemvConfig(16, 32, 4, 4, 2, -1, planes, False, True))
+        out[f"fixup-same-bits-{planes}"] = torch.equal(one, two)
+    cnt = torch.zeros(8, dtype=torch.int32)
+    orig_counters = gemv.arrival_counters
+    gemv.arrival_counters = lambda device, tiles: cnt
+    gemv.gemv(x, "int4", qw.shape, t["qweight"], t["scale"], None, None, 128,
+              torch.empty(5, N_OUT).bfloat16(), gemv.GemvConfig(16, 32, 4, 4, 2))
+    gemv.arrival_counters = orig_counters
+    out["counters-rearmed"] = cnt.tolist()
     # E2M1: every code through both plane decodes (fp16 bits + convert; fp32 bits + select),
     # scale 1 and global scale 1; one-hot x rows read the codes back: y[m, n] = W[n, m].
     codes = torch.arange(16, dtype=torch.uint8)
@@ -159,6 +178,15 @@ def test_plane_e2m1_decode_equals_table(interp_results: dict, bits: bool) -> Non
 
 def test_split_k_is_deterministic(interp_results: dict) -> None:
     assert interp_results["deterministic"]
+
+
+@pytest.mark.parametrize("planes", [True, False])
+def test_split_k_fixup_matches_reduce_launch(interp_results: dict, planes: bool) -> None:
+    assert interp_results[f"fixup-same-bits-{planes}"]
+
+
+def test_split_k_fixup_rearms_counters(interp_results: dict) -> None:
+    assert interp_results["counters-rearmed"] == [0] * 8
 
 
 def test_exact_transpose_and_large_m_bypass_gemv(interp_results: dict) -> None:

@@ -1,0 +1,170 @@
+"""Sibling QuantLinears (q/k/v, gate/up) that read the same input, run as one decode GEMV.
+
+A batch-1 decode step of a 1-2B model is launch-bound: Qwen3-1.7B has 7 linears per layer of
+1-6 MB each, and a GEMV of a few MB costs several microseconds of fixed latency on an H100
+whatever its size (docs/benchmarks.md). Projections that read the same input can be one
+launch over their stacked weights: q/k/v as one [q+k+v, in] GEMV, gate/up as one [2I, in].
+
+The module layout does not change (quantization, adapters and PEFT keys are swaps on the
+separate q_proj/k_proj/v_proj names). Instead `fuse_siblings` re-homes each group's packed
+buffers in one stacked tensor per buffer name and gives every member row-slice *views* of
+it: no weight is held twice. When the first member of a group is called on a decode-sized
+input (fast mode, no autograd, a CUDA tensor), it computes the whole group's output in one
+`qmm` call and keeps the other members' slices, keyed by the input tensor object; each of
+them then returns its slice when called with that same tensor (an adapter wrapper passes its
+input through to `.base`, so LoRA-wrapped members still hit). Anything else — another input,
+exact mode, autograd, a member whose buffers were replaced or moved — computes alone.
+
+Formats: every one whose buffers stack along the output rows (int4, int8, fp8 with whole
+128-row blocks, mxfp4, bf16); a per-tensor scalar (NVFP4's global scale) must be equal in
+every member, else that group is left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from orbit.kernels import dispatch
+from orbit.quant.linear import QuantLinear
+from orbit.quant.qweight import QuantizedWeight
+
+# (parent attribute names) that read one input in the model's forward (orbit.models.transformer).
+SIBLING_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass
+class _Pending:
+    x: Tensor  # the input the outputs were computed for (held, so its id cannot be reused)
+    outputs: dict[int, Tensor] = field(default_factory=dict)  # member index -> [M, out_i]
+
+
+class SiblingGroup:
+    """Stacked buffers of member QuantLinears and the one-launch forward over them."""
+
+    def __init__(self, members: list[QuantLinear], stacked: dict[str, Tensor]) -> None:
+        self.members = members
+        self.splits = [m.out_features for m in members]
+        self.stacked = stacked
+        first = members[0]
+        self.qweight = QuantizedWeight(first.weight_format, (sum(self.splits), first.in_features),
+                                       stacked, first.group_size)
+        self._pending: _Pending | None = None
+        self.enabled = True
+
+    def unlink(self) -> None:
+        """Members compute alone from now on; the stacked tensors are released (members keep
+        their views, which keep the storage alive only as long as they are used)."""
+        for m in self.members:
+            m._sibling = None
+        self.stacked, self._pending, self.enabled = {}, None, False
+
+    def linked(self, member: QuantLinear) -> bool:
+        """Whether every buffer of `member` is still its view into the stacked tensors (a
+        merge, a reload or a device move replaces buffers; the group then stands aside)."""
+        i = self.members.index(member)
+        for name, big in self.stacked.items():
+            t = getattr(member, name)
+            if big.dim() == 0 or big.numel() == 1:
+                continue
+            rows = big.shape[0] * self.splits[i] // sum(self.splits)
+            start = big.shape[0] * sum(self.splits[:i]) // sum(self.splits)
+            if (t.device != big.device or t.data_ptr() != big[start:start + rows].data_ptr()
+                    or t.shape != big[start:start + rows].shape):
+                return False
+        return True
+
+    def output(self, member: QuantLinear, x: Tensor, x2d: Tensor) -> Tensor | None:
+        """member's x2d @ W^T from one grouped launch, or None where the group cannot serve
+        (the caller then computes alone). Only the first member starts a grouped launch; a
+        later member that finds outputs waiting for a *different* input means the members do
+        not read one tensor here (an OFT adapter rotates each input): the group turns itself
+        off for good rather than compute the others' rows in vain at every step. The engine's
+        warm-up runs before any graph capture, so no captured graph holds such a launch."""
+        if not self.enabled:
+            return None
+        i = self.members.index(member)
+        p = self._pending
+        if p is not None and p.x is x and i in p.outputs:
+            y = p.outputs.pop(i)
+            if not p.outputs:
+                self._pending = None
+            return y
+        if i != 0:
+            if p is not None:
+                self.enabled, self._pending = False, None
+            return None
+        if not all(self.linked(m) for m in self.members):
+            self.unlink()
+            return None
+        y_all = dispatch.qmm(x2d, self.qweight, exact=False)  # [M, sum(out)]
+        parts = list(torch.split(y_all, self.splits, dim=1))
+        self._pending = _Pending(x, {j: parts[j] for j in range(len(parts)) if j != i})
+        return parts[i]
+
+
+def _stack(members: list[QuantLinear]) -> dict[str, Tensor] | None:
+    """One stacked tensor per buffer name, or None if the members cannot share them."""
+    first = members[0]
+    if any(m.weight_format != first.weight_format or m.group_size != first.group_size
+           or m.in_features != first.in_features or m.act_quant is not None
+           or m._tensor_names != first._tensor_names for m in members):
+        return None
+    total = sum(m.out_features for m in members)
+    out: dict[str, Tensor] = {}
+    for name in first._tensor_names:
+        ts = [getattr(m, name) for m in members]
+        if ts[0].dim() == 0 or ts[0].numel() == 1:  # a per-tensor scalar: must agree
+            if not all(torch.equal(t, ts[0]) for t in ts):
+                return None
+            out[name] = ts[0]
+            continue
+        if any(t.shape[1:] != ts[0].shape[1:] or t.dtype != ts[0].dtype or t.device != ts[0].device
+               for t in ts):
+            return None
+        # Rows per output feature must be the same in every member (fp8's 128-row scale
+        # blocks stack only when every member has whole blocks).
+        if any(t.shape[0] * total != m.out_features * sum(u.shape[0] for u in ts)
+               for t, m in zip(ts, members)):
+            return None
+        out[name] = torch.cat(ts, dim=0)
+    return out
+
+
+def _base_quant_linear(module: nn.Module | None) -> QuantLinear | None:
+    """The QuantLinear under any adapter wrappers (which keep the frozen layer as `.base`)."""
+    while module is not None and not isinstance(module, QuantLinear):
+        module = getattr(module, "base", None)
+    return module
+
+
+def fuse_siblings(model: nn.Module) -> int:
+    """Stack the buffers of each q/k/v and gate/up group of QuantLinears in `model` and link
+    the members for the one-launch decode path. Returns the number of groups linked."""
+    linked = 0
+    for parent in model.modules():
+        for names in SIBLING_SETS:
+            members = [_base_quant_linear(getattr(parent, n, None)) for n in names]
+            if any(m is None for m in members) or any(m._sibling is not None for m in members):
+                continue
+            stacked = _stack(members)  # type: ignore[arg-type]
+            if stacked is None:
+                continue
+            group = SiblingGroup(members, stacked)  # type: ignore[arg-type]
+            row = 0
+            for m in members:
+                for name, big in stacked.items():
+                    if big.dim() == 0 or big.numel() == 1:
+                        continue
+                    rows = big.shape[0] * m.out_features // sum(group.splits)
+                    start = big.shape[0] * row // sum(group.splits)
+                    setattr(m, name, big[start:start + rows])  # a view: registered buffer
+                row += m.out_features
+                m.clear_cache()
+                m._sibling = group
+            linked += 1
+    return linked
+
+

@@ -1,0 +1,77 @@
+"""Sibling groups (orbit.quant.siblings) on CUDA: the engine's default stacks q/k/v and gate/up;
+graph-replayed decode through the grouped GEMVs gives the tokens and log-probs of the separate
+launches (fast mode: same weights, a different split-K sum order, so close, not bit-equal),
+and exact mode never takes the grouped path (engine == trainer stays bit for bit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orbit.kernels import dispatch
+from orbit.models.config import ModelConfig
+from orbit.models.transformer import CausalLM
+from orbit.quant.convert import convert_linears
+from orbit.rollout.engine import Engine
+from orbit.rollout.types import SamplingParams
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+V = 503
+
+
+def _model(fmt: str) -> CausalLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="Qwen3ForCausalLM", vocab_size=V, hidden_size=256, intermediate_size=512,
+                      num_layers=3, num_heads=8, num_kv_heads=4, head_dim=32, qk_norm=True,
+                      max_position_embeddings=2048, eos_token_id=1)
+    model = CausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    model = model.to("cuda", torch.bfloat16).requires_grad_(False)
+    model.model.rotary_emb.reset("cuda")
+    if fmt != "bf16":
+        convert_linears(model, fmt)
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp8", "mxfp4"])
+def test_engine_grouped_decode_matches_separate(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.randint(2, V, (n,), generator=g).tolist() for n in (7, 30, 1, 12)]
+    # (k/v are 128 wide: FP8's 128-row scale blocks stack only whole)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, logprobs_mode="raw")
+    sep = Engine(_model(fmt), max_num_seqs=4, max_model_len=64, fuse_siblings=False).generate(ps, sp)
+    calls: list[int] = []
+    orig = dispatch.qmm
+    monkeypatch.setattr(dispatch, "qmm", lambda x, qw, *a, **kw: (calls.append(qw.shape[0]),
+                                                                    orig(x, qw, *a, **kw))[1])
+    eng = Engine(_model(fmt), max_num_seqs=4, max_model_len=64)
+    assert eng.sibling_groups == 2 * 3
+    out = eng.generate(ps, sp)
+    assert 256 + 2 * 128 in calls and 2 * 512 in calls  # the stacked q/k/v and gate/up launches
+    agree = total = 0
+    for rs, ro in zip(sep, out):
+        a, b = rs[0], ro[0]
+        n = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), len(a.tokens))
+        agree += n
+        total += len(a.tokens)
+        if n:  # the shared prefix: log-probs within bf16 fast-mode tolerance
+            d = (torch.tensor(a.logprobs[:n]) - torch.tensor(b.logprobs[:n])).abs().max()
+            assert d < 0.05, (fmt, float(d))
+    assert agree >= 0.75 * total, (fmt, agree, total)  # greedy paths split only at near-ties
+
+
+def test_exact_mode_does_not_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orbit.alignment.exact import convert_exact
+
+    model = _model("int4")
+    convert_exact(model)
+    eng = Engine(model, max_num_seqs=2, max_model_len=64, exact=True)
+    assert eng.sibling_groups == 2 * 3  # linked, but exact calls never take the grouped path
+    calls: list[int] = []
+    orig = dispatch.qmm
+    monkeypatch.setattr(dispatch, "qmm", lambda x, qw, *a, **kw: (calls.append(qw.shape[0]),
+                                                                    orig(x, qw, *a, **kw))[1])
+    eng.generate([[3, 4, 5]], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))
+    assert calls and 256 + 2 * 128 not in calls and 2 * 512 not in calls

@@ -1,0 +1,172 @@
+"""Sibling QuantLinears (q/k/v, gate/up) stacked into one buffer per name and run as one launch
+(orbit.quant.siblings): no weight held twice, same outputs as separate launches, fewer qmm
+calls, and every case the grouped path must not serve (autograd, exact mode, OFT's per-layer
+inputs, moved buffers, unequal NVFP4 global scales) falls back to the separate launches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orbit.adapters import AdapterConfig, inject_adapters
+from orbit.kernels import dispatch
+from orbit.models.config import ModelConfig
+from orbit.models.transformer import CausalLM
+from orbit.quant.convert import convert_linears
+from orbit.quant.linear import QuantLinear
+from orbit.quant.siblings import fuse_siblings
+from orbit.rollout.engine import Engine
+from orbit.rollout.types import SamplingParams
+
+V = 97
+
+
+def _model(fmt: str = "int4", seed: int = 0) -> CausalLM:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch="Qwen3ForCausalLM", vocab_size=V, hidden_size=64, intermediate_size=96,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True,
+                      max_position_embeddings=256, eos_token_id=5)
+    m = CausalLM(cfg).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8.0)
+    # cache_dequantized=False: the kernel path (the CPU reference of qmm), which is the path
+    # the grouped launch replaces; the dense-weight cache path is never grouped.
+    convert_linears(m, fmt, group_size=32 if fmt in ("int4", "int8") else None, cache_dequantized=False)
+    return m
+
+
+def _count_qmm(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    orig = dispatch.qmm
+
+    def counting(x, qw, *a, **kw):
+        calls.append(qw.shape[0])
+        return orig(x, qw, *a, **kw)
+
+    monkeypatch.setattr(dispatch, "qmm", counting)
+    return calls
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(6, V, (n,), generator=g).tolist() for n in (5, 1, 9)]
+
+
+def _bytes(m: torch.nn.Module) -> int:
+    seen = {}
+    for b in m.buffers():
+        seen[b.untyped_storage().data_ptr()] = b.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "mxfp4", "bf16"])
+def test_fuse_stacks_views_without_copies(fmt: str) -> None:
+    m = _model(fmt)
+    before = _bytes(m)
+    ref = {n: b.clone() for n, b in m.named_buffers()}
+    assert fuse_siblings(m) == 2 * 2  # (q/k/v, gate/up) x 2 layers
+    assert fuse_siblings(m) == 0  # already linked
+    attn = m.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    name = q._tensor_names[0]
+    assert getattr(q, name).untyped_storage().data_ptr() == getattr(v, name).untyped_storage().data_ptr()
+    assert _bytes(m) == before  # the old buffers are gone, nothing held twice
+    for n, b in m.named_buffers():  # every layer still holds its own weight, bit for bit
+        assert torch.equal(b, ref[n]), n
+
+
+def test_fused_generate_matches_separate_and_launches_fewer(monkeypatch: pytest.MonkeyPatch) -> None:
+    sp = SamplingParams(temperature=0.8, max_new_tokens=6, ignore_eos=True, seed=4)
+    calls = _count_qmm(monkeypatch)
+    plain = Engine(_model(), max_num_seqs=3, max_model_len=32, fuse_siblings=False)
+    a = plain.generate(_prompts(), sp)
+    n_plain = len(calls)
+    calls.clear()
+    fused = Engine(_model(), max_num_seqs=3, max_model_len=32, fuse_siblings=True)
+    assert fused.sibling_groups == 4
+    b = fused.generate(_prompts(), sp)
+    n_fused = len(calls)
+    for ra, rb in zip(a, b):
+        for ca, cb in zip(ra, rb):
+            assert ca.tokens == cb.tokens
+            assert torch.allclose(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5)
+    # Decode steps (3 rows <= SIBLING_MAX_M): 7 launches per layer -> 4; prefill stays at 7.
+    st = fused.last_stats
+    assert n_plain == 7 * 2 * (st["prefill_steps"] + st["decode_steps"])
+    assert n_fused == n_plain - 3 * 2 * st["decode_steps"]
+    assert 64 + 2 * 32 in calls  # q/k/v stacked: 64 + 32 + 32 rows
+
+
+def test_lora_wrapped_members_still_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    m_plain, m_fused = _model(), _model()
+    for m in (m_plain, m_fused):
+        torch.manual_seed(9)  # the same A init and B in both
+        aset = inject_adapters(m, AdapterConfig(kind="lora", r=4, alpha=8, dtype=torch.float32))
+        with torch.no_grad():
+            for mod in aset.modules.values():
+                mod.slot_tensor(0, "lora_B").normal_()  # a non-zero delta
+        aset.set_active(0)
+    fuse_siblings(m_fused)
+    calls = _count_qmm(monkeypatch)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ya = m_plain.model.layers[1].mlp(x)
+        n_plain = len(calls)
+        yb = m_fused.model.layers[1].mlp(x)
+    assert n_plain == 3 and len(calls) - n_plain == 2
+    assert torch.allclose(ya, yb, atol=1e-5)
+
+
+def test_oft_inputs_turn_the_group_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    m_plain, m_fused = _model(), _model()
+    for m in (m_plain, m_fused):
+        torch.manual_seed(9)
+        aset = inject_adapters(m, AdapterConfig(kind="oft", block_size=16, dtype=torch.float32))
+        aset.set_active(0)
+    fuse_siblings(m_fused)
+    mlp_a, mlp_b = m_plain.model.layers[0].mlp, m_fused.model.layers[0].mlp
+    with torch.no_grad():
+        for mod in (mlp_a, mlp_b):  # a non-identity rotation: each projection sees its own input
+            for lin in (mod.gate_proj, mod.up_proj):
+                torch.manual_seed(5)
+                for t in lin.slot_tensors(0).values():
+                    t.normal_(std=0.1)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ya = mlp_a(x)
+        yb = mlp_b(x)  # the group sees up_proj called with another input and stands aside
+        group = mlp_b.gate_proj.base._sibling
+        assert group is not None and not group.enabled
+        calls = _count_qmm(monkeypatch)
+        yc = mlp_b(x)
+    assert torch.allclose(ya, yb, atol=1e-5) and torch.allclose(ya, yc, atol=1e-5)
+    assert len(calls) == 3  # separate launches from then on
+
+
+def test_autograd_exact_and_moves_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = _model()
+    fuse_siblings(m)
+    attn = m.model.layers[0].self_attn
+    calls = _count_qmm(monkeypatch)
+    x = torch.randn(2, 64, requires_grad=True)
+    attn.q_proj(x).sum().backward()  # autograd: its own launch, and a gradient
+    assert x.grad is not None and calls == [64]
+    calls.clear()
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+        lin.exact = True
+    with torch.no_grad():
+        xs = torch.randn(2, 64)
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin(xs)
+    assert calls == [64, 32, 32]
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+        lin.exact = False
+    m.to(torch.float32)  # _apply: buffers may be replaced, so the groups unlink
+    assert all(lin._sibling is None for lin in m.modules() if isinstance(lin, QuantLinear))
+
+
+def test_nvfp4_unequal_global_scales_stay_separate() -> None:
+    m = _model("nvfp4")
+    gs = [m.model.layers[0].self_attn.q_proj.global_scale, m.model.layers[0].self_attn.k_proj.global_scale]
+    assert not torch.equal(gs[0], gs[1])  # per-tensor scales of random weights differ
+    assert fuse_siblings(m) == 0
