@@ -27,12 +27,16 @@ from orbit.kernels.matmul_exact import interpreting
 
 
 @triton.jit
-def _rmsnorm_exact_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps,
-                          BLOCK: tl.constexpr):
+def _rmsnorm_exact_kernel(x_ptr, w_ptr, y_ptr, r_ptr, s_ptr, D, stride_x, stride_y, stride_r,
+                          stride_s, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:  # x + r rounded to x's dtype, as torch's `x + r`, stored, then normalised
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(s_ptr + row * stride_s + cols, x, mask=mask)
     xf = x.to(tl.float32)
     ms = tl.sum(xf * xf, axis=0) / D
     h = (xf * tl.math.rsqrt(ms + eps)).to(x.dtype)  # HF: normalise in fp32, cast back
@@ -59,10 +63,34 @@ def rmsnorm_exact_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     y = torch.empty(x2d.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if x2d.shape[0]:
         _rmsnorm_exact_kernel[(x2d.shape[0],)](
-            x2d, weight, y, D, x2d.stride(0), y.stride(0), eps,
-            BLOCK=max(16, triton.next_power_of_2(D)), num_warps=4,
+            x2d, weight, y, x2d, y, D, x2d.stride(0), y.stride(0), 0, 0, eps,
+            BLOCK=max(16, triton.next_power_of_2(D)), HAS_RES=False, num_warps=4,
         )
     return y.reshape(x.shape)
+
+
+def add_rmsnorm_triton(x: Tensor, r: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(s, rmsnorm(s)) with s = x + r in x's dtype, one launch; forward only (no autograd).
+    Bit for bit `s = x + r` then `rmsnorm_exact_triton(s, weight, eps)`: the decoder's residual
+    add fused into the norm that reads it (orbit.models.transformer, no-grad CUDA forward)."""
+    _check(x, weight)
+    if not (HAS_TRITON and (x.is_cuda or interpreting())):
+        raise RuntimeError("add_rmsnorm_triton needs CUDA tensors and Triton")
+    if x.shape != r.shape or x.dtype != r.dtype:
+        raise ValueError(f"add_rmsnorm: x {tuple(x.shape)} {x.dtype} and residual "
+                         f"{tuple(r.shape)} {r.dtype} must match")
+    D = x.shape[-1]
+    x2d, r2d = x.reshape(-1, D), r.reshape(-1, D)
+    x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    r2d = r2d if r2d.stride(-1) == 1 else r2d.contiguous()
+    s = torch.empty(x2d.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x2d.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if x2d.shape[0]:
+        _rmsnorm_exact_kernel[(x2d.shape[0],)](
+            x2d, weight, y, r2d, s, D, x2d.stride(0), y.stride(0), r2d.stride(0), s.stride(0),
+            eps, BLOCK=max(16, triton.next_power_of_2(D)), HAS_RES=True, num_warps=4,
+        )
+    return s.reshape(x.shape), y.reshape(x.shape)
 
 
 def rmsnorm_exact_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from orbit.kernels.kv_write import kv_write
+
 # FlashAttention reads a paged KV cache only in pages of a multiple of 256 tokens; the varlen
 # backend makes each slot one page, so a cache it reads needs max_len % VARLEN_PAGE == 0.
 VARLEN_PAGE = 256
@@ -243,8 +245,7 @@ class AttnBatch:
         assert cache is not None
         w_slot, w_pos = self._write_index(k.shape[0])
         kc, vc = cache.k[layer], cache.v[layer]
-        kc[w_slot, w_pos] = k.to(cache.dtype)
-        vc[w_slot, w_pos] = v.to(cache.dtype)
+        kv_write(kc, vc, k, v, w_slot, w_pos)  # one launch for K and V on CUDA
         return kc, vc
 
     def _max_new(self, num_tokens: int) -> int:

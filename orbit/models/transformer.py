@@ -6,7 +6,9 @@ adapter keys and HF checkpoint keys line up without renaming. Every projection i
 
 The forward works on a *packed* batch: `input_ids [T]`, `positions [T]` and an `AttnBatch`
 (orbit.models.attention) that says how attention reads keys/values. Nothing here branches on
-precision, adapter type, or training vs. generation.
+precision or adapter type. Without autograd on CUDA (the engine, log-prob passes) the residual
+adds run inside the next norm's kernel and SwiGLU's silu * up is one kernel: fewer launches,
+the same bits as the autograd forward, so exact mode's engine == trainer still holds.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from orbit.kernels.rmsnorm_exact import RMSNormFunction, fused_rmsnorm_available, rmsnorm_torch
+from orbit.kernels.rmsnorm_exact import (
+    RMSNormFunction,
+    add_rmsnorm_triton,
+    fused_rmsnorm_available,
+    rmsnorm_torch,
+)
+from orbit.kernels.swiglu import silu_mul, silu_mul_available
 from orbit.kernels.rope import NormRopeFunction, fused_norm_rope_available
 from orbit.models.attention import AttnBatch
 from orbit.models.config import ModelConfig
@@ -37,6 +45,21 @@ class RMSNorm(nn.Module):
         if fused_rmsnorm_available(x):  # one Triton launch, same arithmetic (kernels/rmsnorm_exact)
             return RMSNormFunction.apply(x, self.weight, self.eps)
         return rmsnorm_torch(x, self.weight, self.eps)
+
+    def add_forward(self, x: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(s, norm(s)) with s = x + delta (x itself when delta is None): the residual add and
+        the norm that reads it in one launch where the fused kernel runs (no autograd), bit
+        for bit the separate `x + delta` and `self(s)` (see add_rmsnorm_triton)."""
+        if delta is None:
+            return x, self(x)
+        if fused_rmsnorm_available(x) and not _needs_grad(x, delta):
+            return add_rmsnorm_triton(x, delta, self.weight, self.eps)
+        s = x + delta
+        return s, self(s)
+
+
+def _needs_grad(*ts: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
@@ -181,7 +204,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if silu_mul_available(g, u) and not _needs_grad(g, u):
+            return self.down_proj(silu_mul(g, u))  # one launch, the same bits
+        return self.down_proj(F.silu(g) * u)
 
 
 class DecoderLayer(nn.Module):
@@ -202,6 +228,15 @@ class DecoderLayer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn)
         x = self.post_attention_layernorm(h)
         return h + (self.mlp(x, attn.routing) if self.is_moe else self.mlp(x))
+
+    def forward_deferred(self, h: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor,
+                         attn: AttnBatch) -> tuple[Tensor, Tensor]:
+        """`forward(h + delta)` as (h', delta') with the layer's output = h' + delta': each
+        residual add is left to the next norm, which fuses it (RMSNorm.add_forward). Same
+        arithmetic in the same order as `forward`."""
+        h, x = self.input_layernorm.add_forward(h, delta)
+        h, x = self.post_attention_layernorm.add_forward(h, self.self_attn(x, cos, sin, attn))
+        return h, (self.mlp(x, attn.routing) if self.is_moe else self.mlp(x))
 
 
 class Model(nn.Module):
@@ -237,6 +272,13 @@ class CausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)  # [T, D]
         cos, sin = self.model.rotary_emb(positions, h.dtype)
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        if not torch.is_grad_enabled() and fused_rmsnorm_available(h):
+            # No autograd (the engine, log-prob passes): residual adds fused into the norms,
+            # two launches per layer fewer, the same bits (DecoderLayer.forward_deferred).
+            delta = None
+            for layer in self.model.layers:
+                h, delta = layer.forward_deferred(h, delta, cos, sin, attn)
+            return self.model.norm.add_forward(h, delta)[1]
         for layer in self.model.layers:
             if ckpt:
                 h = checkpoint(layer, h, cos, sin, attn, use_reentrant=False)

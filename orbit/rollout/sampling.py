@@ -12,6 +12,12 @@ token (first index where the cumulative probability exceeds u * total mass). Hen
 - no torch.Generator state needs saving, and the ops are CUDA-graph safe;
 - one uniform per row instead of a [B, V] noise tensor keeps sampling cheap.
 
+On CUDA, rows without truncation are sampled by one two-launch Triton kernel
+(orbit/kernels/sample.py) instead of the torch softmax + CDF + searchsorted chain: same
+distribution, same counter-based uniform, tokens equal up to float32 summation order at CDF
+boundaries. CPU runs keep the torch path (and their samples); `FUSED_SAMPLER = False` or
+`sample(..., fused=False)` forces it on CUDA too.
+
 Log-probs follow `SamplingParams.logprobs_mode`; the "scaled"/"raw" ones are computed by
 `orbit.models.logprobs.logprobs_from_logits`, the function the trainer uses.
 """
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from orbit.kernels.sample import sample_rows_available, sample_rows_triton
 from orbit.models.logprobs import logprobs_from_logits
 from orbit.rollout.types import Completion, SamplingParams  # noqa: F401  (re-exported)
 
@@ -150,25 +157,44 @@ def _keep_mask(sp: Tensor, b: SamplingBatch) -> Tensor:
     return keep  # rank 0 always survives: before=0 < top_p and min_p <= 1
 
 
-def sample(logits: Tensor, b: SamplingBatch) -> tuple[Tensor, Tensor]:
-    """logits [B, V] float32 -> (tokens [B] int64, log-probs [B] float32)."""
+# Escape hatch: False keeps CUDA runs on the torch path (comparisons, debugging).
+FUSED_SAMPLER = True
+
+
+def sample(logits: Tensor, b: SamplingBatch, fused: bool | None = None) -> tuple[Tensor, Tensor]:
+    """logits [B, V] float32 -> (tokens [B] int64, log-probs [B] float32).
+
+    fused: sample untruncated rows with the Triton kernel where it can run (CUDA + Triton);
+    None = `FUSED_SAMPLER`. The CPU always takes the torch path."""
     V = logits.shape[1]
     kept: Tensor | None = None
     if all(b.greedy):
         tok = logits.argmax(-1)
     else:
         t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
-        probs = torch.softmax(logits / t[:, None], dim=-1)  # [B, V]
         u = counter_uniform(b.keys, b.steps)[:, None]  # [B, 1]
+        use_kernel = (FUSED_SAMPLER if fused is None else fused) and sample_rows_available(logits)
+        # Only rows that sample untruncated need the kernel; greedy ones are overwritten below.
+        use_kernel = use_kernel and any(not (tr or g) for tr, g in zip(b.truncates, b.greedy))
+        # The kernel needs no [B, V] probabilities; the torch paths below do.
+        probs: Tensor | None = None  # [B, V]
+        if not use_kernel or any(b.truncates):
+            probs = torch.softmax(logits / t[:, None], dim=-1)
         # Rows without truncation always use the vocab-order CDF (even in a batch where other
         # rows truncate) so a seeded row's token never depends on its batch-mates.
-        if not all(b.truncates):
+        if use_kernel:
+            # Every row goes through (a per-row function): truncating and greedy rows' picks
+            # are replaced below, which is cheaper than gathering the untruncated rows.
+            tok = sample_rows_triton(logits, t, u[:, 0])
+        elif not all(b.truncates):
+            assert probs is not None
             cdf = row_cdf(probs)
             tok = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1).squeeze(1)
             # A rounding dip in the CDF must never yield a token of zero probability (its
             # log-prob would be -inf): fall back to the row's most likely token.
             tok = torch.where(probs.gather(1, tok[:, None]).squeeze(1) > 0, tok, probs.argmax(-1))
         if any(b.truncates):
+            assert probs is not None
             sp, si = probs.sort(dim=-1, descending=True, stable=True)
             sp = sp * _keep_mask(sp, b)
             cdf = sp.cumsum(-1)

@@ -49,7 +49,11 @@ def test_engine_grouped_decode_matches_separate(fmt: str, monkeypatch: pytest.Mo
     eng = Engine(_model(fmt), max_num_seqs=4, max_model_len=64)
     assert eng.sibling_groups == 2 * 3
     out = eng.generate(ps, sp)
-    assert 256 + 2 * 128 in calls and 2 * 512 in calls  # the stacked q/k/v and gate/up launches
+    # the stacked gate/up launch (1024 rows); q/k/v stacked is 512 rows, which gate_proj alone
+    # also has, so it is counted: decode steps launch 512 twice per layer (q/k/v, gate/up)
+    assert 2 * 512 in calls
+    st = eng.last_stats
+    assert calls.count(512) >= 2 * 3 * st["decode_steps"]
     agree = total = 0
     for rs, ro in zip(sep, out):
         a, b = rs[0], ro[0]
@@ -74,4 +78,4 @@ def test_exact_mode_does_not_group(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dispatch, "qmm", lambda x, qw, *a, **kw: (calls.append(qw.shape[0]),
                                                                     orig(x, qw, *a, **kw))[1])
     eng.generate([[3, 4, 5]], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))
-    assert calls and 256 + 2 * 128 not in calls and 2 * 512 not in calls
+    assert calls and 2 * 512 not in calls and calls[:3] == [256, 128, 128]

@@ -1,0 +1,146 @@
+"""Inverse-CDF sampling of untruncated rows in two launches, for the engine's decode step.
+
+The torch path of `orbit.rollout.sampling.sample` for a row without top-k/top-p/min-p is a
+softmax, a CDF, a searchsorted, a gather and an argmax: about 20 launches, most of the time in
+torch's softmax, which gives one 152k row to a single CTA. Here the row is cut into
+CHUNK-wide pieces so that one row still spreads over the whole GPU. H100, Qwen3's vocab,
+GPU time replayed in a CUDA graph, `sample_rows_reference` (the same steps in torch) -> this
+kernel: 65 -> 7 us at B = 1, 257 -> 8 us at B = 7, 407 -> 23 us at B = 64.
+
+- pass 1, one program per (row, chunk): the chunk's max of z = logits / t, its sum of
+  exp(z - chunk max), and the index of its first max;
+- pass 2, one program per row: rescales the chunk sums to the row max M (two-level softmax),
+  finds the chunk whose running mass first exceeds u * total, and scans only that chunk.
+
+Why two launches and not one: a single launch needs the last-arriving program of a row to do
+pass 2 (arrival counters, as gemv's split-K fix-up): a counter buffer to keep zeroed and a
+memory fence, to save one launch of a few microseconds. Not worth it yet.
+
+Semantics (the reference, `sample_rows_reference`, is the same formula in torch): token = the
+first index i whose cumulative mass sum_{j<=i} exp(z_j - M) exceeds u * sum_j exp(z_j - M);
+never a token of zero mass (a rounding shortfall takes the chunk's last token of positive
+mass; anything else falls back to the row's first argmax). Sums run in float32 in another
+order than torch's, so a token can differ from the torch path's where u * total lies within
+rounding of a CDF boundary; the distribution is the same. CHUNK and the launch configs are
+fixed (never chosen from B), and each program reads one row only, so a row's token is a
+deterministic function of (row, t, u) alone, whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from orbit.kernels._triton import HAS_TRITON, tl, triton
+from orbit.kernels.matmul_exact import interpreting
+
+# 1024 floats per program: 149 programs for one 151936-wide row (more than an H100's 132 SMs)
+# and a one-chunk scan of 1024 in pass 2. H100 at V = 151936, chunk 512 / 1024 / 2048 / 4096:
+# 6.4 / 7.1 / 8.9 / 12.8 us at B = 1, 27.3 / 22.7 / 23.0 / 28.7 us at B = 64. Fixed for every
+# B: the summation order (hence the token at a rounding boundary) must not depend on it.
+CHUNK = 1024
+
+
+@triton.jit
+def _chunk_stats_kernel(x_ptr, t_ptr, m_ptr, s_ptr, a_ptr, V, stride_x, NC,
+                        CHUNK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < V, other=float("-inf"))
+    z = tl.div_rn(x.to(tl.float32), tl.load(t_ptr + row))  # correctly rounded, as torch's `/`
+    m = tl.max(z, 0)
+    # A chunk of only -inf logits (masked vocab) has sum 0, not exp(-inf - -inf) = NaN.
+    s = tl.sum(tl.exp(z - tl.where(m == float("-inf"), 0.0, m)), 0)
+    a = tl.argmax(z, 0, tie_break_left=True)  # first max, as torch.argmax
+    out = row * NC + c
+    tl.store(m_ptr + out, m)
+    tl.store(s_ptr + out, s)
+    tl.store(a_ptr + out, c * CHUNK + a)
+
+
+@triton.jit
+def _pick_kernel(x_ptr, t_ptr, u_ptr, m_ptr, s_ptr, a_ptr, tok_ptr, V, stride_x, NC,
+                 CHUNK: tl.constexpr, NC_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cs = tl.arange(0, NC_BLOCK)
+    cmask = cs < NC
+    m = tl.load(m_ptr + row * NC + cs, mask=cmask, other=float("-inf"))
+    s = tl.load(s_ptr + row * NC + cs, mask=cmask, other=0.0)
+    M = tl.max(m, 0)
+    w = tl.where(cmask, s * tl.exp(m - M), 0.0)  # chunk masses in units of exp(z - M)
+    cum = tl.cumsum(w, 0)
+    target = tl.load(u_ptr + row) * tl.sum(w, 0)
+    # First chunk whose running mass exceeds the target; if rounding leaves none, the last
+    # chunk with mass (u < 1, so the target lies in the row's mass).
+    c_first = tl.min(tl.where(cum > target, cs, NC_BLOCK), 0)
+    c = tl.minimum(c_first, tl.max(tl.where(w > 0, cs, -1), 0))
+    before = tl.sum(tl.where(cs == c, cum - w, 0.0), 0)  # mass of the chunks before c
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    inside = (offs >= 0) & (offs < V)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=inside, other=float("-inf"))
+    e = tl.exp(tl.div_rn(x.to(tl.float32), tl.load(t_ptr + row)) - M)  # same z as pass 1
+    run = before + tl.cumsum(e, 0)
+    j_first = tl.min(tl.where(run > target, offs, V), 0)
+    # The chunk's recomputed mass can fall short of its pass-1 sum by rounding: then the
+    # target lies at the chunk's end, i.e. its last token of positive mass.
+    j = tl.minimum(j_first, tl.max(tl.where(e > 0, offs, -1), 0))
+    ok = tl.sum(tl.where(offs == j, e, 0.0), 0) > 0
+    # Never a zero-mass token (its log-prob would be -inf): the row's first argmax instead.
+    c_max = tl.minimum(tl.min(tl.where(m == M, cs, NC_BLOCK), 0), NC - 1)
+    amax = tl.load(a_ptr + row * NC + c_max)
+    tok = tl.where(ok, j, amax)
+    tok = tl.minimum(tl.maximum(tok, 0), V - 1)  # NaN rows still yield an index in range
+    tl.store(tok_ptr + row, tok.to(tl.int64))
+
+
+def _check(logits: Tensor, temperature: Tensor, u: Tensor) -> None:
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"sample_rows: logits must be [B, V] with V > 0, got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"sample_rows: logits must be floating point, got {logits.dtype}")
+    B = logits.shape[0]
+    for name, v in (("temperature", temperature), ("u", u)):
+        if v.shape != (B,) or v.dtype != torch.float32:
+            raise ValueError(f"sample_rows: {name} must be float32 [{B}], got {v.dtype} {tuple(v.shape)}")
+
+
+def sample_rows_reference(logits: Tensor, temperature: Tensor, u: Tensor) -> Tensor:
+    """logits [B, V], temperature [B] float32 (> 0), u [B] float32 in (0, 1) -> tokens [B]
+    int64: per row the first index whose float32 cumulative softmax(logits / t) exceeds u times
+    the row's total; a token of zero probability (rounding) becomes the row's argmax."""
+    _check(logits, temperature, u)
+    V = logits.shape[1]
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)  # [B, V]
+    cdf = probs.cumsum(-1)
+    tok = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp_(max=V - 1).squeeze(1)
+    return torch.where(probs.gather(1, tok[:, None]).squeeze(1) > 0, tok, probs.argmax(-1))
+
+
+def sample_rows_available(logits: Tensor) -> bool:
+    """The kernel runs on CUDA logits when Triton is installed."""
+    return HAS_TRITON and logits.is_cuda
+
+
+def sample_rows_triton(logits: Tensor, temperature: Tensor, u: Tensor, chunk: int = CHUNK) -> Tensor:
+    """Same contract as `sample_rows_reference`, two launches; CUDA (or Triton's interpreter).
+    `chunk` (a power of two) is for tests: results depend on it at rounding boundaries."""
+    _check(logits, temperature, u)
+    if not (HAS_TRITON and (logits.is_cuda or interpreting())):
+        raise RuntimeError("sample_rows_triton needs CUDA tensors and Triton (or TRITON_INTERPRET=1)")
+    assert chunk >= 16 and not chunk & (chunk - 1), chunk
+    B, V = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    temperature, u = temperature.contiguous(), u.contiguous()
+    tok = torch.empty(B, dtype=torch.int64, device=logits.device)
+    if B == 0:
+        return tok
+    NC = triton.cdiv(V, chunk)
+    stats = torch.empty((2, B, NC), dtype=torch.float32, device=logits.device)  # max, sum-exp
+    amax = torch.empty((B, NC), dtype=torch.int32, device=logits.device)
+    _chunk_stats_kernel[(B, NC)](logits, temperature, stats[0], stats[1], amax, V,
+                                 logits.stride(0), NC, CHUNK=chunk, num_warps=4)
+    _pick_kernel[(B,)](logits, temperature, u, stats[0], stats[1], amax, tok, V, logits.stride(0),
+                       NC, CHUNK=chunk, NC_BLOCK=max(16, triton.next_power_of_2(NC)), num_warps=4)
+    return tok
