@@ -57,18 +57,27 @@ setup_cuda_home() {
   fi
 }
 
-# Preflight (train/rollout log-prob parity) runs when the module exists and SKIP_PREFLIGHT!=1.
+# Preflight (train/rollout log-prob parity) runs unless SKIP_PREFLIGHT=1. A failing preflight
+# stops the launcher (the trainer never starts); so does an interpreter that cannot import
+# orbit.preflight: that is a broken install, not a reason to train unchecked.
 run_preflight() {
   local py="$1"; shift
   if [[ "${SKIP_PREFLIGHT:-0}" == "1" ]]; then
     echo "preflight skipped (SKIP_PREFLIGHT=1)"
     return 0
   fi
-  if ! (cd "$ORBIT_ROOT" && "$py" -c "import orbit.preflight" 2>/dev/null); then
-    echo "preflight not available; continuing"
-    return 0
+  local err
+  if ! err="$(cd "$ORBIT_ROOT" && "$py" -c "import orbit.preflight" 2>&1)"; then
+    echo "error: $py cannot import orbit.preflight (set ORBIT_VENV to the environment Orbit is" \
+         "installed in, or SKIP_PREFLIGHT=1 to train without the check):" >&2
+    echo "$err" | tail -n 5 >&2
+    return 1
   fi
-  (cd "$ORBIT_ROOT" && "$py" -m orbit.preflight "$@")
+  if ! (cd "$ORBIT_ROOT" && "$py" -m orbit.preflight "$@"); then
+    echo "error: preflight failed (see above); not starting the trainer." \
+         "SKIP_PREFLIGHT=1 skips the check" >&2
+    return 1
+  fi
 }
 
 # ray_flag: --use-ray (default) or --no-use-ray when USE_RAY=0 (one in-process worker, for a
@@ -95,7 +104,7 @@ orbit_launch() {
     WANDB_API_KEY="$(<"$HOME/.wandb_key")"
     export WANDB_API_KEY
   fi
-  run_preflight "$py" "${CKPT_ARGS[@]}" "${PRECISION_ARGS[@]}" "${ADAPTER_ARGS[@]}"
+  run_preflight "$py" "${CKPT_ARGS[@]}" "${PRECISION_ARGS[@]}" "${ADAPTER_ARGS[@]}" || exit 1
   cd "$ORBIT_ROOT"
   exec "${argv[@]}"
 }
