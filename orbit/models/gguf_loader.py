@@ -107,8 +107,13 @@ def load_gguf(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     keep_quantized: bool = True,
+    fallback_fmt: str = "int8",
+    fallback_group_size: int | None = None,
 ) -> CausalLM:
-    """GGUF file -> frozen `CausalLM`. With `keep_quantized=False` every linear is dequantized
+    """GGUF file -> frozen `CausalLM`. Q4_0/Q4_1/Q8_0 linears keep their exact values (int4 /
+    int8, group 32); any other quantized type is dequantized and requantized to `fallback_fmt`
+    (`fallback_group_size`, default: the largest of 128/64/32 dividing the width), with a
+    warning naming the tensor and type. With `keep_quantized=False` every linear is dequantized
     to a dense `nn.Linear` of `dtype` instead (for comparisons; same values)."""
     from orbit.quant.gguf import (
         GGUFReader,
@@ -158,7 +163,7 @@ def load_gguf(
         from orbit.quant.linear import QuantLinear
 
         try:
-            qw = gguf_qweight(t)
+            qw = gguf_qweight(t, fallback_fmt, fallback_group_size)
         except ValueError as e:  # names tensor and type; add which file
             raise ValueError(f"{path}: {e}") from e
         perm = perm_for(name)

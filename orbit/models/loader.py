@@ -262,8 +262,10 @@ def load_model(
     """(frozen CausalLM, tokenizer or None) from a HF directory or a `.gguf` file.
 
     `dtype` is the compute dtype of everything not quantized (norms, embeddings, lm_head, and
-    all linears when `quant` is None). GGUF weights keep their own exact format (`quant` must be
-    None). The tokenizer is None when the directory ships no tokenizer files.
+    all linears when `quant` is None). GGUF linears stored as Q4_0/Q4_1/Q8_0 keep their exact
+    format whatever `quant` says; `quant` (default int8) and `group_size` choose what the other
+    GGUF types are requantized to. The tokenizer is None when the directory ships no tokenizer
+    files.
     """
     from orbit.models.tokenizer import load_tokenizer
 
@@ -271,9 +273,8 @@ def load_model(
     if p.suffix == ".gguf":
         from orbit.models.gguf_loader import load_gguf
 
-        if quant is not None:
-            raise ValueError(f"{p} is GGUF: its weights keep their own format; do not pass quant={quant!r}")
-        model = load_gguf(p, dtype=dtype, device=device)
+        model = load_gguf(p, dtype=dtype, device=device, fallback_fmt=quant or "int8",
+                          fallback_group_size=group_size)
         tok = load_tokenizer(p) if with_tokenizer else None
         return model, tok
     if not p.is_dir():

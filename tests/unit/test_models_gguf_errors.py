@@ -101,6 +101,37 @@ def test_k_quant_style_576_wide_file_loads_with_groups_that_divide(tmp_path: Pat
     assert out.shape == (3, VOCAB) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("quant,group,want", [("int4", 32, ("int4", 32)), ("int4", None, ("int4", 64)),
+                                              ("mxfp4", None, ("mxfp4", 32))])
+def test_load_model_quant_chooses_the_requantize_format(tmp_path: Path, quant: str,
+                                                        group: int | None, want: tuple) -> None:
+    """`load_model(gguf, quant=...)`: the non-exact GGUF types are requantized to that format
+    (the issue's "the chosen format"); the warning says which."""
+    from orbit.models.loader import load_model
+
+    path = tmp_path / "tiny-q5_0.gguf"
+    write_tiny_llama(path, Q.Q5_0)
+    with pytest.warns(UserWarning) as caught:
+        model, _ = load_model(path, dtype=torch.float32, quant=quant, group_size=group,
+                              with_tokenizer=False)
+    assert any(f"'blk.0.attn_q.weight' has type Q5_0" in str(w.message) and want[0] in str(w.message)
+               for w in caught)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QuantLinear) and (q.weight_format, q.group_size if want[0] == "int4"
+                                           else 32) == want
+
+
+def test_exact_gguf_types_ignore_quant(tmp_path: Path) -> None:
+    """Q4_1 stays int4 g32 (exact) even when quant names another format."""
+    from orbit.models.loader import load_model
+
+    path = tmp_path / "tiny-q4_1.gguf"
+    write_tiny_llama(path, Q.Q4_1)
+    model, _ = load_model(path, dtype=torch.float32, quant="fp8", with_tokenizer=False)
+    q = model.model.layers[0].self_attn.q_proj
+    assert (q.weight_format, q.group_size) == ("int4", 32) and q.offset is not None
+
+
 def test_undequantizable_type_names_file_tensor_and_supported_types(tmp_path: Path) -> None:
     path = tmp_path / "bad-type.gguf"
     where = re.escape(str(path))
