@@ -56,17 +56,28 @@ def rmsnorm_exact_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     _check(x, weight)
     if not (HAS_TRITON and (x.is_cuda or interpreting())):
         raise RuntimeError("rmsnorm_exact_triton needs CUDA tensors and Triton")
+    return _launch(x, None, weight, eps)[1]
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t [..., D] as [R, D] rows with unit column stride (a view where possible)."""
+    t2d = t.reshape(-1, t.shape[-1])
+    return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
+
+
+def _launch(x: Tensor, r: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(s, rmsnorm(s)) shaped like x, s = x + r (x itself without r): one kernel launch."""
     D = x.shape[-1]
-    x2d = x.reshape(-1, D)  # [R, D]
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
+    x2d = _rows(x)
+    r2d = _rows(r) if r is not None else x2d
+    s = torch.empty(x2d.shape, dtype=x.dtype, device=x.device) if r is not None else x2d
     y = torch.empty(x2d.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if x2d.shape[0]:
         _rmsnorm_exact_kernel[(x2d.shape[0],)](
-            x2d, weight, y, x2d, y, D, x2d.stride(0), y.stride(0), 0, 0, eps,
-            BLOCK=max(16, triton.next_power_of_2(D)), HAS_RES=False, num_warps=4,
+            x2d, weight, y, r2d, s, D, x2d.stride(0), y.stride(0), r2d.stride(0), s.stride(0),
+            eps, BLOCK=max(16, triton.next_power_of_2(D)), HAS_RES=r is not None, num_warps=4,
         )
-    return y.reshape(x.shape)
+    return (s.reshape(x.shape) if r is not None else x), y.reshape(x.shape)
 
 
 def add_rmsnorm_triton(x: Tensor, r: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -79,18 +90,7 @@ def add_rmsnorm_triton(x: Tensor, r: Tensor, weight: Tensor, eps: float) -> tupl
     if x.shape != r.shape or x.dtype != r.dtype:
         raise ValueError(f"add_rmsnorm: x {tuple(x.shape)} {x.dtype} and residual "
                          f"{tuple(r.shape)} {r.dtype} must match")
-    D = x.shape[-1]
-    x2d, r2d = x.reshape(-1, D), r.reshape(-1, D)
-    x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-    r2d = r2d if r2d.stride(-1) == 1 else r2d.contiguous()
-    s = torch.empty(x2d.shape, dtype=x.dtype, device=x.device)
-    y = torch.empty(x2d.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    if x2d.shape[0]:
-        _rmsnorm_exact_kernel[(x2d.shape[0],)](
-            x2d, weight, y, r2d, s, D, x2d.stride(0), y.stride(0), r2d.stride(0), s.stride(0),
-            eps, BLOCK=max(16, triton.next_power_of_2(D)), HAS_RES=True, num_warps=4,
-        )
-    return s.reshape(x.shape), y.reshape(x.shape)
+    return _launch(x, r, weight, eps)
 
 
 def rmsnorm_exact_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -226,8 +226,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, attn: AttnBatch) -> Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn)
-        x = self.post_attention_layernorm(h)
-        return h + (self.mlp(x, attn.routing) if self.is_moe else self.mlp(x))
+        return h + self._mlp(self.post_attention_layernorm(h), attn)
+
+    def _mlp(self, x: Tensor, attn: AttnBatch) -> Tensor:
+        return self.mlp(x, attn.routing) if self.is_moe else self.mlp(x)
 
     def forward_deferred(self, h: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor,
                          attn: AttnBatch) -> tuple[Tensor, Tensor]:
@@ -236,7 +238,7 @@ class DecoderLayer(nn.Module):
         arithmetic in the same order as `forward`."""
         h, x = self.input_layernorm.add_forward(h, delta)
         h, x = self.post_attention_layernorm.add_forward(h, self.self_attn(x, cos, sin, attn))
-        return h, (self.mlp(x, attn.routing) if self.is_moe else self.mlp(x))
+        return h, self._mlp(x, attn)
 
 
 class Model(nn.Module):

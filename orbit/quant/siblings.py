@@ -47,10 +47,18 @@ class SiblingGroup:
     def __init__(self, members: list[QuantLinear], stacked: dict[str, Tensor]) -> None:
         self.members = members
         self.splits = [m.out_features for m in members]
-        self.stacked = stacked
         first = members[0]
-        self.qweight = QuantizedWeight(first.weight_format, (sum(self.splits), first.in_features),
+        self.qweight: QuantizedWeight | None = QuantizedWeight(first.weight_format, (sum(self.splits), first.in_features),
                                        stacked, first.group_size)
+        # Each member's row-slice view of every stacked (non-scalar) buffer: what fuse_siblings
+        # installs as its buffers, and what `linked` expects to find there.
+        total, start = sum(self.splits), 0
+        self.views: list[dict[str, Tensor]] = []
+        for out_f in self.splits:
+            self.views.append({name: big[big.shape[0] * start // total:
+                                         big.shape[0] * (start + out_f) // total]
+                               for name, big in stacked.items() if not _per_tensor(big)})
+            start += out_f
         self._pending: _Pending | None = None
         self.enabled = True
 
@@ -59,22 +67,13 @@ class SiblingGroup:
         their views, which keep the storage alive only as long as they are used)."""
         for m in self.members:
             m._sibling = None
-        self.stacked, self._pending, self.enabled = {}, None, False
+        self.qweight, self.views, self._pending, self.enabled = None, [], None, False
 
     def linked(self, member: QuantLinear) -> bool:
         """Whether every buffer of `member` is still its view into the stacked tensors (a
         merge, a reload or a device move replaces buffers; the group then stands aside)."""
-        i = self.members.index(member)
-        for name, big in self.stacked.items():
-            t = getattr(member, name)
-            if big.dim() == 0 or big.numel() == 1:
-                continue
-            rows = big.shape[0] * self.splits[i] // sum(self.splits)
-            start = big.shape[0] * sum(self.splits[:i]) // sum(self.splits)
-            if (t.device != big.device or t.data_ptr() != big[start:start + rows].data_ptr()
-                    or t.shape != big[start:start + rows].shape):
-                return False
-        return True
+        views = self.views[self.members.index(member)]
+        return all(getattr(member, name) is view for name, view in views.items())
 
     def output(self, member: QuantLinear, x: Tensor, x2d: Tensor) -> Tensor | None:
         """member's x2d @ W^T from one grouped launch, or None where the group cannot serve
@@ -105,6 +104,11 @@ class SiblingGroup:
         return parts[i]
 
 
+def _per_tensor(t: Tensor) -> bool:
+    """A per-tensor scale (NVFP4's global scale): shared, not stacked."""
+    return t.dim() == 0 or t.numel() == 1
+
+
 def _stack(members: list[QuantLinear]) -> dict[str, Tensor] | None:
     """One stacked tensor per buffer name, or None if the members cannot share them."""
     first = members[0]
@@ -116,7 +120,7 @@ def _stack(members: list[QuantLinear]) -> dict[str, Tensor] | None:
     out: dict[str, Tensor] = {}
     for name in first._tensor_names:
         ts = [getattr(m, name) for m in members]
-        if ts[0].dim() == 0 or ts[0].numel() == 1:  # a per-tensor scalar: must agree
+        if _per_tensor(ts[0]):  # a per-tensor scalar: must agree
             if not all(torch.equal(t, ts[0]) for t in ts):
                 return None
             out[name] = ts[0]
@@ -153,15 +157,9 @@ def fuse_siblings(model: nn.Module) -> int:
             if stacked is None:
                 continue
             group = SiblingGroup(members, stacked)  # type: ignore[arg-type]
-            row = 0
-            for m in members:
-                for name, big in stacked.items():
-                    if big.dim() == 0 or big.numel() == 1:
-                        continue
-                    rows = big.shape[0] * m.out_features // sum(group.splits)
-                    start = big.shape[0] * row // sum(group.splits)
-                    setattr(m, name, big[start:start + rows])  # a view: registered buffer
-                row += m.out_features
+            for m, views in zip(members, group.views):
+                for name, view in views.items():
+                    setattr(m, name, view)  # a registered buffer, now a view of the stack
                 m.clear_cache()
                 m._sibling = group
             linked += 1
