@@ -88,6 +88,10 @@ class GemvConfig:
     # Split-K: the last K-slice program of each column tile adds the slices' fp32 partials
     # itself (an arrival counter per tile), instead of a second `_splitk_reduce_kernel` launch.
     fixup: bool = True
+    # Nibble-plane kernel: per-word partials reduced once after the K loop, int4 nibbles
+    # decoded in place (see _gemv_planes_kernel); False keeps the per-step reduction and the
+    # shift-and-extract decode, for same-run comparison (bench_qmm.py --gemv-sweep).
+    defer: bool = True
 
 
 @cache
@@ -220,11 +224,36 @@ def _plane_values(words, I: tl.constexpr, CODE: tl.constexpr):
 
 
 @triton.jit
+def _or_2p23(words, ASM: tl.constexpr):
+    """`words | 0x4B000000` where the compiler cannot see it (ASM: inline PTX, on CUDA): LLVM
+    otherwise rewrites each `(w | C) & (M | C)` of _int4_plane_masked back to `(w & M) | C`,
+    which needs C in a register and re-materializes it (one MOV per nibble in the SASS). The
+    interpreter (CPU tests) runs the plain OR."""
+    if not ASM:
+        return words | 0x4B000000
+    return tl.inline_asm_elementwise("or.b32 $0, $1, 0x4B000000;", "=r,r", [words],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _int4_plane_masked(biased, P: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Nibble P (0..3) of int32 words, left in place, as float32 (u - 8) * 16^P (symmetric) or
+    u * 16^P. `biased` is `words | 0x4B000000` (2^23's bits), made once per word: then
+    `biased & (mask | 0x4B000000)` is `(words & mask) | 0x4B000000`, the float 2^23 + u * 16^P
+    (exact: u * 16^P < 2^16 fits the mantissa), in one AND with one immediate, and one FADD
+    removes 2^23 (+ 8 * 16^P). No shift per nibble; callers scale x by 16^-P instead (a power
+    of two: the products are those of int4.int4_codes' values, bit for bit)."""
+    bias = 8388608.0 + (8.0 * (16.0 ** P) if SYMMETRIC else 0.0)
+    return (biased & ((0xF << (4 * P)) | 0x4B000000)).to(tl.float32, bitcast=True) - bias
+
+
+@triton.jit
 def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
                         K_PER, SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s,
                         stride_ym, FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
                         HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr,
-                        NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr):
+                        NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
+                        DEFER: tl.constexpr, ASM: tl.constexpr):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -232,6 +261,11 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     # 8 nibble planes, multiplies the plane's codes by the x elements they meet (x[8j + i],
     # a strided load that L1 serves). A group's sum of code * x is scaled once:
     #   sum_k w_k x_k = s * sum_k c_k x_k (+ o * sum_k x_k for asymmetric int4, w = u s + o).
+    # DEFER (the default; GemvConfig.defer): the scaled per-word partials stay in a
+    # [BN, MP, NG, WG] register accumulator across K steps and are reduced once after the loop
+    # (the per-step reduction over words and groups cost ~1 shuffle + 2 adds per nibble in
+    # SASS), and int4 nibbles are decoded in place (_int4_plane_masked: 2 ops per nibble
+    # instead of shift + extract + or + add).
     # Fast mode only: the weights are not rounded to bf16 first, so the sums differ from the
     # reference's in the last bits (more exact, not less).
     WG: tl.constexpr = GROUP // 8
@@ -247,6 +281,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     am = tl.arange(0, MP)
     n_groups = K // GROUP
     acc = tl.zeros((BN, MP), dtype=tl.float32)
+    acc4 = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
         g = k0 // GROUP + ag  # [NG] group index
         g_ok = g < n_groups
@@ -258,12 +293,18 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
         x_ok = (am[:, None, None] < M) & g_ok[None, :, None]
         cx = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
         xs = tl.zeros((MP, NG, WG), dtype=tl.float32)
+        if DEFER and CODE <= 1:  # per word, shared by 4 planes each (see _int4_plane_masked)
+            lo = _or_2p23(words, ASM)
+            hi = _or_2p23(words >> 16, ASM)  # nibbles 4..7 at bits 0..15
         for i in tl.static_range(8):
             xi = tl.load(x_ptrs + i, mask=x_ok, other=0.0).to(tl.float32)
-            cx += _plane_values(words, i, CODE)[:, None, :, :] * xi[None, :, :, :]
+            if DEFER and CODE <= 1:
+                v = _int4_plane_masked(lo if i < 4 else hi, i % 4, CODE == 0)
+                cx += v[:, None, :, :] * (xi * (1.0 / 16.0 ** (i % 4)))[None, :, :, :]
+            else:
+                cx += _plane_values(words, i, CODE)[:, None, :, :] * xi[None, :, :, :]
             if HAS_OFFSET:
                 xs += xi
-        part = tl.sum(cx, axis=3)  # [BN, MP, NG]: per group, sum of code * x
         sp = offs_n[:, None] * stride_s + g[None, :]
         s_ok = row_ok[:, None] & g_ok[None, :]
         if FMT == 4:  # MXFP4: E8M0 exponent byte
@@ -272,11 +313,19 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
             sc = tl.load(s_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
         if CODE == 2:
             sc = sc * 16384.0  # e2m1_scaled's 2^-14
-        contrib = part * sc[:, None, :]
-        if HAS_OFFSET:
-            off = tl.load(o_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
-            contrib += off[:, None, :] * tl.sum(xs, axis=2)[None, :, :]
-        acc += tl.sum(contrib, axis=2)
+        if DEFER:
+            acc4 += cx * sc[:, None, :, None]
+            if HAS_OFFSET:
+                off = tl.load(o_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
+                acc4 += off[:, None, :, None] * xs[None, :, :, :]
+        else:
+            contrib = tl.sum(cx, axis=3) * sc[:, None, :]  # [BN, MP, NG]
+            if HAS_OFFSET:
+                off = tl.load(o_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
+                contrib += off[:, None, :] * tl.sum(xs, axis=2)[None, :, :]
+            acc += tl.sum(contrib, axis=2)
+    if DEFER:
+        acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
     if FMT == 3:
         acc = acc * tl.load(g_ptr).to(tl.float32)
     _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
@@ -374,7 +423,8 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             x, out, words, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,
             stride_os, words.stride(0), s.stride(0), y.stride(0), FMT=FMT_IDS[fmt], CODE=code,
             GROUP=group, HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n,
-            NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup, num_warps=cfg.warps)
+            NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup, DEFER=cfg.defer,
+            ASM=x.is_cuda, num_warps=cfg.warps)
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,

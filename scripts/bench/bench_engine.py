@@ -6,7 +6,7 @@ roofline, and across base precisions. Random weights (speed does not depend on t
    SmolLM2-135M and Qwen3-1.7B shapes. Same weights in both (Orbit loads the HF state dict).
 2. roofline: batch-1 decode of Qwen3-1.7B with an INT4 base vs the memory roofline: bytes
    read per token (every quantized linear's buffers, the bf16 LM head, norms, one embedding
-   row, the KV cache at the mean context) / copy bandwidth (2990 GB/s, H100 device copy).
+   row, the KV cache at the mean context) / device copy bandwidth (measured in the same run).
 3. formats: decode tokens/s at batch 1/16/64/256 for bf16/int4/fp8/nvfp4 bases (quantized
    with orbit.quant.convert.convert_linears).
 
@@ -46,7 +46,19 @@ from orbit.models.transformer import CausalLM
 from orbit.rollout.engine import Engine
 from orbit.rollout.types import SamplingParams
 
-COPY_GBS = 2990.0  # H100 device-to-device copy bandwidth (GB/s), see bench_qmm
+COPY_GBS_H100 = 2990.0  # H100 device-to-device copy (GB/s); off CUDA the roofline uses this
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy bandwidth of this GPU (bytes read + written), measured as
+    bench_qmm.ceilings does: the median of a 512 MiB copy."""
+    from triton.testing import do_bench
+
+    a = torch.empty(1 << 28, device="cuda", dtype=torch.bfloat16).normal_()
+    b = torch.empty_like(a)
+    t = do_bench(lambda: b.copy_(a), warmup=25, rep=100, return_mode="median")
+    del a, b
+    return 2 * (1 << 28) * 2 / t / 1e6
 SHAPES = {
     "smollm2-135m": {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
                          "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
@@ -206,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         vs_backends = [args.attn_backend]
     rows: list[dict] = []
     okw = {"attn_backend": args.attn_backend}
-    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+    copy_gbs = copy_bandwidth_gbs() if cuda else COPY_GBS_H100
+    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "copy_GBps": copy_gbs,
+            "torch": torch.__version__,
             "dtype": str(dtype), "small": small, "prompt_len": plen,
             "attn_backend": args.attn_backend, "varlen_native": native,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
@@ -270,10 +284,11 @@ def main(argv: list[str] | None = None) -> int:
                            "decode_tokens_per_s": st["decode_tokens_per_s"]}
                     if fmt == "int4" and batch == 1 and "roofline" in sections:
                         b = bytes_per_decode_token(model, plen + new // 2)
-                        roof = COPY_GBS * 1e9 / b
+                        roof = copy_gbs * 1e9 / b
                         _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
                                      "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
-                                     "bytes_per_token": b, "roofline_tokens_per_s": roof,
+                                     "bytes_per_token": b, "copy_GBps": copy_gbs,
+                                     "roofline_tokens_per_s": roof,
                                      "decode_tokens_per_s": st["decode_tokens_per_s"],
                                      "fraction_of_roofline": st["decode_tokens_per_s"] / roof,
                                      "ms_per_token": 1e3 / st["decode_tokens_per_s"]})

@@ -229,6 +229,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 plan = [("fused-dot", None), ("gemv", None)]
                 if auto.split > 1:  # same-run baseline: split-K reduced by a second launch
                     plan.append(("gemv-2launch", dataclasses.replace(auto, fixup=False)))
+                if auto.planes:  # same-run baseline: per-step reduction, shift-and-extract decode
+                    plan.append(("gemv-nodefer", dataclasses.replace(auto, defer=False)))
                 if swap:
                     bm = max(16, triton.next_power_of_2(m))
                     plan += [("fused-swap", _qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=w,
