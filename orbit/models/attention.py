@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -171,6 +172,11 @@ class AttnBatch:
     # batches read the KV cache in place with orbit.kernels.attention_exact's kernel; packed
     # batches use SDPA)
     backend: str = "sdpa"
+    # "triton" decode steps (one new token per sequence) may split each sequence's keys over
+    # several programs (orbit.kernels.attention_decode, flash-decoding) when the batch alone
+    # leaves SMs idle. Changes the reduction order over keys: fast mode only, exact mode
+    # leaves it False (the engine passes split_kv=not exact).
+    split_kv: bool = False
     _meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -190,9 +196,11 @@ class AttnBatch:
         max_context: int | None = None,
         routing: Any = None,
         backend: str = "sdpa",
+        split_kv: bool = False,
     ) -> AttnBatch:
         """`max_context` (a Python int, <= cache.max_len) bounds how many cache positions a
-        decode step reads; it must exceed every `start_pos`. None reads the whole slot."""
+        decode step reads; it must exceed every `start_pos`. None reads the whole slot.
+        `split_kv`: see the field."""
         n = slots.numel()
         if cu_seqlens.numel() != n + 1 or start_pos.numel() != n:
             raise ValueError(
@@ -202,7 +210,8 @@ class AttnBatch:
         if max_context is not None and not (0 < max_context <= cache.max_len):
             raise ValueError(f"max_context={max_context} outside (0, cache.max_len={cache.max_len}]")
         _check_backend(backend)
-        return cls("cached", cu_seqlens, cache, slots, start_pos, max_context, routing, backend)
+        return cls("cached", cu_seqlens, cache, slots, start_pos, max_context, routing, backend,
+                   split_kv)
 
     # -- per-batch metadata, computed at the first layer and reused by the others --------------
 
@@ -316,6 +325,15 @@ class AttnBatch:
         if not (q.is_cuda or on_cpu):
             raise ValueError("attention backend 'triton' needs CUDA tensors; use backend='sdpa'")
         kc, vc = self._write_kv(layer, k, v)
+        if self.split_kv and q.shape[0] == self.slots.numel():  # a decode step
+            from orbit.kernels.attention_decode import attention_decode_split, pick_splits
+            from orbit.kernels.gemv import num_sms
+
+            ctx = self.max_context or kc.shape[1]
+            split = pick_splits(q.shape[0], kc.shape[-2], ctx, num_sms(q.device))
+            if split > 1:
+                return attention_decode_split(q, kc, vc, self.slots, self.start_pos, ctx, split,
+                                              1.0 / math.sqrt(q.shape[-1]))
         return attention_cached_exact(q, kc, vc, self.cu_seqlens, self.slots, self.start_pos,
                                       self._max_new(q.shape[0]), force_triton=on_cpu)
 

@@ -64,13 +64,15 @@ class DecodeGraphs:
     """Captured decode forwards (ids, positions, slots -> float32 logits) over one KV cache."""
 
     def __init__(
-        self, model: torch.nn.Module, cache: KVCache, max_bs: int, scratch_slot: int, backend: str = "sdpa"
+        self, model: torch.nn.Module, cache: KVCache, max_bs: int, scratch_slot: int, backend: str = "sdpa",
+        split_kv: bool = False,
     ) -> None:
         assert cache.k.is_cuda, "CUDA graphs need the KV cache on a CUDA device"
         assert 0 <= scratch_slot < cache.num_slots
         self.model, self.cache, self.scratch = model, cache, scratch_slot
         self.device = cache.k.device
         self.backend = backend
+        self.split_kv = split_kv  # AttnBatch.split_kv of the captured decode steps
         self.bs = batch_buckets(max_bs)
         self.ctx = context_buckets(cache.max_len)
         self.max_bs = self.bs[-1]
@@ -100,7 +102,7 @@ class DecodeGraphs:
     def _forward(self, bp: int, ctx: int) -> Tensor:
         ids, pos, slots = self.inputs[0, :bp], self.inputs[1, :bp], self.inputs[2, :bp]
         attn = AttnBatch.cached(self.cache, slots, self.cu[: bp + 1], pos, max_context=ctx,
-                                backend=self.backend)
+                                backend=self.backend, split_kv=self.split_kv)
         return self.model(ids, pos, attn)  # [bp, D] hidden
 
     def _capture(self, bp: int, ctx: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:

@@ -247,7 +247,7 @@ class Engine:
                                        self.dtype, self.device)
         if self.use_graphs:
             self._graphs = DecodeGraphs(self.model, self.cache, self.num_slots, self.num_slots,
-                                        self.attn_backend)
+                                        self.attn_backend, split_kv=not self.exact)
             if self.exact:  # one graph per exact batch size: no padding rows
                 self._graphs.bs = list(range(1, self.num_slots + 1))
 
@@ -421,6 +421,6 @@ class Engine:
             dev = torch.tensor([ids, pos, slots], dtype=torch.int64).to(self.device, non_blocking=True)
             cu = torch.arange(B + 1, dtype=torch.int32, device=self.device)
             attn = AttnBatch.cached(self.cache, dev[2], cu, dev[1], max_context=max_pos + 1,
-                                    backend=self.attn_backend)
+                                    backend=self.attn_backend, split_kv=not self.exact)
             logits = self.model.logits(self.model(dev[0], dev[1], attn))  # [B, V]
         return self._sample(sched, seqs, logits)

@@ -53,6 +53,12 @@ def _interpreter_main() -> None:
             lg = model.logits(model(x, sp, batch))
             out[f"decode{step}"] = max(float((lg[b] - ref[b][pre[b] + step]).abs().max())
                                        for b in range(4))
+            # the same step with split-KV decode (fast mode): 2 chunks of 64 positions here
+            batch = AttnBatch.cached(cache, slots, torch.arange(5, dtype=torch.int32), sp,
+                                     max_context=128, backend="triton", split_kv=True)
+            lg = model.logits(model(x, sp, batch))
+            out[f"split{step}"] = max(float((lg[b] - ref[b][pre[b] + step]).abs().max())
+                                      for b in range(4))
     print(json.dumps(out))
 
 
@@ -61,7 +67,7 @@ def interp_results() -> dict:
     return run_in_interpreter(__file__)
 
 
-@pytest.mark.parametrize("stage", ["prefill", "decode0", "decode1"])
+@pytest.mark.parametrize("stage", ["prefill", "decode0", "decode1", "split0", "split1"])
 def test_triton_backend_matches_packed_sdpa(interp_results: dict, stage: str) -> None:
     assert interp_results[stage] < 1e-4, interp_results  # fp32, reduction order only
 

@@ -1,0 +1,165 @@
+"""Split-KV decode attention (flash-decoding) for fast mode: one new token per sequence.
+
+The exact kernel (`attention_exact`) gives a decode step one program per (sequence, KV head)
+that walks every cached position in order: at batch 1 that is 8 programs on a 132-SM GPU
+for Qwen3-1.7B, each a chain of dependent K-load / dot / softmax / V-load steps (~12 us per
+layer on the H100 at a 200-token context, 0.33 ms of a 2.2 ms step). Here the positions
+[0, pos] of each (sequence, KV head) are cut into SPLIT contiguous chunks, one program each;
+every program keeps the online-softmax state of its chunk (running max m, running sum l,
+unnormalized accumulator acc, float32) and writes it to a workspace. The last program of a
+(sequence, KV head) to finish (an arrival counter, as in the split-K GEMV: `gemv.
+arrival_counters`) combines the chunks in chunk order:
+    M = max_s m_s,  w_s = 2^(m_s - M),  out = sum_s w_s acc_s / sum_s w_s l_s
+so the result does not depend on which program arrives last (deterministic), and there is
+no second launch. An empty chunk (past the sequence's position) has m = -inf, l = 0, acc = 0
+and weighs 0.
+
+Fast mode only: splitting changes the reduction order over keys, so a token's output is not
+bit-identical to the packed/prefill kernel's; exact mode keeps `attention_exact` (the engine
+passes AttnBatch(split_kv=not exact)). GQA packing as in the exact kernel: a program's rows
+are the GROUP query heads of its KV head (padded to 16 rows for the dot).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from orbit.kernels._triton import tl, triton
+
+SPLIT_BLOCK_N = 64  # key positions per step
+SPLIT_MAX = 16  # chunks per (sequence, KV head)
+SPLIT_TARGET_PROGRAMS_PER_SM = 2  # split until the grid has about this many programs per SM
+SPLIT_WARPS, SPLIT_STAGES = 4, 2
+
+
+def pick_splits(n_seq: int, kv_heads: int, max_context: int, sms: int) -> int:
+    """Chunks per (sequence, KV head): enough programs to fill the SMs, at most one chunk per
+    SPLIT_BLOCK_N positions of `max_context`, at most SPLIT_MAX; 1 means do not split (the
+    batch already fills the GPU, or the context is one block)."""
+    blocks = triton.cdiv(max(max_context, 1), SPLIT_BLOCK_N)
+    want = triton.cdiv(SPLIT_TARGET_PROGRAMS_PER_SM * sms, max(n_seq * kv_heads, 1))
+    split = max(1, min(want, blocks, SPLIT_MAX))
+    return triton.cdiv(blocks, triton.cdiv(blocks, split))  # no chunk is past max_context
+
+
+@triton.jit
+def _attn_decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, acc_ptr, ml_ptr, cnt_ptr, start_ptr, kvbase_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kpos, stride_kh, stride_vpos, stride_vh,
+    qk_scale, HKV, SPLIT, CHUNK,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    p0 = tl.load(start_ptr + seq).to(tl.int64)  # the new token's position: it sees 0..p0
+    kvb = tl.load(kvbase_ptr + seq).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    rmask = rows < GROUP
+    h = kvh * GROUP + rows
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(q_ptr + seq * stride_qt + h[:, None] * stride_qh + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BM, BD]
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    k_base = k_ptr + kvb + kvh * stride_kh
+    v_base = v_ptr + kvb + kvh * stride_vh
+    lo = sp.to(tl.int64) * CHUNK * BLOCK_N
+    hi = tl.minimum(lo + CHUNK * BLOCK_N, p0 + 1)  # exclusive
+    for start in range(lo, hi, BLOCK_N):
+        kpos = start + tl.arange(0, BLOCK_N)
+        kmask = kpos < hi
+        k = tl.load(k_base + kpos[None, :] * stride_kpos + d[:, None],
+                    mask=kmask[None, :] & dmask[:, None], other=0.0).to(q.dtype)  # [BD, BN]
+        if IEEE:  # fp32 caches: no tf32
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = tl.where(kmask[None, :], s * qk_scale, float("-inf"))  # [BM, BN]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + kpos[:, None] * stride_vpos + d[None, :],
+                    mask=kmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)  # [BN, BD]
+        if IEEE:
+            pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(q.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    # workspace: acc [n_seq * HKV, SPLIT, BM, BD], ml [n_seq * HKV, SPLIT, 2, BM]
+    tile = seq * HKV + kvh
+    a_base = acc_ptr + tile * SPLIT * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + d[None, :]
+    ml_base = ml_ptr + tile * SPLIT * 2 * BLOCK_M + rows
+    tl.store(a_base + sp * BLOCK_M * BLOCK_D, acc)
+    tl.store(ml_base + sp * 2 * BLOCK_M, m_i)
+    tl.store(ml_base + sp * 2 * BLOCK_M + BLOCK_M, l_i)
+    # The last chunk program to arrive combines (see the module docstring; the barrier +
+    # acq_rel atomic make the other chunks' stores visible, .cg loads read them from L2).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+    if arrived == SPLIT - 1:
+        m_all = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        for s_ in range(SPLIT):
+            m_all = tl.maximum(m_all, tl.load(ml_base + s_ * 2 * BLOCK_M, cache_modifier=".cg"))
+        l_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        o = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for s_ in range(SPLIT):
+            m_s = tl.load(ml_base + s_ * 2 * BLOCK_M, cache_modifier=".cg")
+            w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m_all))
+            l_all += w * tl.load(ml_base + s_ * 2 * BLOCK_M + BLOCK_M, cache_modifier=".cg")
+            o += w[:, None] * tl.load(a_base + s_ * BLOCK_M * BLOCK_D, cache_modifier=".cg")
+        out = o / l_all[:, None]
+        tl.store(o_ptr + seq * stride_ot + h[:, None] * stride_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")  # re-armed for the next launch
+
+
+def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
+                           start_pos: Tensor, max_context: int, split: int,
+                           scale: float) -> Tensor:
+    """q [B, H, D] (one new token per sequence, already written to the cache at start_pos),
+    k/v_cache [S, L, Hkv, D] (one layer), slots/start_pos [B] int64 -> [B, H, D].
+    `max_context` (host int, > every start_pos) bounds the positions read; `split` >= 2 chunks
+    per (sequence, KV head), from `pick_splits`. Both are static under CUDA-graph capture: a
+    chunk is cdiv(max_context, split) positions rounded up to blocks, and the live position
+    only decides which chunks are empty."""
+    from orbit.kernels.attention_exact import _check_q
+    from orbit.kernels.gemv import arrival_counters
+
+    group = _check_q(q, k_cache)
+    B, H, D = q.shape
+    hkv = k_cache.shape[-2]
+    if q.shape[0] != slots.numel() or start_pos.numel() != slots.numel():
+        raise ValueError(f"attention_decode_split: {B} query rows for {slots.numel()} slots and "
+                         f"{start_pos.numel()} positions (one new token per sequence)")
+    if split < 2:
+        raise ValueError(f"attention_decode_split needs split >= 2, got {split}")
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    bm = max(16, triton.next_power_of_2(group))
+    bd = max(16, triton.next_power_of_2(D))
+    if not 0 < max_context <= k_cache.shape[1]:
+        raise ValueError(f"attention_decode_split: max_context={max_context} outside "
+                         f"(0, {k_cache.shape[1]}]")
+    blocks = triton.cdiv(max_context, SPLIT_BLOCK_N)
+    chunk = triton.cdiv(blocks, split)
+    ws = torch.empty((B * hkv, split, bm, bd), device=q.device, dtype=torch.float32)
+    ml = torch.empty((B * hkv, split, 2, bm), device=q.device, dtype=torch.float32)
+    cnt = arrival_counters(q.device, B * hkv)
+    kvbase = slots.to(device=q.device, dtype=torch.int64) * k_cache.stride(0)
+    start = start_pos.to(device=q.device, dtype=torch.int64)
+    _attn_decode_split_kernel[(B, hkv, split)](
+        q, k_cache, v_cache, out, ws, ml, cnt, start, kvbase,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        scale * 1.4426950408889634, hkv, split, chunk,
+        GROUP=group, D=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=SPLIT_BLOCK_N,
+        IEEE=q.dtype == torch.float32, num_warps=SPLIT_WARPS, num_stages=SPLIT_STAGES)
+    return out

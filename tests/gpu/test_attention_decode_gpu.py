@@ -1,0 +1,68 @@
+"""Split-KV decode attention on the GPU: bf16 caches at the Qwen3 head shapes against the
+float64 reference, eagerly and in replays of one captured CUDA graph whose positions change
+between replays (chunks empty or full; the arrival counters re-arm themselves)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+
+def _ref(q, kc, vc, slots, pos, scale):
+    from orbit.kernels.attention_exact import attention_exact_reference
+
+    rows = [attention_exact_reference(q[r:r + 1], kc[slots[r], :p + 1], vc[slots[r], :p + 1],
+                                      torch.tensor([p], device=q.device), scale)
+            for r, p in enumerate(pos)]
+    return torch.cat(rows)
+
+
+def _rel(y, ref):
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("b,h,hkv,d,ctx", [(1, 16, 8, 128, 256), (2, 32, 8, 128, 2048),
+                                           (4, 14, 2, 64, 512)])
+def test_split_decode_bf16(b: int, h: int, hkv: int, d: int, ctx: int) -> None:
+    from orbit.kernels.attention_decode import attention_decode_split, pick_splits
+
+    g = torch.Generator(device="cuda").manual_seed(b * 100 + ctx)
+    kc = torch.randn(b + 1, ctx, hkv, d, device="cuda", generator=g).bfloat16()
+    vc = torch.randn(b + 1, ctx, hkv, d, device="cuda", generator=g).bfloat16()
+    q = torch.randn(b, h, d, device="cuda", generator=g).bfloat16()
+    slots = torch.arange(1, b + 1, device="cuda")
+    split = pick_splits(b, hkv, ctx, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert split >= 2
+    for pos in ([ctx - 1] * b, [0] * b, [min(ctx - 1, 64 * i + 3) for i in range(b)]):
+        start = torch.tensor(pos, device="cuda")
+        y = attention_decode_split(q, kc, vc, slots, start, ctx, split, d ** -0.5)
+        assert y.isfinite().all()
+        assert _rel(y, _ref(q, kc, vc, slots.tolist(), pos, d ** -0.5)) < 1e-2, (pos, split)
+
+
+def test_split_decode_in_a_cuda_graph() -> None:
+    from orbit.kernels.attention_decode import attention_decode_split
+
+    b, h, hkv, d, ctx, split = 1, 16, 8, 128, 512, 8
+    kc = torch.randn(2, ctx, hkv, d, device="cuda").bfloat16()
+    vc = torch.randn(2, ctx, hkv, d, device="cuda").bfloat16()
+    q = torch.randn(b, h, d, device="cuda").bfloat16()
+    slots = torch.tensor([1], device="cuda")
+    start = torch.tensor([0], device="cuda")
+    attention_decode_split(q, kc, vc, slots, start, ctx, split, d ** -0.5)  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = attention_decode_split(q, kc, vc, slots, start, ctx, split, d ** -0.5)
+    for p in (0, 63, 64, 300, 511, 7):
+        start.fill_(p)
+        q.copy_(torch.randn(b, h, d, device="cuda").bfloat16())
+        y.fill_(float("nan"))
+        graph.replay()
+        eager = attention_decode_split(q, kc, vc, slots, start, ctx, split, d ** -0.5)
+        assert torch.equal(y, eager), p
+        assert _rel(y, _ref(q, kc, vc, [1], [p], d ** -0.5)) < 1e-2, p
