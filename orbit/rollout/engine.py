@@ -110,6 +110,10 @@ class Engine:
     copy) so a decode step runs one GEMV per group instead of one per projection
     (orbit.quant.siblings; the model keeps its module layout, exact mode and autograd are
     untouched). None: on CUDA only.
+    split_kv: decode steps of the "triton" attention backend split each sequence's keys over
+    several programs when the batch leaves SMs idle (orbit.kernels.attention_decode; batch-1
+    decode). It changes the reduction order, so None means `not exact` and exact mode refuses
+    True.
     attn_backend: the AttnBatch backend of prefill and decode: "sdpa"; "varlen" (CUDA only:
     FlashAttention reading the KV cache in place; the cache's per-slot length is then
     max_model_len rounded up to a multiple of 256, FlashAttention's page constraint); or
@@ -137,6 +141,7 @@ class Engine:
         graph_key: Callable[[], Hashable] | None = None,
         attn_backend: str = "sdpa",
         fuse_siblings: bool | None = None,
+        split_kv: bool | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -164,6 +169,10 @@ class Engine:
         self.kv_cache_memory = kv_cache_memory
         self.use_graphs = cuda_graph and self.device.type == "cuda" and self.config.num_experts == 0
         self.exact = exact
+        if split_kv and exact:
+            raise ValueError("split_kv=True changes the reduction order of decode attention; "
+                             "exact mode needs it off (leave split_kv=None)")
+        self.split_kv = (not exact) if split_kv is None else split_kv
         self.vocab_size = self.config.vocab_size
         self.max_prefill_tokens = max_prefill_tokens
         self.detokenize = self._decode_fn(tokenizer)
@@ -247,7 +256,7 @@ class Engine:
                                        self.dtype, self.device)
         if self.use_graphs:
             self._graphs = DecodeGraphs(self.model, self.cache, self.num_slots, self.num_slots,
-                                        self.attn_backend, split_kv=not self.exact)
+                                        self.attn_backend, split_kv=self.split_kv)
             if self.exact:  # one graph per exact batch size: no padding rows
                 self._graphs.bs = list(range(1, self.num_slots + 1))
 
@@ -421,6 +430,6 @@ class Engine:
             dev = torch.tensor([ids, pos, slots], dtype=torch.int64).to(self.device, non_blocking=True)
             cu = torch.arange(B + 1, dtype=torch.int32, device=self.device)
             attn = AttnBatch.cached(self.cache, dev[2], cu, dev[1], max_context=max_pos + 1,
-                                    backend=self.attn_backend, split_kv=not self.exact)
+                                    backend=self.attn_backend, split_kv=self.split_kv)
             logits = self.model.logits(self.model(dev[0], dev[1], attn))  # [B, V]
         return self._sample(sched, seqs, logits)

@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "sdpa", "varlen", "triton"),
                     help="engine attention backend; auto: each engine picks (varlen where "
                          "native), and vs_hf times sdpa and varlen")
+    ap.add_argument("--split-kv", default="on", choices=("on", "off", "both"),
+                    help="roofline/formats: Engine(split_kv=...) (split-KV decode attention); "
+                         "both = off then on, same run")
     ap.add_argument("--fuse-siblings", default="on", choices=("on", "off", "both"),
                     help="roofline/formats: engines with q/k/v and gate/up grouped GEMVs "
                          "(orbit.quant.siblings); both: off then on, same run")
@@ -273,10 +276,12 @@ def main(argv: list[str] | None = None) -> int:
                          "new_tokens": new}
                 ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
                 # "both": off first (fusing re-homes the model's buffers for good)
-                for fuse in {"on": [True], "off": [False], "both": [False, True]}[args.fuse_siblings]:
-                    w = {**where, "fuse_siblings": fuse}
+                onoff = {"on": [True], "off": [False], "both": [False, True]}
+                for fuse, split in [(f, s_) for f in onoff[args.fuse_siblings]
+                                    for s_ in onoff[args.split_kv]]:
+                    w = {**where, "fuse_siblings": fuse, "split_kv": split}
                     st = _attempt(rows, w, run_orbit, model, ps, new, device, fuse_siblings=fuse,
-                                  **okw)
+                                  split_kv=split, **okw)
                     if st is None:
                         continue
                     row = {**w, "attn_backend": st["attn_backend"],
@@ -287,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                         roof = copy_gbs * 1e9 / b
                         _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
                                      "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
+                                     "split_kv": split,
                                      "bytes_per_token": b, "copy_GBps": copy_gbs,
                                      "roofline_tokens_per_s": roof,
                                      "decode_tokens_per_s": st["decode_tokens_per_s"],
@@ -316,12 +322,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vs_hf    {r['shape']:<13} b{r['batch']:<3} x{r['new_tokens']:<4} {hf_s}"
                   f"  Orbit[{r['attn_backend']}] {r['orbit_tokens_per_s']:>9.1f} tok/s  {sp}")
         elif r["section"] == "roofline":
-            fz = " grouped" if r.get("fuse_siblings") else " separate"
+            fz = (" grouped" if r.get("fuse_siblings") else " separate") + \
+                (" split-kv" if r.get("split_kv") else "")
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
                   f" = {100 * r['fraction_of_roofline']:.0f}% ({r['bytes_per_token'] / 1e6:.0f} MB/token)")
         else:
-            fz = "+grp" if r.get("fuse_siblings") else ""
+            fz = ("+grp" if r.get("fuse_siblings") else "") + ("+split" if r.get("split_kv") else "")
             print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")
     return 1 if any("error" in r for r in rows) else 0
