@@ -92,6 +92,8 @@ class GemvConfig:
     # decoded in place (see _gemv_planes_kernel); False keeps the per-step reduction and the
     # shift-and-extract decode, for same-run comparison (bench_qmm.py --gemv-sweep).
     defer: bool = True
+    # Nibble-plane kernel: load the next K step's x during this one (_gemv_planes_kernel XPRE).
+    x_prefetch: bool = False
 
 
 @cache
@@ -131,8 +133,10 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
         most = max(1, k_tiles // GEMV_MIN_K_TILES_PER_SPLIT)
         split = max(1, min(want, most, GEMV_MAX_SPLIT))
         split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty slice
+    # The deferred plane reduction holds an [rows, MP, groups, words] accumulator: it wins at
+    # M = 1 and loses at M = 4 on the narrow Qwen3 shapes (H200, session 6), so M = 1 only.
     return GemvConfig(block_n=block_n, block_k=block_k, split=split, warps=GEMV_WARPS,
-                      stages=GEMV_STAGES, planes=planes)
+                      stages=GEMV_STAGES, planes=planes, defer=mp == 1)
 
 
 @triton.jit
@@ -248,12 +252,33 @@ def _int4_plane_masked(biased, P: tl.constexpr, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
+def _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP: tl.constexpr, NG: tl.constexpr,
+              WG: tl.constexpr, MP: tl.constexpr):
+    """The 8 nibble planes' x for the step at k0, as a tuple of float32 [MP, NG, WG]: plane i
+    holds x[m, g*GROUP + 8j + i] (zero past k_hi or M)."""
+    ag = tl.arange(0, NG)
+    aj = tl.arange(0, WG)
+    am = tl.arange(0, MP)
+    kg = k0 + ag * GROUP  # first column of each group of the step
+    ptrs = x_ptr + am[:, None, None] * stride_xm + kg[None, :, None] + (aj * 8)[None, None, :]
+    ok = (am[:, None, None] < M) & (kg < k_hi)[None, :, None]
+    return (tl.load(ptrs + 0, mask=ok, other=0.0).to(tl.float32),
+            tl.load(ptrs + 1, mask=ok, other=0.0).to(tl.float32),
+            tl.load(ptrs + 2, mask=ok, other=0.0).to(tl.float32),
+            tl.load(ptrs + 3, mask=ok, other=0.0).to(tl.float32),
+            tl.load(ptrs + 4, mask=ok, other=0.0).to(tl.float32),
+            tl.load(ptrs + 5, mask=ok, other=0.0).to(tl.float32),
+            tl.load(ptrs + 6, mask=ok, other=0.0).to(tl.float32),
+            tl.load(ptrs + 7, mask=ok, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
                         K_PER, SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s,
                         stride_ym, FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
                         HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr,
                         NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
-                        DEFER: tl.constexpr, ASM: tl.constexpr):
+                        DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -266,6 +291,9 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     # (the per-step reduction over words and groups cost ~1 shuffle + 2 adds per nibble in
     # SASS), and int4 nibbles are decoded in place (_int4_plane_masked: 2 ops per nibble
     # instead of shift + extract + or + add).
+    # XPRE (GemvConfig.x_prefetch): x's plane loads are 2-byte strided loads, which the
+    # software pipeline of the word loads (cp.async, 4/8/16-byte only) cannot take, so each
+    # step waits on them; with XPRE each step loads the next step's x before computing its own.
     # Fast mode only: the weights are not rounded to bf16 first, so the sums differ from the
     # reference's in the last bits (more exact, not less).
     WG: tl.constexpr = GROUP // 8
@@ -282,22 +310,26 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     n_groups = K // GROUP
     acc = tl.zeros((BN, MP), dtype=tl.float32)
     acc4 = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
+    if XPRE:  # x of the first step; each step then loads the next step's (see XPRE above)
+        x_nxt = _x_planes(x_ptr, k_lo, k_hi, stride_xm, M, GROUP, NG, WG, MP)
     for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
         g = k0 // GROUP + ag  # [NG] group index
         g_ok = g < n_groups
         words = tl.load(q_ptr + offs_n[:, None, None] * stride_q + (g * WG)[None, :, None]
                         + aj[None, None, :], mask=row_ok[:, None, None] & g_ok[None, :, None],
                         other=0)  # [BN, NG, WG]
-        x_ptrs = x_ptr + am[:, None, None] * stride_xm + (g * GROUP)[None, :, None] + \
-            (aj * 8)[None, None, :]  # [MP, NG, WG]: x[m, 8j] of each group
-        x_ok = (am[:, None, None] < M) & g_ok[None, :, None]
+        if XPRE:
+            x_cur = x_nxt
+            x_nxt = _x_planes(x_ptr, k0 + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP)
+        else:
+            x_cur = _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP, NG, WG, MP)
         cx = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
         xs = tl.zeros((MP, NG, WG), dtype=tl.float32)
         if DEFER and CODE <= 1:  # per word, shared by 4 planes each (see _int4_plane_masked)
             lo = _or_2p23(words, ASM)
             hi = _or_2p23(words >> 16, ASM)  # nibbles 4..7 at bits 0..15
         for i in tl.static_range(8):
-            xi = tl.load(x_ptrs + i, mask=x_ok, other=0.0).to(tl.float32)
+            xi = x_cur[i]
             if DEFER and CODE <= 1:
                 v = _int4_plane_masked(lo if i < 4 else hi, i % 4, CODE == 0)
                 cx += v[:, None, :, :] * (xi * (1.0 / 16.0 ** (i % 4)))[None, :, :, :]
@@ -424,7 +456,7 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             stride_os, words.stride(0), s.stride(0), y.stride(0), FMT=FMT_IDS[fmt], CODE=code,
             GROUP=group, HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n,
             NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup, DEFER=cfg.defer,
-            ASM=x.is_cuda, num_warps=cfg.warps)
+            ASM=x.is_cuda, XPRE=cfg.x_prefetch, num_warps=cfg.warps)
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,

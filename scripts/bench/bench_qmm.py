@@ -231,6 +231,11 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan.append(("gemv-2launch", dataclasses.replace(auto, fixup=False)))
                 if auto.planes:  # same-run baseline: per-step reduction, shift-and-extract decode
                     plan.append(("gemv-nodefer", dataclasses.replace(auto, defer=False)))
+                    plan.append(("gemv-defer", dataclasses.replace(auto, defer=True)))
+                    plan.append(("gemv-xpre", dataclasses.replace(auto, defer=True,
+                                                                  x_prefetch=True)))
+                    plan.append(("gemv-xpre-w2", dataclasses.replace(
+                        auto, block_n=16, warps=2, defer=True, x_prefetch=True)))
                 if swap:
                     bm = max(16, triton.next_power_of_2(m))
                     plan += [("fused-swap", _qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=w,

@@ -130,8 +130,9 @@ def test_gemv_split_k_fixup_eager_graph_and_stream(fmt: str, kw: dict) -> None:
                                     ("int4", {"group_size": 64}), ("nvfp4", {}), ("mxfp4", {})])
 def test_plane_kernel_deferred_matches_per_step(fmt: str, kw: dict) -> None:
     """The plane kernel's deferred reduction and in-place int4 decode (inline PTX on CUDA,
-    GemvConfig.defer) computes what the per-step version does, on fresh inputs, at M = 1, 3,
-    16, with and without split-K; every output written."""
+    GemvConfig.defer), with and without the x prefetch, computes what the per-step version
+    does, on fresh inputs, at M = 1, 3, 16, with and without split-K; every output written;
+    the prefetch changes only when x is loaded, so not a bit of the result."""
     from orbit.kernels.gemv import GemvConfig, gemv
 
     for k, n in [(4096, 12288), (6144, 2048)]:
@@ -141,15 +142,17 @@ def test_plane_kernel_deferred_matches_per_step(fmt: str, kw: dict) -> None:
             x = torch.randn(m, k, device="cuda").bfloat16()
             for split in (1, 4):
                 ys = []
-                for defer in (True, False):
+                for defer, xpre in ((False, False), (True, False), (True, True)):
                     cfg = GemvConfig(block_n=32 if m <= 4 else 16, block_k=512, split=split,
-                                     warps=4, stages=3, defer=defer)
+                                     warps=4, stages=3, defer=defer, x_prefetch=xpre)
                     ys.append(gemv(x, fmt, qw.shape, *_args(qw), torch.full(
                         (m, n), float("nan"), device="cuda", dtype=torch.bfloat16), cfg))
-                assert not ys[0].isnan().any(), (fmt, kw, k, n, m, split)
                 ref = x.double() @ w.T
-                assert _rel(ys[0], ref) < TOL, (fmt, kw, k, n, m, split, _rel(ys[0], ref))
-                assert _rel(ys[0], ys[1].double()) < TOL, (fmt, kw, k, n, m, split)
+                for y in ys[1:]:
+                    assert not y.isnan().any(), (fmt, kw, k, n, m, split)
+                    assert _rel(y, ref) < TOL, (fmt, kw, k, n, m, split, _rel(y, ref))
+                    assert _rel(y, ys[0].double()) < TOL, (fmt, kw, k, n, m, split)
+                assert torch.equal(ys[1], ys[2]), ("x prefetch changed the sums", fmt, k, n, m)
 
 
 def test_gemv_fp16_activations() -> None:

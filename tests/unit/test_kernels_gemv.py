@@ -31,13 +31,14 @@ N_OUT = 80
 MS = (1, 3, 16)
 # "auto" = through the format's public wrapper (launch -> heuristic); the others call gemv()
 # with a fixed config: (block_n, block_k, split, warps, stages, unpack, planes, e2m1_bits,
-# fixup, defer); split-K adds the slices in the last-arriving program unless fixup is False. 4-bit formats
+# fixup, defer, x_prefetch); split-K adds the slices in the last-arriving program unless fixup is False. 4-bit formats
 # run the nibble-plane kernel unless planes is False ("tiles": the dequantized-tile kernel).
 CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2),
            "split3-reduce-launch": (16, 64, 3, 4, 2, -1, True, False, False),
            "tiles": (32, 128, 2, 4, 3, -1, False), "planes256": (32, 256, 1, 4, 3),
            "planes-e2m1bits": (32, 128, 2, 4, 3, -1, True, True),
            "planes-nodefer": (32, 256, 2, 4, 3, -1, True, False, True, False),
+           "planes-xprefetch": (16, 128, 3, 4, 3, -1, True, False, True, True, True),
            "auto": None}
 # vs x (float64) @ W_bf16^T: bf16 output rounding, ~1e-3 relative; the plane kernel multiplies
 # the unrounded weights (the bf16 rounding of W adds ~1e-3 more).
@@ -209,6 +210,7 @@ def test_pick_gemv_config() -> None:
                 k_tiles = -(-k // c.block_k)
                 per = -(-k_tiles // c.split)
                 assert -(-k_tiles // per) == c.split, ("empty K-slice", k, n, c)
+                assert c.defer == (m == 1), ("deferred plane reduction at M = 1 only", m, c)
     # A big N fills the SMs without split-K; small N splits K.
     assert pick_gemv_config(1, 12288, 4096, "int4", 132).split == 1
     assert pick_gemv_config(1, 2048, 6144, "int4", 132).split > 1
