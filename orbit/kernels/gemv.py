@@ -68,6 +68,7 @@ PLANE_FORMATS = ("int4", "nvfp4", "mxfp4")
 PLANES_BLOCK_K = 256
 PLANES_BLOCK_K_INT4 = 512  # H100 sweep (session 4): 21.7 vs 23.7 us at 4096x12288, M=1
 PLANES_BLOCK_N_SMALL_M = 32
+PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1 = 16, 2  # H200 session 6: nvfp4 M = 1
 PLANES_BLOCK_N_LARGE_M = 16
 
 
@@ -125,18 +126,25 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     else:
         block_n = GEMV_BLOCK_N_SMALL_M if mp <= 4 else GEMV_BLOCK_N_LARGE_M
         block_k = GEMV_BLOCK_K
-    n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
+    # The deferred plane reduction holds an [rows, MP, groups, words] accumulator: it wins at
+    # M = 1 and loses at M = 4 on the narrow Qwen3 shapes (H200, session 6), so M = 1 only;
+    # the x prefetch was measured at M = 1 only (faster on every shape), and FP4 at M = 1 ran
+    # fastest with 16-row, 2-warp programs (4096x12288 nvfp4: 28.4 vs 32.7 us).
+    # (The FP4 tile is narrowed after the split is chosen, as it was measured.)
+    one = planes and mp == 1
+    n_tiles = triton.cdiv(n, block_n)
     split = 1
     if n_tiles < GEMV_MIN_PROGRAMS_PER_SM * sms:
         want = triton.cdiv(GEMV_TARGET_PROGRAMS_PER_SM * sms, n_tiles)
         most = max(1, k_tiles // GEMV_MIN_K_TILES_PER_SPLIT)
         split = max(1, min(want, most, GEMV_MAX_SPLIT))
         split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty slice
-    # The deferred plane reduction holds an [rows, MP, groups, words] accumulator: it wins at
-    # M = 1 and loses at M = 4 on the narrow Qwen3 shapes (H200, session 6), so M = 1 only.
-    return GemvConfig(block_n=block_n, block_k=block_k, split=split, warps=GEMV_WARPS,
-                      stages=GEMV_STAGES, planes=planes, defer=mp == 1)
+    warps = GEMV_WARPS
+    if one and fmt == "nvfp4":  # (mxfp4 not measured: it keeps the int4 tile)
+        block_n, warps = PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1
+    return GemvConfig(block_n=block_n, block_k=block_k, split=split, warps=warps,
+                      stages=GEMV_STAGES, planes=planes, defer=one, x_prefetch=one)
 
 
 @triton.jit

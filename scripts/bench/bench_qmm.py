@@ -182,6 +182,13 @@ SWAP_ALTS = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3),
 
 # --gemv-e2m1: the shipped FP4 plane configs with E2M1 built as fp32 bits (no fp16 convert),
 # beside the same configs without (7th field: GemvConfig.e2m1_bits).
+# --gemv-xpre (session 6): around the shipped M = 1 plane config with the x prefetch: more
+# programs (split 2, 16 rows), more warps, shallower steps (8th field: x_prefetch).
+GEMV_ALTS_XPRE = [(32, 512, 2, 4, 3, True, False, True), (16, 512, 0, 4, 3, True, False, True),
+                  (32, 256, 0, 4, 3, True, False, True), (32, 512, 0, 8, 3, True, False, True),
+                  (64, 512, 0, 8, 3, True, False, True), (32, 512, 0, 4, 4, True, False, True),
+                  (16, 256, 0, 2, 3, True, False, True), (32, 1024, 0, 4, 2, True, False, True)]
+
 GEMV_ALTS_E2M1 = [(32, 256, 0, 4, 3, True, True), (16, 512, 0, 4, 3, True, True),
                   (16, 512, 0, 4, 3, True, False)]
 
@@ -229,13 +236,12 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 plan = [("fused-dot", None), ("gemv", None)]
                 if auto.split > 1:  # same-run baseline: split-K reduced by a second launch
                     plan.append(("gemv-2launch", dataclasses.replace(auto, fixup=False)))
-                if auto.planes:  # same-run baseline: per-step reduction, shift-and-extract decode
-                    plan.append(("gemv-nodefer", dataclasses.replace(auto, defer=False)))
-                    plan.append(("gemv-defer", dataclasses.replace(auto, defer=True)))
-                    plan.append(("gemv-xpre", dataclasses.replace(auto, defer=True,
-                                                                  x_prefetch=True)))
-                    plan.append(("gemv-xpre-w2", dataclasses.replace(
-                        auto, block_n=16, warps=2, defer=True, x_prefetch=True)))
+                if auto.planes and m == 1:  # same-run baselines of the session-6 changes:
+                    # session 5's kernel (per-step reduction, shift-and-extract decode), then
+                    # the deferred reduction without the x prefetch
+                    plan.append(("gemv-s5", dataclasses.replace(auto, defer=False,
+                                                                x_prefetch=False)))
+                    plan.append(("gemv-noxpre", dataclasses.replace(auto, x_prefetch=False)))
                 if swap:
                     bm = max(16, triton.next_power_of_2(m))
                     plan += [("fused-swap", _qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=w,
@@ -243,7 +249,9 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                              for bo, br, w, st in SWAP_ALTS]
                 if alts and fmt in ("int4", "nvfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
-                                                     e2m1_bits=bool(eb)))
+                                                     e2m1_bits=bool(eb and eb[0]),
+                                                     defer=m == 1,
+                                                     x_prefetch=len(eb) > 1 and eb[1]))
                              for bn, bk, sp, w, st, pl, *eb in alt_list
                              if not (eb and eb[0] and fmt != "nvfp4")]
                 for path, cfg in plan:
@@ -367,6 +375,8 @@ def main() -> None:
                     help="with --gemv-sweep: the small-shape alternatives GEMV_ALTS_SMALL")
     ap.add_argument("--gemv-swap", action="store_true",
                     help="with --gemv: also time the swap-AB dot kernel configs SWAP_ALTS")
+    ap.add_argument("--gemv-xpre", action="store_true",
+                    help="with --gemv-sweep: plane configs with the x prefetch (GEMV_ALTS_XPRE)")
     ap.add_argument("--gemv-e2m1", action="store_true",
                     help="with --gemv-sweep: FP4 plane configs with fp32-bit E2M1 (GEMV_ALTS_E2M1)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
@@ -380,6 +390,7 @@ def main() -> None:
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.gemv_shapes.split(",") if sh]
         res["gemv"] = decode_gemv(args.quick, ceil["copy_GBps"], args.gemv_sweep, shapes or None,
                                   tuple(int(v) for v in args.gemv_m.split(",")),
+                                  GEMV_ALTS_XPRE if args.gemv_xpre else
                                   GEMV_ALTS_E2M1 if args.gemv_e2m1 else
                                   GEMV_ALTS_SMALL if args.gemv_small else
                                   GEMV_ALTS_DEEP if args.gemv_deep else None, args.gemv_swap)

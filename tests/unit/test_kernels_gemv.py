@@ -210,7 +210,8 @@ def test_pick_gemv_config() -> None:
                 k_tiles = -(-k // c.block_k)
                 per = -(-k_tiles // c.split)
                 assert -(-k_tiles // per) == c.split, ("empty K-slice", k, n, c)
-                assert c.defer == (m == 1), ("deferred plane reduction at M = 1 only", m, c)
+                one = m == 1 and c.planes
+                assert c.defer == one and c.x_prefetch == one, ("M = 1 plane options", m, c)
     # A big N fills the SMs without split-K; small N splits K.
     assert pick_gemv_config(1, 12288, 4096, "int4", 132).split == 1
     assert pick_gemv_config(1, 2048, 6144, "int4", 132).split > 1
