@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from orbit.kernels._triton import tl, triton
+from orbit.kernels.attention_exact import softmax_block
 
 SPLIT_BLOCK_N = 64  # key positions per step
 SPLIT_MAX = 16  # chunks per (sequence, KV head)
@@ -73,25 +74,8 @@ def _attn_decode_split_kernel(
     for start in range(lo, hi, BLOCK_N):
         kpos = start + tl.arange(0, BLOCK_N)
         kmask = kpos < hi
-        k = tl.load(k_base + kpos[None, :] * stride_kpos + d[:, None],
-                    mask=kmask[None, :] & dmask[:, None], other=0.0).to(q.dtype)  # [BD, BN]
-        if IEEE:  # fp32 caches: no tf32
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        s = tl.where(kmask[None, :], s * qk_scale, float("-inf"))  # [BM, BN]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kpos[:, None] * stride_vpos + d[None, :],
-                    mask=kmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)  # [BN, BD]
-        if IEEE:
-            pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(q.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = softmax_block(q, k_base, v_base, kpos, kmask, kmask[None, :], d, dmask,
+                                      stride_kpos, stride_vpos, qk_scale, m_i, l_i, acc, IEEE)
     # workspace: acc [n_seq * HKV, SPLIT, BM, BD], ml [n_seq * HKV, SPLIT, 2, BM]
     tile = seq * HKV + kvh
     a_base = acc_ptr + tile * SPLIT * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + d[None, :]
@@ -133,7 +117,7 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
     from orbit.kernels.gemv import arrival_counters
 
     group = _check_q(q, k_cache)
-    B, H, D = q.shape
+    B, _, D = q.shape
     hkv = k_cache.shape[-2]
     if q.shape[0] != slots.numel() or start_pos.numel() != slots.numel():
         raise ValueError(f"attention_decode_split: {B} query rows for {slots.numel()} slots and "

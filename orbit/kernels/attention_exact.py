@@ -45,6 +45,33 @@ NUM_WARPS, NUM_STAGES = 4, 2
 
 
 @triton.jit
+def softmax_block(q, k_base, v_base, kpos, kmask, smask, d, dmask, stride_kpos, stride_vpos,
+                  qk_scale, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One BLOCK_N step of the online softmax: K/V at positions `kpos` (loaded where `kmask`),
+    scores kept where `smask` [BM, BN], running max m_i, sum l_i and accumulator acc (fp32)
+    updated and returned. Shared by this kernel and the split-KV decode kernel
+    (attention_decode.py), so both do a block's arithmetic in the same order."""
+    k = tl.load(k_base + kpos[None, :] * stride_kpos + d[:, None],
+                mask=kmask[None, :] & dmask[:, None], other=0.0).to(q.dtype)  # [BD, BN]
+    if IEEE:  # fp32 inputs: no tf32
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)  # [BM, BN] float32
+    s = tl.where(smask, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + kpos[:, None] * stride_vpos + d[None, :],
+                mask=kmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)  # [BN, BD]
+    if IEEE:
+        pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(q.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _attn_exact_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     cu_ptr, start_ptr, kvbase_ptr,
@@ -80,26 +107,9 @@ def _attn_exact_kernel(
         v_base = v_ptr + kvb + kvh * stride_vh
         for start in range(0, last + 1, BLOCK_N):
             kpos = start + tl.arange(0, BLOCK_N)
-            kmask = kpos <= last
-            k = tl.load(k_base + kpos[None, :] * stride_kpos + d[:, None],
-                        mask=kmask[None, :] & dmask[:, None], other=0.0).to(q.dtype)  # [BD, BN]
-            if IEEE:
-                s = tl.dot(q, k, input_precision="ieee")
-            else:
-                s = tl.dot(q, k)  # [BM, BN] float32
-            s = tl.where(kpos[None, :] <= qpos[:, None], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + kpos[:, None] * stride_vpos + d[None, :],
-                        mask=kmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)  # [BN, BD]
-            if IEEE:
-                pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(q.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = softmax_block(q, k_base, v_base, kpos, kpos <= last,
+                                          kpos[None, :] <= qpos[:, None], d, dmask, stride_kpos,
+                                          stride_vpos, qk_scale, m_i, l_i, acc, IEEE)
         out = acc / l_i[:, None]
         tl.store(o_ptr + (q0 + tok)[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
