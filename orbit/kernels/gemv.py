@@ -13,7 +13,9 @@ over the tile and reduces over K with `tl.sum` in fp32. No `tl.dot`: M=1 no long
 4-bit formats (int4, nvfp4, mxfp4) run `_gemv_planes_kernel` instead, which never builds the
 dequantized tile: it multiplies each of the 8 nibble planes of the packed words by the x
 elements they meet and scales each group's sum once (docs/kernels.md, "Nibble-plane GEMV";
-H100: int4 4096x12288 at M=1 21.3 us vs 37.3 for the tile kernel).
+H100: int4 4096x12288 at M=1 21.3 us vs 37.3 for the tile kernel). At M = 1 it defers the
+reduction to after the K loop, decodes int4 nibbles in place and prefetches the next step's x
+(GemvConfig.defer / x_prefetch; docs/kernels.md, session 6; H200: 14.0 us vs 20.8).
 Split-K (SPLIT > 1) when N / BLOCK_N programs would not fill the SMs: each slice writes its
 fp32 partial sums to a workspace [SPLIT, M, N]; the last slice program of each column tile to
 finish (an arrival counter, `_store_out`) adds the slices in slice order and casts

@@ -10,7 +10,9 @@ before each, so L2 starts cold).
 `--gemv` runs only the decode comparison of the old fused `tl.dot` kernel and the GEMV /
 split-K path (orbit/kernels/gemv.py) at M in {1, 4, 16} for int4/fp8/nvfp4 against cuBLAS
 BF16, same rotation and graph replay; `--gemv-sweep` adds the GEMV_ALTS configs
-(`--gemv-deep`: GEMV_ALTS_DEEP, `--gemv-e2m1`: GEMV_ALTS_E2M1 instead), `--gemv-swap` the
+(`--gemv-deep`: GEMV_ALTS_DEEP, `--gemv-e2m1`: GEMV_ALTS_E2M1, `--gemv-xpre`: GEMV_ALTS_XPRE
+instead; at M = 1 the plane formats also get `gemv-s5` (session 5's kernel) and `gemv-noxpre`
+rows, the same-run baselines of the session-6 changes), `--gemv-swap` the
 swap-AB dot kernel (SWAP_ALTS); `--gemv-shapes 4096x12288,...` and `--gemv-m 1,4` narrow it.
 Writes JSON to $OUT/bench_qmm.json (or --out) and prints a short table last.
 
