@@ -22,11 +22,14 @@ are the GROUP query heads of its KV head (padded to 16 rows for the dot).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from orbit.kernels._triton import tl, triton
-from orbit.kernels.attention_exact import softmax_block
+from orbit.kernels.attention_exact import LOG2E, _check_q, softmax_block
+from orbit.kernels.gemv import arrival_counters
 
 SPLIT_BLOCK_N = 64  # key positions per step
 SPLIT_MAX = 16  # chunks per (sequence, KV head)
@@ -106,16 +109,13 @@ def _attn_decode_split_kernel(
 
 def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
                            start_pos: Tensor, max_context: int, split: int,
-                           scale: float) -> Tensor:
+                           scale: float | None = None) -> Tensor:
     """q [B, H, D] (one new token per sequence, already written to the cache at start_pos),
     k/v_cache [S, L, Hkv, D] (one layer), slots/start_pos [B] int64 -> [B, H, D].
     `max_context` (host int, > every start_pos) bounds the positions read; `split` >= 2 chunks
     per (sequence, KV head), from `pick_splits`. Both are static under CUDA-graph capture: a
     chunk is cdiv(max_context, split) positions rounded up to blocks, and the live position
-    only decides which chunks are empty."""
-    from orbit.kernels.attention_exact import _check_q
-    from orbit.kernels.gemv import arrival_counters
-
+    only decides which chunks are empty. `scale` None: 1/sqrt(D), as attention_cached_exact."""
     group = _check_q(q, k_cache)
     B, _, D = q.shape
     hkv = k_cache.shape[-2]
@@ -124,14 +124,15 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
                          f"{start_pos.numel()} positions (one new token per sequence)")
     if split < 2:
         raise ValueError(f"attention_decode_split needs split >= 2, got {split}")
+    if not 0 < max_context <= k_cache.shape[1]:
+        raise ValueError(f"attention_decode_split: max_context={max_context} outside "
+                         f"(0, {k_cache.shape[1]}]")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     out = torch.empty_like(q)
     if B == 0:
         return out
     bm = max(16, triton.next_power_of_2(group))
     bd = max(16, triton.next_power_of_2(D))
-    if not 0 < max_context <= k_cache.shape[1]:
-        raise ValueError(f"attention_decode_split: max_context={max_context} outside "
-                         f"(0, {k_cache.shape[1]}]")
     blocks = triton.cdiv(max_context, SPLIT_BLOCK_N)
     chunk = triton.cdiv(blocks, split)
     ws = torch.empty((B * hkv, split, bm, bd), device=q.device, dtype=torch.float32)
@@ -143,7 +144,7 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
         q, k_cache, v_cache, out, ws, ml, cnt, start, kvbase,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        scale * 1.4426950408889634, hkv, split, chunk,
+        scale * LOG2E, hkv, split, chunk,
         GROUP=group, D=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=SPLIT_BLOCK_N,
         IEEE=q.dtype == torch.float32, num_warps=SPLIT_WARPS, num_stages=SPLIT_STAGES)
     return out

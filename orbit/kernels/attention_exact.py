@@ -42,6 +42,7 @@ from orbit.kernels.matmul_exact import interpreting
 
 BLOCK_M, BLOCK_N = 32, 64  # query rows per program, KV positions per step: fixed for all modes
 NUM_WARPS, NUM_STAGES = 4, 2
+LOG2E = 1.4426950408889634  # kernels take the softmax scale times log2(e) and use exp2
 
 
 @triton.jit
@@ -144,7 +145,7 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, start: Tensor, kvbase: 
         q, k, v, out, cu, start, kvbase,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         stride_kpos, k.stride(-2), stride_vpos, v.stride(-2),
-        scale * 1.4426950408889634,
+        scale * LOG2E,
         GROUP=group, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=q.dtype == torch.float32,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )

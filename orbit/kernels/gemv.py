@@ -296,11 +296,11 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     # 8 nibble planes, multiplies the plane's codes by the x elements they meet (x[8j + i],
     # a strided load that L1 serves). A group's sum of code * x is scaled once:
     #   sum_k w_k x_k = s * sum_k c_k x_k (+ o * sum_k x_k for asymmetric int4, w = u s + o).
-    # DEFER (the default; GemvConfig.defer): the scaled per-word partials stay in a
-    # [BN, MP, NG, WG] register accumulator across K steps and are reduced once after the loop
-    # (the per-step reduction over words and groups cost ~1 shuffle + 2 adds per nibble in
-    # SASS), and int4 nibbles are decoded in place (_int4_plane_masked: 2 ops per nibble
-    # instead of shift + extract + or + add).
+    # DEFER (GemvConfig.defer; pick_gemv_config sets it at M = 1): the scaled per-word
+    # partials stay in a [BN, MP, NG, WG] register accumulator across K steps and are reduced
+    # once after the loop (the per-step reduction over words and groups cost ~1 shuffle + 2
+    # adds per nibble in SASS), and int4 nibbles are decoded in place (_int4_plane_masked: 2
+    # ops per nibble instead of shift + extract + or + add).
     # XPRE (GemvConfig.x_prefetch): x's plane loads are 2-byte strided loads, which the
     # software pipeline of the word loads (cp.async, 4/8/16-byte only) cannot take, so each
     # step waits on them; with XPRE each step loads the next step's x before computing its own.

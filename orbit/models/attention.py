@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -330,10 +329,11 @@ class AttnBatch:
             from orbit.kernels.gemv import num_sms
 
             ctx = self.max_context or kc.shape[1]
-            split = pick_splits(q.shape[0], kc.shape[-2], ctx, num_sms(q.device))
-            if split > 1:
-                return attention_decode_split(q, kc, vc, self.slots, self.start_pos, ctx, split,
-                                              1.0 / math.sqrt(q.shape[-1]))
+            if "split" not in self._meta:  # same for every layer of the batch
+                self._meta["split"] = pick_splits(q.shape[0], kc.shape[-2], ctx, num_sms(q.device))
+            if self._meta["split"] > 1:
+                return attention_decode_split(q, kc, vc, self.slots, self.start_pos, ctx,
+                                              self._meta["split"])
         return attention_cached_exact(q, kc, vc, self.cu_seqlens, self.slots, self.start_pos,
                                       self._max_new(q.shape[0]), force_triton=on_cpu)
 
