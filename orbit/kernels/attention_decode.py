@@ -23,6 +23,7 @@ are the GROUP query heads of its KV head (padded to 16 rows for the dot).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -37,11 +38,22 @@ SPLIT_TARGET_PROGRAMS_PER_SM = 2  # split until the grid has about this many pro
 SPLIT_WARPS, SPLIT_STAGES = 4, 2
 
 
-def pick_splits(n_seq: int, kv_heads: int, max_context: int, sms: int) -> int:
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch shape of the decode kernel: key positions per step, warps, pipeline stages.
+    The default is the engine's; scripts/bench/bench_attn_decode.py sweeps the others."""
+
+    block_n: int = SPLIT_BLOCK_N
+    warps: int = SPLIT_WARPS
+    stages: int = SPLIT_STAGES
+
+
+def pick_splits(n_seq: int, kv_heads: int, max_context: int, sms: int,
+                block_n: int = SPLIT_BLOCK_N) -> int:
     """Chunks per (sequence, KV head): enough programs to fill the SMs, at most one chunk per
-    SPLIT_BLOCK_N positions of `max_context`, at most SPLIT_MAX; 1 means do not split (the
+    `block_n` positions of `max_context`, at most SPLIT_MAX; 1 means do not split (the
     batch already fills the GPU, or the context is one block)."""
-    blocks = triton.cdiv(max(max_context, 1), SPLIT_BLOCK_N)
+    blocks = triton.cdiv(max(max_context, 1), block_n)
     want = triton.cdiv(SPLIT_TARGET_PROGRAMS_PER_SM * sms, max(n_seq * kv_heads, 1))
     split = max(1, min(want, blocks, SPLIT_MAX))
     return triton.cdiv(blocks, triton.cdiv(blocks, split))  # no chunk is past max_context
@@ -53,7 +65,7 @@ def _attn_decode_split_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kpos, stride_kh, stride_vpos, stride_vh,
     qk_scale, HKV, SPLIT, CHUNK,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -79,51 +91,57 @@ def _attn_decode_split_kernel(
         kmask = kpos < hi
         m_i, l_i, acc = softmax_block(q, k_base, v_base, kpos, kmask, kmask[None, :], d, dmask,
                                       stride_kpos, stride_vpos, qk_scale, m_i, l_i, acc, IEEE)
-    # workspace: acc [n_seq * HKV, SPLIT, BM, BD], ml [n_seq * HKV, SPLIT, 2, BM]
-    tile = seq * HKV + kvh
-    a_base = acc_ptr + tile * SPLIT * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + d[None, :]
-    ml_base = ml_ptr + tile * SPLIT * 2 * BLOCK_M + rows
-    tl.store(a_base + sp * BLOCK_M * BLOCK_D, acc)
-    tl.store(ml_base + sp * 2 * BLOCK_M, m_i)
-    tl.store(ml_base + sp * 2 * BLOCK_M + BLOCK_M, l_i)
-    # The last chunk program to arrive combines (see the module docstring; the barrier +
-    # acq_rel atomic make the other chunks' stores visible, .cg loads read them from L2).
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-    if arrived == SPLIT - 1:
-        m_all = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        for s_ in range(SPLIT):
-            m_all = tl.maximum(m_all, tl.load(ml_base + s_ * 2 * BLOCK_M, cache_modifier=".cg"))
-        l_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        o = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for s_ in range(SPLIT):
-            m_s = tl.load(ml_base + s_ * 2 * BLOCK_M, cache_modifier=".cg")
-            w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m_all))
-            l_all += w * tl.load(ml_base + s_ * 2 * BLOCK_M + BLOCK_M, cache_modifier=".cg")
-            o += w[:, None] * tl.load(a_base + s_ * BLOCK_M * BLOCK_D, cache_modifier=".cg")
-        out = o / l_all[:, None]
+    if DIRECT:  # SPLIT == 1: this program saw every position, nothing to combine
         tl.store(o_ptr + seq * stride_ot + h[:, None] * stride_oh + d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
-        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")  # re-armed for the next launch
+                 (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    else:
+        # workspace: acc [n_seq * HKV, SPLIT, BM, BD], ml [n_seq * HKV, SPLIT, 2, BM]
+        tile = seq * HKV + kvh
+        a_base = acc_ptr + tile * SPLIT * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + d[None, :]
+        ml_base = ml_ptr + tile * SPLIT * 2 * BLOCK_M + rows
+        tl.store(a_base + sp * BLOCK_M * BLOCK_D, acc)
+        tl.store(ml_base + sp * 2 * BLOCK_M, m_i)
+        tl.store(ml_base + sp * 2 * BLOCK_M + BLOCK_M, l_i)
+        # The last chunk program to arrive combines (see the module docstring; the barrier +
+        # acq_rel atomic make the other chunks' stores visible, .cg loads read them from L2).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            m_all = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+            for s_ in range(SPLIT):
+                m_all = tl.maximum(m_all, tl.load(ml_base + s_ * 2 * BLOCK_M, cache_modifier=".cg"))
+            l_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            o = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            for s_ in range(SPLIT):
+                m_s = tl.load(ml_base + s_ * 2 * BLOCK_M, cache_modifier=".cg")
+                w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m_all))
+                l_all += w * tl.load(ml_base + s_ * 2 * BLOCK_M + BLOCK_M, cache_modifier=".cg")
+                o += w[:, None] * tl.load(a_base + s_ * BLOCK_M * BLOCK_D, cache_modifier=".cg")
+            out = o / l_all[:, None]
+            tl.store(o_ptr + seq * stride_ot + h[:, None] * stride_oh + d[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")  # re-armed for the next launch
 
 
 def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
                            start_pos: Tensor, max_context: int, split: int,
-                           scale: float | None = None) -> Tensor:
+                           scale: float | None = None, config: DecodeConfig | None = None) -> Tensor:
     """q [B, H, D] (one new token per sequence, already written to the cache at start_pos),
     k/v_cache [S, L, Hkv, D] (one layer), slots/start_pos [B] int64 -> [B, H, D].
-    `max_context` (host int, > every start_pos) bounds the positions read; `split` >= 2 chunks
-    per (sequence, KV head), from `pick_splits`. Both are static under CUDA-graph capture: a
-    chunk is cdiv(max_context, split) positions rounded up to blocks, and the live position
-    only decides which chunks are empty. `scale` None: 1/sqrt(D), as attention_cached_exact."""
+    `max_context` (host int, > every start_pos) bounds the positions read; `split` >= 1 chunks
+    per (sequence, KV head), from `pick_splits` (1: one program per (sequence, KV head) that
+    stores its output directly: the fast-mode decode of a batch that fills the GPU). Both are
+    static under CUDA-graph capture: a chunk is cdiv(max_context, split) positions rounded up
+    to blocks, and the live position only decides which chunks are empty. `scale` None:
+    1/sqrt(D), as attention_cached_exact. `config` None: DecodeConfig()."""
     group = _check_q(q, k_cache)
     B, _, D = q.shape
     hkv = k_cache.shape[-2]
     if q.shape[0] != slots.numel() or start_pos.numel() != slots.numel():
         raise ValueError(f"attention_decode_split: {B} query rows for {slots.numel()} slots and "
                          f"{start_pos.numel()} positions (one new token per sequence)")
-    if split < 2:
-        raise ValueError(f"attention_decode_split needs split >= 2, got {split}")
+    if split < 1:
+        raise ValueError(f"attention_decode_split needs split >= 1, got {split}")
     if not 0 < max_context <= k_cache.shape[1]:
         raise ValueError(f"attention_decode_split: max_context={max_context} outside "
                          f"(0, {k_cache.shape[1]}]")
@@ -131,13 +149,17 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
     out = torch.empty_like(q)
     if B == 0:
         return out
+    cfg = config or DecodeConfig()
     bm = max(16, triton.next_power_of_2(group))
     bd = max(16, triton.next_power_of_2(D))
-    blocks = triton.cdiv(max_context, SPLIT_BLOCK_N)
+    blocks = triton.cdiv(max_context, cfg.block_n)
     chunk = triton.cdiv(blocks, split)
-    ws = torch.empty((B * hkv, split, bm, bd), device=q.device, dtype=torch.float32)
-    ml = torch.empty((B * hkv, split, 2, bm), device=q.device, dtype=torch.float32)
-    cnt = arrival_counters(q.device, B * hkv)
+    if split == 1:  # no workspace: the kernel's DIRECT branch never touches these
+        ws = ml = cnt = out
+    else:
+        ws = torch.empty((B * hkv, split, bm, bd), device=q.device, dtype=torch.float32)
+        ml = torch.empty((B * hkv, split, 2, bm), device=q.device, dtype=torch.float32)
+        cnt = arrival_counters(q.device, B * hkv)
     kvbase = slots.to(device=q.device, dtype=torch.int64) * k_cache.stride(0)
     start = start_pos.to(device=q.device, dtype=torch.int64)
     _attn_decode_split_kernel[(B, hkv, split)](
@@ -145,6 +167,7 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         scale * LOG2E, hkv, split, chunk,
-        GROUP=group, D=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=SPLIT_BLOCK_N,
-        IEEE=q.dtype == torch.float32, num_warps=SPLIT_WARPS, num_stages=SPLIT_STAGES)
+        GROUP=group, D=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=cfg.block_n,
+        IEEE=q.dtype == torch.float32, DIRECT=split == 1, num_warps=cfg.warps,
+        num_stages=cfg.stages)
     return out

@@ -331,9 +331,10 @@ class AttnBatch:
             ctx = self.max_context or kc.shape[1]
             if "split" not in self._meta:  # same for every layer of the batch
                 self._meta["split"] = pick_splits(q.shape[0], kc.shape[-2], ctx, num_sms(q.device))
-            if self._meta["split"] > 1:
-                return attention_decode_split(q, kc, vc, self.slots, self.start_pos, ctx,
-                                              self._meta["split"])
+            # split 1 (the batch fills the GPU) runs the same kernel with one chunk: 16-row
+            # tiles for the GQA group, the live length bounds the walk (not the tile's last row)
+            return attention_decode_split(q, kc, vc, self.slots, self.start_pos, ctx,
+                                          self._meta["split"])
         return attention_cached_exact(q, kc, vc, self.cu_seqlens, self.slots, self.start_pos,
                                       self._max_new(q.shape[0]), force_triton=on_cpu)
 

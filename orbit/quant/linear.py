@@ -21,8 +21,16 @@ from orbit.quant.qweight import QuantizedWeight
 # Largest row count the sibling-group path serves (orbit.quant.siblings): the decode rows the
 # GEMV kernels take (_qgemm.GEMV_MAX_M). H100, Qwen3-1.7B, one run: batch 1 decode +7% INT4,
 # +24% FP8, +20% NVFP4; batch 16 (tl.dot path) -4% INT4 / -5% NVFP4, so larger M launches per
-# layer (docs/benchmarks.md).
+# layer (docs/benchmarks.md). BF16 groups serve every M: they are one cuBLAS GEMM over the
+# stacked rows instead of two or three, and at M = 16-256 the separate q/k/v GEMMs of a 1-2B
+# model are too narrow to fill the GPU (H200, Qwen3-1.7B, batch 64: k_proj's 2048x1024 GEMM
+# ran at 0.7 TB/s; docs/benchmarks.md has the grouped numbers).
 SIBLING_MAX_M = 4
+
+
+def sibling_serves(fmt: str, rows: int) -> bool:
+    """Whether a sibling group of format `fmt` runs its one launch for `rows` input rows."""
+    return fmt == "bf16" or rows <= SIBLING_MAX_M
 
 
 class _QuantMatmul(torch.autograd.Function):
@@ -136,7 +144,7 @@ class QuantLinear(nn.Module):
         kernel calls only; exact mode keeps its own fixed-config launch), else None."""
         # (Not where the dense-weight cache serves: the CPU reference path keeps its matmuls.)
         if (self._sibling is None or self._use_cache(x2d.device) or self.exact
-                or self.act_quant is not None or x2d.shape[0] > SIBLING_MAX_M):
+                or self.act_quant is not None or not sibling_serves(self.weight_format, x2d.shape[0])):
             return None
         return self._sibling.output(self, x, x2d)
 

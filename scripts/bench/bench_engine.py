@@ -9,6 +9,9 @@ roofline, and across base precisions. Random weights (speed does not depend on t
    row, the KV cache at the mean context) / device copy bandwidth (measured in the same run).
 3. formats: decode tokens/s at batch 1/16/64/256 for bf16/int4/fp8/nvfp4 bases (quantized
    with orbit.quant.convert.convert_linears).
+Orbit's bf16 model (--orbit-bf16): "linear" keeps plain nn.Linear layers; "ql" converts them to
+BF16 QuantLinears, the layers the trainer loads for `--quant-format bf16` (the bf16 launcher),
+whose q/k/v and gate/up run as one GEMM each in the engine (orbit.quant.siblings).
 
 Each Orbit run is done twice: the first captures the CUDA graphs, the second is timed.
 "Total" tokens/s divides all new tokens by the whole generate (prefill included); "decode"
@@ -181,12 +184,13 @@ def bytes_per_decode_token(model: CausalLM, context: int) -> int:
 
 
 def _format_model(shape: str, fmt: str, dtype: torch.dtype, device: str) -> CausalLM:
-    """A random model of `shape` with its linears converted to `fmt` (bf16: unchanged)."""
+    """A random model of `shape` with its linears converted to `fmt` (bf16: plain nn.Linear;
+    "bf16-ql": BF16 QuantLinears, what `--quant-format bf16` loads)."""
     from orbit.quant.convert import convert_linears
 
     model = orbit_model(shape, dtype, device)
     if fmt != "bf16":
-        convert_linears(model, fmt)
+        convert_linears(model, "bf16" if fmt == "bf16-ql" else fmt)
     return model
 
 
@@ -204,8 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuse-siblings", default="on", choices=("on", "off", "both"),
                     help="roofline/formats: engines with q/k/v and gate/up grouped GEMVs "
                          "(orbit.quant.siblings); both: off then on, same run")
+    ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
+                    help="how Orbit's bf16 model holds its linears: plain nn.Linear, or BF16 "
+                         "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "
+                         "gate/up GEMMs in the engine); both: linear then ql, same run")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
+    bf16_variants = {"linear": ["linear"], "ql": ["ql"], "both": ["linear", "ql"]}[args.orbit_bf16]
     cuda = torch.cuda.is_available()
     small = args.small or not cuda
     device = "cuda" if cuda else "cpu"
@@ -241,22 +250,28 @@ def main(argv: list[str] | None = None) -> int:
             om = _attempt(rows, {**where, "stage": "orbit_model"}, orbit_model, shape, dtype,
                           device, hf)
             del hf
-            for be in vs_backends if om is not None else []:
-                o = _attempt(rows, {**where, "attn_backend": be}, run_orbit, om, ps, new, device,
-                             attn_backend=be)
-                if o is None:
-                    continue
-                hf_tps = h["tokens_per_s"] if h is not None else None
-                _emit(rows, {**where, "attn_backend": o["attn_backend"],
-                             "hf_tokens_per_s": hf_tps,
-                             "orbit_tokens_per_s": o["tokens_per_s"],
-                             "orbit_decode_tokens_per_s": o["decode_tokens_per_s"],
-                             "speedup": o["tokens_per_s"] / hf_tps if hf_tps else None})
+            for variant in bf16_variants if om is not None else []:
+                if variant == "ql":  # in place, after the plain-linear runs
+                    from orbit.quant.convert import convert_linears
+
+                    convert_linears(om, "bf16")
+                for be in vs_backends:
+                    o = _attempt(rows, {**where, "attn_backend": be, "orbit_bf16": variant},
+                                 run_orbit, om, ps, new, device, attn_backend=be)
+                    if o is None:
+                        continue
+                    hf_tps = h["tokens_per_s"] if h is not None else None
+                    _emit(rows, {**where, "attn_backend": o["attn_backend"], "orbit_bf16": variant,
+                                 "hf_tokens_per_s": hf_tps,
+                                 "orbit_tokens_per_s": o["tokens_per_s"],
+                                 "orbit_decode_tokens_per_s": o["decode_tokens_per_s"],
+                                 "speedup": o["tokens_per_s"] / hf_tps if hf_tps else None})
             del om
             if cuda:
                 torch.cuda.empty_cache()
 
-    fmts = ["bf16", "int4"] if small else ["bf16", "int4", "fp8", "nvfp4"]
+    bf16_fmts = [{"linear": "bf16", "ql": "bf16-ql"}[v] for v in bf16_variants]
+    fmts = [*bf16_fmts, "int4"] if small else [*bf16_fmts, "int4", "fp8", "nvfp4"]
     qshape = "tiny-qwen3" if small else "qwen3-1.7b"
     if sections & {"roofline", "formats"}:
         for fmt in fmts:
@@ -320,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             hf_s = f"HF {hf:>9.1f} tok/s" if hf else "HF       n/a"
             sp = f"speedup {r['speedup']:.1f}x" if r["speedup"] else "speedup n/a"
             print(f"vs_hf    {r['shape']:<13} b{r['batch']:<3} x{r['new_tokens']:<4} {hf_s}"
-                  f"  Orbit[{r['attn_backend']}] {r['orbit_tokens_per_s']:>9.1f} tok/s  {sp}")
+                  f"  Orbit[{r['attn_backend']}, {r['orbit_bf16']}] {r['orbit_tokens_per_s']:>9.1f} tok/s  {sp}")
         elif r["section"] == "roofline":
             fz = (" grouped" if r.get("fuse_siblings") else " separate") + \
                 (" split-kv" if r.get("split_kv") else "")

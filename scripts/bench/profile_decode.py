@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--rows", type=int, default=25)
-    ap.add_argument("--format", default="bf16", help="base precision (convert_linears), e.g. int4")
+    ap.add_argument("--format", default="bf16", help="base precision (convert_linears), e.g. int4; bf16-ql: BF16 QuantLinears")
     ap.add_argument("--trace", action="store_true", help="also write $OUT/decode_trace.json")
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "sdpa", "varlen", "triton"))
     args = ap.parse_args()
@@ -41,7 +41,7 @@ def main() -> None:
     if args.format != "bf16":
         from orbit.quant.convert import convert_linears
 
-        convert_linears(model, args.format)
+        convert_linears(model, "bf16" if args.format == "bf16-ql" else args.format)
     engine = Engine(model, max_num_seqs=args.batch, max_model_len=args.prompt_len + args.new + 8,
                     device=device, attn_backend=args.attn_backend)
     ps = prompts(args.batch, args.prompt_len, model.config.vocab_size)

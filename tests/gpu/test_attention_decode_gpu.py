@@ -66,3 +66,28 @@ def test_split_decode_in_a_cuda_graph() -> None:
         eager = attention_decode_split(q, kc, vc, slots, start, ctx, split, d ** -0.5)
         assert torch.equal(y, eager), p
         assert _rel(y, _ref(q, kc, vc, [1], [p], d ** -0.5)) < 1e-2, p
+
+
+@pytest.mark.parametrize("b,ctx,cfg", [(64, 320, None), (16, 1024, (32, 2, 3)), (256, 256, (128, 4, 2))])
+def test_direct_decode_bf16(b: int, ctx: int, cfg: tuple | None) -> None:
+    """split = 1 (a batch that fills the GPU): one program per (sequence, KV head), no
+    workspace; random live positions per sequence, poisoned output, other launch configs."""
+    from orbit.kernels.attention_decode import DecodeConfig, attention_decode_split
+
+    h, hkv, d = 16, 8, 128
+    g = torch.Generator(device="cuda").manual_seed(b + ctx)
+    kc = torch.randn(b + 1, ctx, hkv, d, device="cuda", generator=g).bfloat16()
+    vc = torch.randn(b + 1, ctx, hkv, d, device="cuda", generator=g).bfloat16()
+    q = torch.randn(b, h, d, device="cuda", generator=g).bfloat16()
+    slots = torch.randperm(b + 1, device="cuda", generator=g)[:b]
+    pos = torch.randint(0, ctx, (b,), device="cuda", generator=g)
+    config = DecodeConfig(*cfg) if cfg else None
+    y = attention_decode_split(q, kc, vc, slots, pos, ctx, 1, config=config)
+    assert y.isfinite().all()
+    assert _rel(y, _ref(q, kc, vc, slots.tolist(), pos.tolist(), d ** -0.5)) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = attention_decode_split(q, kc, vc, slots, pos, ctx, 1, config=config)
+    yg.fill_(float("nan"))
+    graph.replay()
+    assert torch.equal(yg, y)

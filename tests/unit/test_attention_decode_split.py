@@ -11,20 +11,24 @@ import torch
 from triton_interp import patch_interpreter, run_in_interpreter
 
 pytest.importorskip("triton")
-# (B, H, Hkv, D, max_context, split, positions)
-CASES = [(1, 4, 4, 16, 256, 4, [200]), (3, 8, 4, 32, 128, 2, [0, 63, 127]),
-         (2, 8, 2, 16, 320, 5, [5, 300]), (4, 4, 1, 16, 192, 3, [64, 65, 130, 191])]
+# (B, H, Hkv, D, max_context, split, positions, (block_n, warps, stages) or None)
+# split 1 is the direct path (no workspace) fast mode runs when the batch fills the GPU.
+CASES = [(1, 4, 4, 16, 256, 4, [200], None), (3, 8, 4, 32, 128, 2, [0, 63, 127], None),
+         (2, 8, 2, 16, 320, 5, [5, 300], None), (4, 4, 1, 16, 192, 3, [64, 65, 130, 191], None),
+         (3, 8, 4, 32, 256, 1, [0, 64, 255], None), (2, 4, 2, 16, 200, 1, [17, 199], (32, 2, 3)),
+         (2, 8, 2, 16, 320, 3, [40, 319], (128, 8, 1))]
 
 
 def _interpreter_main() -> None:
     import json
 
     patch_interpreter()
-    from orbit.kernels.attention_decode import attention_decode_split
+    from orbit.kernels.attention_decode import DecodeConfig, attention_decode_split
     from orbit.kernels.attention_exact import attention_exact_reference
 
     out = {}
-    for i, (b, h, hkv, d, ctx, split, pos) in enumerate(CASES):
+    for i, (b, h, hkv, d, ctx, split, pos, cfg) in enumerate(CASES):
+        config = DecodeConfig(*cfg) if cfg else None
         g = torch.Generator().manual_seed(100 + i)
         kc = torch.randn(b + 2, ctx + 8, hkv, d, generator=g)
         vc = torch.randn(b + 2, ctx + 8, hkv, d, generator=g)
@@ -32,8 +36,8 @@ def _interpreter_main() -> None:
         slots = torch.randperm(b + 2, generator=g)[:b]
         start = torch.tensor(pos)
         scale = d ** -0.5
-        y = attention_decode_split(q, kc, vc, slots, start, ctx, split, scale)
-        y2 = attention_decode_split(q, kc, vc, slots, start, ctx, split, scale)
+        y = attention_decode_split(q, kc, vc, slots, start, ctx, split, scale, config)
+        y2 = attention_decode_split(q, kc, vc, slots, start, ctx, split, scale, config)
         err = 0.0
         for r in range(b):
             p = pos[r]
@@ -76,8 +80,8 @@ def test_split_refuses_bad_input() -> None:
 
     kc = torch.zeros(2, 64, 2, 16)
     q = torch.zeros(1, 4, 16)
-    with pytest.raises(ValueError, match="split >= 2"):
-        attention_decode_split(q, kc, kc, torch.tensor([0]), torch.tensor([3]), 64, 1, 0.25)
+    with pytest.raises(ValueError, match="split >= 1"):
+        attention_decode_split(q, kc, kc, torch.tensor([0]), torch.tensor([3]), 64, 0, 0.25)
     with pytest.raises(ValueError, match="max_context"):
         attention_decode_split(q, kc, kc, torch.tensor([0]), torch.tensor([3]), 65, 2, 0.25)
     with pytest.raises(ValueError, match="one new token per sequence"):

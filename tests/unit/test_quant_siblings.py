@@ -13,7 +13,7 @@ from orbit.kernels import dispatch
 from orbit.models.config import ModelConfig
 from orbit.models.transformer import CausalLM
 from orbit.quant.convert import convert_linears
-from orbit.quant.linear import QuantLinear
+from orbit.quant.linear import SIBLING_MAX_M, QuantLinear, sibling_serves
 from orbit.quant.siblings import fuse_siblings
 from orbit.rollout.engine import Engine
 from orbit.rollout.types import SamplingParams
@@ -95,6 +95,29 @@ def test_fused_generate_matches_separate_and_launches_fewer(monkeypatch: pytest.
     assert n_plain == 7 * 2 * (st["prefill_steps"] + st["decode_steps"])
     assert n_fused == n_plain - 3 * 2 * st["decode_steps"]
     assert 64 + 2 * 32 in calls  # q/k/v stacked: 64 + 32 + 32 rows
+
+
+def test_bf16_groups_serve_every_row_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BF16 groups are one cuBLAS GEMM over stacked rows at any M (decode of more than
+    SIBLING_MAX_M sequences, prefill); quantized formats group at M <= SIBLING_MAX_M only."""
+    assert sibling_serves("bf16", 1 << 20)
+    assert sibling_serves("int4", SIBLING_MAX_M) and not sibling_serves("int4", SIBLING_MAX_M + 1)
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(6, V, (n,), generator=g).tolist() for n in (5, 1, 9, 3, 7, 2)]
+    sp = SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True)
+    calls = _count_qmm(monkeypatch)
+    a = Engine(_model("bf16"), max_num_seqs=6, max_model_len=32, fuse_siblings=False).generate(ps, sp)
+    n_plain = len(calls)
+    calls.clear()
+    fused = Engine(_model("bf16"), max_num_seqs=6, max_model_len=32, fuse_siblings=True)
+    b = fused.generate(ps, sp)
+    st = fused.last_stats
+    assert st["decode_tokens"] > SIBLING_MAX_M * st["decode_steps"] - st["decode_steps"]  # wide steps
+    # every step, prefill included, runs 4 launches per layer instead of 7
+    assert len(calls) == n_plain - 3 * 2 * (st["prefill_steps"] + st["decode_steps"])
+    for ra, rb in zip(a, b):
+        assert ra[0].tokens == rb[0].tokens
+        assert torch.allclose(torch.tensor(ra[0].logprobs), torch.tensor(rb[0].logprobs), atol=1e-4)
 
 
 def test_lora_wrapped_members_still_group(monkeypatch: pytest.MonkeyPatch) -> None:

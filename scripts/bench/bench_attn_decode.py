@@ -1,0 +1,127 @@
+"""Decode attention (one new token per sequence, read from the KV cache) on the GPU: the exact
+kernel (`attention_cached_exact`, what exact mode runs) against the fast-mode decode kernel
+(`attention_decode_split`) at the split `pick_splits` chooses and, with `--sweep`, at every
+split and launch config, on Qwen3-1.7B heads (16 query, 8 KV, D 128, bf16 cache).
+
+Roofline: a decode step must read each sequence's live K and V once,
+    bytes = B * (pos + 1) * Hkv * D * 2 (K and V) * 2 (bf16),
+so the floor is bytes / copy bandwidth (measured in the same run). Calls are replayed as one
+CUDA graph (launch overhead out, as in the engine) over enough layer copies of the cache to
+span 3x L2, so every call reads HBM as a real layer does.
+
+    python scripts/bench/bench_attn_decode.py [--sweep] [--batches 1,16,64,256]
+        [--contexts 320,1024,4096] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from orbit.kernels.attention_decode import DecodeConfig, attention_decode_split, pick_splits
+from orbit.kernels.attention_exact import attention_cached_exact
+from orbit.rollout.cuda_graphs import bucket, context_buckets
+
+H, HKV, D = 16, 8, 128
+SWEEP_CONFIGS = [DecodeConfig(bn, w, st) for bn, w, st in itertools.product((32, 64, 128), (2, 4), (2, 3))]
+
+
+def ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def copy_gbs() -> float:
+    a = torch.empty(1 << 28, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    return 2 * a.numel() * 2 / ms(lambda: b.copy_(a)) / 1e6
+
+
+def graphed_us(fns: list) -> float:
+    """Median microseconds per call of fns, replayed as one CUDA graph."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    return 1e3 * ms(g.replay) / len(fns)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--contexts", default="320,1024,4096", help="live positions + 1 (every sequence)")
+    ap.add_argument("--sweep", action="store_true", help="every split x DecodeConfig in SWEEP_CONFIGS")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    bw = copy_gbs()
+    rows: list[dict] = []
+    print(json.dumps({"device": torch.cuda.get_device_name(), "copy_GBps": bw, "sms": sms}), flush=True)
+    for B, live in itertools.product(map(int, args.batches.split(",")), map(int, args.contexts.split(","))):
+        max_ctx = bucket(live, context_buckets(max(live, 256)))
+        layer_bytes = (B + 1) * max_ctx * HKV * D * 2 * 2
+        copies = max(1, min(32, -(-150_000_000 // layer_bytes)))
+        g = torch.Generator(device=dev).manual_seed(B * 7 + live)
+        kcs = [torch.randn(B + 1, max_ctx, HKV, D, device=dev, generator=g).bfloat16() for _ in range(copies)]
+        vcs = [torch.randn(B + 1, max_ctx, HKV, D, device=dev, generator=g).bfloat16() for _ in range(copies)]
+        q = torch.randn(B, H, D, device=dev, generator=g).bfloat16()
+        slots = torch.arange(1, B + 1, device=dev)
+        start = torch.full((B,), live - 1, device=dev, dtype=torch.int64)
+        cu = torch.arange(B + 1, device=dev, dtype=torch.int32)
+        need = B * live * HKV * D * 2 * 2
+        floor_us = need / bw / 1e3
+
+        def emit(kind: str, us: float, **kw) -> None:
+            row = {"B": B, "live": live, "max_context": max_ctx, "kind": kind, "us": us,
+                   "GBps": need / us / 1e3, "of_copy": need / us / 1e3 / bw, "floor_us": floor_us, **kw}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+        ref = attention_cached_exact(q, kcs[0], vcs[0], cu, slots, start, 1)
+        emit("exact", graphed_us([lambda k=k, v=v: attention_cached_exact(q, k, v, cu, slots, start, 1)
+                                  for k, v in zip(kcs, vcs)]))
+        auto = pick_splits(B, HKV, max_ctx, sms)
+        configs = [(auto, DecodeConfig())]
+        if args.sweep:
+            blocks = -(-max_ctx // 32)
+            configs += [(s, c) for s in (1, 2, 4, 8, 16) for c in SWEEP_CONFIGS
+                        if s <= -(-max_ctx // c.block_n) and s <= blocks]
+        for split, cfg in configs:
+            y = attention_decode_split(q, kcs[0], vcs[0], slots, start, max_ctx, split, config=cfg)
+            err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+            us = graphed_us([lambda k=k, v=v, s=split, c=cfg: attention_decode_split(q, k, v, slots, start,
+                                                                                     max_ctx, s, config=c)
+                             for k, v in zip(kcs, vcs)])
+            emit("decode", us, split=split, auto=split == auto and cfg == DecodeConfig(),
+                 block_n=cfg.block_n, warps=cfg.warps, stages=cfg.stages, rel_err_vs_exact=err)
+        del kcs, vcs
+        torch.cuda.empty_cache()
+    print("\n# best decode config per shape (us; exact kernel; auto = pick_splits + default config)")
+    for (B, live), grp in itertools.groupby(rows, key=lambda r: (r["B"], r["live"])):
+        grp = list(grp)
+        ex = next(r for r in grp if r["kind"] == "exact")
+        au = next(r for r in grp if r.get("auto"))
+        best = min((r for r in grp if r["kind"] == "decode"), key=lambda r: r["us"])
+        print(f"B={B:4d} live={live:5d}: exact {ex['us']:7.1f}  auto(split {au['split']}) {au['us']:7.1f}  "
+              f"best {best['us']:7.1f} (split {best['split']} bn {best['block_n']} w {best['warps']} "
+              f"st {best['stages']}, {100 * best['of_copy']:.0f}% of copy)  floor {ex['floor_us']:.1f}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_attn_decode.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
