@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from orbit.kernels._triton import tl, triton
-from orbit.kernels.attention_exact import LOG2E, _check_q, softmax_block
+from orbit.kernels.attention_exact import LOG2E, _check_q, load_kv_block, softmax_block, softmax_kv
 from orbit.kernels.gemv import arrival_counters
 
 SPLIT_BLOCK_N = 64  # key positions per step
@@ -40,12 +40,14 @@ SPLIT_WARPS, SPLIT_STAGES = 4, 2
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch shape of the decode kernel: key positions per step, warps, pipeline stages.
-    The default is the engine's; scripts/bench/bench_attn_decode.py sweeps the others."""
+    """Launch shape of the decode kernel: key positions per step, warps, pipeline stages,
+    and whether each step prefetches the next block's K/V into registers. The default is the
+    engine's; scripts/bench/bench_attn_decode.py sweeps the others."""
 
     block_n: int = SPLIT_BLOCK_N
     warps: int = SPLIT_WARPS
     stages: int = SPLIT_STAGES
+    prefetch: bool = False
 
 
 def pick_splits(n_seq: int, kv_heads: int, max_context: int, sms: int,
@@ -65,7 +67,7 @@ def _attn_decode_split_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kpos, stride_kh, stride_vpos, stride_vh,
     qk_scale, HKV, SPLIT, CHUNK,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -86,11 +88,25 @@ def _attn_decode_split_kernel(
     v_base = v_ptr + kvb + kvh * stride_vh
     lo = sp.to(tl.int64) * CHUNK * BLOCK_N
     hi = tl.minimum(lo + CHUNK * BLOCK_N, p0 + 1)  # exclusive
-    for start in range(lo, hi, BLOCK_N):
-        kpos = start + tl.arange(0, BLOCK_N)
+    if PREFETCH:
+        # Each step issues the next block's K/V loads before its own arithmetic, so a program
+        # always has a block in flight (without it every step waits a full memory latency).
+        kpos = lo + tl.arange(0, BLOCK_N)
         kmask = kpos < hi
-        m_i, l_i, acc = softmax_block(q, k_base, v_base, kpos, kmask, kmask[None, :], d, dmask,
-                                      stride_kpos, stride_vpos, qk_scale, m_i, l_i, acc, IEEE)
+        k, v = load_kv_block(k_base, v_base, kpos, kmask, d, dmask, stride_kpos, stride_vpos, q.dtype)
+        for start in range(lo, hi, BLOCK_N):
+            npos = start + BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = npos < hi  # past the chunk: masked, no traffic
+            k_n, v_n = load_kv_block(k_base, v_base, npos, nmask, d, dmask, stride_kpos,
+                                     stride_vpos, q.dtype)
+            m_i, l_i, acc = softmax_kv(q, k, v, kmask[None, :], qk_scale, m_i, l_i, acc, IEEE)
+            k, v, kmask = k_n, v_n, nmask
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            kpos = start + tl.arange(0, BLOCK_N)
+            kmask = kpos < hi
+            m_i, l_i, acc = softmax_block(q, k_base, v_base, kpos, kmask, kmask[None, :], d, dmask,
+                                          stride_kpos, stride_vpos, qk_scale, m_i, l_i, acc, IEEE)
     if DIRECT:  # SPLIT == 1: this program saw every position, nothing to combine
         tl.store(o_ptr + seq * stride_ot + h[:, None] * stride_oh + d[None, :],
                  (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
@@ -168,6 +184,6 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         scale * LOG2E, hkv, split, chunk,
         GROUP=group, D=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=cfg.block_n,
-        IEEE=q.dtype == torch.float32, DIRECT=split == 1, num_warps=cfg.warps,
-        num_stages=cfg.stages)
+        IEEE=q.dtype == torch.float32, DIRECT=split == 1, PREFETCH=cfg.prefetch,
+        num_warps=cfg.warps, num_stages=cfg.stages)
     return out

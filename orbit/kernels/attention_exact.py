@@ -46,14 +46,21 @@ LOG2E = 1.4426950408889634  # kernels take the softmax scale times log2(e) and u
 
 
 @triton.jit
-def softmax_block(q, k_base, v_base, kpos, kmask, smask, d, dmask, stride_kpos, stride_vpos,
-                  qk_scale, m_i, l_i, acc, IEEE: tl.constexpr):
-    """One BLOCK_N step of the online softmax: K/V at positions `kpos` (loaded where `kmask`),
-    scores kept where `smask` [BM, BN], running max m_i, sum l_i and accumulator acc (fp32)
-    updated and returned. Shared by this kernel and the split-KV decode kernel
-    (attention_decode.py), so both do a block's arithmetic in the same order."""
+def load_kv_block(k_base, v_base, kpos, kmask, d, dmask, stride_kpos, stride_vpos, dtype):
+    """K^T [BD, BN] and V [BN, BD] at positions `kpos` (zero where not `kmask`), in `dtype`."""
     k = tl.load(k_base + kpos[None, :] * stride_kpos + d[:, None],
-                mask=kmask[None, :] & dmask[:, None], other=0.0).to(q.dtype)  # [BD, BN]
+                mask=kmask[None, :] & dmask[:, None], other=0.0).to(dtype)
+    v = tl.load(v_base + kpos[:, None] * stride_vpos + d[None, :],
+                mask=kmask[:, None] & dmask[None, :], other=0.0).to(dtype)
+    return k, v
+
+
+@triton.jit
+def softmax_kv(q, k, v, smask, qk_scale, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One BLOCK_N step of the online softmax over loaded K^T/V blocks: scores kept where
+    `smask` [BM, BN], running max m_i, sum l_i and accumulator acc (fp32) updated and
+    returned. Shared by this kernel and the split-KV decode kernel (attention_decode.py), so
+    both do a block's arithmetic in the same order whenever they load it."""
     if IEEE:  # fp32 inputs: no tf32
         s = tl.dot(q, k, input_precision="ieee")
     else:
@@ -63,13 +70,19 @@ def softmax_block(q, k_base, v_base, kpos, kmask, smask, d, dmask, stride_kpos, 
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + kpos[:, None] * stride_vpos + d[None, :],
-                mask=kmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)  # [BN, BD]
     if IEEE:
         pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
     else:
         pv = tl.dot(p.to(q.dtype), v)
     return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def softmax_block(q, k_base, v_base, kpos, kmask, smask, d, dmask, stride_kpos, stride_vpos,
+                  qk_scale, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Load the K/V block at positions `kpos` (where `kmask`) and run `softmax_kv` on it."""
+    k, v = load_kv_block(k_base, v_base, kpos, kmask, d, dmask, stride_kpos, stride_vpos, q.dtype)
+    return softmax_kv(q, k, v, smask, qk_scale, m_i, l_i, acc, IEEE)
 
 
 @triton.jit

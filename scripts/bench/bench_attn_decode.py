@@ -31,7 +31,8 @@ from orbit.kernels.attention_exact import attention_cached_exact
 from orbit.rollout.cuda_graphs import bucket, context_buckets
 
 H, HKV, D = 16, 8, 128
-SWEEP_CONFIGS = [DecodeConfig(bn, w, st) for bn, w, st in itertools.product((32, 64, 128), (2, 4), (2, 3))]
+SWEEP_CONFIGS = [DecodeConfig(bn, w, 2, pf) for bn, w, pf in
+                 itertools.product((32, 64), (1, 2, 4), (False, True))] + [DecodeConfig(32, 2, 3)]
 
 
 def ms(fn) -> float:
@@ -106,7 +107,8 @@ def main() -> None:
                                                                                      max_ctx, s, config=c)
                              for k, v in zip(kcs, vcs)])
             emit("decode", us, split=split, auto=split == auto and cfg == DecodeConfig(),
-                 block_n=cfg.block_n, warps=cfg.warps, stages=cfg.stages, rel_err_vs_exact=err)
+                 block_n=cfg.block_n, warps=cfg.warps, stages=cfg.stages, prefetch=cfg.prefetch,
+                 rel_err_vs_exact=err)
         del kcs, vcs
         torch.cuda.empty_cache()
     print("\n# best decode config per shape (us; exact kernel; auto = pick_splits + default config)")
@@ -117,7 +119,8 @@ def main() -> None:
         best = min((r for r in grp if r["kind"] == "decode"), key=lambda r: r["us"])
         print(f"B={B:4d} live={live:5d}: exact {ex['us']:7.1f}  auto(split {au['split']}) {au['us']:7.1f}  "
               f"best {best['us']:7.1f} (split {best['split']} bn {best['block_n']} w {best['warps']} "
-              f"st {best['stages']}, {100 * best['of_copy']:.0f}% of copy)  floor {ex['floor_us']:.1f}")
+              f"st {best['stages']} pf {int(best['prefetch'])}, {100 * best['of_copy']:.0f}% of copy)  "
+              f"floor {ex['floor_us']:.1f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_attn_decode.json").write_text(json.dumps(rows, indent=1))

@@ -11,12 +11,15 @@ import torch
 from triton_interp import patch_interpreter, run_in_interpreter
 
 pytest.importorskip("triton")
-# (B, H, Hkv, D, max_context, split, positions, (block_n, warps, stages) or None)
+# (B, H, Hkv, D, max_context, split, positions, DecodeConfig fields or None)
 # split 1 is the direct path (no workspace) fast mode runs when the batch fills the GPU.
 CASES = [(1, 4, 4, 16, 256, 4, [200], None), (3, 8, 4, 32, 128, 2, [0, 63, 127], None),
          (2, 8, 2, 16, 320, 5, [5, 300], None), (4, 4, 1, 16, 192, 3, [64, 65, 130, 191], None),
          (3, 8, 4, 32, 256, 1, [0, 64, 255], None), (2, 4, 2, 16, 200, 1, [17, 199], (32, 2, 3)),
-         (2, 8, 2, 16, 320, 3, [40, 319], (128, 8, 1))]
+         (2, 8, 2, 16, 320, 3, [40, 319], (128, 8, 1)),
+         # prefetching the next block: chunks of 1, 2 and many blocks, an empty chunk
+         (3, 8, 4, 32, 256, 1, [0, 64, 255], (32, 2, 2, True)),
+         (2, 8, 2, 16, 320, 4, [5, 319], (32, 1, 2, True)), (1, 4, 4, 16, 256, 2, [200], (64, 4, 2, True))]
 
 
 def _interpreter_main() -> None:
