@@ -61,6 +61,31 @@ def pick_splits(n_seq: int, kv_heads: int, max_context: int, sms: int,
     return triton.cdiv(blocks, triton.cdiv(blocks, split))  # no chunk is past max_context
 
 
+def pick_decode(n_seq: int, kv_heads: int, max_context: int, sms: int) -> tuple[int, DecodeConfig]:
+    """(split, launch config) for a decode step, from the H200 sweep of
+    scripts/bench/bench_attn_decode.py (Qwen3-1.7B heads; docs/benchmarks.md):
+    - few (sequence, KV head) pairs (batch 1-7 of 8 KV heads): split the keys. When every
+      chunk is one 64-position block, 4 warps at 64 positions are fastest (B=1, 320
+      positions: 9.7 us); longer chunks take 32-position blocks, 4 warps and the next-block
+      prefetch (B=1, 2048: 21.7 us, against 35.9 us unprefetched at 64);
+    - 64-1023 pairs: 32-position blocks on 2 warps (B=64, 320: 44.6 us; the exact kernel's
+      32-row tiles on 4 warps took 58.2 us, 64-position blocks on 4 warps 152 us);
+    - 1024 or more: 1 warp (B=256, 2048 positions: 705 us = 73% of copy bandwidth).
+    Fewer warps let more programs share an SM, and their loads are what keep HBM busy. The
+    prefetch spills registers below 4 warps (10x slower there), so only the 4-warp case uses it."""
+    pairs = n_seq * kv_heads
+    if pairs < 64:
+        split = pick_splits(n_seq, kv_heads, max_context, sms, block_n=64)
+        if split == triton.cdiv(max(max_context, 1), 64):  # one block per chunk
+            return split, DecodeConfig(64, 4, 2)
+        cfg = DecodeConfig(32, 4, 2, prefetch=True)
+    elif pairs < 1024:
+        cfg = DecodeConfig(32, 2, 2)
+    else:
+        cfg = DecodeConfig(32, 1, 2)
+    return pick_splits(n_seq, kv_heads, max_context, sms, block_n=cfg.block_n), cfg
+
+
 @triton.jit
 def _attn_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, acc_ptr, ml_ptr, cnt_ptr, start_ptr, kvbase_ptr,
@@ -145,7 +170,7 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
     """q [B, H, D] (one new token per sequence, already written to the cache at start_pos),
     k/v_cache [S, L, Hkv, D] (one layer), slots/start_pos [B] int64 -> [B, H, D].
     `max_context` (host int, > every start_pos) bounds the positions read; `split` >= 1 chunks
-    per (sequence, KV head), from `pick_splits` (1: one program per (sequence, KV head) that
+    per (sequence, KV head), from `pick_decode` (1: one program per (sequence, KV head) that
     stores its output directly: the fast-mode decode of a batch that fills the GPU). Both are
     static under CUDA-graph capture: a chunk is cdiv(max_context, split) positions rounded up
     to blocks, and the live position only decides which chunks are empty. `scale` None:

@@ -325,16 +325,17 @@ class AttnBatch:
             raise ValueError("attention backend 'triton' needs CUDA tensors; use backend='sdpa'")
         kc, vc = self._write_kv(layer, k, v)
         if self.split_kv and q.shape[0] == self.slots.numel():  # a decode step
-            from orbit.kernels.attention_decode import attention_decode_split, pick_splits
+            from orbit.kernels.attention_decode import attention_decode_split, pick_decode
             from orbit.kernels.gemv import num_sms
 
             ctx = self.max_context or kc.shape[1]
-            if "split" not in self._meta:  # same for every layer of the batch
-                self._meta["split"] = pick_splits(q.shape[0], kc.shape[-2], ctx, num_sms(q.device))
+            if "decode" not in self._meta:  # same for every layer of the batch
+                self._meta["decode"] = pick_decode(q.shape[0], kc.shape[-2], ctx, num_sms(q.device))
             # split 1 (the batch fills the GPU) runs the same kernel with one chunk: 16-row
             # tiles for the GQA group, the live length bounds the walk (not the tile's last row)
-            return attention_decode_split(q, kc, vc, self.slots, self.start_pos, ctx,
-                                          self._meta["split"])
+            split, cfg = self._meta["decode"]
+            return attention_decode_split(q, kc, vc, self.slots, self.start_pos, ctx, split,
+                                          config=cfg)
         return attention_cached_exact(q, kc, vc, self.cu_seqlens, self.slots, self.start_pos,
                                       self._max_new(q.shape[0]), force_triton=on_cpu)
 

@@ -1,6 +1,6 @@
 """Decode attention (one new token per sequence, read from the KV cache) on the GPU: the exact
 kernel (`attention_cached_exact`, what exact mode runs) against the fast-mode decode kernel
-(`attention_decode_split`) at the split `pick_splits` chooses and, with `--sweep`, at every
+(`attention_decode_split`) at the split and config `pick_decode` chooses and, with `--sweep`, at every
 split and launch config, on Qwen3-1.7B heads (16 query, 8 KV, D 128, bf16 cache).
 
 Roofline: a decode step must read each sequence's live K and V once,
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from orbit.kernels.attention_decode import DecodeConfig, attention_decode_split, pick_splits
+from orbit.kernels.attention_decode import DecodeConfig, attention_decode_split, pick_decode
 from orbit.kernels.attention_exact import attention_cached_exact
 from orbit.rollout.cuda_graphs import bucket, context_buckets
 
@@ -94,8 +94,8 @@ def main() -> None:
         ref = attention_cached_exact(q, kcs[0], vcs[0], cu, slots, start, 1)
         emit("exact", graphed_us([lambda k=k, v=v: attention_cached_exact(q, k, v, cu, slots, start, 1)
                                   for k, v in zip(kcs, vcs)]))
-        auto = pick_splits(B, HKV, max_ctx, sms)
-        configs = [(auto, DecodeConfig())]
+        auto, auto_cfg = pick_decode(B, HKV, max_ctx, sms)
+        configs = [(auto, auto_cfg)]
         if args.sweep:
             blocks = -(-max_ctx // 32)
             configs += [(s, c) for s in (1, 2, 4, 8, 16) for c in SWEEP_CONFIGS
@@ -106,12 +106,12 @@ def main() -> None:
             us = graphed_us([lambda k=k, v=v, s=split, c=cfg: attention_decode_split(q, k, v, slots, start,
                                                                                      max_ctx, s, config=c)
                              for k, v in zip(kcs, vcs)])
-            emit("decode", us, split=split, auto=split == auto and cfg == DecodeConfig(),
+            emit("decode", us, split=split, auto=split == auto and cfg == auto_cfg,
                  block_n=cfg.block_n, warps=cfg.warps, stages=cfg.stages, prefetch=cfg.prefetch,
                  rel_err_vs_exact=err)
         del kcs, vcs
         torch.cuda.empty_cache()
-    print("\n# best decode config per shape (us; exact kernel; auto = pick_splits + default config)")
+    print("\n# best decode config per shape (us; exact kernel; auto = pick_decode's split and config)")
     for (B, live), grp in itertools.groupby(rows, key=lambda r: (r["B"], r["live"])):
         grp = list(grp)
         ex = next(r for r in grp if r["kind"] == "exact")

@@ -78,6 +78,21 @@ def test_pick_splits() -> None:
         assert 1 <= s <= SPLIT_MAX and (s - 1) * chunk < blocks, (n, hkv, ctx, s)  # none empty
 
 
+def test_pick_decode() -> None:
+    """The measured launch table (docs/benchmarks.md): block-per-chunk 64-position splits at
+    batch 1 and short contexts, prefetching 32-position chunks for long ones, 2 warps and no
+    split once the batch fills the GPU, 1 warp for 1024+ (sequence, KV head) pairs."""
+    from orbit.kernels.attention_decode import DecodeConfig, pick_decode
+
+    assert pick_decode(1, 8, 320, 132) == (5, DecodeConfig(64, 4, 2))  # 5 blocks, 5 chunks
+    split, cfg = pick_decode(1, 8, 4096, 132)
+    assert cfg == DecodeConfig(32, 4, 2, prefetch=True) and split == 16
+    assert pick_decode(4, 8, 2048, 132)[1].prefetch  # 9 chunks of 64 would be 2 blocks each
+    assert pick_decode(16, 8, 320, 132) == (3, DecodeConfig(32, 2, 2))
+    assert pick_decode(64, 8, 320, 132) == (1, DecodeConfig(32, 2, 2))
+    assert pick_decode(256, 8, 2048, 132) == (1, DecodeConfig(32, 1, 2))
+
+
 def test_split_refuses_bad_input() -> None:
     from orbit.kernels.attention_decode import attention_decode_split
 
