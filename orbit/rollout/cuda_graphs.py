@@ -121,10 +121,12 @@ class DecodeGraphs:
             out = self._forward(bp, ctx)
         return graph, out
 
-    def run(self, state: Hashable, host_inputs: Tensor, batch: int, max_pos: int) -> Tensor:
+    def run(self, state: Hashable, host_inputs: Tensor, batch: int, max_pos: int,
+            ids: Tensor | None = None) -> Tensor:
         """host_inputs [3, Bp] int64 on the CPU (already padded to `padded_size(batch)`),
         max_pos = the largest real position -> hidden [batch, D] (a view of static memory,
-        valid until the next `run`)."""
+        valid until the next `run`). ids: [batch] int64 on the device replacing the real rows'
+        token ids (an overlapped step's inputs: the previous step's samples)."""
         bp = host_inputs.shape[1]
         assert bp == self.padded_size(batch), (bp, batch)
         ctx = bucket(max_pos + 1, self.ctx)
@@ -135,5 +137,7 @@ class DecodeGraphs:
             entry = self.graphs[key] = self._capture(bp, ctx)
         graph, out = entry
         self.inputs[:, :bp].copy_(host_inputs, non_blocking=True)
+        if ids is not None:
+            self.inputs[0, :batch].copy_(ids)
         graph.replay()
         return out[:batch]

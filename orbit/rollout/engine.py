@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from numbers import Integral
 from typing import Any
 
@@ -90,6 +91,36 @@ def token_ids(prompt: Any) -> list[int]:
     return [int(t) for t in prompt]
 
 
+@dataclass
+class _Inflight:
+    """A launched decode step: its sequences, its sampled tokens on the device (the inputs of
+    an overlapped next step) and their copies on the way to the host."""
+
+    seqs: list[Sequence]
+    tok: torch.Tensor  # [B] int64, device
+    tok_host: torch.Tensor  # [B] pinned host copies (CUDA) or the tensors themselves (CPU)
+    lp_host: torch.Tensor
+    ready: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, seqs: list[Sequence], tok: torch.Tensor, lp: torch.Tensor) -> _Inflight:
+        if not tok.is_cuda:
+            return cls(seqs, tok, tok, lp, None)
+        th = torch.empty(tok.shape, dtype=tok.dtype, pin_memory=True)
+        lh = torch.empty(lp.shape, dtype=lp.dtype, pin_memory=True)
+        th.copy_(tok, non_blocking=True)
+        lh.copy_(lp, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(seqs, tok, th, lh, ready)
+
+    def read(self) -> tuple[list[int], list[float]]:
+        """The sampled tokens and log-probs (waits for the step)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tok_host.tolist(), self.lp_host.tolist()
+
+
 class Engine:
     """Samples completions from `model` (a CausalLM: forward(ids, pos, attn), logits(h)).
 
@@ -114,6 +145,13 @@ class Engine:
     several programs when the batch leaves SMs idle (orbit.kernels.attention_decode; batch-1
     decode). It changes the reduction order, so None means `not exact` and exact mode refuses
     True.
+    overlap: launch decode step t+1 before reading step t's tokens on the host, feeding t's
+    sampled tokens to t+1 on the device (as SGLang's overlap scheduler and vLLM's async
+    scheduling do), so the host's per-step work (reading tokens, finish checks, building the
+    next inputs) runs while the GPU computes. A sequence that stops at step t (stop token or
+    string) gets one extra row in step t+1, which is discarded; a step where a sequence ends
+    by length, or a waiting request could take a freed slot, is not overlapped. Tokens and
+    log-probs are the same as without it (same inputs, counter-based sampling). None: on CUDA.
     attn_backend: the AttnBatch backend of prefill and decode: "sdpa"; "varlen" (CUDA only:
     FlashAttention reading the KV cache in place; the cache's per-slot length is then
     max_model_len rounded up to a multiple of 256, FlashAttention's page constraint); or
@@ -142,6 +180,7 @@ class Engine:
         attn_backend: str = "sdpa",
         fuse_siblings: bool | None = None,
         split_kv: bool | None = None,
+        overlap: bool | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -173,6 +212,7 @@ class Engine:
             raise ValueError("split_kv=True changes the reduction order of decode attention; "
                              "exact mode needs it off (leave split_kv=None)")
         self.split_kv = (not exact) if split_kv is None else split_kv
+        self.overlap = (self.device.type == "cuda") if overlap is None else overlap
         self.vocab_size = self.config.vocab_size
         self.max_prefill_tokens = max_prefill_tokens
         self.detokenize = self._decode_fn(tokenizer)
@@ -351,26 +391,37 @@ class Engine:
         state = self._graph_key() if self.use_graphs else None
         # Each step ends by reading the sampled tokens on the host (a sync), so per-step wall
         # times are device times too.
-        t0, new_tokens = time.perf_counter(), 0
+        t0, new_tokens, overlapped = time.perf_counter(), 0, 0
         steps, secs, toks = {"prefill": 0, "decode": 0}, {"prefill": 0.0, "decode": 0.0}, {"prefill": 0, "decode": 0}
+        inflight: _Inflight | None = None  # a launched decode step whose tokens are unread
         with torch.inference_mode():
-            while not sched.done():
+            while inflight is not None or not sched.done():
                 ts = time.perf_counter()
-                step = sched.schedule()
-                if step.kind == "prefill":
-                    k = self._prefill(sched, step.groups)
+                if inflight is not None:
+                    nxt = None
+                    if self._can_overlap(sched, inflight):
+                        nxt = self._launch_decode(inflight.seqs, state, after=inflight)
+                        steps["decode"] += 1
+                        overlapped += 1
+                    kind, k = "decode", self._collect(sched, inflight)
+                    inflight = nxt
                 else:
-                    k = self._decode(sched, step.seqs, state)
-                steps[step.kind] += 1
-                toks[step.kind] += k
-                secs[step.kind] += time.perf_counter() - ts
+                    step = sched.schedule()
+                    kind = step.kind
+                    steps[kind] += 1
+                    if kind == "prefill":
+                        k = self._prefill(sched, step.groups)
+                    else:
+                        inflight, k = self._launch_decode(step.seqs, state), 0
+                toks[kind] += k
+                secs[kind] += time.perf_counter() - ts
                 new_tokens += k
         dt = time.perf_counter() - t0
         self.last_stats = {
             "seconds": dt, "new_tokens": new_tokens, "tokens_per_s": new_tokens / max(dt, 1e-9),
             "prefill_steps": steps["prefill"], "decode_steps": steps["decode"],
             "prefill_seconds": secs["prefill"], "decode_seconds": secs["decode"],
-            "decode_tokens": toks["decode"],
+            "decode_tokens": toks["decode"], "overlapped_steps": overlapped,
             "decode_tokens_per_s": toks["decode"] / max(secs["decode"], 1e-9),
         }
         out = sched.results(len(prompts), n)
@@ -413,23 +464,55 @@ class Engine:
             logits = logits[rows]  # [S, V]
         return self._sample(sched, seqs, logits)
 
-    def _decode(self, sched: Scheduler, seqs: list[Sequence], state: Hashable) -> int:
+    def _can_overlap(self, sched: Scheduler, f: _Inflight) -> bool:
+        """Whether the next step may be launched before `f`'s tokens are read: it is then the
+        decode of the same sequences (so none may end by length at `f`, and none may have
+        ended earlier: its row in `f` is a discarded one), and no waiting request could take
+        a slot freed now (the scheduler would prefill it next)."""
+        if not self.overlap or (sched.waiting and sched.free_slots):
+            return False
+        return all(s.finish_reason is None and len(s.tokens) + 1 < s.params.max_new_tokens
+                   and s.length + 1 < self.max_model_len for s in f.seqs)
+
+    def _launch_decode(self, seqs: list[Sequence], state: Hashable, after: _Inflight | None = None) -> _Inflight:
+        """Launch a decode step of `seqs` (nothing waits for it). `after`: the launched step
+        whose sampled tokens (on the device, not yet appended to `seqs`) are this step's
+        inputs, one position further on."""
         assert self.cache is not None
         B = len(seqs)
-        ids = [s.tokens[-1] for s in seqs]
-        pos = [s.length - 1 for s in seqs]  # the newest token is not in the cache yet
+        shift = 0 if after is None else 1
+        ids = [s.tokens[-1] for s in seqs] if after is None else [0] * B  # else: from the device
+        pos = [s.length - 1 + shift for s in seqs]  # the newest token is not in the cache yet
         slots = [s.slot for s in seqs]
+        dev_ids = None if after is None else after.tok
         max_pos = max(pos)
         if self._graphs is not None:
             bp = self._graphs.padded_size(B)
             pad = bp - B
             t, p, sl = self._graphs.pad_row()
             host = torch.tensor([ids + [t] * pad, pos + [p] * pad, slots + [sl] * pad], dtype=torch.int64)
-            logits = self.model.logits(self._graphs.run(state, host, B, max_pos))  # [B, V]
+            hidden = self._graphs.run(state, host, B, max_pos, ids=dev_ids)  # [B, D]
         else:
             dev = torch.tensor([ids, pos, slots], dtype=torch.int64).to(self.device, non_blocking=True)
+            if dev_ids is not None:
+                dev[0].copy_(dev_ids)
             cu = torch.arange(B + 1, dtype=torch.int32, device=self.device)
             attn = AttnBatch.cached(self.cache, dev[2], cu, dev[1], max_context=max_pos + 1,
                                     backend=self.attn_backend, split_kv=self.split_kv)
-            logits = self.model.logits(self.model(dev[0], dev[1], attn))  # [B, V]
-        return self._sample(sched, seqs, logits)
+            hidden = self.model(dev[0], dev[1], attn)
+        logits = self.model.logits(hidden)  # [B, V]
+        batch = make_batch([s.params for s in seqs], [s.key for s in seqs],
+                           [len(s.tokens) + shift for s in seqs], self.vocab_size, self.device)
+        tok, lp = sample(logits, batch)
+        return _Inflight.start(seqs, tok, lp)
+
+    def _collect(self, sched: Scheduler, f: _Inflight) -> int:
+        """Wait for `f`'s tokens, append them (rows of sequences that had already ended are
+        dropped); returns how many were appended."""
+        toks, lps = f.read()
+        keep = [i for i, s in enumerate(f.seqs) if s.finish_reason is None]
+        if len(keep) < len(f.seqs):
+            sched.append([f.seqs[i] for i in keep], [toks[i] for i in keep], [lps[i] for i in keep])
+        else:
+            sched.append(f.seqs, toks, lps)
+        return len(keep)

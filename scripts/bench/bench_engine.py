@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuse-siblings", default="on", choices=("on", "off", "both"),
                     help="roofline/formats: engines with q/k/v and gate/up grouped GEMVs "
                          "(orbit.quant.siblings); both: off then on, same run")
+    ap.add_argument("--overlap", default="on", choices=("on", "off", "both"),
+                    help="roofline/formats: Engine(overlap=...) (launch step t+1 before reading "
+                         "step t's tokens); both = off then on, same run")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
                     help="how Orbit's bf16 model holds its linears: plain nn.Linear, or BF16 "
                          "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "
@@ -292,11 +295,11 @@ def main(argv: list[str] | None = None) -> int:
                 ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
                 # "both": off first (fusing re-homes the model's buffers for good)
                 onoff = {"on": [True], "off": [False], "both": [False, True]}
-                for fuse, split in [(f, s_) for f in onoff[args.fuse_siblings]
-                                    for s_ in onoff[args.split_kv]]:
-                    w = {**where, "fuse_siblings": fuse, "split_kv": split}
+                for fuse, split, ovl in [(f, s_, o) for f in onoff[args.fuse_siblings]
+                                         for s_ in onoff[args.split_kv] for o in onoff[args.overlap]]:
+                    w = {**where, "fuse_siblings": fuse, "split_kv": split, "overlap": ovl}
                     st = _attempt(rows, w, run_orbit, model, ps, new, device, fuse_siblings=fuse,
-                                  split_kv=split, **okw)
+                                  split_kv=split, overlap=ovl, **okw)
                     if st is None:
                         continue
                     row = {**w, "attn_backend": st["attn_backend"],
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                         roof = copy_gbs * 1e9 / b
                         _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
                                      "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
-                                     "split_kv": split,
+                                     "split_kv": split, "overlap": ovl,
                                      "bytes_per_token": b, "copy_GBps": copy_gbs,
                                      "roofline_tokens_per_s": roof,
                                      "decode_tokens_per_s": st["decode_tokens_per_s"],
@@ -338,12 +341,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"  Orbit[{r['attn_backend']}, {r['orbit_bf16']}] {r['orbit_tokens_per_s']:>9.1f} tok/s  {sp}")
         elif r["section"] == "roofline":
             fz = (" grouped" if r.get("fuse_siblings") else " separate") + \
-                (" split-kv" if r.get("split_kv") else "")
+                (" split-kv" if r.get("split_kv") else "") + (" overlap" if r.get("overlap") else "")
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
                   f" = {100 * r['fraction_of_roofline']:.0f}% ({r['bytes_per_token'] / 1e6:.0f} MB/token)")
         else:
-            fz = ("+grp" if r.get("fuse_siblings") else "") + ("+split" if r.get("split_kv") else "")
+            fz = ("+grp" if r.get("fuse_siblings") else "") + ("+split" if r.get("split_kv") else "") + \
+                ("+ovl" if r.get("overlap") else "")
             print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")
     return 1 if any("error" in r for r in rows) else 0
