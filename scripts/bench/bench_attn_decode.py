@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_qmm import ms, ms_rotated
 
 from orbit.kernels.attention_decode import DecodeConfig, attention_decode_split, pick_decode
 from orbit.kernels.attention_exact import attention_cached_exact
@@ -35,28 +37,56 @@ SWEEP_CONFIGS = [DecodeConfig(bn, w, 2, pf) for bn, w, pf in
                  itertools.product((32, 64), (1, 2, 4), (False, True))] + [DecodeConfig(32, 2, 3)]
 
 
-def ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
 def copy_gbs() -> float:
     a = torch.empty(1 << 28, device="cuda", dtype=torch.bfloat16)
     b = torch.empty_like(a)
     return 2 * a.numel() * 2 / ms(lambda: b.copy_(a)) / 1e6
 
 
-def graphed_us(fns: list) -> float:
-    """Median microseconds per call of fns, replayed as one CUDA graph."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    return 1e3 * ms(g.replay) / len(fns)
+def bench_shape(B: int, live: int, sms: int, bw: float, sweep: bool) -> list[dict]:
+    """Rows for batch B with every sequence at `live` positions: the exact kernel, then the
+    decode kernel at pick_decode's choice (and, with `sweep`, every split x SWEEP_CONFIGS)."""
+    dev = torch.device("cuda")
+    max_ctx = bucket(live, context_buckets(max(live, 256)))
+    layer_bytes = (B + 1) * max_ctx * HKV * D * 2 * 2
+    copies = max(1, min(32, -(-150_000_000 // layer_bytes)))
+    g = torch.Generator(device=dev).manual_seed(B * 7 + live)
+    kcs = [torch.randn(B + 1, max_ctx, HKV, D, device=dev, generator=g).bfloat16() for _ in range(copies)]
+    vcs = [torch.randn(B + 1, max_ctx, HKV, D, device=dev, generator=g).bfloat16() for _ in range(copies)]
+    q = torch.randn(B, H, D, device=dev, generator=g).bfloat16()
+    slots = torch.arange(1, B + 1, device=dev)
+    start = torch.full((B,), live - 1, device=dev, dtype=torch.int64)
+    cu = torch.arange(B + 1, device=dev, dtype=torch.int32)
+    need = B * live * HKV * D * 2 * 2
+    rows: list[dict] = []
+
+    def emit(kind: str, us: float, **kw) -> None:
+        row = {"B": B, "live": live, "max_context": max_ctx, "kind": kind, "us": us,
+               "GBps": need / us / 1e3, "of_copy": need / us / 1e3 / bw, "floor_us": need / bw / 1e3, **kw}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def exact(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention_cached_exact(q, k, v, cu, slots, start, 1)
+
+    def decode(k: torch.Tensor, v: torch.Tensor, split: int, cfg: DecodeConfig) -> torch.Tensor:
+        return attention_decode_split(q, k, v, slots, start, max_ctx, split, config=cfg)
+
+    ref = exact(kcs[0], vcs[0])
+    emit("exact", 1e3 * ms_rotated([lambda k=k, v=v: exact(k, v) for k, v in zip(kcs, vcs)]))
+    auto, auto_cfg = pick_decode(B, HKV, max_ctx, sms)
+    configs = [(auto, auto_cfg)]
+    if sweep:
+        configs += [(s, c) for s in (1, 2, 4, 8, 16) for c in SWEEP_CONFIGS
+                    if s <= -(-max_ctx // c.block_n)]
+    for split, cfg in configs:
+        y = decode(kcs[0], vcs[0], split, cfg)
+        err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+        us = 1e3 * ms_rotated([lambda k=k, v=v, s=split, c=cfg: decode(k, v, s, c) for k, v in zip(kcs, vcs)])
+        emit("decode", us, split=split, auto=split == auto and cfg == auto_cfg,
+             block_n=cfg.block_n, warps=cfg.warps, stages=cfg.stages, prefetch=cfg.prefetch,
+             rel_err_vs_exact=err)
+    return rows
 
 
 def main() -> None:
@@ -66,50 +96,12 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="every split x DecodeConfig in SWEEP_CONFIGS")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     bw = copy_gbs()
     rows: list[dict] = []
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_GBps": bw, "sms": sms}), flush=True)
     for B, live in itertools.product(map(int, args.batches.split(",")), map(int, args.contexts.split(","))):
-        max_ctx = bucket(live, context_buckets(max(live, 256)))
-        layer_bytes = (B + 1) * max_ctx * HKV * D * 2 * 2
-        copies = max(1, min(32, -(-150_000_000 // layer_bytes)))
-        g = torch.Generator(device=dev).manual_seed(B * 7 + live)
-        kcs = [torch.randn(B + 1, max_ctx, HKV, D, device=dev, generator=g).bfloat16() for _ in range(copies)]
-        vcs = [torch.randn(B + 1, max_ctx, HKV, D, device=dev, generator=g).bfloat16() for _ in range(copies)]
-        q = torch.randn(B, H, D, device=dev, generator=g).bfloat16()
-        slots = torch.arange(1, B + 1, device=dev)
-        start = torch.full((B,), live - 1, device=dev, dtype=torch.int64)
-        cu = torch.arange(B + 1, device=dev, dtype=torch.int32)
-        need = B * live * HKV * D * 2 * 2
-        floor_us = need / bw / 1e3
-
-        def emit(kind: str, us: float, **kw) -> None:
-            row = {"B": B, "live": live, "max_context": max_ctx, "kind": kind, "us": us,
-                   "GBps": need / us / 1e3, "of_copy": need / us / 1e3 / bw, "floor_us": floor_us, **kw}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-
-        ref = attention_cached_exact(q, kcs[0], vcs[0], cu, slots, start, 1)
-        emit("exact", graphed_us([lambda k=k, v=v: attention_cached_exact(q, k, v, cu, slots, start, 1)
-                                  for k, v in zip(kcs, vcs)]))
-        auto, auto_cfg = pick_decode(B, HKV, max_ctx, sms)
-        configs = [(auto, auto_cfg)]
-        if args.sweep:
-            blocks = -(-max_ctx // 32)
-            configs += [(s, c) for s in (1, 2, 4, 8, 16) for c in SWEEP_CONFIGS
-                        if s <= -(-max_ctx // c.block_n) and s <= blocks]
-        for split, cfg in configs:
-            y = attention_decode_split(q, kcs[0], vcs[0], slots, start, max_ctx, split, config=cfg)
-            err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
-            us = graphed_us([lambda k=k, v=v, s=split, c=cfg: attention_decode_split(q, k, v, slots, start,
-                                                                                     max_ctx, s, config=c)
-                             for k, v in zip(kcs, vcs)])
-            emit("decode", us, split=split, auto=split == auto and cfg == auto_cfg,
-                 block_n=cfg.block_n, warps=cfg.warps, stages=cfg.stages, prefetch=cfg.prefetch,
-                 rel_err_vs_exact=err)
-        del kcs, vcs
+        rows += bench_shape(B, live, sms, bw, args.sweep)
         torch.cuda.empty_cache()
     print("\n# best decode config per shape (us; exact kernel; auto = pick_decode's split and config)")
     for (B, live), grp in itertools.groupby(rows, key=lambda r: (r["B"], r["live"])):

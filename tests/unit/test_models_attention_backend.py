@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
+from tiny_qwen3 import tiny_qwen3
 
 from orbit.models.attention import read_varlen_api, varlen_api, varlen_supported
-from orbit.models.config import ModelConfig
 from orbit.models.transformer import CausalLM
 from orbit.rollout.engine import Engine
 
@@ -74,11 +73,7 @@ def test_installed_varlen_api_and_cpu_support() -> None:
 
 @pytest.fixture(scope="module")
 def model() -> CausalLM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="Qwen3ForCausalLM", vocab_size=97, hidden_size=64, intermediate_size=96,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True,
-                      max_position_embeddings=1024, eos_token_id=5)
-    return CausalLM(cfg).eval()
+    return tiny_qwen3(max_positions=1024)
 
 
 def test_engine_auto_is_sdpa_on_cpu_and_keeps_the_cache_length(model: CausalLM) -> None:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_qwen3 import VOCAB as V
+from tiny_qwen3 import tiny_qwen3
 
 from orbit.adapters import AdapterConfig, inject_adapters
 from orbit.kernels import dispatch
-from orbit.models.config import ModelConfig
 from orbit.models.transformer import CausalLM
 from orbit.quant.convert import convert_linears
 from orbit.quant.linear import SIBLING_MAX_M, QuantLinear, sibling_serves
@@ -18,17 +19,9 @@ from orbit.quant.siblings import fuse_siblings
 from orbit.rollout.engine import Engine
 from orbit.rollout.types import SamplingParams
 
-V = 97
-
 
 def _model(fmt: str = "int4", seed: int = 0) -> CausalLM:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(arch="Qwen3ForCausalLM", vocab_size=V, hidden_size=64, intermediate_size=96,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True,
-                      max_position_embeddings=256, eos_token_id=5)
-    m = CausalLM(cfg).eval()
-    with torch.no_grad():
-        m.lm_head.weight.mul_(8.0)
+    m = tiny_qwen3(lm_scale=8.0, seed=seed)
     # cache_dequantized=False: the kernel path (the CPU reference of qmm), which is the path
     # the grouped launch replaces; the dense-weight cache path is never grouped.
     convert_linears(m, fmt, group_size=32 if fmt in ("int4", "int8") else None, cache_dequantized=False)

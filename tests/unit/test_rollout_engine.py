@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_qwen3 import VOCAB as V
+from tiny_qwen3 import tiny_qwen3
 
 from orbit.models.attention import AttnBatch, cu_seqlens_from_lengths, positions_from_lengths
 from orbit.models.config import ModelConfig
@@ -12,19 +14,10 @@ from orbit.models.transformer import CausalLM
 from orbit.rollout.engine import Engine
 from orbit.rollout.types import SamplingParams
 
-V = 97
-
 
 @pytest.fixture(scope="module")
 def model() -> CausalLM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="Qwen3ForCausalLM", vocab_size=V, hidden_size=64, intermediate_size=96,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True,
-                      max_position_embeddings=256, eos_token_id=5)
-    m = CausalLM(cfg).eval()
-    with torch.no_grad():
-        m.lm_head.weight.mul_(8.0)  # sharper distributions than the default init
-    return m
+    return tiny_qwen3(lm_scale=8.0)  # sharper distributions than the default init
 
 
 def _packed_hidden(model: CausalLM, seqs: list[list[int]]) -> torch.Tensor:

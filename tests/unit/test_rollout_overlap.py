@@ -9,25 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_qwen3 import VOCAB as V
+from tiny_qwen3 import tiny_qwen3
 
-from orbit.models.config import ModelConfig
 from orbit.models.transformer import CausalLM
 from orbit.rollout.engine import Engine
 from orbit.rollout.types import SamplingParams
 
-V = 97
-
 
 @pytest.fixture(scope="module")
 def model() -> CausalLM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="Qwen3ForCausalLM", vocab_size=V, hidden_size=64, intermediate_size=96,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True,
-                      max_position_embeddings=256, eos_token_id=5)
-    m = CausalLM(cfg).eval()
-    with torch.no_grad():
-        m.lm_head.weight.mul_(3.0)
-    return m
+    return tiny_qwen3(lm_scale=3.0)
 
 
 def _decode(ids: list[int]) -> str:

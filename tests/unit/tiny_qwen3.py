@@ -1,0 +1,25 @@
+"""The tiny random Qwen3 (GQA, QK-norm) that the CPU engine tests share: 2 layers, hidden 64,
+4 query / 2 KV heads of 16, vocabulary 97, EOS id 5."""
+
+from __future__ import annotations
+
+import torch
+
+from orbit.models.config import ModelConfig
+from orbit.models.transformer import CausalLM
+
+VOCAB = 97
+
+
+def tiny_qwen3(lm_scale: float = 1.0, seed: int = 0, max_positions: int = 256) -> CausalLM:
+    """A fresh model in eval mode; `lm_scale` multiplies the LM head, which sharpens the
+    sampled distributions (fewer near-ties between two paths that should agree)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch="Qwen3ForCausalLM", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True,
+                      max_position_embeddings=max_positions, eos_token_id=5)
+    m = CausalLM(cfg).eval()
+    if lm_scale != 1.0:
+        with torch.no_grad():
+            m.lm_head.weight.mul_(lm_scale)
+    return m
