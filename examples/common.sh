@@ -90,6 +90,16 @@ ray_flag() {
   esac
 }
 
+# overlap_flag: overlapped decode in the rollout engine (ROLLOUT_OVERLAP=1, the default: each
+# decode step is launched before the host reads the previous step's tokens; CUDA only).
+overlap_flag() {
+  case "${ROLLOUT_OVERLAP:-1}" in
+    1) echo "--rollout-overlap" ;;
+    0) echo "--no-rollout-overlap" ;;
+    *) echo "ROLLOUT_OVERLAP must be 0 or 1, got '${ROLLOUT_OVERLAP}'" >&2; return 1 ;;
+  esac
+}
+
 # orbit_launch ARGS...: print the argv (dry run) or run preflight and then the trainer.
 orbit_launch() {
   local py

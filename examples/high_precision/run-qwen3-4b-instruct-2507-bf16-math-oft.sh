@@ -35,6 +35,8 @@ ROLLOUT_ARGS=(
   --rollout-batch-size "${ROLLOUT_BATCH_SIZE:-32}"
   --num-rollout "${NUM_ROLLOUT:-200}"
   --max-num-seqs "${MAX_NUM_SEQS:-256}"
+  --rollout-attn-backend "${ROLLOUT_ATTN_BACKEND:-sdpa}"
+  "$(overlap_flag)"
 )
 
 DATA_ARGS=(

@@ -48,6 +48,8 @@ ROLLOUT_ARGS=(
   --n-samples-per-prompt "${N_SAMPLES_PER_PROMPT:-8}"
   --rollout-batch-size "${ROLLOUT_BATCH_SIZE:-16}"
   --num-rollout "${NUM_ROLLOUT:-48}"
+  --rollout-attn-backend "${ROLLOUT_ATTN_BACKEND:-sdpa}"
+  "$(overlap_flag)"
 )
 
 # Train/test JSONL: generated into the run directory unless given.

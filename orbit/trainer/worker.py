@@ -120,7 +120,8 @@ class PolicyWorker:
                       kv_cache_memory=r.kv_cache_fraction if self.device.type == "cuda" else None,
                       device=self.device, exact=self.cfg.precision.precision_mode == "exact",
                       tokenizer=self.tokenizer, seed=self.cfg.data.seed + self.rank,
-                      attn_backend=r.rollout_attn_backend)
+                      attn_backend=r.rollout_attn_backend,
+                      overlap=r.rollout_overlap and self.device.type == "cuda")
 
     def _build_reward(self) -> Any:
         from orbit.rewards.custom import make_reward_spec

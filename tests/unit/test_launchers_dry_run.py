@@ -23,7 +23,7 @@ QWEN = [
 KNOBS = ("HF_CKPT", "TRAIN_JSONL", "TEST_JSONL", "MEGATRON_LOAD", "SAVE_DIR", "ENABLE_WANDB", "NUM_ROLLOUT",
          "TOTAL_EPOCHS", "TRAIN_ROWS", "ROLLOUT_BATCH_SIZE", "N_SAMPLES_PER_PROMPT", "GLOBAL_BATCH_SIZE",
          "DISABLE_EVAL", "LR", "LORA_RANK", "OFT_BLOCK_SIZE", "MAX_RESPONSE_LEN", "ORBIT_VENV",
-         "USE_RAY", "LR_DECAY_STYLE", "MIN_LR")
+         "USE_RAY", "LR_DECAY_STYLE", "MIN_LR", "ROLLOUT_OVERLAP", "ROLLOUT_ATTN_BACKEND")
 
 
 def run(script: str, home: Path, **env: str) -> subprocess.CompletedProcess:
@@ -124,3 +124,14 @@ def test_lr_decay_knobs(tmp_path: Path) -> None:
     assert argv[argv.index("--min-lr") + 1] == "1e-4"
     assert argv[argv.index("--num-rollout") + 1] == "48"
 
+
+
+@pytest.mark.parametrize("script", [QUICKSTART, *QWEN])
+def test_rollout_engine_knobs(script: str, tmp_path: Path) -> None:
+    env = {"HF_CKPT": "/m", "TRAIN_JSONL": "/t.jsonl"}
+    cfg = parsed(run(script, tmp_path, **env).stdout)
+    assert cfg.rollout.rollout_overlap and cfg.rollout.rollout_attn_backend == "sdpa"
+    cfg = parsed(run(script, tmp_path, ROLLOUT_OVERLAP="0", ROLLOUT_ATTN_BACKEND="triton", **env).stdout)
+    assert not cfg.rollout.rollout_overlap and cfg.rollout.rollout_attn_backend == "triton"
+    r = run(script, tmp_path, ROLLOUT_OVERLAP="yes", **env)
+    assert r.returncode != 0 and "ROLLOUT_OVERLAP" in r.stderr
