@@ -140,10 +140,14 @@ class QuantLinear(nn.Module):
         return dispatch.qmm_t(dy2d, self.quantized_weight(), exact=self.exact)
 
     def _grouped(self, x: Tensor, x2d: Tensor) -> Tensor | None:
-        """This layer's rows of its sibling group's one-launch output (decode-sized fast-mode
-        kernel calls only; exact mode keeps its own fixed-config launch), else None."""
+        """This layer's rows of its sibling group's one-launch output (fast-mode engine calls
+        only; exact mode keeps its own fixed-config launch), else None. Only inference-mode
+        forwards (the rollout engine's) group: a trainer forward, with or without grad, runs
+        the separate launches, so the no-grad "old" log-probs of a rollout equal the training
+        forward's bit for bit (a grouped GEMM may pick another cuBLAS tile)."""
         # (Not where the dense-weight cache serves: the CPU reference path keeps its matmuls.)
-        if (self._sibling is None or self._use_cache(x2d.device) or self.exact
+        if (self._sibling is None or not torch.is_inference_mode_enabled()
+                or self._use_cache(x2d.device) or self.exact
                 or self.act_quant is not None or not sibling_serves(self.weight_format, x2d.shape[0])):
             return None
         return self._sibling.output(self, x, x2d)

@@ -125,7 +125,7 @@ def test_lora_wrapped_members_still_group(monkeypatch: pytest.MonkeyPatch) -> No
     fuse_siblings(m_fused)
     calls = _count_qmm(monkeypatch)
     x = torch.randn(3, 64)
-    with torch.no_grad():
+    with torch.inference_mode():  # the engine's mode: the only one that groups
         ya = m_plain.model.layers[1].mlp(x)
         n_plain = len(calls)
         yb = m_fused.model.layers[1].mlp(x)
@@ -148,7 +148,7 @@ def test_oft_inputs_turn_the_group_off(monkeypatch: pytest.MonkeyPatch) -> None:
                 for t in lin.slot_tensors(0).values():
                     t.normal_(std=0.1)
     x = torch.randn(2, 64)
-    with torch.no_grad():
+    with torch.inference_mode():
         ya = mlp_a(x)
         yb = mlp_b(x)  # the group sees up_proj called with another input and stands aside
         group = mlp_b.gate_proj.base._sibling
@@ -170,11 +170,24 @@ def test_autograd_exact_and_moves_fall_back(monkeypatch: pytest.MonkeyPatch) -> 
     calls.clear()
     for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
         lin.exact = True
-    with torch.no_grad():
+    with torch.inference_mode():
         xs = torch.randn(2, 64)
         for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
             lin(xs)
     assert calls == [64, 32, 32]
+    calls.clear()
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+        lin.exact = False
+    with torch.no_grad():  # a trainer forward without grad ("old" log-probs): separate too
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin(xs.clone())
+    assert calls == [64, 32, 32]
+    calls.clear()
+    with torch.inference_mode():  # the engine: one launch
+        xs = torch.randn(2, 64)
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin(xs)
+    assert calls == [128]
     for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
         lin.exact = False
     m.to(torch.float32)  # _apply: buffers may be replaced, so the groups unlink
