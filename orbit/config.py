@@ -100,8 +100,8 @@ class RolloutConfig:
         "cache in place); auto = varlen where native, else triton on CUDA, else sdpa",
         ("sdpa", "varlen", "triton", "auto"))
     rollout_overlap: bool = arg(True, "on CUDA, launch each decode step from the previous step's "
-                                "sampled tokens before the host reads them (same tokens; "
-                                "--no-rollout-overlap: one synchronous step at a time)")
+                                "sampled tokens before the host reads them (exact mode: the same "
+                                "bits; --no-rollout-overlap: one synchronous step at a time)")
     num_rollout: int = arg(0, "RL steps to run; 0 = derived from --num-epoch")
 
 

@@ -150,8 +150,10 @@ class Engine:
     scheduling do), so the host's per-step work (reading tokens, finish checks, building the
     next inputs) runs while the GPU computes. A sequence that stops at step t (stop token or
     string) gets one extra row in step t+1, which is discarded; a step where a sequence ends
-    by length, or a waiting request could take a freed slot, is not overlapped. Tokens and
-    log-probs are the same as without it (same inputs, counter-based sampling). None: on CUDA.
+    by length, or a waiting request could take a freed slot, is not overlapped. Same inputs
+    and counter-based sampling: in exact mode the completions are bit-identical to the
+    synchronous loop's; in fast mode a step carrying a discarded row has another batch shape
+    (batch-shape rounding, as any change of batch composition). None: on CUDA.
     attn_backend: the AttnBatch backend of prefill and decode: "sdpa"; "varlen" (CUDA only:
     FlashAttention reading the KV cache in place; the cache's per-slot length is then
     max_model_len rounded up to a multiple of 256, FlashAttention's page constraint); or
