@@ -8,8 +8,10 @@ launch over their stacked weights: q/k/v as one [q+k+v, in] GEMV, gate/up as one
 The module layout does not change (quantization, adapters and PEFT keys are swaps on the
 separate q_proj/k_proj/v_proj names). Instead `fuse_siblings` re-homes each group's packed
 buffers in one stacked tensor per buffer name and gives every member row-slice *views* of
-it: no weight is held twice. When the first member of a group is called on a decode-sized
-input (fast mode, no autograd, a CUDA tensor), it computes the whole group's output in one
+it: no weight is held twice. When the first member of a group is called in an engine
+forward (fast mode, inference mode, a CUDA tensor; decode-sized inputs of M <= 4 rows for the
+quantized formats, any M for BF16, whose group is one cuBLAS GEMM), it computes the whole
+group's output in one
 `qmm` call and keeps the other members' slices, keyed by the input tensor object; each of
 them then returns its slice when called with that same tensor (an adapter wrapper passes its
 input through to `.base`, so LoRA-wrapped members still hit). Anything else — another input,
