@@ -85,3 +85,17 @@ def test_overlap_greedy_stop_tokens_end_mid_batch(model: CausalLM) -> None:
     lengths = {len(row[0].tokens) for row in b}
     assert len(lengths) > 1, lengths  # they did end at different steps
     assert sb["overlapped_steps"] > 0
+
+
+def test_overlap_moe_model(model: CausalLM) -> None:
+    """An MoE model (eager decode: its routing reads the host, so no CUDA graphs) overlaps
+    through the eager input path: same completions as the synchronous loop."""
+    from test_models_moe_logprobs import tiny as tiny_moe
+
+    moe = tiny_moe().eval()
+    prompts = [p[:8] for p in _prompts(4, seed=6)]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=12, seed=3, stop_token_ids=[7, 11])
+    (a, _), (b, sb) = _both(moe, [[t % 89 for t in p] for p in prompts], sp, max_num_seqs=3,
+                            max_model_len=48)
+    _same(a, b)
+    assert sb["overlapped_steps"] > 0
