@@ -391,8 +391,9 @@ class Engine:
             seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
             sched.add(i, p, n, sp, [sequence_key(seed, i, j) for j in range(n)])
         state = self._graph_key() if self.use_graphs else None
-        # Each step ends by reading the sampled tokens on the host (a sync), so per-step wall
-        # times are device times too.
+        # Every iteration ends by reading some step's sampled tokens on the host (a sync): a
+        # prefill's own, or (decode) the previous launch's, after launching the next one when
+        # it may overlap. So the prefill/decode wall times add up to the device's.
         t0, new_tokens, overlapped = time.perf_counter(), 0, 0
         steps, secs, toks = {"prefill": 0, "decode": 0}, {"prefill": 0.0, "decode": 0.0}, {"prefill": 0, "decode": 0}
         inflight: _Inflight | None = None  # a launched decode step whose tokens are unread
