@@ -12,6 +12,8 @@ roofline, and across base precisions. Random weights (speed does not depend on t
 Orbit's bf16 model (--orbit-bf16): "linear" keeps plain nn.Linear layers; "ql" converts them to
 BF16 QuantLinears, the layers the trainer loads for `--quant-format bf16` (the bf16 launcher),
 whose q/k/v and gate/up run as one GEMM each in the engine (orbit.quant.siblings).
+roofline/formats take --split-kv, --fuse-siblings and --overlap (Engine options) as on, off or
+both (off then on, in the same run).
 
 Each Orbit run is done twice: the first captures the CUDA graphs, the second is timed.
 "Total" tokens/s divides all new tokens by the whole generate (prefill included); "decode"
@@ -24,7 +26,8 @@ still run, and the exit status is 1 if any failed.
 Prints JSON rows as it goes, a table last; writes $OUT/bench_engine.json (or --out).
 
     python scripts/bench/bench_engine.py [--small] [--sections vs_hf,roofline,formats]
-        [--attn-backend auto|sdpa|varlen]
+        [--attn-backend auto|sdpa|varlen|triton] [--split-kv|--fuse-siblings|--overlap on|off|both]
+        [--orbit-bf16 linear|ql|both]
 """
 
 from __future__ import annotations
