@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_qmm import ms, ms_rotated
+from bench_qmm import copy_gbs, ms_rotated
 
 from orbit.kernels.attention_decode import DecodeConfig, attention_decode_split, pick_decode
 from orbit.kernels.attention_exact import attention_cached_exact
@@ -35,12 +35,6 @@ from orbit.rollout.cuda_graphs import bucket, context_buckets
 H, HKV, D = 16, 8, 128
 SWEEP_CONFIGS = [DecodeConfig(bn, w, 2, pf) for bn, w, pf in
                  itertools.product((32, 64), (1, 2, 4), (False, True))] + [DecodeConfig(32, 2, 3)]
-
-
-def copy_gbs() -> float:
-    a = torch.empty(1 << 28, device="cuda", dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    return 2 * a.numel() * 2 / ms(lambda: b.copy_(a)) / 1e6
 
 
 def bench_shape(B: int, live: int, sms: int, bw: float, sweep: bool) -> list[dict]:

@@ -56,15 +56,14 @@ COPY_GBS_H100 = 2990.0  # H100 device-to-device copy (GB/s); off CUDA the roofli
 
 
 def copy_bandwidth_gbs() -> float:
-    """Device-to-device copy bandwidth of this GPU (bytes read + written), measured as
-    bench_qmm.ceilings does: the median of a 512 MiB copy."""
-    from triton.testing import do_bench
+    """This GPU's copy bandwidth, measured as bench_qmm measures it (imported here only on
+    CUDA: bench_qmm is a GPU benchmark)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_qmm import copy_gbs
 
-    a = torch.empty(1 << 28, device="cuda", dtype=torch.bfloat16).normal_()
-    b = torch.empty_like(a)
-    t = do_bench(lambda: b.copy_(a), warmup=25, rep=100, return_mode="median")
-    del a, b
-    return 2 * (1 << 28) * 2 / t / 1e6
+    return copy_gbs()
+
+
 SHAPES = {
     "smollm2-135m": {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
                          "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,

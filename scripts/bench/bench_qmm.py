@@ -79,17 +79,23 @@ def copies_for(nbytes: int) -> int:
     return max(2, min(1000, -(-150_000_000 // nbytes)))
 
 
-def ceilings() -> dict:
+def copy_gbs() -> float:
+    """Device-to-device copy bandwidth (GB/s, bytes read + written): the median of a 512 MiB
+    bf16 copy. The roofline every decode benchmark reports against (bench_engine,
+    bench_attn_decode use this one too)."""
     n = 1 << 28  # 512 MiB of bf16 each way
     a = torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_()
     b = torch.empty_like(a)
-    t = ms(lambda: b.copy_(a))
-    copy_gbs = 2 * a.numel() * 2 / t / 1e6
+    return 2 * n * 2 / ms(lambda: b.copy_(a)) / 1e6
+
+
+def ceilings() -> dict:
+    bw = copy_gbs()
     s = 8192
     x = torch.randn(s, s, device="cuda").bfloat16()
     w = torch.randn(s, s, device="cuda").bfloat16()
     tf = 2 * s**3 / ms(lambda: x @ w.T) / 1e9
-    return {"copy_GBps": copy_gbs, "bf16_TFLOPs": tf}
+    return {"copy_GBps": bw, "bf16_TFLOPs": tf}
 
 
 def decode(quick: bool, copy_gbs: float) -> list[dict]:
