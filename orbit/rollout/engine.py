@@ -438,12 +438,14 @@ class Engine:
         assert all(c is not None for row in out for c in row)
         return out  # type: ignore[return-value]
 
-    def _sample(self, sched: Scheduler, seqs: list[Sequence], logits: torch.Tensor) -> int:
+    def _draw(self, seqs: list[Sequence], logits: torch.Tensor, shift: int = 0) -> _Inflight:
+        """Sample one token per sequence from logits [B, V] (no wait). `shift`: tokens already
+        sampled for each sequence but not yet appended (1 for an overlapped decode step), so
+        the counter-based draw uses the index of the token being generated."""
         batch = make_batch([s.params for s in seqs], [s.key for s in seqs],
-                           [len(s.tokens) for s in seqs], self.vocab_size, self.device)
+                           [len(s.tokens) + shift for s in seqs], self.vocab_size, self.device)
         tok, lp = sample(logits, batch)
-        sched.append(seqs, tok.tolist(), lp.tolist())
-        return len(seqs)
+        return _Inflight.start(seqs, tok, lp)
 
     def _prefill(self, sched: Scheduler, groups: list[PrefillGroup]) -> int:
         assert self.cache is not None
@@ -465,7 +467,7 @@ class Engine:
         if len(seqs) != len(groups):  # n samples of a prompt share its logits row
             rows = torch.tensor([gi for gi, g in enumerate(groups) for _ in g.seqs], device=self.device)
             logits = logits[rows]  # [S, V]
-        return self._sample(sched, seqs, logits)
+        return self._collect(sched, self._draw(seqs, logits))
 
     def _can_overlap(self, sched: Scheduler, f: _Inflight) -> bool:
         """Whether the next step may be launched before `f`'s tokens are read: it is then the
@@ -503,19 +505,12 @@ class Engine:
             attn = AttnBatch.cached(self.cache, dev[2], cu, dev[1], max_context=max_pos + 1,
                                     backend=self.attn_backend, split_kv=self.split_kv)
             hidden = self.model(dev[0], dev[1], attn)
-        logits = self.model.logits(hidden)  # [B, V]
-        batch = make_batch([s.params for s in seqs], [s.key for s in seqs],
-                           [len(s.tokens) + shift for s in seqs], self.vocab_size, self.device)
-        tok, lp = sample(logits, batch)
-        return _Inflight.start(seqs, tok, lp)
+        return self._draw(seqs, self.model.logits(hidden), shift)  # logits [B, V]
 
     def _collect(self, sched: Scheduler, f: _Inflight) -> int:
         """Wait for `f`'s tokens, append them (rows of sequences that had already ended are
         dropped); returns how many were appended."""
         toks, lps = f.read()
         keep = [i for i, s in enumerate(f.seqs) if s.finish_reason is None]
-        if len(keep) < len(f.seqs):
-            sched.append([f.seqs[i] for i in keep], [toks[i] for i in keep], [lps[i] for i in keep])
-        else:
-            sched.append(f.seqs, toks, lps)
+        sched.append([f.seqs[i] for i in keep], [toks[i] for i in keep], [lps[i] for i in keep])
         return len(keep)
