@@ -171,10 +171,11 @@ class AttnBatch:
     # batches read the KV cache in place with orbit.kernels.attention_exact's kernel; packed
     # batches use SDPA)
     backend: str = "sdpa"
-    # "triton" decode steps (one new token per sequence) may split each sequence's keys over
-    # several programs (orbit.kernels.attention_decode, flash-decoding) when the batch alone
-    # leaves SMs idle. Changes the reduction order over keys: fast mode only, exact mode
-    # leaves it False (the engine passes split_kv=not exact).
+    # "triton" decode steps (one new token per sequence) run the fast-mode decode kernel
+    # (orbit.kernels.attention_decode): split each sequence's keys over several programs
+    # (flash-decoding) when the batch alone leaves SMs idle, with a measured launch shape at
+    # every batch size (pick_decode). Changes the reduction order over keys: fast mode only,
+    # exact mode leaves it False (the engine passes split_kv=not exact).
     split_kv: bool = False
     _meta: dict[str, Any] = field(default_factory=dict, repr=False)
 

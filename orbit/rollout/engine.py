@@ -141,10 +141,10 @@ class Engine:
     copy) so a decode step runs one GEMV per group instead of one per projection
     (orbit.quant.siblings; the model keeps its module layout, exact mode and autograd are
     untouched). None: on CUDA only.
-    split_kv: decode steps of the "triton" attention backend split each sequence's keys over
-    several programs when the batch leaves SMs idle (orbit.kernels.attention_decode; batch-1
-    decode). It changes the reduction order, so None means `not exact` and exact mode refuses
-    True.
+    split_kv: decode steps of the "triton" attention backend run the fast-mode decode kernel
+    (orbit.kernels.attention_decode): each sequence's keys split over several programs when
+    the batch leaves SMs idle, a measured launch shape at every batch size. It changes the
+    reduction order, so None means `not exact` and exact mode refuses True.
     overlap: launch decode step t+1 before reading step t's tokens on the host, feeding t's
     sampled tokens to t+1 on the device (as SGLang's overlap scheduler and vLLM's async
     scheduling do), so the host's per-step work (reading tokens, finish checks, building the
