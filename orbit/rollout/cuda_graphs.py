@@ -23,6 +23,7 @@ and no [Bp, V] logits buffer kept alive per graph.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Hashable
 
 import torch
@@ -117,8 +118,19 @@ class DecodeGraphs:
             self._forward(bp, ctx)  # lazy init (cuBLAS workspaces, Triton autotune) happens here
         cur.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(bp, ctx)
+        # A dead engine's graphs (cyclic garbage) destroyed by an automatic GC pass in the
+        # middle of this capture invalidate it (cudaGraphExecDestroy is not allowed while a
+        # stream captures; torch >= 2.6 no longer collects on entering torch.cuda.graph). So
+        # collect first and keep the collector off until the capture ends.
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._forward(bp, ctx)
+        finally:
+            if was_enabled:
+                gc.enable()
         return graph, out
 
     def run(self, state: Hashable, host_inputs: Tensor, batch: int, max_pos: int,
