@@ -72,6 +72,9 @@ PLANES_BLOCK_K_INT4 = 512  # H100 sweep (session 4): 21.7 vs 23.7 us at 4096x122
 PLANES_BLOCK_N_SMALL_M = 32
 PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1 = 16, 2  # H200 session 6: nvfp4 M = 1
 PLANES_BLOCK_N_LARGE_M = 16
+# FP8 at M <= this runs orbit/kernels/gemv_fp8.py (deferred reduction, integer e4m3 decode);
+# a GemvConfig passed explicitly still selects the tile kernel (same-run comparisons).
+FP8_GEMV_MAX_M = 4
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,10 @@ class GemvConfig:
     defer: bool = True
     # Nibble-plane kernel: load the next K step's x during this one (_gemv_planes_kernel XPRE).
     x_prefetch: bool = False
+    # Nibble-plane kernel: load the next K step's words into registers during this one
+    # (_gemv_planes_kernel WPRE; plain global loads instead of the cp.async pipeline through
+    # shared memory, which `stages` then no longer sets up).
+    w_prefetch: bool = False
 
 
 @cache
@@ -283,12 +290,26 @@ def _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP: tl.constexpr, NG: tl.constex
 
 
 @triton.jit
+def _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP: tl.constexpr,
+                 NG: tl.constexpr, WG: tl.constexpr):
+    """The packed int32 words of the step at k0: [BN, NG, WG] (zero past k_hi)."""
+    ag = tl.arange(0, NG)
+    aj = tl.arange(0, WG)
+    kg = k0 + ag * GROUP
+    g = k0 // GROUP + ag
+    return tl.load(q_ptr + offs_n[:, None, None] * stride_q + (g * WG)[None, :, None]
+                   + aj[None, None, :], mask=row_ok[:, None, None] & (kg < k_hi)[None, :, None],
+                   other=0)
+
+
+@triton.jit
 def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
                         K_PER, SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s,
                         stride_ym, FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
                         HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr,
                         NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
-                        DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr):
+                        DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr,
+                        WPRE: tl.constexpr):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -322,12 +343,16 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     acc4 = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
     if XPRE:  # x of the first step; each step then loads the next step's (see XPRE above)
         x_nxt = _x_planes(x_ptr, k_lo, k_hi, stride_xm, M, GROUP, NG, WG, MP)
-    for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
+    if WPRE:  # words of the first step; each step then loads the next step's (WPRE)
+        w_nxt = _plane_words(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, GROUP, NG, WG)
+    for k0 in tl.range(k_lo, k_hi, BK, num_stages=1 if WPRE else STAGES):
         g = k0 // GROUP + ag  # [NG] group index
         g_ok = g < n_groups
-        words = tl.load(q_ptr + offs_n[:, None, None] * stride_q + (g * WG)[None, :, None]
-                        + aj[None, None, :], mask=row_ok[:, None, None] & g_ok[None, :, None],
-                        other=0)  # [BN, NG, WG]
+        if WPRE:
+            words = w_nxt
+            w_nxt = _plane_words(q_ptr, offs_n, row_ok, stride_q, k0 + BK, k_hi, GROUP, NG, WG)
+        else:
+            words = _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP, NG, WG)
         if XPRE:
             x_cur = x_nxt
             x_nxt = _x_planes(x_ptr, k0 + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP)
@@ -433,12 +458,17 @@ def _as_words(q: Tensor) -> Tensor | None:
 
 def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
          offset: Tensor | None, global_scale: Tensor | None, group: int, y: Tensor,
-         config: GemvConfig | None = None) -> Tensor:
+         config: object | None = None) -> Tensor:
     """y[M, out] = x[M, in] @ W^T for already-validated tensors (as `_qgemm.launch` gets them)
-    and 1 <= M <= 16; `config` overrides the heuristic (bench sweeps)."""
+    and 1 <= M <= 16; `config` overrides the heuristic (bench sweeps): a GemvConfig, or for
+    FP8 at M <= FP8_GEMV_MAX_M a gemv_fp8.Fp8GemvConfig."""
     n, k = shape
     m = x.shape[0]
     assert 1 <= m <= 16 and fmt in FMT_IDS and fmt != "bf16", (m, fmt)
+    if fmt == "fp8" and m <= FP8_GEMV_MAX_M and not isinstance(config, GemvConfig):
+        from orbit.kernels.gemv_fp8 import gemv_fp8  # (gemv_fp8 imports this module)
+
+        return gemv_fp8(x, q, s, y, config)  # type: ignore[arg-type]
     cfg = config or pick_gemv_config(m, n, k, fmt, num_sms(x.device))
     words = _as_words(q) if (cfg.planes and fmt in PLANE_FORMATS) else None
     # The plane kernel steps whole groups: block_k is at least one group.
@@ -466,7 +496,7 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             stride_os, words.stride(0), s.stride(0), y.stride(0), FMT=FMT_IDS[fmt], CODE=code,
             GROUP=group, HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n,
             NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup, DEFER=cfg.defer,
-            ASM=x.is_cuda, XPRE=cfg.x_prefetch, num_warps=cfg.warps)
+            ASM=x.is_cuda, XPRE=cfg.x_prefetch, WPRE=cfg.w_prefetch, num_warps=cfg.warps)
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,

@@ -10,8 +10,9 @@ before each, so L2 starts cold).
 `--gemv` runs only the decode comparison of the old fused `tl.dot` kernel and the GEMV /
 split-K path (orbit/kernels/gemv.py) at M in {1, 4, 16} for int4/fp8/nvfp4 against cuBLAS
 BF16, same rotation and graph replay; `--gemv-sweep` adds the GEMV_ALTS configs
-(`--gemv-deep`: GEMV_ALTS_DEEP, `--gemv-e2m1`: GEMV_ALTS_E2M1, `--gemv-xpre`: GEMV_ALTS_XPRE
-instead; at M = 1 the plane formats also get `gemv-s5` (session 5's kernel) and `gemv-noxpre`
+(`--gemv-deep`: GEMV_ALTS_DEEP, `--gemv-e2m1`: GEMV_ALTS_E2M1, `--gemv-xpre`: GEMV_ALTS_XPRE,
+`--gemv-wpre`: GEMV_ALTS_WPRE instead; FP8 at M <= 4 gets FP8_ALTS with --gemv-sweep, and a `gemv-v1`
+row, the tile kernel it replaced; at M = 1 the plane formats also get `gemv-s5` (session 5's kernel) and `gemv-noxpre`
 rows, the same-run baselines of the session-6 changes), `--gemv-swap` the
 swap-AB dot kernel (SWAP_ALTS); `--gemv-shapes 4096x12288,...` and `--gemv-m 1,4` narrow it.
 Writes JSON to $OUT/bench_qmm.json (or --out) and prints a short table last.
@@ -200,6 +201,22 @@ GEMV_ALTS_XPRE = [(32, 512, 2, 4, 3, True, False, True), (16, 512, 0, 4, 3, True
 GEMV_ALTS_E2M1 = [(32, 256, 0, 4, 3, True, True), (16, 512, 0, 4, 3, True, True),
                   (16, 512, 0, 4, 3, True, False)]
 
+# --gemv-wpre (session 8): the shipped M = 1 plane configs with the next step's words loaded
+# into registers (9th field: w_prefetch; no cp.async pipeline), more rows / warps around it.
+GEMV_ALTS_WPRE = [(32, 512, 0, 4, 1, True, False, True, True),
+                  (16, 512, 0, 2, 1, True, False, True, True),
+                  (64, 512, 0, 8, 1, True, False, True, True),
+                  (32, 256, 0, 4, 1, True, False, True, True),
+                  (16, 512, 0, 4, 1, True, False, True, True),
+                  (32, 512, 0, 8, 1, True, False, True, True)]
+
+# FP8 at M <= 4 (orbit/kernels/gemv_fp8.py, session 8), timed with --gemv-sweep: (block_n,
+# block_k, split, warps, stages, dec, x_prefetch); split 0 = the heuristic's.
+FP8_ALTS = [(32, 256, 0, 4, 3, 0, True), (32, 128, 0, 4, 3, 1, True), (16, 256, 0, 4, 3, 1, True),
+            (32, 512, 0, 4, 3, 1, True), (64, 256, 0, 8, 3, 1, True), (32, 256, 0, 4, 4, 1, True),
+            (32, 256, 0, 4, 3, 1, False), (16, 256, 0, 2, 3, 1, True), (64, 128, 0, 4, 3, 1, True),
+            (16, 128, 0, 4, 3, 0, True), (32, 128, 0, 4, 3, 0, True)]
+
 
 def _gemv(x, qw, config=None):
     """The GEMV kernel itself (whatever _qgemm.GEMV_MAX_M is)."""
@@ -218,7 +235,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 ms_: tuple = (1, 4, 16), alt_list: list | None = None,
                 swap: bool = False) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run."""
-    from orbit.kernels.gemv import GemvConfig, num_sms, pick_gemv_config
+    from orbit.kernels.gemv import FP8_GEMV_MAX_M, GemvConfig, num_sms, pick_gemv_config
+    from orbit.kernels.gemv_fp8 import Fp8GemvConfig, pick_fp8_gemv_config
 
     rows = []
     alt_list = alt_list or GEMV_ALTS
@@ -242,6 +260,12 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 x = torch.randn(m, k, device="cuda").bfloat16()
                 auto = pick_gemv_config(m, n, k, fmt, num_sms(x.device))
                 plan = [("fused-dot", None), ("gemv", None)]
+                if fmt == "fp8" and m <= FP8_GEMV_MAX_M:  # same-run baseline: the tile GEMV
+                    plan.append(("gemv-v1", auto))
+                    auto = pick_fp8_gemv_config(m, n, k, num_sms(x.device))
+                    if alts:
+                        plan += [("gemv-fp8", Fp8GemvConfig(bn, bk, sp or auto.split, w, st, d, xp))
+                                 for bn, bk, sp, w, st, d, xp in FP8_ALTS]
                 if auto.split > 1:  # same-run baseline: split-K reduced by a second launch
                     plan.append(("gemv-2launch", dataclasses.replace(auto, fixup=False)))
                 if auto.planes and m == 1:  # same-run baselines of the session-6 changes:
@@ -259,7 +283,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1_bits=bool(eb and eb[0]),
                                                      defer=m == 1,
-                                                     x_prefetch=len(eb) > 1 and eb[1]))
+                                                     x_prefetch=len(eb) > 1 and eb[1],
+                                                     w_prefetch=len(eb) > 2 and eb[2]))
                              for bn, bk, sp, w, st, pl, *eb in alt_list
                              if not (eb and eb[0] and fmt != "nvfp4")]
                 for path, cfg in plan:
@@ -387,6 +412,8 @@ def main() -> None:
                     help="with --gemv-sweep: plane configs with the x prefetch (GEMV_ALTS_XPRE)")
     ap.add_argument("--gemv-e2m1", action="store_true",
                     help="with --gemv-sweep: FP4 plane configs with fp32-bit E2M1 (GEMV_ALTS_E2M1)")
+    ap.add_argument("--gemv-wpre", action="store_true",
+                    help="with --gemv-sweep: plane configs with the words prefetch (GEMV_ALTS_WPRE)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -398,6 +425,7 @@ def main() -> None:
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.gemv_shapes.split(",") if sh]
         res["gemv"] = decode_gemv(args.quick, ceil["copy_GBps"], args.gemv_sweep, shapes or None,
                                   tuple(int(v) for v in args.gemv_m.split(",")),
+                                  GEMV_ALTS_WPRE if args.gemv_wpre else
                                   GEMV_ALTS_XPRE if args.gemv_xpre else
                                   GEMV_ALTS_E2M1 if args.gemv_e2m1 else
                                   GEMV_ALTS_SMALL if args.gemv_small else

@@ -130,9 +130,9 @@ def test_gemv_split_k_fixup_eager_graph_and_stream(fmt: str, kw: dict) -> None:
                                     ("int4", {"group_size": 64}), ("nvfp4", {}), ("mxfp4", {})])
 def test_plane_kernel_deferred_matches_per_step(fmt: str, kw: dict) -> None:
     """The plane kernel's deferred reduction and in-place int4 decode (inline PTX on CUDA,
-    GemvConfig.defer), with and without the x prefetch, computes what the per-step version
+    GemvConfig.defer), with and without the x and word prefetches, computes what the per-step version
     does, on fresh inputs, at M = 1, 3, 16, with and without split-K; every output written;
-    the prefetch changes only when x is loaded, so not a bit of the result."""
+    the prefetches change only when x and words are loaded, so not a bit of the result."""
     from orbit.kernels.gemv import GemvConfig, gemv
 
     for k, n in [(4096, 12288), (6144, 2048)]:
@@ -142,9 +142,11 @@ def test_plane_kernel_deferred_matches_per_step(fmt: str, kw: dict) -> None:
             x = torch.randn(m, k, device="cuda").bfloat16()
             for split in (1, 4):
                 ys = []
-                for defer, xpre in ((False, False), (True, False), (True, True)):
+                for defer, xpre, wpre in ((False, False, False), (True, False, False),
+                                          (True, True, False), (True, True, True)):
                     cfg = GemvConfig(block_n=32 if m <= 4 else 16, block_k=512, split=split,
-                                     warps=4, stages=3, defer=defer, x_prefetch=xpre)
+                                     warps=4, stages=3, defer=defer, x_prefetch=xpre,
+                                     w_prefetch=wpre)
                     ys.append(gemv(x, fmt, qw.shape, *_args(qw), torch.full(
                         (m, n), float("nan"), device="cuda", dtype=torch.bfloat16), cfg))
                 ref = x.double() @ w.T
@@ -153,6 +155,7 @@ def test_plane_kernel_deferred_matches_per_step(fmt: str, kw: dict) -> None:
                     assert _rel(y, ref) < TOL, (fmt, kw, k, n, m, split, _rel(y, ref))
                     assert _rel(y, ys[0].double()) < TOL, (fmt, kw, k, n, m, split)
                 assert torch.equal(ys[1], ys[2]), ("x prefetch changed the sums", fmt, k, n, m)
+                assert torch.equal(ys[1], ys[3]), ("w prefetch changed the sums", fmt, k, n, m)
 
 
 def test_gemv_fp16_activations() -> None:
@@ -219,3 +222,28 @@ def test_plane_e2m1_from_fp32_bits(fmt: str) -> None:
             assert not ys[1].isnan().any(), (fmt, k, n, m)
             assert _rel(ys[1], x.double() @ w.T) < TOL, (fmt, k, n, m)
             assert _rel(ys[1], ys[0]) < 2e-3, (fmt, k, n, m)  # same sums, other rounding
+
+
+@pytest.mark.parametrize("k,n", [(576, 1536), (2048, 6144), (6144, 2048), (4096, 12288)])
+def test_fp8_gemv_both_decodes(k: int, n: int) -> None:
+    """orbit/kernels/gemv_fp8.py at decode shapes, M = 1..4, both e4m3 decodes (Triton's
+    convert; integer bits with fp32 subnormals), split or not: fp32 outputs equal x (float64)
+    @ W^T up to summation order (W = the exact e4m3 value * block scale), bf16 outputs within
+    the usual rounding; every output written."""
+    from orbit.kernels.gemv_fp8 import Fp8GemvConfig, gemv_fp8, pick_fp8_gemv_config
+
+    qw = random_qweight("fp8", n, k, seed=k + n, device="cuda")
+    q, s = qw.tensors["weight"], qw.tensors["scale_inv"]
+    q.view(torch.uint8)[0, :126] = torch.arange(126, dtype=torch.uint8, device="cuda")  # subnormals too
+    w = qw.dequantize(torch.float32).double()
+    for m in (1, 2, 3, 4):
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        ref = x.double() @ w.T
+        auto = pick_fp8_gemv_config(m, n, k, 132)
+        for cfg in (auto, Fp8GemvConfig(dec=0, split=auto.split, block_k=auto.block_k),
+                    Fp8GemvConfig(block_n=16, block_k=128, split=3)):
+            for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, TOL)):
+                y = gemv_fp8(x, q, s, torch.full((m, n), float("nan"), device="cuda",
+                                                 dtype=dtype), cfg)
+                assert not y.isnan().any(), (k, n, m, cfg)
+                assert _rel(y, ref) < tol, (k, n, m, cfg, dtype, _rel(y, ref))

@@ -31,7 +31,7 @@ N_OUT = 80
 MS = (1, 3, 16)
 # "auto" = through the format's public wrapper (launch -> heuristic); the others call gemv()
 # with a fixed config: (block_n, block_k, split, warps, stages, unpack, planes, e2m1_bits,
-# fixup, defer, x_prefetch); split-K adds the slices in the last-arriving program unless fixup is False. 4-bit formats
+# fixup, defer, x_prefetch, w_prefetch); split-K adds the slices in the last-arriving program unless fixup is False. 4-bit formats
 # run the nibble-plane kernel unless planes is False ("tiles": the dequantized-tile kernel).
 CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2),
            "split3-reduce-launch": (16, 64, 3, 4, 2, -1, True, False, False),
@@ -39,6 +39,7 @@ CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2),
            "planes-e2m1bits": (32, 128, 2, 4, 3, -1, True, True),
            "planes-nodefer": (32, 256, 2, 4, 3, -1, True, False, True, False),
            "planes-xprefetch": (16, 128, 3, 4, 3, -1, True, False, True, True, True),
+           "planes-wprefetch": (16, 128, 3, 4, 1, -1, True, False, True, True, True, True),
            "auto": None}
 # vs x (float64) @ W_bf16^T: bf16 output rounding, ~1e-3 relative; the plane kernel multiplies
 # the unrounded weights (the bf16 rounding of W adds ~1e-3 more).

@@ -1,0 +1,204 @@
+"""Decode GEMV for FP8 block-128 weights (W8A16): `y[M, N] = x[M, K] @ W^T`, M <= 4, fast mode.
+
+Why a kernel of its own: the shared tile GEMV (`gemv._gemv_kernel`) reduces over K with a
+`tl.sum` every step and rounds the dequantized tile to the activation dtype first, and at M = 1
+on a wide shape it lost to the `tl.dot` loop (H100, 4096x12288: 32.2 vs 26.0 us), so FP8 decode
+ran the dot loop: 23.4 us on the H200 = 1.41x cuBLAS BF16 where issue 3 asks 1.6x.
+
+Design, as the nibble-plane kernel's deferred path (docs/kernels.md, session 6):
+- Program (pid_n, pid_k) owns BN output rows (BN divides 128: all rows share one scale row) and
+  one K-slice. Per BK step it loads the [BN, BK] weight bytes once and multiplies them by x
+  already scaled by the step's 128-block scales (`xs[k] = x[k] * s[n_blk, k // 128]`: BK
+  multiplies per program instead of BN * BK), into a [BN, MP, BK] fp32 register accumulator
+  that is reduced over K once, after the loop (no shuffle tree per step).
+- DEC (the e4m3 -> fp32 decode, measured against each other on the device):
+  0: Triton's `.to(tl.float32)` (sm_90: cvt e4m3x2 -> f16x2, then f16 -> f32);
+  1: integer bits: the byte moved to the top of an int32 and shifted right arithmetically by
+     4 puts the sign at bit 31 and the 7 magnitude bits (eeee mmm) at 20..26, i.e. the fp32
+     whose value is the e4m3 value * 2^-120 (subnormal codes land on fp32 subnormals, which
+     `fma.rn.f32` keeps: Triton emits no .ftz), with bits 27..30 cleared by one AND. The 2^120
+     is split between x (2^60 before the products) and the scale (2^60 after), so no
+     product or partial sum leaves the normal range. Words are loaded as int32 (4 codes) and
+     the 4 byte planes meet x[4j + P] (strided x loads, as the nibble planes).
+- XPRE: each step loads the next step's x before its own math (x loads are not pipelined with
+  the weight loads otherwise).
+Fast mode only: the weights are not rounded to the activation dtype before the multiply, so the
+sums differ from the reference's in the last bits. Split-K as `gemv._store_out` (fp32
+workspace, last-arriving slice adds the slices in order: deterministic).
+
+Roofline (H200, copy ~4165 GB/s): 4096x12288 FP8 = 50.33 MB + 12 KB scales -> 12.1 us; cuBLAS
+BF16 moves 100.7 MB (33 us measured), so the bytes allow 2.7x and issue 3's 1.6x needs
+<= ~20.6 us (59% of copy). Instructions per weight element: DEC 1 = 2-3 integer ops + 1 FFMA
+(integer ops issue at half the FFMA rate: 50 M elements / 132 SMs at 64 int ops/clk ~ 9 us at
+1.9 GHz, under the byte floor); DEC 0 = a convert pair + 1 FFMA, at the convert unit's rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from orbit.kernels._triton import tl, triton
+from orbit.kernels.gemv import (GEMV_MAX_SPLIT, GEMV_MIN_K_TILES_PER_SPLIT,
+                                GEMV_MIN_PROGRAMS_PER_SM, GEMV_TARGET_PROGRAMS_PER_SM,
+                                _store_out, arrival_counters, num_sms)
+
+FP8_BLOCK = 128
+# x * 2^60 before the products, scale * 2^60 after: the DEC 1 bits are the value * 2^-120.
+X_UP = tl.constexpr(2.0**60)
+
+
+@dataclass(frozen=True)
+class Fp8GemvConfig:
+    """BN output rows (divides 128) x BK reduction per step (a multiple of 128, or a divisor
+    when K is short); split K-slices; DEC the e4m3 decode (module doc)."""
+
+    block_n: int = 32
+    block_k: int = 256
+    split: int = 1
+    warps: int = 4
+    stages: int = 3
+    dec: int = 1
+    x_prefetch: bool = True
+
+
+@triton.jit
+def _x_step(x_ptr, k0, k_hi, stride_xm, M, MP: tl.constexpr, BK: tl.constexpr):
+    """x[m, k0:k0+BK] as float32 [MP, BK], zero past k_hi or M."""
+    am = tl.arange(0, MP)
+    ak = tl.arange(0, BK)
+    ok = (am[:, None] < M) & ((k0 + ak) < k_hi)[None, :]
+    xv = tl.load(x_ptr + am[:, None] * stride_xm + k0 + ak[None, :], mask=ok, other=0.0)
+    return xv.to(tl.float32)
+
+
+@triton.jit
+def _x_byte_planes(x_ptr, k0, k_hi, stride_xm, M, MP: tl.constexpr, BK: tl.constexpr):
+    """The 4 byte planes of x[m, k0:k0+BK]: plane P is x[m, k0 + 4j + P] as float32
+    [MP, BK/4], zero past k_hi or M."""
+    am = tl.arange(0, MP)
+    aj = tl.arange(0, BK // 4)
+    ptrs = x_ptr + am[:, None] * stride_xm + k0 + (aj * 4)[None, :]
+    ok = (am[:, None] < M) & ((k0 + aj * 4) < k_hi)[None, :]
+    return (tl.load(ptrs + 0, mask=ok, other=0.0).to(tl.float32),
+            tl.load(ptrs + 1, mask=ok, other=0.0).to(tl.float32),
+            tl.load(ptrs + 2, mask=ok, other=0.0).to(tl.float32),
+            tl.load(ptrs + 3, mask=ok, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _x_next(x_ptr, k0, k_hi, stride_xm, M, MP: tl.constexpr, BK: tl.constexpr,
+            PLANES: tl.constexpr):
+    if PLANES:
+        return _x_byte_planes(x_ptr, k0, k_hi, stride_xm, M, MP, BK)
+    else:
+        return _x_step(x_ptr, k0, k_hi, stride_xm, M, MP, BK)
+
+
+@triton.jit
+def _e4m3_bits(words, P: tl.constexpr):
+    """Byte P of int32 words as the float32 e4m3 value * 2^-120 (module doc, DEC 1)."""
+    if P < 3:
+        top = words << (24 - 8 * P)
+    else:
+        top = words
+    # >> on int32 is arithmetic; -2014314496 is the int32 0x87F00000 (sign bit + bits 20..26)
+    return ((top >> 4) & -2014314496).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PER, SPLIT,
+                     stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
+                     MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     STAGES: tl.constexpr, FIXUP: tl.constexpr, DEC: tl.constexpr,
+                     XPRE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    row_ok = offs_n < N
+    am = tl.arange(0, MP)
+    s_row = s_ptr + ((pid_n * BN) // 128) * stride_s  # BN divides 128: one scale row
+    WB: tl.constexpr = BK // 4 if DEC == 1 else BK  # accumulator width: words or bytes
+    acc = tl.zeros((BN, MP, WB), dtype=tl.float32)
+    if XPRE:
+        x_nxt = _x_next(x_ptr, k_lo, k_hi, stride_xm, M, MP, BK, DEC == 1)
+    for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
+        if XPRE:
+            x_cur = x_nxt
+            x_nxt = _x_next(x_ptr, k0 + BK, k_hi, stride_xm, M, MP, BK, DEC == 1)
+        else:
+            x_cur = _x_next(x_ptr, k0, k_hi, stride_xm, M, MP, BK, DEC == 1)
+        aw = tl.arange(0, WB)
+        if DEC == 1:
+            kk = k0 + aw * 4
+            sc = tl.load(s_row + kk // 128, mask=kk < k_hi, other=0.0) * X_UP  # [WB]
+            words = tl.load(q_ptr + offs_n[:, None] * stride_q + (k0 // 4 + aw)[None, :],
+                            mask=row_ok[:, None] & (kk < k_hi)[None, :], other=0)
+            for p in tl.static_range(4):
+                acc += (_e4m3_bits(words, p)[:, None, :]
+                        * (x_cur[p] * sc[None, :])[None, :, :])
+        else:
+            kk = k0 + aw
+            sc = tl.load(s_row + kk // 128, mask=kk < k_hi, other=0.0)  # [BK]
+            w = tl.load(q_ptr + offs_n[:, None] * stride_q + kk[None, :],
+                        mask=row_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
+            acc += w.to(tl.float32)[:, None, :] * (x_cur * sc[None, :])[None, :, :]
+    out = tl.sum(acc, axis=2)  # [BN, MP]
+    if DEC == 1:
+        out = out * X_UP
+    _store_out(out, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
+               stride_om, stride_os, stride_ym, FIXUP)
+
+
+def pick_fp8_gemv_config(m: int, n: int, k: int, sms: int) -> Fp8GemvConfig:
+    """Defaults, with K split when the row tiles alone leave the SMs under-filled (the rule of
+    gemv.pick_gemv_config: about 4 programs per SM, each slice at least 2 steps deep)."""
+    cfg = Fp8GemvConfig()
+    block_k = cfg.block_k if k >= 4 * cfg.block_k else FP8_BLOCK
+    n_tiles = triton.cdiv(n, cfg.block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    split = 1
+    if n_tiles < GEMV_MIN_PROGRAMS_PER_SM * sms:
+        want = triton.cdiv(GEMV_TARGET_PROGRAMS_PER_SM * sms, n_tiles)
+        most = max(1, k_tiles // GEMV_MIN_K_TILES_PER_SPLIT)
+        split = max(1, min(want, most, GEMV_MAX_SPLIT))
+        split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
+    return Fp8GemvConfig(block_k=block_k, split=split)
+
+
+def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,
+             config: Fp8GemvConfig | None = None) -> Tensor:
+    """y[M, N] = x[M, K] @ dequant(q, s)^T for q float8_e4m3fn [N, K], s float32 block scales
+    [ceil(N/128), ceil(K/128)], 1 <= M <= 4 (already validated by `_qgemm.launch`)."""
+    n, k = q.shape
+    m = x.shape[0]
+    assert 1 <= m <= 4 and q.dtype == torch.float8_e4m3fn, (m, q.dtype)
+    cfg = config or pick_fp8_gemv_config(m, n, k, num_sms(x.device))
+    if FP8_BLOCK % cfg.block_n or (cfg.block_k % FP8_BLOCK and FP8_BLOCK % cfg.block_k):
+        raise ValueError(f"FP8 GEMV tile {cfg.block_n}x{cfg.block_k}: block_n must divide 128 "
+                         "and block_k be a multiple or a divisor of 128")
+    dec = cfg.dec
+    if dec == 1 and (k % 4 or q.stride(0) % 4 or q.storage_offset() % 4 or q.stride(1) != 1):
+        dec = 0  # the int32 word view needs 4-byte-aligned rows
+    qv = q.view(torch.int32) if dec == 1 else q
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    k_per = triton.cdiv(k_tiles, cfg.split) * cfg.block_k
+    split = triton.cdiv(k, k_per)
+    grid = (triton.cdiv(n, cfg.block_n), split)
+    fixup = split > 1
+    cnt = arrival_counters(x.device, grid[0]) if fixup else s
+    if split > 1:
+        out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+        stride_om, stride_os = out.stride(1), out.stride(0)
+    else:
+        out, stride_om, stride_os = y, y.stride(0), 0
+    _gemv_fp8_kernel[grid](
+        x, out, qv, s, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om, stride_os,
+        qv.stride(0), s.stride(0), y.stride(0), MP=triton.next_power_of_2(m), BN=cfg.block_n,
+        BK=cfg.block_k, STAGES=cfg.stages, FIXUP=fixup, DEC=dec, XPRE=cfg.x_prefetch,
+        num_warps=cfg.warps)
+    return y
