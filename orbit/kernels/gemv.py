@@ -336,7 +336,6 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     offs_n = pid_n * BN + tl.arange(0, BN)
     row_ok = offs_n < N
     ag = tl.arange(0, NG)
-    aj = tl.arange(0, WG)
     am = tl.arange(0, MP)
     n_groups = K // GROUP
     acc = tl.zeros((BN, MP), dtype=tl.float32)

@@ -41,9 +41,15 @@ import torch
 from torch import Tensor
 
 from orbit.kernels._triton import tl, triton
-from orbit.kernels.gemv import (GEMV_MAX_SPLIT, GEMV_MIN_K_TILES_PER_SPLIT,
-                                GEMV_MIN_PROGRAMS_PER_SM, GEMV_TARGET_PROGRAMS_PER_SM,
-                                _store_out, arrival_counters, num_sms)
+from orbit.kernels.gemv import (
+    GEMV_MAX_SPLIT,
+    GEMV_MIN_K_TILES_PER_SPLIT,
+    GEMV_MIN_PROGRAMS_PER_SM,
+    GEMV_TARGET_PROGRAMS_PER_SM,
+    _store_out,
+    arrival_counters,
+    num_sms,
+)
 
 FP8_BLOCK = 128
 # x * 2^60 before the products, scale * 2^60 after: the DEC 1 bits are the value * 2^-120.
