@@ -61,7 +61,10 @@ DEQUANT_MIN_M = 1024
 # every shape swept (int4 4096x12288: 21.7 vs 32.0 us, 6144x2048: 10.4 vs 23.8; nvfp4 33.6 vs
 # 55.5 and 15.4 vs 44.2), so those formats take it at M = 1 whatever the split. At M = 4 and
 # 16 it lost on wide shapes (its per-row CUDA-core FMAs), so the split rule stays there.
-GEMV_PLANES_M1 = ("int4", "nvfp4", "mxfp4")
+# Session 8 added the FP8 M = 1 kernel (orbit/kernels/gemv_fp8.py; H200: 4096x12288 22.7 vs
+# 23.4 us for the dot loop, 6144x2048 10.7 vs 17.2, 2048x2048 6.1 vs 7.3, 2048x6144 within
+# 1%), so FP8 joins them at M = 1; at M = 4 it lost to the dot loop and the tile GEMV.
+GEMV_M1 = ("int4", "nvfp4", "mxfp4", "fp8")
 GEMV_MAX_M = 4
 GEMV_MIN_SPLIT = 8
 GEMV_MIN_SPLIT_INT4_M1 = 4
@@ -74,7 +77,7 @@ def use_gemv(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
         return False
     from orbit.kernels.gemv import num_sms, pick_gemv_config  # gemv.py imports this module
 
-    if m == 1 and fmt in GEMV_PLANES_M1:
+    if m == 1 and fmt in GEMV_M1:
         return True
     split = pick_gemv_config(m, n, k, fmt, num_sms(device)).split
     need = GEMV_MIN_SPLIT_INT4_M1 if (fmt == "int4" and m == 1) else GEMV_MIN_SPLIT

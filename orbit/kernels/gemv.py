@@ -52,6 +52,7 @@ from orbit.kernels._qgemm import DEFAULT_UNPACK, FMT_IDS, _w_tile
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.fp4 import e2m1_scaled, e8m0_scale
 from orbit.kernels.int4 import int4_codes
+from orbit.kernels.pdl import launch_kwargs, pdl_available, pdl_enter
 
 # Heuristic constants (pick_gemv_config); sweep them with scripts/bench/bench_qmm.py --gemv.
 GEMV_BLOCK_K = 128  # reduction depth per step; fp8_tile needs <= 128 (one scale block)
@@ -73,8 +74,9 @@ PLANES_BLOCK_N_SMALL_M = 32
 PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1 = 16, 2  # H200 session 6: nvfp4 M = 1
 PLANES_BLOCK_N_LARGE_M = 16
 # FP8 at M <= this runs orbit/kernels/gemv_fp8.py (deferred reduction, integer e4m3 decode);
-# a GemvConfig passed explicitly still selects the tile kernel (same-run comparisons).
-FP8_GEMV_MAX_M = 4
+# a GemvConfig passed explicitly still selects the tile kernel (same-run comparisons). H200,
+# session 8: it wins at M = 1 and loses to the tile kernel at M = 4 (6144x2048: 18.0 vs 16.5 us).
+FP8_GEMV_MAX_M = 1
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,8 @@ class GemvConfig:
     defer: bool = True
     # Nibble-plane kernel: load the next K step's x during this one (_gemv_planes_kernel XPRE).
     x_prefetch: bool = False
-    # Nibble-plane kernel: load the next K step's words into registers during this one
-    # (_gemv_planes_kernel WPRE; plain global loads instead of the cp.async pipeline through
-    # shared memory, which `stages` then no longer sets up).
-    w_prefetch: bool = False
+    # Programmatic dependent launch (orbit/kernels/pdl.py), where the device has it.
+    pdl: bool = False
 
 
 @cache
@@ -161,9 +161,11 @@ def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
                  SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
                  FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                  MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 UNPACK: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr):
+                 UNPACK: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
+                 PDL: tl.constexpr = False):
     # out[pid_k, m, n] = sum over this program's K-slice of x[m, k] * W[n, k] (fp32 sums; cast
     # to out's dtype on store: the activation dtype without split, fp32 into the workspace).
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n0 = pid_n * BN
@@ -309,7 +311,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                         HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr,
                         NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
                         DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr,
-                        WPRE: tl.constexpr):
+                        PDL: tl.constexpr = False):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -329,6 +331,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     # reference's in the last bits (more exact, not less).
     WG: tl.constexpr = GROUP // 8
     BK: tl.constexpr = NG * GROUP
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_lo = pid_k * K_PER
@@ -342,16 +345,10 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     acc4 = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
     if XPRE:  # x of the first step; each step then loads the next step's (see XPRE above)
         x_nxt = _x_planes(x_ptr, k_lo, k_hi, stride_xm, M, GROUP, NG, WG, MP)
-    if WPRE:  # words of the first step; each step then loads the next step's (WPRE)
-        w_nxt = _plane_words(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, GROUP, NG, WG)
-    for k0 in tl.range(k_lo, k_hi, BK, num_stages=1 if WPRE else STAGES):
+    for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
         g = k0 // GROUP + ag  # [NG] group index
         g_ok = g < n_groups
-        if WPRE:
-            words = w_nxt
-            w_nxt = _plane_words(q_ptr, offs_n, row_ok, stride_q, k0 + BK, k_hi, GROUP, NG, WG)
-        else:
-            words = _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP, NG, WG)
+        words = _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP, NG, WG)
         if XPRE:
             x_cur = x_nxt
             x_nxt = _x_planes(x_ptr, k0 + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP)
@@ -485,6 +482,7 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     else:
         out, stride_om, stride_os = y, y.stride(0), 0
     o = offset if offset is not None else s
+    pdl = cfg.pdl and pdl_available(x.device)
     gs = global_scale if global_scale is not None else s
     if words is not None:
         code = PLANE_CODES[(fmt, offset is not None)] if fmt == "int4" else PLANE_CODES[fmt]
@@ -495,14 +493,15 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             stride_os, words.stride(0), s.stride(0), y.stride(0), FMT=FMT_IDS[fmt], CODE=code,
             GROUP=group, HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n,
             NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup, DEFER=cfg.defer,
-            ASM=x.is_cuda, XPRE=cfg.x_prefetch, WPRE=cfg.w_prefetch, num_warps=cfg.warps)
+            ASM=x.is_cuda, XPRE=cfg.x_prefetch, PDL=pdl, num_warps=cfg.warps,
+            **launch_kwargs(pdl))
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,
             stride_os, q.stride(0), s.stride(0), y.stride(0), FMT=FMT_IDS[fmt], GROUP=group,
             HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n, BK=block_k,
             UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0),
-            STAGES=cfg.stages, FIXUP=fixup, num_warps=cfg.warps)
+            STAGES=cfg.stages, FIXUP=fixup, PDL=pdl, num_warps=cfg.warps, **launch_kwargs(pdl))
     if split > 1 and not fixup:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](

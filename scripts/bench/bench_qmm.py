@@ -10,9 +10,10 @@ before each, so L2 starts cold).
 `--gemv` runs only the decode comparison of the old fused `tl.dot` kernel and the GEMV /
 split-K path (orbit/kernels/gemv.py) at M in {1, 4, 16} for int4/fp8/nvfp4 against cuBLAS
 BF16, same rotation and graph replay; `--gemv-sweep` adds the GEMV_ALTS configs
-(`--gemv-deep`: GEMV_ALTS_DEEP, `--gemv-e2m1`: GEMV_ALTS_E2M1, `--gemv-xpre`: GEMV_ALTS_XPRE,
-`--gemv-wpre`: GEMV_ALTS_WPRE instead; FP8 at M <= 4 gets FP8_ALTS with --gemv-sweep, and a `gemv-v1`
-row, the tile kernel it replaced; at M = 1 the plane formats also get `gemv-s5` (session 5's kernel) and `gemv-noxpre`
+(`--gemv-deep`: GEMV_ALTS_DEEP, `--gemv-e2m1`: GEMV_ALTS_E2M1, `--gemv-xpre`: GEMV_ALTS_XPRE
+instead; FP8 at M <= FP8_GEMV_MAX_M gets FP8_ALTS with --gemv-sweep, and a `gemv-v1` row, the
+tile kernel it replaced; `--gemv-formats fp8` narrows the formats; every M = 1 call also gets
+a `gemv-pdl` row (programmatic dependent launch, orbit/kernels/pdl.py); at M = 1 the plane formats also get `gemv-s5` (session 5's kernel) and `gemv-noxpre`
 rows, the same-run baselines of the session-6 changes), `--gemv-swap` the
 swap-AB dot kernel (SWAP_ALTS); `--gemv-shapes 4096x12288,...` and `--gemv-m 1,4` narrow it.
 Writes JSON to $OUT/bench_qmm.json (or --out) and prints a short table last.
@@ -201,16 +202,7 @@ GEMV_ALTS_XPRE = [(32, 512, 2, 4, 3, True, False, True), (16, 512, 0, 4, 3, True
 GEMV_ALTS_E2M1 = [(32, 256, 0, 4, 3, True, True), (16, 512, 0, 4, 3, True, True),
                   (16, 512, 0, 4, 3, True, False)]
 
-# --gemv-wpre (session 8): the shipped M = 1 plane configs with the next step's words loaded
-# into registers (9th field: w_prefetch; no cp.async pipeline), more rows / warps around it.
-GEMV_ALTS_WPRE = [(32, 512, 0, 4, 1, True, False, True, True),
-                  (16, 512, 0, 2, 1, True, False, True, True),
-                  (64, 512, 0, 8, 1, True, False, True, True),
-                  (32, 256, 0, 4, 1, True, False, True, True),
-                  (16, 512, 0, 4, 1, True, False, True, True),
-                  (32, 512, 0, 8, 1, True, False, True, True)]
-
-# FP8 at M <= 4 (orbit/kernels/gemv_fp8.py, session 8), timed with --gemv-sweep: (block_n,
+# FP8 at M <= FP8_GEMV_MAX_M (orbit/kernels/gemv_fp8.py, session 8), timed with --gemv-sweep: (block_n,
 # block_k, split, warps, stages, dec, x_prefetch); split 0 = the heuristic's.
 FP8_ALTS = [(32, 256, 0, 4, 3, 0, True), (32, 128, 0, 4, 3, 1, True), (16, 256, 0, 4, 3, 1, True),
             (32, 512, 0, 4, 3, 1, True), (64, 256, 0, 8, 3, 1, True), (32, 256, 0, 4, 4, 1, True),
@@ -233,7 +225,7 @@ def _gemv(x, qw, config=None):
 
 def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = None,
                 ms_: tuple = (1, 4, 16), alt_list: list | None = None,
-                swap: bool = False) -> list[dict]:
+                swap: bool = False, formats: tuple = ("int4", "fp8", "nvfp4")) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run."""
     from orbit.kernels.gemv import FP8_GEMV_MAX_M, GemvConfig, num_sms, pick_gemv_config
     from orbit.kernels.gemv_fp8 import Fp8GemvConfig, pick_fp8_gemv_config
@@ -252,7 +244,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                          "GBps": (2 * n * k + 2 * m * (n + k)) / t_bf[m] / 1e6,
                          "frac_copy_bw": (2 * n * k + 2 * m * (n + k)) / t_bf[m] / 1e6 / copy_gbs})
         del wbs
-        for fmt, name, kw in [v for v in variants(k) if v[0] in ("int4", "fp8", "nvfp4")]:
+        for fmt, name, kw in [v for v in variants(k) if v[0] in formats]:
             qw0 = random_qweight(fmt, n, k, device="cuda", **kw)
             nq = copies_for(qw0.nbytes())
             qws = [random_qweight(fmt, n, k, seed=i, device="cuda", **kw) for i in range(nq)]
@@ -266,14 +258,17 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     if alts:
                         plan += [("gemv-fp8", Fp8GemvConfig(bn, bk, sp or auto.split, w, st, d, xp))
                                  for bn, bk, sp, w, st, d, xp in FP8_ALTS]
-                if auto.split > 1:  # same-run baseline: split-K reduced by a second launch
+                if isinstance(auto, GemvConfig) and auto.split > 1:  # same-run baseline:
+                    # split-K reduced by a second launch
                     plan.append(("gemv-2launch", dataclasses.replace(auto, fixup=False)))
-                if auto.planes and m == 1:  # same-run baselines of the session-6 changes:
+                if getattr(auto, "planes", False) and m == 1:  # same-run baselines of the session-6 changes:
                     # session 5's kernel (per-step reduction, shift-and-extract decode), then
                     # the deferred reduction without the x prefetch
                     plan.append(("gemv-s5", dataclasses.replace(auto, defer=False,
                                                                 x_prefetch=False)))
                     plan.append(("gemv-noxpre", dataclasses.replace(auto, x_prefetch=False)))
+                if m == 1:  # programmatic dependent launch between the graphed calls
+                    plan.append(("gemv-pdl", dataclasses.replace(auto, pdl=True)))
                 if swap:
                     bm = max(16, triton.next_power_of_2(m))
                     plan += [("fused-swap", _qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=w,
@@ -283,8 +278,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1_bits=bool(eb and eb[0]),
                                                      defer=m == 1,
-                                                     x_prefetch=len(eb) > 1 and eb[1],
-                                                     w_prefetch=len(eb) > 2 and eb[2]))
+                                                     x_prefetch=len(eb) > 1 and eb[1]))
                              for bn, bk, sp, w, st, pl, *eb in alt_list
                              if not (eb and eb[0] and fmt != "nvfp4")]
                 for path, cfg in plan:
@@ -402,6 +396,7 @@ def main() -> None:
     ap.add_argument("--gemv-sweep", action="store_true", help="with --gemv: time GEMV_ALTS too")
     ap.add_argument("--gemv-shapes", default="", help="with --gemv: only these in x out, e.g. 4096x12288")
     ap.add_argument("--gemv-m", default="1,4,16", help="with --gemv: these M")
+    ap.add_argument("--gemv-formats", default="int4,fp8,nvfp4", help="with --gemv: these formats")
     ap.add_argument("--gemv-deep", action="store_true",
                     help="with --gemv-sweep: the deeper-step alternatives GEMV_ALTS_DEEP")
     ap.add_argument("--gemv-small", action="store_true",
@@ -412,8 +407,6 @@ def main() -> None:
                     help="with --gemv-sweep: plane configs with the x prefetch (GEMV_ALTS_XPRE)")
     ap.add_argument("--gemv-e2m1", action="store_true",
                     help="with --gemv-sweep: FP4 plane configs with fp32-bit E2M1 (GEMV_ALTS_E2M1)")
-    ap.add_argument("--gemv-wpre", action="store_true",
-                    help="with --gemv-sweep: plane configs with the words prefetch (GEMV_ALTS_WPRE)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -425,11 +418,11 @@ def main() -> None:
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.gemv_shapes.split(",") if sh]
         res["gemv"] = decode_gemv(args.quick, ceil["copy_GBps"], args.gemv_sweep, shapes or None,
                                   tuple(int(v) for v in args.gemv_m.split(",")),
-                                  GEMV_ALTS_WPRE if args.gemv_wpre else
                                   GEMV_ALTS_XPRE if args.gemv_xpre else
                                   GEMV_ALTS_E2M1 if args.gemv_e2m1 else
                                   GEMV_ALTS_SMALL if args.gemv_small else
-                                  GEMV_ALTS_DEEP if args.gemv_deep else None, args.gemv_swap)
+                                  GEMV_ALTS_DEEP if args.gemv_deep else None, args.gemv_swap,
+                                  tuple(args.gemv_formats.split(",")))
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")

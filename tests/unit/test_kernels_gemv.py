@@ -31,7 +31,7 @@ N_OUT = 80
 MS = (1, 3, 16)
 # "auto" = through the format's public wrapper (launch -> heuristic); the others call gemv()
 # with a fixed config: (block_n, block_k, split, warps, stages, unpack, planes, e2m1_bits,
-# fixup, defer, x_prefetch, w_prefetch); split-K adds the slices in the last-arriving program unless fixup is False. 4-bit formats
+# fixup, defer, x_prefetch); split-K adds the slices in the last-arriving program unless fixup is False. 4-bit formats
 # run the nibble-plane kernel unless planes is False ("tiles": the dequantized-tile kernel).
 CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2),
            "split3-reduce-launch": (16, 64, 3, 4, 2, -1, True, False, False),
@@ -39,7 +39,6 @@ CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2),
            "planes-e2m1bits": (32, 128, 2, 4, 3, -1, True, True),
            "planes-nodefer": (32, 256, 2, 4, 3, -1, True, False, True, False),
            "planes-xprefetch": (16, 128, 3, 4, 3, -1, True, False, True, True, True),
-           "planes-wprefetch": (16, 128, 3, 4, 1, -1, True, False, True, True, True, True),
            "auto": None}
 # vs x (float64) @ W_bf16^T: bf16 output rounding, ~1e-3 relative; the plane kernel multiplies
 # the unrounded weights (the bf16 rounding of W adds ~1e-3 more).
@@ -231,10 +230,10 @@ def test_use_gemv_follows_the_h100_sweep() -> None:
     assert use_gemv(1, 2048, 6144, "int4", cpu) and use_gemv(4, 2048, 6144, "nvfp4", cpu)
     assert use_gemv(1, 4096, 2048, "int4", cpu)  # split 4: int4 at M=1 only
     assert not use_gemv(2, 4096, 2048, "nvfp4", cpu) and not use_gemv(2, 4096, 2048, "int4", cpu)
-    for fmt in ("int4", "nvfp4", "mxfp4"):  # the plane kernel wins at M = 1 on every shape
+    # the plane kernel (4-bit) and the FP8 kernel (session 8) win at M = 1 on every shape
+    for fmt in ("int4", "nvfp4", "mxfp4", "fp8"):
         assert use_gemv(1, 12288, 4096, fmt, cpu) and not use_gemv(4, 12288, 4096, fmt, cpu)
-    for fmt in ("int8", "fp8"):
-        assert not use_gemv(1, 12288, 4096, fmt, cpu)  # wide: the dot loop fills the SMs
+    assert not use_gemv(1, 12288, 4096, "int8", cpu)  # wide: the dot loop fills the SMs
     for fmt in ("int4", "fp8", "nvfp4"):
         assert not use_gemv(16, 2048, 6144, fmt, cpu)  # M=16: the dot loop wins
         assert not use_gemv(1, 2048, 6144, "bf16", cpu)

@@ -47,18 +47,18 @@ def _interpreter_main() -> None:
             ref = x.double() @ wd.T
             out[f"{i}-{name}"] = {"nan": bool(y.isnan().any()),
                                   "err": ((y.double() - ref).abs().max() / ref.abs().max()).item()}
-    # gemv.gemv sends FP8 at M <= 4 here unless a GemvConfig asks for the tile kernel.
+    # gemv.gemv sends FP8 at M = 1 here unless a GemvConfig asks for the tile kernel.
     n, k = 64, 256
     s = torch.full((1, 2), 0.01)
     q = torch.randn(n, k).mul(30).clamp(-448, 448).to(torch.float8_e4m3fn)
-    x = torch.randn(2, k).bfloat16()
+    x = torch.randn(1, k).bfloat16()
     calls = []
     import orbit.kernels.gemv_fp8 as mod
 
     real = mod.gemv_fp8
     mod.gemv_fp8 = lambda *a, **kw: calls.append(1) or real(*a, **kw)
-    y1 = gemv.gemv(x, "fp8", (n, k), q, s, None, None, 128, torch.empty(2, n).bfloat16())
-    y2 = gemv.gemv(x, "fp8", (n, k), q, s, None, None, 128, torch.empty(2, n).bfloat16(),
+    y1 = gemv.gemv(x, "fp8", (n, k), q, s, None, None, 128, torch.empty(1, n).bfloat16())
+    y2 = gemv.gemv(x, "fp8", (n, k), q, s, None, None, 128, torch.empty(1, n).bfloat16(),
                    gemv.GemvConfig(32, 128, 1, 4, 3))
     mod.gemv_fp8 = real
     ref = (x.double() @ (q.double() * 0.01).T)
