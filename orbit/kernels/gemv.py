@@ -52,7 +52,7 @@ from orbit.kernels._qgemm import DEFAULT_UNPACK, FMT_IDS, _w_tile
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.fp4 import e2m1_scaled, e8m0_scale
 from orbit.kernels.int4 import int4_codes
-from orbit.kernels.pdl import launch_kwargs, pdl_available, pdl_enter
+from orbit.kernels.pdl import launch_kwargs, pdl_available, pdl_enter, pdl_for
 
 # Heuristic constants (pick_gemv_config); sweep them with scripts/bench/bench_qmm.py --gemv.
 GEMV_BLOCK_K = 128  # reduction depth per step; fp8_tile needs <= 128 (one scale block)
@@ -482,7 +482,8 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     else:
         out, stride_om, stride_os = y, y.stride(0), 0
     o = offset if offset is not None else s
-    pdl = cfg.pdl and pdl_available(x.device)
+    # PDL when the config asks (bench) or inside the engine's pdl_scope (grid-size rule there)
+    pdl = (cfg.pdl and pdl_available(x.device)) or pdl_for(x.device, grid[0] * grid[1])
     gs = global_scale if global_scale is not None else s
     if words is not None:
         code = PLANE_CODES[(fmt, offset is not None)] if fmt == "int4" else PLANE_CODES[fmt]

@@ -50,7 +50,7 @@ from orbit.kernels.gemv import (
     arrival_counters,
     num_sms,
 )
-from orbit.kernels.pdl import launch_kwargs, pdl_available, pdl_enter
+from orbit.kernels.pdl import launch_kwargs, pdl_available, pdl_enter, pdl_for
 
 FP8_BLOCK = 128
 # x * 2^60 before the products, scale * 2^60 after: the DEC 1 bits are the value * 2^-120.
@@ -202,7 +202,7 @@ def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,
     split = triton.cdiv(k, k_per)
     grid = (triton.cdiv(n, cfg.block_n), split)
     fixup = split > 1
-    pdl = cfg.pdl and pdl_available(x.device)
+    pdl = (cfg.pdl and pdl_available(x.device)) or pdl_for(x.device, grid[0] * grid[1])
     cnt = arrival_counters(x.device, grid[0]) if fixup else s
     if split > 1:
         out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)

@@ -11,10 +11,23 @@ previous kernel (before any load or store, so no read-after-write or write-after
 with it is possible) and lets the next kernel launch at once (its CTAs then wait in their own
 `pdl_enter`). Without PDL it is nothing. `launch_kwargs(pdl)` is what the host adds to the
 launch. Triton's interpreter (CPU tests) has neither, so callers pass `pdl` only on CUDA.
+
+Chains stay correct transitively: a PDL kernel C launched early while B runs waits in
+`pdl_enter` for B to finish, and B did nothing before A had finished. A kernel launched
+without PDL (torch, cuBLAS) before or after a PDL one serializes as usual.
+
+Who turns it on: the rollout engine, around its decode steps (and their graph captures, which
+keep the launch attribute as programmatic graph edges), with `pdl_scope(True)`; the decode
+kernels' wrappers read `pdl_active(device)`. A scope (a context variable, like
+`torch.inference_mode`) rather than a parameter threaded through every module between the
+engine and the kernels; outside a scope nothing changes (training, exact mode, tests).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -52,3 +65,36 @@ def launch_kwargs(pdl: bool) -> dict[str, Any]:
     """Extra keyword arguments of a Triton launch: `launch_pdl=True` only when asked (the
     interpreter does not take the option)."""
     return {"launch_pdl": True} if pdl else {}
+
+
+_ACTIVE: ContextVar[bool] = ContextVar("orbit_pdl", default=False)
+
+
+@contextmanager
+def pdl_scope(on: bool) -> Iterator[None]:
+    """Launch the decode kernels inside this block with PDL (where the device has it)."""
+    token = _ACTIVE.set(on)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def pdl_active(device: torch.device) -> bool:
+    """Whether a kernel launched now on `device` should use PDL (inside `pdl_scope(True)`)."""
+    return _ACTIVE.get() and pdl_available(device)
+
+
+# PDL only for grids of at most this many CTAs per SM (H200, session 8): the next kernel's
+# CTAs, launched early, hold SM slots while they wait, which slowed a 1024-CTA NVFP4 GEMV
+# (6144x2048 split 8: 11.8 -> 16.7 us) while 384-512-CTA ones gained 0.5-0.8 us.
+PDL_MAX_CTAS_PER_SM = 4
+
+
+def pdl_for(device: torch.device, ctas: int) -> bool:
+    """PDL for a launch of `ctas` CTAs on `device`: inside `pdl_scope(True)`, on a device
+    that has it, and for grids small enough (PDL_MAX_CTAS_PER_SM)."""
+    if not pdl_active(device):
+        return False
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return ctas <= PDL_MAX_CTAS_PER_SM * sms

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from orbit.kernels._triton import HAS_TRITON, tl, triton
 from orbit.kernels.matmul_exact import interpreting
+from orbit.kernels.pdl import launch_kwargs, pdl_enter, pdl_for
 
 # 1024 floats per program: 149 programs for one 151936-wide row (more than an H100's 132 SMs)
 # and a one-chunk scan of 1024 in pass 2. H100 at V = 151936, chunk 512 / 1024 / 2048 / 4096:
@@ -43,7 +44,8 @@ CHUNK = 1024
 
 @triton.jit
 def _chunk_stats_kernel(x_ptr, t_ptr, m_ptr, s_ptr, a_ptr, V, stride_x, NC,
-                        CHUNK: tl.constexpr):
+                        CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs = c * CHUNK + tl.arange(0, CHUNK)
@@ -61,7 +63,8 @@ def _chunk_stats_kernel(x_ptr, t_ptr, m_ptr, s_ptr, a_ptr, V, stride_x, NC,
 
 @triton.jit
 def _pick_kernel(x_ptr, t_ptr, u_ptr, m_ptr, s_ptr, a_ptr, tok_ptr, V, stride_x, NC,
-                 CHUNK: tl.constexpr, NC_BLOCK: tl.constexpr):
+                 CHUNK: tl.constexpr, NC_BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cs = tl.arange(0, NC_BLOCK)
     cmask = cs < NC
@@ -139,8 +142,11 @@ def sample_rows_triton(logits: Tensor, temperature: Tensor, u: Tensor, chunk: in
     NC = triton.cdiv(V, chunk)
     stats = torch.empty((2, B, NC), dtype=torch.float32, device=logits.device)  # max, sum-exp
     amax = torch.empty((B, NC), dtype=torch.int32, device=logits.device)
+    pdl = pdl_for(logits.device, B * NC)
     _chunk_stats_kernel[(B, NC)](logits, temperature, stats[0], stats[1], amax, V,
-                                 logits.stride(0), NC, CHUNK=chunk, num_warps=4)
+                                 logits.stride(0), NC, CHUNK=chunk, PDL=pdl, num_warps=4,
+                                 **launch_kwargs(pdl))
     _pick_kernel[(B,)](logits, temperature, u, stats[0], stats[1], amax, tok, V, logits.stride(0),
-                       NC, CHUNK=chunk, NC_BLOCK=max(16, triton.next_power_of_2(NC)), num_warps=4)
+                       NC, CHUNK=chunk, NC_BLOCK=max(16, triton.next_power_of_2(NC)), PDL=pdl,
+                       num_warps=4, **launch_kwargs(pdl))
     return tok

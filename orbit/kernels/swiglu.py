@@ -17,13 +17,15 @@ from torch import Tensor
 
 from orbit.kernels._triton import HAS_TRITON, tl, triton
 from orbit.kernels.matmul_exact import interpreting
+from orbit.kernels.pdl import launch_kwargs, pdl_enter, pdl_for
 
 BLOCK = 1024
 
 
 @triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, C, stride_g, stride_u, BLOCK: tl.constexpr,
-                     LIBDEVICE: tl.constexpr):
+                     LIBDEVICE: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -62,7 +64,9 @@ def silu_mul(g: Tensor, u: Tensor) -> Tensor:
     y = torch.empty(g2.shape, dtype=g.dtype, device=g.device)
     n = y.numel()
     if n:
-        _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](g2, u2, y, n, C, g2.stride(0), u2.stride(0),
-                                                   BLOCK=BLOCK, LIBDEVICE=not interpreting(),
-                                                   num_warps=4)
+        grid = (triton.cdiv(n, BLOCK),)
+        pdl = pdl_for(g.device, grid[0])
+        _silu_mul_kernel[grid](g2, u2, y, n, C, g2.stride(0), u2.stride(0), BLOCK=BLOCK,
+                               LIBDEVICE=not interpreting(), PDL=pdl, num_warps=4,
+                               **launch_kwargs(pdl))
     return y.reshape(g.shape)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orbit.kernels.pdl import pdl_available, pdl_scope
 from orbit.models.attention import (
     VARLEN_PAGE,
     AttnBatch,
@@ -154,6 +155,11 @@ class Engine:
     and counter-based sampling: in exact mode the completions are bit-identical to the
     synchronous loop's; in fast mode a step carrying a discarded row has another batch shape
     (batch-shape rounding, as any change of batch composition). None: on CUDA.
+    pdl: launch the decode step's Triton kernels with programmatic dependent launch
+    (orbit.kernels.pdl: each kernel is scheduled while the one before it finishes and waits
+    for it on the device, which hides the launch gaps between the ~400 short kernels of a
+    batch-1 step). Scheduling only: the same kernels and the same bits. None: where the
+    device has it (sm_90+).
     attn_backend: the AttnBatch backend of prefill and decode: "sdpa"; "varlen" (CUDA only:
     FlashAttention reading the KV cache in place; the cache's per-slot length is then
     max_model_len rounded up to a multiple of 256, FlashAttention's page constraint); or
@@ -183,6 +189,7 @@ class Engine:
         fuse_siblings: bool | None = None,
         split_kv: bool | None = None,
         overlap: bool | None = None,
+        pdl: bool | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -215,6 +222,7 @@ class Engine:
                              "exact mode needs it off (leave split_kv=None)")
         self.split_kv = (not exact) if split_kv is None else split_kv
         self.overlap = (self.device.type == "cuda") if overlap is None else overlap
+        self.pdl = pdl_available(self.device) if pdl is None else pdl
         self.vocab_size = self.config.vocab_size
         self.max_prefill_tokens = max_prefill_tokens
         self.detokenize = self._decode_fn(tokenizer)
@@ -482,7 +490,12 @@ class Engine:
     def _launch_decode(self, seqs: list[Sequence], state: Hashable, after: _Inflight | None = None) -> _Inflight:
         """Launch a decode step of `seqs` (nothing waits for it). `after`: the launched step
         whose sampled tokens (on the device, not yet appended to `seqs`) are this step's
-        inputs, one position further on."""
+        inputs, one position further on. Its kernels (and a graph captured now) use PDL when
+        `self.pdl`."""
+        with pdl_scope(self.pdl):
+            return self._decode_step(seqs, state, after)
+
+    def _decode_step(self, seqs: list[Sequence], state: Hashable, after: _Inflight | None) -> _Inflight:
         assert self.cache is not None
         B = len(seqs)
         shift = 0 if after is None else 1

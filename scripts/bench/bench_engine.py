@@ -12,7 +12,7 @@ roofline, and across base precisions. Random weights (speed does not depend on t
 Orbit's bf16 model (--orbit-bf16): "linear" keeps plain nn.Linear layers; "ql" converts them to
 BF16 QuantLinears, the layers the trainer loads for `--quant-format bf16` (the bf16 launcher),
 whose q/k/v and gate/up run as one GEMM each in the engine (orbit.quant.siblings).
-roofline/formats take --split-kv, --fuse-siblings and --overlap (Engine options) as on, off or
+roofline/formats take --split-kv, --fuse-siblings, --overlap and --pdl (Engine options) as on, off or
 both (off then on, in the same run).
 
 Each Orbit run is done twice: the first captures the CUDA graphs, the second is timed.
@@ -26,7 +26,7 @@ still run, and the exit status is 1 if any failed.
 Prints JSON rows as it goes, a table last; writes $OUT/bench_engine.json (or --out).
 
     python scripts/bench/bench_engine.py [--small] [--sections vs_hf,roofline,formats]
-        [--attn-backend auto|sdpa|varlen|triton] [--split-kv|--fuse-siblings|--overlap on|off|both]
+        [--attn-backend auto|sdpa|varlen|triton] [--split-kv|--fuse-siblings|--overlap|--pdl on|off|both]
         [--orbit-bf16 linear|ql|both]
 """
 
@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overlap", default="on", choices=("on", "off", "both"),
                     help="roofline/formats: Engine(overlap=...) (launch step t+1 before reading "
                          "step t's tokens); both = off then on, same run")
+    ap.add_argument("--pdl", default="on", choices=("on", "off", "both"),
+                    help="roofline/formats: Engine(pdl=...) (programmatic dependent launch of "
+                         "the decode kernels, sm_90+); both = off then on, same run")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
                     help="how Orbit's bf16 model holds its linears: plain nn.Linear, or BF16 "
                          "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "
@@ -297,11 +300,14 @@ def main(argv: list[str] | None = None) -> int:
                 ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
                 # "both": off first (fusing re-homes the model's buffers for good)
                 onoff = {"on": [True], "off": [False], "both": [False, True]}
-                for fuse, split, ovl in [(f, s_, o) for f in onoff[args.fuse_siblings]
-                                         for s_ in onoff[args.split_kv] for o in onoff[args.overlap]]:
-                    w = {**where, "fuse_siblings": fuse, "split_kv": split, "overlap": ovl}
+                for fuse, split, ovl, pdl in [
+                        (f, s_, o, p) for f in onoff[args.fuse_siblings]
+                        for s_ in onoff[args.split_kv] for o in onoff[args.overlap]
+                        for p in onoff[args.pdl]]:
+                    w = {**where, "fuse_siblings": fuse, "split_kv": split, "overlap": ovl,
+                         "pdl": pdl}
                     st = _attempt(rows, w, run_orbit, model, ps, new, device, fuse_siblings=fuse,
-                                  split_kv=split, overlap=ovl, **okw)
+                                  split_kv=split, overlap=ovl, pdl=pdl, **okw)
                     if st is None:
                         continue
                     row = {**w, "attn_backend": st["attn_backend"],
@@ -312,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                         roof = copy_gbs * 1e9 / b
                         _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
                                      "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
-                                     "split_kv": split, "overlap": ovl,
+                                     "split_kv": split, "overlap": ovl, "pdl": pdl,
                                      "bytes_per_token": b, "copy_GBps": copy_gbs,
                                      "roofline_tokens_per_s": roof,
                                      "decode_tokens_per_s": st["decode_tokens_per_s"],
@@ -343,13 +349,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"  Orbit[{r['attn_backend']}, {r['orbit_bf16']}] {r['orbit_tokens_per_s']:>9.1f} tok/s  {sp}")
         elif r["section"] == "roofline":
             fz = (" grouped" if r.get("fuse_siblings") else " separate") + \
-                (" split-kv" if r.get("split_kv") else "") + (" overlap" if r.get("overlap") else "")
+                (" split-kv" if r.get("split_kv") else "") + (" overlap" if r.get("overlap") else "") + \
+                (" pdl" if r.get("pdl") else "")
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
                   f" = {100 * r['fraction_of_roofline']:.0f}% ({r['bytes_per_token'] / 1e6:.0f} MB/token)")
         else:
             fz = ("+grp" if r.get("fuse_siblings") else "") + ("+split" if r.get("split_kv") else "") + \
-                ("+ovl" if r.get("overlap") else "")
+                ("+ovl" if r.get("overlap") else "") + ("+pdl" if r.get("pdl") else "")
             print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")
     return 1 if any("error" in r for r in rows) else 0

@@ -77,3 +77,27 @@ def test_exact_mode_does_not_group(monkeypatch: pytest.MonkeyPatch) -> None:
                                                                     orig(x, qw, *a, **kw))[1])
     eng.generate([[3, 4, 5]], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))
     assert calls and 2 * 512 not in calls and calls[:3] == [256, 128, 128]
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp8", "bf16"])
+def test_pdl_decode_gives_the_same_bits(fmt: str) -> None:
+    """Engine(pdl=True) (programmatic dependent launch of the decode kernels, graphs on) is
+    scheduling only: the same tokens and log-prob bits as pdl=False, at batch 1 and 4."""
+    from orbit.kernels.pdl import pdl_available
+
+    if not pdl_available(torch.device("cuda")):
+        pytest.skip("PDL needs sm_90+ and Triton with griddepcontrol")
+    model = _model(fmt)
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randint(2, V, (int(n),), generator=g).tolist() for n in (37, 120, 5, 260)]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=24, seed=7, ignore_eos=True)
+    for batch in (1, 4):
+        outs = []
+        for pdl in (False, True):
+            eng = Engine(model, max_num_seqs=batch, max_model_len=512, attn_backend="triton",
+                         pdl=pdl)
+            assert eng.pdl is pdl
+            outs.append([(c.tokens, c.logprobs) for row in eng.generate(ps[:batch], sp)
+                         for c in row])
+            eng.release_kv_cache()
+        assert outs[0] == outs[1], (fmt, batch)
