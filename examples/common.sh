@@ -90,6 +90,16 @@ ray_flag() {
   esac
 }
 
+# pdl_flag: programmatic dependent launch of the rollout engine's decode kernels (ROLLOUT_PDL=1,
+# the default: on sm_90+ GPUs; scheduling only, the same tokens and log-probs).
+pdl_flag() {
+  case "${ROLLOUT_PDL:-1}" in
+    1) echo "--rollout-pdl" ;;
+    0) echo "--no-rollout-pdl" ;;
+    *) echo "ROLLOUT_PDL must be 0 or 1, got '${ROLLOUT_PDL}'" >&2; return 1 ;;
+  esac
+}
+
 # overlap_flag: overlapped decode in the rollout engine (ROLLOUT_OVERLAP=1, the default: each
 # decode step is launched before the host reads the previous step's tokens; CUDA only).
 overlap_flag() {

@@ -102,6 +102,9 @@ class RolloutConfig:
     rollout_overlap: bool = arg(True, "on CUDA, launch each decode step from the previous step's "
                                 "sampled tokens before the host reads them (exact mode: the same "
                                 "bits; --no-rollout-overlap: one synchronous step at a time)")
+    rollout_pdl: bool = arg(True, "on sm_90+ GPUs, launch the decode step's Triton kernels with "
+                            "programmatic dependent launch (scheduling only: the same bits; "
+                            "--no-rollout-pdl: plain launches)")
     num_rollout: int = arg(0, "RL steps to run; 0 = derived from --num-epoch")
 
 

@@ -89,7 +89,7 @@ def pick_decode(n_seq: int, kv_heads: int, max_context: int, sms: int) -> tuple[
 
 @triton.jit
 def _attn_decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, acc_ptr, ml_ptr, cnt_ptr, start_ptr, kvbase_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, acc_ptr, ml_ptr, cnt_ptr, start_ptr, slot_ptr, stride_slot,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kpos, stride_kh, stride_vpos, stride_vh,
     qk_scale, HKV, SPLIT, CHUNK,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -101,7 +101,8 @@ def _attn_decode_split_kernel(
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     p0 = tl.load(start_ptr + seq).to(tl.int64)  # the new token's position: it sees 0..p0
-    kvb = tl.load(kvbase_ptr + seq).to(tl.int64)
+    # the slot's first element (in-kernel, not a torch multiply per layer: one launch fewer)
+    kvb = tl.load(slot_ptr + seq).to(tl.int64) * stride_slot
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < GROUP
     h = kvh * GROUP + rows
@@ -204,11 +205,11 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
         ws = torch.empty((B * hkv, split, bm, bd), device=q.device, dtype=torch.float32)
         ml = torch.empty((B * hkv, split, 2, bm), device=q.device, dtype=torch.float32)
         cnt = arrival_counters(q.device, B * hkv)
-    kvbase = slots.to(device=q.device, dtype=torch.int64) * k_cache.stride(0)
+    slot = slots.to(device=q.device, dtype=torch.int64)
     start = start_pos.to(device=q.device, dtype=torch.int64)
     pdl = pdl_for(q.device, B * hkv * split)
     _attn_decode_split_kernel[(B, hkv, split)](
-        q, k_cache, v_cache, out, ws, ml, cnt, start, kvbase,
+        q, k_cache, v_cache, out, ws, ml, cnt, start, slot, k_cache.stride(0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         scale * LOG2E, hkv, split, chunk,

@@ -121,7 +121,8 @@ class PolicyWorker:
                       device=self.device, exact=self.cfg.precision.precision_mode == "exact",
                       tokenizer=self.tokenizer, seed=self.cfg.data.seed + self.rank,
                       attn_backend=r.rollout_attn_backend,
-                      overlap=None if r.rollout_overlap else False)  # None: on CUDA
+                      overlap=None if r.rollout_overlap else False,  # None: on CUDA
+                      pdl=None if r.rollout_pdl else False)  # None: where the GPU has it
 
     def _build_reward(self) -> Any:
         from orbit.rewards.custom import make_reward_spec
