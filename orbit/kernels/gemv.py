@@ -52,7 +52,7 @@ from orbit.kernels._qgemm import DEFAULT_UNPACK, FMT_IDS, _w_tile
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.fp4 import e2m1_scaled, e8m0_scale
 from orbit.kernels.int4 import int4_codes
-from orbit.kernels.pdl import launch_kwargs, pdl_available, pdl_enter, pdl_for
+from orbit.kernels.pdl import launch_kwargs, pdl_available, pdl_enter, pdl_for, prefetch_l2
 
 # Heuristic constants (pick_gemv_config); sweep them with scripts/bench/bench_qmm.py --gemv.
 GEMV_BLOCK_K = 128  # reduction depth per step; fp8_tile needs <= 128 (one scale block)
@@ -331,13 +331,16 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     # reference's in the last bits (more exact, not less).
     WG: tl.constexpr = GROUP // 8
     BK: tl.constexpr = NG * GROUP
-    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_lo = pid_k * K_PER
     k_hi = tl.minimum(k_lo + K_PER, K)
     offs_n = pid_n * BN + tl.arange(0, BN)
     row_ok = offs_n < N
+    if PDL:  # the first steps' words (frozen weights) into L2 before waiting on the last kernel
+        steps = tl.minimum(STAGES - 1, tl.cdiv(k_hi - k_lo, BK))
+        prefetch_l2(q_ptr + tl.where(row_ok, offs_n, 0) * stride_q + k_lo // 8, steps * (BK // 2))
+    pdl_enter(PDL)
     ag = tl.arange(0, NG)
     am = tl.arange(0, MP)
     n_groups = K // GROUP

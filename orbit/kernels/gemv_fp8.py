@@ -50,7 +50,7 @@ from orbit.kernels.gemv import (
     arrival_counters,
     num_sms,
 )
-from orbit.kernels.pdl import launch_kwargs, pdl_available, pdl_enter, pdl_for
+from orbit.kernels.pdl import launch_kwargs, pdl_available, pdl_enter, pdl_for, prefetch_l2
 
 FP8_BLOCK = 128
 # x * 2^60 before the products, scale * 2^60 after: the DEC 1 bits are the value * 2^-120.
@@ -122,13 +122,20 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
                      MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      STAGES: tl.constexpr, FIXUP: tl.constexpr, DEC: tl.constexpr,
                      XPRE: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_lo = pid_k * K_PER
     k_hi = tl.minimum(k_lo + K_PER, K)
     offs_n = pid_n * BN + tl.arange(0, BN)
     row_ok = offs_n < N
+    if PDL:  # the first steps' weight bytes into L2 before waiting on the last kernel
+        steps = tl.minimum(STAGES - 1, tl.cdiv(k_hi - k_lo, BK))
+        rows = tl.where(row_ok, offs_n, 0) * stride_q
+        if DEC == 1:  # int32 words
+            prefetch_l2(q_ptr + rows + k_lo // 4, steps * BK)
+        else:
+            prefetch_l2(q_ptr + rows + k_lo, steps * BK)
+    pdl_enter(PDL)
     am = tl.arange(0, MP)
     s_row = s_ptr + ((pid_n * BN) // 128) * stride_s  # BN divides 128: one scale row
     WB: tl.constexpr = BK // 4 if DEC == 1 else BK  # accumulator width: words or bytes

@@ -54,6 +54,19 @@ def pdl_enter(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+@triton.jit
+def prefetch_l2(ptrs, nbytes):
+    """Bulk-prefetch `nbytes` (a multiple of 16; addresses 16-byte aligned) from each address
+    in `ptrs` into L2 (sm_90 `cp.async.bulk.prefetch.L2`: no registers, no completion to wait
+    for). For data no earlier kernel writes, e.g. a GEMV's frozen weights: issued before
+    `pdl_enter`, the first steps' bytes stream in while the previous kernel still runs."""
+    addr = ptrs.to(tl.int64, bitcast=True)
+    n = tl.full(ptrs.shape, nbytes, tl.int32)
+    tl.inline_asm_elementwise(
+        "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r", [addr, n],
+        dtype=tl.int32, is_pure=False, pack=1)
+
+
 def pdl_available(device: torch.device) -> bool:
     """Whether kernels on `device` can be launched with PDL (CUDA, sm_90+, Triton with GDC)."""
     if not HAS_PDL or device.type != "cuda":
