@@ -77,6 +77,9 @@ PLANES_BLOCK_N_LARGE_M = 16
 # a GemvConfig passed explicitly still selects the tile kernel (same-run comparisons). H200,
 # session 8: it wins at M = 1 and loses to the tile kernel at M = 4 (6144x2048: 18.0 vs 16.5 us).
 FP8_GEMV_MAX_M = 1
+# GemvConfig.l2_prefetch of the heuristic configs (a module switch so that bench_engine can
+# compare both in one run: --l2-prefetch both).
+PDL_L2_PREFETCH = True
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class GemvConfig:
     x_prefetch: bool = False
     # Programmatic dependent launch (orbit/kernels/pdl.py), where the device has it.
     pdl: bool = False
+    # With PDL: bulk-prefetch the first pipeline steps' weights into L2 before waiting on the
+    # previous kernel (pdl.prefetch_l2). pick_gemv_config sets it from PDL_L2_PREFETCH.
+    l2_prefetch: bool = True
 
 
 @cache
@@ -153,7 +159,8 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     if one and fmt == "nvfp4":  # (mxfp4 not measured: it keeps the int4 tile)
         block_n, warps = PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1
     return GemvConfig(block_n=block_n, block_k=block_k, split=split, warps=warps,
-                      stages=GEMV_STAGES, planes=planes, defer=one, x_prefetch=one)
+                      stages=GEMV_STAGES, planes=planes, defer=one, x_prefetch=one,
+                      l2_prefetch=PDL_L2_PREFETCH)
 
 
 @triton.jit
@@ -311,7 +318,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                         HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr,
                         NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
                         DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr,
-                        PDL: tl.constexpr = False):
+                        PDL: tl.constexpr = False, L2PRE: tl.constexpr = False):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -337,7 +344,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     k_hi = tl.minimum(k_lo + K_PER, K)
     offs_n = pid_n * BN + tl.arange(0, BN)
     row_ok = offs_n < N
-    if PDL:  # the first steps' words (frozen weights) into L2 before waiting on the last kernel
+    if PDL and L2PRE:  # the first steps' words (frozen weights) into L2 before waiting
         steps = tl.minimum(STAGES - 1, tl.cdiv(k_hi - k_lo, BK))
         prefetch_l2(q_ptr + tl.where(row_ok, offs_n, 0) * stride_q + k_lo // 8, steps * (BK // 2))
     pdl_enter(PDL)
@@ -497,7 +504,7 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             stride_os, words.stride(0), s.stride(0), y.stride(0), FMT=FMT_IDS[fmt], CODE=code,
             GROUP=group, HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n,
             NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup, DEFER=cfg.defer,
-            ASM=x.is_cuda, XPRE=cfg.x_prefetch, PDL=pdl, num_warps=cfg.warps,
+            ASM=x.is_cuda, XPRE=cfg.x_prefetch, PDL=pdl, L2PRE=cfg.l2_prefetch, num_warps=cfg.warps,
             **launch_kwargs(pdl))
     else:
         _gemv_kernel[grid](

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from orbit.kernels import gemv
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.gemv import (
     GEMV_MAX_SPLIT,
@@ -70,6 +71,7 @@ class Fp8GemvConfig:
     dec: int = 1
     x_prefetch: bool = True
     pdl: bool = False  # programmatic dependent launch (orbit/kernels/pdl.py), where available
+    l2_prefetch: bool = True  # with PDL: first steps' weights into L2 first (gemv.GemvConfig)
 
 
 @triton.jit
@@ -121,14 +123,15 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
                      stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
                      MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      STAGES: tl.constexpr, FIXUP: tl.constexpr, DEC: tl.constexpr,
-                     XPRE: tl.constexpr, PDL: tl.constexpr = False):
+                     XPRE: tl.constexpr, PDL: tl.constexpr = False,
+                     L2PRE: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_lo = pid_k * K_PER
     k_hi = tl.minimum(k_lo + K_PER, K)
     offs_n = pid_n * BN + tl.arange(0, BN)
     row_ok = offs_n < N
-    if PDL:  # the first steps' weight bytes into L2 before waiting on the last kernel
+    if PDL and L2PRE:  # the first steps' weight bytes into L2 before waiting on the last kernel
         steps = tl.minimum(STAGES - 1, tl.cdiv(k_hi - k_lo, BK))
         rows = tl.where(row_ok, offs_n, 0) * stride_q
         if DEC == 1:  # int32 words
@@ -186,7 +189,7 @@ def pick_fp8_gemv_config(m: int, n: int, k: int, sms: int) -> Fp8GemvConfig:
         most = max(1, k_tiles // GEMV_MIN_K_TILES_PER_SPLIT)
         split = max(1, min(want, most, GEMV_MAX_SPLIT))
         split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
-    return Fp8GemvConfig(block_k=block_k, split=split)
+    return Fp8GemvConfig(block_k=block_k, split=split, l2_prefetch=gemv.PDL_L2_PREFETCH)
 
 
 def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,
@@ -220,5 +223,6 @@ def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,
         x, out, qv, s, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om, stride_os,
         qv.stride(0), s.stride(0), y.stride(0), MP=triton.next_power_of_2(m), BN=cfg.block_n,
         BK=cfg.block_k, STAGES=cfg.stages, FIXUP=fixup, DEC=dec, XPRE=cfg.x_prefetch, PDL=pdl,
+        L2PRE=cfg.l2_prefetch,
         num_warps=cfg.warps, **launch_kwargs(pdl))
     return y

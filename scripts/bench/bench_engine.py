@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from orbit.kernels import gemv as gemv_mod
 from orbit.models.attention import varlen_supported
 from orbit.models.config import ModelConfig
 from orbit.models.transformer import CausalLM
@@ -216,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pdl", default="on", choices=("on", "off", "both"),
                     help="roofline/formats: Engine(pdl=...) (programmatic dependent launch of "
                          "the decode kernels, sm_90+); both = off then on, same run")
+    ap.add_argument("--l2-prefetch", default="on", choices=("on", "off", "both"),
+                    help="roofline/formats: with PDL, the GEMVs prefetch their first steps' "
+                         "weights into L2 before waiting (gemv.PDL_L2_PREFETCH); both = off then on")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
                     help="how Orbit's bf16 model holds its linears: plain nn.Linear, or BF16 "
                          "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "
@@ -300,12 +304,14 @@ def main(argv: list[str] | None = None) -> int:
                 ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
                 # "both": off first (fusing re-homes the model's buffers for good)
                 onoff = {"on": [True], "off": [False], "both": [False, True]}
-                for fuse, split, ovl, pdl in [
-                        (f, s_, o, p) for f in onoff[args.fuse_siblings]
+                for fuse, split, ovl, pdl, l2p in [
+                        (f, s_, o, p, q) for f in onoff[args.fuse_siblings]
                         for s_ in onoff[args.split_kv] for o in onoff[args.overlap]
-                        for p in onoff[args.pdl]]:
+                        for p in onoff[args.pdl] for q in onoff[args.l2_prefetch]
+                        if p or q == onoff[args.l2_prefetch][-1]]:  # (prefetch only with PDL)
                     w = {**where, "fuse_siblings": fuse, "split_kv": split, "overlap": ovl,
-                         "pdl": pdl}
+                         "pdl": pdl, "l2_prefetch": pdl and l2p}
+                    gemv_mod.PDL_L2_PREFETCH = l2p
                     st = _attempt(rows, w, run_orbit, model, ps, new, device, fuse_siblings=fuse,
                                   split_kv=split, overlap=ovl, pdl=pdl, **okw)
                     if st is None:
@@ -319,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                         _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
                                      "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
                                      "split_kv": split, "overlap": ovl, "pdl": pdl,
+                                     "l2_prefetch": pdl and l2p,
                                      "bytes_per_token": b, "copy_GBps": copy_gbs,
                                      "roofline_tokens_per_s": roof,
                                      "decode_tokens_per_s": st["decode_tokens_per_s"],
@@ -350,13 +357,14 @@ def main(argv: list[str] | None = None) -> int:
         elif r["section"] == "roofline":
             fz = (" grouped" if r.get("fuse_siblings") else " separate") + \
                 (" split-kv" if r.get("split_kv") else "") + (" overlap" if r.get("overlap") else "") + \
-                (" pdl" if r.get("pdl") else "")
+                (" pdl" if r.get("pdl") else "") + (" l2pre" if r.get("l2_prefetch") else "")
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
                   f" = {100 * r['fraction_of_roofline']:.0f}% ({r['bytes_per_token'] / 1e6:.0f} MB/token)")
         else:
             fz = ("+grp" if r.get("fuse_siblings") else "") + ("+split" if r.get("split_kv") else "") + \
-                ("+ovl" if r.get("overlap") else "") + ("+pdl" if r.get("pdl") else "")
+                ("+ovl" if r.get("overlap") else "") + ("+pdl" if r.get("pdl") else "") + \
+                ("+l2pre" if r.get("l2_prefetch") else "")
             print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")
     return 1 if any("error" in r for r in rows) else 0
