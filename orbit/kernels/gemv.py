@@ -78,8 +78,10 @@ PLANES_BLOCK_N_LARGE_M = 16
 # session 8: it wins at M = 1 and loses to the tile kernel at M = 4 (6144x2048: 18.0 vs 16.5 us).
 FP8_GEMV_MAX_M = 1
 # GemvConfig.l2_prefetch of the heuristic configs (a module switch so that bench_engine can
-# compare both in one run: --l2-prefetch both).
-PDL_L2_PREFETCH = True
+# compare both in one run: --l2-prefetch both). Off: in one H200 run the Qwen3-1.7B INT4
+# batch-1 engine ran 742.7 tok/s with PDL alone and 693.2 with the prefetch as well, although
+# the isolated GEMV benchmark gains from it on some shapes (NVFP4 4096x12288: 29.6 -> 25.7 us).
+PDL_L2_PREFETCH = False
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class GemvConfig:
     pdl: bool = False
     # With PDL: bulk-prefetch the first pipeline steps' weights into L2 before waiting on the
     # previous kernel (pdl.prefetch_l2). pick_gemv_config sets it from PDL_L2_PREFETCH.
-    l2_prefetch: bool = True
+    l2_prefetch: bool = False
 
 
 @cache

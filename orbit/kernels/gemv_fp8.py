@@ -71,7 +71,7 @@ class Fp8GemvConfig:
     dec: int = 1
     x_prefetch: bool = True
     pdl: bool = False  # programmatic dependent launch (orbit/kernels/pdl.py), where available
-    l2_prefetch: bool = True  # with PDL: first steps' weights into L2 first (gemv.GemvConfig)
+    l2_prefetch: bool = False  # with PDL: first steps' weights into L2 first (gemv.GemvConfig)
 
 
 @triton.jit

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pdl", default="on", choices=("on", "off", "both"),
                     help="roofline/formats: Engine(pdl=...) (programmatic dependent launch of "
                          "the decode kernels, sm_90+); both = off then on, same run")
-    ap.add_argument("--l2-prefetch", default="on", choices=("on", "off", "both"),
+    ap.add_argument("--l2-prefetch", default="off", choices=("on", "off", "both"),
                     help="roofline/formats: with PDL, the GEMVs prefetch their first steps' "
                          "weights into L2 before waiting (gemv.PDL_L2_PREFETCH); both = off then on")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),

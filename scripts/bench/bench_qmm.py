@@ -13,8 +13,8 @@ BF16, same rotation and graph replay; `--gemv-sweep` adds the GEMV_ALTS configs
 (`--gemv-deep`: GEMV_ALTS_DEEP, `--gemv-e2m1`: GEMV_ALTS_E2M1, `--gemv-xpre`: GEMV_ALTS_XPRE
 instead; FP8 at M <= FP8_GEMV_MAX_M gets FP8_ALTS with --gemv-sweep, and a `gemv-v1` row, the
 tile kernel it replaced; `--gemv-formats fp8` narrows the formats; every M = 1 call also gets
-`gemv-pdl` rows (programmatic dependent launch, orbit/kernels/pdl.py; `-nol2`: without the
-L2 prefetch of the first steps' weights); at M = 1 the plane formats also get `gemv-s5` (session 5's kernel) and `gemv-noxpre`
+`gemv-pdl` rows (programmatic dependent launch, orbit/kernels/pdl.py; `-l2`: with the L2
+prefetch of the first steps' weights as well); at M = 1 the plane formats also get `gemv-s5` (session 5's kernel) and `gemv-noxpre`
 rows, the same-run baselines of the session-6 changes), `--gemv-swap` the
 swap-AB dot kernel (SWAP_ALTS); `--gemv-shapes 4096x12288,...` and `--gemv-m 1,4` narrow it.
 Writes JSON to $OUT/bench_qmm.json (or --out) and prints a short table last.
@@ -270,8 +270,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan.append(("gemv-noxpre", dataclasses.replace(auto, x_prefetch=False)))
                 if m == 1:  # programmatic dependent launch between the graphed calls
                     plan.append(("gemv-pdl", dataclasses.replace(auto, pdl=True)))
-                    plan.append(("gemv-pdl-nol2", dataclasses.replace(auto, pdl=True,
-                                                                      l2_prefetch=False)))
+                    plan.append(("gemv-pdl-l2", dataclasses.replace(auto, pdl=True,
+                                                                    l2_prefetch=True)))
                 if swap:
                     bm = max(16, triton.next_power_of_2(m))
                     plan += [("fused-swap", _qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=w,
