@@ -506,7 +506,8 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             stride_os, words.stride(0), s.stride(0), y.stride(0), FMT=FMT_IDS[fmt], CODE=code,
             GROUP=group, HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n,
             NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup, DEFER=cfg.defer,
-            ASM=x.is_cuda, XPRE=cfg.x_prefetch, PDL=pdl, L2PRE=cfg.l2_prefetch, num_warps=cfg.warps,
+            ASM=x.is_cuda, XPRE=cfg.x_prefetch, PDL=pdl, L2PRE=cfg.l2_prefetch,
+            num_warps=cfg.warps,
             **launch_kwargs(pdl))
     else:
         _gemv_kernel[grid](
