@@ -35,6 +35,11 @@ from orbit.kernels._triton import HAS_TRITON, tl, triton
 from orbit.kernels.matmul_exact import interpreting
 from orbit.kernels.pdl import launch_kwargs, pdl_enter, pdl_for
 
+# orbit.rollout.sampling's counter mixer, repeated here (kernels do not import the rollout
+# package); tests/unit/test_kernels_sample.py checks the two agree bit for bit.
+MIX_C1, MIX_C2 = tl.constexpr(0x7FEB352D), tl.constexpr(0x1B873593)
+MIX_GOLD = tl.constexpr(0x1E3779B9)
+
 # 1024 floats per program: 149 programs for one 151936-wide row (more than an H100's 132 SMs)
 # and a one-chunk scan of 1024 in pass 2. H100 at V = 151936, chunk 512 / 1024 / 2048 / 4096:
 # 6.4 / 7.1 / 8.9 / 12.8 us at B = 1, 27.3 / 22.7 / 23.0 / 28.7 us at B = 64. Fixed for every
@@ -43,14 +48,45 @@ CHUNK = 1024
 
 
 @triton.jit
+def _temperature(t_ptr, row, KEYED: tl.constexpr):
+    """The row's temperature; keyed launches map t <= 0 (greedy rows, overwritten by the
+    caller) to 1, as the torch path's `where(t > 0, t, 1)`."""
+    t = tl.load(t_ptr + row)
+    if KEYED:
+        t = tl.where(t > 0, t, 1.0)
+    return t
+
+
+@triton.jit
+def _mix32(x):
+    """orbit.rollout.sampling._mix_t on uint32 (the products wrap mod 2^32 as its masks do)."""
+    x = x ^ (x >> 16)
+    x = x * MIX_C1
+    x = x ^ (x >> 15)
+    x = x * MIX_C2
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _counter_uniform(key_ptr, step_ptr, row):
+    """orbit.rollout.sampling.counter_uniform for one row, bit for bit: u in (0, 1)."""
+    key = tl.load(key_ptr + row).to(tl.uint32)  # keys lie in [0, 2^32)
+    step = tl.load(step_ptr + row).to(tl.uint32)  # steps & 0xFFFFFFFF
+    x = _mix32(key ^ _mix32(step))
+    x = _mix32(x + MIX_GOLD)  # (wraps mod 2^32 as the torch path's mask)
+    return ((x >> 9).to(tl.float32) + 0.5) * (2.0**-23)
+
+
+@triton.jit
 def _chunk_stats_kernel(x_ptr, t_ptr, m_ptr, s_ptr, a_ptr, V, stride_x, NC,
-                        CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+                        CHUNK: tl.constexpr, PDL: tl.constexpr = False,
+                        KEYED: tl.constexpr = False):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     x = tl.load(x_ptr + row * stride_x + offs, mask=offs < V, other=float("-inf"))
-    z = tl.div_rn(x.to(tl.float32), tl.load(t_ptr + row))  # correctly rounded, as torch's `/`
+    z = tl.div_rn(x.to(tl.float32), _temperature(t_ptr, row, KEYED))  # as torch's `/`
     m = tl.max(z, 0)
     # A chunk of only -inf logits (masked vocab) has sum 0, not exp(-inf - -inf) = NaN.
     s = tl.sum(tl.exp(z - tl.where(m == float("-inf"), 0.0, m)), 0)
@@ -63,9 +99,17 @@ def _chunk_stats_kernel(x_ptr, t_ptr, m_ptr, s_ptr, a_ptr, V, stride_x, NC,
 
 @triton.jit
 def _pick_kernel(x_ptr, t_ptr, u_ptr, m_ptr, s_ptr, a_ptr, tok_ptr, V, stride_x, NC,
-                 CHUNK: tl.constexpr, NC_BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                 CHUNK: tl.constexpr, NC_BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                 KEYED: tl.constexpr = False, step_ptr=None):
+    # KEYED: u_ptr holds the rows' counter keys and step_ptr their steps; u is derived here
+    # (orbit.rollout.sampling.counter_uniform) instead of ~25 torch launches per decode step.
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
+    t = _temperature(t_ptr, row, KEYED)
+    if KEYED:
+        u = _counter_uniform(u_ptr, step_ptr, row)
+    else:
+        u = tl.load(u_ptr + row)
     cs = tl.arange(0, NC_BLOCK)
     cmask = cs < NC
     m = tl.load(m_ptr + row * NC + cs, mask=cmask, other=float("-inf"))
@@ -73,7 +117,7 @@ def _pick_kernel(x_ptr, t_ptr, u_ptr, m_ptr, s_ptr, a_ptr, tok_ptr, V, stride_x,
     M = tl.max(m, 0)
     w = tl.where(cmask, s * tl.exp(m - M), 0.0)  # chunk masses in units of exp(z - M)
     cum = tl.cumsum(w, 0)
-    target = tl.load(u_ptr + row) * tl.sum(w, 0)
+    target = u * tl.sum(w, 0)
     # First chunk whose running mass exceeds the target; if rounding leaves none, the last
     # chunk with mass (u < 1, so the target lies in the row's mass).
     c_first = tl.min(tl.where(cum > target, cs, NC_BLOCK), 0)
@@ -82,7 +126,7 @@ def _pick_kernel(x_ptr, t_ptr, u_ptr, m_ptr, s_ptr, a_ptr, tok_ptr, V, stride_x,
     offs = c * CHUNK + tl.arange(0, CHUNK)
     inside = (offs >= 0) & (offs < V)
     x = tl.load(x_ptr + row * stride_x + offs, mask=inside, other=float("-inf"))
-    e = tl.exp(tl.div_rn(x.to(tl.float32), tl.load(t_ptr + row)) - M)  # same z as pass 1
+    e = tl.exp(tl.div_rn(x.to(tl.float32), t) - M)  # same z as pass 1
     run = before + tl.cumsum(e, 0)
     j_first = tl.min(tl.where(run > target, offs, V), 0)
     # The chunk's recomputed mass can fall short of its pass-1 sum by rounding: then the
@@ -125,10 +169,22 @@ def sample_rows_available(logits: Tensor) -> bool:
     return HAS_TRITON and logits.is_cuda
 
 
-def sample_rows_triton(logits: Tensor, temperature: Tensor, u: Tensor, chunk: int = CHUNK) -> Tensor:
+def sample_rows_triton(logits: Tensor, temperature: Tensor, u: Tensor, chunk: int = CHUNK,
+                       steps: Tensor | None = None) -> Tensor:
     """Same contract as `sample_rows_reference`, two launches; CUDA (or Triton's interpreter).
-    `chunk` (a power of two) is for tests: results depend on it at rounding boundaries."""
-    _check(logits, temperature, u)
+    `chunk` (a power of two) is for tests: results depend on it at rounding boundaries.
+    With `steps` ([B] int64), `u` holds the rows' counter keys ([B] int64 in [0, 2^32)) and the
+    kernel derives each row's uniform as orbit.rollout.sampling.counter_uniform(keys, steps)
+    does, bit for bit; temperatures <= 0 then count as 1 (greedy rows, replaced by the caller)."""
+    keyed = steps is not None
+    if keyed:
+        B = logits.shape[0]
+        for name, v in (("keys", u), ("steps", steps)):
+            if v.shape != (B,) or v.dtype != torch.int64:
+                raise ValueError(f"sample_rows: {name} must be int64 [{B}], got {v.dtype} {tuple(v.shape)}")
+        _check(logits, temperature, temperature)
+    else:
+        _check(logits, temperature, u)
     if not (HAS_TRITON and (logits.is_cuda or interpreting())):
         raise RuntimeError("sample_rows_triton needs CUDA tensors and Triton (or TRITON_INTERPRET=1)")
     assert chunk >= 16 and not chunk & (chunk - 1), chunk
@@ -136,6 +192,7 @@ def sample_rows_triton(logits: Tensor, temperature: Tensor, u: Tensor, chunk: in
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     temperature, u = temperature.contiguous(), u.contiguous()
+    steps = steps.contiguous() if keyed else u
     tok = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0:
         return tok
@@ -144,9 +201,9 @@ def sample_rows_triton(logits: Tensor, temperature: Tensor, u: Tensor, chunk: in
     amax = torch.empty((B, NC), dtype=torch.int32, device=logits.device)
     pdl = pdl_for(logits.device, B * NC)
     _chunk_stats_kernel[(B, NC)](logits, temperature, stats[0], stats[1], amax, V,
-                                 logits.stride(0), NC, CHUNK=chunk, PDL=pdl, num_warps=4,
-                                 **launch_kwargs(pdl))
+                                 logits.stride(0), NC, CHUNK=chunk, PDL=pdl, KEYED=keyed,
+                                 num_warps=4, **launch_kwargs(pdl))
     _pick_kernel[(B,)](logits, temperature, u, stats[0], stats[1], amax, tok, V, logits.stride(0),
                        NC, CHUNK=chunk, NC_BLOCK=max(16, triton.next_power_of_2(NC)), PDL=pdl,
-                       num_warps=4, **launch_kwargs(pdl))
+                       KEYED=keyed, step_ptr=steps, num_warps=4, **launch_kwargs(pdl))
     return tok

@@ -171,11 +171,18 @@ def sample(logits: Tensor, b: SamplingBatch, fused: bool | None = None) -> tuple
     if all(b.greedy):
         tok = logits.argmax(-1)
     else:
-        t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
-        u = counter_uniform(b.keys, b.steps)[:, None]  # [B, 1]
         use_kernel = (FUSED_SAMPLER if fused is None else fused) and sample_rows_available(logits)
         # Only rows that sample untruncated need the kernel; greedy ones are overwritten below.
         use_kernel = use_kernel and any(not (tr or g) for tr, g in zip(b.truncates, b.greedy))
+        if use_kernel and not any(b.truncates):
+            # The common RL case: the kernel derives each row's uniform from (key, step) and
+            # maps t <= 0 to 1 itself (the same bits as below, ~25 torch launches fewer).
+            tok = sample_rows_triton(logits, b.temperature, b.keys, steps=b.steps)
+            if any(b.greedy):
+                tok = torch.where(b.temperature > 0, tok, logits.argmax(-1))
+            return tok, _logprobs(logits, tok, b, None)
+        t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
+        u = counter_uniform(b.keys, b.steps)[:, None]  # [B, 1]
         # The kernel needs no [B, V] probabilities; the torch paths below do.
         probs: Tensor | None = None  # [B, V]
         if not use_kernel or any(b.truncates):

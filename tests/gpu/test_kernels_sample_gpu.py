@@ -129,5 +129,14 @@ def test_sample_with_kernel_against_torch_path() -> None:
     tok2, _ = sample(logits[:4], b2, fused=True)
     assert torch.equal(tok2, sample_rows_triton(logits[:4], b2.temperature,
                                                 counter_uniform(b2.keys, b2.steps)))
+    # untruncated and greedy rows only (the keyed launch: u derived in the kernel, greedy
+    # rows overwritten by the argmax): the tokens of the unkeyed kernel fed counter_uniform
+    b4 = make_batch([kinds[0], kinds[2], kinds[1], kinds[2]], [9, 8, 7, 6], [5, 5, 2**33, 0],
+                    V, "cuda")
+    tok4, lp4 = sample(logits[:4], b4, fused=True)
+    t4 = torch.where(b4.temperature > 0, b4.temperature, torch.ones_like(b4.temperature))
+    want4 = sample_rows_triton(logits[:4], t4, counter_uniform(b4.keys, b4.steps))
+    want4 = torch.where(b4.temperature > 0, want4, logits[:4].argmax(-1))
+    assert torch.equal(tok4, want4) and torch.isfinite(lp4).all()
     b3 = make_batch([kinds[2]] * 4, [1, 2, 3, 4], [0, 0, 0, 0], V, "cuda")
     assert torch.equal(sample(logits[:4], b3, fused=True)[0], logits[:4].argmax(-1))

@@ -74,6 +74,22 @@ def _interpreter_main() -> None:
     out["many"] = {"tok": tok.tolist(), "ref": sample_rows_reference(logits, t, u).tolist(),
                    "ok": cdf_check(logits, t, u, tok)}
     out["chunk"] = CHUNK
+    # Keyed launches: the kernel derives u from (key, step) as counter_uniform does and maps
+    # t <= 0 to 1; the tokens equal an unkeyed launch fed those u and t, bit for bit.
+    from orbit.rollout.sampling import counter_uniform
+
+    g = torch.Generator().manual_seed(11)
+    B, V = 64, 700
+    logits = torch.randn(B, V, generator=g) * 3
+    keys = torch.randint(0, 2**32, (B,), generator=g, dtype=torch.int64)
+    keys[:4] = torch.tensor([0, 1, 2**32 - 1, 2**31])
+    steps = torch.randint(0, 2**40, (B,), generator=g, dtype=torch.int64)  # > 2^32: masked
+    t = 0.5 + torch.rand(B, generator=g)
+    t[5] = 0.0  # a greedy row: counts as 1
+    keyed = sample_rows_triton(logits, t, keys, chunk=64, steps=steps)
+    u = counter_uniform(keys, steps)
+    plain = sample_rows_triton(logits, torch.where(t > 0, t, torch.ones_like(t)), u, chunk=64)
+    out["keyed"] = {"same": torch.equal(keyed, plain), "n": B}
     print(json.dumps(out))
 
 
@@ -143,3 +159,9 @@ def test_bad_inputs_are_named() -> None:
 
 if __name__ == "__main__":
     _interpreter_main()
+
+
+def test_keyed_launch_derives_the_sampler_uniform(interp: dict) -> None:
+    """The engine's common path: u computed in the kernel from the counter keys and steps
+    gives exactly the tokens of u computed by orbit.rollout.sampling.counter_uniform."""
+    assert interp["keyed"]["same"], interp["keyed"]
