@@ -150,19 +150,67 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     # fastest with 16-row, 2-warp programs (4096x12288 nvfp4: 28.4 vs 32.7 us).
     # (The FP4 tile is narrowed after the split is chosen, as it was measured.)
     one = planes and mp == 1
-    n_tiles = triton.cdiv(n, block_n)
-    split = 1
-    if n_tiles < GEMV_MIN_PROGRAMS_PER_SM * sms:
-        want = triton.cdiv(GEMV_TARGET_PROGRAMS_PER_SM * sms, n_tiles)
-        most = max(1, k_tiles // GEMV_MIN_K_TILES_PER_SPLIT)
-        split = max(1, min(want, most, GEMV_MAX_SPLIT))
-        split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty slice
+    split = split_k(triton.cdiv(n, block_n), k_tiles, sms)
     warps = GEMV_WARPS
     if one and fmt == "nvfp4":  # (mxfp4 not measured: it keeps the int4 tile)
         block_n, warps = PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1
     return GemvConfig(block_n=block_n, block_k=block_k, split=split, warps=warps,
                       stages=GEMV_STAGES, planes=planes, defer=one, x_prefetch=one,
                       l2_prefetch=PDL_L2_PREFETCH)
+
+
+def split_k(n_tiles: int, k_tiles: int, sms: int) -> int:
+    """K-slices for a grid of `n_tiles` column tiles over `k_tiles` steps: 1 when the tiles
+    alone give GEMV_MIN_PROGRAMS_PER_SM programs per SM, else about
+    GEMV_TARGET_PROGRAMS_PER_SM per SM, each slice at least GEMV_MIN_K_TILES_PER_SPLIT steps
+    deep and none empty."""
+    if n_tiles >= GEMV_MIN_PROGRAMS_PER_SM * sms:
+        return 1
+    want = triton.cdiv(GEMV_TARGET_PROGRAMS_PER_SM * sms, n_tiles)
+    most = max(1, k_tiles // GEMV_MIN_K_TILES_PER_SPLIT)
+    split = max(1, min(want, most, GEMV_MAX_SPLIT))
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty slice
+
+
+def split_k_launch(x: Tensor, y: Tensor, n: int, k: int, block_n: int, block_k: int,
+                   split: int, fixup: bool = True) -> tuple:
+    """The launch plan of a (split-K) GEMV: (grid, K_PER, SPLIT, out, stride_om, stride_os,
+    counters or None, fixup). Without split, `out` is y; with split, a fresh fp32 workspace
+    [split, M, N] whose slices the last-arriving program adds (fixup) or a second launch."""
+    m = x.shape[0]
+    k_tiles = triton.cdiv(k, block_k)
+    k_per = triton.cdiv(k_tiles, split) * block_k
+    split = triton.cdiv(k, k_per)  # slices that hold at least one K tile
+    grid = (triton.cdiv(n, block_n), split)
+    fixup = split > 1 and fixup
+    cnt = arrival_counters(x.device, grid[0]) if fixup else None
+    if split > 1:
+        out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+        return grid, k_per, split, out, out.stride(1), out.stride(0), cnt, fixup
+    return grid, k_per, split, y, y.stride(0), 0, cnt, fixup
+
+
+@triton.jit
+def _program_slice(K_PER, K, N, BN: tl.constexpr):
+    """This program's K-slice [k_lo, k_hi) and output rows (offs_n, in range: row_ok)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    return pid_n, pid_k, k_lo, k_hi, offs_n, offs_n < N
+
+
+@triton.jit
+def prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK: tl.constexpr,
+                         STAGES: tl.constexpr, ELEMS_PER_UNIT: tl.constexpr,
+                         BYTES_PER_STEP: tl.constexpr):
+    """With PDL (GemvConfig.l2_prefetch): the weight rows' first STAGES - 1 steps into L2
+    before the kernel waits on the previous one. q_ptr's units hold ELEMS_PER_UNIT weights
+    (int4 words: 8; FP8 words: 4; FP8 bytes: 1)."""
+    steps = tl.minimum(STAGES - 1, tl.cdiv(k_hi - k_lo, BK))
+    rows = tl.where(row_ok, offs_n, 0) * stride_q
+    prefetch_l2(q_ptr + rows + k_lo // ELEMS_PER_UNIT, steps * BYTES_PER_STEP)
 
 
 @triton.jit
@@ -340,15 +388,9 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     # reference's in the last bits (more exact, not less).
     WG: tl.constexpr = GROUP // 8
     BK: tl.constexpr = NG * GROUP
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    row_ok = offs_n < N
+    pid_n, pid_k, k_lo, k_hi, offs_n, row_ok = _program_slice(K_PER, K, N, BN)
     if PDL and L2PRE:  # the first steps' words (frozen weights) into L2 before waiting
-        steps = tl.minimum(STAGES - 1, tl.cdiv(k_hi - k_lo, BK))
-        prefetch_l2(q_ptr + tl.where(row_ok, offs_n, 0) * stride_q + k_lo // 8, steps * (BK // 2))
+        prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES, 8, BK // 2)
     pdl_enter(PDL)
     ag = tl.arange(0, NG)
     am = tl.arange(0, MP)
@@ -482,17 +524,9 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     # The plane kernel steps whole groups: block_k is at least one group.
     block_k = max(cfg.block_k, group) if words is not None else cfg.block_k
     mp = triton.next_power_of_2(m)
-    k_tiles = triton.cdiv(k, block_k)
-    k_per = triton.cdiv(k_tiles, cfg.split) * block_k
-    split = triton.cdiv(k, k_per)  # slices that hold at least one K tile
-    grid = (triton.cdiv(n, cfg.block_n), split)
-    fixup = split > 1 and cfg.fixup
-    cnt = arrival_counters(x.device, grid[0]) if fixup else s
-    if split > 1:
-        out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-        stride_om, stride_os = out.stride(1), out.stride(0)
-    else:
-        out, stride_om, stride_os = y, y.stride(0), 0
+    grid, k_per, split, out, stride_om, stride_os, cnt, fixup = split_k_launch(
+        x, y, n, k, cfg.block_n, block_k, cfg.split, cfg.fixup)
+    cnt = cnt if cnt is not None else s
     o = offset if offset is not None else s
     # PDL when the config asks (bench) or inside the engine's pdl_scope (grid-size rule there)
     pdl = (cfg.pdl and pdl_available(x.device)) or pdl_for(x.device, grid[0] * grid[1])

@@ -43,15 +43,15 @@ from torch import Tensor
 from orbit.kernels import gemv
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.gemv import (
-    GEMV_MAX_SPLIT,
-    GEMV_MIN_K_TILES_PER_SPLIT,
     GEMV_MIN_PROGRAMS_PER_SM,
-    GEMV_TARGET_PROGRAMS_PER_SM,
+    _program_slice,
     _store_out,
-    arrival_counters,
     num_sms,
+    prefetch_first_steps,
+    split_k,
+    split_k_launch,
 )
-from orbit.kernels.pdl import launch_kwargs, pdl_available, pdl_enter, pdl_for, prefetch_l2
+from orbit.kernels.pdl import launch_kwargs, pdl_available, pdl_enter, pdl_for
 
 FP8_BLOCK = 128
 # x * 2^60 before the products, scale * 2^60 after: the DEC 1 bits are the value * 2^-120.
@@ -125,19 +125,10 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
                      STAGES: tl.constexpr, FIXUP: tl.constexpr, DEC: tl.constexpr,
                      XPRE: tl.constexpr, PDL: tl.constexpr = False,
                      L2PRE: tl.constexpr = False):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    row_ok = offs_n < N
+    pid_n, pid_k, k_lo, k_hi, offs_n, row_ok = _program_slice(K_PER, K, N, BN)
     if PDL and L2PRE:  # the first steps' weight bytes into L2 before waiting on the last kernel
-        steps = tl.minimum(STAGES - 1, tl.cdiv(k_hi - k_lo, BK))
-        rows = tl.where(row_ok, offs_n, 0) * stride_q
-        if DEC == 1:  # int32 words
-            prefetch_l2(q_ptr + rows + k_lo // 4, steps * BK)
-        else:
-            prefetch_l2(q_ptr + rows + k_lo, steps * BK)
+        prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES,
+                             4 if DEC == 1 else 1, BK)
     pdl_enter(PDL)
     am = tl.arange(0, MP)
     s_row = s_ptr + ((pid_n * BN) // 128) * stride_s  # BN divides 128: one scale row
@@ -182,13 +173,7 @@ def pick_fp8_gemv_config(m: int, n: int, k: int, sms: int) -> Fp8GemvConfig:
     # (2048x6144: 10.5 vs 11.3 us; H200, session 8).
     wide = n_tiles >= GEMV_MIN_PROGRAMS_PER_SM * sms
     block_k = cfg.block_k if (wide and k >= 4 * cfg.block_k) else FP8_BLOCK
-    k_tiles = triton.cdiv(k, block_k)
-    split = 1
-    if not wide:
-        want = triton.cdiv(GEMV_TARGET_PROGRAMS_PER_SM * sms, n_tiles)
-        most = max(1, k_tiles // GEMV_MIN_K_TILES_PER_SPLIT)
-        split = max(1, min(want, most, GEMV_MAX_SPLIT))
-        split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
+    split = split_k(n_tiles, triton.cdiv(k, block_k), sms)
     return Fp8GemvConfig(block_k=block_k, split=split, l2_prefetch=gemv.PDL_L2_PREFETCH)
 
 
@@ -207,18 +192,10 @@ def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,
     if dec == 1 and (k % 4 or q.stride(0) % 4 or q.storage_offset() % 4 or q.stride(1) != 1):
         dec = 0  # the int32 word view needs 4-byte-aligned rows
     qv = q.view(torch.int32) if dec == 1 else q
-    k_tiles = triton.cdiv(k, cfg.block_k)
-    k_per = triton.cdiv(k_tiles, cfg.split) * cfg.block_k
-    split = triton.cdiv(k, k_per)
-    grid = (triton.cdiv(n, cfg.block_n), split)
-    fixup = split > 1
+    grid, k_per, split, out, stride_om, stride_os, cnt, fixup = split_k_launch(
+        x, y, n, k, cfg.block_n, cfg.block_k, cfg.split)
+    cnt = cnt if cnt is not None else s
     pdl = (cfg.pdl and pdl_available(x.device)) or pdl_for(x.device, grid[0] * grid[1])
-    cnt = arrival_counters(x.device, grid[0]) if fixup else s
-    if split > 1:
-        out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-        stride_om, stride_os = out.stride(1), out.stride(0)
-    else:
-        out, stride_om, stride_os = y, y.stride(0), 0
     _gemv_fp8_kernel[grid](
         x, out, qv, s, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om, stride_os,
         qv.stride(0), s.stride(0), y.stride(0), MP=triton.next_power_of_2(m), BN=cfg.block_n,
