@@ -205,21 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "sdpa", "varlen", "triton"),
                     help="engine attention backend; auto: each engine picks (varlen where "
                          "native), and vs_hf times sdpa and varlen")
-    ap.add_argument("--split-kv", default="on", choices=("on", "off", "both"),
-                    help="roofline/formats: Engine(split_kv=...) (split-KV decode attention); "
-                         "both = off then on, same run")
-    ap.add_argument("--fuse-siblings", default="on", choices=("on", "off", "both"),
-                    help="roofline/formats: engines with q/k/v and gate/up grouped GEMVs "
-                         "(orbit.quant.siblings); both: off then on, same run")
-    ap.add_argument("--overlap", default="on", choices=("on", "off", "both"),
-                    help="roofline/formats: Engine(overlap=...) (launch step t+1 before reading "
-                         "step t's tokens); both = off then on, same run")
-    ap.add_argument("--pdl", default="on", choices=("on", "off", "both"),
-                    help="roofline/formats: Engine(pdl=...) (programmatic dependent launch of "
-                         "the decode kernels, sm_90+); both = off then on, same run")
-    ap.add_argument("--l2-prefetch", default="off", choices=("on", "off", "both"),
-                    help="roofline/formats: with PDL, the GEMVs prefetch their first steps' "
-                         "weights into L2 before waiting (gemv.PDL_L2_PREFETCH); both = off then on")
+    # Engine options timed as on, off or both (off then on, same run) in roofline/formats.
+    for flag, default, what in (
+            ("--split-kv", "on", "Engine(split_kv=...) (split-KV decode attention)"),
+            ("--fuse-siblings", "on", "grouped q/k/v and gate/up GEMVs (orbit.quant.siblings)"),
+            ("--overlap", "on", "Engine(overlap=...) (launch step t+1 before reading step t's "
+                                "tokens)"),
+            ("--pdl", "on", "Engine(pdl=...) (programmatic dependent launch of the decode "
+                            "kernels, sm_90+)"),
+            ("--l2-prefetch", "off", "with PDL, the GEMVs prefetch their first steps' weights "
+                                     "into L2 before waiting (gemv.PDL_L2_PREFETCH)")):
+        ap.add_argument(flag, default=default, choices=("on", "off", "both"),
+                        help=f"roofline/formats: {what}; both = off then on, same run")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
                     help="how Orbit's bf16 model holds its linears: plain nn.Linear, or BF16 "
                          "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "
