@@ -31,7 +31,7 @@ from torch import Tensor
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.attention_exact import LOG2E, _check_q, load_kv_block, softmax_block, softmax_kv
 from orbit.kernels.gemv import arrival_counters
-from orbit.kernels.pdl import launch_kwargs, pdl_enter, pdl_for
+from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 SPLIT_BLOCK_N = 64  # key positions per step
 SPLIT_MAX = 16  # chunks per (sequence, KV head)
@@ -207,13 +207,12 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
         cnt = arrival_counters(q.device, B * hkv)
     slot = slots.to(device=q.device, dtype=torch.int64)
     start = start_pos.to(device=q.device, dtype=torch.int64)
-    pdl = pdl_for(q.device, B * hkv * split)
     _attn_decode_split_kernel[(B, hkv, split)](
         q, k_cache, v_cache, out, ws, ml, cnt, start, slot, k_cache.stride(0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         scale * LOG2E, hkv, split, chunk,
         GROUP=group, D=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=cfg.block_n,
-        IEEE=q.dtype == torch.float32, DIRECT=split == 1, PREFETCH=cfg.prefetch, PDL=pdl,
-        num_warps=cfg.warps, num_stages=cfg.stages, **launch_kwargs(pdl))
+        IEEE=q.dtype == torch.float32, DIRECT=split == 1, PREFETCH=cfg.prefetch,
+        num_warps=cfg.warps, num_stages=cfg.stages, **pdl_launch(q.device, B * hkv * split))
     return out

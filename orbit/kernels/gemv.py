@@ -52,7 +52,7 @@ from orbit.kernels._qgemm import DEFAULT_UNPACK, FMT_IDS, _w_tile
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.fp4 import e2m1_scaled, e8m0_scale
 from orbit.kernels.int4 import int4_codes
-from orbit.kernels.pdl import launch_kwargs, pdl_available, pdl_enter, pdl_for, prefetch_l2
+from orbit.kernels.pdl import pdl_enter, pdl_launch, prefetch_l2
 
 # Heuristic constants (pick_gemv_config); sweep them with scripts/bench/bench_qmm.py --gemv.
 GEMV_BLOCK_K = 128  # reduction depth per step; fp8_tile needs <= 128 (one scale block)
@@ -529,7 +529,7 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     cnt = cnt if cnt is not None else s
     o = offset if offset is not None else s
     # PDL when the config asks (bench) or inside the engine's pdl_scope (grid-size rule there)
-    pdl = (cfg.pdl and pdl_available(x.device)) or pdl_for(x.device, grid[0] * grid[1])
+    pdl = pdl_launch(x.device, grid[0] * grid[1], forced=cfg.pdl)
     gs = global_scale if global_scale is not None else s
     if words is not None:
         code = PLANE_CODES[(fmt, offset is not None)] if fmt == "int4" else PLANE_CODES[fmt]
@@ -540,16 +540,15 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             stride_os, words.stride(0), s.stride(0), y.stride(0), FMT=FMT_IDS[fmt], CODE=code,
             GROUP=group, HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n,
             NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup, DEFER=cfg.defer,
-            ASM=x.is_cuda, XPRE=cfg.x_prefetch, PDL=pdl, L2PRE=cfg.l2_prefetch,
-            num_warps=cfg.warps,
-            **launch_kwargs(pdl))
+            ASM=x.is_cuda, XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch,
+            num_warps=cfg.warps, **pdl)
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,
             stride_os, q.stride(0), s.stride(0), y.stride(0), FMT=FMT_IDS[fmt], GROUP=group,
             HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n, BK=block_k,
             UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0),
-            STAGES=cfg.stages, FIXUP=fixup, PDL=pdl, num_warps=cfg.warps, **launch_kwargs(pdl))
+            STAGES=cfg.stages, FIXUP=fixup, num_warps=cfg.warps, **pdl)
     if split > 1 and not fixup:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](

@@ -51,7 +51,7 @@ from orbit.kernels.gemv import (
     split_k,
     split_k_launch,
 )
-from orbit.kernels.pdl import launch_kwargs, pdl_available, pdl_enter, pdl_for
+from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 FP8_BLOCK = 128
 # x * 2^60 before the products, scale * 2^60 after: the DEC 1 bits are the value * 2^-120.
@@ -195,11 +195,10 @@ def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,
     grid, k_per, split, out, stride_om, stride_os, cnt, fixup = split_k_launch(
         x, y, n, k, cfg.block_n, cfg.block_k, cfg.split)
     cnt = cnt if cnt is not None else s
-    pdl = (cfg.pdl and pdl_available(x.device)) or pdl_for(x.device, grid[0] * grid[1])
+    pdl = pdl_launch(x.device, grid[0] * grid[1], forced=cfg.pdl)
     _gemv_fp8_kernel[grid](
         x, out, qv, s, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om, stride_os,
         qv.stride(0), s.stride(0), y.stride(0), MP=triton.next_power_of_2(m), BN=cfg.block_n,
-        BK=cfg.block_k, STAGES=cfg.stages, FIXUP=fixup, DEC=dec, XPRE=cfg.x_prefetch, PDL=pdl,
-        L2PRE=cfg.l2_prefetch,
-        num_warps=cfg.warps, **launch_kwargs(pdl))
+        BK=cfg.block_k, STAGES=cfg.stages, FIXUP=fixup, DEC=dec, XPRE=cfg.x_prefetch,
+        L2PRE=cfg.l2_prefetch, num_warps=cfg.warps, **pdl)
     return y

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from orbit.kernels._triton import HAS_TRITON, tl, triton
-from orbit.kernels.pdl import launch_kwargs, pdl_enter, pdl_for
+from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 
 @triton.jit
@@ -62,7 +62,6 @@ def launch(kc: Tensor, vc: Tensor, k: Tensor, v: Tensor, slot: Tensor, pos: Tens
     T, H, D = k.shape
     if T == 0:
         return
-    pdl = pdl_for(k.device, T)
     _kv_write_kernel[(T,)](k, v, kc, vc, slot, pos, k.stride(0), v.stride(0), kc.stride(0),
-                           kc.stride(1), HD=H * D, BLOCK=triton.next_power_of_2(H * D), PDL=pdl,
-                           num_warps=4 if H * D >= 1024 else 2, **launch_kwargs(pdl))
+                           kc.stride(1), HD=H * D, BLOCK=triton.next_power_of_2(H * D),
+                           num_warps=4 if H * D >= 1024 else 2, **pdl_launch(k.device, T))

@@ -9,8 +9,9 @@ kernels is a visible share of the step.
 `pdl_enter(PDL)` is the first statement of a PDL-capable kernel: with PDL it waits for the
 previous kernel (before any load or store, so no read-after-write or write-after-read hazard
 with it is possible) and lets the next kernel launch at once (its CTAs then wait in their own
-`pdl_enter`). Without PDL it is nothing. `launch_kwargs(pdl)` is what the host adds to the
-launch. Triton's interpreter (CPU tests) has neither, so callers pass `pdl` only on CUDA.
+`pdl_enter`). Without PDL it is nothing. `pdl_launch(device, ctas)` gives the keyword
+arguments a launch adds (the `PDL` constexpr and, with PDL, Triton's `launch_pdl`); Triton's
+interpreter (CPU tests) takes neither, and off CUDA they are just `PDL=False`.
 
 Chains stay correct transitively: a PDL kernel C launched early while B runs waits in
 `pdl_enter` for B to finish, and B did nothing before A had finished. A kernel launched
@@ -18,7 +19,7 @@ without PDL (torch, cuBLAS) before or after a PDL one serializes as usual.
 
 Who turns it on: the rollout engine, around its decode steps (and their graph captures, which
 keep the launch attribute as programmatic graph edges), with `pdl_scope(True)`; the decode
-kernels' wrappers read `pdl_active(device)`. A scope (a context variable, like
+kernels' wrappers ask `pdl_launch`. A scope (a context variable, like
 `torch.inference_mode`) rather than a parameter threaded through every module between the
 engine and the kernels; outside a scope nothing changes (training, exact mode, tests).
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import cache
 from typing import Any
 
 import torch
@@ -67,17 +69,18 @@ def prefetch_l2(ptrs, nbytes):
         dtype=tl.int32, is_pure=False, pack=1)
 
 
+@cache
+def _sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def pdl_available(device: torch.device) -> bool:
     """Whether kernels on `device` can be launched with PDL (CUDA, sm_90+, Triton with GDC)."""
-    if not HAS_PDL or device.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def launch_kwargs(pdl: bool) -> dict[str, Any]:
-    """Extra keyword arguments of a Triton launch: `launch_pdl=True` only when asked (the
-    interpreter does not take the option)."""
-    return {"launch_pdl": True} if pdl else {}
+    return HAS_PDL and device.type == "cuda" and _sm90(_index(device))
 
 
 _ACTIVE: ContextVar[bool] = ContextVar("orbit_pdl", default=False)
@@ -93,21 +96,22 @@ def pdl_scope(on: bool) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def pdl_active(device: torch.device) -> bool:
-    """Whether a kernel launched now on `device` should use PDL (inside `pdl_scope(True)`)."""
-    return _ACTIVE.get() and pdl_available(device)
-
-
 # PDL only for grids of at most this many CTAs per SM (H200, session 8): the next kernel's
 # CTAs, launched early, hold SM slots while they wait, which slowed a 1024-CTA NVFP4 GEMV
 # (6144x2048 split 8: 11.8 -> 16.7 us) while 384-512-CTA ones gained 0.5-0.8 us.
 PDL_MAX_CTAS_PER_SM = 4
 
 
-def pdl_for(device: torch.device, ctas: int) -> bool:
-    """PDL for a launch of `ctas` CTAs on `device`: inside `pdl_scope(True)`, on a device
-    that has it, and for grids small enough (PDL_MAX_CTAS_PER_SM)."""
-    if not pdl_active(device):
-        return False
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return ctas <= PDL_MAX_CTAS_PER_SM * sms
+def pdl_launch(device: torch.device, ctas: int, forced: bool = False) -> dict[str, Any]:
+    """Keyword arguments for a launch of `ctas` CTAs on `device`: {"PDL": True, "launch_pdl":
+    True} inside `pdl_scope(True)` on a device that has PDL, for grids small enough
+    (PDL_MAX_CTAS_PER_SM), or whenever `forced` (a benchmark's config) and the device has it;
+    else {"PDL": False}."""
+    if not pdl_available(device):
+        return {"PDL": False}
+    if not forced:
+        from orbit.kernels.gemv import num_sms  # (gemv imports this module)
+
+        if not _ACTIVE.get() or ctas > PDL_MAX_CTAS_PER_SM * num_sms(device):
+            return {"PDL": False}
+    return {"PDL": True, "launch_pdl": True}

@@ -24,7 +24,7 @@ from torch import Tensor
 from orbit.kernels._autograd import reference_grads
 from orbit.kernels._triton import HAS_TRITON, tl, triton
 from orbit.kernels.matmul_exact import interpreting
-from orbit.kernels.pdl import launch_kwargs, pdl_enter, pdl_for
+from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 
 @triton.jit
@@ -76,11 +76,10 @@ def _launch(x: Tensor, r: Tensor | None, weight: Tensor, eps: float) -> tuple[Te
     s = torch.empty(x2d.shape, dtype=x.dtype, device=x.device) if r is not None else x2d
     y = torch.empty(x2d.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if x2d.shape[0]:
-        pdl = pdl_for(x.device, x2d.shape[0])
         _rmsnorm_exact_kernel[(x2d.shape[0],)](
             x2d, weight, y, r2d, s, D, x2d.stride(0), y.stride(0), r2d.stride(0), s.stride(0),
-            eps, BLOCK=max(16, triton.next_power_of_2(D)), HAS_RES=r is not None, PDL=pdl,
-            num_warps=4, **launch_kwargs(pdl),
+            eps, BLOCK=max(16, triton.next_power_of_2(D)), HAS_RES=r is not None,
+            num_warps=4, **pdl_launch(x.device, x2d.shape[0]),
         )
     return (s.reshape(x.shape) if r is not None else x), y.reshape(x.shape)
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from orbit.kernels._autograd import reference_grads
 from orbit.kernels._triton import HAS_TRITON, tl, triton
 from orbit.kernels.matmul_exact import interpreting
-from orbit.kernels.pdl import launch_kwargs, pdl_enter, pdl_for
+from orbit.kernels.pdl import pdl_enter, pdl_launch
 from orbit.kernels.rmsnorm_exact import rmsnorm_torch
 
 
@@ -98,12 +98,11 @@ def norm_rope_triton(x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, 
     dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
     y = torch.empty((T, H, D), dtype=dtype, device=x.device)
     if T and H:
-        pdl = pdl_for(x.device, T * H)
         _norm_rope_kernel[(T, H)](
             x, weight if weight is not None else x, cos, sin, y,
             H, x.stride(0), x.stride(1), y.stride(0), y.stride(1), cos.stride(0), eps,
-            D=D, HAS_NORM=weight is not None, PDL=pdl, num_warps=1 if D <= 128 else 2,
-            **launch_kwargs(pdl),
+            D=D, HAS_NORM=weight is not None, num_warps=1 if D <= 128 else 2,
+            **pdl_launch(x.device, T * H),
         )
     return y
 

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from orbit.kernels._triton import HAS_TRITON, tl, triton
 from orbit.kernels.matmul_exact import interpreting
-from orbit.kernels.pdl import launch_kwargs, pdl_enter, pdl_for
+from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 # orbit.rollout.sampling's counter mixer, repeated here (kernels do not import the rollout
 # package); tests/unit/test_kernels_sample.py checks the two agree bit for bit.
@@ -199,11 +199,11 @@ def sample_rows_triton(logits: Tensor, temperature: Tensor, u: Tensor, chunk: in
     NC = triton.cdiv(V, chunk)
     stats = torch.empty((2, B, NC), dtype=torch.float32, device=logits.device)  # max, sum-exp
     amax = torch.empty((B, NC), dtype=torch.int32, device=logits.device)
-    pdl = pdl_for(logits.device, B * NC)
+    pdl = pdl_launch(logits.device, B * NC)
     _chunk_stats_kernel[(B, NC)](logits, temperature, stats[0], stats[1], amax, V,
-                                 logits.stride(0), NC, CHUNK=chunk, PDL=pdl, KEYED=keyed,
-                                 num_warps=4, **launch_kwargs(pdl))
+                                 logits.stride(0), NC, CHUNK=chunk, KEYED=keyed,
+                                 num_warps=4, **pdl)
     _pick_kernel[(B,)](logits, temperature, u, stats[0], stats[1], amax, tok, V, logits.stride(0),
-                       NC, CHUNK=chunk, NC_BLOCK=max(16, triton.next_power_of_2(NC)), PDL=pdl,
-                       KEYED=keyed, step_ptr=steps, num_warps=4, **launch_kwargs(pdl))
+                       NC, CHUNK=chunk, NC_BLOCK=max(16, triton.next_power_of_2(NC)),
+                       KEYED=keyed, step_ptr=steps, num_warps=4, **pdl)
     return tok

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from orbit.kernels._triton import HAS_TRITON, tl, triton
 from orbit.kernels.matmul_exact import interpreting
-from orbit.kernels.pdl import launch_kwargs, pdl_enter, pdl_for
+from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 BLOCK = 1024
 
@@ -65,8 +65,7 @@ def silu_mul(g: Tensor, u: Tensor) -> Tensor:
     n = y.numel()
     if n:
         grid = (triton.cdiv(n, BLOCK),)
-        pdl = pdl_for(g.device, grid[0])
         _silu_mul_kernel[grid](g2, u2, y, n, C, g2.stride(0), u2.stride(0), BLOCK=BLOCK,
-                               LIBDEVICE=not interpreting(), PDL=pdl, num_warps=4,
-                               **launch_kwargs(pdl))
+                               LIBDEVICE=not interpreting(), num_warps=4,
+                               **pdl_launch(g.device, grid[0]))
     return y.reshape(g.shape)
