@@ -166,7 +166,6 @@ def sample(logits: Tensor, b: SamplingBatch, fused: bool | None = None) -> tuple
 
     fused: sample untruncated rows with the Triton kernel where it can run (CUDA + Triton);
     None = `FUSED_SAMPLER`. The CPU always takes the torch path."""
-    V = logits.shape[1]
     kept: Tensor | None = None
     if all(b.greedy):
         tok = logits.argmax(-1)
@@ -176,45 +175,54 @@ def sample(logits: Tensor, b: SamplingBatch, fused: bool | None = None) -> tuple
         use_kernel = use_kernel and any(not (tr or g) for tr, g in zip(b.truncates, b.greedy))
         if use_kernel and not any(b.truncates):
             # The common RL case: the kernel derives each row's uniform from (key, step) and
-            # maps t <= 0 to 1 itself (the same bits as below, ~25 torch launches fewer).
+            # maps t <= 0 to 1 itself (the bits of _sample_rows' kernel call, ~25 torch
+            # launches fewer).
             tok = sample_rows_triton(logits, b.temperature, b.keys, steps=b.steps)
-            if any(b.greedy):
-                tok = torch.where(b.temperature > 0, tok, logits.argmax(-1))
-            return tok, _logprobs(logits, tok, b, None)
-        t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
-        u = counter_uniform(b.keys, b.steps)[:, None]  # [B, 1]
-        # The kernel needs no [B, V] probabilities; the torch paths below do.
-        probs: Tensor | None = None  # [B, V]
-        if not use_kernel or any(b.truncates):
-            probs = torch.softmax(logits / t[:, None], dim=-1)
-        # Rows without truncation always use the vocab-order CDF (even in a batch where other
-        # rows truncate) so a seeded row's token never depends on its batch-mates.
-        if use_kernel:
-            # Every row goes through (a per-row function): truncating and greedy rows' picks
-            # are replaced below, which is cheaper than gathering the untruncated rows.
-            tok = sample_rows_triton(logits, t, u[:, 0])
-        elif not all(b.truncates):
-            assert probs is not None
-            cdf = row_cdf(probs)
-            tok = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1).squeeze(1)
-            # A rounding dip in the CDF must never yield a token of zero probability (its
-            # log-prob would be -inf): fall back to the row's most likely token.
-            tok = torch.where(probs.gather(1, tok[:, None]).squeeze(1) > 0, tok, probs.argmax(-1))
-        if any(b.truncates):
-            assert probs is not None
-            sp, si = probs.sort(dim=-1, descending=True, stable=True)
-            sp = sp * _keep_mask(sp, b)
-            cdf = sp.cumsum(-1)
-            kept = cdf[:, -1]
-            r = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1)  # [B, 1] rank
-            tok_t = si.gather(1, r).squeeze(1)
-            if all(b.truncates):
-                tok = tok_t
-            else:
-                tok = torch.where(torch.tensor(b.truncates, device=logits.device), tok_t, tok)
+        else:
+            tok, kept = _sample_rows(logits, b, use_kernel)
         if any(b.greedy):
             tok = torch.where(b.temperature > 0, tok, logits.argmax(-1))
     return tok, _logprobs(logits, tok, b, kept)
+
+
+def _sample_rows(logits: Tensor, b: SamplingBatch, use_kernel: bool) -> tuple[Tensor, Tensor | None]:
+    """Tokens of a batch where some rows truncate (or the kernel cannot run), with the kept
+    mass of the truncating rows (None if none truncates); greedy rows' picks are arbitrary
+    (the caller replaces them)."""
+    V = logits.shape[1]
+    kept: Tensor | None = None
+    t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
+    u = counter_uniform(b.keys, b.steps)[:, None]  # [B, 1]
+    # The kernel needs no [B, V] probabilities; the torch paths below do.
+    probs: Tensor | None = None  # [B, V]
+    if not use_kernel or any(b.truncates):
+        probs = torch.softmax(logits / t[:, None], dim=-1)
+    # Rows without truncation always use the vocab-order CDF (even in a batch where other
+    # rows truncate) so a seeded row's token never depends on its batch-mates.
+    if use_kernel:
+        # Every row goes through (a per-row function): truncating rows' picks are replaced
+        # below and greedy rows' by the caller, cheaper than gathering the untruncated rows.
+        tok = sample_rows_triton(logits, t, u[:, 0])
+    elif not all(b.truncates):
+        assert probs is not None
+        cdf = row_cdf(probs)
+        tok = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1).squeeze(1)
+        # A rounding dip in the CDF must never yield a token of zero probability (its
+        # log-prob would be -inf): fall back to the row's most likely token.
+        tok = torch.where(probs.gather(1, tok[:, None]).squeeze(1) > 0, tok, probs.argmax(-1))
+    if any(b.truncates):
+        assert probs is not None
+        sp, si = probs.sort(dim=-1, descending=True, stable=True)
+        sp = sp * _keep_mask(sp, b)
+        cdf = sp.cumsum(-1)
+        kept = cdf[:, -1]
+        r = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1)  # [B, 1] rank
+        tok_t = si.gather(1, r).squeeze(1)
+        if all(b.truncates):
+            tok = tok_t
+        else:
+            tok = torch.where(torch.tensor(b.truncates, device=logits.device), tok_t, tok)
+    return tok, kept
 
 
 def _logprobs(logits: Tensor, tok: Tensor, b: SamplingBatch, kept: Tensor | None) -> Tensor:
