@@ -67,8 +67,14 @@ class LoRALinear(SlottedAdapter):
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         b = torch.zeros(out_f, r, dtype=torch.float32, device=device)
         self._init_slots({"lora_A": a.to(dtype), "lora_B": b.to(dtype)})
+        # The engine's decode group (orbit/adapters/lora_decode.py), or None: plain forward.
+        self.decode_group = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.decode_group is not None:
+            out = self.decode_group.output(self, x)
+            if out is not None:
+                return out
         y = self.base(x)
         if self.active_slot is None:
             return y

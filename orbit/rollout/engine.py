@@ -160,6 +160,11 @@ class Engine:
     for it on the device, which hides the launch gaps between the ~400 short kernels of a
     batch-1 step). Scheduling only: the same kernels and the same bits. None: where the
     device has it (sm_90+).
+    fuse_lora: run each decode step's LoRA adapters as one shrink and one expand-add launch
+    per q/k/v, o, gate/up and down group (orbit/adapters/lora_decode.py) instead of four
+    launches per adapted linear. Summation order differs from cuBLAS's, so None means
+    `not exact and CUDA`, and exact mode refuses True. Linking happens here: inject adapters
+    before building the engine.
     attn_backend: the AttnBatch backend of prefill and decode: "sdpa"; "varlen" (CUDA only:
     FlashAttention reading the KV cache in place; the cache's per-slot length is then
     max_model_len rounded up to a multiple of 256, FlashAttention's page constraint); or
@@ -190,6 +195,7 @@ class Engine:
         split_kv: bool | None = None,
         overlap: bool | None = None,
         pdl: bool | None = None,
+        fuse_lora: bool | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -240,6 +246,14 @@ class Engine:
             from orbit.quant.siblings import fuse_siblings as _fuse
 
             self.sibling_groups = _fuse(self.model)
+        if fuse_lora and exact:
+            raise ValueError("fuse_lora=True changes the summation order of the LoRA products; "
+                             "exact mode needs it off (leave fuse_lora=None)")
+        self.lora_groups = 0
+        if fuse_lora if fuse_lora is not None else (self.device.type == "cuda" and not exact):
+            from orbit.adapters.lora_decode import link_lora_decode
+
+            self.lora_groups = link_lora_decode(self.model)
 
     def _resolve_backend(self, attn_backend: str) -> str:
         if attn_backend not in ("auto", "sdpa", "varlen", "triton"):

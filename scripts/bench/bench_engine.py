@@ -9,6 +9,10 @@ roofline, and across base precisions. Random weights (speed does not depend on t
    row, the KV cache at the mean context) / device copy bandwidth (measured in the same run).
 3. formats: decode tokens/s at batch 1/16/64/256 for bf16/int4/fp8/nvfp4 bases (quantized
    with orbit.quant.convert.convert_linears).
+4. lora: what RL rollouts run: the INT4 Qwen3-1.7B base with a LoRA adapter (r 16, all seven
+   linears, random nonzero B) served from slot 1, decode tokens/s at batch 1/16/64 with the
+   adapter's decode groups (Engine(fuse_lora=...), --fuse-lora on|off|both) and, in the same
+   run, the base alone (adapter off).
 Orbit's bf16 model (--orbit-bf16): "linear" keeps plain nn.Linear layers; "ql" converts them to
 BF16 QuantLinears, the layers the trainer loads for `--quant-format bf16` (the bf16 launcher),
 whose q/k/v and gate/up run as one GEMM each in the engine (orbit.quant.siblings).
@@ -25,7 +29,7 @@ try: a failure is printed (traceback on stderr) and recorded as an "error" row, 
 still run, and the exit status is 1 if any failed.
 Prints JSON rows as it goes, a table last; writes $OUT/bench_engine.json (or --out).
 
-    python scripts/bench/bench_engine.py [--small] [--sections vs_hf,roofline,formats]
+    python scripts/bench/bench_engine.py [--small] [--sections vs_hf,roofline,formats,lora]
         [--attn-backend auto|sdpa|varlen|triton] [--split-kv|--fuse-siblings|--overlap|--pdl on|off|both]
         [--orbit-bf16 linear|ql|both]
 """
@@ -197,10 +201,44 @@ def _format_model(shape: str, fmt: str, dtype: torch.dtype, device: str) -> Caus
     return model
 
 
+LORA_RANK = 16
+
+
+def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, device: str,
+                 plen: int, fuse: str, okw: dict) -> None:
+    """Section 4 (see the module docstring): plain LoRA forward first, then the fused one."""
+    from orbit.adapters.inject import AdapterConfig, inject_adapters
+    from orbit.adapters.lora_decode import unlink_lora_decode
+
+    model = _format_model(shape, "int4", dtype, device)
+    aset = inject_adapters(model, AdapterConfig(r=LORA_RANK, alpha=2.0 * LORA_RANK))
+    with torch.no_grad():  # a trained-looking adapter: B nonzero (PEFT's init leaves it 0)
+        for mod in aset.modules.values():
+            mod.lora_B.normal_(0.0, 0.01)
+    aset.stage(0, 1)
+    new = 32 if small else 128
+    fuses = {"on": [True], "off": [False], "both": [False, True]}[fuse]
+    for batch in ([1, 4] if small else [1, 16, 64]):
+        ps = prompts(batch, plen, SHAPES[shape]["vocab_size"], seed=batch)
+        for slot, fz in [(None, False), *[(1, f) for f in fuses]]:
+            aset.set_active(slot)
+            unlink_lora_decode(model)  # each engine links anew when its fuse_lora asks
+            w = {"section": "lora", "shape": shape, "batch": batch, "new_tokens": new,
+                 "adapter": None if slot is None else LORA_RANK, "fuse_lora": fz}
+            st = _attempt(rows, w, run_orbit, model, ps, new, device, fuse_lora=fz, **okw)
+            if st is not None:
+                _emit(rows, {**w, "attn_backend": st["attn_backend"],
+                             "tokens_per_s": st["tokens_per_s"],
+                             "decode_tokens_per_s": st["decode_tokens_per_s"]})
+    del model, aset
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny shapes (default without CUDA)")
-    ap.add_argument("--sections", default="vs_hf,roofline,formats")
+    ap.add_argument("--sections", default="vs_hf,roofline,formats,lora")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "sdpa", "varlen", "triton"),
                     help="engine attention backend; auto: each engine picks (varlen where "
@@ -213,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "tokens)"),
             ("--pdl", "on", "Engine(pdl=...) (programmatic dependent launch of the decode "
                             "kernels, sm_90+)"),
+            ("--fuse-lora", "both", "lora section: Engine(fuse_lora=...) (LoRA shrink and "
+                                    "expand-add launches per sibling group)"),
             ("--l2-prefetch", "off", "with PDL, the GEMVs prefetch their first steps' weights "
                                      "into L2 before waiting (gemv.PDL_L2_PREFETCH)")):
         ap.add_argument(flag, default=default, choices=("on", "off", "both"),
@@ -334,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
 
+    if "lora" in sections:
+        _attempt(rows, {"section": "lora", "stage": "all"}, lora_section, rows, qshape, small,
+                 dtype, device, plen, args.fuse_lora, okw)
+
     out = {"meta": meta, "rows": rows}
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -358,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
                   f" = {100 * r['fraction_of_roofline']:.0f}% ({r['bytes_per_token'] / 1e6:.0f} MB/token)")
+        elif r["section"] == "lora":
+            what = "adapter off" if r["adapter"] is None else \
+                f"lora r{r['adapter']} {'fused' if r['fuse_lora'] else 'plain'}"
+            print(f"lora     {r['shape']:<13} int4 {what:<17} b{r['batch']:<3}: decode "
+                  f"{r['decode_tokens_per_s']:>9.1f} tok/s ({1e3 / r['decode_tokens_per_s']:.2f} ms/step)")
         else:
             fz = ("+grp" if r.get("fuse_siblings") else "") + ("+split" if r.get("split_kv") else "") + \
                 ("+ovl" if r.get("overlap") else "") + ("+pdl" if r.get("pdl") else "") + \

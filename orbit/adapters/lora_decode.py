@@ -1,0 +1,123 @@
+"""LoRA wrappers that read one input (q/k/v, gate/up) run their adapters as one decode group.
+
+`link_lora_decode(model)` links every LoRALinear of the model into a `LoRADecodeGroup`: the
+members of each sibling set (orbit.quant.siblings.SIBLING_SETS) together, every other LoRA
+linear alone. When the first member of a group is called in an engine decode forward (no
+autograd, a CUDA input of at most lora_decode.MAX_M rows, an adapter slot active, the fast
+path's conditions below), it computes every member's base output (the base sibling group makes
+that one GEMV), then the whole group's adapter delta in two launches
+(orbit/kernels/lora_decode.py) added in place, and keeps the other members' outputs, keyed by
+the input tensor; each of them then returns its output when called with that same tensor.
+Everything else (training, exact mode's batch-invariant LoRA, dropout in training mode, the
+CPU, prefill-sized inputs) runs the plain `LoRALinear.forward`.
+
+The engine links on construction (`Engine(fuse_lora=None)`: on CUDA outside exact mode), after
+the adapters were injected. Linking changes no tensor: the slot tensors are read at each call,
+so staging a new adapter into a slot (or switching slots) needs no relinking, and CUDA graphs
+captured through a group replay the two launches on the slot's current values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from orbit.adapters.lora import LoRALinear
+from orbit.kernels import lora_decode as kernels
+from orbit.kernels.matmul_exact import interpreting
+from orbit.quant.siblings import SIBLING_SETS
+
+
+@dataclass
+class _Pending:
+    x: Tensor  # held, so its id cannot be reused while outputs wait
+    outputs: dict[int, Tensor] = field(default_factory=dict)
+
+
+class LoRADecodeGroup:
+    """LoRALinear members that read the same input, adapted in two launches."""
+
+    def __init__(self, members: list[LoRALinear]) -> None:
+        self.members = members
+        self._pending: _Pending | None = None
+        self.enabled = True
+
+    def serves(self, x: Tensor) -> bool:
+        """Whether this call can take the fused path (checked on the first member's call)."""
+        first = self.members[0]
+        slot = first.active_slot
+        if slot is None or torch.is_grad_enabled() or x.dim() != 2:
+            return False
+        if not (x.is_cuda or interpreting()) or not 1 <= x.shape[0] <= kernels.MAX_M:
+            return False
+        for m in self.members:
+            if (m.active_slot != slot or type(m) is not LoRALinear or m.r != first.r
+                    or m.scale != first.scale or (m.training and not isinstance(m.dropout, nn.Identity))
+                    or m.slot_tensor(slot, "lora_A").dtype != x.dtype):
+                return False
+        return True
+
+    def output(self, member: LoRALinear, x: Tensor) -> Tensor | None:
+        """member's adapted output, or None where the caller must run the plain forward. A
+        later member that finds outputs waiting for a *different* input means the members do
+        not read one tensor here: the group turns itself off for good (as sibling groups do)."""
+        if not self.enabled:
+            return None
+        i = self.members.index(member)
+        p = self._pending
+        if p is not None and p.x is x and i in p.outputs:
+            y = p.outputs.pop(i)
+            if not p.outputs:
+                self._pending = None
+            return y
+        if i != 0:
+            if p is not None:
+                self.enabled, self._pending = False, None
+            return None
+        if not self.serves(x):
+            return None
+        slot = member.active_slot
+        ys = [m.base(x) for m in self.members]  # one grouped GEMV where the bases are siblings
+        if any(y.dtype != x.dtype or y.stride(-1) != 1 for y in ys):
+            return None  # (an fp32 base output, say): the plain forward handles the casts
+        kernels.lora_decode_triton(x, [m.slot_tensor(slot, "lora_A") for m in self.members],
+                                   [m.slot_tensor(slot, "lora_B") for m in self.members], ys,
+                                   member.scale)
+        if len(ys) > 1:
+            self._pending = _Pending(x, {j: ys[j] for j in range(1, len(ys))})
+        return ys[0]
+
+
+def _lora(module: nn.Module | None) -> LoRALinear | None:
+    return module if type(module) is LoRALinear else None
+
+
+def link_lora_decode(model: nn.Module) -> int:
+    """Link the model's LoRALinear modules into decode groups (see the module docstring);
+    returns the number of groups. Modules already linked are left as they are."""
+    groups = 0
+    for parent in model.modules():
+        for names in SIBLING_SETS:
+            members = [_lora(getattr(parent, n, None)) for n in names]
+            if any(m is None for m in members) or any(m.decode_group is not None for m in members):
+                continue
+            if len({(m.in_features, m.r) for m in members}) != 1:
+                continue
+            group = LoRADecodeGroup(members)  # type: ignore[arg-type]
+            for m in members:
+                m.decode_group = group
+            groups += 1
+    for m in model.modules():
+        if type(m) is LoRALinear and m.decode_group is None:
+            m.decode_group = LoRADecodeGroup([m])
+            groups += 1
+    return groups
+
+
+def unlink_lora_decode(model: nn.Module) -> None:
+    """Every LoRALinear runs the plain forward again."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.decode_group = None
