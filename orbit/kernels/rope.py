@@ -31,16 +31,13 @@ from orbit.kernels.rmsnorm_exact import rmsnorm_torch
 
 
 @triton.jit
-def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr,
-                      H, stride_xt, stride_xh, stride_yt, stride_yh, stride_ct, eps,
-                      D: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_enter(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
+def _norm_rope_row(x_row, w_ptr, cos_row, sin_row, eps, D: tl.constexpr,
+                   HAS_NORM: tl.constexpr, OUT: tl.constexpr):
+    """One [D] head row: optional RMSNorm (HF rounding, output dtype OUT), then RoPE in
+    float32; returned in float32 (the caller rounds once to OUT)."""
     d = tl.arange(0, D)
     half: tl.constexpr = D // 2
     partner = (d + half) % D  # rotate_half: [-x2, x1]
-    x_row = x_ptr + t * stride_xt + h * stride_xh
     x = tl.load(x_row + d)
     xp = tl.load(x_row + partner)
     if HAS_NORM:
@@ -49,16 +46,62 @@ def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr,
         w = tl.load(w_ptr + d).to(tl.float32)
         wp = tl.load(w_ptr + partner).to(tl.float32)
         # HF RMSNorm rounding: normalise in fp32, cast to x's dtype, scale, cast to the output
-        a = (w * (xf * r).to(x.dtype).to(tl.float32)).to(y_ptr.dtype.element_ty).to(tl.float32)
-        b = (wp * (xp.to(tl.float32) * r).to(x.dtype).to(tl.float32)).to(y_ptr.dtype.element_ty)
+        a = (w * (xf * r).to(x.dtype).to(tl.float32)).to(OUT).to(tl.float32)
+        b = (wp * (xp.to(tl.float32) * r).to(x.dtype).to(tl.float32)).to(OUT)
         b = b.to(tl.float32)
     else:
         a = x.to(tl.float32)
         b = xp.to(tl.float32)
     b = tl.where(d < half, -b, b)
-    c = tl.load(cos_ptr + t * stride_ct + d).to(tl.float32)
-    s = tl.load(sin_ptr + t * stride_ct + d).to(tl.float32)
-    tl.store(y_ptr + t * stride_yt + h * stride_yh + d, (a * c + b * s).to(y_ptr.dtype.element_ty))
+    c = tl.load(cos_row + d).to(tl.float32)
+    s = tl.load(sin_row + d).to(tl.float32)
+    return a * c + b * s
+
+
+@triton.jit
+def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr,
+                      H, stride_xt, stride_xh, stride_yt, stride_yh, stride_ct, eps,
+                      D: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    out = y_ptr.dtype.element_ty
+    y = _norm_rope_row(x_ptr + t * stride_xt + h * stride_xh, w_ptr, cos_ptr + t * stride_ct,
+                       sin_ptr + t * stride_ct, eps, D, HAS_NORM, out)
+    tl.store(y_ptr + t * stride_yt + h * stride_yh + tl.arange(0, D), y.to(out))
+
+
+@triton.jit
+def _qk_norm_rope_kv_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr,
+                            kc_ptr, vc_ptr, slot_ptr, pos_ptr, H, HKV, stride_qt, stride_qh,
+                            stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                            stride_ct, stride_cs, stride_cp, stride_ch, eps, D: tl.constexpr,
+                            HAS_NORM: tl.constexpr, PDL: tl.constexpr = False):
+    # Program (t, h): head rows h < H are q's (norm + RoPE into qo), the next HKV are k's
+    # (norm + RoPE straight into the cache at (slot[t], pos[t])), the last HKV are v's (a copy
+    # into the cache). Each row's arithmetic is _norm_rope_kernel's, so the bits are those of
+    # norm_rope_triton for q and k followed by kv_write.
+    pdl_enter(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, D)
+    out = qo_ptr.dtype.element_ty
+    if h < H:
+        y = _norm_rope_row(q_ptr + t * stride_qt + h * stride_qh, qw_ptr, cos_ptr + t * stride_ct,
+                           sin_ptr + t * stride_ct, eps, D, HAS_NORM, out)
+        tl.store(qo_ptr + t * stride_ot + h * stride_oh + d, y.to(out))
+    else:
+        dst = (tl.load(slot_ptr + t).to(tl.int64) * stride_cs
+               + tl.load(pos_ptr + t).to(tl.int64) * stride_cp + d)
+        if h < H + HKV:
+            hk = h - H
+            y = _norm_rope_row(k_ptr + t * stride_kt + hk * stride_kh, kw_ptr,
+                               cos_ptr + t * stride_ct, sin_ptr + t * stride_ct, eps, D,
+                               HAS_NORM, out)
+            tl.store(kc_ptr + dst + hk * stride_ch, y.to(out))
+        else:
+            hv = h - H - HKV
+            tl.store(vc_ptr + dst + hv * stride_ch, tl.load(v_ptr + t * stride_vt + hv * stride_vh + d))
 
 
 def _check(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor) -> None:
@@ -129,3 +172,40 @@ def fused_norm_rope_available(x: Tensor) -> bool:
     D = x.shape[-1]
     return (HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and D >= 16 and not (D & (D - 1)))
+
+
+def qk_norm_rope_kv_available(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | None,
+                              k_weight: Tensor | None, kc: Tensor, vc: Tensor) -> bool:
+    """The one-launch q/k norm + RoPE + KV-cache write serves these tensors: fused norm+RoPE
+    shapes, one dtype everywhere (so the cache store is no cast: the unfused path rounds k to
+    its own dtype and then casts to the cache's), unit-stride head rows, caches [S, L, Hkv, D]
+    with the same strides."""
+    dt = q.dtype
+    return (fused_norm_rope_available(q) and k.dtype == v.dtype == kc.dtype == vc.dtype == dt
+            and all(w is None or w.dtype == dt for w in (q_weight, k_weight))
+            and (q_weight is None) == (k_weight is None)
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and kc.stride(-1) == 1
+            and kc.stride() == vc.stride() and k.shape == v.shape
+            and kc.shape[-2:] == k.shape[-2:] and q.shape[-1] == k.shape[-1])
+
+
+def qk_norm_rope_kv(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | None,
+                    k_weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor, kc: Tensor,
+                    vc: Tensor, slot: Tensor, pos: Tensor) -> Tensor:
+    """Attention's pre-read work in one launch (no autograd; CUDA or the interpreter): returns
+    norm_rope(q) [T, H, D] and stores norm_rope(k) and v at kc/vc[slot[t], pos[t]]; the same
+    bits as `norm_rope_triton` for q and k followed by `kv_write.kv_write`."""
+    _check(q, q_weight, cos, sin)
+    _check(k, k_weight, cos, sin)
+    T, H, D = q.shape
+    hkv = k.shape[1]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    qo = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    if T:
+        _qk_norm_rope_kv_kernel[(T, H + 2 * hkv)](
+            q, k, v, q_weight if q_weight is not None else q, k_weight if k_weight is not None else k,
+            cos, sin, qo, kc, vc, slot, pos, H, hkv, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), qo.stride(0), qo.stride(1), cos.stride(0),
+            kc.stride(0), kc.stride(1), kc.stride(2), eps, D=D, HAS_NORM=q_weight is not None,
+            num_warps=1 if D <= 128 else 2, **pdl_launch(q.device, T * (H + 2 * hkv)))
+    return qo

@@ -247,14 +247,29 @@ class AttnBatch:
                 self._meta["widx"] = (self.slots[seq], self.start_pos[seq] + within)
         return self._meta["widx"]
 
+    def kv_destination(self, layer: int, num_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """Where layer `layer`'s new K/V go, for a caller that can store them itself (the
+        model's fused q/k norm + RoPE + cache write, orbit.kernels.rope.qk_norm_rope_kv):
+        (k cache, v cache [S, max_len, Hkv, D], slot [T], position [T]); None for packed
+        batches (no cache). A caller that stored them says so with `kv_written(layer)`."""
+        if self.kind != "cached" or self.cache is None:
+            return None
+        w_slot, w_pos = self._write_index(num_tokens)
+        return self.cache.k[layer], self.cache.v[layer], w_slot, w_pos
+
+    def kv_written(self, layer: int) -> None:
+        """Layer `layer`'s new K/V are in the cache already: its `attend` skips the write."""
+        self._meta[("written", layer)] = True
+
     def _write_kv(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the new tokens' K/V [T, Hkv, D] in the cache; returns this layer's cache views
-        (k, v) [S, max_len, Hkv, D]."""
+        """Store the new tokens' K/V [T, Hkv, D] in the cache (unless the caller did, see
+        `kv_destination`); returns this layer's cache views (k, v) [S, max_len, Hkv, D]."""
         cache = self.cache
         assert cache is not None
-        w_slot, w_pos = self._write_index(k.shape[0])
         kc, vc = cache.k[layer], cache.v[layer]
-        kv_write(kc, vc, k, v, w_slot, w_pos)  # one launch for K and V on CUDA
+        if not self._meta.pop(("written", layer), False):
+            w_slot, w_pos = self._write_index(k.shape[0])
+            kv_write(kc, vc, k, v, w_slot, w_pos)  # one launch for K and V on CUDA
         return kc, vc
 
     def _max_new(self, num_tokens: int) -> int:

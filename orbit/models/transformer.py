@@ -26,8 +26,13 @@ from orbit.kernels.rmsnorm_exact import (
     fused_rmsnorm_available,
     rmsnorm_torch,
 )
+from orbit.kernels.rope import (
+    NormRopeFunction,
+    fused_norm_rope_available,
+    qk_norm_rope_kv,
+    qk_norm_rope_kv_available,
+)
 from orbit.kernels.swiglu import silu_mul, silu_mul_available
-from orbit.kernels.rope import NormRopeFunction, fused_norm_rope_available
 from orbit.models.attention import AttnBatch
 from orbit.models.config import ModelConfig
 from orbit.models.moe import SparseMoeBlock
@@ -184,7 +189,18 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # [T, H, D]
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        if fused_norm_rope_available(q):  # one launch each for q and k (kernels/rope.py)
+        dest = None
+        if fused_norm_rope_available(q) and not _needs_grad(q, k, v):
+            dest = attn.kv_destination(self.layer_idx, T)
+        qw = self.q_norm.weight if self.q_norm is not None else None
+        kw = self.k_norm.weight if self.k_norm is not None else None
+        if dest is not None and qk_norm_rope_kv_available(q, k, v, qw, kw, dest[0], dest[1]):
+            # A cached batch without autograd: q/k norm + RoPE and the cache write of k and v
+            # in one launch (kernels/rope.py), the bits of the separate launches below.
+            eps = self.q_norm.eps if self.q_norm is not None else 0.0
+            q = qk_norm_rope_kv(q, k, v, qw, kw, eps, cos, sin, *dest)
+            attn.kv_written(self.layer_idx)
+        elif fused_norm_rope_available(q):  # one launch each for q and k (kernels/rope.py)
             q, k = _norm_rope(q, self.q_norm, cos, sin), _norm_rope(k, self.k_norm, cos, sin)
         else:
             if self.q_norm is not None:

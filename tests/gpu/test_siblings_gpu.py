@@ -101,3 +101,38 @@ def test_pdl_decode_gives_the_same_bits(fmt: str) -> None:
                          for c in row])
             eng.release_kv_cache()
         assert outs[0] == outs[1], (fmt, batch)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "bf16"])
+def test_fused_qk_rope_cache_write_gives_the_same_bits(fmt: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode/prefill forward's one-launch q/k norm + RoPE + K/V cache write
+    (orbit.kernels.rope.qk_norm_rope_kv) gives the tokens and log-prob bits of the separate
+    norm_rope and kv_write launches, at batch 1 and 4, graphs on."""
+    import orbit.models.transformer as tf
+    from orbit.kernels import rope
+
+    model = _model(fmt)
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randint(2, V, (int(n),), generator=g).tolist() for n in (37, 120, 5, 260)]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=24, seed=11, ignore_eos=True)
+    for batch in (1, 4):
+        outs = []
+        for fused in (False, True):
+            calls: list[int] = []
+
+            def available(*a, fused=fused):
+                return fused and rope.qk_norm_rope_kv_available(*a)
+
+            def launch(*a, calls=calls):
+                calls.append(1)
+                return rope.qk_norm_rope_kv(*a)
+
+            monkeypatch.setattr(tf, "qk_norm_rope_kv_available", available)
+            monkeypatch.setattr(tf, "qk_norm_rope_kv", launch)
+            eng = Engine(model, max_num_seqs=batch, max_model_len=512, attn_backend="triton")
+            outs.append([(c.tokens, c.logprobs) for row in eng.generate(ps[:batch], sp)
+                         for c in row])
+            eng.release_kv_cache()
+            assert bool(calls) is fused
+        assert outs[0] == outs[1], (fmt, batch)

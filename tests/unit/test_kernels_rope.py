@@ -53,7 +53,36 @@ def _interpreter_main() -> None:
     gx = torch.autograd.grad(rope.NormRopeFunction.apply(x, None, 1e-6, cos, sin), x, dy)[0]
     out["grads"] = [bool(torch.equal(a, b)) for a, b in zip(got, ref)] + [
         bool(torch.equal(gx, torch.autograd.grad(rope.norm_rope_reference(x, None, 1e-6, cos, sin), x, dy)[0]))]
+    out["fused_write"] = _fused_write_checks(rope)
     print(json.dumps(out))
+
+
+def _fused_write_checks(rope) -> list[bool]:
+    """qk_norm_rope_kv (q/k norm + RoPE and the K/V cache write in one launch) against
+    norm_rope_triton for q and k followed by kv_write's kernel: the same bits, every cache
+    element of the written (slot, position) rows set and nothing else touched."""
+    from orbit.kernels import kv_write
+
+    res = []
+    for dtype, norm, D in [(torch.bfloat16, True, 32), (torch.float32, False, 16)]:
+        T, H, HKV, S, L = 5, 4, 2, 3, 8
+        q, qw, cos, sin = _inputs(dtype, norm, D, T=T, H=H, seed=20)
+        k, kw, _, _ = _inputs(dtype, norm, D, T=T, H=HKV, seed=21)
+        v = torch.randn(T, HKV, D, generator=torch.Generator().manual_seed(22)).to(dtype)
+        slot = torch.tensor([2, 0, 1, 2, 0])
+        pos = torch.tensor([0, 5, 7, 1, 6])
+        kc = torch.full((S, L, HKV, D), float("nan"), dtype=dtype)
+        vc = kc.clone()
+        kc2, vc2 = kc.clone(), vc.clone()
+        got = rope.qk_norm_rope_kv(q, k, v, qw, kw, 1e-6, cos, sin, kc, vc, slot, pos)
+        ref_q = rope.norm_rope_triton(q, qw, 1e-6, cos, sin)
+        kv_write.launch(kc2, vc2, rope.norm_rope_triton(k, kw, 1e-6, cos, sin), v, slot, pos)
+        same = lambda a, b: bool(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)))  # noqa: E731
+        written = ~kc[slot, pos].isnan().any()
+        res += [bool(torch.equal(got, ref_q)), same(kc, kc2), same(vc, vc2), bool(written),
+                int(kc.isnan().sum()) == (S * L - T) * HKV * D,
+                rope.qk_norm_rope_kv_available(q, k, v, qw, kw, kc, vc) is False]  # CPU tensors
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +97,10 @@ def test_kernel_matches_reference(interp: dict, case: int) -> None:
     assert finite and dtype == str(dt)
     assert err < (2e-6 if dt == torch.float32 else 1.5e-2), err
     assert rows_same  # a row's bits do not depend on the rows beside it
+
+
+def test_fused_cache_write_gives_the_separate_launches_bits(interp: dict) -> None:
+    assert interp["fused_write"] == [True] * 12
 
 
 def test_autograd_wrapper_gives_the_reference_gradients(interp: dict) -> None:
