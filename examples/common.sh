@@ -80,35 +80,33 @@ run_preflight() {
   fi
 }
 
-# ray_flag: --use-ray (default) or --no-use-ray when USE_RAY=0 (one in-process worker, for a
-# machine without Ray).
-ray_flag() {
-  case "${USE_RAY:-1}" in
-    1) echo "--use-ray" ;;
-    0) echo "--no-use-ray" ;;
-    *) echo "USE_RAY must be 0 or 1, got '${USE_RAY}'" >&2; return 1 ;;
+# bool_flag VAR DEFAULT NAME: --NAME when $VAR (default DEFAULT) is 1, --no-NAME when it is 0;
+# any other value is an error naming VAR.
+bool_flag() {
+  local value="${!1:-$2}"
+  case "$value" in
+    1) echo "--$3" ;;
+    0) echo "--no-$3" ;;
+    *) echo "$1 must be 0 or 1, got '${value}'" >&2; return 1 ;;
   esac
 }
+
+# ray_flag: --use-ray (default) or --no-use-ray when USE_RAY=0 (one in-process worker, for a
+# machine without Ray).
+ray_flag() { bool_flag USE_RAY 1 use-ray; }
 
 # pdl_flag: programmatic dependent launch of the rollout engine's decode kernels (ROLLOUT_PDL=1,
 # the default: on sm_90+ GPUs; scheduling only, the same tokens and log-probs).
-pdl_flag() {
-  case "${ROLLOUT_PDL:-1}" in
-    1) echo "--rollout-pdl" ;;
-    0) echo "--no-rollout-pdl" ;;
-    *) echo "ROLLOUT_PDL must be 0 or 1, got '${ROLLOUT_PDL}'" >&2; return 1 ;;
-  esac
-}
+pdl_flag() { bool_flag ROLLOUT_PDL 1 rollout-pdl; }
 
 # overlap_flag: overlapped decode in the rollout engine (ROLLOUT_OVERLAP=1, the default: each
 # decode step is launched before the host reads the previous step's tokens; CUDA only).
-overlap_flag() {
-  case "${ROLLOUT_OVERLAP:-1}" in
-    1) echo "--rollout-overlap" ;;
-    0) echo "--no-rollout-overlap" ;;
-    *) echo "ROLLOUT_OVERLAP must be 0 or 1, got '${ROLLOUT_OVERLAP}'" >&2; return 1 ;;
-  esac
-}
+overlap_flag() { bool_flag ROLLOUT_OVERLAP 1 rollout-overlap; }
+
+# fuse_lora_flag: the rollout engine runs each decode step's LoRA adapters as one shrink and one
+# expand-add launch per q/k/v, o, gate/up and down group (ROLLOUT_FUSE_LORA=1, the default: on
+# CUDA outside exact mode; docs/rollout.md).
+fuse_lora_flag() { bool_flag ROLLOUT_FUSE_LORA 1 rollout-fuse-lora; }
 
 # orbit_launch ARGS...: print the argv (dry run) or run preflight and then the trainer.
 orbit_launch() {

@@ -105,6 +105,10 @@ class RolloutConfig:
     rollout_pdl: bool = arg(True, "on sm_90+ GPUs, launch the decode step's Triton kernels with "
                             "programmatic dependent launch (scheduling only: the same bits; "
                             "--no-rollout-pdl: plain launches)")
+    rollout_fuse_lora: bool = arg(True, "on CUDA outside exact mode, run each decode step's LoRA "
+                                  "adapters as one shrink and one expand-add launch per q/k/v, o, "
+                                  "gate/up and down group (--no-rollout-fuse-lora: the plain "
+                                  "four launches per adapted linear)")
     num_rollout: int = arg(0, "RL steps to run; 0 = derived from --num-epoch")
 
 

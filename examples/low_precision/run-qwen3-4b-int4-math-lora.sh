@@ -30,7 +30,7 @@ ADAPTER_ARGS=(
   --lora-alpha "${LORA_ALPHA:-64}"
 )
 
-overlap_flag >/dev/null; pdl_flag >/dev/null  # bad knobs stop here: set -e misses a $(...) inside an array
+overlap_flag >/dev/null; pdl_flag >/dev/null; fuse_lora_flag >/dev/null  # bad knobs stop here: set -e misses a $(...) inside an array
 ROLLOUT_ARGS=(
   --rollout-temperature "${TEMPERATURE:-1.0}"
   --rollout-max-response-len "${MAX_RESPONSE_LEN:-4096}"
@@ -41,6 +41,7 @@ ROLLOUT_ARGS=(
   --rollout-attn-backend "${ROLLOUT_ATTN_BACKEND:-sdpa}"
   "$(overlap_flag)"
   "$(pdl_flag)"
+  "$(fuse_lora_flag)"
 )
 
 DATA_ARGS=(

@@ -41,7 +41,7 @@ ADAPTER_ARGS=(
 # Sampling at 0.6, not 1.0: at 1.0 the 135M model rambles (half the samples hit the token
 # limit) and gets 5% right against 18% greedy, so few groups carry a signal. Answers are
 # ~10-15 tokens ("The answer is 52."), hence the 24-token limit (shorter = faster steps).
-overlap_flag >/dev/null; pdl_flag >/dev/null  # bad knobs stop here: set -e misses a $(...) inside an array
+overlap_flag >/dev/null; pdl_flag >/dev/null; fuse_lora_flag >/dev/null  # bad knobs stop here: set -e misses a $(...) inside an array
 ROLLOUT_ARGS=(
   --rollout-temperature "${TEMPERATURE:-0.6}"
   --rollout-max-response-len "${MAX_RESPONSE_LEN:-24}"
@@ -52,6 +52,7 @@ ROLLOUT_ARGS=(
   --rollout-attn-backend "${ROLLOUT_ATTN_BACKEND:-sdpa}"
   "$(overlap_flag)"
   "$(pdl_flag)"
+  "$(fuse_lora_flag)"
 )
 
 # Train/test JSONL: generated into the run directory unless given.

@@ -122,7 +122,8 @@ class PolicyWorker:
                       tokenizer=self.tokenizer, seed=self.cfg.data.seed + self.rank,
                       attn_backend=r.rollout_attn_backend,
                       overlap=None if r.rollout_overlap else False,  # None: on CUDA
-                      pdl=None if r.rollout_pdl else False)  # None: where the GPU has it
+                      pdl=None if r.rollout_pdl else False,  # None: where the GPU has it
+                      fuse_lora=None if r.rollout_fuse_lora else False)  # None: CUDA, not exact
 
     def _build_reward(self) -> Any:
         from orbit.rewards.custom import make_reward_spec

@@ -24,7 +24,7 @@ KNOBS = ("HF_CKPT", "TRAIN_JSONL", "TEST_JSONL", "MEGATRON_LOAD", "SAVE_DIR", "E
          "TOTAL_EPOCHS", "TRAIN_ROWS", "ROLLOUT_BATCH_SIZE", "N_SAMPLES_PER_PROMPT", "GLOBAL_BATCH_SIZE",
          "DISABLE_EVAL", "LR", "LORA_RANK", "OFT_BLOCK_SIZE", "MAX_RESPONSE_LEN", "ORBIT_VENV",
          "USE_RAY", "LR_DECAY_STYLE", "MIN_LR", "ROLLOUT_OVERLAP", "ROLLOUT_ATTN_BACKEND",
-         "ROLLOUT_PDL")
+         "ROLLOUT_PDL", "ROLLOUT_FUSE_LORA")
 
 
 def run(script: str, home: Path, **env: str) -> subprocess.CompletedProcess:
@@ -132,12 +132,14 @@ def test_rollout_engine_knobs(script: str, tmp_path: Path) -> None:
     env = {"HF_CKPT": "/m", "TRAIN_JSONL": "/t.jsonl"}
     cfg = parsed(run(script, tmp_path, **env).stdout)
     assert cfg.rollout.rollout_overlap and cfg.rollout.rollout_attn_backend == "sdpa"
-    assert cfg.rollout.rollout_pdl
+    assert cfg.rollout.rollout_pdl and cfg.rollout.rollout_fuse_lora
     cfg = parsed(run(script, tmp_path, ROLLOUT_OVERLAP="0", ROLLOUT_ATTN_BACKEND="triton",
-                     ROLLOUT_PDL="0", **env).stdout)
+                     ROLLOUT_PDL="0", ROLLOUT_FUSE_LORA="0", **env).stdout)
     assert not cfg.rollout.rollout_overlap and cfg.rollout.rollout_attn_backend == "triton"
-    assert not cfg.rollout.rollout_pdl
+    assert not cfg.rollout.rollout_pdl and not cfg.rollout.rollout_fuse_lora
     r = run(script, tmp_path, ROLLOUT_OVERLAP="yes", **env)
     assert r.returncode != 0 and "ROLLOUT_OVERLAP" in r.stderr
     r = run(script, tmp_path, ROLLOUT_PDL="2", **env)
     assert r.returncode != 0 and "ROLLOUT_PDL" in r.stderr
+    r = run(script, tmp_path, ROLLOUT_FUSE_LORA="on", **env)
+    assert r.returncode != 0 and "ROLLOUT_FUSE_LORA" in r.stderr
