@@ -19,30 +19,17 @@ captured through a group replay the two launches on the slot's current values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor, nn
 
 from orbit.adapters.lora import LoRALinear
 from orbit.kernels import lora_decode as kernels
 from orbit.kernels.matmul_exact import interpreting
-from orbit.quant.siblings import SIBLING_SETS
+from orbit.quant.siblings import SIBLING_SETS, MemberGroup
 
 
-@dataclass
-class _Pending:
-    x: Tensor  # held, so its id cannot be reused while outputs wait
-    outputs: dict[int, Tensor] = field(default_factory=dict)
-
-
-class LoRADecodeGroup:
+class LoRADecodeGroup(MemberGroup):
     """LoRALinear members that read the same input, adapted in two launches."""
-
-    def __init__(self, members: list[LoRALinear]) -> None:
-        self.members = members
-        self._pending: _Pending | None = None
-        self.enabled = True
 
     def serves(self, x: Tensor) -> bool:
         """Whether this call can take the fused path (checked on the first member's call)."""
@@ -59,35 +46,20 @@ class LoRADecodeGroup:
                 return False
         return True
 
-    def output(self, member: LoRALinear, x: Tensor) -> Tensor | None:
-        """member's adapted output, or None where the caller must run the plain forward. A
-        later member that finds outputs waiting for a *different* input means the members do
-        not read one tensor here: the group turns itself off for good (as sibling groups do)."""
-        if not self.enabled:
-            return None
-        i = self.members.index(member)
-        p = self._pending
-        if p is not None and p.x is x and i in p.outputs:
-            y = p.outputs.pop(i)
-            if not p.outputs:
-                self._pending = None
-            return y
-        if i != 0:
-            if p is not None:
-                self.enabled, self._pending = False, None
-            return None
+    def _compute(self, x: Tensor, *args: Tensor) -> list[Tensor] | None:
+        """Every member's adapted output: the base outputs (one grouped GEMV where the bases
+        are siblings), then the group's deltas added in place in two launches."""
         if not self.serves(x):
             return None
-        slot = member.active_slot
-        ys = [m.base(x) for m in self.members]  # one grouped GEMV where the bases are siblings
+        first = self.members[0]
+        slot = first.active_slot
+        ys = [m.base(x) for m in self.members]
         if any(y.dtype != x.dtype or y.stride(-1) != 1 for y in ys):
             return None  # (an fp32 base output, say): the plain forward handles the casts
         kernels.lora_decode_triton(x, [m.slot_tensor(slot, "lora_A") for m in self.members],
                                    [m.slot_tensor(slot, "lora_B") for m in self.members], ys,
-                                   member.scale)
-        if len(ys) > 1:
-            self._pending = _Pending(x, {j: ys[j] for j in range(1, len(ys))})
-        return ys[0]
+                                   first.scale)
+        return ys
 
 
 def _lora(module: nn.Module | None) -> LoRALinear | None:

@@ -43,11 +43,53 @@ class _Pending:
     outputs: dict[int, Tensor] = field(default_factory=dict)  # member index -> [M, out_i]
 
 
-class SiblingGroup:
+class MemberGroup:
+    """Modules that read one input and are computed together: the first member's call computes
+    every member's output (`_compute`) and keeps the others', keyed by the input tensor; each
+    of them then returns its output when called with that same tensor. A later member that
+    finds outputs waiting for a *different* input means the members do not read one tensor
+    here (an OFT adapter rotates each input): the group turns itself off for good rather than
+    compute the others' outputs in vain at every step. The engine's warm-up runs before any
+    graph capture, so no captured graph holds such a launch."""
+
+    def __init__(self, members: list) -> None:
+        self.members = members
+        self._pending: _Pending | None = None
+        self.enabled = True
+
+    def output(self, member: nn.Module, x: Tensor, *args: Tensor) -> Tensor | None:
+        """member's output for x, or None where the group cannot serve (the caller then
+        computes alone)."""
+        if not self.enabled:
+            return None
+        i = self.members.index(member)
+        p = self._pending
+        if p is not None and p.x is x and i in p.outputs:
+            y = p.outputs.pop(i)
+            if not p.outputs:
+                self._pending = None
+            return y
+        if i != 0:
+            if p is not None:
+                self.enabled, self._pending = False, None
+            return None
+        outs = self._compute(x, *args)
+        if outs is None:
+            return None
+        if len(outs) > 1:
+            self._pending = _Pending(x, {j: outs[j] for j in range(1, len(outs))})
+        return outs[0]
+
+    def _compute(self, x: Tensor, *args: Tensor) -> list[Tensor] | None:
+        """Every member's output for x, or None (the first member then computes alone)."""
+        raise NotImplementedError
+
+
+class SiblingGroup(MemberGroup):
     """Stacked buffers of member QuantLinears and the one-launch forward over them."""
 
     def __init__(self, members: list[QuantLinear], stacked: dict[str, Tensor]) -> None:
-        self.members = members
+        super().__init__(members)
         self.splits = [m.out_features for m in members]
         first = members[0]
         self.qweight: QuantizedWeight | None = QuantizedWeight(first.weight_format, (sum(self.splits), first.in_features),
@@ -61,8 +103,6 @@ class SiblingGroup:
                                          big.shape[0] * (start + out_f) // total]
                                for name, big in stacked.items() if not _per_tensor(big)})
             start += out_f
-        self._pending: _Pending | None = None
-        self.enabled = True
 
     def unlink(self) -> None:
         """Members compute alone from now on; the stacked tensors are released (members keep
@@ -77,33 +117,13 @@ class SiblingGroup:
         views = self.views[self.members.index(member)]
         return all(getattr(member, name) is view for name, view in views.items())
 
-    def output(self, member: QuantLinear, x: Tensor, x2d: Tensor) -> Tensor | None:
-        """member's x2d @ W^T from one grouped launch, or None where the group cannot serve
-        (the caller then computes alone). Only the first member starts a grouped launch; a
-        later member that finds outputs waiting for a *different* input means the members do
-        not read one tensor here (an OFT adapter rotates each input): the group turns itself
-        off for good rather than compute the others' rows in vain at every step. The engine's
-        warm-up runs before any graph capture, so no captured graph holds such a launch."""
-        if not self.enabled:
-            return None
-        i = self.members.index(member)
-        p = self._pending
-        if p is not None and p.x is x and i in p.outputs:
-            y = p.outputs.pop(i)
-            if not p.outputs:
-                self._pending = None
-            return y
-        if i != 0:
-            if p is not None:
-                self.enabled, self._pending = False, None
-            return None
+    def _compute(self, x: Tensor, *args: Tensor) -> list[Tensor] | None:
+        """Every member's x2d @ W^T from one grouped launch (x2d = args[0], x as 2-D)."""
         if not all(self.linked(m) for m in self.members):
             self.unlink()
             return None
-        y_all = dispatch.qmm(x2d, self.qweight, exact=False)  # [M, sum(out)]
-        parts = list(torch.split(y_all, self.splits, dim=1))
-        self._pending = _Pending(x, {j: parts[j] for j in range(len(parts)) if j != i})
-        return parts[i]
+        y_all = dispatch.qmm(args[0], self.qweight, exact=False)  # [M, sum(out)]
+        return list(torch.split(y_all, self.splits, dim=1))
 
 
 def _per_tensor(t: Tensor) -> bool:

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gpu_models import V, small_qwen3
 
 from orbit.adapters.inject import AdapterConfig, inject_adapters
 from orbit.adapters.lora_decode import unlink_lora_decode
 from orbit.kernels.lora_decode import lora_decode_reference, lora_decode_triton
-from orbit.models.config import ModelConfig
-from orbit.models.transformer import CausalLM
-from orbit.quant.convert import convert_linears
 from orbit.rollout.engine import Engine
 from orbit.rollout.types import SamplingParams
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-V = 503
 
 
 @pytest.mark.parametrize("m", [1, 7, 16, 64])
@@ -50,25 +47,11 @@ def test_kernels_at_qwen3_shapes(m: int, k: int, ns: list[int]) -> None:
         assert (diff > 0).float().mean() < 0.1
 
 
-def _model() -> CausalLM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="Qwen3ForCausalLM", vocab_size=V, hidden_size=256, intermediate_size=512,
-                      num_layers=3, num_heads=8, num_kv_heads=4, head_dim=32, qk_norm=True,
-                      max_position_embeddings=2048, eos_token_id=1)
-    model = CausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(6.0)
-    model = model.to("cuda", torch.bfloat16).requires_grad_(False)
-    model.model.rotary_emb.reset("cuda")
-    convert_linears(model, "int4")
-    return model
-
-
 def test_engine_fused_lora_matches_plain() -> None:
     """Slot 1 holds a nonzero adapter; greedy completions and their log-probs with the decode
     groups equal the plain LoRA forward's up to summation order, at batch 1 and 4, graphs and
     PDL on; an engine with fuse_lora=False runs the plain path."""
-    model = _model()
+    model = small_qwen3("int4")
     aset = inject_adapters(model, AdapterConfig(r=16, alpha=32.0))
     with torch.no_grad():
         for mod in aset.modules.values():

@@ -7,32 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gpu_models import V, small_qwen3
 
 from orbit.kernels import dispatch
-from orbit.models.config import ModelConfig
-from orbit.models.transformer import CausalLM
-from orbit.quant.convert import convert_linears
 from orbit.rollout.engine import Engine
 from orbit.rollout.types import SamplingParams
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-V = 503
-
-
-def _model(fmt: str) -> CausalLM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="Qwen3ForCausalLM", vocab_size=V, hidden_size=256, intermediate_size=512,
-                      num_layers=3, num_heads=8, num_kv_heads=4, head_dim=32, qk_norm=True,
-                      max_position_embeddings=2048, eos_token_id=1)
-    model = CausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(6.0)
-    model = model.to("cuda", torch.bfloat16).requires_grad_(False)
-    model.model.rotary_emb.reset("cuda")
-    if fmt != "bf16":
-        convert_linears(model, fmt)
-    return model
 
 
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "mxfp4"])
@@ -41,12 +23,12 @@ def test_engine_grouped_decode_matches_separate(fmt: str, monkeypatch: pytest.Mo
     ps = [torch.randint(2, V, (n,), generator=g).tolist() for n in (7, 30, 1, 12)]
     # (k/v are 128 wide: FP8's 128-row scale blocks stack only whole)
     sp = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, logprobs_mode="raw")
-    sep = Engine(_model(fmt), max_num_seqs=4, max_model_len=64, fuse_siblings=False).generate(ps, sp)
+    sep = Engine(small_qwen3(fmt), max_num_seqs=4, max_model_len=64, fuse_siblings=False).generate(ps, sp)
     calls: list[int] = []
     orig = dispatch.qmm
     monkeypatch.setattr(dispatch, "qmm", lambda x, qw, *a, **kw: (calls.append(qw.shape[0]),
                                                                     orig(x, qw, *a, **kw))[1])
-    eng = Engine(_model(fmt), max_num_seqs=4, max_model_len=64)
+    eng = Engine(small_qwen3(fmt), max_num_seqs=4, max_model_len=64)
     assert eng.sibling_groups == 2 * 3
     out = eng.generate(ps, sp)
     # The stacked gate/up launch (1024 rows; stacked q/k/v has 512, as gate_proj alone does).
@@ -67,7 +49,7 @@ def test_engine_grouped_decode_matches_separate(fmt: str, monkeypatch: pytest.Mo
 def test_exact_mode_does_not_group(monkeypatch: pytest.MonkeyPatch) -> None:
     from orbit.alignment.exact import convert_exact
 
-    model = _model("int4")
+    model = small_qwen3("int4")
     convert_exact(model)
     eng = Engine(model, max_num_seqs=2, max_model_len=64, exact=True)
     assert eng.sibling_groups == 2 * 3  # linked, but exact calls never take the grouped path
@@ -87,7 +69,7 @@ def test_pdl_decode_gives_the_same_bits(fmt: str) -> None:
 
     if not pdl_available(torch.device("cuda")):
         pytest.skip("PDL needs sm_90+ and Triton with griddepcontrol")
-    model = _model(fmt)
+    model = small_qwen3(fmt)
     g = torch.Generator().manual_seed(3)
     ps = [torch.randint(2, V, (int(n),), generator=g).tolist() for n in (37, 120, 5, 260)]
     sp = SamplingParams(temperature=1.0, max_new_tokens=24, seed=7, ignore_eos=True)
@@ -112,7 +94,7 @@ def test_fused_qk_rope_cache_write_gives_the_same_bits(fmt: str,
     import orbit.models.transformer as tf
     from orbit.kernels import rope
 
-    model = _model(fmt)
+    model = small_qwen3(fmt)
     g = torch.Generator().manual_seed(5)
     ps = [torch.randint(2, V, (int(n),), generator=g).tolist() for n in (37, 120, 5, 260)]
     sp = SamplingParams(temperature=1.0, max_new_tokens=24, seed=11, ignore_eos=True)
