@@ -199,3 +199,29 @@ def test_nvfp4_unequal_global_scales_stay_separate() -> None:
     gs = [m.model.layers[0].self_attn.q_proj.global_scale, m.model.layers[0].self_attn.k_proj.global_scale]
     assert not torch.equal(gs[0], gs[1])  # per-tensor scales of random weights differ
     assert fuse_siblings(m) == 0
+
+
+def test_member_group_hands_out_the_first_members_outputs() -> None:
+    """MemberGroup (sibling GEMVs, LoRA decode groups): the first member computes all outputs
+    once; the others take theirs for the same input tensor; a member that finds outputs for
+    another input turns the group off for good."""
+    from orbit.quant.siblings import MemberGroup
+
+    class Adds(MemberGroup):
+        computed = 0
+
+        def _compute(self, x, *args):
+            self.computed += 1
+            return [x + 1, x + 2, x + 3]
+
+    members = [torch.nn.Identity() for _ in range(3)]
+    g = Adds(members)
+    x = torch.zeros(2)
+    assert torch.equal(g.output(members[0], x), x + 1)
+    assert torch.equal(g.output(members[2], x), x + 3)
+    assert torch.equal(g.output(members[1], x), x + 2)
+    assert g.computed == 1 and g._pending is None
+    assert g.output(members[1], x) is None  # nothing waiting: the member computes alone
+    g.output(members[0], x)
+    assert g.output(members[1], x.clone()) is None  # another input: the group stands aside
+    assert not g.enabled and g.output(members[0], x) is None and g.computed == 2
