@@ -24,7 +24,7 @@ from torch import Tensor
 from orbit.adapters.inject import is_base_linear, matches
 
 if TYPE_CHECKING:
-    from orbit.adapters.inject import AdapterSet
+    from orbit.adapters.inject import AdapterConfig, AdapterSet
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -158,8 +158,8 @@ def _check_config(aset: AdapterSet, conf: dict[str, Any]) -> list[str]:
     return errors
 
 
-def load_peft(aset: AdapterSet, path: str | Path, slot: int = 0) -> None:
-    """Load a PEFT adapter directory into `slot`; ValueError listing every mismatch."""
+def read_peft_config(path: str | Path) -> dict[str, Any]:
+    """The adapter_config.json of a PEFT adapter dir; ValueError naming what is missing."""
     path = Path(path)
     conf_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not conf_file.is_file() or not weights_file.is_file():
@@ -172,8 +172,63 @@ def load_peft(aset: AdapterSet, path: str | Path, slot: int = 0) -> None:
         raise ValueError(f"{conf_file} is not valid JSON: {e}") from e
     if not isinstance(conf, dict) or "peft_type" not in conf:
         raise ValueError(f"{conf_file} has no peft_type: not a PEFT adapter config")
+    return conf
+
+
+def adapter_config_from_peft(path: str | Path, dtype: torch.dtype) -> AdapterConfig:
+    """The AdapterConfig that injects the modules and shapes a PEFT adapter dir holds (LoRA
+    or OFT, as Orbit or PEFT wrote it), for serving it: no dropout. ValueError for a field
+    Orbit cannot serve, naming the file and the field."""
+    from orbit.adapters.inject import AdapterConfig
+
+    conf = read_peft_config(path)
+    where = Path(path) / CONFIG_NAME
+    kind = {"LORA": "lora", "OFT": "oft"}.get(conf["peft_type"])
+    if kind is None:
+        raise ValueError(f"{where}: peft_type {conf['peft_type']!r} is not served "
+                         f"(LORA or OFT)")
+    targets = conf.get("target_modules")
+    if isinstance(targets, str):
+        targets = [f"re:{targets}"]  # PEFT fullmatches a string against the module path
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{where}: target_modules must be a string or a list of names, "
+                         f"got {targets!r}")
+    if kind == "lora":
+        for field in ("use_dora", "lora_bias"):
+            if conf.get(field):
+                raise ValueError(f"{where}: {field}={conf[field]!r} is not supported")
+        return AdapterConfig(kind="lora", r=int(conf.get("r", 8)),
+                             alpha=float(conf.get("lora_alpha", 8)),
+                             use_rslora=bool(conf.get("use_rslora", False)),
+                             targets=tuple(targets), dtype=dtype)
+    if conf.get("coft", False):
+        raise ValueError(f"{where}: coft (constrained OFT) is not supported")
+    return AdapterConfig(kind="oft", r=int(conf.get("r", 0) or 0),
+                         block_size=int(conf.get("oft_block_size", 0) or 0),
+                         cayley_neumann=bool(conf.get("use_cayley_neumann", True)),
+                         num_terms=int(conf.get("num_cayley_neumann_terms", 5)),
+                         block_share=bool(conf.get("block_share", False)),
+                         targets=tuple(targets), dtype=dtype)
+
+
+def serve_peft(model: torch.nn.Module, path: str | Path, dtype: torch.dtype,
+               slot: int = 1) -> AdapterSet:
+    """Inject the adapter a PEFT dir describes into `model`, load its weights into `slot`
+    (default the serve slot) and make that slot active: what `orbit generate --adapter` runs."""
+    from orbit.adapters.inject import inject_adapters
+
+    aset = inject_adapters(model, adapter_config_from_peft(path, dtype))
+    load_peft(aset, path, slot=slot)
+    aset.set_active(slot)
+    return aset
+
+
+def load_peft(aset: AdapterSet, path: str | Path, slot: int = 0) -> None:
+    """Load a PEFT adapter directory into `slot`; ValueError listing every mismatch."""
+    path = Path(path)
+    conf = read_peft_config(path)
     errors = _check_config(aset, conf)
-    tensors = load_file(str(weights_file))
+    tensors = load_file(str(path / WEIGHTS_NAME))
     want = state_dict_peft_shapes(aset)
     for key, t in tensors.items():
         if key not in want:

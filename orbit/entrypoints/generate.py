@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl prompt file")
     ap.add_argument("--model", default=None, help="HF model dir or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--adapter", default=None,
+                    help="a PEFT adapter dir (LoRA or OFT, e.g. a run's checkpoints/step_000048/"
+                         "adapter; the checkpoint dir itself works too) served on the base")
     ap.add_argument("--max-new-tokens", type=_number(int, 1, what="an int >= 1"), default=128)
     ap.add_argument("-n", "--n", type=_number(int, 1, what="an int >= 1"), default=1, help="samples per prompt")
     ap.add_argument("--temperature", type=_number(float, 0.0, what="a finite number >= 0"), default=0.7)
@@ -190,6 +193,18 @@ def _device(name: str | None) -> str:
     return name
 
 
+def _adapter_dir(name: str) -> Path:
+    """The PEFT dir --adapter names: the dir itself, or an Orbit checkpoint's `adapter/`."""
+    from orbit.adapters.peft_io import CONFIG_NAME
+
+    path = Path(name)
+    if not path.is_dir():
+        raise ValueError(f"--adapter {name}: no such directory")
+    if not (path / CONFIG_NAME).is_file() and (path / "adapter" / CONFIG_NAME).is_file():
+        return path / "adapter"
+    return path
+
+
 def _setup(args: argparse.Namespace) -> tuple[Any, list[list[dict[str, str]]], list[list[int]], Any]:
     """(SamplingParams, chats, prompt ids, Engine); ValueError for any bad input."""
     import torch
@@ -213,10 +228,18 @@ def _setup(args: argparse.Namespace) -> tuple[Any, list[list[dict[str, str]]], l
     model_path = args.model or default_gguf_path()
     if args.model is not None and not Path(model_path).exists():
         raise ValueError(f"--model {model_path}: no such file or directory")
+    adapter = _adapter_dir(args.adapter) if args.adapter is not None else None
     model, tok = load_model(model_path, dtype=dtype, device=device)
     if tok is None:
         raise ValueError(f"{model_path} ships no tokenizer; the demo needs one")
     model.requires_grad_(False)
+    if adapter is not None:
+        from orbit.adapters.peft_io import serve_peft
+
+        try:
+            serve_peft(model, adapter, dtype=dtype)  # the serve slot, active
+        except ValueError as e:
+            raise ValueError(f"--adapter {adapter}: {e}") from None
     prompts = [_prompt_ids(tok, m, args.no_chat_template) for m in chats]
     engine = Engine(
         model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, device=device,
