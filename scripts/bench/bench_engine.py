@@ -12,7 +12,7 @@ roofline, and across base precisions. Random weights (speed does not depend on t
 4. lora: what RL rollouts run: the INT4 Qwen3-1.7B base with a LoRA adapter (r 16, all seven
    linears, random nonzero B) served from slot 1, decode tokens/s at batch 1/16/64 with the
    adapter's decode groups (Engine(fuse_lora=...), --fuse-lora on|off|both) and, in the same
-   run, the base alone (adapter off).
+   run, the base alone (adapter off) and an OFT adapter (block 32, all seven linears).
 Orbit's bf16 model (--orbit-bf16): "linear" keeps plain nn.Linear layers; "ql" converts them to
 BF16 QuantLinears, the layers the trainer loads for `--quant-format bf16` (the bf16 launcher),
 whose q/k/v and gate/up run as one GEMM each in the engine (orbit.quant.siblings).
@@ -202,37 +202,47 @@ def _format_model(shape: str, fmt: str, dtype: torch.dtype, device: str) -> Caus
 
 
 LORA_RANK = 16
+OFT_BLOCK = 32
 
 
 def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, device: str,
                  plen: int, fuse: str, okw: dict) -> None:
-    """Section 4 (see the module docstring): plain LoRA forward first, then the fused one."""
+    """Section 4 (see the module docstring): the base alone, LoRA with the plain forward, LoRA
+    with the decode groups, and OFT (block 32; its per-input rotation leaves the base sibling
+    groups off), each adapter served from slot 1."""
     from orbit.adapters.inject import AdapterConfig, inject_adapters
     from orbit.adapters.lora_decode import unlink_lora_decode
 
-    model = _format_model(shape, "int4", dtype, device)
-    aset = inject_adapters(model, AdapterConfig(r=LORA_RANK, alpha=2.0 * LORA_RANK))
-    with torch.no_grad():  # a trained-looking adapter: B nonzero (PEFT's init leaves it 0)
-        for mod in aset.modules.values():
-            mod.lora_B.normal_(0.0, 0.01)
-    aset.stage(0, 1)
     new = 32 if small else 128
     fuses = {"on": [True], "off": [False], "both": [False, True]}[fuse]
-    for batch in ([1, 4] if small else [1, 16, 64]):
-        ps = prompts(batch, plen, SHAPES[shape]["vocab_size"], seed=batch)
-        for slot, fz in [(None, False), *[(1, f) for f in fuses]]:
-            aset.set_active(slot)
-            unlink_lora_decode(model)  # each engine links anew when its fuse_lora asks
-            w = {"section": "lora", "shape": shape, "batch": batch, "new_tokens": new,
-                 "adapter": None if slot is None else LORA_RANK, "fuse_lora": fz}
-            st = _attempt(rows, w, run_orbit, model, ps, new, device, fuse_lora=fz, **okw)
-            if st is not None:
-                _emit(rows, {**w, "attn_backend": st["attn_backend"],
-                             "tokens_per_s": st["tokens_per_s"],
-                             "decode_tokens_per_s": st["decode_tokens_per_s"]})
-    del model, aset
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    for kind in ("lora", "oft"):
+        model = _format_model(shape, "int4", dtype, device)
+        cfg = AdapterConfig(kind=kind, r=LORA_RANK, alpha=2.0 * LORA_RANK, block_size=OFT_BLOCK)
+        aset = inject_adapters(model, cfg)
+        with torch.no_grad():  # a trained-looking adapter (PEFT's init is the identity map)
+            for mod in aset.modules.values():
+                t = mod.lora_B if kind == "lora" else mod.oft_R
+                t.normal_(0.0, 0.01)
+        aset.stage(0, 1)
+        variants = [(1, f) for f in fuses] if kind == "lora" else [(1, False)]
+        if kind == "lora":
+            variants = [(None, False), *variants]  # the base alone, same model
+        for batch in ([1, 4] if small else [1, 16, 64]):
+            ps = prompts(batch, plen, SHAPES[shape]["vocab_size"], seed=batch)
+            for slot, fz in variants:
+                aset.set_active(slot)
+                unlink_lora_decode(model)  # each engine links anew when its fuse_lora asks
+                w = {"section": "lora", "shape": shape, "batch": batch, "new_tokens": new,
+                     "adapter": None if slot is None else kind, "rank": LORA_RANK,
+                     "fuse_lora": fz}
+                st = _attempt(rows, w, run_orbit, model, ps, new, device, fuse_lora=fz, **okw)
+                if st is not None:
+                    _emit(rows, {**w, "attn_backend": st["attn_backend"],
+                                 "tokens_per_s": st["tokens_per_s"],
+                                 "decode_tokens_per_s": st["decode_tokens_per_s"]})
+        del model, aset
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
                   f" = {100 * r['fraction_of_roofline']:.0f}% ({r['bytes_per_token'] / 1e6:.0f} MB/token)")
         elif r["section"] == "lora":
-            what = "adapter off" if r["adapter"] is None else \
-                f"lora r{r['adapter']} {'fused' if r['fuse_lora'] else 'plain'}"
+            what = ("adapter off" if r["adapter"] is None else
+                    f"oft b{OFT_BLOCK}" if r["adapter"] == "oft" else
+                    f"lora r{r['rank']} {'fused' if r['fuse_lora'] else 'plain'}")
             print(f"lora     {r['shape']:<13} int4 {what:<17} b{r['batch']:<3}: decode "
                   f"{r['decode_tokens_per_s']:>9.1f} tok/s ({1e3 / r['decode_tokens_per_s']:.2f} ms/step)")
         else:
