@@ -10,29 +10,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gpu_models import V, small_qwen3
 
 from orbit.models.attention import AttnBatch, cu_seqlens_from_lengths, positions_from_lengths
-from orbit.models.config import ModelConfig
 from orbit.models.logprobs import token_logprobs
 from orbit.models.transformer import CausalLM
 from orbit.rollout.engine import Engine
 from orbit.rollout.types import SamplingParams
 
 pytestmark = pytest.mark.gpu
-V = 503
 
 
 def tiny(dtype: torch.dtype) -> CausalLM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="Qwen3ForCausalLM", vocab_size=V, hidden_size=128, intermediate_size=256,
-                      num_layers=3, num_heads=8, num_kv_heads=2, head_dim=32, qk_norm=True,
-                      max_position_embeddings=2048, eos_token_id=1)
-    model = CausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(6.0)  # peaked distributions: no near-ties between paths
-    model = model.to("cuda", dtype).requires_grad_(False)
-    model.model.rotary_emb.reset("cuda")  # keep the RoPE tables float32
-    return model
+    return small_qwen3(None, dtype, hidden=128, kv_heads=2)
 
 
 def prompts(k: int, seed: int = 0) -> list[list[int]]:
