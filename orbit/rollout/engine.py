@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Hashable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Any
@@ -165,6 +166,9 @@ class Engine:
     launches per adapted linear. Summation order differs from cuBLAS's, so None means
     `not exact and CUDA`, and exact mode refuses True. Linking happens here: inject adapters
     before building the engine.
+    prefetch_weights: experimental, not yet measured (orbit/rollout/l2_prefetch.py): during decode
+    steps on CUDA, prefetch the next block's frozen weights into L2 on a side stream while the
+    current block computes. A hint only: the same bits.
     attn_backend: the AttnBatch backend of prefill and decode: "sdpa"; "varlen" (CUDA only:
     FlashAttention reading the KV cache in place; the cache's per-slot length is then
     max_model_len rounded up to a multiple of 256, FlashAttention's page constraint); or
@@ -196,6 +200,7 @@ class Engine:
         overlap: bool | None = None,
         pdl: bool | None = None,
         fuse_lora: bool | None = None,
+        prefetch_weights: bool = False,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -254,6 +259,11 @@ class Engine:
             from orbit.adapters.lora_decode import link_lora_decode
 
             self.lora_groups = link_lora_decode(self.model)
+        self._prefetcher = None
+        if prefetch_weights and self.device.type == "cuda":
+            from orbit.rollout.l2_prefetch import WeightPrefetcher
+
+            self._prefetcher = WeightPrefetcher(self.model, self.device)
 
     def _resolve_backend(self, attn_backend: str) -> str:
         if attn_backend not in ("auto", "sdpa", "varlen", "triton"):
@@ -506,7 +516,8 @@ class Engine:
         whose sampled tokens (on the device, not yet appended to `seqs`) are this step's
         inputs, one position further on. Its kernels (and a graph captured now) use PDL when
         `self.pdl`."""
-        with pdl_scope(self.pdl):
+        with pdl_scope(self.pdl), (self._prefetcher.active(True) if self._prefetcher is not None
+                                   else nullcontext()):
             return self._decode_step(seqs, state, after)
 
     def _decode_step(self, seqs: list[Sequence], state: Hashable, after: _Inflight | None) -> _Inflight:

@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "tokens)"),
             ("--pdl", "on", "Engine(pdl=...) (programmatic dependent launch of the decode "
                             "kernels, sm_90+)"),
+            ("--prefetch-weights", "off", "Engine(prefetch_weights=...) (experimental: the next "
+                                          "block's weights into L2 on a side stream)"),
             ("--fuse-lora", "both", "lora section: Engine(fuse_lora=...) (LoRA shrink and "
                                     "expand-add launches per sibling group)"),
             ("--l2-prefetch", "off", "with PDL, the GEMVs prefetch their first steps' weights "
@@ -351,16 +353,18 @@ def main(argv: list[str] | None = None) -> int:
                 ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
                 # "both": off first (fusing re-homes the model's buffers for good)
                 onoff = {"on": [True], "off": [False], "both": [False, True]}
-                for fuse, split, ovl, pdl, l2p in [
-                        (f, s_, o, p, q) for f in onoff[args.fuse_siblings]
+                for fuse, split, ovl, pdl, l2p, pw in [
+                        (f, s_, o, p, q, w_) for f in onoff[args.fuse_siblings]
                         for s_ in onoff[args.split_kv] for o in onoff[args.overlap]
                         for p in onoff[args.pdl] for q in onoff[args.l2_prefetch]
+                        for w_ in onoff[args.prefetch_weights]
                         if p or q == onoff[args.l2_prefetch][-1]]:  # (prefetch only with PDL)
                     w = {**where, "fuse_siblings": fuse, "split_kv": split, "overlap": ovl,
-                         "pdl": pdl, "l2_prefetch": pdl and l2p}
+                         "pdl": pdl, "l2_prefetch": pdl and l2p, "prefetch_weights": pw}
                     gemv_mod.PDL_L2_PREFETCH = l2p
                     st = _attempt(rows, w, run_orbit, model, ps, new, device, fuse_siblings=fuse,
-                                  split_kv=split, overlap=ovl, pdl=pdl, **okw)
+                                  split_kv=split, overlap=ovl, pdl=pdl, prefetch_weights=pw,
+                                  **okw)
                     if st is None:
                         continue
                     row = {**w, "attn_backend": st["attn_backend"],
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                         _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
                                      "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
                                      "split_kv": split, "overlap": ovl, "pdl": pdl,
-                                     "l2_prefetch": pdl and l2p,
+                                     "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
                                      "bytes_per_token": b, "copy_GBps": copy_gbs,
                                      "roofline_tokens_per_s": roof,
                                      "decode_tokens_per_s": st["decode_tokens_per_s"],
@@ -408,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         elif r["section"] == "roofline":
             fz = (" grouped" if r.get("fuse_siblings") else " separate") + \
                 (" split-kv" if r.get("split_kv") else "") + (" overlap" if r.get("overlap") else "") + \
-                (" pdl" if r.get("pdl") else "") + (" l2pre" if r.get("l2_prefetch") else "")
+                (" pdl" if r.get("pdl") else "") + (" l2pre" if r.get("l2_prefetch") else "") + \
+                (" prefetch-weights" if r.get("prefetch_weights") else "")
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
                   f" = {100 * r['fraction_of_roofline']:.0f}% ({r['bytes_per_token'] / 1e6:.0f} MB/token)")
@@ -421,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             fz = ("+grp" if r.get("fuse_siblings") else "") + ("+split" if r.get("split_kv") else "") + \
                 ("+ovl" if r.get("overlap") else "") + ("+pdl" if r.get("pdl") else "") + \
-                ("+l2pre" if r.get("l2_prefetch") else "")
+                ("+l2pre" if r.get("l2_prefetch") else "") + ("+pfw" if r.get("prefetch_weights") else "")
             print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")
     return 1 if any("error" in r for r in rows) else 0

@@ -272,6 +272,9 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan.append(("gemv-pdl", dataclasses.replace(auto, pdl=True)))
                     plan.append(("gemv-pdl-l2", dataclasses.replace(auto, pdl=True,
                                                                     l2_prefetch=True)))
+                    # the same weights every call (L2-resident where they fit in it): what a
+                    # prefetch of the next kernel's weights into L2 could reach at best
+                    plan.append(("gemv-hot", auto))
                 if swap:
                     bm = max(16, triton.next_power_of_2(m))
                     plan += [("fused-swap", _qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=w,
@@ -289,6 +292,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                         fns = [lambda q=q: _fused(x, q) for q in qws]
                     elif path == "fused-swap":
                         fns = [lambda q=q: _fused(x, q, config=cfg) for q in qws]
+                    elif path == "gemv-hot":
+                        fns = [lambda: _gemv(x, qws[0], cfg)] * len(qws)
                     else:
                         fns = [lambda q=q: _gemv(x, q, cfg) for q in qws]
                     row = {"phase": "gemv", "fmt": name, "path": path, "k": k, "n": n, "m": m,
