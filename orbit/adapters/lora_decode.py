@@ -35,7 +35,7 @@ class LoRADecodeGroup(MemberGroup):
         """Whether this call can take the fused path (checked on the first member's call)."""
         first = self.members[0]
         slot = first.active_slot
-        if slot is None or torch.is_grad_enabled() or x.dim() != 2:
+        if slot is None or torch.is_grad_enabled() or x.dim() != 2 or x.stride(-1) != 1:
             return False
         if not (x.is_cuda or interpreting()) or not 1 <= x.shape[0] <= kernels.MAX_M:
             return False
