@@ -59,14 +59,16 @@ def pdl_enter(PDL: tl.constexpr):
 @triton.jit
 def prefetch_l2(ptrs, nbytes):
     """Bulk-prefetch `nbytes` (a multiple of 16; addresses 16-byte aligned) from each address
-    in `ptrs` into L2 (sm_90 `cp.async.bulk.prefetch.L2`: no registers, no completion to wait
-    for). For data no earlier kernel writes, e.g. a GEMV's frozen weights: issued before
-    `pdl_enter`, the first steps' bytes stream in while the previous kernel still runs."""
+    in `ptrs` (pointers or int64 addresses) into L2 (sm_90 `cp.async.bulk.prefetch.L2`: no
+    registers, no completion to wait for). `nbytes` is one size or one per address; a lane
+    whose size is 0 issues nothing. For data no earlier kernel writes, e.g. a GEMV's frozen
+    weights: issued before `pdl_enter`, the first steps' bytes stream in while the previous
+    kernel still runs (and orbit/rollout/l2_prefetch.py's side-stream prefetch)."""
     addr = ptrs.to(tl.int64, bitcast=True)
-    n = tl.full(ptrs.shape, nbytes, tl.int32)
+    n = (tl.zeros(ptrs.shape, tl.int32) + nbytes).to(tl.int32)
     tl.inline_asm_elementwise(
-        "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r", [addr, n],
-        dtype=tl.int32, is_pure=False, pack=1)
+        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
+        "mov.u32 $0, 0; }", "=r,l,r", [addr, n], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @cache

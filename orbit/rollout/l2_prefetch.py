@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from orbit.kernels._triton import tl, triton
+from orbit.kernels.pdl import prefetch_l2
 
 CHUNK = 1 << 16  # bytes per prefetch instruction
 BLOCK = 128  # chunks per program
@@ -36,11 +37,9 @@ BLOCK = 128  # chunks per program
 def _l2_prefetch_kernel(addr_ptr, size_ptr, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
-    addr = tl.load(addr_ptr + offs, mask=ok, other=0)
-    size = tl.load(size_ptr + offs, mask=ok, other=0)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
-        "mov.u32 $0, 0; }", "=r,l,r", [addr, size], dtype=tl.int32, is_pure=False, pack=1)
+    # masked lanes get size 0: prefetch_l2 issues nothing for them
+    prefetch_l2(tl.load(addr_ptr + offs, mask=ok, other=0),
+                tl.load(size_ptr + offs, mask=ok, other=0))
 
 
 def plan_chunks(tensors: list[Tensor], chunk: int = CHUNK) -> tuple[list[int], list[int]]:
