@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from orbit.adapters.lora import LoRALinear
 from orbit.kernels import lora_decode as kernels
 from orbit.kernels.matmul_exact import interpreting
-from orbit.quant.siblings import SIBLING_SETS, MemberGroup
+from orbit.quant.siblings import MemberGroup, sibling_sets
 
 
 class LoRADecodeGroup(MemberGroup):
@@ -70,17 +70,15 @@ def link_lora_decode(model: nn.Module) -> int:
     """Link the model's LoRALinear modules into decode groups (see the module docstring);
     returns the number of groups. Modules already linked are left as they are."""
     groups = 0
-    for parent in model.modules():
-        for names in SIBLING_SETS:
-            members = [_lora(getattr(parent, n, None)) for n in names]
-            if any(m is None for m in members) or any(m.decode_group is not None for m in members):
-                continue
-            if len({(m.in_features, m.r) for m in members}) != 1:
-                continue
-            group = LoRADecodeGroup(members)  # type: ignore[arg-type]
-            for m in members:
-                m.decode_group = group
-            groups += 1
+    for members in sibling_sets(model, _lora):
+        if any(m.decode_group is not None for m in members):
+            continue
+        if len({(m.in_features, m.r) for m in members}) != 1:
+            continue
+        group = LoRADecodeGroup(members)
+        for m in members:
+            m.decode_group = group
+        groups += 1
     for m in model.modules():
         if type(m) is LoRALinear and m.decode_group is None:
             m.decode_group = LoRADecodeGroup([m])

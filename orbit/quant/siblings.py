@@ -24,7 +24,9 @@ every member, else that group is left alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +35,7 @@ from orbit.kernels import dispatch
 from orbit.quant.linear import QuantLinear
 from orbit.quant.qweight import QuantizedWeight
 
+ModT = TypeVar("ModT", bound=nn.Module)
 # (parent attribute names) that read one input in the model's forward (orbit.models.transformer).
 SIBLING_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -166,25 +169,35 @@ def _base_quant_linear(module: nn.Module | None) -> QuantLinear | None:
     return module
 
 
+def sibling_sets(model: nn.Module,
+                 pick: Callable[[nn.Module | None], ModT | None]) -> Iterator[list[ModT]]:
+    """Each q/k/v and gate/up set (SIBLING_SETS) of `model`'s modules, as `pick` maps its
+    members (e.g. to the QuantLinear under any adapter wrapper), where every member maps to
+    something."""
+    for parent in model.modules():
+        for names in SIBLING_SETS:
+            members = [pick(getattr(parent, n, None)) for n in names]
+            if all(m is not None for m in members):
+                yield members  # type: ignore[misc]
+
+
 def fuse_siblings(model: nn.Module) -> int:
     """Stack the buffers of each q/k/v and gate/up group of QuantLinears in `model` and link
     the members for the one-launch decode path. Returns the number of groups linked."""
     linked = 0
-    for parent in model.modules():
-        for names in SIBLING_SETS:
-            members = [_base_quant_linear(getattr(parent, n, None)) for n in names]
-            if any(m is None for m in members) or any(m._sibling is not None for m in members):
-                continue
-            stacked = _stack(members)  # type: ignore[arg-type]
-            if stacked is None:
-                continue
-            group = SiblingGroup(members, stacked)  # type: ignore[arg-type]
-            for m, views in zip(members, group.views):
-                for name, view in views.items():
-                    setattr(m, name, view)  # a registered buffer, now a view of the stack
-                m.clear_cache()
-                m._sibling = group
-            linked += 1
+    for members in sibling_sets(model, _base_quant_linear):
+        if any(m._sibling is not None for m in members):
+            continue
+        stacked = _stack(members)
+        if stacked is None:
+            continue
+        group = SiblingGroup(members, stacked)
+        for m, views in zip(members, group.views):
+            for name, view in views.items():
+                setattr(m, name, view)  # a registered buffer, now a view of the stack
+            m.clear_cache()
+            m._sibling = group
+        linked += 1
     return linked
 
 
