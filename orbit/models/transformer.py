@@ -189,9 +189,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # [T, H, D]
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        dest = None
-        if fused_norm_rope_available(q) and not _needs_grad(q, k, v):
-            dest = attn.kv_destination(self.layer_idx, T)
+        fused = fused_norm_rope_available(q)
+        dest = attn.kv_destination(self.layer_idx, T) if fused and not _needs_grad(q, k, v) else None
         qw = self.q_norm.weight if self.q_norm is not None else None
         kw = self.k_norm.weight if self.k_norm is not None else None
         if dest is not None and qk_norm_rope_kv_available(q, k, v, qw, kw, dest[0], dest[1]):
@@ -200,7 +199,7 @@ class Attention(nn.Module):
             eps = self.q_norm.eps if self.q_norm is not None else 0.0
             q = qk_norm_rope_kv(q, k, v, qw, kw, eps, cos, sin, *dest)
             attn.kv_written(self.layer_idx)
-        elif fused_norm_rope_available(q):  # one launch each for q and k (kernels/rope.py)
+        elif fused:  # one launch each for q and k (kernels/rope.py)
             q, k = _norm_rope(q, self.q_norm, cos, sin), _norm_rope(k, self.k_norm, cos, sin)
         else:
             if self.q_norm is not None:
