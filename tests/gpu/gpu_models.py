@@ -9,6 +9,7 @@ import torch
 from orbit.models.config import ModelConfig
 from orbit.models.transformer import CausalLM
 from orbit.quant.convert import convert_linears
+from orbit.rollout.engine import Engine
 
 V = 503
 
@@ -28,3 +29,24 @@ def small_qwen3(fmt: str | None = None, dtype: torch.dtype = torch.bfloat16, hid
     if fmt not in (None, "bf16"):
         convert_linears(model, fmt)
     return model
+
+
+def mixed_prompts(seed: int) -> list[list[int]]:
+    """Four prompts of 37, 120, 5 and 260 random tokens (short, long, tiny, past 256)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, V, (int(n),), generator=g).tolist() for n in (37, 120, 5, 260)]
+
+
+def run_engine(model: CausalLM, prompts: list[list[int]], sp, batch: int,
+               **engine_kw) -> tuple[Engine, list]:
+    """(engine, completions) of prompts[:batch] from a fresh triton-backend Engine with
+    max_num_seqs=batch and `engine_kw`, graphs on; its KV cache is released after."""
+    eng = Engine(model, max_num_seqs=batch, max_model_len=512, attn_backend="triton", **engine_kw)
+    out = [c for row in eng.generate(prompts[:batch], sp) for c in row]
+    eng.release_kv_cache()
+    return eng, out
+
+
+def bits(completions: list) -> list[tuple[list[int], list[float]]]:
+    """Tokens and log-probs of each completion, for bitwise comparisons."""
+    return [(c.tokens, c.logprobs) for c in completions]

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpu_models import V, small_qwen3
+from gpu_models import bits, mixed_prompts, run_engine, small_qwen3
 
-from orbit.rollout.engine import Engine
 from orbit.rollout.types import SamplingParams
 
 pytestmark = [pytest.mark.gpu,
@@ -27,17 +26,13 @@ def test_prefetch_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(pf.WeightPrefetcher, "_prefetch", counted)
     model = small_qwen3("int4")
-    g = torch.Generator().manual_seed(9)
-    ps = [torch.randint(2, V, (int(n),), generator=g).tolist() for n in (37, 120, 5, 260)]
+    ps = mixed_prompts(9)
     sp = SamplingParams(temperature=1.0, max_new_tokens=24, seed=3, ignore_eos=True)
     for batch in (1, 4):
         outs = []
         for on in (False, True):
-            eng = Engine(model, max_num_seqs=batch, max_model_len=512, attn_backend="triton",
-                         prefetch_weights=on)
-            outs.append([(c.tokens, c.logprobs) for row in eng.generate(ps[:batch], sp)
-                         for c in row])
-            eng.release_kv_cache()
+            eng, out = run_engine(model, ps, sp, batch, prefetch_weights=on)
+            outs.append(bits(out))
             if eng._prefetcher is not None:
                 eng._prefetcher.remove()
         assert outs[0] == outs[1], batch

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpu_models import V, small_qwen3
+from gpu_models import mixed_prompts, run_engine, small_qwen3
 
 from orbit.adapters.inject import AdapterConfig, inject_adapters
 from orbit.adapters.lora_decode import unlink_lora_decode
 from orbit.kernels.lora_decode import lora_decode_reference, lora_decode_triton
-from orbit.rollout.engine import Engine
 from orbit.rollout.types import SamplingParams
 
 pytestmark = [pytest.mark.gpu,
@@ -58,18 +57,15 @@ def test_engine_fused_lora_matches_plain() -> None:
             mod.lora_B.normal_(0.0, 0.05)
     aset.stage(0, 1)
     aset.set_active(1)
-    g = torch.Generator().manual_seed(3)
-    ps = [torch.randint(2, V, (int(n),), generator=g).tolist() for n in (37, 120, 5, 260)]
+    ps = mixed_prompts(3)
     sp = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
     for batch in (1, 4):
         outs = []
         for fuse in (False, True):
             unlink_lora_decode(model)
-            eng = Engine(model, max_num_seqs=batch, max_model_len=512, attn_backend="triton",
-                         fuse_lora=fuse)
+            eng, out = run_engine(model, ps, sp, batch, fuse_lora=fuse)
             assert (eng.lora_groups > 0) is fuse
-            outs.append([c for row in eng.generate(ps[:batch], sp) for c in row])
-            eng.release_kv_cache()
+            outs.append(out)
         for plain, fused in zip(*outs):
             n = next((i for i, (a, b) in enumerate(zip(plain.tokens, fused.tokens)) if a != b),
                      len(plain.tokens))
@@ -80,7 +76,5 @@ def test_engine_fused_lora_matches_plain() -> None:
     # the adapter matters here (else the comparison above proves nothing)
     unlink_lora_decode(model)
     aset.set_active(None)
-    eng = Engine(model, max_num_seqs=4, max_model_len=512, attn_backend="triton")
-    base = [c for row in eng.generate(ps, sp) for c in row]
-    eng.release_kv_cache()
+    base = run_engine(model, ps, sp, 4)[1]
     assert any(b.tokens != f.tokens for b, f in zip(base, outs[1]))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpu_models import V, small_qwen3
+from gpu_models import V, bits, mixed_prompts, run_engine, small_qwen3
 
 from orbit.kernels import dispatch
 from orbit.rollout.engine import Engine
@@ -70,18 +70,14 @@ def test_pdl_decode_gives_the_same_bits(fmt: str) -> None:
     if not pdl_available(torch.device("cuda")):
         pytest.skip("PDL needs sm_90+ and Triton with griddepcontrol")
     model = small_qwen3(fmt)
-    g = torch.Generator().manual_seed(3)
-    ps = [torch.randint(2, V, (int(n),), generator=g).tolist() for n in (37, 120, 5, 260)]
+    ps = mixed_prompts(3)
     sp = SamplingParams(temperature=1.0, max_new_tokens=24, seed=7, ignore_eos=True)
     for batch in (1, 4):
         outs = []
         for pdl in (False, True):
-            eng = Engine(model, max_num_seqs=batch, max_model_len=512, attn_backend="triton",
-                         pdl=pdl)
+            eng, out = run_engine(model, ps, sp, batch, pdl=pdl)
             assert eng.pdl is pdl
-            outs.append([(c.tokens, c.logprobs) for row in eng.generate(ps[:batch], sp)
-                         for c in row])
-            eng.release_kv_cache()
+            outs.append(bits(out))
         assert outs[0] == outs[1], (fmt, batch)
 
 
@@ -95,8 +91,7 @@ def test_fused_qk_rope_cache_write_gives_the_same_bits(fmt: str,
     from orbit.kernels import rope
 
     model = small_qwen3(fmt)
-    g = torch.Generator().manual_seed(5)
-    ps = [torch.randint(2, V, (int(n),), generator=g).tolist() for n in (37, 120, 5, 260)]
+    ps = mixed_prompts(5)
     sp = SamplingParams(temperature=1.0, max_new_tokens=24, seed=11, ignore_eos=True)
     for batch in (1, 4):
         outs = []
@@ -112,9 +107,6 @@ def test_fused_qk_rope_cache_write_gives_the_same_bits(fmt: str,
 
             monkeypatch.setattr(tf, "qk_norm_rope_kv_available", available)
             monkeypatch.setattr(tf, "qk_norm_rope_kv", launch)
-            eng = Engine(model, max_num_seqs=batch, max_model_len=512, attn_backend="triton")
-            outs.append([(c.tokens, c.logprobs) for row in eng.generate(ps[:batch], sp)
-                         for c in row])
-            eng.release_kv_cache()
+            outs.append(bits(run_engine(model, ps, sp, batch)[1]))
             assert bool(calls) is fused
         assert outs[0] == outs[1], (fmt, batch)
