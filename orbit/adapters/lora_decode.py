@@ -8,13 +8,17 @@ path's conditions below), it computes every member's base output (the base sibli
 that one GEMV), then the whole group's adapter delta in two launches
 (orbit/kernels/lora_decode.py) added in place, and keeps the other members' outputs, keyed by
 the input tensor; each of them then returns its output when called with that same tensor.
+Where the base output is a quantized decode GEMV (batch-1 steps of the INT4/FP8/FP4 bases;
+`LoRADecodeGroup.fold_weight`), the delta is added in that GEMV's store instead: the shrink
+launch, then the base GEMV with the expand-add folded in (orbit/kernels/lora_epilogue.py), two
+launches per group where the separate expand-add made three.
 Everything else (training, exact mode's batch-invariant LoRA, dropout in training mode, the
 CPU, prefill-sized inputs) runs the plain `LoRALinear.forward`.
 
 The engine links on construction (`Engine(fuse_lora=None)`: on CUDA outside exact mode), after
 the adapters were injected. Linking changes no tensor: the slot tensors are read at each call,
 so staging a new adapter into a slot (or switching slots) needs no relinking, and CUDA graphs
-captured through a group replay the two launches on the slot's current values.
+captured through a group replay its launches on the slot's current values.
 """
 
 from __future__ import annotations
@@ -23,13 +27,23 @@ import torch
 from torch import Tensor, nn
 
 from orbit.adapters.lora import LoRALinear
+from orbit.kernels import dispatch
 from orbit.kernels import lora_decode as kernels
+from orbit.kernels.lora_epilogue import LoRAEpilogue
 from orbit.kernels.matmul_exact import interpreting
+from orbit.quant.linear import QuantLinear, sibling_serves
+from orbit.quant.qweight import QuantizedWeight
 from orbit.quant.siblings import MemberGroup, sibling_sets
 
 
 class LoRADecodeGroup(MemberGroup):
-    """LoRALinear members that read the same input, adapted in two launches."""
+    """LoRALinear members that read the same input, adapted in two launches. `fold`: add the
+    deltas in the base GEMV's store where it can (fold_weight); False keeps the separate
+    expand-add launch everywhere (same-run comparisons: bench_engine.py --fuse-lora both)."""
+
+    def __init__(self, members: list[LoRALinear], fold: bool = True) -> None:
+        super().__init__(members)
+        self.fold = fold
 
     def serves(self, x: Tensor) -> bool:
         """Whether this call can take the fused path (checked on the first member's call)."""
@@ -53,35 +67,65 @@ class LoRADecodeGroup(MemberGroup):
             return None
         first = self.members[0]
         slot = first.active_slot
+        a = [m.slot_tensor(slot, "lora_A") for m in self.members]
+        b = [m.slot_tensor(slot, "lora_B") for m in self.members]
+        qw = self.fold_weight(x)
+        if qw is not None and all(bi.dtype == x.dtype and bi.is_contiguous() for bi in b):  # shrink, then the base GEMV adds the deltas in its store
+            lora = LoRAEpilogue(kernels.lora_shrink(x, a), tuple(b), first.scale)
+            y = dispatch.qmm_lora(x, qw, lora)
+            return list(torch.split(y, [m.base.out_features for m in self.members], dim=1))
         ys = [m.base(x) for m in self.members]
         if any(y.dtype != x.dtype or y.stride(-1) != 1 for y in ys):
             return None  # (an fp32 base output, say): the plain forward handles the casts
-        kernels.lora_decode_triton(x, [m.slot_tensor(slot, "lora_A") for m in self.members],
-                                   [m.slot_tensor(slot, "lora_B") for m in self.members], ys,
-                                   first.scale)
+        kernels.lora_decode_triton(x, a, b, ys, first.scale)
         return ys
+
+    def fold_weight(self, x: Tensor) -> QuantizedWeight | None:
+        """The base weight whose decode GEMV can add this group's deltas in its store (the
+        sibling group's stacked weight for several members, the member's own for one), or
+        None where the bases run otherwise (then: base launch + shrink + expand-add): the
+        bases' own rule for a grouped launch (QuantLinear._grouped: inference mode) and for an
+        output nothing else touches (QuantLinear.fused_output: a bias, say, is added after
+        the base output, before the delta)."""
+        bases = [m.base for m in self.members]
+        if not self.fold or not torch.is_inference_mode_enabled() or not all(
+                isinstance(q, QuantLinear) and q.fused_output(x.device) for q in bases):
+            return None
+        group = bases[0]._sibling
+        if len(bases) == 1:
+            if group is not None and group.enabled:
+                return None  # (a lone adapted sibling: its base group serves the others too)
+            qw = bases[0].quantized_weight()
+        else:
+            if (group is None or not group.enabled or group.members != bases
+                    or not all(group.linked(q) for q in bases)
+                    or not sibling_serves(bases[0].weight_format, x.shape[0])):
+                return None
+            qw = group.qweight
+        return qw if qw is not None and dispatch.lora_foldable(x, qw) else None
 
 
 def _lora(module: nn.Module | None) -> LoRALinear | None:
     return module if type(module) is LoRALinear else None
 
 
-def link_lora_decode(model: nn.Module) -> int:
+def link_lora_decode(model: nn.Module, fold: bool = True) -> int:
     """Link the model's LoRALinear modules into decode groups (see the module docstring);
-    returns the number of groups. Modules already linked are left as they are."""
+    returns the number of groups. Modules already linked are left as they are. `fold`: see
+    LoRADecodeGroup."""
     groups = 0
     for members in sibling_sets(model, _lora):
         if any(m.decode_group is not None for m in members):
             continue
         if len({(m.in_features, m.r) for m in members}) != 1:
             continue
-        group = LoRADecodeGroup(members)
+        group = LoRADecodeGroup(members, fold)
         for m in members:
             m.decode_group = group
         groups += 1
     for m in model.modules():
         if type(m) is LoRALinear and m.decode_group is None:
-            m.decode_group = LoRADecodeGroup([m])
+            m.decode_group = LoRADecodeGroup([m], fold)
             groups += 1
     return groups
 

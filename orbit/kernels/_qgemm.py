@@ -23,6 +23,7 @@ from orbit.kernels.fp4 import mxfp4_tile, nvfp4_tile
 from orbit.kernels.fp8 import fp8_tile
 from orbit.kernels.int4 import int4_tile
 from orbit.kernels.int8 import int8_tile
+from orbit.kernels.lora_epilogue import LoRAEpilogue
 from orbit.quant.qweight import QuantizedWeight
 
 FMT_IDS = {"int4": 0, "int8": 1, "fp8": 2, "nvfp4": 3, "mxfp4": 4, "bf16": 5}
@@ -82,6 +83,12 @@ def use_gemv(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
     split = pick_gemv_config(m, n, k, fmt, num_sms(device)).split
     need = GEMV_MIN_SPLIT_INT4_M1 if (fmt == "int4" and m == 1) else GEMV_MIN_SPLIT
     return split >= need
+
+def lora_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device) -> bool:
+    """Whether a forward of this shape runs the decode GEMV, which can add a LoRA delta in its
+    store (`launch(lora=...)`)."""
+    return not exact and m >= 1 and use_gemv(m, n, k, fmt, device)
+
 
 # The exact (batch-invariant) configs. What decides a row's bits is the K order: br-deep steps
 # from 0 upward into one fp32 accumulator, no split-K; every exact config shares br=64. The
@@ -277,12 +284,18 @@ def check_out(out: Tensor | None, shape: tuple[int, int], x: Tensor) -> Tensor:
 def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
            offset: Tensor | None, global_scale: Tensor | None, group: int,
            transpose: bool, exact: bool, out: Tensor | None = None,
-           config: TileConfig | None = None) -> Tensor:
-    """Run the fused kernel on already-validated tensors; `config` overrides the pick (bench)."""
+           config: TileConfig | None = None, lora: LoRAEpilogue | None = None) -> Tensor:
+    """Run the fused kernel on already-validated tensors; `config` overrides the pick (bench).
+    `lora` adds a LoRA delta in the decode GEMV's store (orbit/kernels/lora_epilogue.py): only
+    where that kernel runs (`lora_fits`), else ValueError."""
     n, k = shape
     m = x.shape[0]
     out_dim = k if transpose else n
     y = check_out(out, (m, out_dim), x)
+    if lora is not None and (config is not None or transpose or not lora_fits(m, n, k, fmt, exact, x.device)):
+        raise ValueError(f"a LoRA epilogue runs only in the fast-mode decode GEMV forward; "
+                         f"{fmt} [{m} x {k}] @ [{n} x {k}]^T (exact={exact}, "
+                         f"transpose={transpose}) does not take it")
     if m == 0:
         return y
     if config is None and not exact and m >= DEQUANT_MIN_M and fmt != "bf16":
@@ -293,7 +306,7 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     if not exact and config is None and not transpose and use_gemv(m, n, k, fmt, x.device):
         from orbit.kernels.gemv import gemv  # gemv.py imports this module
 
-        return gemv(x, fmt, shape, q, s, offset, global_scale, group, y)
+        return gemv(x, fmt, shape, q, s, offset, global_scale, group, y, lora=lora)
     cfg = config or pick_config(m, out_dim, fmt, exact)
     if cfg.swap and (transpose or exact):
         raise ValueError("TileConfig.swap is a fast-mode forward experiment (no transpose, "

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from orbit.kernels.lora_epilogue import LoRAEpilogue
 from orbit.quant.qweight import QuantizedWeight
 
 ACT_QUANT_MODES = (None, "fp8")
@@ -84,6 +85,31 @@ def qmm(x: Tensor, qw: QuantizedWeight, exact: bool = False, *,
         if kernel is not None and (qw.fmt != "bf16" or qw.tensors["weight"].dtype == x.dtype):
             return kernel(x.contiguous(), qw, exact=exact)
     return qmm_reference(x, qw)
+
+
+def lora_foldable(x: Tensor, qw: QuantizedWeight) -> bool:
+    """Whether `qmm_lora(x, qw, ...)` runs: the fast-mode forward of x [M, in] on this weight
+    is the decode GEMV (CUDA, or Triton's interpreter in CPU tests), which can add a LoRA
+    delta in its store."""
+    from orbit.kernels._qgemm import GEMV_FORMATS, lora_fits
+    from orbit.kernels._triton import HAS_TRITON
+    from orbit.kernels.matmul_exact import interpreting
+
+    if not HAS_TRITON or qw.fmt not in GEMV_FORMATS or x.dim() != 2:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or not (x.is_cuda or interpreting()):
+        return False
+    return lora_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt, False, x.device)
+
+
+def qmm_lora(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue) -> Tensor:
+    """x @ W^T plus a LoRA delta (orbit/kernels/lora_epilogue.py) in one fast-mode decode GEMV
+    launch; only where `lora_foldable(x, qw)`."""
+    kernel = _kernel_for(qw)
+    if kernel is None or not lora_foldable(x, qw):
+        raise ValueError(f"qmm_lora: a {qw.fmt} {tuple(qw.shape)} forward of {tuple(x.shape)} "
+                         f"{x.dtype} on {x.device} does not run the decode GEMV")
+    return kernel(x.contiguous(), qw, lora=lora)
 
 
 def qmm_t(dy: Tensor, qw: QuantizedWeight, exact: bool = False) -> Tensor:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from orbit.kernels._tiles import group_affine, unpack_nibbles
 from orbit.kernels._triton import tl, triton
+from orbit.kernels.lora_epilogue import LoRAEpilogue
 from orbit.quant.qweight import MXFP4_GROUP, NVFP4_GROUP, QuantizedWeight
 
 
@@ -90,26 +91,31 @@ def _check(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool) -> None:
 
 
 def _fp4_matmul(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool, exact: bool,
-                out: Tensor | None) -> Tensor:
+                out: Tensor | None, lora: LoRAEpilogue | None = None) -> Tensor:
     from orbit.kernels._qgemm import launch
 
     _check(x, qw, fmt, transpose)
     t = qw.tensors
     gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
     group = NVFP4_GROUP if fmt == "nvfp4" else MXFP4_GROUP
-    return launch(x, fmt, qw.shape, t["qweight"], t["scale"], None, gs, group, transpose, exact, out)
+    return launch(x, fmt, qw.shape, t["qweight"], t["scale"], None, gs, group, transpose, exact, out,
+                  lora=lora)
 
 
 def nvfp4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
-                 exact: bool = False, out: Tensor | None = None) -> Tensor:
-    """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel."""
-    return _fp4_matmul(x, qw, "nvfp4", transpose, exact, out)
+                 exact: bool = False, out: Tensor | None = None,
+                lora: LoRAEpilogue | None = None) -> Tensor:
+    """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel.
+    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store."""
+    return _fp4_matmul(x, qw, "nvfp4", transpose, exact, out, lora)
 
 
 def mxfp4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
-                 exact: bool = False, out: Tensor | None = None) -> Tensor:
-    """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel."""
-    return _fp4_matmul(x, qw, "mxfp4", transpose, exact, out)
+                 exact: bool = False, out: Tensor | None = None,
+                lora: LoRAEpilogue | None = None) -> Tensor:
+    """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel.
+    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store."""
+    return _fp4_matmul(x, qw, "mxfp4", transpose, exact, out, lora)
 
 
 def fp4_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,

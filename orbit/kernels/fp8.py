@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from orbit.kernels._triton import tl, triton
+from orbit.kernels.lora_epilogue import LoRAEpilogue
 from orbit.quant.qweight import FP8_BLOCK, QuantizedWeight
 
 E4M3_MAX = 448.0
@@ -102,14 +103,16 @@ def _check(x: Tensor, qw: QuantizedWeight, transpose: bool) -> None:
 
 
 def fp8_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
-               exact: bool = False, out: Tensor | None = None) -> Tensor:
-    """W8A16: x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]."""
+               exact: bool = False, out: Tensor | None = None,
+                lora: LoRAEpilogue | None = None) -> Tensor:
+    """W8A16: x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in].
+    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store."""
     from orbit.kernels._qgemm import launch
 
     _check(x, qw, transpose)
     t = qw.tensors
     return launch(x, "fp8", qw.shape, t["weight"], t["scale_inv"], None, None, FP8_BLOCK,
-                  transpose, exact, out)
+                  transpose, exact, out, lora=lora)
 
 
 def fp8_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,

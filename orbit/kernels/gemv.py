@@ -52,6 +52,7 @@ from orbit.kernels._qgemm import DEFAULT_UNPACK, FMT_IDS, _w_tile
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.fp4 import e2m1_scaled, e8m0_scale
 from orbit.kernels.int4 import int4_codes
+from orbit.kernels.lora_epilogue import LoRAEpilogue, kernel_args, lora_store
 from orbit.kernels.pdl import pdl_enter, pdl_launch, prefetch_l2
 
 # Heuristic constants (pick_gemv_config); sweep them with scripts/bench/bench_qmm.py --gemv.
@@ -216,10 +217,11 @@ def prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK: tl.con
 @triton.jit
 def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, K_PER,
                  SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
+                 h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm,
                  FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                  MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  UNPACK: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = False, LORA: tl.constexpr = 0, LRP: tl.constexpr = 1):
     # out[pid_k, m, n] = sum over this program's K-slice of x[m, k] * W[n, k] (fp32 sums; cast
     # to out's dtype on store: the activation dtype without split, fp32 into the workspace).
     pdl_enter(PDL)
@@ -248,12 +250,14 @@ def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
             acc = tl.where(cols[None, :] == m, acc + part[:, None], acc)
     offs_n = n0 + tl.arange(0, BN)
     _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, cols,
-               stride_om, stride_os, stride_ym, FIXUP)
+               stride_om, stride_os, stride_ym, FIXUP, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
+               stride_hm, LORA, LRP)
 
 
 @triton.jit
 def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, cols,
-               stride_om, stride_os, stride_ym, FIXUP: tl.constexpr):
+               stride_om, stride_os, stride_ym, FIXUP: tl.constexpr, h_ptr, b0, b1, b2, LN0,
+               LN1, LR, lscale, stride_hm, LORA: tl.constexpr, LRP: tl.constexpr):
     # acc [BN, MP] fp32 -> out[pid_k] (y itself without split, else the fp32 workspace slice).
     # FIXUP: each program of column tile pid_n bumps the tile's arrival counter after its
     # slice is stored; the one that arrives last adds all SPLIT slices in slice order (so the
@@ -261,10 +265,13 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
     # for the next launch (CUDA-graph replays reuse it). The barrier + acq_rel atomic is the
     # release/acquire pair that makes the other programs' slices visible; .cg loads read them
     # from L2, never a stale L1 line.
+    # LORA (members, 0 = none): the program that writes y's final values adds the adapter
+    # delta first (orbit/kernels/lora_epilogue.py; the launch makes sure that program is this
+    # one or the fix-up's, never the second reduce launch).
     mask = (offs_n[:, None] < N) & (cols[None, :] < M)
     ptrs = out_ptr + pid_k * stride_os + cols[None, :] * stride_om + offs_n[:, None]
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     if FIXUP:
+        tl.store(ptrs, acc, mask=mask)  # fp32 workspace slice
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT - 1:
@@ -273,8 +280,25 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
             for s in range(SPLIT):
                 total += tl.load(base + s * stride_os, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + cols[None, :] * stride_ym + offs_n[:, None],
-                     total.to(y_ptr.dtype.element_ty), mask=mask)
+                     _final(total, offs_n, cols, M, N, y_ptr.dtype.element_ty, h_ptr, b0, b1,
+                            b2, LN0, LN1, LR, lscale, stride_hm, LORA, LRP), mask=mask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+    elif LORA > 0:  # no split: out is y
+        tl.store(ptrs, _final(acc, offs_n, cols, M, N, out_ptr.dtype.element_ty, h_ptr, b0, b1,
+                              b2, LN0, LN1, LR, lscale, stride_hm, LORA, LRP), mask=mask)
+    else:  # y, or a workspace slice for the second reduce launch
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _final(acc, offs_n, cols, M, N, dt: tl.constexpr, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
+           stride_hm, LORA: tl.constexpr, LRP: tl.constexpr):
+    """y's final values in dt: acc rounded, plus the LoRA delta where there is one."""
+    if LORA > 0:
+        return lora_store(acc, offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
+                          stride_hm, dt, LORA, LRP)
+    else:
+        return acc.to(dt)
 
 
 # Nibble-plane codes: what a 4-bit code u becomes before the group scale (see _plane_values).
@@ -364,11 +388,13 @@ def _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP: tl.constexpr,
 @triton.jit
 def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
                         K_PER, SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s,
-                        stride_ym, FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+                        stride_ym, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm,
+                        FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
                         HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr,
                         NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
                         DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr,
-                        PDL: tl.constexpr = False, L2PRE: tl.constexpr = False):
+                        PDL: tl.constexpr = False, L2PRE: tl.constexpr = False,
+                        LORA: tl.constexpr = 0, LRP: tl.constexpr = 1):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -446,7 +472,8 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     if FMT == 3:
         acc = acc * tl.load(g_ptr).to(tl.float32)
     _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
-               stride_om, stride_os, stride_ym, FIXUP)
+               stride_om, stride_os, stride_ym, FIXUP, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
+               stride_hm, LORA, LRP)
 
 
 @triton.jit
@@ -508,47 +535,49 @@ def _as_words(q: Tensor) -> Tensor | None:
 
 def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
          offset: Tensor | None, global_scale: Tensor | None, group: int, y: Tensor,
-         config: object | None = None) -> Tensor:
+         config: object | None = None, lora: LoRAEpilogue | None = None) -> Tensor:
     """y[M, out] = x[M, in] @ W^T for already-validated tensors (as `_qgemm.launch` gets them)
     and 1 <= M <= 16; `config` overrides the heuristic (bench sweeps): a GemvConfig, or for
-    FP8 at M <= FP8_GEMV_MAX_M a gemv_fp8.Fp8GemvConfig."""
+    FP8 at M <= FP8_GEMV_MAX_M a gemv_fp8.Fp8GemvConfig. `lora`: add a LoRA delta in the store
+    (orbit/kernels/lora_epilogue.py)."""
     n, k = shape
     m = x.shape[0]
     assert 1 <= m <= 16 and fmt in FMT_IDS and fmt != "bf16", (m, fmt)
     if fmt == "fp8" and m <= FP8_GEMV_MAX_M and not isinstance(config, GemvConfig):
         from orbit.kernels.gemv_fp8 import gemv_fp8  # (gemv_fp8 imports this module)
 
-        return gemv_fp8(x, q, s, y, config)  # type: ignore[arg-type]
+        return gemv_fp8(x, q, s, y, config, lora)  # type: ignore[arg-type]
     cfg = config or pick_gemv_config(m, n, k, fmt, num_sms(x.device))
     words = _as_words(q) if (cfg.planes and fmt in PLANE_FORMATS) else None
     # The plane kernel steps whole groups: block_k is at least one group.
     block_k = max(cfg.block_k, group) if words is not None else cfg.block_k
     mp = triton.next_power_of_2(m)
     grid, k_per, split, out, stride_om, stride_os, cnt, fixup = split_k_launch(
-        x, y, n, k, cfg.block_n, block_k, cfg.split, cfg.fixup)
+        x, y, n, k, cfg.block_n, block_k, cfg.split, cfg.fixup or lora is not None)
     cnt = cnt if cnt is not None else s
     o = offset if offset is not None else s
     # PDL when the config asks (bench) or inside the engine's pdl_scope (grid-size rule there)
     pdl = pdl_launch(x.device, grid[0] * grid[1], forced=cfg.pdl)
     gs = global_scale if global_scale is not None else s
+    largs, lconst = kernel_args(lora, y)
     if words is not None:
         code = PLANE_CODES[(fmt, offset is not None)] if fmt == "int4" else PLANE_CODES[fmt]
         if code == 2 and cfg.e2m1_bits:
             code = 3
         _gemv_planes_kernel[grid](
             x, out, words, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,
-            stride_os, words.stride(0), s.stride(0), y.stride(0), FMT=FMT_IDS[fmt], CODE=code,
-            GROUP=group, HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n,
+            stride_os, words.stride(0), s.stride(0), y.stride(0), *largs, FMT=FMT_IDS[fmt],
+            CODE=code, GROUP=group, HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n,
             NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup, DEFER=cfg.defer,
             ASM=x.is_cuda, XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch,
-            num_warps=cfg.warps, **pdl)
+            num_warps=cfg.warps, **lconst, **pdl)
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,
-            stride_os, q.stride(0), s.stride(0), y.stride(0), FMT=FMT_IDS[fmt], GROUP=group,
-            HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n, BK=block_k,
+            stride_os, q.stride(0), s.stride(0), y.stride(0), *largs, FMT=FMT_IDS[fmt],
+            GROUP=group, HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n, BK=block_k,
             UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0),
-            STAGES=cfg.stages, FIXUP=fixup, num_warps=cfg.warps, **pdl)
+            STAGES=cfg.stages, FIXUP=fixup, num_warps=cfg.warps, **lconst, **pdl)
     if split > 1 and not fixup:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](

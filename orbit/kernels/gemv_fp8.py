@@ -51,6 +51,7 @@ from orbit.kernels.gemv import (
     split_k,
     split_k_launch,
 )
+from orbit.kernels.lora_epilogue import LoRAEpilogue, kernel_args
 from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 FP8_BLOCK = 128
@@ -121,10 +122,11 @@ def _e4m3_bits(words, P: tl.constexpr):
 @triton.jit
 def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PER, SPLIT,
                      stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
-                     MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm, MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      STAGES: tl.constexpr, FIXUP: tl.constexpr, DEC: tl.constexpr,
                      XPRE: tl.constexpr, PDL: tl.constexpr = False,
-                     L2PRE: tl.constexpr = False):
+                     L2PRE: tl.constexpr = False, LORA: tl.constexpr = 0,
+                     LRP: tl.constexpr = 1):
     pid_n, pid_k, k_lo, k_hi, offs_n, row_ok = _program_slice(K_PER, K, N, BN)
     if PDL and L2PRE:  # the first steps' weight bytes into L2 before waiting on the last kernel
         prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES,
@@ -161,7 +163,8 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
     if DEC == 1:
         out = out * X_UP
     _store_out(out, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
-               stride_om, stride_os, stride_ym, FIXUP)
+               stride_om, stride_os, stride_ym, FIXUP, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
+               stride_hm, LORA, LRP)
 
 
 def pick_fp8_gemv_config(m: int, n: int, k: int, sms: int) -> Fp8GemvConfig:
@@ -178,9 +181,10 @@ def pick_fp8_gemv_config(m: int, n: int, k: int, sms: int) -> Fp8GemvConfig:
 
 
 def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,
-             config: Fp8GemvConfig | None = None) -> Tensor:
+             config: Fp8GemvConfig | None = None, lora: LoRAEpilogue | None = None) -> Tensor:
     """y[M, N] = x[M, K] @ dequant(q, s)^T for q float8_e4m3fn [N, K], s float32 block scales
-    [ceil(N/128), ceil(K/128)], 1 <= M <= 4 (already validated by `_qgemm.launch`)."""
+    [ceil(N/128), ceil(K/128)], 1 <= M <= 4 (already validated by `_qgemm.launch`); `lora`
+    adds a LoRA delta in the store (orbit/kernels/lora_epilogue.py)."""
     n, k = q.shape
     m = x.shape[0]
     assert 1 <= m <= 4 and q.dtype == torch.float8_e4m3fn, (m, q.dtype)
@@ -196,9 +200,10 @@ def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,
         x, y, n, k, cfg.block_n, cfg.block_k, cfg.split)
     cnt = cnt if cnt is not None else s
     pdl = pdl_launch(x.device, grid[0] * grid[1], forced=cfg.pdl)
+    largs, lconst = kernel_args(lora, y)
     _gemv_fp8_kernel[grid](
         x, out, qv, s, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om, stride_os,
-        qv.stride(0), s.stride(0), y.stride(0), MP=triton.next_power_of_2(m), BN=cfg.block_n,
-        BK=cfg.block_k, STAGES=cfg.stages, FIXUP=fixup, DEC=dec, XPRE=cfg.x_prefetch,
-        L2PRE=cfg.l2_prefetch, num_warps=cfg.warps, **pdl)
+        qv.stride(0), s.stride(0), y.stride(0), *largs, MP=triton.next_power_of_2(m),
+        BN=cfg.block_n, BK=cfg.block_k, STAGES=cfg.stages, FIXUP=fixup, DEC=dec,
+        XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch, num_warps=cfg.warps, **lconst, **pdl)
     return y

@@ -213,17 +213,21 @@ def lora_decode_triton(x: Tensor, a: list[Tensor], b: list[Tensor], y: list[Tens
     """Add each member's `scale * (x A_s^T) B_s^T` to y_s in place: a shrink launch, then an
     expand-add launch."""
     check_members(x, a, b, y)
+    lora_expand_add(lora_shrink(x, a), b, y, scale)
+
+
+def lora_shrink(x: Tensor, a: list[Tensor]) -> Tensor:
+    """h [M, S*r] = the members' x A_s^T side by side, in x's dtype (one launch). The decode
+    GEMV's LoRA epilogue (orbit/kernels/lora_epilogue.py) and `lora_expand_add` read it."""
     if not HAS_TRITON:
-        raise RuntimeError("lora_decode_triton needs Triton")
+        raise RuntimeError("lora_shrink needs Triton")
     from orbit.kernels.gemv import arrival_counters  # (gemv imports pdl, as this module does)
 
     m, k = x.shape
     r, s = a[0].shape[0], len(a)
     mp = triton.next_power_of_2(m)
-    # Tensor-core dots from DOT_MIN_M rows on (padded to 16); below, fp32 broadcast products.
-    dot = x.dtype in (torch.bfloat16, torch.float16) and mp >= DOT_MIN_M
-    bm = max(16, mp) if dot else mp
-    rp = max(16, triton.next_power_of_2(r)) if dot else triton.next_power_of_2(r)
+    dot = _use_dot(x, mp)
+    bm, rp = _rows(mp, dot), _rank_pad(r, dot)
     if dot:  # all rows of A per program, K split in SHRINK_KC chunks (fix-up)
         jb, bk, kc = rp, DOT_BK, SHRINK_KC
     else:  # one row of A per program over all of K: s * r programs, no fix-up
@@ -238,10 +242,33 @@ def lora_decode_triton(x: Tensor, a: list[Tensor], b: list[Tensor], y: list[Tens
     _lora_shrink_kernel[grid](x, *_pad3(a), ws, h, cnt, m, k, r, kc, split, x.stride(0),
                               h.stride(0), S=s, BM=bm, JB=jb, BK=bk, DOT=dot, num_warps=WARPS,
                               **pdl_launch(x.device, grid[0]))
+    return h
+
+
+def lora_expand_add(h: Tensor, b: list[Tensor], y: list[Tensor], scale: float) -> None:
+    """y_s += scale * h_s B_s^T in place, every member in one launch (h from `lora_shrink`)."""
+    m = h.shape[0]
+    r, s = b[0].shape[1], len(b)
+    mp = triton.next_power_of_2(m)
+    dot = _use_dot(h, mp)
+    bm, rp = _rows(mp, dot), _rank_pad(r, dot)
     bn = EXPAND_BN if dot else max(16, min(EXPAND_BN, ELEMS // (bm * rp)))
     ns = [bi.shape[0] for bi in b]
     grid = (sum(triton.cdiv(n, bn) for n in ns),)
     _lora_expand_add_kernel[grid](h, *_pad3(b), *_pad3(y), m, *_pad3(ns), r, float(scale),
                                   h.stride(0), *_pad3([yi.stride(0) for yi in y]), S=s, BM=bm,
                                   BN=bn, RP=rp, DOT=dot, num_warps=WARPS,
-                                  **pdl_launch(x.device, grid[0]))
+                                  **pdl_launch(h.device, grid[0]))
+
+
+def _use_dot(x: Tensor, mp: int) -> bool:
+    """Tensor-core dots from DOT_MIN_M rows on (padded to 16); below, fp32 broadcast products."""
+    return x.dtype in (torch.bfloat16, torch.float16) and mp >= DOT_MIN_M
+
+
+def _rows(mp: int, dot: bool) -> int:
+    return max(16, mp) if dot else mp
+
+
+def _rank_pad(r: int, dot: bool) -> int:
+    return max(16, triton.next_power_of_2(r)) if dot else triton.next_power_of_2(r)

@@ -152,6 +152,14 @@ class QuantLinear(nn.Module):
             return None
         return self._sibling.output(self, x, x2d)
 
+    def fused_output(self, device: torch.device) -> bool:
+        """Whether this layer's fast-mode forward on `device` is one quantized-kernel launch
+        whose output nothing else touches (no bias add, no W8A8 activation quantizer, no dense
+        weight cache, not exact mode, not a BF16 passthrough, which cuBLAS runs): a LoRA
+        delta may then be added in that kernel's store (orbit/adapters/lora_decode.py)."""
+        return (self.bias is None and not self.exact and self.act_quant is None
+                and self.weight_format != "bf16" and not self._use_cache(device))
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(

@@ -11,8 +11,10 @@ roofline, and across base precisions. Random weights (speed does not depend on t
    with orbit.quant.convert.convert_linears).
 4. lora: what RL rollouts run: the INT4 Qwen3-1.7B base with a LoRA adapter (r 16, all seven
    linears, random nonzero B) served from slot 1, decode tokens/s at batch 1/16/64 with the
-   adapter's decode groups (Engine(fuse_lora=...), --fuse-lora on|off|both) and, in the same
-   run, the base alone (adapter off) and an OFT adapter (block 32, all seven linears).
+   plain LoRA forward, the adapter's decode groups with a separate expand-add launch, and the
+   groups with the expand-add folded into the base GEMV's store (Engine(fuse_lora=...),
+   --fuse-lora on|off|both) and, in the same run, the base alone (adapter off) and an OFT
+   adapter (block 32, all seven linears).
 Orbit's bf16 model (--orbit-bf16): "linear" keeps plain nn.Linear layers; "ql" converts them to
 BF16 QuantLinears, the layers the trainer loads for `--quant-format bf16` (the bf16 launcher),
 whose q/k/v and gate/up run as one GEMM each in the engine (orbit.quant.siblings).
@@ -211,10 +213,12 @@ def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, 
     with the decode groups, and OFT (block 32; its per-input rotation leaves the base sibling
     groups off), each adapter served from slot 1."""
     from orbit.adapters.inject import AdapterConfig, inject_adapters
-    from orbit.adapters.lora_decode import unlink_lora_decode
+    from orbit.adapters.lora_decode import link_lora_decode, unlink_lora_decode
 
     new = 32 if small else 128
-    fuses = {"on": [True], "off": [False], "both": [False, True]}[fuse]
+    # plain: LoRALinear.forward; groups: the decode groups' shrink + expand-add after the base
+    # GEMV; fold: the expand-add in the base GEMV's store where it runs (what the engine does)
+    fuses = {"on": ["fold"], "off": ["plain"], "both": ["plain", "groups", "fold"]}[fuse]
     for kind in ("lora", "oft"):
         model = _format_model(shape, "int4", dtype, device)
         cfg = AdapterConfig(kind=kind, r=LORA_RANK, alpha=2.0 * LORA_RANK, block_size=OFT_BLOCK)
@@ -224,18 +228,21 @@ def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, 
                 t = mod.lora_B if kind == "lora" else mod.oft_R
                 t.normal_(0.0, 0.01)
         aset.stage(0, 1)
-        variants = [(1, f) for f in fuses] if kind == "lora" else [(1, False)]
+        variants = [(1, f) for f in fuses] if kind == "lora" else [(1, "plain")]
         if kind == "lora":
-            variants = [(None, False), *variants]  # the base alone, same model
+            variants = [(None, "plain"), *variants]  # the base alone, same model
         for batch in ([1, 4] if small else [1, 16, 64]):
             ps = prompts(batch, plen, SHAPES[shape]["vocab_size"], seed=batch)
             for slot, fz in variants:
                 aset.set_active(slot)
-                unlink_lora_decode(model)  # each engine links anew when its fuse_lora asks
+                unlink_lora_decode(model)
+                if fz == "groups":  # linked here; the engine (fuse_lora=False) leaves them
+                    link_lora_decode(model, fold=False)
                 w = {"section": "lora", "shape": shape, "batch": batch, "new_tokens": new,
                      "adapter": None if slot is None else kind, "rank": LORA_RANK,
                      "fuse_lora": fz}
-                st = _attempt(rows, w, run_orbit, model, ps, new, device, fuse_lora=fz, **okw)
+                st = _attempt(rows, w, run_orbit, model, ps, new, device,
+                              fuse_lora=fz == "fold", **okw)
                 if st is not None:
                     _emit(rows, {**w, "attn_backend": st["attn_backend"],
                                  "tokens_per_s": st["tokens_per_s"],
@@ -263,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                             "kernels, sm_90+)"),
             ("--prefetch-weights", "off", "Engine(prefetch_weights=...) (experimental: the next "
                                           "block's weights into L2 on a side stream)"),
-            ("--fuse-lora", "both", "lora section: Engine(fuse_lora=...) (LoRA shrink and "
-                                    "expand-add launches per sibling group)"),
+            ("--fuse-lora", "both", "lora section: Engine(fuse_lora=...) (LoRA decode groups; "
+                                    "both = plain forward, groups with a separate expand-add, "
+                                    "groups with the expand-add in the base GEMV)"),
             ("--l2-prefetch", "off", "with PDL, the GEMVs prefetch their first steps' weights "
                                      "into L2 before waiting (gemv.PDL_L2_PREFETCH)")):
         ap.add_argument(flag, default=default, choices=("on", "off", "both"),
@@ -420,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         elif r["section"] == "lora":
             what = ("adapter off" if r["adapter"] is None else
                     f"oft b{OFT_BLOCK}" if r["adapter"] == "oft" else
-                    f"lora r{r['rank']} {'fused' if r['fuse_lora'] else 'plain'}")
+                    f"lora r{r['rank']} {r['fuse_lora']}")
             print(f"lora     {r['shape']:<13} int4 {what:<17} b{r['batch']:<3}: decode "
                   f"{r['decode_tokens_per_s']:>9.1f} tok/s ({1e3 / r['decode_tokens_per_s']:.2f} ms/step)")
         else:

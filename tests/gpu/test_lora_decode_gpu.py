@@ -1,6 +1,8 @@
-"""Fused LoRA decode on CUDA (orbit/kernels/lora_decode.py, orbit/adapters/lora_decode.py): the
-two kernels at the Qwen3-1.7B shapes against the unfused forward on fresh random inputs, and
-the engine with a LoRA slot active, graph-replayed and PDL-launched, fused vs plain."""
+"""Fused LoRA decode on CUDA (orbit/kernels/lora_decode.py, orbit/adapters/lora_decode.py,
+orbit/kernels/lora_epilogue.py): the two kernels at the Qwen3-1.7B shapes against the unfused
+forward on fresh random inputs, the expand-add folded into each quantized decode GEMV against
+that GEMV followed by the expand-add kernel, and the engine with a LoRA slot active,
+graph-replayed and PDL-launched: plain vs decode groups vs groups folded into the GEMV."""
 
 from __future__ import annotations
 
@@ -9,8 +11,16 @@ import torch
 from gpu_models import mixed_prompts, run_engine, small_qwen3
 
 from orbit.adapters.inject import AdapterConfig, inject_adapters
-from orbit.adapters.lora_decode import unlink_lora_decode
-from orbit.kernels.lora_decode import lora_decode_reference, lora_decode_triton
+from orbit.adapters.lora_decode import link_lora_decode, unlink_lora_decode
+from orbit.kernels import dispatch
+from orbit.kernels.lora_decode import (
+    lora_decode_reference,
+    lora_decode_triton,
+    lora_expand_add,
+    lora_shrink,
+)
+from orbit.kernels.lora_epilogue import LoRAEpilogue
+from orbit.kernels.random_weights import random_qweight
 from orbit.rollout.types import SamplingParams
 
 pytestmark = [pytest.mark.gpu,
@@ -46,6 +56,40 @@ def test_kernels_at_qwen3_shapes(m: int, k: int, ns: list[int]) -> None:
         assert (diff > 0).float().mean() < 0.1
 
 
+def _ulp_bound(ref: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """One bf16 ulp of y plus two of the delta (a rounding step of the delta or of y may land
+    one ulp away when only the summation order differs)."""
+    delta = (ref.float() - base.float()).abs()
+    return (ref.float().abs() + 2 * delta) * 2.0 ** -7 * 1.01
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4", "mxfp4", "int8"])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("k,ns", [(2048, [2048, 1024, 1024]), (2048, [6144, 6144]),
+                                  (2048, [2048]), (6144, [2048])])
+def test_gemv_epilogue_at_qwen3_shapes(fmt: str, m: int, k: int, ns: list[int]) -> None:
+    """qmm_lora (shrink, then the GEMV with the expand-add in its store) vs the same GEMV and
+    the separate expand-add kernel, wherever the decode GEMV runs the shape."""
+    kw = {"group_size": 128} if fmt == "int4" else {"group_size": 32} if fmt == "int8" else {}
+    qw = random_qweight(fmt, sum(ns), k, seed=m + k, device="cuda", **kw)
+    g = torch.Generator(device="cuda").manual_seed(m * k + len(ns))
+    x = (torch.randn(m, k, generator=g, device="cuda")).bfloat16()
+    if not dispatch.lora_foldable(x, qw):
+        pytest.skip(f"{fmt} M={m} {k}x{sum(ns)} runs the tl.dot loop, not the decode GEMV")
+    r = 16
+    a = [(torch.randn(r, k, generator=g, device="cuda") * 0.02).bfloat16() for _ in ns]
+    b = [(torch.randn(n, r, generator=g, device="cuda") * 0.05).bfloat16() for n in ns]
+    h = lora_shrink(x, a)
+    y = dispatch.qmm_lora(x, qw, LoRAEpilogue(h, tuple(b), 2.0))
+    base = dispatch.qmm(x, qw)
+    ref = base.clone()
+    lora_expand_add(h, b, list(torch.split(ref, ns, dim=1)), 2.0)
+    assert not torch.equal(y, base)  # the delta landed
+    diff = (y.float() - ref.float()).abs()
+    assert (diff <= _ulp_bound(ref, base)).all(), (diff - _ulp_bound(ref, base)).max()
+    assert (diff > 0).float().mean() < 0.05
+
+
 def test_engine_fused_lora_matches_plain() -> None:
     """Slot 1 holds a nonzero adapter; greedy completions and their log-probs with the decode
     groups equal the plain LoRA forward's up to summation order, at batch 1 and 4, graphs and
@@ -59,22 +103,35 @@ def test_engine_fused_lora_matches_plain() -> None:
     aset.set_active(1)
     ps = mixed_prompts(3)
     sp = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
-    for batch in (1, 4):
-        outs = []
-        for fuse in (False, True):
-            unlink_lora_decode(model)
-            eng, out = run_engine(model, ps, sp, batch, fuse_lora=fuse)
-            assert (eng.lora_groups > 0) is fuse
-            outs.append(out)
-        for plain, fused in zip(*outs):
-            n = next((i for i, (a, b) in enumerate(zip(plain.tokens, fused.tokens)) if a != b),
-                     len(plain.tokens))
-            assert n >= 8, (plain.tokens, fused.tokens)  # greedy on a sharp head: no early tie
-            lp = torch.tensor(plain.logprobs[:n])
-            lf = torch.tensor(fused.logprobs[:n])
-            assert (lp - lf).abs().max() < 0.05, (lp, lf)
+    folds = []
+    real = dispatch.qmm_lora
+    dispatch.qmm_lora = lambda *a, **kw: folds.append(a[0].shape[0]) or real(*a, **kw)
+    try:
+        for batch in (1, 4):
+            outs = []
+            for variant in ("plain", "groups", "fold"):
+                unlink_lora_decode(model)
+                if variant == "groups":  # linked here, left alone by a fuse_lora=False engine
+                    link_lora_decode(model, fold=False)
+                n_folds = len(folds)
+                eng, out = run_engine(model, ps, sp, batch, fuse_lora=variant == "fold")
+                assert (eng.lora_groups > 0) is (variant == "fold")
+                # batch 1 is a decode GEMV at every linear: the engine folds there (batch 4
+                # only where the GEMV takes the shape); the other variants never fold
+                if variant != "fold" or batch == 1:
+                    assert (len(folds) > n_folds) is (variant == "fold")
+                outs.append(out)
+            for plain, other in [*zip(outs[0], outs[1]), *zip(outs[0], outs[2])]:
+                n = next((i for i, (a, b) in enumerate(zip(plain.tokens, other.tokens))
+                          if a != b), len(plain.tokens))
+                assert n >= 8, (plain.tokens, other.tokens)  # a sharp head: no early tie
+                lp = torch.tensor(plain.logprobs[:n])
+                lf = torch.tensor(other.logprobs[:n])
+                assert (lp - lf).abs().max() < 0.05, (lp, lf)
+    finally:
+        dispatch.qmm_lora = real
     # the adapter matters here (else the comparison above proves nothing)
     unlink_lora_decode(model)
     aset.set_active(None)
     base = run_engine(model, ps, sp, 4)[1]
-    assert any(b.tokens != f.tokens for b, f in zip(base, outs[1]))
+    assert any(b.tokens != f.tokens for b, f in zip(base, outs[2]))

@@ -1,0 +1,125 @@
+"""A LoRA delta added in the store of the decode GEMV: `y = x W^T + scale * (x A^T) B^T` with
+the expand-add done by the GEMV program that owns each output tile (forward only, fast mode).
+
+Why: at batch 1 a LoRA decode group (orbit/adapters/lora_decode.py) costs two launches on top
+of its base GEMV, a shrink `h = x A^T` and an expand-add `y += scale * h B^T`; each is a few KB
+of work and ~2-3 us of fixed latency (docs/benchmarks.md, session 9). The GEMV already owns
+each output tile exactly once at its store (directly, or in the program that arrives last in
+the split-K fix-up), so it can add the tile's delta there from h (r values per row) and the
+tile's rows of B, and the expand launch goes away: a group runs shrink + GEMV, two launches
+instead of three.
+
+Arithmetic: the unfused path's roundings, in its order: the base output rounded to the
+activation dtype (what the GEMV stores), `h B^T` summed in fp32 and rounded, times the scale in
+fp32 and rounded, added in fp32 and rounded; the products and sum over r are those of the
+expand kernel's broadcast path (orbit/kernels/lora_decode.py), so only summation order can
+differ from it.
+
+A GEMV over a sibling group's stacked weight (q/k/v: one [q+k+v, in] launch) has up to
+MAX_MEMBERS members: columns [0, N0) belong to member 0, [N0, N0 + N1) to member 1, the rest to
+member 2; h holds the members' r-column blocks side by side ([M, S*r], what
+`lora_decode.lora_shrink` returns). A tile may straddle two members: each column picks its
+member's B row and h block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from orbit.kernels._triton import tl, triton
+
+MAX_MEMBERS = 3
+
+
+@dataclass(frozen=True)
+class LoRAEpilogue:
+    """h [M, S*r] (the shrink's output, activation dtype), B_s [N_s, r] per member (contiguous),
+    and the adapter scale (alpha / r)."""
+
+    h: Tensor
+    b: tuple[Tensor, ...]
+    scale: float
+
+    def check(self, y: Tensor) -> None:
+        """Raise ValueError naming the first tensor that does not fit an output y [M, sum N_s]."""
+        b, h = self.b, self.h
+        if not 1 <= len(b) <= MAX_MEMBERS:
+            raise ValueError(f"LoRA epilogue: 1..{MAX_MEMBERS} members, got {len(b)}")
+        r = b[0].shape[1] if b[0].dim() == 2 else -1
+        for i, bi in enumerate(b):
+            if bi.dim() != 2 or bi.shape[1] != r or not bi.is_contiguous() or bi.dtype != y.dtype:
+                raise ValueError(f"LoRA epilogue: B[{i}] must be contiguous [N, {r}] {y.dtype}; "
+                                 f"got {tuple(bi.shape)} {bi.dtype}")
+        n = sum(bi.shape[0] for bi in b)
+        if y.shape[1] != n:
+            raise ValueError(f"LoRA epilogue: the members' B have {n} rows in all, the output "
+                             f"{y.shape[1]} columns")
+        if h.shape != (y.shape[0], len(b) * r) or h.stride(-1) != 1 or h.dtype != y.dtype:
+            raise ValueError(f"LoRA epilogue: h must be [{y.shape[0]}, {len(b) * r}] {y.dtype} "
+                             f"with unit column stride; got {tuple(h.shape)} {h.dtype}")
+        if h.device != y.device or any(bi.device != y.device for bi in b):
+            raise ValueError("LoRA epilogue: h, B and the output must be on one device")
+
+
+def kernel_args(lora: LoRAEpilogue | None, y: Tensor) -> tuple[tuple, dict]:
+    """(runtime args, constexprs) of a GEMV launch for `lora` (see `lora_store`); dummies when
+    None (LORA = 0 compiles the epilogue out)."""
+    if lora is None:
+        return (y, y, y, y, 0, 0, 0, 0.0, 0), {"LORA": 0, "LRP": 1}
+    lora.check(y)
+    b = list(lora.b)
+    ns = [bi.shape[0] for bi in b] + [0, 0]
+    r = b[0].shape[1]
+    b += [b[0]] * (MAX_MEMBERS - len(b))
+    return ((lora.h, *b, ns[0], ns[1], r, float(lora.scale), lora.h.stride(0)),
+            {"LORA": len(lora.b), "LRP": triton.next_power_of_2(r)})
+
+
+@triton.jit
+def lora_store(acc, offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, stride_hm,
+               dt: tl.constexpr, S: tl.constexpr, RP: tl.constexpr):
+    """acc [BN, MP] fp32 base sums for output columns offs_n and rows -> the adapted outputs
+    in dt (module doc): round(round(acc) + round(scale * round(h_s[m] . B_s[n])))."""
+    y = acc.to(dt).to(tl.float32)
+    j = tl.arange(0, RP)
+    j_ok = j < R
+    n_ok = offs_n < N
+    member = tl.zeros_like(offs_n)
+    start = tl.zeros_like(offs_n)
+    if S > 1:
+        in1 = offs_n >= N0
+        member = tl.where(in1, 1, member)
+        start = tl.where(in1, N0, start)
+    if S > 2:
+        in2 = offs_n >= N0 + N1
+        member = tl.where(in2, 2, member)
+        start = tl.where(in2, N0 + N1, start)
+    brow = (offs_n - start)[:, None] * R + j[None, :]  # [BN, RP] within the member's B
+    bp = b0 + brow
+    if S > 1:
+        bp = tl.where((member == 1)[:, None], b1 + brow, bp)
+    if S > 2:
+        bp = tl.where((member == 2)[:, None], b2 + brow, bp)
+    b = tl.load(bp, mask=n_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)  # [BN, RP]
+    hp = h_ptr + rows[None, :, None] * stride_hm + (member * R)[:, None, None] + j[None, None, :]
+    h_ok = n_ok[:, None, None] & (rows < M)[None, :, None] & j_ok[None, None, :]
+    h = tl.load(hp, mask=h_ok, other=0.0).to(tl.float32)  # [BN, MP, RP]
+    d = tl.sum(h * b[:, None, :], axis=2)  # [BN, MP]
+    d = (d.to(dt).to(tl.float32) * scale).to(dt).to(tl.float32)
+    return (y + d).to(dt)
+
+
+def lora_epilogue_reference(y_base: Tensor, lora: LoRAEpilogue) -> Tensor:
+    """The unfused expand-add on a base output y_base [M, sum N_s] (out of place): each
+    member's columns get round(scale * round(h_s B_s^T)) added, in torch."""
+    r = lora.b[0].shape[1]
+    parts, start = [], 0
+    for s, bi in enumerate(lora.b):
+        ys = y_base[:, start:start + bi.shape[0]]
+        d = (lora.h[:, s * r:(s + 1) * r] @ bi.T).to(y_base.dtype)
+        parts.append(ys + (lora.scale * d).to(y_base.dtype))
+        start += bi.shape[0]
+    return torch.cat(parts, dim=1)

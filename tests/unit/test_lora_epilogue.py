@@ -1,0 +1,222 @@
+"""CPU checks of the LoRA delta added in the decode GEMV's store (orbit/kernels/lora_epilogue.py)
+under Triton's interpreter: every GEMV kernel (nibble planes with and without the deferred
+reduction, the dequantized-tile kernel, the FP8 kernel), with and without split-K, 1-3 members
+whose column ranges straddle the kernel's tiles, ranks that are and are not powers of two, on
+fresh random inputs into poisoned outputs, against the base GEMV followed by the unfused
+expand-add; and the decode groups (orbit/adapters/lora_decode.py) of a tiny INT4 model, which
+fold the expand-add into the base GEMV: same logits as the plain LoRA forward, the launch
+counts, and the plain path wherever the fold must not run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from triton_interp import patch_interpreter, run_in_interpreter
+
+triton = pytest.importorskip("triton")
+
+# (fmt, random_qweight kwargs, K, member output widths, r, M, GemvConfig args or None = heuristic)
+CASES = [
+    ("int4", {"group_size": 32}, 256, [40, 24, 16], 8, 1, None),  # planes, deferred, 3 members
+    ("int4", {"group_size": 32}, 256, [48, 16], 12, 1, (16, 64, 3, 4, 2)),  # split-K fix-up
+    ("int4", {"group_size": 64, "asym": True, "offset_dtype": torch.float32}, 320, [80], 16, 3,
+     (32, 128, 1, 4, 3, -1, True, False, True, False)),  # planes, per-step reduction, M = 3
+    ("int4", {"group_size": 32}, 256, [24, 40], 4, 2, (32, 128, 2, 4, 3, -1, False)),  # tiles
+    ("int8", {"group_size": 32}, 256, [64, 32, 32], 8, 4, (16, 64, 2, 4, 2)),  # tile kernel
+    ("fp8", {}, 256, [128, 64], 16, 1, None),  # FP8 GEMV
+    ("fp8", {}, 384, [96], 8, 1, "fp8-split"),  # FP8 GEMV, split-K
+    ("nvfp4", {}, 256, [32, 16, 16], 8, 1, None),
+    ("mxfp4", {}, 256, [56, 8], 8, 1, None),
+]
+SCALE = 1.75
+
+
+def _weights(fmt: str, kw: dict, n: int, k: int, seed: int):
+    from orbit.kernels.random_weights import random_qweight
+
+    qw = random_qweight(fmt, n, k, seed=seed, **kw)
+    t = qw.tensors
+    q, s = t.get("qweight", t.get("weight")), t.get("scale", t.get("scale_inv"))
+    gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
+    group = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}.get(fmt, qw.group_size)
+    return qw, (q, s, t.get("offset"), gs, group)
+
+
+def _kernel_cases() -> dict:
+    from orbit.kernels import gemv
+    from orbit.kernels.gemv_fp8 import Fp8GemvConfig
+    from orbit.kernels.lora_decode import lora_expand_add
+    from orbit.kernels.lora_epilogue import LoRAEpilogue, lora_epilogue_reference
+
+    out: dict = {}
+    for i, (fmt, kw, k, ns, r, m, c) in enumerate(CASES):
+        g = torch.Generator().manual_seed(200 + i)
+        qw, (q, s, off, gs, group) = _weights(fmt, kw, sum(ns), k, 300 + i)
+        if c == "fp8-split":
+            cfg = Fp8GemvConfig(block_n=32, block_k=128, split=3)
+        else:
+            cfg = gemv.GemvConfig(*c) if c else None
+        x = torch.randn(m, k, generator=g).bfloat16()
+        h = (torch.randn(m, len(ns) * r, generator=g) * 0.5).bfloat16()
+        b = tuple((torch.randn(n, r, generator=g) * 0.5).bfloat16() for n in ns)
+        lora = LoRAEpilogue(h, b, SCALE)
+        base = gemv.gemv(x, fmt, qw.shape, q, s, off, gs, group,
+                         torch.full((m, sum(ns)), float("nan")).bfloat16(), cfg)
+        y = gemv.gemv(x, fmt, qw.shape, q, s, off, gs, group,
+                      torch.full((m, sum(ns)), float("nan")).bfloat16(), cfg, lora=lora)
+        ref = lora_epilogue_reference(base, lora)
+        unfused = base.clone()
+        lora_expand_add(h, list(b), list(torch.split(unfused, ns, dim=1)), SCALE)
+        out[f"k{i}"] = {
+            "nan": bool(y.isnan().any()),
+            "err": ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item(),
+            "same_as_expand_kernel": torch.equal(y, unfused),
+            "delta": (y.double() - base.double()).abs().max().item()}
+    return out
+
+
+def _model(fmt: str):
+    from tiny_qwen3 import tiny_qwen3
+
+    from orbit.adapters.inject import AdapterConfig, inject_adapters
+    from orbit.quant.convert import convert_linears
+    from orbit.quant.siblings import fuse_siblings
+
+    model = tiny_qwen3(seed=3).to(torch.bfloat16)
+    convert_linears(model, fmt, group_size=32 if fmt == "int4" else None, cache_dequantized=False)
+    fuse_siblings(model)
+    aset = inject_adapters(model, AdapterConfig(r=8, alpha=16.0, dtype=torch.bfloat16))
+    with torch.no_grad():
+        for mod in aset.modules.values():
+            mod.lora_B.normal_(0, 0.5)
+    aset.stage(0, 1)
+    aset.set_active(1)
+    return model, aset
+
+
+def _model_checks() -> dict:
+    """A tiny INT4 Qwen3 with LoRA on all linears, batch-1 forwards: folded vs plain logits and
+    what launches each path makes."""
+    import orbit.kernels.dispatch as dmod
+    import orbit.kernels.lora_decode as kmod
+    from orbit.adapters.lora_decode import link_lora_decode
+    from orbit.models.attention import AttnBatch
+
+    model, aset = _model("int4")
+    ids, pos = torch.tensor([11]), torch.tensor([0])
+
+    def logits() -> torch.Tensor:
+        return model.logits(model(ids, pos, AttnBatch.packed(torch.tensor([0, 1]))))
+
+    calls: dict[str, list] = {"shrink": [], "expand": [], "fold": []}
+    wraps = [(kmod, "lora_shrink", "shrink"), (kmod, "lora_expand_add", "expand"),
+             (dmod, "qmm_lora", "fold")]
+    real = {name: getattr(mod, name) for mod, name, _ in wraps}
+    for mod, name, key in wraps:
+        def counted(*a, _f=real[name], _k=key, **kw):
+            calls[_k].append(tuple(a[0].shape))
+            return _f(*a, **kw)
+        setattr(mod, name, counted)
+    with torch.inference_mode():
+        plain = logits()
+        groups = link_lora_decode(model)
+        folded = logits()
+    n_infer = {k: len(v) for k, v in calls.items()}
+    for v in calls.values():
+        v.clear()
+    with torch.no_grad():  # autograd off, not inference mode: the base groups do not run, and
+        nograd = logits()  # neither does the fold (two launches after each base launch)
+    n_nograd = {k: len(v) for k, v in calls.items()}
+    for mod, name, _ in wraps:
+        setattr(mod, name, real[name])
+
+    def gemv_then_expand(x, qw, lora):  # the same base GEMV, then the separate expand-add
+        y = dmod._kernel_for(qw)(x, qw)
+        splits = [b.shape[0] for b in lora.b]
+        kmod.lora_expand_add(lora.h, list(lora.b), list(torch.split(y, splits, 1)), lora.scale)
+        return y
+
+    dmod.qmm_lora = gemv_then_expand
+    with torch.inference_mode():
+        unfolded = logits()
+    dmod.qmm_lora = real["qmm_lora"]
+    with aset.adapter_disabled(), torch.inference_mode():
+        base = logits()
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return {"groups": groups, "infer": n_infer, "nograd": n_nograd, "err": rel(folded, plain),
+            "same_as_unfolded": torch.equal(folded, unfolded),
+            "err_nograd": rel(nograd, plain), "adapter_effect": rel(plain, base)}
+
+
+def _interpreter_main() -> None:
+    patch_interpreter(bf16_dot=True, bf16_round=True)
+    out = _kernel_cases()
+    out["model"] = _model_checks()
+    print(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def interp() -> dict:
+    return run_in_interpreter(__file__)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_epilogue_matches_the_unfused_expand_add(interp: dict, case: int) -> None:
+    r = interp[f"k{case}"]
+    assert not r["nan"]  # every output element written
+    assert r["delta"] > 0  # the delta landed
+    # torch's expand sums in another order: at most an ulp of y (bf16)
+    assert r["err"] < 1e-2, r
+    # the expand kernel's products and sum over r: the same bits under the interpreter
+    assert r["same_as_expand_kernel"], r
+
+
+def test_groups_fold_in_a_quantized_model(interp: dict) -> None:
+    r = interp["model"]
+    assert r["groups"] == 2 * 4  # per layer: q/k/v, o, gate/up, down
+    # inference mode, batch 1: per group one shrink + one base GEMV with the delta in its store
+    assert r["infer"] == {"shrink": 8, "expand": 0, "fold": 8}, r
+    # no_grad without inference mode: bases separate, then shrink + expand-add per group
+    assert r["nograd"] == {"shrink": 8, "expand": 8, "fold": 0}, r
+    assert r["adapter_effect"] > 1e-2
+    # plain = reference matmuls of bf16 weights; folded = the GEMV's fp32 sums of the exact
+    # weights: bf16-level differences only
+    assert r["err"] < 2e-2 and r["err_nograd"] < 2e-2, r
+    # the same base GEMV followed by the expand-add kernel: the same logits, bit for bit
+    assert r["same_as_unfolded"], r
+
+
+def test_epilogue_errors_name_the_problem() -> None:
+    from orbit.kernels.lora_epilogue import LoRAEpilogue
+
+    y = torch.zeros(2, 48, dtype=torch.bfloat16)
+    h = torch.zeros(2, 16, dtype=torch.bfloat16)
+    b = (torch.zeros(32, 8, dtype=torch.bfloat16), torch.zeros(16, 8, dtype=torch.bfloat16))
+    LoRAEpilogue(h, b, 1.0).check(y)
+    with pytest.raises(ValueError, match="48 columns"):
+        LoRAEpilogue(h, b[:1], 1.0).check(y)
+    with pytest.raises(ValueError, match=r"h must be \[2, 16\]"):
+        LoRAEpilogue(h[:, :8], b, 1.0).check(y)
+    with pytest.raises(ValueError, match=r"B\[1\] must be contiguous"):
+        LoRAEpilogue(h, (b[0], b[1].float()), 1.0).check(y)
+
+
+def test_launch_refuses_an_epilogue_outside_the_decode_gemv() -> None:
+    from orbit.kernels._qgemm import launch
+    from orbit.kernels.lora_epilogue import LoRAEpilogue
+    from orbit.kernels.random_weights import random_qweight
+
+    qw = random_qweight("int4", 32, 64, seed=1, group_size=32)
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    lora = LoRAEpilogue(torch.zeros(1, 8, dtype=torch.bfloat16),
+                        (torch.zeros(32, 8, dtype=torch.bfloat16),), 1.0)
+    t = qw.tensors
+    with pytest.raises(ValueError, match="exact=True"):
+        launch(x, "int4", qw.shape, t["qweight"], t["scale"], None, None, 32, False, True,
+               lora=lora)
+
+
+if __name__ == "__main__":
+    _interpreter_main()
