@@ -8,10 +8,10 @@ path's conditions below), it computes every member's base output (the base sibli
 that one GEMV), then the whole group's adapter delta in two launches
 (orbit/kernels/lora_decode.py) added in place, and keeps the other members' outputs, keyed by
 the input tensor; each of them then returns its output when called with that same tensor.
-Where the base output is a quantized decode GEMV (batch-1 steps of the INT4/FP8/FP4 bases;
-`LoRADecodeGroup.fold_weight`), the delta is added in that GEMV's store instead: the shrink
-launch, then the base GEMV with the expand-add folded in (orbit/kernels/lora_epilogue.py), two
-launches per group where the separate expand-add made three.
+Where the base output is one fused quantized launch (the decode GEMV or the `tl.dot` loop of
+the INT4/INT8/FP8/FP4 bases; `LoRADecodeGroup.fold_plan`), the delta is added in that launch's
+store instead (orbit/kernels/lora_epilogue.py): the shrink, then the base launch(es) with the
+expand-add folded in, one launch per group fewer than with the separate expand-add.
 Everything else (training, exact mode's batch-invariant LoRA, dropout in training mode, the
 CPU, prefill-sized inputs) runs the plain `LoRALinear.forward`.
 
@@ -38,7 +38,7 @@ from orbit.quant.siblings import MemberGroup, sibling_sets
 
 class LoRADecodeGroup(MemberGroup):
     """LoRALinear members that read the same input, adapted in two launches. `fold`: add the
-    deltas in the base GEMV's store where it can (fold_weight); False keeps the separate
+    deltas in the base launches' store where they can (fold_plan); False keeps the separate
     expand-add launch everywhere (same-run comparisons: bench_engine.py --fuse-lora both)."""
 
     def __init__(self, members: list[LoRALinear], fold: bool = True) -> None:
@@ -69,40 +69,47 @@ class LoRADecodeGroup(MemberGroup):
         slot = first.active_slot
         a = [m.slot_tensor(slot, "lora_A") for m in self.members]
         b = [m.slot_tensor(slot, "lora_B") for m in self.members]
-        qw = self.fold_weight(x)
-        if qw is not None and all(bi.dtype == x.dtype and bi.is_contiguous() for bi in b):  # shrink, then the base GEMV adds the deltas in its store
-            lora = LoRAEpilogue(kernels.lora_shrink(x, a), tuple(b), first.scale)
-            y = dispatch.qmm_lora(x, qw, lora)
-            return list(torch.split(y, [m.base.out_features for m in self.members], dim=1))
+        plan = self.fold_plan(x)
+        if plan is not None and all(bi.dtype == x.dtype and bi.is_contiguous() for bi in b):
+            # shrink, then each base launch adds its members' deltas in its store
+            h = kernels.lora_shrink(x, a)
+            r = a[0].shape[0]
+            outs: list[Tensor] = []
+            for qw, lo, hi in plan:
+                lora = LoRAEpilogue(h[:, lo * r:hi * r], tuple(b[lo:hi]), first.scale)
+                y = dispatch.qmm_lora(x, qw, lora)
+                outs += torch.split(y, [m.base.out_features for m in self.members[lo:hi]], dim=1)
+            return outs
         ys = [m.base(x) for m in self.members]
         if any(y.dtype != x.dtype or y.stride(-1) != 1 for y in ys):
             return None  # (an fp32 base output, say): the plain forward handles the casts
         kernels.lora_decode_triton(x, a, b, ys, first.scale)
         return ys
 
-    def fold_weight(self, x: Tensor) -> QuantizedWeight | None:
-        """The base weight whose decode GEMV can add this group's deltas in its store (the
-        sibling group's stacked weight for several members, the member's own for one), or
-        None where the bases run otherwise (then: base launch + shrink + expand-add): the
-        bases' own rule for a grouped launch (QuantLinear._grouped: inference mode) and for an
-        output nothing else touches (QuantLinear.fused_output: a bias, say, is added after
-        the base output, before the delta)."""
+    def fold_plan(self, x: Tensor) -> list[tuple[QuantizedWeight, int, int]] | None:
+        """The base launches that can add this group's deltas in their store, as (weight,
+        first member, end member): one launch over the sibling group's stacked weight where
+        the bases would run grouped (QuantLinear._grouped: inference mode, few rows), else
+        one per member; None where some base runs otherwise (then: the base launches, the
+        shrink and a separate expand-add), i.e. where a base's output is not one fused
+        quantized launch that nothing else touches (QuantLinear.fused_output: a bias, say, is
+        added after the base output, before the delta), or where folding would undo a base
+        grouping (a lone adapted member of a sibling group that serves these rows)."""
         bases = [m.base for m in self.members]
         if not self.fold or not torch.is_inference_mode_enabled() or not all(
                 isinstance(q, QuantLinear) and q.fused_output(x.device) for q in bases):
             return None
         group = bases[0]._sibling
-        if len(bases) == 1:
-            if group is not None and group.enabled:
-                return None  # (a lone adapted sibling: its base group serves the others too)
-            qw = bases[0].quantized_weight()
-        else:
-            if (group is None or not group.enabled or group.members != bases
-                    or not all(group.linked(q) for q in bases)
-                    or not sibling_serves(bases[0].weight_format, x.shape[0])):
-                return None
+        grouped = (group is not None and group.enabled
+                   and sibling_serves(bases[0].weight_format, x.shape[0]))
+        if grouped and len(bases) == 1:
+            return None
+        if grouped and group.members == bases and all(group.linked(q) for q in bases):
             qw = group.qweight
-        return qw if qw is not None and dispatch.lora_foldable(x, qw) else None
+            ok = qw is not None and dispatch.lora_foldable(x, qw, len(bases))
+            return [(qw, 0, len(bases))] if ok else None
+        plan = [(q.quantized_weight(), i, i + 1) for i, q in enumerate(bases)]
+        return plan if all(dispatch.lora_foldable(x, qw) for qw, _, _ in plan) else None
 
 
 def _lora(module: nn.Module | None) -> LoRALinear | None:

@@ -23,7 +23,7 @@ from orbit.kernels.fp4 import mxfp4_tile, nvfp4_tile
 from orbit.kernels.fp8 import fp8_tile
 from orbit.kernels.int4 import int4_tile
 from orbit.kernels.int8 import int8_tile
-from orbit.kernels.lora_epilogue import LoRAEpilogue
+from orbit.kernels.lora_epilogue import LoRAEpilogue, kernel_args, lora_store_dot
 from orbit.quant.qweight import QuantizedWeight
 
 FMT_IDS = {"int4": 0, "int8": 1, "fp8": 2, "nvfp4": 3, "mxfp4": 4, "bf16": 5}
@@ -84,10 +84,14 @@ def use_gemv(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
     need = GEMV_MIN_SPLIT_INT4_M1 if (fmt == "int4" and m == 1) else GEMV_MIN_SPLIT
     return split >= need
 
-def lora_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device) -> bool:
-    """Whether a forward of this shape runs the decode GEMV, which can add a LoRA delta in its
-    store (`launch(lora=...)`)."""
-    return not exact and m >= 1 and use_gemv(m, n, k, fmt, device)
+def lora_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
+              members: int = 1) -> bool:
+    """Whether a fast-mode forward of this shape runs a kernel that adds a LoRA delta in its
+    store (`launch(lora=...)`): the decode GEMV (1-3 members), or the `tl.dot` loop below the
+    dequantize-then-cuBLAS sizes (one member)."""
+    if exact or fmt not in GEMV_FORMATS or not 1 <= m < DEQUANT_MIN_M:
+        return False
+    return use_gemv(m, n, k, fmt, device) or members == 1
 
 
 # The exact (batch-invariant) configs. What decides a row's bits is the K order: br-deep steps
@@ -159,14 +163,18 @@ def _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, n0, k0, N, K,
 
 @triton.jit
 def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
-                  stride_xm, stride_ym, stride_q, stride_s,
+                  stride_xm, stride_ym, stride_q, stride_s, h_ptr, b0, b1, b2, LN0, LN1, LR,
+                  lscale, stride_hm,
                   FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                   TRANS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
-                  GROUP_M: tl.constexpr, UNPACK: tl.constexpr, SWAP: tl.constexpr = False):
+                  GROUP_M: tl.constexpr, UNPACK: tl.constexpr, SWAP: tl.constexpr = False,
+                  LORA: tl.constexpr = 0, LRP: tl.constexpr = 1):
     # W is [N, K]. TRANS=0: y[M, N] = x[M, K] @ W^T. TRANS=1: y[M, K] = x[M, N] @ W.
     # SWAP (forward only, an experiment for decode M): accumulate y^T = W @ x^T, so the
     # dequantized weight is the MMA's A operand (which wgmma reads from registers) and the few
     # x rows the B operand (BM = the MMA's N, 16 at least); the result is stored transposed.
+    # LORA (forward, no SWAP; one member): a LoRA delta added before the store
+    # (orbit/kernels/lora_epilogue.py; b0..LN1 are the GEMV's argument list, b0 is read).
     if TRANS:
         OUT = K
         RED = N
@@ -212,7 +220,12 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_o[:, None], acc.to(dt), mask=ymask)
     else:
         ymask = (offs_m[:, None] < M) & (offs_o[None, :] < OUT)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :], acc.to(dt), mask=ymask)
+        if LORA > 0:
+            yv = lora_store_dot(acc, offs_m, offs_o, M, OUT, h_ptr, b0, LR, lscale, stride_hm,
+                                dt, LRP)
+        else:
+            yv = acc.to(dt)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :], yv, mask=ymask)
 
 
 @triton.jit
@@ -286,16 +299,18 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
            transpose: bool, exact: bool, out: Tensor | None = None,
            config: TileConfig | None = None, lora: LoRAEpilogue | None = None) -> Tensor:
     """Run the fused kernel on already-validated tensors; `config` overrides the pick (bench).
-    `lora` adds a LoRA delta in the decode GEMV's store (orbit/kernels/lora_epilogue.py): only
-    where that kernel runs (`lora_fits`), else ValueError."""
+    `lora` adds a LoRA delta in the store of the decode GEMV or the `tl.dot` loop
+    (orbit/kernels/lora_epilogue.py): only where `lora_fits`, else ValueError."""
     n, k = shape
     m = x.shape[0]
     out_dim = k if transpose else n
     y = check_out(out, (m, out_dim), x)
-    if lora is not None and (config is not None or transpose or not lora_fits(m, n, k, fmt, exact, x.device)):
-        raise ValueError(f"a LoRA epilogue runs only in the fast-mode decode GEMV forward; "
-                         f"{fmt} [{m} x {k}] @ [{n} x {k}]^T (exact={exact}, "
-                         f"transpose={transpose}) does not take it")
+    if lora is not None and (config is not None or transpose
+                             or not lora_fits(m, n, k, fmt, exact, x.device, len(lora.b))):
+        raise ValueError(f"a LoRA epilogue runs only in a fast-mode decode forward (several "
+                         f"members: the decode GEMV only); {fmt} [{m} x {k}] @ [{n} x {k}]^T "
+                         f"with {len(lora.b)} member(s) (exact={exact}, transpose={transpose}) "
+                         "does not take it")
     if m == 0:
         return y
     if config is None and not exact and m >= DEQUANT_MIN_M and fmt != "bf16":
@@ -312,14 +327,17 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         raise ValueError("TileConfig.swap is a fast-mode forward experiment (no transpose, "
                          "no exact mode)")
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(out_dim, cfg.bo),)
+    largs, lconst = kernel_args(lora, y)
+    if lora is not None:  # tl.dot needs K >= 16 for the delta's dot
+        lconst["LRP"] = max(16, lconst["LRP"])
     _qgemm_kernel[grid](
         x, y, q, s, offset if offset is not None else s,
         global_scale if global_scale is not None else s,
-        m, n, k, x.stride(0), y.stride(0), q.stride(0), s.stride(0),
+        m, n, k, x.stride(0), y.stride(0), q.stride(0), s.stride(0), *largs,
         FMT=FMT_IDS[fmt], GROUP=group, HAS_OFFSET=offset is not None, TRANS=transpose,
         BM=cfg.bm, BO=cfg.bo, BR=cfg.br, GROUP_M=cfg.group_m,
         UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0), SWAP=cfg.swap,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        num_warps=cfg.warps, num_stages=cfg.stages, **lconst,
     )
     return y
 

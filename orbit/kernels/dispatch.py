@@ -87,28 +87,30 @@ def qmm(x: Tensor, qw: QuantizedWeight, exact: bool = False, *,
     return qmm_reference(x, qw)
 
 
-def lora_foldable(x: Tensor, qw: QuantizedWeight) -> bool:
-    """Whether `qmm_lora(x, qw, ...)` runs: the fast-mode forward of x [M, in] on this weight
-    is the decode GEMV (CUDA, or Triton's interpreter in CPU tests), which can add a LoRA
-    delta in its store."""
-    from orbit.kernels._qgemm import GEMV_FORMATS, lora_fits
+def lora_foldable(x: Tensor, qw: QuantizedWeight, members: int = 1) -> bool:
+    """Whether `qmm_lora(x, qw, ...)` runs for a LoRA epilogue of `members` adapters: the
+    fast-mode forward of x [M, in] on this weight is a fused kernel that adds the delta in its
+    store (the decode GEMV, or for one member the `tl.dot` loop below the dequantize-then-
+    cuBLAS sizes) on CUDA, or under Triton's interpreter in CPU tests."""
+    from orbit.kernels._qgemm import lora_fits
     from orbit.kernels._triton import HAS_TRITON
     from orbit.kernels.matmul_exact import interpreting
 
-    if not HAS_TRITON or qw.fmt not in GEMV_FORMATS or x.dim() != 2:
+    if not HAS_TRITON or x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
         return False
-    if x.dtype not in (torch.bfloat16, torch.float16) or not (x.is_cuda or interpreting()):
+    if not (x.is_cuda or interpreting()):
         return False
-    return lora_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt, False, x.device)
+    return lora_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt, False, x.device, members)
 
 
 def qmm_lora(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue) -> Tensor:
-    """x @ W^T plus a LoRA delta (orbit/kernels/lora_epilogue.py) in one fast-mode decode GEMV
-    launch; only where `lora_foldable(x, qw)`."""
+    """x @ W^T plus a LoRA delta (orbit/kernels/lora_epilogue.py) in one fast-mode launch;
+    only where `lora_foldable(x, qw, len(lora.b))`."""
     kernel = _kernel_for(qw)
-    if kernel is None or not lora_foldable(x, qw):
+    if kernel is None or not lora_foldable(x, qw, len(lora.b)):
         raise ValueError(f"qmm_lora: a {qw.fmt} {tuple(qw.shape)} forward of {tuple(x.shape)} "
-                         f"{x.dtype} on {x.device} does not run the decode GEMV")
+                         f"{x.dtype} on {x.device} with {len(lora.b)} adapter(s) has no fused "
+                         "kernel that takes a LoRA epilogue")
     return kernel(x.contiguous(), qw, lora=lora)
 
 

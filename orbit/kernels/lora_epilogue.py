@@ -15,6 +15,10 @@ fp32 and rounded, added in fp32 and rounded; the products and sum over r are tho
 expand kernel's broadcast path (orbit/kernels/lora_decode.py), so only summation order can
 differ from it.
 
+The `tl.dot` loop (orbit/kernels/_qgemm.py: the fast-mode forward from 5 rows up to the
+dequantize-then-cuBLAS sizes) takes a one-member epilogue (`lora_store_dot`): from 5 rows on
+the quantized sibling groups stand aside, so each member runs its own launch there.
+
 A GEMV over a sibling group's stacked weight (q/k/v: one [q+k+v, in] launch) has up to
 MAX_MEMBERS members: columns [0, N0) belong to member 0, [N0, N0 + N1) to member 1, the rest to
 member 2; h holds the members' r-column blocks side by side ([M, S*r], what
@@ -66,7 +70,8 @@ class LoRAEpilogue:
 
 def kernel_args(lora: LoRAEpilogue | None, y: Tensor) -> tuple[tuple, dict]:
     """(runtime args, constexprs) of a GEMV launch for `lora` (see `lora_store`); dummies when
-    None (LORA = 0 compiles the epilogue out)."""
+    None (LORA = 0 compiles the epilogue out). The `tl.dot` loop takes the same arguments and
+    reads b0 only."""
     if lora is None:
         return (y, y, y, y, 0, 0, 0, 0.0, 0), {"LORA": 0, "LRP": 1}
     lora.check(y)
@@ -108,6 +113,24 @@ def lora_store(acc, offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, str
     h_ok = n_ok[:, None, None] & (rows < M)[None, :, None] & j_ok[None, None, :]
     h = tl.load(hp, mask=h_ok, other=0.0).to(tl.float32)  # [BN, MP, RP]
     d = tl.sum(h * b[:, None, :], axis=2)  # [BN, MP]
+    d = (d.to(dt).to(tl.float32) * scale).to(dt).to(tl.float32)
+    return (y + d).to(dt)
+
+
+@triton.jit
+def lora_store_dot(acc, offs_m, offs_o, M, N, h_ptr, b_ptr, R, scale, stride_hm,
+                   dt: tl.constexpr, RP: tl.constexpr):
+    """The `tl.dot` loop's form (one member; acc [BM, BO] fp32, BM >= 16, RP >= 16): the same
+    roundings as `lora_store`, the delta as a tensor-core dot `h [BM, RP] @ B^T [RP, BO]`, as
+    the expand kernel computes it from 8 rows on."""
+    y = acc.to(dt).to(tl.float32)
+    j = tl.arange(0, RP)
+    j_ok = j < R
+    h = tl.load(h_ptr + offs_m[:, None] * stride_hm + j[None, :],
+                mask=(offs_m < M)[:, None] & j_ok[None, :], other=0.0)  # [BM, RP]
+    b = tl.load(b_ptr + offs_o[:, None] * R + j[None, :],
+                mask=(offs_o < N)[:, None] & j_ok[None, :], other=0.0)  # [BO, RP]
+    d = tl.dot(h, tl.trans(b))  # [BM, BO] fp32
     d = (d.to(dt).to(tl.float32) * scale).to(dt).to(tl.float32)
     return (y + d).to(dt)
 

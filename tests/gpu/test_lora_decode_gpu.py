@@ -64,18 +64,19 @@ def _ulp_bound(ref: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4", "mxfp4", "int8"])
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
 @pytest.mark.parametrize("k,ns", [(2048, [2048, 1024, 1024]), (2048, [6144, 6144]),
                                   (2048, [2048]), (6144, [2048])])
 def test_gemv_epilogue_at_qwen3_shapes(fmt: str, m: int, k: int, ns: list[int]) -> None:
-    """qmm_lora (shrink, then the GEMV with the expand-add in its store) vs the same GEMV and
-    the separate expand-add kernel, wherever the decode GEMV runs the shape."""
+    """qmm_lora (shrink, then the base launch with the expand-add in its store: the decode
+    GEMV, or the tl.dot loop for one member) vs the same base launch and the separate
+    expand-add kernel, wherever the shape takes the epilogue."""
     kw = {"group_size": 128} if fmt == "int4" else {"group_size": 32} if fmt == "int8" else {}
     qw = random_qweight(fmt, sum(ns), k, seed=m + k, device="cuda", **kw)
     g = torch.Generator(device="cuda").manual_seed(m * k + len(ns))
     x = (torch.randn(m, k, generator=g, device="cuda")).bfloat16()
-    if not dispatch.lora_foldable(x, qw):
-        pytest.skip(f"{fmt} M={m} {k}x{sum(ns)} runs the tl.dot loop, not the decode GEMV")
+    if not dispatch.lora_foldable(x, qw, len(ns)):
+        pytest.skip(f"{fmt} M={m} {k}x{sum(ns)}: {len(ns)} members need the decode GEMV")
     r = 16
     a = [(torch.randn(r, k, generator=g, device="cuda") * 0.02).bfloat16() for _ in ns]
     b = [(torch.randn(n, r, generator=g, device="cuda") * 0.05).bfloat16() for n in ns]
@@ -116,10 +117,9 @@ def test_engine_fused_lora_matches_plain() -> None:
                 n_folds = len(folds)
                 eng, out = run_engine(model, ps, sp, batch, fuse_lora=variant == "fold")
                 assert (eng.lora_groups > 0) is (variant == "fold")
-                # batch 1 is a decode GEMV at every linear: the engine folds there (batch 4
-                # only where the GEMV takes the shape); the other variants never fold
-                if variant != "fold" or batch == 1:
-                    assert (len(folds) > n_folds) is (variant == "fold")
+                # the engine folds at both batches (a decode GEMV or the tl.dot loop at every
+                # quantized linear); the other variants never fold
+                assert (len(folds) > n_folds) is (variant == "fold")
                 outs.append(out)
             for plain, other in [*zip(outs[0], outs[1]), *zip(outs[0], outs[2])]:
                 n = next((i for i, (a, b) in enumerate(zip(plain.tokens, other.tokens))

@@ -29,6 +29,10 @@ CASES = [
     ("fp8", {}, 384, [96], 8, 1, "fp8-split"),  # FP8 GEMV, split-K
     ("nvfp4", {}, 256, [32, 16, 16], 8, 1, None),
     ("mxfp4", {}, 256, [56, 8], 8, 1, None),
+    # the tl.dot loop (more rows than the GEMV takes; one member per launch)
+    ("int4", {"group_size": 32}, 256, [80], 8, 6, "dot"),
+    ("fp8", {}, 256, [64], 12, 20, "dot"),
+    ("nvfp4", {}, 256, [48], 16, 17, "dot"),
 ]
 SCALE = 1.75
 
@@ -44,8 +48,12 @@ def _weights(fmt: str, kw: dict, n: int, k: int, seed: int):
     return qw, (q, s, t.get("offset"), gs, group)
 
 
+def _poisoned(m: int, ns: list[int]) -> torch.Tensor:
+    return torch.full((m, sum(ns)), float("nan")).bfloat16()
+
+
 def _kernel_cases() -> dict:
-    from orbit.kernels import gemv
+    from orbit.kernels import _qgemm, gemv
     from orbit.kernels.gemv_fp8 import Fp8GemvConfig
     from orbit.kernels.lora_decode import lora_expand_add
     from orbit.kernels.lora_epilogue import LoRAEpilogue, lora_epilogue_reference
@@ -56,16 +64,19 @@ def _kernel_cases() -> dict:
         qw, (q, s, off, gs, group) = _weights(fmt, kw, sum(ns), k, 300 + i)
         if c == "fp8-split":
             cfg = Fp8GemvConfig(block_n=32, block_k=128, split=3)
-        else:
+        elif c != "dot":
             cfg = gemv.GemvConfig(*c) if c else None
         x = torch.randn(m, k, generator=g).bfloat16()
         h = (torch.randn(m, len(ns) * r, generator=g) * 0.5).bfloat16()
         b = tuple((torch.randn(n, r, generator=g) * 0.5).bfloat16() for n in ns)
         lora = LoRAEpilogue(h, b, SCALE)
-        base = gemv.gemv(x, fmt, qw.shape, q, s, off, gs, group,
-                         torch.full((m, sum(ns)), float("nan")).bfloat16(), cfg)
-        y = gemv.gemv(x, fmt, qw.shape, q, s, off, gs, group,
-                      torch.full((m, sum(ns)), float("nan")).bfloat16(), cfg, lora=lora)
+        args = (x, fmt, qw.shape, q, s, off, gs, group)
+        if c == "dot":
+            assert not _qgemm.use_gemv(m, sum(ns), k, fmt, x.device)
+            base, y = (_qgemm.launch(*args, False, False, _poisoned(m, ns), lora=lo)
+                       for lo in (None, lora))
+        else:
+            base, y = (gemv.gemv(*args, _poisoned(m, ns), cfg, lora=lo) for lo in (None, lora))
         ref = lora_epilogue_reference(base, lora)
         unfused = base.clone()
         lora_expand_add(h, list(b), list(torch.split(unfused, ns, dim=1)), SCALE)
@@ -105,10 +116,12 @@ def _model_checks() -> dict:
     from orbit.models.attention import AttnBatch
 
     model, aset = _model("int4")
-    ids, pos = torch.tensor([11]), torch.tensor([0])
+    rows = [1]  # tokens in the forward: 1 (a batch-1 decode step) or 6 (the tl.dot loop)
 
     def logits() -> torch.Tensor:
-        return model.logits(model(ids, pos, AttnBatch.packed(torch.tensor([0, 1]))))
+        n = rows[0]
+        ids, pos = torch.arange(11, 11 + n), torch.arange(n)
+        return model.logits(model(ids, pos, AttnBatch.packed(torch.tensor([0, n]))))
 
     calls: dict[str, list] = {"shrink": [], "expand": [], "fold": []}
     wraps = [(kmod, "lora_shrink", "shrink"), (kmod, "lora_expand_add", "expand"),
@@ -142,10 +155,32 @@ def _model_checks() -> dict:
     with torch.inference_mode():
         unfolded = logits()
     dmod.qmm_lora = real["qmm_lora"]
+    # 6 rows: the quantized sibling groups stand aside, so each member folds into its own
+    # tl.dot-loop launch (q, k, v, o, gate, up, down: 7 per layer), one shrink per group
+    rows[0] = 6
+    for mod, name, key in wraps:
+        def counted6(*a, _f=real[name], _k=key, **kw):
+            calls[_k].append(tuple(a[0].shape))
+            return _f(*a, **kw)
+        setattr(mod, name, counted6)
+    for v in calls.values():
+        v.clear()
+    with torch.inference_mode():
+        folded6 = logits()
+    n_rows6 = {k: len(v) for k, v in calls.items()}
+    for mod, name, _ in wraps:
+        setattr(mod, name, real[name])
+    from orbit.adapters.lora_decode import unlink_lora_decode
+
+    unlink_lora_decode(model)
+    with torch.inference_mode():
+        plain6 = logits()
+    rows[0] = 1
     with aset.adapter_disabled(), torch.inference_mode():
         base = logits()
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
     return {"groups": groups, "infer": n_infer, "nograd": n_nograd, "err": rel(folded, plain),
+            "rows6": n_rows6, "err6": rel(folded6, plain6),
             "same_as_unfolded": torch.equal(folded, unfolded),
             "err_nograd": rel(nograd, plain), "adapter_effect": rel(plain, base)}
 
@@ -186,6 +221,9 @@ def test_groups_fold_in_a_quantized_model(interp: dict) -> None:
     assert r["err"] < 2e-2 and r["err_nograd"] < 2e-2, r
     # the same base GEMV followed by the expand-add kernel: the same logits, bit for bit
     assert r["same_as_unfolded"], r
+    # 6 rows: per-member tl.dot-loop launches with the delta in their store
+    assert r["rows6"] == {"shrink": 8, "expand": 0, "fold": 2 * 7}, r
+    assert r["err6"] < 2e-2, r
 
 
 def test_epilogue_errors_name_the_problem() -> None:
