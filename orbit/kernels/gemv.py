@@ -52,7 +52,7 @@ from orbit.kernels._qgemm import DEFAULT_UNPACK, FMT_IDS, _w_tile
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.fp4 import e2m1_scaled, e8m0_scale
 from orbit.kernels.int4 import int4_codes
-from orbit.kernels.lora_epilogue import LoRAEpilogue, kernel_args, lora_store
+from orbit.kernels.lora_epilogue import LoRAEpilogue, kernel_args, lora_add, lora_delta
 from orbit.kernels.pdl import pdl_enter, pdl_launch, prefetch_l2
 
 # Heuristic constants (pick_gemv_config); sweep them with scripts/bench/bench_qmm.py --gemv.
@@ -233,6 +233,9 @@ def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
     dt = x_ptr.dtype.element_ty
     offs_k = tl.arange(0, BK)
     cols = tl.arange(0, MP)
+    offs_n = n0 + tl.arange(0, BN)
+    lora_d = _lora_d(offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm, dt,
+                     LORA, LRP)
     # acc[n, m]: column m holds row m's sums; [BN, MP] lets the per-row partial [BN] broadcast
     # along dim 1 in the weight tile's own layout.
     acc = tl.zeros((BN, MP), dtype=tl.float32)
@@ -248,16 +251,14 @@ def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
             xm = tl.load(x_ptr + m * stride_xm + k0 + offs_k, mask=kmask & row_ok, other=0.0)
             part = tl.sum(w * xm.to(tl.float32)[None, :], axis=1)  # [BN]
             acc = tl.where(cols[None, :] == m, acc + part[:, None], acc)
-    offs_n = n0 + tl.arange(0, BN)
     _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, cols,
-               stride_om, stride_os, stride_ym, FIXUP, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
-               stride_hm, LORA, LRP)
+               stride_om, stride_os, stride_ym, FIXUP, lora_d, LORA)
 
 
 @triton.jit
 def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, cols,
-               stride_om, stride_os, stride_ym, FIXUP: tl.constexpr, h_ptr, b0, b1, b2, LN0,
-               LN1, LR, lscale, stride_hm, LORA: tl.constexpr, LRP: tl.constexpr):
+               stride_om, stride_os, stride_ym, FIXUP: tl.constexpr, lora_d,
+               LORA: tl.constexpr):
     # acc [BN, MP] fp32 -> out[pid_k] (y itself without split, else the fp32 workspace slice).
     # FIXUP: each program of column tile pid_n bumps the tile's arrival counter after its
     # slice is stored; the one that arrives last adds all SPLIT slices in slice order (so the
@@ -266,8 +267,8 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
     # release/acquire pair that makes the other programs' slices visible; .cg loads read them
     # from L2, never a stale L1 line.
     # LORA (members, 0 = none): the program that writes y's final values adds the adapter
-    # delta first (orbit/kernels/lora_epilogue.py; the launch makes sure that program is this
-    # one or the fix-up's, never the second reduce launch).
+    # delta lora_d (lora_epilogue.lora_delta, computed before the main loop); the launch makes
+    # sure that program is this one or the fix-up's, never the second reduce launch.
     mask = (offs_n[:, None] < N) & (cols[None, :] < M)
     ptrs = out_ptr + pid_k * stride_os + cols[None, :] * stride_om + offs_n[:, None]
     if FIXUP:
@@ -280,25 +281,30 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
             for s in range(SPLIT):
                 total += tl.load(base + s * stride_os, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + cols[None, :] * stride_ym + offs_n[:, None],
-                     _final(total, offs_n, cols, M, N, y_ptr.dtype.element_ty, h_ptr, b0, b1,
-                            b2, LN0, LN1, LR, lscale, stride_hm, LORA, LRP), mask=mask)
+                     _final(total, lora_d, y_ptr.dtype.element_ty, LORA), mask=mask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
-    elif LORA > 0:  # no split: out is y
-        tl.store(ptrs, _final(acc, offs_n, cols, M, N, out_ptr.dtype.element_ty, h_ptr, b0, b1,
-                              b2, LN0, LN1, LR, lscale, stride_hm, LORA, LRP), mask=mask)
-    else:  # y, or a workspace slice for the second reduce launch
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # y (LORA: always; the launch forces the fix-up for a split), or a workspace slice
+        tl.store(ptrs, _final(acc, lora_d, out_ptr.dtype.element_ty, LORA), mask=mask)
 
 
 @triton.jit
-def _final(acc, offs_n, cols, M, N, dt: tl.constexpr, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
-           stride_hm, LORA: tl.constexpr, LRP: tl.constexpr):
-    """y's final values in dt: acc rounded, plus the LoRA delta where there is one."""
+def _final(acc, lora_d, dt: tl.constexpr, LORA: tl.constexpr):
+    """acc in the stored dtype, plus the LoRA delta where there is one."""
     if LORA > 0:
-        return lora_store(acc, offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
-                          stride_hm, dt, LORA, LRP)
+        return lora_add(acc, lora_d, dt)
     else:
         return acc.to(dt)
+
+
+@triton.jit
+def _lora_d(offs_n, rows, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm,
+            dt: tl.constexpr, LORA: tl.constexpr, LRP: tl.constexpr):
+    """The LoRA delta of this program's tile (0.0 without LORA), before the main loop."""
+    if LORA > 0:
+        return lora_delta(offs_n, rows, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
+                          stride_hm, dt, LORA, LRP)
+    else:
+        return 0.0
 
 
 # Nibble-plane codes: what a 4-bit code u becomes before the group scale (see _plane_values).
@@ -420,6 +426,8 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     pdl_enter(PDL)
     ag = tl.arange(0, NG)
     am = tl.arange(0, MP)
+    lora_d = _lora_d(offs_n, am, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm,
+                     y_ptr.dtype.element_ty, LORA, LRP)
     n_groups = K // GROUP
     acc = tl.zeros((BN, MP), dtype=tl.float32)
     acc4 = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
@@ -472,8 +480,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     if FMT == 3:
         acc = acc * tl.load(g_ptr).to(tl.float32)
     _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
-               stride_om, stride_os, stride_ym, FIXUP, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
-               stride_hm, LORA, LRP)
+               stride_om, stride_os, stride_ym, FIXUP, lora_d, LORA)
 
 
 @triton.jit

@@ -44,6 +44,7 @@ from orbit.kernels import gemv
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.gemv import (
     GEMV_MIN_PROGRAMS_PER_SM,
+    _lora_d,
     _program_slice,
     _store_out,
     num_sms,
@@ -133,6 +134,8 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
                              4 if DEC == 1 else 1, BK)
     pdl_enter(PDL)
     am = tl.arange(0, MP)
+    lora_d = _lora_d(offs_n, am, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm,
+                     y_ptr.dtype.element_ty, LORA, LRP)
     s_row = s_ptr + ((pid_n * BN) // 128) * stride_s  # BN divides 128: one scale row
     WB: tl.constexpr = BK // 4 if DEC == 1 else BK  # accumulator width: words or bytes
     acc = tl.zeros((BN, MP, WB), dtype=tl.float32)
@@ -163,8 +166,7 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
     if DEC == 1:
         out = out * X_UP
     _store_out(out, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
-               stride_om, stride_os, stride_ym, FIXUP, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
-               stride_hm, LORA, LRP)
+               stride_om, stride_os, stride_ym, FIXUP, lora_d, LORA)
 
 
 def pick_fp8_gemv_config(m: int, n: int, k: int, sms: int) -> Fp8GemvConfig:

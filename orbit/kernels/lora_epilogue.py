@@ -12,7 +12,7 @@ instead of three.
 Arithmetic: the unfused path's roundings, in its order: the base output rounded to the
 activation dtype (what the GEMV stores), `h B^T` summed in fp32 and rounded, times the scale in
 fp32 and rounded, added in fp32 and rounded; the products and sum over r are those of the
-expand kernel's broadcast path (orbit/kernels/lora_decode.py), so only summation order can
+expand kernel's broadcast path (GEMVs) or its `tl.dot` (the dot loop) (orbit/kernels/lora_decode.py), so only summation order can
 differ from it.
 
 The `tl.dot` loop (orbit/kernels/_qgemm.py: the fast-mode forward from 5 rows up to the
@@ -69,7 +69,7 @@ class LoRAEpilogue:
 
 
 def kernel_args(lora: LoRAEpilogue | None, y: Tensor) -> tuple[tuple, dict]:
-    """(runtime args, constexprs) of a GEMV launch for `lora` (see `lora_store`); dummies when
+    """(runtime args, constexprs) of a GEMV launch for `lora` (see `lora_delta`); dummies when
     None (LORA = 0 compiles the epilogue out). The `tl.dot` loop takes the same arguments and
     reads b0 only."""
     if lora is None:
@@ -84,11 +84,12 @@ def kernel_args(lora: LoRAEpilogue | None, y: Tensor) -> tuple[tuple, dict]:
 
 
 @triton.jit
-def lora_store(acc, offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, stride_hm,
+def lora_delta(offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, stride_hm,
                dt: tl.constexpr, S: tl.constexpr, RP: tl.constexpr):
-    """acc [BN, MP] fp32 base sums for output columns offs_n and rows -> the adapted outputs
-    in dt (module doc): round(round(acc) + round(scale * round(h_s[m] . B_s[n])))."""
-    y = acc.to(dt).to(tl.float32)
+    """The delta of output columns offs_n and rows, [BN, MP] fp32 holding dt values:
+    round(scale * round(h_s[m] . B_s[n])) (module doc). The GEMVs compute it before their main
+    loop (its loads then overlap the weight stream instead of adding a round trip to the
+    store) and add it with `lora_add`."""
     j = tl.arange(0, RP)
     j_ok = j < R
     n_ok = offs_n < N
@@ -113,15 +114,20 @@ def lora_store(acc, offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, str
     h_ok = n_ok[:, None, None] & (rows < M)[None, :, None] & j_ok[None, None, :]
     h = tl.load(hp, mask=h_ok, other=0.0).to(tl.float32)  # [BN, MP, RP]
     d = tl.sum(h * b[:, None, :], axis=2)  # [BN, MP]
-    d = (d.to(dt).to(tl.float32) * scale).to(dt).to(tl.float32)
-    return (y + d).to(dt)
+    return (d.to(dt).to(tl.float32) * scale).to(dt).to(tl.float32)
+
+
+@triton.jit
+def lora_add(acc, d, dt: tl.constexpr):
+    """The adapted outputs in dt: round(round(acc) + d), d from `lora_delta`."""
+    return (acc.to(dt).to(tl.float32) + d).to(dt)
 
 
 @triton.jit
 def lora_store_dot(acc, offs_m, offs_o, M, N, h_ptr, b_ptr, R, scale, stride_hm,
                    dt: tl.constexpr, RP: tl.constexpr):
     """The `tl.dot` loop's form (one member; acc [BM, BO] fp32, BM >= 16, RP >= 16): the same
-    roundings as `lora_store`, the delta as a tensor-core dot `h [BM, RP] @ B^T [RP, BO]`, as
+    roundings as `lora_delta` + `lora_add`, the delta as a tensor-core dot `h [BM, RP] @ B^T [RP, BO]`, as
     the expand kernel computes it from 8 rows on."""
     y = acc.to(dt).to(tl.float32)
     j = tl.arange(0, RP)
