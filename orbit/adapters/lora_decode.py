@@ -71,12 +71,17 @@ class LoRADecodeGroup(MemberGroup):
         b = [m.slot_tensor(slot, "lora_B") for m in self.members]
         plan = self.fold_plan(x)
         if plan is not None and all(bi.dtype == x.dtype and bi.is_contiguous() for bi in b):
-            # shrink, then each base launch adds its members' deltas in its store
-            h = kernels.lora_shrink(x, a)
+            # Each base launch adds its members' deltas in its store. The plane and FP8 decode
+            # GEMVs compute h in their own grid too (one launch per group in all); elsewhere
+            # one shrink launch first serves every member.
             r = a[0].shape[0]
+            inside = all(dispatch.lora_shrink_in_kernel(x, qw) for qw, _, _ in plan)
+            h = (torch.empty((x.shape[0], len(a) * r), dtype=x.dtype, device=x.device) if inside
+                 else kernels.lora_shrink(x, a))
             outs: list[Tensor] = []
             for qw, lo, hi in plan:
-                lora = LoRAEpilogue(h[:, lo * r:hi * r], tuple(b[lo:hi]), first.scale)
+                lora = LoRAEpilogue(h[:, lo * r:hi * r], tuple(b[lo:hi]), first.scale,
+                                    tuple(a[lo:hi]) if inside else None)
                 y = dispatch.qmm_lora(x, qw, lora)
                 outs += torch.split(y, [m.base.out_features for m in self.members[lo:hi]], dim=1)
             return outs

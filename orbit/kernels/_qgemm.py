@@ -163,18 +163,20 @@ def _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, n0, k0, N, K,
 
 @triton.jit
 def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
-                  stride_xm, stride_ym, stride_q, stride_s, h_ptr, b0, b1, b2, LN0, LN1, LR,
-                  lscale, stride_hm,
+                  stride_xm, stride_ym, stride_q, stride_s, h_ptr, a0, a1, a2, b0, b1, b2, LN0,
+                  LN1, LR, lscale, stride_hm, hc_ptr, LSR,
                   FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                   TRANS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
                   GROUP_M: tl.constexpr, UNPACK: tl.constexpr, SWAP: tl.constexpr = False,
-                  LORA: tl.constexpr = 0, LRP: tl.constexpr = 1):
+                  LORA: tl.constexpr = 0, LRP: tl.constexpr = 1, SHRINK: tl.constexpr = False,
+                  SBK: tl.constexpr = 16):
     # W is [N, K]. TRANS=0: y[M, N] = x[M, K] @ W^T. TRANS=1: y[M, K] = x[M, N] @ W.
     # SWAP (forward only, an experiment for decode M): accumulate y^T = W @ x^T, so the
     # dequantized weight is the MMA's A operand (which wgmma reads from registers) and the few
     # x rows the B operand (BM = the MMA's N, 16 at least); the result is stored transposed.
     # LORA (forward, no SWAP; one member): a LoRA delta added before the store
-    # (orbit/kernels/lora_epilogue.py; b0..LN1 are the GEMV's argument list, b0 is read).
+    # (orbit/kernels/lora_epilogue.py; the GEMV's argument list, of which h, b0, LR, lscale
+    # and stride_hm are read; SHRINK is never set here: launch runs the shrink first).
     if TRANS:
         OUT = K
         RED = N
@@ -327,7 +329,12 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         raise ValueError("TileConfig.swap is a fast-mode forward experiment (no transpose, "
                          "no exact mode)")
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(out_dim, cfg.bo),)
-    largs, lconst = kernel_args(lora, y)
+    if lora is not None and lora.a is not None:  # h from a shrink launch first
+        from orbit.kernels.lora_decode import lora_shrink  # (imports gemv, which imports us)
+
+        lora.check(y, x)
+        lora_shrink(x, list(lora.a), out=lora.h)
+    largs, lconst = kernel_args(lora, x, y, None, False)
     if lora is not None:  # tl.dot needs K >= 16 for the delta's dot
         lconst["LRP"] = max(16, lconst["LRP"])
     _qgemm_kernel[grid](

@@ -103,6 +103,17 @@ def lora_foldable(x: Tensor, qw: QuantizedWeight, members: int = 1) -> bool:
     return lora_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt, False, x.device, members)
 
 
+def lora_shrink_in_kernel(x: Tensor, qw: QuantizedWeight) -> bool:
+    """Whether `qmm_lora(x, qw, LoRAEpilogue(..., a=...))` computes h within its one launch
+    (the plane and FP8 decode GEMVs); elsewhere it runs a shrink launch first."""
+    from orbit.kernels._qgemm import use_gemv
+    from orbit.kernels.gemv import shrinks_in_kernel
+
+    m = x.shape[0]
+    return (lora_foldable(x, qw) and use_gemv(m, qw.shape[0], qw.shape[1], qw.fmt, x.device)
+            and shrinks_in_kernel(m, qw.fmt))
+
+
 def qmm_lora(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue) -> Tensor:
     """x @ W^T plus a LoRA delta (orbit/kernels/lora_epilogue.py) in one fast-mode launch;
     only where `lora_foldable(x, qw, len(lora.b))`."""

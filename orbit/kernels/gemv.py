@@ -52,7 +52,14 @@ from orbit.kernels._qgemm import DEFAULT_UNPACK, FMT_IDS, _w_tile
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.fp4 import e2m1_scaled, e8m0_scale
 from orbit.kernels.int4 import int4_codes
-from orbit.kernels.lora_epilogue import LoRAEpilogue, kernel_args, lora_add, lora_delta
+from orbit.kernels.lora_epilogue import (
+    LoRAEpilogue,
+    kernel_args,
+    lora_add,
+    lora_await_delta,
+    lora_delta,
+    lora_shrink_role,
+)
 from orbit.kernels.pdl import pdl_enter, pdl_launch, prefetch_l2
 
 # Heuristic constants (pick_gemv_config); sweep them with scripts/bench/bench_qmm.py --gemv.
@@ -192,14 +199,22 @@ def split_k_launch(x: Tensor, y: Tensor, n: int, k: int, block_n: int, block_k: 
 
 
 @triton.jit
-def _program_slice(K_PER, K, N, BN: tl.constexpr):
-    """This program's K-slice [k_lo, k_hi) and output rows (offs_n, in range: row_ok)."""
-    pid_n = tl.program_id(0)
+def _program_slice(K_PER, K, N, BN: tl.constexpr, PN, SHRINK: tl.constexpr):
+    """This program's K-slice [k_lo, k_hi) and output rows (offs_n, in range: row_ok). With
+    SHRINK the first PN grid columns are LoRA shrink programs (lora_epilogue.lora_shrink_role),
+    so the column tile is program_id(0) - PN (negative for them: no rows in range)."""
     pid_k = tl.program_id(1)
     k_lo = pid_k * K_PER
     k_hi = tl.minimum(k_lo + K_PER, K)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    return pid_n, pid_k, k_lo, k_hi, offs_n, offs_n < N
+    if SHRINK:
+        pid_n = tl.program_id(0) - PN
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        row_ok = (offs_n >= 0) & (offs_n < N)
+    else:
+        pid_n = tl.program_id(0)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        row_ok = offs_n < N
+    return pid_n, pid_k, k_lo, k_hi, offs_n, row_ok
 
 
 @triton.jit
@@ -217,11 +232,13 @@ def prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK: tl.con
 @triton.jit
 def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, K_PER,
                  SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
-                 h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm,
+                 h_ptr, a0, a1, a2, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR,
                  FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                  MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  UNPACK: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
-                 PDL: tl.constexpr = False, LORA: tl.constexpr = 0, LRP: tl.constexpr = 1):
+                 PDL: tl.constexpr = False, LORA: tl.constexpr = 0, LRP: tl.constexpr = 1,
+                 SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16):
+    # (SHRINK, computing h in the launch, is the plane and FP8 GEMVs'; never set here.)
     # out[pid_k, m, n] = sum over this program's K-slice of x[m, k] * W[n, k] (fp32 sums; cast
     # to out's dtype on store: the activation dtype without split, fp32 into the workspace).
     pdl_enter(PDL)
@@ -235,7 +252,7 @@ def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
     cols = tl.arange(0, MP)
     offs_n = n0 + tl.arange(0, BN)
     lora_d = _lora_d(offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm, dt,
-                     LORA, LRP)
+                     LORA, LRP, False)
     # acc[n, m]: column m holds row m's sums; [BN, MP] lets the per-row partial [BN] broadcast
     # along dim 1 in the weight tile's own layout.
     acc = tl.zeros((BN, MP), dtype=tl.float32)
@@ -252,13 +269,15 @@ def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
             part = tl.sum(w * xm.to(tl.float32)[None, :], axis=1)  # [BN]
             acc = tl.where(cols[None, :] == m, acc + part[:, None], acc)
     _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, cols,
-               stride_om, stride_os, stride_ym, FIXUP, lora_d, LORA)
+               stride_om, stride_os, stride_ym, FIXUP, lora_d, h_ptr, b0, b1, b2, LN0, LN1, LR,
+               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, False)
 
 
 @triton.jit
 def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, cols,
-               stride_om, stride_os, stride_ym, FIXUP: tl.constexpr, lora_d,
-               LORA: tl.constexpr):
+               stride_om, stride_os, stride_ym, FIXUP: tl.constexpr, lora_d, h_ptr, b0, b1,
+               b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, LORA: tl.constexpr,
+               LRP: tl.constexpr, SHRINK: tl.constexpr):
     # acc [BN, MP] fp32 -> out[pid_k] (y itself without split, else the fp32 workspace slice).
     # FIXUP: each program of column tile pid_n bumps the tile's arrival counter after its
     # slice is stored; the one that arrives last adds all SPLIT slices in slice order (so the
@@ -267,10 +286,12 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
     # release/acquire pair that makes the other programs' slices visible; .cg loads read them
     # from L2, never a stale L1 line.
     # LORA (members, 0 = none): the program that writes y's final values adds the adapter
-    # delta lora_d (lora_epilogue.lora_delta, computed before the main loop); the launch makes
-    # sure that program is this one or the fix-up's, never the second reduce launch.
+    # delta: lora_d, computed before the main loop, or with SHRINK (h computed by this launch's
+    # shrink programs) computed here once h is complete (lora_epilogue.lora_await_delta). The
+    # launch makes sure that program is this one or the fix-up's, never the reduce launch.
     mask = (offs_n[:, None] < N) & (cols[None, :] < M)
     ptrs = out_ptr + pid_k * stride_os + cols[None, :] * stride_om + offs_n[:, None]
+    dt = y_ptr.dtype.element_ty
     if FIXUP:
         tl.store(ptrs, acc, mask=mask)  # fp32 workspace slice
         tl.debug_barrier()
@@ -280,11 +301,21 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
             base = out_ptr + cols[None, :] * stride_om + offs_n[:, None]
             for s in range(SPLIT):
                 total += tl.load(base + s * stride_os, mask=mask, other=0.0, cache_modifier=".cg")
+            if SHRINK:  # (a new name: a runtime branch may not retype lora_d)
+                d = lora_await_delta(offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR,
+                                     lscale, stride_hm, hc_ptr, LSR, dt, LORA, LRP)
+            else:
+                d = lora_d
             tl.store(y_ptr + cols[None, :] * stride_ym + offs_n[:, None],
-                     _final(total, lora_d, y_ptr.dtype.element_ty, LORA), mask=mask)
+                     _final(total, d, dt, LORA), mask=mask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
     else:  # y (LORA: always; the launch forces the fix-up for a split), or a workspace slice
-        tl.store(ptrs, _final(acc, lora_d, out_ptr.dtype.element_ty, LORA), mask=mask)
+        if SHRINK:
+            d = lora_await_delta(offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
+                                 stride_hm, hc_ptr, LSR, dt, LORA, LRP)
+        else:
+            d = lora_d
+        tl.store(ptrs, _final(acc, d, out_ptr.dtype.element_ty, LORA), mask=mask)
 
 
 @triton.jit
@@ -298,11 +329,12 @@ def _final(acc, lora_d, dt: tl.constexpr, LORA: tl.constexpr):
 
 @triton.jit
 def _lora_d(offs_n, rows, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm,
-            dt: tl.constexpr, LORA: tl.constexpr, LRP: tl.constexpr):
-    """The LoRA delta of this program's tile (0.0 without LORA), before the main loop."""
-    if LORA > 0:
+            dt: tl.constexpr, LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr):
+    """The LoRA delta of this program's tile before the main loop (0.0 without LORA, and with
+    SHRINK, whose h is not ready yet: _store_out computes it then)."""
+    if LORA > 0 and not SHRINK:
         return lora_delta(offs_n, rows, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
-                          stride_hm, dt, LORA, LRP)
+                          stride_hm, dt, LORA, LRP, False)
     else:
         return 0.0
 
@@ -394,13 +426,14 @@ def _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP: tl.constexpr,
 @triton.jit
 def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
                         K_PER, SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s,
-                        stride_ym, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm,
-                        FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+                        stride_ym, h_ptr, a0, a1, a2, b0, b1, b2, LN0, LN1, LR, lscale,
+                        stride_hm, hc_ptr, LSR, FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
                         HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr,
                         NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
                         DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr,
                         PDL: tl.constexpr = False, L2PRE: tl.constexpr = False,
-                        LORA: tl.constexpr = 0, LRP: tl.constexpr = 1):
+                        LORA: tl.constexpr = 0, LRP: tl.constexpr = 1,
+                        SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -418,16 +451,50 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     # step waits on them; with XPRE each step loads the next step's x before computing its own.
     # Fast mode only: the weights are not rounded to bf16 first, so the sums differ from the
     # reference's in the last bits (more exact, not less).
-    WG: tl.constexpr = GROUP // 8
+    # SHRINK (a LoRA epilogue whose h this launch computes): the first PN grid columns are
+    # shrink programs (lora_epilogue.lora_shrink_role) instead of column tiles.
     BK: tl.constexpr = NG * GROUP
-    pid_n, pid_k, k_lo, k_hi, offs_n, row_ok = _program_slice(K_PER, K, N, BN)
+    PN = 0
+    if SHRINK:
+        PN = tl.cdiv(LSR, SPLIT)  # grid columns of shrink programs
+    pid_n, pid_k, k_lo, k_hi, offs_n, row_ok = _program_slice(K_PER, K, N, BN, PN, SHRINK)
     if PDL and L2PRE:  # the first steps' words (frozen weights) into L2 before waiting
         prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES, 8, BK // 2)
     pdl_enter(PDL)
+    if SHRINK:
+        if tl.program_id(0) < PN:
+            lora_shrink_role(tl.program_id(0) * SPLIT + pid_k, x_ptr, stride_xm, M, K, a0, a1,
+                             a2, h_ptr, stride_hm, hc_ptr, LR, LSR, LORA, MP, SBK)
+        else:
+            _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
+                         SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
+                         h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, pid_n,
+                         pid_k, k_lo, k_hi, offs_n, row_ok, FMT, CODE, GROUP, HAS_OFFSET, MP,
+                         BN, NG, STAGES, FIXUP, DEFER, ASM, XPRE, LORA, LRP, SHRINK)
+    else:
+        _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
+                     stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0,
+                     b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, pid_n, pid_k, k_lo,
+                     k_hi, offs_n, row_ok, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES,
+                     FIXUP, DEFER, ASM, XPRE, LORA, LRP, SHRINK)
+
+
+@triton.jit
+def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
+                 stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0, b1,
+                 b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, pid_n, pid_k, k_lo, k_hi,
+                 offs_n, row_ok, FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+                 HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr,
+                 NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
+                 DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr,
+                 LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr):
+    """The column-tile program of _gemv_planes_kernel (after the PDL wait)."""
+    WG: tl.constexpr = GROUP // 8
+    BK: tl.constexpr = NG * GROUP
     ag = tl.arange(0, NG)
     am = tl.arange(0, MP)
     lora_d = _lora_d(offs_n, am, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm,
-                     y_ptr.dtype.element_ty, LORA, LRP)
+                     y_ptr.dtype.element_ty, LORA, LRP, SHRINK)
     n_groups = K // GROUP
     acc = tl.zeros((BN, MP), dtype=tl.float32)
     acc4 = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
@@ -480,7 +547,8 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     if FMT == 3:
         acc = acc * tl.load(g_ptr).to(tl.float32)
     _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
-               stride_om, stride_os, stride_ym, FIXUP, lora_d, LORA)
+               stride_om, stride_os, stride_ym, FIXUP, lora_d, h_ptr, b0, b1, b2, LN0, LN1, LR,
+               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, SHRINK)
 
 
 @triton.jit
@@ -509,8 +577,9 @@ class ArrivalCounters:
         self._bufs: dict[tuple[int, int], Tensor] = {}
 
     def get(self, device: torch.device, tiles: int) -> Tensor:
-        if tiles > ARRIVAL_COUNTERS:
-            raise ValueError(f"split-K GEMV with {tiles} column tiles; at most {ARRIVAL_COUNTERS}")
+        if tiles > ARRIVAL_COUNTERS - 2:  # (the last two: lora_counters)
+            raise ValueError(f"split-K GEMV with {tiles} column tiles; at most "
+                             f"{ARRIVAL_COUNTERS - 2}")
         if device.type != "cuda":  # the interpreter runs programs one after another
             return torch.zeros(tiles, dtype=torch.int32, device=device)
         key = (device.index if device.index is not None else torch.cuda.current_device(),
@@ -527,6 +596,41 @@ _COUNTERS = ArrivalCounters()  # process-wide on purpose: counters are per devic
 def arrival_counters(device: torch.device, tiles: int) -> Tensor:
     """The arrival-counter buffer for a split-K launch of `tiles` column tiles on `device`."""
     return _COUNTERS.get(device, tiles)
+
+
+def shrinks_in_kernel(m: int, fmt: str) -> bool:
+    """Whether the decode GEMV of an M-row `fmt` forward computes a LoRA epilogue's h in its
+    own grid (the plane and FP8 kernels; the tile kernel takes h from a shrink launch)."""
+    return fmt in PLANE_FORMATS or (fmt == "fp8" and m <= FP8_GEMV_MAX_M)
+
+
+def lora_counters(device: torch.device) -> Tensor:
+    """Two zeroed int32 counters for a GEMV that computes its LoRA h itself (lora_epilogue:
+    shrink programs done, tiles that read h), which the launch leaves zeroed: the last two
+    entries of the stream's arrival-counter buffer on CUDA, fresh zeros elsewhere."""
+    if device.type != "cuda":
+        return torch.zeros(2, dtype=torch.int32, device=device)
+    return _COUNTERS.get(device, 1)[ARRIVAL_COUNTERS - 2:]
+
+
+def lora_launch(lora: LoRAEpilogue | None, x: Tensor, y: Tensor, grid: tuple, split: int,
+                in_kernel: bool) -> tuple[tuple, dict, tuple]:
+    """(LoRA kernel args, constexprs, grid) of a GEMV launch: with A given and `in_kernel`
+    (the plane and FP8 GEMVs), the grid grows by the shrink programs' columns; with A given
+    otherwise, the shrink runs as its own launch first."""
+    shrink = lora is not None and lora.a is not None
+    if shrink and not in_kernel:
+        from orbit.kernels.lora_decode import lora_shrink  # (lora_decode imports this module)
+
+        lora.check(y, x)
+        lora_shrink(x, list(lora.a), out=lora.h)
+        shrink = False
+    cnt = lora_counters(x.device) if shrink else None
+    args, const = kernel_args(lora, x, y, cnt, shrink)
+    if shrink:
+        sr = len(lora.b) * lora.b[0].shape[1]
+        grid = (grid[0] + triton.cdiv(sr, split), grid[1])
+    return args, const, grid
 
 
 def _as_words(q: Tensor) -> Tensor | None:
@@ -566,7 +670,7 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     # PDL when the config asks (bench) or inside the engine's pdl_scope (grid-size rule there)
     pdl = pdl_launch(x.device, grid[0] * grid[1], forced=cfg.pdl)
     gs = global_scale if global_scale is not None else s
-    largs, lconst = kernel_args(lora, y)
+    largs, lconst, grid = lora_launch(lora, x, y, grid, split, in_kernel=words is not None)
     if words is not None:
         code = PLANE_CODES[(fmt, offset is not None)] if fmt == "int4" else PLANE_CODES[fmt]
         if code == 2 and cfg.e2m1_bits:

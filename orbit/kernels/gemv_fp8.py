@@ -47,12 +47,13 @@ from orbit.kernels.gemv import (
     _lora_d,
     _program_slice,
     _store_out,
+    lora_launch,
     num_sms,
     prefetch_first_steps,
     split_k,
     split_k_launch,
 )
-from orbit.kernels.lora_epilogue import LoRAEpilogue, kernel_args
+from orbit.kernels.lora_epilogue import LoRAEpilogue, lora_shrink_role
 from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 FP8_BLOCK = 128
@@ -123,19 +124,49 @@ def _e4m3_bits(words, P: tl.constexpr):
 @triton.jit
 def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PER, SPLIT,
                      stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
-                     h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm, MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     h_ptr, a0, a1, a2, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR,
+                     MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      STAGES: tl.constexpr, FIXUP: tl.constexpr, DEC: tl.constexpr,
                      XPRE: tl.constexpr, PDL: tl.constexpr = False,
                      L2PRE: tl.constexpr = False, LORA: tl.constexpr = 0,
-                     LRP: tl.constexpr = 1):
-    pid_n, pid_k, k_lo, k_hi, offs_n, row_ok = _program_slice(K_PER, K, N, BN)
+                     LRP: tl.constexpr = 1, SHRINK: tl.constexpr = False,
+                     SBK: tl.constexpr = 16):
+    # SHRINK: the first PN grid columns are LoRA shrink programs (as in the plane kernel).
+    PN = 0
+    if SHRINK:
+        PN = tl.cdiv(LSR, SPLIT)
+    pid_n, pid_k, k_lo, k_hi, offs_n, row_ok = _program_slice(K_PER, K, N, BN, PN, SHRINK)
     if PDL and L2PRE:  # the first steps' weight bytes into L2 before waiting on the last kernel
         prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES,
                              4 if DEC == 1 else 1, BK)
     pdl_enter(PDL)
+    if SHRINK:
+        if tl.program_id(0) < PN:
+            lora_shrink_role(tl.program_id(0) * SPLIT + pid_k, x_ptr, stride_xm, M, K, a0, a1,
+                             a2, h_ptr, stride_hm, hc_ptr, LR, LSR, LORA, MP, SBK)
+        else:
+            _fp8_main(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, SPLIT, stride_xm,
+                      stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0, b1, b2,
+                      LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, pid_n, pid_k, k_lo, k_hi,
+                      offs_n, row_ok, MP, BN, BK, STAGES, FIXUP, DEC, XPRE, LORA, LRP, SHRINK)
+    else:
+        _fp8_main(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, SPLIT, stride_xm,
+                  stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0, b1, b2, LN0,
+                  LN1, LR, lscale, stride_hm, hc_ptr, LSR, pid_n, pid_k, k_lo, k_hi, offs_n,
+                  row_ok, MP, BN, BK, STAGES, FIXUP, DEC, XPRE, LORA, LRP, SHRINK)
+
+
+@triton.jit
+def _fp8_main(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, SPLIT, stride_xm, stride_om,
+              stride_os, stride_q, stride_s, stride_ym, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
+              stride_hm, hc_ptr, LSR, pid_n, pid_k, k_lo, k_hi, offs_n, row_ok,
+              MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+              FIXUP: tl.constexpr, DEC: tl.constexpr, XPRE: tl.constexpr, LORA: tl.constexpr,
+              LRP: tl.constexpr, SHRINK: tl.constexpr):
+    """The column-tile program of _gemv_fp8_kernel (after the PDL wait)."""
     am = tl.arange(0, MP)
     lora_d = _lora_d(offs_n, am, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm,
-                     y_ptr.dtype.element_ty, LORA, LRP)
+                     y_ptr.dtype.element_ty, LORA, LRP, SHRINK)
     s_row = s_ptr + ((pid_n * BN) // 128) * stride_s  # BN divides 128: one scale row
     WB: tl.constexpr = BK // 4 if DEC == 1 else BK  # accumulator width: words or bytes
     acc = tl.zeros((BN, MP, WB), dtype=tl.float32)
@@ -166,7 +197,8 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
     if DEC == 1:
         out = out * X_UP
     _store_out(out, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
-               stride_om, stride_os, stride_ym, FIXUP, lora_d, LORA)
+               stride_om, stride_os, stride_ym, FIXUP, lora_d, h_ptr, b0, b1, b2, LN0, LN1, LR,
+               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, SHRINK)
 
 
 def pick_fp8_gemv_config(m: int, n: int, k: int, sms: int) -> Fp8GemvConfig:
@@ -202,7 +234,7 @@ def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,
         x, y, n, k, cfg.block_n, cfg.block_k, cfg.split)
     cnt = cnt if cnt is not None else s
     pdl = pdl_launch(x.device, grid[0] * grid[1], forced=cfg.pdl)
-    largs, lconst = kernel_args(lora, y)
+    largs, lconst, grid = lora_launch(lora, x, y, grid, split, in_kernel=True)
     _gemv_fp8_kernel[grid](
         x, out, qv, s, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om, stride_os,
         qv.stride(0), s.stride(0), y.stride(0), *largs, MP=triton.next_power_of_2(m),

@@ -216,9 +216,10 @@ def lora_decode_triton(x: Tensor, a: list[Tensor], b: list[Tensor], y: list[Tens
     lora_expand_add(lora_shrink(x, a), b, y, scale)
 
 
-def lora_shrink(x: Tensor, a: list[Tensor]) -> Tensor:
-    """h [M, S*r] = the members' x A_s^T side by side, in x's dtype (one launch). The decode
-    GEMV's LoRA epilogue (orbit/kernels/lora_epilogue.py) and `lora_expand_add` read it."""
+def lora_shrink(x: Tensor, a: list[Tensor], out: Tensor | None = None) -> Tensor:
+    """h [M, S*r] = the members' x A_s^T side by side, in x's dtype (one launch; into `out`,
+    unit column stride, where given). The base launches' LoRA epilogue
+    (orbit/kernels/lora_epilogue.py) and `lora_expand_add` read it."""
     if not HAS_TRITON:
         raise RuntimeError("lora_shrink needs Triton")
     from orbit.kernels.gemv import arrival_counters  # (gemv imports pdl, as this module does)
@@ -235,7 +236,7 @@ def lora_shrink(x: Tensor, a: list[Tensor]) -> Tensor:
         bk = max(16, min(triton.next_power_of_2(k), ELEMS // bm))
     split = triton.cdiv(k, kc)
     nj = triton.cdiv(r, jb)
-    h = torch.empty((m, s * r), dtype=x.dtype, device=x.device)
+    h = out if out is not None else torch.empty((m, s * r), dtype=x.dtype, device=x.device)
     ws = torch.empty((split, m, s * r), dtype=torch.float32, device=x.device) if split > 1 else h
     cnt = arrival_counters(x.device, s * nj) if split > 1 else h
     grid = (s * nj * split,)

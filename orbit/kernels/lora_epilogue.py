@@ -34,22 +34,38 @@ import torch
 from torch import Tensor
 
 from orbit.kernels._triton import tl, triton
+from orbit.kernels.lora_decode import ELEMS as SHRINK_ELEMS
+from orbit.kernels.lora_decode import _member, _shrink_block
 
 MAX_MEMBERS = 3
 
 
 @dataclass(frozen=True)
 class LoRAEpilogue:
-    """h [M, S*r] (the shrink's output, activation dtype), B_s [N_s, r] per member (contiguous),
-    and the adapter scale (alpha / r)."""
+    """h [M, S*r] (activation dtype), B_s [N_s, r] per member (contiguous), the adapter scale
+    (alpha / r), and optionally the members' A_s [r, K] (contiguous): then h is an output
+    buffer that the launch fills with x A_s^T itself (the plane and FP8 GEMVs in their own
+    grid, `lora_shrink_role`; other kernels with a shrink launch first); without A, h is the
+    shrink's output, read."""
 
     h: Tensor
     b: tuple[Tensor, ...]
     scale: float
+    a: tuple[Tensor, ...] | None = None
 
-    def check(self, y: Tensor) -> None:
-        """Raise ValueError naming the first tensor that does not fit an output y [M, sum N_s]."""
+    def check(self, y: Tensor, x: Tensor | None = None) -> None:
+        """Raise ValueError naming the first tensor that does not fit an output y [M, sum N_s]
+        (and, with A, the input x [M, K])."""
         b, h = self.b, self.h
+        if self.a is not None:
+            if len(self.a) != len(b):
+                raise ValueError(f"LoRA epilogue: {len(self.a)} A for {len(b)} B")
+            k = x.shape[1] if x is not None else self.a[0].shape[-1]
+            r0 = b[0].shape[1] if b[0].dim() == 2 else -1
+            for i, ai in enumerate(self.a):
+                if ai.shape != (r0, k) or not ai.is_contiguous() or ai.dtype != y.dtype:
+                    raise ValueError(f"LoRA epilogue: A[{i}] must be contiguous [{r0}, {k}] "
+                                     f"{y.dtype}; got {tuple(ai.shape)} {ai.dtype}")
         if not 1 <= len(b) <= MAX_MEMBERS:
             raise ValueError(f"LoRA epilogue: 1..{MAX_MEMBERS} members, got {len(b)}")
         r = b[0].shape[1] if b[0].dim() == 2 else -1
@@ -68,24 +84,36 @@ class LoRAEpilogue:
             raise ValueError("LoRA epilogue: h, B and the output must be on one device")
 
 
-def kernel_args(lora: LoRAEpilogue | None, y: Tensor) -> tuple[tuple, dict]:
-    """(runtime args, constexprs) of a GEMV launch for `lora` (see `lora_delta`); dummies when
-    None (LORA = 0 compiles the epilogue out). The `tl.dot` loop takes the same arguments and
-    reads b0 only."""
+def kernel_args(lora: LoRAEpilogue | None, x: Tensor, y: Tensor, counters: Tensor | None,
+                shrink: bool) -> tuple[tuple, dict]:
+    """(runtime args, constexprs) of a GEMV launch for `lora`: h, A x3, B x3, N0, N1, r, scale,
+    h's row stride, the h counters, S*r; LORA (members; 0 compiles the epilogue out), LRP,
+    SHRINK (this launch computes h: `lora_shrink_role`, with `counters` two zeroed int32 that
+    it leaves zeroed) and SBK (the shrink's K step). Dummies where None. The `tl.dot` loop
+    takes the same arguments and reads h, b0, r, the scale and the stride only."""
     if lora is None:
-        return (y, y, y, y, 0, 0, 0, 0.0, 0), {"LORA": 0, "LRP": 1}
-    lora.check(y)
+        return ((y,) * 7 + (0, 0, 0, 0.0, 0, y, 0),
+                {"LORA": 0, "LRP": 1, "SHRINK": False, "SBK": 16})
+    lora.check(y, x)
     b = list(lora.b)
     ns = [bi.shape[0] for bi in b] + [0, 0]
     r = b[0].shape[1]
-    b += [b[0]] * (MAX_MEMBERS - len(b))
-    return ((lora.h, *b, ns[0], ns[1], r, float(lora.scale), lora.h.stride(0)),
-            {"LORA": len(lora.b), "LRP": triton.next_power_of_2(r)})
+    a = list(lora.a) if shrink and lora.a is not None else [b[0]]
+    mp = triton.next_power_of_2(x.shape[0])
+    # the separate shrink's K step below 8 rows (lora_decode.lora_shrink): the same sums
+    sbk = max(16, min(triton.next_power_of_2(x.shape[1]), SHRINK_ELEMS // mp))
+    return ((lora.h, *_pad(a), *_pad(b), ns[0], ns[1], r, float(lora.scale), lora.h.stride(0),
+             counters if shrink else y, len(b) * r),
+            {"LORA": len(b), "LRP": triton.next_power_of_2(r), "SHRINK": shrink, "SBK": sbk})
+
+
+def _pad(ts: list[Tensor]) -> list[Tensor]:
+    return ts + [ts[0]] * (MAX_MEMBERS - len(ts))
 
 
 @triton.jit
 def lora_delta(offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, stride_hm,
-               dt: tl.constexpr, S: tl.constexpr, RP: tl.constexpr):
+               dt: tl.constexpr, S: tl.constexpr, RP: tl.constexpr, H_CG: tl.constexpr):
     """The delta of output columns offs_n and rows, [BN, MP] fp32 holding dt values:
     round(scale * round(h_s[m] . B_s[n])) (module doc). The GEMVs compute it before their main
     loop (its loads then overlap the weight stream instead of adding a round trip to the
@@ -112,9 +140,52 @@ def lora_delta(offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, stride_h
     b = tl.load(bp, mask=n_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)  # [BN, RP]
     hp = h_ptr + rows[None, :, None] * stride_hm + (member * R)[:, None, None] + j[None, None, :]
     h_ok = n_ok[:, None, None] & (rows < M)[None, :, None] & j_ok[None, None, :]
-    h = tl.load(hp, mask=h_ok, other=0.0).to(tl.float32)  # [BN, MP, RP]
+    if H_CG:  # h written by other programs of this launch: read it from L2
+        h = tl.load(hp, mask=h_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+    else:
+        h = tl.load(hp, mask=h_ok, other=0.0).to(tl.float32)  # [BN, MP, RP]
     d = tl.sum(h * b[:, None, :], axis=2)  # [BN, MP]
     return (d.to(dt).to(tl.float32) * scale).to(dt).to(tl.float32)
+
+
+@triton.jit
+def lora_shrink_role(idx, x_ptr, stride_xm, M, K, a0, a1, a2, h_ptr, stride_hm, hc_ptr, R, SR,
+                     S: tl.constexpr, MP: tl.constexpr, SBK: tl.constexpr):
+    """A GEMV program in a shrink role (LoRAEpilogue.a): h[m, idx] = round(x[m] . A row idx of
+    the members' stacked A) over all of K, with the separate shrink kernel's code for one row
+    of A (orbit/kernels/lora_decode.py, below 8 rows), then one release increment of the
+    launch's h counter. idx >= SR: nothing to do (the grid rounds up)."""
+    if idx < SR:
+        s = idx // R
+        offs_m = tl.arange(0, MP)
+        m_ok = offs_m < M
+        offs_j = idx % R + tl.arange(0, 1)
+        acc = _shrink_block(x_ptr, _member(s, a0, a1, a2, S), offs_m, m_ok, offs_j,
+                            offs_j < R, 0, K, K, stride_xm, MP, 1, SBK, False)  # [MP, 1]
+        tl.store(h_ptr + offs_m[:, None] * stride_hm + (s * R + offs_j)[None, :],
+                 acc.to(h_ptr.dtype.element_ty), mask=m_ok[:, None])
+        tl.debug_barrier()
+        tl.atomic_add(hc_ptr, 1, sem="release")
+
+
+@triton.jit
+def lora_await_delta(offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, stride_hm, hc_ptr,
+                     SR, dt: tl.constexpr, S: tl.constexpr, RP: tl.constexpr):
+    """`lora_delta` once the launch's SR shrink programs have signalled (an acquire spin on
+    hc_ptr[0]: they are the grid's first columns, so they run no later than any program that
+    waits here); then this tile counts itself in hc_ptr[1], and the tile that counts last
+    re-arms both counters for the next launch (CUDA-graph replays reuse them)."""
+    done = tl.atomic_add(hc_ptr, 0, sem="acquire")
+    while done < SR:
+        done = tl.atomic_add(hc_ptr, 0, sem="acquire")
+    d = lora_delta(offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, stride_hm, dt, S,
+                   RP, True)
+    tl.debug_barrier()
+    tiles = tl.cdiv(N, offs_n.shape[0])
+    if tl.atomic_add(hc_ptr + 1, 1, sem="acq_rel") == tiles - 1:
+        tl.atomic_xchg(hc_ptr, 0, sem="relaxed")
+        tl.atomic_xchg(hc_ptr + 1, 0, sem="relaxed")
+    return d
 
 
 @triton.jit

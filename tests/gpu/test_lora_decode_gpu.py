@@ -89,6 +89,45 @@ def test_gemv_epilogue_at_qwen3_shapes(fmt: str, m: int, k: int, ns: list[int]) 
     diff = (y.float() - ref.float()).abs()
     assert (diff <= _ulp_bound(ref, base)).all(), (diff - _ulp_bound(ref, base)).max()
     assert (diff > 0).float().mean() < 0.05
+    # With A: the launch computes h itself (shrink programs in the plane / FP8 GEMV's grid, a
+    # shrink launch first elsewhere), twice in a row (its counters re-armed between)
+    for _ in range(2):
+        hk = torch.full_like(h, float("nan"))
+        yk = dispatch.qmm_lora(x, qw, LoRAEpilogue(hk, tuple(b), 2.0, tuple(a)))
+        dh = (hk.float() - h.float()).abs()
+        assert (dh <= h.float().abs() * 2.0 ** -7 * 1.01).all()  # an ulp at most (warps differ)
+        if torch.equal(hk, h):
+            assert torch.equal(yk, y)
+
+
+@pytest.mark.timeout(120)  # a lost signal would spin the GEMV forever: fail, do not hang
+def test_in_kernel_shrink_replays_in_a_graph() -> None:
+    """The q/k/v GEMV with h computed in its own grid, captured once and replayed 20 times
+    with PDL: every replay gives the eager result (the h counters are re-armed each time)."""
+    from orbit.kernels.gemv import lora_counters
+    from orbit.kernels.pdl import pdl_scope
+
+    k, ns, r = 2048, [2048, 1024, 1024], 16
+    qw = random_qweight("int4", sum(ns), k, seed=5, device="cuda", group_size=128)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(1, k, generator=g, device="cuda").bfloat16()
+    a = tuple((torch.randn(r, k, generator=g, device="cuda") * 0.02).bfloat16() for _ in ns)
+    b = tuple((torch.randn(n, r, generator=g, device="cuda") * 0.05).bfloat16() for n in ns)
+    assert dispatch.lora_shrink_in_kernel(x, qw)
+    h = torch.empty(1, len(ns) * r, device="cuda", dtype=torch.bfloat16)
+    want = dispatch.qmm_lora(x, qw, LoRAEpilogue(h, b, 2.0, a)).clone()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), pdl_scope(True):
+        dispatch.qmm_lora(x, qw, LoRAEpilogue(h, b, 2.0, a))  # warm-up on the capture stream
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            y = dispatch.qmm_lora(x, qw, LoRAEpilogue(h, b, 2.0, a))
+    for _ in range(20):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, want)
+    with torch.cuda.stream(stream):
+        assert lora_counters(x.device).tolist() == [0, 0]
 
 
 def test_engine_fused_lora_matches_plain() -> None:

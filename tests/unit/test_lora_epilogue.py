@@ -34,6 +34,9 @@ CASES = [
     ("fp8", {}, 256, [64], 12, 20, "dot"),
     ("nvfp4", {}, 256, [48], 16, 17, "dot"),
 ]
+# Cases (indices into CASES) rerun with A given: the launch computes h itself (shrink programs
+# in the plane / FP8 GEMV's grid; a shrink launch first for the tile kernel and the dot loop).
+SHRINK_CASES = [0, 1, 2, 3, 5, 6, 7, 8, 9]
 SCALE = 1.75
 
 
@@ -55,7 +58,7 @@ def _poisoned(m: int, ns: list[int]) -> torch.Tensor:
 def _kernel_cases() -> dict:
     from orbit.kernels import _qgemm, gemv
     from orbit.kernels.gemv_fp8 import Fp8GemvConfig
-    from orbit.kernels.lora_decode import lora_expand_add
+    from orbit.kernels.lora_decode import lora_expand_add, lora_shrink
     from orbit.kernels.lora_epilogue import LoRAEpilogue, lora_epilogue_reference
 
     out: dict = {}
@@ -85,6 +88,26 @@ def _kernel_cases() -> dict:
             "err": ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item(),
             "same_as_expand_kernel": torch.equal(y, unfused),
             "delta": (y.double() - base.double()).abs().max().item()}
+        if i in SHRINK_CASES:  # h from A inside the launch: the separate shrink's bits
+            a = tuple((torch.randn(r, k, generator=g) * 0.2).bfloat16() for _ in ns)
+            want = lora_shrink(x, list(a))
+            ref_a = lora_epilogue_reference(base, LoRAEpilogue(want, b, SCALE))
+            hb = torch.full((m, len(ns) * r), float("nan")).bfloat16()
+            la = LoRAEpilogue(hb, b, SCALE, a)
+            counters = torch.zeros(2, dtype=torch.int32)  # as the CUDA buffer: one for all
+            gemv.lora_counters = lambda device, _c=counters: _c
+            if c == "dot":
+                ya = _qgemm.launch(*args, False, False, _poisoned(m, ns), lora=la)
+            else:
+                ya = gemv.gemv(*args, _poisoned(m, ns), cfg, lora=la)
+            # twice: the launch must leave its h counters re-armed for the next one
+            if c == "dot":
+                yb = _qgemm.launch(*args, False, False, _poisoned(m, ns), lora=la)
+            else:
+                yb = gemv.gemv(*args, _poisoned(m, ns), cfg, lora=la)
+            out[f"s{i}"] = {"nan": bool(ya.isnan().any()), "h_equal": torch.equal(hb, want),
+                            "y_equal": torch.equal(ya, ref_a), "again": torch.equal(ya, yb),
+                            "counters": counters.tolist()}
     return out
 
 
@@ -146,6 +169,8 @@ def _model_checks() -> dict:
         setattr(mod, name, real[name])
 
     def gemv_then_expand(x, qw, lora):  # the same base GEMV, then the separate expand-add
+        if lora.a is not None:
+            kmod.lora_shrink(x, list(lora.a), out=lora.h)
         y = dmod._kernel_for(qw)(x, qw)
         splits = [b.shape[0] for b in lora.b]
         kmod.lora_expand_add(lora.h, list(lora.b), list(torch.split(y, splits, 1)), lora.scale)
@@ -208,11 +233,21 @@ def test_epilogue_matches_the_unfused_expand_add(interp: dict, case: int) -> Non
     assert r["same_as_expand_kernel"], r
 
 
+@pytest.mark.parametrize("case", SHRINK_CASES)
+def test_launch_computes_h_itself(interp: dict, case: int) -> None:
+    r = interp[f"s{case}"]
+    assert not r["nan"]
+    assert r["h_equal"], r  # the separate shrink's code for a row of A: the same h
+    assert r["y_equal"], r  # and the same outputs as the base launch + expand-add
+    assert r["again"] and r["counters"] == [0, 0], r  # counters re-armed for the next launch
+
+
 def test_groups_fold_in_a_quantized_model(interp: dict) -> None:
     r = interp["model"]
     assert r["groups"] == 2 * 4  # per layer: q/k/v, o, gate/up, down
-    # inference mode, batch 1: per group one shrink + one base GEMV with the delta in its store
-    assert r["infer"] == {"shrink": 8, "expand": 0, "fold": 8}, r
+    # inference mode, batch 1: per group one base GEMV that computes h in its own grid and
+    # adds the delta in its store: no shrink or expand launch
+    assert r["infer"] == {"shrink": 0, "expand": 0, "fold": 8}, r
     # no_grad without inference mode: bases separate, then shrink + expand-add per group
     assert r["nograd"] == {"shrink": 8, "expand": 8, "fold": 0}, r
     assert r["adapter_effect"] > 1e-2
