@@ -11,7 +11,9 @@ the input tensor; each of them then returns its output when called with that sam
 Where the base output is one fused quantized launch (the decode GEMV or the `tl.dot` loop of
 the INT4/INT8/FP8/FP4 bases; `LoRADecodeGroup.fold_plan`), the delta is added in that launch's
 store instead (orbit/kernels/lora_epilogue.py): the shrink, then the base launch(es) with the
-expand-add folded in, one launch per group fewer than with the separate expand-add.
+expand-add folded in, one launch per group fewer than with the separate expand-add. The plane
+and FP8 decode GEMVs (batch-1 steps of INT4/FP4/FP8 bases) compute h in their own grid too, so
+there a group is its base launch alone: the adapter adds no launch to the step.
 Everything else (training, exact mode's batch-invariant LoRA, dropout in training mode, the
 CPU, prefill-sized inputs) runs the plain `LoRALinear.forward`.
 
@@ -38,12 +40,15 @@ from orbit.quant.siblings import MemberGroup, sibling_sets
 
 class LoRADecodeGroup(MemberGroup):
     """LoRALinear members that read the same input, adapted in two launches. `fold`: add the
-    deltas in the base launches' store where they can (fold_plan); False keeps the separate
-    expand-add launch everywhere (same-run comparisons: bench_engine.py --fuse-lora both)."""
+    deltas in the base launches' store where they can (fold_plan); `fold_shrink`: and let the
+    base launch compute h itself where it can (the plane and FP8 decode GEMVs). False keeps the
+    separate launches (same-run comparisons: bench_engine.py --fuse-lora both)."""
 
-    def __init__(self, members: list[LoRALinear], fold: bool = True) -> None:
+    def __init__(self, members: list[LoRALinear], fold: bool = True,
+                 fold_shrink: bool = True) -> None:
         super().__init__(members)
         self.fold = fold
+        self.fold_shrink = fold_shrink
 
     def serves(self, x: Tensor) -> bool:
         """Whether this call can take the fused path (checked on the first member's call)."""
@@ -75,7 +80,8 @@ class LoRADecodeGroup(MemberGroup):
             # GEMVs compute h in their own grid too (one launch per group in all); elsewhere
             # one shrink launch first serves every member.
             r = a[0].shape[0]
-            inside = all(dispatch.lora_shrink_in_kernel(x, qw) for qw, _, _ in plan)
+            inside = self.fold_shrink and all(dispatch.lora_shrink_in_kernel(x, qw)
+                                              for qw, _, _ in plan)
             h = (torch.empty((x.shape[0], len(a) * r), dtype=x.dtype, device=x.device) if inside
                  else kernels.lora_shrink(x, a))
             outs: list[Tensor] = []
@@ -121,23 +127,23 @@ def _lora(module: nn.Module | None) -> LoRALinear | None:
     return module if type(module) is LoRALinear else None
 
 
-def link_lora_decode(model: nn.Module, fold: bool = True) -> int:
+def link_lora_decode(model: nn.Module, fold: bool = True, fold_shrink: bool = True) -> int:
     """Link the model's LoRALinear modules into decode groups (see the module docstring);
-    returns the number of groups. Modules already linked are left as they are. `fold`: see
-    LoRADecodeGroup."""
+    returns the number of groups. Modules already linked are left as they are. `fold`,
+    `fold_shrink`: see LoRADecodeGroup."""
     groups = 0
     for members in sibling_sets(model, _lora):
         if any(m.decode_group is not None for m in members):
             continue
         if len({(m.in_features, m.r) for m in members}) != 1:
             continue
-        group = LoRADecodeGroup(members, fold)
+        group = LoRADecodeGroup(members, fold, fold_shrink)
         for m in members:
             m.decode_group = group
         groups += 1
     for m in model.modules():
         if type(m) is LoRALinear and m.decode_group is None:
-            m.decode_group = LoRADecodeGroup([m], fold)
+            m.decode_group = LoRADecodeGroup([m], fold, fold_shrink)
             groups += 1
     return groups
 

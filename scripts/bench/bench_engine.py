@@ -11,8 +11,9 @@ roofline, and across base precisions. Random weights (speed does not depend on t
    with orbit.quant.convert.convert_linears).
 4. lora: what RL rollouts run: the INT4 Qwen3-1.7B base with a LoRA adapter (r 16, all seven
    linears, random nonzero B) served from slot 1, decode tokens/s at batch 1/16/64 with the
-   plain LoRA forward, the adapter's decode groups with a separate expand-add launch, and the
-   groups with the expand-add folded into the base GEMV's store (Engine(fuse_lora=...),
+   plain LoRA forward, the adapter's decode groups with separate shrink and expand-add
+   launches, the groups with the expand-add folded into the base launch's store, and with the
+   shrink inside the decode GEMV as well (Engine(fuse_lora=...),
    --fuse-lora on|off|both) and, in the same run, the base alone (adapter off) and an OFT
    adapter (block 32, all seven linears).
 Orbit's bf16 model (--orbit-bf16): "linear" keeps plain nn.Linear layers; "ql" converts them to
@@ -217,8 +218,10 @@ def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, 
 
     new = 32 if small else 128
     # plain: LoRALinear.forward; groups: the decode groups' shrink + expand-add after the base
-    # GEMV; fold: the expand-add in the base GEMV's store where it runs (what the engine does)
-    fuses = {"on": ["fold"], "off": ["plain"], "both": ["plain", "groups", "fold"]}[fuse]
+    # launch; fold-store: the expand-add in the base launch's store, the shrink separate; fold:
+    # also the shrink inside the plane / FP8 decode GEMVs (what the engine does)
+    fuses = {"on": ["fold"], "off": ["plain"],
+             "both": ["plain", "groups", "fold-store", "fold"]}[fuse]
     for kind in ("lora", "oft"):
         model = _format_model(shape, "int4", dtype, device)
         cfg = AdapterConfig(kind=kind, r=LORA_RANK, alpha=2.0 * LORA_RANK, block_size=OFT_BLOCK)
@@ -236,8 +239,8 @@ def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, 
             for slot, fz in variants:
                 aset.set_active(slot)
                 unlink_lora_decode(model)
-                if fz == "groups":  # linked here; the engine (fuse_lora=False) leaves them
-                    link_lora_decode(model, fold=False)
+                if fz in ("groups", "fold-store"):  # linked here; fuse_lora=False leaves them
+                    link_lora_decode(model, fold=fz != "groups", fold_shrink=False)
                 w = {"section": "lora", "shape": shape, "batch": batch, "new_tokens": new,
                      "adapter": None if slot is None else kind, "rank": LORA_RANK,
                      "fuse_lora": fz}
@@ -271,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             ("--prefetch-weights", "off", "Engine(prefetch_weights=...) (experimental: the next "
                                           "block's weights into L2 on a side stream)"),
             ("--fuse-lora", "both", "lora section: Engine(fuse_lora=...) (LoRA decode groups; "
-                                    "both = plain forward, groups with a separate expand-add, "
-                                    "groups with the expand-add in the base GEMV)"),
+                                    "both = plain forward, groups with separate launches, the "
+                                    "expand-add in the base launch, and the shrink too)"),
             ("--l2-prefetch", "off", "with PDL, the GEMVs prefetch their first steps' weights "
                                      "into L2 before waiting (gemv.PDL_L2_PREFETCH)")):
         ap.add_argument(flag, default=default, choices=("on", "off", "both"),
@@ -429,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             what = ("adapter off" if r["adapter"] is None else
                     f"oft b{OFT_BLOCK}" if r["adapter"] == "oft" else
                     f"lora r{r['rank']} {r['fuse_lora']}")
-            print(f"lora     {r['shape']:<13} int4 {what:<17} b{r['batch']:<3}: decode "
+            print(f"lora     {r['shape']:<13} int4 {what:<20} b{r['batch']:<3}: decode "
                   f"{r['decode_tokens_per_s']:>9.1f} tok/s ({1e3 / r['decode_tokens_per_s']:.2f} ms/step)")
         else:
             fz = ("+grp" if r.get("fuse_siblings") else "") + ("+split" if r.get("split_kv") else "") + \
