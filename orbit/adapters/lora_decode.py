@@ -3,8 +3,8 @@
 `link_lora_decode(model)` links every LoRALinear of the model into a `LoRADecodeGroup`: the
 members of each sibling set (orbit.quant.siblings.SIBLING_SETS) together, every other LoRA
 linear alone. When the first member of a group is called in an engine decode forward (no
-autograd, a CUDA input of at most lora_decode.MAX_M rows, an adapter slot active, the fast
-path's conditions below), it computes every member's base output (the base sibling group makes
+autograd, a CUDA input of at most lora_decode.MAX_M rows (FOLD_MAX_M where the delta folds
+into the base launch, below), an adapter slot active, the fast path's conditions below), it computes every member's base output (the base sibling group makes
 that one GEMV), then the whole group's adapter delta in two launches
 (orbit/kernels/lora_decode.py) added in place, and keeps the other members' outputs, keyed by
 the input tensor; each of them then returns its output when called with that same tensor.
@@ -32,10 +32,17 @@ from orbit.adapters.lora import LoRALinear
 from orbit.kernels import dispatch
 from orbit.kernels import lora_decode as kernels
 from orbit.kernels.lora_epilogue import LoRAEpilogue
+from orbit.kernels._qgemm import DEQUANT_MIN_M
 from orbit.kernels.matmul_exact import interpreting
 from orbit.quant.linear import QuantLinear, sibling_serves
 from orbit.quant.qweight import QuantizedWeight
 from orbit.quant.siblings import MemberGroup, sibling_sets
+
+
+# Rows a group serves: up to lora_decode.MAX_M with the separate expand-add, and beyond (batches
+# of 65+ sequences, prefill chunks) only where the base launches add the delta in their store,
+# which the `tl.dot` loop does up to where fast mode switches to dequantize + cuBLAS.
+FOLD_MAX_M = DEQUANT_MIN_M - 1
 
 
 class LoRADecodeGroup(MemberGroup):
@@ -56,7 +63,7 @@ class LoRADecodeGroup(MemberGroup):
         slot = first.active_slot
         if slot is None or torch.is_grad_enabled() or x.dim() != 2 or x.stride(-1) != 1:
             return False
-        if not (x.is_cuda or interpreting()) or not 1 <= x.shape[0] <= kernels.MAX_M:
+        if not (x.is_cuda or interpreting()) or not 1 <= x.shape[0] <= FOLD_MAX_M:
             return False
         for m in self.members:
             if (m.active_slot != slot or type(m) is not LoRALinear or m.r != first.r
@@ -91,6 +98,8 @@ class LoRADecodeGroup(MemberGroup):
                 y = dispatch.qmm_lora(x, qw, lora)
                 outs += torch.split(y, [m.base.out_features for m in self.members[lo:hi]], dim=1)
             return outs
+        if x.shape[0] > kernels.MAX_M:  # only a fold serves these rows (prefill chunks, say)
+            return None
         ys = [m.base(x) for m in self.members]
         if any(y.dtype != x.dtype or y.stride(-1) != 1 for y in ys):
             return None  # (an fp32 base output, say): the plain forward handles the casts

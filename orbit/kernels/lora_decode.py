@@ -45,7 +45,9 @@ from orbit.kernels._triton import HAS_TRITON, tl, triton
 from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 MAX_MEMBERS = 3
-MAX_M = 64  # decode batches; larger inputs (prefill, training) take the plain forward
+MAX_M = 64  # the expand-add kernel's rows; larger inputs take the plain forward, except where
+# the base launch adds the delta in its store (orbit/adapters/lora_decode.py: FOLD_MAX_M)
+SHRINK_BM = 64  # rows per shrink program (row blocks beyond)
 ELEMS = 4096  # broadcast-product elements per program step (32 per thread on 4 warps)
 WARPS = 4
 SHRINK_KC = 256  # K chunk per shrink program (split-K over chunks, fix-up by the last one)
@@ -91,18 +93,20 @@ def _lora_shrink_kernel(x_ptr, a0, a1, a2, ws_ptr, h_ptr, cnt_ptr, M, K, R, KC, 
                         stride_xm, stride_hm, S: tl.constexpr, BM: tl.constexpr,
                         JB: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
                         PDL: tl.constexpr = False):
-    # h[m, s*R + j] = round(sum_k x[m, k] * A_s[j, k]). Program ((s * NJ + jb) * SPLIT + c)
-    # sums K chunk c of rows jb*JB.. of member s for all rows of x; with SPLIT > 1 it stores
-    # an fp32 partial and the last chunk program of (s, jb) to arrive adds the SPLIT partials
-    # in chunk order (deterministic) and rounds (the split-K fix-up of orbit/kernels/gemv.py).
+    # h[m, s*R + j] = round(sum_k x[m, k] * A_s[j, k]). Program ((s * NJ + jb) * SPLIT + c,
+    # mb) sums K chunk c of rows jb*JB.. of member s for rows mb*BM.. of x; with SPLIT > 1 it
+    # stores an fp32 partial and the last chunk program of (s, jb, mb) to arrive adds the SPLIT
+    # partials in chunk order (deterministic) and rounds (the split-K fix-up of
+    # orbit/kernels/gemv.py).
     pdl_enter(PDL)
     pid = tl.program_id(0)
+    mb = tl.program_id(1)
     nj = tl.cdiv(R, JB)
     c = pid % SPLIT
     sj = pid // SPLIT
     s = sj // nj
     a_ptr = _member(s, a0, a1, a2, S)
-    offs_m = tl.arange(0, BM)
+    offs_m = mb * BM + tl.arange(0, BM)
     offs_j = (sj % nj) * JB + tl.arange(0, JB)
     m_ok = offs_m < M
     j_ok = offs_j < R
@@ -119,13 +123,14 @@ def _lora_shrink_kernel(x_ptr, a0, a1, a2, ws_ptr, h_ptr, cnt_ptr, M, K, R, KC, 
         wp = ws_ptr + offs_m[:, None] * n_cols + cols
         tl.store(wp + c * M * n_cols, acc, mask=ok)
         tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + sj, 1, sem="acq_rel")
+        ci = mb * (S * nj) + sj  # this (row block, member, A-row block)'s counter
+        arrived = tl.atomic_add(cnt_ptr + ci, 1, sem="acq_rel")
         if arrived == SPLIT - 1:
             total = tl.zeros((BM, JB), dtype=tl.float32)
             for c2 in range(SPLIT):
                 total += tl.load(wp + c2 * M * n_cols, mask=ok, other=0.0, cache_modifier=".cg")
             tl.store(hp, total.to(h_ptr.dtype.element_ty), mask=ok)
-            tl.atomic_xchg(cnt_ptr + sj, 0, sem="relaxed")
+            tl.atomic_xchg(cnt_ptr + ci, 0, sem="relaxed")
 
 
 @triton.jit
@@ -228,7 +233,8 @@ def lora_shrink(x: Tensor, a: list[Tensor], out: Tensor | None = None) -> Tensor
     r, s = a[0].shape[0], len(a)
     mp = triton.next_power_of_2(m)
     dot = _use_dot(x, mp)
-    bm, rp = _rows(mp, dot), _rank_pad(r, dot)
+    # (up to SHRINK_BM rows per program: more rows, more row blocks)
+    bm, rp = min(_rows(mp, dot), SHRINK_BM), _rank_pad(r, dot)
     if dot:  # all rows of A per program, K split in SHRINK_KC chunks (fix-up)
         jb, bk, kc = rp, DOT_BK, SHRINK_KC
     else:  # one row of A per program over all of K: s * r programs, no fix-up
@@ -238,8 +244,9 @@ def lora_shrink(x: Tensor, a: list[Tensor], out: Tensor | None = None) -> Tensor
     nj = triton.cdiv(r, jb)
     h = out if out is not None else torch.empty((m, s * r), dtype=x.dtype, device=x.device)
     ws = torch.empty((split, m, s * r), dtype=torch.float32, device=x.device) if split > 1 else h
-    cnt = arrival_counters(x.device, s * nj) if split > 1 else h
-    grid = (s * nj * split,)
+    mblocks = triton.cdiv(m, bm)
+    cnt = arrival_counters(x.device, s * nj * mblocks) if split > 1 else h
+    grid = (s * nj * split, mblocks)
     _lora_shrink_kernel[grid](x, *_pad3(a), ws, h, cnt, m, k, r, kc, split, x.stride(0),
                               h.stride(0), S=s, BM=bm, JB=jb, BK=bk, DOT=dot, num_warps=WARPS,
                               **pdl_launch(x.device, grid[0]))

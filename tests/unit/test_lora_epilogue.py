@@ -33,10 +33,11 @@ CASES = [
     ("int4", {"group_size": 32}, 256, [80], 8, 6, "dot"),
     ("fp8", {}, 256, [64], 12, 20, "dot"),
     ("nvfp4", {}, 256, [48], 16, 17, "dot"),
+    ("int4", {"group_size": 32}, 320, [40], 16, 100, "dot"),  # 2 shrink row blocks, 2 K chunks
 ]
 # Cases (indices into CASES) rerun with A given: the launch computes h itself (shrink programs
 # in the plane / FP8 GEMV's grid; a shrink launch first for the tile kernel and the dot loop).
-SHRINK_CASES = [0, 1, 2, 3, 5, 6, 7, 8, 9]
+SHRINK_CASES = [0, 1, 2, 3, 5, 6, 7, 8, 9, 12]
 SCALE = 1.75
 
 
@@ -105,7 +106,9 @@ def _kernel_cases() -> dict:
                 yb = _qgemm.launch(*args, False, False, _poisoned(m, ns), lora=la)
             else:
                 yb = gemv.gemv(*args, _poisoned(m, ns), cfg, lora=la)
+            h64 = x.double() @ torch.cat(a).double().T
             out[f"s{i}"] = {"nan": bool(ya.isnan().any()), "h_equal": torch.equal(hb, want),
+                            "h_err": ((want.double() - h64).abs().max() / h64.abs().max()).item(),
                             "y_equal": torch.equal(ya, ref_a), "again": torch.equal(ya, yb),
                             "counters": counters.tolist()}
     return out
@@ -143,7 +146,7 @@ def _model_checks() -> dict:
 
     def logits() -> torch.Tensor:
         n = rows[0]
-        ids, pos = torch.arange(11, 11 + n), torch.arange(n)
+        ids, pos = (torch.arange(n) * 7 + 11) % 97, torch.arange(n)
         return model.logits(model(ids, pos, AttnBatch.packed(torch.tensor([0, n]))))
 
     calls: dict[str, list] = {"shrink": [], "expand": [], "fold": []}
@@ -193,6 +196,13 @@ def _model_checks() -> dict:
     with torch.inference_mode():
         folded6 = logits()
     n_rows6 = {k: len(v) for k, v in calls.items()}
+    rows[0] = 100  # past the expand kernel's 64 rows: only the fold serves (a prefill chunk)
+    for v in calls.values():
+        v.clear()
+    with torch.inference_mode():
+        folded100 = logits()
+    n_rows100 = {k: len(v) for k, v in calls.items()}
+    rows[0] = 6
     for mod, name, _ in wraps:
         setattr(mod, name, real[name])
     from orbit.adapters.lora_decode import unlink_lora_decode
@@ -200,12 +210,15 @@ def _model_checks() -> dict:
     unlink_lora_decode(model)
     with torch.inference_mode():
         plain6 = logits()
+        rows[0] = 100
+        plain100 = logits()
     rows[0] = 1
     with aset.adapter_disabled(), torch.inference_mode():
         base = logits()
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
     return {"groups": groups, "infer": n_infer, "nograd": n_nograd, "err": rel(folded, plain),
             "rows6": n_rows6, "err6": rel(folded6, plain6),
+            "rows100": n_rows100, "err100": rel(folded100, plain100),
             "same_as_unfolded": torch.equal(folded, unfolded),
             "err_nograd": rel(nograd, plain), "adapter_effect": rel(plain, base)}
 
@@ -238,6 +251,7 @@ def test_launch_computes_h_itself(interp: dict, case: int) -> None:
     r = interp[f"s{case}"]
     assert not r["nan"]
     assert r["h_equal"], r  # the separate shrink's code for a row of A: the same h
+    assert r["h_err"] < 1e-2, r  # and that h is x A^T (one bf16 rounding)
     assert r["y_equal"], r  # and the same outputs as the base launch + expand-add
     assert r["again"] and r["counters"] == [0, 0], r  # counters re-armed for the next launch
 
@@ -259,6 +273,9 @@ def test_groups_fold_in_a_quantized_model(interp: dict) -> None:
     # 6 rows: per-member tl.dot-loop launches with the delta in their store
     assert r["rows6"] == {"shrink": 8, "expand": 0, "fold": 2 * 7}, r
     assert r["err6"] < 2e-2, r
+    # 100 rows (beyond the expand kernel): the same folded launches, one M-blocked shrink each
+    assert r["rows100"] == {"shrink": 8, "expand": 0, "fold": 2 * 7}, r
+    assert r["err100"] < 2e-2, r
 
 
 def test_epilogue_errors_name_the_problem() -> None:
