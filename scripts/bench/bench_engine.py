@@ -10,7 +10,7 @@ roofline, and across base precisions. Random weights (speed does not depend on t
 3. formats: decode tokens/s at batch 1/16/64/256 for bf16/int4/fp8/nvfp4 bases (quantized
    with orbit.quant.convert.convert_linears).
 4. lora: what RL rollouts run: the INT4 Qwen3-1.7B base with a LoRA adapter (r 16, all seven
-   linears, random nonzero B) served from slot 1, decode tokens/s at batch 1/16/64 with the
+   linears, random nonzero B) served from slot 1, decode tokens/s at batch 1/16/64/256 with the
    plain LoRA forward, the adapter's decode groups with separate shrink and expand-add
    launches, the groups with the expand-add folded into the base launch's store, and with the
    shrink inside the decode GEMV as well (Engine(fuse_lora=...),
@@ -234,7 +234,7 @@ def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, 
         variants = [(1, f) for f in fuses] if kind == "lora" else [(1, "plain")]
         if kind == "lora":
             variants = [(None, "plain"), *variants]  # the base alone, same model
-        for batch in ([1, 4] if small else [1, 16, 64]):
+        for batch in ([1, 4] if small else [1, 16, 64, 256]):
             ps = prompts(batch, plen, SHAPES[shape]["vocab_size"], seed=batch)
             for slot, fz in variants:
                 aset.set_active(slot)

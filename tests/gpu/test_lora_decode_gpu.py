@@ -64,7 +64,7 @@ def _ulp_bound(ref: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4", "mxfp4", "int8"])
-@pytest.mark.parametrize("m", [1, 4, 16, 64])
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256])
 @pytest.mark.parametrize("k,ns", [(2048, [2048, 1024, 1024]), (2048, [6144, 6144]),
                                   (2048, [2048]), (6144, [2048])])
 def test_gemv_epilogue_at_qwen3_shapes(fmt: str, m: int, k: int, ns: list[int]) -> None:
