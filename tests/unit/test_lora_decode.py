@@ -54,20 +54,14 @@ def _interpreter_main() -> None:
 
 def _model_checks() -> dict:
     """A tiny Qwen3 with LoRA on all linears: fused vs plain logits, launch counts."""
-    from tiny_qwen3 import tiny_qwen3
+    from tiny_qwen3 import tiny_qwen3, with_active_lora
 
     import orbit.kernels.lora_decode as kmod
-    from orbit.adapters.inject import AdapterConfig, inject_adapters
     from orbit.adapters.lora_decode import link_lora_decode, unlink_lora_decode
     from orbit.models.attention import AttnBatch
 
     model = tiny_qwen3(seed=3)
-    aset = inject_adapters(model, AdapterConfig(r=8, alpha=16.0, dtype=torch.float32))
-    with torch.no_grad():
-        for mod in aset.modules.values():
-            mod.lora_B.normal_(0, 0.5)
-    aset.stage(0, 1)
-    aset.set_active(1)
+    aset = with_active_lora(model, torch.float32)
     ids = torch.tensor([3, 11, 40, 7])
     pos = torch.arange(4)
 

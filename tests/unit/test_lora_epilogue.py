@@ -115,22 +115,15 @@ def _kernel_cases() -> dict:
 
 
 def _model(fmt: str):
-    from tiny_qwen3 import tiny_qwen3
+    from tiny_qwen3 import tiny_qwen3, with_active_lora
 
-    from orbit.adapters.inject import AdapterConfig, inject_adapters
     from orbit.quant.convert import convert_linears
     from orbit.quant.siblings import fuse_siblings
 
     model = tiny_qwen3(seed=3).to(torch.bfloat16)
     convert_linears(model, fmt, group_size=32 if fmt == "int4" else None, cache_dequantized=False)
     fuse_siblings(model)
-    aset = inject_adapters(model, AdapterConfig(r=8, alpha=16.0, dtype=torch.bfloat16))
-    with torch.no_grad():
-        for mod in aset.modules.values():
-            mod.lora_B.normal_(0, 0.5)
-    aset.stage(0, 1)
-    aset.set_active(1)
-    return model, aset
+    return model, with_active_lora(model, torch.bfloat16)
 
 
 def _model_checks() -> dict:

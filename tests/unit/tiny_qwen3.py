@@ -23,3 +23,18 @@ def tiny_qwen3(lm_scale: float = 1.0, seed: int = 0, max_positions: int = 256) -
         with torch.no_grad():
             m.lm_head.weight.mul_(lm_scale)
     return m
+
+
+def with_active_lora(model: CausalLM, dtype: torch.dtype, r: int = 8):
+    """Inject LoRA (r, alpha 2r) on every linear of `model`, give every B random entries (PEFT
+    starts B at zero: no effect), stage it into slot 1 and serve that slot; returns the
+    AdapterSet."""
+    from orbit.adapters.inject import AdapterConfig, inject_adapters
+
+    aset = inject_adapters(model, AdapterConfig(r=r, alpha=2.0 * r, dtype=dtype))
+    with torch.no_grad():
+        for mod in aset.modules.values():
+            mod.lora_B.normal_(0, 0.5)
+    aset.stage(0, 1)
+    aset.set_active(1)
+    return aset
