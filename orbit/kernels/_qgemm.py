@@ -23,7 +23,16 @@ from orbit.kernels.fp4 import mxfp4_tile, nvfp4_tile
 from orbit.kernels.fp8 import fp8_tile
 from orbit.kernels.int4 import int4_tile
 from orbit.kernels.int8 import int8_tile
-from orbit.kernels.lora_epilogue import LoRAEpilogue, kernel_args, lora_store_dot
+from orbit.kernels.lora_decode import DOT_BK, DOT_MIN_M, SHRINK_BM
+from orbit.kernels.lora_epilogue import (
+    LoRAEpilogue,
+    kernel_args,
+    lora_await,
+    lora_release,
+    lora_shrink_role,
+    lora_shrink_role_dot,
+    lora_store_dot,
+)
 from orbit.quant.qweight import QuantizedWeight
 
 FMT_IDS = {"int4": 0, "int8": 1, "fp8": 2, "nvfp4": 3, "mxfp4": 4, "bf16": 5}
@@ -48,6 +57,10 @@ class TileConfig:
 # for bytes.
 DEFAULT_UNPACK = {"int4": 2, "nvfp4": 0, "mxfp4": 0}
 
+
+# The separate LoRA shrink kernel's tensor-core K step, as the dot loop's shrink programs use it
+# (orbit/kernels/lora_epilogue.py).
+_SHRINK_DOT_BK = tl.constexpr(DOT_BK)
 
 # Fast mode from this many rows on: dequantize into a transient BF16 weight, then cuBLAS.
 DEQUANT_MIN_M = 1024
@@ -169,21 +182,51 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
                   TRANS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
                   GROUP_M: tl.constexpr, UNPACK: tl.constexpr, SWAP: tl.constexpr = False,
                   LORA: tl.constexpr = 0, LRP: tl.constexpr = 1, SHRINK: tl.constexpr = False,
-                  SBK: tl.constexpr = 16):
+                  SBK: tl.constexpr = 16, SDOT: tl.constexpr = False, SBM: tl.constexpr = 16):
     # W is [N, K]. TRANS=0: y[M, N] = x[M, K] @ W^T. TRANS=1: y[M, K] = x[M, N] @ W.
     # SWAP (forward only, an experiment for decode M): accumulate y^T = W @ x^T, so the
     # dequantized weight is the MMA's A operand (which wgmma reads from registers) and the few
     # x rows the B operand (BM = the MMA's N, 16 at least); the result is stored transposed.
     # LORA (forward, no SWAP; one member): a LoRA delta added before the store
-    # (orbit/kernels/lora_epilogue.py; the GEMV's argument list, of which h, b0, LR, lscale
-    # and stride_hm are read; SHRINK is never set here: launch runs the shrink first).
+    # (orbit/kernels/lora_epilogue.py; the GEMV's argument list, of which h, a0, b0, LR,
+    # lscale, stride_hm, hc_ptr and LSR are read). SHRINK: the first LSR programs compute h
+    # (lora_epilogue: one row of A each below 8 rows, SDOT: one SBM-row block each), and every
+    # tile program waits for their LSR signals before its delta.
+    pid = tl.program_id(0)
+    if SHRINK:
+        if pid < LSR:
+            if SDOT:
+                lora_shrink_role_dot(pid, x_ptr, stride_xm, M, K, a0, h_ptr, stride_hm, hc_ptr,
+                                     LR, SBM, LRP, _SHRINK_DOT_BK)
+            else:
+                lora_shrink_role(pid, x_ptr, stride_xm, M, K, a0, a1, a2, h_ptr, stride_hm,
+                                 hc_ptr, LR, LSR, 1, SBM, SBK)
+        else:
+            _qgemm_main(pid - LSR, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_xm,
+                        stride_ym, stride_q, stride_s, h_ptr, b0, LR, lscale, stride_hm, hc_ptr,
+                        LSR, FMT, GROUP, HAS_OFFSET, TRANS, BM, BO, BR, GROUP_M, UNPACK, SWAP,
+                        LORA, LRP, SHRINK)
+    else:
+        _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_xm,
+                    stride_ym, stride_q, stride_s, h_ptr, b0, LR, lscale, stride_hm, hc_ptr, LSR,
+                    FMT, GROUP, HAS_OFFSET, TRANS, BM, BO, BR, GROUP_M, UNPACK, SWAP, LORA, LRP,
+                    SHRINK)
+
+
+@triton.jit
+def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_xm, stride_ym,
+                stride_q, stride_s, h_ptr, b_ptr, LR, lscale, stride_hm, hc_ptr, LSR,
+                FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                TRANS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
+                GROUP_M: tl.constexpr, UNPACK: tl.constexpr, SWAP: tl.constexpr,
+                LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr):
+    """Tile program `pid` of _qgemm_kernel."""
     if TRANS:
         OUT = K
         RED = N
     else:
         OUT = N
         RED = K
-    pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     num_o = tl.cdiv(OUT, BO)
     # Grouped order: GROUP_M row blocks in a row reuse the same weight tiles from L2.
@@ -223,8 +266,12 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
     else:
         ymask = (offs_m[:, None] < M) & (offs_o[None, :] < OUT)
         if LORA > 0:
-            yv = lora_store_dot(acc, offs_m, offs_o, M, OUT, h_ptr, b0, LR, lscale, stride_hm,
-                                dt, LRP)
+            if SHRINK:
+                lora_await(hc_ptr, LSR)
+            yv = lora_store_dot(acc, offs_m, offs_o, M, OUT, h_ptr, b_ptr, LR, lscale, stride_hm,
+                                dt, LRP, SHRINK)
+            if SHRINK:
+                lora_release(hc_ptr, num_m * num_o)
         else:
             yv = acc.to(dt)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :], yv, mask=ymask)
@@ -329,14 +376,25 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         raise ValueError("TileConfig.swap is a fast-mode forward experiment (no transpose, "
                          "no exact mode)")
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(out_dim, cfg.bo),)
-    if lora is not None and lora.a is not None:  # h from a shrink launch first
-        from orbit.kernels.lora_decode import lora_shrink  # (imports gemv, which imports us)
+    shrink = lora is not None and lora.a is not None  # h computed by the launch's first programs
+    cnt = None
+    if shrink:
+        from orbit.kernels.gemv import lora_counters  # (gemv imports this module)
 
-        lora.check(y, x)
-        lora_shrink(x, list(lora.a), out=lora.h)
-    largs, lconst = kernel_args(lora, x, y, None, False)
+        cnt = lora_counters(x.device)
+    largs, lconst = kernel_args(lora, x, y, cnt, shrink)
     if lora is not None:  # tl.dot needs K >= 16 for the delta's dot
         lconst["LRP"] = max(16, lconst["LRP"])
+    if shrink:
+        # shrink programs: one row of A each below DOT_MIN_M rows (the GEMV's role, members
+        # of one), else one SHRINK_BM-row block each with tensor-core dots; LSR = their count
+        mp = triton.next_power_of_2(m)
+        sdot = mp >= DOT_MIN_M
+        sbm = min(max(16, mp), SHRINK_BM) if sdot else mp
+        roles = triton.cdiv(m, sbm) if sdot else lora.b[0].shape[1]
+        largs = (*largs[:-1], roles)
+        lconst.update(SDOT=sdot, SBM=sbm)
+        grid = (grid[0] + roles,)
     _qgemm_kernel[grid](
         x, y, q, s, offset if offset is not None else s,
         global_scale if global_scale is not None else s,

@@ -105,13 +105,16 @@ def lora_foldable(x: Tensor, qw: QuantizedWeight, members: int = 1) -> bool:
 
 def lora_shrink_in_kernel(x: Tensor, qw: QuantizedWeight) -> bool:
     """Whether `qmm_lora(x, qw, LoRAEpilogue(..., a=...))` computes h within its one launch
-    (the plane and FP8 decode GEMVs); elsewhere it runs a shrink launch first."""
+    (the plane and FP8 decode GEMVs and the `tl.dot` loop); elsewhere (the tile GEMV) it runs
+    a shrink launch first."""
     from orbit.kernels._qgemm import use_gemv
     from orbit.kernels.gemv import shrinks_in_kernel
 
     m = x.shape[0]
-    return (lora_foldable(x, qw) and use_gemv(m, qw.shape[0], qw.shape[1], qw.fmt, x.device)
-            and shrinks_in_kernel(m, qw.fmt))
+    if not lora_foldable(x, qw):
+        return False
+    return not use_gemv(m, qw.shape[0], qw.shape[1], qw.fmt, x.device) or shrinks_in_kernel(
+        m, qw.fmt)
 
 
 def qmm_lora(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue) -> Tensor:

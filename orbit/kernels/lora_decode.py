@@ -71,10 +71,13 @@ def _member(s, p0, p1, p2, S: tl.constexpr):
 
 @triton.jit
 def _shrink_block(x_ptr, a_ptr, offs_m, m_ok, offs_j, j_ok, k_lo, k_hi, K, stride_xm,
-                  BM: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
-    """fp32 [BM, RP] = x[offs_m, k_lo:k_hi] @ A[offs_j, k_lo:k_hi]^T (A rows K long)."""
+                  BM: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
+                  STAGES: tl.constexpr):
+    """fp32 [BM, RP] = x[offs_m, k_lo:k_hi] @ A[offs_j, k_lo:k_hi]^T (A rows K long), its
+    loop software-pipelined STAGES deep (1: not; inside another kernel, whose registers it
+    would otherwise take: lora_epilogue's shrink programs)."""
     acc = tl.zeros((BM, RP), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
+    for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
         kk = k0 + tl.arange(0, BK)
         k_ok = kk < k_hi
         xm = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
@@ -112,7 +115,7 @@ def _lora_shrink_kernel(x_ptr, a0, a1, a2, ws_ptr, h_ptr, cnt_ptr, M, K, R, KC, 
     j_ok = offs_j < R
     k_lo = c * KC
     acc = _shrink_block(x_ptr, a_ptr, offs_m, m_ok, offs_j, j_ok, k_lo,
-                        tl.minimum(k_lo + KC, K), K, stride_xm, BM, JB, BK, DOT)
+                        tl.minimum(k_lo + KC, K), K, stride_xm, BM, JB, BK, DOT, 3)
     ok = m_ok[:, None] & j_ok[None, :]
     cols = s * R + offs_j[None, :]
     hp = h_ptr + offs_m[:, None] * stride_hm + cols

@@ -161,7 +161,7 @@ def lora_shrink_role(idx, x_ptr, stride_xm, M, K, a0, a1, a2, h_ptr, stride_hm, 
         m_ok = offs_m < M
         offs_j = idx % R + tl.arange(0, 1)
         acc = _shrink_block(x_ptr, _member(s, a0, a1, a2, S), offs_m, m_ok, offs_j,
-                            offs_j < R, 0, K, K, stride_xm, MP, 1, SBK, False)  # [MP, 1]
+                            offs_j < R, 0, K, K, stride_xm, MP, 1, SBK, False, 1)  # [MP, 1]
         tl.store(h_ptr + offs_m[:, None] * stride_hm + (s * R + offs_j)[None, :],
                  acc.to(h_ptr.dtype.element_ty), mask=m_ok[:, None])
         tl.debug_barrier()
@@ -169,22 +169,53 @@ def lora_shrink_role(idx, x_ptr, stride_xm, M, K, a0, a1, a2, h_ptr, stride_hm, 
 
 
 @triton.jit
-def lora_await_delta(offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, stride_hm, hc_ptr,
-                     SR, dt: tl.constexpr, S: tl.constexpr, RP: tl.constexpr):
-    """`lora_delta` once the launch's SR shrink programs have signalled (an acquire spin on
-    hc_ptr[0]: they are the grid's first columns, so they run no later than any program that
-    waits here); then this tile counts itself in hc_ptr[1], and the tile that counts last
-    re-arms both counters for the next launch (CUDA-graph replays reuse them)."""
+def lora_shrink_role_dot(mb, x_ptr, stride_xm, M, K, a_ptr, h_ptr, stride_hm, hc_ptr, R,
+                         BM: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr):
+    """A `tl.dot`-loop program in a shrink role (one member, 8+ rows): h[rows mb*BM.., :] over
+    all of K in one tensor-core accumulation (the separate shrink kernel splits K in chunks
+    and adds them after, so a value may differ from its in the last bit; summing chunk by chunk
+    here doubled the kernel's registers: 84 -> 168 at 16 rows, spills at 64, on sm_90), then
+    one release increment of the launch's h counter."""
+    offs_m = mb * BM + tl.arange(0, BM)
+    m_ok = offs_m < M
+    offs_j = tl.arange(0, RP)
+    j_ok = offs_j < R
+    acc = _shrink_block(x_ptr, a_ptr, offs_m, m_ok, offs_j, j_ok, 0, K, K, stride_xm, BM, RP,
+                        BK, True, 1)
+    tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_j[None, :],
+             acc.to(h_ptr.dtype.element_ty), mask=m_ok[:, None] & j_ok[None, :])
+    tl.debug_barrier()
+    tl.atomic_add(hc_ptr, 1, sem="release")
+
+
+@triton.jit
+def lora_await(hc_ptr, SR):
+    """Spin (acquire) until the launch's SR shrink signals are in: the shrink programs are the
+    grid's first columns, so they run no later than any program that waits here."""
     done = tl.atomic_add(hc_ptr, 0, sem="acquire")
     while done < SR:
         done = tl.atomic_add(hc_ptr, 0, sem="acquire")
-    d = lora_delta(offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, stride_hm, dt, S,
-                   RP, True)
+
+
+@triton.jit
+def lora_release(hc_ptr, tiles):
+    """After this program read h: count it in hc_ptr[1]; the one of `tiles` readers that counts
+    last re-arms both counters for the next launch (CUDA-graph replays reuse them)."""
     tl.debug_barrier()
-    tiles = tl.cdiv(N, offs_n.shape[0])
     if tl.atomic_add(hc_ptr + 1, 1, sem="acq_rel") == tiles - 1:
         tl.atomic_xchg(hc_ptr, 0, sem="relaxed")
         tl.atomic_xchg(hc_ptr + 1, 0, sem="relaxed")
+
+
+@triton.jit
+def lora_await_delta(offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, stride_hm, hc_ptr,
+                     SR, dt: tl.constexpr, S: tl.constexpr, RP: tl.constexpr):
+    """`lora_delta` once the launch's shrink programs have signalled (`lora_await`), h read
+    from L2; then `lora_release` with one reader per column tile."""
+    lora_await(hc_ptr, SR)
+    d = lora_delta(offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, stride_hm, dt, S,
+                   RP, True)
+    lora_release(hc_ptr, tl.cdiv(N, offs_n.shape[0]))
     return d
 
 
@@ -196,15 +227,19 @@ def lora_add(acc, d, dt: tl.constexpr):
 
 @triton.jit
 def lora_store_dot(acc, offs_m, offs_o, M, N, h_ptr, b_ptr, R, scale, stride_hm,
-                   dt: tl.constexpr, RP: tl.constexpr):
+                   dt: tl.constexpr, RP: tl.constexpr, H_CG: tl.constexpr):
     """The `tl.dot` loop's form (one member; acc [BM, BO] fp32, BM >= 16, RP >= 16): the same
     roundings as `lora_delta` + `lora_add`, the delta as a tensor-core dot `h [BM, RP] @ B^T [RP, BO]`, as
     the expand kernel computes it from 8 rows on."""
     y = acc.to(dt).to(tl.float32)
     j = tl.arange(0, RP)
     j_ok = j < R
-    h = tl.load(h_ptr + offs_m[:, None] * stride_hm + j[None, :],
-                mask=(offs_m < M)[:, None] & j_ok[None, :], other=0.0)  # [BM, RP]
+    hp = h_ptr + offs_m[:, None] * stride_hm + j[None, :]
+    h_ok = (offs_m < M)[:, None] & j_ok[None, :]
+    if H_CG:  # h written by other programs of this launch: read it from L2
+        h = tl.load(hp, mask=h_ok, other=0.0, cache_modifier=".cg")  # [BM, RP]
+    else:
+        h = tl.load(hp, mask=h_ok, other=0.0)
     b = tl.load(b_ptr + offs_o[:, None] * R + j[None, :],
                 mask=(offs_o < N)[:, None] & j_ok[None, :], other=0.0)  # [BO, RP]
     d = tl.dot(h, tl.trans(b))  # [BM, BO] fp32

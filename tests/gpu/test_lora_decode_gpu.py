@@ -100,21 +100,23 @@ def test_gemv_epilogue_at_qwen3_shapes(fmt: str, m: int, k: int, ns: list[int]) 
             assert torch.equal(yk, y)
 
 
-@pytest.mark.timeout(120)  # a lost signal would spin the GEMV forever: fail, do not hang
-def test_in_kernel_shrink_replays_in_a_graph() -> None:
-    """The q/k/v GEMV with h computed in its own grid, captured once and replayed 20 times
-    with PDL: every replay gives the eager result (the h counters are re-armed each time)."""
+@pytest.mark.timeout(120)  # a lost signal would spin the launch forever: fail, do not hang
+@pytest.mark.parametrize("m,ns", [(1, [2048, 1024, 1024]), (16, [2048]), (200, [6144])])
+def test_in_kernel_shrink_replays_in_a_graph(m: int, ns: list[int]) -> None:
+    """A base launch with h computed in its own grid (the q/k/v decode GEMV at one row; the
+    tl.dot loop at 16 and 200 rows), captured once and replayed 20 times with PDL: every
+    replay gives the eager result (the h counters are re-armed each time)."""
     from orbit.kernels.gemv import lora_counters
     from orbit.kernels.pdl import pdl_scope
 
-    k, ns, r = 2048, [2048, 1024, 1024], 16
+    k, r = 2048, 16
     qw = random_qweight("int4", sum(ns), k, seed=5, device="cuda", group_size=128)
     g = torch.Generator(device="cuda").manual_seed(5)
-    x = torch.randn(1, k, generator=g, device="cuda").bfloat16()
+    x = torch.randn(m, k, generator=g, device="cuda").bfloat16()
     a = tuple((torch.randn(r, k, generator=g, device="cuda") * 0.02).bfloat16() for _ in ns)
     b = tuple((torch.randn(n, r, generator=g, device="cuda") * 0.05).bfloat16() for n in ns)
     assert dispatch.lora_shrink_in_kernel(x, qw)
-    h = torch.empty(1, len(ns) * r, device="cuda", dtype=torch.bfloat16)
+    h = torch.empty(m, len(ns) * r, device="cuda", dtype=torch.bfloat16)
     want = dispatch.qmm_lora(x, qw, LoRAEpilogue(h, b, 2.0, a)).clone()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream), pdl_scope(True):
