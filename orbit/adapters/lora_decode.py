@@ -31,13 +31,12 @@ from torch import Tensor, nn
 from orbit.adapters.lora import LoRALinear
 from orbit.kernels import dispatch
 from orbit.kernels import lora_decode as kernels
-from orbit.kernels.lora_epilogue import LoRAEpilogue
 from orbit.kernels._qgemm import DEQUANT_MIN_M
+from orbit.kernels.lora_epilogue import LoRAEpilogue
 from orbit.kernels.matmul_exact import interpreting
 from orbit.quant.linear import QuantLinear, sibling_serves
 from orbit.quant.qweight import QuantizedWeight
 from orbit.quant.siblings import MemberGroup, sibling_sets
-
 
 # Rows a group serves: up to lora_decode.MAX_M with the separate expand-add, and beyond (batches
 # of 65+ sequences, prefill chunks) only where the base launches add the delta in their store,
