@@ -2,20 +2,23 @@
 
 `link_lora_decode(model)` links every LoRALinear of the model into a `LoRADecodeGroup`: the
 members of each sibling set (orbit.quant.siblings.SIBLING_SETS) together, every other LoRA
-linear alone. When the first member of a group is called in an engine decode forward (no
-autograd, a CUDA input of at most lora_decode.MAX_M rows (FOLD_MAX_M where the delta folds
-into the base launch, below), an adapter slot active, the fast path's conditions below), it computes every member's base output (the base sibling group makes
-that one GEMV), then the whole group's adapter delta in two launches
+linear alone. When the first member of a group is called in an engine forward (inference
+mode, a CUDA input of at most lora_decode.MAX_M rows (FOLD_MAX_M where the delta folds into
+the base launch, below), an adapter slot active, the fast path's conditions below), it
+computes every member's base output (the base sibling group makes that one GEMV), then the
+whole group's adapter delta in two launches
 (orbit/kernels/lora_decode.py) added in place, and keeps the other members' outputs, keyed by
 the input tensor; each of them then returns its output when called with that same tensor.
 Where the base output is one fused quantized launch (the decode GEMV or the `tl.dot` loop of
 the INT4/INT8/FP8/FP4 bases; `LoRADecodeGroup.fold_plan`), the delta is added in that launch's
 store instead (orbit/kernels/lora_epilogue.py): the shrink, then the base launch(es) with the
 expand-add folded in, one launch per group fewer than with the separate expand-add. The plane
-and FP8 decode GEMVs (batch-1 steps of INT4/FP4/FP8 bases) compute h in their own grid too, so
-there a group is its base launch alone: the adapter adds no launch to the step.
-Everything else (training, exact mode's batch-invariant LoRA, dropout in training mode, the
-CPU, prefill-sized inputs) runs the plain `LoRALinear.forward`.
+and FP8 decode GEMVs (batch-1 steps of INT4/FP4/FP8 bases) and the `tl.dot` loop (5-1023
+rows) compute h in their own grid too, so there a group is its base launches alone: the
+adapter adds no launch to the step.
+Everything else (trainer forwards with or without grad, exact mode's batch-invariant LoRA,
+dropout in training mode, the CPU, inputs beyond these sizes) runs the plain
+`LoRALinear.forward`.
 
 The engine links on construction (`Engine(fuse_lora=None)`: on CUDA outside exact mode), after
 the adapters were injected. Linking changes no tensor: the slot tensors are read at each call,
@@ -60,7 +63,11 @@ class LoRADecodeGroup(MemberGroup):
         """Whether this call can take the fused path (checked on the first member's call)."""
         first = self.members[0]
         slot = first.active_slot
-        if slot is None or torch.is_grad_enabled() or x.dim() != 2 or x.stride(-1) != 1:
+        # Inference mode only (the engine's), as the base sibling groups (QuantLinear._grouped):
+        # a trainer forward, with or without grad, runs the plain forward, so its no-grad
+        # log-probs (alignment measurements, say) are those of its training forward.
+        if (slot is None or not torch.is_inference_mode_enabled() or x.dim() != 2
+                or x.stride(-1) != 1):
             return False
         if not (x.is_cuda or interpreting()) or not 1 <= x.shape[0] <= FOLD_MAX_M:
             return False
@@ -115,7 +122,7 @@ class LoRADecodeGroup(MemberGroup):
         added after the base output, before the delta), or where folding would undo a base
         grouping (a lone adapted member of a sibling group that serves these rows)."""
         bases = [m.base for m in self.members]
-        if not self.fold or not torch.is_inference_mode_enabled() or not all(
+        if not self.fold or not all(
                 isinstance(q, QuantLinear) and q.fused_output(x.device) for q in bases):
             return None
         group = bases[0]._sibling
