@@ -3,8 +3,8 @@
 `link_lora_decode(model)` links every LoRALinear of the model into a `LoRADecodeGroup`: the
 members of each sibling set (orbit.quant.siblings.SIBLING_SETS) together, every other LoRA
 linear alone. When the first member of a group is called in an engine forward (inference
-mode, a CUDA input of at most lora_decode.MAX_M rows (FOLD_MAX_M where the delta folds into
-the base launch, below), an adapter slot active, the fast path's conditions below), it
+mode, a CUDA input of at most lora_decode.MAX_M rows (fold_max_rows() where the delta folds
+into the base launch, below), an adapter slot active, the fast path's conditions below), it
 computes every member's base output (the base sibling group makes that one GEMV), then the
 whole group's adapter delta in two launches
 (orbit/kernels/lora_decode.py) added in place, and keeps the other members' outputs, keyed by
@@ -32,19 +32,21 @@ import torch
 from torch import Tensor, nn
 
 from orbit.adapters.lora import LoRALinear
-from orbit.kernels import dispatch
+from orbit.kernels import _qgemm, dispatch
 from orbit.kernels import lora_decode as kernels
-from orbit.kernels._qgemm import DEQUANT_MIN_M
 from orbit.kernels.lora_epilogue import LoRAEpilogue
 from orbit.kernels.matmul_exact import interpreting
 from orbit.quant.linear import QuantLinear, sibling_serves
 from orbit.quant.qweight import QuantizedWeight
 from orbit.quant.siblings import MemberGroup, sibling_sets
 
-# Rows a group serves: up to lora_decode.MAX_M with the separate expand-add, and beyond (batches
-# of 65+ sequences, prefill chunks) only where the base launches add the delta in their store,
-# which the `tl.dot` loop does up to where fast mode switches to dequantize + cuBLAS.
-FOLD_MAX_M = DEQUANT_MIN_M - 1
+
+def fold_max_rows() -> int:
+    """Rows a group serves: up to lora_decode.MAX_M with the separate expand-add, and beyond
+    (batches of 65+ sequences, prefill chunks) only where the base launches add the delta in
+    their store, which the `tl.dot` loop does up to where fast mode switches to dequantize +
+    cuBLAS (read at each call: benchmarks move that threshold)."""
+    return _qgemm.DEQUANT_MIN_M - 1
 
 
 class LoRADecodeGroup(MemberGroup):
@@ -69,7 +71,7 @@ class LoRADecodeGroup(MemberGroup):
         if (slot is None or not torch.is_inference_mode_enabled() or x.dim() != 2
                 or x.stride(-1) != 1):
             return False
-        if not (x.is_cuda or interpreting()) or not 1 <= x.shape[0] <= FOLD_MAX_M:
+        if not (x.is_cuda or interpreting()) or not 1 <= x.shape[0] <= fold_max_rows():
             return False
         for m in self.members:
             if (m.active_slot != slot or type(m) is not LoRALinear or m.r != first.r

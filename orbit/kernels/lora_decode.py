@@ -46,7 +46,7 @@ from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 MAX_MEMBERS = 3
 MAX_M = 64  # the expand-add kernel's rows; larger inputs take the plain forward, except where
-# the base launch adds the delta in its store (orbit/adapters/lora_decode.py: FOLD_MAX_M)
+# the base launch adds the delta in its store (orbit/adapters/lora_decode.py: fold_max_rows)
 SHRINK_BM = 64  # rows per shrink program (row blocks beyond)
 ELEMS = 4096  # broadcast-product elements per program step (32 per thread on 4 warps)
 WARPS = 4

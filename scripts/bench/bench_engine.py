@@ -284,8 +284,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="how Orbit's bf16 model holds its linears: plain nn.Linear, or BF16 "
                          "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "
                          "gate/up GEMMs in the engine); both: linear then ql, same run")
+    ap.add_argument("--dequant-min-m", type=int, default=None,
+                    help="fast mode's dequantize-then-cuBLAS threshold (_qgemm.DEQUANT_MIN_M) "
+                         "for this run: rows from which quantized linears (and so the LoRA "
+                         "fold's reach) switch from the tl.dot loop to a BF16 copy + cuBLAS")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
+    if args.dequant_min_m is not None:
+        from orbit.kernels import _qgemm
+
+        _qgemm.DEQUANT_MIN_M = args.dequant_min_m
     bf16_variants = {"linear": ["linear"], "ql": ["ql"], "both": ["linear", "ql"]}[args.orbit_bf16]
     cuda = torch.cuda.is_available()
     small = args.small or not cuda
@@ -307,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "dtype": str(dtype), "small": small, "prompt_len": plen,
             "attn_backend": args.attn_backend, "varlen_native": native,
+            "dequant_min_m": args.dequant_min_m,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     print(json.dumps(meta), flush=True)
 

@@ -17,6 +17,8 @@ tile kernel it replaced; `--gemv-formats fp8` narrows the formats; every M = 1 c
 prefetch of the first steps' weights as well); at M = 1 the plane formats also get `gemv-s5` (session 5's kernel) and `gemv-noxpre`
 rows, the same-run baselines of the session-6 changes), `--gemv-swap` the
 swap-AB dot kernel (SWAP_ALTS); `--gemv-shapes 4096x12288,...` and `--gemv-m 1,4` narrow it.
+`--mid` times rollout batch sizes (16-512 rows, Qwen3-1.7B shapes, `--gemv-formats`): the
+`tl.dot` loop fast mode runs there against dequantize + cuBLAS and cuBLAS BF16.
 Writes JSON to $OUT/bench_qmm.json (or --out) and prints a short table last.
 
     python scripts/bench/bench_qmm.py [--quick] [--sweep] [--gemv [--gemv-sweep]]
@@ -127,6 +129,55 @@ def decode(quick: bool, copy_gbs: float) -> list[dict]:
                     _emit(rows, {"phase": "decode", "fmt": name + ("-exact" if exact else ""),
                                  "k": k, "n": n, "m": m, "ms": t, "speedup": t_bf / t,
                                  "GBps": gbs, "frac_copy_bw": gbs / copy_gbs, "copies": nq})
+            del qws
+    return rows
+
+
+MID_SHAPES = [(2048, 2048), (2048, 1024), (2048, 6144), (6144, 2048)]  # Qwen3-1.7B (in, out)
+MID_M = (16, 32, 64, 128, 256, 512)
+
+
+def _with_dequant_min_m(rows: int, fn, *args):
+    """fn(*args) with fast mode's dequantize-then-cuBLAS threshold at `rows` (restored after)."""
+    old = _qgemm.DEQUANT_MIN_M
+    _qgemm.DEQUANT_MIN_M = rows
+    try:
+        return fn(*args)
+    finally:
+        _qgemm.DEQUANT_MIN_M = old
+
+
+def mid_decode(copy_gbs: float, formats: tuple[str, ...], ms_list: tuple[int, ...]) -> list[dict]:
+    """Rollout batch sizes (`--mid`): at 16-512 rows fast mode runs the `tl.dot` loop (below
+    _qgemm.DEQUANT_MIN_M); time it against dequantize-into-BF16 + cuBLAS (what fast mode does
+    from DEQUANT_MIN_M rows on, the dequantization pass included) and cuBLAS BF16 itself, each
+    rotated over weight copies spanning 3x L2 and graph-replayed, to place DEQUANT_MIN_M."""
+    rows = []
+    for k, n in MID_SHAPES:
+        nb = copies_for(2 * n * k)
+        wbs = [torch.randn(n, k, device="cuda").bfloat16() * 0.05 for _ in range(nb)]
+        base = {}
+        for m in ms_list:
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            base[m] = ms_rotated([lambda w=w: x @ w.T for w in wbs])
+            _emit(rows, {"phase": "mid", "fmt": "bf16-cublas", "path": "cublas", "k": k, "n": n,
+                         "m": m, "ms": base[m], "speedup": 1.0})
+        del wbs
+        for fmt in formats:
+            kw = {"group_size": 128} if fmt == "int4" else {}
+            qw0 = random_qweight(fmt, n, k, device="cuda", **kw)
+            qws = [random_qweight(fmt, n, k, seed=i, device="cuda", **kw)
+                   for i in range(copies_for(qw0.nbytes()))]
+            for m in ms_list:
+                x = torch.randn(m, k, device="cuda").bfloat16()
+                assert m < _qgemm.DEQUANT_MIN_M, m  # qmm below is the tl.dot loop
+                for path, min_m in (("dot-loop", _qgemm.DEQUANT_MIN_M), ("dequant+cublas", 1)):
+                    calls = [lambda q=q: qmm(x, q) for q in qws]
+                    t = _with_dequant_min_m(min_m, ms_rotated, calls)
+                    _emit(rows, {"phase": "mid", "fmt": fmt, "path": path, "k": k, "n": n, "m": m,
+                                 "ms": t, "speedup": base[m] / t,
+                                 "frac_copy_bw": (qw0.nbytes() + 2 * m * (n + k)) / t / 1e6
+                                 / copy_gbs})
             del qws
     return rows
 
@@ -415,6 +466,10 @@ def main() -> None:
                     help="with --gemv-sweep: plane configs with the x prefetch (GEMV_ALTS_XPRE)")
     ap.add_argument("--gemv-e2m1", action="store_true",
                     help="with --gemv-sweep: FP4 plane configs with fp32-bit E2M1 (GEMV_ALTS_E2M1)")
+    ap.add_argument("--mid", action="store_true",
+                    help="only rollout batch sizes (MID_M rows, Qwen3-1.7B shapes): the tl.dot "
+                         "loop vs dequantize + cuBLAS vs cuBLAS BF16, to place DEQUANT_MIN_M")
+    ap.add_argument("--mid-m", default=",".join(map(str, MID_M)), help="with --mid: these M")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -422,6 +477,17 @@ def main() -> None:
     res = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "command": " ".join(sys.argv), **ceil}
+    if args.mid:
+        res["mid"] = mid_decode(ceil["copy_GBps"], tuple(args.gemv_formats.split(",")),
+                                tuple(int(v) for v in args.mid_m.split(",")))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
+        print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")
+        print(f"{'in x out':>12}{'M':>5} {'fmt':<12}{'path':<16}{'us':>9}{'xBF16':>7}")
+        for r in res["mid"]:
+            print(f"{r['k']:>5}x{r['n']:<6}{r['m']:>5} {r['fmt']:<12}{r['path']:<16}"
+                  f"{r['ms']*1e3:9.1f}{r['speedup']:7.2f}")
+        return
     if args.gemv:
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.gemv_shapes.split(",") if sh]
         res["gemv"] = decode_gemv(args.quick, ceil["copy_GBps"], args.gemv_sweep, shapes or None,
