@@ -1,23 +1,31 @@
-"""A LoRA delta added in the store of the decode GEMV: `y = x W^T + scale * (x A^T) B^T` with
-the expand-add done by the GEMV program that owns each output tile (forward only, fast mode).
+"""A LoRA adapter inside the base launch: `y = x W^T + scale * (x A^T) B^T` with the expand-add
+done at the store of the program that owns each output tile, and h = x A^T computed by the
+launch's own first programs (forward only, fast mode).
 
-Why: at batch 1 a LoRA decode group (orbit/adapters/lora_decode.py) costs two launches on top
-of its base GEMV, a shrink `h = x A^T` and an expand-add `y += scale * h B^T`; each is a few KB
-of work and ~2-3 us of fixed latency (docs/benchmarks.md, session 9). The GEMV already owns
-each output tile exactly once at its store (directly, or in the program that arrives last in
-the split-K fix-up), so it can add the tile's delta there from h (r values per row) and the
-tile's rows of B, and the expand launch goes away: a group runs shrink + GEMV, two launches
-instead of three.
+Why: a LoRA decode group (orbit/adapters/lora_decode.py) cost two launches on top of its base
+launch, a shrink `h = x A^T` and an expand-add `y += scale * h B^T`, each a few KB of work and
+~2-3 us of fixed latency (docs/benchmarks.md, session 9: 0.40 ms of a 1.63 ms batch-1 step).
+The base launch already owns each output tile exactly once at its store (directly, or in the
+program that arrives last in the GEMV's split-K fix-up), so it adds the tile's delta there
+from h (r values per row) and the tile's rows of B (`lora_delta` + `lora_add` in the GEMVs,
+`lora_store_dot` in the `tl.dot` loop). With A given (`LoRAEpilogue.a`) the launch computes h
+too: its first programs are shrink programs (`lora_shrink_role`, `lora_shrink_role_dot`) that
+store h and signal a counter; each tile's final writer waits for their signals
+(`lora_await`) before its delta, and the last reader re-arms the counters (`lora_release`).
+A group is then its base launch(es) alone. The shrink programs come first in every grid row
+and wait on nothing, so a waiting program never holds back one it waits for (in-order block
+dispatch, as stream-K fix-ups assume).
 
 Arithmetic: the unfused path's roundings, in its order: the base output rounded to the
-activation dtype (what the GEMV stores), `h B^T` summed in fp32 and rounded, times the scale in
-fp32 and rounded, added in fp32 and rounded; the products and sum over r are those of the
-expand kernel's broadcast path (GEMVs) or its `tl.dot` (the dot loop) (orbit/kernels/lora_decode.py), so only summation order can
-differ from it.
+activation dtype, `h B^T` summed in fp32 and rounded, times the scale in fp32 and rounded,
+added in fp32 and rounded; the products and sum over r are those of the expand kernel's
+broadcast path (GEMVs) or its `tl.dot` (the dot loop) (orbit/kernels/lora_decode.py), and h
+is the separate shrink's (one accumulation over K in the dot loop from 8 rows, where the shrink
+kernel adds K chunks: a last-bit difference at most), so only summation order can differ.
 
 The `tl.dot` loop (orbit/kernels/_qgemm.py: the fast-mode forward from 5 rows up to the
-dequantize-then-cuBLAS sizes) takes a one-member epilogue (`lora_store_dot`): from 5 rows on
-the quantized sibling groups stand aside, so each member runs its own launch there.
+dequantize-then-cuBLAS sizes) takes a one-member epilogue: from 5 rows on the quantized
+sibling groups stand aside, so each member runs its own launch there.
 
 A GEMV over a sibling group's stacked weight (q/k/v: one [q+k+v, in] launch) has up to
 MAX_MEMBERS members: columns [0, N0) belong to member 0, [N0, N0 + N1) to member 1, the rest to
@@ -228,9 +236,10 @@ def lora_add(acc, d, dt: tl.constexpr):
 @triton.jit
 def lora_store_dot(acc, offs_m, offs_o, M, N, h_ptr, b_ptr, R, scale, stride_hm,
                    dt: tl.constexpr, RP: tl.constexpr, H_CG: tl.constexpr):
-    """The `tl.dot` loop's form (one member; acc [BM, BO] fp32, BM >= 16, RP >= 16): the same
-    roundings as `lora_delta` + `lora_add`, the delta as a tensor-core dot `h [BM, RP] @ B^T [RP, BO]`, as
-    the expand kernel computes it from 8 rows on."""
+    """The `tl.dot` loop's form (one member; acc [BM, BO] fp32, BM >= 16, RP >= 16): the
+    roundings of `lora_delta` + `lora_add`, the delta as a tensor-core dot
+    `h [BM, RP] @ B^T [RP, BO]`, as the expand kernel computes it from 8 rows on. H_CG: h was
+    written by this launch's shrink programs (read it from L2)."""
     y = acc.to(dt).to(tl.float32)
     j = tl.arange(0, RP)
     j_ok = j < R
