@@ -50,10 +50,12 @@ def fold_max_rows() -> int:
 
 
 class LoRADecodeGroup(MemberGroup):
-    """LoRALinear members that read the same input, adapted in two launches. `fold`: add the
-    deltas in the base launches' store where they can (fold_plan); `fold_shrink`: and let the
-    base launch compute h itself where it can (the plane and FP8 decode GEMVs). False keeps the
-    separate launches (same-run comparisons: bench_engine.py --fuse-lora both)."""
+    """LoRALinear members that read the same input, adapted together: inside their base
+    launches where those can take it, else in two launches after them. `fold`: add the deltas
+    in the base launches' store where they can (fold_plan); `fold_shrink`: and let the base
+    launch compute h itself where it can (the plane and FP8 decode GEMVs, the `tl.dot` loop).
+    False keeps the separate launches (same-run comparisons: bench_engine.py --fuse-lora
+    both)."""
 
     def __init__(self, members: list[LoRALinear], fold: bool = True,
                  fold_shrink: bool = True) -> None:
@@ -81,8 +83,9 @@ class LoRADecodeGroup(MemberGroup):
         return True
 
     def _compute(self, x: Tensor, *args: Tensor) -> list[Tensor] | None:
-        """Every member's adapted output: the base outputs (one grouped GEMV where the bases
-        are siblings), then the group's deltas added in place in two launches."""
+        """Every member's adapted output: the base launch(es) of `fold_plan` with the deltas
+        (and h) inside, or else the base outputs (one grouped GEMV where the bases are
+        siblings) and the group's deltas added in place in two launches."""
         if not self.serves(x):
             return None
         first = self.members[0]
@@ -91,9 +94,9 @@ class LoRADecodeGroup(MemberGroup):
         b = [m.slot_tensor(slot, "lora_B") for m in self.members]
         plan = self.fold_plan(x)
         if plan is not None and all(bi.dtype == x.dtype and bi.is_contiguous() for bi in b):
-            # Each base launch adds its members' deltas in its store. The plane and FP8 decode
-            # GEMVs compute h in their own grid too (one launch per group in all); elsewhere
-            # one shrink launch first serves every member.
+            # Each base launch adds its members' deltas in its store, and computes their h in
+            # its own grid (no launch but the bases'); where one cannot (the tile GEMV), one
+            # shrink launch first serves every member.
             r = a[0].shape[0]
             inside = self.fold_shrink and all(dispatch.lora_shrink_in_kernel(x, qw)
                                               for qw, _, _ in plan)
