@@ -224,9 +224,9 @@ def _engine_checks() -> dict:
     greedy completions with the folded groups against the plain LoRA forward, at batch 1 (the
     decode GEMVs, h in their grid) and batch 3 (a 70-token prompt: prefill beyond the expand
     kernel's 64 rows, only the fold serves it)."""
-    import orbit.kernels.dispatch as dmod
     from tiny_qwen3 import tiny_qwen3, with_active_lora
 
+    import orbit.kernels.dispatch as dmod
     from orbit.adapters.lora_decode import unlink_lora_decode
     from orbit.quant.convert import convert_linears
     from orbit.rollout.engine import Engine
