@@ -70,6 +70,20 @@ class LoRALinear(SlottedAdapter):
         # The engine's decode group (orbit/adapters/lora_decode.py), or None: plain forward.
         self.decode_group = None
 
+    def swiglu_with(self, up: nn.Module, x: Tensor) -> Tensor | None:
+        """silu(self(x)) * up(x) from one launch where possible (orbit.models.transformer's
+        MLP asks the gate layer): the decode group's, with the adapters' deltas inside, or the
+        base layers' own with no adapter active; else None."""
+        if self.active_slot is None:  # the base alone (no dropout applies either)
+            base_fn = getattr(self.base, "swiglu_with", None)
+            up_base = getattr(up, "base", None)
+            if base_fn is None or up_base is None or getattr(up, "active_slot", 0) is not None:
+                return None
+            return base_fn(up_base, x)
+        if self.decode_group is None:
+            return None
+        return self.decode_group.swiglu_output(self, up, x)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.decode_group is not None:
             out = self.decode_group.output(self, x)

@@ -117,6 +117,28 @@ class LoRADecodeGroup(MemberGroup):
         kernels.lora_decode_triton(x, a, b, ys, first.scale)
         return ys
 
+    def swiglu_output(self, gate: LoRALinear, up: nn.Module, x: Tensor) -> Tensor | None:
+        """silu(gate(x)) * up(x), both adapted, from one launch: where this group is exactly
+        (gate, up), serves x, and folds into one stacked nibble-plane decode GEMV (which then
+        stores SwiGLU itself: dispatch.qmm_swiglu); else None."""
+        if self.members != [gate, up] or not self.serves(x):
+            return None
+        plan = self.fold_plan(x)
+        if plan is None or len(plan) != 1 or not dispatch.swiglu_foldable(x, plan[0][0]):
+            return None
+        qw = plan[0][0]
+        slot = gate.active_slot
+        a = [m.slot_tensor(slot, "lora_A") for m in self.members]
+        b = [m.slot_tensor(slot, "lora_B") for m in self.members]
+        if not all(bi.dtype == x.dtype and bi.is_contiguous() for bi in b):
+            return None
+        inside = self.fold_shrink and dispatch.lora_shrink_in_kernel(x, qw)
+        r = a[0].shape[0]
+        h = (torch.empty((x.shape[0], 2 * r), dtype=x.dtype, device=x.device) if inside
+             else kernels.lora_shrink(x, a))
+        lora = LoRAEpilogue(h, tuple(b), gate.scale, tuple(a) if inside else None)
+        return dispatch.qmm_swiglu(x, qw, lora)
+
     def fold_plan(self, x: Tensor) -> list[tuple[QuantizedWeight, int, int]] | None:
         """The base launches that can add this group's deltas in their store, as (weight,
         first member, end member): one launch over the sibling group's stacked weight where

@@ -107,6 +107,15 @@ def lora_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.devic
     return use_gemv(m, n, k, fmt, device) or members == 1
 
 
+def swiglu_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device) -> bool:
+    """Whether a fast-mode forward of the stacked gate/up weight [n, k] at m rows runs the
+    nibble-plane decode GEMV, whose store can apply SwiGLU (`launch(swiglu=True)`)."""
+    from orbit.kernels.gemv import PLANE_FORMATS  # gemv.py imports this module
+
+    return (not exact and fmt in PLANE_FORMATS and n % 2 == 0 and 1 <= m
+            and use_gemv(m, n, k, fmt, device))
+
+
 # The exact (batch-invariant) configs. What decides a row's bits is the K order: br-deep steps
 # from 0 upward into one fp32 accumulator, no split-K; every exact config shares br=64. The
 # tile's bm x bo may then change with M only where the GPU gives the same bits for it:
@@ -346,13 +355,21 @@ def check_out(out: Tensor | None, shape: tuple[int, int], x: Tensor) -> Tensor:
 def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
            offset: Tensor | None, global_scale: Tensor | None, group: int,
            transpose: bool, exact: bool, out: Tensor | None = None,
-           config: TileConfig | None = None, lora: LoRAEpilogue | None = None) -> Tensor:
+           config: TileConfig | None = None, lora: LoRAEpilogue | None = None,
+           swiglu: bool = False) -> Tensor:
     """Run the fused kernel on already-validated tensors; `config` overrides the pick (bench).
     `lora` adds a LoRA delta in the store of the decode GEMV or the `tl.dot` loop
-    (orbit/kernels/lora_epilogue.py): only where `lora_fits`, else ValueError."""
+    (orbit/kernels/lora_epilogue.py): only where `lora_fits`, else ValueError. `swiglu` (W the
+    stacked gate/up weight): silu(gate) * up [M, out / 2] from the nibble-plane decode GEMV's
+    store, only where `swiglu_fits`, else ValueError."""
     n, k = shape
     m = x.shape[0]
     out_dim = k if transpose else n
+    if swiglu:
+        if config is not None or transpose or not swiglu_fits(m, n, k, fmt, exact, x.device):
+            raise ValueError(f"swiglu=True runs only in the fast-mode nibble-plane decode GEMV; "
+                             f"{fmt} [{m} x {k}] @ [{n} x {k}]^T (exact={exact}) does not")
+        out_dim = n // 2
     y = check_out(out, (m, out_dim), x)
     if lora is not None and (config is not None or transpose
                              or not lora_fits(m, n, k, fmt, exact, x.device, len(lora.b))):
@@ -370,7 +387,8 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     if not exact and config is None and not transpose and use_gemv(m, n, k, fmt, x.device):
         from orbit.kernels.gemv import gemv  # gemv.py imports this module
 
-        return gemv(x, fmt, shape, q, s, offset, global_scale, group, y, lora=lora)
+        return gemv(x, fmt, shape, q, s, offset, global_scale, group, y, lora=lora,
+                    swiglu=swiglu)
     cfg = config or pick_config(m, out_dim, fmt, exact)
     if cfg.swap and (transpose or exact):
         raise ValueError("TileConfig.swap is a fast-mode forward experiment (no transpose, "

@@ -128,6 +128,32 @@ def qmm_lora(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue) -> Tensor:
     return kernel(x.contiguous(), qw, lora=lora)
 
 
+def swiglu_foldable(x: Tensor, qw: QuantizedWeight) -> bool:
+    """Whether `qmm_swiglu(x, qw)` runs: qw is a stacked gate/up weight (gate rows first) whose
+    fast-mode forward of x is the nibble-plane decode GEMV, which can store SwiGLU's output
+    itself (CUDA, or Triton's interpreter in CPU tests)."""
+    from orbit.kernels._qgemm import swiglu_fits
+    from orbit.kernels._triton import HAS_TRITON
+    from orbit.kernels.matmul_exact import interpreting
+
+    if not HAS_TRITON or x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if not (x.is_cuda or interpreting()):
+        return False
+    return swiglu_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt, False, x.device)
+
+
+def qmm_swiglu(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue | None = None) -> Tensor:
+    """silu(x @ W_gate^T) * (x @ W_up^T) [M, out / 2] for qw the stacked gate/up weight, in one
+    launch (with `lora`, the gate/up adapters' deltas added before SwiGLU); only where
+    `swiglu_foldable(x, qw)`."""
+    kernel = _kernel_for(qw)
+    if kernel is None or not swiglu_foldable(x, qw):
+        raise ValueError(f"qmm_swiglu: a {qw.fmt} {tuple(qw.shape)} forward of "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device} is not the plane GEMV")
+    return kernel(x.contiguous(), qw, lora=lora, swiglu=True)
+
+
 def qmm_t(dy: Tensor, qw: QuantizedWeight, exact: bool = False) -> Tensor:
     assert dy.dim() == 2 and dy.shape[1] == qw.shape[0], (dy.shape, qw.shape)
     if _on_gpu(dy):

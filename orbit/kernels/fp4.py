@@ -91,7 +91,8 @@ def _check(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool) -> None:
 
 
 def _fp4_matmul(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool, exact: bool,
-                out: Tensor | None, lora: LoRAEpilogue | None = None) -> Tensor:
+                out: Tensor | None, lora: LoRAEpilogue | None = None,
+                swiglu: bool = False) -> Tensor:
     from orbit.kernels._qgemm import launch
 
     _check(x, qw, fmt, transpose)
@@ -99,23 +100,25 @@ def _fp4_matmul(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool, exact
     gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
     group = NVFP4_GROUP if fmt == "nvfp4" else MXFP4_GROUP
     return launch(x, fmt, qw.shape, t["qweight"], t["scale"], None, gs, group, transpose, exact, out,
-                  lora=lora)
+                  lora=lora, swiglu=swiglu)
 
 
 def nvfp4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
                  exact: bool = False, out: Tensor | None = None,
-                lora: LoRAEpilogue | None = None) -> Tensor:
+                lora: LoRAEpilogue | None = None, swiglu: bool = False) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel.
-    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store."""
-    return _fp4_matmul(x, qw, "nvfp4", transpose, exact, out, lora)
+    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `swiglu`: see
+    `_qgemm.launch`."""
+    return _fp4_matmul(x, qw, "nvfp4", transpose, exact, out, lora, swiglu)
 
 
 def mxfp4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
                  exact: bool = False, out: Tensor | None = None,
-                lora: LoRAEpilogue | None = None) -> Tensor:
+                lora: LoRAEpilogue | None = None, swiglu: bool = False) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel.
-    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store."""
-    return _fp4_matmul(x, qw, "mxfp4", transpose, exact, out, lora)
+    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `swiglu`: see
+    `_qgemm.launch`."""
+    return _fp4_matmul(x, qw, "mxfp4", transpose, exact, out, lora, swiglu)
 
 
 def fp4_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,

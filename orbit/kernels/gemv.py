@@ -61,6 +61,7 @@ from orbit.kernels.lora_epilogue import (
     lora_shrink_role,
 )
 from orbit.kernels.pdl import pdl_enter, pdl_launch, prefetch_l2
+from orbit.kernels.swiglu import silu_mul_values
 
 # Heuristic constants (pick_gemv_config); sweep them with scripts/bench/bench_qmm.py --gemv.
 GEMV_BLOCK_K = 128  # reduction depth per step; fp8_tile needs <= 128 (one scale block)
@@ -199,20 +200,31 @@ def split_k_launch(x: Tensor, y: Tensor, n: int, k: int, block_n: int, block_k: 
 
 
 @triton.jit
-def _program_slice(K_PER, K, N, BN: tl.constexpr, PN, SHRINK: tl.constexpr):
+def _program_slice(K_PER, K, N, BN: tl.constexpr, PN, SHRINK: tl.constexpr,
+                   PAIR: tl.constexpr, HALF_N):
     """This program's K-slice [k_lo, k_hi) and output rows (offs_n, in range: row_ok). With
     SHRINK the first PN grid columns are LoRA shrink programs (lora_epilogue.lora_shrink_role),
-    so the column tile is program_id(0) - PN (negative for them: no rows in range)."""
+    so the column tile is program_id(0) - PN (negative for them: no rows in range). PAIR (the
+    stacked gate/up weight, gate rows [0, HALF_N), up rows [HALF_N, N)): tile t holds gate rows
+    t*BN/2.. and the matching up rows, so its store can apply SwiGLU; rows past the gate's end
+    get index N (out of range everywhere)."""
     pid_k = tl.program_id(1)
     k_lo = pid_k * K_PER
     k_hi = tl.minimum(k_lo + K_PER, K)
     if SHRINK:
         pid_n = tl.program_id(0) - PN
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        row_ok = (offs_n >= 0) & (offs_n < N)
     else:
         pid_n = tl.program_id(0)
+    if PAIR:
+        HB: tl.constexpr = BN // 2
+        j = tl.arange(0, BN)
+        g_row = pid_n * HB + j % HB  # the gate row this row belongs to
+        offs_n = tl.where((g_row >= 0) & (g_row < HALF_N), g_row + (j // HB) * HALF_N, N)
+    else:
         offs_n = pid_n * BN + tl.arange(0, BN)
+    if SHRINK:
+        row_ok = (offs_n >= 0) & (offs_n < N)
+    else:
         row_ok = offs_n < N
     return pid_n, pid_k, k_lo, k_hi, offs_n, row_ok
 
@@ -270,14 +282,15 @@ def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
             acc = tl.where(cols[None, :] == m, acc + part[:, None], acc)
     _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, cols,
                stride_om, stride_os, stride_ym, FIXUP, lora_d, h_ptr, b0, b1, b2, LN0, LN1, LR,
-               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, False)
+               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, False, False, 0, False)
 
 
 @triton.jit
 def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, cols,
                stride_om, stride_os, stride_ym, FIXUP: tl.constexpr, lora_d, h_ptr, b0, b1,
                b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, LORA: tl.constexpr,
-               LRP: tl.constexpr, SHRINK: tl.constexpr):
+               LRP: tl.constexpr, SHRINK: tl.constexpr, PAIR: tl.constexpr, HALF_N,
+               LIBDEV: tl.constexpr):
     # acc [BN, MP] fp32 -> out[pid_k] (y itself without split, else the fp32 workspace slice).
     # FIXUP: each program of column tile pid_n bumps the tile's arrival counter after its
     # slice is stored; the one that arrives last adds all SPLIT slices in slice order (so the
@@ -289,6 +302,8 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
     # delta: lora_d, computed before the main loop, or with SHRINK (h computed by this launch's
     # shrink programs) computed here once h is complete (lora_epilogue.lora_await_delta). The
     # launch makes sure that program is this one or the fix-up's, never the reduce launch.
+    # PAIR: y is SwiGLU's output [M, HALF_N]: the final values' gate and up halves are
+    # combined (swiglu.silu_mul_values) and stored at the tile's gate columns (_store_pair).
     mask = (offs_n[:, None] < N) & (cols[None, :] < M)
     ptrs = out_ptr + pid_k * stride_os + cols[None, :] * stride_om + offs_n[:, None]
     dt = y_ptr.dtype.element_ty
@@ -306,8 +321,12 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
                                      lscale, stride_hm, hc_ptr, LSR, dt, LORA, LRP)
             else:
                 d = lora_d
-            tl.store(y_ptr + cols[None, :] * stride_ym + offs_n[:, None],
-                     _final(total, d, dt, LORA), mask=mask)
+            if PAIR:
+                _store_pair(_final(total, d, dt, LORA), y_ptr, stride_ym, pid_n, cols, M,
+                            HALF_N, LIBDEV)
+            else:
+                tl.store(y_ptr + cols[None, :] * stride_ym + offs_n[:, None],
+                         _final(total, d, dt, LORA), mask=mask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
     else:  # y (LORA: always; the launch forces the fix-up for a split), or a workspace slice
         if SHRINK:
@@ -315,7 +334,25 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
                                  stride_hm, hc_ptr, LSR, dt, LORA, LRP)
         else:
             d = lora_d
-        tl.store(ptrs, _final(acc, d, out_ptr.dtype.element_ty, LORA), mask=mask)
+        if PAIR:  # (the launch forces the fix-up for a split: out is y here)
+            _store_pair(_final(acc, d, dt, LORA), y_ptr, stride_ym, pid_n, cols, M, HALF_N,
+                        LIBDEV)
+        else:
+            tl.store(ptrs, _final(acc, d, out_ptr.dtype.element_ty, LORA), mask=mask)
+
+
+@triton.jit
+def _store_pair(vals, y_ptr, stride_ym, pid_n, cols, M, HALF_N, LIBDEV: tl.constexpr):
+    """vals [BN, MP]: the tile's gate rows then the matching up rows (_program_slice, PAIR),
+    in y's dtype -> y[m, gate column] = silu(gate) * up, torch's roundings."""
+    BN: tl.constexpr = vals.shape[0]
+    MP: tl.constexpr = vals.shape[1]
+    HB: tl.constexpr = BN // 2
+    g, u = tl.split(tl.permute(tl.reshape(vals, (2, HB, MP)), (1, 2, 0)))  # [HB, MP] each
+    act = silu_mul_values(g, u, y_ptr.dtype.element_ty, LIBDEV)
+    jj = pid_n * HB + tl.arange(0, HB)
+    tl.store(y_ptr + cols[None, :] * stride_ym + jj[:, None], act,
+             mask=(jj < HALF_N)[:, None] & (cols < M)[None, :])
 
 
 @triton.jit
@@ -427,14 +464,15 @@ def _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP: tl.constexpr,
 def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
                         K_PER, SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s,
                         stride_ym, h_ptr, a0, a1, a2, b0, b1, b2, LN0, LN1, LR, lscale,
-                        stride_hm, hc_ptr, LSR, FMT: tl.constexpr, CODE: tl.constexpr,
+                        stride_hm, hc_ptr, LSR, HALF_N, FMT: tl.constexpr, CODE: tl.constexpr,
                         GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, MP: tl.constexpr,
                         BN: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr,
                         FIXUP: tl.constexpr,
                         DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr,
                         PDL: tl.constexpr = False, L2PRE: tl.constexpr = False,
                         LORA: tl.constexpr = 0, LRP: tl.constexpr = 1,
-                        SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16):
+                        SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16,
+                        PAIR: tl.constexpr = False):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -454,11 +492,14 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     # reference's in the last bits (more exact, not less).
     # SHRINK (a LoRA epilogue whose h this launch computes): the first PN grid columns are
     # shrink programs (lora_epilogue.lora_shrink_role) instead of column tiles.
+    # PAIR (the stacked gate/up weight; gate rows [0, HALF_N)): each tile holds matching gate
+    # and up rows, and y is SwiGLU's output [M, HALF_N] (_program_slice, _store_pair).
     BK: tl.constexpr = NG * GROUP
     PN = 0
     if SHRINK:
         PN = tl.cdiv(LSR, SPLIT)  # grid columns of shrink programs
-    pid_n, pid_k, k_lo, k_hi, offs_n, row_ok = _program_slice(K_PER, K, N, BN, PN, SHRINK)
+    pid_n, pid_k, k_lo, k_hi, offs_n, row_ok = _program_slice(K_PER, K, N, BN, PN, SHRINK,
+                                                              PAIR, HALF_N)
     if PDL and L2PRE:  # the first steps' words (frozen weights) into L2 before waiting
         prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES, 8, BK // 2)
     pdl_enter(PDL)
@@ -469,26 +510,28 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
         else:
             _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
                          SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
-                         h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, pid_n,
-                         pid_k, k_lo, k_hi, offs_n, row_ok, FMT, CODE, GROUP, HAS_OFFSET, MP,
-                         BN, NG, STAGES, FIXUP, DEFER, ASM, XPRE, LORA, LRP, SHRINK)
+                         h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, HALF_N,
+                         pid_n, pid_k, k_lo, k_hi, offs_n, row_ok, FMT, CODE, GROUP,
+                         HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER, ASM, XPRE, LORA, LRP,
+                         SHRINK, PAIR)
     else:
         _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
                      stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0,
-                     b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, pid_n, pid_k, k_lo,
-                     k_hi, offs_n, row_ok, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES,
-                     FIXUP, DEFER, ASM, XPRE, LORA, LRP, SHRINK)
+                     b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, HALF_N, pid_n, pid_k,
+                     k_lo, k_hi, offs_n, row_ok, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG,
+                     STAGES, FIXUP, DEFER, ASM, XPRE, LORA, LRP, SHRINK, PAIR)
 
 
 @triton.jit
 def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
                  stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0, b1,
-                 b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, pid_n, pid_k, k_lo, k_hi,
-                 offs_n, row_ok, FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
-                 HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr,
-                 NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
+                 b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, HALF_N, pid_n, pid_k, k_lo,
+                 k_hi, offs_n, row_ok, FMT: tl.constexpr, CODE: tl.constexpr,
+                 GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, MP: tl.constexpr,
+                 BN: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
                  DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr,
-                 LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr):
+                 LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
+                 PAIR: tl.constexpr):
     """The column-tile program of _gemv_planes_kernel (after the PDL wait)."""
     WG: tl.constexpr = GROUP // 8
     BK: tl.constexpr = NG * GROUP
@@ -549,7 +592,7 @@ def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
         acc = acc * tl.load(g_ptr).to(tl.float32)
     _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
                stride_om, stride_os, stride_ym, FIXUP, lora_d, h_ptr, b0, b1, b2, LN0, LN1, LR,
-               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, SHRINK)
+               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, SHRINK, PAIR, HALF_N, ASM)
 
 
 @triton.jit
@@ -615,19 +658,19 @@ def lora_counters(device: torch.device) -> Tensor:
 
 
 def lora_launch(lora: LoRAEpilogue | None, x: Tensor, y: Tensor, grid: tuple, split: int,
-                in_kernel: bool) -> tuple[tuple, dict, tuple]:
+                in_kernel: bool, n: int | None = None) -> tuple[tuple, dict, tuple]:
     """(LoRA kernel args, constexprs, grid) of a GEMV launch: with A given and `in_kernel`
     (the plane and FP8 GEMVs), the grid grows by the shrink programs' columns; with A given
-    otherwise, the shrink runs as its own launch first."""
+    otherwise, the shrink runs as its own launch first. `n`: weight rows (kernel_args)."""
     shrink = lora is not None and lora.a is not None
     if shrink and not in_kernel:
         from orbit.kernels.lora_decode import lora_shrink  # (lora_decode imports this module)
 
-        lora.check(y, x)
+        lora.check(y, x, n)
         lora_shrink(x, list(lora.a), out=lora.h)
         shrink = False
     cnt = lora_counters(x.device) if shrink else None
-    args, const = kernel_args(lora, x, y, cnt, shrink)
+    args, const = kernel_args(lora, x, y, cnt, shrink, n)
     if shrink:
         sr = len(lora.b) * lora.b[0].shape[1]
         grid = (grid[0] + triton.cdiv(sr, split), grid[1])
@@ -647,14 +690,21 @@ def _as_words(q: Tensor) -> Tensor | None:
 
 def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
          offset: Tensor | None, global_scale: Tensor | None, group: int, y: Tensor,
-         config: object | None = None, lora: LoRAEpilogue | None = None) -> Tensor:
+         config: object | None = None, lora: LoRAEpilogue | None = None,
+         swiglu: bool = False) -> Tensor:
     """y[M, out] = x[M, in] @ W^T for already-validated tensors (as `_qgemm.launch` gets them)
     and 1 <= M <= 16; `config` overrides the heuristic (bench sweeps): a GemvConfig, or for
     FP8 at M <= FP8_GEMV_MAX_M a gemv_fp8.Fp8GemvConfig. `lora`: add a LoRA delta in the store
-    (orbit/kernels/lora_epilogue.py)."""
+    (orbit/kernels/lora_epilogue.py). `swiglu` (the plane kernel; W the stacked gate/up weight,
+    gate rows first): y [M, out / 2] = silu(gate) * up, stored by the tiles themselves
+    (_program_slice / _store_pair, PAIR)."""
     n, k = shape
     m = x.shape[0]
     assert 1 <= m <= 16 and fmt in FMT_IDS and fmt != "bf16", (m, fmt)
+    if swiglu and (fmt not in PLANE_FORMATS or n % 2 or (config is not None
+                                                         and not config.planes)):
+        raise ValueError(f"gemv(swiglu=True) needs the nibble-plane kernel (int4/nvfp4/mxfp4) "
+                         f"and an even number of rows; got {fmt} with {n} rows")
     if fmt == "fp8" and m <= FP8_GEMV_MAX_M and not isinstance(config, GemvConfig):
         from orbit.kernels.gemv_fp8 import gemv_fp8  # (gemv_fp8 imports this module)
 
@@ -664,25 +714,27 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     # The plane kernel steps whole groups: block_k is at least one group.
     block_k = max(cfg.block_k, group) if words is not None else cfg.block_k
     mp = triton.next_power_of_2(m)
+    if swiglu and words is None:
+        raise ValueError("gemv(swiglu=True): the packed weight cannot be viewed as int32 words")
     grid, k_per, split, out, stride_om, stride_os, cnt, fixup = split_k_launch(
-        x, y, n, k, cfg.block_n, block_k, cfg.split, cfg.fixup or lora is not None)
+        x, y, n, k, cfg.block_n, block_k, cfg.split, cfg.fixup or lora is not None or swiglu)
     cnt = cnt if cnt is not None else s
     o = offset if offset is not None else s
     # PDL when the config asks (bench) or inside the engine's pdl_scope (grid-size rule there)
     pdl = pdl_launch(x.device, grid[0] * grid[1], forced=cfg.pdl)
     gs = global_scale if global_scale is not None else s
-    largs, lconst, grid = lora_launch(lora, x, y, grid, split, in_kernel=words is not None)
+    largs, lconst, grid = lora_launch(lora, x, y, grid, split, in_kernel=words is not None, n=n)
     if words is not None:
         code = PLANE_CODES[(fmt, offset is not None)] if fmt == "int4" else PLANE_CODES[fmt]
         if code == 2 and cfg.e2m1_bits:
             code = 3
         _gemv_planes_kernel[grid](
             x, out, words, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,
-            stride_os, words.stride(0), s.stride(0), y.stride(0), *largs, FMT=FMT_IDS[fmt],
-            CODE=code, GROUP=group, HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n,
-            NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup, DEFER=cfg.defer,
-            ASM=x.is_cuda, XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch,
-            num_warps=cfg.warps, **lconst, **pdl)
+            stride_os, words.stride(0), s.stride(0), y.stride(0), *largs, n // 2,
+            FMT=FMT_IDS[fmt], CODE=code, GROUP=group, HAS_OFFSET=offset is not None, MP=mp,
+            BN=cfg.block_n, NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup,
+            DEFER=cfg.defer, ASM=x.is_cuda, XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch,
+            PAIR=swiglu, num_warps=cfg.warps, **lconst, **pdl)
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,

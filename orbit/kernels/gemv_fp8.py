@@ -135,7 +135,8 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
     PN = 0
     if SHRINK:
         PN = tl.cdiv(LSR, SPLIT)
-    pid_n, pid_k, k_lo, k_hi, offs_n, row_ok = _program_slice(K_PER, K, N, BN, PN, SHRINK)
+    pid_n, pid_k, k_lo, k_hi, offs_n, row_ok = _program_slice(K_PER, K, N, BN, PN, SHRINK,
+                                                              False, 0)
     if PDL and L2PRE:  # the first steps' weight bytes into L2 before waiting on the last kernel
         prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES,
                              4 if DEC == 1 else 1, BK)
@@ -198,7 +199,7 @@ def _fp8_main(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, SPLIT, stride_
         out = out * X_UP
     _store_out(out, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
                stride_om, stride_os, stride_ym, FIXUP, lora_d, h_ptr, b0, b1, b2, LN0, LN1, LR,
-               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, SHRINK)
+               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, SHRINK, False, 0, False)
 
 
 def pick_fp8_gemv_config(m: int, n: int, k: int, sms: int) -> Fp8GemvConfig:

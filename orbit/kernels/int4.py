@@ -78,15 +78,17 @@ def _check(x: Tensor, qw: QuantizedWeight, transpose: bool) -> None:
 
 def int4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
                 exact: bool = False, out: Tensor | None = None,
-                lora: LoRAEpilogue | None = None) -> Tensor:
+                lora: LoRAEpilogue | None = None, swiglu: bool = False) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel.
-    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store."""
+    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `swiglu`: see
+    `_qgemm.launch`."""
     from orbit.kernels._qgemm import launch
 
     _check(x, qw, transpose)
     t = qw.tensors
     return launch(x, "int4", qw.shape, t["qweight"], t["scale"], t.get("offset"), None,
-                  qw.group_size, transpose, exact, out, lora=lora)
+                  qw.group_size, transpose, exact, out, lora=lora,
+                  swiglu=swiglu)
 
 
 def int4_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,

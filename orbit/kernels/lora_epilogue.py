@@ -61,9 +61,10 @@ class LoRAEpilogue:
     scale: float
     a: tuple[Tensor, ...] | None = None
 
-    def check(self, y: Tensor, x: Tensor | None = None) -> None:
+    def check(self, y: Tensor, x: Tensor | None = None, n: int | None = None) -> None:
         """Raise ValueError naming the first tensor that does not fit an output y [M, sum N_s]
-        (and, with A, the input x [M, K])."""
+        (and, with A, the input x [M, K]); `n`: the launch's weight rows where y is narrower
+        (SwiGLU's output of a gate/up launch)."""
         b, h = self.b, self.h
         if self.a is not None:
             if len(self.a) != len(b):
@@ -81,10 +82,10 @@ class LoRAEpilogue:
             if bi.dim() != 2 or bi.shape[1] != r or not bi.is_contiguous() or bi.dtype != y.dtype:
                 raise ValueError(f"LoRA epilogue: B[{i}] must be contiguous [N, {r}] {y.dtype}; "
                                  f"got {tuple(bi.shape)} {bi.dtype}")
-        n = sum(bi.shape[0] for bi in b)
-        if y.shape[1] != n:
-            raise ValueError(f"LoRA epilogue: the members' B have {n} rows in all, the output "
-                             f"{y.shape[1]} columns")
+        rows = sum(bi.shape[0] for bi in b)
+        if (n if n is not None else y.shape[1]) != rows:
+            raise ValueError(f"LoRA epilogue: the members' B have {rows} rows in all, the "
+                             f"output {n if n is not None else y.shape[1]} columns")
         if h.shape != (y.shape[0], len(b) * r) or h.stride(-1) != 1 or h.dtype != y.dtype:
             raise ValueError(f"LoRA epilogue: h must be [{y.shape[0]}, {len(b) * r}] {y.dtype} "
                              f"with unit column stride; got {tuple(h.shape)} {h.dtype}")
@@ -93,16 +94,17 @@ class LoRAEpilogue:
 
 
 def kernel_args(lora: LoRAEpilogue | None, x: Tensor, y: Tensor, counters: Tensor | None,
-                shrink: bool) -> tuple[tuple, dict]:
+                shrink: bool, n: int | None = None) -> tuple[tuple, dict]:
     """(runtime args, constexprs) of a GEMV launch for `lora`: h, A x3, B x3, N0, N1, r, scale,
     h's row stride, the h counters, S*r; LORA (members; 0 compiles the epilogue out), LRP,
     SHRINK (this launch computes h: `lora_shrink_role`, with `counters` two zeroed int32 that
     it leaves zeroed) and SBK (the shrink's K step). Dummies where None. The `tl.dot` loop
-    takes the same arguments and reads h, b0, r, the scale and the stride only."""
+    takes the same arguments and reads h, b0, r, the scale and the stride only. `n`: the
+    launch's weight rows where y is narrower (LoRAEpilogue.check)."""
     if lora is None:
         return ((y,) * 7 + (0, 0, 0, 0.0, 0, y, 0),
                 {"LORA": 0, "LRP": 1, "SHRINK": False, "SBK": 16})
-    lora.check(y, x)
+    lora.check(y, x, n)
     b = list(lora.b)
     ns = [bi.shape[0] for bi in b] + [0, 0]
     r = b[0].shape[1]

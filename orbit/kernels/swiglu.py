@@ -23,6 +23,20 @@ BLOCK = 1024
 
 
 @triton.jit
+def silu_mul_values(g, u, dt: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """silu(g) * u in dt with torch's roundings (module doc), for any block shape: this
+    kernel's arithmetic, and the gate/up GEMV's when it stores SwiGLU's output itself
+    (orbit/kernels/gemv.py, PAIR)."""
+    gf = g.to(tl.float32)
+    if LIBDEVICE:  # CUDA's accurate expf, as torch's kernel calls it
+        e = tl.extra.cuda.libdevice.exp(-gf)
+    else:  # the interpreter has no libdevice (tests: within an ulp of torch there)
+        e = tl.exp(-gf)
+    s = tl.div_rn(gf, 1.0 + e).to(dt)
+    return (s.to(tl.float32) * u.to(tl.float32)).to(dt)
+
+
+@triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, C, stride_g, stride_u, BLOCK: tl.constexpr,
                      LIBDEVICE: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
@@ -32,13 +46,8 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, C, stride_g, stride_u, BLOCK: tl.co
     row, col = offs // C, offs % C
     g = tl.load(g_ptr + row * stride_g + col, mask=mask, other=0.0)
     u = tl.load(u_ptr + row * stride_u + col, mask=mask, other=0.0)
-    gf = g.to(tl.float32)
-    if LIBDEVICE:  # CUDA's accurate expf, as torch's kernel calls it
-        e = tl.extra.cuda.libdevice.exp(-gf)
-    else:  # the interpreter has no libdevice (tests: within an ulp of torch there)
-        e = tl.exp(-gf)
-    s = tl.div_rn(gf, 1.0 + e).to(g.dtype)
-    y = s.to(tl.float32) * u.to(tl.float32)
+    # (s rounds to g's dtype, the product to y's: the same here, bf16/fp16 in and out)
+    y = silu_mul_values(g, u, g.dtype, LIBDEVICE)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -219,10 +219,21 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        act = _fused_swiglu(self.gate_proj, self.up_proj, x)
+        if act is not None:
+            return self.down_proj(act)
         g, u = self.gate_proj(x), self.up_proj(x)
         if silu_mul_available(g, u) and not _needs_grad(g, u):
             return self.down_proj(silu_mul(g, u))  # one launch, the same bits
         return self.down_proj(F.silu(g) * u)
+
+
+def _fused_swiglu(gate: nn.Module, up: nn.Module, x: Tensor) -> Tensor | None:
+    """silu(gate(x)) * up(x) from one launch where the gate layer offers it (`swiglu_with`:
+    quantized gate/up siblings at decode sizes in the engine, LoRA-wrapped or not, whose GEMV
+    stores SwiGLU itself, bit for bit the separate launches'), else None."""
+    fn = getattr(gate, "swiglu_with", None)
+    return fn(up, x) if fn is not None and not _needs_grad(x) else None
 
 
 class DecoderLayer(nn.Module):

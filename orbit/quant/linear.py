@@ -160,6 +160,23 @@ class QuantLinear(nn.Module):
         return (self.bias is None and not self.exact and self.act_quant is None
                 and self.weight_format != "bf16" and not self._use_cache(device))
 
+    def swiglu_with(self, up: nn.Module, x: Tensor) -> Tensor | None:
+        """silu(self(x)) * up(x) from one launch, where this layer and `up` are the stacked
+        gate/up sibling group and it would run grouped (`_grouped`'s rules: inference mode,
+        decode rows) as the nibble-plane decode GEMV, which stores SwiGLU itself
+        (dispatch.qmm_swiglu: the same bits as the separate launches); else None."""
+        group = self._sibling
+        x2d = x.reshape(-1, self.in_features)
+        if (group is None or not group.enabled or group.members != [self, up]
+                or not torch.is_inference_mode_enabled() or up.out_features != self.out_features
+                or not all(m.fused_output(x2d.device) and group.linked(m) for m in (self, up))
+                or not sibling_serves(self.weight_format, x2d.shape[0])):
+            return None
+        qw = group.qweight
+        if qw is None or not dispatch.swiglu_foldable(x2d, qw):
+            return None
+        return dispatch.qmm_swiglu(x2d, qw).reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(

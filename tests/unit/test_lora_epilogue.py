@@ -145,9 +145,9 @@ def _model_checks() -> dict:
         ids, pos = (torch.arange(n) * 7 + 11) % 97, torch.arange(n)
         return model.logits(model(ids, pos, AttnBatch.packed(torch.tensor([0, n]))))
 
-    calls: dict[str, list] = {"shrink": [], "expand": [], "fold": []}
+    calls: dict[str, list] = {"shrink": [], "expand": [], "fold": [], "swiglu": []}
     wraps = [(kmod, "lora_shrink", "shrink"), (kmod, "lora_expand_add", "expand"),
-             (dmod, "qmm_lora", "fold")]
+             (dmod, "qmm_lora", "fold"), (dmod, "qmm_swiglu", "swiglu")]
     real = {name: getattr(mod, name) for mod, name, _ in wraps}
     for mod, name, key in wraps:
         def counted(*a, _f=real[name], _k=key, **kw):
@@ -175,10 +175,11 @@ def _model_checks() -> dict:
         kmod.lora_expand_add(lora.h, list(lora.b), list(torch.split(y, splits, 1)), lora.scale)
         return y
 
-    dmod.qmm_lora = gemv_then_expand
+    dmod.qmm_lora, real_foldable = gemv_then_expand, dmod.swiglu_foldable
+    dmod.swiglu_foldable = lambda *a, **kw: False  # gate/up too: GEMV, expand, SwiGLU kernel
     with torch.inference_mode():
         unfolded = logits()
-    dmod.qmm_lora = real["qmm_lora"]
+    dmod.qmm_lora, dmod.swiglu_foldable = real["qmm_lora"], real_foldable
     # 6 rows: the quantized sibling groups stand aside, so each member folds into its own
     # tl.dot-loop launch (q, k, v, o, gate, up, down: 7 per layer), which computes its h
     rows[0] = 6
@@ -305,10 +306,10 @@ def test_groups_fold_in_a_quantized_model(interp: dict) -> None:
     r = interp["model"]
     assert r["groups"] == 2 * 4  # per layer: q/k/v, o, gate/up, down
     # inference mode, batch 1: per group one base GEMV that computes h in its own grid and
-    # adds the delta in its store: no shrink or expand launch
-    assert r["infer"] == {"shrink": 0, "expand": 0, "fold": 8}, r
+    # adds the delta in its store (gate/up's also stores SwiGLU): no shrink or expand launch
+    assert r["infer"] == {"shrink": 0, "expand": 0, "fold": 6, "swiglu": 2}, r
     # no_grad without inference mode (a trainer pass): no group serves
-    assert r["nograd"] == {"shrink": 0, "expand": 0, "fold": 0}, r
+    assert r["nograd"] == {"shrink": 0, "expand": 0, "fold": 0, "swiglu": 0}, r
     assert r["adapter_effect"] > 1e-2
     # plain = reference matmuls of bf16 weights; folded = the GEMV's fp32 sums of the exact
     # weights: bf16-level differences only
@@ -316,10 +317,10 @@ def test_groups_fold_in_a_quantized_model(interp: dict) -> None:
     # the same base GEMV followed by the expand-add kernel: the same logits, bit for bit
     assert r["same_as_unfolded"], r
     # 6 rows: per-member tl.dot-loop launches that compute their h and add the delta
-    assert r["rows6"] == {"shrink": 0, "expand": 0, "fold": 2 * 7}, r
+    assert r["rows6"] == {"shrink": 0, "expand": 0, "fold": 2 * 7, "swiglu": 0}, r
     assert r["err6"] < 2e-2, r
     # 100 rows (beyond the expand kernel): the same, h in row blocks of 64
-    assert r["rows100"] == {"shrink": 0, "expand": 0, "fold": 2 * 7}, r
+    assert r["rows100"] == {"shrink": 0, "expand": 0, "fold": 2 * 7, "swiglu": 0}, r
     assert r["err100"] < 2e-2, r
 
 
