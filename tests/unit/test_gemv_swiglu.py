@@ -27,9 +27,27 @@ CASES = [
 SCALE = 1.5
 
 
+def _epilogue(kind: str | None, x: torch.Tensor, a: tuple, b: tuple):
+    """None, a LoRA epilogue that computes h in the launch ("a"), or one given h ("h")."""
+    from orbit.kernels.lora_epilogue import LoRAEpilogue
+
+    if kind is None:
+        return None
+    if kind == "h":  # h given: the shrink's output
+        return LoRAEpilogue(torch.cat([x @ ai.T for ai in a], dim=1), b, SCALE)
+    h = torch.full((x.shape[0], sum(ai.shape[0] for ai in a)), float("nan")).bfloat16()
+    return LoRAEpilogue(h, b, SCALE, a)
+
+
+def _logits(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    from orbit.models.attention import AttnBatch
+
+    with torch.inference_mode():
+        return model.logits(model(ids, pos, AttnBatch.packed(torch.tensor([0, ids.numel()]))))
+
+
 def _kernel_cases() -> dict:
     from orbit.kernels import gemv
-    from orbit.kernels.lora_epilogue import LoRAEpilogue
     from orbit.kernels.random_weights import random_qweight
     from orbit.kernels.swiglu import silu_mul
 
@@ -47,20 +65,12 @@ def _kernel_cases() -> dict:
         a = tuple((torch.randn(r, k, generator=g) * 0.2).bfloat16() for _ in range(2))
         b = tuple((torch.randn(half, r, generator=g) * 0.5).bfloat16() for _ in range(2))
         args = (x, fmt, qw.shape, q, s, t.get("offset"), gs, group)
-        for name, lora in (("plain", None), ("lora", "a"), ("lora-h", "h")):
-            def epilogue(kind=lora):
-                if kind is None:
-                    return None
-                h = torch.full((m, 2 * r), float("nan")).bfloat16()
-                if kind == "h":  # h given: the shrink's output
-                    h = torch.cat([x @ ai.T for ai in a], dim=1)
-                    return LoRAEpilogue(h, b, SCALE)
-                return LoRAEpilogue(h, b, SCALE, a)
+        for name, kind in (("plain", None), ("lora", "a"), ("lora-h", "h")):
             full = gemv.gemv(*args, torch.full((m, 2 * half), float("nan")).bfloat16(), cfg,
-                             lora=epilogue())
+                             lora=_epilogue(kind, x, a, b))
             want = silu_mul(full[:, :half], full[:, half:])
             got = gemv.gemv(*args, torch.full((m, half), float("nan")).bfloat16(), cfg,
-                            lora=epilogue(), swiglu=True)
+                            lora=_epilogue(kind, x, a, b), swiglu=True)
             out[f"{i}-{name}"] = {"nan": bool(got.isnan().any()), "equal": torch.equal(got, want),
                                   "err": ((got.double() - want.double()).abs().max()
                                           / want.double().abs().max()).item()}
@@ -75,7 +85,6 @@ def _model_checks() -> dict:
 
     import orbit.kernels.dispatch as dmod
     from orbit.adapters.lora_decode import link_lora_decode
-    from orbit.models.attention import AttnBatch
     from orbit.quant.convert import convert_linears
     from orbit.quant.siblings import fuse_siblings
 
@@ -92,18 +101,13 @@ def _model_checks() -> dict:
             with_active_lora(model, torch.bfloat16)
             link_lora_decode(model)
         ids, pos = torch.tensor([17]), torch.tensor([0])
-
-        def logits() -> torch.Tensor:
-            with torch.inference_mode():
-                return model.logits(model(ids, pos, AttnBatch.packed(torch.tensor([0, 1]))))
-
         dmod.qmm_swiglu = lambda *a, **kw: calls.append(a[0].shape[0]) or real_swiglu(*a, **kw)
         calls.clear()
-        fused = logits()
+        fused = _logits(model, ids, pos)
         n = len(calls)
         dmod.qmm_swiglu = lambda *a, **kw: (_ for _ in ()).throw(ValueError("off"))
         dmod.swiglu_foldable, real_foldable = (lambda *a, **kw: False), dmod.swiglu_foldable
-        separate = logits()
+        separate = _logits(model, ids, pos)
         dmod.swiglu_foldable = real_foldable
         out["lora" if adapter else "base"] = {"calls": n, "equal": torch.equal(fused, separate)}
     dmod._on_gpu, dmod.qmm_swiglu = real_on_gpu, real_swiglu
