@@ -176,3 +176,33 @@ def test_engine_fused_lora_matches_plain() -> None:
     aset.set_active(None)
     base = run_engine(model, ps, sp, 4)[1]
     assert any(b.tokens != f.tokens for b, f in zip(base, outs[2]))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_gate_up_gemv_stores_swiglu(fmt: str, lora: bool) -> None:
+    """Qwen3-1.7B's gate/up at batch 1: qmm_swiglu (the GEMV's tiles hold matching gate and up
+    rows and store silu(gate) * up) equals the stacked GEMV followed by the SwiGLU kernel, bit
+    for bit, with and without the LoRA deltas (h computed in the launch)."""
+    from orbit.kernels.swiglu import silu_mul
+
+    k, half, r = 2048, 6144, 16
+    kw = {"group_size": 128} if fmt == "int4" else {}
+    qw = random_qweight(fmt, 2 * half, k, seed=11, device="cuda", **kw)
+    g = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(1, k, generator=g, device="cuda").bfloat16()
+    epi = None
+    if lora:
+        a = tuple((torch.randn(r, k, generator=g, device="cuda") * 0.02).bfloat16()
+                  for _ in range(2))
+        b = tuple((torch.randn(half, r, generator=g, device="cuda") * 0.05).bfloat16()
+                  for _ in range(2))
+
+        def epi() -> LoRAEpilogue:
+            return LoRAEpilogue(torch.empty(1, 2 * r, device="cuda", dtype=torch.bfloat16), b,
+                                2.0, a)
+    assert dispatch.swiglu_foldable(x, qw)
+    full = dispatch.qmm_lora(x, qw, epi()) if lora else dispatch.qmm(x, qw)
+    want = silu_mul(full[:, :half], full[:, half:])
+    got = dispatch.qmm_swiglu(x, qw, epi() if lora else None)
+    assert torch.equal(got, want)
