@@ -18,7 +18,12 @@ last bit; exact mode never takes this path (its LoRA runs batch-invariant matmul
 
 Shapes: x [M, K]; member s has A_s [r, K], B_s [N_s, r] (contiguous rows, the adapter's slot
 tensors) and an output y_s [M, N_s] (any row stride, unit column stride: a column slice of
-the sibling group's GEMV output). At most MAX_MEMBERS members, 1 <= M <= MAX_M.
+the sibling group's GEMV output). At most MAX_MEMBERS members, 1 <= M <= MAX_M (the shrink
+alone takes any M, in row blocks of SHRINK_BM).
+
+Where the base launch can take it, the engine skips both launches: the base launch computes
+h in its own first programs and adds the delta in its store (orbit/kernels/lora_epilogue.py,
+which reuses `_shrink_block` and `_member` from here).
 
 Roofline (docs/kernels.md, "LoRA decode kernels"): 0.03-0.94 us of bytes per group call at
 4.17 TB/s, far under a launch's fixed latency: the design minimises launches, not bytes.
