@@ -230,6 +230,16 @@ def _program_slice(K_PER, K, N, BN: tl.constexpr, PN, SHRINK: tl.constexpr,
 
 
 @triton.jit
+def shrink_program(PN, SHRINK: tl.constexpr):
+    """Whether this program is one of the first PN grid columns' LoRA shrink programs: a
+    runtime test with SHRINK, a constant False without (the column-tile code alone compiles)."""
+    if SHRINK:
+        return tl.program_id(0) < PN
+    else:
+        return False
+
+
+@triton.jit
 def prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK: tl.constexpr,
                          STAGES: tl.constexpr, ELEMS_PER_UNIT: tl.constexpr,
                          BYTES_PER_STEP: tl.constexpr):
@@ -316,11 +326,8 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
             base = out_ptr + cols[None, :] * stride_om + offs_n[:, None]
             for s in range(SPLIT):
                 total += tl.load(base + s * stride_os, mask=mask, other=0.0, cache_modifier=".cg")
-            if SHRINK:  # (a new name: a runtime branch may not retype lora_d)
-                d = lora_await_delta(offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR,
-                                     lscale, stride_hm, hc_ptr, LSR, dt, LORA, LRP)
-            else:
-                d = lora_d
+            d = _store_delta(lora_d, offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR,
+                             lscale, stride_hm, hc_ptr, LSR, dt, LORA, LRP, SHRINK)
             if PAIR:
                 _store_pair(_final(total, d, dt, LORA), y_ptr, stride_ym, pid_n, cols, M,
                             HALF_N, LIBDEV)
@@ -329,16 +336,26 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
                          _final(total, d, dt, LORA), mask=mask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
     else:  # y (LORA: always; the launch forces the fix-up for a split), or a workspace slice
-        if SHRINK:
-            d = lora_await_delta(offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
-                                 stride_hm, hc_ptr, LSR, dt, LORA, LRP)
-        else:
-            d = lora_d
+        d = _store_delta(lora_d, offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
+                         stride_hm, hc_ptr, LSR, dt, LORA, LRP, SHRINK)
         if PAIR:  # (the launch forces the fix-up for a split: out is y here)
             _store_pair(_final(acc, d, dt, LORA), y_ptr, stride_ym, pid_n, cols, M, HALF_N,
                         LIBDEV)
         else:
             tl.store(ptrs, _final(acc, d, out_ptr.dtype.element_ty, LORA), mask=mask)
+
+
+@triton.jit
+def _store_delta(lora_d, offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
+                 stride_hm, hc_ptr, LSR, dt: tl.constexpr, LORA: tl.constexpr,
+                 LRP: tl.constexpr, SHRINK: tl.constexpr):
+    """The delta the final writer adds: lora_d (computed before the main loop), or with SHRINK
+    the one it computes now, once this launch's shrink programs are done."""
+    if SHRINK:
+        return lora_await_delta(offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
+                                stride_hm, hc_ptr, LSR, dt, LORA, LRP)
+    else:
+        return lora_d
 
 
 @triton.jit
@@ -503,17 +520,9 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     if PDL and L2PRE:  # the first steps' words (frozen weights) into L2 before waiting
         prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES, 8, BK // 2)
     pdl_enter(PDL)
-    if SHRINK:
-        if tl.program_id(0) < PN:
-            lora_shrink_role(tl.program_id(0) * SPLIT + pid_k, x_ptr, stride_xm, M, K, a0, a1,
-                             a2, h_ptr, stride_hm, hc_ptr, LR, LSR, LORA, MP, SBK)
-        else:
-            _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
-                         SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
-                         h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, HALF_N,
-                         pid_n, pid_k, k_lo, k_hi, offs_n, row_ok, FMT, CODE, GROUP,
-                         HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER, ASM, XPRE, LORA, LRP,
-                         SHRINK, PAIR)
+    if shrink_program(PN, SHRINK):
+        lora_shrink_role(tl.program_id(0) * SPLIT + pid_k, x_ptr, stride_xm, M, K, a0, a1, a2,
+                         h_ptr, stride_hm, hc_ptr, LR, LSR, LORA, MP, SBK)
     else:
         _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
                      stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0,

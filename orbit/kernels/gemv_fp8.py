@@ -50,6 +50,7 @@ from orbit.kernels.gemv import (
     lora_launch,
     num_sms,
     prefetch_first_steps,
+    shrink_program,
     split_k,
     split_k_launch,
 )
@@ -141,15 +142,9 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
         prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES,
                              4 if DEC == 1 else 1, BK)
     pdl_enter(PDL)
-    if SHRINK:
-        if tl.program_id(0) < PN:
-            lora_shrink_role(tl.program_id(0) * SPLIT + pid_k, x_ptr, stride_xm, M, K, a0, a1,
-                             a2, h_ptr, stride_hm, hc_ptr, LR, LSR, LORA, MP, SBK)
-        else:
-            _fp8_main(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, SPLIT, stride_xm,
-                      stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0, b1, b2,
-                      LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, pid_n, pid_k, k_lo, k_hi,
-                      offs_n, row_ok, MP, BN, BK, STAGES, FIXUP, DEC, XPRE, LORA, LRP, SHRINK)
+    if shrink_program(PN, SHRINK):
+        lora_shrink_role(tl.program_id(0) * SPLIT + pid_k, x_ptr, stride_xm, M, K, a0, a1, a2,
+                         h_ptr, stride_hm, hc_ptr, LR, LSR, LORA, MP, SBK)
     else:
         _fp8_main(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, SPLIT, stride_xm,
                   stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0, b1, b2, LN0,
