@@ -32,6 +32,7 @@ from orbit.kernels.lora_epilogue import (
     lora_shrink_role,
     lora_shrink_role_dot,
     lora_store_dot,
+    shrink_program,
 )
 from orbit.quant.qweight import QuantizedWeight
 
@@ -202,21 +203,18 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
     # (lora_epilogue: one row of A each below 8 rows, SDOT: one SBM-row block each), and every
     # tile program waits for their LSR signals before its delta.
     pid = tl.program_id(0)
+    tile = pid
     if SHRINK:
-        if pid < LSR:
-            if SDOT:
-                lora_shrink_role_dot(pid, x_ptr, stride_xm, M, K, a0, h_ptr, stride_hm, hc_ptr,
-                                     LR, SBM, LRP, _SHRINK_DOT_BK)
-            else:
-                lora_shrink_role(pid, x_ptr, stride_xm, M, K, a0, a1, a2, h_ptr, stride_hm,
-                                 hc_ptr, LR, LSR, 1, SBM, SBK)
+        tile = pid - LSR
+    if shrink_program(LSR, SHRINK):
+        if SDOT:
+            lora_shrink_role_dot(pid, x_ptr, stride_xm, M, K, a0, h_ptr, stride_hm, hc_ptr, LR,
+                                 SBM, LRP, _SHRINK_DOT_BK)
         else:
-            _qgemm_main(pid - LSR, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_xm,
-                        stride_ym, stride_q, stride_s, h_ptr, b0, LR, lscale, stride_hm, hc_ptr,
-                        LSR, FMT, GROUP, HAS_OFFSET, TRANS, BM, BO, BR, GROUP_M, UNPACK, SWAP,
-                        LORA, LRP, SHRINK)
+            lora_shrink_role(pid, x_ptr, stride_xm, M, K, a0, a1, a2, h_ptr, stride_hm, hc_ptr,
+                             LR, LSR, 1, SBM, SBK)
     else:
-        _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_xm,
+        _qgemm_main(tile, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_xm,
                     stride_ym, stride_q, stride_s, h_ptr, b0, LR, lscale, stride_hm, hc_ptr, LSR,
                     FMT, GROUP, HAS_OFFSET, TRANS, BM, BO, BR, GROUP_M, UNPACK, SWAP, LORA, LRP,
                     SHRINK)

@@ -59,6 +59,7 @@ from orbit.kernels.lora_epilogue import (
     lora_await_delta,
     lora_delta,
     lora_shrink_role,
+    shrink_program,
 )
 from orbit.kernels.pdl import pdl_enter, pdl_launch, prefetch_l2
 from orbit.kernels.swiglu import silu_mul_values
@@ -227,16 +228,6 @@ def _program_slice(K_PER, K, N, BN: tl.constexpr, PN, SHRINK: tl.constexpr,
     else:
         row_ok = offs_n < N
     return pid_n, pid_k, k_lo, k_hi, offs_n, row_ok
-
-
-@triton.jit
-def shrink_program(PN, SHRINK: tl.constexpr):
-    """Whether this program is one of the first PN grid columns' LoRA shrink programs: a
-    runtime test with SHRINK, a constant False without (the column-tile code alone compiles)."""
-    if SHRINK:
-        return tl.program_id(0) < PN
-    else:
-        return False
 
 
 @triton.jit

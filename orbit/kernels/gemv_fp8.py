@@ -50,11 +50,10 @@ from orbit.kernels.gemv import (
     lora_launch,
     num_sms,
     prefetch_first_steps,
-    shrink_program,
     split_k,
     split_k_launch,
 )
-from orbit.kernels.lora_epilogue import LoRAEpilogue, lora_shrink_role
+from orbit.kernels.lora_epilogue import LoRAEpilogue, lora_shrink_role, shrink_program
 from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 FP8_BLOCK = 128

@@ -159,6 +159,17 @@ def lora_delta(offs_n, rows, M, N, h_ptr, b0, b1, b2, N0, N1, R, scale, stride_h
 
 
 @triton.jit
+def shrink_program(PN, SHRINK: tl.constexpr):
+    """Whether this program is one of the launch's first PN (grid columns of) LoRA shrink
+    programs: a runtime test with SHRINK, a constant False without (only the tile code
+    compiles)."""
+    if SHRINK:
+        return tl.program_id(0) < PN
+    else:
+        return False
+
+
+@triton.jit
 def lora_shrink_role(idx, x_ptr, stride_xm, M, K, a0, a1, a2, h_ptr, stride_hm, hc_ptr, R, SR,
                      S: tl.constexpr, MP: tl.constexpr, SBK: tl.constexpr):
     """A GEMV program in a shrink role (LoRAEpilogue.a): h[m, idx] = round(x[m] . A row idx of
