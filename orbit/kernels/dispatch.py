@@ -87,20 +87,24 @@ def qmm(x: Tensor, qw: QuantizedWeight, exact: bool = False, *,
     return qmm_reference(x, qw)
 
 
+def _fused_store_input(x: Tensor) -> bool:
+    """x can go to a Triton kernel that does extra work in its store (a LoRA delta, SwiGLU):
+    a 2-D bf16/fp16 input on CUDA, or on the CPU under Triton's interpreter (tests)."""
+    from orbit.kernels._triton import HAS_TRITON
+    from orbit.kernels.matmul_exact import interpreting
+
+    return (HAS_TRITON and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16)
+            and (x.is_cuda or interpreting()))
+
+
 def lora_foldable(x: Tensor, qw: QuantizedWeight, members: int = 1) -> bool:
     """Whether `qmm_lora(x, qw, ...)` runs for a LoRA epilogue of `members` adapters: the
     fast-mode forward of x [M, in] on this weight is a fused kernel that adds the delta in its
     store (the decode GEMV, or for one member the `tl.dot` loop below the dequantize-then-
     cuBLAS sizes) on CUDA, or under Triton's interpreter in CPU tests."""
     from orbit.kernels._qgemm import lora_fits
-    from orbit.kernels._triton import HAS_TRITON
-    from orbit.kernels.matmul_exact import interpreting
 
-    if not HAS_TRITON or x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if not (x.is_cuda or interpreting()):
-        return False
-    return lora_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt, False, x.device, members)
+    return _fused_store_input(x) and lora_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt, False, x.device, members)
 
 
 def lora_shrink_in_kernel(x: Tensor, qw: QuantizedWeight) -> bool:
@@ -133,14 +137,8 @@ def swiglu_foldable(x: Tensor, qw: QuantizedWeight) -> bool:
     fast-mode forward of x is the nibble-plane decode GEMV, which can store SwiGLU's output
     itself (CUDA, or Triton's interpreter in CPU tests)."""
     from orbit.kernels._qgemm import swiglu_fits
-    from orbit.kernels._triton import HAS_TRITON
-    from orbit.kernels.matmul_exact import interpreting
 
-    if not HAS_TRITON or x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if not (x.is_cuda or interpreting()):
-        return False
-    return swiglu_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt, False, x.device)
+    return _fused_store_input(x) and swiglu_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt, False, x.device)
 
 
 def qmm_swiglu(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue | None = None) -> Tensor:

@@ -137,6 +137,22 @@ MID_SHAPES = [(2048, 2048), (2048, 1024), (2048, 6144), (6144, 2048)]  # Qwen3-1
 MID_M = (16, 32, 64, 128, 256, 512)
 
 
+def bf16_baseline(rows: list[dict], phase: str, fmt: str, k: int, n: int, ms_: tuple,
+                  copy_gbs: float) -> dict[int, float]:
+    """cuBLAS BF16 `x @ W.T` ms per call at each M of ms_ for an [n, k] weight, rotated over
+    copies spanning 3x L2 and graph-replayed; one row each (the same-run baseline)."""
+    wbs = [torch.randn(n, k, device="cuda").bfloat16() * 0.05
+           for _ in range(copies_for(2 * n * k))]
+    t_bf = {}
+    for m in ms_:
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        t_bf[m] = ms_rotated([lambda w=w: x @ w.T for w in wbs])
+        gbs = (2 * n * k + 2 * m * (n + k)) / t_bf[m] / 1e6
+        _emit(rows, {"phase": phase, "fmt": fmt, "path": "cublas", "k": k, "n": n, "m": m,
+                     "ms": t_bf[m], "speedup": 1.0, "GBps": gbs, "frac_copy_bw": gbs / copy_gbs})
+    return t_bf
+
+
 def _with_dequant_min_m(rows: int, fn, *args):
     """fn(*args) with fast mode's dequantize-then-cuBLAS threshold at `rows` (restored after)."""
     old = _qgemm.DEQUANT_MIN_M
@@ -154,15 +170,7 @@ def mid_decode(copy_gbs: float, formats: tuple[str, ...], ms_list: tuple[int, ..
     rotated over weight copies spanning 3x L2 and graph-replayed, to place DEQUANT_MIN_M."""
     rows = []
     for k, n in MID_SHAPES:
-        nb = copies_for(2 * n * k)
-        wbs = [torch.randn(n, k, device="cuda").bfloat16() * 0.05 for _ in range(nb)]
-        base = {}
-        for m in ms_list:
-            x = torch.randn(m, k, device="cuda").bfloat16()
-            base[m] = ms_rotated([lambda w=w: x @ w.T for w in wbs])
-            _emit(rows, {"phase": "mid", "fmt": "bf16-cublas", "path": "cublas", "k": k, "n": n,
-                         "m": m, "ms": base[m], "speedup": 1.0})
-        del wbs
+        base = bf16_baseline(rows, "mid", "bf16-cublas", k, n, ms_list, copy_gbs)
         for fmt in formats:
             kw = {"group_size": 128} if fmt == "int4" else {}
             qw0 = random_qweight(fmt, n, k, device="cuda", **kw)
@@ -285,17 +293,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
     rows = []
     alt_list = alt_list or GEMV_ALTS
     for k, n in shapes or (GEMV_SHAPES[-5:] if quick else GEMV_SHAPES):
-        nb = copies_for(2 * n * k)
-        wbs = [torch.randn(n, k, device="cuda").bfloat16() * 0.05 for _ in range(nb)]
-        t_bf = {}
-        for m in ms_:
-            x = torch.randn(m, k, device="cuda").bfloat16()
-            t_bf[m] = ms_rotated([lambda w=w: x @ w.T for w in wbs])
-            _emit(rows, {"phase": "gemv", "fmt": "bf16", "path": "cublas", "k": k, "n": n,
-                         "m": m, "ms": t_bf[m], "speedup": 1.0,
-                         "GBps": (2 * n * k + 2 * m * (n + k)) / t_bf[m] / 1e6,
-                         "frac_copy_bw": (2 * n * k + 2 * m * (n + k)) / t_bf[m] / 1e6 / copy_gbs})
-        del wbs
+        t_bf = bf16_baseline(rows, "gemv", "bf16", k, n, ms_, copy_gbs)
         for fmt, name, kw in [v for v in variants(k) if v[0] in formats]:
             qw0 = random_qweight(fmt, n, k, device="cuda", **kw)
             nq = copies_for(qw0.nbytes())
