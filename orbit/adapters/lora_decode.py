@@ -88,24 +88,11 @@ class LoRADecodeGroup(MemberGroup):
         siblings) and the group's deltas added in place in two launches."""
         if not self.serves(x):
             return None
-        first = self.members[0]
-        slot = first.active_slot
-        a = [m.slot_tensor(slot, "lora_A") for m in self.members]
-        b = [m.slot_tensor(slot, "lora_B") for m in self.members]
         plan = self.fold_plan(x)
-        if plan is not None and all(bi.dtype == x.dtype and bi.is_contiguous() for bi in b):
-            # Each base launch adds its members' deltas in its store, and computes their h in
-            # its own grid (no launch but the bases'); where one cannot (the tile GEMV), one
-            # shrink launch first serves every member.
-            r = a[0].shape[0]
-            inside = self.fold_shrink and all(dispatch.lora_shrink_in_kernel(x, qw)
-                                              for qw, _, _ in plan)
-            h = (torch.empty((x.shape[0], len(a) * r), dtype=x.dtype, device=x.device) if inside
-                 else kernels.lora_shrink(x, a))
+        epis = self._epilogues(x, plan) if plan is not None else None
+        if epis is not None:  # each base launch adds its members' deltas in its store
             outs: list[Tensor] = []
-            for qw, lo, hi in plan:
-                lora = LoRAEpilogue(h[:, lo * r:hi * r], tuple(b[lo:hi]), first.scale,
-                                    tuple(a[lo:hi]) if inside else None)
+            for (qw, lo, hi), lora in zip(plan, epis):
                 y = dispatch.qmm_lora(x, qw, lora)
                 outs += torch.split(y, [m.base.out_features for m in self.members[lo:hi]], dim=1)
             return outs
@@ -114,8 +101,33 @@ class LoRADecodeGroup(MemberGroup):
         ys = [m.base(x) for m in self.members]
         if any(y.dtype != x.dtype or y.stride(-1) != 1 for y in ys):
             return None  # (an fp32 base output, say): the plain forward handles the casts
-        kernels.lora_decode_triton(x, a, b, ys, first.scale)
+        a, b = self._slot_tensors()
+        kernels.lora_decode_triton(x, a, b, ys, self.members[0].scale)
         return ys
+
+    def _slot_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The members' A and B in the active slot."""
+        slot = self.members[0].active_slot
+        return ([m.slot_tensor(slot, "lora_A") for m in self.members],
+                [m.slot_tensor(slot, "lora_B") for m in self.members])
+
+    def _epilogues(self, x: Tensor, plan: list[tuple[QuantizedWeight, int, int]]
+                   ) -> list[LoRAEpilogue] | None:
+        """One LoRA epilogue per launch of `plan` (None where B is not the kernels' contiguous
+        activation-dtype tensor). Each launch computes its members' h in its own grid where
+        it can (fold_shrink: the plane and FP8 decode GEMVs, the tl.dot loop); elsewhere one
+        shrink launch first serves every member."""
+        a, b = self._slot_tensors()
+        if not all(bi.dtype == x.dtype and bi.is_contiguous() for bi in b):
+            return None
+        r = a[0].shape[0]
+        inside = self.fold_shrink and all(dispatch.lora_shrink_in_kernel(x, qw)
+                                          for qw, _, _ in plan)
+        h = (torch.empty((x.shape[0], len(a) * r), dtype=x.dtype, device=x.device) if inside
+             else kernels.lora_shrink(x, a))
+        scale = self.members[0].scale
+        return [LoRAEpilogue(h[:, lo * r:hi * r], tuple(b[lo:hi]), scale,
+                             tuple(a[lo:hi]) if inside else None) for _, lo, hi in plan]
 
     def swiglu_output(self, gate: LoRALinear, up: nn.Module, x: Tensor) -> Tensor | None:
         """silu(gate(x)) * up(x), both adapted, from one launch: where this group is exactly
@@ -126,18 +138,8 @@ class LoRADecodeGroup(MemberGroup):
         plan = self.fold_plan(x)
         if plan is None or len(plan) != 1 or not dispatch.swiglu_foldable(x, plan[0][0]):
             return None
-        qw = plan[0][0]
-        slot = gate.active_slot
-        a = [m.slot_tensor(slot, "lora_A") for m in self.members]
-        b = [m.slot_tensor(slot, "lora_B") for m in self.members]
-        if not all(bi.dtype == x.dtype and bi.is_contiguous() for bi in b):
-            return None
-        inside = self.fold_shrink and dispatch.lora_shrink_in_kernel(x, qw)
-        r = a[0].shape[0]
-        h = (torch.empty((x.shape[0], 2 * r), dtype=x.dtype, device=x.device) if inside
-             else kernels.lora_shrink(x, a))
-        lora = LoRAEpilogue(h, tuple(b), gate.scale, tuple(a) if inside else None)
-        return dispatch.qmm_swiglu(x, qw, lora)
+        epis = self._epilogues(x, plan)
+        return dispatch.qmm_swiglu(x, plan[0][0], epis[0]) if epis is not None else None
 
     def fold_plan(self, x: Tensor) -> list[tuple[QuantizedWeight, int, int]] | None:
         """The base launches that can add this group's deltas in their store, as (weight,
