@@ -13,8 +13,6 @@ same reduction order whatever else is in the batch (batch invariance).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -34,24 +32,12 @@ from orbit.kernels.lora_epilogue import (
     lora_store_dot,
     shrink_program,
 )
+from orbit.kernels.qmm_routes import ROUTE_FORMATS, ROUTES, Route
+from orbit.kernels.tile_config import TileConfig
 from orbit.quant.qweight import QuantizedWeight
 
 FMT_IDS = {"int4": 0, "int8": 1, "fp8": 2, "nvfp4": 3, "mxfp4": 4, "bf16": 5}
 ACT_DTYPES = (torch.bfloat16, torch.float16)
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """bm rows of x, bo output columns, br reduction depth per step."""
-
-    bm: int
-    bo: int
-    br: int
-    warps: int
-    stages: int
-    group_m: int = 8
-    unpack: int = -1  # see orbit/kernels/_tiles.py; -1: the format's default below
-    swap: bool = False  # forward only: y^T = W @ x^T (see _qgemm_kernel); bench sweeps only
 
 
 # Measured on the H100 (docs/kernels.md): the join tree wins for int32 words, the 3-D shift
@@ -86,8 +72,8 @@ GEMV_MIN_SPLIT_INT4_M1 = 4
 GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 
 
-def use_gemv(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
-    """Whether a fast-mode forward of this shape goes to the GEMV kernel (see GEMV_MAX_M)."""
+def _gemv_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
+    """The static rule for the decode GEMV (see GEMV_MAX_M)."""
     if m > GEMV_MAX_M or fmt not in GEMV_FORMATS:
         return False
     from orbit.kernels.gemv import num_sms, pick_gemv_config  # gemv.py imports this module
@@ -98,14 +84,44 @@ def use_gemv(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
     need = GEMV_MIN_SPLIT_INT4_M1 if (fmt == "int4" and m == 1) else GEMV_MIN_SPLIT
     return split >= need
 
+
+def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
+          transpose: bool = False) -> Route:
+    """Which kernel runs `x[m, k] @ W[n, k]^T` (or, transposed, `dy[m, n] @ W`) in `launch`.
+    Exact mode: the dot loop with its fixed tile. Fast-mode forward: the device's route table
+    where it has an entry for the shape (orbit/kernels/qmm_routes.py), else the rules:
+    dequantize + cuBLAS from DEQUANT_MIN_M rows, the decode GEMV where `_gemv_by_rule`, the
+    dot loop with `pick_config`'s tile. The input gradient: the rules without the GEMV.
+    Everything that asks whether a launch can carry extra work in its store (`lora_fits`,
+    `swiglu_fits`) asks this, so the answer and the launch cannot disagree."""
+    out_dim = k if transpose else n
+    if exact:
+        return Route("dot", pick_config(m, out_dim, fmt, True))
+    if not transpose and fmt in ROUTE_FORMATS:
+        tuned = ROUTES.lookup(device, fmt, n, k, m)
+        if tuned is not None:
+            return tuned
+    if m >= DEQUANT_MIN_M and fmt != "bf16":
+        return Route("dequant")
+    if not transpose and _gemv_by_rule(m, n, k, fmt, device):
+        return Route("gemv")
+    return Route("dot", pick_config(m, out_dim, fmt, False))
+
+
+def use_gemv(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
+    """Whether a fast-mode forward of this shape goes to the decode GEMV kernel."""
+    return route(m, n, k, fmt, False, device).kind == "gemv"
+
+
 def lora_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
               members: int = 1) -> bool:
     """Whether a fast-mode forward of this shape runs a kernel that adds a LoRA delta in its
-    store (`launch(lora=...)`): the decode GEMV (1-3 members), or the `tl.dot` loop below the
-    dequantize-then-cuBLAS sizes (one member)."""
-    if exact or fmt not in GEMV_FORMATS or not 1 <= m < DEQUANT_MIN_M:
+    store (`launch(lora=...)`): the decode GEMV (1-3 members), or the `tl.dot` loop (one
+    member)."""
+    if exact or fmt not in GEMV_FORMATS or m < 1:
         return False
-    return use_gemv(m, n, k, fmt, device) or members == 1
+    kind = route(m, n, k, fmt, False, device).kind
+    return kind == "gemv" or (kind == "dot" and members == 1)
 
 
 def swiglu_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device) -> bool:
@@ -377,40 +393,41 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
                          "does not take it")
     if m == 0:
         return y
-    if config is None and not exact and m >= DEQUANT_MIN_M and fmt != "bf16":
+    r = Route("dot", config) if config is not None else route(m, n, k, fmt, exact, x.device,
+                                                               transpose)
+    if r.kind == "dequant":
         # Training sizes: the MMA-bound GEMM is faster in cuBLAS than in a loop that also
         # dequantizes; the transient BF16 weight costs one memory-bound pass (docs/kernels.md).
         w = dequantize_weight(fmt, shape, q, s, offset, global_scale, group, x.dtype)
         return torch.matmul(x, w if transpose else w.T, out=y)
-    if not exact and config is None and not transpose and use_gemv(m, n, k, fmt, x.device):
+    if r.kind == "gemv":
         from orbit.kernels.gemv import gemv  # gemv.py imports this module
 
         return gemv(x, fmt, shape, q, s, offset, global_scale, group, y, lora=lora,
                     swiglu=swiglu)
-    cfg = config or pick_config(m, out_dim, fmt, exact)
+    cfg = r.config
     if cfg.swap and (transpose or exact):
         raise ValueError("TileConfig.swap is a fast-mode forward experiment (no transpose, "
                          "no exact mode)")
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(out_dim, cfg.bo),)
     shrink = lora is not None and lora.a is not None  # h computed by the launch's first programs
-    cnt = None
+    cnt, roles, sconst = None, None, {}
     if shrink:
         from orbit.kernels.gemv import lora_counters  # (gemv imports this module)
 
         cnt = lora_counters(x.device)
-    largs, lconst = kernel_args(lora, x, y, cnt, shrink)
-    if lora is not None:  # tl.dot needs K >= 16 for the delta's dot
-        lconst["LRP"] = max(16, lconst["LRP"])
-    if shrink:
         # shrink programs: one row of A each below DOT_MIN_M rows (the GEMV's role, members
-        # of one), else one SHRINK_BM-row block each with tensor-core dots; LSR = their count
+        # of one), else one SHRINK_BM-row block each with tensor-core dots
         mp = triton.next_power_of_2(m)
         sdot = mp >= DOT_MIN_M
         sbm = min(max(16, mp), SHRINK_BM) if sdot else mp
         roles = triton.cdiv(m, sbm) if sdot else lora.b[0].shape[1]
-        largs = (*largs[:-1], roles)
-        lconst.update(SDOT=sdot, SBM=sbm)
+        sconst = {"SDOT": sdot, "SBM": sbm}
         grid = (grid[0] + roles,)
+    largs, lconst = kernel_args(lora, x, y, cnt, shrink, shrink_programs=roles)
+    lconst.update(sconst)
+    if lora is not None:  # tl.dot needs K >= 16 for the delta's dot
+        lconst["LRP"] = max(16, lconst["LRP"])
     _qgemm_kernel[grid](
         x, y, q, s, offset if offset is not None else s,
         global_scale if global_scale is not None else s,

@@ -94,13 +94,16 @@ class LoRAEpilogue:
 
 
 def kernel_args(lora: LoRAEpilogue | None, x: Tensor, y: Tensor, counters: Tensor | None,
-                shrink: bool, n: int | None = None) -> tuple[tuple, dict]:
+                shrink: bool, n: int | None = None,
+                shrink_programs: int | None = None) -> tuple[tuple, dict]:
     """(runtime args, constexprs) of a GEMV launch for `lora`: h, A x3, B x3, N0, N1, r, scale,
     h's row stride, the h counters, S*r; LORA (members; 0 compiles the epilogue out), LRP,
     SHRINK (this launch computes h: `lora_shrink_role`, with `counters` two zeroed int32 that
     it leaves zeroed) and SBK (the shrink's K step). Dummies where None. The `tl.dot` loop
     takes the same arguments and reads h, b0, r, the scale and the stride only. `n`: the
-    launch's weight rows where y is narrower (LoRAEpilogue.check)."""
+    launch's weight rows where y is narrower (LoRAEpilogue.check). `shrink_programs`: the
+    launch's shrink program count (LSR) where it is not one per row of A (S*r), as in the
+    `tl.dot` loop's row-block shrink."""
     if lora is None:
         return ((y,) * 7 + (0, 0, 0, 0.0, 0, y, 0),
                 {"LORA": 0, "LRP": 1, "SHRINK": False, "SBK": 16})
@@ -113,7 +116,8 @@ def kernel_args(lora: LoRAEpilogue | None, x: Tensor, y: Tensor, counters: Tenso
     # the separate shrink's K step below 8 rows (lora_decode.lora_shrink): the same sums
     sbk = max(16, min(triton.next_power_of_2(x.shape[1]), SHRINK_ELEMS // mp))
     return ((lora.h, *_pad(a), *_pad(b), ns[0], ns[1], r, float(lora.scale), lora.h.stride(0),
-             counters if shrink else y, len(b) * r),
+             counters if shrink else y,
+             len(b) * r if shrink_programs is None else shrink_programs),
             {"LORA": len(b), "LRP": triton.next_power_of_2(r), "SHRINK": shrink, "SBK": sbk})
 
 
