@@ -11,6 +11,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("orbit.entrypoints.train", "RL post-training (GRPO family) with a frozen base + adapter"),
     "generate": ("orbit.entrypoints.generate", "sample completions from a prompt file with the native engine"),
     "preflight": ("orbit.entrypoints.preflight", "check train-vs-rollout log-prob parity before a run"),
+    "tune-qmm": ("orbit.entrypoints.tune_qmm", "measure the quantized-matmul kernel per shape on this GPU; write a route table"),
     "tasks": ("orbit.data.tasks", "write train/test JSONL for the built-in tasks"),
 }
 

@@ -65,6 +65,9 @@ class PrecisionConfig:
     compute_dtype: str = arg("auto", "activation dtype; auto = bf16 on GPU, float32 on CPU", ("auto", "bf16", "float32"))
     fused_moe: bool = arg(True, "run quantized MoE experts through the grouped Triton kernel on "
                           "CUDA (--no-fused-moe: the per-expert loop, the reference)")
+    qmm_routes: str = arg("", "route table from `python -m orbit tune-qmm` (which quantized-matmul "
+                          "kernel and tile each shape runs on this GPU, fast mode); empty: the "
+                          "table shipped for the device, if any, else the built-in rules")
 
 
 @dataclass
@@ -257,6 +260,13 @@ class TrainConfig:
             raise ValueError(f"--eps-clip-c must be > 1 to enable dual clip, got {self.algo.eps_clip_c}")
         if not self.data.prompt_data:
             raise ValueError("--prompt-data (train JSONL) is required")
+        if self.precision.qmm_routes:  # a bad table fails here, before any worker starts
+            from orbit.kernels.qmm_routes import load_routes
+
+            try:
+                load_routes(self.precision.qmm_routes)
+            except ValueError as e:
+                raise ValueError(f"--qmm-routes: {e}") from None
 
     # ---- JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -22,6 +22,7 @@ PRECISION_ARGS=(
   --quant-format "${PRECISION_FORMAT:-int4}"
   --quant-group-size "${QUANT_GROUP_SIZE:-128}"
   --precision-mode "${PRECISION_MODE:-fast}"
+  --qmm-routes "${QMM_ROUTES:-}"
 )
 
 ADAPTER_ARGS=(

@@ -30,6 +30,7 @@ CKPT_ARGS=(
 PRECISION_ARGS=(
   --quant-format "${PRECISION_FORMAT:-auto}"
   --precision-mode "${PRECISION_MODE:-fast}"
+  --qmm-routes "${QMM_ROUTES:-}"
 )
 
 ADAPTER_ARGS=(

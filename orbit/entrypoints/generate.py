@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", choices=_DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--no-cuda-graph", action="store_true")
+    ap.add_argument("--qmm-routes", default="", help="route table from `python -m orbit "
+                    "tune-qmm` (quantized-matmul kernel per shape on this GPU)")
     ap.add_argument("--jsonl", action="store_true", help="print one JSON object per completion")
     return ap
 
@@ -229,6 +231,12 @@ def _setup(args: argparse.Namespace) -> tuple[Any, list[list[dict[str, str]]], l
     if args.model is not None and not Path(model_path).exists():
         raise ValueError(f"--model {model_path}: no such file or directory")
     adapter = _adapter_dir(args.adapter) if args.adapter is not None else None
+    from orbit.kernels.qmm_routes import install_from_path
+
+    try:
+        install_from_path(args.qmm_routes)
+    except ValueError as e:  # RouteTableError: names the file, the entry and the field
+        raise ValueError(f"--qmm-routes: {e}") from None
     model, tok = load_model(model_path, dtype=dtype, device=device)
     if tok is None:
         raise ValueError(f"{model_path} ships no tokenizer; the demo needs one")

@@ -178,6 +178,9 @@ def run_preflight(cfg: TrainConfig, num_prompts: int = 4, max_new_tokens: int = 
     mode = cfg.precision.precision_mode
     if mode == "exact":
         convert_exact(model)
+    from orbit.kernels.qmm_routes import install_from_path
+
+    install_from_path(cfg.precision.qmm_routes)  # the kernels the run itself will take
     prompts = _prompts(cfg, tok, num_prompts, model.config.vocab_size)
     longest = max(len(p) for p in prompts) + max_new_tokens + 1
     engine = Engine(model, max_num_seqs=num_prompts * n, max_model_len=longest, device=device,

@@ -34,6 +34,8 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,6 +256,19 @@ class RouteTables:
         """Back to the default resolution (environment variable, then shipped table)."""
         self._installed, self._explicit = None, False
         self._by_device.clear()
+
+    @contextmanager
+    def scoped(self, table: RouteTable | None) -> Iterator[None]:
+        """Serve every device from `table` inside (None: the rules only), then whatever served
+        before (the tuner forces one candidate at a time this way)."""
+        saved = (self._installed, self._explicit, dict(self._by_device))
+        self.install(table)
+        try:
+            yield
+        finally:
+            self._installed, self._explicit = saved[0], saved[1]
+            self._by_device.clear()
+            self._by_device.update(saved[2])
 
     def table_for(self, device: torch.device) -> RouteTable | None:
         if self._explicit:

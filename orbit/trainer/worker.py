@@ -86,7 +86,10 @@ class PolicyWorker:
             from orbit.alignment.exact import convert_exact
 
             convert_exact(self.model)
+        from orbit.kernels.qmm_routes import install_from_path
         from orbit.models.moe import set_fused_experts
+
+        install_from_path(cfg.precision.qmm_routes)  # before any kernel runs or graph is captured
 
         set_fused_experts(self.model, cfg.precision.fused_moe)
         self.params = self.adapters.trainable_parameters()

@@ -54,6 +54,7 @@ def test_bad_choice_is_rejected_by_argparse() -> None:
     (["--megatron-load", "/ckpt"], "not built yet"),
     (["--rollout-backend", "sglang", "--adapter", "oft"], "LoRA"),
     (["--eps-clip-c", "0.5"], "eps-clip-c"),
+    (["--qmm-routes", "/nonexistent/routes.json"], "--qmm-routes: /nonexistent/routes.json: cannot read"),
 ])
 def test_validate_names_the_flag(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,336 @@
+"""Route tables for fast-mode quantized matmuls (orbit/kernels/qmm_routes.py), the one routing
+decision `_qgemm.route` that every caller shares, and the tuner that writes the tables
+(orbit/kernels/qmm_tune.py, `python -m orbit tune-qmm`).
+
+CPU: the file format and its errors, bucket lookups, the resolution order (installed table,
+ORBIT_QMM_ROUTES, shipped per-device file), that launch and the store-fusion questions
+(`lora_fits`, `swiglu_fits`) follow a table, and, under Triton's interpreter, that a forced
+route runs the kernel it names with the reference's numbers and that the tuner checks,
+times (a deterministic injected timer) and writes a table the router then follows."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from triton_interp import patch_interpreter, run_in_interpreter
+
+from orbit.kernels import _qgemm
+from orbit.kernels.qmm_routes import (
+    ENV_VAR,
+    ROUTES,
+    Route,
+    RouteTable,
+    RouteTableError,
+    device_slug,
+    load_routes,
+    parse_routes,
+    save_routes,
+)
+from orbit.kernels.tile_config import TileConfig
+
+CPU = torch.device("cpu")
+CFG = TileConfig(bm=16, bo=32, br=64, warps=4, stages=3)
+
+
+@pytest.fixture(autouse=True)
+def _default_routes(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    ROUTES.reset()
+    yield
+    ROUTES.reset()
+
+
+def _doc(*routes: dict) -> dict:
+    return {"format": "orbit-qmm-routes", "version": 1, "device": "cpu", "routes": list(routes)}
+
+
+def _entry(**kw) -> dict:
+    e = {"fmt": "int4", "n": 2048, "k": 2048, "m_max": 16, "kind": "dot",
+         "config": {"bm": 16, "bo": 64, "br": 128, "warps": 4, "stages": 4}}
+    e.update(kw)
+    return e
+
+
+def test_lookup_takes_the_smallest_bucket_that_covers_m() -> None:
+    t = RouteTable(device="x")
+    t.add("int4", 64, 128, 4, Route("gemv"))
+    t.add("int4", 64, 128, 1, Route("dequant"))
+    t.add("int4", 64, 128, 64, Route("dot", CFG))
+    assert t.lookup("int4", 64, 128, 1) == Route("dequant")
+    assert t.lookup("int4", 64, 128, 2) == Route("gemv")
+    assert t.lookup("int4", 64, 128, 4) == Route("gemv")
+    assert t.lookup("int4", 64, 128, 5) == Route("dot", CFG)
+    assert t.lookup("int4", 64, 128, 65) is None  # past the last bucket: the rules
+    assert t.lookup("fp8", 64, 128, 1) is None and t.lookup("int4", 64, 256, 1) is None
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    t = RouteTable(device="NVIDIA H200")
+    t.add("int4", 6144, 2048, 16, Route("dot", CFG), {"us": 7.5, "rules_us": 9.0})
+    t.add("fp8", 2048, 6144, 1, Route("gemv"))
+    t.add("nvfp4", 12288, 2048, 512, Route("dequant"))
+    path = tmp_path / "sub" / "routes.json"
+    save_routes(t, path, {"tool": "test"})
+    assert [p.name for p in path.parent.iterdir()] == ["routes.json"]  # no temporary left
+    back = load_routes(path)
+    assert back.device == "NVIDIA H200" and back.routes == t.routes
+    entry = next(e for e in json.loads(path.read_text())["routes"] if e["fmt"] == "int4")
+    assert entry["us"] == 7.5 and entry["config"]["bm"] == 16  # measured times kept
+
+
+@pytest.mark.parametrize(("doc", "needle"), [
+    ([], "not an Orbit route table"),
+    ({"format": "orbit-qmm-routes", "version": 2, "device": "x", "routes": []}, "'version'"),
+    ({"format": "orbit-qmm-routes", "version": 1, "routes": []}, "'device'"),
+    ({"format": "orbit-qmm-routes", "version": 1, "device": "x", "routes": {}}, "'routes'"),
+    (_doc(_entry(fmt="int3")), "routes[0]: field 'fmt'"),
+    (_doc(_entry(), _entry(n=-1)), "routes[1]: field 'n'"),
+    (_doc(_entry(kind="cublas")), "field 'kind'"),
+    (_doc(_entry(config={"bm": 16, "bo": 64, "br": 128, "warps": 3, "stages": 4})), "'warps'"),
+    (_doc(_entry(config={"bm": 24, "bo": 64, "br": 128, "warps": 4, "stages": 4})), "'bm'"),
+    (_doc(_entry(config={"bm": 16, "bo": 64, "br": 128, "warps": 4})), "'stages'"),
+    (_doc(_entry(config={"bm": 16, "bo": 64, "br": 128, "warps": 4, "stages": 4, "x": 1})),
+     "unknown config field"),
+    (_doc(_entry(kind="dequant")), "'config' belongs to kind 'dot'"),
+    (_doc(_entry(kind="gemv", m_max=16, config=None)), "field 'config' belongs"),
+    (_doc({k: v for k, v in _entry(kind="gemv", m_max=16).items() if k != "config"}),
+     "kind 'gemv' serves at most"),
+    (_doc(_entry(), _entry()), "routes[1]: "),
+    (_doc(_entry(), _entry()), "two routes for int4 n=2048 k=2048 m_max=16"),
+])
+def test_bad_tables_name_the_entry_and_field(doc, needle: str) -> None:
+    with pytest.raises(RouteTableError) as e:
+        parse_routes(doc, "routes.json")
+    assert "routes.json" in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(RouteTableError, match="cannot read"):
+        load_routes(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "orbit-qmm-routes",\n "version": 1,,\n}')
+    with pytest.raises(RouteTableError, match=r"bad.json: line 2, column"):
+        load_routes(bad)
+
+
+def test_route_follows_the_table_in_fast_forwards_only() -> None:
+    n, k = 2048, 6144
+    rules = _qgemm.route(1, n, k, "int4", False, CPU)
+    assert rules == Route("gemv")  # int4 at M = 1: the plane GEMV by rule
+    t = RouteTable(device="cpu")
+    t.add("int4", n, k, 1, Route("dot", CFG))
+    t.add("int4", n, k, 256, Route("dequant"))
+    with ROUTES.scoped(t):
+        assert _qgemm.route(1, n, k, "int4", False, CPU) == Route("dot", CFG)
+        assert _qgemm.route(100, n, k, "int4", False, CPU) == Route("dequant")
+        beyond = _qgemm.route(300, n, k, "int4", False, CPU)  # past the last bucket
+        # exact mode and the input gradient never read a table
+        assert _qgemm.route(1, n, k, "int4", True, CPU).config == _qgemm.pick_config(1, n, "int4", True)
+        assert _qgemm.route(100, n, k, "int4", False, CPU, transpose=True).kind == "dot"
+        # the store-fusion questions ask the same router
+        assert not _qgemm.use_gemv(1, n, k, "int4", CPU)
+        assert _qgemm.lora_fits(1, n, k, "int4", False, CPU, 1)
+        assert not _qgemm.lora_fits(1, n, k, "int4", False, CPU, 3)  # several members: GEMV only
+        assert not _qgemm.swiglu_fits(1, n, k, "int4", False, CPU)
+        assert not _qgemm.lora_fits(100, n, k, "int4", False, CPU, 1)  # dequantize + cuBLAS
+    assert _qgemm.route(1, n, k, "int4", False, CPU) == rules  # restored
+    assert beyond == _qgemm.route(300, n, k, "int4", False, CPU) == Route(
+        "dot", _qgemm.pick_config(300, n, "int4", False))
+
+
+def test_environment_variable_and_shipped_tables(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from orbit.kernels import qmm_routes
+
+    t = RouteTable(device="cpu")
+    t.add("fp8", 64, 128, 8, Route("dequant"))
+    path = tmp_path / "r.json"
+    save_routes(t, path)
+    monkeypatch.setenv(ENV_VAR, str(path))
+    ROUTES.reset()
+    assert ROUTES.lookup(CPU, "fp8", 64, 128, 3) == Route("dequant")
+    monkeypatch.setenv(ENV_VAR, "off")
+    ROUTES.reset()
+    assert ROUTES.table_for(CPU) is None
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "nope.json"))
+    ROUTES.reset()
+    with pytest.raises(RouteTableError, match=f"{ENV_VAR}=.*nope.json"):
+        ROUTES.table_for(CPU)
+    # no variable: the file shipped for the device, by its slug
+    monkeypatch.delenv(ENV_VAR)
+    monkeypatch.setattr(qmm_routes, "SHIPPED_DIR", tmp_path)
+    ROUTES.reset()
+    assert ROUTES.table_for(CPU) is None
+    save_routes(t, tmp_path / f"{device_slug('cpu')}.json")
+    ROUTES.reset()
+    assert ROUTES.lookup(CPU, "fp8", 64, 128, 8) == Route("dequant")
+    # an installed table wins over both
+    ROUTES.install(None)
+    assert ROUTES.table_for(CPU) is None
+    assert device_slug("NVIDIA H200") == "nvidia_h200"
+    assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
+
+
+def test_model_shapes_and_candidates() -> None:
+    from orbit.entrypoints.tune_qmm import model_config
+    from orbit.kernels.qmm_tune import candidates, model_shapes
+
+    shapes = model_shapes(model_config("qwen3-1.7b"))
+    big = 1 << 30
+    assert (2048, 2048, big) in shapes and (1024, 2048, big) in shapes  # q, o; k/v
+    assert (6144, 2048, big) in shapes and (2048, 6144, big) in shapes  # gate/up, down
+    assert (4096, 2048, 4) in shapes and (12288, 2048, 4) in shapes  # stacked, decode sizes
+    rules, cands = candidates(1, 2048, 2048, "int4", CPU)
+    assert cands[0] == rules and Route("dequant") in cands and Route("gemv") in cands
+    assert len(set(cands)) == len(cands) and all(
+        c.config.br <= 128 for c in candidates(64, 2048, 2048, "fp8", CPU)[1] if c.kind == "dot")
+    _, big_m = candidates(256, 2048, 2048, "int4", CPU)
+    assert Route("gemv") not in big_m and {c.config.bm for c in big_m if c.kind == "dot"} == {64, 128}
+
+
+def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
+    from orbit.entrypoints.tune_qmm import main, parse_shapes
+
+    assert parse_shapes("2048x6144") == [(6144, 2048, 1 << 30)]
+    for argv, needle in ((["--formats", "int3"], "--formats"), (["--m", "0"], "--m"),
+                         (["--shapes", "20x"], "--shapes"), (["--model", "/nope"], "--model"),
+                         (["--min-gain", "1.5"], "--min-gain")):
+        assert main(argv) == 2
+        assert needle in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--shapes", "64x64"]) == 2
+        assert "CUDA GPU" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- under Triton's interpreter
+
+def _forced_runs() -> dict:
+    """Each route kind forced by a table on a tiny int4 weight: which path ran, and its error
+    against the reference."""
+    from orbit.kernels import gemv as gemv_mod
+    from orbit.kernels.int4 import int4_matmul
+    from orbit.kernels.qmm_tune import rel_err
+    from orbit.kernels.random_weights import random_qweight
+
+    qw = random_qweight("int4", 64, 128, group_size=32, seed=1)
+    out = {}
+    calls: list[str] = []
+    real_deq, real_gemv = _qgemm.dequantize_weight, gemv_mod.gemv
+    _qgemm.dequantize_weight = lambda *a, **k: (calls.append("dequant"), real_deq(*a, **k))[1]
+    gemv_mod.gemv = lambda *a, **k: (calls.append("gemv"), real_gemv(*a, **k))[1]
+    try:
+        for m, route in ((1, Route("dot", CFG)), (3, Route("gemv")), (5, Route("dequant")),
+                         (20, Route("dot", TileConfig(bm=32, bo=64, br=128, warps=4, stages=2)))):
+            x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).bfloat16()
+            t = RouteTable(device="cpu")
+            t.add("int4", 64, 128, m, route)
+            calls.clear()
+            with ROUTES.scoped(t):
+                y = int4_matmul(x, qw)
+            ref = x.float() @ qw.dequantize(torch.float32).T
+            out[str(m)] = {"calls": list(calls), "err": rel_err(y, ref)}
+    finally:
+        _qgemm.dequantize_weight, gemv_mod.gemv = real_deq, real_gemv
+    return out
+
+
+def _tuned() -> dict:
+    """The tuner on two tiny shapes with a timer that makes the last candidate that passed its
+    check the fastest (M = 4) or every candidate equal (M = 1: the rules' route stays)."""
+    import tempfile
+
+    from orbit.kernels.qmm_tune import candidates, tune, weight_maker
+
+    times: list[float] = []
+
+    def timer(calls):  # does not run the closures (the check already did, once)
+        t = 1.0 if ctx["m"] == 1 else 1.0 - 0.01 * len(times)
+        times.append(t)
+        return t
+
+    ctx = {"m": 1}
+    logged = []
+
+    def log(r):
+        logged.append({"m": r.m, "n": r.n, "chosen": [r.chosen.kind, str(r.chosen.config)],
+                       "rules": [r.rules.route.kind, str(r.rules.route.config)],
+                       "last_ok": [next(c for c in reversed(r.candidates) if c.seconds).route.kind,
+                                   str(next(c for c in reversed(r.candidates)
+                                            if c.seconds).route.config)],
+                       "failed": [c.note for c in r.candidates if c.seconds is None]})
+        times.clear()
+
+    out: dict = {"runs": logged}
+    for m in (1, 4):
+        ctx["m"] = m
+        table, _ = tune([(64, 128, 1 << 30), (32, 64, 2)], ["int4"], [m],
+                        weight_maker(CPU, 32), lambda nbytes: 2, timer, CPU, "quick", 0.03, log)
+        path = Path(tempfile.mkdtemp()) / "t.json"
+        save_routes(table, path)
+        loaded = load_routes(path)
+        with ROUTES.scoped(loaded):
+            r = _qgemm.route(m, 64, 128, "int4", False, CPU)
+        out[f"route{m}"] = [r.kind, str(r.config)]
+        out[f"entries{m}"] = sorted(f"{f}:{n}x{k}:{mm}" for (f, n, k), v in loaded.routes.items()
+                                    for mm, _ in v)
+    out["n_candidates4"] = len(candidates(4, 64, 128, "int4", CPU)[1])
+    return out
+
+
+def _broken_candidate() -> dict:
+    """A tile the kernel cannot build (a non-power-of-two step) is reported, not timed."""
+    from orbit.kernels.qmm_tune import measure, weight_maker
+
+    qw = weight_maker(CPU, 32)("int4", 64, 128, 0)
+    x = torch.randn(2, 128).bfloat16()
+    ref = x.float() @ qw.dequantize(torch.float32).T
+    bad = measure(Route("dot", TileConfig(bm=16, bo=32, br=48, warps=4, stages=2)), x, [qw],
+                  lambda calls: 1.0, ref)
+    return {"seconds": bad.seconds, "note": bad.note}
+
+
+def _interpreter_main() -> None:
+    patch_interpreter(bf16_dot=True, bf16_round=True)
+    print(json.dumps({"forced": _forced_runs(), "tuned": _tuned(), "broken": _broken_candidate()}))
+
+
+@pytest.fixture(scope="module")
+def interp() -> dict:
+    pytest.importorskip("triton")
+    return run_in_interpreter(__file__)
+
+
+def test_forced_routes_run_their_kernel(interp: dict) -> None:
+    f = interp["forced"]
+    assert f["1"]["calls"] == [] and f["20"]["calls"] == []  # the dot loop
+    assert f["3"]["calls"] == ["gemv"] and f["5"]["calls"] == ["dequant"]
+    for r in f.values():
+        assert r["err"] < 1e-2, f
+
+
+def test_tuner_checks_times_and_writes_what_the_router_follows(interp: dict) -> None:
+    t = interp["tuned"]
+    runs = {(r["m"], r["n"]): r for r in t["runs"]}
+    assert set(runs) == {(1, 64), (1, 32), (4, 64)}  # (32, 64) only up to its 2 rows
+    one, four = runs[(1, 64)], runs[(4, 64)]
+    assert one["chosen"] == one["rules"]  # all equal: within min_gain, the rules stay
+    assert four["chosen"] == four["last_ok"] != four["rules"]
+    assert t["route4"] == four["chosen"] and t["route1"] == one["rules"]
+    assert t["entries1"] == ["int4:32x64:1", "int4:64x128:1"] and t["entries4"] == ["int4:64x128:4"]
+    assert not four["failed"], four["failed"]
+    assert t["n_candidates4"] > 5
+
+
+def test_a_candidate_that_cannot_run_is_reported(interp: dict) -> None:
+    b = interp["broken"]
+    assert b["seconds"] is None and b["note"], b
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(__file__))
+    _interpreter_main()
