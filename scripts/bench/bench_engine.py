@@ -40,6 +40,7 @@ Prints JSON rows as it goes, a table last; writes $OUT/bench_engine.json (or --o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -288,8 +289,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="fast mode's dequantize-then-cuBLAS threshold (_qgemm.DEQUANT_MIN_M) "
                          "for this run: rows from which quantized linears (and so the LoRA "
                          "fold's reach) switch from the tl.dot loop to a BF16 copy + cuBLAS")
+    ap.add_argument("--qmm-routes", default="",
+                    help="route table from `python -m orbit tune-qmm` for every run (default: "
+                         "the process's own resolution, docs/kernels.md 'Measured routes')")
+    ap.add_argument("--qmm-routes-compare", action="store_true",
+                    help="roofline/formats: each configuration with the built-in rules, then "
+                         "with --qmm-routes' table, same run")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
+    from orbit.kernels.qmm_routes import ROUTES, load_routes
+
+    routes = load_routes(args.qmm_routes) if args.qmm_routes else None
+    if args.qmm_routes_compare and routes is None:
+        ap.error("--qmm-routes-compare needs --qmm-routes FILE")
+    # (label, table or None = rules only) per run; [(default resolution)] without the flags
+    route_runs = ([("rules", None), ("table", routes)] if args.qmm_routes_compare else
+                  [("table", routes)] if routes is not None else [("default", "default")])
+    if routes is not None and not args.qmm_routes_compare:
+        ROUTES.install(routes)  # the lora and vs_hf sections too
     if args.dequant_min_m is not None:
         from orbit.kernels import _qgemm
 
@@ -373,18 +390,22 @@ def main(argv: list[str] | None = None) -> int:
                 ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
                 # "both": off first (fusing re-homes the model's buffers for good)
                 onoff = {"on": [True], "off": [False], "both": [False, True]}
-                for fuse, split, ovl, pdl, l2p, pw in [
-                        (f, s_, o, p, q, w_) for f in onoff[args.fuse_siblings]
+                for fuse, split, ovl, pdl, l2p, pw, (rlabel, rtable) in [
+                        (f, s_, o, p, q, w_, rr) for f in onoff[args.fuse_siblings]
                         for s_ in onoff[args.split_kv] for o in onoff[args.overlap]
                         for p in onoff[args.pdl] for q in onoff[args.l2_prefetch]
-                        for w_ in onoff[args.prefetch_weights]
+                        for w_ in onoff[args.prefetch_weights] for rr in route_runs
                         if p or q == onoff[args.l2_prefetch][-1]]:  # (prefetch only with PDL)
                     w = {**where, "fuse_siblings": fuse, "split_kv": split, "overlap": ovl,
-                         "pdl": pdl, "l2_prefetch": pdl and l2p, "prefetch_weights": pw}
+                         "pdl": pdl, "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
+                         "qmm_routes": rlabel}
                     gemv_mod.PDL_L2_PREFETCH = l2p
-                    st = _attempt(rows, w, run_orbit, model, ps, new, device, fuse_siblings=fuse,
-                                  split_kv=split, overlap=ovl, pdl=pdl, prefetch_weights=pw,
-                                  **okw)
+                    scope = (contextlib.nullcontext() if rlabel == "default"
+                             else ROUTES.scoped(rtable))
+                    with scope:  # the engine captures its graphs inside: the routes they hold
+                        st = _attempt(rows, w, run_orbit, model, ps, new, device,
+                                      fuse_siblings=fuse, split_kv=split, overlap=ovl, pdl=pdl,
+                                      prefetch_weights=pw, **okw)
                     if st is None:
                         continue
                     row = {**w, "attn_backend": st["attn_backend"],
@@ -394,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                         b = bytes_per_decode_token(model, plen + new // 2)
                         roof = copy_gbs * 1e9 / b
                         _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
+                                     "qmm_routes": rlabel,
                                      "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
                                      "split_kv": split, "overlap": ovl, "pdl": pdl,
                                      "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
@@ -433,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
             fz = (" grouped" if r.get("fuse_siblings") else " separate") + \
                 (" split-kv" if r.get("split_kv") else "") + (" overlap" if r.get("overlap") else "") + \
                 (" pdl" if r.get("pdl") else "") + (" l2pre" if r.get("l2_prefetch") else "") + \
-                (" prefetch-weights" if r.get("prefetch_weights") else "")
+                (" prefetch-weights" if r.get("prefetch_weights") else "") + \
+                (f" routes:{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
                   f" = {100 * r['fraction_of_roofline']:.0f}% ({r['bytes_per_token'] / 1e6:.0f} MB/token)")
@@ -446,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             fz = ("+grp" if r.get("fuse_siblings") else "") + ("+split" if r.get("split_kv") else "") + \
                 ("+ovl" if r.get("overlap") else "") + ("+pdl" if r.get("pdl") else "") + \
-                ("+l2pre" if r.get("l2_prefetch") else "") + ("+pfw" if r.get("prefetch_weights") else "")
+                ("+l2pre" if r.get("l2_prefetch") else "") + ("+pfw" if r.get("prefetch_weights") else "") + \
+                (f"+{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")
     return 1 if any("error" in r for r in rows) else 0
