@@ -98,11 +98,14 @@ def model_shapes(config: ModelConfig, sibling_max_m: int | None = None) -> list[
 
 
 def dot_configs(m: int, fmt: str, grid: str = "quick") -> list[TileConfig]:
-    """`tl.dot` tiles to try at m rows. quick: the row tile that covers m (and the next
-    smaller), 32-128 output columns, 64/128 deep, 4 warps (8 for big tiles), 3-4 stages;
+    """`tl.dot` tiles to try at m rows. quick: the row tile that covers m (from 32 rows also
+    the next smaller), 32-128 output columns, 64/128 deep, 4 warps (8 for big tiles), 3-4
+    stages;
     full adds 256-wide output tiles, 8 warps everywhere and 2-stage pipelines."""
     bm0 = min(128, max(16, 1 << max(0, math.ceil(math.log2(max(1, m))))))
-    bms = sorted({bm0, max(16, bm0 // 2)})
+    # a half-height row tile (each weight tile decoded twice as often) only where it can
+    # buy back occupancy: from 32 rows on
+    bms = sorted({bm0, max(16, bm0 // 2)} if m >= 32 or grid == "full" else {bm0})
     bos = (32, 64, 128) + ((256,) if grid == "full" else ())
     brs = (64, 128)
     stages = (3, 4) + ((2,) if grid == "full" else ())
