@@ -203,12 +203,13 @@ def _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, n0, k0, N, K,
 @triton.jit
 def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
                   stride_xm, stride_ym, stride_q, stride_s, h_ptr, a0, a1, a2, b0, b1, b2, LN0,
-                  LN1, LR, lscale, stride_hm, hc_ptr, LSR,
+                  LN1, LR, lscale, stride_hm, hc_ptr, LSR, ws_ptr, cnt_ptr,
                   FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                   TRANS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
                   GROUP_M: tl.constexpr, UNPACK: tl.constexpr, SWAP: tl.constexpr = False,
                   LORA: tl.constexpr = 0, LRP: tl.constexpr = 1, SHRINK: tl.constexpr = False,
-                  SBK: tl.constexpr = 16, SDOT: tl.constexpr = False, SBM: tl.constexpr = 16):
+                  SBK: tl.constexpr = 16, SDOT: tl.constexpr = False, SBM: tl.constexpr = 16,
+                  SPLIT: tl.constexpr = 1):
     # W is [N, K]. TRANS=0: y[M, N] = x[M, K] @ W^T. TRANS=1: y[M, K] = x[M, N] @ W.
     # SWAP (forward only, an experiment for decode M): accumulate y^T = W @ x^T, so the
     # dequantized weight is the MMA's A operand (which wgmma reads from registers) and the few
@@ -218,6 +219,9 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
     # lscale, stride_hm, hc_ptr and LSR are read). SHRINK: the first LSR programs compute h
     # (lora_epilogue: one row of A each below 8 rows, SDOT: one SBM-row block each), and every
     # tile program waits for their LSR signals before its delta.
+    # SPLIT (forward, no SWAP; from a route table's tile): SPLIT programs per output tile, each
+    # over one K-slice; fp32 partials in ws_ptr [SPLIT, M, N], and the last to arrive at the
+    # tile's counter (cnt_ptr) adds them in slice order and stores (the GEMV's fix-up).
     pid = tl.program_id(0)
     tile = pid
     if SHRINK:
@@ -232,18 +236,23 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
     else:
         _qgemm_main(tile, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_xm,
                     stride_ym, stride_q, stride_s, h_ptr, b0, LR, lscale, stride_hm, hc_ptr, LSR,
-                    FMT, GROUP, HAS_OFFSET, TRANS, BM, BO, BR, GROUP_M, UNPACK, SWAP, LORA, LRP,
-                    SHRINK)
+                    ws_ptr, cnt_ptr, FMT, GROUP, HAS_OFFSET, TRANS, BM, BO, BR, GROUP_M, UNPACK,
+                    SWAP, LORA, LRP, SHRINK, SPLIT)
 
 
 @triton.jit
 def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_xm, stride_ym,
-                stride_q, stride_s, h_ptr, b_ptr, LR, lscale, stride_hm, hc_ptr, LSR,
-                FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                stride_q, stride_s, h_ptr, b_ptr, LR, lscale, stride_hm, hc_ptr, LSR, ws_ptr,
+                cnt_ptr, FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                 TRANS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
                 GROUP_M: tl.constexpr, UNPACK: tl.constexpr, SWAP: tl.constexpr,
-                LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr):
-    """Tile program `pid` of _qgemm_kernel."""
+                LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
+                SPLIT: tl.constexpr):
+    """Program `pid` of _qgemm_kernel's tile programs (SPLIT per output tile)."""
+    ks = 0
+    if SPLIT > 1:
+        ks = pid % SPLIT
+        pid = pid // SPLIT
     if TRANS:
         OUT = K
         RED = N
@@ -261,13 +270,19 @@ def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_x
     o0 = pid_o * BO
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_r = tl.arange(0, BR)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :]
+    r_lo = 0
+    r_hi = RED
+    if SPLIT > 1:  # slice ks: whole BR steps, so every tile loader sees its usual alignment
+        per = tl.cdiv(tl.cdiv(RED, BR), SPLIT) * BR
+        r_lo = ks * per
+        r_hi = tl.minimum(RED, r_lo + per)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + r_lo + offs_r[None, :]
     dt = x_ptr.dtype.element_ty
     if SWAP:
         acc = tl.zeros((BO, BM), dtype=tl.float32)  # y^T tile
     else:
         acc = tl.zeros((BM, BO), dtype=tl.float32)
-    for r0 in range(0, RED, BR):
+    for r0 in range(r_lo, r_hi, BR):
         xmask = (offs_m[:, None] < M) & (r0 + offs_r[None, :] < RED)
         xt = tl.load(x_ptrs, mask=xmask, other=0.0)  # [BM, BR]
         if TRANS:
@@ -286,18 +301,44 @@ def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_x
     if SWAP:
         ymask = (offs_o[:, None] < OUT) & (offs_m[None, :] < M)
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_o[:, None], acc.to(dt), mask=ymask)
-    else:
+    elif SPLIT > 1:
         ymask = (offs_m[:, None] < M) & (offs_o[None, :] < OUT)
-        if LORA > 0:
-            if SHRINK:
-                lora_await(hc_ptr, LSR)
-            yv = lora_store_dot(acc, offs_m, offs_o, M, OUT, h_ptr, b_ptr, LR, lscale, stride_hm,
-                                dt, LRP, SHRINK)
-            if SHRINK:
-                lora_release(hc_ptr, num_m * num_o)
-        else:
-            yv = acc.to(dt)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :], yv, mask=ymask)
+        slab = (M * OUT).to(tl.int64)  # (M may be specialised to a constexpr 1)
+        w_off = offs_m[:, None] * OUT + offs_o[None, :]
+        tl.store(ws_ptr + ks * slab + w_off, acc, mask=ymask)
+        tl.debug_barrier()
+        # release our slice, acquire the others' (the GEMV fix-up's pairing, gemv._store_out)
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            total = tl.zeros((BM, BO), dtype=tl.float32)
+            for s in range(SPLIT):  # slice order: the sum does not depend on who came last
+                total += tl.load(ws_ptr + s * slab + w_off, mask=ymask, other=0.0,
+                                 cache_modifier=".cg")
+            _dot_store(total, y_ptr, stride_ym, offs_m, offs_o, M, OUT, h_ptr, b_ptr, LR,
+                       lscale, stride_hm, hc_ptr, LSR, num_m * num_o, dt, LORA, LRP, SHRINK)
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")  # re-armed for the next launch
+    else:
+        _dot_store(acc, y_ptr, stride_ym, offs_m, offs_o, M, OUT, h_ptr, b_ptr, LR, lscale,
+                   stride_hm, hc_ptr, LSR, num_m * num_o, dt, LORA, LRP, SHRINK)
+
+
+@triton.jit
+def _dot_store(acc, y_ptr, stride_ym, offs_m, offs_o, M, OUT, h_ptr, b_ptr, LR, lscale,
+               stride_hm, hc_ptr, LSR, TILES, dt: tl.constexpr, LORA: tl.constexpr,
+               LRP: tl.constexpr, SHRINK: tl.constexpr):
+    """The final values of an output tile into y: the fp32 accumulator rounded to dt, plus the
+    LoRA delta where LORA (after the shrink programs' signal where SHRINK)."""
+    ymask = (offs_m[:, None] < M) & (offs_o[None, :] < OUT)
+    if LORA > 0:
+        if SHRINK:
+            lora_await(hc_ptr, LSR)
+        yv = lora_store_dot(acc, offs_m, offs_o, M, OUT, h_ptr, b_ptr, LR, lscale, stride_hm,
+                            dt, LRP, SHRINK)
+        if SHRINK:
+            lora_release(hc_ptr, TILES)
+    else:
+        yv = acc.to(dt)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :], yv, mask=ymask)
 
 
 @triton.jit
@@ -409,7 +450,17 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     if cfg.swap and (transpose or exact):
         raise ValueError("TileConfig.swap is a fast-mode forward experiment (no transpose, "
                          "no exact mode)")
-    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(out_dim, cfg.bo),)
+    if cfg.split > 1 and (transpose or exact or cfg.swap):
+        raise ValueError(f"TileConfig.split={cfg.split} runs in fast-mode forwards only (no "
+                         "transpose, no exact mode, no swap)")
+    tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(out_dim, cfg.bo)
+    grid = (tiles * cfg.split,)
+    ws = cnt_t = y  # (unused without a split)
+    if cfg.split > 1:
+        from orbit.kernels.gemv import arrival_counters  # (gemv imports this module)
+
+        ws = torch.empty((cfg.split, m, out_dim), device=x.device, dtype=torch.float32)
+        cnt_t = arrival_counters(x.device, tiles)
     shrink = lora is not None and lora.a is not None  # h computed by the launch's first programs
     cnt, roles, sconst = None, None, {}
     if shrink:
@@ -431,11 +482,11 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     _qgemm_kernel[grid](
         x, y, q, s, offset if offset is not None else s,
         global_scale if global_scale is not None else s,
-        m, n, k, x.stride(0), y.stride(0), q.stride(0), s.stride(0), *largs,
+        m, n, k, x.stride(0), y.stride(0), q.stride(0), s.stride(0), *largs, ws, cnt_t,
         FMT=FMT_IDS[fmt], GROUP=group, HAS_OFFSET=offset is not None, TRANS=transpose,
         BM=cfg.bm, BO=cfg.bo, BR=cfg.br, GROUP_M=cfg.group_m,
         UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0), SWAP=cfg.swap,
-        num_warps=cfg.warps, num_stages=cfg.stages, **lconst,
+        SPLIT=cfg.split, num_warps=cfg.warps, num_stages=cfg.stages, **lconst,
     )
     return y
 

@@ -50,7 +50,7 @@ ENV_VAR = "ORBIT_QMM_ROUTES"
 SHIPPED_DIR = Path(__file__).parent / "tuned"
 ROUTE_KINDS = ("dot", "dequant", "gemv")
 ROUTE_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
-_CONFIG_FIELDS = {"bm", "bo", "br", "warps", "stages", "group_m", "unpack"}
+_CONFIG_FIELDS = {"bm", "bo", "br", "warps", "stages", "group_m", "unpack", "split"}
 
 
 class RouteTableError(ValueError):
@@ -159,7 +159,11 @@ def _parse_config(c: Any, where: str) -> TileConfig:
     unpack = c.get("unpack", -1)
     if unpack not in (-1, 0, 1, 2):
         raise RouteTableError(f"{where}.config: field 'unpack' must be -1, 0, 1 or 2, got {unpack!r}")
-    return TileConfig(warps=warps, stages=stages, group_m=group_m, unpack=unpack, **vals)
+    split = _int_field(c, "split", where + ".config") if "split" in c else 1
+    if split > 16:
+        raise RouteTableError(f"{where}.config: field 'split' must be in [1, 16], got {split}")
+    return TileConfig(warps=warps, stages=stages, group_m=group_m, unpack=unpack, split=split,
+                      **vals)
 
 
 def parse_routes(doc: Any, source: str) -> RouteTable:

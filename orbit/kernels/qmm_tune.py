@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ DEFAULT_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # fp32-accumulated dot product differ from the reference by summation order and one rounding
 # (~2^-8 relative per element at worst, far less in norm).
 MAX_REL_ERR = 1e-2
+SPLIT_FROM_BEST = 3  # unsplit tl.dot tiles whose split-K variants the second round tries
 
 Timer = Callable[[list[Callable[[], Any]]], float]  # closures -> seconds per call
 
@@ -66,7 +67,8 @@ def describe(route: Route) -> str:
     if route.kind != "dot" or route.config is None:
         return route.kind
     c = route.config
-    return f"dot {c.bm}x{c.bo}x{c.br} w{c.warps} s{c.stages}"
+    return f"dot {c.bm}x{c.bo}x{c.br} w{c.warps} s{c.stages}" + (
+        f" k/{c.split}" if c.split > 1 else "")
 
 
 def model_shapes(config: ModelConfig, sibling_max_m: int | None = None) -> list[tuple[int, int, int]]:
@@ -101,7 +103,8 @@ def dot_configs(m: int, fmt: str, grid: str = "quick") -> list[TileConfig]:
     """`tl.dot` tiles to try at m rows. quick: the row tile that covers m (from 32 rows also
     the next smaller), 32-128 output columns, 64/128 deep, 4 warps (8 for big tiles), 3-4
     stages;
-    full adds 256-wide output tiles, 8 warps everywhere and 2-stage pipelines."""
+    full adds 256-wide output tiles, 8 warps everywhere and 2-stage pipelines. (Split-K
+    variants: `split_variants`, tried on the fastest of these.)"""
     bm0 = min(128, max(16, 1 << max(0, math.ceil(math.log2(max(1, m))))))
     # a half-height row tile (each weight tile decoded twice as often) only where it can
     # buy back occupancy: from 32 rows on
@@ -122,6 +125,16 @@ def dot_configs(m: int, fmt: str, grid: str = "quick") -> list[TileConfig]:
                 out += [TileConfig(bm=bm, bo=bo, br=br, warps=w, stages=s)
                         for w in warps for s in stages]
     return out
+
+
+def split_variants(c: TileConfig, m: int, n: int, k: int, sms: int) -> list[TileConfig]:
+    """`c` with its K split 2, 4 or 8 ways (TileConfig.split) where its tiles leave SMs idle:
+    up to 4 programs per SM, at least two K steps per slice."""
+    tiles = -(-m // c.bm) * -(-n // c.bo)
+    if tiles >= sms:
+        return []
+    return [replace(c, split=sp) for sp in (2, 4, 8)
+            if tiles * sp <= 4 * sms and -(-k // c.br) >= 2 * sp]
 
 
 def candidates(m: int, n: int, k: int, fmt: str, device: torch.device, grid: str = "quick"
@@ -182,6 +195,17 @@ def tune_shape(fmt: str, n: int, k: int, m: int, qws: list[QuantizedWeight], tim
     ref = (x.float() @ qws[0].dequantize(torch.float32).T)
     rules, cands = candidates(m, n, k, fmt, device, grid)
     results = [measure(r, x, qws, timer, ref) for r in cands]
+    # second round: the three fastest tl.dot tiles with their K split (where SMs sit idle)
+    from orbit.kernels.gemv import num_sms  # (gemv imports _qgemm)
+
+    dots = sorted((r for r in results if r.seconds is not None and r.route.kind == "dot"),
+                  key=lambda r: r.seconds)[:SPLIT_FROM_BEST]
+    tried = {r.route for r in results}
+    for d in dots:
+        for c in split_variants(d.route.config, m, n, k, num_sms(device)):
+            if Route("dot", c) not in tried:
+                tried.add(Route("dot", c))
+                results.append(measure(Route("dot", c), x, qws, timer, ref))
     timed = [r for r in results if r.seconds is not None]
     base = results[0]
     if base.seconds is None:

@@ -294,9 +294,85 @@ def _broken_candidate() -> dict:
     return {"seconds": bad.seconds, "note": bad.note}
 
 
+# (fmt, random_qweight kwargs, n, k, m, tile, LoRA: None / "h" given / "a" (h in the launch))
+SPLIT_CASES = [
+    ("int4", {"group_size": 32}, 80, 320, 5, (16, 32, 64, 2), None),  # column tail, 5 K steps
+    ("fp8", {}, 64, 384, 3, (16, 32, 128, 4), None),  # 3 K steps over 4 slices: one is empty
+    ("nvfp4", {}, 48, 256, 17, (16, 16, 64, 2), None),  # two row tiles
+    ("mxfp4", {}, 64, 256, 9, (16, 32, 64, 4), None),
+    ("int4", {"group_size": 32, "asym": True}, 64, 256, 20, (32, 32, 64, 2), "h"),
+    ("int4", {"group_size": 32}, 48, 256, 20, (16, 32, 64, 2), "a"),  # + row-block shrink
+]
+
+
+def _split_runs() -> dict:
+    """The tl.dot loop with its K split (TileConfig.split): each slice's fp32 partial into the
+    workspace, the last to arrive adds them in slice order; against the reference and the
+    unsplit tile, into NaN-poisoned outputs, twice on one counter buffer (re-armed)."""
+    from orbit.kernels import gemv as gemv_mod
+    from orbit.kernels.lora_decode import lora_expand_add
+    from orbit.kernels.lora_epilogue import LoRAEpilogue
+    from orbit.kernels.qmm_tune import rel_err
+    from orbit.kernels.random_weights import random_qweight
+
+    out = {}
+    counters = torch.zeros(64, dtype=torch.int32)
+    lcounters = torch.zeros(2, dtype=torch.int32)
+    real_arr, real_lc = gemv_mod.arrival_counters, gemv_mod.lora_counters
+    gemv_mod.arrival_counters = lambda device, tiles: counters
+    gemv_mod.lora_counters = lambda device: lcounters
+    try:
+        for i, (fmt, kw, n, k, m, (bm, bo, br, split), lo) in enumerate(SPLIT_CASES):
+            g = torch.Generator().manual_seed(40 + i)
+            qw = random_qweight(fmt, n, k, seed=50 + i, **kw)
+            t = qw.tensors
+            q, sc = t.get("qweight", t.get("weight")), t.get("scale", t.get("scale_inv"))
+            gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
+            group = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}.get(fmt, qw.group_size)
+            x = torch.randn(m, k, generator=g).bfloat16()
+            args = (x, fmt, qw.shape, q, sc, t.get("offset"), gs, group, False, False)
+            r = 8
+            h = (torch.randn(m, r, generator=g) * 0.5).bfloat16()
+            b = ((torch.randn(n, r, generator=g) * 0.5).bfloat16(),)
+            a = ((torch.randn(r, k, generator=g) * 0.2).bfloat16(),)
+            whole = TileConfig(bm=bm, bo=bo, br=br, warps=4, stages=2)
+            cut = TileConfig(bm=bm, bo=bo, br=br, warps=4, stages=2, split=split)
+
+            def run(cfg, lora=None):
+                y = torch.full((m, n), float("nan")).bfloat16()
+                if lora is None:
+                    return _qgemm.launch(*args, y, config=cfg)
+                # a LoRA epilogue goes through the router: force the tile by a table
+                table = RouteTable(device="cpu")
+                table.add(fmt, n, k, m, Route("dot", cfg))
+                with ROUTES.scoped(table):
+                    return _qgemm.launch(*args, y, lora=lora)
+
+            ref = x.float() @ qw.dequantize(torch.float32).T
+            base_cut, base_whole = run(cut), run(whole)
+            row = {"nan": bool(base_cut.isnan().any()), "err": rel_err(base_cut, ref),
+                   "vs_whole": rel_err(base_cut, base_whole),
+                   "again": torch.equal(run(cut), base_cut), "counters": int(counters.sum())}
+            if lo is not None:
+                hh = h if lo == "h" else torch.full((m, r), float("nan")).bfloat16()
+                ya = run(cut, LoRAEpilogue(hh, b, 1.5, a if lo == "a" else None))
+                yb = run(cut, LoRAEpilogue(hh, b, 1.5, a if lo == "a" else None))
+                want_h = h if lo == "h" else (x.float() @ a[0].float().T).bfloat16()
+                unfused = base_cut.clone()
+                lora_expand_add(want_h, list(b), [unfused], 1.5)
+                row.update(lora_nan=bool(ya.isnan().any()), lora_err=rel_err(ya, unfused),
+                           lora_again=torch.equal(ya, yb), lcounters=int(lcounters.sum()),
+                           delta=float((ya.float() - base_cut.float()).abs().max()))
+            out[str(i)] = row
+    finally:
+        gemv_mod.arrival_counters, gemv_mod.lora_counters = real_arr, real_lc
+    return out
+
+
 def _interpreter_main() -> None:
     patch_interpreter(bf16_dot=True, bf16_round=True)
-    print(json.dumps({"forced": _forced_runs(), "tuned": _tuned(), "broken": _broken_candidate()}))
+    print(json.dumps({"forced": _forced_runs(), "tuned": _tuned(), "broken": _broken_candidate(),
+                      "split": _split_runs()}))
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +405,35 @@ def test_tuner_checks_times_and_writes_what_the_router_follows(interp: dict) -> 
 def test_a_candidate_that_cannot_run_is_reported(interp: dict) -> None:
     b = interp["broken"]
     assert b["seconds"] is None and b["note"], b
+
+
+@pytest.mark.parametrize("case", range(len(SPLIT_CASES)))
+def test_split_k_dot_loop_matches_the_reference(interp: dict, case: int) -> None:
+    r = interp["split"][str(case)]
+    assert not r["nan"], r  # every element written, by the last slice to arrive
+    assert r["err"] < 1e-2 and r["vs_whole"] < 1e-2, r  # another summation order, same sums
+    assert r["again"] and r["counters"] == 0, r  # deterministic, counters re-armed
+    if "lora_err" in r:
+        assert not r["lora_nan"] and r["delta"] > 0, r
+        # the final writer adds the delta to its rounded base as the expand kernel does
+        assert r["lora_err"] < 1e-2 and r["lora_again"] and r["lcounters"] == 0, r
+
+
+def test_split_is_fast_forward_only() -> None:
+    from orbit.kernels.random_weights import random_qweight
+
+    qw = random_qweight("int4", 64, 128, group_size=32)
+    t = qw.tensors
+    cut = TileConfig(bm=16, bo=32, br=64, warps=4, stages=2, split=2)
+    for transpose, exact in ((True, False), (False, True)):
+        x = torch.randn(3, 64 if transpose else 128).bfloat16()
+        with pytest.raises(ValueError, match="split=2 runs in fast-mode forwards only"):
+            _qgemm.launch(x, "int4", qw.shape, t["qweight"], t["scale"], None, None, 32,
+                          transpose, exact, config=cut)
+    doc = _doc(_entry(config={"bm": 16, "bo": 64, "br": 128, "warps": 4, "stages": 4,
+                              "split": 32}))
+    with pytest.raises(RouteTableError, match="'split'"):
+        parse_routes(doc, "routes.json")
 
 
 if __name__ == "__main__":
