@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a route replaces the rules' only when this much faster (fraction)")
     ap.add_argument("--out", default="", help="route table to write (default "
                     "qmm-routes-<device>.json here)")
+    ap.add_argument("--update", action="store_true", help="keep --out's existing routes for the "
+                    "(format, shape) pairs this run does not measure (tune formats in "
+                    "separate runs into one table)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the cuBLAS BF16 baseline rows")
     return ap
 
@@ -152,7 +155,7 @@ def run(args: argparse.Namespace, formats: list[str], ms: list[int],
         shapes: list[tuple[int, int, int]]) -> int:
     import torch
 
-    from orbit.kernels.qmm_routes import device_name, device_slug, save_routes
+    from orbit.kernels.qmm_routes import device_name, device_slug, load_routes, save_routes
     from orbit.kernels.qmm_tune import (
         ShapeResult,
         describe,
@@ -187,6 +190,9 @@ def run(args: argparse.Namespace, formats: list[str], ms: list[int],
     table, results = tune(shapes, formats, ms, weight_maker(device, args.int4_group), copies, timer,
                     device, args.grid, args.min_gain, log)
     out = Path(args.out or f"qmm-routes-{device_slug(name)}.json")
+    if args.update and out.is_file():
+        kept = merge_routes(table, load_routes(out))
+        print(f"kept {kept} route(s) of {out} that this run did not measure")
     save_routes(table, out, {"tool": PROG, "torch": torch.__version__, "triton": _triton_version(),
                              "date": datetime.date.today().isoformat(), "copy_GBps": round(bw, 1),
                              "grid": args.grid, "min_gain": args.min_gain})
@@ -194,6 +200,22 @@ def run(args: argparse.Namespace, formats: list[str], ms: list[int],
     print(f"\n{len(rows)} (format, shape, M) measured on {name} (copy {bw:.0f} GB/s); "
           f"{changed} route(s) differ from the rules; table: {out}")
     return 0
+
+
+def merge_routes(table, old) -> int:  # (RouteTable, RouteTable) -> routes kept
+    """Add to `table` every route of `old` whose (fmt, n, k) `table` has none of; returns how
+    many. A table measured on another device is refused (ValueError)."""
+    if old.device != table.device:
+        raise ValueError(f"--update: {old.source} was measured on {old.device!r}, this run on "
+                         f"{table.device!r}")
+    kept = 0
+    for key, routes in old.routes.items():
+        if key in table.routes:
+            continue
+        for m_max, route in routes:
+            table.add(*key, m_max, route, old.extra.get((*key, m_max)))
+            kept += 1
+    return kept
 
 
 def _triton_version() -> str:

@@ -193,6 +193,21 @@ def test_model_shapes_and_candidates() -> None:
     assert Route("gemv") not in big_m and {c.config.bm for c in big_m if c.kind == "dot"} == {64, 128}
 
 
+def test_update_keeps_what_a_run_did_not_measure() -> None:
+    from orbit.entrypoints.tune_qmm import merge_routes
+
+    old = RouteTable(device="gpu")
+    old.add("int4", 64, 128, 4, Route("gemv"), {"us": 3.0})
+    old.add("fp8", 64, 128, 4, Route("dequant"))
+    new = RouteTable(device="gpu")
+    new.add("int4", 64, 128, 16, Route("dot", CFG))
+    assert merge_routes(new, old) == 1
+    assert new.lookup("fp8", 64, 128, 2) == Route("dequant")  # kept
+    assert new.lookup("int4", 64, 128, 2) == Route("dot", CFG)  # re-measured: replaced whole
+    with pytest.raises(ValueError, match="measured on 'gpu'"):
+        merge_routes(RouteTable(device="other"), old)
+
+
 def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
     from orbit.entrypoints.tune_qmm import main, parse_shapes
 
