@@ -320,6 +320,20 @@ SPLIT_CASES = [
 ]
 
 
+def _split_run(args: tuple, cfg: TileConfig, lora=None) -> torch.Tensor:
+    """One launch of args' weight at tile cfg into a NaN-poisoned output; a LoRA epilogue goes
+    through the router, so there a table forces the tile."""
+    x, fmt, (n, k) = args[0], args[1], args[2]
+    m = x.shape[0]
+    y = torch.full((m, n), float("nan")).bfloat16()
+    if lora is None:
+        return _qgemm.launch(*args, y, config=cfg)
+    table = RouteTable(device="cpu")
+    table.add(fmt, n, k, m, Route("dot", cfg))
+    with ROUTES.scoped(table):
+        return _qgemm.launch(*args, y, lora=lora)
+
+
 def _split_runs() -> dict:
     """The tl.dot loop with its K split (TileConfig.split): each slice's fp32 partial into the
     workspace, the last to arrive adds them in slice order; against the reference and the
@@ -353,15 +367,8 @@ def _split_runs() -> dict:
             whole = TileConfig(bm=bm, bo=bo, br=br, warps=4, stages=2)
             cut = TileConfig(bm=bm, bo=bo, br=br, warps=4, stages=2, split=split)
 
-            def run(cfg, lora=None):
-                y = torch.full((m, n), float("nan")).bfloat16()
-                if lora is None:
-                    return _qgemm.launch(*args, y, config=cfg)
-                # a LoRA epilogue goes through the router: force the tile by a table
-                table = RouteTable(device="cpu")
-                table.add(fmt, n, k, m, Route("dot", cfg))
-                with ROUTES.scoped(table):
-                    return _qgemm.launch(*args, y, lora=lora)
+            def run(cfg, lora=None, args=args):
+                return _split_run(args, cfg, lora)
 
             ref = x.float() @ qw.dequantize(torch.float32).T
             base_cut, base_whole = run(cut), run(whole)
