@@ -244,9 +244,10 @@ def tune(shapes: Iterable[tuple[int, int, int]], formats: Iterable[str], ms: Ite
     return table, results
 
 
-def graph_timer(reps: int = 20) -> Timer:
+def graph_timer(reps: int = 20, warmup: int = 5) -> Timer:
     """Seconds per call of the closures (over different weight copies), captured as one CUDA
-    graph and replayed: launch overhead out, weights from DRAM, as in a graphed decode step."""
+    graph and replayed: launch overhead out, weights from DRAM, as in a graphed decode step.
+    `reps` / `warmup`: do_bench's milliseconds of timed and warm-up replays."""
     from triton.testing import do_bench
 
     def timer(calls: list[Callable[[], Any]]) -> float:
@@ -257,7 +258,7 @@ def graph_timer(reps: int = 20) -> Timer:
         with torch.cuda.graph(g):
             for c in calls:
                 c()
-        ms = do_bench(g.replay, warmup=5, rep=reps, return_mode="median")
+        ms = do_bench(g.replay, warmup=warmup, rep=reps, return_mode="median")
         del g
         return ms * 1e-3 / len(calls)
 

@@ -42,6 +42,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from orbit.kernels import _qgemm
 from orbit.kernels.dispatch import qmm, qmm_t
+from orbit.kernels.qmm_tune import graph_timer
 from orbit.kernels.random_weights import random_qweight
 
 DECODE_SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 192),
@@ -68,15 +69,8 @@ def ms(fn) -> float:
 def ms_rotated(fns: list) -> float:
     """Median ms per call of fns (closures over different weight copies, together larger than
     L2), replayed as one CUDA graph so Python and launch overheads drop out, as in an engine
-    that graphs its decode step."""
-    for f in fns:  # compile + warm outside the capture
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    return ms(g.replay) / len(fns)
+    that graphs its decode step (the tuner's timer, orbit/kernels/qmm_tune.py)."""
+    return graph_timer(reps=100, warmup=25)(fns) * 1e3
 
 
 def copies_for(nbytes: int) -> int:
