@@ -100,9 +100,13 @@ def _chunk_stats_kernel(x_ptr, t_ptr, m_ptr, s_ptr, a_ptr, V, stride_x, NC,
 @triton.jit
 def _pick_kernel(x_ptr, t_ptr, u_ptr, m_ptr, s_ptr, a_ptr, tok_ptr, V, stride_x, NC,
                  CHUNK: tl.constexpr, NC_BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                 KEYED: tl.constexpr = False, step_ptr=None):
+                 KEYED: tl.constexpr = False, step_ptr=None, lp_ptr=None,
+                 LOGP: tl.constexpr = False):
     # KEYED: u_ptr holds the rows' counter keys and step_ptr their steps; u is derived here
     # (orbit.rollout.sampling.counter_uniform) instead of ~25 torch launches per decode step.
+    # LOGP (with KEYED): greedy rows (t <= 0) take the row's first argmax, and lp_ptr gets
+    # each row's log-prob of its token at the kernel's temperature (1 for greedy rows):
+    # z_tok - M - log(sum_j exp(z_j - M)) from the pass-1 sums, no [B, V] log-softmax.
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     t = _temperature(t_ptr, row, KEYED)
@@ -137,8 +141,13 @@ def _pick_kernel(x_ptr, t_ptr, u_ptr, m_ptr, s_ptr, a_ptr, tok_ptr, V, stride_x,
     c_max = tl.minimum(tl.min(tl.where(m == M, cs, NC_BLOCK), 0), NC - 1)
     amax = tl.load(a_ptr + row * NC + c_max)
     tok = tl.where(ok, j, amax)
+    if LOGP:
+        tok = tl.where(tl.load(t_ptr + row) > 0, tok, amax)  # greedy: the first argmax
     tok = tl.minimum(tl.maximum(tok, 0), V - 1)  # NaN rows still yield an index in range
     tl.store(tok_ptr + row, tok.to(tl.int64))
+    if LOGP:
+        z_tok = tl.div_rn(tl.load(x_ptr + row * stride_x + tok).to(tl.float32), t)
+        tl.store(lp_ptr + row, (z_tok - M) - tl.log(tl.sum(w, 0)))
 
 
 def _check(logits: Tensor, temperature: Tensor, u: Tensor) -> None:
@@ -170,13 +179,20 @@ def sample_rows_available(logits: Tensor) -> bool:
 
 
 def sample_rows_triton(logits: Tensor, temperature: Tensor, u: Tensor, chunk: int = CHUNK,
-                       steps: Tensor | None = None) -> Tensor:
+                       steps: Tensor | None = None, logprobs: bool = False
+                       ) -> Tensor | tuple[Tensor, Tensor]:
     """Same contract as `sample_rows_reference`, two launches; CUDA (or Triton's interpreter).
     `chunk` (a power of two) is for tests: results depend on it at rounding boundaries.
     With `steps` ([B] int64), `u` holds the rows' counter keys ([B] int64 in [0, 2^32)) and the
     kernel derives each row's uniform as orbit.rollout.sampling.counter_uniform(keys, steps)
-    does, bit for bit; temperatures <= 0 then count as 1 (greedy rows, replaced by the caller)."""
+    does, bit for bit; temperatures <= 0 then count as 1 (greedy rows, replaced by the caller).
+    `logprobs` (with `steps`): returns (tokens, log-probs [B] float32): greedy rows take the
+    row's first argmax (as `logits.argmax(-1)`), and each row's log-prob is
+    log_softmax(logits / t)[token] with t = 1 for greedy rows, from the kernel's own sums
+    (float32, another summation order than torch's log_softmax)."""
     keyed = steps is not None
+    if logprobs and not keyed:
+        raise ValueError("sample_rows: logprobs=True needs the keyed form (steps given)")
     if keyed:
         B = logits.shape[0]
         for name, v in (("keys", u), ("steps", steps)):
@@ -194,8 +210,9 @@ def sample_rows_triton(logits: Tensor, temperature: Tensor, u: Tensor, chunk: in
     temperature, u = temperature.contiguous(), u.contiguous()
     steps = steps.contiguous() if keyed else u
     tok = torch.empty(B, dtype=torch.int64, device=logits.device)
+    lp = torch.empty(B, dtype=torch.float32, device=logits.device) if logprobs else tok
     if B == 0:
-        return tok
+        return (tok, lp) if logprobs else tok
     NC = triton.cdiv(V, chunk)
     stats = torch.empty((2, B, NC), dtype=torch.float32, device=logits.device)  # max, sum-exp
     amax = torch.empty((B, NC), dtype=torch.int32, device=logits.device)
@@ -205,5 +222,6 @@ def sample_rows_triton(logits: Tensor, temperature: Tensor, u: Tensor, chunk: in
                                  num_warps=4, **pdl)
     _pick_kernel[(B,)](logits, temperature, u, stats[0], stats[1], amax, tok, V, logits.stride(0),
                        NC, CHUNK=chunk, NC_BLOCK=max(16, triton.next_power_of_2(NC)),
-                       KEYED=keyed, step_ptr=steps, num_warps=4, **pdl)
-    return tok
+                       KEYED=keyed, step_ptr=steps, lp_ptr=lp, LOGP=logprobs, num_warps=4,
+                       **pdl)
+    return (tok, lp) if logprobs else tok

@@ -476,7 +476,9 @@ class Engine:
         the counter-based draw uses the index of the token being generated."""
         batch = make_batch([s.params for s in seqs], [s.key for s in seqs],
                            [len(s.tokens) + shift for s in seqs], self.vocab_size, self.device)
-        tok, lp = sample(logits, batch)
+        # fast mode: the log-probs from the sampler kernel's sums (no [B, V] log-softmax);
+        # exact mode: the trainer's own function, for its bits
+        tok, lp = sample(logits, batch, fused_logprobs=not self.exact)
         return _Inflight.start(seqs, tok, lp)
 
     def _prefill(self, sched: Scheduler, groups: list[PrefillGroup]) -> int:

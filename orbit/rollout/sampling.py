@@ -24,7 +24,7 @@ Log-probs follow `SamplingParams.logprobs_mode`; the "scaled"/"raw" ones are com
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -95,6 +95,9 @@ class SamplingBatch:
     lp_temps: list[float]  # temperature each row's log-prob is computed at (1 for raw/greedy)
     lp_zero: list[bool]  # processed log-prob of a greedy row: the point mass, 0
     lp_trunc: list[bool]  # processed log-prob renormalised over the kept tokens
+    # the row's log-prob is at the temperature it samples at (1 for greedy rows): what the
+    # sampler kernel can return with the token (`sample(..., fused_logprobs=True)`)
+    lp_at_t: list[bool] = field(default_factory=list)
 
 
 def make_batch(
@@ -119,6 +122,7 @@ def make_batch(
         [p.truncates for p in params], lp_temps,
         [pr and g for pr, g in zip(processed, greedy)],
         [pr and p.truncates for pr, p in zip(processed, params)],
+        [g or p.logprobs_mode != "raw" or p.temperature == 1.0 for p, g in zip(params, greedy)],
     )
 
 
@@ -161,12 +165,25 @@ def _keep_mask(sp: Tensor, b: SamplingBatch) -> Tensor:
 FUSED_SAMPLER = True
 
 
-def sample(logits: Tensor, b: SamplingBatch, fused: bool | None = None) -> tuple[Tensor, Tensor]:
+def sample(logits: Tensor, b: SamplingBatch, fused: bool | None = None,
+           fused_logprobs: bool = False) -> tuple[Tensor, Tensor]:
     """logits [B, V] float32 -> (tokens [B] int64, log-probs [B] float32).
 
     fused: sample untruncated rows with the Triton kernel where it can run (CUDA + Triton);
-    None = `FUSED_SAMPLER`. The CPU always takes the torch path."""
+    None = `FUSED_SAMPLER`. The CPU always takes the torch path.
+    fused_logprobs: where the kernel samples every row (no truncation) and each row's log-prob
+    is at its sampling temperature, take the log-probs from the kernel's own sums instead of
+    `logprobs_from_logits` (the trainer's function): no [B, V] log-softmax, the same value up
+    to float32 summation order. Fast mode only: exact mode needs the trainer's bits."""
     kept: Tensor | None = None
+    if (fused_logprobs and (FUSED_SAMPLER if fused is None else fused)
+            and sample_rows_available(logits) and not any(b.truncates) and all(b.lp_at_t)
+            and not all(b.greedy)):
+        tok, lp = sample_rows_triton(logits, b.temperature, b.keys, steps=b.steps,
+                                     logprobs=True)
+        if any(b.lp_zero):
+            lp = torch.where(torch.tensor(b.lp_zero, device=logits.device), 0.0, lp)
+        return tok, lp
     if all(b.greedy):
         tok = logits.argmax(-1)
     else:

@@ -90,6 +90,20 @@ def _interpreter_main() -> None:
     u = counter_uniform(keys, steps)
     plain = sample_rows_triton(logits, torch.where(t > 0, t, torch.ones_like(t)), u, chunk=64)
     out["keyed"] = {"same": torch.equal(keyed, plain), "n": B}
+    # The same launch with its log-probs (the engine's fast mode): the sampled rows' tokens are
+    # the keyed launch's, the greedy row takes logits.argmax, and every log-prob is
+    # log_softmax(logits / t)[token] (t = 1 for the greedy row) up to float32 summation order.
+    t[9] = -1.0  # negative counts as greedy too
+    tok_lp, lp = sample_rows_triton(logits, t, keys, chunk=64, steps=steps, logprobs=True)
+    keyed = sample_rows_triton(logits, t, keys, chunk=64, steps=steps)
+    tt = torch.where(t > 0, t, torch.ones_like(t))
+    ref_lp = torch.log_softmax(logits / tt[:, None], -1).gather(1, tok_lp[:, None]).squeeze(1)
+    sampled = t > 0
+    out["logprobs"] = {
+        "same_tokens": torch.equal(tok_lp[sampled], keyed[sampled]),
+        "greedy_argmax": torch.equal(tok_lp[~sampled], logits[~sampled].argmax(-1)),
+        "max_abs_err": float((lp - ref_lp).abs().max()), "finite": bool(lp.isfinite().all()),
+        "dtype": str(lp.dtype)}
     print(json.dumps(out))
 
 
@@ -165,3 +179,11 @@ def test_keyed_launch_derives_the_sampler_uniform(interp: dict) -> None:
     """The engine's common path: u computed in the kernel from the counter keys and steps
     gives exactly the tokens of u computed by orbit.rollout.sampling.counter_uniform."""
     assert interp["keyed"]["same"], interp["keyed"]
+
+
+def test_keyed_launch_returns_the_sampled_logprobs(interp: dict) -> None:
+    """logprobs=True (what the engine's fast mode takes instead of a [B, V] log-softmax): the
+    same tokens, greedy rows at their argmax, log-probs equal to torch's within float32."""
+    r = interp["logprobs"]
+    assert r["same_tokens"] and r["greedy_argmax"] and r["finite"], r
+    assert r["max_abs_err"] < 1e-5 and r["dtype"] == "torch.float32", r

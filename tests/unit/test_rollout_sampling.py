@@ -114,3 +114,42 @@ def test_row_cdf_matches_cumsum() -> None:
         assert torch.allclose(cdf.double(), ref, atol=1e-6), V
         assert torch.equal(row_cdf(p[2:3], blocked=True), cdf[2:3])
         assert torch.equal(row_cdf(p), p.cumsum(-1))  # CPU default: the plain scan  # a row does not depend on the batch
+
+
+def test_fused_logprobs_only_where_the_kernel_samples_at_the_logprob_temperature(monkeypatch) -> None:
+    """`sample(..., fused_logprobs=True)` (the engine's fast mode) takes the log-probs from the
+    sampler kernel only when no row truncates and every row's log-prob is at its sampling
+    temperature; a processed greedy row still reports 0. (The kernel itself: tests/unit/
+    test_kernels_sample.py; here its routing, with a stand-in that records the call.)"""
+    import orbit.rollout.sampling as smod
+
+    calls = []
+
+    def fake(logits, t, keys, steps=None, logprobs=False):
+        calls.append(logprobs)
+        tok = logits.argmax(-1)
+        return (tok, torch.full((logits.shape[0],), -0.5)) if logprobs else tok
+
+    monkeypatch.setattr(smod, "sample_rows_available", lambda logits: True)
+    monkeypatch.setattr(smod, "sample_rows_triton", fake)
+    logits = torch.randn(3, 11)
+
+    def run(*params):
+        calls.clear()
+        b = make_batch(list(params), [1, 2, 3][:len(params)], [0] * len(params), 11, "cpu")
+        return sample(logits[:len(params)], b, fused_logprobs=True)[1], list(calls)
+
+    lp, c = run(SamplingParams(temperature=0.7, logprobs_mode="scaled"),
+                SamplingParams(temperature=0.0, logprobs_mode="processed"),
+                SamplingParams(temperature=1.0, logprobs_mode="raw"))
+    assert c == [True] and lp.tolist() == [-0.5, 0.0, -0.5]  # processed greedy: 0
+    _, c = run(SamplingParams(temperature=0.7, logprobs_mode="raw"))  # lp at T = 1, samples at 0.7
+    assert c == [False]  # the kernel samples; the log-prob is the trainer function's
+    _, c = run(SamplingParams(temperature=0.7, top_p=0.9))  # truncation: the torch path
+    assert c == []
+    _, c = run(SamplingParams(temperature=0.0))  # all greedy: argmax, no kernel
+    assert c == []
+    b = make_batch([SamplingParams(temperature=0.7)], [1], [0], 11, "cpu")
+    calls.clear()
+    sample(logits[:1], b)  # fused_logprobs off (exact mode): the trainer's function
+    assert calls == [False]
