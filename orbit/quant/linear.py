@@ -111,7 +111,16 @@ class QuantLinear(nn.Module):
         self._dense.clear()  # buffers may move or change dtype; drop stale dense copies
         if self._sibling is not None:  # moved buffers are no longer views of the stacked ones
             self._sibling.unlink()
-        return super()._apply(fn, recurse)
+        before = {n: self._buffers[n] for n in self._tensor_names}
+        out = super()._apply(fn, recurse)
+        # `model.to(torch.bfloat16)` / `.half()` cast every floating buffer: fp8 codes, fp32
+        # scales and offsets would change the frozen weight. They keep their storage dtypes
+        # (the format's layout) and only follow the move; the bias does take the new dtype.
+        for n, t0 in before.items():
+            t1 = self._buffers[n]
+            if t0 is not None and t1 is not None and t1.dtype != t0.dtype:
+                self._buffers[n] = t0.to(device=t1.device)
+        return out
 
     def _use_cache(self, device: torch.device) -> bool:
         if self.cache_dequantized is None:

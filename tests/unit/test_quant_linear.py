@@ -67,8 +67,9 @@ def test_buffers_state_dict_and_to() -> None:
     assert sd["qweight"].dtype == torch.int32
     x = torch.randn(4, 128)
     y = layer(x)
-    layer.to(torch.float64)  # float buffers change dtype: the dense cache must be dropped
-    assert layer.scale.dtype == torch.float64
+    layer.to(torch.float64)  # the bias changes dtype (the dense cache must be dropped); the
+    assert layer.scale.dtype == sd["scale"].dtype  # quantized buffers keep their layout
+    assert layer.bias.dtype == torch.float64
     assert torch.allclose(layer(x), y, rtol=1e-5, atol=1e-6)
     fresh = QuantLinear(
         quantize(torch.zeros(48, 128) + 0.01, "int4", group_size=32, symmetric=False),
@@ -194,3 +195,21 @@ def test_w8a8_act_quant_forward_and_straight_through_backward() -> None:
     bad.act_quant = "fp8"
     with pytest.raises(ValueError, match="fp8 weight"):
         bad(x)
+
+
+@pytest.mark.parametrize(("fmt", "kw"), [("int4", {"group_size": 32, "symmetric": False}),
+                                         ("fp8", {}), ("nvfp4", {}), ("mxfp4", {})])
+def test_dtype_casts_leave_the_frozen_weight_alone(fmt: str, kw: dict) -> None:
+    """`model.to(torch.bfloat16)` / `.half()` cast every floating buffer; a QuantLinear's codes,
+    scales and offsets keep their storage dtypes (the format's layout), so the weight it
+    computes with does not change. The bias follows the cast."""
+    torch.manual_seed(0)
+    q = QuantLinear.from_linear(torch.nn.Linear(256, 64), fmt, **kw)
+    before = q.dequantize().clone()
+    dtypes = {n: b.dtype for n, b in q.named_buffers() if n != "bias"}
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        cast(q)
+        assert {n: b.dtype for n, b in q.named_buffers() if n != "bias"} == dtypes
+        assert torch.equal(q.dequantize(), before)
+    q.to(torch.bfloat16)
+    assert q.bias.dtype == torch.bfloat16
