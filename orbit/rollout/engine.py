@@ -401,10 +401,14 @@ class Engine:
                 f"got {type(prompts).__name__}")
         if isinstance(sampling, SamplingParams):
             params = [sampling] * len(prompts)
-        else:
+        elif isinstance(sampling, (list, tuple)) and all(
+                isinstance(sp, SamplingParams) for sp in sampling):
             params = list(sampling)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        else:
+            raise ValueError(f"sampling must be a SamplingParams or a list of them (one per "
+                             f"prompt), got {type(sampling).__name__}")
         errors: dict[int, str] = {}
         ids: dict[int, list[int]] = {}
         for i, (p, sp) in enumerate(zip(prompts, params)):
@@ -420,8 +424,13 @@ class Engine:
                           self.eos_token_ids, self.detokenize)
         for i, p in ids.items():
             sp = params[i]
-            seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
-            sched.add(i, p, n, sp, [sequence_key(seed, i, j) for j in range(n)])
+            # A caller's seed alone keys the samples (not the request's place in the list): the
+            # same request gives the same tokens wherever it sits, as vLLM's per-request seeds.
+            if sp.seed is not None:
+                keys = [sequence_key(sp.seed, 0, j) for j in range(n)]
+            else:
+                keys = [sequence_key(self._rng.getrandbits(63), i, j) for j in range(n)]
+            sched.add(i, p, n, sp, keys)
         state = self._graph_key() if self.use_graphs else None
         # Every iteration ends by reading some step's sampled tokens on the host (a sync): a
         # prefill's own, or (decode) the previous launch's, after launching the next one when

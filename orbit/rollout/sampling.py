@@ -105,14 +105,17 @@ def make_batch(
     device: torch.device | str,
 ) -> SamplingBatch:
     """Pack per-row parameters into device tensors (two host->device copies)."""
+    greedy = [p.greedy for p in params]
+    # greedy rows carry temperature 0 on the device: every kernel and torch path reads t <= 0
+    # as greedy, and a tiny positive t (1e-40) would otherwise reach a softmax as 0/0
     fl = torch.tensor(
-        [[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params]],
+        [[0.0 if g else p.temperature for p, g in zip(params, greedy)], [p.top_p for p in params],
+         [p.min_p for p in params]],
         dtype=torch.float32,
     ).to(device, non_blocking=True)
     ints = torch.tensor(
         [[p.top_k if p.top_k > 0 else vocab_size for p in params], keys, steps], dtype=torch.int64
     ).to(device, non_blocking=True)
-    greedy = [p.temperature == 0 for p in params]
     lp_temps = [
         1.0 if (p.logprobs_mode == "raw" or g) else float(p.temperature) for p, g in zip(params, greedy)
     ]

@@ -8,18 +8,21 @@ cross process boundaries (Ray) without torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from numbers import Integral, Real
 
 FINISH_REASONS = ("stop", "length", "stop_string", "error")
 LOGPROBS_MODES = ("processed", "scaled", "raw")
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily (vLLM's rule)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request.
 
-    temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+    temperature: 0 (or anything below GREEDY_TEMPERATURE = 1e-5) means greedy (argmax);
+    otherwise logits are divided by it.
     top_p: nucleus mass in (0, 1]; 1 keeps everything. top_k: keep the k most likely tokens;
     0 (or -1) keeps everything. min_p: drop tokens whose probability is below min_p times the
     top token's (after temperature); 0 keeps everything.
@@ -50,14 +53,26 @@ class SamplingParams:
     logprobs_mode: str = "processed"
 
     def __post_init__(self) -> None:
-        # Accept lists for convenience but store tuples so the params stay hashable/frozen.
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        # Accept lists (and, as vLLM does, a lone id or string) but store tuples so the params
+        # stay hashable/frozen. `tuple("VZ")` would be ('V', 'Z'): two one-letter stops.
+        for name, one in (("stop_token_ids", _int), ("stop_strings", lambda v: isinstance(v, str))):
+            v = getattr(self, name)
+            if one(v):
+                object.__setattr__(self, name, (v,))
+            elif isinstance(v, Iterable):
+                object.__setattr__(self, name, tuple(v))
+            # anything else stays as given: check() names it
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0, or below GREEDY_TEMPERATURE: a softmax at 1e-40 is 0/0 in float32
+        (NaN log-probs), so such rows take the argmax, as vLLM does below 1e-5."""
+        return _real(self.temperature) and self.temperature < GREEDY_TEMPERATURE
 
     @property
     def truncates(self) -> bool:
         """True when top-k/top-p/min-p actually remove tokens (sampling needs a sort)."""
-        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0)
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0)
 
     def check(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first invalid field and its value.
@@ -76,6 +91,10 @@ class SamplingParams:
             raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
         if not _int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        for name in ("stop_token_ids", "stop_strings"):
+            if not isinstance(getattr(self, name), tuple):
+                raise ValueError(f"{name} must be a list (or a single value), got "  # noqa: TRY004
+                                 f"{getattr(self, name)!r}")
         for t_id in self.stop_token_ids:
             if not _int(t_id) or t_id < 0 or (vocab_size is not None and t_id >= vocab_size):
                 raise ValueError(f"stop_token_ids holds {t_id!r}, not a token id in [0, {vocab_size})")

@@ -10,6 +10,7 @@ torch.distributed is initialised, adapter gradients and step metrics are all-red
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -156,10 +157,16 @@ class PolicyWorker:
         0, unscored, and the engine's message in metadata["rollout_error"]: the caller decides
         (the driver drops them, `drop_failed_samples`; eval counts them as misses)."""
         ids = [self.prompt_ids(r["text"]) for r in rows]
+        # One seed per prompt (the step's seed and the row's group id): a seeded request's
+        # samples depend on its seed alone, so one seed for the whole step would give every
+        # prompt the same uniforms.
+        params = sampling if sampling.seed is None else [
+            dataclasses.replace(sampling, seed=(sampling.seed * 1_000_003 + int(r["group_id"]))
+                                % (2**62)) for r in rows]
         self.model.eval()  # no adapter dropout while sampling
         with torch.no_grad(), self.adapters.use_slot(SERVE_SLOT):
             # "skip": one bad prompt must not fail every other prompt of the training step.
-            groups = self.engine.generate(ids, sampling, n, on_error="skip")
+            groups = self.engine.generate(ids, params, n, on_error="skip")
         samples = []
         for k, (row, p_ids, comps) in enumerate(zip(rows, ids, groups)):
             for j, c in enumerate(comps):
@@ -199,7 +206,8 @@ class PolicyWorker:
         return samples
 
     def _seed(self, step: int, rows: list[dict[str, Any]]) -> int:
-        # Deterministic per (run seed, step, first group): a resumed run samples the same tokens.
+        # Deterministic per (run seed, step, first group): a resumed run samples the same tokens
+        # (each prompt then gets its own seed from this one and its group id, `_generate`).
         first = int(rows[0]["group_id"]) if rows else 0
         return (self.cfg.data.seed * 1_000_003 + step * 10_007 + first) % (2**31 - 1)
 

@@ -87,6 +87,9 @@ def test_seed_reproducible_and_independent_of_batching(model: CausalLM) -> None:
     tok = lambda out: [[x.tokens for x in row] for row in out]
     assert tok(a) == tok(b)
     assert tok(a) != tok(c)
+    # a seeded request's samples do not depend on where it sits in the prompt list
+    moved = Engine(model, max_num_seqs=4, max_model_len=64).generate(prompts[::-1], sp, n=3)
+    assert tok(moved) == tok(a)[::-1]
     unseeded = Engine(model, max_num_seqs=4, max_model_len=64, seed=9)
     d1 = unseeded.generate(prompts, SamplingParams(max_new_tokens=8))
     d2 = unseeded.generate(prompts, SamplingParams(max_new_tokens=8))
@@ -158,7 +161,12 @@ def test_bad_inputs(model: CausalLM) -> None:
     out = eng.generate([good, [], [1] * 20, good], sp, n=2, on_error="skip")
     assert [r[0].finish_reason for r in out] == ["length", "error", "error", "length"]
     assert "request 1" in out[1][0].error and out[1][1].tokens == [] and len(out[2]) == 2
-    assert out[0][0].tokens == out[3][0].tokens or out[0][0].tokens != []
+    # the same prompt and seed at positions 0 and 3: the same samples (the seed keys them)
+    assert [c.tokens for c in out[0]] == [c.tokens for c in out[3]] and out[0][0].tokens
+    with pytest.raises(ValueError, match="sampling must be a SamplingParams or a list"):
+        eng.generate([good], None)
+    with pytest.raises(ValueError, match="sampling must be a SamplingParams or a list"):
+        eng.generate([good], [None])
 
 
 def test_release_and_reallocate(model: CausalLM) -> None:

@@ -153,3 +153,21 @@ def test_fused_logprobs_only_where_the_kernel_samples_at_the_logprob_temperature
     calls.clear()
     sample(logits[:1], b)  # fused_logprobs off (exact mode): the trainer's function
     assert calls == [False]
+
+
+def test_params_take_a_lone_stop_string_or_id_and_tiny_temperatures_are_greedy() -> None:
+    p = SamplingParams(stop_strings="VZ", stop_token_ids=5)
+    assert p.stop_strings == ("VZ",) and p.stop_token_ids == (5,)  # not ('V', 'Z')
+    p.check(vocab_size=10)
+    import pytest
+
+    with pytest.raises(ValueError, match="stop_token_ids must be a list"):
+        SamplingParams(stop_token_ids=5.5).check()
+    for t in (0.0, 1e-40, 1e-6):
+        assert SamplingParams(temperature=t).greedy
+    assert not SamplingParams(temperature=1e-4).greedy
+    logits = torch.randn(2, 13)
+    b = _batch([SamplingParams(temperature=1e-40, logprobs_mode="scaled")] * 2, [1, 2], [0, 0], 13)
+    tok, lp = sample(logits, b)
+    assert torch.equal(tok, logits.argmax(-1)) and lp.isfinite().all()
+    assert b.temperature.tolist() == [0.0, 0.0]  # greedy on the device too
