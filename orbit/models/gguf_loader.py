@@ -120,7 +120,6 @@ def load_gguf(
         gguf_float,
         gguf_qweight,
         llama_rope_unpermutation,
-        permute_rows,
     )
 
     path = Path(path)
@@ -162,13 +161,10 @@ def load_gguf(
             return None  # dense path (or a missing tensor, reported by materialize)
         from orbit.quant.linear import QuantLinear
 
-        try:
-            qw = gguf_qweight(t, fallback_fmt, fallback_group_size)
+        try:  # q/k rows back from llama.cpp's RoPE layout (before any requantization)
+            qw = gguf_qweight(t, fallback_fmt, fallback_group_size, row_perm=perm_for(name))
         except ValueError as e:  # names tensor and type; add which file
             raise ValueError(f"{path}: {e}") from e
-        perm = perm_for(name)
-        if perm is not None:
-            qw = permute_rows(qw, perm)
         if qw.fmt == "bf16":  # a float GGUF linear: keep it a plain dense linear
             return None
         return QuantLinear(qw, None)

@@ -133,15 +133,43 @@ def gguf_qweight(
     tensor: ReaderTensor,
     fallback_fmt: str = "int8",
     fallback_group_size: int | None = None,
+    row_perm: Tensor | None = None,
 ) -> QuantizedWeight:
-    """A 2-D GGUF weight as a `QuantizedWeight` [out, in].
+    """A 2-D GGUF weight as a `QuantizedWeight` [out, in], its output rows reordered by
+    `row_perm` if given (row i = stored row row_perm[i]: llama.cpp's q/k RoPE layout).
 
-    Q4_0 / Q4_1 / Q8_0 are repacked exactly; F32/F16/BF16 become `bf16`; any other type is
-    dequantized with gguf-py and requantized to `fallback_fmt` (a warning says so) with
-    `fallback_group_size`, or by default the largest group of 128/64/32 dividing the input
-    dim. ValueError naming the tensor for a type gguf-py cannot dequantize or a shape the
-    format cannot hold.
+    Q4_0 / Q4_1 / Q8_0 are repacked exactly (then rows permuted, exactly); F32/F16/BF16 become
+    `bf16`; any other type is dequantized with gguf-py, its float rows permuted, and
+    requantized to `fallback_fmt` (a warning says so) with `fallback_group_size`, or by
+    default the largest group of 128/64/32 dividing the input dim (so an fp8 fallback, whose
+    128-row scale blocks cannot be permuted, works too). ValueError naming the tensor for a
+    type gguf-py cannot dequantize or a shape the format cannot hold.
     """
+    kind = tensor.tensor_type
+    if kind in _BLOCK_BYTES or kind in _FLOAT_TYPES:
+        qw = _exact_qweight(tensor)
+        return qw if row_perm is None else permute_rows(qw, row_perm)
+    shape = _shape2d(tensor)
+    g = requant_group_size(tensor.name, shape, fallback_fmt, fallback_group_size)
+    w = gguf_float(tensor)  # raises first for a type gguf-py cannot dequantize: no warning then
+    if row_perm is not None:
+        w = w[torch.as_tensor(row_perm, dtype=torch.int64)]
+    warnings.warn(
+        f"GGUF tensor {tensor.name!r} has type {kind.name}, which Orbit cannot keep exactly; "
+        f"dequantizing and requantizing it to {fallback_fmt} (group {g})",
+        stacklevel=2,
+    )
+    try:
+        return quantize(w, fallback_fmt, group_size=g)
+    except ValueError as e:  # e.g. inf/NaN after dequantizing: say which tensor
+        raise ValueError(
+            f"GGUF tensor {tensor.name!r} ({kind.name}): requantizing to {fallback_fmt} "
+            f"failed: {e}"
+        ) from e
+
+
+def _exact_qweight(tensor: ReaderTensor) -> QuantizedWeight:
+    """A Q4_0 / Q4_1 / Q8_0 weight repacked exactly, or a float one as `bf16`."""
     kind = tensor.tensor_type
     if kind in _BLOCK_BYTES:
         if sys.byteorder != "little":
@@ -160,30 +188,14 @@ def gguf_qweight(
         return QuantizedWeight(
             "int4", (out_f, in_f), {"qweight": qweight, "scale": d, "offset": m}, QK
         )
-    if kind in _FLOAT_TYPES:
-        w = gguf_float(tensor)
-        if w.dim() != 2:
-            raise ValueError(
-                f"GGUF tensor {tensor.name!r}: expected a 2-D weight, got shape {tuple(w.shape)}"
-            )
-        return QuantizedWeight(
-            "bf16", (int(w.shape[0]), int(w.shape[1])), {"weight": w.to(torch.bfloat16)}
-        )
-    shape = _shape2d(tensor)
-    g = requant_group_size(tensor.name, shape, fallback_fmt, fallback_group_size)
-    w = gguf_float(tensor)  # raises first for a type gguf-py cannot dequantize: no warning then
-    warnings.warn(
-        f"GGUF tensor {tensor.name!r} has type {kind.name}, which Orbit cannot keep exactly; "
-        f"dequantizing and requantizing it to {fallback_fmt} (group {g})",
-        stacklevel=2,
-    )
-    try:
-        return quantize(w, fallback_fmt, group_size=g)
-    except ValueError as e:  # e.g. inf/NaN after dequantizing: say which tensor
+    w = gguf_float(tensor)
+    if w.dim() != 2:
         raise ValueError(
-            f"GGUF tensor {tensor.name!r} ({kind.name}): requantizing to {fallback_fmt} "
-            f"failed: {e}"
-        ) from e
+            f"GGUF tensor {tensor.name!r}: expected a 2-D weight, got shape {tuple(w.shape)}"
+        )
+    return QuantizedWeight(
+        "bf16", (int(w.shape[0]), int(w.shape[1])), {"weight": w.to(torch.bfloat16)}
+    )
 
 
 def gguf_float(tensor: ReaderTensor) -> Tensor:

@@ -102,7 +102,7 @@ def test_k_quant_style_576_wide_file_loads_with_groups_that_divide(tmp_path: Pat
 
 
 @pytest.mark.parametrize("quant,group,want", [("int4", 32, ("int4", 32)), ("int4", None, ("int4", 64)),
-                                              ("mxfp4", None, ("mxfp4", 32))])
+                                              ("mxfp4", None, ("mxfp4", 32)), ("fp8", None, ("fp8", 32))])
 def test_load_model_quant_chooses_the_requantize_format(tmp_path: Path, quant: str,
                                                         group: int | None, want: tuple) -> None:
     """`load_model(gguf, quant=...)`: the non-exact GGUF types are requantized to that format
@@ -119,6 +119,14 @@ def test_load_model_quant_chooses_the_requantize_format(tmp_path: Path, quant: s
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, QuantLinear) and (q.weight_format, q.group_size if want[0] == "int4"
                                            else 32) == want
+    # the q/k rows were put back from llama.cpp's RoPE order before requantizing (fp8's
+    # 128-row scale blocks cannot be permuted after): the dense load's rows, requantized
+    from orbit.models.gguf_loader import load_gguf
+
+    dense = load_gguf(path, dtype=torch.float32, keep_quantized=False)
+    ref = dense.model.layers[0].self_attn.q_proj.weight
+    # (4-bit requantization error is ~0.1 here; rows in the wrong order would give ~1.4)
+    assert float((q.dequantize() - ref).norm() / ref.norm()) < 0.2
 
 
 def test_exact_gguf_types_ignore_quant(tmp_path: Path) -> None:
