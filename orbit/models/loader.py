@@ -45,8 +45,12 @@ class SafetensorsDir:
         if index.is_file():
             self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         elif single.is_file():
-            with safe_open(single, "pt") as f:
-                self.weight_map = {k: single.name for k in f.keys()}  # noqa: SIM118 (not iterable)
+            try:
+                with safe_open(single, "pt") as f:
+                    self.weight_map = {k: single.name for k in f.keys()}  # noqa: SIM118
+            except Exception as e:  # safetensors' own error type: say which file
+                raise ValueError(f"{single}: not a readable safetensors file (truncated or "
+                                 f"corrupt?): {e}") from e
         else:
             raise ValueError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
         missing = sorted({f for f in self.weight_map.values() if not (self.path / f).is_file()})
@@ -70,9 +74,13 @@ class SafetensorsDir:
         if name not in self.weight_map:
             raise ValueError(f"{self.path}: checkpoint has no tensor {name!r}")
         fname = self.weight_map[name]
-        if fname not in self._open:
-            self._open[fname] = safe_open(self.path / fname, "pt")
-        return self._open[fname].get_tensor(name)
+        try:
+            if fname not in self._open:
+                self._open[fname] = safe_open(self.path / fname, "pt")
+            return self._open[fname].get_tensor(name)
+        except Exception as e:  # safetensors' own error type: say which file
+            raise ValueError(f"{self.path / fname}: cannot read tensor {name!r} "
+                             f"(truncated or corrupt safetensors file?): {e}") from e
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -135,7 +143,16 @@ def materialize(
                     f"{where}: linear {name!r} is {ready.out_features}x{ready.in_features}, the "
                     f"config implies {mod.out_features}x{mod.in_features}"
                 )
-            set_module(model, name, ready.to(device))
+            has_bias = getattr(ready, "bias", None) is not None
+            if mod.bias is not None and not has_bias:
+                missing.append(name + ".bias")  # the config has one: never drop it silently
+            if mod.bias is None and has_bias:
+                raise ValueError(f"{where}: tensor {name + '.bias'!r} is in the checkpoint but "
+                                 "the config has no bias there (attention_bias / mlp_bias)")
+            if has_bias:
+                _check_tensor(name + ".bias", ready.bias, mod.bias.shape, where)
+            # a quantized module keeps its codes and scales; its bias takes the compute dtype
+            set_module(model, name, ready.to(device).to(dtype))
             continue
         w = read(name + ".weight")
         b = read(name + ".bias") if mod.bias is not None else None

@@ -67,6 +67,10 @@ def _read_ct_int4(tensors: Mapping[str, Tensor], p: str, sch: LinearScheme) -> Q
                 f"{p}.weight_g_idx: activation-order (act_order) group indices are not supported"
             )
     out = {"qweight": packed.contiguous(), "scale": scale.contiguous()}
+    if sch.symmetric and f"{p}.weight_zero_point" in tensors:
+        raise ValueError(f"checkpoint tensor {p + '.weight_zero_point'!r} is present but the "
+                         "quantization_config says symmetric: true; reading it as symmetric "
+                         "would drop the zero points (fix the config's weights.symmetric)")
     if not sch.symmetric:
         zp = _get(tensors, f"{p}.weight_zero_point", torch.int32, ((out_f + 7) // 8, in_f // g))
         zu = unpack_int4(zp.T.contiguous(), out_f).T  # [out, in/g] unsigned zero points

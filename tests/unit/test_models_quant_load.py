@@ -79,3 +79,78 @@ def test_prequantized_compressed_tensors_checkpoint_loads_exactly(tmp_path) -> N
     assert isinstance(q, QuantLinear)
     assert torch.equal(q.dequantize(), fly_model.model.layers[0].mlp.experts[3].down_proj.dequantize())
     assert torch.equal(logits(ct_model), logits(fly_model))
+
+
+def _ct_llama(path, edit=None, symmetric_cfg: bool = True, asym: bool = False) -> None:
+    """A tiny biased Llama (transformers) rewritten as a compressed-tensors INT4 checkpoint;
+    `edit(tensors)` changes the tensor dict before it is saved."""
+    import pytest
+
+    tr = pytest.importorskip("transformers")
+    src = path.parent / (path.name + "-src")
+    torch.manual_seed(0)
+    tr.LlamaForCausalLM(tr.LlamaConfig(
+        vocab_size=67, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        attention_bias=True)).save_pretrained(src)
+    out = {}
+    for k, t in load_file(src / "model.safetensors").items():
+        m = k.removesuffix(".weight")
+        if k.endswith(".weight") and any(re.fullmatch(p, m) for p in DEFAULT_QUANT_TARGETS):
+            out.update(write_linear(quantize(t, "int4", group_size=32, symmetric=not asym), m,
+                                    "compressed-tensors"))
+        else:
+            out[k] = t
+    if edit is not None:
+        edit(out)
+    path.mkdir()
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = quantization_config("compressed-tensors", "int4", group_size=32,
+                                                     symmetric=symmetric_cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_prequantized_checkpoint_biases_are_checked(tmp_path) -> None:
+    """A quantized linear's bias is read, cast to the compute dtype, and a missing one (the
+    config says attention_bias) is a named error, as for float checkpoints."""
+    import pytest
+
+    ok = tmp_path / "ok"
+    _ct_llama(ok)
+    model, _ = load_model(ok, dtype=torch.float32, with_tokenizer=False)
+    q = model.model.layers[0].self_attn.q_proj
+    stored = load_file(ok / "model.safetensors")
+    assert isinstance(q, QuantLinear) and q.bias is not None and q.bias.dtype == torch.float32
+    assert torch.equal(q.bias, stored["model.layers.0.self_attn.q_proj.bias"].float())
+    # the compute dtype reaches the bias only: the scales stay as stored
+    assert q.scale.dtype == stored["model.layers.0.self_attn.q_proj.weight_scale"].dtype
+    gone = tmp_path / "gone"
+    _ct_llama(gone, lambda t: t.pop("model.layers.0.self_attn.q_proj.bias"))
+    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.0.self_attn.q_proj.bias'\]"):
+        load_model(gone, dtype=torch.float32, with_tokenizer=False)
+
+
+def test_zero_points_under_a_symmetric_config_are_an_error(tmp_path) -> None:
+    import pytest
+
+    bad = tmp_path / "bad"
+    _ct_llama(bad, asym=True, symmetric_cfg=True)
+    with pytest.raises(ValueError, match="weight_zero_point' is present but the quantization_config "
+                                         "says symmetric"):
+        load_model(bad, dtype=torch.float32, with_tokenizer=False)
+    good = tmp_path / "good"
+    _ct_llama(good, asym=True, symmetric_cfg=False)
+    model, _ = load_model(good, dtype=torch.float32, with_tokenizer=False)
+    assert "offset" in dict(model.model.layers[0].self_attn.q_proj.named_buffers())
+
+
+def test_truncated_safetensors_names_the_file(tmp_path) -> None:
+    import pytest
+
+    path = tmp_path / "cut"
+    _ct_llama(path)
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
+        load_model(path, dtype=torch.float32, with_tokenizer=False)
