@@ -96,7 +96,9 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """The weight as a `QuantizedWeight` over this module's (current-device) buffers."""
         tensors = {n: getattr(self, n) for n in self._tensor_names}
-        return QuantizedWeight(
+        # checked once, when the module was built from a QuantizedWeight; `_apply` keeps the
+        # dtypes and a state-dict load keeps the shapes
+        return QuantizedWeight.trusted(
             self.weight_format, (self.out_features, self.in_features), tensors, self.group_size
         )
 

@@ -32,8 +32,18 @@ class QuantizedWeight:
     group_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.fmt not in FORMATS:
-            raise ValueError(f"unknown quantized format {self.fmt!r}; expected one of {FORMATS}")
+        check_layout(self.fmt, self.shape, self.tensors, self.group_size)
+
+    @classmethod
+    def trusted(cls, fmt: str, shape: tuple[int, int], tensors: dict[str, Tensor],
+                group_size: int = 0) -> QuantizedWeight:
+        """Without the layout check: for the buffers of a module that checked them when it
+        was built (QuantLinear makes one of these per forward call)."""
+        obj = object.__new__(cls)
+        for k, v in (("fmt", fmt), ("shape", shape), ("tensors", tensors),
+                     ("group_size", group_size)):
+            object.__setattr__(obj, k, v)
+        return obj
 
     @property
     def device(self) -> torch.device:
@@ -52,6 +62,81 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self).to(dtype)
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def layout(fmt: str, shape: tuple[int, int], group_size: int
+           ) -> dict[str, tuple[tuple[torch.dtype, ...], tuple[int, ...] | None, bool]]:
+    """Tensor name -> (allowed dtypes, shape or None for a one-element scalar, required) of a
+    `fmt` weight of logical shape (out, in): the packed layouts of docs/precision.md."""
+    out_f, in_f = shape
+    g = group_size
+    if fmt == "bf16":
+        return {"weight": (_FLOATS, (out_f, in_f), True)}
+    if fmt == "int4":
+        return {"qweight": ((torch.int32,), (out_f, _cdiv(in_f, 8)), True),
+                "scale": (_FLOATS, (out_f, in_f // g), True),
+                "offset": (_FLOATS, (out_f, in_f // g), False)}
+    if fmt == "int8":
+        return {"qweight": ((torch.int8,), (out_f, in_f), True),
+                "scale": (_FLOATS, (out_f, in_f // g), True)}
+    if fmt == "fp8":
+        return {"weight": ((torch.float8_e4m3fn,), (out_f, in_f), True),
+                "scale_inv": ((torch.float32,), (_cdiv(out_f, FP8_BLOCK), _cdiv(in_f, FP8_BLOCK)),
+                              True)}
+    if fmt == "nvfp4":
+        return {"qweight": ((torch.uint8,), (out_f, _cdiv(in_f, 2)), True),
+                "scale": ((torch.float8_e4m3fn,), (out_f, _cdiv(in_f, NVFP4_GROUP)), True),
+                "global_scale": ((torch.float32,), None, True)}
+    return {"qweight": ((torch.uint8,), (out_f, _cdiv(in_f, 2)), True),  # mxfp4
+            "scale": ((torch.uint8,), (out_f, _cdiv(in_f, MXFP4_GROUP)), True)}
+
+
+def check_layout(fmt: str, shape: tuple[int, int], tensors: dict[str, Tensor],
+                 group_size: int) -> None:
+    """ValueError naming the tensor and the expected layout for anything a `fmt` weight of
+    `shape` cannot be: an unknown format, a missing or unknown tensor, a wrong dtype or shape,
+    a group size (int4/int8) that does not divide the input dim."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantized format {fmt!r}; expected one of {FORMATS}")
+    if (len(shape) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                   for v in shape)):
+        raise ValueError(f"{fmt} weight: shape must be (out, in) positive ints, got {shape!r}")
+    out_f, in_f = shape
+    what = f"{fmt} weight [{out_f} x {in_f}]"
+    if fmt in ("int4", "int8") and (not isinstance(group_size, int) or group_size <= 0
+                                    or in_f % group_size):
+        raise ValueError(f"{what}: group size {group_size!r} must be a positive divisor of the "
+                         f"input dim {in_f} (one scale per group of inputs per row)")
+    want = layout(fmt, shape, group_size)
+    unknown = sorted(set(tensors) - set(want))
+    if unknown:
+        raise ValueError(f"{what}: unknown tensor(s) {unknown}; the layout is {sorted(want)}")
+    for name, (dtypes, tshape, required) in want.items():
+        t = tensors.get(name)
+        if t is None:
+            if required:
+                raise ValueError(f"{what}: tensor {name!r} is missing (expected "
+                                 f"{_describe(dtypes, tshape)})")
+            continue
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{what}: tensor {name!r} is a {type(t).__name__}, not a tensor")  # noqa: TRY004
+        ok_shape = t.numel() == 1 if tshape is None else tuple(t.shape) == tshape
+        if t.dtype not in dtypes or not ok_shape:
+            got = str(t.dtype).removeprefix("torch.")
+            raise ValueError(f"{what}: tensor {name!r} is {got} {tuple(t.shape)}, expected "
+                             f"{_describe(dtypes, tshape)}")
+
+
+def _describe(dtypes: tuple[torch.dtype, ...], tshape: tuple[int, ...] | None) -> str:
+    d = " or ".join(str(x).removeprefix("torch.") for x in dtypes)
+    return f"{d} with one element" if tshape is None else f"{d} of shape {tshape}"
 
 
 def unpack_int4(qweight: Tensor, in_features: int) -> Tensor:

@@ -102,9 +102,13 @@ def test_wrapper_accepts_any_float_offset_and_rejects_bad_ones() -> None:
         "'offset' must have shape": dict(t, offset=t["offset"][:, :4]),
         "row stride": dict(t, offset=torch.zeros(64, 16)[:, :8]),  # row stride 16, not 8
     }
-    for msg, tensors in bad.items():
+    for msg, tensors in bad.items():  # the wrapper's own checks (a weight built unchecked)
         with pytest.raises(ValueError, match=msg):
-            _check(x, QuantizedWeight("int4", (64, 256), tensors, 32), transpose=False)
+            _check(x, QuantizedWeight.trusted("int4", (64, 256), tensors, 32), transpose=False)
+    # the constructor already refuses the first two, naming the tensor and its layout
+    for tensors in list(bad.values())[:2]:
+        with pytest.raises(ValueError, match=r"int4 weight \[64 x 256\]: tensor 'offset' is"):
+            QuantizedWeight("int4", (64, 256), tensors, 32)
 
 if __name__ == "__main__":
     _interpreter_main()

@@ -235,3 +235,36 @@ def test_zero_groups_dequantize_to_zero() -> None:
             else quantize(w, fmt, group_size=32).dequantize()
         )
         assert torch.isfinite(d).all() and torch.equal(d[:, :32], torch.zeros(128, 32)), fmt
+
+
+def test_quantized_weight_names_what_is_wrong_with_its_tensors() -> None:
+    """Bad input to the in-memory format: a missing scale, a wrong dtype or shape, a group
+    size that does not divide the input dim, an unknown tensor: a ValueError naming the tensor
+    and the layout it should have."""
+    import pytest
+
+    from orbit.kernels.random_weights import random_qweight
+    from orbit.quant.qweight import QuantizedWeight
+
+    qw = random_qweight("int4", 8, 64, group_size=32)
+    t = qw.tensors
+    cases = {
+        r"tensor 'scale' is missing \(expected float32 or float16 or bfloat16 of shape \(8, 2\)\)":
+            ({"qweight": t["qweight"]}, 32),
+        r"tensor 'qweight' is float32 \(8, 8\), expected int32": (dict(t, qweight=t["qweight"].float()), 32),
+        r"tensor 'qweight' is int32 \(4, 8\), expected int32 of shape \(8, 8\)":
+            (dict(t, qweight=t["qweight"][:4]), 32),
+        r"group size 48 must be a positive divisor of the input dim 64": (t, 48),
+        r"unknown tensor\(s\) \['zeros'\]": (dict(t, zeros=t["scale"]), 32),
+    }
+    for msg, (tensors, g) in cases.items():
+        with pytest.raises(ValueError, match=r"int4 weight \[8 x 64\]: " + msg):
+            QuantizedWeight("int4", (8, 64), tensors, g)
+    fq = random_qweight("fp8", 8, 64)
+    with pytest.raises(ValueError, match=r"tensor 'scale_inv' is bfloat16 .* expected float32"):
+        QuantizedWeight("fp8", (8, 64), dict(fq.tensors, scale_inv=fq.tensors["scale_inv"].bfloat16()), 128)
+    nq = random_qweight("nvfp4", 8, 64)
+    with pytest.raises(ValueError, match=r"'global_scale' is .* expected float32 with one element"):
+        QuantizedWeight("nvfp4", (8, 64), dict(nq.tensors, global_scale=torch.ones(2)), 16)
+    with pytest.raises(ValueError, match="shape must be"):
+        QuantizedWeight("int8", (8, 0), {}, 32)
