@@ -118,6 +118,10 @@ def _read_gpt_oss(tensors: Mapping[str, Tensor], p: str, expert: int | None) -> 
     if blocks.dim() == 4:
         if expert is None:
             raise ValueError(f"{p}_blocks holds {blocks.shape[0]} experts; pass expert=<index>")
+        if not 0 <= expert < blocks.shape[0] or scales.dim() != 3 or scales.shape[0] != blocks.shape[0]:
+            raise ValueError(f"{p}_blocks {tuple(blocks.shape)} / {p}_scales "
+                             f"{tuple(scales.shape)}: expert {expert} is not among their "
+                             f"{blocks.shape[0]} experts")
         blocks, scales = blocks[expert], scales[expert]
     if blocks.dim() != 3 or blocks.shape[-1] != 16 or scales.shape != blocks.shape[:-1]:
         raise ValueError(
@@ -159,6 +163,10 @@ def read_linear(
         return _read_ct_int4(tensors, prefix, sch)
     if sch.style == "deepseek-fp8":
         w = _get(tensors, f"{prefix}.weight", torch.float8_e4m3fn, None)
+        if w.dim() != 2:
+            raise ValueError(
+                f"checkpoint tensor {prefix + '.weight'!r} must be 2-D [out, in], got {tuple(w.shape)}"
+            )
         out_f, in_f = int(w.shape[0]), int(w.shape[1])
         sshape = ((out_f + 127) // 128, (in_f + 127) // 128)
         s = _get(tensors, f"{prefix}.weight_scale_inv", torch.float32, sshape)

@@ -68,7 +68,14 @@ def _ct_scheme(name: str, cfg: dict[str, Any], is_linear: bool) -> LinearScheme:
                     f"config_groups.{gname}.weights.strategy {strategy!r}: only 'group' and "
                     "'channel' INT4 are supported"
                 )
-            g = int(w["group_size"]) if strategy == "group" else 0  # 0: whole row
+            g = 0  # channel: one scale per whole row
+            if strategy == "group":
+                g = w.get("group_size")
+                if isinstance(g, bool) or not isinstance(g, int) or g <= 0:
+                    raise ValueError(
+                        f"config_groups.{gname}.weights.group_size must be a positive integer "
+                        f"for strategy 'group', got {g!r}"
+                    )
             return LinearScheme("compressed-tensors", "int4", g, bool(w.get("symmetric", True)))
         if fmt_name == "nvfp4-pack-quantized":
             return LinearScheme("compressed-tensors", "nvfp4", 16)

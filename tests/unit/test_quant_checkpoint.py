@@ -264,3 +264,30 @@ def test_modelopt_exclude_globs() -> None:
     assert linear_scheme("lm_head", cfg).fmt == "bf16"
     assert linear_scheme("model.layers.0.self_attn.q_proj", cfg).fmt == "bf16"
     assert linear_scheme("model.layers.1.self_attn.q_proj", cfg).fmt == "nvfp4"
+
+
+def test_malformed_tensors_and_configs_name_the_problem() -> None:
+    """A 1-D FP8 weight, an expert index past a stacked gpt-oss tensor, a group strategy
+    without a usable group size: ValueErrors naming the tensor or config field (an IndexError,
+    KeyError or TypeError before)."""
+    p = "model.layers.0.mlp.down_proj"
+    w = torch.randn(44, 256)
+    t = write_linear(quantize(w, "fp8"), p, "deepseek-fp8")
+    flat = {p + ".weight": t[p + ".weight"].reshape(-1), p + ".weight_scale_inv": t[p + ".weight_scale_inv"]}
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj.weight' must be 2-D"):
+        read_linear(flat, p, quantization_config("deepseek-fp8", "fp8"))
+    g = write_linear(quantize(w, "mxfp4"), p, "gpt-oss")
+    stk = {p + "_blocks": torch.stack([g[p + "_blocks"]] * 2),
+           p + "_scales": torch.stack([g[p + "_scales"]] * 2)}
+    with pytest.raises(ValueError, match="expert 5 is not among their 2 experts"):
+        read_linear(stk, p, quantization_config("gpt-oss", "mxfp4"), expert=5)
+    for bad in ("<missing>", None, 0, -1, "32"):
+        cfg = quantization_config("compressed-tensors", "int4", group_size=32)
+        wts = cfg["config_groups"]["group_0"]["weights"]
+        if bad == "<missing>":
+            del wts["group_size"]
+        else:
+            wts["group_size"] = bad
+        with pytest.raises(ValueError, match=r"config_groups.group_0.weights.group_size must be a "
+                                             r"positive integer"):
+            linear_scheme(p, cfg)
