@@ -32,6 +32,7 @@ from orbit.kernels._triton import tl, triton
 from orbit.kernels.attention_exact import LOG2E, _check_q, load_kv_block, softmax_block, softmax_kv
 from orbit.kernels.gemv import arrival_counters
 from orbit.kernels.pdl import pdl_enter, pdl_launch
+from orbit.kernels.rope import _norm_rope_row, norm_rope_rows
 
 SPLIT_BLOCK_N = 64  # key positions per step
 SPLIT_MAX = 16  # chunks per (sequence, KV head)
@@ -92,10 +93,16 @@ def _attn_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, acc_ptr, ml_ptr, cnt_ptr, start_ptr, slot_ptr, stride_slot,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kpos, stride_kh, stride_vpos, stride_vh,
     qk_scale, HKV, SPLIT, CHUNK,
+    nk_ptr, nv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, stride_nkt, stride_nkh, stride_nvt,
+    stride_nvh, stride_ct, eps,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, ROPE: tl.constexpr = False, HAS_NORM: tl.constexpr = False,
 ):
+    # ROPE (the fold of orbit.kernels.rope.qk_norm_rope_kv): q_ptr holds the raw q, nk/nv_ptr
+    # the new token's raw k and v [B, Hkv, D]. Every program normalises and rotates its query
+    # rows itself; the program whose chunk holds the new position p0 normalises and rotates k,
+    # stores k and v in the cache at p0 and then (barrier) reads them back with the rest.
     pdl_enter(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -108,8 +115,23 @@ def _attn_decode_split_kernel(
     h = kvh * GROUP + rows
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(q_ptr + seq * stride_qt + h[:, None] * stride_qh + d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BM, BD]
+    if ROPE:  # (BLOCK_D == D: the launch requires a power-of-two head dim)
+        cs = seq.to(tl.int64) * stride_ct
+        if sp == p0 // (CHUNK * BLOCK_N):
+            kn = _norm_rope_row(nk_ptr + seq * stride_nkt + kvh * stride_nkh, kw_ptr,
+                                cos_ptr + cs, sin_ptr + cs, eps, D, HAS_NORM,
+                                k_ptr.dtype.element_ty)
+            tl.store(k_ptr + kvb + p0 * stride_kpos + kvh * stride_kh + d,
+                     kn.to(k_ptr.dtype.element_ty))
+            tl.store(v_ptr + kvb + p0 * stride_vpos + kvh * stride_vh + d,
+                     tl.load(nv_ptr + seq * stride_nvt + kvh * stride_nvh + d))
+            tl.debug_barrier()  # the block loads below read them from this CTA's own stores
+        q = norm_rope_rows(q_ptr + seq * stride_qt, stride_qh, h, rmask, qw_ptr, cos_ptr + cs,
+                           sin_ptr + cs, eps, D, HAS_NORM, q_ptr.dtype.element_ty)
+        q = q.to(q_ptr.dtype.element_ty)  # rounded as the separate launch stores it
+    else:
+        q = tl.load(q_ptr + seq * stride_qt + h[:, None] * stride_qh + d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BM, BD]
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -168,9 +190,26 @@ def _attn_decode_split_kernel(
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")  # re-armed for the next launch
 
 
+@dataclass(frozen=True)
+class DecodeRope:
+    """The new token's raw k and v [B, Hkv, D] and what turns raw q and k into attention's
+    inputs (per-head RMSNorm weights or None, eps, cos/sin rows [B, D]): with it,
+    `attention_decode_split` takes the raw q and does q/k norm + RoPE and the cache write of
+    k and v itself (`orbit.kernels.rope.qk_norm_rope_kv`'s work, one launch fewer)."""
+
+    k: Tensor
+    v: Tensor
+    q_weight: Tensor | None
+    k_weight: Tensor | None
+    eps: float
+    cos: Tensor
+    sin: Tensor
+
+
 def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
                            start_pos: Tensor, max_context: int, split: int,
-                           scale: float | None = None, config: DecodeConfig | None = None) -> Tensor:
+                           scale: float | None = None, config: DecodeConfig | None = None,
+                           rope: DecodeRope | None = None) -> Tensor:
     """q [B, H, D] (one new token per sequence, already written to the cache at start_pos),
     k/v_cache [S, L, Hkv, D] (one layer), slots/start_pos [B] int64 -> [B, H, D].
     `max_context` (host int, > every start_pos) bounds the positions read; `split` >= 1 chunks
@@ -178,7 +217,9 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
     stores its output directly: the fast-mode decode of a batch that fills the GPU). Both are
     static under CUDA-graph capture: a chunk is cdiv(max_context, split) positions rounded up
     to blocks, and the live position only decides which chunks are empty. `scale` None:
-    1/sqrt(D), as attention_cached_exact. `config` None: DecodeConfig()."""
+    1/sqrt(D), as attention_cached_exact. `config` None: DecodeConfig(). `rope`: q is the raw
+    q, and the kernel normalises and rotates q and k and writes k and v into the cache at
+    start_pos itself (DecodeRope; a power-of-two head dim, q/k/v and cache of one dtype)."""
     group = _check_q(q, k_cache)
     B, _, D = q.shape
     hkv = k_cache.shape[-2]
@@ -207,12 +248,38 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
         cnt = arrival_counters(q.device, B * hkv)
     slot = slots.to(device=q.device, dtype=torch.int64)
     start = start_pos.to(device=q.device, dtype=torch.int64)
+    rargs = _rope_args(rope, q, k_cache, v_cache, hkv, bd)
     _attn_decode_split_kernel[(B, hkv, split)](
         q, k_cache, v_cache, out, ws, ml, cnt, start, slot, k_cache.stride(0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        scale * LOG2E, hkv, split, chunk,
+        scale * LOG2E, hkv, split, chunk, *rargs,
         GROUP=group, D=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=cfg.block_n,
         IEEE=q.dtype == torch.float32, DIRECT=split == 1, PREFETCH=cfg.prefetch,
+        ROPE=rope is not None, HAS_NORM=rope is not None and rope.q_weight is not None,
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl_launch(q.device, B * hkv * split))
     return out
+
+
+def _rope_args(rope: DecodeRope | None, q: Tensor, kc: Tensor, vc: Tensor, hkv: int,
+               bd: int) -> tuple:
+    """The kernel's DecodeRope arguments (dummies without one), after checking the layout the
+    fold needs."""
+    if rope is None:
+        return (q, q, q, q, q, q, 0, 0, 0, 0, 0, 0.0)
+    B, _, D = q.shape
+    want = (B, hkv, D)
+    if (tuple(rope.k.shape) != want or tuple(rope.v.shape) != want or bd != D
+            or rope.cos.shape != (B, D) or rope.sin.shape != (B, D)
+            or (rope.q_weight is None) != (rope.k_weight is None)
+            or not q.dtype == rope.k.dtype == rope.v.dtype == kc.dtype == vc.dtype
+            or q.stride(-1) != 1 or rope.k.stride(-1) != 1 or rope.v.stride(-1) != 1):
+        raise ValueError(f"attention_decode_split(rope=...): q {tuple(q.shape)} {q.dtype}, k/v "
+                         f"{tuple(rope.k.shape)}/{tuple(rope.v.shape)} {rope.k.dtype}, cache "
+                         f"{kc.dtype}, cos {tuple(rope.cos.shape)}: needs k/v [B, Hkv, D] of "
+                         "the cache's dtype, unit-stride rows, a power-of-two D, cos/sin [B, D]")
+    cos, sin = rope.cos.contiguous(), rope.sin.contiguous()
+    qw = rope.q_weight if rope.q_weight is not None else q
+    kw = rope.k_weight if rope.k_weight is not None else q
+    return (rope.k, rope.v, qw, kw, cos, sin, rope.k.stride(0), rope.k.stride(1),
+            rope.v.stride(0), rope.v.stride(1), cos.stride(0), float(rope.eps))

@@ -59,6 +59,37 @@ def _norm_rope_row(x_row, w_ptr, cos_row, sin_row, eps, D: tl.constexpr,
 
 
 @triton.jit
+def norm_rope_rows(x_ptr, stride_h, h, rmask, w_ptr, cos_row, sin_row, eps, D: tl.constexpr,
+                   HAS_NORM: tl.constexpr, OUT: tl.constexpr):
+    """`_norm_rope_row` for several head rows h [R] of one token at once (rows past rmask read
+    zeros), [R, D] float32: the decode attention's GQA tile normalises and rotates its query
+    heads itself (orbit/kernels/attention_decode.py). The same per-element arithmetic; the
+    norm's sum over D runs in this tile's layout, so it may differ from the one-row launch's
+    in the last bit (fast mode only)."""
+    d = tl.arange(0, D)
+    half: tl.constexpr = D // 2
+    partner = (d + half) % D
+    m2 = rmask[:, None]
+    x = tl.load(x_ptr + h[:, None] * stride_h + d[None, :], mask=m2, other=0.0)
+    xp = tl.load(x_ptr + h[:, None] * stride_h + partner[None, :], mask=m2, other=0.0)
+    if HAS_NORM:
+        xf = x.to(tl.float32)
+        r = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
+        w = tl.load(w_ptr + d).to(tl.float32)[None, :]
+        wp = tl.load(w_ptr + partner).to(tl.float32)[None, :]
+        a = (w * (xf * r).to(x.dtype).to(tl.float32)).to(OUT).to(tl.float32)
+        b = (wp * (xp.to(tl.float32) * r).to(x.dtype).to(tl.float32)).to(OUT)
+        b = b.to(tl.float32)
+    else:
+        a = x.to(tl.float32)
+        b = xp.to(tl.float32)
+    b = tl.where((d < half)[None, :], -b, b)
+    c = tl.load(cos_row + d).to(tl.float32)[None, :]
+    s = tl.load(sin_row + d).to(tl.float32)[None, :]
+    return a * c + b * s
+
+
+@triton.jit
 def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr,
                       H, stride_xt, stride_xh, stride_yt, stride_yh, stride_ct, eps,
                       D: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr = False):

@@ -177,6 +177,10 @@ class AttnBatch:
     # every batch size (pick_decode). Changes the reduction order over keys: fast mode only,
     # exact mode leaves it False (the engine passes split_kv=not exact).
     split_kv: bool = False
+    # with split_kv, a decode step's attention launch also does q/k norm + RoPE and the cache
+    # write of k and v (`attend_rope`; orbit.kernels.attention_decode.DecodeRope): one launch
+    # per layer fewer. False keeps the separate launch (same-run comparisons).
+    fold_rope: bool = True
     _meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -197,10 +201,11 @@ class AttnBatch:
         routing: Any = None,
         backend: str = "sdpa",
         split_kv: bool = False,
+        fold_rope: bool = True,
     ) -> AttnBatch:
         """`max_context` (a Python int, <= cache.max_len) bounds how many cache positions a
         decode step reads; it must exceed every `start_pos`. None reads the whole slot.
-        `split_kv`: see the field."""
+        `split_kv`, `fold_rope`: see the fields."""
         n = slots.numel()
         if cu_seqlens.numel() != n + 1 or start_pos.numel() != n:
             raise ValueError(
@@ -211,7 +216,7 @@ class AttnBatch:
             raise ValueError(f"max_context={max_context} outside (0, cache.max_len={cache.max_len}]")
         _check_backend(backend)
         return cls("cached", cu_seqlens, cache, slots, start_pos, max_context, routing, backend,
-                   split_kv)
+                   split_kv, fold_rope)
 
     # -- per-batch metadata, computed at the first layer and reused by the others --------------
 
@@ -329,6 +334,39 @@ class AttnBatch:
             t0 += n
         return out
 
+    def attend_rope(self, layer: int, q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | None,
+                    k_weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor
+                    ) -> Tensor | None:
+        """A decode step's attention from the raw q, k, v [B, H(kv), D] in one launch: q/k
+        norm (weights or None) + RoPE, the cache write of k and v, and the attention itself
+        (orbit.kernels.attention_decode.DecodeRope), where it runs: the triton backend's
+        split-KV decode step with `fold_rope`; None elsewhere (the caller runs the separate
+        launches and then `attend`)."""
+        if not (self.fold_rope and self.split_kv and self.backend == "triton"
+                and self.kind == "cached" and self.cache is not None and self.slots is not None
+                and q.shape[0] == self.slots.numel()):
+            return None
+        from orbit.kernels.attention_decode import DecodeRope
+
+        return self._decode_split(layer, q, self.cache.k[layer], self.cache.v[layer],
+                                  DecodeRope(k, v, q_weight, k_weight, eps, cos, sin))
+
+    def _decode_split(self, layer: int, q: Tensor, kc: Tensor, vc: Tensor,
+                      rope: Any = None) -> Tensor:
+        """The split-KV decode kernel on this layer's cache (see `split_kv`)."""
+        from orbit.kernels.attention_decode import attention_decode_split, pick_decode
+        from orbit.kernels.gemv import num_sms
+
+        assert self.slots is not None and self.start_pos is not None
+        ctx = self.max_context or kc.shape[1]
+        if "decode" not in self._meta:  # same for every layer of the batch
+            self._meta["decode"] = pick_decode(q.shape[0], kc.shape[-2], ctx, num_sms(q.device))
+        # split 1 (the batch fills the GPU) runs the same kernel with one chunk: 16-row
+        # tiles for the GQA group, the live length bounds the walk (not the tile's last row)
+        split, cfg = self._meta["decode"]
+        return attention_decode_split(q, kc, vc, self.slots, self.start_pos, ctx, split,
+                                      config=cfg, rope=rope)
+
     def _attend_cached_triton(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Write the new K/V, then attend straight from the cache: no per-layer gather of the
         batch's K/V (the SDPA decode path copies kc[slots, :L] for every layer and step)."""
@@ -341,17 +379,7 @@ class AttnBatch:
             raise ValueError("attention backend 'triton' needs CUDA tensors; use backend='sdpa'")
         kc, vc = self._write_kv(layer, k, v)
         if self.split_kv and q.shape[0] == self.slots.numel():  # a decode step
-            from orbit.kernels.attention_decode import attention_decode_split, pick_decode
-            from orbit.kernels.gemv import num_sms
-
-            ctx = self.max_context or kc.shape[1]
-            if "decode" not in self._meta:  # same for every layer of the batch
-                self._meta["decode"] = pick_decode(q.shape[0], kc.shape[-2], ctx, num_sms(q.device))
-            # split 1 (the batch fills the GPU) runs the same kernel with one chunk: 16-row
-            # tiles for the GQA group, the live length bounds the walk (not the tile's last row)
-            split, cfg = self._meta["decode"]
-            return attention_decode_split(q, kc, vc, self.slots, self.start_pos, ctx, split,
-                                          config=cfg)
+            return self._decode_split(layer, q, kc, vc)
         return attention_cached_exact(q, kc, vc, self.cu_seqlens, self.slots, self.start_pos,
                                       self._max_new(q.shape[0]), force_triton=on_cpu)
 

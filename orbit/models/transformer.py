@@ -194,9 +194,14 @@ class Attention(nn.Module):
         qw = self.q_norm.weight if self.q_norm is not None else None
         kw = self.k_norm.weight if self.k_norm is not None else None
         if dest is not None and qk_norm_rope_kv_available(q, k, v, qw, kw, dest[0], dest[1]):
-            # A cached batch without autograd: q/k norm + RoPE and the cache write of k and v
-            # in one launch (kernels/rope.py), the bits of the separate launches below.
             eps = self.q_norm.eps if self.q_norm is not None else 0.0
+            # A fast-mode decode step: all of it inside the attention launch (AttnBatch.
+            # attend_rope). Else, a cached batch without autograd: q/k norm + RoPE and the
+            # cache write of k and v in one launch (kernels/rope.py), the bits of the separate
+            # launches below.
+            o = attn.attend_rope(self.layer_idx, q, k, v, qw, kw, eps, cos, sin)
+            if o is not None:
+                return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
             q = qk_norm_rope_kv(q, k, v, qw, kw, eps, cos, sin, *dest)
             attn.kv_written(self.layer_idx)
         elif fused:  # one launch each for q and k (kernels/rope.py)

@@ -166,6 +166,10 @@ class Engine:
     launches per adapted linear. Summation order differs from cuBLAS's, so None means
     `not exact and CUDA`, and exact mode refuses True. Linking happens here: inject adapters
     before building the engine.
+    fold_rope: with split_kv, each decode step's attention launch also does the q/k norm +
+    RoPE and the cache write of k and v (AttnBatch.attend_rope): one launch per layer fewer;
+    the query norm's sum runs in the attention tile's layout, so a value may differ in its
+    last bit from the separate launch's (fast mode). False: the separate launch.
     prefetch_weights: experimental, not yet measured (orbit/rollout/l2_prefetch.py): during decode
     steps on CUDA, prefetch the next block's frozen weights into L2 on a side stream while the
     current block computes. A hint only: the same bits.
@@ -201,6 +205,7 @@ class Engine:
         pdl: bool | None = None,
         fuse_lora: bool | None = None,
         prefetch_weights: bool = False,
+        fold_rope: bool = True,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -232,6 +237,7 @@ class Engine:
             raise ValueError("split_kv=True changes the reduction order of decode attention; "
                              "exact mode needs it off (leave split_kv=None)")
         self.split_kv = (not exact) if split_kv is None else split_kv
+        self.fold_rope = fold_rope
         self.overlap = (self.device.type == "cuda") if overlap is None else overlap
         self.pdl = pdl_available(self.device) if pdl is None else pdl
         self.vocab_size = self.config.vocab_size
@@ -330,7 +336,8 @@ class Engine:
                                        self.dtype, self.device)
         if self.use_graphs:
             self._graphs = DecodeGraphs(self.model, self.cache, self.num_slots, self.num_slots,
-                                        self.attn_backend, split_kv=self.split_kv)
+                                        self.attn_backend, split_kv=self.split_kv,
+                                        fold_rope=self.fold_rope)
             if self.exact:  # one graph per exact batch size: no padding rows
                 self._graphs.bs = list(range(1, self.num_slots + 1))
 
@@ -552,7 +559,8 @@ class Engine:
                 dev[0].copy_(dev_ids)
             cu = torch.arange(B + 1, dtype=torch.int32, device=self.device)
             attn = AttnBatch.cached(self.cache, dev[2], cu, dev[1], max_context=max_pos + 1,
-                                    backend=self.attn_backend, split_kv=self.split_kv)
+                                    backend=self.attn_backend, split_kv=self.split_kv,
+                                        fold_rope=self.fold_rope)
             hidden = self.model(dev[0], dev[1], attn)
         return self._draw(seqs, self.model.logits(hidden), shift)  # logits [B, V]
 

@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "tokens)"),
             ("--pdl", "on", "Engine(pdl=...) (programmatic dependent launch of the decode "
                             "kernels, sm_90+)"),
+            ("--fold-rope", "on", "Engine(fold_rope=...) (q/k norm + RoPE + cache write inside "
+                                  "the decode attention launch)"),
             ("--prefetch-weights", "off", "Engine(prefetch_weights=...) (experimental: the next "
                                           "block's weights into L2 on a side stream)"),
             ("--fuse-lora", "both", "lora section: Engine(fuse_lora=...) (LoRA decode groups; "
@@ -390,22 +392,23 @@ def main(argv: list[str] | None = None) -> int:
                 ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
                 # "both": off first (fusing re-homes the model's buffers for good)
                 onoff = {"on": [True], "off": [False], "both": [False, True]}
-                for fuse, split, ovl, pdl, l2p, pw, (rlabel, rtable) in [
-                        (f, s_, o, p, q, w_, rr) for f in onoff[args.fuse_siblings]
+                for fuse, split, ovl, pdl, l2p, pw, fr, (rlabel, rtable) in [
+                        (f, s_, o, p, q, w_, fr_, rr) for f in onoff[args.fuse_siblings]
                         for s_ in onoff[args.split_kv] for o in onoff[args.overlap]
                         for p in onoff[args.pdl] for q in onoff[args.l2_prefetch]
-                        for w_ in onoff[args.prefetch_weights] for rr in route_runs
+                        for w_ in onoff[args.prefetch_weights] for fr_ in onoff[args.fold_rope]
+                        for rr in route_runs
                         if p or q == onoff[args.l2_prefetch][-1]]:  # (prefetch only with PDL)
                     w = {**where, "fuse_siblings": fuse, "split_kv": split, "overlap": ovl,
                          "pdl": pdl, "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
-                         "qmm_routes": rlabel}
+                         "fold_rope": fr, "qmm_routes": rlabel}
                     gemv_mod.PDL_L2_PREFETCH = l2p
                     scope = (contextlib.nullcontext() if rlabel == "default"
                              else ROUTES.scoped(rtable))
                     with scope:  # the engine captures its graphs inside: the routes they hold
                         st = _attempt(rows, w, run_orbit, model, ps, new, device,
                                       fuse_siblings=fuse, split_kv=split, overlap=ovl, pdl=pdl,
-                                      prefetch_weights=pw, **okw)
+                                      prefetch_weights=pw, fold_rope=fr, **okw)
                     if st is None:
                         continue
                     row = {**w, "attn_backend": st["attn_backend"],
@@ -415,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                         b = bytes_per_decode_token(model, plen + new // 2)
                         roof = copy_gbs * 1e9 / b
                         _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
-                                     "qmm_routes": rlabel,
+                                     "qmm_routes": rlabel, "fold_rope": fr,
                                      "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
                                      "split_kv": split, "overlap": ovl, "pdl": pdl,
                                      "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
@@ -456,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                 (" split-kv" if r.get("split_kv") else "") + (" overlap" if r.get("overlap") else "") + \
                 (" pdl" if r.get("pdl") else "") + (" l2pre" if r.get("l2_prefetch") else "") + \
                 (" prefetch-weights" if r.get("prefetch_weights") else "") + \
+                ("" if r.get("fold_rope", True) else " no-fold-rope") + \
                 (f" routes:{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
@@ -470,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             fz = ("+grp" if r.get("fuse_siblings") else "") + ("+split" if r.get("split_kv") else "") + \
                 ("+ovl" if r.get("overlap") else "") + ("+pdl" if r.get("pdl") else "") + \
                 ("+l2pre" if r.get("l2_prefetch") else "") + ("+pfw" if r.get("prefetch_weights") else "") + \
+                ("" if r.get("fold_rope", True) else "-rope") + \
                 (f"+{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")

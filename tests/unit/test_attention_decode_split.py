@@ -25,7 +25,7 @@ CASES = [(1, 4, 4, 16, 256, 4, [200], None), (3, 8, 4, 32, 128, 2, [0, 63, 127],
 def _interpreter_main() -> None:
     import json
 
-    patch_interpreter()
+    patch_interpreter(bf16_dot=True, bf16_round=True)
     from orbit.kernels.attention_decode import DecodeConfig, attention_decode_split
     from orbit.kernels.attention_exact import attention_exact_reference
 
@@ -48,7 +48,53 @@ def _interpreter_main() -> None:
                                             torch.tensor([p]), scale)
             err = max(err, float((y[r:r + 1] - ref).abs().max()))
         out[str(i)] = {"err": err, "finite": bool(y.isfinite().all()), "same": bool(torch.equal(y, y2))}
+    out["rope"] = _rope_fold_cases()
     print(json.dumps(out))
+
+
+# (B, H, Hkv, D, max_context, split, positions, q/k norm, dtype, DecodeConfig fields or None)
+ROPE_CASES = [(2, 8, 4, 32, 256, 4, [0, 200], True, "float32", None),  # new token: chunk 0 / 3
+              (3, 4, 1, 16, 192, 3, [63, 64, 191], False, "float32", None),  # chunk borders
+              (2, 8, 2, 16, 320, 1, [5, 319], True, "bfloat16", None),  # direct path
+              (1, 8, 4, 32, 256, 2, [130], True, "bfloat16", (32, 4, 2, True))]  # prefetch
+
+
+def _rope_fold_cases() -> dict:
+    """The attention launch doing q/k norm + RoPE and the cache write itself (DecodeRope)
+    against qk_norm_rope_kv followed by the plain launch: the same cache bytes, the same
+    outputs."""
+    from orbit.kernels.attention_decode import DecodeConfig, DecodeRope, attention_decode_split
+    from orbit.kernels.rope import qk_norm_rope_kv
+
+    out = {}
+    for i, (b, h, hkv, d, ctx, split, pos, norm, dt, cfg) in enumerate(ROPE_CASES):
+        dtype = getattr(torch, dt)
+        config = DecodeConfig(*cfg) if cfg else None
+        g = torch.Generator().manual_seed(300 + i)
+        kc = torch.randn(b + 2, ctx + 8, hkv, d, generator=g).to(dtype)
+        vc = torch.randn(b + 2, ctx + 8, hkv, d, generator=g).to(dtype)
+        q = torch.randn(b, h, d, generator=g).to(dtype) * 3
+        k = torch.randn(b, hkv, d, generator=g).to(dtype) * 3
+        v = torch.randn(b, hkv, d, generator=g).to(dtype)
+        qw = (1 + 0.1 * torch.randn(d, generator=g)).to(dtype) if norm else None
+        kw = (1 + 0.1 * torch.randn(d, generator=g)).to(dtype) if norm else None
+        ang = torch.rand(b, d // 2, generator=g) * 6
+        cos = torch.cat([ang.cos(), ang.cos()], -1).to(dtype)
+        sin = torch.cat([ang.sin(), ang.sin()], -1).to(dtype)
+        slots = torch.randperm(b + 2, generator=g)[:b]
+        start = torch.tensor(pos)
+        kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        qo = qk_norm_rope_kv(q, k, v, qw, kw, 1e-6, cos, sin, kc2, vc2, slots, start)
+        want = attention_decode_split(qo, kc2, vc2, slots, start, ctx, split, config=config)
+        got = attention_decode_split(q, kc1, vc1, slots, start, ctx, split, config=config,
+                                     rope=DecodeRope(k, v, qw, kw, 1e-6, cos, sin))
+        again = attention_decode_split(q, kc1, vc1, slots, start, ctx, split, config=config,
+                                       rope=DecodeRope(k, v, qw, kw, 1e-6, cos, sin))
+        out[str(i)] = {"cache_equal": bool(torch.equal(kc1, kc2) and torch.equal(vc1, vc2)),
+                       "err": float((got.float() - want.float()).abs().max()),
+                       "scale": float(want.float().abs().max()),
+                       "same": bool(torch.equal(got, again))}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +108,16 @@ def test_split_decode_matches_reference(interp_results: dict, case: int) -> None
     assert r["finite"], r
     assert r["err"] < 1e-4, r  # fp32 (ieee dots): reduction order only
     assert r["same"], r  # deterministic, counters re-armed
+
+
+@pytest.mark.parametrize("case", range(len(ROPE_CASES)))
+def test_decode_launch_does_the_norm_rope_and_cache_write(interp_results: dict, case: int) -> None:
+    r = interp_results["rope"][str(case)]
+    assert r["cache_equal"], r  # k (normed, rotated) and v at the new position, nothing else
+    # the interpreter sums in one order for both layouts: the same values (on the GPU the
+    # query norm's sum may differ in its last bit, tests/gpu)
+    assert r["err"] <= 1e-6 * max(1.0, r["scale"]), r
+    assert r["same"], r
 
 
 def test_pick_splits() -> None:

@@ -59,7 +59,49 @@ def _interpreter_main() -> None:
             lg = model.logits(model(x, sp, batch))
             out[f"split{step}"] = max(float((lg[b] - ref[b][pre[b] + step]).abs().max())
                                       for b in range(4))
+            # and with q/k norm + RoPE + the cache write inside the attention launch
+            # (AttnBatch.attend_rope; the fused-kernel gates opened for the interpreter), against
+            # the separate one-launch norm/RoPE/cache write of the same step
+            folded = {}
+            import orbit.kernels.attention_decode as ad
+
+            real, ropes = ad.attention_decode_split, []
+
+            def spy(*a, rope=None, **kw):
+                ropes.append(rope is not None)
+                return real(*a, rope=rope, **kw)
+
+            ad.attention_decode_split = spy
+            for fold in (False, True):
+                with _fused_norm_rope_on_cpu():
+                    batch = AttnBatch.cached(cache, slots, torch.arange(5, dtype=torch.int32),
+                                             sp, max_context=128, backend="triton",
+                                             split_kv=True, fold_rope=fold)
+                    folded[fold] = model.logits(model(x, sp, batch))
+            out[f"fold{step}"] = max(float((folded[True][b] - ref[b][pre[b] + step]).abs().max())
+                                     for b in range(4))
+            ad.attention_decode_split = real
+            out[f"fold_vs_launch{step}"] = float((folded[True] - folded[False]).abs().max())
+            out[f"fold_launches{step}"] = ropes  # per layer: separate launch, then folded
     print(json.dumps(out))
+
+
+class _fused_norm_rope_on_cpu:
+    """The fused norm/RoPE gates check for CUDA; under the interpreter they may run on CPU."""
+
+    def __enter__(self) -> None:
+        import orbit.kernels.rope as rope
+        import orbit.models.transformer as tr
+
+        self.saved = rope.fused_norm_rope_available, tr.fused_norm_rope_available
+        ok = lambda x: x.shape[-1] >= 16 and not (x.shape[-1] & (x.shape[-1] - 1))  # noqa: E731
+        rope.fused_norm_rope_available = tr.fused_norm_rope_available = ok
+
+    def __exit__(self, *exc: object) -> None:
+        import orbit.kernels.rope as rope
+        import orbit.models.transformer as tr
+
+        rope.fused_norm_rope_available, tr.fused_norm_rope_available = self.saved
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +109,8 @@ def interp_results() -> dict:
     return run_in_interpreter(__file__)
 
 
-@pytest.mark.parametrize("stage", ["prefill", "decode0", "decode1", "split0", "split1"])
+@pytest.mark.parametrize("stage", ["prefill", "decode0", "decode1", "split0", "split1", "fold0",
+                                   "fold1"])
 def test_triton_backend_matches_packed_sdpa(interp_results: dict, stage: str) -> None:
     assert interp_results[stage] < 1e-4, interp_results  # fp32, reduction order only
 
@@ -89,3 +132,10 @@ def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter() -> None:
 
 if __name__ == "__main__":
     _interpreter_main()
+
+
+def test_folded_norm_rope_equals_its_separate_launch(interp_results: dict) -> None:
+    for step in (0, 1):
+        assert interp_results[f"fold_vs_launch{step}"] <= 1e-6, interp_results
+        # two layers without the fold, then the same two with it
+        assert interp_results[f"fold_launches{step}"] == [False, False, True, True]
