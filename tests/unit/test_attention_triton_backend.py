@@ -66,12 +66,7 @@ def _interpreter_main() -> None:
             import orbit.kernels.attention_decode as ad
 
             real, ropes = ad.attention_decode_split, []
-
-            def spy(*a, rope=None, **kw):
-                ropes.append(rope is not None)
-                return real(*a, rope=rope, **kw)
-
-            ad.attention_decode_split = spy
+            ad.attention_decode_split = _spy(real, ropes)
             for fold in (False, True):
                 with _fused_norm_rope_on_cpu():
                     batch = AttnBatch.cached(cache, slots, torch.arange(5, dtype=torch.int32),
@@ -86,20 +81,29 @@ def _interpreter_main() -> None:
     print(json.dumps(out))
 
 
+def _spy(real, ropes: list):
+    """attention_decode_split that records whether each call folds the norm/RoPE."""
+    def spy(*a, rope=None, **kw):
+        ropes.append(rope is not None)
+        return real(*a, rope=rope, **kw)
+
+    return spy
+
+
 class _fused_norm_rope_on_cpu:
     """The fused norm/RoPE gates check for CUDA; under the interpreter they may run on CPU."""
 
     def __enter__(self) -> None:
-        import orbit.kernels.rope as rope
         import orbit.models.transformer as tr
+        from orbit.kernels import rope
 
         self.saved = rope.fused_norm_rope_available, tr.fused_norm_rope_available
-        ok = lambda x: x.shape[-1] >= 16 and not (x.shape[-1] & (x.shape[-1] - 1))  # noqa: E731
+        ok = lambda x: x.shape[-1] >= 16 and not (x.shape[-1] & (x.shape[-1] - 1))
         rope.fused_norm_rope_available = tr.fused_norm_rope_available = ok
 
     def __exit__(self, *exc: object) -> None:
-        import orbit.kernels.rope as rope
         import orbit.models.transformer as tr
+        from orbit.kernels import rope
 
         rope.fused_norm_rope_available, tr.fused_norm_rope_available = self.saved
 
