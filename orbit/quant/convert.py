@@ -31,6 +31,33 @@ DEFAULT_TARGETS: tuple[str, ...] = (
 )
 
 
+def check_targets(model: nn.Module, targets: Sequence[str]) -> None:
+    """ValueError naming a target pattern that cannot be what the caller meant: a `re:` pattern
+    that does not compile, or a pattern of its own (not one of DEFAULT_TARGETS, which name
+    every architecture's linears) that matches no module, or only modules that are not
+    linears (`embed_tokens`). A typo would otherwise leave those layers in BF16 silently."""
+    for p in targets:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise ValueError(f"target pattern {p!r} is not a valid regular expression: "
+                                 f"{e}") from None
+    names = [(n, m) for n, m in model.named_modules() if n]
+    for p in targets:
+        if p in DEFAULT_TARGETS:
+            continue
+        hits = [(n, m) for n, m in names if name_matches(n, p)]
+        if not hits:
+            some = ", ".join(n for n, m in names if isinstance(m, (nn.Linear, QuantLinear)))
+            raise ValueError(f"target pattern {p!r} matches no module of the model (its linears "
+                             f"are named like: {some[:160]}...)")
+        if not any(isinstance(m, (nn.Linear, QuantLinear)) for _, m in hits):
+            n, m = hits[0]
+            raise ValueError(f"target pattern {p!r} matches only modules that are not linears "
+                             f"({n!r} is a {type(m).__name__}); only nn.Linear is quantized")
+
+
 def name_matches(name: str, pattern: str) -> bool:
     """`re:<regex>` (re.fullmatch), a glob with * ? [ (fnmatch on the full name), or a plain
     module name that matches the last components (`q_proj` matches
@@ -62,6 +89,7 @@ def convert_linears(
     (e.g. in_features not divisible by the group) raises ValueError naming it."""
     if isinstance(targets, str):
         raise TypeError("targets must be a sequence of patterns, not a single string")
+    check_targets(model, targets)
     chosen = [
         (name, mod)
         for name, mod in model.named_modules()

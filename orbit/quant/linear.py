@@ -74,6 +74,8 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, t.detach())
         self.register_buffer("bias", None if bias is None else bias.detach())
         self._dense: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        # new packed buffers from a state dict make the dense copies stale (as SparseMoeBlock)
+        self.register_load_state_dict_post_hook(lambda mod, _keys: mod.clear_cache())
         # orbit.quant.siblings.SiblingGroup when fuse_siblings stacked this layer's buffers with
         # those of the projections that read the same input (q/k/v, gate/up).
         self._sibling: Any = None

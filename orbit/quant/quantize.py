@@ -246,4 +246,22 @@ def quantize(
             tensors = _quantize_nvfp4(w32)
         else:
             tensors = _quantize_mxfp4(w32)
+        _check_scales(fmt, tensors, scale_dtype)
     return QuantizedWeight(fmt, shape, {k: v.contiguous() for k, v in tensors.items()}, g)
+
+
+def _check_scales(fmt: str, tensors: dict[str, Tensor], scale_dtype: torch.dtype) -> None:
+    """ValueError where the scales themselves leave their dtype's range (weights of ~1e6 in
+    fp16 scales overflow to inf; NVFP4's global scale underflows to 0 below ~1e-35): the
+    weight would dequantize to NaN or zeros without a word."""
+    for name in ("scale", "offset", "scale_inv", "global_scale"):
+        t = tensors.get(name)
+        if t is None or not t.is_floating_point():
+            continue
+        f = t.to(torch.float32)
+        if not bool(torch.isfinite(f).all()):
+            raise ValueError(f"{fmt}: the weight's magnitude overflows its {name} "
+                             f"({t.dtype}; scale_dtype={scale_dtype}); use float32 scales")
+        if name == "global_scale" and not bool((f > 0).all()):
+            raise ValueError(f"{fmt}: the weight's magnitude is too small for a float32 global "
+                             "scale (it underflows to 0)")

@@ -62,6 +62,10 @@ class SamplingParams:
             elif isinstance(v, Iterable):
                 object.__setattr__(self, name, tuple(v))
             # anything else stays as given: check() names it
+        # numpy integers pass check() (numbers.Integral), but the 64-bit key mixing needs
+        # Python ints (np.int32 arithmetic overflows): store the seed as one
+        if _int(self.seed):
+            object.__setattr__(self, "seed", int(self.seed))
 
     @property
     def greedy(self) -> bool:

@@ -268,3 +268,18 @@ def test_quantized_weight_names_what_is_wrong_with_its_tensors() -> None:
         QuantizedWeight("nvfp4", (8, 64), dict(nq.tensors, global_scale=torch.ones(2)), 16)
     with pytest.raises(ValueError, match="shape must be"):
         QuantizedWeight("int8", (8, 0), {}, 32)
+
+
+def test_scales_that_leave_their_range_are_errors() -> None:
+    """quantize() refuses inf/NaN input; it must not make them itself: fp16 scales of 1e6
+    weights overflow, an NVFP4 global scale of 1e-37 weights underflows to 0."""
+    import pytest
+
+    from orbit.quant.quantize import quantize
+
+    w = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="overflows its scale"):
+        quantize(w * 1e6, "int4", group_size=32, symmetric=False, scale_dtype=torch.float16)
+    with pytest.raises(ValueError, match="too small for a float32 global scale"):
+        quantize(w * 1e-37, "nvfp4")
+    assert quantize(torch.zeros(8, 64), "nvfp4").dequantize().abs().max() == 0  # zeros are fine

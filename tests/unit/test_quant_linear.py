@@ -167,6 +167,25 @@ def test_convert_linears_targets_and_errors() -> None:
         convert_linears(_tiny_llama(), "int4", targets=["down_proj"], group_size=48)
     with pytest.raises(TypeError, match="sequence"):
         convert_linears(_tiny_llama(), "int4", targets="q_proj")
+    # a target that cannot be what the caller meant converts nothing silently no more
+    for bad, msg in ((["q_proj "], "matches no module"), (["self_attn.qproj"], "matches no module"),
+                     (["embed_tokens"], "matches only modules that are not linears"),
+                     (["re:(k|v_proj"], "not a valid regular expression")):
+        with pytest.raises(ValueError, match=msg):
+            convert_linears(_tiny_llama(), "int8", targets=bad, group_size=32)
+    # converting twice is still fine: the pattern names QuantLinears now
+    assert convert_linears(model, "int8", targets=["q_proj"], group_size=32) == 0
+
+
+def test_load_state_dict_refreshes_the_dense_cache() -> None:
+    """On CPU a QuantLinear computes with a cached dense weight; loading new packed buffers
+    must not leave the old one in use."""
+    a = _layer("int8", {"group_size": 32})
+    b = QuantLinear.from_linear(torch.nn.Linear(128, 48), "int8", group_size=32)
+    x = torch.randn(3, 128)
+    a(x)  # fills the cache
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(a(x), b(x))
 
 
 def test_w8a8_act_quant_forward_and_straight_through_backward() -> None:

@@ -171,3 +171,12 @@ def test_params_take_a_lone_stop_string_or_id_and_tiny_temperatures_are_greedy()
     tok, lp = sample(logits, b)
     assert torch.equal(tok, logits.argmax(-1)) and lp.isfinite().all()
     assert b.temperature.tolist() == [0.0, 0.0]  # greedy on the device too
+
+
+def test_numpy_integer_seeds_are_plain_ints() -> None:
+    import numpy as np
+
+    for t in (np.int8, np.int16, np.int32, np.uint16, np.int64):
+        p = SamplingParams(seed=t(7))
+        assert type(p.seed) is int and p.seed == 7
+        assert sequence_key(p.seed, 0, 1) == sequence_key(7, 0, 1)
