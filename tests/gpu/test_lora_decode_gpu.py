@@ -95,7 +95,11 @@ def test_gemv_epilogue_at_qwen3_shapes(fmt: str, m: int, k: int, ns: list[int]) 
         hk = torch.full_like(h, float("nan"))
         yk = dispatch.qmm_lora(x, qw, LoRAEpilogue(hk, tuple(b), 2.0, tuple(a)))
         dh = (hk.float() - h.float()).abs()
-        assert (dh <= h.float().abs() * 2.0 ** -7 * 1.01).all()  # an ulp at most (warps differ)
+        # an ulp of h at most (another summation order), plus where h is a cancellation the
+        # fp32 sums' own order error, which scales with sum |x||a| over K (6144 here)
+        habs = x.float().abs() @ torch.cat(a).float().abs().T
+        bound = torch.maximum(h.float().abs(), hk.float().abs()) * 2.0 ** -7 * 1.01 + habs * 2e-6
+        assert (dh <= bound).all(), (dh - bound).max()
         if torch.equal(hk, h):
             assert torch.equal(yk, y)
 
