@@ -180,7 +180,7 @@ class AttnBatch:
     # with split_kv, a decode step's attention launch also does q/k norm + RoPE and the cache
     # write of k and v (`attend_rope`; orbit.kernels.attention_decode.DecodeRope): one launch
     # per layer fewer. False keeps the separate launch (same-run comparisons).
-    fold_rope: bool = True
+    fold_rope: bool = False
     _meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -201,7 +201,7 @@ class AttnBatch:
         routing: Any = None,
         backend: str = "sdpa",
         split_kv: bool = False,
-        fold_rope: bool = True,
+        fold_rope: bool = False,
     ) -> AttnBatch:
         """`max_context` (a Python int, <= cache.max_len) bounds how many cache positions a
         decode step reads; it must exceed every `start_pos`. None reads the whole slot.

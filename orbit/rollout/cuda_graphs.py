@@ -67,7 +67,7 @@ class DecodeGraphs:
     def __init__(
         self, model: torch.nn.Module, cache: KVCache, max_bs: int, scratch_slot: int, backend: str = "sdpa",
         split_kv: bool = False,
-        fold_rope: bool = True,
+        fold_rope: bool = False,
     ) -> None:
         assert cache.k.is_cuda, "CUDA graphs need the KV cache on a CUDA device"
         assert 0 <= scratch_slot < cache.num_slots

@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "tokens)"),
             ("--pdl", "on", "Engine(pdl=...) (programmatic dependent launch of the decode "
                             "kernels, sm_90+)"),
-            ("--fold-rope", "on", "Engine(fold_rope=...) (q/k norm + RoPE + cache write inside "
+            ("--fold-rope", "off", "Engine(fold_rope=...) (q/k norm + RoPE + cache write inside "
                                   "the decode attention launch)"),
             ("--prefetch-weights", "off", "Engine(prefetch_weights=...) (experimental: the next "
                                           "block's weights into L2 on a side stream)"),
