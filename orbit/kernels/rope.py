@@ -40,9 +40,22 @@ def _norm_rope_row(x_row, w_ptr, cos_row, sin_row, eps, D: tl.constexpr,
     partner = (d + half) % D  # rotate_half: [-x2, x1]
     x = tl.load(x_row + d)
     xp = tl.load(x_row + partner)
+    r = 1.0
     if HAS_NORM:
         xf = x.to(tl.float32)
         r = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    return _norm_rope_math(x, xp, r, w_ptr, cos_row, sin_row, d, partner, d < half, HAS_NORM,
+                           OUT)
+
+
+@triton.jit
+def _norm_rope_math(x, xp, r, w_ptr, cos_row, sin_row, d, partner, first_half, HAS_NORM: tl.constexpr,
+                    OUT: tl.constexpr):
+    """The elementwise part of norm + RoPE for values x and their rotate_half partners xp (one
+    row [D], or rows [R, D] with d, partner and first_half broadcast as [1, D] and r as
+    [R, 1]), given the RMSNorm factor r: shared by the one-row and the GQA-tile forms."""
+    if HAS_NORM:
+        xf = x.to(tl.float32)
         w = tl.load(w_ptr + d).to(tl.float32)
         wp = tl.load(w_ptr + partner).to(tl.float32)
         # HF RMSNorm rounding: normalise in fp32, cast to x's dtype, scale, cast to the output
@@ -52,7 +65,7 @@ def _norm_rope_row(x_row, w_ptr, cos_row, sin_row, eps, D: tl.constexpr,
     else:
         a = x.to(tl.float32)
         b = xp.to(tl.float32)
-    b = tl.where(d < half, -b, b)
+    b = tl.where(first_half, -b, b)
     c = tl.load(cos_row + d).to(tl.float32)
     s = tl.load(sin_row + d).to(tl.float32)
     return a * c + b * s
@@ -72,21 +85,12 @@ def norm_rope_rows(x_ptr, stride_h, h, rmask, w_ptr, cos_row, sin_row, eps, D: t
     m2 = rmask[:, None]
     x = tl.load(x_ptr + h[:, None] * stride_h + d[None, :], mask=m2, other=0.0)
     xp = tl.load(x_ptr + h[:, None] * stride_h + partner[None, :], mask=m2, other=0.0)
+    r = tl.full((x.shape[0], 1), 1.0, tl.float32)
     if HAS_NORM:
         xf = x.to(tl.float32)
         r = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
-        w = tl.load(w_ptr + d).to(tl.float32)[None, :]
-        wp = tl.load(w_ptr + partner).to(tl.float32)[None, :]
-        a = (w * (xf * r).to(x.dtype).to(tl.float32)).to(OUT).to(tl.float32)
-        b = (wp * (xp.to(tl.float32) * r).to(x.dtype).to(tl.float32)).to(OUT)
-        b = b.to(tl.float32)
-    else:
-        a = x.to(tl.float32)
-        b = xp.to(tl.float32)
-    b = tl.where((d < half)[None, :], -b, b)
-    c = tl.load(cos_row + d).to(tl.float32)[None, :]
-    s = tl.load(sin_row + d).to(tl.float32)[None, :]
-    return a * c + b * s
+    return _norm_rope_math(x, xp, r, w_ptr, cos_row, sin_row, d[None, :], partner[None, :],
+                           (d < half)[None, :], HAS_NORM, OUT)
 
 
 @triton.jit
