@@ -105,9 +105,12 @@ class GemvConfig:
     stages: int
     unpack: int = -1  # see orbit/kernels/_tiles.py; -1: _qgemm.DEFAULT_UNPACK for the format
     planes: bool = True  # nibble formats: the nibble-plane kernel (below) instead of the tile one
-    # FP4 in the plane kernel: build E2M1 values as fp32 bits (no fp16 -> fp32 convert). Off by
-    # default until the device measures it (bench_qmm.py --gemv --gemv-sweep --gemv-e2m1).
-    e2m1_bits: bool = False
+    # FP4 in the plane kernel, the E2M1 decode (_plane_values): 0 fp16 bits + an fp16 -> fp32
+    # convert; 1 fp32 bits with a select for the two subnormal codes; 2 fp32 bits of the value
+    # * 2^-126 for every code, the 2^126 folded into x and the scale (NVFP4 only: MXFP4's E8M0
+    # scales reach 2^127, so it keeps 1). Measured against each other by bench_qmm.py --gemv
+    # --gemv-sweep --gemv-e2m1.
+    e2m1: int = 0
     # Split-K: the last K-slice program of each column tile adds the slices' fp32 partials
     # itself (an arrival counter per tile), instead of a second `_splitk_reduce_kernel` launch.
     fixup: bool = True
@@ -394,12 +397,14 @@ def _plane_values(words, I: tl.constexpr, CODE: tl.constexpr):
     trick of int4.int4_codes (no int->float convert). E2M1 codes (FP4): CODE 2 makes value *
     2^-14 through fp16 bits (fp4.e2m1_scaled; the kernel folds the 2^14 into the scale), which
     costs an fp16 -> fp32 convert per element; CODE 3 builds the fp32 value's bits directly
-    (GemvConfig.e2m1_bits)."""
+    (GemvConfig.e2m1 = 1); CODE 4 the bits of value * 2^-126 (GemvConfig.e2m1 = 2)."""
     u = (words >> (4 * I)) & 0xF
     if CODE <= 1:
         v = int4_codes(u, CODE == 0)  # u - 8 (symmetric) or u
     elif CODE == 2:
         v = e2m1_scaled(u)
+    elif CODE == 4:
+        v = _e2m1_fp32_bits(words, I)
     else:
         # E2M1 built as fp32 bits, no convert: magnitudes 1..6 (e >= 1) are the fp32 whose
         # exponent/mantissa bits are (e + 126, m), i.e. (em + 252) << 22; the two subnormal
@@ -408,6 +413,31 @@ def _plane_values(words, I: tl.constexpr, CODE: tl.constexpr):
         mag = tl.where(em >= 2, (em + 252) << 22, (0 - em) & 0x3F000000)
         v = (mag | ((u & 8) << 28)).to(tl.float32, bitcast=True)
     return v
+
+
+# CODE 4: the powers of two that undo the 2^-126 (split between x, before the products, and
+# the group scale, after the sums: every product and partial sum stays a normal fp32 for |x| in
+# [2^-63, 2^63] and E4M3 scales, so the sums are CODE 2's scaled by exact powers of two: the
+# same bits), and the int32 0x81C00000 (the sign bit and fp32 bits 22..24).
+E2M1_X_UP = tl.constexpr(2.0**64)
+E2M1_S_UP = tl.constexpr(2.0**62)
+E2M1_BITS = tl.constexpr(-2118123520)
+
+
+@triton.jit
+def _e2m1_fp32_bits(words, I: tl.constexpr):
+    """Nibble I of int32 words as the float32 E2M1 value * 2^-126, in 3 integer ops (2 for
+    nibble 7) and no convert: the nibble moved to the word's top 4 bits, then an arithmetic
+    shift right by 6 keeps the sign at bit 31 and puts the magnitude bits (e1 e0 m) at fp32 bits
+    22..24 (exponent field e, top mantissa bit m: 2^(e-127) (1 + m/2) = 2^-126 * 2^(e-1)
+    (1 + m/2) for e >= 1, and the fp32 subnormal m * 2^-127 = 2^-126 * m/2 for e = 0); one AND
+    clears the sign's copies (bits 25..30) and the other nibbles' bits. (Two shifts and an
+    AND-OR of two masks compile to 4 ops: LOP3 takes one immediate.)"""
+    if I < 7:
+        top = words << (28 - 4 * I)
+    else:
+        top = words
+    return ((top >> 6) & E2M1_BITS).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -563,6 +593,8 @@ def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
             if DEFER and CODE <= 1:
                 v = _int4_plane_masked(lo if i < 4 else hi, i % 4, CODE == 0)
                 cx += v[:, None, :, :] * (xi * (1.0 / 16.0 ** (i % 4)))[None, :, :, :]
+            elif CODE == 4:
+                cx += _plane_values(words, i, CODE)[:, None, :, :] * (xi * E2M1_X_UP)[None, :, :, :]
             else:
                 cx += _plane_values(words, i, CODE)[:, None, :, :] * xi[None, :, :, :]
             if HAS_OFFSET:
@@ -575,6 +607,8 @@ def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
             sc = tl.load(s_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
         if CODE == 2:
             sc = sc * 16384.0  # e2m1_scaled's 2^-14
+        elif CODE == 4:
+            sc = sc * E2M1_S_UP
         if DEFER:
             acc4 += cx * sc[:, None, :, None]
             if HAS_OFFSET:
@@ -726,8 +760,8 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     largs, lconst, grid = lora_launch(lora, x, y, grid, split, in_kernel=words is not None, n=n)
     if words is not None:
         code = PLANE_CODES[(fmt, offset is not None)] if fmt == "int4" else PLANE_CODES[fmt]
-        if code == 2 and cfg.e2m1_bits:
-            code = 3
+        if code == 2 and cfg.e2m1:
+            code = 4 if cfg.e2m1 == 2 and fmt == "nvfp4" else 3
         _gemv_planes_kernel[grid](
             x, out, words, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,
             stride_os, words.stride(0), s.stride(0), y.stride(0), *largs, n // 2,

@@ -10,7 +10,7 @@ before each, so L2 starts cold).
 `--gemv` runs only the decode comparison of the old fused `tl.dot` kernel and the GEMV /
 split-K path (orbit/kernels/gemv.py) at M in {1, 4, 16} for int4/fp8/nvfp4 against cuBLAS
 BF16, same rotation and graph replay; `--gemv-sweep` adds the GEMV_ALTS configs
-(`--gemv-deep`: GEMV_ALTS_DEEP, `--gemv-e2m1`: GEMV_ALTS_E2M1, `--gemv-xpre`: GEMV_ALTS_XPRE
+(`--gemv-deep`: GEMV_ALTS_DEEP, `--gemv-xpre`: GEMV_ALTS_XPRE
 instead; FP8 at M <= FP8_GEMV_MAX_M gets FP8_ALTS with --gemv-sweep, and a `gemv-v1` row, the
 tile kernel it replaced; `--gemv-formats fp8` narrows the formats; every M = 1 call also gets
 `gemv-pdl` rows (programmatic dependent launch, orbit/kernels/pdl.py; `-l2`: with the L2
@@ -244,8 +244,6 @@ GEMV_ALTS_SMALL = [(16, 128, 4, 4, 3, True), (16, 128, 8, 4, 3, True), (32, 128,
 # warps, stages); bm = max(16, M).
 SWAP_ALTS = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 256, 4, 3)]
 
-# --gemv-e2m1: the shipped FP4 plane configs with E2M1 built as fp32 bits (no fp16 convert),
-# beside the same configs without (7th field: GemvConfig.e2m1_bits).
 # --gemv-xpre (session 6): around the shipped M = 1 plane config with the x prefetch: more
 # programs (split 2, 16 rows), more warps, shallower steps (8th field: x_prefetch).
 GEMV_ALTS_XPRE = [(32, 512, 2, 4, 3, True, False, True), (16, 512, 0, 4, 3, True, False, True),
@@ -253,8 +251,6 @@ GEMV_ALTS_XPRE = [(32, 512, 2, 4, 3, True, False, True), (16, 512, 0, 4, 3, True
                   (64, 512, 0, 8, 3, True, False, True), (32, 512, 0, 4, 4, True, False, True),
                   (16, 256, 0, 2, 3, True, False, True), (32, 1024, 0, 4, 2, True, False, True)]
 
-GEMV_ALTS_E2M1 = [(32, 256, 0, 4, 3, True, True), (16, 512, 0, 4, 3, True, True),
-                  (16, 512, 0, 4, 3, True, False)]
 
 # FP8 at M <= FP8_GEMV_MAX_M (orbit/kernels/gemv_fp8.py, session 8), timed with --gemv-sweep: (block_n,
 # block_k, split, warps, stages, dec, x_prefetch); split 0 = the heuristic's.
@@ -279,7 +275,8 @@ def _gemv(x, qw, config=None):
 
 def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = None,
                 ms_: tuple = (1, 4, 16), alt_list: list | None = None,
-                swap: bool = False, formats: tuple = ("int4", "fp8", "nvfp4")) -> list[dict]:
+                swap: bool = False, formats: tuple = ("int4", "fp8", "nvfp4"),
+                e2m1: bool = False) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run."""
     from orbit.kernels.gemv import FP8_GEMV_MAX_M, GemvConfig, num_sms, pick_gemv_config
     from orbit.kernels.gemv_fp8 import Fp8GemvConfig, pick_fp8_gemv_config
@@ -311,6 +308,12 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan.append(("gemv-s5", dataclasses.replace(auto, defer=False,
                                                                 x_prefetch=False)))
                     plan.append(("gemv-noxpre", dataclasses.replace(auto, x_prefetch=False)))
+                if e2m1 and fmt == "nvfp4" and getattr(auto, "planes", False):
+                    # the shipped config with the other E2M1 decodes (GemvConfig.e2m1), with
+                    # and without PDL: 1 fp32 bits + select, 2 fp32 bits with the scale folded
+                    plan += [(f"gemv-e2m1-{e}{'-pdl' if p else ''}",
+                              dataclasses.replace(auto, e2m1=e, pdl=p))
+                             for e in (1, 2) for p in ((False, True) if m == 1 else (False,))]
                 if m == 1:  # programmatic dependent launch between the graphed calls
                     plan.append(("gemv-pdl", dataclasses.replace(auto, pdl=True)))
                     plan.append(("gemv-pdl-l2", dataclasses.replace(auto, pdl=True,
@@ -325,7 +328,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                              for bo, br, w, st in SWAP_ALTS]
                 if alts and fmt in ("int4", "nvfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
-                                                     e2m1_bits=bool(eb and eb[0]),
+                                                     e2m1=int(bool(eb and eb[0])),
                                                      defer=m == 1,
                                                      x_prefetch=len(eb) > 1 and eb[1]))
                              for bn, bk, sp, w, st, pl, *eb in alt_list
@@ -457,7 +460,8 @@ def main() -> None:
     ap.add_argument("--gemv-xpre", action="store_true",
                     help="with --gemv-sweep: plane configs with the x prefetch (GEMV_ALTS_XPRE)")
     ap.add_argument("--gemv-e2m1", action="store_true",
-                    help="with --gemv-sweep: FP4 plane configs with fp32-bit E2M1 (GEMV_ALTS_E2M1)")
+                    help="with --gemv: NVFP4 also with the fp32-bit E2M1 decodes "
+                         "(GemvConfig.e2m1 = 1, 2) of the shipped config")
     ap.add_argument("--mid", action="store_true",
                     help="only rollout batch sizes (MID_M rows, Qwen3-1.7B shapes): the tl.dot "
                          "loop vs dequantize + cuBLAS vs cuBLAS BF16, to place DEQUANT_MIN_M")
@@ -485,10 +489,9 @@ def main() -> None:
         res["gemv"] = decode_gemv(args.quick, ceil["copy_GBps"], args.gemv_sweep, shapes or None,
                                   tuple(int(v) for v in args.gemv_m.split(",")),
                                   GEMV_ALTS_XPRE if args.gemv_xpre else
-                                  GEMV_ALTS_E2M1 if args.gemv_e2m1 else
                                   GEMV_ALTS_SMALL if args.gemv_small else
                                   GEMV_ALTS_DEEP if args.gemv_deep else None, args.gemv_swap,
-                                  tuple(args.gemv_formats.split(",")))
+                                  tuple(args.gemv_formats.split(",")), args.gemv_e2m1)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")

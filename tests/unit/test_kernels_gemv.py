@@ -30,13 +30,14 @@ CASES = [("int4", {"group_size": 32}, 320), ("int4", {"group_size": 128}, 384),
 N_OUT = 80
 MS = (1, 3, 16)
 # "auto" = through the format's public wrapper (launch -> heuristic); the others call gemv()
-# with a fixed config: (block_n, block_k, split, warps, stages, unpack, planes, e2m1_bits,
+# with a fixed config: (block_n, block_k, split, warps, stages, unpack, planes, e2m1,
 # fixup, defer, x_prefetch); split-K adds the slices in the last-arriving program unless fixup is False. 4-bit formats
 # run the nibble-plane kernel unless planes is False ("tiles": the dequantized-tile kernel).
 CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2),
            "split3-reduce-launch": (16, 64, 3, 4, 2, -1, True, False, False),
            "tiles": (32, 128, 2, 4, 3, -1, False), "planes256": (32, 256, 1, 4, 3),
-           "planes-e2m1bits": (32, 128, 2, 4, 3, -1, True, True),
+           "planes-e2m1bits": (32, 128, 2, 4, 3, -1, True, 1),
+           "planes-e2m1fold": (32, 128, 2, 4, 3, -1, True, 2),
            "planes-nodefer": (32, 256, 2, 4, 3, -1, True, False, True, False),
            "planes-xprefetch": (16, 128, 3, 4, 3, -1, True, False, True, True, True),
            "auto": None}
@@ -119,16 +120,31 @@ def _interpreter_main() -> None:
               torch.empty(5, N_OUT).bfloat16(), gemv.GemvConfig(16, 32, 4, 4, 2))
     gemv.arrival_counters = orig_counters
     out["counters-rearmed"] = cnt.tolist()
-    # E2M1: every code through both plane decodes (fp16 bits + convert; fp32 bits + select),
-    # scale 1 and global scale 1; one-hot x rows read the codes back: y[m, n] = W[n, m].
+    # E2M1: every code through the three plane decodes (fp16 bits + convert; fp32 bits +
+    # select; fp32 bits of value * 2^-126), scale 1 and global scale 1; one-hot x rows read the
+    # codes back: y[m, n] = W[n, m].
     codes = torch.arange(16, dtype=torch.uint8)
     q = (codes[0::2] | (codes[1::2] << 4)).reshape(1, 8).repeat(16, 1)  # [16 out, 8 bytes]
     one = torch.ones(16, 1).to(torch.float8_e4m3fn)
-    for bits in (False, True):
+    for e2m1 in (0, 1, 2):
         y = gemv.gemv(torch.eye(16).bfloat16(), "nvfp4", (16, 16), q, one, None,
                       torch.ones(1), 16, torch.empty(16, 16).bfloat16(),
-                      gemv.GemvConfig(16, 16, 1, 4, 1, e2m1_bits=bits))
-        out[f"e2m1-{bits}"] = y[:, 0].float().tolist()
+                      gemv.GemvConfig(16, 16, 1, 4, 1, e2m1=e2m1))
+        out[f"e2m1-{e2m1}"] = y[:, 0].float().tolist()
+    # e2m1 = 2 moves the products and sums by exact powers of two (2^-62 and 2^-48 against the
+    # fp16 decode's): on random weights, x and scales, the fp32 outputs are the same bits,
+    # deferred reduction (M = 1) or not, split or not.
+    qn = random_qweight("nvfp4", N_OUT, 320, seed=11)
+    tn = qn.tensors
+    same = []
+    for m, split, defer in [(1, 1, True), (1, 3, True), (3, 2, False)]:
+        x = torch.randn(m, 320).bfloat16()
+        ys = [gemv.gemv(x, "nvfp4", qn.shape, tn["qweight"], tn["scale"], None,
+                        tn["global_scale"].reshape(1), 16, torch.empty(m, N_OUT),
+                        gemv.GemvConfig(16, 64, split, 4, 2, e2m1=e2m1, defer=defer))
+              for e2m1 in (0, 2)]
+        same.append(torch.equal(ys[0], ys[1]) and not ys[0].isnan().any().item())
+    out["e2m1-fold-same-bits"] = same
     # Routing: exact mode, the input gradient, M > GEMV_MAX_M and GEMV_MAX_M = 0 stay on the
     # tl.dot kernel (the interpreter needs its bf16-dot patch there, so only count calls).
     n_calls = len(calls)
@@ -171,11 +187,15 @@ def test_interpreted_gemv_matches_reference(interp_results: dict, case: int, m: 
     assert r["e64"] < TOL_F64 and r["eref"] < TOL_QMM_REF, (CASES[case], m, config, r)
 
 
-@pytest.mark.parametrize("bits", [False, True])
-def test_plane_e2m1_decode_equals_table(interp_results: dict, bits: bool) -> None:
+@pytest.mark.parametrize("e2m1", [0, 1, 2])
+def test_plane_e2m1_decode_equals_table(interp_results: dict, e2m1: int) -> None:
     from orbit.quant.qweight import E2M1_VALUES
 
-    assert interp_results[f"e2m1-{bits}"] == list(E2M1_VALUES)
+    assert interp_results[f"e2m1-{e2m1}"] == list(E2M1_VALUES)
+
+
+def test_plane_e2m1_folded_scale_same_bits(interp_results: dict) -> None:
+    assert interp_results["e2m1-fold-same-bits"] == [True, True, True]
 
 
 def test_split_k_is_deterministic(interp_results: dict) -> None:
