@@ -120,8 +120,9 @@ def lora_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.devic
     member)."""
     if exact or fmt not in GEMV_FORMATS or m < 1:
         return False
-    kind = route(m, n, k, fmt, False, device).kind
-    return kind == "gemv" or (kind == "dot" and members == 1)
+    r = route(m, n, k, fmt, False, device)
+    # (the swapped dot loop, which only a route table picks, stores y^T: no epilogue there)
+    return r.kind == "gemv" or (r.kind == "dot" and members == 1 and not r.config.swap)
 
 
 def swiglu_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device) -> bool:

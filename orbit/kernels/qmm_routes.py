@@ -50,7 +50,7 @@ ENV_VAR = "ORBIT_QMM_ROUTES"
 SHIPPED_DIR = Path(__file__).parent / "tuned"
 ROUTE_KINDS = ("dot", "dequant", "gemv")
 ROUTE_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
-_CONFIG_FIELDS = {"bm", "bo", "br", "warps", "stages", "group_m", "unpack", "split"}
+_CONFIG_FIELDS = {"bm", "bo", "br", "warps", "stages", "group_m", "unpack", "split", "swap"}
 
 
 class RouteTableError(ValueError):
@@ -99,7 +99,9 @@ class RouteTable:
             for m_max, r in lst:
                 e: dict[str, Any] = {"fmt": fmt, "n": n, "k": k, "m_max": m_max, "kind": r.kind}
                 if r.config is not None:
-                    e["config"] = {f: v for f, v in asdict(r.config).items() if f != "swap"}
+                    # swap is written only where set (tables before it had no such field)
+                    e["config"] = {f: v for f, v in asdict(r.config).items()
+                                   if f != "swap" or v}
                 e.update(self.extra.get((fmt, n, k, m_max), {}))
                 out.append(e)
         return {"format": FILE_FORMAT, "version": FILE_VERSION, "device": self.device,
@@ -162,8 +164,14 @@ def _parse_config(c: Any, where: str) -> TileConfig:
     split = _int_field(c, "split", where + ".config") if "split" in c else 1
     if split > 16:
         raise RouteTableError(f"{where}.config: field 'split' must be in [1, 16], got {split}")
+    swap = c.get("swap", False)
+    if not isinstance(swap, bool):
+        raise RouteTableError(f"{where}.config: field 'swap' must be true or false, got {swap!r}")
+    if swap and split > 1:
+        raise RouteTableError(f"{where}.config: 'swap' and 'split' > 1 do not combine (the "
+                              "swapped loop has no split-K)")
     return TileConfig(warps=warps, stages=stages, group_m=group_m, unpack=unpack, split=split,
-                      **vals)
+                      swap=swap, **vals)
 
 
 def parse_routes(doc: Any, source: str) -> RouteTable:

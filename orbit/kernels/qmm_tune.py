@@ -4,7 +4,7 @@ route table that `_qgemm.route` reads (orbit/kernels/qmm_routes.py).
 For every format, weight shape the model runs (`model_shapes`) and row count M of a bucket
 list, the candidates are: the rules' route (what runs without a table), dequantize + cuBLAS,
 the decode GEMV (M <= _qgemm.GEMV_MAX_M) and the `tl.dot` loop over a grid of tiles
-(`dot_configs`). Each candidate is first checked against the reference (dequantize, matmul:
+(`dot_configs`; up to 64 rows also the swapped loop, `swap_configs`). Each candidate is first checked against the reference (dequantize, matmul:
 relative error within BF16 accumulation), then timed as an engine step runs it: calls over
 enough weight copies to miss L2, captured and replayed as one CUDA graph (`graph_timer`).
 The fastest wins only if it beats the rules' route by `min_gain`; otherwise the entry keeps
@@ -124,14 +124,33 @@ def dot_configs(m: int, fmt: str, grid: str = "quick") -> list[TileConfig]:
                 warps = (4, 8) if grid == "full" or bm * bo >= 128 * 128 else (4,)
                 out += [TileConfig(bm=bm, bo=bo, br=br, warps=w, stages=s)
                         for w in warps for s in stages]
+    if m <= SWAP_MAX_M:
+        out += swap_configs(m, fmt, grid)
     return out
+
+
+# The swapped loop (TileConfig.swap: y^T = W @ x^T, the dequantized weight tile the wgmma's A
+# operand straight from registers, x^T the B operand of bm = 16..64 columns) is for decode rows;
+# past 64 rows the plain tiles' wgmma already has M >= 64.
+SWAP_MAX_M = 64
+
+
+def swap_configs(m: int, fmt: str, grid: str = "quick") -> list[TileConfig]:
+    """Swapped `tl.dot` tiles at m rows: bm the x rows rounded up to 16..64, bo 64 or 128
+    weight rows (the MMA's M), 64-256 deep (FP8: 128 at most, one scale block per step)."""
+    bm = min(64, max(16, 1 << max(0, math.ceil(math.log2(max(1, m))))))
+    brs = (64, 128) + ((256,) if fmt != "fp8" else ())
+    stages = (3, 4) + ((2,) if grid == "full" else ())
+    return [TileConfig(bm=bm, bo=bo, br=br, warps=4, stages=s, swap=True)
+            for bo in (64, 128) for br in brs for s in stages
+            if (bm * br * 2 + bo * br * 2) * s <= 200 * 1024]
 
 
 def split_variants(c: TileConfig, m: int, n: int, k: int, sms: int) -> list[TileConfig]:
     """`c` with its K split 2, 4 or 8 ways (TileConfig.split) where its tiles leave SMs idle:
     up to 4 programs per SM, at least two K steps per slice."""
     tiles = -(-m // c.bm) * -(-n // c.bo)
-    if tiles >= sms:
+    if tiles >= sms or c.swap:  # (the swapped loop has no split-K)
         return []
     return [replace(c, split=sp) for sp in (2, 4, 8)
             if tiles * sp <= 4 * sms and -(-k // c.br) >= 2 * sp]

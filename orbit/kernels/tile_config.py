@@ -17,5 +17,5 @@ class TileConfig:
     stages: int
     group_m: int = 8
     unpack: int = -1  # see orbit/kernels/_tiles.py; -1: the format's default (_qgemm.DEFAULT_UNPACK)
-    swap: bool = False  # forward only: y^T = W @ x^T (see _qgemm_kernel); bench sweeps only
+    swap: bool = False  # fast forward only: y^T = W @ x^T (see _qgemm_kernel); from route tables
     split: int = 1  # fast forward only: K-slices per output tile, added by the last to arrive

@@ -81,6 +81,30 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert back.device == "NVIDIA H200" and back.routes == t.routes
     entry = next(e for e in json.loads(path.read_text())["routes"] if e["fmt"] == "int4")
     assert entry["us"] == 7.5 and entry["config"]["bm"] == 16  # measured times kept
+    assert "swap" not in entry["config"]  # written only where set
+
+
+def test_swapped_tiles_round_trip_and_take_no_epilogue(tmp_path: Path) -> None:
+    from orbit.kernels.qmm_tune import candidates, split_variants
+
+    swapped = TileConfig(bm=16, bo=64, br=128, warps=4, stages=3, swap=True)
+    t = RouteTable(device="cpu")
+    t.add("int4", 64, 128, 16, Route("dot", swapped))
+    t.add("int4", 64, 128, 64, Route("dot", CFG))
+    save_routes(t, tmp_path / "r.json")
+    back = load_routes(tmp_path / "r.json")
+    assert back.routes == t.routes and back.lookup("int4", 64, 128, 4).config.swap
+    with ROUTES.scoped(back):  # the swapped loop stores y^T: no LoRA epilogue, the plain one has
+        assert not _qgemm.lora_fits(4, 64, 128, "int4", False, CPU)
+        assert _qgemm.lora_fits(20, 64, 128, "int4", False, CPU)
+    # the tuner tries swapped tiles up to 64 rows (x rows rounded up to 16..64), never split
+    for m, bm in ((1, 16), (16, 16), (33, 64)):
+        sw = [c.config for c in candidates(m, 2048, 2048, "fp8", CPU)[1]
+              if c.kind == "dot" and c.config.swap]
+        assert sw and {c.bm for c in sw} == {bm} and all(c.br <= 128 for c in sw), m
+        assert all(split_variants(c, m, 2048, 2048, 132) == [] for c in sw)
+    assert not any(c.config.swap for c in candidates(65, 2048, 2048, "int4", CPU)[1]
+                   if c.kind == "dot")
 
 
 @pytest.mark.parametrize(("doc", "needle"), [
@@ -96,6 +120,10 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     (_doc(_entry(config={"bm": 16, "bo": 64, "br": 128, "warps": 4})), "'stages'"),
     (_doc(_entry(config={"bm": 16, "bo": 64, "br": 128, "warps": 4, "stages": 4, "x": 1})),
      "unknown config field"),
+    (_doc(_entry(config={"bm": 16, "bo": 64, "br": 128, "warps": 4, "stages": 4, "swap": 1})),
+     "'swap' must be true or false"),
+    (_doc(_entry(config={"bm": 16, "bo": 64, "br": 128, "warps": 4, "stages": 4, "swap": True,
+                         "split": 2})), "'swap' and 'split'"),
     (_doc(_entry(kind="dequant")), "'config' belongs to kind 'dot'"),
     (_doc(_entry(kind="gemv", m_max=16, config=None)), "field 'config' belongs"),
     (_doc({k: v for k, v in _entry(kind="gemv", m_max=16).items() if k != "config"}),
