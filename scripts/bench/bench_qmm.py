@@ -276,7 +276,7 @@ def _gemv(x, qw, config=None):
 def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = None,
                 ms_: tuple = (1, 4, 16), alt_list: list | None = None,
                 swap: bool = False, formats: tuple = ("int4", "fp8", "nvfp4"),
-                e2m1: bool = False) -> list[dict]:
+                decodes: bool = False) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run."""
     from orbit.kernels.gemv import FP8_GEMV_MAX_M, GemvConfig, num_sms, pick_gemv_config
     from orbit.kernels.gemv_fp8 import Fp8GemvConfig, pick_fp8_gemv_config
@@ -308,12 +308,17 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan.append(("gemv-s5", dataclasses.replace(auto, defer=False,
                                                                 x_prefetch=False)))
                     plan.append(("gemv-noxpre", dataclasses.replace(auto, x_prefetch=False)))
-                if e2m1 and fmt == "nvfp4" and getattr(auto, "planes", False):
+                pdls = (False, True) if m == 1 else (False,)
+                if decodes and fmt == "nvfp4" and getattr(auto, "planes", False):
                     # the shipped config with the other E2M1 decodes (GemvConfig.e2m1), with
                     # and without PDL: 1 fp32 bits + select, 2 fp32 bits with the scale folded
                     plan += [(f"gemv-e2m1-{e}{'-pdl' if p else ''}",
                               dataclasses.replace(auto, e2m1=e, pdl=p))
-                             for e in (1, 2) for p in ((False, True) if m == 1 else (False,))]
+                             for e in (1, 2) for p in pdls]
+                if decodes and fmt == "int4" and getattr(auto, "defer", False):
+                    # int4 nibbles as fp32 subnormals (GemvConfig.int4_denorm)
+                    plan += [(f"gemv-int4dn{'-pdl' if p else ''}",
+                              dataclasses.replace(auto, int4_denorm=True, pdl=p)) for p in pdls]
                 if m == 1:  # programmatic dependent launch between the graphed calls
                     plan.append(("gemv-pdl", dataclasses.replace(auto, pdl=True)))
                     plan.append(("gemv-pdl-l2", dataclasses.replace(auto, pdl=True,
@@ -339,7 +344,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     elif path == "fused-swap":
                         fns = [lambda q=q: _fused(x, q, config=cfg) for q in qws]
                     elif path == "gemv-hot":
-                        fns = [lambda: _gemv(x, qws[0], cfg)] * len(qws)
+                        fns = [lambda q0=qws[0]: _gemv(x, q0, cfg)] * len(qws)
                     else:
                         fns = [lambda q=q: _gemv(x, q, cfg) for q in qws]
                     row = {"phase": "gemv", "fmt": name, "path": path, "k": k, "n": n, "m": m,
@@ -459,9 +464,9 @@ def main() -> None:
                     help="with --gemv: also time the swap-AB dot kernel configs SWAP_ALTS")
     ap.add_argument("--gemv-xpre", action="store_true",
                     help="with --gemv-sweep: plane configs with the x prefetch (GEMV_ALTS_XPRE)")
-    ap.add_argument("--gemv-e2m1", action="store_true",
-                    help="with --gemv: NVFP4 also with the fp32-bit E2M1 decodes "
-                         "(GemvConfig.e2m1 = 1, 2) of the shipped config")
+    ap.add_argument("--gemv-decodes", action="store_true",
+                    help="with --gemv: the shipped configs with the other nibble decodes: "
+                         "NVFP4 GemvConfig.e2m1 = 1, 2; int4 (deferred) int4_denorm")
     ap.add_argument("--mid", action="store_true",
                     help="only rollout batch sizes (MID_M rows, Qwen3-1.7B shapes): the tl.dot "
                          "loop vs dequantize + cuBLAS vs cuBLAS BF16, to place DEQUANT_MIN_M")
@@ -491,14 +496,14 @@ def main() -> None:
                                   GEMV_ALTS_XPRE if args.gemv_xpre else
                                   GEMV_ALTS_SMALL if args.gemv_small else
                                   GEMV_ALTS_DEEP if args.gemv_deep else None, args.gemv_swap,
-                                  tuple(args.gemv_formats.split(",")), args.gemv_e2m1)
+                                  tuple(args.gemv_formats.split(",")), args.gemv_decodes)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")
-        print(f"{'in x out':>12}{'M':>4} {'fmt':<11}{'path':<10}{'us':>8}{'xBF16':>7}{'GB/s':>7}"
+        print(f"{'in x out':>12}{'M':>4} {'fmt':<11}{'path':<16}{'us':>8}{'xBF16':>7}{'GB/s':>7}"
               f"{'%copy':>6}  cfg")
         for r in res["gemv"]:
-            print(f"{r['k']:>5}x{r['n']:<6}{r['m']:>4} {r['fmt']:<11}{r['path']:<10}"
+            print(f"{r['k']:>5}x{r['n']:<6}{r['m']:>4} {r['fmt']:<11}{r['path']:<16}"
                   f"{r['ms']*1e3:8.1f}{r['speedup']:7.2f}{r['GBps']:7.0f}"
                   f"{100*r['frac_copy_bw']:6.0f}  {r.get('cfg') or ''}")
         return

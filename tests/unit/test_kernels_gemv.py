@@ -40,6 +40,9 @@ CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2),
            "planes-e2m1fold": (32, 128, 2, 4, 3, -1, True, 2),
            "planes-nodefer": (32, 256, 2, 4, 3, -1, True, False, True, False),
            "planes-xprefetch": (16, 128, 3, 4, 3, -1, True, False, True, True, True),
+           # int4 nibbles as fp32 subnormals (GemvConfig.int4_denorm; deferred reduction only)
+           "planes-int4denorm": (16, 128, 3, 4, 3, -1, True, 0, True, True, True, False, False,
+                                 True),
            "auto": None}
 # vs x (float64) @ W_bf16^T: bf16 output rounding, ~1e-3 relative; the plane kernel multiplies
 # the unrounded weights (the bf16 rounding of W adds ~1e-3 more).
