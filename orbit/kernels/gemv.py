@@ -92,6 +92,11 @@ FP8_GEMV_MAX_M = 1
 # batch-1 engine ran 742.7 tok/s with PDL alone and 693.2 with the prefetch as well, although
 # the isolated GEMV benchmark gains from it on some shapes (NVFP4 4096x12288: 29.6 -> 25.7 us).
 PDL_L2_PREFETCH = False
+# The session-12 nibble decodes in the heuristic configs (NVFP4 GemvConfig.e2m1 = 2, int4
+# int4_denorm on the deferred path): a module switch so that bench_engine can compare both in
+# one run (--nibble-decodes both). Off until a device run shows them faster (docs/kernels.md,
+# "Nibble decodes with fewer instructions").
+NIBBLE_DECODES = False
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,9 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
         block_n, warps = PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1
     return GemvConfig(block_n=block_n, block_k=block_k, split=split, warps=warps,
                       stages=GEMV_STAGES, planes=planes, defer=one, x_prefetch=one,
-                      l2_prefetch=PDL_L2_PREFETCH)
+                      l2_prefetch=PDL_L2_PREFETCH,
+                      e2m1=2 if NIBBLE_DECODES and fmt == "nvfp4" else 0,
+                      int4_denorm=NIBBLE_DECODES and one and fmt == "int4")
 
 
 def split_k(n_tiles: int, k_tiles: int, sms: int) -> int:

@@ -280,7 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "both = plain forward, groups with separate launches, the "
                                     "expand-add in the base launch, and the shrink too)"),
             ("--l2-prefetch", "off", "with PDL, the GEMVs prefetch their first steps' weights "
-                                     "into L2 before waiting (gemv.PDL_L2_PREFETCH)")):
+                                     "into L2 before waiting (gemv.PDL_L2_PREFETCH)"),
+            ("--nibble-decodes", "off", "the plane GEMV's session-12 decodes: NVFP4 E2M1 as "
+                                        "fp32 bits, int4 as fp32 subnormals "
+                                        "(gemv.NIBBLE_DECODES)")):
         ap.add_argument(flag, default=default, choices=("on", "off", "both"),
                         help=f"roofline/formats: {what}; both = off then on, same run")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
@@ -392,17 +395,18 @@ def main(argv: list[str] | None = None) -> int:
                 ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
                 # "both": off first (fusing re-homes the model's buffers for good)
                 onoff = {"on": [True], "off": [False], "both": [False, True]}
-                for fuse, split, ovl, pdl, l2p, pw, fr, (rlabel, rtable) in [
-                        (f, s_, o, p, q, w_, fr_, rr) for f in onoff[args.fuse_siblings]
+                for fuse, split, ovl, pdl, l2p, pw, fr, nd, (rlabel, rtable) in [
+                        (f, s_, o, p, q, w_, fr_, nd_, rr) for f in onoff[args.fuse_siblings]
                         for s_ in onoff[args.split_kv] for o in onoff[args.overlap]
                         for p in onoff[args.pdl] for q in onoff[args.l2_prefetch]
                         for w_ in onoff[args.prefetch_weights] for fr_ in onoff[args.fold_rope]
-                        for rr in route_runs
+                        for nd_ in onoff[args.nibble_decodes] for rr in route_runs
                         if p or q == onoff[args.l2_prefetch][-1]]:  # (prefetch only with PDL)
                     w = {**where, "fuse_siblings": fuse, "split_kv": split, "overlap": ovl,
                          "pdl": pdl, "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
-                         "fold_rope": fr, "qmm_routes": rlabel}
+                         "fold_rope": fr, "nibble_decodes": nd, "qmm_routes": rlabel}
                     gemv_mod.PDL_L2_PREFETCH = l2p
+                    gemv_mod.NIBBLE_DECODES = nd
                     scope = (contextlib.nullcontext() if rlabel == "default"
                              else ROUTES.scoped(rtable))
                     with scope:  # the engine captures its graphs inside: the routes they hold
@@ -419,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                         roof = copy_gbs * 1e9 / b
                         _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
                                      "qmm_routes": rlabel, "fold_rope": fr,
+                                     "nibble_decodes": nd,
                                      "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
                                      "split_kv": split, "overlap": ovl, "pdl": pdl,
                                      "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
@@ -460,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                 (" pdl" if r.get("pdl") else "") + (" l2pre" if r.get("l2_prefetch") else "") + \
                 (" prefetch-weights" if r.get("prefetch_weights") else "") + \
                 ("" if r.get("fold_rope", True) else " no-fold-rope") + \
+                (" nibble-decodes" if r.get("nibble_decodes") else "") + \
                 (f" routes:{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
@@ -475,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("+ovl" if r.get("overlap") else "") + ("+pdl" if r.get("pdl") else "") + \
                 ("+l2pre" if r.get("l2_prefetch") else "") + ("+pfw" if r.get("prefetch_weights") else "") + \
                 ("" if r.get("fold_rope", True) else "-rope") + \
+                ("+nd" if r.get("nibble_decodes") else "") + \
                 (f"+{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")

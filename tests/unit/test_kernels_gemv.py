@@ -12,6 +12,7 @@ of the output), not the 1e-2 that truncation needs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -239,6 +240,25 @@ def test_pick_gemv_config() -> None:
     assert pick_gemv_config(1, 12288, 4096, "int4", 132).split == 1
     assert pick_gemv_config(1, 2048, 6144, "int4", 132).split > 1
     assert pick_gemv_config(1, 1536, 576, "int4", 132).split > 1
+
+
+def test_nibble_decodes_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gemv.NIBBLE_DECODES (bench_engine --nibble-decodes): NVFP4 configs take the fp32-bit
+    E2M1 decode at every M, int4 the subnormal decode where the reduction is deferred (M = 1);
+    nothing else changes, and off is the shipped default."""
+    from orbit.kernels import gemv
+
+    assert gemv.NIBBLE_DECODES is False
+    for m in (1, 4):
+        for fmt in ("int4", "nvfp4", "mxfp4", "fp8"):
+            off = gemv.pick_gemv_config(m, 6144, 2048, fmt, 132)
+            monkeypatch.setattr(gemv, "NIBBLE_DECODES", True)
+            on = gemv.pick_gemv_config(m, 6144, 2048, fmt, 132)
+            monkeypatch.setattr(gemv, "NIBBLE_DECODES", False)
+            assert (off.e2m1, off.int4_denorm) == (0, False)
+            assert on.e2m1 == (2 if fmt == "nvfp4" else 0), (m, fmt)
+            assert on.int4_denorm == (fmt == "int4" and m == 1), (m, fmt)
+            assert dataclasses.replace(on, e2m1=0, int4_denorm=False) == off
 
 
 if __name__ == "__main__":
