@@ -130,8 +130,8 @@ class GemvConfig:
     # With PDL: bulk-prefetch the first pipeline steps' weights into L2 before waiting on the
     # previous kernel (pdl.prefetch_l2). pick_gemv_config sets it from PDL_L2_PREFETCH.
     l2_prefetch: bool = False
-    # int4 in the deferred plane kernel: nibbles read as fp32 subnormals (_int4_plane_subnormal:
-    # one op per nibble fewer). Off until the device measures it (bench_qmm.py --gemv
+    # int4 in the plane kernel: nibbles read as fp32 subnormals (_int4_plane_subnormal: one op
+    # per nibble fewer than the deferred path's decode, two fewer than the per-step path's). Off until the device measures it (bench_qmm.py --gemv
     # --gemv-decodes).
     int4_denorm: bool = False
 
@@ -180,7 +180,7 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
                       stages=GEMV_STAGES, planes=planes, defer=one, x_prefetch=one,
                       l2_prefetch=PDL_L2_PREFETCH,
                       e2m1=2 if NIBBLE_DECODES and fmt == "nvfp4" else 0,
-                      int4_denorm=NIBBLE_DECODES and one and fmt == "int4")
+                      int4_denorm=NIBBLE_DECODES and fmt == "int4")
 
 
 def split_k(n_tiles: int, k_tiles: int, sms: int) -> int:
@@ -561,8 +561,8 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     # shrink programs (lora_epilogue.lora_shrink_role) instead of column tiles.
     # PAIR (the stacked gate/up weight; gate rows [0, HALF_N)): each tile holds matching gate
     # and up rows, and y is SwiGLU's output [M, HALF_N] (_program_slice, _store_pair).
-    # DN (GemvConfig.int4_denorm; int4 with DEFER): nibbles decoded as fp32 subnormals (see
-    # _int4_plane_subnormal), 2 ops per nibble instead of 3.
+    # DN (GemvConfig.int4_denorm; int4): nibbles decoded as fp32 subnormals (see
+    # _int4_plane_subnormal), 2 ops per nibble instead of 3 (deferred) or 4.
     BK: tl.constexpr = NG * GROUP
     PN = 0
     if SHRINK:
@@ -594,7 +594,7 @@ def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
                  LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
                  PAIR: tl.constexpr, DN: tl.constexpr = False):
     """The column-tile program of _gemv_planes_kernel (after the PDL wait)."""
-    SUB: tl.constexpr = DN and DEFER and CODE <= 1  # int4 nibbles as fp32 subnormals
+    SUB: tl.constexpr = DN and CODE <= 1  # int4 nibbles as fp32 subnormals
     WG: tl.constexpr = GROUP // 8
     BK: tl.constexpr = NG * GROUP
     ag = tl.arange(0, NG)
@@ -650,12 +650,17 @@ def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
             sc = sc * E2M1_S_UP
         if SUB:
             # w = u s + o, with o = -8 s for symmetric codes: s * sum(u x) + o * sum(x)
-            acc4 += cx * (sc * INT4_S_UP)[:, None, :, None]
             if HAS_OFFSET:
                 off = tl.load(o_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
             else:
                 off = sc * -8.0
-            acc_o += off[:, None, :] * tl.sum(xs, axis=2)[None, :, :]
+            if DEFER:
+                acc4 += cx * (sc * INT4_S_UP)[:, None, :, None]
+                acc_o += off[:, None, :] * tl.sum(xs, axis=2)[None, :, :]
+            else:
+                contrib = (tl.sum(cx, axis=3) * (sc * INT4_S_UP)[:, None, :]
+                           + off[:, None, :] * tl.sum(xs, axis=2)[None, :, :])  # [BN, MP, NG]
+                acc += tl.sum(contrib, axis=2)
         elif DEFER:
             acc4 += cx * sc[:, None, :, None]
             if HAS_OFFSET:

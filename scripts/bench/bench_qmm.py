@@ -315,7 +315,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan += [(f"gemv-e2m1-{e}{'-pdl' if p else ''}",
                               dataclasses.replace(auto, e2m1=e, pdl=p))
                              for e in (1, 2) for p in pdls]
-                if decodes and fmt == "int4" and getattr(auto, "defer", False):
+                if decodes and fmt == "int4" and getattr(auto, "planes", False):
                     # int4 nibbles as fp32 subnormals (GemvConfig.int4_denorm)
                     plan += [(f"gemv-int4dn{'-pdl' if p else ''}",
                               dataclasses.replace(auto, int4_denorm=True, pdl=p)) for p in pdls]
