@@ -319,6 +319,13 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     # int4 nibbles as fp32 subnormals (GemvConfig.int4_denorm)
                     plan += [(f"gemv-int4dn{'-pdl' if p else ''}",
                               dataclasses.replace(auto, int4_denorm=True, pdl=p)) for p in pdls]
+                if decodes and 1 < m <= 4 and fmt in ("int4", "nvfp4") and auto.planes:
+                    # the deferred reduction past M = 1 (narrow row tiles keep its [rows, M,
+                    # K-step] accumulator in registers), with the new decodes
+                    plan += [(f"gemv-defer{bn}", dataclasses.replace(
+                        auto, block_n=bn, defer=True, x_prefetch=True,
+                        e2m1=2 if fmt == "nvfp4" else 0, int4_denorm=fmt == "int4"))
+                        for bn in (8, 16)]
                 if m == 1:  # programmatic dependent launch between the graphed calls
                     plan.append(("gemv-pdl", dataclasses.replace(auto, pdl=True)))
                     plan.append(("gemv-pdl-l2", dataclasses.replace(auto, pdl=True,
