@@ -92,11 +92,11 @@ FP8_GEMV_MAX_M = 1
 # batch-1 engine ran 742.7 tok/s with PDL alone and 693.2 with the prefetch as well, although
 # the isolated GEMV benchmark gains from it on some shapes (NVFP4 4096x12288: 29.6 -> 25.7 us).
 PDL_L2_PREFETCH = False
-# The session-12 nibble decodes in the heuristic configs (NVFP4 GemvConfig.e2m1 = 2, int4
-# int4_denorm on the deferred path): a module switch so that bench_engine can compare both in
-# one run (--nibble-decodes both). Off until a device run shows them faster (docs/kernels.md,
-# "Nibble decodes with fewer instructions").
-NIBBLE_DECODES = False
+# NVFP4 in the heuristic plane configs: E2M1 decoded as fp32 bits (GemvConfig.e2m1 = 2), the
+# same output bits as the fp16 decode; measured (H100, 4096x12288, M = 1) 27.6 vs 30.4 us, M = 4
+# 72.3 vs 87.3 (docs/kernels.md, "Nibble decodes with fewer instructions"). A module switch so
+# that bench_engine can compare both in one run (--nibble-decodes both).
+NVFP4_FP32_DECODE = True
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class GemvConfig:
     # convert; 1 fp32 bits with a select for the two subnormal codes; 2 fp32 bits of the value
     # * 2^-126 for every code, the 2^126 folded into x and the scale (NVFP4 only: MXFP4's E8M0
     # scales reach 2^127, so it keeps 1). Measured against each other by bench_qmm.py --gemv
-    # --gemv-sweep --gemv-e2m1.
+    # --gemv-decodes. pick_gemv_config sets 2 for NVFP4 (NVFP4_FP32_DECODE).
     e2m1: int = 0
     # Split-K: the last K-slice program of each column tile adds the slices' fp32 partials
     # itself (an arrival counter per tile), instead of a second `_splitk_reduce_kernel` launch.
@@ -130,10 +130,6 @@ class GemvConfig:
     # With PDL: bulk-prefetch the first pipeline steps' weights into L2 before waiting on the
     # previous kernel (pdl.prefetch_l2). pick_gemv_config sets it from PDL_L2_PREFETCH.
     l2_prefetch: bool = False
-    # int4 in the plane kernel: nibbles read as fp32 subnormals (_int4_plane_subnormal: one op
-    # per nibble fewer than the deferred path's decode, two fewer than the per-step path's). Off until the device measures it (bench_qmm.py --gemv
-    # --gemv-decodes).
-    int4_denorm: bool = False
 
 
 @cache
@@ -179,8 +175,7 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     return GemvConfig(block_n=block_n, block_k=block_k, split=split, warps=warps,
                       stages=GEMV_STAGES, planes=planes, defer=one, x_prefetch=one,
                       l2_prefetch=PDL_L2_PREFETCH,
-                      e2m1=2 if NIBBLE_DECODES and fmt == "nvfp4" else 0,
-                      int4_denorm=NIBBLE_DECODES and fmt == "int4")
+                      e2m1=2 if NVFP4_FP32_DECODE and fmt == "nvfp4" else 0)
 
 
 def split_k(n_tiles: int, k_tiles: int, sms: int) -> int:
@@ -475,24 +470,6 @@ def _int4_plane_masked(biased, P: tl.constexpr, SYMMETRIC: tl.constexpr):
     return (biased & ((0xF << (4 * P)) | 0x4B000000)).to(tl.float32, bitcast=True) - bias
 
 
-# SUB (GemvConfig.int4_denorm): a nibble u left in place at bits 4P..4P+3 (P <= 3) of an int32
-# is, read as fp32, the subnormal u * 16^P * 2^-149 (exponent field 0: no implicit 1, so no
-# bias to subtract: 1 AND per nibble, where _int4_plane_masked needs an AND and an FADD; the
-# FFMA takes subnormals at full rate, and Triton emits no .ftz). x is scaled by 2^90 / 16^P
-# before the products (u x 2^-59: normal for |x| in [2^-67, 2^38]) and the group scale by 2^59
-# after the sums. The codes are unsigned, so symmetric int4's -8 is an offset of -8 s applied
-# to the group's sum of x (as asymmetric int4's o): s sum(u x) - 8 s sum(x) is the same
-# sum as s sum((u - 8) x), rounded in another order.
-INT4_X_UP = tl.constexpr(2.0**90)
-INT4_S_UP = tl.constexpr(2.0**59)
-
-
-@triton.jit
-def _int4_plane_subnormal(words, P: tl.constexpr):
-    """Nibble P (0..3) of int32 words, left in place, as the fp32 subnormal u * 16^P * 2^-149."""
-    return (words & (0xF << (4 * P))).to(tl.float32, bitcast=True)
-
-
 @triton.jit
 def _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP: tl.constexpr, NG: tl.constexpr,
               WG: tl.constexpr, MP: tl.constexpr):
@@ -539,7 +516,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                         PDL: tl.constexpr = False, L2PRE: tl.constexpr = False,
                         LORA: tl.constexpr = 0, LRP: tl.constexpr = 1,
                         SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16,
-                        PAIR: tl.constexpr = False, DN: tl.constexpr = False):
+                        PAIR: tl.constexpr = False):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -561,8 +538,6 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     # shrink programs (lora_epilogue.lora_shrink_role) instead of column tiles.
     # PAIR (the stacked gate/up weight; gate rows [0, HALF_N)): each tile holds matching gate
     # and up rows, and y is SwiGLU's output [M, HALF_N] (_program_slice, _store_pair).
-    # DN (GemvConfig.int4_denorm; int4): nibbles decoded as fp32 subnormals (see
-    # _int4_plane_subnormal), 2 ops per nibble instead of 3 (deferred) or 4.
     BK: tl.constexpr = NG * GROUP
     PN = 0
     if SHRINK:
@@ -580,7 +555,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                      stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0,
                      b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, HALF_N, pid_n, pid_k,
                      k_lo, k_hi, offs_n, row_ok, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG,
-                     STAGES, FIXUP, DEFER, ASM, XPRE, LORA, LRP, SHRINK, PAIR, DN)
+                     STAGES, FIXUP, DEFER, ASM, XPRE, LORA, LRP, SHRINK, PAIR)
 
 
 @triton.jit
@@ -592,9 +567,8 @@ def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
                  BN: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
                  DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr,
                  LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
-                 PAIR: tl.constexpr, DN: tl.constexpr = False):
+                 PAIR: tl.constexpr):
     """The column-tile program of _gemv_planes_kernel (after the PDL wait)."""
-    SUB: tl.constexpr = DN and CODE <= 1  # int4 nibbles as fp32 subnormals
     WG: tl.constexpr = GROUP // 8
     BK: tl.constexpr = NG * GROUP
     ag = tl.arange(0, NG)
@@ -604,7 +578,6 @@ def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
     n_groups = K // GROUP
     acc = tl.zeros((BN, MP), dtype=tl.float32)
     acc4 = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
-    acc_o = tl.zeros((BN, MP, NG), dtype=tl.float32)  # SUB: the groups' offset * sum(x)
     if XPRE:  # x of the first step; each step then loads the next step's (see XPRE above)
         x_nxt = _x_planes(x_ptr, k_lo, k_hi, stride_xm, M, GROUP, NG, WG, MP)
     for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
@@ -618,25 +591,19 @@ def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
             x_cur = _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP, NG, WG, MP)
         cx = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
         xs = tl.zeros((MP, NG, WG), dtype=tl.float32)
-        if SUB:
-            lo = words
-            hi = words >> 16  # nibbles 4..7 at bits 0..15 (the sign copies above: masked off)
-        elif DEFER and CODE <= 1:  # per word, shared by 4 planes each (_int4_plane_masked)
+        if DEFER and CODE <= 1:  # per word, shared by 4 planes each (see _int4_plane_masked)
             lo = _or_2p23(words, ASM)
             hi = _or_2p23(words >> 16, ASM)  # nibbles 4..7 at bits 0..15
         for i in tl.static_range(8):
             xi = x_cur[i]
-            if SUB:
-                v = _int4_plane_subnormal(lo if i < 4 else hi, i % 4)
-                cx += v[:, None, :, :] * (xi * (INT4_X_UP / 16.0 ** (i % 4)))[None, :, :, :]
-            elif DEFER and CODE <= 1:
+            if DEFER and CODE <= 1:
                 v = _int4_plane_masked(lo if i < 4 else hi, i % 4, CODE == 0)
                 cx += v[:, None, :, :] * (xi * (1.0 / 16.0 ** (i % 4)))[None, :, :, :]
             elif CODE == 4:
                 cx += _plane_values(words, i, CODE)[:, None, :, :] * (xi * E2M1_X_UP)[None, :, :, :]
             else:
                 cx += _plane_values(words, i, CODE)[:, None, :, :] * xi[None, :, :, :]
-            if HAS_OFFSET or SUB:
+            if HAS_OFFSET:
                 xs += xi
         sp = offs_n[:, None] * stride_s + g[None, :]
         s_ok = row_ok[:, None] & g_ok[None, :]
@@ -648,20 +615,7 @@ def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
             sc = sc * 16384.0  # e2m1_scaled's 2^-14
         elif CODE == 4:
             sc = sc * E2M1_S_UP
-        if SUB:
-            # w = u s + o, with o = -8 s for symmetric codes: s * sum(u x) + o * sum(x)
-            if HAS_OFFSET:
-                off = tl.load(o_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
-            else:
-                off = sc * -8.0
-            if DEFER:
-                acc4 += cx * (sc * INT4_S_UP)[:, None, :, None]
-                acc_o += off[:, None, :] * tl.sum(xs, axis=2)[None, :, :]
-            else:
-                contrib = (tl.sum(cx, axis=3) * (sc * INT4_S_UP)[:, None, :]
-                           + off[:, None, :] * tl.sum(xs, axis=2)[None, :, :])  # [BN, MP, NG]
-                acc += tl.sum(contrib, axis=2)
-        elif DEFER:
+        if DEFER:
             acc4 += cx * sc[:, None, :, None]
             if HAS_OFFSET:
                 off = tl.load(o_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
@@ -674,8 +628,6 @@ def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
             acc += tl.sum(contrib, axis=2)
     if DEFER:
         acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
-        if SUB:
-            acc += tl.sum(acc_o, axis=2)
     if FMT == 3:
         acc = acc * tl.load(g_ptr).to(tl.float32)
     _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
@@ -822,8 +774,7 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             FMT=FMT_IDS[fmt], CODE=code, GROUP=group, HAS_OFFSET=offset is not None, MP=mp,
             BN=cfg.block_n, NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup,
             DEFER=cfg.defer, ASM=x.is_cuda, XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch,
-            PAIR=swiglu, DN=cfg.int4_denorm and fmt == "int4", num_warps=cfg.warps, **lconst,
-            **pdl)
+            PAIR=swiglu, num_warps=cfg.warps, **lconst, **pdl)
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,

@@ -281,9 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "expand-add in the base launch, and the shrink too)"),
             ("--l2-prefetch", "off", "with PDL, the GEMVs prefetch their first steps' weights "
                                      "into L2 before waiting (gemv.PDL_L2_PREFETCH)"),
-            ("--nibble-decodes", "off", "the plane GEMV's session-12 decodes: NVFP4 E2M1 as "
-                                        "fp32 bits, int4 as fp32 subnormals "
-                                        "(gemv.NIBBLE_DECODES)")):
+            ("--nibble-decodes", "on", "the plane GEMV's NVFP4 E2M1 decode as fp32 bits "
+                                       "(gemv.NVFP4_FP32_DECODE; off: the fp16 decode)")):
         ap.add_argument(flag, default=default, choices=("on", "off", "both"),
                         help=f"roofline/formats: {what}; both = off then on, same run")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
@@ -300,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qmm-routes-compare", action="store_true",
                     help="roofline/formats: each configuration with the built-in rules, then "
                          "with --qmm-routes' table, same run")
+    ap.add_argument("--formats", default="",
+                    help="roofline/formats: only these bases, comma-separated (bf16, bf16-ql, "
+                         "int4, fp8, nvfp4; default all)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
     from orbit.kernels.qmm_routes import ROUTES, load_routes
@@ -375,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
 
     bf16_fmts = [{"linear": "bf16", "ql": "bf16-ql"}[v] for v in bf16_variants]
     fmts = [*bf16_fmts, "int4"] if small else [*bf16_fmts, "int4", "fp8", "nvfp4"]
+    if args.formats:
+        wanted = [f.strip() for f in args.formats.split(",") if f.strip()]
+        unknown = set(wanted) - set(fmts)
+        if unknown:
+            ap.error(f"--formats: {sorted(unknown)} not among {fmts}")
+        fmts = [f for f in fmts if f in wanted]
     qshape = "tiny-qwen3" if small else "qwen3-1.7b"
     if sections & {"roofline", "formats"}:
         for fmt in fmts:
@@ -406,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                          "pdl": pdl, "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
                          "fold_rope": fr, "nibble_decodes": nd, "qmm_routes": rlabel}
                     gemv_mod.PDL_L2_PREFETCH = l2p
-                    gemv_mod.NIBBLE_DECODES = nd
+                    gemv_mod.NVFP4_FP32_DECODE = nd
                     scope = (contextlib.nullcontext() if rlabel == "default"
                              else ROUTES.scoped(rtable))
                     with scope:  # the engine captures its graphs inside: the routes they hold

@@ -315,16 +315,12 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan += [(f"gemv-e2m1-{e}{'-pdl' if p else ''}",
                               dataclasses.replace(auto, e2m1=e, pdl=p))
                              for e in (1, 2) for p in pdls]
-                if decodes and fmt == "int4" and getattr(auto, "planes", False):
-                    # int4 nibbles as fp32 subnormals (GemvConfig.int4_denorm)
-                    plan += [(f"gemv-int4dn{'-pdl' if p else ''}",
-                              dataclasses.replace(auto, int4_denorm=True, pdl=p)) for p in pdls]
                 if decodes and 1 < m <= 4 and fmt in ("int4", "nvfp4") and auto.planes:
                     # the deferred reduction past M = 1 (narrow row tiles keep its [rows, M,
-                    # K-step] accumulator in registers), with the new decodes
+                    # K-step] accumulator in registers), NVFP4 with the fp32-bit decode
                     plan += [(f"gemv-defer{bn}", dataclasses.replace(
                         auto, block_n=bn, defer=True, x_prefetch=True,
-                        e2m1=2 if fmt == "nvfp4" else 0, int4_denorm=fmt == "int4"))
+                        e2m1=2 if fmt == "nvfp4" else 0))
                         for bn in (8, 16)]
                 if m == 1:  # programmatic dependent launch between the graphed calls
                     plan.append(("gemv-pdl", dataclasses.replace(auto, pdl=True)))
@@ -473,7 +469,7 @@ def main() -> None:
                     help="with --gemv-sweep: plane configs with the x prefetch (GEMV_ALTS_XPRE)")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
-                         "NVFP4 GemvConfig.e2m1 = 1, 2; int4 (deferred) int4_denorm")
+                         "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")
     ap.add_argument("--mid", action="store_true",
                     help="only rollout batch sizes (MID_M rows, Qwen3-1.7B shapes): the tl.dot "
                          "loop vs dequantize + cuBLAS vs cuBLAS BF16, to place DEQUANT_MIN_M")

@@ -225,43 +225,6 @@ def test_plane_e2m1_from_fp32_bits(fmt: str) -> None:
                 assert torch.equal(ys[2], ys[0]), (k, n, m)
 
 
-@pytest.mark.parametrize("asym", [False, True])
-def test_plane_int4_subnormal_decode(asym: bool) -> None:
-    """GemvConfig.int4_denorm (int4 nibbles read as fp32 subnormals) at real decode shapes,
-    M = 1 (deferred reduction) and 4 (per step), split or not: fp32 outputs equal x (float64)
-    @ W^T up to fp32 summation error (so the FFMA kept the subnormals: a flush would zero
-    every product), bf16 outputs within the usual rounding of the shipped decode's."""
-    from orbit.kernels.gemv import GemvConfig, pick_gemv_config
-
-    kw = {"group_size": 64, "asym": True, "offset_dtype": torch.float32} if asym else {}
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for k, n in [(2048, 6144), (6144, 2048), (4096, 12288)]:
-        qw = random_qweight("int4", n, k, seed=k + n, device="cuda", **kw)
-        w = qw.dequantize(torch.float32).double()
-        for m in (1, 4):
-            x = torch.randn(m, k, device="cuda").bfloat16()
-            fixed = GemvConfig(32, 512, 1, 4, 3, defer=m == 1, x_prefetch=m == 1)
-            _subnormal_case(x, qw, x.double() @ w.T, (pick_gemv_config(m, n, k, "int4", sms),
-                                                       fixed), n)
-
-
-def _subnormal_case(x, qw, ref, cfgs, n) -> None:
-    """Each config with and without int4_denorm, fp32 and bf16 outputs, NaN-poisoned."""
-    from orbit.kernels.gemv import gemv
-
-    m, k = x.shape
-    for cfg in cfgs:
-        ys = {}
-        for dn in (False, True):
-            for dt in (torch.float32, torch.bfloat16):
-                y = torch.full((m, n), float("nan"), device="cuda", dtype=dt)
-                ys[dn, dt] = gemv(x, "int4", qw.shape, *_args(qw), y,
-                                  dataclasses.replace(cfg, int4_denorm=dn))
-        assert _rel(ys[True, torch.float32], ref) < 1e-5, (m, k, n, cfg)
-        assert not ys[True, torch.bfloat16].isnan().any()
-        assert _rel(ys[True, torch.bfloat16], ys[False, torch.bfloat16]) < 4e-3, (m, k, n)
-
-
 @pytest.mark.parametrize("k,n", [(576, 1536), (2048, 6144), (6144, 2048), (4096, 12288)])
 def test_fp8_gemv_both_decodes(k: int, n: int) -> None:
     """orbit/kernels/gemv_fp8.py at decode shapes, M = 1..4, both e4m3 decodes (Triton's
