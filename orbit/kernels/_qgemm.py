@@ -32,6 +32,7 @@ from orbit.kernels.lora_epilogue import (
     lora_store_dot,
     shrink_program,
 )
+from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS, plane_pair_step
 from orbit.kernels.qmm_routes import ROUTE_FORMATS, ROUTES, Route
 from orbit.kernels.tile_config import TileConfig
 from orbit.quant.qweight import QuantizedWeight
@@ -210,7 +211,7 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
                   GROUP_M: tl.constexpr, UNPACK: tl.constexpr, SWAP: tl.constexpr = False,
                   LORA: tl.constexpr = 0, LRP: tl.constexpr = 1, SHRINK: tl.constexpr = False,
                   SBK: tl.constexpr = 16, SDOT: tl.constexpr = False, SBM: tl.constexpr = 16,
-                  SPLIT: tl.constexpr = 1):
+                  SPLIT: tl.constexpr = 1, PASM: tl.constexpr = False):
     # W is [N, K]. TRANS=0: y[M, N] = x[M, K] @ W^T. TRANS=1: y[M, K] = x[M, N] @ W.
     # SWAP (forward only, an experiment for decode M): accumulate y^T = W @ x^T, so the
     # dequantized weight is the MMA's A operand (which wgmma reads from registers) and the few
@@ -223,6 +224,8 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
     # SPLIT (forward, no SWAP; from a route table's tile): SPLIT programs per output tile, each
     # over one K-slice; fp32 partials in ws_ptr [SPLIT, M, N], and the last to arrive at the
     # tile's counter (cnt_ptr) adds them in slice order and stores (the GEMV's fix-up).
+    # UNPACK == UNPACK_PLANE_PAIRS (int4 forward, no SWAP): K steps over nibble-plane pairs
+    # (orbit/kernels/plane_dot.py); PASM its bf16x2 inline-asm decode.
     pid = tl.program_id(0)
     tile = pid
     if SHRINK:
@@ -238,7 +241,7 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
         _qgemm_main(tile, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_xm,
                     stride_ym, stride_q, stride_s, h_ptr, b0, LR, lscale, stride_hm, hc_ptr, LSR,
                     ws_ptr, cnt_ptr, FMT, GROUP, HAS_OFFSET, TRANS, BM, BO, BR, GROUP_M, UNPACK,
-                    SWAP, LORA, LRP, SHRINK, SPLIT)
+                    SWAP, LORA, LRP, SHRINK, SPLIT, PASM)
 
 
 @triton.jit
@@ -248,8 +251,9 @@ def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_x
                 TRANS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
                 GROUP_M: tl.constexpr, UNPACK: tl.constexpr, SWAP: tl.constexpr,
                 LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
-                SPLIT: tl.constexpr):
+                SPLIT: tl.constexpr, PASM: tl.constexpr = False):
     """Program `pid` of _qgemm_kernel's tile programs (SPLIT per output tile)."""
+    PAIRS: tl.constexpr = FMT == 0 and UNPACK == UNPACK_PLANE_PAIRS and not TRANS and not SWAP
     ks = 0
     if SPLIT > 1:
         ks = pid % SPLIT
@@ -283,22 +287,27 @@ def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_x
         acc = tl.zeros((BO, BM), dtype=tl.float32)  # y^T tile
     else:
         acc = tl.zeros((BM, BO), dtype=tl.float32)
-    for r0 in range(r_lo, r_hi, BR):
-        xmask = (offs_m[:, None] < M) & (r0 + offs_r[None, :] < RED)
-        xt = tl.load(x_ptrs, mask=xmask, other=0.0)  # [BM, BR]
-        if TRANS:
-            w = _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, r0, o0, N, K,
-                        FMT, GROUP, HAS_OFFSET, BR, BO, UNPACK)  # [BR, BO]
-            acc = tl.dot(xt, w.to(dt), acc)
-        else:
-            w = _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, o0, r0, N, K,
-                        FMT, GROUP, HAS_OFFSET, BO, BR, UNPACK)  # [BO, BR]
-            if SWAP:
-                acc = tl.dot(w.to(dt), tl.trans(xt), acc)  # [BO, BM]
-            else:
-                acc = tl.dot(xt, tl.trans(w.to(dt)), acc)
-        x_ptrs += BR
     offs_o = o0 + tl.arange(0, BO)
+    for r0 in range(r_lo, r_hi, BR):
+        if PAIRS:
+            acc = plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q,
+                                  stride_s, offs_m, offs_o, M, N, K, r0, GROUP, HAS_OFFSET, BR,
+                                  PASM)
+        else:
+            xmask = (offs_m[:, None] < M) & (r0 + offs_r[None, :] < RED)
+            xt = tl.load(x_ptrs, mask=xmask, other=0.0)  # [BM, BR]
+            if TRANS:
+                w = _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, r0, o0, N, K,
+                            FMT, GROUP, HAS_OFFSET, BR, BO, UNPACK)  # [BR, BO]
+                acc = tl.dot(xt, w.to(dt), acc)
+            else:
+                w = _w_tile(q_ptr, s_ptr, o_ptr, g_ptr, stride_q, stride_s, o0, r0, N, K,
+                            FMT, GROUP, HAS_OFFSET, BO, BR, UNPACK)  # [BO, BR]
+                if SWAP:
+                    acc = tl.dot(w.to(dt), tl.trans(xt), acc)  # [BO, BM]
+                else:
+                    acc = tl.dot(xt, tl.trans(w.to(dt)), acc)
+        x_ptrs += BR
     if SWAP:
         ymask = (offs_o[:, None] < OUT) & (offs_m[None, :] < M)
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_o[:, None], acc.to(dt), mask=ymask)
@@ -451,6 +460,11 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     if cfg.swap and (transpose or exact):
         raise ValueError("TileConfig.swap is a fast-mode forward experiment (no transpose, "
                          "no exact mode)")
+    pairs = cfg.unpack == UNPACK_PLANE_PAIRS
+    if pairs and (fmt != "int4" or transpose or exact or cfg.swap or cfg.br % 64):
+        raise ValueError(f"TileConfig.unpack={UNPACK_PLANE_PAIRS} (nibble-plane pairs) runs int4 "
+                         f"fast-mode forwards with br a multiple of 64, no swap; got {fmt}, "
+                         f"transpose={transpose}, exact={exact}, br={cfg.br}, swap={cfg.swap}")
     if cfg.split > 1 and (transpose or exact or cfg.swap):
         raise ValueError(f"TileConfig.split={cfg.split} runs in fast-mode forwards only (no "
                          "transpose, no exact mode, no swap)")
@@ -487,7 +501,10 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         FMT=FMT_IDS[fmt], GROUP=group, HAS_OFFSET=offset is not None, TRANS=transpose,
         BM=cfg.bm, BO=cfg.bo, BR=cfg.br, GROUP_M=cfg.group_m,
         UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0), SWAP=cfg.swap,
-        SPLIT=cfg.split, num_warps=cfg.warps, num_stages=cfg.stages, **lconst,
+        SPLIT=cfg.split, num_warps=cfg.warps, num_stages=cfg.stages,
+        # the bf16x2 decode of plane pairs: CUDA, symmetric codes, bf16 scale and activations
+        PASM=pairs and x.is_cuda and offset is None and s.dtype == torch.bfloat16
+        and x.dtype == torch.bfloat16, **lconst,
     )
     return y
 

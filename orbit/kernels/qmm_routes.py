@@ -159,8 +159,9 @@ def _parse_config(c: Any, where: str) -> TileConfig:
         raise RouteTableError(f"{where}.config: field 'stages' must be in [1, 8], got {stages}")
     group_m = _int_field(c, "group_m", where + ".config") if "group_m" in c else 8
     unpack = c.get("unpack", -1)
-    if unpack not in (-1, 0, 1, 2):
-        raise RouteTableError(f"{where}.config: field 'unpack' must be -1, 0, 1 or 2, got {unpack!r}")
+    if unpack not in (-1, 0, 1, 2, 3):
+        raise RouteTableError(f"{where}.config: field 'unpack' must be -1, 0, 1, 2 or 3 (int4 "
+                              f"plane pairs), got {unpack!r}")
     split = _int_field(c, "split", where + ".config") if "split" in c else 1
     if split > 16:
         raise RouteTableError(f"{where}.config: field 'split' must be in [1, 16], got {split}")

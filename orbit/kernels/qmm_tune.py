@@ -4,7 +4,9 @@ route table that `_qgemm.route` reads (orbit/kernels/qmm_routes.py).
 For every format, weight shape the model runs (`model_shapes`) and row count M of a bucket
 list, the candidates are: the rules' route (what runs without a table), dequantize + cuBLAS,
 the decode GEMV (M <= _qgemm.GEMV_MAX_M) and the `tl.dot` loop over a grid of tiles
-(`dot_configs`; up to 64 rows also the swapped loop, `swap_configs`). Each candidate is first checked against the reference (dequantize, matmul:
+(`dot_configs`; up to 64 rows also the swapped loop, `swap_configs`, and for INT4 the same
+tiles over nibble-plane pairs). Each candidate is first checked against the reference
+(dequantize, matmul:
 relative error within BF16 accumulation), then timed as an engine step runs it: calls over
 enough weight copies to miss L2, captured and replayed as one CUDA graph (`graph_timer`).
 The fastest wins only if it beats the rules' route by `min_gain`; otherwise the entry keeps
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from orbit.kernels import _qgemm
+from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
 from orbit.kernels.qmm_routes import ROUTES, Route, RouteTable, device_name
 from orbit.kernels.tile_config import TileConfig
 from orbit.models.config import ModelConfig
@@ -68,7 +71,8 @@ def describe(route: Route) -> str:
         return route.kind
     c = route.config
     return f"dot {c.bm}x{c.bo}x{c.br} w{c.warps} s{c.stages}" + (
-        f" k/{c.split}" if c.split > 1 else "")
+        f" k/{c.split}" if c.split > 1 else "") + (" swap" if c.swap else "") + (
+        " pairs" if c.unpack == UNPACK_PLANE_PAIRS else "")
 
 
 def model_shapes(config: ModelConfig, sibling_max_m: int | None = None) -> list[tuple[int, int, int]]:
@@ -124,9 +128,17 @@ def dot_configs(m: int, fmt: str, grid: str = "quick") -> list[TileConfig]:
                 warps = (4, 8) if grid == "full" or bm * bo >= 128 * 128 else (4,)
                 out += [TileConfig(bm=bm, bo=bo, br=br, warps=w, stages=s)
                         for w in warps for s in stages]
+    if fmt == "int4" and m <= PAIRS_MAX_M:  # the same tiles over nibble-plane pairs
+        out += [replace(c, unpack=UNPACK_PLANE_PAIRS) for c in out]
     if m <= SWAP_MAX_M:
         out += swap_configs(m, fmt, grid)
     return out
+
+
+# INT4 K steps over nibble-plane pairs (TileConfig.unpack = 3, orbit/kernels/plane_dot.py) are
+# tried up to this many rows: their gain is in the dequantize, which matters where the loop
+# is bound by it (decode and small rollout batches), not where the MMAs are.
+PAIRS_MAX_M = 64
 
 
 # The swapped loop (TileConfig.swap: y^T = W @ x^T, the dequantized weight tile the wgmma's A

@@ -16,6 +16,8 @@ class TileConfig:
     warps: int
     stages: int
     group_m: int = 8
-    unpack: int = -1  # see orbit/kernels/_tiles.py; -1: the format's default (_qgemm.DEFAULT_UNPACK)
+    # see orbit/kernels/_tiles.py; -1: the format's default (_qgemm.DEFAULT_UNPACK); 3: int4
+    # fast forward only, K steps over nibble-plane pairs (orbit/kernels/plane_dot.py)
+    unpack: int = -1
     swap: bool = False  # fast forward only: y^T = W @ x^T (see _qgemm_kernel); from route tables
     split: int = 1  # fast forward only: K-slices per output tile, added by the last to arrive

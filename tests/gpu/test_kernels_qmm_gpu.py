@@ -196,3 +196,38 @@ def test_swap_ab_forward(fmt: str, kw: dict) -> None:
                           cfg)
             assert not y.isnan().any(), (fmt, m, bo, br)
             assert _rel(y, x.double() @ w.T) < TOL, (fmt, m, bo, br)
+
+
+@pytest.mark.parametrize("kw", [{"group_size": 128}, {"group_size": 32, "asym": True},
+                                {"group_size": 64, "scale_dtype": torch.float32}])
+def test_plane_pair_steps(kw: dict) -> None:
+    """TileConfig.unpack = 3 (int4 K steps over nibble-plane pairs; the bf16x2 inline-asm decode
+    where codes are symmetric and the scale bf16, the plain decode otherwise): one-hot x rows
+    read single weights back, which must be the dequantized BF16 weights bit for bit (no sum,
+    so only the decode is tested); random x against float64 x @ W^T; NaN-poisoned outputs;
+    M on both sides of the 16-row MMA tile, split-K or not, a K tail."""
+    from orbit.kernels import _qgemm
+    from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
+
+    for k, n in [(2048, 6144), (6144, 2048), (2176, 1024)]:  # 2176: a K tail at br 256
+        qw = random_qweight("int4", n, k, seed=k + n, device="cuda", **kw)
+        t = qw.tensors
+        wb = qw.dequantize(torch.bfloat16)
+        for cfg in [_qgemm.TileConfig(bm=16, bo=32, br=128, warps=4, stages=4,
+                                      unpack=UNPACK_PLANE_PAIRS),
+                    _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=3, split=4,
+                                      unpack=UNPACK_PLANE_PAIRS)]:
+            def run(x: torch.Tensor, qw=qw, t=t, n=n, cfg=cfg) -> torch.Tensor:
+                y = torch.full((x.shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
+                return _qgemm.launch(x, "int4", qw.shape, t["qweight"], t["scale"],
+                                     t.get("offset"), None, qw.group_size, False, False, y, cfg)
+
+            cols = torch.arange(16, device="cuda") * (k // 16) + torch.arange(16, device="cuda") % 8
+            onehot = torch.zeros(16, k, device="cuda", dtype=torch.bfloat16)
+            onehot[torch.arange(16), cols] = 1.0
+            assert torch.equal(run(onehot), wb[:, cols].T.contiguous()), (k, n, kw, cfg)
+            for m in (1, 5, 16, 33):
+                x = torch.randn(m, k, device="cuda").bfloat16()
+                y = run(x)
+                assert not y.isnan().any(), (k, n, m, cfg)
+                assert _rel(y, x.double() @ wb.double().T) < TOL, (k, n, m, kw, cfg)

@@ -12,6 +12,7 @@ quantization is checked bit for bit only on the GPU (tests/gpu).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,34 @@ def _interpreter_main() -> None:
             out[f"swap-{i}"] = errs
     finally:
         _qgemm.pick_config = orig_pick
+    # INT4 K steps over nibble-plane pairs (TileConfig.unpack = 3, orbit/kernels/plane_dot.py):
+    # sym / asym, bf16 / fp32 scales, a K tail (320 with 128-deep steps), an out tail (72),
+    # 1 / 5 / 17 rows, split-K 1 and 2; against x @ W^T and the join-tree loop's output.
+    from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
+
+    cfgs = [_qgemm.TileConfig(bm=16, bo=32, br=64, warps=4, stages=2, unpack=UNPACK_PLANE_PAIRS),
+            _qgemm.TileConfig(bm=16, bo=64, br=128, warps=4, stages=2, split=2,
+                              unpack=UNPACK_PLANE_PAIRS)]
+    pair_cases = [({"group_size": 32}, 320), ({"group_size": 64, "asym": True}, 320),
+                  ({"group_size": 128, "scale_dtype": torch.float32}, 384)]
+    for i, (kw, k) in enumerate(pair_cases):
+        qw = random_qweight("int4", 72, k, seed=70 + i, **kw)
+        t = qw.tensors
+        w = qw.dequantize(torch.bfloat16).double()
+        errs = []
+        for m in (1, 5, 17):
+            x = torch.randn(m, k).bfloat16()
+            ref = x.double() @ w.T
+            base = _qgemm.launch(x, "int4", qw.shape, t["qweight"], t["scale"], t.get("offset"),
+                                 None, qw.group_size, False, False, None,
+                                 _qgemm.TileConfig(bm=16, bo=32, br=64, warps=4, stages=2))
+            for cfg in cfgs:
+                y = _qgemm.launch(x, "int4", qw.shape, t["qweight"], t["scale"], t.get("offset"),
+                                  None, qw.group_size, False, False,
+                                  torch.full((m, 72), float("nan")).bfloat16(), cfg)
+                errs.append(((y.double() - ref).norm() / ref.norm()).item())
+                errs.append(((y.double() - base.double()).norm() / ref.norm()).item())
+        out[f"pairs-{i}"] = errs
     # W8A8 GEMM on the reference's quantized activations (see the module docstring).
     qw = random_qweight("fp8", 192, 320, seed=9)
     x = torch.randn(5, 320).bfloat16()
@@ -101,6 +130,37 @@ def test_interpreted_kernels_match_reference(interp_results: dict, key: str) -> 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_interpreted_swap_ab_forward(interp_results: dict, case: int) -> None:
     assert max(interp_results[f"swap-{case}"]) < 1e-2, (CASES[case], interp_results[f"swap-{case}"])
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_interpreted_plane_pair_steps(interp_results: dict, case: int) -> None:
+    """unpack = 3 (nibble-plane pairs) against float64 x @ W^T and against the join-tree loop
+    (same weights, other summation order), every output written (NaN-poisoned)."""
+    errs = interp_results[f"pairs-{case}"]
+    assert not any(math.isnan(e) for e in errs), errs  # every element written
+    assert max(errs) < 1e-2, errs
+
+
+def test_plane_pairs_are_int4_forward_fast_only() -> None:
+    from orbit.kernels import _qgemm
+    from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
+
+    cfg = _qgemm.TileConfig(bm=16, bo=32, br=64, warps=4, stages=2, unpack=UNPACK_PLANE_PAIRS)
+    qw = random_qweight("int4", 64, 128, group_size=32)
+    t = qw.tensors
+    for transpose, exact, c in ((True, False, cfg), (False, True, cfg),
+                                (False, False, _qgemm.TileConfig(
+                                    bm=16, bo=32, br=32, warps=4, stages=2,
+                                    unpack=UNPACK_PLANE_PAIRS))):
+        x = torch.randn(3, 64 if transpose else 128).bfloat16()
+        with pytest.raises(ValueError, match="plane pairs"):
+            _qgemm.launch(x, "int4", qw.shape, t["qweight"], t["scale"], None, None, 32,
+                          transpose, exact, None, c)
+    fq = random_qweight("nvfp4", 64, 128)
+    with pytest.raises(ValueError, match="plane pairs"):
+        _qgemm.launch(torch.randn(3, 128).bfloat16(), "nvfp4", fq.shape, fq.tensors["qweight"],
+                      fq.tensors["scale"], None, fq.tensors["global_scale"], 16, False, False,
+                      None, cfg)
 
 
 def test_swap_ab_is_forward_fast_only() -> None:

@@ -107,6 +107,31 @@ def test_swapped_tiles_round_trip_and_take_no_epilogue(tmp_path: Path) -> None:
                    if c.kind == "dot")
 
 
+def test_plane_pair_tiles_round_trip_and_are_tuned_for_int4_only(tmp_path: Path) -> None:
+    from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
+    from orbit.kernels.qmm_tune import PAIRS_MAX_M, candidates, describe
+
+    pairs = TileConfig(bm=16, bo=32, br=128, warps=4, stages=4, split=8,
+                       unpack=UNPACK_PLANE_PAIRS)
+    t = RouteTable(device="cpu")
+    t.add("int4", 2048, 6144, 16, Route("dot", pairs))
+    save_routes(t, tmp_path / "r.json")
+    back = load_routes(tmp_path / "r.json")
+    assert back.lookup("int4", 2048, 6144, 4).config == pairs
+    assert describe(Route("dot", pairs)).endswith("k/8 pairs")
+    bad = json.loads((tmp_path / "r.json").read_text())
+    bad["routes"][0]["config"]["unpack"] = 4
+    with pytest.raises(RouteTableError, match="'unpack'"):
+        parse_routes(bad, "t.json")
+
+    def n_pairs(m: int, fmt: str) -> int:
+        return sum(r.kind == "dot" and r.config.unpack == UNPACK_PLANE_PAIRS
+                   for r in candidates(m, 2048, 2048, fmt, CPU)[1])
+
+    assert n_pairs(1, "int4") > 0 and n_pairs(PAIRS_MAX_M, "int4") > 0
+    assert n_pairs(PAIRS_MAX_M + 1, "int4") == 0 and n_pairs(16, "nvfp4") == 0
+
+
 @pytest.mark.parametrize(("doc", "needle"), [
     ([], "not an Orbit route table"),
     ({"format": "orbit-qmm-routes", "version": 2, "device": "x", "routes": []}, "'version'"),

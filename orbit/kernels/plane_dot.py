@@ -1,0 +1,122 @@
+"""INT4 `tl.dot` steps over nibble-plane pairs (`TileConfig(unpack=UNPACK_PLANE_PAIRS)`): the
+tensor-core loop of `_qgemm._qgemm_main` for decode and rollout batch sizes, without the
+join tree that builds the [rows, cols] weight tile.
+
+Why: at M = 4-16 the 4-bit formats need the tensor cores (the CUDA-core plane GEMV's work grows
+with M), and the `tl.dot` loop runs INT4 4096x12288 in 32 us at every M (H100, session 13) where
+FP8, which moves twice the bytes through the same loop, takes 26 us. What INT4 adds per element is
+the unpack: the nibbles of a [rows, cols / 8] word tile interleaved into a [rows, cols] tile (a
+`tl.join` tree: register shuffles) before the dequantize.
+
+Design. The reduction order inside a K step is free, so the step does not rebuild columns in
+order. For plane pair P (0..3), nibbles P and P + 4 of every word w[n, j] (columns 8j + P and
+8j + P + 4) form a [rows, 2 * cols / 8] tile whose column 2j + h is the weight of column
+8j + P + 4h, in the layout the word tile already has (`tl.join` of two same-layout tiles on a
+new last dim, then a reshape that merges it: per-thread adjacent values, no shuffle); x is
+loaded with the same column map (a strided load, served by L1), and one `tl.dot` per pair
+accumulates (4 dots of K = cols / 4 per step instead of 1 of K = cols). Every word lies in one
+scale group (groups are multiples of 8 columns), so the group scale is one value per word,
+loaded as a [rows, cols / 8] tile (no [rows, groups, group] reshape).
+
+Values: the dequantized weight rounded once to the activation dtype, as `int4_tile` + cast
+does, so the products are the reference's bit for bit and only the summation order differs
+(fast mode only: exact mode keeps its fixed tiles).
+- Plain (any scale dtype, asymmetric codes, the CPU interpreter): u = (w >> 4P) & 0xF and
+  (w >> 4P + 16) & 0xF, int4.int4_codes, * s (+ o), cast.
+- ASM (CUDA, symmetric codes, bf16 scale and activations): per word, 4 instructions give both
+  weights of the pair as one packed bf16x2: the word shifted by 4P, one LOP3
+  `(t & 0x000F000F) | 0x43004300` (bf16 bits of 128 + u in each half), one `fma.rn.bf16x2`
+  by 1 and -136 (u - 8, exact) and one by {s, s} and -0 ((u - 8) s rounded once: the bits of
+  the fp32 product cast to bf16, since that product is exact in fp32). The plain path costs
+  ~4.5 instructions per weight (shift, AND, OR + FADD of the 2^23 trick, FMUL, half a convert),
+  this one 2.
+
+Prediction (before any run; H100, 4096x12288 INT4 g128, M = 1-16): from the `tl.dot` loop's
+32 us toward FP8's 26 us (same loop, a 1-instruction-per-element dequantize). Whether it gets
+there depends on what binds the loop once the unpack is gone: the shared-memory trip of the
+weight tile, which this keeps.
+"""
+
+from __future__ import annotations
+
+from orbit.kernels._triton import tl, triton
+from orbit.kernels.int4 import int4_codes
+
+UNPACK_PLANE_PAIRS = 3  # TileConfig.unpack value that selects these steps (int4 forward only)
+
+# asm operands: $0, $1 the bf16 weights of nibbles P and P + 4; $2 the word shifted right by
+# 4P; $3 the bf16 scale. LOP3's table 0xEA is (a & b) | c.
+_PAIR_ASM = tl.constexpr("""{
+.reg .b32 t, s2, m, c, one, neg, nz;
+mov.b32 m, 0x000F000F;
+mov.b32 c, 0x43004300;
+mov.b32 one, 0x3F803F80;
+mov.b32 neg, 0xC308C308;
+mov.b32 nz, 0x80008000;
+lop3.b32 t, $2, m, c, 0xEA;
+fma.rn.bf16x2 t, t, one, neg;
+mov.b32 s2, {$3, $3};
+fma.rn.bf16x2 t, t, s2, nz;
+mov.b32 {$0, $1}, t;
+}""")
+
+
+@triton.jit
+def _pair_plain(words, sc, off, P: tl.constexpr, HAS_OFFSET: tl.constexpr, dt: tl.constexpr):
+    """Nibbles P and P + 4 of int32 words as dequantized weights in dt (two tiles)."""
+    lo = int4_codes((words >> (4 * P)) & 0xF, not HAS_OFFSET)
+    hi = int4_codes((words >> (4 * P + 16)) & 0xF, not HAS_OFFSET)
+    if HAS_OFFSET:
+        return (lo * sc + off).to(dt), (hi * sc + off).to(dt)
+    return (lo * sc).to(dt), (hi * sc).to(dt)
+
+
+@triton.jit
+def _pair_asm(words, sc16, P: tl.constexpr):
+    """_pair_plain for symmetric codes with a bf16 scale `sc16`, in 4 instructions per word."""
+    if P == 0:
+        t = words
+    else:
+        t = words >> (4 * P)
+    return tl.inline_asm_elementwise(_PAIR_ASM, "=h,=h,r,h", [t, sc16],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+
+
+@triton.jit
+def plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q, stride_s, offs_m,
+                    offs_o, M, N, K, r0, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                    BR: tl.constexpr, ASM: tl.constexpr):
+    """acc [BM, BO] += x[offs_m, r0:r0+BR] @ W[offs_o, r0:r0+BR]^T for packed int4 W (int32
+    words [N, K/8], scales [N, K/GROUP]); r0 is a multiple of BR, BR of 64. ASM: the bf16x2
+    decode (symmetric codes, bf16 scale and x; see the module doc)."""
+    KW: tl.constexpr = BR // 8
+    dt = x_ptr.dtype.element_ty
+    aw = tl.arange(0, KW)
+    col = r0 + aw * 8  # first column of each word
+    row_ok = offs_o < N
+    wmask = row_ok[:, None] & (col < K)[None, :]
+    words = tl.load(q_ptr + offs_o[:, None] * stride_q + (r0 // 8 + aw)[None, :], mask=wmask,
+                    other=0)
+    sp = offs_o[:, None] * stride_s + (col // GROUP)[None, :]
+    if ASM:
+        sc = tl.load(s_ptr + sp, mask=wmask, other=0.0)
+        off = sc  # (unused)
+    else:
+        sc = tl.load(s_ptr + sp, mask=wmask, other=0.0).to(tl.float32)
+        off = sc
+        if HAS_OFFSET:
+            off = tl.load(o_ptr + sp, mask=wmask, other=0.0).to(tl.float32)
+    # column 2j + h of a pair's tile is weight column 8j + P + 4h
+    a2 = tl.arange(0, 2 * KW)
+    xcol = r0 + (a2 // 2) * 8 + (a2 % 2) * 4
+    xmask = (offs_m < M)[:, None] & (xcol < K)[None, :]
+    xbase = x_ptr + offs_m[:, None] * stride_xm + xcol[None, :]
+    for P in tl.static_range(4):
+        if ASM:
+            lo, hi = _pair_asm(words, sc, P)
+        else:
+            lo, hi = _pair_plain(words, sc, off, P, HAS_OFFSET, dt)
+        w = tl.reshape(tl.join(lo, hi), (lo.shape[0], 2 * KW))  # [BO, 2 KW]
+        xp = tl.load(xbase + P, mask=xmask, other=0.0)  # [BM, 2 KW]
+        acc = tl.dot(xp, tl.trans(w), acc)
+    return acc
