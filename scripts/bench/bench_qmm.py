@@ -244,6 +244,12 @@ GEMV_ALTS_SMALL = [(16, 128, 4, 4, 3, True), (16, 128, 8, 4, 3, True), (32, 128,
 # warps, stages); bm = max(16, M).
 SWAP_ALTS = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 256, 4, 3)]
 
+# --gemv-pairs (session 13): INT4 tl.dot tiles (bm = max(16, M)) as (bo, br, warps, stages,
+# split), each timed with the join-tree unpack ("fused-tile") and over nibble-plane pairs
+# ("fused-pairs", TileConfig.unpack = 3), same run.
+PAIR_ALTS = [(32, 128, 4, 4, 1), (32, 128, 4, 4, 4), (32, 128, 4, 3, 8), (64, 128, 4, 4, 1),
+             (64, 256, 4, 3, 1), (128, 128, 4, 3, 1)]
+
 # --gemv-xpre (session 6): around the shipped M = 1 plane config with the x prefetch: more
 # programs (split 2, 16 rows), more warps, shallower steps (8th field: x_prefetch).
 GEMV_ALTS_XPRE = [(32, 512, 2, 4, 3, True, False, True), (16, 512, 0, 4, 3, True, False, True),
@@ -276,7 +282,7 @@ def _gemv(x, qw, config=None):
 def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = None,
                 ms_: tuple = (1, 4, 16), alt_list: list | None = None,
                 swap: bool = False, formats: tuple = ("int4", "fp8", "nvfp4"),
-                decodes: bool = False) -> list[dict]:
+                decodes: bool = False, pairs: bool = False) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run."""
     from orbit.kernels.gemv import FP8_GEMV_MAX_M, GemvConfig, num_sms, pick_gemv_config
     from orbit.kernels.gemv_fp8 import Fp8GemvConfig, pick_fp8_gemv_config
@@ -334,6 +340,14 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan += [("fused-swap", _qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=w,
                                                               stages=st, swap=True))
                              for bo, br, w, st in SWAP_ALTS]
+                if pairs and fmt == "int4":
+                    from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
+
+                    bm = max(16, triton.next_power_of_2(m))
+                    for bo, br, w, st, sp in PAIR_ALTS:
+                        c = _qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=w, stages=st, split=sp)
+                        plan += [("fused-tile", c),
+                                 ("fused-pairs", dataclasses.replace(c, unpack=UNPACK_PLANE_PAIRS))]
                 if alts and fmt in ("int4", "nvfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1=int(bool(eb and eb[0])),
@@ -344,7 +358,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 for path, cfg in plan:
                     if path == "fused-dot":
                         fns = [lambda q=q: _fused(x, q) for q in qws]
-                    elif path == "fused-swap":
+                    elif path in ("fused-swap", "fused-tile", "fused-pairs"):
                         fns = [lambda q=q: _fused(x, q, config=cfg) for q in qws]
                     elif path == "gemv-hot":
                         fns = [lambda q0=qws[0]: _gemv(x, q0, cfg)] * len(qws)
@@ -467,6 +481,9 @@ def main() -> None:
                     help="with --gemv: also time the swap-AB dot kernel configs SWAP_ALTS")
     ap.add_argument("--gemv-xpre", action="store_true",
                     help="with --gemv-sweep: plane configs with the x prefetch (GEMV_ALTS_XPRE)")
+    ap.add_argument("--gemv-pairs", action="store_true",
+                    help="with --gemv: INT4 tl.dot tiles PAIR_ALTS with the join-tree unpack and "
+                         "over nibble-plane pairs (TileConfig.unpack = 3), same run")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")
@@ -499,7 +516,8 @@ def main() -> None:
                                   GEMV_ALTS_XPRE if args.gemv_xpre else
                                   GEMV_ALTS_SMALL if args.gemv_small else
                                   GEMV_ALTS_DEEP if args.gemv_deep else None, args.gemv_swap,
-                                  tuple(args.gemv_formats.split(",")), args.gemv_decodes)
+                                  tuple(args.gemv_formats.split(",")), args.gemv_decodes,
+                                  args.gemv_pairs)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")
