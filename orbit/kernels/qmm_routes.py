@@ -206,6 +206,11 @@ def parse_routes(doc: Any, source: str) -> RouteTable:
             raise RouteTableError(f"{where}: field 'kind' must be one of {ROUTE_KINDS}, got {kind!r}")
         if kind == "dot":
             route = Route("dot", _parse_config(e.get("config"), where))
+            if route.config.unpack == 3 and (fmt != "int4" or route.config.br % 64
+                                             or route.config.swap):
+                raise RouteTableError(f"{where}: config 'unpack' 3 (nibble-plane pairs) is for "
+                                      f"int4 tiles with 'br' a multiple of 64 and no 'swap'; "
+                                      f"this entry is {fmt} with br={route.config.br}")
         else:
             if "config" in e:
                 raise RouteTableError(f"{where}: field 'config' belongs to kind 'dot' only "

@@ -123,6 +123,10 @@ def test_plane_pair_tiles_round_trip_and_are_tuned_for_int4_only(tmp_path: Path)
     bad["routes"][0]["config"]["unpack"] = 4
     with pytest.raises(RouteTableError, match="'unpack'"):
         parse_routes(bad, "t.json")
+    bad["routes"][0]["config"]["unpack"] = 3
+    bad["routes"][0]["fmt"] = "fp8"
+    with pytest.raises(RouteTableError, match="nibble-plane pairs"):
+        parse_routes(bad, "t.json")
 
     def n_pairs(m: int, fmt: str) -> int:
         return sum(r.kind == "dot" and r.config.unpack == UNPACK_PLANE_PAIRS
