@@ -1,0 +1,104 @@
+"""Offline sm_90 SASS of the INT4 `tl.dot` step, no GPU needed: the join-tree loop
+(`int4_tile`, unpack 2) against the nibble-plane pairs (`plane_dot.plane_pair_step`, plain and
+inline-asm decode), compiled by Triton + ptxas for a Hopper target on any machine, then
+disassembled with the cuobjdump that ships with Triton. Prints the instruction count and the
+most frequent opcodes of each, so a kernel change can be read in SASS when no device is lent
+(docs/kernels.md quotes its numbers; they are static counts, not timings).
+
+    python scripts/bench/sass_qmm.py [--bm 16 --bo 64 --br 128 --warps 4 --stages 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from orbit.kernels.int4 import int4_tile  # noqa: E402
+from orbit.kernels.plane_dot import plane_pair_step  # noqa: E402
+
+GROUP = tl.constexpr(128)
+
+
+@triton.jit
+def _pairs(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_s,
+           BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
+           ASM: tl.constexpr):
+    offs_m = tl.arange(0, BM)
+    offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
+    acc = tl.zeros((BM, BO), dtype=tl.float32)
+    for r0 in tl.range(0, K, BR, num_stages=STAGES):
+        acc = plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, s_ptr, stride_q, stride_s,
+                              offs_m, offs_o, M, N, K, r0, GROUP, False, BR, ASM)
+    tl.store(y_ptr + offs_m[:, None] * N + offs_o[None, :], acc.to(tl.bfloat16))
+
+
+@triton.jit
+def _join_tree(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_s,
+               BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
+               ASM: tl.constexpr):
+    offs_m = tl.arange(0, BM)
+    o0 = tl.program_id(0) * BO
+    offs_o = o0 + tl.arange(0, BO)
+    offs_r = tl.arange(0, BR)
+    acc = tl.zeros((BM, BO), dtype=tl.float32)
+    for r0 in tl.range(0, K, BR, num_stages=STAGES):
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + r0 + offs_r[None, :],
+                     mask=offs_m[:, None] < M, other=0.0)
+        w = int4_tile(q_ptr, s_ptr, s_ptr, stride_q, stride_s, o0, r0, N, K, GROUP, False, BO,
+                      BR, 2)
+        acc = tl.dot(xt, tl.trans(w.to(tl.bfloat16)), acc)
+    tl.store(y_ptr + offs_m[:, None] * N + offs_o[None, :], acc.to(tl.bfloat16))
+
+
+SIG = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32",
+       "N": "i32", "K": "i32", "stride_xm": "i32", "stride_q": "i32", "stride_s": "i32",
+       "BM": "constexpr", "BO": "constexpr", "BR": "constexpr", "STAGES": "constexpr",
+       "ASM": "constexpr"}
+
+
+def sass_histogram(fn, consts: dict, warps: int) -> tuple[int, list[tuple[str, int]]]:
+    """(instruction count, opcodes by frequency) of `fn` compiled for sm_90."""
+    src = ASTSource(fn=fn, signature=SIG, constexprs=consts)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(c.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.M)
+    return len(ops), collections.Counter(ops).most_common()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bm", type=int, default=16)
+    ap.add_argument("--bo", type=int, default=64)
+    ap.add_argument("--br", type=int, default=128)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=4)
+    ap.add_argument("--top", type=int, default=12)
+    args = ap.parse_args(argv)
+    base = {"BM": args.bm, "BO": args.bo, "BR": args.br, "STAGES": args.stages}
+    for name, fn, asm in [("join-tree loop", _join_tree, False),
+                          ("plane pairs, plain decode", _pairs, False),
+                          ("plane pairs, bf16x2 asm decode", _pairs, True)]:
+        n, ops = sass_histogram(fn, {**base, "ASM": asm}, args.warps)
+        print(f"{name:<32} {n:5d} instructions: "
+              + " ".join(f"{op} {k}" for op, k in ops[:args.top]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
