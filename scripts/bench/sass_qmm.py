@@ -24,8 +24,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from orbit.kernels.int4 import int4_tile  # noqa: E402
-from orbit.kernels.plane_dot import plane_pair_step  # noqa: E402
+from orbit.kernels.int4 import int4_tile
+from orbit.kernels.plane_dot import plane_pair_step
 
 GROUP = tl.constexpr(128)
 
@@ -77,7 +77,7 @@ def sass_histogram(fn, consts: dict, warps: int) -> tuple[int, list[tuple[str, i
         f.flush()
         sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True,
                               check=True).stdout
-    ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.M)
+    ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.MULTILINE)
     return len(ops), collections.Counter(ops).most_common()
 
 
