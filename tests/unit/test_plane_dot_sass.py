@@ -1,0 +1,38 @@
+"""The nibble-plane-pair INT4 step compiles for sm_90 on a machine without a GPU (Triton +
+the ptxas and cuobjdump it ships): ptxas accepts the inline-PTX bf16x2 decode, which the
+CPU interpreter cannot run, and the SASS holds its packed bf16 FMAs. A static check of the
+code the GPU will run; the GPU test (tests/gpu/test_kernels_qmm_gpu.py::test_plane_pair_steps)
+checks its values."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def _sass_module():
+    spec = importlib.util.spec_from_file_location("sass_qmm", ROOT / "scripts/bench/sass_qmm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not (BIN / "ptxas").exists() or not (BIN / "cuobjdump").exists(),
+                    reason="this Triton ships no ptxas/cuobjdump")
+def test_plane_pair_asm_decode_compiles_for_sm90() -> None:
+    mod = _sass_module()
+    consts = {"BM": 16, "BO": 64, "BR": 128, "STAGES": 3}
+    n_asm, ops_asm = mod.sass_histogram(mod._pairs, {**consts, "ASM": True}, 4)
+    n_plain, ops_plain = mod.sass_histogram(mod._pairs, {**consts, "ASM": False}, 4)
+    asm, plain = dict(ops_asm), dict(ops_plain)
+    # 64 weights per thread per step = 32 words x (1 HFMA2 + 1 HMUL2 or 2 HFMA2)
+    assert asm.get("HFMA2", 0) + asm.get("HMUL2", 0) >= 64, ops_asm[:15]
+    assert "HFMA2" not in plain and plain.get("FMUL", 0) >= 64, ops_plain[:15]
+    assert asm.get("HMMA", 0) > 0 and plain.get("HMMA", 0) > 0  # the dots are tensor-core MMAs
+    assert n_asm < n_plain, (n_asm, n_plain)
