@@ -461,10 +461,11 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         raise ValueError("TileConfig.swap is a fast-mode forward experiment (no transpose, "
                          "no exact mode)")
     pairs = cfg.unpack == UNPACK_PLANE_PAIRS
-    if pairs and (fmt != "int4" or transpose or exact or cfg.swap or cfg.br % 64):
-        raise ValueError(f"TileConfig.unpack={UNPACK_PLANE_PAIRS} (nibble-plane pairs) runs int4 "
-                         f"fast-mode forwards with br a multiple of 64, no swap; got {fmt}, "
-                         f"transpose={transpose}, exact={exact}, br={cfg.br}, swap={cfg.swap}")
+    problem = cfg.pairs_problem(fmt)
+    if problem is None and pairs and (transpose or exact):
+        problem = "nibble-plane pairs run fast-mode forwards only"
+    if problem:
+        raise ValueError(f"TileConfig: {problem} (transpose={transpose}, exact={exact})")
     if cfg.split > 1 and (transpose or exact or cfg.swap):
         raise ValueError(f"TileConfig.split={cfg.split} runs in fast-mode forwards only (no "
                          "transpose, no exact mode, no swap)")

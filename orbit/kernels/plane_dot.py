@@ -41,8 +41,9 @@ from __future__ import annotations
 
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.int4 import int4_codes
+from orbit.kernels.tile_config import UNPACK_PLANE_PAIRS
 
-UNPACK_PLANE_PAIRS = 3  # TileConfig.unpack value that selects these steps (int4 forward only)
+__all__ = ["UNPACK_PLANE_PAIRS", "plane_pair_step"]
 
 # asm operands: $0, $1 the bf16 weights of nibbles P and P + 4; $2 the word shifted right by
 # 4P; $3 the bf16 scale. LOP3's table 0xEA is (a & b) | c.

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from orbit.kernels.tile_config import TileConfig
+from orbit.kernels.tile_config import UNPACK_PLANE_PAIRS, TileConfig
 
 FILE_FORMAT = "orbit-qmm-routes"
 FILE_VERSION = 1
@@ -159,9 +159,9 @@ def _parse_config(c: Any, where: str) -> TileConfig:
         raise RouteTableError(f"{where}.config: field 'stages' must be in [1, 8], got {stages}")
     group_m = _int_field(c, "group_m", where + ".config") if "group_m" in c else 8
     unpack = c.get("unpack", -1)
-    if unpack not in (-1, 0, 1, 2, 3):
-        raise RouteTableError(f"{where}.config: field 'unpack' must be -1, 0, 1, 2 or 3 (int4 "
-                              f"plane pairs), got {unpack!r}")
+    if unpack not in (-1, 0, 1, 2, UNPACK_PLANE_PAIRS):
+        raise RouteTableError(f"{where}.config: field 'unpack' must be -1, 0, 1, 2 or "
+                              f"{UNPACK_PLANE_PAIRS} (int4 plane pairs), got {unpack!r}")
     split = _int_field(c, "split", where + ".config") if "split" in c else 1
     if split > 16:
         raise RouteTableError(f"{where}.config: field 'split' must be in [1, 16], got {split}")
@@ -206,11 +206,9 @@ def parse_routes(doc: Any, source: str) -> RouteTable:
             raise RouteTableError(f"{where}: field 'kind' must be one of {ROUTE_KINDS}, got {kind!r}")
         if kind == "dot":
             route = Route("dot", _parse_config(e.get("config"), where))
-            if route.config.unpack == 3 and (fmt != "int4" or route.config.br % 64
-                                             or route.config.swap):
-                raise RouteTableError(f"{where}: config 'unpack' 3 (nibble-plane pairs) is for "
-                                      f"int4 tiles with 'br' a multiple of 64 and no 'swap'; "
-                                      f"this entry is {fmt} with br={route.config.br}")
+            problem = route.config.pairs_problem(fmt)
+            if problem:
+                raise RouteTableError(f"{where}: config {problem}")
         else:
             if "config" in e:
                 raise RouteTableError(f"{where}: field 'config' belongs to kind 'dot' only "

@@ -6,8 +6,7 @@ list, the candidates are: the rules' route (what runs without a table), dequanti
 the decode GEMV (M <= _qgemm.GEMV_MAX_M) and the `tl.dot` loop over a grid of tiles
 (`dot_configs`; up to 64 rows also the swapped loop, `swap_configs`, and for INT4 the same
 tiles over nibble-plane pairs). Each candidate is first checked against the reference
-(dequantize, matmul:
-relative error within BF16 accumulation), then timed as an engine step runs it: calls over
+(dequantize, matmul: relative error within BF16 accumulation), then timed as an engine step runs it: calls over
 enough weight copies to miss L2, captured and replayed as one CUDA graph (`graph_timer`).
 The fastest wins only if it beats the rules' route by `min_gain`; otherwise the entry keeps
 the rules' route, so noise never changes a shape's kernel (and its bits) for nothing.
