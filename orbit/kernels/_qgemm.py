@@ -32,7 +32,7 @@ from orbit.kernels.lora_epilogue import (
     lora_store_dot,
     shrink_program,
 )
-from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS, plane_pair_step
+from orbit.kernels.plane_dot import NVFP4_ASM_EPILOGUE, UNPACK_PLANE_PAIRS, plane_pair_step
 from orbit.kernels.qmm_routes import ROUTE_FORMATS, ROUTES, Route
 from orbit.kernels.tile_config import TileConfig
 from orbit.quant.qweight import QuantizedWeight
@@ -224,8 +224,9 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
     # SPLIT (forward, no SWAP; from a route table's tile): SPLIT programs per output tile, each
     # over one K-slice; fp32 partials in ws_ptr [SPLIT, M, N], and the last to arrive at the
     # tile's counter (cnt_ptr) adds them in slice order and stores (the GEMV's fix-up).
-    # UNPACK == UNPACK_PLANE_PAIRS (int4 forward, no SWAP): K steps over nibble-plane pairs
-    # (orbit/kernels/plane_dot.py); PASM its bf16x2 inline-asm decode.
+    # UNPACK == UNPACK_PLANE_PAIRS (int4 / nvfp4 forward, no SWAP): K steps over nibble-plane
+    # pairs (orbit/kernels/plane_dot.py; nvfp4's q_ptr the bytes viewed as int32 words); PASM
+    # its bf16x2 inline-asm decode.
     pid = tl.program_id(0)
     tile = pid
     if SHRINK:
@@ -253,7 +254,8 @@ def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_x
                 LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
                 SPLIT: tl.constexpr, PASM: tl.constexpr = False):
     """Program `pid` of _qgemm_kernel's tile programs (SPLIT per output tile)."""
-    PAIRS: tl.constexpr = FMT == 0 and UNPACK == UNPACK_PLANE_PAIRS and not TRANS and not SWAP
+    PAIRS: tl.constexpr = ((FMT == 0 or FMT == 3) and UNPACK == UNPACK_PLANE_PAIRS and not TRANS
+                           and not SWAP)
     ks = 0
     if SPLIT > 1:
         ks = pid % SPLIT
@@ -292,7 +294,7 @@ def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_x
         if PAIRS:
             acc = plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q,
                                   stride_s, offs_m, offs_o, M, N, K, r0, GROUP, HAS_OFFSET, BR,
-                                  PASM)
+                                  PASM, FMT)
         else:
             xmask = (offs_m[:, None] < M) & (r0 + offs_r[None, :] < RED)
             xt = tl.load(x_ptrs, mask=xmask, other=0.0)  # [BM, BR]
@@ -308,6 +310,11 @@ def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_x
                 else:
                     acc = tl.dot(xt, tl.trans(w.to(dt)), acc)
         x_ptrs += BR
+    if PAIRS and FMT == 3:  # the nvfp4 steps leave the global scale (and the ASM's 2^-9) out
+        gsf = tl.load(g_ptr).to(tl.float32)
+        if PASM:
+            gsf = gsf * NVFP4_ASM_EPILOGUE
+        acc = acc * gsf
     if SWAP:
         ymask = (offs_o[:, None] < OUT) & (offs_m[None, :] < M)
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_o[:, None], acc.to(dt), mask=ymask)
@@ -462,6 +469,14 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
                          "no exact mode)")
     pairs = cfg.unpack == UNPACK_PLANE_PAIRS
     problem = cfg.pairs_problem(fmt)
+    if problem is None and pairs and fmt == "nvfp4":
+        # the steps read the bytes as int32 words (8 codes each, the int4 order)
+        if q.stride(0) % 4 or q.storage_offset() % 4 or q.shape[1] % 4:
+            problem = (f"nvfp4 plane pairs read qweight as int32 words; its rows "
+                       f"(stride {q.stride(0)}, offset {q.storage_offset()}) are not 4-byte "
+                       "aligned")
+        else:
+            q = q.view(torch.int32)
     if problem is None and pairs and (transpose or exact):
         problem = "nibble-plane pairs run fast-mode forwards only"
     if problem:
@@ -504,8 +519,8 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0), SWAP=cfg.swap,
         SPLIT=cfg.split, num_warps=cfg.warps, num_stages=cfg.stages,
         # the bf16x2 decode of plane pairs: CUDA, symmetric codes, bf16 scale and activations
-        PASM=pairs and x.is_cuda and offset is None and s.dtype == torch.bfloat16
-        and x.dtype == torch.bfloat16, **lconst,
+        PASM=pairs and x.is_cuda and x.dtype == torch.bfloat16
+        and (fmt == "nvfp4" or (offset is None and s.dtype == torch.bfloat16)), **lconst,
     )
     return y
 

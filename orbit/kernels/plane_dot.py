@@ -35,15 +35,35 @@ Prediction (before any run; H100, 4096x12288 INT4 g128, M = 1-16): from the `tl.
 32 us toward FP8's 26 us (same loop, a 1-instruction-per-element dequantize). Whether it gets
 there depends on what binds the loop once the unpack is gone: the shared-memory trip of the
 weight tile, which this keeps.
+
+NVFP4 (session 14). Its bytes [N, K/2] are read as int32 words [N, K/8] (the launch views
+them; byte b holds columns 2b and 2b + 1, so nibble j of a word is column 8w + j, the INT4
+order) and step over the same plane pairs. Every word lies in one 16-column scale group. The
+per-tensor global scale leaves the weight: it multiplies the fp32 accumulator once before the
+store, so the step only needs v * s (E2M1 value times the e4m3 group scale), which is exact in
+bf16 and fp16 (2 + 4 significant bits, range 2^-10..2688). One-hot rows therefore still read
+back the reference's fp32 (v * s) * gs rounded once.
+- Plain: E2M1 codes through `fp4._e2m1`, times the scale, cast (exact).
+- ASM (CUDA, bf16 x): the magnitude bits e1 e0 m of each nibble go to bf16 bits 8..6 and the
+  sign to bit 15, which is the bf16 of v * 2^-126 (e = 0 lands on the bf16 subnormals 0 and
+  2^-127, which bf16 FMAs keep); one `fma.rn.bf16x2` by {s', s'}, s' = s * 2^117 (exact, at
+  most 448 * 2^117), gives v * s * 2^-9, a normal bf16 (>= 2^-19), exact. The epilogue
+  multiplies by gs * 2^9. Per word pair: two shifts, one LOP3 with an AND, one HFMA2.
 """
 
 from __future__ import annotations
 
 from orbit.kernels._triton import tl, triton
+from orbit.kernels.fp4 import _e2m1
 from orbit.kernels.int4 import int4_codes
 from orbit.kernels.tile_config import UNPACK_PLANE_PAIRS
 
-__all__ = ["UNPACK_PLANE_PAIRS", "plane_pair_step"]
+__all__ = ["NVFP4_ASM_EPILOGUE", "UNPACK_PLANE_PAIRS", "plane_pair_step"]
+
+# What the NVFP4 ASM decode leaves out of the weights (2^-9, see the module doc): the epilogue
+# multiplies the accumulator by global_scale times this.
+NVFP4_ASM_EPILOGUE = tl.constexpr(512.0)
+_NVFP4_ASM_SCALE = tl.constexpr(2.0 ** 117)
 
 # asm operands: $0, $1 the bf16 weights of nibbles P and P + 4; $2 the word shifted right by
 # 4P; $3 the bf16 scale. LOP3's table 0xEA is (a & b) | c.
@@ -83,13 +103,55 @@ def _pair_asm(words, sc16, P: tl.constexpr):
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
 
 
+# $0, $1 the bf16 weights; $2 the bf16 bits of both nibbles' v * 2^-126; $3 the bf16 s'.
+_E2M1_PAIR_ASM = tl.constexpr("""{
+.reg .b32 s2, nz, t;
+mov.b32 nz, 0x80008000;
+mov.b32 s2, {$3, $3};
+fma.rn.bf16x2 t, $2, s2, nz;
+mov.b32 {$0, $1}, t;
+}""")
+
+
+@triton.jit
+def _e2m1_pair_plain(words, sc, P: tl.constexpr, dt: tl.constexpr):
+    """Nibbles P and P + 4 of int32 words of E2M1 codes as v * s in dt (two tiles; exact)."""
+    lo = _e2m1((words >> (4 * P)) & 0xF)
+    hi = _e2m1((words >> (4 * P + 16)) & 0xF)
+    return (lo * sc).to(dt), (hi * sc).to(dt)
+
+
+@triton.jit
+def _e2m1_pair_asm(words, sc16, P: tl.constexpr):
+    """_e2m1_pair_plain times 2^-9 for bf16, `sc16` the bf16 s * 2^117: nibble bits 2..0 to
+    bf16 bits 8..6 (one shift; arithmetic shifts only fill bits the mask drops), bit 3 to bit
+    15 (another), in both 16-bit halves, then one packed FMA."""
+    if P == 0:
+        mag = words << 6
+        sgn = words << 12
+    elif P == 1:
+        mag = words << 2
+        sgn = words << 8
+    elif P == 2:
+        mag = words >> 2
+        sgn = words << 4
+    else:
+        mag = words >> 6
+        sgn = words
+    bits = (mag & 0x01C001C0) | (sgn & -2147450880)  # 0x80008000 as an int32
+    return tl.inline_asm_elementwise(_E2M1_PAIR_ASM, "=h,=h,r,h", [bits, sc16],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+
+
 @triton.jit
 def plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q, stride_s, offs_m,
                     offs_o, M, N, K, r0, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                    BR: tl.constexpr, ASM: tl.constexpr):
-    """acc [BM, BO] += x[offs_m, r0:r0+BR] @ W[offs_o, r0:r0+BR]^T for packed int4 W (int32
-    words [N, K/8], scales [N, K/GROUP]); r0 is a multiple of BR, BR of 64. ASM: the bf16x2
-    decode (symmetric codes, bf16 scale and x; see the module doc)."""
+                    BR: tl.constexpr, ASM: tl.constexpr, FMT: tl.constexpr = 0):
+    """acc [BM, BO] += x[offs_m, r0:r0+BR] @ W[offs_o, r0:r0+BR]^T for W packed in int32 words
+    [N, K/8] with scales [N, K/GROUP]; r0 is a multiple of BR, BR of 64. FMT 0: int4 (ASM: the
+    bf16x2 decode, symmetric codes, bf16 scale and x). FMT 3: nvfp4 E2M1 codes with e4m3
+    scales, WITHOUT the global scale (the caller's epilogue: gs, or gs * NVFP4_ASM_EPILOGUE
+    with ASM, bf16 x). See the module doc."""
     KW: tl.constexpr = BR // 8
     dt = x_ptr.dtype.element_ty
     aw = tl.arange(0, KW)
@@ -99,12 +161,15 @@ def plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q, stride
     words = tl.load(q_ptr + offs_o[:, None] * stride_q + (r0 // 8 + aw)[None, :], mask=wmask,
                     other=0)
     sp = offs_o[:, None] * stride_s + (col // GROUP)[None, :]
-    if ASM:
+    off = 0.0  # (unused unless HAS_OFFSET)
+    if FMT == 3:
+        sc = tl.load(s_ptr + sp, mask=wmask, other=0.0).to(tl.float32)
+        if ASM:
+            sc = (sc * _NVFP4_ASM_SCALE).to(tl.bfloat16)  # exact: s' = s * 2^117 <= 1.75 * 2^125
+    elif ASM:
         sc = tl.load(s_ptr + sp, mask=wmask, other=0.0)
-        off = sc  # (unused)
     else:
         sc = tl.load(s_ptr + sp, mask=wmask, other=0.0).to(tl.float32)
-        off = sc
         if HAS_OFFSET:
             off = tl.load(o_ptr + sp, mask=wmask, other=0.0).to(tl.float32)
     # column 2j + h of a pair's tile is weight column 8j + P + 4h
@@ -113,7 +178,12 @@ def plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q, stride
     xmask = (offs_m < M)[:, None] & (xcol < K)[None, :]
     xbase = x_ptr + offs_m[:, None] * stride_xm + xcol[None, :]
     for P in tl.static_range(4):
-        if ASM:
+        if FMT == 3:
+            if ASM:
+                lo, hi = _e2m1_pair_asm(words, sc, P)
+            else:
+                lo, hi = _e2m1_pair_plain(words, sc, P, dt)
+        elif ASM:
             lo, hi = _pair_asm(words, sc, P)
         else:
             lo, hi = _pair_plain(words, sc, off, P, HAS_OFFSET, dt)

@@ -161,7 +161,7 @@ def _parse_config(c: Any, where: str) -> TileConfig:
     unpack = c.get("unpack", -1)
     if unpack not in (-1, 0, 1, 2, UNPACK_PLANE_PAIRS):
         raise RouteTableError(f"{where}.config: field 'unpack' must be -1, 0, 1, 2 or "
-                              f"{UNPACK_PLANE_PAIRS} (int4 plane pairs), got {unpack!r}")
+                              f"{UNPACK_PLANE_PAIRS} (int4 / nvfp4 plane pairs), got {unpack!r}")
     split = _int_field(c, "split", where + ".config") if "split" in c else 1
     if split > 16:
         raise RouteTableError(f"{where}.config: field 'split' must be in [1, 16], got {split}")

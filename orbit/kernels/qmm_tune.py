@@ -27,9 +27,8 @@ import torch
 from torch import Tensor
 
 from orbit.kernels import _qgemm
-from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
 from orbit.kernels.qmm_routes import ROUTES, Route, RouteTable, device_name
-from orbit.kernels.tile_config import TileConfig
+from orbit.kernels.tile_config import PLANE_PAIR_FORMATS, UNPACK_PLANE_PAIRS, TileConfig
 from orbit.models.config import ModelConfig
 from orbit.quant.qweight import QuantizedWeight
 
@@ -127,14 +126,14 @@ def dot_configs(m: int, fmt: str, grid: str = "quick") -> list[TileConfig]:
                 warps = (4, 8) if grid == "full" or bm * bo >= 128 * 128 else (4,)
                 out += [TileConfig(bm=bm, bo=bo, br=br, warps=w, stages=s)
                         for w in warps for s in stages]
-    if fmt == "int4" and m <= PAIRS_MAX_M:  # the same tiles over nibble-plane pairs
-        out += [replace(c, unpack=UNPACK_PLANE_PAIRS) for c in out]
+    if fmt in PLANE_PAIR_FORMATS and m <= PAIRS_MAX_M:  # the same tiles over plane pairs
+        out += [replace(c, unpack=UNPACK_PLANE_PAIRS) for c in out if c.br % 64 == 0]
     if m <= SWAP_MAX_M:
         out += swap_configs(m, fmt, grid)
     return out
 
 
-# INT4 K steps over nibble-plane pairs (TileConfig.unpack = 3, orbit/kernels/plane_dot.py) are
+# INT4 and NVFP4 K steps over nibble-plane pairs (TileConfig.unpack = 3, orbit/kernels/plane_dot.py) are
 # tried up to this many rows: their gain is in the dequantize, which matters where the loop
 # is bound by it (decode and small rollout batches), not where the MMAs are.
 PAIRS_MAX_M = 64

@@ -244,9 +244,9 @@ GEMV_ALTS_SMALL = [(16, 128, 4, 4, 3, True), (16, 128, 8, 4, 3, True), (32, 128,
 # warps, stages); bm = max(16, M).
 SWAP_ALTS = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 256, 4, 3)]
 
-# --gemv-pairs (session 13): INT4 tl.dot tiles (bm = max(16, M)) as (bo, br, warps, stages,
-# split), each timed with the join-tree unpack ("fused-tile") and over nibble-plane pairs
-# ("fused-pairs", TileConfig.unpack = 3), same run.
+# --gemv-pairs (session 13; NVFP4 session 14): INT4 / NVFP4 tl.dot tiles (bm = max(16, M)) as
+# (bo, br, warps, stages, split), each timed with the format's usual unpack ("fused-tile") and
+# over nibble-plane pairs ("fused-pairs", TileConfig.unpack = 3), same run.
 PAIR_ALTS = [(32, 128, 4, 4, 1), (32, 128, 4, 4, 4), (32, 128, 4, 3, 8), (64, 128, 4, 4, 1),
              (64, 256, 4, 3, 1), (128, 128, 4, 3, 1)]
 
@@ -340,7 +340,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan += [("fused-swap", _qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=w,
                                                               stages=st, swap=True))
                              for bo, br, w, st in SWAP_ALTS]
-                if pairs and fmt == "int4":
+                if pairs and fmt in ("int4", "nvfp4"):
                     from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
 
                     bm = max(16, triton.next_power_of_2(m))
@@ -482,8 +482,8 @@ def main() -> None:
     ap.add_argument("--gemv-xpre", action="store_true",
                     help="with --gemv-sweep: plane configs with the x prefetch (GEMV_ALTS_XPRE)")
     ap.add_argument("--gemv-pairs", action="store_true",
-                    help="with --gemv: INT4 tl.dot tiles PAIR_ALTS with the join-tree unpack and "
-                         "over nibble-plane pairs (TileConfig.unpack = 3), same run")
+                    help="with --gemv: INT4 / NVFP4 tl.dot tiles PAIR_ALTS with the usual unpack "
+                         "and over nibble-plane pairs (TileConfig.unpack = 3), same run")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")

@@ -1,6 +1,6 @@
-"""Offline sm_90 SASS of the INT4 `tl.dot` step, no GPU needed: the join-tree loop
-(`int4_tile`, unpack 2) against the nibble-plane pairs (`plane_dot.plane_pair_step`, plain and
-inline-asm decode), compiled by Triton + ptxas for a Hopper target on any machine, then
+"""Offline sm_90 SASS of the 4-bit `tl.dot` steps, no GPU needed: INT4's join-tree loop
+(`int4_tile`, unpack 2) and NVFP4's loop (`nvfp4_tile`, unpack 0) against the nibble-plane pairs
+(`plane_dot.plane_pair_step`, plain and inline-asm decode), compiled by Triton + ptxas for a Hopper target on any machine, then
 disassembled with the cuobjdump that ships with Triton. Prints the instruction count and the
 most frequent opcodes of each, so a kernel change can be read in SASS when no device is lent
 (docs/kernels.md quotes its numbers; they are static counts, not timings).
@@ -24,6 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from orbit.kernels.fp4 import nvfp4_tile
 from orbit.kernels.int4 import int4_tile
 from orbit.kernels.plane_dot import plane_pair_step
 
@@ -61,15 +62,51 @@ def _join_tree(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_
     tl.store(y_ptr + offs_m[:, None] * N + offs_o[None, :], acc.to(tl.bfloat16))
 
 
+@triton.jit
+def _pairs_nvfp4(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_s,
+                 BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
+                 ASM: tl.constexpr):
+    offs_m = tl.arange(0, BM)
+    offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
+    acc = tl.zeros((BM, BO), dtype=tl.float32)
+    for r0 in tl.range(0, K, BR, num_stages=STAGES):
+        acc = plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, s_ptr, stride_q, stride_s,
+                              offs_m, offs_o, M, N, K, r0, 16, False, BR, ASM, 3)
+    tl.store(y_ptr + offs_m[:, None] * N + offs_o[None, :], acc.to(tl.bfloat16))
+
+
+@triton.jit
+def _nvfp4_loop(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_s,
+                BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
+                ASM: tl.constexpr):
+    offs_m = tl.arange(0, BM)
+    o0 = tl.program_id(0) * BO
+    offs_o = o0 + tl.arange(0, BO)
+    offs_r = tl.arange(0, BR)
+    acc = tl.zeros((BM, BO), dtype=tl.float32)
+    for r0 in tl.range(0, K, BR, num_stages=STAGES):
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + r0 + offs_r[None, :],
+                     mask=offs_m[:, None] < M, other=0.0)
+        w = nvfp4_tile(q_ptr, s_ptr, s_ptr, stride_q, stride_s, o0, r0, N, K, BO, BR, 0)
+        acc = tl.dot(xt, tl.trans(w.to(tl.bfloat16)), acc)
+    tl.store(y_ptr + offs_m[:, None] * N + offs_o[None, :], acc.to(tl.bfloat16))
+
+
 SIG = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32",
        "N": "i32", "K": "i32", "stride_xm": "i32", "stride_q": "i32", "stride_s": "i32",
        "BM": "constexpr", "BO": "constexpr", "BR": "constexpr", "STAGES": "constexpr",
        "ASM": "constexpr"}
 
 
+# NVFP4: uint8 codes (the plane pairs read them as int32 words) and e4m3 scales
+SIG_NVFP4 = {**SIG, "s_ptr": "*fp8e4nv"}
+SIG_NVFP4_BYTES = {**SIG_NVFP4, "q_ptr": "*u8"}
+SIGS = {_pairs_nvfp4: SIG_NVFP4, _nvfp4_loop: SIG_NVFP4_BYTES}
+
+
 def sass_histogram(fn, consts: dict, warps: int) -> tuple[int, list[tuple[str, int]]]:
     """(instruction count, opcodes by frequency) of `fn` compiled for sm_90."""
-    src = ASTSource(fn=fn, signature=SIG, constexprs=consts)
+    src = ASTSource(fn=fn, signature=SIGS.get(fn, SIG), constexprs=consts)
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -91,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args(argv)
     base = {"BM": args.bm, "BO": args.bo, "BR": args.br, "STAGES": args.stages}
-    for name, fn, asm in [("join-tree loop", _join_tree, False),
-                          ("plane pairs, plain decode", _pairs, False),
-                          ("plane pairs, bf16x2 asm decode", _pairs, True)]:
+    for name, fn, asm in [("int4 join-tree loop", _join_tree, False),
+                          ("int4 plane pairs, plain decode", _pairs, False),
+                          ("int4 plane pairs, bf16x2 asm", _pairs, True),
+                          ("nvfp4 loop (nvfp4_tile)", _nvfp4_loop, False),
+                          ("nvfp4 plane pairs, plain decode", _pairs_nvfp4, False),
+                          ("nvfp4 plane pairs, bf16x2 asm", _pairs_nvfp4, True)]:
         n, ops = sass_histogram(fn, {**base, "ASM": asm}, args.warps)
         print(f"{name:<32} {n:5d} instructions: "
               + " ".join(f"{op} {k}" for op, k in ops[:args.top]))

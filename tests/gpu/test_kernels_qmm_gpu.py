@@ -231,3 +231,36 @@ def test_plane_pair_steps(kw: dict) -> None:
                 y = run(x)
                 assert not y.isnan().any(), (k, n, m, cfg)
                 assert _rel(y, x.double() @ wb.double().T) < TOL, (k, n, m, kw, cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nvfp4_plane_pair_steps(dtype: torch.dtype) -> None:
+    """NVFP4 over nibble-plane pairs (bf16 x: the E2M1 bf16x2 inline-asm decode, whose
+    subnormal codes must survive the packed FMA; fp16 x: the plain decode): one-hot rows read
+    single weights back, the dequantized weights bit for bit (every code, real scales, the
+    global scale through the epilogue); random x against float64; NaN-poisoned outputs."""
+    from orbit.kernels import _qgemm
+    from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
+
+    for k, n in [(2048, 6144), (6144, 2048), (2176, 1024)]:
+        qw = random_qweight("nvfp4", n, k, seed=k + n + 1, device="cuda")
+        t = qw.tensors
+        wb = qw.dequantize(dtype)
+        for cfg in [_qgemm.TileConfig(bm=16, bo=32, br=128, warps=4, stages=4,
+                                      unpack=UNPACK_PLANE_PAIRS),
+                    _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=3, split=4,
+                                      unpack=UNPACK_PLANE_PAIRS)]:
+            def run(x: torch.Tensor, qw=qw, t=t, n=n, cfg=cfg) -> torch.Tensor:
+                y = torch.full((x.shape[0], n), float("nan"), device="cuda", dtype=dtype)
+                return _qgemm.launch(x, "nvfp4", qw.shape, t["qweight"], t["scale"], None,
+                                     t["global_scale"].reshape(1), 16, False, False, y, cfg)
+
+            cols = torch.arange(16, device="cuda") * (k // 16) + torch.arange(16, device="cuda") % 8
+            onehot = torch.zeros(16, k, device="cuda", dtype=dtype)
+            onehot[torch.arange(16), cols] = 1.0
+            assert torch.equal(run(onehot), wb[:, cols].T.contiguous()), (k, n, dtype, cfg)
+            for m in (1, 5, 16, 33):
+                x = torch.randn(m, k, device="cuda").to(dtype)
+                y = run(x)
+                assert not y.isnan().any(), (k, n, m, cfg)
+                assert _rel(y, x.double() @ wb.double().T) < TOL, (k, n, m, dtype, cfg)

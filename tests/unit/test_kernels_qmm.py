@@ -97,6 +97,31 @@ def _interpreter_main() -> None:
                 errs.append(((y.double() - ref).norm() / ref.norm()).item())
                 errs.append(((y.double() - base.double()).norm() / ref.norm()).item())
         out[f"pairs-{i}"] = errs
+    # NVFP4 over the same pairs (bytes viewed as int32 words, global scale in the epilogue):
+    # out tail 72, K 320 (a tail at 128-deep steps), 1 / 5 / 17 rows, split-K; and one-hot rows,
+    # which read single weights back: the reference's fp32 weights, cast once.
+    qw = random_qweight("nvfp4", 72, 320, seed=80)
+    t = qw.tensors
+    w = qw.dequantize(torch.bfloat16)
+    errs = []
+    for m in (1, 5, 17):
+        x = torch.randn(m, 320).bfloat16()
+        ref = x.double() @ w.double().T
+        for cfg in cfgs:
+            y = _qgemm.launch(x, "nvfp4", qw.shape, t["qweight"], t["scale"], None,
+                              t["global_scale"].reshape(1), 16, False, False,
+                              torch.full((m, 72), float("nan")).bfloat16(), cfg)
+            errs.append(((y.double() - ref).norm() / ref.norm()).item())
+    out["pairs-nvfp4"] = errs
+    cols = torch.arange(16) * 20 + torch.arange(16) % 8
+    onehot = torch.zeros(16, 320).bfloat16()
+    onehot[torch.arange(16), cols] = 1.0
+    y = _qgemm.launch(onehot, "nvfp4", qw.shape, t["qweight"], t["scale"], None,
+                      t["global_scale"].reshape(1), 16, False, False, None, cfgs[0])
+    # (the interpreter truncates fp32 -> bf16 casts: compare with the fp32 weights truncated)
+    w32 = qw.dequantize(torch.float32)[:, cols].T.contiguous()
+    trunc = (w32.view(torch.int32) & -65536).view(torch.float32).bfloat16()
+    out["pairs-nvfp4-onehot"] = bool(torch.equal(y, trunc))
     # W8A8 GEMM on the reference's quantized activations (see the module docstring).
     qw = random_qweight("fp8", 192, 320, seed=9)
     x = torch.randn(5, 320).bfloat16()
@@ -141,7 +166,16 @@ def test_interpreted_plane_pair_steps(interp_results: dict, case: int) -> None:
     assert max(errs) < 1e-2, errs
 
 
-def test_plane_pairs_are_int4_forward_fast_only() -> None:
+def test_interpreted_nvfp4_plane_pair_steps(interp_results: dict) -> None:
+    """NVFP4 over nibble-plane pairs (plain decode, the interpreter's): against float64, every
+    output written, and one-hot rows give the dequantized fp32 weights cast once (the GPU test
+    checks the CUDA inline-asm decode the same way)."""
+    errs = interp_results["pairs-nvfp4"]
+    assert not any(math.isnan(e) for e in errs) and max(errs) < 1e-2, errs
+    assert interp_results["pairs-nvfp4-onehot"]
+
+
+def test_plane_pairs_are_int4_nvfp4_forward_fast_only() -> None:
     from orbit.kernels import _qgemm
     from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
 
@@ -156,11 +190,16 @@ def test_plane_pairs_are_int4_forward_fast_only() -> None:
         with pytest.raises(ValueError, match="plane pairs"):
             _qgemm.launch(x, "int4", qw.shape, t["qweight"], t["scale"], None, None, 32,
                           transpose, exact, None, c)
-    fq = random_qweight("nvfp4", 64, 128)
+    fq = random_qweight("mxfp4", 64, 128)
     with pytest.raises(ValueError, match="plane pairs"):
-        _qgemm.launch(torch.randn(3, 128).bfloat16(), "nvfp4", fq.shape, fq.tensors["qweight"],
-                      fq.tensors["scale"], None, fq.tensors["global_scale"], 16, False, False,
-                      None, cfg)
+        _qgemm.launch(torch.randn(3, 128).bfloat16(), "mxfp4", fq.shape, fq.tensors["qweight"],
+                      fq.tensors["scale"], None, None, 32, False, False, None, cfg)
+    nq = random_qweight("nvfp4", 64, 144)  # rows of 72 bytes, then a view starting 2 bytes in
+    q = nq.tensors["qweight"][:, 2:66]
+    with pytest.raises(ValueError, match="4-byte aligned"):
+        _qgemm.launch(torch.randn(3, 128).bfloat16(), "nvfp4", (64, 128), q,
+                      nq.tensors["scale"][:, :8], None, nq.tensors["global_scale"], 16, False,
+                      False, None, cfg)
 
 
 def test_swap_ab_is_forward_fast_only() -> None:

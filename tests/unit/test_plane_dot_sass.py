@@ -36,3 +36,20 @@ def test_plane_pair_asm_decode_compiles_for_sm90() -> None:
     assert "HFMA2" not in plain and plain.get("FMUL", 0) >= 64, ops_plain[:15]
     assert asm.get("HMMA", 0) > 0 and plain.get("HMMA", 0) > 0  # the dots are tensor-core MMAs
     assert n_asm < n_plain, (n_asm, n_plain)
+
+
+@pytest.mark.skipif(not (BIN / "ptxas").exists() or not (BIN / "cuobjdump").exists(),
+                    reason="this Triton ships no ptxas/cuobjdump")
+def test_nvfp4_plane_pair_asm_decode_compiles_for_sm90() -> None:
+    """NVFP4 over plane pairs: ptxas accepts the E2M1 bf16x2 decode, one packed bf16 op per
+    word pair (64 weights per thread per step = 32 pairs), tensor-core dots, and fewer
+    instructions than the plain pairs and than the `nvfp4_tile` loop it replaces."""
+    mod = _sass_module()
+    consts = {"BM": 16, "BO": 64, "BR": 128, "STAGES": 3}
+    n_asm, ops_asm = mod.sass_histogram(mod._pairs_nvfp4, {**consts, "ASM": True}, 4)
+    n_plain, _ = mod.sass_histogram(mod._pairs_nvfp4, {**consts, "ASM": False}, 4)
+    n_loop, _ = mod.sass_histogram(mod._nvfp4_loop, {**consts, "ASM": False}, 4)
+    asm = dict(ops_asm)
+    assert asm.get("HFMA2", 0) + asm.get("HMUL2", 0) >= 32, ops_asm[:15]
+    assert asm.get("HMMA", 0) > 0
+    assert n_asm < n_plain < n_loop, (n_asm, n_plain, n_loop)

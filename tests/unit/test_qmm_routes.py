@@ -107,7 +107,7 @@ def test_swapped_tiles_round_trip_and_take_no_epilogue(tmp_path: Path) -> None:
                    if c.kind == "dot")
 
 
-def test_plane_pair_tiles_round_trip_and_are_tuned_for_int4_only(tmp_path: Path) -> None:
+def test_plane_pair_tiles_round_trip_and_are_tuned_for_int4_nvfp4_only(tmp_path: Path) -> None:
     from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
     from orbit.kernels.qmm_tune import PAIRS_MAX_M, candidates, describe
 
@@ -133,7 +133,8 @@ def test_plane_pair_tiles_round_trip_and_are_tuned_for_int4_only(tmp_path: Path)
                    for r in candidates(m, 2048, 2048, fmt, CPU)[1])
 
     assert n_pairs(1, "int4") > 0 and n_pairs(PAIRS_MAX_M, "int4") > 0
-    assert n_pairs(PAIRS_MAX_M + 1, "int4") == 0 and n_pairs(16, "nvfp4") == 0
+    assert n_pairs(PAIRS_MAX_M + 1, "int4") == 0 and n_pairs(16, "nvfp4") > 0
+    assert n_pairs(16, "mxfp4") == 0 and n_pairs(16, "fp8") == 0
 
 
 @pytest.mark.parametrize(("doc", "needle"), [
