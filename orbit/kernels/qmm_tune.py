@@ -133,10 +133,12 @@ def dot_configs(m: int, fmt: str, grid: str = "quick") -> list[TileConfig]:
     return out
 
 
-# INT4 and NVFP4 K steps over nibble-plane pairs (TileConfig.unpack = 3, orbit/kernels/plane_dot.py) are
-# tried up to this many rows: their gain is in the dequantize, which matters where the loop
-# is bound by it (decode and small rollout batches), not where the MMAs are.
-PAIRS_MAX_M = 64
+# INT4 and NVFP4 K steps over nibble-plane pairs (TileConfig.unpack = 3,
+# orbit/kernels/plane_dot.py) are tried up to this many rows: their gain is in the dequantize,
+# which matters where the loop is bound by it, not where the MMAs are. That is decode and
+# rollout batches up to 256 for NVFP4 (its loop at batch 256 decoded 40% fewer tok/s than
+# INT4's, H200 session 8, with nearly INT4's bytes), so the tuner tries them that far.
+PAIRS_MAX_M = 256
 
 
 # The swapped loop (TileConfig.swap: y^T = W @ x^T, the dequantized weight tile the wgmma's A
