@@ -221,10 +221,10 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
     # lscale, stride_hm, hc_ptr and LSR are read). SHRINK: the first LSR programs compute h
     # (lora_epilogue: one row of A each below 8 rows, SDOT: one SBM-row block each), and every
     # tile program waits for their LSR signals before its delta.
-    # SPLIT (forward, no SWAP; from a route table's tile): SPLIT programs per output tile, each
-    # over one K-slice; fp32 partials in ws_ptr [SPLIT, M, N], and the last to arrive at the
-    # tile's counter (cnt_ptr) adds them in slice order and stores (the GEMV's fix-up).
-    # UNPACK == UNPACK_PLANE_PAIRS (int4 / nvfp4 forward, no SWAP): K steps over nibble-plane
+    # SPLIT (forward; from a route table's tile): SPLIT programs per output tile, each over one
+    # K-slice; fp32 partials in ws_ptr [SPLIT, M, N], and the last to arrive at the tile's
+    # counter (cnt_ptr) adds them in slice order and stores (the GEMV's fix-up).
+    # UNPACK == UNPACK_PLANE_PAIRS (int4 / nvfp4 forward, SWAP or not): K steps over nibble-plane
     # pairs (orbit/kernels/plane_dot.py; nvfp4's q_ptr the bytes viewed as int32 words); PASM
     # its bf16x2 inline-asm decode.
     pid = tl.program_id(0)
@@ -254,8 +254,7 @@ def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_x
                 LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
                 SPLIT: tl.constexpr, PASM: tl.constexpr = False):
     """Program `pid` of _qgemm_kernel's tile programs (SPLIT per output tile)."""
-    PAIRS: tl.constexpr = ((FMT == 0 or FMT == 3) and UNPACK == UNPACK_PLANE_PAIRS and not TRANS
-                           and not SWAP)
+    PAIRS: tl.constexpr = (FMT == 0 or FMT == 3) and UNPACK == UNPACK_PLANE_PAIRS and not TRANS
     ks = 0
     if SPLIT > 1:
         ks = pid % SPLIT
@@ -294,7 +293,7 @@ def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_x
         if PAIRS:
             acc = plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q,
                                   stride_s, offs_m, offs_o, M, N, K, r0, GROUP, HAS_OFFSET, BR,
-                                  PASM, FMT)
+                                  PASM, FMT, SWAP)
         else:
             xmask = (offs_m[:, None] < M) & (r0 + offs_r[None, :] < RED)
             xt = tl.load(x_ptrs, mask=xmask, other=0.0)  # [BM, BR]
@@ -315,25 +314,34 @@ def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_x
         if PASM:
             gsf = gsf * NVFP4_ASM_EPILOGUE
         acc = acc * gsf
-    if SWAP:
-        ymask = (offs_o[:, None] < OUT) & (offs_m[None, :] < M)
-        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_o[:, None], acc.to(dt), mask=ymask)
-    elif SPLIT > 1:
-        ymask = (offs_m[:, None] < M) & (offs_o[None, :] < OUT)
+    if SPLIT > 1:
+        if SWAP:  # acc is the y^T tile
+            ymask = (offs_o[:, None] < OUT) & (offs_m[None, :] < M)
+            w_off = offs_m[None, :] * OUT + offs_o[:, None]
+        else:
+            ymask = (offs_m[:, None] < M) & (offs_o[None, :] < OUT)
+            w_off = offs_m[:, None] * OUT + offs_o[None, :]
         slab = (M * OUT).to(tl.int64)  # (M may be specialised to a constexpr 1)
-        w_off = offs_m[:, None] * OUT + offs_o[None, :]
         tl.store(ws_ptr + ks * slab + w_off, acc, mask=ymask)
         tl.debug_barrier()
         # release our slice, acquire the others' (the GEMV fix-up's pairing, gemv._store_out)
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
         if arrived == SPLIT - 1:
-            total = tl.zeros((BM, BO), dtype=tl.float32)
+            total = tl.zeros_like(acc)
             for s in range(SPLIT):  # slice order: the sum does not depend on who came last
                 total += tl.load(ws_ptr + s * slab + w_off, mask=ymask, other=0.0,
                                  cache_modifier=".cg")
-            _dot_store(total, y_ptr, stride_ym, offs_m, offs_o, M, OUT, h_ptr, b_ptr, LR,
-                       lscale, stride_hm, hc_ptr, LSR, num_m * num_o, dt, LORA, LRP, SHRINK)
+            if SWAP:
+                tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_o[:, None], total.to(dt),
+                         mask=ymask)
+            else:
+                _dot_store(total, y_ptr, stride_ym, offs_m, offs_o, M, OUT, h_ptr, b_ptr, LR,
+                           lscale, stride_hm, hc_ptr, LSR, num_m * num_o, dt, LORA, LRP,
+                           SHRINK)
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")  # re-armed for the next launch
+    elif SWAP:
+        ymask = (offs_o[:, None] < OUT) & (offs_m[None, :] < M)
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_o[:, None], acc.to(dt), mask=ymask)
     else:
         _dot_store(acc, y_ptr, stride_ym, offs_m, offs_o, M, OUT, h_ptr, b_ptr, LR, lscale,
                    stride_hm, hc_ptr, LSR, num_m * num_o, dt, LORA, LRP, SHRINK)
@@ -481,9 +489,9 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         problem = "nibble-plane pairs run fast-mode forwards only"
     if problem:
         raise ValueError(f"TileConfig: {problem} (transpose={transpose}, exact={exact})")
-    if cfg.split > 1 and (transpose or exact or cfg.swap):
+    if cfg.split > 1 and (transpose or exact):
         raise ValueError(f"TileConfig.split={cfg.split} runs in fast-mode forwards only (no "
-                         "transpose, no exact mode, no swap)")
+                         "transpose, no exact mode)")
     tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(out_dim, cfg.bo)
     grid = (tiles * cfg.split,)
     ws = cnt_t = y  # (unused without a split)

@@ -49,6 +49,17 @@ back the reference's fp32 (v * s) * gs rounded once.
   2^-127, which bf16 FMAs keep); one `fma.rn.bf16x2` by {s', s'}, s' = s * 2^117 (exact, at
   most 448 * 2^117), gives v * s * 2^-9, a normal bf16 (>= 2^-19), exact. The epilogue
   multiplies by gs * 2^9. Per word pair: two shifts, one LOP3 with an AND, one HFMA2.
+
+Register-fed (session 14): one stage, no pipeliner. Hopper's MMAs read some operands from
+registers: wgmma its A operand, mma.sync (what Triton emits for 16-row tiles) both. Offline
+sm_90 compiles (the device's Triton 3.6 and Triton 3.9; `scripts/bench/sass_qmm.py`) show
+that with `stages=1` no weight tile goes through shared memory, swapped
+(`TileConfig(swap=True)`: y^T += W @ x^T, the decoded weights the wgmma's A operand) or not
+(bm = 16: mma.sync): the words are loaded, moved into the MMA operand's register layout and
+decoded there, and x is the only shared-memory tile. With 3-4 stages the pipeliner stages the
+words through shared memory and the decoded tile takes the trip again. Without the pipeliner
+the load latency is hidden by many small programs per SM: split-K (its fix-up serves the
+swapped tile too), which the tuner adds (`qmm_tune.register_fed_configs`).
 """
 
 from __future__ import annotations
@@ -146,12 +157,14 @@ def _e2m1_pair_asm(words, sc16, P: tl.constexpr):
 @triton.jit
 def plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q, stride_s, offs_m,
                     offs_o, M, N, K, r0, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                    BR: tl.constexpr, ASM: tl.constexpr, FMT: tl.constexpr = 0):
+                    BR: tl.constexpr, ASM: tl.constexpr, FMT: tl.constexpr = 0,
+                    SWAP: tl.constexpr = False):
     """acc [BM, BO] += x[offs_m, r0:r0+BR] @ W[offs_o, r0:r0+BR]^T for W packed in int32 words
     [N, K/8] with scales [N, K/GROUP]; r0 is a multiple of BR, BR of 64. FMT 0: int4 (ASM: the
     bf16x2 decode, symmetric codes, bf16 scale and x). FMT 3: nvfp4 E2M1 codes with e4m3
     scales, WITHOUT the global scale (the caller's epilogue: gs, or gs * NVFP4_ASM_EPILOGUE
-    with ASM, bf16 x). See the module doc."""
+    with ASM, bf16 x). SWAP: acc is the [BO, BM] tile of y^T += W @ x^T, the decoded weights
+    the MMA's A operand (see the module doc: "Register-fed")."""
     KW: tl.constexpr = BR // 8
     dt = x_ptr.dtype.element_ty
     aw = tl.arange(0, KW)
@@ -189,5 +202,8 @@ def plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q, stride
             lo, hi = _pair_plain(words, sc, off, P, HAS_OFFSET, dt)
         w = tl.reshape(tl.join(lo, hi), (lo.shape[0], 2 * KW))  # [BO, 2 KW]
         xp = tl.load(xbase + P, mask=xmask, other=0.0)  # [BM, 2 KW]
-        acc = tl.dot(xp, tl.trans(w), acc)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(xp), acc)
+        else:
+            acc = tl.dot(xp, tl.trans(w), acc)
     return acc

@@ -168,9 +168,6 @@ def _parse_config(c: Any, where: str) -> TileConfig:
     swap = c.get("swap", False)
     if not isinstance(swap, bool):
         raise RouteTableError(f"{where}.config: field 'swap' must be true or false, got {swap!r}")
-    if swap and split > 1:
-        raise RouteTableError(f"{where}.config: 'swap' and 'split' > 1 do not combine (the "
-                              "swapped loop has no split-K)")
     return TileConfig(warps=warps, stages=stages, group_m=group_m, unpack=unpack, split=split,
                       swap=swap, **vals)
 

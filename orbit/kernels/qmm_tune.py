@@ -4,8 +4,9 @@ route table that `_qgemm.route` reads (orbit/kernels/qmm_routes.py).
 For every format, weight shape the model runs (`model_shapes`) and row count M of a bucket
 list, the candidates are: the rules' route (what runs without a table), dequantize + cuBLAS,
 the decode GEMV (M <= _qgemm.GEMV_MAX_M) and the `tl.dot` loop over a grid of tiles
-(`dot_configs`; up to 64 rows also the swapped loop, `swap_configs`, and for INT4 the same
-tiles over nibble-plane pairs). Each candidate is first checked against the reference
+(`dot_configs`; up to 64 rows also the swapped loop, `swap_configs`; for INT4 and NVFP4 the
+same tiles over nibble-plane pairs, and the register-fed swapped pairs with their K splits,
+`register_fed_configs`). Each candidate is first checked against the reference
 (dequantize, matmul: relative error within BF16 accumulation), then timed as an engine step runs it: calls over
 enough weight copies to miss L2, captured and replayed as one CUDA graph (`graph_timer`).
 The fastest wins only if it beats the rules' route by `min_gain`; otherwise the entry keeps
@@ -162,10 +163,39 @@ def split_variants(c: TileConfig, m: int, n: int, k: int, sms: int) -> list[Tile
     """`c` with its K split 2, 4 or 8 ways (TileConfig.split) where its tiles leave SMs idle:
     up to 4 programs per SM, at least two K steps per slice."""
     tiles = -(-m // c.bm) * -(-n // c.bo)
-    if tiles >= sms or c.swap:  # (the swapped loop has no split-K)
+    if tiles >= sms:
         return []
     return [replace(c, split=sp) for sp in (2, 4, 8)
             if tiles * sp <= 4 * sms and -(-k // c.br) >= 2 * sp]
+
+
+# Register-fed tiles (nibble-plane pairs without the pipeliner, orbit/kernels/plane_dot.py:
+# "Register-fed"): their loads are hidden by programs, not stages, so they are tried with K
+# splits up to this many programs per SM.
+REG_FED_PROGRAMS_PER_SM = 16
+
+
+def register_fed_configs(m: int, n: int, k: int, fmt: str, sms: int) -> list[TileConfig]:
+    """Plane-pair tiles with one stage at m <= SWAP_MAX_M rows (INT4, NVFP4): swapped (64 or
+    128 weight rows, the wgmma's register A operand) and, up to 16 rows, unswapped with 16-row
+    x tiles (mma.sync, both operands in registers; 64 weight columns); 128 or 256 deep; each
+    unsplit and split 2-16 ways while the grid stays within REG_FED_PROGRAMS_PER_SM programs
+    per SM and a slice keeps two K steps."""
+    if fmt not in PLANE_PAIR_FORMATS or m > SWAP_MAX_M:
+        return []
+    bm = min(64, max(16, 1 << max(0, math.ceil(math.log2(max(1, m))))))
+    shapes = [(True, 64), (True, 128)] + ([(False, 64)] if m <= 16 else [])
+    out = []
+    for swap, bo in shapes:
+        for br in (128, 256):
+            tiles = -(-m // bm) * -(-n // bo)
+            for sp in (1, 2, 4, 8, 16):
+                if sp > 1 and (tiles * sp > REG_FED_PROGRAMS_PER_SM * sms
+                               or -(-k // br) < 2 * sp):
+                    continue
+                out.append(TileConfig(bm=bm, bo=bo, br=br, warps=4, stages=1, swap=swap,
+                                      split=sp, unpack=UNPACK_PLANE_PAIRS))
+    return out
 
 
 def candidates(m: int, n: int, k: int, fmt: str, device: torch.device, grid: str = "quick"
@@ -177,6 +207,9 @@ def candidates(m: int, n: int, k: int, fmt: str, device: torch.device, grid: str
     if m <= _qgemm.GEMV_MAX_M:
         routes.append(Route("gemv"))
     routes += [Route("dot", c) for c in dot_configs(m, fmt, grid)]
+    from orbit.kernels.gemv import num_sms  # (gemv imports _qgemm)
+
+    routes += [Route("dot", c) for c in register_fed_configs(m, n, k, fmt, num_sms(device))]
     seen: list[Route] = []
     for r in routes:
         if r not in seen:

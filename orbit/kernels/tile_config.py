@@ -29,12 +29,9 @@ class TileConfig:
 
     def pairs_problem(self, fmt: str) -> str | None:
         """Why this tile cannot run `fmt` over nibble-plane pairs (None: it can, or it does not
-        ask to): they need int4 words or nvfp4 bytes, whole 64-column K steps and the unswapped
-        loop. The one rule that route tables (when read) and `_qgemm.launch` (when run) both
-        apply."""
-        if self.unpack != UNPACK_PLANE_PAIRS or (fmt in PLANE_PAIR_FORMATS and self.br % 64 == 0
-                                                  and not self.swap):
+        ask to): they need int4 words or nvfp4 bytes and whole 64-column K steps. The one rule
+        that route tables (when read) and `_qgemm.launch` (when run) both apply."""
+        if self.unpack != UNPACK_PLANE_PAIRS or (fmt in PLANE_PAIR_FORMATS and self.br % 64 == 0):
             return None
         return (f"unpack={UNPACK_PLANE_PAIRS} (nibble-plane pairs) runs int4 and nvfp4 tiles "
-                f"with br a multiple of 64 and no swap; got {fmt} with br={self.br}, "
-                f"swap={self.swap}")
+                f"with br a multiple of 64; got {fmt} with br={self.br}")

@@ -250,6 +250,32 @@ SWAP_ALTS = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3),
 PAIR_ALTS = [(32, 128, 4, 4, 1), (32, 128, 4, 4, 4), (32, 128, 4, 3, 8), (64, 128, 4, 4, 1),
              (64, 256, 4, 3, 1), (128, 128, 4, 3, 1)]
 
+# --gemv-regfed (session 14): register-fed plane-pair tiles (one stage, no pipeliner;
+# orbit/kernels/plane_dot.py "Register-fed") as (swap, bo, br); each at the K split that
+# puts about REGFED_PER_SM programs on an SM, at half and at twice that.
+REGFED_SHAPES = [(True, 64, 256), (True, 128, 256), (True, 64, 128), (False, 64, 256)]
+REGFED_PER_SM = 8
+
+
+def regfed_alts(m: int, n: int, k: int, sms: int) -> list:
+    """The register-fed tiles --gemv-regfed times at one shape and M."""
+    out = []
+    bm = max(16, triton.next_power_of_2(m))
+    for swap, bo, br in REGFED_SHAPES:
+        if not swap and m > 16:
+            continue
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bo)
+        steps = triton.cdiv(k, br)
+        sp = 1
+        while sp < 16 and tiles * sp * 2 <= REGFED_PER_SM * sms and steps >= 4 * sp:
+            sp *= 2
+        for s_ in sorted({max(1, sp // 2), sp, min(16, sp * 2)}):
+            if s_ == 1 or steps >= 2 * s_:
+                out.append(_qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=4, stages=1, swap=swap,
+                                             split=s_, unpack=3))
+    return out
+
+
 # --gemv-xpre (session 6): around the shipped M = 1 plane config with the x prefetch: more
 # programs (split 2, 16 rows), more warps, shallower steps (8th field: x_prefetch).
 GEMV_ALTS_XPRE = [(32, 512, 2, 4, 3, True, False, True), (16, 512, 0, 4, 3, True, False, True),
@@ -282,7 +308,7 @@ def _gemv(x, qw, config=None):
 def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = None,
                 ms_: tuple = (1, 4, 16), alt_list: list | None = None,
                 swap: bool = False, formats: tuple = ("int4", "fp8", "nvfp4"),
-                decodes: bool = False, pairs: bool = False) -> list[dict]:
+                decodes: bool = False, pairs: bool = False, regfed: bool = False) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run."""
     from orbit.kernels.gemv import FP8_GEMV_MAX_M, GemvConfig, num_sms, pick_gemv_config
     from orbit.kernels.gemv_fp8 import Fp8GemvConfig, pick_fp8_gemv_config
@@ -348,6 +374,13 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                         c = _qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=w, stages=st, split=sp)
                         plan += [("fused-tile", c),
                                  ("fused-pairs", dataclasses.replace(c, unpack=UNPACK_PLANE_PAIRS))]
+                if regfed and fmt in ("int4", "nvfp4"):
+                    plan += [(f"regfed-{'swap' if c.swap else 'mma'}", c)
+                             for c in regfed_alts(m, n, k, num_sms(x.device))]
+                    # same-run baseline: a pipelined (4-stage) pairs tile
+                    plan.append(("fused-pairs", _qgemm.TileConfig(
+                        bm=max(16, triton.next_power_of_2(m)), bo=32, br=128, warps=4, stages=4,
+                        unpack=3)))
                 if alts and fmt in ("int4", "nvfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1=int(bool(eb and eb[0])),
@@ -358,7 +391,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 for path, cfg in plan:
                     if path == "fused-dot":
                         fns = [lambda q=q: _fused(x, q) for q in qws]
-                    elif path in ("fused-swap", "fused-tile", "fused-pairs"):
+                    elif path in ("fused-swap", "fused-tile", "fused-pairs") or path.startswith(
+                            "regfed-"):
                         fns = [lambda q=q: _fused(x, q, config=cfg) for q in qws]
                     elif path == "gemv-hot":
                         fns = [lambda q0=qws[0]: _gemv(x, q0, cfg)] * len(qws)
@@ -484,6 +518,9 @@ def main() -> None:
     ap.add_argument("--gemv-pairs", action="store_true",
                     help="with --gemv: INT4 / NVFP4 tl.dot tiles PAIR_ALTS with the usual unpack "
                          "and over nibble-plane pairs (TileConfig.unpack = 3), same run")
+    ap.add_argument("--gemv-regfed", action="store_true",
+                    help="with --gemv: INT4 / NVFP4 register-fed plane-pair tiles (one stage; "
+                         "regfed_alts) and a 4-stage pairs tile, same run")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")
@@ -517,7 +554,7 @@ def main() -> None:
                                   GEMV_ALTS_SMALL if args.gemv_small else
                                   GEMV_ALTS_DEEP if args.gemv_deep else None, args.gemv_swap,
                                   tuple(args.gemv_formats.split(",")), args.gemv_decodes,
-                                  args.gemv_pairs)
+                                  args.gemv_pairs, args.gemv_regfed)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")

@@ -76,6 +76,20 @@ def _pairs_nvfp4(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, strid
 
 
 @triton.jit
+def _pairs_swapped(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_s,
+                   BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
+                   ASM: tl.constexpr):
+    """NVFP4 plane pairs swapped (y^T = W @ x^T): the register-fed form at STAGES = 1."""
+    offs_m = tl.arange(0, BM)
+    offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
+    acc = tl.zeros((BO, BM), dtype=tl.float32)
+    for r0 in tl.range(0, K, BR, num_stages=STAGES):
+        acc = plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, s_ptr, stride_q, stride_s,
+                              offs_m, offs_o, M, N, K, r0, 16, False, BR, ASM, 3, True)
+    tl.store(y_ptr + offs_m[None, :] * N + offs_o[:, None], acc.to(tl.bfloat16))
+
+
+@triton.jit
 def _nvfp4_loop(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_s,
                 BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
                 ASM: tl.constexpr):
@@ -101,13 +115,26 @@ SIG = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": "*bf16", "M
 # NVFP4: uint8 codes (the plane pairs read them as int32 words) and e4m3 scales
 SIG_NVFP4 = {**SIG, "s_ptr": "*fp8e4nv"}
 SIG_NVFP4_BYTES = {**SIG_NVFP4, "q_ptr": "*u8"}
-SIGS = {_pairs_nvfp4: SIG_NVFP4, _nvfp4_loop: SIG_NVFP4_BYTES}
+SIGS = {_pairs_nvfp4: SIG_NVFP4, _pairs_swapped: SIG_NVFP4, _nvfp4_loop: SIG_NVFP4_BYTES}
+
+
+def _compile(fn, consts: dict, warps: int):
+    src = ASTSource(fn=fn, signature=SIGS.get(fn, SIG), constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+def weight_tiles_in_smem(fn, consts: dict, warps: int) -> int:
+    """How many `local_alloc`s (shared-memory buffers) of the compiled kernel hold a tile with
+    a BO-long dim, i.e. weight data, raw or decoded (x tiles are BM x BR/4; BM != BO): 0 means
+    the weights reach the MMAs from registers only."""
+    ttgir = _compile(fn, consts, warps).asm["ttgir"]
+    allocs = re.findall(r"ttg\.local_alloc[^\n]*?(?:tensor|memdesc)<([0-9x]+)x[a-z]", ttgir)
+    return sum(str(consts["BO"]) in dims.split("x") for dims in allocs)
 
 
 def sass_histogram(fn, consts: dict, warps: int) -> tuple[int, list[tuple[str, int]]]:
     """(instruction count, opcodes by frequency) of `fn` compiled for sm_90."""
-    src = ASTSource(fn=fn, signature=SIGS.get(fn, SIG), constexprs=consts)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    c = _compile(fn, consts, warps)
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(c.asm["cubin"])
@@ -133,10 +160,16 @@ def main(argv: list[str] | None = None) -> int:
                           ("int4 plane pairs, bf16x2 asm", _pairs, True),
                           ("nvfp4 loop (nvfp4_tile)", _nvfp4_loop, False),
                           ("nvfp4 plane pairs, plain decode", _pairs_nvfp4, False),
-                          ("nvfp4 plane pairs, bf16x2 asm", _pairs_nvfp4, True)]:
+                          ("nvfp4 plane pairs, bf16x2 asm", _pairs_nvfp4, True),
+                          ("nvfp4 pairs swapped, asm", _pairs_swapped, True)]:
         n, ops = sass_histogram(fn, {**base, "ASM": asm}, args.warps)
         print(f"{name:<32} {n:5d} instructions: "
               + " ".join(f"{op} {k}" for op, k in ops[:args.top]))
+    for stages in (1, args.stages):
+        c = {**base, "STAGES": stages, "ASM": True}
+        print(f"weight tiles in shared memory, {stages} stage(s): nvfp4 pairs "
+              f"{weight_tiles_in_smem(_pairs_nvfp4, c, args.warps)}, swapped "
+              f"{weight_tiles_in_smem(_pairs_swapped, c, args.warps)}")
     return 0
 
 

@@ -216,6 +216,14 @@ def test_plane_pair_steps(kw: dict) -> None:
         for cfg in [_qgemm.TileConfig(bm=16, bo=32, br=128, warps=4, stages=4,
                                       unpack=UNPACK_PLANE_PAIRS),
                     _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=3, split=4,
+                                      unpack=UNPACK_PLANE_PAIRS),
+                    # register-fed (one stage): swapped (wgmma A from registers), split or
+                    # not, and unswapped 16-row (mma.sync)
+                    _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=1, swap=True,
+                                      unpack=UNPACK_PLANE_PAIRS),
+                    _qgemm.TileConfig(bm=16, bo=128, br=128, warps=4, stages=1, swap=True,
+                                      split=4, unpack=UNPACK_PLANE_PAIRS),
+                    _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=1, split=2,
                                       unpack=UNPACK_PLANE_PAIRS)]:
             def run(x: torch.Tensor, qw=qw, t=t, n=n, cfg=cfg) -> torch.Tensor:
                 y = torch.full((x.shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
@@ -249,6 +257,14 @@ def test_nvfp4_plane_pair_steps(dtype: torch.dtype) -> None:
         for cfg in [_qgemm.TileConfig(bm=16, bo=32, br=128, warps=4, stages=4,
                                       unpack=UNPACK_PLANE_PAIRS),
                     _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=3, split=4,
+                                      unpack=UNPACK_PLANE_PAIRS),
+                    # register-fed (one stage): swapped (wgmma A from registers), split or
+                    # not, and unswapped 16-row (mma.sync)
+                    _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=1, swap=True,
+                                      unpack=UNPACK_PLANE_PAIRS),
+                    _qgemm.TileConfig(bm=16, bo=128, br=128, warps=4, stages=1, swap=True,
+                                      split=4, unpack=UNPACK_PLANE_PAIRS),
+                    _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=1, split=2,
                                       unpack=UNPACK_PLANE_PAIRS)]:
             def run(x: torch.Tensor, qw=qw, t=t, n=n, cfg=cfg) -> torch.Tensor:
                 y = torch.full((x.shape[0], n), float("nan"), device="cuda", dtype=dtype)

@@ -71,11 +71,18 @@ def _interpreter_main() -> None:
         _qgemm.pick_config = orig_pick
     # INT4 K steps over nibble-plane pairs (TileConfig.unpack = 3, orbit/kernels/plane_dot.py):
     # sym / asym, bf16 / fp32 scales, a K tail (320 with 128-deep steps), an out tail (72),
-    # 1 / 5 / 17 rows, split-K 1 and 2; against x @ W^T and the join-tree loop's output.
+    # 1 / 5 / 17 rows, split-K 1 and 2, swapped or not; against x @ W^T and the join-tree
+    # loop's output.
     from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
 
     cfgs = [_qgemm.TileConfig(bm=16, bo=32, br=64, warps=4, stages=2, unpack=UNPACK_PLANE_PAIRS),
             _qgemm.TileConfig(bm=16, bo=64, br=128, warps=4, stages=2, split=2,
+                              unpack=UNPACK_PLANE_PAIRS),
+            # swapped (register-fed on the GPU), unsplit and split: y^T tiles, transposed
+            # partials and fix-up
+            _qgemm.TileConfig(bm=16, bo=32, br=64, warps=4, stages=1, swap=True,
+                              unpack=UNPACK_PLANE_PAIRS),
+            _qgemm.TileConfig(bm=16, bo=64, br=128, warps=4, stages=1, swap=True, split=2,
                               unpack=UNPACK_PLANE_PAIRS)]
     pair_cases = [({"group_size": 32}, 320), ({"group_size": 64, "asym": True}, 320),
                   ({"group_size": 128, "scale_dtype": torch.float32}, 384)]
@@ -116,12 +123,13 @@ def _interpreter_main() -> None:
     cols = torch.arange(16) * 20 + torch.arange(16) % 8
     onehot = torch.zeros(16, 320).bfloat16()
     onehot[torch.arange(16), cols] = 1.0
-    y = _qgemm.launch(onehot, "nvfp4", qw.shape, t["qweight"], t["scale"], None,
-                      t["global_scale"].reshape(1), 16, False, False, None, cfgs[0])
     # (the interpreter truncates fp32 -> bf16 casts: compare with the fp32 weights truncated)
     w32 = qw.dequantize(torch.float32)[:, cols].T.contiguous()
     trunc = (w32.view(torch.int32) & -65536).view(torch.float32).bfloat16()
-    out["pairs-nvfp4-onehot"] = bool(torch.equal(y, trunc))
+    out["pairs-nvfp4-onehot"] = all(
+        torch.equal(_qgemm.launch(onehot, "nvfp4", qw.shape, t["qweight"], t["scale"], None,
+                                  t["global_scale"].reshape(1), 16, False, False, None, c), trunc)
+        for c in (cfgs[0], cfgs[3]))
     # W8A8 GEMM on the reference's quantized activations (see the module docstring).
     qw = random_qweight("fp8", 192, 320, seed=9)
     x = torch.randn(5, 320).bfloat16()

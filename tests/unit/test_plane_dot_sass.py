@@ -53,3 +53,16 @@ def test_nvfp4_plane_pair_asm_decode_compiles_for_sm90() -> None:
     assert asm.get("HFMA2", 0) + asm.get("HMUL2", 0) >= 32, ops_asm[:15]
     assert asm.get("HMMA", 0) > 0
     assert n_asm < n_plain < n_loop, (n_asm, n_plain, n_loop)
+
+
+@pytest.mark.skipif(not (BIN / "ptxas").exists(), reason="this Triton ships no ptxas")
+def test_one_stage_pairs_keep_the_weights_out_of_shared_memory() -> None:
+    """The register-fed tiles' premise (plane_dot.py, "Register-fed"): with one stage the NVFP4
+    pair step puts no weight tile in shared memory, swapped (wgmma A operand) or not (16-row
+    mma.sync); with 4 stages the pipeliner does. A Triton that changes this changes what the
+    tuner's register-fed candidates are."""
+    mod = _sass_module()
+    one = {"BM": 16, "BO": 64, "BR": 128, "STAGES": 1, "ASM": True}
+    assert mod.weight_tiles_in_smem(mod._pairs_swapped, one, 4) == 0
+    assert mod.weight_tiles_in_smem(mod._pairs_nvfp4, one, 4) == 0
+    assert mod.weight_tiles_in_smem(mod._pairs_swapped, {**one, "STAGES": 4}, 4) > 0

@@ -97,12 +97,13 @@ def test_swapped_tiles_round_trip_and_take_no_epilogue(tmp_path: Path) -> None:
     with ROUTES.scoped(back):  # the swapped loop stores y^T: no LoRA epilogue, the plain one has
         assert not _qgemm.lora_fits(4, 64, 128, "int4", False, CPU)
         assert _qgemm.lora_fits(20, 64, 128, "int4", False, CPU)
-    # the tuner tries swapped tiles up to 64 rows (x rows rounded up to 16..64), never split
+    # the tuner tries swapped tiles up to 64 rows (x rows rounded up to 16..64), split where
+    # their tiles leave SMs idle
     for m, bm in ((1, 16), (16, 16), (33, 64)):
         sw = [c.config for c in candidates(m, 2048, 2048, "fp8", CPU)[1]
               if c.kind == "dot" and c.config.swap]
         assert sw and {c.bm for c in sw} == {bm} and all(c.br <= 128 for c in sw), m
-        assert all(split_variants(c, m, 2048, 2048, 132) == [] for c in sw)
+        assert all(c.split > 1 for c in split_variants(sw[0], m, 2048, 2048, 132))
     assert not any(c.config.swap for c in candidates(65, 2048, 2048, "int4", CPU)[1]
                    if c.kind == "dot")
 
@@ -135,6 +136,21 @@ def test_plane_pair_tiles_round_trip_and_are_tuned_for_int4_nvfp4_only(tmp_path:
     assert n_pairs(1, "int4") > 0 and n_pairs(PAIRS_MAX_M, "int4") > 0
     assert n_pairs(PAIRS_MAX_M + 1, "int4") == 0 and n_pairs(16, "nvfp4") > 0
     assert n_pairs(16, "mxfp4") == 0 and n_pairs(16, "fp8") == 0
+    # register-fed tiles: pairs with one stage, split up to 16 programs per SM
+    from orbit.kernels.qmm_tune import REG_FED_PROGRAMS_PER_SM, register_fed_configs
+
+    rf = register_fed_configs(4, 12288, 4096, "nvfp4", 132)
+    assert rf and all(c.unpack == UNPACK_PLANE_PAIRS and c.stages == 1 for c in rf)
+    assert any(c.swap for c in rf) and any(not c.swap and c.bm == 16 for c in rf)
+    assert all(c.swap for c in register_fed_configs(33, 12288, 4096, "nvfp4", 132))
+    assert {c.split for c in rf} == {1, 2, 4, 8, 16} and all(
+        -(-12288 // c.bo) * c.split <= REG_FED_PROGRAMS_PER_SM * 132 for c in rf)
+    assert register_fed_configs(65, 2048, 2048, "int4", 132) == []
+    assert register_fed_configs(4, 2048, 2048, "fp8", 132) == []
+    t2 = RouteTable(device="cpu")
+    t2.add("nvfp4", 2048, 6144, 16, Route("dot", rf[-1]))
+    save_routes(t2, tmp_path / "rf.json")
+    assert load_routes(tmp_path / "rf.json").lookup("nvfp4", 2048, 6144, 4).config == rf[-1]
 
 
 @pytest.mark.parametrize(("doc", "needle"), [
@@ -152,8 +168,6 @@ def test_plane_pair_tiles_round_trip_and_are_tuned_for_int4_nvfp4_only(tmp_path:
      "unknown config field"),
     (_doc(_entry(config={"bm": 16, "bo": 64, "br": 128, "warps": 4, "stages": 4, "swap": 1})),
      "'swap' must be true or false"),
-    (_doc(_entry(config={"bm": 16, "bo": 64, "br": 128, "warps": 4, "stages": 4, "swap": True,
-                         "split": 2})), "'swap' and 'split'"),
     (_doc(_entry(kind="dequant")), "'config' belongs to kind 'dot'"),
     (_doc(_entry(kind="gemv", m_max=16, config=None)), "field 'config' belongs"),
     (_doc({k: v for k, v in _entry(kind="gemv", m_max=16).items() if k != "config"}),
