@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--m", default=",".join(map(str, DEFAULT_M)),
                     help="row counts to tune (each covers M from the next smaller one up)")
     ap.add_argument("--int4-group", type=int, default=128, help="group size of int4/int8 weights")
-    ap.add_argument("--grid", default="quick", choices=("quick", "full"),
-                    help="how many tl.dot tiles to try")
+    ap.add_argument("--grid", default="quick", choices=("quick", "full", "regfed"),
+                    help="how many tl.dot tiles to try (regfed: only the register-fed "
+                         "plane-pair tiles besides the rules' route, dequant and the GEMV)")
     ap.add_argument("--min-gain", type=float, default=0.03,
                     help="a route replaces the rules' only when this much faster (fraction)")
     ap.add_argument("--out", default="", help="route table to write (default "

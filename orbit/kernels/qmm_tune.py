@@ -206,7 +206,8 @@ def candidates(m: int, n: int, k: int, fmt: str, device: torch.device, grid: str
     routes = [rules, Route("dequant")]
     if m <= _qgemm.GEMV_MAX_M:
         routes.append(Route("gemv"))
-    routes += [Route("dot", c) for c in dot_configs(m, fmt, grid)]
+    if grid != "regfed":  # (regfed: the rules, dequant, GEMV and the register-fed tiles only)
+        routes += [Route("dot", c) for c in dot_configs(m, fmt, grid)]
     from orbit.kernels.gemv import num_sms  # (gemv imports _qgemm)
 
     routes += [Route("dot", c) for c in register_fed_configs(m, n, k, fmt, num_sms(device))]

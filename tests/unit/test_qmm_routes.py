@@ -146,6 +146,10 @@ def test_plane_pair_tiles_round_trip_and_are_tuned_for_int4_nvfp4_only(tmp_path:
     assert {c.split for c in rf} == {1, 2, 4, 8, 16} and all(
         -(-12288 // c.bo) * c.split <= REG_FED_PROGRAMS_PER_SM * 132 for c in rf)
     assert register_fed_configs(65, 2048, 2048, "int4", 132) == []
+    only = candidates(4, 2048, 2048, "nvfp4", CPU, "regfed")[1]
+    assert {r.kind for r in only} >= {"dequant", "gemv"} and all(
+        r.config.unpack == UNPACK_PLANE_PAIRS and r.config.stages == 1
+        for r in only[1:] if r.kind == "dot")
     assert register_fed_configs(4, 2048, 2048, "fp8", 132) == []
     t2 = RouteTable(device="cpu")
     t2.add("nvfp4", 2048, 6144, 16, Route("dot", rf[-1]))
