@@ -13,6 +13,8 @@ same reduction order whatever else is in the batch (batch invariance).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -479,12 +481,16 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     problem = cfg.pairs_problem(fmt)
     if problem is None and pairs and fmt == "nvfp4":
         # the steps read the bytes as int32 words (8 codes each, the int4 order)
-        if q.stride(0) % 4 or q.storage_offset() % 4 or q.shape[1] % 4:
+        if not (q.stride(0) % 4 or q.storage_offset() % 4 or q.shape[1] % 4):
+            q = q.view(torch.int32)
+        elif config is None:  # a route table's tile, for a weight it cannot read: the usual
+            # unpack of the same tile (same values)
+            cfg = replace(cfg, unpack=-1)
+            pairs = False
+        else:
             problem = (f"nvfp4 plane pairs read qweight as int32 words; its rows "
                        f"(stride {q.stride(0)}, offset {q.storage_offset()}) are not 4-byte "
                        "aligned")
-        else:
-            q = q.view(torch.int32)
     if problem is None and pairs and (transpose or exact):
         problem = "nibble-plane pairs run fast-mode forwards only"
     if problem:

@@ -126,6 +126,21 @@ def _interpreter_main() -> None:
     # (the interpreter truncates fp32 -> bf16 casts: compare with the fp32 weights truncated)
     w32 = qw.dequantize(torch.float32)[:, cols].T.contiguous()
     trunc = (w32.view(torch.int32) & -65536).view(torch.float32).bfloat16()
+    # a route table's pairs tile for a weight whose rows are not 4-byte aligned (a view 2
+    # bytes into each row): the launch falls back to the tile's usual unpack, same values
+    from orbit.kernels.qmm_routes import ROUTES, Route, RouteTable
+
+    big = random_qweight("nvfp4", 72, 352, seed=81)
+    view = QuantizedWeight("nvfp4", (72, 320), {
+        "qweight": big.tensors["qweight"][:, 2:162], "scale": big.tensors["scale"][:, :20],
+        "global_scale": big.tensors["global_scale"]}, 16)
+    table = RouteTable(device="cpu")
+    table.add("nvfp4", 72, 320, 64, Route("dot", cfgs[3]))
+    x = torch.randn(5, 320).bfloat16()
+    with ROUTES.scoped(table):
+        y = fp4.nvfp4_matmul(x, view, out=torch.full((5, 72), float("nan")).bfloat16())
+    ref = x.double() @ view.dequantize(torch.bfloat16).double().T
+    out["pairs-nvfp4-unaligned"] = ((y.double() - ref).norm() / ref.norm()).item()
     out["pairs-nvfp4-onehot"] = all(
         torch.equal(_qgemm.launch(onehot, "nvfp4", qw.shape, t["qweight"], t["scale"], None,
                                   t["global_scale"].reshape(1), 16, False, False, None, c), trunc)
@@ -181,6 +196,7 @@ def test_interpreted_nvfp4_plane_pair_steps(interp_results: dict) -> None:
     errs = interp_results["pairs-nvfp4"]
     assert not any(math.isnan(e) for e in errs) and max(errs) < 1e-2, errs
     assert interp_results["pairs-nvfp4-onehot"]
+    assert interp_results["pairs-nvfp4-unaligned"] < 1e-2  # (NaN fails too)
 
 
 def test_plane_pairs_are_int4_nvfp4_forward_fast_only() -> None:
