@@ -226,9 +226,9 @@ def _qgemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K,
     # SPLIT (forward; from a route table's tile): SPLIT programs per output tile, each over one
     # K-slice; fp32 partials in ws_ptr [SPLIT, M, N], and the last to arrive at the tile's
     # counter (cnt_ptr) adds them in slice order and stores (the GEMV's fix-up).
-    # UNPACK == UNPACK_PLANE_PAIRS (int4 / nvfp4 forward, SWAP or not): K steps over nibble-plane
-    # pairs (orbit/kernels/plane_dot.py; nvfp4's q_ptr the bytes viewed as int32 words); PASM
-    # its bf16x2 inline-asm decode.
+    # UNPACK == UNPACK_PLANE_PAIRS (int4 / nvfp4 / mxfp4 forward, SWAP or not): K steps over
+    # nibble-plane pairs (orbit/kernels/plane_dot.py; fp4's q_ptr the bytes viewed as int32
+    # words); PASM its bf16x2 inline-asm decode (int4, nvfp4).
     pid = tl.program_id(0)
     tile = pid
     if SHRINK:
@@ -256,7 +256,8 @@ def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_x
                 LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
                 SPLIT: tl.constexpr, PASM: tl.constexpr = False):
     """Program `pid` of _qgemm_kernel's tile programs (SPLIT per output tile)."""
-    PAIRS: tl.constexpr = (FMT == 0 or FMT == 3) and UNPACK == UNPACK_PLANE_PAIRS and not TRANS
+    PAIRS: tl.constexpr = ((FMT == 0 or FMT == 3 or FMT == 4) and UNPACK == UNPACK_PLANE_PAIRS
+                           and not TRANS)
     ks = 0
     if SPLIT > 1:
         ks = pid % SPLIT
@@ -479,7 +480,7 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
                          "no exact mode)")
     pairs = cfg.unpack == UNPACK_PLANE_PAIRS
     problem = cfg.pairs_problem(fmt)
-    if problem is None and pairs and fmt == "nvfp4":
+    if problem is None and pairs and fmt in ("nvfp4", "mxfp4"):
         # the steps read the bytes as int32 words (8 codes each, the int4 order)
         if not (q.stride(0) % 4 or q.storage_offset() % 4 or q.shape[1] % 4):
             q = q.view(torch.int32)
@@ -488,7 +489,7 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             cfg = replace(cfg, unpack=-1)
             pairs = False
         else:
-            problem = (f"nvfp4 plane pairs read qweight as int32 words; its rows "
+            problem = (f"{fmt} plane pairs read qweight as int32 words; its rows "
                        f"(stride {q.stride(0)}, offset {q.storage_offset()}) are not 4-byte "
                        "aligned")
     if problem is None and pairs and (transpose or exact):
@@ -534,7 +535,8 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         SPLIT=cfg.split, num_warps=cfg.warps, num_stages=cfg.stages,
         # the bf16x2 decode of plane pairs: CUDA, symmetric codes, bf16 scale and activations
         PASM=pairs and x.is_cuda and x.dtype == torch.bfloat16
-        and (fmt == "nvfp4" or (offset is None and s.dtype == torch.bfloat16)), **lconst,
+        and (fmt == "nvfp4" or (fmt == "int4" and offset is None
+                                and s.dtype == torch.bfloat16)), **lconst,
     )
     return y
 

@@ -50,6 +50,10 @@ back the reference's fp32 (v * s) * gs rounded once.
   most 448 * 2^117), gives v * s * 2^-9, a normal bf16 (>= 2^-19), exact. The epilogue
   multiplies by gs * 2^9. Per word pair: two shifts, one LOP3 with an AND, one HFMA2.
 
+MXFP4 (session 14) takes the same pairs with the plain decode: `fp4._e2m1` times the E8M0
+scale 2^(e - 127) in fp32, cast once, which is the reference's rounding (a bf16x2 decode would
+need the scale's exponent range, which E8M0 does not bound).
+
 Register-fed (session 14): one stage, no pipeliner. Hopper's MMAs read some operands from
 registers: wgmma its A operand, mma.sync (what Triton emits for 16-row tiles) both. Offline
 sm_90 compiles (the device's Triton 3.6 and Triton 3.9; `scripts/bench/sass_qmm.py`) show
@@ -65,7 +69,7 @@ swapped tile too), which the tuner adds (`qmm_tune.register_fed_configs`).
 from __future__ import annotations
 
 from orbit.kernels._triton import tl, triton
-from orbit.kernels.fp4 import _e2m1
+from orbit.kernels.fp4 import _e2m1, e8m0_scale
 from orbit.kernels.int4 import int4_codes
 from orbit.kernels.tile_config import UNPACK_PLANE_PAIRS
 
@@ -163,7 +167,7 @@ def plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q, stride
     [N, K/8] with scales [N, K/GROUP]; r0 is a multiple of BR, BR of 64. FMT 0: int4 (ASM: the
     bf16x2 decode, symmetric codes, bf16 scale and x). FMT 3: nvfp4 E2M1 codes with e4m3
     scales, WITHOUT the global scale (the caller's epilogue: gs, or gs * NVFP4_ASM_EPILOGUE
-    with ASM, bf16 x). SWAP: acc is the [BO, BM] tile of y^T += W @ x^T, the decoded weights
+    with ASM, bf16 x). FMT 4: mxfp4 E2M1 codes with E8M0 scales (no ASM). SWAP: acc is the [BO, BM] tile of y^T += W @ x^T, the decoded weights
     the MMA's A operand (see the module doc: "Register-fed")."""
     KW: tl.constexpr = BR // 8
     dt = x_ptr.dtype.element_ty
@@ -175,7 +179,9 @@ def plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q, stride
                     other=0)
     sp = offs_o[:, None] * stride_s + (col // GROUP)[None, :]
     off = 0.0  # (unused unless HAS_OFFSET)
-    if FMT == 3:
+    if FMT == 4:  # MXFP4: E8M0 exponent bytes, 2^(e - 127) (plain decode only)
+        sc = e8m0_scale(tl.load(s_ptr + sp, mask=wmask, other=0).to(tl.int32))
+    elif FMT == 3:
         sc = tl.load(s_ptr + sp, mask=wmask, other=0.0).to(tl.float32)
         if ASM:
             sc = (sc * _NVFP4_ASM_SCALE).to(tl.bfloat16)  # exact: s' = s * 2^117 <= 1.75 * 2^125
@@ -191,7 +197,9 @@ def plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q, stride
     xmask = (offs_m < M)[:, None] & (xcol < K)[None, :]
     xbase = x_ptr + offs_m[:, None] * stride_xm + xcol[None, :]
     for P in tl.static_range(4):
-        if FMT == 3:
+        if FMT == 4:
+            lo, hi = _e2m1_pair_plain(words, sc, P, dt)
+        elif FMT == 3:
             if ASM:
                 lo, hi = _e2m1_pair_asm(words, sc, P)
             else:

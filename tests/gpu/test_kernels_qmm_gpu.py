@@ -241,17 +241,19 @@ def test_plane_pair_steps(kw: dict) -> None:
                 assert _rel(y, x.double() @ wb.double().T) < TOL, (k, n, m, kw, cfg)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_nvfp4_plane_pair_steps(dtype: torch.dtype) -> None:
-    """NVFP4 over nibble-plane pairs (bf16 x: the E2M1 bf16x2 inline-asm decode, whose
-    subnormal codes must survive the packed FMA; fp16 x: the plain decode): one-hot rows read
-    single weights back, the dequantized weights bit for bit (every code, real scales, the
-    global scale through the epilogue); random x against float64; NaN-poisoned outputs."""
+@pytest.mark.parametrize(("fmt", "dtype"), [("nvfp4", torch.bfloat16), ("nvfp4", torch.float16),
+                                           ("mxfp4", torch.bfloat16)])
+def test_fp4_plane_pair_steps(fmt: str, dtype: torch.dtype) -> None:
+    """NVFP4 / MXFP4 over nibble-plane pairs (NVFP4 with bf16 x: the E2M1 bf16x2 inline-asm
+    decode, whose subnormal codes must survive the packed FMA; otherwise the plain decode):
+    one-hot rows read single weights back, the dequantized weights bit for bit (every code,
+    real scales, NVFP4's global scale through the epilogue); random x against float64;
+    NaN-poisoned outputs."""
     from orbit.kernels import _qgemm
     from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
 
     for k, n in [(2048, 6144), (6144, 2048), (2176, 1024)]:
-        qw = random_qweight("nvfp4", n, k, seed=k + n + 1, device="cuda")
+        qw = random_qweight(fmt, n, k, seed=k + n + 1, device="cuda")
         t = qw.tensors
         wb = qw.dequantize(dtype)
         for cfg in [_qgemm.TileConfig(bm=16, bo=32, br=128, warps=4, stages=4,
@@ -268,8 +270,9 @@ def test_nvfp4_plane_pair_steps(dtype: torch.dtype) -> None:
                                       unpack=UNPACK_PLANE_PAIRS)]:
             def run(x: torch.Tensor, qw=qw, t=t, n=n, cfg=cfg) -> torch.Tensor:
                 y = torch.full((x.shape[0], n), float("nan"), device="cuda", dtype=dtype)
-                return _qgemm.launch(x, "nvfp4", qw.shape, t["qweight"], t["scale"], None,
-                                     t["global_scale"].reshape(1), 16, False, False, y, cfg)
+                gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
+                return _qgemm.launch(x, fmt, qw.shape, t["qweight"], t["scale"], None, gs,
+                                     qw.group_size, False, False, y, cfg)
 
             cols = torch.arange(16, device="cuda") * (k // 16) + torch.arange(16, device="cuda") % 8
             onehot = torch.zeros(16, k, device="cuda", dtype=dtype)

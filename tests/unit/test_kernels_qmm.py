@@ -120,6 +120,19 @@ def _interpreter_main() -> None:
                               torch.full((m, 72), float("nan")).bfloat16(), cfg)
             errs.append(((y.double() - ref).norm() / ref.norm()).item())
     out["pairs-nvfp4"] = errs
+    # MXFP4 over the same pairs (plain decode; E8M0 scales per 32 columns)
+    mq = random_qweight("mxfp4", 72, 320, seed=82)
+    mw = mq.dequantize(torch.bfloat16).double()
+    errs = []
+    for m in (1, 5, 17):
+        x = torch.randn(m, 320).bfloat16()
+        ref = x.double() @ mw.T
+        for cfg in cfgs:
+            y = _qgemm.launch(x, "mxfp4", mq.shape, mq.tensors["qweight"], mq.tensors["scale"],
+                              None, None, 32, False, False,
+                              torch.full((m, 72), float("nan")).bfloat16(), cfg)
+            errs.append(((y.double() - ref).norm() / ref.norm()).item())
+    out["pairs-mxfp4"] = errs
     cols = torch.arange(16) * 20 + torch.arange(16) % 8
     onehot = torch.zeros(16, 320).bfloat16()
     onehot[torch.arange(16), cols] = 1.0
@@ -199,7 +212,12 @@ def test_interpreted_nvfp4_plane_pair_steps(interp_results: dict) -> None:
     assert interp_results["pairs-nvfp4-unaligned"] < 1e-2  # (NaN fails too)
 
 
-def test_plane_pairs_are_int4_nvfp4_forward_fast_only() -> None:
+def test_interpreted_mxfp4_plane_pair_steps(interp_results: dict) -> None:
+    errs = interp_results["pairs-mxfp4"]
+    assert not any(math.isnan(e) for e in errs) and max(errs) < 1e-2, errs
+
+
+def test_plane_pairs_are_4bit_forward_fast_only() -> None:
     from orbit.kernels import _qgemm
     from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
 
@@ -214,10 +232,10 @@ def test_plane_pairs_are_int4_nvfp4_forward_fast_only() -> None:
         with pytest.raises(ValueError, match="plane pairs"):
             _qgemm.launch(x, "int4", qw.shape, t["qweight"], t["scale"], None, None, 32,
                           transpose, exact, None, c)
-    fq = random_qweight("mxfp4", 64, 128)
+    fq = random_qweight("fp8", 128, 128)
     with pytest.raises(ValueError, match="plane pairs"):
-        _qgemm.launch(torch.randn(3, 128).bfloat16(), "mxfp4", fq.shape, fq.tensors["qweight"],
-                      fq.tensors["scale"], None, None, 32, False, False, None, cfg)
+        _qgemm.launch(torch.randn(3, 128).bfloat16(), "fp8", fq.shape, fq.tensors["weight"],
+                      fq.tensors["scale_inv"], None, None, 128, False, False, None, cfg)
     nq = random_qweight("nvfp4", 64, 144)  # rows of 72 bytes, then a view starting 2 bytes in
     q = nq.tensors["qweight"][:, 2:66]
     with pytest.raises(ValueError, match="4-byte aligned"):
