@@ -48,6 +48,10 @@ ACT_DTYPES = (torch.bfloat16, torch.float16)
 DEFAULT_UNPACK = {"int4": 2, "nvfp4": 0, "mxfp4": 0}
 
 
+# (jit code reads only constexpr globals: the CPU interpreter does not enforce it, the GPU
+# compiler does; tests/unit/test_qgemm_sm90_compile.py compiles the real kernel offline)
+_UNPACK_PAIRS = tl.constexpr(UNPACK_PLANE_PAIRS)
+
 # The separate LoRA shrink kernel's tensor-core K step, as the dot loop's shrink programs use it
 # (orbit/kernels/lora_epilogue.py).
 _SHRINK_DOT_BK = tl.constexpr(DOT_BK)
@@ -256,7 +260,7 @@ def _qgemm_main(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, g_ptr, M, N, K, stride_x
                 LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
                 SPLIT: tl.constexpr, PASM: tl.constexpr = False):
     """Program `pid` of _qgemm_kernel's tile programs (SPLIT per output tile)."""
-    PAIRS: tl.constexpr = ((FMT == 0 or FMT == 3 or FMT == 4) and UNPACK == UNPACK_PLANE_PAIRS
+    PAIRS: tl.constexpr = ((FMT == 0 or FMT == 3 or FMT == 4) and UNPACK == _UNPACK_PAIRS
                            and not TRANS)
     ks = 0
     if SPLIT > 1:
