@@ -36,9 +36,10 @@ def _compile(fmt: int, bm: int, bo: int, br: int, stages: int, unpack: int, swap
     q_ty, s_ty, group = _FMT[fmt]
     if unpack != 3 and fmt in (3, 4):
         q_ty = "*u8"  # the usual fp4 tile loaders read the bytes
-    consts = dict(FMT=fmt, GROUP=group, HAS_OFFSET=False, TRANS=trans, BM=bm, BO=bo, BR=br,
-                  GROUP_M=8, UNPACK=unpack, SWAP=swap, LORA=0, LRP=1, SHRINK=False, SBK=16,
-                  SDOT=False, SBM=16, SPLIT=split, PASM=pasm)
+    consts = {"FMT": fmt, "GROUP": group, "HAS_OFFSET": False, "TRANS": trans, "BM": bm,
+              "BO": bo, "BR": br, "GROUP_M": 8, "UNPACK": unpack, "SWAP": swap, "LORA": 0,
+              "LRP": 1, "SHRINK": False, "SBK": 16, "SDOT": False, "SBM": 16, "SPLIT": split,
+              "PASM": pasm}
     fn = _qgemm._qgemm_kernel
     sig = {}
     for name in fn.arg_names:
