@@ -92,12 +92,48 @@ def _gemv_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> boo
     return split >= need
 
 
+# Register-fed plane-pair tiles by rule (orbit/kernels/plane_dot.py, "Register-fed"): NVFP4
+# fast-mode forwards at 2..REG_FED_MAX_M rows on sm_90+ without a route-table entry. H100,
+# session 14 (`tune-qmm --grid regfed`, Qwen3-1.7B): the swapped one-stage pairs beat the rules'
+# pipelined tile (or the GEMV) on every NVFP4 shape at M = 4 and 16, by 1.27-2.31x, and
+# lifted batch-16 engine decode by 52%; `regfed_config` reproduces the winners' tiles (64 or
+# 128 weight rows, 128 deep, split for ~8 programs per SM). M = 1 keeps the plane GEMV.
+REG_FED_FORMATS = ("nvfp4",)
+REG_FED_MAX_M = 16
+REG_FED_PROGRAMS_PER_SM = 8
+
+
+def regfed_config(m: int, n: int, k: int, sms: int) -> TileConfig:
+    """The register-fed tile the rule runs: swapped plane pairs, one stage, 16 x rows, 64 weight
+    rows (128 from 6144 out), 128 deep, K split in powers of two up to 16 while the grid stays
+    within REG_FED_PROGRAMS_PER_SM programs per SM and a slice keeps two K steps."""
+    bo = 128 if n >= 6144 else 64
+    tiles = triton.cdiv(m, 16) * triton.cdiv(n, bo)
+    steps = triton.cdiv(k, 128)
+    split = 1
+    while (split < 16 and tiles * split * 2 <= REG_FED_PROGRAMS_PER_SM * sms
+           and steps >= 4 * split):
+        split *= 2
+    return TileConfig(bm=16, bo=bo, br=128, warps=4, stages=1, swap=True, split=split,
+                      unpack=UNPACK_PLANE_PAIRS)
+
+
+def _regfed_by_rule(m: int, fmt: str, device: torch.device) -> bool:
+    return (fmt in REG_FED_FORMATS and 2 <= m <= REG_FED_MAX_M and device.type == "cuda"
+            and _capability(device)[0] >= 9)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
           transpose: bool = False) -> Route:
     """Which kernel runs `x[m, k] @ W[n, k]^T` (or, transposed, `dy[m, n] @ W`) in `launch`.
     Exact mode: the dot loop with its fixed tile. Fast-mode forward: the device's route table
     where it has an entry for the shape (orbit/kernels/qmm_routes.py), else the rules:
-    dequantize + cuBLAS from DEQUANT_MIN_M rows, the decode GEMV where `_gemv_by_rule`, the
+    dequantize + cuBLAS from DEQUANT_MIN_M rows, the register-fed tile where `_regfed_by_rule`
+    (NVFP4, 2-16 rows, sm_90+), the decode GEMV where `_gemv_by_rule`, the
     dot loop with `pick_config`'s tile. The input gradient: the rules without the GEMV.
     Everything that asks whether a launch can carry extra work in its store (`lora_fits`,
     `swiglu_fits`) asks this, so the answer and the launch cannot disagree."""
@@ -110,6 +146,10 @@ def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
             return tuned
     if m >= DEQUANT_MIN_M and fmt != "bf16":
         return Route("dequant")
+    if not transpose and _regfed_by_rule(m, fmt, device):
+        from orbit.kernels.gemv import num_sms  # gemv.py imports this module
+
+        return Route("dot", regfed_config(m, n, k, num_sms(device)))
     if not transpose and _gemv_by_rule(m, n, k, fmt, device):
         return Route("gemv")
     return Route("dot", pick_config(m, out_dim, fmt, False))

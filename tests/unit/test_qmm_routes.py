@@ -537,3 +537,22 @@ def test_split_is_fast_forward_only() -> None:
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(__file__))
     _interpreter_main()
+
+
+def test_regfed_rule_reproduces_the_measured_tiles() -> None:
+    """_qgemm.regfed_config picks the tiles the H100 tuning chose for NVFP4 at M = 4 and 16
+    (docs/benchmarks.md, session 14), and the rule never applies off CUDA, at M = 1, past 16
+    rows or to other formats."""
+    from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
+
+    measured = {(1024, 2048): (64, 8), (2048, 2048): (64, 8), (2048, 6144): (64, 16),
+                (4096, 2048): (64, 8), (6144, 2048): (128, 8)}
+    for (n, k), (bo, split) in measured.items():
+        c = _qgemm.regfed_config(4, n, k, 132)
+        assert (c.bo, c.split, c.br, c.stages, c.swap, c.unpack) == (
+            bo, split, 128, 1, True, UNPACK_PLANE_PAIRS), (n, k, c)
+        assert c.pairs_problem("nvfp4") is None
+    assert not _qgemm._regfed_by_rule(4, "nvfp4", CPU)
+    with ROUTES.scoped(None):
+        r = _qgemm.route(4, 2048, 2048, "nvfp4", False, CPU)
+    assert r.kind != "dot" or r.config.unpack != UNPACK_PLANE_PAIRS
