@@ -28,26 +28,33 @@ from orbit.kernels.fp4 import nvfp4_tile
 from orbit.kernels.int4 import int4_tile
 from orbit.kernels.plane_dot import plane_pair_step
 
-GROUP = tl.constexpr(128)
-
 
 @triton.jit
 def _pairs(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_s,
            BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-           ASM: tl.constexpr):
+           ASM: tl.constexpr, FMT: tl.constexpr, SWAP: tl.constexpr):
+    """K steps over nibble-plane pairs (FMT 0 int4 g128, 3 nvfp4); SWAP: y^T = W @ x^T."""
+    GRP: tl.constexpr = 128 if FMT == 0 else 16
     offs_m = tl.arange(0, BM)
     offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
-    acc = tl.zeros((BM, BO), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BO, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BO), dtype=tl.float32)
     for r0 in tl.range(0, K, BR, num_stages=STAGES):
         acc = plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, s_ptr, stride_q, stride_s,
-                              offs_m, offs_o, M, N, K, r0, GROUP, False, BR, ASM)
-    tl.store(y_ptr + offs_m[:, None] * N + offs_o[None, :], acc.to(tl.bfloat16))
+                              offs_m, offs_o, M, N, K, r0, GRP, False, BR, ASM, FMT, SWAP)
+    if SWAP:
+        tl.store(y_ptr + offs_m[None, :] * N + offs_o[:, None], acc.to(tl.bfloat16))
+    else:
+        tl.store(y_ptr + offs_m[:, None] * N + offs_o[None, :], acc.to(tl.bfloat16))
 
 
 @triton.jit
-def _join_tree(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_s,
-               BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-               ASM: tl.constexpr):
+def _loop(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_s,
+          BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
+          ASM: tl.constexpr, FMT: tl.constexpr, SWAP: tl.constexpr):
+    """The usual loop: the [BO, BR] weight tile (int4 join tree, nvfp4 3-D shift), one dot."""
     offs_m = tl.arange(0, BM)
     o0 = tl.program_id(0) * BO
     offs_o = o0 + tl.arange(0, BO)
@@ -56,52 +63,11 @@ def _join_tree(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_
     for r0 in tl.range(0, K, BR, num_stages=STAGES):
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + r0 + offs_r[None, :],
                      mask=offs_m[:, None] < M, other=0.0)
-        w = int4_tile(q_ptr, s_ptr, s_ptr, stride_q, stride_s, o0, r0, N, K, GROUP, False, BO,
-                      BR, 2)
-        acc = tl.dot(xt, tl.trans(w.to(tl.bfloat16)), acc)
-    tl.store(y_ptr + offs_m[:, None] * N + offs_o[None, :], acc.to(tl.bfloat16))
-
-
-@triton.jit
-def _pairs_nvfp4(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_s,
-                 BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-                 ASM: tl.constexpr):
-    offs_m = tl.arange(0, BM)
-    offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
-    acc = tl.zeros((BM, BO), dtype=tl.float32)
-    for r0 in tl.range(0, K, BR, num_stages=STAGES):
-        acc = plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, s_ptr, stride_q, stride_s,
-                              offs_m, offs_o, M, N, K, r0, 16, False, BR, ASM, 3)
-    tl.store(y_ptr + offs_m[:, None] * N + offs_o[None, :], acc.to(tl.bfloat16))
-
-
-@triton.jit
-def _pairs_swapped(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_s,
-                   BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-                   ASM: tl.constexpr):
-    """NVFP4 plane pairs swapped (y^T = W @ x^T): the register-fed form at STAGES = 1."""
-    offs_m = tl.arange(0, BM)
-    offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
-    acc = tl.zeros((BO, BM), dtype=tl.float32)
-    for r0 in tl.range(0, K, BR, num_stages=STAGES):
-        acc = plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, s_ptr, stride_q, stride_s,
-                              offs_m, offs_o, M, N, K, r0, 16, False, BR, ASM, 3, True)
-    tl.store(y_ptr + offs_m[None, :] * N + offs_o[:, None], acc.to(tl.bfloat16))
-
-
-@triton.jit
-def _nvfp4_loop(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride_s,
-                BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-                ASM: tl.constexpr):
-    offs_m = tl.arange(0, BM)
-    o0 = tl.program_id(0) * BO
-    offs_o = o0 + tl.arange(0, BO)
-    offs_r = tl.arange(0, BR)
-    acc = tl.zeros((BM, BO), dtype=tl.float32)
-    for r0 in tl.range(0, K, BR, num_stages=STAGES):
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + r0 + offs_r[None, :],
-                     mask=offs_m[:, None] < M, other=0.0)
-        w = nvfp4_tile(q_ptr, s_ptr, s_ptr, stride_q, stride_s, o0, r0, N, K, BO, BR, 0)
+        if FMT == 0:
+            w = int4_tile(q_ptr, s_ptr, s_ptr, stride_q, stride_s, o0, r0, N, K, 128, False,
+                          BO, BR, 2)
+        else:
+            w = nvfp4_tile(q_ptr, s_ptr, s_ptr, stride_q, stride_s, o0, r0, N, K, BO, BR, 0)
         acc = tl.dot(xt, tl.trans(w.to(tl.bfloat16)), acc)
     tl.store(y_ptr + offs_m[:, None] * N + offs_o[None, :], acc.to(tl.bfloat16))
 
@@ -109,32 +75,40 @@ def _nvfp4_loop(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q, stride
 SIG = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32",
        "N": "i32", "K": "i32", "stride_xm": "i32", "stride_q": "i32", "stride_s": "i32",
        "BM": "constexpr", "BO": "constexpr", "BR": "constexpr", "STAGES": "constexpr",
-       "ASM": "constexpr"}
+       "ASM": "constexpr", "FMT": "constexpr", "SWAP": "constexpr"}
+
+# name -> (kernel, fixed constexprs); NVFP4 scales are e4m3 and its usual loop reads bytes
+KERNELS = {"int4_loop": (_loop, {"FMT": 0, "SWAP": False}),
+           "int4_pairs": (_pairs, {"FMT": 0, "SWAP": False}),
+           "nvfp4_loop": (_loop, {"FMT": 3, "SWAP": False}),
+           "nvfp4_pairs": (_pairs, {"FMT": 3, "SWAP": False}),
+           "nvfp4_swapped": (_pairs, {"FMT": 3, "SWAP": True})}
 
 
-# NVFP4: uint8 codes (the plane pairs read them as int32 words) and e4m3 scales
-SIG_NVFP4 = {**SIG, "s_ptr": "*fp8e4nv"}
-SIG_NVFP4_BYTES = {**SIG_NVFP4, "q_ptr": "*u8"}
-SIGS = {_pairs_nvfp4: SIG_NVFP4, _pairs_swapped: SIG_NVFP4, _nvfp4_loop: SIG_NVFP4_BYTES}
-
-
-def _compile(fn, consts: dict, warps: int):
-    src = ASTSource(fn=fn, signature=SIGS.get(fn, SIG), constexprs=consts)
+def _compile(name: str, consts: dict, warps: int):
+    fn, fixed = KERNELS[name]
+    sig = dict(SIG)
+    if fixed["FMT"] == 3:
+        sig["s_ptr"] = "*fp8e4nv"
+        if fn is _loop:
+            sig["q_ptr"] = "*u8"
+    src = ASTSource(fn=fn, signature=sig, constexprs={**consts, **fixed})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
-def weight_tiles_in_smem(fn, consts: dict, warps: int) -> int:
-    """How many `local_alloc`s (shared-memory buffers) of the compiled kernel hold a tile with
-    a BO-long dim, i.e. weight data, raw or decoded (x tiles are BM x BR/4; BM != BO): 0 means
-    the weights reach the MMAs from registers only."""
-    ttgir = _compile(fn, consts, warps).asm["ttgir"]
+def weight_tiles_in_smem(name: str, consts: dict, warps: int) -> int:
+    """How many `local_alloc`s (shared-memory buffers) of the compiled kernel hold anything
+    but a pair step's x operand (BM x BR/4), i.e. weight data, raw or decoded: 0 means the
+    weights reach the MMAs from registers only."""
+    ttgir = _compile(name, consts, warps).asm["ttgir"]
     allocs = re.findall(r"ttg\.local_alloc[^\n]*?(?:tensor|memdesc)<([0-9x]+)x[a-z]", ttgir)
-    return sum(str(consts["BO"]) in dims.split("x") for dims in allocs)
+    x_tiles = {f"{consts['BM']}x{consts['BR'] // 4}", f"{consts['BR'] // 4}x{consts['BM']}"}
+    return sum(d not in x_tiles for d in allocs)
 
 
-def sass_histogram(fn, consts: dict, warps: int) -> tuple[int, list[tuple[str, int]]]:
-    """(instruction count, opcodes by frequency) of `fn` compiled for sm_90."""
-    c = _compile(fn, consts, warps)
+def sass_histogram(name: str, consts: dict, warps: int) -> tuple[int, list[tuple[str, int]]]:
+    """(instruction count, opcodes by frequency) of KERNELS[name] compiled for sm_90."""
+    c = _compile(name, consts, warps)
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(c.asm["cubin"])
@@ -155,21 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args(argv)
     base = {"BM": args.bm, "BO": args.bo, "BR": args.br, "STAGES": args.stages}
-    for name, fn, asm in [("int4 join-tree loop", _join_tree, False),
-                          ("int4 plane pairs, plain decode", _pairs, False),
-                          ("int4 plane pairs, bf16x2 asm", _pairs, True),
-                          ("nvfp4 loop (nvfp4_tile)", _nvfp4_loop, False),
-                          ("nvfp4 plane pairs, plain decode", _pairs_nvfp4, False),
-                          ("nvfp4 plane pairs, bf16x2 asm", _pairs_nvfp4, True),
-                          ("nvfp4 pairs swapped, asm", _pairs_swapped, True)]:
-        n, ops = sass_histogram(fn, {**base, "ASM": asm}, args.warps)
-        print(f"{name:<32} {n:5d} instructions: "
+    for label, name, asm in [("int4 join-tree loop", "int4_loop", False),
+                             ("int4 plane pairs, plain decode", "int4_pairs", False),
+                             ("int4 plane pairs, bf16x2 asm", "int4_pairs", True),
+                             ("nvfp4 loop (nvfp4_tile)", "nvfp4_loop", False),
+                             ("nvfp4 plane pairs, plain decode", "nvfp4_pairs", False),
+                             ("nvfp4 plane pairs, bf16x2 asm", "nvfp4_pairs", True),
+                             ("nvfp4 pairs swapped, asm", "nvfp4_swapped", True)]:
+        n, ops = sass_histogram(name, {**base, "ASM": asm}, args.warps)
+        print(f"{label:<32} {n:5d} instructions: "
               + " ".join(f"{op} {k}" for op, k in ops[:args.top]))
     for stages in (1, args.stages):
         c = {**base, "STAGES": stages, "ASM": True}
         print(f"weight tiles in shared memory, {stages} stage(s): nvfp4 pairs "
-              f"{weight_tiles_in_smem(_pairs_nvfp4, c, args.warps)}, swapped "
-              f"{weight_tiles_in_smem(_pairs_swapped, c, args.warps)}")
+              f"{weight_tiles_in_smem('nvfp4_pairs', c, args.warps)}, swapped "
+              f"{weight_tiles_in_smem('nvfp4_swapped', c, args.warps)}")
     return 0
 
 

@@ -198,88 +198,55 @@ def test_swap_ab_forward(fmt: str, kw: dict) -> None:
             assert _rel(y, x.double() @ w.T) < TOL, (fmt, m, bo, br)
 
 
-@pytest.mark.parametrize("kw", [{"group_size": 128}, {"group_size": 32, "asym": True},
-                                {"group_size": 64, "scale_dtype": torch.float32}])
-def test_plane_pair_steps(kw: dict) -> None:
-    """TileConfig.unpack = 3 (int4 K steps over nibble-plane pairs; the bf16x2 inline-asm decode
-    where codes are symmetric and the scale bf16, the plain decode otherwise): one-hot x rows
-    read single weights back, which must be the dequantized BF16 weights bit for bit (no sum,
-    so only the decode is tested); random x against float64 x @ W^T; NaN-poisoned outputs;
-    M on both sides of the 16-row MMA tile, split-K or not, a K tail."""
+def _check_plane_pairs(fmt: str, kw: dict, dtype: torch.dtype, seed: int) -> None:
+    """TileConfig.unpack = 3 for one format: one-hot x rows read single weights back, which
+    must be the dequantized weights bit for bit (no sum, so only the decode is tested); random
+    x against float64 x @ W^T; NaN-poisoned outputs; M on both sides of the 16-row MMA tile;
+    pipelined and register-fed tiles (one stage: swapped, split or not, and unswapped 16-row
+    mma.sync), split-K or not, a K tail (2176 at br 256)."""
     from orbit.kernels import _qgemm
     from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
 
-    for k, n in [(2048, 6144), (6144, 2048), (2176, 1024)]:  # 2176: a K tail at br 256
-        qw = random_qweight("int4", n, k, seed=k + n, device="cuda", **kw)
+    cfgs = [{"bo": 32, "br": 128, "stages": 4}, {"bo": 64, "br": 256, "stages": 3, "split": 4},
+            {"bo": 64, "br": 256, "stages": 1, "swap": True},
+            {"bo": 128, "br": 128, "stages": 1, "swap": True, "split": 4},
+            {"bo": 64, "br": 256, "stages": 1, "split": 2}]
+    for k, n in [(2048, 6144), (6144, 2048), (2176, 1024)]:
+        qw = random_qweight(fmt, n, k, seed=k + n + seed, device="cuda", **kw)
         t = qw.tensors
-        wb = qw.dequantize(torch.bfloat16)
-        for cfg in [_qgemm.TileConfig(bm=16, bo=32, br=128, warps=4, stages=4,
-                                      unpack=UNPACK_PLANE_PAIRS),
-                    _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=3, split=4,
-                                      unpack=UNPACK_PLANE_PAIRS),
-                    # register-fed (one stage): swapped (wgmma A from registers), split or
-                    # not, and unswapped 16-row (mma.sync)
-                    _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=1, swap=True,
-                                      unpack=UNPACK_PLANE_PAIRS),
-                    _qgemm.TileConfig(bm=16, bo=128, br=128, warps=4, stages=1, swap=True,
-                                      split=4, unpack=UNPACK_PLANE_PAIRS),
-                    _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=1, split=2,
-                                      unpack=UNPACK_PLANE_PAIRS)]:
-            def run(x: torch.Tensor, qw=qw, t=t, n=n, cfg=cfg) -> torch.Tensor:
-                y = torch.full((x.shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
-                return _qgemm.launch(x, "int4", qw.shape, t["qweight"], t["scale"],
-                                     t.get("offset"), None, qw.group_size, False, False, y, cfg)
+        gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
+        wb = qw.dequantize(dtype)
+        for c in cfgs:
+            cfg = _qgemm.TileConfig(bm=16, warps=4, unpack=UNPACK_PLANE_PAIRS, **c)
+
+            def run(x: torch.Tensor, qw=qw, t=t, n=n, cfg=cfg, gs=gs) -> torch.Tensor:
+                y = torch.full((x.shape[0], n), float("nan"), device="cuda", dtype=dtype)
+                return _qgemm.launch(x, fmt, qw.shape, t["qweight"], t["scale"],
+                                     t.get("offset"), gs, qw.group_size, False, False, y, cfg)
 
             cols = torch.arange(16, device="cuda") * (k // 16) + torch.arange(16, device="cuda") % 8
-            onehot = torch.zeros(16, k, device="cuda", dtype=torch.bfloat16)
+            onehot = torch.zeros(16, k, device="cuda", dtype=dtype)
             onehot[torch.arange(16), cols] = 1.0
-            assert torch.equal(run(onehot), wb[:, cols].T.contiguous()), (k, n, kw, cfg)
+            assert torch.equal(run(onehot), wb[:, cols].T.contiguous()), (fmt, k, n, kw, cfg)
             for m in (1, 5, 16, 33):
-                x = torch.randn(m, k, device="cuda").bfloat16()
+                x = torch.randn(m, k, device="cuda").to(dtype)
                 y = run(x)
-                assert not y.isnan().any(), (k, n, m, cfg)
-                assert _rel(y, x.double() @ wb.double().T) < TOL, (k, n, m, kw, cfg)
+                assert not y.isnan().any(), (fmt, k, n, m, cfg)
+                assert _rel(y, x.double() @ wb.double().T) < TOL, (fmt, k, n, m, kw, cfg)
+
+
+@pytest.mark.parametrize("kw", [{"group_size": 128}, {"group_size": 32, "asym": True},
+                                {"group_size": 64, "scale_dtype": torch.float32}])
+def test_plane_pair_steps(kw: dict) -> None:
+    """INT4 over nibble-plane pairs: the bf16x2 inline-asm decode where codes are symmetric and
+    the scale bf16, the plain decode otherwise (see _check_plane_pairs)."""
+    _check_plane_pairs("int4", kw, torch.bfloat16, 0)
 
 
 @pytest.mark.parametrize(("fmt", "dtype"), [("nvfp4", torch.bfloat16), ("nvfp4", torch.float16),
                                            ("mxfp4", torch.bfloat16)])
 def test_fp4_plane_pair_steps(fmt: str, dtype: torch.dtype) -> None:
     """NVFP4 / MXFP4 over nibble-plane pairs (NVFP4 with bf16 x: the E2M1 bf16x2 inline-asm
-    decode, whose subnormal codes must survive the packed FMA; otherwise the plain decode):
-    one-hot rows read single weights back, the dequantized weights bit for bit (every code,
-    real scales, NVFP4's global scale through the epilogue); random x against float64;
-    NaN-poisoned outputs."""
-    from orbit.kernels import _qgemm
-    from orbit.kernels.plane_dot import UNPACK_PLANE_PAIRS
-
-    for k, n in [(2048, 6144), (6144, 2048), (2176, 1024)]:
-        qw = random_qweight(fmt, n, k, seed=k + n + 1, device="cuda")
-        t = qw.tensors
-        wb = qw.dequantize(dtype)
-        for cfg in [_qgemm.TileConfig(bm=16, bo=32, br=128, warps=4, stages=4,
-                                      unpack=UNPACK_PLANE_PAIRS),
-                    _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=3, split=4,
-                                      unpack=UNPACK_PLANE_PAIRS),
-                    # register-fed (one stage): swapped (wgmma A from registers), split or
-                    # not, and unswapped 16-row (mma.sync)
-                    _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=1, swap=True,
-                                      unpack=UNPACK_PLANE_PAIRS),
-                    _qgemm.TileConfig(bm=16, bo=128, br=128, warps=4, stages=1, swap=True,
-                                      split=4, unpack=UNPACK_PLANE_PAIRS),
-                    _qgemm.TileConfig(bm=16, bo=64, br=256, warps=4, stages=1, split=2,
-                                      unpack=UNPACK_PLANE_PAIRS)]:
-            def run(x: torch.Tensor, qw=qw, t=t, n=n, cfg=cfg) -> torch.Tensor:
-                y = torch.full((x.shape[0], n), float("nan"), device="cuda", dtype=dtype)
-                gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
-                return _qgemm.launch(x, fmt, qw.shape, t["qweight"], t["scale"], None, gs,
-                                     qw.group_size, False, False, y, cfg)
-
-            cols = torch.arange(16, device="cuda") * (k // 16) + torch.arange(16, device="cuda") % 8
-            onehot = torch.zeros(16, k, device="cuda", dtype=dtype)
-            onehot[torch.arange(16), cols] = 1.0
-            assert torch.equal(run(onehot), wb[:, cols].T.contiguous()), (k, n, dtype, cfg)
-            for m in (1, 5, 16, 33):
-                x = torch.randn(m, k, device="cuda").to(dtype)
-                y = run(x)
-                assert not y.isnan().any(), (k, n, m, cfg)
-                assert _rel(y, x.double() @ wb.double().T) < TOL, (k, n, m, dtype, cfg)
+    decode, whose subnormal codes must survive the packed FMA; otherwise the plain decode;
+    NVFP4's global scale through the epilogue; see _check_plane_pairs)."""
+    _check_plane_pairs(fmt, {}, dtype, 1)

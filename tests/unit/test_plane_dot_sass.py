@@ -28,8 +28,8 @@ def _sass_module():
 def test_plane_pair_asm_decode_compiles_for_sm90() -> None:
     mod = _sass_module()
     consts = {"BM": 16, "BO": 64, "BR": 128, "STAGES": 3}
-    n_asm, ops_asm = mod.sass_histogram(mod._pairs, {**consts, "ASM": True}, 4)
-    n_plain, ops_plain = mod.sass_histogram(mod._pairs, {**consts, "ASM": False}, 4)
+    n_asm, ops_asm = mod.sass_histogram("int4_pairs", {**consts, "ASM": True}, 4)
+    n_plain, ops_plain = mod.sass_histogram("int4_pairs", {**consts, "ASM": False}, 4)
     asm, plain = dict(ops_asm), dict(ops_plain)
     # 64 weights per thread per step = 32 words x (1 HFMA2 + 1 HMUL2 or 2 HFMA2)
     assert asm.get("HFMA2", 0) + asm.get("HMUL2", 0) >= 64, ops_asm[:15]
@@ -46,9 +46,9 @@ def test_nvfp4_plane_pair_asm_decode_compiles_for_sm90() -> None:
     instructions than the plain pairs and than the `nvfp4_tile` loop it replaces."""
     mod = _sass_module()
     consts = {"BM": 16, "BO": 64, "BR": 128, "STAGES": 3}
-    n_asm, ops_asm = mod.sass_histogram(mod._pairs_nvfp4, {**consts, "ASM": True}, 4)
-    n_plain, _ = mod.sass_histogram(mod._pairs_nvfp4, {**consts, "ASM": False}, 4)
-    n_loop, _ = mod.sass_histogram(mod._nvfp4_loop, {**consts, "ASM": False}, 4)
+    n_asm, ops_asm = mod.sass_histogram("nvfp4_pairs", {**consts, "ASM": True}, 4)
+    n_plain, _ = mod.sass_histogram("nvfp4_pairs", {**consts, "ASM": False}, 4)
+    n_loop, _ = mod.sass_histogram("nvfp4_loop", {**consts, "ASM": False}, 4)
     asm = dict(ops_asm)
     assert asm.get("HFMA2", 0) + asm.get("HMUL2", 0) >= 32, ops_asm[:15]
     assert asm.get("HMMA", 0) > 0
@@ -63,6 +63,6 @@ def test_one_stage_pairs_keep_the_weights_out_of_shared_memory() -> None:
     tuner's register-fed candidates are."""
     mod = _sass_module()
     one = {"BM": 16, "BO": 64, "BR": 128, "STAGES": 1, "ASM": True}
-    assert mod.weight_tiles_in_smem(mod._pairs_swapped, one, 4) == 0
-    assert mod.weight_tiles_in_smem(mod._pairs_nvfp4, one, 4) == 0
-    assert mod.weight_tiles_in_smem(mod._pairs_swapped, {**one, "STAGES": 4}, 4) > 0
+    assert mod.weight_tiles_in_smem("nvfp4_swapped", one, 4) == 0
+    assert mod.weight_tiles_in_smem("nvfp4_pairs", one, 4) == 0
+    assert mod.weight_tiles_in_smem("nvfp4_swapped", {**one, "STAGES": 4}, 4) > 0
