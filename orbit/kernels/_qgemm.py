@@ -98,8 +98,13 @@ def _gemv_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> boo
 # pipelined tile (or the GEMV) on every NVFP4 shape at M = 4 and 16, by 1.27-2.31x, and
 # lifted batch-16 engine decode by 52%; `regfed_config` reproduces the winners' tiles (64 or
 # 128 weight rows, 128 deep, split for ~8 programs per SM). M = 1 keeps the plane GEMV.
+# H200, same session, the wide 4096x12288 (50M weights): at M = 4 the register-fed tiles still
+# beat the rules' tile (43.4-46.7 vs 55.7 us) but at M = 16 they lose (63.9 vs 54.6 us), so
+# past REG_FED_WIDE weights the rule stops at REG_FED_WIDE_MAX_M rows.
 REG_FED_FORMATS = ("nvfp4",)
 REG_FED_MAX_M = 16
+REG_FED_WIDE = 1 << 24
+REG_FED_WIDE_MAX_M = 4
 REG_FED_PROGRAMS_PER_SM = 8
 
 
@@ -118,8 +123,9 @@ def regfed_config(m: int, n: int, k: int, sms: int) -> TileConfig:
                       unpack=UNPACK_PLANE_PAIRS)
 
 
-def _regfed_by_rule(m: int, fmt: str, device: torch.device) -> bool:
-    return (fmt in REG_FED_FORMATS and 2 <= m <= REG_FED_MAX_M and device.type == "cuda"
+def _regfed_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
+    max_m = REG_FED_WIDE_MAX_M if n * k > REG_FED_WIDE else REG_FED_MAX_M
+    return (fmt in REG_FED_FORMATS and 2 <= m <= max_m and device.type == "cuda"
             and _capability(device)[0] >= 9)
 
 
@@ -133,7 +139,7 @@ def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
     Exact mode: the dot loop with its fixed tile. Fast-mode forward: the device's route table
     where it has an entry for the shape (orbit/kernels/qmm_routes.py), else the rules:
     dequantize + cuBLAS from DEQUANT_MIN_M rows, the register-fed tile where `_regfed_by_rule`
-    (NVFP4, 2-16 rows, sm_90+), the decode GEMV where `_gemv_by_rule`, the
+    (NVFP4, 2-16 rows, 2-4 on wide weights, sm_90+), the decode GEMV where `_gemv_by_rule`, the
     dot loop with `pick_config`'s tile. The input gradient: the rules without the GEMV.
     Everything that asks whether a launch can carry extra work in its store (`lora_fits`,
     `swiglu_fits`) asks this, so the answer and the launch cannot disagree."""
@@ -146,7 +152,7 @@ def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
             return tuned
     if m >= DEQUANT_MIN_M and fmt != "bf16":
         return Route("dequant")
-    if not transpose and _regfed_by_rule(m, fmt, device):
+    if not transpose and _regfed_by_rule(m, n, k, fmt, device):
         from orbit.kernels.gemv import num_sms  # gemv.py imports this module
 
         return Route("dot", regfed_config(m, n, k, num_sms(device)))

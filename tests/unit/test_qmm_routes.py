@@ -552,7 +552,20 @@ def test_regfed_rule_reproduces_the_measured_tiles() -> None:
         assert (c.bo, c.split, c.br, c.stages, c.swap, c.unpack) == (
             bo, split, 128, 1, True, UNPACK_PLANE_PAIRS), (n, k, c)
         assert c.pairs_problem("nvfp4") is None
-    assert not _qgemm._regfed_by_rule(4, "nvfp4", CPU)
+    assert not _qgemm._regfed_by_rule(4, 2048, 2048, "nvfp4", CPU)
+    gpu = torch.device("cuda", 0)
+    orig = _qgemm._capability
+    _qgemm._capability = lambda device: (9, 0)  # (the rule's device test, without a GPU)
+    try:
+        assert _qgemm._regfed_by_rule(16, 2048, 6144, "nvfp4", gpu)
+        assert _qgemm._regfed_by_rule(4, 12288, 4096, "nvfp4", gpu)  # wide: up to 4 rows
+        assert not _qgemm._regfed_by_rule(16, 12288, 4096, "nvfp4", gpu)
+        assert not _qgemm._regfed_by_rule(1, 2048, 2048, "nvfp4", gpu)
+        assert not _qgemm._regfed_by_rule(8, 2048, 2048, "int4", gpu)
+        _qgemm._capability = lambda device: (8, 0)
+        assert not _qgemm._regfed_by_rule(8, 2048, 2048, "nvfp4", gpu)
+    finally:
+        _qgemm._capability = orig
     with ROUTES.scoped(None):
         r = _qgemm.route(4, 2048, 2048, "nvfp4", False, CPU)
     assert r.kind != "dot" or r.config.unpack != UNPACK_PLANE_PAIRS
