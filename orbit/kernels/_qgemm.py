@@ -14,6 +14,7 @@ same reduction order whatever else is in the batch (batch invariance).
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -108,17 +109,22 @@ REG_FED_WIDE_MAX_M = 4
 REG_FED_PROGRAMS_PER_SM = 8
 
 
-def regfed_config(m: int, n: int, k: int, sms: int) -> TileConfig:
-    """The register-fed tile the rule runs: swapped plane pairs, one stage, 16 x rows, 64 weight
-    rows (128 from 6144 out), 128 deep, K split in powers of two up to 16 while the grid stays
-    within REG_FED_PROGRAMS_PER_SM programs per SM and a slice keeps two K steps."""
-    bo = 128 if n >= 6144 else 64
-    tiles = triton.cdiv(m, 16) * triton.cdiv(n, bo)
-    steps = triton.cdiv(k, 128)
+def regfed_split(tiles: int, steps: int, sms: int) -> int:
+    """K split of a register-fed grid of `tiles` output tiles and `steps` K steps: powers of two
+    up to 16 while the grid stays within REG_FED_PROGRAMS_PER_SM programs per SM and a slice
+    keeps two K steps."""
     split = 1
     while (split < 16 and tiles * split * 2 <= REG_FED_PROGRAMS_PER_SM * sms
            and steps >= 4 * split):
         split *= 2
+    return split
+
+
+def regfed_config(m: int, n: int, k: int, sms: int) -> TileConfig:
+    """The register-fed tile the rule runs: swapped plane pairs, one stage, 16 x rows, 64 weight
+    rows (128 from 6144 out), 128 deep, split by `regfed_split`."""
+    bo = 128 if n >= 6144 else 64
+    split = regfed_split(triton.cdiv(m, 16) * triton.cdiv(n, bo), triton.cdiv(k, 128), sms)
     return TileConfig(bm=16, bo=bo, br=128, warps=4, stages=1, swap=True, split=split,
                       unpack=UNPACK_PLANE_PAIRS)
 
@@ -130,7 +136,14 @@ def _regfed_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> b
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+    return _capability_of(device.index if device.index is not None
+                          else torch.cuda.current_device())
+
+
+@cache
+def _capability_of(index: int) -> tuple[int, int]:
+    # (route() runs at every fast-mode launch: ask the driver once per device)
+    return torch.cuda.get_device_capability(index)
 
 
 def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,

@@ -167,8 +167,9 @@ def plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q, stride
     [N, K/8] with scales [N, K/GROUP]; r0 is a multiple of BR, BR of 64. FMT 0: int4 (ASM: the
     bf16x2 decode, symmetric codes, bf16 scale and x). FMT 3: nvfp4 E2M1 codes with e4m3
     scales, WITHOUT the global scale (the caller's epilogue: gs, or gs * NVFP4_ASM_EPILOGUE
-    with ASM, bf16 x). FMT 4: mxfp4 E2M1 codes with E8M0 scales (no ASM). SWAP: acc is the [BO, BM] tile of y^T += W @ x^T, the decoded weights
-    the MMA's A operand (see the module doc: "Register-fed")."""
+    with ASM, bf16 x). FMT 4: mxfp4 E2M1 codes with E8M0 scales (no ASM). SWAP: acc is the
+    [BO, BM] tile of y^T += W @ x^T, the decoded weights the MMA's A operand (see the module
+    doc: "Register-fed")."""
     KW: tl.constexpr = BR // 8
     dt = x_ptr.dtype.element_ty
     aw = tl.arange(0, KW)
@@ -197,17 +198,15 @@ def plane_pair_step(acc, x_ptr, stride_xm, q_ptr, s_ptr, o_ptr, stride_q, stride
     xmask = (offs_m < M)[:, None] & (xcol < K)[None, :]
     xbase = x_ptr + offs_m[:, None] * stride_xm + xcol[None, :]
     for P in tl.static_range(4):
-        if FMT == 4:
-            lo, hi = _e2m1_pair_plain(words, sc, P, dt)
-        elif FMT == 3:
+        if FMT == 0:
             if ASM:
-                lo, hi = _e2m1_pair_asm(words, sc, P)
+                lo, hi = _pair_asm(words, sc, P)
             else:
-                lo, hi = _e2m1_pair_plain(words, sc, P, dt)
-        elif ASM:
-            lo, hi = _pair_asm(words, sc, P)
-        else:
-            lo, hi = _pair_plain(words, sc, off, P, HAS_OFFSET, dt)
+                lo, hi = _pair_plain(words, sc, off, P, HAS_OFFSET, dt)
+        elif FMT == 3 and ASM:
+            lo, hi = _e2m1_pair_asm(words, sc, P)
+        else:  # E2M1 codes (nvfp4 without ASM, mxfp4)
+            lo, hi = _e2m1_pair_plain(words, sc, P, dt)
         w = tl.reshape(tl.join(lo, hi), (lo.shape[0], 2 * KW))  # [BO, 2 KW]
         xp = tl.load(xbase + P, mask=xmask, other=0.0)  # [BM, 2 KW]
         if SWAP:

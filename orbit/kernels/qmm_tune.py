@@ -171,16 +171,16 @@ def split_variants(c: TileConfig, m: int, n: int, k: int, sms: int) -> list[Tile
 
 # Register-fed tiles (nibble-plane pairs without the pipeliner, orbit/kernels/plane_dot.py:
 # "Register-fed"): their loads are hidden by programs, not stages, so they are tried with K
-# splits up to this many programs per SM.
-REG_FED_PROGRAMS_PER_SM = 16
+# splits up to this many programs per SM (the rule, `_qgemm.regfed_split`, aims at half).
+REG_FED_MAX_PROGRAMS_PER_SM = 16
 
 
 def register_fed_configs(m: int, n: int, k: int, fmt: str, sms: int) -> list[TileConfig]:
     """Plane-pair tiles with one stage at m <= SWAP_MAX_M rows (INT4, NVFP4): swapped (64 or
     128 weight rows, the wgmma's register A operand) and, up to 16 rows, unswapped with 16-row
     x tiles (mma.sync, both operands in registers; 64 weight columns); 128 or 256 deep; each
-    unsplit and split 2-16 ways while the grid stays within REG_FED_PROGRAMS_PER_SM programs
-    per SM and a slice keeps two K steps."""
+    unsplit and split 2-16 ways while the grid stays within REG_FED_MAX_PROGRAMS_PER_SM
+    programs per SM and a slice keeps two K steps."""
     if fmt not in PLANE_PAIR_FORMATS or m > SWAP_MAX_M:
         return []
     bm = min(64, max(16, 1 << max(0, math.ceil(math.log2(max(1, m))))))
@@ -190,7 +190,7 @@ def register_fed_configs(m: int, n: int, k: int, fmt: str, sms: int) -> list[Til
         for br in (128, 256):
             tiles = -(-m // bm) * -(-n // bo)
             for sp in (1, 2, 4, 8, 16):
-                if sp > 1 and (tiles * sp > REG_FED_PROGRAMS_PER_SM * sms
+                if sp > 1 and (tiles * sp > REG_FED_MAX_PROGRAMS_PER_SM * sms
                                or -(-k // br) < 2 * sp):
                     continue
                 out.append(TileConfig(bm=bm, bo=bo, br=br, warps=4, stages=1, swap=swap,

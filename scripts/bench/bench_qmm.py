@@ -251,10 +251,9 @@ PAIR_ALTS = [(32, 128, 4, 4, 1), (32, 128, 4, 4, 4), (32, 128, 4, 3, 8), (64, 12
              (64, 256, 4, 3, 1), (128, 128, 4, 3, 1)]
 
 # --gemv-regfed (session 14): register-fed plane-pair tiles (one stage, no pipeliner;
-# orbit/kernels/plane_dot.py "Register-fed") as (swap, bo, br); each at the K split that
-# puts about REGFED_PER_SM programs on an SM, at half and at twice that.
+# orbit/kernels/plane_dot.py "Register-fed") as (swap, bo, br); each at the K split the rule
+# would pick for it (`_qgemm.regfed_split`), at half and at twice that.
 REGFED_SHAPES = [(True, 64, 256), (True, 128, 256), (True, 64, 128), (False, 64, 256)]
-REGFED_PER_SM = 8
 
 
 def regfed_alts(m: int, n: int, k: int, sms: int) -> list:
@@ -264,15 +263,12 @@ def regfed_alts(m: int, n: int, k: int, sms: int) -> list:
     for swap, bo, br in REGFED_SHAPES:
         if not swap and m > 16:
             continue
-        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bo)
         steps = triton.cdiv(k, br)
-        sp = 1
-        while sp < 16 and tiles * sp * 2 <= REGFED_PER_SM * sms and steps >= 4 * sp:
-            sp *= 2
+        sp = _qgemm.regfed_split(triton.cdiv(m, bm) * triton.cdiv(n, bo), steps, sms)
         for s_ in sorted({max(1, sp // 2), sp, min(16, sp * 2)}):
             if s_ == 1 or steps >= 2 * s_:
                 out.append(_qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=4, stages=1, swap=swap,
-                                             split=s_, unpack=3))
+                                             split=s_, unpack=_qgemm.UNPACK_PLANE_PAIRS))
     return out
 
 
@@ -380,7 +376,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     # same-run baseline: a pipelined (4-stage) pairs tile
                     plan.append(("fused-pairs", _qgemm.TileConfig(
                         bm=max(16, triton.next_power_of_2(m)), bo=32, br=128, warps=4, stages=4,
-                        unpack=3)))
+                        unpack=_qgemm.UNPACK_PLANE_PAIRS)))
                 if alts and fmt in ("int4", "nvfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1=int(bool(eb and eb[0])),

@@ -96,14 +96,19 @@ def _compile(name: str, consts: dict, warps: int):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
+def smem_allocs(ttgir: str, bm: int, br: int) -> tuple[list[str], list[str]]:
+    """(every `local_alloc` shape of a compiled kernel's TTGIR, those that are not a pair step's
+    x operand of bm x br/4, i.e. hold weight data, raw or decoded)."""
+    allocs = re.findall(r"ttg\.local_alloc[^\n]*?(?:tensor|memdesc)<([0-9x]+)x[a-z]", ttgir)
+    x_tiles = {f"{bm}x{br // 4}", f"{br // 4}x{bm}"}
+    return allocs, [d for d in allocs if d not in x_tiles]
+
+
 def weight_tiles_in_smem(name: str, consts: dict, warps: int) -> int:
-    """How many `local_alloc`s (shared-memory buffers) of the compiled kernel hold anything
-    but a pair step's x operand (BM x BR/4), i.e. weight data, raw or decoded: 0 means the
+    """How many shared-memory buffers of the compiled kernel hold weight data: 0 means the
     weights reach the MMAs from registers only."""
     ttgir = _compile(name, consts, warps).asm["ttgir"]
-    allocs = re.findall(r"ttg\.local_alloc[^\n]*?(?:tensor|memdesc)<([0-9x]+)x[a-z]", ttgir)
-    x_tiles = {f"{consts['BM']}x{consts['BR'] // 4}", f"{consts['BR'] // 4}x{consts['BM']}"}
-    return sum(d not in x_tiles for d in allocs)
+    return len(smem_allocs(ttgir, consts["BM"], consts["BR"])[1])
 
 
 def sass_histogram(name: str, consts: dict, warps: int) -> tuple[int, list[tuple[str, int]]]:

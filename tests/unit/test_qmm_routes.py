@@ -137,14 +137,14 @@ def test_plane_pair_tiles_round_trip_and_are_tuned_for_4bit_formats_only(tmp_pat
     assert n_pairs(PAIRS_MAX_M + 1, "int4") == 0 and n_pairs(16, "nvfp4") > 0
     assert n_pairs(16, "mxfp4") > 0 and n_pairs(16, "fp8") == 0
     # register-fed tiles: pairs with one stage, split up to 16 programs per SM
-    from orbit.kernels.qmm_tune import REG_FED_PROGRAMS_PER_SM, register_fed_configs
+    from orbit.kernels.qmm_tune import REG_FED_MAX_PROGRAMS_PER_SM, register_fed_configs
 
     rf = register_fed_configs(4, 12288, 4096, "nvfp4", 132)
     assert rf and all(c.unpack == UNPACK_PLANE_PAIRS and c.stages == 1 for c in rf)
     assert any(c.swap for c in rf) and any(not c.swap and c.bm == 16 for c in rf)
     assert all(c.swap for c in register_fed_configs(33, 12288, 4096, "nvfp4", 132))
     assert {c.split for c in rf} == {1, 2, 4, 8, 16} and all(
-        -(-12288 // c.bo) * c.split <= REG_FED_PROGRAMS_PER_SM * 132 for c in rf)
+        -(-12288 // c.bo) * c.split <= REG_FED_MAX_PROGRAMS_PER_SM * 132 for c in rf)
     assert register_fed_configs(65, 2048, 2048, "int4", 132) == []
     only = candidates(4, 2048, 2048, "nvfp4", CPU, "regfed")[1]
     assert {r.kind for r in only} >= {"dequant", "gemv"} and all(
@@ -539,7 +539,7 @@ if __name__ == "__main__":
     _interpreter_main()
 
 
-def test_regfed_rule_reproduces_the_measured_tiles() -> None:
+def test_regfed_rule_reproduces_the_measured_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     """_qgemm.regfed_config picks the tiles the H100 tuning chose for NVFP4 at M = 4 and 16
     (docs/benchmarks.md, session 14), and the rule never applies off CUDA, at M = 1, past 16
     rows or to other formats."""
@@ -554,18 +554,15 @@ def test_regfed_rule_reproduces_the_measured_tiles() -> None:
         assert c.pairs_problem("nvfp4") is None
     assert not _qgemm._regfed_by_rule(4, 2048, 2048, "nvfp4", CPU)
     gpu = torch.device("cuda", 0)
-    orig = _qgemm._capability
-    _qgemm._capability = lambda device: (9, 0)  # (the rule's device test, without a GPU)
-    try:
-        assert _qgemm._regfed_by_rule(16, 2048, 6144, "nvfp4", gpu)
-        assert _qgemm._regfed_by_rule(4, 12288, 4096, "nvfp4", gpu)  # wide: up to 4 rows
-        assert not _qgemm._regfed_by_rule(16, 12288, 4096, "nvfp4", gpu)
-        assert not _qgemm._regfed_by_rule(1, 2048, 2048, "nvfp4", gpu)
-        assert not _qgemm._regfed_by_rule(8, 2048, 2048, "int4", gpu)
-        _qgemm._capability = lambda device: (8, 0)
-        assert not _qgemm._regfed_by_rule(8, 2048, 2048, "nvfp4", gpu)
-    finally:
-        _qgemm._capability = orig
+    # (the rule's device test, without a GPU)
+    monkeypatch.setattr(_qgemm, "_capability", lambda device: (9, 0))
+    assert _qgemm._regfed_by_rule(16, 2048, 6144, "nvfp4", gpu)
+    assert _qgemm._regfed_by_rule(4, 12288, 4096, "nvfp4", gpu)  # wide: up to 4 rows
+    assert not _qgemm._regfed_by_rule(16, 12288, 4096, "nvfp4", gpu)
+    assert not _qgemm._regfed_by_rule(1, 2048, 2048, "nvfp4", gpu)
+    assert not _qgemm._regfed_by_rule(8, 2048, 2048, "int4", gpu)
+    monkeypatch.setattr(_qgemm, "_capability", lambda device: (8, 0))
+    assert not _qgemm._regfed_by_rule(8, 2048, 2048, "nvfp4", gpu)
     with ROUTES.scoped(None):
         r = _qgemm.route(4, 2048, 2048, "nvfp4", False, CPU)
     assert r.kind != "dot" or r.config.unpack != UNPACK_PLANE_PAIRS
