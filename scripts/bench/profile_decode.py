@@ -10,6 +10,7 @@ bench_engine.py gives the tokens/s that docs/benchmarks.md records.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from bench_engine import SHAPES, orbit_model, prompts
 
 from orbit.rollout.engine import Engine
@@ -34,6 +36,12 @@ def main() -> None:
     ap.add_argument("--format", default="bf16", help="base precision (convert_linears), e.g. int4; bf16-ql: BF16 QuantLinears")
     ap.add_argument("--trace", action="store_true", help="also write $OUT/decode_trace.json")
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "sdpa", "varlen", "triton"))
+    ap.add_argument("--pdl", default="auto", choices=("auto", "on", "off"),
+                    help="Engine(pdl=...); off gives each kernel's own duration (with PDL a "
+                         "kernel's time includes its wait for the one before)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also print one steady decode step's kernels in launch order, "
+                         "grouped by name: count, mean duration, mean gap before each")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -42,8 +50,9 @@ def main() -> None:
         from orbit.quant.convert import convert_linears
 
         convert_linears(model, "bf16" if args.format == "bf16-ql" else args.format)
+    pdl = None if args.pdl == "auto" else args.pdl == "on"
     engine = Engine(model, max_num_seqs=args.batch, max_model_len=args.prompt_len + args.new + 8,
-                    device=device, attn_backend=args.attn_backend)
+                    device=device, attn_backend=args.attn_backend, pdl=pdl)
     ps = prompts(args.batch, args.prompt_len, model.config.vocab_size)
     sp = SamplingParams(temperature=1.0, max_new_tokens=args.new, ignore_eos=True, seed=0)
     engine.generate(ps, sp)  # captures the graphs
@@ -75,9 +84,56 @@ def main() -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
                                     max_name_column_width=70))
+    if device == "cuda" and args.timeline:
+        print_timeline(prof)
     out = os.environ.get("OUT")
     if out and args.trace:
         prof.export_chrome_trace(os.path.join(out, "decode_trace.json"))
+
+
+def step_windows(kernels: list, marker: str) -> list[list]:
+    """Kernels (sorted by start) cut into decode steps: a step ends with a kernel whose name
+    contains `marker` (the sampler's last kernel), the next begins after it."""
+    steps, cur = [], []
+    for k in kernels:
+        cur.append(k)
+        if marker in k.name:
+            steps.append(cur)
+            cur = []
+    return steps
+
+
+def print_timeline(prof: torch.profiler.profile) -> None:
+    """The middle half of the decode steps, averaged: per kernel name (in first-launch order),
+    launches per step, mean duration and mean gap from the previous kernel's end (negative:
+    it started before that one ended, as PDL allows). Also the step's span, the sum of kernel
+    durations and the sum of positive gaps (GPU idle inside the step)."""
+    ks = sorted((e for e in prof.events() if str(e.device_type).endswith("CUDA")
+                 and e.time_range.end > e.time_range.start), key=lambda e: e.time_range.start)
+    steps = step_windows(ks, "_pick_kernel")
+    mid = steps[len(steps) // 4: max(len(steps) // 4 + 1, 3 * len(steps) // 4)]
+    if not mid:
+        print("timeline: no decode steps found (no _pick_kernel launches)")
+        return
+    order: dict[str, list[float]] = {}  # name -> [launches, duration us, gap us]
+    spans, busy, idle = [], [], []
+    for st in mid:
+        spans.append(st[-1].time_range.end - st[0].time_range.start)
+        busy.append(sum(k.time_range.end - k.time_range.start for k in st))
+        gaps = [b.time_range.start - a.time_range.end for a, b in itertools.pairwise(st)]
+        idle.append(sum(g for g in gaps if g > 0))
+        for i, k in enumerate(st):
+            row = order.setdefault(k.name[:90], [0.0, 0.0, 0.0])
+            row[0] += 1
+            row[1] += k.time_range.end - k.time_range.start
+            row[2] += gaps[i - 1] if i > 0 else 0.0
+    n = len(mid)
+    print(f"timeline: {n} steps, span {sum(spans) / n:.1f} us/step, kernel time "
+          f"{sum(busy) / n:.1f} us, idle gaps {sum(idle) / n:.1f} us, "
+          f"{sum(len(s) for s in mid) / n:.1f} kernels/step")
+    print(f"{'per step':>8} {'mean us':>8} {'gap us':>8}  kernel")
+    for name, (c, d, g) in sorted(order.items(), key=lambda kv: -kv[1][1]):
+        print(f"{c / n:8.1f} {d / c:8.2f} {g / c:8.2f}  {name}")
 
 
 if __name__ == "__main__":
