@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from orbit.kernels.lora_epilogue import LoRAEpilogue
+from orbit.kernels.norm_epilogue import NormEpilogue
 from orbit.quant.qweight import QuantizedWeight
 
 ACT_QUANT_MODES = (None, "fp8")
@@ -150,6 +151,30 @@ def qmm_swiglu(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue | None = None)
         raise ValueError(f"qmm_swiglu: a {qw.fmt} {tuple(qw.shape)} forward of "
                          f"{tuple(x.shape)} {x.dtype} on {x.device} is not the plane GEMV")
     return kernel(x.contiguous(), qw, lora=lora, swiglu=True)
+
+
+def norm_foldable(x: Tensor, qw: QuantizedWeight) -> bool:
+    """Whether `qmm_add_norm(x, qw, ...)` runs: the fast-mode forward of x on this weight is
+    the decode GEMV (CUDA, or Triton's interpreter in CPU tests), whose last program can do
+    the residual add + RMSNorm (orbit/kernels/norm_epilogue.py)."""
+    from orbit.kernels._qgemm import norm_fits
+
+    return _fused_store_input(x) and norm_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt,
+                                               False, x.device)
+
+
+def qmm_add_norm(x: Tensor, qw: QuantizedWeight, residual: Tensor, weight: Tensor, eps: float,
+                 lora: LoRAEpilogue | None = None) -> tuple[Tensor, Tensor]:
+    """(s, rmsnorm(s) * weight) with s = residual + x @ W^T (+ the LoRA delta), in one launch:
+    the decoder's residual add and next norm folded into the GEMV that makes the delta; only
+    where `norm_foldable(x, qw)`. The delta itself is not returned (only s reads it)."""
+    kernel = _kernel_for(qw)
+    if kernel is None or not norm_foldable(x, qw):
+        raise ValueError(f"qmm_add_norm: a {qw.fmt} {tuple(qw.shape)} forward of "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device} is not the decode GEMV")
+    norm = NormEpilogue.make(residual.reshape(x.shape[0], qw.shape[0]), weight, eps)
+    kernel(x.contiguous(), qw, lora=lora, norm=norm)
+    return norm.s, norm.out
 
 
 def qmm_t(dy: Tensor, qw: QuantizedWeight, exact: bool = False) -> Tensor:

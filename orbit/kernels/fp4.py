@@ -18,6 +18,7 @@ from torch import Tensor
 from orbit.kernels._tiles import group_affine, unpack_nibbles
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.lora_epilogue import LoRAEpilogue
+from orbit.kernels.norm_epilogue import NormEpilogue
 from orbit.quant.qweight import MXFP4_GROUP, NVFP4_GROUP, QuantizedWeight
 
 
@@ -92,7 +93,7 @@ def _check(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool) -> None:
 
 def _fp4_matmul(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool, exact: bool,
                 out: Tensor | None, lora: LoRAEpilogue | None = None,
-                swiglu: bool = False) -> Tensor:
+                swiglu: bool = False, norm: NormEpilogue | None = None) -> Tensor:
     from orbit.kernels._qgemm import launch
 
     _check(x, qw, fmt, transpose)
@@ -100,25 +101,27 @@ def _fp4_matmul(x: Tensor, qw: QuantizedWeight, fmt: str, transpose: bool, exact
     gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
     group = NVFP4_GROUP if fmt == "nvfp4" else MXFP4_GROUP
     return launch(x, fmt, qw.shape, t["qweight"], t["scale"], None, gs, group, transpose, exact, out,
-                  lora=lora, swiglu=swiglu)
+                  lora=lora, swiglu=swiglu, norm=norm)
 
 
 def nvfp4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
                  exact: bool = False, out: Tensor | None = None,
-                lora: LoRAEpilogue | None = None, swiglu: bool = False) -> Tensor:
+                lora: LoRAEpilogue | None = None, swiglu: bool = False,
+                norm: NormEpilogue | None = None) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel.
     `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `swiglu`: see
     `_qgemm.launch`."""
-    return _fp4_matmul(x, qw, "nvfp4", transpose, exact, out, lora, swiglu)
+    return _fp4_matmul(x, qw, "nvfp4", transpose, exact, out, lora, swiglu, norm)
 
 
 def mxfp4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
                  exact: bool = False, out: Tensor | None = None,
-                lora: LoRAEpilogue | None = None, swiglu: bool = False) -> Tensor:
+                lora: LoRAEpilogue | None = None, swiglu: bool = False,
+                norm: NormEpilogue | None = None) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel.
     `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `swiglu`: see
     `_qgemm.launch`."""
-    return _fp4_matmul(x, qw, "mxfp4", transpose, exact, out, lora, swiglu)
+    return _fp4_matmul(x, qw, "mxfp4", transpose, exact, out, lora, swiglu, norm)
 
 
 def fp4_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.lora_epilogue import LoRAEpilogue
+from orbit.kernels.norm_epilogue import NormEpilogue
 from orbit.quant.qweight import FP8_BLOCK, QuantizedWeight
 
 E4M3_MAX = 448.0
@@ -104,7 +105,7 @@ def _check(x: Tensor, qw: QuantizedWeight, transpose: bool) -> None:
 
 def fp8_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
                exact: bool = False, out: Tensor | None = None,
-                lora: LoRAEpilogue | None = None) -> Tensor:
+                lora: LoRAEpilogue | None = None, norm: NormEpilogue | None = None) -> Tensor:
     """W8A16: x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in].
     `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store."""
     from orbit.kernels._qgemm import launch
@@ -112,7 +113,7 @@ def fp8_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
     _check(x, qw, transpose)
     t = qw.tensors
     return launch(x, "fp8", qw.shape, t["weight"], t["scale_inv"], None, None, FP8_BLOCK,
-                  transpose, exact, out, lora=lora)
+                  transpose, exact, out, lora=lora, norm=norm)
 
 
 def fp8_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,

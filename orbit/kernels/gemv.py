@@ -61,7 +61,9 @@ from orbit.kernels.lora_epilogue import (
     lora_shrink_role,
     shrink_program,
 )
+from orbit.kernels.norm_epilogue import NormEpilogue, norm_kernel_args
 from orbit.kernels.pdl import pdl_enter, pdl_launch, prefetch_l2
+from orbit.kernels.rmsnorm_exact import add_rmsnorm_row
 from orbit.kernels.swiglu import silu_mul_values
 
 # Heuristic constants (pick_gemv_config); sweep them with scripts/bench/bench_qmm.py --gemv.
@@ -255,11 +257,13 @@ def prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK: tl.con
 def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, K_PER,
                  SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
                  h_ptr, a0, a1, a2, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR,
+                 r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT, eps,
                  FMT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                  MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  UNPACK: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
                  PDL: tl.constexpr = False, LORA: tl.constexpr = 0, LRP: tl.constexpr = 1,
-                 SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16):
+                 SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16,
+                 NORM: tl.constexpr = False, NB: tl.constexpr = 16):
     # (SHRINK, computing h in the launch, is the plane and FP8 GEMVs'; never set here.)
     # out[pid_k, m, n] = sum over this program's K-slice of x[m, k] * W[n, k] (fp32 sums; cast
     # to out's dtype on store: the activation dtype without split, fp32 into the workspace).
@@ -292,7 +296,8 @@ def _gemv_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
             acc = tl.where(cols[None, :] == m, acc + part[:, None], acc)
     _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, cols,
                stride_om, stride_os, stride_ym, FIXUP, lora_d, h_ptr, b0, b1, b2, LN0, LN1, LR,
-               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, False, False, 0, False)
+               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, False, False, 0, False, r_ptr, nw_ptr,
+               ns_ptr, nx_ptr, ncnt_ptr, NT, eps, NORM, NB)
 
 
 @triton.jit
@@ -300,7 +305,8 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
                stride_om, stride_os, stride_ym, FIXUP: tl.constexpr, lora_d, h_ptr, b0, b1,
                b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, LORA: tl.constexpr,
                LRP: tl.constexpr, SHRINK: tl.constexpr, PAIR: tl.constexpr, HALF_N,
-               LIBDEV: tl.constexpr):
+               LIBDEV: tl.constexpr, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT, eps,
+               NORM: tl.constexpr, NB: tl.constexpr):
     # acc [BN, MP] fp32 -> out[pid_k] (y itself without split, else the fp32 workspace slice).
     # FIXUP: each program of column tile pid_n bumps the tile's arrival counter after its
     # slice is stored; the one that arrives last adds all SPLIT slices in slice order (so the
@@ -314,6 +320,7 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
     # launch makes sure that program is this one or the fix-up's, never the reduce launch.
     # PAIR: y is SwiGLU's output [M, HALF_N]: the final values' gate and up halves are
     # combined (swiglu.silu_mul_values) and stored at the tile's gate columns (_store_pair).
+    # NORM: the tile's final writer then arrives at the grid-wide norm counter (_norm_tail).
     mask = (offs_n[:, None] < N) & (cols[None, :] < M)
     ptrs = out_ptr + pid_k * stride_os + cols[None, :] * stride_om + offs_n[:, None]
     dt = y_ptr.dtype.element_ty
@@ -335,6 +342,9 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
                 tl.store(y_ptr + cols[None, :] * stride_ym + offs_n[:, None],
                          _final(total, d, dt, LORA), mask=mask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+            if NORM:
+                _norm_tail(y_ptr, stride_ym, M, N, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT,
+                           eps, NB)
     else:  # y (LORA: always; the launch forces the fix-up for a split), or a workspace slice
         d = _store_delta(lora_d, offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
                          stride_hm, hc_ptr, LSR, dt, LORA, LRP, SHRINK)
@@ -343,6 +353,25 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
                         LIBDEV)
         else:
             tl.store(ptrs, _final(acc, d, out_ptr.dtype.element_ty, LORA), mask=mask)
+        if NORM:  # (the launch forces the fix-up for a split: out is y here)
+            _norm_tail(y_ptr, stride_ym, M, N, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT, eps,
+                       NB)
+
+
+@triton.jit
+def _norm_tail(y_ptr, stride_ym, M, N, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT, eps,
+               NB: tl.constexpr):
+    """After this program stored its tile's final y: arrive at the grid-wide counter; the
+    last of the NT column tiles to arrive sees every tile's y (barrier + acq_rel atomic, as
+    the split-K fix-up) and runs the residual add + RMSNorm on each row
+    (orbit/kernels/norm_epilogue.py), then re-arms the counter."""
+    tl.debug_barrier()
+    done = tl.atomic_add(ncnt_ptr, 1, sem="acq_rel")
+    if done == NT - 1:
+        for m in range(M):
+            add_rmsnorm_row(y_ptr + m * stride_ym, r_ptr + m * N, nw_ptr, ns_ptr + m * N,
+                            nx_ptr + m * N, N, eps, NB, True, True)
+        tl.atomic_xchg(ncnt_ptr, 0, sem="relaxed")
 
 
 @triton.jit
@@ -508,7 +537,8 @@ def _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP: tl.constexpr,
 def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
                         K_PER, SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s,
                         stride_ym, h_ptr, a0, a1, a2, b0, b1, b2, LN0, LN1, LR, lscale,
-                        stride_hm, hc_ptr, LSR, HALF_N, FMT: tl.constexpr, CODE: tl.constexpr,
+                        stride_hm, hc_ptr, LSR, HALF_N, r_ptr, nw_ptr, ns_ptr, nx_ptr,
+                        ncnt_ptr, NT, eps, FMT: tl.constexpr, CODE: tl.constexpr,
                         GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, MP: tl.constexpr,
                         BN: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr,
                         FIXUP: tl.constexpr,
@@ -516,7 +546,8 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                         PDL: tl.constexpr = False, L2PRE: tl.constexpr = False,
                         LORA: tl.constexpr = 0, LRP: tl.constexpr = 1,
                         SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16,
-                        PAIR: tl.constexpr = False):
+                        PAIR: tl.constexpr = False, NORM: tl.constexpr = False,
+                        NB: tl.constexpr = 16):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -554,20 +585,22 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
         _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
                      stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0,
                      b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, HALF_N, pid_n, pid_k,
-                     k_lo, k_hi, offs_n, row_ok, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG,
-                     STAGES, FIXUP, DEFER, ASM, XPRE, LORA, LRP, SHRINK, PAIR)
+                     k_lo, k_hi, offs_n, row_ok, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT,
+                     eps, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER, ASM,
+                     XPRE, LORA, LRP, SHRINK, PAIR, NORM, NB)
 
 
 @triton.jit
 def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
                  stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0, b1,
                  b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, HALF_N, pid_n, pid_k, k_lo,
-                 k_hi, offs_n, row_ok, FMT: tl.constexpr, CODE: tl.constexpr,
+                 k_hi, offs_n, row_ok, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT, eps,
+                 FMT: tl.constexpr, CODE: tl.constexpr,
                  GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, MP: tl.constexpr,
                  BN: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
                  DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr,
                  LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
-                 PAIR: tl.constexpr):
+                 PAIR: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr):
     """The column-tile program of _gemv_planes_kernel (after the PDL wait)."""
     WG: tl.constexpr = GROUP // 8
     BK: tl.constexpr = NG * GROUP
@@ -632,7 +665,8 @@ def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, 
         acc = acc * tl.load(g_ptr).to(tl.float32)
     _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
                stride_om, stride_os, stride_ym, FIXUP, lora_d, h_ptr, b0, b1, b2, LN0, LN1, LR,
-               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, SHRINK, PAIR, HALF_N, ASM)
+               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, SHRINK, PAIR, HALF_N, ASM, r_ptr,
+               nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT, eps, NORM, NB)
 
 
 @triton.jit
@@ -661,9 +695,9 @@ class ArrivalCounters:
         self._bufs: dict[tuple[int, int], Tensor] = {}
 
     def get(self, device: torch.device, tiles: int) -> Tensor:
-        if tiles > ARRIVAL_COUNTERS - 2:  # (the last two: lora_counters)
+        if tiles > ARRIVAL_COUNTERS - 3:  # (the last three: norm_counter, lora_counters)
             raise ValueError(f"split-K GEMV with {tiles} column tiles; at most "
-                             f"{ARRIVAL_COUNTERS - 2}")
+                             f"{ARRIVAL_COUNTERS - 3}")
         if device.type != "cuda":  # the interpreter runs programs one after another
             return torch.zeros(tiles, dtype=torch.int32, device=device)
         key = (device.index if device.index is not None else torch.cuda.current_device(),
@@ -695,6 +729,14 @@ def lora_counters(device: torch.device) -> Tensor:
     if device.type != "cuda":
         return torch.zeros(2, dtype=torch.int32, device=device)
     return _COUNTERS.get(device, 1)[ARRIVAL_COUNTERS - 2:]
+
+
+def norm_counter(device: torch.device) -> Tensor:
+    """One zeroed int32 counter for a GEMV with a folded norm (norm_epilogue: column tiles
+    done), which the launch leaves zeroed: entry -3 of the stream's buffer on CUDA."""
+    if device.type != "cuda":
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    return _COUNTERS.get(device, 1)[ARRIVAL_COUNTERS - 3:ARRIVAL_COUNTERS - 2]
 
 
 def lora_launch(lora: LoRAEpilogue | None, x: Tensor, y: Tensor, grid: tuple, split: int,
@@ -731,24 +773,26 @@ def _as_words(q: Tensor) -> Tensor | None:
 def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
          offset: Tensor | None, global_scale: Tensor | None, group: int, y: Tensor,
          config: object | None = None, lora: LoRAEpilogue | None = None,
-         swiglu: bool = False) -> Tensor:
+         swiglu: bool = False, norm: NormEpilogue | None = None) -> Tensor:
     """y[M, out] = x[M, in] @ W^T for already-validated tensors (as `_qgemm.launch` gets them)
     and 1 <= M <= 16; `config` overrides the heuristic (bench sweeps): a GemvConfig, or for
     FP8 at M <= FP8_GEMV_MAX_M a gemv_fp8.Fp8GemvConfig. `lora`: add a LoRA delta in the store
     (orbit/kernels/lora_epilogue.py). `swiglu` (the plane kernel; W the stacked gate/up weight,
     gate rows first): y [M, out / 2] = silu(gate) * up, stored by the tiles themselves
-    (_program_slice / _store_pair, PAIR)."""
+    (_program_slice / _store_pair, PAIR). `norm`: after y, the residual add + RMSNorm of
+    the next layer input, by the launch's last program (orbit/kernels/norm_epilogue.py)."""
     n, k = shape
     m = x.shape[0]
     assert 1 <= m <= 16 and fmt in FMT_IDS and fmt != "bf16", (m, fmt)
     if swiglu and (fmt not in PLANE_FORMATS or n % 2 or (config is not None
-                                                         and not config.planes)):
-        raise ValueError(f"gemv(swiglu=True) needs the nibble-plane kernel (int4/nvfp4/mxfp4) "
+                                                         and not config.planes)
+                   or norm is not None):
+        raise ValueError(f"gemv(swiglu=True) takes no norm epilogue and needs the nibble-plane kernel (int4/nvfp4/mxfp4) "
                          f"and an even number of rows; got {fmt} with {n} rows")
     if fmt == "fp8" and m <= FP8_GEMV_MAX_M and not isinstance(config, GemvConfig):
         from orbit.kernels.gemv_fp8 import gemv_fp8  # (gemv_fp8 imports this module)
 
-        return gemv_fp8(x, q, s, y, config, lora)  # type: ignore[arg-type]
+        return gemv_fp8(x, q, s, y, config, lora, norm)  # type: ignore[arg-type]
     cfg = config or pick_gemv_config(m, n, k, fmt, num_sms(x.device))
     words = _as_words(q) if (cfg.planes and fmt in PLANE_FORMATS) else None
     # The plane kernel steps whole groups: block_k is at least one group.
@@ -757,8 +801,10 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     if swiglu and words is None:
         raise ValueError("gemv(swiglu=True): the packed weight cannot be viewed as int32 words")
     grid, k_per, split, out, stride_om, stride_os, cnt, fixup = split_k_launch(
-        x, y, n, k, cfg.block_n, block_k, cfg.split, cfg.fixup or lora is not None or swiglu)
+        x, y, n, k, cfg.block_n, block_k, cfg.split,
+        cfg.fixup or lora is not None or swiglu or norm is not None)
     cnt = cnt if cnt is not None else s
+    nargs, nconst = norm_kernel_args(norm, y, grid[0], norm_counter(x.device) if norm else cnt)
     o = offset if offset is not None else s
     # PDL when the config asks (bench) or inside the engine's pdl_scope (grid-size rule there)
     pdl = pdl_launch(x.device, grid[0] * grid[1], forced=cfg.pdl)
@@ -770,18 +816,18 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             code = 4 if cfg.e2m1 == 2 and fmt == "nvfp4" else 3
         _gemv_planes_kernel[grid](
             x, out, words, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,
-            stride_os, words.stride(0), s.stride(0), y.stride(0), *largs, n // 2,
+            stride_os, words.stride(0), s.stride(0), y.stride(0), *largs, n // 2, *nargs,
             FMT=FMT_IDS[fmt], CODE=code, GROUP=group, HAS_OFFSET=offset is not None, MP=mp,
             BN=cfg.block_n, NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup,
             DEFER=cfg.defer, ASM=x.is_cuda, XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch,
-            PAIR=swiglu, num_warps=cfg.warps, **lconst, **pdl)
+            PAIR=swiglu, num_warps=cfg.warps, **lconst, **nconst, **pdl)
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,
-            stride_os, q.stride(0), s.stride(0), y.stride(0), *largs, FMT=FMT_IDS[fmt],
+            stride_os, q.stride(0), s.stride(0), y.stride(0), *largs, *nargs, FMT=FMT_IDS[fmt],
             GROUP=group, HAS_OFFSET=offset is not None, MP=mp, BN=cfg.block_n, BK=block_k,
             UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0),
-            STAGES=cfg.stages, FIXUP=fixup, num_warps=cfg.warps, **lconst, **pdl)
+            STAGES=cfg.stages, FIXUP=fixup, num_warps=cfg.warps, **lconst, **nconst, **pdl)
     if split > 1 and not fixup:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](

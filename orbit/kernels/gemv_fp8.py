@@ -48,12 +48,14 @@ from orbit.kernels.gemv import (
     _program_slice,
     _store_out,
     lora_launch,
+    norm_counter,
     num_sms,
     prefetch_first_steps,
     split_k,
     split_k_launch,
 )
 from orbit.kernels.lora_epilogue import LoRAEpilogue, lora_shrink_role, shrink_program
+from orbit.kernels.norm_epilogue import NormEpilogue, norm_kernel_args
 from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 FP8_BLOCK = 128
@@ -125,12 +127,13 @@ def _e4m3_bits(words, P: tl.constexpr):
 def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PER, SPLIT,
                      stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
                      h_ptr, a0, a1, a2, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR,
-                     MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT, eps, MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      STAGES: tl.constexpr, FIXUP: tl.constexpr, DEC: tl.constexpr,
                      XPRE: tl.constexpr, PDL: tl.constexpr = False,
                      L2PRE: tl.constexpr = False, LORA: tl.constexpr = 0,
                      LRP: tl.constexpr = 1, SHRINK: tl.constexpr = False,
-                     SBK: tl.constexpr = 16):
+                     SBK: tl.constexpr = 16, NORM: tl.constexpr = False,
+                     NB: tl.constexpr = 16):
     # SHRINK: the first PN grid columns are LoRA shrink programs (as in the plane kernel).
     PN = 0
     if SHRINK:
@@ -148,16 +151,18 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
         _fp8_main(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, SPLIT, stride_xm,
                   stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0, b1, b2, LN0,
                   LN1, LR, lscale, stride_hm, hc_ptr, LSR, pid_n, pid_k, k_lo, k_hi, offs_n,
-                  row_ok, MP, BN, BK, STAGES, FIXUP, DEC, XPRE, LORA, LRP, SHRINK)
+                  row_ok, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT, eps, MP, BN, BK, STAGES,
+                  FIXUP, DEC, XPRE, LORA, LRP, SHRINK, NORM, NB)
 
 
 @triton.jit
 def _fp8_main(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, SPLIT, stride_xm, stride_om,
               stride_os, stride_q, stride_s, stride_ym, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale,
-              stride_hm, hc_ptr, LSR, pid_n, pid_k, k_lo, k_hi, offs_n, row_ok,
-              MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+              stride_hm, hc_ptr, LSR, pid_n, pid_k, k_lo, k_hi, offs_n, row_ok, r_ptr, nw_ptr,
+              ns_ptr, nx_ptr, ncnt_ptr, NT, eps, MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
               FIXUP: tl.constexpr, DEC: tl.constexpr, XPRE: tl.constexpr, LORA: tl.constexpr,
-              LRP: tl.constexpr, SHRINK: tl.constexpr):
+              LRP: tl.constexpr, SHRINK: tl.constexpr, NORM: tl.constexpr,
+              NB: tl.constexpr):
     """The column-tile program of _gemv_fp8_kernel (after the PDL wait)."""
     am = tl.arange(0, MP)
     lora_d = _lora_d(offs_n, am, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm,
@@ -193,7 +198,8 @@ def _fp8_main(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, SPLIT, stride_
         out = out * X_UP
     _store_out(out, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, am,
                stride_om, stride_os, stride_ym, FIXUP, lora_d, h_ptr, b0, b1, b2, LN0, LN1, LR,
-               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, SHRINK, False, 0, False)
+               lscale, stride_hm, hc_ptr, LSR, LORA, LRP, SHRINK, False, 0, False, r_ptr,
+               nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT, eps, NORM, NB)
 
 
 def pick_fp8_gemv_config(m: int, n: int, k: int, sms: int) -> Fp8GemvConfig:
@@ -210,10 +216,12 @@ def pick_fp8_gemv_config(m: int, n: int, k: int, sms: int) -> Fp8GemvConfig:
 
 
 def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,
-             config: Fp8GemvConfig | None = None, lora: LoRAEpilogue | None = None) -> Tensor:
+             config: Fp8GemvConfig | None = None, lora: LoRAEpilogue | None = None,
+             norm: NormEpilogue | None = None) -> Tensor:
     """y[M, N] = x[M, K] @ dequant(q, s)^T for q float8_e4m3fn [N, K], s float32 block scales
     [ceil(N/128), ceil(K/128)], 1 <= M <= 4 (already validated by `_qgemm.launch`); `lora`
-    adds a LoRA delta in the store (orbit/kernels/lora_epilogue.py)."""
+    adds a LoRA delta in the store (orbit/kernels/lora_epilogue.py); `norm` the residual add +
+    RMSNorm after it (orbit/kernels/norm_epilogue.py)."""
     n, k = q.shape
     m = x.shape[0]
     assert 1 <= m <= 4 and q.dtype == torch.float8_e4m3fn, (m, q.dtype)
@@ -228,11 +236,13 @@ def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,
     grid, k_per, split, out, stride_om, stride_os, cnt, fixup = split_k_launch(
         x, y, n, k, cfg.block_n, cfg.block_k, cfg.split)
     cnt = cnt if cnt is not None else s
+    nargs, nconst = norm_kernel_args(norm, y, grid[0], norm_counter(x.device) if norm else cnt)
     pdl = pdl_launch(x.device, grid[0] * grid[1], forced=cfg.pdl)
     largs, lconst, grid = lora_launch(lora, x, y, grid, split, in_kernel=True)
     _gemv_fp8_kernel[grid](
         x, out, qv, s, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om, stride_os,
-        qv.stride(0), s.stride(0), y.stride(0), *largs, MP=triton.next_power_of_2(m),
+        qv.stride(0), s.stride(0), y.stride(0), *largs, *nargs, MP=triton.next_power_of_2(m),
         BN=cfg.block_n, BK=cfg.block_k, STAGES=cfg.stages, FIXUP=fixup, DEC=dec,
-        XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch, num_warps=cfg.warps, **lconst, **pdl)
+        XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch, num_warps=cfg.warps, **lconst, **nconst,
+        **pdl)
     return y

@@ -18,6 +18,7 @@ from torch import Tensor
 from orbit.kernels._tiles import group_affine, unpack_nibbles
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.lora_epilogue import LoRAEpilogue
+from orbit.kernels.norm_epilogue import NormEpilogue
 from orbit.quant.qweight import QuantizedWeight
 
 INT4_GROUPS = (32, 64, 128)
@@ -78,17 +79,18 @@ def _check(x: Tensor, qw: QuantizedWeight, transpose: bool) -> None:
 
 def int4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
                 exact: bool = False, out: Tensor | None = None,
-                lora: LoRAEpilogue | None = None, swiglu: bool = False) -> Tensor:
+                lora: LoRAEpilogue | None = None, swiglu: bool = False,
+                norm: NormEpilogue | None = None) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel.
     `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `swiglu`: see
-    `_qgemm.launch`."""
+    `_qgemm.launch`, as `norm` (orbit/kernels/norm_epilogue.py)."""
     from orbit.kernels._qgemm import launch
 
     _check(x, qw, transpose)
     t = qw.tensors
     return launch(x, "int4", qw.shape, t["qweight"], t["scale"], t.get("offset"), None,
                   qw.group_size, transpose, exact, out, lora=lora,
-                  swiglu=swiglu)
+                  swiglu=swiglu, norm=norm)
 
 
 def int4_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,

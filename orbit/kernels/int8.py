@@ -13,6 +13,7 @@ from torch import Tensor
 from orbit.kernels._tiles import group_affine
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.lora_epilogue import LoRAEpilogue
+from orbit.kernels.norm_epilogue import NormEpilogue
 from orbit.quant.qweight import QuantizedWeight
 
 INT8_GROUPS = (32, 64, 128)
@@ -51,7 +52,7 @@ def _check(x: Tensor, qw: QuantizedWeight, transpose: bool) -> None:
 
 def int8_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
                 exact: bool = False, out: Tensor | None = None,
-                lora: LoRAEpilogue | None = None) -> Tensor:
+                lora: LoRAEpilogue | None = None, norm: NormEpilogue | None = None) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel.
     `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store."""
     from orbit.kernels._qgemm import launch
@@ -59,7 +60,7 @@ def int8_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
     _check(x, qw, transpose)
     t = qw.tensors
     return launch(x, "int8", qw.shape, t["qweight"], t["scale"], None, None,
-                  qw.group_size, transpose, exact, out, lora=lora)
+                  qw.group_size, transpose, exact, out, lora=lora, norm=norm)
 
 
 def int8_matmul_reference(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,

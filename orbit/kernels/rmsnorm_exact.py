@@ -33,19 +33,33 @@ def _rmsnorm_exact_kernel(x_ptr, w_ptr, y_ptr, r_ptr, s_ptr, D, stride_x, stride
                           PDL: tl.constexpr = False):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
+    add_rmsnorm_row(x_ptr + row * stride_x, r_ptr + row * stride_r, w_ptr,
+                    s_ptr + row * stride_s, y_ptr + row * stride_y, D, eps, BLOCK, HAS_RES,
+                    False)
+
+
+@triton.jit
+def add_rmsnorm_row(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, D, eps, BLOCK: tl.constexpr,
+                    HAS_RES: tl.constexpr, CG: tl.constexpr):
+    """One row: (s = x + r rounded to x's dtype, stored, with HAS_RES) then y = rmsnorm(s) * w.
+    CG: read x through L2 only (.cg), for a row other programs of the same launch just wrote
+    (the decode GEMV's folded norm, orbit/kernels/norm_epilogue.py)."""
     cols = tl.arange(0, BLOCK)
     mask = cols < D
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if CG:
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0)
     if HAS_RES:  # x + r rounded to x's dtype, as torch's `x + r`, stored, then normalised
-        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        r = tl.load(r_ptr + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-        tl.store(s_ptr + row * stride_s + cols, x, mask=mask)
+        tl.store(s_ptr + cols, x, mask=mask)
     xf = x.to(tl.float32)
     ms = tl.sum(xf * xf, axis=0) / D
     h = (xf * tl.math.rsqrt(ms + eps)).to(x.dtype)  # HF: normalise in fp32, cast back
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = w.to(tl.float32) * h.to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(x: Tensor, weight: Tensor) -> None:

@@ -181,6 +181,11 @@ class AttnBatch:
     # write of k and v (`attend_rope`; orbit.kernels.attention_decode.DecodeRope): one launch
     # per layer fewer. False keeps the separate launch (same-run comparisons).
     fold_rope: bool = False
+    # the decoder's residual add + RMSNorm inside the o_proj / down_proj launch where that is
+    # the quantized decode GEMV in inference mode (orbit/kernels/norm_epilogue.py): two
+    # launches per layer fewer. A forward option the batch carries to every layer, as the two
+    # above; False keeps the separate launches.
+    fold_norm: bool = False
     _meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -202,10 +207,11 @@ class AttnBatch:
         backend: str = "sdpa",
         split_kv: bool = False,
         fold_rope: bool = False,
+        fold_norm: bool = False,
     ) -> AttnBatch:
         """`max_context` (a Python int, <= cache.max_len) bounds how many cache positions a
         decode step reads; it must exceed every `start_pos`. None reads the whole slot.
-        `split_kv`, `fold_rope`: see the fields."""
+        `split_kv`, `fold_rope`, `fold_norm`: see the fields."""
         n = slots.numel()
         if cu_seqlens.numel() != n + 1 or start_pos.numel() != n:
             raise ValueError(
@@ -216,7 +222,7 @@ class AttnBatch:
             raise ValueError(f"max_context={max_context} outside (0, cache.max_len={cache.max_len}]")
         _check_backend(backend)
         return cls("cached", cu_seqlens, cache, slots, start_pos, max_context, routing, backend,
-                   split_kv, fold_rope)
+                   split_kv, fold_rope, fold_norm)
 
     # -- per-batch metadata, computed at the first layer and reused by the others --------------
 

@@ -185,6 +185,10 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttnBatch) -> Tensor:
+        return self.o_proj(self.core(x, cos, sin, attn))
+
+    def core(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttnBatch) -> Tensor:
+        """Everything before o_proj: the attention output [T, heads * head_dim]."""
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # [T, H, D]
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -201,7 +205,7 @@ class Attention(nn.Module):
             # launches below.
             o = attn.attend_rope(self.layer_idx, q, k, v, qw, kw, eps, cos, sin)
             if o is not None:
-                return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+                return o.reshape(T, self.num_heads * self.head_dim)
             q = qk_norm_rope_kv(q, k, v, qw, kw, eps, cos, sin, *dest)
             attn.kv_written(self.layer_idx)
         elif fused:  # one launch each for q and k (kernels/rope.py)
@@ -211,7 +215,7 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = attn.attend(self.layer_idx, q, k, v)  # [T, H, D]
-        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+        return o.reshape(T, self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -224,13 +228,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.hidden(x))
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """silu(gate(x)) * up(x), down_proj's input."""
         act = _fused_swiglu(self.gate_proj, self.up_proj, x)
         if act is not None:
-            return self.down_proj(act)
+            return act
         g, u = self.gate_proj(x), self.up_proj(x)
         if silu_mul_available(g, u) and not _needs_grad(g, u):
-            return self.down_proj(silu_mul(g, u))  # one launch, the same bits
-        return self.down_proj(F.silu(g) * u)
+            return silu_mul(g, u)  # one launch, the same bits
+        return F.silu(g) * u
 
 
 def _fused_swiglu(gate: nn.Module, up: nn.Module, x: Tensor) -> Tensor | None:
@@ -262,14 +270,31 @@ class DecoderLayer(nn.Module):
     def _mlp(self, x: Tensor, attn: AttnBatch) -> Tensor:
         return self.mlp(x, attn.routing) if self.is_moe else self.mlp(x)
 
-    def forward_deferred(self, h: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor,
-                         attn: AttnBatch) -> tuple[Tensor, Tensor]:
-        """`forward(h + delta)` as (h', delta') with the layer's output = h' + delta': each
-        residual add is left to the next norm, which fuses it (RMSNorm.add_forward). Same
-        arithmetic in the same order as `forward`."""
-        h, x = self.input_layernorm.add_forward(h, delta)
-        h, x = self.post_attention_layernorm.add_forward(h, self.self_attn(x, cos, sin, attn))
-        return h, self._mlp(x, attn)
+    def forward_fused(self, h: Tensor, x: Tensor, cos: Tensor, sin: Tensor, attn: AttnBatch,
+                      next_norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        """No-autograd forward: from the residual stream h and x = input_layernorm(h), the
+        layer's output h' and next_norm(h'). Each residual add runs with the norm that reads it
+        (RMSNorm.add_forward), or, where `attn.fold_norm` and the linear before it can, inside
+        that linear's launch (_linear_add_norm). Same arithmetic in the same order as
+        `forward` followed by next_norm."""
+        o = self.self_attn.core(x, cos, sin, attn)
+        h, x = _linear_add_norm(self.self_attn.o_proj, o, h, self.post_attention_layernorm, attn)
+        if self.is_moe:
+            return next_norm.add_forward(h, self._mlp(x, attn))
+        return _linear_add_norm(self.mlp.down_proj, self.mlp.hidden(x), h, next_norm, attn)
+
+
+def _linear_add_norm(linear: nn.Module, inp: Tensor, residual: Tensor, norm: RMSNorm,
+                     attn: AttnBatch) -> tuple[Tensor, Tensor]:
+    """(s, norm(s)) with s = residual + linear(inp): from the linear's own launch where it
+    offers that (`add_norm_with`: a quantized base whose engine forward is the decode GEMV,
+    orbit/kernels/norm_epilogue.py) and the batch asks for it, else the linear then one
+    add + norm launch."""
+    fn = getattr(linear, "add_norm_with", None) if attn.fold_norm else None
+    out = fn(inp, residual, norm.weight, norm.eps) if fn is not None else None
+    if out is not None:
+        return out
+    return norm.add_forward(residual, linear(inp))
 
 
 class Model(nn.Module):
@@ -307,11 +332,13 @@ class CausalLM(nn.Module):
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         if not torch.is_grad_enabled() and fused_rmsnorm_available(h):
             # No autograd (the engine, log-prob passes): residual adds fused into the norms,
-            # two launches per layer fewer, the same bits (DecoderLayer.forward_deferred).
-            delta = None
-            for layer in self.model.layers:
-                h, delta = layer.forward_deferred(h, delta, cos, sin, attn)
-            return self.model.norm.add_forward(h, delta)[1]
+            # two launches per layer fewer, the same bits (DecoderLayer.forward_fused).
+            layers = self.model.layers
+            norms = [layer.input_layernorm for layer in layers][1:] + [self.model.norm]
+            x = (layers[0].input_layernorm if len(layers) else self.model.norm)(h)
+            for layer, next_norm in zip(layers, norms, strict=True):
+                h, x = layer.forward_fused(h, x, cos, sin, attn, next_norm)
+            return x
         for layer in self.model.layers:
             if ckpt:
                 h = checkpoint(layer, h, cos, sin, attn, use_reentrant=False)

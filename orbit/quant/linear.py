@@ -190,6 +190,22 @@ class QuantLinear(nn.Module):
             return None
         return dispatch.qmm_swiglu(x2d, qw).reshape(*x.shape[:-1], self.out_features)
 
+    def add_norm_with(self, x: Tensor, residual: Tensor, weight: Tensor,
+                      eps: float) -> tuple[Tensor, Tensor] | None:
+        """(s, rmsnorm(s) * weight) with s = residual + self(x), from this layer's one launch,
+        where its forward would be the decode GEMV in the engine (inference mode, the fused
+        output rules of `fused_output`, no sibling group): the GEMV's last program does the
+        add and the norm (dispatch.qmm_add_norm); else None (the caller runs them apart)."""
+        x2d = x.reshape(-1, self.in_features)
+        if (self._sibling is not None or not torch.is_inference_mode_enabled()
+                or not self.fused_output(x2d.device)):
+            return None
+        qw = self.quantized_weight()
+        if not dispatch.norm_foldable(x2d, qw):
+            return None
+        s, out = dispatch.qmm_add_norm(x2d, qw, residual, weight, eps)
+        return s.reshape(residual.shape), out.reshape(residual.shape)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(

@@ -171,6 +171,10 @@ class Engine:
     but measured slower (H200, Qwen3-1.7B INT4 batch 1: 788 vs 818 tok/s, same run), so off
     by default; kept for the next kernel version. The query norm's sum runs in the attention
     tile's layout, so a value may differ in its last bit from the separate launch's.
+    fold_norm: the residual add + RMSNorm after o_proj and down_proj inside that GEMV's launch
+    where it is the quantized decode GEMV (AttnBatch.fold_norm, orbit/kernels/norm_epilogue.py):
+    two launches per layer fewer at decode batch sizes. Same row arithmetic as the separate
+    launch. None: on outside exact mode (which runs no decode GEMV anyway).
     prefetch_weights: experimental, not yet measured (orbit/rollout/l2_prefetch.py): during decode
     steps on CUDA, prefetch the next block's frozen weights into L2 on a side stream while the
     current block computes. A hint only: the same bits.
@@ -207,6 +211,7 @@ class Engine:
         fuse_lora: bool | None = None,
         prefetch_weights: bool = False,
         fold_rope: bool = False,
+        fold_norm: bool | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -239,6 +244,7 @@ class Engine:
                              "exact mode needs it off (leave split_kv=None)")
         self.split_kv = (not exact) if split_kv is None else split_kv
         self.fold_rope = fold_rope
+        self.fold_norm = (not exact) if fold_norm is None else fold_norm
         self.overlap = (self.device.type == "cuda") if overlap is None else overlap
         self.pdl = pdl_available(self.device) if pdl is None else pdl
         self.vocab_size = self.config.vocab_size
@@ -338,7 +344,7 @@ class Engine:
         if self.use_graphs:
             self._graphs = DecodeGraphs(self.model, self.cache, self.num_slots, self.num_slots,
                                         self.attn_backend, split_kv=self.split_kv,
-                                        fold_rope=self.fold_rope)
+                                        fold_rope=self.fold_rope, fold_norm=self.fold_norm)
             if self.exact:  # one graph per exact batch size: no padding rows
                 self._graphs.bs = list(range(1, self.num_slots + 1))
 
@@ -508,7 +514,8 @@ class Engine:
         cu = cu_seqlens_from_lengths(lens, self.device)
         slots = torch.tensor([g.seqs[0].slot for g in groups], dtype=torch.int64, device=self.device)
         start = torch.zeros(len(groups), dtype=torch.int64, device=self.device)
-        attn = AttnBatch.cached(self.cache, slots, cu, start, backend=self.attn_backend)
+        attn = AttnBatch.cached(self.cache, slots, cu, start, backend=self.attn_backend,
+                                fold_norm=self.fold_norm)
         hidden = self.model(dev[0], dev[1], attn)  # [T, D]
         for g in groups:  # fork the prompt's KV into the slots of its other samples
             for s in g.seqs[1:]:
@@ -561,7 +568,7 @@ class Engine:
             cu = torch.arange(B + 1, dtype=torch.int32, device=self.device)
             attn = AttnBatch.cached(self.cache, dev[2], cu, dev[1], max_context=max_pos + 1,
                                     backend=self.attn_backend, split_kv=self.split_kv,
-                                        fold_rope=self.fold_rope)
+                                    fold_rope=self.fold_rope, fold_norm=self.fold_norm)
             hidden = self.model(dev[0], dev[1], attn)
         return self._draw(seqs, self.model.logits(hidden), shift)  # logits [B, V]
 
