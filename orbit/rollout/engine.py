@@ -173,11 +173,13 @@ class Engine:
     tile's layout, so a value may differ in its last bit from the separate launch's.
     fold_norm: the residual add + RMSNorm after o_proj and down_proj inside that GEMV's launch
     where it is the quantized decode GEMV (AttnBatch.fold_norm, orbit/kernels/norm_epilogue.py):
-    two launches per layer fewer at decode batch sizes. Same row arithmetic as the separate
-    launch. None: on outside exact mode (which runs no decode GEMV anyway).
-    prefetch_weights: experimental, not yet measured (orbit/rollout/l2_prefetch.py): during decode
-    steps on CUDA, prefetch the next block's frozen weights into L2 on a side stream while the
-    current block computes. A hint only: the same bits.
+    two launches per layer fewer at decode batch sizes, the same row arithmetic. Measured
+    slower with PDL (H100, Qwen3-1.7B batch 1, same run: INT4 724 vs 752 tok/s, FP8 483 vs
+    645, NVFP4 575 vs 578), so off by default; kept for GPUs and kernels where it pays.
+    prefetch_weights: experimental (orbit/rollout/l2_prefetch.py): during decode steps on CUDA,
+    prefetch the next block's frozen weights into L2 on a side stream while the current block
+    computes. A hint only: the same bits. Measured much slower (H200, Qwen3-1.7B INT4 batch
+    1, same run: 463 vs 818 tok/s), so off.
     attn_backend: the AttnBatch backend of prefill and decode: "sdpa"; "varlen" (CUDA only:
     FlashAttention reading the KV cache in place; the cache's per-slot length is then
     max_model_len rounded up to a multiple of 256, FlashAttention's page constraint); or
@@ -211,7 +213,7 @@ class Engine:
         fuse_lora: bool | None = None,
         prefetch_weights: bool = False,
         fold_rope: bool = False,
-        fold_norm: bool | None = None,
+        fold_norm: bool = False,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -244,7 +246,7 @@ class Engine:
                              "exact mode needs it off (leave split_kv=None)")
         self.split_kv = (not exact) if split_kv is None else split_kv
         self.fold_rope = fold_rope
-        self.fold_norm = (not exact) if fold_norm is None else fold_norm
+        self.fold_norm = fold_norm
         self.overlap = (self.device.type == "cuda") if overlap is None else overlap
         self.pdl = pdl_available(self.device) if pdl is None else pdl
         self.vocab_size = self.config.vocab_size

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                             "kernels, sm_90+)"),
             ("--fold-rope", "off", "Engine(fold_rope=...) (q/k norm + RoPE + cache write inside "
                                   "the decode attention launch)"),
-            ("--fold-norm", "on", "Engine(fold_norm=...) (residual add + RMSNorm inside the "
+            ("--fold-norm", "off", "Engine(fold_norm=...) (residual add + RMSNorm inside the "
                                   "o_proj / down_proj decode GEMV)"),
             ("--prefetch-weights", "off", "Engine(prefetch_weights=...) (experimental: the next "
                                           "block's weights into L2 on a side stream)"),
@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 (" prefetch-weights" if r.get("prefetch_weights") else "") + \
                 ("" if r.get("fold_rope", True) else " no-fold-rope") + \
                 (" nibble-decodes" if r.get("nibble_decodes") else "") + \
-                ("" if r.get("fold_norm", True) else " no-fold-norm") + \
+                (" fold-norm" if r.get("fold_norm") else "") + \
                 (f" routes:{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("+l2pre" if r.get("l2_prefetch") else "") + ("+pfw" if r.get("prefetch_weights") else "") + \
                 ("" if r.get("fold_rope", True) else "-rope") + \
                 ("+nd" if r.get("nibble_decodes") else "") + \
-                ("" if r.get("fold_norm", True) else "-norm") + \
+                ("+norm" if r.get("fold_norm") else "") + \
                 (f"+{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")
