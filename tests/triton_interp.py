@@ -73,3 +73,12 @@ def patch_interpreter(*, bf16_dot: bool = False, bf16_round: bool = False) -> No
 
         interp.InterpreterBuilder.cast_impl = cast_impl
         interp.InterpreterBuilder.create_fp_trunc = cast_impl
+
+
+def print_kernel_and_model_results(kernel_cases: Any, model_checks: Any) -> None:
+    """The `__main__` of a test file whose interpreter run is a dict of kernel cases plus a
+    "model" entry: patches the interpreter (bf16 dot and rounding), runs both, prints JSON."""
+    patch_interpreter(bf16_dot=True, bf16_round=True)
+    out = kernel_cases()
+    out["model"] = model_checks()
+    print(json.dumps(out))

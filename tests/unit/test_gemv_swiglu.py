@@ -7,11 +7,9 @@ gate, up and SwiGLU at decode sizes, with the logits of the separate launches.""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from triton_interp import patch_interpreter, run_in_interpreter
+from triton_interp import print_kernel_and_model_results, run_in_interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -114,13 +112,6 @@ def _model_checks() -> dict:
     return out
 
 
-def _interpreter_main() -> None:
-    patch_interpreter(bf16_dot=True, bf16_round=True)
-    out = _kernel_cases()
-    out["model"] = _model_checks()
-    print(json.dumps(out))
-
-
 @pytest.fixture(scope="module")
 def interp() -> dict:
     return run_in_interpreter(__file__)
@@ -155,4 +146,4 @@ def test_launch_refuses_swiglu_outside_the_plane_gemv() -> None:
 
 
 if __name__ == "__main__":
-    _interpreter_main()
+    print_kernel_and_model_results(_kernel_cases, _model_checks)

@@ -8,11 +8,9 @@ logits of the separate launches."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from triton_interp import patch_interpreter, run_in_interpreter
+from triton_interp import print_kernel_and_model_results, run_in_interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -103,13 +101,6 @@ def _model_checks() -> dict:
     return {"calls": n, "after_off": len(calls), "equal": torch.equal(folded, separate)}
 
 
-def _interpreter_main() -> None:
-    patch_interpreter(bf16_dot=True, bf16_round=True)
-    out = _kernel_cases()
-    out["model"] = _model_checks()
-    print(json.dumps(out))
-
-
 @pytest.fixture(scope="module")
 def interp() -> dict:
     return run_in_interpreter(__file__)
@@ -156,4 +147,4 @@ def test_norm_epilogue_checks_shapes() -> None:
 
 
 if __name__ == "__main__":
-    _interpreter_main()
+    print_kernel_and_model_results(_kernel_cases, _model_checks)
