@@ -280,6 +280,17 @@ GEMV_ALTS_XPRE = [(32, 512, 2, 4, 3, True, False, True), (16, 512, 0, 4, 3, True
                   (16, 256, 0, 2, 3, True, False, True), (32, 1024, 0, 4, 2, True, False, True)]
 
 
+# --gemv-fp4 (session 15): NVFP4 at M = 1 around the shipped plane config (16 rows, 2 warps,
+# 256 deep, 3 stages) with the shipped fp32-bit E2M1 decode (7th field: GemvConfig.e2m1 = 2)
+# and the x prefetch: fewer/more rows and warps, deeper/shallower steps, pipeline depth.
+GEMV_ALTS_FP4 = [(16, 256, 0, 2, 3, True, 2, True), (16, 512, 0, 2, 3, True, 2, True),
+                 (16, 256, 0, 2, 4, True, 2, True), (16, 256, 0, 2, 2, True, 2, True),
+                 (8, 256, 0, 1, 3, True, 2, True), (8, 256, 0, 2, 3, True, 2, True),
+                 (16, 256, 0, 4, 3, True, 2, True), (32, 256, 0, 4, 3, True, 2, True),
+                 (32, 512, 0, 4, 3, True, 2, True), (16, 128, 0, 2, 4, True, 2, True),
+                 (32, 256, 0, 2, 3, True, 2, True), (8, 512, 0, 1, 3, True, 2, True)]
+
+
 # FP8 at M <= FP8_GEMV_MAX_M (orbit/kernels/gemv_fp8.py, session 8), timed with --gemv-sweep: (block_n,
 # block_k, split, warps, stages, dec, x_prefetch); split 0 = the heuristic's.
 FP8_ALTS = [(32, 256, 0, 4, 3, 0, True), (32, 128, 0, 4, 3, 1, True), (16, 256, 0, 4, 3, 1, True),
@@ -379,7 +390,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                         unpack=_qgemm.UNPACK_PLANE_PAIRS)))
                 if alts and fmt in ("int4", "nvfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
-                                                     e2m1=int(bool(eb and eb[0])),
+                                                     e2m1=int(eb[0]) if eb else 0,
                                                      defer=m == 1,
                                                      x_prefetch=len(eb) > 1 and eb[1]))
                              for bn, bk, sp, w, st, pl, *eb in alt_list
@@ -509,6 +520,9 @@ def main() -> None:
                     help="with --gemv-sweep: the small-shape alternatives GEMV_ALTS_SMALL")
     ap.add_argument("--gemv-swap", action="store_true",
                     help="with --gemv: also time the swap-AB dot kernel configs SWAP_ALTS")
+    ap.add_argument("--gemv-fp4", action="store_true",
+                    help="with --gemv-sweep: NVFP4 M = 1 plane configs with the shipped decode "
+                         "(GEMV_ALTS_FP4)")
     ap.add_argument("--gemv-xpre", action="store_true",
                     help="with --gemv-sweep: plane configs with the x prefetch (GEMV_ALTS_XPRE)")
     ap.add_argument("--gemv-pairs", action="store_true",
@@ -546,6 +560,7 @@ def main() -> None:
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.gemv_shapes.split(",") if sh]
         res["gemv"] = decode_gemv(args.quick, ceil["copy_GBps"], args.gemv_sweep, shapes or None,
                                   tuple(int(v) for v in args.gemv_m.split(",")),
+                                  GEMV_ALTS_FP4 if args.gemv_fp4 else
                                   GEMV_ALTS_XPRE if args.gemv_xpre else
                                   GEMV_ALTS_SMALL if args.gemv_small else
                                   GEMV_ALTS_DEEP if args.gemv_deep else None, args.gemv_swap,
