@@ -83,7 +83,7 @@ PLANE_FORMATS = ("int4", "nvfp4", "mxfp4")
 PLANES_BLOCK_K = 256
 PLANES_BLOCK_K_INT4 = 512  # H100 sweep (session 4): 21.7 vs 23.7 us at 4096x12288, M=1
 PLANES_BLOCK_N_SMALL_M = 32
-PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1 = 16, 2  # H200 session 6: nvfp4 M = 1
+PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1 = 8, 1  # H100 session 15 (bench_qmm --gemv-fp4): nvfp4 M = 1
 PLANES_BLOCK_N_LARGE_M = 16
 # FP8 at M <= this runs orbit/kernels/gemv_fp8.py (deferred reduction, integer e4m3 decode);
 # a GemvConfig passed explicitly still selects the tile kernel (same-run comparisons). H200,

@@ -280,15 +280,17 @@ GEMV_ALTS_XPRE = [(32, 512, 2, 4, 3, True, False, True), (16, 512, 0, 4, 3, True
                   (16, 256, 0, 2, 3, True, False, True), (32, 1024, 0, 4, 2, True, False, True)]
 
 
-# --gemv-fp4 (session 15): NVFP4 at M = 1 around the shipped plane config (16 rows, 2 warps,
-# 256 deep, 3 stages) with the shipped fp32-bit E2M1 decode (7th field: GemvConfig.e2m1 = 2)
-# and the x prefetch: fewer/more rows and warps, deeper/shallower steps, pipeline depth.
-GEMV_ALTS_FP4 = [(16, 256, 0, 2, 3, True, 2, True), (16, 512, 0, 2, 3, True, 2, True),
-                 (16, 256, 0, 2, 4, True, 2, True), (16, 256, 0, 2, 2, True, 2, True),
-                 (8, 256, 0, 1, 3, True, 2, True), (8, 256, 0, 2, 3, True, 2, True),
-                 (16, 256, 0, 4, 3, True, 2, True), (32, 256, 0, 4, 3, True, 2, True),
-                 (32, 512, 0, 4, 3, True, 2, True), (16, 128, 0, 2, 4, True, 2, True),
-                 (32, 256, 0, 2, 3, True, 2, True), (8, 512, 0, 1, 3, True, 2, True)]
+# --gemv-fp4 (session 15): M = 1 plane configs around the shipped ones (NVFP4: 16 rows, 2 warps,
+# 256 deep; INT4: 32 rows, 4 warps, 512 deep), each format with its shipped decode (7th field
+# -1: GemvConfig.e2m1 = 2 for NVFP4, 0 for INT4) and the x prefetch: narrower tiles, fewer
+# warps, deeper/shallower steps, pipeline depth.
+GEMV_ALTS_FP4 = [(16, 256, 0, 2, 3, True, -1, True), (16, 512, 0, 2, 3, True, -1, True),
+                 (16, 256, 0, 2, 4, True, -1, True), (16, 256, 0, 2, 2, True, -1, True),
+                 (8, 256, 0, 1, 3, True, -1, True), (8, 256, 0, 2, 3, True, -1, True),
+                 (16, 256, 0, 4, 3, True, -1, True), (32, 256, 0, 4, 3, True, -1, True),
+                 (32, 512, 0, 4, 3, True, -1, True), (16, 128, 0, 2, 4, True, -1, True),
+                 (32, 256, 0, 2, 3, True, -1, True), (8, 512, 0, 1, 3, True, -1, True),
+                 (16, 512, 0, 1, 3, True, -1, True), (8, 128, 0, 1, 4, True, -1, True)]
 
 
 # FP8 at M <= FP8_GEMV_MAX_M (orbit/kernels/gemv_fp8.py, session 8), timed with --gemv-sweep: (block_n,
@@ -297,6 +299,16 @@ FP8_ALTS = [(32, 256, 0, 4, 3, 0, True), (32, 128, 0, 4, 3, 1, True), (16, 256, 
             (32, 512, 0, 4, 3, 1, True), (64, 256, 0, 8, 3, 1, True), (32, 256, 0, 4, 4, 1, True),
             (32, 256, 0, 4, 3, 1, False), (16, 256, 0, 2, 3, 1, True), (64, 128, 0, 4, 3, 1, True),
             (16, 128, 0, 4, 3, 0, True), (32, 128, 0, 4, 3, 0, True)]
+
+
+def _alt_e2m1(eb: list, fmt: str) -> int:
+    """GemvConfig.e2m1 of a sweep entry's 7th field: -1 the format's shipped decode, else as
+    given (True = 1); 0 without the field."""
+    if not eb:
+        return 0
+    if eb[0] == -1:
+        return 2 if fmt == "nvfp4" else 0
+    return int(eb[0])
 
 
 def _gemv(x, qw, config=None):
@@ -390,11 +402,11 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                         unpack=_qgemm.UNPACK_PLANE_PAIRS)))
                 if alts and fmt in ("int4", "nvfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
-                                                     e2m1=int(eb[0]) if eb else 0,
+                                                     e2m1=_alt_e2m1(eb, fmt),
                                                      defer=m == 1,
                                                      x_prefetch=len(eb) > 1 and eb[1]))
                              for bn, bk, sp, w, st, pl, *eb in alt_list
-                             if not (eb and eb[0] and fmt != "nvfp4")]
+                             if not (eb and eb[0] > 0 and fmt != "nvfp4")]
                 for path, cfg in plan:
                     if path == "fused-dot":
                         fns = [lambda q=q: _fused(x, q) for q in qws]
@@ -521,8 +533,8 @@ def main() -> None:
     ap.add_argument("--gemv-swap", action="store_true",
                     help="with --gemv: also time the swap-AB dot kernel configs SWAP_ALTS")
     ap.add_argument("--gemv-fp4", action="store_true",
-                    help="with --gemv-sweep: NVFP4 M = 1 plane configs with the shipped decode "
-                         "(GEMV_ALTS_FP4)")
+                    help="with --gemv-sweep: M = 1 plane configs (narrow tiles, few warps) with "
+                         "each format's shipped decode (GEMV_ALTS_FP4)")
     ap.add_argument("--gemv-xpre", action="store_true",
                     help="with --gemv-sweep: plane configs with the x prefetch (GEMV_ALTS_XPRE)")
     ap.add_argument("--gemv-pairs", action="store_true",
