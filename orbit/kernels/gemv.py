@@ -167,7 +167,9 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     # The deferred plane reduction holds an [rows, MP, groups, words] accumulator: it wins at
     # M = 1 and loses at M = 4 on the narrow Qwen3 shapes (H200, session 6), so M = 1 only;
     # the x prefetch was measured at M = 1 only (faster on every shape), and FP4 at M = 1 ran
-    # fastest with 16-row, 2-warp programs (4096x12288 nvfp4: 28.4 vs 32.7 us).
+    # fastest with narrow programs: 16 rows x 2 warps on the H200 in session 6 (4096x12288:
+    # 28.4 vs 32.7 us), 8 rows x 1 warp on the H100 in session 15 with the fp32-bit decode
+    # (21.6 vs 27.2 us: more programs, each holding fewer words in flight per thread).
     # (The FP4 tile is narrowed after the split is chosen, as it was measured.)
     one = planes and mp == 1
     split = split_k(triton.cdiv(n, block_n), k_tiles, sms)
