@@ -400,7 +400,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan.append(("fused-pairs", _qgemm.TileConfig(
                         bm=max(16, triton.next_power_of_2(m)), bo=32, br=128, warps=4, stages=4,
                         unpack=_qgemm.UNPACK_PLANE_PAIRS)))
-                if alts and fmt in ("int4", "nvfp4"):
+                if alts and fmt in ("int4", "nvfp4", "mxfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1=_alt_e2m1(eb, fmt),
                                                      defer=m == 1,
