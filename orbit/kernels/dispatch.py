@@ -163,9 +163,9 @@ def norm_foldable(x: Tensor, qw: QuantizedWeight) -> bool:
                                                False, x.device)
 
 
-def qmm_add_norm(x: Tensor, qw: QuantizedWeight, residual: Tensor, weight: Tensor, eps: float,
-                 lora: LoRAEpilogue | None = None) -> tuple[Tensor, Tensor]:
-    """(s, rmsnorm(s) * weight) with s = residual + x @ W^T (+ the LoRA delta), in one launch:
+def qmm_add_norm(x: Tensor, qw: QuantizedWeight, residual: Tensor, weight: Tensor,
+                 eps: float) -> tuple[Tensor, Tensor]:
+    """(s, rmsnorm(s) * weight) with s = residual + x @ W^T, in one launch:
     the decoder's residual add and next norm folded into the GEMV that makes the delta; only
     where `norm_foldable(x, qw)`. The delta itself is not returned (only s reads it)."""
     kernel = _kernel_for(qw)
@@ -173,7 +173,7 @@ def qmm_add_norm(x: Tensor, qw: QuantizedWeight, residual: Tensor, weight: Tenso
         raise ValueError(f"qmm_add_norm: a {qw.fmt} {tuple(qw.shape)} forward of "
                          f"{tuple(x.shape)} {x.dtype} on {x.device} is not the decode GEMV")
     norm = NormEpilogue.make(residual.reshape(x.shape[0], qw.shape[0]), weight, eps)
-    kernel(x.contiguous(), qw, lora=lora, norm=norm)
+    kernel(x.contiguous(), qw, norm=norm)
     return norm.s, norm.out
 
 

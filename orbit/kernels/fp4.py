@@ -109,8 +109,8 @@ def nvfp4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
                 lora: LoRAEpilogue | None = None, swiglu: bool = False,
                 norm: NormEpilogue | None = None) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel.
-    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `swiglu`: see
-    `_qgemm.launch`."""
+    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `swiglu`, `norm`:
+    see `_qgemm.launch`."""
     return _fp4_matmul(x, qw, "nvfp4", transpose, exact, out, lora, swiglu, norm)
 
 
@@ -119,8 +119,8 @@ def mxfp4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
                 lora: LoRAEpilogue | None = None, swiglu: bool = False,
                 norm: NormEpilogue | None = None) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel.
-    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `swiglu`: see
-    `_qgemm.launch`."""
+    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `swiglu`, `norm`:
+    see `_qgemm.launch`."""
     return _fp4_matmul(x, qw, "mxfp4", transpose, exact, out, lora, swiglu, norm)
 
 

@@ -107,7 +107,8 @@ def fp8_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
                exact: bool = False, out: Tensor | None = None,
                 lora: LoRAEpilogue | None = None, norm: NormEpilogue | None = None) -> Tensor:
     """W8A16: x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in].
-    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store."""
+    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `norm`: see
+    `_qgemm.launch`."""
     from orbit.kernels._qgemm import launch
 
     _check(x, qw, transpose)

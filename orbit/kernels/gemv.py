@@ -83,7 +83,8 @@ PLANE_FORMATS = ("int4", "nvfp4", "mxfp4")
 PLANES_BLOCK_K = 256
 PLANES_BLOCK_K_INT4 = 512  # H100 sweep (session 4): 21.7 vs 23.7 us at 4096x12288, M=1
 PLANES_BLOCK_N_SMALL_M = 32
-PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1 = 8, 1  # H100 session 15 (bench_qmm --gemv-fp4): nvfp4 M = 1
+# nvfp4 at M = 1 (H100, session 15, bench_qmm.py --gemv-fp4)
+PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1 = 8, 1
 PLANES_BLOCK_N_LARGE_M = 16
 # FP8 at M <= this runs orbit/kernels/gemv_fp8.py (deferred reduction, integer e4m3 decode);
 # a GemvConfig passed explicitly still selects the tile kernel (same-run comparisons). H200,
@@ -789,8 +790,9 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     if swiglu and (fmt not in PLANE_FORMATS or n % 2 or (config is not None
                                                          and not config.planes)
                    or norm is not None):
-        raise ValueError(f"gemv(swiglu=True) takes no norm epilogue and needs the nibble-plane kernel (int4/nvfp4/mxfp4) "
-                         f"and an even number of rows; got {fmt} with {n} rows")
+        raise ValueError(f"gemv(swiglu=True) takes no norm epilogue and needs the nibble-plane "
+                         f"kernel (int4/nvfp4/mxfp4) and an even number of rows; got {fmt} with "
+                         f"{n} rows (norm: {norm is not None})")
     if fmt == "fp8" and m <= FP8_GEMV_MAX_M and not isinstance(config, GemvConfig):
         from orbit.kernels.gemv_fp8 import gemv_fp8  # (gemv_fp8 imports this module)
 

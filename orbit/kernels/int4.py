@@ -82,8 +82,8 @@ def int4_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
                 lora: LoRAEpilogue | None = None, swiglu: bool = False,
                 norm: NormEpilogue | None = None) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel.
-    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `swiglu`: see
-    `_qgemm.launch`, as `norm` (orbit/kernels/norm_epilogue.py)."""
+    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `swiglu`, `norm`:
+    see `_qgemm.launch`."""
     from orbit.kernels._qgemm import launch
 
     _check(x, qw, transpose)

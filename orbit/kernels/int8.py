@@ -54,7 +54,8 @@ def int8_matmul(x: Tensor, qw: QuantizedWeight, *, transpose: bool = False,
                 exact: bool = False, out: Tensor | None = None,
                 lora: LoRAEpilogue | None = None, norm: NormEpilogue | None = None) -> Tensor:
     """x [M, in] @ W^T -> [M, out]; with transpose, dy [M, out] @ W -> [M, in]. Fused kernel.
-    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store."""
+    `lora`: a `lora_epilogue.LoRAEpilogue` added in the decode GEMV's store; `norm`: see
+    `_qgemm.launch`."""
     from orbit.kernels._qgemm import launch
 
     _check(x, qw, transpose)

@@ -282,7 +282,7 @@ GEMV_ALTS_XPRE = [(32, 512, 2, 4, 3, True, False, True), (16, 512, 0, 4, 3, True
 
 # --gemv-fp4 (session 15): M = 1 plane configs around the shipped ones (NVFP4: 16 rows, 2 warps,
 # 256 deep; INT4: 32 rows, 4 warps, 512 deep), each format with its shipped decode (7th field
-# -1: GemvConfig.e2m1 = 2 for NVFP4, 0 for INT4) and the x prefetch: narrower tiles, fewer
+# -1: the pick's GemvConfig.e2m1, 2 for NVFP4, 0 for INT4) and the x prefetch: narrower tiles, fewer
 # warps, deeper/shallower steps, pipeline depth.
 GEMV_ALTS_FP4 = [(16, 256, 0, 2, 3, True, -1, True), (16, 512, 0, 2, 3, True, -1, True),
                  (16, 256, 0, 2, 4, True, -1, True), (16, 256, 0, 2, 2, True, -1, True),
@@ -301,14 +301,12 @@ FP8_ALTS = [(32, 256, 0, 4, 3, 0, True), (32, 128, 0, 4, 3, 1, True), (16, 256, 
             (16, 128, 0, 4, 3, 0, True), (32, 128, 0, 4, 3, 0, True)]
 
 
-def _alt_e2m1(eb: list, fmt: str) -> int:
-    """GemvConfig.e2m1 of a sweep entry's 7th field: -1 the format's shipped decode, else as
-    given (True = 1); 0 without the field."""
+def _alt_e2m1(eb: list, shipped: int) -> int:
+    """GemvConfig.e2m1 of a sweep entry's 7th field: -1 the shipped pick's (`shipped`), else
+    as given (True = 1); 0 without the field."""
     if not eb:
         return 0
-    if eb[0] == -1:
-        return 2 if fmt == "nvfp4" else 0
-    return int(eb[0])
+    return shipped if eb[0] == -1 else int(eb[0])
 
 
 def _gemv(x, qw, config=None):
@@ -402,7 +400,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                         unpack=_qgemm.UNPACK_PLANE_PAIRS)))
                 if alts and fmt in ("int4", "nvfp4", "mxfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
-                                                     e2m1=_alt_e2m1(eb, fmt),
+                                                     e2m1=_alt_e2m1(eb, auto.e2m1),
                                                      defer=m == 1,
                                                      x_prefetch=len(eb) > 1 and eb[1]))
                              for bn, bk, sp, w, st, pl, *eb in alt_list

@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_qmm import _fused
+
 from orbit.kernels import _qgemm
 from orbit.kernels.dispatch import qmm
 from orbit.kernels.gemv import num_sms
@@ -38,14 +41,8 @@ def main() -> int:
     if args.regfed:
         cfg = _qgemm.regfed_config(args.m, n, k, num_sms(x.device))
         print("tile", cfg)
-        t = qw.tensors
-        q = t.get("qweight", t.get("weight"))
-        s = t.get("scale", t.get("scale_inv"))
-        gs = t["global_scale"].reshape(1) if args.fmt == "nvfp4" else None
-        grp = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}.get(args.fmt, qw.group_size)
         for _ in range(3):
-            _qgemm.launch(x, args.fmt, qw.shape, q, s, t.get("offset"), gs, grp,
-                          transpose=False, exact=False, config=cfg)
+            _fused(x, qw, config=cfg)
     else:
         for _ in range(3):
             qmm(x, qw)

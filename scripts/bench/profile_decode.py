@@ -104,7 +104,7 @@ def step_windows(kernels: list, marker: str) -> list[list]:
 
 
 def print_timeline(prof: torch.profiler.profile) -> None:
-    """The middle half of the decode steps, averaged: per kernel name (in first-launch order),
+    """The middle half of the decode steps, averaged: per kernel name (most time first),
     launches per step, mean duration and mean gap from the previous kernel's end (negative:
     it started before that one ended, as PDL allows). Also the step's span, the sum of kernel
     durations and the sum of positive gaps (GPU idle inside the step)."""
