@@ -84,6 +84,15 @@ class LoRALinear(SlottedAdapter):
             return None
         return self.decode_group.swiglu_output(self, up, x)
 
+    def mlp_chain_with(self, up: nn.Module, down: nn.Module, x: Tensor) -> Tensor | None:
+        """The base layers' persistent MLP launch (QuantLinear.mlp_chain_with) where no adapter
+        of gate, up or down is active (the chain adds no LoRA delta); else None."""
+        bases = [getattr(m, "base", m) for m in (self, up, down)]
+        if any(getattr(m, "active_slot", None) is not None for m in (self, up, down)):
+            return None
+        fn = getattr(bases[0], "mlp_chain_with", None)
+        return fn(bases[1], bases[2], x) if fn is not None else None
+
     def forward(self, x: Tensor) -> Tensor:
         if self.decode_group is not None:
             out = self.decode_group.output(self, x)

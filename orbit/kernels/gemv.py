@@ -219,17 +219,25 @@ def _program_slice(K_PER, K, N, BN: tl.constexpr, PN, SHRINK: tl.constexpr,
                    PAIR: tl.constexpr, HALF_N):
     """This program's K-slice [k_lo, k_hi) and output rows (offs_n, in range: row_ok). With
     SHRINK the first PN grid columns are LoRA shrink programs (lora_epilogue.lora_shrink_role),
-    so the column tile is program_id(0) - PN (negative for them: no rows in range). PAIR (the
-    stacked gate/up weight, gate rows [0, HALF_N), up rows [HALF_N, N)): tile t holds gate rows
-    t*BN/2.. and the matching up rows, so its store can apply SwiGLU; rows past the gate's end
-    get index N (out of range everywhere)."""
+    so the column tile is program_id(0) - PN (negative for them: no rows in range)."""
     pid_k = tl.program_id(1)
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
     if SHRINK:
         pid_n = tl.program_id(0) - PN
     else:
         pid_n = tl.program_id(0)
+    k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, SHRINK, PAIR, HALF_N)
+    return pid_n, pid_k, k_lo, k_hi, offs_n, row_ok
+
+
+@triton.jit
+def tile_slice(pid_n, pid_k, K_PER, K, N, BN: tl.constexpr, SHRINK: tl.constexpr,
+               PAIR: tl.constexpr, HALF_N):
+    """Column tile pid_n's rows (offs_n, in range: row_ok) and K-slice pid_k's [k_lo, k_hi).
+    PAIR (the stacked gate/up weight, gate rows [0, HALF_N), up rows [HALF_N, N)): tile t holds
+    gate rows t*BN/2.. and the matching up rows, so its store can apply SwiGLU; rows past the
+    gate's end get index N (out of range everywhere). SHRINK: pid_n may be negative."""
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
     if PAIR:
         HB: tl.constexpr = BN // 2
         j = tl.arange(0, BN)
@@ -241,7 +249,7 @@ def _program_slice(K_PER, K, N, BN: tl.constexpr, PN, SHRINK: tl.constexpr,
         row_ok = (offs_n >= 0) & (offs_n < N)
     else:
         row_ok = offs_n < N
-    return pid_n, pid_k, k_lo, k_hi, offs_n, row_ok
+    return k_lo, k_hi, offs_n, row_ok
 
 
 @triton.jit
@@ -585,7 +593,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
         lora_shrink_role(tl.program_id(0) * SPLIT + pid_k, x_ptr, stride_xm, M, K, a0, a1, a2,
                          h_ptr, stride_hm, hc_ptr, LR, LSR, LORA, MP, SBK)
     else:
-        _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
+        plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
                      stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0,
                      b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, HALF_N, pid_n, pid_k,
                      k_lo, k_hi, offs_n, row_ok, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT,
@@ -594,7 +602,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
 
 
 @triton.jit
-def _planes_main(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
+def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
                  stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0, b1,
                  b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, HALF_N, pid_n, pid_k, k_lo,
                  k_hi, offs_n, row_ok, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT, eps,

@@ -186,6 +186,10 @@ class AttnBatch:
     # launches per layer fewer. A forward option the batch carries to every layer, as the two
     # above; False keeps the separate launches.
     fold_norm: bool = False
+    # the decoder MLP as one persistent launch (gate/up GEMV + SwiGLU, grid barrier, down GEMV)
+    # where its layers are quantized plane-format decode GEMVs with no adapter active
+    # (orbit/kernels/gemv_chain.py); the same bits. False keeps the two launches.
+    chain_mlp: bool = False
     _meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -208,10 +212,11 @@ class AttnBatch:
         split_kv: bool = False,
         fold_rope: bool = False,
         fold_norm: bool = False,
+        chain_mlp: bool = False,
     ) -> AttnBatch:
         """`max_context` (a Python int, <= cache.max_len) bounds how many cache positions a
         decode step reads; it must exceed every `start_pos`. None reads the whole slot.
-        `split_kv`, `fold_rope`, `fold_norm`: see the fields."""
+        `split_kv`, `fold_rope`, `fold_norm`, `chain_mlp`: see the fields."""
         n = slots.numel()
         if cu_seqlens.numel() != n + 1 or start_pos.numel() != n:
             raise ValueError(
@@ -222,7 +227,7 @@ class AttnBatch:
             raise ValueError(f"max_context={max_context} outside (0, cache.max_len={cache.max_len}]")
         _check_backend(backend)
         return cls("cached", cu_seqlens, cache, slots, start_pos, max_context, routing, backend,
-                   split_kv, fold_rope, fold_norm)
+                   split_kv, fold_rope, fold_norm, chain_mlp)
 
     # -- per-batch metadata, computed at the first layer and reused by the others --------------
 

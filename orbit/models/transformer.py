@@ -268,7 +268,10 @@ class DecoderLayer(nn.Module):
         return h + self._mlp(self.post_attention_layernorm(h), attn)
 
     def _mlp(self, x: Tensor, attn: AttnBatch) -> Tensor:
-        return self.mlp(x, attn.routing) if self.is_moe else self.mlp(x)
+        if self.is_moe:
+            return self.mlp(x, attn.routing)
+        y = _chain_mlp(self.mlp, x) if attn.chain_mlp else None
+        return y if y is not None else self.mlp(x)
 
     def forward_fused(self, h: Tensor, x: Tensor, cos: Tensor, sin: Tensor, attn: AttnBatch,
                       next_norm: RMSNorm) -> tuple[Tensor, Tensor]:
@@ -281,7 +284,18 @@ class DecoderLayer(nn.Module):
         h, x = _linear_add_norm(self.self_attn.o_proj, o, h, self.post_attention_layernorm, attn)
         if self.is_moe:
             return next_norm.add_forward(h, self._mlp(x, attn))
+        y = _chain_mlp(self.mlp, x) if attn.chain_mlp else None
+        if y is not None:
+            return next_norm.add_forward(h, y)
         return _linear_add_norm(self.mlp.down_proj, self.mlp.hidden(x), h, next_norm, attn)
+
+
+def _chain_mlp(mlp: MLP, x: Tensor) -> Tensor | None:
+    """down(silu(gate(x)) * up(x)) from one persistent launch where the gate layer offers it
+    (`mlp_chain_with`: quantized plane-format gate/up siblings and down at decode rows, no
+    adapter active; orbit/kernels/gemv_chain.py), else None."""
+    fn = getattr(mlp.gate_proj, "mlp_chain_with", None)
+    return fn(mlp.up_proj, mlp.down_proj, x) if fn is not None and not _needs_grad(x) else None
 
 
 def _linear_add_norm(linear: nn.Module, inp: Tensor, residual: Tensor, norm: RMSNorm,

@@ -190,6 +190,28 @@ class QuantLinear(nn.Module):
             return None
         return dispatch.qmm_swiglu(x2d, qw).reshape(*x.shape[:-1], self.out_features)
 
+    def mlp_chain_with(self, up: nn.Module, down: nn.Module, x: Tensor) -> Tensor | None:
+        """down(silu(self(x)) * up(x)) from one persistent launch (orbit/kernels/gemv_chain.py:
+        the gate/up plane GEMV with SwiGLU, a grid barrier, the down GEMV, bit for bit the
+        separate launches), where this layer and `up` are the stacked gate/up sibling group,
+        `down` a quantized layer of the same format and both forwards would be the plane
+        decode GEMVs (`gemv_chain.mlp_chain_fits`); else None."""
+        from orbit.kernels.gemv_chain import mlp_chain, mlp_chain_fits
+
+        group = self._sibling
+        x2d = x.reshape(-1, self.in_features)
+        if (group is None or not group.enabled or group.members != [self, up]
+                or not isinstance(down, QuantLinear) or down._sibling is not None
+                or not torch.is_inference_mode_enabled()
+                or not all(m.fused_output(x2d.device) for m in (self, up, down))
+                or not all(group.linked(m) for m in (self, up))
+                or not sibling_serves(self.weight_format, x2d.shape[0])):
+            return None
+        qw, dq = group.qweight, down.quantized_weight()
+        if qw is None or not mlp_chain_fits(x2d, qw, dq):
+            return None
+        return mlp_chain(x2d, qw, dq).reshape(*x.shape[:-1], down.out_features)
+
     def add_norm_with(self, x: Tensor, residual: Tensor, weight: Tensor,
                       eps: float) -> tuple[Tensor, Tensor] | None:
         """(s, rmsnorm(s) * weight) with s = residual + self(x), from this layer's one launch,

@@ -69,6 +69,7 @@ class DecodeGraphs:
         split_kv: bool = False,
         fold_rope: bool = False,
         fold_norm: bool = False,
+        chain_mlp: bool = False,
     ) -> None:
         assert cache.k.is_cuda, "CUDA graphs need the KV cache on a CUDA device"
         assert 0 <= scratch_slot < cache.num_slots
@@ -78,6 +79,7 @@ class DecodeGraphs:
         self.split_kv = split_kv  # AttnBatch.split_kv of the captured decode steps
         self.fold_rope = fold_rope  # ... and AttnBatch.fold_rope
         self.fold_norm = fold_norm  # ... and AttnBatch.fold_norm
+        self.chain_mlp = chain_mlp  # ... and AttnBatch.chain_mlp
         self.bs = batch_buckets(max_bs)
         self.ctx = context_buckets(cache.max_len)
         self.max_bs = self.bs[-1]
@@ -108,7 +110,8 @@ class DecodeGraphs:
         ids, pos, slots = self.inputs[0, :bp], self.inputs[1, :bp], self.inputs[2, :bp]
         attn = AttnBatch.cached(self.cache, slots, self.cu[: bp + 1], pos, max_context=ctx,
                                 backend=self.backend, split_kv=self.split_kv,
-                                fold_rope=self.fold_rope, fold_norm=self.fold_norm)
+                                fold_rope=self.fold_rope, fold_norm=self.fold_norm,
+                                chain_mlp=self.chain_mlp)
         return self.model(ids, pos, attn)  # [bp, D] hidden
 
     def _capture(self, bp: int, ctx: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:

@@ -176,6 +176,11 @@ class Engine:
     two launches per layer fewer at decode batch sizes, the same row arithmetic. Measured
     slower with PDL (H100, Qwen3-1.7B batch 1, same run: INT4 724 vs 752 tok/s, FP8 483 vs
     645, NVFP4 575 vs 578), so off by default; kept for GPUs and kernels where it pays.
+    chain_mlp: each decoder MLP at decode rows as one persistent launch (gate/up GEMV +
+    SwiGLU, a grid barrier, the down GEMV; AttnBatch.chain_mlp, orbit/kernels/gemv_chain.py)
+    where its layers are 4-bit plane-format decode GEMVs with no adapter active: the down
+    weights stream into L2 while the gate/up GEMV runs. The same bits as the two launches.
+    Off by default until measured (docs/rollout.md, "A persistent MLP launch").
     prefetch_weights: experimental (orbit/rollout/l2_prefetch.py): during decode steps on CUDA,
     prefetch the next block's frozen weights into L2 on a side stream while the current block
     computes. A hint only: the same bits. Measured much slower (H200, Qwen3-1.7B INT4 batch
@@ -214,6 +219,7 @@ class Engine:
         prefetch_weights: bool = False,
         fold_rope: bool = False,
         fold_norm: bool = False,
+        chain_mlp: bool = False,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -247,6 +253,7 @@ class Engine:
         self.split_kv = (not exact) if split_kv is None else split_kv
         self.fold_rope = fold_rope
         self.fold_norm = fold_norm
+        self.chain_mlp = chain_mlp
         self.overlap = (self.device.type == "cuda") if overlap is None else overlap
         self.pdl = pdl_available(self.device) if pdl is None else pdl
         self.vocab_size = self.config.vocab_size
@@ -346,7 +353,8 @@ class Engine:
         if self.use_graphs:
             self._graphs = DecodeGraphs(self.model, self.cache, self.num_slots, self.num_slots,
                                         self.attn_backend, split_kv=self.split_kv,
-                                        fold_rope=self.fold_rope, fold_norm=self.fold_norm)
+                                        fold_rope=self.fold_rope, fold_norm=self.fold_norm,
+                                        chain_mlp=self.chain_mlp)
             if self.exact:  # one graph per exact batch size: no padding rows
                 self._graphs.bs = list(range(1, self.num_slots + 1))
 
@@ -517,7 +525,7 @@ class Engine:
         slots = torch.tensor([g.seqs[0].slot for g in groups], dtype=torch.int64, device=self.device)
         start = torch.zeros(len(groups), dtype=torch.int64, device=self.device)
         attn = AttnBatch.cached(self.cache, slots, cu, start, backend=self.attn_backend,
-                                fold_norm=self.fold_norm)
+                                fold_norm=self.fold_norm, chain_mlp=self.chain_mlp)
         hidden = self.model(dev[0], dev[1], attn)  # [T, D]
         for g in groups:  # fork the prompt's KV into the slots of its other samples
             for s in g.seqs[1:]:
@@ -570,7 +578,8 @@ class Engine:
             cu = torch.arange(B + 1, dtype=torch.int32, device=self.device)
             attn = AttnBatch.cached(self.cache, dev[2], cu, dev[1], max_context=max_pos + 1,
                                     backend=self.attn_backend, split_kv=self.split_kv,
-                                    fold_rope=self.fold_rope, fold_norm=self.fold_norm)
+                                    fold_rope=self.fold_rope, fold_norm=self.fold_norm,
+                                        chain_mlp=self.chain_mlp)
             hidden = self.model(dev[0], dev[1], attn)
         return self._draw(seqs, self.model.logits(hidden), shift)  # logits [B, V]
 

@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "the decode attention launch)"),
             ("--fold-norm", "off", "Engine(fold_norm=...) (residual add + RMSNorm inside the "
                                   "o_proj / down_proj decode GEMV)"),
+            ("--chain-mlp", "off", "Engine(chain_mlp=...) (batch-1 MLP as one persistent "
+                                   "launch, orbit/kernels/gemv_chain.py)"),
             ("--prefetch-weights", "off", "Engine(prefetch_weights=...) (experimental: the next "
                                           "block's weights into L2 on a side stream)"),
             ("--fuse-lora", "both", "lora section: Engine(fuse_lora=...) (LoRA decode groups; "
@@ -405,18 +407,19 @@ def main(argv: list[str] | None = None) -> int:
                 ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
                 # "both": off first (fusing re-homes the model's buffers for good)
                 onoff = {"on": [True], "off": [False], "both": [False, True]}
-                for fuse, split, ovl, pdl, l2p, pw, fr, nd, fn, (rlabel, rtable) in [
-                        (f, s_, o, p, q, w_, fr_, nd_, fn_, rr) for f in onoff[args.fuse_siblings]
+                for fuse, split, ovl, pdl, l2p, pw, fr, nd, fn, cm, (rlabel, rtable) in [
+                        (f, s_, o, p, q, w_, fr_, nd_, fn_, cm_, rr)
+                        for f in onoff[args.fuse_siblings]
                         for s_ in onoff[args.split_kv] for o in onoff[args.overlap]
                         for p in onoff[args.pdl] for q in onoff[args.l2_prefetch]
                         for w_ in onoff[args.prefetch_weights] for fr_ in onoff[args.fold_rope]
                         for nd_ in onoff[args.nibble_decodes] for fn_ in onoff[args.fold_norm]
-                        for rr in route_runs
+                        for cm_ in onoff[args.chain_mlp] for rr in route_runs
                         if p or q == onoff[args.l2_prefetch][-1]]:  # (prefetch only with PDL)
                     w = {**where, "fuse_siblings": fuse, "split_kv": split, "overlap": ovl,
                          "pdl": pdl, "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
                          "fold_rope": fr, "nibble_decodes": nd, "fold_norm": fn,
-                         "qmm_routes": rlabel}
+                         "chain_mlp": cm, "qmm_routes": rlabel}
                     gemv_mod.PDL_L2_PREFETCH = l2p
                     gemv_mod.NVFP4_FP32_DECODE = nd
                     scope = (contextlib.nullcontext() if rlabel == "default"
@@ -424,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                     with scope:  # the engine captures its graphs inside: the routes they hold
                         st = _attempt(rows, w, run_orbit, model, ps, new, device,
                                       fuse_siblings=fuse, split_kv=split, overlap=ovl, pdl=pdl,
-                                      prefetch_weights=pw, fold_rope=fr, fold_norm=fn, **okw)
+                                      prefetch_weights=pw, fold_rope=fr, fold_norm=fn,
+                                      chain_mlp=cm, **okw)
                     if st is None:
                         continue
                     row = {**w, "attn_backend": st["attn_backend"],
@@ -436,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                         _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
                                      "qmm_routes": rlabel, "fold_rope": fr,
                                      "nibble_decodes": nd, "fold_norm": fn,
-                                     "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
+                                     "chain_mlp": cm, "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
                                      "split_kv": split, "overlap": ovl, "pdl": pdl,
                                      "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
                                      "bytes_per_token": b, "copy_GBps": copy_gbs,
@@ -479,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("" if r.get("fold_rope", True) else " no-fold-rope") + \
                 (" nibble-decodes" if r.get("nibble_decodes") else "") + \
                 (" fold-norm" if r.get("fold_norm") else "") + \
+                (" chain-mlp" if r.get("chain_mlp") else "") + \
                 (f" routes:{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
@@ -495,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("+l2pre" if r.get("l2_prefetch") else "") + ("+pfw" if r.get("prefetch_weights") else "") + \
                 ("" if r.get("fold_rope", True) else "-rope") + \
                 ("+nd" if r.get("nibble_decodes") else "") + \
-                ("+norm" if r.get("fold_norm") else "") + \
+                ("+norm" if r.get("fold_norm") else "") + ("+chain" if r.get("chain_mlp") else "") + \
                 (f"+{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")

@@ -1,0 +1,266 @@
+"""The decoder MLP at decode sizes as one persistent launch: gate/up GEMV + SwiGLU, a grid
+barrier, the down GEMV (`mlp_chain`). 4-bit plane formats (int4, nvfp4, mxfp4), fast mode.
+
+Why (docs/rollout.md, "A persistent MLP launch"): at batch 1 each decode GEMV of Qwen3-1.7B
+takes 5-10 us for 1-13 MB of weights (0.7-4.4 us of bytes on the H100); what is left is each
+launch's ramp, in which the first weight bytes arrive only after the kernel before it has
+finished. PDL already overlaps the launch itself; it cannot start the weight loads early,
+because a kernel may not read anything before `griddepcontrol.wait`. Weights are frozen,
+so a kernel that already holds the SMs can fetch the next GEMV's weights at any time. This
+launch does:
+- before waiting on the kernel before it (PDL), every program bulk-prefetches into L2 the
+  down-projection weight rows it will read in phase B (`ChainConfig.prefetch`: 0 none, 1 the
+  down weights, 2 the gate/up weights' too), so those bytes stream in while phase A runs;
+- phase A: the gate/up GEMV with SwiGLU in its store (gemv.plane_tile, the separate launch's
+  own tile code, PAIR), work items (column tile, K-slice) strided over the programs;
+- a grid barrier (orbit/kernels/grid_barrier.py): every program is resident (the grid is
+  sized from the compiled kernel's occupancy) and waits until all of phase A's SwiGLU
+  outputs are stored;
+- phase B: the down GEMV on those outputs, same item scheme and split-K fix-up.
+Each work item runs exactly the separate launch's program with the same tile, split and K
+order, so the output is bit for bit `gemv(swiglu=True)` followed by `gemv`, with the configs
+`pick_gemv_config` gives them (what the tests check). The next layer's residual add + norm
+stays a separate launch (RMSNorm.add_forward), as after the two GEMVs.
+
+Triton's interpreter runs programs one after another, where a grid barrier would wait
+forever; there (and as a GPU reference, `ChainConfig(fused=False)`) the same kernel runs as
+two launches, PHASE 1 then PHASE 2, with the barrier compiled out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from orbit.kernels._qgemm import FMT_IDS
+from orbit.kernels._triton import tl, triton
+from orbit.kernels.gemv import (
+    PLANE_CODES,
+    PLANE_FORMATS,
+    GemvConfig,
+    _as_words,
+    arrival_counters,
+    num_sms,
+    pick_gemv_config,
+    plane_tile,
+    split_k_launch,
+    tile_slice,
+)
+from orbit.kernels.grid_barrier import SPIN_LIMIT, barrier_words, grid_barrier, resident_programs
+from orbit.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_launch, prefetch_l2
+from orbit.quant.qweight import QuantizedWeight
+
+# Rows (decode batch) the engine sends here. Measured at batch 1 only (docs/benchmarks.md).
+CHAIN_MAX_M = 1
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """fused: one persistent launch (CUDA); False: PHASE 1 and PHASE 2 as two launches (the
+    interpreter always). prefetch: L2 bulk prefetch before the PDL wait (0 none, 1 the down
+    weights, 2 the gate/up weights too). programs: cap on the grid (0: one program per work
+    item of the larger phase, or as many as are resident at once if fewer)."""
+
+    fused: bool = True
+    prefetch: int = 1
+    programs: int = 0
+
+
+@triton.jit
+def _prefetch_rows(q_ptr, stride_q, N, K, K_PER, SPLIT, T, pid, P, BN: tl.constexpr,
+                   PAIR: tl.constexpr):
+    """This program's weight rows of one phase (items pid, pid + P, ...) into L2."""
+    for t in range(pid, T * SPLIT, P):
+        k_lo, k_hi, offs_n, row_ok = tile_slice(t // SPLIT, t % SPLIT, K_PER, K, N, BN, False,
+                                                PAIR, N // 2)
+        rows = tl.where(row_ok, offs_n, 0) * stride_q
+        prefetch_l2(q_ptr + rows + k_lo // 8, tl.where(row_ok, (k_hi - k_lo) // 2, 0))
+
+
+@triton.jit
+def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, K_PER, SPLIT,
+           T, pid, P, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
+           FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+           HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
+           STAGES: tl.constexpr, FIXUP: tl.constexpr, DEFER: tl.constexpr, ASM: tl.constexpr,
+           XPRE: tl.constexpr, PAIR: tl.constexpr):
+    """One GEMV's work items (column tile t // SPLIT, K-slice t % SPLIT) for t = pid, pid + P,
+    ...: each the separate launch's program (gemv.plane_tile, no LoRA, no norm)."""
+    for t in range(pid, T * SPLIT, P):
+        pid_n = t // SPLIT
+        pid_k = t % SPLIT
+        k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False, PAIR,
+                                                N // 2)
+        # (the LoRA and norm operands are unused with LORA = 0 and NORM = False: s_ptr, 0)
+        plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
+                   stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, s_ptr, s_ptr,
+                   s_ptr, s_ptr, 0, 0, 0, 0.0, 0, cnt_ptr, 0, N // 2, pid_n, pid_k, k_lo, k_hi,
+                   offs_n, row_ok, s_ptr, s_ptr, s_ptr, s_ptr, cnt_ptr, 0, 0.0, FMT, CODE,
+                   GROUP, HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER, ASM, XPRE, 0, 1, False,
+                   PAIR, False, 16)
+
+
+@triton.jit(do_not_specialize=["P"])
+def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
+                      out1, q1, s1, o1, g1, N1, K1, KPER1, SPLIT1, T1, stride_o1m, stride_o1s,
+                      stride_q1, stride_s1,
+                      out2, q2, s2, o2, g2, N2, K2, KPER2, SPLIT2, T2, stride_o2m, stride_o2s,
+                      stride_q2, stride_s2, stride_xm, stride_hm, stride_ym,
+                      FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+                      HAS_OFFSET: tl.constexpr, MP: tl.constexpr, STAGES: tl.constexpr,
+                      ASM: tl.constexpr, BN1: tl.constexpr, NG1: tl.constexpr,
+                      FIX1: tl.constexpr, DEFER1: tl.constexpr, XPRE1: tl.constexpr,
+                      BN2: tl.constexpr, NG2: tl.constexpr, FIX2: tl.constexpr,
+                      DEFER2: tl.constexpr, XPRE2: tl.constexpr, PHASE: tl.constexpr,
+                      PREFETCH: tl.constexpr = 0, PDL: tl.constexpr = False,
+                      SPIN: tl.constexpr = 1 << 24):
+    # PHASE 0: both phases with the grid barrier between (every program resident: the launch
+    # sizes P for that); 1 or 2: that phase alone (the interpreter, the GPU reference).
+    # h = silu(x @ Wg^T) * (x @ Wu^T) [M, N1 / 2]; y = h @ Wd^T [M, N2].
+    pid = tl.program_id(0)
+    if PREFETCH >= 1:  # frozen weights: no dependence on the kernel before, so before the wait
+        _prefetch_rows(q2, stride_q2, N2, K2, KPER2, SPLIT2, T2, pid, P, BN2, False)
+    if PREFETCH >= 2:
+        _prefetch_rows(q1, stride_q1, N1, K1, KPER1, SPLIT1, T1, pid, P, BN1, True)
+    if PDL:
+        gdc_wait()
+    if PHASE != 2:
+        _phase(x_ptr, out1, q1, s1, o1, g1, h_ptr, cnt_ptr, M, N1, K1, KPER1, SPLIT1, T1, pid,
+               P, stride_xm, stride_o1m, stride_o1s, stride_q1, stride_s1, stride_hm, FMT, CODE,
+               GROUP, HAS_OFFSET, MP, BN1, NG1, STAGES, FIX1, DEFER1, ASM, XPRE1, True)
+    if PHASE == 0:
+        grid_barrier(bar_ptr, P, SPIN)
+    if PDL:  # (only now: the next kernel's programs must not take a slot one of ours needs)
+        gdc_launch_dependents()
+    if PHASE != 1:
+        # (phase A's fix-up counters are all re-armed before the barrier: phase B reuses them)
+        _phase(h_ptr, out2, q2, s2, o2, g2, y_ptr, cnt_ptr, M, N2, K2, KPER2, SPLIT2, T2, pid,
+               P, stride_hm, stride_o2m, stride_o2s, stride_q2, stride_s2, stride_ym, FMT, CODE,
+               GROUP, HAS_OFFSET, MP, BN2, NG2, STAGES, FIX2, DEFER2, ASM, XPRE2, False)
+
+
+def _operands(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]:
+    """(int32 words, scales, offsets, global scale, group) of a 4-bit plane-format weight."""
+    t = qw.tensors
+    words = _as_words(t["qweight"])
+    if words is None:
+        raise ValueError(f"mlp_chain: the {qw.fmt} {tuple(qw.shape)} weight's bytes cannot be "
+                         "viewed as int32 words (odd strides or offset)")
+    gs = t["global_scale"].reshape(1) if qw.fmt == "nvfp4" else None
+    group = {"nvfp4": 16, "mxfp4": 32}.get(qw.fmt, qw.group_size)
+    return words, t["scale"], t.get("offset"), gs, group
+
+
+def chain_operands_ok(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight) -> bool:
+    """The structural conditions of `mlp_chain`: a 2-D bf16/fp16 x of 1..16 rows on CUDA or
+    under Triton's interpreter, one 4-bit plane format for both weights, matching shapes."""
+    from orbit.kernels.dispatch import _fused_store_input
+
+    (n1, k1), (n2, k2) = gate_up.shape, down.shape
+    return (_fused_store_input(x) and 1 <= x.shape[0] <= 16 and gate_up.fmt == down.fmt
+            and gate_up.fmt in PLANE_FORMATS and x.shape[1] == k1 and n1 == 2 * k2
+            and n2 == k1)
+
+
+def mlp_chain_fits(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
+                   max_m: int = CHAIN_MAX_M) -> bool:
+    """Whether the engine's MLP runs `mlp_chain(x, gate_up, down)`: `chain_operands_ok`, at
+    most max_m rows, and both separate forwards would be the plane GEMVs (the gate/up one
+    storing SwiGLU), so the chain replaces exactly those launches."""
+    from orbit.kernels._qgemm import swiglu_fits, use_gemv
+
+    if not chain_operands_ok(x, gate_up, down) or x.shape[0] > max_m:
+        return False
+    m, (n1, k1), (n2, k2) = x.shape[0], gate_up.shape, down.shape
+    return (swiglu_fits(m, n1, k1, gate_up.fmt, False, x.device)
+            and use_gemv(m, n2, k2, down.fmt, x.device))
+
+
+_RESIDENT: dict[tuple, int] = {}  # compiled variant -> programs resident at once
+
+
+def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
+              config: ChainConfig | None = None,
+              gemv_configs: tuple[GemvConfig, GemvConfig] | None = None) -> Tensor:
+    """down(silu(gate(x)) * up(x)) [M, hidden] for x [M, hidden], gate_up the stacked gate/up
+    weight [2 I, hidden] (gate rows first), down [hidden, I]; bit for bit the separate
+    `gemv(swiglu=True)` and `gemv` launches with `gemv_configs` (default: what
+    `pick_gemv_config` gives each). Only where `mlp_chain_fits(..., max_m=16)`, or with
+    explicit `gemv_configs` `chain_operands_ok` (ValueError otherwise)."""
+    cfg = config or ChainConfig()
+    ok = (chain_operands_ok(x, gate_up, down) if gemv_configs
+          else mlp_chain_fits(x, gate_up, down, max_m=16))
+    if not ok:
+        raise ValueError(f"mlp_chain: {gate_up.fmt} {tuple(gate_up.shape)} / {down.fmt} "
+                         f"{tuple(down.shape)} with x {tuple(x.shape)} {x.dtype} on {x.device} "
+                         "is not a pair of plane-GEMV decode forwards")
+    m = x.shape[0]
+    (n1, k1), (n2, k2) = gate_up.shape, down.shape
+    sms = num_sms(x.device)
+    c1, c2 = gemv_configs or (pick_gemv_config(m, n1, k1, gate_up.fmt, sms),
+                              pick_gemv_config(m, n2, k2, down.fmt, sms))
+    if c1.warps != c2.warps or c1.stages != c2.stages:
+        raise ValueError(f"mlp_chain: both GEMVs run in one launch, so they need the same warps "
+                         f"and stages; got {c1} and {c2}")
+    q1, s1, o1, g1, group = _operands(gate_up)
+    q2, s2, o2, g2, _ = _operands(down)
+    h = torch.empty((m, n1 // 2), device=x.device, dtype=x.dtype)
+    y = torch.empty((m, n2), device=x.device, dtype=x.dtype)
+    bk1, bk2 = max(c1.block_k, group), max(c2.block_k, group)
+    # (PAIR forces the fix-up for a split, as in gemv(swiglu=True))
+    grid1, kper1, split1, out1, so1m, so1s, _, fix1 = split_k_launch(
+        x, h, n1, k1, c1.block_n, bk1, c1.split, True)
+    grid2, kper2, split2, out2, so2m, so2s, _, fix2 = split_k_launch(
+        h, y, n2, k2, c2.block_n, bk2, c2.split, c2.fixup)
+    if split2 > 1 and not fix2:
+        raise ValueError("mlp_chain: a split down GEMV needs GemvConfig(fixup=True)")
+    # One counter per column tile of either phase (phase A's are all re-armed before the
+    # barrier, so phase B reuses them).
+    cnt = arrival_counters(x.device, max(grid1[0], grid2[0]))
+    fmt = gate_up.fmt
+    code = PLANE_CODES[(fmt, o1 is not None)] if fmt == "int4" else PLANE_CODES[fmt]
+    if code == 2 and c1.e2m1:
+        code = 4 if c1.e2m1 == 2 and fmt == "nvfp4" else 3
+    fused = cfg.fused and x.is_cuda
+    prefetch = cfg.prefetch if (x.is_cuda and k1 % 32 == 0 and k2 % 32 == 0
+                                and all(q.data_ptr() % 16 == 0 and (q.stride(0) * 4) % 16 == 0
+                                        for q in (q1, q2))) else 0
+    items = max(grid1[0] * split1, grid2[0] * split2)
+    pdl = pdl_launch(x.device, items, forced=False) if fused else {"PDL": False}
+    consts = dict(FMT=FMT_IDS[fmt], CODE=code, GROUP=group,
+                  HAS_OFFSET=o1 is not None, MP=triton.next_power_of_2(m), STAGES=c1.stages,
+                  ASM=x.is_cuda, BN1=c1.block_n, NG1=bk1 // group, FIX1=fix1, DEFER1=c1.defer,
+                  XPRE1=c1.x_prefetch, BN2=c2.block_n, NG2=bk2 // group, FIX2=fix2,
+                  DEFER2=c2.defer, XPRE2=c2.x_prefetch, PREFETCH=prefetch, num_warps=c1.warps,
+                  **pdl)
+    o1 = o1 if o1 is not None else s1
+    o2 = o2 if o2 is not None else s2
+    g1 = g1 if g1 is not None else s1
+    g2 = g2 if g2 is not None else s2
+
+    def args(p: int) -> tuple:
+        return (x, h, y, cnt, barrier_words(x.device), m, p,
+                out1, q1, s1, o1, g1, n1, k1, kper1, split1, grid1[0], so1m, so1s,
+                q1.stride(0), s1.stride(0),
+                out2, q2, s2, o2, g2, n2, k2, kper2, split2, grid2[0], so2m, so2s,
+                q2.stride(0), s2.stride(0), x.stride(0), h.stride(0), y.stride(0))
+
+    want = min(items, cfg.programs) if cfg.programs > 0 else items
+    if not fused:
+        p = want
+        for phase in (1, 2):
+            _mlp_chain_kernel[(p,)](*args(p), PHASE=phase, **consts)
+        return y
+    key = (x.device.index, x.dtype, o1 is s1, tuple(sorted(consts.items())))
+    resident = _RESIDENT.get(key)
+    if resident is None:
+        compiled = _mlp_chain_kernel.warmup(*args(1), PHASE=0, SPIN=SPIN_LIMIT, grid=(1,),
+                                            **consts)
+        resident = _RESIDENT[key] = resident_programs(compiled, x.device)
+    if resident < 1:
+        raise RuntimeError("mlp_chain: the persistent kernel does not fit on one SM")
+    p = min(want, resident)
+    _mlp_chain_kernel[(p,)](*args(p), PHASE=0, SPIN=SPIN_LIMIT, **consts)
+    return y

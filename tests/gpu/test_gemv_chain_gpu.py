@@ -1,0 +1,105 @@
+"""The persistent MLP launch (orbit/kernels/gemv_chain.py) on CUDA: one launch with a grid
+barrier gives bit for bit the separate `gemv(swiglu=True)` + `gemv` launches and its own
+two-phase form, for the 4-bit plane formats at the Qwen3-1.7B and SmolLM2-135M MLP shapes,
+with every L2-prefetch mode and fewer programs than work items; the barrier never times out
+and its words come back re-armed after many CUDA-graph replays; an engine decodes the same
+tokens and log-probs with the chain on and off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orbit.kernels import gemv
+from orbit.kernels.gemv_chain import ChainConfig, mlp_chain, mlp_chain_fits
+from orbit.kernels.grid_barrier import barrier_timed_out, barrier_words
+from orbit.kernels.random_weights import random_qweight
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SHAPES = [(2048, 6144), (576, 1536)]  # (hidden, intermediate)
+
+
+def _weights(fmt: str, hid: int, inter: int):
+    kw = {"group_size": 128} if fmt == "int4" else {}
+    return (random_qweight(fmt, 2 * inter, hid, seed=hid + 1, device="cuda", **kw),
+            random_qweight(fmt, hid, inter, seed=hid + 2, device="cuda", **kw))
+
+
+def _separate(x: torch.Tensor, gu, dn, cfgs) -> torch.Tensor:
+    def one(qw, inp, rows, cfg, swiglu):
+        t = qw.tensors
+        gs = t["global_scale"].reshape(1) if qw.fmt == "nvfp4" else None
+        group = {"nvfp4": 16, "mxfp4": 32}.get(qw.fmt, qw.group_size)
+        y = torch.full((inp.shape[0], rows), float("nan"), device="cuda", dtype=inp.dtype)
+        return gemv.gemv(inp, qw.fmt, qw.shape, t["qweight"], t["scale"], t.get("offset"), gs,
+                         group, y, cfg, swiglu=swiglu)
+
+    h = one(gu, x, gu.shape[0] // 2, cfgs[0], True)
+    return one(dn, h, dn.shape[0], cfgs[1], False)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("hid,inter", SHAPES)
+@pytest.mark.parametrize("m", [1, 3])
+def test_chain_matches_separate_launches(fmt: str, hid: int, inter: int, m: int) -> None:
+    torch.manual_seed(hid + m)
+    gu, dn = _weights(fmt, hid, inter)
+    x = torch.randn(m, hid, device="cuda", dtype=torch.bfloat16)
+    sms = gemv.num_sms(x.device)
+    cfgs = (gemv.pick_gemv_config(m, 2 * inter, hid, fmt, sms),
+            gemv.pick_gemv_config(m, hid, inter, fmt, sms))
+    want = _separate(x, gu, dn, cfgs)
+    assert not want.isnan().any()
+    for cfg in (ChainConfig(fused=False), ChainConfig(prefetch=0), ChainConfig(prefetch=1),
+                ChainConfig(prefetch=2), ChainConfig(programs=7)):
+        got = mlp_chain(x, gu, dn, cfg, gemv_configs=cfgs)
+        torch.cuda.synchronize()
+        assert not barrier_timed_out(x.device), cfg
+        assert torch.equal(got, want), (cfg, (got.float() - want.float()).abs().max().item())
+    wg, wu = gu.dequantize(torch.float64).split(inter)
+    x64 = x.double()
+    ref = (torch.nn.functional.silu(x64 @ wg.T) * (x64 @ wu.T)) @ dn.dequantize(torch.float64).T
+    assert ((want.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_engine_rule_takes_the_chain_at_batch_one() -> None:
+    gu, dn = _weights("int4", 2048, 6144)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    assert mlp_chain_fits(x, gu, dn)
+    assert not mlp_chain_fits(torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16), gu, dn)
+
+
+def test_graph_replays_rearm_the_barrier() -> None:
+    gu, dn = _weights("int4", 2048, 6144)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    want = mlp_chain(x, gu, dn)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        mlp_chain(x, gu, dn)  # compile + occupancy outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            ys = [mlp_chain(x, gu, dn) for _ in range(8)]  # 8 barriers per replay
+        for _ in range(50):
+            graph.replay()
+        torch.cuda.synchronize()
+        words = barrier_words(x.device).tolist()
+    torch.cuda.current_stream().wait_stream(stream)
+    assert all(torch.equal(y, want) for y in ys)
+    assert words[0] == 0 and words[2] == 0, words  # arrivals re-armed, no timeout
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_engine_bits_equal_with_and_without_chain(fmt: str) -> None:
+    from gpu_models import bits, mixed_prompts, run_engine, small_qwen3
+
+    from orbit.rollout.types import SamplingParams
+
+    model = small_qwen3(fmt)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=24, ignore_eos=True, seed=3)
+    ps = mixed_prompts(6)
+    _, off = run_engine(model, ps, sp, 1, chain_mlp=False)
+    _, on = run_engine(model, ps, sp, 1, chain_mlp=True)
+    assert bits(on) == bits(off)  # batch 1: every decode MLP is the chain, the same bits
