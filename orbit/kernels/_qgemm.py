@@ -611,6 +611,7 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         BM=cfg.bm, BO=cfg.bo, BR=cfg.br, GROUP_M=cfg.group_m,
         UNPACK=cfg.unpack if cfg.unpack >= 0 else DEFAULT_UNPACK.get(fmt, 0), SWAP=cfg.swap,
         SPLIT=cfg.split, num_warps=cfg.warps, num_stages=cfg.stages,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and x.is_cuda else {}),
         # the bf16x2 decode of plane pairs: CUDA, symmetric codes, bf16 scale and activations
         PASM=pairs and x.is_cuda and x.dtype == torch.bfloat16
         and (fmt == "nvfp4" or (fmt == "int4" and offset is None

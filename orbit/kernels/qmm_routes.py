@@ -99,9 +99,9 @@ class RouteTable:
             for m_max, r in lst:
                 e: dict[str, Any] = {"fmt": fmt, "n": n, "k": k, "m_max": m_max, "kind": r.kind}
                 if r.config is not None:
-                    # swap is written only where set (tables before it had no such field)
+                    # swap and maxnreg are written only where set (older tables lack them)
                     e["config"] = {f: v for f, v in asdict(r.config).items()
-                                   if f != "swap" or v}
+                                   if f not in ("swap", "maxnreg") or v}
                 e.update(self.extra.get((fmt, n, k, m_max), {}))
                 out.append(e)
         return {"format": FILE_FORMAT, "version": FILE_VERSION, "device": self.device,

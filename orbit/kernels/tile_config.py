@@ -26,6 +26,10 @@ class TileConfig:
     unpack: int = -1
     swap: bool = False  # fast forward only: y^T = W @ x^T (see _qgemm_kernel); from route tables
     split: int = 1  # fast forward only: K-slices per output tile, added by the last to arrive
+    # registers per thread the compiler may use (Triton's maxnreg; 0: its own choice). For the
+    # register-fed tiles, which Nsight Compute found latency-bound at 3 programs per SM by
+    # registers (docs/kernels.md, session 15): fewer registers, more resident programs.
+    maxnreg: int = 0
 
     def pairs_problem(self, fmt: str) -> str | None:
         """Why this tile cannot run `fmt` over nibble-plane pairs (None: it can, or it does not

@@ -269,7 +269,17 @@ def regfed_alts(m: int, n: int, k: int, sms: int) -> list:
             if s_ == 1 or steps >= 2 * s_:
                 out.append(_qgemm.TileConfig(bm=bm, bo=bo, br=br, warps=4, stages=1, swap=swap,
                                              split=s_, unpack=_qgemm.UNPACK_PLANE_PAIRS))
+    # session 16: the rule's tile (regfed_config) with fewer registers per thread (Nsight
+    # Compute, session 15: 136 registers held it to 3 programs per SM), and 64-deep steps
+    # (half the decoded operand held in registers) with twice the split
+    rule = _qgemm.regfed_config(m, n, k, sms)
+    out += [dataclasses.replace(rule, maxnreg=r) for r in REGFED_MAXNREG]
+    half = dataclasses.replace(rule, br=64, split=min(16, rule.split * 2))
+    out += [half] + [dataclasses.replace(half, maxnreg=r) for r in REGFED_MAXNREG]
     return out
+
+
+REGFED_MAXNREG = (96, 80, 64)  # 5, 6, 8 programs of 128 threads per SM
 
 
 # --gemv-xpre (session 6): around the shipped M = 1 plane config with the x prefetch: more
