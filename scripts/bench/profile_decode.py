@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--timeline", action="store_true",
                     help="also print one steady decode step's kernels in launch order, "
                          "grouped by name: count, mean duration, mean gap before each")
+    ap.add_argument("--chain-mlp", action="store_true",
+                    help="Engine(chain_mlp=True): batch-1 MLPs as one persistent launch")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -52,7 +54,8 @@ def main() -> None:
         convert_linears(model, "bf16" if args.format == "bf16-ql" else args.format)
     pdl = None if args.pdl == "auto" else args.pdl == "on"
     engine = Engine(model, max_num_seqs=args.batch, max_model_len=args.prompt_len + args.new + 8,
-                    device=device, attn_backend=args.attn_backend, pdl=pdl)
+                    device=device, attn_backend=args.attn_backend, pdl=pdl,
+                    chain_mlp=args.chain_mlp)
     ps = prompts(args.batch, args.prompt_len, model.config.vocab_size)
     sp = SamplingParams(temperature=1.0, max_new_tokens=args.new, ignore_eos=True, seed=0)
     engine.generate(ps, sp)  # captures the graphs
