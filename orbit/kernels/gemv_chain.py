@@ -48,7 +48,13 @@ from orbit.kernels.gemv import (
     split_k_launch,
     tile_slice,
 )
-from orbit.kernels.grid_barrier import SPIN_LIMIT, barrier_words, grid_barrier, resident_programs
+from orbit.kernels.grid_barrier import (
+    SPIN_LIMIT,
+    Residency,
+    barrier_words,
+    grid_barrier,
+    resident_programs,
+)
 from orbit.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_launch, prefetch_l2
 from orbit.quant.qweight import QuantizedWeight
 
@@ -66,6 +72,7 @@ class ChainConfig:
     fused: bool = True
     prefetch: int = 1
     programs: int = 0
+    sleep_ns: int = 0  # grid_barrier's back-off between reads of the generation word
 
 
 @triton.jit
@@ -115,7 +122,7 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
                       BN2: tl.constexpr, NG2: tl.constexpr, FIX2: tl.constexpr,
                       DEFER2: tl.constexpr, XPRE2: tl.constexpr, PHASE: tl.constexpr,
                       PREFETCH: tl.constexpr = 0, PDL: tl.constexpr = False,
-                      SPIN: tl.constexpr = 1 << 24):
+                      SPIN: tl.constexpr = 1 << 24, SLEEP: tl.constexpr = 0):
     # PHASE 0: both phases with the grid barrier between (every program resident: the launch
     # sizes P for that); 1 or 2: that phase alone (the interpreter, the GPU reference).
     # h = silu(x @ Wg^T) * (x @ Wu^T) [M, N1 / 2]; y = h @ Wd^T [M, N2].
@@ -131,7 +138,7 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
                P, stride_xm, stride_o1m, stride_o1s, stride_q1, stride_s1, stride_hm, FMT, CODE,
                GROUP, HAS_OFFSET, MP, BN1, NG1, STAGES, FIX1, DEFER1, ASM, XPRE1, True)
     if PHASE == 0:
-        grid_barrier(bar_ptr, P, SPIN)
+        grid_barrier(bar_ptr, P, SPIN, SLEEP)
     if PDL:  # (only now: the next kernel's programs must not take a slot one of ours needs)
         gdc_launch_dependents()
     if PHASE != 1:
@@ -178,7 +185,12 @@ def mlp_chain_fits(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
             and use_gemv(m, n2, k2, down.fmt, x.device))
 
 
-_RESIDENT: dict[tuple, int] = {}  # compiled variant -> programs resident at once
+_RESIDENT: dict[tuple, Residency] = {}  # compiled variant -> what fits at once
+
+
+def chain_residency() -> list[Residency]:
+    """The residency of every persistent variant compiled so far (benchmark reports)."""
+    return list(_RESIDENT.values())
 
 
 def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
@@ -232,7 +244,7 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
     consts = dict(FMT=FMT_IDS[fmt], CODE=code, GROUP=group,
                   HAS_OFFSET=o1 is not None, MP=triton.next_power_of_2(m), STAGES=c1.stages,
                   ASM=x.is_cuda, BN1=c1.block_n, NG1=bk1 // group, FIX1=fix1, DEFER1=c1.defer,
-                  XPRE1=c1.x_prefetch, BN2=c2.block_n, NG2=bk2 // group, FIX2=fix2,
+                  XPRE1=c1.x_prefetch, SLEEP=cfg.sleep_ns, BN2=c2.block_n, NG2=bk2 // group, FIX2=fix2,
                   DEFER2=c2.defer, XPRE2=c2.x_prefetch, PREFETCH=prefetch, num_warps=c1.warps,
                   **pdl)
     o1 = o1 if o1 is not None else s1
@@ -259,8 +271,9 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
         compiled = _mlp_chain_kernel.warmup(*args(1), PHASE=0, SPIN=SPIN_LIMIT, grid=(1,),
                                             **consts)
         resident = _RESIDENT[key] = resident_programs(compiled, x.device)
-    if resident < 1:
-        raise RuntimeError("mlp_chain: the persistent kernel does not fit on one SM")
-    p = min(want, resident)
+    if resident.programs < 1:
+        raise RuntimeError(f"mlp_chain: the persistent kernel does not fit on one SM "
+                           f"({resident})")
+    p = min(want, resident.programs)
     _mlp_chain_kernel[(p,)](*args(p), PHASE=0, SPIN=SPIN_LIMIT, **consts)
     return y

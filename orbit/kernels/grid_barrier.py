@@ -36,8 +36,16 @@ SPIN_LIMIT = 1 << 24
 
 
 @triton.jit
-def grid_barrier(bar_ptr, P, SPIN: tl.constexpr):
-    """Wait until all P programs of the grid have reached this call (see the module doc)."""
+def _nanosleep(ns: tl.constexpr):
+    tl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, 0;", "=r,r",
+                              [tl.full([1], ns, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def grid_barrier(bar_ptr, P, SPIN: tl.constexpr, SLEEP: tl.constexpr = 0):
+    """Wait until all P programs of the grid have reached this call (see the module doc).
+    SLEEP: nanoseconds a waiting program backs off between reads of the generation word
+    (0: none), so fewer reads of one L2 line compete with the arrivals."""
     tl.debug_barrier()  # this program's stores happen before its thread 0 arrives
     gen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire")
     arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel")
@@ -48,6 +56,8 @@ def grid_barrier(bar_ptr, P, SPIN: tl.constexpr):
         cur = gen
         spins = 0
         while (cur == gen) & (spins < SPIN):
+            if SLEEP > 0:
+                _nanosleep(SLEEP)
             cur = tl.atomic_add(bar_ptr + 1, 0, sem="acquire")
             spins += 1
         if cur == gen:
@@ -118,11 +128,23 @@ def programs_per_sm(regs_per_thread: int, shared_bytes: int, warps: int, lim: Sm
     return max(0, min(by_regs, by_threads, by_shared, lim.blocks))
 
 
-def resident_programs(compiled: object, device: torch.device) -> int:
+@dataclass(frozen=True)
+class Residency:
+    """What `resident_programs` read off a compiled kernel, and its answer."""
+
+    programs: int  # resident at once on the whole device
+    per_sm: int
+    regs: int  # registers per thread
+    shared: int  # bytes of shared memory per program
+
+
+def resident_programs(compiled: object, device: torch.device) -> Residency:
     """How many programs of a compiled Triton kernel (`JITFunction.warmup`'s result) are
     resident on `device` at once when nothing else runs."""
     compiled._init_handles()  # type: ignore[attr-defined]  (loads it; sets n_regs)
     meta = compiled.metadata  # type: ignore[attr-defined]
     idx = device.index if device.index is not None else torch.cuda.current_device()
     lim = sm_limits(idx)
-    return lim.sms * programs_per_sm(compiled.n_regs, meta.shared, meta.num_warps, lim)  # type: ignore[attr-defined]
+    regs = compiled.n_regs  # type: ignore[attr-defined]
+    per_sm = programs_per_sm(regs, meta.shared, meta.num_warps, lim)
+    return Residency(lim.sms * per_sm, per_sm, regs, meta.shared)

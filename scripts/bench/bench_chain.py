@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from orbit.kernels import gemv
-from orbit.kernels.gemv_chain import ChainConfig, mlp_chain
+from orbit.kernels.gemv_chain import ChainConfig, chain_residency, mlp_chain
 from orbit.kernels.grid_barrier import barrier_timed_out
 from orbit.kernels.pdl import pdl_scope
 from orbit.kernels.qmm_tune import graph_timer, l2_copies, weight_maker
@@ -55,7 +55,6 @@ def main() -> None:
 
     dev = torch.device("cuda")
     copy = copy_gbs()
-    make = weight_maker(dev)
     copies = l2_copies(dev)
     timer = graph_timer()
     sms = gemv.num_sms(dev)
@@ -64,6 +63,7 @@ def main() -> None:
     for fmt in args.formats.split(","):
         for shape in args.shapes.split(","):
             hid, inter = (int(v) for v in shape.split("x"))
+            make = weight_maker(dev, 128 if hid % 128 == 0 and inter % 128 == 0 else 64)
             first = make(fmt, 2 * inter, hid, 0), make(fmt, hid, inter, 1)
             nbytes = first[0].nbytes() + first[1].nbytes()
             ws = [first] + [(make(fmt, 2 * inter, hid, 2 * i), make(fmt, hid, inter, 2 * i + 1))
@@ -76,7 +76,10 @@ def main() -> None:
                     "chain-pf0": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=0)),
                     "chain-pf1": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=1)),
                     "chain-pf2": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=2)),
+                    "chain-pf0-sleep": lambda gu, dn: mlp_chain(
+                        x, gu, dn, ChainConfig(prefetch=0, sleep_ns=200)),
                     "chain-p1x": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(programs=sms)),
+                    "chain-2launch": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(fused=False)),
                 }
                 want = separate_mlp(x, *first)
                 for name, fn in variants.items():
@@ -99,6 +102,8 @@ def main() -> None:
                         print(f"{fmt:6s} {hid}x{inter} m={m} {row['variant']:16s} {us:7.2f} us"
                               f"  roofline {roof_us:5.2f} us ({100 * roof_us / us:4.1f}%)"
                               f"  same bits {same}  barrier ok {ok}", flush=True)
+    for r in chain_residency():
+        print(f"persistent variant: {r}")
     out = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
            "copy_gbs": copy, "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1))

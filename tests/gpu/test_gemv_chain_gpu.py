@@ -22,7 +22,7 @@ SHAPES = [(2048, 6144), (576, 1536)]  # (hidden, intermediate)
 
 
 def _weights(fmt: str, hid: int, inter: int):
-    kw = {"group_size": 128} if fmt == "int4" else {}
+    kw = {"group_size": 128 if hid % 128 == 0 else 64} if fmt == "int4" else {}
     return (random_qweight(fmt, 2 * inter, hid, seed=hid + 1, device="cuda", **kw),
             random_qweight(fmt, hid, inter, seed=hid + 2, device="cuda", **kw))
 

@@ -162,7 +162,7 @@ def test_persistent_kernel_compiles_for_sm90(fmt: str) -> None:
               "ASM": True, "BN1": 32, "NG1": 4 if fmt == "int4" else 16, "FIX1": False,
               "DEFER1": True, "XPRE1": True, "BN2": 32, "NG2": 4 if fmt == "int4" else 16,
               "FIX2": True, "DEFER2": True, "XPRE2": True, "PHASE": 0, "PREFETCH": 2,
-              "PDL": True, "SPIN": 1 << 24}
+              "PDL": True, "SPIN": 1 << 24, "SLEEP": 100}
     ptrs = {"x_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16", "cnt_ptr": "*i32",
             "bar_ptr": "*i32", "out1": "*bf16", "out2": "*fp32", "q1": "*i32", "q2": "*i32",
             "s1": "*bf16" if fmt == "int4" else "*fp8e4nv",
@@ -174,6 +174,7 @@ def test_persistent_kernel_compiles_for_sm90(fmt: str) -> None:
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     ptx = k.asm["ptx"]
     assert "griddepcontrol.wait" in ptx and "cp.async.bulk.prefetch.L2" in ptx
+    assert "nanosleep.u32" in ptx
     # the barrier: generation read with acquire, arrival acq_rel, release bump by the last
     assert "ld.global.gpu.acquire" in ptx and "atom.global.gpu.acq_rel.add" in ptx
     assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
