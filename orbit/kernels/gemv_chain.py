@@ -73,6 +73,7 @@ class ChainConfig:
     prefetch: int = 1
     programs: int = 0
     sleep_ns: int = 0  # grid_barrier's back-off between reads of the generation word
+    grid_order: bool = False  # work items in the separate launches' grid order (see _phase)
 
 
 @triton.jit
@@ -92,12 +93,17 @@ def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, 
            FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
            HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
            STAGES: tl.constexpr, FIXUP: tl.constexpr, DEFER: tl.constexpr, ASM: tl.constexpr,
-           XPRE: tl.constexpr, PAIR: tl.constexpr):
-    """One GEMV's work items (column tile t // SPLIT, K-slice t % SPLIT) for t = pid, pid + P,
-    ...: each the separate launch's program (gemv.plane_tile, no LoRA, no norm)."""
+           XPRE: tl.constexpr, PAIR: tl.constexpr, GRID_ORDER: tl.constexpr):
+    """One GEMV's work items for t = pid, pid + P, ...: column tile t // SPLIT, K-slice
+    t % SPLIT (GRID_ORDER: tile t % T, slice t // T, the separate launch's order), each the
+    separate launch's program (gemv.plane_tile, no LoRA, no norm)."""
     for t in range(pid, T * SPLIT, P):
-        pid_n = t // SPLIT
-        pid_k = t % SPLIT
+        if GRID_ORDER:  # the separate launch's grid order: consecutive programs, adjacent tiles
+            pid_n = t % T
+            pid_k = t // T
+        else:  # consecutive programs, the K-slices of one tile
+            pid_n = t // SPLIT
+            pid_k = t % SPLIT
         k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False, PAIR,
                                                 N // 2)
         # (the LoRA and norm operands are unused with LORA = 0 and NORM = False: s_ptr, 0)
@@ -122,7 +128,8 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
                       BN2: tl.constexpr, NG2: tl.constexpr, FIX2: tl.constexpr,
                       DEFER2: tl.constexpr, XPRE2: tl.constexpr, PHASE: tl.constexpr,
                       PREFETCH: tl.constexpr = 0, PDL: tl.constexpr = False,
-                      SPIN: tl.constexpr = 1 << 24, SLEEP: tl.constexpr = 0):
+                      SPIN: tl.constexpr = 1 << 24, SLEEP: tl.constexpr = 0,
+                      GRID_ORDER: tl.constexpr = False):
     # PHASE 0: both phases with the grid barrier between (every program resident: the launch
     # sizes P for that); 1 or 2: that phase alone (the interpreter, the GPU reference).
     # h = silu(x @ Wg^T) * (x @ Wu^T) [M, N1 / 2]; y = h @ Wd^T [M, N2].
@@ -136,7 +143,8 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
     if PHASE != 2:
         _phase(x_ptr, out1, q1, s1, o1, g1, h_ptr, cnt_ptr, M, N1, K1, KPER1, SPLIT1, T1, pid,
                P, stride_xm, stride_o1m, stride_o1s, stride_q1, stride_s1, stride_hm, FMT, CODE,
-               GROUP, HAS_OFFSET, MP, BN1, NG1, STAGES, FIX1, DEFER1, ASM, XPRE1, True)
+               GROUP, HAS_OFFSET, MP, BN1, NG1, STAGES, FIX1, DEFER1, ASM, XPRE1, True,
+               GRID_ORDER)
     if PHASE == 0:
         grid_barrier(bar_ptr, P, SPIN, SLEEP)
     if PDL:  # (only now: the next kernel's programs must not take a slot one of ours needs)
@@ -145,7 +153,8 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
         # (phase A's fix-up counters are all re-armed before the barrier: phase B reuses them)
         _phase(h_ptr, out2, q2, s2, o2, g2, y_ptr, cnt_ptr, M, N2, K2, KPER2, SPLIT2, T2, pid,
                P, stride_hm, stride_o2m, stride_o2s, stride_q2, stride_s2, stride_ym, FMT, CODE,
-               GROUP, HAS_OFFSET, MP, BN2, NG2, STAGES, FIX2, DEFER2, ASM, XPRE2, False)
+               GROUP, HAS_OFFSET, MP, BN2, NG2, STAGES, FIX2, DEFER2, ASM, XPRE2, False,
+               GRID_ORDER)
 
 
 def _operands(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]:
@@ -244,7 +253,8 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
     consts = dict(FMT=FMT_IDS[fmt], CODE=code, GROUP=group,
                   HAS_OFFSET=o1 is not None, MP=triton.next_power_of_2(m), STAGES=c1.stages,
                   ASM=x.is_cuda, BN1=c1.block_n, NG1=bk1 // group, FIX1=fix1, DEFER1=c1.defer,
-                  XPRE1=c1.x_prefetch, SLEEP=cfg.sleep_ns, BN2=c2.block_n, NG2=bk2 // group, FIX2=fix2,
+                  XPRE1=c1.x_prefetch, SLEEP=cfg.sleep_ns,
+                  GRID_ORDER=cfg.grid_order, BN2=c2.block_n, NG2=bk2 // group, FIX2=fix2,
                   DEFER2=c2.defer, XPRE2=c2.x_prefetch, PREFETCH=prefetch, num_warps=c1.warps,
                   **pdl)
     o1 = o1 if o1 is not None else s1

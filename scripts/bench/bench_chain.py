@@ -80,6 +80,12 @@ def main() -> None:
                         x, gu, dn, ChainConfig(prefetch=0, sleep_ns=200)),
                     "chain-p1x": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(programs=sms)),
                     "chain-2launch": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(fused=False)),
+                    "chain-2launch-pf0": lambda gu, dn: mlp_chain(
+                        x, gu, dn, ChainConfig(fused=False, prefetch=0)),
+                    "chain-2launch-pf0-grid": lambda gu, dn: mlp_chain(
+                        x, gu, dn, ChainConfig(fused=False, prefetch=0, grid_order=True)),
+                    "chain-pf0-grid": lambda gu, dn: mlp_chain(
+                        x, gu, dn, ChainConfig(prefetch=0, grid_order=True)),
                 }
                 want = separate_mlp(x, *first)
                 for name, fn in variants.items():

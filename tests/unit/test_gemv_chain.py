@@ -22,7 +22,7 @@ CASES = [
     ("int4", {"group_size": 64, "asym": True, "offset_dtype": torch.float32}, 192, 128, 3,
      (16, 64, 1, 4, 3, -1, True, False, True, False), (16, 128, 2, 4, 3, -1, True, False,
                                                        True, False), 0),
-    ("nvfp4", {}, 128, 80, 1, None, None, 3),
+    ("nvfp4", {}, 128, 80, 1, None, None, 3),  # (and in the separate launches' grid order)
     ("mxfp4", {}, 128, 64, 2, (16, 64, 2, 4, 2), (16, 64, 1, 4, 2), 0),
 ]
 
@@ -52,7 +52,8 @@ def _kernel_cases() -> dict:
 
         h = separate(gu, x, inter, cfgs[0], True)
         want = separate(dn, h, hid, cfgs[1], False)
-        got = mlp_chain(x, gu, dn, ChainConfig(programs=progs), gemv_configs=cfgs)
+        got = mlp_chain(x, gu, dn, ChainConfig(programs=progs, grid_order=i == 3),
+                        gemv_configs=cfgs)
         wg, wu = gu.dequantize(torch.float64).split(inter)
         x64 = x.double()
         ref = (torch.nn.functional.silu(x64 @ wg.T) * (x64 @ wu.T)) @ dn.dequantize(
