@@ -74,6 +74,9 @@ class ChainConfig:
     programs: int = 0
     sleep_ns: int = 0  # grid_barrier's back-off between reads of the generation word
     grid_order: bool = False  # work items in the separate launches' grid order (see _phase)
+    # per-K-slice readiness counters instead of the grid barrier, where the gate/up GEMV is
+    # unsplit and its tiles fall in whole down K-slices (else the barrier)
+    dataflow: bool = False
 
 
 @triton.jit
@@ -90,13 +93,17 @@ def _prefetch_rows(q_ptr, stride_q, N, K, K_PER, SPLIT, T, pid, P, BN: tl.conste
 @triton.jit
 def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, K_PER, SPLIT,
            T, pid, P, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
-           FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+           sync_ptr, SLICE, HB_A, FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
            HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
            STAGES: tl.constexpr, FIXUP: tl.constexpr, DEFER: tl.constexpr, ASM: tl.constexpr,
-           XPRE: tl.constexpr, PAIR: tl.constexpr, GRID_ORDER: tl.constexpr):
+           XPRE: tl.constexpr, PAIR: tl.constexpr, GRID_ORDER: tl.constexpr,
+           SYNC: tl.constexpr, SPIN: tl.constexpr):
     """One GEMV's work items for t = pid, pid + P, ...: column tile t // SPLIT, K-slice
     t % SPLIT (GRID_ORDER: tile t % T, slice t // T, the separate launch's order), each the
-    separate launch's program (gemv.plane_tile, no LoRA, no norm)."""
+    separate launch's program (gemv.plane_tile, no LoRA, no norm). SYNC (the dataflow form,
+    see _mlp_chain_kernel): 1, after each item, signal the phase-B K-slice (of SLICE columns)
+    its SwiGLU outputs fall in; 2, before each item, wait for its K-slice's HB_A-column
+    producers, and after it count itself as a reader (the last re-arms both words)."""
     for t in range(pid, T * SPLIT, P):
         if GRID_ORDER:  # the separate launch's grid order: consecutive programs, adjacent tiles
             pid_n = t % T
@@ -106,6 +113,9 @@ def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, 
             pid_k = t % SPLIT
         k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False, PAIR,
                                                 N // 2)
+        if SYNC == 2:
+            need = tl.cdiv(k_hi - k_lo, HB_A)
+            _await_count(sync_ptr + pid_k, need, SPIN)
         # (the LoRA and norm operands are unused with LORA = 0 and NORM = False: s_ptr, 0)
         plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
                    stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, s_ptr, s_ptr,
@@ -113,6 +123,31 @@ def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, 
                    offs_n, row_ok, s_ptr, s_ptr, s_ptr, s_ptr, cnt_ptr, 0, 0.0, FMT, CODE,
                    GROUP, HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER, ASM, XPRE, 0, 1, False,
                    PAIR, False, 16)
+        if SYNC == 1:  # (unsplit: this item stored its SwiGLU outputs)
+            tl.debug_barrier()
+            tl.atomic_add(sync_ptr + (pid_n * (BN // 2)) // SLICE, 1, sem="release")
+        if SYNC == 2:
+            tl.debug_barrier()
+            read = tl.atomic_add(sync_ptr + SLICES_MAX + pid_k, 1, sem="acq_rel")
+            if read == T - 1:  # every tile has read this slice: re-arm for the next launch
+                tl.atomic_xchg(sync_ptr + pid_k, 0, sem="relaxed")
+                tl.atomic_xchg(sync_ptr + SLICES_MAX + pid_k, 0, sem="relaxed")
+
+
+# Dataflow words: SLICES_MAX "producers done" counters, then SLICES_MAX "readers done".
+SLICES_MAX = tl.constexpr(32)
+
+
+@triton.jit
+def _await_count(ptr, need, SPIN: tl.constexpr):
+    """Spin (acquire) until *ptr >= need, at most SPIN reads (then go on: the result is wrong,
+    but the GPU does not hang; the tests compare bits)."""
+    done = tl.atomic_add(ptr, 0, sem="acquire")
+    spins = 0
+    while (done < need) & (spins < SPIN):
+        done = tl.atomic_add(ptr, 0, sem="acquire")
+        spins += 1
+    tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=["P"])
@@ -129,10 +164,13 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
                       DEFER2: tl.constexpr, XPRE2: tl.constexpr, PHASE: tl.constexpr,
                       PREFETCH: tl.constexpr = 0, PDL: tl.constexpr = False,
                       SPIN: tl.constexpr = 1 << 24, SLEEP: tl.constexpr = 0,
-                      GRID_ORDER: tl.constexpr = False):
-    # PHASE 0: both phases with the grid barrier between (every program resident: the launch
-    # sizes P for that); 1 or 2: that phase alone (the interpreter, the GPU reference).
-    # h = silu(x @ Wg^T) * (x @ Wu^T) [M, N1 / 2]; y = h @ Wd^T [M, N2].
+                      GRID_ORDER: tl.constexpr = False, DATAFLOW: tl.constexpr = False):
+    # PHASE 0: both phases in one launch (every program resident: the launch sizes P for
+    # that), phase B after a grid barrier, or with DATAFLOW (phase A unsplit) each phase-B item
+    # as soon as the phase-A tiles of its K-slice have stored (per-slice counters in
+    # bar_ptr + 3: fewer programs on each word than the barrier's one, and a program that
+    # finishes phase A early starts phase B); 1 or 2: that phase alone (the interpreter, the
+    # GPU reference). h = silu(x @ Wg^T) * (x @ Wu^T) [M, N1 / 2]; y = h @ Wd^T [M, N2].
     pid = tl.program_id(0)
     if PREFETCH >= 1:  # frozen weights: no dependence on the kernel before, so before the wait
         _prefetch_rows(q2, stride_q2, N2, K2, KPER2, SPLIT2, T2, pid, P, BN2, False)
@@ -140,21 +178,26 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
         _prefetch_rows(q1, stride_q1, N1, K1, KPER1, SPLIT1, T1, pid, P, BN1, True)
     if PDL:
         gdc_wait()
+    flow = bar_ptr + 3
+    SYNC_A: tl.constexpr = 1 if (PHASE == 0 and DATAFLOW) else 0
+    SYNC_B: tl.constexpr = 2 if (PHASE == 0 and DATAFLOW) else 0
     if PHASE != 2:
         _phase(x_ptr, out1, q1, s1, o1, g1, h_ptr, cnt_ptr, M, N1, K1, KPER1, SPLIT1, T1, pid,
-               P, stride_xm, stride_o1m, stride_o1s, stride_q1, stride_s1, stride_hm, FMT, CODE,
-               GROUP, HAS_OFFSET, MP, BN1, NG1, STAGES, FIX1, DEFER1, ASM, XPRE1, True,
-               GRID_ORDER)
-    if PHASE == 0:
+               P, stride_xm, stride_o1m, stride_o1s, stride_q1, stride_s1, stride_hm, flow,
+               KPER2, BN1 // 2, FMT, CODE, GROUP, HAS_OFFSET, MP, BN1, NG1, STAGES, FIX1,
+               DEFER1, ASM, XPRE1, True, GRID_ORDER, SYNC_A, SPIN)
+    if PHASE == 0 and not DATAFLOW:
         grid_barrier(bar_ptr, P, SPIN, SLEEP)
-    if PDL:  # (only now: the next kernel's programs must not take a slot one of ours needs)
+    # PDL: the next kernel's programs launch once all of ours have passed here, so none can
+    # take a slot that one of ours still needs (all of ours were resident by then)
+    if PDL:
         gdc_launch_dependents()
     if PHASE != 1:
-        # (phase A's fix-up counters are all re-armed before the barrier: phase B reuses them)
+        # (phase A's fix-up counters are all re-armed before phase B: it reuses them)
         _phase(h_ptr, out2, q2, s2, o2, g2, y_ptr, cnt_ptr, M, N2, K2, KPER2, SPLIT2, T2, pid,
-               P, stride_hm, stride_o2m, stride_o2s, stride_q2, stride_s2, stride_ym, FMT, CODE,
-               GROUP, HAS_OFFSET, MP, BN2, NG2, STAGES, FIX2, DEFER2, ASM, XPRE2, False,
-               GRID_ORDER)
+               P, stride_hm, stride_o2m, stride_o2s, stride_q2, stride_s2, stride_ym, flow,
+               KPER2, BN1 // 2, FMT, CODE, GROUP, HAS_OFFSET, MP, BN2, NG2, STAGES, FIX2,
+               DEFER2, ASM, XPRE2, False, GRID_ORDER, SYNC_B, SPIN)
 
 
 def _operands(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]:
@@ -249,12 +292,14 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
                                 and all(q.data_ptr() % 16 == 0 and (q.stride(0) * 4) % 16 == 0
                                         for q in (q1, q2))) else 0
     items = max(grid1[0] * split1, grid2[0] * split2)
+    dataflow = (cfg.dataflow and split1 == 1 and kper2 % (c1.block_n // 2) == 0
+                and split2 <= SLICES_MAX.value)
     pdl = pdl_launch(x.device, items, forced=False) if fused else {"PDL": False}
     consts = dict(FMT=FMT_IDS[fmt], CODE=code, GROUP=group,
                   HAS_OFFSET=o1 is not None, MP=triton.next_power_of_2(m), STAGES=c1.stages,
                   ASM=x.is_cuda, BN1=c1.block_n, NG1=bk1 // group, FIX1=fix1, DEFER1=c1.defer,
                   XPRE1=c1.x_prefetch, SLEEP=cfg.sleep_ns,
-                  GRID_ORDER=cfg.grid_order, BN2=c2.block_n, NG2=bk2 // group, FIX2=fix2,
+                  GRID_ORDER=cfg.grid_order, DATAFLOW=dataflow, BN2=c2.block_n, NG2=bk2 // group, FIX2=fix2,
                   DEFER2=c2.defer, XPRE2=c2.x_prefetch, PREFETCH=prefetch, num_warps=c1.warps,
                   **pdl)
     o1 = o1 if o1 is not None else s1

@@ -33,6 +33,9 @@ from orbit.kernels._triton import tl, triton
 
 # Spins (one L2 atomic each, ~0.3-1 us) before a waiting program gives up and flags a timeout.
 SPIN_LIMIT = 1 << 24
+# The barrier's three words, then 64 for a kernel's own finer-grained counters (gemv_chain's
+# per-K-slice readiness: 32 producer counts, 32 reader counts), all left at 0 by each launch.
+BARRIER_WORDS = 3 + 64
 
 
 @triton.jit
@@ -66,7 +69,7 @@ def grid_barrier(bar_ptr, P, SPIN: tl.constexpr, SLEEP: tl.constexpr = 0):
 
 
 class BarrierWords:
-    """Three zeroed int32 words per (device, stream) for `grid_barrier` (kept, like
+    """BARRIER_WORDS zeroed int32 words per (device, stream) for `grid_barrier` (kept, like
     gemv.ArrivalCounters: a buffer first made during CUDA-graph capture is zeroed by the
     capture and stays alive for replays). Launches in stream order share them."""
 
@@ -75,12 +78,13 @@ class BarrierWords:
 
     def get(self, device: torch.device) -> Tensor:
         if device.type != "cuda":
-            return torch.zeros(3, dtype=torch.int32, device=device)
+            return torch.zeros(BARRIER_WORDS, dtype=torch.int32, device=device)
         idx = device.index if device.index is not None else torch.cuda.current_device()
         key = (idx, torch.cuda.current_stream(device).cuda_stream)
         buf = self._bufs.get(key)
         if buf is None:
-            buf = self._bufs[key] = torch.zeros(3, dtype=torch.int32, device=device)
+            buf = self._bufs[key] = torch.zeros(BARRIER_WORDS, dtype=torch.int32,
+                                                device=device)
         return buf
 
 

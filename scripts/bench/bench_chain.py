@@ -9,7 +9,10 @@ weights (codes + scales), the roofline (bytes / the copy bandwidth measured in t
 and the achieved fraction of it.
 
 Variants: `separate` (gemv(swiglu=True) + gemv, the engine's path without the chain), `chain`
-with prefetch 0 / 1 / 2 (ChainConfig.prefetch), `chain-p1x` (one program per SM).
+with prefetch 0 / 1 / 2 (ChainConfig.prefetch; the grid barrier), `chain-2launch-pf0` (the
+chain's kernel as two launches: its code without the barrier), `flow` (ChainConfig.dataflow:
+per-K-slice readiness counters instead of the barrier; `-grid`: work items in the separate
+launches' order).
 
     python scripts/bench/bench_chain.py [--formats int4,nvfp4,mxfp4] [--shapes 2048x6144,...]
         [--m 1] [--out FILE]
@@ -76,20 +79,18 @@ def main() -> None:
                     "chain-pf0": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=0)),
                     "chain-pf1": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=1)),
                     "chain-pf2": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=2)),
-                    "chain-pf0-sleep": lambda gu, dn: mlp_chain(
-                        x, gu, dn, ChainConfig(prefetch=0, sleep_ns=200)),
-                    "chain-p1x": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(programs=sms)),
-                    "chain-2launch": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(fused=False)),
                     "chain-2launch-pf0": lambda gu, dn: mlp_chain(
                         x, gu, dn, ChainConfig(fused=False, prefetch=0)),
-                    "chain-2launch-pf0-grid": lambda gu, dn: mlp_chain(
-                        x, gu, dn, ChainConfig(fused=False, prefetch=0, grid_order=True)),
-                    "chain-pf0-grid": lambda gu, dn: mlp_chain(
-                        x, gu, dn, ChainConfig(prefetch=0, grid_order=True)),
+                    "flow-pf0": lambda gu, dn: mlp_chain(
+                        x, gu, dn, ChainConfig(prefetch=0, dataflow=True)),
+                    "flow-pf0-grid": lambda gu, dn: mlp_chain(
+                        x, gu, dn, ChainConfig(prefetch=0, dataflow=True, grid_order=True)),
+                    "flow-pf1-grid": lambda gu, dn: mlp_chain(
+                        x, gu, dn, ChainConfig(prefetch=1, dataflow=True, grid_order=True)),
                 }
                 want = separate_mlp(x, *first)
                 for name, fn in variants.items():
-                    for pdl in (True, False) if name in ("separate", "chain-pf1") else (True,):
+                    for pdl in (True, False) if name in ("separate", "flow-pf0-grid") else (True,):
                         try:
                             same = torch.equal(fn(*first), want)
                             with pdl_scope(pdl):

@@ -53,7 +53,10 @@ def test_chain_matches_separate_launches(fmt: str, hid: int, inter: int, m: int)
     want = _separate(x, gu, dn, cfgs)
     assert not want.isnan().any()
     for cfg in (ChainConfig(fused=False), ChainConfig(prefetch=0), ChainConfig(prefetch=1),
-                ChainConfig(prefetch=2), ChainConfig(programs=7)):
+                ChainConfig(prefetch=2), ChainConfig(programs=7),
+                ChainConfig(prefetch=0, dataflow=True),
+                ChainConfig(prefetch=0, dataflow=True, grid_order=True),
+                ChainConfig(programs=7, dataflow=True)):
         got = mlp_chain(x, gu, dn, cfg, gemv_configs=cfgs)
         torch.cuda.synchronize()
         assert not barrier_timed_out(x.device), cfg
@@ -71,17 +74,19 @@ def test_engine_rule_takes_the_chain_at_batch_one() -> None:
     assert not mlp_chain_fits(torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16), gu, dn)
 
 
-def test_graph_replays_rearm_the_barrier() -> None:
+@pytest.mark.parametrize("dataflow", [False, True])
+def test_graph_replays_rearm_the_barrier(dataflow: bool) -> None:
     gu, dn = _weights("int4", 2048, 6144)
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
-    want = mlp_chain(x, gu, dn)
+    cfg = ChainConfig(dataflow=dataflow)
+    want = mlp_chain(x, gu, dn, cfg)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        mlp_chain(x, gu, dn)  # compile + occupancy outside the capture
+        mlp_chain(x, gu, dn, cfg)  # compile + occupancy outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
-            ys = [mlp_chain(x, gu, dn) for _ in range(8)]  # 8 barriers per replay
+            ys = [mlp_chain(x, gu, dn, cfg) for _ in range(8)]  # 8 chained launches a replay
         for _ in range(50):
             graph.replay()
         torch.cuda.synchronize()
@@ -89,6 +94,7 @@ def test_graph_replays_rearm_the_barrier() -> None:
     torch.cuda.current_stream().wait_stream(stream)
     assert all(torch.equal(y, want) for y in ys)
     assert words[0] == 0 and words[2] == 0, words  # arrivals re-armed, no timeout
+    assert not any(words[3:]), words  # the per-slice counters too
 
 
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])

@@ -144,10 +144,12 @@ if __name__ == "__main__":
     print_kernel_and_model_results(_kernel_cases, _model_checks)
 
 
+@pytest.mark.parametrize("dataflow", [False, True])
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
-def test_persistent_kernel_compiles_for_sm90(fmt: str) -> None:
-    """PHASE 0 (the grid barrier, PDL, both prefetches) compiles for sm_90 with Triton's own
-    ptxas, on a machine without a GPU: the interpreter never traces the barrier's spin loop."""
+def test_persistent_kernel_compiles_for_sm90(fmt: str, dataflow: bool) -> None:
+    """PHASE 0 (the grid barrier or the per-slice counters, PDL, both prefetches) compiles for
+    sm_90 with Triton's own ptxas, on a machine without a GPU: the interpreter never traces
+    the spin loops."""
     from pathlib import Path
 
     from triton.backends.compiler import GPUTarget
@@ -163,7 +165,7 @@ def test_persistent_kernel_compiles_for_sm90(fmt: str) -> None:
               "ASM": True, "BN1": 32, "NG1": 4 if fmt == "int4" else 16, "FIX1": False,
               "DEFER1": True, "XPRE1": True, "BN2": 32, "NG2": 4 if fmt == "int4" else 16,
               "FIX2": True, "DEFER2": True, "XPRE2": True, "PHASE": 0, "PREFETCH": 2,
-              "PDL": True, "SPIN": 1 << 24, "SLEEP": 100}
+              "PDL": True, "SPIN": 1 << 24, "SLEEP": 100, "DATAFLOW": dataflow}
     ptrs = {"x_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16", "cnt_ptr": "*i32",
             "bar_ptr": "*i32", "out1": "*bf16", "out2": "*fp32", "q1": "*i32", "q2": "*i32",
             "s1": "*bf16" if fmt == "int4" else "*fp8e4nv",
@@ -175,7 +177,8 @@ def test_persistent_kernel_compiles_for_sm90(fmt: str) -> None:
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     ptx = k.asm["ptx"]
     assert "griddepcontrol.wait" in ptx and "cp.async.bulk.prefetch.L2" in ptx
-    assert "nanosleep.u32" in ptx
+    assert ("nanosleep.u32" in ptx) != dataflow  # (the barrier's back-off)
     # the barrier: generation read with acquire, arrival acq_rel, release bump by the last
     assert "ld.global.gpu.acquire" in ptx and "atom.global.gpu.acq_rel.add" in ptx
+    # (dataflow: the producers' release increments, the readers' re-arm)
     assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
