@@ -70,13 +70,15 @@ class ChainConfig:
     item of the larger phase, or as many as are resident at once if fewer)."""
 
     fused: bool = True
-    prefetch: int = 1
+    # (defaults: the fastest form measured, H100 session 16: bulk L2 prefetch slower in every
+    # form, the dataflow counters in the separate launches' order faster than the barrier)
+    prefetch: int = 0
     programs: int = 0
     sleep_ns: int = 0  # grid_barrier's back-off between reads of the generation word
-    grid_order: bool = False  # work items in the separate launches' grid order (see _phase)
+    grid_order: bool = True  # work items in the separate launches' grid order (see _phase)
     # per-K-slice readiness counters instead of the grid barrier, where the gate/up GEMV is
     # unsplit and its tiles fall in whole down K-slices (else the barrier)
-    dataflow: bool = False
+    dataflow: bool = True
 
 
 @triton.jit
