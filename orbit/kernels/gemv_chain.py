@@ -58,8 +58,12 @@ from orbit.kernels.grid_barrier import (
 from orbit.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_launch, prefetch_l2
 from orbit.quant.qweight import QuantizedWeight
 
-# Rows (decode batch) the engine sends here. Measured at batch 1 only (docs/benchmarks.md).
+# What the engine sends here: rows (decode batch) and formats where the chain measured faster
+# than the two launches (H100, session 16, docs/benchmarks.md): INT4 at batch 1. NVFP4 at
+# batch 1 runs 8-row 1-warp tiles, 1536 work items a phase, and measured slower (2048x6144:
+# 29.3 vs 22.9 us); MXFP4 is not measured. `mlp_chain` itself takes all three.
 CHAIN_MAX_M = 1
+CHAIN_FORMATS = ("int4",)
 
 
 @dataclass(frozen=True)
@@ -228,12 +232,18 @@ def chain_operands_ok(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight
 def mlp_chain_fits(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
                    max_m: int = CHAIN_MAX_M) -> bool:
     """Whether the engine's MLP runs `mlp_chain(x, gate_up, down)`: `chain_operands_ok`, at
-    most max_m rows, and both separate forwards would be the plane GEMVs (the gate/up one
+    most max_m rows, a CHAIN_FORMATS format, and both separate forwards would be the plane GEMVs (the gate/up one
     storing SwiGLU), so the chain replaces exactly those launches."""
+    if (not chain_operands_ok(x, gate_up, down) or x.shape[0] > max_m
+            or gate_up.fmt not in CHAIN_FORMATS):
+        return False
+    return _gemv_routes(x, gate_up, down)
+
+
+def _gemv_routes(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight) -> bool:
+    """Both separate fast-mode forwards would be the plane GEMVs (gate/up storing SwiGLU)."""
     from orbit.kernels._qgemm import swiglu_fits, use_gemv
 
-    if not chain_operands_ok(x, gate_up, down) or x.shape[0] > max_m:
-        return False
     m, (n1, k1), (n2, k2) = x.shape[0], gate_up.shape, down.shape
     return (swiglu_fits(m, n1, k1, gate_up.fmt, False, x.device)
             and use_gemv(m, n2, k2, down.fmt, x.device))
@@ -253,11 +263,11 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
     """down(silu(gate(x)) * up(x)) [M, hidden] for x [M, hidden], gate_up the stacked gate/up
     weight [2 I, hidden] (gate rows first), down [hidden, I]; bit for bit the separate
     `gemv(swiglu=True)` and `gemv` launches with `gemv_configs` (default: what
-    `pick_gemv_config` gives each). Only where `mlp_chain_fits(..., max_m=16)`, or with
-    explicit `gemv_configs` `chain_operands_ok` (ValueError otherwise)."""
+    `pick_gemv_config` gives each). Only where `chain_operands_ok` and, without explicit
+    `gemv_configs`, both forwards route to the plane GEMVs (ValueError otherwise)."""
     cfg = config or ChainConfig()
-    ok = (chain_operands_ok(x, gate_up, down) if gemv_configs
-          else mlp_chain_fits(x, gate_up, down, max_m=16))
+    ok = chain_operands_ok(x, gate_up, down) and (gemv_configs is not None or _gemv_routes(
+        x, gate_up, down))
     if not ok:
         raise ValueError(f"mlp_chain: {gate_up.fmt} {tuple(gate_up.shape)} / {down.fmt} "
                          f"{tuple(down.shape)} with x {tuple(x.shape)} {x.dtype} on {x.device} "

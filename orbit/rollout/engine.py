@@ -176,11 +176,12 @@ class Engine:
     two launches per layer fewer at decode batch sizes, the same row arithmetic. Measured
     slower with PDL (H100, Qwen3-1.7B batch 1, same run: INT4 724 vs 752 tok/s, FP8 483 vs
     645, NVFP4 575 vs 578), so off by default; kept for GPUs and kernels where it pays.
-    chain_mlp: each decoder MLP at decode rows as one persistent launch (gate/up GEMV +
-    SwiGLU, a grid barrier, the down GEMV; AttnBatch.chain_mlp, orbit/kernels/gemv_chain.py)
-    where its layers are 4-bit plane-format decode GEMVs with no adapter active: the down
-    weights stream into L2 while the gate/up GEMV runs. The same bits as the two launches.
-    Off by default until measured (docs/rollout.md, "A persistent MLP launch").
+    chain_mlp: each batch-1 decoder MLP as one persistent launch (gate/up GEMV + SwiGLU, then
+    the down GEMV, each down item starting as soon as its input slice is stored;
+    AttnBatch.chain_mlp, orbit/kernels/gemv_chain.py) where its layers are INT4 plane-GEMV
+    decode forwards with no adapter active. The same bits as the two launches. None (default):
+    on for CUDA outside exact mode; measured +2.7% batch-1 decode (H100, Qwen3-1.7B INT4,
+    762 -> 783 tok/s, three runs; docs/rollout.md, "A persistent MLP launch").
     prefetch_weights: experimental (orbit/rollout/l2_prefetch.py): during decode steps on CUDA,
     prefetch the next block's frozen weights into L2 on a side stream while the current block
     computes. A hint only: the same bits. Measured much slower (H200, Qwen3-1.7B INT4 batch
@@ -219,7 +220,7 @@ class Engine:
         prefetch_weights: bool = False,
         fold_rope: bool = False,
         fold_norm: bool = False,
-        chain_mlp: bool = False,
+        chain_mlp: bool | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -253,7 +254,8 @@ class Engine:
         self.split_kv = (not exact) if split_kv is None else split_kv
         self.fold_rope = fold_rope
         self.fold_norm = fold_norm
-        self.chain_mlp = chain_mlp
+        self.chain_mlp = (self.device.type == "cuda" and not exact) if chain_mlp is None \
+            else chain_mlp
         self.overlap = (self.device.type == "cuda") if overlap is None else overlap
         self.pdl = pdl_available(self.device) if pdl is None else pdl
         self.vocab_size = self.config.vocab_size

@@ -72,6 +72,7 @@ def test_engine_rule_takes_the_chain_at_batch_one() -> None:
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
     assert mlp_chain_fits(x, gu, dn)
     assert not mlp_chain_fits(torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16), gu, dn)
+    assert not mlp_chain_fits(x, *_weights("nvfp4", 2048, 6144))  # measured slower there
 
 
 @pytest.mark.parametrize("dataflow", [False, True])
@@ -97,7 +98,7 @@ def test_graph_replays_rearm_the_barrier(dataflow: bool) -> None:
     assert not any(words[3:]), words  # the per-slice counters too
 
 
-@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["int4"])  # (CHAIN_FORMATS: where the engine takes it)
 def test_engine_bits_equal_with_and_without_chain(fmt: str) -> None:
     from gpu_models import bits, mixed_prompts, run_engine, small_qwen3
 
