@@ -1,30 +1,31 @@
-"""The decoder MLP at decode sizes as one persistent launch: gate/up GEMV + SwiGLU, a grid
-barrier, the down GEMV (`mlp_chain`). 4-bit plane formats (int4, nvfp4, mxfp4), fast mode.
+"""The decoder MLP at decode sizes as one persistent launch: gate/up GEMV + SwiGLU, then the
+down GEMV (`mlp_chain`). 4-bit plane formats (int4, nvfp4, mxfp4), fast mode.
 
 Why (docs/rollout.md, "A persistent MLP launch"): at batch 1 each decode GEMV of Qwen3-1.7B
-takes 5-10 us for 1-13 MB of weights (0.7-4.4 us of bytes on the H100); what is left is each
-launch's ramp, in which the first weight bytes arrive only after the kernel before it has
-finished. PDL already overlaps the launch itself; it cannot start the weight loads early,
-because a kernel may not read anything before `griddepcontrol.wait`. Weights are frozen,
-so a kernel that already holds the SMs can fetch the next GEMV's weights at any time. This
-launch does:
-- before waiting on the kernel before it (PDL), every program bulk-prefetches into L2 the
-  down-projection weight rows it will read in phase B (`ChainConfig.prefetch`: 0 none, 1 the
-  down weights, 2 the gate/up weights' too), so those bytes stream in while phase A runs;
+takes 5-10 us for 1-13 MB of weights (0.7-4.4 us of bytes on the H100). A kernel that holds
+the SMs across both GEMVs can start a down work item as soon as its input slice is ready,
+and could fetch frozen weights before the kernel before it has finished (PDL cannot: nothing
+may be read before `griddepcontrol.wait`). The launch:
+- optionally (`ChainConfig.prefetch`, off: measured slower), before the PDL wait, bulk-
+  prefetches into L2 the weight rows each program reads later;
 - phase A: the gate/up GEMV with SwiGLU in its store (gemv.plane_tile, the separate launch's
   own tile code, PAIR), work items (column tile, K-slice) strided over the programs;
-- a grid barrier (orbit/kernels/grid_barrier.py): every program is resident (the grid is
-  sized from the compiled kernel's occupancy) and waits until all of phase A's SwiGLU
-  outputs are stored;
-- phase B: the down GEMV on those outputs, same item scheme and split-K fix-up.
+- phase B: the down GEMV on those outputs, same item scheme and split-K fix-up. Each down
+  item waits for the gate/up tiles of its K-slice (`ChainConfig.dataflow`, per-slice counters)
+  or all programs meet at a grid barrier first (orbit/kernels/grid_barrier.py). Both need
+  every program resident: the grid is sized from the compiled kernel's occupancy.
 Each work item runs exactly the separate launch's program with the same tile, split and K
 order, so the output is bit for bit `gemv(swiglu=True)` followed by `gemv`, with the configs
 `pick_gemv_config` gives them (what the tests check). The next layer's residual add + norm
 stays a separate launch (RMSNorm.add_forward), as after the two GEMVs.
 
-Triton's interpreter runs programs one after another, where a grid barrier would wait
+Measured (H100, session 16): isolated, slower than the two PDL launches (Qwen3-1.7B INT4
+20.6 vs 16.8 us); in the engine, +2.7% batch-1 decode (783 vs 762 tok/s), so the engine takes
+it for INT4 at batch 1 (CHAIN_FORMATS, CHAIN_MAX_M). docs/benchmarks.md has the rows.
+
+Triton's interpreter runs programs one after another, where a waiting program would wait
 forever; there (and as a GPU reference, `ChainConfig(fused=False)`) the same kernel runs as
-two launches, PHASE 1 then PHASE 2, with the barrier compiled out.
+two launches, PHASE 1 then PHASE 2, with the synchronization compiled out.
 """
 
 from __future__ import annotations

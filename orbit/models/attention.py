@@ -186,9 +186,10 @@ class AttnBatch:
     # launches per layer fewer. A forward option the batch carries to every layer, as the two
     # above; False keeps the separate launches.
     fold_norm: bool = False
-    # the decoder MLP as one persistent launch (gate/up GEMV + SwiGLU, grid barrier, down GEMV)
-    # where its layers are quantized plane-format decode GEMVs with no adapter active
-    # (orbit/kernels/gemv_chain.py); the same bits. False keeps the two launches.
+    # the decoder MLP as one persistent launch (gate/up GEMV + SwiGLU, then the down GEMV)
+    # where `gemv_chain.mlp_chain_fits` (INT4 plane-GEMV decode forwards, batch 1) and no
+    # adapter is active (orbit/kernels/gemv_chain.py); the same bits. False keeps the two
+    # launches. The engine sets it (Engine.chain_mlp).
     chain_mlp: bool = False
     _meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
