@@ -43,6 +43,7 @@ from orbit.kernels.gemv import (
     GemvConfig,
     _as_words,
     arrival_counters,
+    gemv,
     num_sms,
     pick_gemv_config,
     plane_tile,
@@ -248,6 +249,20 @@ def _gemv_routes(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight) -> 
     m, (n1, k1), (n2, k2) = x.shape[0], gate_up.shape, down.shape
     return (swiglu_fits(m, n1, k1, gate_up.fmt, False, x.device)
             and use_gemv(m, n2, k2, down.fmt, x.device))
+
+
+def separate_mlp(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
+                 gemv_configs: tuple[GemvConfig, GemvConfig]) -> Tensor:
+    """The two launches `mlp_chain` replaces, with these configs: the gate/up plane GEMV
+    storing SwiGLU, then the down GEMV (into NaN-filled outputs: every element is written).
+    The reference the tests compare the chain with, bit for bit."""
+    h = x
+    for qw, cfg, swiglu in ((gate_up, gemv_configs[0], True), (down, gemv_configs[1], False)):
+        words, s, offset, gs, group = _operands(qw)
+        rows = qw.shape[0] // 2 if swiglu else qw.shape[0]
+        y = torch.full((x.shape[0], rows), float("nan"), device=x.device, dtype=x.dtype)
+        h = gemv(h, qw.fmt, qw.shape, words, s, offset, gs, group, y, cfg, swiglu=swiglu)
+    return h
 
 
 _RESIDENT: dict[tuple, Residency] = {}  # compiled variant -> what fits at once

@@ -18,6 +18,7 @@ launches' order).
         [--m 1] [--out FILE]
 """
 
+# ruff: noqa: B023  (every closure below is timed inside the loop iteration that made it)
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from orbit.kernels import gemv
 from orbit.kernels.gemv_chain import ChainConfig, chain_residency, mlp_chain
 from orbit.kernels.grid_barrier import barrier_timed_out
 from orbit.kernels.pdl import pdl_scope
@@ -40,7 +40,7 @@ from orbit.kernels.qmm_tune import graph_timer, l2_copies, weight_maker
 SHAPES = [(2048, 6144), (2560, 9728), (576, 1536)]  # (hidden, intermediate): Qwen3-1.7B/4B, SmolLM2
 
 
-def separate_mlp(x: torch.Tensor, gu, dn) -> torch.Tensor:
+def engine_mlp(x: torch.Tensor, gu, dn) -> torch.Tensor:
     """The engine's MLP without the chain: the gate/up GEMV storing SwiGLU, then down."""
     from orbit.kernels.dispatch import qmm, qmm_swiglu
 
@@ -60,7 +60,6 @@ def main() -> None:
     copy = copy_gbs()
     copies = l2_copies(dev)
     timer = graph_timer()
-    sms = gemv.num_sms(dev)
     rows = []
     print(f"{torch.cuda.get_device_name()}  copy {copy:.0f} GB/s")
     for fmt in args.formats.split(","):
@@ -75,7 +74,7 @@ def main() -> None:
             for m in (int(v) for v in args.m.split(",")):
                 x = torch.randn(m, hid, device=dev, dtype=torch.bfloat16)
                 variants = {
-                    "separate": lambda gu, dn: separate_mlp(x, gu, dn),
+                    "separate": lambda gu, dn: engine_mlp(x, gu, dn),
                     "chain-pf0": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=0)),
                     "chain-pf1": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=1)),
                     "chain-pf2": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=2)),
@@ -88,7 +87,7 @@ def main() -> None:
                     "flow-pf1-grid": lambda gu, dn: mlp_chain(
                         x, gu, dn, ChainConfig(prefetch=1, dataflow=True, grid_order=True)),
                 }
-                want = separate_mlp(x, *first)
+                want = engine_mlp(x, *first)
                 for name, fn in variants.items():
                     for pdl in (True, False) if name in ("separate", "flow-pf0-grid") else (True,):
                         try:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orbit.kernels import gemv
-from orbit.kernels.gemv_chain import ChainConfig, mlp_chain, mlp_chain_fits
+from orbit.kernels.gemv_chain import ChainConfig, mlp_chain, mlp_chain_fits, separate_mlp
 from orbit.kernels.grid_barrier import barrier_timed_out, barrier_words
 from orbit.kernels.random_weights import random_qweight
 
@@ -27,19 +27,6 @@ def _weights(fmt: str, hid: int, inter: int):
             random_qweight(fmt, hid, inter, seed=hid + 2, device="cuda", **kw))
 
 
-def _separate(x: torch.Tensor, gu, dn, cfgs) -> torch.Tensor:
-    def one(qw, inp, rows, cfg, swiglu):
-        t = qw.tensors
-        gs = t["global_scale"].reshape(1) if qw.fmt == "nvfp4" else None
-        group = {"nvfp4": 16, "mxfp4": 32}.get(qw.fmt, qw.group_size)
-        y = torch.full((inp.shape[0], rows), float("nan"), device="cuda", dtype=inp.dtype)
-        return gemv.gemv(inp, qw.fmt, qw.shape, t["qweight"], t["scale"], t.get("offset"), gs,
-                         group, y, cfg, swiglu=swiglu)
-
-    h = one(gu, x, gu.shape[0] // 2, cfgs[0], True)
-    return one(dn, h, dn.shape[0], cfgs[1], False)
-
-
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4", "mxfp4"])
 @pytest.mark.parametrize("hid,inter", SHAPES)
 @pytest.mark.parametrize("m", [1, 3])
@@ -50,7 +37,7 @@ def test_chain_matches_separate_launches(fmt: str, hid: int, inter: int, m: int)
     sms = gemv.num_sms(x.device)
     cfgs = (gemv.pick_gemv_config(m, 2 * inter, hid, fmt, sms),
             gemv.pick_gemv_config(m, hid, inter, fmt, sms))
-    want = _separate(x, gu, dn, cfgs)
+    want = separate_mlp(x, gu, dn, cfgs)
     assert not want.isnan().any()
     for cfg in (ChainConfig(fused=False), ChainConfig(prefetch=0), ChainConfig(prefetch=1),
                 ChainConfig(prefetch=2), ChainConfig(programs=7),

@@ -29,7 +29,7 @@ CASES = [
 
 def _kernel_cases() -> dict:
     from orbit.kernels import gemv
-    from orbit.kernels.gemv_chain import ChainConfig, mlp_chain
+    from orbit.kernels.gemv_chain import ChainConfig, mlp_chain, separate_mlp
     from orbit.kernels.random_weights import random_qweight
 
     out: dict = {}
@@ -41,17 +41,7 @@ def _kernel_cases() -> dict:
         cfgs = ((gemv.GemvConfig(*c1), gemv.GemvConfig(*c2)) if c1 else
                 (gemv.pick_gemv_config(m, 2 * inter, hid, fmt), gemv.pick_gemv_config(
                     m, hid, inter, fmt)))
-
-        def separate(qw, inp, rows, cfg, swiglu):
-            t = qw.tensors
-            gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
-            group = {"nvfp4": 16, "mxfp4": 32}.get(fmt, qw.group_size)
-            y = torch.full((m, rows), float("nan")).bfloat16()
-            return gemv.gemv(inp, fmt, qw.shape, t["qweight"], t["scale"], t.get("offset"), gs,
-                             group, y, cfg, swiglu=swiglu)
-
-        h = separate(gu, x, inter, cfgs[0], True)
-        want = separate(dn, h, hid, cfgs[1], False)
+        want = separate_mlp(x, gu, dn, cfgs)
         got = mlp_chain(x, gu, dn, ChainConfig(programs=progs, grid_order=i == 3),
                         gemv_configs=cfgs)
         wg, wu = gu.dequantize(torch.float64).split(inter)
