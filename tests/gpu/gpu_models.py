@@ -50,3 +50,17 @@ def run_engine(model: CausalLM, prompts: list[list[int]], sp, batch: int,
 def bits(completions: list) -> list[tuple[list[int], list[float]]]:
     """Tokens and log-probs of each completion, for bitwise comparisons."""
     return [(c.tokens, c.logprobs) for c in completions]
+
+
+def engine_on_off(fmt: str, flag: str, batch: int, prompt_seed: int) -> tuple[list, list]:
+    """(completions with Engine(flag=True), with flag=False) of the small `fmt` Qwen3 on
+    `batch` mixed prompts, sampling on (seeded), EOS ignored: for a launch option that must
+    not change what the engine samples."""
+    from orbit.rollout.types import SamplingParams
+
+    model = small_qwen3(fmt)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=24, ignore_eos=True, seed=3)
+    ps = mixed_prompts(prompt_seed)
+    _, off = run_engine(model, ps, sp, batch, **{flag: False})
+    _, on = run_engine(model, ps, sp, batch, **{flag: True})
+    return on, off

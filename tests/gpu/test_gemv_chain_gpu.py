@@ -87,13 +87,7 @@ def test_graph_replays_rearm_the_barrier(dataflow: bool) -> None:
 
 @pytest.mark.parametrize("fmt", ["int4"])  # (CHAIN_FORMATS: where the engine takes it)
 def test_engine_bits_equal_with_and_without_chain(fmt: str) -> None:
-    from gpu_models import bits, mixed_prompts, run_engine, small_qwen3
+    from gpu_models import bits, engine_on_off
 
-    from orbit.rollout.types import SamplingParams
-
-    model = small_qwen3(fmt)
-    sp = SamplingParams(temperature=1.0, max_new_tokens=24, ignore_eos=True, seed=3)
-    ps = mixed_prompts(6)
-    _, off = run_engine(model, ps, sp, 1, chain_mlp=False)
-    _, on = run_engine(model, ps, sp, 1, chain_mlp=True)
+    on, off = engine_on_off(fmt, "chain_mlp", 1, 6)
     assert bits(on) == bits(off)  # batch 1: every decode MLP is the chain, the same bits

@@ -65,15 +65,9 @@ def test_folded_norm_matches_separate_launch(fmt: str, m: int, k: int, n: int) -
 
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 def test_engine_tokens_equal_with_and_without_fold(fmt: str) -> None:
-    from gpu_models import bits, mixed_prompts, run_engine, small_qwen3
+    from gpu_models import bits, engine_on_off
 
-    from orbit.rollout.types import SamplingParams
-
-    model = small_qwen3(fmt)
-    sp = SamplingParams(temperature=1.0, max_new_tokens=24, ignore_eos=True, seed=3)
-    ps = mixed_prompts(5)
-    _, off = run_engine(model, ps, sp, 2, fold_norm=False)
-    _, on = run_engine(model, ps, sp, 2, fold_norm=True)
+    on, off = engine_on_off(fmt, "fold_norm", 2, 5)
     # 4-warp GEMVs give the separate launch's bits (above); the tokens, at least, agree
     assert [c.tokens for c in on] == [c.tokens for c in off]
     lp_on = torch.tensor([v for _, lps in bits(on) for v in lps])
