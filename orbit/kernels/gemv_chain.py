@@ -88,12 +88,24 @@ class ChainConfig:
 
 
 @triton.jit
+def _item(t, T, SPLIT, GRID_ORDER: tl.constexpr):
+    """Work item t's (column tile, K-slice): tile t // SPLIT, slice t % SPLIT (consecutive
+    programs take the slices of one tile), or with GRID_ORDER tile t % T, slice t // T (the
+    separate launch's grid order: consecutive programs take adjacent tiles)."""
+    if GRID_ORDER:
+        return t % T, t // T
+    else:
+        return t // SPLIT, t % SPLIT
+
+
+@triton.jit
 def _prefetch_rows(q_ptr, stride_q, N, K, K_PER, SPLIT, T, pid, P, BN: tl.constexpr,
-                   PAIR: tl.constexpr):
+                   PAIR: tl.constexpr, GRID_ORDER: tl.constexpr):
     """This program's weight rows of one phase (items pid, pid + P, ...) into L2."""
     for t in range(pid, T * SPLIT, P):
-        k_lo, k_hi, offs_n, row_ok = tile_slice(t // SPLIT, t % SPLIT, K_PER, K, N, BN, False,
-                                                PAIR, N // 2)
+        pid_n, pid_k = _item(t, T, SPLIT, GRID_ORDER)
+        k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False, PAIR,
+                                                N // 2)
         rows = tl.where(row_ok, offs_n, 0) * stride_q
         prefetch_l2(q_ptr + rows + k_lo // 8, tl.where(row_ok, (k_hi - k_lo) // 2, 0))
 
@@ -106,24 +118,17 @@ def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, 
            STAGES: tl.constexpr, FIXUP: tl.constexpr, DEFER: tl.constexpr, ASM: tl.constexpr,
            XPRE: tl.constexpr, PAIR: tl.constexpr, GRID_ORDER: tl.constexpr,
            SYNC: tl.constexpr, SPIN: tl.constexpr):
-    """One GEMV's work items for t = pid, pid + P, ...: column tile t // SPLIT, K-slice
-    t % SPLIT (GRID_ORDER: tile t % T, slice t // T, the separate launch's order), each the
-    separate launch's program (gemv.plane_tile, no LoRA, no norm). SYNC (the dataflow form,
+    """One GEMV's work items t = pid, pid + P, ... (_item), each the separate launch's program (gemv.plane_tile, no LoRA, no norm). SYNC (the dataflow form,
     see _mlp_chain_kernel): 1, after each item, signal the phase-B K-slice (of SLICE columns)
     its SwiGLU outputs fall in; 2, before each item, wait for its K-slice's HB_A-column
     producers, and after it count itself as a reader (the last re-arms both words)."""
     for t in range(pid, T * SPLIT, P):
-        if GRID_ORDER:  # the separate launch's grid order: consecutive programs, adjacent tiles
-            pid_n = t % T
-            pid_k = t // T
-        else:  # consecutive programs, the K-slices of one tile
-            pid_n = t // SPLIT
-            pid_k = t % SPLIT
+        pid_n, pid_k = _item(t, T, SPLIT, GRID_ORDER)
         k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False, PAIR,
                                                 N // 2)
         if SYNC == 2:
             need = tl.cdiv(k_hi - k_lo, HB_A)
-            _await_count(sync_ptr + pid_k, need, SPIN)
+            _await_count(sync_ptr + pid_k, need, sync_ptr - 1, SPIN)  # (bar_ptr + 2)
         # (the LoRA and norm operands are unused with LORA = 0 and NORM = False: s_ptr, 0)
         plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
                    stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, s_ptr, s_ptr,
@@ -147,14 +152,16 @@ SLICES_MAX = tl.constexpr(32)
 
 
 @triton.jit
-def _await_count(ptr, need, SPIN: tl.constexpr):
-    """Spin (acquire) until *ptr >= need, at most SPIN reads (then go on: the result is wrong,
-    but the GPU does not hang; the tests compare bits)."""
+def _await_count(ptr, need, flag_ptr, SPIN: tl.constexpr):
+    """Spin (acquire) until *ptr >= need, at most SPIN reads; then go on and set *flag_ptr (the
+    barrier's timeout word: a wrong result the host can detect, not a hung GPU)."""
     done = tl.atomic_add(ptr, 0, sem="acquire")
     spins = 0
     while (done < need) & (spins < SPIN):
         done = tl.atomic_add(ptr, 0, sem="acquire")
         spins += 1
+    if done < need:
+        tl.atomic_xchg(flag_ptr, 1, sem="relaxed")
     tl.debug_barrier()
 
 
@@ -181,9 +188,9 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
     # GPU reference). h = silu(x @ Wg^T) * (x @ Wu^T) [M, N1 / 2]; y = h @ Wd^T [M, N2].
     pid = tl.program_id(0)
     if PREFETCH >= 1:  # frozen weights: no dependence on the kernel before, so before the wait
-        _prefetch_rows(q2, stride_q2, N2, K2, KPER2, SPLIT2, T2, pid, P, BN2, False)
+        _prefetch_rows(q2, stride_q2, N2, K2, KPER2, SPLIT2, T2, pid, P, BN2, False, GRID_ORDER)
     if PREFETCH >= 2:
-        _prefetch_rows(q1, stride_q1, N1, K1, KPER1, SPLIT1, T1, pid, P, BN1, True)
+        _prefetch_rows(q1, stride_q1, N1, K1, KPER1, SPLIT1, T1, pid, P, BN1, True, GRID_ORDER)
     if PDL:
         gdc_wait()
     flow = bar_ptr + 3
@@ -322,14 +329,15 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
     items = max(grid1[0] * split1, grid2[0] * split2)
     dataflow = (cfg.dataflow and split1 == 1 and kper2 % (c1.block_n // 2) == 0
                 and split2 <= SLICES_MAX.value)
-    pdl = pdl_launch(x.device, items, forced=False) if fused else {"PDL": False}
-    consts = dict(FMT=FMT_IDS[fmt], CODE=code, GROUP=group,
-                  HAS_OFFSET=o1 is not None, MP=triton.next_power_of_2(m), STAGES=c1.stages,
-                  ASM=x.is_cuda, BN1=c1.block_n, NG1=bk1 // group, FIX1=fix1, DEFER1=c1.defer,
-                  XPRE1=c1.x_prefetch, SLEEP=cfg.sleep_ns,
-                  GRID_ORDER=cfg.grid_order, DATAFLOW=dataflow, BN2=c2.block_n, NG2=bk2 // group, FIX2=fix2,
-                  DEFER2=c2.defer, XPRE2=c2.x_prefetch, PREFETCH=prefetch, num_warps=c1.warps,
-                  **pdl)
+    want = min(items, cfg.programs) if cfg.programs > 0 else items
+    pdl = pdl_launch(x.device, want, forced=False) if fused else {"PDL": False}
+    consts = dict(FMT=FMT_IDS[fmt], CODE=code, GROUP=group, HAS_OFFSET=o1 is not None,
+                  MP=triton.next_power_of_2(m), STAGES=c1.stages, ASM=x.is_cuda,
+                  BN1=c1.block_n, NG1=bk1 // group, FIX1=fix1, DEFER1=c1.defer,
+                  XPRE1=c1.x_prefetch, BN2=c2.block_n, NG2=bk2 // group, FIX2=fix2,
+                  DEFER2=c2.defer, XPRE2=c2.x_prefetch, SLEEP=cfg.sleep_ns,
+                  GRID_ORDER=cfg.grid_order, DATAFLOW=dataflow, PREFETCH=prefetch,
+                  num_warps=c1.warps, **pdl)
     o1 = o1 if o1 is not None else s1
     o2 = o2 if o2 is not None else s2
     g1 = g1 if g1 is not None else s1
@@ -342,13 +350,12 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
                 out2, q2, s2, o2, g2, n2, k2, kper2, split2, grid2[0], so2m, so2s,
                 q2.stride(0), s2.stride(0), x.stride(0), h.stride(0), y.stride(0))
 
-    want = min(items, cfg.programs) if cfg.programs > 0 else items
     if not fused:
         p = want
         for phase in (1, 2):
             _mlp_chain_kernel[(p,)](*args(p), PHASE=phase, **consts)
         return y
-    key = (x.device.index, x.dtype, o1 is s1, tuple(sorted(consts.items())))
+    key = (x.device.index, x.dtype, tuple(sorted(consts.items())))
     resident = _RESIDENT.get(key)
     if resident is None:
         compiled = _mlp_chain_kernel.warmup(*args(1), PHASE=0, SPIN=SPIN_LIMIT, grid=(1,),

@@ -88,12 +88,32 @@ class BarrierWords:
         return buf
 
 
+    def take_timeouts(self, device: torch.device) -> int:
+        """How many of `device`'s word sets (one per stream, CUDA-graph capture streams
+        included) have their timeout flag set; clears the flags (synchronizes)."""
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        n = 0
+        for (d, _), buf in self._bufs.items():
+            if d == idx and bool(buf[2].item()):
+                buf[2].zero_()
+                n += 1
+        return n
+
+
 _WORDS = BarrierWords()  # process-wide on purpose: one set per device and stream
 
 
 def barrier_words(device: torch.device) -> Tensor:
     """The barrier words of the current stream of `device`."""
     return _WORDS.get(device)
+
+
+def take_timeouts(device: torch.device) -> int:
+    """Word sets of `device` (any stream) whose waits gave up since the last call; clears them.
+    A persistent launch's caller checks this where it can afford a sync (Engine.generate)."""
+    if device.type != "cuda":
+        return 0
+    return _WORDS.take_timeouts(device)
 
 
 def barrier_timed_out(device: torch.device) -> bool:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orbit.kernels.grid_barrier import take_timeouts
 from orbit.kernels.pdl import pdl_available, pdl_scope
 from orbit.models.attention import (
     VARLEN_PAGE,
@@ -487,6 +488,14 @@ class Engine:
                 secs[kind] += time.perf_counter() - ts
                 new_tokens += k
         dt = time.perf_counter() - t0
+        if self.chain_mlp and self.device.type == "cuda" and take_timeouts(self.device):
+            # a persistent MLP launch whose programs could not all be resident (another
+            # persistent launch on another stream of this GPU?) gave up waiting: its outputs,
+            # and so these completions, are wrong
+            raise RuntimeError("a persistent MLP launch (orbit/kernels/gemv_chain.py) timed out "
+                               "waiting for its other programs; the completions of this call "
+                               "are invalid. Run one chain_mlp engine per GPU at a time, or "
+                               "build the Engine with chain_mlp=False")
         self.last_stats = {
             "seconds": dt, "new_tokens": new_tokens, "tokens_per_s": new_tokens / max(dt, 1e-9),
             "prefill_steps": steps["prefill"], "decode_steps": steps["decode"],

@@ -91,3 +91,13 @@ def test_engine_bits_equal_with_and_without_chain(fmt: str) -> None:
 
     on, off = engine_on_off(fmt, "chain_mlp", 1, 6)
     assert bits(on) == bits(off)  # batch 1: every decode MLP is the chain, the same bits
+
+
+def test_timeouts_are_taken_once() -> None:
+    from orbit.kernels.grid_barrier import take_timeouts
+
+    dev = torch.device("cuda")
+    take_timeouts(dev)
+    barrier_words(dev)[2] = 1  # what a program that gave up waiting leaves
+    assert take_timeouts(dev) == 1  # Engine.generate raises on this
+    assert take_timeouts(dev) == 0 and not barrier_timed_out(dev)
