@@ -172,3 +172,16 @@ def test_persistent_kernel_compiles_for_sm90(fmt: str, dataflow: bool) -> None:
     assert "ld.global.gpu.acquire" in ptx and "atom.global.gpu.acq_rel.add" in ptx
     # (dataflow: the producers' release increments, the readers' re-arm)
     assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
+
+
+@pytest.mark.parametrize("hid,inter,ok", [(2048, 6144, True), (2560, 9728, True),
+                                          (576, 1536, False)])
+def test_engine_takes_only_the_dataflow_form(hid: int, inter: int, ok: bool) -> None:
+    """The engine's rule (mlp_chain_fits) asks for the dataflow form, which needs an unsplit
+    gate/up GEMV: the Qwen3 MLPs at batch 1 have one, SmolLM2's (96 column tiles, split 2) not."""
+    from orbit.kernels.gemv import pick_gemv_config
+    from orbit.kernels.gemv_chain import _dataflow_ok
+
+    c1 = pick_gemv_config(1, 2 * inter, hid, "int4", 132)
+    c2 = pick_gemv_config(1, hid, inter, "int4", 132)
+    assert _dataflow_ok(c1, c2, hid, inter, 32 if hid % 128 else 128) == ok
