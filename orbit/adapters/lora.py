@@ -85,13 +85,26 @@ class LoRALinear(SlottedAdapter):
         return self.decode_group.swiglu_output(self, up, x)
 
     def mlp_chain_with(self, up: nn.Module, down: nn.Module, x: Tensor) -> Tensor | None:
-        """The base layers' persistent MLP launch (QuantLinear.mlp_chain_with) where no adapter
-        of gate, up or down is active (the chain adds no LoRA delta); else None."""
-        bases = [getattr(m, "base", m) for m in (self, up, down)]
-        if any(getattr(m, "active_slot", None) is not None for m in (self, up, down)):
+        """down(silu(self(x)) * up(x)) from one persistent launch (orbit/kernels/gemv_chain.py):
+        the base layers' (QuantLinear.mlp_chain_with) where no adapter of gate, up or down is
+        active; with adapters active, where `gemv_chain.CHAIN_LORA` allows it, the decode
+        groups' epilogues inside the launch (LoRADecodeGroup.chain_plan); else None."""
+        if all(getattr(m, "active_slot", None) is None for m in (self, up, down)):
+            bases = [getattr(m, "base", m) for m in (self, up, down)]
+            fn = getattr(bases[0], "mlp_chain_with", None)
+            return fn(bases[1], bases[2], x) if fn is not None else None
+        from orbit.kernels import gemv_chain
+
+        down_group = getattr(down, "decode_group", None)
+        if not gemv_chain.CHAIN_LORA or self.decode_group is None or down_group is None:
             return None
-        fn = getattr(bases[0], "mlp_chain_with", None)
-        return fn(bases[1], bases[2], x) if fn is not None else None
+        x2d = x.reshape(-1, self.in_features)
+        hidden = torch.empty((x2d.shape[0], self.out_features), dtype=x.dtype, device=x.device)
+        plan = self.decode_group.chain_plan(self, up, x2d, down_group, hidden)
+        if plan is None or not gemv_chain.mlp_chain_fits(x2d, plan[0], plan[1]):
+            return None
+        y = gemv_chain.mlp_chain(x2d, plan[0], plan[1], lora=(plan[2], plan[3]), hidden=hidden)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def forward(self, x: Tensor) -> Tensor:
         if self.decode_group is not None:

@@ -141,6 +141,27 @@ class LoRADecodeGroup(MemberGroup):
         epis = self._epilogues(x, plan)
         return dispatch.qmm_swiglu(x, plan[0][0], epis[0]) if epis is not None else None
 
+    def chain_plan(self, gate: LoRALinear, up: nn.Module, x: Tensor, down_group: MemberGroup,
+                   hidden: Tensor) -> tuple[QuantizedWeight, QuantizedWeight, LoRAEpilogue,
+                                            LoRAEpilogue] | None:
+        """For one persistent MLP launch (orbit/kernels/gemv_chain.py) with every adapter
+        inside: (stacked gate/up weight, down weight, their LoRA epilogues, each computing
+        its h in the launch), where this group is exactly (gate, up) and serves x, the down
+        layer's group (one member, the same slot) serves `hidden` (the SwiGLU output buffer,
+        the down input), and both fold into one plane-GEMV launch; else None."""
+        if (self.members != [gate, up] or not self.serves(x)
+                or not isinstance(down_group, LoRADecodeGroup) or len(down_group.members) != 1
+                or not down_group.serves(hidden)
+                or down_group.members[0].active_slot != gate.active_slot):
+            return None
+        plans = self.fold_plan(x), down_group.fold_plan(hidden)
+        if any(p is None or len(p) != 1 for p in plans):
+            return None
+        epis = self._epilogues(x, plans[0]), down_group._epilogues(hidden, plans[1])
+        if any(e is None or e[0].a is None for e in epis):
+            return None
+        return plans[0][0][0], plans[1][0][0], epis[0][0], epis[1][0]
+
     def fold_plan(self, x: Tensor) -> list[tuple[QuantizedWeight, int, int]] | None:
         """The base launches that can add this group's deltas in their store, as (weight,
         first member, end member): one launch over the sibling group's stacked weight where

@@ -57,6 +57,7 @@ from orbit.kernels.grid_barrier import (
     grid_barrier,
     resident_programs,
 )
+from orbit.kernels.lora_epilogue import LoRAEpilogue, kernel_args, lora_shrink_role
 from orbit.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_launch, prefetch_l2
 from orbit.quant.qweight import QuantizedWeight
 
@@ -66,6 +67,10 @@ from orbit.quant.qweight import QuantizedWeight
 # 29.3 vs 22.9 us); MXFP4 is not measured. `mlp_chain` itself takes all three.
 CHAIN_MAX_M = 1
 CHAIN_FORMATS = ("int4",)
+# With adapters active (RL rollouts), the decode groups' LoRA epilogues inside the chain
+# (LoRALinear.mlp_chain_with). Written and checked bit for bit under the interpreter and
+# compiled for sm_90 (session 16), not yet run on a GPU: off until it is measured there.
+CHAIN_LORA = False
 
 
 @dataclass(frozen=True)
@@ -113,38 +118,58 @@ def _prefetch_rows(q_ptr, stride_q, N, K, K_PER, SPLIT, T, pid, P, BN: tl.conste
 @triton.jit
 def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, K_PER, SPLIT,
            T, pid, P, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
-           sync_ptr, SLICE, HB_A, FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+           sync_ptr, SLICE, HB_A, lh, a0, a1, a2, b0, b1, b2, LN0, LN1, LR, lscale, stride_lm,
+           hc, LSR, FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
            HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
            STAGES: tl.constexpr, FIXUP: tl.constexpr, DEFER: tl.constexpr, ASM: tl.constexpr,
            XPRE: tl.constexpr, PAIR: tl.constexpr, GRID_ORDER: tl.constexpr,
-           SYNC: tl.constexpr, SPIN: tl.constexpr):
-    """One GEMV's work items t = pid, pid + P, ... (_item), each the separate launch's program (gemv.plane_tile, no LoRA, no norm). SYNC (the dataflow form,
-    see _mlp_chain_kernel): 1, after each item, signal the phase-B K-slice (of SLICE columns)
-    its SwiGLU outputs fall in; 2, before each item, wait for its K-slice's HB_A-column
-    producers, and after it count itself as a reader (the last re-arms both words)."""
-    for t in range(pid, T * SPLIT, P):
-        pid_n, pid_k = _item(t, T, SPLIT, GRID_ORDER)
-        k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False, PAIR,
-                                                N // 2)
-        if SYNC == 2:
-            need = tl.cdiv(k_hi - k_lo, HB_A)
-            _await_count(sync_ptr + pid_k, need, sync_ptr - 1, SPIN)  # (bar_ptr + 2)
-        # (the LoRA and norm operands are unused with LORA = 0 and NORM = False: s_ptr, 0)
-        plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
-                   stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, s_ptr, s_ptr,
-                   s_ptr, s_ptr, 0, 0, 0, 0.0, 0, cnt_ptr, 0, N // 2, pid_n, pid_k, k_lo, k_hi,
-                   offs_n, row_ok, s_ptr, s_ptr, s_ptr, s_ptr, cnt_ptr, 0, 0.0, FMT, CODE,
-                   GROUP, HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER, ASM, XPRE, 0, 1, False,
-                   PAIR, False, 16)
-        if SYNC == 1:  # (unsplit: this item stored its SwiGLU outputs)
-            tl.debug_barrier()
-            tl.atomic_add(sync_ptr + (pid_n * (BN // 2)) // SLICE, 1, sem="release")
-        if SYNC == 2:
-            tl.debug_barrier()
-            read = tl.atomic_add(sync_ptr + SLICES_MAX + pid_k, 1, sem="acq_rel")
-            if read == T - 1:  # every tile has read this slice: re-arm for the next launch
-                tl.atomic_xchg(sync_ptr + pid_k, 0, sem="relaxed")
-                tl.atomic_xchg(sync_ptr + SLICES_MAX + pid_k, 0, sem="relaxed")
+           SYNC: tl.constexpr, SPIN: tl.constexpr, LORA: tl.constexpr, LRP: tl.constexpr,
+           SBK: tl.constexpr):
+    """One GEMV's work items t = pid, pid + P, ...: with LORA (members of a LoRA epilogue
+    whose h this launch computes, as the separate launch's shrink programs do), items
+    0..LSR-1 are shrink rows (lora_epilogue.lora_shrink_role: h row t), the others the
+    column-tile items (_item), each the separate launch's program (gemv.plane_tile, no norm;
+    its store waits for the shrink rows, lora_await_delta). A program takes its items in
+    increasing t, so every shrink row is done or in progress before any tile waits on it.
+    SYNC (the dataflow form, see _mlp_chain_kernel): 1, after each tile item, signal the
+    phase-B K-slice (of SLICE columns) its SwiGLU outputs fall in; 2, before each tile item,
+    wait for its K-slice's HB_A-column producers (a shrink row: for every slice), and after
+    it count itself as a reader (the last re-arms both words)."""
+    NS = 0
+    if LORA > 0:
+        NS = LSR
+    for t in range(pid, NS + T * SPLIT, P):
+        if t < NS:
+            if SYNC == 2:  # the row reads all of x: every slice's producers
+                for k in range(SPLIT):
+                    lo = k * K_PER
+                    _await_count(sync_ptr + k, tl.cdiv(tl.minimum(lo + K_PER, K) - lo, HB_A),
+                                 sync_ptr - 1, SPIN)
+            lora_shrink_role(t, x_ptr, stride_xm, M, K, a0, a1, a2, lh, stride_lm, hc, LR, LSR,
+                             LORA, MP, SBK)
+        else:
+            pid_n, pid_k = _item(t - NS, T, SPLIT, GRID_ORDER)
+            k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False,
+                                                    PAIR, N // 2)
+            if SYNC == 2:
+                need = tl.cdiv(k_hi - k_lo, HB_A)
+                _await_count(sync_ptr + pid_k, need, sync_ptr - 1, SPIN)  # (bar_ptr + 2)
+            # (the norm operands are unused with NORM = False: s_ptr, cnt_ptr, 0)
+            plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
+                       SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
+                       lh, b0, b1, b2, LN0, LN1, LR, lscale, stride_lm, hc, LSR, N // 2, pid_n,
+                       pid_k, k_lo, k_hi, offs_n, row_ok, s_ptr, s_ptr, s_ptr, s_ptr, cnt_ptr,
+                       0, 0.0, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER,
+                       ASM, XPRE, LORA, LRP, LORA > 0, PAIR, False, 16)
+            if SYNC == 1:  # (unsplit: this item stored its SwiGLU outputs)
+                tl.debug_barrier()
+                tl.atomic_add(sync_ptr + (pid_n * (BN // 2)) // SLICE, 1, sem="release")
+            if SYNC == 2:
+                tl.debug_barrier()
+                read = tl.atomic_add(sync_ptr + SLICES_MAX + pid_k, 1, sem="acq_rel")
+                if read == T - 1:  # every tile has read this slice: re-arm for the next launch
+                    tl.atomic_xchg(sync_ptr + pid_k, 0, sem="relaxed")
+                    tl.atomic_xchg(sync_ptr + SLICES_MAX + pid_k, 0, sem="relaxed")
 
 
 # Dataflow words: SLICES_MAX "producers done" counters, then SLICES_MAX "readers done".
@@ -171,6 +196,10 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
                       stride_q1, stride_s1,
                       out2, q2, s2, o2, g2, N2, K2, KPER2, SPLIT2, T2, stride_o2m, stride_o2s,
                       stride_q2, stride_s2, stride_xm, stride_hm, stride_ym,
+                      lh1, a01, a11, a21, b01, b11, b21, LN01, LN11, LR1, lscale1, stride_l1m,
+                      hc1, LSR1,
+                      lh2, a02, a12, a22, b02, b12, b22, LN02, LN12, LR2, lscale2, stride_l2m,
+                      hc2, LSR2,
                       FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
                       HAS_OFFSET: tl.constexpr, MP: tl.constexpr, STAGES: tl.constexpr,
                       ASM: tl.constexpr, BN1: tl.constexpr, NG1: tl.constexpr,
@@ -179,7 +208,9 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
                       DEFER2: tl.constexpr, XPRE2: tl.constexpr, PHASE: tl.constexpr,
                       PREFETCH: tl.constexpr = 0, PDL: tl.constexpr = False,
                       SPIN: tl.constexpr = 1 << 24, SLEEP: tl.constexpr = 0,
-                      GRID_ORDER: tl.constexpr = False, DATAFLOW: tl.constexpr = False):
+                      GRID_ORDER: tl.constexpr = False, DATAFLOW: tl.constexpr = False,
+                      LORA1: tl.constexpr = 0, LRP1: tl.constexpr = 1, SBK1: tl.constexpr = 16,
+                      LORA2: tl.constexpr = 0, LRP2: tl.constexpr = 1, SBK2: tl.constexpr = 16):
     # PHASE 0: both phases in one launch (every program resident: the launch sizes P for
     # that), phase B after a grid barrier, or with DATAFLOW (phase A unsplit) each phase-B item
     # as soon as the phase-A tiles of its K-slice have stored (per-slice counters in
@@ -199,8 +230,9 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
     if PHASE != 2:
         _phase(x_ptr, out1, q1, s1, o1, g1, h_ptr, cnt_ptr, M, N1, K1, KPER1, SPLIT1, T1, pid,
                P, stride_xm, stride_o1m, stride_o1s, stride_q1, stride_s1, stride_hm, flow,
-               KPER2, BN1 // 2, FMT, CODE, GROUP, HAS_OFFSET, MP, BN1, NG1, STAGES, FIX1,
-               DEFER1, ASM, XPRE1, True, GRID_ORDER, SYNC_A, SPIN)
+               KPER2, BN1 // 2, lh1, a01, a11, a21, b01, b11, b21, LN01, LN11, LR1, lscale1,
+               stride_l1m, hc1, LSR1, FMT, CODE, GROUP, HAS_OFFSET, MP, BN1, NG1, STAGES, FIX1,
+               DEFER1, ASM, XPRE1, True, GRID_ORDER, SYNC_A, SPIN, LORA1, LRP1, SBK1)
     if PHASE == 0 and not DATAFLOW:
         grid_barrier(bar_ptr, P, SPIN, SLEEP)
     # PDL: the next kernel's programs launch once all of ours have passed here, so none can
@@ -211,8 +243,9 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
         # (phase A's fix-up counters are all re-armed before phase B: it reuses them)
         _phase(h_ptr, out2, q2, s2, o2, g2, y_ptr, cnt_ptr, M, N2, K2, KPER2, SPLIT2, T2, pid,
                P, stride_hm, stride_o2m, stride_o2s, stride_q2, stride_s2, stride_ym, flow,
-               KPER2, BN1 // 2, FMT, CODE, GROUP, HAS_OFFSET, MP, BN2, NG2, STAGES, FIX2,
-               DEFER2, ASM, XPRE2, False, GRID_ORDER, SYNC_B, SPIN)
+               KPER2, BN1 // 2, lh2, a02, a12, a22, b02, b12, b22, LN02, LN12, LR2, lscale2,
+               stride_l2m, hc2, LSR2, FMT, CODE, GROUP, HAS_OFFSET, MP, BN2, NG2, STAGES, FIX2,
+               DEFER2, ASM, XPRE2, False, GRID_ORDER, SYNC_B, SPIN, LORA2, LRP2, SBK2)
 
 
 def _operands(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]:
@@ -281,16 +314,20 @@ def _gemv_routes(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight) -> 
 
 
 def separate_mlp(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
-                 gemv_configs: tuple[GemvConfig, GemvConfig]) -> Tensor:
-    """The two launches `mlp_chain` replaces, with these configs: the gate/up plane GEMV
-    storing SwiGLU, then the down GEMV (into NaN-filled outputs: every element is written).
-    The reference the tests compare the chain with, bit for bit."""
+                 gemv_configs: tuple[GemvConfig, GemvConfig],
+                 lora: tuple[LoRAEpilogue | None, LoRAEpilogue | None] | None = None
+                 ) -> Tensor:
+    """The two launches `mlp_chain` replaces, with these configs (and LoRA epilogues): the
+    gate/up plane GEMV storing SwiGLU, then the down GEMV (into NaN-filled outputs: every
+    element is written). The reference the tests compare the chain with, bit for bit."""
     h = x
-    for qw, cfg, swiglu in ((gate_up, gemv_configs[0], True), (down, gemv_configs[1], False)):
+    for qw, cfg, swiglu, epi in ((gate_up, gemv_configs[0], True, (lora or (None,))[0]),
+                                 (down, gemv_configs[1], False, (lora or (None, None))[1])):
         words, s, offset, gs, group = _operands(qw)
         rows = qw.shape[0] // 2 if swiglu else qw.shape[0]
         y = torch.full((x.shape[0], rows), float("nan"), device=x.device, dtype=x.dtype)
-        h = gemv(h, qw.fmt, qw.shape, words, s, offset, gs, group, y, cfg, swiglu=swiglu)
+        h = gemv(h, qw.fmt, qw.shape, words, s, offset, gs, group, y, cfg, lora=epi,
+                 swiglu=swiglu)
     return h
 
 
@@ -304,12 +341,18 @@ def chain_residency() -> list[Residency]:
 
 def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
               config: ChainConfig | None = None,
-              gemv_configs: tuple[GemvConfig, GemvConfig] | None = None) -> Tensor:
+              gemv_configs: tuple[GemvConfig, GemvConfig] | None = None,
+              lora: tuple[LoRAEpilogue | None, LoRAEpilogue | None] | None = None,
+              hidden: Tensor | None = None) -> Tensor:
     """down(silu(gate(x)) * up(x)) [M, hidden] for x [M, hidden], gate_up the stacked gate/up
     weight [2 I, hidden] (gate rows first), down [hidden, I]; bit for bit the separate
     `gemv(swiglu=True)` and `gemv` launches with `gemv_configs` (default: what
     `pick_gemv_config` gives each). Only where `chain_operands_ok` and, without explicit
-    `gemv_configs`, both forwards route to the plane GEMVs (ValueError otherwise)."""
+    `gemv_configs`, both forwards route to the plane GEMVs (ValueError otherwise).
+    `lora`: (gate/up epilogue, down epilogue), either None, each with its A (this launch
+    computes h, as the separate launches do): the adapters' deltas added in the stores, bit
+    for bit `gemv(..., lora=)`. `hidden`: the SwiGLU output buffer [M, I] (the down
+    epilogue's input; a fresh one if None)."""
     cfg = config or ChainConfig()
     ok = chain_operands_ok(x, gate_up, down) and (gemv_configs is not None or _gemv_routes(
         x, gate_up, down))
@@ -327,7 +370,14 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
                          f"and stages; got {c1} and {c2}")
     q1, s1, o1, g1, group = _operands(gate_up)
     q2, s2, o2, g2, _ = _operands(down)
-    h = torch.empty((m, n1 // 2), device=x.device, dtype=x.dtype)
+    h = hidden if hidden is not None else torch.empty((m, n1 // 2), device=x.device,
+                                                       dtype=x.dtype)
+    if h.shape != (m, n1 // 2) or h.dtype != x.dtype or h.stride(-1) != 1:
+        raise ValueError(f"mlp_chain: hidden must be [{m}, {n1 // 2}] {x.dtype}, unit column "
+                         f"stride; got {tuple(h.shape)} {h.dtype}")
+    epi1, epi2 = lora or (None, None)
+    if any(e is not None and e.a is None for e in (epi1, epi2)):
+        raise ValueError("mlp_chain: a LoRA epilogue needs its A (the launch computes h)")
     y = torch.empty((m, n2), device=x.device, dtype=x.dtype)
     bk1, bk2 = max(c1.block_k, group), max(c2.block_k, group)
     # (PAIR forces the fix-up for a split, as in gemv(swiglu=True))
@@ -348,7 +398,11 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
     prefetch = cfg.prefetch if (x.is_cuda and k1 % 32 == 0 and k2 % 32 == 0
                                 and all(q.data_ptr() % 16 == 0 and (q.stride(0) * 4) % 16 == 0
                                         for q in (q1, q2))) else 0
-    items = max(grid1[0] * split1, grid2[0] * split2)
+    words = barrier_words(x.device)
+    largs1, lconst1 = kernel_args(epi1, x, h, words[67:69], epi1 is not None, n1)
+    largs2, lconst2 = kernel_args(epi2, h, y, words[69:71], epi2 is not None)
+    shrink_rows = (largs1[-1] if epi1 is not None else 0, largs2[-1] if epi2 is not None else 0)
+    items = max(shrink_rows[0] + grid1[0] * split1, shrink_rows[1] + grid2[0] * split2)
     dataflow = cfg.dataflow and _dataflow_ok(c1, c2, k1, k2, group)
     want = min(items, cfg.programs) if cfg.programs > 0 else items
     pdl = pdl_launch(x.device, want, forced=False) if fused else {"PDL": False}
@@ -358,6 +412,8 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
                   XPRE1=c1.x_prefetch, BN2=c2.block_n, NG2=bk2 // group, FIX2=fix2,
                   DEFER2=c2.defer, XPRE2=c2.x_prefetch, SLEEP=cfg.sleep_ns,
                   GRID_ORDER=cfg.grid_order, DATAFLOW=dataflow, PREFETCH=prefetch,
+                  LORA1=lconst1["LORA"], LRP1=lconst1["LRP"], SBK1=lconst1["SBK"],
+                  LORA2=lconst2["LORA"], LRP2=lconst2["LRP"], SBK2=lconst2["SBK"],
                   num_warps=c1.warps, **pdl)
     o1 = o1 if o1 is not None else s1
     o2 = o2 if o2 is not None else s2
@@ -365,14 +421,17 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
     g2 = g2 if g2 is not None else s2
 
     def args(p: int) -> tuple:
-        return (x, h, y, cnt, barrier_words(x.device), m, p,
+        return (x, h, y, cnt, words, m, p,
                 out1, q1, s1, o1, g1, n1, k1, kper1, split1, grid1[0], so1m, so1s,
                 q1.stride(0), s1.stride(0),
                 out2, q2, s2, o2, g2, n2, k2, kper2, split2, grid2[0], so2m, so2s,
-                q2.stride(0), s2.stride(0), x.stride(0), h.stride(0), y.stride(0))
+                q2.stride(0), s2.stride(0), x.stride(0), h.stride(0), y.stride(0),
+                *largs1, *largs2)
 
     if not fused:
-        p = want
+        # (the interpreter runs programs in order: with LoRA every item gets its own program,
+        # so the shrink rows, the first programs, finish before any tile waits on them)
+        p = items if lora is not None else want
         for phase in (1, 2):
             _mlp_chain_kernel[(p,)](*args(p), PHASE=phase, **consts)
         return y

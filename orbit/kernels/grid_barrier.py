@@ -33,9 +33,10 @@ from orbit.kernels._triton import tl, triton
 
 # Spins (one L2 atomic each, ~0.3-1 us) before a waiting program gives up and flags a timeout.
 SPIN_LIMIT = 1 << 24
-# The barrier's three words, then 64 for a kernel's own finer-grained counters (gemv_chain's
-# per-K-slice readiness: 32 producer counts, 32 reader counts), all left at 0 by each launch.
-BARRIER_WORDS = 3 + 64
+# The barrier's three words, then 68 for a kernel's own finer-grained counters (gemv_chain:
+# per-K-slice readiness, 32 producer counts and 32 reader counts; two LoRA shrink counter
+# pairs), all left at 0 by each launch.
+BARRIER_WORDS = 3 + 64 + 4
 
 
 @triton.jit

@@ -101,3 +101,37 @@ def test_timeouts_are_taken_once() -> None:
     barrier_words(dev)[2] = 1  # what a program that gave up waiting leaves
     assert take_timeouts(dev) == 1  # Engine.generate raises on this
     assert take_timeouts(dev) == 0 and not barrier_timed_out(dev)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_chain_with_lora_matches_separate_launches(fmt: str) -> None:
+    """Both GEMVs with their LoRA epilogues inside (h computed by the launch's shrink rows),
+    persistent, barrier and dataflow forms, bit for bit the separate `gemv(..., lora=)`
+    launches (gemv_chain.CHAIN_LORA gates only the engine's use of this)."""
+    from orbit.kernels.lora_epilogue import LoRAEpilogue
+
+    torch.manual_seed(5)
+    hid, inter, r = 2048, 6144, 16
+    gu, dn = _weights(fmt, hid, inter)
+    x = torch.randn(1, hid, device="cuda", dtype=torch.bfloat16)
+    a = [(torch.randn(r, k, device="cuda") * 0.05).bfloat16() for k in (hid, hid, inter)]
+    b = [(torch.randn(n, r, device="cuda") * 0.05).bfloat16() for n in (inter, inter, hid)]
+
+    def epis():
+        nan = float("nan")
+        return (LoRAEpilogue(torch.full((1, 2 * r), nan, device="cuda").bfloat16(),
+                             (b[0], b[1]), 2.0, (a[0], a[1])),
+                LoRAEpilogue(torch.full((1, r), nan, device="cuda").bfloat16(), (b[2],), 2.0,
+                             (a[2],)))
+
+    sms = gemv.num_sms(x.device)
+    cfgs = (gemv.pick_gemv_config(1, 2 * inter, hid, fmt, sms),
+            gemv.pick_gemv_config(1, hid, inter, fmt, sms))
+    want = separate_mlp(x, gu, dn, cfgs, lora=epis())
+    assert not want.isnan().any() and not torch.equal(want, separate_mlp(x, gu, dn, cfgs))
+    for cfg in (ChainConfig(), ChainConfig(dataflow=False), ChainConfig(programs=7)):
+        got = mlp_chain(x, gu, dn, cfg, gemv_configs=cfgs, lora=epis())
+        torch.cuda.synchronize()
+        assert not barrier_timed_out(x.device), cfg
+        assert torch.equal(got, want), cfg
+    assert not any(barrier_words(x.device)[3:].tolist())  # every counter re-armed

@@ -30,9 +30,11 @@ CASES = [
 def _kernel_cases() -> dict:
     from orbit.kernels import gemv
     from orbit.kernels.gemv_chain import ChainConfig, mlp_chain, separate_mlp
+    from orbit.kernels.lora_epilogue import LoRAEpilogue
     from orbit.kernels.random_weights import random_qweight
 
     out: dict = {}
+    out_plain: dict = {}
     for i, (fmt, kw, hid, inter, m, c1, c2, progs) in enumerate(CASES):
         g = torch.Generator().manual_seed(70 + i)
         gu = random_qweight(fmt, 2 * inter, hid, seed=80 + i, **kw)
@@ -44,6 +46,7 @@ def _kernel_cases() -> dict:
         want = separate_mlp(x, gu, dn, cfgs)
         got = mlp_chain(x, gu, dn, ChainConfig(programs=progs, grid_order=i == 3),
                         gemv_configs=cfgs)
+        out_plain[i] = got
         wg, wu = gu.dequantize(torch.float64).split(inter)
         x64 = x.double()
         ref = (torch.nn.functional.silu(x64 @ wg.T) * (x64 @ wu.T)) @ dn.dequantize(
@@ -51,37 +54,66 @@ def _kernel_cases() -> dict:
         out[str(i)] = {"nan": bool(got.isnan().any()), "equal": torch.equal(got, want),
                        "err": ((got.double() - ref).norm() / ref.norm()).item(),
                        "splits": [c.split for c in cfgs]}
+        # with LoRA on both GEMVs (h computed in the launch, as the separate launches do)
+        r = 8
+        a = [(torch.randn(r, k, generator=g) * 0.2).bfloat16() for k in (hid, hid, inter)]
+        b = [(torch.randn(n, r, generator=g) * 0.5).bfloat16() for n in (inter, inter, hid)]
+
+        def epis(m=m, a=a, b=b, r=r):
+            return (LoRAEpilogue(torch.full((m, 2 * r), float("nan")).bfloat16(),
+                                 (b[0], b[1]), 1.5, (a[0], a[1])),
+                    LoRAEpilogue(torch.full((m, r), float("nan")).bfloat16(), (b[2],), 1.5,
+                                 (a[2],)))
+
+        want = separate_mlp(x, gu, dn, cfgs, lora=epis())
+        got = mlp_chain(x, gu, dn, ChainConfig(programs=progs, grid_order=i == 3), cfgs,
+                        lora=epis())
+        out[f"{i}-lora"] = {"nan": bool(got.isnan().any()), "equal": torch.equal(got, want),
+                            "moved": not torch.equal(got, out_plain[i])}
     return out
 
 
 def _model_checks() -> dict:
     """A tiny INT4 Qwen3 (siblings stacked), batch-1 forward in inference mode with
     AttnBatch.chain_mlp: each layer's MLP is one chain launch, with the logits of the
-    separate launches."""
-    from tiny_qwen3 import tiny_qwen3
+    separate launches; the same with a LoRA adapter active on every linear (decode groups
+    linked, gemv_chain.CHAIN_LORA on), against the separate launches with the deltas in
+    their stores."""
+    from tiny_qwen3 import tiny_qwen3, with_active_lora
 
     import orbit.kernels.dispatch as dmod
     import orbit.kernels.gemv_chain as chain
+    from orbit.adapters.lora_decode import link_lora_decode
     from orbit.models.attention import AttnBatch
     from orbit.quant.convert import convert_linears
     from orbit.quant.siblings import fuse_siblings
 
-    real_on_gpu, real_chain = dmod._on_gpu, chain.mlp_chain
+    real_on_gpu, real_chain, real_lora = dmod._on_gpu, chain.mlp_chain, chain.CHAIN_LORA
     dmod._on_gpu = lambda x: x.dtype in (torch.bfloat16, torch.float16)
-    model = tiny_qwen3(seed=9).to(torch.bfloat16)
-    convert_linears(model, "int4", group_size=32, cache_dequantized=False)
-    fuse_siblings(model)
-    ids, pos = torch.tensor([17]), torch.tensor([0])
-    calls: list[int] = []
-    chain.mlp_chain = lambda *a, **kw: calls.append(a[0].shape[0]) or real_chain(*a, **kw)
-    with torch.inference_mode():
-        res = {}
-        for on in (True, False):
-            attn = AttnBatch.packed(torch.tensor([0, 1]))
-            attn.chain_mlp = on
-            res[on] = model.logits(model(ids, pos, attn))
-    chain.mlp_chain, dmod._on_gpu = real_chain, real_on_gpu
-    return {"calls": len(calls), "equal": torch.equal(res[True], res[False])}
+    chain.CHAIN_LORA = True
+    calls: list[bool] = []
+    chain.mlp_chain = lambda *a, **kw: calls.append(kw.get("lora") is not None) or real_chain(
+        *a, **kw)
+    out = {}
+    for adapter in (False, True):
+        model = tiny_qwen3(seed=9).to(torch.bfloat16)
+        convert_linears(model, "int4", group_size=32, cache_dequantized=False)
+        fuse_siblings(model)
+        if adapter:
+            with_active_lora(model, torch.bfloat16)
+            link_lora_decode(model)
+        ids, pos = torch.tensor([17]), torch.tensor([0])
+        calls.clear()
+        with torch.inference_mode():
+            res = {}
+            for on in (True, False):
+                attn = AttnBatch.packed(torch.tensor([0, 1]))
+                attn.chain_mlp = on
+                res[on] = model.logits(model(ids, pos, attn))
+        out["lora" if adapter else "base"] = {"calls": len(calls), "with_lora": sum(calls),
+                                              "equal": torch.equal(res[True], res[False])}
+    chain.mlp_chain, dmod._on_gpu, chain.CHAIN_LORA = real_chain, real_on_gpu, real_lora
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +131,24 @@ def test_chain_equals_separate_launches(interp: dict, case: int) -> None:
     assert r["err"] < 1e-2, r
 
 
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_chain_with_lora_equals_separate_launches(interp: dict, case: int) -> None:
+    r = interp[f"{case}-lora"]
+    assert not r["nan"], r
+    assert r["equal"], r  # the shrink rows and the deltas of gemv(..., lora=) in each store
+    assert r["moved"], r  # (and the adapters did change the output)
+
+
 def test_cases_cover_split_k_in_both_phases(interp: dict) -> None:
     splits = [interp[str(i)]["splits"] for i in range(len(CASES))]
     assert any(s[0] > 1 for s in splits) and any(s[1] > 1 for s in splits), splits
 
 
-def test_model_decode_mlp_takes_the_chain(interp: dict) -> None:
-    r = interp["model"]
+@pytest.mark.parametrize("key", ["base", "lora"])
+def test_model_decode_mlp_takes_the_chain(interp: dict, key: str) -> None:
+    r = interp["model"][key]
     assert r["calls"] == 2, r  # one chain launch per layer (2 layers)
+    assert r["with_lora"] == (2 if key == "lora" else 0), r
     assert r["equal"], r
 
 
@@ -134,9 +176,10 @@ if __name__ == "__main__":
     print_kernel_and_model_results(_kernel_cases, _model_checks)
 
 
+@pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("dataflow", [False, True])
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
-def test_persistent_kernel_compiles_for_sm90(fmt: str, dataflow: bool) -> None:
+def test_persistent_kernel_compiles_for_sm90(fmt: str, dataflow: bool, lora: bool) -> None:
     """PHASE 0 (the grid barrier or the per-slice counters, PDL, both prefetches) compiles for
     sm_90 with Triton's own ptxas, on a machine without a GPU: the interpreter never traces
     the spin loops."""
@@ -155,12 +198,17 @@ def test_persistent_kernel_compiles_for_sm90(fmt: str, dataflow: bool) -> None:
               "ASM": True, "BN1": 32, "NG1": 4 if fmt == "int4" else 16, "FIX1": False,
               "DEFER1": True, "XPRE1": True, "BN2": 32, "NG2": 4 if fmt == "int4" else 16,
               "FIX2": True, "DEFER2": True, "XPRE2": True, "PHASE": 0, "PREFETCH": 2,
-              "PDL": True, "SPIN": 1 << 24, "SLEEP": 100, "DATAFLOW": dataflow}
+              "PDL": True, "SPIN": 1 << 24, "SLEEP": 100, "DATAFLOW": dataflow,
+              "LORA1": 2 if lora else 0, "LRP1": 16, "SBK1": 256, "LORA2": 1 if lora else 0,
+              "LRP2": 16, "SBK2": 256}
     ptrs = {"x_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16", "cnt_ptr": "*i32",
             "bar_ptr": "*i32", "out1": "*bf16", "out2": "*fp32", "q1": "*i32", "q2": "*i32",
             "s1": "*bf16" if fmt == "int4" else "*fp8e4nv",
             "s2": "*bf16" if fmt == "int4" else "*fp8e4nv", "o1": "*bf16", "o2": "*bf16",
-            "g1": "*fp32", "g2": "*fp32"}
+            "g1": "*fp32", "g2": "*fp32", "hc1": "*i32", "hc2": "*i32", "lscale1": "fp32",
+            "lscale2": "fp32"}
+    for i in "12":  # the LoRA epilogues' h, A and B
+        ptrs.update({f"{t}{i}": "*bf16" for t in ("lh", "a0", "a1", "a2", "b0", "b1", "b2")})
     fn = _mlp_chain_kernel
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
