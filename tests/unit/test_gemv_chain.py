@@ -79,14 +79,11 @@ def _model_checks() -> dict:
     separate launches; the same with a LoRA adapter active on every linear (decode groups
     linked, gemv_chain.CHAIN_LORA on), against the separate launches with the deltas in
     their stores."""
-    from tiny_qwen3 import tiny_qwen3, with_active_lora
+    from tiny_qwen3 import tiny_int4_decoder
 
     import orbit.kernels.dispatch as dmod
     import orbit.kernels.gemv_chain as chain
-    from orbit.adapters.lora_decode import link_lora_decode
     from orbit.models.attention import AttnBatch
-    from orbit.quant.convert import convert_linears
-    from orbit.quant.siblings import fuse_siblings
 
     real_on_gpu, real_chain, real_lora = dmod._on_gpu, chain.mlp_chain, chain.CHAIN_LORA
     dmod._on_gpu = lambda x: x.dtype in (torch.bfloat16, torch.float16)
@@ -96,12 +93,7 @@ def _model_checks() -> dict:
         *a, **kw)
     out = {}
     for adapter in (False, True):
-        model = tiny_qwen3(seed=9).to(torch.bfloat16)
-        convert_linears(model, "int4", group_size=32, cache_dequantized=False)
-        fuse_siblings(model)
-        if adapter:
-            with_active_lora(model, torch.bfloat16)
-            link_lora_decode(model)
+        model = tiny_int4_decoder(adapter)
         ids, pos = torch.tensor([17]), torch.tensor([0])
         calls.clear()
         with torch.inference_mode():

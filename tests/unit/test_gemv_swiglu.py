@@ -79,12 +79,9 @@ def _model_checks() -> dict:
     """A tiny INT4 Qwen3 (siblings stacked), batch-1 forwards in inference mode: the MLP's
     gate/up GEMV stores SwiGLU itself, with and without LoRA; the same logits as the separate
     launches (dispatch.qmm_swiglu switched off)."""
-    from tiny_qwen3 import tiny_qwen3, with_active_lora
+    from tiny_qwen3 import tiny_int4_decoder
 
     import orbit.kernels.dispatch as dmod
-    from orbit.adapters.lora_decode import link_lora_decode
-    from orbit.quant.convert import convert_linears
-    from orbit.quant.siblings import fuse_siblings
 
     out: dict = {}
     real_on_gpu, real_swiglu = dmod._on_gpu, dmod.qmm_swiglu
@@ -92,12 +89,7 @@ def _model_checks() -> dict:
     dmod._on_gpu = lambda x: x.dtype in (torch.bfloat16, torch.float16)
     calls: list[int] = []
     for adapter in (False, True):
-        model = tiny_qwen3(seed=9).to(torch.bfloat16)
-        convert_linears(model, "int4", group_size=32, cache_dequantized=False)
-        fuse_siblings(model)
-        if adapter:
-            with_active_lora(model, torch.bfloat16)
-            link_lora_decode(model)
+        model = tiny_int4_decoder(adapter)
         ids, pos = torch.tensor([17]), torch.tensor([0])
         dmod.qmm_swiglu = lambda *a, **kw: calls.append(a[0].shape[0]) or real_swiglu(*a, **kw)
         calls.clear()

@@ -38,3 +38,20 @@ def with_active_lora(model: CausalLM, dtype: torch.dtype, r: int = 8):
     aset.stage(0, 1)
     aset.set_active(1)
     return aset
+
+
+def tiny_int4_decoder(adapter: bool = False, seed: int = 9) -> CausalLM:
+    """tiny_qwen3 in bf16 with INT4 (group 32) linears, q/k/v and gate/up stacked as the
+    engine stacks them (fuse_siblings); with `adapter`, an active LoRA on every linear and the
+    decode groups linked (the engine's decode-time layout, for the launch-folding tests)."""
+    from orbit.adapters.lora_decode import link_lora_decode
+    from orbit.quant.convert import convert_linears
+    from orbit.quant.siblings import fuse_siblings
+
+    model = tiny_qwen3(seed=seed).to(torch.bfloat16)
+    convert_linears(model, "int4", group_size=32, cache_dequantized=False)
+    fuse_siblings(model)
+    if adapter:
+        with_active_lora(model, torch.bfloat16)
+        link_lora_decode(model)
+    return model
