@@ -139,37 +139,63 @@ def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, 
     if LORA > 0:
         NS = LSR
     for t in range(pid, NS + T * SPLIT, P):
-        if t < NS:
-            if SYNC == 2:  # the row reads all of x: every slice's producers
-                for k in range(SPLIT):
-                    lo = k * K_PER
-                    _await_count(sync_ptr + k, tl.cdiv(tl.minimum(lo + K_PER, K) - lo, HB_A),
-                                 sync_ptr - 1, SPIN)
-            lora_shrink_role(t, x_ptr, stride_xm, M, K, a0, a1, a2, lh, stride_lm, hc, LR, LSR,
-                             LORA, MP, SBK)
+        if LORA > 0:  # (a constexpr test first: without LoRA no shrink code is compiled)
+            if t < NS:
+                if SYNC == 2:  # the row reads all of x: every slice's producers
+                    for k in range(SPLIT):
+                        lo = k * K_PER
+                        _await_count(sync_ptr + k,
+                                     tl.cdiv(tl.minimum(lo + K_PER, K) - lo, HB_A),
+                                     sync_ptr - 1, SPIN)
+                lora_shrink_role(t, x_ptr, stride_xm, M, K, a0, a1, a2, lh, stride_lm, hc, LR,
+                                 LSR, LORA, MP, SBK)
+            else:
+                _tile_item(t - NS, x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr,
+                           M, N, K, K_PER, SPLIT, T, stride_xm, stride_om, stride_os, stride_q,
+                           stride_s, stride_ym, sync_ptr, SLICE, HB_A, lh, b0, b1, b2, LN0, LN1,
+                           LR, lscale, stride_lm, hc, LSR, FMT, CODE, GROUP, HAS_OFFSET, MP, BN,
+                           NG, STAGES, FIXUP, DEFER, ASM, XPRE, PAIR, GRID_ORDER, SYNC, SPIN,
+                           LORA, LRP)
         else:
-            pid_n, pid_k = _item(t - NS, T, SPLIT, GRID_ORDER)
-            k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False,
-                                                    PAIR, N // 2)
-            if SYNC == 2:
-                need = tl.cdiv(k_hi - k_lo, HB_A)
-                _await_count(sync_ptr + pid_k, need, sync_ptr - 1, SPIN)  # (bar_ptr + 2)
-            # (the norm operands are unused with NORM = False: s_ptr, cnt_ptr, 0)
-            plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
-                       SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
-                       lh, b0, b1, b2, LN0, LN1, LR, lscale, stride_lm, hc, LSR, N // 2, pid_n,
-                       pid_k, k_lo, k_hi, offs_n, row_ok, s_ptr, s_ptr, s_ptr, s_ptr, cnt_ptr,
-                       0, 0.0, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER,
-                       ASM, XPRE, LORA, LRP, LORA > 0, PAIR, False, 16)
-            if SYNC == 1:  # (unsplit: this item stored its SwiGLU outputs)
-                tl.debug_barrier()
-                tl.atomic_add(sync_ptr + (pid_n * (BN // 2)) // SLICE, 1, sem="release")
-            if SYNC == 2:
-                tl.debug_barrier()
-                read = tl.atomic_add(sync_ptr + SLICES_MAX + pid_k, 1, sem="acq_rel")
-                if read == T - 1:  # every tile has read this slice: re-arm for the next launch
-                    tl.atomic_xchg(sync_ptr + pid_k, 0, sem="relaxed")
-                    tl.atomic_xchg(sync_ptr + SLICES_MAX + pid_k, 0, sem="relaxed")
+            _tile_item(t, x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
+                       K_PER, SPLIT, T, stride_xm, stride_om, stride_os, stride_q, stride_s,
+                       stride_ym, sync_ptr, SLICE, HB_A, lh, b0, b1, b2, LN0, LN1, LR, lscale,
+                       stride_lm, hc, LSR, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES,
+                       FIXUP, DEFER, ASM, XPRE, PAIR, GRID_ORDER, SYNC, SPIN, LORA, LRP)
+
+
+@triton.jit
+def _tile_item(t, x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, K_PER,
+               SPLIT, T, stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym,
+               sync_ptr, SLICE, HB_A, lh, b0, b1, b2, LN0, LN1, LR, lscale, stride_lm, hc, LSR,
+               FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+               HAS_OFFSET: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
+               STAGES: tl.constexpr, FIXUP: tl.constexpr, DEFER: tl.constexpr,
+               ASM: tl.constexpr, XPRE: tl.constexpr, PAIR: tl.constexpr,
+               GRID_ORDER: tl.constexpr, SYNC: tl.constexpr, SPIN: tl.constexpr,
+               LORA: tl.constexpr, LRP: tl.constexpr):
+    """Column-tile work item t of one GEMV (see _phase)."""
+    pid_n, pid_k = _item(t, T, SPLIT, GRID_ORDER)
+    k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False, PAIR, N // 2)
+    if SYNC == 2:
+        need = tl.cdiv(k_hi - k_lo, HB_A)
+        _await_count(sync_ptr + pid_k, need, sync_ptr - 1, SPIN)  # (bar_ptr + 2)
+    # (the norm operands are unused with NORM = False: s_ptr, cnt_ptr, 0)
+    plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, SPLIT,
+               stride_xm, stride_om, stride_os, stride_q, stride_s, stride_ym, lh, b0, b1, b2,
+               LN0, LN1, LR, lscale, stride_lm, hc, LSR, N // 2, pid_n, pid_k, k_lo, k_hi,
+               offs_n, row_ok, s_ptr, s_ptr, s_ptr, s_ptr, cnt_ptr, 0, 0.0, FMT, CODE, GROUP,
+               HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER, ASM, XPRE, LORA, LRP, LORA > 0,
+               PAIR, False, 16)
+    if SYNC == 1:  # (unsplit: this item stored its SwiGLU outputs)
+        tl.debug_barrier()
+        tl.atomic_add(sync_ptr + (pid_n * (BN // 2)) // SLICE, 1, sem="release")
+    if SYNC == 2:
+        tl.debug_barrier()
+        read = tl.atomic_add(sync_ptr + SLICES_MAX + pid_k, 1, sem="acq_rel")
+        if read == T - 1:  # every tile has read this slice: re-arm for the next launch
+            tl.atomic_xchg(sync_ptr + pid_k, 0, sem="relaxed")
+            tl.atomic_xchg(sync_ptr + SLICES_MAX + pid_k, 0, sem="relaxed")
 
 
 # Dataflow words: SLICES_MAX "producers done" counters, then SLICES_MAX "readers done".
