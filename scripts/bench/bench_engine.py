@@ -14,8 +14,9 @@ roofline, and across base precisions. Random weights (speed does not depend on t
    plain LoRA forward, the adapter's decode groups with separate shrink and expand-add
    launches, the groups with the expand-add folded into the base launch's store, and with the
    shrink inside the decode GEMV as well (Engine(fuse_lora=...),
-   --fuse-lora on|off|both) and, in the same run, the base alone (adapter off) and an OFT
-   adapter (block 32, all seven linears).
+   --fuse-lora on|off|both; both adds fold-chain: also the batch-1 MLP as one persistent
+   launch with the deltas inside, gemv_chain.CHAIN_LORA) and, in the same run, the base alone
+   (adapter off) and an OFT adapter (block 32, all seven linears).
 Orbit's bf16 model (--orbit-bf16): "linear" keeps plain nn.Linear layers; "ql" converts them to
 BF16 QuantLinears, the layers the trainer loads for `--quant-format bf16` (the bf16 launcher),
 whose q/k/v and gate/up run as one GEMM each in the engine (orbit.quant.siblings).
@@ -216,13 +217,16 @@ def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, 
     groups off), each adapter served from slot 1."""
     from orbit.adapters.inject import AdapterConfig, inject_adapters
     from orbit.adapters.lora_decode import link_lora_decode, unlink_lora_decode
+    from orbit.kernels import gemv_chain
 
     new = 32 if small else 128
     # plain: LoRALinear.forward; groups: the decode groups' shrink + expand-add after the base
     # launch; fold-store: the expand-add in the base launch's store, the shrink separate; fold:
-    # also the shrink inside the plane / FP8 decode GEMVs (what the engine does)
+    # also the shrink inside the plane / FP8 decode GEMVs (what the engine does); fold-chain:
+    # also the batch-1 MLP as one persistent launch with the deltas inside
+    # (gemv_chain.CHAIN_LORA, off by default until measured)
     fuses = {"on": ["fold"], "off": ["plain"],
-             "both": ["plain", "groups", "fold-store", "fold"]}[fuse]
+             "both": ["plain", "groups", "fold-store", "fold", "fold-chain"]}[fuse]
     for kind in ("lora", "oft"):
         model = _format_model(shape, "int4", dtype, device)
         cfg = AdapterConfig(kind=kind, r=LORA_RANK, alpha=2.0 * LORA_RANK, block_size=OFT_BLOCK)
@@ -245,8 +249,10 @@ def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, 
                 w = {"section": "lora", "shape": shape, "batch": batch, "new_tokens": new,
                      "adapter": None if slot is None else kind, "rank": LORA_RANK,
                      "fuse_lora": fz}
+                gemv_chain.CHAIN_LORA = fz == "fold-chain"
                 st = _attempt(rows, w, run_orbit, model, ps, new, device,
-                              fuse_lora=fz == "fold", **okw)
+                              fuse_lora=fz in ("fold", "fold-chain"), **okw)
+                gemv_chain.CHAIN_LORA = False
                 if st is not None:
                     _emit(rows, {**w, "attn_backend": st["attn_backend"],
                                  "tokens_per_s": st["tokens_per_s"],
