@@ -268,10 +268,16 @@ class DecoderLayer(nn.Module):
         return h + self._mlp(self.post_attention_layernorm(h), attn)
 
     def _mlp(self, x: Tensor, attn: AttnBatch) -> Tensor:
+        y = self._mlp_whole(x, attn)
+        return y if y is not None else self.mlp(x)
+
+    def _mlp_whole(self, x: Tensor, attn: AttnBatch) -> Tensor | None:
+        """The MLP output where it does not end in a down_proj launch of its own (the MoE
+        block; the dense MLP as one persistent launch, `attn.chain_mlp`); None: the dense
+        MLP's hidden then down_proj, whose launch may take the next norm (forward_fused)."""
         if self.is_moe:
             return self.mlp(x, attn.routing)
-        y = _chain_mlp(self.mlp, x) if attn.chain_mlp else None
-        return y if y is not None else self.mlp(x)
+        return _chain_mlp(self.mlp, x) if attn.chain_mlp else None
 
     def forward_fused(self, h: Tensor, x: Tensor, cos: Tensor, sin: Tensor, attn: AttnBatch,
                       next_norm: RMSNorm) -> tuple[Tensor, Tensor]:
@@ -282,9 +288,7 @@ class DecoderLayer(nn.Module):
         `forward` followed by next_norm."""
         o = self.self_attn.core(x, cos, sin, attn)
         h, x = _linear_add_norm(self.self_attn.o_proj, o, h, self.post_attention_layernorm, attn)
-        if self.is_moe:
-            return next_norm.add_forward(h, self._mlp(x, attn))
-        y = _chain_mlp(self.mlp, x) if attn.chain_mlp else None
+        y = self._mlp_whole(x, attn)
         if y is not None:
             return next_norm.add_forward(h, y)
         return _linear_add_norm(self.mlp.down_proj, self.mlp.hidden(x), h, next_norm, attn)

@@ -173,41 +173,43 @@ class QuantLinear(nn.Module):
         return (self.bias is None and not self.exact and self.act_quant is None
                 and self.weight_format != "bf16" and not self._use_cache(device))
 
-    def swiglu_with(self, up: nn.Module, x: Tensor) -> Tensor | None:
-        """silu(self(x)) * up(x) from one launch, where this layer and `up` are the stacked
-        gate/up sibling group and it would run grouped (`_grouped`'s rules: inference mode,
-        decode rows) as the nibble-plane decode GEMV, which stores SwiGLU itself
-        (dispatch.qmm_swiglu: the same bits as the separate launches); else None."""
+    def _stacked_with(self, up: nn.Module, x2d: Tensor) -> QuantizedWeight | None:
+        """The stacked gate/up weight where this layer and `up` are that sibling group and it
+        would run grouped (`_grouped`'s rules: inference mode, decode rows) as one fused
+        quantized launch for x2d; else None."""
         group = self._sibling
-        x2d = x.reshape(-1, self.in_features)
         if (group is None or not group.enabled or group.members != [self, up]
                 or not torch.is_inference_mode_enabled() or up.out_features != self.out_features
                 or not all(m.fused_output(x2d.device) and group.linked(m) for m in (self, up))
                 or not sibling_serves(self.weight_format, x2d.shape[0])):
             return None
-        qw = group.qweight
+        return group.qweight
+
+    def swiglu_with(self, up: nn.Module, x: Tensor) -> Tensor | None:
+        """silu(self(x)) * up(x) from one launch, where this layer and `up` are the stacked
+        gate/up sibling group (`_stacked_with`) and it would run as the nibble-plane decode
+        GEMV, which stores SwiGLU itself (dispatch.qmm_swiglu: the same bits as the separate
+        launches); else None."""
+        x2d = x.reshape(-1, self.in_features)
+        qw = self._stacked_with(up, x2d)
         if qw is None or not dispatch.swiglu_foldable(x2d, qw):
             return None
         return dispatch.qmm_swiglu(x2d, qw).reshape(*x.shape[:-1], self.out_features)
 
     def mlp_chain_with(self, up: nn.Module, down: nn.Module, x: Tensor) -> Tensor | None:
         """down(silu(self(x)) * up(x)) from one persistent launch (orbit/kernels/gemv_chain.py:
-        the gate/up plane GEMV with SwiGLU, a grid barrier, the down GEMV, bit for bit the
-        separate launches), where this layer and `up` are the stacked gate/up sibling group,
-        `down` a quantized layer of the same format and both forwards would be the plane
-        decode GEMVs (`gemv_chain.mlp_chain_fits`); else None."""
+        the gate/up plane GEMV with SwiGLU, then the down GEMV, bit for bit the separate
+        launches), where this layer and `up` are the stacked gate/up sibling group
+        (`_stacked_with`), `down` a lone quantized layer whose output is its own launch, and
+        both forwards would be the plane decode GEMVs (`gemv_chain.mlp_chain_fits`); else
+        None."""
         from orbit.kernels.gemv_chain import mlp_chain, mlp_chain_fits
 
-        group = self._sibling
         x2d = x.reshape(-1, self.in_features)
-        if (group is None or not group.enabled or group.members != [self, up]
-                or not isinstance(down, QuantLinear) or down._sibling is not None
-                or not torch.is_inference_mode_enabled()
-                or not all(m.fused_output(x2d.device) for m in (self, up, down))
-                or not all(group.linked(m) for m in (self, up))
-                or not sibling_serves(self.weight_format, x2d.shape[0])):
+        if (not isinstance(down, QuantLinear) or down._sibling is not None
+                or not down.fused_output(x2d.device)):
             return None
-        qw, dq = group.qweight, down.quantized_weight()
+        qw, dq = self._stacked_with(up, x2d), down.quantized_weight()
         if qw is None or not mlp_chain_fits(x2d, qw, dq):
             return None
         return mlp_chain(x2d, qw, dq).reshape(*x.shape[:-1], down.out_features)
