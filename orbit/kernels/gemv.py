@@ -62,7 +62,7 @@ from orbit.kernels.lora_epilogue import (
     shrink_program,
 )
 from orbit.kernels.norm_epilogue import NormEpilogue, norm_kernel_args
-from orbit.kernels.pdl import pdl_enter, pdl_launch, prefetch_l2
+from orbit.kernels.pdl import pdl_enter, pdl_launch, pdl_release, prefetch_l2
 from orbit.kernels.rmsnorm_exact import add_rmsnorm_row
 from orbit.kernels.swiglu import silu_mul_values
 
@@ -95,6 +95,8 @@ FP8_GEMV_MAX_M = 1
 # batch-1 engine ran 742.7 tok/s with PDL alone and 693.2 with the prefetch as well, although
 # the isolated GEMV benchmark gains from it on some shapes (NVFP4 4096x12288: 29.6 -> 25.7 us).
 PDL_L2_PREFETCH = False
+# GemvConfig.w_preload of the heuristic plane configs (bench_engine.py --w-preload).
+PDL_W_PRELOAD = 0
 # NVFP4 in the heuristic plane configs: E2M1 decoded as fp32 bits (GemvConfig.e2m1 = 2), the
 # same output bits as the fp16 decode; measured (H100, 4096x12288, M = 1) 27.6 vs 30.4 us, M = 4
 # 72.3 vs 87.3 (docs/kernels.md, "Nibble decodes with fewer instructions"). A module switch so
@@ -133,6 +135,11 @@ class GemvConfig:
     # With PDL: bulk-prefetch the first pipeline steps' weights into L2 before waiting on the
     # previous kernel (pdl.prefetch_l2). pick_gemv_config sets it from PDL_L2_PREFETCH.
     l2_prefetch: bool = False
+    # Nibble-plane kernel: 1 loads the first K step's words and scales into registers before
+    # the PDL wait (they are frozen: no hazard with the previous kernel), so that with PDL they
+    # stream in while the previous kernel finishes; 2 also lets the next kernel launch before
+    # this one waits (pdl.pdl_release). pick_gemv_config sets it from PDL_W_PRELOAD.
+    w_preload: int = 0
 
 
 @cache
@@ -179,7 +186,7 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
         block_n, warps = PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1
     return GemvConfig(block_n=block_n, block_k=block_k, split=split, warps=warps,
                       stages=GEMV_STAGES, planes=planes, defer=one, x_prefetch=one,
-                      l2_prefetch=PDL_L2_PREFETCH,
+                      l2_prefetch=PDL_L2_PREFETCH, w_preload=PDL_W_PRELOAD if planes else 0,
                       e2m1=2 if NVFP4_FP32_DECODE and fmt == "nvfp4" else 0)
 
 
@@ -545,6 +552,66 @@ def _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP: tl.constexpr,
 
 
 @triton.jit
+def plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k0, k_hi, n_groups,
+                FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+                HAS_OFFSET: tl.constexpr, NG: tl.constexpr):
+    """The frozen operands of the step at k0: its words [BN, NG, GROUP/8], their group scales
+    as float32 [BN, NG] (with the decode's power-of-two factor) and, for asymmetric int4, the
+    offsets (else `sc` again, unused). No x: with PDL these may be loaded before the wait."""
+    WG: tl.constexpr = GROUP // 8
+    g = k0 // GROUP + tl.arange(0, NG)  # [NG] group index
+    words = _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP, NG, WG)
+    sp = offs_n[:, None] * stride_s + g[None, :]
+    s_ok = row_ok[:, None] & (g < n_groups)[None, :]
+    if FMT == 4:  # MXFP4: E8M0 exponent byte
+        sc = e8m0_scale(tl.load(s_ptr + sp, mask=s_ok, other=0).to(tl.int32))
+    else:  # int4 bf16/fp16/fp32 scale; NVFP4 e4m3 (its fp32 global scale comes at the end)
+        sc = tl.load(s_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
+    if CODE == 2:
+        sc = sc * 16384.0  # e2m1_scaled's 2^-14
+    elif CODE == 4:
+        sc = sc * E2M1_S_UP
+    off = sc
+    if HAS_OFFSET:
+        off = tl.load(o_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
+    return words, sc, off
+
+
+@triton.jit
+def _plane_math(words, sc, off, x_cur, acc, acc4, CODE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                MP: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, WG: tl.constexpr,
+                DEFER: tl.constexpr, ASM: tl.constexpr):
+    """One K step of plane_tile: the 8 nibble planes' codes times their x, scaled per group,
+    into acc4 (DEFER) or acc."""
+    cx = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
+    xs = tl.zeros((MP, NG, WG), dtype=tl.float32)
+    if DEFER and CODE <= 1:  # per word, shared by 4 planes each (see _int4_plane_masked)
+        lo = _or_2p23(words, ASM)
+        hi = _or_2p23(words >> 16, ASM)  # nibbles 4..7 at bits 0..15
+    for i in tl.static_range(8):
+        xi = x_cur[i]
+        if DEFER and CODE <= 1:
+            v = _int4_plane_masked(lo if i < 4 else hi, i % 4, CODE == 0)
+            cx += v[:, None, :, :] * (xi * (1.0 / 16.0 ** (i % 4)))[None, :, :, :]
+        elif CODE == 4:
+            cx += _plane_values(words, i, CODE)[:, None, :, :] * (xi * E2M1_X_UP)[None, :, :, :]
+        else:
+            cx += _plane_values(words, i, CODE)[:, None, :, :] * xi[None, :, :, :]
+        if HAS_OFFSET:
+            xs += xi
+    if DEFER:
+        acc4 += cx * sc[:, None, :, None]
+        if HAS_OFFSET:
+            acc4 += off[:, None, :, None] * xs[None, :, :, :]
+    else:
+        contrib = tl.sum(cx, axis=3) * sc[:, None, :]  # [BN, MP, NG]
+        if HAS_OFFSET:
+            contrib += off[:, None, :] * tl.sum(xs, axis=2)[None, :, :]
+        acc += tl.sum(contrib, axis=2)
+    return acc, acc4
+
+
+@triton.jit
 def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
                         K_PER, SPLIT, stride_xm, stride_om, stride_os, stride_q, stride_s,
                         stride_ym, h_ptr, a0, a1, a2, b0, b1, b2, LN0, LN1, LR, lscale,
@@ -558,7 +625,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                         LORA: tl.constexpr = 0, LRP: tl.constexpr = 1,
                         SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16,
                         PAIR: tl.constexpr = False, NORM: tl.constexpr = False,
-                        NB: tl.constexpr = 16):
+                        NB: tl.constexpr = 16, WPRE: tl.constexpr = 0):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -588,6 +655,12 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                                                               PAIR, HALF_N)
     if PDL and L2PRE:  # the first steps' words (frozen weights) into L2 before waiting
         prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES, 8, BK // 2)
+    if PDL and WPRE == 2:  # the next kernel may start (and preload) before this one waits
+        pdl_release()
+    w0, s0, o0 = 0, 0.0, 0.0
+    if WPRE > 0:  # the first step's frozen operands into registers (before the wait, with PDL)
+        w0, s0, o0 = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k_lo,
+                                 k_hi, K // GROUP, FMT, CODE, GROUP, HAS_OFFSET, NG)
     pdl_enter(PDL)
     if shrink_program(PN, SHRINK):
         lora_shrink_role(tl.program_id(0) * SPLIT + pid_k, x_ptr, stride_xm, M, K, a0, a1, a2,
@@ -598,7 +671,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                      b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, HALF_N, pid_n, pid_k,
                      k_lo, k_hi, offs_n, row_ok, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT,
                      eps, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER, ASM,
-                     XPRE, LORA, LRP, SHRINK, PAIR, NORM, NB)
+                     XPRE, LORA, LRP, SHRINK, PAIR, NORM, NB, w0, s0, o0, WPRE > 0)
 
 
 @triton.jit
@@ -611,11 +684,12 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
                  BN: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr, FIXUP: tl.constexpr,
                  DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr,
                  LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
-                 PAIR: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr):
-    """The column-tile program of _gemv_planes_kernel (after the PDL wait)."""
+                 PAIR: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr, w0=0, s0=0.0,
+                 o0=0.0, WPRE: tl.constexpr = False):
+    """The column-tile program of _gemv_planes_kernel (after the PDL wait). WPRE: the first
+    step's plane_loads were made by the caller (w0, s0, o0), before its PDL wait."""
     WG: tl.constexpr = GROUP // 8
     BK: tl.constexpr = NG * GROUP
-    ag = tl.arange(0, NG)
     am = tl.arange(0, MP)
     lora_d = _lora_d(offs_n, am, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm,
                      y_ptr.dtype.element_ty, LORA, LRP, SHRINK)
@@ -624,52 +698,26 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
     acc4 = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
     if XPRE:  # x of the first step; each step then loads the next step's (see XPRE above)
         x_nxt = _x_planes(x_ptr, k_lo, k_hi, stride_xm, M, GROUP, NG, WG, MP)
-    for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
-        g = k0 // GROUP + ag  # [NG] group index
-        g_ok = g < n_groups
-        words = _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP, NG, WG)
+    k_start = k_lo
+    if WPRE:  # the first step's weights came in before the PDL wait (w0, s0, o0)
+        if XPRE:
+            x_cur = x_nxt
+            x_nxt = _x_planes(x_ptr, k_lo + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP)
+        else:
+            x_cur = _x_planes(x_ptr, k_lo, k_hi, stride_xm, M, GROUP, NG, WG, MP)
+        acc, acc4 = _plane_math(w0, s0, o0, x_cur, acc, acc4, CODE, HAS_OFFSET, MP, BN, NG, WG,
+                                DEFER, ASM)
+        k_start = k_lo + BK
+    for k0 in tl.range(k_start, k_hi, BK, num_stages=STAGES):
+        words, sc, off = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s,
+                                     k0, k_hi, n_groups, FMT, CODE, GROUP, HAS_OFFSET, NG)
         if XPRE:
             x_cur = x_nxt
             x_nxt = _x_planes(x_ptr, k0 + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP)
         else:
             x_cur = _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP, NG, WG, MP)
-        cx = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
-        xs = tl.zeros((MP, NG, WG), dtype=tl.float32)
-        if DEFER and CODE <= 1:  # per word, shared by 4 planes each (see _int4_plane_masked)
-            lo = _or_2p23(words, ASM)
-            hi = _or_2p23(words >> 16, ASM)  # nibbles 4..7 at bits 0..15
-        for i in tl.static_range(8):
-            xi = x_cur[i]
-            if DEFER and CODE <= 1:
-                v = _int4_plane_masked(lo if i < 4 else hi, i % 4, CODE == 0)
-                cx += v[:, None, :, :] * (xi * (1.0 / 16.0 ** (i % 4)))[None, :, :, :]
-            elif CODE == 4:
-                cx += _plane_values(words, i, CODE)[:, None, :, :] * (xi * E2M1_X_UP)[None, :, :, :]
-            else:
-                cx += _plane_values(words, i, CODE)[:, None, :, :] * xi[None, :, :, :]
-            if HAS_OFFSET:
-                xs += xi
-        sp = offs_n[:, None] * stride_s + g[None, :]
-        s_ok = row_ok[:, None] & g_ok[None, :]
-        if FMT == 4:  # MXFP4: E8M0 exponent byte
-            sc = e8m0_scale(tl.load(s_ptr + sp, mask=s_ok, other=0).to(tl.int32))
-        else:  # int4 bf16/fp16/fp32 scale; NVFP4 e4m3 (its fp32 global scale comes at the end)
-            sc = tl.load(s_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
-        if CODE == 2:
-            sc = sc * 16384.0  # e2m1_scaled's 2^-14
-        elif CODE == 4:
-            sc = sc * E2M1_S_UP
-        if DEFER:
-            acc4 += cx * sc[:, None, :, None]
-            if HAS_OFFSET:
-                off = tl.load(o_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
-                acc4 += off[:, None, :, None] * xs[None, :, :, :]
-        else:
-            contrib = tl.sum(cx, axis=3) * sc[:, None, :]  # [BN, MP, NG]
-            if HAS_OFFSET:
-                off = tl.load(o_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
-                contrib += off[:, None, :] * tl.sum(xs, axis=2)[None, :, :]
-            acc += tl.sum(contrib, axis=2)
+        acc, acc4 = _plane_math(words, sc, off, x_cur, acc, acc4, CODE, HAS_OFFSET, MP, BN, NG,
+                                WG, DEFER, ASM)
     if DEFER:
         acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
     if FMT == 3:
@@ -832,7 +880,7 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             FMT=FMT_IDS[fmt], CODE=code, GROUP=group, HAS_OFFSET=offset is not None, MP=mp,
             BN=cfg.block_n, NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup,
             DEFER=cfg.defer, ASM=x.is_cuda, XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch,
-            PAIR=swiglu, num_warps=cfg.warps, **lconst, **nconst, **pdl)
+            PAIR=swiglu, WPRE=cfg.w_preload, num_warps=cfg.warps, **lconst, **nconst, **pdl)
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,

@@ -57,6 +57,14 @@ def pdl_enter(PDL: tl.constexpr):
 
 
 @triton.jit
+def pdl_release():
+    """Let the next kernel be scheduled now (griddepcontrol.launch_dependents), before this
+    one has waited for the previous: the chain of early-launched kernels then runs deeper than
+    one. Only for work before the wait that reads nothing an earlier kernel writes."""
+    gdc_launch_dependents()
+
+
+@triton.jit
 def prefetch_l2(ptrs, nbytes):
     """Bulk-prefetch `nbytes` (a multiple of 16; addresses 16-byte aligned) from each address
     in `ptrs` (pointers or int64 addresses) into L2 (sm_90 `cp.async.bulk.prefetch.L2`: no

@@ -8,7 +8,8 @@ decode steps (the `-nopdl` rows without). Reported per MLP: microseconds, the by
 weights (codes + scales), the roofline (bytes / the copy bandwidth measured in the same run)
 and the achieved fraction of it.
 
-Variants: `separate` (gemv(swiglu=True) + gemv, the engine's path without the chain), `chain`
+Variants: `separate` (gemv(swiglu=True) + gemv, the engine's path without the chain;
+`-wpre1` / `-wpre2`: with GemvConfig.w_preload), `chain`
 with prefetch 0 / 1 / 2 (ChainConfig.prefetch; the grid barrier), `chain-2launch-pf0` (the
 chain's kernel as two launches: its code without the barrier), `flow` (ChainConfig.dataflow:
 per-K-slice readiness counters instead of the barrier; `-grid`: work items in the separate
@@ -47,11 +48,27 @@ def engine_mlp(x: torch.Tensor, gu, dn) -> torch.Tensor:
     return qmm(qmm_swiglu(x, gu), dn)
 
 
+def with_w_preload(value: int, fn):
+    """fn with gemv.PDL_W_PRELOAD = value while it runs (the heuristic reads the switch when
+    a call picks its config, i.e. when the timer's graph is captured)."""
+    from orbit.kernels import gemv
+
+    def run(*args):
+        old, gemv.PDL_W_PRELOAD = gemv.PDL_W_PRELOAD, value
+        try:
+            return fn(*args)
+        finally:
+            gemv.PDL_W_PRELOAD = old
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default="int4,nvfp4,mxfp4")
     ap.add_argument("--shapes", default=",".join(f"{h}x{i}" for h, i in SHAPES))
     ap.add_argument("--m", default="1")
+    ap.add_argument("--variants", default="",
+                    help="comma list of variant names to run (default: all)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_chain.json"))
     args = ap.parse_args()
     from bench_qmm import copy_gbs
@@ -75,6 +92,8 @@ def main() -> None:
                 x = torch.randn(m, hid, device=dev, dtype=torch.bfloat16)
                 variants = {
                     "separate": lambda gu, dn: engine_mlp(x, gu, dn),
+                    "separate-wpre1": with_w_preload(1, lambda gu, dn: engine_mlp(x, gu, dn)),
+                    "separate-wpre2": with_w_preload(2, lambda gu, dn: engine_mlp(x, gu, dn)),
                     "chain-pf0": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=0)),
                     "chain-pf1": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=1)),
                     "chain-pf2": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=2)),
@@ -87,6 +106,9 @@ def main() -> None:
                     "flow-pf1-grid": lambda gu, dn: mlp_chain(
                         x, gu, dn, ChainConfig(prefetch=1, dataflow=True, grid_order=True)),
                 }
+                if args.variants:
+                    variants = {k: v for k, v in variants.items()
+                                if k in args.variants.split(",")}
                 want = engine_mlp(x, *first)
                 for name, fn in variants.items():
                     for pdl in (True, False) if name in ("separate", "flow-pf0-grid") else (True,):

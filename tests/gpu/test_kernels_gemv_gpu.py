@@ -259,11 +259,15 @@ def test_fp8_gemv_both_decodes(k: int, n: int) -> None:
                 assert _rel(y, ref) < tol, (k, n, m, cfg, dtype, _rel(y, ref))
 
 
-@pytest.mark.parametrize("fmt,kw", [("int4", {"group_size": 128}), ("fp8", {}), ("nvfp4", {})])
-def test_pdl_chain_in_graph_matches_plain_launches(fmt: str, kw: dict) -> None:
+@pytest.mark.parametrize("fmt,kw,wpre", [("int4", {"group_size": 128}, 0), ("fp8", {}, 0),
+                                         ("nvfp4", {}, 0), ("int4", {"group_size": 128}, 1),
+                                         ("int4", {"group_size": 128}, 2), ("nvfp4", {}, 2)])
+def test_pdl_chain_in_graph_matches_plain_launches(fmt: str, kw: dict, wpre: int) -> None:
     """GEMVs launched with programmatic dependent launch, each reading the previous one's
     output (a dependent chain, eager and replayed from a CUDA graph), give the bits of plain
-    launches: pdl_enter waits for the previous kernel before any load or store."""
+    launches: pdl_enter waits for the previous kernel before any load or store of what an
+    earlier kernel writes. `wpre` (GemvConfig.w_preload): the first step's frozen weights are
+    loaded before the wait (2: the next kernel is released before it, a deeper chain)."""
     import dataclasses
 
     from orbit.kernels.gemv import gemv, num_sms, pick_gemv_config
@@ -281,8 +285,10 @@ def test_pdl_chain_in_graph_matches_plain_launches(fmt: str, kw: dict) -> None:
     def chain(pdl: bool) -> torch.Tensor:
         y = x0
         for qw in qws:
-            y = gemv(y, fmt, qw.shape, *_args(qw), torch.empty_like(y),
-                     dataclasses.replace(auto, pdl=pdl))
+            cfg = dataclasses.replace(auto, pdl=pdl)
+            if wpre:
+                cfg = dataclasses.replace(cfg, w_preload=wpre)
+            y = gemv(y, fmt, qw.shape, *_args(qw), torch.empty_like(y), cfg)
         return y
 
     plain = chain(False)

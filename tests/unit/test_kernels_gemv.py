@@ -13,6 +13,7 @@ of the output), not the 1e-2 that truncation needs.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 
@@ -41,6 +42,11 @@ CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2),
            "planes-e2m1fold": (32, 128, 2, 4, 3, -1, True, 2),
            "planes-nodefer": (32, 256, 2, 4, 3, -1, True, False, True, False),
            "planes-xprefetch": (16, 128, 3, 4, 3, -1, True, False, True, True, True),
+           # w_preload (the last field): the first step's operands loaded before the PDL wait
+           "planes-wpre": (16, 128, 3, 4, 3, -1, True, False, True, True, True, False, False,
+                           1),
+           "planes-wpre-nodefer": (32, 128, 2, 4, 3, -1, True, False, True, False, False,
+                                   False, False, 1),
            "auto": None}
 # vs x (float64) @ W_bf16^T: bf16 output rounding, ~1e-3 relative; the plane kernel multiplies
 # the unrounded weights (the bf16 rounding of W adds ~1e-3 more).
@@ -146,6 +152,24 @@ def _interpreter_main() -> None:
               for e2m1 in (0, 2)]
         same.append(torch.equal(ys[0], ys[1]) and not ys[0].isnan().any().item())
     out["e2m1-fold-same-bits"] = same
+    # w_preload peels the first K step out of the loop: the same sums in the same order, so
+    # the same bits as the loop alone (every plane format, deferred or not, split or not).
+    same = {}
+    for i, (fmt, kw, k) in enumerate(CASES):
+        if fmt not in gemv.PLANE_FORMATS:
+            continue
+        qp = random_qweight(fmt, N_OUT, k, seed=300 + i, **kw)
+        tp = qp.tensors
+        group = {"nvfp4": 16, "mxfp4": 32}.get(fmt, qp.group_size)
+        gs = tp["global_scale"].reshape(1) if fmt == "nvfp4" else None
+        for m, c in [(1, (16, 128, 3, 4, 3, -1, True, 0, True, True, True)),
+                     (3, (32, 128, 1, 4, 3, -1, True, 0, True, False, False))]:
+            x = torch.randn(m, k).bfloat16()
+            ys = [gemv.gemv(x, fmt, qp.shape, tp.get("qweight", tp.get("weight")), tp["scale"],
+                            tp.get("offset"), gs, group, torch.empty(m, N_OUT).bfloat16(),
+                            gemv.GemvConfig(*c, False, False, wp)) for wp in (0, 1)]
+            same[f"{i}-{m}"] = torch.equal(ys[0], ys[1]) and not ys[0].isnan().any().item()
+    out["wpre-same-bits"] = same
     # Routing: exact mode, the input gradient, M > GEMV_MAX_M and GEMV_MAX_M = 0 stay on the
     # tl.dot kernel (the interpreter needs its bf16-dot patch there, so only count calls).
     n_calls = len(calls)
@@ -197,6 +221,11 @@ def test_plane_e2m1_decode_equals_table(interp_results: dict, e2m1: int) -> None
 
 def test_plane_e2m1_folded_scale_same_bits(interp_results: dict) -> None:
     assert interp_results["e2m1-fold-same-bits"] == [True, True, True]
+
+
+def test_first_step_preload_same_bits(interp_results: dict) -> None:
+    same = interp_results["wpre-same-bits"]
+    assert len(same) == 10 and all(same.values()), same  # 5 plane cases x 2
 
 
 def test_split_k_is_deterministic(interp_results: dict) -> None:
@@ -277,3 +306,39 @@ def test_use_gemv_follows_the_h100_sweep() -> None:
         assert not use_gemv(16, 2048, 6144, fmt, cpu)  # M=16: the dot loop wins
         assert not use_gemv(1, 2048, 6144, "bf16", cpu)
 
+
+
+@pytest.mark.parametrize("wpre", [0, 1, 2])
+def test_first_step_preload_comes_before_the_pdl_wait(wpre: int) -> None:
+    """sm_90 PTX of the plane GEMV with PDL (offline compile, Triton's own ptxas): with
+    w_preload the first step's weight words are loaded before `griddepcontrol.wait` (they do
+    not depend on the previous kernel), without it nothing global is; w_preload = 2 also
+    releases the next kernel before the wait."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from orbit.kernels.gemv import _gemv_planes_kernel
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton ships no ptxas")
+    consts = {"FMT": 1, "CODE": 0, "GROUP": 128, "HAS_OFFSET": False, "MP": 1, "BN": 32,
+              "NG": 4, "STAGES": 3, "FIXUP": True, "DEFER": True, "ASM": True, "XPRE": True,
+              "PDL": True, "WPRE": wpre}
+    fn = _gemv_planes_kernel
+    for n, prm in inspect.signature(fn.fn).parameters.items():  # the defaulted constexprs
+        if prm.default is not inspect.Parameter.empty:
+            consts.setdefault(n, prm.default)
+    types = {"x_ptr": "*bf16", "out_ptr": "*fp32", "q_ptr": "*i32", "s_ptr": "*bf16",
+             "o_ptr": "*bf16", "g_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32",
+             "lscale": "fp32", "eps": "fp32"}
+    sig = {n: "constexpr" if n in consts else types.get(n, "*bf16" if n.endswith("_ptr")
+                                                         else "i32") for n in fn.arg_names}
+    from orbit.kernels._qgemm import FMT_IDS
+
+    consts["FMT"] = FMT_IDS["int4"]
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    ptx = k.asm["ptx"]
+    before = ptx[:ptx.index("griddepcontrol.wait")]
+    assert ("ld.global" in before) == (wpre > 0)
+    assert ("griddepcontrol.launch_dependents" in before) == (wpre == 2)
