@@ -95,8 +95,10 @@ FP8_GEMV_MAX_M = 1
 # batch-1 engine ran 742.7 tok/s with PDL alone and 693.2 with the prefetch as well, although
 # the isolated GEMV benchmark gains from it on some shapes (NVFP4 4096x12288: 29.6 -> 25.7 us).
 PDL_L2_PREFETCH = False
-# GemvConfig.w_preload of the heuristic plane configs (bench_engine.py --w-preload).
+# GemvConfig.w_preload / early_release of the heuristic plane configs (bench_engine.py
+# --w-preload).
 PDL_W_PRELOAD = 0
+PDL_EARLY_RELEASE = False
 # NVFP4 in the heuristic plane configs: E2M1 decoded as fp32 bits (GemvConfig.e2m1 = 2), the
 # same output bits as the fp16 decode; measured (H100, 4096x12288, M = 1) 27.6 vs 30.4 us, M = 4
 # 72.3 vs 87.3 (docs/kernels.md, "Nibble decodes with fewer instructions"). A module switch so
@@ -135,11 +137,14 @@ class GemvConfig:
     # With PDL: bulk-prefetch the first pipeline steps' weights into L2 before waiting on the
     # previous kernel (pdl.prefetch_l2). pick_gemv_config sets it from PDL_L2_PREFETCH.
     l2_prefetch: bool = False
-    # Nibble-plane kernel: 1 loads the first K step's words and scales into registers before
-    # the PDL wait (they are frozen: no hazard with the previous kernel), so that with PDL they
-    # stream in while the previous kernel finishes; 2 also lets the next kernel launch before
-    # this one waits (pdl.pdl_release). pick_gemv_config sets it from PDL_W_PRELOAD.
+    # Nibble-plane kernel: the first w_preload (0, 1 or 2) K steps' words and scales are
+    # loaded into registers before the PDL wait (they are frozen: no hazard with the previous
+    # kernel), so that with PDL they stream in while the previous kernel finishes.
+    # early_release: the next kernel may launch before this one waits (pdl.pdl_release), so
+    # that it too preloads early. pick_gemv_config sets them from PDL_W_PRELOAD and
+    # PDL_EARLY_RELEASE.
     w_preload: int = 0
+    early_release: bool = False
 
 
 @cache
@@ -187,6 +192,7 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     return GemvConfig(block_n=block_n, block_k=block_k, split=split, warps=warps,
                       stages=GEMV_STAGES, planes=planes, defer=one, x_prefetch=one,
                       l2_prefetch=PDL_L2_PREFETCH, w_preload=PDL_W_PRELOAD if planes else 0,
+                      early_release=PDL_EARLY_RELEASE and planes,
                       e2m1=2 if NVFP4_FP32_DECODE and fmt == "nvfp4" else 0)
 
 
@@ -625,7 +631,8 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                         LORA: tl.constexpr = 0, LRP: tl.constexpr = 1,
                         SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16,
                         PAIR: tl.constexpr = False, NORM: tl.constexpr = False,
-                        NB: tl.constexpr = 16, WPRE: tl.constexpr = 0):
+                        NB: tl.constexpr = 16, WPRE: tl.constexpr = 0,
+                        RELEASE: tl.constexpr = False):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -655,12 +662,16 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                                                               PAIR, HALF_N)
     if PDL and L2PRE:  # the first steps' words (frozen weights) into L2 before waiting
         prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES, 8, BK // 2)
-    if PDL and WPRE == 2:  # the next kernel may start (and preload) before this one waits
+    if PDL and RELEASE:  # the next kernel may start (and preload) before this one waits
         pdl_release()
-    w0, s0, o0 = 0, 0.0, 0.0
-    if WPRE > 0:  # the first step's frozen operands into registers (before the wait, with PDL)
+    w0, s0, o0, w1, s1, o1 = 0, 0.0, 0.0, 0, 0.0, 0.0
+    # the first WPRE steps' frozen operands into registers (before the wait, with PDL)
+    if WPRE > 0:
         w0, s0, o0 = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k_lo,
                                  k_hi, K // GROUP, FMT, CODE, GROUP, HAS_OFFSET, NG)
+    if WPRE > 1:
+        w1, s1, o1 = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s,
+                                 k_lo + BK, k_hi, K // GROUP, FMT, CODE, GROUP, HAS_OFFSET, NG)
     pdl_enter(PDL)
     if shrink_program(PN, SHRINK):
         lora_shrink_role(tl.program_id(0) * SPLIT + pid_k, x_ptr, stride_xm, M, K, a0, a1, a2,
@@ -671,7 +682,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                      b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, HALF_N, pid_n, pid_k,
                      k_lo, k_hi, offs_n, row_ok, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT,
                      eps, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER, ASM,
-                     XPRE, LORA, LRP, SHRINK, PAIR, NORM, NB, w0, s0, o0, WPRE > 0)
+                     XPRE, LORA, LRP, SHRINK, PAIR, NORM, NB, w0, s0, o0, w1, s1, o1, WPRE)
 
 
 @triton.jit
@@ -685,9 +696,10 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
                  DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr,
                  LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
                  PAIR: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr, w0=0, s0=0.0,
-                 o0=0.0, WPRE: tl.constexpr = False):
-    """The column-tile program of _gemv_planes_kernel (after the PDL wait). WPRE: the first
-    step's plane_loads were made by the caller (w0, s0, o0), before its PDL wait."""
+                 o0=0.0, w1=0, s1=0.0, o1=0.0, WPRE: tl.constexpr = 0):
+    """The column-tile program of _gemv_planes_kernel (after the PDL wait). WPRE (0..2): the
+    first WPRE steps' plane_loads were made by the caller, before its PDL wait (w0, s0, o0
+    and w1, s1, o1; a step past k_hi loaded nothing: its words are masked to 0)."""
     WG: tl.constexpr = GROUP // 8
     BK: tl.constexpr = NG * GROUP
     am = tl.arange(0, MP)
@@ -699,15 +711,20 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
     if XPRE:  # x of the first step; each step then loads the next step's (see XPRE above)
         x_nxt = _x_planes(x_ptr, k_lo, k_hi, stride_xm, M, GROUP, NG, WG, MP)
     k_start = k_lo
-    if WPRE:  # the first step's weights came in before the PDL wait (w0, s0, o0)
+    for j in tl.static_range(WPRE):  # the preloaded steps (see WPRE above)
+        k0 = k_lo + j * BK
         if XPRE:
             x_cur = x_nxt
-            x_nxt = _x_planes(x_ptr, k_lo + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP)
+            x_nxt = _x_planes(x_ptr, k0 + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP)
         else:
-            x_cur = _x_planes(x_ptr, k_lo, k_hi, stride_xm, M, GROUP, NG, WG, MP)
-        acc, acc4 = _plane_math(w0, s0, o0, x_cur, acc, acc4, CODE, HAS_OFFSET, MP, BN, NG, WG,
-                                DEFER, ASM)
-        k_start = k_lo + BK
+            x_cur = _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP, NG, WG, MP)
+        if j == 0:
+            acc, acc4 = _plane_math(w0, s0, o0, x_cur, acc, acc4, CODE, HAS_OFFSET, MP, BN, NG,
+                                    WG, DEFER, ASM)
+        else:
+            acc, acc4 = _plane_math(w1, s1, o1, x_cur, acc, acc4, CODE, HAS_OFFSET, MP, BN, NG,
+                                    WG, DEFER, ASM)
+        k_start = k0 + BK
     for k0 in tl.range(k_start, k_hi, BK, num_stages=STAGES):
         words, sc, off = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s,
                                      k0, k_hi, n_groups, FMT, CODE, GROUP, HAS_OFFSET, NG)
@@ -880,7 +897,8 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             FMT=FMT_IDS[fmt], CODE=code, GROUP=group, HAS_OFFSET=offset is not None, MP=mp,
             BN=cfg.block_n, NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup,
             DEFER=cfg.defer, ASM=x.is_cuda, XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch,
-            PAIR=swiglu, WPRE=cfg.w_preload, num_warps=cfg.warps, **lconst, **nconst, **pdl)
+            PAIR=swiglu, WPRE=cfg.w_preload, RELEASE=cfg.early_release, num_warps=cfg.warps,
+            **lconst, **nconst, **pdl)
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,

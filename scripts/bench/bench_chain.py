@@ -9,7 +9,7 @@ weights (codes + scales), the roofline (bytes / the copy bandwidth measured in t
 and the achieved fraction of it.
 
 Variants: `separate` (gemv(swiglu=True) + gemv, the engine's path without the chain;
-`-wpre1` / `-wpre2`: with GemvConfig.w_preload), `chain`
+`-wpre1` / `-wpre2`: GemvConfig.w_preload steps, `r`: with early_release), `chain`
 with prefetch 0 / 1 / 2 (ChainConfig.prefetch; the grid barrier), `chain-2launch-pf0` (the
 chain's kernel as two launches: its code without the barrier), `flow` (ChainConfig.dataflow:
 per-K-slice readiness counters instead of the barrier; `-grid`: work items in the separate
@@ -48,17 +48,19 @@ def engine_mlp(x: torch.Tensor, gu, dn) -> torch.Tensor:
     return qmm(qmm_swiglu(x, gu), dn)
 
 
-def with_w_preload(value: int, fn):
-    """fn with gemv.PDL_W_PRELOAD = value while it runs (the heuristic reads the switch when
-    a call picks its config, i.e. when the timer's graph is captured)."""
+def with_w_preload(steps: int, release: bool, fn):
+    """fn with gemv.PDL_W_PRELOAD = steps and PDL_EARLY_RELEASE = release while it runs (the
+    heuristic reads the switches when a call picks its config, i.e. when the timer's graph is
+    captured)."""
     from orbit.kernels import gemv
 
     def run(*args):
-        old, gemv.PDL_W_PRELOAD = gemv.PDL_W_PRELOAD, value
+        old = gemv.PDL_W_PRELOAD, gemv.PDL_EARLY_RELEASE
+        gemv.PDL_W_PRELOAD, gemv.PDL_EARLY_RELEASE = steps, release
         try:
             return fn(*args)
         finally:
-            gemv.PDL_W_PRELOAD = old
+            gemv.PDL_W_PRELOAD, gemv.PDL_EARLY_RELEASE = old
     return run
 
 
@@ -92,8 +94,9 @@ def main() -> None:
                 x = torch.randn(m, hid, device=dev, dtype=torch.bfloat16)
                 variants = {
                     "separate": lambda gu, dn: engine_mlp(x, gu, dn),
-                    "separate-wpre1": with_w_preload(1, lambda gu, dn: engine_mlp(x, gu, dn)),
-                    "separate-wpre2": with_w_preload(2, lambda gu, dn: engine_mlp(x, gu, dn)),
+                    **{f"separate-wpre{n}{'r' if r else ''}": with_w_preload(
+                        n, r, lambda gu, dn: engine_mlp(x, gu, dn))
+                       for n, r in ((1, False), (2, False), (1, True), (2, True))},
                     "chain-pf0": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=0)),
                     "chain-pf1": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=1)),
                     "chain-pf2": lambda gu, dn: mlp_chain(x, gu, dn, ChainConfig(prefetch=2)),

@@ -296,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(flag, default=default, choices=("on", "off", "both"),
                         help=f"roofline/formats: {what}; both = off then on, same run")
     ap.add_argument("--w-preload", default="0",
-                    help="roofline/formats: comma list of gemv.PDL_W_PRELOAD values, each a run "
-                         "(0 off; 1 the plane GEMVs' first step of weights loaded before the "
-                         "PDL wait; 2 also the next kernel released before the wait)")
+                    help="roofline/formats: comma list of runs, each gemv.PDL_W_PRELOAD (the "
+                         "plane GEMVs' first 0-2 K steps of weights loaded before the PDL "
+                         "wait), 'r' appended for gemv.PDL_EARLY_RELEASE (the next kernel "
+                         "released before the wait), e.g. 0,1,2r")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
                     help="how Orbit's bf16 model holds its linears: plain nn.Linear, or BF16 "
                          "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                         for w_ in onoff[args.prefetch_weights] for fr_ in onoff[args.fold_rope]
                         for nd_ in onoff[args.nibble_decodes] for fn_ in onoff[args.fold_norm]
                         for cm_ in onoff[args.chain_mlp]
-                        for wp_ in (int(v) for v in args.w_preload.split(","))
+                        for wp_ in args.w_preload.split(",")
                         for rr in route_runs
                         if p or q == onoff[args.l2_prefetch][-1]]:  # (prefetch only with PDL)
                     w = {**where, "fuse_siblings": fuse, "split_kv": split, "overlap": ovl,
@@ -433,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                          "fold_rope": fr, "nibble_decodes": nd, "fold_norm": fn,
                          "chain_mlp": cm, "w_preload": wp, "qmm_routes": rlabel}
                     gemv_mod.PDL_L2_PREFETCH = l2p
-                    gemv_mod.PDL_W_PRELOAD = wp
+                    gemv_mod.PDL_W_PRELOAD = int(wp.rstrip("r"))
+                    gemv_mod.PDL_EARLY_RELEASE = wp.endswith("r")
                     gemv_mod.NVFP4_FP32_DECODE = nd
                     scope = (contextlib.nullcontext() if rlabel == "default"
                              else ROUTES.scoped(rtable))
@@ -498,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                 (" nibble-decodes" if r.get("nibble_decodes") else "") + \
                 (" fold-norm" if r.get("fold_norm") else "") + \
                 (" chain-mlp" if r.get("chain_mlp") else "") + \
-                (f" w-preload{r['w_preload']}" if r.get("w_preload") else "") + \
+                (f" w-preload{r['w_preload']}" if r.get("w_preload", "0") != "0" else "") + \
                 (f" routes:{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
@@ -516,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("" if r.get("fold_rope", True) else "-rope") + \
                 ("+nd" if r.get("nibble_decodes") else "") + \
                 ("+norm" if r.get("fold_norm") else "") + ("+chain" if r.get("chain_mlp") else "") + \
-                (f"+wpre{r['w_preload']}" if r.get("w_preload") else "") + \
+                (f"+wpre{r['w_preload']}" if r.get("w_preload", "0") != "0" else "") + \
                 (f"+{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")

@@ -259,15 +259,18 @@ def test_fp8_gemv_both_decodes(k: int, n: int) -> None:
                 assert _rel(y, ref) < tol, (k, n, m, cfg, dtype, _rel(y, ref))
 
 
-@pytest.mark.parametrize("fmt,kw,wpre", [("int4", {"group_size": 128}, 0), ("fp8", {}, 0),
-                                         ("nvfp4", {}, 0), ("int4", {"group_size": 128}, 1),
-                                         ("int4", {"group_size": 128}, 2), ("nvfp4", {}, 2)])
-def test_pdl_chain_in_graph_matches_plain_launches(fmt: str, kw: dict, wpre: int) -> None:
+@pytest.mark.parametrize("fmt,kw,wpre,release", [
+    ("int4", {"group_size": 128}, 0, False), ("fp8", {}, 0, False), ("nvfp4", {}, 0, False),
+    ("int4", {"group_size": 128}, 1, False), ("int4", {"group_size": 128}, 2, True),
+    ("nvfp4", {}, 2, True)])
+def test_pdl_chain_in_graph_matches_plain_launches(fmt: str, kw: dict, wpre: int,
+                                                   release: bool) -> None:
     """GEMVs launched with programmatic dependent launch, each reading the previous one's
     output (a dependent chain, eager and replayed from a CUDA graph), give the bits of plain
     launches: pdl_enter waits for the previous kernel before any load or store of what an
-    earlier kernel writes. `wpre` (GemvConfig.w_preload): the first step's frozen weights are
-    loaded before the wait (2: the next kernel is released before it, a deeper chain)."""
+    earlier kernel writes. `wpre` (GemvConfig.w_preload): the first steps' frozen weights are
+    loaded before the wait; `release` (early_release): the next kernel is released before it
+    (a deeper chain)."""
     import dataclasses
 
     from orbit.kernels.gemv import gemv, num_sms, pick_gemv_config
@@ -287,7 +290,7 @@ def test_pdl_chain_in_graph_matches_plain_launches(fmt: str, kw: dict, wpre: int
         for qw in qws:
             cfg = dataclasses.replace(auto, pdl=pdl)
             if wpre:
-                cfg = dataclasses.replace(cfg, w_preload=wpre)
+                cfg = dataclasses.replace(cfg, w_preload=wpre, early_release=release)
             y = gemv(y, fmt, qw.shape, *_args(qw), torch.empty_like(y), cfg)
         return y
 

@@ -47,6 +47,8 @@ CONFIGS = {"nosplit": (32, 128, 1, 4, 3), "split3": (16, 64, 3, 4, 2),
                            1),
            "planes-wpre-nodefer": (32, 128, 2, 4, 3, -1, True, False, True, False, False,
                                    False, False, 1),
+           "planes-wpre2": (16, 128, 2, 4, 3, -1, True, False, True, True, True, False, False,
+                            2),
            "auto": None}
 # vs x (float64) @ W_bf16^T: bf16 output rounding, ~1e-3 relative; the plane kernel multiplies
 # the unrounded weights (the bf16 rounding of W adds ~1e-3 more).
@@ -152,8 +154,9 @@ def _interpreter_main() -> None:
               for e2m1 in (0, 2)]
         same.append(torch.equal(ys[0], ys[1]) and not ys[0].isnan().any().item())
     out["e2m1-fold-same-bits"] = same
-    # w_preload peels the first K step out of the loop: the same sums in the same order, so
-    # the same bits as the loop alone (every plane format, deferred or not, split or not).
+    # w_preload peels the first K steps out of the loop: the same sums in the same order, so
+    # the same bits as the loop alone (every plane format, deferred or not, split or not; 2
+    # preloaded steps where a slice has 1, 2 or 3).
     same = {}
     for i, (fmt, kw, k) in enumerate(CASES):
         if fmt not in gemv.PLANE_FORMATS:
@@ -167,8 +170,9 @@ def _interpreter_main() -> None:
             x = torch.randn(m, k).bfloat16()
             ys = [gemv.gemv(x, fmt, qp.shape, tp.get("qweight", tp.get("weight")), tp["scale"],
                             tp.get("offset"), gs, group, torch.empty(m, N_OUT).bfloat16(),
-                            gemv.GemvConfig(*c, False, False, wp)) for wp in (0, 1)]
-            same[f"{i}-{m}"] = torch.equal(ys[0], ys[1]) and not ys[0].isnan().any().item()
+                            gemv.GemvConfig(*c, False, False, wp)) for wp in (0, 1, 2)]
+            same[f"{i}-{m}"] = (torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+                                and not ys[0].isnan().any().item())
     out["wpre-same-bits"] = same
     # Routing: exact mode, the input gradient, M > GEMV_MAX_M and GEMV_MAX_M = 0 stay on the
     # tl.dot kernel (the interpreter needs its bf16-dot patch there, so only count calls).
@@ -308,11 +312,11 @@ def test_use_gemv_follows_the_h100_sweep() -> None:
 
 
 
-@pytest.mark.parametrize("wpre", [0, 1, 2])
-def test_first_step_preload_comes_before_the_pdl_wait(wpre: int) -> None:
+@pytest.mark.parametrize("wpre,release", [(0, False), (1, False), (2, True)])
+def test_first_step_preload_comes_before_the_pdl_wait(wpre: int, release: bool) -> None:
     """sm_90 PTX of the plane GEMV with PDL (offline compile, Triton's own ptxas): with
-    w_preload the first step's weight words are loaded before `griddepcontrol.wait` (they do
-    not depend on the previous kernel), without it nothing global is; w_preload = 2 also
+    w_preload the first steps' weight words are loaded before `griddepcontrol.wait` (they do
+    not depend on the previous kernel), without it nothing global is; early_release also
     releases the next kernel before the wait."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -323,7 +327,7 @@ def test_first_step_preload_comes_before_the_pdl_wait(wpre: int) -> None:
         pytest.skip("this Triton ships no ptxas")
     consts = {"FMT": 1, "CODE": 0, "GROUP": 128, "HAS_OFFSET": False, "MP": 1, "BN": 32,
               "NG": 4, "STAGES": 3, "FIXUP": True, "DEFER": True, "ASM": True, "XPRE": True,
-              "PDL": True, "WPRE": wpre}
+              "PDL": True, "WPRE": wpre, "RELEASE": release}
     fn = _gemv_planes_kernel
     for n, prm in inspect.signature(fn.fn).parameters.items():  # the defaulted constexprs
         if prm.default is not inspect.Parameter.empty:
@@ -341,4 +345,4 @@ def test_first_step_preload_comes_before_the_pdl_wait(wpre: int) -> None:
     ptx = k.asm["ptx"]
     before = ptx[:ptx.index("griddepcontrol.wait")]
     assert ("ld.global" in before) == (wpre > 0)
-    assert ("griddepcontrol.launch_dependents" in before) == (wpre == 2)
+    assert ("griddepcontrol.launch_dependents" in before) == release
