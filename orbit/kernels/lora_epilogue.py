@@ -214,12 +214,16 @@ def lora_shrink_role_dot(mb, x_ptr, stride_xm, M, K, a_ptr, h_ptr, stride_hm, hc
 
 
 @triton.jit
-def lora_await(hc_ptr, SR):
+def lora_await(hc_ptr, SR, SPIN: tl.constexpr = 1 << 22):
     """Spin (acquire) until the launch's SR shrink signals are in: the shrink programs are the
-    grid's first columns, so they run no later than any program that waits here."""
+    grid's first columns (a persistent launch's first items), so they run no later than any
+    program that waits here. At most SPIN reads (seconds; a real wait takes microseconds):
+    a broken schedule then gives a wrong result, which the tests catch, not a hung GPU."""
     done = tl.atomic_add(hc_ptr, 0, sem="acquire")
-    while done < SR:
+    spins = 0
+    while (done < SR) & (spins < SPIN):
         done = tl.atomic_add(hc_ptr, 0, sem="acquire")
+        spins += 1
 
 
 @triton.jit
