@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from orbit.kernels import gemv as gemv_mod
 from orbit.kernels._qgemm import FMT_IDS
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.gemv import (
@@ -46,6 +47,7 @@ from orbit.kernels.gemv import (
     gemv,
     num_sms,
     pick_gemv_config,
+    plane_loads,
     plane_tile,
     split_k_launch,
     tile_slice,
@@ -90,6 +92,10 @@ class ChainConfig:
     # per-K-slice readiness counters instead of the grid barrier, where the gate/up GEMV is
     # unsplit and its tiles fall in whole down K-slices (else the barrier)
     dataflow: bool = True
+    # Before the PDL wait, into registers: 1 the first K step of this program's first phase-A
+    # item (as GemvConfig.w_preload = 1), 2 that of its first phase-B item too (frozen
+    # weights: no hazard with the kernel before). Without LoRA only.
+    w_preload: int = 0
 
 
 @triton.jit
@@ -124,7 +130,7 @@ def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, 
            STAGES: tl.constexpr, FIXUP: tl.constexpr, DEFER: tl.constexpr, ASM: tl.constexpr,
            XPRE: tl.constexpr, PAIR: tl.constexpr, GRID_ORDER: tl.constexpr,
            SYNC: tl.constexpr, SPIN: tl.constexpr, LORA: tl.constexpr, LRP: tl.constexpr,
-           SBK: tl.constexpr):
+           SBK: tl.constexpr, w0, s0, o0, WPRE: tl.constexpr):
     """One GEMV's work items t = pid, pid + P, ...: with LORA (members of a LoRA epilogue
     whose h this launch computes, as the separate launch's shrink programs do), items
     0..LSR-1 are shrink rows (lora_epilogue.lora_shrink_role: h row t), the others the
@@ -134,11 +140,22 @@ def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, 
     SYNC (the dataflow form, see _mlp_chain_kernel): 1, after each tile item, signal the
     phase-B K-slice (of SLICE columns) its SwiGLU outputs fall in; 2, before each tile item,
     wait for its K-slice's HB_A-column producers (a shrink row: for every slice), and after
-    it count itself as a reader (the last re-arms both words)."""
+    it count itself as a reader (the last re-arms both words). WPRE (no LoRA): item pid's
+    first K step was loaded before the PDL wait (w0, s0, o0; _first_step_loads)."""
     NS = 0
     if LORA > 0:
         NS = LSR
-    for t in range(pid, NS + T * SPLIT, P):
+    start = pid
+    if WPRE:
+        if pid < T * SPLIT:
+            _tile_item(pid, x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
+                       K_PER, SPLIT, T, stride_xm, stride_om, stride_os, stride_q, stride_s,
+                       stride_ym, sync_ptr, SLICE, HB_A, lh, b0, b1, b2, LN0, LN1, LR, lscale,
+                       stride_lm, hc, LSR, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES,
+                       FIXUP, DEFER, ASM, XPRE, PAIR, GRID_ORDER, SYNC, SPIN, LORA, LRP, w0, s0,
+                       o0, 1)
+        start = pid + P
+    for t in range(start, NS + T * SPLIT, P):
         if LORA > 0:  # (a constexpr test first: without LoRA no shrink code is compiled)
             if t < NS:
                 if SYNC == 2:  # the row reads all of x: every slice's producers
@@ -155,13 +172,14 @@ def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, 
                            stride_s, stride_ym, sync_ptr, SLICE, HB_A, lh, b0, b1, b2, LN0, LN1,
                            LR, lscale, stride_lm, hc, LSR, FMT, CODE, GROUP, HAS_OFFSET, MP, BN,
                            NG, STAGES, FIXUP, DEFER, ASM, XPRE, PAIR, GRID_ORDER, SYNC, SPIN,
-                           LORA, LRP)
+                           LORA, LRP, 0, 0.0, 0.0, 0)
         else:
             _tile_item(t, x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
                        K_PER, SPLIT, T, stride_xm, stride_om, stride_os, stride_q, stride_s,
                        stride_ym, sync_ptr, SLICE, HB_A, lh, b0, b1, b2, LN0, LN1, LR, lscale,
                        stride_lm, hc, LSR, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES,
-                       FIXUP, DEFER, ASM, XPRE, PAIR, GRID_ORDER, SYNC, SPIN, LORA, LRP)
+                       FIXUP, DEFER, ASM, XPRE, PAIR, GRID_ORDER, SYNC, SPIN, LORA, LRP, 0,
+                       0.0, 0.0, 0)
 
 
 @triton.jit
@@ -173,8 +191,9 @@ def _tile_item(t, x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M,
                STAGES: tl.constexpr, FIXUP: tl.constexpr, DEFER: tl.constexpr,
                ASM: tl.constexpr, XPRE: tl.constexpr, PAIR: tl.constexpr,
                GRID_ORDER: tl.constexpr, SYNC: tl.constexpr, SPIN: tl.constexpr,
-               LORA: tl.constexpr, LRP: tl.constexpr):
-    """Column-tile work item t of one GEMV (see _phase)."""
+               LORA: tl.constexpr, LRP: tl.constexpr, w0, s0, o0, WPRE: tl.constexpr):
+    """Column-tile work item t of one GEMV (see _phase); WPRE: its first K step's operands
+    are w0, s0, o0."""
     pid_n, pid_k = _item(t, T, SPLIT, GRID_ORDER)
     k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False, PAIR, N // 2)
     if SYNC == 2:
@@ -186,7 +205,7 @@ def _tile_item(t, x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M,
                LN0, LN1, LR, lscale, stride_lm, hc, LSR, N // 2, pid_n, pid_k, k_lo, k_hi,
                offs_n, row_ok, s_ptr, s_ptr, s_ptr, s_ptr, cnt_ptr, 0, 0.0, FMT, CODE, GROUP,
                HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER, ASM, XPRE, LORA, LRP, LORA > 0,
-               PAIR, False, 16)
+               PAIR, False, 16, w0, s0, o0, 0, 0.0, 0.0, WPRE)
     if SYNC == 1:  # (unsplit: this item stored its SwiGLU outputs)
         tl.debug_barrier()
         tl.atomic_add(sync_ptr + (pid_n * (BN // 2)) // SLICE, 1, sem="release")
@@ -200,6 +219,19 @@ def _tile_item(t, x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M,
 
 # Dataflow words: SLICES_MAX "producers done" counters, then SLICES_MAX "readers done".
 SLICES_MAX = tl.constexpr(32)
+
+
+@triton.jit
+def _first_step_loads(q_ptr, s_ptr, o_ptr, pid, N, K, K_PER, SPLIT, T, stride_q, stride_s,
+                      FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+                      HAS_OFFSET: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
+                      PAIR: tl.constexpr, GRID_ORDER: tl.constexpr):
+    """gemv.plane_loads of work item pid's first K step (nothing loaded, all masked, if pid
+    is past the last item: its K-slice starts past K)."""
+    pid_n, pid_k = _item(pid, T, SPLIT, GRID_ORDER)
+    k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False, PAIR, N // 2)
+    return plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k_lo, k_hi,
+                       K // GROUP, FMT, CODE, GROUP, HAS_OFFSET, NG)
 
 
 @triton.jit
@@ -236,7 +268,8 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
                       SPIN: tl.constexpr = 1 << 24, SLEEP: tl.constexpr = 0,
                       GRID_ORDER: tl.constexpr = False, DATAFLOW: tl.constexpr = False,
                       LORA1: tl.constexpr = 0, LRP1: tl.constexpr = 1, SBK1: tl.constexpr = 16,
-                      LORA2: tl.constexpr = 0, LRP2: tl.constexpr = 1, SBK2: tl.constexpr = 16):
+                      LORA2: tl.constexpr = 0, LRP2: tl.constexpr = 1, SBK2: tl.constexpr = 16,
+                      WPRE: tl.constexpr = 0):
     # PHASE 0: both phases in one launch (every program resident: the launch sizes P for
     # that), phase B after a grid barrier, or with DATAFLOW (phase A unsplit) each phase-B item
     # as soon as the phase-A tiles of its K-slice have stored (per-slice counters in
@@ -248,6 +281,15 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
         _prefetch_rows(q2, stride_q2, N2, K2, KPER2, SPLIT2, T2, pid, P, BN2, False, GRID_ORDER)
     if PREFETCH >= 2:
         _prefetch_rows(q1, stride_q1, N1, K1, KPER1, SPLIT1, T1, pid, P, BN1, True, GRID_ORDER)
+    wa, sa, oa, wb, sb, ob = 0, 0.0, 0.0, 0, 0.0, 0.0
+    if WPRE >= 1:  # (ChainConfig.w_preload)
+        wa, sa, oa = _first_step_loads(q1, s1, o1, pid, N1, K1, KPER1, SPLIT1, T1, stride_q1,
+                                       stride_s1, FMT, CODE, GROUP, HAS_OFFSET, BN1, NG1, True,
+                                       GRID_ORDER)
+    if WPRE >= 2:
+        wb, sb, ob = _first_step_loads(q2, s2, o2, pid, N2, K2, KPER2, SPLIT2, T2, stride_q2,
+                                       stride_s2, FMT, CODE, GROUP, HAS_OFFSET, BN2, NG2, False,
+                                       GRID_ORDER)
     if PDL:
         gdc_wait()
     flow = bar_ptr + 3
@@ -258,7 +300,8 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
                P, stride_xm, stride_o1m, stride_o1s, stride_q1, stride_s1, stride_hm, flow,
                KPER2, BN1 // 2, lh1, a01, a11, a21, b01, b11, b21, LN01, LN11, LR1, lscale1,
                stride_l1m, hc1, LSR1, FMT, CODE, GROUP, HAS_OFFSET, MP, BN1, NG1, STAGES, FIX1,
-               DEFER1, ASM, XPRE1, True, GRID_ORDER, SYNC_A, SPIN, LORA1, LRP1, SBK1)
+               DEFER1, ASM, XPRE1, True, GRID_ORDER, SYNC_A, SPIN, LORA1, LRP1, SBK1, wa, sa,
+               oa, WPRE >= 1)
     if PHASE == 0 and not DATAFLOW:
         grid_barrier(bar_ptr, P, SPIN, SLEEP)
     # PDL: the next kernel's programs launch once all of ours have passed here, so none can
@@ -271,7 +314,8 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
                P, stride_hm, stride_o2m, stride_o2s, stride_q2, stride_s2, stride_ym, flow,
                KPER2, BN1 // 2, lh2, a02, a12, a22, b02, b12, b22, LN02, LN12, LR2, lscale2,
                stride_l2m, hc2, LSR2, FMT, CODE, GROUP, HAS_OFFSET, MP, BN2, NG2, STAGES, FIX2,
-               DEFER2, ASM, XPRE2, False, GRID_ORDER, SYNC_B, SPIN, LORA2, LRP2, SBK2)
+               DEFER2, ASM, XPRE2, False, GRID_ORDER, SYNC_B, SPIN, LORA2, LRP2, SBK2, wb, sb,
+               ob, WPRE >= 2)
 
 
 def _operands(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]:
@@ -379,7 +423,9 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
     computes h, as the separate launches do): the adapters' deltas added in the stores, bit
     for bit `gemv(..., lora=)`. `hidden`: the SwiGLU output buffer [M, I] (the down
     epilogue's input; a fresh one if None)."""
-    cfg = config or ChainConfig()
+    # (the engine passes no config: its preload follows the GEMVs' switch, so that one
+    # bench_engine run compares both with and without it)
+    cfg = config or ChainConfig(w_preload=2 if gemv_mod.PDL_W_PRELOAD else 0)
     ok = chain_operands_ok(x, gate_up, down) and (gemv_configs is not None or _gemv_routes(
         x, gate_up, down))
     if not ok:
@@ -440,6 +486,7 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
                   GRID_ORDER=cfg.grid_order, DATAFLOW=dataflow, PREFETCH=prefetch,
                   LORA1=lconst1["LORA"], LRP1=lconst1["LRP"], SBK1=lconst1["SBK"],
                   LORA2=lconst2["LORA"], LRP2=lconst2["LRP"], SBK2=lconst2["SBK"],
+                  WPRE=cfg.w_preload if epi1 is None and epi2 is None else 0,
                   num_warps=c1.warps, **pdl)
     o1 = o1 if o1 is not None else s1
     o2 = o2 if o2 is not None else s2

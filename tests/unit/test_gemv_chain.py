@@ -47,11 +47,15 @@ def _kernel_cases() -> dict:
         got = mlp_chain(x, gu, dn, ChainConfig(programs=progs, grid_order=i == 3),
                         gemv_configs=cfgs)
         out_plain[i] = got
+        # the first items' first K steps loaded before the (PDL) wait: the same bits
+        pre = mlp_chain(x, gu, dn, ChainConfig(programs=progs, grid_order=i == 3, w_preload=2),
+                        gemv_configs=cfgs)
         wg, wu = gu.dequantize(torch.float64).split(inter)
         x64 = x.double()
         ref = (torch.nn.functional.silu(x64 @ wg.T) * (x64 @ wu.T)) @ dn.dequantize(
             torch.float64).T
         out[str(i)] = {"nan": bool(got.isnan().any()), "equal": torch.equal(got, want),
+                       "preload_equal": torch.equal(pre, want),
                        "err": ((got.double() - ref).norm() / ref.norm()).item(),
                        "splits": [c.split for c in cfgs]}
         # with LoRA on both GEMVs (h computed in the launch, as the separate launches do)
@@ -118,6 +122,7 @@ def test_chain_equals_separate_launches(interp: dict, case: int) -> None:
     r = interp[str(case)]
     assert not r["nan"], r  # every output element written
     assert r["equal"], r  # the same programs, tiles and K order as the two separate GEMVs
+    assert r["preload_equal"], r  # ChainConfig.w_preload: the first steps peeled, same sums
     # and the MLP itself: bf16 gate/up, SwiGLU and output roundings (0.3-0.4% in norm here;
     # patch_interpreter makes the casts round as the GPU does)
     assert r["err"] < 1e-2, r
@@ -172,8 +177,8 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("dataflow", [False, True])
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 def test_persistent_kernel_compiles_for_sm90(fmt: str, dataflow: bool, lora: bool) -> None:
-    """PHASE 0 (the grid barrier or the per-slice counters, PDL, both prefetches) compiles for
-    sm_90 with Triton's own ptxas, on a machine without a GPU: the interpreter never traces
+    """PHASE 0 (the grid barrier or the per-slice counters, PDL, both prefetches; the dataflow
+    form without LoRA also with w_preload) compiles for sm_90 with Triton's own ptxas, on a machine without a GPU: the interpreter never traces
     the spin loops."""
     from pathlib import Path
 
@@ -192,7 +197,7 @@ def test_persistent_kernel_compiles_for_sm90(fmt: str, dataflow: bool, lora: boo
               "FIX2": True, "DEFER2": True, "XPRE2": True, "PHASE": 0, "PREFETCH": 2,
               "PDL": True, "SPIN": 1 << 24, "SLEEP": 100, "DATAFLOW": dataflow,
               "LORA1": 2 if lora else 0, "LRP1": 16, "SBK1": 256, "LORA2": 1 if lora else 0,
-              "LRP2": 16, "SBK2": 256}
+              "LRP2": 16, "SBK2": 256, "WPRE": 2 if dataflow and not lora else 0}
     ptrs = {"x_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16", "cnt_ptr": "*i32",
             "bar_ptr": "*i32", "out1": "*bf16", "out2": "*fp32", "q1": "*i32", "q2": "*i32",
             "s1": "*bf16" if fmt == "int4" else "*fp8e4nv",
@@ -207,6 +212,8 @@ def test_persistent_kernel_compiles_for_sm90(fmt: str, dataflow: bool, lora: boo
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     ptx = k.asm["ptx"]
     assert "griddepcontrol.wait" in ptx and "cp.async.bulk.prefetch.L2" in ptx
+    # ChainConfig.w_preload: the first items' weights are loaded before the wait
+    assert ("ld.global" in ptx[:ptx.index("griddepcontrol.wait")]) == (dataflow and not lora)
     assert ("nanosleep.u32" in ptx) != dataflow  # (the barrier's back-off)
     # the barrier: generation read with acquire, arrival acq_rel, release bump by the last
     assert "ld.global.gpu.acquire" in ptx and "atom.global.gpu.acq_rel.add" in ptx
