@@ -62,7 +62,7 @@ from orbit.kernels.lora_epilogue import (
     shrink_program,
 )
 from orbit.kernels.norm_epilogue import NormEpilogue, norm_kernel_args
-from orbit.kernels.pdl import pdl_enter, pdl_launch, pdl_release, prefetch_l2
+from orbit.kernels.pdl import pdl_enter, pdl_launch, prefetch_l2
 from orbit.kernels.rmsnorm_exact import add_rmsnorm_row
 from orbit.kernels.swiglu import silu_mul_values
 
@@ -95,10 +95,8 @@ FP8_GEMV_MAX_M = 1
 # batch-1 engine ran 742.7 tok/s with PDL alone and 693.2 with the prefetch as well, although
 # the isolated GEMV benchmark gains from it on some shapes (NVFP4 4096x12288: 29.6 -> 25.7 us).
 PDL_L2_PREFETCH = False
-# GemvConfig.w_preload / early_release of the heuristic plane configs (bench_engine.py
-# --w-preload).
+# GemvConfig.w_preload of the heuristic plane configs (bench_engine.py --w-preload).
 PDL_W_PRELOAD = 0
-PDL_EARLY_RELEASE = False
 # NVFP4 in the heuristic plane configs: E2M1 decoded as fp32 bits (GemvConfig.e2m1 = 2), the
 # same output bits as the fp16 decode; measured (H100, 4096x12288, M = 1) 27.6 vs 30.4 us, M = 4
 # 72.3 vs 87.3 (docs/kernels.md, "Nibble decodes with fewer instructions"). A module switch so
@@ -139,12 +137,10 @@ class GemvConfig:
     l2_prefetch: bool = False
     # Nibble-plane kernel: the first w_preload (0, 1 or 2) K steps' words and scales are
     # loaded into registers before the PDL wait (they are frozen: no hazard with the previous
-    # kernel), so that with PDL they stream in while the previous kernel finishes.
-    # early_release: the next kernel may launch before this one waits (pdl.pdl_release), so
-    # that it too preloads early. pick_gemv_config sets them from PDL_W_PRELOAD and
-    # PDL_EARLY_RELEASE.
+    # kernel), so that with PDL they stream in while the previous kernel finishes (with
+    # pdl.EARLY_RELEASE, while the kernels before it finish). pick_gemv_config sets it from
+    # PDL_W_PRELOAD.
     w_preload: int = 0
-    early_release: bool = False
 
 
 @cache
@@ -192,7 +188,6 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     return GemvConfig(block_n=block_n, block_k=block_k, split=split, warps=warps,
                       stages=GEMV_STAGES, planes=planes, defer=one, x_prefetch=one,
                       l2_prefetch=PDL_L2_PREFETCH, w_preload=PDL_W_PRELOAD if planes else 0,
-                      early_release=PDL_EARLY_RELEASE and planes,
                       e2m1=2 if NVFP4_FP32_DECODE and fmt == "nvfp4" else 0)
 
 
@@ -631,8 +626,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                         LORA: tl.constexpr = 0, LRP: tl.constexpr = 1,
                         SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16,
                         PAIR: tl.constexpr = False, NORM: tl.constexpr = False,
-                        NB: tl.constexpr = 16, WPRE: tl.constexpr = 0,
-                        RELEASE: tl.constexpr = False):
+                        NB: tl.constexpr = 16, WPRE: tl.constexpr = 0):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -662,8 +656,6 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                                                               PAIR, HALF_N)
     if PDL and L2PRE:  # the first steps' words (frozen weights) into L2 before waiting
         prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES, 8, BK // 2)
-    if PDL and RELEASE:  # the next kernel may start (and preload) before this one waits
-        pdl_release()
     w0, s0, o0, w1, s1, o1 = 0, 0.0, 0.0, 0, 0.0, 0.0
     # the first WPRE steps' frozen operands into registers (before the wait, with PDL)
     if WPRE > 0:
@@ -897,8 +889,7 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             FMT=FMT_IDS[fmt], CODE=code, GROUP=group, HAS_OFFSET=offset is not None, MP=mp,
             BN=cfg.block_n, NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup,
             DEFER=cfg.defer, ASM=x.is_cuda, XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch,
-            PAIR=swiglu, WPRE=cfg.w_preload, RELEASE=cfg.early_release, num_warps=cfg.warps,
-            **lconst, **nconst, **pdl)
+            PAIR=swiglu, WPRE=cfg.w_preload, num_warps=cfg.warps, **lconst, **nconst, **pdl)
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,

@@ -94,7 +94,9 @@ class ChainConfig:
     dataflow: bool = True
     # Before the PDL wait, into registers: 1 the first K step of this program's first phase-A
     # item (as GemvConfig.w_preload = 1), 2 that of its first phase-B item too (frozen
-    # weights: no hazard with the kernel before). Without LoRA only.
+    # weights: no hazard with the kernel before). Without LoRA only. Registers (offline sm_90
+    # compile, Triton 3.9): 135 -> 153 (1) -> 232 (2): the phase-B step stays live through
+    # phase A, so 2 costs resident programs.
     w_preload: int = 0
 
 
@@ -290,6 +292,8 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
         wb, sb, ob = _first_step_loads(q2, s2, o2, pid, N2, K2, KPER2, SPLIT2, T2, stride_q2,
                                        stride_s2, FMT, CODE, GROUP, HAS_OFFSET, BN2, NG2, False,
                                        GRID_ORDER)
+    if PDL == 2:  # (pdl.EARLY_RELEASE: every program is resident once all have passed here)
+        gdc_launch_dependents()
     if PDL:
         gdc_wait()
     flow = bar_ptr + 3
@@ -306,7 +310,7 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
         grid_barrier(bar_ptr, P, SPIN, SLEEP)
     # PDL: the next kernel's programs launch once all of ours have passed here, so none can
     # take a slot that one of ours still needs (all of ours were resident by then)
-    if PDL:
+    if PDL and PDL != 2:
         gdc_launch_dependents()
     if PHASE != 1:
         # (phase A's fix-up counters are all re-armed before phase B: it reuses them)
@@ -425,7 +429,7 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
     epilogue's input; a fresh one if None)."""
     # (the engine passes no config: its preload follows the GEMVs' switch, so that one
     # bench_engine run compares both with and without it)
-    cfg = config or ChainConfig(w_preload=2 if gemv_mod.PDL_W_PRELOAD else 0)
+    cfg = config or ChainConfig(w_preload=min(gemv_mod.PDL_W_PRELOAD, 2))
     ok = chain_operands_ok(x, gate_up, down) and (gemv_configs is not None or _gemv_routes(
         x, gate_up, down))
     if not ok:

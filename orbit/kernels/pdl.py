@@ -51,17 +51,14 @@ except ImportError:  # pragma: no cover - older Triton or a CPU-only install
 
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
-    if PDL:
+    """PDL 1 (True): wait for the previous kernel, then let the next one launch. PDL 2
+    (EARLY_RELEASE): let the next one launch first, then wait (see EARLY_RELEASE)."""
+    if PDL == 2:
+        gdc_launch_dependents()
+        gdc_wait()
+    elif PDL:
         gdc_wait()
         gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_release():
-    """Let the next kernel be scheduled now (griddepcontrol.launch_dependents), before this
-    one has waited for the previous: the chain of early-launched kernels then runs deeper than
-    one. Only for work before the wait that reads nothing an earlier kernel writes."""
-    gdc_launch_dependents()
 
 
 @triton.jit
@@ -106,6 +103,17 @@ def pdl_scope(on: bool) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+# Release the next kernel before waiting (launches get PDL = 2): a kernel's programs are
+# then scheduled as soon as all programs of the one before have started, not once that one
+# has passed its own wait, so a chain of PDL kernels has its next few kernels resident at
+# once. What a kernel does before its wait (loads of frozen weights, GemvConfig.w_preload)
+# then overlaps more of the kernels before it. Safe for the same reason as plain PDL: every
+# wait still waits for the previous kernel's completion, and a dependent launches only once
+# all programs of its primary are resident, so it never takes a slot one of them needs.
+# A module switch (bench_engine.py --w-preload ...r compares it in one run); off until
+# measured.
+EARLY_RELEASE = False
+
 # PDL only for grids of at most this many CTAs per SM (H200, session 8): the next kernel's
 # CTAs, launched early, hold SM slots while they wait, which slowed a 1024-CTA NVFP4 GEMV
 # (6144x2048 split 8: 11.8 -> 16.7 us) while 384-512-CTA ones gained 0.5-0.8 us.
@@ -113,10 +121,10 @@ PDL_MAX_CTAS_PER_SM = 4
 
 
 def pdl_launch(device: torch.device, ctas: int, forced: bool = False) -> dict[str, Any]:
-    """Keyword arguments for a launch of `ctas` CTAs on `device`: {"PDL": True, "launch_pdl":
-    True} inside `pdl_scope(True)` on a device that has PDL, for grids small enough
-    (PDL_MAX_CTAS_PER_SM), or whenever `forced` (a benchmark's config) and the device has it;
-    else {"PDL": False}."""
+    """Keyword arguments for a launch of `ctas` CTAs on `device`: {"PDL": True (2 with
+    EARLY_RELEASE), "launch_pdl": True} inside `pdl_scope(True)` on a device that has PDL, for
+    grids small enough (PDL_MAX_CTAS_PER_SM), or whenever `forced` (a benchmark's config) and
+    the device has it; else {"PDL": False}."""
     if not pdl_available(device):
         return {"PDL": False}
     if not forced:
@@ -124,4 +132,4 @@ def pdl_launch(device: torch.device, ctas: int, forced: bool = False) -> dict[st
 
         if not _ACTIVE.get() or ctas > PDL_MAX_CTAS_PER_SM * num_sms(device):
             return {"PDL": False}
-    return {"PDL": True, "launch_pdl": True}
+    return {"PDL": 2 if EARLY_RELEASE else True, "launch_pdl": True}

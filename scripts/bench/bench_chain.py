@@ -9,7 +9,7 @@ weights (codes + scales), the roofline (bytes / the copy bandwidth measured in t
 and the achieved fraction of it.
 
 Variants: `separate` (gemv(swiglu=True) + gemv, the engine's path without the chain;
-`-wpre1` / `-wpre2`: GemvConfig.w_preload steps, `r`: with early_release), `chain`
+`-wpre1` / `-wpre2`: GemvConfig.w_preload steps, `r`: with pdl.EARLY_RELEASE), `chain`
 with prefetch 0 / 1 / 2 (ChainConfig.prefetch; the grid barrier), `chain-2launch-pf0` (the
 chain's kernel as two launches: its code without the barrier), `flow` (ChainConfig.dataflow:
 per-K-slice readiness counters instead of the barrier; `-grid`: work items in the separate
@@ -49,18 +49,18 @@ def engine_mlp(x: torch.Tensor, gu, dn) -> torch.Tensor:
 
 
 def with_w_preload(steps: int, release: bool, fn):
-    """fn with gemv.PDL_W_PRELOAD = steps and PDL_EARLY_RELEASE = release while it runs (the
-    heuristic reads the switches when a call picks its config, i.e. when the timer's graph is
+    """fn with gemv.PDL_W_PRELOAD = steps and pdl.EARLY_RELEASE = release while it runs (read
+    when a call picks its config and launch arguments, i.e. when the timer's graph is
     captured)."""
-    from orbit.kernels import gemv
+    from orbit.kernels import gemv, pdl
 
     def run(*args):
-        old = gemv.PDL_W_PRELOAD, gemv.PDL_EARLY_RELEASE
-        gemv.PDL_W_PRELOAD, gemv.PDL_EARLY_RELEASE = steps, release
+        old = gemv.PDL_W_PRELOAD, pdl.EARLY_RELEASE
+        gemv.PDL_W_PRELOAD, pdl.EARLY_RELEASE = steps, release
         try:
             return fn(*args)
         finally:
-            gemv.PDL_W_PRELOAD, gemv.PDL_EARLY_RELEASE = old
+            gemv.PDL_W_PRELOAD, pdl.EARLY_RELEASE = old
     return run
 
 

@@ -56,6 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from orbit.kernels import gemv as gemv_mod
+from orbit.kernels import pdl as pdl_mod
 from orbit.models.attention import varlen_supported
 from orbit.models.config import ModelConfig
 from orbit.models.transformer import CausalLM
@@ -298,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--w-preload", default="0",
                     help="roofline/formats: comma list of runs, each gemv.PDL_W_PRELOAD (the "
                          "plane GEMVs' first 0-2 K steps of weights loaded before the PDL "
-                         "wait), 'r' appended for gemv.PDL_EARLY_RELEASE (the next kernel "
-                         "released before the wait), e.g. 0,1,2r")
+                         "wait), 'r' appended for pdl.EARLY_RELEASE (every PDL kernel "
+                         "releases the next before its own wait), e.g. 0,1,2r")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
                     help="how Orbit's bf16 model holds its linears: plain nn.Linear, or BF16 "
                          "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "
@@ -435,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                          "chain_mlp": cm, "w_preload": wp, "qmm_routes": rlabel}
                     gemv_mod.PDL_L2_PREFETCH = l2p
                     gemv_mod.PDL_W_PRELOAD = int(wp.rstrip("r"))
-                    gemv_mod.PDL_EARLY_RELEASE = wp.endswith("r")
+                    pdl_mod.EARLY_RELEASE = wp.endswith("r")
                     gemv_mod.NVFP4_FP32_DECODE = nd
                     scope = (contextlib.nullcontext() if rlabel == "default"
                              else ROUTES.scoped(rtable))

@@ -264,21 +264,24 @@ def test_fp8_gemv_both_decodes(k: int, n: int) -> None:
     ("int4", {"group_size": 128}, 1, False), ("int4", {"group_size": 128}, 2, True),
     ("nvfp4", {}, 2, True)])
 def test_pdl_chain_in_graph_matches_plain_launches(fmt: str, kw: dict, wpre: int,
-                                                   release: bool) -> None:
+                                                   release: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """GEMVs launched with programmatic dependent launch, each reading the previous one's
     output (a dependent chain, eager and replayed from a CUDA graph), give the bits of plain
     launches: pdl_enter waits for the previous kernel before any load or store of what an
     earlier kernel writes. `wpre` (GemvConfig.w_preload): the first steps' frozen weights are
-    loaded before the wait; `release` (early_release): the next kernel is released before it
-    (a deeper chain)."""
+    loaded before the wait; `release` (pdl.EARLY_RELEASE): each kernel releases the next before
+    its own wait (a deeper chain)."""
     import dataclasses
 
     from orbit.kernels.gemv import gemv, num_sms, pick_gemv_config
     from orbit.kernels.gemv_fp8 import pick_fp8_gemv_config
+    from orbit.kernels import pdl as pdl_mod
     from orbit.kernels.pdl import pdl_available
 
     if not pdl_available(torch.device("cuda")):
         pytest.skip("PDL needs sm_90+ and Triton with griddepcontrol")
+    monkeypatch.setattr(pdl_mod, "EARLY_RELEASE", release)
     d = 2048
     qws = [random_qweight(fmt, d, d, seed=i, device="cuda", **kw) for i in range(4)]
     auto = (pick_fp8_gemv_config(1, d, d, num_sms(torch.device("cuda"))) if fmt == "fp8"
@@ -290,7 +293,7 @@ def test_pdl_chain_in_graph_matches_plain_launches(fmt: str, kw: dict, wpre: int
         for qw in qws:
             cfg = dataclasses.replace(auto, pdl=pdl)
             if wpre:
-                cfg = dataclasses.replace(cfg, w_preload=wpre, early_release=release)
+                cfg = dataclasses.replace(cfg, w_preload=wpre)
             y = gemv(y, fmt, qw.shape, *_args(qw), torch.empty_like(y), cfg)
         return y
 

@@ -178,7 +178,7 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 def test_persistent_kernel_compiles_for_sm90(fmt: str, dataflow: bool, lora: bool) -> None:
     """PHASE 0 (the grid barrier or the per-slice counters, PDL, both prefetches; the dataflow
-    form without LoRA also with w_preload) compiles for sm_90 with Triton's own ptxas, on a machine without a GPU: the interpreter never traces
+    form without LoRA also with w_preload and PDL = 2) compiles for sm_90 with Triton's own ptxas, on a machine without a GPU: the interpreter never traces
     the spin loops."""
     from pathlib import Path
 
@@ -195,7 +195,7 @@ def test_persistent_kernel_compiles_for_sm90(fmt: str, dataflow: bool, lora: boo
               "ASM": True, "BN1": 32, "NG1": 4 if fmt == "int4" else 16, "FIX1": False,
               "DEFER1": True, "XPRE1": True, "BN2": 32, "NG2": 4 if fmt == "int4" else 16,
               "FIX2": True, "DEFER2": True, "XPRE2": True, "PHASE": 0, "PREFETCH": 2,
-              "PDL": True, "SPIN": 1 << 24, "SLEEP": 100, "DATAFLOW": dataflow,
+              "PDL": 2 if dataflow and not lora else True, "SPIN": 1 << 24, "SLEEP": 100, "DATAFLOW": dataflow,
               "LORA1": 2 if lora else 0, "LRP1": 16, "SBK1": 256, "LORA2": 1 if lora else 0,
               "LRP2": 16, "SBK2": 256, "WPRE": 2 if dataflow and not lora else 0}
     ptrs = {"x_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16", "cnt_ptr": "*i32",
@@ -212,8 +212,12 @@ def test_persistent_kernel_compiles_for_sm90(fmt: str, dataflow: bool, lora: boo
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     ptx = k.asm["ptx"]
     assert "griddepcontrol.wait" in ptx and "cp.async.bulk.prefetch.L2" in ptx
-    # ChainConfig.w_preload: the first items' weights are loaded before the wait
-    assert ("ld.global" in ptx[:ptx.index("griddepcontrol.wait")]) == (dataflow and not lora)
+    # ChainConfig.w_preload: the first items' weights are loaded before the wait; PDL = 2
+    # (pdl.EARLY_RELEASE): the next kernel is released before it
+    before = ptx[:ptx.index("griddepcontrol.wait")]
+    assert ("ld.global" in before) == (dataflow and not lora)
+    assert ("griddepcontrol.launch_dependents" in before) == (dataflow and not lora)
+    assert ptx.count("griddepcontrol.launch_dependents") == 1
     assert ("nanosleep.u32" in ptx) != dataflow  # (the barrier's back-off)
     # the barrier: generation read with acquire, arrival acq_rel, release bump by the last
     assert "ld.global.gpu.acquire" in ptx and "atom.global.gpu.acq_rel.add" in ptx

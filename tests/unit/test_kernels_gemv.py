@@ -312,12 +312,12 @@ def test_use_gemv_follows_the_h100_sweep() -> None:
 
 
 
-@pytest.mark.parametrize("wpre,release", [(0, False), (1, False), (2, True)])
-def test_first_step_preload_comes_before_the_pdl_wait(wpre: int, release: bool) -> None:
+@pytest.mark.parametrize("wpre,pdl", [(0, 1), (1, 1), (2, 2)])
+def test_first_step_preload_comes_before_the_pdl_wait(wpre: int, pdl: int) -> None:
     """sm_90 PTX of the plane GEMV with PDL (offline compile, Triton's own ptxas): with
     w_preload the first steps' weight words are loaded before `griddepcontrol.wait` (they do
-    not depend on the previous kernel), without it nothing global is; early_release also
-    releases the next kernel before the wait."""
+    not depend on the previous kernel), without it nothing global is; PDL = 2
+    (pdl.EARLY_RELEASE) releases the next kernel before the wait, PDL = 1 after it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -327,7 +327,7 @@ def test_first_step_preload_comes_before_the_pdl_wait(wpre: int, release: bool) 
         pytest.skip("this Triton ships no ptxas")
     consts = {"FMT": 1, "CODE": 0, "GROUP": 128, "HAS_OFFSET": False, "MP": 1, "BN": 32,
               "NG": 4, "STAGES": 3, "FIXUP": True, "DEFER": True, "ASM": True, "XPRE": True,
-              "PDL": True, "WPRE": wpre, "RELEASE": release}
+              "PDL": pdl, "WPRE": wpre}
     fn = _gemv_planes_kernel
     for n, prm in inspect.signature(fn.fn).parameters.items():  # the defaulted constexprs
         if prm.default is not inspect.Parameter.empty:
@@ -345,4 +345,5 @@ def test_first_step_preload_comes_before_the_pdl_wait(wpre: int, release: bool) 
     ptx = k.asm["ptx"]
     before = ptx[:ptx.index("griddepcontrol.wait")]
     assert ("ld.global" in before) == (wpre > 0)
-    assert ("griddepcontrol.launch_dependents" in before) == release
+    assert ("griddepcontrol.launch_dependents" in before) == (pdl == 2)
+    assert "griddepcontrol.launch_dependents" in ptx
