@@ -77,6 +77,7 @@ class Fp8GemvConfig:
     x_prefetch: bool = True
     pdl: bool = False  # programmatic dependent launch (orbit/kernels/pdl.py), where available
     l2_prefetch: bool = False  # with PDL: first steps' weights into L2 first (gemv.GemvConfig)
+    w_preload: int = 0  # with PDL: first 0-2 steps' weights into registers first (same)
 
 
 @triton.jit
@@ -134,8 +135,10 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
                      L2PRE: tl.constexpr = False, LORA: tl.constexpr = 0,
                      LRP: tl.constexpr = 1, SHRINK: tl.constexpr = False,
                      SBK: tl.constexpr = 16, NORM: tl.constexpr = False,
-                     NB: tl.constexpr = 16):
+                     NB: tl.constexpr = 16, WPRE: tl.constexpr = 0):
     # SHRINK: the first PN grid columns are LoRA shrink programs (as in the plane kernel).
+    # WPRE (Fp8GemvConfig.w_preload): the first WPRE steps' weights and scales are loaded
+    # before the PDL wait (frozen: no hazard with the previous kernel; gemv.GemvConfig).
     PN = 0
     if SHRINK:
         PN = tl.cdiv(LSR, SPLIT)
@@ -144,6 +147,12 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
     if PDL and L2PRE:  # the first steps' weight bytes into L2 before waiting on the last kernel
         prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES,
                              4 if DEC == 1 else 1, BK)
+    s_row = s_ptr + ((pid_n * BN) // 128) * stride_s  # BN divides 128: one scale row
+    w0, s0, w1, s1 = 0, 0.0, 0, 0.0
+    if WPRE > 0:
+        w0, s0 = _fp8_loads(q_ptr, s_row, offs_n, row_ok, stride_q, k_lo, k_hi, BK, DEC)
+    if WPRE > 1:
+        w1, s1 = _fp8_loads(q_ptr, s_row, offs_n, row_ok, stride_q, k_lo + BK, k_hi, BK, DEC)
     pdl_enter(PDL)
     if shrink_program(PN, SHRINK):
         lora_shrink_role(tl.program_id(0) * SPLIT + pid_k, x_ptr, stride_xm, M, K, a0, a1, a2,
@@ -153,7 +162,38 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
                   stride_om, stride_os, stride_q, stride_s, stride_ym, h_ptr, b0, b1, b2, LN0,
                   LN1, LR, lscale, stride_hm, hc_ptr, LSR, pid_n, pid_k, k_lo, k_hi, offs_n,
                   row_ok, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT, eps, MP, BN, BK, STAGES,
-                  FIXUP, DEC, XPRE, LORA, LRP, SHRINK, NORM, NB)
+                  FIXUP, DEC, XPRE, LORA, LRP, SHRINK, NORM, NB, w0, s0, w1, s1, WPRE)
+
+
+@triton.jit
+def _fp8_loads(q_ptr, s_row, offs_n, row_ok, stride_q, k0, k_hi, BK: tl.constexpr,
+               DEC: tl.constexpr):
+    """The frozen operands of the step at k0: the weights (DEC 1: int32 words [BN, BK/4];
+    else the e4m3 bytes [BN, BK]) and each column's block scale (DEC 1: times X_UP)."""
+    WB: tl.constexpr = BK // 4 if DEC == 1 else BK
+    aw = tl.arange(0, WB)
+    if DEC == 1:
+        kk = k0 + aw * 4
+        sc = tl.load(s_row + kk // 128, mask=kk < k_hi, other=0.0) * X_UP  # [WB]
+        w = tl.load(q_ptr + offs_n[:, None] * stride_q + (k0 // 4 + aw)[None, :],
+                    mask=row_ok[:, None] & (kk < k_hi)[None, :], other=0)
+    else:
+        kk = k0 + aw
+        sc = tl.load(s_row + kk // 128, mask=kk < k_hi, other=0.0)  # [BK]
+        w = tl.load(q_ptr + offs_n[:, None] * stride_q + kk[None, :],
+                    mask=row_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
+    return w, sc
+
+
+@triton.jit
+def _fp8_math(w, sc, x_cur, acc, DEC: tl.constexpr):
+    """One step's products into acc [BN, MP, WB]."""
+    if DEC == 1:
+        for p in tl.static_range(4):
+            acc += _e4m3_bits(w, p)[:, None, :] * (x_cur[p] * sc[None, :])[None, :, :]
+    else:
+        acc += w.to(tl.float32)[:, None, :] * (x_cur * sc[None, :])[None, :, :]
+    return acc
 
 
 @triton.jit
@@ -164,8 +204,9 @@ def _fp8_main(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, SPLIT, stride_
               BK: tl.constexpr, STAGES: tl.constexpr,
               FIXUP: tl.constexpr, DEC: tl.constexpr, XPRE: tl.constexpr, LORA: tl.constexpr,
               LRP: tl.constexpr, SHRINK: tl.constexpr, NORM: tl.constexpr,
-              NB: tl.constexpr):
-    """The column-tile program of _gemv_fp8_kernel (after the PDL wait)."""
+              NB: tl.constexpr, w0, s0, w1, s1, WPRE: tl.constexpr):
+    """The column-tile program of _gemv_fp8_kernel (after the PDL wait); the first WPRE
+    steps' operands are w0, s0 (and w1, s1), loaded before it."""
     am = tl.arange(0, MP)
     lora_d = _lora_d(offs_n, am, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_hm,
                      y_ptr.dtype.element_ty, LORA, LRP, SHRINK)
@@ -174,27 +215,27 @@ def _fp8_main(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, SPLIT, stride_
     acc = tl.zeros((BN, MP, WB), dtype=tl.float32)
     if XPRE:
         x_nxt = _x_next(x_ptr, k_lo, k_hi, stride_xm, M, MP, BK, DEC == 1)
-    for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
+    k_start = k_lo
+    for j in tl.static_range(WPRE):  # the preloaded steps
+        k0 = k_lo + j * BK
         if XPRE:
             x_cur = x_nxt
             x_nxt = _x_next(x_ptr, k0 + BK, k_hi, stride_xm, M, MP, BK, DEC == 1)
         else:
             x_cur = _x_next(x_ptr, k0, k_hi, stride_xm, M, MP, BK, DEC == 1)
-        aw = tl.arange(0, WB)
-        if DEC == 1:
-            kk = k0 + aw * 4
-            sc = tl.load(s_row + kk // 128, mask=kk < k_hi, other=0.0) * X_UP  # [WB]
-            words = tl.load(q_ptr + offs_n[:, None] * stride_q + (k0 // 4 + aw)[None, :],
-                            mask=row_ok[:, None] & (kk < k_hi)[None, :], other=0)
-            for p in tl.static_range(4):
-                acc += (_e4m3_bits(words, p)[:, None, :]
-                        * (x_cur[p] * sc[None, :])[None, :, :])
+        if j == 0:
+            acc = _fp8_math(w0, s0, x_cur, acc, DEC)
         else:
-            kk = k0 + aw
-            sc = tl.load(s_row + kk // 128, mask=kk < k_hi, other=0.0)  # [BK]
-            w = tl.load(q_ptr + offs_n[:, None] * stride_q + kk[None, :],
-                        mask=row_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
-            acc += w.to(tl.float32)[:, None, :] * (x_cur * sc[None, :])[None, :, :]
+            acc = _fp8_math(w1, s1, x_cur, acc, DEC)
+        k_start = k0 + BK
+    for k0 in tl.range(k_start, k_hi, BK, num_stages=STAGES):
+        if XPRE:
+            x_cur = x_nxt
+            x_nxt = _x_next(x_ptr, k0 + BK, k_hi, stride_xm, M, MP, BK, DEC == 1)
+        else:
+            x_cur = _x_next(x_ptr, k0, k_hi, stride_xm, M, MP, BK, DEC == 1)
+        w, sc = _fp8_loads(q_ptr, s_row, offs_n, row_ok, stride_q, k0, k_hi, BK, DEC)
+        acc = _fp8_math(w, sc, x_cur, acc, DEC)
     out = tl.sum(acc, axis=2)  # [BN, MP]
     if DEC == 1:
         out = out * X_UP
@@ -214,7 +255,8 @@ def pick_fp8_gemv_config(m: int, n: int, k: int, sms: int) -> Fp8GemvConfig:
     wide = n_tiles >= GEMV_MIN_PROGRAMS_PER_SM * sms
     block_k = cfg.block_k if (wide and k >= 4 * cfg.block_k) else FP8_BLOCK
     split = split_k(n_tiles, triton.cdiv(k, block_k), sms)
-    return Fp8GemvConfig(block_k=block_k, split=split, l2_prefetch=gemv.PDL_L2_PREFETCH)
+    return Fp8GemvConfig(block_k=block_k, split=split, l2_prefetch=gemv.PDL_L2_PREFETCH,
+                         w_preload=gemv.PDL_W_PRELOAD)
 
 
 def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,
@@ -245,6 +287,6 @@ def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,
         x, out, qv, s, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om, stride_os,
         qv.stride(0), s.stride(0), y.stride(0), *largs, *nargs, MP=triton.next_power_of_2(m),
         BN=cfg.block_n, BK=cfg.block_k, STAGES=cfg.stages, FIXUP=fixup, DEC=dec,
-        XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch, num_warps=cfg.warps, **lconst, **nconst,
-        **pdl)
+        XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch, WPRE=cfg.w_preload, num_warps=cfg.warps,
+        **lconst, **nconst, **pdl)
     return y

@@ -262,7 +262,7 @@ def test_fp8_gemv_both_decodes(k: int, n: int) -> None:
 @pytest.mark.parametrize("fmt,kw,wpre,release", [
     ("int4", {"group_size": 128}, 0, False), ("fp8", {}, 0, False), ("nvfp4", {}, 0, False),
     ("int4", {"group_size": 128}, 1, False), ("int4", {"group_size": 128}, 2, True),
-    ("nvfp4", {}, 2, True)])
+    ("nvfp4", {}, 2, True), ("fp8", {}, 2, True)])
 def test_pdl_chain_in_graph_matches_plain_launches(fmt: str, kw: dict, wpre: int,
                                                    release: bool,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:

@@ -312,34 +312,40 @@ def test_use_gemv_follows_the_h100_sweep() -> None:
 
 
 
+@pytest.mark.parametrize("kernel", ["planes", "fp8"])
 @pytest.mark.parametrize("wpre,pdl", [(0, 1), (1, 1), (2, 2)])
-def test_first_step_preload_comes_before_the_pdl_wait(wpre: int, pdl: int) -> None:
-    """sm_90 PTX of the plane GEMV with PDL (offline compile, Triton's own ptxas): with
-    w_preload the first steps' weight words are loaded before `griddepcontrol.wait` (they do
+def test_first_step_preload_comes_before_the_pdl_wait(kernel: str, wpre: int, pdl: int) -> None:
+    """sm_90 PTX of the plane and FP8 GEMVs with PDL (offline compile, Triton's own ptxas):
+    with w_preload the first steps' weights are loaded before `griddepcontrol.wait` (they do
     not depend on the previous kernel), without it nothing global is; PDL = 2
     (pdl.EARLY_RELEASE) releases the next kernel before the wait, PDL = 1 after it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from orbit.kernels._qgemm import FMT_IDS
     from orbit.kernels.gemv import _gemv_planes_kernel
+    from orbit.kernels.gemv_fp8 import _gemv_fp8_kernel
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this Triton ships no ptxas")
-    consts = {"FMT": 1, "CODE": 0, "GROUP": 128, "HAS_OFFSET": False, "MP": 1, "BN": 32,
-              "NG": 4, "STAGES": 3, "FIXUP": True, "DEFER": True, "ASM": True, "XPRE": True,
-              "PDL": pdl, "WPRE": wpre}
-    fn = _gemv_planes_kernel
-    for n, prm in inspect.signature(fn.fn).parameters.items():  # the defaulted constexprs
-        if prm.default is not inspect.Parameter.empty:
-            consts.setdefault(n, prm.default)
     types = {"x_ptr": "*bf16", "out_ptr": "*fp32", "q_ptr": "*i32", "s_ptr": "*bf16",
              "o_ptr": "*bf16", "g_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32",
              "lscale": "fp32", "eps": "fp32"}
+    if kernel == "planes":
+        fn = _gemv_planes_kernel
+        consts = {"FMT": FMT_IDS["int4"], "CODE": 0, "GROUP": 128, "HAS_OFFSET": False,
+                  "MP": 1, "BN": 32, "NG": 4, "STAGES": 3, "FIXUP": True, "DEFER": True,
+                  "ASM": True, "XPRE": True, "PDL": pdl, "WPRE": wpre}
+    else:
+        fn = _gemv_fp8_kernel
+        consts = {"MP": 1, "BN": 32, "BK": 128, "STAGES": 3, "FIXUP": True, "DEC": 1,
+                  "XPRE": True, "PDL": pdl, "WPRE": wpre}
+        types["s_ptr"] = "*fp32"
+    for n, prm in inspect.signature(fn.fn).parameters.items():  # the defaulted constexprs
+        if prm.default is not inspect.Parameter.empty:
+            consts.setdefault(n, prm.default)
     sig = {n: "constexpr" if n in consts else types.get(n, "*bf16" if n.endswith("_ptr")
                                                          else "i32") for n in fn.arg_names}
-    from orbit.kernels._qgemm import FMT_IDS
-
-    consts["FMT"] = FMT_IDS["int4"]
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     ptx = k.asm["ptx"]

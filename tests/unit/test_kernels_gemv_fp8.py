@@ -47,6 +47,14 @@ def _interpreter_main() -> None:
             ref = x.double() @ wd.T
             out[f"{i}-{name}"] = {"nan": bool(y.isnan().any()),
                                   "err": ((y.double() - ref).abs().max() / ref.abs().max()).item()}
+            # w_preload (the first 1-2 steps' weights loaded before the PDL wait, the loop
+            # after them): the same sums in the same order, so the same bits
+            ys = []
+            for wp in (1, 2):
+                yp = torch.full((m, n), float("nan"))
+                gemv_fp8(x, q, s, yp, Fp8GemvConfig(*c, w_preload=wp))
+                ys.append(torch.equal(yp, y))
+            out[f"{i}-{name}"]["preload_same_bits"] = ys
     # gemv.gemv sends FP8 at M = 1 here unless a GemvConfig asks for the tile kernel.
     n, k = 64, 256
     s = torch.full((1, 2), 0.01)
@@ -79,6 +87,7 @@ def test_fp8_gemv_matches_float64(interp_results: dict, shape: int, config: str)
     r = interp_results[f"{shape}-{config}"]
     assert not r["nan"]  # every output element written (the output was poisoned)
     assert r["err"] < 1e-5, r  # fp32 sums of exact products: only summation-order rounding
+    assert r["preload_same_bits"] == [True, True], r  # Fp8GemvConfig.w_preload 1 and 2
 
 
 def test_gemv_routes_fp8_small_m_to_the_fp8_kernel(interp_results: dict) -> None:
