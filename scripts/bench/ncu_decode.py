@@ -73,8 +73,7 @@ def summarize(path: str, steps: int) -> None:
     total = 0.0
     for k in per.values():
         ns = _number(k.get("gpu__time_duration.sum", "0"))
-        if k.get("gpu__time_duration.sum unit") == "usecond":
-            ns *= 1e3
+        ns *= {"usecond": 1e3, "msecond": 1e6}.get(k.get("gpu__time_duration.sum unit"), 1)
         b = _number(k.get("dram__bytes_read.sum", "0"))
         b *= {"Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(k.get("dram__bytes_read.sum unit"), 1)
         row = by[k["name"][:80]]

@@ -1,0 +1,51 @@
+"""scripts/bench/ncu_decode.py's summary of an Nsight Compute CSV log (the part that runs on
+this machine, after the device call): kernels grouped by name, durations and DRAM bytes in
+any of ncu's units, the log's leading ==PROF== lines and extra columns skipped."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+          '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
+          '"Metric Value","Estimated Speedup"')
+
+
+def _row(i: int, name: str, metric: str, unit: str, value: str) -> str:
+    return (f'"{i}","7","python3","localhost","{name}","1","7","(128, 1, 1)","(64, 2, 1)","0",'
+            f'"9.0","Command line profiler metrics","{metric}","{unit}","{value}",""')
+
+
+def _log(tmp_path: Path) -> Path:
+    lines = ["==PROF== Connected to process 7 (/usr/bin/python3)", HEADER]
+    # two steps of: a GEMV (2.5 us, 2.1 MB), an attention kernel (1,500 ns, 10 KB)
+    for step in range(2):
+        g, a = 2 * step, 2 * step + 1
+        lines += [_row(g, "_gemv_planes_kernel", "gpu__time_duration.sum", "usecond", "2.50"),
+                  _row(g, "_gemv_planes_kernel", "dram__bytes_read.sum", "Mbyte", "2.10"),
+                  _row(g, "_gemv_planes_kernel", "launch__grid_size", "", "128"),
+                  _row(g, "_gemv_planes_kernel", "launch__registers_per_thread",
+                       "register/thread", "96"),
+                  _row(a, "_attn_decode_kernel", "gpu__time_duration.sum", "nsecond", "1,500"),
+                  _row(a, "_attn_decode_kernel", "dram__bytes_read.sum", "Kbyte", "10.00")]
+    p = tmp_path / "ncu.csv"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_summary_groups_kernels_per_step(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = importlib.util.spec_from_file_location("ncu_decode", ROOT / "scripts/bench/ncu_decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.summarize(str(_log(tmp_path)), steps=2)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("4 kernels, 8.0 us in all = 4.0 us per step")
+    gemv = next(ln.split() for ln in out if ln.endswith("_gemv_planes_kernel"))
+    attn = next(ln.split() for ln in out if ln.endswith("_attn_decode_kernel"))
+    # per step, mean us, us/step, MB/launch, GB/s, grid, regs
+    assert gemv[:7] == ["1.00", "2.50", "2.5", "2.10", "840", "128", "96"]
+    assert attn[:5] == ["1.00", "1.50", "1.5", "0.01", "7"]
