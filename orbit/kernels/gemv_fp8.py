@@ -147,7 +147,8 @@ def _gemv_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, K, K_PE
     if PDL and L2PRE:  # the first steps' weight bytes into L2 before waiting on the last kernel
         prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES,
                              4 if DEC == 1 else 1, BK)
-    s_row = s_ptr + ((pid_n * BN) // 128) * stride_s  # BN divides 128: one scale row
+    # (a shrink program's pid_n is negative: clamped, its preloaded scales go unused)
+    s_row = s_ptr + ((tl.maximum(pid_n, 0) * BN) // 128) * stride_s
     w0, s0, w1, s1 = 0, 0.0, 0, 0.0
     if WPRE > 0:
         w0, s0 = _fp8_loads(q_ptr, s_row, offs_n, row_ok, stride_q, k_lo, k_hi, BK, DEC)

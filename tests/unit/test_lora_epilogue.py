@@ -9,6 +9,7 @@ counts, and the plain path wherever the fold must not run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -106,6 +107,14 @@ def _kernel_cases() -> dict:
                 yb = _qgemm.launch(*args, False, False, _poisoned(m, ns), lora=la)
             else:
                 yb = gemv.gemv(*args, _poisoned(m, ns), cfg, lora=la)
+            # the first 2 steps' weights preloaded (w_preload; shrink programs load nothing
+            # that matters but must stay in bounds): the same bits
+            yp = None
+            if c != "dot":
+                old, gemv.PDL_W_PRELOAD = gemv.PDL_W_PRELOAD, 2  # (the heuristic configs)
+                cp = dataclasses.replace(cfg, w_preload=2) if cfg is not None else None
+                yp = gemv.gemv(*args, _poisoned(m, ns), cp, lora=la)
+                gemv.PDL_W_PRELOAD = old
             h64 = x.double() @ torch.cat(a).double().T
             ulp = (want.float().abs() * 2.0 ** -7 * 1.01).double()
             out[f"s{i}"] = {"nan": bool(ya.isnan().any()), "h_equal": torch.equal(hb, want),
@@ -113,7 +122,8 @@ def _kernel_cases() -> dict:
                             "dot_rows": c == "dot" and m >= 8,
                             "h_err": ((want.double() - h64).abs().max() / h64.abs().max()).item(),
                             "y_equal": torch.equal(ya, ref_a), "again": torch.equal(ya, yb),
-                            "counters": counters.tolist()}
+                            "counters": counters.tolist(),
+                            "preload_equal": yp is None or torch.equal(yp, ya)}
     return out
 
 
@@ -300,6 +310,7 @@ def test_launch_computes_h_itself(interp: dict, case: int) -> None:
         assert r["h_equal"] and r["y_equal"], r
     assert r["h_err"] < 1e-2, r  # and that h is x A^T (one bf16 rounding)
     assert r["again"] and r["counters"] == [0, 0], r  # counters re-armed for the next launch
+    assert r["preload_equal"], r  # GemvConfig / Fp8GemvConfig.w_preload = 2: the same bits
 
 
 def test_groups_fold_in_a_quantized_model(interp: dict) -> None:
