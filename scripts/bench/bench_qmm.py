@@ -10,7 +10,7 @@ before each, so L2 starts cold).
 `--gemv` runs only the decode comparison of the old fused `tl.dot` kernel and the GEMV /
 split-K path (orbit/kernels/gemv.py) at M in {1, 4, 16} for int4/fp8/nvfp4 against cuBLAS
 BF16, same rotation and graph replay; `--gemv-sweep` adds the GEMV_ALTS configs
-(`--gemv-deep`: GEMV_ALTS_DEEP, `--gemv-xpre`: GEMV_ALTS_XPRE
+(`--gemv-deep`: GEMV_ALTS_DEEP, `--gemv-wide`: GEMV_ALTS_WIDE, `--gemv-xpre`: GEMV_ALTS_XPRE
 instead; FP8 at M <= FP8_GEMV_MAX_M gets FP8_ALTS with --gemv-sweep, and a `gemv-v1` row, the
 tile kernel it replaced; `--gemv-formats fp8` narrows the formats; every M = 1 call also gets
 `gemv-pdl` rows (programmatic dependent launch, orbit/kernels/pdl.py; `-l2`: with the L2
@@ -239,6 +239,14 @@ GEMV_ALTS_SMALL = [(16, 128, 4, 4, 3, True), (16, 128, 8, 4, 3, True), (32, 128,
                    (32, 128, 8, 4, 3, True), (32, 256, 2, 4, 3, True), (32, 256, 4, 4, 3, True),
                    (64, 128, 8, 4, 3, True), (16, 256, 4, 2, 3, True), (32, 128, 16, 4, 2, True),
                    (8, 256, 4, 2, 3, True), (16, 512, 2, 4, 3, True), (16, 256, 8, 4, 3, True)]
+
+# --gemv-wide (session 17): M = 1 plane configs with no split-K on the Qwen3-1.7B shapes
+# (no fix-up round trip) and the K work spread over 8 warps per program instead, or narrow
+# row tiles for more programs; (bn, bk, split, warps, stages, planes, e2m1, x_prefetch).
+GEMV_ALTS_WIDE = [(16, 1024, 1, 8, 2, True, 0, True), (16, 512, 1, 8, 3, True, 0, True),
+                  (8, 1024, 1, 8, 2, True, 0, True), (16, 2048, 1, 8, 1, True, 0, True),
+                  (32, 1024, 1, 8, 2, True, 0, True), (16, 1024, 2, 8, 2, True, 0, True),
+                  (8, 512, 1, 4, 3, True, 0, True), (16, 512, 1, 4, 3, True, 0, True)]
 
 # --gemv-swap: the swap-AB dot kernel (TileConfig.swap: W is the MMA's A operand), (bo, br,
 # warps, stages); bm = max(16, M).
@@ -538,6 +546,9 @@ def main() -> None:
                     help="with --gemv-sweep: the deeper-step alternatives GEMV_ALTS_DEEP")
     ap.add_argument("--gemv-small", action="store_true",
                     help="with --gemv-sweep: the small-shape alternatives GEMV_ALTS_SMALL")
+    ap.add_argument("--gemv-wide", action="store_true",
+                    help="with --gemv-sweep: unsplit 8-warp / narrow-tile M = 1 plane configs "
+                         "(GEMV_ALTS_WIDE)")
     ap.add_argument("--gemv-swap", action="store_true",
                     help="with --gemv: also time the swap-AB dot kernel configs SWAP_ALTS")
     ap.add_argument("--gemv-fp4", action="store_true",
@@ -583,6 +594,7 @@ def main() -> None:
                                   GEMV_ALTS_FP4 if args.gemv_fp4 else
                                   GEMV_ALTS_XPRE if args.gemv_xpre else
                                   GEMV_ALTS_SMALL if args.gemv_small else
+                                  GEMV_ALTS_WIDE if args.gemv_wide else
                                   GEMV_ALTS_DEEP if args.gemv_deep else None, args.gemv_swap,
                                   tuple(args.gemv_formats.split(",")), args.gemv_decodes,
                                   args.gemv_pairs, args.gemv_regfed)
