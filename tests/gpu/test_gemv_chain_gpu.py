@@ -43,7 +43,8 @@ def test_chain_matches_separate_launches(fmt: str, hid: int, inter: int, m: int)
                 ChainConfig(prefetch=2), ChainConfig(programs=7),
                 ChainConfig(prefetch=0, dataflow=True),
                 ChainConfig(prefetch=0, dataflow=True, grid_order=True),
-                ChainConfig(programs=7, dataflow=True)):
+                ChainConfig(programs=7, dataflow=True), ChainConfig(w_preload=1),
+                ChainConfig(w_preload=2), ChainConfig(programs=7, w_preload=2)):
         got = mlp_chain(x, gu, dn, cfg, gemv_configs=cfgs)
         torch.cuda.synchronize()
         assert not barrier_timed_out(x.device), cfg
@@ -62,15 +63,23 @@ def test_engine_rule_takes_the_chain_at_batch_one() -> None:
     assert not mlp_chain_fits(x, *_weights("nvfp4", 2048, 6144))  # measured slower there
 
 
-@pytest.mark.parametrize("dataflow", [False, True])
-def test_graph_replays_rearm_the_barrier(dataflow: bool) -> None:
+@pytest.mark.parametrize("dataflow,wpre,early", [(False, 0, False), (True, 0, False),
+                                                  (True, 1, True), (True, 2, True)])
+def test_graph_replays_rearm_the_barrier(dataflow: bool, wpre: int, early: bool,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 chained launches a replay, with PDL as the engine runs them (pdl_scope), also with
+    the first items' weights preloaded before the wait and every launch releasing the next
+    before its own wait (pdl.EARLY_RELEASE): the same bits, no timeout, every word re-armed."""
+    from orbit.kernels import pdl
+
+    monkeypatch.setattr(pdl, "EARLY_RELEASE", early)
     gu, dn = _weights("int4", 2048, 6144)
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
-    cfg = ChainConfig(dataflow=dataflow)
+    cfg = ChainConfig(dataflow=dataflow, w_preload=wpre)
     want = mlp_chain(x, gu, dn, cfg)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream), pdl.pdl_scope(True):
         mlp_chain(x, gu, dn, cfg)  # compile + occupancy outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
@@ -135,3 +144,24 @@ def test_chain_with_lora_matches_separate_launches(fmt: str) -> None:
         assert not barrier_timed_out(x.device), cfg
         assert torch.equal(got, want), cfg
     assert not any(barrier_words(x.device)[3:].tolist())  # every counter re-armed
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+def test_engine_bits_equal_with_preload_and_early_release(fmt: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode GEMVs' (and the chain's) weight preload before the PDL wait, with every PDL
+    launch releasing the next before its own wait: the engine samples the same tokens with the
+    same log-probs as without (both only move loads of frozen weights and launch times)."""
+    from gpu_models import bits, mixed_prompts, run_engine, small_qwen3
+
+    from orbit.kernels import pdl
+    from orbit.rollout.types import SamplingParams
+
+    model = small_qwen3(fmt)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=24, ignore_eos=True, seed=3)
+    ps = mixed_prompts(8)
+    _, off = run_engine(model, ps, sp, 1)
+    monkeypatch.setattr(gemv, "PDL_W_PRELOAD", 2)
+    monkeypatch.setattr(pdl, "EARLY_RELEASE", True)
+    _, on = run_engine(model, ps, sp, 1)
+    assert bits(on) == bits(off)
