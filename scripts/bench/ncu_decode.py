@@ -37,7 +37,7 @@ def profile(args: argparse.Namespace) -> None:
     model = orbit_model(args.shape, torch.bfloat16, "cuda")
     convert_linears(model, args.format)
     engine = Engine(model, max_num_seqs=1, max_model_len=args.prompt_len + 160, device="cuda",
-                    attn_backend="triton")
+                    attn_backend="triton", chain_mlp=args.chain_mlp == "on")
     ps = prompts(1, args.prompt_len, model.config.vocab_size)
     sp = SamplingParams(temperature=1.0, max_new_tokens=128, ignore_eos=True, seed=0)
     engine.generate(ps, sp)  # graph capture and compiles
@@ -98,6 +98,9 @@ def main() -> None:
     ap.add_argument("--format", default="int4")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--chain-mlp", default="off", choices=("on", "off"),
+                    help="the persistent MLP launch (off by default here: a kernel whose "
+                         "programs spin on each other, under ncu's serialized replay)")
     ap.add_argument("--summarize", default="", help="an ncu --csv log to summarize instead")
     args = ap.parse_args()
     if args.summarize:
