@@ -556,12 +556,21 @@ def _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP: tl.constexpr,
 def plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k0, k_hi, n_groups,
                 FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
                 HAS_OFFSET: tl.constexpr, NG: tl.constexpr):
-    """The frozen operands of the step at k0: its words [BN, NG, GROUP/8], their group scales
-    as float32 [BN, NG] (with the decode's power-of-two factor) and, for asymmetric int4, the
-    offsets (else `sc` again, unused). No x: with PDL these may be loaded before the wait."""
-    WG: tl.constexpr = GROUP // 8
+    """The frozen operands of the step at k0: its words [BN, NG, GROUP/8] and _plane_scales.
+    No x: with PDL these may be loaded before the wait (GemvConfig.w_preload)."""
+    words = _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP, NG, GROUP // 8)
+    sc, off = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k0, n_groups, FMT, CODE,
+                            GROUP, HAS_OFFSET, NG)
+    return words, sc, off
+
+
+@triton.jit
+def _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k0, n_groups, FMT: tl.constexpr,
+                  CODE: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                  NG: tl.constexpr):
+    """The step's group scales as float32 [BN, NG] (with the decode's power-of-two factor)
+    and, for asymmetric int4, the offsets (else the scales again, unused)."""
     g = k0 // GROUP + tl.arange(0, NG)  # [NG] group index
-    words = _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP, NG, WG)
     sp = offs_n[:, None] * stride_s + g[None, :]
     s_ok = row_ok[:, None] & (g < n_groups)[None, :]
     if FMT == 4:  # MXFP4: E8M0 exponent byte
@@ -575,15 +584,15 @@ def plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k0, k_h
     off = sc
     if HAS_OFFSET:
         off = tl.load(o_ptr + sp, mask=s_ok, other=0.0).to(tl.float32)
-    return words, sc, off
+    return sc, off
 
 
 @triton.jit
-def _plane_math(words, sc, off, x_cur, acc, acc4, CODE: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                MP: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, WG: tl.constexpr,
-                DEFER: tl.constexpr, ASM: tl.constexpr):
-    """One K step of plane_tile: the 8 nibble planes' codes times their x, scaled per group,
-    into acc4 (DEFER) or acc."""
+def _plane_products(words, x_cur, CODE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                    MP: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, WG: tl.constexpr,
+                    DEFER: tl.constexpr, ASM: tl.constexpr):
+    """One K step's unscaled products: the 8 nibble planes' codes times their x, cx
+    [BN, MP, NG, WG], and (asymmetric int4) the x sums xs [MP, NG, WG]."""
     cx = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
     xs = tl.zeros((MP, NG, WG), dtype=tl.float32)
     if DEFER and CODE <= 1:  # per word, shared by 4 planes each (see _int4_plane_masked)
@@ -600,6 +609,13 @@ def _plane_math(words, sc, off, x_cur, acc, acc4, CODE: tl.constexpr, HAS_OFFSET
             cx += _plane_values(words, i, CODE)[:, None, :, :] * xi[None, :, :, :]
         if HAS_OFFSET:
             xs += xi
+    return cx, xs
+
+
+@triton.jit
+def _plane_accumulate(cx, xs, sc, off, acc, acc4, HAS_OFFSET: tl.constexpr,
+                      DEFER: tl.constexpr):
+    """The step's products scaled per group, into acc4 (DEFER) or acc."""
     if DEFER:
         acc4 += cx * sc[:, None, :, None]
         if HAS_OFFSET:
@@ -711,22 +727,25 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
         else:
             x_cur = _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP, NG, WG, MP)
         if j == 0:
-            acc, acc4 = _plane_math(w0, s0, o0, x_cur, acc, acc4, CODE, HAS_OFFSET, MP, BN, NG,
-                                    WG, DEFER, ASM)
+            cx, xs = _plane_products(w0, x_cur, CODE, HAS_OFFSET, MP, BN, NG, WG, DEFER, ASM)
+            acc, acc4 = _plane_accumulate(cx, xs, s0, o0, acc, acc4, HAS_OFFSET, DEFER)
         else:
-            acc, acc4 = _plane_math(w1, s1, o1, x_cur, acc, acc4, CODE, HAS_OFFSET, MP, BN, NG,
-                                    WG, DEFER, ASM)
+            cx, xs = _plane_products(w1, x_cur, CODE, HAS_OFFSET, MP, BN, NG, WG, DEFER, ASM)
+            acc, acc4 = _plane_accumulate(cx, xs, s1, o1, acc, acc4, HAS_OFFSET, DEFER)
         k_start = k0 + BK
     for k0 in tl.range(k_start, k_hi, BK, num_stages=STAGES):
-        words, sc, off = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s,
-                                     k0, k_hi, n_groups, FMT, CODE, GROUP, HAS_OFFSET, NG)
+        # (in the order of the loop before the preload existed: words, x, products, then the
+        # scales, so that without a preload the kernel is the one measured)
+        words = _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP, NG, WG)
         if XPRE:
             x_cur = x_nxt
             x_nxt = _x_planes(x_ptr, k0 + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP)
         else:
             x_cur = _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP, NG, WG, MP)
-        acc, acc4 = _plane_math(words, sc, off, x_cur, acc, acc4, CODE, HAS_OFFSET, MP, BN, NG,
-                                WG, DEFER, ASM)
+        cx, xs = _plane_products(words, x_cur, CODE, HAS_OFFSET, MP, BN, NG, WG, DEFER, ASM)
+        sc, off = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k0, n_groups, FMT, CODE,
+                                GROUP, HAS_OFFSET, NG)
+        acc, acc4 = _plane_accumulate(cx, xs, sc, off, acc, acc4, HAS_OFFSET, DEFER)
     if DEFER:
         acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
     if FMT == 3:
