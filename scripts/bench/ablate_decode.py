@@ -17,8 +17,10 @@ Left out, per variant (comma list with --variants; `base` always runs first):
   mlp      the MLP (the persistent chain launch, or gate/up + down)
   gemv     every quantized linear and the MLP (QuantLinear.forward, the chain)
   lmhead   the LM head (a zero logits buffer instead)
+  sampler  the sampler kernels (token 0 with log-prob 0 for every row, from cached buffers)
   nongemv  addnorm + rope + attn + lmhead together (the GEMVs alone)
-  empty    all of the above (graph replay, sampler and host work alone)
+  empty    addnorm + rope + attn + lmhead + gemv (graph replay, the sampler and the host's
+           work alone)
 
     python scripts/bench/ablate_decode.py [--shape qwen3-1.7b] [--format int4]
         [--variants addnorm,rope,attn,mlp,gemv,lmhead,nongemv,empty] [--chain-mlp on|off]
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 GROUPS = {"nongemv": ("addnorm", "rope", "attn", "lmhead"),
           "empty": ("addnorm", "rope", "attn", "lmhead", "gemv")}
-PARTS = ("addnorm", "rope", "attn", "mlp", "gemv", "lmhead")
+PARTS = ("addnorm", "rope", "attn", "mlp", "gemv", "lmhead", "sampler")
 
 
 def _no_mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +56,7 @@ def left_out(parts: tuple[str, ...]) -> Iterator[None]:
     from orbit.models import transformer as tmod
     from orbit.models.attention import AttnBatch
     from orbit.quant.linear import QuantLinear
+    from orbit.rollout import engine as emod
 
     zeros: dict[tuple, torch.Tensor] = {}
 
@@ -65,7 +68,16 @@ def left_out(parts: tuple[str, ...]) -> Iterator[None]:
             return zeros[key]
         return self.lm_head(hidden.clamp(-1.0, 1.0)).float()
 
+    def sample(logits: torch.Tensor, batch, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("sample", logits.shape[0], logits.device)
+        if key not in zeros:
+            zeros[key] = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+            zeros[key + ("lp",)] = torch.zeros(logits.shape[0], device=logits.device)
+        return zeros[key], zeros[key + ("lp",)]
+
     patches: list[tuple[object, str, Callable]] = [(tmod.CausalLM, "logits", logits)]
+    if "sampler" in parts:
+        patches.append((emod, "sample", sample))
     if "addnorm" in parts:
         patches.append((tmod.RMSNorm, "add_forward", lambda self, x, delta: (x, x)))
     if "rope" in parts:
@@ -90,7 +102,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3-1.7b")
     ap.add_argument("--format", default="int4")
-    ap.add_argument("--variants", default="addnorm,rope,attn,mlp,gemv,lmhead,nongemv,empty")
+    ap.add_argument("--variants",
+                    default="addnorm,rope,attn,mlp,gemv,lmhead,sampler,nongemv,empty")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--chain-mlp", default="on", choices=("on", "off"))
