@@ -10,6 +10,11 @@ works around (in the subprocess, never in orbit):
 - the fp32 -> bf16 cast truncates (`bf16_round=True` rounds to nearest even, as the GPU does).
 Its fp32 -> e4m3 cast also mis-rounds values that carry into the next binade (not patched:
 activation quantization is checked bit for bit only on the GPU).
+It also reads and writes any host address a kernel computes. `patch_interpreter` therefore
+checks every unmasked load, store and atomic against the storages of the launch's tensor
+arguments (`bounds=True`, the default). An access outside them fails the run and names the
+kernel. On a GPU such an access may fault, or read a neighbour's bytes without a sign. The
+check is by storage, not by view: a lane that runs off a view into a larger storage passes.
 """
 
 from __future__ import annotations
@@ -35,12 +40,90 @@ def run_in_interpreter(script: str, timeout: int = 600) -> Any:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def patch_interpreter(*, bf16_dot: bool = False, bf16_round: bool = False) -> None:
-    """Work around the interpreter defects listed in the module docstring (subprocess only)."""
+def _check_bounds(interp: Any) -> None:
+    """Make every unmasked memory access of an interpreted kernel fall inside the storage of
+    one of its tensor arguments, or raise naming the kernel (module docstring)."""
+    import numpy as np
+
+    launch: dict[str, Any] = {"ranges": np.zeros((0, 2), dtype=np.uint64), "name": "?"}
+    orig_init = interp.GridExecutor._init_args_hst
+
+    def init_args(self, args_dev, kwargs):
+        args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
+        spans = set()
+
+        def collect(a):
+            if isinstance(a, tuple):
+                for v in a:
+                    collect(v)
+            elif hasattr(a, "untyped_storage"):
+                st = a.untyped_storage()
+                spans.add((st.data_ptr(), st.data_ptr() + st.nbytes()))
+
+        for a in (*args_hst, *kwargs_hst.values()):
+            collect(a)
+        launch["ranges"] = np.array(sorted(spans), dtype=np.uint64).reshape(-1, 2)
+        launch["name"] = getattr(self.fn, "__name__", "?")
+        return args_hst, kwargs_hst
+
+    def check(ptrs, mask, nbytes: int, what: str) -> None:
+        addr = np.asarray(ptrs.data).astype(np.uint64).reshape(-1)
+        on = np.ones_like(addr, dtype=bool) if mask is None else np.asarray(
+            mask.data, dtype=bool).reshape(-1)
+        addr = addr[np.broadcast_to(on, addr.shape)] if on.size == addr.size else addr[on]
+        if addr.size == 0:
+            return
+        r = launch["ranges"]
+        i = np.searchsorted(r[:, 0], addr, side="right") - 1  # the last storage starting <= addr
+        ok = (i >= 0) & (addr + np.uint64(nbytes) <= r[np.maximum(i, 0), 1])
+        if not ok.all():
+            bad = int(addr[~ok][0])
+            raise AssertionError(
+                f"{launch['name']}: {what} of {nbytes} bytes at {bad:#x}, outside every tensor "
+                f"argument's storage ({int((~ok).sum())} of {addr.size} active lanes)")
+
+    def elem_bytes(ptrs) -> int:
+        return np.dtype(interp._get_np_dtype(ptrs.get_element_ty())).itemsize
+
+    orig_load = interp.InterpreterBuilder.create_masked_load
+    orig_store = interp.InterpreterBuilder.create_masked_store
+    orig_rmw = interp.InterpreterBuilder.create_atomic_rmw
+    orig_cas = interp.InterpreterBuilder.create_atomic_cas
+
+    def load(self, ptrs, mask, other, cache_policy, is_volatile):
+        check(ptrs, mask, elem_bytes(ptrs), "load")
+        return orig_load(self, ptrs, mask, other, cache_policy, is_volatile)
+
+    def store(self, ptrs, value, mask, cache_policy):
+        check(ptrs, mask, elem_bytes(ptrs), "store")
+        return orig_store(self, ptrs, value, mask, cache_policy)
+
+    def rmw(self, rmw_op, ptr, val, mask, sem, scope):
+        check(ptr, mask, elem_bytes(ptr), "atomic")
+        return orig_rmw(self, rmw_op, ptr, val, mask, sem, scope)
+
+    def cas(self, ptr, cmp, val, sem, scope):
+        check(ptr, None, elem_bytes(ptr), "atomic cas")
+        return orig_cas(self, ptr, cmp, val, sem, scope)
+
+    interp.GridExecutor._init_args_hst = init_args
+    interp.InterpreterBuilder.create_masked_load = load
+    interp.InterpreterBuilder.create_masked_store = store
+    interp.InterpreterBuilder.create_atomic_rmw = rmw
+    interp.InterpreterBuilder.create_atomic_cas = cas
+
+
+def patch_interpreter(*, bf16_dot: bool = False, bf16_round: bool = False,
+                      bounds: bool = True) -> None:
+    """Work around the interpreter defects listed in the module docstring (subprocess only),
+    and (bounds) check every memory access against the launch's tensor arguments."""
     import numpy as np
     import torch
     import triton.language as tl
     from triton.runtime import interpreter as interp
+
+    if bounds:
+        _check_bounds(interp)
 
     orig_patch = interp._patch_lang_tensor
 
