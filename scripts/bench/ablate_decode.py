@@ -15,8 +15,7 @@ Left out, per variant (comma list with --variants; `base` always runs first):
   rope     the q/k norm + RoPE + cache-write launches (rope.qk_norm_rope_kv)
   attn     the decode attention launches (AttnBatch.attend)
   mlp      the MLP: the persistent chain launch (the default at batch 1 on INT4), or with
-           --chain-mlp off the gate/up GEMV only (down_proj keeps its launch, which carries
-           the residual add + norm after it)
+           --chain-mlp off the gate/up GEMV only (down_proj keeps its launch)
   gemv     every quantized linear and the MLP (QuantLinear.forward, the chain)
   lmhead   the LM head (a zero logits buffer instead)
   sampler  the sampler kernels (token 0 with log-prob 0 for every row, from cached buffers)
