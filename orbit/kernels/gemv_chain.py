@@ -92,12 +92,14 @@ class ChainConfig:
     # per-K-slice readiness counters instead of the grid barrier, where the gate/up GEMV is
     # unsplit and its tiles fall in whole down K-slices (else the barrier)
     dataflow: bool = True
-    # Before the PDL wait, into registers: 1 the first K step of this program's first phase-A
-    # item (as GemvConfig.w_preload = 1), 2 that of its first phase-B item too (frozen
-    # weights: no hazard with the kernel before). Without LoRA only. Registers (offline sm_90
-    # compile, Triton 3.9): 135 -> 153 (1) -> 232 (2): the phase-B step stays live through
-    # phase A, so 2 costs resident programs.
+    # Before the PDL wait, into registers (frozen weights: no hazard with the kernel before;
+    # without LoRA only): the first w_preload (0-2) K steps of this program's first phase-A
+    # item, as GemvConfig.w_preload, and the first preload_down (0-2) of its first phase-B
+    # item. Registers (offline sm_90 compile, Triton 3.9): 141 without, 154 / 155 with one /
+    # two phase-A steps, 203 with one phase-B step, 231 with one of each: a phase-B step
+    # stays live through phase A, which costs resident programs.
     w_preload: int = 0
+    preload_down: int = 0
 
 
 @triton.jit
@@ -132,7 +134,7 @@ def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, 
            STAGES: tl.constexpr, FIXUP: tl.constexpr, DEFER: tl.constexpr, ASM: tl.constexpr,
            XPRE: tl.constexpr, PAIR: tl.constexpr, GRID_ORDER: tl.constexpr,
            SYNC: tl.constexpr, SPIN: tl.constexpr, LORA: tl.constexpr, LRP: tl.constexpr,
-           SBK: tl.constexpr, w0, s0, o0, WPRE: tl.constexpr):
+           SBK: tl.constexpr, w0, s0, o0, w1, s1, o1, WPRE: tl.constexpr):
     """One GEMV's work items t = pid, pid + P, ...: with LORA (members of a LoRA epilogue
     whose h this launch computes, as the separate launch's shrink programs do), items
     0..LSR-1 are shrink rows (lora_epilogue.lora_shrink_role: h row t), the others the
@@ -143,7 +145,8 @@ def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, 
     phase-B K-slice (of SLICE columns) its SwiGLU outputs fall in; 2, before each tile item,
     wait for its K-slice's HB_A-column producers (a shrink row: for every slice), and after
     it count itself as a reader (the last re-arms both words). WPRE (no LoRA): item pid's
-    first K step was loaded before the PDL wait (w0, s0, o0; _first_step_loads)."""
+    first WPRE K steps were loaded before the PDL wait (w0, s0, o0 and w1, s1, o1;
+    _first_steps_loads)."""
     NS = 0
     if LORA > 0:
         NS = LSR
@@ -155,7 +158,7 @@ def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, 
                        stride_ym, sync_ptr, SLICE, HB_A, lh, b0, b1, b2, LN0, LN1, LR, lscale,
                        stride_lm, hc, LSR, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES,
                        FIXUP, DEFER, ASM, XPRE, PAIR, GRID_ORDER, SYNC, SPIN, LORA, LRP, w0, s0,
-                       o0, 1)
+                       o0, w1, s1, o1, WPRE)
         start = pid + P
     for t in range(start, NS + T * SPLIT, P):
         if LORA > 0:  # (a constexpr test first: without LoRA no shrink code is compiled)
@@ -174,14 +177,14 @@ def _phase(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K, 
                            stride_s, stride_ym, sync_ptr, SLICE, HB_A, lh, b0, b1, b2, LN0, LN1,
                            LR, lscale, stride_lm, hc, LSR, FMT, CODE, GROUP, HAS_OFFSET, MP, BN,
                            NG, STAGES, FIXUP, DEFER, ASM, XPRE, PAIR, GRID_ORDER, SYNC, SPIN,
-                           LORA, LRP, 0, 0.0, 0.0, 0)
+                           LORA, LRP, 0, 0.0, 0.0, 0, 0.0, 0.0, 0)
         else:
             _tile_item(t, x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N, K,
                        K_PER, SPLIT, T, stride_xm, stride_om, stride_os, stride_q, stride_s,
                        stride_ym, sync_ptr, SLICE, HB_A, lh, b0, b1, b2, LN0, LN1, LR, lscale,
                        stride_lm, hc, LSR, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES,
                        FIXUP, DEFER, ASM, XPRE, PAIR, GRID_ORDER, SYNC, SPIN, LORA, LRP, 0,
-                       0.0, 0.0, 0)
+                       0.0, 0.0, 0, 0.0, 0.0, 0)
 
 
 @triton.jit
@@ -193,9 +196,10 @@ def _tile_item(t, x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M,
                STAGES: tl.constexpr, FIXUP: tl.constexpr, DEFER: tl.constexpr,
                ASM: tl.constexpr, XPRE: tl.constexpr, PAIR: tl.constexpr,
                GRID_ORDER: tl.constexpr, SYNC: tl.constexpr, SPIN: tl.constexpr,
-               LORA: tl.constexpr, LRP: tl.constexpr, w0, s0, o0, WPRE: tl.constexpr):
-    """Column-tile work item t of one GEMV (see _phase); WPRE: its first K step's operands
-    are w0, s0, o0."""
+               LORA: tl.constexpr, LRP: tl.constexpr, w0, s0, o0, w1, s1, o1,
+               WPRE: tl.constexpr):
+    """Column-tile work item t of one GEMV (see _phase); WPRE: its first K steps' operands
+    are w0, s0, o0 (and w1, s1, o1)."""
     pid_n, pid_k = _item(t, T, SPLIT, GRID_ORDER)
     k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False, PAIR, N // 2)
     if SYNC == 2:
@@ -207,7 +211,7 @@ def _tile_item(t, x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M,
                LN0, LN1, LR, lscale, stride_lm, hc, LSR, N // 2, pid_n, pid_k, k_lo, k_hi,
                offs_n, row_ok, s_ptr, s_ptr, s_ptr, s_ptr, cnt_ptr, 0, 0.0, FMT, CODE, GROUP,
                HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER, ASM, XPRE, LORA, LRP, LORA > 0,
-               PAIR, False, 16, w0, s0, o0, 0, 0.0, 0.0, WPRE)
+               PAIR, False, 16, w0, s0, o0, w1, s1, o1, WPRE)
     if SYNC == 1:  # (unsplit: this item stored its SwiGLU outputs)
         tl.debug_barrier()
         tl.atomic_add(sync_ptr + (pid_n * (BN // 2)) // SLICE, 1, sem="release")
@@ -224,16 +228,24 @@ SLICES_MAX = tl.constexpr(32)
 
 
 @triton.jit
-def _first_step_loads(q_ptr, s_ptr, o_ptr, pid, N, K, K_PER, SPLIT, T, stride_q, stride_s,
-                      FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
-                      HAS_OFFSET: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
-                      PAIR: tl.constexpr, GRID_ORDER: tl.constexpr):
-    """gemv.plane_loads of work item pid's first K step (nothing loaded, all masked, if pid
-    is past the last item: its K-slice starts past K)."""
+def _first_steps_loads(q_ptr, s_ptr, o_ptr, pid, N, K, K_PER, SPLIT, T, stride_q, stride_s,
+                       FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+                       HAS_OFFSET: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
+                       PAIR: tl.constexpr, GRID_ORDER: tl.constexpr, STEPS: tl.constexpr):
+    """gemv.plane_loads of work item pid's first STEPS (0-2) K steps, as (w0, s0, o0, w1, s1,
+    o1) (nothing loaded, all masked, if pid is past the last item: its K-slice starts past
+    K)."""
     pid_n, pid_k = _item(pid, T, SPLIT, GRID_ORDER)
     k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False, PAIR, N // 2)
-    return plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k_lo, k_hi,
-                       K // GROUP, FMT, CODE, GROUP, HAS_OFFSET, NG)
+    w0, s0, o0, w1, s1, o1 = 0, 0.0, 0.0, 0, 0.0, 0.0
+    if STEPS > 0:
+        w0, s0, o0 = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k_lo,
+                                 k_hi, K // GROUP, FMT, CODE, GROUP, HAS_OFFSET, NG)
+    if STEPS > 1:
+        w1, s1, o1 = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s,
+                                 k_lo + NG * GROUP, k_hi, K // GROUP, FMT, CODE, GROUP,
+                                 HAS_OFFSET, NG)
+    return w0, s0, o0, w1, s1, o1
 
 
 @triton.jit
@@ -271,7 +283,7 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
                       GRID_ORDER: tl.constexpr = False, DATAFLOW: tl.constexpr = False,
                       LORA1: tl.constexpr = 0, LRP1: tl.constexpr = 1, SBK1: tl.constexpr = 16,
                       LORA2: tl.constexpr = 0, LRP2: tl.constexpr = 1, SBK2: tl.constexpr = 16,
-                      WPRE: tl.constexpr = 0):
+                      WPRE: tl.constexpr = 0, WPRE_B: tl.constexpr = 0):
     # PHASE 0: both phases in one launch (every program resident: the launch sizes P for
     # that), phase B after a grid barrier, or with DATAFLOW (phase A unsplit) each phase-B item
     # as soon as the phase-A tiles of its K-slice have stored (per-slice counters in
@@ -283,15 +295,13 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
         _prefetch_rows(q2, stride_q2, N2, K2, KPER2, SPLIT2, T2, pid, P, BN2, False, GRID_ORDER)
     if PREFETCH >= 2:
         _prefetch_rows(q1, stride_q1, N1, K1, KPER1, SPLIT1, T1, pid, P, BN1, True, GRID_ORDER)
-    wa, sa, oa, wb, sb, ob = 0, 0.0, 0.0, 0, 0.0, 0.0
-    if WPRE >= 1:  # (ChainConfig.w_preload)
-        wa, sa, oa = _first_step_loads(q1, s1, o1, pid, N1, K1, KPER1, SPLIT1, T1, stride_q1,
-                                       stride_s1, FMT, CODE, GROUP, HAS_OFFSET, BN1, NG1, True,
-                                       GRID_ORDER)
-    if WPRE >= 2:
-        wb, sb, ob = _first_step_loads(q2, s2, o2, pid, N2, K2, KPER2, SPLIT2, T2, stride_q2,
-                                       stride_s2, FMT, CODE, GROUP, HAS_OFFSET, BN2, NG2, False,
-                                       GRID_ORDER)
+    # (ChainConfig.w_preload / preload_down: WPRE / WPRE_B steps of the first items)
+    wa, sa, oa, wa1, sa1, oa1 = _first_steps_loads(
+        q1, s1, o1, pid, N1, K1, KPER1, SPLIT1, T1, stride_q1, stride_s1, FMT, CODE, GROUP,
+        HAS_OFFSET, BN1, NG1, True, GRID_ORDER, WPRE)
+    wb, sb, ob, wb1, sb1, ob1 = _first_steps_loads(
+        q2, s2, o2, pid, N2, K2, KPER2, SPLIT2, T2, stride_q2, stride_s2, FMT, CODE, GROUP,
+        HAS_OFFSET, BN2, NG2, False, GRID_ORDER, WPRE_B)
     if PDL == 2:  # (pdl.EARLY_RELEASE: every program is resident once all have passed here)
         gdc_launch_dependents()
     if PDL:
@@ -305,7 +315,7 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
                KPER2, BN1 // 2, lh1, a01, a11, a21, b01, b11, b21, LN01, LN11, LR1, lscale1,
                stride_l1m, hc1, LSR1, FMT, CODE, GROUP, HAS_OFFSET, MP, BN1, NG1, STAGES, FIX1,
                DEFER1, ASM, XPRE1, True, GRID_ORDER, SYNC_A, SPIN, LORA1, LRP1, SBK1, wa, sa,
-               oa, WPRE >= 1)
+               oa, wa1, sa1, oa1, WPRE)
     if PHASE == 0 and not DATAFLOW:
         grid_barrier(bar_ptr, P, SPIN, SLEEP)
     # PDL: the next kernel's programs launch once all of ours have passed here, so none can
@@ -319,7 +329,7 @@ def _mlp_chain_kernel(x_ptr, h_ptr, y_ptr, cnt_ptr, bar_ptr, M, P,
                KPER2, BN1 // 2, lh2, a02, a12, a22, b02, b12, b22, LN02, LN12, LR2, lscale2,
                stride_l2m, hc2, LSR2, FMT, CODE, GROUP, HAS_OFFSET, MP, BN2, NG2, STAGES, FIX2,
                DEFER2, ASM, XPRE2, False, GRID_ORDER, SYNC_B, SPIN, LORA2, LRP2, SBK2, wb, sb,
-               ob, WPRE >= 2)
+               ob, wb1, sb1, ob1, WPRE_B)
 
 
 def _operands(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]:
@@ -491,6 +501,7 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
                   LORA1=lconst1["LORA"], LRP1=lconst1["LRP"], SBK1=lconst1["SBK"],
                   LORA2=lconst2["LORA"], LRP2=lconst2["LRP"], SBK2=lconst2["SBK"],
                   WPRE=cfg.w_preload if epi1 is None and epi2 is None else 0,
+                  WPRE_B=cfg.preload_down if epi1 is None and epi2 is None else 0,
                   num_warps=c1.warps, **pdl)
     o1 = o1 if o1 is not None else s1
     o2 = o2 if o2 is not None else s2

@@ -13,7 +13,8 @@ Variants: `separate` (gemv(swiglu=True) + gemv, the engine's path without the ch
 with prefetch 0 / 1 / 2 (ChainConfig.prefetch; the grid barrier), `chain-2launch-pf0` (the
 chain's kernel as two launches: its code without the barrier), `flow` (ChainConfig.dataflow:
 per-K-slice readiness counters instead of the barrier; `-grid`: work items in the separate
-launches' order; `flow-wpre`: the shipped form with ChainConfig.w_preload = 2).
+launches' order; `flow-wpre`, `-wpre2`, `-wpre1d1`: the shipped form with
+ChainConfig.w_preload = 1 or 2 gate/up steps, or 1 and preload_down = 1).
 
     python scripts/bench/bench_chain.py [--formats int4,nvfp4,mxfp4] [--shapes 2048x6144,...]
         [--m 1] [--out FILE]
@@ -107,7 +108,11 @@ def main() -> None:
                     "flow-pf0-grid": lambda gu, dn: mlp_chain(
                         x, gu, dn, ChainConfig(prefetch=0, dataflow=True, grid_order=True)),
                     "flow-wpre": lambda gu, dn: mlp_chain(
+                        x, gu, dn, ChainConfig(w_preload=1)),
+                    "flow-wpre2": lambda gu, dn: mlp_chain(
                         x, gu, dn, ChainConfig(w_preload=2)),
+                    "flow-wpre1d1": lambda gu, dn: mlp_chain(
+                        x, gu, dn, ChainConfig(w_preload=1, preload_down=1)),
                     "flow-pf1-grid": lambda gu, dn: mlp_chain(
                         x, gu, dn, ChainConfig(prefetch=1, dataflow=True, grid_order=True)),
                 }

@@ -44,7 +44,8 @@ def test_chain_matches_separate_launches(fmt: str, hid: int, inter: int, m: int)
                 ChainConfig(prefetch=0, dataflow=True),
                 ChainConfig(prefetch=0, dataflow=True, grid_order=True),
                 ChainConfig(programs=7, dataflow=True), ChainConfig(w_preload=1),
-                ChainConfig(w_preload=2), ChainConfig(programs=7, w_preload=2)):
+                ChainConfig(w_preload=2), ChainConfig(w_preload=1, preload_down=1),
+                ChainConfig(programs=7, w_preload=2, preload_down=2)):
         got = mlp_chain(x, gu, dn, cfg, gemv_configs=cfgs)
         torch.cuda.synchronize()
         assert not barrier_timed_out(x.device), cfg
@@ -75,7 +76,7 @@ def test_graph_replays_rearm_the_barrier(dataflow: bool, wpre: int, early: bool,
     monkeypatch.setattr(pdl, "EARLY_RELEASE", early)
     gu, dn = _weights("int4", 2048, 6144)
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
-    cfg = ChainConfig(dataflow=dataflow, w_preload=wpre)
+    cfg = ChainConfig(dataflow=dataflow, w_preload=wpre, preload_down=1 if wpre > 1 else 0)
     want = mlp_chain(x, gu, dn, cfg)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -48,8 +48,8 @@ def _kernel_cases() -> dict:
                         gemv_configs=cfgs)
         out_plain[i] = got
         # the first items' first K steps loaded before the (PDL) wait: the same bits
-        pre = mlp_chain(x, gu, dn, ChainConfig(programs=progs, grid_order=i == 3, w_preload=2),
-                        gemv_configs=cfgs)
+        pre = mlp_chain(x, gu, dn, ChainConfig(programs=progs, grid_order=i == 3, w_preload=2,
+                                               preload_down=1), gemv_configs=cfgs)
         wg, wu = gu.dequantize(torch.float64).split(inter)
         x64 = x.double()
         ref = (torch.nn.functional.silu(x64 @ wg.T) * (x64 @ wu.T)) @ dn.dequantize(
@@ -197,7 +197,8 @@ def test_persistent_kernel_compiles_for_sm90(fmt: str, dataflow: bool, lora: boo
               "FIX2": True, "DEFER2": True, "XPRE2": True, "PHASE": 0, "PREFETCH": 2,
               "PDL": 2 if dataflow and not lora else True, "SPIN": 1 << 24, "SLEEP": 100, "DATAFLOW": dataflow,
               "LORA1": 2 if lora else 0, "LRP1": 16, "SBK1": 256, "LORA2": 1 if lora else 0,
-              "LRP2": 16, "SBK2": 256, "WPRE": 2 if dataflow and not lora else 0}
+              "LRP2": 16, "SBK2": 256, "WPRE": 2 if dataflow and not lora else 0,
+              "WPRE_B": 1 if dataflow and not lora else 0}
     ptrs = {"x_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16", "cnt_ptr": "*i32",
             "bar_ptr": "*i32", "out1": "*bf16", "out2": "*fp32", "q1": "*i32", "q2": "*i32",
             "s1": "*bf16" if fmt == "int4" else "*fp8e4nv",
