@@ -67,10 +67,10 @@ def _check_bounds(interp: Any) -> None:
         return args_hst, kwargs_hst
 
     def check(ptrs, mask, nbytes: int, what: str) -> None:
-        addr = np.asarray(ptrs.data).astype(np.uint64).reshape(-1)
-        on = np.ones_like(addr, dtype=bool) if mask is None else np.asarray(
-            mask.data, dtype=bool).reshape(-1)
-        addr = addr[np.broadcast_to(on, addr.shape)] if on.size == addr.size else addr[on]
+        addr = np.asarray(ptrs.data).astype(np.uint64)
+        if mask is not None:  # the active lanes only
+            addr = addr[np.broadcast_to(np.asarray(mask.data, dtype=bool), addr.shape)]
+        addr = addr.reshape(-1)
         if addr.size == 0:
             return
         r = launch["ranges"]

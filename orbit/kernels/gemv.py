@@ -565,6 +565,23 @@ def plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k0, k_h
 
 
 @triton.jit
+def preload_steps(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k_lo, k_hi, K,
+                  FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
+                  HAS_OFFSET: tl.constexpr, NG: tl.constexpr, STEPS: tl.constexpr):
+    """plane_loads of the K-slice's first STEPS (0-2) steps, as (w0, s0, o0, w1, s1, o1),
+    placeholders where not loaded (GemvConfig.w_preload; a step past k_hi loads nothing)."""
+    w0, s0, o0, w1, s1, o1 = 0, 0.0, 0.0, 0, 0.0, 0.0
+    if STEPS > 0:
+        w0, s0, o0 = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k_lo,
+                                 k_hi, K // GROUP, FMT, CODE, GROUP, HAS_OFFSET, NG)
+    if STEPS > 1:
+        w1, s1, o1 = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s,
+                                 k_lo + NG * GROUP, k_hi, K // GROUP, FMT, CODE, GROUP,
+                                 HAS_OFFSET, NG)
+    return w0, s0, o0, w1, s1, o1
+
+
+@triton.jit
 def _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k0, n_groups, FMT: tl.constexpr,
                   CODE: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                   NG: tl.constexpr):
@@ -672,14 +689,10 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                                                               PAIR, HALF_N)
     if PDL and L2PRE:  # the first steps' words (frozen weights) into L2 before waiting
         prefetch_first_steps(q_ptr, offs_n, row_ok, stride_q, k_lo, k_hi, BK, STAGES, 8, BK // 2)
-    w0, s0, o0, w1, s1, o1 = 0, 0.0, 0.0, 0, 0.0, 0.0
     # the first WPRE steps' frozen operands into registers (before the wait, with PDL)
-    if WPRE > 0:
-        w0, s0, o0 = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k_lo,
-                                 k_hi, K // GROUP, FMT, CODE, GROUP, HAS_OFFSET, NG)
-    if WPRE > 1:
-        w1, s1, o1 = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s,
-                                 k_lo + BK, k_hi, K // GROUP, FMT, CODE, GROUP, HAS_OFFSET, NG)
+    w0, s0, o0, w1, s1, o1 = preload_steps(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q,
+                                           stride_s, k_lo, k_hi, K, FMT, CODE, GROUP,
+                                           HAS_OFFSET, NG, WPRE)
     pdl_enter(PDL)
     if shrink_program(PN, SHRINK):
         lora_shrink_role(tl.program_id(0) * SPLIT + pid_k, x_ptr, stride_xm, M, K, a0, a1, a2,

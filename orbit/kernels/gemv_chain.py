@@ -47,8 +47,8 @@ from orbit.kernels.gemv import (
     gemv,
     num_sms,
     pick_gemv_config,
-    plane_loads,
     plane_tile,
+    preload_steps,
     split_k_launch,
     tile_slice,
 )
@@ -232,20 +232,12 @@ def _first_steps_loads(q_ptr, s_ptr, o_ptr, pid, N, K, K_PER, SPLIT, T, stride_q
                        FMT: tl.constexpr, CODE: tl.constexpr, GROUP: tl.constexpr,
                        HAS_OFFSET: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
                        PAIR: tl.constexpr, GRID_ORDER: tl.constexpr, STEPS: tl.constexpr):
-    """gemv.plane_loads of work item pid's first STEPS (0-2) K steps, as (w0, s0, o0, w1, s1,
-    o1) (nothing loaded, all masked, if pid is past the last item: its K-slice starts past
-    K)."""
+    """gemv.preload_steps of work item pid's K-slice (nothing loaded, all masked, if pid is
+    past the last item: its K-slice starts past K)."""
     pid_n, pid_k = _item(pid, T, SPLIT, GRID_ORDER)
     k_lo, k_hi, offs_n, row_ok = tile_slice(pid_n, pid_k, K_PER, K, N, BN, False, PAIR, N // 2)
-    w0, s0, o0, w1, s1, o1 = 0, 0.0, 0.0, 0, 0.0, 0.0
-    if STEPS > 0:
-        w0, s0, o0 = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k_lo,
-                                 k_hi, K // GROUP, FMT, CODE, GROUP, HAS_OFFSET, NG)
-    if STEPS > 1:
-        w1, s1, o1 = plane_loads(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s,
-                                 k_lo + NG * GROUP, k_hi, K // GROUP, FMT, CODE, GROUP,
-                                 HAS_OFFSET, NG)
-    return w0, s0, o0, w1, s1, o1
+    return preload_steps(q_ptr, s_ptr, o_ptr, offs_n, row_ok, stride_q, stride_s, k_lo, k_hi,
+                         K, FMT, CODE, GROUP, HAS_OFFSET, NG, STEPS)
 
 
 @triton.jit

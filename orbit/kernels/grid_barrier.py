@@ -88,7 +88,6 @@ class BarrierWords:
                                                 device=device)
         return buf
 
-
     def take_timeouts(self, device: torch.device) -> int:
         """How many of `device`'s word sets (one per stream, CUDA-graph capture streams
         included) have their timeout flag set; clears the flags (synchronizes)."""
