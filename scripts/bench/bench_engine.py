@@ -113,6 +113,21 @@ def _attempt(rows: list[dict], where: dict, fn: Callable[..., Any], *args: Any, 
         return None
 
 
+PLANE_TILE_DEFAULT = (gemv_mod.PLANES_BLOCK_N_SMALL_M, gemv_mod.GEMV_MAX_SPLIT)
+
+
+def set_plane_tile(spec: str) -> None:
+    """--plane-tiles: 'default' or bnX[sY] (see the flag's help) into the gemv module's
+    heuristic constants, read by pick_gemv_config when the engine captures its graphs."""
+    bn, most = PLANE_TILE_DEFAULT
+    if spec != "default":
+        head, _, s = spec.partition("s")
+        if not head.startswith("bn") or not head[2:].isdigit() or (s and not s.isdigit()):
+            raise SystemExit(f"--plane-tiles: {spec!r} is not 'default' or bnX[sY]")
+        bn, most = int(head[2:]), int(s) if s else most
+    gemv_mod.PLANES_BLOCK_N_SMALL_M, gemv_mod.GEMV_MAX_SPLIT = bn, most
+
+
 def hf_model(shape: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -301,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
                          "plane GEMVs' first 0-2 K steps of weights loaded before the PDL "
                          "wait), 'r' appended for pdl.EARLY_RELEASE (every PDL kernel "
                          "releases the next before its own wait), e.g. 0,1,2r")
+    ap.add_argument("--plane-tiles", default="default",
+                    help="roofline/formats: comma list of runs, each the M <= 4 plane GEMV "
+                         "tile: 'default', or bnX[sY] = gemv.PLANES_BLOCK_N_SMALL_M X rows per "
+                         "program and gemv.GEMV_MAX_SPLIT Y K-slices at most (s1: no split-K, "
+                         "so no fix-up round trip), e.g. default,bn8s1,bn16s1")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
                     help="how Orbit's bf16 model holds its linears: plain nn.Linear, or BF16 "
                          "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "
@@ -419,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                 ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
                 # "both": off first (fusing re-homes the model's buffers for good)
                 onoff = {"on": [True], "off": [False], "both": [False, True]}
-                for fuse, split, ovl, pdl, l2p, pw, fr, nd, fn, cm, wp, (rlabel, rtable) in [
-                        (f, s_, o, p, q, w_, fr_, nd_, fn_, cm_, wp_, rr)
+                for fuse, split, ovl, pdl, l2p, pw, fr, nd, fn, cm, wp, pt, (rlabel, rtable) in [
+                        (f, s_, o, p, q, w_, fr_, nd_, fn_, cm_, wp_, pt_, rr)
                         for f in onoff[args.fuse_siblings]
                         for s_ in onoff[args.split_kv] for o in onoff[args.overlap]
                         for p in onoff[args.pdl] for q in onoff[args.l2_prefetch]
@@ -428,12 +448,15 @@ def main(argv: list[str] | None = None) -> int:
                         for nd_ in onoff[args.nibble_decodes] for fn_ in onoff[args.fold_norm]
                         for cm_ in onoff[args.chain_mlp]
                         for wp_ in args.w_preload.split(",")
+                        for pt_ in args.plane_tiles.split(",")
                         for rr in route_runs
                         if p or q == onoff[args.l2_prefetch][-1]]:  # (prefetch only with PDL)
                     w = {**where, "fuse_siblings": fuse, "split_kv": split, "overlap": ovl,
                          "pdl": pdl, "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
                          "fold_rope": fr, "nibble_decodes": nd, "fold_norm": fn,
-                         "chain_mlp": cm, "w_preload": wp, "qmm_routes": rlabel}
+                         "chain_mlp": cm, "w_preload": wp, "plane_tile": pt,
+                         "qmm_routes": rlabel}
+                    set_plane_tile(pt)
                     gemv_mod.PDL_L2_PREFETCH = l2p
                     gemv_mod.PDL_W_PRELOAD = int(wp.rstrip("r"))
                     pdl_mod.EARLY_RELEASE = wp.endswith("r")
@@ -456,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                         _emit(rows, {"section": "roofline", "shape": qshape, "format": fmt,
                                      "qmm_routes": rlabel, "fold_rope": fr,
                                      "nibble_decodes": nd, "fold_norm": fn,
-                                     "chain_mlp": cm, "w_preload": wp,
+                                     "chain_mlp": cm, "w_preload": wp, "plane_tile": pt,
                                      "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
                                      "split_kv": split, "overlap": ovl, "pdl": pdl,
                                      "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
@@ -502,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                 (" fold-norm" if r.get("fold_norm") else "") + \
                 (" chain-mlp" if r.get("chain_mlp") else "") + \
                 (f" w-preload{r['w_preload']}" if r.get("w_preload", "0") != "0" else "") + \
+                (f" tile:{r['plane_tile']}" if r.get("plane_tile", "default") != "default" else "") + \
                 (f" routes:{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
@@ -520,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("+nd" if r.get("nibble_decodes") else "") + \
                 ("+norm" if r.get("fold_norm") else "") + ("+chain" if r.get("chain_mlp") else "") + \
                 (f"+wpre{r['w_preload']}" if r.get("w_preload", "0") != "0" else "") + \
+                (f"+{r['plane_tile']}" if r.get("plane_tile", "default") != "default" else "") + \
                 (f"+{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")
