@@ -90,6 +90,17 @@ PLANES_BLOCK_N_LARGE_M = 16
 # a GemvConfig passed explicitly still selects the tile kernel (same-run comparisons). H200,
 # session 8: it wins at M = 1 and loses to the tile kernel at M = 4 (6144x2048: 18.0 vs 16.5 us).
 FP8_GEMV_MAX_M = 1
+# INT4 plane GEMV at M = 1 outside the persistent MLP: no split-K. Where the 32-row tiles
+# would not fill the SMs GEMV_MIN_PROGRAMS_PER_SM times, PLANES_BLOCK_N_M1_UNSPLIT-row tiles
+# each run the whole K loop instead of K-slices whose partials the last program adds (the
+# fix-up's store, atomic and reload are a serial L2 round trip at the end of every GEMV).
+# H100, session 18, Qwen3-1.7B batch 1 (bench_engine.py --plane-tiles), chain off: 807.6
+# tok/s unsplit 16-row tiles, 806.3 unsplit 8-row, against 761.3 split (and 777.9 with the
+# persistent MLP). The persistent MLP keeps the split configs (chain=True): its dataflow
+# form starts the down GEMV's K-slices as they become ready. A module switch so that
+# bench_engine can compare both in one run.
+PLANES_M1_UNSPLIT = True
+PLANES_BLOCK_N_M1_UNSPLIT = 16
 # GemvConfig.l2_prefetch of the heuristic configs (a module switch so that bench_engine can
 # compare both in one run: --l2-prefetch both). Off: in one H200 run the Qwen3-1.7B INT4
 # batch-1 engine ran 742.7 tok/s with PDL alone and 693.2 with the prefetch as well, although
@@ -161,7 +172,8 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     (fewer than GEMV_MIN_PROGRAMS_PER_SM per SM), into as many slices as bring the grid to
     about GEMV_TARGET_PROGRAMS_PER_SM per SM, each at least GEMV_MIN_K_TILES_PER_SPLIT steps
     deep. The slice depth is rounded so that no slice is empty. 4-bit formats run the
-    nibble-plane kernel with a deeper step (PLANES_BLOCK_K)."""
+    nibble-plane kernel with a deeper step (PLANES_BLOCK_K). INT4 at M = 1 is not split
+    (PLANES_M1_UNSPLIT)."""
     mp = triton.next_power_of_2(max(m, 1))
     planes = fmt in PLANE_FORMATS
     if planes:
@@ -182,6 +194,10 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     # (The FP4 tile is narrowed after the split is chosen, as it was measured.)
     one = planes and mp == 1
     split = split_k(triton.cdiv(n, block_n), k_tiles, sms)
+    if one and fmt == "int4" and PLANES_M1_UNSPLIT:
+        if triton.cdiv(n, block_n) < GEMV_MIN_PROGRAMS_PER_SM * sms:
+            block_n = PLANES_BLOCK_N_M1_UNSPLIT
+        split = 1
     warps = GEMV_WARPS
     if one and fmt == "nvfp4":  # (mxfp4 not measured: it keeps the int4 tile)
         block_n, warps = PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1

@@ -113,19 +113,27 @@ def _attempt(rows: list[dict], where: dict, fn: Callable[..., Any], *args: Any, 
         return None
 
 
-PLANE_TILE_DEFAULT = (gemv_mod.PLANES_BLOCK_N_SMALL_M, gemv_mod.GEMV_MAX_SPLIT)
+PLANE_TILE_DEFAULT = (gemv_mod.PLANES_BLOCK_N_SMALL_M, gemv_mod.GEMV_MAX_SPLIT,
+                      gemv_mod.PLANES_M1_UNSPLIT, gemv_mod.PLANES_BLOCK_N_M1_UNSPLIT)
 
 
 def set_plane_tile(spec: str) -> None:
-    """--plane-tiles: 'default' or bnX[sY] (see the flag's help) into the gemv module's
-    heuristic constants, read by pick_gemv_config when the engine captures its graphs."""
-    bn, most = PLANE_TILE_DEFAULT
-    if spec != "default":
-        head, _, s = spec.partition("s")
+    """--plane-tiles: one run's M <= 4 plane GEMV tile rule (see the flag's help) into the
+    gemv module's heuristic constants, read by pick_gemv_config when the engine captures its
+    graphs."""
+    bn, most, unsplit, bn1 = PLANE_TILE_DEFAULT
+    head, _, s = spec.partition("s")
+    if spec == "split":
+        unsplit = False
+    elif spec != "default":
         if not head.startswith("bn") or not head[2:].isdigit() or (s and not s.isdigit()):
-            raise SystemExit(f"--plane-tiles: {spec!r} is not 'default' or bnX[sY]")
-        bn, most = int(head[2:]), int(s) if s else most
-    gemv_mod.PLANES_BLOCK_N_SMALL_M, gemv_mod.GEMV_MAX_SPLIT = bn, most
+            raise SystemExit(f"--plane-tiles: {spec!r} is not default, split, bnX or bnXsY")
+        if s:
+            bn, most, unsplit = int(head[2:]), int(s), False
+        else:
+            unsplit, bn1 = True, int(head[2:])
+    (gemv_mod.PLANES_BLOCK_N_SMALL_M, gemv_mod.GEMV_MAX_SPLIT, gemv_mod.PLANES_M1_UNSPLIT,
+     gemv_mod.PLANES_BLOCK_N_M1_UNSPLIT) = bn, most, unsplit, bn1
 
 
 def hf_model(shape: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -317,10 +325,12 @@ def main(argv: list[str] | None = None) -> int:
                          "wait), 'r' appended for pdl.EARLY_RELEASE (every PDL kernel "
                          "releases the next before its own wait), e.g. 0,1,2r")
     ap.add_argument("--plane-tiles", default="default",
-                    help="roofline/formats: comma list of runs, each the M <= 4 plane GEMV "
-                         "tile: 'default', or bnX[sY] = gemv.PLANES_BLOCK_N_SMALL_M X rows per "
-                         "program and gemv.GEMV_MAX_SPLIT Y K-slices at most (s1: no split-K, "
-                         "so no fix-up round trip), e.g. default,bn8s1,bn16s1")
+                    help="roofline/formats: comma list of runs, each a plane GEMV tile rule: "
+                         "'default'; 'split' (gemv.PLANES_M1_UNSPLIT off: INT4 at M = 1 split "
+                         "K as the other formats do); bnX (unsplit INT4 M = 1, X-row tiles "
+                         "where 32-row ones leave the SMs under-filled: "
+                         "gemv.PLANES_BLOCK_N_M1_UNSPLIT); bnXsY (the split rule with X-row "
+                         "tiles at M <= 4 and at most Y K-slices), e.g. split,bn16,bn8")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
                     help="how Orbit's bf16 model holds its linears: plain nn.Linear, or BF16 "
                          "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "

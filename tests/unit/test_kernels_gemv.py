@@ -266,10 +266,34 @@ def test_pick_gemv_config() -> None:
                 assert -(-k_tiles // per) == c.split, ("empty K-slice", k, n, c)
                 one = m == 1 and c.planes
                 assert c.defer == one and c.x_prefetch == one, ("M = 1 plane options", m, c)
-    # A big N fills the SMs without split-K; small N splits K.
+    # A big N fills the SMs without split-K; small N splits K (INT4 at M = 1: narrower
+    # unsplit tiles instead, PLANES_M1_UNSPLIT).
     assert pick_gemv_config(1, 12288, 4096, "int4", 132).split == 1
-    assert pick_gemv_config(1, 2048, 6144, "int4", 132).split > 1
-    assert pick_gemv_config(1, 1536, 576, "int4", 132).split > 1
+    assert pick_gemv_config(1, 12288, 4096, "int4", 132).block_n == 32
+    for fmt in ("nvfp4", "mxfp4", "fp8"):
+        assert pick_gemv_config(1, 2048, 6144, fmt, 132).split > 1, fmt
+    assert pick_gemv_config(4, 2048, 6144, "int4", 132).split > 1
+    assert pick_gemv_config(4, 1536, 576, "int4", 132).split > 1
+    for n, k in ((2048, 6144), (1536, 576), (2048, 2048)):
+        c = pick_gemv_config(1, n, k, "int4", 132)
+        assert (c.split, c.block_n) == (1, 16), (n, k, c)
+
+
+def test_int4_m1_unsplit_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gemv.PLANES_M1_UNSPLIT off (bench_engine --plane-tiles split) gives back the split rule
+    for INT4 at M = 1 and changes nothing at other M or formats."""
+    from orbit.kernels import gemv
+
+    shapes = ((2048, 6144), (2048, 2048), (4096, 2048), (12288, 2048), (1536, 576))
+    on = {(m, n, k, f): gemv.pick_gemv_config(m, n, k, f, 132) for m in (1, 4)
+          for n, k in shapes for f in ("int4", "nvfp4", "fp8")}
+    monkeypatch.setattr(gemv, "PLANES_M1_UNSPLIT", False)
+    for (m, n, k, f), c in on.items():
+        off = gemv.pick_gemv_config(m, n, k, f, 132)
+        if m == 1 and f == "int4" and n < 2 * 132 * 32:
+            assert off.split > 1 and off.block_n == 32 and c.split == 1, (n, k, off)
+        else:
+            assert off == c, (m, n, k, f)
 
 
 def test_nvfp4_fp32_decode_switch(monkeypatch: pytest.MonkeyPatch) -> None:
