@@ -226,14 +226,22 @@ def test_persistent_kernel_compiles_for_sm90(fmt: str, dataflow: bool, lora: boo
     assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
 
 
-@pytest.mark.parametrize("hid,inter,ok", [(2048, 6144, True), (2560, 9728, True),
-                                          (576, 1536, False)])
-def test_engine_takes_only_the_dataflow_form(hid: int, inter: int, ok: bool) -> None:
+@pytest.mark.parametrize("unsplit", [True, False])
+@pytest.mark.parametrize("hid,inter,split_ok", [(2048, 6144, True), (2560, 9728, True),
+                                                (576, 1536, False)])
+def test_engine_takes_only_the_dataflow_form(hid: int, inter: int, split_ok: bool,
+                                             unsplit: bool,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's rule (mlp_chain_fits) asks for the dataflow form, which needs an unsplit
-    gate/up GEMV: the Qwen3 MLPs at batch 1 have one, SmolLM2's (96 column tiles, split 2) not."""
+    gate/up GEMV: every INT4 MLP at batch 1 has one with the unsplit M = 1 tiles
+    (gemv.PLANES_M1_UNSPLIT, the default); under the split rule the Qwen3 MLPs have one and
+    SmolLM2's (96 column tiles, split 2) not."""
+    from orbit.kernels import gemv
     from orbit.kernels.gemv import pick_gemv_config
     from orbit.kernels.gemv_chain import _dataflow_ok
 
+    monkeypatch.setattr(gemv, "PLANES_M1_UNSPLIT", unsplit)
+    ok = split_ok or unsplit
     c1 = pick_gemv_config(1, 2 * inter, hid, "int4", 132)
     c2 = pick_gemv_config(1, hid, inter, "int4", 132)
     assert _dataflow_ok(c1, c2, hid, inter, 32 if hid % 128 else 128) == ok
