@@ -181,8 +181,9 @@ class Engine:
     the down GEMV, each down item starting as soon as its input slice is stored;
     AttnBatch.chain_mlp, orbit/kernels/gemv_chain.py) where its layers are INT4 plane-GEMV
     decode forwards with no adapter active. The same bits as the two launches. None (default):
-    on for CUDA outside exact mode; measured +2.7% batch-1 decode (H100, Qwen3-1.7B INT4,
-    762 -> 783 tok/s, three runs; docs/rollout.md, "A persistent MLP launch").
+    off. It measured +2.7% batch-1 decode against split-K GEMVs (H100, Qwen3-1.7B INT4, 762
+    -> 783 tok/s, session 16), but the unsplit INT4 M = 1 GEMVs (gemv.PLANES_M1_UNSPLIT) are
+    faster without it (807.6 tok/s off vs 759.4 on, session 18; docs/rollout.md).
     prefetch_weights: experimental (orbit/rollout/l2_prefetch.py): during decode steps on CUDA,
     prefetch the next block's frozen weights into L2 on a side stream while the current block
     computes. A hint only: the same bits. Measured much slower (H200, Qwen3-1.7B INT4 batch
@@ -255,8 +256,7 @@ class Engine:
         self.split_kv = (not exact) if split_kv is None else split_kv
         self.fold_rope = fold_rope
         self.fold_norm = fold_norm
-        self.chain_mlp = (self.device.type == "cuda" and not exact) if chain_mlp is None \
-            else chain_mlp
+        self.chain_mlp = bool(chain_mlp)
         self.overlap = (self.device.type == "cuda") if overlap is None else overlap
         self.pdl = pdl_available(self.device) if pdl is None else pdl
         self.vocab_size = self.config.vocab_size

@@ -14,8 +14,8 @@ Left out, per variant (comma list with --variants; `base` always runs first):
   addnorm  the residual add + RMSNorm launches (RMSNorm.add_forward)
   rope     the q/k norm + RoPE + cache-write launches (rope.qk_norm_rope_kv)
   attn     the decode attention launches (AttnBatch.attend)
-  mlp      the MLP: the persistent chain launch (the default at batch 1 on INT4), or with
-           --chain-mlp off the gate/up GEMV only (down_proj keeps its launch)
+  mlp      the MLP: with --chain-mlp on the persistent chain launch, or (off, the engine's
+           default) the gate/up GEMV only (down_proj keeps its launch)
   gemv     every quantized linear and the MLP (QuantLinear.forward, the chain)
   lmhead   the LM head (a zero logits buffer instead)
   sampler  the sampler kernels (token 0 with log-prob 0 for every row, from cached buffers)
@@ -107,7 +107,7 @@ def main() -> None:
                     default="addnorm,rope,attn,mlp,gemv,lmhead,sampler,nongemv,empty")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--chain-mlp", default="on", choices=("on", "off"))
+    ap.add_argument("--chain-mlp", default="off", choices=("on", "off"))
     args = ap.parse_args()
     from bench_engine import _format_model, prompts, run_orbit
 
