@@ -20,7 +20,9 @@ Split-K (SPLIT > 1) when N / BLOCK_N programs would not fill the SMs: each slice
 fp32 partial sums to a workspace [SPLIT, M, N]; the last slice program of each column tile to
 finish (an arrival counter, `_store_out`) adds the slices in slice order and casts
 (deterministic: the order does not depend on which program arrives last). GemvConfig(fixup=
-False) keeps the older second launch (`_splitk_reduce_kernel`) for same-run comparison. Configs come from `pick_gemv_config`, an
+False) keeps the older second launch (`_splitk_reduce_kernel`) for same-run comparison. INT4 at
+M = 1 is not split (narrower tiles instead, PLANES_M1_UNSPLIT: the fix-up's round trip cost
+more than the fuller grid gained). Configs come from `pick_gemv_config`, an
 explicit heuristic (no autotuning) whose constants below are meant to be swept on the device.
 
 Roofline (before the first GPU run; copy bandwidth measured 2990 GB/s on the lent H100):
