@@ -136,6 +136,31 @@ def set_plane_tile(spec: str) -> None:
      gemv_mod.PLANES_BLOCK_N_M1_UNSPLIT) = bn, most, unsplit, bn1
 
 
+def knob_values(spec: str | None) -> list[str | None]:
+    """--knob MODULE.NAME=V1,V2: one 'MODULE.NAME=V' per value (None: no knob, one run)."""
+    if not spec:
+        return [None]
+    name, sep, vals = spec.partition("=")
+    if not sep or "." not in name or not vals:
+        raise SystemExit(f"--knob: {spec!r} is not MODULE.NAME=V1,V2,...")
+    return [f"{name}={v}" for v in vals.split(",")]
+
+
+def set_knob(kv: str | None) -> None:
+    """Set one module constant (knob_values' form), checking that it exists."""
+    if kv is None:
+        return
+    import ast
+    import importlib
+
+    name, _, val = kv.partition("=")
+    mod_name, _, attr = name.rpartition(".")
+    mod = importlib.import_module(mod_name)
+    if not hasattr(mod, attr):
+        raise SystemExit(f"--knob: {mod_name} has no {attr}")
+    setattr(mod, attr, ast.literal_eval(val))
+
+
 def hf_model(shape: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -331,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
                          "where 32-row ones leave the SMs under-filled: "
                          "gemv.PLANES_BLOCK_N_M1_UNSPLIT); bnXsY (the split rule with X-row "
                          "tiles at M <= 4 and at most Y K-slices), e.g. split,bn16,bn8")
+    ap.add_argument("--knob", default=None,
+                    help="roofline/formats: one module constant swept over runs, as "
+                         "MODULE.NAME=V1,V2,... (Python literals), e.g. "
+                         "orbit.kernels.attention_decode.SPLIT_MAX=16,1,2; each run sets it "
+                         "before the engine captures its graphs, and the first value is "
+                         "left set at the end")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
                     help="how Orbit's bf16 model holds its linears: plain nn.Linear, or BF16 "
                          "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "
@@ -449,8 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                 ps = prompts(batch, plen, SHAPES[qshape]["vocab_size"], seed=batch)
                 # "both": off first (fusing re-homes the model's buffers for good)
                 onoff = {"on": [True], "off": [False], "both": [False, True]}
-                for fuse, split, ovl, pdl, l2p, pw, fr, nd, fn, cm, wp, pt, (rlabel, rtable) in [
-                        (f, s_, o, p, q, w_, fr_, nd_, fn_, cm_, wp_, pt_, rr)
+                for fuse, split, ovl, pdl, l2p, pw, fr, nd, fn, cm, wp, pt, kv, (rlabel, rtable) in [
+                        (f, s_, o, p, q, w_, fr_, nd_, fn_, cm_, wp_, pt_, kv_, rr)
                         for f in onoff[args.fuse_siblings]
                         for s_ in onoff[args.split_kv] for o in onoff[args.overlap]
                         for p in onoff[args.pdl] for q in onoff[args.l2_prefetch]
@@ -459,14 +490,16 @@ def main(argv: list[str] | None = None) -> int:
                         for cm_ in onoff[args.chain_mlp]
                         for wp_ in args.w_preload.split(",")
                         for pt_ in args.plane_tiles.split(",")
+                        for kv_ in knob_values(args.knob)
                         for rr in route_runs
                         if p or q == onoff[args.l2_prefetch][-1]]:  # (prefetch only with PDL)
                     w = {**where, "fuse_siblings": fuse, "split_kv": split, "overlap": ovl,
                          "pdl": pdl, "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
                          "fold_rope": fr, "nibble_decodes": nd, "fold_norm": fn,
                          "chain_mlp": cm, "w_preload": wp, "plane_tile": pt,
-                         "qmm_routes": rlabel}
+                         "knob": kv, "qmm_routes": rlabel}
                     set_plane_tile(pt)
+                    set_knob(kv)
                     gemv_mod.PDL_L2_PREFETCH = l2p
                     gemv_mod.PDL_W_PRELOAD = int(wp.rstrip("r"))
                     pdl_mod.EARLY_RELEASE = wp.endswith("r")
@@ -490,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "qmm_routes": rlabel, "fold_rope": fr,
                                      "nibble_decodes": nd, "fold_norm": fn,
                                      "chain_mlp": cm, "w_preload": wp, "plane_tile": pt,
+                                     "knob": kv,
                                      "attn_backend": st["attn_backend"], "fuse_siblings": fuse,
                                      "split_kv": split, "overlap": ovl, "pdl": pdl,
                                      "l2_prefetch": pdl and l2p, "prefetch_weights": pw,
@@ -536,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
                 (" chain-mlp" if r.get("chain_mlp") else "") + \
                 (f" w-preload{r['w_preload']}" if r.get("w_preload", "0") != "0" else "") + \
                 (f" tile:{r['plane_tile']}" if r.get("plane_tile", "default") != "default" else "") + \
+                (f" {r['knob']}" if r.get("knob") else "") + \
                 (f" routes:{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"roofline {r['shape']:<13} {r['format']:<5}{fz} b1: {r['decode_tokens_per_s']:.1f} tok/s"
                   f" ({r['ms_per_token']:.2f} ms) vs roofline {r['roofline_tokens_per_s']:.1f}"
@@ -555,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("+norm" if r.get("fold_norm") else "") + ("+chain" if r.get("chain_mlp") else "") + \
                 (f"+wpre{r['w_preload']}" if r.get("w_preload", "0") != "0" else "") + \
                 (f"+{r['plane_tile']}" if r.get("plane_tile", "default") != "default" else "") + \
+                (f"+{r['knob']}" if r.get("knob") else "") + \
                 (f"+{r['qmm_routes']}" if r.get("qmm_routes", "default") != "default" else "")
             print(f"formats  {r['shape']:<13} {r['format'] + fz:<9} b{r['batch']:<3}: total {r['tokens_per_s']:>9.1f}"
                   f" tok/s, decode {r['decode_tokens_per_s']:>9.1f} tok/s [{r['attn_backend']}]")
