@@ -1,0 +1,62 @@
+"""bench_engine.py's per-run switches: --plane-tiles specs map onto the gemv module's tile rule
+constants (and what pick_gemv_config then returns), --knob sets a named module constant, and a
+malformed spec fails with the flag's name."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "bench"))
+
+
+@pytest.fixture
+def gemv_consts(monkeypatch: pytest.MonkeyPatch):
+    from orbit.kernels import gemv
+
+    for name in ("PLANES_BLOCK_N_SMALL_M", "GEMV_MAX_SPLIT", "PLANES_M1_UNSPLIT",
+                 "PLANES_BLOCK_N_M1_UNSPLIT"):
+        monkeypatch.setattr(gemv, name, getattr(gemv, name))  # restored after the test
+    return gemv
+
+
+def test_plane_tile_specs(gemv_consts) -> None:
+    import bench_engine as b
+
+    gemv = gemv_consts
+    b.set_plane_tile("split")
+    c = gemv.pick_gemv_config(1, 2048, 2048, "int4", 132)
+    assert (c.block_n, c.split) == (32, 2)
+    b.set_plane_tile("bn8")
+    c = gemv.pick_gemv_config(1, 2048, 2048, "int4", 132)
+    assert (c.block_n, c.split) == (8, 1)
+    assert gemv.pick_gemv_config(1, 12288, 2048, "int4", 132).block_n == 32  # fills the SMs
+    b.set_plane_tile("bn16s1")  # the split rule's tile, at most one slice
+    c = gemv.pick_gemv_config(1, 12288, 2048, "int4", 132)
+    assert (c.block_n, c.split) == (16, 1)
+    b.set_plane_tile("default")
+    c = gemv.pick_gemv_config(1, 2048, 2048, "int4", 132)
+    assert (c.block_n, c.split) == (16, 1)
+    for bad in ("bn", "16", "bnxs1", "bn8sx"):
+        with pytest.raises(SystemExit, match="--plane-tiles"):
+            b.set_plane_tile(bad)
+
+
+def test_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench_engine as b
+
+    from orbit.kernels import attention_decode as a
+
+    monkeypatch.setattr(a, "SPLIT_MAX", a.SPLIT_MAX)
+    runs = b.knob_values("orbit.kernels.attention_decode.SPLIT_MAX=1,2")
+    assert runs == ["orbit.kernels.attention_decode.SPLIT_MAX=1",
+                    "orbit.kernels.attention_decode.SPLIT_MAX=2"]
+    b.set_knob(runs[0])
+    assert a.SPLIT_MAX == 1 and a.pick_decode(1, 8, 224, 132)[0] == 1
+    assert b.knob_values(None) == [None]
+    with pytest.raises(SystemExit, match="--knob"):
+        b.knob_values("SPLIT_MAX")
+    with pytest.raises(SystemExit, match="has no"):
+        b.set_knob("orbit.kernels.attention_decode.NOPE=1")
