@@ -103,6 +103,9 @@ FP8_GEMV_MAX_M = 1
 # bench_engine can compare both in one run.
 PLANES_M1_UNSPLIT = True
 PLANES_BLOCK_N_M1_UNSPLIT = 16
+# The plane formats the unsplit rule takes (NVFP4 and MXFP4 not measured unsplit yet:
+# bench_engine.py --knob "orbit.kernels.gemv.PLANES_M1_UNSPLIT_FORMATS=('int4',),('int4','nvfp4')").
+PLANES_M1_UNSPLIT_FORMATS = ("int4",)
 # GemvConfig.l2_prefetch of the heuristic configs (a module switch so that bench_engine can
 # compare both in one run: --l2-prefetch both). Off: in one H200 run the Qwen3-1.7B INT4
 # batch-1 engine ran 742.7 tok/s with PDL alone and 693.2 with the prefetch as well, although
@@ -196,7 +199,7 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     # (The FP4 tile is narrowed after the split is chosen, as it was measured.)
     one = planes and mp == 1
     split = split_k(triton.cdiv(n, block_n), k_tiles, sms)
-    if one and fmt == "int4" and PLANES_M1_UNSPLIT:
+    if one and fmt in PLANES_M1_UNSPLIT_FORMATS and PLANES_M1_UNSPLIT:
         if triton.cdiv(n, block_n) < GEMV_MIN_PROGRAMS_PER_SM * sms:
             block_n = PLANES_BLOCK_N_M1_UNSPLIT
         split = 1

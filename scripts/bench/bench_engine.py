@@ -137,13 +137,21 @@ def set_plane_tile(spec: str) -> None:
 
 
 def knob_values(spec: str | None) -> list[str | None]:
-    """--knob MODULE.NAME=V1,V2: one 'MODULE.NAME=V' per value (None: no knob, one run)."""
+    """--knob MODULE.NAME=V1,V2: one 'MODULE.NAME=V' per value (None: no knob, one run). The
+    values are read as one Python list literal, so a value may be a tuple:
+    NAME=('int4',),('int4','nvfp4') is two runs."""
     if not spec:
         return [None]
+    import ast
+
     name, sep, vals = spec.partition("=")
-    if not sep or "." not in name or not vals:
-        raise SystemExit(f"--knob: {spec!r} is not MODULE.NAME=V1,V2,...")
-    return [f"{name}={v}" for v in vals.split(",")]
+    try:
+        values = ast.literal_eval(f"[{vals}]") if sep and "." in name and vals else None
+    except (ValueError, SyntaxError):
+        values = None
+    if not values:
+        raise SystemExit(f"--knob: {spec!r} is not MODULE.NAME=V1,V2,... (Python literals)")
+    return [f"{name}={v!r}" for v in values]
 
 
 def set_knob(kv: str | None) -> None:

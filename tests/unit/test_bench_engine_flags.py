@@ -56,7 +56,10 @@ def test_knob(monkeypatch: pytest.MonkeyPatch) -> None:
     b.set_knob(runs[0])
     assert a.SPLIT_MAX == 1 and a.pick_decode(1, 8, 224, 132)[0] == 1
     assert b.knob_values(None) == [None]
-    with pytest.raises(SystemExit, match="--knob"):
-        b.knob_values("SPLIT_MAX")
+    assert b.knob_values("m.X=('int4',),('int4', 'nvfp4')") == ["m.X=('int4',)",
+                                                               "m.X=('int4', 'nvfp4')"]
+    for bad in ("SPLIT_MAX", "m.X=", "m.X=(1,", "m.X=int4"):
+        with pytest.raises(SystemExit, match="--knob"):
+            b.knob_values(bad)
     with pytest.raises(SystemExit, match="has no"):
         b.set_knob("orbit.kernels.attention_decode.NOPE=1")
