@@ -55,6 +55,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from knobs import knob_values, set_knob  # (scripts/bench: the script's own directory)
+
 from orbit.kernels import gemv as gemv_mod
 from orbit.kernels import pdl as pdl_mod
 from orbit.models.attention import varlen_supported
@@ -134,39 +136,6 @@ def set_plane_tile(spec: str) -> None:
             unsplit, bn1 = True, int(head[2:])
     (gemv_mod.PLANES_BLOCK_N_SMALL_M, gemv_mod.GEMV_MAX_SPLIT, gemv_mod.PLANES_M1_UNSPLIT,
      gemv_mod.PLANES_BLOCK_N_M1_UNSPLIT) = bn, most, unsplit, bn1
-
-
-def knob_values(spec: str | None) -> list[str | None]:
-    """--knob MODULE.NAME=V1,V2: one 'MODULE.NAME=V' per value (None: no knob, one run). The
-    values are read as one Python list literal, so a value may be a tuple:
-    NAME=('int4',),('int4','nvfp4') is two runs."""
-    if not spec:
-        return [None]
-    import ast
-
-    name, sep, vals = spec.partition("=")
-    try:
-        values = ast.literal_eval(f"[{vals}]") if sep and "." in name and vals else None
-    except (ValueError, SyntaxError):
-        values = None
-    if not values:
-        raise SystemExit(f"--knob: {spec!r} is not MODULE.NAME=V1,V2,... (Python literals)")
-    return [f"{name}={v!r}" for v in values]
-
-
-def set_knob(kv: str | None) -> None:
-    """Set one module constant (knob_values' form), checking that it exists."""
-    if kv is None:
-        return
-    import ast
-    import importlib
-
-    name, _, val = kv.partition("=")
-    mod_name, _, attr = name.rpartition(".")
-    mod = importlib.import_module(mod_name)
-    if not hasattr(mod, attr):
-        raise SystemExit(f"--knob: {mod_name} has no {attr}")
-    setattr(mod, attr, ast.literal_eval(val))
 
 
 def hf_model(shape: str, dtype: torch.dtype, device: str) -> torch.nn.Module:

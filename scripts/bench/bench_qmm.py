@@ -569,13 +569,25 @@ def main() -> None:
                     help="only rollout batch sizes (MID_M rows, Qwen3-1.7B shapes): the tl.dot "
                          "loop vs dequantize + cuBLAS vs cuBLAS BF16, to place DEQUANT_MIN_M")
     ap.add_argument("--mid-m", default=",".join(map(str, MID_M)), help="with --mid: these M")
+    ap.add_argument("--knob", default=None,
+                    help="MODULE.NAME=V: set one module constant for the whole run (e.g. "
+                         "\"orbit.kernels.gemv.PLANES_M1_UNSPLIT_FORMATS=('int4','nvfp4')\"); "
+                         "scripts/bench/knobs.py")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
     args = ap.parse_args()
+    if args.knob:
+        from knobs import knob_values, set_knob  # (scripts/bench: the script's own directory)
+
+        runs = knob_values(args.knob)
+        if len(runs) != 1:
+            raise SystemExit("bench_qmm.py --knob takes one value (run once per value)")
+        set_knob(runs[0])
     torch.manual_seed(0)
     ceil = ceilings()
     res = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": triton.__version__, "command": " ".join(sys.argv), **ceil}
+           "triton": triton.__version__, "command": " ".join(sys.argv), "knob": args.knob,
+           **ceil}
     if args.mid:
         res["mid"] = mid_decode(ceil["copy_GBps"], tuple(args.gemv_formats.split(",")),
                                 tuple(int(v) for v in args.mid_m.split(",")))
