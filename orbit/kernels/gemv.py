@@ -98,13 +98,14 @@ FP8_GEMV_MAX_M = 1
 # fix-up's store, atomic and reload are a serial L2 round trip at the end of every GEMV).
 # H100, session 18, Qwen3-1.7B batch 1 (bench_engine.py --plane-tiles), chain off: 807.6
 # tok/s unsplit 16-row tiles, 806.3 unsplit 8-row, against 761.3 split (and 777.9 with the
-# persistent MLP). The persistent MLP keeps the split configs (chain=True): its dataflow
-# form starts the down GEMV's K-slices as they become ready. A module switch so that
-# bench_engine can compare both in one run.
+# persistent MLP). The persistent MLP (gemv_chain.py) takes these configs too, so that its
+# bits equal the separate launches'; with an unsplit down GEMV its dataflow form has no
+# K-slices to start early and it loses (759.4 tok/s), hence Engine(chain_mlp) is off by
+# default. A module switch so that bench_engine can compare both in one run.
 PLANES_M1_UNSPLIT = True
 PLANES_BLOCK_N_M1_UNSPLIT = 16
-# The plane formats the unsplit rule takes (NVFP4 and MXFP4 not measured unsplit yet:
-# bench_engine.py --knob "orbit.kernels.gemv.PLANES_M1_UNSPLIT_FORMATS=('int4',),('int4','nvfp4')").
+# The plane formats the unsplit rule takes (NVFP4 and MXFP4 not measured unsplit yet; compare
+# with bench_engine.py --knob "orbit.kernels.gemv.PLANES_M1_UNSPLIT_FORMATS=...").
 PLANES_M1_UNSPLIT_FORMATS = ("int4",)
 # GemvConfig.l2_prefetch of the heuristic configs (a module switch so that bench_engine can
 # compare both in one run: --l2-prefetch both). Off: in one H200 run the Qwen3-1.7B INT4
