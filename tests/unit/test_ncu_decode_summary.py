@@ -49,3 +49,29 @@ def test_summary_groups_kernels_per_step(tmp_path: Path, capsys: pytest.CaptureF
     # per step, mean us, us/step, MB/launch, GB/s, grid, regs
     assert gemv[:7] == ["1.00", "2.50", "2.5", "2.10", "840", "128", "96"]
     assert attn[:5] == ["1.00", "1.50", "1.5", "0.01", "7"]
+
+
+def test_fit_of_fixed_cost_over_launch_shapes(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """Two GEMV shapes (2 MB in 3 us, 6 MB in 5 us, the first launched twice as often) lie on
+    us = 2 + 0.5 * MB: 2 us fixed, 2000 GB/s once streaming; the attention kernel is left out
+    of the fit."""
+    spec = importlib.util.spec_from_file_location("ncu_decode", ROOT / "scripts/bench/ncu_decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lines = [HEADER]
+    for i, (name, us, mb) in enumerate([("_gemv_planes_kernel", "3.00", "2.00"),
+                                        ("_gemv_planes_kernel", "3.00", "2.00"),
+                                        ("_gemv_planes_kernel", "5.00", "6.00"),
+                                        ("_attn_decode_kernel", "9.00", "0.01")]):
+        lines += [_row(i, name, "gpu__time_duration.sum", "usecond", us),
+                  _row(i, name, "dram__bytes_read.sum", "Mbyte", mb)]
+    p = tmp_path / "ncu.csv"
+    p.write_text("\n".join(lines) + "\n")
+    mod.summarize(str(p), steps=1)
+    out = capsys.readouterr().out.splitlines()
+    fit = next(ln for ln in out if ln.startswith("fit over"))
+    assert fit.startswith("fit over 2 shapes: us = 2.00 + 0.500 * MB"), fit
+    assert "2000 GB/s" in fit
+    shapes = out[out.index(next(ln for ln in out if ln.startswith("launch shapes"))) + 1:-1]
+    assert [ln.split()[:3] for ln in shapes] == [["2", "3.00", "2.00"], ["1", "5.00", "6.00"]]
