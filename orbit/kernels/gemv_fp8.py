@@ -246,14 +246,27 @@ def _fp8_main(x_ptr, out_ptr, q_ptr, s_ptr, y_ptr, cnt_ptr, M, N, SPLIT, stride_
                nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT, eps, NORM, NB)
 
 
+# M = 1 without split-K, as the INT4 plane GEMV (gemv.PLANES_M1_UNSPLIT, which measured +6%
+# in the H100 batch-1 engine): FP8_BLOCK_N_M1_UNSPLIT-row tiles where 32-row ones leave the SMs
+# under-filled. Off until measured for FP8 (bench_engine.py --sections formats --formats fp8
+# --knob orbit.kernels.gemv_fp8.FP8_M1_UNSPLIT=False,True).
+FP8_M1_UNSPLIT = False
+FP8_BLOCK_N_M1_UNSPLIT = 16  # (divides FP8_BLOCK, as every FP8 tile must)
+
+
 def pick_fp8_gemv_config(m: int, n: int, k: int, sms: int) -> Fp8GemvConfig:
     """Defaults, with K split when the row tiles alone leave the SMs under-filled (the rule of
-    gemv.pick_gemv_config: about 4 programs per SM, each slice at least 2 steps deep)."""
+    gemv.pick_gemv_config: about 4 programs per SM, each slice at least 2 steps deep); at
+    M = 1 with FP8_M1_UNSPLIT, narrower unsplit tiles instead."""
     cfg = Fp8GemvConfig()
     n_tiles = triton.cdiv(n, cfg.block_n)
     # 256-deep steps on wide shapes (4096x12288: 22.7 vs 25.8 us at 128), 128 where K is split
     # (2048x6144: 10.5 vs 11.3 us; H200, session 8).
     wide = n_tiles >= GEMV_MIN_PROGRAMS_PER_SM * sms
+    if m == 1 and FP8_M1_UNSPLIT and not wide:
+        block_k = cfg.block_k if k >= 4 * cfg.block_k else FP8_BLOCK
+        return Fp8GemvConfig(block_n=FP8_BLOCK_N_M1_UNSPLIT, block_k=block_k, split=1,
+                             l2_prefetch=gemv.PDL_L2_PREFETCH, w_preload=gemv.PDL_W_PRELOAD)
     block_k = cfg.block_k if (wide and k >= 4 * cfg.block_k) else FP8_BLOCK
     split = split_k(n_tiles, triton.cdiv(k, block_k), sms)
     return Fp8GemvConfig(block_k=block_k, split=split, l2_prefetch=gemv.PDL_L2_PREFETCH,

@@ -107,3 +107,23 @@ def test_config_rejects_tiles_across_scale_blocks() -> None:
 
 if __name__ == "__main__":
     _interpreter_main()
+
+
+def test_m1_unsplit_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gemv_fp8.FP8_M1_UNSPLIT (off until measured): on, M = 1 shapes whose 32-row tiles
+    under-fill the SMs get 16-row unsplit tiles (a divisor of the 128-row scale block); wide
+    shapes and M > 1 keep the split rule's configs."""
+    from orbit.kernels import gemv_fp8
+
+    shapes = ((2048, 2048), (2048, 6144), (4096, 2048), (12288, 4096))
+    off = {(m, n, k): gemv_fp8.pick_fp8_gemv_config(m, n, k, 132) for m in (1, 3)
+           for n, k in shapes}
+    assert off[(1, 2048, 2048)].split > 1
+    monkeypatch.setattr(gemv_fp8, "FP8_M1_UNSPLIT", True)
+    for (m, n, k), c in off.items():
+        on = gemv_fp8.pick_fp8_gemv_config(m, n, k, 132)
+        if m == 1 and n < 2 * 132 * 32:
+            assert (on.split, on.block_n) == (1, 16), (n, k, on)
+            assert 128 % on.block_n == 0 and (on.block_k % 128 == 0)
+        else:
+            assert on == c, (m, n, k)
