@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                          "where 32-row ones leave the SMs under-filled: "
                          "gemv.PLANES_BLOCK_N_M1_UNSPLIT); bnXsY (the split rule with X-row "
                          "tiles at M <= 4 and at most Y K-slices), e.g. split,bn16,bn8")
+    ap.add_argument("--batches", default="1,16,64,256",
+                    help="formats section: these batch sizes (the roofline row is batch 1)")
     ap.add_argument("--knob", default=None,
                     help="roofline/formats: one module constant swept over runs, as "
                          "MODULE.NAME=V1,V2,... (Python literals), e.g. "
@@ -449,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
             new = 32 if small else 128
-            for batch in ([1, 4] if small else [1, 16, 64, 256]):
+            for batch in ([1, 4] if small else [int(b) for b in args.batches.split(",")]):
                 if "formats" not in sections and batch != 1:
                     continue
                 where = {"section": "formats", "shape": qshape, "format": fmt, "batch": batch,
