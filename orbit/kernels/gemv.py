@@ -112,7 +112,9 @@ PLANES_M1_UNSPLIT_FORMATS = ("int4",)
 # batch-1 engine ran 742.7 tok/s with PDL alone and 693.2 with the prefetch as well, although
 # the isolated GEMV benchmark gains from it on some shapes (NVFP4 4096x12288: 29.6 -> 25.7 us).
 PDL_L2_PREFETCH = False
-# GemvConfig.w_preload of the heuristic plane configs (bench_engine.py --w-preload).
+# GemvConfig.w_preload of the heuristic plane configs (bench_engine.py --w-preload). Off:
+# measured slower in the H100 engine (session 18, Qwen3-1.7B INT4 batch 1: 748.4 tok/s without,
+# 752.1 / 662.4 with 1 / 2 preloaded steps; docs/rollout.md).
 PDL_W_PRELOAD = 0
 # NVFP4 in the heuristic plane configs: E2M1 decoded as fp32 bits (GemvConfig.e2m1 = 2), the
 # same output bits as the fp16 decode; measured (H100, 4096x12288, M = 1) 27.6 vs 30.4 us, M = 4
@@ -199,11 +201,12 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     # (21.6 vs 27.2 us: more programs, each holding fewer words in flight per thread).
     # (The FP4 tile is narrowed after the split is chosen, as it was measured.)
     one = planes and mp == 1
-    split = split_k(triton.cdiv(n, block_n), k_tiles, sms)
     if one and fmt in PLANES_M1_UNSPLIT_FORMATS and PLANES_M1_UNSPLIT:
         if triton.cdiv(n, block_n) < GEMV_MIN_PROGRAMS_PER_SM * sms:
             block_n = PLANES_BLOCK_N_M1_UNSPLIT
         split = 1
+    else:
+        split = split_k(triton.cdiv(n, block_n), k_tiles, sms)
     warps = GEMV_WARPS
     if one and fmt == "nvfp4":  # (mxfp4 not measured: it keeps the int4 tile)
         block_n, warps = PLANES_BLOCK_N_FP4_M1, PLANES_WARPS_FP4_M1

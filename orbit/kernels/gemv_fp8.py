@@ -263,14 +263,12 @@ def pick_fp8_gemv_config(m: int, n: int, k: int, sms: int) -> Fp8GemvConfig:
     # 256-deep steps on wide shapes (4096x12288: 22.7 vs 25.8 us at 128), 128 where K is split
     # (2048x6144: 10.5 vs 11.3 us; H200, session 8).
     wide = n_tiles >= GEMV_MIN_PROGRAMS_PER_SM * sms
-    if m == 1 and FP8_M1_UNSPLIT and not wide:
-        block_k = cfg.block_k if k >= 4 * cfg.block_k else FP8_BLOCK
-        return Fp8GemvConfig(block_n=FP8_BLOCK_N_M1_UNSPLIT, block_k=block_k, split=1,
-                             l2_prefetch=gemv.PDL_L2_PREFETCH, w_preload=gemv.PDL_W_PRELOAD)
-    block_k = cfg.block_k if (wide and k >= 4 * cfg.block_k) else FP8_BLOCK
-    split = split_k(n_tiles, triton.cdiv(k, block_k), sms)
-    return Fp8GemvConfig(block_k=block_k, split=split, l2_prefetch=gemv.PDL_L2_PREFETCH,
-                         w_preload=gemv.PDL_W_PRELOAD)
+    unsplit = m == 1 and FP8_M1_UNSPLIT and not wide
+    block_n = FP8_BLOCK_N_M1_UNSPLIT if unsplit else cfg.block_n
+    block_k = cfg.block_k if ((wide or unsplit) and k >= 4 * cfg.block_k) else FP8_BLOCK
+    split = 1 if unsplit else split_k(n_tiles, triton.cdiv(k, block_k), sms)
+    return Fp8GemvConfig(block_n=block_n, block_k=block_k, split=split,
+                         l2_prefetch=gemv.PDL_L2_PREFETCH, w_preload=gemv.PDL_W_PRELOAD)
 
 
 def gemv_fp8(x: Tensor, q: Tensor, s: Tensor, y: Tensor,

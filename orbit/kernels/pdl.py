@@ -110,8 +110,9 @@ def pdl_scope(on: bool) -> Iterator[None]:
 # then overlaps more of the kernels before it. Safe for the same reason as plain PDL: every
 # wait still waits for the previous kernel's completion, and a dependent launches only once
 # all programs of its primary are resident, so it never takes a slot one of them needs.
-# A module switch (bench_engine.py --w-preload ...r compares it in one run); off until
-# measured.
+# A module switch (bench_engine.py --w-preload ...r compares it in one run). Off: measured
+# slower (H100, session 18, Qwen3-1.7B INT4 batch 1: 689.0 / 648.6 tok/s with 1 / 2 preloaded
+# steps against 748.4 with neither; docs/rollout.md).
 EARLY_RELEASE = False
 
 # PDL only for grids of at most this many CTAs per SM (H200, session 8): the next kernel's

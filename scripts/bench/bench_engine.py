@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="roofline/formats: one module constant swept over runs, as "
                          "MODULE.NAME=V1,V2,... (Python literals), e.g. "
                          "orbit.kernels.attention_decode.SPLIT_MAX=16,1,2; each run sets it "
-                         "before the engine captures its graphs, and the first value is "
-                         "left set at the end")
+                         "before the engine captures its graphs (the last run's value stays "
+                         "set)")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
                     help="how Orbit's bf16 model holds its linears: plain nn.Linear, or BF16 "
                          "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "

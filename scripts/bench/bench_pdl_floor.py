@@ -51,18 +51,21 @@ def _stream_kernel(w_ptr, chain_ptr, n_words, per_prog, BLOCK: tl.constexpr,
     tl.store(chain_ptr + pid, prev + (tl.xor_sum(acc, axis=0) & 1))
 
 
+def _per_program(n: int, grid: int) -> int:
+    """Words each of `grid` programs reads of n (whole BLOCK steps; the last slice short)."""
+    return triton.cdiv(triton.cdiv(n, grid), BLOCK) * BLOCK if n else 0
+
+
 def stream(w: torch.Tensor, chain: torch.Tensor, grid: int, pdl: bool) -> None:
     """One launch: `grid` programs read w's words in contiguous slices (none when w is empty)."""
     n = w.numel()
-    per = triton.cdiv(triton.cdiv(n, grid), BLOCK) * BLOCK if n else 0
-    _stream_kernel[(grid,)](w, chain, n, per, BLOCK=BLOCK, num_warps=4,
+    _stream_kernel[(grid,)](w, chain, n, _per_program(n, grid), BLOCK=BLOCK, num_warps=4,
                             **(pdl_launch(w.device, grid, forced=True) if pdl else {"PDL": False}))
 
 
 def reference(w: torch.Tensor, chain: torch.Tensor, grid: int) -> torch.Tensor:
     """What one launch leaves in `chain` (plain PyTorch), for the self-check."""
-    n = w.numel()
-    per = triton.cdiv(triton.cdiv(n, grid), BLOCK) * BLOCK if n else 0
+    n, per = w.numel(), _per_program(w.numel(), grid)
     out = chain.clone()
     for p in range(grid):
         x = 0
