@@ -36,6 +36,7 @@ from orbit.kernels.lora_epilogue import (
     shrink_program,
 )
 from orbit.kernels.norm_epilogue import NormEpilogue
+from orbit.kernels.norm_prologue import NormPrologue
 from orbit.kernels.plane_dot import NVFP4_ASM_EPILOGUE, UNPACK_PLANE_PAIRS, plane_pair_step
 from orbit.kernels.qmm_routes import ROUTE_FORMATS, ROUTES, Route
 from orbit.kernels.tile_config import TileConfig
@@ -206,6 +207,15 @@ def norm_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.devic
     do the residual add + RMSNorm of the next layer input (`launch(norm=...)`,
     orbit/kernels/norm_epilogue.py)."""
     return not exact and fmt in GEMV_FORMATS and m >= 1 and use_gemv(m, n, k, fmt, device)
+
+
+def prenorm_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device) -> bool:
+    """Whether a fast-mode forward of this shape runs the nibble-plane decode GEMV, which can
+    take its input as residual + delta and do the RMSNorm itself (`launch(norm=
+    NormPrologue)`, orbit/kernels/norm_prologue.py)."""
+    from orbit.kernels.gemv import PLANE_FORMATS  # gemv.py imports this module
+
+    return not exact and fmt in PLANE_FORMATS and m >= 1 and use_gemv(m, n, k, fmt, device)
 
 
 # The exact (batch-invariant) configs. What decides a row's bits is the K order: br-deep steps
@@ -510,14 +520,16 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
            offset: Tensor | None, global_scale: Tensor | None, group: int,
            transpose: bool, exact: bool, out: Tensor | None = None,
            config: TileConfig | None = None, lora: LoRAEpilogue | None = None,
-           swiglu: bool = False, norm: NormEpilogue | None = None) -> Tensor:
+           swiglu: bool = False, norm: NormEpilogue | NormPrologue | None = None) -> Tensor:
     """Run the fused kernel on already-validated tensors; `config` overrides the pick (bench).
     `lora` adds a LoRA delta in the store of the decode GEMV or the `tl.dot` loop
     (orbit/kernels/lora_epilogue.py): only where `lora_fits`, else ValueError. `swiglu` (W the
     stacked gate/up weight): silu(gate) * up [M, out / 2] from the nibble-plane decode GEMV's
     store, only where `swiglu_fits`, else ValueError. `norm`: the decode GEMV's last program
     then does the residual add + RMSNorm (orbit/kernels/norm_epilogue.py), only where
-    `norm_fits`, else ValueError."""
+    `norm_fits`, else ValueError; a NormPrologue: x is a delta and the nibble-plane decode GEMV
+    does the residual add + RMSNorm of its own input (orbit/kernels/norm_prologue.py), only
+    where `prenorm_fits` and without `lora`, else ValueError."""
     n, k = shape
     m = x.shape[0]
     out_dim = k if transpose else n
@@ -533,8 +545,14 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
                          f"members: the decode GEMV only); {fmt} [{m} x {k}] @ [{n} x {k}]^T "
                          f"with {len(lora.b)} member(s) (exact={exact}, transpose={transpose}) "
                          "does not take it")
-    if norm is not None and (config is not None or transpose or swiglu
-                             or not norm_fits(m, n, k, fmt, exact, x.device)):
+    if isinstance(norm, NormPrologue):
+        if (config is not None or transpose or lora is not None
+                or not prenorm_fits(m, n, k, fmt, exact, x.device)):
+            raise ValueError(f"a norm prologue runs only in the fast-mode nibble-plane decode "
+                             f"GEMV without a LoRA epilogue; {fmt} [{m} x {k}] @ [{n} x {k}]^T "
+                             f"(exact={exact}, transpose={transpose}) does not take it")
+    elif norm is not None and (config is not None or transpose or swiglu
+                               or not norm_fits(m, n, k, fmt, exact, x.device)):
         raise ValueError(f"a norm epilogue runs only in the fast-mode decode GEMV; {fmt} "
                          f"[{m} x {k}] @ [{n} x {k}]^T (exact={exact}, transpose={transpose}) "
                          "does not take it")

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from orbit.kernels.lora_epilogue import LoRAEpilogue
 from orbit.kernels.norm_epilogue import NormEpilogue
+from orbit.kernels.norm_prologue import NormPrologue
 from orbit.quant.qweight import QuantizedWeight
 
 ACT_QUANT_MODES = (None, "fp8")
@@ -175,6 +176,33 @@ def qmm_add_norm(x: Tensor, qw: QuantizedWeight, residual: Tensor, weight: Tenso
     norm = NormEpilogue.make(residual.reshape(x.shape[0], qw.shape[0]), weight, eps)
     kernel(x.contiguous(), qw, norm=norm)
     return norm.s, norm.out
+
+
+def prenorm_foldable(delta: Tensor, qw: QuantizedWeight) -> bool:
+    """Whether `qmm_prenorm(delta, qw, ...)` runs: the fast-mode forward of a [M, in] input on
+    this weight is the nibble-plane decode GEMV (CUDA, or Triton's interpreter in CPU tests),
+    which can build its input from a residual add + RMSNorm itself
+    (orbit/kernels/norm_prologue.py)."""
+    from orbit.kernels._qgemm import prenorm_fits
+
+    return _fused_store_input(delta) and prenorm_fits(delta.shape[0], qw.shape[0], qw.shape[1],
+                                                      qw.fmt, False, delta.device)
+
+
+def qmm_prenorm(delta: Tensor, qw: QuantizedWeight, residual: Tensor, weight: Tensor,
+                eps: float, swiglu: bool = False) -> tuple[Tensor, Tensor]:
+    """(s, rmsnorm(s) * weight @ W^T) with s = residual + delta, in one launch: the decoder's
+    residual add and this GEMV's input norm done by the GEMV (with `swiglu`, qw the stacked
+    gate/up weight: silu(gate) * up of that input, as `qmm_swiglu`); only where
+    `prenorm_foldable(delta, qw)`."""
+    kernel = _kernel_for(qw)
+    if kernel is None or not prenorm_foldable(delta, qw):
+        raise ValueError(f"qmm_prenorm: a {qw.fmt} {tuple(qw.shape)} forward of "
+                         f"{tuple(delta.shape)} {delta.dtype} on {delta.device} is not the "
+                         "nibble-plane decode GEMV")
+    pre = NormPrologue.make(residual.reshape(delta.shape), weight, eps)
+    y = kernel(delta.contiguous(), qw, swiglu=swiglu, norm=pre)
+    return pre.s, y
 
 
 def qmm_t(dy: Tensor, qw: QuantizedWeight, exact: bool = False) -> Tensor:

@@ -64,6 +64,7 @@ from orbit.kernels.lora_epilogue import (
     shrink_program,
 )
 from orbit.kernels.norm_epilogue import NormEpilogue, norm_kernel_args
+from orbit.kernels.norm_prologue import NormPrologue, prenorm_inv, prenorm_x, prologue_kernel_args
 from orbit.kernels.pdl import pdl_enter, pdl_launch, prefetch_l2
 from orbit.kernels.rmsnorm_exact import add_rmsnorm_row
 from orbit.kernels.swiglu import silu_mul_values
@@ -545,15 +546,29 @@ def _int4_plane_masked(biased, P: tl.constexpr, SYMMETRIC: tl.constexpr):
 
 @triton.jit
 def _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP: tl.constexpr, NG: tl.constexpr,
-              WG: tl.constexpr, MP: tl.constexpr):
+              WG: tl.constexpr, MP: tl.constexpr, r_ptr=None, nw_ptr=None, inv=0.0,
+              PRENORM: tl.constexpr = False):
     """The 8 nibble planes' x for the step at k0, as a tuple of float32 [MP, NG, WG]: plane i
-    holds x[m, g*GROUP + 8j + i] (zero past k_hi or M)."""
+    holds x[m, g*GROUP + 8j + i] (zero past k_hi or M). PRENORM: x_ptr is the delta, and
+    plane i is rmsnorm(delta + r) * w at those columns (norm_prologue.prenorm_x; inv [MP])."""
     ag = tl.arange(0, NG)
     aj = tl.arange(0, WG)
     am = tl.arange(0, MP)
     kg = k0 + ag * GROUP  # first column of each group of the step
     ptrs = x_ptr + am[:, None, None] * stride_xm + kg[None, :, None] + (aj * 8)[None, None, :]
     ok = (am[:, None, None] < M) & (kg < k_hi)[None, :, None]
+    if PRENORM:  # (the weight's offsets in the x offsets' shape: a load broadcasts no pointer)
+        kcol = (am * 0)[:, None, None] + kg[None, :, None] + (aj * 8)[None, None, :]
+        off = am[:, None, None] * stride_xm + kcol
+        iv = inv[:, None, None]
+        return (prenorm_x(x_ptr, r_ptr, nw_ptr, iv, off + 0, kcol + 0, ok),
+                prenorm_x(x_ptr, r_ptr, nw_ptr, iv, off + 1, kcol + 1, ok),
+                prenorm_x(x_ptr, r_ptr, nw_ptr, iv, off + 2, kcol + 2, ok),
+                prenorm_x(x_ptr, r_ptr, nw_ptr, iv, off + 3, kcol + 3, ok),
+                prenorm_x(x_ptr, r_ptr, nw_ptr, iv, off + 4, kcol + 4, ok),
+                prenorm_x(x_ptr, r_ptr, nw_ptr, iv, off + 5, kcol + 5, ok),
+                prenorm_x(x_ptr, r_ptr, nw_ptr, iv, off + 6, kcol + 6, ok),
+                prenorm_x(x_ptr, r_ptr, nw_ptr, iv, off + 7, kcol + 7, ok))
     return (tl.load(ptrs + 0, mask=ok, other=0.0).to(tl.float32),
             tl.load(ptrs + 1, mask=ok, other=0.0).to(tl.float32),
             tl.load(ptrs + 2, mask=ok, other=0.0).to(tl.float32),
@@ -684,7 +699,8 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                         LORA: tl.constexpr = 0, LRP: tl.constexpr = 1,
                         SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16,
                         PAIR: tl.constexpr = False, NORM: tl.constexpr = False,
-                        NB: tl.constexpr = 16, WPRE: tl.constexpr = 0):
+                        NB: tl.constexpr = 16, WPRE: tl.constexpr = 0,
+                        PRENORM: tl.constexpr = False):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -706,6 +722,9 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
     # shrink programs (lora_epilogue.lora_shrink_role) instead of column tiles.
     # PAIR (the stacked gate/up weight; gate rows [0, HALF_N)): each tile holds matching gate
     # and up rows, and y is SwiGLU's output [M, HALF_N] (_program_slice, _store_pair).
+    # PRENORM (orbit/kernels/norm_prologue.py): x_ptr is the delta of a residual add whose
+    # RMSNorm is this GEMV's input: every program reduces the rows first (inv), program (0, 0)
+    # stores s = r + delta at ns_ptr, and the K loop builds x from delta, r and nw.
     BK: tl.constexpr = NG * GROUP
     PN = 0
     if SHRINK:
@@ -719,6 +738,10 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                                            stride_s, k_lo, k_hi, K, FMT, CODE, GROUP,
                                            HAS_OFFSET, NG, WPRE)
     pdl_enter(PDL)
+    inv = 0.0
+    if PRENORM:  # (never with SHRINK: the launch refuses a LoRA epilogue with a prologue)
+        inv = prenorm_inv(x_ptr, r_ptr, ns_ptr, stride_xm, M, K, eps,
+                          (tl.program_id(0) == 0) & (pid_k == 0), MP, NB)
     if shrink_program(PN, SHRINK):
         lora_shrink_role(tl.program_id(0) * SPLIT + pid_k, x_ptr, stride_xm, M, K, a0, a1, a2,
                          h_ptr, stride_hm, hc_ptr, LR, LSR, LORA, MP, SBK)
@@ -728,7 +751,8 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                      b1, b2, LN0, LN1, LR, lscale, stride_hm, hc_ptr, LSR, HALF_N, pid_n, pid_k,
                      k_lo, k_hi, offs_n, row_ok, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT,
                      eps, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER, ASM,
-                     XPRE, LORA, LRP, SHRINK, PAIR, NORM, NB, w0, s0, o0, w1, s1, o1, WPRE)
+                     XPRE, LORA, LRP, SHRINK, PAIR, NORM, NB, w0, s0, o0, w1, s1, o1, WPRE,
+                     inv, PRENORM)
 
 
 @triton.jit
@@ -742,10 +766,13 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
                  DEFER: tl.constexpr, ASM: tl.constexpr, XPRE: tl.constexpr,
                  LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
                  PAIR: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr, w0=0, s0=0.0,
-                 o0=0.0, w1=0, s1=0.0, o1=0.0, WPRE: tl.constexpr = 0):
+                 o0=0.0, w1=0, s1=0.0, o1=0.0, WPRE: tl.constexpr = 0, inv=0.0,
+                 PRENORM: tl.constexpr = False):
     """The column-tile program of _gemv_planes_kernel (after the PDL wait). WPRE (0..2): the
     first WPRE steps' plane_loads were made by the caller, before its PDL wait (w0, s0, o0
-    and w1, s1, o1; a step past k_hi loaded nothing: its words are masked to 0)."""
+    and w1, s1, o1; a step past k_hi loaded nothing: its words are masked to 0). PRENORM:
+    x_ptr is a delta and x = rmsnorm(x + r_ptr) * nw_ptr, with inv from the caller
+    (orbit/kernels/norm_prologue.py)."""
     WG: tl.constexpr = GROUP // 8
     BK: tl.constexpr = NG * GROUP
     am = tl.arange(0, MP)
@@ -755,15 +782,18 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
     acc = tl.zeros((BN, MP), dtype=tl.float32)
     acc4 = tl.zeros((BN, MP, NG, WG), dtype=tl.float32)
     if XPRE:  # x of the first step; each step then loads the next step's (see XPRE above)
-        x_nxt = _x_planes(x_ptr, k_lo, k_hi, stride_xm, M, GROUP, NG, WG, MP)
+        x_nxt = _x_planes(x_ptr, k_lo, k_hi, stride_xm, M, GROUP, NG, WG, MP, r_ptr,
+                          nw_ptr, inv, PRENORM)
     k_start = k_lo
     for j in tl.static_range(WPRE):  # the preloaded steps (see WPRE above)
         k0 = k_lo + j * BK
         if XPRE:
             x_cur = x_nxt
-            x_nxt = _x_planes(x_ptr, k0 + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP)
+            x_nxt = _x_planes(x_ptr, k0 + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP,
+                              r_ptr, nw_ptr, inv, PRENORM)
         else:
-            x_cur = _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP, NG, WG, MP)
+            x_cur = _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP, NG, WG, MP, r_ptr,
+                              nw_ptr, inv, PRENORM)
         if j == 0:
             cx, xs = _plane_products(w0, x_cur, CODE, HAS_OFFSET, MP, BN, NG, WG, DEFER, ASM)
             acc, acc4 = _plane_accumulate(cx, xs, s0, o0, acc, acc4, HAS_OFFSET, DEFER)
@@ -777,9 +807,11 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
         words = _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP, NG, WG)
         if XPRE:
             x_cur = x_nxt
-            x_nxt = _x_planes(x_ptr, k0 + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP)
+            x_nxt = _x_planes(x_ptr, k0 + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP,
+                              r_ptr, nw_ptr, inv, PRENORM)
         else:
-            x_cur = _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP, NG, WG, MP)
+            x_cur = _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP, NG, WG, MP, r_ptr,
+                              nw_ptr, inv, PRENORM)
         cx, xs = _plane_products(words, x_cur, CODE, HAS_OFFSET, MP, BN, NG, WG, DEFER, ASM)
         sc, off = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k0, n_groups, FMT, CODE,
                                 GROUP, HAS_OFFSET, NG)
@@ -898,17 +930,28 @@ def _as_words(q: Tensor) -> Tensor | None:
 def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
          offset: Tensor | None, global_scale: Tensor | None, group: int, y: Tensor,
          config: object | None = None, lora: LoRAEpilogue | None = None,
-         swiglu: bool = False, norm: NormEpilogue | None = None) -> Tensor:
+         swiglu: bool = False, norm: NormEpilogue | NormPrologue | None = None) -> Tensor:
     """y[M, out] = x[M, in] @ W^T for already-validated tensors (as `_qgemm.launch` gets them)
     and 1 <= M <= 16; `config` overrides the heuristic (bench sweeps): a GemvConfig, or for
     FP8 at M <= FP8_GEMV_MAX_M a gemv_fp8.Fp8GemvConfig. `lora`: add a LoRA delta in the store
     (orbit/kernels/lora_epilogue.py). `swiglu` (the plane kernel; W the stacked gate/up weight,
     gate rows first): y [M, out / 2] = silu(gate) * up, stored by the tiles themselves
     (_program_slice / _store_pair, PAIR). `norm`: after y, the residual add + RMSNorm of
-    the next layer input, by the launch's last program (orbit/kernels/norm_epilogue.py)."""
+    the next layer input, by the launch's last program (orbit/kernels/norm_epilogue.py); a
+    NormPrologue instead: x is a delta, and the GEMV's input is the residual add + RMSNorm
+    that each program computes itself (orbit/kernels/norm_prologue.py; the plane kernel, no
+    LoRA epilogue)."""
     n, k = shape
     m = x.shape[0]
     assert 1 <= m <= 16 and fmt in FMT_IDS and fmt != "bf16", (m, fmt)
+    pre = norm if isinstance(norm, NormPrologue) else None
+    if pre is not None:
+        norm = None
+        if (fmt not in PLANE_FORMATS or lora is not None
+                or (config is not None and not config.planes)):
+            raise ValueError(f"gemv(norm=NormPrologue): the nibble-plane kernel (int4/nvfp4/"
+                             f"mxfp4) without a LoRA epilogue only; got {fmt} (LoRA: "
+                             f"{lora is not None})")
     if swiglu and (fmt not in PLANE_FORMATS or n % 2 or (config is not None
                                                          and not config.planes)
                    or norm is not None):
@@ -924,13 +967,17 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     # The plane kernel steps whole groups: block_k is at least one group.
     block_k = max(cfg.block_k, group) if words is not None else cfg.block_k
     mp = triton.next_power_of_2(m)
-    if swiglu and words is None:
-        raise ValueError("gemv(swiglu=True): the packed weight cannot be viewed as int32 words")
+    if (swiglu or pre is not None) and words is None:
+        raise ValueError("gemv(swiglu=True / a norm prologue): the packed weight cannot be "
+                         "viewed as int32 words")
     grid, k_per, split, out, stride_om, stride_os, cnt, fixup = split_k_launch(
         x, y, n, k, cfg.block_n, block_k, cfg.split,
         cfg.fixup or lora is not None or swiglu or norm is not None)
     cnt = cnt if cnt is not None else s
-    nargs, nconst = norm_kernel_args(norm, y, grid[0], norm_counter(x.device) if norm else cnt)
+    if pre is not None:
+        nargs, nconst = prologue_kernel_args(pre, x, cnt)
+    else:
+        nargs, nconst = norm_kernel_args(norm, y, grid[0], norm_counter(x.device) if norm else cnt)
     o = offset if offset is not None else s
     # PDL when the config asks (bench) or inside the engine's pdl_scope (grid-size rule there)
     pdl = pdl_launch(x.device, grid[0] * grid[1], forced=cfg.pdl)

@@ -184,8 +184,10 @@ class AttnBatch:
     # the decoder's residual add + RMSNorm inside the o_proj / down_proj launch where that is
     # the quantized decode GEMV in inference mode (orbit/kernels/norm_epilogue.py): two
     # launches per layer fewer. A forward option the batch carries to every layer, as the two
-    # above; False keeps the separate launches.
-    fold_norm: bool = False
+    # above; False keeps the separate launches. True is "epilogue"; "prologue" folds each add
+    # + norm into the next GEMV that reads the normed row instead (the q/k/v and gate/up
+    # plane GEMVs, orbit/kernels/norm_prologue.py; DecoderLayer.forward_prenorm).
+    fold_norm: bool | str = False
     # the decoder MLP as one persistent launch (gate/up GEMV + SwiGLU, then the down GEMV)
     # where `gemv_chain.mlp_chain_fits` (INT4 plane-GEMV decode forwards, batch 1) and no
     # adapter is active (orbit/kernels/gemv_chain.py); the same bits. False keeps the two
@@ -212,7 +214,7 @@ class AttnBatch:
         backend: str = "sdpa",
         split_kv: bool = False,
         fold_rope: bool = False,
-        fold_norm: bool = False,
+        fold_norm: bool | str = False,
         chain_mlp: bool = False,
     ) -> AttnBatch:
         """`max_context` (a Python int, <= cache.max_len) bounds how many cache positions a

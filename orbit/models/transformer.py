@@ -187,12 +187,17 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttnBatch) -> Tensor:
         return self.o_proj(self.core(x, cos, sin, attn))
 
-    def core(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttnBatch) -> Tensor:
-        """Everything before o_proj: the attention output [T, heads * head_dim]."""
-        T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # [T, H, D]
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+    def core(self, x: Tensor | None, cos: Tensor, sin: Tensor, attn: AttnBatch,
+             qkv: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """Everything before o_proj: the attention output [T, heads * head_dim]. `qkv`: the
+        projections of x already made (x then unused; DecoderLayer.forward_prenorm)."""
+        if qkv is None:
+            assert x is not None
+            qkv = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        T = qkv[0].shape[0]
+        q = qkv[0].view(T, self.num_heads, self.head_dim)  # [T, H, D]
+        k = qkv[1].view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = qkv[2].view(T, self.num_kv_heads, self.head_dim)
         fused = fused_norm_rope_available(q)
         dest = attn.kv_destination(self.layer_idx, T) if fused and not _needs_grad(q, k, v) else None
         qw = self.q_norm.weight if self.q_norm is not None else None
@@ -293,6 +298,61 @@ class DecoderLayer(nn.Module):
             return next_norm.add_forward(h, y)
         return _linear_add_norm(self.mlp.down_proj, self.mlp.hidden(x), h, next_norm, attn)
 
+    def forward_prenorm(self, h: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor,
+                        attn: AttnBatch) -> tuple[Tensor, Tensor]:
+        """No-autograd forward with the residual adds deferred into the GEMVs that read the
+        normed rows (`attn.fold_norm == "prologue"`, orbit/kernels/norm_prologue.py): the
+        layer's input is the residual h plus the previous layer's pending delta (None: h
+        alone); returns (h', delta') with the layer's output h' + delta'. Each add + norm runs
+        inside the q/k/v or gate/up GEMV where that layer offers it, else as the separate
+        launch (RMSNorm.add_forward). Same arithmetic in the same order as forward_fused."""
+        norm, post = self.input_layernorm, self.post_attention_layernorm
+        qkv = x = None
+        if delta is None:
+            x = norm(h)
+        else:
+            out = _prenorm_qkv(self.self_attn, delta, h, norm)
+            if out is not None:
+                h, qkv = out
+            else:
+                h, x = norm.add_forward(h, delta)
+        delta = self.self_attn.o_proj(self.self_attn.core(x, cos, sin, attn, qkv))
+        if self.is_moe or attn.chain_mlp:
+            h, x = post.add_forward(h, delta)
+            return h, self._mlp(x, attn)
+        folded = _prenorm_swiglu(self.mlp, delta, h, post)
+        if folded is not None:
+            h, act = folded
+        else:
+            h, x = post.add_forward(h, delta)
+            act = self.mlp.hidden(x)
+        return h, self.mlp.down_proj(act)
+
+
+def _prenorm_qkv(attn_mod: Attention, delta: Tensor, residual: Tensor,
+                 norm: RMSNorm) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]] | None:
+    """(s, (q, k, v) of norm(s)) with s = residual + delta, from the one q/k/v launch where the
+    q layer offers it (`prenorm_siblings_with`: the stacked q/k/v plane-GEMV decode forward, no
+    adapter active; orbit/kernels/norm_prologue.py), else None."""
+    fn = getattr(attn_mod.q_proj, "prenorm_siblings_with", None)
+    if fn is None or _needs_grad(delta):
+        return None
+    out = fn([attn_mod.k_proj, attn_mod.v_proj], delta, residual, norm.weight, norm.eps)
+    if out is None:
+        return None
+    s, (q, k, v) = out
+    return s, (q, k, v)
+
+
+def _prenorm_swiglu(mlp: MLP, delta: Tensor, residual: Tensor,
+                    norm: RMSNorm) -> tuple[Tensor, Tensor] | None:
+    """(s, silu(gate(x)) * up(x)) with s = residual + delta and x = norm(s), from the one
+    gate/up launch where the gate layer offers it (`swiglu_prenorm_with`), else None."""
+    fn = getattr(mlp.gate_proj, "swiglu_prenorm_with", None)
+    if fn is None or _needs_grad(delta):
+        return None
+    return fn(mlp.up_proj, delta, residual, norm.weight, norm.eps)
+
 
 def _chain_mlp(mlp: MLP, x: Tensor) -> Tensor | None:
     """down(silu(gate(x)) * up(x)) from one persistent launch where the gate layer offers it
@@ -308,7 +368,7 @@ def _linear_add_norm(linear: nn.Module, inp: Tensor, residual: Tensor, norm: RMS
     offers that (`add_norm_with`: a quantized base whose engine forward is the decode GEMV,
     orbit/kernels/norm_epilogue.py) and the batch asks for it, else the linear then one
     add + norm launch."""
-    fn = getattr(linear, "add_norm_with", None) if attn.fold_norm else None
+    fn = getattr(linear, "add_norm_with", None) if attn.fold_norm in (True, "epilogue") else None
     out = fn(inp, residual, norm.weight, norm.eps) if fn is not None else None
     if out is not None:
         return out
@@ -352,6 +412,11 @@ class CausalLM(nn.Module):
             # No autograd (the engine, log-prob passes): residual adds fused into the norms,
             # two launches per layer fewer, the same bits (DecoderLayer.forward_fused).
             layers = self.model.layers
+            if attn.fold_norm == "prologue" and len(layers):
+                delta = None
+                for layer in layers:
+                    h, delta = layer.forward_prenorm(h, delta, cos, sin, attn)
+                return self.model.norm.add_forward(h, delta)[1]
             norms = [layer.input_layernorm for layer in layers][1:] + [self.model.norm]
             x = (layers[0].input_layernorm if len(layers) else self.model.norm)(h)
             for layer, next_norm in zip(layers, norms, strict=True):

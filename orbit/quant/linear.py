@@ -214,6 +214,39 @@ class QuantLinear(nn.Module):
             return None
         return mlp_chain(x2d, qw, dq).reshape(*x.shape[:-1], down.out_features)
 
+    def prenorm_siblings_with(self, others: list[nn.Module], delta: Tensor, residual: Tensor,
+                              weight: Tensor, eps: float) -> tuple[Tensor, list[Tensor]] | None:
+        """(s, [every member's output for rmsnorm(s) * weight]) with s = residual + delta, from
+        one launch, where this layer and `others` are its sibling group in order (q/k/v), each
+        member's output is the group's launch alone (`fused_output`), and that launch would be
+        the nibble-plane decode GEMV, which then does the add + norm itself
+        (dispatch.qmm_prenorm, orbit/kernels/norm_prologue.py); else None."""
+        d2 = delta.reshape(-1, self.in_features)
+        group = self._sibling
+        if (group is None or not group.enabled or group.members != [self, *others]
+                or not torch.is_inference_mode_enabled() or weight.dtype != delta.dtype
+                or not all(m.fused_output(d2.device) and group.linked(m) for m in group.members)
+                or not sibling_serves(self.weight_format, d2.shape[0])
+                or not dispatch.prenorm_foldable(d2, group.qweight)):
+            return None
+        s, y = dispatch.qmm_prenorm(d2, group.qweight, residual, weight, eps)
+        lead = delta.shape[:-1]
+        return (s.reshape(residual.shape),
+                [t.reshape(*lead, t.shape[-1]) for t in torch.split(y, group.splits, dim=1)])
+
+    def swiglu_prenorm_with(self, up: nn.Module, delta: Tensor, residual: Tensor,
+                            weight: Tensor, eps: float) -> tuple[Tensor, Tensor] | None:
+        """(s, silu(self(x)) * up(x)) with s = residual + delta and x = rmsnorm(s) * weight,
+        from one launch, where `swiglu_with` would run and the GEMV can also do the add + norm
+        (dispatch.qmm_prenorm with swiglu, orbit/kernels/norm_prologue.py); else None."""
+        d2 = delta.reshape(-1, self.in_features)
+        qw = self._stacked_with(up, d2)
+        if (qw is None or weight.dtype != delta.dtype or not dispatch.swiglu_foldable(d2, qw)
+                or not dispatch.prenorm_foldable(d2, qw)):
+            return None
+        s, act = dispatch.qmm_prenorm(d2, qw, residual, weight, eps, swiglu=True)
+        return s.reshape(residual.shape), act.reshape(*delta.shape[:-1], self.out_features)
+
     def add_norm_with(self, x: Tensor, residual: Tensor, weight: Tensor,
                       eps: float) -> tuple[Tensor, Tensor] | None:
         """(s, rmsnorm(s) * weight) with s = residual + self(x), from this layer's one launch,

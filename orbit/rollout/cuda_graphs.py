@@ -68,7 +68,7 @@ class DecodeGraphs:
         self, model: torch.nn.Module, cache: KVCache, max_bs: int, scratch_slot: int, backend: str = "sdpa",
         split_kv: bool = False,
         fold_rope: bool = False,
-        fold_norm: bool = False,
+        fold_norm: bool | str = False,
         chain_mlp: bool = False,
     ) -> None:
         assert cache.k.is_cuda, "CUDA graphs need the KV cache on a CUDA device"

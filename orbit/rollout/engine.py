@@ -177,6 +177,10 @@ class Engine:
     two launches per layer fewer at decode batch sizes, the same row arithmetic. Measured
     slower with PDL (H100, Qwen3-1.7B batch 1, same run: INT4 724 vs 752 tok/s, FP8 483 vs
     645, NVFP4 575 vs 578), so off by default; kept for GPUs and kernels where it pays.
+    True is "epilogue"; "prologue" instead defers each add into the next GEMV that reads the
+    normed row (the stacked q/k/v, and gate/up + SwiGLU: AttnBatch.fold_norm,
+    orbit/kernels/norm_prologue.py), whose programs each do the add + norm before their K
+    loop: no serial tail; plane-GEMV formats with no adapter active; the same bits.
     chain_mlp: each batch-1 decoder MLP as one persistent launch (gate/up GEMV + SwiGLU, then
     the down GEMV, each down item starting as soon as its input slice is stored;
     AttnBatch.chain_mlp, orbit/kernels/gemv_chain.py) where its layers are INT4 plane-GEMV
@@ -221,7 +225,7 @@ class Engine:
         fuse_lora: bool | None = None,
         prefetch_weights: bool = False,
         fold_rope: bool = False,
-        fold_norm: bool = False,
+        fold_norm: bool | str = False,
         chain_mlp: bool | None = None,
     ) -> None:
         if max_num_seqs < 1:
@@ -255,6 +259,9 @@ class Engine:
                              "exact mode needs it off (leave split_kv=None)")
         self.split_kv = (not exact) if split_kv is None else split_kv
         self.fold_rope = fold_rope
+        if fold_norm not in (False, True, "epilogue", "prologue"):
+            raise ValueError(f"fold_norm={fold_norm!r}: expected False, True (= 'epilogue') "
+                             "or 'prologue'")
         self.fold_norm = fold_norm
         self.chain_mlp = bool(chain_mlp)
         self.overlap = (self.device.type == "cuda") if overlap is None else overlap
