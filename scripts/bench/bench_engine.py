@@ -119,6 +119,20 @@ PLANE_TILE_DEFAULT = (gemv_mod.PLANES_BLOCK_N_SMALL_M, gemv_mod.GEMV_MAX_SPLIT,
                       gemv_mod.PLANES_M1_UNSPLIT, gemv_mod.PLANES_BLOCK_N_M1_UNSPLIT)
 
 
+FOLD_NORM_RUNS = {"off": [False], "on": [True], "epilogue": ["epilogue"],
+                  "prologue": ["prologue"], "both": [False, True]}
+
+
+def parse_fold_norm(spec: str) -> list[bool | str]:
+    """--fold-norm: a comma list of FOLD_NORM_RUNS names -> the Engine(fold_norm=...) runs."""
+    runs: list[bool | str] = []
+    for name in spec.split(","):
+        if name not in FOLD_NORM_RUNS:
+            raise SystemExit(f"--fold-norm: {name!r} is not one of {sorted(FOLD_NORM_RUNS)}")
+        runs += FOLD_NORM_RUNS[name]
+    return runs
+
+
 def set_plane_tile(spec: str) -> None:
     """--plane-tiles: one run's M <= 4 plane GEMV tile rule (see the flag's help) into the
     gemv module's heuristic constants, read by pick_gemv_config when the engine captures its
@@ -306,8 +320,6 @@ def main(argv: list[str] | None = None) -> int:
                             "kernels, sm_90+)"),
             ("--fold-rope", "off", "Engine(fold_rope=...) (q/k norm + RoPE + cache write inside "
                                   "the decode attention launch)"),
-            ("--fold-norm", "off", "Engine(fold_norm=...) (residual add + RMSNorm inside the "
-                                  "o_proj / down_proj decode GEMV)"),
             ("--chain-mlp", "off", "Engine(chain_mlp=...) (batch-1 MLP as one persistent "
                                    "launch, orbit/kernels/gemv_chain.py)"),
             ("--prefetch-weights", "off", "Engine(prefetch_weights=...) (experimental: the next "
@@ -321,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
                                        "(gemv.NVFP4_FP32_DECODE; off: the fp16 decode)")):
         ap.add_argument(flag, default=default, choices=("on", "off", "both"),
                         help=f"roofline/formats: {what}; both = off then on, same run")
+    ap.add_argument("--fold-norm", default="off",
+                    help="roofline/formats: comma list of runs, each Engine(fold_norm=...): off; "
+                         "on or epilogue (residual add + RMSNorm inside the o_proj / down_proj "
+                         "decode GEMV); prologue (inside the q/k/v and gate/up GEMVs that read "
+                         "the normed row, orbit/kernels/norm_prologue.py); both = off,on")
     ap.add_argument("--w-preload", default="0",
                     help="roofline/formats: comma list of runs, each gemv.PDL_W_PRELOAD (the "
                          "plane GEMVs' first 0-2 K steps of weights loaded before the PDL "
@@ -440,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--formats: {sorted(unknown)} not among {fmts}")
         fmts = [f for f in fmts if f in wanted]
     qshape = "tiny-qwen3" if small else "qwen3-1.7b"
+    fold_norm_runs = parse_fold_norm(args.fold_norm)
     if sections & {"roofline", "formats"}:
         for fmt in fmts:
             if fmt != "int4" and "formats" not in sections:
@@ -465,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                         for s_ in onoff[args.split_kv] for o in onoff[args.overlap]
                         for p in onoff[args.pdl] for q in onoff[args.l2_prefetch]
                         for w_ in onoff[args.prefetch_weights] for fr_ in onoff[args.fold_rope]
-                        for nd_ in onoff[args.nibble_decodes] for fn_ in onoff[args.fold_norm]
+                        for nd_ in onoff[args.nibble_decodes] for fn_ in fold_norm_runs
                         for cm_ in onoff[args.chain_mlp]
                         for wp_ in args.w_preload.split(",")
                         for pt_ in args.plane_tiles.split(",")
@@ -545,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                 (" prefetch-weights" if r.get("prefetch_weights") else "") + \
                 ("" if r.get("fold_rope", True) else " no-fold-rope") + \
                 (" nibble-decodes" if r.get("nibble_decodes") else "") + \
-                (" fold-norm" if r.get("fold_norm") else "") + \
+                (f" fold-norm:{r['fold_norm']}" if r.get("fold_norm") else "") + \
                 (" chain-mlp" if r.get("chain_mlp") else "") + \
                 (f" w-preload{r['w_preload']}" if r.get("w_preload", "0") != "0" else "") + \
                 (f" tile:{r['plane_tile']}" if r.get("plane_tile", "default") != "default" else "") + \
@@ -566,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("+l2pre" if r.get("l2_prefetch") else "") + ("+pfw" if r.get("prefetch_weights") else "") + \
                 ("" if r.get("fold_rope", True) else "-rope") + \
                 ("+nd" if r.get("nibble_decodes") else "") + \
-                ("+norm" if r.get("fold_norm") else "") + ("+chain" if r.get("chain_mlp") else "") + \
+                (f"+norm:{r['fold_norm']}" if r.get("fold_norm") else "") + \
+                ("+chain" if r.get("chain_mlp") else "") + \
                 (f"+wpre{r['w_preload']}" if r.get("w_preload", "0") != "0" else "") + \
                 (f"+{r['plane_tile']}" if r.get("plane_tile", "default") != "default" else "") + \
                 (f"+{r['knob']}" if r.get("knob") else "") + \

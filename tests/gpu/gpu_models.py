@@ -52,8 +52,9 @@ def bits(completions: list) -> list[tuple[list[int], list[float]]]:
     return [(c.tokens, c.logprobs) for c in completions]
 
 
-def engine_on_off(fmt: str, flag: str, batch: int, prompt_seed: int) -> tuple[list, list]:
-    """(completions with Engine(flag=True), with flag=False) of the small `fmt` Qwen3 on
+def engine_on_off(fmt: str, flag: str, batch: int, prompt_seed: int,
+                  on_value: object = True) -> tuple[list, list]:
+    """(completions with Engine(flag=on_value), with flag=False) of the small `fmt` Qwen3 on
     `batch` mixed prompts, sampling on (seeded), EOS ignored: for a launch option that must
     not change what the engine samples."""
     from orbit.rollout.types import SamplingParams
@@ -62,5 +63,5 @@ def engine_on_off(fmt: str, flag: str, batch: int, prompt_seed: int) -> tuple[li
     sp = SamplingParams(temperature=1.0, max_new_tokens=24, ignore_eos=True, seed=3)
     ps = mixed_prompts(prompt_seed)
     _, off = run_engine(model, ps, sp, batch, **{flag: False})
-    _, on = run_engine(model, ps, sp, batch, **{flag: True})
+    _, on = run_engine(model, ps, sp, batch, **{flag: on_value})
     return on, off

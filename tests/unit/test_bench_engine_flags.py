@@ -63,3 +63,12 @@ def test_knob(monkeypatch: pytest.MonkeyPatch) -> None:
             b.knob_values(bad)
     with pytest.raises(SystemExit, match="has no"):
         b.set_knob("orbit.kernels.attention_decode.NOPE=1")
+
+
+def test_fold_norm_runs() -> None:
+    import bench_engine as b
+
+    assert b.parse_fold_norm("off,prologue") == [False, "prologue"]
+    assert b.parse_fold_norm("both") == [False, True]
+    with pytest.raises(SystemExit, match="--fold-norm"):
+        b.parse_fold_norm("pro")
