@@ -109,7 +109,7 @@ def _attn_decode_split_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
     PDL: tl.constexpr = False, ROPE: tl.constexpr = False, HAS_NORM: tl.constexpr = False,
-    KV_PRE: tl.constexpr = False,
+    KV_PRE: tl.constexpr = False, SP: tl.constexpr = 1,
 ):
     # ROPE (the fold of orbit.kernels.rope.qk_norm_rope_kv): q_ptr holds the raw q, nk/nv_ptr
     # the new token's raw k and v [B, Hkv, D]. Every program normalises and rotates its query
@@ -199,24 +199,35 @@ def _attn_decode_split_kernel(
         tile = seq * HKV + kvh
         a_base = acc_ptr + tile * SPLIT * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + d[None, :]
         ml_base = ml_ptr + tile * SPLIT * 2 * BLOCK_M + rows
-        tl.store(a_base + sp * BLOCK_M * BLOCK_D, acc)
+        # (only the GROUP real rows of acc: the tile's padding rows are never read)
+        tl.store(a_base + sp * BLOCK_M * BLOCK_D, acc, mask=rmask[:, None])
         tl.store(ml_base + sp * 2 * BLOCK_M, m_i)
         tl.store(ml_base + sp * 2 * BLOCK_M + BLOCK_M, l_i)
         # The last chunk program to arrive combines (see the module docstring; the barrier +
         # acq_rel atomic make the other chunks' stores visible, .cg loads read them from L2).
+        # Unrolled over SP >= SPLIT chunks (masked past SPLIT: m = -inf weighs 0 and adds an
+        # exact +0), so the loads of every chunk are issued at once instead of one L2 round
+        # trip per loop iteration; the adds stay in chunk order (the same bits).
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT - 1:
             m_all = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-            for s_ in range(SPLIT):
-                m_all = tl.maximum(m_all, tl.load(ml_base + s_ * 2 * BLOCK_M, cache_modifier=".cg"))
+            for s_ in tl.static_range(SP):
+                live = (rows * 0 + s_) < SPLIT
+                m_all = tl.maximum(m_all, tl.load(ml_base + s_ * 2 * BLOCK_M, mask=live,
+                                                  other=float("-inf"), cache_modifier=".cg"))
             l_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
             o = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-            for s_ in range(SPLIT):
-                m_s = tl.load(ml_base + s_ * 2 * BLOCK_M, cache_modifier=".cg")
+            for s_ in tl.static_range(SP):
+                live = (rows * 0 + s_) < SPLIT
+                m_s = tl.load(ml_base + s_ * 2 * BLOCK_M, mask=live, other=float("-inf"),
+                              cache_modifier=".cg")
                 w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m_all))
-                l_all += w * tl.load(ml_base + s_ * 2 * BLOCK_M + BLOCK_M, cache_modifier=".cg")
-                o += w[:, None] * tl.load(a_base + s_ * BLOCK_M * BLOCK_D, cache_modifier=".cg")
+                l_all += w * tl.load(ml_base + s_ * 2 * BLOCK_M + BLOCK_M, mask=live, other=0.0,
+                                     cache_modifier=".cg")
+                o += w[:, None] * tl.load(a_base + s_ * BLOCK_M * BLOCK_D,
+                                          mask=(live & rmask)[:, None], other=0.0,
+                                          cache_modifier=".cg")
             out = o / l_all[:, None]
             tl.store(o_ptr + seq * stride_ot + h[:, None] * stride_oh + d[None, :],
                      out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
@@ -290,7 +301,7 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
         GROUP=group, D=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=cfg.block_n,
         IEEE=q.dtype == torch.float32, DIRECT=split == 1, PREFETCH=cfg.prefetch,
         ROPE=rope is not None, HAS_NORM=rope is not None and rope.q_weight is not None,
-        KV_PRE=cfg.kv_preload and rope is None,
+        KV_PRE=cfg.kv_preload and rope is None, SP=triton.next_power_of_2(split),
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl_launch(q.device, B * hkv * split))
     return out
 

@@ -80,6 +80,10 @@ GEMV_TARGET_PROGRAMS_PER_SM = 4  # ... and then aim for about this many programs
 GEMV_MAX_SPLIT = 16
 GEMV_MIN_K_TILES_PER_SPLIT = 2  # every K-slice does at least this many BLOCK_K steps
 DEFAULT_NUM_SMS = 132  # H100 SXM; the real count is read off the device when there is one
+# The in-kernel split-K fix-up reads the slices in one unrolled step of this many (a launch
+# with more slices and a fix-up is refused: split_k_launch)
+FIXUP_SLICES = 16
+FIXUP_MAX_SPLIT = tl.constexpr(FIXUP_SLICES)
 # The nibble-plane kernel (4-bit formats): K depth per step (a multiple of every group size
 # it serves: 16..128) and output columns per program.
 PLANE_FORMATS = ("int4", "nvfp4", "mxfp4")
@@ -241,6 +245,9 @@ def split_k_launch(x: Tensor, y: Tensor, n: int, k: int, block_n: int, block_k: 
     split = triton.cdiv(k, k_per)  # slices that hold at least one K tile
     grid = (triton.cdiv(n, block_n), split)
     fixup = split > 1 and fixup
+    if fixup and split > FIXUP_SLICES:
+        raise ValueError(f"split-K GEMV with {split} K-slices and the in-kernel fix-up; at most "
+                         f"{FIXUP_SLICES} (GemvConfig(fixup=False) takes more)")
     cnt = arrival_counters(x.device, grid[0]) if fixup else None
     if split > 1:
         out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
@@ -376,8 +383,12 @@ def _store_out(acc, out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, SPLIT, M, N, offs_n, 
         if arrived == SPLIT - 1:
             total = tl.zeros(acc.shape, dtype=tl.float32)
             base = out_ptr + cols[None, :] * stride_om + offs_n[:, None]
-            for s in range(SPLIT):
-                total += tl.load(base + s * stride_os, mask=mask, other=0.0, cache_modifier=".cg")
+            # unrolled (masked past SPLIT: an exact +0), so every slice's load is in flight at
+            # once instead of one L2 round trip per iteration; the adds stay in slice order
+            for s in tl.static_range(FIXUP_MAX_SPLIT):
+                live = (cols[None, :] * 0 + s) < SPLIT  # (a block mask: see _gemv_kernel)
+                total += tl.load(base + s * stride_os, mask=mask & live, other=0.0,
+                                 cache_modifier=".cg")
             d = _store_delta(lora_d, offs_n, cols, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR,
                              lscale, stride_hm, hc_ptr, LSR, dt, LORA, LRP, SHRINK)
             if PAIR:
