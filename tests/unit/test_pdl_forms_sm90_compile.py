@@ -1,0 +1,62 @@
+"""sm_90 PTX (offline compile, Triton's own ptxas) of the norm-prologue GEMV and the K/V-preload
+attention (session 19), so that a
+codegen error shows on CPU before a GPU run: the plane GEMV with a norm prologue (alone and
+with SwiGLU) loads nothing global before `griddepcontrol.wait` (its inputs come from the
+launch before it), and the split-KV decode attention with DecodeConfig.kv_preload loads its
+first K/V block before the wait, which the plain form does not."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+
+def _ptx(fn, consts: dict, types: dict, warps: int = 4, stages: int = 3) -> str:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton ships no ptxas")
+    for n, prm in inspect.signature(fn.fn).parameters.items():  # the defaulted constexprs
+        if prm.default is not inspect.Parameter.empty:
+            consts.setdefault(n, prm.default)
+    sig = {n: "constexpr" if n in consts else types.get(n, "*bf16" if n.endswith("_ptr")
+                                                         else "i32") for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+    return k.asm["ptx"]
+
+
+@pytest.mark.parametrize("pair", [False, True])
+def test_plane_gemv_with_norm_prologue_compiles(pair: bool) -> None:
+    from orbit.kernels._qgemm import FMT_IDS
+    from orbit.kernels.gemv import _gemv_planes_kernel
+
+    types = {"out_ptr": "*fp32", "q_ptr": "*i32", "g_ptr": "*fp32", "cnt_ptr": "*i32",
+             "ncnt_ptr": "*i32", "lscale": "fp32", "eps": "fp32"}
+    consts = {"FMT": FMT_IDS["int4"], "CODE": 0, "GROUP": 128, "HAS_OFFSET": False, "MP": 1,
+              "BN": 16, "NG": 4, "STAGES": 3, "FIXUP": False, "DEFER": True, "ASM": True,
+              "XPRE": True, "PDL": 1, "PAIR": pair, "PRENORM": True, "NB": 2048}
+    ptx = _ptx(_gemv_planes_kernel, consts, types)
+    before, after = ptx.split("griddepcontrol.wait", 1)
+    assert "ld.global" not in before
+    assert "rsqrt" in after  # the row's norm, after the wait
+
+
+@pytest.mark.parametrize("pre", [False, True])
+def test_decode_attention_kv_preload_comes_before_the_wait(pre: bool) -> None:
+    from orbit.kernels.attention_decode import _attn_decode_split_kernel
+
+    types = {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "cnt_ptr": "*i32", "start_ptr": "*i64",
+             "slot_ptr": "*i64", "qk_scale": "fp32", "eps": "fp32"}
+    consts = {"GROUP": 2, "D": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 64,
+              "IEEE": False, "DIRECT": False, "PREFETCH": False, "PDL": 1, "KV_PRE": pre,
+              "SP": 8}
+    ptx = _ptx(_attn_decode_split_kernel, consts, types, warps=4, stages=2)
+    before = ptx.split("griddepcontrol.wait", 1)[0]
+    assert ("ld.global" in before) == pre
