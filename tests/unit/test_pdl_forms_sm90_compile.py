@@ -1,8 +1,9 @@
 """sm_90 PTX (offline compile, Triton's own ptxas) of the norm-prologue GEMV and the K/V
 preload attention (session 19), so that a codegen error shows on CPU before a GPU run: the
-plane GEMV with a norm prologue (alone and with SwiGLU) loads nothing global before `griddepcontrol.wait` (its inputs come from the
-launch before it), and the split-KV decode attention with DecodeConfig.kv_preload loads its
-first K/V block before the wait, which the plain form does not."""
+plane GEMV with a norm prologue (alone and with SwiGLU) loads nothing global before
+`griddepcontrol.wait` (its inputs come from the launch before it), and the split-KV decode
+attention with DecodeConfig.kv_preload loads its first K/V block before the wait, which the
+plain form does not."""
 
 from __future__ import annotations
 
