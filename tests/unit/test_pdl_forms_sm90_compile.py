@@ -7,29 +7,10 @@ plain form does not."""
 
 from __future__ import annotations
 
-import inspect
-from pathlib import Path
-
 import pytest
+from sm90_ptx import sm90_ptx
 
 triton = pytest.importorskip("triton")
-
-
-def _ptx(fn, consts: dict, types: dict, warps: int = 4, stages: int = 3) -> str:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this Triton ships no ptxas")
-    for n, prm in inspect.signature(fn.fn).parameters.items():  # the defaulted constexprs
-        if prm.default is not inspect.Parameter.empty:
-            consts.setdefault(n, prm.default)
-    sig = {n: "constexpr" if n in consts else types.get(n, "*bf16" if n.endswith("_ptr")
-                                                         else "i32") for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": warps, "num_stages": stages})
-    return k.asm["ptx"]
 
 
 @pytest.mark.parametrize("pair", [False, True])
@@ -42,7 +23,7 @@ def test_plane_gemv_with_norm_prologue_compiles(pair: bool) -> None:
     consts = {"FMT": FMT_IDS["int4"], "CODE": 0, "GROUP": 128, "HAS_OFFSET": False, "MP": 1,
               "BN": 16, "NG": 4, "STAGES": 3, "FIXUP": False, "DEFER": True, "ASM": True,
               "XPRE": True, "PDL": 1, "PAIR": pair, "PRENORM": True, "NB": 2048}
-    ptx = _ptx(_gemv_planes_kernel, consts, types)
+    ptx = sm90_ptx(_gemv_planes_kernel, consts, types)
     before, after = ptx.split("griddepcontrol.wait", 1)
     assert "ld.global" not in before
     assert "rsqrt" in after  # the row's norm, after the wait
@@ -57,6 +38,6 @@ def test_decode_attention_kv_preload_comes_before_the_wait(pre: bool) -> None:
     consts = {"GROUP": 2, "D": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 64,
               "IEEE": False, "DIRECT": False, "PREFETCH": False, "PDL": 1, "KV_PRE": pre,
               "SP": 8}
-    ptx = _ptx(_attn_decode_split_kernel, consts, types, warps=4, stages=2)
+    ptx = sm90_ptx(_attn_decode_split_kernel, consts, types, warps=4, stages=2)
     before = ptx.split("griddepcontrol.wait", 1)[0]
     assert ("ld.global" in before) == pre
