@@ -109,6 +109,11 @@ FP8_GEMV_MAX_M = 1
 # default. A module switch so that bench_engine can compare both in one run.
 PLANES_M1_UNSPLIT = True
 PLANES_BLOCK_N_M1_UNSPLIT = 16
+# K depth per step of those unsplit programs where K holds at least two such steps; None:
+# the general rule (PLANES_BLOCK_K_INT4 where K >= 4 of its steps). A deeper step puts more
+# words in flight per program (docs/rollout.md, "bytes in flight per SM"); sweep with
+# bench_engine.py --knob orbit.kernels.gemv.PLANES_BLOCK_K_M1_UNSPLIT=None,1024.
+PLANES_BLOCK_K_M1_UNSPLIT: int | None = None
 # The plane formats the unsplit rule takes (NVFP4 and MXFP4 not measured unsplit yet; compare
 # with bench_engine.py --knob "orbit.kernels.gemv.PLANES_M1_UNSPLIT_FORMATS=...").
 PLANES_M1_UNSPLIT_FORMATS = ("int4",)
@@ -217,6 +222,9 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     if one and fmt in PLANES_M1_UNSPLIT_FORMATS and PLANES_M1_UNSPLIT:
         if triton.cdiv(n, block_n) < GEMV_MIN_PROGRAMS_PER_SM * sms:
             block_n = PLANES_BLOCK_N_M1_UNSPLIT
+        deep_m1 = PLANES_BLOCK_K_M1_UNSPLIT
+        if deep_m1 is not None and k >= 2 * deep_m1:
+            block_k = deep_m1
         split = 1
     else:
         split = split_k(triton.cdiv(n, block_n), k_tiles, sms)

@@ -296,6 +296,24 @@ def test_int4_m1_unsplit_switch(monkeypatch: pytest.MonkeyPatch) -> None:
             assert off == c, (m, n, k, f)
 
 
+def test_int4_m1_unsplit_depth_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gemv.PLANES_BLOCK_K_M1_UNSPLIT: None keeps the general depth rule; 1024 deepens the
+    unsplit INT4 M = 1 steps where K holds two of them, and nothing else."""
+    from orbit.kernels import gemv
+
+    shapes = ((2048, 6144), (2048, 2048), (12288, 2048), (1536, 576))
+    base = {(m, n, k, f): gemv.pick_gemv_config(m, n, k, f, 132) for m in (1, 4)
+            for n, k in shapes for f in ("int4", "nvfp4")}
+    assert base[(1, 2048, 2048, "int4")].block_k == 512
+    monkeypatch.setattr(gemv, "PLANES_BLOCK_K_M1_UNSPLIT", 1024)
+    for (m, n, k, f), c in base.items():
+        deep = gemv.pick_gemv_config(m, n, k, f, 132)
+        if m == 1 and f == "int4" and k >= 2048:
+            assert deep == dataclasses.replace(c, block_k=1024), (n, k, deep)
+        else:
+            assert deep == c, (m, n, k, f)
+
+
 def test_nvfp4_fp32_decode_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     """gemv.NVFP4_FP32_DECODE (bench_engine --nibble-decodes): on by default (measured faster,
     same bits), NVFP4 configs take the fp32-bit E2M1 decode at every M; off gives the fp16
