@@ -338,10 +338,7 @@ def _prenorm_qkv(attn_mod: Attention, delta: Tensor, residual: Tensor,
     if fn is None or _needs_grad(delta):
         return None
     out = fn([attn_mod.k_proj, attn_mod.v_proj], delta, residual, norm.weight, norm.eps)
-    if out is None:
-        return None
-    s, (q, k, v) = out
-    return s, (q, k, v)
+    return None if out is None else (out[0], tuple(out[1]))
 
 
 def _prenorm_swiglu(mlp: MLP, delta: Tensor, residual: Tensor,
