@@ -126,11 +126,11 @@ PDL_L2_PREFETCH = False
 # measured slower in the H100 engine (session 18, Qwen3-1.7B INT4 batch 1: 748.4 tok/s without,
 # 752.1 / 662.4 with 1 / 2 preloaded steps; docs/rollout.md).
 PDL_W_PRELOAD = 0
-# GemvConfig.s_prefetch of the heuristic plane configs: each K step loads the next step's
-# group scales before its own products (plane_tile SPRE; docs/rollout.md, "bytes in flight
-# per SM"). The same bits. Off until measured in the engine (bench_engine.py --knob
-# orbit.kernels.gemv.PLANES_S_PREFETCH=False,True).
-PLANES_S_PREFETCH = False
+# GemvConfig.s_prefetch of the heuristic plane configs: each K step loads the group scales
+# of the step 1 or 2 ahead before its own products (plane_tile SPRE; docs/rollout.md, "bytes
+# in flight per SM"). The same bits. Off (0) until measured in the engine (bench_engine.py
+# --knob orbit.kernels.gemv.PLANES_S_PREFETCH=0,1,2).
+PLANES_S_PREFETCH = 0
 # NVFP4 in the heuristic plane configs: E2M1 decoded as fp32 bits (GemvConfig.e2m1 = 2), the
 # same output bits as the fp16 decode; measured (H100, 4096x12288, M = 1) 27.6 vs 30.4 us, M = 4
 # 72.3 vs 87.3 (docs/kernels.md, "Nibble decodes with fewer instructions"). A module switch so
@@ -175,9 +175,9 @@ class GemvConfig:
     # pdl.EARLY_RELEASE, while the kernels before it finish). pick_gemv_config sets it from
     # PDL_W_PRELOAD.
     w_preload: int = 0
-    # Nibble-plane kernel: load the next K step's scales during this one (plane_tile SPRE).
-    # pick_gemv_config sets it from PLANES_S_PREFETCH.
-    s_prefetch: bool = False
+    # Nibble-plane kernel: load the group scales 0-2 K steps ahead (plane_tile SPRE; 2 is the
+    # words' own distance at 3 stages). pick_gemv_config sets it from PLANES_S_PREFETCH.
+    s_prefetch: int = 0
 
 
 @cache
@@ -234,7 +234,7 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     return GemvConfig(block_n=block_n, block_k=block_k, split=split, warps=warps,
                       stages=GEMV_STAGES, planes=planes, defer=one, x_prefetch=one,
                       l2_prefetch=PDL_L2_PREFETCH, w_preload=PDL_W_PRELOAD if planes else 0,
-                      s_prefetch=PLANES_S_PREFETCH and planes,
+                      s_prefetch=int(PLANES_S_PREFETCH) if planes else 0,
                       e2m1=2 if NVFP4_FP32_DECODE and fmt == "nvfp4" else 0)
 
 
@@ -728,7 +728,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                         SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16,
                         PAIR: tl.constexpr = False, NORM: tl.constexpr = False,
                         NB: tl.constexpr = 16, WPRE: tl.constexpr = 0,
-                        PRENORM: tl.constexpr = False, SPRE: tl.constexpr = False):
+                        PRENORM: tl.constexpr = False, SPRE: tl.constexpr = 0):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -795,14 +795,15 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
                  LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
                  PAIR: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr, w0=0, s0=0.0,
                  o0=0.0, w1=0, s1=0.0, o1=0.0, WPRE: tl.constexpr = 0, inv=0.0,
-                 PRENORM: tl.constexpr = False, SPRE: tl.constexpr = False):
+                 PRENORM: tl.constexpr = False, SPRE: tl.constexpr = 0):
     """The column-tile program of _gemv_planes_kernel (after the PDL wait). WPRE (0..2): the
     first WPRE steps' plane_loads were made by the caller, before its PDL wait (w0, s0, o0
     and w1, s1, o1; a step past k_hi loaded nothing: its words are masked to 0). PRENORM:
     x_ptr is a delta and x = rmsnorm(x + r_ptr) * nw_ptr, with inv from the caller
-    (orbit/kernels/norm_prologue.py). SPRE (GemvConfig.s_prefetch): each loop step loads the
-    next step's scales before its own products, as XPRE does for x (2-byte scale loads are too
-    small for the words' cp.async pipeline; otherwise each step waits on its own)."""
+    (orbit/kernels/norm_prologue.py). SPRE (GemvConfig.s_prefetch, 0-2): each loop step loads
+    the scales of the step SPRE ahead before its own products, as XPRE does for x one step
+    ahead (2-byte scale loads are too small for the words' cp.async pipeline; without it each
+    step waits a memory latency on its own scales right before its FMAs)."""
     WG: tl.constexpr = GROUP // 8
     BK: tl.constexpr = NG * GROUP
     am = tl.arange(0, MP)
@@ -831,17 +832,24 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
             cx, xs = _plane_products(w1, x_cur, CODE, HAS_OFFSET, MP, BN, NG, WG, DEFER, ASM)
             acc, acc4 = _plane_accumulate(cx, xs, s1, o1, acc, acc4, HAS_OFFSET, DEFER)
         k_start = k0 + BK
-    if SPRE:  # the first loop step's scales; each step then loads the next step's
-        sc_nxt, off_nxt = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k_start,
-                                        n_groups, FMT, CODE, GROUP, HAS_OFFSET, NG)
+    if SPRE > 0:  # the first loop steps' scales; each step then loads the one SPRE ahead
+        sc_a, off_a = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k_start, n_groups,
+                                    FMT, CODE, GROUP, HAS_OFFSET, NG)
+    if SPRE > 1:
+        sc_b, off_b = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k_start + BK,
+                                    n_groups, FMT, CODE, GROUP, HAS_OFFSET, NG)
     for k0 in tl.range(k_start, k_hi, BK, num_stages=STAGES):
         # (in the order of the loop before the preload existed: words, x, products, then the
         # scales, so that without a preload the kernel is the one measured)
         words = _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP, NG, WG)
-        if SPRE:
-            sc, off = sc_nxt, off_nxt
-            sc_nxt, off_nxt = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k0 + BK,
-                                            n_groups, FMT, CODE, GROUP, HAS_OFFSET, NG)
+        if SPRE == 1:
+            sc, off = sc_a, off_a
+            sc_a, off_a = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k0 + BK,
+                                        n_groups, FMT, CODE, GROUP, HAS_OFFSET, NG)
+        elif SPRE > 1:
+            sc, off, sc_a, off_a = sc_a, off_a, sc_b, off_b
+            sc_b, off_b = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k0 + 2 * BK,
+                                        n_groups, FMT, CODE, GROUP, HAS_OFFSET, NG)
         if XPRE:
             x_cur = x_nxt
             x_nxt = _x_planes(x_ptr, k0 + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP,
@@ -850,7 +858,7 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
             x_cur = _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP, NG, WG, MP, r_ptr,
                               nw_ptr, inv, PRENORM)
         cx, xs = _plane_products(words, x_cur, CODE, HAS_OFFSET, MP, BN, NG, WG, DEFER, ASM)
-        if not SPRE:
+        if SPRE == 0:
             sc, off = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k0, n_groups, FMT,
                                     CODE, GROUP, HAS_OFFSET, NG)
         acc, acc4 = _plane_accumulate(cx, xs, sc, off, acc, acc4, HAS_OFFSET, DEFER)
@@ -1031,7 +1039,7 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             FMT=FMT_IDS[fmt], CODE=code, GROUP=group, HAS_OFFSET=offset is not None, MP=mp,
             BN=cfg.block_n, NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup,
             DEFER=cfg.defer, ASM=x.is_cuda, XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch,
-            PAIR=swiglu, WPRE=cfg.w_preload, SPRE=cfg.s_prefetch, num_warps=cfg.warps,
+            PAIR=swiglu, WPRE=cfg.w_preload, SPRE=int(cfg.s_prefetch), num_warps=cfg.warps,
             **lconst, **nconst, **pdl)
     else:
         _gemv_kernel[grid](
