@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The measurements queued for the next device call (docs/benchmarks.md, "Session 19"), in
+# priority order, as one call of the device tool from the repository root:
+#     bash scripts/bench/pending_device_runs.sh
+# Every switch below is off by default and gives the same bits as its off position; each
+# bench line times the off and on positions in the same run (Qwen3-1.7B INT4, batch 1).
+# The timeouts keep the whole batch under the device tool's 600 s per call.
+set -uo pipefail
+B="python3 scripts/bench/bench_engine.py --sections roofline --attn-backend triton"
+F="grep -E '^roofline|rror' | tail -12"
+bash scripts/gpu_run.sh \
+  "cmd:timeout 90 $B --knob orbit.kernels.gemv.PLANES_S_PREFETCH=0,1,2,0 2>&1 | $F" \
+  "cmd:timeout 110 $B --fold-norm off,prologue --knob orbit.kernels.gemv.GEMV_STAGES=3,4,6 2>&1 | $F" \
+  "cmd:timeout 60 $B --knob orbit.kernels.gemv.PLANES_BLOCK_K_M1_UNSPLIT=None,1024 2>&1 | $F" \
+  "cmd:timeout 60 $B --knob orbit.kernels.attention_decode.KV_PRELOAD=False,True,False 2>&1 | $F" \
+  "cmd:timeout 150 python3 -m pytest tests/gpu/test_norm_prologue_gpu.py tests/gpu/test_attention_decode_gpu.py tests/gpu/test_kernels_gemv_gpu.py -m gpu -q -p no:cacheprovider -k 'prologue or preload or scale_prefetch or split_decode' 2>&1 | tail -8"
