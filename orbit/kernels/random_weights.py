@@ -60,3 +60,14 @@ def random_qweight(fmt: str, out_f: int, in_f: int, *, group_size: int = 128,
                                    dtype=torch.int32).to(torch.uint8)
         return QuantizedWeight("mxfp4", (out_f, in_f), t, MXFP4_GROUP)
     raise ValueError(f"random_qweight: unknown format {fmt!r}")
+
+
+def gemv_operands(qw: QuantizedWeight) -> tuple:
+    """`qw`'s tensors as `orbit.kernels.gemv.gemv` takes them after x:
+    (fmt, shape, packed codes, scales, offset or None, global scale or None, group)."""
+    t = qw.tensors
+    group = {"nvfp4": NVFP4_GROUP, "mxfp4": MXFP4_GROUP, "fp8": FP8_BLOCK}.get(qw.fmt,
+                                                                            qw.group_size)
+    gs = t["global_scale"].reshape(1) if qw.fmt == "nvfp4" else None
+    return (qw.fmt, qw.shape, t.get("qweight", t.get("weight")), t.get("scale", t.get("scale_inv")),
+            t.get("offset"), gs, group)

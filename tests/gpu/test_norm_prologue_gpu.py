@@ -12,7 +12,7 @@ import torch
 
 from orbit.kernels import gemv
 from orbit.kernels.norm_prologue import NormPrologue
-from orbit.kernels.random_weights import random_qweight
+from orbit.kernels.random_weights import gemv_operands, random_qweight
 from orbit.kernels.rmsnorm_exact import add_rmsnorm_triton
 
 pytestmark = [pytest.mark.gpu,
@@ -27,17 +27,11 @@ EPS = 1e-6
 def test_prologue_matches_separate_launches(fmt: str, m: int, n: int, swiglu: bool) -> None:
     k = 2048
     torch.manual_seed(n + m)
-    qw = random_qweight(fmt, n, k, device="cuda")
-    t = qw.tensors
-    q = t.get("qweight", t.get("weight"))
-    s = t.get("scale", t.get("scale_inv"))
-    gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
-    group = {"nvfp4": 16}.get(fmt, qw.group_size)
+    args = gemv_operands(random_qweight(fmt, n, k, device="cuda"))
     delta = torch.randn(m, k, device="cuda").bfloat16()
     res = (4 * torch.randn(m, k, device="cuda")).bfloat16()
     w = (1 + 0.3 * torch.randn(k, device="cuda")).bfloat16()
     want_s, x = add_rmsnorm_triton(res, delta, w, EPS)
-    args = (fmt, qw.shape, q, s, t.get("offset"), gs, group)
     nan = torch.full((m, n // 2 if swiglu else n), float("nan"), device="cuda").bfloat16()
     y = gemv.gemv(x, *args, nan.clone(), swiglu=swiglu)
     outs = []

@@ -35,17 +35,12 @@ def _interpreter_main() -> None:
 
     patch_interpreter(bf16_dot=True, bf16_round=True)
     from orbit.kernels import gemv
-    from orbit.kernels.random_weights import random_qweight
+    from orbit.kernels.random_weights import gemv_operands, random_qweight
 
     out = {}
     for i, (fmt, kw, k, n, m, c) in enumerate(CASES):
         g = torch.Generator().manual_seed(500 + i)
-        qw = random_qweight(fmt, n, k, seed=510 + i, **kw)
-        t = qw.tensors
-        q = t.get("qweight", t.get("weight"))
-        s = t.get("scale", t.get("scale_inv"))
-        gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
-        group = {"nvfp4": 16, "mxfp4": 32}.get(fmt, qw.group_size)
+        ops = gemv_operands(random_qweight(fmt, n, k, seed=510 + i, **kw))
         x = torch.randn(m, k, generator=g).bfloat16()
         base = gemv.GemvConfig(**{"warps": 4, "stages": 3, **c})
         for wpre in (0, 1):
@@ -53,7 +48,7 @@ def _interpreter_main() -> None:
             for spre in (0, 1, 2):
                 cfg = dataclasses.replace(base, s_prefetch=spre, w_preload=wpre)
                 y = torch.full((m, n), float("nan")).bfloat16()
-                ys.append(gemv.gemv(x, fmt, qw.shape, q, s, t.get("offset"), gs, group, y, cfg))
+                ys.append(gemv.gemv(x, *ops, y, cfg))
             out[f"{i}-{wpre}"] = {"nan": any(bool(y.isnan().any()) for y in ys),
                                   "equal": all(torch.equal(ys[0], y) for y in ys[1:])}
     print(json.dumps(out))

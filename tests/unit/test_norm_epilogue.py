@@ -33,25 +33,20 @@ def _kernel_cases() -> dict:
     from orbit.kernels import gemv
     from orbit.kernels.lora_epilogue import LoRAEpilogue
     from orbit.kernels.norm_epilogue import NormEpilogue
-    from orbit.kernels.random_weights import random_qweight
+    from orbit.kernels.random_weights import gemv_operands, random_qweight
     from orbit.kernels.rmsnorm_exact import add_rmsnorm_triton
 
     out: dict = {}
     for i, (fmt, kw, k, n, m, c) in enumerate(CASES):
         g = torch.Generator().manual_seed(60 + i)
-        qw = random_qweight(fmt, n, k, seed=70 + i, **kw)
-        t = qw.tensors
-        q = t.get("qweight", t.get("weight"))
-        s = t.get("scale", t.get("scale_inv"))
-        gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
-        group = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}.get(fmt, qw.group_size)
+        ops = gemv_operands(random_qweight(fmt, n, k, seed=70 + i, **kw))
         cfg = gemv.GemvConfig(*c) if c else None
         x = torch.randn(m, k, generator=g).bfloat16()
         res = (torch.randn(m, n, generator=g) * 4).bfloat16()
         w = (1 + 0.3 * torch.randn(n, generator=g)).bfloat16()
         a = ((torch.randn(8, k, generator=g) * 0.2).bfloat16(),)
         b = ((torch.randn(n, 8, generator=g) * 0.5).bfloat16(),)
-        args = (x, fmt, qw.shape, q, s, t.get("offset"), gs, group)
+        args = (x, *ops)
         for name, lora in (("plain", None), ("lora", LoRAEpilogue(x @ a[0].T, b, SCALE))):
             nan = torch.full((m, n), float("nan")).bfloat16()
             y = gemv.gemv(*args, nan.clone(), cfg, lora=lora)

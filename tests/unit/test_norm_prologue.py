@@ -31,18 +31,13 @@ EPS = 1e-6
 def _kernel_cases() -> dict:
     from orbit.kernels import gemv
     from orbit.kernels.norm_prologue import NormPrologue
-    from orbit.kernels.random_weights import random_qweight
+    from orbit.kernels.random_weights import gemv_operands, random_qweight
     from orbit.kernels.rmsnorm_exact import add_rmsnorm_triton
 
     out: dict = {}
     for i, (fmt, kw, k, n, m, c, swiglu) in enumerate(CASES):
         g = torch.Generator().manual_seed(160 + i)
-        qw = random_qweight(fmt, n, k, seed=170 + i, **kw)
-        t = qw.tensors
-        q = t.get("qweight", t.get("weight"))
-        s = t.get("scale", t.get("scale_inv"))
-        gs = t["global_scale"].reshape(1) if fmt == "nvfp4" else None
-        group = {"nvfp4": 16, "mxfp4": 32}.get(fmt, qw.group_size)
+        ops = gemv_operands(random_qweight(fmt, n, k, seed=170 + i, **kw))
         cfg = gemv.GemvConfig(*c) if c else None
         delta = torch.randn(m, k, generator=g).bfloat16()
         res = (torch.randn(m, k, generator=g) * 4).bfloat16()
@@ -50,11 +45,9 @@ def _kernel_cases() -> dict:
         want_s, x = add_rmsnorm_triton(res, delta, w, EPS)
         n_out = n // 2 if swiglu else n
         nan = torch.full((m, n_out), float("nan")).bfloat16()
-        y = gemv.gemv(x, fmt, qw.shape, q, s, t.get("offset"), gs, group, nan.clone(), cfg,
-                      swiglu=swiglu)
+        y = gemv.gemv(x, *ops, nan.clone(), cfg, swiglu=swiglu)
         pre = NormPrologue(res, w, EPS, torch.full((m, k), float("nan")).bfloat16())
-        y2 = gemv.gemv(delta, fmt, qw.shape, q, s, t.get("offset"), gs, group, nan.clone(),
-                       cfg, swiglu=swiglu, norm=pre)
+        y2 = gemv.gemv(delta, *ops, nan.clone(), cfg, swiglu=swiglu, norm=pre)
         out[str(i)] = {"nan": bool(pre.s.isnan().any() or y2.isnan().any()),
                        "y": torch.equal(y2, y), "s": torch.equal(pre.s, want_s)}
     return out
