@@ -274,9 +274,9 @@ def test_pdl_chain_in_graph_matches_plain_launches(fmt: str, kw: dict, wpre: int
     its own wait (a deeper chain)."""
     import dataclasses
 
+    from orbit.kernels import pdl as pdl_mod
     from orbit.kernels.gemv import gemv, num_sms, pick_gemv_config
     from orbit.kernels.gemv_fp8 import pick_fp8_gemv_config
-    from orbit.kernels import pdl as pdl_mod
     from orbit.kernels.pdl import pdl_available
 
     if not pdl_available(torch.device("cuda")):
