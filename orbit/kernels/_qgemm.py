@@ -196,10 +196,7 @@ def lora_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.devic
 def swiglu_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device) -> bool:
     """Whether a fast-mode forward of the stacked gate/up weight [n, k] at m rows runs the
     nibble-plane decode GEMV, whose store can apply SwiGLU (`launch(swiglu=True)`)."""
-    from orbit.kernels.gemv import PLANE_FORMATS  # gemv.py imports this module
-
-    return (not exact and fmt in PLANE_FORMATS and n % 2 == 0 and 1 <= m
-            and use_gemv(m, n, k, fmt, device))
+    return n % 2 == 0 and prenorm_fits(m, n, k, fmt, exact, device)
 
 
 def norm_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device) -> bool:
@@ -212,7 +209,7 @@ def norm_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.devic
 def prenorm_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device) -> bool:
     """Whether a fast-mode forward of this shape runs the nibble-plane decode GEMV, which can
     take its input as residual + delta and do the RMSNorm itself (`launch(norm=
-    NormPrologue)`, orbit/kernels/norm_prologue.py)."""
+    NormPrologue)`, orbit/kernels/norm_prologue.py; `swiglu_fits` adds an even n)."""
     from orbit.kernels.gemv import PLANE_FORMATS  # gemv.py imports this module
 
     return not exact and fmt in PLANE_FORMATS and m >= 1 and use_gemv(m, n, k, fmt, device)

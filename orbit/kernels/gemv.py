@@ -755,7 +755,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                         PAIR: tl.constexpr = False, NORM: tl.constexpr = False,
                         NB: tl.constexpr = 16, WPRE: tl.constexpr = 0,
                         PRENORM: tl.constexpr = False, SPRE: tl.constexpr = False,
-                 SW: tl.constexpr = False):
+                        SW: tl.constexpr = False):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -1076,8 +1076,7 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             DEFER=cfg.defer, ASM=x.is_cuda, XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch,
             PAIR=swiglu, WPRE=cfg.w_preload, SPRE=bool(cfg.s_prefetch),
             SW=cfg.s_words and _scale_words_fit(fmt, offset, s, k, group, block_k),
-            num_warps=cfg.warps,
-            **lconst, **nconst, **pdl)
+            num_warps=cfg.warps, **lconst, **nconst, **pdl)
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,

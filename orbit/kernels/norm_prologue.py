@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from orbit.kernels._triton import tl, triton
+from orbit.kernels.rmsnorm_exact import rms_inv
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,7 @@ def prenorm_inv(x_ptr, r_ptr, s_ptr, stride_xm, M, K, eps, first, MP: tl.constex
         r = tl.load(r_ptr + m * stride_xm + cols, mask=ok, other=0.0)
         s = (d.to(tl.float32) + r.to(tl.float32)).to(d.dtype)
         tl.store(s_ptr + m * stride_xm + cols, s, mask=ok & ((cols * 0 + first) != 0))
-        xf = s.to(tl.float32)
-        ms = tl.sum(xf * xf, axis=0) / K
-        inv = tl.where(am == m, tl.math.rsqrt(ms + eps), inv)
+        inv = tl.where(am == m, rms_inv(s.to(tl.float32), K, eps), inv)
     return inv
 
 

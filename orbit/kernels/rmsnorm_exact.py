@@ -39,6 +39,14 @@ def _rmsnorm_exact_kernel(x_ptr, w_ptr, y_ptr, r_ptr, s_ptr, D, stride_x, stride
 
 
 @triton.jit
+def rms_inv(xf, D, eps):
+    """1 / sqrt(mean(xf^2) + eps) of one fp32 row in one `tl.sum`: the row norm's scale,
+    shared by add_rmsnorm_row and the GEMV norm prologue (norm_prologue.prenorm_inv) so both
+    reduce alike."""
+    return tl.math.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+
+
+@triton.jit
 def add_rmsnorm_row(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, D, eps, BLOCK: tl.constexpr,
                     HAS_RES: tl.constexpr, CG: tl.constexpr):
     """One row: (s = x + r rounded to x's dtype, stored, with HAS_RES) then y = rmsnorm(s) * w.
@@ -55,8 +63,7 @@ def add_rmsnorm_row(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, D, eps, BLOCK: tl.constex
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(s_ptr + cols, x, mask=mask)
     xf = x.to(tl.float32)
-    ms = tl.sum(xf * xf, axis=0) / D
-    h = (xf * tl.math.rsqrt(ms + eps)).to(x.dtype)  # HF: normalise in fp32, cast back
+    h = (xf * rms_inv(xf, D, eps)).to(x.dtype)  # HF: normalise in fp32, cast back
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = w.to(tl.float32) * h.to(tl.float32)
     tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=mask)

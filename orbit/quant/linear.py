@@ -173,15 +173,24 @@ class QuantLinear(nn.Module):
         return (self.bias is None and not self.exact and self.act_quant is None
                 and self.weight_format != "bf16" and not self._use_cache(device))
 
-    def _stacked_with(self, up: nn.Module, x2d: Tensor) -> QuantizedWeight | None:
-        """The stacked gate/up weight where this layer and `up` are that sibling group and it
-        would run grouped (`_grouped`'s rules: inference mode, decode rows) as one fused
-        quantized launch for x2d; else None."""
+    def _fused_group(self, members: list[nn.Module], x2d: Tensor) -> Any:
+        """This layer's sibling group where its members are exactly `members` (this layer
+        first) and it would run grouped (`_grouped`'s rules: inference mode, decode rows) as
+        one fused quantized launch for x2d whose output nothing else touches (every member's
+        `fused_output`, still linked); else None."""
         group = self._sibling
-        if (group is None or not group.enabled or group.members != [self, up]
-                or not torch.is_inference_mode_enabled() or up.out_features != self.out_features
-                or not all(m.fused_output(x2d.device) and group.linked(m) for m in (self, up))
+        if (group is None or not group.enabled or group.members != members
+                or not torch.is_inference_mode_enabled()
+                or not all(m.fused_output(x2d.device) and group.linked(m) for m in members)
                 or not sibling_serves(self.weight_format, x2d.shape[0])):
+            return None
+        return group
+
+    def _stacked_with(self, up: nn.Module, x2d: Tensor) -> QuantizedWeight | None:
+        """The stacked gate/up weight where this layer and `up` are that sibling group of
+        equal halves and `_fused_group` holds; else None."""
+        group = self._fused_group([self, up], x2d)
+        if group is None or up.out_features != self.out_features:
             return None
         return group.qweight
 
@@ -222,11 +231,8 @@ class QuantLinear(nn.Module):
         the nibble-plane decode GEMV, which then does the add + norm itself
         (dispatch.qmm_prenorm, orbit/kernels/norm_prologue.py); else None."""
         d2 = delta.reshape(-1, self.in_features)
-        group = self._sibling
-        if (group is None or not group.enabled or group.members != [self, *others]
-                or not torch.is_inference_mode_enabled() or weight.dtype != delta.dtype
-                or not all(m.fused_output(d2.device) and group.linked(m) for m in group.members)
-                or not sibling_serves(self.weight_format, d2.shape[0])
+        group = self._fused_group([self, *others], d2)
+        if (group is None or weight.dtype != delta.dtype
                 or not dispatch.prenorm_foldable(d2, group.qweight)):
             return None
         s, y = dispatch.qmm_prenorm(d2, group.qweight, residual, weight, eps)
@@ -241,8 +247,8 @@ class QuantLinear(nn.Module):
         (dispatch.qmm_prenorm with swiglu, orbit/kernels/norm_prologue.py); else None."""
         d2 = delta.reshape(-1, self.in_features)
         qw = self._stacked_with(up, d2)
-        if (qw is None or weight.dtype != delta.dtype or not dispatch.swiglu_foldable(d2, qw)
-                or not dispatch.prenorm_foldable(d2, qw)):
+        # (swiglu_foldable implies prenorm_foldable: the same plane-GEMV route, even rows)
+        if qw is None or weight.dtype != delta.dtype or not dispatch.swiglu_foldable(d2, qw):
             return None
         s, act = dispatch.qmm_prenorm(d2, qw, residual, weight, eps, swiglu=True)
         return s.reshape(residual.shape), act.reshape(*delta.shape[:-1], self.out_features)
