@@ -12,11 +12,11 @@ F="grep -E '^roofline|rror' | tail -12"
 # the scales as words (two runs: bench_qmm's --knob holds one value per run)
 Q="python3 scripts/bench/bench_qmm.py --gemv --gemv-formats int4,nvfp4 --gemv-shapes 2048x2048,2048x4096,6144x2048,2048x12288 --gemv-m 1,4"
 bash scripts/gpu_run.sh \
+  "cmd:timeout 150 python3 -m pytest tests/gpu/test_norm_prologue_gpu.py tests/gpu/test_attention_decode_gpu.py tests/gpu/test_kernels_gemv_gpu.py -m gpu -q -x -p no:cacheprovider 2>&1 | tail -8" \
   "cmd:timeout 90 $B --knob orbit.kernels.gemv.PLANES_S_WORDS=False,True,False,True 2>&1 | $F" \
   "cmd:timeout 50 $B --knob orbit.kernels.gemv.PLANES_S_PREFETCH=False,True 2>&1 | $F" \
   "cmd:timeout 90 $B --fold-norm off,prologue --knob orbit.kernels.gemv.GEMV_STAGES=3,4,6 2>&1 | $F" \
   "cmd:timeout 60 $B --knob orbit.kernels.gemv.PLANES_BLOCK_K_M1_UNSPLIT=None,1024 2>&1 | $F" \
   "cmd:timeout 60 $B --knob orbit.kernels.attention_decode.KV_PRELOAD=False,True,False 2>&1 | $F" \
-  "cmd:timeout 120 python3 -m pytest tests/gpu/test_norm_prologue_gpu.py tests/gpu/test_attention_decode_gpu.py tests/gpu/test_kernels_gemv_gpu.py -m gpu -q -p no:cacheprovider -k 'prologue or preload or scale_load or split_decode' 2>&1 | tail -8" \
   "cmd:timeout 40 $Q 2>&1 | tail -8" \
   "cmd:timeout 40 $Q --knob orbit.kernels.gemv.PLANES_S_WORDS=True 2>&1 | tail -8"
