@@ -2,11 +2,14 @@
 
     ncu --clock-control none --kernel-name regex:_gemv_planes --launch-skip 2 \
         --launch-count 2 --section SpeedOfLight --section WarpStateStats \
-        python3 scripts/bench/ncu_gemv.py [--shape 4096x12288] [--fmt int4]
+        python3 scripts/bench/ncu_gemv.py [--shape 4096x12288] [--fmt int4] [--m 1] \
+        [--variants auto,x_prefetch]
 
 Launch i of config c is number 3c + i, so skip 2 / count 2 profiles the third launch of the
-first config (warm) and the first of the second. Configs: the shipped heuristic's, then the
-same with the x prefetch (GemvConfig.x_prefetch)."""
+first config (warm) and the first of the second (with --launch-skip-before-match 0 and count
+3 per variant, every launch). Variants: `auto` is the shipped heuristic's config; any other
+name is a boolean GemvConfig field (x_prefetch, s_prefetch, s_words, ...) set to True on it,
+so that the stall reasons of two K-loop forms can be read side by side."""
 
 from __future__ import annotations
 
@@ -18,14 +21,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from orbit.kernels.gemv import gemv, num_sms, pick_gemv_config  # noqa: E402
+from orbit.kernels.gemv import GemvConfig, gemv, num_sms, pick_gemv_config  # noqa: E402
 from orbit.kernels.random_weights import random_qweight  # noqa: E402
+
+
+def variant(auto: GemvConfig, name: str) -> GemvConfig:
+    """The auto config, or it with the boolean field `name` switched on."""
+    if name == "auto":
+        return auto
+    fields = {f.name: f for f in dataclasses.fields(GemvConfig)}
+    if name not in fields or fields[name].type not in ("bool", bool):
+        raise SystemExit(f"--variants: {name!r} is not a boolean GemvConfig field "
+                         f"({', '.join(n for n, f in fields.items() if f.type in ('bool', bool))})")
+    return dataclasses.replace(auto, **{name: True})
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="4096x12288", help="in x out")
     ap.add_argument("--fmt", default="int4", choices=("int4", "nvfp4"))
+    ap.add_argument("--m", type=int, default=1, help="activation rows")
+    ap.add_argument("--variants", default="auto,x_prefetch", help="comma list, see above")
     args = ap.parse_args()
     k, n = (int(v) for v in args.shape.split("x"))
     qw = random_qweight(args.fmt, n, k, device="cuda")
@@ -33,14 +49,15 @@ def main() -> int:
     q = t["qweight"] if args.fmt == "int4" else t["weight"]
     gs = t["global_scale"].reshape(1) if args.fmt == "nvfp4" else None
     group = 128 if args.fmt == "int4" else 16
-    x = torch.randn(1, k, device="cuda").bfloat16()
-    y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-    auto = pick_gemv_config(1, n, k, args.fmt, num_sms(x.device))
-    for cfg in (auto, dataclasses.replace(auto, x_prefetch=True)):
+    x = torch.randn(args.m, k, device="cuda").bfloat16()
+    y = torch.empty(args.m, n, device="cuda", dtype=torch.bfloat16)
+    auto = pick_gemv_config(args.m, n, k, args.fmt, num_sms(x.device))
+    for name in args.variants.split(","):
+        cfg = variant(auto, name)
         for _ in range(3):
             gemv(x, args.fmt, qw.shape, q, t["scale"], None, gs, group, y, cfg)
-        print(cfg, flush=True)
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        print(name, cfg, flush=True)
     return 0
 
 
