@@ -56,29 +56,37 @@ def profile(args: argparse.Namespace) -> None:
     torch.cuda.cudart().cudaProfilerStop()
 
 
-def _number(v: str) -> float:
+def number(v: str) -> float:
     return float(v.replace(",", "")) if v not in ("", "n/a") else 0.0
 
 
-def _kernels(path: str) -> list[dict]:
-    """One dict per profiled launch: name, grid, us, bytes (DRAM read), regs."""
+def launches(path: str) -> list[dict[str, str]]:
+    """One dict per profiled launch of an `ncu --csv` log, in launch order: "name" and, per
+    metric, its value under the metric's name and its unit under the name + " unit"."""
     lines = Path(path).read_text().splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith('"ID"'))
+    start = next((i for i, ln in enumerate(lines) if ln.startswith('"ID"')), None)
+    if start is None:
+        raise SystemExit(f"{path}: no ncu --csv table (no line starting with \"ID\")")
     per: dict[int, dict[str, str]] = defaultdict(dict)
     for r in csv.DictReader(lines[start:]):
         k = per[int(r["ID"])]
         k["name"] = r["Kernel Name"]
         k[r["Metric Name"]] = r["Metric Value"]
         k[r["Metric Name"] + " unit"] = r["Metric Unit"]
+    return [per[i] for i in sorted(per)]
+
+
+def _kernels(path: str) -> list[dict]:
+    """One dict per profiled launch: name, grid, us, bytes (DRAM read), regs."""
     out = []
-    for k in per.values():
-        ns = _number(k.get("gpu__time_duration.sum", "0"))
+    for k in launches(path):
+        ns = number(k.get("gpu__time_duration.sum", "0"))
         ns *= {"usecond": 1e3, "msecond": 1e6}.get(k.get("gpu__time_duration.sum unit"), 1)
-        b = _number(k.get("dram__bytes_read.sum", "0"))
+        b = number(k.get("dram__bytes_read.sum", "0"))
         b *= {"Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(k.get("dram__bytes_read.sum unit"), 1)
-        out.append({"name": k["name"][:80], "grid": _number(k.get("launch__grid_size", "0")),
+        out.append({"name": k["name"][:80], "grid": number(k.get("launch__grid_size", "0")),
                     "us": ns / 1e3, "bytes": b,
-                    "regs": _number(k.get("launch__registers_per_thread", "0"))})
+                    "regs": number(k.get("launch__registers_per_thread", "0"))})
     return out
 
 

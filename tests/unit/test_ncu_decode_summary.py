@@ -75,3 +75,29 @@ def test_fit_of_fixed_cost_over_launch_shapes(tmp_path: Path,
     assert "2000 GB/s" in fit
     shapes = out[out.index(next(ln for ln in out if ln.startswith("launch shapes"))) + 1:-1]
     assert [ln.split()[:3] for ln in shapes] == [["2", "3.00", "2.00"], ["1", "5.00", "6.00"]]
+
+
+def test_gemv_stall_summary_per_variant(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """scripts/bench/ncu_gemv.py --summarize: 3 launches per variant, in launch order; the
+    stall reasons sorted by warp-cycles per issue, their sum as cycles/issue."""
+    import sys
+    sys.path.insert(0, str(ROOT / "scripts/bench"))
+    spec = importlib.util.spec_from_file_location("ncu_gemv", ROOT / "scripts/bench/ncu_gemv.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    lines = [HEADER]
+    for i in range(6):
+        lines += [_row(i, "_gemv_planes_kernel", "gpu__time_duration.sum", "nsecond",
+                       "4,000" if i < 3 else "5,500"),
+                  _row(i, "_gemv_planes_kernel", stall.format("long_scoreboard"), "", "10.0"),
+                  _row(i, "_gemv_planes_kernel", stall.format("wait"), "", "2.5" if i < 3 else "20.0")]
+    p = tmp_path / "ncu.csv"
+    p.write_text("\n".join(lines) + "\n")
+    mod.summarize(str(p), ["auto", "s_words"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 6
+    assert out[0].split()[:4] == ["auto", "#0", "4.00", "us"]
+    assert out[0].endswith("cycles/issue   12.5: long_scoreboard 10.0, wait 2.5")
+    assert out[5].split()[:4] == ["s_words", "#2", "5.50", "us"]
+    assert out[5].endswith("cycles/issue   30.0: wait 20.0, long_scoreboard 10.0")
