@@ -112,7 +112,8 @@ PLANES_BLOCK_N_M1_UNSPLIT = 16
 # K depth per step of those unsplit programs where K holds at least two such steps; None:
 # the general rule (PLANES_BLOCK_K_INT4 where K >= 4 of its steps). A deeper step puts more
 # words in flight per program (docs/rollout.md, "bytes in flight per SM"); sweep with
-# bench_engine.py --knob orbit.kernels.gemv.PLANES_BLOCK_K_M1_UNSPLIT=None,1024.
+# bench_engine.py --knob orbit.kernels.gemv.PLANES_BLOCK_K_M1_UNSPLIT=None,1024. None: 1024
+# measured slower (session 20, H100, Qwen3-1.7B INT4 batch 1: 762.6 -> 710.0 tok/s).
 PLANES_BLOCK_K_M1_UNSPLIT: int | None = None
 # The plane formats the unsplit rule takes (NVFP4 and MXFP4 not measured unsplit yet; compare
 # with bench_engine.py --knob "orbit.kernels.gemv.PLANES_M1_UNSPLIT_FORMATS=...").
@@ -129,9 +130,10 @@ PDL_W_PRELOAD = 0
 # GemvConfig.s_words / s_prefetch of the heuristic plane configs: the group scales carried
 # by the K loop's cp.async pipeline as int32 words (symmetric INT4), or loaded one step
 # ahead in registers (plane_tile SW / SPRE; docs/rollout.md, "Why a small GEMV streams
-# slowly"). The same bits. Off until measured in the engine (bench_engine.py --knob
-# orbit.kernels.gemv.PLANES_S_WORDS=False,True). (A 2-step register prefetch was tried and
-# dropped: the sm_90 PTX then loaded the words without cp.async.)
+# slowly"). The same bits. Off: measured slower in the H100 engine (session 20, Qwen3-1.7B
+# INT4 batch 1, one process each: 762.3 / 763.2 tok/s off, 709.3 / 709.4 with the words;
+# 762.4 off, 752.6 with the register prefetch; docs/benchmarks.md). (A 2-step register
+# prefetch was tried and dropped: the sm_90 PTX then loaded the words without cp.async.)
 PLANES_S_WORDS = False
 PLANES_S_PREFETCH = False
 # NVFP4 in the heuristic plane configs: E2M1 decoded as fp32 bits (GemvConfig.e2m1 = 2), the
