@@ -333,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                                        "(gemv.NVFP4_FP32_DECODE; off: the fp16 decode)")):
         ap.add_argument(flag, default=default, choices=("on", "off", "both"),
                         help=f"roofline/formats: {what}; both = off then on, same run")
-    ap.add_argument("--fold-norm", default="off",
-                    help="roofline/formats: comma list of runs, each Engine(fold_norm=...): off; "
+    ap.add_argument("--fold-norm", default="prologue",
+                    help="roofline/formats: comma list of runs, each Engine(fold_norm=...) "
+                         "(default: the Engine's, prologue): off; "
                          "on or epilogue (residual add + RMSNorm inside the o_proj / down_proj "
                          "decode GEMV); prologue (inside the q/k/v and gate/up GEMVs that read "
                          "the normed row, orbit/kernels/norm_prologue.py); both = off,on")
