@@ -182,11 +182,14 @@ def prenorm_foldable(delta: Tensor, qw: QuantizedWeight) -> bool:
     """Whether `qmm_prenorm(delta, qw, ...)` runs: the fast-mode forward of a [M, in] input on
     this weight is the nibble-plane decode GEMV (CUDA, or Triton's interpreter in CPU tests),
     which can build its input from a residual add + RMSNorm itself
-    (orbit/kernels/norm_prologue.py)."""
+    (orbit/kernels/norm_prologue.py), and the format is one the engine folds
+    (norm_prologue.PROLOGUE_FORMATS: where the fold measured faster)."""
+    from orbit.kernels import norm_prologue
     from orbit.kernels._qgemm import prenorm_fits
 
-    return _fused_store_input(delta) and prenorm_fits(delta.shape[0], qw.shape[0], qw.shape[1],
-                                                      qw.fmt, False, delta.device)
+    return (qw.fmt in norm_prologue.PROLOGUE_FORMATS and _fused_store_input(delta)
+            and prenorm_fits(delta.shape[0], qw.shape[0], qw.shape[1], qw.fmt, False,
+                             delta.device))
 
 
 def qmm_prenorm(delta: Tensor, qw: QuantizedWeight, residual: Tensor, weight: Tensor,

@@ -19,7 +19,7 @@ launch uses 4, as the INT4 GEMVs at M = 1 do; the interpreter: always equal).
 
 Where it runs: the nibble-plane decode GEMV (int4, nvfp4, mxfp4) with no LoRA epilogue (an
 adapter's shrink reads x, which this launch never materializes) and no norm epilogue. The
-engine takes it with `Engine(fold_norm="prologue")` (AttnBatch.fold_norm), measured in
+engine (for the formats in PROLOGUE_FORMATS) takes it with `Engine(fold_norm="prologue")` (AttnBatch.fold_norm), measured in
 docs/rollout.md.
 """
 
@@ -32,6 +32,14 @@ from torch import Tensor
 
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.rmsnorm_exact import rms_inv
+
+# The formats whose decode GEMVs the engine hands a prologue (dispatch.prenorm_foldable). The
+# kernel runs every plane format; the engine takes it where it measured faster: H100, session
+# 20, Qwen3-1.7B batch 1, same process, off -> prologue: INT4 761.7 -> 765.6 and 765.8 ->
+# 766.6 tok/s (with the roofline runs' three pairs, +0.1 to +0.65%), NVFP4 683.8 -> 665.9 and
+# 681.1 -> 665.9 (-2.5%; not profiled: its M = 1 programs are one warp each, so each one
+# reduces the 2048-value row alone before its K loop); batch 16 equal for both. MXFP4 not measured.
+PROLOGUE_FORMATS: tuple[str, ...] = ("int4",)
 
 
 @dataclass(frozen=True)

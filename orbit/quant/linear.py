@@ -247,8 +247,8 @@ class QuantLinear(nn.Module):
         (dispatch.qmm_prenorm with swiglu, orbit/kernels/norm_prologue.py); else None."""
         d2 = delta.reshape(-1, self.in_features)
         qw = self._stacked_with(up, d2)
-        # (swiglu_foldable implies prenorm_foldable: the same plane-GEMV route, even rows)
-        if qw is None or weight.dtype != delta.dtype or not dispatch.swiglu_foldable(d2, qw):
+        if (qw is None or weight.dtype != delta.dtype or not dispatch.swiglu_foldable(d2, qw)
+                or not dispatch.prenorm_foldable(d2, qw)):
             return None
         s, act = dispatch.qmm_prenorm(d2, qw, residual, weight, eps, swiglu=True)
         return s.reshape(residual.shape), act.reshape(*delta.shape[:-1], self.out_features)

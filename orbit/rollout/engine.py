@@ -180,10 +180,11 @@ class Engine:
     True is "epilogue"; "prologue" instead defers each add into the next GEMV that reads the
     normed row (the stacked q/k/v, and gate/up + SwiGLU: AttnBatch.fold_norm,
     orbit/kernels/norm_prologue.py), whose programs each do the add + norm before their K
-    loop: no serial tail; plane-GEMV formats with no adapter active; the same bits. The
-    default: 0.3-0.65% faster in three same-process pairs (H100, Qwen3-1.7B INT4 batch 1,
-    session 20: 762.3 -> 767.3, 763.4 -> 765.5, 764.4 -> 767.5 tok/s). Layers it does not fit
-    (an adapter active, FP8, BF16, exact mode, prefill) run the separate launches.
+    loop: no serial tail; the same bits. The default, for the formats where it measured
+    faster (norm_prologue.PROLOGUE_FORMATS: INT4, +0.1-0.65% in five same-process pairs,
+    H100, Qwen3-1.7B batch 1, session 20; NVFP4 was 2.5% slower and keeps the separate
+    launches). Layers it does not fit (an adapter active, another format, exact mode,
+    prefill) run the separate launches.
     chain_mlp: each batch-1 decoder MLP as one persistent launch (gate/up GEMV + SwiGLU, then
     the down GEMV, each down item starting as soon as its input slice is stored;
     AttnBatch.chain_mlp, orbit/kernels/gemv_chain.py) where its layers are INT4 plane-GEMV

@@ -156,3 +156,23 @@ def test_norm_prologue_checks_shapes_and_aliasing() -> None:
 
 if __name__ == "__main__":
     print_kernel_and_model_results(_kernel_cases, _model_checks)
+
+
+def test_engine_folds_only_the_measured_formats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dispatch.prenorm_foldable (what the decoder asks before handing a GEMV the add + norm)
+    holds for the formats in norm_prologue.PROLOGUE_FORMATS only, wherever the kernel itself
+    could run the prologue (INT4 by default: NVFP4 measured slower with it)."""
+    import orbit.kernels._qgemm as qmod
+    import orbit.kernels.dispatch as dmod
+    from orbit.kernels import norm_prologue
+    from orbit.kernels.random_weights import random_qweight
+
+    monkeypatch.setattr(dmod, "_fused_store_input", lambda x: True)
+    monkeypatch.setattr(qmod, "prenorm_fits", lambda *a: True)  # the kernel could run it
+    delta = torch.zeros(1, 64, dtype=torch.bfloat16)
+    int4 = random_qweight("int4", 64, 64, seed=1, group_size=32)
+    nvfp4 = random_qweight("nvfp4", 64, 64, seed=2)
+    assert norm_prologue.PROLOGUE_FORMATS == ("int4",)
+    assert dmod.prenorm_foldable(delta, int4) and not dmod.prenorm_foldable(delta, nvfp4)
+    monkeypatch.setattr(norm_prologue, "PROLOGUE_FORMATS", ("int4", "nvfp4"))
+    assert dmod.prenorm_foldable(delta, nvfp4)
