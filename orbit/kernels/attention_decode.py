@@ -38,15 +38,9 @@ SPLIT_BLOCK_N = 64  # key positions per step
 SPLIT_MAX = 16  # chunks per (sequence, KV head)
 SPLIT_TARGET_PROGRAMS_PER_SM = 2  # split until the grid has about this many programs per SM
 SPLIT_WARPS, SPLIT_STAGES = 4, 2
-# DecodeConfig.kv_preload of pick_decode's configs: each program loads its chunk's first K/V
-# block before the PDL wait. The cached positions before the new token's were written by
-# earlier steps; only the new position's row comes from the launch before this one (the
-# q/k norm + RoPE + cache write), so it is read after the wait and patched into the block.
-# The block's HBM latency then overlaps the previous kernel instead of following it. Same
-# bits. A module switch (bench_engine.py --knob orbit.kernels.attention_decode.KV_PRELOAD=
-# False,True). Off: no change measured (session 20, H100, Qwen3-1.7B INT4 batch 1, one
-# process: 763.0 / 763.3 tok/s off, 763.0 on), so the simpler kernel stays.
-KV_PRELOAD = False
+# (Loading each chunk's first K/V block before the PDL wait was built in session 19 and
+# removed in session 20: no change, 763.0 tok/s without and with it, H100, Qwen3-1.7B INT4
+# batch 1; docs/rollout.md.)
 
 
 @dataclass(frozen=True)
@@ -59,8 +53,6 @@ class DecodeConfig:
     warps: int = SPLIT_WARPS
     stages: int = SPLIT_STAGES
     prefetch: bool = False
-    # Load the chunk's first K/V block before the PDL wait (KV_PRELOAD; not with a DecodeRope)
-    kv_preload: bool = False
 
 
 def pick_splits(n_seq: int, kv_heads: int, max_context: int, sms: int,
@@ -87,16 +79,15 @@ def pick_decode(n_seq: int, kv_heads: int, max_context: int, sms: int) -> tuple[
     Fewer warps let more programs share an SM, and their loads are what keep HBM busy. The
     prefetch spills registers below 4 warps (10x slower there), so only the 4-warp case uses it."""
     pairs = n_seq * kv_heads
-    pre = KV_PRELOAD
     if pairs < 64:
         split = pick_splits(n_seq, kv_heads, max_context, sms, block_n=64)
         if split == triton.cdiv(max(max_context, 1), 64):  # one block per chunk
-            return split, DecodeConfig(64, 4, 2, kv_preload=pre)
-        cfg = DecodeConfig(32, 4, 2, prefetch=True, kv_preload=pre)
+            return split, DecodeConfig(64, 4, 2)
+        cfg = DecodeConfig(32, 4, 2, prefetch=True)
     elif pairs < 1024:
-        cfg = DecodeConfig(32, 2, 2, kv_preload=pre)
+        cfg = DecodeConfig(32, 2, 2)
     else:
-        cfg = DecodeConfig(32, 1, 2, kv_preload=pre)
+        cfg = DecodeConfig(32, 1, 2)
     return pick_splits(n_seq, kv_heads, max_context, sms, block_n=cfg.block_n), cfg
 
 
@@ -110,21 +101,16 @@ def _attn_decode_split_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
     PDL: tl.constexpr = False, ROPE: tl.constexpr = False, HAS_NORM: tl.constexpr = False,
-    KV_PRE: tl.constexpr = False, SP: tl.constexpr = 1,
+    SP: tl.constexpr = 1,
 ):
     # ROPE (the fold of orbit.kernels.rope.qk_norm_rope_kv): q_ptr holds the raw q, nk/nv_ptr
     # the new token's raw k and v [B, Hkv, D]. Every program normalises and rotates its query
     # rows itself; the program whose chunk holds the new position p0 normalises and rotates k,
     # stores k and v in the cache at p0 and then (barrier) reads them back with the rest.
-    # KV_PRE (DecodeConfig.kv_preload, never with ROPE): the chunk's first block, less the
-    # new position, is loaded before the PDL wait (start/slot are graph inputs and the older
-    # positions were written by earlier steps); the new position's row, which the launch
-    # before this one wrote, is loaded after it and put in its column.
+    pdl_enter(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    if not KV_PRE:
-        pdl_enter(PDL)
     p0 = tl.load(start_ptr + seq).to(tl.int64)  # the new token's position: it sees 0..p0
     # the slot's first element (in-kernel, not a torch multiply per layer: one launch fewer)
     kvb = tl.load(slot_ptr + seq).to(tl.int64) * stride_slot
@@ -133,15 +119,6 @@ def _attn_decode_split_kernel(
     h = kvh * GROUP + rows
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    k_base = k_ptr + kvb + kvh * stride_kh
-    v_base = v_ptr + kvb + kvh * stride_vh
-    lo = sp.to(tl.int64) * CHUNK * BLOCK_N
-    hi = tl.minimum(lo + CHUNK * BLOCK_N, p0 + 1)  # exclusive
-    if KV_PRE:
-        kpos0 = lo + tl.arange(0, BLOCK_N)
-        k0, v0 = load_kv_block(k_base, v_base, kpos0, kpos0 < tl.minimum(hi, p0), d, dmask,
-                               stride_kpos, stride_vpos, q_ptr.dtype.element_ty)
-        pdl_enter(PDL)
     if ROPE:  # (BLOCK_D == D: the launch requires a power-of-two head dim)
         cs = seq.to(tl.int64) * stride_ct
         if sp == p0 // (CHUNK * BLOCK_N):
@@ -162,17 +139,10 @@ def _attn_decode_split_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if KV_PRE:
-        # the new position's row (every chunk loads it: one 2 x D-element load, no branch;
-        # only the chunk that holds p0 puts it in a column), then the block as the loops do
-        krow = tl.load(k_base + p0 * stride_kpos + d, mask=dmask, other=0.0).to(q.dtype)
-        vrow = tl.load(v_base + p0 * stride_vpos + d, mask=dmask, other=0.0).to(q.dtype)
-        k0 = tl.where((kpos0 == p0)[None, :], krow[:, None], k0)
-        v0 = tl.where((kpos0 == p0)[:, None], vrow[None, :], v0)
-        if lo < hi:  # (an empty chunk runs no step, as in the loops)
-            m_i, l_i, acc = softmax_kv(q, k0, v0, (kpos0 < hi)[None, :], qk_scale, m_i, l_i,
-                                       acc, IEEE)
-        lo = lo + BLOCK_N
+    k_base = k_ptr + kvb + kvh * stride_kh
+    v_base = v_ptr + kvb + kvh * stride_vh
+    lo = sp.to(tl.int64) * CHUNK * BLOCK_N
+    hi = tl.minimum(lo + CHUNK * BLOCK_N, p0 + 1)  # exclusive
     if PREFETCH:
         # Each step issues the next block's K/V loads before its own arithmetic, so a program
         # always has a block in flight (without it every step waits a full memory latency).
@@ -302,7 +272,7 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
         GROUP=group, D=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=cfg.block_n,
         IEEE=q.dtype == torch.float32, DIRECT=split == 1, PREFETCH=cfg.prefetch,
         ROPE=rope is not None, HAS_NORM=rope is not None and rope.q_weight is not None,
-        KV_PRE=cfg.kv_preload and rope is None, SP=triton.next_power_of_2(split),
+        SP=triton.next_power_of_2(split),
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl_launch(q.device, B * hkv * split))
     return out
 

@@ -127,15 +127,10 @@ PDL_L2_PREFETCH = False
 # measured slower in the H100 engine (session 18, Qwen3-1.7B INT4 batch 1: 748.4 tok/s without,
 # 752.1 / 662.4 with 1 / 2 preloaded steps; docs/rollout.md).
 PDL_W_PRELOAD = 0
-# GemvConfig.s_words / s_prefetch of the heuristic plane configs: the group scales carried
-# by the K loop's cp.async pipeline as int32 words (symmetric INT4), or loaded one step
-# ahead in registers (plane_tile SW / SPRE; docs/rollout.md, "Why a small GEMV streams
-# slowly"). The same bits. Off: measured slower in the H100 engine (session 20, Qwen3-1.7B
-# INT4 batch 1, one process each: 762.3 / 763.2 tok/s off, 709.3 / 709.4 with the words;
-# 762.4 off, 752.6 with the register prefetch; docs/benchmarks.md). (A 2-step register
-# prefetch was tried and dropped: the sm_90 PTX then loaded the words without cp.async.)
-PLANES_S_WORDS = False
-PLANES_S_PREFETCH = False
+# (The group scales through the K loop's cp.async pipeline as int32 words, and a one-step
+# register prefetch of them, were built in session 19 and removed in session 20: slower in
+# the H100 engine, 762 -> 709 and 762 -> 753 tok/s at Qwen3-1.7B INT4 batch 1, and no change
+# in the isolated kernel's stall profile; docs/rollout.md, "Why a small GEMV streams slowly".)
 # NVFP4 in the heuristic plane configs: E2M1 decoded as fp32 bits (GemvConfig.e2m1 = 2), the
 # same output bits as the fp16 decode; measured (H100, 4096x12288, M = 1) 27.6 vs 30.4 us, M = 4
 # 72.3 vs 87.3 (docs/kernels.md, "Nibble decodes with fewer instructions"). A module switch so
@@ -180,13 +175,6 @@ class GemvConfig:
     # pdl.EARLY_RELEASE, while the kernels before it finish). pick_gemv_config sets it from
     # PDL_W_PRELOAD.
     w_preload: int = 0
-    # Nibble-plane kernel: load the next K step's group scales during this one (plane_tile
-    # SPRE). pick_gemv_config sets it from PLANES_S_PREFETCH.
-    s_prefetch: bool = False
-    # Nibble-plane kernel, symmetric INT4 with bf16 scales: the scales as int32 words, which
-    # the K loop's cp.async pipeline carries with the packed words (plane_tile SW; others
-    # ignore it). pick_gemv_config sets it from PLANES_S_WORDS.
-    s_words: bool = False
 
 
 @cache
@@ -243,8 +231,6 @@ def pick_gemv_config(m: int, n: int, k: int, fmt: str, sms: int = DEFAULT_NUM_SM
     return GemvConfig(block_n=block_n, block_k=block_k, split=split, warps=warps,
                       stages=GEMV_STAGES, planes=planes, defer=one, x_prefetch=one,
                       l2_prefetch=PDL_L2_PREFETCH, w_preload=PDL_W_PRELOAD if planes else 0,
-                      s_prefetch=PLANES_S_PREFETCH and planes,
-                      s_words=PLANES_S_WORDS and planes,
                       e2m1=2 if NVFP4_FP32_DECODE and fmt == "nvfp4" else 0)
 
 
@@ -683,24 +669,6 @@ def _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k0, n_groups, FMT: tl.
 
 
 @triton.jit
-def _plane_scale_words(s_ptr, offs_n, row_ok, stride_s, k0, n_groups, GROUP: tl.constexpr,
-                       NG: tl.constexpr, BN: tl.constexpr):
-    """bf16 group scales of the step at k0 as float32 [BN, NG], loaded as int32 words (two
-    groups each, little-endian: the even group in the low half). 4-byte loads, which the K
-    loop's cp.async pipeline can take with the packed words (2-byte loads it cannot); bf16 ->
-    fp32 is the 16-bit shift, exact. Needs an even NG, an even row stride and a 4-byte-
-    aligned base (the launch checks)."""
-    NW: tl.constexpr = NG // 2
-    gw = k0 // GROUP // 2 + tl.arange(0, NW)
-    ok = row_ok[:, None] & ((gw * 2) < n_groups)[None, :]
-    w = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_s // 2)
-                + gw[None, :], mask=ok, other=0)
-    lo = (w << 16).to(tl.float32, bitcast=True)
-    hi = (w & -65536).to(tl.float32, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), (BN, NG))
-
-
-@triton.jit
 def _plane_products(words, x_cur, CODE: tl.constexpr, HAS_OFFSET: tl.constexpr,
                     MP: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, WG: tl.constexpr,
                     DEFER: tl.constexpr, ASM: tl.constexpr):
@@ -756,8 +724,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                         SHRINK: tl.constexpr = False, SBK: tl.constexpr = 16,
                         PAIR: tl.constexpr = False, NORM: tl.constexpr = False,
                         NB: tl.constexpr = 16, WPRE: tl.constexpr = 0,
-                        PRENORM: tl.constexpr = False, SPRE: tl.constexpr = False,
-                        SW: tl.constexpr = False):
+                        PRENORM: tl.constexpr = False):
     # Same contract as _gemv_kernel for 4-bit codes packed 8 to an int32 word (int4 as stored;
     # FP4 bytes viewed as int32: little-endian, so nibble i of word j is column 8j + i either
     # way). Instead of building the [BN, BK] weight tile (join tree, group-scale reshape, bf16
@@ -809,7 +776,7 @@ def _gemv_planes_kernel(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_p
                      k_lo, k_hi, offs_n, row_ok, r_ptr, nw_ptr, ns_ptr, nx_ptr, ncnt_ptr, NT,
                      eps, FMT, CODE, GROUP, HAS_OFFSET, MP, BN, NG, STAGES, FIXUP, DEFER, ASM,
                      XPRE, LORA, LRP, SHRINK, PAIR, NORM, NB, w0, s0, o0, w1, s1, o1, WPRE,
-                     inv, PRENORM, SPRE, SW)
+                     inv, PRENORM)
 
 
 @triton.jit
@@ -824,17 +791,15 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
                  LORA: tl.constexpr, LRP: tl.constexpr, SHRINK: tl.constexpr,
                  PAIR: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr, w0=0, s0=0.0,
                  o0=0.0, w1=0, s1=0.0, o1=0.0, WPRE: tl.constexpr = 0, inv=0.0,
-                 PRENORM: tl.constexpr = False, SPRE: tl.constexpr = False,
-                 SW: tl.constexpr = False):
+                 PRENORM: tl.constexpr = False):
     """The column-tile program of _gemv_planes_kernel (after the PDL wait). WPRE (0..2): the
     first WPRE steps' plane_loads were made by the caller, before its PDL wait (w0, s0, o0
     and w1, s1, o1; a step past k_hi loaded nothing: its words are masked to 0). PRENORM:
     x_ptr is a delta and x = rmsnorm(x + r_ptr) * nw_ptr, with inv from the caller
     (orbit/kernels/norm_prologue.py). The group scales are 2-byte loads (1-byte for FP4),
-    too small for the cp.async pipeline that carries the words, so each step waits on its own
-    scales within its iteration. SW (GemvConfig.s_words; symmetric INT4, bf16 scales) loads
-    them as int32 words instead, which the pipeline takes (_plane_scale_words); SPRE
-    (GemvConfig.s_prefetch) loads the next step's in registers, as XPRE does for x."""
+    too small for the cp.async pipeline that carries the words, so each step loads its own
+    scales within its iteration (carrying them in the pipeline as int32 words, or one step
+    ahead in registers, measured slower: docs/rollout.md)."""
     WG: tl.constexpr = GROUP // 8
     BK: tl.constexpr = NG * GROUP
     am = tl.arange(0, MP)
@@ -863,17 +828,10 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
             cx, xs = _plane_products(w1, x_cur, CODE, HAS_OFFSET, MP, BN, NG, WG, DEFER, ASM)
             acc, acc4 = _plane_accumulate(cx, xs, s1, o1, acc, acc4, HAS_OFFSET, DEFER)
         k_start = k0 + BK
-    if SPRE and not SW:  # the first loop step's scales; each step then loads the next one's
-        sc_a, off_a = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k_start, n_groups,
-                                    FMT, CODE, GROUP, HAS_OFFSET, NG)
     for k0 in tl.range(k_start, k_hi, BK, num_stages=STAGES):
         # (in the order of the loop before the preload existed: words, x, products, then the
         # scales, so that without a preload the kernel is the one measured)
         words = _plane_words(q_ptr, offs_n, row_ok, stride_q, k0, k_hi, GROUP, NG, WG)
-        if SPRE and not SW:
-            sc, off = sc_a, off_a
-            sc_a, off_a = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k0 + BK,
-                                        n_groups, FMT, CODE, GROUP, HAS_OFFSET, NG)
         if XPRE:
             x_cur = x_nxt
             x_nxt = _x_planes(x_ptr, k0 + BK, k_hi, stride_xm, M, GROUP, NG, WG, MP,
@@ -882,12 +840,8 @@ def plane_tile(x_ptr, out_ptr, q_ptr, s_ptr, o_ptr, g_ptr, y_ptr, cnt_ptr, M, N,
             x_cur = _x_planes(x_ptr, k0, k_hi, stride_xm, M, GROUP, NG, WG, MP, r_ptr,
                               nw_ptr, inv, PRENORM)
         cx, xs = _plane_products(words, x_cur, CODE, HAS_OFFSET, MP, BN, NG, WG, DEFER, ASM)
-        if SW:  # (symmetric INT4 with bf16 scales: the launch checks)
-            sc = _plane_scale_words(s_ptr, offs_n, row_ok, stride_s, k0, n_groups, GROUP, NG, BN)
-            off = sc
-        elif not SPRE:
-            sc, off = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k0, n_groups, FMT,
-                                    CODE, GROUP, HAS_OFFSET, NG)
+        sc, off = _plane_scales(s_ptr, o_ptr, offs_n, row_ok, stride_s, k0, n_groups, FMT, CODE,
+                                GROUP, HAS_OFFSET, NG)
         acc, acc4 = _plane_accumulate(cx, xs, sc, off, acc, acc4, HAS_OFFSET, DEFER)
     if DEFER:
         acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
@@ -989,16 +943,6 @@ def lora_launch(lora: LoRAEpilogue | None, x: Tensor, y: Tensor, grid: tuple, sp
     return args, const, grid
 
 
-def _scale_words_fit(fmt: str, offset: Tensor | None, s: Tensor, k: int, group: int,
-                     block_k: int) -> bool:
-    """Whether the plane kernel can load these scales as int32 words (_plane_scale_words):
-    symmetric INT4 with bf16 scales, unit column stride, an even row stride, a 4-byte-aligned
-    base, and an even number of groups per row and per step."""
-    return (fmt == "int4" and offset is None and s.dtype == torch.bfloat16 and s.dim() == 2
-            and s.stride(1) == 1 and s.stride(0) % 2 == 0 and s.data_ptr() % 4 == 0
-            and (k // group) % 2 == 0 and (block_k // group) % 2 == 0)
-
-
 def _as_words(q: Tensor) -> Tensor | None:
     """A packed 4-bit weight as int32 words [out, in/8] (FP4 bytes are reinterpreted, not
     copied), or None where the bytes cannot be viewed so (odd strides or offset)."""
@@ -1076,9 +1020,7 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
             FMT=FMT_IDS[fmt], CODE=code, GROUP=group, HAS_OFFSET=offset is not None, MP=mp,
             BN=cfg.block_n, NG=block_k // group, STAGES=cfg.stages, FIXUP=fixup,
             DEFER=cfg.defer, ASM=x.is_cuda, XPRE=cfg.x_prefetch, L2PRE=cfg.l2_prefetch,
-            PAIR=swiglu, WPRE=cfg.w_preload, SPRE=bool(cfg.s_prefetch),
-            SW=cfg.s_words and _scale_words_fit(fmt, offset, s, k, group, block_k),
-            num_warps=cfg.warps, **lconst, **nconst, **pdl)
+            PAIR=swiglu, WPRE=cfg.w_preload, num_warps=cfg.warps, **lconst, **nconst, **pdl)
     else:
         _gemv_kernel[grid](
             x, out, q, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,

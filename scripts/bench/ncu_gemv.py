@@ -3,15 +3,15 @@
     ncu --clock-control none --kernel-name regex:_gemv_planes --launch-skip 2 \
         --launch-count 2 --section SpeedOfLight --section WarpStateStats \
         python3 scripts/bench/ncu_gemv.py [--shape 4096x12288] [--fmt int4] [--m 1] \
-        [--variants auto,x_prefetch]
+        [--variants auto,l2_prefetch]
 
 Launch i of config c is number 3c + i, so skip 2 / count 2 profiles the third launch of the
 first config (warm) and the first of the second (with --launch-skip-before-match 0 and count
 3 per variant, every launch). Variants: `auto` is the shipped heuristic's config; any other
-name is a boolean GemvConfig field (x_prefetch, s_prefetch, s_words, ...) set to True on it,
+name is a boolean GemvConfig field (x_prefetch, defer, pdl, ...) set to True on it,
 so that the stall reasons of two K-loop forms can be read side by side:
 
-    bash scripts/bench/ncu_gemv_stalls.sh 2048x4096 auto,s_words   # (--summarize its CSV)
+    bash scripts/bench/ncu_gemv_stalls.sh 2048x4096 auto,l2_prefetch   # (--summarize its CSV)
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> int:
     ap.add_argument("--shape", default="4096x12288", help="in x out")
     ap.add_argument("--fmt", default="int4", choices=("int4", "nvfp4"))
     ap.add_argument("--m", type=int, default=1, help="activation rows")
-    ap.add_argument("--variants", default="auto,x_prefetch", help="comma list, see above")
+    ap.add_argument("--variants", default="auto,l2_prefetch", help="comma list, see above")
     args = ap.parse_args()
     if args.summarize:
         summarize(args.summarize, args.variants.split(","))

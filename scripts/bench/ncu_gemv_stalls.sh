@@ -3,10 +3,10 @@
 # each variant's 3 launches (scripts/bench/ncu_gemv.py), then the summary table. On the
 # device, from the repository root:
 #     bash scripts/bench/ncu_gemv_stalls.sh SHAPE VARIANTS [FMT] [M]
-#     bash scripts/bench/ncu_gemv_stalls.sh 2048x4096 auto,s_words,s_prefetch int4 1
+#     bash scripts/bench/ncu_gemv_stalls.sh 2048x4096 auto,l2_prefetch int4 1
 # The CSV goes to $OUT (or /tmp) as ncu_gemv_SHAPE_FMT_mM.csv.
 set -euo pipefail
-SHAPE="${1:?shape, e.g. 2048x4096}"; VARIANTS="${2:-auto,x_prefetch}"; FMT="${3:-int4}"; M="${4:-1}"
+SHAPE="${1:?shape, e.g. 2048x4096}"; VARIANTS="${2:-auto,l2_prefetch}"; FMT="${3:-int4}"; M="${4:-1}"
 NCU="${NCU:-/usr/local/cuda/bin/ncu}"
 CSV="${OUT:-/tmp}/ncu_gemv_${SHAPE}_${FMT}_m${M}.csv"
 METRICS="gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed"

@@ -115,23 +115,3 @@ def test_engine_fold_rope_matches_the_separate_launch(fmt: str) -> None:
         if n:
             d = max(abs(x - y) for x, y in zip(a.logprobs[:n], b.logprobs[:n]))
             assert d < 2e-2, d
-
-
-@pytest.mark.parametrize("batch", [1, 4])
-def test_engine_kv_preload_gives_the_same_bits(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """attention_decode.KV_PRELOAD: every chunk's first K/V block loaded before the PDL wait,
-    the new position's row after it. Against the plain launch, same run, graphs and PDL on:
-    the same tokens and log-probs bit for bit (the blocks hold the same values), so the
-    preloaded block never held a stale new-position row."""
-    from gpu_models import bits, mixed_prompts, run_engine, small_qwen3
-
-    from orbit.kernels import attention_decode
-    from orbit.rollout.types import SamplingParams
-
-    model = small_qwen3("int4")
-    sp = SamplingParams(temperature=1.0, max_new_tokens=40, seed=5, ignore_eos=True)
-    prompts = mixed_prompts(11)
-    _, off = run_engine(model, prompts, sp, batch)
-    monkeypatch.setattr(attention_decode, "KV_PRELOAD", True)
-    _, on = run_engine(model, prompts, sp, batch)
-    assert bits(on) == bits(off)

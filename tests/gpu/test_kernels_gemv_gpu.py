@@ -309,24 +309,3 @@ def test_pdl_chain_in_graph_matches_plain_launches(fmt: str, kw: dict, wpre: int
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, plain)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("switch", ["PLANES_S_WORDS", "PLANES_S_PREFETCH"])
-def test_engine_scale_load_switches_give_the_same_bits(switch: str,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """gemv.PLANES_S_WORDS (scales through the cp.async pipeline as int32 words) and
-    gemv.PLANES_S_PREFETCH (the next step's scales in registers): an INT4 engine at batch 1,
-    graphs and PDL on, samples the same tokens and log-probs bit for bit."""
-    from gpu_models import bits, mixed_prompts, run_engine, small_qwen3
-
-    from orbit.kernels import gemv as gemv_mod
-    from orbit.rollout.types import SamplingParams
-
-    model = small_qwen3("int4")
-    sp = SamplingParams(temperature=1.0, max_new_tokens=32, seed=7, ignore_eos=True)
-    prompts = mixed_prompts(13)
-    _, off = run_engine(model, prompts, sp, 1)
-    monkeypatch.setattr(gemv_mod, switch, True)
-    _, on = run_engine(model, prompts, sp, 1)
-    assert bits(on) == bits(off)

@@ -94,10 +94,10 @@ def test_gemv_stall_summary_per_variant(tmp_path: Path, capsys: pytest.CaptureFi
                   _row(i, "_gemv_planes_kernel", stall.format("wait"), "", "2.5" if i < 3 else "20.0")]
     p = tmp_path / "ncu.csv"
     p.write_text("\n".join(lines) + "\n")
-    mod.summarize(str(p), ["auto", "s_words"])
+    mod.summarize(str(p), ["auto", "x_prefetch"])
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 6
     assert out[0].split()[:4] == ["auto", "#0", "4.00", "us"]
     assert out[0].endswith("cycles/issue   12.5: long_scoreboard 10.0, wait 2.5")
-    assert out[5].split()[:4] == ["s_words", "#2", "5.50", "us"]
+    assert out[5].split()[:4] == ["x_prefetch", "#2", "5.50", "us"]
     assert out[5].endswith("cycles/issue   30.0: wait 20.0, long_scoreboard 10.0")
