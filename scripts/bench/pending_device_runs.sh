@@ -2,12 +2,13 @@
 # The measurements queued for the next device call (docs/benchmarks.md, session 20), in
 # priority order, as one call of the device tool from the repository root:
 #     bash scripts/bench/pending_device_runs.sh
-# The timeouts keep the whole batch under the device tool's 600 s per call.
+# The timeouts keep the whole batch under the device tool's 600 s per call. First the GPU
+# tests of the kernels edited after the last device call (session 20's removals).
 set -uo pipefail
 B="python3 scripts/bench/bench_engine.py --sections roofline --attn-backend triton"
 F="grep -E '^roofline|rror' | tail -12"
 bash scripts/gpu_run.sh \
-  "cmd:timeout 200 python3 -m pytest tests/gpu/test_norm_prologue_gpu.py tests/gpu/test_attention_decode_gpu.py tests/gpu/test_kernels_gemv_gpu.py -m gpu -q -x -p no:cacheprovider 2>&1 | tail -4" \
+  "cmd:timeout 240 python3 -m pytest tests/gpu/test_attention_decode_gpu.py tests/gpu/test_norm_prologue_gpu.py tests/gpu/test_kernels_gemv_gpu.py -m gpu -q -x -p no:cacheprovider -k 'decode or engine or fixup or deferred' 2>&1 | tail -4" \
   "cmd:timeout 60 $B --fold-norm off,prologue,off,prologue 2>&1 | $F" \
   "cmd:timeout 90 python3 scripts/bench/bench_engine.py --sections formats --formats int4,nvfp4,fp8 --batches 1 --attn-backend triton 2>&1 | grep -E 'tok/s|rror' | tail -6" \
   "cmd:timeout 80 bash scripts/bench/ncu_gemv_stalls.sh 6144x2048 auto,l2_prefetch 2>&1 | tail -8" \
