@@ -340,11 +340,22 @@ def _gemv(x, qw, config=None):
     return gemv(x, qw.fmt, qw.shape, q, s, t.get("offset"), gs, grp, y, config)
 
 
+def keep_paths(plan: list[tuple[str, object]], patterns: tuple[str, ...]) -> list:
+    """The (path, config) entries whose path matches one of the fnmatch `patterns`."""
+    from fnmatch import fnmatchcase
+
+    return [(p, c) for p, c in plan if any(fnmatchcase(p, pat.strip()) for pat in patterns)]
+
+
 def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = None,
                 ms_: tuple = (1, 4, 16), alt_list: list | None = None,
                 swap: bool = False, formats: tuple = ("int4", "fp8", "nvfp4"),
-                decodes: bool = False, pairs: bool = False, regfed: bool = False) -> list[dict]:
-    """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run."""
+                decodes: bool = False, pairs: bool = False, regfed: bool = False,
+                paths: tuple[str, ...] = ("*",)) -> list[dict]:
+    """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run; only the
+    paths whose names match one of the `paths` patterns (fnmatch: "gemv", "gemv-pdl*") are
+    timed (cuBLAS always is: it is every row's baseline)."""
+
     from orbit.kernels.gemv import FP8_GEMV_MAX_M, GemvConfig, num_sms, pick_gemv_config
     from orbit.kernels.gemv_fp8 import Fp8GemvConfig, pick_fp8_gemv_config
 
@@ -423,6 +434,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                                                      x_prefetch=len(eb) > 1 and eb[1]))
                              for bn, bk, sp, w, st, pl, *eb in alt_list
                              if not (eb and eb[0] > 0 and fmt != "nvfp4")]
+                plan = keep_paths(plan, paths)
                 for path, cfg in plan:
                     if path == "fused-dot":
                         fns = [lambda q=q: _fused(x, q) for q in qws]
@@ -542,6 +554,10 @@ def main() -> None:
     ap.add_argument("--gemv-shapes", default="", help="with --gemv: only these in x out, e.g. 4096x12288")
     ap.add_argument("--gemv-m", default="1,4,16", help="with --gemv: these M")
     ap.add_argument("--gemv-formats", default="int4,fp8,nvfp4", help="with --gemv: these formats")
+    ap.add_argument("--gemv-paths", default="*",
+                    help="with --gemv: time only the paths matching these comma-separated "
+                         "fnmatch patterns (e.g. 'gemv,fused-dot' or 'gemv-pdl*'), so that a "
+                         "short device call reaches every shape")
     ap.add_argument("--gemv-deep", action="store_true",
                     help="with --gemv-sweep: the deeper-step alternatives GEMV_ALTS_DEEP")
     ap.add_argument("--gemv-small", action="store_true",
@@ -609,7 +625,8 @@ def main() -> None:
                                   GEMV_ALTS_WIDE if args.gemv_wide else
                                   GEMV_ALTS_DEEP if args.gemv_deep else None, args.gemv_swap,
                                   tuple(args.gemv_formats.split(",")), args.gemv_decodes,
-                                  args.gemv_pairs, args.gemv_regfed)
+                                  args.gemv_pairs, args.gemv_regfed,
+                                  tuple(args.gemv_paths.split(",")))
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")
