@@ -111,16 +111,23 @@ def weight_tiles_in_smem(name: str, consts: dict, warps: int) -> int:
     return len(smem_allocs(ttgir, consts["BM"], consts["BR"])[1])
 
 
-def sass_histogram(name: str, consts: dict, warps: int) -> tuple[int, list[tuple[str, int]]]:
-    """(instruction count, opcodes by frequency) of KERNELS[name] compiled for sm_90."""
-    c = _compile(name, consts, warps)
+def disassemble(cubin: bytes) -> str:
+    """The SASS text of a cubin, by the cuobjdump that ships with Triton."""
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(c.asm["cubin"])
+        f.write(cubin)
         f.flush()
-        sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True,
+        return subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True,
                               check=True).stdout
-    ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.MULTILINE)
+
+
+# one SASS instruction line: its address and opcode (after an optional predicate)
+SASS_OP = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", re.MULTILINE)
+
+
+def sass_histogram(name: str, consts: dict, warps: int) -> tuple[int, list[tuple[str, int]]]:
+    """(instruction count, opcodes by frequency) of KERNELS[name] compiled for sm_90."""
+    ops = [op for _, op in SASS_OP.findall(disassemble(_compile(name, consts, warps).asm["cubin"]))]
     return len(ops), collections.Counter(ops).most_common()
 
 
