@@ -172,12 +172,12 @@ class Engine:
     but measured slower (H200, Qwen3-1.7B INT4 batch 1: 788 vs 818 tok/s, same run), so off
     by default; kept for the next kernel version. The query norm's sum runs in the attention
     tile's layout, so a value may differ in its last bit from the separate launch's.
-    fold_norm: the residual add + RMSNorm after o_proj and down_proj inside that GEMV's launch
-    where it is the quantized decode GEMV (AttnBatch.fold_norm, orbit/kernels/norm_epilogue.py):
-    two launches per layer fewer at decode batch sizes, the same row arithmetic. Measured
-    slower with PDL (H100, Qwen3-1.7B batch 1, same run: INT4 724 vs 752 tok/s, FP8 483 vs
-    645, NVFP4 575 vs 578), so off by default; kept for GPUs and kernels where it pays.
-    True is "epilogue"; "prologue" instead defers each add into the next GEMV that reads the
+    fold_norm: where each residual add + RMSNorm of a decode step runs. False: separate
+    launches. True or "epilogue": inside the o_proj / down_proj decode GEMV before it
+    (AttnBatch.fold_norm, orbit/kernels/norm_epilogue.py), two launches per layer fewer, the
+    same row arithmetic; measured slower with PDL (H100, Qwen3-1.7B batch 1, same run: INT4
+    724 vs 752 tok/s, FP8 483 vs 645, NVFP4 575 vs 578), kept for GPUs and kernels where it
+    pays. "prologue" (the default) instead defers each add into the next GEMV that reads the
     normed row (the stacked q/k/v, and gate/up + SwiGLU: AttnBatch.fold_norm,
     orbit/kernels/norm_prologue.py), whose programs each do the add + norm before their K
     loop: no serial tail; the same bits. The default, for the formats where it measured
