@@ -495,6 +495,16 @@ def _lora_d(offs_n, rows, M, N, h_ptr, b0, b1, b2, LN0, LN1, LR, lscale, stride_
 PLANE_CODES = {("int4", False): 0, ("int4", True): 1, "nvfp4": 2, "mxfp4": 2}
 
 
+def plane_code(fmt: str, asym: bool, e2m1: int) -> int:
+    """The plane kernel's CODE for `fmt` (int4 symmetric or with offsets) and
+    GemvConfig.e2m1: FP4 takes 3 (fp32 bits + select) or, for NVFP4 with e2m1 = 2, 4 (the
+    2^-126-scaled fp32 bits) in place of 2 (fp16 bits)."""
+    code = PLANE_CODES[(fmt, asym)] if fmt == "int4" else PLANE_CODES[fmt]
+    if code == 2 and e2m1:
+        code = 4 if e2m1 == 2 and fmt == "nvfp4" else 3
+    return code
+
+
 @triton.jit
 def _plane_values(words, I: tl.constexpr, CODE: tl.constexpr):
     """Nibble I of every int32 word as float32, before the group scale. Int codes: the 2^23
@@ -1011,9 +1021,7 @@ def gemv(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     gs = global_scale if global_scale is not None else s
     largs, lconst, grid = lora_launch(lora, x, y, grid, split, in_kernel=words is not None, n=n)
     if words is not None:
-        code = PLANE_CODES[(fmt, offset is not None)] if fmt == "int4" else PLANE_CODES[fmt]
-        if code == 2 and cfg.e2m1:
-            code = 4 if cfg.e2m1 == 2 and fmt == "nvfp4" else 3
+        code = plane_code(fmt, offset is not None, cfg.e2m1)
         _gemv_planes_kernel[grid](
             x, out, words, s, o, gs, y, cnt, m, n, k, k_per, split, x.stride(0), stride_om,
             stride_os, words.stride(0), s.stride(0), y.stride(0), *largs, n // 2, *nargs,

@@ -39,7 +39,6 @@ from orbit.kernels import gemv as gemv_mod
 from orbit.kernels._qgemm import FMT_IDS
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.gemv import (
-    PLANE_CODES,
     PLANE_FORMATS,
     GemvConfig,
     _as_words,
@@ -47,6 +46,7 @@ from orbit.kernels.gemv import (
     gemv,
     num_sms,
     pick_gemv_config,
+    plane_code,
     plane_tile,
     preload_steps,
     split_k_launch,
@@ -469,9 +469,7 @@ def mlp_chain(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,
     # barrier, so phase B reuses them).
     cnt = arrival_counters(x.device, max(grid1[0], grid2[0]))
     fmt = gate_up.fmt
-    code = PLANE_CODES[(fmt, o1 is not None)] if fmt == "int4" else PLANE_CODES[fmt]
-    if code == 2 and c1.e2m1:
-        code = 4 if c1.e2m1 == 2 and fmt == "nvfp4" else 3
+    code = plane_code(fmt, o1 is not None, c1.e2m1)
     fused = cfg.fused and x.is_cuda
     prefetch = cfg.prefetch if (x.is_cuda and k1 % 32 == 0 and k2 % 32 == 0
                                 and all(q.data_ptr() % 16 == 0 and (q.stride(0) * 4) % 16 == 0
