@@ -76,16 +76,21 @@ def launches(path: str) -> list[dict[str, str]]:
     return [per[i] for i in sorted(per)]
 
 
+def duration_us(k: dict[str, str]) -> float:
+    """A `launches` entry's gpu__time_duration.sum in microseconds, from any of ncu's units
+    (nanoseconds when it names none)."""
+    ns = number(k.get("gpu__time_duration.sum", "0"))
+    return ns * {"usecond": 1e3, "msecond": 1e6}.get(k.get("gpu__time_duration.sum unit"), 1) / 1e3
+
+
 def _kernels(path: str) -> list[dict]:
     """One dict per profiled launch: name, grid, us, bytes (DRAM read), regs."""
     out = []
     for k in launches(path):
-        ns = number(k.get("gpu__time_duration.sum", "0"))
-        ns *= {"usecond": 1e3, "msecond": 1e6}.get(k.get("gpu__time_duration.sum unit"), 1)
         b = number(k.get("dram__bytes_read.sum", "0"))
         b *= {"Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(k.get("dram__bytes_read.sum unit"), 1)
         out.append({"name": k["name"][:80], "grid": number(k.get("launch__grid_size", "0")),
-                    "us": ns / 1e3, "bytes": b,
+                    "us": duration_us(k), "bytes": b,
                     "regs": number(k.get("launch__registers_per_thread", "0"))})
     return out
 

@@ -28,7 +28,7 @@ from orbit.kernels.gemv import GemvConfig, gemv, num_sms, pick_gemv_config
 from orbit.kernels.random_weights import random_qweight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ncu_decode import launches, number
+from ncu_decode import duration_us, launches, number
 
 STALL = "smsp__average_warps_issue_stalled_"
 
@@ -52,9 +52,7 @@ def summarize(path: str, variants: list[str], top: int = 6) -> None:
     ks = launches(path)
     for i, k in enumerate(ks):
         name = variants[i // 3] if i // 3 < len(variants) else "?"
-        us = number(k.get("gpu__time_duration.sum", "0"))
-        us /= {"nsecond": 1e3, "usecond": 1.0, "msecond": 1e-3}.get(
-            k.get("gpu__time_duration.sum unit", "nsecond"), 1e3)
+        us = duration_us(k)
         stalls = sorted(((number(v), m[len(STALL):].split("_per_issue")[0]) for m, v in k.items()
                          if m.startswith(STALL) and not m.endswith(" unit")), reverse=True)
         total = sum(v for v, _ in stalls)
