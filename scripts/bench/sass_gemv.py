@@ -19,20 +19,17 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import inspect
 import sys
 from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sass_qmm import SASS_OP, disassemble
+from sm90_compile import SASS_OP, compile_sm90, disassemble
 
 from orbit.kernels._qgemm import FMT_IDS
-from orbit.kernels.gemv import PLANE_CODES, GemvConfig, _gemv_planes_kernel, pick_gemv_config
+from orbit.kernels.gemv import GemvConfig, _gemv_planes_kernel, pick_gemv_config, plane_code
 
 # what the JIT's specialization gives a real launch: these integer arguments are multiples
 # of 16 at the Qwen3 / SmolLM2 shapes, and every pointer is 16-byte aligned
@@ -47,27 +44,15 @@ def compile_planes(fmt: str, cfg: GemvConfig, m: int = 1) -> triton.compiler.Com
     """_gemv_planes_kernel for sm_90 in the form `gemv()` launches for `fmt` and `cfg` at M = m
     (with PDL and the inline-asm decode, as on the device)."""
     fn = _gemv_planes_kernel
-    code = PLANE_CODES[(fmt, False)] if fmt == "int4" else PLANE_CODES[fmt]
-    if code == 2 and cfg.e2m1:
-        code = 4 if cfg.e2m1 == 2 and fmt == "nvfp4" else 3
-    consts = {"FMT": FMT_IDS[fmt], "CODE": code, "GROUP": GROUPS[fmt], "HAS_OFFSET": False,
+    consts = {"FMT": FMT_IDS[fmt], "CODE": plane_code(fmt, False, cfg.e2m1), "GROUP": GROUPS[fmt], "HAS_OFFSET": False,
               "MP": triton.next_power_of_2(m), "BN": cfg.block_n,
               "NG": cfg.block_k // GROUPS[fmt], "STAGES": cfg.stages, "FIXUP": cfg.split > 1,
               "DEFER": cfg.defer, "ASM": True, "XPRE": cfg.x_prefetch, "PDL": 1,
               "L2PRE": cfg.l2_prefetch, "WPRE": cfg.w_preload}
-    for name, prm in inspect.signature(fn.fn).parameters.items():
-        if prm.default is not inspect.Parameter.empty:
-            consts.setdefault(name, prm.default)
     types = dict(TYPES)
     if fmt != "int4":
         types["s_ptr"] = "*fp8e4nv" if fmt == "nvfp4" else "*u8"
-    sig = {n: "constexpr" if n in consts else types.get(n, "*bf16" if n.endswith("_ptr") else "i32")
-           for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if n not in consts and (n.endswith("_ptr") or n in DIVISIBLE)}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": cfg.warps, "num_stages": cfg.stages})
+    return compile_sm90(fn, consts, types, cfg.warps, cfg.stages, DIVISIBLE)
 
 
 def loop_budget(sass: str) -> tuple[int, collections.Counter, int]:

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import triton
@@ -27,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from orbit.kernels.fp4 import nvfp4_tile
 from orbit.kernels.int4 import int4_tile
 from orbit.kernels.plane_dot import plane_pair_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sm90_compile import SASS_OP, disassemble
 
 
 @triton.jit
@@ -109,20 +110,6 @@ def weight_tiles_in_smem(name: str, consts: dict, warps: int) -> int:
     weights reach the MMAs from registers only."""
     ttgir = _compile(name, consts, warps).asm["ttgir"]
     return len(smem_allocs(ttgir, consts["BM"], consts["BR"])[1])
-
-
-def disassemble(cubin: bytes) -> str:
-    """The SASS text of a cubin, by the cuobjdump that ships with Triton."""
-    cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-
-
-# one SASS instruction line: its address and opcode (after an optional predicate)
-SASS_OP = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", re.MULTILINE)
 
 
 def sass_histogram(name: str, consts: dict, warps: int) -> tuple[int, list[tuple[str, int]]]:
