@@ -3,21 +3,14 @@ keeps (fnmatch patterns over the path names; the default keeps every path)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from bench_scripts import load_bench
 
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "scripts/bench"))
-    spec = importlib.util.spec_from_file_location("bench_qmm", ROOT / "scripts/bench/bench_qmm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("bench_qmm")
     return mod
 
 

@@ -4,12 +4,11 @@ any of ncu's units, the log's leading ==PROF== lines and extra columns skipped."
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
-ROOT = Path(__file__).resolve().parents[2]
 HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
           '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
           '"Metric Value","Estimated Speedup"')
@@ -38,9 +37,7 @@ def _log(tmp_path: Path) -> Path:
 
 
 def test_summary_groups_kernels_per_step(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    spec = importlib.util.spec_from_file_location("ncu_decode", ROOT / "scripts/bench/ncu_decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("ncu_decode")
     mod.summarize(str(_log(tmp_path)), steps=2)
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("4 kernels, 8.0 us in all = 4.0 us per step")
@@ -56,9 +53,7 @@ def test_fit_of_fixed_cost_over_launch_shapes(tmp_path: Path,
     """Two GEMV shapes (2 MB in 3 us, 6 MB in 5 us, the first launched twice as often) lie on
     us = 2 + 0.5 * MB: 2 us fixed, 2000 GB/s once streaming; the attention kernel is left out
     of the fit."""
-    spec = importlib.util.spec_from_file_location("ncu_decode", ROOT / "scripts/bench/ncu_decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("ncu_decode")
     lines = [HEADER]
     for i, (name, us, mb) in enumerate([("_gemv_planes_kernel", "3.00", "2.00"),
                                         ("_gemv_planes_kernel", "3.00", "2.00"),
@@ -80,11 +75,7 @@ def test_fit_of_fixed_cost_over_launch_shapes(tmp_path: Path,
 def test_gemv_stall_summary_per_variant(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """scripts/bench/ncu_gemv.py --summarize: 3 launches per variant, in launch order; the
     stall reasons sorted by warp-cycles per issue, their sum as cycles/issue."""
-    import sys
-    sys.path.insert(0, str(ROOT / "scripts/bench"))
-    spec = importlib.util.spec_from_file_location("ncu_gemv", ROOT / "scripts/bench/ncu_gemv.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("ncu_gemv")
     stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
     lines = [HEADER]
     for i in range(6):

@@ -6,20 +6,17 @@ checks its values."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 triton = pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 def _sass_module():
-    spec = importlib.util.spec_from_file_location("sass_qmm", ROOT / "scripts/bench/sass_qmm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("sass_qmm")
     return mod
 
 

@@ -8,14 +8,13 @@ stage, no weight tile in shared memory (orbit/kernels/plane_dot.py, "Register-fe
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 triton = pytest.importorskip("triton")
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not (BIN / "ptxas").exists(), reason="this Triton ships no ptxas")
 
 # pointer arguments and their element types (the others are i32, lscale fp32)
@@ -66,9 +65,7 @@ def test_every_format_compiles_for_sm90(fmt: int) -> None:
 @pytest.mark.parametrize(("fmt", "pasm"), [(0, True), (0, False), (3, True), (3, False),
                                            (4, False)])
 def test_register_fed_pairs_keep_weights_out_of_shared_memory(fmt: int, pasm: bool) -> None:
-    spec = importlib.util.spec_from_file_location("sass_qmm", ROOT / "scripts/bench/sass_qmm.py")
-    sass = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sass)
+    sass = load_bench("sass_qmm")
     for bm, bo, br, swap, split in [(16, 128, 128, True, 4), (16, 64, 256, False, 2),
                                     (64, 64, 128, True, 1)]:
         ttgir = _compile(fmt, bm, bo, br, 1, 3, swap=swap, split=split, pasm=pasm).asm["ttgir"]

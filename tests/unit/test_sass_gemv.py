@@ -6,25 +6,17 @@ word into the deferred accumulator, and loads its words as 16-byte cp.async."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from bench_scripts import load_bench
 
 triton = pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool():
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    bin_dir = load_bench("sm90_compile").BIN
     if not ((bin_dir / "ptxas").exists() and (bin_dir / "cuobjdump").exists()):
         pytest.skip("this Triton ships no ptxas / cuobjdump")
-    sys.path.insert(0, str(ROOT / "scripts/bench"))
-    spec = importlib.util.spec_from_file_location("sass_gemv", ROOT / "scripts/bench/sass_gemv.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("sass_gemv")
 
 
 def test_int4_batch1_loop_budget() -> None:
