@@ -19,8 +19,8 @@ launch uses 4, as the INT4 GEMVs at M = 1 do; the interpreter: always equal).
 
 Where it runs: the nibble-plane decode GEMV (int4, nvfp4, mxfp4) with no LoRA epilogue (an
 adapter's shrink reads x, which this launch never materializes) and no norm epilogue. The
-engine (for the formats in PROLOGUE_FORMATS) takes it with `Engine(fold_norm="prologue")` (AttnBatch.fold_norm), measured in
-docs/rollout.md.
+engine takes it, for the formats in PROLOGUE_FORMATS, with `Engine(fold_norm="prologue")`
+(AttnBatch.fold_norm, the default), measured in docs/rollout.md.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from orbit.kernels.rmsnorm_exact import rms_inv
 # 20, Qwen3-1.7B batch 1, same process, off -> prologue: INT4 761.7 -> 765.6 and 765.8 ->
 # 766.6 tok/s (with the roofline runs' three pairs, +0.1 to +0.65%), NVFP4 683.8 -> 665.9 and
 # 681.1 -> 665.9 (-2.5%; not profiled: its M = 1 programs are one warp each, so each one
-# reduces the 2048-value row alone before its K loop); batch 16 equal for both. MXFP4 not measured.
+# reduces the 2048-value row alone before its K loop); batch 16 equal for both. MXFP4 not
+# measured.
 PROLOGUE_FORMATS: tuple[str, ...] = ("int4",)
 
 
