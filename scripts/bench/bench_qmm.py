@@ -330,14 +330,10 @@ def _alt_e2m1(eb: list, shipped: int) -> int:
 def _gemv(x, qw, config=None):
     """The GEMV kernel itself (whatever _qgemm.GEMV_MAX_M is)."""
     from orbit.kernels.gemv import gemv
+    from orbit.kernels.random_weights import gemv_operands
 
-    t = qw.tensors
-    q = t.get("qweight", t.get("weight"))
-    s = t.get("scale", t.get("scale_inv"))
-    gs = t["global_scale"].reshape(1) if qw.fmt == "nvfp4" else None
-    grp = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}.get(qw.fmt, qw.group_size)
     y = torch.empty((x.shape[0], qw.shape[0]), device=x.device, dtype=x.dtype)
-    return gemv(x, qw.fmt, qw.shape, q, s, t.get("offset"), gs, grp, y, config)
+    return gemv(x, *gemv_operands(qw), y, config)
 
 
 def keep_paths(plan: list[tuple[str, object]], patterns: tuple[str, ...]) -> list:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from orbit.kernels.gemv import GemvConfig, gemv, num_sms, pick_gemv_config
-from orbit.kernels.random_weights import random_qweight
+from orbit.kernels.random_weights import gemv_operands, random_qweight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ncu_decode import duration_us, launches, number
@@ -75,18 +75,14 @@ def main() -> int:
         summarize(args.summarize, args.variants.split(","))
         return 0
     k, n = (int(v) for v in args.shape.split("x"))
-    qw = random_qweight(args.fmt, n, k, device="cuda")
-    t = qw.tensors
-    q = t["qweight"] if args.fmt == "int4" else t["weight"]
-    gs = t["global_scale"].reshape(1) if args.fmt == "nvfp4" else None
-    group = 128 if args.fmt == "int4" else 16
+    ops = gemv_operands(random_qweight(args.fmt, n, k, device="cuda"))
     x = torch.randn(args.m, k, device="cuda").bfloat16()
     y = torch.empty(args.m, n, device="cuda", dtype=torch.bfloat16)
     auto = pick_gemv_config(args.m, n, k, args.fmt, num_sms(x.device))
     for name in args.variants.split(","):
         cfg = variant(auto, name)
         for _ in range(3):
-            gemv(x, args.fmt, qw.shape, q, t["scale"], None, gs, group, y, cfg)
+            gemv(x, *ops, y, cfg)
         torch.cuda.synchronize()
         print(name, cfg, flush=True)
     return 0
