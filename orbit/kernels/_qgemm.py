@@ -81,6 +81,17 @@ GEMV_MIN_SPLIT = 8
 GEMV_MIN_SPLIT_INT4_M1 = 4
 GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 
+# Symmetric INT4 fast-mode forwards of MMA_MIN_M..MMA_MAX_M rows whose operands int4_mma
+# takes (bf16 x and scales, groups of 64 or a multiple of 128) run the Gluon mma.sync kernel
+# (orbit/kernels/int4_mma.py) on sm_80+, before any route table: H100, session 21,
+# 4096x12288 M = 4 16.8 us against 32.6 for the tl.dot loop, 49.6 for the plane GEMV and 41.6
+# for cuBLAS BF16 (docs/benchmarks.md). M = 1 stays with the plane GEMV (15.5 vs 16.5 us). A
+# launch with a store epilogue (LoRA, SwiGLU, norm) keeps its fused kernel; the *_fits
+# questions below answer for the mma route when asked with mma_ok (dispatch does), so the
+# engine runs those epilogues as separate launches there. MMA_MAX_M = 0 turns it off.
+MMA_MIN_M = 2
+MMA_MAX_M = 16
+
 
 def _gemv_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
     """The static rule for the decode GEMV (see GEMV_MAX_M)."""
@@ -148,8 +159,15 @@ def _capability_of(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def _mma_by_rule(m: int, fmt: str, device: torch.device) -> bool:
+    from orbit.kernels.int4_mma import HAS_GLUON
+
+    return (fmt == "int4" and MMA_MIN_M <= m <= MMA_MAX_M and device.type == "cuda"
+            and HAS_GLUON and _capability(device)[0] >= 8)
+
+
 def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
-          transpose: bool = False) -> Route:
+          transpose: bool = False, mma_ok: bool = False) -> Route:
     """Which kernel runs `x[m, k] @ W[n, k]^T` (or, transposed, `dy[m, n] @ W`) in `launch`.
     Exact mode: the dot loop with its fixed tile. Fast-mode forward: the device's route table
     where it has an entry for the shape (orbit/kernels/qmm_routes.py), else the rules:
@@ -157,10 +175,14 @@ def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
     (NVFP4, 2-16 rows, 2-4 on wide weights, sm_90+), the decode GEMV where `_gemv_by_rule`, the
     dot loop with `pick_config`'s tile. The input gradient: the rules without the GEMV.
     Everything that asks whether a launch can carry extra work in its store (`lora_fits`,
-    `swiglu_fits`) asks this, so the answer and the launch cannot disagree."""
+    `swiglu_fits`) asks this, so the answer and the launch cannot disagree. `mma_ok`: the
+    operands are ones `int4_mma` takes (`int4_mma.supports`), which opens its route
+    (`MMA_MAX_M`)."""
     out_dim = k if transpose else n
     if exact:
         return Route("dot", pick_config(m, out_dim, fmt, True))
+    if mma_ok and not transpose and _mma_by_rule(m, fmt, device):
+        return Route("mma")
     if not transpose and fmt in ROUTE_FORMATS:
         tuned = ROUTES.lookup(device, fmt, n, k, m)
         if tuned is not None:
@@ -176,43 +198,49 @@ def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
     return Route("dot", pick_config(m, out_dim, fmt, False))
 
 
-def use_gemv(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
+def use_gemv(m: int, n: int, k: int, fmt: str, device: torch.device,
+             mma_ok: bool = False) -> bool:
     """Whether a fast-mode forward of this shape goes to the decode GEMV kernel."""
-    return route(m, n, k, fmt, False, device).kind == "gemv"
+    return route(m, n, k, fmt, False, device, mma_ok=mma_ok).kind == "gemv"
 
 
 def lora_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
-              members: int = 1) -> bool:
+              members: int = 1, mma_ok: bool = False) -> bool:
     """Whether a fast-mode forward of this shape runs a kernel that adds a LoRA delta in its
     store (`launch(lora=...)`): the decode GEMV (1-3 members), or the `tl.dot` loop (one
     member)."""
     if exact or fmt not in GEMV_FORMATS or m < 1:
         return False
-    r = route(m, n, k, fmt, False, device)
+    r = route(m, n, k, fmt, False, device, mma_ok=mma_ok)
     # (the swapped dot loop, which only a route table picks, stores y^T: no epilogue there)
     return r.kind == "gemv" or (r.kind == "dot" and members == 1 and not r.config.swap)
 
 
-def swiglu_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device) -> bool:
+def swiglu_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
+                mma_ok: bool = False) -> bool:
     """Whether a fast-mode forward of the stacked gate/up weight [n, k] at m rows runs the
     nibble-plane decode GEMV, whose store can apply SwiGLU (`launch(swiglu=True)`)."""
-    return n % 2 == 0 and prenorm_fits(m, n, k, fmt, exact, device)
+    return n % 2 == 0 and prenorm_fits(m, n, k, fmt, exact, device, mma_ok)
 
 
-def norm_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device) -> bool:
+def norm_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
+              mma_ok: bool = False) -> bool:
     """Whether a fast-mode forward of this shape runs the decode GEMV, whose last program can
     do the residual add + RMSNorm of the next layer input (`launch(norm=...)`,
     orbit/kernels/norm_epilogue.py)."""
-    return not exact and fmt in GEMV_FORMATS and m >= 1 and use_gemv(m, n, k, fmt, device)
+    return (not exact and fmt in GEMV_FORMATS and m >= 1
+            and use_gemv(m, n, k, fmt, device, mma_ok))
 
 
-def prenorm_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device) -> bool:
+def prenorm_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
+                 mma_ok: bool = False) -> bool:
     """Whether a fast-mode forward of this shape runs the nibble-plane decode GEMV, which can
     take its input as residual + delta and do the RMSNorm itself (`launch(norm=
     NormPrologue)`, orbit/kernels/norm_prologue.py; `swiglu_fits` adds an even n)."""
     from orbit.kernels.gemv import PLANE_FORMATS  # gemv.py imports this module
 
-    return not exact and fmt in PLANE_FORMATS and m >= 1 and use_gemv(m, n, k, fmt, device)
+    return (not exact and fmt in PLANE_FORMATS and m >= 1
+            and use_gemv(m, n, k, fmt, device, mma_ok))
 
 
 # The exact (batch-invariant) configs. What decides a row's bits is the K order: br-deep steps
@@ -513,6 +541,17 @@ def check_out(out: Tensor | None, shape: tuple[int, int], x: Tensor) -> Tensor:
     return out
 
 
+def mma_operands_fit(x: Tensor, fmt: str, shape: tuple[int, int], scale: Tensor,
+                     offset: Tensor | None, group: int) -> bool:
+    """Whether int4_mma computes x @ W^T for these operands (`int4_mma.supports`)."""
+    if fmt != "int4" or x.dim() != 2:
+        return False
+    from orbit.kernels.int4_mma import supports
+
+    return supports(x.shape[0], shape[1], shape[0], group, x.dtype, scale.dtype,
+                    offset is not None)
+
+
 def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
            offset: Tensor | None, global_scale: Tensor | None, group: int,
            transpose: bool, exact: bool, out: Tensor | None = None,
@@ -555,8 +594,15 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
                          "does not take it")
     if m == 0:
         return y
+    # the mma route for plain forwards only: a requested epilogue keeps its fused kernel
+    mma_ok = (config is None and lora is None and not swiglu and norm is None
+              and mma_operands_fit(x, fmt, shape, s, offset, group))
     r = Route("dot", config) if config is not None else route(m, n, k, fmt, exact, x.device,
-                                                               transpose)
+                                                               transpose, mma_ok)
+    if r.kind == "mma":
+        from orbit.kernels.int4_mma import int4_mma
+
+        return int4_mma(x, q, s, group, out=y)
     if r.kind == "dequant":
         # Training sizes: the MMA-bound GEMM is faster in cuBLAS than in a loop that also
         # dequantizes; the transient BF16 weight costs one memory-bound pass (docs/kernels.md).

@@ -99,6 +99,16 @@ def _fused_store_input(x: Tensor) -> bool:
             and (x.is_cuda or interpreting()))
 
 
+def mma_operands_ok(x: Tensor, qw: QuantizedWeight) -> bool:
+    """x @ W^T can run int4_mma (`_qgemm.MMA_MAX_M`), whose store takes no epilogue: the
+    *_foldable questions answer for that route, so callers run their epilogues separately."""
+    from orbit.kernels._qgemm import mma_operands_fit
+
+    t = qw.tensors
+    return qw.fmt == "int4" and mma_operands_fit(x, qw.fmt, qw.shape, t["scale"],
+                                                 t.get("offset"), qw.group_size)
+
+
 def lora_foldable(x: Tensor, qw: QuantizedWeight, members: int = 1) -> bool:
     """Whether `qmm_lora(x, qw, ...)` runs for a LoRA epilogue of `members` adapters: the
     fast-mode forward of x [M, in] on this weight is a fused kernel that adds the delta in its
@@ -106,7 +116,8 @@ def lora_foldable(x: Tensor, qw: QuantizedWeight, members: int = 1) -> bool:
     cuBLAS sizes) on CUDA, or under Triton's interpreter in CPU tests."""
     from orbit.kernels._qgemm import lora_fits
 
-    return _fused_store_input(x) and lora_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt, False, x.device, members)
+    return _fused_store_input(x) and lora_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt,
+                                               False, x.device, members, mma_operands_ok(x, qw))
 
 
 def lora_shrink_in_kernel(x: Tensor, qw: QuantizedWeight) -> bool:
@@ -119,8 +130,8 @@ def lora_shrink_in_kernel(x: Tensor, qw: QuantizedWeight) -> bool:
     m = x.shape[0]
     if not lora_foldable(x, qw):
         return False
-    return not use_gemv(m, qw.shape[0], qw.shape[1], qw.fmt, x.device) or shrinks_in_kernel(
-        m, qw.fmt)
+    return not use_gemv(m, qw.shape[0], qw.shape[1], qw.fmt, x.device,
+                        mma_operands_ok(x, qw)) or shrinks_in_kernel(m, qw.fmt)
 
 
 def qmm_lora(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue) -> Tensor:
@@ -140,7 +151,8 @@ def swiglu_foldable(x: Tensor, qw: QuantizedWeight) -> bool:
     itself (CUDA, or Triton's interpreter in CPU tests)."""
     from orbit.kernels._qgemm import swiglu_fits
 
-    return _fused_store_input(x) and swiglu_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt, False, x.device)
+    return _fused_store_input(x) and swiglu_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt,
+                                                 False, x.device, mma_operands_ok(x, qw))
 
 
 def qmm_swiglu(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue | None = None) -> Tensor:
@@ -161,7 +173,7 @@ def norm_foldable(x: Tensor, qw: QuantizedWeight) -> bool:
     from orbit.kernels._qgemm import norm_fits
 
     return _fused_store_input(x) and norm_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt,
-                                               False, x.device)
+                                               False, x.device, mma_operands_ok(x, qw))
 
 
 def qmm_add_norm(x: Tensor, qw: QuantizedWeight, residual: Tensor, weight: Tensor,
@@ -189,7 +201,7 @@ def prenorm_foldable(delta: Tensor, qw: QuantizedWeight) -> bool:
 
     return (qw.fmt in norm_prologue.PROLOGUE_FORMATS and _fused_store_input(delta)
             and prenorm_fits(delta.shape[0], qw.shape[0], qw.shape[1], qw.fmt, False,
-                             delta.device))
+                             delta.device, mma_operands_ok(delta, qw)))
 
 
 def qmm_prenorm(delta: Tensor, qw: QuantizedWeight, residual: Tensor, weight: Tensor,

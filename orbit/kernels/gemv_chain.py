@@ -383,10 +383,12 @@ def _dataflow_ok(c1: GemvConfig, c2: GemvConfig, k1: int, k2: int, group: int) -
 def _gemv_routes(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight) -> bool:
     """Both separate fast-mode forwards would be the plane GEMVs (gate/up storing SwiGLU)."""
     from orbit.kernels._qgemm import swiglu_fits, use_gemv
+    from orbit.kernels.dispatch import mma_operands_ok
 
     m, (n1, k1), (n2, k2) = x.shape[0], gate_up.shape, down.shape
-    return (swiglu_fits(m, n1, k1, gate_up.fmt, False, x.device)
-            and use_gemv(m, n2, k2, down.fmt, x.device))
+    return (swiglu_fits(m, n1, k1, gate_up.fmt, False, x.device,
+                        mma_operands_ok(x, gate_up))
+            and use_gemv(m, n2, k2, down.fmt, x.device, mma_operands_ok(x, down)))
 
 
 def separate_mlp(x: Tensor, gate_up: QuantizedWeight, down: QuantizedWeight,

@@ -289,6 +289,51 @@ def regfed_alts(m: int, n: int, k: int, sms: int) -> list:
 
 REGFED_MAXNREG = (96, 80, 64)  # 5, 6, 8 programs of 128 threads per SM
 
+# --gemv-mma (session 21): the Gluon INT4 mma.sync kernel (orbit/kernels/int4_mma.py) at its
+# own pick, at half and twice the pick's split, with 2 row tiles per warp and without the
+# register prefetch.
+def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False) -> list:
+    """The int4_mma configs --gemv-mma times at one shape and M: the pick first, then (sweep)
+    every (warps, row tiles, prefetch depth) of MMA_SWEEP at every split the K steps allow,
+    or a few neighbours of the pick."""
+    from orbit.kernels.int4_mma import MmaConfig, pick_config
+
+    pick = pick_config(m, k, n, group, sms)
+    steps = k // min(128, group)
+    splits = [s_ for s_ in (1, 2, 4, 8, 16) if steps % s_ == 0 and steps // s_ >= 2]
+    if sweep:
+        return [pick] + [MmaConfig(w, rt, s_, d) for w, rt, d in MMA_SWEEP for s_ in splits
+                         if MmaConfig(w, rt, s_, d) != pick]
+    out = [pick, dataclasses.replace(pick, prefetch=2 if pick.prefetch < 2 else 1),
+           dataclasses.replace(pick, row_tiles=2)]
+    out += [dataclasses.replace(pick, split=s_) for s_ in (pick.split // 2, pick.split * 2)
+            if s_ in splits]
+    return out
+
+
+MMA_SWEEP = [(w, rt, d) for w in (4, 8) for rt in (1, 2) for d in (1, 2)]
+
+
+def _mma(x, qw, cfg):
+    """int4_mma on `qw`'s packed words and scales."""
+    from orbit.kernels.int4_mma import int4_mma
+
+    t = qw.tensors
+    return int4_mma(x, t["qweight"], t["scale"], qw.group_size, cfg)
+
+
+_REF: dict = {}
+
+
+def mma_error(x, qw, cfg) -> float:
+    """Relative norm error of int4_mma against x @ dequantize(W)^T in fp64: a wrong kernel
+    cannot post a time (its row records the error)."""
+    key = (x.data_ptr(), id(qw))
+    if _REF.get("key") != key:  # one reference per (x, weight), however many configs
+        _REF.update(key=key, ref=x.double() @ qw.dequantize().double().T)
+    ref = _REF["ref"]
+    return ((_mma(x, qw, cfg).double() - ref).norm() / ref.norm()).item()
+
 
 # --gemv-xpre (session 6): around the shipped M = 1 plane config with the x prefetch: more
 # programs (split 2, 16 rows), more warps, shallower steps (8th field: x_prefetch).
@@ -347,7 +392,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 ms_: tuple = (1, 4, 16), alt_list: list | None = None,
                 swap: bool = False, formats: tuple = ("int4", "fp8", "nvfp4"),
                 decodes: bool = False, pairs: bool = False, regfed: bool = False,
-                paths: tuple[str, ...] = ("*",)) -> list[dict]:
+                paths: tuple[str, ...] = ("*",), mma: bool = False,
+                mma_sweep: bool = False) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run; only the
     paths whose names match one of the `paths` patterns (fnmatch: "gemv", "gemv-pdl*") are
     timed (cuBLAS always is: it is every row's baseline)."""
@@ -423,6 +469,14 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan.append(("fused-pairs", _qgemm.TileConfig(
                         bm=max(16, triton.next_power_of_2(m)), bo=32, br=128, warps=4, stages=4,
                         unpack=_qgemm.UNPACK_PLANE_PAIRS)))
+                if mma and fmt == "int4":
+                    from orbit.kernels.int4_mma import supports
+
+                    t0 = qw0.tensors
+                    if supports(m, k, n, qw0.group_size, x.dtype, t0["scale"].dtype,
+                                "offset" in t0):
+                        plan += [("int4-mma", c) for c in mma_alts(
+                            m, n, k, qw0.group_size, num_sms(x.device), mma_sweep)]
                 if alts and fmt in ("int4", "nvfp4", "mxfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1=_alt_e2m1(eb, auto.e2m1),
@@ -437,6 +491,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     elif path in ("fused-swap", "fused-tile", "fused-pairs") or path.startswith(
                             "regfed-"):
                         fns = [lambda q=q: _fused(x, q, config=cfg) for q in qws]
+                    elif path == "int4-mma":
+                        fns = [lambda q=q: _mma(x, q, cfg) for q in qws]
                     elif path == "gemv-hot":
                         fns = [lambda q0=qws[0]: _gemv(x, q0, cfg)] * len(qws)
                     else:
@@ -445,6 +501,10 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                            "cfg": list((cfg or auto).__dict__.values()) if path != "fused-dot"
                            else None}
                     try:
+                        if path == "int4-mma":
+                            row["rel_err"] = mma_error(x, qws[0], cfg)
+                            if not row["rel_err"] < 1e-2:
+                                raise RuntimeError(f"int4_mma wrong: rel err {row['rel_err']}")
                         t = ms_rotated(fns)
                     except Exception as e:  # noqa: BLE001  (out of resources etc.: recorded)
                         _emit(rows, {**row, "error": repr(e)[:160], "ms": float("nan"),
@@ -574,6 +634,11 @@ def main() -> None:
     ap.add_argument("--gemv-regfed", action="store_true",
                     help="with --gemv: INT4 / NVFP4 register-fed plane-pair tiles (one stage; "
                          "regfed_alts) and a 4-stage pairs tile, same run")
+    ap.add_argument("--gemv-mma", action="store_true",
+                    help="with --gemv: the Gluon INT4 mma.sync kernel (int4_mma, mma_alts), each "
+                         "config checked against the fp64 reference before it is timed")
+    ap.add_argument("--gemv-mma-sweep", action="store_true",
+                    help="with --gemv-mma: every MMA_SWEEP config at every split")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")
@@ -622,7 +687,8 @@ def main() -> None:
                                   GEMV_ALTS_DEEP if args.gemv_deep else None, args.gemv_swap,
                                   tuple(args.gemv_formats.split(",")), args.gemv_decodes,
                                   args.gemv_pairs, args.gemv_regfed,
-                                  tuple(args.gemv_paths.split(",")))
+                                  tuple(args.gemv_paths.split(",")), args.gemv_mma,
+                                  args.gemv_mma_sweep)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")

@@ -55,9 +55,9 @@ def compile_planes(fmt: str, cfg: GemvConfig, m: int = 1) -> triton.compiler.Com
     return compile_sm90(fn, consts, types, cfg.warps, cfg.stages, DIVISIBLE)
 
 
-def loop_budget(sass: str) -> tuple[int, collections.Counter, int]:
+def loop_budget(sass: str, key: str = "FFMA") -> tuple[int, collections.Counter, int]:
     """(instructions in the K loop, its opcodes, instructions in the kernel): the K loop is
-    the backward branch's body with the most FFMAs."""
+    the backward branch's body with the most `key` instructions (FFMA; HMMA for MMA loops)."""
     lines = [(int(a, 16), op) for a, op in SASS_OP.findall(sass)]
     best: collections.Counter = collections.Counter()
     for text in sass.splitlines():
@@ -68,7 +68,7 @@ def loop_budget(sass: str) -> tuple[int, collections.Counter, int]:
         if dst >= src:
             continue
         body = collections.Counter(op for a, op in lines if dst <= a <= src)
-        if body["FFMA"] > best["FFMA"]:
+        if body[key] > best[key]:
             best = body
     return sum(best.values()), best, len(lines)
 

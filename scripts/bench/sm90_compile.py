@@ -34,7 +34,10 @@ def compile_sm90(fn, consts: dict, types: dict, warps: int = 4, stages: int = 3,
                                                          else "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if divisible and n not in consts and (n.endswith("_ptr") or n in divisible)}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+    source = ASTSource
+    if type(fn).__name__ == "GluonJITFunction":  # a Gluon kernel (explicit layouts)
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    return triton.compile(source(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps, "num_stages": stages})
 

@@ -1,0 +1,317 @@
+"""INT4 decode GEMM on the tensor cores with register-resident weights (Gluon): `y[M, N] =
+x[M, K] @ W^T` for symmetric INT4 codes with bf16 group scales and bf16 x, 1 <= M <= 16.
+
+Why (docs/kernels.md, "INT4 mma.sync with register-fed weights"). The plane GEMV decodes a
+weight in 5.5 SASS instructions at M = 1 and 13-17 at M = 4 (each row of x costs its own FMAs),
+and Nsight found it bound by that per-warp instruction chain, not by bytes. A tensor-core step
+(mma.sync m16n8k16) multiplies 16 x 16 weights by up to 8 rows of x in one instruction, so the
+decode is left as the per-weight cost: ~1.4 instructions (a shift per nibble pair, a LOP3 that
+writes the bf16 bits of 128 + u, one packed bf16 FMA to u - 8), the same at every M <= 16.
+Earlier `tl.dot` forms of this idea lost to layout conversions and shared-memory trips that
+plain Triton inserts between the loaded words and the MMA operand (sessions 13-16). Gluon names
+the layouts: the packed words are loaded straight into the registers where the decoded
+weights must sit as the MMA's A operand, and `convert_layout(..., assert_trivial=True)` proves
+at compile time that no data moves between threads.
+
+Layout. Swap-AB: out^T[N, M] = W[N, K] @ x^T[K, M], so the weight rows fill the MMA's 16-row
+side and the few rows of x its 8-column side (16 from M = 9). The dot only needs W's and x's K
+orders to agree, so each thread's K positions are chosen to be bytes it can load in one
+vector: with VEC = 4 words (32 weights) a thread loads one 16-byte vector per weight row and
+step; word j of a 128-deep step (j = VEC * t + i for lane quad t and register i) is logical K
+block i, lane t of the A operand layout (k_width 8: eight K values per thread), and its eight
+nibbles, decoded as pairs (p, p + 4), fill that thread's logical K positions 2p and 2p + 1. x is
+loaded with the same map (64 contiguous bytes per thread and row of x), so the product is the
+plain dot over K in a different order.
+
+Scales. A step is one group (BK = 128 for groups of 128 and more, 64 for 64): the MMA runs on
+the raw codes u - 8 (exact in bf16) and the group's fp32 partial is scaled by s once
+(`acc += s * partial`), as the plane GEMV does. So the result differs from the dequantized
+reference (bf16(s * (u - 8)) @ x) by fp32 rounding only; fast mode's tolerance covers it.
+
+Split-K with the in-kernel fix-up of `gemv.py` (fp32 slices, the last program of a row tile
+adds them in slice order: deterministic). Forward only, fast mode only, CUDA sm_80+.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from orbit.kernels._triton import HAS_TRITON
+
+try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kernel to run
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    # the CTA-wide barrier's name: thread_barrier in Triton 3.5-3.6, barrier from 3.7 on
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    HAS_GLUON = HAS_TRITON
+except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton build
+    HAS_GLUON = False
+
+MAX_M = 16
+# per-thread words of one weight row per step: one 16-byte load (groups of 128 and more) or
+# one 8-byte load (groups of 64)
+_VEC_BY_GROUP = {64: 2, 128: 4}
+FIXUP_MAX_SPLIT = 16
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """warps: 16-row MMA tiles side by side (BN = 16 * warps * row_tiles weight rows per
+    program); row_tiles: 16-row tiles per warp (x registers are shared between them);
+    split: K slices; prefetch: steps whose weight words are loaded ahead of the one being
+    computed (0, 1 or 2)."""
+
+    warps: int = 4
+    row_tiles: int = 1
+    split: int = 1
+    prefetch: int = 1
+
+    @property
+    def block_n(self) -> int:
+        return 16 * self.warps * self.row_tiles
+
+
+def supports(m: int, k: int, n: int, group: int, x_dtype: torch.dtype,
+             scale_dtype: torch.dtype, has_offset: bool) -> bool:
+    """Whether this kernel computes a forward of these operands."""
+    return (HAS_GLUON and 1 <= m <= MAX_M and not has_offset and x_dtype == torch.bfloat16
+            and scale_dtype == torch.bfloat16 and _vec(group) > 0 and k % group == 0)
+
+
+def _vec(group: int) -> int:
+    if group % 128 == 0:
+        return 4
+    return _VEC_BY_GROUP.get(group, 0)
+
+
+def pick_config(m: int, k: int, n: int, group: int, sms: int) -> MmaConfig:
+    """The config of an M-row forward, from the H100 sweep of session 21 (docs/kernels.md;
+    `bench_qmm.py --gemv --gemv-mma --gemv-mma-sweep`), which this rule reproduces on all
+    eight (shape, M-class) bests it measured on Qwen3 shapes: two 16-row tiles per warp from
+    9 rows on (the 16-column x is then shared by both), two steps of words in flight, and the
+    largest split of K (a power of two up to 16) that keeps at most 6 programs' worth of
+    16-row tiles per SM and at least 512 deep slices: the kernel is bound by each warp's
+    load-to-MMA latency chain, so more, shorter chains help until the fix-up and the
+    per-program set-up cost more."""
+    rt = 2 if m > 8 else 1
+    cfg = MmaConfig(warps=4, row_tiles=rt, prefetch=2)
+    tiles = -(-n // cfg.block_n)
+    steps = k // (32 * _vec(group))
+    split = 1
+    while (split * 2 <= min(FIXUP_MAX_SPLIT, steps // 2) and steps % (split * 2) == 0
+           and tiles * split * 2 * rt <= 6 * sms and k // (split * 2) >= 512):
+        split *= 2
+    return MmaConfig(cfg.warps, rt, split, cfg.prefetch)
+
+
+if HAS_GLUON:
+
+    def _bases(*vecs: list[int]) -> list[list[int]]:
+        return [list(v) for v in vecs]
+
+    def layouts(warps: int, row_tiles: int, np_: int, vec: int):
+        """The MMA accumulator layout, its A and B operand layouts and the two load layouts
+        whose registers are already where the operands need them (docs above).
+        Word tile [BN, 4 (lane quad t), VEC (register i)]; x tile [NP, 4 (t), 8 VEC],
+        x[n, k0 + 8 (VEC t + i) + 4 h + p] at [n, t, 8 i + 4 h + p]."""
+        mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1],
+                                        instr_shape=[16, 8])
+        a = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8)
+        b = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8)
+        wb = [[16 << w, 0, 0] for w in range(warps.bit_length() - 1)]
+        ireg = [[0, 0, 1 << j] for j in range(vec.bit_length() - 1)]
+        rreg = [[16 * warps << r, 0, 0] for r in range(row_tiles.bit_length() - 1)]
+        lw = gl.DistributedLinearLayout(
+            reg_bases=ireg + [[8, 0, 0]] + rreg,
+            lane_bases=_bases([0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]),
+            warp_bases=wb, block_bases=[], shape=[16 * warps * row_tiles, 4, vec])
+        # x tile [NP, 4, 8 VEC]: registers c = p (1, 2), h (4), i (8, ...), then n 8
+        creg = [[0, 0, 1 << j] for j in range((8 * vec).bit_length() - 1)]
+        lx = gl.DistributedLinearLayout(
+            reg_bases=creg + ([[8, 0, 0]] if np_ == 16 else []),
+            lane_bases=_bases([0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]),
+            warp_bases=[[0, 0, 0] for _ in range(warps.bit_length() - 1)], block_bases=[],
+            shape=[np_, 4, 8 * vec])
+        return mma, a, b, lw, lx
+
+    # $0, $1: u - 8 of nibbles P and P + 4 as bf16 (exact); $2: the word shifted right by 4P.
+    # LOP3 0xEA is (a & b) | c: 0x4300 | u is the bf16 of 128 + u; the FMA subtracts 136.
+    _U8_PAIR_ASM = gl.constexpr("""{
+    .reg .b32 t, m, c, one, neg;
+    mov.b32 m, 0x000F000F;
+    mov.b32 c, 0x43004300;
+    mov.b32 one, 0x3F803F80;
+    mov.b32 neg, 0xC308C308;
+    lop3.b32 t, $2, m, c, 0xEA;
+    fma.rn.bf16x2 t, t, one, neg;
+    mov.b32 {$0, $1}, t;
+    }""")
+
+    @gluon.jit
+    def _decode(words, A: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                VEC: gl.constexpr):
+        # words [BN, 4, VEC] int32 -> A operand [BN, BK] bf16 of u - 8, K order as documented
+        lo0, hi0 = gl.inline_asm_elementwise(_U8_PAIR_ASM, "=h,=h,r", [words],
+                                             dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
+                                             pack=1)
+        lo1, hi1 = gl.inline_asm_elementwise(_U8_PAIR_ASM, "=h,=h,r", [words >> 4],
+                                             dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
+                                             pack=1)
+        lo2, hi2 = gl.inline_asm_elementwise(_U8_PAIR_ASM, "=h,=h,r", [words >> 8],
+                                             dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
+                                             pack=1)
+        lo3, hi3 = gl.inline_asm_elementwise(_U8_PAIR_ASM, "=h,=h,r", [words >> 12],
+                                             dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
+                                             pack=1)
+        # [BN, 4, VEC, h, p0, p1]: logical K within the thread's eight is h + 2 p0 + 4 p1
+        v = gl.join(gl.join(gl.join(lo0, hi0), gl.join(lo1, hi1)),
+                    gl.join(gl.join(lo2, hi2), gl.join(lo3, hi3)))
+        v = gl.permute(v, (0, 2, 1, 5, 4, 3))
+        return gl.convert_layout(gl.reshape(v, [BN, BK]), A, assert_trivial=True)
+
+    @gluon.jit
+    def _load_b(x_ptrs, B: gl.constexpr, NP: gl.constexpr, BK: gl.constexpr,
+                VEC: gl.constexpr):
+        # x tile [NP, 4, 8 VEC] -> B operand [BK, NP]: [n, t, i, h, p] -> [i, t, p, h, n], so
+        # K = h + 2p + 8t + 32i in the A operand's order (a trivial conversion: registers only)
+        xr = gl.reshape(gl.load(x_ptrs), [NP, 4, VEC, 2, 4])
+        xb = gl.permute(xr, (2, 1, 4, 3, 0))
+        return gl.convert_layout(gl.reshape(xb, [BK, NP]), B, assert_trivial=True)
+
+    @gluon.jit
+    def _int4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm,
+                         stride_q, stride_s, stride_ym, K_SLICE_W, SPLIT,
+                         GROUP: gl.constexpr, VEC: gl.constexpr, BN: gl.constexpr,
+                         EVEN_N: gl.constexpr, DEPTH: gl.constexpr,
+                         NP: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
+                         B: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr):
+        BK: gl.constexpr = 32 * VEC
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        K_SLICE = K_SLICE_W * 8  # (passed in words: a multiple of 16, so word loads vectorize)
+        k_lo = pid_k * K_SLICE
+
+        # word pointers [BN, 4, VEC]: row r, word k0 / 8 + VEC t + i
+        LW2: gl.constexpr = gl.SliceLayout(2, LW)
+        r = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LW2))
+        t = gl.arange(0, 4, layout=gl.SliceLayout(0, LW2))
+        i = gl.arange(0, VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
+        r3 = gl.expand_dims(gl.expand_dims(r, 1), 2)
+        w3 = gl.expand_dims(gl.expand_dims(t, 0), 2) * VEC + gl.expand_dims(
+            gl.expand_dims(i, 0), 1)
+        if not EVEN_N:  # clamp instead of masking: tail rows read row N - 1, never stored
+            r3 = gl.minimum(r3, N - 1)
+        w_ptrs = q_ptr + r3 * stride_q + (pid_k * K_SLICE_W + w3)
+
+        # x pointers [NP, 4, 8 VEC]: x[n, k0 + 8 VEC t + c], c = 8 i + 4 h + p (contiguous)
+        LX2: gl.constexpr = gl.SliceLayout(2, LX)
+        xn = gl.arange(0, NP, layout=gl.SliceLayout(1, LX2))
+        xt = gl.arange(0, 4, layout=gl.SliceLayout(0, LX2))
+        xc = gl.arange(0, 8 * VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX)))
+        n3 = gl.expand_dims(gl.expand_dims(xn, 1), 2)
+        koff = gl.expand_dims(gl.expand_dims(xt, 0), 2) * (8 * VEC) + gl.expand_dims(
+            gl.expand_dims(xc, 0), 1)
+        # rows of x past M read row M - 1 (no mask, no zero fill); their columns are not stored
+        x_ptrs = x_ptr + gl.minimum(n3, M - 1) * stride_xm + (k_lo + koff)
+
+        # scale pointers [BN] in the accumulator's row layout
+        LR: gl.constexpr = gl.SliceLayout(1, MMA)
+        rs = pid_n * BN + gl.arange(0, BN, layout=LR)
+        s_ptrs = s_ptr + gl.minimum(rs, N - 1) * stride_s
+
+        acc = gl.zeros([BN, NP], gl.float32, MMA)
+        zero = gl.zeros([BN, NP], gl.float32, MMA)
+        # DEPTH steps' words are in flight while a step is computed (x, read from L1/L2 by
+        # every warp, is loaded when used: held across steps its bf16 halves cost PRMTs).
+        # w_ptrs is the next load's; it stops advancing at the slice's last step.
+        if DEPTH >= 1:
+            w0 = gl.load(w_ptrs)
+        if DEPTH >= 2:
+            w_ptrs += gl.where(BK < K_SLICE, BK // 8, 0)
+            w1 = gl.load(w_ptrs)
+        for kk in range(0, K_SLICE, BK):
+            cur_x = _load_b(x_ptrs, B, NP, BK, VEC)
+            x_ptrs += BK
+            if DEPTH == 0:
+                cur_w = gl.load(w_ptrs)
+                w_ptrs += BK // 8
+            else:
+                cur_w = w0
+                w_ptrs += gl.where(kk + DEPTH * BK < K_SLICE, BK // 8, 0)
+                if DEPTH >= 2:
+                    w0 = w1
+                    w1 = gl.load(w_ptrs)
+                else:
+                    w0 = gl.load(w_ptrs)
+            sc = gl.load(s_ptrs + (k_lo + kk) // GROUP).to(gl.float32)
+            a = _decode(cur_w, A, BN, BK, VEC)
+            part = mma_v2(a, cur_x, zero)
+            acc = acc + part * gl.expand_dims(sc, 1)
+
+        # out^T: y[col, row] = acc[row, col]
+        cols = gl.arange(0, NP, layout=gl.SliceLayout(0, MMA))
+        rows2 = gl.expand_dims(rs, 1)
+        cols2 = gl.expand_dims(cols, 0)
+        omask = (rows2 < N) & (cols2 < M)
+        if SPLIT == 1:
+            gl.store(y_ptr + cols2 * stride_ym + rows2, acc.to(y_ptr.dtype.element_ty),
+                     mask=omask)
+        else:
+            MN = M * N
+            gl.store(ws_ptr + pid_k * MN + cols2 * N + rows2, acc, mask=omask)
+            _cta_barrier()
+            arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                total = gl.zeros([BN, NP], gl.float32, MMA)
+                for s in range(SPLIT):
+                    total += gl.load(ws_ptr + s * MN + cols2 * N + rows2, mask=omask,
+                                     other=0.0, cache_modifier=".cg")
+                gl.store(y_ptr + cols2 * stride_ym + rows2, total.to(y_ptr.dtype.element_ty),
+                         mask=omask)
+                gl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+
+
+def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
+             cfg: MmaConfig | None = None, out: Tensor | None = None) -> Tensor:
+    """y = x @ W^T for W [N, K] in compressed-tensors pack-quantized words `qweight` [N, K/8]
+    (int32, LSB-first nibbles, symmetric codes) with bf16 `scale` [N, K/group]; x [M, K] bf16,
+    M <= 16, into `out` [M, N] (x's dtype) when given. Fast mode (fp32 sums in a different
+    order from the reference)."""
+    from orbit.kernels.gemv import arrival_counters
+
+    m, k = x.shape
+    n = qweight.shape[0]
+    if not supports(m, k, n, group, x.dtype, scale.dtype, False):
+        raise ValueError(f"int4_mma: unsupported operands (M={m}, K={k}, group={group}, "
+                         f"x {x.dtype}, scale {scale.dtype}); see int4_mma.supports")
+    if qweight.shape != (n, k // 8) or qweight.dtype != torch.int32:
+        raise ValueError(f"int4_mma: qweight must be int32 [N, K/8] = [{n}, {k // 8}], got "
+                         f"{qweight.dtype} {list(qweight.shape)}")
+    x = x.contiguous()
+    vec = _vec(group)
+    cfg = cfg or pick_config(m, k, n, group,
+                             torch.cuda.get_device_properties(x.device).multi_processor_count)
+    bk = 32 * vec
+    if k % (cfg.split * bk):
+        raise ValueError(f"int4_mma: K={k} is not a multiple of split {cfg.split} x {bk}")
+    np_ = 8 if m <= 8 else 16
+    mma, a, b, lw, lx = layouts(cfg.warps, cfg.row_tiles, np_, vec)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    if y.shape != (m, n) or y.dtype != x.dtype or y.stride(1) != 1:
+        raise ValueError(f"int4_mma: out must be [{m}, {n}] {x.dtype} with unit column stride")
+    tiles = -(-n // cfg.block_n)
+    if cfg.split > 1:
+        ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device)
+        cnt = arrival_counters(x.device, tiles)
+    else:
+        ws, cnt = y, y
+    _int4_mma_kernel[(tiles, cfg.split)](
+        x, qweight, scale, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0),
+        scale.stride(0), y.stride(0), k // cfg.split // 8, cfg.split, GROUP=group, VEC=vec,
+        BN=cfg.block_n, EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, NP=np_, MMA=mma, A=a, B=b, LW=lw, LX=lx, num_warps=cfg.warps)
+    return y

@@ -1,0 +1,79 @@
+"""scripts/bench/sass_int4_mma.py: the offline sm_90 SASS of the Gluon INT4 mma.sync kernel
+(orbit/kernels/int4_mma.py) as `int4_mma` launches it: registers, spills, and its K loop's
+instruction budget per weight a thread decodes. No GPU needed (Triton's ptxas).
+
+    python scripts/bench/sass_int4_mma.py --m 4 --shape 4096x12288
+    python scripts/bench/sass_int4_mma.py --m 16 --row-tiles 1 --prefetch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sass_gemv import loop_budget
+from sm90_compile import BIN, compile_sm90, disassemble
+
+from orbit.kernels.int4_mma import MmaConfig, _int4_mma_kernel, _vec, layouts, pick_config
+
+TYPES = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": "*bf16",
+         "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+# the runtime integers a real launch passes as multiples of 16 (so the JIT specializes them)
+DIVISIBLE = {"N", "K", "stride_xm", "stride_q", "stride_s", "stride_ym", "K_SLICE_W"}
+
+
+def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True):
+    """_int4_mma_kernel for sm_90 as `int4_mma` launches `cfg` at M = m."""
+    vec = _vec(group)
+    np_ = 8 if m <= 8 else 16
+    mma, a, b, lw, lx = layouts(cfg.warps, cfg.row_tiles, np_, vec)
+    consts = {"GROUP": group, "VEC": vec, "BN": cfg.block_n, "EVEN_N": even_n,
+              "DEPTH": cfg.prefetch, "NP": np_, "MMA": mma, "A": a, "B": b, "LW": lw, "LX": lx}
+    return compile_sm90(_int4_mma_kernel, consts, TYPES, cfg.warps, 1, DIVISIBLE)
+
+
+def resources(cubin: bytes) -> str:
+    """cuobjdump's resource line (REG, STACK, SHARED, LOCAL) of the kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    return [ln.strip() for ln in out.splitlines() if "REG:" in ln][-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="4096x12288", help="in x out (for the shipped config)")
+    ap.add_argument("--m", type=int, default=4)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--warps", type=int)
+    ap.add_argument("--row-tiles", type=int)
+    ap.add_argument("--prefetch", type=int)
+    ap.add_argument("--top", type=int, default=16)
+    args = ap.parse_args(argv)
+    k_in, n_out = (int(v) for v in args.shape.split("x"))
+    cfg = pick_config(args.m, k_in, n_out, args.group, 132)
+    cfg = dataclasses.replace(cfg, **{f: v for f, v in (("warps", args.warps),
+                                                        ("row_tiles", args.row_tiles),
+                                                        ("prefetch", args.prefetch)) if v is not None})
+    kernel = compile_mma(cfg, args.m, args.group)
+    n, ops, total = loop_budget(disassemble(kernel.asm["cubin"]), key="HMMA")
+    weights = 16 * cfg.row_tiles * 32 * _vec(args.group) // 32  # per thread per step
+    print(f"int4 mma M={args.m} {cfg} (triton {triton.__version__}): K loop {n} instructions "
+          f"per step ({n / weights:.2f} per weight a thread decodes, {weights} of them), "
+          f"kernel {total}; {resources(kernel.asm['cubin'])}")
+    print("  " + " ".join(f"{op} {c}" for op, c in ops.most_common(args.top)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""GPU checks of the Gluon INT4 mma.sync decode kernel (orbit/kernels/int4_mma.py).
+
+Fresh random packed weights (every nibble pattern) and activations for every check, NaN-poisoned
+outputs, relative norm against x (float64) @ W^T with W the reference dequantization (fp32),
+tolerance as the other decode kernels (bf16 output rounding is ~2e-3 relative). Covers M = 1..16
+(both MMA column widths), row tails (N not a multiple of the row tile), groups 64 / 128 / 256,
+split-K through the in-kernel fix-up (and that its counters re-arm: a second launch gives the
+same bits), with and without the register prefetch, 1 and 2 row tiles per warp.
+Run: `pytest -m gpu tests/gpu/test_int4_mma_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orbit.kernels.random_weights import random_qweight
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+TOL = 1e-2
+
+
+def _check(m: int, k: int, n: int, group: int, cfg, seed: int) -> None:
+    from orbit.kernels.int4_mma import int4_mma
+
+    qw = random_qweight("int4", n, k, group_size=group, seed=seed, device="cuda")
+    x = torch.randn(m, k, device="cuda", generator=torch.Generator("cuda").manual_seed(seed + 1)
+                    ).bfloat16()
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    y = int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], group, cfg, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.isfinite(y).all(), "an output element was not written"
+    ref = x.double() @ qw.dequantize().double().T
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < TOL, (m, k, n, group, cfg, err)
+    again = int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], group, cfg)
+    assert torch.equal(again, y), "a second launch differs (fix-up counters not re-armed?)"
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 8, 9, 16])
+@pytest.mark.parametrize("k,n", [(2048, 6144), (6144, 2048), (4096, 12288), (2048, 200)])
+def test_int4_mma_default_config(m: int, k: int, n: int) -> None:
+    _check(m, k, n, 128, None, seed=m * 7 + n)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(split=1, prefetch=False), dict(split=1, prefetch=True), dict(split=4, prefetch=True),
+    dict(split=8, prefetch=False), dict(split=2, row_tiles=2), dict(split=16, row_tiles=2),
+])
+@pytest.mark.parametrize("m", [2, 16])
+def test_int4_mma_configs(cfg: dict, m: int) -> None:
+    from orbit.kernels.int4_mma import MmaConfig
+
+    _check(m, 2048, 1000, 128, MmaConfig(**cfg), seed=len(str(cfg)) + m)
+
+
+@pytest.mark.parametrize("group", [64, 256])
+def test_int4_mma_groups(group: int) -> None:
+    from orbit.kernels.int4_mma import MmaConfig
+
+    for split in (1, 2):
+        _check(5, 1024, 384, group, MmaConfig(split=split), seed=group + split)
+
+
+def test_int4_mma_refuses_what_it_does_not_compute() -> None:
+    from orbit.kernels.int4_mma import int4_mma, supports
+
+    qw = random_qweight("int4", 256, 512, group_size=128, device="cuda")
+    x = torch.randn(17, 512, device="cuda").bfloat16()
+    assert not supports(17, 512, 256, 128, x.dtype, torch.bfloat16, False)
+    assert not supports(4, 512, 256, 32, x.dtype, torch.bfloat16, False)
+    assert not supports(4, 512, 256, 128, torch.float16, torch.bfloat16, False)
+    assert not supports(4, 512, 256, 128, x.dtype, torch.bfloat16, True)
+    with pytest.raises(ValueError, match="unsupported"):
+        int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128)
+
+
+def test_qmm_routes_symmetric_int4_rows_to_the_mma_kernel(monkeypatch) -> None:
+    """Fast-mode INT4 forwards of 2..16 rows go to int4_mma (same bits as calling it), and the
+    epilogue questions answer for that route (no fused LoRA / SwiGLU / norm there); M = 1,
+    asymmetric codes and MMA_MAX_M = 0 keep the earlier kernels."""
+    from orbit.kernels import _qgemm, dispatch
+    from orbit.kernels.int4_mma import int4_mma
+
+    k, n = 2048, 6144
+    qw = random_qweight("int4", n, k, group_size=128, seed=3, device="cuda")
+    for m in (2, 4, 16):
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        want = int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128)
+        assert torch.equal(dispatch.qmm(x, qw), want)
+        assert not dispatch.lora_foldable(x, qw)
+        assert not dispatch.norm_foldable(x, qw)
+        assert not dispatch.swiglu_foldable(x, qw)
+    x1 = torch.randn(1, k, device="cuda").bfloat16()
+    assert dispatch.swiglu_foldable(x1, qw)  # batch 1: the plane GEMV with its epilogues
+    x4 = torch.randn(4, k, device="cuda").bfloat16()
+    asym = random_qweight("int4", n, k, group_size=128, asym=True, seed=4, device="cuda")
+    assert not dispatch.mma_operands_ok(x4, asym)
+    monkeypatch.setattr(_qgemm, "MMA_MAX_M", 0)
+    y_old = dispatch.qmm(x4, qw)
+    ref = x4.double() @ qw.dequantize().double().T
+    assert ((y_old.double() - ref).norm() / ref.norm()).item() < TOL
+    assert dispatch.swiglu_foldable(x4, qw) == _qgemm.swiglu_fits(4, n, k, "int4", False,
+                                                                   x4.device)
+
+
+def test_lora_and_epilogues_still_run_where_asked_at_mma_rows() -> None:
+    """A launch that asks for a store epilogue at 2..16 rows keeps its fused kernel (the mma
+    route takes plain forwards only): qmm_lora on a route that `lora_fits` without mma_ok."""
+    from orbit.kernels import _qgemm
+    from orbit.kernels.lora_epilogue import LoRAEpilogue
+
+    k, n, r, m = 2048, 2048, 16, 4
+    qw = random_qweight("int4", n, k, group_size=128, seed=5, device="cuda")
+    if not _qgemm.lora_fits(m, n, k, "int4", False, torch.device("cuda")):
+        pytest.skip("no fused LoRA kernel for this shape without the mma route")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(m, k, generator=g, device="cuda").bfloat16()
+    h = (torch.randn(m, r, generator=g, device="cuda") * 0.1).bfloat16()
+    b = (torch.randn(n, r, generator=g, device="cuda") * 0.05).bfloat16()
+    t = qw.tensors
+    y = _qgemm.launch(x, "int4", qw.shape, t["qweight"], t["scale"], None, None, 128, False,
+                      False, lora=LoRAEpilogue(h, (b,), 2.0))
+    ref = x.double() @ qw.dequantize().double().T + 2.0 * (h.double() @ b.double().T)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < TOL

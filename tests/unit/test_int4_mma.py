@@ -1,0 +1,83 @@
+"""CPU checks of the Gluon INT4 mma.sync kernel (orbit/kernels/int4_mma.py): its config rule
+against the H100 sweep it was fitted to, the operands it takes, and its sm_90 compile (Gluon
+has no interpreter, so its numbers are checked on the GPU: tests/gpu/test_int4_mma_gpu.py).
+The compile proves what the design rests on: the decoded weights and x reach the MMA through
+trivial layout conversions (convert_layout(assert_trivial=True) would fail the compile), no
+shared memory in the K loop, no spills, and a loop of about 2.8 instructions per weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orbit.kernels.int4_mma import MmaConfig, pick_config, supports
+
+# (in, out, M) -> the best config of the session-21 H100 sweep (docs/benchmarks.md), as
+# (row_tiles, split): the rule must pick it (prefetch 2 and 4 warps everywhere)
+SWEEP_BEST = {(4096, 12288, 4): (1, 4), (4096, 12288, 16): (2, 4),
+              (2048, 12288, 4): (1, 4), (2048, 12288, 16): (2, 4),
+              (6144, 2048, 4): (1, 8), (6144, 2048, 16): (2, 8),
+              (2048, 4096, 4): (1, 4), (2048, 4096, 16): (2, 4)}
+
+
+@pytest.mark.parametrize("key", sorted(SWEEP_BEST))
+def test_pick_reproduces_the_sweep(key: tuple[int, int, int]) -> None:
+    k, n, m = key
+    cfg = pick_config(m, k, n, 128, 132)
+    assert (cfg.row_tiles, cfg.split) == SWEEP_BEST[key]
+    assert cfg.warps == 4 and cfg.prefetch == 2
+
+
+def test_pick_keeps_whole_steps_per_slice() -> None:
+    for k in (576, 1536, 2048, 4096, 6144, 8192):
+        for group in (64, 128, 256):
+            if k % group:
+                continue
+            cfg = pick_config(4, k, 2048, group, 132)
+            step = 32 * (4 if group % 128 == 0 else 2)
+            assert k % (cfg.split * step) == 0 and k // cfg.split >= 2 * step or cfg.split == 1
+
+
+def test_supports_only_what_it_computes() -> None:
+    bf = torch.bfloat16
+    assert supports(4, 4096, 12288, 128, bf, bf, False)
+    assert supports(16, 2048, 2048, 64, bf, bf, False)
+    assert supports(2, 4096, 512, 256, bf, bf, False)
+    assert not supports(17, 4096, 512, 128, bf, bf, False)  # M
+    assert not supports(0, 4096, 512, 128, bf, bf, False)
+    assert not supports(4, 4096, 512, 32, bf, bf, False)  # group 32 (GGUF Q4_0 / Q4_1)
+    assert not supports(4, 4096, 512, 128, bf, bf, True)  # asymmetric codes
+    assert not supports(4, 4096, 512, 128, torch.float16, bf, False)
+    assert not supports(4, 4096, 512, 128, bf, torch.float32, False)
+    assert not supports(4, 4000, 512, 128, bf, bf, False)  # group does not divide K
+
+
+def test_block_n() -> None:
+    assert MmaConfig(4, 1).block_n == 64 and MmaConfig(8, 2).block_n == 256
+
+
+def _tool():
+    pytest.importorskip("triton.experimental.gluon")
+    from bench_scripts import load_bench
+
+    bin_dir = load_bench("sm90_compile").BIN
+    if not ((bin_dir / "ptxas").exists() and (bin_dir / "cuobjdump").exists()):
+        pytest.skip("this Triton ships no ptxas / cuobjdump")
+    return load_bench("sass_int4_mma")
+
+
+@pytest.mark.parametrize("m,group", [(4, 128), (16, 128), (3, 64)])
+def test_sm90_compile_keeps_weights_in_registers(m: int, group: int) -> None:
+    tool = _tool()
+    cfg = pick_config(m, 4096, 12288, group, 132)
+    kernel = tool.compile_mma(cfg, m, group)
+    sass = tool.disassemble(kernel.asm["cubin"])
+    n, ops, _ = tool.loop_budget(sass, key="HMMA")
+    weights = 16 * cfg.row_tiles * 32 * (4 if group == 128 else 2) // 32
+    np_ = 8 if m <= 8 else 16
+    # one m16n8k16 MMA per 16 x 16 weights and 8 columns of x
+    assert ops["HMMA"] == cfg.row_tiles * (32 * (4 if group == 128 else 2) // 16) * (np_ // 8)
+    assert ops["LDS"] == 0 and ops["STS"] == 0 and ops["LDSM"] == 0  # no shared memory
+    assert ops["LOP3"] == ops["HFMA2"] == weights // 2  # the decode: 2 per nibble pair
+    assert n < (3.0 if group % 128 == 0 else 3.6) * weights  # (64-deep steps: more overhead)
+    assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])  # no spills
