@@ -88,9 +88,14 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 # for cuBLAS BF16 (docs/benchmarks.md). M = 1 stays with the plane GEMV (15.5 vs 16.5 us). A
 # launch with a store epilogue (LoRA, SwiGLU, norm) keeps its fused kernel; the *_fits
 # questions below answer for the mma route when asked with mma_ok (dispatch does), so the
-# engine runs those epilogues as separate launches there. MMA_MAX_M = 0 turns it off.
+# engine runs those epilogues as separate launches there, up to MMA_UNFUSED_MAX_M rows:
+# engine H100 (Qwen3-1.7B INT4, decode tok/s, same process): batch 4 3027 / 2787 against 2182
+# / 2181 with the fused kernels, batch 8 3796 / 3557 against 3340 / 3339, batch 16 6232 /
+# 6243 against 6470 / 6471, so from 9 rows on the engine keeps its fused launches and only
+# plain forwards take the mma kernel. MMA_MAX_M = 0 turns it off.
 MMA_MIN_M = 2
 MMA_MAX_M = 16
+MMA_UNFUSED_MAX_M = 8
 
 
 def _gemv_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:

@@ -34,6 +34,7 @@ adds them in slice order: deterministic). Forward only, fast mode only, CUDA sm_
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -63,13 +64,14 @@ FIXUP_MAX_SPLIT = 16
 class MmaConfig:
     """warps: 16-row MMA tiles side by side (BN = 16 * warps * row_tiles weight rows per
     program); row_tiles: 16-row tiles per warp (x registers are shared between them);
-    split: K slices; prefetch: steps whose weight words are loaded ahead of the one being
-    computed (0, 1 or 2)."""
+    split: K slices; prefetch: steps whose weight words and scales are loaded ahead of the one
+    being computed (0, 1 or 2); x_prefetch: the next step's x too."""
 
     warps: int = 4
     row_tiles: int = 1
     split: int = 1
     prefetch: int = 1
+    x_prefetch: bool = False
 
     @property
     def block_n(self) -> int:
@@ -90,23 +92,23 @@ def _vec(group: int) -> int:
 
 
 def pick_config(m: int, k: int, n: int, group: int, sms: int) -> MmaConfig:
-    """The config of an M-row forward, from the H100 sweep of session 21 (docs/kernels.md;
-    `bench_qmm.py --gemv --gemv-mma --gemv-mma-sweep`), which this rule reproduces on all
-    eight (shape, M-class) bests it measured on Qwen3 shapes: two 16-row tiles per warp from
-    9 rows on (the 16-column x is then shared by both), two steps of words in flight, and the
-    largest split of K (a power of two up to 16) that keeps at most 6 programs' worth of
-    16-row tiles per SM and at least 512 deep slices: the kernel is bound by each warp's
-    load-to-MMA latency chain, so more, shorter chains help until the fix-up and the
-    per-program set-up cost more."""
+    """The config of an M-row forward, from the H100 sweeps of session 21 (docs/kernels.md;
+    `bench_qmm.py --gemv --gemv-mma --gemv-mma-sweep`) on four Qwen3 shapes: one step of
+    words and scales loaded ahead (two were within noise, and cost registers); from 9 rows
+    on, two 16-row tiles per warp (the 16-column x is shared by both) and x loaded a step
+    ahead too; the largest split of K (a power of two up to 16) that keeps at most 6
+    programs' worth of 16-row tiles per SM and slices at least 512 deep: the kernel is bound
+    by each warp's load-to-MMA latency chain (Nsight: long-scoreboard stalls), so more,
+    shorter chains help until the fix-up and the per-program set-up cost more."""
     rt = 2 if m > 8 else 1
-    cfg = MmaConfig(warps=4, row_tiles=rt, prefetch=2)
+    cfg = MmaConfig(warps=4, row_tiles=rt, prefetch=1, x_prefetch=m > 8)
     tiles = -(-n // cfg.block_n)
     steps = k // (32 * _vec(group))
     split = 1
     while (split * 2 <= min(FIXUP_MAX_SPLIT, steps // 2) and steps % (split * 2) == 0
            and tiles * split * 2 * rt <= 6 * sms and k // (split * 2) >= 512):
         split *= 2
-    return MmaConfig(cfg.warps, rt, split, cfg.prefetch)
+    return dataclasses.replace(cfg, split=split)
 
 
 if HAS_GLUON:
@@ -175,11 +177,10 @@ if HAS_GLUON:
         return gl.convert_layout(gl.reshape(v, [BN, BK]), A, assert_trivial=True)
 
     @gluon.jit
-    def _load_b(x_ptrs, B: gl.constexpr, NP: gl.constexpr, BK: gl.constexpr,
-                VEC: gl.constexpr):
+    def _to_b(xv, B: gl.constexpr, NP: gl.constexpr, BK: gl.constexpr, VEC: gl.constexpr):
         # x tile [NP, 4, 8 VEC] -> B operand [BK, NP]: [n, t, i, h, p] -> [i, t, p, h, n], so
         # K = h + 2p + 8t + 32i in the A operand's order (a trivial conversion: registers only)
-        xr = gl.reshape(gl.load(x_ptrs), [NP, 4, VEC, 2, 4])
+        xr = gl.reshape(xv, [NP, 4, VEC, 2, 4])
         xb = gl.permute(xr, (2, 1, 4, 3, 0))
         return gl.convert_layout(gl.reshape(xb, [BK, NP]), B, assert_trivial=True)
 
@@ -187,7 +188,7 @@ if HAS_GLUON:
     def _int4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm,
                          stride_q, stride_s, stride_ym, K_SLICE_W, SPLIT,
                          GROUP: gl.constexpr, VEC: gl.constexpr, BN: gl.constexpr,
-                         EVEN_N: gl.constexpr, DEPTH: gl.constexpr,
+                         EVEN_N: gl.constexpr, DEPTH: gl.constexpr, XPRE: gl.constexpr,
                          NP: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
                          B: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr):
         BK: gl.constexpr = 32 * VEC
@@ -226,31 +227,52 @@ if HAS_GLUON:
 
         acc = gl.zeros([BN, NP], gl.float32, MMA)
         zero = gl.zeros([BN, NP], gl.float32, MMA)
-        # DEPTH steps' words are in flight while a step is computed (x, read from L1/L2 by
-        # every warp, is loaded when used: held across steps its bf16 halves cost PRMTs).
-        # w_ptrs is the next load's; it stops advancing at the slice's last step.
+        # DEPTH steps' words and scales are in flight while a step is computed (a scale
+        # loaded when used put a DRAM round trip into every step: Nsight, session 21); with
+        # XPRE the next step's x too, held as loaded and made the B operand when used. The
+        # pointers (kn: the K offset) are the next load's; they stop advancing at the slice's
+        # last step, which is then loaded again and not used.
+        kn = k_lo
         if DEPTH >= 1:
             w0 = gl.load(w_ptrs)
+            s0 = gl.load(s_ptrs + kn // GROUP)
         if DEPTH >= 2:
-            w_ptrs += gl.where(BK < K_SLICE, BK // 8, 0)
+            adv0 = gl.where(BK < K_SLICE, BK, 0)
+            w_ptrs += adv0 // 8
+            kn += adv0
             w1 = gl.load(w_ptrs)
+            s1 = gl.load(s_ptrs + kn // GROUP)
+        if XPRE:
+            x0 = gl.load(x_ptrs)
         for kk in range(0, K_SLICE, BK):
-            cur_x = _load_b(x_ptrs, B, NP, BK, VEC)
-            x_ptrs += BK
+            if XPRE:
+                cur_x = x0
+                x_ptrs += gl.where(kk + BK < K_SLICE, BK, 0)
+                x0 = gl.load(x_ptrs)
+            else:
+                cur_x = gl.load(x_ptrs)
+                x_ptrs += BK
             if DEPTH == 0:
                 cur_w = gl.load(w_ptrs)
+                cur_s = gl.load(s_ptrs + (k_lo + kk) // GROUP)
                 w_ptrs += BK // 8
             else:
                 cur_w = w0
-                w_ptrs += gl.where(kk + DEPTH * BK < K_SLICE, BK // 8, 0)
+                cur_s = s0
+                adv = gl.where(kk + DEPTH * BK < K_SLICE, BK, 0)
+                w_ptrs += adv // 8
+                kn += adv
                 if DEPTH >= 2:
                     w0 = w1
+                    s0 = s1
                     w1 = gl.load(w_ptrs)
+                    s1 = gl.load(s_ptrs + kn // GROUP)
                 else:
                     w0 = gl.load(w_ptrs)
-            sc = gl.load(s_ptrs + (k_lo + kk) // GROUP).to(gl.float32)
+                    s0 = gl.load(s_ptrs + kn // GROUP)
             a = _decode(cur_w, A, BN, BK, VEC)
-            part = mma_v2(a, cur_x, zero)
+            sc = cur_s.to(gl.float32)
+            part = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), zero)
             acc = acc + part * gl.expand_dims(sc, 1)
 
         # out^T: y[col, row] = acc[row, col]
@@ -313,5 +335,5 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     _int4_mma_kernel[(tiles, cfg.split)](
         x, qweight, scale, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0),
         scale.stride(0), y.stride(0), k // cfg.split // 8, cfg.split, GROUP=group, VEC=vec,
-        BN=cfg.block_n, EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, NP=np_, MMA=mma, A=a, B=b, LW=lw, LX=lx, num_warps=cfg.warps)
+        BN=cfg.block_n, EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma, A=a, B=b, LW=lw, LX=lx, num_warps=cfg.warps)
     return y

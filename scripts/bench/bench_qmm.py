@@ -290,8 +290,8 @@ def regfed_alts(m: int, n: int, k: int, sms: int) -> list:
 REGFED_MAXNREG = (96, 80, 64)  # 5, 6, 8 programs of 128 threads per SM
 
 # --gemv-mma (session 21): the Gluon INT4 mma.sync kernel (orbit/kernels/int4_mma.py) at its
-# own pick, at half and twice the pick's split, with 2 row tiles per warp and without the
-# register prefetch.
+# own pick, at half and twice the pick's split, with the other row tiling, prefetch depth and
+# x prefetch; --gemv-mma-sweep: MMA_SWEEP (4 warps: 8 measured the same) at every split.
 def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False) -> list:
     """The int4_mma configs --gemv-mma times at one shape and M: the pick first, then (sweep)
     every (warps, row tiles, prefetch depth) of MMA_SWEEP at every split the K steps allow,
@@ -302,16 +302,17 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False) 
     steps = k // min(128, group)
     splits = [s_ for s_ in (1, 2, 4, 8, 16) if steps % s_ == 0 and steps // s_ >= 2]
     if sweep:
-        return [pick] + [MmaConfig(w, rt, s_, d) for w, rt, d in MMA_SWEEP for s_ in splits
-                         if MmaConfig(w, rt, s_, d) != pick]
+        return [pick] + [MmaConfig(w, rt, s_, d, xp) for w, rt, d, xp in MMA_SWEEP
+                         for s_ in splits if MmaConfig(w, rt, s_, d, xp) != pick]
     out = [pick, dataclasses.replace(pick, prefetch=2 if pick.prefetch < 2 else 1),
-           dataclasses.replace(pick, row_tiles=2)]
+           dataclasses.replace(pick, x_prefetch=not pick.x_prefetch),
+           dataclasses.replace(pick, row_tiles=3 - pick.row_tiles)]
     out += [dataclasses.replace(pick, split=s_) for s_ in (pick.split // 2, pick.split * 2)
             if s_ in splits]
     return out
 
 
-MMA_SWEEP = [(w, rt, d) for w in (4, 8) for rt in (1, 2) for d in (1, 2)]
+MMA_SWEEP = [(4, rt, d, xp) for rt in (1, 2) for d in (1, 2) for xp in (False, True)]
 
 
 def _mma(x, qw, cfg):

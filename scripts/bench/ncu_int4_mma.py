@@ -3,7 +3,7 @@ shape and M, a few configs, 3 launches each (the summary is ncu_gemv.summarize's
 
     bash scripts/bench/ncu_gemv_stalls.sh 4096x12288 pick,4:2:4:1,4:2:4:0 int4-mma 16
 
-A config is `pick` (int4_mma.pick_config) or warps:row_tiles:split:prefetch.
+A config is `pick` (int4_mma.pick_config) or warps:row_tiles:split:prefetch[:x_prefetch].
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from ncu_gemv import summarize
 
 
 def parse_config(name: str, pick: MmaConfig) -> MmaConfig:
-    """`pick`, or warps:row_tiles:split:prefetch."""
+    """`pick`, or warps:row_tiles:split:prefetch[:x_prefetch]."""
     if name == "pick":
         return pick
     try:
-        w, rt, sp, pf = (int(v) for v in name.split(":"))
+        w, rt, sp, pf, *xp = (int(v) for v in name.split(":"))
     except ValueError:
         raise SystemExit(f"--configs: {name!r} is neither 'pick' nor "
-                         "warps:row_tiles:split:prefetch") from None
-    return MmaConfig(w, rt, sp, pf)
+                         "warps:row_tiles:split:prefetch[:x_prefetch]") from None
+    return MmaConfig(w, rt, sp, pf, bool(xp and xp[0]))
 
 
 def main() -> int:

@@ -36,7 +36,7 @@ def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True):
     np_ = 8 if m <= 8 else 16
     mma, a, b, lw, lx = layouts(cfg.warps, cfg.row_tiles, np_, vec)
     consts = {"GROUP": group, "VEC": vec, "BN": cfg.block_n, "EVEN_N": even_n,
-              "DEPTH": cfg.prefetch, "NP": np_, "MMA": mma, "A": a, "B": b, "LW": lw, "LX": lx}
+              "DEPTH": cfg.prefetch, "XPRE": cfg.x_prefetch, "NP": np_, "MMA": mma, "A": a, "B": b, "LW": lw, "LX": lx}
     return compile_sm90(_int4_mma_kernel, consts, TYPES, cfg.warps, 1, DIVISIBLE)
 
 
@@ -58,13 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warps", type=int)
     ap.add_argument("--row-tiles", type=int)
     ap.add_argument("--prefetch", type=int)
+    ap.add_argument("--x-prefetch", type=int, choices=(0, 1))
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args(argv)
     k_in, n_out = (int(v) for v in args.shape.split("x"))
     cfg = pick_config(args.m, k_in, n_out, args.group, 132)
     cfg = dataclasses.replace(cfg, **{f: v for f, v in (("warps", args.warps),
                                                         ("row_tiles", args.row_tiles),
-                                                        ("prefetch", args.prefetch)) if v is not None})
+                                                        ("prefetch", args.prefetch),
+                                                        ("x_prefetch", args.x_prefetch))
+                                if v is not None})
     kernel = compile_mma(cfg, args.m, args.group)
     n, ops, total = loop_budget(disassemble(kernel.asm["cubin"]), key="HMMA")
     weights = 16 * cfg.row_tiles * 32 * _vec(args.group) // 32  # per thread per step

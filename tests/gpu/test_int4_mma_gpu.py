@@ -80,21 +80,28 @@ def test_int4_mma_refuses_what_it_does_not_compute() -> None:
 
 
 def test_qmm_routes_symmetric_int4_rows_to_the_mma_kernel(monkeypatch) -> None:
-    """Fast-mode INT4 forwards of 2..16 rows go to int4_mma (same bits as calling it), and the
-    epilogue questions answer for that route (no fused LoRA / SwiGLU / norm there); M = 1,
-    asymmetric codes and MMA_MAX_M = 0 keep the earlier kernels."""
+    """Fast-mode INT4 forwards of 2..16 rows go to int4_mma (same bits as calling it); up to
+    MMA_UNFUSED_MAX_M rows the epilogue questions answer for that route (no fused LoRA /
+    SwiGLU / norm there), above it they keep the fused kernels; M = 1, asymmetric codes and
+    MMA_MAX_M = 0 keep the earlier kernels."""
     from orbit.kernels import _qgemm, dispatch
     from orbit.kernels.int4_mma import int4_mma
 
     k, n = 2048, 6144
     qw = random_qweight("int4", n, k, group_size=128, seed=3, device="cuda")
-    for m in (2, 4, 16):
+    for m in (2, 4, 8, 16):
         x = torch.randn(m, k, device="cuda").bfloat16()
         want = int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128)
         assert torch.equal(dispatch.qmm(x, qw), want)
-        assert not dispatch.lora_foldable(x, qw)
-        assert not dispatch.norm_foldable(x, qw)
-        assert not dispatch.swiglu_foldable(x, qw)
+        unfused = m <= _qgemm.MMA_UNFUSED_MAX_M
+        assert dispatch.mma_operands_ok(x, qw) == unfused
+        if unfused:
+            assert not dispatch.lora_foldable(x, qw)
+            assert not dispatch.norm_foldable(x, qw)
+            assert not dispatch.swiglu_foldable(x, qw)
+        else:
+            assert dispatch.lora_foldable(x, qw) == _qgemm.lora_fits(m, n, k, "int4", False,
+                                                                     x.device)
     x1 = torch.randn(1, k, device="cuda").bfloat16()
     assert dispatch.swiglu_foldable(x1, qw)  # batch 1: the plane GEMV with its epilogues
     x4 = torch.randn(4, k, device="cuda").bfloat16()
