@@ -84,18 +84,17 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 # Symmetric INT4 fast-mode forwards of MMA_MIN_M..MMA_MAX_M rows whose operands int4_mma
 # takes (bf16 x and scales, groups of 64 or a multiple of 128) run the Gluon mma.sync kernel
 # (orbit/kernels/int4_mma.py) on sm_80+, before any route table: H100, session 21,
-# 4096x12288 M = 4 16.8 us against 32.6 for the tl.dot loop, 49.6 for the plane GEMV and 41.6
-# for cuBLAS BF16 (docs/benchmarks.md). M = 1 stays with the plane GEMV (15.5 vs 16.5 us). A
-# launch with a store epilogue (LoRA, SwiGLU, norm) keeps its fused kernel; the *_fits
-# questions below answer for the mma route when asked with mma_ok (dispatch does), so the
-# engine runs those epilogues as separate launches there, up to MMA_UNFUSED_MAX_M rows:
-# engine H100 (Qwen3-1.7B INT4, decode tok/s, same process): batch 4 3027 / 2787 against 2182
-# / 2181 with the fused kernels, batch 8 3796 / 3557 against 3340 / 3339, batch 16 6232 /
-# 6243 against 6470 / 6471, so from 9 rows on the engine keeps its fused launches and only
-# plain forwards take the mma kernel. MMA_MAX_M = 0 turns it off.
+# 4096x12288 M = 4 16.8-17.7 us against 32.4 for the tl.dot loop, 49.3 for the plane GEMV and
+# 41.7 for cuBLAS BF16 (docs/benchmarks.md). M = 1 stays with the plane GEMV (15.5 vs 16.5
+# us). A launch with a store epilogue (LoRA, SwiGLU, norm) keeps its fused kernel; the *_fits
+# questions answer for the mma route when asked with mma_ok (dispatch does), so the engine
+# runs those epilogues as separate launches there. Engine H100 (Qwen3-1.7B INT4, decode
+# tok/s, same process, mma up to 16 rows vs off): batch 4 2631 vs 2179, batch 8 3862 vs 3350,
+# batch 16 6165 vs 6493, also with its epilogues kept fused at 16 (the kernel itself loses to
+# cuBLAS there on the narrow shapes: 2048x2048 M = 16 8.3 vs 6.9 us). So 8 rows at most;
+# MMA_MAX_M = 0 turns it off.
 MMA_MIN_M = 2
-MMA_MAX_M = 16
-MMA_UNFUSED_MAX_M = 8
+MMA_MAX_M = 8
 
 
 def _gemv_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:

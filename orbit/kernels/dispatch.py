@@ -100,15 +100,13 @@ def _fused_store_input(x: Tensor) -> bool:
 
 
 def mma_operands_ok(x: Tensor, qw: QuantizedWeight) -> bool:
-    """x @ W^T can run int4_mma, whose store takes no epilogue, and at these rows the engine
-    gains by running its epilogues separately (`_qgemm.MMA_UNFUSED_MAX_M`): the *_foldable
-    questions then answer for the mma route."""
-    from orbit.kernels import _qgemm
+    """x @ W^T can run int4_mma (within `_qgemm.MMA_MAX_M` rows it is then routed there),
+    whose store takes no epilogue: the *_foldable questions answer for that route."""
+    from orbit.kernels._qgemm import mma_operands_fit
 
     t = qw.tensors
-    return (qw.fmt == "int4" and x.shape[0] <= _qgemm.MMA_UNFUSED_MAX_M
-            and _qgemm.mma_operands_fit(x, qw.fmt, qw.shape, t["scale"], t.get("offset"),
-                                        qw.group_size))
+    return qw.fmt == "int4" and mma_operands_fit(x, qw.fmt, qw.shape, t["scale"],
+                                                 t.get("offset"), qw.group_size)
 
 
 def lora_foldable(x: Tensor, qw: QuantizedWeight, members: int = 1) -> bool:

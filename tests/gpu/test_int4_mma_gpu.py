@@ -48,8 +48,9 @@ def test_int4_mma_default_config(m: int, k: int, n: int) -> None:
 
 
 @pytest.mark.parametrize("cfg", [
-    dict(split=1, prefetch=False), dict(split=1, prefetch=True), dict(split=4, prefetch=True),
-    dict(split=8, prefetch=False), dict(split=2, row_tiles=2), dict(split=16, row_tiles=2),
+    {"split": 1, "prefetch": 0}, {"split": 1, "prefetch": 1}, {"split": 4, "prefetch": 2},
+    {"split": 8, "prefetch": 0, "x_prefetch": True}, {"split": 2, "row_tiles": 2},
+    {"split": 16, "row_tiles": 2, "prefetch": 2, "x_prefetch": True},
 ])
 @pytest.mark.parametrize("m", [2, 16])
 def test_int4_mma_configs(cfg: dict, m: int) -> None:
@@ -80,10 +81,9 @@ def test_int4_mma_refuses_what_it_does_not_compute() -> None:
 
 
 def test_qmm_routes_symmetric_int4_rows_to_the_mma_kernel(monkeypatch) -> None:
-    """Fast-mode INT4 forwards of 2..16 rows go to int4_mma (same bits as calling it); up to
-    MMA_UNFUSED_MAX_M rows the epilogue questions answer for that route (no fused LoRA /
-    SwiGLU / norm there), above it they keep the fused kernels; M = 1, asymmetric codes and
-    MMA_MAX_M = 0 keep the earlier kernels."""
+    """Fast-mode INT4 forwards of 2..MMA_MAX_M rows go to int4_mma (same bits as calling it)
+    and the epilogue questions answer for that route (no fused LoRA / SwiGLU / norm there);
+    M = 1, more rows, asymmetric codes and MMA_MAX_M = 0 keep the earlier kernels."""
     from orbit.kernels import _qgemm, dispatch
     from orbit.kernels.int4_mma import int4_mma
 
@@ -92,10 +92,9 @@ def test_qmm_routes_symmetric_int4_rows_to_the_mma_kernel(monkeypatch) -> None:
     for m in (2, 4, 8, 16):
         x = torch.randn(m, k, device="cuda").bfloat16()
         want = int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128)
-        assert torch.equal(dispatch.qmm(x, qw), want)
-        unfused = m <= _qgemm.MMA_UNFUSED_MAX_M
-        assert dispatch.mma_operands_ok(x, qw) == unfused
-        if unfused:
+        routed = m <= _qgemm.MMA_MAX_M
+        if routed:
+            assert torch.equal(dispatch.qmm(x, qw), want)
             assert not dispatch.lora_foldable(x, qw)
             assert not dispatch.norm_foldable(x, qw)
             assert not dispatch.swiglu_foldable(x, qw)
