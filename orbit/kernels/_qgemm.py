@@ -173,7 +173,8 @@ def _mma_by_rule(m: int, fmt: str, device: torch.device) -> bool:
 def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
           transpose: bool = False, mma_ok: bool = False) -> Route:
     """Which kernel runs `x[m, k] @ W[n, k]^T` (or, transposed, `dy[m, n] @ W`) in `launch`.
-    Exact mode: the dot loop with its fixed tile. Fast-mode forward: the device's route table
+    Exact mode: the dot loop with its fixed tile. Fast-mode forward: the INT4 mma.sync kernel
+    where `mma_ok` and `_mma_by_rule` (2..MMA_MAX_M rows), else the device's route table
     where it has an entry for the shape (orbit/kernels/qmm_routes.py), else the rules:
     dequantize + cuBLAS from DEQUANT_MIN_M rows, the register-fed tile where `_regfed_by_rule`
     (NVFP4, 2-16 rows, 2-4 on wide weights, sm_90+), the decode GEMV where `_gemv_by_rule`, the

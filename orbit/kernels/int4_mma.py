@@ -5,8 +5,9 @@ Why (docs/kernels.md, "INT4 mma.sync with register-fed weights"). The plane GEMV
 weight in 5.5 SASS instructions at M = 1 and 13-17 at M = 4 (each row of x costs its own FMAs),
 and Nsight found it bound by that per-warp instruction chain, not by bytes. A tensor-core step
 (mma.sync m16n8k16) multiplies 16 x 16 weights by up to 8 rows of x in one instruction, so the
-decode is left as the per-weight cost: ~1.4 instructions (a shift per nibble pair, a LOP3 that
-writes the bf16 bits of 128 + u, one packed bf16 FMA to u - 8), the same at every M <= 16.
+decode is left as the per-weight cost (a shift per nibble pair, a LOP3 that writes the bf16
+bits of 128 + u, one packed bf16 FMA to u - 8), the same at every M <= 16: the K loop is 2.8
+SASS instructions per weight in all (scripts/bench/sass_int4_mma.py).
 Earlier `tl.dot` forms of this idea lost to layout conversions and shared-memory trips that
 plain Triton inserts between the loaded words and the MMA operand (sessions 13-16). Gluon names
 the layouts: the packed words are loaded straight into the registers where the decoded
