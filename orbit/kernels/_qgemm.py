@@ -81,8 +81,9 @@ GEMV_MIN_SPLIT = 8
 GEMV_MIN_SPLIT_INT4_M1 = 4
 GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 
-# Symmetric INT4 fast-mode forwards of MMA_MIN_M..MMA_MAX_M rows whose operands int4_mma
-# takes (bf16 x and scales, groups of 64 or a multiple of 128) run the Gluon mma.sync kernel
+# Symmetric INT4 (and NVFP4: MMA_FORMATS) fast-mode forwards of MMA_MIN_M..MMA_MAX_M rows
+# whose operands int4_mma takes (bf16 x; INT4: bf16 scales in groups of 64 or a multiple of
+# 128; NVFP4: 4-byte aligned code rows) run the Gluon mma.sync kernel
 # (orbit/kernels/int4_mma.py) on sm_80+, before any route table: H100, session 21,
 # 4096x12288 M = 4 16.8-17.7 us against 32.4 for the tl.dot loop, 49.3 for the plane GEMV and
 # 41.7 for cuBLAS BF16 (docs/benchmarks.md). M = 1 stays with the plane GEMV (15.5 vs 16.5
@@ -95,6 +96,9 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 # MMA_MAX_M = 0 turns it off.
 MMA_MIN_M = 2
 MMA_MAX_M = 8
+# NVFP4 through the same kernel (E2M1 pair decode with the scale in a packed FMA, session 21):
+# listed here only where it measured faster than the register-fed tile (docs/benchmarks.md)
+MMA_FORMATS = ("int4", "nvfp4")
 
 
 def _gemv_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
@@ -166,7 +170,7 @@ def _capability_of(index: int) -> tuple[int, int]:
 def _mma_by_rule(m: int, fmt: str, device: torch.device) -> bool:
     from orbit.kernels.int4_mma import HAS_GLUON
 
-    return (fmt == "int4" and MMA_MIN_M <= m <= MMA_MAX_M and device.type == "cuda"
+    return (fmt in MMA_FORMATS and MMA_MIN_M <= m <= MMA_MAX_M and device.type == "cuda"
             and HAS_GLUON and _capability(device)[0] >= 8)
 
 
@@ -546,15 +550,18 @@ def check_out(out: Tensor | None, shape: tuple[int, int], x: Tensor) -> Tensor:
     return out
 
 
-def mma_operands_fit(x: Tensor, fmt: str, shape: tuple[int, int], scale: Tensor,
+def mma_operands_fit(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, scale: Tensor,
                      offset: Tensor | None, group: int) -> bool:
-    """Whether int4_mma computes x @ W^T for these operands (`int4_mma.supports`)."""
-    if fmt != "int4" or x.dim() != 2:
-        return False
-    from orbit.kernels.int4_mma import supports
+    """Whether int4_mma computes x @ W^T for these operands (`int4_mma.supports`; NVFP4 codes
+    are read as int32 words, so their rows must be 4-byte aligned)."""
+    from orbit.kernels.int4_mma import FORMATS, supports
 
+    if fmt not in FORMATS or x.dim() != 2:
+        return False
+    if fmt == "nvfp4" and (q.stride(0) % 4 or q.storage_offset() % 4):
+        return False
     return supports(x.shape[0], shape[1], shape[0], group, x.dtype, scale.dtype,
-                    offset is not None)
+                    offset is not None, fmt)
 
 
 def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
@@ -601,13 +608,13 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         return y
     # the mma route for plain forwards only: a requested epilogue keeps its fused kernel
     mma_ok = (config is None and lora is None and not swiglu and norm is None
-              and mma_operands_fit(x, fmt, shape, s, offset, group))
+              and mma_operands_fit(x, fmt, shape, q, s, offset, group))
     r = Route("dot", config) if config is not None else route(m, n, k, fmt, exact, x.device,
                                                                transpose, mma_ok)
     if r.kind == "mma":
         from orbit.kernels.int4_mma import int4_mma
 
-        return int4_mma(x, q, s, group, out=y)
+        return int4_mma(x, q, s, group, out=y, fmt=fmt, global_scale=global_scale)
     if r.kind == "dequant":
         # Training sizes: the MMA-bound GEMM is faster in cuBLAS than in a loop that also
         # dequantizes; the transient BF16 weight costs one memory-bound pass (docs/kernels.md).

@@ -103,10 +103,13 @@ def mma_operands_ok(x: Tensor, qw: QuantizedWeight) -> bool:
     """x @ W^T can run int4_mma (within `_qgemm.MMA_MAX_M` rows it is then routed there),
     whose store takes no epilogue: the *_foldable questions answer for that route."""
     from orbit.kernels._qgemm import mma_operands_fit
+    from orbit.quant.qweight import NVFP4_GROUP
 
     t = qw.tensors
-    return qw.fmt == "int4" and mma_operands_fit(x, qw.fmt, qw.shape, t["scale"],
-                                                 t.get("offset"), qw.group_size)
+    group = NVFP4_GROUP if qw.fmt == "nvfp4" else qw.group_size
+    return (qw.fmt in ("int4", "nvfp4") and x.dim() == 2
+            and mma_operands_fit(x, qw.fmt, qw.shape, t["qweight"], t["scale"],
+                                 t.get("offset"), group))
 
 
 def lora_foldable(x: Tensor, qw: QuantizedWeight, members: int = 1) -> bool:

@@ -79,20 +79,36 @@ class MmaConfig:
         return 16 * self.warps * self.row_tiles
 
 
+FORMATS = ("int4", "nvfp4")
+NVFP4_GROUP = 16
+
+
 def supports(m: int, k: int, n: int, group: int, x_dtype: torch.dtype,
-             scale_dtype: torch.dtype, has_offset: bool) -> bool:
-    """Whether this kernel computes a forward of these operands."""
-    return (HAS_GLUON and 1 <= m <= MAX_M and not has_offset and x_dtype == torch.bfloat16
-            and scale_dtype == torch.bfloat16 and _vec(group) > 0 and k % group == 0)
+             scale_dtype: torch.dtype, has_offset: bool, fmt: str = "int4") -> bool:
+    """Whether this kernel computes a forward of these operands: INT4 with symmetric codes and
+    bf16 scales in groups of 64 or a multiple of 128, or NVFP4 (e4m3 scales per 16), bf16 x
+    of 1..MAX_M rows, K a multiple of the step depth."""
+    if not (HAS_GLUON and 1 <= m <= MAX_M and not has_offset and x_dtype == torch.bfloat16):
+        return False
+    if fmt == "nvfp4":
+        return (group == NVFP4_GROUP and scale_dtype == torch.float8_e4m3fn
+                and k % step_depth(fmt, group) == 0)
+    return (fmt == "int4" and scale_dtype == torch.bfloat16 and _vec(group) > 0
+            and k % group == 0)
 
 
-def _vec(group: int) -> int:
-    if group % 128 == 0:
+def _vec(group: int, fmt: str = "int4") -> int:
+    if fmt == "nvfp4" or group % 128 == 0:
         return 4
     return _VEC_BY_GROUP.get(group, 0)
 
 
-def pick_config(m: int, k: int, n: int, group: int, sms: int) -> MmaConfig:
+def step_depth(fmt: str, group: int) -> int:
+    """K per step: 128, or 64 for INT4 groups of 64 (a step never spans two INT4 groups)."""
+    return 32 * _vec(group, fmt)
+
+
+def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4") -> MmaConfig:
     """The config of an M-row forward, from the H100 sweeps of session 21 (docs/kernels.md;
     `bench_qmm.py --gemv --gemv-mma --gemv-mma-sweep`) on four Qwen3 shapes: one step of
     words and scales loaded ahead (two were within noise, and cost registers); from 9 rows
@@ -100,11 +116,12 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int) -> MmaConfig:
     ahead too; the largest split of K (a power of two up to 16) that keeps at most 6
     programs' worth of 16-row tiles per SM and slices at least 512 deep: the kernel is bound
     by each warp's load-to-MMA latency chain (Nsight: long-scoreboard stalls), so more,
-    shorter chains help until the fix-up and the per-program set-up cost more."""
+    shorter chains help until the fix-up and the per-program set-up cost more. NVFP4 takes
+    the INT4 rule (not swept on its own)."""
     rt = 2 if m > 8 else 1
     cfg = MmaConfig(warps=4, row_tiles=rt, prefetch=1, x_prefetch=m > 8)
     tiles = -(-n // cfg.block_n)
-    steps = k // (32 * _vec(group))
+    steps = k // step_depth(fmt, group)
     split = 1
     while (split * 2 <= min(FIXUP_MAX_SPLIT, steps // 2) and steps % (split * 2) == 0
            and tiles * split * 2 * rt <= 6 * sms and k // (split * 2) >= 512):
@@ -118,8 +135,9 @@ if HAS_GLUON:
         return [list(v) for v in vecs]
 
     def layouts(warps: int, row_tiles: int, np_: int, vec: int):
-        """The MMA accumulator layout, its A and B operand layouts and the two load layouts
-        whose registers are already where the operands need them (docs above).
+        """The MMA accumulator layout, its A and B operand layouts and the load layouts whose
+        registers are already where the operands need them (docs above), the last one
+        NVFP4's scale tile.
         Word tile [BN, 4 (lane quad t), VEC (register i)]; x tile [NP, 4 (t), 8 VEC],
         x[n, k0 + 8 (VEC t + i) + 4 h + p] at [n, t, 8 i + 4 h + p]."""
         mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1],
@@ -140,7 +158,13 @@ if HAS_GLUON:
             lane_bases=_bases([0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]),
             warp_bases=[[0, 0, 0] for _ in range(warps.bit_length() - 1)], block_bases=[],
             shape=[np_, 4, 8 * vec])
-        return mma, a, b, lw, lx
+        # NVFP4 scale tile [BN, 4, VEC / 2] (one e4m3 per two words): LW without its lowest
+        # register bit, which the join of the scale with itself puts back
+        ls = gl.DistributedLinearLayout(
+            reg_bases=ireg[:-1] + [[8, 0, 0]] + rreg,
+            lane_bases=_bases([0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]),
+            warp_bases=wb, block_bases=[], shape=[16 * warps * row_tiles, 4, max(1, vec // 2)])
+        return mma, a, b, lw, lx, ls
 
     # $0, $1: u - 8 of nibbles P and P + 4 as bf16 (exact); $2: the word shifted right by 4P.
     # LOP3 0xEA is (a & b) | c: 0x4300 | u is the bf16 of 128 + u; the FMA subtracts 136.
@@ -177,6 +201,42 @@ if HAS_GLUON:
         v = gl.permute(v, (0, 2, 1, 5, 4, 3))
         return gl.convert_layout(gl.reshape(v, [BN, BK]), A, assert_trivial=True)
 
+    # $0, $1 the bf16 weights; $2 the bf16 bits of both nibbles' v * 2^-126; $3 the bf16
+    # s' = s * 2^117: one packed FMA gives v * s * 2^-9, exact (plane_dot.py, session 14)
+    _E2M1_PAIR_ASM = gl.constexpr("""{
+    .reg .b32 s2, nz, t;
+    mov.b32 nz, 0x80008000;
+    mov.b32 s2, {$3, $3};
+    fma.rn.bf16x2 t, $2, s2, nz;
+    mov.b32 {$0, $1}, t;
+    }""")
+    _E2M1_SCALE = gl.constexpr(2.0 ** 117)
+    _SIGNS = gl.constexpr(-2147450880)  # 0x80008000 as an int32
+
+    @gluon.jit
+    def _e2m1_pair(mag, sgn, sc16):
+        # nibble bits 2..0 (shifted to 8..6) and bit 3 (to 15) of both 16-bit halves
+        bits = (mag & 0x01C001C0) | (sgn & _SIGNS)
+        return gl.inline_asm_elementwise(_E2M1_PAIR_ASM, "=h,=h,r,h", [bits, sc16],
+                                         dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _decode_e2m1(words, sb, A: gl.constexpr, LW: gl.constexpr, BN: gl.constexpr,
+                     BK: gl.constexpr, VEC: gl.constexpr):
+        # words [BN, 4, VEC] int32 of E2M1 codes, sb [BN, 4, VEC / 2] e4m3 scales (one per two
+        # words) -> A operand [BN, BK] bf16 of v * s * 2^-9, in _decode's K order
+        f = (sb.to(gl.float32) * _E2M1_SCALE).to(gl.bfloat16)  # exact: <= 1.75 * 2^125
+        sc = gl.convert_layout(gl.reshape(gl.join(f, f), [BN, 4, VEC]), LW,
+                               assert_trivial=True)
+        lo0, hi0 = _e2m1_pair(words << 6, words << 12, sc)
+        lo1, hi1 = _e2m1_pair(words << 2, words << 8, sc)
+        lo2, hi2 = _e2m1_pair(words >> 2, words << 4, sc)
+        lo3, hi3 = _e2m1_pair(words >> 6, words, sc)
+        v = gl.join(gl.join(gl.join(lo0, hi0), gl.join(lo1, hi1)),
+                    gl.join(gl.join(lo2, hi2), gl.join(lo3, hi3)))
+        v = gl.permute(v, (0, 2, 1, 5, 4, 3))
+        return gl.convert_layout(gl.reshape(v, [BN, BK]), A, assert_trivial=True)
+
     @gluon.jit
     def _to_b(xv, B: gl.constexpr, NP: gl.constexpr, BK: gl.constexpr, VEC: gl.constexpr):
         # x tile [NP, 4, 8 VEC] -> B operand [BK, NP]: [n, t, i, h, p] -> [i, t, p, h, n], so
@@ -186,12 +246,16 @@ if HAS_GLUON:
         return gl.convert_layout(gl.reshape(xb, [BK, NP]), B, assert_trivial=True)
 
     @gluon.jit
-    def _int4_mma_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm,
-                         stride_q, stride_s, stride_ym, K_SLICE_W, SPLIT,
-                         GROUP: gl.constexpr, VEC: gl.constexpr, BN: gl.constexpr,
+    def _int4_mma_kernel(x_ptr, q_ptr, s_ptr, gs_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
+                         stride_xm, stride_q, stride_s, stride_ym, K_SLICE_W, SPLIT,
+                         FMT: gl.constexpr, GROUP: gl.constexpr, VEC: gl.constexpr,
+                         BN: gl.constexpr,
                          EVEN_N: gl.constexpr, DEPTH: gl.constexpr, XPRE: gl.constexpr,
                          NP: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
-                         B: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr):
+                         B: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr,
+                         LS: gl.constexpr):
+        # FMT 0: INT4 (u - 8 into the MMA, each step's partial times its group's scale);
+        # FMT 3: NVFP4 (v * s * 2^-9 into the MMA, the global scale * 2^9 at the end)
         BK: gl.constexpr = 32 * VEC
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
@@ -221,10 +285,20 @@ if HAS_GLUON:
         # rows of x past M read row M - 1 (no mask, no zero fill); their columns are not stored
         x_ptrs = x_ptr + gl.minimum(n3, M - 1) * stride_xm + (k_lo + koff)
 
-        # scale pointers [BN] in the accumulator's row layout
+        # scale pointers (a step's scale at + kn // GROUP): INT4 [BN] in the accumulator's
+        # row layout; NVFP4 [BN, 4, VEC / 2], the scale of words 2j and 2j + 1 of the step
         LR: gl.constexpr = gl.SliceLayout(1, MMA)
         rs = pid_n * BN + gl.arange(0, BN, layout=LR)
-        s_ptrs = s_ptr + gl.minimum(rs, N - 1) * stride_s
+        if FMT == 3:
+            LS2: gl.constexpr = gl.SliceLayout(2, LS)
+            sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LS2)), N - 1)
+            st = gl.arange(0, 4, layout=gl.SliceLayout(0, LS2))
+            sh = gl.arange(0, VEC // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, LS)))
+            s_ptrs = s_ptr + gl.expand_dims(gl.expand_dims(sr, 1), 2) * stride_s + (
+                gl.expand_dims(gl.expand_dims(st, 0), 2) * (VEC // 2)
+                + gl.expand_dims(gl.expand_dims(sh, 0), 1))
+        else:
+            s_ptrs = s_ptr + gl.minimum(rs, N - 1) * stride_s
 
         acc = gl.zeros([BN, NP], gl.float32, MMA)
         zero = gl.zeros([BN, NP], gl.float32, MMA)
@@ -271,10 +345,15 @@ if HAS_GLUON:
                 else:
                     w0 = gl.load(w_ptrs)
                     s0 = gl.load(s_ptrs + kn // GROUP)
-            a = _decode(cur_w, A, BN, BK, VEC)
-            sc = cur_s.to(gl.float32)
-            part = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), zero)
-            acc = acc + part * gl.expand_dims(sc, 1)
+            if FMT == 3:
+                a = _decode_e2m1(cur_w, cur_s, A, LW, BN, BK, VEC)
+                acc = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), acc)
+            else:
+                a = _decode(cur_w, A, BN, BK, VEC)
+                part = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), zero)
+                acc = acc + part * gl.expand_dims(cur_s.to(gl.float32), 1)
+        if FMT == 3:
+            acc = acc * (gl.load(gs_ptr) * 512.0)
 
         # out^T: y[col, row] = acc[row, col]
         cols = gl.arange(0, NP, layout=gl.SliceLayout(0, MMA))
@@ -300,30 +379,47 @@ if HAS_GLUON:
 
 
 def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
-             cfg: MmaConfig | None = None, out: Tensor | None = None) -> Tensor:
-    """y = x @ W^T for W [N, K] in compressed-tensors pack-quantized words `qweight` [N, K/8]
-    (int32, LSB-first nibbles, symmetric codes) with bf16 `scale` [N, K/group]; x [M, K] bf16,
-    M <= 16, into `out` [M, N] (x's dtype) when given. Fast mode (fp32 sums in a different
-    order from the reference)."""
+             cfg: MmaConfig | None = None, out: Tensor | None = None, fmt: str = "int4",
+             global_scale: Tensor | None = None) -> Tensor:
+    """y = x @ W^T for W [N, K]: INT4 in compressed-tensors pack-quantized words `qweight`
+    [N, K/8] (int32, LSB-first nibbles, symmetric codes) with bf16 `scale` [N, K/group]; or
+    (fmt "nvfp4") E2M1 codes `qweight` [N, K/2] uint8 with e4m3 `scale` [N, K/16] and the fp32
+    `global_scale`. x [M, K] bf16, M <= 16, into `out` [M, N] (x's dtype) when given. Fast
+    mode (fp32 sums in a different order from the reference)."""
     from orbit.kernels.gemv import arrival_counters
 
     m, k = x.shape
     n = qweight.shape[0]
-    if not supports(m, k, n, group, x.dtype, scale.dtype, False):
-        raise ValueError(f"int4_mma: unsupported operands (M={m}, K={k}, group={group}, "
+    if not supports(m, k, n, group, x.dtype, scale.dtype, False, fmt):
+        raise ValueError(f"int4_mma: unsupported operands ({fmt}, M={m}, K={k}, group={group}, "
                          f"x {x.dtype}, scale {scale.dtype}); see int4_mma.supports")
-    if qweight.shape != (n, k // 8) or qweight.dtype != torch.int32:
-        raise ValueError(f"int4_mma: qweight must be int32 [N, K/8] = [{n}, {k // 8}], got "
-                         f"{qweight.dtype} {list(qweight.shape)}")
+    if fmt == "nvfp4":
+        if qweight.shape != (n, k // 2) or qweight.dtype != torch.uint8:
+            raise ValueError(f"int4_mma: NVFP4 qweight must be uint8 [N, K/2] = [{n}, {k // 2}], "
+                             f"got {qweight.dtype} {list(qweight.shape)}")
+        if qweight.stride(0) % 4 or qweight.storage_offset() % 4 or qweight.stride(1) != 1:
+            raise ValueError("int4_mma: NVFP4 qweight rows must be 4-byte aligned (read as "
+                             f"int32 words); stride {qweight.stride()}, offset "
+                             f"{qweight.storage_offset()}")
+        if global_scale is None or global_scale.numel() != 1:
+            raise ValueError("int4_mma: NVFP4 needs its one-element fp32 global_scale")
+        qweight = qweight.view(torch.int32)
+        gs = global_scale.reshape(1).float()
+    else:
+        if qweight.shape != (n, k // 8) or qweight.dtype != torch.int32:
+            raise ValueError(f"int4_mma: qweight must be int32 [N, K/8] = [{n}, {k // 8}], "
+                             f"got {qweight.dtype} {list(qweight.shape)}")
+        gs = scale
     x = x.contiguous()
-    vec = _vec(group)
+    vec = _vec(group, fmt)
     cfg = cfg or pick_config(m, k, n, group,
-                             torch.cuda.get_device_properties(x.device).multi_processor_count)
+                             torch.cuda.get_device_properties(x.device).multi_processor_count,
+                             fmt)
     bk = 32 * vec
     if k % (cfg.split * bk):
         raise ValueError(f"int4_mma: K={k} is not a multiple of split {cfg.split} x {bk}")
     np_ = 8 if m <= 8 else 16
-    mma, a, b, lw, lx = layouts(cfg.warps, cfg.row_tiles, np_, vec)
+    mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if y.shape != (m, n) or y.dtype != x.dtype or y.stride(1) != 1:
         raise ValueError(f"int4_mma: out must be [{m}, {n}] {x.dtype} with unit column stride")
@@ -334,7 +430,9 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     else:
         ws, cnt = y, y
     _int4_mma_kernel[(tiles, cfg.split)](
-        x, qweight, scale, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0),
-        scale.stride(0), y.stride(0), k // cfg.split // 8, cfg.split, GROUP=group, VEC=vec,
-        BN=cfg.block_n, EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma, A=a, B=b, LW=lw, LX=lx, num_warps=cfg.warps)
+        x, qweight, scale, gs, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0),
+        scale.stride(0), y.stride(0), k // cfg.split // 8, cfg.split,
+        FMT=3 if fmt == "nvfp4" else 0, GROUP=group, VEC=vec, BN=cfg.block_n,
+        EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma,
+        A=a, B=b, LW=lw, LX=lx, LS=ls, num_warps=cfg.warps)
     return y

@@ -289,17 +289,19 @@ def regfed_alts(m: int, n: int, k: int, sms: int) -> list:
 
 REGFED_MAXNREG = (96, 80, 64)  # 5, 6, 8 programs of 128 threads per SM
 
-# --gemv-mma (session 21): the Gluon INT4 mma.sync kernel (orbit/kernels/int4_mma.py) at its
+# --gemv-mma (session 21): the Gluon INT4 / NVFP4 mma.sync kernel (orbit/kernels/int4_mma.py)
+# (rows named int4-mma for both formats) at its
 # own pick, at half and twice the pick's split, with the other row tiling, prefetch depth and
 # x prefetch; --gemv-mma-sweep: MMA_SWEEP (4 warps: 8 measured the same) at every split.
-def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False) -> list:
+def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
+             fmt: str = "int4") -> list:
     """The int4_mma configs --gemv-mma times at one shape and M: the pick first, then (sweep)
     every (warps, row tiles, prefetch depth) of MMA_SWEEP at every split the K steps allow,
     or a few neighbours of the pick."""
-    from orbit.kernels.int4_mma import MmaConfig, pick_config
+    from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
-    pick = pick_config(m, k, n, group, sms)
-    steps = k // min(128, group)
+    pick = pick_config(m, k, n, group, sms, fmt)
+    steps = k // step_depth(fmt, group)
     splits = [s_ for s_ in (1, 2, 4, 8, 16) if steps % s_ == 0 and steps // s_ >= 2]
     if sweep:
         return [pick] + [MmaConfig(w, rt, s_, d, xp) for w, rt, d, xp in MMA_SWEEP
@@ -316,10 +318,13 @@ MMA_SWEEP = [(4, rt, d, xp) for rt in (1, 2) for d in (1, 2) for xp in (False, T
 
 
 def _mma(x, qw, cfg):
-    """int4_mma on `qw`'s packed words and scales."""
-    from orbit.kernels.int4_mma import int4_mma
+    """int4_mma on `qw`'s packed codes and scales (INT4 or NVFP4)."""
+    from orbit.kernels.int4_mma import NVFP4_GROUP, int4_mma
 
     t = qw.tensors
+    if qw.fmt == "nvfp4":
+        return int4_mma(x, t["qweight"], t["scale"], NVFP4_GROUP, cfg, fmt="nvfp4",
+                        global_scale=t["global_scale"])
     return int4_mma(x, t["qweight"], t["scale"], qw.group_size, cfg)
 
 
@@ -470,14 +475,14 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan.append(("fused-pairs", _qgemm.TileConfig(
                         bm=max(16, triton.next_power_of_2(m)), bo=32, br=128, warps=4, stages=4,
                         unpack=_qgemm.UNPACK_PLANE_PAIRS)))
-                if mma and fmt == "int4":
-                    from orbit.kernels.int4_mma import supports
+                if mma and fmt in ("int4", "nvfp4"):
+                    from orbit.kernels.int4_mma import NVFP4_GROUP, supports
 
                     t0 = qw0.tensors
-                    if supports(m, k, n, qw0.group_size, x.dtype, t0["scale"].dtype,
-                                "offset" in t0):
+                    grp = NVFP4_GROUP if fmt == "nvfp4" else qw0.group_size
+                    if supports(m, k, n, grp, x.dtype, t0["scale"].dtype, "offset" in t0, fmt):
                         plan += [("int4-mma", c) for c in mma_alts(
-                            m, n, k, qw0.group_size, num_sms(x.device), mma_sweep)]
+                            m, n, k, grp, num_sms(x.device), mma_sweep, fmt)]
                 if alts and fmt in ("int4", "nvfp4", "mxfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1=_alt_e2m1(eb, auto.e2m1),

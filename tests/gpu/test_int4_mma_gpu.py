@@ -24,20 +24,29 @@ pytestmark = [
 TOL = 1e-2
 
 
-def _check(m: int, k: int, n: int, group: int, cfg, seed: int) -> None:
+def _run(x, qw, group: int, cfg=None, out=None):
     from orbit.kernels.int4_mma import int4_mma
 
-    qw = random_qweight("int4", n, k, group_size=group, seed=seed, device="cuda")
+    t = qw.tensors
+    if qw.fmt == "nvfp4":
+        return int4_mma(x, t["qweight"], t["scale"], 16, cfg, out=out, fmt="nvfp4",
+                        global_scale=t["global_scale"])
+    return int4_mma(x, t["qweight"], t["scale"], group, cfg, out=out)
+
+
+def _check(m: int, k: int, n: int, group: int, cfg, seed: int, fmt: str = "int4") -> None:
+    kw = {"group_size": group} if fmt == "int4" else {}
+    qw = random_qweight(fmt, n, k, seed=seed, device="cuda", **kw)
     x = torch.randn(m, k, device="cuda", generator=torch.Generator("cuda").manual_seed(seed + 1)
                     ).bfloat16()
     out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    y = int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], group, cfg, out=out)
+    y = _run(x, qw, group, cfg, out=out)
     assert y.data_ptr() == out.data_ptr()
     assert torch.isfinite(y).all(), "an output element was not written"
     ref = x.double() @ qw.dequantize().double().T
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert err < TOL, (m, k, n, group, cfg, err)
-    again = int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], group, cfg)
+    again = _run(x, qw, group, cfg)
     assert torch.equal(again, y), "a second launch differs (fix-up counters not re-armed?)"
 
 
@@ -57,6 +66,37 @@ def test_int4_mma_configs(cfg: dict, m: int) -> None:
     from orbit.kernels.int4_mma import MmaConfig
 
     _check(m, 2048, 1000, 128, MmaConfig(**cfg), seed=len(str(cfg)) + m)
+
+
+@pytest.mark.parametrize("m", [1, 4, 9, 16])
+@pytest.mark.parametrize("k,n", [(2048, 6144), (6144, 2048), (2048, 200)])
+def test_nvfp4_default_config(m: int, k: int, n: int) -> None:
+    """NVFP4 through the same kernel: E2M1 pairs times the e4m3 scale in one packed FMA
+    (exact, every code), the global scale in the epilogue."""
+    _check(m, k, n, 16, None, seed=m * 5 + n, fmt="nvfp4")
+
+
+@pytest.mark.parametrize("cfg", [{"split": 1, "prefetch": 0}, {"split": 4, "prefetch": 2},
+                                 {"split": 2, "row_tiles": 2, "x_prefetch": True}])
+def test_nvfp4_configs(cfg: dict) -> None:
+    from orbit.kernels.int4_mma import MmaConfig
+
+    _check(5, 1024, 1000, 16, MmaConfig(**cfg), seed=len(str(cfg)), fmt="nvfp4")
+
+
+def test_nvfp4_one_hot_rows_read_the_dequantized_weights() -> None:
+    """x = rows of the identity: y[j] is column j of W^T, i.e. W[:, j] dequantized, to the
+    bf16 rounding of the output (the decode itself is exact: v * s * 2^-9 in bf16)."""
+    from orbit.kernels.int4_mma import MmaConfig
+
+    k, n = 256, 128
+    qw = random_qweight("nvfp4", n, k, seed=9, device="cuda")
+    w = qw.dequantize()  # [n, k] fp32
+    for j0 in range(0, 16, 8):
+        x = torch.zeros(8, k, device="cuda", dtype=torch.bfloat16)
+        x[torch.arange(8), torch.arange(j0, j0 + 8)] = 1.0
+        y = _run(x, qw, 16, MmaConfig())
+        assert torch.equal(y, w[:, j0:j0 + 8].T.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("group", [64, 256])
@@ -89,8 +129,11 @@ def test_qmm_routes_symmetric_int4_rows_to_the_mma_kernel(monkeypatch) -> None:
 
     k, n = 2048, 6144
     qw = random_qweight("int4", n, k, group_size=128, seed=3, device="cuda")
+    nv = random_qweight("nvfp4", n, k, seed=4, device="cuda")
     for m in (2, 4, 8, 16):
         x = torch.randn(m, k, device="cuda").bfloat16()
+        if "nvfp4" in _qgemm.MMA_FORMATS and m <= _qgemm.MMA_MAX_M:
+            assert torch.equal(dispatch.qmm(x, nv), _run(x, nv, 16))
         want = int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128)
         routed = m <= _qgemm.MMA_MAX_M
         if routed:

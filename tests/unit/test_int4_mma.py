@@ -50,6 +50,11 @@ def test_supports_only_what_it_computes() -> None:
     assert not supports(4, 4096, 512, 128, torch.float16, bf, False)
     assert not supports(4, 4096, 512, 128, bf, torch.float32, False)
     assert not supports(4, 4000, 512, 128, bf, bf, False)  # group does not divide K
+    e4m3 = torch.float8_e4m3fn
+    assert supports(4, 2048, 512, 16, bf, e4m3, False, "nvfp4")
+    assert not supports(4, 2048 + 64, 512, 16, bf, e4m3, False, "nvfp4")  # 128-deep steps
+    assert not supports(4, 2048, 512, 16, bf, bf, False, "nvfp4")  # scales must be e4m3
+    assert not supports(4, 2048, 512, 32, bf, torch.uint8, False, "mxfp4")
 
 
 def test_block_n() -> None:
@@ -81,3 +86,20 @@ def test_sm90_compile_keeps_weights_in_registers(m: int, group: int) -> None:
     assert ops["LOP3"] == ops["HFMA2"] == weights // 2  # the decode: 2 per nibble pair
     assert n < (3.2 if group % 128 == 0 else 3.6) * weights  # (64-deep steps: more overhead)
     assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])  # no spills
+
+
+@pytest.mark.parametrize("m", [4, 16])
+def test_sm90_compile_nvfp4(m: int) -> None:
+    """The NVFP4 form: the scale tile joins into the word layout and the E2M1 pairs into the
+    A operand without data movement (assert_trivial), one packed multiply per nibble pair
+    (ptxas turns the FMA by -0 into HMUL2), no shared memory in the loop, no spills."""
+    tool = _tool()
+    cfg = pick_config(m, 4096, 12288, 16, 132, "nvfp4")
+    kernel = tool.compile_mma(cfg, m, 16, fmt="nvfp4")
+    sass = tool.disassemble(kernel.asm["cubin"])
+    n, ops, _ = tool.loop_budget(sass, key="HMMA")
+    weights = 16 * cfg.row_tiles * 128 // 32
+    assert ops["HMUL2"] + ops["HFMA2"] == weights // 2
+    assert ops["LDS"] == 0 and ops["STS"] == 0 and ops["LDSM"] == 0
+    assert n < 4.6 * weights
+    assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
