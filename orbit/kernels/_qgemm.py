@@ -96,9 +96,11 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 # MMA_MAX_M = 0 turns it off.
 MMA_MIN_M = 2
 MMA_MAX_M = 8
-# NVFP4 through the same kernel (E2M1 pair decode with the scale in a packed FMA, session 21):
-# listed here only where it measured faster than the register-fed tile (docs/benchmarks.md)
-MMA_FORMATS = ("int4", "nvfp4")
+# NVFP4 through the same kernel (E2M1 pair decode with the scale in a packed FMA) was written
+# after session 21's device time ran out: compiled for sm_90 (CPU test) but neither run nor
+# measured on a GPU, so it is not routed. Add "nvfp4" here once
+# scripts/bench/pending_device_runs.sh shows its tests pass and it beats the register-fed tile.
+MMA_FORMATS = ("int4",)
 
 
 def _gemv_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
