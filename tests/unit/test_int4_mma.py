@@ -103,3 +103,52 @@ def test_sm90_compile_nvfp4(m: int) -> None:
     assert ops["LDS"] == 0 and ops["STS"] == 0 and ops["LDSM"] == 0
     assert n < 4.6 * weights
     assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
+
+
+def test_route_sends_fitting_int4_rows_to_mma(monkeypatch) -> None:
+    """The routing rule on a (pretended) sm_90 device: INT4 2..MMA_MAX_M rows with operands
+    int4_mma takes -> "mma", before any route table; and every store-epilogue question then
+    says no, so callers run their epilogues separately. Without mma_ok (an epilogue was asked
+    for, or the operands do not fit), at 1 row, past MMA_MAX_M, or for a format not in
+    MMA_FORMATS, the route is not mma."""
+    from orbit.kernels import _qgemm, int4_mma
+
+    if not int4_mma.HAS_GLUON:
+        pytest.skip("no Gluon in this Triton")
+    monkeypatch.setattr(_qgemm, "_capability", lambda device: (9, 0))
+    cuda = torch.device("cuda", 0)
+    k, n = 2048, 6144
+    for m in range(_qgemm.MMA_MIN_M, _qgemm.MMA_MAX_M + 1):
+        assert _qgemm.route(m, n, k, "int4", False, cuda, mma_ok=True).kind == "mma"
+        assert not _qgemm.lora_fits(m, n, k, "int4", False, cuda, 1, mma_ok=True)
+        assert not _qgemm.swiglu_fits(m, n, k, "int4", False, cuda, mma_ok=True)
+        assert not _qgemm.norm_fits(m, n, k, "int4", False, cuda, mma_ok=True)
+        assert not _qgemm.prenorm_fits(m, n, k, "int4", False, cuda, mma_ok=True)
+    assert _qgemm.route(4, n, k, "int4", True, cuda, mma_ok=True).kind == "dot"  # exact mode
+    assert _qgemm.route(4, n, k, "int4", False, cuda, transpose=True, mma_ok=True).kind != "mma"
+    for m, fmt in ((1, "int4"), (_qgemm.MMA_MAX_M + 1, "int4"), (4, "fp8")):
+        assert not _qgemm._mma_by_rule(m, fmt, cuda)
+    assert ("nvfp4" in _qgemm.MMA_FORMATS) == _qgemm._mma_by_rule(4, "nvfp4", cuda)
+    assert not _qgemm._mma_by_rule(4, "int4", torch.device("cpu"))
+
+
+def test_operands_that_fit_the_mma_route() -> None:
+    """dispatch.mma_operands_ok: symmetric INT4 with bf16 scales and bf16 x (groups 64 / 128),
+    NVFP4 with aligned code rows; not asymmetric INT4, GGUF-style groups of 32, fp16 x, or
+    other formats."""
+    from orbit.kernels import int4_mma
+    from orbit.kernels.dispatch import mma_operands_ok
+    from orbit.kernels.random_weights import random_qweight
+
+    if not int4_mma.HAS_GLUON:
+        pytest.skip("no Gluon in this Triton")
+    x = torch.randn(4, 256).bfloat16()
+    assert mma_operands_ok(x, random_qweight("int4", 64, 256, group_size=128))
+    assert mma_operands_ok(x, random_qweight("int4", 64, 256, group_size=64))
+    assert mma_operands_ok(x, random_qweight("nvfp4", 64, 256))
+    assert not mma_operands_ok(x, random_qweight("int4", 64, 256, group_size=128, asym=True))
+    assert not mma_operands_ok(x, random_qweight("int4", 64, 256, group_size=32))
+    assert not mma_operands_ok(x.half(), random_qweight("int4", 64, 256, group_size=128))
+    assert not mma_operands_ok(x, random_qweight("fp8", 64, 256))
+    assert not mma_operands_ok(torch.randn(17, 256).bfloat16(),
+                               random_qweight("int4", 64, 256, group_size=128))
