@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from orbit.kernels._triton import HAS_TRITON
+from orbit.kernels.plane_dot import E2M1_PAIR_PTX
 
 try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kernel to run
     from triton.experimental import gluon
@@ -203,13 +204,7 @@ if HAS_GLUON:
 
     # $0, $1 the bf16 weights; $2 the bf16 bits of both nibbles' v * 2^-126; $3 the bf16
     # s' = s * 2^117: one packed FMA gives v * s * 2^-9, exact (plane_dot.py, session 14)
-    _E2M1_PAIR_ASM = gl.constexpr("""{
-    .reg .b32 s2, nz, t;
-    mov.b32 nz, 0x80008000;
-    mov.b32 s2, {$3, $3};
-    fma.rn.bf16x2 t, $2, s2, nz;
-    mov.b32 {$0, $1}, t;
-    }""")
+    _E2M1_PAIR_ASM = gl.constexpr(E2M1_PAIR_PTX)
     _E2M1_SCALE = gl.constexpr(2.0 ** 117)
     _SIGNS = gl.constexpr(-2147450880)  # 0x80008000 as an int32
 

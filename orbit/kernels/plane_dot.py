@@ -119,13 +119,15 @@ def _pair_asm(words, sc16, P: tl.constexpr):
 
 
 # $0, $1 the bf16 weights; $2 the bf16 bits of both nibbles' v * 2^-126; $3 the bf16 s'.
-_E2M1_PAIR_ASM = tl.constexpr("""{
+# (int4_mma.py's NVFP4 decode runs the same text)
+E2M1_PAIR_PTX = """{
 .reg .b32 s2, nz, t;
 mov.b32 nz, 0x80008000;
 mov.b32 s2, {$3, $3};
 fma.rn.bf16x2 t, $2, s2, nz;
 mov.b32 {$0, $1}, t;
-}""")
+}"""
+_E2M1_PAIR_ASM = tl.constexpr(E2M1_PAIR_PTX)
 
 
 @triton.jit
