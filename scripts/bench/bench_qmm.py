@@ -641,7 +641,7 @@ def main() -> None:
                     help="with --gemv: INT4 / NVFP4 register-fed plane-pair tiles (one stage; "
                          "regfed_alts) and a 4-stage pairs tile, same run")
     ap.add_argument("--gemv-mma", action="store_true",
-                    help="with --gemv: the Gluon INT4 mma.sync kernel (int4_mma, mma_alts), each "
+                    help="with --gemv: the Gluon INT4 / NVFP4 mma.sync kernel (int4_mma, mma_alts), each "
                          "config checked against the fp64 reference before it is timed")
     ap.add_argument("--gemv-mma-sweep", action="store_true",
                     help="with --gemv-mma: every MMA_SWEEP config at every split")
