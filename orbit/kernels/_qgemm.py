@@ -609,8 +609,8 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     if m == 0:
         return y
     # the mma route for plain forwards only: a requested epilogue keeps its fused kernel
-    mma_ok = (config is None and lora is None and not swiglu and norm is None
-              and mma_operands_fit(x, fmt, shape, q, s, offset, group))
+    mma_ok = (config is None and not exact and not transpose and lora is None and not swiglu
+              and norm is None and mma_operands_fit(x, fmt, shape, q, s, offset, group))
     r = Route("dot", config) if config is not None else route(m, n, k, fmt, exact, x.device,
                                                                transpose, mma_ok)
     if r.kind == "mma":

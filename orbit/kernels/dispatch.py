@@ -102,14 +102,16 @@ def _fused_store_input(x: Tensor) -> bool:
 def mma_operands_ok(x: Tensor, qw: QuantizedWeight) -> bool:
     """x @ W^T can run int4_mma (within `_qgemm.MMA_MAX_M` rows it is then routed there),
     whose store takes no epilogue: the *_foldable questions answer for that route."""
+    from orbit.kernels import int4_mma
     from orbit.kernels._qgemm import mma_operands_fit
     from orbit.quant.qweight import NVFP4_GROUP
 
+    if qw.fmt not in int4_mma.FORMATS:  # (other formats keep no "scale" tensor to ask about)
+        return False
     t = qw.tensors
     group = NVFP4_GROUP if qw.fmt == "nvfp4" else qw.group_size
-    return (qw.fmt in ("int4", "nvfp4") and x.dim() == 2
-            and mma_operands_fit(x, qw.fmt, qw.shape, t["qweight"], t["scale"],
-                                 t.get("offset"), group))
+    return mma_operands_fit(x, qw.fmt, qw.shape, t["qweight"], t["scale"], t.get("offset"),
+                            group)
 
 
 def lora_foldable(x: Tensor, qw: QuantizedWeight, members: int = 1) -> bool:

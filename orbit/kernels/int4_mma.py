@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import Tensor
 
 from orbit.kernels._triton import HAS_TRITON
 from orbit.kernels.plane_dot import E2M1_PAIR_PTX
+from orbit.quant.qweight import NVFP4_GROUP
 
 try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kernel to run
     from triton.experimental import gluon
@@ -56,9 +58,6 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the Trito
     HAS_GLUON = False
 
 MAX_M = 16
-# per-thread words of one weight row per step: one 16-byte load (groups of 128 and more) or
-# one 8-byte load (groups of 64)
-_VEC_BY_GROUP = {64: 2, 128: 4}
 FIXUP_MAX_SPLIT = 16
 
 
@@ -81,7 +80,6 @@ class MmaConfig:
 
 
 FORMATS = ("int4", "nvfp4")
-NVFP4_GROUP = 16
 
 
 def supports(m: int, k: int, n: int, group: int, x_dtype: torch.dtype,
@@ -99,9 +97,11 @@ def supports(m: int, k: int, n: int, group: int, x_dtype: torch.dtype,
 
 
 def _vec(group: int, fmt: str = "int4") -> int:
+    # per-thread words of one weight row per step: one 16-byte load (NVFP4, INT4 groups of
+    # 128 and more) or one 8-byte load (groups of 64); 0: groups the kernel does not take
     if fmt == "nvfp4" or group % 128 == 0:
         return 4
-    return _VEC_BY_GROUP.get(group, 0)
+    return 2 if group == 64 else 0
 
 
 def step_depth(fmt: str, group: int) -> int:
@@ -132,9 +132,7 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
 
 if HAS_GLUON:
 
-    def _bases(*vecs: list[int]) -> list[list[int]]:
-        return [list(v) for v in vecs]
-
+    @cache  # (plain ints in, frozen layouts out: built once per config, not per launch)
     def layouts(warps: int, row_tiles: int, np_: int, vec: int):
         """The MMA accumulator layout, its A and B operand layouts and the load layouts whose
         registers are already where the operands need them (docs above), the last one
@@ -146,24 +144,26 @@ if HAS_GLUON:
         a = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8)
         b = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8)
         wb = [[16 << w, 0, 0] for w in range(warps.bit_length() - 1)]
+        # every 3-D load tile: lane quad t on dim 1, the 8 lanes of a quad on dim 0
+        lanes = [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
         ireg = [[0, 0, 1 << j] for j in range(vec.bit_length() - 1)]
         rreg = [[16 * warps << r, 0, 0] for r in range(row_tiles.bit_length() - 1)]
         lw = gl.DistributedLinearLayout(
             reg_bases=ireg + [[8, 0, 0]] + rreg,
-            lane_bases=_bases([0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]),
+            lane_bases=lanes,
             warp_bases=wb, block_bases=[], shape=[16 * warps * row_tiles, 4, vec])
         # x tile [NP, 4, 8 VEC]: registers c = p (1, 2), h (4), i (8, ...), then n 8
         creg = [[0, 0, 1 << j] for j in range((8 * vec).bit_length() - 1)]
         lx = gl.DistributedLinearLayout(
             reg_bases=creg + ([[8, 0, 0]] if np_ == 16 else []),
-            lane_bases=_bases([0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]),
+            lane_bases=lanes,
             warp_bases=[[0, 0, 0] for _ in range(warps.bit_length() - 1)], block_bases=[],
             shape=[np_, 4, 8 * vec])
         # NVFP4 scale tile [BN, 4, VEC / 2] (one e4m3 per two words): LW without its lowest
         # register bit, which the join of the scale with itself puts back
         ls = gl.DistributedLinearLayout(
             reg_bases=ireg[:-1] + [[8, 0, 0]] + rreg,
-            lane_bases=_bases([0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]),
+            lane_bases=lanes,
             warp_bases=wb, block_bases=[], shape=[16 * warps * row_tiles, 4, max(1, vec // 2)])
         return mma, a, b, lw, lx, ls
 
@@ -181,26 +181,28 @@ if HAS_GLUON:
     }""")
 
     @gluon.jit
-    def _decode(words, A: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                VEC: gl.constexpr):
-        # words [BN, 4, VEC] int32 -> A operand [BN, BK] bf16 of u - 8, K order as documented
-        lo0, hi0 = gl.inline_asm_elementwise(_U8_PAIR_ASM, "=h,=h,r", [words],
-                                             dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
-                                             pack=1)
-        lo1, hi1 = gl.inline_asm_elementwise(_U8_PAIR_ASM, "=h,=h,r", [words >> 4],
-                                             dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
-                                             pack=1)
-        lo2, hi2 = gl.inline_asm_elementwise(_U8_PAIR_ASM, "=h,=h,r", [words >> 8],
-                                             dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
-                                             pack=1)
-        lo3, hi3 = gl.inline_asm_elementwise(_U8_PAIR_ASM, "=h,=h,r", [words >> 12],
-                                             dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
-                                             pack=1)
-        # [BN, 4, VEC, h, p0, p1]: logical K within the thread's eight is h + 2 p0 + 4 p1
+    def _pairs_to_a(lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, A: gl.constexpr,
+                    BN: gl.constexpr, BK: gl.constexpr):
+        # the decoded pairs (nibbles p, p + 4) of words [BN, 4, VEC] -> A operand [BN, BK]:
+        # [BN, 4, VEC, h, p0, p1], logical K within the thread's eight is h + 2 p0 + 4 p1
         v = gl.join(gl.join(gl.join(lo0, hi0), gl.join(lo1, hi1)),
                     gl.join(gl.join(lo2, hi2), gl.join(lo3, hi3)))
         v = gl.permute(v, (0, 2, 1, 5, 4, 3))
         return gl.convert_layout(gl.reshape(v, [BN, BK]), A, assert_trivial=True)
+
+    @gluon.jit
+    def _u8_pair(t):
+        return gl.inline_asm_elementwise(_U8_PAIR_ASM, "=h,=h,r", [t],
+                                         dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _decode(words, A: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
+        # words [BN, 4, VEC] int32 -> A operand [BN, BK] bf16 of u - 8, K order as documented
+        lo0, hi0 = _u8_pair(words)
+        lo1, hi1 = _u8_pair(words >> 4)
+        lo2, hi2 = _u8_pair(words >> 8)
+        lo3, hi3 = _u8_pair(words >> 12)
+        return _pairs_to_a(lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, A, BN, BK)
 
     # $0, $1 the bf16 weights; $2 the bf16 bits of both nibbles' v * 2^-126; $3 the bf16
     # s' = s * 2^117: one packed FMA gives v * s * 2^-9, exact (plane_dot.py, session 14)
@@ -227,10 +229,7 @@ if HAS_GLUON:
         lo1, hi1 = _e2m1_pair(words << 2, words << 8, sc)
         lo2, hi2 = _e2m1_pair(words >> 2, words << 4, sc)
         lo3, hi3 = _e2m1_pair(words >> 6, words, sc)
-        v = gl.join(gl.join(gl.join(lo0, hi0), gl.join(lo1, hi1)),
-                    gl.join(gl.join(lo2, hi2), gl.join(lo3, hi3)))
-        v = gl.permute(v, (0, 2, 1, 5, 4, 3))
-        return gl.convert_layout(gl.reshape(v, [BN, BK]), A, assert_trivial=True)
+        return _pairs_to_a(lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, A, BN, BK)
 
     @gluon.jit
     def _to_b(xv, B: gl.constexpr, NP: gl.constexpr, BK: gl.constexpr, VEC: gl.constexpr):
@@ -344,7 +343,7 @@ if HAS_GLUON:
                 a = _decode_e2m1(cur_w, cur_s, A, LW, BN, BK, VEC)
                 acc = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), acc)
             else:
-                a = _decode(cur_w, A, BN, BK, VEC)
+                a = _decode(cur_w, A, BN, BK)
                 part = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), zero)
                 acc = acc + part * gl.expand_dims(cur_s.to(gl.float32), 1)
         if FMT == 3:
@@ -381,7 +380,7 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     (fmt "nvfp4") E2M1 codes `qweight` [N, K/2] uint8 with e4m3 `scale` [N, K/16] and the fp32
     `global_scale`. x [M, K] bf16, M <= 16, into `out` [M, N] (x's dtype) when given. Fast
     mode (fp32 sums in a different order from the reference)."""
-    from orbit.kernels.gemv import arrival_counters
+    from orbit.kernels.gemv import arrival_counters, num_sms
 
     m, k = x.shape
     n = qweight.shape[0]
@@ -407,9 +406,7 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         gs = scale
     x = x.contiguous()
     vec = _vec(group, fmt)
-    cfg = cfg or pick_config(m, k, n, group,
-                             torch.cuda.get_device_properties(x.device).multi_processor_count,
-                             fmt)
+    cfg = cfg or pick_config(m, k, n, group, num_sms(x.device), fmt)
     bk = 32 * vec
     if k % (cfg.split * bk):
         raise ValueError(f"int4_mma: K={k} is not a multiple of split {cfg.split} x {bk}")

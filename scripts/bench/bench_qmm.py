@@ -319,7 +319,8 @@ MMA_SWEEP = [(4, rt, d, xp) for rt in (1, 2) for d in (1, 2) for xp in (False, T
 
 def _mma(x, qw, cfg):
     """int4_mma on `qw`'s packed codes and scales (INT4 or NVFP4)."""
-    from orbit.kernels.int4_mma import NVFP4_GROUP, int4_mma
+    from orbit.kernels.int4_mma import int4_mma
+    from orbit.quant.qweight import NVFP4_GROUP
 
     t = qw.tensors
     if qw.fmt == "nvfp4":
@@ -328,16 +329,9 @@ def _mma(x, qw, cfg):
     return int4_mma(x, t["qweight"], t["scale"], qw.group_size, cfg)
 
 
-_REF: dict = {}
-
-
-def mma_error(x, qw, cfg) -> float:
-    """Relative norm error of int4_mma against x @ dequantize(W)^T in fp64: a wrong kernel
-    cannot post a time (its row records the error)."""
-    key = (x.data_ptr(), id(qw))
-    if _REF.get("key") != key:  # one reference per (x, weight), however many configs
-        _REF.update(key=key, ref=x.double() @ qw.dequantize().double().T)
-    ref = _REF["ref"]
+def mma_error(x, qw, cfg, ref) -> float:
+    """Relative norm error of int4_mma against `ref` = x @ dequantize(W)^T in fp64: a wrong
+    kernel cannot post a time (its row records the error)."""
     return ((_mma(x, qw, cfg).double() - ref).norm() / ref.norm()).item()
 
 
@@ -476,7 +470,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                         bm=max(16, triton.next_power_of_2(m)), bo=32, br=128, warps=4, stages=4,
                         unpack=_qgemm.UNPACK_PLANE_PAIRS)))
                 if mma and fmt in ("int4", "nvfp4"):
-                    from orbit.kernels.int4_mma import NVFP4_GROUP, supports
+                    from orbit.kernels.int4_mma import supports
+                    from orbit.quant.qweight import NVFP4_GROUP
 
                     t0 = qw0.tensors
                     grp = NVFP4_GROUP if fmt == "nvfp4" else qw0.group_size
@@ -491,6 +486,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                              for bn, bk, sp, w, st, pl, *eb in alt_list
                              if not (eb and eb[0] > 0 and fmt != "nvfp4")]
                 plan = keep_paths(plan, paths)
+                mma_ref = None  # x @ W^T in fp64 for the int4-mma rows' check, made once
                 for path, cfg in plan:
                     if path == "fused-dot":
                         fns = [lambda q=q: _fused(x, q) for q in qws]
@@ -508,7 +504,9 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                            else None}
                     try:
                         if path == "int4-mma":
-                            row["rel_err"] = mma_error(x, qws[0], cfg)
+                            if mma_ref is None:
+                                mma_ref = x.double() @ qws[0].dequantize().double().T
+                            row["rel_err"] = mma_error(x, qws[0], cfg, mma_ref)
                             if not row["rel_err"] < 1e-2:
                                 raise RuntimeError(f"int4_mma wrong: rel err {row['rel_err']}")
                         t = ms_rotated(fns)
