@@ -104,14 +104,11 @@ def mma_operands_ok(x: Tensor, qw: QuantizedWeight) -> bool:
     whose store takes no epilogue: the *_foldable questions answer for that route."""
     from orbit.kernels import int4_mma
     from orbit.kernels._qgemm import mma_operands_fit
-    from orbit.quant.qweight import NVFP4_GROUP
 
     if qw.fmt not in int4_mma.FORMATS:  # (other formats keep no "scale" tensor to ask about)
         return False
-    t = qw.tensors
-    group = NVFP4_GROUP if qw.fmt == "nvfp4" else qw.group_size
-    return mma_operands_fit(x, qw.fmt, qw.shape, t["qweight"], t["scale"], t.get("offset"),
-                            group)
+    q, s, group, _ = int4_mma.weight_operands(qw)
+    return mma_operands_fit(x, qw.fmt, qw.shape, q, s, qw.tensors.get("offset"), group)
 
 
 def lora_foldable(x: Tensor, qw: QuantizedWeight, members: int = 1) -> bool:

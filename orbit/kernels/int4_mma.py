@@ -44,7 +44,7 @@ from torch import Tensor
 
 from orbit.kernels._triton import HAS_TRITON
 from orbit.kernels.plane_dot import E2M1_PAIR_PTX
-from orbit.quant.qweight import NVFP4_GROUP
+from orbit.quant.qweight import NVFP4_GROUP, QuantizedWeight
 
 try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kernel to run
     from triton.experimental import gluon
@@ -428,3 +428,19 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma,
         A=a, B=b, LW=lw, LX=lx, LS=ls, num_warps=cfg.warps)
     return y
+
+
+def weight_operands(qw: QuantizedWeight) -> tuple[Tensor, Tensor, int, Tensor | None]:
+    """(codes, scales, group, global scale or None) of an INT4 / NVFP4 `QuantizedWeight`, as
+    `int4_mma` takes them."""
+    t = qw.tensors
+    if qw.fmt == "nvfp4":
+        return t["qweight"], t["scale"], NVFP4_GROUP, t["global_scale"]
+    return t["qweight"], t["scale"], qw.group_size, None
+
+
+def int4_mma_weight(x: Tensor, qw: QuantizedWeight, cfg: MmaConfig | None = None,
+                    out: Tensor | None = None) -> Tensor:
+    """`int4_mma` on a `QuantizedWeight` (INT4 or NVFP4): tests and benchmarks."""
+    q, s, group, gs = weight_operands(qw)
+    return int4_mma(x, q, s, group, cfg, out, qw.fmt, gs)

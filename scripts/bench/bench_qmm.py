@@ -319,14 +319,9 @@ MMA_SWEEP = [(4, rt, d, xp) for rt in (1, 2) for d in (1, 2) for xp in (False, T
 
 def _mma(x, qw, cfg):
     """int4_mma on `qw`'s packed codes and scales (INT4 or NVFP4)."""
-    from orbit.kernels.int4_mma import int4_mma
-    from orbit.quant.qweight import NVFP4_GROUP
+    from orbit.kernels.int4_mma import int4_mma_weight
 
-    t = qw.tensors
-    if qw.fmt == "nvfp4":
-        return int4_mma(x, t["qweight"], t["scale"], NVFP4_GROUP, cfg, fmt="nvfp4",
-                        global_scale=t["global_scale"])
-    return int4_mma(x, t["qweight"], t["scale"], qw.group_size, cfg)
+    return int4_mma_weight(x, qw, cfg)
 
 
 def mma_error(x, qw, cfg, ref) -> float:
@@ -470,12 +465,10 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                         bm=max(16, triton.next_power_of_2(m)), bo=32, br=128, warps=4, stages=4,
                         unpack=_qgemm.UNPACK_PLANE_PAIRS)))
                 if mma and fmt in ("int4", "nvfp4"):
-                    from orbit.kernels.int4_mma import supports
-                    from orbit.quant.qweight import NVFP4_GROUP
+                    from orbit.kernels.int4_mma import supports, weight_operands
 
-                    t0 = qw0.tensors
-                    grp = NVFP4_GROUP if fmt == "nvfp4" else qw0.group_size
-                    if supports(m, k, n, grp, x.dtype, t0["scale"].dtype, "offset" in t0, fmt):
+                    _, s0, grp, _ = weight_operands(qw0)
+                    if supports(m, k, n, grp, x.dtype, s0.dtype, "offset" in qw0.tensors, fmt):
                         plan += [("int4-mma", c) for c in mma_alts(
                             m, n, k, grp, num_sms(x.device), mma_sweep, fmt)]
                 if alts and fmt in ("int4", "nvfp4", "mxfp4"):

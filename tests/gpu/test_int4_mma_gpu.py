@@ -1,11 +1,12 @@
-"""GPU checks of the Gluon INT4 mma.sync decode kernel (orbit/kernels/int4_mma.py).
+"""GPU checks of the Gluon INT4 / NVFP4 mma.sync decode kernel (orbit/kernels/int4_mma.py).
 
 Fresh random packed weights (every nibble pattern) and activations for every check, NaN-poisoned
 outputs, relative norm against x (float64) @ W^T with W the reference dequantization (fp32),
 tolerance as the other decode kernels (bf16 output rounding is ~2e-3 relative). Covers M = 1..16
 (both MMA column widths), row tails (N not a multiple of the row tile), groups 64 / 128 / 256,
 split-K through the in-kernel fix-up (and that its counters re-arm: a second launch gives the
-same bits), with and without the register prefetch, 1 and 2 row tiles per warp.
+same bits), with and without the register prefetch, 1 and 2 row tiles per warp; NVFP4 on the
+same paths, and one-hot rows that must read its dequantized weights exactly.
 Run: `pytest -m gpu tests/gpu/test_int4_mma_gpu.py`.
 """
 
@@ -24,14 +25,10 @@ pytestmark = [
 TOL = 1e-2
 
 
-def _run(x, qw, group: int, cfg=None, out=None):
-    from orbit.kernels.int4_mma import int4_mma
+def _run(x, qw, cfg=None, out=None):
+    from orbit.kernels.int4_mma import int4_mma_weight
 
-    t = qw.tensors
-    if qw.fmt == "nvfp4":
-        return int4_mma(x, t["qweight"], t["scale"], 16, cfg, out=out, fmt="nvfp4",
-                        global_scale=t["global_scale"])
-    return int4_mma(x, t["qweight"], t["scale"], group, cfg, out=out)
+    return int4_mma_weight(x, qw, cfg, out)
 
 
 def _check(m: int, k: int, n: int, group: int, cfg, seed: int, fmt: str = "int4") -> None:
@@ -40,13 +37,13 @@ def _check(m: int, k: int, n: int, group: int, cfg, seed: int, fmt: str = "int4"
     x = torch.randn(m, k, device="cuda", generator=torch.Generator("cuda").manual_seed(seed + 1)
                     ).bfloat16()
     out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    y = _run(x, qw, group, cfg, out=out)
+    y = _run(x, qw, cfg, out=out)
     assert y.data_ptr() == out.data_ptr()
     assert torch.isfinite(y).all(), "an output element was not written"
     ref = x.double() @ qw.dequantize().double().T
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert err < TOL, (m, k, n, group, cfg, err)
-    again = _run(x, qw, group, cfg)
+    again = _run(x, qw, cfg)
     assert torch.equal(again, y), "a second launch differs (fix-up counters not re-armed?)"
 
 
@@ -95,7 +92,7 @@ def test_nvfp4_one_hot_rows_read_the_dequantized_weights() -> None:
     for j0 in range(0, 16, 8):
         x = torch.zeros(8, k, device="cuda", dtype=torch.bfloat16)
         x[torch.arange(8), torch.arange(j0, j0 + 8)] = 1.0
-        y = _run(x, qw, 16, MmaConfig())
+        y = _run(x, qw, MmaConfig())
         assert torch.equal(y, w[:, j0:j0 + 8].T.to(torch.bfloat16))
 
 
@@ -133,7 +130,7 @@ def test_qmm_routes_symmetric_int4_rows_to_the_mma_kernel(monkeypatch) -> None:
     for m in (2, 4, 8, 16):
         x = torch.randn(m, k, device="cuda").bfloat16()
         if "nvfp4" in _qgemm.MMA_FORMATS and m <= _qgemm.MMA_MAX_M:
-            assert torch.equal(dispatch.qmm(x, nv), _run(x, nv, 16))
+            assert torch.equal(dispatch.qmm(x, nv), _run(x, nv))
         want = int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128)
         routed = m <= _qgemm.MMA_MAX_M
         if routed:
