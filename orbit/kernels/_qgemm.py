@@ -81,26 +81,23 @@ GEMV_MIN_SPLIT = 8
 GEMV_MIN_SPLIT_INT4_M1 = 4
 GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 
-# Symmetric INT4 (and NVFP4: MMA_FORMATS) fast-mode forwards of MMA_MIN_M..MMA_MAX_M rows
-# whose operands int4_mma takes (bf16 x; INT4: bf16 scales in groups of 64 or a multiple of
-# 128; NVFP4: 4-byte aligned code rows) run the Gluon mma.sync kernel
-# (orbit/kernels/int4_mma.py) on sm_80+, before any route table: H100, session 21,
-# 4096x12288 M = 4 16.8-17.7 us against 32.4 for the tl.dot loop, 49.3 for the plane GEMV and
-# 41.7 for cuBLAS BF16 (docs/benchmarks.md). M = 1 stays with the plane GEMV (15.5 vs 16.5
-# us). A launch with a store epilogue (LoRA, SwiGLU, norm) keeps its fused kernel; the *_fits
-# questions answer for the mma route when asked with mma_ok (dispatch does), so the engine
-# runs those epilogues as separate launches there. Engine H100 (Qwen3-1.7B INT4, decode
-# tok/s, same process, mma up to 16 rows vs off): batch 4 2631 vs 2179, batch 8 3862 vs 3350,
-# batch 16 6165 vs 6493, also with its epilogues kept fused at 16 (the kernel itself loses to
-# cuBLAS there on the narrow shapes: 2048x2048 M = 16 8.3 vs 6.9 us). So 8 rows at most;
-# MMA_MAX_M = 0 turns it off.
-MMA_MIN_M = 2
-MMA_MAX_M = 8
-# NVFP4 through the same kernel (E2M1 pair decode with the scale in a packed FMA) was written
-# after session 21's device time ran out: compiled for sm_90 (CPU test) but neither run nor
-# measured on a GPU, so it is not routed. Add "nvfp4" here once
-# scripts/bench/pending_device_runs.sh shows its tests pass and it beats the register-fed tile.
-MMA_FORMATS = ("int4",)
+# Fast-mode forwards whose operands int4_mma takes (bf16 x; INT4: symmetric codes, bf16
+# scales in groups of 64 or a multiple of 128; NVFP4: 4-byte aligned code rows) run the Gluon
+# mma.sync kernel (orbit/kernels/int4_mma.py) on sm_80+ within their format's MMA_ROWS
+# (first, last row count), before any route table. A launch with a store epilogue (LoRA,
+# SwiGLU, norm) keeps its fused kernel; the *_fits questions answer for the mma route when
+# asked with mma_ok (dispatch does), so the engine runs those epilogues as separate launches
+# there. H100 measurements (docs/benchmarks.md, sessions 21-22):
+# - INT4, 2-8 rows: 4096x12288 M = 4 16.8-17.7 us against 32.4 for the tl.dot loop and 41.7
+#   for cuBLAS BF16. M = 1 stays with the plane GEMV (15.5 vs 16.5 us). Engine (Qwen3-1.7B
+#   INT4 decode tok/s, mma to 16 rows vs off): batch 4 2631 vs 2179, batch 8 3862 vs 3350,
+#   batch 16 6165 vs 6493 (the kernel loses to cuBLAS on the narrow shapes at 16 rows:
+#   2048x2048 8.3 vs 6.9 us), so 8 rows at most.
+# - NVFP4, 1-16 rows: it beats both kernels NVFP4 ran before on every Qwen3 shape and row
+#   count (4096x12288: M = 1 18.0 us vs the plane GEMV's 21.0; M = 4 18.6 and M = 16 22.2 vs
+#   the register-fed tile's 43.4 and 63.0; cuBLAS BF16 41.7).
+# An entry removed (or the dict emptied) turns the route off for that format.
+MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (2, 8), "nvfp4": (1, 16)}
 
 
 def _gemv_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
@@ -172,15 +169,16 @@ def _capability_of(index: int) -> tuple[int, int]:
 def _mma_by_rule(m: int, fmt: str, device: torch.device) -> bool:
     from orbit.kernels.int4_mma import HAS_GLUON
 
-    return (fmt in MMA_FORMATS and MMA_MIN_M <= m <= MMA_MAX_M and device.type == "cuda"
+    lo, hi = MMA_ROWS.get(fmt, (1, 0))
+    return (lo <= m <= hi and device.type == "cuda"
             and HAS_GLUON and _capability(device)[0] >= 8)
 
 
 def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
           transpose: bool = False, mma_ok: bool = False) -> Route:
     """Which kernel runs `x[m, k] @ W[n, k]^T` (or, transposed, `dy[m, n] @ W`) in `launch`.
-    Exact mode: the dot loop with its fixed tile. Fast-mode forward: the INT4 mma.sync kernel
-    where `mma_ok` and `_mma_by_rule` (2..MMA_MAX_M rows), else the device's route table
+    Exact mode: the dot loop with its fixed tile. Fast-mode forward: the mma.sync kernel
+    where `mma_ok` and `_mma_by_rule` (the format's MMA_ROWS), else the device's route table
     where it has an entry for the shape (orbit/kernels/qmm_routes.py), else the rules:
     dequantize + cuBLAS from DEQUANT_MIN_M rows, the register-fed tile where `_regfed_by_rule`
     (NVFP4, 2-16 rows, 2-4 on wide weights, sm_90+), the decode GEMV where `_gemv_by_rule`, the
@@ -188,7 +186,7 @@ def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
     Everything that asks whether a launch can carry extra work in its store (`lora_fits`,
     `swiglu_fits`) asks this, so the answer and the launch cannot disagree. `mma_ok`: the
     operands are ones `int4_mma` takes (`int4_mma.supports`), which opens its route
-    (`MMA_MAX_M`)."""
+    (`MMA_ROWS`)."""
     out_dim = k if transpose else n
     if exact:
         return Route("dot", pick_config(m, out_dim, fmt, True))

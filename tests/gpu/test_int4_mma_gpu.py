@@ -65,6 +65,33 @@ def test_int4_mma_configs(cfg: dict, m: int) -> None:
     _check(m, 2048, 1000, 128, MmaConfig(**cfg), seed=len(str(cfg)) + m)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+@pytest.mark.parametrize("cfg", [
+    {"split": 4, "stages": 2}, {"split": 4, "stages": 3}, {"split": 2, "stages": 5},
+    {"split": 1, "stages": 4, "x_prefetch": True}, {"split": 16, "stages": 4},
+    {"split": 4, "stages": 3, "row_tiles": 2, "x_prefetch": True}, {"warps": 1, "stages": 3},
+    {"warps": 2, "split": 8, "stages": 2},
+])
+@pytest.mark.parametrize("m", [3, 16])
+def test_mma_shared_memory_ring(cfg: dict, m: int, fmt: str) -> None:
+    """The words through the cp.async ring and the slice's scales from shared memory: every
+    slot reuse, a ring deeper than the slice (split 16 of 6144: 3 steps, table rounded to 4),
+    one to four warps, row tails."""
+    from orbit.kernels.int4_mma import MmaConfig
+
+    _check(m, 6144, 1000, 128 if fmt == "int4" else 16, MmaConfig(**cfg),
+           seed=len(str(cfg)) + m, fmt=fmt)
+
+
+def test_mma_ring_deeper_than_the_slice_is_refused() -> None:
+    from orbit.kernels.int4_mma import MmaConfig
+
+    qw = random_qweight("int4", 256, 1024, group_size=128, device="cuda")
+    x = torch.randn(4, 1024, device="cuda").bfloat16()
+    with pytest.raises(ValueError, match="stages"):
+        _run(x, qw, MmaConfig(split=4, stages=4))  # 2 steps per slice: at most 3 stages
+
+
 @pytest.mark.parametrize("m", [1, 4, 9, 16])
 @pytest.mark.parametrize("k,n", [(2048, 6144), (6144, 2048), (2048, 200)])
 def test_nvfp4_default_config(m: int, k: int, n: int) -> None:
@@ -117,40 +144,37 @@ def test_int4_mma_refuses_what_it_does_not_compute() -> None:
         int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128)
 
 
-def test_qmm_routes_symmetric_int4_rows_to_the_mma_kernel(monkeypatch) -> None:
-    """Fast-mode INT4 forwards of 2..MMA_MAX_M rows go to int4_mma (same bits as calling it)
-    and the epilogue questions answer for that route (no fused LoRA / SwiGLU / norm there);
-    M = 1, more rows, asymmetric codes and MMA_MAX_M = 0 keep the earlier kernels."""
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_qmm_routes_rows_to_the_mma_kernel(monkeypatch, fmt: str) -> None:
+    """Fast-mode forwards within the format's MMA_ROWS go to int4_mma (the same bits as calling
+    it) and the epilogue questions answer for that route (no fused LoRA / SwiGLU / norm there);
+    rows outside it, asymmetric INT4 codes and a removed entry keep the earlier kernels."""
     from orbit.kernels import _qgemm, dispatch
-    from orbit.kernels.int4_mma import int4_mma
 
     k, n = 2048, 6144
-    qw = random_qweight("int4", n, k, group_size=128, seed=3, device="cuda")
-    nv = random_qweight("nvfp4", n, k, seed=4, device="cuda")
-    for m in (2, 4, 8, 16):
+    kw = {"group_size": 128} if fmt == "int4" else {}
+    qw = random_qweight(fmt, n, k, seed=3, device="cuda", **kw)
+    lo, hi = _qgemm.MMA_ROWS[fmt]
+    for m in sorted({1, 2, 4, 8, 9, 16} | {lo, hi}):
         x = torch.randn(m, k, device="cuda").bfloat16()
-        if "nvfp4" in _qgemm.MMA_FORMATS and m <= _qgemm.MMA_MAX_M:
-            assert torch.equal(dispatch.qmm(x, nv), _run(x, nv))
-        want = int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128)
-        routed = m <= _qgemm.MMA_MAX_M
-        if routed:
-            assert torch.equal(dispatch.qmm(x, qw), want)
+        if lo <= m <= hi:
+            assert torch.equal(dispatch.qmm(x, qw), _run(x, qw))
             assert not dispatch.lora_foldable(x, qw)
             assert not dispatch.norm_foldable(x, qw)
             assert not dispatch.swiglu_foldable(x, qw)
         else:
-            assert dispatch.lora_foldable(x, qw) == _qgemm.lora_fits(m, n, k, "int4", False,
+            assert dispatch.lora_foldable(x, qw) == _qgemm.lora_fits(m, n, k, fmt, False,
                                                                      x.device)
-    x1 = torch.randn(1, k, device="cuda").bfloat16()
-    assert dispatch.swiglu_foldable(x1, qw)  # batch 1: the plane GEMV with its epilogues
     x4 = torch.randn(4, k, device="cuda").bfloat16()
-    asym = random_qweight("int4", n, k, group_size=128, asym=True, seed=4, device="cuda")
-    assert not dispatch.mma_operands_ok(x4, asym)
-    monkeypatch.setattr(_qgemm, "MMA_MAX_M", 0)
+    if fmt == "int4":
+        assert dispatch.swiglu_foldable(x4[:1], qw)  # batch 1: the plane GEMV, its epilogues
+        asym = random_qweight("int4", n, k, group_size=128, asym=True, seed=4, device="cuda")
+        assert not dispatch.mma_operands_ok(x4, asym)
+    monkeypatch.delitem(_qgemm.MMA_ROWS, fmt)
     y_old = dispatch.qmm(x4, qw)
     ref = x4.double() @ qw.dequantize().double().T
     assert ((y_old.double() - ref).norm() / ref.norm()).item() < TOL
-    assert dispatch.swiglu_foldable(x4, qw) == _qgemm.swiglu_fits(4, n, k, "int4", False,
+    assert dispatch.swiglu_foldable(x4, qw) == _qgemm.swiglu_fits(4, n, k, fmt, False,
                                                                    x4.device)
 
 

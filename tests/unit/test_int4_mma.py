@@ -105,12 +105,12 @@ def test_sm90_compile_nvfp4(m: int) -> None:
     assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
 
 
-def test_route_sends_fitting_int4_rows_to_mma(monkeypatch) -> None:
-    """The routing rule on a (pretended) sm_90 device: INT4 2..MMA_MAX_M rows with operands
-    int4_mma takes -> "mma", before any route table; and every store-epilogue question then
-    says no, so callers run their epilogues separately. Without mma_ok (an epilogue was asked
-    for, or the operands do not fit), at 1 row, past MMA_MAX_M, or for a format not in
-    MMA_FORMATS, the route is not mma."""
+def test_route_sends_fitting_rows_to_mma(monkeypatch) -> None:
+    """The routing rule on a (pretended) sm_90 device: INT4 and NVFP4 forwards within their
+    MMA_ROWS with operands int4_mma takes -> "mma", before any route table; and every
+    store-epilogue question then says no, so callers run their epilogues separately. Without
+    mma_ok (an epilogue was asked for, or the operands do not fit), outside the format's rows,
+    for a format without an entry, or with the entry removed, the route is not mma."""
     from orbit.kernels import _qgemm, int4_mma
 
     if not int4_mma.HAS_GLUON:
@@ -118,18 +118,26 @@ def test_route_sends_fitting_int4_rows_to_mma(monkeypatch) -> None:
     monkeypatch.setattr(_qgemm, "_capability", lambda device: (9, 0))
     cuda = torch.device("cuda", 0)
     k, n = 2048, 6144
-    for m in range(_qgemm.MMA_MIN_M, _qgemm.MMA_MAX_M + 1):
-        assert _qgemm.route(m, n, k, "int4", False, cuda, mma_ok=True).kind == "mma"
-        assert not _qgemm.lora_fits(m, n, k, "int4", False, cuda, 1, mma_ok=True)
-        assert not _qgemm.swiglu_fits(m, n, k, "int4", False, cuda, mma_ok=True)
-        assert not _qgemm.norm_fits(m, n, k, "int4", False, cuda, mma_ok=True)
-        assert not _qgemm.prenorm_fits(m, n, k, "int4", False, cuda, mma_ok=True)
-    assert _qgemm.route(4, n, k, "int4", True, cuda, mma_ok=True).kind == "dot"  # exact mode
-    assert _qgemm.route(4, n, k, "int4", False, cuda, transpose=True, mma_ok=True).kind != "mma"
-    for m, fmt in ((1, "int4"), (_qgemm.MMA_MAX_M + 1, "int4"), (4, "fp8")):
-        assert not _qgemm._mma_by_rule(m, fmt, cuda)
-    assert ("nvfp4" in _qgemm.MMA_FORMATS) == _qgemm._mma_by_rule(4, "nvfp4", cuda)
-    assert not _qgemm._mma_by_rule(4, "int4", torch.device("cpu"))
+    assert set(_qgemm.MMA_ROWS) <= set(int4_mma.FORMATS)
+    for fmt, (lo, hi) in _qgemm.MMA_ROWS.items():
+        assert 1 <= lo <= hi <= int4_mma.MAX_M
+        for m in range(lo, hi + 1):
+            assert _qgemm.route(m, n, k, fmt, False, cuda, mma_ok=True).kind == "mma"
+            assert not _qgemm.lora_fits(m, n, k, fmt, False, cuda, 1, mma_ok=True)
+            assert not _qgemm.swiglu_fits(m, n, k, fmt, False, cuda, mma_ok=True)
+            assert not _qgemm.norm_fits(m, n, k, fmt, False, cuda, mma_ok=True)
+            assert not _qgemm.prenorm_fits(m, n, k, fmt, False, cuda, mma_ok=True)
+        for m in (lo - 1, hi + 1):
+            assert not _qgemm._mma_by_rule(m, fmt, cuda)
+        assert _qgemm.route(lo, n, k, fmt, True, cuda, mma_ok=True).kind == "dot"  # exact
+        assert _qgemm.route(lo, n, k, fmt, False, cuda, transpose=True,
+                            mma_ok=True).kind != "mma"
+        assert not _qgemm._mma_by_rule(lo, fmt, torch.device("cpu"))
+    # the measured ranges: INT4 keeps the plane GEMV at batch 1 and the fused tiles past 8
+    assert _qgemm.MMA_ROWS["int4"] == (2, 8) and _qgemm.MMA_ROWS["nvfp4"] == (1, 16)
+    assert not _qgemm._mma_by_rule(4, "fp8", cuda)
+    monkeypatch.setitem(_qgemm.MMA_ROWS, "nvfp4", (1, 0))  # an emptied range: off
+    assert not _qgemm._mma_by_rule(4, "nvfp4", cuda)
 
 
 def test_operands_that_fit_the_mma_route() -> None:
