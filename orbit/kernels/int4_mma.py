@@ -49,7 +49,7 @@ from orbit.quant.qweight import NVFP4_GROUP, QuantizedWeight
 try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kernel to run
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     # the CTA-wide barrier's name: thread_barrier in Triton 3.5-3.6, barrier from 3.7 on
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -66,17 +66,13 @@ class MmaConfig:
     """warps: 16-row MMA tiles side by side (BN = 16 * warps * row_tiles weight rows per
     program); row_tiles: 16-row tiles per warp (x registers are shared between them);
     split: K slices; prefetch: steps whose weight words and scales are loaded ahead of the one
-    being computed (0, 1 or 2; with stages 0); x_prefetch: the next step's x too;
-    stages: 0, or the depth (>= 2) of a cp.async ring in shared memory that the words go
-    through instead (stages - 1 steps in flight, holding no registers; each thread reads back
-    only the bytes it copied), with the slice's scales loaded into shared memory once."""
+    being computed (0, 1 or 2); x_prefetch: the next step's x too."""
 
     warps: int = 4
     row_tiles: int = 1
     split: int = 1
     prefetch: int = 1
     x_prefetch: bool = False
-    stages: int = 0
 
     @property
     def block_n(self) -> int:
@@ -122,7 +118,8 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
     programs' worth of 16-row tiles per SM and slices at least 512 deep: the kernel is bound
     by each warp's load-to-MMA latency chain (Nsight: long-scoreboard stalls), so more,
     shorter chains help until the fix-up and the per-program set-up cost more. NVFP4 takes
-    the INT4 rule (not swept on its own)."""
+    the INT4 rule: its own sweep (session 22) put it within 0-7% of the best config on every
+    shape."""
     rt = 2 if m > 8 else 1
     cfg = MmaConfig(warps=4, row_tiles=rt, prefetch=1, x_prefetch=m > 8)
     tiles = -(-n // cfg.block_n)
@@ -251,8 +248,7 @@ if HAS_GLUON:
                          EVEN_N: gl.constexpr, DEPTH: gl.constexpr, XPRE: gl.constexpr,
                          NP: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
                          B: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr,
-                         LS: gl.constexpr, STAGES: gl.constexpr, STEPS: gl.constexpr,
-                         SP2: gl.constexpr):
+                         LS: gl.constexpr):
         # FMT 0: INT4 (u - 8 into the MMA, each step's partial times its group's scale);
         # FMT 3: NVFP4 (v * s * 2^-9 into the MMA, the global scale * 2^9 at the end)
         BK: gl.constexpr = 32 * VEC
@@ -301,105 +297,56 @@ if HAS_GLUON:
 
         acc = gl.zeros([BN, NP], gl.float32, MMA)
         zero = gl.zeros([BN, NP], gl.float32, MMA)
-        if STAGES > 0:
-            # the words through a cp.async ring: STAGES - 1 steps in flight without holding
-            # registers (a register prefetch of two steps cost the occupancy it bought). Each
-            # thread copies exactly the bytes it later reads back in LW, so the wait needs no
-            # barrier. The slice's scales: loaded once into shared memory, read per step.
-            WS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-            ring = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 4, VEC], WS)
-            # the scale table [SP2 (STEPS rounded up to a power of two), BN (, 4, VEC / 2)]:
-            # row j the scales of step j, stored by the threads that load them
-            if FMT == 3:
-                stab = gl.allocate_shared_memory(s_ptr.dtype.element_ty,
-                                                 [SP2, BN, 4, VEC // 2],
-                                                 gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+        # DEPTH steps' words and scales are in flight while a step is computed (a scale
+        # loaded when used put a DRAM round trip into every step: Nsight, session 21); with
+        # XPRE the next step's x too, held as loaded and made the B operand when used. The
+        # pointers (kn: the K offset) are the next load's; they stop advancing at the slice's
+        # last step, which is then loaded again and not used.
+        kn = k_lo
+        if DEPTH >= 1:
+            w0 = gl.load(w_ptrs)
+            s0 = gl.load(s_ptrs + kn // GROUP)
+        if DEPTH >= 2:
+            adv0 = gl.where(BK < K_SLICE, BK, 0)
+            w_ptrs += adv0 // 8
+            kn += adv0
+            w1 = gl.load(w_ptrs)
+            s1 = gl.load(s_ptrs + kn // GROUP)
+        if XPRE:
+            x0 = gl.load(x_ptrs)
+        for kk in range(0, K_SLICE, BK):
+            if XPRE:
+                cur_x = x0
+                x_ptrs += gl.where(kk + BK < K_SLICE, BK, 0)
+                x0 = gl.load(x_ptrs)
             else:
-                stab = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [SP2, BN],
-                                                 gl.SwizzledSharedLayout(1, 1, 1, [0]))
-            for j in gl.static_range(STEPS):
-                stab.index(j).store(gl.load(s_ptrs + (k_lo + j * BK) // GROUP))
-            for j in gl.static_range(STAGES - 1):
-                async_copy.async_copy_global_to_shared(ring.index(j), w_ptrs + j * (BK // 8))
-                async_copy.commit_group()
-            if XPRE:
-                x0 = gl.load(x_ptrs)
-            _cta_barrier()  # the scale table is written by other threads than read it
-            for step in range(STEPS):
-                # the ring slot read a step ago takes the copy of step + STAGES - 1 (past the
-                # slice's end: its last step again, unused)
-                nxt = gl.minimum(step + STAGES - 1, STEPS - 1)
-                async_copy.async_copy_global_to_shared(ring.index((step + STAGES - 1) % STAGES),
-                                                       w_ptrs + nxt * (BK // 8))
-                async_copy.commit_group()
-                if XPRE:
-                    cur_x = x0
-                    x_ptrs += gl.where(step + 1 < STEPS, BK, 0)
-                    x0 = gl.load(x_ptrs)
+                cur_x = gl.load(x_ptrs)
+                x_ptrs += BK
+            if DEPTH == 0:
+                cur_w = gl.load(w_ptrs)
+                cur_s = gl.load(s_ptrs + (k_lo + kk) // GROUP)
+                w_ptrs += BK // 8
+            else:
+                cur_w = w0
+                cur_s = s0
+                adv = gl.where(kk + DEPTH * BK < K_SLICE, BK, 0)
+                w_ptrs += adv // 8
+                kn += adv
+                if DEPTH >= 2:
+                    w0 = w1
+                    s0 = s1
+                    w1 = gl.load(w_ptrs)
+                    s1 = gl.load(s_ptrs + kn // GROUP)
                 else:
-                    cur_x = gl.load(x_ptrs)
-                    x_ptrs += BK
-                async_copy.wait_group(STAGES - 1)
-                cur_w = ring.index(step % STAGES).load(LW)
-                if FMT == 3:
-                    a = _decode_e2m1(cur_w, stab.index(step).load(LS), A, LW, BN, BK, VEC)
-                    acc = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), acc)
-                else:
-                    a = _decode(cur_w, A, BN, BK)
-                    part = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), zero)
-                    cur_s = stab.index(step).load(LR)
-                    acc = acc + part * gl.expand_dims(cur_s.to(gl.float32), 1)
-        else:
-            # DEPTH steps' words and scales are in flight while a step is computed (a scale
-            # loaded when used put a DRAM round trip into every step: Nsight, session 21); with
-            # XPRE the next step's x too, held as loaded and made the B operand when used. The
-            # pointers (kn: the K offset) are the next load's; they stop advancing at the slice's
-            # last step, which is then loaded again and not used.
-            kn = k_lo
-            if DEPTH >= 1:
-                w0 = gl.load(w_ptrs)
-                s0 = gl.load(s_ptrs + kn // GROUP)
-            if DEPTH >= 2:
-                adv0 = gl.where(BK < K_SLICE, BK, 0)
-                w_ptrs += adv0 // 8
-                kn += adv0
-                w1 = gl.load(w_ptrs)
-                s1 = gl.load(s_ptrs + kn // GROUP)
-            if XPRE:
-                x0 = gl.load(x_ptrs)
-            for kk in range(0, K_SLICE, BK):
-                if XPRE:
-                    cur_x = x0
-                    x_ptrs += gl.where(kk + BK < K_SLICE, BK, 0)
-                    x0 = gl.load(x_ptrs)
-                else:
-                    cur_x = gl.load(x_ptrs)
-                    x_ptrs += BK
-                if DEPTH == 0:
-                    cur_w = gl.load(w_ptrs)
-                    cur_s = gl.load(s_ptrs + (k_lo + kk) // GROUP)
-                    w_ptrs += BK // 8
-                else:
-                    cur_w = w0
-                    cur_s = s0
-                    adv = gl.where(kk + DEPTH * BK < K_SLICE, BK, 0)
-                    w_ptrs += adv // 8
-                    kn += adv
-                    if DEPTH >= 2:
-                        w0 = w1
-                        s0 = s1
-                        w1 = gl.load(w_ptrs)
-                        s1 = gl.load(s_ptrs + kn // GROUP)
-                    else:
-                        w0 = gl.load(w_ptrs)
-                        s0 = gl.load(s_ptrs + kn // GROUP)
-                if FMT == 3:
-                    a = _decode_e2m1(cur_w, cur_s, A, LW, BN, BK, VEC)
-                    acc = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), acc)
-                else:
-                    a = _decode(cur_w, A, BN, BK)
-                    part = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), zero)
-                    acc = acc + part * gl.expand_dims(cur_s.to(gl.float32), 1)
+                    w0 = gl.load(w_ptrs)
+                    s0 = gl.load(s_ptrs + kn // GROUP)
+            if FMT == 3:
+                a = _decode_e2m1(cur_w, cur_s, A, LW, BN, BK, VEC)
+                acc = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), acc)
+            else:
+                a = _decode(cur_w, A, BN, BK)
+                part = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), zero)
+                acc = acc + part * gl.expand_dims(cur_s.to(gl.float32), 1)
         if FMT == 3:
             acc = acc * (gl.load(gs_ptr) * 512.0)
 
@@ -464,10 +411,6 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     bk = 32 * vec
     if k % (cfg.split * bk):
         raise ValueError(f"int4_mma: K={k} is not a multiple of split {cfg.split} x {bk}")
-    steps = k // cfg.split // bk
-    if cfg.stages and not 2 <= cfg.stages <= steps + 1:
-        raise ValueError(f"int4_mma: stages={cfg.stages} needs 2 <= stages <= steps per slice "
-                         f"+ 1 = {steps + 1}")
     np_ = 8 if m <= 8 else 16
     mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
@@ -484,9 +427,7 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         scale.stride(0), y.stride(0), k // cfg.split // 8, cfg.split,
         FMT=3 if fmt == "nvfp4" else 0, GROUP=group, VEC=vec, BN=cfg.block_n,
         EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma,
-        A=a, B=b, LW=lw, LX=lx, LS=ls, STAGES=cfg.stages,
-        STEPS=steps, SP2=1 << (steps - 1).bit_length() if cfg.stages else 1,
-        num_warps=cfg.warps)
+        A=a, B=b, LW=lw, LX=lx, LS=ls, num_warps=cfg.warps)
     return y
 
 

@@ -13,7 +13,8 @@ process. Variants:
   - split and row tiles as in MmaConfig.
 If the loads alone take about as long as the kernel, the access pattern is the ceiling and a
 wider step (vec) or a different grid is the lever; if they are much faster, the per-step
-compute chain is.
+compute chain is. Session 22 (H100, docs/benchmarks.md): 4096x12288 at the pick's grid, loads
+alone 14.5 us with one step ahead and 12.7 us with two, the kernel 17.6 us: the latter.
 
 Run (GPU): python scripts/bench/bench_mma_loads.py [--shapes 4096x12288] [--m 4]
 Writes $OUT/bench_mma_loads.json (or --out).
@@ -32,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench_qmm import copy_gbs, copies_for, ms_rotated  # noqa: E402  (this directory)
+from bench_qmm import copies_for, copy_gbs, ms_rotated
 
-from orbit.kernels.int4_mma import HAS_GLUON, MmaConfig, int4_mma, layouts  # noqa: E402
+from orbit.kernels.int4_mma import HAS_GLUON, MmaConfig, int4_mma, layouts
 
 if HAS_GLUON:
     from triton.experimental import gluon
@@ -154,18 +155,20 @@ def main() -> None:
                         plan.append(("loads", c, vec))
         for name, cfg, vec in plan:
             if name == "cublas-bf16":
-                fns = [lambda w=w: x @ w.T for w in wbs]
+                fns = [lambda w=w, x=x: x @ w.T for w in wbs]
                 nb = 2 * n * k
             elif name == "int4_mma":
-                fns = [lambda q=q: int4_mma(x, q.tensors["qweight"], q.tensors["scale"], 128,
-                                            cfg) for q in qws]
+                fns = [lambda q=q, c=cfg, x=x: int4_mma(x, q.tensors["qweight"],
+                                                        q.tensors["scale"], 128, c)
+                       for q in qws]
                 nb = nbytes
             else:
                 check(qws[0].tensors["qweight"], cfg, vec)
                 tiles = -(-n // cfg.block_n)
                 out = torch.empty(tiles * cfg.split * cfg.block_n * 4 * vec, dtype=torch.int32,
                                   device=dev)
-                fns = [lambda q=q: loads_only(q.tensors["qweight"], cfg, vec, out) for q in qws]
+                fns = [lambda q=q, c=cfg, v=vec, o=out: loads_only(q.tensors["qweight"], c, v, o)
+                       for q in qws]
                 nb = n * k // 2
             t = ms_rotated(fns)
             row = {"shape": shape, "m": args.m, "kernel": name, "vec": vec,

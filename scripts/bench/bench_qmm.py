@@ -292,11 +292,9 @@ REGFED_MAXNREG = (96, 80, 64)  # 5, 6, 8 programs of 128 threads per SM
 # --gemv-mma (session 21): the Gluon INT4 / NVFP4 mma.sync kernel (orbit/kernels/int4_mma.py)
 # (rows named int4-mma for both formats) at its
 # own pick, at half and twice the pick's split, with the other row tiling, prefetch depth and
-# x prefetch; --gemv-mma-sweep: MMA_SWEEP (4 warps: 8 measured the same) at every split;
-# --gemv-mma-ring (session 22): the pick against its words through a cp.async ring in shared
-# memory (MmaConfig.stages), 1-4 warps, at the pick's split and twice it.
+# x prefetch; --gemv-mma-sweep: MMA_SWEEP (4 warps: 8 measured the same) at every split.
 def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
-             fmt: str = "int4", ring: bool = False) -> list:
+             fmt: str = "int4") -> list:
     """The int4_mma configs --gemv-mma times at one shape and M: the pick first, then (sweep)
     every (warps, row tiles, prefetch depth) of MMA_SWEEP at every split the K steps allow,
     or a few neighbours of the pick."""
@@ -308,16 +306,6 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     if sweep:
         return [pick] + [MmaConfig(w, rt, s_, d, xp) for w, rt, d, xp in MMA_SWEEP
                          for s_ in splits if MmaConfig(w, rt, s_, d, xp) != pick]
-    if ring:
-        out = [pick]
-        for s_ in (pick.split, pick.split * 2):
-            if s_ not in splits:
-                continue
-            for w, st, xp in MMA_RING:
-                if st <= steps // s_ + 1:
-                    out.append(dataclasses.replace(pick, warps=w, split=s_, stages=st,
-                                                   x_prefetch=xp))
-        return out
     out = [pick, dataclasses.replace(pick, prefetch=2 if pick.prefetch < 2 else 1),
            dataclasses.replace(pick, x_prefetch=not pick.x_prefetch),
            dataclasses.replace(pick, row_tiles=3 - pick.row_tiles)]
@@ -326,10 +314,6 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     return out
 
 
-# (warps, stages, x prefetch): the ring frees the registers that the x prefetch needs to keep
-# 6 programs per SM (80 registers against 96 with the register prefetch of words)
-MMA_RING = [(4, 2, False), (4, 2, True), (4, 3, False), (4, 3, True), (2, 3, True),
-            (1, 3, True), (1, 4, True)]
 MMA_SWEEP = [(4, rt, d, xp) for rt in (1, 2) for d in (1, 2) for xp in (False, True)]
 
 
@@ -404,7 +388,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 swap: bool = False, formats: tuple = ("int4", "fp8", "nvfp4"),
                 decodes: bool = False, pairs: bool = False, regfed: bool = False,
                 paths: tuple[str, ...] = ("*",), mma: bool = False,
-                mma_sweep: bool = False, mma_ring: bool = False) -> list[dict]:
+                mma_sweep: bool = False) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run; only the
     paths whose names match one of the `paths` patterns (fnmatch: "gemv", "gemv-pdl*") are
     timed (cuBLAS always is: it is every row's baseline)."""
@@ -486,7 +470,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     _, s0, grp, _ = weight_operands(qw0)
                     if supports(m, k, n, grp, x.dtype, s0.dtype, "offset" in qw0.tensors, fmt):
                         plan += [("int4-mma", c) for c in mma_alts(
-                            m, n, k, grp, num_sms(x.device), mma_sweep, fmt, mma_ring)]
+                            m, n, k, grp, num_sms(x.device), mma_sweep, fmt)]
                 if alts and fmt in ("int4", "nvfp4", "mxfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1=_alt_e2m1(eb, auto.e2m1),
@@ -652,9 +636,6 @@ def main() -> None:
                          "config checked against the fp64 reference before it is timed")
     ap.add_argument("--gemv-mma-sweep", action="store_true",
                     help="with --gemv-mma: every MMA_SWEEP config at every split")
-    ap.add_argument("--gemv-mma-ring", action="store_true",
-                    help="with --gemv-mma: the pick against the cp.async ring form (MMA_RING: "
-                         "stages 2-4, 1-4 warps, x prefetch)")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")
@@ -704,7 +685,7 @@ def main() -> None:
                                   tuple(args.gemv_formats.split(",")), args.gemv_decodes,
                                   args.gemv_pairs, args.gemv_regfed,
                                   tuple(args.gemv_paths.split(",")), args.gemv_mma,
-                                  args.gemv_mma_sweep, args.gemv_mma_ring)
+                                  args.gemv_mma_sweep)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")

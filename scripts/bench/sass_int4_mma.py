@@ -31,18 +31,15 @@ DIVISIBLE = {"N", "K", "stride_xm", "stride_q", "stride_s", "stride_ym", "K_SLIC
 
 
 def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
-                fmt: str = "int4", k: int = 4096):
-    """_int4_mma_kernel for sm_90 as `int4_mma` launches `cfg` at M = m (K = k: the steps of a
-    slice, which the shared-memory ring's form compiles in)."""
+                fmt: str = "int4"):
+    """_int4_mma_kernel for sm_90 as `int4_mma` launches `cfg` at M = m."""
     vec = _vec(group, fmt)
-    steps = k // cfg.split // (32 * vec)
     np_ = 8 if m <= 8 else 16
     mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec)
     consts = {"FMT": 3 if fmt == "nvfp4" else 0, "GROUP": group, "VEC": vec,
               "BN": cfg.block_n, "EVEN_N": even_n, "DEPTH": cfg.prefetch,
               "XPRE": cfg.x_prefetch, "NP": np_, "MMA": mma, "A": a, "B": b, "LW": lw,
-              "LX": lx, "LS": ls, "STAGES": cfg.stages, "STEPS": steps,
-              "SP2": 1 << (steps - 1).bit_length() if cfg.stages else 1}
+              "LX": lx, "LS": ls}
     types = dict(TYPES, s_ptr="*fp8e4nv") if fmt == "nvfp4" else TYPES
     return compile_sm90(_int4_mma_kernel, consts, types, cfg.warps, 1, DIVISIBLE)
 
@@ -67,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--row-tiles", type=int)
     ap.add_argument("--prefetch", type=int)
     ap.add_argument("--x-prefetch", type=int, choices=(0, 1))
-    ap.add_argument("--stages", type=int, help="the cp.async ring's depth (0: registers)")
     ap.add_argument("--split", type=int)
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args(argv)
@@ -78,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                                                         ("row_tiles", args.row_tiles),
                                                         ("prefetch", args.prefetch),
                                                         ("x_prefetch", args.x_prefetch),
-                                                        ("stages", args.stages),
                                                         ("split", args.split))
                                 if v is not None})
-    kernel = compile_mma(cfg, args.m, group, fmt=args.fmt, k=k_in)
+    kernel = compile_mma(cfg, args.m, group, fmt=args.fmt)
     n, ops, total = loop_budget(disassemble(kernel.asm["cubin"]), key="HMMA")
     weights = 16 * cfg.row_tiles * 32 * _vec(group, args.fmt) // 32  # per thread per step
     print(f"{args.fmt} mma M={args.m} {cfg} (triton {triton.__version__}): K loop {n} instructions "

@@ -65,33 +65,6 @@ def test_int4_mma_configs(cfg: dict, m: int) -> None:
     _check(m, 2048, 1000, 128, MmaConfig(**cfg), seed=len(str(cfg)) + m)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
-@pytest.mark.parametrize("cfg", [
-    {"split": 4, "stages": 2}, {"split": 4, "stages": 3}, {"split": 2, "stages": 5},
-    {"split": 1, "stages": 4, "x_prefetch": True}, {"split": 16, "stages": 4},
-    {"split": 4, "stages": 3, "row_tiles": 2, "x_prefetch": True}, {"warps": 1, "stages": 3},
-    {"warps": 2, "split": 8, "stages": 2},
-])
-@pytest.mark.parametrize("m", [3, 16])
-def test_mma_shared_memory_ring(cfg: dict, m: int, fmt: str) -> None:
-    """The words through the cp.async ring and the slice's scales from shared memory: every
-    slot reuse, a ring deeper than the slice (split 16 of 6144: 3 steps, table rounded to 4),
-    one to four warps, row tails."""
-    from orbit.kernels.int4_mma import MmaConfig
-
-    _check(m, 6144, 1000, 128 if fmt == "int4" else 16, MmaConfig(**cfg),
-           seed=len(str(cfg)) + m, fmt=fmt)
-
-
-def test_mma_ring_deeper_than_the_slice_is_refused() -> None:
-    from orbit.kernels.int4_mma import MmaConfig
-
-    qw = random_qweight("int4", 256, 1024, group_size=128, device="cuda")
-    x = torch.randn(4, 1024, device="cuda").bfloat16()
-    with pytest.raises(ValueError, match="stages"):
-        _run(x, qw, MmaConfig(split=4, stages=4))  # 2 steps per slice: at most 3 stages
-
-
 @pytest.mark.parametrize("m", [1, 4, 9, 16])
 @pytest.mark.parametrize("k,n", [(2048, 6144), (6144, 2048), (2048, 200)])
 def test_nvfp4_default_config(m: int, k: int, n: int) -> None:

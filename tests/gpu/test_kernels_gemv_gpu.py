@@ -187,6 +187,8 @@ def _dispatch_routes_small_m(monkeypatch: pytest.MonkeyPatch) -> None:
         return orig(*a, **kw)
 
     monkeypatch.setattr(gemv, "gemv", counting)  # launch() imports it at each call
+    # the GEMV's own routing: without the mma route, which takes NVFP4's M = 1 first
+    monkeypatch.setattr(_qgemm, "MMA_ROWS", {})
     max_m = _qgemm.GEMV_MAX_M
     k, n = 6144, 2048  # narrow out, long in: split-K deep enough that M=1 takes the GEMV
     for fmt, kw in [("int4", {"group_size": 128}), ("int8", {"group_size": 32}), ("fp8", {}),
