@@ -4,12 +4,12 @@
 #     bash scripts/bench/pending_device_runs.sh
 # The timeouts keep the whole batch under the device tool's 600 s per call.
 set -uo pipefail
-# 1. GPU tests not run after session 22's NVFP4 routing change (NVFP4 at 1-16 rows through
-#    int4_mma): the GEMV / qmm kernel suites and exact mode (INT4 and NVFP4 cases), and the
-#    quant-linear / engine tests with NVFP4 bases.
-# 2. The INT4 mma kernel's Nsight profile (M = 4, 8) with the scale prefetch, to split the
-#    missing 3-5 us between the per-step chain and the split-K tail (docs/kernels.md).
+# 1. The INT4 mma kernel's Nsight profile (M = 4, 8) with the scale prefetch, to split the
+#    missing 3-5 us (against its loads alone, bench_mma_loads.py) between the per-step chain
+#    and the split-K tail (docs/kernels.md, "What the loads alone cost").
+# 2. The engine test files not run since session 22's NVFP4 routing (NVFP4 at 1-16 rows
+#    through int4_mma): every GPU test file with an engine in it, whole.
 bash scripts/gpu_run.sh \
-  "cmd:timeout 240 python3 -m pytest tests/gpu/test_kernels_gemv_gpu.py tests/gpu/test_kernels_qmm_gpu.py tests/gpu/test_exact_mode.py -m gpu -q -p no:cacheprovider -k 'int4 or nvfp4 or exact' 2>&1 | tail -6" \
-  "cmd:timeout 200 python3 -m pytest tests/gpu/test_quant_linear_gpu.py tests/gpu/test_engine_gpu.py -m gpu -q -p no:cacheprovider -k nvfp4 2>&1 | tail -6" \
-  "cmd:timeout 60 bash scripts/bench/ncu_gemv_stalls.sh 4096x12288 pick int4-mma 4 2>&1 | tail -4"
+  "cmd:timeout 60 bash scripts/bench/ncu_gemv_stalls.sh 4096x12288 pick int4-mma 4 2>&1 | tail -4" \
+  "cmd:timeout 60 bash scripts/bench/ncu_gemv_stalls.sh 4096x12288 pick int4-mma 8 2>&1 | tail -4" \
+  "cmd:timeout 420 python3 -m pytest tests/gpu/test_engine_gpu.py tests/gpu/test_lora_decode_gpu.py tests/gpu/test_siblings_gpu.py tests/gpu/test_qmm_routes_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | tail -6"
