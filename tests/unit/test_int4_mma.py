@@ -160,3 +160,28 @@ def test_operands_that_fit_the_mma_route() -> None:
     assert not mma_operands_ok(x, random_qweight("fp8", 64, 256))
     assert not mma_operands_ok(torch.randn(17, 256).bfloat16(),
                                random_qweight("int4", 64, 256, group_size=128))
+
+
+@pytest.mark.parametrize("vec", [4, 8, 16])
+def test_loads_only_bench_kernel_reads_what_int4_mma_reads(vec: int) -> None:
+    """scripts/bench/bench_mma_loads.py times int4_mma's word loads without the decode and
+    MMA: its sm_90 compile must load only 16-byte vectors (int4_mma's loads), vec / 4 of them
+    per weight row a thread holds per step, touch no shared memory and do one XOR per word."""
+    tool = _tool()
+    from bench_scripts import load_bench
+
+    from orbit.kernels.int4_mma import layouts
+
+    bench = load_bench("bench_mma_loads")
+    lw = layouts(4, 1, 8, vec)[3]
+    kernel = tool.compile_sm90(bench._loads_kernel, {"VEC": vec, "BN": 64, "DEPTH": 0, "LW": lw},
+                               {"q_ptr": "*i32", "out_ptr": "*i32"}, 4, 1,
+                               {"K_SLICE_W", "stride_q"})
+    sass = tool.disassemble(kernel.asm["cubin"])
+    loads = [ln for ln in sass.splitlines() if "LDG" in ln]
+    assert loads and all("LDG.E.128" in ln for ln in loads), loads[:3]
+    # a thread holds 2 rows of its warp's 16: (vec / 4) 16-byte loads each, per step; the
+    # compiler may unroll the loop, so the count is a multiple
+    assert len(loads) % (2 * vec // 4) == 0
+    assert "LDS" not in sass and "STS" not in sass
+    assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
