@@ -9,8 +9,9 @@ roofline, and across base precisions. Random weights (speed does not depend on t
    row, the KV cache at the mean context) / device copy bandwidth (measured in the same run).
 3. formats: decode tokens/s at batch 1/16/64/256 for bf16/int4/fp8/nvfp4 bases (quantized
    with orbit.quant.convert.convert_linears).
-4. lora: what RL rollouts run: the INT4 Qwen3-1.7B base with a LoRA adapter (r 16, all seven
-   linears, random nonzero B) served from slot 1, decode tokens/s at batch 1/16/64/256 with the
+4. lora: what RL rollouts run: the INT4 (--lora-format) Qwen3-1.7B base with a LoRA adapter
+   (r 16, all seven linears, random nonzero B) served from slot 1, decode tokens/s at
+   --batches (1/16/64/256) with the
    plain LoRA forward, the adapter's decode groups with separate shrink and expand-add
    launches, the groups with the expand-add folded into the base launch's store, and with the
    shrink inside the decode GEMV as well (Engine(fuse_lora=...),
@@ -251,10 +252,13 @@ OFT_BLOCK = 32
 
 
 def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, device: str,
-                 plen: int, fuse: str, okw: dict) -> None:
+                 plen: int, fuse: str, okw: dict, fmt: str = "int4",
+                 batches: tuple[int, ...] = (1, 16, 64, 256),
+                 knobs: tuple[str | None, ...] = (None,)) -> None:
     """Section 4 (see the module docstring): the base alone, LoRA with the plain forward, LoRA
     with the decode groups, and OFT (block 32; its per-input rotation leaves the base sibling
-    groups off), each adapter served from slot 1."""
+    groups off), each adapter served from slot 1, on a `fmt` base; every variant once per
+    --knob value (set before the engine captures its graphs)."""
     from orbit.adapters.inject import AdapterConfig, inject_adapters
     from orbit.adapters.lora_decode import link_lora_decode, unlink_lora_decode
     from orbit.kernels import gemv_chain
@@ -268,7 +272,7 @@ def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, 
     fuses = {"on": ["fold"], "off": ["plain"],
              "both": ["plain", "groups", "fold-store", "fold", "fold-chain"]}[fuse]
     for kind in ("lora", "oft"):
-        model = _format_model(shape, "int4", dtype, device)
+        model = _format_model(shape, fmt, dtype, device)
         cfg = AdapterConfig(kind=kind, r=LORA_RANK, alpha=2.0 * LORA_RANK, block_size=OFT_BLOCK)
         aset = inject_adapters(model, cfg)
         with torch.no_grad():  # a trained-looking adapter (PEFT's init is the identity map)
@@ -279,16 +283,17 @@ def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, 
         variants = [(1, f) for f in fuses] if kind == "lora" else [(1, "plain")]
         if kind == "lora":
             variants = [(None, "plain"), *variants]  # the base alone, same model
-        for batch in ([1, 4] if small else [1, 16, 64, 256]):
+        for batch in ([1, 4] if small else batches):
             ps = prompts(batch, plen, SHAPES[shape]["vocab_size"], seed=batch)
-            for slot, fz in variants:
+            for (slot, fz), kv in [(v, k) for v in variants for k in knobs]:
+                set_knob(kv)
                 aset.set_active(slot)
                 unlink_lora_decode(model)
                 if fz in ("groups", "fold-store"):  # linked here; fuse_lora=False leaves them
                     link_lora_decode(model, fold=fz != "groups", fold_shrink=False)
-                w = {"section": "lora", "shape": shape, "batch": batch, "new_tokens": new,
-                     "adapter": None if slot is None else kind, "rank": LORA_RANK,
-                     "fuse_lora": fz}
+                w = {"section": "lora", "shape": shape, "format": fmt, "batch": batch,
+                     "new_tokens": new, "adapter": None if slot is None else kind,
+                     "rank": LORA_RANK, "fuse_lora": fz, "knob": kv}
                 gemv_chain.CHAIN_LORA = fz == "fold-chain"
                 st = _attempt(rows, w, run_orbit, model, ps, new, device,
                               fuse_lora=fz in ("fold", "fold-chain"), **okw)
@@ -352,9 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                          "gemv.PLANES_BLOCK_N_M1_UNSPLIT); bnXsY (the split rule with X-row "
                          "tiles at M <= 4 and at most Y K-slices), e.g. split,bn16,bn8")
     ap.add_argument("--batches", default="1,16,64,256",
-                    help="formats section: these batch sizes (the roofline row is batch 1)")
+                    help="formats and lora sections: these batch sizes (the roofline row is "
+                         "batch 1)")
     ap.add_argument("--knob", default=None,
-                    help="roofline/formats: one module constant swept over runs, as "
+                    help="roofline/formats/lora: one module constant swept over runs, as "
                          "MODULE.NAME=V1,V2,... (Python literals), e.g. "
                          "orbit.kernels.attention_decode.SPLIT_MAX=16,1,2; each run sets it "
                          "before the engine captures its graphs (the last run's value stays "
@@ -373,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qmm-routes-compare", action="store_true",
                     help="roofline/formats: each configuration with the built-in rules, then "
                          "with --qmm-routes' table, same run")
+    ap.add_argument("--lora-format", default="int4", choices=("int4", "fp8", "nvfp4"),
+                    help="lora section: the base's format")
     ap.add_argument("--formats", default="",
                     help="roofline/formats: only these bases, comma-separated (bf16, bf16-ql, "
                          "int4, fp8, nvfp4; default all)")
@@ -538,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if "lora" in sections:
         _attempt(rows, {"section": "lora", "stage": "all"}, lora_section, rows, qshape, small,
-                 dtype, device, plen, args.fuse_lora, okw)
+                 dtype, device, plen, args.fuse_lora, okw, args.lora_format,
+                 tuple(int(b) for b in args.batches.split(",")), tuple(knob_values(args.knob)))
 
     out = {"meta": meta, "rows": rows}
     if args.out:
@@ -577,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
             what = ("adapter off" if r["adapter"] is None else
                     f"oft b{OFT_BLOCK}" if r["adapter"] == "oft" else
                     f"lora r{r['rank']} {r['fuse_lora']}")
-            print(f"lora     {r['shape']:<13} int4 {what:<20} b{r['batch']:<3}: decode "
+            what += f" {r['knob']}" if r.get("knob") else ""
+            print(f"lora     {r['shape']:<13} {r.get('format', 'int4')} {what:<20} b{r['batch']:<3}: decode "
                   f"{r['decode_tokens_per_s']:>9.1f} tok/s ({1e3 / r['decode_tokens_per_s']:.2f} ms/step)")
         else:
             fz = ("+grp" if r.get("fuse_siblings") else "") + ("+split" if r.get("split_kv") else "") + \
