@@ -136,7 +136,8 @@ class LoRADecodeGroup(MemberGroup):
         if self.members != [gate, up] or not self.serves(x):
             return None
         plan = self.fold_plan(x)
-        if plan is None or len(plan) != 1 or not dispatch.swiglu_foldable(x, plan[0][0]):
+        if plan is None or len(plan) != 1 or not dispatch.swiglu_foldable(x, plan[0][0],
+                                                                          lora=True):
             return None
         epis = self._epilogues(x, plan)
         return dispatch.qmm_swiglu(x, plan[0][0], epis[0]) if epis is not None else None

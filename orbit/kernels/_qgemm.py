@@ -98,6 +98,15 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 #   the register-fed tile's 43.4 and 63.0; cuBLAS BF16 41.7).
 # An entry removed (or the dict emptied) turns the route off for that format.
 MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (2, 8), "nvfp4": (1, 16)}
+# Whether a forward that carries a LoRA delta (an adapter active in the engine: what RL
+# rollouts run) takes the mma route too, its delta then in separate shrink / expand launches
+# (dispatch.lora_foldable says no). Off: it keeps the fused-epilogue kernel (the decode GEMV
+# or the tl.dot loop computing h and adding the delta in its store), the path the
+# adapter-on engine was measured on (1.25-1.89x the plain LoRA forward, docs/benchmarks.md);
+# the mma route has not been timed with an adapter (queued first in
+# scripts/bench/pending_device_runs.sh), and at batch 1 its 1 us per linear would not pay for
+# two more launches per sibling group.
+MMA_WITH_LORA = False
 
 
 def _gemv_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:

@@ -111,6 +111,16 @@ def mma_operands_ok(x: Tensor, qw: QuantizedWeight) -> bool:
     return mma_operands_fit(x, qw.fmt, qw.shape, q, s, qw.tensors.get("offset"), group)
 
 
+def _mma_ok_with_lora(x: Tensor, qw: QuantizedWeight) -> bool:
+    """mma_ok for a forward that carries a LoRA delta: only with `_qgemm.MMA_WITH_LORA` (then
+    the mma kernel runs it and the delta goes to separate launches); by default such a
+    forward keeps its fused-epilogue kernel, the path the adapter-on engine was measured on
+    (the mma route's adapter-on timing is queued: scripts/bench/pending_device_runs.sh)."""
+    from orbit.kernels import _qgemm
+
+    return _qgemm.MMA_WITH_LORA and mma_operands_ok(x, qw)
+
+
 def lora_foldable(x: Tensor, qw: QuantizedWeight, members: int = 1) -> bool:
     """Whether `qmm_lora(x, qw, ...)` runs for a LoRA epilogue of `members` adapters: the
     fast-mode forward of x [M, in] on this weight is a fused kernel that adds the delta in its
@@ -119,7 +129,8 @@ def lora_foldable(x: Tensor, qw: QuantizedWeight, members: int = 1) -> bool:
     from orbit.kernels._qgemm import lora_fits
 
     return _fused_store_input(x) and lora_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt,
-                                               False, x.device, members, mma_operands_ok(x, qw))
+                                               False, x.device, members,
+                                               _mma_ok_with_lora(x, qw))
 
 
 def lora_shrink_in_kernel(x: Tensor, qw: QuantizedWeight) -> bool:
@@ -133,7 +144,7 @@ def lora_shrink_in_kernel(x: Tensor, qw: QuantizedWeight) -> bool:
     if not lora_foldable(x, qw):
         return False
     return not use_gemv(m, qw.shape[0], qw.shape[1], qw.fmt, x.device,
-                        mma_operands_ok(x, qw)) or shrinks_in_kernel(m, qw.fmt)
+                        _mma_ok_with_lora(x, qw)) or shrinks_in_kernel(m, qw.fmt)
 
 
 def qmm_lora(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue) -> Tensor:
@@ -147,14 +158,16 @@ def qmm_lora(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue) -> Tensor:
     return kernel(x.contiguous(), qw, lora=lora)
 
 
-def swiglu_foldable(x: Tensor, qw: QuantizedWeight) -> bool:
+def swiglu_foldable(x: Tensor, qw: QuantizedWeight, lora: bool = False) -> bool:
     """Whether `qmm_swiglu(x, qw)` runs: qw is a stacked gate/up weight (gate rows first) whose
     fast-mode forward of x is the nibble-plane decode GEMV, which can store SwiGLU's output
-    itself (CUDA, or Triton's interpreter in CPU tests)."""
+    itself (CUDA, or Triton's interpreter in CPU tests). `lora`: the launch also carries the
+    gate/up adapters' deltas (`_mma_ok_with_lora` decides the route then)."""
     from orbit.kernels._qgemm import swiglu_fits
 
+    mma_ok = _mma_ok_with_lora(x, qw) if lora else mma_operands_ok(x, qw)
     return _fused_store_input(x) and swiglu_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt,
-                                                 False, x.device, mma_operands_ok(x, qw))
+                                                 False, x.device, mma_ok)
 
 
 def qmm_swiglu(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue | None = None) -> Tensor:
@@ -162,7 +175,7 @@ def qmm_swiglu(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue | None = None)
     launch (with `lora`, the gate/up adapters' deltas added before SwiGLU); only where
     `swiglu_foldable(x, qw)`."""
     kernel = _kernel_for(qw)
-    if kernel is None or not swiglu_foldable(x, qw):
+    if kernel is None or not swiglu_foldable(x, qw, lora is not None):
         raise ValueError(f"qmm_swiglu: a {qw.fmt} {tuple(qw.shape)} forward of "
                          f"{tuple(x.shape)} {x.dtype} on {x.device} is not the plane GEMV")
     return kernel(x.contiguous(), qw, lora=lora, swiglu=True)

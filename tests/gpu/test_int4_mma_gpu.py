@@ -120,8 +120,9 @@ def test_int4_mma_refuses_what_it_does_not_compute() -> None:
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 def test_qmm_routes_rows_to_the_mma_kernel(monkeypatch, fmt: str) -> None:
     """Fast-mode forwards within the format's MMA_ROWS go to int4_mma (the same bits as calling
-    it) and the epilogue questions answer for that route (no fused LoRA / SwiGLU / norm there);
-    rows outside it, asymmetric INT4 codes and a removed entry keep the earlier kernels."""
+    it) and the epilogue questions answer for that route (no fused SwiGLU / norm there; a LoRA
+    delta keeps its fused kernel unless MMA_WITH_LORA); rows outside it, asymmetric INT4
+    codes and a removed entry keep the earlier kernels."""
     from orbit.kernels import _qgemm, dispatch
 
     k, n = 2048, 6144
@@ -132,9 +133,16 @@ def test_qmm_routes_rows_to_the_mma_kernel(monkeypatch, fmt: str) -> None:
         x = torch.randn(m, k, device="cuda").bfloat16()
         if lo <= m <= hi:
             assert torch.equal(dispatch.qmm(x, qw), _run(x, qw))
-            assert not dispatch.lora_foldable(x, qw)
             assert not dispatch.norm_foldable(x, qw)
             assert not dispatch.swiglu_foldable(x, qw)
+            # a forward with a LoRA delta keeps its fused kernel (MMA_WITH_LORA off)
+            assert dispatch.lora_foldable(x, qw) == _qgemm.lora_fits(m, n, k, fmt, False,
+                                                                     x.device)
+            assert dispatch.swiglu_foldable(x, qw, lora=True) == _qgemm.swiglu_fits(
+                m, n, k, fmt, False, x.device)
+            monkeypatch.setattr(_qgemm, "MMA_WITH_LORA", True)
+            assert not dispatch.lora_foldable(x, qw)
+            monkeypatch.setattr(_qgemm, "MMA_WITH_LORA", False)
         else:
             assert dispatch.lora_foldable(x, qw) == _qgemm.lora_fits(m, n, k, fmt, False,
                                                                      x.device)

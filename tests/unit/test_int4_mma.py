@@ -140,6 +140,24 @@ def test_route_sends_fitting_rows_to_mma(monkeypatch) -> None:
     assert not _qgemm._mma_by_rule(4, "nvfp4", cuda)
 
 
+def test_a_lora_forward_keeps_its_fused_kernel_unless_asked(monkeypatch) -> None:
+    """dispatch asks the LoRA-epilogue questions without the mma route (the fused kernel adds
+    the delta in its store, the measured adapter-on path) unless _qgemm.MMA_WITH_LORA; the
+    plain forward's questions keep it."""
+    from orbit.kernels import _qgemm, dispatch, int4_mma
+    from orbit.kernels.random_weights import random_qweight
+
+    if not int4_mma.HAS_GLUON:
+        pytest.skip("no Gluon in this Triton")
+    x = torch.randn(4, 256).bfloat16()
+    qw = random_qweight("nvfp4", 64, 256)
+    assert dispatch.mma_operands_ok(x, qw)
+    assert _qgemm.MMA_WITH_LORA is False
+    assert not dispatch._mma_ok_with_lora(x, qw)
+    monkeypatch.setattr(_qgemm, "MMA_WITH_LORA", True)
+    assert dispatch._mma_ok_with_lora(x, qw)
+
+
 def test_operands_that_fit_the_mma_route() -> None:
     """dispatch.mma_operands_ok: symmetric INT4 with bf16 scales and bf16 x (groups 64 / 128),
     NVFP4 with aligned code rows; not asymmetric INT4, GGUF-style groups of 32, fp16 x, or
