@@ -86,8 +86,9 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 # mma.sync kernel (orbit/kernels/int4_mma.py) on sm_80+ within their format's MMA_ROWS
 # (first, last row count), before any route table. A launch with a store epilogue (LoRA,
 # SwiGLU, norm) keeps its fused kernel; the *_fits questions answer for the mma route when
-# asked with mma_ok (dispatch does), so the engine runs those epilogues as separate launches
-# there. H100 measurements (docs/benchmarks.md, sessions 21-22):
+# asked with mma_ok, which dispatch does for SwiGLU and the norm folds (the engine then runs
+# them as separate launches) and, per MMA_WITH_LORA, not for a LoRA delta. H100 measurements
+# (docs/benchmarks.md, sessions 21-22):
 # - INT4, 2-8 rows: 4096x12288 M = 4 16.8-17.7 us against 32.4 for the tl.dot loop and 41.7
 #   for cuBLAS BF16. M = 1 stays with the plane GEMV (15.5 vs 16.5 us). Engine (Qwen3-1.7B
 #   INT4 decode tok/s, mma to 16 rows vs off): batch 4 2631 vs 2179, batch 8 3862 vs 3350,

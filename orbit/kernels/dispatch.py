@@ -100,8 +100,8 @@ def _fused_store_input(x: Tensor) -> bool:
 
 
 def mma_operands_ok(x: Tensor, qw: QuantizedWeight) -> bool:
-    """x @ W^T can run int4_mma (within its format's `_qgemm.MMA_ROWS` it is then routed there),
-    whose store takes no epilogue: the *_foldable questions answer for that route."""
+    """x @ W^T can run int4_mma (within its format's `_qgemm.MMA_ROWS` it is then routed
+    there), whose store takes no epilogue: the *_foldable questions answer for that route."""
     from orbit.kernels import int4_mma
     from orbit.kernels._qgemm import mma_operands_fit
 
