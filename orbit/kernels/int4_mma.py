@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from orbit.kernels._triton import HAS_TRITON
-from orbit.kernels.plane_dot import E2M1_PAIR_PTX
+from orbit.kernels.plane_dot import E2M1_PAIR_PTX, U8_PAIR_DECODE_PTX
 from orbit.quant.qweight import NVFP4_GROUP, QuantizedWeight
 
 try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kernel to run
@@ -168,18 +168,10 @@ if HAS_GLUON:
             warp_bases=wb, block_bases=[], shape=[16 * warps * row_tiles, 4, max(1, vec // 2)])
         return mma, a, b, lw, lx, ls
 
-    # $0, $1: u - 8 of nibbles P and P + 4 as bf16 (exact); $2: the word shifted right by 4P.
-    # LOP3 0xEA is (a & b) | c: 0x4300 | u is the bf16 of 128 + u; the FMA subtracts 136.
-    _U8_PAIR_ASM = gl.constexpr("""{
-    .reg .b32 t, m, c, one, neg;
-    mov.b32 m, 0x000F000F;
-    mov.b32 c, 0x43004300;
-    mov.b32 one, 0x3F803F80;
-    mov.b32 neg, 0xC308C308;
-    lop3.b32 t, $2, m, c, 0xEA;
-    fma.rn.bf16x2 t, t, one, neg;
-    mov.b32 {$0, $1}, t;
-    }""")
+    # $0, $1: u - 8 of nibbles P and P + 4 as bf16 (exact); $2: the word shifted right by 4P
+    # (plane_dot's decode, without its scale)
+    _U8_PAIR_ASM = gl.constexpr("{\n.reg .b32 t, m, c, one, neg;\n" + U8_PAIR_DECODE_PTX
+                                + "mov.b32 {$0, $1}, t;\n}")
 
     @gluon.jit
     def _pairs_to_a(lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, A: gl.constexpr,

@@ -80,17 +80,23 @@ __all__ = ["NVFP4_ASM_EPILOGUE", "UNPACK_PLANE_PAIRS", "plane_pair_step"]
 NVFP4_ASM_EPILOGUE = tl.constexpr(512.0)
 _NVFP4_ASM_SCALE = tl.constexpr(2.0 ** 117)
 
-# asm operands: $0, $1 the bf16 weights of nibbles P and P + 4; $2 the word shifted right by
-# 4P; $3 the bf16 scale. LOP3's table 0xEA is (a & b) | c.
-_PAIR_ASM = tl.constexpr("""{
-.reg .b32 t, s2, m, c, one, neg, nz;
-mov.b32 m, 0x000F000F;
+# The u - 8 decode of nibbles P and P + 4 of the word $2 (shifted right by 4P) into the bf16x2
+# register t, exact: LOP3 (table 0xEA is (a & b) | c) writes the bf16 of 128 + u, the FMA
+# subtracts 136. Uses .b32 registers t, m, c, one, neg. (int4_mma.py's INT4 decode runs it
+# too, without the scale.)
+U8_PAIR_DECODE_PTX = """mov.b32 m, 0x000F000F;
 mov.b32 c, 0x43004300;
 mov.b32 one, 0x3F803F80;
 mov.b32 neg, 0xC308C308;
-mov.b32 nz, 0x80008000;
 lop3.b32 t, $2, m, c, 0xEA;
 fma.rn.bf16x2 t, t, one, neg;
+"""
+
+# asm operands: $0, $1 the bf16 weights of nibbles P and P + 4; $2 the word shifted right by
+# 4P; $3 the bf16 scale.
+_PAIR_ASM = tl.constexpr("""{
+.reg .b32 t, s2, m, c, one, neg, nz;
+""" + U8_PAIR_DECODE_PTX + """mov.b32 nz, 0x80008000;
 mov.b32 s2, {$3, $3};
 fma.rn.bf16x2 t, t, s2, nz;
 mov.b32 {$0, $1}, t;
