@@ -465,12 +465,13 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                         bm=max(16, triton.next_power_of_2(m)), bo=32, br=128, warps=4, stages=4,
                         unpack=_qgemm.UNPACK_PLANE_PAIRS)))
                 if mma and fmt in ("int4", "nvfp4"):
-                    from orbit.kernels.int4_mma import supports, weight_operands
+                    from orbit.kernels.dispatch import mma_operands_ok
+                    from orbit.kernels.int4_mma import weight_operands
 
-                    _, s0, grp, _ = weight_operands(qw0)
-                    if supports(m, k, n, grp, x.dtype, s0.dtype, "offset" in qw0.tensors, fmt):
+                    if mma_operands_ok(x, qw0):
                         plan += [("int4-mma", c) for c in mma_alts(
-                            m, n, k, grp, num_sms(x.device), mma_sweep, fmt)]
+                            m, n, k, weight_operands(qw0)[2], num_sms(x.device), mma_sweep,
+                            fmt)]
                 if alts and fmt in ("int4", "nvfp4", "mxfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1=_alt_e2m1(eb, auto.e2m1),
