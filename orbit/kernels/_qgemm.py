@@ -562,13 +562,14 @@ def check_out(out: Tensor | None, shape: tuple[int, int], x: Tensor) -> Tensor:
 
 def mma_operands_fit(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, scale: Tensor,
                      offset: Tensor | None, group: int) -> bool:
-    """Whether int4_mma computes x @ W^T for these operands (`int4_mma.supports`; NVFP4 codes
-    are read as int32 words, so their rows must be 4-byte aligned)."""
+    """Whether int4_mma computes x @ W^T for these operands (`int4_mma.supports`; NVFP4 and
+    FP8 codes are read as int32 words, so their rows must be 4-byte aligned)."""
     from orbit.kernels.int4_mma import FORMATS, supports
 
     if fmt not in FORMATS or x.dim() != 2:
         return False
-    if fmt == "nvfp4" and (q.stride(0) % 4 or q.storage_offset() % 4):
+    if fmt in ("nvfp4", "fp8") and (q.stride(0) % 4 or q.storage_offset() % 4
+                                    or q.stride(-1) != 1):
         return False
     return supports(x.shape[0], shape[1], shape[0], group, x.dtype, scale.dtype,
                     offset is not None, fmt)

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from orbit.kernels._triton import HAS_TRITON
 from orbit.kernels.plane_dot import E2M1_PAIR_PTX, U8_PAIR_DECODE_PTX
-from orbit.quant.qweight import NVFP4_GROUP, QuantizedWeight
+from orbit.quant.qweight import FP8_BLOCK, NVFP4_GROUP, QuantizedWeight
 
 try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kernel to run
     from triton.experimental import gluon
@@ -79,34 +79,46 @@ class MmaConfig:
         return 16 * self.warps * self.row_tiles
 
 
-FORMATS = ("int4", "nvfp4")
+FORMATS = ("int4", "nvfp4", "fp8")
+FMT_CODES = {"int4": 0, "fp8": 2, "nvfp4": 3}  # (the kernel's FMT: _qgemm.FMT_IDS' numbers)
 
 
 def supports(m: int, k: int, n: int, group: int, x_dtype: torch.dtype,
              scale_dtype: torch.dtype, has_offset: bool, fmt: str = "int4") -> bool:
     """Whether this kernel computes a forward of these operands: INT4 with symmetric codes and
-    bf16 scales in groups of 64 or a multiple of 128, or NVFP4 (e4m3 scales per 16), bf16 x
-    of 1..MAX_M rows, K a multiple of the step depth."""
+    bf16 scales in groups of 64 or a multiple of 128, NVFP4 (e4m3 scales per 16), or FP8
+    e4m3 with fp32 128x128 block scales (weight-only: bf16 x); bf16 x of 1..MAX_M rows, K a
+    multiple of the step depth."""
     if not (HAS_GLUON and 1 <= m <= MAX_M and not has_offset and x_dtype == torch.bfloat16):
         return False
     if fmt == "nvfp4":
         return (group == NVFP4_GROUP and scale_dtype == torch.float8_e4m3fn
+                and k % step_depth(fmt, group) == 0)
+    if fmt == "fp8":
+        return (group == FP8_BLOCK and scale_dtype == torch.float32
                 and k % step_depth(fmt, group) == 0)
     return (fmt == "int4" and scale_dtype == torch.bfloat16 and _vec(group) > 0
             and k % group == 0)
 
 
 def _vec(group: int, fmt: str = "int4") -> int:
-    # per-thread words of one weight row per step: one 16-byte load (NVFP4, INT4 groups of
-    # 128 and more) or one 8-byte load (groups of 64); 0: groups the kernel does not take
-    if fmt == "nvfp4" or group % 128 == 0:
+    # per-thread words of one weight row per step: one 16-byte load (NVFP4, FP8, INT4 groups
+    # of 128 and more) or one 8-byte load (INT4 groups of 64); 0: groups the kernel does not
+    # take
+    if fmt in ("nvfp4", "fp8") or group % 128 == 0:
         return 4
     return 2 if group == 64 else 0
 
 
+def k_per_word(fmt: str) -> int:
+    """Weights per 32-bit word: 8 codes of 4 bits, 4 of FP8's 8."""
+    return 4 if fmt == "fp8" else 8
+
+
 def step_depth(fmt: str, group: int) -> int:
-    """K per step: 128, or 64 for INT4 groups of 64 (a step never spans two INT4 groups)."""
-    return 32 * _vec(group, fmt)
+    """K per step (4 lane quads x VEC words): 128, 64 for INT4 groups of 64 (a step never
+    spans two INT4 groups) and for FP8 (16 bytes per thread and row: half a scale block)."""
+    return 4 * k_per_word(fmt) * _vec(group, fmt)
 
 
 def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4") -> MmaConfig:
@@ -134,12 +146,13 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
 if HAS_GLUON:
 
     @cache  # (plain ints in, frozen layouts out: built once per config, not per launch)
-    def layouts(warps: int, row_tiles: int, np_: int, vec: int):
+    def layouts(warps: int, row_tiles: int, np_: int, vec: int, kpw: int = 8):
         """The MMA accumulator layout, its A and B operand layouts and the load layouts whose
         registers are already where the operands need them (docs above), the last one
-        NVFP4's scale tile.
-        Word tile [BN, 4 (lane quad t), VEC (register i)]; x tile [NP, 4 (t), 8 VEC],
-        x[n, k0 + 8 (VEC t + i) + 4 h + p] at [n, t, 8 i + 4 h + p]."""
+        NVFP4's scale tile. `kpw`: weights per word (8; FP8 4).
+        Word tile [BN, 4 (lane quad t), VEC (register i)]; x tile [NP, 4 (t), KPW VEC],
+        4-bit: x[n, k0 + 8 (VEC t + i) + 4 h + p] at [n, t, 8 i + 4 h + p]; FP8:
+        x[n, k0 + 4 (VEC t + j) + b] at [n, t, 4 j + b] (b: the byte of word j)."""
         mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1],
                                         instr_shape=[16, 8])
         a = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8)
@@ -153,13 +166,13 @@ if HAS_GLUON:
             reg_bases=ireg + [[8, 0, 0]] + rreg,
             lane_bases=lanes,
             warp_bases=wb, block_bases=[], shape=[16 * warps * row_tiles, 4, vec])
-        # x tile [NP, 4, 8 VEC]: registers c = p (1, 2), h (4), i (8, ...), then n 8
-        creg = [[0, 0, 1 << j] for j in range((8 * vec).bit_length() - 1)]
+        # x tile [NP, 4, KPW VEC]: registers c = p (1, 2), h (4), i (8, ...), then n 8
+        creg = [[0, 0, 1 << j] for j in range((kpw * vec).bit_length() - 1)]
         lx = gl.DistributedLinearLayout(
             reg_bases=creg + ([[8, 0, 0]] if np_ == 16 else []),
             lane_bases=lanes,
             warp_bases=[[0, 0, 0] for _ in range(warps.bit_length() - 1)], block_bases=[],
-            shape=[np_, 4, 8 * vec])
+            shape=[np_, 4, kpw * vec])
         # NVFP4 scale tile [BN, 4, VEC / 2] (one e4m3 per two words): LW without its lowest
         # register bit, which the join of the scale with itself puts back
         ls = gl.DistributedLinearLayout(
@@ -224,6 +237,40 @@ if HAS_GLUON:
         lo3, hi3 = _e2m1_pair(words >> 6, words, sc)
         return _pairs_to_a(lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, A, BN, BK)
 
+    # FP8: $0..$3 the bf16 weights of bytes 0..3 of word $4, exact. Each byte's e4m3 bits go
+    # where bf16 keeps them (sign to bit 15, exponent and mantissa to bits 10..4: the value
+    # times 2^-120, subnormals included), then one packed FMA by 2^120 (+ -0) gives the value.
+    # Odd bytes are already at bits 15..8 of the two halves; even ones are shifted there.
+    _E4M3_WORD_ASM = gl.constexpr(
+        "{\n.reg .b32 e, o, m, c, z;\n"
+        "mov.b32 c, 0x7B807B80;\nmov.b32 z, 0x80008000;\n"
+        "and.b32 m, $4, 0x7F007F00;\nshr.b32 m, m, 4;\n"
+        "and.b32 o, $4, 0x80008000;\nor.b32 o, o, m;\nfma.rn.bf16x2 o, o, c, z;\n"
+        "shl.b32 e, $4, 8;\nand.b32 m, e, 0x7F007F00;\nshr.b32 m, m, 4;\n"
+        "and.b32 e, e, 0x80008000;\nor.b32 e, e, m;\nfma.rn.bf16x2 e, e, c, z;\n"
+        "mov.b32 {$0, $2}, e;\nmov.b32 {$1, $3}, o;\n}")
+
+    @gluon.jit
+    def _decode_e4m3(words, A: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                     VEC: gl.constexpr):
+        # words [BN, 4, VEC] int32 of e4m3 bytes -> A operand [BN, BK] bf16 (the raw values;
+        # the block scale multiplies the step's fp32 partial). Thread t's word j = 2 i + w
+        # holds logical K 32 i + 8 t + 4 w + b for its bytes b: the x tile's order (_to_b8)
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(
+            _E4M3_WORD_ASM, "=h,=h,=h,=h,r", [words],
+            dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        v = gl.join(gl.join(b0, b1), gl.join(b2, b3))  # [BN, 4, VEC, b >> 1, b & 1]
+        v = gl.reshape(v, [BN, 4, VEC // 2, 2, 2, 2])
+        v = gl.permute(v, (0, 2, 1, 3, 4, 5))
+        return gl.convert_layout(gl.reshape(v, [BN, BK]), A, assert_trivial=True)
+
+    @gluon.jit
+    def _to_b8(xv, B: gl.constexpr, NP: gl.constexpr, BK: gl.constexpr, VEC: gl.constexpr):
+        # FP8's x tile [NP, 4, 4 VEC] -> B operand [BK, NP]: [n, t, i, e] -> [i, t, e, n]
+        xr = gl.reshape(xv, [NP, 4, VEC // 2, 8])
+        xb = gl.permute(xr, (2, 1, 3, 0))
+        return gl.convert_layout(gl.reshape(xb, [BK, NP]), B, assert_trivial=True)
+
     @gluon.jit
     def _to_b(xv, B: gl.constexpr, NP: gl.constexpr, BK: gl.constexpr, VEC: gl.constexpr):
         # x tile [NP, 4, 8 VEC] -> B operand [BK, NP]: [n, t, i, h, p] -> [i, t, p, h, n], so
@@ -236,17 +283,19 @@ if HAS_GLUON:
     def _int4_mma_kernel(x_ptr, q_ptr, s_ptr, gs_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                          stride_xm, stride_q, stride_s, stride_ym, K_SLICE_W, SPLIT,
                          FMT: gl.constexpr, GROUP: gl.constexpr, VEC: gl.constexpr,
-                         BN: gl.constexpr,
+                         KPW: gl.constexpr, BN: gl.constexpr,
                          EVEN_N: gl.constexpr, DEPTH: gl.constexpr, XPRE: gl.constexpr,
                          NP: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
                          B: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr,
                          LS: gl.constexpr):
         # FMT 0: INT4 (u - 8 into the MMA, each step's partial times its group's scale);
-        # FMT 3: NVFP4 (v * s * 2^-9 into the MMA, the global scale * 2^9 at the end)
-        BK: gl.constexpr = 32 * VEC
+        # FMT 2: FP8 (the e4m3 values into the MMA, each step's partial times its block's
+        # scale); FMT 3: NVFP4 (v * s * 2^-9 into the MMA, the global scale * 2^9 at the end).
+        # KPW: weights per word (8, FP8 4)
+        BK: gl.constexpr = 4 * KPW * VEC
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
-        K_SLICE = K_SLICE_W * 8  # (passed in words: a multiple of 16, so word loads vectorize)
+        K_SLICE = K_SLICE_W * KPW  # (passed in words: a multiple of 16, so loads vectorize)
         k_lo = pid_k * K_SLICE
 
         # word pointers [BN, 4, VEC]: row r, word k0 / 8 + VEC t + i
@@ -261,19 +310,21 @@ if HAS_GLUON:
             r3 = gl.minimum(r3, N - 1)
         w_ptrs = q_ptr + r3 * stride_q + (pid_k * K_SLICE_W + w3)
 
-        # x pointers [NP, 4, 8 VEC]: x[n, k0 + 8 VEC t + c], c = 8 i + 4 h + p (contiguous)
+        # x pointers [NP, 4, KPW VEC]: x[n, k0 + KPW VEC t + c], c = 8 i + 4 h + p (4-bit),
+        # 4 j + b (FP8) (contiguous)
         LX2: gl.constexpr = gl.SliceLayout(2, LX)
         xn = gl.arange(0, NP, layout=gl.SliceLayout(1, LX2))
         xt = gl.arange(0, 4, layout=gl.SliceLayout(0, LX2))
-        xc = gl.arange(0, 8 * VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX)))
+        xc = gl.arange(0, KPW * VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX)))
         n3 = gl.expand_dims(gl.expand_dims(xn, 1), 2)
-        koff = gl.expand_dims(gl.expand_dims(xt, 0), 2) * (8 * VEC) + gl.expand_dims(
+        koff = gl.expand_dims(gl.expand_dims(xt, 0), 2) * (KPW * VEC) + gl.expand_dims(
             gl.expand_dims(xc, 0), 1)
         # rows of x past M read row M - 1 (no mask, no zero fill); their columns are not stored
         x_ptrs = x_ptr + gl.minimum(n3, M - 1) * stride_xm + (k_lo + koff)
 
         # scale pointers (a step's scale at + kn // GROUP): INT4 [BN] in the accumulator's
-        # row layout; NVFP4 [BN, 4, VEC / 2], the scale of words 2j and 2j + 1 of the step
+        # row layout; FP8 the same, each row pointing at its 128-row block's scales; NVFP4
+        # [BN, 4, VEC / 2], the scale of words 2j and 2j + 1 of the step
         LR: gl.constexpr = gl.SliceLayout(1, MMA)
         rs = pid_n * BN + gl.arange(0, BN, layout=LR)
         if FMT == 3:
@@ -284,6 +335,8 @@ if HAS_GLUON:
             s_ptrs = s_ptr + gl.expand_dims(gl.expand_dims(sr, 1), 2) * stride_s + (
                 gl.expand_dims(gl.expand_dims(st, 0), 2) * (VEC // 2)
                 + gl.expand_dims(gl.expand_dims(sh, 0), 1))
+        elif FMT == 2:
+            s_ptrs = s_ptr + (gl.minimum(rs, N - 1) // GROUP) * stride_s
         else:
             s_ptrs = s_ptr + gl.minimum(rs, N - 1) * stride_s
 
@@ -300,7 +353,7 @@ if HAS_GLUON:
             s0 = gl.load(s_ptrs + kn // GROUP)
         if DEPTH >= 2:
             adv0 = gl.where(BK < K_SLICE, BK, 0)
-            w_ptrs += adv0 // 8
+            w_ptrs += adv0 // KPW
             kn += adv0
             w1 = gl.load(w_ptrs)
             s1 = gl.load(s_ptrs + kn // GROUP)
@@ -317,12 +370,12 @@ if HAS_GLUON:
             if DEPTH == 0:
                 cur_w = gl.load(w_ptrs)
                 cur_s = gl.load(s_ptrs + (k_lo + kk) // GROUP)
-                w_ptrs += BK // 8
+                w_ptrs += BK // KPW
             else:
                 cur_w = w0
                 cur_s = s0
                 adv = gl.where(kk + DEPTH * BK < K_SLICE, BK, 0)
-                w_ptrs += adv // 8
+                w_ptrs += adv // KPW
                 kn += adv
                 if DEPTH >= 2:
                     w0 = w1
@@ -335,6 +388,10 @@ if HAS_GLUON:
             if FMT == 3:
                 a = _decode_e2m1(cur_w, cur_s, A, LW, BN, BK, VEC)
                 acc = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), acc)
+            elif FMT == 2:
+                a = _decode_e4m3(cur_w, A, BN, BK, VEC)
+                part = mma_v2(a, _to_b8(cur_x, B, NP, BK, VEC), zero)
+                acc = acc + part * gl.expand_dims(cur_s, 1)
             else:
                 a = _decode(cur_w, A, BN, BK)
                 part = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), zero)
@@ -371,8 +428,10 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     """y = x @ W^T for W [N, K]: INT4 in compressed-tensors pack-quantized words `qweight`
     [N, K/8] (int32, LSB-first nibbles, symmetric codes) with bf16 `scale` [N, K/group]; or
     (fmt "nvfp4") E2M1 codes `qweight` [N, K/2] uint8 with e4m3 `scale` [N, K/16] and the fp32
-    `global_scale`. x [M, K] bf16, M <= 16, into `out` [M, N] (x's dtype) when given. Fast
-    mode (fp32 sums in a different order from the reference)."""
+    `global_scale`; or (fmt "fp8") the e4m3 weight `qweight` [N, K] with its fp32 block
+    scales `scale` [N/128, K/128] (DeepSeek-V3's scale_inv, group 128; weight-only).
+    x [M, K] bf16, M <= 16, into `out` [M, N] (x's dtype) when given. Fast mode (fp32 sums in
+    a different order from the reference)."""
     from orbit.kernels.gemv import arrival_counters, num_sms
 
     m, k = x.shape
@@ -384,14 +443,21 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         if qweight.shape != (n, k // 2) or qweight.dtype != torch.uint8:
             raise ValueError(f"int4_mma: NVFP4 qweight must be uint8 [N, K/2] = [{n}, {k // 2}], "
                              f"got {qweight.dtype} {list(qweight.shape)}")
-        if qweight.stride(0) % 4 or qweight.storage_offset() % 4 or qweight.stride(1) != 1:
-            raise ValueError("int4_mma: NVFP4 qweight rows must be 4-byte aligned (read as "
-                             f"int32 words); stride {qweight.stride()}, offset "
-                             f"{qweight.storage_offset()}")
+        _check_word_rows(qweight, "NVFP4")
         if global_scale is None or global_scale.numel() != 1:
             raise ValueError("int4_mma: NVFP4 needs its one-element fp32 global_scale")
         qweight = qweight.view(torch.int32)
         gs = global_scale.reshape(1).float()
+    elif fmt == "fp8":
+        if qweight.shape != (n, k) or qweight.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"int4_mma: FP8 qweight must be float8_e4m3fn [N, K] = [{n}, {k}], "
+                             f"got {qweight.dtype} {list(qweight.shape)}")
+        _check_word_rows(qweight, "FP8")
+        if scale.shape != (-(-n // group), -(-k // group)):
+            raise ValueError(f"int4_mma: FP8 scale must be [N/{group}, K/{group}] = "
+                             f"[{-(-n // group)}, {-(-k // group)}], got {list(scale.shape)}")
+        qweight = qweight.view(torch.int32)
+        gs = scale
     else:
         if qweight.shape != (n, k // 8) or qweight.dtype != torch.int32:
             raise ValueError(f"int4_mma: qweight must be int32 [N, K/8] = [{n}, {k // 8}], "
@@ -400,11 +466,12 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     x = x.contiguous()
     vec = _vec(group, fmt)
     cfg = cfg or pick_config(m, k, n, group, num_sms(x.device), fmt)
-    bk = 32 * vec
+    bk = step_depth(fmt, group)
     if k % (cfg.split * bk):
         raise ValueError(f"int4_mma: K={k} is not a multiple of split {cfg.split} x {bk}")
     np_ = 8 if m <= 8 else 16
-    mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec)
+    kpw = k_per_word(fmt)
+    mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec, kpw)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if y.shape != (m, n) or y.dtype != x.dtype or y.stride(1) != 1:
         raise ValueError(f"int4_mma: out must be [{m}, {n}] {x.dtype} with unit column stride")
@@ -416,24 +483,33 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         ws, cnt = y, y
     _int4_mma_kernel[(tiles, cfg.split)](
         x, qweight, scale, gs, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0),
-        scale.stride(0), y.stride(0), k // cfg.split // 8, cfg.split,
-        FMT=3 if fmt == "nvfp4" else 0, GROUP=group, VEC=vec, BN=cfg.block_n,
+        scale.stride(0), y.stride(0), k // cfg.split // kpw, cfg.split,
+        FMT=FMT_CODES[fmt], GROUP=group, VEC=vec, KPW=kpw, BN=cfg.block_n,
         EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma,
         A=a, B=b, LW=lw, LX=lx, LS=ls, num_warps=cfg.warps)
     return y
 
 
+def _check_word_rows(q: Tensor, what: str) -> None:
+    # byte codes read as int32 words: unit-stride rows that start on 4-byte boundaries
+    if q.stride(0) % 4 or q.storage_offset() % 4 or q.stride(1) != 1:
+        raise ValueError(f"int4_mma: {what} qweight rows must be 4-byte aligned (read as int32 "
+                         f"words); stride {q.stride()}, offset {q.storage_offset()}")
+
+
 def weight_operands(qw: QuantizedWeight) -> tuple[Tensor, Tensor, int, Tensor | None]:
-    """(codes, scales, group, global scale or None) of an INT4 / NVFP4 `QuantizedWeight`, as
-    `int4_mma` takes them."""
+    """(codes, scales, group, global scale or None) of an INT4 / NVFP4 / FP8
+    `QuantizedWeight`, as `int4_mma` takes them."""
     t = qw.tensors
     if qw.fmt == "nvfp4":
         return t["qweight"], t["scale"], NVFP4_GROUP, t["global_scale"]
+    if qw.fmt == "fp8":
+        return t["weight"], t["scale_inv"], FP8_BLOCK, None
     return t["qweight"], t["scale"], qw.group_size, None
 
 
 def int4_mma_weight(x: Tensor, qw: QuantizedWeight, cfg: MmaConfig | None = None,
                     out: Tensor | None = None) -> Tensor:
-    """`int4_mma` on a `QuantizedWeight` (INT4 or NVFP4): tests and benchmarks."""
+    """`int4_mma` on a `QuantizedWeight` (INT4, NVFP4 or FP8): tests and benchmarks."""
     q, s, group, gs = weight_operands(qw)
     return int4_mma(x, q, s, group, cfg, out, qw.fmt, gs)

@@ -22,10 +22,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sass_gemv import loop_budget
 from sm90_compile import BIN, compile_sm90, disassemble
 
-from orbit.kernels.int4_mma import MmaConfig, _int4_mma_kernel, _vec, layouts, pick_config
+from orbit.kernels.int4_mma import (
+    FMT_CODES,
+    MmaConfig,
+    _int4_mma_kernel,
+    _vec,
+    k_per_word,
+    layouts,
+    pick_config,
+    step_depth,
+)
 
 TYPES = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*bf16", "gs_ptr": "*fp32",
          "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+SCALE_TYPES = {"nvfp4": "*fp8e4nv", "fp8": "*fp32"}
 # the runtime integers a real launch passes as multiples of 16 (so the JIT specializes them)
 DIVISIBLE = {"N", "K", "stride_xm", "stride_q", "stride_s", "stride_ym", "K_SLICE_W"}
 
@@ -35,12 +45,13 @@ def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
     """_int4_mma_kernel for sm_90 as `int4_mma` launches `cfg` at M = m."""
     vec = _vec(group, fmt)
     np_ = 8 if m <= 8 else 16
-    mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec)
-    consts = {"FMT": 3 if fmt == "nvfp4" else 0, "GROUP": group, "VEC": vec,
+    kpw = k_per_word(fmt)
+    mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec, kpw)
+    consts = {"FMT": FMT_CODES[fmt], "GROUP": group, "VEC": vec, "KPW": kpw,
               "BN": cfg.block_n, "EVEN_N": even_n, "DEPTH": cfg.prefetch,
               "XPRE": cfg.x_prefetch, "NP": np_, "MMA": mma, "A": a, "B": b, "LW": lw,
               "LX": lx, "LS": ls}
-    types = dict(TYPES, s_ptr="*fp8e4nv") if fmt == "nvfp4" else TYPES
+    types = dict(TYPES, s_ptr=SCALE_TYPES.get(fmt, "*bf16"))
     return compile_sm90(_int4_mma_kernel, consts, types, cfg.warps, 1, DIVISIBLE)
 
 
@@ -58,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="4096x12288", help="in x out (for the shipped config)")
     ap.add_argument("--m", type=int, default=4)
-    ap.add_argument("--fmt", default="int4", choices=("int4", "nvfp4"))
-    ap.add_argument("--group", type=int, default=None, help="default 128 (int4), 16 (nvfp4)")
+    ap.add_argument("--fmt", default="int4", choices=("int4", "nvfp4", "fp8"))
+    ap.add_argument("--group", type=int, default=None,
+                    help="default 128 (int4, fp8), 16 (nvfp4)")
     ap.add_argument("--warps", type=int)
     ap.add_argument("--row-tiles", type=int)
     ap.add_argument("--prefetch", type=int)
@@ -78,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                                 if v is not None})
     kernel = compile_mma(cfg, args.m, group, fmt=args.fmt)
     n, ops, total = loop_budget(disassemble(kernel.asm["cubin"]), key="HMMA")
-    weights = 16 * cfg.row_tiles * 32 * _vec(group, args.fmt) // 32  # per thread per step
+    weights = 16 * cfg.row_tiles * step_depth(args.fmt, group) // 32  # per thread per step
     print(f"{args.fmt} mma M={args.m} {cfg} (triton {triton.__version__}): K loop {n} instructions "
           f"per step ({n / weights:.2f} per weight a thread decodes, {weights} of them), "
           f"kernel {total}; {resources(kernel.asm['cubin'])}")

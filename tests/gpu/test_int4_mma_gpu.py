@@ -1,4 +1,4 @@
-"""GPU checks of the Gluon INT4 / NVFP4 mma.sync decode kernel (orbit/kernels/int4_mma.py).
+"""GPU checks of the Gluon INT4 / NVFP4 / FP8 mma.sync decode kernel (orbit/kernels/int4_mma.py).
 
 Fresh random packed weights (every nibble pattern) and activations for every check, NaN-poisoned
 outputs, relative norm against x (float64) @ W^T with W the reference dequantization (fp32),
@@ -6,7 +6,8 @@ tolerance as the other decode kernels (bf16 output rounding is ~2e-3 relative). 
 (both MMA column widths), row tails (N not a multiple of the row tile), groups 64 / 128 / 256,
 split-K through the in-kernel fix-up (and that its counters re-arm: a second launch gives the
 same bits), with and without the register prefetch, 1 and 2 row tiles per warp; NVFP4 on the
-same paths, and one-hot rows that must read its dequantized weights exactly.
+same paths, and one-hot rows that must read its dequantized weights exactly; FP8 (e4m3 with
+128x128 block scales) likewise, one-hot rows over every code.
 Run: `pytest -m gpu tests/gpu/test_int4_mma_gpu.py`.
 """
 
@@ -94,6 +95,62 @@ def test_nvfp4_one_hot_rows_read_the_dequantized_weights() -> None:
         x[torch.arange(8), torch.arange(j0, j0 + 8)] = 1.0
         y = _run(x, qw, MmaConfig())
         assert torch.equal(y, w[:, j0:j0 + 8].T.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 9, 16])
+@pytest.mark.parametrize("k,n", [(2048, 6144), (6144, 2048), (320, 200)])
+def test_fp8_default_config(m: int, k: int, n: int) -> None:
+    """FP8 (e4m3, 128x128 block scales) through the same kernel: the bytes decoded to bf16 in
+    registers, each 64-deep step's partial times its block's scale; K = 320 ends in half a
+    scale block, N = 200 in a partial row block."""
+    _check(m, k, n, 128, None, seed=m * 3 + n, fmt="fp8")
+
+
+@pytest.mark.parametrize("cfg", [{"split": 1, "prefetch": 0}, {"split": 4, "prefetch": 2},
+                                 {"split": 2, "row_tiles": 2, "x_prefetch": True},
+                                 {"split": 8, "warps": 2}])
+def test_fp8_configs(cfg: dict) -> None:
+    from orbit.kernels.int4_mma import MmaConfig
+
+    _check(6, 1024, 1000, 128, MmaConfig(**cfg), seed=len(str(cfg)), fmt="fp8")
+
+
+def test_fp8_one_hot_rows_read_every_code_exactly() -> None:
+    """Every e4m3 code but the two NaNs (subnormals, zeros of both signs, +-448) times
+    power-of-two block scales: x = rows of the identity must give W[:, j] dequantized bit for
+    bit (the decode is exact, and one nonzero product times a power of two rounds nowhere)."""
+    from orbit.kernels.int4_mma import MmaConfig
+    from orbit.quant.qweight import QuantizedWeight
+
+    n, k = 256, 512
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    g = torch.Generator().manual_seed(11)
+    idx = torch.randint(0, codes.numel(), (n, k), generator=g)
+    idx[:2].copy_(torch.arange(n * k)[: 2 * k].reshape(2, k) % codes.numel())  # all codes
+    w = codes[idx].view(torch.float8_e4m3fn).cuda()
+    s = torch.exp2(torch.randint(-8, 3, (2, 4), generator=g).float()).cuda()
+    qw = QuantizedWeight("fp8", (n, k), {"weight": w, "scale_inv": s}, 128)
+    ref = qw.dequantize()  # [n, k] fp32, exact in bf16
+    assert torch.equal(ref.to(torch.bfloat16).float(), ref)
+    for j0 in range(0, 64, 8):
+        x = torch.zeros(8, k, device="cuda", dtype=torch.bfloat16)
+        x[torch.arange(8), torch.arange(j0, j0 + 8) * 7 % k] = 1.0
+        for cfg in (MmaConfig(), MmaConfig(split=4, prefetch=2)):
+            y = _run(x, qw, cfg)
+            assert torch.equal(y, ref[:, torch.arange(j0, j0 + 8) * 7 % k].T.to(torch.bfloat16))
+
+
+def test_fp8_refuses_misaligned_or_wrong_scales() -> None:
+    from orbit.kernels.int4_mma import int4_mma
+
+    qw = random_qweight("fp8", 256, 512, device="cuda")
+    x = torch.randn(4, 512, device="cuda").bfloat16()
+    w, s = qw.tensors["weight"], qw.tensors["scale_inv"]
+    with pytest.raises(ValueError, match="scale must be"):
+        int4_mma(x, w, s[:1], 128, fmt="fp8")
+    wide = torch.zeros(256, 516, device="cuda", dtype=torch.uint8).view(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="4-byte aligned"):
+        int4_mma(x, wide[:, 1:513], s, 128, fmt="fp8")
 
 
 @pytest.mark.parametrize("group", [64, 256])

@@ -55,6 +55,12 @@ def test_supports_only_what_it_computes() -> None:
     assert not supports(4, 2048 + 64, 512, 16, bf, e4m3, False, "nvfp4")  # 128-deep steps
     assert not supports(4, 2048, 512, 16, bf, bf, False, "nvfp4")  # scales must be e4m3
     assert not supports(4, 2048, 512, 32, bf, torch.uint8, False, "mxfp4")
+    f32 = torch.float32
+    assert supports(16, 2048 + 64, 512, 128, bf, f32, False, "fp8")  # 64-deep FP8 steps
+    assert not supports(4, 2048 + 32, 512, 128, bf, f32, False, "fp8")
+    assert not supports(4, 2048, 512, 128, bf, bf, False, "fp8")  # fp32 block scales
+    assert not supports(4, 2048, 512, 64, bf, f32, False, "fp8")  # 128x128 blocks only
+    assert not supports(4, 2048, 512, 128, torch.float16, f32, False, "fp8")  # W8A16: bf16 x
 
 
 def test_block_n() -> None:
@@ -105,6 +111,26 @@ def test_sm90_compile_nvfp4(m: int) -> None:
     assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
 
 
+@pytest.mark.parametrize("m", [4, 16])
+def test_sm90_compile_fp8(m: int) -> None:
+    """The FP8 form: e4m3 bytes decoded in registers into the A operand (assert_trivial), one
+    packed multiply by 2^120 per byte pair, no shared memory in the loop, no spills, and a
+    loop lighter per byte of weight than INT4's (~4 instructions per FP8 weight, one byte,
+    against ~2.8 per INT4 weight, half a byte)."""
+    tool = _tool()
+    cfg = pick_config(m, 4096, 12288, 128, 132, "fp8")
+    kernel = tool.compile_mma(cfg, m, 128, fmt="fp8")
+    sass = tool.disassemble(kernel.asm["cubin"])
+    n, ops, _ = tool.loop_budget(sass, key="HMMA")
+    weights = 16 * cfg.row_tiles * 64 // 32  # per thread per 64-deep step
+    np_ = 8 if m <= 8 else 16
+    assert ops["HMMA"] == cfg.row_tiles * (64 // 16) * (np_ // 8)
+    assert ops["HMUL2"] + ops["HFMA2"] == weights // 2
+    assert ops["LDS"] == 0 and ops["STS"] == 0 and ops["LDSM"] == 0
+    assert n < 4.6 * weights
+    assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
+
+
 def test_route_sends_fitting_rows_to_mma(monkeypatch) -> None:
     """The routing rule on a (pretended) sm_90 device: INT4 and NVFP4 forwards within their
     MMA_ROWS with operands int4_mma takes -> "mma", before any route table; and every
@@ -146,6 +172,7 @@ def test_a_lora_forward_keeps_its_fused_kernel_unless_asked(monkeypatch) -> None
     plain forward's questions keep it."""
     from orbit.kernels import _qgemm, dispatch, int4_mma
     from orbit.kernels.random_weights import random_qweight
+    from orbit.quant.qweight import QuantizedWeight
 
     if not int4_mma.HAS_GLUON:
         pytest.skip("no Gluon in this Triton")
@@ -160,11 +187,12 @@ def test_a_lora_forward_keeps_its_fused_kernel_unless_asked(monkeypatch) -> None
 
 def test_operands_that_fit_the_mma_route() -> None:
     """dispatch.mma_operands_ok: symmetric INT4 with bf16 scales and bf16 x (groups 64 / 128),
-    NVFP4 with aligned code rows; not asymmetric INT4, GGUF-style groups of 32, fp16 x, or
-    other formats."""
+    NVFP4 and FP8 with aligned code rows; not asymmetric INT4, GGUF-style groups of 32, fp16
+    x, misaligned FP8 rows, or other formats."""
     from orbit.kernels import int4_mma
     from orbit.kernels.dispatch import mma_operands_ok
     from orbit.kernels.random_weights import random_qweight
+    from orbit.quant.qweight import QuantizedWeight
 
     if not int4_mma.HAS_GLUON:
         pytest.skip("no Gluon in this Triton")
@@ -175,7 +203,12 @@ def test_operands_that_fit_the_mma_route() -> None:
     assert not mma_operands_ok(x, random_qweight("int4", 64, 256, group_size=128, asym=True))
     assert not mma_operands_ok(x, random_qweight("int4", 64, 256, group_size=32))
     assert not mma_operands_ok(x.half(), random_qweight("int4", 64, 256, group_size=128))
-    assert not mma_operands_ok(x, random_qweight("fp8", 64, 256))
+    assert mma_operands_ok(x, random_qweight("fp8", 64, 256))
+    assert not mma_operands_ok(x, random_qweight("mxfp4", 64, 256))
+    wide = random_qweight("fp8", 64, 260).tensors
+    off = QuantizedWeight("fp8", (64, 256), {"weight": wide["weight"][:, 1:257],  # rows off
+                                             "scale_inv": wide["scale_inv"][:, :2]}, 128)
+    assert not mma_operands_ok(x, off)  # 4-byte boundaries
     assert not mma_operands_ok(torch.randn(17, 256).bfloat16(),
                                random_qweight("int4", 64, 256, group_size=128))
 
