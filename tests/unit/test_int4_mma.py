@@ -172,7 +172,6 @@ def test_a_lora_forward_keeps_its_fused_kernel_unless_asked(monkeypatch) -> None
     plain forward's questions keep it."""
     from orbit.kernels import _qgemm, dispatch, int4_mma
     from orbit.kernels.random_weights import random_qweight
-    from orbit.quant.qweight import QuantizedWeight
 
     if not int4_mma.HAS_GLUON:
         pytest.skip("no Gluon in this Triton")
