@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# The measurements queued for the next device call (docs/benchmarks.md, session 22), in
-# priority order, as one call of the device tool from the repository root:
-#     bash scripts/bench/pending_device_runs.sh
-# The timeouts keep the whole batch under the device tool's 600 s per call.
+# The measurements queued for the next device calls (docs/benchmarks.md), in priority order,
+# each call within the device tool's 600 s, from the repository root:
+#     bash scripts/bench/pending_device_runs.sh a     (then b)
+# a: the FP8 form of int4_mma (session 23, never run yet): its GPU tests, the kernel against
+#    the FP8 GEMV / tl.dot loop / cuBLAS at 1-16 rows on five Qwen3 shapes, and Qwen3-1.7B FP8
+#    decode with FP8 on the mma route (1-16 rows) against without, one process.
+# b: session 22's queue: the LoRA decode tests of MMA_WITH_LORA, the adapter-on engine with
+#    the mma route (MMA_WITH_LORA True) against without, the FP8 config sweep, and the
+#    engine test files.
 set -uo pipefail
-# 0. The GPU tests of session 22's last change (a LoRA-carrying forward keeps its fused
-#    kernel on the mma route's rows): the routing test and the LoRA decode tests.
-# 1. What RL rollouts run: decode with the LoRA adapter active. On the mma route's rows
-#    (INT4 2-8, NVFP4 1-16: _qgemm.MMA_ROWS) a LoRA-carrying forward keeps its fused-epilogue
-#    kernel by default (_qgemm.MMA_WITH_LORA = False: the measured adapter-on path); True runs
-#    the mma kernel and the delta as separate shrink / expand launches. The adapter-off engine
-#    gained 7-37% from the route (session 22); if True wins with the adapter on, turn it on
-#    (for the rows where it wins).
-# 2. The INT4 mma kernel's Nsight profile (M = 4), to split the missing 3-5 us (against its
-#    loads alone, bench_mma_loads.py) between the per-step chain and the split-K tail
-#    (docs/kernels.md, "What the loads alone cost").
-# 3. The engine test files not run whole since session 22's NVFP4 routing.
-bash scripts/gpu_run.sh \
-  "cmd:timeout 150 python3 -m pytest tests/gpu/test_int4_mma_gpu.py tests/gpu/test_lora_decode_gpu.py -m gpu -q -p no:cacheprovider -k 'routes or swiglu or gemv_epilogue or engine' 2>&1 | tail -6" \
+ROWS_OFF="{'int4':(2,8),'nvfp4':(1,16)}"
+ROWS_FP8="{'int4':(2,8),'nvfp4':(1,16),'fp8':(1,16)}"
+case "${1:-a}" in
+a) bash scripts/gpu_run.sh \
+  "cmd:timeout 170 python3 -m pytest tests/gpu/test_int4_mma_gpu.py -m gpu -q -p no:cacheprovider -x 2>&1 | tail -15" \
+  "cmd:timeout 150 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-formats fp8 --gemv-shapes 4096x12288,2048x12288,6144x2048,2048x4096,2048x2048 --gemv-m 1,4,8,16 --gemv-paths gemv,fused-dot,int4-mma --out \$OUT/fp8 2>&1 | grep -vE '^\\{' | tail -70" \
+  "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections formats --formats fp8 --batches 1,4,8,16 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS=$ROWS_OFF,$ROWS_FP8\" 2>&1 | grep -vE '^\\{' | tail -14" ;;
+b) bash scripts/gpu_run.sh \
+  "cmd:timeout 120 python3 -m pytest tests/gpu/test_lora_decode_gpu.py -m gpu -q -p no:cacheprovider -k 'routes or swiglu or gemv_epilogue or engine' 2>&1 | tail -6" \
   "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections lora --lora-format nvfp4 --fuse-lora on --batches 1,4,16 --attn-backend triton --knob orbit.kernels._qgemm.MMA_WITH_LORA=False,True 2>&1 | grep -vE '^\\{' | tail -14" \
-  "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections lora --lora-format int4 --fuse-lora on --batches 4,8 --attn-backend triton --knob orbit.kernels._qgemm.MMA_WITH_LORA=False,True 2>&1 | grep -vE '^\\{' | tail -10" \
-  "cmd:timeout 60 bash scripts/bench/ncu_gemv_stalls.sh 4096x12288 pick int4-mma 4 2>&1 | tail -4" \
-  "cmd:timeout 180 python3 -m pytest tests/gpu/test_engine_gpu.py tests/gpu/test_siblings_gpu.py tests/gpu/test_qmm_routes_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | tail -6"
+  "cmd:timeout 130 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-sweep --gemv-formats fp8 --gemv-shapes 4096x12288,6144x2048 --gemv-m 4,16 --gemv-paths int4-mma --out \$OUT/fp8sweep 2>&1 | grep -vE '^\\{' | tail -12" \
+  "cmd:timeout 140 python3 -m pytest tests/gpu/test_engine_gpu.py tests/gpu/test_qmm_routes_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | tail -6" ;;
+esac
