@@ -111,6 +111,27 @@ def test_sm90_compile_nvfp4(m: int) -> None:
     assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
 
 
+def test_fp8_decode_bits_are_exact_for_every_code() -> None:
+    """The arithmetic of int4_mma's FP8 decode (_E4M3_WORD_ASM), in torch: a byte's sign to
+    bf16 bit 15 and its exponent and mantissa to bits 10..4 read as a bf16 that is the e4m3
+    value times 2^-120 (a bf16 subnormal for the smallest codes), and one bf16 multiply by
+    2^120 gives the value back, for all 254 codes that are not NaN. The word form: the odd
+    bytes of a word sit at bits 15..8 / 31..24, the even ones after a shift left by 8."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.int32)
+    want = codes.to(torch.uint8).view(torch.float8_e4m3fn).float()
+    half = ((codes & 0x80) << 8) | ((codes & 0x7F) << 4)  # what each 16-bit half gets
+    scaled = half.to(torch.int16).view(torch.bfloat16)
+    assert torch.equal(scaled.float() * 2.0 ** 120, want)  # the 2^-120 is exact
+    got = (scaled * torch.tensor(2.0 ** 120, dtype=torch.bfloat16)).float()
+    assert torch.equal(got, want)  # and so is the bf16 multiply back (0x7B80 = 2^120)
+    assert torch.tensor([0x7B80], dtype=torch.int16).view(torch.bfloat16).item() == 2.0 ** 120
+    word = (codes[:4] | (codes[4:8] << 8) | (codes[8:12] << 16) | (codes[12:16] << 24))
+    odd = (word & 0x80008000) | ((word & 0x7F007F00) >> 4)  # bytes 1 and 3
+    even = ((word << 8) & 0x80008000) | (((word << 8) & 0x7F007F00) >> 4)  # bytes 0 and 2
+    assert torch.equal(odd & 0xFFFF, half[4:8]) and torch.equal((odd >> 16) & 0xFFFF, half[12:16])
+    assert torch.equal(even & 0xFFFF, half[:4]) and torch.equal((even >> 16) & 0xFFFF, half[8:12])
+
+
 @pytest.mark.parametrize("m", [4, 16])
 def test_sm90_compile_fp8(m: int) -> None:
     """The FP8 form: e4m3 bytes decoded in registers into the A operand (assert_trivial), one
