@@ -18,9 +18,9 @@ ROWS_FP8="{'int4':(2,8),'nvfp4':(1,16),'fp8':(1,16)}"
 case "${1:-a}" in
 a) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 -m pytest tests/gpu/test_int4_mma_gpu.py -m gpu -q -p no:cacheprovider -x 2>&1 | tail -15" \
-  "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-formats fp8 --gemv-shapes 4096x12288,2048x12288,6144x2048,2048x4096,2048x2048 --gemv-m 1,4,8,16 --gemv-paths gemv,fused-dot,int4-mma --out \$OUT/fp8 2>&1 | grep -vE '^\\{' | tail -70" \
+  "cmd:timeout 190 python3 scripts/bench/bench_engine.py --sections formats --formats int4,fp8,nvfp4 --batches 64,256 --attn-backend triton --knob orbit.kernels._qgemm.DEQUANT_MIN_M=1024,64 2>&1 | grep -vE '^\\{' | tail -16" \
   "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections formats --formats fp8 --batches 1,4,8,16 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS=$ROWS_OFF,$ROWS_FP8\" 2>&1 | grep -vE '^\\{' | tail -14" \
-  "cmd:timeout 190 python3 scripts/bench/bench_engine.py --sections formats --formats int4,fp8,nvfp4 --batches 64,256 --attn-backend triton --knob orbit.kernels._qgemm.DEQUANT_MIN_M=1024,64 2>&1 | grep -vE '^\\{' | tail -16" ;;
+  "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-formats fp8 --gemv-shapes 4096x12288,2048x12288,6144x2048,2048x4096,2048x2048 --gemv-m 1,4,8,16 --gemv-paths gemv,fused-dot,int4-mma --out \$OUT/fp8 2>&1 | grep -vE '^\\{' | tail -70" ;;
 b) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 scripts/bench/bench_qmm.py --mid --gemv-formats int4,fp8,nvfp4 --mid-m 16,32,64,128,256 --out \$OUT/mid 2>&1 | grep -vE '^\\{' | tail -40" \
   "cmd:timeout 120 python3 -m pytest tests/gpu/test_lora_decode_gpu.py -m gpu -q -p no:cacheprovider -k 'routes or swiglu or gemv_epilogue or engine' 2>&1 | tail -6" \
