@@ -259,7 +259,9 @@ if HAS_GLUON:
         b0, b1, b2, b3 = gl.inline_asm_elementwise(
             _E4M3_WORD_ASM, "=h,=h,=h,=h,r", [words],
             dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
-        v = gl.join(gl.join(b0, b1), gl.join(b2, b3))  # [BN, 4, VEC, b >> 1, b & 1]
+        # (a join's new axis goes last, so the inner join's is the earlier one: [.., x, y]
+        # for join(join(., .) over x, ...) over y; _pairs_to_a reads it the same way)
+        v = gl.join(gl.join(b0, b2), gl.join(b1, b3))  # [BN, 4, VEC, b >> 1, b & 1]
         v = gl.reshape(v, [BN, 4, VEC // 2, 2, 2, 2])
         v = gl.permute(v, (0, 2, 1, 3, 4, 5))
         return gl.convert_layout(gl.reshape(v, [BN, BK]), A, assert_trivial=True)
