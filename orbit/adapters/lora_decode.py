@@ -41,12 +41,12 @@ from orbit.quant.qweight import QuantizedWeight
 from orbit.quant.siblings import MemberGroup, sibling_sets
 
 
-def fold_max_rows() -> int:
-    """Rows a group serves: up to lora_decode.MAX_M with the separate expand-add, and beyond
-    (batches of 65+ sequences, prefill chunks) only where the base launches add the delta in
-    their store, which the `tl.dot` loop does up to where fast mode switches to dequantize +
-    cuBLAS (read at each call: benchmarks move that threshold)."""
-    return _qgemm.DEQUANT_MIN_M - 1
+def fold_max_rows(fmt: str) -> int:
+    """Rows a group of `fmt` bases serves: up to lora_decode.MAX_M with the separate
+    expand-add, and beyond (batches of 65+ sequences, prefill chunks) only where the base
+    launches add the delta in their store, which the `tl.dot` loop does up to where fast mode
+    switches to dequantize + cuBLAS (read at each call: benchmarks move that threshold)."""
+    return _qgemm.dequant_min_m(fmt) - 1
 
 
 class LoRADecodeGroup(MemberGroup):
@@ -73,7 +73,8 @@ class LoRADecodeGroup(MemberGroup):
         if (slot is None or not torch.is_inference_mode_enabled() or x.dim() != 2
                 or x.stride(-1) != 1):
             return False
-        if not (x.is_cuda or interpreting()) or not 1 <= x.shape[0] <= fold_max_rows():
+        fmt = getattr(first.base, "weight_format", "bf16")
+        if not (x.is_cuda or interpreting()) or not 1 <= x.shape[0] <= fold_max_rows(fmt):
             return False
         for m in self.members:
             if (m.active_slot != slot or type(m) is not LoRALinear or m.r != first.r

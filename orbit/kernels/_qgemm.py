@@ -59,8 +59,24 @@ _UNPACK_PAIRS = tl.constexpr(UNPACK_PLANE_PAIRS)
 # (orbit/kernels/lora_epilogue.py).
 _SHRINK_DOT_BK = tl.constexpr(DOT_BK)
 
-# Fast mode from this many rows on: dequantize into a transient BF16 weight, then cuBLAS.
+# Fast mode from this many rows on: dequantize into a transient BF16 weight, then cuBLAS
+# (DEQUANT_MIN_M_BY_FMT per format where measured, else DEQUANT_MIN_M: set from training
+# shapes). Rollout batch sizes, H100, session 23 (docs/benchmarks.md; `bench_qmm.py --mid` per
+# GEMM, `bench_engine.py --knob` on Qwen3-1.7B decode): the fused tl.dot loop's cost grows
+# with the rows while the dequantization pass does not, and cuBLAS then runs near the BF16
+# base's speed. Per GEMM the crossover was 32 rows for NVFP4 (6144x2048: 22.2 vs 51.5 us),
+# 64 for INT4 (22.6 vs 40.5; even on 2048x6144) and 128 for FP8 (64 rows: 20.1 vs 15.6 on
+# 2048x6144, 24.7 vs 29.8 on 6144x2048). Engine decode tok/s, loop -> dequantize + cuBLAS:
+# NVFP4 batch 32 5522 -> 8424, INT4 batch 64 14268 -> 16013 (batch 32: 9230 -> 8838, so not
+# there), FP8 batch 128 17166 -> 27220 (batch 64: 15950 -> 15391); batch 256: INT4 21378 ->
+# 43036, FP8 28692 -> 42007, NVFP4 13070 -> 41956. MXFP4 and INT8 are not measured.
 DEQUANT_MIN_M = 1024
+DEQUANT_MIN_M_BY_FMT: dict[str, int] = {"nvfp4": 32, "int4": 64, "fp8": 128}
+
+
+def dequant_min_m(fmt: str) -> int:
+    """The rows from which a fast-mode `fmt` call dequantizes and runs cuBLAS."""
+    return DEQUANT_MIN_M_BY_FMT.get(fmt, DEQUANT_MIN_M)
 
 # Fast-mode forward calls with at most this many rows may run the decode GEMV / split-K
 # kernel (orbit/kernels/gemv.py) instead of the tl.dot loop; 0 disables it. Exact mode never
@@ -190,7 +206,7 @@ def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
     Exact mode: the dot loop with its fixed tile. Fast-mode forward: the mma.sync kernel
     where `mma_ok` and `_mma_by_rule` (the format's MMA_ROWS), else the device's route table
     where it has an entry for the shape (orbit/kernels/qmm_routes.py), else the rules:
-    dequantize + cuBLAS from DEQUANT_MIN_M rows, the register-fed tile where `_regfed_by_rule`
+    dequantize + cuBLAS from `dequant_min_m(fmt)` rows, the register-fed tile where `_regfed_by_rule`
     (NVFP4, 2-16 rows, 2-4 on wide weights, sm_90+), the decode GEMV where `_gemv_by_rule`, the
     dot loop with `pick_config`'s tile. The input gradient: the rules without the GEMV.
     Everything that asks whether a launch can carry extra work in its store (`lora_fits`,
@@ -206,7 +222,7 @@ def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
         tuned = ROUTES.lookup(device, fmt, n, k, m)
         if tuned is not None:
             return tuned
-    if m >= DEQUANT_MIN_M and fmt != "bf16":
+    if m >= dequant_min_m(fmt) and fmt != "bf16":
         return Route("dequant")
     if not transpose and _regfed_by_rule(m, n, k, fmt, device):
         from orbit.kernels.gemv import num_sms  # gemv.py imports this module

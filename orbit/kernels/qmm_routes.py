@@ -2,7 +2,7 @@
 M rows on an [n, k] weight of a format, per GPU model.
 
 Why: fast mode routes by rules (`_qgemm.route`: the decode GEMV at M <= 4 on some shapes, the
-`tl.dot` loop with `pick_config`'s tile by M, dequantize + cuBLAS from DEQUANT_MIN_M rows)
+`tl.dot` loop with `pick_config`'s tile by M, dequantize + cuBLAS from `_qgemm.dequant_min_m(fmt)` rows)
 set from sweeps on one H100/H200 at a few shapes. At rollout batch sizes those rules are
 the weak spot: a Qwen3-1.7B INT4 base decoded 21,194 tok/s at batch 256 where BF16 weights
 gave 51,762 (docs/benchmarks.md, session 8), and the best route moves with the GPU and the

@@ -370,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                          "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "
                          "gate/up GEMMs in the engine); both: linear then ql, same run")
     ap.add_argument("--dequant-min-m", type=int, default=None,
-                    help="fast mode's dequantize-then-cuBLAS threshold (_qgemm.DEQUANT_MIN_M) "
-                         "for this run: rows from which quantized linears (and so the LoRA "
+                    help="fast mode's dequantize-then-cuBLAS threshold (_qgemm.dequant_min_m) "
+                         "for this run, every format: rows from which quantized linears (and so the LoRA "
                          "fold's reach) switch from the tl.dot loop to a BF16 copy + cuBLAS")
     ap.add_argument("--qmm-routes", default="",
                     help="route table from `python -m orbit tune-qmm` for every run (default: "
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dequant_min_m is not None:
         from orbit.kernels import _qgemm
 
-        _qgemm.DEQUANT_MIN_M = args.dequant_min_m
+        _qgemm.DEQUANT_MIN_M, _qgemm.DEQUANT_MIN_M_BY_FMT = args.dequant_min_m, {}
     bf16_variants = {"linear": ["linear"], "ql": ["ql"], "both": ["linear", "ql"]}[args.orbit_bf16]
     cuda = torch.cuda.is_available()
     small = args.small or not cuda

@@ -148,20 +148,22 @@ def bf16_baseline(rows: list[dict], phase: str, fmt: str, k: int, n: int, ms_: t
 
 
 def _with_dequant_min_m(rows: int, fn, *args):
-    """fn(*args) with fast mode's dequantize-then-cuBLAS threshold at `rows` (restored after)."""
-    old = _qgemm.DEQUANT_MIN_M
-    _qgemm.DEQUANT_MIN_M = rows
+    """fn(*args) with fast mode's dequantize-then-cuBLAS threshold at `rows` for every format
+    (restored after)."""
+    old = _qgemm.DEQUANT_MIN_M, _qgemm.DEQUANT_MIN_M_BY_FMT
+    _qgemm.DEQUANT_MIN_M, _qgemm.DEQUANT_MIN_M_BY_FMT = rows, {}
     try:
         return fn(*args)
     finally:
-        _qgemm.DEQUANT_MIN_M = old
+        _qgemm.DEQUANT_MIN_M, _qgemm.DEQUANT_MIN_M_BY_FMT = old
 
 
 def mid_decode(copy_gbs: float, formats: tuple[str, ...], ms_list: tuple[int, ...]) -> list[dict]:
-    """Rollout batch sizes (`--mid`): at 16-512 rows fast mode runs the `tl.dot` loop (below
-    _qgemm.DEQUANT_MIN_M); time it against dequantize-into-BF16 + cuBLAS (what fast mode does
-    from DEQUANT_MIN_M rows on, the dequantization pass included) and cuBLAS BF16 itself, each
-    rotated over weight copies spanning 3x L2 and graph-replayed, to place DEQUANT_MIN_M."""
+    """Rollout batch sizes (`--mid`): the `tl.dot` loop (or a route table's pick) at 16-512
+    rows against dequantize-into-BF16 + cuBLAS (what fast mode does from
+    `_qgemm.dequant_min_m(fmt)` rows on, the dequantization pass included) and cuBLAS BF16
+    itself, each rotated over weight copies spanning 3x L2 and graph-replayed, to place that
+    threshold per format."""
     rows = []
     for k, n in MID_SHAPES:
         base = bf16_baseline(rows, "mid", "bf16-cublas", k, n, ms_list, copy_gbs)
@@ -172,8 +174,7 @@ def mid_decode(copy_gbs: float, formats: tuple[str, ...], ms_list: tuple[int, ..
                    for i in range(copies_for(qw0.nbytes()))]
             for m in ms_list:
                 x = torch.randn(m, k, device="cuda").bfloat16()
-                assert m < _qgemm.DEQUANT_MIN_M, m  # qmm below is the tl.dot loop
-                for path, min_m in (("dot-loop", _qgemm.DEQUANT_MIN_M), ("dequant+cublas", 1)):
+                for path, min_m in (("dot-loop", 1 << 30), ("dequant+cublas", 1)):
                     calls = [lambda q=q: qmm(x, q) for q in qws]
                     t = _with_dequant_min_m(min_m, ms_rotated, calls)
                     _emit(rows, {"phase": "mid", "fmt": fmt, "path": path, "k": k, "n": n, "m": m,
@@ -642,7 +643,7 @@ def main() -> None:
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")
     ap.add_argument("--mid", action="store_true",
                     help="only rollout batch sizes (MID_M rows, Qwen3-1.7B shapes): the tl.dot "
-                         "loop vs dequantize + cuBLAS vs cuBLAS BF16, to place DEQUANT_MIN_M")
+                         "loop vs dequantize + cuBLAS vs cuBLAS BF16, to place _qgemm.dequant_min_m")
     ap.add_argument("--mid-m", default=",".join(map(str, MID_M)), help="with --mid: these M")
     ap.add_argument("--knob", default=None,
                     help="MODULE.NAME=V: set one module constant for the whole run (e.g. "

@@ -277,7 +277,13 @@ def _engine_checks() -> dict:
 
 
 def _interpreter_main() -> None:
+    from orbit.kernels import _qgemm
+
     patch_interpreter(bf16_dot=True, bf16_round=True)
+    # The fused tl.dot loop and its epilogue up to 1023 rows, as for the formats without a
+    # measured threshold (_qgemm.DEQUANT_MIN_M_BY_FMT moves INT4 to dequantize + cuBLAS from
+    # 64 rows: the 100-row cases below test the loop and the fold, not that choice).
+    _qgemm.DEQUANT_MIN_M_BY_FMT = {}
     out = _kernel_cases()
     out["model"] = _model_checks()
     out["engine"] = _engine_checks()

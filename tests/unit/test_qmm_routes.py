@@ -207,7 +207,7 @@ def test_route_follows_the_table_in_fast_forwards_only() -> None:
         beyond = _qgemm.route(300, n, k, "int4", False, CPU)  # past the last bucket
         # exact mode and the input gradient never read a table
         assert _qgemm.route(1, n, k, "int4", True, CPU).config == _qgemm.pick_config(1, n, "int4", True)
-        assert _qgemm.route(100, n, k, "int4", False, CPU, transpose=True).kind == "dot"
+        assert _qgemm.route(40, n, k, "int4", False, CPU, transpose=True).kind == "dot"
         # the store-fusion questions ask the same router
         assert not _qgemm.use_gemv(1, n, k, "int4", CPU)
         assert _qgemm.lora_fits(1, n, k, "int4", False, CPU, 1)
@@ -215,8 +215,30 @@ def test_route_follows_the_table_in_fast_forwards_only() -> None:
         assert not _qgemm.swiglu_fits(1, n, k, "int4", False, CPU)
         assert not _qgemm.lora_fits(100, n, k, "int4", False, CPU, 1)  # dequantize + cuBLAS
     assert _qgemm.route(1, n, k, "int4", False, CPU) == rules  # restored
-    assert beyond == _qgemm.route(300, n, k, "int4", False, CPU) == Route(
-        "dot", _qgemm.pick_config(300, n, "int4", False))
+    # past the table: the rules (INT4 from 64 rows: dequantize + cuBLAS; below, the loop)
+    assert beyond == _qgemm.route(300, n, k, "int4", False, CPU) == Route("dequant")
+    assert _qgemm.route(40, n, k, "int4", False, CPU) == Route(
+        "dot", _qgemm.pick_config(40, n, "int4", False))
+
+
+def test_dequantize_from_the_measured_rows_per_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fast-mode forwards and input gradients switch to dequantize + cuBLAS at their format's
+    measured row count (DEQUANT_MIN_M_BY_FMT), other formats at DEQUANT_MIN_M; BF16 and exact
+    mode never do; the LoRA epilogue's reach ends where the loop does."""
+    n, k = 2048, 6144
+    with ROUTES.scoped(RouteTable(device="cpu")):  # the rules alone
+        for fmt, lo in (("nvfp4", 32), ("int4", 64), ("fp8", 128), ("mxfp4", 1024),
+                        ("int8", 1024)):
+            assert _qgemm.dequant_min_m(fmt) == lo
+            assert _qgemm.route(lo, n, k, fmt, False, CPU).kind == "dequant"
+            assert _qgemm.route(lo, n, k, fmt, False, CPU, transpose=True).kind == "dequant"
+            assert _qgemm.route(lo - 1, n, k, fmt, False, CPU).kind != "dequant"
+            assert _qgemm.route(lo, n, k, fmt, True, CPU).kind == "dot"  # exact mode
+            assert not _qgemm.lora_fits(lo, n, k, fmt, False, CPU, 1)
+        assert _qgemm.route(4096, n, k, "bf16", False, CPU).kind == "dot"
+        monkeypatch.setattr(_qgemm, "DEQUANT_MIN_M_BY_FMT", {})
+        assert _qgemm.route(64, n, k, "int4", False, CPU).kind == "dot"
+        assert _qgemm.route(1024, n, k, "int4", False, CPU).kind == "dequant"
 
 
 def test_environment_variable_and_shipped_tables(tmp_path: Path,
