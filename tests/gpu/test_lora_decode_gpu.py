@@ -74,10 +74,13 @@ def test_gemv_epilogue_at_qwen3_shapes(fmt: str, m: int, k: int, ns: list[int],
     expand-add kernel, wherever the shape takes the epilogue. With the mma route off: it
     takes INT4's 2-8 and NVFP4's 1-16 rows first, and has no epilogue (the engine then runs
     the LoRA separately), while the fused epilogues still serve wherever its operands do
-    not fit."""
+    not fit. The dequantize + cuBLAS thresholds are pinned at 1024 rows for every format
+    (DEQUANT_MIN_M_BY_FMT emptied) so that 64 and 256 rows test the loop's epilogue, which
+    formats without a measured threshold still run there."""
     from orbit.kernels import _qgemm
 
     monkeypatch.setattr(_qgemm, "MMA_ROWS", {})
+    monkeypatch.setattr(_qgemm, "DEQUANT_MIN_M_BY_FMT", {})
     kw = {"group_size": 128} if fmt == "int4" else {"group_size": 32} if fmt == "int8" else {}
     qw = random_qweight(fmt, sum(ns), k, seed=m + k, device="cuda", **kw)
     g = torch.Generator(device="cuda").manual_seed(m * k + len(ns))
@@ -113,11 +116,16 @@ def test_gemv_epilogue_at_qwen3_shapes(fmt: str, m: int, k: int, ns: list[int],
 
 @pytest.mark.timeout(120)  # a lost signal would spin the launch forever: fail, do not hang
 @pytest.mark.parametrize("m,ns", [(1, [2048, 1024, 1024]), (16, [2048]), (200, [6144])])
-def test_in_kernel_shrink_replays_in_a_graph(m: int, ns: list[int]) -> None:
+def test_in_kernel_shrink_replays_in_a_graph(m: int, ns: list[int],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A base launch with h computed in its own grid (the q/k/v decode GEMV at one row; the
-    tl.dot loop at 16 and 200 rows), captured once and replayed 20 times with PDL: every
-    replay gives the eager result (the h counters are re-armed each time)."""
+    tl.dot loop at 16 and 200 rows: INT4's dequantize + cuBLAS threshold pinned at 1024, as
+    for the formats that still run the loop there), captured once and replayed 20 times with
+    PDL: every replay gives the eager result (the h counters are re-armed each time)."""
+    from orbit.kernels import _qgemm
     from orbit.kernels.gemv import lora_counters
+
+    monkeypatch.setattr(_qgemm, "DEQUANT_MIN_M_BY_FMT", {})
     from orbit.kernels.pdl import pdl_scope
 
     k, r = 2048, 16
