@@ -113,6 +113,9 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 # - NVFP4, 1-16 rows: it beats both kernels NVFP4 ran before on every Qwen3 shape and row
 #   count (4096x12288: M = 1 18.0 us vs the plane GEMV's 21.0; M = 4 18.6 and M = 16 22.2 vs
 #   the register-fed tile's 43.4 and 63.0; cuBLAS BF16 41.7).
+# - FP8 (the FP8 form, session 23): not routed. Slower than the tl.dot loop on every Qwen3
+#   shape but the deep-K 6144x2048 at 1-8 rows (4096x12288 M = 4 32.1 vs 25.6 us; 6144x2048
+#   11.3 vs 16.4), and the engine's FP8 decode lost 6-23% at batch 1-16 with it.
 # An entry removed (or the dict emptied) turns the route off for that format.
 MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (2, 8), "nvfp4": (1, 16)}
 # Whether a forward that carries a LoRA delta (an adapter active in the engine: what RL

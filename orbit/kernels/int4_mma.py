@@ -31,6 +31,11 @@ reference (bf16(s * (u - 8)) @ x) by fp32 rounding only; fast mode's tolerance c
 
 Split-K with the in-kernel fix-up of `gemv.py` (fp32 slices, the last program of a row tile
 adds them in slice order: deterministic). Forward only, fast mode only, CUDA sm_80+.
+
+Other forms with the same loop: NVFP4 (`FMT = 3`, routed at 1-16 rows) and FP8 weight-only
+(`FMT = 2`: e4m3 bytes decoded to bf16 in registers, 64-deep steps, the 128x128 block scale
+on each step's partial; measured slower than the FP8 kernels it would replace, so not routed:
+docs/kernels.md "FP8 form").
 """
 
 from __future__ import annotations
