@@ -583,12 +583,11 @@ def mma_operands_fit(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, sca
                      offset: Tensor | None, group: int) -> bool:
     """Whether int4_mma computes x @ W^T for these operands (`int4_mma.supports`; NVFP4 and
     FP8 codes are read as int32 words, so their rows must be 4-byte aligned)."""
-    from orbit.kernels.int4_mma import FORMATS, supports
+    from orbit.kernels.int4_mma import FORMATS, supports, word_rows_aligned
 
     if fmt not in FORMATS or x.dim() != 2:
         return False
-    if fmt in ("nvfp4", "fp8") and (q.stride(0) % 4 or q.storage_offset() % 4
-                                    or q.stride(-1) != 1):
+    if fmt in ("nvfp4", "fp8") and not word_rows_aligned(q):
         return False
     return supports(x.shape[0], shape[1], shape[0], group, x.dtype, scale.dtype,
                     offset is not None, fmt)

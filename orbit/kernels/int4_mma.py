@@ -47,6 +47,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
+from orbit.kernels._qgemm import FMT_IDS
 from orbit.kernels._triton import HAS_TRITON
 from orbit.kernels.plane_dot import E2M1_PAIR_PTX, U8_PAIR_DECODE_PTX
 from orbit.quant.qweight import FP8_BLOCK, NVFP4_GROUP, QuantizedWeight
@@ -84,8 +85,7 @@ class MmaConfig:
         return 16 * self.warps * self.row_tiles
 
 
-FORMATS = ("int4", "nvfp4", "fp8")
-FMT_CODES = {"int4": 0, "fp8": 2, "nvfp4": 3}  # (the kernel's FMT: _qgemm.FMT_IDS' numbers)
+FORMATS = ("int4", "nvfp4", "fp8")  # (the kernel's FMT is the format's _qgemm.FMT_IDS)
 
 
 def supports(m: int, k: int, n: int, group: int, x_dtype: torch.dtype,
@@ -395,13 +395,14 @@ if HAS_GLUON:
             if FMT == 3:
                 a = _decode_e2m1(cur_w, cur_s, A, LW, BN, BK, VEC)
                 acc = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), acc)
-            elif FMT == 2:
-                a = _decode_e4m3(cur_w, A, BN, BK, VEC)
-                part = mma_v2(a, _to_b8(cur_x, B, NP, BK, VEC), zero)
-                acc = acc + part * gl.expand_dims(cur_s, 1)
-            else:
-                a = _decode(cur_w, A, BN, BK)
-                part = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), zero)
+            else:  # INT4, FP8: the raw values into the MMA, the partial times the scale
+                if FMT == 2:
+                    a = _decode_e4m3(cur_w, A, BN, BK, VEC)
+                    xb = _to_b8(cur_x, B, NP, BK, VEC)
+                else:
+                    a = _decode(cur_w, A, BN, BK)
+                    xb = _to_b(cur_x, B, NP, BK, VEC)
+                part = mma_v2(a, xb, zero)
                 acc = acc + part * gl.expand_dims(cur_s.to(gl.float32), 1)
         if FMT == 3:
             acc = acc * (gl.load(gs_ptr) * 512.0)
@@ -491,15 +492,20 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     _int4_mma_kernel[(tiles, cfg.split)](
         x, qweight, scale, gs, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0),
         scale.stride(0), y.stride(0), k // cfg.split // kpw, cfg.split,
-        FMT=FMT_CODES[fmt], GROUP=group, VEC=vec, KPW=kpw, BN=cfg.block_n,
+        FMT=FMT_IDS[fmt], GROUP=group, VEC=vec, KPW=kpw, BN=cfg.block_n,
         EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma,
         A=a, B=b, LW=lw, LX=lx, LS=ls, num_warps=cfg.warps)
     return y
 
 
+def word_rows_aligned(q: Tensor) -> bool:
+    """Whether byte codes `q` [N, bytes] can be read as int32 words (NVFP4, FP8): unit-stride
+    rows that start on 4-byte boundaries."""
+    return not (q.stride(0) % 4 or q.storage_offset() % 4 or q.stride(-1) != 1)
+
+
 def _check_word_rows(q: Tensor, what: str) -> None:
-    # byte codes read as int32 words: unit-stride rows that start on 4-byte boundaries
-    if q.stride(0) % 4 or q.storage_offset() % 4 or q.stride(1) != 1:
+    if not word_rows_aligned(q):
         raise ValueError(f"int4_mma: {what} qweight rows must be 4-byte aligned (read as int32 "
                          f"words); stride {q.stride()}, offset {q.storage_offset()}")
 

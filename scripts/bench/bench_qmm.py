@@ -465,7 +465,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     plan.append(("fused-pairs", _qgemm.TileConfig(
                         bm=max(16, triton.next_power_of_2(m)), bo=32, br=128, warps=4, stages=4,
                         unpack=_qgemm.UNPACK_PLANE_PAIRS)))
-                if mma and fmt in ("int4", "nvfp4", "fp8"):
+                if mma:  # (mma_operands_ok: the formats and operands int4_mma takes)
                     from orbit.kernels.dispatch import mma_operands_ok
                     from orbit.kernels.int4_mma import weight_operands
 

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sass_gemv import loop_budget
 from sm90_compile import BIN, compile_sm90, disassemble
 
+from orbit.kernels._qgemm import FMT_IDS
 from orbit.kernels.int4_mma import (
-    FMT_CODES,
     MmaConfig,
     _int4_mma_kernel,
     _vec,
@@ -47,7 +47,7 @@ def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
     np_ = 8 if m <= 8 else 16
     kpw = k_per_word(fmt)
     mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec, kpw)
-    consts = {"FMT": FMT_CODES[fmt], "GROUP": group, "VEC": vec, "KPW": kpw,
+    consts = {"FMT": FMT_IDS[fmt], "GROUP": group, "VEC": vec, "KPW": kpw,
               "BN": cfg.block_n, "EVEN_N": even_n, "DEPTH": cfg.prefetch,
               "XPRE": cfg.x_prefetch, "NP": np_, "MMA": mma, "A": a, "B": b, "LW": lw,
               "LX": lx, "LS": ls}
