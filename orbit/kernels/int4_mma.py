@@ -65,6 +65,10 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the Trito
 
 MAX_M = 16
 FIXUP_MAX_SPLIT = 16
+# Launch with programmatic dependent launch inside the engine's pdl_scope (orbit/kernels/pdl.py;
+# the grid-size rule there), the first steps' weight words and scales loaded before the wait.
+# Off until measured in the engine (bench_engine.py --knob orbit.kernels.int4_mma.USE_PDL=False,True).
+USE_PDL = False
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,15 @@ class MmaConfig:
     """warps: 16-row MMA tiles side by side (BN = 16 * warps * row_tiles weight rows per
     program); row_tiles: 16-row tiles per warp (x registers are shared between them);
     split: K slices; prefetch: steps whose weight words and scales are loaded ahead of the one
-    being computed (0, 1 or 2); x_prefetch: the next step's x too."""
+    being computed (0, 1 or 2); x_prefetch: the next step's x too; pdl: launch with
+    programmatic dependent launch even outside the engine's pdl_scope (a benchmark's rows)."""
 
     warps: int = 4
     row_tiles: int = 1
     split: int = 1
     prefetch: int = 1
     x_prefetch: bool = False
+    pdl: bool = False
 
     @property
     def block_n(self) -> int:
@@ -287,6 +293,21 @@ if HAS_GLUON:
         return gl.convert_layout(gl.reshape(xb, [BK, NP]), B, assert_trivial=True)
 
     @gluon.jit
+    def _pdl_enter(PDL: gl.constexpr):
+        # pdl.pdl_enter for Gluon kernels (the same griddepcontrol instructions): PDL 2 lets
+        # the next kernel launch before waiting, PDL 1 (True) waits first
+        if PDL == 2:
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+        elif PDL:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _int4_mma_kernel(x_ptr, q_ptr, s_ptr, gs_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                          stride_xm, stride_q, stride_s, stride_ym, K_SLICE_W, SPLIT,
                          FMT: gl.constexpr, GROUP: gl.constexpr, VEC: gl.constexpr,
@@ -294,7 +315,7 @@ if HAS_GLUON:
                          EVEN_N: gl.constexpr, DEPTH: gl.constexpr, XPRE: gl.constexpr,
                          NP: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
                          B: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr,
-                         LS: gl.constexpr):
+                         LS: gl.constexpr, PDL: gl.constexpr = False):
         # FMT 0: INT4 (u - 8 into the MMA, each step's partial times its group's scale);
         # FMT 2: FP8 (the e4m3 values into the MMA, each step's partial times its block's
         # scale); FMT 3: NVFP4 (v * s * 2^-9 into the MMA, the global scale * 2^9 at the end).
@@ -364,6 +385,10 @@ if HAS_GLUON:
             kn += adv0
             w1 = gl.load(w_ptrs)
             s1 = gl.load(s_ptrs + kn // GROUP)
+        # With PDL the loads above (frozen weights and scales: no kernel writes them) are in
+        # flight while the previous kernel finishes; x, the workspace and the counters are
+        # touched only after the wait.
+        _pdl_enter(PDL)
         if XPRE:
             x0 = gl.load(x_ptrs)
         for kk in range(0, K_SLICE, BK):
@@ -441,6 +466,7 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     x [M, K] bf16, M <= 16, into `out` [M, N] (x's dtype) when given. Fast mode (fp32 sums in
     a different order from the reference)."""
     from orbit.kernels.gemv import arrival_counters, num_sms
+    from orbit.kernels.pdl import pdl_launch
 
     m, k = x.shape
     n = qweight.shape[0]
@@ -494,7 +520,8 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         scale.stride(0), y.stride(0), k // cfg.split // kpw, cfg.split,
         FMT=FMT_IDS[fmt], GROUP=group, VEC=vec, KPW=kpw, BN=cfg.block_n,
         EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma,
-        A=a, B=b, LW=lw, LX=lx, LS=ls, num_warps=cfg.warps)
+        A=a, B=b, LW=lw, LX=lx, LS=ls, num_warps=cfg.warps,
+        **(pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl) if USE_PDL else {}))
     return y
 
 

@@ -312,6 +312,10 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
            dataclasses.replace(pick, row_tiles=3 - pick.row_tiles)]
     out += [dataclasses.replace(pick, split=s_) for s_ in (pick.split // 2, pick.split * 2)
             if s_ in splits]
+    # (rows int4-mma-pdl) the pick and its two-steps-ahead form with programmatic dependent
+    # launch between the graphed calls: what an engine step's decode chain gets
+    out += [dataclasses.replace(pick, pdl=True),
+            dataclasses.replace(pick, pdl=True, prefetch=2 if pick.prefetch < 2 else 1)]
     return out
 
 
@@ -470,7 +474,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     from orbit.kernels.int4_mma import weight_operands
 
                     if mma_operands_ok(x, qw0):
-                        plan += [("int4-mma", c) for c in mma_alts(
+                        plan += [("int4-mma-pdl" if c.pdl else "int4-mma", c) for c in mma_alts(
                             m, n, k, weight_operands(qw0)[2], num_sms(x.device), mma_sweep,
                             fmt)]
                 if alts and fmt in ("int4", "nvfp4", "mxfp4"):
@@ -488,7 +492,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     elif path in ("fused-swap", "fused-tile", "fused-pairs") or path.startswith(
                             "regfed-"):
                         fns = [lambda q=q: _fused(x, q, config=cfg) for q in qws]
-                    elif path == "int4-mma":
+                    elif path.startswith("int4-mma"):
                         fns = [lambda q=q: _mma(x, q, cfg) for q in qws]
                     elif path == "gemv-hot":
                         fns = [lambda q0=qws[0]: _gemv(x, q0, cfg)] * len(qws)
@@ -498,7 +502,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                            "cfg": list((cfg or auto).__dict__.values()) if path != "fused-dot"
                            else None}
                     try:
-                        if path == "int4-mma":
+                        if path.startswith("int4-mma"):
                             if mma_ref is None:
                                 mma_ref = x.double() @ qws[0].dequantize().double().T
                             row["rel_err"] = mma_error(x, qws[0], cfg, mma_ref)

@@ -50,7 +50,7 @@ def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
     consts = {"FMT": FMT_IDS[fmt], "GROUP": group, "VEC": vec, "KPW": kpw,
               "BN": cfg.block_n, "EVEN_N": even_n, "DEPTH": cfg.prefetch,
               "XPRE": cfg.x_prefetch, "NP": np_, "MMA": mma, "A": a, "B": b, "LW": lw,
-              "LX": lx, "LS": ls}
+              "LX": lx, "LS": ls, "PDL": cfg.pdl}
     types = dict(TYPES, s_ptr=SCALE_TYPES.get(fmt, "*bf16"))
     return compile_sm90(_int4_mma_kernel, consts, types, cfg.warps, 1, DIVISIBLE)
 
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", type=int)
     ap.add_argument("--x-prefetch", type=int, choices=(0, 1))
     ap.add_argument("--split", type=int)
+    ap.add_argument("--pdl", type=int, choices=(0, 1), help="compile the PDL form")
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args(argv)
     k_in, n_out = (int(v) for v in args.shape.split("x"))
@@ -86,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                                                         ("row_tiles", args.row_tiles),
                                                         ("prefetch", args.prefetch),
                                                         ("x_prefetch", args.x_prefetch),
-                                                        ("split", args.split))
+                                                        ("split", args.split),
+                                                        ("pdl", None if args.pdl is None
+                                                         else bool(args.pdl)))
                                 if v is not None})
     kernel = compile_mma(cfg, args.m, group, fmt=args.fmt)
     n, ops, total = loop_budget(disassemble(kernel.asm["cubin"]), key="HMMA")

@@ -235,3 +235,76 @@ def test_lora_and_epilogues_still_run_where_asked_at_mma_rows() -> None:
                       False, lora=LoRAEpilogue(h, (b,), 2.0))
     ref = x.double() @ qw.dequantize().double().T + 2.0 * (h.double() @ b.double().T)
     assert ((y.double() - ref).norm() / ref.norm()).item() < TOL
+
+
+@pytest.mark.parametrize("fmt,m,split,release", [
+    ("int4", 4, 4, False), ("int4", 8, 1, False), ("nvfp4", 1, 4, False),
+    ("nvfp4", 16, 2, True), ("fp8", 4, 4, True)])
+def test_pdl_chain_in_graph_matches_plain_launches(fmt: str, m: int, split: int,
+                                                   release: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4_mma launched with programmatic dependent launch, each call reading the previous
+    one's output (a dependent chain, eager and replayed from a CUDA graph), gives the bits of
+    plain launches: the frozen weights' first steps are loaded before the wait, x, the split-K
+    workspace and its counters only after it. `release` (pdl.EARLY_RELEASE): each kernel lets
+    the next one launch before its own wait."""
+    import dataclasses
+
+    from orbit.kernels import pdl as pdl_mod
+    from orbit.kernels.int4_mma import pick_config, weight_operands
+
+    if not pdl_mod.pdl_available(torch.device("cuda")):
+        pytest.skip("PDL needs sm_90+ and Triton with griddepcontrol")
+    monkeypatch.setattr(pdl_mod, "EARLY_RELEASE", release)
+    d = 2048
+    qws = [random_qweight(fmt, d, d, seed=20 + i, device="cuda") for i in range(4)]
+    group = weight_operands(qws[0])[2]
+    base = dataclasses.replace(pick_config(m, d, d, group, 132, fmt), split=split)
+    x0 = torch.randn(m, d, device="cuda").bfloat16()
+
+    def chain(pdl: bool) -> torch.Tensor:
+        y = x0
+        for qw in qws:  # each output feeds the next call (scaled: keeps the values finite)
+            y = _run(y, qw, dataclasses.replace(base, pdl=pdl)) * 0.05
+        return y
+
+    plain = chain(False)
+    assert torch.isfinite(plain).all()
+    assert torch.equal(chain(True), plain)
+    g = torch.cuda.CUDAGraph()
+    chain(True)  # compile outside the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(g):
+        out = chain(True)
+    for _ in range(3):
+        out.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain)
+
+
+def test_engine_scope_launches_int4_mma_with_pdl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside pdl_scope with USE_PDL on, the wrapper asks for a PDL launch (the grid-size rule
+    of pdl.pdl_launch) and the result is the plain launch's bits."""
+    from orbit.kernels import int4_mma as mod
+    from orbit.kernels import pdl as pdl_mod
+
+    if not pdl_mod.pdl_available(torch.device("cuda")):
+        pytest.skip("PDL needs sm_90+ and Triton with griddepcontrol")
+    qw = random_qweight("int4", 4096, 2048, seed=3, device="cuda", group_size=128)
+    x = torch.randn(4, 2048, device="cuda").bfloat16()
+    plain = _run(x, qw)
+    asked = []
+    real = pdl_mod.pdl_launch
+
+    def spy(device, ctas, forced=False):
+        kw = real(device, ctas, forced)
+        asked.append(kw)
+        return kw
+
+    monkeypatch.setattr(pdl_mod, "pdl_launch", spy)
+    monkeypatch.setattr(mod, "USE_PDL", True)
+    with pdl_mod.pdl_scope(True):
+        y = _run(x, qw)
+    assert asked and asked[-1].get("launch_pdl") is True
+    assert torch.equal(y, plain)

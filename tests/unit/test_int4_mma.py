@@ -94,6 +94,29 @@ def test_sm90_compile_keeps_weights_in_registers(m: int, group: int) -> None:
     assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])  # no spills
 
 
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("nvfp4", 16), ("fp8", 128)])
+def test_sm90_compile_pdl_loads_weights_before_the_wait(fmt: str, group: int) -> None:
+    """The PDL form (MmaConfig.pdl): the first step's weight words and scales are loaded
+    before griddepcontrol.wait (frozen: no kernel writes them), x after it; the K loop is the
+    plain form's."""
+    import dataclasses
+
+    from bench_scripts import load_bench
+
+    tool = _tool()
+    op = load_bench("sm90_compile").SASS_OP
+    cfg = pick_config(4, 4096, 12288, group, 132, fmt)
+    plain = tool.disassemble(tool.compile_mma(cfg, 4, group, fmt=fmt).asm["cubin"])
+    sass = tool.disassemble(tool.compile_mma(dataclasses.replace(cfg, pdl=True), 4, group,
+                                             fmt=fmt).asm["cubin"])
+    ops = [m_.group(2) for m_ in op.finditer(sass)]
+    assert "ACQBULK" not in [m_.group(2) for m_ in op.finditer(plain)]
+    wait = ops.index("ACQBULK")  # griddepcontrol.wait
+    assert ops[wait + 1:wait + 4].count("PREEXIT") == 1  # launch_dependents right after it
+    assert ops[:wait].count("LDG") >= 2  # words and scale of the first step
+    assert tool.loop_budget(sass, key="HMMA")[0] == tool.loop_budget(plain, key="HMMA")[0]
+
+
 @pytest.mark.parametrize("m", [4, 16])
 def test_sm90_compile_nvfp4(m: int) -> None:
     """The NVFP4 form: the scale tile joins into the word layout and the E2M1 pairs into the
