@@ -118,6 +118,12 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 #   11.3 vs 16.4), and the engine's FP8 decode lost 6-23% at batch 1-16 with it.
 # An entry removed (or the dict emptied) turns the route off for that format.
 MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (2, 8), "nvfp4": (1, 16)}
+# Formats whose mma route also needs a deep weight: K >= this multiple of N. FP8's form wins
+# only there (6144x2048, Qwen3's down_proj: 11.3 us at M = 4 against the tl.dot loop's 16.4
+# and cuBLAS BF16's 15.4; loses on every wider shape), so an "fp8" entry in MMA_ROWS routes
+# only the down projections. Inert while MMA_ROWS has no "fp8" entry (the engine comparison is
+# item c of scripts/bench/pending_device_runs.sh).
+MMA_MIN_K_OVER_N: dict[str, int] = {"fp8": 3}
 # Whether a forward that carries a LoRA delta (an adapter active in the engine: what RL
 # rollouts run) takes the mma route too, its delta then in separate shrink / expand launches
 # (dispatch.lora_foldable says no). Off: it keeps the fused-epilogue kernel (the decode GEMV
@@ -195,19 +201,19 @@ def _capability_of(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _mma_by_rule(m: int, fmt: str, device: torch.device) -> bool:
+def _mma_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
     from orbit.kernels.int4_mma import HAS_GLUON
 
     lo, hi = MMA_ROWS.get(fmt, (1, 0))
-    return (lo <= m <= hi and device.type == "cuda"
-            and HAS_GLUON and _capability(device)[0] >= 8)
+    return (lo <= m <= hi and k >= MMA_MIN_K_OVER_N.get(fmt, 0) * n
+            and device.type == "cuda" and HAS_GLUON and _capability(device)[0] >= 8)
 
 
 def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
           transpose: bool = False, mma_ok: bool = False) -> Route:
     """Which kernel runs `x[m, k] @ W[n, k]^T` (or, transposed, `dy[m, n] @ W`) in `launch`.
     Exact mode: the dot loop with its fixed tile. Fast-mode forward: the mma.sync kernel
-    where `mma_ok` and `_mma_by_rule` (the format's MMA_ROWS), else the device's route table
+    where `mma_ok` and `_mma_by_rule` (the format's MMA_ROWS and MMA_MIN_K_OVER_N), else the device's route table
     where it has an entry for the shape (orbit/kernels/qmm_routes.py), else the rules:
     dequantize + cuBLAS from `dequant_min_m(fmt)` rows, the register-fed tile where `_regfed_by_rule`
     (NVFP4, 2-16 rows, 2-4 on wide weights, sm_90+), the decode GEMV where `_gemv_by_rule`, the
@@ -219,7 +225,7 @@ def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
     out_dim = k if transpose else n
     if exact:
         return Route("dot", pick_config(m, out_dim, fmt, True))
-    if mma_ok and not transpose and _mma_by_rule(m, fmt, device):
+    if mma_ok and not transpose and _mma_by_rule(m, n, k, fmt, device):
         return Route("mma")
     if not transpose and fmt in ROUTE_FORMATS:
         tuned = ROUTES.lookup(device, fmt, n, k, m)

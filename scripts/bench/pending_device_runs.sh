@@ -12,6 +12,9 @@
 # c: session 24's int4_mma with programmatic dependent launch (MmaConfig.pdl, USE_PDL): its
 #    GPU tests, the per-GEMM rows (int4-mma-pdl against int4-mma, graphed), and the engine's
 #    INT4 / NVFP4 decode at 1-16 rows with USE_PDL off and on.
+# d: session 24's FP8 deep-K mma rule (_qgemm.MMA_MIN_K_OVER_N): the engine's FP8 decode at
+#    2-8 rows with an "fp8" MMA_ROWS entry (then only the down projections take the mma
+#    kernel) against without, and the int4_mma GPU tests' FP8 rows.
 set -uo pipefail
 TABLE="{'nvfp4':32,'int4':64,'fp8':128}"
 case "${1:-a}" in
@@ -27,4 +30,6 @@ c) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 -m pytest tests/gpu/test_int4_mma_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | tail -5" \
   "cmd:timeout 200 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-formats int4,nvfp4 --gemv-shapes 4096x12288,2048x12288,6144x2048 --gemv-m 1,4,16 --gemv-paths 'int4-mma*' 2>&1 | grep -vE '^\\{' | tail -70" \
   "cmd:timeout 180 python3 scripts/bench/bench_engine.py --sections formats --formats int4,nvfp4 --batches 1,4,8,16 --attn-backend triton --knob orbit.kernels.int4_mma.USE_PDL=False,True 2>&1 | grep -vE '^\\{' | tail -20" ;;
+d) bash scripts/gpu_run.sh \
+  "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections formats --formats fp8 --batches 2,4,8,16 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS={'int4':(2,8),'nvfp4':(1,16)},{'int4':(2,8),'nvfp4':(1,16),'fp8':(2,8)},{'int4':(2,8),'nvfp4':(1,16)},{'int4':(2,8),'nvfp4':(1,16),'fp8':(2,8)}\" 2>&1 | grep -vE '^\\{' | tail -20" ;;
 esac

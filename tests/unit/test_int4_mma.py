@@ -198,16 +198,22 @@ def test_route_sends_fitting_rows_to_mma(monkeypatch) -> None:
             assert not _qgemm.norm_fits(m, n, k, fmt, False, cuda, mma_ok=True)
             assert not _qgemm.prenorm_fits(m, n, k, fmt, False, cuda, mma_ok=True)
         for m in (lo - 1, hi + 1):
-            assert not _qgemm._mma_by_rule(m, fmt, cuda)
+            assert not _qgemm._mma_by_rule(m, n, k, fmt, cuda)
         assert _qgemm.route(lo, n, k, fmt, True, cuda, mma_ok=True).kind == "dot"  # exact
         assert _qgemm.route(lo, n, k, fmt, False, cuda, transpose=True,
                             mma_ok=True).kind != "mma"
-        assert not _qgemm._mma_by_rule(lo, fmt, torch.device("cpu"))
+        assert not _qgemm._mma_by_rule(lo, n, k, fmt, torch.device("cpu"))
     # the measured ranges: INT4 keeps the plane GEMV at batch 1 and the fused tiles past 8
     assert _qgemm.MMA_ROWS["int4"] == (2, 8) and _qgemm.MMA_ROWS["nvfp4"] == (1, 16)
-    assert not _qgemm._mma_by_rule(4, "fp8", cuda)
+    assert not _qgemm._mma_by_rule(4, n, k, "fp8", cuda)
     monkeypatch.setitem(_qgemm.MMA_ROWS, "nvfp4", (1, 0))  # an emptied range: off
-    assert not _qgemm._mma_by_rule(4, "nvfp4", cuda)
+    assert not _qgemm._mma_by_rule(4, n, k, "nvfp4", cuda)
+    # FP8 with rows: only deep weights (K >= 3 N: the down projections) take the route
+    monkeypatch.setitem(_qgemm.MMA_ROWS, "fp8", (2, 8))
+    assert _qgemm.route(4, 2048, 6144, "fp8", False, cuda, mma_ok=True).kind == "mma"
+    for n_, k_ in ((6144, 2048), (12288, 4096), (2048, 2048), (2048, 6100)):
+        assert not _qgemm._mma_by_rule(4, n_, k_, "fp8", cuda)
+    assert not _qgemm._mma_by_rule(1, 2048, 6144, "fp8", cuda)
 
 
 def test_a_lora_forward_keeps_its_fused_kernel_unless_asked(monkeypatch) -> None:
