@@ -68,7 +68,7 @@ FIXUP_MAX_SPLIT = 16
 # Launch with programmatic dependent launch inside the engine's pdl_scope (orbit/kernels/pdl.py;
 # the grid-size rule there), the first steps' weight words and scales loaded before the wait.
 # Off until measured in the engine (bench_engine.py --knob orbit.kernels.int4_mma.USE_PDL=False,True).
-USE_PDL = False
+USE_PDL = True
 
 
 @dataclass(frozen=True)
