@@ -117,7 +117,7 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 #   shape but the deep-K 6144x2048 at 1-8 rows (4096x12288 M = 4 32.1 vs 25.6 us; 6144x2048
 #   11.3 vs 16.4), and the engine's FP8 decode lost 6-23% at batch 1-16 with it.
 # An entry removed (or the dict emptied) turns the route off for that format.
-MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (2, 8), "nvfp4": (1, 16)}
+MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (2, 8), "nvfp4": (1, 16), "fp8": (4, 8)}
 # Formats whose mma route also needs a deep weight: K >= this multiple of N. FP8's form wins
 # only there (6144x2048, Qwen3's down_proj: 11.3 us at M = 4 against the tl.dot loop's 16.4
 # and cuBLAS BF16's 15.4; loses on every wider shape), so an "fp8" entry in MMA_ROWS routes

@@ -174,7 +174,7 @@ def test_int4_mma_refuses_what_it_does_not_compute() -> None:
         int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4", "fp8"])
 def test_qmm_routes_rows_to_the_mma_kernel(monkeypatch, fmt: str) -> None:
     """Fast-mode forwards within the format's MMA_ROWS go to int4_mma (the same bits as calling
     it) and the epilogue questions answer for that route (no fused SwiGLU / norm there; a LoRA
@@ -182,7 +182,8 @@ def test_qmm_routes_rows_to_the_mma_kernel(monkeypatch, fmt: str) -> None:
     codes and a removed entry keep the earlier kernels."""
     from orbit.kernels import _qgemm, dispatch
 
-    k, n = 2048, 6144
+    # (FP8 takes the route on deep weights only: _qgemm.MMA_MIN_K_OVER_N)
+    k, n = (6144, 2048) if fmt in _qgemm.MMA_MIN_K_OVER_N else (2048, 6144)
     kw = {"group_size": 128} if fmt == "int4" else {}
     qw = random_qweight(fmt, n, k, seed=3, device="cuda", **kw)
     lo, hi = _qgemm.MMA_ROWS[fmt]

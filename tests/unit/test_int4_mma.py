@@ -187,9 +187,10 @@ def test_route_sends_fitting_rows_to_mma(monkeypatch) -> None:
         pytest.skip("no Gluon in this Triton")
     monkeypatch.setattr(_qgemm, "_capability", lambda device: (9, 0))
     cuda = torch.device("cuda", 0)
-    k, n = 2048, 6144
     assert set(_qgemm.MMA_ROWS) <= set(int4_mma.FORMATS)
     for fmt, (lo, hi) in _qgemm.MMA_ROWS.items():
+        # (a deep weight for formats with a K / N rule: a down projection)
+        k, n = (6144, 2048) if fmt in _qgemm.MMA_MIN_K_OVER_N else (2048, 6144)
         assert 1 <= lo <= hi <= int4_mma.MAX_M
         for m in range(lo, hi + 1):
             assert _qgemm.route(m, n, k, fmt, False, cuda, mma_ok=True).kind == "mma"
@@ -205,11 +206,11 @@ def test_route_sends_fitting_rows_to_mma(monkeypatch) -> None:
         assert not _qgemm._mma_by_rule(lo, n, k, fmt, torch.device("cpu"))
     # the measured ranges: INT4 keeps the plane GEMV at batch 1 and the fused tiles past 8
     assert _qgemm.MMA_ROWS["int4"] == (2, 8) and _qgemm.MMA_ROWS["nvfp4"] == (1, 16)
-    assert not _qgemm._mma_by_rule(4, n, k, "fp8", cuda)
+    assert _qgemm.MMA_ROWS["fp8"] == (4, 8)  # with the deep-K rule (below)
+    assert not _qgemm._mma_by_rule(4, 6144, 2048, "fp8", cuda)  # 2048x6144: not deep
     monkeypatch.setitem(_qgemm.MMA_ROWS, "nvfp4", (1, 0))  # an emptied range: off
-    assert not _qgemm._mma_by_rule(4, n, k, "nvfp4", cuda)
+    assert not _qgemm._mma_by_rule(4, 6144, 2048, "nvfp4", cuda)
     # FP8 with rows: only deep weights (K >= 3 N: the down projections) take the route
-    monkeypatch.setitem(_qgemm.MMA_ROWS, "fp8", (2, 8))
     assert _qgemm.route(4, 2048, 6144, "fp8", False, cuda, mma_ok=True).kind == "mma"
     for n_, k_ in ((6144, 2048), (12288, 4096), (2048, 2048), (2048, 6100)):
         assert not _qgemm._mma_by_rule(4, n_, k_, "fp8", cuda)
