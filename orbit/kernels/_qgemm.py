@@ -113,16 +113,17 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 # - NVFP4, 1-16 rows: it beats both kernels NVFP4 ran before on every Qwen3 shape and row
 #   count (4096x12288: M = 1 18.0 us vs the plane GEMV's 21.0; M = 4 18.6 and M = 16 22.2 vs
 #   the register-fed tile's 43.4 and 63.0; cuBLAS BF16 41.7).
-# - FP8 (the FP8 form, session 23): not routed. Slower than the tl.dot loop on every Qwen3
-#   shape but the deep-K 6144x2048 at 1-8 rows (4096x12288 M = 4 32.1 vs 25.6 us; 6144x2048
-#   11.3 vs 16.4), and the engine's FP8 decode lost 6-23% at batch 1-16 with it.
+# - FP8 (the FP8 form, session 23): slower than the tl.dot loop on every Qwen3 shape but the
+#   deep-K 6144x2048 at 1-8 rows (4096x12288 M = 4 32.1 vs 25.6 us; 6144x2048 11.3 vs 16.4),
+#   and the engine's FP8 decode lost 6-23% at batch 1-16 with it on every shape. So FP8 takes
+#   the route on deep weights only (MMA_MIN_K_OVER_N), at 4-8 rows: engine +5.5% at batch 4,
+#   +5.9% at 8, -0.2..-0.6% at 2 (session 24, with the kernel's PDL).
 # An entry removed (or the dict emptied) turns the route off for that format.
 MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (2, 8), "nvfp4": (1, 16), "fp8": (4, 8)}
 # Formats whose mma route also needs a deep weight: K >= this multiple of N. FP8's form wins
 # only there (6144x2048, Qwen3's down_proj: 11.3 us at M = 4 against the tl.dot loop's 16.4
-# and cuBLAS BF16's 15.4; loses on every wider shape), so an "fp8" entry in MMA_ROWS routes
-# only the down projections. Inert while MMA_ROWS has no "fp8" entry (the engine comparison is
-# item c of scripts/bench/pending_device_runs.sh).
+# and cuBLAS BF16's 15.4; loses on every wider shape), so FP8's MMA_ROWS entry routes only
+# the down projections.
 MMA_MIN_K_OVER_N: dict[str, int] = {"fp8": 3}
 # Whether a forward that carries a LoRA delta (an adapter active in the engine: what RL
 # rollouts run) takes the mma route too, its delta then in separate shrink / expand launches
