@@ -34,8 +34,8 @@ adds them in slice order: deterministic). Forward only, fast mode only, CUDA sm_
 
 Other forms with the same loop: NVFP4 (`FMT = 3`, routed at 1-16 rows) and FP8 weight-only
 (`FMT = 2`: e4m3 bytes decoded to bf16 in registers, 64-deep steps, the 128x128 block scale
-on each step's partial; measured slower than the FP8 kernels it would replace, so not routed:
-docs/kernels.md "FP8 form").
+on each step's partial; measured slower than the FP8 kernels it would replace except on deep
+weights, so routed for those alone: docs/kernels.md "FP8 form").
 """
 
 from __future__ import annotations
@@ -67,7 +67,10 @@ MAX_M = 16
 FIXUP_MAX_SPLIT = 16
 # Launch with programmatic dependent launch inside the engine's pdl_scope (orbit/kernels/pdl.py;
 # the grid-size rule there), the first steps' weight words and scales loaded before the wait.
-# Off until measured in the engine (bench_engine.py --knob orbit.kernels.int4_mma.USE_PDL=False,True).
+# H100, Qwen3-1.7B decode (session 24, `bench_engine.py --knob
+# orbit.kernels.int4_mma.USE_PDL=False,True`): INT4 +13% / +15% at batch 4 / 8, NVFP4 +7% to
+# +13% at 1-16. The kernel alone is not faster (its grid fills the GPU); what it keeps is the
+# programmatic edges of the norm / rope / attention launches around it.
 USE_PDL = True
 
 
