@@ -269,19 +269,9 @@ def test_pdl_chain_in_graph_matches_plain_launches(fmt: str, m: int, split: int,
             y = _run(y, qw, dataclasses.replace(base, pdl=pdl)) * 0.05
         return y
 
-    plain = chain(False)
-    assert torch.isfinite(plain).all()
-    assert torch.equal(chain(True), plain)
-    g = torch.cuda.CUDAGraph()
-    chain(True)  # compile outside the capture
-    torch.cuda.synchronize()
-    with torch.cuda.graph(g):
-        out = chain(True)
-    for _ in range(3):
-        out.zero_()
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, plain)
+    from pdl_chain import assert_pdl_chain_matches_plain
+
+    assert torch.isfinite(assert_pdl_chain_matches_plain(chain)).all()
 
 
 def test_engine_scope_launches_int4_mma_with_pdl(monkeypatch: pytest.MonkeyPatch) -> None:
