@@ -65,6 +65,9 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the Trito
 
 MAX_M = 16
 FIXUP_MAX_SPLIT = 16
+# pick_config's shallowest K slice a split may leave (session 21's sweeps; 6144x2048 at M = 4
+# measured 8.6 us at split 16, i.e. 384-deep slices, against 9.3 at the pick's 8: session 24)
+MIN_SLICE_K = 512
 # Launch with programmatic dependent launch inside the engine's pdl_scope (orbit/kernels/pdl.py;
 # the grid-size rule there), the first steps' weight words and scales loaded before the wait.
 # H100, Qwen3-1.7B decode (session 24, `bench_engine.py --knob
@@ -152,7 +155,7 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
     steps = k // step_depth(fmt, group)
     split = 1
     while (split * 2 <= min(FIXUP_MAX_SPLIT, steps // 2) and steps % (split * 2) == 0
-           and tiles * split * 2 * rt <= 6 * sms and k // (split * 2) >= 512):
+           and tiles * split * 2 * rt <= 6 * sms and k // (split * 2) >= MIN_SLICE_K):
         split *= 2
     return dataclasses.replace(cfg, split=split)
 
