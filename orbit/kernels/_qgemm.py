@@ -103,7 +103,7 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 # (first, last row count), before any route table. A launch with a store epilogue (LoRA,
 # SwiGLU, norm) keeps its fused kernel; the *_fits questions answer for the mma route when
 # asked with mma_ok, which dispatch does for SwiGLU and the norm folds (the engine then runs
-# them as separate launches) and, per MMA_WITH_LORA, not for a LoRA delta. H100 measurements
+# them as separate launches) and, per MMA_WITH_LORA_MIN_M, for a LoRA delta. H100 measurements
 # (docs/benchmarks.md, sessions 21-22):
 # - INT4, 2-8 rows: 4096x12288 M = 4 16.8-17.7 us against 32.4 for the tl.dot loop and 41.7
 #   for cuBLAS BF16. M = 1 stays with the plane GEMV (15.5 vs 16.5 us). Engine (Qwen3-1.7B
@@ -125,15 +125,16 @@ MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (2, 8), "nvfp4": (1, 16), "fp8":
 # and cuBLAS BF16's 15.4; loses on every wider shape), so FP8's MMA_ROWS entry routes only
 # the down projections.
 MMA_MIN_K_OVER_N: dict[str, int] = {"fp8": 3}
-# Whether a forward that carries a LoRA delta (an adapter active in the engine: what RL
-# rollouts run) takes the mma route too, its delta then in separate shrink / expand launches
-# (dispatch.lora_foldable says no). Off: it keeps the fused-epilogue kernel (the decode GEMV
-# or the tl.dot loop computing h and adding the delta in its store), the path the
-# adapter-on engine was measured on (1.25-1.89x the plain LoRA forward, docs/benchmarks.md);
-# the mma route has not been timed with an adapter (queued first in
-# scripts/bench/pending_device_runs.sh), and at batch 1 its 1 us per linear would not pay for
-# two more launches per sibling group.
-MMA_WITH_LORA = False
+# From how many rows a forward that carries a LoRA delta (an adapter active in the engine: what
+# RL rollouts run) takes the mma route too (within MMA_ROWS), its delta then in separate
+# shrink / expand launches (dispatch.lora_foldable says no). Below it the forward keeps its
+# fused-epilogue kernel (the decode GEMV or the tl.dot loop computing h and adding the delta
+# in its store). H100, Qwen3-1.7B decode with LoRA r16 on every linear (session 24,
+# `bench_engine.py --sections lora --knob`, mma route vs the fused loop): INT4 batch 2 -6%,
+# 4 +-0, 6 +153% (915.6 -> 2313.1 tok/s), 8 +146% (1214.2 -> 2992.9); FP8 4 +1%, 8 +24%;
+# NVFP4 1 / 4 / 16 +-0 (its LoRA forwards there have no fused-epilogue kernel to keep). The
+# loop with its in-kernel shrink at 5-8 rows was slower than at 4. MAX_M + 1: never.
+MMA_WITH_LORA_MIN_M = 5
 
 
 def _gemv_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:

@@ -112,13 +112,13 @@ def mma_operands_ok(x: Tensor, qw: QuantizedWeight) -> bool:
 
 
 def _mma_ok_with_lora(x: Tensor, qw: QuantizedWeight) -> bool:
-    """mma_ok for a forward that carries a LoRA delta: only with `_qgemm.MMA_WITH_LORA` (then
-    the mma kernel runs it and the delta goes to separate launches); by default such a
-    forward keeps its fused-epilogue kernel, the path the adapter-on engine was measured on
-    (the mma route's adapter-on timing is queued: scripts/bench/pending_device_runs.sh)."""
+    """mma_ok for a forward that carries a LoRA delta: from `_qgemm.MMA_WITH_LORA_MIN_M` rows
+    (then the mma kernel runs it and the delta goes to separate launches); fewer rows keep
+    their fused-epilogue kernel (measured faster there, or equal)."""
     from orbit.kernels import _qgemm
 
-    return _qgemm.MMA_WITH_LORA and mma_operands_ok(x, qw)
+    return (x.dim() == 2 and x.shape[0] >= _qgemm.MMA_WITH_LORA_MIN_M
+            and mma_operands_ok(x, qw))
 
 
 def lora_foldable(x: Tensor, qw: QuantizedWeight, members: int = 1) -> bool:

@@ -178,7 +178,7 @@ def test_int4_mma_refuses_what_it_does_not_compute() -> None:
 def test_qmm_routes_rows_to_the_mma_kernel(monkeypatch, fmt: str) -> None:
     """Fast-mode forwards within the format's MMA_ROWS go to int4_mma (the same bits as calling
     it) and the epilogue questions answer for that route (no fused SwiGLU / norm there; a LoRA
-    delta keeps its fused kernel unless MMA_WITH_LORA); rows outside it, asymmetric INT4
+    delta keeps its fused kernel below MMA_WITH_LORA_MIN_M rows); rows outside it, asymmetric INT4
     codes and a removed entry keep the earlier kernels."""
     from orbit.kernels import _qgemm, dispatch
 
@@ -193,14 +193,17 @@ def test_qmm_routes_rows_to_the_mma_kernel(monkeypatch, fmt: str) -> None:
             assert torch.equal(dispatch.qmm(x, qw), _run(x, qw))
             assert not dispatch.norm_foldable(x, qw)
             assert not dispatch.swiglu_foldable(x, qw)
-            # a forward with a LoRA delta keeps its fused kernel (MMA_WITH_LORA off)
-            assert dispatch.lora_foldable(x, qw) == _qgemm.lora_fits(m, n, k, fmt, False,
-                                                                     x.device)
-            assert dispatch.swiglu_foldable(x, qw, lora=True) == _qgemm.swiglu_fits(
-                m, n, k, fmt, False, x.device)
-            monkeypatch.setattr(_qgemm, "MMA_WITH_LORA", True)
+            # a forward with a LoRA delta keeps its fused kernel below MMA_WITH_LORA_MIN_M
+            # rows and takes the mma route (nothing fused) from there
+            fused = m < _qgemm.MMA_WITH_LORA_MIN_M
+            assert dispatch.lora_foldable(x, qw) == (fused and _qgemm.lora_fits(
+                m, n, k, fmt, False, x.device))
+            assert dispatch.swiglu_foldable(x, qw, lora=True) == (fused and _qgemm.swiglu_fits(
+                m, n, k, fmt, False, x.device))
+            min_m = _qgemm.MMA_WITH_LORA_MIN_M
+            monkeypatch.setattr(_qgemm, "MMA_WITH_LORA_MIN_M", 1)
             assert not dispatch.lora_foldable(x, qw)
-            monkeypatch.setattr(_qgemm, "MMA_WITH_LORA", False)
+            monkeypatch.setattr(_qgemm, "MMA_WITH_LORA_MIN_M", min_m)
         else:
             assert dispatch.lora_foldable(x, qw) == _qgemm.lora_fits(m, n, k, fmt, False,
                                                                      x.device)

@@ -217,10 +217,10 @@ def test_route_sends_fitting_rows_to_mma(monkeypatch) -> None:
     assert not _qgemm._mma_by_rule(1, 2048, 6144, "fp8", cuda)
 
 
-def test_a_lora_forward_keeps_its_fused_kernel_unless_asked(monkeypatch) -> None:
-    """dispatch asks the LoRA-epilogue questions without the mma route (the fused kernel adds
-    the delta in its store, the measured adapter-on path) unless _qgemm.MMA_WITH_LORA; the
-    plain forward's questions keep it."""
+def test_a_lora_forward_takes_the_mma_route_from_its_rows(monkeypatch) -> None:
+    """dispatch asks the LoRA-epilogue questions with the mma route only from
+    _qgemm.MMA_WITH_LORA_MIN_M rows; below, the fused kernel adds the delta in its store; the
+    plain forward's questions always have the route."""
     from orbit.kernels import _qgemm, dispatch, int4_mma
     from orbit.kernels.random_weights import random_qweight
 
@@ -229,10 +229,14 @@ def test_a_lora_forward_keeps_its_fused_kernel_unless_asked(monkeypatch) -> None
     x = torch.randn(4, 256).bfloat16()
     qw = random_qweight("nvfp4", 64, 256)
     assert dispatch.mma_operands_ok(x, qw)
-    assert _qgemm.MMA_WITH_LORA is False
-    assert not dispatch._mma_ok_with_lora(x, qw)
-    monkeypatch.setattr(_qgemm, "MMA_WITH_LORA", True)
+    assert _qgemm.MMA_WITH_LORA_MIN_M == 5  # (measured: session 24)
+    assert not dispatch._mma_ok_with_lora(x, qw)  # 4 rows: the fused kernel
+    x8 = torch.randn(8, 256).bfloat16()
+    assert dispatch._mma_ok_with_lora(x8, qw)  # 8 rows: the mma route, the delta apart
+    monkeypatch.setattr(_qgemm, "MMA_WITH_LORA_MIN_M", 1)
     assert dispatch._mma_ok_with_lora(x, qw)
+    monkeypatch.setattr(_qgemm, "MMA_WITH_LORA_MIN_M", 17)
+    assert not dispatch._mma_ok_with_lora(x8, qw)
 
 
 def test_operands_that_fit_the_mma_route() -> None:
