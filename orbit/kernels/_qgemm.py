@@ -135,6 +135,13 @@ MMA_MIN_K_OVER_N: dict[str, int] = {"fp8": 3}
 # NVFP4 1 / 4 / 16 +-0 (its LoRA forwards there have no fused-epilogue kernel to keep). The
 # loop with its in-kernel shrink at 5-8 rows was slower than at 4. MAX_M + 1: never.
 MMA_WITH_LORA_MIN_M = 5
+# From how many rows (rounded up to a power of two) the tl.dot loop's in-kernel LoRA shrink
+# runs as one tensor-core program per row block over all of K, instead of one program per row
+# of A. Suspect (session 24): at 5-8 rows that one program is the launch's critical path (the
+# output tiles wait for its h), and the adapter-on FP8 / INT4 engine decoded slower at batch
+# 6-8 than at 4. Queued: `bench_engine.py --sections lora --knob
+# orbit.kernels._qgemm.LOOP_SHRINK_DOT_MIN_M=8,16,32` (scripts/bench/pending_device_runs.sh).
+LOOP_SHRINK_DOT_MIN_M = DOT_MIN_M
 
 
 def _gemv_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
@@ -701,10 +708,10 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         from orbit.kernels.gemv import lora_counters  # (gemv imports this module)
 
         cnt = lora_counters(x.device)
-        # shrink programs: one row of A each below DOT_MIN_M rows (the GEMV's role, members
-        # of one), else one SHRINK_BM-row block each with tensor-core dots
+        # shrink programs: one row of A each below LOOP_SHRINK_DOT_MIN_M rows (the GEMV's
+        # role, members of one), else one SHRINK_BM-row block each with tensor-core dots
         mp = triton.next_power_of_2(m)
-        sdot = mp >= DOT_MIN_M
+        sdot = mp >= LOOP_SHRINK_DOT_MIN_M
         sbm = min(max(16, mp), SHRINK_BM) if sdot else mp
         roles = triton.cdiv(m, sbm) if sdot else lora.b[0].shape[1]
         sconst = {"SDOT": sdot, "SBM": sbm}

@@ -115,6 +115,15 @@ def _kernel_cases() -> dict:
                 cp = dataclasses.replace(cfg, w_preload=2) if cfg is not None else None
                 yp = gemv.gemv(*args, _poisoned(m, ns), cp, lora=la)
                 gemv.PDL_W_PRELOAD = old
+            # the loop's shrink as one program per row of A up to 64 rows
+            # (_qgemm.LOOP_SHRINK_DOT_MIN_M, a measured knob): the same h up to an ulp
+            hr = None
+            if c == "dot" and m <= 64:
+                old, _qgemm.LOOP_SHRINK_DOT_MIN_M = _qgemm.LOOP_SHRINK_DOT_MIN_M, 128
+                hr = torch.full((m, len(ns) * r), float("nan")).bfloat16()
+                yr = _qgemm.launch(*args, False, False, _poisoned(m, ns),
+                                   lora=LoRAEpilogue(hr, b, SCALE, a))
+                _qgemm.LOOP_SHRINK_DOT_MIN_M = old
             h64 = x.double() @ torch.cat(a).double().T
             ulp = (want.float().abs() * 2.0 ** -7 * 1.01).double()
             out[f"s{i}"] = {"nan": bool(ya.isnan().any()), "h_equal": torch.equal(hb, want),
@@ -123,7 +132,13 @@ def _kernel_cases() -> dict:
                             "h_err": ((want.double() - h64).abs().max() / h64.abs().max()).item(),
                             "y_equal": torch.equal(ya, ref_a), "again": torch.equal(ya, yb),
                             "counters": counters.tolist(),
-                            "preload_equal": yp is None or torch.equal(yp, ya)}
+                            "preload_equal": yp is None or torch.equal(yp, ya),
+                            "row_roles": None if hr is None else {
+                                "nan": bool(yr.isnan().any()),
+                                "h_ulp": bool(((hr.double() - want.double()).abs()
+                                               <= ulp).all()),
+                                "y_err": ((yr.double() - ref_a.double()).abs().max()
+                                          / ref_a.double().abs().max()).item()}}
     return out
 
 
@@ -317,6 +332,9 @@ def test_launch_computes_h_itself(interp: dict, case: int) -> None:
     assert r["h_err"] < 1e-2, r  # and that h is x A^T (one bf16 rounding)
     assert r["again"] and r["counters"] == [0, 0], r  # counters re-armed for the next launch
     assert r["preload_equal"], r  # GemvConfig / Fp8GemvConfig.w_preload = 2: the same bits
+    if r["row_roles"] is not None:  # the loop's shrink as row-of-A programs (a knob)
+        rr = r["row_roles"]
+        assert not rr["nan"] and rr["h_ulp"] and rr["y_err"] < 1e-2, rr
 
 
 def test_groups_fold_in_a_quantized_model(interp: dict) -> None:
