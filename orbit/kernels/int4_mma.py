@@ -65,8 +65,9 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the Trito
 
 MAX_M = 16
 FIXUP_MAX_SPLIT = 16
-# pick_config's shallowest K slice a split may leave (session 21's sweeps; 6144x2048 at M = 4
-# measured 8.6 us at split 16, i.e. 384-deep slices, against 9.3 at the pick's 8: session 24)
+# pick_config's shallowest K slice a split may leave (session 21's sweeps). 384 gave 6144x2048
+# at M = 4 8.6 us (split 16) against 9.3 per GEMM, but the engine's INT4 / NVFP4 decode at
+# batch 4-8 within -0.8..+0.9% of 512 (session 24), so 512 stays.
 MIN_SLICE_K = 512
 # Launch with programmatic dependent launch inside the engine's pdl_scope (orbit/kernels/pdl.py;
 # the grid-size rule there), the first steps' weight words and scales loaded before the wait.
