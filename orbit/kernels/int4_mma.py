@@ -300,19 +300,26 @@ if HAS_GLUON:
         return gl.convert_layout(gl.reshape(xb, [BK, NP]), B, assert_trivial=True)
 
     @gluon.jit
+    def _gdc_wait():
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _gdc_launch_dependents():
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _pdl_enter(PDL: gl.constexpr):
-        # pdl.pdl_enter for Gluon kernels (the same griddepcontrol instructions): PDL 2 lets
-        # the next kernel launch before waiting, PDL 1 (True) waits first
+        # pdl.pdl_enter for Gluon kernels (the same griddepcontrol instructions, which Gluon
+        # cannot call as Triton functions): PDL 2 lets the next kernel launch before waiting,
+        # PDL 1 (True) waits first
         if PDL == 2:
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                      dtype=gl.int32, is_pure=False, pack=1)
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
+            _gdc_launch_dependents()
+            _gdc_wait()
         elif PDL:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                      dtype=gl.int32, is_pure=False, pack=1)
+            _gdc_wait()
+            _gdc_launch_dependents()
 
     @gluon.jit
     def _int4_mma_kernel(x_ptr, q_ptr, s_ptr, gs_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,

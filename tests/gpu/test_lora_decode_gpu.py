@@ -124,9 +124,9 @@ def test_in_kernel_shrink_replays_in_a_graph(m: int, ns: list[int],
     PDL: every replay gives the eager result (the h counters are re-armed each time)."""
     from orbit.kernels import _qgemm
     from orbit.kernels.gemv import lora_counters
+    from orbit.kernels.pdl import pdl_scope
 
     monkeypatch.setattr(_qgemm, "DEQUANT_MIN_M_BY_FMT", {})
-    from orbit.kernels.pdl import pdl_scope
 
     k, r = 2048, 16
     qw = random_qweight("int4", sum(ns), k, seed=5, device="cuda", group_size=128)
