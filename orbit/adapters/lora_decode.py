@@ -3,8 +3,8 @@
 `link_lora_decode(model)` links every LoRALinear of the model into a `LoRADecodeGroup`: the
 members of each sibling set (orbit.quant.siblings.SIBLING_SETS) together, every other LoRA
 linear alone. When the first member of a group is called in an engine forward (inference
-mode, a CUDA input of at most lora_decode.MAX_M rows (fold_max_rows() where the delta folds
-into the base launch, below), an adapter slot active, the fast path's conditions below), it
+mode, a CUDA input of any number of rows: decode steps, rollout batches, prefill chunks, an
+adapter slot active, the fast path's conditions below), it
 computes every member's base output (the base sibling group makes that one GEMV), then the
 whole group's adapter delta in two launches
 (orbit/kernels/lora_decode.py) added in place, and keeps the other members' outputs, keyed by
@@ -17,8 +17,10 @@ and FP8 decode GEMVs (batch-1 steps of INT4/FP4/FP8 bases) and the `tl.dot` loop
 rows) compute h in their own grid too, so there a group is its base launches alone: the
 adapter adds no launch to the step.
 Everything else (trainer forwards with or without grad, exact mode's batch-invariant LoRA,
-dropout in training mode, the CPU, inputs beyond these sizes) runs the plain
-`LoRALinear.forward`.
+dropout in training mode, the CPU) runs the plain `LoRALinear.forward`: four launches per
+adapted linear (x A^T, h B^T, the scale, the add). At rollout batches that cost what the
+grouped pair saves: 2.2-2.4 ms per Qwen3-1.7B step at batch 64-256 (docs/benchmarks.md,
+"Session 25").
 
 The engine links on construction (`Engine(fuse_lora=None)`: on CUDA outside exact mode), after
 the adapters were injected. Linking changes no tensor: the slot tensors are read at each call,
@@ -32,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from orbit.adapters.lora import LoRALinear
-from orbit.kernels import _qgemm, dispatch
+from orbit.kernels import dispatch
 from orbit.kernels import lora_decode as kernels
 from orbit.kernels.lora_epilogue import LoRAEpilogue
 from orbit.kernels.matmul_exact import interpreting
@@ -41,12 +43,10 @@ from orbit.quant.qweight import QuantizedWeight
 from orbit.quant.siblings import MemberGroup, sibling_sets
 
 
-def fold_max_rows(fmt: str) -> int:
-    """Rows a group of `fmt` bases serves: up to lora_decode.MAX_M with the separate
-    expand-add, and beyond (batches of 65+ sequences, prefill chunks) only where the base
-    launches add the delta in their store, which the `tl.dot` loop does up to where fast mode
-    switches to dequantize + cuBLAS (read at each call: benchmarks move that threshold)."""
-    return _qgemm.dequant_min_m(fmt) - 1
+# Rows a group serves at most (None: any). A knob for same-run comparisons against the plain
+# forward past a row count (bench_engine.py --knob orbit.adapters.lora_decode.MAX_ROWS=63,None:
+# the pre-session-25 limit for INT4, dequantize + cuBLAS bases then ran the plain forward).
+MAX_ROWS: int | None = None
 
 
 class LoRADecodeGroup(MemberGroup):
@@ -73,8 +73,8 @@ class LoRADecodeGroup(MemberGroup):
         if (slot is None or not torch.is_inference_mode_enabled() or x.dim() != 2
                 or x.stride(-1) != 1):
             return False
-        fmt = getattr(first.base, "weight_format", "bf16")
-        if not (x.is_cuda or interpreting()) or not 1 <= x.shape[0] <= fold_max_rows(fmt):
+        if (not (x.is_cuda or interpreting()) or x.shape[0] < 1
+                or (MAX_ROWS is not None and x.shape[0] > MAX_ROWS)):
             return False
         for m in self.members:
             if (m.active_slot != slot or type(m) is not LoRALinear or m.r != first.r
@@ -97,8 +97,6 @@ class LoRADecodeGroup(MemberGroup):
                 y = dispatch.qmm_lora(x, qw, lora)
                 outs += torch.split(y, [m.base.out_features for m in self.members[lo:hi]], dim=1)
             return outs
-        if x.shape[0] > kernels.MAX_M:  # only a fold serves these rows (prefill chunks, say)
-            return None
         ys = [m.base(x) for m in self.members]
         if any(y.dtype != x.dtype or y.stride(-1) != 1 for y in ys):
             return None  # (an fp32 base output, say): the plain forward handles the casts

@@ -24,7 +24,7 @@ from orbit.kernels.fp4 import mxfp4_tile, nvfp4_tile
 from orbit.kernels.fp8 import fp8_tile
 from orbit.kernels.int4 import int4_tile
 from orbit.kernels.int8 import int8_tile
-from orbit.kernels.lora_decode import DOT_BK, DOT_MIN_M, SHRINK_BM
+from orbit.kernels.lora_decode import DOT_BK, SHRINK_BM
 from orbit.kernels.lora_epilogue import (
     LoRAEpilogue,
     kernel_args,
@@ -137,11 +137,16 @@ MMA_MIN_K_OVER_N: dict[str, int] = {"fp8": 3}
 MMA_WITH_LORA_MIN_M = 5
 # From how many rows (rounded up to a power of two) the tl.dot loop's in-kernel LoRA shrink
 # runs as one tensor-core program per row block over all of K, instead of one program per row
-# of A. Suspect (session 24): at 5-8 rows that one program is the launch's critical path (the
-# output tiles wait for its h), and the adapter-on FP8 / INT4 engine decoded slower at batch
-# 6-8 than at 4. Queued: `bench_engine.py --sections lora --knob
-# orbit.kernels._qgemm.LOOP_SHRINK_DOT_MIN_M=8,16,32` (scripts/bench/pending_device_runs.sh).
-LOOP_SHRINK_DOT_MIN_M = DOT_MIN_M
+# of A (r programs, each its rows over all of K). Below this the one block program is the
+# launch's critical path: every output tile waits for its h. H100, Qwen3-1.7B decode with LoRA
+# r16 on every linear (session 25, `bench_engine.py --sections lora --knob
+# orbit.kernels._qgemm.LOOP_SHRINK_DOT_MIN_M=8,16,32,64`), threshold 8 -> 32: FP8 batch 6
+# 1149.3 -> 2097.1 tok/s (+82%), 8 1516.2 -> 2748.4 (+81%), 16 2412.7 -> 4121.7 (+71%),
+# 32 +-0; INT4 batch 16 2379.6 -> 3996.5 (+68%), 32 +-0 (INT4 at 5-8 rows takes the mma route,
+# which stays faster: batch 8 2982.2 vs 2599.4 for the loop at 32); NVFP4 +-0 (no loop
+# epilogue at those rows). 128 (row-of-A at 33-64 rows) lost 40%: FP8 batch 48 6687.9 ->
+# 4035.2, 64 8709.8 -> 5295.6.
+LOOP_SHRINK_DOT_MIN_M = 32
 
 
 def _gemv_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:

@@ -18,8 +18,8 @@ last bit; exact mode never takes this path (its LoRA runs batch-invariant matmul
 
 Shapes: x [M, K]; member s has A_s [r, K], B_s [N_s, r] (contiguous rows, the adapter's slot
 tensors) and an output y_s [M, N_s] (any row stride, unit column stride: a column slice of
-the sibling group's GEMV output). At most MAX_MEMBERS members, 1 <= M <= MAX_M (the shrink
-alone takes any M, in row blocks of SHRINK_BM).
+the sibling group's GEMV output). At most MAX_MEMBERS members, any M >= 1 (both kernels walk
+row blocks: SHRINK_BM rows per shrink program, EXPAND_BM per expand program).
 
 Where the base launch can take it, the engine skips both launches: the base launch computes
 h in its own first programs and adds the delta in its store (orbit/kernels/lora_epilogue.py,
@@ -50,9 +50,8 @@ from orbit.kernels._triton import HAS_TRITON, tl, triton
 from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 MAX_MEMBERS = 3
-MAX_M = 64  # the expand-add kernel's rows; larger inputs take the plain forward, except where
-# the base launch adds the delta in its store (orbit/adapters/lora_decode.py: fold_max_rows)
 SHRINK_BM = 64  # rows per shrink program (row blocks beyond)
+EXPAND_BM = 64  # rows per expand-add program (row blocks beyond: rollout batches, prefill)
 ELEMS = 4096  # broadcast-product elements per program step (32 per thread on 4 warps)
 WARPS = 4
 SHRINK_KC = 256  # K chunk per shrink program (split-K over chunks, fix-up by the last one)
@@ -146,9 +145,11 @@ def _lora_expand_add_kernel(h_ptr, b0, b1, b2, y0, y1, y2, M, N0, N1, N2, R, sca
                             sy0, sy1, sy2, S: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                             RP: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False):
     # y_s[m, n] = round(y_s[m, n] + round(scale * round(sum_j h[m, s*R + j] * B_s[n, j])));
-    # program = one BN-column tile, the members' tiles one after another, all rows.
+    # program (tile, row block) = one BN-column tile of BM rows, the members' tiles one after
+    # another along axis 0.
     pdl_enter(PDL)
     pid = tl.program_id(0)
+    mb = tl.program_id(1)
     t0 = tl.cdiv(N0, BN)
     t1 = tl.cdiv(N1, BN)
     s = 0
@@ -165,7 +166,7 @@ def _lora_expand_add_kernel(h_ptr, b0, b1, b2, y0, y1, y2, M, N0, N1, N2, R, sca
     y_ptr = _member(s, y0, y1, y2, S)
     n = _member(s, N0, N1, N2, S)
     sy = _member(s, sy0, sy1, sy2, S)
-    offs_m = tl.arange(0, BM)
+    offs_m = mb * BM + tl.arange(0, BM)
     offs_n = tile * BN + tl.arange(0, BN)
     offs_j = tl.arange(0, RP)
     m_ok = offs_m < M
@@ -199,9 +200,9 @@ def check_members(x: Tensor, a: list[Tensor], b: list[Tensor], y: list[Tensor]) 
     if not 1 <= len(a) <= MAX_MEMBERS or not len(a) == len(b) == len(y):
         raise ValueError(f"lora_decode: 1..{MAX_MEMBERS} members with one A, B and y each; got "
                          f"{len(a)} A, {len(b)} B, {len(y)} y")
-    if x.dim() != 2 or x.stride(-1) != 1 or not 1 <= x.shape[0] <= MAX_M:
-        raise ValueError(f"lora_decode: x must be [M, K] with unit column stride and 1 <= M <= "
-                         f"{MAX_M}; got shape {tuple(x.shape)} strides {x.stride()}")
+    if x.dim() != 2 or x.stride(-1) != 1 or x.shape[0] < 1:
+        raise ValueError(f"lora_decode: x must be [M, K] with unit column stride and M >= 1; "
+                         f"got shape {tuple(x.shape)} strides {x.stride()}")
     m, k = x.shape
     r = a[0].shape[0]
     for i, (ai, bi, yi) in enumerate(zip(a, b, y)):
@@ -257,7 +258,7 @@ def lora_shrink(x: Tensor, a: list[Tensor], out: Tensor | None = None) -> Tensor
     grid = (s * nj * split, mblocks)
     _lora_shrink_kernel[grid](x, *_pad3(a), ws, h, cnt, m, k, r, kc, split, x.stride(0),
                               h.stride(0), S=s, BM=bm, JB=jb, BK=bk, DOT=dot, num_warps=WARPS,
-                              **pdl_launch(x.device, grid[0]))
+                              **pdl_launch(x.device, grid[0] * grid[1]))
     return h
 
 
@@ -267,14 +268,14 @@ def lora_expand_add(h: Tensor, b: list[Tensor], y: list[Tensor], scale: float) -
     r, s = b[0].shape[1], len(b)
     mp = triton.next_power_of_2(m)
     dot = _use_dot(h, mp)
-    bm, rp = _rows(mp, dot), _rank_pad(r, dot)
+    bm, rp = min(_rows(mp, dot), EXPAND_BM), _rank_pad(r, dot)
     bn = EXPAND_BN if dot else max(16, min(EXPAND_BN, ELEMS // (bm * rp)))
     ns = [bi.shape[0] for bi in b]
-    grid = (sum(triton.cdiv(n, bn) for n in ns),)
+    grid = (sum(triton.cdiv(n, bn) for n in ns), triton.cdiv(m, bm))
     _lora_expand_add_kernel[grid](h, *_pad3(b), *_pad3(y), m, *_pad3(ns), r, float(scale),
                                   h.stride(0), *_pad3([yi.stride(0) for yi in y]), S=s, BM=bm,
                                   BN=bn, RP=rp, DOT=dot, num_warps=WARPS,
-                                  **pdl_launch(h.device, grid[0]))
+                                  **pdl_launch(h.device, grid[0] * grid[1]))
 
 
 def _use_dot(x: Tensor, mp: int) -> bool:

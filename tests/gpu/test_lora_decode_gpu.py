@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("m", [1, 7, 16, 64])
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 100, 256])
 @pytest.mark.parametrize("k,ns", [(2048, [2048, 1024, 1024]), (2048, [6144, 6144]),
                                   (2048, [2048]), (6144, [2048])])
 def test_kernels_at_qwen3_shapes(m: int, k: int, ns: list[int]) -> None:

@@ -18,7 +18,8 @@ triton = pytest.importorskip("triton")
 # (K, [N_s], r, M)
 CASES = [(64, [48], 8, 1), (96, [64, 32, 32], 16, 1), (128, [80, 80], 12, 3),
          (64, [40, 24, 24], 16, 16), (72, [96], 4, 20), (128, [64, 64], 16, 64),
-         (600, [200, 56], 16, 8), (1100, [48, 16, 16], 8, 2)]  # (K over 2 and 5 shrink chunks)
+         (600, [200, 56], 16, 8), (1100, [48, 16, 16], 8, 2),  # (K over 2 and 5 shrink chunks)
+         (96, [72, 40], 16, 130)]  # three row blocks of each kernel (a rollout batch)
 
 
 def _case(k: int, ns: list[int], r: int, m: int, dtype: torch.dtype, seed: int):
@@ -135,7 +136,9 @@ def test_check_members_names_the_bad_tensor() -> None:
         check_members(x, a, b, [torch.zeros(2, 16, dtype=torch.bfloat16)])
     with pytest.raises(ValueError, match=r"A\[0\] must be contiguous \[8, 64\]"):
         check_members(x, [a[0].T.contiguous().T[:, :32]], b, [torch.zeros(2, 32, dtype=torch.bfloat16)])
-    with pytest.raises(ValueError, match="1 <= M <= 64"):
+    with pytest.raises(ValueError, match="M >= 1"):
+        check_members(torch.zeros(0, 64, dtype=torch.bfloat16), a, b, [torch.zeros(0, 32)])
+    with pytest.raises(ValueError, match=r"y\[0\] must be \[65, 32\] torch.bfloat16"):
         check_members(torch.zeros(65, 64, dtype=torch.bfloat16), a, b, [torch.zeros(65, 32)])
 
 

@@ -115,11 +115,14 @@ def _kernel_cases() -> dict:
                 cp = dataclasses.replace(cfg, w_preload=2) if cfg is not None else None
                 yp = gemv.gemv(*args, _poisoned(m, ns), cp, lora=la)
                 gemv.PDL_W_PRELOAD = old
-            # the loop's shrink as one program per row of A up to 64 rows
-            # (_qgemm.LOOP_SHRINK_DOT_MIN_M, a measured knob): the same h up to an ulp
+            # the loop's shrink in the form the default threshold does not pick at m rows
+            # (_qgemm.LOOP_SHRINK_DOT_MIN_M, a measured knob: one program per row of A, or
+            # per row block with tensor-core dots): the same h up to an ulp
             hr = None
             if c == "dot" and m <= 64:
-                old, _qgemm.LOOP_SHRINK_DOT_MIN_M = _qgemm.LOOP_SHRINK_DOT_MIN_M, 128
+                row_form = triton.next_power_of_2(m) >= _qgemm.LOOP_SHRINK_DOT_MIN_M
+                old, _qgemm.LOOP_SHRINK_DOT_MIN_M = (_qgemm.LOOP_SHRINK_DOT_MIN_M,
+                                                     128 if row_form else 1)
                 hr = torch.full((m, len(ns) * r), float("nan")).bfloat16()
                 yr = _qgemm.launch(*args, False, False, _poisoned(m, ns),
                                    lora=LoRAEpilogue(hr, b, SCALE, a))
@@ -224,6 +227,17 @@ def _model_checks() -> dict:
     with torch.inference_mode():
         folded100 = logits()
     n_rows100 = {k: len(v) for k, v in calls.items()}
+    # 100 rows where the bases dequantize and run cuBLAS (a rollout batch with the measured
+    # INT4 threshold): no fold; per group the base launches, one shrink, one expand-add
+    from orbit.kernels import _qgemm
+
+    table, _qgemm.DEQUANT_MIN_M_BY_FMT = _qgemm.DEQUANT_MIN_M_BY_FMT, {"int4": 64}
+    for v in calls.values():
+        v.clear()
+    with torch.inference_mode():
+        grouped100 = logits()
+    n_grouped100 = {k: len(v) for k, v in calls.items()}
+    _qgemm.DEQUANT_MIN_M_BY_FMT = table
     rows[0] = 6
     for mod, name, _ in wraps:
         setattr(mod, name, real[name])
@@ -241,6 +255,7 @@ def _model_checks() -> dict:
     return {"groups": groups, "infer": n_infer, "nograd": n_nograd, "err": rel(folded, plain),
             "rows6": n_rows6, "err6": rel(folded6, plain6),
             "rows100": n_rows100, "err100": rel(folded100, plain100),
+            "grouped100": n_grouped100, "err_grouped100": rel(grouped100, plain100),
             "same_as_unfolded": torch.equal(folded, unfolded),
             "err_nograd": rel(nograd, plain), "adapter_effect": rel(plain, base)}
 
@@ -357,6 +372,10 @@ def test_groups_fold_in_a_quantized_model(interp: dict) -> None:
     # 100 rows (beyond the expand kernel): the same, h in row blocks of 64
     assert r["rows100"] == {"shrink": 0, "expand": 0, "fold": 2 * 7, "swiglu": 0}, r
     assert r["err100"] < 2e-2, r
+    # 100 rows on dequantize + cuBLAS bases: the group's shrink and expand-add launches (row
+    # blocks of 64) instead of four plain launches per linear
+    assert r["grouped100"] == {"shrink": 2 * 4, "expand": 2 * 4, "fold": 0, "swiglu": 0}, r
+    assert r["err_grouped100"] < 2e-2, r
 
 
 def test_engine_generates_with_the_fold(interp: dict) -> None:
