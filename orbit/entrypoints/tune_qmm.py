@@ -120,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a route replaces the rules' only when this much faster (fraction)")
     ap.add_argument("--out", default="", help="route table to write (default "
                     "qmm-routes-<device>.json here)")
-    ap.add_argument("--update", action="store_true", help="keep --out's existing routes for the "
-                    "(format, shape) pairs this run does not measure (tune formats in "
-                    "separate runs into one table)")
+    ap.add_argument("--update", action="store_true", help="keep --out's existing routes at the "
+                    "(format, shape, M) this run does not measure (tune formats, shapes or "
+                    "row counts in separate runs into one table)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the cuBLAS BF16 baseline rows")
     return ap
 
@@ -204,18 +204,20 @@ def run(args: argparse.Namespace, formats: list[str], ms: list[int],
 
 
 def merge_routes(table, old) -> int:  # (RouteTable, RouteTable) -> routes kept
-    """Add to `table` every route of `old` whose (fmt, n, k) `table` has none of; returns how
-    many. A table measured on another device is refused (ValueError)."""
+    """Add to `table` every route of `old` at a (fmt, n, k, row count) `table` has none of;
+    returns how many. So runs over other formats, shapes or row counts (rollout batches after
+    decode sizes, say) extend one table, and a re-measured row count replaces its old route.
+    A table measured on another device is refused (ValueError)."""
     if old.device != table.device:
         raise ValueError(f"--update: {old.source} was measured on {old.device!r}, this run on "
                          f"{table.device!r}")
     kept = 0
     for key, routes in old.routes.items():
-        if key in table.routes:
-            continue
+        measured = {m for m, _ in table.routes.get(key, [])}
         for m_max, route in routes:
-            table.add(*key, m_max, route, old.extra.get((*key, m_max)))
-            kept += 1
+            if m_max not in measured:
+                table.add(*key, m_max, route, old.extra.get((*key, m_max)))
+                kept += 1
     return kept
 
 

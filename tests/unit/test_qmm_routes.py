@@ -297,11 +297,16 @@ def test_update_keeps_what_a_run_did_not_measure() -> None:
     old = RouteTable(device="gpu")
     old.add("int4", 64, 128, 4, Route("gemv"), {"us": 3.0})
     old.add("fp8", 64, 128, 4, Route("dequant"))
+    old.add("int4", 64, 128, 16, Route("dequant"))
     new = RouteTable(device="gpu")
     new.add("int4", 64, 128, 16, Route("dot", CFG))
-    assert merge_routes(new, old) == 1
-    assert new.lookup("fp8", 64, 128, 2) == Route("dequant")  # kept
-    assert new.lookup("int4", 64, 128, 2) == Route("dot", CFG)  # re-measured: replaced whole
+    new.add("int4", 64, 128, 256, Route("dequant"))
+    assert merge_routes(new, old) == 2
+    assert new.lookup("fp8", 64, 128, 2) == Route("dequant")  # another format: kept
+    assert new.lookup("int4", 64, 128, 2) == Route("gemv")  # a row count not re-measured: kept
+    assert new.lookup("int4", 64, 128, 9) == Route("dot", CFG)  # re-measured: replaced
+    assert new.lookup("int4", 64, 128, 100) == Route("dequant")  # new row counts added
+    assert new.extra[("int4", 64, 128, 4)] == {"us": 3.0}  # its measurement rides along
     with pytest.raises(ValueError, match="measured on 'gpu'"):
         merge_routes(RouteTable(device="other"), old)
 
