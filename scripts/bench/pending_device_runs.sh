@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # The measurements queued for the next device calls (docs/benchmarks.md), in priority order,
 # each call within the device tool's 600 s, from the repository root:
-#     bash scripts/bench/pending_device_runs.sh a     (then b)
-# a: session 24's last change, not yet run on a GPU: LoRA forwards on the mma route from
-#    _qgemm.MMA_WITH_LORA_MIN_M (5) rows. The GPU tests it touches, and the adapter-on engine
-#    at 2-8 rows with the shipped threshold against never (17) for INT4 and FP8; then the
-#    tl.dot loop's in-kernel LoRA shrink as row-of-A programs past 8 rows
-#    (_qgemm.LOOP_SHRINK_DOT_MIN_M: the suspected critical path at 5-64 rows), FP8 and INT4.
-# b: the INT4 mma kernel's Nsight profile at M = 4 (with PDL now), and the adapter-on engine at
-#    rollout batch sizes (64, 256) for every quantized format.
+#     bash scripts/bench/pending_device_runs.sh a     (then b, c)
+# a: session 25's change, not yet run on a GPU: LoRA decode groups serve any row count (the
+#    expand-add in 64-row blocks), so adapter-on rollout batches on dequantize + cuBLAS bases
+#    take one shrink + one expand-add per sibling group instead of the plain forward's four
+#    launches per linear. The LoRA GPU tests (now with 100 and 256 rows), and the adapter-on
+#    engine against the old cap (orbit.adapters.lora_decode.MAX_ROWS = the format's
+#    dequantize threshold - 1) at rollout batches.
+# b, c: the route tuner at rollout row counts (32-256), INT4 then NVFP4: whether a tl.dot tile
+#    beats dequantize + cuBLAS there (it would also let the LoRA delta fold into the base
+#    launch). routes.json comes back in $OUT; merge into orbit/kernels/tuned/ by hand
+#    (`tune-qmm --update` semantics: per format, shape and M).
 set -uo pipefail
 case "${1:-a}" in
 a) bash scripts/gpu_run.sh \
-  "cmd:timeout 300 python3 -m pytest tests/gpu/test_int4_mma_gpu.py tests/gpu/test_lora_decode_gpu.py tests/gpu/test_engine_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | tail -5" \
-  "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections lora --lora-format int4 --fuse-lora on --batches 2,4,6,8 --attn-backend triton --knob orbit.kernels._qgemm.MMA_WITH_LORA_MIN_M=17,5 2>&1 | grep -vE '^\\{' | grep 'lora r16'" \
-  "cmd:timeout 100 python3 scripts/bench/bench_engine.py --sections lora --lora-format fp8 --fuse-lora on --batches 4,8 --attn-backend triton --knob orbit.kernels._qgemm.MMA_WITH_LORA_MIN_M=17,5 2>&1 | grep -vE '^\\{' | grep 'lora r16'" \
-  "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections lora --lora-format fp8 --fuse-lora on --batches 6,8,16,32 --attn-backend triton --knob orbit.kernels._qgemm.LOOP_SHRINK_DOT_MIN_M=8,16,32,64 2>&1 | grep -vE '^\\{' | grep 'lora r16'" \
-  "cmd:timeout 100 python3 scripts/bench/bench_engine.py --sections lora --lora-format int4 --fuse-lora on --batches 16,32 --attn-backend triton --knob orbit.kernels._qgemm.LOOP_SHRINK_DOT_MIN_M=8,16,32 2>&1 | grep -vE '^\\{' | grep 'lora r16'" ;;
+  "cmd:timeout 240 python3 -m pytest tests/gpu/test_lora_decode_gpu.py -m gpu -q -p no:cacheprovider -x 2>&1 | tail -3" \
+  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --lora-format int4 --fuse-lora on --batches 64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=63,None 2>&1 | grep -vE '^\\{' | grep -v oft | grep 'decode'" \
+  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --lora-format nvfp4 --fuse-lora on --batches 32,64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=31,None 2>&1 | grep -vE '^\\{' | grep -v oft | grep 'decode'" \
+  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --lora-format fp8 --fuse-lora on --batches 128,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=127,None 2>&1 | grep -vE '^\\{' | grep -v oft | grep 'decode'" ;;
 b) bash scripts/gpu_run.sh \
-  "cmd:timeout 60 bash scripts/bench/ncu_gemv_stalls.sh 4096x12288 pick int4-mma 4 2>&1 | tail -4" \
-  "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections lora --lora-format int4 --fuse-lora on --batches 64,256 --attn-backend triton 2>&1 | grep -vE '^\\{' | tail -8" \
-  "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections lora --lora-format nvfp4 --fuse-lora on --batches 64,256 --attn-backend triton 2>&1 | grep -vE '^\\{' | tail -8" ;;
+  "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats int4 --m 32,64,128,256 --out \$OUT/routes.json 2>&1 | tail -22" ;;
+c) bash scripts/gpu_run.sh \
+  "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats nvfp4 --m 32,64,128,256 --out \$OUT/routes.json 2>&1 | tail -22" ;;
 esac
