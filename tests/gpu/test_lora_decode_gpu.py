@@ -45,13 +45,17 @@ def test_kernels_at_qwen3_shapes(m: int, k: int, ns: list[int]) -> None:
     ref = lora_decode_reference(x, a, b, [t.clone() for t in y], 2.0)
     before = big.clone()
     lora_decode_triton(x, a, b, y, 2.0)
-    for yi, ri, bi in zip(y, ref, torch.split(before, ns, dim=1)):
+    for yi, ri, bi, ai, bbi in zip(y, ref, torch.split(before, ns, dim=1), a, b):
         assert not torch.equal(yi, bi)  # written
         diff = (yi.float() - ri.float()).abs()
         # Only the summation order differs from cuBLAS: a rounding step of h, of the delta or
-        # of y may land one bf16 ulp away, so the bound is an ulp of y plus two of the delta.
+        # of y may land one bf16 ulp away, so the bound is an ulp of y plus two of the delta,
+        # plus what one ulp of each h element moves the delta by (scale * |h| |B|^T * 2^-7:
+        # where the delta's sum cancels, that exceeds an ulp of the delta; with 100-256 rows
+        # some element of the output hits such a case)
         delta = (ri.float() - bi.float()).abs()
-        tol = (ri.float().abs() + 2 * delta) * 2.0 ** -7 * 1.01
+        h_prop = 2.0 * ((x.float() @ ai.float().T).abs() @ bbi.float().abs().T) * 2.0 ** -7
+        tol = ((ri.float().abs() + 2 * delta) * 2.0 ** -7 + h_prop) * 1.01
         assert (diff <= tol).all(), (diff - tol).max()
         assert (diff > 0).float().mean() < 0.1
 
