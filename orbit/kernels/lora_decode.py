@@ -35,7 +35,7 @@ Launch shapes (explicit, no autotuning), from scripts/bench/bench_lora_decode.py
   with a tensor-core `tl.dot` (x padded to 16 rows), and the last chunk program of each
   member to arrive adds the fp32 partials in chunk order (deterministic);
 - the expand-add runs one program per EXPAND_BN output columns (fewer with broadcast
-  products), all rows, `tl.dot` from DOT_MIN_M rows on.
+  products), EXPAND_BM rows (a grid row per block of them), `tl.dot` from DOT_MIN_M rows on.
 Measured and dropped: the shrink and the expand in one launch (each expand program computing
 its member's h from x and A itself) was 2-4x slower than the two launches at M = 1 (down:
 19.2 vs 4.3 us): every program re-reads all of A_s serially before its first output.
