@@ -26,11 +26,24 @@ from orbit.quant.qweight import QuantizedWeight
 # model are too narrow to fill the GPU (H200, Qwen3-1.7B, batch 64: k_proj's 2048x1024 GEMM
 # ran at 0.7 TB/s; docs/benchmarks.md has the grouped numbers).
 SIBLING_MAX_M = 4
+# Quantized groups also serve the rows where fast mode dequantizes and runs cuBLAS
+# (`_qgemm.dequant_min_m(fmt)` on: rollout batches, prefill chunks), for the BF16 groups'
+# reason: one dequantize pass and one cuBLAS GEMM over the stacked rows instead of two or
+# three of each (14 -> 8 launches per Qwen3-1.7B layer), and wider GEMMs. Session 25: the
+# reasoning of the BF16 measurement, not yet timed for the quantized bases on a GPU
+# (scripts/bench/pending_device_runs.sh; a knob for that comparison).
+SIBLING_FROM_DEQUANT = True
 
 
 def sibling_serves(fmt: str, rows: int) -> bool:
-    """Whether a sibling group of format `fmt` runs its one launch for `rows` input rows."""
-    return fmt == "bf16" or rows <= SIBLING_MAX_M
+    """Whether a sibling group of format `fmt` runs its one launch for `rows` input rows:
+    BF16 at any M; the quantized formats at decode rows (<= SIBLING_MAX_M) and from the rows
+    where fast mode dequantizes + runs cuBLAS (with SIBLING_FROM_DEQUANT)."""
+    if fmt == "bf16" or rows <= SIBLING_MAX_M:
+        return True
+    from orbit.kernels._qgemm import dequant_min_m  # (read at each call: a measured knob)
+
+    return SIBLING_FROM_DEQUANT and rows >= dequant_min_m(fmt)
 
 
 class _QuantMatmul(torch.autograd.Function):

@@ -9,10 +9,10 @@ The module layout does not change (quantization, adapters and PEFT keys are swap
 separate q_proj/k_proj/v_proj names). Instead `fuse_siblings` re-homes each group's packed
 buffers in one stacked tensor per buffer name and gives every member row-slice *views* of
 it: no weight is held twice. When the first member of a group is called in an engine
-forward (fast mode, inference mode, a CUDA tensor; decode-sized inputs of M <= 4 rows for the
-quantized formats, any M for BF16, whose group is one cuBLAS GEMM), it computes the whole
-group's output in one
-`qmm` call and keeps the other members' slices, keyed by the input tensor object; each of
+forward (fast mode, inference mode, a CUDA tensor; for the quantized formats decode-sized
+inputs of M <= 4 rows and inputs from the rows where fast mode dequantizes + runs cuBLAS,
+`linear.sibling_serves`; any M for BF16, whose group is one cuBLAS GEMM), it computes the
+whole group's output in one `qmm` call and keeps the other members' slices, keyed by the input tensor object; each of
 them then returns its slice when called with that same tensor (an adapter wrapper passes its
 input through to `.base`, so LoRA-wrapped members still hit). Anything else — another input,
 exact mode, autograd, a member whose buffers were replaced or moved — computes alone.

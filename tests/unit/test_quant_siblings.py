@@ -90,11 +90,44 @@ def test_fused_generate_matches_separate_and_launches_fewer(monkeypatch: pytest.
     assert 64 + 2 * 32 in calls  # q/k/v stacked: 64 + 32 + 32 rows
 
 
+def test_quantized_groups_serve_decode_and_dequantize_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quantized groups serve decode rows (<= SIBLING_MAX_M) and, with SIBLING_FROM_DEQUANT,
+    the rows where fast mode dequantizes + runs cuBLAS (one pass and one GEMM over the stacked
+    rows); in between (the tl.dot loop's rows) each member runs its own launch."""
+    import orbit.quant.linear as qlinear
+    from orbit.kernels import _qgemm
+
+    assert sibling_serves("int4", SIBLING_MAX_M) and not sibling_serves("int4", SIBLING_MAX_M + 1)
+    lo = _qgemm.dequant_min_m("int4")
+    assert sibling_serves("int4", lo) and not sibling_serves("int4", lo - 1)
+    assert sibling_serves("nvfp4", _qgemm.dequant_min_m("nvfp4"))
+    monkeypatch.setattr(_qgemm, "DEQUANT_MIN_M_BY_FMT", {"int4": 8})  # small rows for the CPU
+    m = _model()
+    fuse_siblings(m)
+    attn = m.model.layers[0].self_attn
+    lins = (attn.q_proj, attn.k_proj, attn.v_proj)
+    calls = _count_qmm(monkeypatch)
+    with torch.inference_mode():
+        for rows, want in [(8, [128]), (12, [128]), (6, [64, 32, 32]), (3, [128])]:
+            xs = torch.randn(rows, 64)
+            calls.clear()
+            grouped = [lin(xs) for lin in lins]
+            assert calls == want, (rows, calls)
+            monkeypatch.setattr(qlinear, "SIBLING_FROM_DEQUANT", False)
+            calls.clear()
+            xc = xs.clone()  # (a new tensor: no cached group output)
+            alone = [lin(xc) for lin in lins]
+            monkeypatch.setattr(qlinear, "SIBLING_FROM_DEQUANT", True)
+            assert calls == ([128] if rows <= SIBLING_MAX_M else [64, 32, 32]), (rows, calls)
+            for g, a in zip(grouped, alone):
+                assert torch.allclose(g, a, atol=1e-5)
+    assert attn.q_proj._sibling.enabled
+
+
 def test_bf16_groups_serve_every_row_count(monkeypatch: pytest.MonkeyPatch) -> None:
     """BF16 groups are one cuBLAS GEMM over stacked rows at any M (decode of more than
-    SIBLING_MAX_M sequences, prefill); quantized formats group at M <= SIBLING_MAX_M only."""
+    SIBLING_MAX_M sequences, prefill)."""
     assert sibling_serves("bf16", 1 << 20)
-    assert sibling_serves("int4", SIBLING_MAX_M) and not sibling_serves("int4", SIBLING_MAX_M + 1)
     g = torch.Generator().manual_seed(4)
     ps = [torch.randint(6, V, (n,), generator=g).tolist() for n in (5, 1, 9, 3, 7, 2)]
     sp = SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True)
