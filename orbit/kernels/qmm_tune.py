@@ -77,9 +77,10 @@ def describe(route: Route) -> str:
 def model_shapes(config: ModelConfig, sibling_max_m: int | None = None) -> list[tuple[int, int, int]]:
     """(n, k, max rows) of every quantized linear call a forward of this model makes through
     `_qgemm.launch`: each projection alone at any M, and the stacked sibling weights (q/k/v,
-    gate/up; orbit/quant/siblings.py) at decode sizes only. MoE experts run the grouped MoE
+    gate/up; orbit/quant/siblings.py) at decode sizes (`sibling_max_m` rows, if given), else
+    at any M where the groups also serve the dequantize rows. MoE experts run the grouped MoE
     kernel, not this one, so only their layers' attention projections count."""
-    from orbit.quant.linear import SIBLING_MAX_M
+    from orbit.quant.linear import SIBLING_FROM_DEQUANT, SIBLING_MAX_M
 
     smax = SIBLING_MAX_M if sibling_max_m is None else sibling_max_m
     c = config
@@ -93,12 +94,16 @@ def model_shapes(config: ModelConfig, sibling_max_m: int | None = None) -> list[
     for n in (q, kv):
         add(n, h, big)
     add(h, q, big)
-    add(q + 2 * kv, h, smax)
+    # the stacked weights run at decode rows and, with linear.SIBLING_FROM_DEQUANT, again from
+    # the rows where the rules dequantize (format-dependent): timed at every M then (a route at
+    # rows the groups do not serve is never looked up)
+    stacked = big if SIBLING_FROM_DEQUANT and sibling_max_m is None else smax
+    add(q + 2 * kv, h, stacked)
     if any(not c.is_moe_layer(i) for i in range(c.num_layers)):
         i = c.intermediate_size
         add(i, h, big)
         add(h, i, big)
-        add(2 * i, h, smax)
+        add(2 * i, h, stacked)
     return [(n, k, mm) for (n, k), mm in sorted(out.items())]
 
 

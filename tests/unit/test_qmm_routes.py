@@ -282,7 +282,10 @@ def test_model_shapes_and_candidates() -> None:
     big = 1 << 30
     assert (2048, 2048, big) in shapes and (1024, 2048, big) in shapes  # q, o; k/v
     assert (6144, 2048, big) in shapes and (2048, 6144, big) in shapes  # gate/up, down
-    assert (4096, 2048, 4) in shapes and (12288, 2048, 4) in shapes  # stacked, decode sizes
+    # stacked q/k/v and gate/up: decode sizes and the dequantize rows (SIBLING_FROM_DEQUANT)
+    assert (4096, 2048, big) in shapes and (12288, 2048, big) in shapes
+    decode_only = model_shapes(model_config("qwen3-1.7b"), sibling_max_m=4)
+    assert (4096, 2048, 4) in decode_only and (12288, 2048, 4) in decode_only
     rules, cands = candidates(1, 2048, 2048, "int4", CPU)
     assert cands[0] == rules and Route("dequant") in cands and Route("gemv") in cands
     assert len(set(cands)) == len(cands) and all(
