@@ -12,7 +12,8 @@
 # b: quantized sibling groups at dequantize + cuBLAS rows (orbit.quant.linear.
 #    SIBLING_FROM_DEQUANT, shipped on without a GPU measurement): the engine at rollout batches
 #    with it off and on, adapter off and LoRA, INT4 and NVFP4; turn it off if it loses.
-# c, d: the route tuner at rollout row counts (32-256), INT4 then NVFP4: whether a tl.dot tile
+# c, d: the route tuner at rollout row counts (INT4 64-256, NVFP4 32-256; member and stacked
+#    sibling shapes): whether a tl.dot tile
 #    beats dequantize + cuBLAS there (it would also let the LoRA delta fold into the base
 #    launch). routes.json comes back in $OUT; merge into orbit/kernels/tuned/ by hand
 #    (`tune-qmm --update` semantics: per format, shape and M).
@@ -27,7 +28,7 @@ b) bash scripts/gpu_run.sh \
   "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections lora --lora-format int4 --fuse-lora on --batches 64,256 --attn-backend triton --knob orbit.quant.linear.SIBLING_FROM_DEQUANT=False,True 2>&1 | grep -vE '^\\{' | grep -v oft | grep 'decode'" \
   "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections lora --lora-format nvfp4 --fuse-lora on --batches 64,256 --attn-backend triton --knob orbit.quant.linear.SIBLING_FROM_DEQUANT=False,True 2>&1 | grep -vE '^\\{' | grep -v oft | grep 'decode'" ;;
 c) bash scripts/gpu_run.sh \
-  "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats int4 --m 32,64,128,256 --out \$OUT/routes.json 2>&1 | tail -22" ;;
+  "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats int4 --m 64,128,256 --out \$OUT/routes.json 2>&1 | tail -22" ;;
 d) bash scripts/gpu_run.sh \
-  "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats nvfp4 --m 32,64,128,256 --out \$OUT/routes.json 2>&1 | tail -22" ;;
+  "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats nvfp4 --m 32,64,256 --out \$OUT/routes.json 2>&1 | tail -22" ;;
 esac
