@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from knobs import knob_values, set_knob  # (scripts/bench: the script's own directory)
+from knobs import fixed_knob, knob_values, set_knob  # (scripts/bench: the script's own directory)
 
 from orbit.kernels import gemv as gemv_mod
 from orbit.kernels import pdl as pdl_mod
@@ -365,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
                          "orbit.kernels.attention_decode.SPLIT_MAX=16,1,2; each run sets it "
                          "before the engine captures its graphs (the last run's value stays "
                          "set)")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=V",
+                    help="a module constant fixed for every run (repeatable), e.g. "
+                         "orbit.kernels._qgemm.LOOP_SHRINK_DOT_MIN_M=8 under a --knob sweep of "
+                         "another constant")
     ap.add_argument("--orbit-bf16", default="both", choices=("linear", "ql", "both"),
                     help="how Orbit's bf16 model holds its linears: plain nn.Linear, or BF16 "
                          "QuantLinears (what --quant-format bf16 loads: grouped q/k/v and "
@@ -386,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
                          "int4, fp8, nvfp4; default all)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
+    unknown = set(args.sections.split(",")) - {"vs_hf", "roofline", "formats", "lora"}
+    if unknown:
+        ap.error(f"--sections: {sorted(unknown)} not among vs_hf, roofline, formats, lora")
+    for spec in args.set:  # before any model is built or graph captured
+        set_knob(fixed_knob(spec))
     from orbit.kernels.qmm_routes import ROUTES, load_routes
 
     routes = load_routes(args.qmm_routes) if args.qmm_routes else None

@@ -1,5 +1,6 @@
-"""Module constants set from a benchmark's command line (`--knob MODULE.NAME=V1,V2,...`), so a
-heuristic's constant can be compared across runs of one process without a flag of its own."""
+"""Module constants set from a benchmark's command line (`--knob MODULE.NAME=V1,V2,...` swept
+over runs, `--set MODULE.NAME=V` fixed for the whole process), so a heuristic's constant can be
+compared across runs of one process without a flag of its own."""
 
 from __future__ import annotations
 
@@ -35,3 +36,12 @@ def set_knob(kv: str | None) -> None:
     if not hasattr(mod, attr):
         raise SystemExit(f"--knob: {mod_name} has no {attr}")
     setattr(mod, attr, ast.literal_eval(val))
+
+
+def fixed_knob(spec: str) -> str:
+    """--set MODULE.NAME=V: the one 'MODULE.NAME=V' of a single-value spec (knob_values' form),
+    checked like --knob's; several values are an error (sweeps are --knob's)."""
+    values = knob_values(spec)
+    if len(values) != 1:
+        raise SystemExit(f"--set: {spec!r} has {len(values)} values; one (sweeps: --knob)")
+    return values[0]

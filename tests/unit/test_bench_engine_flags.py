@@ -65,6 +65,34 @@ def test_knob(monkeypatch: pytest.MonkeyPatch) -> None:
         b.set_knob("orbit.kernels.attention_decode.NOPE=1")
 
 
+def test_set_fixes_constants_before_the_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--set MODULE.NAME=V (repeatable) fixes a constant for the whole process, under a --knob
+    sweep of another; a sweep given to --set fails with the flag's name."""
+    import bench_engine as b
+
+    from orbit.adapters import lora_decode
+    from orbit.kernels import _qgemm
+
+    monkeypatch.setattr(_qgemm, "LOOP_SHRINK_DOT_MIN_M", _qgemm.LOOP_SHRINK_DOT_MIN_M)
+    monkeypatch.setattr(lora_decode, "MAX_ROWS", lora_decode.MAX_ROWS)
+    assert b.fixed_knob("orbit.adapters.lora_decode.MAX_ROWS=None") == \
+        "orbit.adapters.lora_decode.MAX_ROWS=None"
+    with pytest.raises(SystemExit, match="--set: .* has 2 values"):
+        b.fixed_knob("orbit.kernels._qgemm.LOOP_SHRINK_DOT_MIN_M=8,16")
+    for spec in ("orbit.kernels._qgemm.LOOP_SHRINK_DOT_MIN_M=8",
+                 "orbit.adapters.lora_decode.MAX_ROWS=63"):
+        b.set_knob(b.fixed_knob(spec))  # what main does for each --set, right after parsing
+    assert _qgemm.LOOP_SHRINK_DOT_MIN_M == 8 and lora_decode.MAX_ROWS == 63
+
+
+def test_unknown_section_is_refused(capsys: pytest.CaptureFixture) -> None:
+    import bench_engine as b
+
+    with pytest.raises(SystemExit):
+        b.main(["--sections", "lora,nope"])
+    assert "--sections: ['nope'] not among" in capsys.readouterr().err
+
+
 def test_fold_norm_runs() -> None:
     import bench_engine as b
 
