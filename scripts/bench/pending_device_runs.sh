@@ -20,7 +20,7 @@
 set -uo pipefail
 case "${1:-a}" in
 a) bash scripts/gpu_run.sh \
-  "cmd:timeout 240 python3 -m pytest tests/gpu/test_lora_decode_gpu.py tests/gpu/test_engine_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -20" \
+  "cmd:timeout 240 python3 -m pytest tests/gpu/test_lora_decode_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_siblings_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -20" \
   "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --lora-format int4 --fuse-lora on --batches 64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=63,None 2>&1 | grep -vE '^\\{' | grep -v oft | grep 'decode'" \
   "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --lora-format nvfp4 --fuse-lora on --batches 32,64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=31,None 2>&1 | grep -vE '^\\{' | grep -v oft | grep 'decode'" \
   "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --lora-format fp8 --fuse-lora on --batches 128,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=127,None 2>&1 | grep -vE '^\\{' | grep -v oft | grep 'decode'" ;;
