@@ -42,7 +42,6 @@ from orbit.quant.linear import QuantLinear, sibling_serves
 from orbit.quant.qweight import QuantizedWeight
 from orbit.quant.siblings import MemberGroup, sibling_sets
 
-
 # Rows a group serves at most (None: any). A knob for same-run comparisons against the plain
 # forward past a row count (bench_engine.py --knob orbit.adapters.lora_decode.MAX_ROWS=63,None:
 # the pre-session-25 limit for INT4, dequantize + cuBLAS bases then ran the plain forward).

@@ -158,17 +158,24 @@ def test_in_kernel_shrink_replays_in_a_graph(m: int, ns: list[int],
         assert lora_counters(x.device).tolist() == [0, 0]
 
 
-def test_engine_fused_lora_matches_plain() -> None:
-    """Slot 1 holds a nonzero adapter; greedy completions and their log-probs with the decode
-    groups equal the plain LoRA forward's up to summation order, at batch 1 and 4, graphs and
-    PDL on; an engine with fuse_lora=False runs the plain path."""
-    model = small_qwen3("int4")
+def _model_with_active_lora(fmt: str):
+    """small_qwen3(fmt) with LoRA r16 on every linear, a nonzero adapter staged into slot 1 and
+    active: (model, adapter set)."""
+    model = small_qwen3(fmt)
     aset = inject_adapters(model, AdapterConfig(r=16, alpha=32.0))
     with torch.no_grad():
         for mod in aset.modules.values():
             mod.lora_B.normal_(0.0, 0.05)
     aset.stage(0, 1)
     aset.set_active(1)
+    return model, aset
+
+
+def test_engine_fused_lora_matches_plain() -> None:
+    """Slot 1 holds a nonzero adapter; greedy completions and their log-probs with the decode
+    groups equal the plain LoRA forward's up to summation order, at batch 1 and 4, graphs and
+    PDL on; an engine with fuse_lora=False runs the plain path."""
+    model, aset = _model_with_active_lora("int4")
     ps = mixed_prompts(3)
     sp = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
     folds = []
@@ -213,13 +220,7 @@ def test_engine_rollout_batch_lora_matches_plain(fmt: str) -> None:
     order; the adapter changes the output."""
     from orbit.kernels import lora_decode as kmod
 
-    model = small_qwen3(fmt)
-    aset = inject_adapters(model, AdapterConfig(r=16, alpha=32.0))
-    with torch.no_grad():
-        for mod in aset.modules.values():
-            mod.lora_B.normal_(0.0, 0.05)
-    aset.stage(0, 1)
-    aset.set_active(1)
+    model, aset = _model_with_active_lora(fmt)
     g = torch.Generator().manual_seed(7)
     ps = [torch.randint(2, V, (int(n),), generator=g).tolist()
           for n in torch.randint(3, 40, (80,), generator=g)]
