@@ -133,7 +133,7 @@ MMA_MIN_K_OVER_N: dict[str, int] = {"fp8": 3}
 # `bench_engine.py --sections lora --knob`, mma route vs the fused loop): INT4 batch 2 -6%,
 # 4 +-0, 6 +153% (915.6 -> 2313.1 tok/s), 8 +146% (1214.2 -> 2992.9); FP8 4 +1%, 8 +24%;
 # NVFP4 1 / 4 / 16 +-0 (its LoRA forwards there have no fused-epilogue kernel to keep). The
-# loop with its in-kernel shrink at 5-8 rows was slower than at 4. MAX_M + 1: never.
+# loop with its in-kernel shrink at 5-8 rows was slower than at 4. int4_mma.MAX_M + 1: never.
 MMA_WITH_LORA_MIN_M = 5
 # From how many rows (rounded up to a power of two) the tl.dot loop's in-kernel LoRA shrink
 # runs as one tensor-core program per row block over all of K, instead of one program per row
@@ -227,15 +227,15 @@ def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
           transpose: bool = False, mma_ok: bool = False) -> Route:
     """Which kernel runs `x[m, k] @ W[n, k]^T` (or, transposed, `dy[m, n] @ W`) in `launch`.
     Exact mode: the dot loop with its fixed tile. Fast-mode forward: the mma.sync kernel
-    where `mma_ok` and `_mma_by_rule` (the format's MMA_ROWS and MMA_MIN_K_OVER_N), else the device's route table
-    where it has an entry for the shape (orbit/kernels/qmm_routes.py), else the rules:
-    dequantize + cuBLAS from `dequant_min_m(fmt)` rows, the register-fed tile where `_regfed_by_rule`
-    (NVFP4, 2-16 rows, 2-4 on wide weights, sm_90+), the decode GEMV where `_gemv_by_rule`, the
-    dot loop with `pick_config`'s tile. The input gradient: the rules without the GEMV.
-    Everything that asks whether a launch can carry extra work in its store (`lora_fits`,
-    `swiglu_fits`) asks this, so the answer and the launch cannot disagree. `mma_ok`: the
-    operands are ones `int4_mma` takes (`int4_mma.supports`), which opens its route
-    (`MMA_ROWS`)."""
+    where `mma_ok` and `_mma_by_rule` (the format's MMA_ROWS and MMA_MIN_K_OVER_N), else the
+    device's route table where it has an entry for the shape (orbit/kernels/qmm_routes.py),
+    else the rules: dequantize + cuBLAS from `dequant_min_m(fmt)` rows, the register-fed tile
+    where `_regfed_by_rule` (NVFP4, 2-16 rows, 2-4 on wide weights, sm_90+), the decode GEMV
+    where `_gemv_by_rule`, the dot loop with `pick_config`'s tile. The input gradient: the
+    rules without the GEMV. Everything that asks whether a launch can carry extra work in
+    its store (`lora_fits`, `swiglu_fits`) asks this, so the answer and the launch cannot
+    disagree. `mma_ok`: the operands are ones `int4_mma` takes (`int4_mma.supports`), which
+    opens its route (`MMA_ROWS`)."""
     out_dim = k if transpose else n
     if exact:
         return Route("dot", pick_config(m, out_dim, fmt, True))

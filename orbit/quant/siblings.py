@@ -12,10 +12,11 @@ it: no weight is held twice. When the first member of a group is called in an en
 forward (fast mode, inference mode, a CUDA tensor; for the quantized formats decode-sized
 inputs of M <= 4 rows and inputs from the rows where fast mode dequantizes + runs cuBLAS,
 `linear.sibling_serves`; any M for BF16, whose group is one cuBLAS GEMM), it computes the
-whole group's output in one `qmm` call and keeps the other members' slices, keyed by the input tensor object; each of
-them then returns its slice when called with that same tensor (an adapter wrapper passes its
-input through to `.base`, so LoRA-wrapped members still hit). Anything else — another input,
-exact mode, autograd, a member whose buffers were replaced or moved — computes alone.
+whole group's output in one `qmm` call and keeps the other members' slices, keyed by the
+input tensor object; each of them then returns its slice when called with that same tensor
+(an adapter wrapper passes its input through to `.base`, so LoRA-wrapped members still hit).
+Anything else — another input, exact mode, autograd, a member whose buffers were replaced or
+moved — computes alone.
 
 Formats: every one whose buffers stack along the output rows (int4, int8, fp8 with whole
 128-row blocks, mxfp4, bf16); a per-tensor scalar (NVFP4's global scale) must be equal in
