@@ -55,7 +55,7 @@ from orbit.quant.qweight import FP8_BLOCK, NVFP4_GROUP, QuantizedWeight
 try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kernel to run
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
     # the CTA-wide barrier's name: thread_barrier in Triton 3.5-3.6, barrier from 3.7 on
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -84,7 +84,10 @@ class MmaConfig:
     program); row_tiles: 16-row tiles per warp (x registers are shared between them);
     split: K slices; prefetch: steps whose weight words and scales are loaded ahead of the one
     being computed (0, 1 or 2); x_prefetch: the next step's x too; pdl: launch with
-    programmatic dependent launch even outside the engine's pdl_scope (a benchmark's rows)."""
+    programmatic dependent launch even outside the engine's pdl_scope (a benchmark's rows);
+    stages: 0 keeps the weight words' prefetch in registers (`prefetch` steps ahead); n > 0
+    streams them through a ring of n steps in shared memory with cp.async instead, n steps
+    in flight per program without the registers to hold them (scales keep `prefetch`)."""
 
     warps: int = 4
     row_tiles: int = 1
@@ -92,6 +95,7 @@ class MmaConfig:
     prefetch: int = 1
     x_prefetch: bool = False
     pdl: bool = False
+    stages: int = 0
 
     @property
     def block_n(self) -> int:
@@ -329,7 +333,8 @@ if HAS_GLUON:
                          EVEN_N: gl.constexpr, DEPTH: gl.constexpr, XPRE: gl.constexpr,
                          NP: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
                          B: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr,
-                         LS: gl.constexpr, PDL: gl.constexpr = False):
+                         LS: gl.constexpr, PDL: gl.constexpr = False,
+                         STAGES: gl.constexpr = 0):
         # FMT 0: INT4 (u - 8 into the MMA, each step's partial times its group's scale);
         # FMT 2: FP8 (the e4m3 values into the MMA, each step's partial times its block's
         # scale); FMT 3: NVFP4 (v * s * 2^-9 into the MMA, the global scale * 2^9 at the end).
@@ -391,14 +396,29 @@ if HAS_GLUON:
         # last step, which is then loaded again and not used.
         kn = k_lo
         if DEPTH >= 1:
-            w0 = gl.load(w_ptrs)
+            if STAGES == 0:
+                w0 = gl.load(w_ptrs)
             s0 = gl.load(s_ptrs + kn // GROUP)
         if DEPTH >= 2:
             adv0 = gl.where(BK < K_SLICE, BK, 0)
-            w_ptrs += adv0 // KPW
             kn += adv0
-            w1 = gl.load(w_ptrs)
+            if STAGES == 0:
+                w_ptrs += adv0 // KPW
+                w1 = gl.load(w_ptrs)
             s1 = gl.load(s_ptrs + kn // GROUP)
+        if STAGES > 0:
+            # The ring: each thread copies exactly the words it later reads back in LW, so a
+            # step needs only its own thread's cp.async group complete. The first STAGES
+            # steps are requested now (w_ptrs then points at step STAGES); steps past the
+            # slice are not copied (their groups are empty).
+            SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
+                                                         order=[2, 1, 0])
+            ring = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 4, VEC], SMEM)
+            for st in gl.static_range(STAGES):
+                if st * BK < K_SLICE:
+                    async_copy.async_copy_global_to_shared(ring.index(st), w_ptrs)
+                async_copy.commit_group()
+                w_ptrs += BK // KPW
         # With PDL the loads above (frozen weights and scales: no kernel writes them) are in
         # flight while the previous kernel finishes; x, the workspace and the counters are
         # touched only after the wait.
@@ -413,7 +433,22 @@ if HAS_GLUON:
             else:
                 cur_x = gl.load(x_ptrs)
                 x_ptrs += BK
-            if DEPTH == 0:
+            if STAGES > 0:
+                slot = (kk // BK) % STAGES
+                async_copy.wait_group(STAGES - 1)  # this step's group (the oldest) is done
+                cur_w = ring.index(slot).load(LW)
+                if DEPTH == 0:
+                    cur_s = gl.load(s_ptrs + (k_lo + kk) // GROUP)
+                else:
+                    cur_s = s0
+                    adv = gl.where(kk + DEPTH * BK < K_SLICE, BK, 0)
+                    kn += adv
+                    if DEPTH >= 2:
+                        s0 = s1
+                        s1 = gl.load(s_ptrs + kn // GROUP)
+                    else:
+                        s0 = gl.load(s_ptrs + kn // GROUP)
+            elif DEPTH == 0:
                 cur_w = gl.load(w_ptrs)
                 cur_s = gl.load(s_ptrs + (k_lo + kk) // GROUP)
                 w_ptrs += BK // KPW
@@ -443,6 +478,13 @@ if HAS_GLUON:
                     xb = _to_b(cur_x, B, NP, BK, VEC)
                 part = mma_v2(a, xb, zero)
                 acc = acc + part * gl.expand_dims(cur_s.to(gl.float32), 1)
+            if STAGES > 0:  # refill the slot just read with step kk / BK + STAGES
+                if kk + STAGES * BK < K_SLICE:
+                    async_copy.async_copy_global_to_shared(ring.index(slot), w_ptrs)
+                async_copy.commit_group()
+                w_ptrs += BK // KPW
+        if STAGES > 0:
+            async_copy.wait_group(0)  # (no copy may land in shared memory after the exit)
         if FMT == 3:
             acc = acc * (gl.load(gs_ptr) * 512.0)
 
@@ -534,7 +576,7 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         scale.stride(0), y.stride(0), k // cfg.split // kpw, cfg.split,
         FMT=FMT_IDS[fmt], GROUP=group, VEC=vec, KPW=kpw, BN=cfg.block_n,
         EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma,
-        A=a, B=b, LW=lw, LX=lx, LS=ls, num_warps=cfg.warps,
+        A=a, B=b, LW=lw, LX=lx, LS=ls, STAGES=cfg.stages, num_warps=cfg.warps,
         **(pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl) if USE_PDL else {}))
     return y
 

@@ -312,6 +312,12 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
            dataclasses.replace(pick, row_tiles=3 - pick.row_tiles)]
     out += [dataclasses.replace(pick, split=s_) for s_ in (pick.split // 2, pick.split * 2)
             if s_ in splits]
+    # the cp.async shared-memory ring (MmaConfig.stages) at the pick's split and at longer
+    # slices: up to the slice's steps in flight per program, not held in registers
+    for sp in sorted({pick.split, max(1, pick.split // 2), max(1, pick.split // 4)}):
+        depth = steps // sp
+        out += [dataclasses.replace(pick, split=sp, stages=st) for st in (2, 4, 8)
+                if st <= depth and sp in splits + [1]]
     # (rows int4-mma-pdl) the pick and its two-steps-ahead form with programmatic dependent
     # launch between the graphed calls: what an engine step's decode chain gets
     out += [dataclasses.replace(pick, pdl=True),

@@ -50,7 +50,7 @@ def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
     consts = {"FMT": FMT_IDS[fmt], "GROUP": group, "VEC": vec, "KPW": kpw,
               "BN": cfg.block_n, "EVEN_N": even_n, "DEPTH": cfg.prefetch,
               "XPRE": cfg.x_prefetch, "NP": np_, "MMA": mma, "A": a, "B": b, "LW": lw,
-              "LX": lx, "LS": ls, "PDL": cfg.pdl}
+              "LX": lx, "LS": ls, "PDL": cfg.pdl, "STAGES": cfg.stages}
     types = dict(TYPES, s_ptr=SCALE_TYPES.get(fmt, "*bf16"))
     return compile_sm90(_int4_mma_kernel, consts, types, cfg.warps, 1, DIVISIBLE)
 
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--x-prefetch", type=int, choices=(0, 1))
     ap.add_argument("--split", type=int)
     ap.add_argument("--pdl", type=int, choices=(0, 1), help="compile the PDL form")
+    ap.add_argument("--stages", type=int, help="cp.async shared-memory ring depth (0: none)")
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args(argv)
     k_in, n_out = (int(v) for v in args.shape.split("x"))
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         ("prefetch", args.prefetch),
                                                         ("x_prefetch", args.x_prefetch),
                                                         ("split", args.split),
+                                                        ("stages", args.stages),
                                                         ("pdl", None if args.pdl is None
                                                          else bool(args.pdl)))
                                 if v is not None})

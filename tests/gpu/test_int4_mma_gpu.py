@@ -58,6 +58,11 @@ def test_int4_mma_default_config(m: int, k: int, n: int) -> None:
     {"split": 1, "prefetch": 0}, {"split": 1, "prefetch": 1}, {"split": 4, "prefetch": 2},
     {"split": 8, "prefetch": 0, "x_prefetch": True}, {"split": 2, "row_tiles": 2},
     {"split": 16, "row_tiles": 2, "prefetch": 2, "x_prefetch": True},
+    # the cp.async ring: deeper than the slice (2 steps), as deep, shallower, no scale
+    # prefetch, two row tiles
+    {"split": 8, "stages": 4}, {"split": 4, "stages": 4}, {"split": 1, "stages": 3},
+    {"split": 2, "stages": 2, "prefetch": 0}, {"split": 2, "stages": 4, "prefetch": 2,
+                                                "row_tiles": 2, "x_prefetch": True},
 ])
 @pytest.mark.parametrize("m", [2, 16])
 def test_int4_mma_configs(cfg: dict, m: int) -> None:
@@ -75,7 +80,8 @@ def test_nvfp4_default_config(m: int, k: int, n: int) -> None:
 
 
 @pytest.mark.parametrize("cfg", [{"split": 1, "prefetch": 0}, {"split": 4, "prefetch": 2},
-                                 {"split": 2, "row_tiles": 2, "x_prefetch": True}])
+                                 {"split": 2, "row_tiles": 2, "x_prefetch": True},
+                                 {"split": 2, "stages": 3}])
 def test_nvfp4_configs(cfg: dict) -> None:
     from orbit.kernels.int4_mma import MmaConfig
 
@@ -108,7 +114,7 @@ def test_fp8_default_config(m: int, k: int, n: int) -> None:
 
 @pytest.mark.parametrize("cfg", [{"split": 1, "prefetch": 0}, {"split": 4, "prefetch": 2},
                                  {"split": 2, "row_tiles": 2, "x_prefetch": True},
-                                 {"split": 8, "warps": 2}])
+                                 {"split": 8, "warps": 2}, {"split": 2, "stages": 4}])
 def test_fp8_configs(cfg: dict) -> None:
     from orbit.kernels.int4_mma import MmaConfig
 
