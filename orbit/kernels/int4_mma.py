@@ -577,7 +577,9 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         FMT=FMT_IDS[fmt], GROUP=group, VEC=vec, KPW=kpw, BN=cfg.block_n,
         EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma,
         A=a, B=b, LW=lw, LX=lx, LS=ls, STAGES=cfg.stages, num_warps=cfg.warps,
-        **(pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl) if USE_PDL else {}))
+        # (USE_PDL off keeps the engine's launches plain; a config's forced PDL still holds)
+        **(pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl)
+           if USE_PDL or cfg.pdl else {}))
     return y
 
 
