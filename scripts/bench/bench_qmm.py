@@ -293,12 +293,13 @@ REGFED_MAXNREG = (96, 80, 64)  # 5, 6, 8 programs of 128 threads per SM
 # --gemv-mma (session 21): the Gluon INT4 / NVFP4 mma.sync kernel (orbit/kernels/int4_mma.py)
 # (rows named int4-mma for both formats) at its
 # own pick, at half and twice the pick's split, with the other row tiling, prefetch depth and
-# x prefetch; --gemv-mma-sweep: MMA_SWEEP (4 warps: 8 measured the same) at every split.
+# x prefetch; --gemv-mma-sweep: MMA_SWEEP (4 warps: 8 measured the same) at every split;
+# --gemv-mma-stages: the pick with and without PDL and the shared-memory ring forms alone.
 def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
-             fmt: str = "int4") -> list:
+             fmt: str = "int4", stages_only: bool = False) -> list:
     """The int4_mma configs --gemv-mma times at one shape and M: the pick first, then (sweep)
     every (warps, row tiles, prefetch depth) of MMA_SWEEP at every split the K steps allow,
-    or a few neighbours of the pick."""
+    or a few neighbours of the pick (stages_only: the ring forms)."""
     from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
     pick = pick_config(m, k, n, group, sms, fmt)
@@ -307,11 +308,13 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     if sweep:
         return [pick] + [MmaConfig(w, rt, s_, d, xp) for w, rt, d, xp in MMA_SWEEP
                          for s_ in splits if MmaConfig(w, rt, s_, d, xp) != pick]
-    out = [pick, dataclasses.replace(pick, prefetch=2 if pick.prefetch < 2 else 1),
-           dataclasses.replace(pick, x_prefetch=not pick.x_prefetch),
-           dataclasses.replace(pick, row_tiles=3 - pick.row_tiles)]
-    out += [dataclasses.replace(pick, split=s_) for s_ in (pick.split // 2, pick.split * 2)
-            if s_ in splits]
+    out = [pick]
+    if not stages_only:
+        out += [dataclasses.replace(pick, prefetch=2 if pick.prefetch < 2 else 1),
+                dataclasses.replace(pick, x_prefetch=not pick.x_prefetch),
+                dataclasses.replace(pick, row_tiles=3 - pick.row_tiles)]
+        out += [dataclasses.replace(pick, split=s_) for s_ in (pick.split // 2, pick.split * 2)
+                if s_ in splits]
     # the cp.async shared-memory ring (MmaConfig.stages) at the pick's split and at longer
     # slices: up to the slice's steps in flight per program, not held in registers
     for sp in sorted({pick.split, max(1, pick.split // 2), max(1, pick.split // 4)}):
@@ -320,8 +323,9 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
                 if st <= depth and sp in splits + [1]]
     # (rows int4-mma-pdl) the pick and its two-steps-ahead form with programmatic dependent
     # launch between the graphed calls: what an engine step's decode chain gets
-    out += [dataclasses.replace(pick, pdl=True),
-            dataclasses.replace(pick, pdl=True, prefetch=2 if pick.prefetch < 2 else 1)]
+    out += [dataclasses.replace(pick, pdl=True)]
+    if not stages_only:
+        out += [dataclasses.replace(pick, pdl=True, prefetch=2 if pick.prefetch < 2 else 1)]
     return out
 
 
@@ -399,7 +403,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 swap: bool = False, formats: tuple = ("int4", "fp8", "nvfp4"),
                 decodes: bool = False, pairs: bool = False, regfed: bool = False,
                 paths: tuple[str, ...] = ("*",), mma: bool = False,
-                mma_sweep: bool = False) -> list[dict]:
+                mma_sweep: bool = False, mma_stages: bool = False) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run; only the
     paths whose names match one of the `paths` patterns (fnmatch: "gemv", "gemv-pdl*") are
     timed (cuBLAS always is: it is every row's baseline)."""
@@ -482,7 +486,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     if mma_operands_ok(x, qw0):
                         plan += [("int4-mma-pdl" if c.pdl else "int4-mma", c) for c in mma_alts(
                             m, n, k, weight_operands(qw0)[2], num_sms(x.device), mma_sweep,
-                            fmt)]
+                            fmt, mma_stages)]
                 if alts and fmt in ("int4", "nvfp4", "mxfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1=_alt_e2m1(eb, auto.e2m1),
@@ -648,6 +652,9 @@ def main() -> None:
                          "config checked against the fp64 reference before it is timed")
     ap.add_argument("--gemv-mma-sweep", action="store_true",
                     help="with --gemv-mma: every MMA_SWEEP config at every split")
+    ap.add_argument("--gemv-mma-stages", action="store_true",
+                    help="with --gemv-mma: only the pick (with and without PDL) and its "
+                         "shared-memory ring forms (MmaConfig.stages)")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")
@@ -697,7 +704,7 @@ def main() -> None:
                                   tuple(args.gemv_formats.split(",")), args.gemv_decodes,
                                   args.gemv_pairs, args.gemv_regfed,
                                   tuple(args.gemv_paths.split(",")), args.gemv_mma,
-                                  args.gemv_mma_sweep)
+                                  args.gemv_mma_sweep, args.gemv_mma_stages)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")
