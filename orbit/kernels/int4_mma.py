@@ -59,6 +59,9 @@ try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kern
 
     # the CTA-wide barrier's name: thread_barrier in Triton 3.5-3.6, barrier from 3.7 on
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    # cp.async global -> shared: async_copy_global_to_shared in Triton 3.5-3.6, async_load
+    # from 3.7 on (the old name then raises)
+    _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     HAS_GLUON = HAS_TRITON
 except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton build
     HAS_GLUON = False
@@ -416,7 +419,7 @@ if HAS_GLUON:
             ring = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 4, VEC], SMEM)
             for st in gl.static_range(STAGES):
                 if st * BK < K_SLICE:
-                    async_copy.async_copy_global_to_shared(ring.index(st), w_ptrs)
+                    _async_load(ring.index(st), w_ptrs)
                 async_copy.commit_group()
                 w_ptrs += BK // KPW
         # With PDL the loads above (frozen weights and scales: no kernel writes them) are in
@@ -480,7 +483,7 @@ if HAS_GLUON:
                 acc = acc + part * gl.expand_dims(cur_s.to(gl.float32), 1)
             if STAGES > 0:  # refill the slot just read with step kk / BK + STAGES
                 if kk + STAGES * BK < K_SLICE:
-                    async_copy.async_copy_global_to_shared(ring.index(slot), w_ptrs)
+                    _async_load(ring.index(slot), w_ptrs)
                 async_copy.commit_group()
                 w_ptrs += BK // KPW
         if STAGES > 0:

@@ -117,6 +117,33 @@ def test_sm90_compile_pdl_loads_weights_before_the_wait(fmt: str, group: int) ->
     assert tool.loop_budget(sass, key="HMMA")[0] == tool.loop_budget(plain, key="HMMA")[0]
 
 
+@pytest.mark.parametrize("fmt,group,m", [("int4", 128, 4), ("int4", 128, 16), ("nvfp4", 16, 4)])
+def test_sm90_compile_ring_streams_words_through_shared_memory(fmt: str, group: int,
+                                                               m: int) -> None:
+    """The cp.async ring (MmaConfig.stages): the K loop issues one 16-byte LDGSTS per 16-row
+    tile and reads its words back with 16-byte LDS (no word LDG left in it), the shared
+    allocation is the ring, and the decode is the register form's instruction for
+    instruction."""
+    import dataclasses
+
+    tool = _tool()
+    cfg = pick_config(m, 4096, 12288, group, 132, fmt)
+    plain = tool.disassemble(tool.compile_mma(cfg, m, group, fmt=fmt).asm["cubin"])
+    ring_cfg = dataclasses.replace(cfg, stages=4)
+    kernel = tool.compile_mma(ring_cfg, m, group, fmt=fmt)
+    sass = tool.disassemble(kernel.asm["cubin"])
+    _, ops, _ = tool.loop_budget(sass, key="HMMA")
+    _, plain_ops, _ = tool.loop_budget(plain, key="HMMA")
+    tiles = 2 * cfg.row_tiles  # a warp's 16-row tile is two 8-row halves per thread
+    assert ops["LDGSTS"] == tiles and "LDGSTS.E.BYPASS.128" in sass
+    assert ops["LDG"] == plain_ops["LDG"] - tiles  # only x and the scales stay LDG
+    assert kernel.metadata.shared >= 4 * cfg.block_n * 64  # 4 steps of 64 bytes per row
+    for op in ("HMMA", "HFMA2", "HMUL2"):
+        assert ops[op] == plain_ops[op]
+    assert ops["LOP3"] <= plain_ops["LOP3"] + 2  # (the ring slot's index)
+    assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
+
+
 @pytest.mark.parametrize("m", [4, 16])
 def test_sm90_compile_nvfp4(m: int) -> None:
     """The NVFP4 form: the scale tile joins into the word layout and the E2M1 pairs into the
