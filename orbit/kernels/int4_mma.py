@@ -79,6 +79,9 @@ MIN_SLICE_K = 512
 # +13% at 1-16. The kernel alone is not faster (its grid fills the GPU); what it keeps is the
 # programmatic edges of the norm / rope / attention launches around it.
 USE_PDL = True
+# pick_config's cp.async ring depth (MmaConfig.stages; 0: the register prefetch), clamped to
+# the steps of the slice. Not yet measured on a GPU: 0 until it is (docs/kernels.md).
+RING_STAGES = 0
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
     while (split * 2 <= min(FIXUP_MAX_SPLIT, steps // 2) and steps % (split * 2) == 0
            and tiles * split * 2 * rt <= 6 * sms and k // (split * 2) >= MIN_SLICE_K):
         split *= 2
-    return dataclasses.replace(cfg, split=split)
+    return dataclasses.replace(cfg, split=split, stages=min(RING_STAGES, steps // split))
 
 
 if HAS_GLUON:

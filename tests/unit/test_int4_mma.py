@@ -28,6 +28,17 @@ def test_pick_reproduces_the_sweep(key: tuple[int, int, int]) -> None:
     assert cfg.warps == 4 and cfg.prefetch == 1 and cfg.x_prefetch == (m > 8)
 
 
+def test_pick_ring_depth_is_clamped_to_the_slice(monkeypatch) -> None:
+    from orbit.kernels import int4_mma
+
+    assert pick_config(4, 4096, 12288, 128, 132).stages == 0  # the shipped default
+    monkeypatch.setattr(int4_mma, "RING_STAGES", 6)
+    deep = pick_config(4, 4096, 12288, 128, 132)  # split 4: 8 steps of 128 per slice
+    shallow = pick_config(4, 2048, 6144, 128, 132)  # split 4: 4 steps
+    assert (deep.split, deep.stages) == (4, 6)
+    assert (shallow.split, shallow.stages) == (4, 4)
+
+
 def test_pick_keeps_whole_steps_per_slice() -> None:
     for k in (576, 1536, 2048, 4096, 6144, 8192):
         for group in (64, 128, 256):
