@@ -17,7 +17,12 @@ from torch import Tensor, nn
 
 from orbit.adapters.lora import base_device, base_features
 from orbit.adapters.slots import SlottedAdapter
-from orbit.kernels.oft_rotate import oft_rotate
+from orbit.kernels.oft_rotate import (
+    SplitRotation,
+    oft_rotate,
+    oft_rotate_frozen,
+    split_rotation,
+)
 
 
 def skew_index(b: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -73,6 +78,11 @@ def cayley(q: Tensor, use_neumann: bool = True, num_terms: int = 5) -> Tensor:
     return p
 
 
+# Without autograd, rotate with the cached kernel split of R (one launch per linear); False:
+# the autograd path's split at every call (a benchmark's same-run baseline).
+FROZEN_SPLIT = True
+
+
 class OFTLinear(SlottedAdapter):
     """Orthogonal block rotation of a frozen linear's input; `active_slot=None` is `base(x)`."""
 
@@ -114,9 +124,11 @@ class OFTLinear(SlottedAdapter):
         device = base_device(base) if device is None else torch.device(device)
         q = torch.zeros(n_rot, n_el, dtype=dtype, device=device)
         self._init_slots({"oft_R": q})
-        # Inference-time cache of R: (slot, data_ptr, slot_version, R). Valid while the slot is
-        # not written: an optimizer step, a stage or a write into the flat buffer invalidates it.
-        self._rot_cache: tuple[int, int, tuple[int, int], Tensor] | None = None
+        # Inference-time cache of R: (slot, data_ptr, slot_version, R, R's kernel splits by x
+        # dtype). Valid while the slot is not written: an optimizer step, a stage or a write
+        # into the flat buffer invalidates it.
+        self._rot_cache: tuple[int, int, tuple[int, int], Tensor,
+                               dict[torch.dtype, SplitRotation]] | None = None
         self._skew_index: tuple[Tensor, Tensor] | None = None
         # R of slot 0 built for all OFT modules at once by `build_step_rotations` at the start
         # of a grad-enabled forward: (oft_R version, data_ptr, R with its autograd graph).
@@ -152,8 +164,17 @@ class OFTLinear(SlottedAdapter):
         key = (slot, t.data_ptr(), self.slot_version(slot, "oft_R"))
         if self._rot_cache is None or self._rot_cache[:3] != key:
             with torch.no_grad():
-                self._rot_cache = (*key, self.rotation(slot))
+                self._rot_cache = (*key, self.rotation(slot), {})
         return self._rot_cache[3]
+
+    def _frozen_split(self, slot: int, dtype: torch.dtype) -> SplitRotation:
+        """The cached R of `slot` split for x of `dtype` (made once per adapter version: the
+        decode steps then run one kernel per linear, not five)."""
+        rot = self._cached_rotation(slot)
+        splits = self._rot_cache[4]
+        if dtype not in splits:
+            splits[dtype] = split_rotation(rot, dtype)
+        return splits[dtype]
 
     def graph_key(self) -> tuple:
         """What a captured CUDA graph depends on (see rollout/engine.py): the active slot and
@@ -165,8 +186,13 @@ class OFTLinear(SlottedAdapter):
     def forward(self, x: Tensor) -> Tensor:
         if self.active_slot is None:
             return self.base(x)
-        rot = self._cached_rotation(self.active_slot)  # [n or 1, b, b]
-        return self.base(oft_rotate(x, rot))
+        slot = self.active_slot
+        if not FROZEN_SPLIT or torch.is_grad_enabled() and (
+                x.requires_grad or self.slot_tensor(slot, "oft_R").requires_grad):
+            rot = self._cached_rotation(slot)  # [n or 1, b, b]
+            return self.base(oft_rotate(x, rot))
+        # no autograd here (rollout, evaluation): R and its kernel split come from the cache
+        return self.base(oft_rotate_frozen(x, self._frozen_split(slot, x.dtype)))
 
     def block_diag(self, slot: int = 0) -> Tensor:
         """The full [in, in] rotation in float32 (for merging and tests only)."""

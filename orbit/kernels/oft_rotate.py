@@ -8,14 +8,23 @@ block's b x b matrix with fp32 accumulation; the torch reference is an einsum ov
 x's dtype (two tensor-core dots), since a bf16-rounded R is off-orthogonal by ~4e-3.
 Backward: dx = dy @ blockdiag(R^T) (same kernel on the transposed blocks), dR[j] = x_j^T dy_j
 (a batched GEMM in torch).
+
+Inference (the rollout engine's decode steps): `split_rotation` makes the hi + lo halves once
+per adapter version (OFTLinear caches them) and `oft_rotate_frozen` is then one launch per
+linear, with programmatic dependent launch inside the engine's `pdl_scope`. Splitting R at
+every call costs four elementwise launches per linear, and a launch without PDL cuts the
+programmatic edges of the GEMVs around it (orbit/kernels/pdl.py).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from orbit.kernels.pdl import pdl_enter, pdl_launch
 
 try:  # Triton is optional: without it (CPU wheels) the reference runs.
     import triton
@@ -24,6 +33,9 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
 MAX_TRITON_BLOCK = 128
+# Launch inside the engine's pdl_scope with programmatic dependent launch (False: plain
+# launches everywhere, a benchmark's same-run baseline).
+USE_PDL = True
 
 
 def _check(x: Tensor, rot: Tensor) -> tuple[int, int, int]:
@@ -58,7 +70,9 @@ if triton is not None:
         x_ptr, rhi_ptr, rlo_ptr, y_ptr, M, stride_xm, stride_ym,
         B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
         SHARED: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_enter(PDL)
         pid_m = tl.program_id(0)
         blk = tl.program_id(1)
         # int64 rows: M * stride can pass 2^31 for long packed batches at MLP widths
@@ -95,19 +109,38 @@ if triton is not None:
                  acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & kmask[None, :])
 
 
-def _launch(x2d: Tensor, rot: Tensor, out: Tensor | None = None) -> Tensor:
-    """x2d [M, n*b] with unit column stride, rot [n or 1, b, b] (any float dtype); writes
-    `out` (same shape/dtype as x2d, unit column stride) when given."""
-    n, b, n_rot = _check(x2d, rot)
+@dataclass(frozen=True)
+class SplitRotation:
+    """R [n or 1, b, b] as the kernel takes it for x of `dtype`: `hi` + `lo` in a 16-bit
+    dtype (R to ~16 mantissa bits on the tensor cores: a bf16-rounded R is off-orthogonal by
+    ~4e-3), or hi = lo = R in float32 (one dot); `rot` is R in float32 (the reference's)."""
+
+    rot: Tensor
+    hi: Tensor
+    lo: Tensor
+    dtype: torch.dtype
+
+
+def split_rotation(rot: Tensor, dtype: torch.dtype) -> SplitRotation:
+    """`rot` [n or 1, b, b] (any float dtype) ready for x of `dtype` (no autograd)."""
+    rot = rot.detach().float().contiguous()
+    if dtype == torch.float32:
+        return SplitRotation(rot, rot, rot, dtype)
+    hi = rot.to(dtype)
+    return SplitRotation(rot, hi, (rot - hi.float()).to(dtype), dtype)
+
+
+def _launch(x2d: Tensor, rot: Tensor | SplitRotation, out: Tensor | None = None) -> Tensor:
+    """x2d [M, n*b] with unit column stride, rot [n or 1, b, b] (any float dtype) or its
+    `split_rotation` for x2d's dtype; writes `out` (same shape/dtype as x2d, unit column
+    stride) when given."""
+    sr = rot if isinstance(rot, SplitRotation) else split_rotation(rot, x2d.dtype)
+    if sr.dtype != x2d.dtype:
+        raise ValueError(f"oft_rotate: rotation split for {sr.dtype}, x is {x2d.dtype}")
+    n, b, n_rot = _check(x2d, sr.rot)
     assert x2d.dim() == 2 and x2d.stride(1) == 1, (x2d.shape, x2d.stride())
-    rot = rot.float().contiguous()
     split = x2d.dtype != torch.float32
-    if split:
-        # 16-bit x: R = hi + lo in x's dtype keeps ~16 mantissa bits of R on tensor cores.
-        r_hi = rot.to(x2d.dtype)
-        r_lo = (rot - r_hi.float()).to(x2d.dtype)
-    else:
-        r_hi = r_lo = rot
+    r_hi, r_lo = sr.hi, sr.lo
     upcast = os.environ.get("TRITON_INTERPRET", "0") == "1"
     M = x2d.shape[0]
     if out is None:
@@ -122,17 +155,18 @@ def _launch(x2d: Tensor, rot: Tensor, out: Tensor | None = None) -> Tensor:
     _oft_rotate_kernel[grid](
         x2d, r_hi, r_lo, y, M, x2d.stride(0), y.stride(0),
         B=b, BLOCK_B=block_b, BLOCK_M=block_m, SHARED=(n_rot == 1), SPLIT=split,
-        UPCAST=upcast, IEEE=upcast or not split,
+        UPCAST=upcast, IEEE=upcast or not split, **(pdl_launch(x2d.device, grid[0] * grid[1]) if USE_PDL else {}),
     )
     return y
 
 
-def oft_rotate_triton(x: Tensor, rot: Tensor, out: Tensor | None = None) -> Tensor:
-    """Forward-only Triton path (no autograd); same contract as the reference. `out` (2-D
-    [M, n*b]) lets tests poison the destination first."""
+def oft_rotate_triton(x: Tensor, rot: Tensor | SplitRotation,
+                      out: Tensor | None = None) -> Tensor:
+    """Forward-only Triton path (no autograd); same contract as the reference (`rot` may be
+    its `split_rotation`). `out` (2-D [M, n*b]) lets tests poison the destination first."""
     if triton is None:
         raise RuntimeError("oft_rotate_triton needs triton")
-    _check(x, rot)
+    _check(x, rot.rot if isinstance(rot, SplitRotation) else rot)
     x2d = x.reshape(-1, x.shape[-1])  # [M, n*b]
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
@@ -170,6 +204,15 @@ def triton_usable(x: Tensor, rot: Tensor) -> bool:
         and rot.shape[-1] <= MAX_TRITON_BLOCK
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
     )
+
+
+def oft_rotate_frozen(x: Tensor, sr: SplitRotation) -> Tensor:
+    """x [..., n*b] @ blockdiag(R) for a `split_rotation` of x's dtype, no autograd (the
+    engine's decode steps): the Triton kernel where `oft_rotate` would take it (one launch),
+    else the reference."""
+    if triton_usable(x, sr.rot):
+        return oft_rotate_triton(x, sr)
+    return oft_rotate_reference(x, sr.rot)
 
 
 def oft_rotate(x: Tensor, rot: Tensor) -> Tensor:

@@ -132,3 +132,34 @@ def test_stage_on_side_stream(kind):
         aset.set_active(0)
         assert torch.equal(served, model(x)), step
         assert torch.equal(aset.flat(0), aset.flat(1))
+
+
+@pytest.mark.parametrize("b,m", [(32, 1), (32, 64), (64, 7)])
+def test_pdl_chain_of_frozen_rotations_matches_plain_launches(b: int, m: int) -> None:
+    """The rollout path (`oft_rotate_frozen`, R split once) inside `pdl_scope(True)`: a chain
+    of rotations, each reading the previous output, eager and replayed from a CUDA graph,
+    gives the bits of plain launches, and the per-call split's."""
+    from orbit.kernels import pdl as pdl_mod
+    from orbit.kernels.oft_rotate import oft_rotate_frozen, split_rotation
+
+    if not pdl_mod.pdl_available(torch.device("cuda")):
+        pytest.skip("PDL needs sm_90+ and Triton with griddepcontrol")
+    k = 2048
+    rots = [_rot(k // b, b, seed=40 + i) for i in range(4)]
+    splits = [split_rotation(r, torch.bfloat16) for r in rots]
+    x0 = torch.randn(m, k, device="cuda").bfloat16()
+
+    def chain(pdl: bool) -> torch.Tensor:
+        y = x0
+        with pdl_mod.pdl_scope(pdl):
+            for sr in splits:
+                y = oft_rotate_frozen(y, sr)
+        return y
+
+    from pdl_chain import assert_pdl_chain_matches_plain
+
+    plain = assert_pdl_chain_matches_plain(chain)
+    y = x0
+    for r in rots:
+        y = oft_rotate_triton(y, r)
+    assert torch.equal(plain, y)

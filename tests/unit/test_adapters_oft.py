@@ -99,7 +99,8 @@ def test_triton_kernel_under_interpreter():
     pytest.importorskip("triton")
     script = r"""
 import torch
-from orbit.kernels.oft_rotate import _OFTRotate, oft_rotate_reference, oft_rotate_triton
+from orbit.kernels.oft_rotate import (_OFTRotate, oft_rotate_reference, oft_rotate_triton,
+                                     split_rotation)
 torch.manual_seed(0)
 for M, n, b, share, dt in [(5, 3, 16, False, torch.float32), (70, 2, 32, True, torch.float32),
                           (33, 4, 8, False, torch.bfloat16), (9, 2, 20, False, torch.float16),
@@ -112,6 +113,14 @@ for M, n, b, share, dt in [(5, 3, 16, False, torch.float32), (70, 2, 32, True, t
     err = ((y.double() - ref).norm() / ref.norm()).item()
     tol = 1e-6 if dt == torch.float32 else 4e-3
     assert err < tol, (M, n, b, share, dt, err)
+    # the split made once (what OFTLinear caches for rollout) gives the per-call bits
+    sr = split_rotation(rot, dt)
+    assert torch.equal(oft_rotate_triton(x, sr), y), (M, n, b, share, dt)
+try:
+    oft_rotate_triton(x, split_rotation(rot, torch.float32))
+    raise AssertionError("a split for another dtype was accepted")
+except ValueError as e:
+    assert "split for" in str(e)
 # autograd through the kernel (forward + transposed-block backward) vs the reference
 x = torch.randn(6, 64, dtype=torch.float32, requires_grad=True)
 rot = torch.randn(2, 32, 32, requires_grad=True)
@@ -134,3 +143,32 @@ print("ok")
         check=False,
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_inference_forward_splits_r_once_per_adapter_version(monkeypatch):
+    """Without autograd (rollout) OFTLinear rotates with the kernel split of R it cached: made
+    once per slot version and x dtype, remade after a write, and the output is the
+    autograd path's bit for bit."""
+    import orbit.adapters.oft as oft_mod
+
+    calls = []
+    real = oft_mod.split_rotation
+    monkeypatch.setattr(oft_mod, "split_rotation",
+                        lambda rot, dtype: calls.append(dtype) or real(rot, dtype))
+    torch.manual_seed(3)
+    m = OFTLinear(nn.Linear(64, 24), block_size=16, dtype=torch.float32)
+    with torch.no_grad():
+        m.oft_R.normal_(0, 0.1)
+    m.active_slot = 0
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y1, y2 = m(x), m(x)
+    assert calls == [torch.float32] and torch.equal(y1, y2)
+    xg = x.clone().requires_grad_(True)
+    assert torch.equal(m(xg), y1)  # the autograd path: same rotation, same bits
+    assert calls == [torch.float32]
+    with torch.no_grad():
+        m.oft_R.add_(0.05)
+        m.slots_written()
+        y3 = m(x)
+    assert calls == [torch.float32] * 2 and not torch.equal(y3, y1)
