@@ -254,7 +254,8 @@ OFT_BLOCK = 32
 def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, device: str,
                  plen: int, fuse: str, okw: dict, fmt: str = "int4",
                  batches: tuple[int, ...] = (1, 16, 64, 256),
-                 knobs: tuple[str | None, ...] = (None,)) -> None:
+                 knobs: tuple[str | None, ...] = (None,),
+                 kinds: tuple[str, ...] = ("lora", "oft")) -> None:
     """Section 4 (see the module docstring): the base alone, LoRA with the plain forward, LoRA
     with the decode groups, and OFT (block 32; its per-input rotation leaves the base sibling
     groups off), each adapter served from slot 1, on a `fmt` base; every variant once per
@@ -271,7 +272,7 @@ def lora_section(rows: list[dict], shape: str, small: bool, dtype: torch.dtype, 
     # (gemv_chain.CHAIN_LORA, off by default until measured)
     fuses = {"on": ["fold"], "off": ["plain"],
              "both": ["plain", "groups", "fold-store", "fold", "fold-chain"]}[fuse]
-    for kind in ("lora", "oft"):
+    for kind in kinds:
         model = _format_model(shape, fmt, dtype, device)
         cfg = AdapterConfig(kind=kind, r=LORA_RANK, alpha=2.0 * LORA_RANK, block_size=OFT_BLOCK)
         aset = inject_adapters(model, cfg)
@@ -385,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                          "with --qmm-routes' table, same run")
     ap.add_argument("--lora-format", default="int4", choices=("int4", "fp8", "nvfp4"),
                     help="lora section: the base's format")
+    ap.add_argument("--adapter-kinds", default="lora,oft",
+                    help="lora section: these adapters (lora: the base alone too; oft)")
     ap.add_argument("--formats", default="",
                     help="roofline/formats: only these bases, comma-separated (bf16, bf16-ql, "
                          "int4, fp8, nvfp4; default all)")
@@ -556,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     if "lora" in sections:
         _attempt(rows, {"section": "lora", "stage": "all"}, lora_section, rows, qshape, small,
                  dtype, device, plen, args.fuse_lora, okw, args.lora_format,
-                 tuple(int(b) for b in args.batches.split(",")), tuple(knob_values(args.knob)))
+                 tuple(int(b) for b in args.batches.split(",")), tuple(knob_values(args.knob)),
+                 tuple(args.adapter_kinds.split(",")))
 
     out = {"meta": meta, "rows": rows}
     if args.out:
