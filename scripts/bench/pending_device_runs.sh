@@ -1,34 +1,26 @@
 #!/usr/bin/env bash
 # The measurements queued for the next device calls (docs/benchmarks.md), in priority order,
 # each call within the device tool's 600 s, from the repository root:
-#     bash scripts/bench/pending_device_runs.sh a     (then b, c, d)
-# a: session 25's change, measured once (NVFP4 b64/256, INT4 b256: +23-29%) but its GPU tests
-#    not passed: LoRA decode groups serve any row count (the expand-add in 64-row blocks). The
-#    kernel test rewritten against exact sums (its 100-row case failed against cuBLAS by 6e-4)
-#    and the engine test (fused vs plain log-probs, prefill chunks of 120-260 rows now in the
-#    groups) have not run on a GPU; then the adapter-on engine against the old cap
-#    (orbit.adapters.lora_decode.MAX_ROWS = the format's dequantize threshold - 1) for the
-#    rows not yet measured (INT4 b64, NVFP4 b32, FP8 b128/256).
-# b: quantized sibling groups at dequantize + cuBLAS rows (orbit.quant.linear.
-#    SIBLING_FROM_DEQUANT, shipped on without a GPU measurement): the engine at rollout batches
-#    with it off and on, adapter off and LoRA, INT4 and NVFP4; turn it off if it loses.
-# c, d: the route tuner at rollout row counts (INT4 64-256, NVFP4 32-256; member and stacked
-#    sibling shapes): whether a tl.dot tile
-#    beats dequantize + cuBLAS there (it would also let the LoRA delta fold into the base
-#    launch). routes.json comes back in $OUT; merge into orbit/kernels/tuned/ by hand
-#    (`tune-qmm --update` semantics: per format, shape and M).
+#     bash scripts/bench/pending_device_runs.sh a     (then b, c)
+# a: the H100 route table's rollout-size routes (session 26: tune-qmm INT4 M 64/128/256, NVFP4
+#    M 32/64/256, merged without an engine run): the engine at rollout batches with the table
+#    against the rules (which the old table equalled past 16 rows), and the table's GPU tests;
+#    then the adapter-on engine (LoRA groups, OFT) under the table.
+# b: the adapter-on engine against the old LoRA cap (orbit.adapters.lora_decode.MAX_ROWS = the
+#    format's dequantize threshold - 1) for the rows not yet measured (INT4 b64, NVFP4 b32, FP8
+#    b128/256).
+# c: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
 set -uo pipefail
 case "${1:-a}" in
 a) bash scripts/gpu_run.sh \
-  "cmd:timeout 240 python3 -m pytest tests/gpu/test_lora_decode_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_siblings_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -20" \
-  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --lora-format int4 --fuse-lora on --batches 64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=63,None 2>&1 | grep -vE '^\\{' | grep -v oft | grep 'decode'" \
-  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --lora-format nvfp4 --fuse-lora on --batches 32,64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=31,None 2>&1 | grep -vE '^\\{' | grep -v oft | grep 'decode'" \
-  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --lora-format fp8 --fuse-lora on --batches 128,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=127,None 2>&1 | grep -vE '^\\{' | grep -v oft | grep 'decode'" ;;
+  "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections formats --formats int4,nvfp4 --batches 32,64,128,256 --attn-backend triton --qmm-routes-compare --qmm-routes orbit/kernels/tuned/nvidia_h100_80gb_hbm3.json 2>&1 | grep -v '^{' | grep 'decode'" \
+  "cmd:timeout 80 python3 -m pytest tests/gpu/test_qmm_routes_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
+  "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections lora --lora-format int4 --fuse-lora on --batches 32,64,128 --attn-backend triton 2>&1 | grep -v '^{' | grep 'decode'" ;;
 b) bash scripts/gpu_run.sh \
-  "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections lora --lora-format int4 --fuse-lora on --batches 64,256 --attn-backend triton --knob orbit.quant.linear.SIBLING_FROM_DEQUANT=False,True 2>&1 | grep -vE '^\\{' | grep -v oft | grep 'decode'" \
-  "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections lora --lora-format nvfp4 --fuse-lora on --batches 64,256 --attn-backend triton --knob orbit.quant.linear.SIBLING_FROM_DEQUANT=False,True 2>&1 | grep -vE '^\\{' | grep -v oft | grep 'decode'" ;;
+  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds lora --lora-format int4 --fuse-lora on --batches 64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=63,None 2>&1 | grep -v '^{' | grep 'decode'" \
+  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds lora --lora-format nvfp4 --fuse-lora on --batches 32,64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=31,None 2>&1 | grep -v '^{' | grep 'decode'" \
+  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds lora --lora-format fp8 --fuse-lora on --batches 128,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=127,None 2>&1 | grep -v '^{' | grep 'decode'" ;;
 c) bash scripts/gpu_run.sh \
-  "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats int4 --m 64,128,256 --out \$OUT/routes.json 2>&1 | tail -22" ;;
-d) bash scripts/gpu_run.sh \
-  "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats nvfp4 --m 32,64,256 --out \$OUT/routes.json 2>&1 | tail -22" ;;
+  "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats fp8 --m 64,128,256 --out \$OUT/routes.json 2>&1 | grep -E ' us |routes' | tail -22" ;;
+*) echo "usage: $0 a|b|c" >&2; exit 2 ;;
 esac
