@@ -271,7 +271,13 @@ def lora_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.devic
         return False
     r = route(m, n, k, fmt, False, device, mma_ok=mma_ok)
     # (the swapped dot loop, which only a route table picks, stores y^T: no epilogue there)
-    return r.kind == "gemv" or (r.kind == "dot" and members == 1 and not r.config.swap)
+    # The loop's epilogue only below the rules' dequantize rows: a route table may send
+    # rollout-size rows to the loop (session 26), but the in-loop shrink repeats x A^T in
+    # every column tile, and at 48-64 rows the adapter-on loop cost FP8 ~45% (session 25)
+    # where the decode groups' shrink + expand-add after the base cost 13-17%. So those rows
+    # keep the group launches whatever the base route.
+    return r.kind == "gemv" or (r.kind == "dot" and members == 1 and not r.config.swap
+                                and m < dequant_min_m(fmt))
 
 
 def swiglu_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,

@@ -97,6 +97,14 @@ def test_swapped_tiles_round_trip_and_take_no_epilogue(tmp_path: Path) -> None:
     with ROUTES.scoped(back):  # the swapped loop stores y^T: no LoRA epilogue, the plain one has
         assert not _qgemm.lora_fits(4, 64, 128, "int4", False, CPU)
         assert _qgemm.lora_fits(20, 64, 128, "int4", False, CPU)
+    # a table's loop at the rules' dequantize rows (rollout sizes) takes no LoRA epilogue: the
+    # decode groups add the delta after the base there, as they did on the dequantize route
+    t.add("int4", 64, 128, 256, Route("dot", CFG))
+    with ROUTES.scoped(t):
+        m_dq = _qgemm.dequant_min_m("int4")
+        assert _qgemm.route(m_dq, 64, 128, "int4", False, CPU).kind == "dot"
+        assert _qgemm.lora_fits(m_dq - 1, 64, 128, "int4", False, CPU)
+        assert not _qgemm.lora_fits(m_dq, 64, 128, "int4", False, CPU)
     # the tuner tries swapped tiles up to 64 rows (x rows rounded up to 16..64), split where
     # their tiles leave SMs idle
     for m, bm in ((1, 16), (16, 16), (33, 64)):
