@@ -19,10 +19,13 @@ from orbit.adapters.lora import base_device, base_features
 from orbit.adapters.slots import SlottedAdapter
 from orbit.kernels.oft_rotate import (
     SplitRotation,
+    concat_splits,
     oft_rotate,
     oft_rotate_frozen,
+    oft_rotate_group_frozen,
     split_rotation,
 )
+from orbit.quant.siblings import MemberGroup, sibling_sets
 
 
 def skew_index(b: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -81,6 +84,9 @@ def cayley(q: Tensor, use_neumann: bool = True, num_terms: int = 5) -> Tensor:
 # Without autograd, rotate with the cached kernel split of R (one launch per linear); False:
 # the autograd path's split at every call (a benchmark's same-run baseline).
 FROZEN_SPLIT = True
+# Linked sibling sets (link_oft_groups) rotate in one launch; False: each member alone (a
+# benchmark's same-run baseline, read at every call).
+GROUP_ROTATIONS = True
 
 
 class OFTLinear(SlottedAdapter):
@@ -134,6 +140,9 @@ class OFTLinear(SlottedAdapter):
         # of a grad-enabled forward: (oft_R version, data_ptr, R with its autograd graph).
         # The dict's "live" turns False once backward has gone through the batched R.
         self._step_rot: tuple[tuple[int, int], int, Tensor, dict] | None = None
+        # The OFT linears of this one's sibling set (q/k/v, gate/up), rotated in one launch
+        # without autograd (link_oft_groups); None: alone.
+        self.rotate_group: OFTRotateGroup | None = None
 
     def slots_written(self) -> None:
         self._rot_cache = None
@@ -144,10 +153,17 @@ class OFTLinear(SlottedAdapter):
         in slot 0's oft_R. Computed above bf16 so the rotation stays orthogonal to ~1e-6."""
         vec = self.slot_tensor(slot, "oft_R")
         vec = vec.to(torch.promote_types(vec.dtype, torch.float32))
-        if self._skew_index is None or self._skew_index[0].device != vec.device:
-            self._skew_index = skew_index(self.block_size, vec.device)
-        q = skew_from_vec(vec, self.block_size, self._skew_index)
+        q = skew_from_vec(vec, self.block_size, self.skew_index_on(vec.device))
         return cayley(q, self.use_cayley_neumann, self.num_terms)
+
+    def skew_index_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """skew_index for this block size on `device`, cached. Built outside inference mode
+        even when first asked for by a rollout: an inference tensor cannot be saved for
+        backward, and a later training forward indexes with it."""
+        if self._skew_index is None or self._skew_index[0].device != device:
+            with torch.inference_mode(False):
+                self._skew_index = skew_index(self.block_size, device)
+        return self._skew_index
 
     def _cached_rotation(self, slot: int) -> Tensor:
         t = self.slot_tensor(slot, "oft_R")
@@ -187,8 +203,11 @@ class OFTLinear(SlottedAdapter):
         if self.active_slot is None:
             return self.base(x)
         slot = self.active_slot
-        if not FROZEN_SPLIT or torch.is_grad_enabled() and (
-                x.requires_grad or self.slot_tensor(slot, "oft_R").requires_grad):
+        if self.rotate_group is not None:
+            xr = self.rotate_group.output(self, x)
+            if xr is not None:
+                return self.base(xr)
+        if not _frozen_path(self, x):
             rot = self._cached_rotation(slot)  # [n or 1, b, b]
             return self.base(oft_rotate(x, rot))
         # no autograd here (rollout, evaluation): R and its kernel split come from the cache
@@ -206,6 +225,61 @@ class OFTLinear(SlottedAdapter):
             f"block_size={self.block_size}, r={self.r}, share={self.block_share}, "
             f"neumann={self.use_cayley_neumann}, terms={self.num_terms}, active_slot={self.active_slot}"
         )
+
+
+def _frozen_path(m: OFTLinear, x: Tensor) -> bool:
+    """Whether m's forward of x takes the no-autograd rotation (the cached split)."""
+    slot = m.active_slot
+    return slot is not None and FROZEN_SPLIT and not (torch.is_grad_enabled() and (
+        x.requires_grad or m.slot_tensor(slot, "oft_R").requires_grad))
+
+
+class OFTRotateGroup(MemberGroup):
+    """OFT linears of one sibling set (q/k/v, gate/up) read one input; without autograd their
+    rotations of it are one kernel launch (each member's x R_g, bit for bit what it would
+    compute alone) instead of one per member. The first member's call rotates for all and
+    keeps the others' inputs, keyed by the input tensor (MemberGroup); a call that cannot
+    take it (autograd, members on other slots or block shapes) leaves each member alone."""
+
+    def __init__(self, members: list[OFTLinear]) -> None:
+        super().__init__(members)
+        # (the members' split objects: the key, held so their ids stay theirs; the stack)
+        self._stack: tuple[tuple[SplitRotation, ...], SplitRotation] | None = None
+
+    def _compute(self, x: Tensor, *args: Tensor) -> list[Tensor] | None:
+        first = self.members[0]
+        slot = first.active_slot
+        if not GROUP_ROTATIONS or not all(m.active_slot == slot and _frozen_path(m, x)
+                                          for m in self.members):
+            return None
+        splits = tuple(m._frozen_split(slot, x.dtype) for m in self.members)
+        if self._stack is None or any(a is not b for a, b in zip(self._stack[0], splits)):
+            self._stack = (splits, concat_splits(list(splits)))
+        return oft_rotate_group_frozen(x, self._stack[1], len(self.members))
+
+
+def link_oft_groups(model: nn.Module) -> int:
+    """Link each q/k/v and gate/up set of OFT linears in `model` (equal input width, block
+    size and sharing) into an OFTRotateGroup; returns the number linked. Linked sets are left
+    as they are."""
+    linked = 0
+    for members in sibling_sets(model, lambda m: m if isinstance(m, OFTLinear) else None):
+        if any(m.rotate_group is not None for m in members):
+            continue
+        if len({(m.in_features, m.block_size, m.block_share) for m in members}) != 1:
+            continue
+        group = OFTRotateGroup(members)
+        for m in members:
+            m.rotate_group = group
+        linked += 1
+    return linked
+
+
+def unlink_oft_groups(model: nn.Module) -> None:
+    """Every OFT linear rotates its input alone again."""
+    for m in model.modules():
+        if isinstance(m, OFTLinear):
+            m.rotate_group = None
 
 
 def build_step_rotations(modules: list[OFTLinear]) -> None:
@@ -226,9 +300,8 @@ def build_step_rotations(modules: list[OFTLinear]) -> None:
         flat = torch.cat(vecs, dim=0)  # [sum n_rot, b(b-1)/2]
         flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
         first = mods[0]
-        if first._skew_index is None or first._skew_index[0].device != flat.device:
-            first._skew_index = skew_index(b, flat.device)
-        rot = cayley(skew_from_vec(flat, b, first._skew_index), neumann, terms)  # [sum n_rot, b, b]
+        rot = cayley(skew_from_vec(flat, b, first.skew_index_on(flat.device)), neumann,
+                     terms)  # [sum n_rot, b, b]
         # Once backward has passed through R its graph is freed: a later forward that skips
         # the root's pre-hook (e.g. `model.forward(...)` directly) must rebuild R itself.
         state = {"live": True}

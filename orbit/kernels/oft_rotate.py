@@ -67,24 +67,30 @@ if triton is not None:
 
     @triton.jit
     def _oft_rotate_kernel(
-        x_ptr, rhi_ptr, rlo_ptr, y_ptr, M, stride_xm, stride_ym,
+        x_ptr, rhi_ptr, rlo_ptr, y_ptr, M, stride_xm, stride_ym, n_in, stride_yg,
         B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
         SHARED: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
+        # Grid axis 1 walks the blocks of every member rotation (a group of OFT linears that
+        # read one x: member g = blk // n_in, writing y[g]); one rotation is the group of one.
         pdl_enter(PDL)
         pid_m = tl.program_id(0)
         blk = tl.program_id(1)
+        g = blk // n_in
+        jb = blk - g * n_in
         # int64 rows: M * stride can pass 2^31 for long packed batches at MLP widths
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_B)
         kmask = offs_k < B
         mmask = offs_m < M
-        cols = blk * B + offs_k
+        cols = jb * B + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
                     mask=mmask[:, None] & kmask[None, :], other=0.0)
         r_offs = offs_k[:, None] * B + offs_k[None, :]
-        if not SHARED:
+        if SHARED:  # one block per member
+            r_offs += g * B * B
+        else:
             r_offs += blk * B * B
         r_mask = kmask[:, None] & kmask[None, :]
         r_hi = tl.load(rhi_ptr + r_offs, mask=r_mask, other=0.0)
@@ -105,7 +111,7 @@ if triton is not None:
                 acc += tl.dot(x, r_lo, input_precision="ieee")
             else:
                 acc += tl.dot(x, r_lo)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + cols[None, :],
+        tl.store(y_ptr + g.to(tl.int64) * stride_yg + offs_m[:, None] * stride_ym + cols[None, :],
                  acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & kmask[None, :])
 
 
@@ -130,32 +136,50 @@ def split_rotation(rot: Tensor, dtype: torch.dtype) -> SplitRotation:
     return SplitRotation(rot, hi, (rot - hi.float()).to(dtype), dtype)
 
 
-def _launch(x2d: Tensor, rot: Tensor | SplitRotation, out: Tensor | None = None) -> Tensor:
+def concat_splits(splits: list[SplitRotation]) -> SplitRotation:
+    """The rotations of a group of OFT linears that read one input (equal block size, all
+    shared or none, one dtype), stacked member after member: what `oft_rotate_group_frozen`
+    takes. (Made once per adapter version by the caller: a cat is a launch.)"""
+    shapes = {(tuple(s.rot.shape[1:]), s.rot.shape[0] == 1, s.dtype) for s in splits}
+    if len(shapes) != 1:
+        raise ValueError(f"oft_rotate: a group needs one block size, sharing and dtype, got "
+                         f"{sorted(map(str, shapes))}")
+    return SplitRotation(*(torch.cat([getattr(s, f) for s in splits]) for f in ("rot", "hi", "lo")),
+                         splits[0].dtype)
+
+
+def _launch(x2d: Tensor, rot: Tensor | SplitRotation, out: Tensor | None = None,
+            members: int = 1) -> Tensor:
     """x2d [M, n*b] with unit column stride, rot [n or 1, b, b] (any float dtype) or its
     `split_rotation` for x2d's dtype; writes `out` (same shape/dtype as x2d, unit column
-    stride) when given."""
+    stride) when given. `members` > 1: rot is `concat_splits` of that many rotations (each
+    [n or 1, b, b]) and the result [members, M, n*b] holds x rotated by each."""
     sr = rot if isinstance(rot, SplitRotation) else split_rotation(rot, x2d.dtype)
     if sr.dtype != x2d.dtype:
         raise ValueError(f"oft_rotate: rotation split for {sr.dtype}, x is {x2d.dtype}")
-    n, b, n_rot = _check(x2d, sr.rot)
+    if sr.rot.shape[0] % members:
+        raise ValueError(f"oft_rotate: {sr.rot.shape[0]} blocks are not {members} rotations")
+    member_rot = sr.rot[: sr.rot.shape[0] // members]
+    n, b, n_rot = _check(x2d, member_rot)
     assert x2d.dim() == 2 and x2d.stride(1) == 1, (x2d.shape, x2d.stride())
     split = x2d.dtype != torch.float32
-    r_hi, r_lo = sr.hi, sr.lo
     upcast = os.environ.get("TRITON_INTERPRET", "0") == "1"
     M = x2d.shape[0]
+    shape = tuple(x2d.shape) if members == 1 else (members, *x2d.shape)
     if out is None:
-        y = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
+        y = torch.empty(shape, dtype=x2d.dtype, device=x2d.device)
     else:
-        assert out.shape == x2d.shape and out.dtype == x2d.dtype and out.stride(1) == 1, (
-            out.shape, out.dtype, out.stride())
+        assert (tuple(out.shape) == shape and out.dtype == x2d.dtype and out.stride(-1) == 1
+                and (members == 1 or out.is_contiguous())), (out.shape, out.dtype, out.stride())
         y = out
     block_b = max(16, triton.next_power_of_2(b))
     block_m = 64 if block_b <= 64 else 32
-    grid = (triton.cdiv(M, block_m), n)
+    grid = (triton.cdiv(M, block_m), n * members)
+    pdl = pdl_launch(x2d.device, grid[0] * grid[1]) if USE_PDL else {}
     _oft_rotate_kernel[grid](
-        x2d, r_hi, r_lo, y, M, x2d.stride(0), y.stride(0),
+        x2d, sr.hi, sr.lo, y, M, x2d.stride(0), y.stride(-2), n, M * n * b,
         B=b, BLOCK_B=block_b, BLOCK_M=block_m, SHARED=(n_rot == 1), SPLIT=split,
-        UPCAST=upcast, IEEE=upcast or not split, **(pdl_launch(x2d.device, grid[0] * grid[1]) if USE_PDL else {}),
+        UPCAST=upcast, IEEE=upcast or not split, **pdl,
     )
     return y
 
@@ -204,6 +228,25 @@ def triton_usable(x: Tensor, rot: Tensor) -> bool:
         and rot.shape[-1] <= MAX_TRITON_BLOCK
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
     )
+
+
+def oft_rotate_group_triton(x: Tensor, sr: SplitRotation, members: int) -> Tensor:
+    """x [..., n*b] rotated by each of `members` rotations (`concat_splits`), one launch:
+    [members, ..., n*b], member g's slice bit for bit `oft_rotate_triton(x, split g)`."""
+    if triton is None:
+        raise RuntimeError("oft_rotate_group_triton needs triton")
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    return _launch(x2d, sr, members=members).reshape(members, *x.shape)
+
+
+def oft_rotate_group_frozen(x: Tensor, sr: SplitRotation, members: int) -> list[Tensor]:
+    """Each member's rotated x for a `concat_splits` group (no autograd): one kernel launch
+    where `oft_rotate_frozen` would take the kernel, else the reference per member."""
+    if triton_usable(x, sr.rot):
+        return list(oft_rotate_group_triton(x, sr, members).unbind(0))
+    return [oft_rotate_reference(x, r) for r in sr.rot.chunk(members)]
 
 
 def oft_rotate_frozen(x: Tensor, sr: SplitRotation) -> Tensor:

@@ -287,6 +287,13 @@ class Engine:
             from orbit.quant.siblings import fuse_siblings as _fuse
 
             self.sibling_groups = _fuse(self.model)
+        # OFT linears of one sibling set rotate their shared input in one launch (bit for bit
+        # the separate rotations, so exact mode too); on where the sibling groups are
+        self.oft_groups = 0
+        if fuse_siblings if fuse_siblings is not None else self.device.type == "cuda":
+            from orbit.adapters.oft import link_oft_groups
+
+            self.oft_groups = link_oft_groups(self.model)
         if fuse_lora and exact:
             raise ValueError("fuse_lora=True changes the summation order of the LoRA products; "
                              "exact mode needs it off (leave fuse_lora=None)")

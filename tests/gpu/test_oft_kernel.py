@@ -163,3 +163,23 @@ def test_pdl_chain_of_frozen_rotations_matches_plain_launches(b: int, m: int) ->
     for r in rots:
         y = oft_rotate_triton(y, r)
     assert torch.equal(plain, y)
+
+
+@pytest.mark.parametrize("k,b,shared", [(2048, 32, False), (2560, 64, True)])
+@pytest.mark.parametrize("m", [1, 64, 300])
+def test_group_rotation_matches_each_member(k: int, b: int, shared: bool, m: int) -> None:
+    """q/k/v's rotations of one x in one launch (`oft_rotate_group_triton`): each member's
+    slice is bit for bit its lone rotation (so every element written), inside pdl_scope
+    too."""
+    from orbit.kernels import pdl as pdl_mod
+    from orbit.kernels.oft_rotate import concat_splits, oft_rotate_group_triton, split_rotation
+
+    rots = [_rot(1 if shared else k // b, b, seed=60 + i) for i in range(3)]
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    stack = concat_splits([split_rotation(r, torch.bfloat16) for r in rots])
+    for pdl in (False, True):
+        with pdl_mod.pdl_scope(pdl):
+            ys = oft_rotate_group_triton(x, stack, 3)
+        assert ys.shape == (3, m, k) and torch.isfinite(ys).all()
+        for g, r in enumerate(rots):
+            assert torch.equal(ys[g], oft_rotate_triton(x, r)), (g, pdl)

@@ -99,8 +99,8 @@ def test_triton_kernel_under_interpreter():
     pytest.importorskip("triton")
     script = r"""
 import torch
-from orbit.kernels.oft_rotate import (_OFTRotate, oft_rotate_reference, oft_rotate_triton,
-                                     split_rotation)
+from orbit.kernels.oft_rotate import (_OFTRotate, concat_splits, oft_rotate_group_triton,
+                                     oft_rotate_reference, oft_rotate_triton, split_rotation)
 torch.manual_seed(0)
 for M, n, b, share, dt in [(5, 3, 16, False, torch.float32), (70, 2, 32, True, torch.float32),
                           (33, 4, 8, False, torch.bfloat16), (9, 2, 20, False, torch.float16),
@@ -116,6 +116,15 @@ for M, n, b, share, dt in [(5, 3, 16, False, torch.float32), (70, 2, 32, True, t
     # the split made once (what OFTLinear caches for rollout) gives the per-call bits
     sr = split_rotation(rot, dt)
     assert torch.equal(oft_rotate_triton(x, sr), y), (M, n, b, share, dt)
+# a group of rotations of one x (q/k/v): one launch, each member's slice the lone bits
+for G, n, b, share, dt in [(3, 4, 16, False, torch.bfloat16), (2, 2, 32, True, torch.float32),
+                          (3, 2, 8, False, torch.float16)]:
+    xg = torch.randn(7, n * b).to(dt)
+    rots = [torch.linalg.qr(torch.randn(1 if share else n, b, b)).Q for _ in range(G)]
+    ys = oft_rotate_group_triton(xg, concat_splits([split_rotation(r, dt) for r in rots]), G)
+    assert ys.shape == (G, 7, n * b)
+    for g in range(G):
+        assert torch.equal(ys[g], oft_rotate_triton(xg, rots[g])), (G, n, b, share, dt, g)
 try:
     oft_rotate_triton(x, split_rotation(rot, torch.float32))
     raise AssertionError("a split for another dtype was accepted")
@@ -172,3 +181,63 @@ def test_inference_forward_splits_r_once_per_adapter_version(monkeypatch):
         m.slots_written()
         y3 = m(x)
     assert calls == [torch.float32] * 2 and not torch.equal(y3, y1)
+
+
+def test_sibling_oft_linears_rotate_in_one_call(monkeypatch):
+    """q/k/v OFT linears linked by `link_oft_groups`: without autograd the first member's call
+    rotates the shared input for all three (one group call), each output is the unlinked
+    module's bit for bit; with autograd each member rotates alone."""
+    import orbit.adapters.oft as oft_mod
+
+    torch.manual_seed(5)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = OFTLinear(nn.Linear(64, 64), block_size=16, dtype=torch.float32)
+            self.k_proj = OFTLinear(nn.Linear(64, 32), block_size=16, dtype=torch.float32)
+            self.v_proj = OFTLinear(nn.Linear(64, 32), block_size=16, dtype=torch.float32)
+
+        def forward(self, h):
+            return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+
+    attn = Attn()
+    with torch.no_grad():
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj):
+            m.oft_R.normal_(0, 0.1)
+            m.active_slot = 0
+    h = torch.randn(5, 64)
+    with torch.inference_mode():
+        alone = attn(h)
+    assert oft_mod.link_oft_groups(attn) == 1
+    calls = []
+    real = oft_mod.oft_rotate_group_frozen
+    monkeypatch.setattr(oft_mod, "oft_rotate_group_frozen",
+                        lambda x, sr, g: calls.append(g) or real(x, sr, g))
+    with torch.inference_mode():
+        grouped, again = attn(h), attn(h)
+    assert calls == [3, 3]
+    for a, b_, c in zip(alone, grouped, again):
+        assert torch.equal(a, b_) and torch.equal(a, c)
+    hg = h.clone().requires_grad_(True)
+    with_grad = attn(hg)  # autograd: alone, the same values
+    assert calls == [3, 3] and all(torch.equal(a, b_) for a, b_ in zip(alone, with_grad))
+    oft_mod.unlink_oft_groups(attn)
+    assert attn.q_proj.rotate_group is None
+
+
+def test_training_after_an_inference_mode_rollout():
+    """A rollout (inference mode) before the first training forward must not leave inference
+    tensors where backward needs them (the cached skew index)."""
+    from orbit.adapters.oft import build_step_rotations
+
+    m = OFTLinear(nn.Linear(64, 24), block_size=16, dtype=torch.float32)
+    m.active_slot = 0
+    with torch.inference_mode():
+        m(torch.randn(3, 64))
+    m(torch.randn(3, 64, requires_grad=True)).sum().backward()
+    assert m.oft_R.grad is not None
+    m.oft_R.grad = None
+    build_step_rotations([m])  # the training pre-hook's batched R, same index
+    m(torch.randn(3, 64)).sum().backward()
+    assert m.oft_R.grad is not None
