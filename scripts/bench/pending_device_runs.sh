@@ -6,6 +6,8 @@
 #    M 32/64/256, merged without an engine run): the engine at rollout batches with the table
 #    against the rules (which the old table equalled past 16 rows), and the table's GPU tests;
 #    then the adapter-on engine (LoRA groups, OFT) under the table.
+#    Also session 26's OFT sibling rotation groups (shipped on, not yet run on a GPU): their GPU
+#    tests and the engine with oft.GROUP_ROTATIONS off and on.
 # b: the adapter-on engine against the old LoRA cap (orbit.adapters.lora_decode.MAX_ROWS = the
 #    format's dequantize threshold - 1) for the rows not yet measured (INT4 b64, NVFP4 b32, FP8
 #    b128/256).
@@ -15,7 +17,9 @@ case "${1:-a}" in
 a) bash scripts/gpu_run.sh \
   "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections formats --formats int4,nvfp4 --batches 32,64,128,256 --attn-backend triton --qmm-routes-compare --qmm-routes orbit/kernels/tuned/nvidia_h100_80gb_hbm3.json 2>&1 | grep -v '^{' | grep 'decode'" \
   "cmd:timeout 80 python3 -m pytest tests/gpu/test_qmm_routes_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
-  "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections lora --lora-format int4 --fuse-lora on --batches 32,64,128 --attn-backend triton 2>&1 | grep -v '^{' | grep 'decode'" ;;
+  "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds lora --lora-format int4 --fuse-lora on --batches 32,64,128 --attn-backend triton 2>&1 | grep -v '^{' | grep 'decode'" \
+  "cmd:timeout 90 python3 -m pytest tests/gpu/test_oft_kernel.py tests/gpu/test_engine_gpu.py -m gpu -q -p no:cacheprovider -k 'group or oft' 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
+  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds oft --lora-format int4 --batches 1,4,64 --attn-backend triton --knob orbit.adapters.oft.GROUP_ROTATIONS=False,True 2>&1 | grep -v '^{' | grep 'decode'" ;;
 b) bash scripts/gpu_run.sh \
   "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds lora --lora-format int4 --fuse-lora on --batches 64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=63,None 2>&1 | grep -v '^{' | grep 'decode'" \
   "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds lora --lora-format nvfp4 --fuse-lora on --batches 32,64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=31,None 2>&1 | grep -v '^{' | grep 'decode'" \
