@@ -258,3 +258,35 @@ def test_member_group_hands_out_the_first_members_outputs() -> None:
     g.output(members[0], x)
     assert g.output(members[1], x.clone()) is None  # another input: the group stands aside
     assert not g.enabled and g.output(members[0], x) is None and g.computed == 2
+
+
+def test_engine_oft_rotation_groups_match_lone_rotations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With OFT on every linear, the engine links each q/k/v and gate/up set's rotations into
+    one call (oft.link_oft_groups, with the sibling groups) and generates the same tokens and
+    log-probs as an engine that rotates each input alone."""
+    import orbit.adapters.oft as oft_mod
+
+    group_calls: list[int] = []
+    real = oft_mod.oft_rotate_group_frozen
+    monkeypatch.setattr(oft_mod, "oft_rotate_group_frozen",
+                        lambda x, sr, g: group_calls.append(g) or real(x, sr, g))
+    sp = SamplingParams(temperature=0.8, max_new_tokens=6, ignore_eos=True, seed=4)
+    outs, engines = [], []
+    for fuse in (False, True):
+        m = _model()
+        torch.manual_seed(9)
+        aset = inject_adapters(m, AdapterConfig(kind="oft", block_size=16, dtype=torch.float32))
+        with torch.no_grad():
+            for mod in aset.modules.values():
+                mod.oft_R.normal_(std=0.1)
+        aset.set_active(0)
+        eng = Engine(m, max_num_seqs=3, max_model_len=32, fuse_siblings=fuse)
+        engines.append(eng)
+        outs.append(eng.generate(_prompts(), sp))
+    assert engines[0].oft_groups == 0 and engines[1].oft_groups == 4  # 2 sets x 2 layers
+    st = engines[1].last_stats  # every forward of the fused engine: one call per set and layer
+    assert group_calls.count(3) == group_calls.count(2) == 2 * (st["prefill_steps"]
+                                                                + st["decode_steps"])
+    for ra, rb in zip(*outs):
+        for ca, cb in zip(ra, rb):
+            assert ca.tokens == cb.tokens and ca.logprobs == cb.logprobs
