@@ -274,8 +274,8 @@ def lora_fits(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.devic
     # The loop's epilogue only below the rules' dequantize rows: a route table may send
     # rollout-size rows to the loop (session 26), but the in-loop shrink repeats x A^T in
     # every column tile, and at 48-64 rows the adapter-on loop cost FP8 ~45% (session 25)
-    # where the decode groups' shrink + expand-add after the base cost 13-17%. So those rows
-    # keep the group launches whatever the base route.
+    # where the decode groups' shrink + expand-add after the base cost INT4 / NVFP4 13-17%.
+    # So those rows keep the group launches whatever the base route.
     return r.kind == "gemv" or (r.kind == "dot" and members == 1 and not r.config.swap
                                 and m < dequant_min_m(fmt))
 
