@@ -25,6 +25,9 @@ from orbit.kernels.oft_rotate import (
     oft_rotate_group_frozen,
     split_rotation,
 )
+from orbit.kernels import dispatch
+from orbit.quant import linear as qlinear
+from orbit.quant.linear import QuantLinear
 from orbit.quant.siblings import MemberGroup, sibling_sets
 
 
@@ -87,6 +90,12 @@ FROZEN_SPLIT = True
 # Linked sibling sets (link_oft_groups) rotate in one launch; False: each member alone (a
 # benchmark's same-run baseline, read at every call).
 GROUP_ROTATIONS = True
+# And, fast mode at decode rows (members x rows <= SIBLING_MAX_M: batch 1 for q/k/v, 1-2 for
+# gate/up), run the members' bases as one launch over their stacked weight with every
+# member's rotated rows (OFTRotateGroup._stacked_base). Off until measured on a GPU. (A
+# same-run --knob comparison must list True first: with it off, the members' different
+# inputs turn their base sibling group off for good.)
+STACKED_BASE = False
 
 
 class OFTLinear(SlottedAdapter):
@@ -204,9 +213,9 @@ class OFTLinear(SlottedAdapter):
             return self.base(x)
         slot = self.active_slot
         if self.rotate_group is not None:
-            xr = self.rotate_group.output(self, x)
-            if xr is not None:
-                return self.base(xr)
+            out = self.rotate_group.output(self, x)
+            if out is not None:  # this member's output (stacked base) or its rotated input
+                return out if self.rotate_group.final else self.base(out)
         if not _frozen_path(self, x):
             rot = self._cached_rotation(slot)  # [n or 1, b, b]
             return self.base(oft_rotate(x, rot))
@@ -245,6 +254,9 @@ class OFTRotateGroup(MemberGroup):
         super().__init__(members)
         # (the members' split objects: the key, held so their ids stay theirs; the stack)
         self._stack: tuple[tuple[SplitRotation, ...], SplitRotation] | None = None
+        # Whether the last computed outputs are the members' final outputs (the stacked base
+        # ran: OFTLinear.forward returns them as they are) or their rotated inputs.
+        self.final = False
 
     def _compute(self, x: Tensor, *args: Tensor) -> list[Tensor] | None:
         first = self.members[0]
@@ -255,7 +267,35 @@ class OFTRotateGroup(MemberGroup):
         splits = tuple(m._frozen_split(slot, x.dtype) for m in self.members)
         if self._stack is None or any(a is not b for a, b in zip(self._stack[0], splits)):
             self._stack = (splits, concat_splits(list(splits)))
-        return oft_rotate_group_frozen(x, self._stack[1], len(self.members))
+        rotated = oft_rotate_group_frozen(x, self._stack[1], len(self.members))
+        outs = self._stacked_base(rotated) if STACKED_BASE else None
+        self.final = outs is not None
+        return outs if outs is not None else list(rotated.unbind(0))
+
+    def _stacked_base(self, rotated: Tensor) -> list[Tensor] | None:
+        """Every member's base output from one launch over the members' stacked weight (their
+        base sibling group's), fed every member's rotated rows: [G M, in] @ W_stack^T, of
+        which member g keeps its rows and columns. G times the rows, but at decode rows the
+        weight bytes are the cost, and it is one launch, not G. None where the bases are not
+        one fused quantized sibling group serving these rows (fast mode, inference mode) or
+        the rows pass SIBLING_MAX_M."""
+        bases = [m.base for m in self.members]
+        if not all(isinstance(b, QuantLinear) for b in bases):
+            return None
+        g_count = len(bases)
+        rows = rotated.reshape(-1, rotated.shape[-1])  # [G M, in], member-major
+        if rows.shape[0] > qlinear.SIBLING_MAX_M:  # (read at each call: a knob)
+            return None
+        group = bases[0]._fused_group(bases, rows)
+        if group is None or group.qweight is None:
+            return None
+        y_all = dispatch.qmm(rows, group.qweight, exact=False)  # [G M, sum(out)]
+        m_rows, lead = rows.shape[0] // g_count, rotated.shape[1:-1]
+        outs, col = [], 0
+        for g, n in enumerate(group.splits):
+            outs.append(y_all[g * m_rows:(g + 1) * m_rows, col:col + n].reshape(*lead, n))
+            col += n
+        return outs
 
 
 def link_oft_groups(model: nn.Module) -> int:

@@ -241,12 +241,13 @@ def oft_rotate_group_triton(x: Tensor, sr: SplitRotation, members: int) -> Tenso
     return _launch(x2d, sr, members=members).reshape(members, *x.shape)
 
 
-def oft_rotate_group_frozen(x: Tensor, sr: SplitRotation, members: int) -> list[Tensor]:
-    """Each member's rotated x for a `concat_splits` group (no autograd): one kernel launch
-    where `oft_rotate_frozen` would take the kernel, else the reference per member."""
+def oft_rotate_group_frozen(x: Tensor, sr: SplitRotation, members: int) -> Tensor:
+    """x rotated by each member of a `concat_splits` group (no autograd), [members, ..., n*b]:
+    one kernel launch where `oft_rotate_frozen` would take the kernel, else the reference per
+    member."""
     if triton_usable(x, sr.rot):
-        return list(oft_rotate_group_triton(x, sr, members).unbind(0))
-    return [oft_rotate_reference(x, r) for r in sr.rot.chunk(members)]
+        return oft_rotate_group_triton(x, sr, members)
+    return torch.stack([oft_rotate_reference(x, r) for r in sr.rot.chunk(members)])
 
 
 def oft_rotate_frozen(x: Tensor, sr: SplitRotation) -> Tensor:

@@ -7,7 +7,8 @@
 #    against the rules (which the old table equalled past 16 rows), and the table's GPU tests;
 #    then the adapter-on engine (LoRA groups, OFT) under the table.
 #    Also session 26's OFT sibling rotation groups (shipped on, not yet run on a GPU): their GPU
-#    tests and the engine with oft.GROUP_ROTATIONS off and on.
+#    tests and the engine with oft.GROUP_ROTATIONS off and on; and oft.STACKED_BASE (shipped
+#    off: the q/k/v and gate/up bases of OFT linears as one launch at batch 1-2), True first.
 # b: the adapter-on engine against the old LoRA cap (orbit.adapters.lora_decode.MAX_ROWS = the
 #    format's dequantize threshold - 1) for the rows not yet measured (INT4 b64, NVFP4 b32, FP8
 #    b128/256).
@@ -19,7 +20,8 @@ a) bash scripts/gpu_run.sh \
   "cmd:timeout 80 python3 -m pytest tests/gpu/test_qmm_routes_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
   "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds lora --lora-format int4 --fuse-lora on --batches 32,64,128 --attn-backend triton 2>&1 | grep -v '^{' | grep 'decode'" \
   "cmd:timeout 90 python3 -m pytest tests/gpu/test_oft_kernel.py tests/gpu/test_engine_gpu.py -m gpu -q -p no:cacheprovider -k 'group or oft' 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
-  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds oft --lora-format int4 --batches 1,4,64 --attn-backend triton --knob orbit.adapters.oft.GROUP_ROTATIONS=False,True 2>&1 | grep -v '^{' | grep 'decode'" ;;
+  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds oft --lora-format int4 --batches 1,4,64 --attn-backend triton --knob orbit.adapters.oft.GROUP_ROTATIONS=False,True 2>&1 | grep -v '^{' | grep 'decode'" \
+  "cmd:timeout 90 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds oft --lora-format int4 --batches 1,2 --attn-backend triton --knob orbit.adapters.oft.STACKED_BASE=True,False 2>&1 | grep -v '^{' | grep 'decode'" ;;
 b) bash scripts/gpu_run.sh \
   "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds lora --lora-format int4 --fuse-lora on --batches 64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=63,None 2>&1 | grep -v '^{' | grep 'decode'" \
   "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds lora --lora-format nvfp4 --fuse-lora on --batches 32,64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=31,None 2>&1 | grep -v '^{' | grep 'decode'" \

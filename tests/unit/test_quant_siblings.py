@@ -290,3 +290,44 @@ def test_engine_oft_rotation_groups_match_lone_rotations(monkeypatch: pytest.Mon
     for ra, rb in zip(*outs):
         for ca, cb in zip(ra, rb):
             assert ca.tokens == cb.tokens and ca.logprobs == cb.logprobs
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_oft_stacked_base_runs_the_members_as_one_launch(monkeypatch: pytest.MonkeyPatch,
+                                                         rows: int) -> None:
+    """oft.STACKED_BASE: at decode rows the q/k/v (gate/up) bases of OFT linears run as one
+    qmm over their stacked weight with every member's rotated rows (3 x rows <= SIBLING_MAX_M;
+    past it each member runs alone), and each member gets what it computes alone."""
+    import orbit.adapters.oft as oft_mod
+
+    monkeypatch.setattr(oft_mod, "STACKED_BASE", True)
+    models = []
+    for _ in range(2):
+        m = _model()
+        torch.manual_seed(9)
+        aset = inject_adapters(m, AdapterConfig(kind="oft", block_size=16, dtype=torch.float32))
+        with torch.no_grad():
+            for mod in aset.modules.values():
+                mod.oft_R.normal_(std=0.1)
+        aset.set_active(0)
+        models.append(m)
+    fuse_siblings(models[1])
+    assert oft_mod.link_oft_groups(models[1]) == 4
+    attn_a, attn_b = (m.model.layers[0].self_attn for m in models)
+    mlp_a, mlp_b = (m.model.layers[0].mlp for m in models)
+    x = torch.randn(rows, 64)
+    with torch.inference_mode():
+        alone = [lin(x) for lin in (attn_a.q_proj, attn_a.k_proj, attn_a.v_proj)] + [mlp_a(x)]
+        calls = _count_qmm(monkeypatch)
+        grouped = [lin(x) for lin in (attn_b.q_proj, attn_b.k_proj, attn_b.v_proj)]
+        n_attn = len(calls)
+        grouped.append(mlp_b(x))
+    for a, b_ in zip(alone, grouped):
+        assert torch.allclose(a, b_, atol=1e-5)
+    # rows 1: q/k/v one launch over the stacked 128 output rows, gate/up one, down alone.
+    # rows 2: q/k/v's 6 rows pass SIBLING_MAX_M, so each base is called with its own input:
+    # the base group computes once for q's input, sees k's other input and stands aside
+    # (3 launches; the rotations are still one); gate/up's 4 rows still stack
+    assert n_attn == (1 if rows == 1 else 3)
+    assert len(calls) == n_attn + 2
+    assert calls[0] == 64 + 2 * 32
