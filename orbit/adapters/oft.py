@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from orbit.adapters.lora import base_device, base_features
 from orbit.adapters.slots import SlottedAdapter
+from orbit.kernels import dispatch
 from orbit.kernels.oft_rotate import (
     SplitRotation,
     concat_splits,
@@ -25,7 +26,6 @@ from orbit.kernels.oft_rotate import (
     oft_rotate_group_frozen,
     split_rotation,
 )
-from orbit.kernels import dispatch
 from orbit.quant import linear as qlinear
 from orbit.quant.linear import QuantLinear
 from orbit.quant.siblings import MemberGroup, sibling_sets
