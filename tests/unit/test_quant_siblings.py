@@ -260,6 +260,18 @@ def test_member_group_hands_out_the_first_members_outputs() -> None:
     assert not g.enabled and g.output(members[0], x) is None and g.computed == 2
 
 
+def _oft_model() -> CausalLM:
+    """_model() with an active OFT adapter (block 16, a non-identity rotation) on every linear."""
+    m = _model()
+    torch.manual_seed(9)
+    aset = inject_adapters(m, AdapterConfig(kind="oft", block_size=16, dtype=torch.float32))
+    with torch.no_grad():
+        for mod in aset.modules.values():
+            mod.oft_R.normal_(std=0.1)
+    aset.set_active(0)
+    return m
+
+
 def test_engine_oft_rotation_groups_match_lone_rotations(monkeypatch: pytest.MonkeyPatch) -> None:
     """With OFT on every linear, the engine links each q/k/v and gate/up set's rotations into
     one call (oft.link_oft_groups, with the sibling groups) and generates the same tokens and
@@ -273,13 +285,7 @@ def test_engine_oft_rotation_groups_match_lone_rotations(monkeypatch: pytest.Mon
     sp = SamplingParams(temperature=0.8, max_new_tokens=6, ignore_eos=True, seed=4)
     outs, engines = [], []
     for fuse in (False, True):
-        m = _model()
-        torch.manual_seed(9)
-        aset = inject_adapters(m, AdapterConfig(kind="oft", block_size=16, dtype=torch.float32))
-        with torch.no_grad():
-            for mod in aset.modules.values():
-                mod.oft_R.normal_(std=0.1)
-        aset.set_active(0)
+        m = _oft_model()
         eng = Engine(m, max_num_seqs=3, max_model_len=32, fuse_siblings=fuse)
         engines.append(eng)
         outs.append(eng.generate(_prompts(), sp))
@@ -301,16 +307,7 @@ def test_oft_stacked_base_runs_the_members_as_one_launch(monkeypatch: pytest.Mon
     import orbit.adapters.oft as oft_mod
 
     monkeypatch.setattr(oft_mod, "STACKED_BASE", True)
-    models = []
-    for _ in range(2):
-        m = _model()
-        torch.manual_seed(9)
-        aset = inject_adapters(m, AdapterConfig(kind="oft", block_size=16, dtype=torch.float32))
-        with torch.no_grad():
-            for mod in aset.modules.values():
-                mod.oft_R.normal_(std=0.1)
-        aset.set_active(0)
-        models.append(m)
+    models = [_oft_model(), _oft_model()]
     fuse_siblings(models[1])
     assert oft_mod.link_oft_groups(models[1]) == 4
     attn_a, attn_b = (m.model.layers[0].self_attn for m in models)
