@@ -214,8 +214,8 @@ class OFTLinear(SlottedAdapter):
         slot = self.active_slot
         if self.rotate_group is not None:
             out = self.rotate_group.output(self, x)
-            if out is not None:  # this member's output (stacked base) or its rotated input
-                return out if self.rotate_group.final else self.base(out)
+            if out is not None:
+                return out
         if not _frozen_path(self, x):
             rot = self._cached_rotation(slot)  # [n or 1, b, b]
             return self.base(oft_rotate(x, rot))
@@ -246,17 +246,15 @@ def _frozen_path(m: OFTLinear, x: Tensor) -> bool:
 class OFTRotateGroup(MemberGroup):
     """OFT linears of one sibling set (q/k/v, gate/up) read one input; without autograd their
     rotations of it are one kernel launch (each member's x R_g, bit for bit what it would
-    compute alone) instead of one per member. The first member's call rotates for all and
-    keeps the others' inputs, keyed by the input tensor (MemberGroup); a call that cannot
+    compute alone) instead of one per member. The first member's call rotates for all, runs
+    every member's base on its rotated input (or, STACKED_BASE, all bases in one launch) and
+    keeps the others' outputs, keyed by the input tensor (MemberGroup); a call that cannot
     take it (autograd, members on other slots or block shapes) leaves each member alone."""
 
     def __init__(self, members: list[OFTLinear]) -> None:
         super().__init__(members)
         # (the members' split objects: the key, held so their ids stay theirs; the stack)
         self._stack: tuple[tuple[SplitRotation, ...], SplitRotation] | None = None
-        # Whether the last computed outputs are the members' final outputs (the stacked base
-        # ran: OFTLinear.forward returns them as they are) or their rotated inputs.
-        self.final = False
 
     def _compute(self, x: Tensor, *args: Tensor) -> list[Tensor] | None:
         first = self.members[0]
@@ -269,8 +267,9 @@ class OFTRotateGroup(MemberGroup):
             self._stack = (splits, concat_splits(list(splits)))
         rotated = oft_rotate_group_frozen(x, self._stack[1], len(self.members))
         outs = self._stacked_base(rotated) if STACKED_BASE else None
-        self.final = outs is not None
-        return outs if outs is not None else list(rotated.unbind(0))
+        if outs is None:
+            outs = [m.base(r) for m, r in zip(self.members, rotated.unbind(0))]
+        return outs
 
     def _stacked_base(self, rotated: Tensor) -> list[Tensor] | None:
         """Every member's base output from one launch over the members' stacked weight (their
@@ -282,7 +281,6 @@ class OFTRotateGroup(MemberGroup):
         bases = [m.base for m in self.members]
         if not all(isinstance(b, QuantLinear) for b in bases):
             return None
-        g_count = len(bases)
         rows = rotated.reshape(-1, rotated.shape[-1])  # [G M, in], member-major
         if rows.shape[0] > qlinear.SIBLING_MAX_M:  # (read at each call: a knob)
             return None
@@ -290,12 +288,10 @@ class OFTRotateGroup(MemberGroup):
         if group is None or group.qweight is None:
             return None
         y_all = dispatch.qmm(rows, group.qweight, exact=False)  # [G M, sum(out)]
-        m_rows, lead = rows.shape[0] // g_count, rotated.shape[1:-1]
-        outs, col = [], 0
-        for g, n in enumerate(group.splits):
-            outs.append(y_all[g * m_rows:(g + 1) * m_rows, col:col + n].reshape(*lead, n))
-            col += n
-        return outs
+        m_rows, lead = rows.shape[0] // len(bases), rotated.shape[1:-1]
+        # member g: its rows of its columns (the column split is the sibling group's)
+        return [y[g * m_rows:(g + 1) * m_rows].reshape(*lead, y.shape[1])
+                for g, y in enumerate(torch.split(y_all, group.splits, dim=1))]
 
 
 def link_oft_groups(model: nn.Module) -> int:

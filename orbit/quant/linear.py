@@ -29,9 +29,10 @@ SIBLING_MAX_M = 4
 # Quantized groups also serve the rows where fast mode dequantizes and runs cuBLAS
 # (`_qgemm.dequant_min_m(fmt)` on: rollout batches, prefill chunks), for the BF16 groups'
 # reason: one dequantize pass and one cuBLAS GEMM over the stacked rows instead of two or
-# three of each (14 -> 8 launches per Qwen3-1.7B layer), and wider GEMMs. Session 25: the
-# reasoning of the BF16 measurement, not yet timed for the quantized bases on a GPU
-# (scripts/bench/pending_device_runs.sh; a knob for that comparison).
+# three of each (14 -> 8 launches per Qwen3-1.7B layer), and wider GEMMs. H100, Qwen3-1.7B,
+# session 26 (`bench_engine.py --sections lora --knob ...SIBLING_FROM_DEQUANT=False,True`):
+# INT4 and NVFP4 decode +5.7% to +6.6% at batch 64 / 256 adapter off, +4.8% to +5.7% with
+# LoRA (docs/benchmarks.md). Kept as a knob for comparisons.
 SIBLING_FROM_DEQUANT = True
 
 

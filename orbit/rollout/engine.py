@@ -282,17 +282,14 @@ class Engine:
         self.last_stats: dict[str, float] = {}
         # q/k/v and gate/up QuantLinears share stacked buffers (views, no copy) and run as one
         # decode GEMV each (orbit.quant.siblings); default on CUDA, where decode is launch-bound.
-        self.sibling_groups = 0
+        # OFT linears of one such set rotate their shared input in one launch (bit for bit the
+        # separate rotations, so exact mode too).
+        self.sibling_groups = self.oft_groups = 0
         if fuse_siblings if fuse_siblings is not None else self.device.type == "cuda":
+            from orbit.adapters.oft import link_oft_groups
             from orbit.quant.siblings import fuse_siblings as _fuse
 
             self.sibling_groups = _fuse(self.model)
-        # OFT linears of one sibling set rotate their shared input in one launch (bit for bit
-        # the separate rotations, so exact mode too); on where the sibling groups are
-        self.oft_groups = 0
-        if fuse_siblings if fuse_siblings is not None else self.device.type == "cuda":
-            from orbit.adapters.oft import link_oft_groups
-
             self.oft_groups = link_oft_groups(self.model)
         if fuse_lora and exact:
             raise ValueError("fuse_lora=True changes the summation order of the LoRA products; "

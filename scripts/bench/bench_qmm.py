@@ -669,12 +669,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
     args = ap.parse_args()
     if args.knob:
-        from knobs import knob_values, set_knob  # (scripts/bench: the script's own directory)
+        from knobs import fixed_knob, set_knob  # (scripts/bench: the script's own directory)
 
-        runs = knob_values(args.knob)
-        if len(runs) != 1:
-            raise SystemExit("bench_qmm.py --knob takes one value (run once per value)")
-        set_knob(runs[0])
+        set_knob(fixed_knob(args.knob, "bench_qmm.py --knob"))
     torch.manual_seed(0)
     ceil = ceilings()
     res = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),

@@ -38,10 +38,11 @@ def set_knob(kv: str | None) -> None:
     setattr(mod, attr, ast.literal_eval(val))
 
 
-def fixed_knob(spec: str) -> str:
-    """--set MODULE.NAME=V: the one 'MODULE.NAME=V' of a single-value spec (knob_values' form),
-    checked like --knob's; several values are an error (sweeps are --knob's)."""
+def fixed_knob(spec: str, flag: str = "--set") -> str:
+    """`flag` MODULE.NAME=V: the one 'MODULE.NAME=V' of a single-value spec (knob_values'
+    form), checked like --knob's; several values are an error (a sweep needs one process per
+    value, or a script's --knob sweep)."""
     values = knob_values(spec)
     if len(values) != 1:
-        raise SystemExit(f"--set: {spec!r} has {len(values)} values; one (sweeps: --knob)")
+        raise SystemExit(f"{flag}: {spec!r} has {len(values)} values; one per process")
     return values[0]
