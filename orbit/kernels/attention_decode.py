@@ -31,7 +31,7 @@ from torch import Tensor
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.attention_exact import LOG2E, _check_q, load_kv_block, softmax_block, softmax_kv
 from orbit.kernels.gemv import arrival_counters
-from orbit.kernels.pdl import pdl_enter, pdl_launch
+from orbit.kernels.pdl import pdl_enter, pdl_launch, prefetch_l2
 from orbit.kernels.rope import _norm_rope_row, norm_rope_rows
 
 SPLIT_BLOCK_N = 64  # key positions per step
@@ -97,12 +97,25 @@ def _attn_decode_split_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kpos, stride_kh, stride_vpos, stride_vh,
     qk_scale, HKV, SPLIT, CHUNK,
     nk_ptr, nv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, stride_nkt, stride_nkh, stride_nvt,
-    stride_nvh, stride_ct, eps,
+    stride_nvh, stride_ct, eps, pf_addr_ptr, pf_size_ptr, PF_N,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
     PDL: tl.constexpr = False, ROPE: tl.constexpr = False, HAS_NORM: tl.constexpr = False,
-    SP: tl.constexpr = 1,
+    SP: tl.constexpr = 1, PF_PER: tl.constexpr = 0,
 ):
+    # PF_PER > 0 (L2Prefetch): this program first bulk-prefetches PF_PER pieces of the table
+    # (frozen weights of the GEMVs after this launch) into L2, before the PDL wait (no kernel
+    # writes them); a hint only, nothing waits for it, the computed bits are the same.
+    # The pieces sit one per lane of a 128-wide vector (at most 4 warps: no lane holds a copy
+    # of another's, which would issue the same prefetch again), lanes past PF_PER masked.
+    if PF_PER > 0:
+        PF_LANES: tl.constexpr = 128 if PF_PER < 128 else PF_PER
+        lin = (tl.program_id(0) * HKV + tl.program_id(1)) * SPLIT + tl.program_id(2)
+        lane = tl.arange(0, PF_LANES)
+        pf = lin * PF_PER + lane
+        pf_ok = (lane < PF_PER) & (pf < PF_N)
+        prefetch_l2(tl.load(pf_addr_ptr + pf, mask=pf_ok, other=0),
+                    tl.load(pf_size_ptr + pf, mask=pf_ok, other=0))
     # ROPE (the fold of orbit.kernels.rope.qk_norm_rope_kv): q_ptr holds the raw q, nk/nv_ptr
     # the new token's raw k and v [B, Hkv, D]. Every program normalises and rotates its query
     # rows itself; the program whose chunk holds the new position p0 normalises and rotates k,
@@ -206,6 +219,21 @@ def _attn_decode_split_kernel(
 
 
 @dataclass(frozen=True)
+class L2Prefetch:
+    """A table of byte ranges (int64 addresses, int32 sizes: multiples of 16, 16-byte aligned,
+    on the GPU) that the decode attention launch bulk-prefetches into L2 as it starts, spread
+    over its programs (orbit/rollout/l2_prefetch.py builds them: the layer's GEMV weights that
+    run after it). CUDA sm_90 only; a hint, the same bits."""
+
+    addrs: Tensor
+    sizes: Tensor
+
+    def per_program(self, programs: int) -> int:
+        """Table entries each of `programs` programs issues (a power of two)."""
+        return triton.next_power_of_2(triton.cdiv(self.addrs.numel(), max(programs, 1)))
+
+
+@dataclass(frozen=True)
 class DecodeRope:
     """The new token's raw k and v [B, Hkv, D] and what turns raw q and k into attention's
     inputs (per-head RMSNorm weights or None, eps, cos/sin rows [B, D]): with it,
@@ -224,7 +252,8 @@ class DecodeRope:
 def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
                            start_pos: Tensor, max_context: int, split: int,
                            scale: float | None = None, config: DecodeConfig | None = None,
-                           rope: DecodeRope | None = None) -> Tensor:
+                           rope: DecodeRope | None = None,
+                           l2_prefetch: L2Prefetch | None = None) -> Tensor:
     """q [B, H, D] (one new token per sequence, already written to the cache at start_pos),
     k/v_cache [S, L, Hkv, D] (one layer), slots/start_pos [B] int64 -> [B, H, D].
     `max_context` (host int, > every start_pos) bounds the positions read; `split` >= 1 chunks
@@ -234,7 +263,8 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
     to blocks, and the live position only decides which chunks are empty. `scale` None:
     1/sqrt(D), as attention_cached_exact. `config` None: DecodeConfig(). `rope`: q is the raw
     q, and the kernel normalises and rotates q and k and writes k and v into the cache at
-    start_pos itself (DecodeRope; a power-of-two head dim, q/k/v and cache of one dtype)."""
+    start_pos itself (DecodeRope; a power-of-two head dim, q/k/v and cache of one dtype).
+    `l2_prefetch`: byte ranges the launch prefetches into L2 first (L2Prefetch; CUDA sm_90)."""
     group = _check_q(q, k_cache)
     B, _, D = q.shape
     hkv = k_cache.shape[-2]
@@ -264,15 +294,19 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
     slot = slots.to(device=q.device, dtype=torch.int64)
     start = start_pos.to(device=q.device, dtype=torch.int64)
     rargs = _rope_args(rope, q, k_cache, v_cache, hkv, bd)
+    pf_args, pf_per = (start, start, 0), 0  # (dummies: PF_PER = 0 never reads them)
+    if l2_prefetch is not None and l2_prefetch.addrs.numel():
+        pf_args = (l2_prefetch.addrs, l2_prefetch.sizes, l2_prefetch.addrs.numel())
+        pf_per = l2_prefetch.per_program(B * hkv * split)
     _attn_decode_split_kernel[(B, hkv, split)](
         q, k_cache, v_cache, out, ws, ml, cnt, start, slot, k_cache.stride(0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        scale * LOG2E, hkv, split, chunk, *rargs,
+        scale * LOG2E, hkv, split, chunk, *rargs, *pf_args,
         GROUP=group, D=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=cfg.block_n,
         IEEE=q.dtype == torch.float32, DIRECT=split == 1, PREFETCH=cfg.prefetch,
         ROPE=rope is not None, HAS_NORM=rope is not None and rope.q_weight is not None,
-        SP=triton.next_power_of_2(split),
+        SP=triton.next_power_of_2(split), PF_PER=pf_per,
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl_launch(q.device, B * hkv * split))
     return out
 

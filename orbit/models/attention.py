@@ -193,6 +193,10 @@ class AttnBatch:
     # adapter is active (orbit/kernels/gemv_chain.py); the same bits. False keeps the two
     # launches. The engine sets it (Engine.chain_mlp).
     chain_mlp: bool = False
+    # per layer index, byte ranges of frozen weights that the split-KV decode attention
+    # launch prefetches into L2 as it starts (orbit/rollout/l2_prefetch.py; Engine(
+    # prefetch_weights=True), CUDA sm_90); None: no prefetch
+    l2_plan: dict[int, Any] | None = None
     _meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -216,10 +220,11 @@ class AttnBatch:
         fold_rope: bool = False,
         fold_norm: bool | str = False,
         chain_mlp: bool = False,
+        l2_plan: dict[int, Any] | None = None,
     ) -> AttnBatch:
         """`max_context` (a Python int, <= cache.max_len) bounds how many cache positions a
         decode step reads; it must exceed every `start_pos`. None reads the whole slot.
-        `split_kv`, `fold_rope`, `fold_norm`, `chain_mlp`: see the fields."""
+        `split_kv`, `fold_rope`, `fold_norm`, `chain_mlp`, `l2_plan`: see the fields."""
         n = slots.numel()
         if cu_seqlens.numel() != n + 1 or start_pos.numel() != n:
             raise ValueError(
@@ -230,7 +235,7 @@ class AttnBatch:
             raise ValueError(f"max_context={max_context} outside (0, cache.max_len={cache.max_len}]")
         _check_backend(backend)
         return cls("cached", cu_seqlens, cache, slots, start_pos, max_context, routing, backend,
-                   split_kv, fold_rope, fold_norm, chain_mlp)
+                   split_kv, fold_rope, fold_norm, chain_mlp, l2_plan)
 
     # -- per-batch metadata, computed at the first layer and reused by the others --------------
 
@@ -378,8 +383,9 @@ class AttnBatch:
         # split 1 (the batch fills the GPU) runs the same kernel with one chunk: 16-row
         # tiles for the GQA group, the live length bounds the walk (not the tile's last row)
         split, cfg = self._meta["decode"]
+        pf = self.l2_plan.get(layer) if self.l2_plan and q.is_cuda else None
         return attention_decode_split(q, kc, vc, self.slots, self.start_pos, ctx, split,
-                                      config=cfg, rope=rope)
+                                      config=cfg, rope=rope, l2_prefetch=pf)
 
     def _attend_cached_triton(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Write the new K/V, then attend straight from the cache: no per-layer gather of the

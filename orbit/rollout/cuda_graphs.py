@@ -70,6 +70,7 @@ class DecodeGraphs:
         fold_rope: bool = False,
         fold_norm: bool | str = False,
         chain_mlp: bool = False,
+        l2_plan: dict | None = None,
     ) -> None:
         assert cache.k.is_cuda, "CUDA graphs need the KV cache on a CUDA device"
         assert 0 <= scratch_slot < cache.num_slots
@@ -80,6 +81,7 @@ class DecodeGraphs:
         self.fold_rope = fold_rope  # ... and AttnBatch.fold_rope
         self.fold_norm = fold_norm  # ... and AttnBatch.fold_norm
         self.chain_mlp = chain_mlp  # ... and AttnBatch.chain_mlp
+        self.l2_plan = l2_plan  # ... and AttnBatch.l2_plan
         self.bs = batch_buckets(max_bs)
         self.ctx = context_buckets(cache.max_len)
         self.max_bs = self.bs[-1]
@@ -111,7 +113,7 @@ class DecodeGraphs:
         attn = AttnBatch.cached(self.cache, slots, self.cu[: bp + 1], pos, max_context=ctx,
                                 backend=self.backend, split_kv=self.split_kv,
                                 fold_rope=self.fold_rope, fold_norm=self.fold_norm,
-                                chain_mlp=self.chain_mlp)
+                                chain_mlp=self.chain_mlp, l2_plan=self.l2_plan)
         return self.model(ids, pos, attn)  # [bp, D] hidden
 
     def _capture(self, bp: int, ctx: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:

@@ -18,7 +18,6 @@ import logging
 import random
 import time
 from collections.abc import Callable, Hashable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Any
@@ -192,10 +191,11 @@ class Engine:
     off. It measured +2.7% batch-1 decode against split-K GEMVs (H100, Qwen3-1.7B INT4, 762
     -> 783 tok/s, session 16), but the unsplit INT4 M = 1 GEMVs (gemv.PLANES_M1_UNSPLIT) are
     faster without it (807.6 tok/s off vs 759.4 on, session 18; docs/rollout.md).
-    prefetch_weights: experimental (orbit/rollout/l2_prefetch.py): during decode steps on CUDA,
-    prefetch the next block's frozen weights into L2 on a side stream while the current block
-    computes. A hint only: the same bits. Measured much slower (H200, Qwen3-1.7B INT4 batch
-    1, same run: 463 vs 818 tok/s), so off.
+    prefetch_weights: experimental (orbit/rollout/l2_prefetch.py): each split-KV decode
+    attention launch (CUDA, split_kv) bulk-prefetches into L2 the frozen weights of the GEMVs
+    after it (its layer's o_proj and MLP; l2_prefetch.AHEAD), while HBM is otherwise idle. A
+    hint only: the same bits. Off until measured (session 15's side-stream form of the idea
+    lost 43%: it cut the PDL edges).
     attn_backend: the AttnBatch backend of prefill and decode: "sdpa"; "varlen" (CUDA only:
     FlashAttention reading the KV cache in place; the cache's per-slot length is then
     max_model_len rounded up to a multiple of 256, FlashAttention's page constraint); or
@@ -299,11 +299,13 @@ class Engine:
             from orbit.adapters.lora_decode import link_lora_decode
 
             self.lora_groups = link_lora_decode(self.model)
-        self._prefetcher = None
-        if prefetch_weights and self.device.type == "cuda":
-            from orbit.rollout.l2_prefetch import WeightPrefetcher
+        # (after the sibling fusion, which re-homes the q/k/v and gate/up buffers; the tables
+        # hold raw addresses of frozen buffers the model keeps for its lifetime)
+        self._l2_plan = None
+        if prefetch_weights and self.device.type == "cuda" and self.split_kv:
+            from orbit.rollout.l2_prefetch import layer_tables
 
-            self._prefetcher = WeightPrefetcher(self.model, self.device)
+            self._l2_plan = layer_tables(self.model, self.device) or None
 
     def _resolve_backend(self, attn_backend: str) -> str:
         if attn_backend not in ("auto", "sdpa", "varlen", "triton"):
@@ -372,7 +374,7 @@ class Engine:
             self._graphs = DecodeGraphs(self.model, self.cache, self.num_slots, self.num_slots,
                                         self.attn_backend, split_kv=self.split_kv,
                                         fold_rope=self.fold_rope, fold_norm=self.fold_norm,
-                                        chain_mlp=self.chain_mlp)
+                                        chain_mlp=self.chain_mlp, l2_plan=self._l2_plan)
             if self.exact:  # one graph per exact batch size: no padding rows
                 self._graphs.bs = list(range(1, self.num_slots + 1))
 
@@ -578,8 +580,7 @@ class Engine:
         whose sampled tokens (on the device, not yet appended to `seqs`) are this step's
         inputs, one position further on. Its kernels (and a graph captured now) use PDL when
         `self.pdl`."""
-        with pdl_scope(self.pdl), (self._prefetcher.active(True) if self._prefetcher is not None
-                                   else nullcontext()):
+        with pdl_scope(self.pdl):
             return self._decode_step(seqs, state, after)
 
     def _decode_step(self, seqs: list[Sequence], state: Hashable, after: _Inflight | None) -> _Inflight:
@@ -605,7 +606,7 @@ class Engine:
             attn = AttnBatch.cached(self.cache, dev[2], cu, dev[1], max_context=max_pos + 1,
                                     backend=self.attn_backend, split_kv=self.split_kv,
                                     fold_rope=self.fold_rope, fold_norm=self.fold_norm,
-                                        chain_mlp=self.chain_mlp)
+                                    chain_mlp=self.chain_mlp, l2_plan=self._l2_plan)
             hidden = self.model(dev[0], dev[1], attn)
         return self._draw(seqs, self.model.logits(hidden), shift)  # logits [B, V]
 

@@ -1,45 +1,36 @@
-"""Experimental (off by default, not yet measured): pull the next block's frozen weights into
-L2 on a side stream while the current block computes, in decode steps.
+"""Experimental (off by default): L2 prefetch of a decoder layer's GEMV weights from inside
+its decode attention launch.
 
-Why: a batch-1 decode step's GEMVs read 2-13 MB each and run at ~20-25% of copy bandwidth in
-the engine (docs/benchmarks.md, sessions 6-9): they are latency-bound, so the DRAM bandwidth
-they leave idle could stream the weights the next kernels will read. `bench_qmm.py --gemv`'s
-"gemv-hot" rows (the same weights every call, L2-resident) bound what this can reach; measure
-those first.
+Why: a batch-1 decode step's GEMVs stream their weights at ~25-40% of copy bandwidth (their
+time is each warp's instruction and latency chain, docs/benchmarks.md), and the q/k norm +
+RoPE and attention launches between them read almost nothing from DRAM, so HBM idles for
+~10 us of every layer. With the weights already in L2 the Qwen3-1.7B INT4 M = 1 GEMVs ran
+15-21% faster alone (session 16's "hot" rows: 2048x12288 9.7 -> 7.7 us, 6144x2048 8.2 ->
+6.7, 2048x2048 5.4 -> 4.6).
 
-What: `WeightPrefetcher(model)` registers forward pre-hooks: when a decoder layer's attention
-starts, its MLP's weights (gate/up, down) are prefetched; when its MLP starts, the next
-layer's attention weights (q/k/v, o). Each prefetch is one launch on a side stream, forked
-from the current stream at that point, of `cp.async.bulk.prefetch.L2` instructions over
-CHUNK-byte pieces of the module's buffers (no registers, nothing waits for them); a forward
-hook on the model joins the side stream back, so a CUDA-graph capture of the step holds the
-branch and replays it. Prefetch is a hint: the computed bits cannot change (GPU test). Only
-inside `active(True)`, which the engine opens around decode steps with
-`Engine(prefetch_weights=True)`.
+What: `layer_tables(model, device)` lists, per layer, 64 KB pieces of the frozen buffers of
+the GEMVs that run after that layer's attention (o_proj, the MLP's; with AHEAD "next" also
+the next layer's q/k/v). The decode attention kernel (AttnBatch.l2_plan ->
+`attention_decode_split(l2_prefetch=...)`) spreads the table over its programs, each issuing
+`cp.async.bulk.prefetch.L2` over its pieces before its PDL wait: no extra launch, no side
+stream (session 15's side-stream form cut the decode step's PDL edges and lost 43%), no
+registers held, nothing waits for it. A hint only: the computed bits are the same (GPU test).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from orbit.kernels._triton import tl, triton
-from orbit.kernels.pdl import prefetch_l2
+if TYPE_CHECKING:
+    from orbit.kernels.attention_decode import L2Prefetch
 
 CHUNK = 1 << 16  # bytes per prefetch instruction
-BLOCK = 128  # chunks per program
-
-
-@triton.jit
-def _l2_prefetch_kernel(addr_ptr, size_ptr, N, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N
-    # masked lanes get size 0: prefetch_l2 issues nothing for them
-    prefetch_l2(tl.load(addr_ptr + offs, mask=ok, other=0),
-                tl.load(size_ptr + offs, mask=ok, other=0))
+# which weights a layer's attention prefetches: "rest" (its o_proj and MLP, ~21 MB a
+# Qwen3-1.7B INT4 layer) or "next" (those and the next layer's q/k/v, ~25 MB; L2 is 50 MB)
+AHEAD = "rest"
 
 
 def plan_chunks(tensors: list[Tensor], chunk: int = CHUNK) -> tuple[list[int], list[int]]:
@@ -71,61 +62,30 @@ def _frozen_buffers(module: nn.Module) -> list[Tensor]:
     out: list[Tensor] = []
     for m in module.modules():
         if isinstance(m, QuantLinear):
-            out += [b for b in m.buffers(recurse=False) if b is not None and b.is_cuda]
+            out += [b for b in m.buffers(recurse=False) if b is not None]
     return out
 
 
-class WeightPrefetcher:
-    """Side-stream L2 prefetch of the next block's weights in decode forwards (see above)."""
+def layer_tables(model: nn.Module, device: torch.device,
+                 ahead: str | None = None) -> dict[int, L2Prefetch]:
+    """Per decoder layer index, the L2Prefetch table its decode attention issues: the frozen
+    QuantLinear buffers of its o_proj and MLP, and with `ahead` "next" (default AHEAD) the next
+    layer's q/k/v too. Layers with nothing quantized after them get no entry."""
+    from orbit.kernels.attention_decode import L2Prefetch
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.device = device
-        self.side = torch.cuda.Stream(device)
-        self._on = False
-        self._forked = False
-        self._tables: dict[int, tuple[Tensor, Tensor]] = {}
-        self._handles = []
-        layers = list(model.model.layers)
-        for i, layer in enumerate(layers):
-            targets = [(layer.self_attn, layer.mlp)]
-            if i + 1 < len(layers):
-                targets.append((layer.mlp, layers[i + 1].self_attn))
-            for trigger, ahead in targets:
-                addrs, sizes = plan_chunks(_frozen_buffers(ahead))
-                if not addrs:
-                    continue
-                self._tables[id(trigger)] = (
-                    torch.tensor(addrs, dtype=torch.int64, device=device),
-                    torch.tensor(sizes, dtype=torch.int32, device=device))
-                self._handles.append(trigger.register_forward_pre_hook(self._prefetch))
-        self._handles.append(model.register_forward_hook(self._join))
-
-    def _prefetch(self, module: nn.Module, args: tuple) -> None:
-        if not self._on:
-            return
-        addrs, sizes = self._tables[id(module)]
-        cur = torch.cuda.current_stream(self.device)
-        self.side.wait_stream(cur)
-        with torch.cuda.stream(self.side):
-            n = addrs.numel()
-            _l2_prefetch_kernel[(triton.cdiv(n, BLOCK),)](addrs, sizes, n, BLOCK=BLOCK,
-                                                          num_warps=4)
-        self._forked = True
-
-    def _join(self, module: nn.Module, args: tuple, out: object) -> None:
-        if self._forked:
-            torch.cuda.current_stream(self.device).wait_stream(self.side)
-            self._forked = False
-
-    @contextmanager
-    def active(self, on: bool) -> Iterator[None]:
-        prev, self._on = self._on, on
-        try:
-            yield
-        finally:
-            self._on = prev
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    ahead = AHEAD if ahead is None else ahead
+    if ahead not in ("rest", "next"):
+        raise ValueError(f"l2_prefetch ahead={ahead!r}: expected 'rest' or 'next'")
+    layers = list(model.model.layers)
+    tables: dict[int, L2Prefetch] = {}
+    for i, layer in enumerate(layers):
+        bufs = _frozen_buffers(layer.self_attn.o_proj) + _frozen_buffers(layer.mlp)
+        if ahead == "next" and i + 1 < len(layers):
+            nxt = layers[i + 1].self_attn
+            bufs += [b for name in ("q_proj", "k_proj", "v_proj")
+                     for b in _frozen_buffers(getattr(nxt, name))]
+        addrs, sizes = plan_chunks(bufs)
+        if addrs:
+            tables[i] = L2Prefetch(torch.tensor(addrs, dtype=torch.int64, device=device),
+                                   torch.tensor(sizes, dtype=torch.int32, device=device))
+    return tables

@@ -328,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "the decode attention launch)"),
             ("--chain-mlp", "off", "Engine(chain_mlp=...) (batch-1 MLP as one persistent "
                                    "launch, orbit/kernels/gemv_chain.py)"),
-            ("--prefetch-weights", "off", "Engine(prefetch_weights=...) (experimental: the next "
-                                          "block's weights into L2 on a side stream)"),
+            ("--prefetch-weights", "off", "Engine(prefetch_weights=...) (experimental: each "
+                                          "decode attention launch prefetches the layer's "
+                                          "next GEMV weights into L2)"),
             ("--fuse-lora", "both", "lora section: Engine(fuse_lora=...) (LoRA decode groups; "
                                     "both = plain forward, groups with separate launches, the "
                                     "expand-add in the base launch, and the shrink too)"),

@@ -13,8 +13,18 @@
 #    format's dequantize threshold - 1) for the rows not yet measured (INT4 b64, NVFP4 b32, FP8
 #    b128/256).
 # c: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
+# p: session 27's in-kernel L2 prefetch (Engine(prefetch_weights=True): each decode attention
+#    launch prefetches its layer's o_proj + MLP weights into L2): its GPU tests, the engine
+#    off/on at batch 1/16/64, the table kinds (l2_prefetch.AHEAD) at batch 1; then the OFT
+#    sibling rotation groups' GPU tests and engine comparison from a.
 set -uo pipefail
 case "${1:-a}" in
+p) bash scripts/gpu_run.sh \
+  "cmd:timeout 90 python3 -m pytest tests/gpu/test_l2_prefetch_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
+  "cmd:timeout 170 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1,16,64 --attn-backend triton --prefetch-weights both 2>&1 | grep -v '^{' | grep 'decode'" \
+  "cmd:timeout 80 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1 --attn-backend triton --prefetch-weights on --knob \"orbit.rollout.l2_prefetch.AHEAD='rest','next'\" 2>&1 | grep -v '^{' | grep 'decode'" \
+  "cmd:timeout 90 python3 -m pytest tests/gpu/test_oft_kernel.py tests/gpu/test_engine_gpu.py -m gpu -q -p no:cacheprovider -k 'group or oft' 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
+  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds oft --lora-format int4 --batches 1,4,64 --attn-backend triton --knob orbit.adapters.oft.GROUP_ROTATIONS=False,True 2>&1 | grep -v '^{' | grep 'decode'" ;;
 a) bash scripts/gpu_run.sh \
   "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections formats --formats int4,nvfp4 --batches 32,64,128,256 --attn-backend triton --qmm-routes-compare --qmm-routes orbit/kernels/tuned/nvidia_h100_80gb_hbm3.json 2>&1 | grep -v '^{' | grep 'decode'" \
   "cmd:timeout 80 python3 -m pytest tests/gpu/test_qmm_routes_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \

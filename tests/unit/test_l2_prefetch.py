@@ -27,3 +27,57 @@ def test_plan_covers_every_byte_aligned_and_bounded() -> None:
     # the repeated view adds nothing; the empty tensor adds nothing
     once, _ = plan_chunks(ts[:3], chunk=1 << 14)
     assert len(once) == len(addrs)
+
+
+def _ranges(table) -> list[tuple[int, int]]:
+    return sorted((int(a), int(a) + int(s)) for a, s in zip(table.addrs, table.sizes))
+
+
+def _covered(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    pos = lo
+    for a, b in ranges:
+        if a <= pos < b:
+            pos = b
+    return pos >= hi
+
+
+def test_layer_tables_hold_the_gemvs_after_each_attention() -> None:
+    """Each layer's table covers its o_proj and MLP QuantLinear buffers (with 'next' also the
+    next layer's q/k/v), and no byte of its own q/k/v (read before the attention runs)."""
+    from orbit.models.config import ModelConfig
+    from orbit.models.transformer import CausalLM
+    from orbit.quant.convert import convert_linears
+    from orbit.rollout.l2_prefetch import layer_tables
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="Qwen3ForCausalLM", vocab_size=97, hidden_size=128,
+                      intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2,
+                      head_dim=32, qk_norm=True, max_position_embeddings=256, eos_token_id=1)
+    model = CausalLM(cfg).requires_grad_(False)
+    convert_linears(model, "int4")
+    layers = list(model.model.layers)
+
+    def bufs(m: torch.nn.Module) -> list[torch.Tensor]:
+        return [b for b in m.buffers() if b is not None and b.numel()]
+
+    for ahead in ("rest", "next"):
+        tables = layer_tables(model, torch.device("cpu"), ahead)
+        assert sorted(tables) == [0, 1, 2]
+        for i, layer in enumerate(layers):
+            r = _ranges(tables[i])
+            assert tables[i].addrs.dtype == torch.int64 and tables[i].sizes.dtype == torch.int32
+            for b in bufs(layer.self_attn.o_proj) + bufs(layer.mlp):
+                assert _covered(b, r), (ahead, i)
+            for name in ("q_proj", "k_proj", "v_proj"):
+                own = bufs(getattr(layer.self_attn, name))
+                assert not any(_covered(b, r) for b in own), (ahead, i, name)
+                if i + 1 < len(layers):
+                    nxt = bufs(getattr(layers[i + 1].self_attn, name))
+                    assert all(_covered(b, r) for b in nxt) == (ahead == "next"), (ahead, i)
+    try:
+        layer_tables(model, torch.device("cpu"), "all")
+    except ValueError as e:
+        assert "'rest' or 'next'" in str(e)
+    else:
+        raise AssertionError("an unknown 'ahead' must be refused")
