@@ -101,7 +101,7 @@ def _attn_decode_split_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
     PDL: tl.constexpr = False, ROPE: tl.constexpr = False, HAS_NORM: tl.constexpr = False,
-    SP: tl.constexpr = 1, PF_PER: tl.constexpr = 0,
+    SP: tl.constexpr = 1, PF_PER: tl.constexpr = 0, PF_LANES: tl.constexpr = 128,
 ):
     # PF_PER > 0 (L2Prefetch): this program first bulk-prefetches PF_PER pieces of the table
     # (frozen weights of the GEMVs after this launch) into L2, before the PDL wait (no kernel
@@ -109,7 +109,6 @@ def _attn_decode_split_kernel(
     # The pieces sit one per lane of a 128-wide vector (at most 4 warps: no lane holds a copy
     # of another's, which would issue the same prefetch again), lanes past PF_PER masked.
     if PF_PER > 0:
-        PF_LANES: tl.constexpr = 128 if PF_PER < 128 else PF_PER
         lin = (tl.program_id(0) * HKV + tl.program_id(1)) * SPLIT + tl.program_id(2)
         lane = tl.arange(0, PF_LANES)
         pf = lin * PF_PER + lane
@@ -306,7 +305,7 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
         GROUP=group, D=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=cfg.block_n,
         IEEE=q.dtype == torch.float32, DIRECT=split == 1, PREFETCH=cfg.prefetch,
         ROPE=rope is not None, HAS_NORM=rope is not None and rope.q_weight is not None,
-        SP=triton.next_power_of_2(split), PF_PER=pf_per,
+        SP=triton.next_power_of_2(split), PF_PER=pf_per, PF_LANES=max(128, pf_per),
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl_launch(q.device, B * hkv * split))
     return out
 
