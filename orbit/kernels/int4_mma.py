@@ -84,6 +84,9 @@ USE_PDL = True
 # 26: 4096x12288 M = 4 18.0-22.2 us against 17.5; the engine at batch 4-8 -2% to -11%;
 # docs/kernels.md "A cp.async ring for the weight words").
 RING_STAGES = 0
+# pick_config's MmaConfig.l2 (the K slice's weight words bulk-prefetched into L2 up front).
+# Off until measured (session 27: `bench_qmm.py --gemv --gemv-mma --gemv-mma-l2`).
+L2_SLICE = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class MmaConfig:
     x_prefetch: bool = False
     pdl: bool = False
     stages: int = 0
+    l2: bool = False
 
     @property
     def block_n(self) -> int:
@@ -170,7 +174,8 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
     while (split * 2 <= min(FIXUP_MAX_SPLIT, steps // 2) and steps % (split * 2) == 0
            and tiles * split * 2 * rt <= 6 * sms and k // (split * 2) >= MIN_SLICE_K):
         split *= 2
-    return dataclasses.replace(cfg, split=split, stages=min(RING_STAGES, steps // split))
+    return dataclasses.replace(cfg, split=split, stages=min(RING_STAGES, steps // split),
+                               l2=L2_SLICE)
 
 
 if HAS_GLUON:
@@ -322,6 +327,23 @@ if HAS_GLUON:
                                   dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
+    def _prefetch_slice_l2(q_ptr, stride_q, pid_n, pid_k, N, K_SLICE_W, BN: gl.constexpr,
+                           LANES: gl.constexpr):
+        # MmaConfig.l2: LANES (the program's threads) >= BN rows; PARTS threads per row, each
+        # prefetching K_SLICE_W / PARTS words of it (a multiple of 8: 32-byte pieces, 16-byte
+        # aligned as the instruction needs; the launch checks the row stride)
+        L1: gl.constexpr = gl.BlockedLayout([1], [32], [LANES // 32], [0])
+        PARTS: gl.constexpr = LANES // BN
+        lane = gl.arange(0, LANES, layout=L1)
+        row = gl.minimum(pid_n * BN + lane // PARTS, N - 1)  # (tail rows: row N - 1 again)
+        pw = K_SLICE_W // PARTS
+        ptr = q_ptr + row * stride_q + (pid_k * K_SLICE_W + (lane % PARTS) * pw)
+        nbytes = gl.full([LANES], 0, gl.int32, L1) + pw * 4
+        gl.inline_asm_elementwise(
+            "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+            [ptr.to(gl.int64, bitcast=True), nbytes], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _pdl_enter(PDL: gl.constexpr):
         # pdl.pdl_enter for Gluon kernels (the same griddepcontrol instructions, which Gluon
         # cannot call as Triton functions): PDL 2 lets the next kernel launch before waiting,
@@ -342,7 +364,7 @@ if HAS_GLUON:
                          NP: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
                          B: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr,
                          LS: gl.constexpr, PDL: gl.constexpr = False,
-                         STAGES: gl.constexpr = 0):
+                         STAGES: gl.constexpr = 0, L2PRE: gl.constexpr = 0):
         # FMT 0: INT4 (u - 8 into the MMA, each step's partial times its group's scale);
         # FMT 2: FP8 (the e4m3 values into the MMA, each step's partial times its block's
         # scale); FMT 3: NVFP4 (v * s * 2^-9 into the MMA, the global scale * 2^9 at the end).
@@ -352,6 +374,8 @@ if HAS_GLUON:
         pid_k = gl.program_id(1)
         K_SLICE = K_SLICE_W * KPW  # (passed in words: a multiple of 16, so loads vectorize)
         k_lo = pid_k * K_SLICE
+        if L2PRE > 0:  # (L2PRE: the program's thread count; frozen weights, before the wait)
+            _prefetch_slice_l2(q_ptr, stride_q, pid_n, pid_k, N, K_SLICE_W, BN, L2PRE)
 
         # word pointers [BN, 4, VEC]: row r, word k0 / 8 + VEC t + i
         LW2: gl.constexpr = gl.SliceLayout(2, LW)
@@ -574,6 +598,10 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     if y.shape != (m, n) or y.dtype != x.dtype or y.stride(1) != 1:
         raise ValueError(f"int4_mma: out must be [{m}, {n}] {x.dtype} with unit column stride")
     tiles = -(-n // cfg.block_n)
+    lanes = 32 * cfg.warps
+    l2pre = lanes if (cfg.l2 and x.is_cuda and lanes % cfg.block_n == 0
+                      and qweight.stride(0) % 4 == 0
+                      and (k // cfg.split // kpw) % (8 * lanes // cfg.block_n) == 0) else 0
     if cfg.split > 1:
         ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device)
         cnt = arrival_counters(x.device, tiles)
@@ -584,7 +612,7 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         scale.stride(0), y.stride(0), k // cfg.split // kpw, cfg.split,
         FMT=FMT_IDS[fmt], GROUP=group, VEC=vec, KPW=kpw, BN=cfg.block_n,
         EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma,
-        A=a, B=b, LW=lw, LX=lx, LS=ls, STAGES=cfg.stages, num_warps=cfg.warps,
+        A=a, B=b, LW=lw, LX=lx, LS=ls, STAGES=cfg.stages, L2PRE=l2pre, num_warps=cfg.warps,
         # (USE_PDL off keeps the engine's launches plain; a config's forced PDL still holds)
         **(pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl)
            if USE_PDL or cfg.pdl else {}))

@@ -296,15 +296,22 @@ REGFED_MAXNREG = (96, 80, 64)  # 5, 6, 8 programs of 128 threads per SM
 # x prefetch; --gemv-mma-sweep: MMA_SWEEP (4 warps: 8 measured the same) at every split;
 # --gemv-mma-stages: the pick with and without PDL and the shared-memory ring forms alone.
 def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
-             fmt: str = "int4", stages_only: bool = False) -> list:
+             fmt: str = "int4", stages_only: bool = False, l2_only: bool = False) -> list:
     """The int4_mma configs --gemv-mma times at one shape and M: the pick first, then (sweep)
     every (warps, row tiles, prefetch depth) of MMA_SWEEP at every split the K steps allow,
-    or a few neighbours of the pick (stages_only: the ring forms)."""
+    or a few neighbours of the pick (stages_only: the ring forms; l2_only: the pick with and
+    without MmaConfig.l2, plain and PDL, and l2 at half and twice the pick's split)."""
     from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
     pick = pick_config(m, k, n, group, sms, fmt)
     steps = k // step_depth(fmt, group)
     splits = [s_ for s_ in (1, 2, 4, 8, 16) if steps % s_ == 0 and steps // s_ >= 2]
+    if l2_only:
+        base = dataclasses.replace(pick, l2=False)
+        return ([base, dataclasses.replace(base, l2=True), dataclasses.replace(base, pdl=True),
+                 dataclasses.replace(base, pdl=True, l2=True)]
+                + [dataclasses.replace(base, split=s_, l2=True, pdl=True)
+                   for s_ in (base.split // 2, base.split * 2) if s_ in splits])
     if sweep:
         return [pick] + [MmaConfig(w, rt, s_, d, xp) for w, rt, d, xp in MMA_SWEEP
                          for s_ in splits if MmaConfig(w, rt, s_, d, xp) != pick]
@@ -403,7 +410,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 swap: bool = False, formats: tuple = ("int4", "fp8", "nvfp4"),
                 decodes: bool = False, pairs: bool = False, regfed: bool = False,
                 paths: tuple[str, ...] = ("*",), mma: bool = False,
-                mma_sweep: bool = False, mma_stages: bool = False) -> list[dict]:
+                mma_sweep: bool = False, mma_stages: bool = False,
+                mma_l2: bool = False) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run; only the
     paths whose names match one of the `paths` patterns (fnmatch: "gemv", "gemv-pdl*") are
     timed (cuBLAS always is: it is every row's baseline)."""
@@ -486,7 +494,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     if mma_operands_ok(x, qw0):
                         plan += [("int4-mma-pdl" if c.pdl else "int4-mma", c) for c in mma_alts(
                             m, n, k, weight_operands(qw0)[2], num_sms(x.device), mma_sweep,
-                            fmt, mma_stages)]
+                            fmt, mma_stages, mma_l2)]
                 if alts and fmt in ("int4", "nvfp4", "mxfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1=_alt_e2m1(eb, auto.e2m1),
@@ -655,6 +663,10 @@ def main() -> None:
     ap.add_argument("--gemv-mma-stages", action="store_true",
                     help="with --gemv-mma: only the pick (with and without PDL) and its "
                          "shared-memory ring forms (MmaConfig.stages)")
+    ap.add_argument("--gemv-mma-l2", action="store_true",
+                    help="with --gemv-mma: only the pick with and without MmaConfig.l2 (the K "
+                         "slice bulk-prefetched into L2 first), plain and PDL, and l2 at half "
+                         "and twice the pick's split")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")
@@ -701,7 +713,8 @@ def main() -> None:
                                   tuple(args.gemv_formats.split(",")), args.gemv_decodes,
                                   args.gemv_pairs, args.gemv_regfed,
                                   tuple(args.gemv_paths.split(",")), args.gemv_mma,
-                                  args.gemv_mma_sweep, args.gemv_mma_stages)
+                                  args.gemv_mma_sweep, args.gemv_mma_stages,
+                                  args.gemv_mma_l2)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")

@@ -50,7 +50,8 @@ def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
     consts = {"FMT": FMT_IDS[fmt], "GROUP": group, "VEC": vec, "KPW": kpw,
               "BN": cfg.block_n, "EVEN_N": even_n, "DEPTH": cfg.prefetch,
               "XPRE": cfg.x_prefetch, "NP": np_, "MMA": mma, "A": a, "B": b, "LW": lw,
-              "LX": lx, "LS": ls, "PDL": cfg.pdl, "STAGES": cfg.stages}
+              "LX": lx, "LS": ls, "PDL": cfg.pdl, "STAGES": cfg.stages,
+              "L2PRE": 32 * cfg.warps if cfg.l2 else 0}
     types = dict(TYPES, s_ptr=SCALE_TYPES.get(fmt, "*bf16"))
     return compile_sm90(_int4_mma_kernel, consts, types, cfg.warps, 1, DIVISIBLE)
 

@@ -308,3 +308,21 @@ def test_engine_scope_launches_int4_mma_with_pdl(monkeypatch: pytest.MonkeyPatch
         y = _run(x, qw)
     assert asked and asked[-1].get("launch_pdl") is True
     assert torch.equal(y, plain)
+
+
+@pytest.mark.parametrize("fmt,m", [("int4", 1), ("int4", 4), ("int4", 16), ("nvfp4", 4),
+                                   ("fp8", 4)])
+@pytest.mark.parametrize("k,n", [(4096, 12288), (2048, 200)])
+def test_l2_slice_prefetch_gives_the_same_bits(fmt: str, m: int, k: int, n: int) -> None:
+    """MmaConfig.l2 (the K slice bulk-prefetched into L2 first) is a hint: the same bits as
+    without it, plain and with PDL, at the pick's split and at split 1."""
+    import dataclasses
+
+    from orbit.kernels.int4_mma import pick_config, weight_operands
+
+    qw = random_qweight(fmt, n, k, seed=5, device="cuda")
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    pick = pick_config(m, k, n, weight_operands(qw)[2], 132, fmt)
+    for cfg in (pick, dataclasses.replace(pick, split=1), dataclasses.replace(pick, pdl=True)):
+        ref = _run(x, qw, dataclasses.replace(cfg, l2=False))
+        assert torch.equal(_run(x, qw, dataclasses.replace(cfg, l2=True)), ref), cfg

@@ -129,6 +129,32 @@ def test_sm90_compile_pdl_loads_weights_before_the_wait(fmt: str, group: int) ->
 
 
 @pytest.mark.parametrize("fmt,group,m", [("int4", 128, 4), ("int4", 128, 16), ("nvfp4", 16, 4)])
+def test_sm90_compile_l2_slice_prefetch_is_one_instruction_before_the_wait(
+        fmt: str, group: int, m: int) -> None:
+    """MmaConfig.l2: each thread issues one bulk L2 prefetch (its row's share of the K slice)
+    first, before griddepcontrol.wait under PDL, and the K loop stays the plain form's size
+    (within 3%: ptxas schedules it a little differently)."""
+    import dataclasses
+
+    from bench_scripts import load_bench
+
+    tool = _tool()
+    op = load_bench("sm90_compile").SASS_OP
+    cfg = dataclasses.replace(pick_config(m, 4096, 12288, group, 132, fmt), pdl=True)
+    plain = tool.compile_mma(cfg, m, group, fmt=fmt)
+    pre = tool.compile_mma(dataclasses.replace(cfg, l2=True), m, group, fmt=fmt)
+    assert "cp.async.bulk.prefetch.L2" not in plain.asm["ptx"]
+    assert pre.asm["ptx"].count("cp.async.bulk.prefetch.L2") == 1
+    sass = tool.disassemble(pre.asm["cubin"])
+    ops = [m_.group(2) for m_ in op.finditer(sass)]
+    pf = [i for i, o in enumerate(ops) if o == "UBLKPF"]  # the bulk prefetch
+    assert len(pf) == 1 and pf[0] < ops.index("ACQBULK")
+    n_pre = tool.loop_budget(sass, key="HMMA")[0]
+    n_plain = tool.loop_budget(tool.disassemble(plain.asm["cubin"]), key="HMMA")[0]
+    assert abs(n_pre - n_plain) <= 0.03 * n_plain, (n_pre, n_plain)
+
+
+@pytest.mark.parametrize("fmt,group,m", [("int4", 128, 4), ("int4", 128, 16), ("nvfp4", 16, 4)])
 def test_sm90_compile_ring_streams_words_through_shared_memory(fmt: str, group: int,
                                                                m: int) -> None:
     """The cp.async ring (MmaConfig.stages): the K loop issues one 16-byte LDGSTS per 16-row
