@@ -40,7 +40,7 @@ from orbit.kernels.lora_epilogue import LoRAEpilogue
 from orbit.kernels.matmul_exact import interpreting
 from orbit.quant.linear import QuantLinear, sibling_serves
 from orbit.quant.qweight import QuantizedWeight
-from orbit.quant.siblings import MemberGroup, sibling_sets
+from orbit.quant.siblings import MemberGroup, link_sibling_sets
 
 # Rows a group serves at most (None: any). A knob for same-run comparisons against the plain
 # forward past a row count (bench_engine.py --knob orbit.adapters.lora_decode.MAX_ROWS=63,None:
@@ -195,16 +195,8 @@ def link_lora_decode(model: nn.Module, fold: bool = True, fold_shrink: bool = Tr
     """Link the model's LoRALinear modules into decode groups (see the module docstring);
     returns the number of groups. Modules already linked are left as they are. `fold`,
     `fold_shrink`: see LoRADecodeGroup."""
-    groups = 0
-    for members in sibling_sets(model, _lora):
-        if any(m.decode_group is not None for m in members):
-            continue
-        if len({(m.in_features, m.r) for m in members}) != 1:
-            continue
-        group = LoRADecodeGroup(members, fold, fold_shrink)
-        for m in members:
-            m.decode_group = group
-        groups += 1
+    groups = link_sibling_sets(model, _lora, "decode_group", lambda m: (m.in_features, m.r),
+                               lambda members: LoRADecodeGroup(members, fold, fold_shrink))
     for m in model.modules():
         if type(m) is LoRALinear and m.decode_group is None:
             m.decode_group = LoRADecodeGroup([m], fold, fold_shrink)

@@ -28,7 +28,7 @@ from orbit.kernels.oft_rotate import (
 )
 from orbit.quant import linear as qlinear
 from orbit.quant.linear import QuantLinear
-from orbit.quant.siblings import MemberGroup, sibling_sets
+from orbit.quant.siblings import MemberGroup, link_sibling_sets
 
 
 def skew_index(b: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -298,17 +298,9 @@ def link_oft_groups(model: nn.Module) -> int:
     """Link each q/k/v and gate/up set of OFT linears in `model` (equal input width, block
     size and sharing) into an OFTRotateGroup; returns the number linked. Linked sets are left
     as they are."""
-    linked = 0
-    for members in sibling_sets(model, lambda m: m if isinstance(m, OFTLinear) else None):
-        if any(m.rotate_group is not None for m in members):
-            continue
-        if len({(m.in_features, m.block_size, m.block_share) for m in members}) != 1:
-            continue
-        group = OFTRotateGroup(members)
-        for m in members:
-            m.rotate_group = group
-        linked += 1
-    return linked
+    return link_sibling_sets(model, lambda m: m if isinstance(m, OFTLinear) else None,
+                             "rotate_group", lambda m: (m.in_features, m.block_size, m.block_share),
+                             OFTRotateGroup)
 
 
 def unlink_oft_groups(model: nn.Module) -> None:

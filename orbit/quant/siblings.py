@@ -25,7 +25,7 @@ every member, else that group is left alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -180,6 +180,26 @@ def sibling_sets(model: nn.Module,
             members = [pick(getattr(parent, n, None)) for n in names]
             if all(m is not None for m in members):
                 yield members  # type: ignore[misc]
+
+
+def link_sibling_sets(model: nn.Module, pick: Callable[[nn.Module | None], ModT | None],
+                      attr: str, key: Callable[[ModT], Hashable],
+                      make: Callable[[list[ModT]], object]) -> int:
+    """For each sibling set of `pick`'s modules (sibling_sets) whose members all agree on
+    `key` and none of which has `attr` set yet, set every member's `attr` to one
+    `make(members)`; returns the number of sets linked. (The adapters' decode groups: LoRA,
+    OFT.)"""
+    linked = 0
+    for members in sibling_sets(model, pick):
+        if any(getattr(m, attr) is not None for m in members):
+            continue
+        if len({key(m) for m in members}) != 1:
+            continue
+        group = make(members)
+        for m in members:
+            setattr(m, attr, group)
+        linked += 1
+    return linked
 
 
 def fuse_siblings(model: nn.Module) -> int:
