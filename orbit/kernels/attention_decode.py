@@ -31,7 +31,7 @@ from torch import Tensor
 from orbit.kernels._triton import tl, triton
 from orbit.kernels.attention_exact import LOG2E, _check_q, load_kv_block, softmax_block, softmax_kv
 from orbit.kernels.gemv import arrival_counters
-from orbit.kernels.pdl import pdl_enter, pdl_launch, prefetch_l2
+from orbit.kernels.pdl import L2Prefetch, l2_prefetch_args, pdl_enter, pdl_launch, prefetch_table_l2
 from orbit.kernels.rope import _norm_rope_row, norm_rope_rows
 
 SPLIT_BLOCK_N = 64  # key positions per step
@@ -103,22 +103,13 @@ def _attn_decode_split_kernel(
     PDL: tl.constexpr = False, ROPE: tl.constexpr = False, HAS_NORM: tl.constexpr = False,
     SP: tl.constexpr = 1, PF_PER: tl.constexpr = 0, PF_LANES: tl.constexpr = 128,
 ):
-    # PF_PER > 0 (L2Prefetch): this program first bulk-prefetches PF_PER pieces of the table
+    # PF_PER > 0 (pdl.L2Prefetch): this program first bulk-prefetches its share of the table
     # (frozen weights of the GEMVs after this launch) into L2, before the PDL wait (no kernel
     # writes them); a hint only, nothing waits for it, the computed bits are the same.
-    # The pieces sit one per lane of a 128-wide vector (at most 4 warps: no lane holds a copy
-    # of another's, which would issue the same prefetch again), lanes past PF_PER masked.
     if PF_PER > 0:
-        lin = (tl.program_id(0) * HKV + tl.program_id(1)) * SPLIT + tl.program_id(2)
-        lane = tl.arange(0, PF_LANES)
-        pf = lin * PF_PER + lane
-        pf_ok = (lane < PF_PER) & (pf < PF_N)
-        prefetch_l2(tl.load(pf_addr_ptr + pf, mask=pf_ok, other=0),
-                    tl.load(pf_size_ptr + pf, mask=pf_ok, other=0))
-    # ROPE (the fold of orbit.kernels.rope.qk_norm_rope_kv): q_ptr holds the raw q, nk/nv_ptr
-    # the new token's raw k and v [B, Hkv, D]. Every program normalises and rotates its query
-    # rows itself; the program whose chunk holds the new position p0 normalises and rotates k,
-    # stores k and v in the cache at p0 and then (barrier) reads them back with the rest.
+        prefetch_table_l2(pf_addr_ptr, pf_size_ptr, PF_N,
+                          (tl.program_id(0) * HKV + tl.program_id(1)) * SPLIT + tl.program_id(2),
+                          PF_PER, PF_LANES)
     pdl_enter(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -218,21 +209,6 @@ def _attn_decode_split_kernel(
 
 
 @dataclass(frozen=True)
-class L2Prefetch:
-    """A table of byte ranges (int64 addresses, int32 sizes: multiples of 16, 16-byte aligned,
-    on the GPU) that the decode attention launch bulk-prefetches into L2 as it starts, spread
-    over its programs (orbit/rollout/l2_prefetch.py builds them: the layer's GEMV weights that
-    run after it). CUDA sm_90 only; a hint, the same bits."""
-
-    addrs: Tensor
-    sizes: Tensor
-
-    def per_program(self, programs: int) -> int:
-        """Table entries each of `programs` programs issues (a power of two)."""
-        return triton.next_power_of_2(triton.cdiv(self.addrs.numel(), max(programs, 1)))
-
-
-@dataclass(frozen=True)
 class DecodeRope:
     """The new token's raw k and v [B, Hkv, D] and what turns raw q and k into attention's
     inputs (per-head RMSNorm weights or None, eps, cos/sin rows [B, D]): with it,
@@ -263,7 +239,7 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
     1/sqrt(D), as attention_cached_exact. `config` None: DecodeConfig(). `rope`: q is the raw
     q, and the kernel normalises and rotates q and k and writes k and v into the cache at
     start_pos itself (DecodeRope; a power-of-two head dim, q/k/v and cache of one dtype).
-    `l2_prefetch`: byte ranges the launch prefetches into L2 first (L2Prefetch; CUDA sm_90)."""
+    `l2_prefetch`: byte ranges the launch prefetches into L2 first (pdl.L2Prefetch; sm_90)."""
     group = _check_q(q, k_cache)
     B, _, D = q.shape
     hkv = k_cache.shape[-2]
@@ -293,10 +269,7 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
     slot = slots.to(device=q.device, dtype=torch.int64)
     start = start_pos.to(device=q.device, dtype=torch.int64)
     rargs = _rope_args(rope, q, k_cache, v_cache, hkv, bd)
-    pf_args, pf_per = (start, start, 0), 0  # (dummies: PF_PER = 0 never reads them)
-    if l2_prefetch is not None and l2_prefetch.addrs.numel():
-        pf_args = (l2_prefetch.addrs, l2_prefetch.sizes, l2_prefetch.addrs.numel())
-        pf_per = l2_prefetch.per_program(B * hkv * split)
+    pf_args, pf_consts = l2_prefetch_args(l2_prefetch, B * hkv * split, start)
     _attn_decode_split_kernel[(B, hkv, split)](
         q, k_cache, v_cache, out, ws, ml, cnt, start, slot, k_cache.stride(0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -305,7 +278,7 @@ def attention_decode_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: T
         GROUP=group, D=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=cfg.block_n,
         IEEE=q.dtype == torch.float32, DIRECT=split == 1, PREFETCH=cfg.prefetch,
         ROPE=rope is not None, HAS_NORM=rope is not None and rope.q_weight is not None,
-        SP=triton.next_power_of_2(split), PF_PER=pf_per, PF_LANES=max(128, pf_per),
+        SP=triton.next_power_of_2(split), **pf_consts,
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl_launch(q.device, B * hkv * split))
     return out
 

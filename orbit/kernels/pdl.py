@@ -29,10 +29,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from orbit.kernels._triton import HAS_TRITON, tl, triton
 
@@ -74,6 +76,45 @@ def prefetch_l2(ptrs, nbytes):
     tl.inline_asm_elementwise(
         "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
         "mov.u32 $0, 0; }", "=r,l,r", [addr, n], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_table_l2(addr_ptr, size_ptr, N, prog, PER: tl.constexpr, LANES: tl.constexpr):
+    """Program `prog`'s share of an L2Prefetch table: entries prog * PER .. + PER - 1 (of N),
+    one per lane of a LANES-wide vector (>= PER; 128 for kernels of at most 4 warps, so no
+    lane holds a copy of another's and issues the same prefetch again), lanes past PER off."""
+    lane = tl.arange(0, LANES)
+    i = prog * PER + lane
+    ok = (lane < PER) & (i < N)
+    # masked lanes get size 0: prefetch_l2 issues nothing for them
+    prefetch_l2(tl.load(addr_ptr + i, mask=ok, other=0), tl.load(size_ptr + i, mask=ok, other=0))
+
+
+@dataclass(frozen=True)
+class L2Prefetch:
+    """A table of byte ranges (int64 addresses, int32 sizes: multiples of 16, 16-byte aligned,
+    on the GPU) that a decode launch bulk-prefetches into L2 as it starts (before its PDL
+    wait), spread over its programs with `prefetch_table_l2`. orbit/rollout/l2_prefetch.py
+    builds them from frozen weights. CUDA sm_90 only; a hint: the same bits."""
+
+    addrs: Tensor
+    sizes: Tensor
+
+    def launch_args(self, programs: int) -> tuple[tuple, dict[str, int]]:
+        """((addr_ptr, size_ptr, N) runtime arguments, {PF_PER, PF_LANES} constexprs) of a
+        launch of `programs` programs (one table entry or more each)."""
+        n = self.addrs.numel()
+        per = 1 << (-(-n // max(programs, 1)) - 1).bit_length() if n else 0  # power of two
+        return (self.addrs, self.sizes, n), {"PF_PER": per, "PF_LANES": max(128, per)}
+
+
+def l2_prefetch_args(table: L2Prefetch | None, programs: int,
+                     dummy: Tensor) -> tuple[tuple, dict[str, int]]:
+    """L2Prefetch.launch_args, or (with no table) dummies and PF_PER = 0, which compiles the
+    prefetch out."""
+    if table is None:
+        return (dummy, dummy, 0), {"PF_PER": 0, "PF_LANES": 128}
+    return table.launch_args(programs)
 
 
 @cache

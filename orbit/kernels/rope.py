@@ -26,7 +26,7 @@ from torch import Tensor
 from orbit.kernels._autograd import reference_grads
 from orbit.kernels._triton import HAS_TRITON, tl, triton
 from orbit.kernels.matmul_exact import interpreting
-from orbit.kernels.pdl import pdl_enter, pdl_launch
+from orbit.kernels.pdl import L2Prefetch, l2_prefetch_args, pdl_enter, pdl_launch, prefetch_table_l2
 from orbit.kernels.rmsnorm_exact import rmsnorm_torch
 
 
@@ -110,12 +110,19 @@ def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr,
 def _qk_norm_rope_kv_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr,
                             kc_ptr, vc_ptr, slot_ptr, pos_ptr, H, HKV, stride_qt, stride_qh,
                             stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                            stride_ct, stride_cs, stride_cp, stride_ch, eps, D: tl.constexpr,
-                            HAS_NORM: tl.constexpr, PDL: tl.constexpr = False):
+                            stride_ct, stride_cs, stride_cp, stride_ch, eps, pf_addr_ptr,
+                            pf_size_ptr, PF_N, D: tl.constexpr, HAS_NORM: tl.constexpr,
+                            PDL: tl.constexpr = False, PF_PER: tl.constexpr = 0,
+                            PF_LANES: tl.constexpr = 128):
     # Program (t, h): head rows h < H are q's (norm + RoPE into qo), the next HKV are k's
     # (norm + RoPE straight into the cache at (slot[t], pos[t])), the last HKV are v's (a copy
     # into the cache). Each row's arithmetic is _norm_rope_kernel's, so the bits are those of
-    # norm_rope_triton for q and k followed by kv_write.
+    # norm_rope_triton for q and k followed by kv_write. PF_PER > 0: first this program's share
+    # of an L2 prefetch table (pdl.L2Prefetch: frozen weights, before the wait; a hint).
+    if PF_PER > 0:
+        prefetch_table_l2(pf_addr_ptr, pf_size_ptr, PF_N,
+                          tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), PF_PER,
+                          PF_LANES)
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -226,10 +233,12 @@ def qk_norm_rope_kv_available(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor 
 
 def qk_norm_rope_kv(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | None,
                     k_weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor, kc: Tensor,
-                    vc: Tensor, slot: Tensor, pos: Tensor) -> Tensor:
+                    vc: Tensor, slot: Tensor, pos: Tensor,
+                    l2_prefetch: L2Prefetch | None = None) -> Tensor:
     """Attention's pre-read work in one launch (no autograd; CUDA or the interpreter): returns
     norm_rope(q) [T, H, D] and stores norm_rope(k) and v at kc/vc[slot[t], pos[t]]; the same
-    bits as `norm_rope_triton` for q and k followed by `kv_write.kv_write`."""
+    bits as `norm_rope_triton` for q and k followed by `kv_write.kv_write`. `l2_prefetch`:
+    byte ranges the launch prefetches into L2 first (pdl.L2Prefetch; CUDA sm_90)."""
     _check(q, q_weight, cos, sin)
     _check(k, k_weight, cos, sin)
     T, H, D = q.shape
@@ -237,10 +246,12 @@ def qk_norm_rope_kv(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | None,
     cos, sin = cos.contiguous(), sin.contiguous()
     qo = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     if T:
+        pf_args, pf_consts = l2_prefetch_args(l2_prefetch, T * (H + 2 * hkv), pos)
         _qk_norm_rope_kv_kernel[(T, H + 2 * hkv)](
             q, k, v, q_weight if q_weight is not None else q, k_weight if k_weight is not None else k,
             cos, sin, qo, kc, vc, slot, pos, H, hkv, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), qo.stride(0), qo.stride(1), cos.stride(0),
-            kc.stride(0), kc.stride(1), kc.stride(2), eps, D=D, HAS_NORM=q_weight is not None,
+            kc.stride(0), kc.stride(1), kc.stride(2), eps, *pf_args, D=D,
+            HAS_NORM=q_weight is not None, **pf_consts,
             num_warps=1 if D <= 128 else 2, **pdl_launch(q.device, T * (H + 2 * hkv)))
     return qo

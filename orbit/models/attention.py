@@ -383,9 +383,20 @@ class AttnBatch:
         # split 1 (the batch fills the GPU) runs the same kernel with one chunk: 16-row
         # tiles for the GQA group, the live length bounds the walk (not the tile's last row)
         split, cfg = self._meta["decode"]
-        pf = self.l2_plan.get(layer) if self.l2_plan and q.is_cuda else None
         return attention_decode_split(q, kc, vc, self.slots, self.start_pos, ctx, split,
-                                      config=cfg, rope=rope, l2_prefetch=pf)
+                                      config=cfg, rope=rope,
+                                      l2_prefetch=self.l2_table(layer, "attention", q))
+
+    def l2_table(self, layer: int, site: str, x: Tensor) -> Any:
+        """Layer `layer`'s L2 prefetch table (l2_plan) if launch `site` ("attention" or
+        "rope") is the one that issues it (orbit.rollout.l2_prefetch.WHERE; the rope launch
+        only where it runs, i.e. without fold_rope) and `x` is on CUDA; else None."""
+        if not self.l2_plan or not x.is_cuda:
+            return None
+        from orbit.rollout import l2_prefetch
+
+        where = "attention" if self.fold_rope else l2_prefetch.WHERE
+        return self.l2_plan.get(layer) if where == site else None
 
     def _attend_cached_triton(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Write the new K/V, then attend straight from the cache: no per-layer gather of the

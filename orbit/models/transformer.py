@@ -211,7 +211,8 @@ class Attention(nn.Module):
             o = attn.attend_rope(self.layer_idx, q, k, v, qw, kw, eps, cos, sin)
             if o is not None:
                 return o.reshape(T, self.num_heads * self.head_dim)
-            q = qk_norm_rope_kv(q, k, v, qw, kw, eps, cos, sin, *dest)
+            q = qk_norm_rope_kv(q, k, v, qw, kw, eps, cos, sin, *dest,
+                                l2_prefetch=attn.l2_table(self.layer_idx, "rope", q))
             attn.kv_written(self.layer_idx)
         elif fused:  # one launch each for q and k (kernels/rope.py)
             q, k = _norm_rope(q, self.q_norm, cos, sin), _norm_rope(k, self.k_norm, cos, sin)

@@ -25,12 +25,16 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from orbit.kernels.attention_decode import L2Prefetch
+    from orbit.kernels.pdl import L2Prefetch
 
 CHUNK = 1 << 16  # bytes per prefetch instruction
 # which weights a layer's attention prefetches: "rest" (its o_proj and MLP, ~21 MB a
 # Qwen3-1.7B INT4 layer) or "next" (those and the next layer's q/k/v, ~25 MB; L2 is 50 MB)
 AHEAD = "rest"
+# which launch issues a layer's table: "attention" (the split-KV decode attention) or "rope"
+# (the q/k norm + RoPE + cache-write launch before it: more lead time; where the engine runs
+# that launch, i.e. fold_rope off, the default). Read when a forward is traced or captured.
+WHERE = "attention"
 
 
 def plan_chunks(tensors: list[Tensor], chunk: int = CHUNK) -> tuple[list[int], list[int]]:
@@ -71,7 +75,7 @@ def layer_tables(model: nn.Module, device: torch.device,
     """Per decoder layer index, the L2Prefetch table its decode attention issues: the frozen
     QuantLinear buffers of its o_proj and MLP, and with `ahead` "next" (default AHEAD) the next
     layer's q/k/v too. Layers with nothing quantized after them get no entry."""
-    from orbit.kernels.attention_decode import L2Prefetch
+    from orbit.kernels.pdl import L2Prefetch
 
     ahead = AHEAD if ahead is None else ahead
     if ahead not in ("rest", "next"):

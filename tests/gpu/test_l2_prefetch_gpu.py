@@ -1,7 +1,8 @@
 """Engine(prefetch_weights=True) (orbit/rollout/l2_prefetch.py, experimental): the decode
 attention launch's L2 prefetch of the weights after it is a hint, so tokens and log-prob bits
-equal those without it, with CUDA graphs, at batch 1 and 4, for both table kinds; and the
-kernel alone returns the same bits with a table whose pieces outnumber its programs."""
+equal those without it, with CUDA graphs, at batch 1 and 4, for both table kinds and both
+issuing launches (attention, q/k norm + RoPE); and the attention kernel alone returns the same
+bits with a table whose pieces outnumber its programs."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("ahead", ["rest", "next"])
-def test_prefetch_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch, ahead: str) -> None:
+@pytest.mark.parametrize("ahead,where", [("rest", "attention"), ("next", "attention"),
+                                         ("rest", "rope")])
+def test_prefetch_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch, ahead: str,
+                                      where: str) -> None:
     import orbit.rollout.l2_prefetch as pf
 
     monkeypatch.setattr(pf, "AHEAD", ahead)
+    monkeypatch.setattr(pf, "WHERE", where)
     model = small_qwen3("int4")
     ps = mixed_prompts(9)
     sp = SamplingParams(temperature=1.0, max_new_tokens=24, seed=3, ignore_eos=True)
@@ -35,7 +39,8 @@ def test_prefetch_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch, ahead: st
 
 
 def test_kernel_with_a_prefetch_table_gives_the_same_bits() -> None:
-    from orbit.kernels.attention_decode import L2Prefetch, attention_decode_split, pick_decode
+    from orbit.kernels.attention_decode import attention_decode_split, pick_decode
+    from orbit.kernels.pdl import L2Prefetch
     from orbit.rollout.l2_prefetch import plan_chunks
 
     torch.manual_seed(1)
@@ -50,7 +55,7 @@ def test_kernel_with_a_prefetch_table_gives_the_same_bits() -> None:
     addrs, sizes = plan_chunks(weights, chunk=1 << 12)  # ~2900 pieces, far more than programs
     table = L2Prefetch(torch.tensor(addrs, dtype=torch.int64, device="cuda"),
                        torch.tensor(sizes, dtype=torch.int32, device="cuda"))
-    assert table.per_program(B * HKV * split) > 1
+    assert table.launch_args(B * HKV * split)[1]["PF_PER"] > 1
     ref = attention_decode_split(q, kc, vc, slots, start, L, split, config=cfg)
     out = attention_decode_split(q, kc, vc, slots, start, L, split, config=cfg, l2_prefetch=table)
     torch.cuda.synchronize()

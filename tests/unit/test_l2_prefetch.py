@@ -81,3 +81,45 @@ def test_layer_tables_hold_the_gemvs_after_each_attention() -> None:
         assert "'rest' or 'next'" in str(e)
     else:
         raise AssertionError("an unknown 'ahead' must be refused")
+
+
+def test_launch_args_spread_the_table_over_the_programs() -> None:
+    from orbit.kernels.pdl import L2Prefetch, l2_prefetch_args
+
+    t = L2Prefetch(torch.zeros(336, dtype=torch.int64), torch.zeros(336, dtype=torch.int32))
+    args, consts = t.launch_args(128)
+    assert args[2] == 336 and consts == {"PF_PER": 4, "PF_LANES": 128}  # 3 rounded up
+    assert t.launch_args(8)[1] == {"PF_PER": 64, "PF_LANES": 128}
+    assert t.launch_args(1)[1] == {"PF_PER": 512, "PF_LANES": 512}
+    dummy = torch.zeros(1)
+    assert l2_prefetch_args(None, 128, dummy) == ((dummy, dummy, 0), {"PF_PER": 0, "PF_LANES": 128})
+
+
+def test_sm90_compile_issues_the_prefetch_before_the_wait() -> None:
+    """Both issuing launches (decode attention, q/k norm + RoPE) compiled for sm_90 with
+    PF_PER > 0 hold the bulk prefetch, ahead of griddepcontrol.wait; PF_PER = 0 has none."""
+    import pytest
+
+    from bench_scripts import load_bench
+
+    tool = load_bench("sm90_compile")
+    if not (tool.BIN / "ptxas").exists():
+        pytest.skip("this Triton ships no ptxas")
+    from orbit.kernels.attention_decode import _attn_decode_split_kernel
+    from orbit.kernels.rope import _qk_norm_rope_kv_kernel
+
+    ptr = {"pf_addr_ptr": "*i64", "pf_size_ptr": "*i32", "start_ptr": "*i64",
+           "slot_ptr": "*i64", "pos_ptr": "*i64", "acc_ptr": "*fp32", "ml_ptr": "*fp32",
+           "cnt_ptr": "*i32", "qk_scale": "fp32", "eps": "fp32"}
+    attn = {"GROUP": 2, "D": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 64, "IEEE": False,
+            "DIRECT": False, "PREFETCH": False, "PDL": True, "SP": 16}
+    rope = {"D": 128, "HAS_NORM": True, "PDL": True}
+    for fn, consts, warps in ((_attn_decode_split_kernel, attn, 4), (_qk_norm_rope_kv_kernel, rope, 1)):
+        for per in (0, 4):
+            ptx = tool.compile_sm90(fn, {**consts, "PF_PER": per, "PF_LANES": 128}, ptr,
+                                    warps=warps).asm["ptx"]
+            n = ptx.count("cp.async.bulk.prefetch.L2")
+            # (one per element a thread holds: 128 lanes over 32 * warps threads)
+            assert n == (128 // (32 * warps) if per else 0), (fn, per, n)
+            if per:
+                assert ptx.index("cp.async.bulk.prefetch.L2") < ptx.index("griddepcontrol.wait")
