@@ -15,22 +15,24 @@
 # p: session 27's in-kernel L2 prefetch (Engine(prefetch_weights=True): each decode attention
 #    launch prefetches its layer's o_proj + MLP weights into L2): its GPU tests, the engine
 #    off/on at batch 1/16/64, the table kinds (l2_prefetch.AHEAD) at batch 1; int4_mma's
-#    K-slice L2 prefetch (MmaConfig.l2) against the pick, with and without PDL; then the OFT
-#    sibling rotation groups' GPU tests and engine comparison from a.
+#    K-slice L2 prefetch (MmaConfig.l2) against the pick, with and without PDL.
+# q: the OFT sibling rotation groups' GPU tests and engine comparison (session 26, from a).
 set -uo pipefail
 case "${1:-a}" in
 p) bash scripts/gpu_run.sh \
   "cmd:timeout 120 python3 -m pytest tests/gpu/test_l2_prefetch_gpu.py tests/gpu/test_int4_mma_gpu.py -k 'prefetch or l2_slice' -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-l2 --gemv-formats int4,nvfp4 --gemv-shapes 4096x12288,2048x12288,6144x2048 --gemv-m 4,16 --gemv-paths 'int4-mma*' 2>&1 | grep '^{' | python3 scripts/bench/rows.py fmt path k n m cfg ms speedup frac_copy_bw" \
   "cmd:timeout 170 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1,16,64 --attn-backend triton --prefetch-weights both 2>&1 | grep -v '^{' | grep 'decode'" \
-  "cmd:timeout 80 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1 --attn-backend triton --prefetch-weights on --knob \"orbit.rollout.l2_prefetch.AHEAD='rest','next'\" 2>&1 | grep -v '^{' | grep 'decode'" \
-  "cmd:timeout 90 python3 -m pytest tests/gpu/test_oft_kernel.py tests/gpu/test_engine_gpu.py -m gpu -q -p no:cacheprovider -k 'group or oft' 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
-  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds oft --lora-format int4 --batches 1,4,64 --attn-backend triton --knob orbit.adapters.oft.GROUP_ROTATIONS=False,True 2>&1 | grep -v '^{' | grep 'decode'" ;;
+  "cmd:timeout 80 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1 --attn-backend triton --prefetch-weights on --knob \"orbit.rollout.l2_prefetch.WHERE='attention','rope'\" 2>&1 | grep -v '^{' | grep 'decode'" \
+  "cmd:timeout 80 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1 --attn-backend triton --prefetch-weights on --knob \"orbit.rollout.l2_prefetch.AHEAD='rest','next'\" 2>&1 | grep -v '^{' | grep 'decode'" ;;
 a) bash scripts/gpu_run.sh \
   "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections formats --formats int4,nvfp4 --batches 32,64,128,256 --attn-backend triton --qmm-routes-compare --qmm-routes orbit/kernels/tuned/nvidia_h100_80gb_hbm3.json 2>&1 | grep -v '^{' | grep 'decode'" \
   "cmd:timeout 80 python3 -m pytest tests/gpu/test_qmm_routes_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
   "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds lora --lora-format int4 --fuse-lora on --batches 32,64,128 --attn-backend triton 2>&1 | grep -v '^{' | grep 'decode'" \
   "cmd:timeout 90 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds oft --lora-format int4 --batches 1,2 --attn-backend triton --knob orbit.adapters.oft.STACKED_BASE=True,False 2>&1 | grep -v '^{' | grep 'decode'" ;;
+q) bash scripts/gpu_run.sh \
+  "cmd:timeout 90 python3 -m pytest tests/gpu/test_oft_kernel.py tests/gpu/test_engine_gpu.py -m gpu -q -p no:cacheprovider -k 'group or oft' 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
+  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds oft --lora-format int4 --batches 1,4,64 --attn-backend triton --knob orbit.adapters.oft.GROUP_ROTATIONS=False,True 2>&1 | grep -v '^{' | grep 'decode'" ;;
 b) bash scripts/gpu_run.sh \
   "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds lora --lora-format int4 --fuse-lora on --batches 64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=63,None 2>&1 | grep -v '^{' | grep 'decode'" \
   "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds lora --lora-format nvfp4 --fuse-lora on --batches 32,64,256 --attn-backend triton --knob orbit.adapters.lora_decode.MAX_ROWS=31,None 2>&1 | grep -v '^{' | grep 'decode'" \
