@@ -11,8 +11,10 @@ RoPE and attention launches between them read almost nothing from DRAM, so HBM i
 What: `layer_tables(model, device)` lists, per layer, 64 KB pieces of the frozen buffers of
 the GEMVs that run after that layer's attention (o_proj, the MLP's; with AHEAD "next" also
 the next layer's q/k/v). The decode attention kernel (AttnBatch.l2_plan ->
-`attention_decode_split(l2_prefetch=...)`) spreads the table over its programs, each issuing
-`cp.async.bulk.prefetch.L2` over its pieces before its PDL wait: no extra launch, no side
+`attention_decode_split(l2_prefetch=...)`), or with WHERE "rope" the q/k norm + RoPE +
+cache-write launch before it (`rope.qk_norm_rope_kv(l2_prefetch=...)`), spreads the table
+over its programs (`pdl.prefetch_table_l2`), each issuing `cp.async.bulk.prefetch.L2` over
+its pieces before its PDL wait: no extra launch, no side
 stream (session 15's side-stream form cut the decode step's PDL edges and lost 43%), no
 registers held, nothing waits for it. A hint only: the computed bits are the same (GPU test).
 """
