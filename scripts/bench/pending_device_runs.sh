@@ -20,9 +20,9 @@
 set -uo pipefail
 case "${1:-a}" in
 p) bash scripts/gpu_run.sh \
-  "cmd:timeout 120 python3 -m pytest tests/gpu/test_l2_prefetch_gpu.py tests/gpu/test_int4_mma_gpu.py -k 'prefetch or l2_slice' -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
-  "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-l2 --gemv-formats int4,nvfp4 --gemv-shapes 4096x12288,2048x12288,6144x2048 --gemv-m 4,16 --gemv-paths 'int4-mma*' 2>&1 | grep '^{' | python3 scripts/bench/rows.py fmt path k n m cfg ms speedup frac_copy_bw" \
   "cmd:timeout 170 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1,16,64 --attn-backend triton --prefetch-weights both 2>&1 | grep -v '^{' | grep 'decode'" \
+  "cmd:timeout 100 python3 -m pytest tests/gpu/test_l2_prefetch_gpu.py tests/gpu/test_int4_mma_gpu.py -k 'prefetch or l2_slice' -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
+  "cmd:timeout 100 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-l2 --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288,6144x2048 --gemv-m 4,16 --gemv-paths 'int4-mma*' 2>&1 | grep '^{' | python3 scripts/bench/rows.py fmt path k n m cfg ms speedup frac_copy_bw" \
   "cmd:timeout 80 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1 --attn-backend triton --prefetch-weights on --knob \"orbit.rollout.l2_prefetch.WHERE='attention','rope'\" 2>&1 | grep -v '^{' | grep 'decode'" \
   "cmd:timeout 80 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1 --attn-backend triton --prefetch-weights on --knob \"orbit.rollout.l2_prefetch.AHEAD='rest','next'\" 2>&1 | grep -v '^{' | grep 'decode'" ;;
 a) bash scripts/gpu_run.sh \
