@@ -75,8 +75,9 @@ def _frozen_buffers(module: nn.Module) -> list[Tensor]:
 def layer_tables(model: nn.Module, device: torch.device,
                  ahead: str | None = None) -> dict[int, L2Prefetch]:
     """Per decoder layer index, the L2Prefetch table its decode attention issues: the frozen
-    QuantLinear buffers of its o_proj and MLP, and with `ahead` "next" (default AHEAD) the next
-    layer's q/k/v too. Layers with nothing quantized after them get no entry."""
+    QuantLinear buffers of its o_proj and dense MLP (not a MoE block's experts, most of which
+    a token does not read), and with `ahead` "next" (default AHEAD) the next layer's q/k/v
+    too. Layers with nothing quantized after them get no entry."""
     from orbit.kernels.pdl import L2Prefetch
 
     ahead = AHEAD if ahead is None else ahead
@@ -85,7 +86,9 @@ def layer_tables(model: nn.Module, device: torch.device,
     layers = list(model.model.layers)
     tables: dict[int, L2Prefetch] = {}
     for i, layer in enumerate(layers):
-        bufs = _frozen_buffers(layer.self_attn.o_proj) + _frozen_buffers(layer.mlp)
+        bufs = _frozen_buffers(layer.self_attn.o_proj)
+        if not getattr(layer, "is_moe", False):  # (a MoE block: only its routed experts run)
+            bufs += _frozen_buffers(layer.mlp)
         if ahead == "next" and i + 1 < len(layers):
             nxt = layers[i + 1].self_attn
             bufs += [b for name in ("q_proj", "k_proj", "v_proj")
