@@ -87,9 +87,12 @@ def cayley(q: Tensor, use_neumann: bool = True, num_terms: int = 5) -> Tensor:
 # Without autograd, rotate with the cached kernel split of R (one launch per linear); False:
 # the autograd path's split at every call (a benchmark's same-run baseline).
 FROZEN_SPLIT = True
-# Linked sibling sets (link_oft_groups) rotate in one launch; False: each member alone (a
-# benchmark's same-run baseline, read at every call).
-GROUP_ROTATIONS = True
+# Linked sibling sets (link_oft_groups) rotate in one launch; False: each member alone (read at
+# every call). Off until a GPU run checks and measures it (built in session 26, bit for bit
+# the lone rotations under Triton's interpreter and on CPU; session 27 got no device):
+# tests/gpu/test_engine_gpu.py -k rotation_groups, then bench_engine.py --sections lora
+# --adapter-kinds oft --knob orbit.adapters.oft.GROUP_ROTATIONS=False,True.
+GROUP_ROTATIONS = False
 # And, fast mode at decode rows (members x rows <= SIBLING_MAX_M: batch 1 for q/k/v, 1-2 for
 # gate/up), run the members' bases as one launch over their stacked weight with every
 # member's rotated rows (OFTRotateGroup._stacked_base). Off until measured on a GPU. (A

@@ -137,6 +137,35 @@ def test_oft_stage_after_capture_is_seen() -> None:
     assert tokens(second) == tokens(eager) and tokens(second) != tokens(first)
 
 
+@pytest.mark.parametrize("fmt", ["int4", None])
+def test_oft_rotation_groups_give_the_lone_rotations_bits(monkeypatch: pytest.MonkeyPatch,
+                                                          fmt: str | None) -> None:
+    """OFT sibling rotation groups (oft.GROUP_ROTATIONS: q/k/v and gate/up rotated in one
+    launch) sample the tokens and log-prob bits of the lone rotations, graphs on, batch 1 and
+    4, with a trained (non-identity) rotation."""
+    from gpu_models import bits, mixed_prompts, run_engine
+
+    from orbit.adapters import oft
+    from orbit.adapters.inject import AdapterConfig, inject_adapters
+
+    model = small_qwen3(fmt)
+    aset = inject_adapters(model, AdapterConfig(kind="oft", block_size=16, dtype=torch.float32))
+    with torch.no_grad():
+        for p in aset.trainable_parameters():
+            p.normal_(0, 0.1)
+    aset.set_active(0)
+    ps = mixed_prompts(4)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=20, seed=2, ignore_eos=True)
+    for batch in (1, 4):
+        outs = []
+        for on in (False, True):
+            monkeypatch.setattr(oft, "GROUP_ROTATIONS", on)
+            eng, out = run_engine(model, ps, sp, batch)
+            assert eng.oft_groups > 0
+            outs.append(bits(out))
+        assert outs[0] == outs[1], (fmt, batch)
+
+
 def test_varlen_backend_matches_sdpa() -> None:
     pytest.importorskip("torch.nn.attention.varlen")
     model = tiny(torch.bfloat16)
