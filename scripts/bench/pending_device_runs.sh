@@ -14,7 +14,7 @@
 # c: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
 # p: session 27's in-kernel L2 prefetch (Engine(prefetch_weights=True): each decode attention
 #    launch prefetches its layer's o_proj + MLP weights into L2): its GPU tests, the engine
-#    off/on at batch 1/16/64, the table kinds (l2_prefetch.AHEAD) at batch 1; int4_mma's
+#    off/on at batch 1/16/64, the issuing launch (l2_prefetch.WHERE) at batch 1; int4_mma's
 #    K-slice L2 prefetch (MmaConfig.l2) against the pick, with and without PDL.
 # q: the OFT sibling rotation groups' GPU tests and engine comparison (session 26, from a).
 set -uo pipefail
@@ -23,8 +23,7 @@ p) bash scripts/gpu_run.sh \
   "cmd:timeout 170 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1,16,64 --attn-backend triton --prefetch-weights both 2>&1 | grep -v '^{' | grep 'decode'" \
   "cmd:timeout 100 python3 -m pytest tests/gpu/test_l2_prefetch_gpu.py tests/gpu/test_int4_mma_gpu.py -k 'prefetch or l2_slice' -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
   "cmd:timeout 100 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-l2 --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288,6144x2048 --gemv-m 4,16 --gemv-paths 'int4-mma*' 2>&1 | grep '^{' | python3 scripts/bench/rows.py fmt path k n m cfg ms speedup frac_copy_bw" \
-  "cmd:timeout 80 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1 --attn-backend triton --prefetch-weights on --knob \"orbit.rollout.l2_prefetch.WHERE='attention','rope'\" 2>&1 | grep -v '^{' | grep 'decode'" \
-  "cmd:timeout 80 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1 --attn-backend triton --prefetch-weights on --knob \"orbit.rollout.l2_prefetch.AHEAD='rest','next'\" 2>&1 | grep -v '^{' | grep 'decode'" ;;
+  "cmd:timeout 80 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1 --attn-backend triton --prefetch-weights on --knob \"orbit.rollout.l2_prefetch.WHERE='attention','rope'\" 2>&1 | grep -v '^{' | grep 'decode'" ;;
 a) bash scripts/gpu_run.sh \
   "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections formats --formats int4,nvfp4 --batches 32,64,128,256 --attn-backend triton --qmm-routes-compare --qmm-routes orbit/kernels/tuned/nvidia_h100_80gb_hbm3.json 2>&1 | grep -v '^{' | grep 'decode'" \
   "cmd:timeout 80 python3 -m pytest tests/gpu/test_qmm_routes_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
