@@ -46,6 +46,15 @@ from orbit.quant.siblings import MemberGroup, link_sibling_sets
 # forward past a row count (bench_engine.py --knob orbit.adapters.lora_decode.MAX_ROWS=63,None:
 # the pre-session-25 limit for INT4, dequantize + cuBLAS bases then ran the plain forward).
 MAX_ROWS: int | None = None
+# Per base format, the rows (first, last) where a group does not serve and the plain forward
+# runs instead. INT4 at 17-63 rows: there the base runs the rules' `tl.dot` tile (the H100
+# route table tunes 1-16 and 64+), whose LoRA epilogue made the group slower than the plain
+# forward. H100, Qwen3-1.7B INT4, LoRA r16 on every linear (session 27, `bench_engine.py
+# --sections lora --knob orbit.adapters.lora_decode.MAX_ROWS=None,16`, i.e. this rule):
+# decode tok/s b24 3795 -> 4854 (+28%), b32 5008 -> 6358 (+27%), b40 5891 -> 7250 (+23%), b48
+# 7000 -> 8597 (+23%); at b16 and b64 the group wins (b64: 16928 against 11896 with the cap at
+# 63; NVFP4 b32 too: 8278 against 5762), so only INT4 and only these rows.
+PLAIN_ROWS: dict[str, tuple[int, int]] = {"int4": (17, 63)}
 
 
 class LoRADecodeGroup(MemberGroup):
@@ -74,6 +83,9 @@ class LoRADecodeGroup(MemberGroup):
             return False
         if (not (x.is_cuda or interpreting()) or x.shape[0] < 1
                 or (MAX_ROWS is not None and x.shape[0] > MAX_ROWS)):
+            return False
+        lo, hi = PLAIN_ROWS.get(getattr(first.base, "weight_format", ""), (1, 0))
+        if lo <= x.shape[0] <= hi:
             return False
         for m in self.members:
             if (m.active_slot != slot or type(m) is not LoRALinear or m.r != first.r

@@ -87,15 +87,17 @@ def cayley(q: Tensor, use_neumann: bool = True, num_terms: int = 5) -> Tensor:
 # Without autograd, rotate with the cached kernel split of R (one launch per linear); False:
 # the autograd path's split at every call (a benchmark's same-run baseline).
 FROZEN_SPLIT = True
-# Linked sibling sets (link_oft_groups) rotate in one launch; False: each member alone (read at
-# every call). Off until a GPU run checks and measures it (built in session 26, bit for bit
-# the lone rotations under Triton's interpreter and on CPU; session 27 got no device):
-# tests/gpu/test_engine_gpu.py -k rotation_groups, then bench_engine.py --sections lora
-# --adapter-kinds oft --knob orbit.adapters.oft.GROUP_ROTATIONS=False,True.
-GROUP_ROTATIONS = False
+# Linked sibling sets (link_oft_groups) rotate in one launch; False: each member alone (a
+# benchmark's same-run baseline, read at every call). H100, Qwen3-1.7B INT4, OFT block 32
+# (session 27, `bench_engine.py --sections lora --adapter-kinds oft --knob
+# orbit.adapters.oft.GROUP_ROTATIONS=False,True`): decode tok/s b1 553 -> 590 (+6.7%), b4 2000
+# -> 2140 (+7.0%), b64 16120 -> 17161 (+6.5%); the engine's tokens and log-prob bits equal the
+# lone rotations' (tests/gpu/test_engine_gpu.py -k rotation_groups).
+GROUP_ROTATIONS = True
 # And, fast mode at decode rows (members x rows <= SIBLING_MAX_M: batch 1 for q/k/v, 1-2 for
 # gate/up), run the members' bases as one launch over their stacked weight with every
-# member's rotated rows (OFTRotateGroup._stacked_base). Off until measured on a GPU. (A
+# member's rotated rows (OFTRotateGroup._stacked_base). Off: measured no faster (H100,
+# session 27: b1 589.9 vs 590.1 tok/s off, b2 1105.7 vs 1105.8). (A
 # same-run --knob comparison must list True first: with it off, the members' different
 # inputs turn their base sibling group off for good.)
 STACKED_BASE = False

@@ -160,8 +160,10 @@ def test_oft_rotation_groups_give_the_lone_rotations_bits(monkeypatch: pytest.Mo
         outs = []
         for on in (False, True):
             monkeypatch.setattr(oft, "GROUP_ROTATIONS", on)
-            eng, out = run_engine(model, ps, sp, batch)
-            assert eng.oft_groups > 0
+            _, out = run_engine(model, ps, sp, batch)
+            # (the first engine linked them; later ones find them linked)
+            assert any(m.rotate_group is not None for m in model.modules()
+                       if isinstance(m, oft.OFTLinear))
             outs.append(bits(out))
         assert outs[0] == outs[1], (fmt, batch)
 

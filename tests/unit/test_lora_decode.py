@@ -153,3 +153,30 @@ def test_engine_refuses_fused_lora_in_exact_mode() -> None:
 
 if __name__ == "__main__":
     _interpreter_main()
+
+
+def test_groups_leave_int4_rows_17_to_63_to_the_plain_forward(monkeypatch) -> None:
+    """lora_decode.PLAIN_ROWS: an INT4-based group serves 1-16 and 64+ rows, not 17-63 (where
+    the H100 measured the plain forward faster); a BF16-based one serves every row count."""
+    from orbit.adapters import lora_decode
+    from orbit.adapters.inject import AdapterConfig, inject_adapters
+    from orbit.models.config import ModelConfig
+    from orbit.models.transformer import CausalLM
+    from orbit.quant.convert import convert_linears
+
+    monkeypatch.setattr(lora_decode, "interpreting", lambda: True)  # (CPU tensors: as on CUDA)
+    cfg = ModelConfig(arch="Qwen3ForCausalLM", vocab_size=97, hidden_size=128,
+                      intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2,
+                      head_dim=32, qk_norm=True, max_position_embeddings=256, eos_token_id=1)
+    for fmt, plain in (("int4", range(17, 64)), (None, range(0))):
+        torch.manual_seed(0)
+        model = CausalLM(cfg).requires_grad_(False)
+        if fmt:
+            convert_linears(model, fmt)
+        inject_adapters(model, AdapterConfig(kind="lora", r=4, dtype=torch.float32)).set_active(0)
+        lora_decode.link_lora_decode(model)
+        group = model.model.layers[0].self_attn.q_proj.decode_group
+        with torch.inference_mode():
+            for rows in (1, 16, 17, 32, 63, 64, 200):
+                x = torch.randn(rows, 128)
+                assert group.serves(x) == (rows not in plain), (fmt, rows)
