@@ -85,7 +85,9 @@ USE_PDL = True
 # docs/kernels.md "A cp.async ring for the weight words").
 RING_STAGES = 0
 # pick_config's MmaConfig.l2 (the K slice's weight words bulk-prefetched into L2 up front).
-# Off until measured (session 27: `bench_qmm.py --gemv --gemv-mma --gemv-mma-l2`).
+# False: H100, session 27 (`bench_qmm.py --gemv --gemv-mma --gemv-mma-l2`): 4096x12288 slower
+# at M = 4 and 16 (17.5 -> 19.8 us, PDL 16.9 -> 19.1), deep 6144x2048 with PDL 6-7% faster
+# (M = 4 8.2 -> 7.6 us), 2048x12288 mixed; not a win to route by (no engine run).
 L2_SLICE = False
 
 
