@@ -103,6 +103,10 @@ def _attn_decode_split_kernel(
     PDL: tl.constexpr = False, ROPE: tl.constexpr = False, HAS_NORM: tl.constexpr = False,
     SP: tl.constexpr = 1, PF_PER: tl.constexpr = 0, PF_LANES: tl.constexpr = 128,
 ):
+    # ROPE (the fold of orbit.kernels.rope.qk_norm_rope_kv): q_ptr holds the raw q, nk/nv_ptr
+    # the new token's raw k and v [B, Hkv, D]. Every program normalises and rotates its query
+    # rows itself; the program whose chunk holds the new position p0 normalises and rotates k,
+    # stores k and v in the cache at p0 and then (barrier) reads them back with the rest.
     # PF_PER > 0 (pdl.L2Prefetch): this program first bulk-prefetches its share of the table
     # (frozen weights of the GEMVs after this launch) into L2, before the PDL wait (no kernel
     # writes them); a hint only, nothing waits for it, the computed bits are the same.

@@ -194,8 +194,9 @@ class Engine:
     prefetch_weights: experimental (orbit/rollout/l2_prefetch.py): each split-KV decode
     attention launch (CUDA, split_kv) bulk-prefetches into L2 the frozen weights of the GEMVs
     after it (its layer's o_proj and MLP; l2_prefetch.AHEAD), while HBM is otherwise idle. A
-    hint only: the same bits. Off until measured (session 15's side-stream form of the idea
-    lost 43%: it cut the PDL edges).
+    hint only: the same bits. Measured slower, so off (H100, Qwen3-1.7B INT4, session 27:
+    batch 1 786 -> 727 tok/s, batch 64 21645 -> 20680; session 15's side-stream form lost
+    43%).
     attn_backend: the AttnBatch backend of prefill and decode: "sdpa"; "varlen" (CUDA only:
     FlashAttention reading the KV cache in place; the cache's per-slot length is then
     max_model_len rounded up to a multiple of 256, FlashAttention's page constraint); or
