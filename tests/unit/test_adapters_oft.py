@@ -189,7 +189,7 @@ def test_sibling_oft_linears_rotate_in_one_call(monkeypatch):
     module's bit for bit; with autograd each member rotates alone."""
     import orbit.adapters.oft as oft_mod
 
-    monkeypatch.setattr(oft_mod, "GROUP_ROTATIONS", True)  # (off by default until measured)
+    monkeypatch.setattr(oft_mod, "GROUP_ROTATIONS", True)  # (whatever the default)
 
     torch.manual_seed(5)
 

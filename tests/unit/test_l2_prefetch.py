@@ -10,20 +10,25 @@ import torch
 from orbit.rollout.l2_prefetch import plan_chunks
 
 
+def _covered(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """Whether sorted [start, end) byte ranges cover every byte of `t` (walked in order)."""
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    pos = lo
+    for a, b in ranges:
+        if a <= pos < b:
+            pos = b
+    return pos >= hi
+
+
 def test_plan_covers_every_byte_aligned_and_bounded() -> None:
     buf = torch.zeros(300_001, dtype=torch.int8)
     ts = [buf[3:200_003], buf[200_003:], torch.zeros(77, dtype=torch.bfloat16), buf[3:200_003],
           torch.zeros(0)]
     addrs, sizes = plan_chunks(ts, chunk=1 << 14)
     assert all(a % 16 == 0 for a in addrs) and all(s % 16 == 0 and 0 < s <= 1 << 14 for s in sizes)
-    covered = sorted(zip(addrs, sizes))
+    covered = sorted((a, a + s) for a, s in zip(addrs, sizes))
     for t in ts[:3]:
-        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        pos = lo
-        for a, s in covered:  # walk the pieces in address order
-            if a <= pos < a + s:
-                pos = a + s
-        assert pos >= hi, (lo, hi, pos)
+        assert _covered(t, covered), t.shape
     # the repeated view adds nothing; the empty tensor adds nothing
     once, _ = plan_chunks(ts[:3], chunk=1 << 14)
     assert len(once) == len(addrs)
@@ -31,15 +36,6 @@ def test_plan_covers_every_byte_aligned_and_bounded() -> None:
 
 def _ranges(table) -> list[tuple[int, int]]:
     return sorted((int(a), int(a) + int(s)) for a, s in zip(table.addrs, table.sizes))
-
-
-def _covered(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
-    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    pos = lo
-    for a, b in ranges:
-        if a <= pos < b:
-            pos = b
-    return pos >= hi
 
 
 def test_layer_tables_hold_the_gemvs_after_each_attention() -> None:
@@ -99,7 +95,6 @@ def test_sm90_compile_issues_the_prefetch_before_the_wait() -> None:
     """Both issuing launches (decode attention, q/k norm + RoPE) compiled for sm_90 with
     PF_PER > 0 hold the bulk prefetch, ahead of griddepcontrol.wait; PF_PER = 0 has none."""
     import pytest
-
     from bench_scripts import load_bench
 
     tool = load_bench("sm90_compile")

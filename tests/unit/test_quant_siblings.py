@@ -278,7 +278,7 @@ def test_engine_oft_rotation_groups_match_lone_rotations(monkeypatch: pytest.Mon
     log-probs as an engine that rotates each input alone."""
     import orbit.adapters.oft as oft_mod
 
-    monkeypatch.setattr(oft_mod, "GROUP_ROTATIONS", True)  # (off by default until measured)
+    monkeypatch.setattr(oft_mod, "GROUP_ROTATIONS", True)  # (whatever the default)
 
     group_calls: list[int] = []
     real = oft_mod.oft_rotate_group_frozen
@@ -308,7 +308,7 @@ def test_oft_stacked_base_runs_the_members_as_one_launch(monkeypatch: pytest.Mon
     past it each member runs alone), and each member gets what it computes alone."""
     import orbit.adapters.oft as oft_mod
 
-    monkeypatch.setattr(oft_mod, "GROUP_ROTATIONS", True)  # (off by default until measured)
+    monkeypatch.setattr(oft_mod, "GROUP_ROTATIONS", True)  # (whatever the default)
 
     monkeypatch.setattr(oft_mod, "STACKED_BASE", True)
     models = [_oft_model(), _oft_model()]
