@@ -56,12 +56,15 @@ try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kern
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
     # the CTA-wide barrier's name: thread_barrier in Triton 3.5-3.6, barrier from 3.7 on
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     # cp.async global -> shared: async_copy_global_to_shared in Triton 3.5-3.6, async_load
     # from 3.7 on (the old name then raises)
     _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    # TMA global -> shared: async_copy_global_to_shared in Triton 3.5-3.6, async_load from 3.7
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     HAS_GLUON = HAS_TRITON
 except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton build
     HAS_GLUON = False
@@ -89,6 +92,9 @@ RING_STAGES = 0
 # at M = 4 and 16 (17.5 -> 19.8 us, PDL 16.9 -> 19.1), deep 6144x2048 with PDL 6-7% faster
 # (M = 4 8.2 -> 7.6 us), 2048x12288 mixed; not a win to route by (no engine run).
 L2_SLICE = False
+# pick_config's MmaConfig.tma (TMA ring depth; 0: the register prefetch). 0 until measured
+# (bench_qmm.py --gemv --gemv-mma --gemv-mma-tma).
+TMA_STAGES = 0
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,12 @@ class MmaConfig:
     programmatic dependent launch even outside the engine's pdl_scope (a benchmark's rows);
     stages: 0 keeps the weight words' prefetch in registers (`prefetch` steps ahead); n > 0
     streams them through a ring of n steps in shared memory with cp.async instead, n steps
-    in flight per program without the registers to hold them (scales keep `prefetch`)."""
+    in flight per program without the registers to hold them (scales keep `prefetch`);
+    l2: the K slice's words bulk-prefetched into L2 first; tma: n > 0 streams the words
+    through a ring of n steps in shared memory filled by TMA (one 2-D bulk copy of the
+    program's [BN, step] word tile per step, completion on an mbarrier per slot) instead of
+    per-thread loads: the copy engine holds the requests in flight, not the warps' load
+    queues, which is what a cp.async ring could not change (sm_90 only)."""
 
     warps: int = 4
     row_tiles: int = 1
@@ -110,6 +121,7 @@ class MmaConfig:
     pdl: bool = False
     stages: int = 0
     l2: bool = False
+    tma: int = 0
 
     @property
     def block_n(self) -> int:
@@ -177,7 +189,7 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
            and tiles * split * 2 * rt <= 6 * sms and k // (split * 2) >= MIN_SLICE_K):
         split *= 2
     return dataclasses.replace(cfg, split=split, stages=min(RING_STAGES, steps // split),
-                               l2=L2_SLICE)
+                               l2=L2_SLICE, tma=min(TMA_STAGES, steps // split))
 
 
 if HAS_GLUON:
@@ -217,6 +229,25 @@ if HAS_GLUON:
             lane_bases=lanes,
             warp_bases=wb, block_bases=[], shape=[16 * warps * row_tiles, 4, max(1, vec // 2)])
         return mma, a, b, lw, lx, ls
+
+    @cache
+    def word_tile_2d(warps: int, row_tiles: int, vec: int):
+        """The word tile's layout (`layouts`' LW) flattened to [BN, 4 VEC], word VEC t + i at
+        column VEC t + i: how the TMA ring's shared tiles are read back (a reshape to [BN, 4,
+        VEC] is then LW with no data movement). Each quad of lanes reads 64 contiguous bytes
+        of one row, eight quads eight rows: 512 contiguous bytes of an unswizzled tile per
+        warp load, no bank conflicts."""
+        wb = [[16 << w, 0] for w in range(warps.bit_length() - 1)]
+        lanes = [[0, vec], [0, 2 * vec], [1, 0], [2, 0], [4, 0]]
+        ireg = [[0, 1 << j] for j in range(vec.bit_length() - 1)]
+        rreg = [[16 * warps << r, 0] for r in range(row_tiles.bit_length() - 1)]
+        return gl.DistributedLinearLayout(reg_bases=ireg + [[8, 0]] + rreg, lane_bases=lanes,
+                                          warp_bases=wb, block_bases=[],
+                                          shape=[16 * warps * row_tiles, 4 * vec])
+
+    # the TMA ring's shared layout: unswizzled rows of the word tile (word_tile_2d's reads are
+    # conflict-free without a swizzle)
+    TMA_SMEM = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
     # $0, $1: u - 8 of nibbles P and P + 4 as bf16 (exact); $2: the word shifted right by 4P
     # (plane_dot's decode, without its scale)
@@ -359,14 +390,16 @@ if HAS_GLUON:
 
     @gluon.jit
     def _int4_mma_kernel(x_ptr, q_ptr, s_ptr, gs_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
-                         stride_xm, stride_q, stride_s, stride_ym, K_SLICE_W, SPLIT,
+                         stride_xm, stride_q, stride_s, stride_ym, K_SLICE_W, SPLIT, w_desc,
                          FMT: gl.constexpr, GROUP: gl.constexpr, VEC: gl.constexpr,
                          KPW: gl.constexpr, BN: gl.constexpr,
                          EVEN_N: gl.constexpr, DEPTH: gl.constexpr, XPRE: gl.constexpr,
                          NP: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
                          B: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr,
                          LS: gl.constexpr, PDL: gl.constexpr = False,
-                         STAGES: gl.constexpr = 0, L2PRE: gl.constexpr = 0):
+                         STAGES: gl.constexpr = 0, L2PRE: gl.constexpr = 0,
+                         TMA: gl.constexpr = 0, LW2D: gl.constexpr = None):
+        # w_desc: with TMA > 0 the words' TMA descriptor (block [BN, 4 VEC]), else unused.
         # FMT 0: INT4 (u - 8 into the MMA, each step's partial times its group's scale);
         # FMT 2: FP8 (the e4m3 values into the MMA, each step's partial times its block's
         # scale); FMT 3: NVFP4 (v * s * 2^-9 into the MMA, the global scale * 2^9 at the end).
@@ -430,13 +463,13 @@ if HAS_GLUON:
         # last step, which is then loaded again and not used.
         kn = k_lo
         if DEPTH >= 1:
-            if STAGES == 0:
+            if STAGES == 0 and TMA == 0:
                 w0 = gl.load(w_ptrs)
             s0 = gl.load(s_ptrs + kn // GROUP)
         if DEPTH >= 2:
             adv0 = gl.where(BK < K_SLICE, BK, 0)
             kn += adv0
-            if STAGES == 0:
+            if STAGES == 0 and TMA == 0:
                 w_ptrs += adv0 // KPW
                 w1 = gl.load(w_ptrs)
             s1 = gl.load(s_ptrs + kn // GROUP)
@@ -453,6 +486,20 @@ if HAS_GLUON:
                     _async_load(ring.index(st), w_ptrs)
                 async_copy.commit_group()
                 w_ptrs += BK // KPW
+        if TMA > 0:
+            # The TMA ring: slot st holds step st + TMA j on its j-th use (mbarrier phase j & 1);
+            # one thread's bulk copy per step, its bytes counted on the slot's barrier. Steps
+            # past the slice are not copied (the predicate), nor waited for.
+            ring_t = gl.allocate_shared_memory(gl.int32, [TMA, BN, 4 * VEC], w_desc.layout)
+            bars = gl.allocate_shared_memory(gl.int64, [TMA, 1], mbarrier.MBarrierLayout())
+            for st in gl.static_range(TMA):
+                mbarrier.init(bars.index(st), count=1)
+            fence_async_shared()  # (the inits visible to the copy engine before its arrivals)
+            for st in gl.static_range(TMA):
+                ok = st * BK < K_SLICE
+                mbarrier.expect(bars.index(st), BN * 16 * VEC, pred=ok)
+                _tma_load(w_desc, [pid_n * BN, pid_k * K_SLICE_W + st * (BK // KPW)],
+                          bars.index(st), ring_t.index(st), pred=ok)
         # With PDL the loads above (frozen weights and scales: no kernel writes them) are in
         # flight while the previous kernel finishes; x, the workspace and the counters are
         # touched only after the wait.
@@ -467,10 +514,26 @@ if HAS_GLUON:
             else:
                 cur_x = gl.load(x_ptrs)
                 x_ptrs += BK
-            if STAGES > 0:
-                slot = (kk // BK) % STAGES
-                async_copy.wait_group(STAGES - 1)  # this step's group (the oldest) is done
-                cur_w = ring.index(slot).load(LW)
+            if STAGES > 0 or TMA > 0:
+                if TMA > 0:
+                    step = kk // BK
+                    slot = step % TMA
+                    mbarrier.wait(bars.index(slot), (step // TMA) & 1)
+                    cur_w = gl.convert_layout(
+                        gl.reshape(ring_t.index(slot).load(LW2D), [BN, 4, VEC]), LW,
+                        assert_trivial=True)
+                    # every warp has its words of this slot in registers before the slot is
+                    # refilled with step + TMA (a generic read, then an async-proxy write)
+                    _cta_barrier()
+                    fence_async_shared()
+                    ok = kk + TMA * BK < K_SLICE
+                    mbarrier.expect(bars.index(slot), BN * 16 * VEC, pred=ok)
+                    _tma_load(w_desc, [pid_n * BN, pid_k * K_SLICE_W + (step + TMA) * (BK // KPW)],
+                              bars.index(slot), ring_t.index(slot), pred=ok)
+                else:
+                    slot = (kk // BK) % STAGES
+                    async_copy.wait_group(STAGES - 1)  # this step's group (the oldest) is done
+                    cur_w = ring.index(slot).load(LW)
                 if DEPTH == 0:
                     cur_s = gl.load(s_ptrs + (k_lo + kk) // GROUP)
                 else:
@@ -519,6 +582,9 @@ if HAS_GLUON:
                 w_ptrs += BK // KPW
         if STAGES > 0:
             async_copy.wait_group(0)  # (no copy may land in shared memory after the exit)
+        if TMA > 0:
+            for st in gl.static_range(TMA):
+                mbarrier.invalidate(bars.index(st))
         if FMT == 3:
             acc = acc * (gl.load(gs_ptr) * 512.0)
 
@@ -609,16 +675,36 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         cnt = arrival_counters(x.device, tiles)
     else:
         ws, cnt = y, y
+    w_desc, lw2d = qweight, None
+    if cfg.tma:
+        w_desc, lw2d = _tma_operands(qweight, cfg, vec)
     _int4_mma_kernel[(tiles, cfg.split)](
         x, qweight, scale, gs, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0),
-        scale.stride(0), y.stride(0), k // cfg.split // kpw, cfg.split,
+        scale.stride(0), y.stride(0), k // cfg.split // kpw, cfg.split, w_desc,
         FMT=FMT_IDS[fmt], GROUP=group, VEC=vec, KPW=kpw, BN=cfg.block_n,
         EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma,
-        A=a, B=b, LW=lw, LX=lx, LS=ls, STAGES=cfg.stages, L2PRE=l2pre, num_warps=cfg.warps,
+        A=a, B=b, LW=lw, LX=lx, LS=ls, STAGES=cfg.stages, L2PRE=l2pre, TMA=cfg.tma,
+        LW2D=lw2d, num_warps=cfg.warps,
         # (USE_PDL off keeps the engine's launches plain; a config's forced PDL still holds)
         **(pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl)
            if USE_PDL or cfg.pdl else {}))
     return y
+
+
+def _tma_operands(words: Tensor, cfg: MmaConfig, vec: int):
+    """(TMA descriptor of the int32 words [N, K / KPW] with a [BN, 4 VEC] box, the 2-D read
+    layout of its shared tiles) for MmaConfig.tma; refuses what TMA cannot address."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    if cfg.stages:
+        raise ValueError("int4_mma: MmaConfig.tma and .stages are two rings; pick one")
+    if not words.is_cuda or torch.cuda.get_device_capability(words.device)[0] < 9:
+        raise ValueError("int4_mma: MmaConfig.tma needs a CUDA device of sm_90 or newer")
+    if words.stride(1) != 1 or (words.stride(0) * 4) % 16 or words.data_ptr() % 16:
+        raise ValueError(f"int4_mma: TMA needs 16-byte aligned word rows; stride "
+                         f"{words.stride()}, address {words.data_ptr():#x}")
+    desc = TensorDescriptor.from_tensor(words, [cfg.block_n, 4 * vec], TMA_SMEM)
+    return desc, word_tile_2d(cfg.warps, cfg.row_tiles, vec)
 
 
 def word_rows_aligned(q: Tensor) -> bool:

@@ -24,6 +24,7 @@ from sm90_compile import BIN, compile_sm90, disassemble
 
 from orbit.kernels._qgemm import FMT_IDS
 from orbit.kernels.int4_mma import (
+    TMA_SMEM,
     MmaConfig,
     _int4_mma_kernel,
     _vec,
@@ -31,6 +32,7 @@ from orbit.kernels.int4_mma import (
     layouts,
     pick_config,
     step_depth,
+    word_tile_2d,
 )
 
 TYPES = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*bf16", "gs_ptr": "*fp32",
@@ -51,8 +53,12 @@ def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
               "BN": cfg.block_n, "EVEN_N": even_n, "DEPTH": cfg.prefetch,
               "XPRE": cfg.x_prefetch, "NP": np_, "MMA": mma, "A": a, "B": b, "LW": lw,
               "LX": lx, "LS": ls, "PDL": cfg.pdl, "STAGES": cfg.stages,
-              "L2PRE": 32 * cfg.warps if cfg.l2 else 0}
-    types = dict(TYPES, s_ptr=SCALE_TYPES.get(fmt, "*bf16"))
+              "L2PRE": 32 * cfg.warps if cfg.l2 else 0, "TMA": cfg.tma,
+              "LW2D": word_tile_2d(cfg.warps, cfg.row_tiles, vec) if cfg.tma else None}
+    # (w_desc: the words' TMA descriptor with MmaConfig.tma, else the word pointer again)
+    w_desc = (f"tensordesc<i32[{cfg.block_n}, {4 * vec}],{TMA_SMEM!r}>" if cfg.tma
+              else "*i32")
+    types = dict(TYPES, s_ptr=SCALE_TYPES.get(fmt, "*bf16"), w_desc=w_desc)
     return compile_sm90(_int4_mma_kernel, consts, types, cfg.warps, 1, DIVISIBLE)
 
 
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", type=int)
     ap.add_argument("--pdl", type=int, choices=(0, 1), help="compile the PDL form")
     ap.add_argument("--stages", type=int, help="cp.async shared-memory ring depth (0: none)")
+    ap.add_argument("--tma", type=int, help="TMA shared-memory ring depth (0: none)")
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args(argv)
     k_in, n_out = (int(v) for v in args.shape.split("x"))
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         ("prefetch", args.prefetch),
                                                         ("x_prefetch", args.x_prefetch),
                                                         ("split", args.split),
-                                                        ("stages", args.stages),
+                                                        ("stages", args.stages), ("tma", args.tma),
                                                         ("pdl", None if args.pdl is None
                                                          else bool(args.pdl)))
                                 if v is not None})

@@ -326,3 +326,49 @@ def test_l2_slice_prefetch_gives_the_same_bits(fmt: str, m: int, k: int, n: int)
     for cfg in (pick, dataclasses.replace(pick, split=1), dataclasses.replace(pick, pdl=True)):
         ref = _run(x, qw, dataclasses.replace(cfg, l2=False))
         assert torch.equal(_run(x, qw, dataclasses.replace(cfg, l2=True)), ref), cfg
+
+
+@pytest.mark.parametrize("fmt,group,m", [("int4", 128, 1), ("int4", 128, 4), ("int4", 128, 16),
+                                         ("int4", 64, 3), ("nvfp4", 16, 4), ("nvfp4", 16, 9),
+                                         ("fp8", 128, 4)])
+@pytest.mark.parametrize("k,n", [(4096, 12288), (2048, 1000), (2048, 200)])
+def test_tma_ring_gives_the_register_forms_bits(fmt: str, group: int, m: int, k: int,
+                                                n: int) -> None:
+    """MmaConfig.tma (the words through a TMA ring in shared memory) feeds the MMA the same
+    words in the same order as the register prefetch, so the same bits: at the pick, at ring
+    depths shallower than, as deep as and deeper than the slice, with row tails (TMA zero-fills
+    rows past N; they are never stored), two row tiles, no scale prefetch, and under PDL."""
+    import dataclasses
+
+    from orbit.kernels.int4_mma import pick_config, step_depth
+
+    kw = {"group_size": group} if fmt == "int4" else {}
+    qw = random_qweight(fmt, n, k, seed=11 + m, device="cuda", **kw)
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    pick = pick_config(m, k, n, group, 132, fmt)
+    steps = k // step_depth(fmt, group)
+    cfgs = [pick, dataclasses.replace(pick, split=1), dataclasses.replace(pick, pdl=True),
+            dataclasses.replace(pick, prefetch=0), dataclasses.replace(pick, row_tiles=2,
+                                                                       x_prefetch=True)]
+    for cfg in cfgs:
+        depth = steps // cfg.split
+        for tma in sorted({2, 4, depth, depth + 2}):
+            ref = _run(x, qw, cfg)
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+            got = _run(x, qw, dataclasses.replace(cfg, tma=tma), out=out)
+            assert torch.equal(got, ref), (cfg, tma)
+    _check(m, k, n, group, dataclasses.replace(pick, tma=3), seed=3, fmt=fmt)
+
+
+def test_tma_ring_refuses_misaligned_words_and_two_rings() -> None:
+    from orbit.kernels.int4_mma import MmaConfig, int4_mma
+
+    qw = random_qweight("int4", 256, 2048, seed=1, device="cuda", group_size=128)
+    x = torch.randn(2, 2048, device="cuda").bfloat16()
+    q, s = qw.tensors["qweight"], qw.tensors["scale"]
+    with pytest.raises(ValueError, match="two rings"):
+        int4_mma(x, q, s, 128, MmaConfig(tma=2, stages=2))
+    wide = torch.zeros(256, 2048 // 8 + 1, dtype=torch.int32, device="cuda")
+    wide[:, : 2048 // 8] = q
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        int4_mma(x, wide[:, : 2048 // 8], s, 128, MmaConfig(tma=2))

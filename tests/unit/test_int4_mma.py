@@ -181,6 +181,34 @@ def test_sm90_compile_ring_streams_words_through_shared_memory(fmt: str, group: 
     assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
 
 
+@pytest.mark.parametrize("fmt,group,m", [("int4", 128, 4), ("int4", 128, 16), ("int4", 64, 4),
+                                         ("nvfp4", 16, 4), ("fp8", 128, 4)])
+def test_sm90_compile_tma_ring_copies_words_with_one_bulk_copy_per_step(fmt: str, group: int,
+                                                                        m: int) -> None:
+    """The TMA ring (MmaConfig.tma): the K loop's words come from one 2-D TMA copy per step
+    (UTMALDG, issued by one thread) and 16-byte shared loads, one per 8-row half of a 16-row
+    tile, no word LDG left; it waits on the slot's mbarrier; the shared allocation holds the
+    ring; the decode and the MMAs are the register form's instruction for instruction."""
+    import dataclasses
+
+    tool = _tool()
+    cfg = pick_config(m, 4096, 12288, group, 132, fmt)
+    plain = tool.disassemble(tool.compile_mma(cfg, m, group, fmt=fmt).asm["cubin"])
+    kernel = tool.compile_mma(dataclasses.replace(cfg, tma=4), m, group, fmt=fmt)
+    sass = tool.disassemble(kernel.asm["cubin"])
+    _, ops, _ = tool.loop_budget(sass, key="HMMA")
+    _, plain_ops, _ = tool.loop_budget(plain, key="HMMA")
+    tiles = 2 * cfg.row_tiles
+    assert ops["UTMALDG"] == 1 and ops["SYNCS"] >= 1  # the refill and the slot's wait
+    assert ops["LDG"] == plain_ops["LDG"] - tiles  # only x and the scales stay LDG
+    assert ops["LDS"] == tiles and sass.count("LDS.128") + sass.count("LDS.64") >= tiles
+    assert kernel.metadata.shared >= 4 * cfg.block_n * 16 * (4 if group % 128 == 0 or
+                                                             fmt != "int4" else 2)
+    for op in ("HMMA", "HFMA2", "HMUL2"):
+        assert ops[op] == plain_ops[op]
+    assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
+
+
 @pytest.mark.parametrize("m", [4, 16])
 def test_sm90_compile_nvfp4(m: int) -> None:
     """The NVFP4 form: the scale tile joins into the word layout and the E2M1 pairs into the
