@@ -23,6 +23,7 @@ Writes $OUT/bench_mma_loads.json (or --out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -88,6 +89,73 @@ if HAS_GLUON:
         gl.store(optr, acc)
 
 
+    @gluon.jit
+    def _laid_out_loads_kernel(q_ptr, out_ptr, K_SLICE_W, BASE_N, BASE_K, ROW, ADV,
+                               VEC: gl.constexpr, BN: gl.constexpr, DEPTH: gl.constexpr,
+                               LW: gl.constexpr):
+        # the same per-thread words and walk as _loads_kernel over another placement of the
+        # words in memory: program (n, k)'s step s, row r, word w at
+        # n BASE_N + k BASE_K + s ADV + r ROW + w (LAYOUTS); DEPTH 1 or 2
+        BKW: gl.constexpr = 4 * VEC
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        LW2: gl.constexpr = gl.SliceLayout(2, LW)
+        r = gl.arange(0, BN, layout=gl.SliceLayout(1, LW2))
+        t = gl.arange(0, 4, layout=gl.SliceLayout(0, LW2))
+        i = gl.arange(0, VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
+        w3 = gl.expand_dims(gl.expand_dims(t, 0), 2) * VEC + gl.expand_dims(
+            gl.expand_dims(i, 0), 1)
+        w_ptrs = q_ptr + (pid_n.to(gl.int64) * BASE_N + pid_k * BASE_K) + (
+            gl.expand_dims(gl.expand_dims(r, 1), 2) * ROW + w3)
+        acc = gl.zeros([BN, 4, VEC], gl.int32, LW)
+        steps = K_SLICE_W // BKW
+        w0 = gl.load(w_ptrs)
+        if DEPTH >= 2:
+            w_ptrs += gl.where(1 < steps, ADV, 0)
+            w1 = gl.load(w_ptrs)
+        for s in range(steps):
+            cur = w0
+            w_ptrs += gl.where(s + DEPTH < steps, ADV, 0)
+            if DEPTH == 1:
+                w0 = gl.load(w_ptrs)
+            else:
+                w0 = w1
+                w1 = gl.load(w_ptrs)
+            acc = acc ^ cur
+        o = (pid_k * gl.num_programs(0) + pid_n) * (BN * 4 * VEC)
+        optr = out_ptr + o + gl.expand_dims(gl.expand_dims(r, 1), 2) * (4 * VEC) + w3
+        gl.store(optr, acc)
+
+
+# where program (n, k)'s words sit, for `laid_out_loads` (K_SLICE_W words of a row per slice,
+# BKW per step, T row tiles of BN rows):
+#   rows: the checkpoint's [N, K/8] (int4_mma's; rows 2 KB apart at K 4096);
+#   slices: [split][N][K_SLICE_W] (each program's rows contiguous, a step still 64 bytes of
+#           each of BN rows);
+#   tiles: [T][split][step][BN][BKW] (each program's step one contiguous BN x 64-byte block,
+#          a pre-shuffled layout such as Marlin's).
+LAYOUTS = ("rows", "slices", "tiles")
+
+
+def laid_out_loads(buf: torch.Tensor, n: int, kw: int, cfg: MmaConfig, vec: int, layout: str,
+                   out: torch.Tensor) -> torch.Tensor:
+    """The XOR of the words of a [T BN, kw] int32 buffer `buf` (flat) read as `layout`."""
+    bn, bkw = cfg.block_n, 4 * vec
+    tiles = -(-n // bn)
+    ksw = kw // cfg.split
+    if layout == "rows":
+        strides = (bn * kw, ksw, kw, bkw)
+    elif layout == "slices":
+        strides = (bn * ksw, tiles * bn * ksw, ksw, bkw)
+    else:
+        strides = (cfg.split * bn * ksw, bn * ksw, bkw, bn * bkw)
+    lw = layouts(cfg.warps, cfg.row_tiles, 8, vec)[3]
+    _laid_out_loads_kernel[(tiles, cfg.split)](buf, out, ksw, *strides, VEC=vec, BN=bn,
+                                               DEPTH=max(1, cfg.prefetch), LW=lw,
+                                               num_warps=cfg.warps)
+    return out
+
+
 def loads_only(q: torch.Tensor, cfg: MmaConfig, vec: int, out: torch.Tensor) -> torch.Tensor:
     """The XOR of every word q [N, K/8] int32, in int4_mma's order for `cfg` with `vec` words
     per thread, row and step; `out` holds one [BN, 4, vec] tile per program."""
@@ -102,6 +170,14 @@ def loads_only(q: torch.Tensor, cfg: MmaConfig, vec: int, out: torch.Tensor) -> 
     return out
 
 
+def _xor_all(t: torch.Tensor) -> int:
+    t = t.view(-1).to(torch.int64) & 0xFFFFFFFF
+    r = torch.zeros((), dtype=torch.int64, device=t.device)
+    for b in range(32):
+        r |= ((t >> b) & 1).sum() % 2 << b
+    return int(r)
+
+
 def check(q: torch.Tensor, cfg: MmaConfig, vec: int) -> None:
     """The loads-only kernel reads every word once: XOR of its tiles == XOR of q."""
     tiles = -(-q.shape[0] // cfg.block_n)
@@ -113,14 +189,7 @@ def check(q: torch.Tensor, cfg: MmaConfig, vec: int) -> None:
     if pad:
         want = torch.cat([want, q[-1].repeat(pad)])
 
-    def xor_all(t):
-        t = t.view(-1).to(torch.int64) & 0xFFFFFFFF
-        r = torch.zeros((), dtype=torch.int64, device=t.device)
-        for b in range(32):
-            r |= ((t >> b) & 1).sum() % 2 << b
-        return r
-
-    if xor_all(out) != xor_all(want):
+    if _xor_all(out) != _xor_all(want):
         raise RuntimeError(f"loads-only kernel missed words ({cfg}, vec {vec})")
 
 
@@ -128,6 +197,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="4096x12288,2048x12288,6144x2048")
     ap.add_argument("--m", type=int, default=4)
+    ap.add_argument("--layouts-only", action="store_true",
+                    help="only vec 4 at depth 1-2 of the rows walk, then the LAYOUTS rows")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     from orbit.kernels.gemv import num_sms
@@ -147,12 +218,19 @@ def main() -> None:
         pick = pick_config(args.m, k, n, 128, num_sms(dev))
         wbs = [torch.randn(n, k, device=dev).bfloat16() for _ in range(copies_for(2 * n * k))]
         plan = [("cublas-bf16", None, 0), ("int4_mma", pick, 4)]
-        for vec in (4, 8, 16):
-            for depth in (0, 1, 2, 3):
+        for vec in (4,) if args.layouts_only else (4, 8, 16):
+            for depth in (1, 2) if args.layouts_only else (0, 1, 2, 3):
                 for split in sorted({max(1, pick.split // 2), pick.split, pick.split * 2}):
                     c = MmaConfig(pick.warps, pick.row_tiles, split, depth)
                     if (k // 8) % (split * 4 * vec) == 0 and (k // 8) // split >= 4 * vec:
                         plan.append(("loads", c, vec))
+        tiles_ = -(-n // pick.block_n)
+        bufs = [torch.randint(-2**31, 2**31 - 1, (tiles_ * pick.block_n * (k // 8),),
+                              dtype=torch.int32, device=dev)
+                for _ in range(copies_for(n * k // 2))]
+        for lay in LAYOUTS:  # the same grid and walk over three placements of the words
+            for depth in (1, 2):
+                plan.append((f"laid-{lay}", dataclasses.replace(pick, prefetch=depth), 4))
         for name, cfg, vec in plan:
             if name == "cublas-bf16":
                 fns = [lambda w=w, x=x: x @ w.T for w in wbs]
@@ -162,6 +240,16 @@ def main() -> None:
                                                         q.tensors["scale"], 128, c)
                        for q in qws]
                 nb = nbytes
+            elif name.startswith("laid-"):
+                lay = name[len("laid-"):]
+                out = torch.empty(tiles_ * cfg.split * cfg.block_n * 4 * vec, dtype=torch.int32,
+                                  device=dev)
+                want = _xor_all(bufs[0])
+                if _xor_all(laid_out_loads(bufs[0], n, k // 8, cfg, vec, lay, out)) != want:
+                    raise RuntimeError(f"{name} missed words")
+                fns = [lambda b=b, c=cfg, v=vec, o=out, ly=lay, n_=n, kw_=k // 8: laid_out_loads(
+                    b, n_, kw_, c, v, ly, o) for b in bufs]
+                nb = n * k // 2
             else:
                 check(qws[0].tensors["qweight"], cfg, vec)
                 tiles = -(-n // cfg.block_n)
@@ -177,7 +265,7 @@ def main() -> None:
             rows.append(row)
             print(f"{shape:>11} {name:>12} vec {vec:>2} cfg {row['cfg']}  {row['us']:7.2f} us "
                   f"{row['GBps']:6.0f} GB/s ({row['frac_copy']:.0%} of copy)", flush=True)
-        del qws, wbs
+        del qws, wbs, bufs
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_mma_loads.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "copy_GBps": bw, "rows": rows}, indent=1))

@@ -352,7 +352,9 @@ def test_tma_ring_gives_the_register_forms_bits(fmt: str, group: int, m: int, k:
                                                                        x_prefetch=True)]
     for cfg in cfgs:
         depth = steps // cfg.split
-        for tma in sorted({2, 4, depth, depth + 2}):
+        # (rings past ~160 KB of shared memory do not launch: 2 row tiles at split 1)
+        for tma in sorted(t for t in {2, 4, depth, depth + 2}
+                          if t * cfg.block_n * 64 <= 160 * 1024):
             ref = _run(x, qw, cfg)
             out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
             got = _run(x, qw, dataclasses.replace(cfg, tma=tma), out=out)
