@@ -302,8 +302,8 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     every (warps, row tiles, prefetch depth) of MMA_SWEEP at every split the K steps allow,
     or a few neighbours of the pick (stages_only: the ring forms; l2_only: the pick with and
     without MmaConfig.l2, plain and PDL, and l2 at half and twice the pick's split; tma_only:
-    the pick plain and PDL, then its TMA ring forms at 2-8 steps in flight at the pick's split
-    and at a half and a quarter of it, plain and PDL)."""
+    the pick plain and PDL, then its TMA ring forms at 2 and 4 steps in flight with 4, 2 and 1
+    warps at the pick's split and twice it, plain and PDL)."""
     from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
     pick = pick_config(m, k, n, group, sms, fmt)
@@ -316,13 +316,18 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
                 + [dataclasses.replace(base, split=s_, l2=True, pdl=True)
                    for s_ in (base.split // 2, base.split * 2) if s_ in splits])
     if tma_only:
+        # (session 28's first run: 2-4 steps at the pick's split were best of 2-8 steps at
+        # 1/4-1x of it; so 2 and 4 steps at 1-2x the split, with 4, 2 and 1 warps: at 1 warp
+        # a program's CTA barriers around the ring are one warp's)
         base = dataclasses.replace(pick, tma=0)
         out = [base, dataclasses.replace(base, pdl=True)]
-        for sp in sorted({base.split, max(1, base.split // 2), max(1, base.split // 4)}):
-            if sp not in splits + [1]:
-                continue
-            for st in sorted({min(d, steps // sp) for d in (2, 4, 8)}):
-                out += [dataclasses.replace(base, split=sp, tma=st, pdl=p_) for p_ in (False, True)]
+        for w in (4, 2, 1):
+            for sp in (base.split, base.split * 2):
+                if sp not in splits:
+                    continue
+                out += [dataclasses.replace(base, warps=w, split=sp, tma=min(st, steps // sp),
+                                            pdl=p_)
+                        for st in (2, 4) for p_ in (False, True)]
         return out
     if sweep:
         return [pick] + [MmaConfig(w, rt, s_, d, xp) for w, rt, d, xp in MMA_SWEEP
@@ -681,7 +686,7 @@ def main() -> None:
                          "and twice the pick's split")
     ap.add_argument("--gemv-mma-tma", action="store_true",
                     help="with --gemv-mma: only the pick (plain and PDL) and its TMA ring forms "
-                         "(MmaConfig.tma, 2-8 steps) at its split, half and a quarter of it")
+                         "(MmaConfig.tma, 2 and 4 steps; 4, 2, 1 warps; 1-2x its split)")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")
