@@ -53,7 +53,9 @@ MAX_ROWS: int | None = None
 # --sections lora --knob orbit.adapters.lora_decode.MAX_ROWS=None,16`, i.e. this rule):
 # decode tok/s b24 3795 -> 4854 (+28%), b32 5008 -> 6358 (+27%), b40 5891 -> 7250 (+23%), b48
 # 7000 -> 8597 (+23%); at b16 and b64 the group wins (b64: 16928 against 11896 with the cap at
-# 63; NVFP4 b32 too: 8278 against 5762), so only INT4 and only these rows.
+# 63; NVFP4 b32 too: 8278 against 5762), so only INT4 and only these rows. The rule's own code
+# (session 28, H100, `--knob "orbit.adapters.lora_decode.PLAIN_ROWS={},{'int4':(17,63)}"`):
+# b24 3786 -> 4818, b32 4993 -> 6344, b48 6985 -> 8591; adapter off unchanged.
 PLAIN_ROWS: dict[str, tuple[int, int]] = {"int4": (17, 63)}
 
 

@@ -128,12 +128,20 @@ def test_in_kernel_shrink_replays_in_a_graph(m: int, ns: list[int],
     """A base launch with h computed in its own grid (the q/k/v decode GEMV at one row; the
     tl.dot loop at 16 and 200 rows: INT4's dequantize + cuBLAS threshold pinned at 1024, as
     for the formats that still run the loop there), captured once and replayed 20 times with
-    PDL: every replay gives the eager result (the h counters are re-armed each time)."""
+    PDL: every replay gives the eager result (the h counters are re-armed each time). The
+    rules' routes: a shipped route table may send these rows elsewhere (the H100's sends 200
+    rows to dequantize + cuBLAS, which computes h in a launch of its own)."""
     from orbit.kernels import _qgemm
-    from orbit.kernels.gemv import lora_counters
-    from orbit.kernels.pdl import pdl_scope
+    from orbit.kernels.qmm_routes import ROUTES
 
     monkeypatch.setattr(_qgemm, "DEQUANT_MIN_M_BY_FMT", {})
+    with ROUTES.scoped(None):
+        _check_shrink_replays(m, ns)
+
+
+def _check_shrink_replays(m: int, ns: list[int]) -> None:
+    from orbit.kernels.gemv import lora_counters
+    from orbit.kernels.pdl import pdl_scope
 
     k, r = 2048, 16
     qw = random_qweight("int4", sum(ns), k, seed=5, device="cuda", group_size=128)
