@@ -92,8 +92,11 @@ RING_STAGES = 0
 # at M = 4 and 16 (17.5 -> 19.8 us, PDL 16.9 -> 19.1), deep 6144x2048 with PDL 6-7% faster
 # (M = 4 8.2 -> 7.6 us), 2048x12288 mixed; not a win to route by (no engine run).
 L2_SLICE = False
-# pick_config's MmaConfig.tma (TMA ring depth; 0: the register prefetch). 0 until measured
-# (bench_qmm.py --gemv --gemv-mma --gemv-mma-tma).
+# pick_config's MmaConfig.tma (TMA ring depth; 0: the register prefetch). 0: H100, session 28
+# (`bench_qmm.py --gemv --gemv-mma --gemv-mma-tma`): 4096x12288 M = 4 16.6 us plain but 17.9
+# with PDL against 17.4 / 16.9; -8-9% on 2048x2048 and 6144x2048; the engine (`--knob
+# orbit.kernels.int4_mma.TMA_STAGES=0,2`) INT4 +3% / +2% / -3% at batch 2 / 4 / 8, NVFP4 -2% to
+# -9%: no rule yet (docs/kernels.md "A TMA ring for the weight words").
 TMA_STAGES = 0
 
 
