@@ -114,7 +114,9 @@ class MmaConfig:
     through a ring of n steps in shared memory filled by TMA (one 2-D bulk copy of the
     program's [BN, step] word tile per step, completion on an mbarrier per slot) instead of
     per-thread loads: the copy engine holds the requests in flight, not the warps' load
-    queues, which is what a cp.async ring could not change (sm_90 only)."""
+    queues, which is what a cp.async ring could not change (sm_90 only); chains: 2 splits
+    each INT4 step's MMAs into two independent accumulation chains (a thread's even and odd
+    words), summed before the scale, so a step's 8 dependent HMMAs become two chains of 4."""
 
     warps: int = 4
     row_tiles: int = 1
@@ -125,6 +127,7 @@ class MmaConfig:
     stages: int = 0
     l2: bool = False
     tma: int = 0
+    chains: int = 1
 
     @property
     def block_n(self) -> int:
@@ -401,7 +404,9 @@ if HAS_GLUON:
                          B: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr,
                          LS: gl.constexpr, PDL: gl.constexpr = False,
                          STAGES: gl.constexpr = 0, L2PRE: gl.constexpr = 0,
-                         TMA: gl.constexpr = 0, LW2D: gl.constexpr = None):
+                         TMA: gl.constexpr = 0, LW2D: gl.constexpr = None,
+                         CHAINS: gl.constexpr = 1, LWH: gl.constexpr = None,
+                         LXH: gl.constexpr = None):
         # w_desc: with TMA > 0 the words' TMA descriptor (block [BN, 4 VEC]), else unused.
         # FMT 0: INT4 (u - 8 into the MMA, each step's partial times its group's scale);
         # FMT 2: FP8 (the e4m3 values into the MMA, each step's partial times its block's
@@ -573,10 +578,29 @@ if HAS_GLUON:
                 if FMT == 2:
                     a = _decode_e4m3(cur_w, A, BN, BK, VEC)
                     xb = _to_b8(cur_x, B, NP, BK, VEC)
+                    part = mma_v2(a, xb, zero)
+                elif CHAINS == 2:
+                    # two independent MMA chains of half a step each: each thread's even and
+                    # odd words (and x's matching K positions), summed after (the dot needs
+                    # only A's and x's K orders to agree; fp32 sums in another order)
+                    w_e, w_o = gl.split(gl.reshape(cur_w, [BN, 4, VEC // 2, 2]))
+                    x_e, x_o = gl.split(gl.permute(gl.reshape(cur_x, [NP, 4, VEC // 2, 2, 8]),
+                                                   (0, 1, 2, 4, 3)))
+                    w_e = gl.convert_layout(w_e, LWH, assert_trivial=True)
+                    w_o = gl.convert_layout(w_o, LWH, assert_trivial=True)
+                    x_e = gl.convert_layout(gl.reshape(x_e, [NP, 4, 4 * VEC]), LXH,
+                                            assert_trivial=True)
+                    x_o = gl.convert_layout(gl.reshape(x_o, [NP, 4, 4 * VEC]), LXH,
+                                            assert_trivial=True)
+                    p_e = mma_v2(_decode(w_e, A, BN, BK // 2),
+                                 _to_b(x_e, B, NP, BK // 2, VEC // 2), zero)
+                    p_o = mma_v2(_decode(w_o, A, BN, BK // 2),
+                                 _to_b(x_o, B, NP, BK // 2, VEC // 2), zero)
+                    part = p_e + p_o
                 else:
                     a = _decode(cur_w, A, BN, BK)
                     xb = _to_b(cur_x, B, NP, BK, VEC)
-                part = mma_v2(a, xb, zero)
+                    part = mma_v2(a, xb, zero)
                 acc = acc + part * gl.expand_dims(cur_s.to(gl.float32), 1)
             if STAGES > 0:  # refill the slot just read with step kk / BK + STAGES
                 if kk + STAGES * BK < K_SLICE:
@@ -679,6 +703,12 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     else:
         ws, cnt = y, y
     w_desc, lw2d = qweight, None
+    lwh = lxh = None
+    if cfg.chains != 1:
+        if cfg.chains != 2 or fmt != "int4" or vec != 4:
+            raise ValueError(f"int4_mma: chains={cfg.chains} is 1, or 2 for INT4 groups of "
+                             f"128 and more (got {fmt}, group {group})")
+        lwh, lxh = layouts(cfg.warps, cfg.row_tiles, np_, 2, kpw)[3:5]
     if cfg.tma:
         w_desc, lw2d = _tma_operands(qweight, cfg, vec)
     _int4_mma_kernel[(tiles, cfg.split)](
@@ -687,7 +717,7 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         FMT=FMT_IDS[fmt], GROUP=group, VEC=vec, KPW=kpw, BN=cfg.block_n,
         EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma,
         A=a, B=b, LW=lw, LX=lx, LS=ls, STAGES=cfg.stages, L2PRE=l2pre, TMA=cfg.tma,
-        LW2D=lw2d, num_warps=cfg.warps,
+        LW2D=lw2d, CHAINS=cfg.chains, LWH=lwh, LXH=lxh, num_warps=cfg.warps,
         # (USE_PDL off keeps the engine's launches plain; a config's forced PDL still holds)
         **(pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl)
            if USE_PDL or cfg.pdl else {}))

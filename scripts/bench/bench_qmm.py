@@ -297,13 +297,14 @@ REGFED_MAXNREG = (96, 80, 64)  # 5, 6, 8 programs of 128 threads per SM
 # --gemv-mma-stages: the pick with and without PDL and the shared-memory ring forms alone.
 def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
              fmt: str = "int4", stages_only: bool = False, l2_only: bool = False,
-             tma_only: bool = False) -> list:
+             tma_only: bool = False, chains_only: bool = False) -> list:
     """The int4_mma configs --gemv-mma times at one shape and M: the pick first, then (sweep)
     every (warps, row tiles, prefetch depth) of MMA_SWEEP at every split the K steps allow,
     or a few neighbours of the pick (stages_only: the ring forms; l2_only: the pick with and
     without MmaConfig.l2, plain and PDL, and l2 at half and twice the pick's split; tma_only:
     the pick plain and PDL, then its TMA ring forms at 2 and 4 steps in flight with 4, 2 and 1
-    warps at the pick's split and twice it, plain and PDL)."""
+    warps at the pick's split and twice it, plain and PDL; chains_only: the pick with one and
+    two MMA chains per step (MmaConfig.chains, INT4), plain and PDL, also with 2 row tiles)."""
     from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
     pick = pick_config(m, k, n, group, sms, fmt)
@@ -315,6 +316,12 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
                  dataclasses.replace(base, pdl=True, l2=True)]
                 + [dataclasses.replace(base, split=s_, l2=True, pdl=True)
                    for s_ in (base.split // 2, base.split * 2) if s_ in splits])
+    if chains_only:
+        out = []
+        for c in (pick, dataclasses.replace(pick, row_tiles=3 - pick.row_tiles)):
+            out += [dataclasses.replace(c, chains=ch, pdl=p_) for ch in (1, 2)
+                    for p_ in (False, True)]
+        return out
     if tma_only:
         # (session 28's first run: 2-4 steps at the pick's split were best of 2-8 steps at
         # 1/4-1x of it; so 2 and 4 steps at 1-2x the split, with 4, 2 and 1 warps: at 1 warp
@@ -428,7 +435,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 decodes: bool = False, pairs: bool = False, regfed: bool = False,
                 paths: tuple[str, ...] = ("*",), mma: bool = False,
                 mma_sweep: bool = False, mma_stages: bool = False,
-                mma_l2: bool = False, mma_tma: bool = False) -> list[dict]:
+                mma_l2: bool = False, mma_tma: bool = False,
+                mma_chains: bool = False) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run; only the
     paths whose names match one of the `paths` patterns (fnmatch: "gemv", "gemv-pdl*") are
     timed (cuBLAS always is: it is every row's baseline)."""
@@ -511,7 +519,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     if mma_operands_ok(x, qw0):
                         plan += [("int4-mma-pdl" if c.pdl else "int4-mma", c) for c in mma_alts(
                             m, n, k, weight_operands(qw0)[2], num_sms(x.device), mma_sweep,
-                            fmt, mma_stages, mma_l2, mma_tma)]
+                            fmt, mma_stages, mma_l2, mma_tma, mma_chains)]
                 if alts and fmt in ("int4", "nvfp4", "mxfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1=_alt_e2m1(eb, auto.e2m1),
@@ -687,6 +695,9 @@ def main() -> None:
     ap.add_argument("--gemv-mma-tma", action="store_true",
                     help="with --gemv-mma: only the pick (plain and PDL) and its TMA ring forms "
                          "(MmaConfig.tma, 2 and 4 steps; 4, 2, 1 warps; 1-2x its split)")
+    ap.add_argument("--gemv-mma-chains", action="store_true",
+                    help="with --gemv-mma: only the pick with 1 and 2 MMA chains per step "
+                         "(MmaConfig.chains, INT4), 1 and 2 row tiles, plain and PDL")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")
@@ -734,7 +745,8 @@ def main() -> None:
                                   args.gemv_pairs, args.gemv_regfed,
                                   tuple(args.gemv_paths.split(",")), args.gemv_mma,
                                   args.gemv_mma_sweep, args.gemv_mma_stages,
-                                  args.gemv_mma_l2, args.gemv_mma_tma)
+                                  args.gemv_mma_l2, args.gemv_mma_tma,
+                                  args.gemv_mma_chains)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")

@@ -54,7 +54,10 @@ def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
               "XPRE": cfg.x_prefetch, "NP": np_, "MMA": mma, "A": a, "B": b, "LW": lw,
               "LX": lx, "LS": ls, "PDL": cfg.pdl, "STAGES": cfg.stages,
               "L2PRE": 32 * cfg.warps if cfg.l2 else 0, "TMA": cfg.tma,
-              "LW2D": word_tile_2d(cfg.warps, cfg.row_tiles, vec) if cfg.tma else None}
+              "LW2D": word_tile_2d(cfg.warps, cfg.row_tiles, vec) if cfg.tma else None,
+              "CHAINS": cfg.chains, "LWH": None, "LXH": None}
+    if cfg.chains == 2:
+        consts["LWH"], consts["LXH"] = layouts(cfg.warps, cfg.row_tiles, np_, 2, kpw)[3:5]
     # (w_desc: the words' TMA descriptor with MmaConfig.tma, else the word pointer again)
     w_desc = (f"tensordesc<i32[{cfg.block_n}, {4 * vec}],{TMA_SMEM!r}>" if cfg.tma
               else "*i32")
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pdl", type=int, choices=(0, 1), help="compile the PDL form")
     ap.add_argument("--stages", type=int, help="cp.async shared-memory ring depth (0: none)")
     ap.add_argument("--tma", type=int, help="TMA shared-memory ring depth (0: none)")
+    ap.add_argument("--chains", type=int, choices=(1, 2), help="MMA chains per step (INT4)")
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args(argv)
     k_in, n_out = (int(v) for v in args.shape.split("x"))
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         ("x_prefetch", args.x_prefetch),
                                                         ("split", args.split),
                                                         ("stages", args.stages), ("tma", args.tma),
+                                                        ("chains", args.chains),
                                                         ("pdl", None if args.pdl is None
                                                          else bool(args.pdl)))
                                 if v is not None})

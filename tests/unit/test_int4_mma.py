@@ -210,6 +210,29 @@ def test_sm90_compile_tma_ring_copies_words_with_one_bulk_copy_per_step(fmt: str
 
 
 @pytest.mark.parametrize("m", [4, 16])
+def test_sm90_compile_two_chains_split_each_step_into_independent_mmas(m: int) -> None:
+    """MmaConfig.chains = 2: the same decode and MMA count per step, but the step's HMMAs form
+    two chains (two start from zero), joined by one FADD per accumulator register."""
+    import dataclasses
+
+    tool = _tool()
+    cfg = pick_config(m, 4096, 12288, 128, 132)
+    plain = tool.disassemble(tool.compile_mma(cfg, m, 128).asm["cubin"])
+    kernel = tool.compile_mma(dataclasses.replace(cfg, chains=2), m, 128)
+    sass = tool.disassemble(kernel.asm["cubin"])
+    _, ops, _ = tool.loop_budget(sass, key="HMMA")
+    _, plain_ops, _ = tool.loop_budget(plain, key="HMMA")
+    for op in ("HMMA", "HFMA2", "LOP3", "LDG"):
+        assert ops[op] == plain_ops[op]
+    starts = [ln for ln in sass.splitlines() if "HMMA" in ln and ln.split(";")[0].endswith("RZ")]
+    plain_starts = [ln for ln in plain.splitlines()
+                    if "HMMA" in ln and ln.split(";")[0].endswith("RZ")]
+    assert len(starts) == 2 * len(plain_starts)
+    assert ops["FADD"] >= plain_ops["FADD"] + 4 * cfg.row_tiles * (2 if m > 8 else 1)
+    assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
+
+
+@pytest.mark.parametrize("m", [4, 16])
 def test_sm90_compile_nvfp4(m: int) -> None:
     """The NVFP4 form: the scale tile joins into the word layout and the E2M1 pairs into the
     A operand without data movement (assert_trivial), one packed multiply per nibble pair
