@@ -98,6 +98,10 @@ L2_SLICE = False
 # orbit.kernels.int4_mma.TMA_STAGES=0,2`) INT4 +3% / +2% / -3% at batch 2 / 4 / 8, NVFP4 -2% to
 # -9%: no rule yet (docs/kernels.md "A TMA ring for the weight words").
 TMA_STAGES = 0
+# pick_config's MmaConfig.chains for INT4 groups of 128 and more (1 or 2). 1 until measured
+# (bench_qmm.py --gemv --gemv-mma --gemv-mma-chains; the engine: --knob
+# orbit.kernels.int4_mma.MMA_CHAINS=1,2).
+MMA_CHAINS = 1
 
 
 @dataclass(frozen=True)
@@ -194,8 +198,9 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
     while (split * 2 <= min(FIXUP_MAX_SPLIT, steps // 2) and steps % (split * 2) == 0
            and tiles * split * 2 * rt <= 6 * sms and k // (split * 2) >= MIN_SLICE_K):
         split *= 2
+    chains = MMA_CHAINS if fmt == "int4" and _vec(group) == 4 else 1
     return dataclasses.replace(cfg, split=split, stages=min(RING_STAGES, steps // split),
-                               l2=L2_SLICE, tma=min(TMA_STAGES, steps // split))
+                               l2=L2_SLICE, tma=min(TMA_STAGES, steps // split), chains=chains)
 
 
 if HAS_GLUON:

@@ -405,3 +405,13 @@ def test_loads_only_bench_kernel_reads_what_int4_mma_reads(vec: int) -> None:
     assert len(loads) % (2 * vec // 4) == 0
     assert "LDS" not in sass and "STS" not in sass
     assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
+
+
+def test_pick_takes_two_chains_only_where_the_kernel_has_them(monkeypatch) -> None:
+    from orbit.kernels import int4_mma
+
+    monkeypatch.setattr(int4_mma, "MMA_CHAINS", 2)
+    assert pick_config(4, 4096, 12288, 128, 132).chains == 2
+    assert pick_config(4, 4096, 12288, 64, 132).chains == 1  # 8-byte steps: no even/odd words
+    assert pick_config(4, 4096, 12288, 16, 132, "nvfp4").chains == 1
+    assert pick_config(4, 4096, 12288, 128, 132, "fp8").chains == 1
