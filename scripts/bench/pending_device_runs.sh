@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # The measurements queued for the next device calls (docs/benchmarks.md), in priority order,
 # each call within the device tool's 600 s, from the repository root:
-#     bash scripts/bench/pending_device_runs.sh a     (then b)
-# a: INT4 at 17-63 rows through the route tuner (the H100 table tunes 1-16 and 64+; session
-#    27 found the INT4 LoRA groups slower than the plain forward there on the rules' tile, so
-#    lora_decode.PLAIN_ROWS sends those rows to the plain forward). Then merge the routes
-#    (`tune-qmm --update`) and rerun the LoRA engine at b24-48 with PLAIN_ROWS off and on; drop
-#    the rule if the groups win on the tuned tiles. Also the route table's GPU tests (not run
-#    since session 26's merge).
-# b: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
+#     bash scripts/bench/pending_device_runs.sh a     (then b, c)
+# a: session 28's two MMA chains per INT4 step (MmaConfig.chains; built, compiled, never run on
+#    a GPU): its GPU test, the isolated kernel against one chain, and the engine at batch 2-16
+#    with int4_mma.MMA_CHAINS 1 and 2; turn it on if it wins.
+# b: INT4 at 17-63 rows through the route tuner (the H100 table tunes 1-16 and 64+; the
+#    rows 17-63 fall in the 64-row bucket and the INT4 LoRA groups are slower than the plain
+#    forward there, so lora_decode.PLAIN_ROWS sends them to the plain forward, measured again
+#    in session 28). The tuner runs `--update` on a copy of the shipped table; merge it
+#    (copy $OUT/routes.json over orbit/kernels/tuned/nvidia_h100_80gb_hbm3.json) and rerun the
+#    LoRA engine at b24-48 with PLAIN_ROWS off and on; drop the rule if the groups win.
+#    H100 only (the table is the H100's).
+# c: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
 set -uo pipefail
 case "${1:-a}" in
 a) bash scripts/gpu_run.sh \
-  "cmd:timeout 80 python3 -m pytest tests/gpu/test_qmm_routes_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -5" \
-  "cmd:timeout 400 python3 -m orbit tune-qmm --model qwen3-1.7b --formats int4 --m 24,32,48 --out \$OUT/routes.json 2>&1 | grep -E ' us |routes' | tail -22" ;;
-b) bash scripts/gpu_run.sh \
+  "cmd:timeout 100 python3 -m pytest tests/gpu/test_int4_mma_gpu.py -m gpu -q -p no:cacheprovider -k chains 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -6" \
+  "cmd:timeout 90 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-chains --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288,6144x2048,2048x4096 --gemv-m 4,8,16 --gemv-paths 'int4-mma*' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path k n m cfg ms speedup frac_copy_bw" \
+  "cmd:timeout 90 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 2,4,8,16 --attn-backend triton --knob orbit.kernels.int4_mma.MMA_CHAINS=1,2 2>&1 | grep decode | tail -8" ;;
+b) cp orbit/kernels/tuned/nvidia_h100_80gb_hbm3.json "$OUT/routes.json"
+  bash scripts/gpu_run.sh \
+  "cmd:timeout 380 python3 -m orbit tune-qmm --model qwen3-1.7b --formats int4 --m 24,32,48 --out $OUT/routes.json --update 2>&1 | grep -E ' us |routes|rror' | tail -30" \
+  "cmd:ORBIT_QMM_ROUTES=$OUT/routes.json timeout 130 python3 scripts/bench/bench_engine.py --sections lora --adapter-kinds lora --lora-format int4 --fuse-lora on --batches 24,32,48 --attn-backend triton --knob \"orbit.adapters.lora_decode.PLAIN_ROWS={},{'int4':(17,63)}\" 2>&1 | grep decode | tail -12" ;;
+c) bash scripts/gpu_run.sh \
   "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats fp8 --m 64,128,256 --out \$OUT/routes.json 2>&1 | grep -E ' us |routes' | tail -22" ;;
-*) echo "usage: $0 a|b" >&2; exit 2 ;;
+*) echo "usage: $0 a|b|c" >&2; exit 2 ;;
 esac
