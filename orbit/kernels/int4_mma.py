@@ -102,6 +102,9 @@ TMA_STAGES = 0
 # (bench_qmm.py --gemv --gemv-mma --gemv-mma-chains; the engine: --knob
 # orbit.kernels.int4_mma.MMA_CHAINS=1,2).
 MMA_CHAINS = 1
+# the same for NVFP4, whose steps accumulate into one chain across the whole K slice (the
+# scale is inside the decode): 2 gives two accumulators. 1 until measured.
+NVFP4_MMA_CHAINS = 1
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,9 @@ class MmaConfig:
     program's [BN, step] word tile per step, completion on an mbarrier per slot) instead of
     per-thread loads: the copy engine holds the requests in flight, not the warps' load
     queues, which is what a cp.async ring could not change (sm_90 only); chains: 2 splits
-    each INT4 step's MMAs into two independent accumulation chains (a thread's even and odd
-    words), summed before the scale, so a step's 8 dependent HMMAs become two chains of 4."""
+    each step's MMAs into two independent accumulation chains (a thread's first and last
+    half of its words): INT4 sums the two partials before the scale, so a step's 8 dependent
+    HMMAs become two chains of 4; NVFP4 keeps two accumulators over the whole slice."""
 
     warps: int = 4
     row_tiles: int = 1
@@ -198,7 +202,8 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
     while (split * 2 <= min(FIXUP_MAX_SPLIT, steps // 2) and steps % (split * 2) == 0
            and tiles * split * 2 * rt <= 6 * sms and k // (split * 2) >= MIN_SLICE_K):
         split *= 2
-    chains = MMA_CHAINS if fmt == "int4" and _vec(group) == 4 else 1
+    chains = (MMA_CHAINS if fmt == "int4" and _vec(group) == 4
+              else NVFP4_MMA_CHAINS if fmt == "nvfp4" else 1)
     return dataclasses.replace(cfg, split=split, stages=min(RING_STAGES, steps // split),
                                l2=L2_SLICE, tma=min(TMA_STAGES, steps // split), chains=chains)
 
@@ -361,6 +366,24 @@ if HAS_GLUON:
         return gl.convert_layout(gl.reshape(xb, [BK, NP]), B, assert_trivial=True)
 
     @gluon.jit
+    def _word_halves(words, LWH: gl.constexpr, BN: gl.constexpr, VEC: gl.constexpr):
+        # words [BN, 4, VEC] -> each thread's first and last VEC / 2 words, each in the word
+        # layout of VEC / 2 (MmaConfig.chains; the split takes the highest register bit)
+        h = gl.permute(gl.reshape(words, [BN, 4, 2, VEC // 2]), (0, 1, 3, 2))
+        a, b = gl.split(h)
+        return (gl.convert_layout(a, LWH, assert_trivial=True),
+                gl.convert_layout(b, LWH, assert_trivial=True))
+
+    @gluon.jit
+    def _x_halves(xv, LXH: gl.constexpr, NP: gl.constexpr, VEC: gl.constexpr):
+        # x tile [NP, 4, 8 VEC] -> the K positions of _word_halves' two halves, each in the x
+        # layout of VEC / 2 (word i holds x[.., 8 i + r])
+        h = gl.permute(gl.reshape(xv, [NP, 4, 2, 4 * VEC]), (0, 1, 3, 2))
+        a, b = gl.split(h)
+        return (gl.convert_layout(a, LXH, assert_trivial=True),
+                gl.convert_layout(b, LXH, assert_trivial=True))
+
+    @gluon.jit
     def _gdc_wait():
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
@@ -411,7 +434,7 @@ if HAS_GLUON:
                          STAGES: gl.constexpr = 0, L2PRE: gl.constexpr = 0,
                          TMA: gl.constexpr = 0, LW2D: gl.constexpr = None,
                          CHAINS: gl.constexpr = 1, LWH: gl.constexpr = None,
-                         LXH: gl.constexpr = None):
+                         LXH: gl.constexpr = None, LSH: gl.constexpr = None):
         # w_desc: with TMA > 0 the words' TMA descriptor (block [BN, 4 VEC]), else unused.
         # FMT 0: INT4 (u - 8 into the MMA, each step's partial times its group's scale);
         # FMT 2: FP8 (the e4m3 values into the MMA, each step's partial times its block's
@@ -469,6 +492,8 @@ if HAS_GLUON:
 
         acc = gl.zeros([BN, NP], gl.float32, MMA)
         zero = gl.zeros([BN, NP], gl.float32, MMA)
+        if FMT == 3 and CHAINS == 2:
+            acc_b = gl.zeros([BN, NP], gl.float32, MMA)
         # DEPTH steps' words and scales are in flight while a step is computed (a scale
         # loaded when used put a DRAM round trip into every step: Nsight, session 21); with
         # XPRE the next step's x too, held as loaded and made the B operand when used. The
@@ -576,7 +601,19 @@ if HAS_GLUON:
                 else:
                     w0 = gl.load(w_ptrs)
                     s0 = gl.load(s_ptrs + kn // GROUP)
-            if FMT == 3:
+            if FMT == 3 and CHAINS == 2:
+                # two accumulators, each one chain across the steps (one chain of every
+                # step's 8 HMMAs otherwise): words 0-1 of each thread (scale 0) and 2-3 (1)
+                w_a, w_b = _word_halves(cur_w, LWH, BN, VEC)
+                x_a, x_b = _x_halves(cur_x, LXH, NP, VEC)
+                s_a, s_b = gl.split(cur_s)
+                s_a = gl.convert_layout(gl.expand_dims(s_a, 2), LSH, assert_trivial=True)
+                s_b = gl.convert_layout(gl.expand_dims(s_b, 2), LSH, assert_trivial=True)
+                acc = mma_v2(_decode_e2m1(w_a, s_a, A, LWH, BN, BK // 2, VEC // 2),
+                             _to_b(x_a, B, NP, BK // 2, VEC // 2), acc)
+                acc_b = mma_v2(_decode_e2m1(w_b, s_b, A, LWH, BN, BK // 2, VEC // 2),
+                               _to_b(x_b, B, NP, BK // 2, VEC // 2), acc_b)
+            elif FMT == 3:
                 a = _decode_e2m1(cur_w, cur_s, A, LW, BN, BK, VEC)
                 acc = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), acc)
             else:  # INT4, FP8: the raw values into the MMA, the partial times the scale
@@ -585,23 +622,15 @@ if HAS_GLUON:
                     xb = _to_b8(cur_x, B, NP, BK, VEC)
                     part = mma_v2(a, xb, zero)
                 elif CHAINS == 2:
-                    # two independent MMA chains of half a step each: each thread's even and
-                    # odd words (and x's matching K positions), summed after (the dot needs
-                    # only A's and x's K orders to agree; fp32 sums in another order)
-                    w_e, w_o = gl.split(gl.reshape(cur_w, [BN, 4, VEC // 2, 2]))
-                    x_e, x_o = gl.split(gl.permute(gl.reshape(cur_x, [NP, 4, VEC // 2, 2, 8]),
-                                                   (0, 1, 2, 4, 3)))
-                    w_e = gl.convert_layout(w_e, LWH, assert_trivial=True)
-                    w_o = gl.convert_layout(w_o, LWH, assert_trivial=True)
-                    x_e = gl.convert_layout(gl.reshape(x_e, [NP, 4, 4 * VEC]), LXH,
-                                            assert_trivial=True)
-                    x_o = gl.convert_layout(gl.reshape(x_o, [NP, 4, 4 * VEC]), LXH,
-                                            assert_trivial=True)
-                    p_e = mma_v2(_decode(w_e, A, BN, BK // 2),
-                                 _to_b(x_e, B, NP, BK // 2, VEC // 2), zero)
-                    p_o = mma_v2(_decode(w_o, A, BN, BK // 2),
-                                 _to_b(x_o, B, NP, BK // 2, VEC // 2), zero)
-                    part = p_e + p_o
+                    # two independent MMA chains of half a step each, summed after (fp32
+                    # sums in another order)
+                    w_a, w_b = _word_halves(cur_w, LWH, BN, VEC)
+                    x_a, x_b = _x_halves(cur_x, LXH, NP, VEC)
+                    p_a = mma_v2(_decode(w_a, A, BN, BK // 2),
+                                 _to_b(x_a, B, NP, BK // 2, VEC // 2), zero)
+                    p_b = mma_v2(_decode(w_b, A, BN, BK // 2),
+                                 _to_b(x_b, B, NP, BK // 2, VEC // 2), zero)
+                    part = p_a + p_b
                 else:
                     a = _decode(cur_w, A, BN, BK)
                     xb = _to_b(cur_x, B, NP, BK, VEC)
@@ -618,6 +647,8 @@ if HAS_GLUON:
             for st in gl.static_range(TMA):
                 mbarrier.invalidate(bars.index(st))
         if FMT == 3:
+            if CHAINS == 2:
+                acc = acc + acc_b
             acc = acc * (gl.load(gs_ptr) * 512.0)
 
         # out^T: y[col, row] = acc[row, col]
@@ -708,12 +739,12 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     else:
         ws, cnt = y, y
     w_desc, lw2d = qweight, None
-    lwh = lxh = None
+    lwh = lxh = lsh = None
     if cfg.chains != 1:
-        if cfg.chains != 2 or fmt != "int4" or vec != 4:
-            raise ValueError(f"int4_mma: chains={cfg.chains} is 1, or 2 for INT4 groups of "
-                             f"128 and more (got {fmt}, group {group})")
-        lwh, lxh = layouts(cfg.warps, cfg.row_tiles, np_, 2, kpw)[3:5]
+        if cfg.chains != 2 or fmt not in ("int4", "nvfp4") or vec != 4:
+            raise ValueError(f"int4_mma: chains={cfg.chains} is 1, or 2 for NVFP4 and INT4 "
+                             f"groups of 128 and more (got {fmt}, group {group})")
+        lwh, lxh, lsh = layouts(cfg.warps, cfg.row_tiles, np_, 2, kpw)[3:6]
     if cfg.tma:
         w_desc, lw2d = _tma_operands(qweight, cfg, vec)
     _int4_mma_kernel[(tiles, cfg.split)](
@@ -722,7 +753,7 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         FMT=FMT_IDS[fmt], GROUP=group, VEC=vec, KPW=kpw, BN=cfg.block_n,
         EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma,
         A=a, B=b, LW=lw, LX=lx, LS=ls, STAGES=cfg.stages, L2PRE=l2pre, TMA=cfg.tma,
-        LW2D=lw2d, CHAINS=cfg.chains, LWH=lwh, LXH=lxh, num_warps=cfg.warps,
+        LW2D=lw2d, CHAINS=cfg.chains, LWH=lwh, LXH=lxh, LSH=lsh, num_warps=cfg.warps,
         # (USE_PDL off keeps the engine's launches plain; a config's forced PDL still holds)
         **(pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl)
            if USE_PDL or cfg.pdl else {}))

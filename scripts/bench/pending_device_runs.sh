@@ -2,9 +2,9 @@
 # The measurements queued for the next device calls (docs/benchmarks.md), in priority order,
 # each call within the device tool's 600 s, from the repository root:
 #     bash scripts/bench/pending_device_runs.sh a     (then b, c)
-# a: session 28's two MMA chains per INT4 step (MmaConfig.chains; built, compiled, never run on
-#    a GPU): its GPU test, the isolated kernel against one chain, and the engine at batch 2-16
-#    with int4_mma.MMA_CHAINS 1 and 2; turn it on if it wins.
+# a: session 28's two MMA chains per step (MmaConfig.chains, INT4 and NVFP4; built, compiled,
+#    never run on a GPU): its GPU test, the isolated kernel against one chain, and the engine at
+#    batch 1-16 with int4_mma.MMA_CHAINS / NVFP4_MMA_CHAINS 1 and 2; turn on what wins.
 # b: INT4 at 17-63 rows through the route tuner (the H100 table tunes 1-16 and 64+; the
 #    rows 17-63 fall in the 64-row bucket and the INT4 LoRA groups are slower than the plain
 #    forward there, so lora_decode.PLAIN_ROWS sends them to the plain forward, measured again
@@ -17,8 +17,9 @@ set -uo pipefail
 case "${1:-a}" in
 a) bash scripts/gpu_run.sh \
   "cmd:timeout 100 python3 -m pytest tests/gpu/test_int4_mma_gpu.py -m gpu -q -p no:cacheprovider -k chains 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -6" \
-  "cmd:timeout 90 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-chains --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288,6144x2048,2048x4096 --gemv-m 4,8,16 --gemv-paths 'int4-mma*' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path k n m cfg ms speedup frac_copy_bw" \
-  "cmd:timeout 90 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 2,4,8,16 --attn-backend triton --knob orbit.kernels.int4_mma.MMA_CHAINS=1,2 2>&1 | grep decode | tail -8" ;;
+  "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-chains --gemv-formats int4,nvfp4 --gemv-shapes 4096x12288,2048x12288,6144x2048,2048x4096 --gemv-m 4,8,16 --gemv-paths 'int4-mma*' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path k n m cfg ms speedup frac_copy_bw" \
+  "cmd:timeout 90 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 2,4,8,16 --attn-backend triton --knob orbit.kernels.int4_mma.MMA_CHAINS=1,2 2>&1 | grep decode | tail -8" \
+  "cmd:timeout 90 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 1,4,8,16 --attn-backend triton --knob orbit.kernels.int4_mma.NVFP4_MMA_CHAINS=1,2 2>&1 | grep decode | tail -8" ;;
 b) cp orbit/kernels/tuned/nvidia_h100_80gb_hbm3.json "$OUT/routes.json"
   bash scripts/gpu_run.sh \
   "cmd:timeout 380 python3 -m orbit tune-qmm --model qwen3-1.7b --formats int4 --m 24,32,48 --out $OUT/routes.json --update 2>&1 | grep -E ' us |routes|rror' | tail -30" \

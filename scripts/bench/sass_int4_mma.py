@@ -55,9 +55,10 @@ def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
               "LX": lx, "LS": ls, "PDL": cfg.pdl, "STAGES": cfg.stages,
               "L2PRE": 32 * cfg.warps if cfg.l2 else 0, "TMA": cfg.tma,
               "LW2D": word_tile_2d(cfg.warps, cfg.row_tiles, vec) if cfg.tma else None,
-              "CHAINS": cfg.chains, "LWH": None, "LXH": None}
+              "CHAINS": cfg.chains, "LWH": None, "LXH": None, "LSH": None}
     if cfg.chains == 2:
-        consts["LWH"], consts["LXH"] = layouts(cfg.warps, cfg.row_tiles, np_, 2, kpw)[3:5]
+        consts["LWH"], consts["LXH"], consts["LSH"] = layouts(cfg.warps, cfg.row_tiles, np_, 2,
+                                                              kpw)[3:6]
     # (w_desc: the words' TMA descriptor with MmaConfig.tma, else the word pointer again)
     w_desc = (f"tensordesc<i32[{cfg.block_n}, {4 * vec}],{TMA_SMEM!r}>" if cfg.tma
               else "*i32")

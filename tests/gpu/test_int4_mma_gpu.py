@@ -376,29 +376,31 @@ def test_tma_ring_refuses_misaligned_words_and_two_rings() -> None:
         int4_mma(x, wide[:, : 2048 // 8], s, 128, MmaConfig(tma=2))
 
 
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 @pytest.mark.parametrize("m", [1, 4, 9, 16])
 @pytest.mark.parametrize("k,n", [(4096, 12288), (6144, 2048), (2048, 200)])
-def test_two_mma_chains_per_step(m: int, k: int, n: int) -> None:
-    """MmaConfig.chains = 2 (two independent MMA chains per INT4 step, summed before the scale)
-    against the fp64 reference at the pick, 2 row tiles, split 1, PDL and the TMA ring; its
-    refusals (NVFP4, groups of 64)."""
+def test_two_mma_chains_per_step(fmt: str, m: int, k: int, n: int) -> None:
+    """MmaConfig.chains = 2 (two independent MMA chains per step: INT4 sums them before the
+    scale, NVFP4 keeps two accumulators) against the fp64 reference at the pick, 2 row tiles,
+    split 1, PDL and the TMA ring; its refusals (FP8, INT4 groups of 64)."""
     import dataclasses
 
     from orbit.kernels.int4_mma import MmaConfig, int4_mma, pick_config
 
-    pick = dataclasses.replace(pick_config(m, k, n, 128, 132), chains=2)
+    group = 16 if fmt == "nvfp4" else 128
+    pick = dataclasses.replace(pick_config(m, k, n, group, 132, fmt), chains=2)
     for i, cfg in enumerate((pick, dataclasses.replace(pick, row_tiles=3 - pick.row_tiles),
                              dataclasses.replace(pick, split=1, prefetch=2),
                              dataclasses.replace(pick, pdl=True),
                              dataclasses.replace(pick, tma=2))):
-        _check(m, k, n, 128, cfg, seed=m + i)
-    qw = random_qweight("nvfp4", 256, 2048, seed=1, device="cuda")
+        _check(m, k, n, group, cfg, seed=m + i, fmt=fmt)
+    qw = random_qweight("fp8", 256, 2048, seed=1, device="cuda")
     x = torch.randn(2, 2048, device="cuda").bfloat16()
     from orbit.kernels.int4_mma import weight_operands
 
-    q, sc, g, gs = weight_operands(qw)
+    q, sc, g, _ = weight_operands(qw)
     with pytest.raises(ValueError, match="chains"):
-        int4_mma(x, q, sc, g, MmaConfig(chains=2), fmt="nvfp4", global_scale=gs)
+        int4_mma(x, q, sc, g, MmaConfig(chains=2), fmt="fp8")
     q64 = random_qweight("int4", 256, 2048, seed=1, device="cuda", group_size=64)
     with pytest.raises(ValueError, match="chains"):
         int4_mma(x, q64.tensors["qweight"], q64.tensors["scale"], 64, MmaConfig(chains=2))

@@ -209,26 +209,33 @@ def test_sm90_compile_tma_ring_copies_words_with_one_bulk_copy_per_step(fmt: str
     assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
 
 
-@pytest.mark.parametrize("m", [4, 16])
-def test_sm90_compile_two_chains_split_each_step_into_independent_mmas(m: int) -> None:
-    """MmaConfig.chains = 2: the same decode and MMA count per step, but the step's HMMAs form
-    two chains (two start from zero), joined by one FADD per accumulator register."""
+@pytest.mark.parametrize("fmt,group,m", [("int4", 128, 4), ("int4", 128, 16), ("nvfp4", 16, 4),
+                                         ("nvfp4", 16, 16)])
+def test_sm90_compile_two_chains_split_each_step_into_independent_mmas(fmt: str, group: int,
+                                                                      m: int) -> None:
+    """MmaConfig.chains = 2: the halves of the word and x tiles reach the MMA with no data
+    movement (the compile's assert_trivial), the same decode and MMA count per step. INT4: the
+    step's HMMAs form two chains (two start from zero), joined by one FADD per accumulator
+    register; NVFP4: two accumulators carried over the loop (the same HMMA count, no new
+    chain starts in the loop)."""
     import dataclasses
 
     tool = _tool()
-    cfg = pick_config(m, 4096, 12288, 128, 132)
-    plain = tool.disassemble(tool.compile_mma(cfg, m, 128).asm["cubin"])
-    kernel = tool.compile_mma(dataclasses.replace(cfg, chains=2), m, 128)
+    cfg = pick_config(m, 4096, 12288, group, 132, fmt)
+    plain = tool.disassemble(tool.compile_mma(cfg, m, group, fmt=fmt).asm["cubin"])
+    kernel = tool.compile_mma(dataclasses.replace(cfg, chains=2), m, group, fmt=fmt)
     sass = tool.disassemble(kernel.asm["cubin"])
     _, ops, _ = tool.loop_budget(sass, key="HMMA")
     _, plain_ops, _ = tool.loop_budget(plain, key="HMMA")
-    for op in ("HMMA", "HFMA2", "LOP3", "LDG"):
+    for op in ("HMMA", "HFMA2", "HMUL2", "LDG"):
         assert ops[op] == plain_ops[op]
-    starts = [ln for ln in sass.splitlines() if "HMMA" in ln and ln.split(";")[0].endswith("RZ")]
-    plain_starts = [ln for ln in plain.splitlines()
-                    if "HMMA" in ln and ln.split(";")[0].endswith("RZ")]
-    assert len(starts) == 2 * len(plain_starts)
-    assert ops["FADD"] >= plain_ops["FADD"] + 4 * cfg.row_tiles * (2 if m > 8 else 1)
+    if fmt == "int4":
+        def starts(text: str) -> int:
+            return sum(1 for ln in text.splitlines()
+                       if "HMMA" in ln and ln.split(";")[0].endswith("RZ"))
+
+        assert starts(sass) == 2 * starts(plain)
+        assert ops["FADD"] >= plain_ops["FADD"] + 4 * cfg.row_tiles * (2 if m > 8 else 1)
     assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
 
 
@@ -413,5 +420,7 @@ def test_pick_takes_two_chains_only_where_the_kernel_has_them(monkeypatch) -> No
     monkeypatch.setattr(int4_mma, "MMA_CHAINS", 2)
     assert pick_config(4, 4096, 12288, 128, 132).chains == 2
     assert pick_config(4, 4096, 12288, 64, 132).chains == 1  # 8-byte steps: no even/odd words
-    assert pick_config(4, 4096, 12288, 16, 132, "nvfp4").chains == 1
+    assert pick_config(4, 4096, 12288, 16, 132, "nvfp4").chains == 1  # its own knob
     assert pick_config(4, 4096, 12288, 128, 132, "fp8").chains == 1
+    monkeypatch.setattr(int4_mma, "NVFP4_MMA_CHAINS", 2)
+    assert pick_config(4, 4096, 12288, 16, 132, "nvfp4").chains == 2
