@@ -762,7 +762,9 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
 
 def _tma_operands(words: Tensor, cfg: MmaConfig, vec: int):
     """(TMA descriptor of the int32 words [N, K / KPW] with a [BN, 4 VEC] box, the 2-D read
-    layout of its shared tiles) for MmaConfig.tma; refuses what TMA cannot address."""
+    layout of its shared tiles) for MmaConfig.tma; refuses what TMA cannot address. Made per
+    call: the launcher encodes the tensor map on the host each launch (a CUDA graph captures
+    it by value, so replays pay nothing)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     if cfg.stages:
