@@ -181,6 +181,20 @@ def test_sm90_compile_ring_streams_words_through_shared_memory(fmt: str, group: 
     assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
 
 
+def _against_pick(fmt: str, group: int, m: int, **change):
+    """The 4096x12288 pick at M = m and the pick with `change`, compiled for sm_90: (tool,
+    pick, changed kernel, its SASS, the pick's SASS, their K loops' opcode counts)."""
+    import dataclasses
+
+    tool = _tool()
+    cfg = pick_config(m, 4096, 12288, group, 132, fmt)
+    plain = tool.disassemble(tool.compile_mma(cfg, m, group, fmt=fmt).asm["cubin"])
+    kernel = tool.compile_mma(dataclasses.replace(cfg, **change), m, group, fmt=fmt)
+    sass = tool.disassemble(kernel.asm["cubin"])
+    return (tool, cfg, kernel, sass, plain, tool.loop_budget(sass, key="HMMA")[1],
+            tool.loop_budget(plain, key="HMMA")[1])
+
+
 @pytest.mark.parametrize("fmt,group,m", [("int4", 128, 4), ("int4", 128, 16), ("int4", 64, 4),
                                          ("nvfp4", 16, 4), ("fp8", 128, 4)])
 def test_sm90_compile_tma_ring_copies_words_with_one_bulk_copy_per_step(fmt: str, group: int,
@@ -189,15 +203,7 @@ def test_sm90_compile_tma_ring_copies_words_with_one_bulk_copy_per_step(fmt: str
     (UTMALDG, issued by one thread) and 16-byte shared loads, one per 8-row half of a 16-row
     tile, no word LDG left; it waits on the slot's mbarrier; the shared allocation holds the
     ring; the decode and the MMAs are the register form's instruction for instruction."""
-    import dataclasses
-
-    tool = _tool()
-    cfg = pick_config(m, 4096, 12288, group, 132, fmt)
-    plain = tool.disassemble(tool.compile_mma(cfg, m, group, fmt=fmt).asm["cubin"])
-    kernel = tool.compile_mma(dataclasses.replace(cfg, tma=4), m, group, fmt=fmt)
-    sass = tool.disassemble(kernel.asm["cubin"])
-    _, ops, _ = tool.loop_budget(sass, key="HMMA")
-    _, plain_ops, _ = tool.loop_budget(plain, key="HMMA")
+    tool, cfg, kernel, sass, _, ops, plain_ops = _against_pick(fmt, group, m, tma=4)
     tiles = 2 * cfg.row_tiles
     assert ops["UTMALDG"] == 1 and ops["SYNCS"] >= 1  # the refill and the slot's wait
     assert ops["LDG"] == plain_ops["LDG"] - tiles  # only x and the scales stay LDG
@@ -218,15 +224,7 @@ def test_sm90_compile_two_chains_split_each_step_into_independent_mmas(fmt: str,
     step's HMMAs form two chains (two start from zero), joined by one FADD per accumulator
     register; NVFP4: two accumulators carried over the loop (the same HMMA count, no new
     chain starts in the loop)."""
-    import dataclasses
-
-    tool = _tool()
-    cfg = pick_config(m, 4096, 12288, group, 132, fmt)
-    plain = tool.disassemble(tool.compile_mma(cfg, m, group, fmt=fmt).asm["cubin"])
-    kernel = tool.compile_mma(dataclasses.replace(cfg, chains=2), m, group, fmt=fmt)
-    sass = tool.disassemble(kernel.asm["cubin"])
-    _, ops, _ = tool.loop_budget(sass, key="HMMA")
-    _, plain_ops, _ = tool.loop_budget(plain, key="HMMA")
+    tool, cfg, kernel, sass, plain, ops, plain_ops = _against_pick(fmt, group, m, chains=2)
     for op in ("HMMA", "HFMA2", "HMUL2", "LDG"):
         assert ops[op] == plain_ops[op]
     if fmt == "int4":
