@@ -697,7 +697,7 @@ def main() -> None:
                          "(MmaConfig.tma, 2 and 4 steps; 4, 2, 1 warps; 1-2x its split)")
     ap.add_argument("--gemv-mma-chains", action="store_true",
                     help="with --gemv-mma: only the pick with 1 and 2 MMA chains per step "
-                         "(MmaConfig.chains, INT4), 1 and 2 row tiles, plain and PDL")
+                         "(MmaConfig.chains, INT4 and NVFP4), 1 and 2 row tiles, plain and PDL")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")
