@@ -202,8 +202,8 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
     while (split * 2 <= min(FIXUP_MAX_SPLIT, steps // 2) and steps % (split * 2) == 0
            and tiles * split * 2 * rt <= 6 * sms and k // (split * 2) >= MIN_SLICE_K):
         split *= 2
-    chains = (MMA_CHAINS if fmt == "int4" and _vec(group) == 4
-              else NVFP4_MMA_CHAINS if fmt == "nvfp4" else 1)
+    chains = NVFP4_MMA_CHAINS if fmt == "nvfp4" else MMA_CHAINS if fmt == "int4" else 1
+    chains = chains if chains_fit(fmt, group, chains) else 1
     return dataclasses.replace(cfg, split=split, stages=min(RING_STAGES, steps // split),
                                l2=L2_SLICE, tma=min(TMA_STAGES, steps // split), chains=chains)
 
@@ -722,9 +722,7 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     bk = step_depth(fmt, group)
     if k % (cfg.split * bk):
         raise ValueError(f"int4_mma: K={k} is not a multiple of split {cfg.split} x {bk}")
-    np_ = 8 if m <= 8 else 16
     kpw = k_per_word(fmt)
-    mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec, kpw)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if y.shape != (m, n) or y.dtype != x.dtype or y.stride(1) != 1:
         raise ValueError(f"int4_mma: out must be [{m}, {n}] {x.dtype} with unit column stride")
@@ -738,33 +736,52 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         cnt = arrival_counters(x.device, tiles)
     else:
         ws, cnt = y, y
-    w_desc, lw2d = qweight, None
-    lwh = lxh = lsh = None
-    if cfg.chains != 1:
-        if cfg.chains != 2 or fmt not in ("int4", "nvfp4") or vec != 4:
-            raise ValueError(f"int4_mma: chains={cfg.chains} is 1, or 2 for NVFP4 and INT4 "
-                             f"groups of 128 and more (got {fmt}, group {group})")
-        lwh, lxh, lsh = layouts(cfg.warps, cfg.row_tiles, np_, 2, kpw)[3:6]
-    if cfg.tma:
-        w_desc, lw2d = _tma_operands(qweight, cfg, vec)
+    if cfg.chains != 1 and not chains_fit(fmt, group, cfg.chains):
+        raise ValueError(f"int4_mma: chains={cfg.chains} is 1, or 2 for NVFP4 and INT4 "
+                         f"groups of 128 and more (got {fmt}, group {group})")
+    w_desc = _tma_descriptor(qweight, cfg, vec) if cfg.tma else qweight
     _int4_mma_kernel[(tiles, cfg.split)](
         x, qweight, scale, gs, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0),
         scale.stride(0), y.stride(0), k // cfg.split // kpw, cfg.split, w_desc,
-        FMT=FMT_IDS[fmt], GROUP=group, VEC=vec, KPW=kpw, BN=cfg.block_n,
-        EVEN_N=n % cfg.block_n == 0, DEPTH=cfg.prefetch, XPRE=cfg.x_prefetch, NP=np_, MMA=mma,
-        A=a, B=b, LW=lw, LX=lx, LS=ls, STAGES=cfg.stages, L2PRE=l2pre, TMA=cfg.tma,
-        LW2D=lw2d, CHAINS=cfg.chains, LWH=lwh, LXH=lxh, LSH=lsh, num_warps=cfg.warps,
+        **kernel_constants(cfg, m, group, fmt, n % cfg.block_n == 0, l2pre),
+        num_warps=cfg.warps,
         # (USE_PDL off keeps the engine's launches plain; a config's forced PDL still holds)
         **(pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl)
            if USE_PDL or cfg.pdl else {}))
     return y
 
 
-def _tma_operands(words: Tensor, cfg: MmaConfig, vec: int):
-    """(TMA descriptor of the int32 words [N, K / KPW] with a [BN, 4 VEC] box, the 2-D read
-    layout of its shared tiles) for MmaConfig.tma; refuses what TMA cannot address. Made per
-    call: the launcher encodes the tensor map on the host each launch (a CUDA graph captures
-    it by value, so replays pay nothing)."""
+def kernel_constants(cfg: MmaConfig, m: int, group: int, fmt: str, even_n: bool,
+                     l2pre: int) -> dict:
+    """The constexpr arguments of `_int4_mma_kernel` for `cfg` at M = m (the launch's and the
+    offline sm_90 compile's, scripts/bench/sass_int4_mma.py): the format's ids, the tile
+    sizes and every layout, those of the TMA read-back and the chains' halves included; not
+    PDL, which the launch takes from `pdl_launch`. `l2pre`: the L2 slice prefetch's thread
+    count (0: none)."""
+    vec, kpw = _vec(group, fmt), k_per_word(fmt)
+    np_ = 8 if m <= 8 else 16
+    mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec, kpw)
+    # the halves of MmaConfig.chains use the word / x / scale layouts of half as many words
+    lwh, lxh, lsh = (layouts(cfg.warps, cfg.row_tiles, np_, 2, kpw)[3:6] if cfg.chains == 2
+                     else (None, None, None))
+    return {"FMT": FMT_IDS[fmt], "GROUP": group, "VEC": vec, "KPW": kpw, "BN": cfg.block_n,
+            "EVEN_N": even_n, "DEPTH": cfg.prefetch, "XPRE": cfg.x_prefetch, "NP": np_,
+            "MMA": mma, "A": a, "B": b, "LW": lw, "LX": lx, "LS": ls, "STAGES": cfg.stages, "L2PRE": l2pre, "TMA": cfg.tma,
+            "LW2D": word_tile_2d(cfg.warps, cfg.row_tiles, vec) if cfg.tma else None,
+            "CHAINS": cfg.chains, "LWH": lwh, "LXH": lxh, "LSH": lsh}
+
+
+def chains_fit(fmt: str, group: int, chains: int = 2) -> bool:
+    """Whether the kernel has `chains` MMA chains per step for this format and group: 1
+    everywhere; 2 for NVFP4 and for INT4 groups of 128 and more (16-byte word steps)."""
+    return chains == 1 or (chains == 2 and fmt in ("int4", "nvfp4") and _vec(group, fmt) == 4)
+
+
+def _tma_descriptor(words: Tensor, cfg: MmaConfig, vec: int):
+    """The TMA descriptor of the int32 words [N, K / KPW] with a [BN, 4 VEC] box, for
+    MmaConfig.tma; refuses what TMA cannot address. Made per call: the launcher encodes the
+    tensor map on the host each launch (a CUDA graph captures it by value, so replays pay
+    nothing)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     if cfg.stages:
@@ -774,8 +791,7 @@ def _tma_operands(words: Tensor, cfg: MmaConfig, vec: int):
     if words.stride(1) != 1 or (words.stride(0) * 4) % 16 or words.data_ptr() % 16:
         raise ValueError(f"int4_mma: TMA needs 16-byte aligned word rows; stride "
                          f"{words.stride()}, address {words.data_ptr():#x}")
-    desc = TensorDescriptor.from_tensor(words, [cfg.block_n, 4 * vec], TMA_SMEM)
-    return desc, word_tile_2d(cfg.warps, cfg.row_tiles, vec)
+    return TensorDescriptor.from_tensor(words, [cfg.block_n, 4 * vec], TMA_SMEM)
 
 
 def word_rows_aligned(q: Tensor) -> bool:

@@ -22,17 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sass_gemv import loop_budget
 from sm90_compile import BIN, compile_sm90, disassemble
 
-from orbit.kernels._qgemm import FMT_IDS
 from orbit.kernels.int4_mma import (
     TMA_SMEM,
     MmaConfig,
     _int4_mma_kernel,
     _vec,
-    k_per_word,
-    layouts,
+    kernel_constants,
     pick_config,
     step_depth,
-    word_tile_2d,
 )
 
 TYPES = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*bf16", "gs_ptr": "*fp32",
@@ -46,19 +43,8 @@ def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
                 fmt: str = "int4"):
     """_int4_mma_kernel for sm_90 as `int4_mma` launches `cfg` at M = m."""
     vec = _vec(group, fmt)
-    np_ = 8 if m <= 8 else 16
-    kpw = k_per_word(fmt)
-    mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec, kpw)
-    consts = {"FMT": FMT_IDS[fmt], "GROUP": group, "VEC": vec, "KPW": kpw,
-              "BN": cfg.block_n, "EVEN_N": even_n, "DEPTH": cfg.prefetch,
-              "XPRE": cfg.x_prefetch, "NP": np_, "MMA": mma, "A": a, "B": b, "LW": lw,
-              "LX": lx, "LS": ls, "PDL": cfg.pdl, "STAGES": cfg.stages,
-              "L2PRE": 32 * cfg.warps if cfg.l2 else 0, "TMA": cfg.tma,
-              "LW2D": word_tile_2d(cfg.warps, cfg.row_tiles, vec) if cfg.tma else None,
-              "CHAINS": cfg.chains, "LWH": None, "LXH": None, "LSH": None}
-    if cfg.chains == 2:
-        consts["LWH"], consts["LXH"], consts["LSH"] = layouts(cfg.warps, cfg.row_tiles, np_, 2,
-                                                              kpw)[3:6]
+    consts = dict(kernel_constants(cfg, m, group, fmt, even_n,
+                                   32 * cfg.warps if cfg.l2 else 0), PDL=cfg.pdl)
     # (w_desc: the words' TMA descriptor with MmaConfig.tma, else the word pointer again)
     w_desc = (f"tensordesc<i32[{cfg.block_n}, {4 * vec}],{TMA_SMEM!r}>" if cfg.tma
               else "*i32")

@@ -422,3 +422,33 @@ def test_pick_takes_two_chains_only_where_the_kernel_has_them(monkeypatch) -> No
     assert pick_config(4, 4096, 12288, 128, 132, "fp8").chains == 1
     monkeypatch.setattr(int4_mma, "NVFP4_MMA_CHAINS", 2)
     assert pick_config(4, 4096, 12288, 16, 132, "nvfp4").chains == 2
+
+
+@pytest.mark.parametrize("cfg", [MmaConfig(), MmaConfig(row_tiles=2, chains=2, x_prefetch=True)])
+def test_launch_passes_the_constants_the_offline_compile_uses(monkeypatch, cfg) -> None:
+    """`int4_mma` hands the kernel `kernel_constants` (what sass_int4_mma.compile_mma compiles)
+    plus PDL: the host side up to the launch, run on CPU with the kernel replaced by a
+    recorder (Gluon has no interpreter)."""
+    pytest.importorskip("triton.experimental.gluon")
+    from orbit.kernels import int4_mma as mod
+    from orbit.kernels.random_weights import random_qweight
+
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.update(grid=grid, args=args, kw=kw)
+            return launch
+
+    monkeypatch.setattr(mod, "_int4_mma_kernel", Recorder())
+    qw = random_qweight("int4", 256, 512, group_size=128)
+    m = 9 if cfg.row_tiles == 2 else 4
+    x = torch.randn(m, 512).bfloat16()
+    mod.int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128, cfg)
+    want = mod.kernel_constants(cfg, m, 128, "int4", 256 % cfg.block_n == 0, 0)
+    kw = dict(seen["kw"])
+    assert kw.pop("num_warps") == cfg.warps and kw.pop("PDL") is False
+    assert kw == want
+    assert seen["grid"] == (-(-256 // cfg.block_n), cfg.split)
+    assert seen["args"][-1] is qw.tensors["qweight"]  # w_desc: the words again without TMA
