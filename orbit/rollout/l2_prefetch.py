@@ -1,5 +1,5 @@
-"""Experimental (off by default: measured slower, docs/rollout.md): L2 prefetch of a decoder layer's GEMV weights from inside
-its decode attention launch.
+"""Experimental (off by default: measured slower, docs/rollout.md): L2 prefetch of a decoder
+layer's GEMV weights from inside its decode attention launch.
 
 Why: a batch-1 decode step's GEMVs stream their weights at ~25-40% of copy bandwidth (their
 time is each warp's instruction and latency chain, docs/benchmarks.md), and the q/k norm +
@@ -15,7 +15,8 @@ the next layer's q/k/v). The decode attention kernel (AttnBatch.l2_plan ->
 cache-write launch before it (`rope.qk_norm_rope_kv(l2_prefetch=...)`), spreads the table
 over its programs (`pdl.prefetch_table_l2`), each issuing `cp.async.bulk.prefetch.L2` over
 its pieces before its PDL wait: no extra launch, no side stream (session 15's side-stream
-form cut the decode step's PDL edges and lost 43%), no registers held, nothing waits for it. A hint only: the computed bits are the same (GPU test).
+form cut the decode step's PDL edges and lost 43%), no registers held, nothing waits for it.
+A hint only: the computed bits are the same (GPU test).
 """
 
 from __future__ import annotations

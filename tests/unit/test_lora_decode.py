@@ -151,9 +151,6 @@ def test_engine_refuses_fused_lora_in_exact_mode() -> None:
         Engine(tiny_qwen3(), max_num_seqs=2, max_model_len=16, exact=True, fuse_lora=True)
 
 
-if __name__ == "__main__":
-    _interpreter_main()
-
 
 def test_groups_leave_int4_rows_17_to_63_to_the_plain_forward(monkeypatch) -> None:
     """lora_decode.PLAIN_ROWS: an INT4-based group serves 1-16 and 64+ rows, not 17-63 (where
@@ -180,3 +177,7 @@ def test_groups_leave_int4_rows_17_to_63_to_the_plain_forward(monkeypatch) -> No
             for rows in (1, 16, 17, 32, 63, 64, 200):
                 x = torch.randn(rows, 128)
                 assert group.serves(x) == (rows not in plain), (fmt, rows)
+
+
+if __name__ == "__main__":
+    _interpreter_main()
