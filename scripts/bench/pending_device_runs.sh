@@ -17,7 +17,7 @@ set -uo pipefail
 case "${1:-a}" in
 a) bash scripts/gpu_run.sh \
   "cmd:timeout 220 python3 -m pytest tests/gpu/test_int4_mma_gpu.py -m gpu -q -p no:cacheprovider -k chains 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -6" \
-  "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-chains --gemv-formats int4,nvfp4 --gemv-shapes 4096x12288,2048x12288,6144x2048,2048x4096 --gemv-m 4,8,16 --gemv-paths 'int4-mma*' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path k n m cfg ms speedup frac_copy_bw" \
+  "cmd:timeout 180 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-chains --gemv-formats int4,nvfp4 --gemv-shapes 4096x12288,2048x12288,6144x2048,2048x4096 --gemv-m 1,4,8,16 --gemv-paths 'int4-mma*,gemv,gemv-pdl' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path k n m cfg ms speedup frac_copy_bw" \
   "cmd:timeout 90 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 2,4,8,16 --attn-backend triton --knob orbit.kernels.int4_mma.MMA_CHAINS=1,2 2>&1 | grep decode | tail -8" \
   "cmd:timeout 90 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 1,4,8,16 --attn-backend triton --knob orbit.kernels.int4_mma.NVFP4_MMA_CHAINS=1,2 2>&1 | grep decode | tail -8" ;;
 b) cp orbit/kernels/tuned/nvidia_h100_80gb_hbm3.json "$OUT/routes.json"
