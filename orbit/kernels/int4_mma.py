@@ -105,6 +105,14 @@ MMA_CHAINS = 1
 # the same for NVFP4, whose steps accumulate into one chain across the whole K slice (the
 # scale is inside the decode): 2 gives two accumulators. 1 until measured.
 NVFP4_MMA_CHAINS = 1
+# From how many rows pick_config stages x in shared memory (MmaConfig.x_smem), where the
+# program's x slice fits in X_SMEM_MAX_BYTES. MAX_M + 1 (never) until measured
+# (bench_qmm.py --gemv --gemv-mma --gemv-mma-xsmem; the engine: --knob
+# orbit.kernels.int4_mma.X_SMEM_MIN_M=17,1).
+X_SMEM_MIN_M = MAX_M + 1
+# The most shared memory one program's staged x slice may take (NP rows x K slice x 2 bytes):
+# 32 KB is M = 16 at a 1024-deep slice; 3 such programs per SM still fit H100's 228 KB.
+X_SMEM_MAX_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,12 @@ class MmaConfig:
     queues, which is what a cp.async ring could not change (sm_90 only); chains: 2 splits
     each step's MMAs into two independent accumulation chains (a thread's first and last
     half of its words): INT4 sums the two partials before the scale, so a step's 8 dependent
-    HMMAs become two chains of 4; NVFP4 keeps two accumulators over the whole slice."""
+    HMMAs become two chains of 4; NVFP4 keeps two accumulators over the whole slice;
+    x_smem: the program's whole x slice is loaded once after the PDL wait, by all its
+    threads (each element once, 16 bytes a thread), into shared memory in the MMA's K order,
+    and each step reads its B operand from there: no per-warp copy of every x tile, no
+    per-step repacking of x into the operand's pairs (PRMT), no x registers held across a
+    step (x_prefetch then does nothing)."""
 
     warps: int = 4
     row_tiles: int = 1
@@ -136,6 +149,7 @@ class MmaConfig:
     l2: bool = False
     tma: int = 0
     chains: int = 1
+    x_smem: bool = False
 
     @property
     def block_n(self) -> int:
@@ -205,7 +219,19 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
     chains = NVFP4_MMA_CHAINS if fmt == "nvfp4" else MMA_CHAINS if fmt == "int4" else 1
     chains = chains if chains_fit(fmt, group, chains) else 1
     return dataclasses.replace(cfg, split=split, stages=min(RING_STAGES, steps // split),
-                               l2=L2_SLICE, tma=min(TMA_STAGES, steps // split), chains=chains)
+                               l2=L2_SLICE, tma=min(TMA_STAGES, steps // split), chains=chains,
+                               x_smem=m >= X_SMEM_MIN_M and x_smem_fits(m, k // split))
+
+
+def x_smem_bytes(m: int, k_slice: int) -> int:
+    """Shared memory of MmaConfig.x_smem's staged x: the MMA's NP columns (8, or 16 past 8
+    rows) of a `k_slice`-deep slice, bf16."""
+    return (8 if m <= 8 else 16) * k_slice * 2
+
+
+def x_smem_fits(m: int, k_slice: int) -> bool:
+    """Whether a program's x slice may be staged (X_SMEM_MAX_BYTES)."""
+    return x_smem_bytes(m, k_slice) <= X_SMEM_MAX_BYTES
 
 
 if HAS_GLUON:
@@ -260,6 +286,19 @@ if HAS_GLUON:
         return gl.DistributedLinearLayout(reg_bases=ireg + [[8, 0]] + rreg, lane_bases=lanes,
                                           warp_bases=wb, block_bases=[],
                                           shape=[16 * warps * row_tiles, 4 * vec])
+
+    @cache
+    def x_stage_layouts(warps: int, np_: int, bk: int, steps: int):
+        """MmaConfig.x_smem: the register layout that loads a program's x slice [NP, steps
+        BK] at once (8 contiguous bf16, 16 bytes, per thread and piece; each element loaded
+        by one thread), and the shared layout of the staged [steps, NP, BK] tile: 16-byte pieces
+        swizzled across the 8 rows a B-operand read touches at one K offset (rows are 256 or
+        128 bytes apart: the same banks without the swizzle)."""
+        tk = min(32, steps * bk // 8)
+        load = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // tk, tk],
+                                warps_per_cta=[warps, 1], order=[1, 0])
+        smem = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
+        return load, smem
 
     # the TMA ring's shared layout: unswizzled rows of the word tile (word_tile_2d's reads are
     # conflict-free without a swizzle)
@@ -383,6 +422,45 @@ if HAS_GLUON:
         return (gl.convert_layout(a, LXH, assert_trivial=True),
                 gl.convert_layout(b, LXH, assert_trivial=True))
 
+    if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton 3.7 on
+        @gluon.jit
+        def _as_rows(xs, dtype: gl.constexpr, rows: gl.constexpr, cols: gl.constexpr,
+                     layout: gl.constexpr):
+            # a shared [steps, NP, BK] tile viewed as [steps NP, BK] rows
+            return xs.reinterpret(dtype, [rows, cols], layout)
+    else:  # Triton 3.5-3.6: the same view under its older name
+        @gluon.jit
+        def _as_rows(xs, dtype: gl.constexpr, rows: gl.constexpr, cols: gl.constexpr,
+                     layout: gl.constexpr):
+            return xs._reinterpret(dtype, [rows, cols], layout)
+
+    @gluon.jit
+    def _b_full(cur_x, xsv, XS: gl.constexpr, FMT: gl.constexpr, B: gl.constexpr,
+                NP: gl.constexpr, BK: gl.constexpr, VEC: gl.constexpr):
+        # a step's B operand [BK, NP]: from the staged x (XS > 0: xsv, that step's [NP, BK]
+        # already in the K order) or from the x tile in registers
+        if XS > 0:
+            xb = xsv.permute((1, 0)).load(B)
+        elif FMT == 2:
+            xb = _to_b8(cur_x, B, NP, BK, VEC)
+        else:
+            xb = _to_b(cur_x, B, NP, BK, VEC)
+        return xb
+
+    @gluon.jit
+    def _b_halves(cur_x, xsv, XS: gl.constexpr, LXH: gl.constexpr, B: gl.constexpr,
+                  NP: gl.constexpr, BK: gl.constexpr, VEC: gl.constexpr):
+        # MmaConfig.chains: the B operands [BK / 2, NP] of a step's two halves (the staged
+        # K order puts the first half of each thread's words in the first BK / 2 columns)
+        if XS > 0:
+            xb_a = xsv.slice(0, BK // 2, dim=1).permute((1, 0)).load(B)
+            xb_b = xsv.slice(BK // 2, BK // 2, dim=1).permute((1, 0)).load(B)
+        else:
+            x_a, x_b = _x_halves(cur_x, LXH, NP, VEC)
+            xb_a = _to_b(x_a, B, NP, BK // 2, VEC // 2)
+            xb_b = _to_b(x_b, B, NP, BK // 2, VEC // 2)
+        return xb_a, xb_b
+
     @gluon.jit
     def _gdc_wait():
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
@@ -434,7 +512,9 @@ if HAS_GLUON:
                          STAGES: gl.constexpr = 0, L2PRE: gl.constexpr = 0,
                          TMA: gl.constexpr = 0, LW2D: gl.constexpr = None,
                          CHAINS: gl.constexpr = 1, LWH: gl.constexpr = None,
-                         LXH: gl.constexpr = None, LSH: gl.constexpr = None):
+                         LXH: gl.constexpr = None, LSH: gl.constexpr = None,
+                         XS: gl.constexpr = 0, LXS: gl.constexpr = None,
+                         XS_SMEM: gl.constexpr = None):
         # w_desc: with TMA > 0 the words' TMA descriptor (block [BN, 4 VEC]), else unused.
         # FMT 0: INT4 (u - 8 into the MMA, each step's partial times its group's scale);
         # FMT 2: FP8 (the e4m3 values into the MMA, each step's partial times its block's
@@ -542,14 +622,39 @@ if HAS_GLUON:
         # flight while the previous kernel finishes; x, the workspace and the counters are
         # touched only after the wait.
         _pdl_enter(PDL)
-        if XPRE:
+        if XS > 0:
+            # MmaConfig.x_smem: the slice's x [NP, XS BK] in one load (each element once),
+            # each step's BK columns put in the MMA's K order (_to_b / _to_b8: 4-bit formats
+            # [t, i, h, p] -> [i, t, p, h], FP8 [t, i, e] -> [i, t, e]; registers only) and
+            # stored in one go as xs[step] = [NP, BK]. (A store per step made the compiler
+            # put a CTA barrier after each one, which serialized the steps' loads.)
+            XI: gl.constexpr = KPW * VEC // 8
+            sn = gl.minimum(gl.arange(0, NP, layout=gl.SliceLayout(1, LXS)), M - 1)
+            sk = gl.arange(0, XS * BK, layout=gl.SliceLayout(0, LXS))
+            xv = gl.load(x_ptr + gl.expand_dims(sn, 1) * stride_xm + (k_lo + gl.expand_dims(sk, 0)))
+            if FMT == 2:
+                xv = gl.permute(gl.reshape(xv, [NP, XS, 4, XI, 8]), (1, 0, 3, 2, 4))
+            else:
+                xv = gl.permute(gl.reshape(xv, [NP, XS, 4, XI, 2, 4]), (1, 0, 3, 2, 5, 4))
+            xs = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [XS, NP, BK], XS_SMEM)
+            # (the same bytes as [XS NP, BK] rows: the swizzle's phase is the row mod 8, and
+            # NP is a multiple of 8)
+            _as_rows(xs, x_ptr.dtype.element_ty, XS * NP, BK, XS_SMEM).store(
+                gl.reshape(xv, [XS * NP, BK]))
+            _cta_barrier()  # (every warp reads every thread's pieces)
+        if XPRE and XS == 0:
             x0 = gl.load(x_ptrs)
         for kk in range(0, K_SLICE, BK):
-            if XPRE:
+            if XS > 0:
+                xsv = xs.index(kk // BK)
+                cur_x = 0  # (not read: the B operands come from xsv)
+            elif XPRE:
+                xsv = 0  # (not read)
                 cur_x = x0
                 x_ptrs += gl.where(kk + BK < K_SLICE, BK, 0)
                 x0 = gl.load(x_ptrs)
             else:
+                xsv = 0
                 cur_x = gl.load(x_ptrs)
                 x_ptrs += BK
             if STAGES > 0 or TMA > 0:
@@ -605,36 +710,31 @@ if HAS_GLUON:
                 # two accumulators, each one chain across the steps (one chain of every
                 # step's 8 HMMAs otherwise): words 0-1 of each thread (scale 0) and 2-3 (1)
                 w_a, w_b = _word_halves(cur_w, LWH, BN, VEC)
-                x_a, x_b = _x_halves(cur_x, LXH, NP, VEC)
+                xb_a, xb_b = _b_halves(cur_x, xsv, XS, LXH, B, NP, BK, VEC)
                 s_a, s_b = gl.split(cur_s)
                 s_a = gl.convert_layout(gl.expand_dims(s_a, 2), LSH, assert_trivial=True)
                 s_b = gl.convert_layout(gl.expand_dims(s_b, 2), LSH, assert_trivial=True)
-                acc = mma_v2(_decode_e2m1(w_a, s_a, A, LWH, BN, BK // 2, VEC // 2),
-                             _to_b(x_a, B, NP, BK // 2, VEC // 2), acc)
-                acc_b = mma_v2(_decode_e2m1(w_b, s_b, A, LWH, BN, BK // 2, VEC // 2),
-                               _to_b(x_b, B, NP, BK // 2, VEC // 2), acc_b)
+                acc = mma_v2(_decode_e2m1(w_a, s_a, A, LWH, BN, BK // 2, VEC // 2), xb_a, acc)
+                acc_b = mma_v2(_decode_e2m1(w_b, s_b, A, LWH, BN, BK // 2, VEC // 2), xb_b,
+                               acc_b)
             elif FMT == 3:
                 a = _decode_e2m1(cur_w, cur_s, A, LW, BN, BK, VEC)
-                acc = mma_v2(a, _to_b(cur_x, B, NP, BK, VEC), acc)
+                acc = mma_v2(a, _b_full(cur_x, xsv, XS, FMT, B, NP, BK, VEC), acc)
             else:  # INT4, FP8: the raw values into the MMA, the partial times the scale
                 if FMT == 2:
                     a = _decode_e4m3(cur_w, A, BN, BK, VEC)
-                    xb = _to_b8(cur_x, B, NP, BK, VEC)
-                    part = mma_v2(a, xb, zero)
+                    part = mma_v2(a, _b_full(cur_x, xsv, XS, FMT, B, NP, BK, VEC), zero)
                 elif CHAINS == 2:
                     # two independent MMA chains of half a step each, summed after (fp32
                     # sums in another order)
                     w_a, w_b = _word_halves(cur_w, LWH, BN, VEC)
-                    x_a, x_b = _x_halves(cur_x, LXH, NP, VEC)
-                    p_a = mma_v2(_decode(w_a, A, BN, BK // 2),
-                                 _to_b(x_a, B, NP, BK // 2, VEC // 2), zero)
-                    p_b = mma_v2(_decode(w_b, A, BN, BK // 2),
-                                 _to_b(x_b, B, NP, BK // 2, VEC // 2), zero)
+                    xb_a, xb_b = _b_halves(cur_x, xsv, XS, LXH, B, NP, BK, VEC)
+                    p_a = mma_v2(_decode(w_a, A, BN, BK // 2), xb_a, zero)
+                    p_b = mma_v2(_decode(w_b, A, BN, BK // 2), xb_b, zero)
                     part = p_a + p_b
                 else:
                     a = _decode(cur_w, A, BN, BK)
-                    xb = _to_b(cur_x, B, NP, BK, VEC)
-                    part = mma_v2(a, xb, zero)
+                    part = mma_v2(a, _b_full(cur_x, xsv, XS, FMT, B, NP, BK, VEC), zero)
                 acc = acc + part * gl.expand_dims(cur_s.to(gl.float32), 1)
             if STAGES > 0:  # refill the slot just read with step kk / BK + STAGES
                 if kk + STAGES * BK < K_SLICE:
@@ -739,11 +839,16 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     if cfg.chains != 1 and not chains_fit(fmt, group, cfg.chains):
         raise ValueError(f"int4_mma: chains={cfg.chains} is 1, or 2 for NVFP4 and INT4 "
                          f"groups of 128 and more (got {fmt}, group {group})")
+    if cfg.x_smem and not x_smem_fits(m, k // cfg.split):
+        raise ValueError(f"int4_mma: MmaConfig.x_smem stages {x_smem_bytes(m, k // cfg.split)} "
+                         f"bytes of x per program (M={m}, K slice {k // cfg.split}); at most "
+                         f"X_SMEM_MAX_BYTES = {X_SMEM_MAX_BYTES}: take a larger split")
     w_desc = _tma_descriptor(qweight, cfg, vec) if cfg.tma else qweight
     _int4_mma_kernel[(tiles, cfg.split)](
         x, qweight, scale, gs, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0),
         scale.stride(0), y.stride(0), k // cfg.split // kpw, cfg.split, w_desc,
-        **kernel_constants(cfg, m, group, fmt, n % cfg.block_n == 0, l2pre),
+        **kernel_constants(cfg, m, group, fmt, n % cfg.block_n == 0, l2pre,
+                           k // cfg.split // bk),
         num_warps=cfg.warps,
         # (USE_PDL off keeps the engine's launches plain; a config's forced PDL still holds)
         **(pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl)
@@ -752,23 +857,29 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
 
 
 def kernel_constants(cfg: MmaConfig, m: int, group: int, fmt: str, even_n: bool,
-                     l2pre: int) -> dict:
+                     l2pre: int, slice_steps: int = 0) -> dict:
     """The constexpr arguments of `_int4_mma_kernel` for `cfg` at M = m (the launch's and the
     offline sm_90 compile's, scripts/bench/sass_int4_mma.py): the format's ids, the tile
     sizes and every layout, those of the TMA read-back and the chains' halves included; not
     PDL, which the launch takes from `pdl_launch`. `l2pre`: the L2 slice prefetch's thread
-    count (0: none)."""
+    count (0: none); `slice_steps`: K steps per program (what MmaConfig.x_smem stages)."""
     vec, kpw = _vec(group, fmt), k_per_word(fmt)
     np_ = 8 if m <= 8 else 16
     mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec, kpw)
     # the halves of MmaConfig.chains use the word / x / scale layouts of half as many words
     lwh, lxh, lsh = (layouts(cfg.warps, cfg.row_tiles, np_, 2, kpw)[3:6] if cfg.chains == 2
                      else (None, None, None))
+    xs = {}
+    if cfg.x_smem:
+        if slice_steps < 1:
+            raise ValueError("int4_mma: MmaConfig.x_smem needs the K steps per program")
+        lxs, xs_smem = x_stage_layouts(cfg.warps, np_, 4 * kpw * vec, slice_steps)
+        xs = {"XS": slice_steps, "LXS": lxs, "XS_SMEM": xs_smem}
     return {"FMT": FMT_IDS[fmt], "GROUP": group, "VEC": vec, "KPW": kpw, "BN": cfg.block_n,
             "EVEN_N": even_n, "DEPTH": cfg.prefetch, "XPRE": cfg.x_prefetch, "NP": np_,
             "MMA": mma, "A": a, "B": b, "LW": lw, "LX": lx, "LS": ls, "STAGES": cfg.stages, "L2PRE": l2pre, "TMA": cfg.tma,
             "LW2D": word_tile_2d(cfg.warps, cfg.row_tiles, vec) if cfg.tma else None,
-            "CHAINS": cfg.chains, "LWH": lwh, "LXH": lxh, "LSH": lsh}
+            "CHAINS": cfg.chains, "LWH": lwh, "LXH": lxh, "LSH": lsh, **xs}
 
 
 def chains_fit(fmt: str, group: int, chains: int = 2) -> bool:

@@ -297,14 +297,17 @@ REGFED_MAXNREG = (96, 80, 64)  # 5, 6, 8 programs of 128 threads per SM
 # --gemv-mma-stages: the pick with and without PDL and the shared-memory ring forms alone.
 def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
              fmt: str = "int4", stages_only: bool = False, l2_only: bool = False,
-             tma_only: bool = False, chains_only: bool = False) -> list:
+             tma_only: bool = False, chains_only: bool = False,
+             xsmem_only: bool = False) -> list:
     """The int4_mma configs --gemv-mma times at one shape and M: the pick first, then (sweep)
     every (warps, row tiles, prefetch depth) of MMA_SWEEP at every split the K steps allow,
     or a few neighbours of the pick (stages_only: the ring forms; l2_only: the pick with and
     without MmaConfig.l2, plain and PDL, and l2 at half and twice the pick's split; tma_only:
     the pick plain and PDL, then its TMA ring forms at 2 and 4 steps in flight with 4, 2 and 1
     warps at the pick's split and twice it, plain and PDL; chains_only: the pick with one and
-    two MMA chains per step (MmaConfig.chains, INT4), plain and PDL, also with 2 row tiles)."""
+    two MMA chains per step (MmaConfig.chains, INT4), plain and PDL, also with 2 row tiles;
+    xsmem_only: the pick with x in registers and staged in shared memory (MmaConfig.x_smem),
+    plain and PDL, also with two chains where the format has them)."""
     from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
     pick = pick_config(m, k, n, group, sms, fmt)
@@ -316,6 +319,15 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
                  dataclasses.replace(base, pdl=True, l2=True)]
                 + [dataclasses.replace(base, split=s_, l2=True, pdl=True)
                    for s_ in (base.split // 2, base.split * 2) if s_ in splits])
+    if xsmem_only:
+        from orbit.kernels.int4_mma import chains_fit, x_smem_fits
+
+        out = []
+        for c in ((pick, dataclasses.replace(pick, chains=2)) if chains_fit(fmt, group)
+                  else (pick,)):
+            out += [dataclasses.replace(c, x_smem=xs, pdl=p_) for xs in (False, True)
+                    for p_ in (False, True) if not xs or x_smem_fits(m, k // c.split)]
+        return out
     if chains_only:
         out = []
         for c in (pick, dataclasses.replace(pick, row_tiles=3 - pick.row_tiles)):
@@ -436,7 +448,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 paths: tuple[str, ...] = ("*",), mma: bool = False,
                 mma_sweep: bool = False, mma_stages: bool = False,
                 mma_l2: bool = False, mma_tma: bool = False,
-                mma_chains: bool = False) -> list[dict]:
+                mma_chains: bool = False, mma_xsmem: bool = False) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run; only the
     paths whose names match one of the `paths` patterns (fnmatch: "gemv", "gemv-pdl*") are
     timed (cuBLAS always is: it is every row's baseline)."""
@@ -519,7 +531,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     if mma_operands_ok(x, qw0):
                         plan += [("int4-mma-pdl" if c.pdl else "int4-mma", c) for c in mma_alts(
                             m, n, k, weight_operands(qw0)[2], num_sms(x.device), mma_sweep,
-                            fmt, mma_stages, mma_l2, mma_tma, mma_chains)]
+                            fmt, mma_stages, mma_l2, mma_tma, mma_chains, mma_xsmem)]
                 if alts and fmt in ("int4", "nvfp4", "mxfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1=_alt_e2m1(eb, auto.e2m1),
@@ -695,6 +707,9 @@ def main() -> None:
     ap.add_argument("--gemv-mma-tma", action="store_true",
                     help="with --gemv-mma: only the pick (plain and PDL) and its TMA ring forms "
                          "(MmaConfig.tma, 2 and 4 steps; 4, 2, 1 warps; 1-2x its split)")
+    ap.add_argument("--gemv-mma-xsmem", action="store_true",
+                    help="with --gemv-mma: only the pick with x in registers and staged in "
+                         "shared memory (MmaConfig.x_smem), plain and PDL, 1 and 2 chains")
     ap.add_argument("--gemv-mma-chains", action="store_true",
                     help="with --gemv-mma: only the pick with 1 and 2 MMA chains per step "
                          "(MmaConfig.chains, INT4 and NVFP4), 1 and 2 row tiles, plain and PDL")
@@ -746,7 +761,7 @@ def main() -> None:
                                   tuple(args.gemv_paths.split(",")), args.gemv_mma,
                                   args.gemv_mma_sweep, args.gemv_mma_stages,
                                   args.gemv_mma_l2, args.gemv_mma_tma,
-                                  args.gemv_mma_chains)
+                                  args.gemv_mma_chains, args.gemv_mma_xsmem)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")

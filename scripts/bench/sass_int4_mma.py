@@ -40,11 +40,12 @@ DIVISIBLE = {"N", "K", "stride_xm", "stride_q", "stride_s", "stride_ym", "K_SLIC
 
 
 def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
-                fmt: str = "int4"):
-    """_int4_mma_kernel for sm_90 as `int4_mma` launches `cfg` at M = m."""
+                fmt: str = "int4", k: int = 4096):
+    """_int4_mma_kernel for sm_90 as `int4_mma` launches `cfg` at M = m on K = k."""
     vec = _vec(group, fmt)
     consts = dict(kernel_constants(cfg, m, group, fmt, even_n,
-                                   32 * cfg.warps if cfg.l2 else 0), PDL=cfg.pdl)
+                                   32 * cfg.warps if cfg.l2 else 0,
+                                   k // cfg.split // step_depth(fmt, group)), PDL=cfg.pdl)
     # (w_desc: the words' TMA descriptor with MmaConfig.tma, else the word pointer again)
     w_desc = (f"tensordesc<i32[{cfg.block_n}, {4 * vec}],{TMA_SMEM!r}>" if cfg.tma
               else "*i32")
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", type=int, help="cp.async shared-memory ring depth (0: none)")
     ap.add_argument("--tma", type=int, help="TMA shared-memory ring depth (0: none)")
     ap.add_argument("--chains", type=int, choices=(1, 2), help="MMA chains per step (INT4)")
+    ap.add_argument("--x-smem", type=int, choices=(0, 1),
+                    help="stage the program's x slice in shared memory (MmaConfig.x_smem)")
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args(argv)
     k_in, n_out = (int(v) for v in args.shape.split("x"))
@@ -90,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
                                                         ("split", args.split),
                                                         ("stages", args.stages), ("tma", args.tma),
                                                         ("chains", args.chains),
+                                                        ("x_smem", None if args.x_smem is None
+                                                         else bool(args.x_smem)),
                                                         ("pdl", None if args.pdl is None
                                                          else bool(args.pdl)))
                                 if v is not None})
-    kernel = compile_mma(cfg, args.m, group, fmt=args.fmt)
+    kernel = compile_mma(cfg, args.m, group, fmt=args.fmt, k=k_in)
     n, ops, total = loop_budget(disassemble(kernel.asm["cubin"]), key="HMMA")
     weights = 16 * cfg.row_tiles * step_depth(args.fmt, group) // 32  # per thread per step
     print(f"{args.fmt} mma M={args.m} {cfg} (triton {triton.__version__}): K loop {n} instructions "

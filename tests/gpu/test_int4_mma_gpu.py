@@ -404,3 +404,35 @@ def test_two_mma_chains_per_step(fmt: str, m: int, k: int, n: int) -> None:
     q64 = random_qweight("int4", 256, 2048, seed=1, device="cuda", group_size=64)
     with pytest.raises(ValueError, match="chains"):
         int4_mma(x, q64.tensors["qweight"], q64.tensors["scale"], 64, MmaConfig(chains=2))
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 64), ("nvfp4", 16), ("fp8", 128)])
+@pytest.mark.parametrize("m", [3, 16])
+@pytest.mark.parametrize("k,n", [(4096, 12288), (2048, 200)])
+def test_x_staged_in_shared_memory_gives_the_register_forms_bits(fmt: str, group: int, m: int,
+                                                                 k: int, n: int) -> None:
+    """MmaConfig.x_smem (the program's x slice staged once in shared memory, in the MMA's K
+    order): the same B operand values into the same MMAs in the same order, so the output
+    is bit for bit the register form's: at the pick; with PDL and two chains (where the
+    format has them); with the TMA ring at the other row tiling. The fp64 reference holds
+    (rows past M and a partial row tile included)."""
+    import dataclasses
+
+    from orbit.kernels.int4_mma import chains_fit, pick_config, x_smem_fits
+
+    kw = {"group_size": group} if fmt == "int4" else {}
+    qw = random_qweight(fmt, n, k, seed=m + k, device="cuda", **kw)
+    x = torch.randn(m, k, device="cuda", generator=torch.Generator("cuda").manual_seed(m)
+                    ).bfloat16()
+    pick = dataclasses.replace(pick_config(m, k, n, group, 132, fmt), x_smem=False)
+    forms = [pick, dataclasses.replace(pick, pdl=True, chains=2 if chains_fit(fmt, group) else 1),
+             dataclasses.replace(pick, tma=2, row_tiles=3 - pick.row_tiles)]
+    for cfg in forms:
+        if not x_smem_fits(m, k // cfg.split):
+            continue
+        ref = _run(x, qw, cfg)
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        got = _run(x, qw, dataclasses.replace(cfg, x_smem=True), out=out)
+        assert torch.equal(got, ref), (fmt, group, m, k, n, cfg)
+    if x_smem_fits(m, k // pick.split):
+        _check(m, k, n, group, dataclasses.replace(pick, x_smem=True), seed=5, fmt=fmt)

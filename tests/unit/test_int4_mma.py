@@ -237,6 +237,33 @@ def test_sm90_compile_two_chains_split_each_step_into_independent_mmas(fmt: str,
     assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
 
 
+@pytest.mark.parametrize("fmt,group,m", [("int4", 128, 4), ("int4", 128, 16), ("int4", 64, 4),
+                                         ("nvfp4", 16, 4), ("fp8", 128, 4)])
+def test_sm90_compile_x_smem_reads_the_operand_from_shared_memory(fmt: str, group: int,
+                                                                  m: int) -> None:
+    """MmaConfig.x_smem: the K loop reads x's B operand with 16-byte LDS and loads no x
+    (only the words and the scales stay LDG), the repacking of x into the operand's pairs is
+    gone (fewer PRMT), the decode and the MMAs are the register form's instruction for
+    instruction; the slice is loaded with 16-byte LDG all issued before the first STS, one
+    CTA barrier follows the staging, and the shared allocation holds the slice."""
+    from orbit.kernels.int4_mma import x_smem_bytes
+
+    tool, cfg, kernel, sass, plain, ops, plain_ops = _against_pick(fmt, group, m, x_smem=True)
+    for op in ("HMMA", "HFMA2", "HMUL2"):
+        assert ops[op] == plain_ops[op]
+    assert ops["LDG"] < plain_ops["LDG"] and ops["LDS"] >= 1
+    assert ops["PRMT"] <= plain_ops["PRMT"]
+    if fmt != "fp8":  # (FP8's x order needs no pairs)
+        assert ops["PRMT"] < plain_ops["PRMT"] // 2
+    lines = [ln.split("*/", 1)[1].strip() for ln in sass.splitlines() if "*/" in ln]
+    first_sts = next(i for i, ln in enumerate(lines) if ln.startswith("STS"))
+    staged = sum(1 for ln in lines[:first_sts] if ln.startswith("LDG.E.128"))
+    assert staged >= x_smem_bytes(m, 4096 // cfg.split) // (32 * cfg.warps * 16), staged
+    assert sass.count("BAR.SYNC") == plain.count("BAR.SYNC") + 1
+    assert kernel.metadata.shared >= x_smem_bytes(m, 4096 // cfg.split)
+    assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
+
+
 @pytest.mark.parametrize("m", [4, 16])
 def test_sm90_compile_nvfp4(m: int) -> None:
     """The NVFP4 form: the scale tile joins into the word layout and the E2M1 pairs into the
@@ -424,7 +451,34 @@ def test_pick_takes_two_chains_only_where_the_kernel_has_them(monkeypatch) -> No
     assert pick_config(4, 4096, 12288, 16, 132, "nvfp4").chains == 2
 
 
-@pytest.mark.parametrize("cfg", [MmaConfig(), MmaConfig(row_tiles=2, chains=2, x_prefetch=True)])
+def test_pick_stages_x_from_its_row_count_where_the_slice_fits(monkeypatch) -> None:
+    from orbit.kernels import int4_mma
+
+    assert not pick_config(16, 4096, 12288, 128, 132).x_smem  # (off until measured)
+    monkeypatch.setattr(int4_mma, "X_SMEM_MIN_M", 9)
+    assert pick_config(16, 4096, 12288, 128, 132).x_smem  # 16 x 1024 x 2 = 32 KB
+    assert not pick_config(8, 4096, 12288, 128, 132).x_smem
+    monkeypatch.setattr(int4_mma, "X_SMEM_MIN_M", 1)
+    assert pick_config(1, 4096, 12288, 128, 132).x_smem
+    # a slice past X_SMEM_MAX_BYTES keeps x in registers: 16 rows of 8192 / split 4 = 64 KB
+    assert pick_config(16, 8192, 12288, 128, 132).split == 4
+    assert not pick_config(16, 8192, 12288, 128, 132).x_smem
+
+
+def test_x_smem_refuses_a_slice_past_its_budget() -> None:
+    pytest.importorskip("triton.experimental.gluon")
+    from orbit.kernels.int4_mma import int4_mma
+    from orbit.kernels.random_weights import random_qweight
+
+    qw = random_qweight("int4", 256, 4096, group_size=128)
+    x = torch.randn(16, 4096).bfloat16()
+    with pytest.raises(ValueError, match="X_SMEM_MAX_BYTES"):
+        int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128,
+                 MmaConfig(row_tiles=2, split=1, x_smem=True))
+
+
+@pytest.mark.parametrize("cfg", [MmaConfig(), MmaConfig(row_tiles=2, chains=2, x_prefetch=True),
+                                 MmaConfig(split=2, x_smem=True)])
 def test_launch_passes_the_constants_the_offline_compile_uses(monkeypatch, cfg) -> None:
     """`int4_mma` hands the kernel `kernel_constants` (what sass_int4_mma.compile_mma compiles)
     plus PDL: the host side up to the launch, run on CPU with the kernel replaced by a
@@ -446,7 +500,8 @@ def test_launch_passes_the_constants_the_offline_compile_uses(monkeypatch, cfg) 
     m = 9 if cfg.row_tiles == 2 else 4
     x = torch.randn(m, 512).bfloat16()
     mod.int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128, cfg)
-    want = mod.kernel_constants(cfg, m, 128, "int4", 256 % cfg.block_n == 0, 0)
+    want = mod.kernel_constants(cfg, m, 128, "int4", 256 % cfg.block_n == 0, 0,
+                                512 // cfg.split // 128)
     kw = dict(seen["kw"])
     assert kw.pop("num_warps") == cfg.warps and kw.pop("PDL") is False
     assert kw == want
