@@ -4,8 +4,9 @@
 #     bash scripts/bench/pending_device_runs.sh a     (then b, c, d, e)
 # a: session 28's two MMA chains per step (MmaConfig.chains, INT4 and NVFP4) and session 29's
 #    x staged in shared memory (MmaConfig.x_smem), both built and compiled, never run on a
-#    GPU: their GPU tests, and each against the register form isolated on two shapes (the
-#    chains at M = 1 too, the plane GEMV's rows beside them).
+#    GPU: their GPU tests, and both against the register form isolated on 4096x12288 at
+#    M = 1, 4, 16 (--gemv-mma-xsmem times 1 and 2 chains, x in registers and staged, plain
+#    and PDL; the plane GEMV's rows beside them at M = 1).
 # b: the engine at batch 1-16 with int4_mma.MMA_CHAINS / NVFP4_MMA_CHAINS 1 and 2, and with
 #    X_SMEM_MIN_M 17 (never) and 1. Turn on what wins.
 # c: both isolated on the other Qwen3 shapes.
@@ -21,15 +22,14 @@ set -uo pipefail
 case "${1:-a}" in
 a) bash scripts/gpu_run.sh \
   "cmd:timeout 220 python3 -m pytest tests/gpu/test_int4_mma_gpu.py -m gpu -q -p no:cacheprovider -k 'chains or x_staged' 2>&1 | grep -E '^E |Error|FAILED|passed|failed' | tail -8" \
-  "cmd:timeout 130 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-chains --gemv-formats int4,nvfp4 --gemv-shapes 4096x12288,2048x4096 --gemv-m 1,4,16 --gemv-paths 'int4-mma*,gemv,gemv-pdl' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path k n m cfg ms speedup frac_copy_bw" \
-  "cmd:timeout 150 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-xsmem --gemv-formats int4,nvfp4 --gemv-shapes 4096x12288,2048x4096 --gemv-m 4,16 --gemv-paths 'int4-mma*' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path k n m cfg ms speedup frac_copy_bw" ;;
+  "cmd:timeout 150 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-xsmem --gemv-formats int4,nvfp4 --gemv-shapes 4096x12288 --gemv-m 1,4,16 --gemv-paths 'int4-mma*,gemv,gemv-pdl' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path k n m cfg ms speedup frac_copy_bw" ;;
 b) bash scripts/gpu_run.sh \
   "cmd:timeout 110 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 2,4,8 --attn-backend triton --knob orbit.kernels.int4_mma.MMA_CHAINS=1,2 2>&1 | grep decode | tail -6" \
   "cmd:timeout 110 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 1,4,8,16 --attn-backend triton --knob orbit.kernels.int4_mma.NVFP4_MMA_CHAINS=1,2 2>&1 | grep decode | tail -8" \
   "cmd:timeout 110 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 2,4,8 --attn-backend triton --knob orbit.kernels.int4_mma.X_SMEM_MIN_M=17,1 2>&1 | grep decode | tail -6" \
   "cmd:timeout 110 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 1,4,8,16 --attn-backend triton --knob orbit.kernels.int4_mma.X_SMEM_MIN_M=17,1 2>&1 | grep decode | tail -8" ;;
 c) bash scripts/gpu_run.sh \
-  "cmd:timeout 200 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-xsmem --gemv-mma-chains --gemv-formats int4,nvfp4 --gemv-shapes 6144x2048,2048x12288,2048x2048 --gemv-m 1,4,8,16 --gemv-paths 'int4-mma*,gemv' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path k n m cfg ms speedup frac_copy_bw" ;;
+  "cmd:timeout 250 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-xsmem --gemv-formats int4,nvfp4 --gemv-shapes 6144x2048,2048x12288,2048x4096,2048x2048 --gemv-m 1,4,8,16 --gemv-paths 'int4-mma*,gemv' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path k n m cfg ms speedup frac_copy_bw" ;;
 d) cp orbit/kernels/tuned/nvidia_h100_80gb_hbm3.json "$OUT/routes.json"
   bash scripts/gpu_run.sh \
   "cmd:timeout 380 python3 -m orbit tune-qmm --model qwen3-1.7b --formats int4 --m 24,32,48 --out $OUT/routes.json --update 2>&1 | grep -E ' us |routes|rror' | tail -30" \
