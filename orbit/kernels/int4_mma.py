@@ -230,8 +230,10 @@ def x_smem_bytes(m: int, k_slice: int) -> int:
 
 
 def x_smem_fits(m: int, k_slice: int) -> bool:
-    """Whether a program's x slice may be staged (X_SMEM_MAX_BYTES)."""
-    return x_smem_bytes(m, k_slice) <= X_SMEM_MAX_BYTES
+    """Whether a program's x slice may be staged: within X_SMEM_MAX_BYTES, and a power of two
+    deep (the staging load is one [NP, K slice] tile; Triton's ranges are powers of two)."""
+    return (x_smem_bytes(m, k_slice) <= X_SMEM_MAX_BYTES and k_slice > 0
+            and k_slice & (k_slice - 1) == 0)
 
 
 if HAS_GLUON:
@@ -841,8 +843,9 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
                          f"groups of 128 and more (got {fmt}, group {group})")
     if cfg.x_smem and not x_smem_fits(m, k // cfg.split):
         raise ValueError(f"int4_mma: MmaConfig.x_smem stages {x_smem_bytes(m, k // cfg.split)} "
-                         f"bytes of x per program (M={m}, K slice {k // cfg.split}); at most "
-                         f"X_SMEM_MAX_BYTES = {X_SMEM_MAX_BYTES}: take a larger split")
+                         f"bytes of x per program (M={m}, K slice {k // cfg.split}); it takes "
+                         f"a power-of-two slice of at most X_SMEM_MAX_BYTES = "
+                         f"{X_SMEM_MAX_BYTES}")
     w_desc = _tma_descriptor(qweight, cfg, vec) if cfg.tma else qweight
     _int4_mma_kernel[(tiles, cfg.split)](
         x, qweight, scale, gs, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0),

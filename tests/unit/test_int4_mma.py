@@ -463,6 +463,9 @@ def test_pick_stages_x_from_its_row_count_where_the_slice_fits(monkeypatch) -> N
     # a slice past X_SMEM_MAX_BYTES keeps x in registers: 16 rows of 8192 / split 4 = 64 KB
     assert pick_config(16, 8192, 12288, 128, 132).split == 4
     assert not pick_config(16, 8192, 12288, 128, 132).x_smem
+    # nor one whose depth is no power of two (Qwen3-1.7B's down_proj at 16 rows: 6144 / 8)
+    assert pick_config(16, 6144, 2048, 128, 132).split == 8
+    assert not pick_config(16, 6144, 2048, 128, 132).x_smem
 
 
 def test_x_smem_refuses_a_slice_past_its_budget() -> None:
