@@ -98,16 +98,21 @@ L2_SLICE = False
 # orbit.kernels.int4_mma.TMA_STAGES=0,2`) INT4 +3% / +2% / -3% at batch 2 / 4 / 8, NVFP4 -2% to
 # -9%: no rule yet (docs/kernels.md "A TMA ring for the weight words").
 TMA_STAGES = 0
-# pick_config's MmaConfig.chains for INT4 groups of 128 and more (1 or 2). 1 until measured
-# (bench_qmm.py --gemv --gemv-mma --gemv-mma-chains; the engine: --knob
-# orbit.kernels.int4_mma.MMA_CHAINS=1,2).
+# pick_config's MmaConfig.chains for INT4 groups of 128 and more (1 or 2). 1: H100, session 29
+# (`bench_qmm.py --gemv --gemv-mma --gemv-mma-xsmem`, 4096x12288 and 2048x4096 at M = 1, 4,
+# 16): two chains were nowhere faster (INT4 M = 4 18.2 / PDL 18.0 us against 17.7 / 17.0;
+# M = 16 21.2 / 20.5 against 20.4 / 19.4); no engine run.
 MMA_CHAINS = 1
 # the same for NVFP4, whose steps accumulate into one chain across the whole K slice (the
-# scale is inside the decode): 2 gives two accumulators. 1 until measured.
+# scale is inside the decode): 2 gives two accumulators. 1: the same runs (NVFP4 M = 4 19.7 /
+# 19.0 us against 18.8 / 18.1).
 NVFP4_MMA_CHAINS = 1
 # From how many rows pick_config stages x in shared memory (MmaConfig.x_smem), where the
-# program's x slice fits in X_SMEM_MAX_BYTES. MAX_M + 1 (never) until measured
-# (bench_qmm.py --gemv --gemv-mma --gemv-mma-xsmem; the engine: --knob
+# program's x slice fits (x_smem_fits). MAX_M + 1 (never): H100, session 29 (`bench_qmm.py
+# --gemv --gemv-mma --gemv-mma-xsmem`): 4-10% faster without PDL (INT4 4096x12288 M = 4 16.9
+# against 17.7 us, M = 16 18.9 against 20.4; 2048x4096 M = 4 6.5 against 7.2) but not with
+# it, which is how the engine launches (M = 4 17.1 against 17.0, M = 16 19.7 against 19.4;
+# 2048x4096 M = 4 6.2 against 5.9). The engine run is queued (--knob
 # orbit.kernels.int4_mma.X_SMEM_MIN_M=17,1).
 X_SMEM_MIN_M = MAX_M + 1
 # The most shared memory one program's staged x slice may take (NP rows x K slice x 2 bytes):
