@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
 # The measurements queued for the next device calls (docs/benchmarks.md), in priority order,
 # each call within the device tool's 600 s, from the repository root:
-#     bash scripts/bench/pending_device_runs.sh a     (then b, c, d, e)
-# a: session 28's two MMA chains per step (MmaConfig.chains, INT4 and NVFP4) and session 29's
-#    x staged in shared memory (MmaConfig.x_smem), both built and compiled, never run on a
-#    GPU: their GPU tests, and both against the register form isolated on 4096x12288 at
-#    M = 1, 4, 16 (--gemv-mma-xsmem times 1 and 2 chains, x in registers and staged, plain
-#    and PDL; the plane GEMV's rows beside them at M = 1).
+#     bash scripts/bench/pending_device_runs.sh b     (then c, d, e; a ran in session 29)
+# a: (ran in session 29, docs/benchmarks.md) the GPU tests of two MMA chains per step
+#    (MmaConfig.chains) and x staged in shared memory (MmaConfig.x_smem), and both against
+#    the register form isolated on 4096x12288 at M = 1, 4, 16.
 # b: the engine at batch 1-16 with int4_mma.MMA_CHAINS / NVFP4_MMA_CHAINS 1 and 2, and with
 #    X_SMEM_MIN_M 17 (never) and 1. Turn on what wins.
 # c: both isolated on the other Qwen3 shapes.
