@@ -228,10 +228,15 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
                                x_smem=m >= X_SMEM_MIN_M and x_smem_fits(m, k // split))
 
 
+def mma_columns(m: int) -> int:
+    """The kernel's NP: the MMA's x columns for M = m rows (8, or 16 past 8 rows)."""
+    return 8 if m <= 8 else 16
+
+
 def x_smem_bytes(m: int, k_slice: int) -> int:
-    """Shared memory of MmaConfig.x_smem's staged x: the MMA's NP columns (8, or 16 past 8
-    rows) of a `k_slice`-deep slice, bf16."""
-    return (8 if m <= 8 else 16) * k_slice * 2
+    """Shared memory of MmaConfig.x_smem's staged x: the MMA's NP columns of a
+    `k_slice`-deep slice, bf16."""
+    return mma_columns(m) * k_slice * 2
 
 
 def x_smem_fits(m: int, k_slice: int) -> bool:
@@ -295,7 +300,7 @@ if HAS_GLUON:
                                           shape=[16 * warps * row_tiles, 4 * vec])
 
     @cache
-    def x_stage_layouts(warps: int, np_: int, bk: int, steps: int):
+    def x_stage_layouts(warps: int, bk: int, steps: int):
         """MmaConfig.x_smem: the register layout that loads a program's x slice [NP, steps
         BK] at once (8 contiguous bf16, 16 bytes, per thread and piece; each element loaded
         by one thread), and the shared layout of the staged [steps, NP, BK] tile: 16-byte pieces
@@ -638,7 +643,8 @@ if HAS_GLUON:
             XI: gl.constexpr = KPW * VEC // 8
             sn = gl.minimum(gl.arange(0, NP, layout=gl.SliceLayout(1, LXS)), M - 1)
             sk = gl.arange(0, XS * BK, layout=gl.SliceLayout(0, LXS))
-            xv = gl.load(x_ptr + gl.expand_dims(sn, 1) * stride_xm + (k_lo + gl.expand_dims(sk, 0)))
+            xv = gl.load(x_ptr + gl.expand_dims(sn, 1) * stride_xm
+                         + (k_lo + gl.expand_dims(sk, 0)))
             if FMT == 2:
                 xv = gl.permute(gl.reshape(xv, [NP, XS, 4, XI, 8]), (1, 0, 3, 2, 4))
             else:
@@ -830,6 +836,7 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     if k % (cfg.split * bk):
         raise ValueError(f"int4_mma: K={k} is not a multiple of split {cfg.split} x {bk}")
     kpw = k_per_word(fmt)
+    k_slice = k // cfg.split
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if y.shape != (m, n) or y.dtype != x.dtype or y.stride(1) != 1:
         raise ValueError(f"int4_mma: out must be [{m}, {n}] {x.dtype} with unit column stride")
@@ -837,7 +844,7 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     lanes = 32 * cfg.warps
     l2pre = lanes if (cfg.l2 and x.is_cuda and lanes % cfg.block_n == 0
                       and qweight.stride(0) % 4 == 0
-                      and (k // cfg.split // kpw) % (8 * lanes // cfg.block_n) == 0) else 0
+                      and (k_slice // kpw) % (8 * lanes // cfg.block_n) == 0) else 0
     if cfg.split > 1:
         ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device)
         cnt = arrival_counters(x.device, tiles)
@@ -846,17 +853,16 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     if cfg.chains != 1 and not chains_fit(fmt, group, cfg.chains):
         raise ValueError(f"int4_mma: chains={cfg.chains} is 1, or 2 for NVFP4 and INT4 "
                          f"groups of 128 and more (got {fmt}, group {group})")
-    if cfg.x_smem and not x_smem_fits(m, k // cfg.split):
-        raise ValueError(f"int4_mma: MmaConfig.x_smem stages {x_smem_bytes(m, k // cfg.split)} "
-                         f"bytes of x per program (M={m}, K slice {k // cfg.split}); it takes "
+    if cfg.x_smem and not x_smem_fits(m, k_slice):
+        raise ValueError(f"int4_mma: MmaConfig.x_smem stages {x_smem_bytes(m, k_slice)} "
+                         f"bytes of x per program (M={m}, K slice {k_slice}); it takes "
                          f"a power-of-two slice of at most X_SMEM_MAX_BYTES = "
                          f"{X_SMEM_MAX_BYTES}")
     w_desc = _tma_descriptor(qweight, cfg, vec) if cfg.tma else qweight
     _int4_mma_kernel[(tiles, cfg.split)](
         x, qweight, scale, gs, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0),
-        scale.stride(0), y.stride(0), k // cfg.split // kpw, cfg.split, w_desc,
-        **kernel_constants(cfg, m, group, fmt, n % cfg.block_n == 0, l2pre,
-                           k // cfg.split // bk),
+        scale.stride(0), y.stride(0), k_slice // kpw, cfg.split, w_desc,
+        **kernel_constants(cfg, m, group, fmt, n % cfg.block_n == 0, l2pre, k_slice // bk),
         num_warps=cfg.warps,
         # (USE_PDL off keeps the engine's launches plain; a config's forced PDL still holds)
         **(pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl)
@@ -872,7 +878,7 @@ def kernel_constants(cfg: MmaConfig, m: int, group: int, fmt: str, even_n: bool,
     PDL, which the launch takes from `pdl_launch`. `l2pre`: the L2 slice prefetch's thread
     count (0: none); `slice_steps`: K steps per program (what MmaConfig.x_smem stages)."""
     vec, kpw = _vec(group, fmt), k_per_word(fmt)
-    np_ = 8 if m <= 8 else 16
+    np_ = mma_columns(m)
     mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec, kpw)
     # the halves of MmaConfig.chains use the word / x / scale layouts of half as many words
     lwh, lxh, lsh = (layouts(cfg.warps, cfg.row_tiles, np_, 2, kpw)[3:6] if cfg.chains == 2
@@ -881,11 +887,12 @@ def kernel_constants(cfg: MmaConfig, m: int, group: int, fmt: str, even_n: bool,
     if cfg.x_smem:
         if slice_steps < 1:
             raise ValueError("int4_mma: MmaConfig.x_smem needs the K steps per program")
-        lxs, xs_smem = x_stage_layouts(cfg.warps, np_, 4 * kpw * vec, slice_steps)
+        lxs, xs_smem = x_stage_layouts(cfg.warps, 4 * kpw * vec, slice_steps)
         xs = {"XS": slice_steps, "LXS": lxs, "XS_SMEM": xs_smem}
     return {"FMT": FMT_IDS[fmt], "GROUP": group, "VEC": vec, "KPW": kpw, "BN": cfg.block_n,
             "EVEN_N": even_n, "DEPTH": cfg.prefetch, "XPRE": cfg.x_prefetch, "NP": np_,
-            "MMA": mma, "A": a, "B": b, "LW": lw, "LX": lx, "LS": ls, "STAGES": cfg.stages, "L2PRE": l2pre, "TMA": cfg.tma,
+            "MMA": mma, "A": a, "B": b, "LW": lw, "LX": lx, "LS": ls, "STAGES": cfg.stages,
+            "L2PRE": l2pre, "TMA": cfg.tma,
             "LW2D": word_tile_2d(cfg.warps, cfg.row_tiles, vec) if cfg.tma else None,
             "CHAINS": cfg.chains, "LWH": lwh, "LXH": lxh, "LSH": lsh, **xs}
 
