@@ -118,6 +118,11 @@ X_SMEM_MIN_M = MAX_M + 1
 # The most shared memory one program's staged x slice may take (NP rows x K slice x 2 bytes):
 # 32 KB is M = 16 at a 1024-deep slice; 3 such programs per SM still fit H100's 228 KB.
 X_SMEM_MAX_BYTES = 32 * 1024
+# pick_config's MmaConfig.kw: the K parts of a 4-warp program's split that run as warps along
+# K inside one program (summed in shared memory) instead of as programs (summed by the global
+# fix-up); 4 warps in all per program either way, so the same warps per tile and K slice.
+# 1 (off) until measured (`bench_qmm.py --gemv --gemv-mma --gemv-mma-kw`).
+WARP_K = 1
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,14 @@ class MmaConfig:
     threads (each element once, 16 bytes a thread), into shared memory in the MMA's K order,
     and each step reads its B operand from there: no per-warp copy of every x tile, no
     per-step repacking of x into the operand's pairs (PRMT), no x registers held across a
-    step (x_prefetch then does nothing)."""
+    step (x_prefetch then does nothing);
+    kw: warps along K inside a program (1, 2, 4 or 8; `warps` of them side by side over N
+    for each K part, warps x kw warps in all): the program's K slice is cut into kw parts,
+    each warp runs the K loop over its own part of the same weight rows, and the parts'
+    accumulators are summed in shared memory at the end (in part order: deterministic).
+    A split K without split-K's global fix-up (fp32 slices through L2, an acq_rel atomic,
+    the last program's serial read-back); register form only (no ring, TMA, L2 prefetch,
+    staged x or second chain)."""
 
     warps: int = 4
     row_tiles: int = 1
@@ -155,10 +167,15 @@ class MmaConfig:
     tma: int = 0
     chains: int = 1
     x_smem: bool = False
+    kw: int = 1
 
     @property
     def block_n(self) -> int:
         return 16 * self.warps * self.row_tiles
+
+    @property
+    def num_warps(self) -> int:
+        return self.warps * self.kw
 
 
 FORMATS = ("int4", "nvfp4", "fp8")  # (the kernel's FMT is the format's _qgemm.FMT_IDS)
@@ -223,9 +240,17 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
         split *= 2
     chains = NVFP4_MMA_CHAINS if fmt == "nvfp4" else MMA_CHAINS if fmt == "int4" else 1
     chains = chains if chains_fit(fmt, group, chains) else 1
-    return dataclasses.replace(cfg, split=split, stages=min(RING_STAGES, steps // split),
-                               l2=L2_SLICE, tma=min(TMA_STAGES, steps // split), chains=chains,
-                               x_smem=m >= X_SMEM_MIN_M and x_smem_fits(m, k // split))
+    cfg = dataclasses.replace(cfg, split=split, stages=min(RING_STAGES, steps // split),
+                              l2=L2_SLICE, tma=min(TMA_STAGES, steps // split), chains=chains,
+                              x_smem=m >= X_SMEM_MIN_M and x_smem_fits(m, k // split))
+    kw = min(WARP_K, split)
+    if kw > 1:  # the split's K parts as warps along K (WARP_K: the register form only)
+        by_warps = dataclasses.replace(cfg, warps=max(1, cfg.warps // kw), kw=kw,
+                                       split=split // kw, stages=0, l2=False, tma=0, chains=1,
+                                       x_smem=False)
+        if kw_fits(by_warps, k, group, fmt):
+            return by_warps
+    return cfg
 
 
 def mma_columns(m: int) -> int:
@@ -474,6 +499,22 @@ if HAS_GLUON:
         return xb_a, xb_b
 
     @gluon.jit
+    def _virtual_rows(v, WN: gl.constexpr, KW: gl.constexpr):
+        # MmaConfig.kw: virtual row v of the MMA tile (16 rows per warp, WN KW warps, then
+        # the row tiles) -> (its row within the program's BN, its K part); warp w = p WN + j
+        # holds rows of tile column j, K part p
+        w = (v // 16) % (WN * KW)
+        row = (v // (16 * WN * KW)) * (16 * WN) + (w % WN) * 16 + v % 16
+        return row, w // WN
+
+    @gluon.jit
+    def _warp_index():
+        # the thread's warp in the program (tid.x / 32, Triton's warp numbering)
+        return gl.inline_asm_elementwise(
+            "{\n.reg .u32 t;\nmov.u32 t, %tid.x;\nshr.u32 $0, t, 5;\n}", "=r", [],
+            dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
     def _gdc_wait():
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
@@ -514,7 +555,7 @@ if HAS_GLUON:
 
     @gluon.jit
     def _int4_mma_kernel(x_ptr, q_ptr, s_ptr, gs_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
-                         stride_xm, stride_q, stride_s, stride_ym, K_SLICE_W, SPLIT, w_desc,
+                         stride_xm, stride_q, stride_s, stride_ym, K_RUN_W, SPLIT, w_desc,
                          FMT: gl.constexpr, GROUP: gl.constexpr, VEC: gl.constexpr,
                          KPW: gl.constexpr, BN: gl.constexpr,
                          EVEN_N: gl.constexpr, DEPTH: gl.constexpr, XPRE: gl.constexpr,
@@ -526,23 +567,34 @@ if HAS_GLUON:
                          CHAINS: gl.constexpr = 1, LWH: gl.constexpr = None,
                          LXH: gl.constexpr = None, LSH: gl.constexpr = None,
                          XS: gl.constexpr = 0, LXS: gl.constexpr = None,
-                         XS_SMEM: gl.constexpr = None):
+                         XS_SMEM: gl.constexpr = None, KW: gl.constexpr = 1,
+                         WN: gl.constexpr = 4, LOUT: gl.constexpr = None):
         # w_desc: with TMA > 0 the words' TMA descriptor (block [BN, 4 VEC]), else unused.
         # FMT 0: INT4 (u - 8 into the MMA, each step's partial times its group's scale);
         # FMT 2: FP8 (the e4m3 values into the MMA, each step's partial times its block's
         # scale); FMT 3: NVFP4 (v * s * 2^-9 into the MMA, the global scale * 2^9 at the end).
-        # KPW: weights per word (8, FP8 4)
+        # KPW: weights per word (8, FP8 4). KW > 1 (MmaConfig.kw): the MMA tile has BN KW
+        # "virtual" rows, warp w's rows being weight rows of K part w // WN (_virtual_rows);
+        # each warp runs the K loop over K_RUN = K_SLICE / KW of its part.
         BK: gl.constexpr = 4 * KPW * VEC
+        BNV: gl.constexpr = BN * KW
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
-        K_SLICE = K_SLICE_W * KPW  # (passed in words: a multiple of 16, so loads vectorize)
+        # K_RUN_W: a warp's K part in words (the whole slice unless KW > 1), passed as such:
+        # a multiple of 16, so the loads vectorize
+        K_SLICE_W = K_RUN_W * KW
+        K_SLICE = K_SLICE_W * KPW
+        K_RUN = K_RUN_W * KPW
         k_lo = pid_k * K_SLICE
         if L2PRE > 0:  # (L2PRE: the program's thread count; frozen weights, before the wait)
             _prefetch_slice_l2(q_ptr, stride_q, pid_n, pid_k, N, K_SLICE_W, BN, L2PRE)
 
         # word pointers [BN, 4, VEC]: row r, word k0 / 8 + VEC t + i
         LW2: gl.constexpr = gl.SliceLayout(2, LW)
-        r = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LW2))
+        r = gl.arange(0, BNV, layout=gl.SliceLayout(1, LW2))
+        if KW > 1:
+            r, r_part = _virtual_rows(r, WN, KW)
+        r = pid_n * BN + r
         t = gl.arange(0, 4, layout=gl.SliceLayout(0, LW2))
         i = gl.arange(0, VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
         r3 = gl.expand_dims(gl.expand_dims(r, 1), 2)
@@ -551,6 +603,8 @@ if HAS_GLUON:
         if not EVEN_N:  # clamp instead of masking: tail rows read row N - 1, never stored
             r3 = gl.minimum(r3, N - 1)
         w_ptrs = q_ptr + r3 * stride_q + (pid_k * K_SLICE_W + w3)
+        if KW > 1:
+            w_ptrs += gl.expand_dims(gl.expand_dims(r_part * K_RUN_W, 1), 2)
 
         # x pointers [NP, 4, KPW VEC]: x[n, k0 + KPW VEC t + c], c = 8 i + 4 h + p (4-bit),
         # 4 j + b (FP8) (contiguous)
@@ -563,29 +617,47 @@ if HAS_GLUON:
             gl.expand_dims(xc, 0), 1)
         # rows of x past M read row M - 1 (no mask, no zero fill); their columns are not stored
         x_ptrs = x_ptr + gl.minimum(n3, M - 1) * stride_xm + (k_lo + koff)
+        if KW > 1:
+            # x is replicated over the warps (LX), but each warp needs its own K part's:
+            # the part comes from the thread's warp index, which the layout cannot name. No
+            # data moves between warps on the way to the B operand (a trivial conversion),
+            # so every warp's B registers hold what its own threads loaded. (A scalar to
+            # Triton, one per thread in the code, so the x loads keep their 16-byte vectors.)
+            x_ptrs += (_warp_index() // WN) * K_RUN
 
         # scale pointers (a step's scale at + kn // GROUP): INT4 [BN] in the accumulator's
         # row layout; FP8 the same, each row pointing at its 128-row block's scales; NVFP4
         # [BN, 4, VEC / 2], the scale of words 2j and 2j + 1 of the step
+        # (KW > 1: each virtual row's scales start at its K part, K_RUN a multiple of GROUP)
         LR: gl.constexpr = gl.SliceLayout(1, MMA)
-        rs = pid_n * BN + gl.arange(0, BN, layout=LR)
+        rs = gl.arange(0, BNV, layout=LR)
+        if KW > 1:
+            rs, rs_part = _virtual_rows(rs, WN, KW)
+        rs = pid_n * BN + rs
         if FMT == 3:
             LS2: gl.constexpr = gl.SliceLayout(2, LS)
-            sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LS2)), N - 1)
+            sr = gl.arange(0, BNV, layout=gl.SliceLayout(1, LS2))
+            if KW > 1:
+                sr, sr_part = _virtual_rows(sr, WN, KW)
+            sr = gl.minimum(pid_n * BN + sr, N - 1)
             st = gl.arange(0, 4, layout=gl.SliceLayout(0, LS2))
             sh = gl.arange(0, VEC // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, LS)))
             s_ptrs = s_ptr + gl.expand_dims(gl.expand_dims(sr, 1), 2) * stride_s + (
                 gl.expand_dims(gl.expand_dims(st, 0), 2) * (VEC // 2)
                 + gl.expand_dims(gl.expand_dims(sh, 0), 1))
+            if KW > 1:
+                s_ptrs += gl.expand_dims(gl.expand_dims(sr_part * (K_RUN // GROUP), 1), 2)
         elif FMT == 2:
             s_ptrs = s_ptr + (gl.minimum(rs, N - 1) // GROUP) * stride_s
         else:
             s_ptrs = s_ptr + gl.minimum(rs, N - 1) * stride_s
+        if KW > 1 and FMT != 3:
+            s_ptrs += rs_part * (K_RUN // GROUP)
 
-        acc = gl.zeros([BN, NP], gl.float32, MMA)
-        zero = gl.zeros([BN, NP], gl.float32, MMA)
+        acc = gl.zeros([BNV, NP], gl.float32, MMA)
+        zero = gl.zeros([BNV, NP], gl.float32, MMA)
         if FMT == 3 and CHAINS == 2:
-            acc_b = gl.zeros([BN, NP], gl.float32, MMA)
+            acc_b = gl.zeros([BNV, NP], gl.float32, MMA)
         # DEPTH steps' words and scales are in flight while a step is computed (a scale
         # loaded when used put a DRAM round trip into every step: Nsight, session 21); with
         # XPRE the next step's x too, held as loaded and made the B operand when used. The
@@ -597,7 +669,7 @@ if HAS_GLUON:
                 w0 = gl.load(w_ptrs)
             s0 = gl.load(s_ptrs + kn // GROUP)
         if DEPTH >= 2:
-            adv0 = gl.where(BK < K_SLICE, BK, 0)
+            adv0 = gl.where(BK < K_RUN, BK, 0)
             kn += adv0
             if STAGES == 0 and TMA == 0:
                 w_ptrs += adv0 // KPW
@@ -657,14 +729,14 @@ if HAS_GLUON:
             _cta_barrier()  # (every warp reads every thread's pieces)
         if XPRE and XS == 0:
             x0 = gl.load(x_ptrs)
-        for kk in range(0, K_SLICE, BK):
+        for kk in range(0, K_RUN, BK):
             if XS > 0:
                 xsv = xs.index(kk // BK)
                 cur_x = 0  # (not read: the B operands come from xsv)
             elif XPRE:
                 xsv = 0  # (not read)
                 cur_x = x0
-                x_ptrs += gl.where(kk + BK < K_SLICE, BK, 0)
+                x_ptrs += gl.where(kk + BK < K_RUN, BK, 0)
                 x0 = gl.load(x_ptrs)
             else:
                 xsv = 0
@@ -694,7 +766,7 @@ if HAS_GLUON:
                     cur_s = gl.load(s_ptrs + (k_lo + kk) // GROUP)
                 else:
                     cur_s = s0
-                    adv = gl.where(kk + DEPTH * BK < K_SLICE, BK, 0)
+                    adv = gl.where(kk + DEPTH * BK < K_RUN, BK, 0)
                     kn += adv
                     if DEPTH >= 2:
                         s0 = s1
@@ -708,7 +780,7 @@ if HAS_GLUON:
             else:
                 cur_w = w0
                 cur_s = s0
-                adv = gl.where(kk + DEPTH * BK < K_SLICE, BK, 0)
+                adv = gl.where(kk + DEPTH * BK < K_RUN, BK, 0)
                 w_ptrs += adv // KPW
                 kn += adv
                 if DEPTH >= 2:
@@ -722,31 +794,31 @@ if HAS_GLUON:
             if FMT == 3 and CHAINS == 2:
                 # two accumulators, each one chain across the steps (one chain of every
                 # step's 8 HMMAs otherwise): words 0-1 of each thread (scale 0) and 2-3 (1)
-                w_a, w_b = _word_halves(cur_w, LWH, BN, VEC)
+                w_a, w_b = _word_halves(cur_w, LWH, BNV, VEC)
                 xb_a, xb_b = _b_halves(cur_x, xsv, XS, LXH, B, NP, BK, VEC)
                 s_a, s_b = gl.split(cur_s)
                 s_a = gl.convert_layout(gl.expand_dims(s_a, 2), LSH, assert_trivial=True)
                 s_b = gl.convert_layout(gl.expand_dims(s_b, 2), LSH, assert_trivial=True)
-                acc = mma_v2(_decode_e2m1(w_a, s_a, A, LWH, BN, BK // 2, VEC // 2), xb_a, acc)
-                acc_b = mma_v2(_decode_e2m1(w_b, s_b, A, LWH, BN, BK // 2, VEC // 2), xb_b,
+                acc = mma_v2(_decode_e2m1(w_a, s_a, A, LWH, BNV, BK // 2, VEC // 2), xb_a, acc)
+                acc_b = mma_v2(_decode_e2m1(w_b, s_b, A, LWH, BNV, BK // 2, VEC // 2), xb_b,
                                acc_b)
             elif FMT == 3:
-                a = _decode_e2m1(cur_w, cur_s, A, LW, BN, BK, VEC)
+                a = _decode_e2m1(cur_w, cur_s, A, LW, BNV, BK, VEC)
                 acc = mma_v2(a, _b_full(cur_x, xsv, XS, FMT, B, NP, BK, VEC), acc)
             else:  # INT4, FP8: the raw values into the MMA, the partial times the scale
                 if FMT == 2:
-                    a = _decode_e4m3(cur_w, A, BN, BK, VEC)
+                    a = _decode_e4m3(cur_w, A, BNV, BK, VEC)
                     part = mma_v2(a, _b_full(cur_x, xsv, XS, FMT, B, NP, BK, VEC), zero)
                 elif CHAINS == 2:
                     # two independent MMA chains of half a step each, summed after (fp32
                     # sums in another order)
-                    w_a, w_b = _word_halves(cur_w, LWH, BN, VEC)
+                    w_a, w_b = _word_halves(cur_w, LWH, BNV, VEC)
                     xb_a, xb_b = _b_halves(cur_x, xsv, XS, LXH, B, NP, BK, VEC)
-                    p_a = mma_v2(_decode(w_a, A, BN, BK // 2), xb_a, zero)
-                    p_b = mma_v2(_decode(w_b, A, BN, BK // 2), xb_b, zero)
+                    p_a = mma_v2(_decode(w_a, A, BNV, BK // 2), xb_a, zero)
+                    p_b = mma_v2(_decode(w_b, A, BNV, BK // 2), xb_b, zero)
                     part = p_a + p_b
                 else:
-                    a = _decode(cur_w, A, BN, BK)
+                    a = _decode(cur_w, A, BNV, BK)
                     part = mma_v2(a, _b_full(cur_x, xsv, XS, FMT, B, NP, BK, VEC), zero)
                 acc = acc + part * gl.expand_dims(cur_s.to(gl.float32), 1)
             if STAGES > 0:  # refill the slot just read with step kk / BK + STAGES
@@ -765,7 +837,16 @@ if HAS_GLUON:
             acc = acc * (gl.load(gs_ptr) * 512.0)
 
         # out^T: y[col, row] = acc[row, col]
-        cols = gl.arange(0, NP, layout=gl.SliceLayout(0, MMA))
+        if KW > 1:
+            # the K parts' partials of each row, summed in part order: virtual row
+            # (row tile u, part p, 16 WN rows) -> [RT, KW, 16 WN] (_virtual_rows)
+            RT: gl.constexpr = BN // (16 * WN)
+            acc = gl.sum(gl.reshape(acc, [RT, KW, 16 * WN, NP]), axis=1)
+            acc = gl.convert_layout(gl.reshape(acc, [BN, NP]), LOUT)
+            rs = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LOUT))
+            cols = gl.arange(0, NP, layout=gl.SliceLayout(0, LOUT))
+        else:
+            cols = gl.arange(0, NP, layout=gl.SliceLayout(0, MMA))
         rows2 = gl.expand_dims(rs, 1)
         cols2 = gl.expand_dims(cols, 0)
         omask = (rows2 < N) & (cols2 < M)
@@ -778,7 +859,7 @@ if HAS_GLUON:
             _cta_barrier()
             arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if arrived == SPLIT - 1:
-                total = gl.zeros([BN, NP], gl.float32, MMA)
+                total = gl.zeros_like(acc)
                 for s in range(SPLIT):
                     total += gl.load(ws_ptr + s * MN + cols2 * N + rows2, mask=omask,
                                      other=0.0, cache_modifier=".cg")
@@ -841,7 +922,8 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     if y.shape != (m, n) or y.dtype != x.dtype or y.stride(1) != 1:
         raise ValueError(f"int4_mma: out must be [{m}, {n}] {x.dtype} with unit column stride")
     tiles = -(-n // cfg.block_n)
-    lanes = 32 * cfg.warps
+    _check_kw(cfg, k, group, fmt)
+    lanes = 32 * cfg.num_warps
     l2pre = lanes if (cfg.l2 and x.is_cuda and lanes % cfg.block_n == 0
                       and qweight.stride(0) % 4 == 0
                       and (k_slice // kpw) % (8 * lanes // cfg.block_n) == 0) else 0
@@ -861,9 +943,9 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     w_desc = _tma_descriptor(qweight, cfg, vec) if cfg.tma else qweight
     _int4_mma_kernel[(tiles, cfg.split)](
         x, qweight, scale, gs, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0),
-        scale.stride(0), y.stride(0), k_slice // kpw, cfg.split, w_desc,
+        scale.stride(0), y.stride(0), k_slice // cfg.kw // kpw, cfg.split, w_desc,
         **kernel_constants(cfg, m, group, fmt, n % cfg.block_n == 0, l2pre, k_slice // bk),
-        num_warps=cfg.warps,
+        num_warps=cfg.num_warps,
         # (USE_PDL off keeps the engine's launches plain; a config's forced PDL still holds)
         **(pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl)
            if USE_PDL or cfg.pdl else {}))
@@ -879,7 +961,8 @@ def kernel_constants(cfg: MmaConfig, m: int, group: int, fmt: str, even_n: bool,
     count (0: none); `slice_steps`: K steps per program (what MmaConfig.x_smem stages)."""
     vec, kpw = _vec(group, fmt), k_per_word(fmt)
     np_ = mma_columns(m)
-    mma, a, b, lw, lx, ls = layouts(cfg.warps, cfg.row_tiles, np_, vec, kpw)
+    # (MmaConfig.kw: the MMA tile's rows are the kw K parts' virtual rows, one warp each)
+    mma, a, b, lw, lx, ls = layouts(cfg.num_warps, cfg.row_tiles, np_, vec, kpw)
     # the halves of MmaConfig.chains use the word / x / scale layouts of half as many words
     lwh, lxh, lsh = (layouts(cfg.warps, cfg.row_tiles, np_, 2, kpw)[3:6] if cfg.chains == 2
                      else (None, None, None))
@@ -894,7 +977,40 @@ def kernel_constants(cfg: MmaConfig, m: int, group: int, fmt: str, even_n: bool,
             "MMA": mma, "A": a, "B": b, "LW": lw, "LX": lx, "LS": ls, "STAGES": cfg.stages,
             "L2PRE": l2pre, "TMA": cfg.tma,
             "LW2D": word_tile_2d(cfg.warps, cfg.row_tiles, vec) if cfg.tma else None,
-            "CHAINS": cfg.chains, "LWH": lwh, "LXH": lxh, "LSH": lsh, **xs}
+            "CHAINS": cfg.chains, "LWH": lwh, "LXH": lxh, "LSH": lsh, **xs,
+            **({"KW": cfg.kw, "WN": cfg.warps, "LOUT": out_layout(cfg, np_)} if cfg.kw > 1
+               else {})}
+
+
+KW_CHOICES = (1, 2, 4, 8)
+
+
+def kw_fits(cfg: MmaConfig, k: int, group: int, fmt: str = "int4") -> bool:
+    """Whether the kernel runs `cfg`'s MmaConfig.kw on K = k: kw in KW_CHOICES; past 1,
+    the register form only, and K parts of whole steps that start on a scale group."""
+    if cfg.kw == 1:
+        return True
+    k_slice, bk = k // cfg.split, step_depth(fmt, group)
+    return (cfg.kw in KW_CHOICES and not (cfg.stages or cfg.tma or cfg.l2 or cfg.x_smem)
+            and cfg.chains == 1 and k % cfg.split == 0 and k_slice % (cfg.kw * bk) == 0
+            and (k_slice // cfg.kw) % group == 0)
+
+
+def _check_kw(cfg: MmaConfig, k: int, group: int, fmt: str) -> None:
+    if not kw_fits(cfg, k, group, fmt):
+        raise ValueError(f"int4_mma: MmaConfig.kw={cfg.kw} is one of {KW_CHOICES}; past 1 it "
+                         f"runs the register form only (no stages, tma, l2, x_smem or second "
+                         f"chain) and cuts the K slice ({k} / split {cfg.split}) into parts of "
+                         f"whole {step_depth(fmt, group)}-deep steps starting on a group of "
+                         f"{group}")
+
+
+def out_layout(cfg: MmaConfig, np_: int):
+    """MmaConfig.kw's layout of the summed [BN, NP] output: lanes down the rows (y's
+    contiguous dimension), warps across the columns."""
+    tr = min(32, cfg.block_n)
+    return gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[tr, 32 // tr],
+                            warps_per_cta=[1, cfg.num_warps], order=[0, 1])
 
 
 def chains_fit(fmt: str, group: int, chains: int = 2) -> bool:

@@ -298,7 +298,7 @@ REGFED_MAXNREG = (96, 80, 64)  # 5, 6, 8 programs of 128 threads per SM
 def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
              fmt: str = "int4", stages_only: bool = False, l2_only: bool = False,
              tma_only: bool = False, chains_only: bool = False,
-             xsmem_only: bool = False) -> list:
+             xsmem_only: bool = False, kw_only: bool = False) -> list:
     """The int4_mma configs --gemv-mma times at one shape and M: the pick first, then (sweep)
     every (warps, row tiles, prefetch depth) of MMA_SWEEP at every split the K steps allow,
     or a few neighbours of the pick (stages_only: the ring forms; l2_only: the pick with and
@@ -308,7 +308,9 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     two MMA chains per step (MmaConfig.chains, INT4), plain and PDL, also with 2 row tiles;
     xsmem_only: the pick with x in registers and staged in shared memory (MmaConfig.x_smem),
     plain and PDL, also at the other row tiling and with two chains where the format has
-    them)."""
+    them; kw_only: the pick, then warps along K (MmaConfig.kw 2, 4, 8) in place of the
+    pick's split (the same warps per tile and K slice, no global fix-up) and on top of it
+    (kw times the warps), plain and PDL)."""
     from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
     pick = pick_config(m, k, n, group, sms, fmt)
@@ -320,6 +322,17 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
                  dataclasses.replace(base, pdl=True, l2=True)]
                 + [dataclasses.replace(base, split=s_, l2=True, pdl=True)
                    for s_ in (base.split // 2, base.split * 2) if s_ in splits])
+    if kw_only:
+        from orbit.kernels.int4_mma import kw_fits
+
+        out = [pick, dataclasses.replace(pick, pdl=True)]
+        for kw in (2, 4, 8):
+            for sp in sorted({max(1, pick.split // kw), pick.split}):
+                c = dataclasses.replace(pick, warps=max(1, pick.warps // kw), kw=kw, split=sp,
+                                        stages=0, l2=False, tma=0, chains=1, x_smem=False)
+                if kw_fits(c, k, group, fmt):
+                    out += [c, dataclasses.replace(c, pdl=True)]
+        return out
     if xsmem_only:
         from orbit.kernels.int4_mma import chains_fit, x_smem_fits
 
@@ -451,7 +464,8 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 paths: tuple[str, ...] = ("*",), mma: bool = False,
                 mma_sweep: bool = False, mma_stages: bool = False,
                 mma_l2: bool = False, mma_tma: bool = False,
-                mma_chains: bool = False, mma_xsmem: bool = False) -> list[dict]:
+                mma_chains: bool = False, mma_xsmem: bool = False,
+                mma_kw: bool = False) -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run; only the
     paths whose names match one of the `paths` patterns (fnmatch: "gemv", "gemv-pdl*") are
     timed (cuBLAS always is: it is every row's baseline)."""
@@ -534,7 +548,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                     if mma_operands_ok(x, qw0):
                         plan += [("int4-mma-pdl" if c.pdl else "int4-mma", c) for c in mma_alts(
                             m, n, k, weight_operands(qw0)[2], num_sms(x.device), mma_sweep,
-                            fmt, mma_stages, mma_l2, mma_tma, mma_chains, mma_xsmem)]
+                            fmt, mma_stages, mma_l2, mma_tma, mma_chains, mma_xsmem, mma_kw)]
                 if alts and fmt in ("int4", "nvfp4", "mxfp4"):
                     plan += [("gemv-alt", GemvConfig(bn, bk, sp or auto.split, w, st, planes=pl,
                                                      e2m1=_alt_e2m1(eb, auto.e2m1),
@@ -716,6 +730,10 @@ def main() -> None:
     ap.add_argument("--gemv-mma-chains", action="store_true",
                     help="with --gemv-mma: only the pick with 1 and 2 MMA chains per step "
                          "(MmaConfig.chains, INT4 and NVFP4), 1 and 2 row tiles, plain and PDL")
+    ap.add_argument("--gemv-mma-kw", action="store_true",
+                    help="with --gemv-mma: only the pick and its warps-along-K forms "
+                         "(MmaConfig.kw 2, 4, 8 in place of and on top of its split), plain "
+                         "and PDL")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")
@@ -764,7 +782,7 @@ def main() -> None:
                                   tuple(args.gemv_paths.split(",")), args.gemv_mma,
                                   args.gemv_mma_sweep, args.gemv_mma_stages,
                                   args.gemv_mma_l2, args.gemv_mma_tma,
-                                  args.gemv_mma_chains, args.gemv_mma_xsmem)
+                                  args.gemv_mma_chains, args.gemv_mma_xsmem, args.gemv_mma_kw)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qmm.json").write_text(json.dumps(res, indent=1))
         print(f"\n{res['device']}  copy {ceil['copy_GBps']:.0f} GB/s")

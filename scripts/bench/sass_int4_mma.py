@@ -36,7 +36,7 @@ TYPES = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*bf16", "gs_ptr": "*fp32",
          "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
 SCALE_TYPES = {"nvfp4": "*fp8e4nv", "fp8": "*fp32"}
 # the runtime integers a real launch passes as multiples of 16 (so the JIT specializes them)
-DIVISIBLE = {"N", "K", "stride_xm", "stride_q", "stride_s", "stride_ym", "K_SLICE_W"}
+DIVISIBLE = {"N", "K", "stride_xm", "stride_q", "stride_s", "stride_ym", "K_RUN_W"}
 
 
 def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
@@ -50,7 +50,7 @@ def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
     w_desc = (f"tensordesc<i32[{cfg.block_n}, {4 * vec}],{TMA_SMEM!r}>" if cfg.tma
               else "*i32")
     types = dict(TYPES, s_ptr=SCALE_TYPES.get(fmt, "*bf16"), w_desc=w_desc)
-    return compile_sm90(_int4_mma_kernel, consts, types, cfg.warps, 1, DIVISIBLE)
+    return compile_sm90(_int4_mma_kernel, consts, types, cfg.num_warps, 1, DIVISIBLE)
 
 
 def resources(cubin: bytes) -> str:
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chains", type=int, choices=(1, 2), help="MMA chains per step (INT4)")
     ap.add_argument("--x-smem", type=int, choices=(0, 1),
                     help="stage the program's x slice in shared memory (MmaConfig.x_smem)")
+    ap.add_argument("--kw", type=int, help="warps along K in a program (MmaConfig.kw)")
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args(argv)
     k_in, n_out = (int(v) for v in args.shape.split("x"))
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         ("split", args.split),
                                                         ("stages", args.stages), ("tma", args.tma),
                                                         ("chains", args.chains),
+                                                        ("kw", args.kw),
                                                         ("x_smem", None if args.x_smem is None
                                                          else bool(args.x_smem)),
                                                         ("pdl", None if args.pdl is None

@@ -439,3 +439,43 @@ def test_x_staged_in_shared_memory_gives_the_register_forms_bits(fmt: str, group
     assert compared, "no form's slice fits: the test compared nothing"
     if x_smem_fits(m, k // pick.split):
         _check(m, k, n, group, dataclasses.replace(pick, x_smem=True), seed=5, fmt=fmt)
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 64), ("nvfp4", 16), ("fp8", 128)])
+@pytest.mark.parametrize("m", [1, 4, 9, 16])
+@pytest.mark.parametrize("k,n", [(4096, 12288), (6144, 2048), (2048, 200)])
+def test_warps_along_k(fmt: str, group: int, m: int, k: int, n: int) -> None:
+    """MmaConfig.kw (each warp of a program runs the K loop over its own part of the slice,
+    the parts summed in shared memory) against the fp64 reference: 2, 4 and 8 parts, in
+    place of the pick's split and on top of it, 1 and 2 row tiles, both prefetch depths,
+    x prefetch, PDL; a partial row tile (N = 200). A warp that read another part's x or
+    scales would be off by far more than the tolerance."""
+    import dataclasses
+
+    from orbit.kernels.int4_mma import kw_fits, pick_config
+
+    pick = pick_config(m, k, n, group, 132, fmt)
+    forms = []
+    for kw in (2, 4, 8):
+        base = dataclasses.replace(pick, warps=max(1, pick.warps // kw), kw=kw)
+        forms += [dataclasses.replace(base, split=max(1, pick.split // kw)),
+                  dataclasses.replace(base, split=pick.split, row_tiles=3 - pick.row_tiles,
+                                      prefetch=2),
+                  dataclasses.replace(base, split=1, prefetch=0, x_prefetch=True, pdl=True)]
+    checked = 0
+    for i, cfg in enumerate(forms):
+        if kw_fits(cfg, k, group, fmt):
+            _check(m, k, n, group, cfg, seed=m + 3 * i, fmt=fmt)
+            checked += 1
+    assert checked >= 3, f"only {checked} kw forms fit: the test checked too little"
+
+
+def test_warps_along_k_refuses_what_it_does_not_run() -> None:
+    from orbit.kernels.int4_mma import MmaConfig
+
+    qw = random_qweight("int4", 256, 2048, seed=2, device="cuda", group_size=128)
+    x = torch.randn(2, 2048, device="cuda").bfloat16()
+    for bad in (MmaConfig(warps=1, kw=3), MmaConfig(warps=1, kw=4, tma=2),
+                MmaConfig(warps=1, kw=8, split=4)):  # (8 parts of a 512-deep slice: 64 deep)
+        with pytest.raises(ValueError, match="kw"):
+            _run(x, qw, bad)

@@ -510,3 +510,52 @@ def test_launch_passes_the_constants_the_offline_compile_uses(monkeypatch, cfg) 
     assert kw == want
     assert seen["grid"] == (-(-256 // cfg.block_n), cfg.split)
     assert seen["args"][-1] is qw.tensors["qweight"]  # w_desc: the words again without TMA
+
+
+@pytest.mark.parametrize("fmt,group,m", [("int4", 128, 4), ("int4", 128, 16), ("int4", 64, 4),
+                                         ("nvfp4", 16, 4), ("fp8", 128, 4)])
+def test_sm90_compile_warps_along_k_keep_the_register_forms_loop(fmt: str, group: int,
+                                                                m: int) -> None:
+    """MmaConfig.kw = 4 in place of the pick's split (warps = 1): each warp's K loop is the
+    register form's, instruction for instruction where it counts: the same HMMA, decode and
+    load counts, the x and word loads still 16-byte vectors (the warp's K part is added to x's
+    pointers as a per-thread scalar, which keeps their contiguity), no shared memory or
+    barrier in the loop, no spills; the parts meet once, in shared memory, after the loop."""
+    pick = pick_config(m, 4096, 12288, group, 132, fmt)
+    assert pick.split % 4 == 0
+    tool, _, kernel, sass, plain, ops, plain_ops = _against_pick(
+        fmt, group, m, warps=1, kw=4, split=pick.split // 4)
+    for op in ("HMMA", "HFMA2", "HMUL2", "LDG"):
+        assert ops[op] == plain_ops[op], op
+    assert ops["PRMT"] <= plain_ops["PRMT"] + 1
+    assert not ops["BAR"] and not ops["LDS"] and not ops["STS"]
+    assert sass.count("LDG.E.128") == plain.count("LDG.E.128")
+    assert "S2R" in sass and "SR_TID.X" in sass  # (the warp's K part)
+    assert sass.count("BAR.SYNC") >= 1 and "STS" in sass  # (the parts' sum)
+    assert kernel.metadata.num_warps == 4
+    assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
+
+
+def test_pick_runs_warps_along_k_only_where_asked_and_it_fits(monkeypatch) -> None:
+    import orbit.kernels.int4_mma as mod
+    from orbit.kernels.int4_mma import kw_fits
+
+    assert pick_config(4, 4096, 12288, 128, 132).kw == 1  # (off until measured)
+    off = pick_config(4, 2048, 200, 128, 132)
+    monkeypatch.setattr(mod, "WARP_K", 4)
+    cfg = pick_config(4, 4096, 12288, 128, 132)
+    assert (cfg.kw, cfg.warps, cfg.split, cfg.num_warps) == (4, 1, 1, 4)
+    # the same 4 warps per tile and K slice as the split it replaces
+    assert cfg.block_n * 4 == MmaConfig().block_n
+    cfg16 = pick_config(16, 6144, 2048, 128, 132)
+    assert (cfg16.kw, cfg16.split * cfg16.kw) == (4, 8)
+    small = pick_config(4, 2048, 200, 128, 132)  # (the split's parts, wherever it is)
+    assert small.kw * small.split == off.split and small.kw == min(4, off.split)
+    monkeypatch.setattr(mod, "WARP_K", 1)
+    assert not kw_fits(MmaConfig(warps=1, kw=3), 4096, 128)
+    assert not kw_fits(MmaConfig(warps=1, kw=4, tma=2), 4096, 128)
+    assert not kw_fits(MmaConfig(warps=1, kw=4, x_smem=True), 4096, 128)
+    assert not kw_fits(MmaConfig(warps=1, kw=8, split=8), 4096, 128)  # 64-deep parts
+    assert not kw_fits(MmaConfig(warps=1, kw=4, split=8), 4096, 256)  # parts off a group
+    assert kw_fits(MmaConfig(warps=1, kw=4, split=4), 4096, 128)
+    assert not kw_fits(MmaConfig(warps=1, kw=4, split=16), 4096, 128, "fp8")  # 64-deep parts
