@@ -119,7 +119,7 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 #   the route on deep weights only (MMA_MIN_K_OVER_N), at 4-8 rows: engine +5.5% at batch 4,
 #   +5.9% at 8, -0.2..-0.6% at 2 (session 24, with the kernel's PDL).
 # An entry removed (or the dict emptied) turns the route off for that format.
-MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (2, 8), "nvfp4": (1, 16), "fp8": (4, 8)}
+MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (1, 16), "nvfp4": (1, 16), "fp8": (4, 8)}
 # Formats whose mma route also needs a deep weight: K >= this multiple of N. FP8's form wins
 # only there (6144x2048, Qwen3's down_proj: 11.3 us at M = 4 against the tl.dot loop's 16.4
 # and cuBLAS BF16's 15.4; loses on every wider shape), so FP8's MMA_ROWS entry routes only

@@ -122,7 +122,7 @@ X_SMEM_MAX_BYTES = 32 * 1024
 # K inside one program (summed in shared memory) instead of as programs (summed by the global
 # fix-up); 4 warps in all per program either way, so the same warps per tile and K slice.
 # 1 (off) until measured (`bench_qmm.py --gemv --gemv-mma --gemv-mma-kw`).
-WARP_K = 1
+WARP_K = 8
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,8 @@ def step_depth(fmt: str, group: int) -> int:
     return 4 * k_per_word(fmt) * _vec(group, fmt)
 
 
-def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4") -> MmaConfig:
+def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4",
+                warp_k: int | None = None) -> MmaConfig:
     """The config of an M-row forward, from the H100 sweeps of session 21 (docs/kernels.md;
     `bench_qmm.py --gemv --gemv-mma --gemv-mma-sweep`) on four Qwen3 shapes: one step of
     words and scales loaded ahead (two were within noise, and cost registers); from 9 rows
@@ -229,7 +230,10 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
     by each warp's load-to-MMA latency chain (Nsight: long-scoreboard stalls), so more,
     shorter chains help until the fix-up and the per-program set-up cost more. NVFP4 takes
     the INT4 rule: its own sweep (session 22) put it within 0-7% of the best config on every
-    shape."""
+    shape. Then (session 30) up to `warp_k` (default WARP_K) of the split's K parts run as
+    warps along K inside one program (MmaConfig.kw) instead of as programs: the same warps
+    per tile and K part, no global fix-up; warp_k = 1 gives the split-K pick."""
+
     rt = 2 if m > 8 else 1
     cfg = MmaConfig(warps=4, row_tiles=rt, prefetch=1, x_prefetch=m > 8)
     tiles = -(-n // cfg.block_n)
@@ -243,7 +247,7 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4")
     cfg = dataclasses.replace(cfg, split=split, stages=min(RING_STAGES, steps // split),
                               l2=L2_SLICE, tma=min(TMA_STAGES, steps // split), chains=chains,
                               x_smem=m >= X_SMEM_MIN_M and x_smem_fits(m, k // split))
-    kw = min(WARP_K, split)
+    kw = min(WARP_K if warp_k is None else warp_k, split)
     if kw > 1:  # the split's K parts as warps along K (WARP_K: the register form only)
         by_warps = dataclasses.replace(cfg, warps=max(1, cfg.warps // kw), kw=kw,
                                        split=split // kw, stages=0, l2=False, tma=0, chains=1,

@@ -313,7 +313,10 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     (kw times the warps), plain and PDL)."""
     from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
-    pick = pick_config(m, k, n, group, sms, fmt)
+    # (the forms below are built on the split-K pick; kw_only and the default list also time
+    # the shipped pick, warps along K, first)
+    pick = pick_config(m, k, n, group, sms, fmt, warp_k=1)
+    shipped = pick_config(m, k, n, group, sms, fmt)
     steps = k // step_depth(fmt, group)
     splits = [s_ for s_ in (1, 2, 4, 8, 16) if steps % s_ == 0 and steps // s_ >= 2]
     if l2_only:
@@ -325,7 +328,8 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     if kw_only:
         from orbit.kernels.int4_mma import kw_fits
 
-        out = [pick, dataclasses.replace(pick, pdl=True)]
+        out = [shipped, dataclasses.replace(shipped, pdl=True)] if shipped != pick else []
+        out += [pick, dataclasses.replace(pick, pdl=True)]
         for kw in (2, 4, 8):
             for sp in sorted({max(1, pick.split // kw), pick.split}):
                 c = dataclasses.replace(pick, warps=max(1, pick.warps // kw), kw=kw, split=sp,
@@ -367,7 +371,7 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     if sweep:
         return [pick] + [MmaConfig(w, rt, s_, d, xp) for w, rt, d, xp in MMA_SWEEP
                          for s_ in splits if MmaConfig(w, rt, s_, d, xp) != pick]
-    out = [pick]
+    out = [pick] + ([shipped] if shipped != pick else [])
     if not stages_only:
         out += [dataclasses.replace(pick, prefetch=2 if pick.prefetch < 2 else 1),
                 dataclasses.replace(pick, x_prefetch=not pick.x_prefetch),

@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     k_in, n_out = (int(v) for v in args.shape.split("x"))
     group = args.group or (16 if args.fmt == "nvfp4" else 128)
-    cfg = pick_config(args.m, k_in, n_out, group, 132, args.fmt)
+    # (the split-K pick under any other form's flag: those forms exclude warps along K)
+    forms = (args.stages, args.tma, args.chains, args.x_smem, args.split, args.warps)
+    cfg = pick_config(args.m, k_in, n_out, group, 132, args.fmt,
+                      warp_k=1 if any(v is not None for v in forms) else None)
     cfg = dataclasses.replace(cfg, **{f: v for f, v in (("warps", args.warps),
                                                         ("row_tiles", args.row_tiles),
                                                         ("prefetch", args.prefetch),

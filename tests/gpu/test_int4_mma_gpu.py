@@ -26,6 +26,16 @@ pytestmark = [
 TOL = 1e-2
 
 
+@pytest.fixture
+def split_pick(monkeypatch):
+    """pick_config's split-K pick (int4_mma.WARP_K = 1) for the tests that build another form
+    on it (PDL chains, L2 prefetch, rings, chains, staged x, warps along K from its split);
+    the default-config tests run the shipped pick."""
+    from orbit.kernels import int4_mma
+
+    monkeypatch.setattr(int4_mma, "WARP_K", 1)
+
+
 def _run(x, qw, cfg=None, out=None):
     from orbit.kernels.int4_mma import int4_mma_weight
 
@@ -215,7 +225,8 @@ def test_qmm_routes_rows_to_the_mma_kernel(monkeypatch, fmt: str) -> None:
                                                                      x.device)
     x4 = torch.randn(4, k, device="cuda").bfloat16()
     if fmt == "int4":
-        assert dispatch.swiglu_foldable(x4[:1], qw)  # batch 1: the plane GEMV, its epilogues
+        # batch 1: the plane GEMV with its epilogues, unless the mma route starts at 1 row
+        assert dispatch.swiglu_foldable(x4[:1], qw) == (lo > 1)
         asym = random_qweight("int4", n, k, group_size=128, asym=True, seed=4, device="cuda")
         assert not dispatch.mma_operands_ok(x4, asym)
     monkeypatch.delitem(_qgemm.MMA_ROWS, fmt)
@@ -247,6 +258,7 @@ def test_lora_and_epilogues_still_run_where_asked_at_mma_rows() -> None:
     assert ((y.double() - ref).norm() / ref.norm()).item() < TOL
 
 
+@pytest.mark.usefixtures("split_pick")
 @pytest.mark.parametrize("fmt,m,split,release", [
     ("int4", 4, 4, False), ("int4", 8, 1, False), ("nvfp4", 1, 4, False),
     ("nvfp4", 16, 2, True), ("fp8", 4, 4, True)])
@@ -310,6 +322,7 @@ def test_engine_scope_launches_int4_mma_with_pdl(monkeypatch: pytest.MonkeyPatch
     assert torch.equal(y, plain)
 
 
+@pytest.mark.usefixtures("split_pick")
 @pytest.mark.parametrize("fmt,m", [("int4", 1), ("int4", 4), ("int4", 16), ("nvfp4", 4),
                                    ("fp8", 4)])
 @pytest.mark.parametrize("k,n", [(4096, 12288), (2048, 200)])
@@ -328,6 +341,7 @@ def test_l2_slice_prefetch_gives_the_same_bits(fmt: str, m: int, k: int, n: int)
         assert torch.equal(_run(x, qw, dataclasses.replace(cfg, l2=True)), ref), cfg
 
 
+@pytest.mark.usefixtures("split_pick")
 @pytest.mark.parametrize("fmt,group,m", [("int4", 128, 1), ("int4", 128, 4), ("int4", 128, 16),
                                          ("int4", 64, 3), ("nvfp4", 16, 4), ("nvfp4", 16, 9),
                                          ("fp8", 128, 4)])
@@ -376,6 +390,7 @@ def test_tma_ring_refuses_misaligned_words_and_two_rings() -> None:
         int4_mma(x, wide[:, : 2048 // 8], s, 128, MmaConfig(tma=2))
 
 
+@pytest.mark.usefixtures("split_pick")
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 @pytest.mark.parametrize("m", [1, 4, 9, 16])
 @pytest.mark.parametrize("k,n", [(4096, 12288), (6144, 2048), (2048, 200)])
@@ -406,6 +421,7 @@ def test_two_mma_chains_per_step(fmt: str, m: int, k: int, n: int) -> None:
         int4_mma(x, q64.tensors["qweight"], q64.tensors["scale"], 64, MmaConfig(chains=2))
 
 
+@pytest.mark.usefixtures("split_pick")
 @pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 64), ("nvfp4", 16), ("fp8", 128)])
 @pytest.mark.parametrize("m", [3, 16])
 @pytest.mark.parametrize("k,n", [(4096, 12288), (2048, 200)])
@@ -441,6 +457,7 @@ def test_x_staged_in_shared_memory_gives_the_register_forms_bits(fmt: str, group
         _check(m, k, n, group, dataclasses.replace(pick, x_smem=True), seed=5, fmt=fmt)
 
 
+@pytest.mark.usefixtures("split_pick")
 @pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 64), ("nvfp4", 16), ("fp8", 128)])
 @pytest.mark.parametrize("m", [1, 4, 9, 16])
 @pytest.mark.parametrize("k,n", [(4096, 12288), (6144, 2048), (2048, 200)])

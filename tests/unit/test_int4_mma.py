@@ -10,7 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from orbit.kernels import int4_mma
 from orbit.kernels.int4_mma import MmaConfig, pick_config, supports
+
+SHIPPED_WARP_K = int4_mma.WARP_K
+
+
+@pytest.fixture(autouse=True)
+def _split_k_pick(monkeypatch):
+    """Most tests here build their form (ring, TMA, L2 prefetch, chains, staged x) on the
+    split-K pick, which MmaConfig.kw excludes: they get the pick with WARP_K = 1. The tests
+    of the shipped rule set WARP_K back to SHIPPED_WARP_K."""
+    monkeypatch.setattr(int4_mma, "WARP_K", 1)
 
 # (in, out, M) -> the best split of the session-21 H100 sweeps (docs/benchmarks.md) with
 # the row tiling the rule uses (1 up to 8 rows, 2 from 9): the rule must pick it
@@ -21,11 +32,15 @@ SWEEP_BEST = {(4096, 12288, 4): (1, 4), (4096, 12288, 16): (2, 4),
 
 
 @pytest.mark.parametrize("key", sorted(SWEEP_BEST))
-def test_pick_reproduces_the_sweep(key: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize("warp_k", [1, SHIPPED_WARP_K])
+def test_pick_reproduces_the_sweep(monkeypatch, key: tuple[int, int, int], warp_k: int) -> None:
+    monkeypatch.setattr(int4_mma, "WARP_K", warp_k)
     k, n, m = key
     cfg = pick_config(m, k, n, 128, 132)
-    assert (cfg.row_tiles, cfg.split) == SWEEP_BEST[key]
-    assert cfg.warps == 4 and cfg.prefetch == 1 and cfg.x_prefetch == (m > 8)
+    # (the sweep's split: K parts, as programs or, int4_mma.WARP_K, as warps along K)
+    assert (cfg.row_tiles, cfg.split * cfg.kw) == SWEEP_BEST[key]
+    assert cfg.warps * cfg.kw == max(4, cfg.kw) and cfg.prefetch == 1
+    assert cfg.x_prefetch == (m > 8)
 
 
 def test_pick_ring_depth_is_clamped_to_the_slice(monkeypatch) -> None:
@@ -351,8 +366,8 @@ def test_route_sends_fitting_rows_to_mma(monkeypatch) -> None:
         assert _qgemm.route(lo, n, k, fmt, False, cuda, transpose=True,
                             mma_ok=True).kind != "mma"
         assert not _qgemm._mma_by_rule(lo, n, k, fmt, torch.device("cpu"))
-    # the measured ranges: INT4 keeps the plane GEMV at batch 1 and the fused tiles past 8
-    assert _qgemm.MMA_ROWS["int4"] == (2, 8) and _qgemm.MMA_ROWS["nvfp4"] == (1, 16)
+    # the measured ranges (since warps along K, session 30: INT4 from batch 1 too)
+    assert _qgemm.MMA_ROWS["int4"] == (1, 16) and _qgemm.MMA_ROWS["nvfp4"] == (1, 16)
     assert _qgemm.MMA_ROWS["fp8"] == (4, 8)  # with the deep-K rule (below)
     assert not _qgemm._mma_by_rule(4, 6144, 2048, "fp8", cuda)  # 2048x6144: not deep
     monkeypatch.setitem(_qgemm.MMA_ROWS, "nvfp4", (1, 0))  # an emptied range: off
@@ -540,7 +555,7 @@ def test_pick_runs_warps_along_k_only_where_asked_and_it_fits(monkeypatch) -> No
     import orbit.kernels.int4_mma as mod
     from orbit.kernels.int4_mma import kw_fits
 
-    assert pick_config(4, 4096, 12288, 128, 132).kw == 1  # (off until measured)
+    assert SHIPPED_WARP_K == 8  # (measured: docs/kernels.md "Warps along K")
     off = pick_config(4, 2048, 200, 128, 132)
     monkeypatch.setattr(mod, "WARP_K", 4)
     cfg = pick_config(4, 4096, 12288, 128, 132)
