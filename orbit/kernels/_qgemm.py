@@ -105,11 +105,13 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 # asked with mma_ok, which dispatch does for SwiGLU and the norm folds (the engine then runs
 # them as separate launches) and, per MMA_WITH_LORA_MIN_M, for a LoRA delta. H100 measurements
 # (docs/benchmarks.md, sessions 21-22):
-# - INT4, 2-8 rows: 4096x12288 M = 4 16.8-17.7 us against 32.4 for the tl.dot loop and 41.7
-#   for cuBLAS BF16. M = 1 stays with the plane GEMV (15.5 vs 16.5 us). Engine (Qwen3-1.7B
-#   INT4 decode tok/s, mma to 16 rows vs off): batch 4 2631 vs 2179, batch 8 3862 vs 3350,
-#   batch 16 6165 vs 6493 (the kernel loses to cuBLAS on the narrow shapes at 16 rows:
-#   2048x2048 8.3 vs 6.9 us), so 8 rows at most.
+# - INT4, 2-8 rows (session 21): 4096x12288 M = 4 16.8-17.7 us against 32.4 for the tl.dot
+#   loop and 41.7 for cuBLAS BF16; 9-16 rows and batch 1 lost then. Since warps along K
+#   (int4_mma.WARP_K, session 30) INT4 takes 1-16 rows: engine batch 1 787.8 -> 869.8, batch
+#   12 5152 -> 6266, batch 16 6437 -> 7977 tok/s (LoRA r16 batch 16 4017 -> 5756). At batch 1
+#   the fold of the add + norm into the plane GEMV goes with it; keeping the wide q/k/v and
+#   gate/up GEMVs on the plane GEMV (with their fold) and only o_proj / down on the mma
+#   kernel measured 713.5 tok/s against 869.2 (docs/kernels.md "Warps along K").
 # - NVFP4, 1-16 rows: it beats both kernels NVFP4 ran before on every Qwen3 shape and row
 #   count (4096x12288: M = 1 18.0 us vs the plane GEMV's 21.0; M = 4 18.6 and M = 16 22.2 vs
 #   the register-fed tile's 43.4 and 63.0; cuBLAS BF16 41.7).

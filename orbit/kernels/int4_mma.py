@@ -118,10 +118,15 @@ X_SMEM_MIN_M = MAX_M + 1
 # The most shared memory one program's staged x slice may take (NP rows x K slice x 2 bytes):
 # 32 KB is M = 16 at a 1024-deep slice; 3 such programs per SM still fit H100's 228 KB.
 X_SMEM_MAX_BYTES = 32 * 1024
-# pick_config's MmaConfig.kw: the K parts of a 4-warp program's split that run as warps along
-# K inside one program (summed in shared memory) instead of as programs (summed by the global
-# fix-up); 4 warps in all per program either way, so the same warps per tile and K slice.
-# 1 (off) until measured (`bench_qmm.py --gemv --gemv-mma --gemv-mma-kw`).
+# pick_config's MmaConfig.kw: up to this many of the split rule's K parts run as warps along K
+# inside one program (summed in shared memory) instead of as programs (summed by the global
+# fix-up); a 4-warp program's parts then need no more warps per tile and K part (8 parts: one
+# 8-warp program). 8: H100, session 30 (docs/kernels.md "Warps along K"; `bench_engine.py
+# --knob orbit.kernels.int4_mma.WARP_K=1,4,2` then `=4,8` then `=8,16`): Qwen3-1.7B decode
+# INT4 batch 2 / 4 / 8 +8% / +8% / +11% over 1, NVFP4 batch 1 / 4 / 8 / 16 +8% / +6% / +8% /
+# +17%; 16 the same as 8. Isolated (`bench_qmm.py --gemv --gemv-mma --gemv-mma-kw`): INT4
+# 4096x12288 M = 16 17.4 us with PDL against the split pick's 19.4, 6144x2048 M = 4 7.1
+# against 8.1.
 WARP_K = 8
 
 
