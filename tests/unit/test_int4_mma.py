@@ -495,8 +495,24 @@ def test_x_smem_refuses_a_slice_past_its_budget() -> None:
                  MmaConfig(row_tiles=2, split=1, x_smem=True))
 
 
+@pytest.mark.parametrize("bad", [MmaConfig(warps=1, kw=3), MmaConfig(warps=1, kw=4, tma=2),
+                                 MmaConfig(warps=1, kw=8, split=8)])
+def test_warps_along_k_refuses_what_the_kernel_does_not_run(bad: MmaConfig) -> None:
+    """The launch names the problem before it allocates or launches anything: a kw outside
+    KW_CHOICES, kw with another form, parts shallower than a step (4096 / 8 / 8 = 64)."""
+    pytest.importorskip("triton.experimental.gluon")
+    from orbit.kernels.int4_mma import int4_mma
+    from orbit.kernels.random_weights import random_qweight
+
+    qw = random_qweight("int4", 256, 4096, group_size=128)
+    x = torch.randn(4, 4096).bfloat16()
+    with pytest.raises(ValueError, match="kw="):
+        int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128, bad)
+
+
 @pytest.mark.parametrize("cfg", [MmaConfig(), MmaConfig(row_tiles=2, chains=2, x_prefetch=True),
-                                 MmaConfig(split=2, x_smem=True)])
+                                 MmaConfig(split=2, x_smem=True),
+                                 MmaConfig(warps=1, kw=4, row_tiles=2)])
 def test_launch_passes_the_constants_the_offline_compile_uses(monkeypatch, cfg) -> None:
     """`int4_mma` hands the kernel `kernel_constants` (what sass_int4_mma.compile_mma compiles)
     plus PDL: the host side up to the launch, run on CPU with the kernel replaced by a
@@ -521,8 +537,9 @@ def test_launch_passes_the_constants_the_offline_compile_uses(monkeypatch, cfg) 
     want = mod.kernel_constants(cfg, m, 128, "int4", 256 % cfg.block_n == 0, 0,
                                 512 // cfg.split // 128)
     kw = dict(seen["kw"])
-    assert kw.pop("num_warps") == cfg.warps and kw.pop("PDL") is False
+    assert kw.pop("num_warps") == cfg.num_warps and kw.pop("PDL") is False
     assert kw == want
+    assert seen["args"][-3] == 512 // cfg.split // cfg.kw // 8  # K_RUN_W: a warp's part, words
     assert seen["grid"] == (-(-256 // cfg.block_n), cfg.split)
     assert seen["args"][-1] is qw.tensors["qweight"]  # w_desc: the words again without TMA
 
