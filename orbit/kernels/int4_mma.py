@@ -1,5 +1,5 @@
 """INT4 decode GEMM on the tensor cores with register-resident weights (Gluon): `y[M, N] =
-x[M, K] @ W^T` for symmetric INT4 codes with bf16 group scales and bf16 x, 1 <= M <= 16.
+x[M, K] @ W^T` for symmetric INT4 codes with bf16 group scales and bf16 x, 1 <= M <= MAX_M.
 
 Why (docs/kernels.md, "INT4 mma.sync with register-fed weights"). The plane GEMV decodes a
 weight in 5.5 SASS instructions at M = 1 and 13-17 at M = 4 (each row of x costs its own FMAs),
@@ -69,7 +69,9 @@ try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kern
 except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton build
     HAS_GLUON = False
 
-MAX_M = 16
+# Rows of x the kernel takes: 8 MMA columns up to 8 rows, 16 up to 16, 32 up to 32. The
+# routes (_qgemm.MMA_ROWS) stop at 16: 17-32 rows compile and are tested, not yet measured.
+MAX_M = 32
 FIXUP_MAX_SPLIT = 16
 # pick_config's shallowest K slice a split may leave (session 21's sweeps). 384 gave 6144x2048
 # at M = 4 8.6 us (split 16) against 9.3 per GEMM, but the engine's INT4 / NVFP4 decode at
@@ -239,8 +241,10 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4",
     warps along K inside one program (MmaConfig.kw) instead of as programs: the same warps
     per tile and K part, no global fix-up; warp_k = 1 gives the split-K pick."""
 
-    rt = 2 if m > 8 else 1
-    cfg = MmaConfig(warps=4, row_tiles=rt, prefetch=1, x_prefetch=m > 8)
+    # (past 16 rows one row tile and no x prefetch: a step's 32-column x tile alone is 64
+    # registers a thread)
+    rt = 2 if 8 < m <= 16 else 1
+    cfg = MmaConfig(warps=4, row_tiles=rt, prefetch=1, x_prefetch=8 < m <= 16)
     tiles = -(-n // cfg.block_n)
     steps = k // step_depth(fmt, group)
     split = 1
@@ -263,8 +267,8 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4",
 
 
 def mma_columns(m: int) -> int:
-    """The kernel's NP: the MMA's x columns for M = m rows (8, or 16 past 8 rows)."""
-    return 8 if m <= 8 else 16
+    """The kernel's NP: the MMA's x columns for M = m rows (8, 16 past 8 rows, 32 past 16)."""
+    return 8 if m <= 8 else 16 if m <= 16 else 32
 
 
 def x_smem_bytes(m: int, k_slice: int) -> int:
@@ -306,7 +310,7 @@ if HAS_GLUON:
         # x tile [NP, 4, KPW VEC]: registers c = p (1, 2), h (4), i (8, ...), then n 8
         creg = [[0, 0, 1 << j] for j in range((kpw * vec).bit_length() - 1)]
         lx = gl.DistributedLinearLayout(
-            reg_bases=creg + ([[8, 0, 0]] if np_ == 16 else []),
+            reg_bases=creg + [[8 << j, 0, 0] for j in range((np_ // 8).bit_length() - 1)],
             lane_bases=lanes,
             warp_bases=[[0, 0, 0] for _ in range(warps.bit_length() - 1)], block_bases=[],
             shape=[np_, 4, kpw * vec])
@@ -885,7 +889,7 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     (fmt "nvfp4") E2M1 codes `qweight` [N, K/2] uint8 with e4m3 `scale` [N, K/16] and the fp32
     `global_scale`; or (fmt "fp8") the e4m3 weight `qweight` [N, K] with its fp32 block
     scales `scale` [N/128, K/128] (DeepSeek-V3's scale_inv, group 128; weight-only).
-    x [M, K] bf16, M <= 16, into `out` [M, N] (x's dtype) when given. Fast mode (fp32 sums in
+    x [M, K] bf16, M <= MAX_M, into `out` [M, N] (x's dtype) when given. Fast mode (fp32 sums in
     a different order from the reference)."""
     from orbit.kernels.gemv import arrival_counters, num_sms
     from orbit.kernels.pdl import pdl_launch

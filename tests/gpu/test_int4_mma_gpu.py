@@ -58,7 +58,7 @@ def _check(m: int, k: int, n: int, group: int, cfg, seed: int, fmt: str = "int4"
     assert torch.equal(again, y), "a second launch differs (fix-up counters not re-armed?)"
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 3, 4, 8, 9, 16, 17, 32])
 @pytest.mark.parametrize("k,n", [(2048, 6144), (6144, 2048), (4096, 12288), (2048, 200)])
 def test_int4_mma_default_config(m: int, k: int, n: int) -> None:
     _check(m, k, n, 128, None, seed=m * 7 + n)
@@ -81,7 +81,7 @@ def test_int4_mma_configs(cfg: dict, m: int) -> None:
     _check(m, 2048, 1000, 128, MmaConfig(**cfg), seed=len(str(cfg)) + m)
 
 
-@pytest.mark.parametrize("m", [1, 4, 9, 16])
+@pytest.mark.parametrize("m", [1, 4, 9, 16, 24])
 @pytest.mark.parametrize("k,n", [(2048, 6144), (6144, 2048), (2048, 200)])
 def test_nvfp4_default_config(m: int, k: int, n: int) -> None:
     """NVFP4 through the same kernel: E2M1 pairs times the e4m3 scale in one packed FMA
@@ -113,7 +113,7 @@ def test_nvfp4_one_hot_rows_read_the_dequantized_weights() -> None:
         assert torch.equal(y, w[:, j0:j0 + 8].T.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 9, 16])
+@pytest.mark.parametrize("m", [1, 3, 4, 9, 16, 32])
 @pytest.mark.parametrize("k,n", [(2048, 6144), (6144, 2048), (320, 200)])
 def test_fp8_default_config(m: int, k: int, n: int) -> None:
     """FP8 (e4m3, 128x128 block scales) through the same kernel: the bytes decoded to bf16 in
@@ -181,8 +181,8 @@ def test_int4_mma_refuses_what_it_does_not_compute() -> None:
     from orbit.kernels.int4_mma import int4_mma, supports
 
     qw = random_qweight("int4", 256, 512, group_size=128, device="cuda")
-    x = torch.randn(17, 512, device="cuda").bfloat16()
-    assert not supports(17, 512, 256, 128, x.dtype, torch.bfloat16, False)
+    x = torch.randn(33, 512, device="cuda").bfloat16()
+    assert not supports(33, 512, 256, 128, x.dtype, torch.bfloat16, False)
     assert not supports(4, 512, 256, 32, x.dtype, torch.bfloat16, False)
     assert not supports(4, 512, 256, 128, torch.float16, torch.bfloat16, False)
     assert not supports(4, 512, 256, 128, x.dtype, torch.bfloat16, True)
