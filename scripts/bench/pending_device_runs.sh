@@ -5,7 +5,8 @@
 # a: (ran in session 29) two MMA chains and staged x: measured, off.
 # b: the whole GPU suite under the session-30 defaults (int4_mma.WARP_K = 8, INT4 on the mma
 #    route from 1 row), in two halves (session 30 ran the int4_mma, route and engine tests
-#    only: 97 passed). Output goes to $OUT so a timeout still leaves the log.
+#    only: 97 passed). Output goes to $OUT so a timeout still leaves the log. Then the
+#    batch-1 roofline section three times (session 30 ran it once, at WARP_K 4).
 # c: warps along K isolated on the other Qwen3 shapes (2048x12288, 2048x2048) and M = 8.
 # f: the kernel at 17-32 rows (MAX_M 32 since session 30: 32 MMA columns, compiled and
 #    tested offline, never run): the GPU tests at those rows, isolated against cuBLAS, and
@@ -22,7 +23,8 @@ set -uo pipefail
 case "${1:-a}" in
 b) bash scripts/gpu_run.sh \
   "cmd:timeout 290 python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider --ignore=tests/gpu/test_int4_mma_gpu.py --ignore=tests/gpu/test_engine_gpu.py -k 'not lora and not chain' > \$OUT/gpu_a.log 2>&1; tail -3 \$OUT/gpu_a.log" \
-  "cmd:timeout 290 python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider --ignore=tests/gpu/test_int4_mma_gpu.py --ignore=tests/gpu/test_engine_gpu.py -k 'lora or chain' > \$OUT/gpu_b.log 2>&1; tail -3 \$OUT/gpu_b.log" ;;
+  "cmd:timeout 290 python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider --ignore=tests/gpu/test_int4_mma_gpu.py --ignore=tests/gpu/test_engine_gpu.py -k 'lora or chain' > \$OUT/gpu_b.log 2>&1; tail -3 \$OUT/gpu_b.log" \
+  "cmd:for i in 1 2 3; do timeout 60 python3 scripts/bench/bench_engine.py --sections roofline --attn-backend triton 2>&1 | grep '^roofline'; done" ;;
 c) bash scripts/gpu_run.sh \
   "cmd:timeout 250 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw --gemv-formats int4,nvfp4 --gemv-shapes 2048x12288,2048x2048 --gemv-m 1,4,8,16 --gemv-paths 'int4-mma*,gemv' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path fmt k n m cfg ms speedup frac_copy_bw" ;;
 d) cp orbit/kernels/tuned/nvidia_h100_80gb_hbm3.json "$OUT/routes.json"
