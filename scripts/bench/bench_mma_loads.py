@@ -215,9 +215,14 @@ def main() -> None:
                for i in range(copies_for(n * k // 2))]
         x = torch.randn(args.m, k, device=dev).bfloat16()
         nbytes = qws[0].nbytes()
-        pick = pick_config(args.m, k, n, 128, num_sms(dev))
+        # (the loads-only kernel walks split programs, so it mirrors the split-K pick; the
+        # shipped pick, warps along K, is timed as int4_mma too)
+        pick = pick_config(args.m, k, n, 128, num_sms(dev), warp_k=1)
+        shipped = pick_config(args.m, k, n, 128, num_sms(dev))
         wbs = [torch.randn(n, k, device=dev).bfloat16() for _ in range(copies_for(2 * n * k))]
         plan = [("cublas-bf16", None, 0), ("int4_mma", pick, 4)]
+        if shipped != pick:
+            plan.append(("int4_mma", shipped, 4))
         for vec in (4,) if args.layouts_only else (4, 8, 16):
             for depth in (1, 2) if args.layouts_only else (0, 1, 2, 3):
                 for split in sorted({max(1, pick.split // 2), pick.split, pick.split * 2}):
