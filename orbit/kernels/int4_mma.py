@@ -257,13 +257,20 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4",
                               l2=L2_SLICE, tma=min(TMA_STAGES, steps // split), chains=chains,
                               x_smem=m >= X_SMEM_MIN_M and x_smem_fits(m, k // split))
     kw = min(WARP_K if warp_k is None else warp_k, split)
-    if kw > 1:  # the split's K parts as warps along K (WARP_K: the register form only)
-        by_warps = dataclasses.replace(cfg, warps=max(1, cfg.warps // kw), kw=kw,
-                                       split=split // kw, stages=0, l2=False, tma=0, chains=1,
-                                       x_smem=False)
+    if kw > 1:  # the split's K parts as warps along K
+        by_warps = warps_along_k(cfg, kw, split // kw)
         if kw_fits(by_warps, k, group, fmt):
             return by_warps
     return cfg
+
+
+def warps_along_k(cfg: MmaConfig, kw: int, split: int) -> MmaConfig:
+    """`cfg` with its K slice cut into `kw` parts run as warps of one program
+    (MmaConfig.kw) and `split` programs per row tile: its warps side by side over N divided
+    among the parts (at least one), the register form (no ring, TMA, L2 prefetch, staged x
+    or second chain). Whether the kernel runs it on a given K: `kw_fits`."""
+    return dataclasses.replace(cfg, warps=max(1, cfg.warps // kw), kw=kw, split=split,
+                               stages=0, l2=False, tma=0, chains=1, x_smem=False)
 
 
 def mma_columns(m: int) -> int:

@@ -326,14 +326,13 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
                 + [dataclasses.replace(base, split=s_, l2=True, pdl=True)
                    for s_ in (base.split // 2, base.split * 2) if s_ in splits])
     if kw_only:
-        from orbit.kernels.int4_mma import kw_fits
+        from orbit.kernels.int4_mma import kw_fits, warps_along_k
 
         out = [shipped, dataclasses.replace(shipped, pdl=True)] if shipped != pick else []
         out += [pick, dataclasses.replace(pick, pdl=True)]
         for kw in (2, 4, 8):
             for sp in sorted({max(1, pick.split // kw), pick.split}):
-                c = dataclasses.replace(pick, warps=max(1, pick.warps // kw), kw=kw, split=sp,
-                                        stages=0, l2=False, tma=0, chains=1, x_smem=False)
+                c = warps_along_k(pick, kw, sp)
                 if kw_fits(c, k, group, fmt):
                     out += [c, dataclasses.replace(c, pdl=True)]
         return out

@@ -469,16 +469,16 @@ def test_warps_along_k(fmt: str, group: int, m: int, k: int, n: int) -> None:
     scales would be off by far more than the tolerance."""
     import dataclasses
 
-    from orbit.kernels.int4_mma import kw_fits, pick_config
+    from orbit.kernels.int4_mma import kw_fits, pick_config, warps_along_k
 
     pick = pick_config(m, k, n, group, 132, fmt)
     forms = []
     for kw in (2, 4, 8):
-        base = dataclasses.replace(pick, warps=max(1, pick.warps // kw), kw=kw)
-        forms += [dataclasses.replace(base, split=max(1, pick.split // kw)),
-                  dataclasses.replace(base, split=pick.split, row_tiles=3 - pick.row_tiles,
-                                      prefetch=2),
-                  dataclasses.replace(base, split=1, prefetch=0, x_prefetch=True, pdl=True)]
+        forms += [warps_along_k(pick, kw, max(1, pick.split // kw)),
+                  dataclasses.replace(warps_along_k(pick, kw, pick.split),
+                                      row_tiles=3 - pick.row_tiles, prefetch=2),
+                  dataclasses.replace(warps_along_k(pick, kw, 1), prefetch=0, x_prefetch=True,
+                                      pdl=True)]
     checked = 0
     for i, cfg in enumerate(forms):
         if kw_fits(cfg, k, group, fmt):
