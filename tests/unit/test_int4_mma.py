@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orbit.kernels import int4_mma
-from orbit.kernels.int4_mma import MmaConfig, pick_config, supports
+from orbit.kernels.int4_mma import MmaConfig, mma_columns, pick_config, supports
 
 SHIPPED_WARP_K = int4_mma.WARP_K
 
@@ -112,7 +112,7 @@ def test_sm90_compile_keeps_weights_in_registers(m: int, group: int) -> None:
     sass = tool.disassemble(kernel.asm["cubin"])
     n, ops, _ = tool.loop_budget(sass, key="HMMA")
     weights = 16 * cfg.row_tiles * 32 * (4 if group == 128 else 2) // 32
-    np_ = 8 if m <= 8 else 16 if m <= 16 else 32
+    np_ = mma_columns(m)
     # one m16n8k16 MMA per 16 x 16 weights and 8 columns of x
     assert ops["HMMA"] == cfg.row_tiles * (32 * (4 if group == 128 else 2) // 16) * (np_ // 8)
     assert ops["LDS"] == 0 and ops["STS"] == 0 and ops["LDSM"] == 0  # no shared memory
@@ -331,7 +331,7 @@ def test_sm90_compile_fp8(m: int) -> None:
     sass = tool.disassemble(kernel.asm["cubin"])
     n, ops, _ = tool.loop_budget(sass, key="HMMA")
     weights = 16 * cfg.row_tiles * 64 // 32  # per thread per 64-deep step
-    np_ = 8 if m <= 8 else 16 if m <= 16 else 32
+    np_ = mma_columns(m)
     assert ops["HMMA"] == cfg.row_tiles * (64 // 16) * (np_ // 8)
     assert ops["HMUL2"] + ops["HFMA2"] == weights // 2
     assert ops["LDS"] == 0 and ops["STS"] == 0 and ops["LDSM"] == 0
