@@ -112,6 +112,10 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 #   the fold of the add + norm into the plane GEMV goes with it; keeping the wide q/k/v and
 #   gate/up GEMVs on the plane GEMV (with their fold) and only o_proj / down on the mma
 #   kernel measured 713.5 tok/s against 869.2 (docs/kernels.md "Warps along K").
+# - INT4, 17-32 rows (32 MMA columns, session 31): engine batch 24 9104 -> 9580, batch 32
+#   11221 -> 12087 tok/s (+5.2%, +7.7%); LoRA r16 batch 24 4825 -> 4937, 32 6351 -> 6378.
+#   Isolated 2048x4096 M = 32: 10.5 us against the tl.dot loop's 11.0. NVFP4 at 17-32 rows
+#   is not measured yet, so its range stays at 16.
 # - NVFP4, 1-16 rows: it beats both kernels NVFP4 ran before on every Qwen3 shape and row
 #   count (4096x12288: M = 1 18.0 us vs the plane GEMV's 21.0; M = 4 18.6 and M = 16 22.2 vs
 #   the register-fed tile's 43.4 and 63.0; cuBLAS BF16 41.7).
@@ -121,7 +125,7 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 #   the route on deep weights only (MMA_MIN_K_OVER_N), at 4-8 rows: engine +5.5% at batch 4,
 #   +5.9% at 8, -0.2..-0.6% at 2 (session 24, with the kernel's PDL).
 # An entry removed (or the dict emptied) turns the route off for that format.
-MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (1, 16), "nvfp4": (1, 16), "fp8": (4, 8)}
+MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (1, 32), "nvfp4": (1, 16), "fp8": (4, 8)}
 # Formats whose mma route also needs a deep weight: K >= this multiple of N. FP8's form wins
 # only there (6144x2048, Qwen3's down_proj: 11.3 us at M = 4 against the tl.dot loop's 16.4
 # and cuBLAS BF16's 15.4; loses on every wider shape), so FP8's MMA_ROWS entry routes only

@@ -69,8 +69,8 @@ try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kern
 except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton build
     HAS_GLUON = False
 
-# Rows of x the kernel takes: 8 MMA columns up to 8 rows, 16 up to 16, 32 up to 32. The
-# routes (_qgemm.MMA_ROWS) stop at 16: 17-32 rows compile and are tested, not yet measured.
+# Rows of x the kernel takes: 8 MMA columns up to 8 rows, 16 up to 16, 32 up to 32. INT4's
+# route (_qgemm.MMA_ROWS) takes all 32 since session 31; NVFP4's stops at 16 (not measured).
 MAX_M = 32
 FIXUP_MAX_SPLIT = 16
 # pick_config's shallowest K slice a split may leave (session 21's sweeps). 384 gave 6144x2048

@@ -130,11 +130,14 @@ def test_in_kernel_shrink_replays_in_a_graph(m: int, ns: list[int],
     for the formats that still run the loop there), captured once and replayed 20 times with
     PDL: every replay gives the eager result (the h counters are re-armed each time). The
     rules' routes: a shipped route table may send these rows elsewhere (the H100's sends 200
-    rows to dequantize + cuBLAS, which computes h in a launch of its own)."""
+    rows to dequantize + cuBLAS, which computes h in a launch of its own), and no mma route
+    (INT4 takes it at 16 rows with a LoRA delta since session 30, the delta then in launches
+    of its own: MMA_WITH_LORA_MIN_M)."""
     from orbit.kernels import _qgemm
     from orbit.kernels.qmm_routes import ROUTES
 
     monkeypatch.setattr(_qgemm, "DEQUANT_MIN_M_BY_FMT", {})
+    monkeypatch.setattr(_qgemm, "MMA_ROWS", {})
     with ROUTES.scoped(None):
         _check_shrink_replays(m, ns)
 

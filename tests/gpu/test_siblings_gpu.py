@@ -101,9 +101,9 @@ def test_fused_qk_rope_cache_write_gives_the_same_bits(fmt: str,
             def available(*a, fused=fused):
                 return fused and rope.qk_norm_rope_kv_available(*a)
 
-            def launch(*a, calls=calls):
+            def launch(*a, calls=calls, **kw):  # (kw: the L2 prefetch table)
                 calls.append(1)
-                return rope.qk_norm_rope_kv(*a)
+                return rope.qk_norm_rope_kv(*a, **kw)
 
             monkeypatch.setattr(tf, "qk_norm_rope_kv_available", available)
             monkeypatch.setattr(tf, "qk_norm_rope_kv", launch)

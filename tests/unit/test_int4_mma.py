@@ -368,8 +368,9 @@ def test_route_sends_fitting_rows_to_mma(monkeypatch) -> None:
         assert _qgemm.route(lo, n, k, fmt, False, cuda, transpose=True,
                             mma_ok=True).kind != "mma"
         assert not _qgemm._mma_by_rule(lo, n, k, fmt, torch.device("cpu"))
-    # the measured ranges (since warps along K, session 30: INT4 from batch 1 too)
-    assert _qgemm.MMA_ROWS["int4"] == (1, 16) and _qgemm.MMA_ROWS["nvfp4"] == (1, 16)
+    # the measured ranges (since warps along K, session 30: INT4 from batch 1 too; session
+    # 31: INT4 to 32 rows)
+    assert _qgemm.MMA_ROWS["int4"] == (1, 32) and _qgemm.MMA_ROWS["nvfp4"] == (1, 16)
     assert _qgemm.MMA_ROWS["fp8"] == (4, 8)  # with the deep-K rule (below)
     assert not _qgemm._mma_by_rule(4, 6144, 2048, "fp8", cuda)  # 2048x6144: not deep
     monkeypatch.setitem(_qgemm.MMA_ROWS, "nvfp4", (1, 0))  # an emptied range: off
