@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The measurements queued for the next device calls (docs/benchmarks.md), in priority order,
 # each call within the device tool's 600 s, from the repository root:
-#     bash scripts/bench/pending_device_runs.sh b1     (then b2, b3, g, e)
+#     bash scripts/gpu_prepare.sh                          (here, once: .whl/ with pytest-xdist)
+#     run(command="bash scripts/bench/pending_device_runs.sh b", carry=[".whl"])
+#     then g, e (b1-b3: the same files in three calls, without xdist)
 # Ran in session 31: f (17-32 rows: INT4 MMA_ROWS (1, 32) shipped), c (warps along K on the
 # other shapes), d (INT4 routes at 24-48 rows: not merged, PLAIN_ROWS stays), a part of b.
+# b: the whole GPU suite in one call, 12 pytest-xdist workers (the compiles are CPU-bound; the
+#    box has 16 cores); the 15 slowest tests are listed at the end of $OUT/gpu.log.
 # b1-b3: the GPU files session 31 did not finish (a test compiles its kernels: ~4-8 s each,
 #    so the whole suite takes more than two calls). Logs go to $OUT, so a timeout still
 #    leaves them; rerun a file that timed out with -k on its last cases.
@@ -11,7 +15,9 @@
 #    with MMA_ROWS nvfp4 (1, 16) vs (1, 32), and the isolated kernel against its routes.
 # e: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
 set -uo pipefail
-case "${1:-b1}" in
+case "${1:-b}" in
+b) bash scripts/gpu_run.sh \
+  "cmd:timeout 560 python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider -n 12 --durations=15 > \$OUT/gpu.log 2>&1; grep -E '^(FAILED|ERROR)|passed|failed' \$OUT/gpu.log | tail -25" ;;
 b1) bash scripts/gpu_run.sh \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_qmm_gpu.py -k 'plane_pair_steps or swap_ab_forward or tile_dequantization' > \$OUT/b1a.log 2>&1; tail -3 \$OUT/b1a.log" \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_oft_kernel.py tests/gpu/test_quant_linear_gpu.py tests/gpu/test_rmsnorm_gpu.py tests/gpu/test_rope_gpu.py tests/gpu/test_moe_gemm_gpu.py > \$OUT/b1b.log 2>&1; tail -3 \$OUT/b1b.log" ;;
@@ -26,5 +32,5 @@ e) bash scripts/gpu_run.sh \
 g) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 24,32 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS={'int4':(1,32),'nvfp4':(1,16),'fp8':(4,8)},{'int4':(1,32),'nvfp4':(1,32),'fp8':(4,8)}\" 2>&1 | grep decode | tail -4" \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw --gemv-formats nvfp4 --gemv-shapes 4096x12288,6144x2048,2048x4096 --gemv-m 24,32 --gemv-paths 'int4-mma*,fused-dot,dequant' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path fmt k n m cfg ms speedup frac_copy_bw" ;;
-*) echo "usage: $0 b1|b2|b3|e|g" >&2; exit 2 ;;
+*) echo "usage: $0 b|b1|b2|b3|e|g" >&2; exit 2 ;;
 esac
