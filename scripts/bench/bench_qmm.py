@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -298,7 +299,7 @@ REGFED_MAXNREG = (96, 80, 64)  # 5, 6, 8 programs of 128 threads per SM
 def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
              fmt: str = "int4", stages_only: bool = False, l2_only: bool = False,
              tma_only: bool = False, chains_only: bool = False,
-             xsmem_only: bool = False, kw_only: bool = False) -> list:
+             xsmem_only: bool = False, kw_only: str = "") -> list:
     """The int4_mma configs --gemv-mma times at one shape and M: the pick first, then (sweep)
     every (warps, row tiles, prefetch depth) of MMA_SWEEP at every split the K steps allow,
     or a few neighbours of the pick (stages_only: the ring forms; l2_only: the pick with and
@@ -310,7 +311,9 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     plain and PDL, also at the other row tiling and with two chains where the format has
     them; kw_only: the pick, then warps along K (MmaConfig.kw 2, 4, 8) in place of the
     pick's split (the same warps per tile and K slice, no global fix-up) and on top of it
-    (kw times the warps), plain and PDL)."""
+    (kw times the warps), plain and PDL; kw_only "sweep": the shipped pick's neighbourhood,
+    PDL only: warps over N 1 / 2, kw 2 / 4 / 8, one or two programs per tile, prefetch 1 /
+    2, one or two row tiles)."""
     from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
     # (the forms below are built on the split-K pick; kw_only and the default list also time
@@ -325,6 +328,16 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
                  dataclasses.replace(base, pdl=True, l2=True)]
                 + [dataclasses.replace(base, split=s_, l2=True, pdl=True)
                    for s_ in (base.split // 2, base.split * 2) if s_ in splits])
+    if kw_only == "sweep":
+        from orbit.kernels.int4_mma import kw_fits
+
+        out = [dataclasses.replace(shipped, pdl=True)]
+        for wn, kw, sp, pf, rt in itertools.product((1, 2), (2, 4, 8), (1, 2), (1, 2), (1, 2)):
+            c = dataclasses.replace(shipped, warps=wn, kw=kw, split=sp, prefetch=pf,
+                                    row_tiles=rt, pdl=True)
+            if c not in out and kw_fits(c, k, group, fmt):
+                out.append(c)
+        return out
     if kw_only:
         from orbit.kernels.int4_mma import kw_fits, warps_along_k
 
@@ -468,7 +481,7 @@ def decode_gemv(quick: bool, copy_gbs: float, alts: bool, shapes: list | None = 
                 mma_sweep: bool = False, mma_stages: bool = False,
                 mma_l2: bool = False, mma_tma: bool = False,
                 mma_chains: bool = False, mma_xsmem: bool = False,
-                mma_kw: bool = False) -> list[dict]:
+                mma_kw: str = "") -> list[dict]:
     """Old fused tl.dot kernel vs the GEMV path vs cuBLAS BF16 at decode M, one run; only the
     paths whose names match one of the `paths` patterns (fnmatch: "gemv", "gemv-pdl*") are
     timed (cuBLAS always is: it is every row's baseline)."""
@@ -733,10 +746,12 @@ def main() -> None:
     ap.add_argument("--gemv-mma-chains", action="store_true",
                     help="with --gemv-mma: only the pick with 1 and 2 MMA chains per step "
                          "(MmaConfig.chains, INT4 and NVFP4), 1 and 2 row tiles, plain and PDL")
-    ap.add_argument("--gemv-mma-kw", action="store_true",
+    ap.add_argument("--gemv-mma-kw", nargs="?", const="forms", default="",
+                    choices=["forms", "sweep"],
                     help="with --gemv-mma: only the pick and its warps-along-K forms "
                          "(MmaConfig.kw 2, 4, 8 in place of and on top of its split), plain "
-                         "and PDL")
+                         "and PDL; 'sweep': the shipped pick's neighbourhood (warps over N, "
+                         "kw, programs per tile, prefetch depth, row tiles), PDL only")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")
