@@ -506,7 +506,7 @@ def plane_code(fmt: str, asym: bool, e2m1: int) -> int:
 
 
 @triton.jit
-def _plane_values(words, I: tl.constexpr, CODE: tl.constexpr):
+def _plane_values(words, I: tl.constexpr, CODE: tl.constexpr):  # noqa: E741
     """Nibble I of every int32 word as float32, before the group scale. Int codes: the 2^23
     trick of int4.int4_codes (no int->float convert). E2M1 codes (FP4): CODE 2 makes value *
     2^-14 through fp16 bits (fp4.e2m1_scaled; the kernel folds the 2^14 into the scale), which
@@ -539,7 +539,7 @@ E2M1_BITS = tl.constexpr(-2118123520)
 
 
 @triton.jit
-def _e2m1_fp32_bits(words, I: tl.constexpr):
+def _e2m1_fp32_bits(words, I: tl.constexpr):  # noqa: E741
     """Nibble I of int32 words as the float32 E2M1 value * 2^-126, in 3 integer ops (2 for
     nibble 7) and no convert: the nibble moved to the word's top 4 bits, then an arithmetic
     shift right by 6 keeps the sign at bit 31 and puts the magnitude bits (e1 e0 m) at fp32 bits

@@ -302,7 +302,7 @@ def tune(shapes: Iterable[tuple[int, int, int]], formats: Iterable[str], ms: Ite
                 if m > max_m:
                     continue
                 res = tune_shape(fmt, n, k, m, qws, timer, grid, min_gain)
-                us = (lambda s: None if s is None else round(s * 1e6, 3))
+                us = (lambda s: None if s is None else round(s * 1e6, 3))  # noqa: E731
                 table.add(fmt, n, k, m, res.chosen,
                           {"us": us(res.best.seconds if res.chosen == res.best.route
                                     else res.rules.seconds),

@@ -136,8 +136,8 @@ def bench_rotation(device: torch.device, ms_list: list[int], reps: int) -> list[
         rot = mod.rotation(0).detach()
         for m in ms_list:
             x = torch.randn(m, k, device=device).bfloat16()
-            t_rot = timed(lambda: oft_rotate(x, rot), device, reps)
-            t_gemm = timed(lambda: x @ w.T, device, reps)
+            t_rot = timed(lambda x=x, rot=rot: oft_rotate(x, rot), device, reps)
+            t_gemm = timed(lambda x=x, w=w: x @ w.T, device, reps)
             rows.append(
                 {
                     "bench": "rotate",
@@ -195,7 +195,7 @@ def main() -> None:
     rows += bench_rotation(device, token_counts, reps)
     rows.append(bench_build_r(args.layers, device, reps))
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "argv": sys.argv[1:],

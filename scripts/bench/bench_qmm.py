@@ -621,7 +621,7 @@ def scaled_mm_blockwise(x, qw, t_bf16: float) -> dict:
            "m": x.shape[0]}
     try:
         sa = sx.t().contiguous().t()  # [M, K/128], M-major
-        fn = lambda: torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sw.t(),
+        fn = lambda: torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sw.t(),  # noqa: E731
                                       out_dtype=torch.bfloat16)
         y = fn()
         err = ((y.double() - ref).norm() / ref.norm()).item()

@@ -98,7 +98,7 @@ class _fused_norm_rope_on_cpu:
         from orbit.kernels import rope
 
         self.saved = rope.fused_norm_rope_available, tr.fused_norm_rope_available
-        ok = lambda x: x.shape[-1] >= 16 and not (x.shape[-1] & (x.shape[-1] - 1))
+        ok = lambda x: x.shape[-1] >= 16 and not (x.shape[-1] & (x.shape[-1] - 1))  # noqa: E731
         rope.fused_norm_rope_available = tr.fused_norm_rope_available = ok
 
     def __exit__(self, *exc: object) -> None:

@@ -18,10 +18,10 @@ import types
 import pytest
 
 triton = pytest.importorskip("triton")
-import triton.language as tl
-from triton.runtime.jit import JITFunction
+import triton.language as tl  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
-import orbit.kernels
+import orbit.kernels  # noqa: E402
 
 
 def _jit_functions() -> list[tuple[str, JITFunction]]:

@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-
 from triton_interp import patch_interpreter, run_in_interpreter
 
 pytest.importorskip("triton")

@@ -251,7 +251,7 @@ def _model_checks() -> dict:
     rows[0] = 1
     with aset.adapter_disabled(), torch.inference_mode():
         base = logits()
-    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
     return {"groups": groups, "infer": n_infer, "nograd": n_nograd, "err": rel(folded, plain),
             "rows6": n_rows6, "err6": rel(folded6, plain6),
             "rows100": n_rows100, "err100": rel(folded100, plain100),

@@ -114,7 +114,7 @@ def test_load_model_quant_chooses_the_requantize_format(tmp_path: Path, quant: s
     with pytest.warns(UserWarning) as caught:
         model, _ = load_model(path, dtype=torch.float32, quant=quant, group_size=group,
                               with_tokenizer=False)
-    assert any(f"'blk.0.attn_q.weight' has type Q5_0" in str(w.message) and want[0] in str(w.message)
+    assert any("'blk.0.attn_q.weight' has type Q5_0" in str(w.message) and want[0] in str(w.message)
                for w in caught)
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, QuantLinear) and (q.weight_format, q.group_size if want[0] == "int4"

@@ -12,12 +12,12 @@ from orbit.quant.quantize import quantize
 from orbit.quant.qweight import QuantizedWeight
 
 ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors import (
+from compressed_tensors.compressors import (  # noqa: E402
     MXFP4PackedCompressor,
     NVFP4PackedCompressor,
     PackedQuantizationCompressor,
 )
-from compressed_tensors.quantization import QuantizationConfig
+from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
 
 P = "model.layers.0.mlp.down_proj"
 

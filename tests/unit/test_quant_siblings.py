@@ -60,7 +60,7 @@ def test_fuse_stacks_views_without_copies(fmt: str) -> None:
     assert fuse_siblings(m) == 2 * 2  # (q/k/v, gate/up) x 2 layers
     assert fuse_siblings(m) == 0  # already linked
     attn = m.model.layers[0].self_attn
-    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    q, v = attn.q_proj, attn.v_proj
     name = q._tensor_names[0]
     assert getattr(q, name).untyped_storage().data_ptr() == getattr(v, name).untyped_storage().data_ptr()
     assert _bytes(m) == before  # the old buffers are gone, nothing held twice

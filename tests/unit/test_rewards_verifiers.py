@@ -17,8 +17,8 @@ from orbit.rewards.parse import (
     to_number,
 )
 from orbit.rewards.verifiers import (
-    arithmetic_score,
     arithmetic_reward,
+    arithmetic_score,
     format_reward,
     format_score,
     math_score,

@@ -84,7 +84,7 @@ def test_seed_reproducible_and_independent_of_batching(model: CausalLM) -> None:
     b = Engine(model, max_num_seqs=16, max_model_len=64).generate(prompts, sp, n=3)
     c = Engine(model, max_num_seqs=2, max_model_len=64).generate(
         prompts, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=124), n=3)
-    tok = lambda out: [[x.tokens for x in row] for row in out]
+    tok = lambda out: [[x.tokens for x in row] for row in out]  # noqa: E731
     assert tok(a) == tok(b)
     assert tok(a) != tok(c)
     # a seeded request's samples do not depend on where it sits in the prompt list
