@@ -312,8 +312,8 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     them; kw_only: the pick, then warps along K (MmaConfig.kw 2, 4, 8) in place of the
     pick's split (the same warps per tile and K slice, no global fix-up) and on top of it
     (kw times the warps), plain and PDL; kw_only "sweep": the shipped pick's neighbourhood,
-    PDL only: warps over N 1 / 2, kw 2 / 4 / 8, one or two programs per tile, prefetch 1 /
-    2, one or two row tiles)."""
+    PDL only: warps over N 1 / 2, kw 2 / 4 / 8, prefetch 1 / 2, one or two row tiles, one
+    program per tile)."""
     from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
     # (the forms below are built on the split-K pick; kw_only and the default list also time
@@ -332,7 +332,8 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
         from orbit.kernels.int4_mma import kw_fits
 
         out = [dataclasses.replace(shipped, pdl=True)]
-        for wn, kw, sp, pf, rt in itertools.product((1, 2), (2, 4, 8), (1, 2), (1, 2), (1, 2)):
+        # (one program per tile: kw on top of a split lost everywhere in session 30)
+        for wn, kw, sp, pf, rt in itertools.product((1, 2), (2, 4, 8), (1,), (1, 2), (1, 2)):
             c = dataclasses.replace(shipped, warps=wn, kw=kw, split=sp, prefetch=pf,
                                     row_tiles=rt, pdl=True)
             if c not in out and kw_fits(c, k, group, fmt):
@@ -751,7 +752,7 @@ def main() -> None:
                     help="with --gemv-mma: only the pick and its warps-along-K forms "
                          "(MmaConfig.kw 2, 4, 8 in place of and on top of its split), plain "
                          "and PDL; 'sweep': the shipped pick's neighbourhood (warps over N, "
-                         "kw, programs per tile, prefetch depth, row tiles), PDL only")
+                         "kw, prefetch depth, row tiles), PDL only")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")

@@ -11,11 +11,11 @@
 # b1-b3: the GPU files session 31 did not finish (a test compiles its kernels: ~4-8 s each,
 #    so the whole suite takes more than two calls). Logs go to $OUT, so a timeout still
 #    leaves them; rerun a file that timed out with -k on its last cases.
-# h: issue 3's last 2-4% at M = 4-16 (4096x12288 M = 4 17.1 us, M = 16 17.4; 2.5x cuBLAS is
-#    16.7): the shipped pick's neighbourhood (`--gemv-mma-kw sweep`: warps over N 1 / 2, kw
-#    2 / 4 / 8, 1 / 2 programs per tile, prefetch 1 / 2, 1 / 2 row tiles; 48 configs an M,
-#    PDL), the 12 fastest of each M listed; all offline-compiled (session 31: up to 225
-#    registers, spills only at 16 warps x 2 row tiles x prefetch 2).
+# h: issue 3's last 2-8% at M = 4-16 (4096x12288 M = 4 17.1 us, M = 8 18.0, M = 16 17.4;
+#    2.5x cuBLAS is 16.7): the shipped pick's neighbourhood (`--gemv-mma-kw sweep`: warps
+#    over N 1 / 2, kw 2 / 4 / 8, prefetch 1 / 2, 1 / 2 row tiles; 24 configs an M, PDL),
+#    the 10 fastest of each M listed; the extremes offline-compiled in session 31 (up to 225
+#    registers, no spills with one program per tile).
 # g: NVFP4 at 17-32 rows (INT4 took them in session 31: +5-8% at batch 24-32): the engine
 #    with MMA_ROWS nvfp4 (1, 16) vs (1, 32), and the isolated kernel against its routes.
 # e: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
@@ -33,7 +33,7 @@ b3) bash scripts/gpu_run.sh \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_int4_mma_gpu.py -k 'not default_config' > \$OUT/b3a.log 2>&1; tail -3 \$OUT/b3a.log" \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_exact_mode.py tests/gpu/test_attention_decode_gpu.py > \$OUT/b3b.log 2>&1; tail -3 \$OUT/b3b.log" ;;
 h) bash scripts/gpu_run.sh \
-  "cmd:timeout 540 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw sweep --gemv-formats int4 --gemv-shapes 4096x12288 --gemv-m 4,16 --gemv-paths 'int4-mma*,gemv' > \$OUT/h.log 2>&1; grep '^{' \$OUT/h.log | python3 -c 'import json,sys; rs=[json.loads(l) for l in sys.stdin]; [print(m, r[\"path\"], round(r[\"ms\"]*1e3,2), r[\"cfg\"]) for m in (4,16) for r in sorted((r for r in rs if r[\"m\"]==m and r[\"path\"].startswith(\"int4-mma\")), key=lambda r: r[\"ms\"])[:12]]'" ;;
+  "cmd:timeout 540 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw sweep --gemv-formats int4 --gemv-shapes 4096x12288 --gemv-m 4,8,16 --gemv-paths 'int4-mma*,gemv' > \$OUT/h.log 2>&1; grep '^{' \$OUT/h.log | python3 -c 'import json,sys; rs=[json.loads(l) for l in sys.stdin]; [print(m, r[\"path\"], round(r[\"ms\"]*1e3,2), r[\"cfg\"]) for m in (4,8,16) for r in sorted((r for r in rs if r[\"m\"]==m and r[\"path\"].startswith(\"int4-mma\")), key=lambda r: r[\"ms\"])[:10]]'" ;;
 e) bash scripts/gpu_run.sh \
   "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats fp8 --m 64,128,256 --out \$OUT/routes.json 2>&1 | grep -E ' us |routes' | tail -22" ;;
 g) bash scripts/gpu_run.sh \
