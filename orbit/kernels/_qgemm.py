@@ -141,6 +141,13 @@ MMA_MIN_K_OVER_N: dict[str, int] = {"fp8": 3}
 # NVFP4 1 / 4 / 16 +-0 (its LoRA forwards there have no fused-epilogue kernel to keep). The
 # loop with its in-kernel shrink at 5-8 rows was slower than at 4. int4_mma.MAX_M + 1: never.
 MMA_WITH_LORA_MIN_M = 5
+# A stacked gate/up forward on the mma route stores SwiGLU's output itself (int4_mma's
+# swiglu: the gate and up rows of each MMA tile paired in its store, bit for bit the plain
+# store followed by the silu_mul launch), one launch per layer fewer (dispatch.qmm_swiglu).
+# Written in session 31 and compiled offline for sm_90 (the same K loop, 40 more
+# instructions in the store at M = 1); off until measured on a GPU (bench_engine --knob
+# orbit.kernels._qgemm.MMA_SWIGLU=False,True; pending_device_runs.sh i).
+MMA_SWIGLU = False
 # From how many rows (rounded up to a power of two) the tl.dot loop's in-kernel LoRA shrink
 # runs as one tensor-core program per row block over all of K, instead of one program per row
 # of A (r programs, each its rows over all of K). Below this the one block program is the

@@ -158,13 +158,33 @@ def qmm_lora(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue) -> Tensor:
     return kernel(x.contiguous(), qw, lora=lora)
 
 
+def _mma_swiglu(x: Tensor, qw: QuantizedWeight) -> bool:
+    """`qmm_swiglu` on the tensor-core kernel: `_qgemm.MMA_SWIGLU` is on, the forward of x on
+    the stacked gate/up weight is routed to int4_mma, and its SwiGLU store runs there (one
+    program per tile: int4_mma.swiglu_fits)."""
+    from orbit.kernels import _qgemm, int4_mma
+
+    if not (_qgemm.MMA_SWIGLU and x.is_cuda and x.dim() == 2 and mma_operands_ok(x, qw)):
+        return False
+    from orbit.kernels.gemv import num_sms
+
+    m, (n, k) = x.shape[0], qw.shape
+    if _qgemm.route(m, n, k, qw.fmt, False, x.device, mma_ok=True).kind != "mma":
+        return False
+    _, _, group, _ = int4_mma.weight_operands(qw)
+    return int4_mma.swiglu_fits(m, k, n, group, num_sms(x.device), qw.fmt)
+
+
 def swiglu_foldable(x: Tensor, qw: QuantizedWeight, lora: bool = False) -> bool:
     """Whether `qmm_swiglu(x, qw)` runs: qw is a stacked gate/up weight (gate rows first) whose
     fast-mode forward of x is the nibble-plane decode GEMV, which can store SwiGLU's output
-    itself (CUDA, or Triton's interpreter in CPU tests). `lora`: the launch also carries the
-    gate/up adapters' deltas (`_mma_ok_with_lora` decides the route then)."""
+    itself (CUDA, or Triton's interpreter in CPU tests), or without `lora` the tensor-core
+    kernel with its SwiGLU store (`_mma_swiglu`). `lora`: the launch also carries the gate/up
+    adapters' deltas (`_mma_ok_with_lora` decides the route then)."""
     from orbit.kernels._qgemm import swiglu_fits
 
+    if not lora and _mma_swiglu(x, qw):
+        return True
     mma_ok = _mma_ok_with_lora(x, qw) if lora else mma_operands_ok(x, qw)
     return _fused_store_input(x) and swiglu_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt,
                                                  False, x.device, mma_ok)
@@ -174,10 +194,15 @@ def qmm_swiglu(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue | None = None)
     """silu(x @ W_gate^T) * (x @ W_up^T) [M, out / 2] for qw the stacked gate/up weight, in one
     launch (with `lora`, the gate/up adapters' deltas added before SwiGLU); only where
     `swiglu_foldable(x, qw)`."""
+    if lora is None and _mma_swiglu(x, qw):
+        from orbit.kernels.int4_mma import int4_mma_weight
+
+        return int4_mma_weight(x.contiguous(), qw, swiglu=True)
     kernel = _kernel_for(qw)
     if kernel is None or not swiglu_foldable(x, qw, lora is not None):
         raise ValueError(f"qmm_swiglu: a {qw.fmt} {tuple(qw.shape)} forward of "
-                         f"{tuple(x.shape)} {x.dtype} on {x.device} is not the plane GEMV")
+                         f"{tuple(x.shape)} {x.dtype} on {x.device} is not the plane GEMV "
+                         f"or the tensor-core kernel with its SwiGLU store")
     return kernel(x.contiguous(), qw, lora=lora, swiglu=True)
 
 

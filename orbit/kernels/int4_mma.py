@@ -55,6 +55,7 @@ from orbit.quant.qweight import FP8_BLOCK, NVFP4_GROUP, QuantizedWeight
 try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kernel to run
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.extra import libdevice
     from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
@@ -528,6 +529,44 @@ if HAS_GLUON:
         return row, w // WN
 
     @gluon.jit
+    def _weight_rows(r, pid_n, N, BN: gl.constexpr, SWIGLU: gl.constexpr):
+        # program row r (0..BN) -> its weight row. SWIGLU (W the stacked gate/up weight,
+        # gate rows [0, N / 2), up rows [N / 2, N)): rows 0-7 of each 16-row MMA tile are 8
+        # gate rows and rows 8-15 the matching up rows, so the store can pair them (and an
+        # MMA accumulator thread holds rows g and g + 8 of its tile: both of one column's)
+        if SWIGLU:
+            o = pid_n * (BN // 2) + (r // 16) * 8 + r % 8
+            row = o + ((r // 8) % 2) * (N // 2)
+        else:
+            row = pid_n * BN + r
+        return row
+
+    @gluon.jit
+    def _silu_mul(g, u):
+        # swiglu.silu_mul_values' arithmetic (torch's roundings: silu in fp32 with the
+        # accurate exp and a correctly rounded division, rounded to g's dtype, then the
+        # product of the two rounded values), so the fold gives the separate launch's bits
+        gf = g.to(gl.float32)
+        s = gl.div_rn(gf, 1.0 + libdevice.exp(-gf)).to(g.dtype)
+        return (s.to(gl.float32) * u.to(gl.float32)).to(g.dtype)
+
+    @gluon.jit
+    def _store_swiglu(acc, y_ptr, pid_n, N, M, stride_ym, BN: gl.constexpr, NP: gl.constexpr,
+                      LPR: gl.constexpr, LSW: gl.constexpr):
+        # acc [BN, NP] in _weight_rows' SWIGLU order -> y[col, pid_n BN / 2 + j] =
+        # silu(gate) * up, gate and up each rounded to y's dtype first (what the plain store
+        # followed by the silu_mul launch computes). The split needs each (gate, up) pair in
+        # one thread: LPR [tiles, 8, NP, 2] holds it so.
+        HB: gl.constexpr = BN // 2
+        v = gl.reshape(acc.to(y_ptr.dtype.element_ty), [BN // 16, 2, 8, NP])
+        g, u = gl.split(gl.convert_layout(gl.permute(v, (0, 2, 3, 1)), LPR))
+        out = gl.convert_layout(_silu_mul(gl.reshape(g, [HB, NP]), gl.reshape(u, [HB, NP])),
+                                LSW)
+        rows = gl.expand_dims(pid_n * HB + gl.arange(0, HB, layout=gl.SliceLayout(1, LSW)), 1)
+        cols = gl.expand_dims(gl.arange(0, NP, layout=gl.SliceLayout(0, LSW)), 0)
+        gl.store(y_ptr + cols * stride_ym + rows, out, mask=(rows < N // 2) & (cols < M))
+
+    @gluon.jit
     def _warp_index():
         # the thread's warp in the program (tid.x / 32, Triton's warp numbering)
         return gl.inline_asm_elementwise(
@@ -588,14 +627,18 @@ if HAS_GLUON:
                          LXH: gl.constexpr = None, LSH: gl.constexpr = None,
                          XS: gl.constexpr = 0, LXS: gl.constexpr = None,
                          XS_SMEM: gl.constexpr = None, KW: gl.constexpr = 1,
-                         WN: gl.constexpr = 4, LOUT: gl.constexpr = None):
+                         WN: gl.constexpr = 4, LOUT: gl.constexpr = None,
+                         SWIGLU: gl.constexpr = False, LPR: gl.constexpr = None,
+                         LSW: gl.constexpr = None):
         # w_desc: with TMA > 0 the words' TMA descriptor (block [BN, 4 VEC]), else unused.
         # FMT 0: INT4 (u - 8 into the MMA, each step's partial times its group's scale);
         # FMT 2: FP8 (the e4m3 values into the MMA, each step's partial times its block's
         # scale); FMT 3: NVFP4 (v * s * 2^-9 into the MMA, the global scale * 2^9 at the end).
         # KPW: weights per word (8, FP8 4). KW > 1 (MmaConfig.kw): the MMA tile has BN KW
         # "virtual" rows, warp w's rows being weight rows of K part w // WN (_virtual_rows);
-        # each warp runs the K loop over K_RUN = K_SLICE / KW of its part.
+        # each warp runs the K loop over K_RUN = K_SLICE / KW of its part. SWIGLU: W is the
+        # stacked gate/up weight, y SwiGLU's output [M, N / 2] (_weight_rows, _store_swiglu;
+        # one program per tile: SPLIT 1).
         BK: gl.constexpr = 4 * KPW * VEC
         BNV: gl.constexpr = BN * KW
         pid_n = gl.program_id(0)
@@ -614,7 +657,7 @@ if HAS_GLUON:
         r = gl.arange(0, BNV, layout=gl.SliceLayout(1, LW2))
         if KW > 1:
             r, r_part = _virtual_rows(r, WN, KW)
-        r = pid_n * BN + r
+        r = _weight_rows(r, pid_n, N, BN, SWIGLU)
         t = gl.arange(0, 4, layout=gl.SliceLayout(0, LW2))
         i = gl.arange(0, VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
         r3 = gl.expand_dims(gl.expand_dims(r, 1), 2)
@@ -653,13 +696,13 @@ if HAS_GLUON:
         rs = gl.arange(0, BNV, layout=LR)
         if KW > 1:
             rs, rs_part = _virtual_rows(rs, WN, KW)
-        rs = pid_n * BN + rs
+        rs = _weight_rows(rs, pid_n, N, BN, SWIGLU)
         if FMT == 3:
             LS2: gl.constexpr = gl.SliceLayout(2, LS)
             sr = gl.arange(0, BNV, layout=gl.SliceLayout(1, LS2))
             if KW > 1:
                 sr, sr_part = _virtual_rows(sr, WN, KW)
-            sr = gl.minimum(pid_n * BN + sr, N - 1)
+            sr = gl.minimum(_weight_rows(sr, pid_n, N, BN, SWIGLU), N - 1)
             st = gl.arange(0, 4, layout=gl.SliceLayout(0, LS2))
             sh = gl.arange(0, VEC // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, LS)))
             s_ptrs = s_ptr + gl.expand_dims(gl.expand_dims(sr, 1), 2) * stride_s + (
@@ -870,7 +913,9 @@ if HAS_GLUON:
         rows2 = gl.expand_dims(rs, 1)
         cols2 = gl.expand_dims(cols, 0)
         omask = (rows2 < N) & (cols2 < M)
-        if SPLIT == 1:
+        if SWIGLU:
+            _store_swiglu(acc, y_ptr, pid_n, N, M, stride_ym, BN, NP, LPR, LSW)
+        elif SPLIT == 1:
             gl.store(y_ptr + cols2 * stride_ym + rows2, acc.to(y_ptr.dtype.element_ty),
                      mask=omask)
         else:
@@ -890,14 +935,17 @@ if HAS_GLUON:
 
 def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
              cfg: MmaConfig | None = None, out: Tensor | None = None, fmt: str = "int4",
-             global_scale: Tensor | None = None) -> Tensor:
+             global_scale: Tensor | None = None, swiglu: bool = False) -> Tensor:
     """y = x @ W^T for W [N, K]: INT4 in compressed-tensors pack-quantized words `qweight`
     [N, K/8] (int32, LSB-first nibbles, symmetric codes) with bf16 `scale` [N, K/group]; or
     (fmt "nvfp4") E2M1 codes `qweight` [N, K/2] uint8 with e4m3 `scale` [N, K/16] and the fp32
     `global_scale`; or (fmt "fp8") the e4m3 weight `qweight` [N, K] with its fp32 block
     scales `scale` [N/128, K/128] (DeepSeek-V3's scale_inv, group 128; weight-only).
     x [M, K] bf16, M <= MAX_M, into `out` [M, N] (x's dtype) when given. Fast mode (fp32 sums in
-    a different order from the reference)."""
+    a different order from the reference). `swiglu`: W is the stacked gate/up weight (gate
+    rows first, N even) and the result SwiGLU's output silu(x W_gate^T) * (x W_up^T) [M, N / 2],
+    bit for bit this launch without it followed by swiglu.silu_mul; one program per tile
+    (`swiglu_fits`)."""
     from orbit.kernels.gemv import arrival_counters, num_sms
     from orbit.kernels.pdl import pdl_launch
 
@@ -933,14 +981,19 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     x = x.contiguous()
     vec = _vec(group, fmt)
     cfg = cfg or pick_config(m, k, n, group, num_sms(x.device), fmt)
+    if swiglu and (n % 2 or cfg.split != 1):
+        raise ValueError(f"int4_mma: swiglu needs an even N (the stacked gate/up weight; got "
+                         f"{n}) and one program per tile (MmaConfig.split 1, got {cfg.split})")
     bk = step_depth(fmt, group)
     if k % (cfg.split * bk):
         raise ValueError(f"int4_mma: K={k} is not a multiple of split {cfg.split} x {bk}")
     kpw = k_per_word(fmt)
     k_slice = k // cfg.split
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
-    if y.shape != (m, n) or y.dtype != x.dtype or y.stride(1) != 1:
-        raise ValueError(f"int4_mma: out must be [{m}, {n}] {x.dtype} with unit column stride")
+    n_out = n // 2 if swiglu else n
+    y = torch.empty(m, n_out, dtype=x.dtype, device=x.device) if out is None else out
+    if y.shape != (m, n_out) or y.dtype != x.dtype or y.stride(1) != 1:
+        raise ValueError(f"int4_mma: out must be [{m}, {n_out}] {x.dtype} with unit column "
+                         f"stride")
     tiles = -(-n // cfg.block_n)
     _check_kw(cfg, k, group, fmt)
     lanes = 32 * cfg.num_warps
@@ -964,7 +1017,8 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
     _int4_mma_kernel[(tiles, cfg.split)](
         x, qweight, scale, gs, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0),
         scale.stride(0), y.stride(0), k_slice // cfg.kw // kpw, cfg.split, w_desc,
-        **kernel_constants(cfg, m, group, fmt, n % cfg.block_n == 0, l2pre, k_slice // bk),
+        **kernel_constants(cfg, m, group, fmt, n % cfg.block_n == 0, l2pre, k_slice // bk,
+                           swiglu),
         num_warps=cfg.num_warps,
         # (USE_PDL off keeps the engine's launches plain; a config's forced PDL still holds)
         **(pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl)
@@ -973,12 +1027,13 @@ def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
 
 
 def kernel_constants(cfg: MmaConfig, m: int, group: int, fmt: str, even_n: bool,
-                     l2pre: int, slice_steps: int = 0) -> dict:
+                     l2pre: int, slice_steps: int = 0, swiglu: bool = False) -> dict:
     """The constexpr arguments of `_int4_mma_kernel` for `cfg` at M = m (the launch's and the
     offline sm_90 compile's, scripts/bench/sass_int4_mma.py): the format's ids, the tile
     sizes and every layout, those of the TMA read-back and the chains' halves included; not
     PDL, which the launch takes from `pdl_launch`. `l2pre`: the L2 slice prefetch's thread
-    count (0: none); `slice_steps`: K steps per program (what MmaConfig.x_smem stages)."""
+    count (0: none); `slice_steps`: K steps per program (what MmaConfig.x_smem stages);
+    `swiglu`: the SwiGLU store (int4_mma's swiglu)."""
     vec, kpw = _vec(group, fmt), k_per_word(fmt)
     np_ = mma_columns(m)
     # (MmaConfig.kw: the MMA tile's rows are the kw K parts' virtual rows, one warp each)
@@ -999,7 +1054,8 @@ def kernel_constants(cfg: MmaConfig, m: int, group: int, fmt: str, even_n: bool,
             "LW2D": word_tile_2d(cfg.warps, cfg.row_tiles, vec) if cfg.tma else None,
             "CHAINS": cfg.chains, "LWH": lwh, "LXH": lxh, "LSH": lsh, **xs,
             **({"KW": cfg.kw, "WN": cfg.warps, "LOUT": out_layout(cfg, np_)} if cfg.kw > 1
-               else {})}
+               else {}),
+            **({"SWIGLU": True, **swiglu_layouts(cfg)} if swiglu else {})}
 
 
 KW_CHOICES = (1, 2, 4, 8)
@@ -1031,6 +1087,24 @@ def out_layout(cfg: MmaConfig, np_: int):
     tr = min(32, cfg.block_n)
     return gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[tr, 32 // tr],
                             warps_per_cta=[1, cfg.num_warps], order=[0, 1])
+
+
+def swiglu_layouts(cfg: MmaConfig) -> dict:
+    """The SwiGLU store's layouts: LPR of the [tiles, 8, NP, 2] (gate, up) pairs, each pair
+    in one thread (what the split takes), and LSW of the [BN / 2, NP] output, lanes down the
+    rows (y's contiguous dimension), warps across the columns."""
+    tr = min(32, cfg.block_n // 2)
+    return {"LPR": gl.BlockedLayout(size_per_thread=[1, 1, 1, 2], threads_per_warp=[1, 8, 4, 1],
+                                    warps_per_cta=[cfg.num_warps, 1, 1, 1],
+                                    order=[3, 1, 2, 0]),
+            "LSW": gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[tr, 32 // tr],
+                                    warps_per_cta=[1, cfg.num_warps], order=[0, 1])}
+
+
+def swiglu_fits(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4") -> bool:
+    """Whether `int4_mma(..., swiglu=True)` runs the stacked gate/up weight [n, k] with its
+    picked config: an even n and one program per tile."""
+    return n % 2 == 0 and pick_config(m, k, n, group, sms, fmt).split == 1
 
 
 def chains_fit(fmt: str, group: int, chains: int = 2) -> bool:
@@ -1080,7 +1154,7 @@ def weight_operands(qw: QuantizedWeight) -> tuple[Tensor, Tensor, int, Tensor | 
 
 
 def int4_mma_weight(x: Tensor, qw: QuantizedWeight, cfg: MmaConfig | None = None,
-                    out: Tensor | None = None) -> Tensor:
-    """`int4_mma` on a `QuantizedWeight` (INT4, NVFP4 or FP8): tests and benchmarks."""
+                    out: Tensor | None = None, swiglu: bool = False) -> Tensor:
+    """`int4_mma` on a `QuantizedWeight` (INT4, NVFP4 or FP8)."""
     q, s, group, gs = weight_operands(qw)
-    return int4_mma(x, q, s, group, cfg, out, qw.fmt, gs)
+    return int4_mma(x, q, s, group, cfg, out, qw.fmt, gs, swiglu)

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The measurements queued for the next device calls (docs/benchmarks.md), in priority order,
 # each call within the device tool's 600 s, from the repository root:
+#     bash scripts/bench/pending_device_runs.sh i
 #     bash scripts/gpu_prepare.sh                          (here, once: .whl/ with pytest-xdist)
 #     run(command="bash scripts/bench/pending_device_runs.sh b", carry=[".whl"])
 #     then h, g, e (b1-b3: the same files in three calls, without xdist)
+# i: the SwiGLU store of the tensor-core kernel (int4_mma's swiglu, _qgemm.MMA_SWIGLU, written
+#    in session 31, compiled offline, never run): its GPU tests (bits against the plain store
+#    + silu_mul, the engine's samples on and off), then the engine with the fold off / on at
+#    batch 1-32, INT4 and NVFP4; ship MMA_SWIGLU = True if it wins.
 # Ran in session 31: f (17-32 rows: INT4 MMA_ROWS (1, 32) shipped), c (warps along K on the
 # other shapes), d (INT4 routes at 24-48 rows: not merged, PLAIN_ROWS stays), a part of b.
 # b: the whole GPU suite in one call, 12 pytest-xdist workers (the compiles are CPU-bound; the
@@ -20,7 +25,10 @@
 #    with MMA_ROWS nvfp4 (1, 16) vs (1, 32), and the isolated kernel against its routes.
 # e: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
 set -uo pipefail
-case "${1:-b}" in
+case "${1:-i}" in
+i) bash scripts/gpu_run.sh \
+  "cmd:timeout 240 python3 -m pytest tests/gpu/test_mma_swiglu_gpu.py -m gpu -q -p no:cacheprovider > \$OUT/i.log 2>&1; grep -E '^(FAILED|ERROR|E  )|passed|failed' \$OUT/i.log | head -30" \
+  "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections formats --formats int4,nvfp4 --batches 1,4,16,32 --attn-backend triton --knob orbit.kernels._qgemm.MMA_SWIGLU=False,True,False,True 2>&1 | grep decode | tail -16" ;;
 b) bash scripts/gpu_run.sh \
   "cmd:timeout 560 python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider -n 12 --durations=15 > \$OUT/gpu.log 2>&1; grep -E '^(FAILED|ERROR)|passed|failed' \$OUT/gpu.log | tail -25" ;;
 b1) bash scripts/gpu_run.sh \
@@ -39,5 +47,5 @@ e) bash scripts/gpu_run.sh \
 g) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 24,32 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS={'int4':(1,32),'nvfp4':(1,16),'fp8':(4,8)},{'int4':(1,32),'nvfp4':(1,32),'fp8':(4,8)}\" 2>&1 | grep decode | tail -4" \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw --gemv-formats nvfp4 --gemv-shapes 4096x12288,6144x2048,2048x4096 --gemv-m 24,32 --gemv-paths 'int4-mma*,fused-dot,dequant' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path fmt k n m cfg ms speedup frac_copy_bw" ;;
-*) echo "usage: $0 b|b1|b2|b3|e|g|h" >&2; exit 2 ;;
+*) echo "usage: $0 i|b|b1|b2|b3|e|g|h" >&2; exit 2 ;;
 esac

@@ -40,12 +40,14 @@ DIVISIBLE = {"N", "K", "stride_xm", "stride_q", "stride_s", "stride_ym", "K_RUN_
 
 
 def compile_mma(cfg: MmaConfig, m: int, group: int = 128, even_n: bool = True,
-                fmt: str = "int4", k: int = 4096):
-    """_int4_mma_kernel for sm_90 as `int4_mma` launches `cfg` at M = m on K = k."""
+                fmt: str = "int4", k: int = 4096, swiglu: bool = False):
+    """_int4_mma_kernel for sm_90 as `int4_mma` launches `cfg` at M = m on K = k (`swiglu`:
+    with the SwiGLU store)."""
     vec = _vec(group, fmt)
     consts = dict(kernel_constants(cfg, m, group, fmt, even_n,
                                    32 * cfg.warps if cfg.l2 else 0,
-                                   k // cfg.split // step_depth(fmt, group)), PDL=cfg.pdl)
+                                   k // cfg.split // step_depth(fmt, group), swiglu),
+                  PDL=cfg.pdl)
     # (w_desc: the words' TMA descriptor with MmaConfig.tma, else the word pointer again)
     w_desc = (f"tensordesc<i32[{cfg.block_n}, {4 * vec}],{TMA_SMEM!r}>" if cfg.tma
               else "*i32")
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--x-smem", type=int, choices=(0, 1),
                     help="stage the program's x slice in shared memory (MmaConfig.x_smem)")
     ap.add_argument("--kw", type=int, help="warps along K in a program (MmaConfig.kw)")
+    ap.add_argument("--swiglu", action="store_true", help="with the SwiGLU store")
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args(argv)
     k_in, n_out = (int(v) for v in args.shape.split("x"))
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         ("pdl", None if args.pdl is None
                                                          else bool(args.pdl)))
                                 if v is not None})
-    kernel = compile_mma(cfg, args.m, group, fmt=args.fmt, k=k_in)
+    kernel = compile_mma(cfg, args.m, group, fmt=args.fmt, k=k_in, swiglu=args.swiglu)
     n, ops, total = loop_budget(disassemble(kernel.asm["cubin"]), key="HMMA")
     weights = 16 * cfg.row_tiles * step_depth(args.fmt, group) // 32  # per thread per step
     print(f"{args.fmt} mma M={args.m} {cfg} (triton {triton.__version__}): K loop {n} instructions "

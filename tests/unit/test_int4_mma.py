@@ -594,3 +594,60 @@ def test_pick_runs_warps_along_k_only_where_asked_and_it_fits(monkeypatch) -> No
     assert not kw_fits(MmaConfig(warps=1, kw=4, split=8), 4096, 256)  # parts off a group
     assert kw_fits(MmaConfig(warps=1, kw=4, split=4), 4096, 128)
     assert not kw_fits(MmaConfig(warps=1, kw=4, split=16), 4096, 128, "fp8")  # 64-deep parts
+
+
+@pytest.mark.parametrize("fmt,group,m", [("int4", 128, 1), ("int4", 128, 16), ("int4", 128, 32),
+                                         ("nvfp4", 16, 4), ("fp8", 128, 4)])
+def test_sm90_compile_swiglu_store_keeps_the_k_loop(fmt: str, group: int, m: int) -> None:
+    """The SwiGLU store (int4_mma's swiglu) changes the rows' addresses and the store only:
+    the K loop is the plain form's instruction for instruction where it counts (HMMA, decode,
+    the 16-byte loads), the pick's warps and no spills. (Its bits against the separate
+    launches: tests/gpu/test_mma_swiglu_gpu.py.)"""
+    tool = _tool()
+    cfg = pick_config(m, 2048, 12288, group, 132, fmt)
+    plain = tool.disassemble(tool.compile_mma(cfg, m, group, fmt=fmt, k=2048).asm["cubin"])
+    kernel = tool.compile_mma(cfg, m, group, fmt=fmt, k=2048, swiglu=True)
+    sass = tool.disassemble(kernel.asm["cubin"])
+    ops, plain_ops = (tool.loop_budget(s, key="HMMA")[1] for s in (sass, plain))
+    for op in ("HMMA", "LDG"):
+        assert ops[op] == plain_ops[op], op
+    assert sass.count("LDG.E.128") == plain.count("LDG.E.128")
+    assert kernel.metadata.num_warps == cfg.num_warps
+    assert "LOCAL:0" in tool.resources(kernel.asm["cubin"])
+
+
+def test_swiglu_launch_passes_its_constants_and_refuses_what_it_cannot_pair(monkeypatch) -> None:
+    """int4_mma(swiglu=True), host side up to the launch (the kernel replaced by a recorder):
+    a [M, N / 2] output, the SWIGLU constants the offline compile uses; a split config or an
+    odd N is refused before anything is launched."""
+    pytest.importorskip("triton.experimental.gluon")
+    from orbit.kernels import int4_mma as mod
+    from orbit.kernels.random_weights import random_qweight
+
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.update(grid=grid, args=args, kw=kw)
+            return launch
+
+    monkeypatch.setattr(mod, "_int4_mma_kernel", Recorder())
+    cfg = MmaConfig(warps=1, kw=4)
+    qw = random_qweight("int4", 256, 512, group_size=128)
+    x = torch.randn(4, 512).bfloat16()
+    y = mod.int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128, cfg, swiglu=True)
+    assert y.shape == (4, 128)
+    kw = dict(seen["kw"])
+    kw.pop("num_warps"), kw.pop("PDL")
+    assert kw == mod.kernel_constants(cfg, 4, 128, "int4", True, 0, 512 // 128, swiglu=True)
+    assert kw["SWIGLU"] is True and seen["grid"] == (256 // cfg.block_n, 1)
+    assert mod.swiglu_fits(4, 512, 256, 128, 132) and not mod.swiglu_fits(4, 512, 255, 128, 132)
+    seen.clear()
+    with pytest.raises(ValueError, match="swiglu"):
+        mod.int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128, MmaConfig(split=2),
+                     swiglu=True)
+    odd = random_qweight("int4", 255, 512, group_size=128)
+    with pytest.raises(ValueError, match="swiglu"):
+        mod.int4_mma(x, odd.tensors["qweight"], odd.tensors["scale"], 128, cfg, swiglu=True)
+    assert not seen  # nothing launched
