@@ -20,7 +20,8 @@
 #    2.5x cuBLAS is 16.7): the shipped pick's neighbourhood (`--gemv-mma-kw sweep`: warps
 #    over N 1 / 2, kw 2 / 4 / 8, prefetch 1 / 2, 1 / 2 row tiles; 24 configs an M, PDL),
 #    the 10 fastest of each M listed; the extremes offline-compiled in session 31 (up to 225
-#    registers, no spills with one program per tile).
+#    registers, no spills with one program per tile). h2: the same on the engine's gate/up
+#    and down shapes (2048x12288, 6144x2048) at M = 1, 4 (the rows list both shapes).
 # g: NVFP4 at 17-32 rows (INT4 took them in session 31: +5-8% at batch 24-32): the engine
 #    with MMA_ROWS nvfp4 (1, 16) vs (1, 32), and the isolated kernel against its routes.
 # e: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
@@ -41,11 +42,13 @@ b3) bash scripts/gpu_run.sh \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_int4_mma_gpu.py -k 'not default_config' > \$OUT/b3a.log 2>&1; tail -3 \$OUT/b3a.log" \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_exact_mode.py tests/gpu/test_attention_decode_gpu.py > \$OUT/b3b.log 2>&1; tail -3 \$OUT/b3b.log" ;;
 h) bash scripts/gpu_run.sh \
-  "cmd:timeout 540 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw sweep --gemv-formats int4 --gemv-shapes 4096x12288 --gemv-m 4,8,16 --gemv-paths 'int4-mma*,gemv' > \$OUT/h.log 2>&1; grep '^{' \$OUT/h.log | python3 -c 'import json,sys; rs=[json.loads(l) for l in sys.stdin]; [print(m, r[\"path\"], round(r[\"ms\"]*1e3,2), r[\"cfg\"]) for m in (4,8,16) for r in sorted((r for r in rs if r[\"m\"]==m and r[\"path\"].startswith(\"int4-mma\")), key=lambda r: r[\"ms\"])[:10]]'" ;;
+  "cmd:timeout 540 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw sweep --gemv-formats int4 --gemv-shapes 4096x12288 --gemv-m 4,8,16 --gemv-paths 'int4-mma*,gemv' > \$OUT/h.log 2>&1; grep '^{' \$OUT/h.log | python3 -c 'import json,sys,itertools; rs=sorted((json.loads(l) for l in sys.stdin), key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"], r[\"ms\"])); [print(k, n, m, r[\"path\"], round(r[\"ms\"]*1e3,2), r[\"cfg\"]) for (k, n, m), g in itertools.groupby(rs, key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"])) for r in list(g)[:10]]'" ;;
+h2) bash scripts/gpu_run.sh \
+  "cmd:timeout 540 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw sweep --gemv-formats int4 --gemv-shapes 2048x12288,6144x2048 --gemv-m 1,4 --gemv-paths 'int4-mma*,gemv' > \$OUT/h2.log 2>&1; grep '^{' \$OUT/h2.log | python3 -c 'import json,sys,itertools; rs=sorted((json.loads(l) for l in sys.stdin), key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"], r[\"ms\"])); [print(k, n, m, r[\"path\"], round(r[\"ms\"]*1e3,2), r[\"cfg\"]) for (k, n, m), g in itertools.groupby(rs, key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"])) for r in list(g)[:10]]'" ;;
 e) bash scripts/gpu_run.sh \
   "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats fp8 --m 64,128,256 --out \$OUT/routes.json 2>&1 | grep -E ' us |routes' | tail -22" ;;
 g) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 24,32 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS={'int4':(1,32),'nvfp4':(1,16),'fp8':(4,8)},{'int4':(1,32),'nvfp4':(1,32),'fp8':(4,8)}\" 2>&1 | grep decode | tail -4" \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw --gemv-formats nvfp4 --gemv-shapes 4096x12288,6144x2048,2048x4096 --gemv-m 24,32 --gemv-paths 'int4-mma*,fused-dot,dequant' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path fmt k n m cfg ms speedup frac_copy_bw" ;;
-*) echo "usage: $0 i|b|b1|b2|b3|e|g|h" >&2; exit 2 ;;
+*) echo "usage: $0 i|b|b1|b2|b3|e|g|h|h2" >&2; exit 2 ;;
 esac
