@@ -26,6 +26,11 @@
 #    with MMA_ROWS nvfp4 (1, 16) vs (1, 32), and the isolated kernel against its routes.
 # e: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
 set -uo pipefail
+# kw_sweep SHAPES MS LOG: the kw neighbourhood on one device call, the 10 fastest per shape and M
+kw_sweep() {
+  bash scripts/gpu_run.sh \
+  "cmd:timeout 540 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw sweep --gemv-formats int4 --gemv-shapes $1 --gemv-m $2 --gemv-paths 'int4-mma*,gemv' > \$OUT/$3 2>&1; grep '^{' \$OUT/$3 | python3 -c 'import json,sys,itertools; rs=sorted((json.loads(l) for l in sys.stdin), key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"], r[\"ms\"])); [print(k, n, m, r[\"path\"], round(r[\"ms\"]*1e3,2), r[\"cfg\"]) for (k, n, m), g in itertools.groupby(rs, key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"])) for r in list(g)[:10]]'"
+}
 case "${1:-i}" in
 i) bash scripts/gpu_run.sh \
   "cmd:timeout 240 python3 -m pytest tests/gpu/test_mma_swiglu_gpu.py -m gpu -q -p no:cacheprovider > \$OUT/i.log 2>&1; grep -E '^(FAILED|ERROR|E  )|passed|failed' \$OUT/i.log | head -30" \
@@ -41,10 +46,8 @@ b2) bash scripts/gpu_run.sh \
 b3) bash scripts/gpu_run.sh \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_int4_mma_gpu.py -k 'not default_config' > \$OUT/b3a.log 2>&1; tail -3 \$OUT/b3a.log" \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_exact_mode.py tests/gpu/test_attention_decode_gpu.py > \$OUT/b3b.log 2>&1; tail -3 \$OUT/b3b.log" ;;
-h) bash scripts/gpu_run.sh \
-  "cmd:timeout 540 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw sweep --gemv-formats int4 --gemv-shapes 4096x12288 --gemv-m 4,8,16 --gemv-paths 'int4-mma*,gemv' > \$OUT/h.log 2>&1; grep '^{' \$OUT/h.log | python3 -c 'import json,sys,itertools; rs=sorted((json.loads(l) for l in sys.stdin), key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"], r[\"ms\"])); [print(k, n, m, r[\"path\"], round(r[\"ms\"]*1e3,2), r[\"cfg\"]) for (k, n, m), g in itertools.groupby(rs, key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"])) for r in list(g)[:10]]'" ;;
-h2) bash scripts/gpu_run.sh \
-  "cmd:timeout 540 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw sweep --gemv-formats int4 --gemv-shapes 2048x12288,6144x2048 --gemv-m 1,4 --gemv-paths 'int4-mma*,gemv' > \$OUT/h2.log 2>&1; grep '^{' \$OUT/h2.log | python3 -c 'import json,sys,itertools; rs=sorted((json.loads(l) for l in sys.stdin), key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"], r[\"ms\"])); [print(k, n, m, r[\"path\"], round(r[\"ms\"]*1e3,2), r[\"cfg\"]) for (k, n, m), g in itertools.groupby(rs, key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"])) for r in list(g)[:10]]'" ;;
+h) kw_sweep 4096x12288 4,8,16 h.log ;;
+h2) kw_sweep 2048x12288,6144x2048 1,4 h2.log ;;
 e) bash scripts/gpu_run.sh \
   "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats fp8 --m 64,128,256 --out \$OUT/routes.json 2>&1 | grep -E ' us |routes' | tail -22" ;;
 g) bash scripts/gpu_run.sh \

@@ -513,6 +513,21 @@ def test_warps_along_k_refuses_what_the_kernel_does_not_run(bad: MmaConfig) -> N
         int4_mma(x, qw.tensors["qweight"], qw.tensors["scale"], 128, bad)
 
 
+def _record_launches(monkeypatch, mod) -> dict:
+    """Replace int4_mma's kernel with a recorder (Gluon has no interpreter): the returned dict
+    gets the last launch's grid, positional args and keyword constants."""
+    seen: dict = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.update(grid=grid, args=args, kw=kw)
+            return launch
+
+    monkeypatch.setattr(mod, "_int4_mma_kernel", Recorder())
+    return seen
+
+
 @pytest.mark.parametrize("cfg", [MmaConfig(), MmaConfig(row_tiles=2, chains=2, x_prefetch=True),
                                  MmaConfig(split=2, x_smem=True),
                                  MmaConfig(warps=1, kw=4, row_tiles=2)])
@@ -524,15 +539,7 @@ def test_launch_passes_the_constants_the_offline_compile_uses(monkeypatch, cfg) 
     from orbit.kernels import int4_mma as mod
     from orbit.kernels.random_weights import random_qweight
 
-    seen = {}
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.update(grid=grid, args=args, kw=kw)
-            return launch
-
-    monkeypatch.setattr(mod, "_int4_mma_kernel", Recorder())
+    seen = _record_launches(monkeypatch, mod)
     qw = random_qweight("int4", 256, 512, group_size=128)
     m = 9 if cfg.row_tiles == 2 else 4
     x = torch.randn(m, 512).bfloat16()
@@ -624,15 +631,7 @@ def test_swiglu_launch_passes_its_constants_and_refuses_what_it_cannot_pair(monk
     from orbit.kernels import int4_mma as mod
     from orbit.kernels.random_weights import random_qweight
 
-    seen = {}
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.update(grid=grid, args=args, kw=kw)
-            return launch
-
-    monkeypatch.setattr(mod, "_int4_mma_kernel", Recorder())
+    seen = _record_launches(monkeypatch, mod)
     cfg = MmaConfig(warps=1, kw=4)
     qw = random_qweight("int4", 256, 512, group_size=128)
     x = torch.randn(4, 512).bfloat16()
