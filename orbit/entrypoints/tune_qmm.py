@@ -187,6 +187,10 @@ def run(args: argparse.Namespace, formats: list[str], ms: list[int],
                                              if base else "") + f"  {gbs / bw:4.0%} of copy")
         print(line, flush=True)
         rows.append(line)
+        failed = [c for c in r.candidates if c.seconds is None]
+        if failed:  # (why they were skipped, once per shape instead of the compiler's spew)
+            print(f"       {len(failed)} of {len(r.candidates)} candidates not timed, e.g. "
+                  f"{describe(failed[0].route)}: {failed[0].note}", flush=True)
 
     table, results = tune(shapes, formats, ms, weight_maker(device, args.int4_group), copies, timer,
                     device, args.grid, args.min_gain, log)

@@ -20,7 +20,11 @@ tested on the CPU under Triton's interpreter with a deterministic timer; the GPU
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -236,20 +240,50 @@ def rel_err(y: Tensor, ref: Tensor) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
+@contextmanager
+def captured_stderr() -> Iterator[list[str]]:
+    """The process's file descriptor 2 into a temporary file for the block; its text is in
+    the yielded list afterwards. A candidate that does not compile makes Triton's MLIR pass
+    manager print its diagnostics there from C++ (sys.stderr cannot catch them), once per
+    failing candidate; the tuner keeps them with the candidate's note instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    text: list[str] = []
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield text
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            text.append(f.read().decode(errors="replace"))
+
+
 def measure(route: Route, x: Tensor, qws: list[QuantizedWeight], timer: Timer,
             ref: Tensor) -> Measured:
     """Check `route` on the first weight copy against `ref`, then time it over all copies.
     A route that does not compile, fails or misses the reference is returned untimed, with
-    the reason."""
+    the reason (and the compiler's first diagnostic line, which it printed to fd 2; the
+    text a working candidate printed there is passed on)."""
     fmt, (n, k), m = qws[0].fmt, qws[0].shape, x.shape[0]
     kern = _kernel(qws[0])
     forced = RouteTable(device=device_name(x.device))
     forced.add(fmt, n, k, m, route)
     with ROUTES.scoped(forced):
-        try:
-            err = rel_err(kern(x, qws[0]), ref)
-        except Exception as e:  # noqa: BLE001 (out of shared memory, a compile error: skip it)
-            return Measured(route, None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        failed = None
+        with captured_stderr() as diag:
+            try:
+                y = kern(x, qws[0])
+            except Exception as e:  # noqa: BLE001 (out of shared memory, a compile error)
+                failed = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        if failed is not None:
+            first = next((ln.strip() for ln in diag[0].splitlines() if ln.strip()), "")
+            return Measured(route, None, failed + (f" ({first[:160]})" if first else ""))
+        if diag[0]:
+            sys.stderr.write(diag[0])
+        err = rel_err(y, ref)
         if not err <= MAX_REL_ERR:
             return Measured(route, None, f"relative error {err:.2e} > {MAX_REL_ERR}")
         calls = [lambda q=q: kern(x, q) for q in qws]

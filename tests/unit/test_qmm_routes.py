@@ -604,3 +604,41 @@ def test_regfed_rule_reproduces_the_measured_tiles(monkeypatch: pytest.MonkeyPat
     with ROUTES.scoped(None):
         r = _qgemm.route(4, 2048, 2048, "nvfp4", False, CPU)
     assert r.kind != "dot" or r.config.unpack != UNPACK_PLANE_PAIRS
+
+
+def test_compiler_diagnostics_stay_with_the_candidate(monkeypatch: pytest.MonkeyPatch,
+                                                      capfd: pytest.CaptureFixture) -> None:
+    """What a failing candidate's compile prints on fd 2 (Triton's MLIR pass manager writes
+    from C++) goes into that candidate's note, not the terminal; what a working one prints
+    there is passed on."""
+    import os
+
+    from orbit.kernels import qmm_tune
+    from orbit.kernels.random_weights import random_qweight
+
+    with qmm_tune.captured_stderr() as text:
+        os.write(2, b"loc: error: Failures have been detected\n")
+    assert text == ["loc: error: Failures have been detected\n"]
+    assert capfd.readouterr().err == ""
+
+    qw = random_qweight("int4", 64, 128, group_size=32)
+    x = torch.randn(2, 128).bfloat16()
+    ref = x.float() @ qw.dequantize(torch.float32).T
+
+    def broken(x, qw, **kw):
+        os.write(2, b"_qgemm.py:380:0: error: Failures have been detected\n")
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(qmm_tune, "_kernel", lambda qw: broken)
+    r = qmm_tune.measure(Route("dequant"), x, [qw], lambda calls: 1.0, ref)
+    assert r.seconds is None and r.note.startswith("RuntimeError: PassManager::run failed")
+    assert "_qgemm.py:380:0: error" in r.note
+    assert capfd.readouterr().err == ""
+
+    def chatty(x, qw, **kw):
+        os.write(2, b"a warning\n")
+        return ref.bfloat16()
+
+    monkeypatch.setattr(qmm_tune, "_kernel", lambda qw: chatty)
+    r = qmm_tune.measure(Route("dequant"), x, [qw], lambda calls: 1.0, ref)
+    assert r.seconds == 1.0 and "a warning" in capfd.readouterr().err
