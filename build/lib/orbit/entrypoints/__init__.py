@@ -1,0 +1,1 @@
+"""Command-line entrypoints (train, preflight, generate, quantize), each with `main(argv)`."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics over sampled responses (pass@k)."""

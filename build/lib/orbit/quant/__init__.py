@@ -1,0 +1,1 @@
+"""Frozen base weights: formats, quantization, checkpoint and GGUF import, QuantLinear."""

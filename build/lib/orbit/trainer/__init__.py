@@ -1,0 +1,1 @@
+"""PolicyWorker (model + adapter + optimizer + engine), checkpointing, metrics, LR schedule."""
