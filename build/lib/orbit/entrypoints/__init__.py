@@ -1,1 +1,0 @@
-"""Command-line entrypoints (train, preflight, generate, quantize), each with `main(argv)`."""

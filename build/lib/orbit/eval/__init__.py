@@ -1,1 +1,0 @@
-"""Evaluation metrics over sampled responses (pass@k)."""

@@ -1,1 +1,0 @@
-"""GPU kernels (Triton) with plain-PyTorch references; `dispatch` picks between them."""

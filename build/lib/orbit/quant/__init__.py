@@ -1,1 +1,0 @@
-"""Frozen base weights: formats, quantization, checkpoint and GGUF import, QuantLinear."""

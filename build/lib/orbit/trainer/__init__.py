@@ -1,1 +1,0 @@
-"""PolicyWorker (model + adapter + optimizer + engine), checkpointing, metrics, LR schedule."""
