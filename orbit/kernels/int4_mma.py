@@ -50,12 +50,12 @@ from torch import Tensor
 from orbit.kernels._qgemm import FMT_IDS
 from orbit.kernels._triton import HAS_TRITON
 from orbit.kernels.plane_dot import E2M1_PAIR_PTX, U8_PAIR_DECODE_PTX
+from orbit.kernels.swiglu import silu_mul_values
 from orbit.quant.qweight import FP8_BLOCK, NVFP4_GROUP, QuantizedWeight
 
 try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kernel to run
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.extra import libdevice
     from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
@@ -542,26 +542,27 @@ if HAS_GLUON:
         return row
 
     @gluon.jit
-    def _silu_mul(g, u):
-        # swiglu.silu_mul_values' arithmetic (torch's roundings: silu in fp32 with the
-        # accurate exp and a correctly rounded division, rounded to g's dtype, then the
-        # product of the two rounded values), so the fold gives the separate launch's bits
-        gf = g.to(gl.float32)
-        s = gl.div_rn(gf, 1.0 + libdevice.exp(-gf)).to(g.dtype)
-        return (s.to(gl.float32) * u.to(gl.float32)).to(g.dtype)
+    def _rows_of(v, pid_n, N, BN: gl.constexpr, WN: gl.constexpr, KW: gl.constexpr,
+                 SWIGLU: gl.constexpr):
+        # the MMA tile's row v -> (its weight row, its K part: 0 unless KW > 1), for the
+        # word, scale and (NVFP4) per-16 scale pointers alike
+        part = 0
+        if KW > 1:
+            v, part = _virtual_rows(v, WN, KW)
+        return _weight_rows(v, pid_n, N, BN, SWIGLU), part
 
     @gluon.jit
     def _store_swiglu(acc, y_ptr, pid_n, N, M, stride_ym, BN: gl.constexpr, NP: gl.constexpr,
                       LPR: gl.constexpr, LSW: gl.constexpr):
         # acc [BN, NP] in _weight_rows' SWIGLU order -> y[col, pid_n BN / 2 + j] =
         # silu(gate) * up, gate and up each rounded to y's dtype first (what the plain store
-        # followed by the silu_mul launch computes). The split needs each (gate, up) pair in
-        # one thread: LPR [tiles, 8, NP, 2] holds it so.
+        # followed by the silu_mul launch computes: the same silu_mul_values). The split needs
+        # each (gate, up) pair in one thread: LPR [tiles, 8, NP, 2] holds it so.
         HB: gl.constexpr = BN // 2
         v = gl.reshape(acc.to(y_ptr.dtype.element_ty), [BN // 16, 2, 8, NP])
         g, u = gl.split(gl.convert_layout(gl.permute(v, (0, 2, 3, 1)), LPR))
-        out = gl.convert_layout(_silu_mul(gl.reshape(g, [HB, NP]), gl.reshape(u, [HB, NP])),
-                                LSW)
+        out = gl.convert_layout(silu_mul_values(gl.reshape(g, [HB, NP]), gl.reshape(u, [HB, NP]),
+                                                g.dtype, True), LSW)
         rows = gl.expand_dims(pid_n * HB + gl.arange(0, HB, layout=gl.SliceLayout(1, LSW)), 1)
         cols = gl.expand_dims(gl.arange(0, NP, layout=gl.SliceLayout(0, LSW)), 0)
         gl.store(y_ptr + cols * stride_ym + rows, out, mask=(rows < N // 2) & (cols < M))
@@ -654,10 +655,8 @@ if HAS_GLUON:
 
         # word pointers [BN, 4, VEC]: row r, word k0 / 8 + VEC t + i
         LW2: gl.constexpr = gl.SliceLayout(2, LW)
-        r = gl.arange(0, BNV, layout=gl.SliceLayout(1, LW2))
-        if KW > 1:
-            r, r_part = _virtual_rows(r, WN, KW)
-        r = _weight_rows(r, pid_n, N, BN, SWIGLU)
+        r, r_part = _rows_of(gl.arange(0, BNV, layout=gl.SliceLayout(1, LW2)), pid_n, N, BN,
+                             WN, KW, SWIGLU)
         t = gl.arange(0, 4, layout=gl.SliceLayout(0, LW2))
         i = gl.arange(0, VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
         r3 = gl.expand_dims(gl.expand_dims(r, 1), 2)
@@ -693,16 +692,12 @@ if HAS_GLUON:
         # [BN, 4, VEC / 2], the scale of words 2j and 2j + 1 of the step
         # (KW > 1: each virtual row's scales start at its K part, K_RUN a multiple of GROUP)
         LR: gl.constexpr = gl.SliceLayout(1, MMA)
-        rs = gl.arange(0, BNV, layout=LR)
-        if KW > 1:
-            rs, rs_part = _virtual_rows(rs, WN, KW)
-        rs = _weight_rows(rs, pid_n, N, BN, SWIGLU)
+        rs, rs_part = _rows_of(gl.arange(0, BNV, layout=LR), pid_n, N, BN, WN, KW, SWIGLU)
         if FMT == 3:
             LS2: gl.constexpr = gl.SliceLayout(2, LS)
-            sr = gl.arange(0, BNV, layout=gl.SliceLayout(1, LS2))
-            if KW > 1:
-                sr, sr_part = _virtual_rows(sr, WN, KW)
-            sr = gl.minimum(_weight_rows(sr, pid_n, N, BN, SWIGLU), N - 1)
+            sr, sr_part = _rows_of(gl.arange(0, BNV, layout=gl.SliceLayout(1, LS2)), pid_n, N,
+                                   BN, WN, KW, SWIGLU)
+            sr = gl.minimum(sr, N - 1)
             st = gl.arange(0, 4, layout=gl.SliceLayout(0, LS2))
             sh = gl.arange(0, VEC // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, LS)))
             s_ptrs = s_ptr + gl.expand_dims(gl.expand_dims(sr, 1), 2) * stride_s + (
@@ -906,31 +901,33 @@ if HAS_GLUON:
             RT: gl.constexpr = BN // (16 * WN)
             acc = gl.sum(gl.reshape(acc, [RT, KW, 16 * WN, NP]), axis=1)
             acc = gl.convert_layout(gl.reshape(acc, [BN, NP]), LOUT)
-            rs = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LOUT))
-            cols = gl.arange(0, NP, layout=gl.SliceLayout(0, LOUT))
-        else:
-            cols = gl.arange(0, NP, layout=gl.SliceLayout(0, MMA))
-        rows2 = gl.expand_dims(rs, 1)
-        cols2 = gl.expand_dims(cols, 0)
-        omask = (rows2 < N) & (cols2 < M)
-        if SWIGLU:
+        if SWIGLU:  # (its own output rows: SwiGLU's [M, N / 2])
             _store_swiglu(acc, y_ptr, pid_n, N, M, stride_ym, BN, NP, LPR, LSW)
-        elif SPLIT == 1:
-            gl.store(y_ptr + cols2 * stride_ym + rows2, acc.to(y_ptr.dtype.element_ty),
-                     mask=omask)
         else:
-            MN = M * N
-            gl.store(ws_ptr + pid_k * MN + cols2 * N + rows2, acc, mask=omask)
-            _cta_barrier()
-            arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-            if arrived == SPLIT - 1:
-                total = gl.zeros_like(acc)
-                for s in range(SPLIT):
-                    total += gl.load(ws_ptr + s * MN + cols2 * N + rows2, mask=omask,
-                                     other=0.0, cache_modifier=".cg")
-                gl.store(y_ptr + cols2 * stride_ym + rows2, total.to(y_ptr.dtype.element_ty),
+            if KW > 1:
+                rs = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LOUT))
+                cols = gl.arange(0, NP, layout=gl.SliceLayout(0, LOUT))
+            else:
+                cols = gl.arange(0, NP, layout=gl.SliceLayout(0, MMA))
+            rows2 = gl.expand_dims(rs, 1)
+            cols2 = gl.expand_dims(cols, 0)
+            omask = (rows2 < N) & (cols2 < M)
+            if SPLIT == 1:
+                gl.store(y_ptr + cols2 * stride_ym + rows2, acc.to(y_ptr.dtype.element_ty),
                          mask=omask)
-                gl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+            else:
+                MN = M * N
+                gl.store(ws_ptr + pid_k * MN + cols2 * N + rows2, acc, mask=omask)
+                _cta_barrier()
+                arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+                if arrived == SPLIT - 1:
+                    total = gl.zeros_like(acc)
+                    for s in range(SPLIT):
+                        total += gl.load(ws_ptr + s * MN + cols2 * N + rows2, mask=omask,
+                                         other=0.0, cache_modifier=".cg")
+                    gl.store(y_ptr + cols2 * stride_ym + rows2,
+                             total.to(y_ptr.dtype.element_ty), mask=omask)
+                    gl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
 
 
 def int4_mma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,

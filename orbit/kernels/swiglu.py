@@ -26,7 +26,7 @@ BLOCK = 1024
 def silu_mul_values(g, u, dt: tl.constexpr, LIBDEVICE: tl.constexpr):
     """silu(g) * u in dt with torch's roundings (module doc), for any block shape: this
     kernel's arithmetic, and the gate/up GEMV's when it stores SwiGLU's output itself
-    (orbit/kernels/gemv.py, PAIR)."""
+    (orbit/kernels/gemv.py, PAIR; the Gluon mma kernel's swiglu store, int4_mma.py)."""
     gf = g.to(tl.float32)
     if LIBDEVICE:  # CUDA's accurate expf, as torch's kernel calls it
         e = tl.extra.cuda.libdevice.exp(-gf)

@@ -333,8 +333,8 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
 
         out = [dataclasses.replace(shipped, pdl=True)]
         # (one program per tile: kw on top of a split lost everywhere in session 30)
-        for wn, kw, sp, pf, rt in itertools.product((1, 2), (2, 4, 8), (1,), (1, 2), (1, 2)):
-            c = dataclasses.replace(shipped, warps=wn, kw=kw, split=sp, prefetch=pf,
+        for wn, kw, pf, rt in itertools.product((1, 2), (2, 4, 8), (1, 2), (1, 2)):
+            c = dataclasses.replace(shipped, warps=wn, kw=kw, split=1, prefetch=pf,
                                     row_tiles=rt, pdl=True)
             if c not in out and kw_fits(c, k, group, fmt):
                 out.append(c)
