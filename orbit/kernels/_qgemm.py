@@ -144,10 +144,12 @@ MMA_WITH_LORA_MIN_M = 5
 # A stacked gate/up forward on the mma route stores SwiGLU's output itself (int4_mma's
 # swiglu: the gate and up rows of each MMA tile paired in its store, bit for bit the plain
 # store followed by the silu_mul launch), one launch per layer fewer (dispatch.qmm_swiglu).
-# Written in session 31 and compiled offline for sm_90 (the same K loop, 40 more
-# instructions in the store at M = 1); off until measured on a GPU (bench_engine --knob
-# orbit.kernels._qgemm.MMA_SWIGLU=False,True; pending_device_runs.sh i).
-MMA_SWIGLU = False
+# Written in session 31 (the same K loop, 40 more instructions in the store at M = 1).
+# Measured in session 32 (H100, Qwen3-1.7B decode, two off/on pairs in one process, bench_engine
+# --knob orbit.kernels._qgemm.MMA_SWIGLU=False,True,False,True): INT4 b1 869.6 -> 876.4 tok/s
+# (+0.8%), b4 3202.6 -> 3250.8 (+1.5%), b16 / b32 +-1%; NVFP4 b1 +0.7%, b4 +1.4%, b16 / b32
+# +-0.5%. GPU bits tests (47) pass.
+MMA_SWIGLU = True
 # From how many rows (rounded up to a power of two) the tl.dot loop's in-kernel LoRA shrink
 # runs as one tensor-core program per row block over all of K, instead of one program per row
 # of A (r programs, each its rows over all of K). Below this the one block program is the

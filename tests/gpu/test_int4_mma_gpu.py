@@ -64,6 +64,17 @@ def test_int4_mma_default_config(m: int, k: int, n: int) -> None:
     _check(m, k, n, 128, None, seed=m * 7 + n)
 
 
+@pytest.mark.parametrize("m", [1, 4, 6, 16, 32])
+@pytest.mark.parametrize("fmt,group,k,n", [
+    ("int4", 64, 128, 256), ("int4", 64, 256, 128), ("int4", 128, 128, 256),
+    ("int4", 128, 256, 512), ("nvfp4", 16, 128, 256), ("nvfp4", 16, 256, 128),
+    ("fp8", 128, 128, 256)])
+def test_shallow_k_default_config(m: int, fmt: str, group: int, k: int, n: int) -> None:
+    """K of one to four steps (MoE experts, small models): fewer steps than the shipped
+    pick's warps along K, so some K parts have no step at all and must add nothing."""
+    _check(m, k, n, group, None, seed=m + k + n, fmt=fmt)
+
+
 @pytest.mark.parametrize("cfg", [
     {"split": 1, "prefetch": 0}, {"split": 1, "prefetch": 1}, {"split": 4, "prefetch": 2},
     {"split": 8, "prefetch": 0, "x_prefetch": True}, {"split": 2, "row_tiles": 2},
@@ -208,7 +219,12 @@ def test_qmm_routes_rows_to_the_mma_kernel(monkeypatch, fmt: str) -> None:
         if lo <= m <= hi:
             assert torch.equal(dispatch.qmm(x, qw), _run(x, qw))
             assert not dispatch.norm_foldable(x, qw)
+            # SwiGLU folds there only into the tensor-core kernel's own store (MMA_SWIGLU)
+            swiglu = _qgemm.MMA_SWIGLU
+            assert dispatch.swiglu_foldable(x, qw) == dispatch._mma_swiglu(x, qw)
+            monkeypatch.setattr(_qgemm, "MMA_SWIGLU", False)
             assert not dispatch.swiglu_foldable(x, qw)
+            monkeypatch.setattr(_qgemm, "MMA_SWIGLU", swiglu)
             # a forward with a LoRA delta keeps its fused kernel below MMA_WITH_LORA_MIN_M
             # rows and takes the mma route (nothing fused) from there
             fused = m < _qgemm.MMA_WITH_LORA_MIN_M
@@ -226,7 +242,8 @@ def test_qmm_routes_rows_to_the_mma_kernel(monkeypatch, fmt: str) -> None:
     x4 = torch.randn(4, k, device="cuda").bfloat16()
     if fmt == "int4":
         # batch 1: the plane GEMV with its epilogues, unless the mma route starts at 1 row
-        assert dispatch.swiglu_foldable(x4[:1], qw) == (lo > 1)
+        # (then the mma kernel's SwiGLU store, where MMA_SWIGLU is on)
+        assert dispatch.swiglu_foldable(x4[:1], qw) == (lo > 1 or _qgemm.MMA_SWIGLU)
         asym = random_qweight("int4", n, k, group_size=128, asym=True, seed=4, device="cuda")
         assert not dispatch.mma_operands_ok(x4, asym)
     monkeypatch.delitem(_qgemm.MMA_ROWS, fmt)

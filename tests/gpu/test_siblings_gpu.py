@@ -25,9 +25,11 @@ def test_engine_grouped_decode_matches_separate(fmt: str, monkeypatch: pytest.Mo
     sp = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, logprobs_mode="raw")
     sep = Engine(small_qwen3(fmt), max_num_seqs=4, max_model_len=64, fuse_siblings=False).generate(ps, sp)
     calls: list[int] = []
-    orig = dispatch.qmm
-    monkeypatch.setattr(dispatch, "qmm", lambda x, qw, *a, **kw: (calls.append(qw.shape[0]),
-                                                                    orig(x, qw, *a, **kw))[1])
+    # (the stacked gate/up forward goes through qmm_swiglu where its kernel stores SwiGLU)
+    for name in ("qmm", "qmm_swiglu"):
+        orig = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name, lambda x, qw, *a, _f=orig, **kw: (
+            calls.append(qw.shape[0]), _f(x, qw, *a, **kw))[1])
     eng = Engine(small_qwen3(fmt), max_num_seqs=4, max_model_len=64)
     assert eng.sibling_groups == 2 * 3
     out = eng.generate(ps, sp)
