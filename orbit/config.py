@@ -62,7 +62,7 @@ class PrecisionConfig:
     quant_format: str = arg("auto", "base weight format; auto keeps the checkpoint's own", PRECISION_FORMATS)
     quant_group_size: int = arg(128, "group size along the input dim for int4/int8")
     precision_mode: str = arg("fast", "fast kernels, or batch-invariant exact kernels", ("fast", "exact"))
-    compute_dtype: str = arg("auto", "activation dtype; auto = bf16 on GPU, float32 on CPU", ("auto", "bf16", "float32"))
+    compute_dtype: str = arg("auto", "activation dtype; auto = bf16 on GPU and on a CPU with native bf16 (AVX-512 BF16 / AMX), else float32", ("auto", "bf16", "float32"))
     fused_moe: bool = arg(True, "run quantized MoE experts through the grouped Triton kernel on "
                           "CUDA (--no-fused-moe: the per-expert loop, the reference)")
     qmm_routes: str = arg("", "route table from `python -m orbit tune-qmm` (which quantized-matmul "

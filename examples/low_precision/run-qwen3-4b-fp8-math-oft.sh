@@ -23,6 +23,7 @@ PRECISION_ARGS=(
   --quant-group-size "${QUANT_GROUP_SIZE:-128}"
   --precision-mode "${PRECISION_MODE:-fast}"
   --qmm-routes "${QMM_ROUTES:-}"
+  --compute-dtype "${COMPUTE_DTYPE:-auto}"
 )
 
 ADAPTER_ARGS=(

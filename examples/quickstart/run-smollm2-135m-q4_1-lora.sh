@@ -31,6 +31,7 @@ PRECISION_ARGS=(
   --quant-format "${PRECISION_FORMAT:-auto}"
   --precision-mode "${PRECISION_MODE:-fast}"
   --qmm-routes "${QMM_ROUTES:-}"
+  --compute-dtype "${COMPUTE_DTYPE:-auto}"
 )
 
 ADAPTER_ARGS=(

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-num-seqs", type=_number(int, 1, what="an int >= 1"), default=64)
     ap.add_argument("--max-model-len", type=_number(int, 2, what="an int >= 2"), default=2048)
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--dtype", choices=_DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--dtype", choices=_DTYPES, default=None, help="default: bfloat16 on cuda and on a CPU with native bf16 dot products (AVX-512 BF16, AMX), else float32")
     ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--qmm-routes", default="", help="route table from `python -m orbit "
                     "tune-qmm` (quantized-matmul kernel per shape on this GPU)")
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{st['new_tokens']} tokens in {st['seconds']:.2f} s = {st['tokens_per_s']:.1f} tokens/s "
         f"({st['prefill_steps']} prefill + {st['decode_steps']} decode steps, {engine.device}, "
-        f"{engine.dtype})",
+        f"{engine.model_dtype}, KV cache {engine.dtype})",
         file=sys.stderr,
     )
     if failed:
@@ -212,6 +212,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, list[list[dict[str, str]]], l
     import torch
 
     from orbit.assets import default_gguf_path
+    from orbit.models.dtypes import auto_compute_dtype
     from orbit.models.loader import load_model
     from orbit.models.tokenizer import stop_token_ids
     from orbit.rollout.engine import Engine
@@ -225,7 +226,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, list[list[dict[str, str]]], l
     )
     sp.check()
     device = _device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    dtype = getattr(torch, args.dtype) if args.dtype else auto_compute_dtype(device)
     chats = read_prompts(args.prompts)
     model_path = args.model or default_gguf_path()
     if args.model is not None and not Path(model_path).exists():

@@ -26,6 +26,7 @@ import torch
 
 from orbit.alignment.measure import MismatchMetrics, measure_mismatch, random_prompts
 from orbit.config import TrainConfig, build_parser, config_from_namespace
+from orbit.models.dtypes import resolve_compute_dtype
 
 # Fast-mode gate (mean |dlogp|, KL k3), per precision; see docs/precision.md ("Alignment") for
 # the H100 measurements behind them: random Qwen3-1.7B-shaped model, bf16 + LoRA, 28 layers:
@@ -159,9 +160,7 @@ def run_preflight(cfg: TrainConfig, num_prompts: int = 4, max_new_tokens: int = 
 
     dev = cfg.cluster.device
     device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else ("cpu" if dev == "auto" else dev))
-    cd = cfg.precision.compute_dtype
-    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if cd == "auto" else \
-        {"bf16": torch.bfloat16, "float32": torch.float32}[cd]
+    dtype = resolve_compute_dtype(cfg.precision.compute_dtype, device)
     model, tok = _load(cfg, device, dtype, random_model_name)
     a = cfg.adapter
     torch.manual_seed(cfg.data.seed)

@@ -341,8 +341,8 @@ class AttnBatch:
         t0 = 0
         for n, s, p in zip(self._host_seqlens(), slots, starts):
             ctx = p + n
-            kb = kc[s, :ctx].to(q.dtype)  # [ctx, Hkv, D]
-            vb = vc[s, :ctx].to(q.dtype)
+            kb = kc[s, :ctx]  # [ctx, Hkv, D] (_sdpa casts to the dtype attention runs in)
+            vb = vc[s, :ctx]
             if p == 0:
                 out[t0 : t0 + n] = _sdpa(q[t0 : t0 + n], kb, vb, mask=None, causal=True)
             else:
@@ -416,12 +416,13 @@ class AttnBatch:
 
     def _attend_decode(self, kc: Tensor, vc: Tensor, q: Tensor) -> Tensor:
         mask, L = self._decode_meta(q.device)
-        kb = kc[self.slots, :L].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
-        vb = vc[self.slots, :L].to(q.dtype).transpose(1, 2)
+        dt = sdpa_dtype(q)
+        kb = kc[self.slots, :L].to(dt).transpose(1, 2)  # [B, Hkv, L, D]
+        vb = vc[self.slots, :L].to(dt).transpose(1, 2)
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), kb, vb, attn_mask=mask, enable_gqa=kb.shape[1] != q.shape[1]
+            q.unsqueeze(2).to(dt), kb, vb, attn_mask=mask, enable_gqa=kb.shape[1] != q.shape[1]
         )  # [B, H, 1, D]
-        return o.squeeze(2)
+        return o.squeeze(2).to(q.dtype)
 
 
     def _attend_varlen(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -475,16 +476,35 @@ def _check_backend(backend: str) -> None:
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-    """One sequence: q [n, H, D], k/v [m, Hkv, D] -> [n, H, D]."""
+    """One sequence: q [n, H, D], k/v [m, Hkv, D] -> [n, H, D] in q's dtype, computed in
+    `sdpa_dtype(q)`."""
+    dt = sdpa_dtype(q)
     o = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0),  # [1, H, n, D]
-        k.transpose(0, 1).unsqueeze(0),
-        v.transpose(0, 1).unsqueeze(0),
+        q.to(dt).transpose(0, 1).unsqueeze(0),  # [1, H, n, D]
+        k.to(dt).transpose(0, 1).unsqueeze(0),
+        v.to(dt).transpose(0, 1).unsqueeze(0),
         attn_mask=mask,
         is_causal=causal,
         enable_gqa=k.shape[1] != q.shape[1],
     )
-    return o[0].transpose(0, 1)
+    return o[0].transpose(0, 1).to(q.dtype)
+
+
+def sdpa_dtype(q: Tensor) -> torch.dtype:
+    """The dtype the SDPA paths (packed, prefill, decode) compute attention in: float32 on a
+    CPU, whatever the activations' dtype, because torch's CPU SDPA kernels run bf16 ~3x
+    slower than float32 (docs/benchmarks.md, "CPU compute dtype"); q's own dtype elsewhere.
+    The trainer's packed forward and the engine's cached one take the same rule, so their
+    log-probs still come from the same attention math."""
+    return torch.float32 if q.device.type == "cpu" else q.dtype
+
+
+def cache_dtype(model_dtype: torch.dtype, device: torch.device, exact: bool = False) -> torch.dtype:
+    """The KV-cache dtype an engine on `device` defaults to: float32 on a CPU (its attention
+    reads the cache in float32, `sdpa_dtype`: storing bf16 keys there exactly saves converting
+    every layer's whole context at every step), the model's dtype elsewhere and in exact mode
+    (whose one-order attention reads K/V in the compute dtype, as its packed form does)."""
+    return torch.float32 if device.type == "cpu" and not exact else model_dtype
 
 
 def cu_seqlens_from_lengths(lengths: list[int], device: torch.device | str = "cpu") -> Tensor:

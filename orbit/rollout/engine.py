@@ -31,6 +31,7 @@ from orbit.models.attention import (
     VARLEN_PAGE,
     AttnBatch,
     KVCache,
+    cache_dtype,
     cu_seqlens_from_lengths,
     varlen_supported,
 )
@@ -130,7 +131,8 @@ class Engine:
     tokens per sequence. kv_cache_memory: None sizes the cache for max_num_seqs x
     max_model_len; a float in (0, 1] uses that fraction of the free CUDA memory (CPU: same as
     None); an int is a byte budget. When the budget holds fewer slots than max_num_seqs,
-    fewer sequences run at once. dtype: KV-cache dtype (default: the model's norm dtype).
+    fewer sequences run at once. dtype: KV-cache dtype (default: the model's norm dtype; float32
+    on a CPU outside exact mode, whose SDPA reads the cache in float32: `attention.cache_dtype`).
     cuda_graph: replay captured decode graphs on CUDA (ignored on CPU and for MoE models,
     whose routing syncs with the host). exact: batch-size-invariant decode: no padding to a
     graph bucket (graphs are captured per exact batch size), so a sequence's logits do not
@@ -245,7 +247,8 @@ class Engine:
         self.config = model.config
         norm_w = model.model.norm.weight
         self.device = torch.device(device) if device is not None else norm_w.device
-        self.dtype = dtype or (norm_w.dtype if norm_w.is_floating_point() else torch.bfloat16)
+        self.model_dtype = norm_w.dtype if norm_w.is_floating_point() else torch.bfloat16
+        self.dtype = dtype or cache_dtype(self.model_dtype, self.device, exact)
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         pos_limit = self.config.max_position_embeddings
         if max_model_len > pos_limit:

@@ -24,6 +24,7 @@ from orbit.algorithms.losses import PolicyLossConfig, PolicyLossInputs, policy_l
 from orbit.config import TrainConfig
 from orbit.data.sample import Sample, pack_samples
 from orbit.models.attention import AttnBatch
+from orbit.models.dtypes import resolve_compute_dtype
 from orbit.models.logprobs import response_logprobs
 from orbit.trainer import checkpoint as ckpt
 from orbit.trainer.batching import micro_batches, padded, to_device
@@ -39,12 +40,6 @@ _STEP_METRICS = ("train/pg_loss", "train/pg_clipfrac", "train/ppo_kl", "train/en
                  "train/train_rollout_kl_k3")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "float32": torch.float32}[name]
-
-
 class PolicyWorker:
     """Model + adapter + AdamW + engine on one device; see the module docstring."""
 
@@ -55,7 +50,7 @@ class PolicyWorker:
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(cfg.precision.compute_dtype, self.device)
+        self.dtype = resolve_compute_dtype(cfg.precision.compute_dtype, self.device)
         path = cfg.ckpt.hf_checkpoint or str(_default_model_path())
         fmt = cfg.precision.quant_format
         weight_fmt = {"auto": None, "fp8-w8a8": "fp8"}.get(fmt, fmt)
