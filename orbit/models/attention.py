@@ -493,7 +493,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) ->
 def sdpa_dtype(q: Tensor) -> torch.dtype:
     """The dtype the SDPA paths (packed, prefill, decode) compute attention in: float32 on a
     CPU, whatever the activations' dtype, because torch's CPU SDPA kernels run bf16 ~3x
-    slower than float32 (docs/benchmarks.md, "CPU compute dtype"); q's own dtype elsewhere.
+    slower than float32 (docs/precision.md, "The compute dtype"); q's own dtype elsewhere.
     The trainer's packed forward and the engine's cached one take the same rule, so their
     log-probs still come from the same attention math."""
     return torch.float32 if q.device.type == "cpu" else q.dtype
