@@ -1,10 +1,10 @@
 """What `--compute-dtype auto` means: one rule for the trainer, the preflight and the demo.
 
 bf16 on CUDA. On a CPU, bf16 where the cores have native bf16 dot products (AVX-512 BF16 or
-AMX: oneDNN runs the matmuls 2.3-3x faster than float32 there, docs/benchmarks.md "Quickstart
-learning (CPU)", session 32), float32 elsewhere (without them a bf16 matmul is emulated and slower). The
-attention of the SDPA paths runs in float32 on a CPU whatever this gives
-(orbit/models/attention.py, `sdpa_dtype`).
+AMX: oneDNN runs the matmuls 2.3-3x faster than float32 there; docs/benchmarks.md,
+"Quickstart learning (CPU)", session 32), float32 elsewhere (without them a bf16 matmul is
+emulated and slower). The attention of the SDPA paths runs in float32 on a CPU whatever this
+gives (orbit/models/attention.py, `sdpa_dtype`).
 """
 
 from __future__ import annotations
