@@ -175,19 +175,22 @@ def _mma_swiglu(x: Tensor, qw: QuantizedWeight) -> bool:
     return int4_mma.swiglu_fits(m, k, n, group, num_sms(x.device), qw.fmt)
 
 
-def swiglu_foldable(x: Tensor, qw: QuantizedWeight, lora: bool = False) -> bool:
-    """Whether `qmm_swiglu(x, qw)` runs: qw is a stacked gate/up weight (gate rows first) whose
-    fast-mode forward of x is the nibble-plane decode GEMV, which can store SwiGLU's output
-    itself (CUDA, or Triton's interpreter in CPU tests), or without `lora` the tensor-core
-    kernel with its SwiGLU store (`_mma_swiglu`). `lora`: the launch also carries the gate/up
+def _plane_swiglu(x: Tensor, qw: QuantizedWeight, lora: bool) -> bool:
+    """`qmm_swiglu` on the nibble-plane decode GEMV, which stores SwiGLU's output itself (CUDA,
+    or Triton's interpreter in CPU tests). `lora`: the launch also carries the gate/up
     adapters' deltas (`_mma_ok_with_lora` decides the route then)."""
     from orbit.kernels._qgemm import swiglu_fits
 
-    if not lora and _mma_swiglu(x, qw):
-        return True
     mma_ok = _mma_ok_with_lora(x, qw) if lora else mma_operands_ok(x, qw)
     return _fused_store_input(x) and swiglu_fits(x.shape[0], qw.shape[0], qw.shape[1], qw.fmt,
                                                  False, x.device, mma_ok)
+
+
+def swiglu_foldable(x: Tensor, qw: QuantizedWeight, lora: bool = False) -> bool:
+    """Whether `qmm_swiglu(x, qw)` runs: qw is a stacked gate/up weight (gate rows first) whose
+    fast-mode forward of x stores SwiGLU's output in one launch, on the tensor-core kernel
+    (without `lora`: `_mma_swiglu`) or on the plane GEMV (`_plane_swiglu`)."""
+    return (not lora and _mma_swiglu(x, qw)) or _plane_swiglu(x, qw, lora)
 
 
 def qmm_swiglu(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue | None = None) -> Tensor:
@@ -199,7 +202,7 @@ def qmm_swiglu(x: Tensor, qw: QuantizedWeight, lora: LoRAEpilogue | None = None)
 
         return int4_mma_weight(x.contiguous(), qw, swiglu=True)
     kernel = _kernel_for(qw)
-    if kernel is None or not swiglu_foldable(x, qw, lora is not None):
+    if kernel is None or not _plane_swiglu(x, qw, lora is not None):
         raise ValueError(f"qmm_swiglu: a {qw.fmt} {tuple(qw.shape)} forward of "
                          f"{tuple(x.shape)} {x.dtype} on {x.device} is not the plane GEMV "
                          f"or the tensor-core kernel with its SwiGLU store")

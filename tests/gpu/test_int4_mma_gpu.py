@@ -70,8 +70,9 @@ def test_int4_mma_default_config(m: int, k: int, n: int) -> None:
     ("int4", 128, 256, 512), ("nvfp4", 16, 128, 256), ("nvfp4", 16, 256, 128),
     ("fp8", 128, 128, 256)])
 def test_shallow_k_default_config(m: int, fmt: str, group: int, k: int, n: int) -> None:
-    """K of one to four steps (MoE experts, small models): fewer steps than the shipped
-    pick's warps along K, so some K parts have no step at all and must add nothing."""
+    """K of one to four steps (MoE experts, small models), at the default config: the pick
+    keeps one program per tile there (pick_config's MIN_SLICE_K), the kernel's shallowest
+    loops; checked against fp64 as the Qwen3 shapes are."""
     _check(m, k, n, group, None, seed=m + k + n, fmt=fmt)
 
 
@@ -220,11 +221,10 @@ def test_qmm_routes_rows_to_the_mma_kernel(monkeypatch, fmt: str) -> None:
             assert torch.equal(dispatch.qmm(x, qw), _run(x, qw))
             assert not dispatch.norm_foldable(x, qw)
             # SwiGLU folds there only into the tensor-core kernel's own store (MMA_SWIGLU)
-            swiglu = _qgemm.MMA_SWIGLU
             assert dispatch.swiglu_foldable(x, qw) == dispatch._mma_swiglu(x, qw)
-            monkeypatch.setattr(_qgemm, "MMA_SWIGLU", False)
-            assert not dispatch.swiglu_foldable(x, qw)
-            monkeypatch.setattr(_qgemm, "MMA_SWIGLU", swiglu)
+            with monkeypatch.context() as mp:
+                mp.setattr(_qgemm, "MMA_SWIGLU", False)
+                assert not dispatch.swiglu_foldable(x, qw)
             # a forward with a LoRA delta keeps its fused kernel below MMA_WITH_LORA_MIN_M
             # rows and takes the mma route (nothing fused) from there
             fused = m < _qgemm.MMA_WITH_LORA_MIN_M
