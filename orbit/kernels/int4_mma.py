@@ -131,6 +131,15 @@ X_SMEM_MAX_BYTES = 32 * 1024
 # 4096x12288 M = 16 17.4 us with PDL against the split pick's 19.4, 6144x2048 M = 4 7.1
 # against 8.1.
 WARP_K = 8
+# Up to how many rows (per format) pick_config's warps-along-K form loads two steps of weight
+# words and scales ahead (MmaConfig.prefetch 2) instead of one. With warps along K a warp
+# streams its K part alone (one warp over N per part at these sizes), so one step ahead left
+# each warp too few bytes in flight. INT4 8: H100, session 33 (`bench_qmm.py --gemv --gemv-mma
+# --gemv-mma-kw sweep`, PDL): every Qwen3 shape at M = 1, 4, 8 faster, 2048x2048 M = 1 4.4 ->
+# 3.1 us, 2048x4096 5.2 -> 4.1, 2048x12288 9.0 -> 7.8, 6144x2048 7.0 -> 6.4, 4096x12288 M = 4
+# 17.0 -> 14.4 (2.94x cuBLAS); at 16 rows (two row tiles a warp, twice the registers) 17.4 ->
+# 24.3, so not there. A format missing here keeps 1.
+KW_DEEP_PREFETCH_MAX_M: dict[str, int] = {"int4": 8}
 
 
 @dataclass(frozen=True)
@@ -260,6 +269,8 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4",
     kw = min(WARP_K if warp_k is None else warp_k, split)
     if kw > 1:  # the split's K parts as warps along K
         by_warps = warps_along_k(cfg, kw, split // kw)
+        if m <= KW_DEEP_PREFETCH_MAX_M.get(fmt, 0):
+            by_warps = dataclasses.replace(by_warps, prefetch=2)
         if kw_fits(by_warps, k, group, fmt):
             return by_warps
     return cfg
