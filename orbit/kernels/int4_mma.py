@@ -140,6 +140,8 @@ WARP_K = 8
 # 17.0 -> 14.4 (2.94x cuBLAS); at 16 rows (two row tiles a warp, twice the registers) 17.4 ->
 # 24.3, so not there. A format missing here keeps 1.
 KW_DEEP_PREFETCH_MAX_M: dict[str, int] = {"int4": 8}
+# How many steps ahead those rows load (MmaConfig.prefetch; the kernel takes up to 3).
+KW_DEEP_PREFETCH_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ class MmaConfig:
     """warps: 16-row MMA tiles side by side (BN = 16 * warps * row_tiles weight rows per
     program); row_tiles: 16-row tiles per warp (x registers are shared between them);
     split: K slices; prefetch: steps whose weight words and scales are loaded ahead of the one
-    being computed (0, 1 or 2); x_prefetch: the next step's x too; pdl: launch with
+    being computed (0-3); x_prefetch: the next step's x too; pdl: launch with
     programmatic dependent launch even outside the engine's pdl_scope (a benchmark's rows);
     stages: 0 keeps the weight words' prefetch in registers (`prefetch` steps ahead); n > 0
     streams them through a ring of n steps in shared memory with cp.async instead, n steps
@@ -270,7 +272,7 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4",
     if kw > 1:  # the split's K parts as warps along K
         by_warps = warps_along_k(cfg, kw, split // kw)
         if m <= KW_DEEP_PREFETCH_MAX_M.get(fmt, 0):
-            by_warps = dataclasses.replace(by_warps, prefetch=2)
+            by_warps = dataclasses.replace(by_warps, prefetch=KW_DEEP_PREFETCH_STEPS)
         if kw_fits(by_warps, k, group, fmt):
             return by_warps
     return cfg
@@ -744,6 +746,13 @@ if HAS_GLUON:
                 w_ptrs += adv0 // KPW
                 w1 = gl.load(w_ptrs)
             s1 = gl.load(s_ptrs + kn // GROUP)
+        if DEPTH >= 3:
+            adv1 = gl.where(2 * BK < K_RUN, BK, 0)
+            kn += adv1
+            if STAGES == 0 and TMA == 0:
+                w_ptrs += adv1 // KPW
+                w2 = gl.load(w_ptrs)
+            s2 = gl.load(s_ptrs + kn // GROUP)
         if STAGES > 0:
             # The ring: each thread copies exactly the words it later reads back in LW, so a
             # step needs only its own thread's cp.async group complete. The first STAGES
@@ -837,7 +846,11 @@ if HAS_GLUON:
                     cur_s = s0
                     adv = gl.where(kk + DEPTH * BK < K_RUN, BK, 0)
                     kn += adv
-                    if DEPTH >= 2:
+                    if DEPTH >= 3:
+                        s0 = s1
+                        s1 = s2
+                        s2 = gl.load(s_ptrs + kn // GROUP)
+                    elif DEPTH == 2:
                         s0 = s1
                         s1 = gl.load(s_ptrs + kn // GROUP)
                     else:
@@ -852,7 +865,14 @@ if HAS_GLUON:
                 adv = gl.where(kk + DEPTH * BK < K_RUN, BK, 0)
                 w_ptrs += adv // KPW
                 kn += adv
-                if DEPTH >= 2:
+                if DEPTH >= 3:
+                    w0 = w1
+                    s0 = s1
+                    w1 = w2
+                    s1 = s2
+                    w2 = gl.load(w_ptrs)
+                    s2 = gl.load(s_ptrs + kn // GROUP)
+                elif DEPTH == 2:
                     w0 = w1
                     s0 = s1
                     w1 = gl.load(w_ptrs)

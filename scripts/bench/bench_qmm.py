@@ -313,7 +313,8 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     pick's split (the same warps per tile and K slice, no global fix-up) and on top of it
     (kw times the warps), plain and PDL; kw_only "sweep": the shipped pick's neighbourhood,
     PDL only: warps over N 1 / 2, kw 2 / 4 / 8, prefetch 1 / 2, one or two row tiles, one
-    program per tile)."""
+    program per tile); kw_only "deep": the shipped pick with prefetch 1 / 2 / 3 and 1 / 2
+    warps over N, PDL)."""
     from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
     # (the forms below are built on the split-K pick; kw_only and the default list also time
@@ -328,6 +329,13 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
                  dataclasses.replace(base, pdl=True, l2=True)]
                 + [dataclasses.replace(base, split=s_, l2=True, pdl=True)
                    for s_ in (base.split // 2, base.split * 2) if s_ in splits])
+    if kw_only == "deep":
+        out = [dataclasses.replace(shipped, pdl=True)]
+        for wn, pf in itertools.product((1, 2), (1, 2, 3)):
+            c = dataclasses.replace(shipped, warps=wn, prefetch=pf, pdl=True)
+            if c not in out:
+                out.append(c)
+        return out
     if kw_only == "sweep":
         from orbit.kernels.int4_mma import kw_fits
 
@@ -748,11 +756,12 @@ def main() -> None:
                     help="with --gemv-mma: only the pick with 1 and 2 MMA chains per step "
                          "(MmaConfig.chains, INT4 and NVFP4), 1 and 2 row tiles, plain and PDL")
     ap.add_argument("--gemv-mma-kw", nargs="?", const="forms", default="",
-                    choices=["forms", "sweep"],
+                    choices=["forms", "sweep", "deep"],
                     help="with --gemv-mma: only the pick and its warps-along-K forms "
                          "(MmaConfig.kw 2, 4, 8 in place of and on top of its split), plain "
                          "and PDL; 'sweep': the shipped pick's neighbourhood (warps over N, "
-                         "kw, prefetch depth, row tiles), PDL only")
+                         "kw, prefetch depth, row tiles), PDL only; 'deep': the shipped pick "
+                         "with 1, 2 and 3 steps loaded ahead, 1 and 2 warps over N, PDL")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")

@@ -666,3 +666,24 @@ def test_swiglu_launch_passes_its_constants_and_refuses_what_it_cannot_pair(monk
     with pytest.raises(ValueError, match="swiglu"):
         mod.int4_mma(x, odd.tensors["qweight"], odd.tensors["scale"], 128, cfg, swiglu=True)
     assert not seen  # nothing launched
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 64), ("nvfp4", 16)])
+@pytest.mark.parametrize("depth", [2, 3])
+def test_sm90_compile_deep_prefetch_spills_nothing(monkeypatch, fmt: str, group: int,
+                                                   depth: int) -> None:
+    """The warps-along-K pick at M = 8 with two or three steps' words and scales held in
+    registers ahead (MmaConfig.prefetch): no local memory (a spill would turn the prefetch
+    into a round trip of its own), and the loop's MMA count is the one-step form's."""
+    import dataclasses
+
+    monkeypatch.setattr(int4_mma, "WARP_K", SHIPPED_WARP_K)
+    tool = _tool()
+    cfg = pick_config(8, 4096, 12288, group, 132, fmt)
+    assert cfg.kw > 1
+    one = tool.compile_mma(dataclasses.replace(cfg, prefetch=1), 8, group, fmt=fmt)
+    deep = tool.compile_mma(dataclasses.replace(cfg, prefetch=depth), 8, group, fmt=fmt)
+    assert "LOCAL:0" in tool.resources(deep.asm["cubin"])
+    _, ops1, _ = tool.loop_budget(tool.disassemble(one.asm["cubin"]), key="HMMA")
+    _, ops, _ = tool.loop_budget(tool.disassemble(deep.asm["cubin"]), key="HMMA")
+    assert ops["HMMA"] == ops1["HMMA"]
