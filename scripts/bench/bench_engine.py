@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="tiny shapes (default without CUDA)")
     ap.add_argument("--sections", default="vs_hf,roofline,formats,lora")
     ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128,
+                    help="decode tokens per sample in the roofline and formats sections "
+                         "(longer runs: less noise between knob values)")
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "sdpa", "varlen", "triton"),
                     help="engine attention backend; auto: each engine picks (varlen where "
                          "native), and vs_hf times sdpa and varlen")
@@ -490,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if cuda:
                 torch.cuda.empty_cache()
-            new = 32 if small else 128
+            new = 32 if small else args.new_tokens
             for batch in ([1, 4] if small else [int(b) for b in args.batches.split(",")]):
                 if "formats" not in sections and batch != 1:
                     continue

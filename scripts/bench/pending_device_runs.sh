@@ -2,19 +2,16 @@
 # The measurements queued for the next device calls (docs/benchmarks.md), in priority order,
 # each call within the device tool's 600 s, from the repository root:
 #     bash scripts/gpu_prepare.sh                          (here, once: .whl/ with pytest-xdist)
-#     run(command="bash scripts/bench/pending_device_runs.sh m", carry=[".whl"])
-#     then h, h2, g, e; b (the whole GPU suite, 12 xdist workers, ~470 s) after kernel changes
+#     run(command="bash scripts/bench/pending_device_runs.sh d", carry=[".whl"])
+#     then n, g, e; b (the whole GPU suite, 14 xdist workers, ~550 s) after kernel changes
 #     (b1-b3: the same files in three calls, without xdist)
-# Ran in session 32: i (the mma kernel's SwiGLU store: shipped, MMA_SWIGLU = True), b (734
-# passed, 11 failed: 9 stale tests fixed and rerun, the MoE test below open).
-# m: test_fused_moe_block_matches_loop[int4] / [nvfp4] (open since session 32: the fused block's
-#    LoRA grads 0.81-0.92 from the per-expert loop's, with each expert linear and the grouped
-#    kernel correct alone and the routing replayed): the test and the per-linear diagnosis.
-# h: issue 3's last 2-8% at M = 4-16 (4096x12288 M = 4 17.1 us, M = 8 18.0, M = 16 17.4;
-#    2.5x cuBLAS is 16.7): the shipped pick's neighbourhood (`--gemv-mma-kw sweep`: warps
-#    over N 1 / 2, kw 2 / 4 / 8, prefetch 1 / 2, 1 / 2 row tiles; 24 configs an M, PDL),
-#    the 10 fastest of each M listed. h2: the same on the engine's gate/up and down shapes
-#    (2048x12288, 6144x2048) at M = 1, 4.
+# Ran in session 33: m (the MoE test: its loss had a noise gradient; fixed), h / h2 (the kw
+# neighbourhood: two steps ahead at 1-8 rows, shipped for INT4), b (780 passed in 547 s).
+# d: three steps ahead (the kernel takes DEPTH 3 since session 33, compiled offline only):
+#    isolated against 1 and 2 on the Qwen3 shapes at M = 1, 4, 8; the engine with
+#    KW_DEEP_PREFETCH_STEPS 2 vs 3; the default-config GPU tests with 3.
+# n: NVFP4 / FP8 with two steps ahead lost at batch 4 in the engine (both pairs) while the
+#    isolated NVFP4 kernel gained: 512 new tokens (less noise), batch 1 / 2 / 4 / 8.
 # g: NVFP4 at 17-32 rows (INT4 took them in session 31: +5-8% at batch 24-32): the engine
 #    with MMA_ROWS nvfp4 (1, 16) vs (1, 32), and the isolated kernel against its routes.
 # e: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
@@ -24,12 +21,15 @@ kw_sweep() {
   bash scripts/gpu_run.sh \
   "cmd:timeout 540 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw sweep --gemv-formats int4 --gemv-shapes $1 --gemv-m $2 --gemv-paths 'int4-mma*,gemv' > \$OUT/$3 2>&1; grep '^{' \$OUT/$3 | python3 -c 'import json,sys,itertools; rs=sorted((json.loads(l) for l in sys.stdin), key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"], r[\"ms\"])); [print(k, n, m, r[\"path\"], round(r[\"ms\"]*1e3,2), r[\"cfg\"]) for (k, n, m), g in itertools.groupby(rs, key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"])) for r in list(g)[:10]]'"
 }
-case "${1:-m}" in
-m) bash scripts/gpu_run.sh \
-  "cmd:timeout 120 python3 -m pytest tests/gpu/test_moe_gemm_gpu.py -m gpu -q -p no:cacheprovider -k fused_moe_block --tb=short > \$OUT/m.log 2>&1; grep -E '^E   |passed|failed' \$OUT/m.log | cut -c1-200 | head -20" \
-  "cmd:timeout 90 python3 scripts/bench/diag_expert_grad.py 2>&1 | grep -c BAD" ;;
+case "${1:-d}" in
+d) bash scripts/gpu_run.sh \
+  "cmd:timeout 150 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats int4 --gemv-shapes 2048x4096,2048x2048,2048x12288,6144x2048,4096x12288 --gemv-m 1,4,8 --gemv-paths 'int4-mma*' 2>&1 | grep '^{' | python3 scripts/bench/rows.py fmt k n m cfg ms speedup frac_copy_bw" \
+  "cmd:timeout 120 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 1,4,8 --attn-backend triton --knob orbit.kernels.int4_mma.KW_DEEP_PREFETCH_STEPS=2,3,2,3 2>&1 | grep '^formats'" \
+  "cmd:timeout 120 python3 scripts/bench/pytest_with_knobs.py orbit.kernels.int4_mma.KW_DEEP_PREFETCH_STEPS=3 -- tests/gpu/test_int4_mma_gpu.py -m gpu -q -p no:cacheprovider -k default_config 2>&1 | tail -2" ;;
+n) bash scripts/gpu_run.sh \
+  "cmd:timeout 400 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4,fp8 --batches 1,2,4,8 --new-tokens 512 --attn-backend triton --knob \"orbit.kernels.int4_mma.KW_DEEP_PREFETCH_MAX_M={'int4':8},{'int4':8,'nvfp4':8,'fp8':8},{'int4':8},{'int4':8,'nvfp4':8,'fp8':8}\" 2>&1 | grep '^formats'" ;;
 b) bash scripts/gpu_run.sh \
-  "cmd:timeout 560 python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider -n 12 --durations=15 > \$OUT/gpu.log 2>&1; grep -E '^(FAILED|ERROR)|passed|failed' \$OUT/gpu.log | tail -25" ;;
+  "cmd:timeout 585 python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider -n 14 --durations=15 > \$OUT/gpu.log 2>&1; grep -E '^(FAILED|ERROR)|passed|failed' \$OUT/gpu.log | tail -25" ;;
 b1) bash scripts/gpu_run.sh \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_qmm_gpu.py -k 'plane_pair_steps or swap_ab_forward or tile_dequantization' > \$OUT/b1a.log 2>&1; tail -3 \$OUT/b1a.log" \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_oft_kernel.py tests/gpu/test_quant_linear_gpu.py tests/gpu/test_rmsnorm_gpu.py tests/gpu/test_rope_gpu.py tests/gpu/test_moe_gemm_gpu.py > \$OUT/b1b.log 2>&1; tail -3 \$OUT/b1b.log" ;;
@@ -40,11 +40,10 @@ b3) bash scripts/gpu_run.sh \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_int4_mma_gpu.py -k 'not default_config' > \$OUT/b3a.log 2>&1; tail -3 \$OUT/b3a.log" \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_exact_mode.py tests/gpu/test_attention_decode_gpu.py > \$OUT/b3b.log 2>&1; tail -3 \$OUT/b3b.log" ;;
 h) kw_sweep 4096x12288 4,8,16 h.log ;;
-h2) kw_sweep 2048x12288,6144x2048 1,4 h2.log ;;
 e) bash scripts/gpu_run.sh \
   "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats fp8 --m 64,128,256 --out \$OUT/routes.json 2>&1 | grep -E ' us |routes' | tail -22" ;;
 g) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 24,32 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS={'int4':(1,32),'nvfp4':(1,16),'fp8':(4,8)},{'int4':(1,32),'nvfp4':(1,32),'fp8':(4,8)}\" 2>&1 | grep decode | tail -4" \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw --gemv-formats nvfp4 --gemv-shapes 4096x12288,6144x2048,2048x4096 --gemv-m 24,32 --gemv-paths 'int4-mma*,fused-dot,dequant' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path fmt k n m cfg ms speedup frac_copy_bw" ;;
-*) echo "usage: $0 m|b|b1|b2|b3|e|g|h|h2" >&2; exit 2 ;;
+*) echo "usage: $0 d|n|b|b1|b2|b3|e|g|h" >&2; exit 2 ;;
 esac
