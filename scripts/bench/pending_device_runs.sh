@@ -2,14 +2,12 @@
 # The measurements queued for the next device calls (docs/benchmarks.md), in priority order,
 # each call within the device tool's 600 s, from the repository root:
 #     bash scripts/gpu_prepare.sh                          (here, once: .whl/ with pytest-xdist)
-#     run(command="bash scripts/bench/pending_device_runs.sh d", carry=[".whl"])
-#     then n, g, e; b (the whole GPU suite, 14 xdist workers, ~550 s) after kernel changes
+#     run(command="bash scripts/bench/pending_device_runs.sh n", carry=[".whl"])
+#     then g, e; b (the whole GPU suite, 14 xdist workers, ~550 s) after kernel changes
 #     (b1-b3: the same files in three calls, without xdist)
 # Ran in session 33: m (the MoE test: its loss had a noise gradient; fixed), h / h2 (the kw
-# neighbourhood: two steps ahead at 1-8 rows, shipped for INT4), b (780 passed in 547 s).
-# d: three steps ahead (the kernel takes DEPTH 3 since session 33, compiled offline only):
-#    isolated against 1 and 2 on the Qwen3 shapes at M = 1, 4, 8; the engine with
-#    KW_DEEP_PREFETCH_STEPS 2 vs 3; the default-config GPU tests with 3.
+# neighbourhood: two steps ahead at 1-8 rows, shipped for INT4), b (780 passed in 547 s),
+# d (three steps ahead: slower in the engine and alone; two stays).
 # n: NVFP4 / FP8 with two steps ahead lost at batch 4 in the engine (both pairs) while the
 #    isolated NVFP4 kernel gained: 512 new tokens (less noise), batch 1 / 2 / 4 / 8.
 # g: NVFP4 at 17-32 rows (INT4 took them in session 31: +5-8% at batch 24-32): the engine
