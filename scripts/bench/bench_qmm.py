@@ -313,8 +313,8 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     pick's split (the same warps per tile and K slice, no global fix-up) and on top of it
     (kw times the warps), plain and PDL; kw_only "sweep": the shipped pick's neighbourhood,
     PDL only: warps over N 1 / 2, kw 2 / 4 / 8, prefetch 1 / 2, one or two row tiles, one
-    program per tile); kw_only "deep": the shipped pick with prefetch 1 / 2 / 3 and 1 / 2
-    warps over N, PDL)."""
+    program per tile); kw_only "deep": the shipped pick with prefetch 1 / 2 / 3, 1 / 2
+    warps over N, and with and without its x prefetch, PDL)."""
     from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
     # (the forms below are built on the split-K pick; kw_only and the default list also time
@@ -331,8 +331,9 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
                    for s_ in (base.split // 2, base.split * 2) if s_ in splits])
     if kw_only == "deep":
         out = [dataclasses.replace(shipped, pdl=True)]
-        for wn, pf in itertools.product((1, 2), (1, 2, 3)):
-            c = dataclasses.replace(shipped, warps=wn, prefetch=pf, pdl=True)
+        # (past 8 rows also without the x prefetch, which the sweep never turned off there)
+        for wn, pf, xp in itertools.product((1, 2), (1, 2, 3), {shipped.x_prefetch, False}):
+            c = dataclasses.replace(shipped, warps=wn, prefetch=pf, x_prefetch=xp, pdl=True)
             if c not in out:
                 out.append(c)
         return out

@@ -3,13 +3,15 @@
 # each call within the device tool's 600 s, from the repository root:
 #     bash scripts/gpu_prepare.sh                          (here, once: .whl/ with pytest-xdist)
 #     run(command="bash scripts/bench/pending_device_runs.sh n", carry=[".whl"])
-#     then g, e; b (the whole GPU suite, 14 xdist workers, ~550 s) after kernel changes
+#     then h16, g, e; b (the whole GPU suite, 14 xdist workers, ~550 s) after kernel changes
 #     (b1-b3: the same files in three calls, without xdist)
 # Ran in session 33: m (the MoE test: its loss had a noise gradient; fixed), h / h2 (the kw
 # neighbourhood: two steps ahead at 1-8 rows, shipped for INT4), b (780 passed in 547 s),
 # d (three steps ahead: slower in the engine and alone; two stays).
 # n: NVFP4 / FP8 with two steps ahead lost at batch 4 in the engine (both pairs) while the
 #    isolated NVFP4 kernel gained: 512 new tokens (less noise), batch 1 / 2 / 4 / 8.
+# h16: issue 3's last miss, INT4 4096x12288 at M = 16 (2.46x, 17.4 us; 2.5x is 17.1): the
+#    pick with 1 / 2 / 3 steps ahead, 1 / 2 warps over N, with and without the x prefetch.
 # g: NVFP4 at 17-32 rows (INT4 took them in session 31: +5-8% at batch 24-32): the engine
 #    with MMA_ROWS nvfp4 (1, 16) vs (1, 32), and the isolated kernel against its routes.
 # e: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
@@ -38,10 +40,12 @@ b3) bash scripts/gpu_run.sh \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_int4_mma_gpu.py -k 'not default_config' > \$OUT/b3a.log 2>&1; tail -3 \$OUT/b3a.log" \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_exact_mode.py tests/gpu/test_attention_decode_gpu.py > \$OUT/b3b.log 2>&1; tail -3 \$OUT/b3b.log" ;;
 h) kw_sweep 4096x12288 4,8,16 h.log ;;
+h16) bash scripts/gpu_run.sh \
+  "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288 --gemv-m 12,16 --gemv-paths 'int4-mma*' 2>&1 | grep -v '^{' | tail -30" ;;
 e) bash scripts/gpu_run.sh \
   "cmd:timeout 500 python3 -m orbit tune-qmm --model qwen3-1.7b --formats fp8 --m 64,128,256 --out \$OUT/routes.json 2>&1 | grep -E ' us |routes' | tail -22" ;;
 g) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 24,32 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS={'int4':(1,32),'nvfp4':(1,16),'fp8':(4,8)},{'int4':(1,32),'nvfp4':(1,32),'fp8':(4,8)}\" 2>&1 | grep decode | tail -4" \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw --gemv-formats nvfp4 --gemv-shapes 4096x12288,6144x2048,2048x4096 --gemv-m 24,32 --gemv-paths 'int4-mma*,fused-dot,dequant' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path fmt k n m cfg ms speedup frac_copy_bw" ;;
-*) echo "usage: $0 d|n|b|b1|b2|b3|e|g|h" >&2; exit 2 ;;
+*) echo "usage: $0 d|n|h16|b|b1|b2|b3|e|g|h" >&2; exit 2 ;;
 esac
