@@ -3,7 +3,7 @@
 # each call within the device tool's 600 s, from the repository root:
 #     bash scripts/gpu_prepare.sh                          (here, once: .whl/ with pytest-xdist)
 #     run(command="bash scripts/bench/pending_device_runs.sh n", carry=[".whl"])
-#     then h16, g, e; b (the whole GPU suite, 14 xdist workers, ~550 s) after kernel changes
+#     then h16, f, g, e; b (the whole GPU suite, 14 xdist workers, ~550 s) after kernel changes
 #     (b1-b3: the same files in three calls, without xdist)
 # Ran in session 33: m (the MoE test: its loss had a noise gradient; fixed), h / h2 (the kw
 # neighbourhood: two steps ahead at 1-8 rows, shipped for INT4), b (780 passed in 547 s),
@@ -12,6 +12,9 @@
 #    isolated NVFP4 kernel gained: 512 new tokens (less noise), batch 1 / 2 / 4 / 8.
 # h16: issue 3's last miss, INT4 4096x12288 at M = 16 (2.46x, 17.4 us; 2.5x is 17.1): the
 #    pick with 1 / 2 / 3 steps ahead, 1 / 2 warps over N, with and without the x prefetch.
+# f: FP8 weight-only decode (issue 3's other miss: 1.47-1.51x cuBLAS at M = 1 on the H200,
+#    goal 1.6x): the FP8 GEMV against the tensor-core kernel's kw pick with 1 / 2 / 3 steps
+#    ahead at M = 1, 2, 4, 8 (FP8 takes the mma route at 4-8 rows only).
 # g: NVFP4 at 17-32 rows (INT4 took them in session 31: +5-8% at batch 24-32): the engine
 #    with MMA_ROWS nvfp4 (1, 16) vs (1, 32), and the isolated kernel against its routes.
 # e: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
@@ -40,6 +43,8 @@ b3) bash scripts/gpu_run.sh \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_int4_mma_gpu.py -k 'not default_config' > \$OUT/b3a.log 2>&1; tail -3 \$OUT/b3a.log" \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_exact_mode.py tests/gpu/test_attention_decode_gpu.py > \$OUT/b3b.log 2>&1; tail -3 \$OUT/b3b.log" ;;
 h) kw_sweep 4096x12288 4,8,16 h.log ;;
+f) bash scripts/gpu_run.sh \
+  "cmd:timeout 200 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats fp8 --gemv-shapes 4096x12288,2048x12288,6144x2048,2048x4096 --gemv-m 1,2,4,8 2>&1 | grep -v '^{' | tail -60" ;;
 h16) bash scripts/gpu_run.sh \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288 --gemv-m 12,16 --gemv-paths 'int4-mma*' 2>&1 | grep -v '^{' | tail -30" ;;
 e) bash scripts/gpu_run.sh \
@@ -47,5 +52,5 @@ e) bash scripts/gpu_run.sh \
 g) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 24,32 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS={'int4':(1,32),'nvfp4':(1,16),'fp8':(4,8)},{'int4':(1,32),'nvfp4':(1,32),'fp8':(4,8)}\" 2>&1 | grep decode | tail -4" \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw --gemv-formats nvfp4 --gemv-shapes 4096x12288,6144x2048,2048x4096 --gemv-m 24,32 --gemv-paths 'int4-mma*,fused-dot,dequant' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path fmt k n m cfg ms speedup frac_copy_bw" ;;
-*) echo "usage: $0 d|n|h16|b|b1|b2|b3|e|g|h" >&2; exit 2 ;;
+*) echo "usage: $0 d|n|h16|f|b|b1|b2|b3|e|g|h" >&2; exit 2 ;;
 esac
