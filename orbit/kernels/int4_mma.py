@@ -140,7 +140,9 @@ WARP_K = 8
 # 17.0 -> 14.4 (2.94x cuBLAS); at 16 rows (two row tiles a warp, twice the registers) 17.4 ->
 # 24.3, so not there. A format missing here keeps 1.
 KW_DEEP_PREFETCH_MAX_M: dict[str, int] = {"int4": 8}
-# How many steps ahead those rows load (MmaConfig.prefetch; the kernel takes up to 3).
+# How many steps ahead those rows load (MmaConfig.prefetch; the kernel takes up to 3). 2: three
+# measured slower (H100, session 33, `--knob ...KW_DEEP_PREFETCH_STEPS=2,3`: INT4 batch 1 944
+# -> 862 tok/s, batch 8 5410 -> 5235; 2048x12288 M = 1 7.8 -> 10.2 us alone).
 KW_DEEP_PREFETCH_STEPS = 2
 
 
