@@ -36,3 +36,53 @@ def resolve_compute_dtype(name: str, device: torch.device | str) -> torch.dtype:
     if name not in COMPUTE_DTYPES:
         raise ValueError(f"compute dtype must be 'auto', 'bf16' or 'float32', got {name!r}")
     return COMPUTE_DTYPES[name]
+
+
+# The quickstart's full recipe (48 steps) where a step is quick, a quarter of it where a CPU
+# trains in float32 without AVX-512: on a 2-core AVX2-only EPYC a step took 78-100 s (the
+# whole run ~70 min), and 12 steps still moved held-out pass@1 0.172 -> 0.375 in 18 minutes
+# (docs/benchmarks.md, "Quickstart learning (CPU)", session 33).
+FULL_QUICKSTART_STEPS = 48
+SLOW_CPU_QUICKSTART_STEPS = 12
+
+
+def slow_cpu_reason(device: str = "auto", compute_dtype: str = "auto") -> str | None:
+    """Why a run on `device` would train slowly on this host's CPU, or None when it would not.
+
+    Slow = the run lands on a CPU (no CUDA, or device "cpu"), computes in float32 there, and
+    torch's CPU kernels have no AVX-512 (`torch.backends.cpu.get_cpu_capability()`)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if not on_cpu or resolve_compute_dtype(compute_dtype, "cpu") != torch.float32:
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return None
+    return f"a CPU run in float32 with {capability} kernels (no AVX-512)"
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """`python -m orbit.models.dtypes quickstart-steps [--device D] [--compute-dtype C]`:
+    print the quickstart's default step count for this host; the reason goes to stderr."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m orbit.models.dtypes")
+    p.add_argument("what", choices=["quickstart-steps"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", *COMPUTE_DTYPES])
+    args = p.parse_args(argv)
+    reason = slow_cpu_reason(args.device, args.compute_dtype)
+    if reason is None:
+        print(FULL_QUICKSTART_STEPS)
+        return 0
+    print(f"NUM_ROLLOUT defaults to {SLOW_CPU_QUICKSTART_STEPS} (not {FULL_QUICKSTART_STEPS}) "
+          f"here: {reason} trains a step in ~80-100 s; NUM_ROLLOUT={FULL_QUICKSTART_STEPS} runs "
+          "the full recipe (~70 min)", file=sys.stderr)
+    print(SLOW_CPU_QUICKSTART_STEPS)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

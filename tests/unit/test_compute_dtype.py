@@ -27,6 +27,19 @@ def test_auto_follows_the_cpu_probe(monkeypatch: pytest.MonkeyPatch) -> None:
         dtypes.resolve_compute_dtype("fp16", "cpu")
 
 
+def test_slow_cpu_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quickstart's 12-step default: a float32 CPU run without AVX-512, nothing else."""
+    monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert "AVX2" in dtypes.slow_cpu_reason("cpu", "auto")
+    assert dtypes.slow_cpu_reason("cpu", "bf16") is None
+    assert dtypes.slow_cpu_reason("cuda", "float32") is None
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert dtypes.slow_cpu_reason("cpu", "float32") is None
+    with pytest.raises(ValueError, match="'auto', 'cpu' or 'cuda', got 'xpu'"):
+        dtypes.slow_cpu_reason("xpu")
+
+
 def test_cpu_probe_is_a_bool() -> None:
     assert isinstance(dtypes.cpu_has_native_bf16(), bool)
 

@@ -24,7 +24,7 @@ KNOBS = ("HF_CKPT", "TRAIN_JSONL", "TEST_JSONL", "MEGATRON_LOAD", "SAVE_DIR", "E
          "TOTAL_EPOCHS", "TRAIN_ROWS", "ROLLOUT_BATCH_SIZE", "N_SAMPLES_PER_PROMPT", "GLOBAL_BATCH_SIZE",
          "DISABLE_EVAL", "LR", "LORA_RANK", "OFT_BLOCK_SIZE", "MAX_RESPONSE_LEN", "ORBIT_VENV",
          "USE_RAY", "LR_DECAY_STYLE", "MIN_LR", "ROLLOUT_OVERLAP", "ROLLOUT_ATTN_BACKEND",
-         "ROLLOUT_PDL", "ROLLOUT_FUSE_LORA")
+         "ROLLOUT_PDL", "ROLLOUT_FUSE_LORA", "DEVICE", "COMPUTE_DTYPE")
 
 
 def run(script: str, home: Path, **env: str) -> subprocess.CompletedProcess:
@@ -119,12 +119,29 @@ def test_lr_decay_knobs(tmp_path: Path) -> None:
     argv = run(QUICKSTART, tmp_path, LR_DECAY_STYLE="linear", MIN_LR="1e-5").stdout.splitlines()
     assert argv[argv.index("--lr-decay-style") + 1] == "linear"
     assert argv[argv.index("--min-lr") + 1] == "1e-5"
-    # the quickstart's measured recipe: cosine from 1e-3 to 1e-4 over 48 steps
-    argv = run(QUICKSTART, tmp_path).stdout.splitlines()
+    # the quickstart's measured recipe: cosine from 1e-3 to 1e-4 over 48 steps (on a GPU; a
+    # float32 CPU without AVX-512 gets 12: test_quickstart_steps_follow_the_host)
+    argv = run(QUICKSTART, tmp_path, DEVICE="cuda").stdout.splitlines()
     assert argv[argv.index("--lr-decay-style") + 1] == "cosine"
     assert argv[argv.index("--min-lr") + 1] == "1e-4"
     assert argv[argv.index("--num-rollout") + 1] == "48"
 
+
+
+def test_quickstart_steps_follow_the_host(tmp_path: Path) -> None:
+    from orbit.models.dtypes import FULL_QUICKSTART_STEPS, slow_cpu_reason
+
+    def steps(**env: str) -> str:
+        argv = run(QUICKSTART, tmp_path, **env).stdout.splitlines()
+        return argv[argv.index("--num-rollout") + 1]
+
+    assert steps(NUM_ROLLOUT="5") == "5"
+    assert steps(DEVICE="cuda") == steps(DEVICE="cpu", COMPUTE_DTYPE="bf16") == "48"
+    host = steps(DEVICE="cpu", COMPUTE_DTYPE="float32")
+    assert host == ("48" if slow_cpu_reason("cpu", "float32") is None else "12")
+    assert FULL_QUICKSTART_STEPS == 48
+    r = run(QUICKSTART, tmp_path, DEVICE="xpu")
+    assert r.returncode != 0 and "--device" in r.stderr
 
 
 @pytest.mark.parametrize("script", [QUICKSTART, *QWEN])
