@@ -138,8 +138,13 @@ WARP_K = 8
 # --gemv-mma-kw sweep`, PDL): every Qwen3 shape at M = 1, 4, 8 faster, 2048x2048 M = 1 4.4 ->
 # 3.1 us, 2048x4096 5.2 -> 4.1, 2048x12288 9.0 -> 7.8, 6144x2048 7.0 -> 6.4, 4096x12288 M = 4
 # 17.0 -> 14.4 (2.94x cuBLAS); at 16 rows (two row tiles a warp, twice the registers) 17.4 ->
-# 24.3, so not there. A format missing here keeps 1.
-KW_DEEP_PREFETCH_MAX_M: dict[str, int] = {"int4": 8}
+# 24.3, so not there. NVFP4 8: H100, session 34 (`bench_engine.py --formats nvfp4 --batches
+# 1,2,4,8 --new-tokens 512`, two off/on pairs in one process): +6.4% / +5.8% / +4.9% / +8.7%
+# at batch 1 / 2 / 4 / 8 in both pairs (session 33's 128-token runs were mixed). FP8 lost
+# there (batch 4 2380 / 2413 -> 2312 / 2313 tok/s, batch 8 3542 -> 3465: -2 to -4%), and
+# alone its two-step form is the slowest of 1 / 2 / 3 steps, so FP8 keeps 1. A format missing
+# here keeps 1.
+KW_DEEP_PREFETCH_MAX_M: dict[str, int] = {"int4": 8, "nvfp4": 8}
 # How many steps ahead those rows load (MmaConfig.prefetch; the kernel takes up to 3). 2: three
 # measured slower (H100, session 33, `--knob ...KW_DEEP_PREFETCH_STEPS=2,3`: INT4 batch 1 944
 # -> 862 tok/s, batch 8 5410 -> 5235; 2048x12288 M = 1 7.8 -> 10.2 us alone).

@@ -48,13 +48,13 @@ def test_pick_reproduces_the_sweep(monkeypatch, key: tuple[int, int, int], warp_
 @pytest.mark.parametrize("m", [1, 4, 8, 9, 16])
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4", "fp8"])
 def test_deep_prefetch_follows_the_per_format_rows(monkeypatch, m: int, fmt: str) -> None:
-    """KW_DEEP_PREFETCH_MAX_M: INT4 up to 8 rows measured faster (session 33); NVFP4 and FP8
-    were mixed in the engine and keep one step ahead; a format's entry moves its rows."""
+    """KW_DEEP_PREFETCH_MAX_M: INT4 (session 33) and NVFP4 (session 34) up to 8 rows measured
+    faster; FP8 lost in the engine and keeps one step ahead; a format's entry moves its rows."""
     monkeypatch.setattr(int4_mma, "WARP_K", SHIPPED_WARP_K)
     k, group = (4096, 128)
     cfg = pick_config(m, k, 12288, group, 132, fmt)
     assert cfg.kw > 1
-    assert cfg.prefetch == (2 if fmt == "int4" and m <= 8 else 1)
+    assert cfg.prefetch == (2 if fmt in ("int4", "nvfp4") and m <= 8 else 1)
     monkeypatch.setitem(int4_mma.KW_DEEP_PREFETCH_MAX_M, fmt, 16)
     assert pick_config(m, k, 12288, group, 132, fmt).prefetch == 2
 
