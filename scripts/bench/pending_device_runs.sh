@@ -2,19 +2,19 @@
 # The measurements queued for the next device calls (docs/benchmarks.md), in priority order,
 # each call within the device tool's 600 s, from the repository root:
 #     bash scripts/gpu_prepare.sh                          (here, once: .whl/ with pytest-xdist)
-#     run(command="bash scripts/bench/pending_device_runs.sh n", carry=[".whl"])
-#     then h16, f, g, e; b (the whole GPU suite, 14 xdist workers, ~550 s) after kernel changes
+#     run(command="bash scripts/bench/pending_device_runs.sh t", carry=[".whl"])
+#     then a, f, g, e; b (the whole GPU suite, 14 xdist workers, ~550 s) after kernel changes
 #     (b1-b3: the same files in three calls, without xdist)
-# Ran in session 33: m (the MoE test: its loss had a noise gradient; fixed), h / h2 (the kw
-# neighbourhood: two steps ahead at 1-8 rows, shipped for INT4), b (780 passed in 547 s),
-# d (three steps ahead: slower in the engine and alone; two stays).
-# n: NVFP4 / FP8 with two steps ahead lost at batch 4 in the engine (both pairs) while the
-#    isolated NVFP4 kernel gained: 512 new tokens (less noise), batch 1 / 2 / 4 / 8.
-# h16: issue 3's last miss, INT4 4096x12288 at M = 16 (2.46x, 17.4 us; 2.5x is 17.1): the
-#    pick with 1 / 2 / 3 steps ahead, 1 / 2 warps over N, with and without the x prefetch.
-# f: FP8 weight-only decode (issue 3's other miss: 1.47-1.51x cuBLAS at M = 1 on the H200,
-#    goal 1.6x): the FP8 GEMV against the tensor-core kernel's kw pick with 1 / 2 / 3 steps
-#    ahead at M = 1, 2, 4, 8 (FP8 takes the mma route at 4-8 rows only).
+# Ran in session 34: n (NVFP4 two steps ahead: shipped; FP8 lost), h16 (the M = 16 pick is the
+# best of its neighbourhood), f (its table was cut; rerun below), a PDL-off profile timeline.
+# The device was scarce all session after that: t and a never ran.
+# t: the tensor-core kernel's GPU tests under session 34's default (NVFP4 two steps ahead at
+#    1-8 rows; its kw form with prefetch 2 passed test_warps_along_k in session 33).
+# a: batch-1 decode attention at short contexts (96 / 192 / 320 positions): every split and
+#    launch config against pick_decode (4.32 us a layer in the PDL-off profile, 121 us a step).
+# f: FP8 weight-only decode: the FP8 GEMV / loop against the tensor-core kernel's kw pick with
+#    1 / 2 / 3 steps ahead at M = 1-16, the table kept in $OUT/f/bench_qmm.json (6144x2048 M = 4: 11.8 /
+#    13.5 / 10.8 us at 1 / 2 / 3 steps; the route's loop 16.2).
 # g: NVFP4 at 17-32 rows (INT4 took them in session 31: +5-8% at batch 24-32): the engine
 #    with MMA_ROWS nvfp4 (1, 16) vs (1, 32), and the isolated kernel against its routes.
 # e: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
@@ -43,8 +43,12 @@ b3) bash scripts/gpu_run.sh \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_int4_mma_gpu.py -k 'not default_config' > \$OUT/b3a.log 2>&1; tail -3 \$OUT/b3a.log" \
   "cmd:timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_exact_mode.py tests/gpu/test_attention_decode_gpu.py > \$OUT/b3b.log 2>&1; tail -3 \$OUT/b3b.log" ;;
 h) kw_sweep 4096x12288 4,8,16 h.log ;;
+t) bash scripts/gpu_run.sh \
+  "cmd:timeout 300 python3 -m pytest tests/gpu/test_int4_mma_gpu.py tests/gpu/test_mma_swiglu_gpu.py -m gpu -q -p no:cacheprovider -n 14 2>&1 | tail -3" ;;
+a) bash scripts/gpu_run.sh \
+  "cmd:timeout 200 python3 scripts/bench/bench_attn_decode.py --sweep --batches 1,4 --contexts 96,192,320 > \$OUT/attn.log 2>&1; grep '^{' \$OUT/attn.log | python3 scripts/bench/rows.py B live split block_n warps prefetch auto us" ;;
 f) bash scripts/gpu_run.sh \
-  "cmd:timeout 200 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats fp8 --gemv-shapes 4096x12288,2048x12288,6144x2048,2048x4096 --gemv-m 1,2,4,8 2>&1 | grep -v '^{' | tail -60" ;;
+  "cmd:mkdir -p \$OUT/f; timeout 200 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats fp8 --gemv-shapes 4096x12288,2048x12288,6144x2048,2048x4096 --gemv-m 1,2,4,8,16 --out \$OUT/f > \$OUT/f.log 2>&1; grep '^{' \$OUT/f.log | python3 scripts/bench/rows.py path k n m cfg ms speedup frac_copy_bw" ;;
 h16) bash scripts/gpu_run.sh \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288 --gemv-m 12,16 --gemv-paths 'int4-mma*' 2>&1 | grep -v '^{' | tail -30" ;;
 e) bash scripts/gpu_run.sh \
@@ -52,5 +56,5 @@ e) bash scripts/gpu_run.sh \
 g) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 24,32 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS={'int4':(1,32),'nvfp4':(1,16),'fp8':(4,8)},{'int4':(1,32),'nvfp4':(1,32),'fp8':(4,8)}\" 2>&1 | grep decode | tail -4" \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw --gemv-formats nvfp4 --gemv-shapes 4096x12288,6144x2048,2048x4096 --gemv-m 24,32 --gemv-paths 'int4-mma*,fused-dot,dequant' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path fmt k n m cfg ms speedup frac_copy_bw" ;;
-*) echo "usage: $0 d|n|h16|f|b|b1|b2|b3|e|g|h" >&2; exit 2 ;;
+*) echo "usage: $0 t|a|f|g|e|b|b1|b2|b3|d|n|h16|h" >&2; exit 2 ;;
 esac
