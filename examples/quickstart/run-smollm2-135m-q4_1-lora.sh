@@ -3,7 +3,7 @@
 # Q4_1 GGUF form, on a generated arithmetic task. Runs on CPU or one GPU.
 #
 # The defaults are sized for a 2-core CPU: about 11 minutes launch to exit (48 steps of 16
-# prompts x 8 samples, lr 1e-3 decayed to 1e-4 by a cosine; 12 steps, ~18 minutes, on a CPU
+# prompts x 8 samples, lr 1e-3 decayed to 1e-4 by a cosine; 12 steps, 13-18 minutes, on a CPU
 # that trains in float32 without AVX-512), including a greedy pass@1 eval on 128 held-out
 # prompts before the first step and after the last (docs/benchmarks.md,
 # "Quickstart learning (CPU)", has the measured numbers). On a GPU, run it longer:
