@@ -27,6 +27,7 @@ import torch
 from orbit.alignment.measure import MismatchMetrics, measure_mismatch, random_prompts
 from orbit.config import TrainConfig, build_parser, config_from_namespace
 from orbit.models.dtypes import resolve_compute_dtype
+from orbit.orchestration.placement import resolve_device
 
 # Fast-mode gate (mean |dlogp|, KL k3), per precision; see docs/precision.md ("Alignment") for
 # the H100 measurements behind them: random Qwen3-1.7B-shaped model, bf16 + LoRA, 28 layers:
@@ -158,8 +159,7 @@ def run_preflight(cfg: TrainConfig, num_prompts: int = 4, max_new_tokens: int = 
     from orbit.rollout.engine import Engine
     from orbit.rollout.types import SamplingParams
 
-    dev = cfg.cluster.device
-    device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else ("cpu" if dev == "auto" else dev))
+    device = torch.device(resolve_device(cfg.cluster.device, torch.cuda.device_count()))
     dtype = resolve_compute_dtype(cfg.precision.compute_dtype, device)
     model, tok = _load(cfg, device, dtype, random_model_name)
     a = cfg.adapter

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from orbit.orchestration.placement import resolve_device
+
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -49,12 +51,11 @@ SLOW_CPU_QUICKSTART_STEPS = 12
 def slow_cpu_reason(device: str = "auto", compute_dtype: str = "auto") -> str | None:
     """Why a run on `device` would train slowly on this host's CPU, or None when it would not.
 
-    Slow = the run lands on a CPU (no CUDA, or device "cpu"), computes in float32 there, and
-    torch's CPU kernels have no AVX-512 (`torch.backends.cpu.get_cpu_capability()`)."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if not on_cpu or resolve_compute_dtype(compute_dtype, "cpu") != torch.float32:
+    Slow = the run lands on a CPU (`device` "cpu", or "auto" with no GPU visible), computes in
+    float32 there, and torch's CPU kernels have no AVX-512
+    (`torch.backends.cpu.get_cpu_capability()`)."""
+    if (resolve_device(device, torch.cuda.device_count()) != "cpu"
+            or resolve_compute_dtype(compute_dtype, "cpu") != torch.float32):
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):

@@ -26,12 +26,19 @@ class Placement:
     cpus_per_worker: int
 
 
-def resolve_placement(device: str, num_workers: int, available_gpus: int, available_cpus: int) -> Placement:
-    """Pick device and worker count: one worker per GPU, or `num_workers` CPU workers (default 1)."""
+def resolve_device(device: str, available_gpus: int) -> str:
+    """`--device` ("auto", "cpu", "cuda") -> "cpu" or "cuda": auto = cuda when a GPU is visible.
+    (Whether "cuda" has a GPU to run on is resolve_placement's check.)"""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device == "auto":
-        device = "cuda" if available_gpus > 0 else "cpu"
+        return "cuda" if available_gpus > 0 else "cpu"
+    return device
+
+
+def resolve_placement(device: str, num_workers: int, available_gpus: int, available_cpus: int) -> Placement:
+    """Pick device and worker count: one worker per GPU, or `num_workers` CPU workers (default 1)."""
+    device = resolve_device(device, available_gpus)
     if device == "cuda":
         if available_gpus == 0:
             raise ValueError("--device cuda but no GPU is visible")

@@ -36,7 +36,7 @@ def test_slow_cpu_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert dtypes.slow_cpu_reason("cuda", "float32") is None
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert dtypes.slow_cpu_reason("cpu", "float32") is None
-    with pytest.raises(ValueError, match="'auto', 'cpu' or 'cuda', got 'xpu'"):
+    with pytest.raises(ValueError, match="--device must be auto, cpu or cuda, got 'xpu'"):
         dtypes.slow_cpu_reason("xpu")
 
 
