@@ -313,7 +313,9 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     pick's split (the same warps per tile and K slice, no global fix-up) and on top of it
     (kw times the warps), plain and PDL; kw_only "sweep": the shipped pick's neighbourhood,
     PDL only: warps over N 1 / 2, kw 2 / 4 / 8, prefetch 1 / 2, one or two row tiles, one
-    program per tile); kw_only "deep": the shipped pick with prefetch 1 / 2 / 3, 1 / 2
+    program per tile); kw_only "wide": the shipped pick, then two or four 16-row tiles a
+    warp with warps over N 1 / 2, kw 4 / 8, prefetch 1 / 2, with and without the x prefetch,
+    PDL (past 8 rows: fewer x loads per weight row); kw_only "deep": the shipped pick with prefetch 1 / 2 / 3, 1 / 2
     warps over N, and with and without its x prefetch, PDL)."""
     from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
@@ -335,6 +337,20 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
         for wn, pf, xp in itertools.product((1, 2), (1, 2, 3), {shipped.x_prefetch, False}):
             c = dataclasses.replace(shipped, warps=wn, prefetch=pf, x_prefetch=xp, pdl=True)
             if c not in out:
+                out.append(c)
+        return out
+    if kw_only == "wide":
+        from orbit.kernels.int4_mma import kw_fits
+
+        # (four 16-row tiles a warp: x, which every warp of every program loads from L2 for
+        # its K part, is shared by 64 weight rows instead of 32; at M = 16 on 4096x12288 the
+        # two-tile pick's x reads are ~50 MB of L2 traffic against 26 MB of weights)
+        out = [dataclasses.replace(shipped, pdl=True)]
+        for rt, wn, kw, pf, xp in itertools.product((2, 4), (1, 2), (4, 8), (1, 2),
+                                                    {shipped.x_prefetch, False}):
+            c = dataclasses.replace(shipped, warps=wn, kw=kw, split=1, prefetch=pf,
+                                    row_tiles=rt, x_prefetch=xp, pdl=True)
+            if c not in out and kw_fits(c, k, group, fmt):
                 out.append(c)
         return out
     if kw_only == "sweep":
@@ -757,12 +773,13 @@ def main() -> None:
                     help="with --gemv-mma: only the pick with 1 and 2 MMA chains per step "
                          "(MmaConfig.chains, INT4 and NVFP4), 1 and 2 row tiles, plain and PDL")
     ap.add_argument("--gemv-mma-kw", nargs="?", const="forms", default="",
-                    choices=["forms", "sweep", "deep"],
+                    choices=["forms", "sweep", "deep", "wide"],
                     help="with --gemv-mma: only the pick and its warps-along-K forms "
                          "(MmaConfig.kw 2, 4, 8 in place of and on top of its split), plain "
                          "and PDL; 'sweep': the shipped pick's neighbourhood (warps over N, "
                          "kw, prefetch depth, row tiles), PDL only; 'deep': the shipped pick "
-                         "with 1, 2 and 3 steps loaded ahead, 1 and 2 warps over N, PDL")
+                         "with 1, 2 and 3 steps loaded ahead, 1 and 2 warps over N, PDL; "
+                         "'wide': two or four 16-row tiles a warp, kw 4 / 8, PDL")
     ap.add_argument("--gemv-decodes", action="store_true",
                     help="with --gemv: the shipped configs with the other nibble decodes: "
                          "NVFP4 GemvConfig.e2m1 = 1, 2; M = 2-4 the deferred reduction")

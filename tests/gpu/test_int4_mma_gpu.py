@@ -481,7 +481,7 @@ def test_x_staged_in_shared_memory_gives_the_register_forms_bits(fmt: str, group
 def test_warps_along_k(fmt: str, group: int, m: int, k: int, n: int) -> None:
     """MmaConfig.kw (each warp of a program runs the K loop over its own part of the slice,
     the parts summed in shared memory) against the fp64 reference: 2, 4 and 8 parts, in
-    place of the pick's split and on top of it, 1 and 2 row tiles, both prefetch depths,
+    place of the pick's split and on top of it, 1, 2 and 4 row tiles, both prefetch depths,
     x prefetch, PDL; a partial row tile (N = 200). A warp that read another part's x or
     scales would be off by far more than the tolerance."""
     import dataclasses
@@ -496,6 +496,8 @@ def test_warps_along_k(fmt: str, group: int, m: int, k: int, n: int) -> None:
                                       row_tiles=3 - pick.row_tiles, prefetch=2),
                   dataclasses.replace(warps_along_k(pick, kw, 1), prefetch=0, x_prefetch=True,
                                       pdl=True)]
+    # four 16-row tiles a warp (one x load shared by 64 weight rows; bench_qmm's "wide" forms)
+    forms.append(dataclasses.replace(warps_along_k(pick, 4, 1), row_tiles=4))
     checked = 0
     for i, cfg in enumerate(forms):
         if kw_fits(cfg, k, group, fmt):
