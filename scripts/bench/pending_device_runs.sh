@@ -17,7 +17,7 @@
 #    13.5 / 10.8 us at 1 / 2 / 3 steps; the route's loop 16.2).
 # g: NVFP4 at 17-32 rows (INT4 took them in session 31: +5-8% at batch 24-32): the engine
 #    with MMA_ROWS nvfp4 (1, 16) vs (1, 32), and the isolated kernel against its routes.
-# w: INT4 at 12 / 16 rows with four 16-row tiles a warp (x shared by 64 weight rows: half
+# w: INT4 at 8 / 12 / 16 rows with two or four 16-row tiles a warp (x shared by 64 weight rows: half
 #    the two-tile pick's L2 reads of x), kw 4 / 8, prefetch 1 / 2; the 8 fastest per shape.
 # e: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
 set -uo pipefail
@@ -52,7 +52,7 @@ a) bash scripts/gpu_run.sh \
 f) bash scripts/gpu_run.sh \
   "cmd:mkdir -p \$OUT/f; timeout 200 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats fp8 --gemv-shapes 4096x12288,2048x12288,6144x2048,2048x4096 --gemv-m 1,2,4,8,16 --out \$OUT/f > \$OUT/f.log 2>&1; grep '^{' \$OUT/f.log | python3 scripts/bench/rows.py path k n m cfg ms speedup frac_copy_bw" ;;
 w) bash scripts/gpu_run.sh \
-  "cmd:timeout 420 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw wide --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288 --gemv-m 12,16 --gemv-paths 'int4-mma*' > \$OUT/w.log 2>&1; grep '^{' \$OUT/w.log | python3 -c 'import json,sys,itertools; rs=sorted((json.loads(l) for l in sys.stdin), key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"], r[\"ms\"])); [print(k, n, m, r[\"path\"], round(r[\"ms\"]*1e3,2), round(r[\"speedup\"],3), r[\"cfg\"]) for (k, n, m), g in itertools.groupby(rs, key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"])) for r in list(g)[:8]]'" ;;
+  "cmd:timeout 420 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw wide --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288 --gemv-m 8,12,16 --gemv-paths 'int4-mma*' > \$OUT/w.log 2>&1; grep '^{' \$OUT/w.log | python3 -c 'import json,sys,itertools; rs=sorted((json.loads(l) for l in sys.stdin), key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"], r[\"ms\"])); [print(k, n, m, r[\"path\"], round(r[\"ms\"]*1e3,2), round(r[\"speedup\"],3), r[\"cfg\"]) for (k, n, m), g in itertools.groupby(rs, key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"])) for r in list(g)[:8]]'" ;;
 h16) bash scripts/gpu_run.sh \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288 --gemv-m 12,16 --gemv-paths 'int4-mma*' 2>&1 | grep -v '^{' | tail -30" ;;
 e) bash scripts/gpu_run.sh \
