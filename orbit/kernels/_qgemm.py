@@ -114,23 +114,25 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 #   kernel measured 713.5 tok/s against 869.2 (docs/kernels.md "Warps along K").
 # - INT4, 17-32 rows (32 MMA columns, session 31): engine batch 24 9104 -> 9580, batch 32
 #   11221 -> 12087 tok/s (+5.2%, +7.7%); LoRA r16 batch 24 4825 -> 4937, 32 6351 -> 6378.
-#   Isolated 2048x4096 M = 32: 10.5 us against the tl.dot loop's 11.0. NVFP4 at 17-32 rows
-#   is not measured yet, so its range stays at 16.
+#   Isolated 2048x4096 M = 32: 10.5 us against the tl.dot loop's 11.0.
 # - NVFP4, 1-16 rows: it beats both kernels NVFP4 ran before on every Qwen3 shape and row
 #   count (4096x12288: M = 1 18.0 us vs the plane GEMV's 21.0; M = 4 18.6 and M = 16 22.2 vs
-#   the register-fed tile's 43.4 and 63.0; cuBLAS BF16 41.7).
-# - FP8 (the FP8 form, session 23): slower than the tl.dot loop on every Qwen3 shape but the
-#   deep-K 6144x2048 at 1-8 rows (4096x12288 M = 4 32.1 vs 25.6 us; 6144x2048 11.3 vs 16.4),
-#   and the engine's FP8 decode lost 6-23% at batch 1-16 with it on every shape. So FP8 takes
-#   the route on deep weights only (MMA_MIN_K_OVER_N), at 4-8 rows: engine +5.5% at batch 4,
-#   +5.9% at 8, -0.2..-0.6% at 2 (session 24, with the kernel's PDL).
+#   the register-fed tile's 43.4 and 63.0; cuBLAS BF16 41.7). 17-32 rows since session 35
+#   (`pending_device_runs.sh g`, two (1, 16) / (1, 32) pairs in one process, 256 tokens):
+#   batch 17 4435 -> 6750 tok/s (+52%), 24 6325 -> 9039 (+43%), 32 9819 -> 12821 (+31%).
+# - FP8 (the FP8 form, session 23): isolated, slower than the tl.dot loop on the wide Qwen3
+#   shapes (4096x12288 M = 4 31.1 vs 24.8 us in session 35) and faster on the deep 6144x2048
+#   (11.8 vs 16.4), so sessions 24-34 routed deep weights only, at 4-8 rows. In the engine
+#   the whole layer on the mma kernel is faster though (its PDL edges; the tl.dot loop is a
+#   plain launch): session 35, H100, Qwen3-1.7B, two pairs per row count in one process,
+#   every shape against deep-only: batch 4 2415 -> 2529 tok/s (+4.7%), 8 3630 -> 3796
+#   (+4.6%), 16 6265 -> 5882 (-6%); every shape against none at batch 2 1308 -> 1332 (+1.9%),
+#   batch 1 688 -> 673 (-2%: the FP8 GEMV keeps one row). So FP8 takes 2-8 rows, any shape.
 # An entry removed (or the dict emptied) turns the route off for that format.
-MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (1, 32), "nvfp4": (1, 16), "fp8": (4, 8)}
-# Formats whose mma route also needs a deep weight: K >= this multiple of N. FP8's form wins
-# only there (6144x2048, Qwen3's down_proj: 11.3 us at M = 4 against the tl.dot loop's 16.4
-# and cuBLAS BF16's 15.4; loses on every wider shape), so FP8's MMA_ROWS entry routes only
-# the down projections.
-MMA_MIN_K_OVER_N: dict[str, int] = {"fp8": 3}
+MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (1, 32), "nvfp4": (1, 32), "fp8": (2, 8)}
+# Formats whose mma route also needs a deep weight: K >= this multiple of N (sessions 24-34:
+# {"fp8": 3}, FP8's down projections alone; empty since session 35, see FP8 above).
+MMA_MIN_K_OVER_N: dict[str, int] = {}
 # From how many rows a forward that carries a LoRA delta (an adapter active in the engine: what
 # RL rollouts run) takes the mma route too (within MMA_ROWS), its delta then in separate
 # shrink / expand launches (dispatch.lora_foldable says no). Below it the forward keeps its

@@ -32,10 +32,11 @@ reference (bf16(s * (u - 8)) @ x) by fp32 rounding only; fast mode's tolerance c
 Split-K with the in-kernel fix-up of `gemv.py` (fp32 slices, the last program of a row tile
 adds them in slice order: deterministic). Forward only, fast mode only, CUDA sm_80+.
 
-Other forms with the same loop: NVFP4 (`FMT = 3`, routed at 1-16 rows) and FP8 weight-only
+Other forms with the same loop: NVFP4 (`FMT = 3`, routed at 1-32 rows) and FP8 weight-only
 (`FMT = 2`: e4m3 bytes decoded to bf16 in registers, 64-deep steps, the 128x128 block scale
-on each step's partial; measured slower than the FP8 kernels it would replace except on deep
-weights, so routed for those alone: docs/kernels.md "FP8 form").
+on each step's partial; alone slower than the `tl.dot` loop except on deep weights, but in
+the engine's PDL chain faster at 2-8 rows on every shape, so routed there: docs/kernels.md
+"FP8 form").
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ try:  # Gluon ships with Triton >= 3.5; CPU installs without Triton have no kern
 except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton build
     HAS_GLUON = False
 
-# Rows of x the kernel takes: 8 MMA columns up to 8 rows, 16 up to 16, 32 up to 32. INT4's
-# route (_qgemm.MMA_ROWS) takes all 32 since session 31; NVFP4's stops at 16 (not measured).
+# Rows of x the kernel takes: 8 MMA columns up to 8 rows, 16 up to 16, 32 up to 32. The INT4
+# and NVFP4 routes (_qgemm.MMA_ROWS) take all 32 (since sessions 31 and 35).
 MAX_M = 32
 FIXUP_MAX_SPLIT = 16
 # pick_config's shallowest K slice a split may leave (session 21's sweeps). 384 gave 6144x2048

@@ -6,8 +6,10 @@
 #     then a, f, g, e; b (the whole GPU suite, 14 xdist workers, ~550 s) after kernel changes
 #     (b1-b3: the same files in three calls, without xdist)
 # Ran in session 34: n (NVFP4 two steps ahead: shipped; FP8 lost), h16 (the M = 16 pick is the
-# best of its neighbourhood), f (its table was cut; rerun below), a PDL-off profile timeline.
-# The device was scarce all session after that: t and a never ran.
+# best of its neighbourhood), a PDL-off profile timeline. Ran in session 35: t (315 passed), w
+# (four row tiles lose), a (pick_decode within 4% of the best), g (NVFP4 at 17-32 rows:
+# shipped), f (FP8's best kw form: 2 warps over N, 3 steps ahead; not yet in the engine).
+# Next: e, then the FP8 kw form in the engine (a per-format depth and warps knob to write).
 # t: the tensor-core kernel's GPU tests under session 34's default (NVFP4 two steps ahead at
 #    1-8 rows; its kw form with prefetch 2 passed test_warps_along_k in session 33).
 # a: batch-1 decode attention at short contexts (96 / 192 / 320 positions): every split and

@@ -210,7 +210,7 @@ def test_qmm_routes_rows_to_the_mma_kernel(monkeypatch, fmt: str) -> None:
     codes and a removed entry keep the earlier kernels."""
     from orbit.kernels import _qgemm, dispatch
 
-    # (FP8 takes the route on deep weights only: _qgemm.MMA_MIN_K_OVER_N)
+    # (a deep weight where the format has a K / N rule: _qgemm.MMA_MIN_K_OVER_N)
     k, n = (6144, 2048) if fmt in _qgemm.MMA_MIN_K_OVER_N else (2048, 6144)
     kw = {"group_size": 128} if fmt == "int4" else {}
     qw = random_qweight(fmt, n, k, seed=3, device="cuda", **kw)

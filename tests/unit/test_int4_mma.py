@@ -385,17 +385,18 @@ def test_route_sends_fitting_rows_to_mma(monkeypatch) -> None:
                             mma_ok=True).kind != "mma"
         assert not _qgemm._mma_by_rule(lo, n, k, fmt, torch.device("cpu"))
     # the measured ranges (since warps along K, session 30: INT4 from batch 1 too; session
-    # 31: INT4 to 32 rows)
-    assert _qgemm.MMA_ROWS["int4"] == (1, 32) and _qgemm.MMA_ROWS["nvfp4"] == (1, 16)
-    assert _qgemm.MMA_ROWS["fp8"] == (4, 8)  # with the deep-K rule (below)
-    assert not _qgemm._mma_by_rule(4, 6144, 2048, "fp8", cuda)  # 2048x6144: not deep
+    # 31: INT4 to 32 rows; session 35: NVFP4 to 32 rows, FP8 at 2-8 rows on every shape)
+    assert _qgemm.MMA_ROWS == {"int4": (1, 32), "nvfp4": (1, 32), "fp8": (2, 8)}
+    assert not _qgemm.MMA_MIN_K_OVER_N
+    assert _qgemm._mma_by_rule(4, 6144, 2048, "fp8", cuda)  # 2048x6144: a wide weight
+    assert not _qgemm._mma_by_rule(1, 2048, 6144, "fp8", cuda)  # one row: the FP8 GEMV
     monkeypatch.setitem(_qgemm.MMA_ROWS, "nvfp4", (1, 0))  # an emptied range: off
     assert not _qgemm._mma_by_rule(4, 6144, 2048, "nvfp4", cuda)
-    # FP8 with rows: only deep weights (K >= 3 N: the down projections) take the route
+    # a K / N rule (sessions 24-34 FP8's): only deep weights (K >= 3 N) take the route
+    monkeypatch.setitem(_qgemm.MMA_MIN_K_OVER_N, "fp8", 3)
     assert _qgemm.route(4, 2048, 6144, "fp8", False, cuda, mma_ok=True).kind == "mma"
     for n_, k_ in ((6144, 2048), (12288, 4096), (2048, 2048), (2048, 6100)):
         assert not _qgemm._mma_by_rule(4, n_, k_, "fp8", cuda)
-    assert not _qgemm._mma_by_rule(1, 2048, 6144, "fp8", cuda)
 
 
 def test_a_lora_forward_takes_the_mma_route_from_its_rows(monkeypatch) -> None:
