@@ -150,6 +150,13 @@ KW_DEEP_PREFETCH_MAX_M: dict[str, int] = {"int4": 8, "nvfp4": 8}
 # measured slower (H100, session 33, `--knob ...KW_DEEP_PREFETCH_STEPS=2,3`: INT4 batch 1 944
 # -> 862 tok/s, batch 8 5410 -> 5235; 2048x12288 M = 1 7.8 -> 10.2 us alone).
 KW_DEEP_PREFETCH_STEPS = 2
+# The deep form per format where it is not (KW_DEEP_PREFETCH_STEPS, the kw pick's warps):
+# (steps ahead, warps a program; warps over N = warps // kw). FP8 (3, 8): H100, session 35
+# (`pending_device_runs.sh f`, PDL), every Qwen3 shape at M = 2-8 fastest with 8-warp programs
+# 3 steps ahead (2048x4096 M = 4 7.2 us against the one-step pick's 7.8; 2048x12288 13.5 against
+# 15.7; 4096x12288 28.3 against 31.1; 6144x2048, kw 8: 10.8 against 11.8). It applies only where
+# KW_DEEP_PREFETCH_MAX_M gives FP8 rows, which waits for an engine run.
+KW_DEEP_FORM: dict[str, tuple[int, int]] = {"fp8": (3, 8)}
 
 
 @dataclass(frozen=True)
@@ -280,7 +287,8 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int, fmt: str = "int4",
     if kw > 1:  # the split's K parts as warps along K
         by_warps = warps_along_k(cfg, kw, split // kw)
         if m <= KW_DEEP_PREFETCH_MAX_M.get(fmt, 0):
-            by_warps = dataclasses.replace(by_warps, prefetch=KW_DEEP_PREFETCH_STEPS)
+            steps, warps = KW_DEEP_FORM.get(fmt, (KW_DEEP_PREFETCH_STEPS, by_warps.num_warps))
+            by_warps = dataclasses.replace(by_warps, prefetch=steps, warps=max(1, warps // kw))
         if kw_fits(by_warps, k, group, fmt):
             return by_warps
     return cfg

@@ -9,7 +9,9 @@
 # best of its neighbourhood), a PDL-off profile timeline. Ran in session 35: t (315 passed), w
 # (four row tiles lose), a (pick_decode within 4% of the best), g (NVFP4 at 17-32 rows:
 # shipped), f (FP8's best kw form: 2 warps over N, 3 steps ahead; not yet in the engine).
-# Next: e, then the FP8 kw form in the engine (a per-format depth and warps knob to write).
+# Next: x (FP8's kw deep form, int4_mma.KW_DEEP_FORM, in the engine and the kernel tests), e.
+# x: FP8 at 2-8 rows with 8-warp programs 3 steps ahead (KW_DEEP_FORM) against the shipped
+#    one-step form, two pairs; then the kernel's GPU tests with it on.
 # t: the tensor-core kernel's GPU tests under session 34's default (NVFP4 two steps ahead at
 #    1-8 rows; its kw form with prefetch 2 passed test_warps_along_k in session 33).
 # a: batch-1 decode attention at short contexts (96 / 192 / 320 positions): every split and
@@ -55,6 +57,9 @@ f) bash scripts/gpu_run.sh \
   "cmd:mkdir -p \$OUT/f; timeout 200 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats fp8 --gemv-shapes 4096x12288,2048x12288,6144x2048,2048x4096 --gemv-m 1,2,4,8,16 --out \$OUT/f > \$OUT/f.log 2>&1; grep '^{' \$OUT/f.log | python3 scripts/bench/rows.py path k n m cfg ms speedup frac_copy_bw" ;;
 w) bash scripts/gpu_run.sh \
   "cmd:timeout 420 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw wide --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288 --gemv-m 8,12,16 --gemv-paths 'int4-mma*' > \$OUT/w.log 2>&1; grep '^{' \$OUT/w.log | python3 -c 'import json,sys,itertools; rs=sorted((json.loads(l) for l in sys.stdin), key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"], r[\"ms\"])); [print(k, n, m, r[\"path\"], round(r[\"ms\"]*1e3,2), round(r[\"speedup\"],3), r[\"cfg\"]) for (k, n, m), g in itertools.groupby(rs, key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"])) for r in list(g)[:8]]'" ;;
+x) bash scripts/gpu_run.sh \
+  "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections formats --formats fp8 --batches 2,4,8 --new-tokens 256 --attn-backend triton --knob \"orbit.kernels.int4_mma.KW_DEEP_PREFETCH_MAX_M={'int4':8,'nvfp4':8},{'int4':8,'nvfp4':8,'fp8':8},{'int4':8,'nvfp4':8},{'int4':8,'nvfp4':8,'fp8':8}\" 2>&1 | grep decode | sed 's/.*MAX_M=//'" \
+  "cmd:timeout 150 python3 scripts/bench/pytest_with_knobs.py \"orbit.kernels.int4_mma.KW_DEEP_PREFETCH_MAX_M={'int4':8,'nvfp4':8,'fp8':8}\" -- tests/gpu/test_int4_mma_gpu.py -m gpu -q -p no:cacheprovider -n 14 2>&1 | tail -2" ;;
 h16) bash scripts/gpu_run.sh \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288 --gemv-m 12,16 --gemv-paths 'int4-mma*' 2>&1 | grep -v '^{' | tail -30" ;;
 e) bash scripts/gpu_run.sh \
@@ -62,5 +67,5 @@ e) bash scripts/gpu_run.sh \
 g) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 24,32 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS={'int4':(1,32),'nvfp4':(1,16),'fp8':(4,8)},{'int4':(1,32),'nvfp4':(1,32),'fp8':(4,8)}\" 2>&1 | grep decode | tail -4" \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw --gemv-formats nvfp4 --gemv-shapes 4096x12288,6144x2048,2048x4096 --gemv-m 24,32 --gemv-paths 'int4-mma*,fused-dot,dequant' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path fmt k n m cfg ms speedup frac_copy_bw" ;;
-*) echo "usage: $0 t|w|a|f|g|e|b|b1|b2|b3|d|n|h16|h" >&2; exit 2 ;;
+*) echo "usage: $0 t|w|x|a|f|g|e|b|b1|b2|b3|d|n|h16|h" >&2; exit 2 ;;
 esac

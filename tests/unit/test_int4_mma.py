@@ -56,7 +56,22 @@ def test_deep_prefetch_follows_the_per_format_rows(monkeypatch, m: int, fmt: str
     assert cfg.kw > 1
     assert cfg.prefetch == (2 if fmt in ("int4", "nvfp4") and m <= 8 else 1)
     monkeypatch.setitem(int4_mma.KW_DEEP_PREFETCH_MAX_M, fmt, 16)
-    assert pick_config(m, k, 12288, group, 132, fmt).prefetch == 2
+    deep = pick_config(m, k, 12288, group, 132, fmt)
+    # (FP8's deep form: 3 steps ahead in 8-warp programs, KW_DEEP_FORM; the others 2 steps
+    # in the kw pick's own warps)
+    steps, warps = int4_mma.KW_DEEP_FORM.get(fmt, (2, cfg.num_warps))
+    assert (deep.prefetch, deep.num_warps, deep.kw) == (steps, warps, cfg.kw)
+
+
+def test_fp8_deep_form_is_eight_warps_three_steps_ahead(monkeypatch) -> None:
+    """KW_DEEP_FORM["fp8"] = (3, 8): at kw 4 two warps over N, at kw 8 one (session 35's
+    fastest FP8 forms on every Qwen3 shape); off until KW_DEEP_PREFETCH_MAX_M gives FP8 rows."""
+    monkeypatch.setattr(int4_mma, "WARP_K", SHIPPED_WARP_K)
+    assert pick_config(4, 2048, 4096, 128, 132, "fp8").prefetch == 1
+    monkeypatch.setitem(int4_mma.KW_DEEP_PREFETCH_MAX_M, "fp8", 8)
+    for (k, n), (kw, wn) in {(2048, 4096): (4, 2), (6144, 2048): (8, 1)}.items():
+        cfg = pick_config(4, k, n, 128, 132, "fp8")
+        assert (cfg.kw, cfg.warps, cfg.prefetch) == (kw, wn, 3), (k, n, cfg)
 
 
 def test_pick_ring_depth_is_clamped_to_the_slice(monkeypatch) -> None:
@@ -669,7 +684,8 @@ def test_swiglu_launch_passes_its_constants_and_refuses_what_it_cannot_pair(monk
     assert not seen  # nothing launched
 
 
-@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 64), ("nvfp4", 16)])
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 64), ("nvfp4", 16),
+                                       ("fp8", 128)])
 @pytest.mark.parametrize("depth", [2, 3])
 def test_sm90_compile_deep_prefetch_spills_nothing(monkeypatch, fmt: str, group: int,
                                                    depth: int) -> None:
