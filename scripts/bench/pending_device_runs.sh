@@ -11,7 +11,9 @@
 # shipped), f (FP8's best kw form: 2 warps over N, 3 steps ahead; not yet in the engine).
 # Next: x (FP8's kw deep form, int4_mma.KW_DEEP_FORM, in the engine and the kernel tests), e.
 # x: FP8 at 2-8 rows with 8-warp programs 3 steps ahead (KW_DEEP_FORM) against the shipped
-#    one-step form, two pairs; then the kernel's GPU tests with it on.
+#    one-step form, two pairs; then the kernel's GPU tests with it on; then the RL adapter's
+#    case of session 35's FP8 route (LoRA r16: every shape on the mma kernel from 5 rows, its
+#    delta in separate launches) against the deep-only rule, not measured with an adapter yet.
 # t: the tensor-core kernel's GPU tests under session 34's default (NVFP4 two steps ahead at
 #    1-8 rows; its kw form with prefetch 2 passed test_warps_along_k in session 33).
 # a: batch-1 decode attention at short contexts (96 / 192 / 320 positions): every split and
@@ -59,7 +61,8 @@ w) bash scripts/gpu_run.sh \
   "cmd:timeout 420 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw wide --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288 --gemv-m 8,12,16 --gemv-paths 'int4-mma*' > \$OUT/w.log 2>&1; grep '^{' \$OUT/w.log | python3 -c 'import json,sys,itertools; rs=sorted((json.loads(l) for l in sys.stdin), key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"], r[\"ms\"])); [print(k, n, m, r[\"path\"], round(r[\"ms\"]*1e3,2), round(r[\"speedup\"],3), r[\"cfg\"]) for (k, n, m), g in itertools.groupby(rs, key=lambda r: (r[\"k\"], r[\"n\"], r[\"m\"])) for r in list(g)[:8]]'" ;;
 x) bash scripts/gpu_run.sh \
   "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections formats --formats fp8 --batches 2,4,8 --new-tokens 256 --attn-backend triton --knob \"orbit.kernels.int4_mma.KW_DEEP_PREFETCH_MAX_M={'int4':8,'nvfp4':8},{'int4':8,'nvfp4':8,'fp8':8},{'int4':8,'nvfp4':8},{'int4':8,'nvfp4':8,'fp8':8}\" 2>&1 | grep decode | sed 's/.*MAX_M=//'" \
-  "cmd:timeout 150 python3 scripts/bench/pytest_with_knobs.py \"orbit.kernels.int4_mma.KW_DEEP_PREFETCH_MAX_M={'int4':8,'nvfp4':8,'fp8':8}\" -- tests/gpu/test_int4_mma_gpu.py -m gpu -q -p no:cacheprovider -n 14 2>&1 | tail -2" ;;
+  "cmd:timeout 150 python3 scripts/bench/pytest_with_knobs.py \"orbit.kernels.int4_mma.KW_DEEP_PREFETCH_MAX_M={'int4':8,'nvfp4':8,'fp8':8}\" -- tests/gpu/test_int4_mma_gpu.py -m gpu -q -p no:cacheprovider -n 14 2>&1 | tail -2" \
+  "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections lora --lora-format fp8 --fuse-lora on --batches 2,4,8 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_MIN_K_OVER_N={'fp8':3},{},{'fp8':3},{}\" 2>&1 | grep -E 'b[0-9]+ *:' | sed 's/.*MIN_K_OVER_N=//'" ;;
 h16) bash scripts/gpu_run.sh \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288 --gemv-m 12,16 --gemv-paths 'int4-mma*' 2>&1 | grep -v '^{' | tail -30" ;;
 e) bash scripts/gpu_run.sh \
