@@ -296,6 +296,20 @@ REGFED_MAXNREG = (96, 80, 64)  # 5, 6, 8 programs of 128 threads per SM
 # own pick, at half and twice the pick's split, with the other row tiling, prefetch depth and
 # x prefetch; --gemv-mma-sweep: MMA_SWEEP (4 warps: 8 measured the same) at every split;
 # --gemv-mma-stages: the pick with and without PDL and the shared-memory ring forms alone.
+def _kw_grid(shipped, k: int, group: int, fmt: str, **axes) -> list:
+    """The shipped pick (PDL), then every combination of `axes` (MmaConfig field -> values,
+    varied in the order given) on it as one program per row tile (split 1), PDL, each once
+    and only where the kernel runs it (kw_fits)."""
+    from orbit.kernels.int4_mma import kw_fits
+
+    out = [dataclasses.replace(shipped, pdl=True)]
+    for values in itertools.product(*axes.values()):
+        c = dataclasses.replace(shipped, split=1, pdl=True, **dict(zip(axes, values)))
+        if c not in out and kw_fits(c, k, group, fmt):
+            out.append(c)
+    return out
+
+
 def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
              fmt: str = "int4", stages_only: bool = False, l2_only: bool = False,
              tma_only: bool = False, chains_only: bool = False,
@@ -315,8 +329,8 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
     PDL only: warps over N 1 / 2, kw 2 / 4 / 8, prefetch 1 / 2, one or two row tiles, one
     program per tile); kw_only "wide": the shipped pick, then two or four 16-row tiles a
     warp with warps over N 1 / 2, kw 4 / 8, prefetch 1 / 2, with and without the x prefetch,
-    PDL (past 8 rows: fewer x loads per weight row); kw_only "deep": the shipped pick with prefetch 1 / 2 / 3, 1 / 2
-    warps over N, and with and without its x prefetch, PDL)."""
+    PDL (past 8 rows: fewer x loads per weight row); kw_only "deep": the shipped pick with
+    prefetch 1 / 2 / 3, 1 / 2 warps over N, and with and without its x prefetch, PDL)."""
     from orbit.kernels.int4_mma import MmaConfig, pick_config, step_depth
 
     # (the forms below are built on the split-K pick; kw_only and the default list also time
@@ -340,30 +354,15 @@ def mma_alts(m: int, n: int, k: int, group: int, sms: int, sweep: bool = False,
                 out.append(c)
         return out
     if kw_only == "wide":
-        from orbit.kernels.int4_mma import kw_fits
-
         # (four 16-row tiles a warp: x, which every warp of every program loads from L2 for
         # its K part, is shared by 64 weight rows instead of 32; at M = 16 on 4096x12288 the
         # two-tile pick's x reads are ~50 MB of L2 traffic against 26 MB of weights)
-        out = [dataclasses.replace(shipped, pdl=True)]
-        for rt, wn, kw, pf, xp in itertools.product((2, 4), (1, 2), (4, 8), (1, 2),
-                                                    {shipped.x_prefetch, False}):
-            c = dataclasses.replace(shipped, warps=wn, kw=kw, split=1, prefetch=pf,
-                                    row_tiles=rt, x_prefetch=xp, pdl=True)
-            if c not in out and kw_fits(c, k, group, fmt):
-                out.append(c)
-        return out
+        return _kw_grid(shipped, k, group, fmt, row_tiles=(2, 4), warps=(1, 2), kw=(4, 8),
+                        prefetch=(1, 2), x_prefetch={shipped.x_prefetch, False})
     if kw_only == "sweep":
-        from orbit.kernels.int4_mma import kw_fits
-
-        out = [dataclasses.replace(shipped, pdl=True)]
         # (one program per tile: kw on top of a split lost everywhere in session 30)
-        for wn, kw, pf, rt in itertools.product((1, 2), (2, 4, 8), (1, 2), (1, 2)):
-            c = dataclasses.replace(shipped, warps=wn, kw=kw, split=1, prefetch=pf,
-                                    row_tiles=rt, pdl=True)
-            if c not in out and kw_fits(c, k, group, fmt):
-                out.append(c)
-        return out
+        return _kw_grid(shipped, k, group, fmt, warps=(1, 2), kw=(2, 4, 8), prefetch=(1, 2),
+                        row_tiles=(1, 2))
     if kw_only:
         from orbit.kernels.int4_mma import kw_fits, warps_along_k
 
