@@ -25,6 +25,9 @@
 #    with MMA_ROWS nvfp4 (1, 16) vs (1, 32), and the isolated kernel against its routes.
 # w: INT4 at 8 / 12 / 16 rows with two or four 16-row tiles a warp (x shared by 64 weight rows: half
 #    the two-tile pick's L2 reads of x), kw 4 / 8, prefetch 1 / 2; the 8 fastest per shape.
+# v: the INT4 wgmma kernel for rollout rows (orbit/kernels/int4_wgmma.py, new): its GPU tests,
+#    then bench_wgmma.py (Qwen3-1.7B shapes, M 32-256: cuBLAS BF16, the route, dequantize +
+#    cuBLAS, the pick and its neighbours).
 # e: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
 set -uo pipefail
 # kw_sweep SHAPES MS LOG: the kw neighbourhood on one device call, the 10 fastest per shape and M
@@ -63,6 +66,9 @@ x) bash scripts/gpu_run.sh \
   "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections formats --formats fp8 --batches 2,4,8 --new-tokens 256 --attn-backend triton --knob \"orbit.kernels.int4_mma.KW_DEEP_PREFETCH_MAX_M={'int4':8,'nvfp4':8},{'int4':8,'nvfp4':8,'fp8':8},{'int4':8,'nvfp4':8},{'int4':8,'nvfp4':8,'fp8':8}\" 2>&1 | grep decode | sed 's/.*MAX_M=//'" \
   "cmd:timeout 150 python3 scripts/bench/pytest_with_knobs.py \"orbit.kernels.int4_mma.KW_DEEP_PREFETCH_MAX_M={'int4':8,'nvfp4':8,'fp8':8}\" -- tests/gpu/test_int4_mma_gpu.py -m gpu -q -p no:cacheprovider -n 14 2>&1 | tail -2" \
   "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections lora --lora-format fp8 --fuse-lora on --batches 2,4,8 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_MIN_K_OVER_N={'fp8':3},{},{'fp8':3},{}\" 2>&1 | grep -E 'b[0-9]+ *:' | sed 's/.*MIN_K_OVER_N=//'" ;;
+v) bash scripts/gpu_run.sh \
+  "cmd:timeout 200 python3 -m pytest tests/gpu/test_int4_wgmma_gpu.py -m gpu -q -p no:cacheprovider -x -n 8 2>&1 | tail -15" \
+  "cmd:mkdir -p \$OUT/v; timeout 360 python3 scripts/bench/bench_wgmma.py --out \$OUT/v > \$OUT/v.log 2>&1; grep -v '^{' \$OUT/v.log | tail -40" ;;
 h16) bash scripts/gpu_run.sh \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288 --gemv-m 12,16 --gemv-paths 'int4-mma*' 2>&1 | grep -v '^{' | tail -30" ;;
 e) bash scripts/gpu_run.sh \
@@ -70,5 +76,5 @@ e) bash scripts/gpu_run.sh \
 g) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 24,32 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS={'int4':(1,32),'nvfp4':(1,16),'fp8':(4,8)},{'int4':(1,32),'nvfp4':(1,32),'fp8':(4,8)}\" 2>&1 | grep decode | tail -4" \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw --gemv-formats nvfp4 --gemv-shapes 4096x12288,6144x2048,2048x4096 --gemv-m 24,32 --gemv-paths 'int4-mma*,fused-dot,dequant' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path fmt k n m cfg ms speedup frac_copy_bw" ;;
-*) echo "usage: $0 t|w|x|a|f|g|e|b|b1|b2|b3|d|n|h16|h" >&2; exit 2 ;;
+*) echo "usage: $0 v|t|w|x|a|f|g|e|b|b1|b2|b3|d|n|h16|h" >&2; exit 2 ;;
 esac

@@ -1,0 +1,348 @@
+"""INT4 GEMM for rollout batch sizes on Hopper's warpgroup MMA (Gluon, sm_90): `y[M, N] =
+x[M, K] @ W^T` for symmetric INT4 codes with bf16 group scales and bf16 x, 17 <= M <= 256.
+
+Why (docs/kernels.md, "Rollout rows on wgmma"). From 33 rows fast mode dequantized each INT4
+weight into a transient BF16 copy and ran cuBLAS (or the `tl.dot` loop), so a Qwen3-1.7B INT4
+base decoded slower than BF16 from batch 64 (H100, session 35: 46.6k against 57.6k tok/s at
+256): the dequantize pass writes and cuBLAS re-reads 2 bytes per weight, 4x the bytes the INT4
+codes take. The register-fed mma.sync kernel (orbit/kernels/int4_mma.py) stops at 32 rows
+(its x lives in registers) and already runs at about cuBLAS speed there: one m16n8k16 per 8
+columns of x leaves the tensor cores mostly idle.
+
+Layout. Swap-AB as in int4_mma: out^T[N, M] = W[N, K] @ x^T[K, M]. A warpgroup owns 64 weight
+rows (the wgmma's M) and all NP columns of x (its N, up to 256). The weights are decoded
+straight into registers in the wgmma's A operand layout (k_width 2: thread (g, t) of a warp
+holds rows g, g + 8 and K 2t, 2t + 1, 2t + 8, 2t + 9 of each 16-deep block), so they never
+make a shared-memory trip; x arrives by TMA into a ring of shared [NP, 64] tiles (the B
+operand, K-major, 128-byte swizzle) with zero rows past M.
+
+Why each thread loads whole rows of words. The A operand's K order is the natural one (wgmma
+reads B from shared memory in natural order, so no K permutation can be hidden in x, as
+int4_mma does in registers), and a word holds 8 consecutive K: every thread of a lane quad
+needs two nibbles of every word of its rows. Each thread loads its rows' 8 words per step
+(two 16-byte loads a row, the same addresses across the quad, so DRAM and L2 see each byte
+once) and shifts its own byte (8 t) down. Decoding a nibble pair costs ~8 instructions (the
+bf16 bits of 128 + u, an exact packed subtract of 136, a packed multiply by the group scale),
+~4 per weight; at M >= 64 the wgmma needs 64 x M MACs per weight, so there is room for it.
+
+Scales. The weights are scaled before the MMA (bf16(s * (u - 8)), the reference's dequantized
+value exactly, since u - 8 is exact and the packed multiply rounds once), so one accumulator
+runs across the whole K slice and the wgmma stays asynchronous: one in flight while the next
+step decodes.
+
+Split-K as in int4_mma (fp32 slices, the last program of a tile adds them in slice order:
+deterministic). Forward only, fast mode only, sm_90 only (wgmma).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from torch import Tensor
+
+from orbit.kernels.int4_mma import HAS_GLUON
+
+if HAS_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    from orbit.kernels.int4_mma import _cta_barrier, _pdl_enter, _tma_load
+
+# Rows of x the kernel takes (the wgmma's N is at most 256; column tiles of NP cover M).
+MIN_M = 1
+MAX_M = 256
+BK = 64  # K per step: one 128-byte swizzled row of x per TMA box row (8 words of codes)
+# Ring depth of x tiles in shared memory (NP x BK x 2 bytes each).
+STAGES = 4
+# Programs per SM the split rule aims at (each holds 64 weight rows per warpgroup).
+PROGRAMS_PER_SM = 2
+# Shallowest K slice a split may leave (steps of BK: the pipeline needs a few).
+MIN_SLICE_K = 512
+MAX_SPLIT = 16
+
+
+@dataclass(frozen=True)
+class WgmmaConfig:
+    """np_: columns of x per program (the wgmma's N: 64 or 128; M beyond it takes more column
+    tiles); warpgroups: 64-row weight blocks per program (sharing the x ring); split: K
+    slices; stages: the x ring's depth; pdl: launch with programmatic dependent launch even
+    outside the engine's pdl_scope (a benchmark's rows)."""
+
+    np_: int = 128
+    warpgroups: int = 1
+    split: int = 1
+    stages: int = STAGES
+    pdl: bool = False
+
+    @property
+    def block_n(self) -> int:
+        return 64 * self.warpgroups
+
+    @property
+    def num_warps(self) -> int:
+        return 4 * self.warpgroups
+
+
+def supports(m: int, k: int, n: int, group: int, x_dtype: torch.dtype,
+             scale_dtype: torch.dtype, has_offset: bool) -> bool:
+    """Whether this kernel computes the forward: symmetric INT4 codes, bf16 scales in groups
+    of a multiple of 64, bf16 x of MIN_M..MAX_M rows, K a multiple of the group, on a device
+    with wgmma (checked by the caller: `available`)."""
+    return (HAS_GLUON and MIN_M <= m <= MAX_M and not has_offset and x_dtype == torch.bfloat16
+            and scale_dtype == torch.bfloat16 and group % BK == 0 and k % group == 0)
+
+
+def available(device: torch.device) -> bool:
+    """Whether `device` runs the kernel: CUDA sm_90 (wgmma is Hopper's; Blackwell has tcgen05
+    instead)."""
+    return (HAS_GLUON and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def column_tile(m: int) -> int:
+    """The x columns per program for M = m rows: 64 up to 64 rows, else 128 (past 128 rows two
+    column tiles, each re-decoding the weights from L2: 256 columns would take 128
+    accumulator registers a thread)."""
+    return 64 if m <= 64 else 128
+
+
+def pick_config(m: int, k: int, n: int, group: int, sms: int) -> WgmmaConfig:
+    """One warpgroup per program, the column tile of `column_tile`, and the largest
+    power-of-two split of K that keeps the grid within PROGRAMS_PER_SM programs per SM, slices
+    at least MIN_SLICE_K deep and whole groups."""
+    np_ = column_tile(m)
+    tiles = -(-n // 64) * -(-m // np_)
+    split = 1
+    while (split * 2 <= MAX_SPLIT and tiles * split * 2 <= PROGRAMS_PER_SM * sms
+           and k % (split * 2 * group) == 0 and k // (split * 2) >= MIN_SLICE_K):
+        split *= 2
+    return WgmmaConfig(np_=np_, split=split)
+
+
+def check_config(cfg: WgmmaConfig, m: int, k: int, group: int) -> None:
+    """Refuse what the kernel cannot run, naming the field."""
+    if cfg.np_ not in (64, 128):
+        raise ValueError(f"int4_wgmma: WgmmaConfig.np_ is 64 or 128, got {cfg.np_}")
+    if cfg.warpgroups not in (1, 2):
+        raise ValueError(f"int4_wgmma: WgmmaConfig.warpgroups is 1 or 2, got {cfg.warpgroups}")
+    if cfg.stages < 2:
+        raise ValueError(f"int4_wgmma: WgmmaConfig.stages is at least 2, got {cfg.stages}")
+    if cfg.split < 1 or k % (cfg.split * group):
+        raise ValueError(f"int4_wgmma: split {cfg.split} must cut K = {k} into slices of whole "
+                         f"groups of {group}")
+    if not MIN_M <= m <= MAX_M:
+        raise ValueError(f"int4_wgmma: takes {MIN_M}..{MAX_M} rows of x, got {m}")
+
+
+if HAS_GLUON:
+
+    @cache  # (plain ints in, frozen layouts out: built once per config)
+    def layouts(warpgroups: int, np_: int):
+        """The wgmma accumulator layout, its A operand layout, the word tile [BN, 8, 4] whose
+        registers hold each thread's rows' 8 words of a step (dim 1) for its lane quad t
+        (dim 2: the byte it decodes), the x ring's shared layout and the output store's."""
+        warps = 4 * warpgroups
+        mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1],
+                                        instr_shape=[16, np_, 16])
+        a = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        lw = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [8, 0, 0]],
+            lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[16 << w, 0, 0] for w in range(warps.bit_length() - 1)],
+            block_bases=[], shape=[64 * warpgroups, 8, 4])
+        xs = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        # the store: lanes down the weight rows (y's contiguous dimension), warps across x's
+        out = gl.BlockedLayout(size_per_thread=[2, 1], threads_per_warp=[32, 1],
+                               warps_per_cta=[1, warps], order=[0, 1])
+        return mma, a, lw, xs, out
+
+    # $0, $1: bf16(s * (u - 8)) of the low two nibbles of $2 (u at bits 0..3 and 4..7), $3 the
+    # group scale s: the bf16 bits of 128 + u in each half, minus 136 (exact), times s (one
+    # rounding: the reference's dequantized value)
+    _PAIR_ASM = gl.constexpr(
+        "{\n.reg .b32 a, b, s2, one, neg;\n"
+        "mov.b32 one, 0x3F803F80;\nmov.b32 neg, 0xC308C308;\n"
+        "and.b32 a, $2, 0x0000000F;\n"
+        "shl.b32 b, $2, 12;\n"
+        "and.b32 b, b, 0x000F0000;\n"
+        "or.b32 a, a, b;\n"
+        "or.b32 a, a, 0x43004300;\n"
+        "fma.rn.bf16x2 a, a, one, neg;\n"
+        "mov.b32 s2, {$3, $3};\n"
+        "mul.rn.bf16x2 a, a, s2;\n"
+        "mov.b32 {$0, $1}, a;\n}")
+
+    @gluon.jit
+    def _decode(words, sc, A: gl.constexpr, LW: gl.constexpr, BN: gl.constexpr):
+        # words [BN, 8, 4] int32 (a step's 8 words of each row, the same in every t), sc
+        # [BN] bf16 (each row's group scale) -> A operand [BN, 64] bf16 in natural K
+        # order: word w, lane quad t, nibble j of the pair is K = 8 w + 2 t + j
+        t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
+        r = words >> gl.expand_dims(gl.expand_dims(t * 8, 0), 1)
+        sc, r = gl.broadcast(gl.expand_dims(gl.expand_dims(sc, 1), 2), r)
+        lo, hi = gl.inline_asm_elementwise(_PAIR_ASM, "=h,=h,r,h", [r, sc],
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
+                                           pack=1)
+        v = gl.reshape(gl.join(lo, hi), [BN, 64])
+        return gl.convert_layout(v, A, assert_trivial=True)
+
+    @gluon.jit
+    def _int4_wgmma_kernel(x_desc, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
+                           stride_q, stride_s, stride_y, K_SLICE,
+                           GROUP: gl.constexpr, BN: gl.constexpr, NP: gl.constexpr,
+                           SPLIT: gl.constexpr, STAGES: gl.constexpr, MMA: gl.constexpr,
+                           A: gl.constexpr, LW: gl.constexpr, XS: gl.constexpr,
+                           LOUT: gl.constexpr, EVEN_N: gl.constexpr, PDL: gl.constexpr = False):
+        # grid: (N tiles x M tiles x SPLIT): program (tile_n, tile_m, ks) computes
+        # out^T[tile_n BN + :BN, tile_m NP + :NP] over the K slice ks
+        pid = gl.program_id(0)
+        ks = pid % SPLIT
+        tile = pid // SPLIT
+        tiles_m = gl.cdiv(M, NP)
+        tile_m = tile % tiles_m
+        tile_n = tile // tiles_m
+        k_lo = ks * K_SLICE
+        steps = K_SLICE // 64
+
+        rows = tile_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW)))
+        if not EVEN_N:
+            rows = gl.minimum(rows, N - 1)  # (clamped reads; the store masks)
+        wcol = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW)))
+        w_ptrs = (q_ptr + gl.expand_dims(gl.expand_dims(rows * stride_q, 1), 2)
+                  + gl.expand_dims(gl.expand_dims(wcol, 0), 2)
+                  + gl.zeros([BN, 8, 4], gl.int32, LW) + k_lo // 8)
+        s_ptrs = s_ptr + rows * stride_s  # (one scale a row and step, broadcast in _decode)
+        # the first step's words and scale: frozen weights, loaded before the PDL wait
+        cur_w = gl.load(w_ptrs)
+        cur_s = gl.load(s_ptrs + k_lo // GROUP)
+        _pdl_enter(PDL)
+
+        xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, NP, 64], XS)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(bars.index(st), count=1)
+        fence_async_shared()  # (the inits visible to the copy engine before its arrivals)
+        for st in gl.static_range(STAGES - 1):
+            ok = st < steps
+            mbarrier.expect(bars.index(st), NP * 64 * 2, pred=ok)
+            _tma_load(x_desc, [tile_m * NP, k_lo + st * 64], bars.index(st), xs.index(st),
+                      pred=ok)
+
+        acc = gl.zeros([BN, NP], gl.float32, MMA)
+        for i in range(steps):
+            slot = i % STAGES
+            # the next step's words and scale (the last step reloads its own: no read past
+            # the slice)
+            nk = k_lo + gl.minimum(i + 1, steps - 1) * 64
+            nxt_w = gl.load(w_ptrs + (nk - k_lo) // 8)
+            nxt_s = gl.load(s_ptrs + nk // GROUP)
+            a = _decode(cur_w, cur_s, A, LW, BN)
+            mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+            acc = warpgroup_mma(a, xs.index(slot).permute((1, 0)), acc, is_async=True)
+            # at most this step's wgmma in flight: the previous one's slot is free once every
+            # warpgroup has passed here
+            acc = warpgroup_mma_wait(1, deps=[acc])
+            _cta_barrier()
+            nxt = i + STAGES - 1
+            ok = nxt < steps
+            mbarrier.expect(bars.index(nxt % STAGES), NP * 64 * 2, pred=ok)
+            _tma_load(x_desc, [tile_m * NP, k_lo + nxt * 64], bars.index(nxt % STAGES),
+                      xs.index(nxt % STAGES), pred=ok)
+            cur_w = nxt_w
+            cur_s = nxt_s
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(st))
+
+        out = gl.convert_layout(acc, LOUT)
+        on = tile_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LOUT))
+        om = tile_m * NP + gl.arange(0, NP, layout=gl.SliceLayout(0, LOUT))
+        mask = gl.expand_dims(on < N, 1) & gl.expand_dims(om < M, 0)
+        if SPLIT == 1:
+            gl.store(y_ptr + gl.expand_dims(om, 0) * stride_y + gl.expand_dims(on, 1),
+                     out.to(gl.bfloat16), mask=mask)
+        else:
+            # fp32 slice ks into ws [SPLIT, M, N]; the last program of the tile to arrive adds
+            # the slices in slice order (deterministic) and re-arms the counter
+            off = gl.expand_dims(om, 0) * N + gl.expand_dims(on, 1)
+            slab = M * N
+            gl.store(ws_ptr + ks * slab + off, out, mask=mask)
+            _cta_barrier()
+            arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                total = gl.zeros([BN, NP], gl.float32, LOUT)
+                for s in range(SPLIT):
+                    total += gl.load(ws_ptr + s * slab + off, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                gl.store(y_ptr + gl.expand_dims(om, 0) * stride_y + gl.expand_dims(on, 1),
+                         total.to(gl.bfloat16), mask=mask)
+                gl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+
+
+def kernel_constants(cfg: WgmmaConfig, group: int, even_n: bool) -> dict:
+    """The constexpr arguments of `_int4_wgmma_kernel` for `cfg` (the launch's and the
+    offline sm_90 compile's), PDL excepted."""
+    mma, a, lw, xs, out = layouts(cfg.warpgroups, cfg.np_)
+    return {"GROUP": group, "BN": cfg.block_n, "NP": cfg.np_, "SPLIT": cfg.split,
+            "STAGES": cfg.stages, "MMA": mma, "A": a, "LW": lw, "XS": xs, "LOUT": out,
+            "EVEN_N": even_n}
+
+
+def x_descriptor(x: Tensor, np_: int):
+    """The TMA descriptor of x [M, K] bf16 with an [np_, BK] box (rows past M read as zeros);
+    refuses what TMA cannot address."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    if x.stride(1) != 1 or (x.stride(0) * 2) % 16 or x.data_ptr() % 16:
+        raise ValueError(f"int4_wgmma: TMA needs x rows 16-byte aligned with unit stride; "
+                         f"stride {x.stride()}, address {x.data_ptr():#x}")
+    return TensorDescriptor.from_tensor(x, [np_, BK], layouts(1, np_)[3])
+
+
+def int4_wgmma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
+               cfg: WgmmaConfig | None = None, out: Tensor | None = None) -> Tensor:
+    """y = x @ W^T for int32-packed symmetric INT4 codes `qweight` [N, K / 8] (LSB first, u - 8
+    the value) and bf16 `scale` [N, K / group]; bf16 x [M, K]."""
+    from orbit.kernels.gemv import arrival_counters, num_sms
+    from orbit.kernels.pdl import pdl_launch
+
+    m, k = x.shape
+    n = qweight.shape[0]
+    if qweight.dtype != torch.int32 or tuple(qweight.shape) != (n, k // 8):
+        raise ValueError(f"int4_wgmma: qweight must be int32 [N, K / 8] = [{n}, {k // 8}], got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}")
+    if scale.dtype != torch.bfloat16 or tuple(scale.shape) != (n, k // group):
+        raise ValueError(f"int4_wgmma: scale must be bf16 [N, K / group] = [{n}, {k // group}], "
+                         f"got {scale.dtype} {tuple(scale.shape)}")
+    if not supports(m, k, n, group, x.dtype, scale.dtype, False):
+        raise ValueError(f"int4_wgmma: unsupported operands (M={m}, K={k}, group {group}, x "
+                         f"{x.dtype}); see int4_wgmma.supports")
+    if not available(x.device):
+        raise ValueError("int4_wgmma: needs a CUDA sm_90 device (wgmma)")
+    if qweight.stride(1) != 1 or scale.stride(1) != 1:
+        raise ValueError("int4_wgmma: qweight and scale rows must have unit stride")
+    cfg = cfg or pick_config(m, k, n, group, num_sms(x.device))
+    check_config(cfg, m, k, group)
+    y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    if y.shape != (m, n) or y.dtype != torch.bfloat16 or y.stride(1) != 1:
+        raise ValueError(f"int4_wgmma: out must be bf16 [{m}, {n}] with unit column stride")
+    tiles = -(-n // cfg.block_n) * -(-m // cfg.np_)
+    if cfg.split > 1:
+        ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device)
+        cnt = arrival_counters(x.device, tiles)
+    else:
+        ws, cnt = y, y
+    _int4_wgmma_kernel[(tiles * cfg.split,)](
+        x_descriptor(x, cfg.np_), qweight, scale, y, ws, cnt, m, n, k, qweight.stride(0),
+        scale.stride(0), y.stride(0), k // cfg.split,
+        **kernel_constants(cfg, group, n % cfg.block_n == 0), num_warps=cfg.num_warps,
+        **pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl))
+    return y
