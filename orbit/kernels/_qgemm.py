@@ -130,6 +130,13 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 #   batch 1 688 -> 673 (-2%: the FP8 GEMV keeps one row). So FP8 takes 2-8 rows, any shape.
 # An entry removed (or the dict emptied) turns the route off for that format.
 MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (1, 32), "nvfp4": (1, 32), "fp8": (2, 8)}
+# INT4 at rollout rows on Hopper's warpgroup MMA (orbit/kernels/int4_wgmma.py: the decoded
+# weights the wgmma's register operand, x by TMA; sm_90 only), per format (first, last row
+# count), after MMA_ROWS. Written in session 36 to replace dequantize + cuBLAS and the tl.dot
+# loop from 33 rows, where the INT4 base decoded slower than BF16 (session 35, H100: batch 64
+# 21.4k against 22.1k tok/s, batch 256 46.6k against 57.6k). Off until measured
+# (`pending_device_runs.sh v`, then the engine with --knob ..._qgemm.WGMMA_ROWS).
+WGMMA_ROWS: dict[str, tuple[int, int]] = {}
 # Formats whose mma route also needs a deep weight: K >= this multiple of N (sessions 24-34:
 # {"fp8": 3}, FP8's down projections alone; empty since session 35, see FP8 above).
 MMA_MIN_K_OVER_N: dict[str, int] = {}
@@ -233,11 +240,19 @@ def _capability_of(index: int) -> tuple[int, int]:
 
 
 def _mma_by_rule(m: int, n: int, k: int, fmt: str, device: torch.device) -> bool:
-    from orbit.kernels.int4_mma import HAS_GLUON
+    from orbit.kernels.int4_mma import HAS_GLUON, MAX_M
 
     lo, hi = MMA_ROWS.get(fmt, (1, 0))
-    return (lo <= m <= hi and k >= MMA_MIN_K_OVER_N.get(fmt, 0) * n
+    return (lo <= m <= min(hi, MAX_M) and k >= MMA_MIN_K_OVER_N.get(fmt, 0) * n
             and device.type == "cuda" and HAS_GLUON and _capability(device)[0] >= 8)
+
+
+def _wgmma_by_rule(m: int, fmt: str, device: torch.device) -> bool:
+    from orbit.kernels.int4_wgmma import HAS_GLUON, MAX_M
+
+    lo, hi = WGMMA_ROWS.get(fmt, (1, 0))
+    return (lo <= m <= min(hi, MAX_M) and device.type == "cuda" and HAS_GLUON
+            and _capability(device)[0] == 9)
 
 
 def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
@@ -251,13 +266,16 @@ def route(m: int, n: int, k: int, fmt: str, exact: bool, device: torch.device,
     where `_gemv_by_rule`, the dot loop with `pick_config`'s tile. The input gradient: the
     rules without the GEMV. Everything that asks whether a launch can carry extra work in
     its store (`lora_fits`, `swiglu_fits`) asks this, so the answer and the launch cannot
-    disagree. `mma_ok`: the operands are ones `int4_mma` takes (`int4_mma.supports`), which
-    opens its route (`MMA_ROWS`)."""
+    disagree. `mma_ok`: the operands are ones a tensor-core decode kernel takes
+    (`mma_operands_fit`), which opens the routes of `int4_mma` (`MMA_ROWS`) and, after it,
+    `int4_wgmma` (`WGMMA_ROWS`)."""
     out_dim = k if transpose else n
     if exact:
         return Route("dot", pick_config(m, out_dim, fmt, True))
     if mma_ok and not transpose and _mma_by_rule(m, n, k, fmt, device):
         return Route("mma")
+    if mma_ok and not transpose and _wgmma_by_rule(m, fmt, device):
+        return Route("wgmma")
     if not transpose and fmt in ROUTE_FORMATS:
         tuned = ROUTES.lookup(device, fmt, n, k, m)
         if tuned is not None:
@@ -624,16 +642,23 @@ def check_out(out: Tensor | None, shape: tuple[int, int], x: Tensor) -> Tensor:
 
 def mma_operands_fit(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, scale: Tensor,
                      offset: Tensor | None, group: int) -> bool:
-    """Whether int4_mma computes x @ W^T for these operands (`int4_mma.supports`; NVFP4 and
-    FP8 codes are read as int32 words, so their rows must be 4-byte aligned)."""
-    from orbit.kernels.int4_mma import FORMATS, supports, word_rows_aligned
+    """Whether int4_mma (`int4_mma.supports`; NVFP4 and FP8 codes are read as int32 words, so
+    their rows must be 4-byte aligned) or, for INT4 past its rows, int4_wgmma
+    (`int4_wgmma.supports`: x by TMA, so 16-byte aligned rows) computes x @ W^T for these
+    operands."""
+    from orbit.kernels import int4_wgmma
+    from orbit.kernels.int4_mma import FORMATS, MAX_M, supports, word_rows_aligned
 
     if fmt not in FORMATS or x.dim() != 2:
         return False
     if fmt in ("nvfp4", "fp8") and not word_rows_aligned(q):
         return False
-    return supports(x.shape[0], shape[1], shape[0], group, x.dtype, scale.dtype,
-                    offset is not None, fmt)
+    m = x.shape[0]
+    if m > MAX_M:
+        return (fmt == "int4" and int4_wgmma.x_fits(x)
+                and int4_wgmma.supports(m, shape[1], shape[0], group, x.dtype, scale.dtype,
+                                        offset is not None))
+    return supports(m, shape[1], shape[0], group, x.dtype, scale.dtype, offset is not None, fmt)
 
 
 def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
@@ -687,6 +712,10 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
         from orbit.kernels.int4_mma import int4_mma
 
         return int4_mma(x, q, s, group, out=y, fmt=fmt, global_scale=global_scale)
+    if r.kind == "wgmma":
+        from orbit.kernels.int4_wgmma import int4_wgmma
+
+        return int4_wgmma(x, q, s, group, out=y)
     if r.kind == "dequant":
         # Training sizes: the MMA-bound GEMM is faster in cuBLAS than in a loop that also
         # dequantizes; the transient BF16 weight costs one memory-bound pass (docs/kernels.md).

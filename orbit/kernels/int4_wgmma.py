@@ -296,12 +296,17 @@ def kernel_constants(cfg: WgmmaConfig, group: int, even_n: bool) -> dict:
             "EVEN_N": even_n}
 
 
+def x_fits(x: Tensor) -> bool:
+    """Whether TMA can read x: unit-stride rows, 16-byte aligned (start and row stride)."""
+    return x.stride(1) == 1 and (x.stride(0) * 2) % 16 == 0 and x.data_ptr() % 16 == 0
+
+
 def x_descriptor(x: Tensor, np_: int):
     """The TMA descriptor of x [M, K] bf16 with an [np_, BK] box (rows past M read as zeros);
     refuses what TMA cannot address."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    if x.stride(1) != 1 or (x.stride(0) * 2) % 16 or x.data_ptr() % 16:
+    if not x_fits(x):
         raise ValueError(f"int4_wgmma: TMA needs x rows 16-byte aligned with unit stride; "
                          f"stride {x.stride()}, address {x.data_ptr():#x}")
     return TensorDescriptor.from_tensor(x, [np_, BK], layouts(1, np_)[3])

@@ -60,7 +60,7 @@ def test_launch_refuses_a_cpu_tensor() -> None:
         W.int4_wgmma(x, qw.tensors["qweight"], qw.tensors["scale"], 128)
 
 
-def _compile(cfg: "W.WgmmaConfig"):
+def _compile(cfg: W.WgmmaConfig):
     pytest.importorskip("triton.experimental.gluon")
     from bench_scripts import load_bench
 
@@ -77,7 +77,7 @@ def _compile(cfg: "W.WgmmaConfig"):
 
 @pytest.mark.parametrize("cfg", [W.WgmmaConfig(np_=128), W.WgmmaConfig(np_=64, split=4),
                                  W.WgmmaConfig(np_=128, warpgroups=2, split=2)])
-def test_sm90_compile(cfg: "W.WgmmaConfig") -> None:
+def test_sm90_compile(cfg: W.WgmmaConfig) -> None:
     tool, k = _compile(cfg)
     from bench_scripts import load_bench
 
@@ -87,5 +87,5 @@ def test_sm90_compile(cfg: "W.WgmmaConfig") -> None:
     assert ops["UTMALDG"] >= 2  # x by TMA (the prologue's and the loop's)
     assert ops["HFMA2"] == ops["HMUL2"] == 16  # 16 nibble pairs a thread and step
     # the register operand: the wgmma reads A from registers (no descriptor for A)
-    assert re.search(r"HGMMA\.64x%dx16\.F32\.BF16 R\d+, R\d+" % cfg.np_, sass)
+    assert re.search(rf"HGMMA\.64x{cfg.np_}x16\.F32\.BF16 R\d+, R\d+", sass)
     assert "LOCAL:0" in load_bench("sass_int4_mma").resources(k.asm["cubin"])
