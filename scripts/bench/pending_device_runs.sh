@@ -28,6 +28,8 @@
 # v: the INT4 wgmma kernel for rollout rows (orbit/kernels/int4_wgmma.py, new): its GPU tests,
 #    then bench_wgmma.py (Qwen3-1.7B shapes, M 32-256: cuBLAS BF16, the route, dequantize +
 #    cuBLAS, the pick and its neighbours).
+# v2: the engine with INT4 on it at 33-256 rows (WGMMA_ROWS) against the shipped routes, two
+#    pairs at batch 48 / 64 / 128 / 256; the GPU tests that cross those rows with it on.
 # e: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
 set -uo pipefail
 # kw_sweep SHAPES MS LOG: the kw neighbourhood on one device call, the 10 fastest per shape and M
@@ -69,6 +71,9 @@ x) bash scripts/gpu_run.sh \
 v) bash scripts/gpu_run.sh \
   "cmd:timeout 200 python3 -m pytest tests/gpu/test_int4_wgmma_gpu.py -m gpu -q -p no:cacheprovider -x -n 8 2>&1 | tail -15" \
   "cmd:mkdir -p \$OUT/v; timeout 360 python3 scripts/bench/bench_wgmma.py --out \$OUT/v > \$OUT/v.log 2>&1; grep -v '^{' \$OUT/v.log | tail -40" ;;
+v2) bash scripts/gpu_run.sh \
+  "cmd:timeout 240 python3 scripts/bench/bench_engine.py --sections formats --formats int4 --batches 48,64,128,256 --new-tokens 256 --attn-backend triton --knob \"orbit.kernels._qgemm.WGMMA_ROWS={},{'int4':(33,256)},{},{'int4':(33,256)}\" 2>&1 | grep decode | sed 's/.*WGMMA_ROWS=//'" \
+  "cmd:timeout 300 python3 scripts/bench/pytest_with_knobs.py \"orbit.kernels._qgemm.WGMMA_ROWS={'int4':(33,256)}\" -- tests/gpu/test_quant_linear_gpu.py tests/gpu/test_lora_decode_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_siblings_gpu.py tests/gpu/test_kernels_qmm_gpu.py -m gpu -q -p no:cacheprovider -n 14 2>&1 | tail -4" ;;
 h16) bash scripts/gpu_run.sh \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288 --gemv-m 12,16 --gemv-paths 'int4-mma*' 2>&1 | grep -v '^{' | tail -30" ;;
 e) bash scripts/gpu_run.sh \
@@ -76,5 +81,5 @@ e) bash scripts/gpu_run.sh \
 g) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 24,32 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS={'int4':(1,32),'nvfp4':(1,16),'fp8':(4,8)},{'int4':(1,32),'nvfp4':(1,32),'fp8':(4,8)}\" 2>&1 | grep decode | tail -4" \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw --gemv-formats nvfp4 --gemv-shapes 4096x12288,6144x2048,2048x4096 --gemv-m 24,32 --gemv-paths 'int4-mma*,fused-dot,dequant' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path fmt k n m cfg ms speedup frac_copy_bw" ;;
-*) echo "usage: $0 v|t|w|x|a|f|g|e|b|b1|b2|b3|d|n|h16|h" >&2; exit 2 ;;
+*) echo "usage: $0 v|v2|t|w|x|a|f|g|e|b|b1|b2|b3|d|n|h16|h" >&2; exit 2 ;;
 esac
