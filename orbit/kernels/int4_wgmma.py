@@ -67,6 +67,7 @@ PROGRAMS_PER_SM = 2
 # Shallowest K slice a split may leave (steps of BK: the pipeline needs a few).
 MIN_SLICE_K = 512
 MAX_SPLIT = 16
+WARPGROUPS = (1, 2, 4)
 
 
 @dataclass(frozen=True)
@@ -115,24 +116,30 @@ def column_tile(m: int) -> int:
 
 
 def pick_config(m: int, k: int, n: int, group: int, sms: int) -> WgmmaConfig:
-    """One warpgroup per program, the column tile of `column_tile`, and the largest
-    power-of-two split of K that keeps the grid within PROGRAMS_PER_SM programs per SM, slices
-    at least MIN_SLICE_K deep and whole groups."""
+    """The column tile of `column_tile`; the most warpgroups (64 weight rows each, sharing one
+    x tile: every program reads the whole x slice from L2, so x's L2 traffic is N / BN times
+    x's bytes, 4x the codes' own bytes at BN = 64 and M = 64) that still leave the grid at
+    least half an SM's worth of tiles; then the largest power-of-two split of K that keeps
+    it within PROGRAMS_PER_SM programs per SM, slices at least MIN_SLICE_K deep and whole
+    groups."""
     np_ = column_tile(m)
-    tiles = -(-n // 64) * -(-m // np_)
+    tiles_m = -(-m // np_)
+    wg = next(w for w in WARPGROUPS[::-1] if w == 1 or -(-n // (64 * w)) * tiles_m * 2 >= sms)
+    tiles = -(-n // (64 * wg)) * tiles_m
     split = 1
     while (split * 2 <= MAX_SPLIT and tiles * split * 2 <= PROGRAMS_PER_SM * sms
            and k % (split * 2 * group) == 0 and k // (split * 2) >= MIN_SLICE_K):
         split *= 2
-    return WgmmaConfig(np_=np_, split=split)
+    return WgmmaConfig(np_=np_, warpgroups=wg, split=split)
 
 
 def check_config(cfg: WgmmaConfig, m: int, k: int, group: int) -> None:
     """Refuse what the kernel cannot run, naming the field."""
     if cfg.np_ not in (64, 128):
         raise ValueError(f"int4_wgmma: WgmmaConfig.np_ is 64 or 128, got {cfg.np_}")
-    if cfg.warpgroups not in (1, 2):
-        raise ValueError(f"int4_wgmma: WgmmaConfig.warpgroups is 1 or 2, got {cfg.warpgroups}")
+    if cfg.warpgroups not in WARPGROUPS:
+        raise ValueError(f"int4_wgmma: WgmmaConfig.warpgroups is one of {WARPGROUPS}, got "
+                         f"{cfg.warpgroups}")
     if cfg.stages < 2:
         raise ValueError(f"int4_wgmma: WgmmaConfig.stages is at least 2, got {cfg.stages}")
     if cfg.split < 1 or k % (cfg.split * group):

@@ -33,22 +33,29 @@ from orbit.kernels.gemv import num_sms  # noqa: E402
 from orbit.kernels.random_weights import random_qweight  # noqa: E402
 
 SHAPES = "2048x4096,2048x2048,2048x12288,6144x2048"  # in x out
-MS = "32,48,64,96,128,192,256"
+MS = "32,64,96,128,256"
 
 
-def neighbours(cfg: int4_wgmma.WgmmaConfig, m: int, k: int) -> list[int4_wgmma.WgmmaConfig]:
-    """The pick and the configs next to it that the kernel runs at this K."""
+def neighbours(cfg: int4_wgmma.WgmmaConfig, m: int, k: int, n: int,
+               sms: int) -> list[int4_wgmma.WgmmaConfig]:
+    """The pick and its neighbourhood that the kernel runs at this K: 1 / 2 / 4 warpgroups,
+    each with the split that fills the GPU (the pick's rule) and half / twice it; the pick
+    with a 3-deep ring and with the other column tile."""
     out = [cfg]
-    for split in (cfg.split // 2, cfg.split * 2):
-        if split >= 1 and k % (split * 128) == 0 and k // split >= 256:
-            out.append(dataclasses.replace(cfg, split=split))
-    out.append(dataclasses.replace(cfg, warpgroups=2))
-    out.append(dataclasses.replace(cfg, warpgroups=2, split=max(1, cfg.split // 2)))
+    for wg in int4_wgmma.WARPGROUPS:
+        tiles = -(-n // (64 * wg)) * -(-m // cfg.np_)
+        fill = 1
+        while (fill * 2 <= int4_wgmma.MAX_SPLIT and tiles * fill * 2 <= 2 * sms
+               and k % (fill * 256) == 0 and k // (fill * 2) >= 256):
+            fill *= 2
+        for split in (fill // 2, fill, fill * 2):
+            if split >= 1 and k % (split * 128) == 0 and k // split >= 256:
+                out.append(dataclasses.replace(cfg, warpgroups=wg, split=split))
     out.append(dataclasses.replace(cfg, stages=3))
-    if m <= 128 and cfg.np_ == 64:
+    if 32 < m <= 64:
         out.append(dataclasses.replace(cfg, np_=128))
-    if m > 64 and cfg.np_ == 128:
-        out.append(dataclasses.replace(cfg, np_=64, split=max(1, cfg.split // 2)))
+    if m > 64:
+        out.append(dataclasses.replace(cfg, np_=64))
     seen, uniq = set(), []
     for c in out:
         if c not in seen:
@@ -75,7 +82,7 @@ def measure(rows: list[dict], k: int, n: int, m: int, wbs: list, qws: list, bw: 
     row("dequant+cublas", _with_dequant_min_m(1, ms_rotated,
                                               [lambda q=q: qmm(x, q) for q in qws]))
     pick = int4_wgmma.pick_config(m, k, n, 128, sms)
-    for cfg in neighbours(pick, m, k) if sweep else [pick]:
+    for cfg in neighbours(pick, m, k, n, sms) if sweep else [pick]:
         calls = [lambda q=q, c=cfg: int4_wgmma.int4_wgmma(
             x, q.tensors["qweight"], q.tensors["scale"], 128, c) for q in qws]
         try:

@@ -3,7 +3,7 @@
 Fresh random packed weights (every nibble pattern) and activations for every check, NaN-poisoned
 outputs, relative norm against x (float64) @ W^T with W the reference dequantization, the
 decode kernels' tolerance. Covers M from 17 to 256 (one and two column tiles, ragged last
-tiles), row tails (N not a multiple of 64), groups 64 / 128, split-K through the in-kernel
+tiles), row tails (N not a multiple of 64), one / two / four warpgroups, groups 64 / 128, split-K through the in-kernel
 fix-up (a second launch must give the same bits: the counters re-arm), two warpgroups per
 program, ring depths 2 and 4, and one-hot rows that must read the dequantized weights
 exactly (the kernel scales each weight before the MMA, as the reference does).
@@ -56,7 +56,8 @@ def test_int4_wgmma_default_config(m: int, k: int, n: int) -> None:
 
 @pytest.mark.parametrize("cfg", [
     {"split": 1}, {"split": 4}, {"warpgroups": 2, "split": 2}, {"stages": 2, "split": 2},
-    {"np_": 64, "split": 8}, {"np_": 128, "warpgroups": 2, "stages": 3}])
+    {"np_": 64, "split": 8}, {"np_": 128, "warpgroups": 2, "stages": 3},
+    {"warpgroups": 4}, {"np_": 64, "warpgroups": 4, "split": 4}])
 @pytest.mark.parametrize("m", [40, 128, 160])
 def test_int4_wgmma_configs(cfg: dict, m: int) -> None:
     from orbit.kernels.int4_wgmma import WgmmaConfig

@@ -17,11 +17,14 @@ from orbit.kernels import int4_wgmma as W
 
 def test_column_tile_and_pick() -> None:
     assert W.column_tile(17) == 64 and W.column_tile(64) == 64 and W.column_tile(65) == 128
-    # 2048 x 6144 (down): 32 row tiles, split 8 keeps 256 programs on 132 SMs
+    # 2048 x 6144 (down): 32 one-warpgroup row tiles (16 of two: too few), split 8 keeps
+    # 256 programs on 132 SMs
     c = W.pick_config(64, 6144, 2048, 128, 132)
     assert (c.np_, c.warpgroups, c.split) == (64, 1, 8)
-    # 12288 rows (stacked gate/up): 192 tiles already fill the GPU
-    assert W.pick_config(256, 2048, 12288, 128, 132).split == 1
+    # 12288 rows (stacked gate/up): 48 four-warpgroup tiles, twice over the columns at 256
+    # rows: 96 >= 132 / 2 programs, split 2 then
+    c = W.pick_config(256, 2048, 12288, 128, 132)
+    assert (c.np_, c.warpgroups, c.split) == (128, 4, 2)
     # slices stay >= MIN_SLICE_K and whole groups
     for m in (33, 128, 256):
         for k, n in ((2048, 4096), (6144, 2048), (2048, 1024), (512, 64)):
@@ -45,6 +48,7 @@ def test_check_config_names_the_field() -> None:
         W.check_config(W.WgmmaConfig(np_=96), 64, 2048, 128)
     with pytest.raises(ValueError, match="warpgroups"):
         W.check_config(W.WgmmaConfig(warpgroups=3), 64, 2048, 128)
+    W.check_config(W.WgmmaConfig(warpgroups=4), 64, 2048, 128)
     with pytest.raises(ValueError, match="split 3"):
         W.check_config(W.WgmmaConfig(split=3), 64, 2048, 128)
     with pytest.raises(ValueError, match="stages"):
@@ -76,7 +80,8 @@ def _compile(cfg: W.WgmmaConfig):
 
 
 @pytest.mark.parametrize("cfg", [W.WgmmaConfig(np_=128), W.WgmmaConfig(np_=64, split=4),
-                                 W.WgmmaConfig(np_=128, warpgroups=2, split=2)])
+                                 W.WgmmaConfig(np_=128, warpgroups=2, split=2),
+                                 W.WgmmaConfig(np_=64, warpgroups=4, split=2)])
 def test_sm90_compile(cfg: W.WgmmaConfig) -> None:
     tool, k = _compile(cfg)
     from bench_scripts import load_bench
