@@ -54,14 +54,19 @@ if HAS_GLUON:
         warpgroup_mma_wait,
     )
 
-    from orbit.kernels.int4_mma import _cta_barrier, _pdl_enter, _tma_load
+    from orbit.kernels.int4_mma import _as_rows, _cta_barrier, _pdl_enter, _tma_load
 
 # Rows of x the kernel takes (the wgmma's N is at most 256; column tiles of NP cover M).
 MIN_M = 1
 MAX_M = 256
 BK = 64  # K per step: one 128-byte swizzled row of x per TMA box row (8 words of codes)
-# Ring depth of x tiles in shared memory (NP x BK x 2 bytes each).
-STAGES = 4
+# The ring of steps in shared memory (each a step's x tile, NP x BK x 2 bytes, and words, BN x
+# 32 bytes): as deep as RING_BYTES allows, MIN..MAX_STAGES. Why deep: a program's weight bytes
+# in flight are (stages - 1) x BN x 32; at 3 TB/s and ~1 us of DRAM latency an SM needs ~23 KB
+# in flight, and two programs share an SM.
+RING_BYTES = 96 * 1024
+MIN_STAGES = 2
+MAX_STAGES = 8
 # Programs per SM the split rule aims at (each holds 64 weight rows per warpgroup).
 PROGRAMS_PER_SM = 2
 # Shallowest K slice a split may leave (steps of BK: the pipeline needs a few).
@@ -74,13 +79,13 @@ WARPGROUPS = (1, 2, 4)
 class WgmmaConfig:
     """np_: columns of x per program (the wgmma's N: 64 or 128; M beyond it takes more column
     tiles); warpgroups: 64-row weight blocks per program (sharing the x ring); split: K
-    slices; stages: the x ring's depth; pdl: launch with programmatic dependent launch even
+    slices; stages: the ring's depth (steps of words and x in shared memory); pdl: launch with programmatic dependent launch even
     outside the engine's pdl_scope (a benchmark's rows)."""
 
     np_: int = 128
     warpgroups: int = 1
     split: int = 1
-    stages: int = STAGES
+    stages: int = 4
     pdl: bool = False
 
     @property
@@ -130,7 +135,12 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int) -> WgmmaConfig:
     while (split * 2 <= MAX_SPLIT and tiles * split * 2 <= PROGRAMS_PER_SM * sms
            and k % (split * 2 * group) == 0 and k // (split * 2) >= MIN_SLICE_K):
         split *= 2
-    return WgmmaConfig(np_=np_, warpgroups=wg, split=split)
+    return WgmmaConfig(np_=np_, warpgroups=wg, split=split, stages=ring_stages(np_, 64 * wg))
+
+
+def ring_stages(np_: int, block_n: int) -> int:
+    """The ring depth that fits RING_BYTES (within MIN_STAGES..MAX_STAGES)."""
+    return max(MIN_STAGES, min(MAX_STAGES, RING_BYTES // (np_ * BK * 2 + block_n * BK // 2)))
 
 
 def check_config(cfg: WgmmaConfig, m: int, k: int, group: int) -> None:
@@ -140,8 +150,9 @@ def check_config(cfg: WgmmaConfig, m: int, k: int, group: int) -> None:
     if cfg.warpgroups not in WARPGROUPS:
         raise ValueError(f"int4_wgmma: WgmmaConfig.warpgroups is one of {WARPGROUPS}, got "
                          f"{cfg.warpgroups}")
-    if cfg.stages < 2:
-        raise ValueError(f"int4_wgmma: WgmmaConfig.stages is at least 2, got {cfg.stages}")
+    if not MIN_STAGES <= cfg.stages <= MAX_STAGES:
+        raise ValueError(f"int4_wgmma: WgmmaConfig.stages is {MIN_STAGES}..{MAX_STAGES}, got "
+                         f"{cfg.stages}")
     if cfg.split < 1 or k % (cfg.split * group):
         raise ValueError(f"int4_wgmma: split {cfg.split} must cut K = {k} into slices of whole "
                          f"groups of {group}")
@@ -155,7 +166,8 @@ if HAS_GLUON:
     def layouts(warpgroups: int, np_: int):
         """The wgmma accumulator layout, its A operand layout, the word tile [BN, 8, 4] whose
         registers hold each thread's rows' 8 words of a step (dim 1) for its lane quad t
-        (dim 2: the byte it decodes), the x ring's shared layout and the output store's."""
+        (dim 2: the byte it decodes), the scales' load and shared layouts, and the output
+        store's."""
         warps = 4 * warpgroups
         mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1],
                                         instr_shape=[16, np_, 16])
@@ -165,11 +177,25 @@ if HAS_GLUON:
             lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
             warp_bases=[[16 << w, 0, 0] for w in range(warps.bit_length() - 1)],
             block_bases=[], shape=[64 * warpgroups, 8, 4])
-        xs = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        # the scales' load [GS, BN] (lanes along the rows) and its unswizzled shared tile
+        ls = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[1, 32],
+                              warps_per_cta=[1, warps], order=[1, 0])
+        ss = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+        # a step's [1, BN] scale row, each thread its rows g and g + 8 (LW's rows)
+        lsc = gl.DistributedLinearLayout(
+            reg_bases=[[0, 8]], lane_bases=[[0, 0], [0, 0], [0, 1], [0, 2], [0, 4]],
+            warp_bases=[[0, 16 << w] for w in range(warps.bit_length() - 1)],
+            block_bases=[], shape=[1, 64 * warpgroups])
         # the store: lanes down the weight rows (y's contiguous dimension), warps across x's
         out = gl.BlockedLayout(size_per_thread=[2, 1], threads_per_warp=[32, 1],
                                warps_per_cta=[1, warps], order=[0, 1])
-        return mma, a, lw, xs, out
+        return mma, a, lw, ls, ss, lsc, out
+
+    # the x ring's shared layout (the wgmma's B operand, 128-byte rows swizzled) and the word
+    # ring's (unswizzled 32-byte rows: a warp's eight rows are 256 contiguous bytes, read
+    # without bank conflicts; the four lanes of a quad read the same words)
+    X_SMEM = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    W_SMEM = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
     # $0, $1: bf16(s * (u - 8)) of the low two nibbles of $2 (u at bits 0..3 and 4..7), $3 the
     # group scale s: the bf16 bits of 128 + u in each half, minus 136 (exact), times s (one
@@ -189,11 +215,12 @@ if HAS_GLUON:
 
     @gluon.jit
     def _decode(words, sc, A: gl.constexpr, LW: gl.constexpr, BN: gl.constexpr):
-        # words [BN, 8, 4] int32 (a step's 8 words of each row, the same in every t), sc
-        # [BN] bf16 (each row's group scale) -> A operand [BN, 64] bf16 in natural K
-        # order: word w, lane quad t, nibble j of the pair is K = 8 w + 2 t + j
+        # words [BN, 8, 1] int32 (a step's 8 words of each row, read by every t), sc [BN]
+        # bf16 (each row's group scale) -> A operand [BN, 64] bf16 in natural K order: word
+        # w, lane quad t, nibble j of the pair is K = 8 w + 2 t + j
         t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
-        r = words >> gl.expand_dims(gl.expand_dims(t * 8, 0), 1)
+        words, sh = gl.broadcast(words, gl.expand_dims(gl.expand_dims(t * 8, 0), 1))
+        r = words >> sh
         sc, r = gl.broadcast(gl.expand_dims(gl.expand_dims(sc, 1), 2), r)
         lo, hi = gl.inline_asm_elementwise(_PAIR_ASM, "=h,=h,r,h", [r, sc],
                                            dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
@@ -202,75 +229,82 @@ if HAS_GLUON:
         return gl.convert_layout(v, A, assert_trivial=True)
 
     @gluon.jit
-    def _int4_wgmma_kernel(x_desc, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
-                           stride_q, stride_s, stride_y, K_SLICE,
+    def _int4_wgmma_kernel(x_desc, w_desc, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
+                           stride_s, stride_y, K_SLICE,
                            GROUP: gl.constexpr, BN: gl.constexpr, NP: gl.constexpr,
-                           SPLIT: gl.constexpr, STAGES: gl.constexpr, MMA: gl.constexpr,
-                           A: gl.constexpr, LW: gl.constexpr, XS: gl.constexpr,
-                           LOUT: gl.constexpr, EVEN_N: gl.constexpr, PDL: gl.constexpr = False):
+                           SPLIT: gl.constexpr, STAGES: gl.constexpr, GS: gl.constexpr,
+                           MMA: gl.constexpr, A: gl.constexpr, LW: gl.constexpr,
+                           XS: gl.constexpr, WS: gl.constexpr, LS: gl.constexpr,
+                           SS: gl.constexpr, LSC: gl.constexpr, LOUT: gl.constexpr,
+                           PDL: gl.constexpr = False):
         # grid: (N tiles x M tiles x SPLIT): program (tile_n, tile_m, ks) computes
-        # out^T[tile_n BN + :BN, tile_m NP + :NP] over the K slice ks
+        # out^T[tile_n BN + :BN, tile_m NP + :NP] over the K slice ks. Slot st of the ring
+        # holds step st + STAGES j on its j-th use (mbarrier phase j & 1): the step's words
+        # [BN, 8] and x tile [NP, 64], both by TMA, counted on the slot's barrier.
         pid = gl.program_id(0)
         ks = pid % SPLIT
         tile = pid // SPLIT
         tiles_m = gl.cdiv(M, NP)
         tile_m = tile % tiles_m
         tile_n = tile // tiles_m
+        n0 = tile_n * BN
         k_lo = ks * K_SLICE
         steps = K_SLICE // 64
+        STEP_BYTES: gl.constexpr = NP * 64 * 2 + BN * 32
 
-        rows = tile_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW)))
-        if not EVEN_N:
-            rows = gl.minimum(rows, N - 1)  # (clamped reads; the store masks)
-        wcol = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW)))
-        w_ptrs = (q_ptr + gl.expand_dims(gl.expand_dims(rows * stride_q, 1), 2)
-                  + gl.expand_dims(gl.expand_dims(wcol, 0), 2)
-                  + gl.zeros([BN, 8, 4], gl.int32, LW) + k_lo // 8)
-        s_ptrs = s_ptr + rows * stride_s  # (one scale a row and step, broadcast in _decode)
-        # the first step's words and scale: frozen weights, loaded before the PDL wait
-        cur_w = gl.load(w_ptrs)
-        cur_s = gl.load(s_ptrs + k_lo // GROUP)
-        _pdl_enter(PDL)
-
+        ws_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 8], WS)
         xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, NP, 64], XS)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(STAGES):
             mbarrier.init(bars.index(st), count=1)
         fence_async_shared()  # (the inits visible to the copy engine before its arrivals)
+        # frozen weights before the PDL wait: the first steps' words, the slice's scales
+        # (GS groups a row, [GS, BN] in shared memory: a step reads its group's row)
         for st in gl.static_range(STAGES - 1):
             ok = st < steps
-            mbarrier.expect(bars.index(st), NP * 64 * 2, pred=ok)
-            _tma_load(x_desc, [tile_m * NP, k_lo + st * 64], bars.index(st), xs.index(st),
+            mbarrier.expect(bars.index(st), STEP_BYTES, pred=ok)
+            _tma_load(w_desc, [n0, (k_lo + st * 64) // 8], bars.index(st), ws_ring.index(st),
                       pred=ok)
+        sg = gl.arange(0, GS, layout=gl.SliceLayout(1, LS))
+        sn = gl.minimum(n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, LS)), N - 1)
+        sv = gl.load(s_ptr + gl.expand_dims(sn, 0) * stride_s + k_lo // GROUP
+                     + gl.expand_dims(gl.minimum(sg, K_SLICE // GROUP - 1), 1))
+        ss = gl.allocate_shared_memory(gl.bfloat16, [GS, 1, BN], SS)
+        _as_rows(ss, gl.bfloat16, GS, BN, SS).store(sv)
+        _pdl_enter(PDL)
+        for st in gl.static_range(STAGES - 1):
+            _tma_load(x_desc, [tile_m * NP, k_lo + st * 64], bars.index(st), xs.index(st),
+                      pred=st < steps)
+        _cta_barrier()  # (every warp reads every row's scales)
 
         acc = gl.zeros([BN, NP], gl.float32, MMA)
         for i in range(steps):
             slot = i % STAGES
-            # the next step's words and scale (the last step reloads its own: no read past
-            # the slice)
-            nk = k_lo + gl.minimum(i + 1, steps - 1) * 64
-            nxt_w = gl.load(w_ptrs + (nk - k_lo) // 8)
-            nxt_s = gl.load(s_ptrs + nk // GROUP)
-            a = _decode(cur_w, cur_s, A, LW, BN)
             mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+            words = gl.expand_dims(ws_ring.index(slot).load(gl.SliceLayout(2, LW)), 2)
+            sc = gl.convert_layout(gl.reshape(ss.index((i * 64) // GROUP).load(LSC), [BN]),
+                                   gl.SliceLayout(1, gl.SliceLayout(2, LW)), assert_trivial=True)
+            a = _decode(words, sc, A, LW, BN)
             acc = warpgroup_mma(a, xs.index(slot).permute((1, 0)), acc, is_async=True)
-            # at most this step's wgmma in flight: the previous one's slot is free once every
-            # warpgroup has passed here
+            # at most this step's wgmma in flight: the previous step's slot is free once every
+            # warp has passed here (its words read, its wgmma done)
             acc = warpgroup_mma_wait(1, deps=[acc])
             _cta_barrier()
+            fence_async_shared()
             nxt = i + STAGES - 1
             ok = nxt < steps
-            mbarrier.expect(bars.index(nxt % STAGES), NP * 64 * 2, pred=ok)
-            _tma_load(x_desc, [tile_m * NP, k_lo + nxt * 64], bars.index(nxt % STAGES),
-                      xs.index(nxt % STAGES), pred=ok)
-            cur_w = nxt_w
-            cur_s = nxt_s
+            ns = nxt % STAGES
+            mbarrier.expect(bars.index(ns), STEP_BYTES, pred=ok)
+            _tma_load(w_desc, [n0, (k_lo + nxt * 64) // 8], bars.index(ns), ws_ring.index(ns),
+                      pred=ok)
+            _tma_load(x_desc, [tile_m * NP, k_lo + nxt * 64], bars.index(ns), xs.index(ns),
+                      pred=ok)
         acc = warpgroup_mma_wait(0, deps=[acc])
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(st))
 
         out = gl.convert_layout(acc, LOUT)
-        on = tile_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LOUT))
+        on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, LOUT))
         om = tile_m * NP + gl.arange(0, NP, layout=gl.SliceLayout(0, LOUT))
         mask = gl.expand_dims(on < N, 1) & gl.expand_dims(om < M, 0)
         if SPLIT == 1:
@@ -286,21 +320,29 @@ if HAS_GLUON:
             arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
             if arrived == SPLIT - 1:
                 total = gl.zeros([BN, NP], gl.float32, LOUT)
-                for s in range(SPLIT):
-                    total += gl.load(ws_ptr + s * slab + off, mask=mask, other=0.0,
+                for sl in range(SPLIT):
+                    total += gl.load(ws_ptr + sl * slab + off, mask=mask, other=0.0,
                                      cache_modifier=".cg")
                 gl.store(y_ptr + gl.expand_dims(om, 0) * stride_y + gl.expand_dims(on, 1),
                          total.to(gl.bfloat16), mask=mask)
                 gl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
 
 
-def kernel_constants(cfg: WgmmaConfig, group: int, even_n: bool) -> dict:
-    """The constexpr arguments of `_int4_wgmma_kernel` for `cfg` (the launch's and the
-    offline sm_90 compile's), PDL excepted."""
-    mma, a, lw, xs, out = layouts(cfg.warpgroups, cfg.np_)
+def slice_groups(k_slice: int, group: int) -> int:
+    """GS: the scale groups a program stages (those of its K slice), rounded up to a power of
+    two (Triton ranges)."""
+    g = max(1, k_slice // group)
+    return 1 << (g - 1).bit_length()
+
+
+def kernel_constants(cfg: WgmmaConfig, group: int, k_slice: int) -> dict:
+    """The constexpr arguments of `_int4_wgmma_kernel` for `cfg` on a K slice of `k_slice`
+    (the launch's and the offline sm_90 compile's), PDL excepted."""
+    mma, a, lw, ls, ss, lsc, out = layouts(cfg.warpgroups, cfg.np_)
     return {"GROUP": group, "BN": cfg.block_n, "NP": cfg.np_, "SPLIT": cfg.split,
-            "STAGES": cfg.stages, "MMA": mma, "A": a, "LW": lw, "XS": xs, "LOUT": out,
-            "EVEN_N": even_n}
+            "STAGES": cfg.stages, "GS": slice_groups(k_slice, group), "MMA": mma, "A": a,
+            "LW": lw, "XS": X_SMEM, "WS": W_SMEM, "LS": ls, "SS": ss, "LSC": lsc,
+            "LOUT": out}
 
 
 def x_fits(x: Tensor) -> bool:
@@ -308,15 +350,21 @@ def x_fits(x: Tensor) -> bool:
     return x.stride(1) == 1 and (x.stride(0) * 2) % 16 == 0 and x.data_ptr() % 16 == 0
 
 
-def x_descriptor(x: Tensor, np_: int):
-    """The TMA descriptor of x [M, K] bf16 with an [np_, BK] box (rows past M read as zeros);
-    refuses what TMA cannot address."""
+def descriptors(x: Tensor, qweight: Tensor, cfg: WgmmaConfig):
+    """The TMA descriptors of x [M, K] bf16 (an [NP, BK] box; rows past M read as zeros) and
+    of the words [N, K / 8] int32 (a [BN, BK / 8] box; rows past N read as zeros); refuses
+    what TMA cannot address. Made per call: the launcher encodes them on the host (a CUDA
+    graph captures them by value)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     if not x_fits(x):
         raise ValueError(f"int4_wgmma: TMA needs x rows 16-byte aligned with unit stride; "
                          f"stride {x.stride()}, address {x.data_ptr():#x}")
-    return TensorDescriptor.from_tensor(x, [np_, BK], layouts(1, np_)[3])
+    if qweight.stride(1) != 1 or (qweight.stride(0) * 4) % 16 or qweight.data_ptr() % 16:
+        raise ValueError(f"int4_wgmma: TMA needs 16-byte aligned word rows; stride "
+                         f"{qweight.stride()}, address {qweight.data_ptr():#x}")
+    return (TensorDescriptor.from_tensor(x, [cfg.np_, BK], X_SMEM),
+            TensorDescriptor.from_tensor(qweight, [cfg.block_n, BK // 8], W_SMEM))
 
 
 def int4_wgmma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
@@ -339,8 +387,8 @@ def int4_wgmma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
                          f"{x.dtype}); see int4_wgmma.supports")
     if not available(x.device):
         raise ValueError("int4_wgmma: needs a CUDA sm_90 device (wgmma)")
-    if qweight.stride(1) != 1 or scale.stride(1) != 1:
-        raise ValueError("int4_wgmma: qweight and scale rows must have unit stride")
+    if scale.stride(1) != 1:
+        raise ValueError("int4_wgmma: scale rows must have unit stride")
     cfg = cfg or pick_config(m, k, n, group, num_sms(x.device))
     check_config(cfg, m, k, group)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
@@ -352,9 +400,9 @@ def int4_wgmma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         cnt = arrival_counters(x.device, tiles)
     else:
         ws, cnt = y, y
+    x_desc, w_desc = descriptors(x, qweight, cfg)
     _int4_wgmma_kernel[(tiles * cfg.split,)](
-        x_descriptor(x, cfg.np_), qweight, scale, y, ws, cnt, m, n, k, qweight.stride(0),
-        scale.stride(0), y.stride(0), k // cfg.split,
-        **kernel_constants(cfg, group, n % cfg.block_n == 0), num_warps=cfg.num_warps,
-        **pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl))
+        x_desc, w_desc, scale, y, ws, cnt, m, n, k, scale.stride(0), y.stride(0),
+        k // cfg.split, **kernel_constants(cfg, group, k // cfg.split),
+        num_warps=cfg.num_warps, **pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl))
     return y

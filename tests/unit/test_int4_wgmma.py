@@ -71,8 +71,9 @@ def _compile(cfg: W.WgmmaConfig):
     tool = load_bench("sm90_compile")
     if not (tool.BIN / "ptxas").exists():
         pytest.skip("this Triton ships no ptxas")
-    consts = dict(W.kernel_constants(cfg, 128, True), PDL=False)
-    types = {"x_desc": f"tensordesc<bf16[{cfg.np_}, 64],{consts['XS']!r}>", "q_ptr": "*i32",
+    consts = dict(W.kernel_constants(cfg, 128, 4096 // cfg.split), PDL=False)
+    types = {"x_desc": f"tensordesc<bf16[{cfg.np_}, 64],{W.X_SMEM!r}>",
+             "w_desc": f"tensordesc<i32[{cfg.block_n}, 8],{W.W_SMEM!r}>",
              "s_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     k = tool.compile_sm90(W._int4_wgmma_kernel, consts, types, cfg.num_warps, 1,
                           frozenset({"stride_q", "stride_s", "stride_y", "K_SLICE", "K"}))
@@ -89,7 +90,7 @@ def test_sm90_compile(cfg: W.WgmmaConfig) -> None:
     sass = tool.disassemble(k.asm["cubin"])
     ops = Counter(m.group(1) for m in re.finditer(r"\b(HGMMA|UTMALDG|HFMA2|HMUL2)\S*", sass))
     assert ops["HGMMA"] == 4  # one 64 x NP x 16 wgmma per 16-deep block of a step
-    assert ops["UTMALDG"] >= 2  # x by TMA (the prologue's and the loop's)
+    assert ops["UTMALDG"] >= 4  # words and x by TMA (the prologue's and the loop's)
     assert ops["HFMA2"] == ops["HMUL2"] == 16  # 16 nibble pairs a thread and step
     # the register operand: the wgmma reads A from registers (no descriptor for A)
     assert re.search(rf"HGMMA\.64x{cfg.np_}x16\.F32\.BF16 R\d+, R\d+", sass)
