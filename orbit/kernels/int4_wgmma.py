@@ -21,9 +21,9 @@ reads B from shared memory in natural order, so no K permutation can be hidden i
 int4_mma does in registers), and a word holds 8 consecutive K: every thread of a lane quad
 needs two nibbles of every word of its rows. Each thread loads its rows' 8 words per step
 (two 16-byte loads a row, the same addresses across the quad, so DRAM and L2 see each byte
-once) and shifts its own byte (8 t) down. Decoding a nibble pair costs ~8 instructions (the
-bf16 bits of 128 + u, an exact packed subtract of 136, a packed multiply by the group scale),
-~4 per weight; at M >= 64 the wgmma needs 64 x M MACs per weight, so there is room for it.
+once) and picks its own byte t. Decoding a nibble pair costs 5 instructions (a byte permute,
+a multiply that spreads the byte's nibbles to the two halves, the bf16 bits of 128 + u, an
+exact packed subtract of 136, a packed multiply by the group scale), 2.5 per weight; at M >= 64 the wgmma needs 64 x M MACs per weight, so there is room for it.
 
 Scales. The weights are scaled before the MMA (bf16(s * (u - 8)), the reference's dequantized
 value exactly, since u - 8 is exact and the packed multiply rounds once), so one accumulator
@@ -197,19 +197,20 @@ if HAS_GLUON:
     X_SMEM = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     W_SMEM = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
-    # $0, $1: bf16(s * (u - 8)) of the low two nibbles of $2 (u at bits 0..3 and 4..7), $3 the
-    # group scale s: the bf16 bits of 128 + u in each half, minus 136 (exact), times s (one
+    # $0, $1: bf16(s * (u - 8)) of the two nibbles of byte t of word $2 (u at bits 0..3 and
+    # 4..7 of the byte), $3 the prmt selector of byte t (0x4440 + t: bytes 1..3 zero), $4 the
+    # group scale s: the byte times 0x1001 puts its low nibble at bits 0..3 and its high one
+    # at 16..19, the OR the bf16 bits of 128 + u in each half, minus 136 (exact), times s (one
     # rounding: the reference's dequantized value)
     _PAIR_ASM = gl.constexpr(
-        "{\n.reg .b32 a, b, s2, one, neg;\n"
+        "{\n.reg .b32 a, s2, one, neg;\n"
         "mov.b32 one, 0x3F803F80;\nmov.b32 neg, 0xC308C308;\n"
-        "and.b32 a, $2, 0x0000000F;\n"
-        "shl.b32 b, $2, 12;\n"
-        "and.b32 b, b, 0x000F0000;\n"
-        "or.b32 a, a, b;\n"
+        "prmt.b32 a, $2, 0, $3;\n"
+        "mul.lo.u32 a, a, 0x1001;\n"
+        "and.b32 a, a, 0x000F000F;\n"
         "or.b32 a, a, 0x43004300;\n"
         "fma.rn.bf16x2 a, a, one, neg;\n"
-        "mov.b32 s2, {$3, $3};\n"
+        "mov.b32 s2, {$4, $4};\n"
         "mul.rn.bf16x2 a, a, s2;\n"
         "mov.b32 {$0, $1}, a;\n}")
 
@@ -219,10 +220,9 @@ if HAS_GLUON:
         # bf16 (each row's group scale) -> A operand [BN, 64] bf16 in natural K order: word
         # w, lane quad t, nibble j of the pair is K = 8 w + 2 t + j
         t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
-        words, sh = gl.broadcast(words, gl.expand_dims(gl.expand_dims(t * 8, 0), 1))
-        r = words >> sh
-        sc, r = gl.broadcast(gl.expand_dims(gl.expand_dims(sc, 1), 2), r)
-        lo, hi = gl.inline_asm_elementwise(_PAIR_ASM, "=h,=h,r,h", [r, sc],
+        words, sel = gl.broadcast(words, gl.expand_dims(gl.expand_dims(t + 0x4440, 0), 1))
+        sc, words = gl.broadcast(gl.expand_dims(gl.expand_dims(sc, 1), 2), words)
+        lo, hi = gl.inline_asm_elementwise(_PAIR_ASM, "=h,=h,r,r,h", [words, sel, sc],
                                            dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
                                            pack=1)
         v = gl.reshape(gl.join(lo, hi), [BN, 64])
