@@ -130,9 +130,9 @@ GEMV_FORMATS = ("int4", "int8", "fp8", "nvfp4", "mxfp4")
 #   batch 1 688 -> 673 (-2%: the FP8 GEMV keeps one row). So FP8 takes 2-8 rows, any shape.
 # An entry removed (or the dict emptied) turns the route off for that format.
 MMA_ROWS: dict[str, tuple[int, int]] = {"int4": (1, 32), "nvfp4": (1, 32), "fp8": (2, 8)}
-# INT4 at rollout rows on Hopper's warpgroup MMA (orbit/kernels/int4_wgmma.py: the decoded
-# weights the wgmma's register operand, x by TMA; sm_90 only), per format (first, last row
-# count), after MMA_ROWS. Written in session 36 to replace dequantize + cuBLAS and the tl.dot
+# INT4 and NVFP4 at rollout rows on Hopper's warpgroup MMA (orbit/kernels/int4_wgmma.py: the
+# decoded weights the wgmma's register operand, x by TMA; sm_90 only), per format (first, last
+# row count), after MMA_ROWS. Written in session 36 to replace dequantize + cuBLAS and the tl.dot
 # loop from 33 rows, where the INT4 base decoded slower than BF16 (session 35, H100: batch 64
 # 21.4k against 22.1k tok/s, batch 256 46.6k against 57.6k). Off until measured
 # (`pending_device_runs.sh v`, then the engine with --knob ..._qgemm.WGMMA_ROWS).
@@ -643,7 +643,7 @@ def check_out(out: Tensor | None, shape: tuple[int, int], x: Tensor) -> Tensor:
 def mma_operands_fit(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, scale: Tensor,
                      offset: Tensor | None, group: int) -> bool:
     """Whether int4_mma (`int4_mma.supports`; NVFP4 and FP8 codes are read as int32 words, so
-    their rows must be 4-byte aligned) or, for INT4 past its rows, int4_wgmma
+    their rows must be 4-byte aligned) or, for INT4 and NVFP4 past its rows, int4_wgmma
     (`int4_wgmma.supports`: x by TMA, so 16-byte aligned rows) computes x @ W^T for these
     operands."""
     from orbit.kernels import int4_wgmma
@@ -655,9 +655,9 @@ def mma_operands_fit(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, sca
         return False
     m = x.shape[0]
     if m > MAX_M:
-        return (fmt == "int4" and int4_wgmma.x_fits(x)
+        return (fmt in int4_wgmma.FORMATS and int4_wgmma.x_fits(x) and int4_wgmma.words_fit(q)
                 and int4_wgmma.supports(m, shape[1], shape[0], group, x.dtype, scale.dtype,
-                                        offset is not None))
+                                        offset is not None, fmt))
     return supports(m, shape[1], shape[0], group, x.dtype, scale.dtype, offset is not None, fmt)
 
 
@@ -715,7 +715,7 @@ def launch(x: Tensor, fmt: str, shape: tuple[int, int], q: Tensor, s: Tensor,
     if r.kind == "wgmma":
         from orbit.kernels.int4_wgmma import int4_wgmma
 
-        return int4_wgmma(x, q, s, group, out=y)
+        return int4_wgmma(x, q, s, group, out=y, fmt=fmt, global_scale=global_scale)
     if r.kind == "dequant":
         # Training sizes: the MMA-bound GEMM is faster in cuBLAS than in a loop that also
         # dequantizes; the transient BF16 weight costs one memory-bound pass (docs/kernels.md).

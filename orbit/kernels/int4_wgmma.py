@@ -1,5 +1,6 @@
-"""INT4 GEMM for rollout batch sizes on Hopper's warpgroup MMA (Gluon, sm_90): `y[M, N] =
-x[M, K] @ W^T` for symmetric INT4 codes with bf16 group scales and bf16 x, 17 <= M <= 256.
+"""4-bit GEMM for rollout batch sizes on Hopper's warpgroup MMA (Gluon, sm_90): `y[M, N] =
+x[M, K] @ W^T` for bf16 x of up to 256 rows and symmetric INT4 codes with bf16 group scales
+(or NVFP4: E2M1 codes, e4m3 scales per 16, an fp32 global scale), routed past int4_mma's 32.
 
 Why (docs/kernels.md, "Rollout rows on wgmma"). From 33 rows fast mode dequantized each INT4
 weight into a transient BF16 copy and ran cuBLAS (or the `tl.dot` loop), so a Qwen3-1.7B INT4
@@ -29,6 +30,10 @@ Scales. The weights are scaled before the MMA (bf16(s * (u - 8)), the reference'
 value exactly, since u - 8 is exact and the packed multiply rounds once), so one accumulator
 runs across the whole K slice and the wgmma stays asynchronous: one in flight while the next
 step decodes.
+
+NVFP4 takes the same loop: the byte spread, then int4_mma's E2M1 decode (each nibble's bits
+moved to where bf16 keeps them, one packed FMA by the group's e4m3 scale times 2^117: v * s *
+2^-9, exact), the global scale and 2^9 on the accumulator at the end.
 
 Split-K as in int4_mma (fp32 slices, the last program of a tile adds them in slice order:
 deterministic). Forward only, fast mode only, sm_90 only (wgmma).
@@ -97,13 +102,21 @@ class WgmmaConfig:
         return 4 * self.warpgroups
 
 
+FORMATS = ("int4", "nvfp4")
+
+
 def supports(m: int, k: int, n: int, group: int, x_dtype: torch.dtype,
-             scale_dtype: torch.dtype, has_offset: bool) -> bool:
-    """Whether this kernel computes the forward: symmetric INT4 codes, bf16 scales in groups
-    of a multiple of 64, bf16 x of MIN_M..MAX_M rows, K a multiple of the group, on a device
-    with wgmma (checked by the caller: `available`)."""
-    return (HAS_GLUON and MIN_M <= m <= MAX_M and not has_offset and x_dtype == torch.bfloat16
-            and scale_dtype == torch.bfloat16 and group % BK == 0 and k % group == 0)
+             scale_dtype: torch.dtype, has_offset: bool, fmt: str = "int4") -> bool:
+    """Whether this kernel computes the forward: bf16 x of MIN_M..MAX_M rows and INT4
+    (symmetric codes, bf16 scales in groups of a multiple of 64, K a multiple of the group)
+    or NVFP4 (e4m3 scales per 16, K a multiple of 64); the device (sm_90: `available`) and
+    the operands' alignment for TMA are the caller's to check."""
+    if not (HAS_GLUON and MIN_M <= m <= MAX_M and not has_offset and x_dtype == torch.bfloat16):
+        return False
+    if fmt == "nvfp4":
+        return group == 16 and scale_dtype == torch.float8_e4m3fn and k % BK == 0
+    return (fmt == "int4" and scale_dtype == torch.bfloat16 and group % BK == 0
+            and k % group == 0)
 
 
 def available(device: torch.device) -> bool:
@@ -133,7 +146,7 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int) -> WgmmaConfig:
     tiles = -(-n // (64 * wg)) * tiles_m
     split = 1
     while (split * 2 <= MAX_SPLIT and tiles * split * 2 <= PROGRAMS_PER_SM * sms
-           and k % (split * 2 * group) == 0 and k // (split * 2) >= MIN_SLICE_K):
+           and k % (split * 2 * max(group, BK)) == 0 and k // (split * 2) >= MIN_SLICE_K):
         split *= 2
     return WgmmaConfig(np_=np_, warpgroups=wg, split=split, stages=ring_stages(np_, 64 * wg))
 
@@ -153,9 +166,9 @@ def check_config(cfg: WgmmaConfig, m: int, k: int, group: int) -> None:
     if not MIN_STAGES <= cfg.stages <= MAX_STAGES:
         raise ValueError(f"int4_wgmma: WgmmaConfig.stages is {MIN_STAGES}..{MAX_STAGES}, got "
                          f"{cfg.stages}")
-    if cfg.split < 1 or k % (cfg.split * group):
+    if cfg.split < 1 or k % (cfg.split * max(group, BK)):
         raise ValueError(f"int4_wgmma: split {cfg.split} must cut K = {k} into slices of whole "
-                         f"groups of {group}")
+                         f"groups of {group} and {BK}-deep steps")
     if not MIN_M <= m <= MAX_M:
         raise ValueError(f"int4_wgmma: takes {MIN_M}..{MAX_M} rows of x, got {m}")
 
@@ -163,11 +176,11 @@ def check_config(cfg: WgmmaConfig, m: int, k: int, group: int) -> None:
 if HAS_GLUON:
 
     @cache  # (plain ints in, frozen layouts out: built once per config)
-    def layouts(warpgroups: int, np_: int):
+    def layouts(warpgroups: int, np_: int, r: int = 1):
         """The wgmma accumulator layout, its A operand layout, the word tile [BN, 8, 4] whose
         registers hold each thread's rows' 8 words of a step (dim 1) for its lane quad t
-        (dim 2: the byte it decodes), the scales' load and shared layouts, and the output
-        store's."""
+        (dim 2: the byte it decodes), the scales' load and shared layouts, a step's scale
+        rows' read-back (`r` groups a step), and the output store's."""
         warps = 4 * warpgroups
         mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1],
                                         instr_shape=[16, np_, 16])
@@ -181,11 +194,13 @@ if HAS_GLUON:
         ls = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[1, 32],
                               warps_per_cta=[1, warps], order=[1, 0])
         ss = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-        # a step's [1, BN] scale row, each thread its rows g and g + 8 (LW's rows)
+        # a step's [r, BN] scale rows (r groups: INT4 1, NVFP4 4), each thread all r of its
+        # rows g and g + 8 (LW's rows)
         lsc = gl.DistributedLinearLayout(
-            reg_bases=[[0, 8]], lane_bases=[[0, 0], [0, 0], [0, 1], [0, 2], [0, 4]],
+            reg_bases=[[1 << j, 0] for j in range(r.bit_length() - 1)] + [[0, 8]],
+            lane_bases=[[0, 0], [0, 0], [0, 1], [0, 2], [0, 4]],
             warp_bases=[[0, 16 << w] for w in range(warps.bit_length() - 1)],
-            block_bases=[], shape=[1, 64 * warpgroups])
+            block_bases=[], shape=[r, 64 * warpgroups])
         # the store: lanes down the weight rows (y's contiguous dimension), warps across x's
         out = gl.BlockedLayout(size_per_thread=[2, 1], threads_per_warp=[32, 1],
                                warps_per_cta=[1, warps], order=[0, 1])
@@ -228,9 +243,42 @@ if HAS_GLUON:
         v = gl.reshape(gl.join(lo, hi), [BN, 64])
         return gl.convert_layout(v, A, assert_trivial=True)
 
+    # NVFP4: $0, $1: v * s * 2^-9 (exact) of the two E2M1 nibbles of byte t of word $2 ($3
+    # its prmt selector), $4 the bf16 s * 2^117 of their group: the byte spread as for INT4,
+    # then each nibble's bits 2..0 to bf16 bits 8..6 and bit 3 to bit 15 of its half (the
+    # bits of v * 2^-126), one packed FMA by s' (+ -0): int4_mma's E2M1 decode
+    _E2M1_ASM = gl.constexpr(
+        "{\n.reg .b32 a, m, g, s2, nz;\n"
+        "mov.b32 nz, 0x80008000;\n"
+        "prmt.b32 a, $2, 0, $3;\n"
+        "mul.lo.u32 a, a, 0x1001;\n"
+        "shl.b32 m, a, 6;\n"
+        "shl.b32 g, a, 12;\n"
+        "and.b32 m, m, 0x01C001C0;\n"
+        "and.b32 g, g, 0x80008000;\n"
+        "or.b32 a, m, g;\n"
+        "mov.b32 s2, {$4, $4};\n"
+        "fma.rn.bf16x2 a, a, s2, nz;\n"
+        "mov.b32 {$0, $1}, a;\n}")
+    _E2M1_SCALE = gl.constexpr(2.0 ** 117)
+
     @gluon.jit
-    def _int4_wgmma_kernel(x_desc, w_desc, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
-                           stride_s, stride_y, K_SLICE,
+    def _decode_fp4(words, sc, A: gl.constexpr, LW: gl.constexpr, BN: gl.constexpr):
+        # words [BN, 8, 1] int32 of E2M1 codes, sc [BN, 8] bf16 s * 2^117 of each word's group
+        # (16 codes: words 2 g and 2 g + 1) -> A operand [BN, 64] bf16 of v * s * 2^-9 in
+        # _decode's K order
+        t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
+        words, sel = gl.broadcast(words, gl.expand_dims(gl.expand_dims(t + 0x4440, 0), 1))
+        sc, words = gl.broadcast(gl.expand_dims(sc, 2), words)
+        lo, hi = gl.inline_asm_elementwise(_E2M1_ASM, "=h,=h,r,r,h", [words, sel, sc],
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
+                                           pack=1)
+        v = gl.reshape(gl.join(lo, hi), [BN, 64])
+        return gl.convert_layout(v, A, assert_trivial=True)
+
+    @gluon.jit
+    def _int4_wgmma_kernel(x_desc, w_desc, s_ptr, gs_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
+                           stride_s, stride_y, K_SLICE, FMT: gl.constexpr,
                            GROUP: gl.constexpr, BN: gl.constexpr, NP: gl.constexpr,
                            SPLIT: gl.constexpr, STAGES: gl.constexpr, GS: gl.constexpr,
                            MMA: gl.constexpr, A: gl.constexpr, LW: gl.constexpr,
@@ -269,7 +317,11 @@ if HAS_GLUON:
         sn = gl.minimum(n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, LS)), N - 1)
         sv = gl.load(s_ptr + gl.expand_dims(sn, 0) * stride_s + k_lo // GROUP
                      + gl.expand_dims(gl.minimum(sg, K_SLICE // GROUP - 1), 1))
-        ss = gl.allocate_shared_memory(gl.bfloat16, [GS, 1, BN], SS)
+        if FMT == 3:  # NVFP4: the e4m3 scale as the bf16 s * 2^117 the decode multiplies by
+            sv = (sv.to(gl.float32) * _E2M1_SCALE).to(gl.bfloat16)  # exact: <= 1.75 * 2^125
+        # [GS / R, R, BN]: a step's R groups (INT4 1, NVFP4 4) are one index
+        R: gl.constexpr = 4 if FMT == 3 else 1
+        ss = gl.allocate_shared_memory(gl.bfloat16, [GS // R, R, BN], SS)
         _as_rows(ss, gl.bfloat16, GS, BN, SS).store(sv)
         _pdl_enter(PDL)
         for st in gl.static_range(STAGES - 1):
@@ -282,9 +334,17 @@ if HAS_GLUON:
             slot = i % STAGES
             mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
             words = gl.expand_dims(ws_ring.index(slot).load(gl.SliceLayout(2, LW)), 2)
-            sc = gl.convert_layout(gl.reshape(ss.index((i * 64) // GROUP).load(LSC), [BN]),
-                                   gl.SliceLayout(1, gl.SliceLayout(2, LW)), assert_trivial=True)
-            a = _decode(words, sc, A, LW, BN)
+            if FMT == 3:
+                # the step's 4 groups [4, BN] -> each word's [BN, 8] (word w: group w // 2)
+                s4 = gl.permute(ss.index(i).load(LSC), (1, 0))
+                sc = gl.convert_layout(gl.reshape(gl.join(s4, s4), [BN, 8]),
+                                       gl.SliceLayout(2, LW), assert_trivial=True)
+                a = _decode_fp4(words, sc, A, LW, BN)
+            else:
+                sc = gl.convert_layout(gl.reshape(ss.index((i * 64) // GROUP).load(LSC), [BN]),
+                                       gl.SliceLayout(1, gl.SliceLayout(2, LW)),
+                                       assert_trivial=True)
+                a = _decode(words, sc, A, LW, BN)
             acc = warpgroup_mma(a, xs.index(slot).permute((1, 0)), acc, is_async=True)
             # at most this step's wgmma in flight: the previous step's slot is free once every
             # warp has passed here (its words read, its wgmma done)
@@ -300,6 +360,8 @@ if HAS_GLUON:
             _tma_load(x_desc, [tile_m * NP, k_lo + nxt * 64], bars.index(ns), xs.index(ns),
                       pred=ok)
         acc = warpgroup_mma_wait(0, deps=[acc])
+        if FMT == 3:  # the global scale, and the decode's 2^-9
+            acc = acc * (gl.load(gs_ptr) * 512.0)
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(st))
 
@@ -330,16 +392,18 @@ if HAS_GLUON:
 
 def slice_groups(k_slice: int, group: int) -> int:
     """GS: the scale groups a program stages (those of its K slice), rounded up to a power of
-    two (Triton ranges)."""
-    g = max(1, k_slice // group)
+    two (Triton ranges); at least 4 (NVFP4 reads a step's four at once)."""
+    g = max(4 if group == 16 else 1, k_slice // group)
     return 1 << (g - 1).bit_length()
 
 
-def kernel_constants(cfg: WgmmaConfig, group: int, k_slice: int) -> dict:
+def kernel_constants(cfg: WgmmaConfig, group: int, k_slice: int, fmt: str = "int4") -> dict:
     """The constexpr arguments of `_int4_wgmma_kernel` for `cfg` on a K slice of `k_slice`
     (the launch's and the offline sm_90 compile's), PDL excepted."""
-    mma, a, lw, ls, ss, lsc, out = layouts(cfg.warpgroups, cfg.np_)
-    return {"GROUP": group, "BN": cfg.block_n, "NP": cfg.np_, "SPLIT": cfg.split,
+    from orbit.kernels._qgemm import FMT_IDS
+
+    mma, a, lw, ls, ss, lsc, out = layouts(cfg.warpgroups, cfg.np_, 4 if fmt == "nvfp4" else 1)
+    return {"FMT": FMT_IDS[fmt], "GROUP": group, "BN": cfg.block_n, "NP": cfg.np_, "SPLIT": cfg.split,
             "STAGES": cfg.stages, "GS": slice_groups(k_slice, group), "MMA": mma, "A": a,
             "LW": lw, "XS": X_SMEM, "WS": W_SMEM, "LS": ls, "SS": ss, "LSC": lsc,
             "LOUT": out}
@@ -348,6 +412,13 @@ def kernel_constants(cfg: WgmmaConfig, group: int, k_slice: int) -> dict:
 def x_fits(x: Tensor) -> bool:
     """Whether TMA can read x: unit-stride rows, 16-byte aligned (start and row stride)."""
     return x.stride(1) == 1 and (x.stride(0) * 2) % 16 == 0 and x.data_ptr() % 16 == 0
+
+
+def words_fit(q: Tensor) -> bool:
+    """Whether TMA can read the codes `q` (int32 words or NVFP4's bytes) as word rows:
+    unit-stride rows of a multiple of 16 bytes that start 16-byte aligned."""
+    return (q.stride(-1) == 1 and (q.stride(0) * q.element_size()) % 16 == 0
+            and q.data_ptr() % 16 == 0)
 
 
 def descriptors(x: Tensor, qweight: Tensor, cfg: WgmmaConfig):
@@ -360,7 +431,7 @@ def descriptors(x: Tensor, qweight: Tensor, cfg: WgmmaConfig):
     if not x_fits(x):
         raise ValueError(f"int4_wgmma: TMA needs x rows 16-byte aligned with unit stride; "
                          f"stride {x.stride()}, address {x.data_ptr():#x}")
-    if qweight.stride(1) != 1 or (qweight.stride(0) * 4) % 16 or qweight.data_ptr() % 16:
+    if not words_fit(qweight):
         raise ValueError(f"int4_wgmma: TMA needs 16-byte aligned word rows; stride "
                          f"{qweight.stride()}, address {qweight.data_ptr():#x}")
     return (TensorDescriptor.from_tensor(x, [cfg.np_, BK], X_SMEM),
@@ -368,23 +439,38 @@ def descriptors(x: Tensor, qweight: Tensor, cfg: WgmmaConfig):
 
 
 def int4_wgmma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
-               cfg: WgmmaConfig | None = None, out: Tensor | None = None) -> Tensor:
-    """y = x @ W^T for int32-packed symmetric INT4 codes `qweight` [N, K / 8] (LSB first, u - 8
-    the value) and bf16 `scale` [N, K / group]; bf16 x [M, K]."""
+               cfg: WgmmaConfig | None = None, out: Tensor | None = None, fmt: str = "int4",
+               global_scale: Tensor | None = None) -> Tensor:
+    """y = x @ W^T, bf16 x [M, K]. INT4: int32-packed symmetric codes `qweight` [N, K / 8] (LSB
+    first, u - 8 the value), bf16 `scale` [N, K / group]. NVFP4: E2M1 code bytes [N, K / 2]
+    (read as int32 words), e4m3 `scale` [N, K / 16], fp32 `global_scale` (one element)."""
     from orbit.kernels.gemv import arrival_counters, num_sms
     from orbit.kernels.pdl import pdl_launch
 
     m, k = x.shape
     n = qweight.shape[0]
-    if qweight.dtype != torch.int32 or tuple(qweight.shape) != (n, k // 8):
-        raise ValueError(f"int4_wgmma: qweight must be int32 [N, K / 8] = [{n}, {k // 8}], got "
-                         f"{qweight.dtype} {tuple(qweight.shape)}")
-    if scale.dtype != torch.bfloat16 or tuple(scale.shape) != (n, k // group):
-        raise ValueError(f"int4_wgmma: scale must be bf16 [N, K / group] = [{n}, {k // group}], "
-                         f"got {scale.dtype} {tuple(scale.shape)}")
-    if not supports(m, k, n, group, x.dtype, scale.dtype, False):
-        raise ValueError(f"int4_wgmma: unsupported operands (M={m}, K={k}, group {group}, x "
-                         f"{x.dtype}); see int4_wgmma.supports")
+    if fmt == "nvfp4":
+        if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (n, k // 2):
+            raise ValueError(f"int4_wgmma: NVFP4 qweight must be uint8 [N, K / 2] = [{n}, "
+                             f"{k // 2}], got {qweight.dtype} {tuple(qweight.shape)}")
+        if global_scale is None or global_scale.numel() != 1:
+            raise ValueError("int4_wgmma: NVFP4 needs its fp32 global_scale (one element)")
+        words = qweight.view(torch.int32)
+        sdt = torch.float8_e4m3fn
+    elif fmt == "int4":
+        if qweight.dtype != torch.int32 or tuple(qweight.shape) != (n, k // 8):
+            raise ValueError(f"int4_wgmma: qweight must be int32 [N, K / 8] = [{n}, {k // 8}], "
+                             f"got {qweight.dtype} {tuple(qweight.shape)}")
+        words = qweight
+        sdt = torch.bfloat16
+    else:
+        raise ValueError(f"int4_wgmma: formats {FORMATS}, got {fmt!r}")
+    if scale.dtype != sdt or tuple(scale.shape) != (n, k // group):
+        raise ValueError(f"int4_wgmma: {fmt} scale must be {sdt} [N, K / group] = [{n}, "
+                         f"{k // group}], got {scale.dtype} {tuple(scale.shape)}")
+    if not supports(m, k, n, group, x.dtype, scale.dtype, False, fmt):
+        raise ValueError(f"int4_wgmma: unsupported operands ({fmt}, M={m}, K={k}, group "
+                         f"{group}, x {x.dtype}); see int4_wgmma.supports")
     if not available(x.device):
         raise ValueError("int4_wgmma: needs a CUDA sm_90 device (wgmma)")
     if scale.stride(1) != 1:
@@ -400,9 +486,10 @@ def int4_wgmma(x: Tensor, qweight: Tensor, scale: Tensor, group: int,
         cnt = arrival_counters(x.device, tiles)
     else:
         ws, cnt = y, y
-    x_desc, w_desc = descriptors(x, qweight, cfg)
+    x_desc, w_desc = descriptors(x, words, cfg)
     _int4_wgmma_kernel[(tiles * cfg.split,)](
-        x_desc, w_desc, scale, y, ws, cnt, m, n, k, scale.stride(0), y.stride(0),
-        k // cfg.split, **kernel_constants(cfg, group, k // cfg.split),
+        x_desc, w_desc, scale, global_scale if global_scale is not None else y, y, ws, cnt,
+        m, n, k, scale.stride(0), y.stride(0), k // cfg.split,
+        **kernel_constants(cfg, group, k // cfg.split, fmt),
         num_warps=cfg.num_warps, **pdl_launch(x.device, tiles * cfg.split, forced=cfg.pdl))
     return y

@@ -1,4 +1,4 @@
-"""INT4 at rollout batch sizes (17-256 rows) on Hopper: the wgmma kernel
+"""INT4 and NVFP4 at rollout batch sizes (17-256 rows) on Hopper: the wgmma kernel
 (orbit/kernels/int4_wgmma.py) against what fast mode runs there today and cuBLAS BF16.
 
 Per Qwen3-1.7B linear shape (the stacked q/k/v and gate/up weights the engine's sibling groups
@@ -9,7 +9,8 @@ dequantize + cuBLAS, the wgmma kernel's picked config and a neighbourhood of con
 2 and x 2, two warpgroups, ring depth 3). Roofline per row: the INT4 codes + scales + x + y
 bytes over the measured copy bandwidth, and the MMA FLOPs over the BF16 dense rate.
 
-    python3 scripts/bench/bench_wgmma.py [--shapes 2048x4096,...] [--m 32,64,...] [--out DIR]
+    python3 scripts/bench/bench_wgmma.py [--formats int4,nvfp4] [--shapes 2048x4096,...]
+        [--m 32,64,...] [--no-sweep] [--out DIR]
 JSON rows on stdout (and DIR/bench_wgmma.json), then a table.
 """
 
@@ -30,6 +31,7 @@ from bench_qmm import _with_dequant_min_m, copies_for, copy_gbs, ms_rotated  # n
 from orbit.kernels import int4_wgmma  # noqa: E402
 from orbit.kernels.dispatch import qmm  # noqa: E402
 from orbit.kernels.gemv import num_sms  # noqa: E402
+from orbit.kernels.int4_mma import weight_operands  # noqa: E402
 from orbit.kernels.random_weights import random_qweight  # noqa: E402
 
 SHAPES = "2048x4096,2048x2048,2048x12288,6144x2048"  # in x out
@@ -64,15 +66,15 @@ def neighbours(cfg: int4_wgmma.WgmmaConfig, m: int, k: int, n: int,
     return uniq
 
 
-def measure(rows: list[dict], k: int, n: int, m: int, wbs: list, qws: list, bw: float,
-            sms: int, sweep: bool) -> None:
+def measure(rows: list[dict], fmt: str, k: int, n: int, m: int, wbs: list, qws: list,
+            bw: float, sms: int, sweep: bool) -> None:
     """The rows of one shape and M: cuBLAS BF16, fast mode's route, dequantize + cuBLAS, the
     wgmma pick (and its neighbourhood with `sweep`)."""
     x = torch.randn(m, k, device="cuda").bfloat16()
     wbytes = qws[0].nbytes() + 2 * m * (n + k)
 
     def row(path: str, ms: float, cfg: str = "") -> None:
-        r = {"k": k, "n": n, "m": m, "path": path, "cfg": cfg, "us": ms * 1e3,
+        r = {"fmt": fmt, "k": k, "n": n, "m": m, "path": path, "cfg": cfg, "us": ms * 1e3,
              "frac_copy_bw": wbytes / ms / 1e6 / bw, "TFLOPs": 2 * m * n * k / ms / 1e9}
         rows.append(r)
         print(json.dumps(r), flush=True)
@@ -81,20 +83,22 @@ def measure(rows: list[dict], k: int, n: int, m: int, wbs: list, qws: list, bw: 
     row("route", ms_rotated([lambda q=q: qmm(x, q) for q in qws]))
     row("dequant+cublas", _with_dequant_min_m(1, ms_rotated,
                                               [lambda q=q: qmm(x, q) for q in qws]))
-    pick = int4_wgmma.pick_config(m, k, n, 128, sms)
+    _, _, group, _ = weight_operands(qws[0])
+    pick = int4_wgmma.pick_config(m, k, n, group, sms)
     for cfg in neighbours(pick, m, k, n, sms) if sweep else [pick]:
         calls = [lambda q=q, c=cfg: int4_wgmma.int4_wgmma(
-            x, q.tensors["qweight"], q.tensors["scale"], 128, c) for q in qws]
+            x, *weight_operands(q)[:3], c, None, fmt, weight_operands(q)[3]) for q in qws]
         try:
             row("wgmma-pick" if cfg == pick else "wgmma", ms_rotated(calls),
                 str(dataclasses.astuple(cfg)))
         except Exception as e:  # a config the device refuses: recorded, not fatal
-            print(json.dumps({"k": k, "n": n, "m": m, "cfg": str(cfg),
+            print(json.dumps({"fmt": fmt, "k": k, "n": n, "m": m, "cfg": str(cfg),
                               "error": f"{type(e).__name__}: {str(e)[:300]}"}))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--formats", default="int4,nvfp4")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--m", default=MS)
     ap.add_argument("--no-sweep", action="store_true", help="the pick only")
@@ -109,24 +113,27 @@ def main(argv: list[str] | None = None) -> int:
         k, n = (int(v) for v in shape.split("x"))
         wbs = [torch.randn(n, k, device=dev).bfloat16() * 0.05
                for _ in range(copies_for(2 * n * k))]
-        qw0 = random_qweight("int4", n, k, device=dev, group_size=128)
-        qws = [random_qweight("int4", n, k, seed=i, device=dev, group_size=128)
-               for i in range(copies_for(qw0.nbytes()))]
-        for m in (int(v) for v in args.m.split(",")):
-            measure(rows, k, n, m, wbs, qws, bw, sms, not args.no_sweep)
-        del wbs, qws
+        for fmt in args.formats.split(","):
+            kw = {"group_size": 128} if fmt == "int4" else {}
+            qw0 = random_qweight(fmt, n, k, device=dev, **kw)
+            qws = [random_qweight(fmt, n, k, seed=i, device=dev, **kw)
+                   for i in range(copies_for(qw0.nbytes()))]
+            for m in (int(v) for v in args.m.split(",")):
+                measure(rows, fmt, k, n, m, wbs, qws, bw, sms, not args.no_sweep)
+            del qws
+        del wbs
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_wgmma.json").write_text(json.dumps(rows, indent=1))
-    print(f"{'k':>5} {'n':>6} {'m':>4} {'cublas':>8} {'route':>8} {'deq':>8} {'pick':>8} "
+    print(f"{'fmt':>5} {'k':>5} {'n':>6} {'m':>4} {'cublas':>8} {'route':>8} {'deq':>8} {'pick':>8} "
           f"{'best':>8} {'best/cublas':>11}  best cfg (np, wg, split, stages, pdl)")
     key = {}
     for r in rows:
-        key.setdefault((r["k"], r["n"], r["m"]), []).append(r)
-    for (k, n, m), rs in key.items():
+        key.setdefault((r["fmt"], r["k"], r["n"], r["m"]), []).append(r)
+    for (fmt, k, n, m), rs in key.items():
         by = {r["path"]: r["us"] for r in rs if r["path"] != "wgmma"}
         wg = [r for r in rs if r["path"].startswith("wgmma")]
         best = min(wg, key=lambda r: r["us"]) if wg else None
-        print(f"{k:>5} {n:>6} {m:>4} {by.get('cublas-bf16', 0):8.2f} {by.get('route', 0):8.2f} "
+        print(f"{fmt:>5} {k:>5} {n:>6} {m:>4} {by.get('cublas-bf16', 0):8.2f} {by.get('route', 0):8.2f} "
               f"{by.get('dequant+cublas', 0):8.2f} {by.get('wgmma-pick', 0):8.2f} "
               f"{best['us'] if best else 0:8.2f} "
               f"{by.get('cublas-bf16', 0) / best['us'] if best else 0:11.2f}  "

@@ -6,7 +6,8 @@ decode kernels' tolerance. Covers M from 17 to 256 (one and two column tiles, ra
 tiles), row tails (N not a multiple of 64), one / two / four warpgroups, groups 64 / 128, split-K through the in-kernel
 fix-up (a second launch must give the same bits: the counters re-arm), two warpgroups per
 program, ring depths 2 and 4, and one-hot rows that must read the dequantized weights
-exactly (the kernel scales each weight before the MMA, as the reference does).
+exactly (the kernel scales each weight before the MMA, as the reference does); NVFP4 at the
+default config and three others; the fast-mode route through dispatch.qmm when switched on.
 Run: `pytest -m gpu tests/gpu/test_int4_wgmma_gpu.py`.
 """
 
@@ -27,14 +28,16 @@ TOL = 1e-2
 
 
 def _run(x, qw, cfg=None, out=None):
+    from orbit.kernels.int4_mma import weight_operands
     from orbit.kernels.int4_wgmma import int4_wgmma
 
-    t = qw.tensors
-    return int4_wgmma(x, t["qweight"], t["scale"], qw.group_size, cfg, out)
+    q, s, group, gs = weight_operands(qw)
+    return int4_wgmma(x, q, s, group, cfg, out, qw.fmt, gs)
 
 
-def _check(m: int, k: int, n: int, group: int, cfg, seed: int) -> None:
-    qw = random_qweight("int4", n, k, seed=seed, device="cuda", group_size=group)
+def _check(m: int, k: int, n: int, group: int, cfg, seed: int, fmt: str = "int4") -> None:
+    kw = {"group_size": group} if fmt == "int4" else {}
+    qw = random_qweight(fmt, n, k, seed=seed, device="cuda", **kw)
     x = torch.randn(m, k, device="cuda", generator=torch.Generator("cuda").manual_seed(seed + 1)
                     ).bfloat16()
     out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
@@ -68,6 +71,34 @@ def test_int4_wgmma_configs(cfg: dict, m: int) -> None:
 @pytest.mark.parametrize("m", [48, 256])
 def test_int4_wgmma_group_64(m: int) -> None:
     _check(m, 2048, 512, 64, None, seed=m)
+
+
+@pytest.mark.parametrize("m", [17, 64, 100, 256])
+@pytest.mark.parametrize("k,n", [(2048, 6144), (6144, 2048), (2048, 200)])
+def test_nvfp4_wgmma_default_config(m: int, k: int, n: int) -> None:
+    _check(m, k, n, 16, None, seed=m * 5 + n, fmt="nvfp4")
+
+
+@pytest.mark.parametrize("cfg", [{"split": 4}, {"np_": 64, "warpgroups": 4}, {"stages": 2}])
+def test_nvfp4_wgmma_configs(cfg: dict) -> None:
+    from orbit.kernels.int4_wgmma import WgmmaConfig
+
+    _check(96, 2048, 1024 + 64, 16, WgmmaConfig(**cfg), seed=len(cfg), fmt="nvfp4")
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_route_runs_it_where_asked(fmt: str, monkeypatch) -> None:
+    """With `_qgemm.WGMMA_ROWS` on, fast mode's forward (dispatch.qmm) at 33-256 rows is this
+    kernel's output, bit for bit."""
+    from orbit.kernels import _qgemm
+    from orbit.kernels.dispatch import qmm
+
+    monkeypatch.setattr(_qgemm, "WGMMA_ROWS", {fmt: (33, 256)})
+    kw = {"group_size": 128} if fmt == "int4" else {}
+    qw = random_qweight(fmt, 512, 2048, seed=9, device="cuda", **kw)
+    x = torch.randn(80, 2048, device="cuda").bfloat16()
+    assert _qgemm.route(80, 512, 2048, fmt, False, x.device, mma_ok=True).kind == "wgmma"
+    assert torch.equal(qmm(x, qw), _run(x, qw))
 
 
 def test_int4_wgmma_one_hot_rows_read_the_dequantized_weights() -> None:

@@ -36,6 +36,10 @@ def test_column_tile_and_pick() -> None:
 def test_supports() -> None:
     bf, f32 = torch.bfloat16, torch.float32
     assert W.supports(64, 2048, 2048, 128, bf, bf, False) == W.HAS_GLUON
+    e4 = torch.float8_e4m3fn
+    assert W.supports(64, 2048, 2048, 16, bf, e4, False, "nvfp4") == W.HAS_GLUON
+    assert not W.supports(64, 2048, 2048, 32, bf, e4, False, "nvfp4")
+    assert not W.supports(64, 2048, 2048, 128, bf, bf, False, "fp8")
     assert not W.supports(257, 2048, 2048, 128, bf, bf, False)
     assert not W.supports(64, 2048, 2048, 32, bf, bf, False)  # groups of 64k only
     assert not W.supports(64, 2048, 2048, 128, bf, bf, True)  # symmetric codes only
@@ -64,34 +68,41 @@ def test_launch_refuses_a_cpu_tensor() -> None:
         W.int4_wgmma(x, qw.tensors["qweight"], qw.tensors["scale"], 128)
 
 
-def _compile(cfg: W.WgmmaConfig):
+def _compile(cfg: W.WgmmaConfig, fmt: str = "int4"):
     pytest.importorskip("triton.experimental.gluon")
     from bench_scripts import load_bench
 
     tool = load_bench("sm90_compile")
     if not (tool.BIN / "ptxas").exists():
         pytest.skip("this Triton ships no ptxas")
-    consts = dict(W.kernel_constants(cfg, 128, 4096 // cfg.split), PDL=False)
+    group = 16 if fmt == "nvfp4" else 128
+    consts = dict(W.kernel_constants(cfg, group, 4096 // cfg.split, fmt), PDL=False)
     types = {"x_desc": f"tensordesc<bf16[{cfg.np_}, 64],{W.X_SMEM!r}>",
              "w_desc": f"tensordesc<i32[{cfg.block_n}, 8],{W.W_SMEM!r}>",
-             "s_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+             "s_ptr": "*fp8e4nv" if fmt == "nvfp4" else "*bf16", "gs_ptr": "*fp32",
+             "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     k = tool.compile_sm90(W._int4_wgmma_kernel, consts, types, cfg.num_warps, 1,
                           frozenset({"stride_q", "stride_s", "stride_y", "K_SLICE", "K"}))
     return tool, k
 
 
-@pytest.mark.parametrize("cfg", [W.WgmmaConfig(np_=128), W.WgmmaConfig(np_=64, split=4),
-                                 W.WgmmaConfig(np_=128, warpgroups=2, split=2),
-                                 W.WgmmaConfig(np_=64, warpgroups=4, split=2)])
-def test_sm90_compile(cfg: W.WgmmaConfig) -> None:
-    tool, k = _compile(cfg)
+@pytest.mark.parametrize("cfg,fmt", [
+    (W.WgmmaConfig(np_=128), "int4"), (W.WgmmaConfig(np_=64, split=4), "int4"),
+    (W.WgmmaConfig(np_=128, warpgroups=2, split=2), "int4"),
+    (W.WgmmaConfig(np_=64, warpgroups=4, split=2), "int4"),
+    (W.WgmmaConfig(np_=128), "nvfp4"), (W.WgmmaConfig(np_=64, warpgroups=2, split=4), "nvfp4")])
+def test_sm90_compile(cfg: W.WgmmaConfig, fmt: str) -> None:
+    tool, k = _compile(cfg, fmt)
     from bench_scripts import load_bench
 
     sass = tool.disassemble(k.asm["cubin"])
-    ops = Counter(m.group(1) for m in re.finditer(r"\b(HGMMA|UTMALDG|HFMA2|HMUL2)\S*", sass))
+    ops = Counter(m.group(1) for m in re.finditer(r"\b(HGMMA|UTMALDG|HFMA2|HMUL2|PRMT)\S*",
+                                                   sass))
     assert ops["HGMMA"] == 4  # one 64 x NP x 16 wgmma per 16-deep block of a step
     assert ops["UTMALDG"] >= 4  # words and x by TMA (the prologue's and the loop's)
-    assert ops["HFMA2"] == ops["HMUL2"] == 16  # 16 nibble pairs a thread and step
+    # 16 nibble pairs a thread and step: INT4 a packed subtract and a scale each, NVFP4 one
+    # scale (its FMA with -0 is a multiply)
+    assert ops["HFMA2"] == (16 if fmt == "int4" else 0) and ops["HMUL2"] == 16
     # the register operand: the wgmma reads A from registers (no descriptor for A)
     assert re.search(rf"HGMMA\.64x{cfg.np_}x16\.F32\.BF16 R\d+, R\d+", sass)
     assert "LOCAL:0" in load_bench("sass_int4_mma").resources(k.asm["cubin"])
