@@ -69,11 +69,11 @@ x) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 scripts/bench/pytest_with_knobs.py \"orbit.kernels.int4_mma.KW_DEEP_PREFETCH_MAX_M={'int4':8,'nvfp4':8,'fp8':8}\" -- tests/gpu/test_int4_mma_gpu.py -m gpu -q -p no:cacheprovider -n 14 2>&1 | tail -2" \
   "cmd:timeout 200 python3 scripts/bench/bench_engine.py --sections lora --lora-format fp8 --fuse-lora on --batches 2,4,8 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_MIN_K_OVER_N={'fp8':3},{},{'fp8':3},{}\" 2>&1 | grep -E 'b[0-9]+ *:' | sed 's/.*MIN_K_OVER_N=//'" ;;
 v) bash scripts/gpu_run.sh \
-  "cmd:timeout 170 python3 -m pytest tests/gpu/test_int4_wgmma_gpu.py -m gpu -q -p no:cacheprovider -x -n 8 2>&1 | tail -15" \
-  "cmd:mkdir -p \$OUT/v; timeout 260 python3 scripts/bench/bench_wgmma.py --formats int4 --m 32,64,128,256 --out \$OUT/v > \$OUT/v.log 2>&1; grep -v '^{' \$OUT/v.log | tail -24" \
-  "cmd:mkdir -p \$OUT/v4; timeout 110 python3 scripts/bench/bench_wgmma.py --formats nvfp4 --m 32,64,128,256 --no-sweep --out \$OUT/v4 > \$OUT/v4.log 2>&1; grep -v '^{' \$OUT/v4.log | tail -20" ;;
+  "cmd:timeout 150 python3 -m pytest tests/gpu/test_int4_wgmma_gpu.py -m gpu -q -p no:cacheprovider -x -n 12 2>&1 | tail -15" \
+  "cmd:mkdir -p \$OUT/v; timeout 170 python3 scripts/bench/bench_wgmma.py --formats int4 --shapes 2048x12288,6144x2048,2048x4096 --m 64,128,256 --out \$OUT/v > \$OUT/v.log 2>&1; grep -v '^{' \$OUT/v.log | tail -14" \
+  "cmd:mkdir -p \$OUT/v4; timeout 80 python3 scripts/bench/bench_wgmma.py --formats nvfp4 --shapes 2048x12288,6144x2048,2048x4096 --m 64,128,256 --no-sweep --out \$OUT/v4 > \$OUT/v4.log 2>&1; grep -v '^{' \$OUT/v4.log | tail -12" ;;
 v2) bash scripts/gpu_run.sh \
-  "cmd:timeout 240 python3 scripts/bench/bench_engine.py --sections formats --formats int4,nvfp4 --batches 48,64,128,256 --new-tokens 256 --attn-backend triton --knob \"orbit.kernels._qgemm.WGMMA_ROWS={},{'int4':(33,256),'nvfp4':(33,256)},{},{'int4':(33,256),'nvfp4':(33,256)}\" 2>&1 | grep decode | sed 's/.*WGMMA_ROWS=//'" \
+  "cmd:timeout 240 python3 scripts/bench/bench_engine.py --sections formats --formats int4,nvfp4 --batches 64,128,256 --new-tokens 128 --attn-backend triton --knob \"orbit.kernels._qgemm.WGMMA_ROWS={},{'int4':(33,256),'nvfp4':(33,256)},{},{'int4':(33,256),'nvfp4':(33,256)}\" 2>&1 | grep decode | sed 's/.*WGMMA_ROWS=//'" \
   "cmd:timeout 300 python3 scripts/bench/pytest_with_knobs.py \"orbit.kernels._qgemm.WGMMA_ROWS={'int4':(33,256),'nvfp4':(33,256)}\" -- tests/gpu/test_quant_linear_gpu.py tests/gpu/test_lora_decode_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_siblings_gpu.py tests/gpu/test_kernels_qmm_gpu.py -m gpu -q -p no:cacheprovider -n 14 2>&1 | tail -4" ;;
 h16) bash scripts/gpu_run.sh \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw deep --gemv-formats int4 --gemv-shapes 4096x12288,2048x12288 --gemv-m 12,16 --gemv-paths 'int4-mma*' 2>&1 | grep -v '^{' | tail -30" ;;
