@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from qmm_check import check_against_dequant
 
 from orbit.kernels.random_weights import random_qweight
 
@@ -24,7 +25,6 @@ pytestmark = [
                        or torch.cuda.get_device_capability()[0] != 9, reason="needs sm_90"),
 ]
 
-TOL = 1e-2
 
 
 def _run(x, qw, cfg=None, out=None):
@@ -36,19 +36,7 @@ def _run(x, qw, cfg=None, out=None):
 
 
 def _check(m: int, k: int, n: int, group: int, cfg, seed: int, fmt: str = "int4") -> None:
-    kw = {"group_size": group} if fmt == "int4" else {}
-    qw = random_qweight(fmt, n, k, seed=seed, device="cuda", **kw)
-    x = torch.randn(m, k, device="cuda", generator=torch.Generator("cuda").manual_seed(seed + 1)
-                    ).bfloat16()
-    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    y = _run(x, qw, cfg, out=out)
-    assert y.data_ptr() == out.data_ptr()
-    assert torch.isfinite(y).all(), "an output element was not written"
-    ref = x.double() @ qw.dequantize().double().T
-    err = ((y.double() - ref).norm() / ref.norm()).item()
-    assert err < TOL, (m, k, n, group, cfg, err)
-    again = _run(x, qw, cfg)
-    assert torch.equal(again, y), "a second launch differs (fix-up counters not re-armed?)"
+    check_against_dequant(_run, m, k, n, group, cfg, seed, fmt)
 
 
 @pytest.mark.parametrize("m", [17, 33, 64, 65, 100, 128, 129, 200, 256])
