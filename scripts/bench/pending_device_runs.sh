@@ -72,6 +72,9 @@ v) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 -m pytest tests/gpu/test_int4_wgmma_gpu.py -m gpu -q -p no:cacheprovider -x -n 12 2>&1 | tail -15" \
   "cmd:mkdir -p \$OUT/v; timeout 170 python3 scripts/bench/bench_wgmma.py --formats int4 --shapes 2048x12288,6144x2048,2048x4096 --m 64,128,256 --out \$OUT/v > \$OUT/v.log 2>&1; grep -v '^{' \$OUT/v.log | tail -14" \
   "cmd:mkdir -p \$OUT/v4; timeout 80 python3 scripts/bench/bench_wgmma.py --formats nvfp4 --shapes 2048x12288,6144x2048,2048x4096 --m 64,128,256 --no-sweep --out \$OUT/v4 > \$OUT/v4.log 2>&1; grep -v '^{' \$OUT/v4.log | tail -12" ;;
+vs) bash scripts/gpu_run.sh \
+  "cmd:timeout 120 python3 -m pytest tests/gpu/test_int4_wgmma_gpu.py -m gpu -q -p no:cacheprovider -x -n 12 -k 'default_config or one_hot or route' 2>&1 | tail -8" \
+  "cmd:mkdir -p \$OUT/v; timeout 150 python3 scripts/bench/bench_wgmma.py --formats int4,nvfp4 --shapes 2048x12288,6144x2048,2048x4096 --m 64,256 --out \$OUT/v > \$OUT/v.log 2>&1; grep -v '^{' \$OUT/v.log | tail -14" ;;
 v2) bash scripts/gpu_run.sh \
   "cmd:timeout 240 python3 scripts/bench/bench_engine.py --sections formats --formats int4,nvfp4 --batches 64,128,256 --new-tokens 128 --attn-backend triton --knob \"orbit.kernels._qgemm.WGMMA_ROWS={},{'int4':(33,256),'nvfp4':(33,256)},{},{'int4':(33,256),'nvfp4':(33,256)}\" 2>&1 | grep decode | sed 's/.*WGMMA_ROWS=//'" \
   "cmd:timeout 300 python3 scripts/bench/pytest_with_knobs.py \"orbit.kernels._qgemm.WGMMA_ROWS={'int4':(33,256),'nvfp4':(33,256)}\" -- tests/gpu/test_quant_linear_gpu.py tests/gpu/test_lora_decode_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_siblings_gpu.py tests/gpu/test_kernels_qmm_gpu.py -m gpu -q -p no:cacheprovider -n 14 2>&1 | tail -4" ;;
@@ -82,5 +85,5 @@ e) bash scripts/gpu_run.sh \
 g) bash scripts/gpu_run.sh \
   "cmd:timeout 150 python3 scripts/bench/bench_engine.py --sections formats --formats nvfp4 --batches 24,32 --attn-backend triton --knob \"orbit.kernels._qgemm.MMA_ROWS={'int4':(1,32),'nvfp4':(1,16),'fp8':(4,8)},{'int4':(1,32),'nvfp4':(1,32),'fp8':(4,8)}\" 2>&1 | grep decode | tail -4" \
   "cmd:timeout 120 python3 scripts/bench/bench_qmm.py --gemv --gemv-mma --gemv-mma-kw --gemv-formats nvfp4 --gemv-shapes 4096x12288,6144x2048,2048x4096 --gemv-m 24,32 --gemv-paths 'int4-mma*,fused-dot,dequant' 2>&1 | grep '^{' | python3 scripts/bench/rows.py path fmt k n m cfg ms speedup frac_copy_bw" ;;
-*) echo "usage: $0 v|v2|t|w|x|a|f|g|e|b|b1|b2|b3|d|n|h16|h" >&2; exit 2 ;;
+*) echo "usage: $0 v|vs|v2|t|w|x|a|f|g|e|b|b1|b2|b3|d|n|h16|h" >&2; exit 2 ;;
 esac
