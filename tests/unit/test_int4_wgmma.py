@@ -106,3 +106,37 @@ def test_sm90_compile(cfg: W.WgmmaConfig, fmt: str) -> None:
     # the register operand: the wgmma reads A from registers (no descriptor for A)
     assert re.search(rf"HGMMA\.64x{cfg.np_}x16\.F32\.BF16 R\d+, R\d+", sass)
     assert "LOCAL:0" in load_bench("sass_int4_mma").resources(k.asm["cubin"])
+
+
+def test_route_takes_it_only_where_switched_on(monkeypatch) -> None:
+    """`_qgemm.route`: the wgmma route for a format's WGMMA_ROWS on sm_90, after int4_mma's
+    rows, for plain fast-mode forwards whose operands fit (mma_ok); never on other GPUs, for
+    the input gradient or in exact mode; off by default."""
+    from orbit.kernels import _qgemm
+
+    if not W.HAS_GLUON:
+        pytest.skip("no Gluon in this Triton")
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(_qgemm, "_capability", lambda device: (9, 0))
+
+
+    class NoTable:  # (no route table: a CPU host has no device to name one by)
+        def lookup(self, *args) -> None:
+            return None
+
+    monkeypatch.setattr(_qgemm, "ROUTES", NoTable())
+
+    def kind(m: int, fmt: str = "int4", **kw) -> str:
+        return _qgemm.route(m, 2048, 2048, fmt, kw.pop("exact", False), cuda,
+                            mma_ok=kw.pop("mma_ok", True), **kw).kind
+
+    assert _qgemm.WGMMA_ROWS == {}  # off until measured
+    assert kind(64) != "wgmma"
+    monkeypatch.setattr(_qgemm, "WGMMA_ROWS", {"int4": (33, 256), "nvfp4": (33, 256)})
+    assert kind(64) == kind(256) == kind(64, "nvfp4") == "wgmma"
+    assert kind(32) == "mma"  # int4_mma's rows first
+    assert kind(257) != "wgmma" and kind(64, "fp8") != "wgmma"
+    assert kind(64, mma_ok=False) != "wgmma"
+    assert kind(64, transpose=True) != "wgmma" and kind(64, exact=True) == "dot"
+    monkeypatch.setattr(_qgemm, "_capability", lambda device: (10, 0))  # no wgmma there
+    assert kind(64) != "wgmma"
