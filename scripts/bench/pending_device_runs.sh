@@ -9,7 +9,9 @@
 # best of its neighbourhood), a PDL-off profile timeline. Ran in session 35: t (315 passed), w
 # (four row tiles lose), a (pick_decode within 4% of the best), g (NVFP4 at 17-32 rows:
 # shipped), f (FP8's best kw form: 2 warps over N, 3 steps ahead; not yet in the engine).
-# Next: x (FP8's kw deep form, int4_mma.KW_DEEP_FORM, in the engine and the kernel tests), e.
+# Session 36 got no device (every start refused). Next: v (or its short form vs: the wgmma
+# kernel's GPU tests and bench_wgmma.py), v2 (the engine with it routed), x (FP8's kw deep form,
+# int4_mma.KW_DEEP_FORM, in the engine and the kernel tests), e.
 # x: FP8 at 2-8 rows with 8-warp programs 3 steps ahead (KW_DEEP_FORM) against the shipped
 #    one-step form, two pairs; then the kernel's GPU tests with it on; then the RL adapter's
 #    case of session 35's FP8 route (LoRA r16: every shape on the mma kernel from 5 rows, its
