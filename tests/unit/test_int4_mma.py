@@ -460,11 +460,12 @@ def test_operands_that_fit_the_mma_route() -> None:
     off = QuantizedWeight("fp8", (64, 256), {"weight": wide["weight"][:, 1:257],  # rows off
                                              "scale_inv": wide["scale_inv"][:, :2]}, 128)
     assert not mma_operands_ok(x, off)  # 4-byte boundaries
-    # past int4_mma's 32 rows INT4 fits int4_wgmma (up to 256 rows, x rows TMA can read);
-    # the other formats have no kernel there
+    # past int4_mma's 32 rows INT4 and NVFP4 fit int4_wgmma (up to 256 rows, x rows TMA can
+    # read); FP8 has no kernel there
     x33 = torch.randn(33, 256).bfloat16()
     assert mma_operands_ok(x33, random_qweight("int4", 64, 256, group_size=128))
-    assert not mma_operands_ok(x33, random_qweight("nvfp4", 64, 256))
+    assert mma_operands_ok(x33, random_qweight("nvfp4", 64, 256))
+    assert not mma_operands_ok(x33, random_qweight("fp8", 64, 256))
     assert not mma_operands_ok(torch.randn(257, 256).bfloat16(),
                                random_qweight("int4", 64, 256, group_size=128))
     assert not mma_operands_ok(torch.randn(33, 264).bfloat16()[:, 1:257],  # 2-byte offset
