@@ -84,8 +84,9 @@ WARPGROUPS = (1, 2, 4)
 class WgmmaConfig:
     """np_: columns of x per program (the wgmma's N: 64 or 128; M beyond it takes more column
     tiles); warpgroups: 64-row weight blocks per program (sharing the x ring); split: K
-    slices; stages: the ring's depth (steps of words and x in shared memory); pdl: launch with programmatic dependent launch even
-    outside the engine's pdl_scope (a benchmark's rows)."""
+    slices; stages: the ring's depth (steps of words and x in shared memory); pdl: launch
+    with programmatic dependent launch even outside the engine's pdl_scope (a benchmark's
+    rows)."""
 
     np_: int = 128
     warpgroups: int = 1
@@ -122,8 +123,9 @@ def supports(m: int, k: int, n: int, group: int, x_dtype: torch.dtype,
 def available(device: torch.device) -> bool:
     """Whether `device` runs the kernel: CUDA sm_90 (wgmma is Hopper's; Blackwell has tcgen05
     instead)."""
-    return (HAS_GLUON and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] == 9)
+    from orbit.kernels._qgemm import _capability  # (cached per device: asked every launch)
+
+    return HAS_GLUON and device.type == "cuda" and _capability(device)[0] == 9
 
 
 def column_tile(m: int) -> int:
@@ -143,12 +145,24 @@ def pick_config(m: int, k: int, n: int, group: int, sms: int) -> WgmmaConfig:
     np_ = column_tile(m)
     tiles_m = -(-m // np_)
     wg = next(w for w in WARPGROUPS[::-1] if w == 1 or -(-n // (64 * w)) * tiles_m * 2 >= sms)
-    tiles = -(-n // (64 * wg)) * tiles_m
+    split = fill_split(-(-n // (64 * wg)) * tiles_m, k, group, sms)
+    return WgmmaConfig(np_=np_, warpgroups=wg, split=split, stages=ring_stages(np_, 64 * wg))
+
+
+def split_fits(k: int, split: int, group: int, min_slice: int = MIN_SLICE_K) -> bool:
+    """Whether K = k cuts into `split` slices of whole groups and BK-deep steps, each at least
+    `min_slice` deep (1 always fits)."""
+    return split == 1 or (k % (split * max(group, BK)) == 0 and k // split >= min_slice)
+
+
+def fill_split(tiles: int, k: int, group: int, sms: int, min_slice: int = MIN_SLICE_K) -> int:
+    """The largest power-of-two split of K (up to MAX_SPLIT) that keeps `tiles` output tiles'
+    programs within PROGRAMS_PER_SM per SM and fits (`split_fits`)."""
     split = 1
     while (split * 2 <= MAX_SPLIT and tiles * split * 2 <= PROGRAMS_PER_SM * sms
-           and k % (split * 2 * max(group, BK)) == 0 and k // (split * 2) >= MIN_SLICE_K):
+           and split_fits(k, split * 2, group, min_slice)):
         split *= 2
-    return WgmmaConfig(np_=np_, warpgroups=wg, split=split, stages=ring_stages(np_, 64 * wg))
+    return split
 
 
 def ring_stages(np_: int, block_n: int) -> int:
@@ -166,7 +180,7 @@ def check_config(cfg: WgmmaConfig, m: int, k: int, group: int) -> None:
     if not MIN_STAGES <= cfg.stages <= MAX_STAGES:
         raise ValueError(f"int4_wgmma: WgmmaConfig.stages is {MIN_STAGES}..{MAX_STAGES}, got "
                          f"{cfg.stages}")
-    if cfg.split < 1 or k % (cfg.split * max(group, BK)):
+    if cfg.split < 1 or not split_fits(k, cfg.split, group, min_slice=1):
         raise ValueError(f"int4_wgmma: split {cfg.split} must cut K = {k} into slices of whole "
                          f"groups of {group} and {BK}-deep steps")
     if not MIN_M <= m <= MAX_M:
@@ -229,20 +243,6 @@ if HAS_GLUON:
         "mul.rn.bf16x2 a, a, s2;\n"
         "mov.b32 {$0, $1}, a;\n}")
 
-    @gluon.jit
-    def _decode(words, sc, A: gl.constexpr, LW: gl.constexpr, BN: gl.constexpr):
-        # words [BN, 8, 1] int32 (a step's 8 words of each row, read by every t), sc [BN]
-        # bf16 (each row's group scale) -> A operand [BN, 64] bf16 in natural K order: word
-        # w, lane quad t, nibble j of the pair is K = 8 w + 2 t + j
-        t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
-        words, sel = gl.broadcast(words, gl.expand_dims(gl.expand_dims(t + 0x4440, 0), 1))
-        sc, words = gl.broadcast(gl.expand_dims(gl.expand_dims(sc, 1), 2), words)
-        lo, hi = gl.inline_asm_elementwise(_PAIR_ASM, "=h,=h,r,r,h", [words, sel, sc],
-                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
-                                           pack=1)
-        v = gl.reshape(gl.join(lo, hi), [BN, 64])
-        return gl.convert_layout(v, A, assert_trivial=True)
-
     # NVFP4: $0, $1: v * s * 2^-9 (exact) of the two E2M1 nibbles of byte t of word $2 ($3
     # its prmt selector), $4 the bf16 s * 2^117 of their group: the byte spread as for INT4,
     # then each nibble's bits 2..0 to bf16 bits 8..6 and bit 3 to bit 15 of its half (the
@@ -263,14 +263,16 @@ if HAS_GLUON:
     _E2M1_SCALE = gl.constexpr(2.0 ** 117)
 
     @gluon.jit
-    def _decode_fp4(words, sc, A: gl.constexpr, LW: gl.constexpr, BN: gl.constexpr):
-        # words [BN, 8, 1] int32 of E2M1 codes, sc [BN, 8] bf16 s * 2^117 of each word's group
-        # (16 codes: words 2 g and 2 g + 1) -> A operand [BN, 64] bf16 of v * s * 2^-9 in
-        # _decode's K order
+    def _decode(words, sc, ASM: gl.constexpr, A: gl.constexpr, LW: gl.constexpr,
+                BN: gl.constexpr):
+        # words [BN, 8, 1] int32 (a step's 8 words of each row, read by every t), sc [BN, 1, 1]
+        # or [BN, 8, 1] bf16 (the scale each word's codes take: _PAIR_ASM's s, _E2M1_ASM's
+        # s * 2^117) -> A operand [BN, 64] bf16 in natural K order: word w, lane quad t, nibble
+        # j of the pair is K = 8 w + 2 t + j
         t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
         words, sel = gl.broadcast(words, gl.expand_dims(gl.expand_dims(t + 0x4440, 0), 1))
-        sc, words = gl.broadcast(gl.expand_dims(sc, 2), words)
-        lo, hi = gl.inline_asm_elementwise(_E2M1_ASM, "=h,=h,r,r,h", [words, sel, sc],
+        sc, words = gl.broadcast(sc, words)
+        lo, hi = gl.inline_asm_elementwise(ASM, "=h,=h,r,r,h", [words, sel, sc],
                                            dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
                                            pack=1)
         v = gl.reshape(gl.join(lo, hi), [BN, 64])
@@ -339,12 +341,13 @@ if HAS_GLUON:
                 s4 = gl.permute(ss.index(i).load(LSC), (1, 0))
                 sc = gl.convert_layout(gl.reshape(gl.join(s4, s4), [BN, 8]),
                                        gl.SliceLayout(2, LW), assert_trivial=True)
-                a = _decode_fp4(words, sc, A, LW, BN)
+                a = _decode(words, gl.expand_dims(sc, 2), _E2M1_ASM, A, LW, BN)
             else:
                 sc = gl.convert_layout(gl.reshape(ss.index((i * 64) // GROUP).load(LSC), [BN]),
                                        gl.SliceLayout(1, gl.SliceLayout(2, LW)),
                                        assert_trivial=True)
-                a = _decode(words, sc, A, LW, BN)
+                a = _decode(words, gl.expand_dims(gl.expand_dims(sc, 1), 2), _PAIR_ASM, A,
+                            LW, BN)
             acc = warpgroup_mma(a, xs.index(slot).permute((1, 0)), acc, is_async=True)
             # at most this step's wgmma in flight: the previous step's slot is free once every
             # warp has passed here (its words read, its wgmma done)

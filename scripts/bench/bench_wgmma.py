@@ -38,32 +38,24 @@ SHAPES = "2048x4096,2048x2048,2048x12288,6144x2048"  # in x out
 MS = "32,64,96,128,256"
 
 
-def neighbours(cfg: int4_wgmma.WgmmaConfig, m: int, k: int, n: int,
+def neighbours(cfg: int4_wgmma.WgmmaConfig, m: int, k: int, n: int, group: int,
                sms: int) -> list[int4_wgmma.WgmmaConfig]:
     """The pick and its neighbourhood that the kernel runs at this K: 1 / 2 / 4 warpgroups,
-    each with the split that fills the GPU (the pick's rule) and half / twice it; the pick
-    with a 3-deep ring and with the other column tile."""
+    each with the split that fills the GPU (the pick's rule, slices down to 256 deep) and half
+    / twice it; the pick with a 3-deep ring and with the other column tile."""
     out = [cfg]
     for wg in int4_wgmma.WARPGROUPS:
         tiles = -(-n // (64 * wg)) * -(-m // cfg.np_)
-        fill = 1
-        while (fill * 2 <= int4_wgmma.MAX_SPLIT and tiles * fill * 2 <= 2 * sms
-               and k % (fill * 256) == 0 and k // (fill * 2) >= 256):
-            fill *= 2
+        fill = int4_wgmma.fill_split(tiles, k, group, sms, min_slice=256)
         for split in (fill // 2, fill, fill * 2):
-            if split >= 1 and k % (split * 128) == 0 and k // split >= 256:
+            if split >= 1 and int4_wgmma.split_fits(k, split, group, min_slice=256):
                 out.append(dataclasses.replace(cfg, warpgroups=wg, split=split))
     out.append(dataclasses.replace(cfg, stages=3))
     if 32 < m <= 64:
         out.append(dataclasses.replace(cfg, np_=128))
     if m > 64:
         out.append(dataclasses.replace(cfg, np_=64))
-    seen, uniq = set(), []
-    for c in out:
-        if c not in seen:
-            seen.add(c)
-            uniq.append(c)
-    return uniq
+    return list(dict.fromkeys(out))  # (the pick first, each config once)
 
 
 def measure(rows: list[dict], fmt: str, k: int, n: int, m: int, wbs: list, qws: list,
@@ -83,11 +75,12 @@ def measure(rows: list[dict], fmt: str, k: int, n: int, m: int, wbs: list, qws: 
     row("route", ms_rotated([lambda q=q: qmm(x, q) for q in qws]))
     row("dequant+cublas", _with_dequant_min_m(1, ms_rotated,
                                               [lambda q=q: qmm(x, q) for q in qws]))
-    _, _, group, _ = weight_operands(qws[0])
+    ops = [weight_operands(q) for q in qws]  # (codes, scales, group, global scale)
+    group = ops[0][2]
     pick = int4_wgmma.pick_config(m, k, n, group, sms)
-    for cfg in neighbours(pick, m, k, n, sms) if sweep else [pick]:
-        calls = [lambda q=q, c=cfg: int4_wgmma.int4_wgmma(
-            x, *weight_operands(q)[:3], c, None, fmt, weight_operands(q)[3]) for q in qws]
+    for cfg in neighbours(pick, m, k, n, group, sms) if sweep else [pick]:
+        calls = [lambda o=o, c=cfg: int4_wgmma.int4_wgmma(x, *o[:3], c, None, fmt, o[3])
+                 for o in ops]
         try:
             row("wgmma-pick" if cfg == pick else "wgmma", ms_rotated(calls),
                 str(dataclasses.astuple(cfg)))

@@ -30,8 +30,9 @@
 # v: the INT4 / NVFP4 wgmma kernel for rollout rows (orbit/kernels/int4_wgmma.py, new): its GPU
 #    tests, then bench_wgmma.py (Qwen3-1.7B shapes, M 32-256: cuBLAS BF16, the route,
 #    dequantize + cuBLAS, the pick and, for INT4, its neighbours).
-# v2: the engine with INT4 on it at 33-256 rows (WGMMA_ROWS) against the shipped routes, two
-#    pairs at batch 48 / 64 / 128 / 256; the GPU tests that cross those rows with it on.
+# vs: v's short form (the default-config, one-hot and route tests; both formats at M 64 / 256).
+# v2: the engine with INT4 and NVFP4 on it at 33-256 rows (WGMMA_ROWS) against the shipped
+#    routes, two pairs at batch 64 / 128 / 256; the GPU tests that cross those rows with it on.
 # e: FP8 at rollout sizes through the route tuner (FP8 M 64/128/256: not tuned yet).
 set -uo pipefail
 # kw_sweep SHAPES MS LOG: the kw neighbourhood on one device call, the 10 fastest per shape and M
